@@ -1,0 +1,6 @@
+"""Drafters behind one protocol (:class:`specdec.drafting.Drafter`): one module per drafter."""
+from drafters.draft_model import DraftModelDrafter
+from drafters.ngram import NGramDrafter
+from drafters.none import NoDrafter
+
+__all__ = ["DraftModelDrafter", "NGramDrafter", "NoDrafter"]

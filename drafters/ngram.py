@@ -1,0 +1,65 @@
+"""Prompt-lookup (n-gram) drafting: continue the longest suffix that already occurred in the context."""
+from __future__ import annotations
+
+import torch
+
+from specdec.drafting import DraftContext, Drafter
+from specdec.errors import ConfigError
+from specdec.types import DraftTree
+
+
+class NGramDrafter(Drafter):
+    """Deterministic proposals from earlier occurrences of the context's suffix.
+
+    The longest suffix of ``max_ngram .. min_ngram`` tokens that occurred earlier wins; the
+    ``num_speculative_tokens`` tokens that followed it are proposed as a chain. ``match`` picks the
+    ``last`` (most recent) or ``first`` earlier occurrence. An index of every n-gram is kept up to
+    date incrementally, so a lookup costs O(max_ngram) per step.
+    """
+
+    name = "ngram"
+
+    def __init__(self, num_speculative_tokens: int = 4, max_ngram: int = 3, min_ngram: int = 1, match: str = "last"):
+        super().__init__()
+        if num_speculative_tokens < 1:
+            raise ConfigError(f"num_speculative_tokens={num_speculative_tokens}: it must be >= 1")
+        if not 1 <= min_ngram <= max_ngram:
+            raise ConfigError(f"ngram sizes need 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
+        if match not in ("last", "first"):
+            raise ConfigError(f"match={match!r}: choose 'last' or 'first'")
+        self.k, self.max_ngram, self.min_ngram, self.match = num_speculative_tokens, max_ngram, min_ngram, match
+        self._index: dict[tuple[int, ...], int] = {}
+        self._indexed = 0
+
+    @property
+    def max_nodes(self) -> int:
+        return self.k
+
+    def start(self, ctx: DraftContext) -> None:
+        super().start(ctx)
+        self._index, self._indexed = {}, 0
+
+    def _update_index(self) -> None:
+        """Index the n-grams ending at every position before the last (the suffix being looked up)."""
+        toks = self.tokens
+        for end in range(self._indexed, len(toks) - 1):
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if end + 1 >= n:
+                    key = tuple(toks[end + 1 - n : end + 1])
+                    if self.match == "last" or key not in self._index:
+                        self._index[key] = end + 1  # where the continuation starts
+        self._indexed = max(self._indexed, len(toks) - 1)
+
+    def propose(self, max_depth: int) -> DraftTree:
+        k = min(self.k, max_depth)
+        if k <= 0:
+            return DraftTree.empty()
+        self._update_index()
+        toks = self.tokens
+        for n in range(min(self.max_ngram, len(toks)), self.min_ngram - 1, -1):
+            start = self._index.get(tuple(toks[-n:]))
+            if start is not None:
+                cont = toks[start : start + k]
+                if cont:
+                    return DraftTree.chain(torch.tensor(cont, dtype=torch.long))
+        return DraftTree.empty()

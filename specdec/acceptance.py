@@ -1,0 +1,170 @@
+"""Acceptance rules: given the draft tree and the target's logits, which nodes are accepted.
+
+Terms (as in vLLM's rejection sampler and Leviathan et al. 2023, arXiv 2211.17192):
+
+- *accepted* tokens: draft nodes along one root-to-node path that the rule keeps;
+- *recovered* (correction) token: sampled after the first rejection, from the residual
+  distribution, so that the emitted token is distributed exactly as the target's;
+- *bonus* token: sampled from the target at the last accepted node when it has no children.
+
+Every step emits the accepted tokens plus exactly one recovered-or-bonus token. ``p`` is the
+target distribution and ``q`` the draft distribution, both warped by the same
+:class:`~specdec.sampling.SamplingParams`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from specdec.errors import ConfigError
+from specdec.sampling import SamplingParams, sample, warp_probs
+from specdec.tree import children_lists
+from specdec.types import AcceptResult, DraftTree
+
+
+class AcceptanceRule(ABC):
+    """One signature for every rule; ``lossless`` says whether the output follows the target exactly."""
+
+    name: str = ""
+    lossless: bool = True
+
+    def check(self, sampling: SamplingParams) -> None:
+        """Raise :class:`ConfigError` if the rule cannot run with ``sampling``."""
+
+    @abstractmethod
+    def __call__(
+        self, tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
+    ) -> AcceptResult:
+        """Decide on ``tree`` given target ``logits [1 + N, V]`` (row 0: the root, row 1 + i: node i)."""
+
+
+def _walk(tree: DraftTree, choose_child, extra_token) -> AcceptResult:
+    """Walk from the root: ``choose_child(node, children) -> child or None``; then ``extra_token(node)``."""
+    kids = children_lists(tree.parents)
+    node, accepted = -1, []
+    while kids[node + 1]:
+        child = choose_child(node, kids[node + 1])
+        if child is None:
+            break
+        accepted.append(child)
+        node = child
+    tokens = tree.tokens[accepted].tolist() if accepted else []
+    return AcceptResult(accepted_nodes=accepted, tokens=tokens + [extra_token(node)])
+
+
+class GreedyAcceptance(AcceptanceRule):
+    """Temperature 0: the deepest path whose every token is the target's argmax at its parent."""
+
+    name = "greedy"
+
+    def check(self, sampling: SamplingParams) -> None:
+        if not sampling.greedy:
+            raise ConfigError(
+                f"acceptance=greedy needs sampling.temperature=0 (got {sampling.temperature}); "
+                "use acceptance=rejection for lossless sampling"
+            )
+
+    def __call__(self, tree, logits, sampling, generator):
+        best = logits.argmax(-1).tolist()  # [1 + N]
+        toks = tree.tokens.tolist()
+
+        def choose(node, children):
+            return next((c for c in children if toks[c] == best[node + 1]), None)
+
+        return _walk(tree, choose, lambda node: best[node + 1])
+
+
+class RejectionAcceptance(AcceptanceRule):
+    """Speculative sampling, lossless for any temperature / top-k / top-p.
+
+    On a chain it is the rule of Leviathan et al. / Chen et al. (arXiv 2302.01318). On a tree it
+    tries the children of a node in order (SpecInfer arXiv 2305.09781, Sequoia arXiv 2402.12374):
+
+    - sampled children (``tree.draft_probs`` given): accept ``c`` w.p. ``min(1, p'(c) / q'(c))``;
+      on rejection ``p' <- norm(max(0, p' - q'))``, and for children drawn without replacement
+      also ``q'(c) <- 0`` renormalised; with replacement ``q'`` stays the node's q;
+    - deterministic children (``draft_probs`` None): q is a point mass, accept w.p. ``p'(c)``,
+      on rejection ``p'(c) <- 0`` renormalised;
+    - no child accepted: sample the recovered token from ``p'``; leaf reached: the bonus from p.
+    """
+
+    name = "rejection"
+
+    def __call__(self, tree, logits, sampling, generator):
+        p_all = warp_probs(logits, sampling)  # [1 + N, V]
+        toks = tree.tokens.tolist()
+        state = {}
+
+        def choose(node, children):
+            p = p_all[node + 1]  # [V]
+            q = None if tree.draft_probs is None else tree.draft_probs[children[0]].to(p.device).float()  # [V]
+            for c in children:
+                x = toks[c]
+                u = float(torch.rand((), generator=generator, device=p.device))
+                if q is None:
+                    if u < float(p[x]):
+                        return c
+                    p = _renorm(p.clone().index_fill_(0, torch.tensor([x], device=p.device), 0.0), p)
+                    continue
+                if tree.sampling == "with_replacement":
+                    q = tree.draft_probs[c].to(p.device).float()  # [V] the q c was drawn from
+                px, qx = float(p[x]), float(q[x])
+                if qx <= 0.0 or u * qx < px:
+                    return c
+                p = _renorm((p - q).clamp_min_(0.0), p)
+                if tree.sampling == "without_replacement":
+                    q = _renorm(q.clone().index_fill_(0, torch.tensor([x], device=q.device), 0.0), q)
+            state[node] = p
+            return None
+
+        return _walk(tree, choose, lambda node: sample(state.get(node, p_all[node + 1]), generator))
+
+
+def _renorm(dist: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """``dist / dist.sum()``, or ``fallback`` when nothing is left (p == q up to rounding)."""
+    total = float(dist.sum())
+    return dist / total if total > 1e-12 else fallback
+
+
+class TypicalAcceptance(AcceptanceRule):
+    """Medusa's typical acceptance (arXiv 2401.10774): lossy by design, for comparison.
+
+    Accept child x if ``p(x) > min(epsilon, delta * exp(-H(p)))``; the first accepted sibling wins.
+    The extra token is sampled from p at the last accepted node (argmax at temperature 0).
+    """
+
+    name = "typical"
+    lossless = False
+
+    def __init__(self, epsilon: float = 0.09, delta: float = 0.3):
+        if not (0 < epsilon <= 1 and delta > 0):
+            raise ConfigError(f"typical acceptance needs 0 < epsilon <= 1 and delta > 0 (got {epsilon}, {delta})")
+        self.epsilon, self.delta = epsilon, delta
+
+    def __call__(self, tree, logits, sampling, generator):
+        p_all = warp_probs(logits, sampling)  # [1 + N, V]
+        entropy = -(p_all * p_all.clamp_min(1e-30).log()).sum(-1)  # [1 + N]
+        thresh = torch.minimum(torch.full_like(entropy, self.epsilon), self.delta * torch.exp(-entropy)).tolist()
+        toks = tree.tokens.tolist()
+
+        def choose(node, children):
+            row = p_all[node + 1]
+            return next((c for c in children if float(row[toks[c]]) > thresh[node + 1]), None)
+
+        return _walk(tree, choose, lambda node: sample(p_all[node + 1], generator))
+
+
+RULES = {"greedy": GreedyAcceptance, "rejection": RejectionAcceptance, "typical": TypicalAcceptance}
+
+
+def get_rule(rule: str | AcceptanceRule, **kwargs) -> AcceptanceRule:
+    """An :class:`AcceptanceRule` from its name (``greedy``, ``rejection``, ``typical``) or as given."""
+    if isinstance(rule, AcceptanceRule):
+        return rule
+    if rule not in RULES:
+        raise ConfigError(f"acceptance={rule!r} is unknown; choose one of {sorted(RULES)} or pass an AcceptanceRule")
+    return RULES[rule](**kwargs)
+
+
+__all__ = ["AcceptanceRule", "GreedyAcceptance", "RejectionAcceptance", "TypicalAcceptance", "RULES", "get_rule"]

@@ -1,0 +1,169 @@
+"""The decode loop: propose -> verify -> accept -> commit, one small function per phase."""
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from specdec.acceptance import AcceptanceRule, get_rule
+from specdec.cache import SpecDecCache
+from specdec.drafting import DraftContext, Drafter
+from specdec.errors import SpecDecError
+from specdec.sampling import SamplingParams
+from specdec.stats import DecodeStats
+from specdec.types import AcceptResult, DraftTree
+
+
+@dataclass
+class DecodeOutput:
+    """``sequences [1, T + new]`` (prompt included) and the run's :class:`DecodeStats`."""
+
+    sequences: torch.Tensor
+    stats: DecodeStats
+
+
+def eos_token_ids(model) -> set[int]:
+    """The EOS ids ``model.generate`` stops on (generation config first, then model config)."""
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def context_length(model) -> int | None:
+    """The model's maximum context (``max_position_embeddings``), or None if it declares none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+class SpeculativeDecoder:
+    """Speculative decoding with any drafter and acceptance rule; batch 1.
+
+    Args:
+        target: the target Hugging Face causal LM.
+        drafter: a :class:`~specdec.drafting.Drafter` (``drafters.NoDrafter()`` is plain decoding).
+        acceptance: a rule name (``greedy``, ``rejection``, ``typical``) or an ``AcceptanceRule``.
+        sampling: temperature / top-k / top-p shared by drafter and rule; temperature 0 is greedy.
+        attn_backend: ``sdpa`` or ``triton`` tree attention in the verifier.
+    """
+
+    def __init__(
+        self,
+        target,
+        drafter: Drafter,
+        acceptance: str | AcceptanceRule = "greedy",
+        sampling: SamplingParams | None = None,
+        attn_backend: str = "sdpa",
+    ):
+        from verifier import Verifier  # the loop drives the verifier; imported here to keep specdec at the bottom
+
+        if not isinstance(drafter, Drafter):
+            raise SpecDecError(f"drafter must be a specdec Drafter (e.g. drafters.NoDrafter()), got {type(drafter).__name__}")
+        self.target = target.eval()
+        self.drafter = drafter
+        self.sampling = sampling or SamplingParams()
+        self.rule = get_rule(acceptance)
+        self.rule.check(self.sampling)
+        self.verifier = Verifier(self.target, attn_backend)
+        self.device = self.verifier.device
+        self.eos = eos_token_ids(self.target)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, seed: int | None = None) -> DecodeOutput:
+        """Decode up to ``max_new_tokens`` after ``input_ids [1, T]``; stops after an EOS token."""
+        self._check_inputs(input_ids, max_new_tokens)
+        stats = DecodeStats()
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else random.randrange(2**63))
+        prompt = input_ids.to(self.device)  # [1, T]
+        capacity = prompt.shape[1] + max_new_tokens + self.drafter.max_nodes + 1
+        cache = SpecDecCache.for_model(self.target, capacity)
+        start = time.perf_counter()
+        with self._timer(stats, "time_prefill"):
+            self.drafter.start(DraftContext(self.target, self.sampling, generator, capacity))
+            hidden = self.verifier.prefill(cache, prompt[:, :-1])
+            self.drafter.prefill(prompt, hidden)
+        out = prompt[0].tolist()
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            emitted, done = self._step(cache, out[-1], max_new_tokens - len(new), generator, stats)
+            new.extend(emitted)
+            out.extend(emitted)
+            if done:
+                break
+        self._sync()
+        stats.time_total = time.perf_counter() - start
+        stats.new_tokens = len(new)
+        return DecodeOutput(sequences=torch.tensor([out], dtype=torch.long, device=input_ids.device), stats=stats)
+
+    def _step(self, cache, root, remaining, generator, stats) -> tuple[list[int], bool]:
+        """One speculative step; returns the emitted tokens and whether generation is over."""
+        step = stats.target_forwards
+        with self._timer(stats, "time_draft"):
+            tree = self.drafter.propose(max_depth=remaining - 1)
+        prefix_len = cache.length
+        with self._timer(stats, "time_verify"):
+            verify = self.verifier.verify(cache, root, tree, step)
+        with self._timer(stats, "time_accept"):
+            result = self.rule(tree, verify.logits, self.sampling, generator)
+            emitted, done = self._cut(result.tokens, remaining)
+            if not done:
+                self._commit(cache, prefix_len, result)
+                self.drafter.commit(result, verify)
+        depth = int(tree.depth.max()) if tree.num_nodes else 0
+        stats.record_step(tree.num_nodes, depth, result.num_accepted_drafts)
+        return emitted, done
+
+    def _cut(self, tokens: list[int], remaining: int) -> tuple[list[int], bool]:
+        """Stop exactly where plain decoding would: after an EOS, or at ``max_new_tokens``."""
+        for i, tok in enumerate(tokens[:remaining]):
+            if tok in self.eos:
+                return tokens[: i + 1], True
+        return tokens[:remaining], len(tokens) >= remaining
+
+    @staticmethod
+    def _commit(cache: SpecDecCache, prefix_len: int, result: AcceptResult) -> None:
+        """Keep the root and the accepted path in the target cache, contiguous after the prefix."""
+        cache.compact([0] + [1 + i for i in result.accepted_nodes], offset=prefix_len)
+
+    def _check_inputs(self, input_ids, max_new_tokens) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise SpecDecError("input_ids must be a LongTensor of shape [1, T] (e.g. tokenizer(text, return_tensors='pt').input_ids)")
+        if input_ids.shape[0] != 1:
+            raise SpecDecError(f"input_ids has batch size {input_ids.shape[0]}; this decoder runs batch 1: loop over prompts")
+        if input_ids.shape[1] == 0:
+            raise SpecDecError("empty prompt: input_ids has no tokens; give at least one token (e.g. the BOS token)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise SpecDecError(f"max_new_tokens={max_new_tokens!r}: it must be a positive integer")
+        limit = context_length(self.target)
+        t = input_ids.shape[1]
+        if limit is not None and t > limit:
+            raise SpecDecError(
+                f"prompt has {t} tokens, longer than the model's context of {limit}: shorten it "
+                f"(e.g. dataset.max_prompt_tokens={limit // 2})"
+            )
+        if limit is not None and t + max_new_tokens > limit:
+            raise SpecDecError(
+                f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}: "
+                f"lower max_new_tokens to at most {limit - t} or shorten the prompt"
+            )
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def _timer(self, stats: DecodeStats, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        setattr(stats, name, getattr(stats, name) + time.perf_counter() - t0)
+
+
+__all__ = ["DecodeOutput", "SpeculativeDecoder", "DraftTree", "eos_token_ids", "context_length"]

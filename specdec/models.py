@@ -1,0 +1,121 @@
+"""Loading Hugging Face models safely, the in-memory tiny random pair, and compatibility checks."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from specdec.errors import SpecDecError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+TINY_ARCHS = ("llama", "qwen2", "gpt_neox")
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SpecDecError(f"dtype={name!r} is unknown; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _check_path(path: str, what: str) -> None:
+    """Fail early, naming the path, when a local checkpoint directory is missing."""
+    expanded = os.path.expanduser(path)
+    hub_like = not path.startswith(("/", ".", "~")) and path.count("/") <= 1
+    if not os.path.isdir(expanded) and not hub_like:
+        raise SpecDecError(
+            f"{what} path {path!r} does not exist: point it at a directory written by save_pretrained "
+            "(config.json + *.safetensors), or at a hub id when a hub is reachable"
+        )
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` with safetensors only, in eval mode on ``device``.
+
+    Raises :class:`SpecDecError` naming the path when the checkpoint is missing or unreadable.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _check_path(path, "model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(path), dtype=_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise SpecDecError(f"could not load model from {path!r}: {err}") from err
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained`` with a clear error for a missing path."""
+    from transformers import AutoTokenizer
+
+    _check_path(path, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise SpecDecError(f"could not load tokenizer from {path!r}: {err}") from err
+
+
+def vocab_size(model) -> int:
+    """Rows of the output embedding: the size of the distributions the model emits."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_same_vocab(target, draft) -> None:
+    """Raise :class:`SpecDecError` unless draft and target emit distributions over the same vocabulary."""
+    vt, vd = vocab_size(target), vocab_size(draft)
+    if vt != vd:
+        raise SpecDecError(
+            f"draft model vocabulary ({vd} tokens) does not match the target's ({vt} tokens): the draft must "
+            "share the target's tokenizer; pick a draft from the same model family or use drafter=ngram"
+        )
+
+
+def byte_tokenizer():
+    """A real byte-level tokenizer (256 byte tokens + ``<|endoftext|>``), built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def _tiny_config(arch: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, eos: int):
+    from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                  num_attention_heads=heads, max_position_embeddings=2048, eos_token_id=eos, bos_token_id=eos,
+                  tie_word_embeddings=False)
+    if arch == "llama":
+        return LlamaConfig(num_key_value_heads=kv_heads, **common)
+    if arch == "qwen2":
+        return Qwen2Config(num_key_value_heads=kv_heads, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=True, **common)
+    raise SpecDecError(f"tiny_random arch={arch!r} is unknown; choose one of {TINY_ARCHS}")
+
+
+def tiny_random_pair(arch: str = "llama", seed: int = 0, vocab: int | None = None, hidden: int = 64, layers: int = 2):
+    """A small randomly initialised (target, draft, tokenizer) built in memory, for smoke runs and tests.
+
+    The target has ``layers`` layers of width ``hidden``; the draft one layer of half the width.
+    Both use a byte-level tokenizer (257 tokens) unless ``vocab`` is given (then no tokenizer: None).
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tokenizer = byte_tokenizer() if vocab is None else None
+    vocab = len(tokenizer) if vocab is None else vocab
+    eos = vocab - 1
+    models = []
+    for i, (h, n_layers, heads, kv) in enumerate(((hidden, layers, 4, 2), (hidden // 2, 1, 2, 1))):
+        torch.manual_seed(seed * 2 + i)
+        config = _tiny_config(arch, vocab, h, n_layers, heads, kv, eos)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos, bos_token_id=eos)
+        models.append(model)
+    return models[0], models[1], tokenizer

@@ -1,0 +1,99 @@
+"""Decode statistics. Each name means one thing (see DESIGN.md, "Metrics")."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+TIME_FIELDS = ("time_prefill", "time_draft", "time_verify", "time_accept", "time_total")
+
+
+@dataclass
+class DecodeStats:
+    """Counters and timings of one or more ``generate`` calls.
+
+    ``target_forwards`` counts verify forwards (one per step; the prefill is not counted).
+    ``depth_proposed[d - 1]`` / ``depth_accepted[d - 1]``: steps that proposed / accepted a node at
+    depth d. Times are seconds; ``time_accept`` is accept + commit.
+    """
+
+    new_tokens: int = 0
+    target_forwards: int = 0
+    accepted_per_step: list[int] = field(default_factory=list)
+    proposed_per_step: list[int] = field(default_factory=list)
+    depth_proposed: list[int] = field(default_factory=list)
+    depth_accepted: list[int] = field(default_factory=list)
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_accept: float = 0.0
+    time_total: float = 0.0
+
+    def record_step(self, proposed_nodes: int, max_depth: int, accepted_depth: int) -> None:
+        """Count one step: nodes proposed, tree depth, and depth of the accepted path."""
+        self.target_forwards += 1
+        self.proposed_per_step.append(proposed_nodes)
+        self.accepted_per_step.append(accepted_depth)
+        _grow(self.depth_proposed, max_depth)
+        _grow(self.depth_accepted, max_depth)
+        for d in range(max_depth):
+            self.depth_proposed[d] += 1
+        for d in range(accepted_depth):
+            self.depth_accepted[d] += 1
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per target forward, bonus/correction included (autoregressive: 1.0)."""
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def mean_accepted_drafts(self) -> float:
+        """tau - 1: drafts accepted per step."""
+        return self.tau - 1.0 if self.target_forwards else 0.0
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        """Accepted draft tokens / proposed draft tokens (0 when nothing was proposed)."""
+        proposed = sum(self.proposed_per_step)
+        return sum(self.accepted_per_step) / proposed if proposed else 0.0
+
+    @property
+    def acceptance_rate_by_depth(self) -> list[float]:
+        """Of the steps that proposed a node at depth d, the share that accepted one."""
+        return [a / p if p else 0.0 for a, p in zip(self.depth_accepted, self.depth_proposed)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.time_total if self.time_total > 0 else 0.0
+
+    @property
+    def time_other(self) -> float:
+        spent = self.time_prefill + self.time_draft + self.time_verify + self.time_accept
+        return max(0.0, self.time_total - spent)
+
+    def to_dict(self) -> dict:
+        """JSON-ready counters, timings and the derived metrics."""
+        out = asdict(self)
+        for name in ("tau", "mean_accepted_drafts", "draft_acceptance_rate", "acceptance_rate_by_depth",
+                     "tokens_per_s", "time_other"):
+            out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def merge(cls, items: list["DecodeStats"]) -> "DecodeStats":
+        """Sum several runs' stats (per-step lists are concatenated, per-depth counts added)."""
+        total = cls()
+        for s in items:
+            total.new_tokens += s.new_tokens
+            total.target_forwards += s.target_forwards
+            total.accepted_per_step += s.accepted_per_step
+            total.proposed_per_step += s.proposed_per_step
+            for mine, theirs in ((total.depth_proposed, s.depth_proposed), (total.depth_accepted, s.depth_accepted)):
+                _grow(mine, len(theirs))
+                for d, v in enumerate(theirs):
+                    mine[d] += v
+            for name in TIME_FIELDS:
+                setattr(total, name, getattr(total, name) + getattr(s, name))
+        return total
+
+
+def _grow(counts: list[int], length: int) -> None:
+    counts.extend([0] * (length - len(counts)))

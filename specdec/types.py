@@ -1,0 +1,100 @@
+"""Data types passed between the phases of one speculative step.
+
+propose -> :class:`DraftTree` -> verify -> :class:`VerifyOutput` -> accept -> :class:`AcceptResult` -> commit.
+A chain of k drafts is a tree whose parents are ``[-1, 0, 1, ..., k-2]``; there is one code path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+#: How the children of a node were chosen; it decides which acceptance arithmetic is lossless.
+SAMPLING_MODES = ("deterministic", "with_replacement", "without_replacement")
+
+
+@dataclass
+class DraftTree:
+    """Draft nodes proposed for one step (the root, the newest committed token, is not a node).
+
+    Attributes:
+        tokens: ``[N]`` token id of each node.
+        parents: ``[N]`` index of each node's parent node, ``-1`` for a child of the root.
+            Parents come before children (topological order).
+        draft_probs: ``[N, V]`` the (warped) draft distribution node ``i`` was sampled from, or
+            ``None`` when the proposals are deterministic (top-k, n-gram, Medusa).
+        sampling: one of :data:`SAMPLING_MODES`; ``deterministic`` when ``draft_probs`` is None.
+    """
+
+    tokens: torch.Tensor  # [N] long
+    parents: torch.Tensor  # [N] long
+    draft_probs: torch.Tensor | None = None  # [N, V]
+    sampling: str = "deterministic"
+    _depth: torch.Tensor | None = field(default=None, repr=False)
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(f"DraftTree.sampling={self.sampling!r}; expected one of {SAMPLING_MODES}")
+        if self.draft_probs is None and self.sampling != "deterministic":
+            raise ValueError("a sampled DraftTree needs draft_probs [N, V]; pass sampling='deterministic' otherwise")
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @classmethod
+    def chain(cls, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> "DraftTree":
+        """A chain of ``len(tokens)`` drafts; sampled when ``draft_probs`` is given."""
+        n = int(tokens.shape[0])
+        parents = torch.arange(-1, n - 1, dtype=torch.long)  # [N]
+        mode = "deterministic" if draft_probs is None else "with_replacement"
+        return cls(tokens=tokens.long().cpu(), parents=parents, draft_probs=draft_probs, sampling=mode)
+
+    @classmethod
+    def empty(cls) -> "DraftTree":
+        return cls(tokens=torch.empty(0, dtype=torch.long), parents=torch.empty(0, dtype=torch.long))
+
+    @property
+    def depth(self) -> torch.Tensor:
+        """``[N]`` depth of each node; children of the root have depth 1."""
+        if self._depth is None:
+            from specdec.tree import depths_from_parents
+
+            self._depth = depths_from_parents(self.parents)
+        return self._depth
+
+    @property
+    def ancestor_mask(self) -> torch.Tensor:
+        """``[N, N]`` bool, true where node i may attend to node j (j is i or an ancestor of i)."""
+        if self._mask is None:
+            from specdec.tree import ancestor_mask
+
+            self._mask = ancestor_mask(self.parents)
+        return self._mask
+
+
+@dataclass
+class VerifyOutput:
+    """The target's scores for the root (row 0) and every draft node (row 1 + i)."""
+
+    logits: torch.Tensor  # [1 + N, V] float32
+    hidden: torch.Tensor  # [1 + N, H] last hidden state
+
+
+@dataclass
+class AcceptResult:
+    """What one acceptance rule decided for one step.
+
+    Attributes:
+        accepted_nodes: indices into the tree of the accepted path, root's child first.
+        tokens: the emitted tokens: the accepted nodes' tokens followed by one extra token
+            (the correction sampled after a rejection, or the bonus token after a leaf).
+    """
+
+    accepted_nodes: list[int]
+    tokens: list[int]
+
+    @property
+    def num_accepted_drafts(self) -> int:
+        return len(self.accepted_nodes)

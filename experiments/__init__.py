@@ -1,0 +1,1 @@
+"""Hydra entry points and experiment helpers (decode runs, sweeps, the embedded model zoo)."""

@@ -1,0 +1,265 @@
+"""Decode a prompt set with a drafter and with the autoregressive baseline; report and log the metrics.
+
+Run ``python -m experiments.decode`` (defaults in ``conf/config.yaml``), e.g.::
+
+    python -m experiments.decode experiment=smoke
+    python -m experiments.decode model=hf model.target=/path/to/target model.draft=/path/to/draft
+    python -m experiments.decode -m drafter.num_speculative_tokens=1,2,4,8
+
+Each run writes ``records.jsonl`` and ``summary.json`` in its Hydra run directory as it goes,
+then logs to the configured logger (W&B offline by default). Input errors (bad paths, unknown
+names, bad values) print ``error: <message>`` and exit with status 2.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from tqdm import tqdm
+
+from experiments import schema  # noqa: F401  (registers base_config in the ConfigStore)
+from experiments.instantiate import accepts_argument, instantiate
+from experiments.loggers import GuardedLogger, Logger
+from experiments.models_from_config import LoadedModels, load_models
+from experiments.results import BASELINE, SPECULATIVE, MethodResults, ResultsWriter, build_summary, format_table
+from specdec.errors import ConfigError, SpecDecError
+
+log = logging.getLogger(__name__)
+
+#: Errors caused by the user's input: reported as one line, exit status 2.
+INPUT_ERRORS = (SpecDecError, ValueError, MissingMandatoryValue)
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt and its token ids ``[1, T]`` (already cut to ``dataset.max_prompt_tokens``)."""
+
+    question_id: Any
+    category: str
+    input_ids: Any
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def load_dataset_prompts(dataset: DictConfig, num_prompts: int) -> list:
+    """The first ``num_prompts`` prompts of the ``dataset`` config (``experiments.data.Prompt`` objects)."""
+    from experiments.data import heldout_prompts_path, load_prompts
+
+    if num_prompts < 1:
+        raise ConfigError(f"num_prompts={num_prompts}: decode at least one prompt")
+    path = dataset.get("path")
+    if not path:
+        if dataset.get("name") != "stdlib":
+            raise ConfigError(f"dataset={dataset.get('name')!r} needs dataset.path=<question.jsonl>")
+        path = heldout_prompts_path(cache_dir=dataset.get("cache_dir"), num_prompts=num_prompts,
+                                    corpus_root=dataset.get("corpus_root"))
+    return load_prompts(path, limit=num_prompts)
+
+
+def encode_prompts(prompts: list, tokenizer: Any, max_prompt_tokens: int | None, device: Any) -> list[EncodedPrompt]:
+    """Tokenize each prompt with the target's tokenizer, keeping the last ``max_prompt_tokens`` tokens."""
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ConfigError(f"dataset.max_prompt_tokens={max_prompt_tokens}: use a positive number or null")
+    encoded = []
+    for prompt in prompts:
+        ids = tokenizer(prompt.text, return_tensors="pt")["input_ids"]  # [1, T]
+        if max_prompt_tokens is not None:
+            ids = ids[:, -max_prompt_tokens:]  # [1, min(T, n)]
+        if ids.shape[1] == 0:
+            raise ConfigError(f"prompt {prompt.question_id!r} is empty after tokenization")
+        encoded.append(EncodedPrompt(prompt.question_id, prompt.category, ids.to(device)))
+    return encoded
+
+
+def build_acceptance(acceptance: DictConfig, sampling: Any) -> Any:
+    """The acceptance rule named by the config, checked against ``sampling`` before any decoding."""
+    from specdec.acceptance import get_rule
+
+    kwargs = {k: acceptance[k] for k in ("epsilon", "delta") if acceptance.get(k) is not None}
+    try:
+        rule = get_rule(acceptance.name, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"acceptance={acceptance.name!r} takes no {sorted(kwargs)} ({exc})") from exc
+    rule.check(sampling)
+    return rule
+
+
+def build_drafter(drafter: DictConfig, models: LoadedModels) -> Any:
+    """Instantiate the drafter; a drafter with a ``model`` argument gets the model config's draft model."""
+    if not accepts_argument(drafter, "model", "drafter"):
+        return instantiate(drafter, "drafter")
+    if models.draft is None:
+        raise ConfigError(
+            f"drafter {drafter._target_} needs a draft model, but the model config has none; "
+            "set model.draft=<path> (model=hf) or pick another drafter (drafter=ngram)"
+        )
+    return instantiate(drafter, "drafter", model=models.draft)
+
+
+def build_logger(logger_cfg: DictConfig, run_dir: Path, group: str | None, run_name: str | None) -> Logger:
+    """Instantiate the configured logger, passing the run directory and, in a sweep, the group and run name."""
+    kwargs: dict = {"run_dir": str(run_dir)}
+    if group and not logger_cfg.get("group") and accepts_argument(logger_cfg, "group", "logger"):
+        kwargs["group"] = group
+    if run_name and accepts_argument(logger_cfg, "run_name", "logger"):
+        kwargs["run_name"] = run_name
+    return instantiate(logger_cfg, "logger", **kwargs)
+
+
+def make_decoders(cfg: DictConfig, models: LoadedModels, drafter: Any, rule: Any, sampling: Any) -> dict:
+    """``{method: (decoder, drafter name)}``: the speculative decoder and, if ``cfg.baseline``, the
+    autoregressive one (same target, sampling and attention backend)."""
+    from drafters import NoDrafter
+    from specdec import SpeculativeDecoder
+
+    def make(d: Any, acceptance: Any) -> Any:
+        return SpeculativeDecoder(target=models.target, drafter=d, acceptance=acceptance, sampling=sampling,
+                                  attn_backend=cfg.attn_backend)
+
+    decoders = {SPECULATIVE: (make(drafter, rule), type(drafter).__name__)}
+    if cfg.baseline:
+        # With no drafts, greedy (temperature 0) and rejection (otherwise) are plain decoding from the target.
+        decoders[BASELINE] = (make(NoDrafter(), "greedy" if sampling.greedy else "rejection"), "NoDrafter")
+    return decoders
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydra_info: dict | None = None) -> dict:
+    """Decode ``cfg.num_prompts`` prompts with every method, write local results, log; return the summary.
+
+    Args:
+        cfg: the composed decode config (schema: :class:`experiments.schema.DecodeConfig`).
+        run_dir: where ``records.jsonl``, ``summary.json`` (and the logger's files) go.
+        logger: a logger to use instead of instantiating ``cfg.logger`` (tests).
+        hydra_info: ``group`` / ``run_name`` for the logger (set by :func:`main` in a sweep).
+    """
+    from specdec import SamplingParams
+
+    run_dir, hydra_info = Path(run_dir), hydra_info or {}
+    if cfg.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.num_threads)
+    sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
+    rule = build_acceptance(cfg.acceptance, sampling)
+    prompts = load_dataset_prompts(cfg.dataset, cfg.num_prompts)
+    models = load_models(cfg.model)
+    encoded = encode_prompts(prompts, models.tokenizer, cfg.dataset.max_prompt_tokens, _device_of(models.target))
+    drafter = build_drafter(cfg.drafter, models)
+    decoders = make_decoders(cfg, models, drafter, rule, sampling)
+
+    writer = ResultsWriter(run_dir)
+    log.info("decoding %d prompts with %s (+ baseline: %s); results in %s",
+             len(encoded), type(drafter).__name__, cfg.baseline, run_dir)
+    if logger is None:
+        logger = build_logger(cfg.logger, run_dir, hydra_info.get("group"), hydra_info.get("run_name"))
+    guarded = GuardedLogger(logger, run_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    extra = {"run_dir": str(run_dir), "drafter": type(drafter).__name__, "acceptance": rule.name,
+             "lossless": rule.lossless, "models": models.info, "config": config}
+    results = {name: MethodResults() for name in decoders}
+
+    def summarize(status: str) -> dict:
+        return build_summary(results, greedy=sampling.greedy, status=status, num_prompts=len(encoded), extra=extra)
+
+    status = "running"
+    try:
+        writer.write_summary(summarize("running"))
+        guarded.log_config(config)
+        warm_up(decoders, encoded[0], cfg)
+        for index, prompt in enumerate(tqdm(encoded, desc="decoding", unit="prompt", file=sys.stderr)):
+            for method, (decoder, drafter_name) in decoders.items():
+                record = decode_one(decoder, prompt, method, drafter_name, cfg, models.tokenizer, results[method],
+                                    seed=cfg.seed + index)
+                writer.add_record(record)
+                guarded.log_prompt(index, record)
+            writer.write_summary(summarize("running"))
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except Exception as exc:
+        status = f"failed: {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        summary = summarize(status)
+        writer.write_summary(summary)
+        writer.close()
+        if status == "complete":
+            guarded.log_summary(summary)
+        guarded.finish()
+    print(format_table(summary))
+    print(f"results: {writer.records_path} and {writer.summary_path}")
+    return summary
+
+
+def warm_up(decoders: dict, prompt: EncodedPrompt, cfg: DictConfig) -> None:
+    """``cfg.warmup`` untimed generations per method on the first prompt."""
+    for _ in range(cfg.warmup):
+        for decoder, _ in decoders.values():
+            decoder.generate(prompt.input_ids, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+
+
+def decode_one(decoder: Any, prompt: EncodedPrompt, method: str, drafter_name: str, cfg: DictConfig,
+               tokenizer: Any, results: MethodResults, seed: int) -> dict:
+    """Decode one prompt with one method, add it to ``results`` and return its ``records.jsonl`` line."""
+    out = decoder.generate(prompt.input_ids, max_new_tokens=cfg.max_new_tokens, seed=seed)
+    prompt_len = prompt.input_ids.shape[1]
+    new_ids = out.sequences[0, prompt_len:].tolist()  # [new]
+    results.add(prompt.question_id, out.stats, new_ids)
+    return {
+        "question_id": prompt.question_id,
+        "category": prompt.category,
+        "method": method,
+        "drafter": drafter_name,
+        "seed": seed,
+        "prompt_tokens": prompt_len,
+        "new_tokens": len(new_ids),
+        "stats": out.stats.to_dict(),
+        "text": tokenizer.decode(new_ids, skip_special_tokens=True),
+    }
+
+
+def _device_of(model: Any) -> Any:
+    return getattr(model, "device", "cpu")
+
+
+# --------------------------------------------------------------------------- Hydra entry point
+
+
+def _hydra_info() -> dict:
+    """Run directory, and for a multirun the W&B group (the sweep) and run name (its overrides)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    info = {"run_dir": hc.runtime.output_dir, "group": None, "run_name": None}
+    if hc.mode == RunMode.MULTIRUN:
+        sweep_dir = Path(hc.sweep.dir)
+        info["group"] = f"{sweep_dir.parent.name}/{sweep_dir.name}"
+        info["run_name"] = hc.job.override_dirname or None
+    return info
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; input errors print ``error: <message>`` and exit with status 2."""
+    info = _hydra_info()
+    try:
+        run(cfg, info["run_dir"], hydra_info=info)
+    except INPUT_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

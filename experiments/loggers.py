@@ -1,0 +1,174 @@
+"""Result loggers: one interface, a W&B implementation, a no-op, and a guard.
+
+Local results (``records.jsonl``, ``summary.json``) are written by
+:mod:`experiments.results` before and independently of any logger. A logger only mirrors
+them elsewhere; :class:`GuardedLogger` makes sure a logger failure (W&B missing, init
+refused, a log call raising) is reported once and never stops the run.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+
+class Logger:
+    """Interface of a results logger; every method is a no-op here."""
+
+    #: Human-readable name used in failure messages.
+    name = "logger"
+
+    def log_config(self, config: dict) -> None:
+        """Start the run and record the resolved config."""
+
+    def log_prompt(self, index: int, record: dict) -> None:
+        """Record one decoded prompt (a ``records.jsonl`` line with its ``stats`` dict)."""
+
+    def log_summary(self, summary: dict) -> None:
+        """Record the final summary (the content of ``summary.json``)."""
+
+    def finish(self) -> None:
+        """Close the run."""
+
+
+class NoLogger(Logger):
+    """Logs nothing; never imports wandb."""
+
+    name = "no logger"
+
+    def __init__(self, run_dir: str | Path | None = None, **_: Any) -> None:
+        self.run_dir = run_dir
+
+
+class WandbLogger(Logger):
+    """Weights & Biases logger, offline by default (works with no network).
+
+    Logs the resolved config, one series of accepted drafts per decoding step
+    (``step/accepted_drafts``), per-prompt metrics (``prompt/*``), summary metrics in
+    ``run.summary`` and the acceptance rate by depth as a bar chart.
+
+    Args:
+        run_dir: the Hydra run directory; W&B writes its files under ``run_dir/wandb``.
+        mode: ``offline`` (default), ``online`` or ``disabled``.
+        project, entity, group, tags, run_name: passed to ``wandb.init``.
+    """
+
+    name = "W&B"
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        mode: str = "offline",
+        project: str = "specdec",
+        entity: str | None = None,
+        group: str | None = None,
+        tags: Sequence[str] = (),
+        run_name: str | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.init_kwargs = {
+            "mode": mode,
+            "project": project,
+            "entity": entity,
+            "group": group,
+            "tags": list(tags or []),
+            "name": run_name,
+        }
+        self.run = None
+        self._step = 0
+
+    def log_config(self, config: dict) -> None:
+        import wandb  # imported here so that a missing or broken wandb is caught by the guard
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(dir=str(self.run_dir), config=config, reinit="finish_previous", **self.init_kwargs)
+        self.run.define_metric("decode_step")
+        self.run.define_metric("step/*", step_metric="decode_step")
+        self.run.define_metric("prompt_index")
+        self.run.define_metric("prompt/*", step_metric="prompt_index")
+
+    def log_prompt(self, index: int, record: dict) -> None:
+        stats = record.get("stats", {})
+        method = record.get("method", "speculative")
+        metrics = {f"prompt/{method}/{key}": stats[key] for key in _SCALAR_KEYS if key in stats}
+        self.run.log({"prompt_index": index, **metrics})
+        if method != "speculative":
+            return
+        for accepted, proposed in zip(stats.get("accepted_per_step", []), stats.get("proposed_per_step", [])):
+            self._step += 1
+            self.run.log({"decode_step": self._step, "step/accepted_drafts": accepted,
+                          "step/proposed_drafts": proposed, "step/prompt_index": index})
+
+    def log_summary(self, summary: dict) -> None:
+        import wandb
+
+        self.run.summary.update(flatten(summary.get("metrics", {})))
+        rates = summary.get("metrics", {}).get("speculative", {}).get("acceptance_rate_by_depth") or []
+        if rates:
+            table = wandb.Table(columns=["depth", "acceptance_rate"], data=[[d + 1, r] for d, r in enumerate(rates)])
+            chart = wandb.plot.bar(table, "depth", "acceptance_rate", title="Acceptance rate by depth")
+            self.run.log({"acceptance_rate_by_depth": chart})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+_SCALAR_KEYS = ("tau", "mean_accepted_drafts", "draft_acceptance_rate", "tokens_per_s", "new_tokens",
+                "target_forwards", "time_total")
+
+
+class GuardedLogger(Logger):
+    """Wraps a logger so that its first exception is reported once and the logger is switched off.
+
+    The message reads ``"<name> logging failed: <error>; local results are in <dir>"``.
+    """
+
+    def __init__(self, inner: Logger, results_dir: str | Path, stream: Any = None) -> None:
+        self.inner = inner
+        self.name = getattr(inner, "name", type(inner).__name__)
+        self.results_dir = str(results_dir)
+        self.stream = stream
+        self.failed: str | None = None
+
+    def _call(self, method: str, *args: Any) -> None:
+        if self.failed is not None:
+            return
+        try:
+            getattr(self.inner, method)(*args)
+        except Exception as exc:  # any logger failure: report once, keep running
+            self.failed = f"{type(exc).__name__}: {exc}"
+            stream = self.stream or sys.stderr
+            print(f"{self.name} logging failed: {self.failed}; local results are in {self.results_dir}", file=stream)
+            self._try_finish()
+
+    def _try_finish(self) -> None:
+        try:
+            self.inner.finish()
+        except Exception:  # already reported the first failure; a second one adds nothing
+            pass
+
+    def log_config(self, config: dict) -> None:
+        self._call("log_config", config)
+
+    def log_prompt(self, index: int, record: dict) -> None:
+        self._call("log_prompt", index, record)
+
+    def log_summary(self, summary: dict) -> None:
+        self._call("log_summary", summary)
+
+    def finish(self) -> None:
+        self._call("finish")
+
+
+def flatten(tree: dict, prefix: str = "", sep: str = "/") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``; lists are kept as values."""
+    flat: dict = {}
+    for key, value in tree.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, name, sep))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,85 @@
+"""Resolve a ``model`` config to loaded models and a tokenizer.
+
+A model config names a target and its default draft model, so ``drafter=draft_model``
+needs no further argument. Sources:
+
+- ``tiny_random``: a small random pair built in memory (``specdec.models.tiny_random_pair``).
+- ``hf``: any Hugging Face causal LM directory or hub id (``target``, optional ``draft``).
+- ``zoo``: the embedded standard-library pair, built and cached by ``experiments.zoo``.
+
+The tokenizer always comes from the target (or from the pair for ``tiny_random``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig
+
+from specdec.errors import ConfigError
+
+SOURCES = ("tiny_random", "hf", "zoo")
+
+
+@dataclass
+class LoadedModels:
+    """A target model, its default draft model (or None) and the target's tokenizer."""
+
+    target: Any
+    draft: Any | None
+    tokenizer: Any
+    info: dict = field(default_factory=dict)  # what was loaded, for the summary
+
+
+def load_models(cfg: DictConfig | dict) -> LoadedModels:
+    """Load the target, the draft model and the tokenizer that the ``model`` config names.
+
+    Raises:
+        ConfigError: unknown ``source`` or a missing required key.
+        SpecDecError: a model path does not exist or cannot be loaded (from ``specdec.models``).
+    """
+    source = cfg.get("source")
+    if source == "tiny_random":
+        return _tiny_random(cfg)
+    if source == "hf":
+        return _from_dirs(cfg, target=_required(cfg, "target"), draft=cfg.get("draft"), tokenizer=None)
+    if source == "zoo":
+        return _from_zoo(cfg)
+    raise ConfigError(f"model.source={source!r} is unknown; use one of {SOURCES}")
+
+
+def _tiny_random(cfg: DictConfig | dict) -> LoadedModels:
+    from specdec.models import tiny_random_pair
+
+    arch = cfg.get("arch", "llama")
+    target, draft, tokenizer = tiny_random_pair(arch=arch, seed=int(cfg.get("seed", 0)))
+    return LoadedModels(target, draft, tokenizer, info={"source": "tiny_random", "arch": arch})
+
+
+def _from_zoo(cfg: DictConfig | dict) -> LoadedModels:
+    from experiments.zoo import ensure_pair  # written separately; imported only when used
+
+    pair = ensure_pair(size=cfg.get("size", "default"), cache_dir=cfg.get("cache_dir"))
+    return _from_dirs(cfg, target=str(pair.target_dir), draft=str(pair.draft_dir), tokenizer=str(pair.tokenizer_dir))
+
+
+def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer: str | None) -> LoadedModels:
+    """Load a target (and a draft model) with ``from_pretrained``; the tokenizer defaults to the target's."""
+    from specdec.models import check_same_vocab, load_causal_lm, load_tokenizer
+
+    trust = bool(cfg.get("trust_remote_code", False))
+    opts = {"dtype": cfg.get("dtype", "float32"), "device": cfg.get("device", "cpu"), "trust_remote_code": trust}
+    target_model = load_causal_lm(target, **opts)
+    draft_model = load_causal_lm(draft, **opts) if draft else None
+    if draft_model is not None:
+        check_same_vocab(target_model, draft_model)
+    tok = load_tokenizer(tokenizer or target, trust_remote_code=trust)
+    info = {"source": cfg.get("source"), "target": target, "draft": draft, "dtype": opts["dtype"], "device": opts["device"]}
+    return LoadedModels(target_model, draft_model, tok, info=info)
+
+
+def _required(cfg: DictConfig | dict, key: str) -> Any:
+    value = cfg.get(key)
+    if value in (None, "", "???"):
+        raise ConfigError(f"model.{key} is required for model.source={cfg.get('source')!r}; pass model.{key}=<path or hub id>")
+    return value

@@ -1,0 +1,147 @@
+"""Local results of a decode run: ``records.jsonl`` and ``summary.json``, written as the run goes.
+
+Every prompt decoded by every method appends one JSON line to ``records.jsonl`` (flushed
+at once), and ``summary.json`` is rewritten atomically after each prompt, so an
+interrupted run keeps everything it computed. Aggregation uses
+:meth:`specdec.stats.DecodeStats.merge`; the metric names are the ones of DESIGN.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from specdec.stats import DecodeStats
+
+SPECULATIVE = "speculative"
+BASELINE = "baseline"
+RECORDS_FILE = "records.jsonl"
+SUMMARY_FILE = "summary.json"
+
+#: Per-step lists are kept in records.jsonl, not repeated in the summary.
+_PER_STEP_KEYS = ("accepted_per_step", "proposed_per_step")
+
+
+@dataclass
+class MethodResults:
+    """What one method (speculative or baseline) produced so far."""
+
+    stats: list[DecodeStats] = field(default_factory=list)
+    outputs: dict[Any, list[int]] = field(default_factory=dict)  # question_id -> generated token ids
+
+    def add(self, question_id: Any, stats: DecodeStats, new_ids: list[int]) -> None:
+        self.stats.append(stats)
+        self.outputs[question_id] = new_ids
+
+    def metrics(self) -> dict:
+        """Merged stats (``DecodeStats.to_dict`` minus per-step lists) plus the time split."""
+        merged = DecodeStats.merge(self.stats)
+        out = {k: v for k, v in merged.to_dict().items() if k not in _PER_STEP_KEYS}
+        out["num_prompts"] = len(self.stats)
+        out["time_split"] = time_split(merged)
+        return out
+
+
+def time_split(stats: DecodeStats) -> dict:
+    """Fractions of ``time_total`` spent in prefill, draft, verify, accept+commit and other."""
+    total = stats.time_total
+    parts = {
+        "prefill": stats.time_prefill,
+        "draft": stats.time_draft,
+        "verify": stats.time_verify,
+        "accept_commit": stats.time_accept,
+        "other": stats.time_other,
+    }
+    return {name: (value / total if total > 0 else 0.0) for name, value in parts.items()}
+
+
+def speedup(ours: dict, baseline: dict) -> float | None:
+    """Ours tokens/s over baseline tokens/s, or None when the baseline has no throughput."""
+    base = baseline.get("tokens_per_s") or 0.0
+    return ours["tokens_per_s"] / base if base > 0 else None
+
+
+def mismatches(ours: MethodResults, baseline: MethodResults) -> list:
+    """Question ids decoded by both methods whose generated tokens differ."""
+    return [qid for qid, ids in ours.outputs.items() if qid in baseline.outputs and baseline.outputs[qid] != ids]
+
+
+def build_summary(
+    results: dict[str, MethodResults],
+    *,
+    greedy: bool,
+    status: str,
+    num_prompts: int,
+    extra: dict | None = None,
+) -> dict:
+    """The content of ``summary.json``.
+
+    ``metrics.matches_baseline`` is true/false for greedy runs with a baseline (the drafter's
+    outputs equal the autoregressive ones token for token), else null.
+    """
+    metrics = {name: res.metrics() for name, res in results.items() if res.stats}
+    summary: dict = {"status": status, "num_prompts": num_prompts, "metrics": metrics}
+    if SPECULATIVE in metrics and BASELINE in metrics:
+        metrics["speedup"] = speedup(metrics[SPECULATIVE], metrics[BASELINE])
+        differing = mismatches(results[SPECULATIVE], results[BASELINE])
+        metrics["matches_baseline"] = (not differing) if greedy else None
+        summary["mismatched_question_ids"] = differing
+    summary.update(extra or {})
+    return summary
+
+
+class ResultsWriter:
+    """Writes ``records.jsonl`` (line by line, flushed) and ``summary.json`` (atomically) in ``run_dir``."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.records_path = self.run_dir / RECORDS_FILE
+        self.summary_path = self.run_dir / SUMMARY_FILE
+        self._records = self.records_path.open("w", encoding="utf-8")
+
+    def add_record(self, record: dict) -> None:
+        """Append one JSON line and flush it to disk."""
+        self._records.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._records.flush()
+        os.fsync(self._records.fileno())
+
+    def write_summary(self, summary: dict) -> None:
+        """Replace ``summary.json`` atomically (a reader never sees a half-written file)."""
+        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".summary.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2, ensure_ascii=False, default=str)
+        os.replace(tmp, self.summary_path)
+
+    def close(self) -> None:
+        self._records.close()
+
+
+def format_table(summary: dict) -> str:
+    """A short plain-text table of the summary's metrics, one row per method."""
+    metrics = summary.get("metrics", {})
+    header = f"{'method':<12} {'tau':>6} {'acc/step':>8} {'acc rate':>8} {'tok/s':>9} {'speedup':>8}   time split"
+    lines = [header, "-" * len(header)]
+    for name in (SPECULATIVE, BASELINE):
+        m = metrics.get(name)
+        if not m:
+            continue
+        up = metrics.get("speedup") if name == SPECULATIVE else 1.0
+        split = " ".join(f"{k}={v:.0%}" for k, v in m["time_split"].items())
+        lines.append(
+            f"{name:<12} {m['tau']:>6.2f} {m['mean_accepted_drafts']:>8.2f} {m['draft_acceptance_rate']:>8.1%} "
+            f"{m['tokens_per_s']:>9.1f} {_fmt_speedup(up):>8}   {split}"
+        )
+    spec = metrics.get(SPECULATIVE, {})
+    if spec.get("acceptance_rate_by_depth"):
+        lines.append("acceptance by depth: " + " ".join(f"{r:.2f}" for r in spec["acceptance_rate_by_depth"]))
+    if "matches_baseline" in metrics:
+        lines.append(f"matches baseline: {metrics['matches_baseline']}")
+    return "\n".join(lines)
+
+
+def _fmt_speedup(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"

@@ -1,0 +1,89 @@
+"""Structured config (schema) of the decode entry point.
+
+The dataclasses here are registered in Hydra's ConfigStore as ``base_config`` and sit first
+in ``conf/config.yaml``'s defaults list, so every top-level knob has a type that Hydra
+checks when the config is composed: ``max_new_tokens=abc`` or ``sampling.temperature=hot``
+fails before any model is loaded. The config groups (``model``, ``drafter``, ...) are
+typed ``Any`` here; their options live as YAML files under ``conf/``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+@dataclass
+class SamplingConfig:
+    """Sampling parameters shared by the drafter and the acceptance rule (temperature 0 = greedy)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class AcceptanceConfig:
+    """An acceptance rule by name, plus optional parameters of the typical rule."""
+
+    name: str = "greedy"
+    epsilon: Optional[float] = None  # typical: posterior threshold
+    delta: Optional[float] = None  # typical: posterior alpha
+
+
+@dataclass
+class DatasetConfig:
+    """A prompt set: ``stdlib`` (held-out standard-library files) or ``spec_bench`` (a question.jsonl)."""
+
+    name: str = MISSING
+    path: Optional[str] = None  # a question.jsonl; for stdlib, null = the cached held-out set
+    max_prompt_tokens: Optional[int] = None  # keep the last n prompt tokens; null keeps all
+    cache_dir: Optional[str] = None  # stdlib: where the held-out set is cached (null: $SPECDEC_CACHE)
+    corpus_root: Optional[str] = None  # stdlib: another Python source tree (null: this Python's stdlib)
+
+
+@dataclass
+class DecodeConfig:
+    """Top-level config of ``python -m experiments.decode``.
+
+    Attributes:
+        model: which target/draft pair to load (group ``model``).
+        drafter: ``_target_`` node of the drafter (group ``drafter``).
+        acceptance: the acceptance rule (group ``acceptance``).
+        dataset: the prompt set (group ``dataset``).
+        logger: ``_target_`` node of the results logger (group ``logger``).
+        tree / verifier: reserved for the ``tree`` and ``verifier`` groups.
+        sampling: temperature / top-k / top-p, set once and given to the decoder.
+        max_new_tokens: tokens generated per prompt.
+        seed: seed of every ``generate`` call (same for drafter and baseline).
+        num_prompts: how many prompts of the dataset to decode.
+        attn_backend: the verifier's attention backend (``sdpa`` or ``triton``).
+        baseline: also run the autoregressive baseline (needed for speedup and matches_baseline).
+        warmup: untimed warm-up generations per method before the timed prompts.
+        num_threads: ``torch.set_num_threads`` for CPU runs; None keeps torch's default.
+    """
+
+    model: Any = MISSING
+    drafter: Any = MISSING
+    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    logger: Any = MISSING
+    tree: Any = None
+    verifier: Any = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_new_tokens: int = 64
+    seed: int = 0
+    num_prompts: int = 10
+    attn_backend: str = "sdpa"
+    baseline: bool = True
+    warmup: int = 1
+    num_threads: Optional[int] = None
+
+
+def register_configs() -> None:
+    """Register the schema as ``base_config`` (idempotent; call before composing)."""
+    ConfigStore.instance().store(name="base_config", node=DecodeConfig)
+
+
+register_configs()

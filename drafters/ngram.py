@@ -50,6 +50,14 @@ class NGramDrafter(Drafter):
                         self._index[key] = end + 1  # where the continuation starts
         self._indexed = max(self._indexed, len(toks) - 1)
 
+    def _continuation(self, start: int, k: int) -> list[int]:
+        """The k tokens after an earlier match; a match that runs into the end repeats with its period."""
+        toks, period = self.tokens, len(self.tokens) - start
+        cont: list[int] = []
+        for i in range(k):
+            cont.append(toks[start + i] if start + i < len(toks) else cont[i - period])
+        return cont
+
     def propose(self, max_depth: int) -> DraftTree:
         k = min(self.k, max_depth)
         if k <= 0:
@@ -59,7 +67,5 @@ class NGramDrafter(Drafter):
         for n in range(min(self.max_ngram, len(toks)), self.min_ngram - 1, -1):
             start = self._index.get(tuple(toks[-n:]))
             if start is not None:
-                cont = toks[start : start + k]
-                if cont:
-                    return DraftTree.chain(torch.tensor(cont, dtype=torch.long))
+                return DraftTree.chain(torch.tensor(self._continuation(start, k), dtype=torch.long))
         return DraftTree.empty()

@@ -1,0 +1,91 @@
+"""Bad input gets a clear error that names the problem and the fix."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from drafters import DraftModelDrafter, NoDrafter
+from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
+from specdec.errors import ConfigError, NonFiniteLogitsError
+from specdec.models import load_causal_lm, tiny_random_pair
+from tests.tiny_models import pair
+
+IDS = torch.tensor([[3, 4, 5]])
+
+
+def _decoder(**kw):
+    target = pair("llama")[0]
+    return SpeculativeDecoder(target=target, drafter=kw.pop("drafter", NoDrafter()), **kw)
+
+
+def test_draft_vocabulary_mismatch():
+    target = pair("llama")[0]
+    _, other_draft, _ = tiny_random_pair("llama", vocab=100)
+    dec = SpeculativeDecoder(target, DraftModelDrafter(other_draft, num_speculative_tokens=2))
+    with pytest.raises(SpecDecError, match=r"vocabulary \(100 tokens\) does not match the target's \(257 tokens\)"):
+        dec.generate(IDS, max_new_tokens=4)
+
+
+def test_prompt_longer_than_context():
+    with pytest.raises(SpecDecError, match="longer than the model's context of 2048.*max_prompt_tokens"):
+        _decoder().generate(torch.zeros(1, 2049, dtype=torch.long), max_new_tokens=4)
+
+
+def test_prompt_plus_new_tokens_past_context():
+    with pytest.raises(SpecDecError, match="lower max_new_tokens to at most 48"):
+        _decoder().generate(torch.zeros(1, 2000, dtype=torch.long), max_new_tokens=64)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_max_new_tokens_must_be_positive_int(bad):
+    with pytest.raises(SpecDecError, match="max_new_tokens"):
+        _decoder().generate(IDS, max_new_tokens=bad)
+
+
+def test_empty_prompt():
+    with pytest.raises(SpecDecError, match="empty prompt"):
+        _decoder().generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4)
+
+
+def test_batch_and_dtype_checked():
+    with pytest.raises(SpecDecError, match="batch size 2"):
+        _decoder().generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=4)
+    with pytest.raises(SpecDecError, match="LongTensor"):
+        _decoder().generate(torch.zeros(1, 3), max_new_tokens=4)
+
+
+def test_unknown_acceptance_and_backend():
+    with pytest.raises(ConfigError, match="acceptance='beam' is unknown"):
+        _decoder(acceptance="beam")
+    with pytest.raises(ConfigError, match="attn_backend='flash' is unknown"):
+        _decoder(attn_backend="flash")
+
+
+def test_greedy_rule_with_sampling_temperature():
+    with pytest.raises(ConfigError, match="use acceptance=rejection"):
+        _decoder(acceptance="greedy", sampling=SamplingParams(temperature=0.8))
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(SpecDecError, match="does not exist"):
+        load_causal_lm(str(tmp_path / "nope"))
+
+
+def test_nan_logits_name_the_step():
+    target = copy.deepcopy(pair("llama")[0])
+    with torch.no_grad():
+        target.get_output_embeddings().weight.fill_(float("nan"))
+    dec = SpeculativeDecoder(target, NoDrafter())
+    with pytest.raises(NonFiniteLogitsError, match="decode step 0"):
+        dec.generate(IDS, max_new_tokens=4)
+
+
+def test_nan_draft_logits_name_the_draft_position():
+    target = pair("llama")[0]
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        draft.get_output_embeddings().weight.fill_(float("inf"))
+    with pytest.raises(NonFiniteLogitsError, match="draft model forward at draft position 1"):
+        SpeculativeDecoder(target, DraftModelDrafter(draft, num_speculative_tokens=2)).generate(IDS, max_new_tokens=4)

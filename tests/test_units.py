@@ -1,0 +1,129 @@
+"""Unit tests of the pieces: warping, tree compilation, acceptance on hand-made trees, n-gram lookup."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from drafters import NGramDrafter
+from specdec import SamplingParams
+from specdec.acceptance import GreedyAcceptance, RejectionAcceptance, TypicalAcceptance, get_rule
+from specdec.drafting import DraftContext
+from specdec.sampling import warp_probs
+from specdec.stats import DecodeStats
+from specdec.tree import ancestor_mask, chain_paths, compile_tree
+from specdec.types import AcceptResult, DraftTree, VerifyOutput
+
+
+def test_warp_top_k_and_top_p():
+    logits = torch.tensor([0.0, 1.0, 5.0, 2.0, -1.0])
+    topk = warp_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert torch.count_nonzero(topk) == 2 and topk[2] > topk[3] > 0
+    full = torch.softmax(logits, -1)
+    topp = warp_probs(logits, SamplingParams(temperature=1.0, top_p=0.95))
+    kept = topp > 0
+    assert full[kept].sum() >= 0.95 and full[kept].sum() - full[kept].min() < 0.95  # smallest such set
+    assert torch.allclose(topp[kept], full[kept] / full[kept].sum())
+    greedy = warp_probs(logits, SamplingParams())
+    assert greedy.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_params(bad):
+    with pytest.raises(ValueError, match="sampling"):
+        SamplingParams(**bad)
+
+
+def _random_paths(rng: random.Random, n: int) -> list[list[int]]:
+    paths: list[list[int]] = []
+    while len(paths) < n:
+        parent = rng.choice([[]] + paths)
+        rank = sum(1 for p in paths if p[:-1] == parent)
+        paths.append(parent + [rank])
+    rng.shuffle(paths)
+    return paths
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_compiled_random_trees(seed):
+    rng = random.Random(seed)
+    paths = _random_paths(rng, rng.randint(1, 40))
+    tree = compile_tree(paths)
+    index = {p: i for i, p in enumerate(tree.paths)}
+    for i, p in enumerate(tree.paths):
+        ancestors = {index[p[:d]] for d in range(1, len(p) + 1)}
+        assert set(torch.nonzero(tree.mask[i]).flatten().tolist()) == ancestors  # ancestors and self
+        assert int(tree.depth[i]) == len(p)
+    for row in tree.retrieve.tolist():  # every leaf path reads back
+        nodes = [j for j in row if j >= 0]
+        assert [tree.paths[j] for j in nodes] == [tree.paths[nodes[-1]][:d] for d in range(1, len(nodes) + 1)]
+    assert torch.equal(ancestor_mask(tree.parents), tree.mask)
+
+
+def test_invalid_tree_preset_names_missing_parent():
+    with pytest.raises(ValueError, match=r"add the path \[0\]"):
+        compile_tree([[0, 1]])
+    assert compile_tree(chain_paths(3)).parents.tolist() == [-1, 0, 1]
+
+
+def _tree():
+    # root children: node0 (tok 4), node1 (tok 7); node2 (tok 5) under node1; node3 (tok 2) under node2
+    return DraftTree(tokens=torch.tensor([4, 7, 5, 2]), parents=torch.tensor([-1, -1, 1, 2]))
+
+
+def test_greedy_on_a_tree_takes_the_matching_branch():
+    logits = torch.full((5, 8), -5.0)
+    logits[0, 7] = logits[2, 5] = logits[3, 6] = 5.0  # root -> 7, node1 -> 5, node2 -> 6 (not 2)
+    res = GreedyAcceptance()(_tree(), logits, SamplingParams(), None)
+    assert res.accepted_nodes == [1, 2] and res.tokens == [7, 5, 6]
+
+
+def test_rejection_deterministic_children_point_mass():
+    """Children are point masses: with p = one-hot on the second child it is always taken."""
+    logits = torch.full((5, 8), -30.0)
+    logits[0, 7] = logits[2, 5] = logits[3, 2] = logits[4, 1] = 30.0
+    gen = torch.Generator().manual_seed(0)
+    res = RejectionAcceptance()(_tree(), logits, SamplingParams(temperature=1.0), gen)
+    assert res.accepted_nodes == [1, 2, 3] and res.tokens == [7, 5, 2, 1]  # leaf reached: bonus token
+
+
+def test_rule_registry_and_flags():
+    assert get_rule("rejection").lossless and get_rule("greedy").lossless
+    assert not TypicalAcceptance().lossless
+    with pytest.raises(ValueError, match="unknown"):
+        get_rule("beam")
+
+
+def test_stats_metrics_mean_what_they_say():
+    s = DecodeStats()
+    for proposed, acc in [(4, 4), (4, 1), (4, 0)]:
+        s.record_step(proposed, proposed, acc)
+    s.new_tokens = (4 + 1) + (1 + 1) + (0 + 1)
+    assert s.tau == pytest.approx(8 / 3)
+    assert s.mean_accepted_drafts == pytest.approx(5 / 3)
+    assert s.draft_acceptance_rate == pytest.approx(5 / 12)
+    assert s.acceptance_rate_by_depth == pytest.approx([2 / 3, 1 / 3, 1 / 3, 1 / 3])
+    merged = DecodeStats.merge([s, s])
+    assert merged.tau == pytest.approx(s.tau) and merged.depth_proposed == [6, 6, 6, 6]
+
+
+def _ngram(tokens, **kw):
+    d = NGramDrafter(**kw)
+    d.start(DraftContext(target=None, sampling=SamplingParams(), generator=None, capacity=100))
+    d.tokens = list(tokens)
+    return d
+
+
+def test_ngram_longest_suffix_match_and_incremental_index():
+    d = _ngram([1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 0, 2, 3], num_speculative_tokens=3, max_ngram=3)
+    assert d.propose(8).tokens.tolist() == [4, 5, 0]  # "2 3" last seen before "4 5 0"
+    d.commit(AcceptResult([0], [4, 6]), VerifyOutput(torch.empty(0), torch.empty(0)))
+    assert d.propose(8).tokens.tolist() == []  # "... 3 4 6": 6 never seen before
+    assert _ngram([5, 6, 7], num_speculative_tokens=2).propose(8).num_nodes == 0
+
+
+def test_ngram_periodic_context_proposes_full_length():
+    d = _ngram([3, 8, 8, 8, 8], num_speculative_tokens=4, max_ngram=2)
+    assert d.propose(8).tokens.tolist() == [8, 8, 8, 8]
+    assert d.propose(2).tokens.tolist() == [8, 8]  # capped by max_depth

@@ -1,0 +1,233 @@
+"""Triton tree attention against its PyTorch reference.
+
+Runs on the GPU when CUDA is available, otherwise on the CPU under the Triton interpreter
+(``TRITON_INTERPRET=1`` is set here, before the kernels are imported). The interpreter
+must be chosen before triton's first import; when something imported triton earlier in
+this pytest process (transformers does), the whole file reruns in a fresh process.
+"""
+import os
+import random
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit runs, i.e. at triton's import
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+ta = importlib.import_module("kernels.tree_attention")  # the module, not the re-exported function
+from kernels import tree_attention, tree_attention_ref  # noqa: E402
+
+FRESH_PROCESS = not torch.cuda.is_available() and not ta._is_interpreted()
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter(request):
+    if FRESH_PROCESS and request.node.originalname != "test_file_in_fresh_process":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_file_in_fresh_process")
+
+
+def test_file_in_fresh_process():
+    """Rerun this file in a process where TRITON_INTERPRET=1 precedes triton's import."""
+    if not FRESH_PROCESS:
+        pytest.skip("the kernels run in this process")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
+    res = subprocess.run(cmd, cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 3e-2)}
+
+
+def tree_mask_from_parents(parents):
+    """Ancestor-and-self mask ``[N, N]`` of a tree given as a parent array (root: -1)."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)  # [N, N]
+    for i in range(n):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parents[j]
+    return mask.to(DEVICE)
+
+
+def random_parents(rng, n):
+    return [-1] + [rng.randrange(i) for i in range(1, n)]
+
+
+def make_inputs(seed, B, Hq, Hkv, N, prefixes, S, D, dtype):
+    """Random q/k/v with NaN / huge garbage in every slot at or past prefix + N."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, N, D, generator=g).to(dtype)  # [B, Hq, N, D]
+    k = torch.randn(B, Hkv, S, D, generator=g).to(dtype)  # [B, Hkv, S, D]
+    v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)  # [B, Hkv, S, D]
+    huge = torch.finfo(dtype).max
+    for b, p in enumerate(prefixes):
+        k[b, :, p + N:] = float("nan")
+        v[b, :, p + N:] = huge
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+def check(q, k, v, prefix, mask, sm_scale=None, **kw):
+    out = tree_attention(q, k, v, prefix, mask, sm_scale, **kw)  # [B, Hq, N, D]
+    ref = tree_attention_ref(q, k, v, prefix, mask, sm_scale)  # [B, Hq, N, D]
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    atol, rtol = TOL[q.dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    return out
+
+
+def _random_cases(n_cases, seed=1234):
+    rng = random.Random(seed)
+    cases = []
+    for c in range(n_cases):
+        G = rng.choice([1, 4, 8])
+        Hkv = rng.choice([1, 1, 2])
+        N = rng.choice([1, 2, 5, 8, 16, 31, 64]) if c % 3 else rng.randint(1, 64)
+        P = rng.choice([0, 1, 63, 64, 200, 777, 1024, 2048]) if c % 2 else rng.randint(0, 2048)
+        D = rng.choice([64, 128])
+        dtype = [torch.float32, torch.float16, torch.bfloat16][c % 3]
+        extra = rng.choice([0, 1, 37, 128])
+        B = 2 if c % 4 == 3 else 1  # B = 2 gets a per-batch tensor prefix
+        prefixes = [P, rng.randint(0, P)] if B == 2 else [P]
+        cases.append((c, B, G, Hkv, N, prefixes, D, dtype, extra))
+    return cases
+
+
+def _case_id(c):
+    return "B{1}-G{2}-Hkv{3}-N{4}-P{5}-D{6}-{7}".format(
+        *c[:5], "_".join(map(str, c[5])), *c[6:8]).replace("torch.", "")
+
+
+@pytest.mark.parametrize("case", _random_cases(32), ids=_case_id)
+def test_random_trees_match_reference(case):
+    c, B, G, Hkv, N, prefixes, D, dtype, extra = case
+    rng = random.Random(c)
+    q, k, v = make_inputs(c, B, G * Hkv, Hkv, N, prefixes, max(prefixes) + N + extra, D, dtype)
+    prefix = torch.tensor(prefixes, device=DEVICE) if B == 2 else prefixes[0]
+    check(q, k, v, prefix, tree_mask_from_parents(random_parents(rng, N)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prefix_dtype", [torch.int32, torch.int64])
+def test_per_batch_tensor_prefix(dtype, prefix_dtype):
+    rng = random.Random(7)
+    N, prefixes, S = 12, [300, 45], 400
+    q, k, v = make_inputs(3, 2, 8, 2, N, prefixes, S, 64, dtype)
+    mask = tree_mask_from_parents(random_parents(rng, N))
+    prefix = torch.tensor(prefixes, dtype=prefix_dtype, device=DEVICE)
+    out = check(q, k, v, prefix, mask)
+    # each batch row equals a B=1 call with its own int prefix
+    for b, p in enumerate(prefixes):
+        one = tree_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], p, mask)  # [1, Hq, N, D]
+        torch.testing.assert_close(out[b:b + 1].float(), one.float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    check(q, k, v, prefix, mask, validate=False)  # no host sync: grid sized from S
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 40])
+def test_split_k_is_exact(num_splits):
+    rng = random.Random(11)
+    N, P = 9, 1500
+    q, k, v = make_inputs(5, 1, 8, 2, N, [P], P + N + 20, 128, torch.float32)
+    mask = tree_mask_from_parents(random_parents(rng, N))
+    check(q, k, v, P, mask, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("D", [16, 32, 96, 256])
+def test_other_head_dims(D):
+    rng = random.Random(D)
+    N, P = 6, 130
+    q, k, v = make_inputs(D, 1, 4, 1, N, [P], P + N + 3, D, torch.float16)
+    check(q, k, v, P, tree_mask_from_parents(random_parents(rng, N)))
+
+
+def test_many_rows_span_several_m_blocks():
+    """G * N = 8 * 40 = 320 rows: several M-blocks per KV head (and bit 63 unused/used)."""
+    rng = random.Random(3)
+    for dtype, N in ((torch.float32, 40), (torch.float16, 64)):
+        q, k, v = make_inputs(N, 1, 8, 1, N, [100], 100 + N + 5, 64, dtype)
+        check(q, k, v, 100, tree_mask_from_parents(random_parents(rng, N)))
+
+
+def test_chain_equals_causal_attention():
+    N, P, D = 7, 50, 64
+    q, k, v = make_inputs(0, 1, 2, 2, N, [P], P + N, D, torch.float32)
+    chain = tree_mask_from_parents([-1] + list(range(N - 1)))
+    out = tree_attention(q, k, v, P, chain, 0.3)  # [1, 2, N, D]
+    causal = torch.ones(N, P + N, dtype=torch.bool, device=DEVICE).tril(P)  # [N, P + N]
+    expect = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=0.3)
+    torch.testing.assert_close(out, expect, atol=2e-5, rtol=2e-5)
+
+
+def test_noncontiguous_inputs_and_arbitrary_mask():
+    """Strided q (as after a [B, N, H, D] -> [B, H, N, D] transpose) and a non-tree mask."""
+    N, P, D = 10, 70, 64
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, N, 4, D, generator=g).to(DEVICE).transpose(1, 2)  # [1, 4, N, D] strided
+    kv = torch.randn(1, 90, 2, 2, D, generator=g).to(DEVICE)  # [1, S, 2, Hkv, D]
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [1, 2, S, D] strided
+    mask = torch.rand(N, N, generator=g).to(DEVICE) < 0.4  # [N, N]
+    mask |= torch.eye(N, dtype=torch.bool, device=DEVICE)
+    check(q, k, v, P, mask)
+
+
+def test_row_without_visible_keys_is_zero():
+    N, D = 3, 64
+    q, k, v = make_inputs(4, 1, 1, 1, N, [0], N, D, torch.float32)
+    mask = torch.tensor([[True, False, False], [False, False, False], [True, True, True]], device=DEVICE)
+    out = check(q, k, v, 0, mask)
+    assert (out[0, 0, 1] == 0).all()
+
+
+# ------------------------------------------------------------------ bad inputs
+
+
+def _ok_inputs(N=4, P=8, S=16, Hq=4, Hkv=2, D=64):
+    q, k, v = make_inputs(0, 1, Hq, Hkv, N, [P], S, D, torch.float32)
+    return q, k, v, P, tree_mask_from_parents([-1] + list(range(N - 1)))
+
+
+@pytest.mark.parametrize("fn", [tree_attention, tree_attention_ref])
+def test_bad_inputs_raise_value_error(fn):
+    q, k, v, P, mask = _ok_inputs()
+    with pytest.raises(ValueError, match=r"tree_mask must have shape \[N, N\]"):
+        fn(q, k, v, P, mask[:3])
+    with pytest.raises(ValueError, match="tree_mask must have dtype torch.bool"):
+        fn(q, k, v, P, mask.int())
+    with pytest.raises(ValueError, match="q must be a 4-D tensor"):
+        fn(q[0], k, v, P, mask)
+    with pytest.raises(ValueError, match="k must be a 4-D tensor"):
+        fn(q, k[0], v, P, mask)
+    with pytest.raises(ValueError, match="head-dim mismatch"):
+        fn(q[..., :32], k, v, P, mask)
+    with pytest.raises(ValueError, match="not divisible"):
+        fn(q[:, :3], k, v, P, mask)
+    with pytest.raises(ValueError, match="exceeds the KV length"):
+        fn(q, k, v, 13, mask)
+    with pytest.raises(ValueError, match="exceeds the KV length"):
+        fn(q, k, v, torch.tensor([13], device=DEVICE), mask)
+    with pytest.raises(ValueError, match="prefix_len must be"):
+        fn(q, k, v, torch.tensor([1, 2], device=DEVICE), mask)
+    with pytest.raises(ValueError, match="share one dtype"):
+        fn(q.half(), k, v, P, mask)
+
+
+def test_too_many_tree_tokens():
+    q, k, v, P, mask = _ok_inputs(N=65, P=0, S=80, Hq=1, Hkv=1, D=16)
+    with pytest.raises(ValueError, match="at most 64 tree tokens"):
+        tree_attention(q, k, v, P, mask)
+
+
+def test_cpu_without_interpreter_raises(monkeypatch):
+    q, k, v, P, mask = _ok_inputs()
+    monkeypatch.setattr(ta, "_is_interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        tree_attention(q.cpu(), k.cpu(), v.cpu(), P, mask.cpu())

@@ -1,0 +1,218 @@
+"""Side-by-side benchmark: ours vs Hugging Face ``generate`` on the same pair, prompts and machine.
+
+    python -m experiments.bench --size default --prompts 10 --max-new-tokens 128 --ks 2,4,6 --reps 3
+
+Greedy, batch 1, one process: Hugging Face plain ``generate``, assisted generation with the
+draft model (constant k, and its default schedule), prompt lookup; ours: autoregressive, the
+draft-model chain for each k, n-gram. Warm-ups first, then ``--reps`` repetitions per prompt in
+rotating order, CPU threads pinned. Every output is checked against HF plain greedy. Prints a
+Markdown table (also written to ``--markdown``) and writes raw results to ``--json``.
+Importable without hydra or wandb.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
+from experiments.bench_costs import measure_costs, predicted_chain_speedup
+from specdec import SamplingParams, SpeculativeDecoder
+from specdec.models import load_causal_lm, load_tokenizer
+
+
+@dataclass
+class Method:
+    """One way of decoding; ``run(ids) -> (output ids [1, T + new], stats or None)``."""
+
+    name: str
+    run: object
+    ours: bool
+    k: int | None = None
+    peer: str | None = None  # the HF method with the same drafter and k
+    times: dict = field(default_factory=dict)  # prompt index -> list of seconds
+    new_tokens: dict = field(default_factory=dict)
+    tau: dict = field(default_factory=dict)
+    matches: bool = True
+
+
+def _hf(target, max_new, **kwargs):
+    def run(ids):
+        with torch.inference_mode():
+            out = target.generate(ids, do_sample=False, max_new_tokens=max_new, **kwargs)
+        return out, None
+    return run
+
+
+def _hf_assisted(target, draft, max_new, k):
+    """Assisted generation; transformers 5.x reads its schedule from the draft's generation_config."""
+    def run(ids):
+        cfg = draft.generation_config
+        cfg.num_assistant_tokens = k
+        cfg.num_assistant_tokens_schedule = "constant" if k else None
+        cfg.assistant_confidence_threshold = 0.0 if k else None
+        if not k:  # HF's own default schedule
+            cfg.num_assistant_tokens = None
+        return _hf(target, max_new, assistant_model=draft)(ids)
+    return run
+
+
+def _ours(target, drafter, max_new):
+    decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy", sampling=SamplingParams())
+
+    def run(ids):
+        out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
+        return out.sequences, out.stats
+    return run
+
+
+def build_methods(target, draft, args) -> list[Method]:
+    """HF plain / assisted / prompt lookup and ours, in that order."""
+    m, ks, ng = args.max_new_tokens, args.ks, args.ngram_tokens
+    methods = [Method("hf_plain", _hf(target, m), False),
+               Method("hf_prompt_lookup", _hf(target, m, prompt_lookup_num_tokens=ng,
+                                              max_matching_ngram_size=args.max_ngram), False, ng),
+               Method("ours_ar", _ours(target, NoDrafter(), m), True),
+               Method("ours_ngram", _ours(target, NGramDrafter(ng, max_ngram=args.max_ngram, match="first"), m),
+                      True, ng, peer="hf_prompt_lookup")]
+    if args.hf_dynamic:
+        methods.append(Method("hf_assisted_default", _hf_assisted(target, draft, m, None), False))
+    for k in ks:
+        methods.append(Method(f"hf_assisted_k{k}", _hf_assisted(target, draft, m, k), False, k))
+        methods.append(Method(f"ours_chain_k{k}", _ours(target, DraftModelDrafter(draft, k), m), True, k,
+                              peer=f"hf_assisted_k{k}"))
+    return methods
+
+
+def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int) -> None:
+    """Warm up every method, then time ``reps`` rounds per prompt, rotating the order each round."""
+    for meth in methods:
+        meth.run(prompts[0])
+    for i, ids in enumerate(prompts):
+        reference, _ = methods[0].run(ids)  # hf_plain
+        for rep in range(reps):
+            order = methods[rep % len(methods):] + methods[: rep % len(methods)]
+            for meth in order:
+                t0 = time.perf_counter()
+                out, stats = meth.run(ids)
+                meth.times.setdefault(i, []).append(time.perf_counter() - t0)
+                meth.new_tokens[i] = out.shape[1] - ids.shape[1]
+                meth.matches &= out.tolist() == reference.tolist()
+                if stats is not None:
+                    meth.tau[i] = stats.tau
+        print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
+
+
+def tokens_per_s(meth: Method) -> dict[int, float]:
+    return {i: meth.new_tokens[i] / statistics.median(t) for i, t in meth.times.items()}
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def summarize(methods: list[Method], costs: dict) -> tuple[list[dict], str]:
+    """Rows of per-method figures (median (min-max) over prompts) and the Markdown table."""
+    by_name = {m.name: m for m in methods}
+    tps = {m.name: tokens_per_s(m) for m in methods}
+    base, ours_ar = tps["hf_plain"], tps["ours_ar"]
+    rows = []
+    for m in methods:
+        mine = tps[m.name]
+        row = {"method": m.name, "tokens_per_s": statistics.median(mine.values()),
+               "speedup_vs_hf_plain": _spread([mine[i] / base[i] for i in mine]),
+               "matches_hf_plain": m.matches, "tau": statistics.mean(m.tau.values()) if m.tau else None,
+               "vs_hf_same_drafter": None, "efficiency": None}
+        if m.peer:
+            peer = tps[by_name[m.peer].name]
+            row["vs_hf_same_drafter"] = _spread([mine[i] / peer[i] for i in mine])
+        if m.name.startswith("ours_chain"):
+            measured = statistics.median(mine[i] / ours_ar[i] for i in mine)
+            predicted = predicted_chain_speedup(row["tau"], m.k, costs["target"], costs["draft"])
+            row["efficiency"] = f"{measured / predicted:.2f} ({measured:.2f}x / {predicted:.2f}x)"
+        rows.append(row)
+    head = "| method | tokens/s (median) | speedup vs HF plain, median (min-max) | ours / HF same drafter & k | tau | efficiency (measured / predicted over our AR) | output = HF plain greedy |"
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        tau = f"{r['tau']:.2f}" if r["tau"] is not None else ""
+        lines.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf_plain']} | "
+                     f"{r['vs_hf_same_drafter'] or ''} | {tau} | {r['efficiency'] or ''} | {'yes' if r['matches_hf_plain'] else 'NO'} |")
+    return rows, "\n".join(lines)
+
+
+def load_pair(args):
+    """(target, draft, tokenizer) from ``--target/--draft`` paths or the embedded zoo ``--size``."""
+    if args.target:
+        return (load_causal_lm(args.target), load_causal_lm(args.draft or args.target),
+                load_tokenizer(args.target))
+    from experiments.zoo import ensure_pair
+
+    pair = ensure_pair(args.size, cache_dir=args.cache_dir)
+    return load_causal_lm(pair.target_dir), load_causal_lm(pair.draft_dir), load_tokenizer(pair.tokenizer_dir)
+
+
+def load_prompt_ids(tokenizer, args) -> list[torch.Tensor]:
+    from experiments.data import heldout_prompts_path, load_prompts
+
+    path = args.dataset or heldout_prompts_path(cache_dir=args.cache_dir, num_prompts=args.prompts)
+    return [tokenizer(p.text, return_tensors="pt").input_ids[:, -args.max_prompt_tokens:]
+            for p in load_prompts(path, limit=args.prompts)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="default", help="embedded zoo pair size (default, micro)")
+    p.add_argument("--target", help="target checkpoint directory (instead of the zoo)")
+    p.add_argument("--draft", help="draft checkpoint directory")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--dataset", help="Spec-Bench question.jsonl (default: held-out stdlib prompts)")
+    p.add_argument("--prompts", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6])
+    p.add_argument("--ngram-tokens", type=int, default=4)
+    p.add_argument("--max-ngram", type=int, default=2, help="HF's max_matching_ngram_size (its default is 2)")
+    p.add_argument("--hf-dynamic", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run HF assisted generation with its default schedule")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="write raw results here")
+    p.add_argument("--markdown", help="write the Markdown table here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    target, draft, tok = load_pair(args)
+    prompts = load_prompt_ids(tok, args)
+    methods = build_methods(target, draft, args)
+    run_all(methods, prompts, args.reps)
+    context = int(statistics.median(p.shape[1] for p in prompts)) + args.max_new_tokens // 2
+    costs = measure_costs(target, draft, context, args.ks)
+    rows, table = summarize(methods, costs)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}"
+    header = (f"Command: `python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
+              f"Machine: {machine}. {len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, batch 1, "
+              f"{args.reps} reps. Forward costs at context {context}: target "
+              + ", ".join(f"w{w} {t * 1e3:.1f} ms" for w, t in costs["target"].items())
+              + f"; draft w1 {costs['draft'] * 1e3:.2f} ms.\n")
+    print(header + "\n" + table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(header + "\n" + table + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "costs": costs, "machine": machine, "args": vars(args)}, f, indent=1, default=str)
+    return 0 if all(r["matches_hf_plain"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

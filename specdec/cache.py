@@ -114,6 +114,9 @@ class SpecDecCache(Cache):
         Slots below ``offset`` stay as they are; everything after the kept ones is dropped.
         ``compact(list(range(n)))`` equals ``truncate(n)``.
         """
+        if isinstance(keep_idx, list) and keep_idx == list(range(len(keep_idx))):
+            self.truncate(offset + len(keep_idx))  # already contiguous (always so on a chain)
+            return
         src = torch.as_tensor(keep_idx, dtype=torch.long).reshape(-1)  # [M]
         if src.numel() and (bool((src[1:] <= src[:-1]).any()) or int(src[0]) < 0):
             raise ValueError("compact(keep_idx): indices must be strictly increasing and >= 0")

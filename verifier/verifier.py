@@ -8,7 +8,7 @@ import torch
 from specdec.cache import SpecDecCache
 from specdec.errors import ConfigError, NonFiniteLogitsError
 from specdec.types import DraftTree, VerifyOutput
-from verifier.attention import BACKENDS
+from verifier.attention import BACKENDS, dense_tree_mask
 
 
 @contextmanager
@@ -55,6 +55,7 @@ def tree_forward(
             logits_to_keep=logits_to_keep,
             specdec_prefix_len=prefix_len,
             specdec_tree_mask=tree_mask,
+            specdec_dense_mask=dense_tree_mask(prefix_len, tree_mask) if backend == "sdpa" else None,
         )
     logits = out.logits[0].float()  # [n', V]
     hidden = out.hidden_states[-1][0] if output_hidden else None  # [n, H]

@@ -8,7 +8,7 @@ import torch
 from specdec.errors import SpecDecError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-TINY_ARCHS = ("llama", "qwen2", "gpt_neox")
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt_neox")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -86,7 +86,7 @@ def byte_tokenizer():
 
 
 def _tiny_config(arch: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, eos: int):
-    from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config
+    from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                   num_attention_heads=heads, max_position_embeddings=2048, eos_token_id=eos, bos_token_id=eos,
@@ -95,6 +95,8 @@ def _tiny_config(arch: str, vocab: int, hidden: int, layers: int, heads: int, kv
         return LlamaConfig(num_key_value_heads=kv_heads, **common)
     if arch == "qwen2":
         return Qwen2Config(num_key_value_heads=kv_heads, **common)
+    if arch == "mistral":
+        return MistralConfig(num_key_value_heads=kv_heads, sliding_window=None, **common)
     if arch == "gpt_neox":
         return GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=True, **common)
     raise SpecDecError(f"tiny_random arch={arch!r} is unknown; choose one of {TINY_ARCHS}")

@@ -92,3 +92,13 @@ def test_noisy_draft_accepts_some_but_not_all():
     assert 0.1 < out.stats.draft_acceptance_rate < 0.95
     assert 1.0 < out.stats.tau < 5.0
     assert torch.equal(out.sequences, target.generate(ids, do_sample=False, max_new_tokens=48))
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gpt_neox"])
+def test_more_architectures(arch):
+    """Mistral and GPT-NeoX (parallel residual, partial rotary) through the same verifier."""
+    target, _, tok = pair(arch)
+    cases = [(ids, 20, len(tok) - 1, _reference(target, ids, 20, len(tok) - 1)) for ids in prompts(tok, 6, seed=3)]
+    for k in (1, 3, 8):
+        _check_all(target, DraftModelDrafter(noisy_copy(arch), num_speculative_tokens=k), cases)
+        _check_all(target, NGramDrafter(num_speculative_tokens=k), cases)

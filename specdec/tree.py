@@ -1,9 +1,14 @@
 """Token trees as data: Medusa-style path presets compiled once into index and mask buffers."""
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from specdec.errors import ConfigError
 
 
 def depths_from_parents(parents: torch.Tensor) -> torch.Tensor:
@@ -111,3 +116,93 @@ def compile_tree(paths: list[list[int]] | list[tuple[int, ...]]) -> CompiledTree
 def chain_paths(length: int) -> list[list[int]]:
     """The preset of a chain of ``length`` nodes: ``[[0], [0, 0], ...]``."""
     return [[0] * d for d in range(1, length + 1)]
+
+
+# --------------------------------------------------------------------------- presets as data
+
+#: Where ``load_preset`` looks up a preset given by name: ``conf/tree/<name>.yaml`` of this checkout.
+PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "tree"
+
+
+def load_preset(preset: str | os.PathLike | Mapping | Iterable) -> list[list[int]]:
+    """The sibling-rank paths of a tree preset, checked to form a tree.
+
+    Args:
+        preset: a preset name (``"binary"`` reads ``conf/tree/binary.yaml``), a path to such a
+            YAML file (a mapping with a ``paths:`` list), such a mapping (a composed ``tree``
+            config), or the list of paths itself.
+
+    Returns:
+        the paths as ``list[list[int]]``, in the preset's own order.
+
+    Raises:
+        ConfigError: the preset is unknown, unreadable, or not a tree (the message names the
+            preset and, for a missing parent, the path to add).
+    """
+    if isinstance(preset, Mapping):  # a composed ``tree`` config node: {paths: [...]}
+        where, raw = "tree preset", preset.get("paths")
+        if raw is None:
+            raise ConfigError("the tree config has no 'paths:' list (sibling-rank paths such as [[0], [1], [0, 0]])")
+    elif not isinstance(preset, (str, os.PathLike)):  # the paths themselves
+        where, raw = "tree preset", preset
+    else:
+        path = Path(preset)
+        if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:  # a bare name
+            path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+            raise ConfigError(f"tree preset {str(preset)!r} not found: give a YAML file or one of {known}")
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"tree preset {str(path)!r} is not valid YAML: {err}") from err
+        where = f"tree preset {str(path)!r}"
+        raw = data.get("paths") if isinstance(data, dict) else None
+        if raw is None:
+            raise ConfigError(f"{where} has no 'paths:' list (sibling-rank paths such as [[0], [1], [0, 0]])")
+    try:
+        paths = [[int(x) for x in p] for p in raw]
+        compile_tree(paths)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where} is not a valid tree: {err}") from err
+    if not paths:
+        raise ConfigError(f"{where} is empty: give at least one path, e.g. [[0]]")
+    return paths
+
+
+def path_acceptance(path: tuple[int, ...] | list[int], rank_probs: list[float]) -> float:
+    """Probability that the path to a node is accepted when the rank-r child of an accepted node
+    is the accepted one with probability ``rank_probs[r]`` (independently per depth)."""
+    prob = 1.0
+    for r in path:
+        prob *= rank_probs[r] if r < len(rank_probs) else 0.0
+    return prob
+
+
+def expected_tokens(paths: list[list[int]], rank_probs: list[float]) -> float:
+    """Expected tokens per step (tau) of a tree under the ``rank_probs`` model: 1 + sum of path acceptances."""
+    return 1.0 + sum(path_acceptance(p, rank_probs) for p in paths)
+
+
+def best_tree(rank_probs: list[float], num_nodes: int, max_depth: int | None = None) -> list[list[int]]:
+    """The ``num_nodes``-node tree with the largest expected tau under ``rank_probs`` (greedy, as in
+    Sequoia's positional-acceptance model); paths ordered by expected acceptance, best first.
+
+    Greedy is optimal here: a child's acceptance never exceeds its parent's, so the best nodes
+    always form a tree, and the next best node is always a child of one already chosen.
+    """
+    chosen: list[tuple[int, ...]] = []
+    frontier: dict[tuple[int, ...], float] = {(0,): path_acceptance((0,), rank_probs)}
+    while len(chosen) < num_nodes and frontier:
+        path = max(frontier, key=lambda t: (frontier[t], -len(t), [-x for x in t]))
+        del frontier[path]
+        chosen.append(path)
+        if path[-1] + 1 < len(rank_probs):  # next sibling
+            sib = path[:-1] + (path[-1] + 1,)
+            frontier[sib] = path_acceptance(sib, rank_probs)
+        if max_depth is None or len(path) < max_depth:  # first child
+            child = path + (0,)
+            frontier[child] = path_acceptance(child, rank_probs)
+    return [list(p) for p in chosen]

@@ -1,0 +1,349 @@
+"""Token trees drafted by a draft model: presets, greedy equivalence, draft-cache sync, tau, config, bad input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from drafters import DraftModelDrafter, NGramDrafter
+from specdec import SamplingParams, SpeculativeDecoder
+from specdec.cache import SpecDecCache
+from specdec.errors import ConfigError
+from specdec.tree import (PRESET_DIR, best_tree, chain_paths, compile_tree, expected_tokens, load_preset,
+                          path_acceptance)
+from tests.test_greedy_equivalence import _cases, _check_all
+from tests.tiny_models import noisy_copy, pair, prompts
+from verifier import tree_forward
+
+ARCHS = ["llama", "qwen2"]
+PRESETS = ["chain4", "chain8", "binary", "sparse60"]
+SHAPES = {name: dict(tree=name) for name in PRESETS} | {"dynamic": dict(budget=12, num_speculative_tokens=5)}
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_presets_load_and_compile():
+    names = [p.stem for p in PRESET_DIR.glob("*.yaml") if p.stem != "none"]  # none.yaml: no tree (paths: null)
+    assert set(PRESETS) <= set(names)
+    for name in names:
+        assert compile_tree(load_preset(name)).num_nodes >= 1
+    assert load_preset("chain4") == chain_paths(4) and load_preset("chain8") == chain_paths(8)
+    binary = compile_tree(load_preset("binary"))
+    assert binary.num_nodes == 30 and binary.max_depth == 4 and set(binary.rank.tolist()) == {0, 1}
+    sparse = compile_tree(load_preset("sparse60"))
+    widths = [int((sparse.depth == d).sum()) for d in range(1, sparse.max_depth + 1)]
+    assert sparse.num_nodes == 60 and widths[0] >= 8 and widths[-1] <= 2  # wide near the root, narrow deep
+    assert load_preset(PRESET_DIR / "binary.yaml") == load_preset("binary")  # a file path works too
+
+
+def test_sparse60_is_ordered_by_expected_acceptance():
+    rank_probs = [0.55, 0.17, 0.08, 0.05, 0.035, 0.025, 0.02, 0.015, 0.01, 0.008]
+    paths = load_preset("sparse60")
+    assert paths == best_tree(rank_probs, 60, max_depth=6)
+    accept = [path_acceptance(p, rank_probs) for p in paths]
+    assert accept == sorted(accept, reverse=True)
+    assert expected_tokens(paths, rank_probs) > expected_tokens(load_preset("binary"), rank_probs)
+
+
+def test_best_tree_is_optimal_on_a_small_case():
+    """Exhaustive check: no other 5-node tree (ranks < 3, depth <= 3) has a larger expected tau."""
+    import itertools
+
+    rank_probs = [0.5, 0.3, 0.1]
+    universe = [p for d in range(1, 4) for p in itertools.product(range(3), repeat=d)]
+    best = max(
+        expected_tokens([list(p) for p in subset], rank_probs)
+        for subset in itertools.combinations(universe, 5)
+        if all(len(p) == 1 or p[:-1] in subset for p in subset)
+    )
+    assert expected_tokens(best_tree(rank_probs, 5, max_depth=3), rank_probs) == pytest.approx(best)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([[0, 1]], r"add the path \[0\]"),
+    ([[0], [0]], "duplicate"),
+    ([], "empty"),
+    ("no_such_preset", "not found"),
+    ({"width": 3}, "no 'paths:'"),
+])
+def test_bad_presets_are_clear_errors(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        load_preset(bad)
+    with pytest.raises(ConfigError, match=message):
+        DraftModelDrafter(pair("llama")[1], tree=bad)
+
+
+def test_bad_yaml_preset_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("paths: [[0], [1, 1]]\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml.*add the path \[1\]"):
+        load_preset(str(path))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tree="binary", tree_sampling="beam"), "tree_sampling='beam' is unknown"),
+    (dict(budget=0), "budget=0: it must be an integer >= 1"),
+    (dict(budget=-2), "budget=-2"),
+    (dict(budget=2.5), "budget=2.5"),
+    (dict(budget=8, tree="binary"), "not both"),
+    (dict(budget=8, tree_sampling="with_replacement"), "deterministic children"),
+    (dict(budget=8, top_k_children=0), "top_k_children=0"),
+])
+def test_bad_drafter_arguments(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        DraftModelDrafter(pair("llama")[1], **kwargs)
+
+
+# --------------------------------------------------------------------------- greedy equivalence
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_cases(request):
+    return request.param, _cases(request.param)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_greedy_tree_equals_plain_greedy(arch_cases, shape):
+    """20 prompts per architecture; EOS and max_new_tokens fall mid-tree."""
+    arch, cases = arch_cases
+    target, random_draft, _ = pair(arch)
+    _check_all(target, DraftModelDrafter(noisy_copy(arch), **SHAPES[shape]), cases)
+    if shape in ("binary", "dynamic"):
+        _check_all(target, DraftModelDrafter(target, **SHAPES[shape]), cases)  # deepest path always accepted
+        _check_all(target, DraftModelDrafter(random_draft, **SHAPES[shape]), cases)  # almost nothing accepted
+
+
+def test_rejection_on_trees_reduces_to_greedy_at_temperature_zero(arch_cases):
+    arch, cases = arch_cases
+    target = pair(arch)[0]
+    for sampling_mode in ("with_replacement", "without_replacement"):
+        _check_all(target, DraftModelDrafter(noisy_copy(arch), tree="sparse60", tree_sampling=sampling_mode),
+                   cases[:8], "rejection")
+
+
+# --------------------------------------------------------------------------- tree shape and forwards
+
+
+def _bound(drafter, target, ids, sampling=SamplingParams(), seed=0):
+    """Start ``drafter`` on ``ids`` as the decode loop does; returns the generator."""
+    from specdec.drafting import DraftContext
+
+    gen = torch.Generator().manual_seed(seed)
+    drafter.start(DraftContext(target, sampling, gen, capacity=ids.shape[1] + 64 + drafter.max_nodes + 1))
+    drafter.prefill(ids, None)
+    return gen
+
+
+class _ForwardCounter:
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.calls += 1
+
+
+def test_static_tree_shape_ranks_and_one_forward_per_depth():
+    target, _, tok = pair("llama")
+    draft = noisy_copy("llama")
+    ids = prompts(tok, 1)[0]
+    drafter = DraftModelDrafter(draft, tree="binary")
+    _bound(drafter, target, ids)
+    counter = _ForwardCounter(draft)
+    try:
+        tree = drafter.propose(max_depth=64)
+    finally:
+        counter.handle.remove()
+    compiled = compile_tree(load_preset("binary"))
+    assert counter.calls == 1 + (compiled.max_depth - 1)  # catch-up (root) + one per depth but the last
+    assert tree.parents.tolist() == compiled.parents.tolist() and tree.draft_probs is None
+    with torch.no_grad():  # the root's children are the draft's top-2 tokens after the prompt
+        top2 = draft(ids).logits[0, -1].topk(2).indices.tolist()
+    assert tree.tokens[:2].tolist() == top2
+    for node in range(tree.num_nodes):  # siblings are distinct
+        sibs = tree.tokens[tree.parents == tree.parents[node]].tolist()
+        assert len(sibs) == len(set(sibs))
+    pruned = DraftModelDrafter(draft, tree="binary")
+    _bound(pruned, target, ids)
+    assert pruned.propose(max_depth=2).parents.tolist() == compiled.parents[:6].tolist()  # max_depth prunes
+    assert pruned.propose(max_depth=0).num_nodes == 0
+
+
+@pytest.mark.parametrize("mode", ["with_replacement", "without_replacement"])
+def test_sampled_children_record_the_nodes_q(mode):
+    target, _, tok = pair("llama")
+    drafter = DraftModelDrafter(noisy_copy("llama"), tree="sparse60", tree_sampling=mode)
+    _bound(drafter, target, prompts(tok, 1)[0], SamplingParams(temperature=1.0, top_k=20))
+    tree = drafter.propose(max_depth=64)
+    assert tree.sampling == mode and tree.draft_probs.shape == (60, 257)
+    probs = tree.draft_probs
+    assert torch.allclose(probs.sum(-1), torch.ones(60)) and int((probs[0] > 0).sum()) == 20  # warped q
+    for node in range(tree.num_nodes):
+        sibs = (tree.parents == tree.parents[node]).nonzero().flatten()
+        assert torch.equal(probs[sibs], probs[node].expand(len(sibs), -1))  # every child records its node's q
+        assert float(probs[node, tree.tokens[node]]) > 0
+    if mode == "without_replacement":
+        for node in range(-1, tree.num_nodes):
+            sibs = tree.tokens[tree.parents == node].tolist()
+            assert len(sibs) == len(set(sibs))
+
+
+def test_without_replacement_drops_children_past_the_support():
+    """top_k=2 leaves 2 tokens in q: the third root child and its subtree cannot be drawn."""
+    target, _, tok = pair("llama")
+    drafter = DraftModelDrafter(noisy_copy("llama"), tree=[[0], [1], [2], [2, 0], [0, 0]],
+                                tree_sampling="without_replacement")
+    _bound(drafter, target, prompts(tok, 1)[0], SamplingParams(temperature=1.0, top_k=2))
+    tree = drafter.propose(max_depth=8)
+    assert tree.parents.tolist() == [-1, -1, 0] and tree.tokens[0] != tree.tokens[1]
+
+
+def test_dynamic_tree_budget_depth_and_forwards():
+    target, _, tok = pair("llama")
+    draft = noisy_copy("llama")
+    ids = prompts(tok, 1)[0]
+    drafter = DraftModelDrafter(draft, budget=10, num_speculative_tokens=4, top_k_children=3)
+    _bound(drafter, target, ids)
+    counter = _ForwardCounter(draft)
+    try:
+        tree = drafter.propose(max_depth=64)
+    finally:
+        counter.handle.remove()
+    assert counter.calls == 1 + 3 and tree.num_nodes == 10 and int(tree.depth.max()) <= 4
+    assert tree.draft_probs is None and tree.sampling == "deterministic"
+    with torch.no_grad():
+        logp = torch.log_softmax(draft(ids).logits[0, -1], -1)
+    assert tree.tokens[0] == int(logp.argmax())  # the best node comes first
+    assert drafter.propose(max_depth=2).depth.max() <= 2
+
+
+# --------------------------------------------------------------------------- draft cache after commit
+
+
+class CheckedDrafter(DraftModelDrafter):
+    """Checks after every commit that the draft cache equals a fresh forward over the committed tokens."""
+
+    checks = 0
+
+    def commit(self, result, verify):
+        super().commit(result, verify)
+        length = self.cache.length
+        assert len(self.tokens) - 2 <= length <= len(self.tokens) - 1  # unseen: the extra token, maybe one draft
+        fresh = SpecDecCache.for_model(self.model, length + 1)
+        ids = torch.tensor([self.tokens[:length]])
+        tree_forward(self.model, fresh, ids, torch.ones(length, length, dtype=torch.bool).tril(), torch.arange(length))
+        for mine, ref in zip(self.cache.layers, fresh.layers):
+            torch.testing.assert_close(mine.keys[:, :, :length], ref.keys[:, :, :length], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(mine.values[:, :, :length], ref.values[:, :, :length], atol=1e-5, rtol=1e-4)
+        type(self).checks += 1
+
+
+@pytest.mark.parametrize("shape, sampling, mode", [
+    ("binary", SamplingParams(), "deterministic"),
+    ("sparse60", SamplingParams(temperature=1.0), "deterministic"),
+    ("sparse60", SamplingParams(temperature=1.0), "with_replacement"),
+    ("sparse60", SamplingParams(temperature=0.8, top_k=5), "without_replacement"),
+    ("dynamic", SamplingParams(), "deterministic"),
+])
+def test_draft_cache_after_commit_equals_a_fresh_forward(shape, sampling, mode):
+    target, _, tok = pair("qwen2")
+    kwargs = dict(SHAPES[shape], tree_sampling=mode) if shape != "dynamic" else SHAPES[shape]
+    drafter = CheckedDrafter(noisy_copy("qwen2", noise=0.3), **kwargs)
+    acceptance = "greedy" if sampling.greedy else "rejection"
+    decoder = SpeculativeDecoder(target, drafter, acceptance=acceptance, sampling=sampling)
+    CheckedDrafter.checks = 0
+    accepted = []
+    for ids in prompts(tok, 3, seed=2):
+        out = decoder.generate(ids, max_new_tokens=40, seed=0)
+        accepted += out.stats.accepted_per_step
+    assert CheckedDrafter.checks >= 10
+    assert 0 < sum(accepted) and min(accepted) < max(accepted)  # partial acceptance happened
+
+
+# --------------------------------------------------------------------------- tau sanity
+
+
+@pytest.mark.parametrize("kwargs, sampling", [
+    (dict(tree="binary"), SamplingParams()),
+    (dict(tree="sparse60"), SamplingParams()),
+    (dict(budget=5, num_speculative_tokens=5, top_k_children=1), SamplingParams()),  # the top path only
+    # p == q: the first child is always accepted (min(1, p/q) = 1), whatever the sampling mode.
+    (dict(tree="sparse60", tree_sampling="with_replacement"), SamplingParams(temperature=1.0)),
+    (dict(tree="binary", tree_sampling="without_replacement"), SamplingParams(temperature=1.0, top_k=5)),
+], ids=["binary", "sparse60", "dynamic", "sparse60-with", "binary-without"])
+def test_target_as_draft_accepts_the_whole_depth(kwargs, sampling):
+    target, _, tok = pair("llama")
+    depth = compile_tree(load_preset(kwargs["tree"])).max_depth if "tree" in kwargs else kwargs["num_speculative_tokens"]
+    eos = target.generation_config.eos_token_id
+    target.generation_config.eos_token_id = None  # no early stop: every step is a full one
+    try:
+        decoder = SpeculativeDecoder(target, DraftModelDrafter(target, **kwargs),
+                                     acceptance="greedy" if sampling.greedy else "rejection", sampling=sampling)
+        out = decoder.generate(prompts(tok, 1)[0], max_new_tokens=(depth + 1) * 6, seed=0)
+    finally:
+        target.generation_config.eos_token_id = eos
+    assert out.stats.tau == pytest.approx(depth + 1, abs=1e-9)
+    assert out.stats.acceptance_rate_by_depth == pytest.approx([1.0] * depth)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    import experiments.schema  # noqa: F401  (registers base_config)
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _models():
+    from experiments.models_from_config import LoadedModels
+
+    target, draft, tok = pair("llama")
+    return LoadedModels(target=target, draft=draft, tokenizer=tok)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_tree_config_reaches_the_drafter(preset):
+    from experiments.decode import build_drafter
+
+    cfg = _compose(f"tree={preset}", "drafter.tree_sampling=without_replacement")
+    drafter = build_drafter(cfg.drafter, _models(), cfg.tree)
+    assert drafter.mode == "static" and drafter.tree_sampling == "without_replacement"
+    assert [list(p) for p in drafter.compiled.paths] == [list(p) for p in compile_tree(load_preset(preset)).paths]
+
+
+def test_tree_config_default_none_and_budget():
+    from experiments.decode import build_drafter
+
+    for cfg in (_compose(), _compose("tree=none")):
+        assert build_drafter(cfg.drafter, _models(), cfg.get("tree")).mode == "chain"
+    cfg = _compose("drafter.budget=16", "drafter.num_speculative_tokens=6")
+    drafter = build_drafter(cfg.drafter, _models(), cfg.get("tree"))
+    assert drafter.mode == "dynamic" and drafter.max_nodes == 16 and drafter.k == 6
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("tree=binary", "tree.paths=[[0],[0,1],[2,0]]"), r"add the path \[2\]"),
+    (("tree=binary", "drafter.tree_sampling=sampled"), "tree_sampling='sampled' is unknown"),
+    (("drafter.budget=0",), "budget=0"),
+    (("tree=binary", "drafter=ngram"), "takes no tree"),
+])
+def test_tree_config_bad_input(overrides, message):
+    from experiments.decode import build_drafter
+
+    cfg = _compose(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        build_drafter(cfg.drafter, _models(), cfg.tree)
+
+
+def test_ngram_still_builds_without_tree():
+    from experiments.decode import build_drafter
+
+    cfg = _compose("drafter=ngram")
+    assert isinstance(build_drafter(cfg.drafter, _models(), cfg.get("tree")), NGramDrafter)

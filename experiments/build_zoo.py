@@ -1,0 +1,130 @@
+"""Build (or reuse) the embedded target/draft pair into the cache.
+
+Run ``python -m experiments.build_zoo`` (defaults in ``conf/build_zoo.yaml``), e.g.::
+
+    python -m experiments.build_zoo size=micro
+    python -m experiments.build_zoo size=default threads=2 logger=none
+    python -m experiments.build_zoo size=default force=true cache_dir=/data/specdec
+
+A second call finds the cached pair and says "already built". Training losses go to
+``train_log.jsonl`` in the Hydra run directory and to W&B (offline by default); the
+final metrics to ``metrics.json`` there and to the pair's ``COMPLETE.json``. Input errors
+(unwritable cache dir, unknown size, invalid cached pair with ``on_corrupt=error``) print
+``error: <message>`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.zoo import ZooError, ensure_pair
+from specdec.errors import SpecDecError
+
+log = logging.getLogger(__name__)
+
+INPUT_ERRORS = (SpecDecError, ZooError, ValueError)
+
+
+class TrainLogger:
+    """Losses to ``train_log.jsonl`` and, lazily on the first call, to W&B; W&B failures are reported once."""
+
+    def __init__(self, run_dir: Path, wandb_cfg: dict | None, config: dict) -> None:
+        self.path = run_dir / "train_log.jsonl"
+        self.wandb_cfg, self.config = wandb_cfg, config
+        self.run = None
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._wandb(lambda run: run.log(metrics, step=step))
+
+    def summary(self, metrics: dict) -> None:
+        """Final metrics into the W&B run summary (only if a build was logged)."""
+        if self.run is not None:
+            self._wandb(lambda run: run.summary.update(metrics))
+
+    def finish(self) -> None:
+        """Close the W&B run, if any."""
+        if self.run is not None:
+            self._wandb(lambda run: run.finish())
+
+    def _wandb(self, action) -> None:
+        if self.wandb_cfg is None:
+            return
+        try:
+            if self.run is None:
+                import wandb
+
+                self.run = wandb.init(config=self.config, job_type="build_zoo", **self.wandb_cfg)
+            action(self.run)
+        except Exception as exc:  # noqa: BLE001 - a logger must never stop the build
+            log.warning("W&B logging failed (%s: %s); continuing with local logs in %s", type(exc).__name__, exc, self.path.parent)
+            self.wandb_cfg, self.run = None, None
+
+
+def wandb_settings(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """``wandb.init`` arguments from the ``logger`` group (W&B logger), or None (``logger=none``)."""
+    logger = cfg.get("logger") or {}
+    if "wandb" not in str(logger.get("_target_", "")).lower():
+        return None
+    return {
+        "mode": logger.get("mode", "offline"),
+        "project": logger.get("project", "specdec"),
+        "entity": logger.get("entity"),
+        "tags": list(logger.get("tags") or []) + ["build_zoo", str(cfg.size)],
+        "name": f"build_zoo-{cfg.size}",
+        "dir": str(run_dir),
+    }
+
+
+def build(cfg: DictConfig, run_dir: Path) -> dict:
+    """Ensure the pair of ``cfg.size`` exists; returns a summary (paths and metrics)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_log = TrainLogger(run_dir, wandb_settings(cfg, run_dir), OmegaConf.to_container(cfg, resolve=True))
+    try:
+        pair = ensure_pair(
+            size=cfg.size,
+            cache_dir=cfg.cache_dir,
+            force=cfg.force,
+            on_corrupt=cfg.on_corrupt,
+            checksums=cfg.checksums,
+            seed=cfg.seed,
+            device=cfg.device,
+            precision=cfg.precision,
+            threads=cfg.threads,
+            progress=cfg.progress,
+            log_fn=train_log,
+        )
+        train_log.summary(pair.metrics)
+    finally:
+        train_log.finish()
+    summary = {"size": pair.size, "root": pair.root, "target_dir": pair.target_dir, "draft_dir": pair.draft_dir,
+               "tokenizer_dir": pair.tokenizer_dir, "metrics": pair.metrics}
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="build_zoo")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; input errors print ``error: ...`` and exit with status 2."""
+    try:
+        summary = build(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except INPUT_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    metrics = summary["metrics"]
+    print(f"zoo {summary['size']} ready at {summary['root']}")
+    for key in ("target_params", "draft_params", "target_heldout_loss", "draft_heldout_loss", "alpha", "build_s"):
+        if key in metrics:
+            print(f"  {key}: {metrics[key]:.4g}" if isinstance(metrics[key], float) else f"  {key}: {metrics[key]}")
+
+
+if __name__ == "__main__":
+    main()

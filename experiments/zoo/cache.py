@@ -1,0 +1,126 @@
+"""Atomic, verifiable cache entries: build in a temp dir, write a manifest last, rename.
+
+An entry ``<parent>/<name>`` is valid only if it holds ``COMPLETE.json`` whose file list
+(size and sha256 of every file) matches the directory. Builds happen in
+``<parent>/.<name>.tmp-*`` under an exclusive lock on ``<parent>/.<name>.lock``, and are
+published with ``os.replace``; a build killed midway leaves only a temp dir, which the
+next build removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+MANIFEST = "COMPLETE.json"
+MANIFEST_FORMAT = 1
+
+
+class CacheEntryError(RuntimeError):
+    """A cache entry is missing, incomplete or corrupt."""
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_files(root: Path) -> list[str]:
+    """POSIX paths (relative to ``root``) of every file under it except the manifest, sorted."""
+    rels = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return sorted(rel for rel in rels if rel != MANIFEST)
+
+
+def write_manifest(root: Path, info: dict) -> dict:
+    """Write ``root/COMPLETE.json``: ``info`` plus size and sha256 of every file. Call it last."""
+    files = {}
+    for rel in list_files(root):
+        path = root / rel
+        files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest = {"format": MANIFEST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info, "files": files}
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, root / MANIFEST)
+    return manifest
+
+
+def read_manifest(root: Path) -> dict:
+    """The parsed manifest of ``root``; ``CacheEntryError`` if it is missing or unreadable."""
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CacheEntryError(f"{root} has no {MANIFEST} (an interrupted or foreign build)") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CacheEntryError(f"{path} is unreadable or not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or "files" not in manifest:
+        raise CacheEntryError(f"{path} is not a format-{MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def verify_entry(root: Path, checksums: bool = True) -> dict:
+    """Check ``root`` against its manifest and return the manifest.
+
+    Raises ``CacheEntryError`` naming the first problem: no manifest, a missing file, a
+    size mismatch, or (with ``checksums``) a sha256 mismatch.
+    """
+    if not root.is_dir():
+        raise CacheEntryError(f"{root} does not exist")
+    manifest = read_manifest(root)
+    for rel, expected in sorted(manifest["files"].items()):
+        path = root / rel
+        if not path.is_file():
+            raise CacheEntryError(f"{path} is listed in {MANIFEST} but missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise CacheEntryError(f"{path} has {path.stat().st_size} bytes, the manifest says {expected['bytes']} (corrupt)")
+        if checksums and file_sha256(path) != expected["sha256"]:
+            raise CacheEntryError(f"{path} does not match its sha256 in {MANIFEST} (corrupt checkpoint)")
+    return manifest
+
+
+@contextlib.contextmanager
+def entry_lock(parent: Path, name: str):
+    """Exclusive lock for building ``parent/name`` (released even on SIGKILL)."""
+    with open(parent / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_stale(parent: Path, name: str) -> list[Path]:
+    """Delete leftover temp and old dirs of ``name`` (call while holding the lock)."""
+    removed = []
+    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
+        for path in parent.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def staging_dir(parent: Path, name: str) -> Path:
+    """A fresh temp dir next to ``parent/name`` to build into."""
+    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+
+
+def publish(staging: Path, dest: Path) -> None:
+    """Move a finished ``staging`` dir to ``dest``, replacing an existing (invalid) one."""
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.replace(dest, old / dest.name)
+    os.replace(staging, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

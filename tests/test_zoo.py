@@ -1,0 +1,196 @@
+"""The embedded model pair: micro build, cache reuse, corruption and interruption handling."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from experiments.data import CacheDirError
+from experiments.zoo import ZooError, ensure_pair
+from experiments.zoo import build as zoo_build
+from experiments.zoo import cache
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = {"size": "micro", "threads": 1, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """One real micro build, shared by the module."""
+    cache_dir = tmp_path_factory.mktemp("zoo_cache")
+    return ensure_pair(cache_dir=str(cache_dir), **MICRO), cache_dir
+
+
+@pytest.fixture
+def copy_builder(micro, monkeypatch):
+    """Replace the (real) builder by one that copies the micro pair: tests the cache mechanics fast."""
+    pair, _ = micro
+    calls = []
+
+    def fake_build(size, out_dir, seed, settings):
+        calls.append(out_dir)
+        for part in ("tokenizer", "target", "draft"):
+            shutil.copytree(Path(pair.root) / part, out_dir / part)
+        return dict(pair.metrics)
+
+    monkeypatch.setattr(zoo_build, "build_pair", fake_build)
+    return calls
+
+
+def _copy_entry(micro, tmp_path) -> Path:
+    """A private copy of the micro cache entry (so tests can damage it)."""
+    pair, _ = micro
+    dest = tmp_path / "zoo" / "micro"
+    shutil.copytree(pair.root, dest)
+    return dest
+
+
+def test_micro_build_metrics_and_manifest(micro):
+    pair, cache_dir = micro
+    assert Path(pair.root) == cache_dir / "zoo" / "micro"
+    m = pair.metrics
+    assert 0 < m["draft_params"] < m["target_params"]
+    assert m["target_train_tokens"] > 0 and m["draft_train_tokens"] > 0
+    assert 0.0 <= m["alpha"] <= 1.0
+    assert m["target_heldout_loss"] > 0 and m["draft_heldout_loss"] > 0
+    manifest = cache.verify_entry(Path(pair.root))
+    assert {"target/model.safetensors", "draft/model.safetensors", "tokenizer/tokenizer.json"} <= set(manifest["files"])
+    assert manifest["metrics"] == m and manifest["config"]["name"] == "micro"
+    assert not list((cache_dir / "zoo").glob(".micro.tmp-*"))
+
+
+def test_models_load_through_auto_classes_and_generate(micro):
+    pair, _ = micro
+    tokenizer = AutoTokenizer.from_pretrained(pair.tokenizer_dir)
+    ids = tokenizer("import os\n", return_tensors="pt")["input_ids"]  # [1, T]
+    assert ids[0, 0].item() == tokenizer.bos_token_id
+    for model_dir in (pair.target_dir, pair.draft_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        assert model.config.model_type == "llama"
+        assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+        assert model.config.vocab_size == len(tokenizer)
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)  # [1, T + 6]
+        assert out.shape == (1, ids.shape[1] + 6)
+        assert isinstance(tokenizer.decode(out[0], skip_special_tokens=True), str)
+
+
+def test_second_call_reuses_the_cache(micro, caplog):
+    pair, cache_dir = micro
+    threads = torch.get_num_threads()
+    before = os.stat(Path(pair.target_dir) / "model.safetensors").st_mtime_ns
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="experiments.zoo.build"):
+        again = ensure_pair(cache_dir=str(cache_dir), build_if_missing=False, **MICRO)
+    assert time.perf_counter() - start < 10
+    assert again == pair
+    assert "already built" in caplog.text
+    assert torch.get_num_threads() == threads
+    assert os.stat(Path(pair.target_dir) / "model.safetensors").st_mtime_ns == before
+
+
+def _flip_bytes(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 16] = bytes(b ^ 0xFF for b in raw[middle : middle + 16])
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_checkpoint_is_reported(micro, tmp_path):
+    entry = _copy_entry(micro, tmp_path)
+    _flip_bytes(entry / "target" / "model.safetensors")
+    with pytest.raises(ZooError, match=r"target/model\.safetensors.*sha256.*corrupt"):
+        ensure_pair(cache_dir=str(tmp_path), on_corrupt="error", **MICRO)
+    with pytest.raises(ZooError, match="invalid"):
+        ensure_pair(cache_dir=str(tmp_path), build_if_missing=False, **MICRO)
+
+
+def test_truncated_file_is_caught_by_the_size_check(micro, tmp_path):
+    entry = _copy_entry(micro, tmp_path)
+    with (entry / "draft" / "model.safetensors").open("r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(ZooError, match="bytes"):
+        ensure_pair(cache_dir=str(tmp_path), on_corrupt="error", checksums=False, **MICRO)
+
+
+def test_corrupt_checkpoint_is_rebuilt_with_a_warning(micro, tmp_path, copy_builder, caplog):
+    entry = _copy_entry(micro, tmp_path)
+    _flip_bytes(entry / "draft" / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="experiments.zoo.build"):
+        pair = ensure_pair(cache_dir=str(tmp_path), **MICRO)
+    assert len(copy_builder) == 1
+    assert "corrupt" in caplog.text and "rebuilding" in caplog.text
+    cache.verify_entry(Path(pair.root))
+    assert not list((tmp_path / "zoo").glob(".micro.*-*"))
+
+
+def test_interrupted_build_is_cleaned_and_rebuilt(micro, tmp_path, copy_builder):
+    zoo = tmp_path / "zoo"
+    stale = zoo / ".micro.tmp-killed"  # what a SIGKILLed build leaves behind
+    (stale / "target").mkdir(parents=True)
+    (stale / "target" / "model.safetensors").write_bytes(b"partial")
+    half = zoo / "micro"  # a dir without manifest is never loaded
+    (half / "target").mkdir(parents=True)
+    (half / "target" / "config.json").write_text("{}")
+    with pytest.raises(ZooError, match="COMPLETE.json"):
+        ensure_pair(cache_dir=str(tmp_path), on_corrupt="error", **MICRO)
+    pair = ensure_pair(cache_dir=str(tmp_path), **MICRO)
+    assert len(copy_builder) == 1
+    assert not stale.exists()
+    cache.verify_entry(Path(pair.root))
+    assert AutoModelForCausalLM.from_pretrained(pair.target_dir) is not None
+
+
+def test_force_rebuilds_a_valid_entry(micro, tmp_path, copy_builder):
+    _copy_entry(micro, tmp_path)
+    ensure_pair(cache_dir=str(tmp_path), **MICRO)
+    assert copy_builder == []
+    ensure_pair(cache_dir=str(tmp_path), force=True, **MICRO)
+    assert len(copy_builder) == 1
+
+
+def test_missing_pair_without_building(tmp_path):
+    with pytest.raises(ZooError, match="python -m experiments.build_zoo size=micro"):
+        ensure_pair(cache_dir=str(tmp_path), build_if_missing=False, **MICRO)
+
+
+def test_unwritable_cache_dir_names_dir_and_override(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(CacheDirError) as info:
+        ensure_pair(cache_dir=str(blocker / "cache"), **MICRO)
+    message = str(info.value)
+    assert str(blocker / "cache") in message and "cache_dir=" in message and "SPECDEC_CACHE" in message
+
+
+def test_unknown_size_and_option():
+    with pytest.raises(ValueError, match="micro"):
+        ensure_pair(size="huge")
+    with pytest.raises(ValueError, match="on_corrupt"):
+        ensure_pair(size="micro", on_corrupt="ignore")
+
+
+def _cli(*overrides, run_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    command = [sys.executable, "-m", "experiments.build_zoo", *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_reuses_the_cache_and_reports_errors(micro, tmp_path):
+    _, cache_dir = micro
+    done = _cli("size=micro", f"cache_dir={cache_dir}", "logger=none", "threads=1", run_dir=tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    assert "already built" in done.stdout + done.stderr
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["metrics"]["alpha"] == pytest.approx(micro[0].metrics["alpha"])
+    (tmp_path / "a_file").write_text("")
+    failed = _cli("size=micro", f"cache_dir={tmp_path / 'a_file' / 'c'}", "logger=none", run_dir=tmp_path / "run2")
+    assert failed.returncode == 2
+    assert "error: cache directory" in failed.stderr and "SPECDEC_CACHE" in failed.stderr

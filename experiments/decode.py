@@ -7,7 +7,11 @@ Run ``python -m experiments.decode`` (defaults in ``conf/config.yaml``), e.g.::
     python -m experiments.decode -m drafter.num_speculative_tokens=1,2,4,8
 
 Each run writes ``records.jsonl`` and ``summary.json`` in its Hydra run directory as it goes,
-then logs to the configured logger (W&B offline by default). Input errors (bad paths, unknown
+then logs to the configured logger (W&B offline by default). A run whose directory already holds
+complete results of the same config is skipped, an interrupted one continues (``resume``,
+:mod:`experiments.resume`); forward costs are measured once per model and device for the predicted
+speedup (``costs``, :mod:`experiments.costs`). Sweep presets: ``sweep=draft_length|temperature|
+drafters|tree_shape|custom``; report: ``python -m experiments.report <sweep dir>``. Input errors (bad paths, unknown
 names, bad values) print ``error: <message>`` and exit with status 2.
 """
 from __future__ import annotations
@@ -23,11 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from tqdm import tqdm
 
-from experiments import schema  # noqa: F401  (registers base_config in the ConfigStore)
+from experiments import resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
 from experiments.instantiate import accepts_argument, instantiate
 from experiments.loggers import GuardedLogger, Logger
 from experiments.models_from_config import LoadedModels, load_models
-from experiments.results import BASELINE, SPECULATIVE, MethodResults, ResultsWriter, build_summary, format_table
+from experiments.results import (BASELINE, SPECULATIVE, MethodResults, ResultsWriter, build_summary, format_table,
+                                 results_from_records)
 from specdec.errors import ConfigError, SpecDecError
 
 log = logging.getLogger(__name__)
@@ -91,16 +96,33 @@ def build_acceptance(acceptance: DictConfig, sampling: Any) -> Any:
     return rule
 
 
-def build_drafter(drafter: DictConfig, models: LoadedModels) -> Any:
-    """Instantiate the drafter; a drafter with a ``model`` argument gets the model config's draft model."""
+def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -> Any:
+    """Instantiate the drafter; a drafter with a ``model`` argument gets the model config's draft model.
+
+    ``tree`` is the composed ``tree`` group (``{paths: [...]}``; None or ``{paths: null}`` for no
+    tree); its paths reach the drafter as ``tree=``.
+    """
+    kwargs = tree_argument(drafter, tree)
     if not accepts_argument(drafter, "model", "drafter"):
-        return instantiate(drafter, "drafter")
+        return instantiate(drafter, "drafter", **kwargs)
     if models.draft is None:
         raise ConfigError(
             f"drafter {drafter._target_} needs a draft model, but the model config has none; "
             "set model.draft=<path> (model=hf) or pick another drafter (drafter=ngram)"
         )
-    return instantiate(drafter, "drafter", model=models.draft)
+    return instantiate(drafter, "drafter", model=models.draft, **kwargs)
+
+
+def tree_argument(drafter: DictConfig, tree: Any) -> dict:
+    """``{"tree": paths}`` from the ``tree`` config group (checked to be a tree), ``{}`` for none."""
+    from specdec.tree import load_preset
+
+    if tree is None or tree.get("paths") is None:  # tree=null, or tree=none (for sweeps)
+        return {}
+    if not accepts_argument(drafter, "tree", "drafter"):
+        raise ConfigError(f"tree=... needs a drafter that grows token trees (drafter=draft_model); "
+                          f"{drafter._target_} takes no tree: drop the tree override")
+    return {"tree": load_preset(tree)}
 
 
 def build_logger(logger_cfg: DictConfig, run_dir: Path, group: str | None, run_name: str | None) -> Logger:
@@ -152,24 +174,36 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
     prompts = load_dataset_prompts(cfg.dataset, cfg.num_prompts)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    methods = [SPECULATIVE, BASELINE] if cfg.baseline else [SPECULATIVE]
+    previous = resume.prepare(run_dir, config, methods, [p.question_id for p in prompts], resume=cfg.resume)
+    for message in previous.messages:
+        print(message, file=sys.stderr)
+    if previous.complete is not None:
+        return previous.complete
     models = load_models(cfg.model)
     encoded = encode_prompts(prompts, models.tokenizer, cfg.dataset.max_prompt_tokens, _device_of(models.target))
-    drafter = build_drafter(cfg.drafter, models)
+    drafter = build_drafter(cfg.drafter, models, cfg.get("tree"))
     decoders = make_decoders(cfg, models, drafter, rule, sampling)
+    from experiments.costs import describe_drafter
 
-    writer = ResultsWriter(run_dir)
+    costs, shape = measure_run_costs(cfg, drafter, models, encoded), describe_drafter(drafter)
+
+    writer = ResultsWriter(run_dir, keep=previous.records)
     log.info("decoding %d prompts with %s (+ baseline: %s); results in %s",
              len(encoded), type(drafter).__name__, cfg.baseline, run_dir)
     if logger is None:
         logger = build_logger(cfg.logger, run_dir, hydra_info.get("group"), hydra_info.get("run_name"))
     guarded = GuardedLogger(logger, run_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
     extra = {"run_dir": str(run_dir), "drafter": type(drafter).__name__, "acceptance": rule.name,
-             "lossless": rule.lossless, "models": models.info, "config": config}
-    results = {name: MethodResults() for name in decoders}
+             "lossless": rule.lossless, "models": models.info, "config": config,
+             "question_ids": [p.question_id for p in encoded], "resumed_prompts": len(previous.done)}
+    restored = results_from_records(previous.records)
+    results = {name: restored.get(name, MethodResults()) for name in decoders}
 
     def summarize(status: str) -> dict:
-        return build_summary(results, greedy=sampling.greedy, status=status, num_prompts=len(encoded), extra=extra)
+        summary = build_summary(results, greedy=sampling.greedy, status=status, num_prompts=len(encoded), extra=extra)
+        return add_cost_model(summary, results[SPECULATIVE], costs, shape)
 
     status = "running"
     try:
@@ -177,6 +211,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         guarded.log_config(config)
         warm_up(decoders, encoded[0], cfg)
         for index, prompt in enumerate(tqdm(encoded, desc="decoding", unit="prompt", file=sys.stderr)):
+            if prompt.question_id in previous.done:  # decoded before this run was interrupted
+                continue
             for method, (decoder, drafter_name) in decoders.items():
                 record = decode_one(decoder, prompt, method, drafter_name, cfg, models.tokenizer, results[method],
                                     seed=cfg.seed + index)
@@ -202,6 +238,38 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     return summary
 
 
+def measure_run_costs(cfg: DictConfig, drafter: Any, models: LoadedModels, encoded: list[EncodedPrompt]) -> dict | None:
+    """The target's and the draft model's forward-cost curves at the run's context (measured once per
+    model and device, then cached: :mod:`experiments.costs`); None with ``costs=false`` or on failure."""
+    if not cfg.costs:
+        return None
+    from experiments import costs
+
+    lengths = [p.input_ids.shape[1] for p in encoded]
+    context = costs.run_context(lengths, cfg.max_new_tokens)
+    prefill = round(sum(lengths) / len(lengths)) - 1  # the decoder prefills all but the last prompt token
+    try:
+        return costs.measure_run_costs(models.target, getattr(drafter, "model", None), context, prefill,
+                                       cfg.attn_backend)
+    except Exception as exc:  # a prediction is a bonus: never lose the run over it
+        print(f"warning: forward-cost measurement failed ({type(exc).__name__}: {exc}); no predicted speedup",
+              file=sys.stderr)
+        return None
+
+
+def add_cost_model(summary: dict, spec: MethodResults, costs: dict | None, shape: dict) -> dict:
+    """Add ``predicted_speedup``, ``efficiency`` and ``recommended_k`` to the metrics and the
+    ``cost_model`` section (alpha, predictions by k, cost curves) to ``summary``."""
+    from experiments.costs import cost_model
+    from specdec.stats import DecodeStats
+
+    stats = DecodeStats.merge(spec.stats) if spec.stats else None
+    metrics, model = cost_model(stats, costs, shape, summary["metrics"].get("speedup"), len(spec.stats))
+    summary["metrics"].update(metrics)
+    summary["cost_model"] = model
+    return summary
+
+
 def warm_up(decoders: dict, prompt: EncodedPrompt, cfg: DictConfig) -> None:
     """``cfg.warmup`` untimed generations per method on the first prompt."""
     for _ in range(cfg.warmup):
@@ -224,6 +292,7 @@ def decode_one(decoder: Any, prompt: EncodedPrompt, method: str, drafter_name: s
         "seed": seed,
         "prompt_tokens": prompt_len,
         "new_tokens": len(new_ids),
+        "tokens": new_ids,
         "stats": out.stats.to_dict(),
         "text": tokenizer.decode(new_ids, skip_special_tokens=True),
     }

@@ -69,12 +69,14 @@ def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer
 
     trust = bool(cfg.get("trust_remote_code", False))
     opts = {"dtype": cfg.get("dtype", "float32"), "device": cfg.get("device", "cpu"), "trust_remote_code": trust}
-    target_model = load_causal_lm(target, **opts)
+    device_map = cfg.get("device_map")  # e.g. "auto": the target spread over the visible devices (needs accelerate)
+    target_model = load_causal_lm(target, **opts, device_map=device_map)
     draft_model = load_causal_lm(draft, **opts) if draft else None
     if draft_model is not None:
         check_same_vocab(target_model, draft_model)
     tok = load_tokenizer(tokenizer or target, trust_remote_code=trust)
-    info = {"source": cfg.get("source"), "target": target, "draft": draft, "dtype": opts["dtype"], "device": opts["device"]}
+    info = {"source": cfg.get("source"), "target": target, "draft": draft, "dtype": opts["dtype"], "device": opts["device"],
+            "device_map": device_map}
     return LoadedModels(target_model, draft_model, tok, info=info)
 
 

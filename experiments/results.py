@@ -96,12 +96,21 @@ def build_summary(
 class ResultsWriter:
     """Writes ``records.jsonl`` (line by line, flushed) and ``summary.json`` (atomically) in ``run_dir``."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, keep: list[dict] | None = None) -> None:
+        """Start ``records.jsonl`` afresh, or, with ``keep`` (a resumed run), rewrite it atomically
+        with those records and append after them."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.records_path = self.run_dir / RECORDS_FILE
         self.summary_path = self.run_dir / SUMMARY_FILE
-        self._records = self.records_path.open("w", encoding="utf-8")
+        if keep is None:
+            self._records = self.records_path.open("w", encoding="utf-8")
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".records.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in keep)
+        os.replace(tmp, self.records_path)
+        self._records = self.records_path.open("a", encoding="utf-8")
 
     def add_record(self, record: dict) -> None:
         """Append one JSON line and flush it to disk."""
@@ -118,6 +127,49 @@ class ResultsWriter:
 
     def close(self) -> None:
         self._records.close()
+
+
+def read_records(path: str | Path) -> tuple[list[dict], list[str]]:
+    """The complete records of a ``records.jsonl`` and one message per line that is not one.
+
+    A line cut mid-write (the process was killed) or otherwise not a JSON object is skipped and
+    reported as ``"<path>:<line>: ..."``; every other line is kept.
+    """
+    records, problems = [], []
+    path = Path(path)
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or "method" not in record or "stats" not in record:
+                    raise ValueError("not a decode record (no 'method' and 'stats')")
+            except ValueError as exc:
+                cut = "" if line.endswith("\n") else " (cut mid-line)"
+                problems.append(f"{path}:{number}: skipped an unreadable line{cut}: {str(exc)[:80]}: {line[:60]!r}")
+                continue
+            records.append(record)
+    return records, problems
+
+
+def stats_from_dict(data: dict) -> DecodeStats:
+    """Rebuild :class:`DecodeStats` from a record's ``stats`` (derived metrics are recomputed)."""
+    names = DecodeStats.__dataclass_fields__
+    return DecodeStats(**{k: v for k, v in data.items() if k in names})
+
+
+def results_from_records(records: list[dict]) -> dict[str, MethodResults]:
+    """``{method: MethodResults}`` rebuilt from ``records.jsonl`` lines, in file order.
+
+    Outputs are the records' ``tokens`` (their ``text`` for records written before tokens were kept).
+    """
+    results: dict[str, MethodResults] = {}
+    for record in records:
+        output = record.get("tokens", record.get("text"))
+        results.setdefault(record["method"], MethodResults()).add(record["question_id"],
+                                                                  stats_from_dict(record["stats"]), output)
+    return results
 
 
 def format_table(summary: dict) -> str:

@@ -62,6 +62,10 @@ class DecodeConfig:
         baseline: also run the autoregressive baseline (needed for speedup and matches_baseline).
         warmup: untimed warm-up generations per method before the timed prompts.
         num_threads: ``torch.set_num_threads`` for CPU runs; None keeps torch's default.
+        costs: measure the forward-cost curves (cached) for ``predicted_speedup``, ``efficiency``
+            and ``recommended_k`` (:mod:`experiments.costs`); false skips it (fast tests).
+        resume: skip a run whose directory holds complete results of the same config, continue an
+            interrupted one; false sets earlier results aside (:mod:`experiments.resume`).
     """
 
     model: Any = MISSING
@@ -79,6 +83,8 @@ class DecodeConfig:
     baseline: bool = True
     warmup: int = 1
     num_threads: Optional[int] = None
+    costs: bool = True
+    resume: bool = True
 
 
 def register_configs() -> None:

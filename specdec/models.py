@@ -28,21 +28,26 @@ def _check_path(path: str, what: str) -> None:
         )
 
 
-def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+                   device_map: str | dict | None = None):
     """``AutoModelForCausalLM.from_pretrained`` with safetensors only, in eval mode on ``device``.
 
-    Raises :class:`SpecDecError` naming the path when the checkpoint is missing or unreadable.
+    ``device_map`` (e.g. ``"auto"``, needs ``accelerate``) spreads a model too large for one device
+    over several; ``device`` is then ignored. Raises :class:`SpecDecError` naming the path when the
+    checkpoint is missing or unreadable.
     """
     from transformers import AutoModelForCausalLM
 
     _check_path(path, "model")
+    extra = {"device_map": device_map} if device_map is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(path), dtype=_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+            os.path.expanduser(path), dtype=_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
+            **extra,
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:
         raise SpecDecError(f"could not load model from {path!r}: {err}") from err
-    return model.to(device).eval()
+    return (model if device_map is not None else model.to(device)).eval()
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -105,7 +105,7 @@ def assert_sane(summary: dict, num_prompts: int) -> None:
 
 def test_default_composition():
     cfg = compose_cfg()
-    assert cfg.model.source == "tiny_random" and cfg.drafter._target_ == "drafters.DraftModelDrafter"
+    assert cfg.model.source == "zoo" and cfg.model.size == "default" and cfg.drafter._target_ == "drafters.DraftModelDrafter"
     assert cfg.acceptance.name == "greedy" and cfg.dataset.name == "stdlib"
     assert cfg.logger._target_ == "experiments.loggers.WandbLogger" and cfg.logger.mode == "offline"
     assert cfg.sampling.temperature == 0.0 and cfg.baseline is True
@@ -125,7 +125,7 @@ def test_experiment_smoke_and_sweep_preset():
     assert cfg.logger._target_.endswith("NoLogger")
     cfg = compose_cfg("sweep=draft_length", hydra_cfg=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    assert cfg.hydra.sweeper.params["drafter.num_speculative_tokens"] == "1,2,4,8"
+    assert cfg.hydra.sweeper.params["drafter.num_speculative_tokens"] == "1,2,3,4,5,6,7,8"
     assert compose_cfg("model=zoo_micro").model.size == "micro"
 
 
@@ -147,7 +147,7 @@ def test_unknown_group_option_fails(override):
 
 @pytest.mark.parametrize("option", options("drafter"))
 def test_instantiate_every_drafter(option):
-    models = load_models(compose_cfg().model)
+    models = load_models(compose_cfg("model=tiny_random").model)
     drafter = decode.build_drafter(compose_cfg(f"drafter={option}").drafter, models)
     assert type(drafter).__name__ == compose_cfg(f"drafter={option}").drafter._target_.split(".")[-1]
 
@@ -180,7 +180,7 @@ def test_instantiate_every_logger(option, tmp_path):
 
 
 def test_models_tiny_hf_and_zoo(saved_pair, monkeypatch):
-    tiny = load_models(compose_cfg().model)
+    tiny = load_models(compose_cfg("model=tiny_random").model)
     assert tiny.draft is not None and tiny.tokenizer is not None
     hf = load_models(compose_cfg("model=hf", f"model.target={saved_pair['target']}",
                                  f"model.draft={saved_pair['draft']}").model)
@@ -214,7 +214,7 @@ def test_datasets(spec_bench, tmp_path):
 
 
 def test_max_prompt_tokens_keeps_the_last_tokens(spec_bench):
-    models = load_models(compose_cfg().model)
+    models = load_models(compose_cfg("model=tiny_random").model)
     prompts = decode.load_dataset_prompts(compose_cfg("dataset=spec_bench", f"dataset.path={spec_bench}").dataset, 1)
     full = decode.encode_prompts(prompts, models.tokenizer, None, "cpu")[0].input_ids
     cut = decode.encode_prompts(prompts, models.tokenizer, 5, "cpu")[0].input_ids

@@ -1,0 +1,127 @@
+"""The report's charts (matplotlib, Agg backend): one PNG each, titled by what it shows.
+
+- ``tau_speedup_vs_k``: tau and speedup against the draft length k per series of chain runs
+  (the other swept values), with the expected tau of the fitted alpha and the cost model's
+  predicted speedup (dashed) and each run's prediction from its measured tau (x);
+- ``acceptance_by_depth``: the acceptance rate at each depth, one line per run;
+- ``time_per_step``: ms per decoding step, stacked draft / verify / accept+commit / other, per run
+  and for the autoregressive baseline;
+- ``drafters``: tokens/s of each run and of its baseline, labelled with the speedup.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from experiments.costs import KS, chain_speedup_by_k, expected_tau, recommend_k
+from experiments.report import BASELINE, SPECULATIVE, Run, _series, label_of, pooled_model, row_of
+
+
+def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
+    """Write the report's PNGs into ``out``; returns ``{name: path}`` of those with data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    done = [r for r in runs if r.metrics.get(SPECULATIVE)]
+    labels = {r.name: label_of(r, swept) or (r.summary or {}).get("drafter") or r.name for r in done}
+    paths: dict[str, Path] = {}
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        paths[name] = out / f"{name}.png"
+        fig.savefig(paths[name], dpi=110)
+        plt.close(fig)
+
+    series = _series(runs, swept)
+    if series:
+        fig, (ax_tau, ax_up) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for i, (label, group) in enumerate(series.items()):
+            color = f"C{i}"
+            group = sorted(group, key=lambda r: row_of(r, [])["k"])
+            ks = [row_of(r, [])["k"] for r in group]
+            ax_tau.plot(ks, [r.metrics[SPECULATIVE]["tau"] for r in group], "o-", color=color, label=label)
+            measured = [(k, r.metrics.get("speedup")) for k, r in zip(ks, group) if r.metrics.get("speedup")]
+            if measured:
+                ax_up.plot(*zip(*measured), "o-", color=color, label=f"{label} measured")
+            predicted = [(k, r.metrics.get("predicted_speedup")) for k, r in zip(ks, group)
+                         if r.metrics.get("predicted_speedup")]
+            if predicted:
+                ax_up.plot(*zip(*predicted), "x", color=color, markersize=9, label=f"{label} predicted (measured tau)")
+            alpha, costs, draft_model, tokens = pooled_model(group)
+            grid = sorted(set(KS) | set(ks))
+            if alpha is not None:
+                ax_tau.plot(grid, [expected_tau(alpha, k) for k in grid], "--", color=color, alpha=0.7,
+                            label=f"{label} expected, alpha={alpha:.2f}")
+            if alpha is not None and costs:
+                curve = chain_speedup_by_k(alpha, costs, draft_model, tuple(grid), tokens)
+                ax_up.plot(list(curve), list(curve.values()), "--", color=color, alpha=0.7,
+                           label=f"{label} cost model (rec. k={recommend_k(curve)})")
+        ax_tau.set(xlabel="draft length k", ylabel="tau")
+        ax_tau.set_title("tau (tokens per target forward) vs k\nmeasured (o), expected from fitted alpha (dashed)",
+                         fontsize=10)
+        ax_up.axhline(1.0, color="gray", lw=0.8)
+        ax_up.set(xlabel="draft length k", ylabel="speedup over autoregressive")
+        ax_up.set_title("Speedup vs k: measured (o), predicted from measured tau (x),\n"
+                        "cost model with fitted alpha (dashed)", fontsize=10)
+        for ax in (ax_tau, ax_up):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        save(fig, "tau_speedup_vs_k")
+
+    with_depth = [r for r in done if r.metrics[SPECULATIVE].get("acceptance_rate_by_depth")]
+    if with_depth:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for r in with_depth:
+            rates = r.metrics[SPECULATIVE]["acceptance_rate_by_depth"]
+            ax.plot(range(1, len(rates) + 1), rates, "o-", label=labels[r.name])
+        ax.set(xlabel="depth d", ylabel="acceptance rate", ylim=(0, 1.05))
+        ax.set_title("Acceptance rate by depth\n(share of the steps proposing depth d that accepted a node there)",
+                     fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, "acceptance_by_depth")
+
+    stepped = [r for r in done if r.metrics[SPECULATIVE].get("target_forwards")]
+    if stepped:
+        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(stepped) + 3), 4.2))
+        bars = [(labels[r.name], r.metrics[SPECULATIVE]) for r in stepped]
+        base = next((r.metrics[BASELINE] for r in stepped if r.metrics.get(BASELINE, {}).get("target_forwards")), None)
+        if base:
+            bars.append(("autoregressive", base))
+        parts = (("draft", "time_draft"), ("verify", "time_verify"), ("accept+commit", "time_accept"),
+                 ("other", "time_other"))
+        bottom = [0.0] * len(bars)
+        for name, key in parts:
+            values = [1000 * m[key] / m["target_forwards"] for _, m in bars]
+            ax.bar(range(len(bars)), values, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right", fontsize=8)
+        ax.set(ylabel="ms per step (= per target forward)")
+        ax.set_title("Time per decoding step (ms, prefill excluded)\nstacked: draft / verify / accept+commit / other",
+                     fontsize=10)
+        ax.legend(fontsize=8)
+        save(fig, "time_per_step")
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(done) + 3), 4.2))
+    xs = range(len(done))
+    ax.bar([x - 0.2 for x in xs], [r.metrics[SPECULATIVE].get("tokens_per_s", 0) for r in done], 0.4,
+           label="speculative")
+    ax.bar([x + 0.2 for x in xs], [r.metrics.get(BASELINE, {}).get("tokens_per_s", 0) for r in done], 0.4,
+           label="autoregressive baseline")
+    for x, r in zip(xs, done):
+        up = r.metrics.get("speedup")
+        if up:
+            ax.annotate(f"{up:.2f}x", (x - 0.2, r.metrics[SPECULATIVE]["tokens_per_s"]), ha="center", va="bottom",
+                        fontsize=8)
+    ax.set_xticks(list(xs), [f"{labels[r.name]}\n{(r.summary or {}).get('drafter', '')}" for r in done],
+                  rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="tokens/s")
+    ax.set_title("Drafter comparison: tokens/s\n(speculative vs its autoregressive baseline; labels: speedup)",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    save(fig, "drafters")
+    return paths

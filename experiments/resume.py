@@ -1,0 +1,183 @@
+"""Resuming decode runs: skip finished runs, continue interrupted ones, never lose results.
+
+A run directory belongs to one config. With ``resume=true`` (the default) a decode run first looks
+at what its directory already holds:
+
+- ``summary.json`` with ``status: complete`` for the same config and the same prompts: nothing to
+  do, the run is skipped;
+- an interrupted, failed or killed run of the same config: the complete records of the prompts
+  that every method finished are kept (a line cut mid-write and half-done prompts are dropped),
+  those prompts are skipped, the rest are decoded with the same per-prompt seeds, and the
+  aggregates are recomputed over all of them;
+- results of another config, results without a summary, or ``resume=false``: the old files are
+  moved to ``superseded-<time>/`` in the run directory (never deleted) and the run starts afresh.
+
+"Same config" compares the resolved configs without the keys that do not change what is decoded
+(``IGNORED_KEYS``): a run continued with more prompts keeps the ones it has.
+
+The sweep presets (``conf/sweep/*.yaml``) give every config its own deterministic directory
+(``multirun/<sweep>/<overrides>``), so rerunning a sweep skips the runs it finished.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from experiments.results import RECORDS_FILE, SUMMARY_FILE, read_records
+
+log = logging.getLogger(__name__)
+
+#: Top-level config keys that do not change what a run decodes.
+IGNORED_KEYS = ("logger", "resume", "costs", "num_prompts")
+
+
+#: Longest directory name made from overrides (file systems allow 255 bytes).
+MAX_DIRNAME = 160
+
+
+def safe_dirname(text: str) -> str:
+    """A directory name from Hydra's ``override_dirname``: ``/`` (paths, nested config groups) becomes
+    ``-``; a name longer than ``MAX_DIRNAME`` is cut and ends in a hash of the whole (still one per config)."""
+    name = str(text).replace("/", "-") or "defaults"
+    if len(name.encode()) > MAX_DIRNAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+        name = name.encode()[: MAX_DIRNAME - 13].decode(errors="ignore") + "-" + digest
+    return name
+
+
+def register_resolvers() -> None:
+    """``${safe_dirname:...}`` for the sweep presets' ``hydra.sweep.subdir`` (idempotent)."""
+    if not OmegaConf.has_resolver("safe_dirname"):
+        OmegaConf.register_new_resolver("safe_dirname", safe_dirname)
+
+
+register_resolvers()
+
+
+def comparable(config: dict) -> dict:
+    """The parts of a resolved config that decide what a run decodes."""
+    return {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    diffs = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, name + ".")
+        elif a != b:
+            diffs.append(name)
+    return diffs
+
+
+@dataclass
+class ResumeState:
+    """What a run directory already holds for this config.
+
+    ``complete``: the finished summary (skip the run), else None. ``records``: complete records to
+    keep, in file order. ``done``: question ids every method finished. ``messages``: what was
+    found, skipped or set aside (one line each).
+    """
+
+    complete: dict | None = None
+    records: list[dict] = field(default_factory=list)
+    done: set = field(default_factory=set)
+    messages: list[str] = field(default_factory=list)
+
+
+def set_aside(run_dir: Path, reason: str) -> Path | None:
+    """Move ``records.jsonl`` and ``summary.json`` into ``run_dir/superseded-<time>/``; return it."""
+    files = [run_dir / name for name in (RECORDS_FILE, SUMMARY_FILE) if (run_dir / name).exists()]
+    if not files:
+        return None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    target = run_dir / f"superseded-{stamp}"
+    target.mkdir()
+    for path in files:
+        shutil.move(str(path), str(target / path.name))
+    (target / "REASON.txt").write_text(reason + "\n", encoding="utf-8")
+    return target
+
+
+def _read_summary(path: Path) -> dict | None:
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids: list[Any],
+            resume: bool = True) -> ResumeState:
+    """Decide what a run in ``run_dir`` still has to do (see the module docstring).
+
+    Args:
+        run_dir: the run directory.
+        config: the run's resolved config (``OmegaConf.to_container(cfg, resolve=True)``).
+        methods: the methods every prompt is decoded with (``speculative``, ``baseline``).
+        question_ids: the run's prompts, in order.
+        resume: false sets any earlier results aside and starts afresh.
+    """
+    run_dir = Path(run_dir)
+    state = ResumeState()
+    summary_path, records_path = run_dir / SUMMARY_FILE, run_dir / RECORDS_FILE
+    if not summary_path.exists() and not records_path.exists():
+        return state
+
+    summary = _read_summary(summary_path)
+    reason = None
+    if not resume:
+        reason = "resume=false: earlier results set aside"
+    elif summary is None:
+        reason = "earlier records without a readable summary.json (their config is unknown)"
+    elif not isinstance(summary.get("config"), dict):
+        reason = "earlier summary.json records no config"
+    else:
+        diffs = config_differences(comparable(summary["config"]), comparable(config))
+        if diffs:
+            reason = f"earlier results are of another config (differs in {', '.join(diffs[:6])})"
+    if reason is not None:
+        moved = set_aside(run_dir, reason)
+        state.messages.append(f"{reason}; moved to {moved}")
+        return state
+
+    if _is_complete(summary, methods, question_ids):
+        state.complete = summary
+        state.messages.append(f"skipping {run_dir}: complete results for this config are already there")
+        return state
+
+    records, problems = read_records(records_path) if records_path.exists() else ([], [])
+    state.messages += problems
+    wanted = set(question_ids)
+    by_id: dict[Any, set] = {}
+    for record in records:
+        by_id.setdefault(record.get("question_id"), set()).add(record.get("method"))
+    state.done = {qid for qid, done in by_id.items() if qid in wanted and set(methods) <= done}
+    seen: set = set()
+    for record in records:  # one record per (prompt, method): the first complete one
+        key = (record.get("question_id"), record.get("method"))
+        if key[0] in state.done and key[1] in methods and key not in seen:
+            seen.add(key)
+            state.records.append(record)
+    state.messages.append(f"resuming {run_dir} (status {summary.get('status')!r}): {len(state.done)} of "
+                          f"{len(question_ids)} prompts already decoded")
+    return state
+
+
+def _is_complete(summary: dict, methods: list[str], question_ids: list[Any]) -> bool:
+    """Complete, for every method, over exactly these prompts (by id when the summary lists them)."""
+    if summary.get("status") != "complete" or summary.get("num_prompts") != len(question_ids):
+        return False
+    if any(m not in summary.get("metrics", {}) for m in methods):
+        return False
+    ids = summary.get("question_ids")
+    return ids is None or list(ids) == list(question_ids)

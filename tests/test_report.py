@@ -1,0 +1,166 @@
+"""The report over a sweep, the cost model, and bad input to both.
+
+A 3x2 sweep (draft length x temperature, rejection sampling) runs once per module on the tiny
+random pair through ``python -m experiments.decode``; the report runs on it through
+``python -m experiments.report``. No assertion depends on timings.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import decode, report
+from experiments.costs import chain_speedup_by_k, cost_at, costs_dir, expected_tau, fit_alpha, recommend_k
+from tests.test_sweeps import compose_cfg, prompts_file, run_cli, tiny_args  # noqa: F401  (fixture)
+
+PLOTS = ("tau_speedup_vs_k", "acceptance_by_depth", "time_per_step", "drafters")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path_factory.getbasetemp() / "specdec-cache"))
+
+
+@pytest.fixture(scope="module")
+def sweep_3x2(tmp_path_factory, prompts_file) -> Path:  # noqa: F811
+    """k = 1, 2, 4 x temperature 0.7, 1.0 with rejection sampling: six runs, costs measured (once)."""
+    sweep_dir = tmp_path_factory.mktemp("sweep_3x2")
+    cache = tmp_path_factory.getbasetemp() / "specdec-cache"
+    proc = run_cli("sweep=custom", *tiny_args(prompts_file, num_prompts=2), "acceptance=rejection",
+                   "drafter.num_speculative_tokens=1,2,4", "sampling.temperature=0.7,1.0", f"hydra.sweep.dir={sweep_dir}",
+                   env_extra={"SPECDEC_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep_dir
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_3x2_sweep_report_tables_plots_and_wandb(sweep_3x2):
+    proc = run_cli(str(sweep_3x2), "--wandb", "offline", module="experiments.report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = sweep_3x2 / "report"
+    for name in ("report.md", "report.csv", *(f"{p}.png" for p in PLOTS)):
+        assert (out / name).stat().st_size > 0, name
+    assert "| drafter.num_speculative_tokens | sampling.temperature |" in proc.stdout
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb")) and "W&B logging failed" not in proc.stderr
+
+    rows = read_csv(out / "report.csv")
+    assert len(rows) == 6
+    assert {(r["drafter.num_speculative_tokens"], r["sampling.temperature"]) for r in rows} == \
+        {(k, t) for k in ("1", "2", "4") for t in ("0.7", "1.0")}
+    measured = []
+    for row in rows:
+        summary = json.loads((sweep_3x2 / row["run"] / "summary.json").read_text())
+        m, spec = summary["metrics"], summary["metrics"]["speculative"]
+        assert row["status"] == summary["status"] == "complete"
+        assert int(row["k"]) == summary["config"]["drafter"]["num_speculative_tokens"]
+        assert float(row["temperature"]) == summary["config"]["sampling"]["temperature"]
+        for column, value in (("tau", spec["tau"]), ("draft_acceptance_rate", spec["draft_acceptance_rate"]),
+                              ("tokens_per_s", spec["tokens_per_s"]), ("speedup", m["speedup"]),
+                              ("predicted_speedup", m["predicted_speedup"]), ("efficiency", m["efficiency"]),
+                              ("baseline_tokens_per_s", m["baseline"]["tokens_per_s"])):
+            assert float(row[column]) == value, column
+        assert int(row["recommended_k"]) == m["recommended_k"] and 1 <= m["recommended_k"] <= 8
+        assert row["matches_baseline"] == ""  # sampling: no token-for-token check
+        measured.append(summary["cost_model"]["costs"]["cached"]["target"])
+    assert measured.count(False) == 1  # the target's costs were measured by the first run, then cached
+    md = (out / "report.md").read_text()
+    assert "Recommended k vs measured" in md and "![tau_speedup_vs_k](tau_speedup_vs_k.png)" in md
+
+
+def test_report_of_one_run_and_of_a_cut_records_file(sweep_3x2, tmp_path, capsys):
+    run = next(p for p in sweep_3x2.iterdir() if (p / "summary.json").exists())
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report"))
+    summary = json.loads((copy / "summary.json").read_text())
+    lines = (copy / "records.jsonl").read_text().splitlines(keepends=True)
+    (copy / "records.jsonl").write_text("".join(lines[:-1]) + lines[-1][:40])  # the last line cut mid-write
+
+    assert report.main([str(copy), "--wandb", "none"]) == 0
+    out = capsys.readouterr().out
+    assert f"records.jsonl:{len(lines)}: skipped an unreadable line (cut mid-line)" in out
+    (row,) = read_csv(copy / "report" / "report.csv")
+    assert float(row["tau"]) == summary["metrics"]["speculative"]["tau"]  # the summary is intact: nothing lost
+
+    (copy / "summary.json").unlink()  # now only the records are left: metrics are rebuilt from the complete lines
+    result = report.report(copy)
+    (row,) = result["rows"]
+    assert row["status"].startswith("no summary") and row["prompts_done"] == 2
+    assert result["missing"] == [f"run: {row['status']}"]
+    assert any("cut mid-line" in p for p in result["problems"])
+
+
+def test_report_bad_input(tmp_path, capsys):
+    assert report.main([str(tmp_path), "--wandb", "none"]) == 2
+    assert "error: no decode runs under" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "missing"), "--wandb", "none"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")  # a sweep that failed before any run
+    assert report.main([str(tmp_path), "--wandb", "none"]) == 2
+
+
+def test_wandb_failure_keeps_the_local_report(sweep_3x2, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setitem(sys.modules, "wandb", None)  # "import wandb" raises ImportError
+    assert report.main([str(sweep_3x2), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("W&B logging failed") == 1 and f"the local report is in {out}" in err
+    assert (out / "report.csv").stat().st_size > 0
+
+    seen = {}
+    monkeypatch.setattr(report, "log_to_wandb", lambda *a, **kw: seen.update(group=a[4], mode=a[5]))
+    assert report.main([str(sweep_3x2), "--out", str(out)]) == 0
+    assert seen == {"group": f"{sweep_3x2.parent.name}/{sweep_3x2.name}", "mode": "offline"}
+
+
+# --------------------------------------------------------------------------- the cost model
+
+
+def test_predicted_vs_measured_speedup_of_a_draft_model_chain(prompts_file, tmp_path):  # noqa: F811
+    cfg = compose_cfg(*tiny_args(prompts_file, num_prompts=2, tokens=16), "drafter.num_speculative_tokens=3")
+    summary = decode.run(cfg, tmp_path / "chain")
+    m, model = summary["metrics"], summary["cost_model"]
+    print(f"\ndraft-model chain k=3 on tiny_random: measured speedup {m['speedup']:.3f}x, predicted "
+          f"{m['predicted_speedup']:.3f}x, efficiency {m['efficiency']:.2f}, tau {m['speculative']['tau']:.2f}, "
+          f"alpha {model['alpha']}, recommended k {m['recommended_k']}")
+    assert m["predicted_speedup"] > 0 and m["efficiency"] == pytest.approx(m["speedup"] / m["predicted_speedup"])
+    assert model["drafter"] == {"name": "DraftModelDrafter", "kind": "chain", "draft_model": True, "k": 3, "max_nodes": 3}
+    assert sorted(map(int, model["costs"]["target"])) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64]
+    assert list(model["costs"]["draft"]) == [1] and set(model["predicted_speedup_by_k"]) == set(range(1, 9))
+    assert len(list(costs_dir().glob("*.json"))) >= 2  # one curve per model
+
+    again = decode.run(cfg, tmp_path / "again")  # another run of the same models: the cached curves
+    assert set(again["cost_model"]["costs"]["cached"].values()) == {True}  # target, draft and their prefills
+    assert again["cost_model"]["costs"]["target"] == model["costs"]["target"]
+
+    ngram = decode.run(compose_cfg(*tiny_args(prompts_file, num_prompts=1), "drafter=ngram"), tmp_path / "ngram")
+    assert ngram["cost_model"]["drafter"]["draft_model"] is False and ngram["cost_model"]["costs"]["draft"] is None
+    assert ngram["metrics"]["predicted_speedup"] > 0
+
+    skipped = decode.run(compose_cfg(*tiny_args(prompts_file, num_prompts=1), "costs=false"), tmp_path / "skip")
+    assert skipped["metrics"]["predicted_speedup"] is None and skipped["cost_model"]["costs"] is None
+
+
+def test_cost_model_arithmetic():
+    assert expected_tau(0.0, 4) == 1.0 and expected_tau(1.0, 4) == 5.0
+    assert expected_tau(0.5, 2) == pytest.approx(1.75)
+    curve = {1: 1.0, 2: 1.2, 4: 2.0}
+    assert cost_at(curve, 3) == pytest.approx(1.6) and cost_at(curve, 8) == pytest.approx(3.6)
+    assert cost_at({"1": 2.0}, 5) == 2.0
+    # Geometric acceptance alpha = 0.7, chains of 4: steps accepting >= d drafts = 0.7^d of all steps.
+    proposed = [1000] * 4
+    accepted = [round(1000 * 0.7 ** d) for d in range(1, 5)]
+    assert fit_alpha(proposed, accepted) == pytest.approx(0.7, abs=0.01)
+    assert fit_alpha([], []) is None
+    # REFERENCES.md: alpha 0.8 gives an optimal k of about 4 at c = 0.2 and about 8 at c = 0.05 (flat verify cost).
+    flat = {w: 1.0 for w in (1, 64)}
+    assert recommend_k(chain_speedup_by_k(0.8, {"target": flat, "draft": {1: 0.2}}, True)) == 4
+    assert recommend_k(chain_speedup_by_k(0.8, {"target": flat, "draft": {1: 0.05}}, True)) == 8

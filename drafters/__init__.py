@@ -1,5 +1,6 @@
 """Drafters behind one protocol (:class:`specdec.drafting.Drafter`): one module per drafter."""
 from drafters.draft_model import DraftModelDrafter
+from drafters.medusa import MedusaDrafter  # noqa: F401
 from drafters.ngram import NGramDrafter
 from drafters.none import NoDrafter
 

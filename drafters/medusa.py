@@ -1,0 +1,214 @@
+"""The Medusa drafter: token trees from Medusa heads on the verifier's hidden state (arXiv 2401.10774).
+
+No extra target forward: the hidden state of the last accepted token comes from the previous
+verify forward (``VerifyOutput.hidden``; at the start, the prompt's prefill). The target's LM head
+on that state gives the next token, which the decode loop already emits as the new root; head
+``d - 1`` gives the candidates at tree depth ``d``. As in Medusa, a node's token depends only on
+its depth and sibling rank: the node at path ``(r_1, ..., r_d)`` gets head ``d - 1``'s rank-``r_d``
+token. Children are deterministic (``draft_probs`` None), so ``greedy``, ``rejection`` (lossless)
+and ``typical`` all apply.
+
+The default tree is built the way Medusa builds its sparse trees: from the held-out accuracy of
+each head at each rank (``eval.json`` next to trained heads), keep the ``tree_nodes`` paths with
+the largest product of accuracies along the path (:func:`medusa_tree`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from drafters.medusa_heads import MedusaHeads, MedusaHeadsError, check_target, default_heads_dir, load_heads, read_eval
+from specdec.drafting import DraftContext, Drafter
+from specdec.errors import ConfigError
+from specdec.tree import best_tree, compile_tree, load_preset
+from specdec.types import AcceptResult, DraftTree, VerifyOutput
+
+log = logging.getLogger(__name__)
+
+#: Rank accuracies assumed at every depth when the heads come without an ``eval.json`` (those of
+#: ``conf/tree/sparse60.yaml``); measured accuracies give a better tree (``experiments.medusa_tree``).
+FALLBACK_RANK_PROBS = [0.55, 0.17, 0.08, 0.05, 0.035, 0.025, 0.02, 0.015, 0.01, 0.008]
+
+
+def _path_prob(path: Sequence[int], rank_acc: Sequence[Sequence[float]]) -> float:
+    prob = 1.0
+    for depth, rank in enumerate(path):
+        row = rank_acc[depth] if depth < len(rank_acc) else ()
+        prob *= row[rank] if rank < len(row) else 0.0
+    return prob
+
+
+def medusa_expected_tokens(paths: Sequence[Sequence[int]], rank_acc: Sequence[Sequence[float]]) -> float:
+    """Expected tokens per step (tau) of a tree when head ``d``'s rank-``r`` token is the target's with
+    probability ``rank_acc[d][r]``, independently per depth: 1 + sum over nodes of P(path accepted)."""
+    return 1.0 + sum(_path_prob(p, rank_acc) for p in paths)
+
+
+def medusa_tree(rank_acc: Sequence[Sequence[float]], num_nodes: int, max_depth: int | None = None) -> list[list[int]]:
+    """The ``num_nodes``-node tree with the largest :func:`medusa_expected_tokens` (Medusa's sparse trees).
+
+    ``rank_acc[d][r]``: held-out probability that head ``d``'s rank-``r`` token is the target's next
+    token at depth ``d + 1``. Greedy best-first is optimal: a child's path probability never exceeds its
+    parent's, and a sibling is considered only once its better-ranked sibling is in. Paths are returned
+    best first; depth is limited to ``len(rank_acc)`` (and ``max_depth``).
+    """
+    depth_cap = len(rank_acc) if max_depth is None else min(max_depth, len(rank_acc))
+    chosen: list[tuple[int, ...]] = []
+    frontier = {(0,): _path_prob((0,), rank_acc)} if depth_cap >= 1 else {}
+    while len(chosen) < num_nodes and frontier:
+        path = max(frontier, key=lambda t: (frontier[t], -len(t), [-x for x in t]))
+        del frontier[path]
+        chosen.append(path)
+        depth = len(path) - 1
+        if path[-1] + 1 < len(rank_acc[depth]):
+            sib = path[:-1] + (path[-1] + 1,)
+            frontier[sib] = _path_prob(sib, rank_acc)
+        if len(path) < depth_cap:
+            child = path + (0,)
+            frontier[child] = _path_prob(child, rank_acc)
+    return [list(p) for p in chosen]
+
+
+def _positive_int(value, name: str, allow_none: bool = False) -> int | None:
+    if allow_none and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r}: it must be an integer >= 1" + (" or null" if allow_none else ""))
+    return value
+
+
+class MedusaDrafter(Drafter):
+    """Drafts a token tree from Medusa heads; deterministic children.
+
+    Args:
+        heads: a trained heads directory (``experiments.train_medusa`` writes one), a loaded
+            :class:`~drafters.medusa_heads.MedusaHeads`, or None for the default directory of the
+            embedded pair's target (``<cache>/medusa/zoo-<zoo_size>``). A directory that does not exist
+            is reported (with how to train heads) when the drafter is first used.
+        tree: a preset name (``conf/tree/<name>.yaml``), a YAML path or a list of sibling-rank paths;
+            None derives the tree from the heads' held-out rank accuracies (``eval.json``), or from
+            :data:`FALLBACK_RANK_PROBS` without one. Nodes deeper than the heads are dropped.
+        num_heads: use the first ``num_heads`` heads (None: all trained heads).
+        tree_nodes: size of the derived tree (when ``tree`` is None).
+        zoo_size: which embedded pair's heads ``heads=None`` means.
+    """
+
+    name = "medusa"
+    mode = "static"  # a fixed tree shape per step (for the cost model)
+
+    def __init__(self, heads: str | os.PathLike | MedusaHeads | None = None, tree=None, num_heads: int | None = None,
+                 tree_nodes: int = 32, zoo_size: str = "default"):
+        super().__init__()
+        self.num_heads_arg = _positive_int(num_heads, "num_heads", allow_none=True)
+        self.tree_nodes = _positive_int(tree_nodes, "tree_nodes")
+        self.tree_arg = load_preset(tree) if tree is not None else None  # checked now, pruned once heads are known
+        self._heads: MedusaHeads | None = None
+        self.heads_dir: Path | None = None
+        if isinstance(heads, MedusaHeads):
+            if self.num_heads_arg is not None and self.num_heads_arg > heads.num_heads:
+                raise MedusaHeadsError(f"num_heads={self.num_heads_arg} but the heads have only {heads.num_heads}: "
+                                       f"use num_heads<={heads.num_heads}")
+            self._heads = heads.eval()
+        elif heads is None or isinstance(heads, (str, os.PathLike)):
+            self.heads_dir = Path(heads).expanduser() if heads else default_heads_dir(zoo_size)
+            if self.heads_dir.exists():
+                self._heads = load_heads(self.heads_dir, self.num_heads_arg)
+        else:
+            raise ConfigError(f"heads={type(heads).__name__}: give a heads directory or a MedusaHeads module")
+        self._compiled = None
+        self._checked_target = None
+        self._hidden: torch.Tensor | None = None  # [H] the target's state at the last accepted token
+
+    # ----------------------------------------------------------------- heads and tree
+
+    @property
+    def heads(self) -> MedusaHeads:
+        """The loaded heads (loads a directory that appeared since construction; else raises)."""
+        if self._heads is None:
+            self._heads = load_heads(self.heads_dir, self.num_heads_arg)
+        return self._heads
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_heads_arg or self.heads.num_heads
+
+    @property
+    def rank_accuracy(self) -> list[list[float]] | None:
+        """Held-out accuracy per head and rank from the heads' ``eval.json``, if there is one."""
+        source = self.heads_dir or (Path(self.heads.source) if self.heads.source else None)
+        report = read_eval(source) if source is not None else None
+        acc = report.get("rank_accuracy") if isinstance(report, dict) else None
+        return [list(map(float, row)) for row in acc] if acc else None
+
+    def tree_paths(self) -> list[list[int]]:
+        """The tree's sibling-rank paths before pruning to the heads (preset, or derived)."""
+        if self.tree_arg is not None:
+            return self.tree_arg
+        acc = self.rank_accuracy
+        if acc is not None and len(acc) >= self.num_heads:
+            return medusa_tree(acc[: self.num_heads], self.tree_nodes)
+        return best_tree(FALLBACK_RANK_PROBS, self.tree_nodes, max_depth=self.num_heads)
+
+    @property
+    def compiled(self):
+        """The compiled tree, limited to ``num_heads`` deep and to ranks inside the vocabulary."""
+        if self._compiled is None:
+            k, vocab = self.num_heads, self.heads.vocab_size
+            paths = self.tree_paths()
+            keep = [p for p in paths if len(p) <= k and max(p) < vocab]
+            if len(keep) < len(paths):
+                log.warning("Medusa tree: dropped %d of %d nodes deeper than the %d heads or ranked past the "
+                            "vocabulary", len(paths) - len(keep), len(paths), k)
+            if not keep:
+                raise ConfigError(f"the tree preset keeps no node with {k} Medusa heads: give a tree of depth <= {k}")
+            compiled = compile_tree(keep)
+            head = compiled.depth - 1  # [N] which head drafts each node
+            width = int(compiled.rank.max()) + 1
+            upto = [int((compiled.depth <= d).sum()) for d in range(compiled.max_depth + 1)]  # nodes of depth <= d
+            self._compiled, self._head, self._width, self._upto = compiled, head, width, upto
+        return self._compiled
+
+    @property
+    def max_nodes(self) -> int:
+        return self.compiled.num_nodes
+
+    # ----------------------------------------------------------------- the protocol
+
+    def start(self, ctx: DraftContext) -> None:
+        super().start(ctx)
+        heads = self.heads
+        if self._checked_target is not ctx.target:
+            check_target(heads, ctx.target)
+            self._checked_target = ctx.target
+        weight = ctx.target.get_output_embeddings().weight
+        heads.to(device=weight.device, dtype=weight.dtype)
+        self.compiled  # noqa: B018  (build the tree before timing starts)
+        self._hidden = None
+
+    def prefill(self, input_ids: torch.Tensor, target_hidden: torch.Tensor | None) -> None:
+        super().prefill(input_ids, target_hidden)
+        # target_hidden [T - 1, H]: its last row is the state at x_{T-2}, whose LM head gives the root x_{T-1}.
+        self._hidden = target_hidden[-1] if target_hidden is not None and target_hidden.shape[0] else None
+
+    def propose(self, max_depth: int) -> DraftTree:
+        compiled = self.compiled
+        depth = min(max_depth, compiled.max_depth)
+        if self._hidden is None or depth <= 0:  # a one-token prompt has no state yet
+            return DraftTree.empty()
+        n = self._upto[depth]  # nodes are sorted by depth: the first n are those of depth <= depth
+        with torch.inference_mode():
+            logits = self.heads(self._hidden, num_heads=depth)  # [D, V]
+            top = torch.topk(logits, self._width, dim=-1).indices.cpu()  # [D, R]
+        tokens = top[self._head[:n], compiled.rank[:n]]  # [n]
+        return DraftTree(tokens=tokens, parents=compiled.parents[:n], _depth=compiled.depth[:n],
+                         _mask=compiled.mask[:n, :n])
+
+    def commit(self, result: AcceptResult, verify: VerifyOutput) -> None:
+        super().commit(result, verify)
+        # The last accepted node's state (the root's if none): its LM head gave the new root.
+        row = 1 + result.accepted_nodes[-1] if result.accepted_nodes else 0
+        self._hidden = verify.hidden[row]  # [H]

@@ -1,0 +1,118 @@
+"""Derive a Medusa tree preset from trained heads' held-out accuracy and write it to ``conf/tree``.
+
+    python -m experiments.medusa_tree <heads dir> --nodes 32
+    python -m experiments.medusa_tree ~/.cache/specdec/medusa/zoo-default --nodes 16 --name medusa16 --measure
+
+The rank accuracies (``rank_accuracy[d][r]``: how often head ``d``'s rank-``r`` token is the
+target's greedy token at depth ``d + 1`` on held-out text) come from the heads' ``eval.json``, or
+are measured afresh with ``--measure`` (or when there is no report): that loads the target the
+heads were trained for (``--target`` to point elsewhere). The tree keeps the ``--nodes`` paths with
+the largest product of accuracies along the path, as Medusa builds its sparse trees
+(:func:`drafters.medusa.medusa_tree`). Use it with ``tree=<name>`` (``drafter=medusa``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from drafters.medusa import medusa_expected_tokens, medusa_tree
+from drafters.medusa_heads import MedusaHeadsError, load_heads, read_eval, read_heads_config
+from specdec.errors import SpecDecError
+from specdec.tree import PRESET_DIR, chain_paths, load_preset
+
+MARKER = "# Medusa tree derived by experiments.medusa_tree"
+
+
+def measure_rank_accuracy(heads_dir: Path, target_dir: str | None, tokenizer_dir: str | None, eval_tokens: int,
+                          context: int) -> list[list[float]]:
+    """Held-out per-head, per-rank accuracy of the heads in ``heads_dir`` on their target."""
+    from drafters.medusa_heads import check_target
+    from experiments.train_medusa import evaluate, token_chunks
+    from specdec.models import load_causal_lm, load_tokenizer
+
+    config = read_heads_config(heads_dir)
+    target_dir = target_dir or config.get("training", {}).get("target")
+    if not target_dir:
+        raise SpecDecError(f"{heads_dir} does not record its target: pass --target <dir>")
+    target = load_causal_lm(target_dir)
+    heads = load_heads(heads_dir)
+    check_target(heads, target)
+    tokenizer = load_tokenizer(tokenizer_dir or config.get("training", {}).get("tokenizer") or target_dir)
+    chunks = token_chunks(tokenizer, "heldout", eval_tokens * 8, context)[: max(1, eval_tokens // context)]
+    return evaluate(heads, target, chunks)["rank_accuracy"]
+
+
+def preset_yaml(paths: list[list[int]], rank_acc: list[list[float]], heads_dir: Path, tau: float,
+                comparisons: dict[str, float]) -> str:
+    """The YAML text of the preset, with a header saying how it was derived."""
+    rows = "\n".join(f"#   head {d + 1}: " + ", ".join(f"{a:.3f}" for a in row[:6]) for d, row in enumerate(rank_acc))
+    others = ", ".join(f"{name}: {value:.2f}" for name, value in comparisons.items())
+    lines = [
+        MARKER,
+        f"# from the heads at {heads_dir}: the {len(paths)} paths with the largest product of held-out rank",
+        "# accuracies (rank_accuracy[d][r]: head d's rank-r token is the target's greedy token), best first.",
+        "# Rank accuracies (ranks 0-5):",
+        rows,
+        f"# Expected tokens per step (tau) under that model: {tau:.2f} ({others}).",
+        "# Use it with drafter=medusa tree=<this file's name>.",
+        "paths: [",
+    ]
+    for start in range(0, len(paths), 8):
+        lines.append("  " + ", ".join(str(list(p)) for p in paths[start : start + 8]) + ",")
+    lines.append("]")
+    return "\n".join(lines) + "\n"
+
+
+def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, max_depth: int | None = None,
+           measure: bool = False, target: str | None = None, tokenizer: str | None = None, eval_tokens: int = 32768,
+           context: int = 256, force: bool = False) -> tuple[Path, float]:
+    """Write ``<out_dir>/<name>.yaml``; returns its path and the expected tau."""
+    if nodes < 1:
+        raise SpecDecError(f"--nodes {nodes}: give at least one node")
+    report = None if measure else read_eval(heads_dir)
+    acc = (report or {}).get("rank_accuracy")
+    if not acc:
+        acc = measure_rank_accuracy(heads_dir, target, tokenizer, eval_tokens, context)
+    paths = medusa_tree(acc, nodes, max_depth)
+    tau = medusa_expected_tokens(paths, acc)
+    comparisons = {f"chain{len(acc)}": medusa_expected_tokens(chain_paths(len(acc)), acc)}
+    for other in ("binary", "sparse60"):
+        try:
+            comparisons[other] = medusa_expected_tokens(load_preset(other), acc)
+        except SpecDecError:
+            pass
+    out = Path(out_dir) / f"{name}.yaml"
+    if out.exists() and not force and not out.read_text(encoding="utf-8").startswith(MARKER):
+        raise SpecDecError(f"{out} exists and was not written by this tool: pick another --name or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(preset_yaml(paths, acc, heads_dir, tau, comparisons), encoding="utf-8")
+    load_preset(out)  # check it reads back as a tree
+    return out, tau
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.medusa_tree", description=__doc__.split("\n")[0])
+    parser.add_argument("heads_dir", type=Path, help="a trained heads directory (experiments.train_medusa writes one)")
+    parser.add_argument("--nodes", type=int, default=32, help="tree size (default 32)")
+    parser.add_argument("--name", default=None, help="preset name (default medusa<nodes>)")
+    parser.add_argument("--out-dir", type=Path, default=PRESET_DIR, help=f"where to write it (default {PRESET_DIR})")
+    parser.add_argument("--max-depth", type=int, default=None, help="deepest level (default: number of heads)")
+    parser.add_argument("--measure", action="store_true", help="measure accuracy afresh instead of reading eval.json")
+    parser.add_argument("--target", default=None, help="target directory for --measure (default: the recorded one)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory for --measure")
+    parser.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens for --measure")
+    parser.add_argument("--force", action="store_true", help="overwrite a preset not written by this tool")
+    args = parser.parse_args(argv)
+    try:
+        path, tau = derive(args.heads_dir.expanduser(), args.nodes, args.name or f"medusa{args.nodes}", args.out_dir,
+                           args.max_depth, args.measure, args.target, args.tokenizer, args.eval_tokens, force=args.force)
+    except (SpecDecError, MedusaHeadsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (expected tau {tau:.2f}); use it with drafter=medusa tree={path.stem}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Medusa heads: training (micro target, resume), drafting (greedy equality, chi-square), bad input, configs.
+
+- Greedy Medusa decoding equals ``model.generate(do_sample=False)`` for every tree preset, with random
+  heads on the tiny random target and with heads trained on the micro zoo target (which accept many
+  drafts); 20 prompts, EOS and ``max_new_tokens`` landing mid-tree.
+- ``rejection`` with Medusa trees reproduces the target's exactly enumerated output distribution.
+- A training run interrupted after its checkpoint resumes there and ends with the same heads.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from drafters import MedusaDrafter
+from drafters.medusa import medusa_expected_tokens, medusa_tree
+from drafters.medusa_heads import (WEIGHTS_FILE, MedusaHeads, MedusaHeadsError, load_heads, save_heads,
+                                   target_fingerprint)
+from specdec import SamplingParams, SpeculativeDecoder
+from specdec.tree import PRESET_DIR, load_preset
+from tests.test_distribution import ALPHA, RUNS, VOCAB, chi_square_pvalue, exact_distribution, sample_counts
+from tests.tiny_models import pair, peaky_pair, prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if "paths: null" not in p.read_text())
+MICRO_TRAIN = ["zoo_size=micro", "steps=80", "num_heads=3", "loss=hard", "lr=0.003", "batch_size=8", "context=128",
+               "train_chars=300000", "eval_tokens=8192", "logger=none", "progress=false", "threads=1"]
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train_medusa", overrides=list(overrides))
+
+
+def compose_decode(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def greedy_cases(target, prompt_list, eos_default):
+    """Per prompt: (ids, max_new, eos, reference); every other prompt stops on a token plain decoding emits."""
+    cases = []
+    for i, ids in enumerate(prompt_list):
+        max_new = 9 + (i * 7) % 23
+        target.generation_config.eos_token_id = eos_default
+        eos = eos_default
+        if i % 2:
+            free = target.generate(ids, do_sample=False, max_new_tokens=max_new, pad_token_id=eos)[0, ids.shape[1]:]
+            eos = int(free[min(len(free) - 1, 3 + i % 5)])
+        target.generation_config.eos_token_id = eos
+        cases.append((ids, max_new, eos, target.generate(ids, do_sample=False, max_new_tokens=max_new, pad_token_id=eos)))
+    target.generation_config.eos_token_id = eos_default
+    return cases
+
+
+def check_greedy(target, drafter, cases) -> float:
+    """Assert equality with plain greedy decoding on every case; returns the mean tau."""
+    default_eos, taus = target.generation_config.eos_token_id, []
+    try:
+        for ids, max_new, eos, ref in cases:
+            target.generation_config.eos_token_id = eos
+            out = SpeculativeDecoder(target, drafter, "greedy", SamplingParams()).generate(ids, max_new, seed=0)
+            assert out.sequences.tolist() == ref.tolist(), f"differs on prompt {ids.tolist()}"
+            taus.append(out.stats.tau)
+    finally:
+        target.generation_config.eos_token_id = default_eos
+    return sum(taus) / len(taus)
+
+
+# --------------------------------------------------------------------------- random heads, tiny target
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    target, _, tok = pair("llama")
+    heads = MedusaHeads.for_target(target, 8, init="random", seed=0)
+    return target, heads, greedy_cases(target, prompts(tok, 20, seed=1), len(tok) - 1)
+
+
+@pytest.mark.parametrize("tree", PRESETS + [None])
+def test_random_heads_greedy_equals_plain_decoding(tiny, tree):
+    target, heads, cases = tiny
+    check_greedy(target, MedusaDrafter(heads, tree=tree), cases)
+
+
+def test_fewer_heads_prune_the_tree_and_still_match(tiny):
+    target, heads, cases = tiny
+    drafter = MedusaDrafter(heads, tree="sparse60", num_heads=2)
+    assert int(drafter.compiled.depth.max()) == 2 and drafter.max_nodes < 60
+    check_greedy(target, drafter, cases[:6])
+
+
+def test_one_token_prompt_proposes_nothing_first(tiny):
+    target, heads, _ = tiny
+    drafter = MedusaDrafter(heads, tree="binary")
+    ids = torch.tensor([[65]])
+    out = SpeculativeDecoder(target, drafter).generate(ids, 12)
+    assert out.sequences.tolist() == target.generate(ids, do_sample=False, max_new_tokens=12).tolist()
+    assert out.stats.proposed_per_step[0] == 0 and out.stats.proposed_per_step[1] == 30
+
+
+def test_tokens_depend_on_depth_and_rank_only(tiny):
+    target, heads, _ = tiny
+    drafter = MedusaDrafter(heads, tree="binary")
+    drafter.start(_ctx(target, drafter))
+    hidden = torch.randn(1, 5, 64)
+    drafter.prefill(torch.tensor([[1, 2, 3, 4, 5, 6]]), hidden[0])
+    tree = drafter.propose(max_depth=3)
+    assert tree.num_nodes == 14 and tree.draft_probs is None  # binary pruned to depth 3
+    top = heads(hidden[0, -1], num_heads=3).topk(2, dim=-1).indices  # [3, 2]
+    paths = drafter.compiled.paths
+    for i in range(tree.num_nodes):
+        assert int(tree.tokens[i]) == int(top[len(paths[i]) - 1, paths[i][-1]])
+
+
+def _ctx(target, drafter):
+    from specdec.drafting import DraftContext
+
+    return DraftContext(target, SamplingParams(), None, 64 + drafter.max_nodes)
+
+
+# --------------------------------------------------------------------------- losslessness
+
+
+@pytest.mark.parametrize("setting", ["t1.0", "t0.7_topk3"])
+def test_rejection_with_medusa_trees_is_lossless(setting):
+    target, _ = peaky_pair(VOCAB)
+    sampling = {"t1.0": SamplingParams(temperature=1.0), "t0.7_topk3": SamplingParams(temperature=0.7, top_k=3)}[setting]
+    heads = MedusaHeads.for_target(target, 2, init="random", seed=1)
+    drafter = MedusaDrafter(heads, tree=[[0], [1], [2], [0, 0], [0, 1], [1, 0]])
+    counts = sample_counts(target, drafter, "rejection", sampling)
+    assert chi_square_pvalue(counts, exact_distribution(target, sampling), RUNS) > ALPHA
+
+
+def test_typical_acceptance_runs_with_medusa(tiny):
+    target, heads, cases = tiny
+    dec = SpeculativeDecoder(target, MedusaDrafter(heads), "typical", SamplingParams(temperature=0.7))
+    out = dec.generate(cases[0][0], 16, seed=0)
+    assert out.stats.new_tokens == 16
+
+
+# --------------------------------------------------------------------------- training on the micro target
+
+
+@pytest.fixture(scope="module")
+def micro_heads(tmp_path_factory):
+    """Heads trained on the micro zoo target through the CLI (80 steps, a few seconds)."""
+    out = tmp_path_factory.mktemp("micro_heads")
+    proc = subprocess.run([sys.executable, "-m", "experiments.train_medusa", *MICRO_TRAIN, f"out_dir={out}",
+                           f"hydra.run.dir={out / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_trained_heads_beat_chance_on_heldout_text(micro_heads):
+    report = json.loads((micro_heads / "eval.json").read_text())
+    first, second = report["per_head"][:2]
+    assert first["top1"] > 50 * report["chance_top1"]
+    assert first["top1"] > first["majority_top1"] + 0.03  # better than always guessing the commonest token
+    assert first["top1"] > first["next_token_top1"] + 0.1  # better than the untrained (next-token) head
+    assert first["top1"] > second["top1"] and first["top5"] > first["top1"]
+    assert (micro_heads / WEIGHTS_FILE).is_file() and not (micro_heads / "checkpoint.pt").exists()
+
+
+def test_trained_heads_greedy_equality_and_acceptance(micro_heads):
+    from experiments.zoo import ensure_pair
+
+    tok, target, _ = ensure_pair("micro").load()
+    texts = ["def main():\n    ", "import os\nimport sys\n\n", "class Foo(object):\n    def __init__(self", "for i in"]
+    ids = [tok(t, return_tensors="pt").input_ids for t in texts] + prompts(tok, 16, seed=2)[4:]
+    cases = greedy_cases(target, ids, int(target.generation_config.eos_token_id))
+    for tree in (None, "chain4", "sparse60"):
+        assert check_greedy(target, MedusaDrafter(micro_heads, tree=tree), cases) > 1.3
+
+
+def test_medusa_tree_tool_writes_a_preset(micro_heads, tmp_path):
+    from experiments.medusa_tree import main
+
+    assert main([str(micro_heads), "--nodes", "20", "--out-dir", str(tmp_path), "--name", "m20"]) == 0
+    paths = load_preset(tmp_path / "m20.yaml")
+    acc = json.loads((micro_heads / "eval.json").read_text())["rank_accuracy"]
+    assert len(paths) == 20 and paths == medusa_tree(acc, 20)
+    assert medusa_expected_tokens(paths, acc) >= medusa_expected_tokens(load_preset("chain4")[:3], acc)
+
+
+def test_decode_entry_point_with_medusa(micro_heads, tmp_path):
+    from experiments import decode
+    from experiments.loggers import NoLogger
+
+    cfg = compose_decode("model=zoo_micro", "drafter=medusa", f"drafter.heads={micro_heads}", "num_prompts=2",
+                         "max_new_tokens=12", "costs=false", "warmup=0")
+    summary = decode.run(cfg, tmp_path, logger=NoLogger())
+    assert summary["metrics"]["matches_baseline"] is True
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, capfd):
+    from experiments.train_medusa import train
+
+    small = [o for o in MICRO_TRAIN if not o.startswith(("steps=", "batch_size=", "context=", "train_chars=",
+                                                          "eval_tokens=", "num_heads="))]
+    small += ["steps=6", "checkpoint_every=2", "batch_size=2", "context=32", "train_chars=40000", "eval_tokens=256",
+              "num_heads=2"]
+    train(compose_train(*small, f"out_dir={tmp_path / 'a'}"), tmp_path / "run_a")
+
+    def interrupt(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_train(*small, f"out_dir={tmp_path / 'b'}"), tmp_path / "run_b", on_step=interrupt)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
+    capfd.readouterr()
+    train(compose_train(*small, f"out_dir={tmp_path / 'b'}"), tmp_path / "run_b2")
+    assert "at step 2/6" in capfd.readouterr().err
+    a, b = load_heads(tmp_path / "a"), load_heads(tmp_path / "b")
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path):
+    from experiments.train_medusa import train
+    from specdec.errors import ConfigError
+
+    keep = [o for o in MICRO_TRAIN if o.startswith(("zoo_size=", "loss=", "logger=", "progress=", "threads="))]
+    small = [*keep, "steps=4", "checkpoint_every=1", "batch_size=2", "context=32", "train_chars=40000",
+             "eval_tokens=256", "num_heads=2", f"out_dir={tmp_path}"]
+
+    def interrupt(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_train(*small, "lr=0.003"), tmp_path / "r1", on_step=interrupt)
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.003 -> 0.002\)"):
+        train(compose_train(*small, "lr=0.002"), tmp_path / "r2")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture()
+def saved_heads(tmp_path):
+    return save_heads(MedusaHeads.for_target(pair("llama")[0], 3), tmp_path / "heads")
+
+
+def test_heads_for_another_target_fail(saved_heads):
+    other = pair("qwen2")[0]  # same hidden size and vocabulary, other weights
+    with pytest.raises(MedusaHeadsError, match="trained for another target.*train_medusa target="):
+        SpeculativeDecoder(other, MedusaDrafter(saved_heads)).generate(torch.tensor([[1, 2, 3]]), 4)
+    peaky = peaky_pair(VOCAB)[0]  # another hidden size and vocabulary
+    with pytest.raises(MedusaHeadsError, match="hidden size 64 and vocabulary 257, the target has 32 and 6"):
+        SpeculativeDecoder(peaky, MedusaDrafter(saved_heads, tree="chain4")).generate(torch.tensor([[1, 2, 3]]), 4)
+
+
+def test_fingerprint_tolerates_a_dtype_round_trip_only():
+    from drafters.medusa_heads import same_target
+
+    target = pair("llama")[0]
+    fp = target_fingerprint(target)
+    half = target_fingerprint(_copy(target).to(torch.bfloat16))
+    assert fp["sha256"] != half["sha256"] and same_target(fp, half)
+    assert not same_target(fp, target_fingerprint(pair("qwen2")[0]))
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_heads_file_with_a_missing_tensor_fails(saved_heads):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(saved_heads / WEIGHTS_FILE))
+    del tensors["heads.2.lm_head.weight"]
+    save_file(tensors, str(saved_heads / WEIGHTS_FILE))
+    with pytest.raises(MedusaHeadsError, match="lacks tensor 'heads.2.lm_head.weight'.*retrain"):
+        MedusaDrafter(saved_heads)
+    assert load_heads(saved_heads, num_heads=2).num_heads == 2  # the first two heads are intact
+
+
+def test_more_heads_than_trained_fail(saved_heads):
+    with pytest.raises(MedusaHeadsError, match="num_heads=5 but the heads .* were trained with 3.*num_heads<=3"):
+        MedusaDrafter(saved_heads, num_heads=5)
+
+
+def test_missing_heads_say_how_to_train_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    drafter = MedusaDrafter()  # the default location: built lazily, so configs compose without heads
+    with pytest.raises(MedusaHeadsError, match="no Medusa heads at .*zoo-default.*python -m experiments.train_medusa"):
+        drafter.max_nodes
+
+
+def test_configs_compose_and_build(saved_heads):
+    from experiments import decode
+    from experiments.models_from_config import load_models
+
+    cfg = compose_decode("drafter=medusa", f"drafter.heads={saved_heads}", "tree=binary")
+    drafter = decode.build_drafter(cfg.drafter, load_models(cfg.model), cfg.get("tree"))
+    assert isinstance(drafter, MedusaDrafter) and drafter.max_nodes == 14  # binary pruned to the 3 heads
+    cfg = compose_decode("experiment=medusa")
+    assert cfg.model.source == "zoo" and cfg.drafter.zoo_size == "default" and cfg.drafter.heads is None
+    assert compose_decode("model=zoo_micro", "drafter=medusa").drafter.zoo_size == "micro"
+    train_cfg = compose_train()
+    assert train_cfg.zoo_size == "default" and train_cfg.loss in ("soft", "hard")

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from experiments.loggers import TrainingLog, training_wandb_settings
 from experiments.zoo import ZooError, ensure_pair
 from specdec.errors import SpecDecError
 
@@ -32,62 +33,11 @@ log = logging.getLogger(__name__)
 INPUT_ERRORS = (SpecDecError, ZooError, ValueError)
 
 
-class TrainLogger:
-    """Losses to ``train_log.jsonl`` and, lazily on the first call, to W&B; W&B failures are reported once."""
-
-    def __init__(self, run_dir: Path, wandb_cfg: dict | None, config: dict) -> None:
-        self.path = run_dir / "train_log.jsonl"
-        self.wandb_cfg, self.config = wandb_cfg, config
-        self.run = None
-
-    def __call__(self, metrics: dict, step: int) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._wandb(lambda run: run.log(metrics, step=step))
-
-    def summary(self, metrics: dict) -> None:
-        """Final metrics into the W&B run summary (only if a build was logged)."""
-        if self.run is not None:
-            self._wandb(lambda run: run.summary.update(metrics))
-
-    def finish(self) -> None:
-        """Close the W&B run, if any."""
-        if self.run is not None:
-            self._wandb(lambda run: run.finish())
-
-    def _wandb(self, action) -> None:
-        if self.wandb_cfg is None:
-            return
-        try:
-            if self.run is None:
-                import wandb
-
-                self.run = wandb.init(config=self.config, job_type="build_zoo", **self.wandb_cfg)
-            action(self.run)
-        except Exception as exc:  # noqa: BLE001 - a logger must never stop the build
-            log.warning("W&B logging failed (%s: %s); continuing with local logs in %s", type(exc).__name__, exc, self.path.parent)
-            self.wandb_cfg, self.run = None, None
-
-
-def wandb_settings(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """``wandb.init`` arguments from the ``logger`` group (W&B logger), or None (``logger=none``)."""
-    logger = cfg.get("logger") or {}
-    if "wandb" not in str(logger.get("_target_", "")).lower():
-        return None
-    return {
-        "mode": logger.get("mode", "offline"),
-        "project": logger.get("project", "specdec"),
-        "entity": logger.get("entity"),
-        "tags": list(logger.get("tags") or []) + ["build_zoo", str(cfg.size)],
-        "name": f"build_zoo-{cfg.size}",
-        "dir": str(run_dir),
-    }
-
-
 def build(cfg: DictConfig, run_dir: Path) -> dict:
     """Ensure the pair of ``cfg.size`` exists; returns a summary (paths and metrics)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_log = TrainLogger(run_dir, wandb_settings(cfg, run_dir), OmegaConf.to_container(cfg, resolve=True))
+    train_log = TrainingLog(run_dir, training_wandb_settings(cfg, run_dir, "build_zoo", tags=[str(cfg.size)],
+                                                         name=f"build_zoo-{cfg.size}"))
     try:
         pair = ensure_pair(
             size=cfg.size,

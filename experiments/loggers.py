@@ -172,3 +172,61 @@ def flatten(tree: dict, prefix: str = "", sep: str = "/") -> dict:
         else:
             flat[name] = value
     return flat
+
+
+# --------------------------------------------------------------------------- training entry points
+
+
+def training_wandb_settings(cfg: Any, run_dir: Path, job_type: str, tags: Sequence[str] = (),
+                            name: str | None = None) -> dict | None:
+    """``wandb.init`` arguments for a training entry point from its ``logger`` group, or None (``logger=none``)."""
+    from omegaconf import OmegaConf
+
+    logger = cfg.get("logger") or {}
+    if "wandb" not in str(logger.get("_target_", "")).lower():
+        return None
+    return {"mode": logger.get("mode", "offline"), "project": logger.get("project", "specdec"),
+            "entity": logger.get("entity"), "tags": list(logger.get("tags") or []) + [job_type, *tags],
+            "name": name, "dir": str(run_dir), "job_type": job_type,
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+class TrainingLog:
+    """Training metrics to ``<run_dir>/train_log.jsonl`` and to W&B (started lazily).
+
+    A W&B failure is reported once, then logging goes on locally only; it never stops training.
+    """
+
+    def __init__(self, run_dir: Path, wandb_init: dict | None) -> None:
+        self.path = Path(run_dir) / "train_log.jsonl"
+        self.wandb_init, self.run = wandb_init, None
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        import json
+
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._wandb(lambda run: run.log(metrics, step=step))
+
+    def summary(self, metrics: dict) -> None:
+        """Final metrics into the W&B run summary (only if a run was started)."""
+        if self.run is not None:
+            self._wandb(lambda run: run.summary.update(metrics))
+
+    def finish(self) -> None:
+        """Close the W&B run, if any."""
+        if self.run is not None:
+            self._wandb(lambda run: run.finish())
+
+    def _wandb(self, action) -> None:
+        if self.wandb_init is None:
+            return
+        try:
+            if self.run is None:
+                import wandb
+
+                self.run = wandb.init(**self.wandb_init)
+            action(self.run)
+        except Exception as exc:  # noqa: BLE001 - logging must never stop training
+            print(f"W&B logging failed ({type(exc).__name__}: {exc}); local logs stay in {self.path}", file=sys.stderr)
+            self.wandb_init, self.run = None, None

@@ -18,7 +18,6 @@ directory and to W&B (offline by default; a failure is reported and training car
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,11 +28,12 @@ from pathlib import Path
 import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from drafters.medusa_heads import (MedusaHeads, MedusaHeadsError, default_heads_dir, save_heads, target_fingerprint,
                                    write_json)
+from experiments.loggers import TrainingLog, training_wandb_settings
 from specdec.errors import ConfigError, SpecDecError
 
 log = logging.getLogger(__name__)
@@ -200,46 +200,6 @@ def load_checkpoint(path: Path, settings: dict) -> dict:
 # --------------------------------------------------------------------------- logging
 
 
-class TrainLog:
-    """Metrics to ``train_log.jsonl`` and to W&B (lazily started; a failure is reported once, then local only)."""
-
-    def __init__(self, run_dir: Path, cfg: DictConfig) -> None:
-        self.path = run_dir / "train_log.jsonl"
-        logger = cfg.get("logger") or {}
-        self.wandb = None
-        if "wandb" in str(logger.get("_target_", "")).lower():
-            self.wandb = {"mode": logger.get("mode", "offline"), "project": logger.get("project", "specdec"),
-                          "entity": logger.get("entity"), "tags": list(logger.get("tags") or []) + ["train_medusa"],
-                          "dir": str(run_dir), "job_type": "train_medusa",
-                          "config": OmegaConf.to_container(cfg, resolve=True)}
-        self.run = None
-
-    def __call__(self, metrics: dict, step: int) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._wandb(lambda run: run.log(metrics, step=step))
-
-    def summary(self, metrics: dict) -> None:
-        self._wandb(lambda run: run.summary.update(metrics))
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self._wandb(lambda run: run.finish())
-
-    def _wandb(self, action) -> None:
-        if self.wandb is None:
-            return
-        try:
-            if self.run is None:
-                import wandb
-
-                self.run = wandb.init(**self.wandb)
-            action(self.run)
-        except Exception as exc:  # noqa: BLE001 - logging must never stop training
-            print(f"W&B logging failed ({type(exc).__name__}: {exc}); local logs stay in {self.path}", file=sys.stderr)
-            self.wandb, self.run = None, None
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -295,7 +255,7 @@ def train(cfg: DictConfig, run_dir: str | Path, on_step=None) -> dict:
         print(f"resuming from {ckpt} at step {start}/{cfg.steps}", file=sys.stderr)
     train_chunks = token_chunks(tokenizer, "train", cfg.train_chars, cfg.context)
     eval_chunks = token_chunks(tokenizer, "heldout", cfg.eval_tokens * 8, cfg.context)[: max(1, cfg.eval_tokens // cfg.context)]
-    train_log = TrainLog(run_dir, cfg)
+    train_log = TrainingLog(run_dir, training_wandb_settings(cfg, run_dir, "train_medusa"))
     log.info("training %d Medusa heads for %s: steps %d-%d, %d training rows; heads -> %s", cfg.num_heads,
              where["target"], start, cfg.steps, train_chunks.shape[0], out_dir)
     bar = tqdm(total=cfg.steps, initial=start, desc="medusa heads", unit="step", disable=not cfg.progress, file=sys.stderr)

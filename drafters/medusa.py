@@ -9,8 +9,9 @@ token. Children are deterministic (``draft_probs`` None), so ``greedy``, ``rejec
 and ``typical`` all apply.
 
 The default tree is built the way Medusa builds its sparse trees: from the held-out accuracy of
-each head at each rank (``eval.json`` next to trained heads), keep the ``tree_nodes`` paths with
-the largest product of accuracies along the path (:func:`medusa_tree`).
+each head at each rank (``eval.json`` next to trained heads; preferably measured on text the target
+itself wrote, which is what decoding sees), keep the ``tree_nodes`` paths with the largest product
+of accuracies along the path (:func:`medusa_tree`).
 """
 from __future__ import annotations
 
@@ -71,6 +72,16 @@ def medusa_tree(rank_acc: Sequence[Sequence[float]], num_nodes: int, max_depth: 
             child = path + (0,)
             frontier[child] = _path_prob(child, rank_acc)
     return [list(p) for p in chosen]
+
+
+def report_rank_accuracy(report: dict | None, source: str = "auto") -> list[list[float]] | None:
+    """``rank_accuracy[d][r]`` from a training ``eval.json``: ``generated`` (held-out prompts continued
+    greedily by the target), ``corpus`` (held-out text), or ``auto`` (generated if measured, else corpus)."""
+    if not isinstance(report, dict):
+        return None
+    generated, corpus = (report.get("generated") or {}).get("rank_accuracy"), report.get("rank_accuracy")
+    acc = {"generated": generated, "corpus": corpus}.get(source, generated or corpus)
+    return [list(map(float, row)) for row in acc] if acc else None
 
 
 def _positive_int(value, name: str, allow_none: bool = False) -> int | None:
@@ -138,11 +149,11 @@ class MedusaDrafter(Drafter):
 
     @property
     def rank_accuracy(self) -> list[list[float]] | None:
-        """Held-out accuracy per head and rank from the heads' ``eval.json``, if there is one."""
+        """Held-out accuracy per head and rank from the heads' ``eval.json`` (None without one): measured
+        on held-out prompts continued greedily by the target (the decode regime) when the report has it,
+        else on held-out text (see :func:`report_rank_accuracy`)."""
         source = self.heads_dir or (Path(self.heads.source) if self.heads.source else None)
-        report = read_eval(source) if source is not None else None
-        acc = report.get("rank_accuracy") if isinstance(report, dict) else None
-        return [list(map(float, row)) for row in acc] if acc else None
+        return report_rank_accuracy(read_eval(source)) if source is not None else None
 
     def tree_paths(self) -> list[list[int]]:
         """The tree's sibling-rank paths before pruning to the heads (preset, or derived)."""

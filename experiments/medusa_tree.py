@@ -4,9 +4,10 @@
     python -m experiments.medusa_tree ~/.cache/specdec/medusa/zoo-default --nodes 16 --name medusa16 --measure
 
 The rank accuracies (``rank_accuracy[d][r]``: how often head ``d``'s rank-``r`` token is the
-target's greedy token at depth ``d + 1`` on held-out text) come from the heads' ``eval.json``, or
-are measured afresh with ``--measure`` (or when there is no report): that loads the target the
-heads were trained for (``--target`` to point elsewhere). The tree keeps the ``--nodes`` paths with
+target's greedy token at depth ``d + 1``) come from the heads' ``eval.json`` (``--source``: on
+held-out prompts continued greedily by the target, the greedy decode regime, or on held-out
+text), or are measured on held-out text with ``--measure`` (or when there is no report), which
+loads the target the heads were trained for (``--target`` to point elsewhere). The tree keeps the ``--nodes`` paths with
 the largest product of accuracies along the path, as Medusa builds its sparse trees
 (:func:`drafters.medusa.medusa_tree`). Use it with ``tree=<name>`` (``drafter=medusa``).
 """
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from drafters.medusa import medusa_expected_tokens, medusa_tree
+from drafters.medusa import medusa_expected_tokens, medusa_tree, report_rank_accuracy
 from drafters.medusa_heads import MedusaHeadsError, load_heads, read_eval, read_heads_config
 from specdec.errors import SpecDecError
 from specdec.tree import PRESET_DIR, chain_paths, load_preset
@@ -43,8 +44,11 @@ def measure_rank_accuracy(heads_dir: Path, target_dir: str | None, tokenizer_dir
     return evaluate(heads, target, chunks)["rank_accuracy"]
 
 
+SOURCES = {"generated": "held-out prompts continued greedily by the target", "corpus": "held-out text"}
+
+
 def preset_yaml(paths: list[list[int]], rank_acc: list[list[float]], heads_dir: Path, tau: float,
-                comparisons: dict[str, float]) -> str:
+                comparisons: dict[str, float], source: str = "corpus") -> str:
     """The YAML text of the preset, with a header saying how it was derived."""
     rows = "\n".join(f"#   head {d + 1}: " + ", ".join(f"{a:.3f}" for a in row[:6]) for d, row in enumerate(rank_acc))
     others = ", ".join(f"{name}: {value:.2f}" for name, value in comparisons.items())
@@ -52,7 +56,7 @@ def preset_yaml(paths: list[list[int]], rank_acc: list[list[float]], heads_dir: 
         MARKER,
         f"# from the heads at {heads_dir}: the {len(paths)} paths with the largest product of held-out rank",
         "# accuracies (rank_accuracy[d][r]: head d's rank-r token is the target's greedy token), best first.",
-        "# Rank accuracies (ranks 0-5):",
+        f"# Rank accuracies (ranks 0-5) on {SOURCES.get(source, source)}:",
         rows,
         f"# Expected tokens per step (tau) under that model: {tau:.2f} ({others}).",
         "# Use it with drafter=medusa tree=<this file's name>.",
@@ -66,14 +70,16 @@ def preset_yaml(paths: list[list[int]], rank_acc: list[list[float]], heads_dir: 
 
 def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, max_depth: int | None = None,
            measure: bool = False, target: str | None = None, tokenizer: str | None = None, eval_tokens: int = 32768,
-           context: int = 256, force: bool = False) -> tuple[Path, float]:
+           context: int = 256, force: bool = False, source: str = "auto") -> tuple[Path, float]:
     """Write ``<out_dir>/<name>.yaml``; returns its path and the expected tau."""
     if nodes < 1:
         raise SpecDecError(f"--nodes {nodes}: give at least one node")
     report = None if measure else read_eval(heads_dir)
-    acc = (report or {}).get("rank_accuracy")
+    acc = report_rank_accuracy(report, source)
+    if source == "auto" and acc:
+        source = "generated" if (report.get("generated") or {}).get("rank_accuracy") else "corpus"
     if not acc:
-        acc = measure_rank_accuracy(heads_dir, target, tokenizer, eval_tokens, context)
+        acc, source = measure_rank_accuracy(heads_dir, target, tokenizer, eval_tokens, context), "corpus"
     paths = medusa_tree(acc, nodes, max_depth)
     tau = medusa_expected_tokens(paths, acc)
     comparisons = {f"chain{len(acc)}": medusa_expected_tokens(chain_paths(len(acc)), acc)}
@@ -86,7 +92,7 @@ def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, m
     if out.exists() and not force and not out.read_text(encoding="utf-8").startswith(MARKER):
         raise SpecDecError(f"{out} exists and was not written by this tool: pick another --name or pass --force")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(preset_yaml(paths, acc, heads_dir, tau, comparisons), encoding="utf-8")
+    out.write_text(preset_yaml(paths, acc, heads_dir, tau, comparisons, source), encoding="utf-8")
     load_preset(out)  # check it reads back as a tree
     return out, tau
 
@@ -98,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="preset name (default medusa<nodes>)")
     parser.add_argument("--out-dir", type=Path, default=PRESET_DIR, help=f"where to write it (default {PRESET_DIR})")
     parser.add_argument("--max-depth", type=int, default=None, help="deepest level (default: number of heads)")
-    parser.add_argument("--measure", action="store_true", help="measure accuracy afresh instead of reading eval.json")
+    parser.add_argument("--source", choices=("auto", "generated", "corpus"), default="auto",
+                        help="which eval.json accuracies: generated (held-out prompts continued greedily by the "
+                             "target: the greedy decode regime), corpus (held-out text), auto (generated if there)")
+    parser.add_argument("--measure", action="store_true", help="measure accuracy on held-out text afresh")
     parser.add_argument("--target", default=None, help="target directory for --measure (default: the recorded one)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory for --measure")
     parser.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens for --measure")
@@ -106,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path, tau = derive(args.heads_dir.expanduser(), args.nodes, args.name or f"medusa{args.nodes}", args.out_dir,
-                           args.max_depth, args.measure, args.target, args.tokenizer, args.eval_tokens, force=args.force)
+                           args.max_depth, args.measure, args.target, args.tokenizer, args.eval_tokens, force=args.force,
+                           source=args.source)
     except (SpecDecError, MedusaHeadsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,13 +8,18 @@ Run ``python -m experiments.train_medusa`` (defaults in ``conf/train_medusa.yaml
 
 Labels are the target's own predictions on the corpus' training split: head ``i`` at position
 ``t`` learns the target's distribution at position ``t + i + 1`` (``loss=soft``, KL) or its argmax
-(``loss=hard``, cross-entropy); head ``i``'s loss is weighted by ``head_decay ** i``. AdamW with a
-linear warm-up then cosine decay. Every ``checkpoint_every`` steps a checkpoint (heads + optimizer)
+(``loss=hard``, cross-entropy); head ``i``'s loss is weighted by ``head_decay ** i``. With
+``generated_rows`` > 0, a ``generated_fraction`` of every batch is text the target wrote itself
+(training prompts continued by it, Medusa-2-style self-distillation data): decoding feeds the heads
+the target's own output, which teacher-forced corpus text does not show. AdamW with a linear
+warm-up then cosine decay. Every ``checkpoint_every`` steps a checkpoint (heads + optimizer)
 is written atomically to ``<out_dir>/checkpoint.pt``; a rerun with the same settings resumes from
 it (``resume=false`` starts over). At the end the heads go to ``<out_dir>`` (``drafters.medusa_heads``
 format) with ``eval.json``: per-head top-1 / top-5 / per-rank accuracy on held-out text, measured
-against the target's own greedy predictions. Losses go to ``train_log.jsonl`` in the Hydra run
-directory and to W&B (offline by default; a failure is reported and training carries on).
+against the target's own greedy predictions, and (``generated``) the same on held-out prompts
+continued greedily by the target: the greedy decode regime, whose rank accuracies shape the
+default tree. Losses go to ``train_log.jsonl`` in the Hydra run directory and to W&B (offline by
+default; a failure is reported and training carries on).
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ LOSSES = ("soft", "hard")
 RANKS = 10  # per-rank accuracies kept in eval.json (they shape the default tree)
 #: Settings that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("num_heads", "num_blocks", "loss", "head_decay", "steps", "batch_size", "context", "lr", "warmup_steps",
-               "weight_decay", "grad_clip", "seed", "train_chars")
+               "weight_decay", "grad_clip", "seed", "train_chars", "generated_rows", "generated_fraction",
+               "generated_prompt", "generated_temperature")
 
 
 # --------------------------------------------------------------------------- target and data
@@ -97,6 +103,45 @@ def token_chunks(tokenizer, split: str, max_chars: int, context: int) -> torch.T
     return torch.tensor(stream[: rows * context], dtype=torch.long).view(rows, context)  # [R, T]
 
 
+@torch.no_grad()
+def generate_rows(target, source_rows: torch.Tensor, count: int, prompt: int, temperature: float, seed: int,
+                  progress: bool = False, batch: int = 32) -> torch.Tensor:
+    """``[count, T]`` rows the target writes itself (Medusa-2-style self-distillation data).
+
+    Each row is the first ``prompt`` tokens of a random row of ``source_rows [R, T]``, continued by the
+    target to ``T`` tokens: greedily (``temperature=0``, the text greedy decoding produces) or sampled. Seeded.
+    """
+    context = source_rows.shape[1]
+    if not 0 < prompt < context:
+        raise ConfigError(f"generated_prompt={prompt}: it must be between 1 and context - 1 = {context - 1}")
+    device = next(target.parameters()).device
+    pick = torch.randperm(source_rows.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+    pad = target.generation_config.pad_token_id
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    rows = []
+    for i, start in enumerate(tqdm(range(0, len(pick), batch), desc="generating rows", disable=not progress,
+                                   file=sys.stderr)):
+        ids = source_rows[pick[start : start + batch], :prompt].to(device)  # [b, prompt]
+        torch.manual_seed(seed + i)
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=context - prompt,
+                              min_new_tokens=context - prompt, pad_token_id=pad if pad is not None else 0, **sampling)
+        rows.append(out[:, :context].cpu())  # [b, T]
+    return torch.cat(rows)  # [count, T]
+
+
+def training_batches(corpus_rows: torch.Tensor, extra_rows: torch.Tensor | None, cfg: DictConfig, start: int):
+    """Batches ``[B, T]`` for steps ``start..steps-1``: corpus rows plus, with generated rows, a
+    ``generated_fraction`` share of each batch drawn from those (each stream seeded, so resuming is exact)."""
+    from experiments.zoo.training import shuffled_batches
+
+    n_gen = round(cfg.batch_size * cfg.generated_fraction) if extra_rows is not None else 0
+    n_corpus, steps = cfg.batch_size - n_gen, cfg.steps - start
+    corpus = shuffled_batches(corpus_rows, n_corpus, steps, cfg.seed, offset=start) if n_corpus else None
+    extra = shuffled_batches(extra_rows, n_gen, steps, cfg.seed + 1, offset=start) if n_gen else None
+    for _ in range(steps):
+        yield torch.cat([next(s) for s in (corpus, extra) if s is not None])
+
+
 # --------------------------------------------------------------------------- loss and evaluation
 
 
@@ -133,10 +178,11 @@ def medusa_loss(head_logits: torch.Tensor, target_logits: torch.Tensor, mode: st
 
 
 @torch.no_grad()
-def evaluate(heads: MedusaHeads, target, chunks: torch.Tensor, batch_size: int = 8, ranks: int = RANKS) -> dict:
+def evaluate(heads: MedusaHeads, target, chunks: torch.Tensor, batch_size: int = 8, ranks: int = RANKS,
+             start: int = 0) -> dict:
     """Held-out accuracy of each head against the target's own greedy predictions.
 
-    For head ``i`` at position ``t`` the label is the target's argmax at ``t + i + 1``. Reports top-1,
+    For head ``i`` at position ``t >= start`` the label is the target's argmax at ``t + i + 1``. Reports top-1,
     top-5, the share of positions where the label is the head's rank-``r`` token (``rank_accuracy``,
     r < ``ranks``), and two baselines: always predicting the most frequent label (``majority_top1``)
     and the target's own next-token prediction at ``t`` (``next_token_top1``, what an untrained head does).
@@ -148,19 +194,19 @@ def evaluate(heads: MedusaHeads, target, chunks: torch.Tensor, batch_size: int =
     base_next = torch.zeros(k, dtype=torch.float64)
     label_counts = torch.zeros(k, vocab, dtype=torch.float64)
     positions = torch.zeros(k, dtype=torch.float64)
-    for start in range(0, chunks.shape[0], batch_size):
-        batch = chunks[start : start + batch_size]
+    for row in range(0, chunks.shape[0], batch_size):
+        batch = chunks[row : row + batch_size]
         hidden, t_logits = teacher(target, batch)  # [B, T, H], [B, T, V]
         greedy = t_logits.argmax(-1)  # [B, T]
-        logits = heads(hidden.to(next(heads.parameters()).dtype)).float()  # [K, B, T, V]
+        logits = heads(hidden[:, start:].to(next(heads.parameters()).dtype)).float()  # [K, B, T - start, V]
         for i in range(k):
-            n = batch.shape[1] - i - 1
-            lab = greedy[:, i + 1 :]  # [B, n]
+            n = batch.shape[1] - start - i - 1  # positions t = start .. T - i - 2
+            lab = greedy[:, start + i + 1 :]  # [B, n]
             z = logits[i, :, :n]  # [B, n, V]
             rank = (z > z.gather(-1, lab[..., None])).sum(-1)  # [B, n] how many tokens score above the label
             hits[i] += torch.stack([(rank == r).sum() for r in range(ranks)]).double()
             top5[i] += (rank < 5).sum()
-            base_next[i] += (greedy[:, :n] == lab).sum()
+            base_next[i] += (greedy[:, start : start + n] == lab).sum()
             label_counts[i] += torch.bincount(lab.reshape(-1), minlength=vocab).double()
             positions[i] += lab.numel()
     acc = hits / positions[:, None]  # [K, R]
@@ -212,6 +258,8 @@ def check_settings(cfg: DictConfig) -> dict:
             raise ConfigError(f"{key}={cfg[key]!r}: it must be an integer >= 1")
     if not 0 < float(cfg.head_decay) <= 1 or float(cfg.lr) <= 0:
         raise ConfigError(f"head_decay={cfg.head_decay} must be in (0, 1] and lr={cfg.lr} > 0")
+    if cfg.generated_rows < 0 or not 0 <= float(cfg.generated_fraction) <= 1 or float(cfg.generated_temperature) < 0:
+        raise ConfigError("generated_rows must be >= 0, generated_fraction in [0, 1], generated_temperature >= 0")
     return {k: cfg[k] for k in RESUME_KEYS}
 
 
@@ -228,8 +276,6 @@ def train(cfg: DictConfig, run_dir: str | Path, on_step=None) -> dict:
 
     ``on_step(step)`` is called after every optimizer step (tests interrupt training from it).
     """
-    from experiments.zoo.training import shuffled_batches
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = check_settings(cfg)
@@ -254,7 +300,12 @@ def train(cfg: DictConfig, run_dir: str | Path, on_step=None) -> dict:
         start, elapsed = int(state["step"]), float(state["elapsed_s"])
         print(f"resuming from {ckpt} at step {start}/{cfg.steps}", file=sys.stderr)
     train_chunks = token_chunks(tokenizer, "train", cfg.train_chars, cfg.context)
-    eval_chunks = token_chunks(tokenizer, "heldout", cfg.eval_tokens * 8, cfg.context)[: max(1, cfg.eval_tokens // cfg.context)]
+    eval_rows = max(1, cfg.eval_tokens // cfg.context)
+    eval_chunks = token_chunks(tokenizer, "heldout", cfg.eval_tokens * 8, cfg.context)[:eval_rows]
+    extra_rows = None
+    if cfg.generated_rows:
+        extra_rows = generate_rows(target, train_chunks, cfg.generated_rows, cfg.generated_prompt,
+                                   float(cfg.generated_temperature), cfg.seed, cfg.progress)
     train_log = TrainingLog(run_dir, training_wandb_settings(cfg, run_dir, "train_medusa"))
     log.info("training %d Medusa heads for %s: steps %d-%d, %d training rows; heads -> %s", cfg.num_heads,
              where["target"], start, cfg.steps, train_chunks.shape[0], out_dir)
@@ -262,7 +313,7 @@ def train(cfg: DictConfig, run_dir: str | Path, on_step=None) -> dict:
     heads.train()
     try:
         t0 = time.perf_counter() - elapsed
-        batches = shuffled_batches(train_chunks, cfg.batch_size, cfg.steps - start, cfg.seed, offset=start)
+        batches = training_batches(train_chunks, extra_rows, cfg, start)
         for step, batch in zip(range(start, cfg.steps), batches):
             lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
             for group in optimizer.param_groups:
@@ -287,12 +338,17 @@ def train(cfg: DictConfig, run_dir: str | Path, on_step=None) -> dict:
         bar.close()
         train_s = time.perf_counter() - t0
         report = evaluate(heads, target, eval_chunks.to(device), cfg.eval_batch_size)
+        if cfg.eval_generated_rows:  # the decode regime: held-out prompts continued greedily by the target
+            rows = generate_rows(target, eval_chunks, cfg.eval_generated_rows, cfg.generated_prompt, 0.0, cfg.seed)
+            report["generated"] = evaluate(heads, target, rows.to(device), cfg.eval_batch_size,
+                                           start=cfg.generated_prompt)
         report.update({"steps": cfg.steps, "train_s": train_s, "train_tokens": cfg.steps * cfg.batch_size * cfg.context,
                        "loss": cfg.loss, "out_dir": str(out_dir), **where})
-        for head in report["per_head"]:
-            train_log({f"eval/head{head['head']}_top1": head["top1"], f"eval/head{head['head']}_top5": head["top5"]},
-                      cfg.steps)
-        train_log.summary({f"eval/head{h['head']}_{m}": h[m] for h in report["per_head"] for m in ("top1", "top5")})
+        final = {f"eval/head{h['head']}_{m}": h[m] for h in report["per_head"] for m in ("top1", "top5")}
+        final |= {f"eval_generated/head{h['head']}_{m}": h[m] for h in report.get("generated", {}).get("per_head", [])
+                  for m in ("top1", "top5")}
+        train_log(final, cfg.steps)
+        train_log.summary(final)
     finally:
         bar.close()
         train_log.finish()
@@ -303,11 +359,16 @@ def train(cfg: DictConfig, run_dir: str | Path, on_step=None) -> dict:
 
 
 def format_report(report: dict) -> str:
-    """The per-head accuracy table printed at the end of training."""
-    lines = [f"{'head':>4} {'top-1':>7} {'top-5':>7} {'majority':>9} {'next-token':>11}"]
-    for h in report["per_head"]:
-        lines.append(f"{h['head']:>4} {h['top1']:7.3f} {h['top5']:7.3f} {h['majority_top1']:9.3f} "
-                     f"{h['next_token_top1']:11.3f}")
+    """The per-head accuracy tables printed at the end of training."""
+    lines = []
+    for title, part in (("held-out text", report), ("held-out prompts continued greedily by the target",
+                                                    report.get("generated"))):
+        if not part:
+            continue
+        lines += [f"{title}:", f"{'head':>4} {'top-1':>7} {'top-5':>7} {'majority':>9} {'next-token':>11}"]
+        for h in part["per_head"]:
+            lines.append(f"{h['head']:>4} {h['top1']:7.3f} {h['top5']:7.3f} {h['majority_top1']:9.3f} "
+                         f"{h['next_token_top1']:11.3f}")
     return "\n".join(lines)
 
 

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if "paths: null" not in p.read_text())
 MICRO_TRAIN = ["zoo_size=micro", "steps=80", "num_heads=3", "loss=hard", "lr=0.003", "batch_size=8", "context=128",
-               "train_chars=300000", "eval_tokens=8192", "logger=none", "progress=false", "threads=1"]
+               "train_chars=300000", "eval_tokens=8192", "generated_rows=0", "logger=none", "progress=false",
+               "threads=1"]
 
 
 def compose_train(*overrides: str):
@@ -166,6 +167,8 @@ def test_trained_heads_beat_chance_on_heldout_text(micro_heads):
     assert first["top1"] > first["next_token_top1"] + 0.1  # better than the untrained (next-token) head
     assert first["top1"] > second["top1"] and first["top5"] > first["top1"]
     assert (micro_heads / WEIGHTS_FILE).is_file() and not (micro_heads / "checkpoint.pt").exists()
+    generated = report["generated"]["per_head"]  # held-out prompts continued greedily by the target
+    assert len(generated) == 3 and generated[0]["positions"] > 1000
 
 
 def test_trained_heads_greedy_equality_and_acceptance(micro_heads):
@@ -184,7 +187,7 @@ def test_medusa_tree_tool_writes_a_preset(micro_heads, tmp_path):
 
     assert main([str(micro_heads), "--nodes", "20", "--out-dir", str(tmp_path), "--name", "m20"]) == 0
     paths = load_preset(tmp_path / "m20.yaml")
-    acc = json.loads((micro_heads / "eval.json").read_text())["rank_accuracy"]
+    acc = json.loads((micro_heads / "eval.json").read_text())["generated"]["rank_accuracy"]  # the decode regime
     assert len(paths) == 20 and paths == medusa_tree(acc, 20)
     assert medusa_expected_tokens(paths, acc) >= medusa_expected_tokens(load_preset("chain4")[:3], acc)
 
@@ -206,9 +209,9 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, capfd):
     from experiments.train_medusa import train
 
     small = [o for o in MICRO_TRAIN if not o.startswith(("steps=", "batch_size=", "context=", "train_chars=",
-                                                          "eval_tokens=", "num_heads="))]
+                                                          "eval_tokens=", "num_heads=", "generated_rows="))]
     small += ["steps=6", "checkpoint_every=2", "batch_size=2", "context=32", "train_chars=40000", "eval_tokens=256",
-              "num_heads=2"]
+              "num_heads=2", "generated_rows=4", "generated_prompt=8", "eval_generated_rows=2"]  # generated rows: seeded
     train(compose_train(*small, f"out_dir={tmp_path / 'a'}"), tmp_path / "run_a")
 
     def interrupt(step):
@@ -229,9 +232,10 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path):
     from experiments.train_medusa import train
     from specdec.errors import ConfigError
 
-    keep = [o for o in MICRO_TRAIN if o.startswith(("zoo_size=", "loss=", "logger=", "progress=", "threads="))]
+    keep = [o for o in MICRO_TRAIN if o.startswith(("zoo_size=", "loss=", "logger=", "progress=", "threads=",
+                                                     "generated_rows="))]
     small = [*keep, "steps=4", "checkpoint_every=1", "batch_size=2", "context=32", "train_chars=40000",
-             "eval_tokens=256", "num_heads=2", f"out_dir={tmp_path}"]
+             "eval_tokens=256", "eval_generated_rows=0", "num_heads=2", f"out_dir={tmp_path}"]
 
     def interrupt(step):
         raise KeyboardInterrupt

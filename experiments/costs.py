@@ -14,7 +14,7 @@ autoregressive loop (one width-1 target forward per token)::
 model's for one, both after ``context`` cached tokens, where a decode run uses
 ``context = median prompt length + max_new_tokens / 2``; a run's curves are timed round-robin
 (every width of every model once per round, ``REPS`` rounds), so load drifts skew them alike,
-and read through their non-decreasing envelope (:func:`cost_at`). The target is timed at widths
+and read as measured (:func:`cost_at`; a wider forward may cost less on a CPU). The target is timed at widths
 ``TARGET_WIDTHS`` (1..9, then 12, 16, 24, 32, 48, 64; widths in between are interpolated
 linearly, wider ones extrapolated from the last two). A run predicts with its measured per-step
 proposals (mean over steps of ``F_d T_d(1) + T_t(n_i + 1)``), so steps cut short near
@@ -126,15 +126,14 @@ def forward_cost(model, context: int, width: int, reps: int = 15, backend: str =
 def cost_at(curve: Mapping[Any, float], width: float) -> float:
     """``curve[width]``, interpolated linearly between measured widths (extrapolated past the last two).
 
-    A wider forward never costs less than a narrower one, so a measured time above a wider width's
-    (timing noise) is read as the wider one's: the curve used is the non-decreasing envelope
-    ``T(w) = min over w' >= w of the measured T(w')``.
+    Measured widths are read as measured, even where a wider forward costs less than a narrower
+    one: on CPUs the BLAS library may run small matrix products on one thread and larger ones on
+    all (on the 2-core development machine, width 3 costs more than width 5), so a monotone
+    envelope would mispredict the narrower widths.
     """
     points = sorted((int(w), float(s)) for w, s in curve.items())
     if not points:
         raise ValueError("empty cost curve")
-    for i in range(len(points) - 2, -1, -1):
-        points[i] = (points[i][0], min(points[i][1], points[i + 1][1]))
     if len(points) == 1 or width <= points[0][0]:
         return points[0][1]
     for (w0, s0), (w1, s1) in zip(points, points[1:]):

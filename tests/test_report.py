@@ -155,6 +155,8 @@ def test_cost_model_arithmetic():
     curve = {1: 1.0, 2: 1.2, 4: 2.0}
     assert cost_at(curve, 3) == pytest.approx(1.6) and cost_at(curve, 8) == pytest.approx(3.6)
     assert cost_at({"1": 2.0}, 5) == 2.0
+    # Read as measured: a narrow width that costs more than a wider one keeps its own time.
+    assert cost_at({1: 1.0, 3: 1.8, 5: 1.4}, 3) == pytest.approx(1.8)
     # Geometric acceptance alpha = 0.7, chains of 4: steps accepting >= d drafts = 0.7^d of all steps.
     proposed = [1000] * 4
     accepted = [round(1000 * 0.7 ** d) for d in range(1, 5)]

@@ -7,6 +7,12 @@ draft model (constant k, and its default schedule), prompt lookup; ours: autoreg
 draft-model chain for each k, n-gram. Warm-ups first, then ``--reps`` repetitions per prompt in
 rotating order, CPU threads pinned. Every output is checked against HF plain greedy. Prints a
 Markdown table (also written to ``--markdown``) and writes raw results to ``--json``.
+
+Besides tokens/s, tau and draft acceptance, a chain's row gives its efficiency (measured speedup
+over our autoregressive loop / the speedup predicted from tau and the measured forward costs)
+and its zero-overhead ceiling against HF with the same drafter and k: HF's time divided by our
+prefill plus our verify forwards each costed at ``k T_d(1) + T_t(k + 1)``, i.e. what the ratio
+would be if our loop cost nothing beyond the forwards.
 Importable without hydra or wandb.
 """
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
-from experiments.bench_costs import measure_costs, predicted_chain_speedup
+from experiments.bench_costs import cost_at, measure_costs, predicted_chain_speedup
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.models import load_causal_lm, load_tokenizer
 
@@ -39,6 +45,9 @@ class Method:
     times: dict = field(default_factory=dict)  # prompt index -> list of seconds
     new_tokens: dict = field(default_factory=dict)
     tau: dict = field(default_factory=dict)
+    acceptance: dict = field(default_factory=dict)  # prompt index -> accepted drafts / proposed drafts
+    prefill_s: dict = field(default_factory=dict)  # prompt index -> seconds of prefill (ours)
+    forwards: dict = field(default_factory=dict)  # prompt index -> verify forwards (ours)
     matches: bool = True
 
 
@@ -106,11 +115,22 @@ def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int) -> No
                 meth.matches &= out.tolist() == reference.tolist()
                 if stats is not None:
                     meth.tau[i] = stats.tau
+                    meth.acceptance[i] = stats.draft_acceptance_rate
+                    meth.prefill_s.setdefault(i, []).append(stats.time_prefill)
+                    meth.forwards[i] = stats.target_forwards
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
 
 
 def tokens_per_s(meth: Method) -> dict[int, float]:
     return {i: meth.new_tokens[i] / statistics.median(t) for i, t in meth.times.items()}
+
+
+def zero_overhead_ceiling(meth: Method, peer: Method, costs: dict) -> dict[int, float]:
+    """Per prompt, the most a chain could gain over ``peer``: the peer's time divided by our measured
+    prefill plus our verify forwards, each costed at ``k T_d(1) + T_t(k + 1)`` (no loop overhead at all)."""
+    round_s = meth.k * (costs["draft"] or 0.0) + cost_at(costs["target"], meth.k + 1)
+    return {i: statistics.median(peer.times[i]) / (statistics.median(meth.prefill_s[i]) + meth.forwards[i] * round_s)
+            for i in meth.times}
 
 
 def _spread(values: list[float]) -> str:
@@ -128,7 +148,8 @@ def summarize(methods: list[Method], costs: dict) -> tuple[list[dict], str]:
         row = {"method": m.name, "tokens_per_s": statistics.median(mine.values()),
                "speedup_vs_hf_plain": _spread([mine[i] / base[i] for i in mine]),
                "matches_hf_plain": m.matches, "tau": statistics.mean(m.tau.values()) if m.tau else None,
-               "vs_hf_same_drafter": None, "efficiency": None}
+               "draft_acceptance": statistics.mean(m.acceptance.values()) if m.acceptance and m.k else None,
+               "vs_hf_same_drafter": None, "efficiency": None, "ceiling_vs_hf": None}
         if m.peer:
             peer = tps[by_name[m.peer].name]
             row["vs_hf_same_drafter"] = _spread([mine[i] / peer[i] for i in mine])
@@ -136,25 +157,31 @@ def summarize(methods: list[Method], costs: dict) -> tuple[list[dict], str]:
             measured = statistics.median(mine[i] / ours_ar[i] for i in mine)
             predicted = predicted_chain_speedup(row["tau"], m.k, costs["target"], costs["draft"])
             row["efficiency"] = f"{measured / predicted:.2f} ({measured:.2f}x / {predicted:.2f}x)"
+            row["ceiling_vs_hf"] = _spread(list(zero_overhead_ceiling(m, by_name[m.peer], costs).values()))
         rows.append(row)
-    head = "| method | tokens/s (median) | speedup vs HF plain, median (min-max) | ours / HF same drafter & k | tau | efficiency (measured / predicted over our AR) | output = HF plain greedy |"
-    lines = [head, "|" + "---|" * 7]
+    head = ("| method | tokens/s (median) | speedup vs HF plain, median (min-max) | ours / HF same drafter & k | tau "
+            "| draft acceptance | efficiency (measured / predicted over our AR) "
+            "| zero-overhead ceiling vs HF same drafter & k | output = HF plain greedy |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         tau = f"{r['tau']:.2f}" if r["tau"] is not None else ""
+        acc = f"{r['draft_acceptance']:.2f}" if r["draft_acceptance"] is not None else ""
         lines.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf_plain']} | "
-                     f"{r['vs_hf_same_drafter'] or ''} | {tau} | {r['efficiency'] or ''} | {'yes' if r['matches_hf_plain'] else 'NO'} |")
+                     f"{r['vs_hf_same_drafter'] or ''} | {tau} | {acc} | {r['efficiency'] or ''} | "
+                     f"{r['ceiling_vs_hf'] or ''} | {'yes' if r['matches_hf_plain'] else 'NO'} |")
     return rows, "\n".join(lines)
 
 
 def load_pair(args):
     """(target, draft, tokenizer) from ``--target/--draft`` paths or the embedded zoo ``--size``."""
     if args.target:
-        return (load_causal_lm(args.target), load_causal_lm(args.draft or args.target),
+        return (load_causal_lm(args.target), load_causal_lm(args.draft or args.target, dtype=args.draft_dtype),
                 load_tokenizer(args.target))
     from experiments.zoo import ensure_pair
 
     pair = ensure_pair(args.size, cache_dir=args.cache_dir)
-    return load_causal_lm(pair.target_dir), load_causal_lm(pair.draft_dir), load_tokenizer(pair.tokenizer_dir)
+    return (load_causal_lm(pair.target_dir), load_causal_lm(pair.draft_dir, dtype=args.draft_dtype),
+            load_tokenizer(pair.tokenizer_dir))
 
 
 def load_prompt_ids(tokenizer, args) -> list[torch.Tensor]:
@@ -175,6 +202,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--draft-dtype", default="float32",
+                   help="precision of the draft model, for HF assisted generation and ours alike (the target is float32)")
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6])
     p.add_argument("--ngram-tokens", type=int, default=4)
     p.add_argument("--max-ngram", type=int, default=2, help="HF's max_matching_ngram_size (its default is 2)")
@@ -201,7 +230,7 @@ def main(argv=None) -> int:
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}"
     header = (f"Command: `python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
               f"Machine: {machine}. {len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, batch 1, "
-              f"{args.reps} reps. Forward costs at context {context}: target "
+              f"{args.reps} reps, draft in {args.draft_dtype}. Forward costs at context {context}: target "
               + ", ".join(f"w{w} {t * 1e3:.1f} ms" for w, t in costs["target"].items())
               + f"; draft w1 {costs['draft'] * 1e3:.2f} ms.\n")
     print(header + "\n" + table)

@@ -7,6 +7,6 @@ this module keeps the names ``experiments.bench`` imports. Importable without hy
 """
 from __future__ import annotations
 
-from experiments.costs import forward_cost, measure_costs, predicted_chain_speedup
+from experiments.costs import cost_at, forward_cost, measure_costs, predicted_chain_speedup
 
-__all__ = ["forward_cost", "measure_costs", "predicted_chain_speedup"]
+__all__ = ["cost_at", "forward_cost", "measure_costs", "predicted_chain_speedup"]

@@ -7,6 +7,12 @@ A Spec-Bench ``question.jsonl`` holds one JSON object per line::
 Only the first turn is used as the prompt. The default prompt set is built from the
 held-out split of the embedded corpus (see ``experiments.corpus``): each prompt is the
 first lines of a held-out file, and its category is the file's top-level module.
+
+A default prompt ends at the end of its last line, without that line's newline: the BPE
+tokenizer of the embedded pair merges a newline with the next line's indentation
+(``"\n    "`` is one token), so a prompt ending in a bare newline token tells the model
+"the next line is not indented", a boundary it rarely saw in training, and sends small
+models into ``#\n#\n...`` loops (the token-boundary problem).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ PROMPT_MAX_CHARS = 1200  # and at most this many characters, cut at a line bound
 MIN_PROMPT_LINES = 8  # a window shorter than this is not a prompt
 CONTINUATION_LINES = 10  # the file must go on for at least this many lines after it
 WINDOW_STRIDE = 200  # later windows of a file start this many lines apart
+PROMPT_FORMAT = 2  # in the cached file's name; 2: prompts end before their last newline
 
 
 class PromptFileError(SpecDecError):
@@ -149,7 +156,8 @@ def prompt_window(lines: list[str], start: int) -> str | None:
     """The prompt text starting at line ``start``, or None if the file is too short there.
 
     At most ``PROMPT_LINES`` lines and ``PROMPT_MAX_CHARS`` characters (cut at a line
-    boundary); the file must continue for ``CONTINUATION_LINES`` more lines.
+    boundary, the last line's newline left out: see the module docstring); the file must
+    continue for ``CONTINUATION_LINES`` more lines.
     """
     if len(lines) < start + PROMPT_LINES + CONTINUATION_LINES:
         return None
@@ -161,7 +169,7 @@ def prompt_window(lines: list[str], start: int) -> str | None:
         size += len(line)
     if len(taken) < MIN_PROMPT_LINES:
         return None
-    return "".join(taken)
+    return "".join(taken).rstrip("\r\n")
 
 
 def heldout_prompts(num_prompts: int = DEFAULT_NUM_PROMPTS, corpus_root: str | os.PathLike | None = None) -> list[Prompt]:
@@ -196,7 +204,7 @@ def heldout_prompts_path(
 ) -> Path:
     """Path of the cached default prompt set (Spec-Bench JSONL), built once atomically.
 
-    The file lives at ``<cache_dir>/prompts/stdlib-heldout-py<major><minor>-n<num>.jsonl``
+    The file lives at ``<cache_dir>/prompts/stdlib-heldout-py<major><minor>-f<format>-n<num>.jsonl``
     (``cache_dir`` defaults to ``$SPECDEC_CACHE`` or ``~/.cache/specdec``). A custom
     ``corpus_root`` gets its own file name. ``rebuild=True`` rewrites it.
     """
@@ -207,7 +215,7 @@ def heldout_prompts_path(
     tag = f"py{sys.version_info.major}{sys.version_info.minor}"
     if corpus_root is not None:
         tag = "root" + corpus.sha256_hex(str(Path(corpus_root).resolve()))[:10]
-    path = cache / "prompts" / f"stdlib-heldout-{tag}-n{num_prompts}.jsonl"
+    path = cache / "prompts" / f"stdlib-heldout-{tag}-f{PROMPT_FORMAT}-n{num_prompts}.jsonl"
     if rebuild or not path.is_file():
         write_prompts(path, heldout_prompts(num_prompts, corpus_root))
     return path

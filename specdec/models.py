@@ -17,6 +17,34 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has native bf16 matmuls (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_draft_dtype(draft_dtype: str | None, dtype: str, device: str) -> str:
+    """The dtype name to load a draft model in.
+
+    ``None`` means the target's ``dtype``; ``auto`` means ``bfloat16`` where ``device`` has
+    native bf16 matmuls (a CUDA GPU that supports it, or a CPU with AVX512-BF16/AMX) and
+    ``dtype`` otherwise. A draft's precision never changes what is emitted (the target
+    verifies every token); it changes how often drafts are accepted and what they cost.
+    """
+    if draft_dtype is None:
+        return dtype
+    if draft_dtype != "auto":
+        _dtype(draft_dtype)  # validates the name
+        return draft_dtype
+    if str(device).startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else dtype
+    return "bfloat16" if str(device) == "cpu" and cpu_has_bf16() else dtype
+
+
 def _check_path(path: str, what: str) -> None:
     """Fail early, naming the path, when a local checkpoint directory is missing."""
     expanded = os.path.expanduser(path)

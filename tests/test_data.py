@@ -123,8 +123,11 @@ def test_heldout_prompt_set_is_cached_and_deterministic(tmp_path, monkeypatch):
         rel = prompt.source.rsplit(":", 1)[0]
         assert rel in heldout
         assert prompt.category == rel.split("/")[0].removesuffix(".py")
-        assert prompt.text.endswith("\n") and len(prompt.text) <= data.PROMPT_MAX_CHARS
-        assert prompt.text.count("\n") >= data.MIN_PROMPT_LINES
+        # Whole lines, the last one without its newline (the token-boundary rule in experiments.data).
+        assert not prompt.text.endswith("\n") and len(prompt.text) <= data.PROMPT_MAX_CHARS
+        assert prompt.text.count("\n") >= data.MIN_PROMPT_LINES - 1
+        source = corpus.read_text(corpus.default_corpus_root() / rel)
+        assert prompt.text + "\n" in source
 
 
 def test_too_many_prompts_and_unwritable_cache(tmp_path):

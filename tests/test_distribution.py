@@ -6,6 +6,8 @@ at significance 1e-3. A deliberately broken rule (accept every draft) must fail 
 """
 from __future__ import annotations
 
+import copy
+
 import itertools
 
 import pytest
@@ -92,6 +94,16 @@ def test_rejection_with_draft_model_is_lossless(models, setting):
     sampling = SETTINGS[setting]
     exact = exact_distribution(target, sampling)
     counts = sample_counts(target, DraftModelDrafter(draft, num_speculative_tokens=2), "rejection", sampling)
+    assert chi_square_pvalue(counts, exact, RUNS) > ALPHA
+
+
+def test_rejection_with_bf16_draft_of_fp32_target_is_lossless(models):
+    """model.draft_dtype: the draft's q comes from bf16 logits; the output must still be the target's p."""
+    target, draft = models
+    sampling = SETTINGS["t1.0"]
+    exact = exact_distribution(target, sampling)
+    drafter = DraftModelDrafter(copy.deepcopy(draft).to(torch.bfloat16), num_speculative_tokens=2)
+    counts = sample_counts(target, drafter, "rejection", sampling)
     assert chi_square_pvalue(counts, exact, RUNS) > ALPHA
 
 

@@ -1,6 +1,8 @@
 """Greedy speculative decoding must equal ``model.generate(do_sample=False)`` token for token."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -71,6 +73,18 @@ def test_draft_model_chain(arch_cases, k):
     if k in (1, 4, 8):
         _check_all(target, DraftModelDrafter(target, num_speculative_tokens=k), cases)  # every draft accepted
         _check_all(target, DraftModelDrafter(random_draft, num_speculative_tokens=k), cases)  # almost none
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_bf16_draft_of_fp32_target(arch_cases, k):
+    """A draft run in another precision (model.draft_dtype) changes acceptance, never the output."""
+    arch, cases = arch_cases
+    target = pair(arch)[0]
+    draft = copy.deepcopy(noisy_copy(arch)).to(torch.bfloat16)
+    _check_all(target, DraftModelDrafter(draft, num_speculative_tokens=k), cases)
+    ids, max_new, _, ref = cases[0]
+    out = SpeculativeDecoder(target, DraftModelDrafter(draft, num_speculative_tokens=k)).generate(ids, max_new)
+    assert out.stats.draft_acceptance_rate > 0.1  # the bf16 draft still agrees with the fp32 target
 
 
 @pytest.mark.parametrize("k", KS)

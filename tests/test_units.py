@@ -127,3 +127,17 @@ def test_ngram_periodic_context_proposes_full_length():
     d = _ngram([3, 8, 8, 8, 8], num_speculative_tokens=4, max_ngram=2)
     assert d.propose(8).tokens.tolist() == [8, 8, 8, 8]
     assert d.propose(2).tokens.tolist() == [8, 8]  # capped by max_depth
+
+
+def test_resolve_draft_dtype(monkeypatch):
+    from specdec import models
+    from specdec.errors import SpecDecError
+
+    assert models.resolve_draft_dtype(None, "float32", "cpu") == "float32"
+    assert models.resolve_draft_dtype("bfloat16", "float32", "cpu") == "bfloat16"
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert models.resolve_draft_dtype("auto", "float32", "cpu") == "bfloat16"
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert models.resolve_draft_dtype("auto", "float32", "cpu") == "float32"
+    with pytest.raises(SpecDecError, match="dtype='bf16' is unknown"):
+        models.resolve_draft_dtype("bf16", "float32", "cpu")

@@ -25,6 +25,7 @@ from experiments.data import writable_cache_dir
 from experiments.zoo import cache
 from experiments.zoo.sizes import ENDOFTEXT, ZooSize, get_size, llama_config
 from experiments.zoo.tokenizer import iter_texts, train_tokenizer
+from specdec.models import cpu_has_bf16
 from experiments.zoo.training import (
     LogFn,
     TrainSettings,
@@ -79,15 +80,6 @@ def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether the CPU has native bf16 matmuls (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_amp(precision: str, device: torch.device, hidden_size: int = 512) -> torch.dtype | None:

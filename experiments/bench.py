@@ -12,7 +12,9 @@ Besides tokens/s, tau and draft acceptance, a chain's row gives its efficiency (
 over our autoregressive loop / the speedup predicted from tau and the measured forward costs)
 and its zero-overhead ceiling against HF with the same drafter and k: HF's time divided by our
 prefill plus our verify forwards each costed at ``k T_d(1) + T_t(k + 1)``, i.e. what the ratio
-would be if our loop cost nothing beyond the forwards.
+would be if our loop cost nothing beyond the forwards. Forward costs are timed after every
+prompt's rounds (5 repetitions each) and the median over prompts is kept, so a machine whose
+speed drifts during the run skews the costs and the runs alike.
 Importable without hydra or wandb.
 """
 from __future__ import annotations
@@ -99,8 +101,9 @@ def build_methods(target, draft, args) -> list[Method]:
     return methods
 
 
-def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int) -> None:
-    """Warm up every method, then time ``reps`` rounds per prompt, rotating the order each round."""
+def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, between=None) -> None:
+    """Warm up every method, then time ``reps`` rounds per prompt, rotating the order each round;
+    ``between()`` runs after each prompt's rounds."""
     for meth in methods:
         meth.run(prompts[0])
     for i, ids in enumerate(prompts):
@@ -118,6 +121,8 @@ def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int) -> No
                     meth.acceptance[i] = stats.draft_acceptance_rate
                     meth.prefill_s.setdefault(i, []).append(stats.time_prefill)
                     meth.forwards[i] = stats.target_forwards
+        if between is not None:
+            between()
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
 
 
@@ -172,6 +177,13 @@ def summarize(methods: list[Method], costs: dict) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
+def median_costs(samples: list[dict]) -> dict:
+    """Per width, the median over cost samples taken between prompts (see :func:`main`)."""
+    target = {w: statistics.median(c["target"][w] for c in samples) for w in samples[0]["target"]}
+    draft = statistics.median(c["draft"] for c in samples) if samples[0]["draft"] is not None else None
+    return {**samples[0], "target": target, "draft": draft}
+
+
 def load_pair(args):
     """(target, draft, tokenizer) from ``--target/--draft`` paths or the embedded zoo ``--size``."""
     if args.target:
@@ -223,9 +235,10 @@ def main(argv=None) -> int:
     target, draft, tok = load_pair(args)
     prompts = load_prompt_ids(tok, args)
     methods = build_methods(target, draft, args)
-    run_all(methods, prompts, args.reps)
     context = int(statistics.median(p.shape[1] for p in prompts)) + args.max_new_tokens // 2
-    costs = measure_costs(target, draft, context, args.ks)
+    samples: list[dict] = []  # forward costs timed between prompts, so machine drift hits them and the runs alike
+    run_all(methods, prompts, args.reps, between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5)))
+    costs = median_costs(samples)
     rows, table = summarize(methods, costs)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}"
     header = (f"Command: `python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"

@@ -151,11 +151,11 @@ def predicted_chain_speedup(tau: float, k: int, t_target: Mapping[Any, float], t
     return tau * cost_at(t_target, 1) / (k * (t_draft or 0.0) + cost_at(t_target, k + 1))
 
 
-def measure_costs(target, draft, context: int, ks: list[int], backend: str = "sdpa") -> dict:
+def measure_costs(target, draft, context: int, ks: list[int], backend: str = "sdpa", reps: int = 15) -> dict:
     """``{"target": {width: s}, "draft": s, "context": L}`` for widths 1 and k + 1 of every k (uncached)."""
     widths = tuple(sorted({1} | {k + 1 for k in ks}))
     requests = [(target, context, widths)] + ([(draft, context, (1,))] if draft is not None else [])
-    curves = measure_interleaved(requests, reps=15, backend=backend)
+    curves = measure_interleaved(requests, reps=reps, backend=backend)
     return {"context": context, "target": curves[0], "draft": curves[1][1] if draft is not None else None}
 
 

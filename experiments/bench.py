@@ -32,7 +32,7 @@ import torch
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from experiments.bench_costs import cost_at, measure_costs, predicted_chain_speedup
 from specdec import SamplingParams, SpeculativeDecoder
-from specdec.models import load_causal_lm, load_tokenizer
+from specdec.models import DTYPES, load_causal_lm, load_tokenizer
 
 
 @dataclass
@@ -214,7 +214,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-prompt-tokens", type=int, default=384)
-    p.add_argument("--draft-dtype", default="float32",
+    p.add_argument("--draft-dtype", default="float32", choices=sorted(DTYPES),
                    help="precision of the draft model, for HF assisted generation and ours alike (the target is float32)")
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6])
     p.add_argument("--ngram-tokens", type=int, default=4)

@@ -70,8 +70,8 @@ def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer
     trust = bool(cfg.get("trust_remote_code", False))
     opts = {"dtype": cfg.get("dtype", "float32"), "device": cfg.get("device", "cpu"), "trust_remote_code": trust}
     device_map = cfg.get("device_map")  # e.g. "auto": the target spread over the visible devices (needs accelerate)
+    draft_dtype = resolve_draft_dtype(cfg.get("draft_dtype"), opts["dtype"], opts["device"])  # checked before any load
     target_model = load_causal_lm(target, **opts, device_map=device_map)
-    draft_dtype = resolve_draft_dtype(cfg.get("draft_dtype"), opts["dtype"], opts["device"])
     draft_model = load_causal_lm(draft, **{**opts, "dtype": draft_dtype}) if draft else None
     if draft_model is not None:
         check_same_vocab(target_model, draft_model)

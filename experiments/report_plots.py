@@ -16,13 +16,21 @@ from experiments.costs import KS, chain_speedup_by_k, expected_tau, recommend_k
 from experiments.report import BASELINE, SPECULATIVE, Run, _series, label_of, pooled_model, row_of
 
 
+def _finish_axes(ax) -> None:
+    """Integer x ticks, a small legend and a light grid (every line plot of the report)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
 def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
     """Write the report's PNGs into ``out``; returns ``{name: path}`` of those with data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     done = [r for r in runs if r.metrics.get(SPECULATIVE)]
     labels = {r.name: label_of(r, swept) or (r.summary or {}).get("drafter") or r.name for r in done}
@@ -66,9 +74,7 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
         ax_up.set_title("Speedup vs k: measured (o), predicted from measured tau (x),\n"
                         "cost model with fitted alpha (dashed)", fontsize=10)
         for ax in (ax_tau, ax_up):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
+            _finish_axes(ax)
         save(fig, "tau_speedup_vs_k")
 
     with_depth = [r for r in done if r.metrics[SPECULATIVE].get("acceptance_rate_by_depth")]
@@ -80,9 +86,7 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
         ax.set(xlabel="depth d", ylabel="acceptance rate", ylim=(0, 1.05))
         ax.set_title("Acceptance rate by depth\n(share of the steps proposing depth d that accepted a node there)",
                      fontsize=10)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        _finish_axes(ax)
         save(fig, "acceptance_by_depth")
 
     stepped = [r for r in done if r.metrics[SPECULATIVE].get("target_forwards")]

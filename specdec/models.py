@@ -27,22 +27,30 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def has_native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively: a CUDA GPU that supports bf16, or a CPU
+    with AVX512-BF16/AMX."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
 def resolve_draft_dtype(draft_dtype: str | None, dtype: str, device: str) -> str:
     """The dtype name to load a draft model in.
 
     ``None`` means the target's ``dtype``; ``auto`` means ``bfloat16`` where ``device`` has
-    native bf16 matmuls (a CUDA GPU that supports it, or a CPU with AVX512-BF16/AMX) and
-    ``dtype`` otherwise. A draft's precision never changes what is emitted (the target
-    verifies every token); it changes how often drafts are accepted and what they cost.
+    native bf16 matmuls (:func:`has_native_bf16`) and ``dtype`` otherwise. A draft's precision
+    never changes what is emitted (the target verifies every token); it changes how often
+    drafts are accepted and what they cost.
     """
     if draft_dtype is None:
         return dtype
-    if draft_dtype != "auto":
-        _dtype(draft_dtype)  # validates the name
-        return draft_dtype
-    if str(device).startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else dtype
-    return "bfloat16" if str(device) == "cpu" and cpu_has_bf16() else dtype
+    if draft_dtype == "auto":
+        return "bfloat16" if has_native_bf16(device) else dtype
+    if draft_dtype not in DTYPES:
+        raise SpecDecError(f"model.draft_dtype={draft_dtype!r} is unknown; choose null, auto or one of {sorted(DTYPES)}")
+    return draft_dtype
 
 
 def _check_path(path: str, what: str) -> None:

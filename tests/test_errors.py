@@ -89,3 +89,13 @@ def test_nan_draft_logits_name_the_draft_position():
         draft.get_output_embeddings().weight.fill_(float("inf"))
     with pytest.raises(NonFiniteLogitsError, match="draft model forward at draft position 1"):
         SpeculativeDecoder(target, DraftModelDrafter(draft, num_speculative_tokens=2)).generate(IDS, max_new_tokens=4)
+
+
+def test_unknown_draft_dtype_fails_before_any_model_loads(tmp_path):
+    """A wrong model.draft_dtype names the key and the choices, before the target is loaded."""
+    from experiments.models_from_config import load_models
+
+    cfg = {"source": "hf", "target": str(tmp_path / "not-loaded-yet"), "draft": str(tmp_path / "d"),
+           "draft_dtype": "bf16"}
+    with pytest.raises(SpecDecError, match=r"model.draft_dtype='bf16' is unknown; choose null, auto or one of"):
+        load_models(cfg)

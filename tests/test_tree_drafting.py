@@ -136,13 +136,15 @@ def _bound(drafter, target, ids, sampling=SamplingParams(), seed=0):
     return gen
 
 
-class _ForwardCounter:
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.register_forward_hook(self._hook)
-
-    def _hook(self, *args):
-        self.calls += 1
+def _propose_counting_forwards(drafter, draft, max_depth: int = 64):
+    """``(tree, number of draft-model forwards the proposal ran)``."""
+    calls = []
+    handle = draft.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        tree = drafter.propose(max_depth=max_depth)
+    finally:
+        handle.remove()
+    return tree, len(calls)
 
 
 def test_static_tree_shape_ranks_and_one_forward_per_depth():
@@ -151,13 +153,9 @@ def test_static_tree_shape_ranks_and_one_forward_per_depth():
     ids = prompts(tok, 1)[0]
     drafter = DraftModelDrafter(draft, tree="binary")
     _bound(drafter, target, ids)
-    counter = _ForwardCounter(draft)
-    try:
-        tree = drafter.propose(max_depth=64)
-    finally:
-        counter.handle.remove()
+    tree, calls = _propose_counting_forwards(drafter, draft)
     compiled = compile_tree(load_preset("binary"))
-    assert counter.calls == 1 + (compiled.max_depth - 1)  # catch-up (root) + one per depth but the last
+    assert calls == 1 + (compiled.max_depth - 1)  # catch-up (root) + one per depth but the last
     assert tree.parents.tolist() == compiled.parents.tolist() and tree.draft_probs is None
     with torch.no_grad():  # the root's children are the draft's top-2 tokens after the prompt
         top2 = draft(ids).logits[0, -1].topk(2).indices.tolist()
@@ -206,12 +204,8 @@ def test_dynamic_tree_budget_depth_and_forwards():
     ids = prompts(tok, 1)[0]
     drafter = DraftModelDrafter(draft, budget=10, num_speculative_tokens=4, top_k_children=3)
     _bound(drafter, target, ids)
-    counter = _ForwardCounter(draft)
-    try:
-        tree = drafter.propose(max_depth=64)
-    finally:
-        counter.handle.remove()
-    assert counter.calls == 1 + 3 and tree.num_nodes == 10 and int(tree.depth.max()) <= 4
+    tree, calls = _propose_counting_forwards(drafter, draft)
+    assert calls == 1 + 3 and tree.num_nodes == 10 and int(tree.depth.max()) <= 4
     assert tree.draft_probs is None and tree.sampling == "deterministic"
     with torch.no_grad():
         logp = torch.log_softmax(draft(ids).logits[0, -1], -1)

@@ -139,5 +139,5 @@ def test_resolve_draft_dtype(monkeypatch):
     assert models.resolve_draft_dtype("auto", "float32", "cpu") == "bfloat16"
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
     assert models.resolve_draft_dtype("auto", "float32", "cpu") == "float32"
-    with pytest.raises(SpecDecError, match="dtype='bf16' is unknown"):
+    with pytest.raises(SpecDecError, match="model.draft_dtype='bf16' is unknown"):
         models.resolve_draft_dtype("bf16", "float32", "cpu")

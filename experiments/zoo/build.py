@@ -25,7 +25,6 @@ from experiments.data import writable_cache_dir
 from experiments.zoo import cache
 from experiments.zoo.sizes import ENDOFTEXT, ZooSize, get_size, llama_config
 from experiments.zoo.tokenizer import iter_texts, train_tokenizer
-from specdec.models import cpu_has_bf16
 from experiments.zoo.training import (
     LogFn,
     TrainSettings,
@@ -37,6 +36,7 @@ from experiments.zoo.training import (
     init_draft_from_target,
     train_target,
 )
+from specdec.models import has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,8 @@ def resolve_amp(precision: str, device: torch.device, hidden_size: int = 512) ->
         return torch.bfloat16
     if precision != "auto":
         raise ValueError(f"precision={precision!r}; use auto, fp32 or bf16")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    wide = hidden_size >= 256
-    return torch.bfloat16 if device.type == "cpu" and wide and cpu_has_bf16() else None
+    wide = device.type == "cuda" or hidden_size >= 256  # a narrow model gains nothing on a CPU
+    return torch.bfloat16 if wide and has_native_bf16(device) else None
 
 
 @contextlib.contextmanager

@@ -24,8 +24,7 @@ from specdec.cache import SpecDecCache
 from specdec.sampling import SamplingParams, warp_probs
 from specdec.tree import CompiledTree, children_lists
 from specdec.types import DraftTree
-from verifier import check_finite
-from verifier.verifier import attention_backend
+from verifier import check_finite, tree_forward
 
 
 class TreeFeed:
@@ -65,17 +64,9 @@ class TreeFeed:
         dense[:, self.prefix_len :] = rows
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, n]
         position_ids = torch.full((1, n), self.prefix_len - 1 + depth, dtype=torch.long, device=self.device)  # [1, n]
-        # The verifier's SDPA backend takes any dense key mask; the Triton kernel only knows
-        # "prefix + [n, n] tree", which cannot hide earlier levels' siblings, so drafting uses SDPA.
-        with attention_backend(self.model, "sdpa"), torch.inference_mode():
-            out = self.model(
-                input_ids=ids,
-                position_ids=position_ids,
-                past_key_values=self.cache,
-                use_cache=True,
-                specdec_dense_mask=dense.to(self.device)[None, None],  # [1, 1, n, S]
-            )
-        logits = out.logits[0].float()  # [n, V]
+        # A dense key mask (SDPA): the kernel's "prefix + [n, n] tree" cannot hide earlier levels' siblings.
+        logits, _ = tree_forward(self.model, self.cache, ids, key_mask=dense.to(self.device)[None, None],
+                                 position_ids=position_ids)  # [n, V]
         check_finite(logits, f"draft model tree forward at depth {depth}")
         return logits
 

@@ -12,7 +12,14 @@ fully visible prefix plus the tree under its ancestor mask. Baselines:
 * ``flex`` / ``flex_c``: FlexAttention eager / ``torch.compile``d, ``enable_gqa=True``,
   the block mask built once outside the timed region.
 
-Bandwidth = bytes of K + V (the Hkv heads, read once) + Q + O over time, as a fraction of
+Three times per method and shape (GPU): ``call_us``, the whole eager call between CUDA events
+(what a layer pays: Python launcher plus kernels); ``dev_us``, the kernels' device time alone (the
+call captured once in a CUDA graph, the graph replayed between events); ``host_us``, the Python
+call's own wall time with an idle queue (its host overhead). ``triton`` is the call a layer makes
+in decoding (a :class:`kernels.TreeAttentionPlan` built once per step); ``triton_1x`` the one-off
+:func:`kernels.tree_attention` (validation and mask packing included).
+
+Bandwidth = bytes of K + V (the Hkv heads, read once) + Q + O over the device time, as a fraction of
 ``--peak-gbps`` (default by device name: H100 SXM 3350, H200 4800 GB/s). The L2 cache is
 flushed before every timed call. Only torch and triton are needed (no hydra / wandb).
 """
@@ -84,13 +91,46 @@ def time_us(fn, device, warmup: int, reps: int, flush: torch.Tensor | None) -> f
     return statistics.median(times)
 
 
+def device_time_us(fn, device, reps: int, flush: torch.Tensor | None) -> float | None:
+    """Median device time of ``fn()``'s kernels: captured once in a CUDA graph, replayed between events.
+
+    None where the call cannot be captured (it syncs with the host, or allocates in a way capture refuses).
+    """
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # noqa: BLE001 - a method that cannot be captured has no device time here
+        torch.cuda.synchronize(device)
+        return None
+    return time_us(graph.replay, device, 3, reps, flush)
+
+
+def host_time_us(fn, device, reps: int) -> float:
+    """Median wall time of the Python call ``fn()`` itself, the device queue idle before each call."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
 def build_methods(q, k, v, P, mask, scale, flex: bool, flex_compile: bool):
     """Name -> zero-argument callable for every method (setup outside the timed region)."""
-    from kernels import tree_attention
+    from kernels import TreeAttentionPlan, tree_attention
 
     B, Hq, N, D = q.shape
     G = Hq // k.shape[1]
-    methods = {"triton": lambda: tree_attention(q, k, v, P, mask, scale)}
+    plan = TreeAttentionPlan(P, mask)  # one per verify step, shared by the layers
+    methods = {"triton": lambda: plan(q, k, v, scale), "triton_1x": lambda: tree_attention(q, k, v, P, mask, scale)}
     ke, ve = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # [B, Hq, L, D]
     allowed = torch.cat([torch.ones(N, P, dtype=torch.bool, device=q.device), mask], 1)  # [N, L]
     add_mask = torch.zeros(1, 1, N, P + N, dtype=q.dtype, device=q.device)  # [1, 1, N, L]
@@ -129,8 +169,12 @@ def run_case(B, Hq, Hkv, N, P, D, dtype, device, args, flush):
         try:
             err = (fn().float() - ref).abs().max().item()
             t = time_us(fn, device, args.warmup, args.reps, flush)
-            row.update(time_us=t, max_abs_diff_vs_triton=err,
-                       gbps=nbytes / (t * 1e-6) / 1e9)
+            row.update(time_us=t, max_abs_diff_vs_triton=err, call_us=t)
+            if device.type == "cuda":
+                row.update(dev_us=device_time_us(fn, device, args.reps, flush), host_us=host_time_us(fn, device, args.reps))
+                t = row["dev_us"] or t  # bandwidth from the device time where the call could be captured
+                row["time_us"] = t
+            row["gbps"] = nbytes / (t * 1e-6) / 1e9
         except Exception as e:  # a baseline that cannot run this shape is reported, not fatal
             row.update(time_us=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
         rows.append(row)
@@ -148,7 +192,8 @@ def add_ratios(rows, peak):
 
 
 def print_table(rows, methods):
-    """One line per shape, time (us) / fraction of peak bandwidth / T(N)/T(1) per method."""
+    """One line per shape, device time (us) / fraction of peak bandwidth / T(N)/T(1) per method; then the
+    whole call's time and its host part (GPU only)."""
     def fmt(x, spec):
         return format(x, spec) if x is not None else "-".rjust(int(spec.split(".")[0]))
     head = f"{'dtype':>8} {'Hkv':>4} {'N':>3} {'prefix':>6} |"
@@ -166,6 +211,16 @@ def print_table(rows, methods):
             line += (f" {fmt(r.get('time_us'), '10.1f')} {fmt(frac and 100 * frac, '5.1f')}"
                      f" {fmt(r.get('t_over_t_n1'), '5.2f')} |")
         print(line)
+    if any(r.get("host_us") is not None for r in rows):
+        print("\nwhole eager call (us) / its host-side part (us), per method:")
+        head = f"{'dtype':>8} {'Hkv':>4} {'N':>3} {'prefix':>6} |" + "".join(f" {m:>19} |" for m in methods)
+        print(head)
+        for (dt, hkv, n, p), per in by_shape.items():
+            line = f"{dt:>8} {hkv:>4} {n:>3} {p:>6} |"
+            for m in methods:
+                r = per.get(m, {})
+                line += f" {fmt(r.get('call_us'), '9.1f')} {fmt(r.get('host_us'), '9.1f')} |"
+            print(line)
     for r in rows:
         if r.get("error"):
             print(f"  {r['method']} N={r['N']} prefix={r['prefix']} Hkv={r['Hkv']}: {r['error']}")

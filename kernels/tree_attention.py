@@ -23,8 +23,15 @@ Kernel design (flash-decoding with the tree in the M dimension):
   writes its unnormalised accumulator and (max, sum) to a workspace that a second
   small kernel merges.
 * Tiles entirely inside the prefix take an unmasked fast path; the remaining tiles
-  apply the boundary and the tree mask, which each program packs once into one int64
-  bitmask per tree row (hence ``N <= 64``).
+  apply the boundary and the tree mask, packed once per verify step into one int64
+  bitmask per tree row (:func:`pack_tree_mask`; hence ``N <= 64``).
+
+Launching (host side): a :class:`TreeAttentionPlan` holds what every layer of one verify
+step shares -- the packed mask, the prefix, and per input layout the validated launch
+configuration (tile sizes, split count, grid, strides, cached split-K workspaces) -- so a
+layer's call is a dictionary lookup plus the kernel launch(es): no validation, no mask
+packing, no workspace allocation and no host synchronisation. :func:`tree_attention` is the
+one-off form (a plan used once, with full validation).
 """
 from __future__ import annotations
 
@@ -32,166 +39,10 @@ import math
 
 import torch
 import triton
-import triton.language as tl
 
-MAX_TREE_TOKENS = 64  # one int64 bitmask word per tree row
+from kernels._tree_attention_jit import MAX_TREE_TOKENS, _tree_attn_fwd, _tree_attn_merge
 
-__all__ = ["tree_attention", "tree_attention_ref", "MAX_TREE_TOKENS"]
-
-
-@triton.jit
-def _attn_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix, n_tree, end, bits,
-               stride_ks, stride_kd, stride_vs, stride_vd, offs_d, d_valid, qk_scale,
-               MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) with one K/V tile starting at ``start_n``."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd  # [BLOCK_N, BLOCK_D]
-    v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd  # [BLOCK_N, BLOCK_D]
-    if MASKED:
-        kv_valid = offs_n < end  # [BLOCK_N]
-        if EVEN_D:
-            k = tl.load(k_ptrs, mask=kv_valid[:, None], other=0.0)  # [BLOCK_N, BLOCK_D]
-            v = tl.load(v_ptrs, mask=kv_valid[:, None], other=0.0)  # [BLOCK_N, BLOCK_D]
-        else:
-            k = tl.load(k_ptrs, mask=kv_valid[:, None] & d_valid[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=kv_valid[:, None] & d_valid[None, :], other=0.0)
-    elif EVEN_D:  # hot path: whole tile inside the prefix, no masks at all
-        k = tl.load(k_ptrs)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptrs)  # [BLOCK_N, BLOCK_D]
-    else:
-        k = tl.load(k_ptrs, mask=d_valid[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
-    if DOT_FP32:  # interpreter: its tl.dot cannot multiply bf16
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-    if MASKED:
-        rel = offs_n - prefix  # [BLOCK_N] position inside the tree
-        in_tree = (rel >= 0) & (rel < n_tree) & kv_valid  # [BLOCK_N]
-        shift = tl.where(in_tree, rel, 0).to(tl.int64)  # [BLOCK_N]
-        bit = (bits[:, None] >> shift[None, :]) & 1  # [BLOCK_M, BLOCK_N]
-        visible = ((offs_n < prefix) & kv_valid)[None, :] | (in_tree[None, :] & (bit != 0))
-        s = tl.where(visible, s, float("-inf"))  # [BLOCK_M, BLOCK_N]
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-    alpha = tl.exp2(m_i - m_safe)  # [BLOCK_M]
-    p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p_in = p.to(v_base.dtype.element_ty).to(v.dtype)  # round like the GPU path
-    acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit(do_not_specialize=["prefix_scalar"])  # the prefix grows every step: no recompiles
-def _tree_attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, prefix_ptr, prefix_scalar,
-                   ws_acc_ptr, ws_ml_ptr,
-                   n_tree, hkv, group, num_splits, m_pad, qk_scale,
-                   stride_qb, stride_qh, stride_qn, stride_qd,
-                   stride_kb, stride_kh, stride_ks, stride_kd,
-                   stride_vb, stride_vh, stride_vs, stride_vd,
-                   stride_ob, stride_oh, stride_on, stride_od, stride_mi, stride_mj,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, TREE_P2: tl.constexpr, PREFIX_IS_TENSOR: tl.constexpr,
-                   SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-    """First pass: one (M-block, batch * KV head, split) per program."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = pid_bh // hkv
-    h_kv = pid_bh % hkv
-    if PREFIX_IS_TENSOR:
-        prefix = tl.load(prefix_ptr + b).to(tl.int32)
-    else:
-        prefix = prefix_scalar
-    total = prefix + n_tree  # visible slots: [0, total)
-    tiles_per_split = tl.cdiv(tl.cdiv(total, BLOCK_N), num_splits)
-    start = pid_s * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, total)
-    mid = tl.maximum(start, tl.minimum(end, (prefix // BLOCK_N) * BLOCK_N))  # unmasked below
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] (head-in-group, token) pairs
-    row_valid = rows < group * n_tree
-    tok = rows % n_tree  # [BLOCK_M]
-    head = h_kv * group + rows // n_tree  # [BLOCK_M]
-    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    d_valid = offs_d < HEAD_DIM
-
-    b64 = b.to(tl.int64)
-    q_rows = b64 * stride_qb + head.to(tl.int64) * stride_qh + tok * stride_qn  # [BLOCK_M]
-    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * stride_qd,
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    offs_j = tl.arange(0, TREE_P2)  # [TREE_P2] tree columns
-    tm = tl.load(mask_ptr + tok[:, None] * stride_mi + offs_j[None, :] * stride_mj,
-                 mask=row_valid[:, None] & (offs_j < n_tree)[None, :], other=0)  # [BLOCK_M, TREE_P2]
-    bits = tl.sum(tm.to(tl.int64) << offs_j.to(tl.int64)[None, :], 1)  # [BLOCK_M] row bitmask
-    k_base = k_ptr + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh
-    v_base = v_ptr + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # [BLOCK_M]
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M]
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # [BLOCK_M, BLOCK_D]
-    for start_n in range(start, mid, BLOCK_N):  # tiles fully inside the prefix
-        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix, n_tree,
-                                   end, bits, stride_ks, stride_kd, stride_vs, stride_vd,
-                                   offs_d, d_valid, qk_scale, False, BLOCK_D == HEAD_DIM, BLOCK_N,
-                                   DOT_PRECISION, DOT_FP32)
-    for start_n in range(mid, end, BLOCK_N):  # prefix boundary and tree tiles
-        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix, n_tree,
-                                   end, bits, stride_ks, stride_kd, stride_vs, stride_vd,
-                                   offs_d, d_valid, qk_scale, True, BLOCK_D == HEAD_DIM, BLOCK_N,
-                                   DOT_PRECISION, DOT_FP32)
-
-    if SPLIT:
-        ws_row = (pid_bh * num_splits + pid_s).to(tl.int64) * m_pad + rows  # [BLOCK_M]
-        tl.store(ws_acc_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :], acc)
-        tl.store(ws_ml_ptr + ws_row * 2, m_i)
-        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i)
-    else:
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_D]
-        o_rows = b64 * stride_ob + head.to(tl.int64) * stride_oh + tok * stride_on  # [BLOCK_M]
-        tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * stride_od,
-                 out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
-
-
-@triton.jit
-def _tree_attn_merge(o_ptr, ws_acc_ptr, ws_ml_ptr, n_tree, hkv, group, num_splits, m_pad,
-                     stride_ob, stride_oh, stride_on, stride_od,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Second pass: merge the per-split (acc, max, sum) of one (M-block, batch * KV head)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // hkv
-    h_kv = pid_bh % hkv
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    row_valid = rows < group * n_tree
-    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # [BLOCK_M]
-    l_all = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M]
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # [BLOCK_M, BLOCK_D]
-    for s in range(0, num_splits):
-        ws_row = (pid_bh * num_splits + s).to(tl.int64) * m_pad + rows  # [BLOCK_M]
-        m_s = tl.load(ws_ml_ptr + ws_row * 2)  # [BLOCK_M]
-        l_s = tl.load(ws_ml_ptr + ws_row * 2 + 1)  # [BLOCK_M]
-        a_s = tl.load(ws_acc_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :])  # [BLOCK_M, BLOCK_D]
-        m_new = tl.maximum(m_all, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_all - m_safe)  # [BLOCK_M]
-        beta = tl.exp2(m_s - m_safe)  # [BLOCK_M]
-        acc = acc * alpha[:, None] + a_s * beta[:, None]
-        l_all = l_all * alpha + l_s * beta
-        m_all = m_new
-    l_safe = tl.where(l_all > 0.0, l_all, 1.0)
-    out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_D]
-    head = h_kv * group + rows // n_tree  # [BLOCK_M]
-    tok = rows % n_tree  # [BLOCK_M]
-    o_rows = b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + tok * stride_on
-    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * stride_od,
-             out.to(o_ptr.dtype.element_ty),
-             mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
+__all__ = ["MAX_TREE_TOKENS", "TreeAttentionPlan", "pack_tree_mask", "tree_attention", "tree_attention_ref"]
 
 
 # --------------------------------------------------------------------------- launcher
@@ -262,6 +113,8 @@ def _check_bounds(prefix, N, S):
 def _is_interpreted() -> bool:
     """True when this module's kernels and triton's own @jit helpers run in the interpreter
     (TRITON_INTERPRET=1 was set before triton was first imported)."""
+    import triton.language as tl
+
     return (type(_tree_attn_fwd).__name__ == "InterpretedFunction"
             and type(tl.cdiv).__name__ == "InterpretedFunction")
 
@@ -283,6 +136,123 @@ def _pick_num_splits(n_programs, total_max, rows, elem_bytes, block_n, num_sms):
     return max(1, min(splits, 128))
 
 
+def pack_tree_mask(tree_mask: torch.Tensor) -> torch.Tensor:
+    """``[N, N]`` bool -> ``[N]`` int64: bit ``j`` of row ``i`` is ``tree_mask[i, j]`` (``N <= 64``).
+
+    Built once per verify step and shared by every layer's kernel call. Distinct powers of two
+    never carry, so the sum is the bitwise OR (bit 63 wraps to the sign bit, as intended).
+    """
+    n = tree_mask.shape[0]
+    if n > MAX_TREE_TOKENS:
+        raise ValueError(f"tree_attention: at most {MAX_TREE_TOKENS} tree tokens are supported "
+                         f"(the tree mask is packed in one int64 per row), got N={n}")
+    weights = torch.ones(n, dtype=torch.int64, device=tree_mask.device) << torch.arange(
+        n, dtype=torch.int64, device=tree_mask.device)  # [N]
+    return (tree_mask.to(torch.int64) * weights).sum(-1)  # [N]
+
+
+_WORKSPACES: dict = {}  # (device, numel) -> fp32 buffer, reused by every plan (stream-ordered use)
+
+
+def _workspace(device: torch.device, numel: int) -> torch.Tensor:
+    buf = _WORKSPACES.get((device, numel))
+    if buf is None:
+        buf = _WORKSPACES[(device, numel)] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf
+
+
+class TreeAttentionPlan:
+    """One verify step's tree, ready to be applied by every layer.
+
+    Args:
+        prefix_len: python int, or int32/int64 tensor ``[B]`` (per-batch prefix).
+        tree_mask: bool ``[N, N]``; ``tree_mask[i, j]`` = tree token i may attend to j.
+        num_splits: force the number of KV splits (split-K); default: a heuristic.
+        validate: check ``prefix_len + N <= S`` for a tensor prefix (one host sync, on the first
+            call of each input layout only).
+
+    ``plan(q, k, v, sm_scale)`` computes :func:`tree_attention`. The first call for an input
+    layout (shapes, strides, dtype, device) validates it and builds the launch configuration;
+    later calls with the same layout (the other layers of the step) only launch.
+    """
+
+    def __init__(self, prefix_len, tree_mask: torch.Tensor, num_splits: int | None = None, validate: bool = True):
+        self.prefix_len, self.tree_mask = prefix_len, tree_mask
+        self.num_splits, self.validate = num_splits, validate
+        self.bits: torch.Tensor | None = None  # [N] int64, packed on the first call
+        self._launches: dict = {}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+        key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, sm_scale)
+        launch = self._launches.get(key)
+        if launch is None:
+            launch = self._launches[key] = self._configure(q, k, v, sm_scale)
+        return launch(q, k, v)
+
+    def _configure(self, q, k, v, sm_scale):
+        """Validate one input layout and return the function that launches for it."""
+        B, Hq, Hkv, N, S, D, prefix = _check_inputs(q, k, v, self.prefix_len, self.tree_mask)
+        if N > MAX_TREE_TOKENS:
+            raise ValueError(f"tree_attention: at most {MAX_TREE_TOKENS} tree tokens are supported "
+                             f"(the tree mask is packed in one int64 per row), got N={N}")
+        if self.tree_mask.device != q.device:
+            raise ValueError(f"tree_attention: tree_mask is on {self.tree_mask.device}, q on {q.device}")
+        is_tensor = isinstance(prefix, torch.Tensor)
+        if is_tensor and prefix.device != q.device:
+            raise ValueError(f"tree_attention: prefix_len is on {prefix.device}, q on {q.device}")
+        total_max = _check_bounds(prefix, N, S) + N if self.validate or not is_tensor else S
+        if q.device.type != "cuda" and not _is_interpreted():
+            raise RuntimeError("tree_attention: the Triton kernel needs CUDA tensors on a GPU; to run "
+                               "it on the CPU set TRITON_INTERPRET=1 in the environment before triton "
+                               "is first imported (or use tree_attention_ref)")
+        if self.bits is None:
+            self.bits = pack_tree_mask(self.tree_mask)  # [N]
+        return _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, self.bits, total_max,
+                            1.0 / math.sqrt(D) if sm_scale is None else sm_scale, self.num_splits)
+
+
+def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, num_splits):
+    """Tile sizes, split count, grid and workspaces for one layout; returns ``launch(q, k, v) -> out``."""
+    G = Hq // Hkv
+    rows = G * N
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if q.dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles, no spills
+        max_m, BLOCK_N = 16, (32 if BLOCK_D <= 128 else 16)
+    else:  # fp16/bf16 tensor cores (wgmma from BLOCK_M = 64 on Hopper)
+        max_m, BLOCK_N = (128, 64) if BLOCK_D <= 128 else (64, 32)
+    BLOCK_M = min(max(16, triton.next_power_of_2(rows)), max_m)
+    n_mblocks = triton.cdiv(rows, BLOCK_M)
+    if num_splits is None:
+        num_splits = _pick_num_splits(n_mblocks * B * Hkv, total_max, rows, q.element_size(),
+                                      BLOCK_N, _num_sms(q.device))
+    num_splits = max(1, int(num_splits))
+    m_pad = n_mblocks * BLOCK_M
+    split = num_splits > 1
+    ws_acc = _workspace(q.device, B * Hkv * num_splits * m_pad * BLOCK_D) if split else bits  # [B*Hkv, S, m_pad, BD]
+    ws_ml = _workspace(q.device, B * Hkv * num_splits * m_pad * 2) if split else bits  # [B*Hkv, S, m_pad, 2]
+    is_tensor = isinstance(prefix, torch.Tensor)
+    prefix_t, prefix_i = (prefix, 0) if is_tensor else (bits, prefix)  # bits: dummy pointer for an int prefix
+    dot_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _is_interpreted())
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    out_strides = torch.empty_like(q).stride()
+    consts = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREFIX_IS_TENSOR=is_tensor,
+                  SPLIT=split, DOT_PRECISION="ieee" if dot_fp32 else "tf32", DOT_FP32=dot_fp32,
+                  num_warps=8 if BLOCK_M * BLOCK_D >= 128 * 128 else 4, num_stages=2)
+    grid, merge_grid = (n_mblocks, B * Hkv, num_splits), (m_pad // 16, B * Hkv)  # merge: 16 rows per program
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernel works in base 2
+
+    def launch(q, k, v):
+        out = torch.empty_like(q)  # [B, Hq, N, D]
+        _tree_attn_fwd[grid](q, k, v, out, bits, prefix_t, prefix_i, ws_acc, ws_ml, N, Hkv, G, num_splits, m_pad,
+                             qk_scale, *strides, *out_strides, **consts)
+        if split:
+            _tree_attn_merge[merge_grid](out, ws_acc, ws_ml, N, Hkv, G, num_splits, m_pad, *out_strides,
+                                         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=16, num_warps=4)
+        return out
+
+    return launch
+
+
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len, tree_mask: torch.Tensor,
                    sm_scale: float | None = None, *, num_splits: int | None = None,
                    validate: bool = True) -> torch.Tensor:
@@ -300,70 +270,11 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
 
     Returns:
         ``[B, Hq, N, D]`` in q's dtype. Rows with no visible key are zeros.
+
+    Every layer of a model calls the kernel with the same tree: build one
+    :class:`TreeAttentionPlan` per step and call it per layer to skip the per-call setup.
     """
-    B, Hq, Hkv, N, S, D, prefix = _check_inputs(q, k, v, prefix_len, tree_mask)
-    if N > MAX_TREE_TOKENS:
-        raise ValueError(f"tree_attention: at most {MAX_TREE_TOKENS} tree tokens are supported "
-                         f"(the tree mask is packed in one int64 per row), got N={N}")
-    if tree_mask.device != q.device:
-        raise ValueError(f"tree_attention: tree_mask is on {tree_mask.device}, q on {q.device}")
-    is_tensor = isinstance(prefix, torch.Tensor)
-    if is_tensor and prefix.device != q.device:
-        raise ValueError(f"tree_attention: prefix_len is on {prefix.device}, q on {q.device}")
-    if validate or not is_tensor:
-        total_max = _check_bounds(prefix, N, S) + N
-    else:
-        total_max = S
-    if q.device.type != "cuda" and not _is_interpreted():
-        raise RuntimeError("tree_attention: the Triton kernel needs CUDA tensors on a GPU; to run "
-                           "it on the CPU set TRITON_INTERPRET=1 in the environment before triton "
-                           "is first imported (or use tree_attention_ref)")
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(D)
-
-    G = Hq // Hkv
-    rows = G * N
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    if q.dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles, no spills
-        max_m, BLOCK_N = 16, (32 if BLOCK_D <= 128 else 16)
-    else:  # fp16/bf16 tensor cores (wgmma from BLOCK_M = 64 on Hopper)
-        max_m, BLOCK_N = (128, 64) if BLOCK_D <= 128 else (64, 32)
-    BLOCK_M = min(max(16, triton.next_power_of_2(rows)), max_m)
-    n_mblocks = triton.cdiv(rows, BLOCK_M)
-    if num_splits is None:
-        num_splits = _pick_num_splits(n_mblocks * B * Hkv, total_max, rows, q.element_size(),
-                                      BLOCK_N, _num_sms(q.device))
-    num_splits = max(1, int(num_splits))
-
-    mask_u8 = tree_mask.view(torch.uint8)  # [N, N] packed into int64 rows inside the kernel
-    out = torch.empty_like(q)  # [B, Hq, N, D]
-    m_pad = n_mblocks * BLOCK_M
-    if num_splits > 1:
-        ws_acc = torch.empty(B * Hkv * num_splits * m_pad * BLOCK_D, dtype=torch.float32,
-                             device=q.device)  # [B*Hkv, splits, m_pad, BLOCK_D]
-        ws_ml = torch.empty(B * Hkv * num_splits * m_pad * 2, dtype=torch.float32,
-                            device=q.device)  # [B*Hkv, splits, m_pad, 2]
-    else:
-        ws_acc = ws_ml = out  # unused
-    prefix_t = prefix if is_tensor else mask_u8  # dummy pointer when the prefix is an int
-    dot_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _is_interpreted())
-    num_warps = 8 if BLOCK_M * BLOCK_D >= 128 * 128 else 4
-    grid = (n_mblocks, B * Hkv, num_splits)
-    _tree_attn_fwd[grid](
-        q, k, v, out, mask_u8, prefix_t, 0 if is_tensor else prefix, ws_acc, ws_ml,
-        N, Hkv, G, num_splits, m_pad, sm_scale * 1.4426950408889634,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_u8.stride(),
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        TREE_P2=max(16, triton.next_power_of_2(N)),
-        PREFIX_IS_TENSOR=is_tensor, SPLIT=num_splits > 1,
-        DOT_PRECISION="ieee" if dot_fp32 else "tf32", DOT_FP32=dot_fp32,
-        num_warps=num_warps, num_stages=2)
-    if num_splits > 1:
-        MERGE_M = 16  # divides m_pad; keeps the merge's fp32 tiles in registers
-        _tree_attn_merge[(m_pad // MERGE_M, B * Hkv)](
-            out, ws_acc, ws_ml, N, Hkv, G, num_splits, m_pad, *out.stride(),
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=MERGE_M, num_warps=4)
-    return out
+    return TreeAttentionPlan(prefix_len, tree_mask, num_splits, validate)(q, k, v, sm_scale)
 
 
 def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len, tree_mask: torch.Tensor,

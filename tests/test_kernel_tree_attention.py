@@ -7,8 +7,6 @@ this pytest process (transformers does), the whole file reruns in a fresh proces
 """
 import os
 import random
-import subprocess
-import sys
 
 import torch
 
@@ -21,8 +19,9 @@ import pytest  # noqa: E402
 
 ta = importlib.import_module("kernels.tree_attention")  # the module, not the re-exported function
 from kernels import tree_attention, tree_attention_ref  # noqa: E402
+from tests.triton_env import DEVICE, kernels_cannot_run_here, rerun_in_fresh_process  # noqa: E402
 
-FRESH_PROCESS = not torch.cuda.is_available() and not ta._is_interpreted()
+FRESH_PROCESS = kernels_cannot_run_here()
 
 
 @pytest.fixture(autouse=True)
@@ -35,14 +34,9 @@ def test_file_in_fresh_process():
     """Rerun this file in a process where TRITON_INTERPRET=1 precedes triton's import."""
     if not FRESH_PROCESS:
         pytest.skip("the kernels run in this process")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
-    res = subprocess.run(cmd, cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 3e-2)}
 
 
@@ -231,3 +225,35 @@ def test_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setattr(ta, "_is_interpreted", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         tree_attention(q.cpu(), k.cpu(), v.cpu(), P, mask.cpu())
+
+
+# ------------------------------------------------------------------ plans: one per verify step
+
+
+def test_packed_mask_bits():
+    """Bit j of row i is mask[i, j], bit 63 included (it lands on the sign bit)."""
+    rng = random.Random(5)
+    mask = tree_mask_from_parents(random_parents(rng, 64))
+    bits = ta.pack_tree_mask(mask).cpu().tolist()  # [64]
+    for i, row in enumerate(mask.cpu().tolist()):
+        assert [(bits[i] >> j) & 1 for j in range(64)] == [int(x) for x in row]
+
+
+def test_plan_is_shared_by_layers_and_validates_once(monkeypatch):
+    """A plan validates each input layout once; further calls (the other layers) only launch."""
+    rng = random.Random(8)
+    N, P = 6, 90
+    mask = tree_mask_from_parents(random_parents(rng, N))
+    plan = ta.TreeAttentionPlan(P, mask)
+    layers = [make_inputs(seed, 1, 4, 2, N, [P], P + N + 4, 64, torch.float32) for seed in range(3)]
+    refs = [tree_attention_ref(q, k, v, P, mask) for q, k, v in layers]  # [1, 4, N, 64] each
+    torch.testing.assert_close(plan(*layers[0]), refs[0], atol=2e-5, rtol=2e-5)
+
+    def no_more_checks(*args):
+        raise AssertionError("validated again for a layout already seen")
+
+    monkeypatch.setattr(ta, "_check_inputs", no_more_checks)
+    bits = plan.bits
+    for (q, k, v), ref in zip(layers[1:], refs[1:]):  # same layout, other values: no validation, same mask
+        torch.testing.assert_close(plan(q, k, v), ref, atol=2e-5, rtol=2e-5)
+    assert plan.bits is bits and len(plan._launches) == 1

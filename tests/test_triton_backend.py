@@ -1,21 +1,64 @@
-"""Decoding through the Triton tree-attention kernel (interpreter on CPU) gives the sdpa backend's tokens."""
+"""Decoding through the Triton tree-attention kernel gives the sdpa backend's tokens.
+
+On a GPU the models move to CUDA; on the CPU the kernel runs under the Triton interpreter (in a
+fresh process if triton was imported before the interpreter could be switched on). Prompts longer
+than the kernel's 64 tree tokens prefill through SDPA's causal path; trees wider than that verify
+through SDPA; every other verify forward takes the kernel.
+"""
 from __future__ import annotations
 
-import pytest
+import copy
 
-from drafters import DraftModelDrafter
+import pytest
+import torch
+
+from drafters import DraftModelDrafter, NoDrafter
 from specdec import SamplingParams, SpeculativeDecoder
 from tests.tiny_models import noisy_copy, pair, prompts
+from tests.triton_env import DEVICE, kernels_cannot_run_here, rerun_in_fresh_process
+
+FRESH_PROCESS = kernels_cannot_run_here()
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter(request):
+    if FRESH_PROCESS and request.node.originalname != "test_file_in_fresh_process":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_file_in_fresh_process")
+
+
+def test_file_in_fresh_process():
+    if not FRESH_PROCESS:
+        pytest.skip("the kernels run in this process")
+    rerun_in_fresh_process(__file__)
+
+
+def _on_device(model):
+    return copy.deepcopy(model).to(DEVICE) if DEVICE != "cpu" else model
+
+
+def _decode_both(target, make_drafter, ids, max_new_tokens):
+    outs = {}
+    for backend in ("sdpa", "triton"):
+        dec = SpeculativeDecoder(target, make_drafter(), sampling=SamplingParams(), attn_backend=backend)
+        outs[backend] = dec.generate(ids.to(DEVICE), max_new_tokens=max_new_tokens, seed=0)
+    return outs
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_triton_backend_matches_sdpa(arch):
-    target, _, tok = pair(arch)
-    for ids in prompts(tok, 3, seed=2):
-        outs = {}
-        for backend in ("sdpa", "triton"):
-            drafter = DraftModelDrafter(noisy_copy(arch), num_speculative_tokens=3)
-            dec = SpeculativeDecoder(target, drafter, sampling=SamplingParams(), attn_backend=backend)
-            outs[backend] = dec.generate(ids, max_new_tokens=12, seed=0)
+    target, draft = _on_device(pair(arch)[0]), _on_device(noisy_copy(arch))
+    long_prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(3))  # [1, 100]
+    for ids in prompts(pair(arch)[2], 2, seed=2) + [long_prompt]:
+        outs = _decode_both(target, lambda: DraftModelDrafter(draft, num_speculative_tokens=3), ids, 12)
         assert outs["triton"].sequences.tolist() == outs["sdpa"].sequences.tolist()
         assert outs["triton"].stats.accepted_per_step == outs["sdpa"].stats.accepted_per_step
+
+
+def test_triton_backend_plain_decoding_and_wide_trees():
+    """One-token forwards and a 70-node dynamic tree (past the kernel's 64) take SDPA and still agree."""
+    target, draft = _on_device(pair("llama")[0]), _on_device(noisy_copy("llama"))
+    ids = prompts(pair("llama")[2], 1, seed=4)[0]
+    for make in (NoDrafter, lambda: DraftModelDrafter(draft, num_speculative_tokens=4, budget=70, top_k_children=8)):
+        outs = _decode_both(target, make, ids, 10)
+        assert outs["triton"].sequences.tolist() == outs["sdpa"].sequences.tolist()
+    assert max(outs["triton"].stats.proposed_per_step) == 70

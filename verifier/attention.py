@@ -1,15 +1,26 @@
 """Tree-attention functions registered with transformers' ``AttentionInterface``.
 
-The verifier switches a model to one of these for the duration of a forward pass, and passes
-the tree through the forward's keyword arguments (transformers hands them to the attention
-function): ``specdec_prefix_len`` (int, cache slots fully visible), ``specdec_tree_mask``
-(``[n, n]`` bool, true where new token i may see new token j) and, built once per forward for
-the SDPA backend, ``specdec_dense_mask`` (``[1, 1, n, prefix_len + n]`` bool, or None when every
-query sees every key).
+The verifier switches a model to one of these for the duration of a forward pass
+(:func:`verifier.tree_forward`) and passes what the attention needs through the forward's
+keyword arguments (transformers hands them to the attention function), all built once per
+forward and shared by every layer:
+
+- ``specdec_prefix_len``: int, cache slots every new token sees;
+- ``specdec_tree_mask``: ``[n, n]`` bool, true where new token i may see new token j, or None
+  for a causal chunk (new token i sees new tokens 0..i: a prefill, a draft model's catch-up);
+- ``specdec_key_mask``: ``[1, 1, n, S]`` bool dense key mask for SDPA, or None where SDPA needs
+  none (one token, or a causal chunk, which takes SDPA's causal kernels);
+- ``specdec_tree_plan``: a :class:`kernels.TreeAttentionPlan` (triton backend, a tree of at most
+  ``kernels.MAX_TREE_TOKENS`` tokens) or None.
+
+The triton backend runs the tree-attention kernel for verification and routes everything
+else to SDPA: causal chunks (prefill), a single token (plain decoding: SDPA's decode kernels
+need no mask) and trees wider than the kernel's limit.
 """
 from __future__ import annotations
 
 import torch
+from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 
 BACKENDS = {"sdpa": "specdec_sdpa", "triton": "specdec_triton"}
@@ -18,7 +29,7 @@ BACKENDS = {"sdpa": "specdec_sdpa", "triton": "specdec_triton"}
 def dense_tree_mask(prefix_len: int, tree_mask: torch.Tensor) -> torch.Tensor | None:
     """``[1, 1, n, prefix_len + n]`` bool: the prefix fully visible, the new tokens per ``tree_mask``.
 
-    None when ``tree_mask`` is all true (a single token): attention then needs no mask.
+    None when ``tree_mask`` is a single visible token: attention then needs no mask.
     """
     n = tree_mask.shape[0]
     if n == 1 and bool(tree_mask[0, 0]):
@@ -28,29 +39,43 @@ def dense_tree_mask(prefix_len: int, tree_mask: torch.Tensor) -> torch.Tensor | 
     return mask[None, None]  # [1, 1, n, S]
 
 
-def sdpa_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Reference backend: PyTorch SDPA with a dense boolean tree mask (GQA without copying k/v).
-
-    query ``[B, Hq, n, D]``; key/value ``[B, Hkv, S, D]`` (cache included). Returns ``[B, n, Hq, D]``.
-    """
-    if "specdec_dense_mask" not in kwargs:
+def _require_tree(kwargs: dict) -> None:
+    if "specdec_prefix_len" not in kwargs:
         raise RuntimeError("specdec attention called outside verifier.tree_forward: it needs the tree mask")
-    mask = kwargs["specdec_dense_mask"]
-    out = torch.nn.functional.scaled_dot_product_attention(
+
+
+def _sdpa(query, key, value, scaling, kwargs):
+    """SDPA over ``query [B, Hq, n, D]`` and the cache's ``key/value [B, Hkv, S, D]``; ``[B, n, Hq, D]``."""
+    mask = kwargs.get("specdec_key_mask")
+    n, s = query.shape[2], key.shape[2]
+    if mask is None and kwargs.get("specdec_tree_mask") is None and n > 1:  # causal chunk after the prefix
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(n, s)  # query i sees keys 0 .. s - n + i, without materialising a mask
+    out = scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
     )  # [B, Hq, n, D]
     return out.transpose(1, 2), None
 
 
-def triton_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Triton backend: :func:`kernels.tree_attention` (reads each KV tile once for the whole tree and GQA group)."""
-    from kernels import tree_attention
+def sdpa_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Reference backend: PyTorch SDPA with a dense boolean tree mask (GQA without copying k/v).
 
-    if "specdec_tree_mask" not in kwargs:
-        raise RuntimeError("specdec attention called outside verifier.tree_forward: it needs the tree mask")
+    query ``[B, Hq, n, D]``; key/value ``[B, Hkv, S, D]`` (cache included). Returns ``[B, n, Hq, D]``.
+    """
+    _require_tree(kwargs)
+    return _sdpa(query, key, value, scaling, kwargs)
+
+
+def triton_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Triton backend: the step's :class:`kernels.TreeAttentionPlan` (each KV tile read once for the whole
+    tree and GQA group); forwards without a plan (causal chunks, one token, wide trees) take SDPA."""
+    _require_tree(kwargs)
+    plan = kwargs.get("specdec_tree_plan")
+    if plan is None:
+        return _sdpa(query, key, value, scaling, kwargs)
     sm_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = tree_attention(query, key, value, kwargs["specdec_prefix_len"], kwargs["specdec_tree_mask"], sm_scale)  # [B, Hq, n, D]
-    return out.transpose(1, 2), None
+    return plan(query, key, value, sm_scale).transpose(1, 2), None  # [B, n, Hq, D]
 
 
 AttentionInterface.register(BACKENDS["sdpa"], sdpa_tree_attention)

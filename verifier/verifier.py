@@ -1,9 +1,12 @@
 """The target-model wrapper: one forward pass over the root and all draft nodes."""
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from specdec.cache import SpecDecCache
 from specdec.errors import ConfigError, NonFiniteLogitsError
@@ -25,37 +28,75 @@ def attention_backend(model, backend: str):
         config._attn_implementation = previous
 
 
+#: SDPA kernels our forwards may use. cuDNN attention is left out: it builds an execution plan per
+#: new sequence length (tens of ms on an H200), and decoding changes the length on every forward.
+SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@functools.lru_cache(maxsize=None)
+def cache_argument(model_class: type) -> str:
+    """The forward's keyword for the KV cache: ``cache`` (transformers >= 5.2x, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (earlier 5.x releases)."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def attention_inputs(backend: str, prefix_len: int, tree_mask: torch.Tensor | None,
+                     key_mask: torch.Tensor | None) -> dict:
+    """The ``specdec_*`` keyword arguments of one forward (see :mod:`verifier.attention`), built once
+    for all layers: the SDPA key mask, or the kernel's plan (triton, 2..64 tree tokens)."""
+    kwargs = {"specdec_prefix_len": prefix_len, "specdec_tree_mask": tree_mask, "specdec_key_mask": key_mask,
+              "specdec_tree_plan": None}
+    if key_mask is not None or tree_mask is None:
+        return kwargs
+    n = tree_mask.shape[0]
+    if backend == "triton" and 1 < n:
+        from kernels import MAX_TREE_TOKENS, TreeAttentionPlan
+
+        if n <= MAX_TREE_TOKENS:
+            kwargs["specdec_tree_plan"] = TreeAttentionPlan(prefix_len, tree_mask, validate=False)
+            return kwargs
+    kwargs["specdec_key_mask"] = dense_tree_mask(prefix_len, tree_mask)
+    return kwargs
+
+
 def tree_forward(
     model,
     cache: SpecDecCache,
     input_ids: torch.Tensor,
-    tree_mask: torch.Tensor,
-    depth: torch.Tensor,
+    tree_mask: torch.Tensor | None = None,
+    depth: torch.Tensor | None = None,
     backend: str = "sdpa",
     logits_to_keep: int = 0,
     output_hidden: bool = False,
+    key_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ):
     """Run ``model`` on ``input_ids [1, n]`` appended to ``cache``.
 
     Token i sits at position ``cache.length + depth[i]`` and sees the whole cache plus the new
-    tokens j with ``tree_mask[i, j]`` (``[n, n]`` bool). A chain is ``tree_mask = tril`` with
-    ``depth = arange(n)``. Returns ``(logits [n', V] float32, hidden [n, H] or None)`` where n' is
-    n, or ``logits_to_keep`` when that is > 0.
+    tokens j with ``tree_mask[i, j]`` (``[n, n]`` bool). ``tree_mask=None`` is a causal chunk
+    (``depth`` defaults to ``arange(n)``): a prefill or a draft model's catch-up, which takes
+    SDPA's causal kernels with either backend. ``key_mask [1, 1, n, cache.length + n]`` (bool)
+    gives any other visibility and ``position_ids [1, n]`` any other positions (SDPA only).
+    Returns ``(logits [n', V] float32, hidden [n, H] or None)`` where n' is n, or ``logits_to_keep``
+    when that is > 0.
     """
     prefix_len = cache.length
     n = input_ids.shape[1]
-    position_ids = (prefix_len + depth.to(input_ids.device)).view(1, n)  # [1, n]
-    with attention_backend(model, backend), torch.inference_mode():
+    if position_ids is None:
+        depth = torch.arange(n) if depth is None else depth
+        position_ids = (prefix_len + depth.to(input_ids.device)).view(1, n)  # [1, n]
+    attn = attention_inputs(backend, prefix_len, tree_mask, key_mask)
+    with attention_backend(model, backend), sdpa_kernel(SDPA_KERNELS), torch.inference_mode():
         out = model(
             input_ids=input_ids,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
             output_hidden_states=output_hidden,
             logits_to_keep=logits_to_keep,
-            specdec_prefix_len=prefix_len,
-            specdec_tree_mask=tree_mask,
-            specdec_dense_mask=dense_tree_mask(prefix_len, tree_mask) if backend == "sdpa" else None,
+            **{cache_argument(type(model)): cache},
+            **attn,
         )
     logits = out.logits[0].float()  # [n', V]
     hidden = out.hidden_states[-1][0] if output_hidden else None  # [n, H]
@@ -89,14 +130,10 @@ class Verifier:
 
     def prefill(self, cache: SpecDecCache, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Write ``input_ids [1, T]`` into the cache (causally); returns the last hidden states ``[T, H]``."""
-        t = input_ids.shape[1]
-        if t == 0:
+        if input_ids.shape[1] == 0:
             return None
-        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()  # [T, T]
-        depth = torch.arange(t, device=self.device)  # [T]
-        _, hidden = tree_forward(
-            self.model, cache, input_ids.to(self.device), mask, depth, self.attn_backend, logits_to_keep=1, output_hidden=True
-        )
+        _, hidden = tree_forward(self.model, cache, input_ids.to(self.device), backend=self.attn_backend,
+                                 logits_to_keep=1, output_hidden=True)  # causal
         return hidden
 
     def verify(self, cache: SpecDecCache, root: int, tree: DraftTree, step: int) -> VerifyOutput:

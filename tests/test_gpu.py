@@ -1,0 +1,67 @@
+"""On a CUDA device: greedy decoding equals ``generate(do_sample=False)`` for every drafter shape,
+with both attention backends and prompts longer than the kernel's 64 tree tokens; the bf16 draft
+path of the default experiment. Skipped without CUDA (``scripts/gpu_check.sh`` runs them)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from drafters import DraftModelDrafter, MedusaDrafter, NGramDrafter, NoDrafter
+from drafters.medusa_heads import MedusaHeads
+from specdec import SamplingParams, SpeculativeDecoder
+from tests.tiny_models import noisy_copy, pair
+
+pytestmark = pytest.mark.gpu
+CUDA = "cuda"
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def models(request):
+    target = copy.deepcopy(pair(request.param)[0]).to(CUDA)
+    draft = copy.deepcopy(noisy_copy(request.param)).to(CUDA)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (1, n), generator=gen) for n in (70, 130, 5)]  # [1, T] each
+    return target, draft, prompts
+
+
+DRAFTERS = {
+    "ar": lambda draft: NoDrafter(),
+    "chain4": lambda draft: DraftModelDrafter(draft, num_speculative_tokens=4),
+    "tree_binary": lambda draft: DraftModelDrafter(draft, tree="binary"),
+    "dynamic70": lambda draft: DraftModelDrafter(draft, num_speculative_tokens=4, budget=70, top_k_children=8),
+    "ngram": lambda draft: NGramDrafter(num_speculative_tokens=4),
+}
+
+
+def _check(target, drafter, prompts, backend, max_new=40):
+    dec = SpeculativeDecoder(target, drafter, sampling=SamplingParams(), attn_backend=backend)
+    for ids in prompts:
+        ids = ids.to(CUDA)
+        with torch.no_grad():
+            ref = target.generate(ids, do_sample=False, max_new_tokens=max_new,
+                                  pad_token_id=target.generation_config.eos_token_id)
+        out = dec.generate(ids, max_new_tokens=max_new, seed=0)
+        assert out.sequences.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("shape", list(DRAFTERS))
+def test_greedy_equality_on_cuda(models, shape, backend):
+    target, draft, prompts = models
+    _check(target, DRAFTERS[shape](draft), prompts, backend)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_medusa_greedy_equality_on_cuda(models, backend):
+    target, _, prompts = models
+    heads = MedusaHeads.for_target(target, num_heads=3, init="random")
+    _check(target, MedusaDrafter(heads, tree="binary"), prompts, backend)
+
+
+def test_bf16_draft_of_fp32_target_on_cuda(models):
+    """The default experiment's setting on a GPU (model.draft_dtype=auto picks bf16 there)."""
+    target, draft, prompts = models
+    _check(target, DraftModelDrafter(copy.deepcopy(draft).to(torch.bfloat16), num_speculative_tokens=4), prompts,
+           "sdpa")

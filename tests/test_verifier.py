@@ -1,0 +1,64 @@
+"""The verifier's forward: SDPA kernel choice, the cache keyword, and attention inputs built once."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from specdec.cache import SpecDecCache
+from tests.tiny_models import pair
+from verifier import tree_forward
+from verifier.verifier import attention_inputs, cache_argument
+
+
+def test_forwards_never_use_cudnn_attention(monkeypatch):
+    """cuDNN attention builds a plan per new KV length (tens of ms each on an H200): what made a bf16
+    draft cost ~30 ms per forward on CUDA. Every SDPA call of our forwards must run with it disabled."""
+    import verifier.attention
+
+    seen = []
+    sdpa = verifier.attention.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(verifier.attention, "scaled_dot_product_attention", spy)
+    target = pair("llama")[0]
+    cache = SpecDecCache.for_model(target, 32)
+    tree_forward(target, cache, torch.tensor([[5, 9, 13, 2]]))  # causal prefill
+    tree_forward(target, cache, torch.tensor([[7, 1, 2]]), torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]]).bool(),
+                 torch.tensor([0, 1, 1]))  # a tree
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the forward
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    class New:
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    assert cache_argument(New) == "cache" and cache_argument(Old) == "past_key_values"
+
+
+def test_no_deprecation_warning_from_the_cache_keyword():
+    target = pair("llama")[0]
+    cache = SpecDecCache.for_model(target, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tree_forward(target, cache, torch.tensor([[5, 9, 13]]))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_attention_inputs_per_backend():
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]]).bool()  # [3, 3]
+    sdpa = attention_inputs("sdpa", 5, tree, None)
+    assert sdpa["specdec_key_mask"].shape == (1, 1, 3, 8) and sdpa["specdec_tree_plan"] is None
+    causal = attention_inputs("triton", 5, None, None)  # prefill: SDPA's causal path, no mask, no plan
+    assert causal["specdec_key_mask"] is None and causal["specdec_tree_plan"] is None
+    one = attention_inputs("triton", 5, torch.ones(1, 1, dtype=torch.bool), None)  # plain decoding: SDPA
+    assert one["specdec_key_mask"] is None and one["specdec_tree_plan"] is None
+    wide = attention_inputs("triton", 5, torch.ones(65, 65, dtype=torch.bool).tril(), None)  # past the kernel
+    assert wide["specdec_key_mask"].shape == (1, 1, 65, 70) and wide["specdec_tree_plan"] is None

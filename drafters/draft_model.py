@@ -5,7 +5,7 @@ import torch
 
 from drafters.tree_expansion import TreeFeed, accepted_fed_slots, expand_dynamic, expand_static
 from specdec.cache import SpecDecCache
-from specdec.drafting import DraftContext, Drafter
+from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError
 from specdec.models import check_same_vocab
 from specdec.sampling import sample, warp_probs
@@ -88,6 +88,12 @@ class DraftModelDrafter(Drafter):
         return {"chain": self.k, "static": self.compiled.num_nodes if self.compiled else 0,
                 "dynamic": self.budget}[self.mode]
 
+    def step_shape(self, target) -> StepShape:
+        """One draft-model forward per tree level (k for a k-chain), then a verify of ``1 + max_nodes``."""
+        kind = {"chain": "chain", "static": "tree", "dynamic": "dynamic"}[self.mode]
+        return StepShape(kind=kind, max_nodes=self.max_nodes, draft_forwards="per_level", draft_model=self.model,
+                         k=None if self.mode == "static" else self.k)
+
     def _max_fed(self) -> int:
         """The most tree nodes one step feeds to the draft model (on top of the committed tokens)."""
         if self.mode == "dynamic":
@@ -104,11 +110,8 @@ class DraftModelDrafter(Drafter):
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         """Append ``ids`` to the draft cache causally; return the last position's logits ``[V]``."""
-        n = len(ids)
         x = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, n]
-        mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()  # [n, n]
-        depth = torch.arange(n, device=self.device)  # [n]
-        logits, _ = tree_forward(self.model, self.cache, x, mask, depth, self.attn_backend, logits_to_keep=1)
+        logits, _ = tree_forward(self.model, self.cache, x, backend=self.attn_backend, logits_to_keep=1)  # causal
         return logits[-1]  # [V]
 
     def prefill(self, input_ids: torch.Tensor, target_hidden: torch.Tensor | None) -> None:

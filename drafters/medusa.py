@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from drafters.medusa_heads import MedusaHeads, MedusaHeadsError, check_target, default_heads_dir, load_heads, read_eval
-from specdec.drafting import DraftContext, Drafter
+from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError
-from specdec.tree import best_tree, compile_tree, load_preset
+from specdec.tree import best_tree, best_tree_by_depth, compile_tree, expected_tokens_by_depth, load_preset
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
 
 log = logging.getLogger(__name__)
@@ -35,43 +35,20 @@ log = logging.getLogger(__name__)
 FALLBACK_RANK_PROBS = [0.55, 0.17, 0.08, 0.05, 0.035, 0.025, 0.02, 0.015, 0.01, 0.008]
 
 
-def _path_prob(path: Sequence[int], rank_acc: Sequence[Sequence[float]]) -> float:
-    prob = 1.0
-    for depth, rank in enumerate(path):
-        row = rank_acc[depth] if depth < len(rank_acc) else ()
-        prob *= row[rank] if rank < len(row) else 0.0
-    return prob
-
-
 def medusa_expected_tokens(paths: Sequence[Sequence[int]], rank_acc: Sequence[Sequence[float]]) -> float:
     """Expected tokens per step (tau) of a tree when head ``d``'s rank-``r`` token is the target's with
     probability ``rank_acc[d][r]``, independently per depth: 1 + sum over nodes of P(path accepted)."""
-    return 1.0 + sum(_path_prob(p, rank_acc) for p in paths)
+    return expected_tokens_by_depth(paths, rank_acc)
 
 
 def medusa_tree(rank_acc: Sequence[Sequence[float]], num_nodes: int, max_depth: int | None = None) -> list[list[int]]:
     """The ``num_nodes``-node tree with the largest :func:`medusa_expected_tokens` (Medusa's sparse trees).
 
     ``rank_acc[d][r]``: held-out probability that head ``d``'s rank-``r`` token is the target's next
-    token at depth ``d + 1``. Greedy best-first is optimal: a child's path probability never exceeds its
-    parent's, and a sibling is considered only once its better-ranked sibling is in. Paths are returned
-    best first; depth is limited to ``len(rank_acc)`` (and ``max_depth``).
+    token at depth ``d + 1``; depth is limited to ``len(rank_acc)`` (and ``max_depth``). Paths are
+    returned best first (:func:`specdec.tree.best_tree_by_depth`).
     """
-    depth_cap = len(rank_acc) if max_depth is None else min(max_depth, len(rank_acc))
-    chosen: list[tuple[int, ...]] = []
-    frontier = {(0,): _path_prob((0,), rank_acc)} if depth_cap >= 1 else {}
-    while len(chosen) < num_nodes and frontier:
-        path = max(frontier, key=lambda t: (frontier[t], -len(t), [-x for x in t]))
-        del frontier[path]
-        chosen.append(path)
-        depth = len(path) - 1
-        if path[-1] + 1 < len(rank_acc[depth]):
-            sib = path[:-1] + (path[-1] + 1,)
-            frontier[sib] = _path_prob(sib, rank_acc)
-        if len(path) < depth_cap:
-            child = path + (0,)
-            frontier[child] = _path_prob(child, rank_acc)
-    return [list(p) for p in chosen]
+    return best_tree_by_depth(rank_acc if max_depth is None else rank_acc[:max_depth], num_nodes)
 
 
 def report_rank_accuracy(report: dict | None, source: str = "auto") -> list[list[float]] | None:
@@ -109,7 +86,6 @@ class MedusaDrafter(Drafter):
     """
 
     name = "medusa"
-    mode = "static"  # a fixed tree shape per step (for the cost model)
 
     def __init__(self, heads: str | os.PathLike | MedusaHeads | None = None, tree=None, num_heads: int | None = None,
                  tree_nodes: int = 32, zoo_size: str = "default"):
@@ -189,14 +165,27 @@ class MedusaDrafter(Drafter):
 
     # ----------------------------------------------------------------- the protocol
 
+    def _bind(self, target) -> MedusaHeads:
+        """The heads, checked against ``target`` (once) and on its device and dtype."""
+        heads = self.heads
+        if self._checked_target is not target:
+            check_target(heads, target)
+            self._checked_target = target
+        weight = target.get_output_embeddings().weight
+        return heads.to(device=weight.device, dtype=weight.dtype)
+
+    def step_shape(self, target) -> StepShape:
+        """One forward of the heads per step (all depths at once), then a verify of ``1 + nodes``."""
+        heads = self._bind(target)
+        hidden = torch.zeros(heads.hidden_size, device=target.get_output_embeddings().weight.device,
+                             dtype=target.get_output_embeddings().weight.dtype)  # [H]
+        depth = self.compiled.max_depth
+        return StepShape(kind="tree", max_nodes=self.max_nodes, draft_forwards="per_step",
+                         draft_probe=lambda: self._top_tokens(hidden, depth))
+
     def start(self, ctx: DraftContext) -> None:
         super().start(ctx)
-        heads = self.heads
-        if self._checked_target is not ctx.target:
-            check_target(heads, ctx.target)
-            self._checked_target = ctx.target
-        weight = ctx.target.get_output_embeddings().weight
-        heads.to(device=weight.device, dtype=weight.dtype)
+        self._bind(ctx.target)
         self.compiled  # noqa: B018  (build the tree before timing starts)
         self._hidden = None
 
@@ -211,12 +200,16 @@ class MedusaDrafter(Drafter):
         if self._hidden is None or depth <= 0:  # a one-token prompt has no state yet
             return DraftTree.empty()
         n = self._upto[depth]  # nodes are sorted by depth: the first n are those of depth <= depth
-        with torch.inference_mode():
-            logits = self.heads(self._hidden, num_heads=depth)  # [D, V]
-            top = torch.topk(logits, self._width, dim=-1).indices.cpu()  # [D, R]
+        top = self._top_tokens(self._hidden, depth)  # [D, R]
         tokens = top[self._head[:n], compiled.rank[:n]]  # [n]
         return DraftTree(tokens=tokens, parents=compiled.parents[:n], _depth=compiled.depth[:n],
                          _mask=compiled.mask[:n, :n])
+
+    def _top_tokens(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        """``[depth, R]`` (on the CPU): the top ``R`` tokens of heads ``0 .. depth - 1`` at ``hidden [H]``."""
+        with torch.inference_mode():
+            logits = self.heads(hidden, num_heads=depth)  # [D, V]
+            return torch.topk(logits, self._width, dim=-1).indices.cpu()  # [D, R]
 
     def commit(self, result: AcceptResult, verify: VerifyOutput) -> None:
         super().commit(result, verify)

@@ -41,7 +41,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +49,7 @@ from typing import Any, Mapping
 import torch
 
 from specdec.cache import SpecDecCache
+from specdec.files import atomic_write_json
 from verifier import tree_forward
 
 TARGET_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64)
@@ -78,10 +78,10 @@ def _setup(model, context: int, widths: tuple[int, ...], backend: str) -> dict:
     cache = SpecDecCache.for_model(model, context + max(widths))
     if context > 0:  # context 0 times a prefill of ``width`` tokens
         prefix = torch.randint(0, vocab, (1, context), generator=gen).to(device)  # [1, L]
-        tree_forward(model, cache, prefix, torch.ones(context, context, dtype=torch.bool, device=device).tril(),
-                     torch.arange(context, device=device), backend, logits_to_keep=1)
+        tree_forward(model, cache, prefix, backend=backend, logits_to_keep=1)  # causal
+    # a verify-shaped forward (a chain's tree mask) after a context; a causal prefill without one
     inputs = {w: (torch.randint(0, vocab, (1, w), generator=gen).to(device),  # [1, w]
-                  torch.ones(w, w, dtype=torch.bool, device=device).tril(),  # [w, w]
+                  torch.ones(w, w, dtype=torch.bool, device=device).tril() if context > 0 else None,  # [w, w]
                   torch.arange(w, device=device))  # [w]
               for w in widths}
     return {"model": model, "device": device, "cache": cache, "context": context, "inputs": inputs}
@@ -214,10 +214,7 @@ def _store(fp: dict, seconds: dict[int, float], cache_dir: str | os.PathLike | N
              "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(entry, handle, indent=1, default=str)
-        os.replace(tmp, path)
+        atomic_write_json(path, entry, indent=1, default=str)
     except OSError as exc:
         warnings.warn(f"could not cache forward costs in {path.parent} ({exc}); they will be measured again")
 
@@ -252,10 +249,30 @@ def run_context(prompt_lengths: list[int], max_new_tokens: int) -> int:
     return int(statistics.median(prompt_lengths)) + max_new_tokens // 2
 
 
-def measure_run_costs(target, draft, context: int, prompt_tokens: int | None = None, backend: str = "sdpa",
+def time_probe(probe, reps: int = REPS) -> float:
+    """Median seconds of ``probe()`` (a draft forward of a module that is not a causal LM), two
+    untimed calls first. Not cached: such probes are cheap."""
+    device = None
+    times = []
+    for i in range(reps + 2):
+        t0 = time.perf_counter()
+        out = probe()
+        if isinstance(out, torch.Tensor):
+            device = out.device
+        if device is not None:
+            _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_run_costs(target, shape, context: int, prompt_tokens: int | None = None, backend: str = "sdpa",
                       cache_dir: str | os.PathLike | None = None) -> dict:
-    """The cost curves a run's predictions use: target at ``TARGET_WIDTHS``, draft (if any) at width 1,
-    both after ``context`` tokens; with ``prompt_tokens``, also both models' prefill of that many tokens."""
+    """The cost curves a run's predictions use: the target at ``TARGET_WIDTHS`` after ``context``
+    tokens, and what drafts (``shape``: the drafter's :class:`specdec.drafting.StepShape`): a draft
+    model at width 1 after ``context`` tokens, or one call of its probe (Medusa's heads); with
+    ``prompt_tokens``, also the target's and the draft model's prefill of that many tokens."""
+    draft = shape.draft_model
     requests = [("target", target, context, TARGET_WIDTHS)]
     if draft is not None:
         requests.append(("draft", draft, context, DRAFT_WIDTHS))
@@ -267,6 +284,8 @@ def measure_run_costs(target, draft, context: int, prompt_tokens: int | None = N
              "cached": {role: cached for role, (_, cached) in curves.items()}}
     if draft is not None:
         costs["draft"] = curves["draft"][0]
+    elif shape.draft_probe is not None:
+        costs["draft"] = {1: time_probe(shape.draft_probe)}
     if width:
         costs["prefill"] = {"tokens": width, "target": curves["prefill_target"][0][width],
                             "draft": curves["prefill_draft"][0][width] if draft is not None else None}
@@ -274,17 +293,6 @@ def measure_run_costs(target, draft, context: int, prompt_tokens: int | None = N
 
 
 # --------------------------------------------------------------------------- predictions
-
-
-def describe_drafter(drafter) -> dict:
-    """The drafter's step shape: ``kind`` (none | chain | tree | dynamic), ``draft_model``, ``k``."""
-    uses_model = getattr(drafter, "model", None) is not None
-    if drafter.max_nodes == 0:
-        kind = "none"
-    else:
-        kind = {"static": "tree", "dynamic": "dynamic"}.get(getattr(drafter, "mode", "chain"), "chain")
-    return {"name": type(drafter).__name__, "kind": kind, "draft_model": uses_model,
-            "k": getattr(drafter, "k", None), "max_nodes": drafter.max_nodes}
 
 
 def expected_tau(alpha: float, k: int) -> float:
@@ -312,18 +320,31 @@ def fit_alpha(depth_proposed: list[int], depth_accepted: list[int]) -> float | N
     return min(1.0, accepted / trials) if trials > 0 else None
 
 
-def step_seconds(costs: dict, draft_forwards: float, verify_width: float, draft_model: bool) -> float:
+def _draft_cost(costs: dict) -> float:
+    """Seconds of one draft forward (a draft model's width-1 forward or one heads call); 0 without drafts."""
+    return cost_at(costs["draft"], 1) if costs.get("draft") else 0.0
+
+
+def step_seconds(costs: dict, draft_forwards: float, verify_width: float) -> float:
     """Predicted seconds of one step: ``draft_forwards * T_d(1) + T_t(verify_width)``."""
-    t_draft = cost_at(costs["draft"], 1) if draft_model and costs.get("draft") else 0.0
-    return draft_forwards * t_draft + cost_at(costs["target"], verify_width)
+    return draft_forwards * _draft_cost(costs) + cost_at(costs["target"], verify_width)
+
+
+def draft_forwards_per_step(stats, shape: dict) -> float:
+    """Mean draft forwards per step as the run proposed them: one per tree level (``per_level``:
+    the depths of the steps' trees), one per step that proposed anything (``per_step``), or none."""
+    steps = stats.target_forwards
+    if shape["draft_forwards"] == "per_level":
+        return sum(stats.depth_proposed) / steps
+    if shape["draft_forwards"] == "per_step":
+        return (stats.depth_proposed[0] if stats.depth_proposed else 0) / steps
+    return 0.0
 
 
 def predicted_step_seconds(stats, costs: dict, shape: dict) -> float:
     """Mean predicted seconds of the run's steps: ``F_d T_d(1) + T_t(n_i + 1)`` with its own proposals."""
-    draft_forwards = sum(stats.depth_proposed) / stats.target_forwards
-    t_draft = cost_at(costs["draft"], 1) if shape["draft_model"] and costs.get("draft") else 0.0
     verify = statistics.fmean(cost_at(costs["target"], n + 1) for n in stats.proposed_per_step)
-    return draft_forwards * t_draft + verify
+    return draft_forwards_per_step(stats, shape) * _draft_cost(costs) + verify
 
 
 def predicted_speedups(stats, costs: dict, shape: dict, num_prompts: int) -> tuple[float | None, float | None]:
@@ -343,11 +364,11 @@ def predicted_speedups(stats, costs: dict, shape: dict, num_prompts: int) -> tup
     t1 = cost_at(costs["target"], 1)
     prefill = costs.get("prefill") or {}
     p_target = (prefill.get("target") or 0.0) * num_prompts
-    p_draft = (prefill.get("draft") or 0.0) * num_prompts if shape["draft_model"] else 0.0
+    p_draft = (prefill.get("draft") or 0.0) * num_prompts
     return ((p_target + stats.new_tokens * t1) / (p_target + p_draft + steps * step), stats.tau * t1 / step)
 
 
-def chain_speedup_by_k(alpha: float, costs: dict, draft_model: bool, ks: tuple[int, ...] = KS,
+def chain_speedup_by_k(alpha: float, costs: dict, ks: tuple[int, ...] = KS,
                        tokens_per_prompt: float | None = None) -> dict[int, float]:
     """Predicted speedup of a k-chain for each k, with ``tau = expected_tau(alpha, k)``.
 
@@ -358,11 +379,11 @@ def chain_speedup_by_k(alpha: float, costs: dict, draft_model: bool, ks: tuple[i
     t1 = cost_at(costs["target"], 1)
     prefill = costs.get("prefill") or {}
     p_target = prefill.get("target") or 0.0
-    p_draft = (prefill.get("draft") or 0.0) if draft_model else 0.0
+    p_draft = prefill.get("draft") or 0.0
     n = tokens_per_prompt or 0.0
     out = {}
     for k in ks:
-        tau, step = expected_tau(alpha, k), step_seconds(costs, k, k + 1, draft_model)
+        tau, step = expected_tau(alpha, k), step_seconds(costs, k, k + 1)
         out[k] = (p_target + n * t1) / (p_target + p_draft + n / tau * step) if n else tau * t1 / step
     return out
 
@@ -370,6 +391,18 @@ def chain_speedup_by_k(alpha: float, costs: dict, draft_model: bool, ks: tuple[i
 def recommend_k(curve: Mapping[int, float]) -> int | None:
     """The k with the largest predicted speedup (the smallest such k on ties)."""
     return max(sorted(curve), key=lambda k: curve[k]) if curve else None
+
+
+def draft_cost_warnings(costs: dict) -> list[str]:
+    """One line when a draft forward costs more than a target forward: speculation cannot pay off
+    then, and on a GPU it has meant a slow kernel path in the draft (cuDNN attention re-planning at
+    every new length cost a bf16 draft ~30 ms per forward)."""
+    t_draft, t_target = _draft_cost(costs), cost_at(costs["target"], 1)
+    if t_draft <= t_target:
+        return []
+    return [f"a draft forward costs {t_draft * 1e3:.2f} ms, more than a target forward ({t_target * 1e3:.2f} ms): "
+            "speculation cannot pay off; check the draft's dtype and device (model.draft_dtype) or use a "
+            "smaller drafter"]
 
 
 def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float | None,
@@ -385,7 +418,7 @@ def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float |
     if costs is None:
         return metrics, {"costs": None, "note": "cost measurement skipped (costs=false)"}
     model = {"drafter": shape, "costs": costs, "predicted_step_speedup": None, "alpha": None,
-             "expected_tau_by_k": None, "predicted_speedup_by_k": None}
+             "expected_tau_by_k": None, "predicted_speedup_by_k": None, "warnings": draft_cost_warnings(costs)}
     predicted = None
     if stats is not None:
         predicted, model["predicted_step_speedup"] = predicted_speedups(stats, costs, shape, num_prompts)
@@ -395,7 +428,7 @@ def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float |
     alpha = fit_alpha(stats.depth_proposed, stats.depth_accepted) if stats is not None else None
     model["alpha"] = alpha
     if alpha is not None and shape["kind"] == "chain":
-        curve = chain_speedup_by_k(alpha, costs, shape["draft_model"], tokens_per_prompt=stats.new_tokens / num_prompts)
+        curve = chain_speedup_by_k(alpha, costs, tokens_per_prompt=stats.new_tokens / num_prompts)
         model["expected_tau_by_k"] = {k: expected_tau(alpha, k) for k in KS}
         model["predicted_speedup_by_k"] = curve
         metrics["recommended_k"] = recommend_k(curve)

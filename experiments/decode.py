@@ -185,9 +185,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     encoded = encode_prompts(prompts, models.tokenizer, cfg.dataset.max_prompt_tokens, _device_of(models.target))
     drafter = build_drafter(cfg.drafter, models, cfg.get("tree"))
     decoders = make_decoders(cfg, models, drafter, rule, sampling)
-    from experiments.costs import describe_drafter
-
-    costs, shape = measure_run_costs(cfg, drafter, models, encoded), describe_drafter(drafter)
+    step_shape = drafter.step_shape(models.target)
+    costs, shape = measure_run_costs(cfg, step_shape, models, encoded), step_shape.describe(type(drafter).__name__)
 
     writer = ResultsWriter(run_dir, keep=previous.records)
     log.info("decoding %d prompts with %s (+ baseline: %s); results in %s",
@@ -195,7 +194,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     if logger is None:
         logger = build_logger(cfg.logger, run_dir, hydra_info.get("group"), hydra_info.get("run_name"))
     guarded = GuardedLogger(logger, run_dir)
-    extra = {"run_dir": str(run_dir), "drafter": type(drafter).__name__, "acceptance": rule.name,
+    extra = {"run_dir": str(run_dir), "drafter": type(drafter).__name__, "drafter_shape": shape, "acceptance": rule.name,
              "lossless": rule.lossless, "models": models.info, "config": config,
              "question_ids": [p.question_id for p in encoded], "resumed_prompts": len(previous.done)}
     restored = results_from_records(previous.records)
@@ -234,13 +233,16 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
             guarded.log_summary(summary)
         guarded.finish()
     print(format_table(summary))
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"results: {writer.records_path} and {writer.summary_path}")
     return summary
 
 
-def measure_run_costs(cfg: DictConfig, drafter: Any, models: LoadedModels, encoded: list[EncodedPrompt]) -> dict | None:
-    """The target's and the draft model's forward-cost curves at the run's context (measured once per
-    model and device, then cached: :mod:`experiments.costs`); None with ``costs=false`` or on failure."""
+def measure_run_costs(cfg: DictConfig, step_shape: Any, models: LoadedModels, encoded: list[EncodedPrompt]) -> dict | None:
+    """The target's and the drafter's forward costs at the run's context (a draft model's curves are
+    measured once per model and device, then cached: :mod:`experiments.costs`); None with
+    ``costs=false`` or on failure."""
     if not cfg.costs:
         return None
     from experiments import costs
@@ -249,8 +251,7 @@ def measure_run_costs(cfg: DictConfig, drafter: Any, models: LoadedModels, encod
     context = costs.run_context(lengths, cfg.max_new_tokens)
     prefill = round(sum(lengths) / len(lengths)) - 1  # the decoder prefills all but the last prompt token
     try:
-        return costs.measure_run_costs(models.target, getattr(drafter, "model", None), context, prefill,
-                                       cfg.attn_backend)
+        return costs.measure_run_costs(models.target, step_shape, context, prefill, cfg.attn_backend)
     except Exception as exc:  # a prediction is a bonus: never lose the run over it
         print(f"warning: forward-cost measurement failed ({type(exc).__name__}: {exc}); no predicted speedup",
               file=sys.stderr)
@@ -267,6 +268,7 @@ def add_cost_model(summary: dict, spec: MethodResults, costs: dict | None, shape
     metrics, model = cost_model(stats, costs, shape, summary["metrics"].get("speedup"), len(spec.stats))
     summary["metrics"].update(metrics)
     summary["cost_model"] = model
+    summary["warnings"] = list(model.get("warnings") or [])
     return summary
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.costs import KS, chain_speedup_by_k, expected_tau, recommend_k
-from experiments.report import BASELINE, SPECULATIVE, Run, _series, label_of, pooled_model, row_of
+from experiments.results import BASELINE, SPECULATIVE
+from experiments.runs import Run, label_of, pooled_model, row_of, series
 
 
 def _finish_axes(ax) -> None:
@@ -42,10 +43,10 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
         fig.savefig(paths[name], dpi=110)
         plt.close(fig)
 
-    series = _series(runs, swept)
-    if series:
+    chains = series(runs, swept)
+    if chains:
         fig, (ax_tau, ax_up) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for i, (label, group) in enumerate(series.items()):
+        for i, (label, group) in enumerate(chains.items()):
             color = f"C{i}"
             group = sorted(group, key=lambda r: row_of(r, [])["k"])
             ks = [row_of(r, [])["k"] for r in group]
@@ -57,13 +58,13 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
                          if r.metrics.get("predicted_speedup")]
             if predicted:
                 ax_up.plot(*zip(*predicted), "x", color=color, markersize=9, label=f"{label} predicted (measured tau)")
-            alpha, costs, draft_model, tokens = pooled_model(group)
+            alpha, costs, tokens = pooled_model(group)
             grid = sorted(set(KS) | set(ks))
             if alpha is not None:
                 ax_tau.plot(grid, [expected_tau(alpha, k) for k in grid], "--", color=color, alpha=0.7,
                             label=f"{label} expected, alpha={alpha:.2f}")
             if alpha is not None and costs:
-                curve = chain_speedup_by_k(alpha, costs, draft_model, tuple(grid), tokens)
+                curve = chain_speedup_by_k(alpha, costs, tuple(grid), tokens)
                 ax_up.plot(list(curve), list(curve.values()), "--", color=color, alpha=0.7,
                            label=f"{label} cost model (rec. k={recommend_k(curve)})")
         ax_tau.set(xlabel="draft length k", ylabel="tau")

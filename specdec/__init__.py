@@ -9,7 +9,7 @@ Public API (stable)::
 """
 from specdec.acceptance import AcceptanceRule, get_rule
 from specdec.decoder import DecodeOutput, SpeculativeDecoder
-from specdec.drafting import DraftContext, Drafter
+from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError, SpecDecError
 from specdec.sampling import SamplingParams
 from specdec.stats import DecodeStats
@@ -17,5 +17,6 @@ from specdec.types import AcceptResult, DraftTree, VerifyOutput
 
 __all__ = [
     "AcceptResult", "AcceptanceRule", "ConfigError", "DecodeOutput", "DecodeStats", "DraftContext", "DraftTree",
-    "Drafter", "SamplingParams", "SpecDecError", "SpeculativeDecoder", "VerifyOutput", "get_rule",
+    "Drafter", "SamplingParams", "SpecDecError", "SpeculativeDecoder", "StepShape", "VerifyOutput",
+    "get_rule",
 ]

@@ -6,6 +6,7 @@ nothing here changes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,45 @@ class DraftContext:
     sampling: SamplingParams
     generator: torch.Generator | None
     capacity: int  # the most tokens (prompt + generated + one step's nodes) the run can hold
+
+
+#: How often a step runs the drafting module: never, once per tree level, or once per step.
+DRAFT_FORWARDS = ("none", "per_level", "per_step")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one step of a drafter runs, as the cost model sees it (``experiments.costs``).
+
+    Attributes:
+        kind: ``none`` (no drafts), ``chain``, ``tree`` (a fixed preset) or ``dynamic``.
+        max_nodes: the most draft nodes a step proposes (the target verifies ``1 + nodes``).
+        draft_forwards: one of :data:`DRAFT_FORWARDS`: a draft model runs one forward per tree
+            level (``per_level``: k for a k-chain), Medusa's heads one per step (``per_step``),
+            n-gram lookup none.
+        draft_model: a causal LM whose forwards are timed one token at a time after the run's
+            context, like the target's; or None.
+        draft_probe: for a drafting module that is not a causal LM (Medusa's heads): a
+            zero-argument callable running one draft forward as decoding does; or None.
+        k: the chain length (chains and dynamic trees' depth limit), else None.
+    """
+
+    kind: str = "none"
+    max_nodes: int = 0
+    draft_forwards: str = "none"
+    draft_model: torch.nn.Module | None = None
+    draft_probe: Callable[[], object] | None = None
+    k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.draft_forwards not in DRAFT_FORWARDS:
+            raise ValueError(f"StepShape.draft_forwards={self.draft_forwards!r}; expected one of {DRAFT_FORWARDS}")
+
+    def describe(self, name: str) -> dict:
+        """The JSON-ready part, for the run summary."""
+        runs = "model" if self.draft_model is not None else "probe" if self.draft_probe is not None else None
+        return {"name": name, "kind": self.kind, "max_nodes": self.max_nodes, "k": self.k,
+                "draft_forwards": self.draft_forwards, "draft_module": runs}
 
 
 class Drafter(ABC):
@@ -42,6 +82,11 @@ class Drafter(ABC):
     def max_nodes(self) -> int:
         """The most draft nodes one step may propose (sizes the KV caches)."""
         return 0
+
+    def step_shape(self, target: torch.nn.Module) -> StepShape:
+        """What a step runs against ``target`` (for the cost model). Drafters that run a model or
+        heads override this; the default is a drafter that costs nothing to run (n-gram-like)."""
+        return StepShape(kind="chain" if self.max_nodes else "none", max_nodes=self.max_nodes)
 
     def start(self, ctx: DraftContext) -> None:
         """Bind to a run: check compatibility with the target (vocabulary, device), reset state."""

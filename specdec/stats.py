@@ -86,10 +86,8 @@ class DecodeStats:
             total.target_forwards += s.target_forwards
             total.accepted_per_step += s.accepted_per_step
             total.proposed_per_step += s.proposed_per_step
-            for mine, theirs in ((total.depth_proposed, s.depth_proposed), (total.depth_accepted, s.depth_accepted)):
-                _grow(mine, len(theirs))
-                for d, v in enumerate(theirs):
-                    mine[d] += v
+            add_counts(total.depth_proposed, s.depth_proposed)
+            add_counts(total.depth_accepted, s.depth_accepted)
             for name in TIME_FIELDS:
                 setattr(total, name, getattr(total, name) + getattr(s, name))
         return total
@@ -97,3 +95,10 @@ class DecodeStats:
 
 def _grow(counts: list[int], length: int) -> None:
     counts.extend([0] * (length - len(counts)))
+
+
+def add_counts(total: list[int], more: list[int]) -> None:
+    """``total[d] += more[d]`` for every depth ``d`` (``total`` grows to ``more``'s length)."""
+    _grow(total, len(more))
+    for d, v in enumerate(more):
+        total[d] += v

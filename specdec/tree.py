@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,37 +172,56 @@ def load_preset(preset: str | os.PathLike | Mapping | Iterable) -> list[list[int
     return paths
 
 
-def path_acceptance(path: tuple[int, ...] | list[int], rank_probs: list[float]) -> float:
-    """Probability that the path to a node is accepted when the rank-r child of an accepted node
-    is the accepted one with probability ``rank_probs[r]`` (independently per depth)."""
+def path_acceptance_by_depth(path: Sequence[int], rank_acc: Sequence[Sequence[float]]) -> float:
+    """Probability that the path to a node is accepted when, at depth ``d`` (0-based), the rank-r
+    child of an accepted node is the accepted one with probability ``rank_acc[d][r]``, independently
+    per depth (a depth or rank past the table's: 0)."""
     prob = 1.0
-    for r in path:
-        prob *= rank_probs[r] if r < len(rank_probs) else 0.0
+    for depth, rank in enumerate(path):
+        row = rank_acc[depth] if depth < len(rank_acc) else ()
+        prob *= row[rank] if rank < len(row) else 0.0
     return prob
 
 
-def expected_tokens(paths: list[list[int]], rank_probs: list[float]) -> float:
-    """Expected tokens per step (tau) of a tree under the ``rank_probs`` model: 1 + sum of path acceptances."""
-    return 1.0 + sum(path_acceptance(p, rank_probs) for p in paths)
+def expected_tokens_by_depth(paths: Sequence[Sequence[int]], rank_acc: Sequence[Sequence[float]]) -> float:
+    """Expected tokens per step (tau) of a tree under the ``rank_acc`` model: 1 + sum of path acceptances."""
+    return 1.0 + sum(path_acceptance_by_depth(p, rank_acc) for p in paths)
 
 
-def best_tree(rank_probs: list[float], num_nodes: int, max_depth: int | None = None) -> list[list[int]]:
-    """The ``num_nodes``-node tree with the largest expected tau under ``rank_probs`` (greedy, as in
-    Sequoia's positional-acceptance model); paths ordered by expected acceptance, best first.
+def best_tree_by_depth(rank_acc: Sequence[Sequence[float]], num_nodes: int) -> list[list[int]]:
+    """The ``num_nodes``-node tree, at most ``len(rank_acc)`` deep, with the largest expected tau under
+    ``rank_acc`` (greedy best-first, as in Sequoia's positional-acceptance model and Medusa's sparse
+    trees); paths ordered by expected acceptance, best first.
 
     Greedy is optimal here: a child's acceptance never exceeds its parent's, so the best nodes
-    always form a tree, and the next best node is always a child of one already chosen.
+    always form a tree, and the next best node is always a child of one already chosen (or the next
+    sibling of one, considered only once its better-ranked sibling is in).
     """
     chosen: list[tuple[int, ...]] = []
-    frontier: dict[tuple[int, ...], float] = {(0,): path_acceptance((0,), rank_probs)}
+    frontier = {(0,): path_acceptance_by_depth((0,), rank_acc)} if rank_acc else {}
     while len(chosen) < num_nodes and frontier:
         path = max(frontier, key=lambda t: (frontier[t], -len(t), [-x for x in t]))
         del frontier[path]
         chosen.append(path)
-        if path[-1] + 1 < len(rank_probs):  # next sibling
+        if path[-1] + 1 < len(rank_acc[len(path) - 1]):  # next sibling
             sib = path[:-1] + (path[-1] + 1,)
-            frontier[sib] = path_acceptance(sib, rank_probs)
-        if max_depth is None or len(path) < max_depth:  # first child
+            frontier[sib] = path_acceptance_by_depth(sib, rank_acc)
+        if len(path) < len(rank_acc):  # first child
             child = path + (0,)
-            frontier[child] = path_acceptance(child, rank_probs)
+            frontier[child] = path_acceptance_by_depth(child, rank_acc)
     return [list(p) for p in chosen]
+
+
+def path_acceptance(path: Sequence[int], rank_probs: Sequence[float]) -> float:
+    """:func:`path_acceptance_by_depth` with the same ``rank_probs`` at every depth."""
+    return path_acceptance_by_depth(path, [rank_probs] * len(path))
+
+
+def expected_tokens(paths: Sequence[Sequence[int]], rank_probs: Sequence[float]) -> float:
+    """Expected tokens per step (tau) with the same ``rank_probs`` at every depth."""
+    return 1.0 + sum(path_acceptance(p, rank_probs) for p in paths)
+
+
+def best_tree(rank_probs: Sequence[float], num_nodes: int, max_depth: int | None = None) -> list[list[int]]:
+    """:func:`best_tree_by_depth` with the same ``rank_probs`` at every depth, at most ``max_depth`` deep."""
+    return best_tree_by_depth([rank_probs] * (max_depth or num_nodes), num_nodes)

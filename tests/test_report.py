@@ -132,7 +132,8 @@ def test_predicted_vs_measured_speedup_of_a_draft_model_chain(prompts_file, tmp_
           f"{m['predicted_speedup']:.3f}x, efficiency {m['efficiency']:.2f}, tau {m['speculative']['tau']:.2f}, "
           f"alpha {model['alpha']}, recommended k {m['recommended_k']}")
     assert m["predicted_speedup"] > 0 and m["efficiency"] == pytest.approx(m["speedup"] / m["predicted_speedup"])
-    assert model["drafter"] == {"name": "DraftModelDrafter", "kind": "chain", "draft_model": True, "k": 3, "max_nodes": 3}
+    assert model["drafter"] == {"name": "DraftModelDrafter", "kind": "chain", "k": 3, "max_nodes": 3,
+                                "draft_forwards": "per_level", "draft_module": "model"}
     assert sorted(map(int, model["costs"]["target"])) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64]
     assert list(model["costs"]["draft"]) == [1] and set(model["predicted_speedup_by_k"]) == set(range(1, 9))
     assert len(list(costs_dir().glob("*.json"))) >= 2  # one curve per model
@@ -142,7 +143,7 @@ def test_predicted_vs_measured_speedup_of_a_draft_model_chain(prompts_file, tmp_
     assert again["cost_model"]["costs"]["target"] == model["costs"]["target"]
 
     ngram = decode.run(compose_cfg(*tiny_args(prompts_file, num_prompts=1), "drafter=ngram"), tmp_path / "ngram")
-    assert ngram["cost_model"]["drafter"]["draft_model"] is False and ngram["cost_model"]["costs"]["draft"] is None
+    assert ngram["cost_model"]["drafter"]["draft_module"] is None and ngram["cost_model"]["costs"]["draft"] is None
     assert ngram["metrics"]["predicted_speedup"] > 0
 
     skipped = decode.run(compose_cfg(*tiny_args(prompts_file, num_prompts=1), "costs=false"), tmp_path / "skip")
@@ -164,5 +165,5 @@ def test_cost_model_arithmetic():
     assert fit_alpha([], []) is None
     # REFERENCES.md: alpha 0.8 gives an optimal k of about 4 at c = 0.2 and about 8 at c = 0.05 (flat verify cost).
     flat = {w: 1.0 for w in (1, 64)}
-    assert recommend_k(chain_speedup_by_k(0.8, {"target": flat, "draft": {1: 0.2}}, True)) == 4
-    assert recommend_k(chain_speedup_by_k(0.8, {"target": flat, "draft": {1: 0.05}}, True)) == 8
+    assert recommend_k(chain_speedup_by_k(0.8, {"target": flat, "draft": {1: 0.2}})) == 4
+    assert recommend_k(chain_speedup_by_k(0.8, {"target": flat, "draft": {1: 0.05}})) == 8

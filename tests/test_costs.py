@@ -1,0 +1,88 @@
+"""The cost model predicts what a run measures, for every drafter shape.
+
+Each model's forward (and Medusa's heads) is made to cost a known time (a sleep hook, far above the
+tiny models' own compute), so the costs the model measures, and the speedup a run measures, are
+known; ``predicted_speedup`` must then match the measured speedup (efficiency near 1). No assertion
+depends on how fast this machine is.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+
+from drafters import DraftModelDrafter, MedusaDrafter, NGramDrafter, NoDrafter
+from drafters.medusa_heads import MedusaHeads
+from experiments.costs import cost_model, measure_run_costs
+from specdec import SamplingParams, SpeculativeDecoder
+from specdec.stats import DecodeStats
+from tests.tiny_models import noisy_copy, pair, prompts
+
+T_TARGET, T_DRAFT, T_HEADS = 0.008, 0.002, 0.004  # seconds per forward
+
+
+def _slow(module, seconds):
+    module = copy.deepcopy(module)
+    module.register_forward_pre_hook(lambda *args: time.sleep(seconds))
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target = _slow(pair("llama")[0], T_TARGET)
+    return target, prompts(pair("llama")[2], 3, seed=5)
+
+
+def _measured_speedup_and_model(target, drafter, ids_list, cache_dir, max_new=24):
+    runs = {}
+    for name, d in (("spec", drafter), ("ar", NoDrafter())):
+        dec = SpeculativeDecoder(target, d, sampling=SamplingParams())
+        runs[name] = DecodeStats.merge([dec.generate(ids, max_new_tokens=max_new, seed=0).stats for ids in ids_list])
+    speedup = runs["spec"].tokens_per_s / runs["ar"].tokens_per_s
+    shape = drafter.step_shape(target)
+    context = ids_list[0].shape[1] + max_new // 2
+    prefill = round(sum(ids.shape[1] for ids in ids_list) / len(ids_list)) - 1
+    costs = measure_run_costs(target, shape, context, prefill, cache_dir=cache_dir)
+    metrics, model = cost_model(runs["spec"], costs, shape.describe(type(drafter).__name__), speedup, len(ids_list))
+    return speedup, metrics, model, runs["spec"], costs
+
+
+def test_draft_model_chain_predicted_equals_measured(setup, tmp_path):
+    target, ids_list = setup
+    drafter = DraftModelDrafter(_slow(noisy_copy("llama"), T_DRAFT), num_speculative_tokens=3)
+    speedup, metrics, model, stats, costs = _measured_speedup_and_model(target, drafter, ids_list, tmp_path)
+    assert costs["draft"][1] >= T_DRAFT and costs["target"][1] >= T_TARGET  # the sleeps, plus the models' compute
+    assert 0.8 < metrics["efficiency"] < 1.2, (speedup, metrics)
+    assert 1.0 < stats.tau < 4.0  # a chain that accepts some drafts: the prediction is not trivial
+
+
+def test_medusa_heads_are_costed(setup, tmp_path):
+    """Medusa's heads run once per step; their cost is in the prediction (it used to count as zero)."""
+    target, ids_list = setup
+    heads = _slow(MedusaHeads.for_target(target, num_heads=3, init="random"), T_HEADS)
+    drafter = MedusaDrafter(heads, tree="binary")
+    speedup, metrics, model, stats, costs = _measured_speedup_and_model(target, drafter, ids_list, tmp_path)
+    assert model["drafter"]["draft_forwards"] == "per_step" and model["drafter"]["draft_module"] == "probe"
+    assert costs["draft"][1] >= T_HEADS
+    assert 0.8 < metrics["efficiency"] < 1.2, (speedup, metrics)
+    free = dict(costs, draft=None)  # the same run with the heads costed at zero predicts too much
+    no_heads, _ = cost_model(stats, free, model["drafter"], speedup, len(ids_list))
+    assert no_heads["predicted_speedup"] > metrics["predicted_speedup"] * 1.1
+
+
+def test_ngram_predicted_equals_measured(setup, tmp_path):
+    target, ids_list = setup
+    speedup, metrics, model, _, costs = _measured_speedup_and_model(target, NGramDrafter(3), ids_list, tmp_path)
+    assert costs["draft"] is None and model["drafter"]["draft_forwards"] == "none"
+    assert 0.8 < metrics["efficiency"] < 1.2, (speedup, metrics)
+
+
+def test_a_draft_slower_than_the_target_is_a_warning():
+    """What a cuDNN re-plan per forward did to a bf16 draft on CUDA: visible in the summary."""
+    costs = {"target": {1: 0.004, 2: 0.0045}, "draft": {1: 0.030}}
+    shape = {"kind": "chain", "draft_forwards": "per_level"}
+    _, model = cost_model(None, costs, shape, None)
+    assert len(model["warnings"]) == 1 and "costs 30.00 ms, more than a target forward (4.00 ms)" in model["warnings"][0]
+    _, fine = cost_model(None, dict(costs, draft={1: 0.001}), shape, None)
+    assert fine["warnings"] == []

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.errors import SpecDecError
+from specdec.files import atomic_write, atomic_write_json
+from specdec.models import text_config
 
 WEIGHTS_FILE = "medusa_heads.safetensors"
 CONFIG_FILE = "medusa_config.json"
@@ -132,11 +133,6 @@ class MedusaHeads(nn.Module):
 # --------------------------------------------------------------------------- target fingerprint
 
 
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _probe(tensor: torch.Tensor) -> list[float]:
     flat = tensor.detach().reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, PROBE_POINTS).round().long().to(flat.device)
@@ -149,7 +145,7 @@ def target_fingerprint(target) -> dict:
     The sample covers the output embedding and the first, middle and last parameter tensors, so two
     checkpoints of the same architecture with different weights get different fingerprints.
     """
-    config = _text_config(target)
+    config = text_config(target)
     out_emb = target.get_output_embeddings().weight
     shape = {"model_type": getattr(config, "model_type", None), "hidden_size": int(out_emb.shape[1]),
              "vocab_size": int(out_emb.shape[0]), "num_hidden_layers": getattr(config, "num_hidden_layers", None),
@@ -208,20 +204,9 @@ def default_heads_dir(zoo_size: str = "default", cache_dir: str | os.PathLike | 
     return Path(cache_dir).expanduser() / "medusa" / f"zoo-{zoo_size}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` as JSON to ``path`` atomically (temp file + ``os.replace``)."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+    atomic_write_json(path, data)
 
 
 def save_heads(heads: MedusaHeads, directory: str | os.PathLike, training: dict | None = None,
@@ -235,7 +220,7 @@ def save_heads(heads: MedusaHeads, directory: str | os.PathLike, training: dict 
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in heads.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": str(FORMAT)}))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": str(FORMAT)}))
     if evaluation is not None:
         write_json(directory / EVAL_FILE, evaluation)
     write_json(directory / CONFIG_FILE, {**heads.config(), "training": training or {}})

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from experiments import corpus
 from specdec.errors import SpecDecError
+from specdec.files import atomic_write_text
 
 DEFAULT_NUM_PROMPTS = 32
 PROMPT_LINES = 24  # at most this many lines per prompt
@@ -74,18 +75,6 @@ def writable_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     except OSError as exc:
         raise CacheDirError(f"cache directory {str(path)!r} is not writable ({exc.strerror or exc}); {fix}") from exc
     return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- Spec-Bench JSONL

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from specdec.files import atomic_write_json, atomic_write_text
 from specdec.stats import DecodeStats
 
 SPECULATIVE = "speculative"
@@ -106,10 +106,7 @@ class ResultsWriter:
         if keep is None:
             self._records = self.records_path.open("w", encoding="utf-8")
             return
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".records.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in keep)
-        os.replace(tmp, self.records_path)
+        atomic_write_text(self.records_path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in keep))
         self._records = self.records_path.open("a", encoding="utf-8")
 
     def add_record(self, record: dict) -> None:
@@ -120,10 +117,7 @@ class ResultsWriter:
 
     def write_summary(self, summary: dict) -> None:
         """Replace ``summary.json`` atomically (a reader never sees a half-written file)."""
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".summary.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2, ensure_ascii=False, default=str)
-        os.replace(tmp, self.summary_path)
+        atomic_write_json(self.summary_path, summary, ensure_ascii=False, default=str)
 
     def close(self) -> None:
         self._records.close()

@@ -10,6 +10,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.errors import SpecDecError
+from specdec.models import text_config
 
 
 class CacheOverflowError(SpecDecError):
@@ -93,8 +94,7 @@ class SpecDecCache(Cache):
     @classmethod
     def for_model(cls, model, capacity: int) -> "SpecDecCache":
         """A cache sized for ``model``'s layer count."""
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return cls(config.num_hidden_layers, capacity)
+        return cls(text_config(model).num_hidden_layers, capacity)
 
     @property
     def length(self) -> int:

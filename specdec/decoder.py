@@ -12,6 +12,7 @@ from specdec.acceptance import AcceptanceRule, get_rule
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, Drafter
 from specdec.errors import SpecDecError
+from specdec.models import text_config
 from specdec.sampling import SamplingParams
 from specdec.stats import DecodeStats
 from specdec.types import AcceptResult, DraftTree
@@ -38,8 +39,7 @@ def eos_token_ids(model) -> set[int]:
 
 def context_length(model) -> int | None:
     """The model's maximum context (``max_position_embeddings``), or None if it declares none."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "max_position_embeddings", None)
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 class SpeculativeDecoder:

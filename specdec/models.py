@@ -11,6 +11,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt_neox")
 
 
+def text_config(model):
+    """The config of ``model``'s language model (a multimodal model's text part; else its own config)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise SpecDecError(f"dtype={name!r} is unknown; choose one of {sorted(DTYPES)}")

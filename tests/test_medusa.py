@@ -306,7 +306,7 @@ def test_configs_compose_and_build(saved_heads):
     from experiments import decode
     from experiments.models_from_config import load_models
 
-    cfg = compose_decode("drafter=medusa", f"drafter.heads={saved_heads}", "tree=binary")
+    cfg = compose_decode("model=tiny_random", "drafter=medusa", f"drafter.heads={saved_heads}", "tree=binary")
     drafter = decode.build_drafter(cfg.drafter, load_models(cfg.model), cfg.get("tree"))
     assert isinstance(drafter, MedusaDrafter) and drafter.max_nodes == 14  # binary pruned to the 3 heads
     cfg = compose_decode("experiment=medusa")

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from specdec.files import atomic_write_json
+
 MANIFEST = "COMPLETE.json"
 MANIFEST_FORMAT = 1
 
@@ -49,9 +51,7 @@ def write_manifest(root: Path, info: dict) -> dict:
         path = root / rel
         files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     manifest = {"format": MANIFEST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info, "files": files}
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, root / MANIFEST)
+    atomic_write_json(root / MANIFEST, manifest, sort_keys=True)
     return manifest
 
 

@@ -1,0 +1,78 @@
+"""Medusa heads' training objective and held-out evaluation (a library for ``experiments.train_medusa``
+and ``experiments.medusa_tree``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from drafters.medusa_heads import MedusaHeads
+from experiments.head_training import teacher
+
+LOSSES = ("soft", "hard")
+RANKS = 10  # per-rank accuracies kept in eval.json (they shape the default tree)
+
+
+def medusa_loss(head_logits: torch.Tensor, target_logits: torch.Tensor, mode: str, decay: float):
+    """Weighted loss over heads and each head's loss.
+
+    Head ``i``'s logits at position ``t`` (``head_logits [K, B, T, V]``) are trained towards the
+    target's prediction at ``t + i + 1`` (``target_logits [B, T, V]``): KL(target || head) for
+    ``soft``, cross-entropy on the target's argmax for ``hard``.
+    """
+    total, per_head = head_logits.new_zeros(()), []
+    seq = target_logits.shape[1]
+    for i in range(head_logits.shape[0]):
+        n = seq - i - 1  # positions t with a teacher at t + i + 1 inside the window
+        if n <= 0:
+            break
+        logq = F.log_softmax(head_logits[i, :, :n], dim=-1)  # [B, n, V]
+        teach = target_logits[:, i + 1 :]  # [B, n, V]
+        if mode == "soft":
+            logp = F.log_softmax(teach, dim=-1)  # [B, n, V]
+            loss = (logp.exp() * (logp - logq)).sum(-1).mean()
+        else:
+            loss = F.nll_loss(logq.reshape(-1, logq.shape[-1]), teach.argmax(-1).reshape(-1))
+        total = total + decay**i * loss
+        per_head.append(loss.detach())
+    return total, per_head
+
+
+@torch.no_grad()
+def evaluate(heads: MedusaHeads, target, chunks: torch.Tensor, batch_size: int = 8, ranks: int = RANKS,
+             start: int = 0) -> dict:
+    """Held-out accuracy of each head against the target's own greedy predictions.
+
+    For head ``i`` at position ``t >= start`` the label is the target's argmax at ``t + i + 1``. Reports top-1,
+    top-5, the share of positions where the label is the head's rank-``r`` token (``rank_accuracy``,
+    r < ``ranks``), and two baselines: always predicting the most frequent label (``majority_top1``)
+    and the target's own next-token prediction at ``t`` (``next_token_top1``, what an untrained head does).
+    """
+    heads.eval()
+    k, vocab = heads.num_heads, heads.vocab_size
+    hits = torch.zeros(k, ranks, dtype=torch.float64)
+    top5 = torch.zeros(k, dtype=torch.float64)
+    base_next = torch.zeros(k, dtype=torch.float64)
+    label_counts = torch.zeros(k, vocab, dtype=torch.float64)
+    positions = torch.zeros(k, dtype=torch.float64)
+    for row in range(0, chunks.shape[0], batch_size):
+        batch = chunks[row : row + batch_size]
+        hidden, t_logits = teacher(target, batch)  # [B, T, H], [B, T, V]
+        greedy = t_logits.argmax(-1)  # [B, T]
+        logits = heads(hidden[:, start:].to(next(heads.parameters()).dtype)).float()  # [K, B, T - start, V]
+        for i in range(k):
+            n = batch.shape[1] - start - i - 1  # positions t = start .. T - i - 2
+            lab = greedy[:, start + i + 1 :]  # [B, n]
+            z = logits[i, :, :n]  # [B, n, V]
+            rank = (z > z.gather(-1, lab[..., None])).sum(-1)  # [B, n] how many tokens score above the label
+            hits[i] += torch.stack([(rank == r).sum() for r in range(ranks)]).double()
+            top5[i] += (rank < 5).sum()
+            base_next[i] += (greedy[:, start : start + n] == lab).sum()
+            label_counts[i] += torch.bincount(lab.reshape(-1), minlength=vocab).double()
+            positions[i] += lab.numel()
+    acc = hits / positions[:, None]  # [K, R]
+    per_head = [{"head": i + 1, "depth": i + 1, "top1": float(acc[i, 0]), "top5": float(top5[i] / positions[i]),
+                 "majority_top1": float(label_counts[i].max() / positions[i]),
+                 "next_token_top1": float(base_next[i] / positions[i]), "positions": int(positions[i])}
+                for i in range(k)]
+    return {"per_head": per_head, "rank_accuracy": acc.tolist(), "chance_top1": 1.0 / vocab,
+            "heldout_tokens": int(chunks.numel())}

@@ -1,0 +1,40 @@
+"""Files that a reader never sees half-written: write a temp file beside the target, then rename.
+
+One home for every atomic write of the project (results, summaries, cost curves, prompt files,
+checkpoints, heads and their JSON), so a process killed mid-write leaves the old file or the new
+one, never a mix, and no stray temp file when the write fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp)`` with the name of a new temp file beside ``path``, then move it onto ``path``.
+
+    The temp file is removed if ``write`` (or the move) fails; ``path`` is then unchanged.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> None:
+    """Replace ``path`` with ``data`` as JSON atomically (``dump_kwargs`` go to :func:`json.dumps`)."""
+    atomic_write_text(path, json.dumps(data, **{"indent": 2, **dump_kwargs}) + "\n")

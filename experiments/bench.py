@@ -1,6 +1,7 @@
 """Side-by-side benchmark: ours vs Hugging Face ``generate`` on the same pair, prompts and machine.
 
     python -m experiments.bench --size default --prompts 10 --max-new-tokens 128 --ks 2,4,6 --reps 3
+    python -m experiments.bench --device cuda --synthetic llama-8b --prompts 2 --max-new-tokens 32 --ks 4
 
 Greedy, batch 1, one process: Hugging Face plain ``generate``, assisted generation with the
 draft model (constant k, and its default schedule), prompt lookup; ours: autoregressive, the
@@ -15,7 +16,14 @@ prefill plus our verify forwards each costed at ``k T_d(1) + T_t(k + 1)``, i.e. 
 would be if our loop cost nothing beyond the forwards. Forward costs are timed after every
 prompt's rounds (5 repetitions each) and the median over prompts is kept, so a machine whose
 speed drifts during the run skews the costs and the runs alike.
-Importable without hydra or wandb.
+
+On a GPU (``--device cuda``) every method runs with the same SDPA kernels (cuDNN attention off:
+it builds a plan per new sequence length, which would time plan building, not decoding), the
+device is synchronised around every timed call, and ``--verify-curve`` adds the verify forward's
+cost by width, T(w) / T(1), for the ``sdpa`` and ``triton`` backends at ``--context`` tokens.
+``--synthetic llama-8b`` (or ``llama-1b``) decodes random prompts with a random-weight target of that
+shape and its layer-truncated self-draft (:mod:`experiments.synthetic`): timings only, its
+acceptance is meaningless. Importable without hydra or wandb.
 """
 from __future__ import annotations
 
@@ -30,9 +38,10 @@ from dataclasses import dataclass, field
 import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
-from experiments.bench_costs import cost_at, measure_costs, predicted_chain_speedup
+from experiments.costs import cost_at, measure_costs, measure_interleaved, predicted_chain_speedup
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.models import DTYPES, load_causal_lm, load_tokenizer
+from verifier.verifier import SDPA_KERNELS
 
 
 @dataclass
@@ -111,8 +120,10 @@ def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, betwe
         for rep in range(reps):
             order = methods[rep % len(methods):] + methods[: rep % len(methods)]
             for meth in order:
+                _sync(ids.device)
                 t0 = time.perf_counter()
                 out, stats = meth.run(ids)
+                _sync(ids.device)
                 meth.times.setdefault(i, []).append(time.perf_counter() - t0)
                 meth.new_tokens[i] = out.shape[1] - ids.shape[1]
                 meth.matches &= out.tolist() == reference.tolist()
@@ -124,6 +135,11 @@ def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, betwe
         if between is not None:
             between()
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def tokens_per_s(meth: Method) -> dict[int, float]:
@@ -185,23 +201,47 @@ def median_costs(samples: list[dict]) -> dict:
 
 
 def load_pair(args):
-    """(target, draft, tokenizer) from ``--target/--draft`` paths or the embedded zoo ``--size``."""
+    """(target, draft, tokenizer or None) from ``--synthetic``, ``--target/--draft`` paths or the zoo ``--size``."""
+    if args.synthetic:
+        from experiments.synthetic import synthetic_pair
+
+        return (*synthetic_pair(args.synthetic, args.device, DTYPES[args.dtype], args.draft_layers), None)
+    opts = {"dtype": args.dtype, "device": args.device}
+    draft_opts = {**opts, "dtype": args.draft_dtype}
     if args.target:
-        return (load_causal_lm(args.target), load_causal_lm(args.draft or args.target, dtype=args.draft_dtype),
+        return (load_causal_lm(args.target, **opts), load_causal_lm(args.draft or args.target, **draft_opts),
                 load_tokenizer(args.target))
     from experiments.zoo import ensure_pair
 
     pair = ensure_pair(args.size, cache_dir=args.cache_dir)
-    return (load_causal_lm(pair.target_dir), load_causal_lm(pair.draft_dir, dtype=args.draft_dtype),
+    return (load_causal_lm(pair.target_dir, **opts), load_causal_lm(pair.draft_dir, **draft_opts),
             load_tokenizer(pair.tokenizer_dir))
 
 
-def load_prompt_ids(tokenizer, args) -> list[torch.Tensor]:
-    from experiments.data import heldout_prompts_path, load_prompts
+def load_prompt_ids(tokenizer, target, args) -> list[torch.Tensor]:
+    """Prompts ``[1, T]`` on the target's device: random ids for a synthetic target, else the data set's."""
+    if tokenizer is None:
+        from experiments.synthetic import random_prompts
 
-    path = args.dataset or heldout_prompts_path(cache_dir=args.cache_dir, num_prompts=args.prompts)
-    return [tokenizer(p.text, return_tensors="pt").input_ids[:, -args.max_prompt_tokens:]
-            for p in load_prompts(path, limit=args.prompts)]
+        ids = random_prompts(target.config.vocab_size, args.prompts, args.prompt_len)
+    else:
+        from experiments.data import heldout_prompts_path, load_prompts
+
+        path = args.dataset or heldout_prompts_path(cache_dir=args.cache_dir, num_prompts=args.prompts)
+        ids = [tokenizer(p.text, return_tensors="pt").input_ids[:, -args.max_prompt_tokens:]
+               for p in load_prompts(path, limit=args.prompts)]
+    return [x.to(args.device) for x in ids]
+
+
+def verify_curve(target, context: int, widths: tuple[int, ...], backends: list[str], reps: int) -> tuple[dict, str]:
+    """Median seconds of one verify forward (a chain's tree mask) by width after ``context`` tokens, per
+    attention backend, and a Markdown table of T(w) / T(1)."""
+    curves = {b: measure_interleaved([(target, context, widths)], reps=reps, backend=b)[0] for b in backends}
+    lines = ["| backend | " + " | ".join(f"w={w}" for w in widths) + " |", "|" + "---|" * (len(widths) + 1)]
+    for b, curve in curves.items():
+        lines.append(f"| {b} T(w) ms | " + " | ".join(f"{curve[w] * 1e3:.2f}" for w in widths) + " |")
+        lines.append(f"| {b} T(w)/T(1) | " + " | ".join(f"{curve[w] / curve[widths[0]]:.2f}" for w in widths) + " |")
+    return curves, "\n".join(lines)
 
 
 def parse_args(argv=None):
@@ -214,8 +254,21 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where every model runs")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="precision of the target")
     p.add_argument("--draft-dtype", default="float32", choices=sorted(DTYPES),
-                   help="precision of the draft model, for HF assisted generation and ours alike (the target is float32)")
+                   help="precision of the draft model, for HF assisted generation and ours alike")
+    p.add_argument("--synthetic", default=None,
+                   help="a random-weight target of a real shape (llama-8b, llama-1b, llama-micro) with a layer-truncated "
+                        "self-draft, random prompts: timings only (see experiments.synthetic)")
+    p.add_argument("--draft-layers", type=int, default=2, help="--synthetic: layers of the self-draft")
+    p.add_argument("--prompt-len", type=int, default=256, help="--synthetic: prompt length")
+    p.add_argument("--verify-curve", action="store_true",
+                   help="also time the verify forward by width for each --backends at --context tokens")
+    p.add_argument("--backends", type=lambda s: s.split(","), default=["sdpa", "triton"])
+    p.add_argument("--context", type=int, default=None, help="--verify-curve context (default: the run's)")
+    p.add_argument("--verify-widths", type=lambda s: tuple(int(x) for x in s.split(",")),
+                   default=(1, 2, 4, 8, 16, 32, 64))
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6])
     p.add_argument("--ngram-tokens", type=int, default=4)
     p.add_argument("--max-ngram", type=int, default=2, help="HF's max_matching_ngram_size (its default is 2)")
@@ -228,31 +281,52 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def machine_line() -> str:
+    """Where the benchmark ran: the GPU (with versions) or the CPU and its threads."""
+    import transformers
+
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
+    if torch.cuda.is_available():
+        import triton
+
+        return f"{torch.cuda.get_device_name()}, {versions}, triton {triton.__version__}"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {versions}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    target, draft, tok = load_pair(args)
-    prompts = load_prompt_ids(tok, args)
-    methods = build_methods(target, draft, args)
-    context = int(statistics.median(p.shape[1] for p in prompts)) + args.max_new_tokens // 2
-    samples: list[dict] = []  # forward costs timed between prompts, so machine drift hits them and the runs alike
-    run_all(methods, prompts, args.reps, between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5)))
-    costs = median_costs(samples)
-    rows, table = summarize(methods, costs)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}"
+    with torch.nn.attention.sdpa_kernel(SDPA_KERNELS):  # the same attention kernels for HF and ours
+        target, draft, tok = load_pair(args)
+        prompts = load_prompt_ids(tok, target, args)
+        methods = build_methods(target, draft, args)
+        context = int(statistics.median(p.shape[1] for p in prompts)) + args.max_new_tokens // 2
+        samples: list[dict] = []  # forward costs timed between prompts, so machine drift hits them and the runs alike
+        run_all(methods, prompts, args.reps,
+                between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5)))
+        costs = median_costs(samples)
+        rows, table = summarize(methods, costs)
+        curves, curve_table = (verify_curve(target, args.context or context, args.verify_widths, args.backends, 10)
+                               if args.verify_curve else (None, ""))
+    source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
+        (args.target or f"zoo {args.size}")
     header = (f"Command: `python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
-              f"Machine: {machine}. {len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, batch 1, "
-              f"{args.reps} reps, draft in {args.draft_dtype}. Forward costs at context {context}: target "
+              f"Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device}, draft in "
+              f"{args.draft_dtype}. {len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, batch 1, "
+              f"{args.reps} reps. Forward costs at context {context}: target "
               + ", ".join(f"w{w} {t * 1e3:.1f} ms" for w, t in costs["target"].items())
               + f"; draft w1 {costs['draft'] * 1e3:.2f} ms.\n")
-    print(header + "\n" + table)
+    text = header + "\n" + table + (f"\n\nVerify forward by width at context {args.context or context}:\n\n"
+                                     + curve_table if curve_table else "")
+    print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(header + "\n" + table + "\n")
+            f.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "costs": costs, "machine": machine, "args": vars(args)}, f, indent=1, default=str)
+            json.dump({"rows": rows, "costs": costs, "verify_curves": curves, "machine": machine_line(),
+                       "args": vars(args)}, f, indent=1, default=str)
     return 0 if all(r["matches_hf_plain"] for r in rows) else 1
 
 

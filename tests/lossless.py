@@ -153,19 +153,20 @@ def cells(shapes: list[str]) -> list[tuple[str, str, str]]:
             for rule in ["rejection", *BUGS_FOR_SHAPE[shape]]]
 
 
-def check_cell(target, drafter, setting: str, rule: str, prompt: torch.Tensor = PROMPT) -> float:
+def check_cell(target, drafter, setting: str, rule: str, prompt: torch.Tensor = PROMPT) -> dict[str, float]:
     """Decode ``RUNS_FOR[rule]`` times and run the chi-square test: it must pass for ``rejection``
-    (with depth-1 acceptance inside :data:`ACCEPTANCE_BAND`) and fail for a planted bug. Returns the p-value."""
+    (with depth-1 acceptance inside :data:`ACCEPTANCE_BAND`) and fail for a planted bug.
+
+    Returns the p-value and the depth-1 acceptance rate (for the test report)."""
     runs = RUNS_FOR[rule]
     exact = cached_exact_distribution(target, setting, tuple(prompt[0].tolist()))
     acceptance = "rejection" if rule == "rejection" else PLANTED_BUGS[rule]()
     counts, stats = decode_runs(target, drafter, acceptance, SETTINGS[setting], runs, prompt)
-    pvalue = chi_square_pvalue(counts, exact, runs)
+    pvalue, rate = chi_square_pvalue(counts, exact, runs), stats.acceptance_rate_by_depth[0]
     if rule != "rejection":
         assert pvalue < ALPHA, f"planted bug {rule} passed the chi-square test (p = {pvalue:.3g}): no power here"
-        return pvalue
-    rate = stats.acceptance_rate_by_depth[0]
-    low, high = ACCEPTANCE_BAND
-    assert low <= rate <= high, f"depth-1 acceptance {rate:.2f} is outside {ACCEPTANCE_BAND}: one branch barely runs"
-    assert pvalue > ALPHA, f"rejection failed the chi-square test (p = {pvalue:.3g})"
-    return pvalue
+    else:
+        low, high = ACCEPTANCE_BAND
+        assert low <= rate <= high, f"depth-1 acceptance {rate:.2f} is outside {ACCEPTANCE_BAND}: a branch barely runs"
+        assert pvalue > ALPHA, f"rejection failed the chi-square test (p = {pvalue:.3g})"
+    return {"pvalue": pvalue, "depth1_acceptance": rate}

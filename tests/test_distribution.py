@@ -43,10 +43,11 @@ NGRAM_PROMPT = torch.tensor([[4, 2, 1, 4, 2]])  # "4 2" looked up: proposes 1 (p
 def test_chain_output_distribution(setting, shape, rule, record_property):
     target, draft = peaky_noisy_pair()
     if shape == "chain":
-        pvalue = check_cell(target, DraftModelDrafter(draft, num_speculative_tokens=2), setting, rule)
+        result = check_cell(target, DraftModelDrafter(draft, num_speculative_tokens=2), setting, rule)
     else:
-        pvalue = check_cell(target, NGramDrafter(num_speculative_tokens=2, max_ngram=2), setting, rule, NGRAM_PROMPT)
-    record_property("pvalue", pvalue)
+        result = check_cell(target, NGramDrafter(num_speculative_tokens=2, max_ngram=2), setting, rule, NGRAM_PROMPT)
+    for name, value in result.items():
+        record_property(name, value)
 
 
 def test_rejection_with_bf16_draft_of_fp32_target_is_lossless():

@@ -32,6 +32,14 @@ class AcceptanceRule(ABC):
     def check(self, sampling: SamplingParams) -> None:
         """Raise :class:`ConfigError` if the rule cannot run with ``sampling``."""
 
+    def draw_uniform(self, generator: torch.Generator | None, device: torch.device) -> float:
+        """One draw ``u ~ U(0, 1)``; every random decision of a rule goes through here or :meth:`draw_token`."""
+        return float(torch.rand((), generator=generator, device=device))
+
+    def draw_token(self, probs: torch.Tensor, generator: torch.Generator | None) -> int:
+        """One token from ``probs [V]`` (the recovered or bonus token)."""
+        return sample(probs, generator)
+
     @abstractmethod
     def __call__(
         self, tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
@@ -79,7 +87,8 @@ class RejectionAcceptance(AcceptanceRule):
     """Speculative sampling, lossless for any temperature / top-k / top-p.
 
     On a chain it is the rule of Leviathan et al. / Chen et al. (arXiv 2302.01318). On a tree it
-    tries the children of a node in order (SpecInfer arXiv 2305.09781, Sequoia arXiv 2402.12374):
+    tries the children of a node in order (SpecInfer arXiv 2305.09781, Sequoia arXiv 2402.12374),
+    keeping a running target ``p'`` (the node's p at first):
 
     - sampled children (``tree.draft_probs`` given): accept ``c`` w.p. ``min(1, p'(c) / q'(c))``;
       on rejection ``p' <- norm(max(0, p' - q'))``, and for children drawn without replacement
@@ -87,6 +96,10 @@ class RejectionAcceptance(AcceptanceRule):
     - deterministic children (``draft_probs`` None): q is a point mass, accept w.p. ``p'(c)``,
       on rejection ``p'(c) <- 0`` renormalised;
     - no child accepted: sample the recovered token from ``p'``; leaf reached: the bonus from p.
+
+    Each formula is one small method (:meth:`accepts`, :meth:`residual`,
+    :meth:`after_deterministic_rejection`, :meth:`q_without_replacement`), so the distribution
+    tests can plant a bug by overriding exactly one of them.
     """
 
     name = "rejection"
@@ -94,31 +107,56 @@ class RejectionAcceptance(AcceptanceRule):
     def __call__(self, tree, logits, sampling, generator):
         p_all = warp_probs(logits, sampling)  # [1 + N, V]
         toks = tree.tokens.tolist()
-        state = {}
+        left = {}  # node -> p' once every child of it was rejected
 
         def choose(node, children):
             p = p_all[node + 1]  # [V]
-            q = None if tree.draft_probs is None else tree.draft_probs[children[0]].to(p.device).float()  # [V]
+            q = None if tree.draft_probs is None else _draft_row(tree, children[0], p)  # [V]
             for c in children:
                 x = toks[c]
-                u = float(torch.rand((), generator=generator, device=p.device))
-                if q is None:
-                    if u < float(p[x]):
+                u = self.draw_uniform(generator, p.device)
+                if q is None:  # deterministic child: q is a point mass on x
+                    if self.accepts(u, float(p[x]), 1.0):
                         return c
-                    p = _renorm(p.clone().index_fill_(0, torch.tensor([x], device=p.device), 0.0), p)
+                    p = self.after_deterministic_rejection(p, x)
                     continue
                 if tree.sampling == "with_replacement":
-                    q = tree.draft_probs[c].to(p.device).float()  # [V] the q c was drawn from
-                px, qx = float(p[x]), float(q[x])
-                if qx <= 0.0 or u * qx < px:
+                    q = _draft_row(tree, c, p)  # [V] the q c was drawn from
+                if self.accepts(u, float(p[x]), float(q[x])):
                     return c
-                p = _renorm((p - q).clamp_min_(0.0), p)
+                p = self.residual(p, q)
                 if tree.sampling == "without_replacement":
-                    q = _renorm(q.clone().index_fill_(0, torch.tensor([x], device=q.device), 0.0), q)
-            state[node] = p
+                    q = self.q_without_replacement(q, x)
+            left[node] = p
             return None
 
-        return _walk(tree, choose, lambda node: sample(state.get(node, p_all[node + 1]), generator))
+        return _walk(tree, choose, lambda node: self.draw_token(left.get(node, p_all[node + 1]), generator))
+
+    def accepts(self, u: float, px: float, qx: float) -> bool:
+        """Accept a draft x with probability ``min(1, p'(x) / q'(x))``, given ``u ~ U(0, 1)``."""
+        return qx <= 0.0 or u * qx < px
+
+    def residual(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``p'`` after a sampled child was rejected: ``norm(max(0, p' - q'))`` ``[V]``."""
+        return _renorm((p - q).clamp_min(0.0), p)
+
+    def after_deterministic_rejection(self, p: torch.Tensor, x: int) -> torch.Tensor:
+        """``p'`` after a deterministic child ``x`` was rejected: ``p'(x) <- 0``, renormalised ``[V]``."""
+        return _renorm(_zeroed(p, x), p)
+
+    def q_without_replacement(self, q: torch.Tensor, x: int) -> torch.Tensor:
+        """``q'`` for the next sibling drawn without replacement after ``x``: ``q'(x) <- 0``, renormalised."""
+        return _renorm(_zeroed(q, x), q)
+
+
+def _draft_row(tree: DraftTree, node: int, like: torch.Tensor) -> torch.Tensor:
+    """The draft distribution ``node`` was sampled from, float32 on ``like``'s device ``[V]``."""
+    return tree.draft_probs[node].to(like.device).float()
+
+
+def _zeroed(dist: torch.Tensor, x: int) -> torch.Tensor:
+    """A copy of ``dist [V]`` with entry ``x`` set to 0."""
+    return dist.clone().index_fill_(0, torch.tensor([x], device=dist.device), 0.0)
 
 
 def _renorm(dist: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -152,7 +190,7 @@ class TypicalAcceptance(AcceptanceRule):
             row = p_all[node + 1]
             return next((c for c in children if float(row[toks[c]]) > thresh[node + 1]), None)
 
-        return _walk(tree, choose, lambda node: sample(p_all[node + 1], generator))
+        return _walk(tree, choose, lambda node: self.draw_token(p_all[node + 1], generator))
 
 
 RULES = {"greedy": GreedyAcceptance, "rejection": RejectionAcceptance, "typical": TypicalAcceptance}

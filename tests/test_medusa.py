@@ -23,7 +23,7 @@ from drafters.medusa_heads import (WEIGHTS_FILE, MedusaHeads, MedusaHeadsError, 
                                    target_fingerprint)
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.tree import PRESET_DIR, load_preset
-from tests.test_distribution import ALPHA, RUNS, VOCAB, chi_square_pvalue, exact_distribution, sample_counts
+from tests.lossless import ALPHA, RUNS, VOCAB, chi_square_pvalue, exact_distribution, sample_counts
 from tests.tiny_models import pair, peaky_pair, prompts
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -79,17 +78,21 @@ def test_models_load_through_auto_classes_and_generate(micro):
         assert model.config.vocab_size == len(tokenizer)
         out = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)  # [1, T + 6]
         assert out.shape == (1, ids.shape[1] + 6)
-        assert isinstance(tokenizer.decode(out[0], skip_special_tokens=True), str)
+        text = tokenizer.decode(out[0], skip_special_tokens=True)
+        assert text.startswith("import os\n") and len(text) > len("import os\n")  # prompt round-trips, then new text
 
 
-def test_second_call_reuses_the_cache(micro, caplog):
+def test_second_call_reuses_the_cache(micro, caplog, monkeypatch):
     pair, cache_dir = micro
     threads = torch.get_num_threads()
     before = os.stat(Path(pair.target_dir) / "model.safetensors").st_mtime_ns
-    start = time.perf_counter()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the second call trained the pair again instead of reusing the cache")
+
+    monkeypatch.setattr(zoo_build, "build_pair", no_build)
     with caplog.at_level(logging.INFO, logger="experiments.zoo.build"):
-        again = ensure_pair(cache_dir=str(cache_dir), build_if_missing=False, **MICRO)
-    assert time.perf_counter() - start < 10
+        again = ensure_pair(cache_dir=str(cache_dir), **MICRO)  # building allowed, yet it must not build
     assert again == pair
     assert "already built" in caplog.text
     assert torch.get_num_threads() == threads

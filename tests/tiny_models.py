@@ -18,13 +18,17 @@ def pair(arch: str = "llama"):
 @functools.lru_cache(maxsize=None)
 def noisy_copy(arch: str = "llama", noise: float = 0.1, seed: int = 1):
     """A draft that agrees with the target often but not always: the target with noisy weights."""
-    target = pair(arch)[0]
-    draft = copy.deepcopy(target)
+    return _with_noise(pair(arch)[0], noise, seed)
+
+
+def _with_noise(model, noise: float, seed: int):
+    """A copy of ``model`` with Gaussian noise of ``noise`` times each tensor's std added to its weights."""
+    noisy = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in draft.parameters():
+        for p in noisy.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * noise * p.std().clamp_min(1e-3))
-    return draft
+    return noisy
 
 
 def peaky_pair(vocab: int = 6, seed: int = 0, scale: float = 20.0):
@@ -41,6 +45,18 @@ def peaky_pair(vocab: int = 6, seed: int = 0, scale: float = 20.0):
         m.generation_config.eos_token_id = None
         m.config.eos_token_id = None
     return target, draft
+
+
+@functools.lru_cache(maxsize=None)
+def peaky_noisy_pair(vocab: int = 6, noise: float = 0.6, seed: int = 1):
+    """``peaky_pair``'s target and a noisy copy of it as the draft: p and q overlap after any warping.
+
+    Drafts are accepted often but not always (about half the time on a chain at temperature 1.0,
+    0.7 with top-k 3 and top-p 0.8), so both branches of an acceptance rule run and a wrong residual
+    or q update shows in a chi-square test.
+    """
+    target, _ = peaky_pair(vocab)
+    return target, _with_noise(target, noise, seed)
 
 
 def prompts(tokenizer, n: int = 20, seed: int = 0) -> list[torch.Tensor]:

@@ -8,7 +8,8 @@ from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError
 from specdec.models import check_same_vocab
-from specdec.sampling import sample, warp_probs
+from specdec.rng import DRAFT
+from specdec.sampling import warp_probs
 from specdec.tree import compile_tree, load_preset
 from specdec.types import SAMPLING_MODES, AcceptResult, DraftTree, VerifyOutput
 from verifier import check_finite, tree_forward
@@ -131,7 +132,7 @@ class DraftModelDrafter(Drafter):
         for i in range(k):
             check_finite(logits, f"draft model forward at draft position {i + 1}")
             q = warp_probs(logits, self.ctx.sampling)  # [V]
-            tok = int(q.argmax()) if self.ctx.sampling.greedy else sample(q, self.ctx.generator)
+            tok = int(q.argmax()) if self.ctx.sampling.greedy else int(self.ctx.rng.categorical(q[None], DRAFT, i)[0])
             drafts.append(tok)
             probs.append(q)
             if i + 1 < k:
@@ -156,7 +157,7 @@ class DraftModelDrafter(Drafter):
         else:
             mode = "deterministic" if self.ctx.sampling.greedy else self.tree_sampling
             tree, self._fed = expand_static(feed, self.compiled, logits, depth_limit, mode, self.ctx.sampling,
-                                            self.ctx.generator)
+                                            self.ctx.rng)
         return tree
 
     def commit(self, result: AcceptResult, verify: VerifyOutput) -> None:

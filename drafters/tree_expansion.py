@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from specdec.cache import SpecDecCache
+from specdec.rng import CHILD, KeyedRandom, categorical
 from specdec.sampling import SamplingParams, warp_probs
 from specdec.tree import CompiledTree, children_lists
 from specdec.types import DraftTree
@@ -72,7 +73,8 @@ class TreeFeed:
 
 
 def choose_children(
-    logits: torch.Tensor, ranks: list[int], mode: str, sampling: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, ranks: list[int], mode: str, sampling: SamplingParams, rng: KeyedRandom | None = None,
+    node: int = 0,
 ) -> tuple[list[int | None], torch.Tensor | None]:
     """Tokens for the children of one node, in sibling order; ``None`` for a child that cannot exist.
 
@@ -81,8 +83,11 @@ def choose_children(
         ranks: the children's sibling ranks (ascending).
         mode: ``deterministic``: the child of rank r is the draft's rank-r token (by raw logits, the
             order every warping keeps); ``with_replacement``: the i-th child is an i.i.d. draw from
-            the warped q; ``without_replacement``: the children are draws without replacement
-            from q (Gumbel-top-k, in draw order); children past q's support are dropped.
+            the warped q; ``without_replacement``: the children are successive draws without
+            replacement from q (each from q with the earlier ones removed, renormalised); children
+            past q's support are dropped.
+        rng, node: the run's keyed random numbers; draw i of this node is keyed ``(CHILD, node, i)``
+            (``node``: the node's index in the preset, 0 for the root), the same in a batched run.
 
     Returns:
         the tokens and the node's warped q ``[V]`` (None when deterministic).
@@ -92,12 +97,15 @@ def choose_children(
         order = torch.topk(logits, min(max(ranks) + 1, vocab)).indices.tolist()
         return [order[r] if r < len(order) else None for r in ranks], None
     q = warp_probs(logits, sampling)  # [V]
+    draws = torch.arange(m, device=q.device)  # [m]
     if mode == "with_replacement":
-        return torch.multinomial(q, m, replacement=True, generator=generator).tolist(), q
-    support = int((q > 0).sum())
-    u = torch.rand(vocab, generator=generator, device=q.device)  # [V]
-    keys = q.log() - torch.log(-torch.log(u))  # [V] log q + Gumbel(0, 1)
-    drawn = torch.topk(keys, min(m, support)).indices.tolist()
+        return rng.categorical(q.expand(1, m, vocab), CHILD, node, draws)[0].tolist(), q
+    u = rng.uniform(CHILD, node, draws)[0].tolist()  # [m]
+    left, drawn = q.clone(), []  # [V]
+    for i in range(min(m, int((q > 0).sum()))):
+        tok = int(categorical(left, torch.tensor(u[i], device=q.device)))
+        drawn.append(tok)
+        left[tok] = 0.0
     return [drawn[i] if i < len(drawn) else None for i in range(m)], q
 
 
@@ -131,7 +139,7 @@ class _Nodes:
 
 def expand_static(
     feed: TreeFeed, compiled: CompiledTree, root_logits: torch.Tensor, depth_limit: int, mode: str,
-    sampling: SamplingParams, generator: torch.Generator | None,
+    sampling: SamplingParams, rng: KeyedRandom | None,
 ) -> tuple[DraftTree, list[int]]:
     """Grow the preset ``compiled`` (pruned to ``depth_limit``) level by level.
 
@@ -147,7 +155,7 @@ def expand_static(
             children = kids[c_parent + 1]
             if not children:
                 continue
-            tokens, q = choose_children(logits, [ranks[c] for c in children], mode, sampling, generator)
+            tokens, q = choose_children(logits, [ranks[c] for c in children], mode, sampling, rng, c_parent + 1)
             for c, tok in zip(children, tokens):
                 if tok is not None:
                     level.append((c, nodes.add(tok, parent, q)))

@@ -18,7 +18,8 @@ from abc import ABC, abstractmethod
 import torch
 
 from specdec.errors import ConfigError
-from specdec.sampling import SamplingParams, sample, warp_probs
+from specdec.rng import ACCEPT, EXTRA, KeyedRandom
+from specdec.sampling import SamplingParams, warp_probs
 from specdec.tree import children_lists
 from specdec.types import AcceptResult, DraftTree
 
@@ -32,19 +33,19 @@ class AcceptanceRule(ABC):
     def check(self, sampling: SamplingParams) -> None:
         """Raise :class:`ConfigError` if the rule cannot run with ``sampling``."""
 
-    def draw_uniform(self, generator: torch.Generator | None, device: torch.device) -> float:
-        """One draw ``u ~ U(0, 1)``; every random decision of a rule goes through here or :meth:`draw_token`."""
-        return float(torch.rand((), generator=generator, device=device))
+    def draw_uniform(self, rng: KeyedRandom, node: int) -> float:
+        """The draw ``u ~ U(0, 1)`` that decides draft ``node``; every random decision of a rule goes
+        through here or :meth:`draw_token` (keyed by node and step: :mod:`specdec.rng`)."""
+        return float(rng.uniform(ACCEPT, node)[0])
 
-    def draw_token(self, probs: torch.Tensor, generator: torch.Generator | None) -> int:
-        """One token from ``probs [V]`` (the recovered or bonus token)."""
-        return sample(probs, generator)
+    def draw_token(self, probs: torch.Tensor, rng: KeyedRandom) -> int:
+        """The step's one token drawn from ``probs [V]`` (the recovered or bonus token)."""
+        return int(rng.categorical(probs[None], EXTRA)[0])
 
     @abstractmethod
-    def __call__(
-        self, tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
-    ) -> AcceptResult:
-        """Decide on ``tree`` given target ``logits [1 + N, V]`` (row 0: the root, row 1 + i: node i)."""
+    def __call__(self, tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, rng: KeyedRandom) -> AcceptResult:
+        """Decide on ``tree`` given target ``logits [1 + N, V]`` (row 0: the root, row 1 + i: node i); the
+        random draws come from ``rng`` (batch 1)."""
 
 
 def _walk(tree: DraftTree, choose_child, extra_token) -> AcceptResult:
@@ -73,7 +74,7 @@ class GreedyAcceptance(AcceptanceRule):
                 "use acceptance=rejection for lossless sampling"
             )
 
-    def __call__(self, tree, logits, sampling, generator):
+    def __call__(self, tree, logits, sampling, rng):
         best = logits.argmax(-1).tolist()  # [1 + N]
         toks = tree.tokens.tolist()
 
@@ -104,7 +105,7 @@ class RejectionAcceptance(AcceptanceRule):
 
     name = "rejection"
 
-    def __call__(self, tree, logits, sampling, generator):
+    def __call__(self, tree, logits, sampling, rng):
         p_all = warp_probs(logits, sampling)  # [1 + N, V]
         toks = tree.tokens.tolist()
         left = {}  # node -> p' once every child of it was rejected
@@ -114,7 +115,7 @@ class RejectionAcceptance(AcceptanceRule):
             q = None if tree.draft_probs is None else _draft_row(tree, children[0], p)  # [V]
             for c in children:
                 x = toks[c]
-                u = self.draw_uniform(generator, p.device)
+                u = self.draw_uniform(rng, c)
                 if q is None:  # deterministic child: q is a point mass on x
                     if self.accepts(u, float(p[x]), 1.0):
                         return c
@@ -130,7 +131,7 @@ class RejectionAcceptance(AcceptanceRule):
             left[node] = p
             return None
 
-        return _walk(tree, choose, lambda node: self.draw_token(left.get(node, p_all[node + 1]), generator))
+        return _walk(tree, choose, lambda node: self.draw_token(left.get(node, p_all[node + 1]), rng))
 
     def accepts(self, u: float, px: float, qx: float) -> bool:
         """Accept a draft x with probability ``min(1, p'(x) / q'(x))``, given ``u ~ U(0, 1)``."""
@@ -180,7 +181,7 @@ class TypicalAcceptance(AcceptanceRule):
             raise ConfigError(f"typical acceptance needs 0 < epsilon <= 1 and delta > 0 (got {epsilon}, {delta})")
         self.epsilon, self.delta = epsilon, delta
 
-    def __call__(self, tree, logits, sampling, generator):
+    def __call__(self, tree, logits, sampling, rng):
         p_all = warp_probs(logits, sampling)  # [1 + N, V]
         entropy = -(p_all * p_all.clamp_min(1e-30).log()).sum(-1)  # [1 + N]
         thresh = torch.minimum(torch.full_like(entropy, self.epsilon), self.delta * torch.exp(-entropy)).tolist()
@@ -190,7 +191,7 @@ class TypicalAcceptance(AcceptanceRule):
             row = p_all[node + 1]
             return next((c for c in children if float(row[toks[c]]) > thresh[node + 1]), None)
 
-        return _walk(tree, choose, lambda node: self.draw_token(p_all[node + 1], generator))
+        return _walk(tree, choose, lambda node: self.draw_token(p_all[node + 1], rng))
 
 
 RULES = {"greedy": GreedyAcceptance, "rejection": RejectionAcceptance, "typical": TypicalAcceptance}

@@ -13,6 +13,7 @@ from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, Drafter
 from specdec.errors import SpecDecError
 from specdec.models import text_config
+from specdec.rng import KeyedRandom
 from specdec.sampling import SamplingParams
 from specdec.stats import DecodeStats
 from specdec.types import AcceptResult, DraftTree
@@ -78,20 +79,20 @@ class SpeculativeDecoder:
         """Decode up to ``max_new_tokens`` after ``input_ids [1, T]``; stops after an EOS token."""
         self._check_inputs(input_ids, max_new_tokens)
         stats = DecodeStats()
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else random.randrange(2**63))
+        rng = KeyedRandom.for_seed(seed if seed is not None else random.randrange(2**62), self.device)
         prompt = input_ids.to(self.device)  # [1, T]
         capacity = prompt.shape[1] + max_new_tokens + self.drafter.max_nodes + 1
         cache = SpecDecCache.for_model(self.target, capacity)
         start = time.perf_counter()
         with self._timer(stats, "time_prefill"):
-            self.drafter.start(DraftContext(self.target, self.sampling, generator, capacity))
+            self.drafter.start(DraftContext(self.target, self.sampling, rng, capacity))
             hidden = self.verifier.prefill(cache, prompt[:, :-1])
             self.drafter.prefill(prompt, hidden)
         out = prompt[0].tolist()
         new: list[int] = []
         while len(new) < max_new_tokens:
-            emitted, done = self._step(cache, out[-1], max_new_tokens - len(new), generator, stats)
+            rng.set_step(stats.target_forwards)
+            emitted, done = self._step(cache, out[-1], max_new_tokens - len(new), rng, stats)
             new.extend(emitted)
             out.extend(emitted)
             if done:
@@ -101,7 +102,7 @@ class SpeculativeDecoder:
         stats.new_tokens = len(new)
         return DecodeOutput(sequences=torch.tensor([out], dtype=torch.long, device=input_ids.device), stats=stats)
 
-    def _step(self, cache, root, remaining, generator, stats) -> tuple[list[int], bool]:
+    def _step(self, cache, root, remaining, rng, stats) -> tuple[list[int], bool]:
         """One speculative step; returns the emitted tokens and whether generation is over."""
         step = stats.target_forwards
         with self._timer(stats, "time_draft"):
@@ -110,7 +111,7 @@ class SpeculativeDecoder:
         with self._timer(stats, "time_verify"):
             verify = self.verifier.verify(cache, root, tree, step)
         with self._timer(stats, "time_accept"):
-            result = self.rule(tree, verify.logits, self.sampling, generator)
+            result = self.rule(tree, verify.logits, self.sampling, rng)
             emitted, done = self._cut(result.tokens, remaining)
             if not done:
                 self._commit(cache, prefix_len, result)

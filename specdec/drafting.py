@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.rng import KeyedRandom
 from specdec.sampling import SamplingParams
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
 
@@ -21,7 +22,7 @@ class DraftContext:
 
     target: torch.nn.Module
     sampling: SamplingParams
-    generator: torch.Generator | None
+    rng: KeyedRandom  # the run's keyed random numbers (draw with purpose DRAFT or CHILD)
     capacity: int  # the most tokens (prompt + generated + one step's nodes) the run can hold
 
 

@@ -21,6 +21,7 @@ import torch
 
 from specdec import SamplingParams
 from specdec.acceptance import GreedyAcceptance, RejectionAcceptance, TypicalAcceptance
+from specdec.rng import KeyedRandom
 from specdec.types import DraftTree
 from tests.lossless import PLANTED_BUGS
 
@@ -34,12 +35,12 @@ def scripted(rule, us: list[float]):
     """``rule`` with its draws taken from ``us``; returns it and the list ``draw_token`` appends to."""
     draws, drawn_from = iter(us), []
 
-    def draw_token(probs, generator):
+    def draw_token(probs, rng):
         drawn_from.append(probs)
         cdf = probs.cumsum(0)  # [V]
         return min(int(torch.searchsorted(cdf, torch.tensor(next(draws)), right=True)), probs.shape[0] - 1)
 
-    rule.draw_uniform = lambda generator, device: next(draws)
+    rule.draw_uniform = lambda rng, node: next(draws)
     rule.draw_token = draw_token
     rule.unused_draws = lambda: list(draws)
     return rule, drawn_from
@@ -256,7 +257,8 @@ def test_typical_decisions_follow_the_formula(temperature):
             thresh = min(eps, delta * math.exp(-h))
             for x in range(6):
                 tree = DraftTree(tokens=torch.tensor([x]), parents=torch.tensor([-1]))
-                accepted = rule(tree, logits.repeat(2, 1), SamplingParams(temperature=temperature), gen).accepted_nodes
+                accepted = rule(tree, logits.repeat(2, 1), SamplingParams(temperature=temperature),
+                                KeyedRandom.for_seed(0)).accepted_nodes
                 assert accepted == ([0] if p[x] > thresh else []), (p, x, thresh)
                 entropy_decided += thresh < p[x] <= eps
     assert entropy_decided > 0

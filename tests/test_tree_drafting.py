@@ -127,13 +127,14 @@ def test_rejection_on_trees_reduces_to_greedy_at_temperature_zero(arch_cases):
 
 
 def _bound(drafter, target, ids, sampling=SamplingParams(), seed=0):
-    """Start ``drafter`` on ``ids`` as the decode loop does; returns the generator."""
+    """Start ``drafter`` on ``ids`` as the decode loop does; returns its keyed random numbers."""
     from specdec.drafting import DraftContext
+    from specdec.rng import KeyedRandom
 
-    gen = torch.Generator().manual_seed(seed)
-    drafter.start(DraftContext(target, sampling, gen, capacity=ids.shape[1] + 64 + drafter.max_nodes + 1))
+    rng = KeyedRandom.for_seed(seed)
+    drafter.start(DraftContext(target, sampling, rng, capacity=ids.shape[1] + 64 + drafter.max_nodes + 1))
     drafter.prefill(ids, None)
-    return gen
+    return rng
 
 
 def _propose_counting_forwards(drafter, draft, max_depth: int = 64):

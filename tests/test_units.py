@@ -8,8 +8,14 @@ import torch
 
 from drafters import NGramDrafter
 from specdec import SamplingParams
-from specdec.acceptance import GreedyAcceptance, RejectionAcceptance, TypicalAcceptance, get_rule
+from specdec.acceptance import (
+    GreedyAcceptance,
+    RejectionAcceptance,
+    TypicalAcceptance,
+    get_rule,
+)
 from specdec.drafting import DraftContext
+from specdec.rng import KeyedRandom
 from specdec.sampling import warp_probs
 from specdec.stats import DecodeStats
 from specdec.tree import ancestor_mask, chain_paths, compile_tree
@@ -83,8 +89,7 @@ def test_rejection_deterministic_children_point_mass():
     """Children are point masses: with p = one-hot on the second child it is always taken."""
     logits = torch.full((5, 8), -30.0)
     logits[0, 7] = logits[2, 5] = logits[3, 2] = logits[4, 1] = 30.0
-    gen = torch.Generator().manual_seed(0)
-    res = RejectionAcceptance()(_tree(), logits, SamplingParams(temperature=1.0), gen)
+    res = RejectionAcceptance()(_tree(), logits, SamplingParams(temperature=1.0), KeyedRandom.for_seed(0))
     assert res.accepted_nodes == [1, 2, 3] and res.tokens == [7, 5, 2, 1]  # leaf reached: bonus token
 
 
@@ -110,7 +115,7 @@ def test_stats_metrics_mean_what_they_say():
 
 def _ngram(tokens, **kw):
     d = NGramDrafter(**kw)
-    d.start(DraftContext(target=None, sampling=SamplingParams(), generator=None, capacity=100))
+    d.start(DraftContext(target=None, sampling=SamplingParams(), rng=None, capacity=100))
     d.tokens = list(tokens)
     return d
 

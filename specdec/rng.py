@@ -1,0 +1,108 @@
+"""Counter-based random numbers: every draw is a pure function of (seed, step, purpose, index).
+
+The decode loops draw every random number of a step (acceptance tests, recovered and bonus tokens,
+sampled drafts) from a key instead of a stream: the row's seed, the row's step number, what the
+draw is for, and its index (node, rank, ...). The same key gives the same number on every device,
+in every batch layout and whatever else was drawn before, so:
+
+- row i of a batched run reproduces the batch-1 run with seed ``seed + i`` token for token, with no
+  Python loop over rows and no per-row generator;
+- no draw needs the host: the numbers are integer hashes computed by tensor ops (graph-capturable).
+
+The hash is SplitMix64's finaliser over 64-bit integer tensors (wrapping multiplication, logical
+shifts emulated with masks); 24 of its bits make a float32 uniform in (0, 1). Categorical draws use
+one uniform each, by inverse CDF (:func:`categorical`).
+"""
+from __future__ import annotations
+
+import torch
+
+_M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64
+_M2 = -7723592293110705685  # 0x94D049BB133111EB
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
+_LOW = [(1 << (64 - s)) - 1 for s in range(64)]  # masks that make >> a logical shift
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 ``x`` by ``s`` (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & _LOW[s]
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser: a bijection of 64-bit integers that spreads every input bit."""
+    x = (x ^ _srl(x, 30)) * _M1
+    x = (x ^ _srl(x, 27)) * _M2
+    return x ^ _srl(x, 31)
+
+
+def hash_keys(*keys) -> torch.Tensor:
+    """One int64 hash per broadcast element of ``keys`` (int64 tensors or python ints), order-sensitive."""
+    h = None
+    for key in keys:
+        key = torch.as_tensor(key, dtype=torch.int64) if not isinstance(key, torch.Tensor) else key.long()
+        h = _mix(key * _GOLDEN + 1) if h is None else _mix((h ^ key) * _GOLDEN + 1)
+    return h
+
+
+def uniform(*keys) -> torch.Tensor:
+    """A float32 uniform in (0, 1) per broadcast element of ``keys`` (see :func:`hash_keys`)."""
+    bits = _srl(hash_keys(*keys), 40)  # the top 24 bits
+    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws: the index where ``cumsum(probs[..., :])`` first exceeds ``u [...] * total``.
+
+    ``probs [..., V]`` need not be normalised; zero-probability entries are never drawn. Returns
+    int64 ``[...]``.
+    """
+    cdf = probs.float().cumsum(-1)  # [..., V]
+    target = u[..., None] * cdf[..., -1:]  # [..., 1]
+    idx = torch.searchsorted(cdf, target, right=True)[..., 0]  # [...]
+    idx = idx.clamp_max(probs.shape[-1] - 1)
+    # a draw landing on a zero-probability tail (rounding at the top): take the last token with mass
+    last = (probs > 0).long().cumsum(-1).argmax(-1)  # [...] index of the last positive entry
+    return torch.minimum(idx, last)
+
+
+# What a draw is for: part of every key, so draws for different purposes never coincide.
+ACCEPT = 1  # the uniform that accepts or rejects draft node i
+EXTRA = 2  # the recovered or bonus token of a step
+DRAFT = 3  # a draft model's sampled token at depth d of a chain
+CHILD = 4  # a sampled child: (tree node index, draw index)
+
+
+class KeyedRandom:
+    """The random numbers of one decode run (batch 1) or of a batch of rows, keyed by row seed and step.
+
+    Args:
+        seeds: ``[B]`` int64 seeds, one per row (row i of ``generate_batch``: ``seed + i``).
+
+    ``step`` (``[B]`` int64) is the step number of each row; the decode loop sets it before each
+    step. Every draw names its purpose (:data:`ACCEPT`, :data:`EXTRA`, ...) and an index, and returns
+    one value per row: ``[B, *index shape]``.
+    """
+
+    def __init__(self, seeds: torch.Tensor):
+        self.seeds = seeds.long()  # [B]
+        self.step = torch.zeros_like(self.seeds)  # [B]
+
+    @classmethod
+    def for_seed(cls, seed: int, device: torch.device | str = "cpu") -> "KeyedRandom":
+        """The batch-1 stream of ``generate(..., seed=seed)``."""
+        return cls(torch.tensor([int(seed)], dtype=torch.long, device=device))
+
+    def set_step(self, step: int | torch.Tensor) -> None:
+        self.step = torch.as_tensor(step, dtype=torch.long, device=self.seeds.device).expand_as(self.seeds).clone()
+
+    def uniform(self, purpose: int, *index) -> torch.Tensor:
+        """``[B, *index]`` uniforms in (0, 1) for draws ``index`` (int64 tensors broadcast together)."""
+        index = [torch.as_tensor(i, dtype=torch.long, device=self.seeds.device) for i in index]
+        shape = torch.broadcast_shapes(*(i.shape for i in index)) if index else ()
+        extra = (1,) * len(shape)
+        seeds, step = self.seeds.view(-1, *extra), self.step.view(-1, *extra)  # [B, 1, ...]
+        return uniform(seeds, step, purpose, *[i.expand(shape) for i in index])
+
+    def categorical(self, probs: torch.Tensor, purpose: int, *index) -> torch.Tensor:
+        """Draws from ``probs [B, *index, V]`` (unnormalised), one uniform each: ``[B, *index]`` int64."""
+        return categorical(probs, self.uniform(purpose, *index))

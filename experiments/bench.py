@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
+from experiments import cli
 from experiments.bench_costs import cost_at, measure_costs, predicted_chain_speedup
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.models import DTYPES, load_causal_lm, load_tokenizer
@@ -228,6 +229,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@cli.guard()
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

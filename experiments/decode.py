@@ -34,7 +34,6 @@ from experiments.overrides import group_choice
 from experiments.results import (BASELINE, RECORDS_FILE, SPECULATIVE, MethodResults, ResultsWriter, build_summary,
                                  format_table, read_records, results_from_records)
 from specdec.errors import ConfigError
-from verifier.availability import check_attn_backend
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +167,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         hydra_info: ``group`` / ``run_name`` for the logger (set by :func:`main` in a sweep).
     """
     from specdec import SamplingParams
+    from verifier.availability import check_attn_backend
 
     run_dir, hydra_info = Path(run_dir), hydra_info or {}
     if cfg.num_threads is not None:

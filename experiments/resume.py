@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 IGNORED_KEYS = ("logger", "resume", "costs", "num_prompts")
 
 
-#: Files that belong to one config's results; set aside together when the config changes.
-RUN_FILES = (RECORDS_FILE, SUMMARY_FILE, WANDB_STATE_FILE)
+#: Files that belong to one config's results; set aside together when the config changes (``wandb``: the
+#: directory of its W&B runs).
+RUN_FILES = (RECORDS_FILE, SUMMARY_FILE, WANDB_STATE_FILE, "wandb")
 #: The lock file that claims a run directory for one process.
 LOCK_FILE = ".run.lock"
 
@@ -107,9 +108,8 @@ class ResumeState:
 
 
 def set_aside(run_dir: Path, reason: str) -> Path | None:
-    """Move the run's files (:data:`RUN_FILES`) into ``run_dir/superseded-<time>/``; return it.
-
-    The W&B run state goes with them, so the new results get a W&B run of their own."""
+    """Move the run's files (:data:`RUN_FILES`) into ``run_dir/superseded-<time>/``; return it (None if
+    there was nothing). The W&B run goes with them, so the new results get a W&B run of their own."""
     files = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
     if not files:
         return None

@@ -44,13 +44,20 @@ class RunState:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunState":
-        """The state in ``run_dir``, or a fresh one with a new run id (not written until :meth:`save`)."""
+        """The state in ``run_dir``; without ``wandb_run.json``, the newest W&B run already in ``run_dir/wandb``
+        (a run logged before the state was kept, or killed before writing it), else a fresh id (not
+        written until :meth:`save`)."""
         path = Path(run_dir) / STATE_FILE
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(path, str(data["id"]), bool(data.get("summary_logged")), existed=True)
         except (OSError, ValueError, KeyError, TypeError):
-            return cls(path, new_run_id())
+            pass
+        earlier = sorted((p.name for p in (Path(run_dir) / "wandb").glob("*run-*-*") if not p.is_symlink()),
+                         key=lambda name: name.split("run-", 1)[1])  # by start time: run-<time>-<id>
+        if earlier:  # its summary state is unknown: count it as logged rather than make a second W&B run
+            return cls(path, earlier[-1].rsplit("-", 1)[1], summary_logged=True, existed=True)
+        return cls(path, new_run_id())
 
     def save(self) -> None:
         """Write ``wandb_run.json`` atomically."""
@@ -100,7 +107,7 @@ def start_wandb(init_kwargs: dict, timeout: float = DEFAULT_INIT_TIMEOUT, stream
             wandb.teardown()  # drop the half-started run, so that the offline one can take its id
     _UNREACHABLE[url] = problem
     where = Path(kwargs.get("dir") or ".") / "wandb"
-    print(f"warning: W&B could not start online at {url} within {timeout:g} s ({problem}); logging this run "
+    print(f"warning: W&B could not start online at {url} ({problem}; waited at most {timeout:g} s); logging this run "
           f"offline to {where} instead (upload later: wandb sync {where}/offline-run-*); local results are not "
           "affected", file=stream or sys.stderr, flush=True)
     return wandb.init(**{**kwargs, "mode": "offline"})

@@ -79,10 +79,12 @@ def find_broken_file(checkpoint_dir: str | os.PathLike) -> tuple[Path, str] | No
     return None
 
 
-def weights_file(checkpoint_dir: str | os.PathLike, tensor_name: str) -> Path:
-    """The safetensors file of ``checkpoint_dir`` that holds ``tensor_name`` (by the shard index), else the
-    single ``model.safetensors``, else the directory itself."""
-    directory = Path(os.path.expanduser(str(checkpoint_dir)))
+def weights_file(checkpoint: str | os.PathLike, tensor_name: str) -> Path:
+    """The safetensors file that holds ``tensor_name``: ``checkpoint`` itself if it is a file; in a checkpoint
+    directory, the shard the index names, else the single ``model.safetensors``, else the directory."""
+    directory = Path(os.path.expanduser(str(checkpoint)))
+    if directory.is_file():
+        return directory
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -96,8 +98,9 @@ def weights_file(checkpoint_dir: str | os.PathLike, tensor_name: str) -> Path:
     return single if single.is_file() else directory
 
 
-def check_finite_weights(model, role: str, checkpoint_dir: str | os.PathLike) -> None:
-    """Raise :class:`CheckpointError` naming the file, tensor and role if a parameter holds NaN or inf.
+def check_finite_weights(model, role: str, checkpoint: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming the file, tensor and role if a parameter holds NaN or inf
+    (``checkpoint``: the checkpoint directory or weights file it was loaded from).
 
     Parameters on the ``meta`` device (offloaded by a ``device_map``) are skipped.
     """
@@ -109,7 +112,7 @@ def check_finite_weights(model, role: str, checkpoint_dir: str | os.PathLike) ->
         if not bool(torch.isfinite(param).all()):
             kind = "NaN" if bool(torch.isnan(param).any()) else "infinite"
             raise CheckpointError(
-                f"{role} checkpoint {str(weights_file(checkpoint_dir, name))!r} holds {kind} weights (first in "
+                f"{role} checkpoint {str(weights_file(checkpoint, name))!r} holds {kind} weights (first in "
                 f"{name}): the file is corrupt or came from a diverged training run; download or save it again"
             )
 

@@ -132,6 +132,25 @@ def test_nan_weights_name_file_and_role(checkpoints, tmp_path):
         load_models({"source": "hf", "target": str(checkpoints["nan"])})
 
 
+def test_medusa_heads_with_nan_or_cut_short_name_file_and_role(tmp_path):
+    import torch
+
+    from drafters.medusa_heads import WEIGHTS_FILE, MedusaHeads, MedusaHeadsError, load_heads, save_heads
+    from tests.tiny_models import pair
+
+    heads = MedusaHeads.for_target(pair("llama")[0], num_heads=2)
+    with torch.no_grad():
+        heads.heads[1].lm_head.weight[0, 0] = float("inf")
+    save_heads(heads, tmp_path)
+    with pytest.raises(CheckpointError, match=rf"Medusa heads checkpoint '{tmp_path / WEIGHTS_FILE}' holds infinite "
+                                              r"weights \(first in heads.1.lm_head.weight\)"):
+        load_heads(tmp_path)
+    weights = tmp_path / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(MedusaHeadsError, match=rf"Medusa heads file {weights} is not a readable safetensors file"):
+        load_heads(tmp_path)
+
+
 def test_nan_logits_at_decode_time_are_an_input_error(capsys):
     """NaN/inf logits (e.g. fp16 overflow) are the checkpoint's or the dtype's doing: one line, exit 2."""
     from specdec.errors import NonFiniteLogitsError

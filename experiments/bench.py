@@ -188,13 +188,14 @@ def median_costs(samples: list[dict]) -> dict:
 def load_pair(args):
     """(target, draft, tokenizer) from ``--target/--draft`` paths or the embedded zoo ``--size``."""
     if args.target:
-        return (load_causal_lm(args.target), load_causal_lm(args.draft or args.target, dtype=args.draft_dtype),
+        return (load_causal_lm(args.target, role="target"),
+                load_causal_lm(args.draft or args.target, dtype=args.draft_dtype, role="draft"),
                 load_tokenizer(args.target))
     from experiments.zoo import ensure_pair
 
     pair = ensure_pair(args.size, cache_dir=args.cache_dir)
-    return (load_causal_lm(pair.target_dir), load_causal_lm(pair.draft_dir, dtype=args.draft_dtype),
-            load_tokenizer(pair.tokenizer_dir))
+    return (load_causal_lm(pair.target_dir, role="target"),
+            load_causal_lm(pair.draft_dir, dtype=args.draft_dtype, role="draft"), load_tokenizer(pair.tokenizer_dir))
 
 
 def load_prompt_ids(tokenizer, args) -> list[torch.Tensor]:

@@ -112,19 +112,17 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
 
 def tree_argument(drafter: DictConfig, tree: Any) -> dict:
     """``{"tree": paths}`` from the ``tree`` config group (checked to be a tree), ``{}`` for none."""
-    from specdec.tree import load_preset
+    from specdec.tree import load_preset, paths_entry
 
     if tree is None or (isinstance(tree, Mapping) and "paths" in tree and tree["paths"] is None):
         return {}  # tree=null, or tree=none (for sweeps)
     if not accepts_argument(drafter, "tree", "drafter"):
         raise ConfigError(f"tree=... needs a drafter that grows token trees (drafter=draft_model); "
                           f"{drafter._target_} takes no tree: drop the tree override")
-    name = f"tree={group_choice('tree') or '...'}"
-    if not isinstance(tree, Mapping):  # a tree file that is a bare list or a scalar
-        from specdec.tree import paths_entry
-
-        paths_entry(OmegaConf.to_container(tree) if isinstance(tree, ListConfig) else tree, f"the file of {name}")
-    return {"tree": load_preset(tree, name=f"the file of {name}")}
+    where = f"the file of tree={group_choice('tree') or '...'}"
+    if not isinstance(tree, Mapping):  # a bare list or a scalar: raises, saying what a tree file looks like
+        paths_entry(OmegaConf.to_container(tree) if isinstance(tree, ListConfig) else tree, where)
+    return {"tree": load_preset(tree, name=where)}
 
 
 def build_logger(logger_cfg: DictConfig, run_dir: Path, group: str | None, run_name: str | None) -> Logger:

@@ -37,7 +37,7 @@ def measure_rank_accuracy(heads_dir: Path, target_dir: str | None, tokenizer_dir
     target_dir = target_dir or config.get("training", {}).get("target")
     if not target_dir:
         raise SpecDecError(f"{heads_dir} does not record its target: pass --target <dir>")
-    target = load_causal_lm(target_dir)
+    target = load_causal_lm(target_dir, role="target")
     heads = load_heads(heads_dir)
     check_target(heads, target)
     tokenizer = load_tokenizer(tokenizer_dir or config.get("training", {}).get("tokenizer") or target_dir)

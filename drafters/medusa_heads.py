@@ -272,6 +272,8 @@ def load_heads(directory: str | os.PathLike, num_heads: int | None = None) -> Me
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from specdec.checkpoints import check_finite_weights
+
     directory = Path(directory).expanduser()
     config = read_heads_config(directory)
     trained = int(config["num_heads"])
@@ -289,7 +291,8 @@ def load_heads(directory: str | os.PathLike, num_heads: int | None = None) -> Me
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
-        raise MedusaHeadsError(f"{weights} is not a readable safetensors file ({exc}); retrain with `{TRAIN_COMMAND}`") from exc
+        raise MedusaHeadsError(f"Medusa heads file {weights} is not a readable safetensors file ({exc}); copy it again "
+                               f"or retrain with `{TRAIN_COMMAND}`") from exc
     heads = MedusaHeads(int(config["hidden_size"]), int(config["vocab_size"]), num_heads, int(config["num_blocks"]),
                         target=config.get("target"), source=str(directory))
     expected = heads.state_dict()
@@ -304,4 +307,5 @@ def load_heads(directory: str | os.PathLike, num_heads: int | None = None) -> Me
                 f"{weights}: tensor {key!r} has shape {tuple(tensors[key].shape)}, {CONFIG_FILE} implies "
                 f"{tuple(value.shape)}; the config and tensors do not belong together: retrain with `{TRAIN_COMMAND}`")
     heads.load_state_dict({k: tensors[k] for k in expected})
+    check_finite_weights(heads, "Medusa heads", weights)
     return heads.eval()

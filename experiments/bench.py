@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
+from experiments import cli
 from experiments.costs import cost_at, measure_costs, measure_interleaved, predicted_chain_speedup
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.models import DTYPES, load_causal_lm, load_tokenizer
@@ -209,13 +210,14 @@ def load_pair(args):
     opts = {"dtype": args.dtype, "device": args.device}
     draft_opts = {**opts, "dtype": args.draft_dtype}
     if args.target:
-        return (load_causal_lm(args.target, **opts), load_causal_lm(args.draft or args.target, **draft_opts),
+        return (load_causal_lm(args.target, **opts, role="target"),
+                load_causal_lm(args.draft or args.target, **draft_opts, role="draft"),
                 load_tokenizer(args.target))
     from experiments.zoo import ensure_pair
 
     pair = ensure_pair(args.size, cache_dir=args.cache_dir)
-    return (load_causal_lm(pair.target_dir, **opts), load_causal_lm(pair.draft_dir, **draft_opts),
-            load_tokenizer(pair.tokenizer_dir))
+    return (load_causal_lm(pair.target_dir, **opts, role="target"),
+            load_causal_lm(pair.draft_dir, **draft_opts, role="draft"), load_tokenizer(pair.tokenizer_dir))
 
 
 def load_prompt_ids(tokenizer, target, args) -> list[torch.Tensor]:
@@ -236,6 +238,11 @@ def load_prompt_ids(tokenizer, target, args) -> list[torch.Tensor]:
 def verify_curve(target, context: int, widths: tuple[int, ...], backends: list[str], reps: int) -> tuple[dict, str]:
     """Median seconds of one verify forward (a chain's tree mask) by width after ``context`` tokens, per
     attention backend, and a Markdown table of T(w) / T(1)."""
+    from verifier.availability import check_attn_backend
+
+    device = next(target.parameters()).device
+    for b in backends:
+        check_attn_backend(b, device)  # one error line before anything is timed
     curves = {b: measure_interleaved([(target, context, widths)], reps=reps, backend=b)[0] for b in backends}
     lines = ["| backend | " + " | ".join(f"w={w}" for w in widths) + " |", "|" + "---|" * (len(widths) + 1)]
     for b, curve in curves.items():
@@ -293,6 +300,7 @@ def machine_line() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {versions}"
 
 
+@cli.guard()
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from experiments import cli
 from experiments.loggers import TrainingLog, training_wandb_settings
-from experiments.zoo import ZooError, ensure_pair
-from specdec.errors import SpecDecError
+from experiments.zoo import ensure_pair
 
 log = logging.getLogger(__name__)
-
-INPUT_ERRORS = (SpecDecError, ZooError, ValueError)
 
 
 def build(cfg: DictConfig, run_dir: Path) -> dict:
@@ -61,14 +57,10 @@ def build(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="build_zoo")
+@cli.hydra_main("build_zoo")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point; input errors print ``error: ...`` and exit with status 2."""
-    try:
-        summary = build(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except INPUT_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    """Hydra entry point; errors follow :mod:`experiments.cli` (``error: ...``, exit status 2)."""
+    summary = build(cfg, Path(HydraConfig.get().runtime.output_dir))
     metrics = summary["metrics"]
     print(f"zoo {summary['size']} ready at {summary['root']}")
     for key in ("target_params", "draft_params", "target_heldout_loss", "draft_heldout_loss", "alpha", "build_s"):

@@ -18,27 +18,24 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from experiments import resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
+from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
 from experiments.instantiate import accepts_argument, instantiate
 from experiments.loggers import GuardedLogger, Logger
-from experiments.models_from_config import LoadedModels, load_models
-from experiments.results import (BASELINE, SPECULATIVE, MethodResults, ResultsWriter, build_summary, format_table,
-                                 results_from_records)
-from specdec.errors import ConfigError, SpecDecError
+from experiments.models_from_config import LoadedModels, load_models, target_device
+from experiments.overrides import group_choice
+from experiments.results import (BASELINE, RECORDS_FILE, SPECULATIVE, MethodResults, ResultsWriter, build_summary,
+                                 format_table, read_records, results_from_records)
+from specdec.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-#: Errors caused by the user's input: reported as one line, exit status 2.
-INPUT_ERRORS = (SpecDecError, ValueError, MissingMandatoryValue)
 
 
 @dataclass
@@ -115,14 +112,17 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
 
 def tree_argument(drafter: DictConfig, tree: Any) -> dict:
     """``{"tree": paths}`` from the ``tree`` config group (checked to be a tree), ``{}`` for none."""
-    from specdec.tree import load_preset
+    from specdec.tree import load_preset, paths_entry
 
-    if tree is None or tree.get("paths") is None:  # tree=null, or tree=none (for sweeps)
-        return {}
+    if tree is None or (isinstance(tree, Mapping) and "paths" in tree and tree["paths"] is None):
+        return {}  # tree=null, or tree=none (for sweeps)
     if not accepts_argument(drafter, "tree", "drafter"):
         raise ConfigError(f"tree=... needs a drafter that grows token trees (drafter=draft_model); "
                           f"{drafter._target_} takes no tree: drop the tree override")
-    return {"tree": load_preset(tree)}
+    where = f"the file of tree={group_choice('tree') or '...'}"
+    if not isinstance(tree, Mapping):  # a bare list or a scalar: raises, saying what a tree file looks like
+        paths_entry(OmegaConf.to_container(tree) if isinstance(tree, ListConfig) else tree, where)
+    return {"tree": load_preset(tree, name=where)}
 
 
 def build_logger(logger_cfg: DictConfig, run_dir: Path, group: str | None, run_name: str | None) -> Logger:
@@ -165,6 +165,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         hydra_info: ``group`` / ``run_name`` for the logger (set by :func:`main` in a sweep).
     """
     from specdec import SamplingParams
+    from verifier.availability import check_attn_backend
 
     run_dir, hydra_info = Path(run_dir), hydra_info or {}
     if cfg.num_threads is not None:
@@ -173,6 +174,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         torch.set_num_threads(cfg.num_threads)
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
+    check_attn_backend(cfg.attn_backend, target_device(cfg.model))
     prompts = load_dataset_prompts(cfg.dataset, cfg.num_prompts)
     config = OmegaConf.to_container(cfg, resolve=True)
     methods = [SPECULATIVE, BASELINE] if cfg.baseline else [SPECULATIVE]
@@ -180,7 +182,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     for message in previous.messages:
         print(message, file=sys.stderr)
     if previous.complete is not None:
-        return previous.complete
+        return backfill_logger(cfg, run_dir, previous.complete, logger, hydra_info)
     models = load_models(cfg.model)
     encoded = encode_prompts(prompts, models.tokenizer, cfg.dataset.max_prompt_tokens, _device_of(models.target))
     drafter = build_drafter(cfg.drafter, models, cfg.get("tree"))
@@ -208,6 +210,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     try:
         writer.write_summary(summarize("running"))
         guarded.log_config(config)
+        guarded.log_resumed(previous.records)
         warm_up(decoders, encoded[0], cfg)
         for index, prompt in enumerate(tqdm(encoded, desc="decoding", unit="prompt", file=sys.stderr)):
             if prompt.question_id in previous.done:  # decoded before this run was interrupted
@@ -236,6 +239,19 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"results: {writer.records_path} and {writer.summary_path}")
+    return summary
+
+
+def backfill_logger(cfg: DictConfig, run_dir: Path, summary: dict, logger: Logger | None, hydra_info: dict) -> dict:
+    """A complete run that is skipped: if its logger never received the summary (the process was killed
+    between ``summary.json`` and the logger), log it now from the local records. Returns ``summary``."""
+    if logger is None:
+        logger = build_logger(cfg.logger, run_dir, hydra_info.get("group"), hydra_info.get("run_name"))
+    records = read_records(run_dir / RECORDS_FILE)[0] if (run_dir / RECORDS_FILE).exists() else []
+    guarded = GuardedLogger(logger, run_dir)
+    if guarded.backfill(summary, records):
+        print(f"{guarded.name}: logged the summary of {run_dir} from its local records (it had not been logged)",
+              file=sys.stderr)
     return summary
 
 
@@ -321,15 +337,12 @@ def _hydra_info() -> dict:
     return info
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@cli.hydra_main("config")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point; input errors print ``error: <message>`` and exit with status 2."""
+    """Hydra entry point; errors follow :mod:`experiments.cli` (``error: <message>``, exit status 2)."""
     info = _hydra_info()
-    try:
+    with resume.claim_run_dir(info["run_dir"]):  # a second identical command waits, then skips or resumes
         run(cfg, info["run_dir"], hydra_info=info)
-    except INPUT_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

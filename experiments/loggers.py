@@ -3,13 +3,17 @@
 Local results (``records.jsonl``, ``summary.json``) are written by
 :mod:`experiments.results` before and independently of any logger. A logger only mirrors
 them elsewhere; :class:`GuardedLogger` makes sure a logger failure (W&B missing, init
-refused, a log call raising) is reported once and never stops the run.
+refused, a log call raising) is reported once and never stops the run. W&B starts within a
+bounded time or falls back to offline logging, and keeps one W&B run per run directory
+(:mod:`experiments.wandb_run`).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from experiments.wandb_run import DEFAULT_INIT_TIMEOUT, RunState, start_wandb
 
 
 class Logger:
@@ -24,11 +28,19 @@ class Logger:
     def log_prompt(self, index: int, record: dict) -> None:
         """Record one decoded prompt (a ``records.jsonl`` line with its ``stats`` dict)."""
 
+    def log_resumed(self, records: list[dict]) -> None:
+        """Records decoded before this run was interrupted (already logged then); the run continues after them."""
+
     def log_summary(self, summary: dict) -> None:
         """Record the final summary (the content of ``summary.json``)."""
 
     def finish(self) -> None:
         """Close the run."""
+
+    def backfill(self, summary: dict, records: list[dict]) -> bool:
+        """A complete run is being skipped: log what never reached this logger (the process was killed
+        before it logged the summary) from the local ``summary`` and ``records``. True if it logged anything."""
+        return False
 
 
 class NoLogger(Logger):
@@ -47,10 +59,16 @@ class WandbLogger(Logger):
     (``step/accepted_drafts``), per-prompt metrics (``prompt/*``), summary metrics in
     ``run.summary`` and the acceptance rate by depth as a bar chart.
 
+    The W&B run id is kept in ``run_dir/wandb_run.json``: a resumed run continues its own W&B run,
+    and a skipped complete run whose summary never reached W&B gets it (:meth:`backfill`). Online, a
+    server that does not answer within ``init_timeout`` seconds costs one warning and the run is
+    logged offline (:func:`experiments.wandb_run.start_wandb`).
+
     Args:
         run_dir: the Hydra run directory; W&B writes its files under ``run_dir/wandb``.
         mode: ``offline`` (default), ``online`` or ``disabled``.
         project, entity, group, tags, run_name: passed to ``wandb.init``.
+        init_timeout: seconds an online start may take before logging goes offline.
     """
 
     name = "W&B"
@@ -64,8 +82,10 @@ class WandbLogger(Logger):
         group: str | None = None,
         tags: Sequence[str] = (),
         run_name: str | None = None,
+        init_timeout: float = DEFAULT_INIT_TIMEOUT,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.init_timeout = float(init_timeout)
         self.init_kwargs = {
             "mode": mode,
             "project": project,
@@ -75,13 +95,16 @@ class WandbLogger(Logger):
             "name": run_name,
         }
         self.run = None
+        self.state: RunState | None = None
         self._step = 0
+        self._summary_logged = False
 
     def log_config(self, config: dict) -> None:
-        import wandb  # imported here so that a missing or broken wandb is caught by the guard
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(dir=str(self.run_dir), config=config, reinit="finish_previous", **self.init_kwargs)
+        self.state = RunState.load(self.run_dir)
+        self.run = start_wandb({"dir": str(self.run_dir), "config": config, "reinit": "finish_previous",
+                                "id": self.state.run_id, "resume": "allow", **self.init_kwargs}, self.init_timeout)
+        self.state.save()
         self.run.define_metric("decode_step")
         self.run.define_metric("step/*", step_metric="decode_step")
         self.run.define_metric("prompt_index")
@@ -99,6 +122,10 @@ class WandbLogger(Logger):
             self.run.log({"decode_step": self._step, "step/accepted_drafts": accepted,
                           "step/proposed_drafts": proposed, "step/prompt_index": index})
 
+    def log_resumed(self, records: list[dict]) -> None:
+        self._step += sum(len(r.get("stats", {}).get("accepted_per_step", [])) for r in records
+                          if r.get("method", "speculative") == "speculative")
+
     def log_summary(self, summary: dict) -> None:
         import wandb
 
@@ -108,11 +135,30 @@ class WandbLogger(Logger):
             table = wandb.Table(columns=["depth", "acceptance_rate"], data=[[d + 1, r] for d, r in enumerate(rates)])
             chart = wandb.plot.bar(table, "depth", "acceptance_rate", title="Acceptance rate by depth")
             self.run.log({"acceptance_rate_by_depth": chart})
+        self._summary_logged = True
 
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None
+            if self._summary_logged and self.state is not None:  # it reached W&B (or its offline files)
+                self.state.summary_logged = True
+                self.state.save()
+
+    def backfill(self, summary: dict, records: list[dict]) -> bool:
+        """Log the summary to this directory's W&B run if it never got it; a W&B run that did not exist
+        yet (the run was made with another logger) also gets the per-prompt records."""
+        state = RunState.load(self.run_dir)
+        if state.summary_logged:
+            return False
+        self.log_config(summary.get("config") or {})
+        if not state.existed:
+            index = {qid: i for i, qid in enumerate(summary.get("question_ids") or [])}
+            for position, record in enumerate(records):
+                self.log_prompt(index.get(record.get("question_id"), position), record)
+        self.log_summary(summary)
+        self.finish()
+        return True
 
 
 _SCALAR_KEYS = ("tau", "mean_accepted_drafts", "draft_acceptance_rate", "tokens_per_s", "new_tokens",
@@ -132,16 +178,17 @@ class GuardedLogger(Logger):
         self.stream = stream
         self.failed: str | None = None
 
-    def _call(self, method: str, *args: Any) -> None:
+    def _call(self, method: str, *args: Any) -> Any:
         if self.failed is not None:
-            return
+            return None
         try:
-            getattr(self.inner, method)(*args)
+            return getattr(self.inner, method)(*args)
         except Exception as exc:  # any logger failure: report once, keep running
             self.failed = f"{type(exc).__name__}: {exc}"
             stream = self.stream or sys.stderr
             print(f"{self.name} logging failed: {self.failed}; local results are in {self.results_dir}", file=stream)
             self._try_finish()
+            return None
 
     def _try_finish(self) -> None:
         try:
@@ -155,11 +202,17 @@ class GuardedLogger(Logger):
     def log_prompt(self, index: int, record: dict) -> None:
         self._call("log_prompt", index, record)
 
+    def log_resumed(self, records: list[dict]) -> None:
+        self._call("log_resumed", records)
+
     def log_summary(self, summary: dict) -> None:
         self._call("log_summary", summary)
 
     def finish(self) -> None:
         self._call("finish")
+
+    def backfill(self, summary: dict, records: list[dict]) -> bool:
+        return bool(self._call("backfill", summary, records))
 
 
 def flatten(tree: dict, prefix: str = "", sep: str = "/") -> dict:
@@ -223,9 +276,7 @@ class TrainingLog:
             return
         try:
             if self.run is None:
-                import wandb
-
-                self.run = wandb.init(**self.wandb_init)
+                self.run = start_wandb(self.wandb_init)
             action(self.run)
         except Exception as exc:  # noqa: BLE001 - logging must never stop training
             print(f"W&B logging failed ({type(exc).__name__}: {exc}); local logs stay in {self.path}", file=sys.stderr)

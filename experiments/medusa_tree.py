@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from drafters.medusa import medusa_expected_tokens, medusa_tree, report_rank_accuracy
-from drafters.medusa_heads import MedusaHeadsError, load_heads, read_eval, read_heads_config
+from drafters.medusa_heads import load_heads, read_eval, read_heads_config
+from experiments import cli
 from specdec.errors import SpecDecError
 from specdec.tree import PRESET_DIR, chain_paths, load_preset
 
@@ -37,7 +38,7 @@ def measure_rank_accuracy(heads_dir: Path, target_dir: str | None, tokenizer_dir
     target_dir = target_dir or config.get("training", {}).get("target")
     if not target_dir:
         raise SpecDecError(f"{heads_dir} does not record its target: pass --target <dir>")
-    target = load_causal_lm(target_dir)
+    target = load_causal_lm(target_dir, role="target")
     heads = load_heads(heads_dir)
     check_target(heads, target)
     tokenizer = load_tokenizer(tokenizer_dir or config.get("training", {}).get("tokenizer") or target_dir)
@@ -98,6 +99,7 @@ def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, m
     return out, tau
 
 
+@cli.guard()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.medusa_tree", description=__doc__.split("\n")[0])
     parser.add_argument("heads_dir", type=Path, help="a trained heads directory (experiments.train_medusa writes one)")
@@ -114,13 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens for --measure")
     parser.add_argument("--force", action="store_true", help="overwrite a preset not written by this tool")
     args = parser.parse_args(argv)
-    try:
-        path, tau = derive(args.heads_dir.expanduser(), args.nodes, args.name or f"medusa{args.nodes}", args.out_dir,
-                           args.max_depth, args.measure, args.target, args.tokenizer, args.eval_tokens, force=args.force,
-                           source=args.source)
-    except (SpecDecError, MedusaHeadsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    path, tau = derive(args.heads_dir.expanduser(), args.nodes, args.name or f"medusa{args.nodes}", args.out_dir,
+                       args.max_depth, args.measure, args.target, args.tokenizer, args.eval_tokens, force=args.force,
+                       source=args.source)
     print(f"wrote {path} (expected tau {tau:.2f}); use it with drafter=medusa tree={path.stem}")
     return 0
 

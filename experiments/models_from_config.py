@@ -65,20 +65,33 @@ def _from_zoo(cfg: DictConfig | dict) -> LoadedModels:
 
 def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer: str | None) -> LoadedModels:
     """Load a target (and a draft model) with ``from_pretrained``; the tokenizer defaults to the target's."""
+    from specdec.checkpoints import RemoteCodeError
     from specdec.models import check_same_vocab, load_causal_lm, load_tokenizer, resolve_draft_dtype
 
     trust = bool(cfg.get("trust_remote_code", False))
     opts = {"dtype": cfg.get("dtype", "float32"), "device": cfg.get("device", "cpu"), "trust_remote_code": trust}
     device_map = cfg.get("device_map")  # e.g. "auto": the target spread over the visible devices (needs accelerate)
     draft_dtype = resolve_draft_dtype(cfg.get("draft_dtype"), opts["dtype"], opts["device"])  # checked before any load
-    target_model = load_causal_lm(target, **opts, device_map=device_map)
-    draft_model = load_causal_lm(draft, **{**opts, "dtype": draft_dtype}) if draft else None
-    if draft_model is not None:
-        check_same_vocab(target_model, draft_model)
-    tok = load_tokenizer(tokenizer or target, trust_remote_code=trust)
+    try:
+        target_model = load_causal_lm(target, **opts, device_map=device_map, role="target")
+        draft_model = load_causal_lm(draft, **{**opts, "dtype": draft_dtype}, role="draft") if draft else None
+        if draft_model is not None:
+            check_same_vocab(target_model, draft_model)
+        tok = load_tokenizer(tokenizer or target, trust_remote_code=trust)
+    except RemoteCodeError as err:  # name our config key, not the Python argument
+        raise ConfigError(err.message("model.trust_remote_code=true")) from err
     info = {"source": cfg.get("source"), "target": target, "draft": draft, "dtype": opts["dtype"],
             "draft_dtype": draft_dtype if draft else None, "device": opts["device"], "device_map": device_map}
     return LoadedModels(target_model, draft_model, tok, info=info)
+
+
+def target_device(cfg: DictConfig | dict) -> str:
+    """The device type the target will run on, from the model config alone (before anything loads)."""
+    import torch
+
+    if cfg.get("device_map") is not None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(cfg.get("device") or "cpu")
 
 
 def _required(cfg: DictConfig | dict, key: str) -> Any:

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from experiments import cli
 from experiments.costs import chain_speedup_by_k, recommend_k
 from experiments.runs import REPORT_DIR, SPLITS, ReportError, Run, load_runs, pooled_model, row_of, series, swept_keys
 
@@ -98,8 +99,10 @@ def log_to_wandb(rows: list[dict], columns: list[str], images: dict[str, Path], 
     """Log the table and the charts as one ``report`` run in the sweep's W&B group."""
     import wandb
 
-    run = wandb.init(dir=str(out), mode=mode, project=project, entity=entity, group=group, job_type="report",
-                     name=f"report {group or out.parent.name}", reinit="finish_previous")
+    from experiments.wandb_run import start_wandb
+
+    run = start_wandb({"dir": str(out), "mode": mode, "project": project, "entity": entity, "group": group,
+                       "job_type": "report", "name": f"report {group or out.parent.name}", "reinit": "finish_previous"})
     try:
         data = [[row.get(c) for c in columns] for row in rows]
         table = wandb.Table(columns=list(columns), data=data, allow_mixed_types=True)
@@ -142,6 +145,7 @@ def report(root: Path, out: Path | None = None, tolerance: float = 0.05) -> dict
             "problems": problems, "checks": checks, "out": out, "markdown": markdown_table(rows, shown)}
 
 
+@cli.guard(ReportError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n")[0])
     parser.add_argument("dir", type=Path, help="a run directory or a multirun (sweep) directory")
@@ -155,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", default=None, help="W&B group (default: <parent>/<dir>, as the sweep's runs)")
     args = parser.parse_args(argv)
     root = args.dir.resolve()
-    try:
-        result = report(root, args.out, args.tolerance)
-    except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = report(root, args.out, args.tolerance)
     print(result["markdown"])
     for title, lines in (("missing (no complete summary)", result["missing"]), ("problems", result["problems"]),
                          ("recommended k vs measured", result["checks"])):

@@ -17,14 +17,20 @@ at what its directory already holds:
 
 The sweep presets (``conf/sweep/*.yaml``) give every config its own deterministic directory
 (``multirun/<sweep>/<overrides>``), so rerunning a sweep skips the runs it finished.
+
+A run directory is claimed by one process at a time (:func:`claim_run_dir`, a lock file in it): a
+second identical command started meanwhile waits, then skips the finished run or resumes it.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import logging
+import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +38,19 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from experiments.results import RECORDS_FILE, SUMMARY_FILE, read_records
+from experiments.wandb_run import STATE_FILE as WANDB_STATE_FILE
 
 log = logging.getLogger(__name__)
 
 #: Top-level config keys that do not change what a run decodes.
 IGNORED_KEYS = ("logger", "resume", "costs", "num_prompts")
 
+
+#: Files that belong to one config's results; set aside together when the config changes (``wandb``: the
+#: directory of its W&B runs).
+RUN_FILES = (RECORDS_FILE, SUMMARY_FILE, WANDB_STATE_FILE, "wandb")
+#: The lock file that claims a run directory for one process.
+LOCK_FILE = ".run.lock"
 
 #: Longest directory name made from overrides (file systems allow 255 bytes).
 MAX_DIRNAME = 160
@@ -95,8 +108,9 @@ class ResumeState:
 
 
 def set_aside(run_dir: Path, reason: str) -> Path | None:
-    """Move ``records.jsonl`` and ``summary.json`` into ``run_dir/superseded-<time>/``; return it."""
-    files = [run_dir / name for name in (RECORDS_FILE, SUMMARY_FILE) if (run_dir / name).exists()]
+    """Move the run's files (:data:`RUN_FILES`) into ``run_dir/superseded-<time>/``; return it (None if
+    there was nothing). The W&B run goes with them, so the new results get a W&B run of their own."""
+    files = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
     if not files:
         return None
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
@@ -106,6 +120,41 @@ def set_aside(run_dir: Path, reason: str) -> Path | None:
         shutil.move(str(path), str(target / path.name))
     (target / "REASON.txt").write_text(reason + "\n", encoding="utf-8")
     return target
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: str | Path, stream=None):
+    """Hold ``run_dir`` for this process for the block (an exclusive ``flock`` on ``run_dir/.run.lock``).
+
+    If another process holds it (the same command started twice: Hydra gives both the same
+    directory), say so on one line and wait; afterwards :func:`prepare` finds that process's results
+    and skips (complete) or resumes (interrupted) the run. The lock dies with its process, so a killed
+    run never blocks its rerun.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no claim
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            print(f"waiting for {run_dir}: another process (pid {holder}) is running this config there; this one "
+                  "then skips the run if that one completed it, or resumes it", file=stream or sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_summary(path: Path) -> dict | None:

@@ -28,18 +28,18 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from drafters.medusa_heads import (MedusaHeads, MedusaHeadsError, default_heads_dir, save_heads, target_fingerprint,
+from drafters.medusa_heads import (MedusaHeads, default_heads_dir, save_heads, target_fingerprint,
                                    write_json)
 from experiments.head_training import (generate_rows, load_checkpoint, load_target, lr_at, save_checkpoint, teacher,
                                        token_chunks, training_batches)
 from experiments.loggers import TrainingLog, training_wandb_settings
 from experiments.medusa_training import LOSSES, evaluate, medusa_loss
-from specdec.errors import ConfigError, SpecDecError
+from specdec.errors import ConfigError
+from experiments import cli
 
 log = logging.getLogger(__name__)
 
@@ -180,18 +180,12 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_medusa")
+@cli.hydra_main("train_medusa")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point; input errors print ``error: ...`` and exit with status 2."""
+    """Hydra entry point; errors follow :mod:`experiments.cli` (``error: ...``, exit status 2)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from experiments.zoo import ZooError
-
-    try:
-        report = train(cfg, HydraConfig.get().runtime.output_dir)
-    except (SpecDecError, MedusaHeadsError, ZooError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    report = train(cfg, HydraConfig.get().runtime.output_dir)
     print(format_report(report))
     print(f"heads and eval.json written to {report['out_dir']}")
 

@@ -71,36 +71,51 @@ def _check_path(path: str, what: str) -> None:
 
 
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-                   device_map: str | dict | None = None):
+                   device_map: str | dict | None = None, role: str = "model"):
     """``AutoModelForCausalLM.from_pretrained`` with safetensors only, in eval mode on ``device``.
 
     ``device_map`` (e.g. ``"auto"``, needs ``accelerate``) spreads a model too large for one device
-    over several; ``device`` is then ignored. Raises :class:`SpecDecError` naming the path when the
-    checkpoint is missing or unreadable.
+    over several; ``device`` is then ignored. ``role`` (``target``, ``draft``) names the checkpoint in
+    errors. Raises :class:`SpecDecError` naming the path when the checkpoint is missing, and
+    :class:`specdec.checkpoints.CheckpointError` naming the file when one is truncated or holds NaN/inf
+    weights; :class:`specdec.checkpoints.RemoteCodeError` when it needs ``trust_remote_code``.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    _check_path(path, "model")
+    from specdec.checkpoints import check_finite_weights, load_failure
+
+    _check_path(path, role)
     extra = {"device_map": device_map} if device_map is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             os.path.expanduser(path), dtype=_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
             **extra,
         )
-    except (OSError, ValueError, ImportError) as err:
-        raise SpecDecError(f"could not load model from {path!r}: {err}") from err
+    except (OSError, ValueError, ImportError, SafetensorError) as err:
+        if isinstance(err, SpecDecError):
+            raise
+        raise load_failure(role, path, err) from err
+    check_finite_weights(model, role, path)
     return (model if device_map is not None else model.to(device)).eval()
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """``AutoTokenizer.from_pretrained`` with a clear error for a missing path."""
+    """``AutoTokenizer.from_pretrained`` with a clear error for a missing path or unreadable tokenizer files."""
     from transformers import AutoTokenizer
+
+    from specdec.checkpoints import RemoteCodeError
 
     _check_path(path, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise SpecDecError(f"could not load tokenizer from {path!r}: {err}") from err
+    except Exception as err:  # tokenizers raises plain Exceptions for a damaged tokenizer.json
+        if "trust_remote_code" in str(err):
+            raise RemoteCodeError("tokenizer", path) from err
+        detail = " ".join(str(err).split())
+        raise SpecDecError(f"could not load the tokenizer from {path!r} ({type(err).__name__}: {detail}): its "
+                           "tokenizer files (tokenizer.json, tokenizer_config.json) are missing or damaged; "
+                           "save them again with save_pretrained") from err
 
 
 def vocab_size(model) -> int:

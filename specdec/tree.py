@@ -124,34 +124,29 @@ def chain_paths(length: int) -> list[list[int]]:
 PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "tree"
 
 
-def load_preset(preset: str | os.PathLike | Mapping | Iterable) -> list[list[int]]:
+#: What a tree file must look like; every shape error ends with it.
+TREE_FILE_FORMAT = ("a tree file is a YAML mapping with a 'paths:' list of sibling-rank paths, each a list of "
+                    "integers >= 0 whose parent path is listed too, e.g. paths: [[0], [1], [0, 0]]")
+
+
+def load_preset(preset: str | os.PathLike | Mapping | Iterable, name: str | None = None) -> list[list[int]]:
     """The sibling-rank paths of a tree preset, checked to form a tree.
 
     Args:
         preset: a preset name (``"binary"`` reads ``conf/tree/binary.yaml``), a path to such a
             YAML file (a mapping with a ``paths:`` list), such a mapping (a composed ``tree``
             config), or the list of paths itself.
+        name: how error messages name a mapping or list preset (e.g. ``"tree=mytree"``).
 
     Returns:
         the paths as ``list[list[int]]``, in the preset's own order.
 
     Raises:
-        ConfigError: the preset is unknown, unreadable, or not a tree (the message names the
-            preset and, for a missing parent, the path to add).
+        ConfigError: the preset is unknown, unreadable, of the wrong shape (the message says what a
+            tree file must look like) or not a tree (for a missing parent, it names the path to add).
     """
-    if isinstance(preset, Mapping):  # a composed ``tree`` config node: {paths: [...]}
-        where, raw = "tree preset", preset.get("paths")
-        if raw is None:
-            raise ConfigError("the tree config has no 'paths:' list (sibling-rank paths such as [[0], [1], [0, 0]])")
-    elif not isinstance(preset, (str, os.PathLike)):  # the paths themselves
-        where, raw = "tree preset", preset
-    else:
-        path = Path(preset)
-        if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:  # a bare name
-            path = PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
-            raise ConfigError(f"tree preset {str(preset)!r} not found: give a YAML file or one of {known}")
+    if isinstance(preset, (str, os.PathLike)):
+        path = _preset_file(preset)
         import yaml
 
         try:
@@ -159,17 +154,58 @@ def load_preset(preset: str | os.PathLike | Mapping | Iterable) -> list[list[int
         except yaml.YAMLError as err:
             raise ConfigError(f"tree preset {str(path)!r} is not valid YAML: {err}") from err
         where = f"tree preset {str(path)!r}"
-        raw = data.get("paths") if isinstance(data, dict) else None
-        if raw is None:
-            raise ConfigError(f"{where} has no 'paths:' list (sibling-rank paths such as [[0], [1], [0, 0]])")
-    try:
-        paths = [[int(x) for x in p] for p in raw]
-        compile_tree(paths)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where} is not a valid tree: {err}") from err
+        raw = paths_entry(data, where)
+    elif isinstance(preset, Mapping):  # a composed ``tree`` config node: {paths: [...]}
+        where = name or "the tree config"
+        raw = paths_entry(preset, where)
+    else:  # the paths themselves
+        where, raw = name or "tree preset", preset
+    check_paths_shape(raw, where)
+    paths = [[int(x) for x in p] for p in raw]
     if not paths:
         raise ConfigError(f"{where} is empty: give at least one path, e.g. [[0]]")
+    try:
+        compile_tree(paths)
+    except ValueError as err:
+        raise ConfigError(f"{where} is not a valid tree: {err}") from err
     return paths
+
+
+def _preset_file(preset: str | os.PathLike) -> Path:
+    """The YAML file of a preset given by name (``conf/tree/<name>.yaml``) or by path."""
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:  # a bare name
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+        raise ConfigError(f"tree preset {str(preset)!r} not found: give a YAML file or one of {known}")
+    return path
+
+
+def _kind(value: object) -> str:
+    return "empty" if value is None else f"a {type(value).__name__} ({str(value)[:40]})"
+
+
+def paths_entry(data: object, where: str) -> object:
+    """The ``paths`` entry of a tree file's content; :class:`ConfigError` saying what a tree file must look
+    like if ``data`` is not a mapping or has no ``paths``."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} is {_kind(data)}, not a mapping: {TREE_FILE_FORMAT}")
+    if data.get("paths") is None:
+        raise ConfigError(f"{where} has no 'paths:' list: {TREE_FILE_FORMAT}")
+    return data["paths"]
+
+
+def check_paths_shape(raw: object, where: str) -> None:
+    """:class:`ConfigError` unless ``raw`` is a list of lists of integers (saying what a tree file must look like)."""
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+        raise ConfigError(f"{where}: paths is {_kind(raw)}, not a list of paths: {TREE_FILE_FORMAT}")
+    for i, p in enumerate(raw):
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or not all(is_int(x) for x in p):
+            raise ConfigError(f"{where}: path {i} ({p}) is not a list of integers: {TREE_FILE_FORMAT}")
 
 
 def path_acceptance_by_depth(path: Sequence[int], rank_acc: Sequence[Sequence[float]]) -> float:

@@ -12,6 +12,7 @@ from specdec.cache import SpecDecCache
 from specdec.errors import ConfigError, NonFiniteLogitsError
 from specdec.types import DraftTree, VerifyOutput
 from verifier.attention import BACKENDS, dense_tree_mask
+from verifier.availability import check_attn_backend
 
 
 @contextmanager
@@ -109,7 +110,7 @@ def check_finite(logits: torch.Tensor, where: str) -> None:
         bad = "NaN" if bool(torch.isnan(logits).any()) else "inf"
         raise NonFiniteLogitsError(
             f"{where}: the model produced {bad} logits. Check the checkpoint and dtype "
-            "(fp16 overflow is common: try dtype=float32 or bfloat16)."
+            "(fp16 overflow is common: try model.dtype=float32 or bfloat16)."
         )
 
 
@@ -127,6 +128,7 @@ class Verifier:
         self.model = model
         self.attn_backend = attn_backend
         self.device = next(model.parameters()).device
+        check_attn_backend(attn_backend, self.device)  # triton without a GPU or the interpreter: fail now
 
     def prefill(self, cache: SpecDecCache, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Write ``input_ids [1, T]`` into the cache (causally); returns the last hidden states ``[T, H]``."""

@@ -1,0 +1,163 @@
+"""The failure contract of every command-line entry point.
+
+- An error the user caused (config, keys, files, checkpoints, data, numerics, backend availability)
+  ends as ONE line on stderr, ``error: <the problem, the file or key, the fix>``, and exit status 2.
+- Anything else is a bug of ours: the traceback, then one line asking to report it; exit status 1.
+- Ctrl-C and ``sys.exit`` pass through unchanged.
+
+An argparse entry point wraps its ``main(argv) -> int`` in :func:`guard` (the wrapper returns 2 or 1
+on failure); a Hydra app uses :func:`hydra_main` instead of ``@hydra.main``, which also rejects
+unknown ``+key`` overrides and reports Hydra's own compose-time errors (unknown option, wrong type,
+a key not in the config) the same way. Importing this module imports neither hydra, omegaconf nor
+wandb (``experiments.bench`` uses it).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import traceback
+from typing import Any, Callable, Iterator
+
+#: Errors a user causes, as ``module:Class``. Resolved only from modules already imported: a class whose
+#: module was never imported cannot have been raised, and nothing here imports torch, hydra or the zoo.
+INPUT_ERRORS = (
+    "specdec.errors:SpecDecError",  # ConfigError, CheckpointError, PromptFileError, MedusaHeadsError, ...
+    "specdec.errors:NonFiniteLogitsError",  # NaN/inf logits: the checkpoint or the dtype it runs in
+    "builtins:ValueError",
+    "builtins:FileNotFoundError",
+    "builtins:PermissionError",
+    "builtins:IsADirectoryError",
+    "builtins:NotADirectoryError",
+    "experiments.zoo.build:ZooError",
+    "omegaconf.errors:MissingMandatoryValue",
+    "omegaconf.errors:InterpolationResolutionError",
+    "hydra.errors:CompactHydraException",  # compose time: unknown group option, wrong type, key not in the config
+)
+
+BUG_LINE = ("this is a bug in specdec, not a problem with your input: please report it with the command line "
+            "and the traceback above")
+
+
+def input_error_types(extra: tuple = ()) -> tuple[type, ...]:
+    """The classes of :data:`INPUT_ERRORS` whose modules are imported, plus ``extra``."""
+    found = []
+    for spec in INPUT_ERRORS:
+        module, name = spec.split(":")
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            found.append(cls)
+    return tuple(found) + tuple(extra)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _join_lines(lines: list[str]) -> str:
+    """Message lines as one: sentences joined with '. ', an indented list after a ':' with ', '."""
+    out, listing = "", False
+    for raw in lines:
+        line = " ".join(raw.split())
+        if raw[:1].isspace() and (listing or out.endswith(":")):
+            out += (", " if listing else " ") + line
+            listing = True
+            continue
+        listing = False
+        out += ("" if not out else " " if out.endswith((".", ":", ";", ",")) else ". ") + line
+    return out
+
+
+def error_message(exc: BaseException) -> str:
+    """``exc`` as one line: the problem, the key or file, the fix."""
+    full_key = getattr(exc, "full_key", None)
+    if type(exc).__name__ == "MissingMandatoryValue" and full_key:
+        return f"{full_key} is required and has no value: set {full_key}=<value> on the command line"
+    if type(exc).__module__.startswith(("omegaconf", "hydra")):
+        text = str(exc).split("Config search path:")[0]  # Hydra lists its search path after the options
+        lines = [line for line in text.splitlines()
+                 if line.strip() and not line.strip().startswith(("full_key:", "object_type=", "reference_type="))]
+        cause = exc.__cause__
+        if cause is not None and type(cause).__module__.startswith("omegaconf") and str(cause).strip():
+            lines.append(str(cause).strip().splitlines()[0])
+        return _join_lines(lines) or type(exc).__name__
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:
+    """Print the one ``error:`` line (user errors, returns 2) or the traceback and :data:`BUG_LINE` (returns 1)."""
+    if isinstance(exc, input_error_types(extra_input_errors)):
+        print(f"error: {error_message(exc)}", file=sys.stderr)
+        return 2
+    traceback.print_exception(exc)
+    print(BUG_LINE, file=sys.stderr)
+    return 1
+
+
+def guard(*extra_input_errors: type[BaseException]) -> Callable:
+    """Decorator for an argparse ``main(argv) -> int``: a failure becomes exit status 2 (user error, one
+    line) or 1 (bug, traceback); ``extra_input_errors`` are the entry point's own user-error classes."""
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return main(*args, **kwargs)
+            except Exception as exc:  # KeyboardInterrupt and SystemExit pass through
+                return report_failure(exc, extra_input_errors)
+        return wrapper
+    return decorate
+
+
+@contextlib.contextmanager
+def _hydra_errors_raised() -> Iterator[None]:
+    """Let exceptions out of ``@hydra.main`` instead of Hydra printing them (HYDRA_FULL_ERROR=1) while inside."""
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def hydra_main(config_name: str, *extra_input_errors: type[BaseException], config_path: str = "../conf") -> Callable:
+    """``@hydra.main`` with the contract: use ``@cli.hydra_main("config")`` on a task ``main(cfg)``.
+
+    The task runs after :func:`experiments.overrides.check_added_keys`; its failures and Hydra's
+    compose-time errors (unknown option, wrong type, a key not in the config) follow the contract,
+    and the process exits with 2 or 1. ``config_path`` is relative to the task's module, as for Hydra.
+    """
+    import hydra
+
+    def decorate(task: Callable) -> Callable:
+        @functools.wraps(task)
+        def checked_task(cfg: Any) -> Any:
+            from experiments.overrides import check_added_keys
+
+            check_added_keys(cfg)
+            return task(cfg)
+
+        guarded_task = _exiting(guard(*extra_input_errors)(checked_task))  # inside Hydra: no "Error executing job"
+        app = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(guarded_task)
+        guarded_app = _exiting(guard(*extra_input_errors)(app))
+
+        @functools.wraps(app)
+        def main() -> None:
+            with _hydra_errors_raised():  # compose-time errors reach guarded_app instead of Hydra's printer
+                guarded_app()
+        return main
+    return decorate
+
+
+def _exiting(guarded: Callable) -> Callable:
+    """Exit with the status a :func:`guard` ed function returns on failure (Hydra tasks return None)."""
+    @functools.wraps(guarded)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = guarded(*args, **kwargs)
+        if isinstance(result, int) and result:
+            sys.exit(result)
+        return result
+    return wrapper

@@ -1,0 +1,106 @@
+"""Rejecting ``+key=value`` overrides that name no key of their config group.
+
+Hydra's ``+`` adds a key wherever it is told, and nothing reads a key the code does not know:
+``+model.foo=1`` was accepted and silently ignored, ``+sampling.foo=1`` broke later with a
+``TypeError``. :func:`check_added_keys` runs first in a Hydra task and compares every added key
+with what its node holds without the added keys: the schema's fields at the top level and for
+typed groups (``sampling``), the keys of the chosen option for the others (``model=tiny_random``),
+and for a ``_target_`` node also its constructor's arguments (an argument the option's YAML leaves
+out is fine). Group selections (``+experiment=smoke``), ``hydra.*`` and ``++key`` (force-add) are
+Hydra's business and are not checked.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from specdec.errors import ConfigError
+
+
+def hydra_choices() -> dict:
+    """The config-group choices of the running Hydra app (``{"model": "tiny_random", ...}``); {} outside one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items()}
+
+
+def group_choice(group: str) -> str | None:
+    """The option chosen for config group ``group`` in the running Hydra app, or None."""
+    return hydra_choices().get(group)
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra job ([] outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str] | None = None, choices: dict | None = None) -> None:
+    """Raise :class:`ConfigError` for the first ``+key=value`` that names no key of its node.
+
+    Args:
+        cfg: the composed config of the task.
+        overrides: the job's overrides (default: the running Hydra job's).
+        choices: the config-group choices (default: the running Hydra job's).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = task_overrides() if overrides is None else overrides
+    choices = hydra_choices() if choices is None else choices
+    added = {}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if not override.is_add() or override.package is not None or key in choices or key.split(".")[0] == "hydra":
+            continue
+        added[tuple(key.split("."))] = override.input_line
+    for path, line in added.items():
+        _check_one(cfg, path, line, set(added), choices)
+
+
+def _node(cfg: Any, path: tuple) -> Any:
+    for key in path:
+        cfg = cfg[key]
+    return cfg
+
+
+def _created(cfg: DictConfig, path: tuple, added: set) -> bool:
+    """Whether the node at ``path`` exists only because of added keys (it or all its keys were added)."""
+    if path in added:
+        return True
+    node = _node(cfg, path)
+    return isinstance(node, DictConfig) and len(node) > 0 and all(_created(cfg, path + (k,), added) for k in node)
+
+
+def _check_one(cfg: DictConfig, path: tuple, line: str, added: set, choices: dict) -> None:
+    depth = next(i for i in range(1, len(path) + 1) if _created(cfg, path[:i], added))
+    parent, name = path[: depth - 1], path[depth - 1]
+    node = _node(cfg, parent)
+    if "_target_" in node and _target_takes(node, name, ".".join(parent)):
+        return
+    valid = sorted(str(k) for k in node if not _created(cfg, parent + (k,), added))
+    if not parent:
+        where = "the config's top level"
+    elif len(parent) == 1 and choices.get(parent[0]):
+        where = f"{parent[0]}={choices[parent[0]]}"
+    else:
+        where = ".".join(parent)
+    dotted = ".".join(path[:depth])
+    raise ConfigError(f"unknown key {dotted!r} (from {line}): {where} has the keys {valid}; "
+                      f"fix the name (without '+' to change an existing key) or drop the override")
+
+
+def _target_takes(node: DictConfig, name: str, what: str) -> bool:
+    """Whether the ``_target_`` of ``node`` takes an argument ``name`` (not through ``**kwargs``)."""
+    import inspect
+
+    from experiments.instantiate import target_of
+
+    try:
+        params = inspect.signature(target_of(node, what)).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params and params[name].kind is not inspect.Parameter.VAR_KEYWORD

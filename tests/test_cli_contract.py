@@ -1,0 +1,285 @@
+"""The failure contract at the command line (experiments/cli.py): every user error is ONE ``error:``
+line naming the problem, the file or key and the fix, exit status 2, no traceback; our own bugs get
+the traceback and a line asking to report them.
+
+One subprocess per row of issue 13's table (tiny random pair, one prompt, a few tokens, no logger,
+``costs=false``); the variants of a row (the draft instead of the target, ``+foo`` next to
+``+model.foo``) run through the same entry point in this process, or through the library call.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+import experiments.schema  # noqa: F401  (registers base_config)
+from experiments import cli, decode
+from experiments.models_from_config import load_models
+from experiments.overrides import check_added_keys
+from specdec.checkpoints import CheckpointError, find_broken_file, safetensors_problem
+from specdec.errors import ConfigError, SpecDecError
+from specdec.tree import load_preset
+from tests.test_experiments import compose_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TINY = ["experiment=smoke", "num_prompts=1", "max_new_tokens=4", "warmup=0", "costs=false", "baseline=false"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path_factory.getbasetemp() / "specdec-cache"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The tiny pair saved with save_pretrained, plus broken copies: truncated, NaN weights, remote code."""
+    import shutil
+
+    import torch
+
+    from specdec.models import tiny_random_pair
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    target, draft, tokenizer = tiny_random_pair()
+    dirs = {name: root / name for name in ("target", "draft", "truncated", "nan", "remote")}
+    for name, model in (("target", target), ("draft", draft)):
+        model.save_pretrained(dirs[name])
+        tokenizer.save_pretrained(dirs[name])
+    shutil.copytree(dirs["target"], dirs["truncated"])
+    weights = dirs["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # cut short while copying
+    with torch.no_grad():
+        draft.get_output_embeddings().weight[3, 5] = float("nan")
+    draft.save_pretrained(dirs["nan"])
+    shutil.copytree(dirs["target"], dirs["remote"])
+    config = json.loads((dirs["remote"] / "config.json").read_text())
+    config.update(model_type="my_custom_lm", auto_map={"AutoConfig": "configuration_my.MyConfig",
+                                                       "AutoModelForCausalLM": "modeling_my.MyForCausalLM"})
+    (dirs["remote"] / "config.json").write_text(json.dumps(config))
+    return dirs
+
+
+def run_cli(*args: str, env_drop: tuple = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    for name in env_drop:
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "experiments.decode", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def error_line(stderr: str, code: int, returncode: int, *fragments: str) -> str:
+    """The one ``error:`` line of a failed command; checks exit status, no traceback, and the fragments."""
+    assert returncode == code, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr[-2000:]
+    assert "Traceback" not in stderr and "Error executing job" not in stderr, stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def main_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """``python -m experiments.decode <args>`` in this process; (exit status, stderr)."""
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["experiments.decode", f"--config-path={CONF}", *args])
+    capsys.readouterr()
+    try:
+        decode.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        GlobalHydra.instance().clear()
+    return code, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- corrupt checkpoints
+
+
+def test_truncated_checkpoint_names_file_and_role(checkpoints, tmp_path):
+    proc = run_cli(*TINY, "model=hf", f"model.target={checkpoints['truncated']}",
+                   f"model.draft={checkpoints['draft']}", f"hydra.run.dir={tmp_path}")
+    error_line(proc.stderr, 2, proc.returncode, "target checkpoint file", str(checkpoints["truncated"] / "model.safetensors"),
+               "truncated", "save the model again")
+    with pytest.raises(CheckpointError, match=r"draft checkpoint file .*model.safetensors' is unreadable \(truncated"):
+        load_models({"source": "hf", "target": str(checkpoints["target"]), "draft": str(checkpoints["truncated"])})
+
+
+def test_safetensors_header_checks(checkpoints, tmp_path):
+    assert find_broken_file(checkpoints["target"]) is None
+    stub = tmp_path / "model.safetensors"
+    stub.write_bytes(b"\x01\x02")
+    assert "shorter than the 8-byte header" in safetensors_problem(stub)
+    stub.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    assert "header needs 1000000000 bytes" in safetensors_problem(stub)
+    stub.write_bytes((4).to_bytes(8, "little") + b"{x!}")
+    assert "not valid JSON" in safetensors_problem(stub)
+
+
+def test_nan_weights_name_file_and_role(checkpoints, tmp_path):
+    proc = run_cli(*TINY, "model=hf", f"model.target={checkpoints['target']}", f"model.draft={checkpoints['nan']}",
+                   f"hydra.run.dir={tmp_path}")
+    error_line(proc.stderr, 2, proc.returncode, "draft checkpoint", str(checkpoints["nan"] / "model.safetensors"),
+               "NaN weights", "lm_head.weight", "save it again")
+    assert not (tmp_path / "records.jsonl").exists()  # caught at load time, before any decoding
+    with pytest.raises(CheckpointError, match=r"target checkpoint .* holds NaN weights"):
+        load_models({"source": "hf", "target": str(checkpoints["nan"])})
+
+
+def test_medusa_heads_with_nan_or_cut_short_name_file_and_role(tmp_path):
+    import torch
+
+    from drafters.medusa_heads import WEIGHTS_FILE, MedusaHeads, MedusaHeadsError, load_heads, save_heads
+    from tests.tiny_models import pair
+
+    heads = MedusaHeads.for_target(pair("llama")[0], num_heads=2)
+    with torch.no_grad():
+        heads.heads[1].lm_head.weight[0, 0] = float("inf")
+    save_heads(heads, tmp_path)
+    with pytest.raises(CheckpointError, match=rf"Medusa heads checkpoint '{tmp_path / WEIGHTS_FILE}' holds infinite "
+                                              r"weights \(first in heads.1.lm_head.weight\)"):
+        load_heads(tmp_path)
+    weights = tmp_path / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(MedusaHeadsError, match=rf"Medusa heads file {weights} is not a readable safetensors file"):
+        load_heads(tmp_path)
+
+
+def test_nan_logits_at_decode_time_are_an_input_error(capsys):
+    """NaN/inf logits (e.g. fp16 overflow) are the checkpoint's or the dtype's doing: one line, exit 2."""
+    from specdec.errors import NonFiniteLogitsError
+
+    @cli.guard()
+    def failing() -> int:
+        raise NonFiniteLogitsError("target forward at decode step 0: the model produced NaN logits. Check the dtype")
+
+    assert failing() == 2
+    error_line(capsys.readouterr().err, 2, 2, "target forward", "NaN logits")
+
+
+def test_remote_code_checkpoint_names_our_key(checkpoints, tmp_path):
+    proc = run_cli(*TINY, "model=hf", f"model.target={checkpoints['remote']}", f"hydra.run.dir={tmp_path}")
+    line = error_line(proc.stderr, 2, proc.returncode, "target checkpoint", str(checkpoints["remote"]),
+                      "model.trust_remote_code=true")
+    assert "trust_remote_code=True" not in line
+
+
+# --------------------------------------------------------------------------- unknown +keys
+
+
+def test_unknown_added_keys_list_the_valid_keys(tmp_path, monkeypatch, capsys):
+    proc = run_cli(*TINY, "+model.foo=1", f"hydra.run.dir={tmp_path}")
+    error_line(proc.stderr, 2, proc.returncode, "'model.foo'", "+model.foo=1", "model=tiny_random",
+               "['arch', 'seed', 'source']")
+    assert not (tmp_path / "summary.json").exists()
+    code, err = main_in_process(monkeypatch, capsys, *TINY, "+foo=1", f"hydra.run.dir={tmp_path}")
+    error_line(err, 2, code, "'foo'", "top level", "'max_new_tokens'", "'sampling'")
+    code, err = main_in_process(monkeypatch, capsys, *TINY, "+sampling.foo=1", f"hydra.run.dir={tmp_path}")
+    error_line(err, 2, code, "'sampling.foo'", "['temperature', 'top_k', 'top_p']")
+
+
+def test_added_keys_that_are_known_pass():
+    cfg = compose_cfg("experiment=smoke", "+drafter.foo=1", "+model.bar.baz=2", "+drafter.budget=3")
+    choices = {"model": "tiny_random", "drafter": "draft_model", "experiment": "smoke"}
+    check_added_keys(cfg, ["+drafter.budget=3", "+experiment=smoke", "++x=1"], choices)  # a constructor argument
+    with pytest.raises(ConfigError, match=r"unknown key 'drafter.foo' .*drafter=draft_model has the keys \['_target_'"):
+        check_added_keys(cfg, ["+drafter.foo=1"], choices)
+    with pytest.raises(ConfigError, match=r"unknown key 'model.bar' \(from \+model.bar.baz=2\)"):
+        check_added_keys(cfg, ["+model.bar.baz=2"], choices)
+
+
+def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    code, err = main_in_process(monkeypatch, capsys, "drafter=nope", f"hydra.run.dir={tmp_path}")
+    error_line(err, 2, code, "Could not find 'drafter/nope'", "Available options in 'drafter': draft_model, medusa")
+    assert "search path" not in err
+    code, err = main_in_process(monkeypatch, capsys, "max_new_tokens=abc", f"hydra.run.dir={tmp_path}")
+    error_line(err, 2, code, "max_new_tokens=abc", "could not be converted to Integer")
+
+
+# --------------------------------------------------------------------------- tree files
+
+
+TREE_FORMAT = "a tree file is a YAML mapping with a 'paths:' list"
+
+
+def test_tree_file_of_the_wrong_shape_says_what_a_tree_file_is(tmp_path):
+    tree_dir = tmp_path / "conf" / "tree"
+    tree_dir.mkdir(parents=True)
+    (tree_dir / "bare.yaml").write_text("- [0]\n- [1]\n- [0, 0]\n")
+    proc = run_cli(*TINY, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "tree=bare",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    error_line(proc.stderr, 2, proc.returncode, "tree=bare", "is a list", "not a mapping", TREE_FORMAT)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("- [0]\n- [1]\n", "is a list"),
+    ("paths: 5\n", "paths is a int (5), not a list of paths"),
+    ("paths: [0, 1]\n", "path 0 (0) is not a list of integers"),
+    ("paths: [[0], [x]]\n", "path 1 (['x']) is not a list of integers"),
+    ("path: [[0]]\n", "has no 'paths:' list"),
+    ("", "is empty, not a mapping"),
+])
+def test_tree_file_shapes(tmp_path, text, fragment):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_preset(path)
+    assert fragment in str(info.value) and str(path) in str(info.value) and TREE_FORMAT in str(info.value)
+
+
+def test_composed_tree_config_of_the_wrong_shape():
+    from omegaconf import OmegaConf
+
+    drafter = compose_cfg("drafter=draft_model").drafter
+    with pytest.raises(ConfigError, match="paths is a int .*" + TREE_FORMAT):
+        decode.tree_argument(drafter, OmegaConf.create({"paths": 5}))
+    with pytest.raises(ConfigError, match="has no 'paths:' list"):
+        decode.tree_argument(drafter, OmegaConf.create({"path": [[0]]}))
+    assert decode.tree_argument(drafter, OmegaConf.create({"paths": None})) == {}  # tree=none
+
+
+# --------------------------------------------------------------------------- attention backend availability
+
+
+def test_triton_on_cpu_without_the_interpreter_fails_before_decoding(tmp_path):
+    proc = run_cli(*TINY, "attn_backend=triton", f"hydra.run.dir={tmp_path}", env_drop=("TRITON_INTERPRET",))
+    error_line(proc.stderr, 2, proc.returncode, "attn_backend=triton", "TRITON_INTERPRET=1", "attn_backend=sdpa")
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_triton_not_installed(monkeypatch):
+    from verifier import availability
+
+    monkeypatch.setattr(availability.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="attn_backend=triton needs the triton package.*pip install triton"):
+        availability.check_attn_backend("triton", "cpu")
+    availability.check_attn_backend("sdpa", "cpu")
+
+
+# --------------------------------------------------------------------------- our own bugs
+
+
+def test_a_bug_gets_a_traceback_and_a_report_line(capsys):
+    @cli.guard()
+    def buggy() -> int:
+        raise RuntimeError("internal invariant broken")
+
+    assert buggy() == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: internal invariant broken" in err
+    assert err.strip().endswith(cli.BUG_LINE) and "error:" not in err
+
+
+def test_input_errors_are_one_line_whatever_their_text(capsys):
+    @cli.guard()
+    def failing() -> int:
+        raise SpecDecError("first line\n  second line")
+
+    assert failing() == 2
+    assert capsys.readouterr().err == "error: first line second line\n"

@@ -95,6 +95,15 @@ class DraftModelDrafter(Drafter):
         return StepShape(kind=kind, max_nodes=self.max_nodes, draft_forwards="per_level", draft_model=self.model,
                          k=None if self.mode == "static" else self.k)
 
+    def batched(self):
+        """For a batch of rows: chains batch their draft forwards (:mod:`drafters.draft_model_batch`); trees
+        run one copy of this drafter per row."""
+        if self.mode == "chain":
+            from drafters.draft_model_batch import BatchDraftModelChain
+
+            return BatchDraftModelChain(self)
+        return super().batched()
+
     def _max_fed(self) -> int:
         """The most tree nodes one step feeds to the draft model (on top of the committed tokens)."""
         if self.mode == "dynamic":

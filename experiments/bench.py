@@ -270,6 +270,9 @@ def parse_args(argv=None):
                         "self-draft, random prompts: timings only (see experiments.synthetic)")
     p.add_argument("--draft-layers", type=int, default=2, help="--synthetic: layers of the self-draft")
     p.add_argument("--prompt-len", type=int, default=256, help="--synthetic: prompt length")
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="instead of the batch-1 table: aggregate tokens/s of batched decoding at these batch sizes "
+                        "(HF batched generate vs our batched AR, chain at the first --ks, n-gram)")
     p.add_argument("--verify-curve", action="store_true",
                    help="also time the verify forward by width for each --backends at --context tokens")
     p.add_argument("--backends", type=lambda s: s.split(","), default=["sdpa", "triton"])
@@ -286,6 +289,26 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write raw results here")
     p.add_argument("--markdown", help="write the Markdown table here")
     return p.parse_args(argv)
+
+
+def batched_main(target, draft, prompts, args, argv) -> int:
+    """``--batch-sizes``: the batched table (:mod:`experiments.bench_batch`), printed and written."""
+    from experiments.bench_batch import markdown, run_batch_sizes
+
+    rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks[0],
+                           args.ngram_tokens, args.max_ngram)
+    header = (f"Command: `python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
+              f"Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size, {args.max_new_tokens} "
+              f"new tokens, greedy, draft in {args.draft_dtype}, median of {args.reps} reps per group.\n")
+    text = header + "\n" + markdown(rows)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "machine": machine_line(), "args": vars(args)}, f, indent=1, default=str)
+    return 0 if all(r["matches_hf_greedy"] for r in rows) else 1
 
 
 def machine_line() -> str:
@@ -308,6 +331,8 @@ def main(argv=None) -> int:
     with torch.nn.attention.sdpa_kernel(SDPA_KERNELS):  # the same attention kernels for HF and ours
         target, draft, tok = load_pair(args)
         prompts = load_prompt_ids(tok, target, args)
+        if args.batch_sizes:
+            return batched_main(target, draft, prompts, args, argv)
         methods = build_methods(target, draft, args)
         context = int(statistics.median(p.shape[1] for p in prompts)) + args.max_new_tokens // 2
         samples: list[dict] = []  # forward costs timed between prompts, so machine drift hits them and the runs alike

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
 from experiments.instantiate import accepts_argument, instantiate
+from experiments.decoding import EncodedPrompt, decode_group, groups
 from experiments.loggers import GuardedLogger, Logger
 from experiments.models_from_config import LoadedModels, load_models, target_device
 from experiments.overrides import group_choice
@@ -36,15 +36,6 @@ from experiments.results import (BASELINE, RECORDS_FILE, SPECULATIVE, MethodResu
 from specdec.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EncodedPrompt:
-    """A prompt and its token ids ``[1, T]`` (already cut to ``dataset.max_prompt_tokens``)."""
-
-    question_id: Any
-    category: str
-    input_ids: Any
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -172,6 +163,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         import torch
 
         torch.set_num_threads(cfg.num_threads)
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size}: decode at least one prompt at a time (batch_size >= 1)")
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
     check_attn_backend(cfg.attn_backend, target_device(cfg.model))
@@ -212,15 +205,18 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         guarded.log_config(config)
         guarded.log_resumed(previous.records)
         warm_up(decoders, encoded[0], cfg)
-        for index, prompt in enumerate(tqdm(encoded, desc="decoding", unit="prompt", file=sys.stderr)):
-            if prompt.question_id in previous.done:  # decoded before this run was interrupted
-                continue
+        pending = [(i, p) for i, p in enumerate(encoded) if p.question_id not in previous.done]  # resumed: the rest
+        bar = tqdm(total=len(pending), desc="decoding", unit="prompt", file=sys.stderr)
+        for batch_id, group in enumerate(groups(pending, cfg.batch_size)):
             for method, (decoder, drafter_name) in decoders.items():
-                record = decode_one(decoder, prompt, method, drafter_name, cfg, models.tokenizer, results[method],
-                                    seed=cfg.seed + index)
-                writer.add_record(record)
-                guarded.log_prompt(index, record)
+                records = decode_group(decoder, group, method, drafter_name, cfg.max_new_tokens, cfg.seed,
+                                       models.tokenizer, results[method], batch_id if cfg.batch_size > 1 else None)
+                for (index, _), record in zip(group, records):
+                    writer.add_record(record)
+                    guarded.log_prompt(index, record)
             writer.write_summary(summarize("running"))
+            bar.update(len(group))
+        bar.close()
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -293,27 +289,6 @@ def warm_up(decoders: dict, prompt: EncodedPrompt, cfg: DictConfig) -> None:
     for _ in range(cfg.warmup):
         for decoder, _ in decoders.values():
             decoder.generate(prompt.input_ids, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-
-
-def decode_one(decoder: Any, prompt: EncodedPrompt, method: str, drafter_name: str, cfg: DictConfig,
-               tokenizer: Any, results: MethodResults, seed: int) -> dict:
-    """Decode one prompt with one method, add it to ``results`` and return its ``records.jsonl`` line."""
-    out = decoder.generate(prompt.input_ids, max_new_tokens=cfg.max_new_tokens, seed=seed)
-    prompt_len = prompt.input_ids.shape[1]
-    new_ids = out.sequences[0, prompt_len:].tolist()  # [new]
-    results.add(prompt.question_id, out.stats, new_ids)
-    return {
-        "question_id": prompt.question_id,
-        "category": prompt.category,
-        "method": method,
-        "drafter": drafter_name,
-        "seed": seed,
-        "prompt_tokens": prompt_len,
-        "new_tokens": len(new_ids),
-        "tokens": new_ids,
-        "stats": out.stats.to_dict(),
-        "text": tokenizer.decode(new_ids, skip_special_tokens=True),
-    }
 
 
 def _device_of(model: Any) -> Any:

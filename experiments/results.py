@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from specdec.files import atomic_write_json, atomic_write_text
-from specdec.stats import DecodeStats
+from specdec.stats import TIME_FIELDS, DecodeStats
 
 SPECULATIVE = "speculative"
 BASELINE = "baseline"
@@ -31,17 +31,28 @@ class MethodResults:
 
     stats: list[DecodeStats] = field(default_factory=list)
     outputs: dict[Any, list[int]] = field(default_factory=dict)  # question_id -> generated token ids
+    batches: dict[Any, dict] = field(default_factory=dict)  # batch id -> its shared record entry (batched runs)
 
-    def add(self, question_id: Any, stats: DecodeStats, new_ids: list[int]) -> None:
+    def add(self, question_id: Any, stats: DecodeStats, new_ids: list[int], batch: dict | None = None) -> None:
         self.stats.append(stats)
         self.outputs[question_id] = new_ids
+        if batch is not None:
+            self.batches[batch["id"]] = batch
 
     def metrics(self) -> dict:
-        """Merged stats (``DecodeStats.to_dict`` minus per-step lists) plus the time split."""
+        """Merged stats (``DecodeStats.to_dict`` minus per-step lists) plus the time split.
+
+        In a batched run the times are the batches' (wall time, phases), so ``tokens_per_s`` is the
+        aggregate throughput; per-prompt counts (tau, acceptance by depth) come from the rows."""
         merged = DecodeStats.merge(self.stats)
+        if self.batches:
+            for name in TIME_FIELDS:
+                setattr(merged, name, sum(b[name] for b in self.batches.values()))
         out = {k: v for k, v in merged.to_dict().items() if k not in _PER_STEP_KEYS}
         out["num_prompts"] = len(self.stats)
         out["time_split"] = time_split(merged)
+        if self.batches:
+            out["batch_size"] = max(b["size"] for b in self.batches.values())
         return out
 
 
@@ -162,7 +173,8 @@ def results_from_records(records: list[dict]) -> dict[str, MethodResults]:
     for record in records:
         output = record.get("tokens", record.get("text"))
         results.setdefault(record["method"], MethodResults()).add(record["question_id"],
-                                                                  stats_from_dict(record["stats"]), output)
+                                                                  stats_from_dict(record["stats"]), output,
+                                                                  record.get("batch"))
     return results
 
 

@@ -62,6 +62,8 @@ class DecodeConfig:
         baseline: also run the autoregressive baseline (needed for speedup and matches_baseline).
         warmup: untimed warm-up generations per method before the timed prompts.
         num_threads: ``torch.set_num_threads`` for CPU runs; None keeps torch's default.
+        batch_size: prompts decoded together (``generate_batch``, ragged acceptance); every prompt still
+            gets its own record and seed, the summary's tokens/s is the aggregate throughput.
         costs: measure the forward-cost curves (cached) for ``predicted_speedup``, ``efficiency``
             and ``recommended_k`` (:mod:`experiments.costs`); false skips it (fast tests).
         resume: skip a run whose directory holds complete results of the same config, continue an
@@ -83,6 +85,7 @@ class DecodeConfig:
     baseline: bool = True
     warmup: int = 1
     num_threads: Optional[int] = None
+    batch_size: int = 1
     costs: bool = True
     resume: bool = True
 

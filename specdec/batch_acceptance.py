@@ -92,7 +92,7 @@ def batch_rejection(tree: BatchTree, logits: torch.Tensor, sampling: SamplingPar
             c = kids[:, slot]  # [B]
             trying = (c >= 0) & walk.alive & ~moved  # [B]
             x = walk.token(c)  # [B]
-            u = rng.uniform(ACCEPT, c.clamp_min(0))  # [B] the per-node rule's draw for node c
+            u = rng.uniform_per_row(ACCEPT, c.clamp_min(0))  # [B] the per-node rule's draw for node c
             px = p.gather(1, x[:, None])[:, 0]  # [B]
             if tree.draft_probs is None:  # deterministic: q is a point mass on x
                 ok = trying & (u < px)

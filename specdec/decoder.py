@@ -102,6 +102,18 @@ class SpeculativeDecoder:
         stats.new_tokens = len(new)
         return DecodeOutput(sequences=torch.tensor([out], dtype=torch.long, device=input_ids.device), stats=stats)
 
+    def generate_batch(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int] = 64, seed: int = 0,
+                       seeds: list[int] | None = None):
+        """Decode a batch of prompts (``[1, T_i]`` each, any lengths) together, with ragged acceptance.
+
+        Row i samples with seed ``seeds[i]`` (default ``seed + i``) and equals ``generate(prompts[i],
+        seed=seed + i)`` token for token; ``max_new_tokens`` may be one value or one per row. Returns a
+        :class:`specdec.batch_decoder.BatchOutput` (``sequences``, aggregate ``stats``, ``row_stats``).
+        """
+        from specdec.batch_decoder import generate_batch
+
+        return generate_batch(self, prompts, max_new_tokens, seed, seeds)
+
     def _step(self, cache, root, remaining, rng, stats) -> tuple[list[int], bool]:
         """One speculative step; returns the emitted tokens and whether generation is over."""
         step = stats.target_forwards

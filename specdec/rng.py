@@ -92,6 +92,17 @@ class KeyedRandom:
         """The batch-1 stream of ``generate(..., seed=seed)``."""
         return cls(torch.tensor([int(seed)], dtype=torch.long, device=device))
 
+    def row(self, i: int) -> "KeyedRandom":
+        """Row ``i``'s own stream (batch 1), at the same step."""
+        single = KeyedRandom(self.seeds[i : i + 1])
+        single.step = self.step[i : i + 1].clone()
+        return single
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indices into the current rows), in that order."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.seeds.device)
+        self.seeds, self.step = self.seeds.index_select(0, index), self.step.index_select(0, index)
+
     def set_step(self, step: int | torch.Tensor) -> None:
         self.step = torch.as_tensor(step, dtype=torch.long, device=self.seeds.device).expand_as(self.seeds).clone()
 
@@ -102,6 +113,13 @@ class KeyedRandom:
         extra = (1,) * len(shape)
         seeds, step = self.seeds.view(-1, *extra), self.step.view(-1, *extra)  # [B, 1, ...]
         return uniform(seeds, step, purpose, *[i.expand(shape) for i in index])
+
+    def uniform_per_row(self, purpose: int, index: torch.Tensor) -> torch.Tensor:
+        """``[B, ...]`` uniforms where row b's draws are indexed by ``index[b, ...]`` (e.g. each row's own
+        node), equal to row b's batch-1 ``uniform(purpose, index[b])``."""
+        index = index.long()
+        extra = (1,) * (index.dim() - 1)
+        return uniform(self.seeds.view(-1, *extra), self.step.view(-1, *extra), purpose, index)
 
     def categorical(self, probs: torch.Tensor, purpose: int, *index) -> torch.Tensor:
         """Draws from ``probs [B, *index, V]`` (unnormalised), one uniform each: ``[B, *index]`` int64."""

@@ -89,6 +89,15 @@ def tree_forward(
         depth = torch.arange(n) if depth is None else depth
         position_ids = (prefix_len + depth.to(input_ids.device)).view(1, n)  # [1, n]
     attn = attention_inputs(backend, prefix_len, tree_mask, key_mask)
+    logits, hidden = model_forward(model, cache, input_ids, position_ids, attn, backend, logits_to_keep, output_hidden)
+    return logits[0], hidden[0] if hidden is not None else None  # [n', V], [n, H]
+
+
+def model_forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: dict, backend: str,
+                  logits_to_keep: int = 0, output_hidden: bool = False):
+    """One forward of ``model`` on ``input_ids [B, n]`` at ``position_ids [B, n]`` appended to ``cache``,
+    through ``backend`` with the ``specdec_*`` attention inputs ``attn`` (:func:`attention_inputs`).
+    Returns ``(logits [B, n', V] float32, hidden [B, n, H] or None)``."""
     with attention_backend(model, backend), sdpa_kernel(SDPA_KERNELS), torch.inference_mode():
         out = model(
             input_ids=input_ids,
@@ -99,9 +108,8 @@ def tree_forward(
             **{cache_argument(type(model)): cache},
             **attn,
         )
-    logits = out.logits[0].float()  # [n', V]
-    hidden = out.hidden_states[-1][0] if output_hidden else None  # [n, H]
-    return logits, hidden
+    hidden = out.hidden_states[-1] if output_hidden else None  # [B, n, H]
+    return out.logits.float(), hidden
 
 
 def check_finite(logits: torch.Tensor, where: str) -> None:

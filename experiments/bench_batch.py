@@ -1,0 +1,107 @@
+"""Batched decoding side by side: aggregate tokens/s by batch size (``experiments.bench --batch-sizes``).
+
+For each batch size B the same prompts are decoded in consecutive groups of B by: Hugging Face's
+batched ``generate`` (greedy, left-padded with an attention mask), our batched autoregressive loop,
+our draft-model chain and our n-gram drafter (``generate_batch``: ragged acceptance, no padding in
+the cache). Each method's aggregate throughput is all new tokens over the summed wall time of its
+groups (median over ``reps`` timings of each group); every row of every method is checked against
+Hugging Face's unbatched greedy output of that prompt. Importable without hydra or wandb.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
+from specdec import SamplingParams, SpeculativeDecoder
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hf_batched(target, rows: list[torch.Tensor], max_new: int, pad: int) -> list[list[int]]:
+    """HF greedy ``generate`` on ``rows`` left-padded into one batch; the new tokens of each row."""
+    width = max(r.shape[1] for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=rows[0].device)  # [B, T]
+    mask = torch.zeros_like(ids)  # [B, T]
+    for b, r in enumerate(rows):
+        ids[b, width - r.shape[1]:] = r[0]
+        mask[b, width - r.shape[1]:] = 1
+    with torch.inference_mode():
+        out = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new, pad_token_id=pad)
+    eos = target.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    new = []
+    for row in out[:, width:].tolist():  # cut each row after its first EOS, as unbatched generate stops there
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        new.append(row[:cut])
+    return new
+
+
+def ours_batched(decoder: SpeculativeDecoder, rows: list[torch.Tensor], max_new: int) -> list[list[int]]:
+    out = decoder.generate_batch(rows, max_new_tokens=max_new, seed=0)
+    return [seq[0, r.shape[1]:].tolist() for seq, r in zip(out.sequences, rows)]
+
+
+def methods(target, draft, k: int, ngram_tokens: int, max_ngram: int) -> dict:
+    """Name -> ``run(rows, max_new) -> new tokens per row``."""
+    pad = target.generation_config.pad_token_id
+    pad = pad if pad is not None else 0
+    greedy = SamplingParams()
+    ours = {"ours_ar": NoDrafter(), f"ours_chain_k{k}": DraftModelDrafter(draft, k),
+            "ours_ngram": NGramDrafter(ngram_tokens, max_ngram=max_ngram, match="first")}
+    table = {"hf_plain": lambda rows, m: hf_batched(target, rows, m, pad)}
+    for name, drafter in ours.items():
+        decoder = SpeculativeDecoder(target, drafter, "greedy", greedy)
+        table[name] = lambda rows, m, decoder=decoder: ours_batched(decoder, rows, m)
+    return table
+
+
+def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: list[int], max_new: int, reps: int,
+                    k: int, ngram_tokens: int, max_ngram: int) -> list[dict]:
+    """One row per (batch size, method): aggregate tokens/s, speedups, and whether every row equals HF greedy."""
+    device = prompts[0].device
+    with torch.inference_mode():
+        reference = [target.generate(p, do_sample=False, max_new_tokens=max_new,
+                                     pad_token_id=target.generation_config.pad_token_id or 0)[0, p.shape[1]:].tolist()
+                     for p in prompts]
+    table = methods(target, draft, k, ngram_tokens, max_ngram)
+    rows = []
+    for size in batch_sizes:
+        groups = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+        for fn in table.values():  # warm-up at this batch size
+            fn(groups[0], max_new)
+        seconds, tokens, equal = {}, {}, {}
+        for name, fn in table.items():
+            seconds[name], tokens[name], equal[name] = 0.0, 0, True
+            for g, group in enumerate(groups):
+                times = []
+                for _ in range(reps):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    new = fn(group, max_new)
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+                seconds[name] += statistics.median(times)
+                tokens[name] += sum(len(n) for n in new)
+                first = g * size
+                equal[name] &= all(n == reference[first + i] for i, n in enumerate(new))
+        tps = {name: tokens[name] / seconds[name] for name in table}
+        for name in table:
+            rows.append({"batch_size": size, "method": name, "tokens_per_s": tps[name],
+                         "vs_hf_batched": tps[name] / tps["hf_plain"], "vs_ours_ar": tps[name] / tps["ours_ar"],
+                         "matches_hf_greedy": equal[name]})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| batch size | method | aggregate tokens/s | vs HF batched generate | vs our batched AR | every row = HF greedy |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch_size']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['vs_hf_batched']:.2f}x | "
+                     f"{r['vs_ours_ar']:.2f}x | {'yes' if r['matches_hf_greedy'] else 'NO'} |")
+    return "\n".join(lines)

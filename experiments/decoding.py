@@ -1,0 +1,60 @@
+"""Decoding a run's prompts, one at a time or in batches, into ``records.jsonl`` lines.
+
+A library for :mod:`experiments.decode`. With ``batch_size`` > 1 the prompts are grouped in their
+order and each group is decoded with :meth:`specdec.SpeculativeDecoder.generate_batch`; every prompt
+still gets its own record (its own tokens, seed and :class:`~specdec.stats.DecodeStats`), and the
+records of one batch share a ``batch`` entry (its id, size, wall time and time split), from which the
+summary computes the aggregate throughput. Prompt ``index`` is decoded with seed ``seed + index``
+whatever the batch size, so a batched run emits the same tokens as an unbatched one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from experiments.results import MethodResults
+
+#: What a batch's records share of its aggregate stats (the batch's wall time and its split).
+BATCH_KEYS = ("new_tokens", "time_total", "time_prefill", "time_draft", "time_verify", "time_accept")
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt and its token ids ``[1, T]`` (already cut to ``dataset.max_prompt_tokens``)."""
+
+    question_id: Any
+    category: str
+    input_ids: Any
+
+
+def groups(items: list, size: int) -> list[list]:
+    """``items`` in consecutive groups of ``size`` (the last may be shorter)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def decode_group(decoder: Any, group: list[tuple[int, EncodedPrompt]], method: str, drafter_name: str,
+                 max_new_tokens: int, seed: int, tokenizer: Any, results: MethodResults, batch_id: int | None) -> list[dict]:
+    """Decode ``group`` (``(index, prompt)`` pairs) with one method, add them to ``results`` and return
+    their records: one ``generate`` for a lone prompt outside a batch, else one ``generate_batch``."""
+    seeds = [seed + index for index, _ in group]
+    if batch_id is None:
+        (_, prompt), = group
+        out = decoder.generate(prompt.input_ids, max_new_tokens=max_new_tokens, seed=seeds[0])
+        pairs, batch = [(out.sequences, out.stats)], None
+    else:
+        out = decoder.generate_batch([p.input_ids for _, p in group], max_new_tokens=max_new_tokens, seeds=seeds)
+        pairs = list(zip(out.sequences, out.row_stats))
+        batch = {"id": batch_id, "size": len(group), **{k: getattr(out.stats, k) for k in BATCH_KEYS}}
+    records = []
+    for (index, prompt), (seq, stats) in zip(group, pairs):
+        prompt_len = prompt.input_ids.shape[1]
+        new_ids = seq[0, prompt_len:].tolist()  # [new]
+        record = {"question_id": prompt.question_id, "category": prompt.category, "method": method,
+                  "drafter": drafter_name, "seed": seed + index, "prompt_tokens": prompt_len,
+                  "new_tokens": len(new_ids), "tokens": new_ids, "stats": stats.to_dict(),
+                  "text": tokenizer.decode(new_ids, skip_special_tokens=True)}
+        if batch is not None:
+            record["batch"] = batch
+        results.add(prompt.question_id, stats, new_ids, batch)
+        records.append(record)
+    return records

@@ -1,0 +1,172 @@
+"""A preallocated KV cache for a batch of sequences of different lengths (ragged rows, no re-alignment).
+
+Layout ``[B, H, capacity, D]`` per layer, as :class:`specdec.cache.SpecDecCache`, with one length per
+row: every row starts at slot 0, and a step's block of ``n`` tokens (root + draft nodes, padded to
+the batch's widest tree) is written at the row's own length. No left padding and no shifting of
+rows: what differs between rows is only their length, held on the device (``lengths``, for position
+ids and masks) and mirrored on the host (``host_lengths``, read once per step with the accepted
+counts). After the verify forward, :meth:`BatchCache.keep_block` keeps each row's accepted slots
+(gather then scatter, so overlapping moves are safe) and advances its length; slots past a row's
+length are stale and never visible. :meth:`BatchCache.select_rows` drops finished rows.
+
+The interface (``begin_block``, ``block_mask``, ``keep_block``, ``keep_slots``, ``set_lengths``,
+``select_rows``, ``lengths``) is what the batched step uses; a paged layout could implement it with a
+block table instead of contiguous rows.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from specdec.cache import CacheOverflowError
+from specdec.models import text_config
+
+
+class BatchCacheLayer(CacheLayerMixin):
+    """One layer's keys and values ``[B, H, capacity, D]``; writes go to the cache's current block slots."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: "BatchCache"):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, dk = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros(b, h, self.owner.capacity, dk)  # [B, H, C, Dk]
+        self.values = value_states.new_zeros(b, h, self.owner.capacity, value_states.shape[-1])  # [B, H, C, Dv]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the block ``[B, H, n, D]`` at each row's length; return ``[B, H, end, D]`` views
+        (``end`` = the longest row's length + n; a row's slots past its own block are masked)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        slots = self.owner.block_slots  # [B, n]
+        idx_k = slots[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])  # [B, H, n, Dk]
+        idx_v = slots[:, None, :, None].expand(-1, value_states.shape[1], -1, value_states.shape[-1])  # [B, H, n, Dv]
+        self.keys.scatter_(2, idx_k, key_states)
+        self.values.scatter_(2, idx_v, value_states)
+        end = self.owner.block_end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    @torch.inference_mode()
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Per row, copy slots ``src [B, M]`` to ``dst [B, M]`` (all loads before any store)."""
+        if not self.is_initialized:
+            return
+        for buf in (self.keys, self.values):
+            h, d = buf.shape[1], buf.shape[-1]
+            moved = buf.gather(2, src[:, None, :, None].expand(-1, h, -1, d))  # [B, H, M, D]
+            buf.scatter_(2, dst[:, None, :, None].expand(-1, h, -1, d), moved)
+
+    @torch.inference_mode()
+    def select_rows(self, rows: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.owner.block_end, 0
+
+    def get_seq_length(self) -> int:
+        return max(self.owner.host_lengths, default=0)
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+    def get_max_cache_shape(self) -> int:
+        return self.owner.capacity
+
+
+class BatchCache(Cache):
+    """Preallocated KV cache of ``batch`` rows with per-row lengths, for ``num_layers`` layers.
+
+    Args:
+        num_layers: the model's decoder layers.
+        capacity: slots per row; a block past it raises :class:`CacheOverflowError` naming the row.
+        batch: number of rows.
+        device: where the per-row lengths live (the model's device).
+    """
+
+    def __init__(self, num_layers: int, capacity: int, batch: int, device: torch.device | str = "cpu"):
+        self.capacity = int(capacity)
+        self.host_lengths = [0] * batch
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+        self.block_slots: torch.Tensor | None = None  # [B, n] where the current block is written
+        self.block_end = 0
+        self.rows = list(range(batch))  # original row index of each current row (after select_rows)
+        super().__init__(layers=[BatchCacheLayer(self) for _ in range(num_layers)])
+
+    @classmethod
+    def for_model(cls, model, capacity: int, batch: int) -> "BatchCache":
+        """A cache sized for ``model``'s layer count, its lengths on the model's device."""
+        return cls(text_config(model).num_hidden_layers, capacity, batch, next(model.parameters()).device)
+
+    @property
+    def batch(self) -> int:
+        return len(self.host_lengths)
+
+    def begin_block(self, n: int) -> None:
+        """Place the next forward's ``n`` tokens of every row at that row's length."""
+        longest = max(self.host_lengths)
+        if longest + n > self.capacity:
+            row = self.rows[self.host_lengths.index(longest)]
+            raise CacheOverflowError(
+                f"KV cache overflow in row {row}: writing {n} tokens at slot {longest} needs {longest + n} slots, "
+                f"capacity is {self.capacity}. Lower max_new_tokens or the draft size."
+            )
+        offsets = torch.arange(n, device=self.lengths.device)  # [n]
+        self.block_slots = self.lengths[:, None] + offsets  # [B, n]
+        self.block_end = longest + n
+
+    def block_mask(self, tree_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, n, end]`` bool key mask of the current block: key slot ``s`` is visible to block token
+        ``j`` of row ``b`` iff ``s < lengths[b]`` or ``s = lengths[b] + i`` with ``tree_mask[b, j, i]``.
+
+        ``tree_mask [B, n, n]`` must have a true diagonal (every token sees itself: no empty rows).
+        """
+        n = tree_mask.shape[-1]
+        rel = torch.arange(self.block_end, device=self.lengths.device)[None, :] - self.lengths[:, None]  # [B, S]
+        in_block = (rel >= 0) & (rel < n)  # [B, S]
+        cols = rel.clamp(0, n - 1)[:, None, :].expand(-1, n, -1)  # [B, n, S]
+        tree = tree_mask.gather(2, cols) & in_block[:, None, :]  # [B, n, S]
+        return ((rel < 0)[:, None, :] | tree)[:, None]  # [B, 1, n, S]
+
+    def keep_block(self, keep: list[list[int]]) -> None:
+        """Per row, keep block tokens ``keep[b]`` (ascending block indices, e.g. the root 0 and the accepted
+        nodes' ``1 + i``) in contiguous slots from the row's length, and drop the rest of the block."""
+        self.keep_slots(list(self.host_lengths), keep)
+        self.block_slots, self.block_end = None, 0
+
+    def keep_slots(self, base: list[int], keep: list[list[int]]) -> None:
+        """Per row, move slots ``base[b] + keep[b][j]`` (ascending) to ``base[b] + j`` and end the row there.
+
+        Gathers every row's kept slots before scattering any (overlapping moves are safe); moves
+        nothing when every row keeps a contiguous run from its base (a chain's accepted prefix).
+        """
+        if any(k != list(range(len(k))) for k in keep):
+            m = max(len(k) for k in keep)
+            rel = [k + list(range(len(k), m)) for k in keep]  # padding entries copy a slot onto itself
+            start = torch.tensor(base, dtype=torch.long, device=self.lengths.device)[:, None]  # [B, 1]
+            src = start + torch.tensor(rel, dtype=torch.long, device=self.lengths.device)  # [B, M]
+            dst = start + torch.arange(m, device=self.lengths.device)  # [B, M]
+            for layer in self.layers:
+                layer.move(src, dst)
+        self.set_lengths([b + len(k) for b, k in zip(base, keep)])
+
+    @torch.inference_mode()
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Set every row's length (slots past it become stale: a rollback)."""
+        self.host_lengths = list(lengths)
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.lengths.device)  # [B]
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indices into the current rows), in that order."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)  # [B']
+        for layer in self.layers:
+            layer.select_rows(index)
+        self.lengths = self.lengths.index_select(0, index)
+        self.host_lengths = [self.host_lengths[r] for r in rows]
+        self.rows = [self.rows[r] for r in rows]

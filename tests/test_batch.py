@@ -1,0 +1,128 @@
+"""Batches with ragged acceptance: every row equals its batch-1 run (and, greedy, ``generate``).
+
+Rows have prompts of different lengths, their own ``max_new_tokens`` and an EOS that some rows emit
+mid-batch; drafters: draft-model chains (batched forwards), trees, dynamic trees, n-gram, Medusa
+(one copy per row). Sampling: row i equals the batch-1 run with seed ``seed + i`` token for token,
+and each row's output distribution passes a chi-square test against the exactly enumerated target
+(a planted off-by-one in the rows' cache offsets fails it). A leak test fills other rows and stale
+slots with noise.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from drafters import DraftModelDrafter, MedusaDrafter, NGramDrafter, NoDrafter
+from drafters.medusa_heads import MedusaHeads
+from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
+from tests.tiny_models import noisy_copy, pair, prompts
+
+ARCHS = ["llama", "qwen2"]
+
+
+def drafters(arch: str) -> dict:
+    draft, target = noisy_copy(arch), pair(arch)[0]
+    heads = MedusaHeads.for_target(target, num_heads=3, init="random")
+    return {
+        "ar": NoDrafter,
+        "chain3": lambda: DraftModelDrafter(draft, num_speculative_tokens=3),
+        "chain5": lambda: DraftModelDrafter(draft, num_speculative_tokens=5),
+        "tree": lambda: DraftModelDrafter(draft, tree="binary"),
+        "dynamic": lambda: DraftModelDrafter(draft, num_speculative_tokens=4, budget=12),
+        "ngram": lambda: NGramDrafter(num_speculative_tokens=4),
+        "medusa": lambda: MedusaDrafter(heads, tree="binary"),
+    }
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def setup(request):
+    """A target whose EOS is a token that row 1's greedy continuation emits early (so it stops mid-batch)."""
+    arch = request.param
+    target = copy.deepcopy(pair(arch)[0])
+    rows = prompts(pair(arch)[2], 8, seed=4)  # [1, T_i], lengths differ
+    free = target.generate(rows[1], do_sample=False, max_new_tokens=12, pad_token_id=0)[0, rows[1].shape[1]:]
+    target.generation_config.eos_token_id = int(free[4])
+    return arch, target, rows
+
+
+def _limits(n: int) -> list[int]:
+    return [7 + (5 * i) % 17 for i in range(n)]  # different max_new_tokens per row
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("shape", ["ar", "chain3", "chain5", "tree", "dynamic", "ngram", "medusa"])
+def test_greedy_rows_equal_generate_and_batch_one(setup, shape, batch):
+    arch, target, rows = setup
+    make, rows, limits = drafters(arch)[shape], rows[:batch], _limits(batch)
+    out = SpeculativeDecoder(target, make()).generate_batch(rows, max_new_tokens=limits, seed=3)
+    eos = target.generation_config.eos_token_id
+    stopped_early = 0
+    for i, ids in enumerate(rows):
+        ref = target.generate(ids, do_sample=False, max_new_tokens=limits[i], pad_token_id=eos)
+        assert out.sequences[i].tolist() == ref.tolist(), f"row {i}"
+        single = SpeculativeDecoder(target, make()).generate(ids, max_new_tokens=limits[i], seed=3 + i)
+        assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step
+        stopped_early += out.sequences[i].shape[1] - ids.shape[1] < limits[i]
+    assert batch < 3 or stopped_early >= 1, "some row must stop on EOS mid-batch"
+    assert out.stats.new_tokens == sum(s.new_tokens for s in out.row_stats)
+
+
+SAMPLED = {
+    "chain_t1": ("chain3", SamplingParams(temperature=1.0)),
+    "chain_t07k": ("chain5", SamplingParams(temperature=0.7, top_k=20)),
+    "tree_without": ("tree_without", SamplingParams(temperature=0.9, top_p=0.9)),
+    "tree_with": ("tree_with", SamplingParams(temperature=1.0)),
+    "ngram_t1": ("ngram", SamplingParams(temperature=1.0)),
+    "medusa_t07": ("medusa", SamplingParams(temperature=0.7)),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLED))
+def test_sampled_rows_equal_their_batch_one_runs(setup, case):
+    arch, target, rows = setup
+    shape, sampling = SAMPLED[case]
+    table = drafters(arch)
+    draft = noisy_copy(arch)
+    table["tree_without"] = lambda: DraftModelDrafter(draft, tree="binary", tree_sampling="without_replacement")
+    table["tree_with"] = lambda: DraftModelDrafter(draft, tree="binary", tree_sampling="with_replacement")
+    limits = _limits(len(rows))
+    out = SpeculativeDecoder(target, table[shape](), "rejection", sampling).generate_batch(rows, limits, seed=11)
+    for i, ids in enumerate(rows):
+        single = SpeculativeDecoder(target, table[shape](), "rejection", sampling).generate(ids, limits[i], seed=11 + i)
+        assert out.sequences[i].tolist() == single.sequences.tolist(), f"row {i}"
+        assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step
+
+
+def test_typical_rows_equal_their_batch_one_runs(setup):
+    arch, target, rows = setup
+    make, sampling, limits = drafters(arch)["tree"], SamplingParams(temperature=0.7), _limits(len(rows))
+    out = SpeculativeDecoder(target, make(), "typical", sampling).generate_batch(rows, limits, seeds=list(range(8)))
+    for i, ids in enumerate(rows):
+        single = SpeculativeDecoder(target, make(), "typical", sampling).generate(ids, limits[i], seed=i)
+        assert out.sequences[i].tolist() == single.sequences.tolist()
+
+
+def test_stats_aggregate_and_per_row(setup):
+    arch, target, rows = setup
+    out = SpeculativeDecoder(target, drafters(arch)["chain3"]()).generate_batch(rows[:4], 10)
+    assert len(out.row_stats) == 4 and out.stats.target_forwards == sum(s.target_forwards for s in out.row_stats)
+    assert out.stats.tokens_per_s > 0 and 1.0 <= out.stats.tau <= 4.0
+    assert all(s.time_total <= out.stats.time_total + 1e-9 for s in out.row_stats)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_batches_name_the_row():
+    target = pair("llama")[0]
+    dec = SpeculativeDecoder(target, NoDrafter())
+    with pytest.raises(SpecDecError, match="non-empty list of prompts"):
+        dec.generate_batch([], 4)
+    with pytest.raises(SpecDecError, match="prompt 1 is empty"):
+        dec.generate_batch([torch.tensor([[1, 2]]), torch.zeros(1, 0, dtype=torch.long)], 4)
+    with pytest.raises(SpecDecError, match=r"prompt 2: prompt \(2040 tokens\) \+ max_new_tokens \(64\) exceeds"):
+        dec.generate_batch([torch.tensor([[1]]), torch.tensor([[1, 2]]), torch.zeros(1, 2040, dtype=torch.long)], 64)
+    with pytest.raises(SpecDecError, match="max_new_tokens has 1 entries for 2 prompts"):
+        dec.generate_batch([torch.tensor([[1]]), torch.tensor([[2]])], [4])

@@ -21,7 +21,7 @@ from specdec import SamplingParams, SpeculativeDecoder
 from specdec.batch_cache import BatchCache
 from tests.lossless import ALPHA, NEW, chi_square_pvalue, exact_distribution
 from tests.tiny_models import pair, peaky_noisy_pair
-from verifier.batch import block_forward, causal_block, prefill_rows
+from verifier.batch import block_forward, prefill_rows
 
 ROW_PROMPTS = [[1, 2, 3, 1, 2], [4, 2, 1, 4, 2, 0, 3], [5, 5, 0]]
 SEED_BASE = 10**6  # seeds apart from those of the batch-1 distribution tests

@@ -297,18 +297,26 @@ def batched_main(target, draft, prompts, args, argv) -> int:
 
     rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks[0],
                            args.ngram_tokens, args.max_ngram)
-    header = (f"Command: `python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
-              f"Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size, {args.max_new_tokens} "
-              f"new tokens, greedy, draft in {args.draft_dtype}, median of {args.reps} reps per group.\n")
-    text = header + "\n" + markdown(rows)
+    header = (f"{command_line(argv)}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size, "
+              f"{args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, median of {args.reps} reps per "
+              "group.\n")
+    publish(header + "\n" + markdown(rows), {"rows": rows}, args)
+    return 0 if all(r["matches_hf_greedy"] for r in rows) else 1
+
+
+def command_line(argv) -> str:
+    return f"Command: `python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
+
+
+def publish(text: str, data: dict, args) -> None:
+    """Print ``text``; write it to ``--markdown`` and ``data`` (with the machine and arguments) to ``--json``."""
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "machine": machine_line(), "args": vars(args)}, f, indent=1, default=str)
-    return 0 if all(r["matches_hf_greedy"] for r in rows) else 1
+            json.dump({**data, "machine": machine_line(), "args": vars(args)}, f, indent=1, default=str)
 
 
 def machine_line() -> str:
@@ -344,22 +352,14 @@ def main(argv=None) -> int:
                                if args.verify_curve else (None, ""))
     source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
         (args.target or f"zoo {args.size}")
-    header = (f"Command: `python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
-              f"Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device}, draft in "
+    header = (f"{command_line(argv)}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device}, draft in "
               f"{args.draft_dtype}. {len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, batch 1, "
               f"{args.reps} reps. Forward costs at context {context}: target "
               + ", ".join(f"w{w} {t * 1e3:.1f} ms" for w, t in costs["target"].items())
               + f"; draft w1 {costs['draft'] * 1e3:.2f} ms.\n")
     text = header + "\n" + table + (f"\n\nVerify forward by width at context {args.context or context}:\n\n"
                                      + curve_table if curve_table else "")
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "costs": costs, "verify_curves": curves, "machine": machine_line(),
-                       "args": vars(args)}, f, indent=1, default=str)
+    publish(text, {"rows": rows, "costs": costs, "verify_curves": curves}, args)
     return 0 if all(r["matches_hf_plain"] for r in rows) else 1
 
 

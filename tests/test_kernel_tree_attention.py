@@ -19,22 +19,10 @@ import pytest  # noqa: E402
 
 ta = importlib.import_module("kernels.tree_attention")  # the module, not the re-exported function
 from kernels import tree_attention, tree_attention_ref  # noqa: E402
-from tests.triton_env import DEVICE, kernels_cannot_run_here, rerun_in_fresh_process  # noqa: E402
+from tests.triton_env import DEVICE, fresh_process_test, interpreter_guard  # noqa: E402
 
-FRESH_PROCESS = kernels_cannot_run_here()
-
-
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request):
-    if FRESH_PROCESS and request.node.originalname != "test_file_in_fresh_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_file_in_fresh_process")
-
-
-def test_file_in_fresh_process():
-    """Rerun this file in a process where TRITON_INTERPRET=1 precedes triton's import."""
-    if not FRESH_PROCESS:
-        pytest.skip("the kernels run in this process")
-    rerun_in_fresh_process(__file__)
+_needs_interpreter = interpreter_guard()
+test_file_in_fresh_process = fresh_process_test(__file__)
 
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 3e-2)}

@@ -15,21 +15,10 @@ import torch
 from drafters import DraftModelDrafter, NoDrafter
 from specdec import SamplingParams, SpeculativeDecoder
 from tests.tiny_models import noisy_copy, pair, prompts
-from tests.triton_env import DEVICE, kernels_cannot_run_here, rerun_in_fresh_process
+from tests.triton_env import DEVICE, fresh_process_test, interpreter_guard
 
-FRESH_PROCESS = kernels_cannot_run_here()
-
-
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request):
-    if FRESH_PROCESS and request.node.originalname != "test_file_in_fresh_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_file_in_fresh_process")
-
-
-def test_file_in_fresh_process():
-    if not FRESH_PROCESS:
-        pytest.skip("the kernels run in this process")
-    rerun_in_fresh_process(__file__)
+_needs_interpreter = interpreter_guard()
+test_file_in_fresh_process = fresh_process_test(__file__)
 
 
 def _on_device(model):

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 #: Where kernel tests put their tensors and models.
@@ -29,3 +30,28 @@ def rerun_in_fresh_process(path: str) -> None:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(path)]
     res = subprocess.run(cmd, cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+
+
+def interpreter_guard():
+    """An autouse fixture for a kernel test file: where the kernels cannot run in this process, skip
+    every test but the file's ``test_file_in_fresh_process`` (:func:`fresh_process_test`)."""
+    cannot = kernels_cannot_run_here()
+
+    @pytest.fixture(autouse=True)
+    def _needs_interpreter(request):
+        if cannot and request.node.originalname != "test_file_in_fresh_process":
+            pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_file_in_fresh_process")
+
+    return _needs_interpreter
+
+
+def fresh_process_test(path: str):
+    """The test that reruns the file at ``path`` in a fresh process when the kernels cannot run in this one."""
+    cannot = kernels_cannot_run_here()
+
+    def test_file_in_fresh_process():
+        if not cannot:
+            pytest.skip("the kernels run in this process")
+        rerun_in_fresh_process(path)
+
+    return test_file_in_fresh_process

@@ -72,14 +72,13 @@ def encode_prompts(prompts: list, tokenizer: Any, max_prompt_tokens: int | None,
 
 
 def build_acceptance(acceptance: DictConfig, sampling: Any) -> Any:
-    """The acceptance rule named by the config, checked against ``sampling`` before any decoding."""
-    from specdec.acceptance import get_rule
+    """The acceptance rule the config's ``_target_`` builds, checked against ``sampling`` before any decoding."""
+    from specdec.acceptance import AcceptanceRule
 
-    kwargs = {k: acceptance[k] for k in ("epsilon", "delta") if acceptance.get(k) is not None}
-    try:
-        rule = get_rule(acceptance.name, **kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"acceptance={acceptance.name!r} takes no {sorted(kwargs)} ({exc})") from exc
+    rule = instantiate(acceptance, "acceptance")
+    if not isinstance(rule, AcceptanceRule):
+        raise ConfigError(f"acceptance: _target_ {acceptance.get('_target_')!r} is not an AcceptanceRule "
+                          "(subclass specdec.acceptance.AcceptanceRule)")
     rule.check(sampling)
     return rule
 

@@ -100,7 +100,8 @@ def _rebuild_summary(path: Path, records: list[dict]) -> dict | None:
     num = len({r["question_id"] for r in records})
     summary = build_summary(results, greedy=greedy, status="no summary (rebuilt from records)", num_prompts=num,
                             extra={"config": config, "drafter": records[0].get("drafter")})
-    summary["acceptance"] = config.get("acceptance", {}).get("name")
+    rule = config.get("acceptance") or {}
+    summary["acceptance"] = rule.get("name") or str(rule.get("_target_", "")).rsplit(".", 1)[-1] or None
     return summary
 
 

@@ -24,15 +24,6 @@ class SamplingConfig:
 
 
 @dataclass
-class AcceptanceConfig:
-    """An acceptance rule by name, plus optional parameters of the typical rule."""
-
-    name: str = "greedy"
-    epsilon: Optional[float] = None  # typical: posterior threshold
-    delta: Optional[float] = None  # typical: posterior alpha
-
-
-@dataclass
 class DatasetConfig:
     """A prompt set: ``stdlib`` (held-out standard-library files) or ``spec_bench`` (a question.jsonl)."""
 
@@ -50,7 +41,7 @@ class DecodeConfig:
     Attributes:
         model: which target/draft pair to load (group ``model``).
         drafter: ``_target_`` node of the drafter (group ``drafter``).
-        acceptance: the acceptance rule (group ``acceptance``).
+        acceptance: ``_target_`` node of the acceptance rule (group ``acceptance``).
         dataset: the prompt set (group ``dataset``).
         logger: ``_target_`` node of the results logger (group ``logger``).
         tree / verifier: reserved for the ``tree`` and ``verifier`` groups.
@@ -72,7 +63,7 @@ class DecodeConfig:
 
     model: Any = MISSING
     drafter: Any = MISSING
-    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+    acceptance: Any = MISSING
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     logger: Any = MISSING
     tree: Any = None

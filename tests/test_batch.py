@@ -17,6 +17,7 @@ import torch
 from drafters import DraftModelDrafter, MedusaDrafter, NGramDrafter, NoDrafter
 from drafters.medusa_heads import MedusaHeads
 from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
+from tests.test_sweeps import compose_cfg, prompts_file, tiny_args  # noqa: F401  (fixture)
 from tests.tiny_models import noisy_copy, pair, prompts
 
 ARCHS = ["llama", "qwen2"]
@@ -126,3 +127,30 @@ def test_bad_batches_name_the_row():
         dec.generate_batch([torch.tensor([[1]]), torch.tensor([[1, 2]]), torch.zeros(1, 2040, dtype=torch.long)], 64)
     with pytest.raises(SpecDecError, match="max_new_tokens has 1 entries for 2 prompts"):
         dec.generate_batch([torch.tensor([[1]]), torch.tensor([[2]])], [4])
+
+
+# --------------------------------------------------------------------------- experiments.decode batch_size=
+
+
+def test_decode_with_batch_size_keeps_one_record_per_prompt(prompts_file, tmp_path):  # noqa: F811
+    """batch_size=3 over 4 prompts: the same tokens and per-prompt records as batch_size=1; the summary's
+    tokens/s is the batches' aggregate throughput."""
+    import json
+
+    from experiments import decode
+
+    base = ["costs=false", "acceptance=rejection", "sampling.temperature=1.0", "drafter.num_speculative_tokens=2"]
+    runs = {}
+    for size in (1, 3):
+        cfg = compose_cfg(*tiny_args(prompts_file, num_prompts=4), *base, f"batch_size={size}")
+        runs[size] = decode.run(cfg, tmp_path / f"b{size}")
+        records = [json.loads(line) for line in (tmp_path / f"b{size}" / "records.jsonl").read_text().splitlines()]
+        assert len(records) == 8  # 4 prompts x (speculative, baseline)
+        runs[size]["records"] = {(r["question_id"], r["method"]): r for r in records}
+    assert {k: r["tokens"] for k, r in runs[1]["records"].items()} == {k: r["tokens"] for k, r in runs[3]["records"].items()}
+    spec = runs[3]["metrics"]["speculative"]
+    batches = {r["batch"]["id"]: r["batch"] for r in runs[3]["records"].values() if r["method"] == "speculative"}
+    assert sorted(b["size"] for b in batches.values()) == [1, 3] and spec["batch_size"] == 3
+    assert spec["tokens_per_s"] == pytest.approx(spec["new_tokens"] / sum(b["time_total"] for b in batches.values()))
+    with pytest.raises(Exception, match="batch_size=0"):
+        decode.run(compose_cfg(*tiny_args(prompts_file), "batch_size=0"), tmp_path / "b0")

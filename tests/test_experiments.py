@@ -106,7 +106,7 @@ def assert_sane(summary: dict, num_prompts: int) -> None:
 def test_default_composition():
     cfg = compose_cfg()
     assert cfg.model.source == "zoo" and cfg.model.size == "default" and cfg.drafter._target_ == "drafters.DraftModelDrafter"
-    assert cfg.acceptance.name == "greedy" and cfg.dataset.name == "stdlib"
+    assert cfg.acceptance._target_ == "specdec.acceptance.GreedyAcceptance" and cfg.dataset.name == "stdlib"
     assert cfg.logger._target_ == "experiments.loggers.WandbLogger" and cfg.logger.mode == "offline"
     assert cfg.sampling.temperature == 0.0 and cfg.baseline is True
     assert cfg.drafter.attn_backend == cfg.attn_backend
@@ -167,8 +167,9 @@ def test_instantiate_every_acceptance(option):
 
 
 def test_unknown_acceptance_name_and_bad_sampling_fail_before_decoding():
-    with pytest.raises(ConfigError, match="unknown"):
-        decode.build_acceptance(compose_cfg("acceptance.name=lenient").acceptance, SamplingParams())
+    with pytest.raises(ConfigError, match="cannot import _target_ 'specdec.acceptance.Lenient'"):
+        decode.build_acceptance(compose_cfg("acceptance._target_=specdec.acceptance.Lenient").acceptance,
+                                SamplingParams())
     with pytest.raises(ConfigError, match="temperature"):
         decode.build_acceptance(compose_cfg().acceptance, SamplingParams(temperature=0.7))
 

@@ -105,7 +105,7 @@ def test_sweep_presets_compose():
     cfg = compose_cfg("sweep=draft_length", hydra_cfg=True)
     assert cfg.hydra.sweeper.params["drafter.num_speculative_tokens"] == "1,2,3,4,5,6,7,8"
     cfg = compose_cfg("sweep=temperature", hydra_cfg=True)
-    assert cfg.acceptance.name == "rejection" and cfg.hydra.sweeper.params["sampling.temperature"] == "0.0,0.7,1.0"
+    assert cfg.acceptance._target_.endswith("RejectionAcceptance") and cfg.hydra.sweeper.params["sampling.temperature"] == "0.0,0.7,1.0"
     cfg = compose_cfg("sweep=drafters", hydra_cfg=True)
     assert cfg.hydra.sweeper.params["drafter"] == "none,ngram,draft_model"
     for name in ("draft_length", "temperature", "drafters", "tree_shape", "custom"):
@@ -179,7 +179,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(prompts_file, t
     hydra_main(monkeypatch, *args, f"hydra.sweep.dir={reference}")
 
     calls = {"n": 0}
-    original = decode.decode_one
+    original = decode.decode_group
 
     def counting(*a, **kw):
         calls["n"] += 1
@@ -187,7 +187,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(prompts_file, t
             raise KeyboardInterrupt
         return original(*a, **kw)
 
-    monkeypatch.setattr(decode, "decode_one", counting)
+    monkeypatch.setattr(decode, "decode_group", counting)
     calls["fail_at"] = 10  # run 1: calls 1-6 (3 prompts x 2 methods); run 2: prompt 0, then prompt 1's speculative
     with pytest.raises(KeyboardInterrupt):
         hydra_main(monkeypatch, *args, f"hydra.sweep.dir={resumed}")

@@ -41,11 +41,11 @@ def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 if sys.argv[1] == "second_prompt":  # after both methods' records of the first prompt are on disk
-    original, calls = decode.decode_one, []
-    def decode_one(*args, **kwargs):
+    original, calls = decode.decode_group, []
+    def decode_group(*args, **kwargs):
         calls.append(1)
         return die() if len(calls) == 3 else original(*args, **kwargs)
-    decode.decode_one = decode_one
+    decode.decode_group = decode_group
 else:  # "wandb_summary": summary.json already says complete, W&B has not got the summary
     WandbLogger.log_summary = die
 sys.argv = ["experiments.decode", "--config-path=" + os.path.join(os.getcwd(), "conf"), *sys.argv[2:]]

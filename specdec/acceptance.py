@@ -121,7 +121,7 @@ class RejectionAcceptance(AcceptanceRule):
                         return c
                     p = self.after_deterministic_rejection(p, x)
                     continue
-                if tree.sampling == "with_replacement":
+                if tree.sampling in ("chain", "with_replacement"):
                     q = _draft_row(tree, c, p)  # [V] the q c was drawn from
                 if self.accepts(u, float(p[x]), float(q[x])):
                     return c

@@ -55,7 +55,6 @@ class CompiledTree:
         depth: ``[N]`` depth (1 for the root's children).
         rank: ``[N]`` sibling rank (the last entry of each path).
         mask: ``[N, N]`` ancestor-and-self mask.
-        retrieve: ``[L, D]`` for each leaf, the node indices along its path, padded with -1.
     """
 
     paths: tuple[tuple[int, ...], ...]
@@ -63,7 +62,6 @@ class CompiledTree:
     depth: torch.Tensor
     rank: torch.Tensor
     mask: torch.Tensor
-    retrieve: torch.Tensor
 
     @property
     def num_nodes(self) -> int:
@@ -96,20 +94,12 @@ def compile_tree(paths: list[list[int]] | list[tuple[int, ...]]) -> CompiledTree
             raise ValueError(f"tree path {list(t)} has no parent: add the path {list(t[:-1])} to the preset")
         parents.append(index[t[:-1]] if len(t) > 1 else -1)
     parents_t = torch.tensor(parents, dtype=torch.long)  # [N]
-    leaves = [i for i, t in enumerate(ordered) if not any(o[:-1] == t for o in ordered if len(o) == len(t) + 1)]
-    depth_max = max((len(t) for t in ordered), default=0)
-    retrieve = torch.full((len(leaves), depth_max), -1, dtype=torch.long)  # [L, D]
-    for row, leaf in enumerate(leaves):
-        t = ordered[leaf]
-        for d in range(len(t)):
-            retrieve[row, d] = index[t[: d + 1]]
     return CompiledTree(
         paths=tuple(ordered),
         parents=parents_t,
         depth=depths_from_parents(parents_t),
         rank=torch.tensor([t[-1] for t in ordered], dtype=torch.long),
         mask=ancestor_mask(parents_t),
-        retrieve=retrieve,
     )
 
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 import torch
 
 #: How the children of a node were chosen; it decides which acceptance arithmetic is lossless.
-SAMPLING_MODES = ("deterministic", "with_replacement", "without_replacement")
+#: ``chain``: a chain of sampled drafts, node i drawn from ``draft_probs[i]`` (one child per node, so
+#: with and without replacement coincide); the tree modes name how siblings were drawn.
+SAMPLING_MODES = ("deterministic", "chain", "with_replacement", "without_replacement")
 
 
 @dataclass
@@ -38,6 +40,9 @@ class DraftTree:
             raise ValueError(f"DraftTree.sampling={self.sampling!r}; expected one of {SAMPLING_MODES}")
         if self.draft_probs is None and self.sampling != "deterministic":
             raise ValueError("a sampled DraftTree needs draft_probs [N, V]; pass sampling='deterministic' otherwise")
+        if self.sampling == "chain" and not torch.equal(self.parents.cpu(), torch.arange(-1, self.num_nodes - 1)):
+            raise ValueError("sampling='chain' needs a chain (parents [-1, 0, 1, ...]); name how a tree's siblings "
+                             "were drawn: with_replacement or without_replacement")
 
     @property
     def num_nodes(self) -> int:
@@ -48,7 +53,7 @@ class DraftTree:
         """A chain of ``len(tokens)`` drafts; sampled when ``draft_probs`` is given."""
         n = int(tokens.shape[0])
         parents = torch.arange(-1, n - 1, dtype=torch.long)  # [N]
-        mode = "deterministic" if draft_probs is None else "with_replacement"
+        mode = "deterministic" if draft_probs is None else "chain"
         return cls(tokens=tokens.long().cpu(), parents=parents, draft_probs=draft_probs, sampling=mode)
 
     @classmethod

@@ -171,7 +171,7 @@ def test_the_tables_catch_each_planted_bug(bug):
 
 
 def _run_chain(rule, tokens, q_rows, p_rows, us):
-    return decide(rule, list(range(-1, len(tokens) - 1)), tokens, p_rows, us, q_rows, "with_replacement")
+    return decide(rule, list(range(-1, len(tokens) - 1)), tokens, p_rows, us, q_rows, "chain")
 
 
 def _run_siblings(rule, mode, us):

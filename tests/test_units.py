@@ -61,9 +61,12 @@ def test_compiled_random_trees(seed):
         ancestors = {index[p[:d]] for d in range(1, len(p) + 1)}
         assert set(torch.nonzero(tree.mask[i]).flatten().tolist()) == ancestors  # ancestors and self
         assert int(tree.depth[i]) == len(p)
-    for row in tree.retrieve.tolist():  # every leaf path reads back
-        nodes = [j for j in row if j >= 0]
-        assert [tree.paths[j] for j in nodes] == [tree.paths[nodes[-1]][:d] for d in range(1, len(nodes) + 1)]
+    for i, p in enumerate(tree.paths):  # every node's path reads back through its parents
+        node, walked = i, []
+        while node >= 0:
+            walked.append(tree.paths[node])
+            node = int(tree.parents[node])
+        assert walked[::-1] == [p[:d] for d in range(1, len(p) + 1)]
     assert torch.equal(ancestor_mask(tree.parents), tree.mask)
 
 

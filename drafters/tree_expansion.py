@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from specdec.cache import SpecDecCache
-from specdec.rng import CHILD, KeyedRandom, categorical
+from specdec.rng import CHILD, KeyedRandom
 from specdec.sampling import SamplingParams, warp_probs
 from specdec.tree import CompiledTree, children_lists
 from specdec.types import DraftTree
@@ -83,11 +83,10 @@ def choose_children(
         ranks: the children's sibling ranks (ascending).
         mode: ``deterministic``: the child of rank r is the draft's rank-r token (by raw logits, the
             order every warping keeps); ``with_replacement``: the i-th child is an i.i.d. draw from
-            the warped q; ``without_replacement``: the children are successive draws without
-            replacement from q (each from q with the earlier ones removed, renormalised); children
-            past q's support are dropped.
-        rng, node: the run's keyed random numbers; draw i of this node is keyed ``(CHILD, node, i)``
-            (``node``: the node's index in the preset, 0 for the root), the same in a batched run.
+            the warped q; ``without_replacement``: the children are draws without replacement from
+            q in draw order (Gumbel-top-k); children past q's support are dropped.
+        rng, node: the run's keyed random numbers, keyed by ``node`` (the node's index in the preset,
+            0 for the root) and the draw: the same in a batched run.
 
     Returns:
         the tokens and the node's warped q ``[V]`` (None when deterministic).
@@ -97,15 +96,11 @@ def choose_children(
         order = torch.topk(logits, min(max(ranks) + 1, vocab)).indices.tolist()
         return [order[r] if r < len(order) else None for r in ranks], None
     q = warp_probs(logits, sampling)  # [V]
-    draws = torch.arange(m, device=q.device)  # [m]
     if mode == "with_replacement":
+        draws = torch.arange(m, device=q.device)  # [m]
         return rng.categorical(q.expand(1, m, vocab), CHILD, node, draws)[0].tolist(), q
-    u = rng.uniform(CHILD, node, draws)[0].tolist()  # [m]
-    left, drawn = q.clone(), []  # [V]
-    for i in range(min(m, int((q > 0).sum()))):
-        tok = int(categorical(left, torch.tensor(u[i], device=q.device)))
-        drawn.append(tok)
-        left[tok] = 0.0
+    drawn = rng.top_without_replacement(q[None], min(m, vocab), CHILD, node)[0].tolist()  # Gumbel-top-k
+    drawn = drawn[: int((q > 0).sum())]  # draws past q's support do not exist
     return [drawn[i] if i < len(drawn) else None for i in range(m)], q
 
 

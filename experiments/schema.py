@@ -55,6 +55,8 @@ class DecodeConfig:
         num_threads: ``torch.set_num_threads`` for CPU runs; None keeps torch's default.
         batch_size: prompts decoded together (``generate_batch``, ragged acceptance); every prompt still
             gets its own record and seed, the summary's tokens/s is the aggregate throughput.
+        compile: ``none``, or the fixed-shape step (``static`` eager, ``graph`` CUDA graph, ``inductor``
+            torch.compile) for no drafter and draft-model chains; the same tokens either way.
         costs: measure the forward-cost curves (cached) for ``predicted_speedup``, ``efficiency``
             and ``recommended_k`` (:mod:`experiments.costs`); false skips it (fast tests).
         resume: skip a run whose directory holds complete results of the same config, continue an
@@ -77,6 +79,7 @@ class DecodeConfig:
     warmup: int = 1
     num_threads: Optional[int] = None
     batch_size: int = 1
+    compile: str = "none"
     costs: bool = True
     resume: bool = True
 

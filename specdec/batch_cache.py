@@ -121,6 +121,17 @@ class BatchCache(Cache):
         self.block_slots = self.lengths[:, None] + offsets  # [B, n]
         self.block_end = longest + n
 
+    def begin_static_block(self, n: int) -> None:
+        """:meth:`begin_block` with fixed shapes and no host work: attention spans the whole capacity
+        (slots past a row's block are masked), lengths are read on the device only (captured steps)."""
+        self.block_slots = self.lengths[:, None] + torch.arange(n, device=self.lengths.device)  # [B, n]
+        self.block_end = self.capacity
+
+    def advance(self, counts: torch.Tensor) -> None:
+        """Keep each row's first ``counts[b]`` block tokens (already in place): ``lengths += counts`` on the
+        device, no host copy (the static step reads lengths back once per step with its results)."""
+        self.lengths += counts
+
     def block_mask(self, tree_mask: torch.Tensor) -> torch.Tensor:
         """``[B, 1, n, end]`` bool key mask of the current block: key slot ``s`` is visible to block token
         ``j`` of row ``b`` iff ``s < lengths[b]`` or ``s = lengths[b] + i`` with ``tree_mask[b, j, i]``.

@@ -11,7 +11,7 @@ import torch
 from specdec.acceptance import AcceptanceRule, get_rule
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, Drafter
-from specdec.errors import SpecDecError
+from specdec.errors import ConfigError, SpecDecError
 from specdec.models import text_config
 from specdec.rng import KeyedRandom
 from specdec.sampling import SamplingParams
@@ -52,6 +52,10 @@ class SpeculativeDecoder:
         acceptance: a rule name (``greedy``, ``rejection``, ``typical``) or an ``AcceptanceRule``.
         sampling: temperature / top-k / top-p shared by drafter and rule; temperature 0 is greedy.
         attn_backend: ``sdpa`` or ``triton`` tree attention in the verifier.
+        compile: ``none`` (the readable step; ragged batches), or the fixed-shape step of
+            :mod:`specdec.static_step` for no drafter and draft-model chains: ``static`` (eager),
+            ``graph`` (captured in a CUDA graph, replayed every step) or ``inductor`` (``torch.compile``);
+            every form emits the same tokens.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class SpeculativeDecoder:
         acceptance: str | AcceptanceRule = "greedy",
         sampling: SamplingParams | None = None,
         attn_backend: str = "sdpa",
+        compile: str = "none",
     ):
         from verifier import Verifier  # the loop drives the verifier; imported here to keep specdec at the bottom
 
@@ -74,9 +79,19 @@ class SpeculativeDecoder:
         self.verifier = Verifier(self.target, attn_backend)
         self.device = self.verifier.device
         self.eos = eos_token_ids(self.target)
+        self.compile = compile
+        if compile != "none":
+            from specdec.static_step import COMPILE_MODES, static_drafter
+
+            if compile not in COMPILE_MODES:
+                raise ConfigError(f"compile={compile!r} is unknown; choose one of {list(COMPILE_MODES)}")
+            static_drafter(drafter)  # fails now, naming the drafter, if the static step cannot run it
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, seed: int | None = None) -> DecodeOutput:
         """Decode up to ``max_new_tokens`` after ``input_ids [1, T]``; stops after an EOS token."""
+        if self.compile != "none":  # the fixed-shape step, a batch of one
+            out = self.generate_batch([input_ids], max_new_tokens, seed=seed if seed is not None else 0)
+            return DecodeOutput(sequences=out.sequences[0], stats=out.stats)
         self._check_inputs(input_ids, max_new_tokens)
         stats = DecodeStats()
         rng = KeyedRandom.for_seed(seed if seed is not None else random.randrange(2**62), self.device)
@@ -110,6 +125,10 @@ class SpeculativeDecoder:
         seed=seed + i)`` token for token; ``max_new_tokens`` may be one value or one per row. Returns a
         :class:`specdec.batch_decoder.BatchOutput` (``sequences``, aggregate ``stats``, ``row_stats``).
         """
+        if self.compile != "none":
+            from specdec.static_step import generate_static
+
+            return generate_static(self, prompts, max_new_tokens, seed, seeds, self.compile)
         from specdec.batch_decoder import generate_batch
 
         return generate_batch(self, prompts, max_new_tokens, seed, seeds)

@@ -10,8 +10,9 @@ in every batch layout and whatever else was drawn before, so:
 - no draw needs the host: the numbers are integer hashes computed by tensor ops (graph-capturable).
 
 The hash is SplitMix64's finaliser over 64-bit integer tensors (wrapping multiplication, logical
-shifts emulated with masks); 24 of its bits make a float32 uniform in (0, 1). Categorical draws use
-one uniform each, by inverse CDF (:func:`categorical`).
+shifts emulated with masks); 24 of its bits make a float32 uniform in (0, 1). A categorical draw is
+an exponential race over the vocabulary, one keyed uniform per token (:func:`race`), so it is
+insensitive to the last-bit differences between a batched and a batch-1 forward.
 """
 from __future__ import annotations
 
@@ -50,19 +51,16 @@ def uniform(*keys) -> torch.Tensor:
     return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draws: the index where ``cumsum(probs[..., :])`` first exceeds ``u [...] * total``.
+def race(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The exponential race (Gumbel-max): ``argmax_v probs[..., v] / E_v`` with ``E_v = -log u[..., v]``.
 
-    ``probs [..., V]`` need not be normalised; zero-probability entries are never drawn. Returns
-    int64 ``[...]``.
+    Draws index v with probability ``probs[v] / sum(probs)`` (unnormalised ``probs`` are fine; zero
+    entries are never drawn), and the winner only changes if two contenders are within rounding of
+    each other: two code paths whose ``probs`` differ in the last bits (a batched and a batch-1
+    forward) draw the same token but with probability about 1e-7, whatever the vocabulary size (an
+    inverse CDF over V entries would flip with probability about V times that).
     """
-    cdf = probs.float().cumsum(-1)  # [..., V]
-    target = u[..., None] * cdf[..., -1:]  # [..., 1]
-    idx = torch.searchsorted(cdf, target, right=True)[..., 0]  # [...]
-    idx = idx.clamp_max(probs.shape[-1] - 1)
-    # a draw landing on a zero-probability tail (rounding at the top): take the last token with mass
-    last = (probs > 0).long().cumsum(-1).argmax(-1)  # [...] index of the last positive entry
-    return torch.minimum(idx, last)
+    return (probs.float() / -torch.log(u)).argmax(-1)
 
 
 # What a draw is for: part of every key, so draws for different purposes never coincide.
@@ -122,5 +120,16 @@ class KeyedRandom:
         return uniform(self.seeds.view(-1, *extra), self.step.view(-1, *extra), purpose, index)
 
     def categorical(self, probs: torch.Tensor, purpose: int, *index) -> torch.Tensor:
-        """Draws from ``probs [B, *index, V]`` (unnormalised), one uniform each: ``[B, *index]`` int64."""
-        return categorical(probs, self.uniform(purpose, *index))
+        """Draws from ``probs [B, *index, V]`` (unnormalised) by an exponential race over the vocabulary,
+        keyed ``(purpose, *index, token)``: ``[B, *index]`` int64."""
+        vocab = torch.arange(probs.shape[-1], device=self.seeds.device)  # [V]
+        index = [torch.as_tensor(i, dtype=torch.long, device=self.seeds.device)[..., None] for i in index]
+        return race(probs, self.uniform(purpose, *index, vocab))
+
+    def top_without_replacement(self, probs: torch.Tensor, m: int, purpose: int, *index) -> torch.Tensor:
+        """``m`` draws without replacement from ``probs [B, *index, V]``, in draw order (Gumbel-top-k, keyed
+        like :meth:`categorical`): ``[B, *index, m]``. The caller drops draws past the support."""
+        vocab = torch.arange(probs.shape[-1], device=self.seeds.device)  # [V]
+        index = [torch.as_tensor(i, dtype=torch.long, device=self.seeds.device)[..., None] for i in index]
+        keys = probs.float() / -torch.log(self.uniform(purpose, *index, vocab))  # [B, *index, V]
+        return keys.topk(m, dim=-1).indices

@@ -82,6 +82,7 @@ def test_other_rows_and_stale_slots_do_not_leak():
     tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool).expand(3, 3, 3)  # root + 2 children
     ids, depth = torch.tensor([[11, 3, 4]] * 3), torch.tensor([[0, 1, 1]] * 3)
 
+    @torch.inference_mode()
     def verify(noise: bool) -> torch.Tensor:
         cache = BatchCache.for_model(target, 32, 3)
         prefill_rows(target, cache, rows, output_hidden=False)
@@ -147,6 +148,7 @@ def _path(parents: list[int], node: int) -> list[int]:
 
 @settings(max_examples=1000, deadline=None)
 @given(_ops())
+@torch.inference_mode()
 def test_each_row_holds_a_prefill_of_its_tokens(case):
     prompts, steps = case
     cache = BatchCache(num_layers=1, capacity=64, batch=len(prompts))

@@ -65,3 +65,39 @@ def test_bf16_draft_of_fp32_target_on_cuda(models):
     target, draft, prompts = models
     _check(target, DraftModelDrafter(copy.deepcopy(draft).to(torch.bfloat16), num_speculative_tokens=4), prompts,
            "sdpa")
+
+
+# --------------------------------------------------------------------------- the captured step (compile=graph)
+
+
+@pytest.mark.parametrize("compile", ["graph", "inductor"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_captured_step_emits_the_eager_tokens(models, compile, batch):
+    target, draft, prompts = models
+    rows = (prompts * 2)[:batch]
+    for sampling, rule in ((SamplingParams(), "greedy"), (SamplingParams(temperature=1.0), "rejection")):
+        eager = SpeculativeDecoder(target, DraftModelDrafter(draft, 4), rule, sampling).generate_batch(rows, 24, seed=3)
+        captured = SpeculativeDecoder(target, DraftModelDrafter(draft, 4), rule, sampling, compile=compile)
+        out = captured.generate_batch(rows, 24, seed=3)
+        assert [s.tolist() for s in out.sequences] == [s.tolist() for s in eager.sequences]
+
+
+def test_captured_step_makes_no_host_sync(models):
+    """Under sync debug mode "error", replaying the captured step must not synchronise; only the
+    step's one read (``StaticChainStep.step``'s ``report.tolist()``) may."""
+    from specdec.static_step import StaticChainStep
+
+    target, draft, prompts = models
+    decoder = SpeculativeDecoder(target, DraftModelDrafter(draft, 4), compile="graph")
+    rows = [p[0].tolist() for p in prompts]
+    with torch.inference_mode():
+        step = StaticChainStep(decoder, draft, 4, rows, [16] * len(rows), list(range(len(rows))), "graph")
+        step.prefill(rows)
+        step.step()  # capture happens on the first use
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                step._run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -1,0 +1,121 @@
+"""The fixed-shape step (``compile=static``; captured as a CUDA graph with ``compile=graph`` on a GPU).
+
+On the CPU the step runs eagerly and must emit exactly the tokens of the readable step: greedy rows
+equal ``generate(do_sample=False)``, sampled rows equal their batch-1 runs (keyed draws), for no
+drafter and draft-model chains, batch 1 and 4, EOS mid-batch and a ``max_new_tokens`` per row; the
+rejection step passes the chi-square test against the exactly enumerated target and a planted bug
+fails it. The capture itself and the absence of host syncs are GPU tests (``tests/test_gpu.py``).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
+from specdec import SamplingParams, SpeculativeDecoder
+from specdec.errors import ConfigError
+from specdec.static_step import StaticChainStep
+from tests.lossless import ALPHA, NEW, PROMPT, chi_square_pvalue, exact_distribution
+from tests.tiny_models import noisy_copy, pair, peaky_noisy_pair, prompts
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def setup(request):
+    arch = request.param
+    target = copy.deepcopy(pair(arch)[0])
+    rows = prompts(pair(arch)[2], 4, seed=4)
+    free = target.generate(rows[1], do_sample=False, max_new_tokens=12, pad_token_id=0)[0, rows[1].shape[1]:]
+    target.generation_config.eos_token_id = int(free[4])  # row 1 stops on it mid-batch
+    return arch, target, rows
+
+
+LIMITS = [9, 14, 6, 11]
+SHAPES = {"ar": lambda arch: NoDrafter(), "chain3": lambda arch: DraftModelDrafter(noisy_copy(arch), 3),
+          "chain5": lambda arch: DraftModelDrafter(noisy_copy(arch), 5)}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_greedy_static_step_equals_generate(setup, shape, batch):
+    arch, target, rows = setup
+    out = SpeculativeDecoder(target, SHAPES[shape](arch), compile="static").generate_batch(rows[:batch], LIMITS[:batch])
+    eos = target.generation_config.eos_token_id
+    for i, ids in enumerate(rows[:batch]):
+        ref = target.generate(ids, do_sample=False, max_new_tokens=LIMITS[i], pad_token_id=eos)
+        assert out.sequences[i].tolist() == ref.tolist(), f"row {i}"
+        eager = SpeculativeDecoder(target, SHAPES[shape](arch)).generate(ids, LIMITS[i], seed=i)
+        assert out.row_stats[i].accepted_per_step == eager.stats.accepted_per_step
+
+
+@pytest.mark.parametrize("rule,sampling", [("rejection", SamplingParams(temperature=1.0)),
+                                           ("rejection", SamplingParams(temperature=0.7, top_k=10)),
+                                           ("typical", SamplingParams(temperature=0.7))])
+@pytest.mark.parametrize("shape", ["ar", "chain3"])
+def test_sampled_static_rows_equal_their_batch_one_runs(setup, shape, rule, sampling):
+    arch, target, rows = setup
+    static = SpeculativeDecoder(target, SHAPES[shape](arch), rule, sampling, compile="static")
+    out = static.generate_batch(rows, LIMITS, seed=5)
+    for i, ids in enumerate(rows):
+        eager = SpeculativeDecoder(target, SHAPES[shape](arch), rule, sampling).generate(ids, LIMITS[i], seed=5 + i)
+        assert out.sequences[i].tolist() == eager.sequences.tolist(), f"row {i}"
+    one = static.generate(rows[2], LIMITS[2], seed=7)  # generate() with compile=static: a batch of one
+    assert one.sequences.tolist() == SpeculativeDecoder(target, SHAPES[shape](arch), rule, sampling).generate(
+        rows[2], LIMITS[2], seed=7).sequences.tolist()
+
+
+def _static_counts(target, drafter, sampling, runs: int, rule=None) -> dict:
+    decoder = SpeculativeDecoder(target, drafter, "rejection", sampling, compile="static")
+    if rule is not None:
+        decoder.rule = rule
+    counts: dict = {}
+    for seed in range(runs):
+        seq = tuple(decoder.generate(PROMPT, NEW, seed=10**6 + seed).sequences[0, -NEW:].tolist())
+        counts[seq] = counts.get(seq, 0) + 1
+    return counts
+
+
+def test_static_rejection_is_lossless_and_a_planted_bug_is_not(monkeypatch):
+    target, draft = peaky_noisy_pair()
+    sampling = SamplingParams(temperature=1.0)
+    exact = exact_distribution(target, sampling)
+    counts = _static_counts(target, DraftModelDrafter(draft, 2), sampling, 1500)
+    assert chi_square_pvalue(counts, exact, 1500) > ALPHA
+
+    from specdec import batch_acceptance
+
+    def accept_all(tree, logits, sampling, rng):  # planted: every draft accepted, the bonus from the last node's p
+        out = batch_acceptance.batch_rejection(tree, logits, sampling, rng)
+        out.counts = torch.full_like(out.counts, tree.max_depth)
+        return out
+
+    monkeypatch.setattr(StaticChainStep, "__init__", _with_rule(accept_all))
+    counts = _static_counts(target, DraftModelDrafter(draft, 2), sampling, 300)
+    assert chi_square_pvalue(counts, exact, 300) < ALPHA
+
+
+def _with_rule(rule):
+    original = StaticChainStep.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.rule = rule
+
+    return init
+
+
+def test_compile_modes_and_their_errors(setup):
+    arch, target, rows = setup
+    with pytest.raises(ConfigError, match="supports no drafter and draft-model chains, not NGramDrafter"):
+        SpeculativeDecoder(target, NGramDrafter(), compile="static")
+    with pytest.raises(ConfigError, match="compile='fast' is unknown"):
+        SpeculativeDecoder(target, NoDrafter(), compile="fast")
+    if not torch.cuda.is_available():  # on the CPU: one warning, then the eager static step, same tokens
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = SpeculativeDecoder(target, SHAPES["chain3"](arch), compile="graph").generate_batch(rows, LIMITS)
+        assert [str(w.message) for w in caught] == ["compile=graph needs a CUDA device; running the static step eagerly"]
+        ref = SpeculativeDecoder(target, SHAPES["chain3"](arch)).generate_batch(rows, LIMITS)
+        assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences]

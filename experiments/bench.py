@@ -84,8 +84,9 @@ def _hf_assisted(target, draft, max_new, k):
     return run
 
 
-def _ours(target, drafter, max_new):
-    decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy", sampling=SamplingParams())
+def _ours(target, drafter, max_new, compile="none"):
+    decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy", sampling=SamplingParams(),
+                                 compile=compile)
 
     def run(ids):
         out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
@@ -108,6 +109,12 @@ def build_methods(target, draft, args) -> list[Method]:
         methods.append(Method(f"hf_assisted_k{k}", _hf_assisted(target, draft, m, k), False, k))
         methods.append(Method(f"ours_chain_k{k}", _ours(target, DraftModelDrafter(draft, k), m), True, k,
                               peer=f"hf_assisted_k{k}"))
+    if args.compile != "none":  # the fixed-shape step (captured on a GPU with --compile graph)
+        methods.append(Method(f"ours_ar_{args.compile}", _ours(target, NoDrafter(), m, args.compile), True))
+        for k in ks:
+            methods.append(Method(f"ours_chain_k{k}_{args.compile}", _ours(target, DraftModelDrafter(draft, k), m,
+                                                                          args.compile), True, k,
+                                  peer=f"hf_assisted_k{k}"))
     return methods
 
 
@@ -273,6 +280,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="instead of the batch-1 table: aggregate tokens/s of batched decoding at these batch sizes "
                         "(HF batched generate vs our batched AR, chain at the first --ks, n-gram)")
+    p.add_argument("--compile", default="none", choices=["none", "static", "graph", "inductor"],
+                   help="also run our AR loop and chains through the fixed-shape step (graph: captured on a GPU)")
     p.add_argument("--verify-curve", action="store_true",
                    help="also time the verify forward by width for each --backends at --context tokens")
     p.add_argument("--backends", type=lambda s: s.split(","), default=["sdpa", "triton"])

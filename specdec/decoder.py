@@ -89,12 +89,13 @@ class SpeculativeDecoder:
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, seed: int | None = None) -> DecodeOutput:
         """Decode up to ``max_new_tokens`` after ``input_ids [1, T]``; stops after an EOS token."""
+        seed = seed if seed is not None else random.randrange(2**62)
         if self.compile != "none":  # the fixed-shape step, a batch of one
-            out = self.generate_batch([input_ids], max_new_tokens, seed=seed if seed is not None else 0)
+            out = self.generate_batch([input_ids], max_new_tokens, seed=seed)
             return DecodeOutput(sequences=out.sequences[0], stats=out.stats)
         self._check_inputs(input_ids, max_new_tokens)
         stats = DecodeStats()
-        rng = KeyedRandom.for_seed(seed if seed is not None else random.randrange(2**62), self.device)
+        rng = KeyedRandom.for_seed(seed, self.device)
         prompt = input_ids.to(self.device)  # [1, T]
         capacity = prompt.shape[1] + max_new_tokens + self.drafter.max_nodes + 1
         cache = SpecDecCache.for_model(self.target, capacity)

@@ -100,8 +100,9 @@ def _parse_line(path: Path, lineno: int, line: str) -> Prompt:
     if messages is not None and not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
         raise PromptFileError(f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} objects')
+    more_turns = turns if messages is not None and len(turns) > 1 else None  # kept with the chat they belong to
     return Prompt(question_id, str(record.get("category", "default")), turns[0], record.get("source"), messages,
-                  turns if len(turns) > 1 else None)
+                  more_turns)
 
 
 def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[Prompt]:

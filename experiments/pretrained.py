@@ -17,7 +17,6 @@ model's weights, dequantized to float32 (not the original bf16 release).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import platform
 import shutil
@@ -276,8 +275,3 @@ def describe(name: str, cache_dir: str | Path | None = None) -> dict:
     """The manifest facts of a cached model (source, metrics, versions), without the file list."""
     manifest = cache.read_manifest(model_dir(name, cache_dir))
     return {k: v for k, v in manifest.items() if k != "files"}
-
-
-def sha256_text(text: str) -> str:
-    """Hex sha256 of a string (chat templates in cache keys)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

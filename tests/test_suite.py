@@ -62,8 +62,8 @@ def test_chats_are_formatted_with_the_targets_chat_template():
 
 
 def test_without_pydoc_data_dataset_suite_is_one_error_line(tmp_path):
-    code = ("import sys; sys.modules['pydoc_data'] = None; sys.modules['pydoc_data.topics'] = None\n"
-            "from experiments import decode; decode.main()")
+    code = ("import runpy, sys; sys.modules['pydoc_data'] = None; sys.modules['pydoc_data.topics'] = None\n"
+            "sys.argv = ['decode', *sys.argv[1:]]; runpy.run_module('experiments.decode', run_name='__main__')")
     args = ["model=tiny_random", "dataset=suite", f"dataset.cache_dir={tmp_path}", "logger=none", "costs=false",
             f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,

@@ -135,7 +135,8 @@ class MedusaHeads(nn.Module):
 
 def _probe(tensor: torch.Tensor) -> list[float]:
     flat = tensor.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, PROBE_POINTS).round().long().to(flat.device)
+    # float32 linspace can round past the end of a tensor of more than 2**24 values: clamp (earlier indices unchanged)
+    idx = torch.linspace(0, flat.numel() - 1, PROBE_POINTS).round().long().clamp_(max=flat.numel() - 1).to(flat.device)
     return [float(x) for x in flat[idx].float().cpu()]
 
 

@@ -2,6 +2,7 @@
 
     python -m experiments.bench --size default --prompts 10 --max-new-tokens 128 --ks 2,4,6 --reps 3
     python -m experiments.bench --device cuda --synthetic llama-8b --prompts 2 --max-new-tokens 32 --ks 4
+    python -m experiments.bench --model smollm2 --dataset suite      # a real target, per category (experiments.bench_suite)
 
 Greedy, batch 1, one process: Hugging Face plain ``generate``, assisted generation with the
 draft model (constant k, and its default schedule), prompt lookup; ours: autoregressive, the
@@ -342,6 +343,10 @@ def machine_line() -> str:
 
 @cli.guard()
 def main(argv=None) -> int:
+    if "--model" in (sys.argv[1:] if argv is None else argv):  # a real target on the suite: experiments.bench_suite
+        from experiments import bench_suite
+
+        return bench_suite.main(argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

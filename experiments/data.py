@@ -53,6 +53,8 @@ class Prompt:
     category: str
     text: str
     source: str | None = None  # where the prompt came from (e.g. a corpus file), if known
+    messages: list | None = None  # a chat ([{"role", "content"}, ...]) to format with the target's chat template
+    turns: list | None = None  # every user turn, if more than ``text`` (Spec-Bench's multi-turn records)
 
 
 # --------------------------------------------------------------------------- cache dir
@@ -94,7 +96,13 @@ def _parse_line(path: Path, lineno: int, line: str) -> Prompt:
     if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
         raise PromptFileError(f"{where}: missing or empty 'turns' (a list of prompt strings); {fix}")
     question_id = record.get("question_id", lineno)
-    return Prompt(question_id, str(record.get("category", "default")), turns[0], record.get("source"))
+    messages = record.get("messages")
+    if messages is not None and not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+        raise PromptFileError(f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} objects')
+    more_turns = turns if messages is not None and len(turns) > 1 else None  # kept with the chat they belong to
+    return Prompt(question_id, str(record.get("category", "default")), turns[0], record.get("source"), messages,
+                  more_turns)
 
 
 def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[Prompt]:
@@ -123,11 +131,31 @@ def prompts_to_jsonl(prompts: list[Prompt]) -> str:
     """Spec-Bench JSONL text for ``prompts`` (one record per line)."""
     lines = []
     for prompt in prompts:
-        record = {"question_id": prompt.question_id, "category": prompt.category, "turns": [prompt.text]}
+        record = {"question_id": prompt.question_id, "category": prompt.category, "turns": prompt.turns or [prompt.text]}
         if prompt.source is not None:
             record["source"] = prompt.source
+        if prompt.messages is not None:
+            record["messages"] = prompt.messages
         lines.append(json.dumps(record, ensure_ascii=False))
     return "".join(line + "\n" for line in lines)
+
+
+def prompt_text(prompt: Prompt, tokenizer) -> str:
+    """The text to tokenize for ``prompt``: its chat through the tokenizer's chat template (generation
+    prompt added) when the record has ``messages``, else the first turn as it is. A tokenizer without a
+    chat template gets the chat as ``role: content`` lines ending in ``assistant:``."""
+    if prompt.messages is None:
+        return prompt.text
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+    return "".join(f"{m['role']}: {m['content']}\n\n" for m in prompt.messages) + "assistant:"
+
+
+def prompt_ids(prompt: Prompt, tokenizer):
+    """``prompt`` as token ids ``[1, T]`` (a LongTensor): :func:`prompt_text` tokenized, with the tokenizer's
+    special tokens only where no chat template put its own in the text."""
+    templated = prompt.messages is not None and bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(prompt_text(prompt, tokenizer), return_tensors="pt", add_special_tokens=not templated)["input_ids"]
 
 
 def write_prompts(path: str | os.PathLike, prompts: list[Prompt]) -> Path:

@@ -48,7 +48,11 @@ def load_dataset_prompts(dataset: DictConfig, num_prompts: int) -> list:
     if num_prompts < 1:
         raise ConfigError(f"num_prompts={num_prompts}: decode at least one prompt")
     path = dataset.get("path")
-    if not path:
+    if not path and dataset.get("name") == "suite":
+        from experiments.suite import suite_path
+
+        path = suite_path(cache_dir=dataset.get("cache_dir"))
+    elif not path:
         if dataset.get("name") != "stdlib":
             raise ConfigError(f"dataset={dataset.get('name')!r} needs dataset.path=<question.jsonl>")
         path = heldout_prompts_path(cache_dir=dataset.get("cache_dir"), num_prompts=num_prompts,
@@ -60,9 +64,11 @@ def encode_prompts(prompts: list, tokenizer: Any, max_prompt_tokens: int | None,
     """Tokenize each prompt with the target's tokenizer, keeping the last ``max_prompt_tokens`` tokens."""
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ConfigError(f"dataset.max_prompt_tokens={max_prompt_tokens}: use a positive number or null")
+    from experiments.data import prompt_ids
+
     encoded = []
     for prompt in prompts:
-        ids = tokenizer(prompt.text, return_tensors="pt")["input_ids"]  # [1, T]
+        ids = prompt_ids(prompt, tokenizer)  # [1, T]
         if max_prompt_tokens is not None:
             ids = ids[:, -max_prompt_tokens:]  # [1, min(T, n)]
         if ids.shape[1] == 0:
@@ -93,9 +99,10 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
     if not accepts_argument(drafter, "model", "drafter"):
         return instantiate(drafter, "drafter", **kwargs)
     if models.draft is None:
+        hint = models.info.get("draft_missing") or "set model.draft=<path> (model=hf)"
         raise ConfigError(
             f"drafter {drafter._target_} needs a draft model, but the model config has none; "
-            "set model.draft=<path> (model=hf) or pick another drafter (drafter=ngram)"
+            f"{hint}, or pick another drafter (drafter=ngram)"
         )
     return instantiate(drafter, "drafter", model=models.draft, **kwargs)
 

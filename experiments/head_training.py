@@ -26,7 +26,12 @@ def load_target(cfg: DictConfig):
     """``(target, tokenizer, description)``: ``cfg.target`` (any HF causal LM dir) or the zoo pair's target."""
     from specdec.models import load_causal_lm, load_tokenizer
 
-    if cfg.target:
+    if cfg.target and str(cfg.target) in _pretrained_names():  # target=smollm2: fetched and converted once
+        from experiments.pretrained import ensure_model
+
+        path = str(ensure_model(str(cfg.target), cache_dir=cfg.cache_dir))
+        where = {"target": path, "tokenizer": str(cfg.tokenizer or path), "pretrained": str(cfg.target)}
+    elif cfg.target:
         where = {"target": str(cfg.target), "tokenizer": str(cfg.tokenizer or cfg.target)}
     else:
         from experiments.zoo import ensure_pair
@@ -37,6 +42,12 @@ def load_target(cfg: DictConfig):
     return target, load_tokenizer(where["tokenizer"]), where
 
 
+def _pretrained_names() -> set[str]:
+    from experiments.pretrained import MODELS
+
+    return set(MODELS)
+
+
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -44,13 +55,22 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
-def token_chunks(tokenizer, split: str, max_chars: int, context: int) -> torch.Tensor:
-    """``[R, context]`` rows of one corpus split: each file's ids after a BOS (or EOS) token, concatenated."""
+def token_chunks(tokenizer, split: str, max_chars: int, context: int, exclude: tuple[str, ...] = ()) -> torch.Tensor:
+    """``[R, context]`` rows of one corpus split: each file's ids after a separator token, concatenated.
+
+    The separator is the tokenizer's BOS, or its EOS when there is none or the BOS is a chat-turn
+    marker (SmolLM2's ``<|im_start|>``). ``exclude``: corpus paths starting with these are left out
+    (the prompt suite's sources, :data:`experiments.suite.SUITE_SOURCES`).
+    """
     from experiments import corpus
     from experiments.zoo.tokenizer import iter_texts
 
-    files = corpus.hash_order(corpus.corpus_files(split=split))
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    root = corpus.default_corpus_root()
+    files = [f for f in corpus.hash_order(corpus.corpus_files(split=split))
+             if not f.relative_to(root).as_posix().startswith(tuple(exclude))]
+    bos = tokenizer.bos_token_id
+    if bos is None or "im_start" in str(tokenizer.bos_token):
+        bos = tokenizer.eos_token_id
     stream: list[int] = []
     for ids in _encode(tokenizer, list(iter_texts(files, max_chars))):
         stream.extend(([bos] if bos is not None else []) + ids)
@@ -85,6 +105,16 @@ def generate_rows(target, source_rows: torch.Tensor, count: int, prompt: int, te
                               min_new_tokens=context - prompt, pad_token_id=pad if pad is not None else 0, **sampling)
         rows.append(out[:, :context].cpu())  # [b, T]
     return torch.cat(rows)  # [count, T]
+
+
+def chat_windows(rows, context: int) -> torch.Tensor:
+    """``[R, context]`` windows of chat rows (:class:`experiments.chat_data.ChatRows`): each row's last
+    ``context`` tokens (its answer and the end of its prompt), right-padded when shorter."""
+    out = torch.full((rows.ids.shape[0], context), rows.pad_id, dtype=torch.long)  # [R, T]
+    for i, length in enumerate(rows.lengths.tolist()):
+        window = rows.ids[i, max(0, length - context) : length]
+        out[i, : len(window)] = window
+    return out
 
 
 def training_batches(corpus_rows: torch.Tensor, extra_rows: torch.Tensor | None, cfg: DictConfig, start: int):

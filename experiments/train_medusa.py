@@ -34,14 +34,17 @@ from tqdm.auto import tqdm
 
 from drafters.medusa_heads import (MedusaHeads, default_heads_dir, save_heads, target_fingerprint,
                                    write_json)
-from experiments.head_training import (generate_rows, load_checkpoint, load_target, lr_at, save_checkpoint, teacher,
-                                       token_chunks, training_batches)
+from experiments.head_training import (chat_windows, generate_rows, load_checkpoint, load_target, lr_at,
+                                       save_checkpoint, teacher, token_chunks, training_batches)
+from experiments.suite import SUITE_SOURCES
 from experiments.loggers import TrainingLog, training_wandb_settings
 from experiments.medusa_training import LOSSES, evaluate, medusa_loss
 from specdec.errors import ConfigError
 from experiments import cli
 
 log = logging.getLogger(__name__)
+
+GENERATED_SOURCES = ("corpus", "chats")
 
 #: Settings that must match for a checkpoint to be resumed.
 RESUME_KEYS = ("num_heads", "num_blocks", "loss", "head_decay", "steps", "batch_size", "context", "lr", "warmup_steps",
@@ -52,14 +55,30 @@ RESUME_KEYS = ("num_heads", "num_blocks", "loss", "head_decay", "steps", "batch_
 # --------------------------------------------------------------------------- target and data
 
 
-def resolve_out_dir(cfg: DictConfig, fingerprint: dict) -> Path:
+def resolve_out_dir(cfg: DictConfig, fingerprint: dict, target_dir: str | None = None) -> Path:
     """``cfg.out_dir``, else ``<cache>/medusa/zoo-<size>`` (zoo) or ``<cache>/medusa/<name>-<fingerprint>``."""
     if cfg.out_dir:
         return Path(str(cfg.out_dir)).expanduser()
     if not cfg.target:
         return default_heads_dir(cfg.zoo_size, cfg.cache_dir)
-    name = Path(str(cfg.target)).expanduser().resolve().name or "target"
+    name = Path(str(target_dir or cfg.target)).expanduser().resolve().name or "target"
     return default_heads_dir("x", cfg.cache_dir).parent / f"{name}-{fingerprint['sha256'][:10]}"
+
+
+def generated_training_rows(cfg: DictConfig, target, tokenizer, target_dir: str, train_chunks: torch.Tensor):
+    """``[R, context]`` rows the target wrote itself, or None: corpus prompts it continued
+    (``generated_source=corpus``), or its cached answers to training chats (``chats``, for chat targets:
+    :mod:`experiments.chat_data`; ``generated_rows`` chats)."""
+    if not cfg.generated_rows:
+        return None
+    if cfg.generated_source == "chats":
+        from experiments.chat_data import ensure_generations
+
+        rows, _ = ensure_generations(target, tokenizer, target_dir, count=cfg.generated_rows,
+                                     cache_dir=cfg.cache_dir, progress=cfg.progress)
+        return chat_windows(rows, cfg.context)
+    return generate_rows(target, train_chunks, cfg.generated_rows, cfg.generated_prompt,
+                         float(cfg.generated_temperature), cfg.seed, cfg.progress)
 
 
 # --------------------------------------------------------------------------- training
@@ -74,9 +93,14 @@ def check_settings(cfg: DictConfig) -> dict:
             raise ConfigError(f"{key}={cfg[key]!r}: it must be an integer >= 1")
     if not 0 < float(cfg.head_decay) <= 1 or float(cfg.lr) <= 0:
         raise ConfigError(f"head_decay={cfg.head_decay} must be in (0, 1] and lr={cfg.lr} > 0")
+    if cfg.generated_source not in GENERATED_SOURCES:
+        raise ConfigError(f"generated_source={cfg.generated_source!r}: use one of {GENERATED_SOURCES}")
     if cfg.generated_rows < 0 or not 0 <= float(cfg.generated_fraction) <= 1 or float(cfg.generated_temperature) < 0:
         raise ConfigError("generated_rows must be >= 0, generated_fraction in [0, 1], generated_temperature >= 0")
-    return {k: cfg[k] for k in RESUME_KEYS}
+    settings = {k: cfg[k] for k in RESUME_KEYS}
+    if cfg.generated_source != "corpus":  # recorded only when not the default, so older checkpoints still resume
+        settings["generated_source"] = cfg.generated_source
+    return settings
 
 
 def train(cfg: DictConfig, run_dir: str | Path, on_step=None) -> dict:
@@ -96,7 +120,7 @@ def train(cfg: DictConfig, run_dir: str | Path, on_step=None) -> dict:
     target = target.to(device).eval().requires_grad_(False)
     fingerprint = target_fingerprint(target)
     settings["target_sha256"] = fingerprint["sha256"]
-    out_dir = resolve_out_dir(cfg, fingerprint)
+    out_dir = resolve_out_dir(cfg, fingerprint, where["target"])
     out_dir.mkdir(parents=True, exist_ok=True)
     heads = MedusaHeads.for_target(target, cfg.num_heads, cfg.num_blocks).to(device)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -107,13 +131,11 @@ def train(cfg: DictConfig, run_dir: str | Path, on_step=None) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed = int(state["step"]), float(state["elapsed_s"])
         print(f"resuming from {ckpt} at step {start}/{cfg.steps}", file=sys.stderr)
-    train_chunks = token_chunks(tokenizer, "train", cfg.train_chars, cfg.context)
+    exclude = SUITE_SOURCES if cfg.target else ()  # a real target is benchmarked on the suite: keep its sources out
+    train_chunks = token_chunks(tokenizer, "train", cfg.train_chars, cfg.context, exclude)
     eval_rows = max(1, cfg.eval_tokens // cfg.context)
     eval_chunks = token_chunks(tokenizer, "heldout", cfg.eval_tokens * 8, cfg.context)[:eval_rows]
-    extra_rows = None
-    if cfg.generated_rows:
-        extra_rows = generate_rows(target, train_chunks, cfg.generated_rows, cfg.generated_prompt,
-                                   float(cfg.generated_temperature), cfg.seed, cfg.progress)
+    extra_rows = generated_training_rows(cfg, target, tokenizer, where["target"], train_chunks)
     train_log = TrainingLog(run_dir, training_wandb_settings(cfg, run_dir, "train_medusa"))
     log.info("training %d Medusa heads for %s: steps %d-%d, %d training rows; heads -> %s", cfg.num_heads,
              where["target"], start, cfg.steps, train_chunks.shape[0], out_dir)

@@ -57,3 +57,17 @@ def test_rejection_with_bf16_draft_of_fp32_target_is_lossless():
     drafter = DraftModelDrafter(copy.deepcopy(draft).to(torch.bfloat16), num_speculative_tokens=2)
     counts = sample_counts(target, drafter, "rejection", sampling)
     assert chi_square_pvalue(counts, exact_distribution(target, sampling), RUNS) > ALPHA
+
+
+def test_rejection_with_layer_skip_self_draft_is_lossless():
+    """drafter=layer_skip samples its chain from the target's first layer + head (shared weights): still p."""
+    from drafters import LayerSkipDrafter
+    from specdec.models import tiny_random_pair
+
+    target, _, _ = tiny_random_pair("llama", seed=3, vocab=6, hidden=32, layers=2)
+    with torch.no_grad():
+        target.get_output_embeddings().weight.mul_(20.0)
+    target.generation_config.eos_token_id = target.config.eos_token_id = None
+    sampling = SETTINGS["t1.0"]
+    counts = sample_counts(target, LayerSkipDrafter(layers=1, num_speculative_tokens=2), "rejection", sampling)
+    assert chi_square_pvalue(counts, exact_distribution(target, sampling), RUNS) > ALPHA

@@ -116,3 +116,13 @@ def test_more_architectures(arch):
     for k in (1, 3, 8):
         _check_all(target, DraftModelDrafter(noisy_copy(arch), num_speculative_tokens=k), cases)
         _check_all(target, NGramDrafter(num_speculative_tokens=k), cases)
+
+
+@pytest.mark.parametrize("layers,k", [(1, 2), (1, 5)])
+def test_layer_skip_chain(arch_cases, layers, k):
+    """The target's first layer + its head as the draft (weights shared): output unchanged."""
+    from drafters import LayerSkipDrafter
+
+    arch, cases = arch_cases
+    target = pair(arch)[0]
+    _check_all(target, LayerSkipDrafter(layers=layers, num_speculative_tokens=k), cases)

@@ -1,0 +1,223 @@
+"""The headline benchmark: a real target on the prompt suite, per category, in Spec-Bench's table layout.
+
+    python -m experiments.bench --model smollm2 --dataset suite --per-category 4 --max-new-tokens 64 --reps 1
+    python -m experiments.bench --model smollm2 --dataset suite --temperature 0.7
+
+Greedy (default): Hugging Face plain ``generate``, assisted generation with the distilled draft
+(k = ``--k``), prompt lookup; ours: autoregressive, n-gram, layer-skip (``--layer-skip`` layers),
+the distilled draft chain and Medusa heads (each when built). Every output is checked against HF
+plain greedy. ``--temperature 0.7``: ours only, with ``rejection`` (lossless); HF sampling draws
+other random numbers, so no token check is possible: tau and speedup are against our own
+autoregressive loop at the same temperature. Timing follows :func:`experiments.bench.run_all`
+(warm-up, ``--reps`` rounds per prompt in rotating order, threads pinned).
+
+Also reports each drafter's cost per drafted token relative to one target forward (width 1, at
+the run's context), the figure that decides what a drafter can gain: on a 49152-token vocabulary
+the LM head is a large share of any draft. Importable without hydra or wandb.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+import torch
+
+from experiments.bench import Method, _hf, _hf_assisted, _ours, machine_line, run_all
+
+CATEGORY_ORDER = ("coding", "summarization", "rag", "qa", "math_reasoning", "multi_turn")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="a model of experiments.pretrained")
+    p.add_argument("--dataset", default="suite", help="suite, or a Spec-Bench question.jsonl")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--per-category", type=int, default=4, help="prompts per category (the first ones)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, checked against HF; > 0: rejection")
+    p.add_argument("--k", type=int, default=4, help="chain length of the draft-model and layer-skip drafters")
+    p.add_argument("--layer-skip", type=int, default=6, help="layers of the layer-skip self-draft")
+    p.add_argument("--ngram-tokens", type=int, default=4)
+    p.add_argument("--max-ngram", type=int, default=2)
+    p.add_argument("--medusa", default=None, help="Medusa heads directory (default: the cached heads for the model)")
+    p.add_argument("--medusa-nodes", type=int, default=16, help="nodes of the Medusa tree (from the heads' eval.json)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of method names")
+    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="write raw results here")
+    p.add_argument("--markdown", help="write the Markdown tables here")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_inputs(args):
+    """``(target, tokenizer, draft or None, medusa heads dir or None, prompts)``; prompts: ``[(category, ids [1, T])]``."""
+    from experiments.data import load_prompts, prompt_ids
+    from experiments.draft_training import find_draft
+    from experiments.pretrained import ensure_model
+    from experiments.suite import suite_path
+    from specdec.models import load_causal_lm, load_tokenizer
+
+    target_dir = str(ensure_model(args.model, cache_dir=args.cache_dir))
+    target, tok = load_causal_lm(target_dir, role="target"), load_tokenizer(target_dir)
+    draft_path, _ = find_draft(args.model, args.cache_dir)
+    draft = load_causal_lm(draft_path, role="draft") if draft_path else None
+    path = suite_path(args.cache_dir) if args.dataset == "suite" else args.dataset
+    taken: dict[str, int] = defaultdict(int)
+    prompts = []
+    for prompt in load_prompts(path):
+        if taken[prompt.category] < args.per_category:
+            taken[prompt.category] += 1
+            prompts.append((prompt.category, prompt_ids(prompt, tok)))
+    return target, tok, draft, medusa_dir(args, target), prompts
+
+
+def medusa_dir(args, target) -> str | None:
+    """``--medusa``, else the heads ``train_medusa target=<model dir>`` writes by default, if present."""
+    from pathlib import Path
+
+    from drafters.medusa_heads import CONFIG_FILE, default_heads_dir, target_fingerprint
+
+    if args.medusa:
+        return args.medusa
+    from experiments.pretrained import model_dir
+
+    name = model_dir(args.model, args.cache_dir).name
+    path = default_heads_dir("x", args.cache_dir).parent / f"{name}-{target_fingerprint(target)['sha256'][:10]}"
+    return str(path) if (Path(path) / CONFIG_FILE).is_file() else None
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _ours_sampled(target, drafter, max_new: int, temperature: float):
+    from specdec import SamplingParams, SpeculativeDecoder
+
+    decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="rejection",
+                                 sampling=SamplingParams(temperature=temperature))
+
+    def run(ids):
+        out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
+        return out.sequences, out.stats
+    return run
+
+
+def drafters_for(target, draft, medusa: str | None, args) -> dict:
+    """Our drafters by method name (those whose models exist)."""
+    from drafters import DraftModelDrafter, LayerSkipDrafter, NGramDrafter, NoDrafter
+
+    found = {"ours_ar": NoDrafter(),
+             "ours_ngram": NGramDrafter(args.ngram_tokens, max_ngram=args.max_ngram, match="first"),
+             f"ours_layer_skip{args.layer_skip}_k{args.k}": LayerSkipDrafter(args.layer_skip, args.k, target=target)}
+    if draft is not None:
+        found[f"ours_draft_k{args.k}"] = DraftModelDrafter(draft, args.k)
+    if medusa is not None:
+        from drafters import MedusaDrafter
+
+        found[f"ours_medusa{args.medusa_nodes}"] = MedusaDrafter(heads=medusa, tree_nodes=args.medusa_nodes)
+    return found
+
+
+def build_methods(target, draft, medusa, args) -> list[Method]:
+    """HF plain / prompt lookup / assisted (greedy only), then ours; ``--methods`` picks a subset."""
+    m = args.max_new_tokens
+    ours = drafters_for(target, draft, medusa, args)
+    if args.temperature > 0:
+        methods = [Method(name, _ours_sampled(target, d, m, args.temperature), True) for name, d in ours.items()]
+    else:
+        methods = [Method("hf_plain", _hf(target, m), False),
+                   Method("hf_prompt_lookup", _hf(target, m, prompt_lookup_num_tokens=args.ngram_tokens,
+                                                  max_matching_ngram_size=args.max_ngram), False)]
+        if draft is not None:
+            methods.append(Method(f"hf_assisted_k{args.k}", _hf_assisted(target, draft, m, args.k), False, args.k))
+        methods += [Method(name, _ours(target, d, m), True) for name, d in ours.items()]
+    if args.methods:
+        keep = set(args.methods.split(",")) | {methods[0].name}
+        methods = [meth for meth in methods if meth.name in keep]
+    return methods
+
+
+# --------------------------------------------------------------------------- costs and tables
+
+
+def drafter_costs(target, methods: dict, context: int) -> dict[str, float]:
+    """Per drafter: seconds of one draft forward (one token; Medusa: one call of all heads) / one target forward."""
+    from experiments.costs import measure_run_costs
+
+    out = {}
+    for name, drafter in methods.items():
+        shape = drafter.step_shape(target)
+        if shape.draft_model is None and shape.draft_probe is None:
+            continue
+        costs = measure_run_costs(target, shape, context)
+        out[name] = costs["draft"][1] / costs["target"][1]
+    return out
+
+
+def category_table(methods: list[Method], categories: list[str], baseline: str,
+                   checked: bool = True) -> tuple[list[dict], str]:
+    """Spec-Bench's layout: per method, speedup and tau per category and overall (speedup: tokens/s over
+    ``baseline``'s, summed over the category's prompts). ``checked``: outputs were compared with HF greedy."""
+    cats = [c for c in CATEGORY_ORDER if c in categories] + sorted(set(categories) - set(CATEGORY_ORDER))
+    base = next(m for m in methods if m.name == baseline)
+
+    def rate(meth: Method, idx: list[int]) -> float:
+        return sum(meth.new_tokens[i] for i in idx) / sum(statistics.median(meth.times[i]) for i in idx)
+
+    rows = []
+    groups = {c: [i for i, cat in enumerate(categories) if cat == c] for c in cats} | {"overall": list(range(len(categories)))}
+    for meth in methods:
+        row = {"method": meth.name, "matches_hf_plain": meth.matches if checked else None}
+        for c, idx in groups.items():
+            taus = [meth.tau[i] for i in idx if i in meth.tau]
+            row[c] = {"speedup": rate(meth, idx) / rate(base, idx), "tau": statistics.mean(taus) if taus else None,
+                      "tokens_per_s": rate(meth, idx)}
+        rows.append(row)
+    head = "| method | " + " | ".join(groups) + (" | output = HF plain greedy |" if checked else " |")
+    lines = [head, "|" + "---|" * (len(groups) + 2)]
+    for r in rows:
+        cells = [f"{r[c]['speedup']:.2f}x" + (f" (tau {r[c]['tau']:.2f})" if r[c]["tau"] is not None else "")
+                 for c in groups]
+        check = (" | yes" if r["matches_hf_plain"] else " | NO") if checked else ""
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + check + " |")
+    return rows, "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Run the suite benchmark; exit status 1 if a greedy output differs from HF plain greedy."""
+    from verifier.verifier import SDPA_KERNELS
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with torch.nn.attention.sdpa_kernel(SDPA_KERNELS):
+        target, tok, draft, medusa, prompts = load_inputs(args)
+        methods = build_methods(target, draft, medusa, args)
+        ids = [p for _, p in prompts]
+        run_all(methods, ids, args.reps)
+        context = int(statistics.median(p.shape[1] for p in ids)) + args.max_new_tokens // 2
+        costs = drafter_costs(target, drafters_for(target, draft, medusa, args), context)
+    greedy = args.temperature == 0
+    baseline = "hf_plain" if greedy else "ours_ar"
+    rows, table = category_table(methods, [c for c, _ in prompts], baseline, checked=greedy)
+    cost_lines = "\n".join(f"- {name}: {ratio:.3f} of a target forward per draft forward" for name, ratio in costs.items())
+    command = f"python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}"
+    text = (f"Command: `{command}`\n\nMachine: {machine_line()}. Target {args.model}, {len(prompts)} prompts "
+            f"({args.per_category} per category), {args.max_new_tokens} new tokens, "
+            f"{'greedy' if greedy else f'T = {args.temperature}, rejection'}, batch 1, {args.reps} reps; speedup "
+            f"over {baseline}.\n\n{table}\n\nDraft cost per forward, relative to the target (context {context}):\n\n"
+            f"{cost_lines}\n")
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "costs": costs, "machine": machine_line(), "args": vars(args)}, f, indent=1,
+                      default=str)
+    return 0 if not greedy or all(r["matches_hf_plain"] for r in rows) else 1

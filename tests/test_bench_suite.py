@@ -1,0 +1,32 @@
+"""The per-category table of the suite benchmark (Spec-Bench's layout), on hand-made timings."""
+from __future__ import annotations
+
+import pytest
+
+from experiments.bench import Method
+from experiments.bench_suite import category_table
+
+
+def _method(name: str, seconds: list[float], taus: list[float] | None = None, matches: bool = True) -> Method:
+    m = Method(name, run=None, ours=True)
+    m.times = {i: [s] for i, s in enumerate(seconds)}
+    m.new_tokens = dict.fromkeys(range(len(seconds)), 10)
+    m.tau = dict(enumerate(taus)) if taus else {}
+    m.matches = matches
+    return m
+
+
+def test_speedup_and_tau_per_category_and_overall():
+    categories = ["coding", "coding", "qa", "math_reasoning"]
+    base = _method("hf_plain", [1.0, 1.0, 1.0, 1.0])
+    fast = _method("ours_x", [0.5, 0.5, 1.0, 2.0], taus=[3.0, 2.0, 1.0, 1.5], matches=False)
+    rows, table = category_table([base, fast], categories, "hf_plain")
+    mine = rows[1]
+    assert mine["coding"]["speedup"] == pytest.approx(2.0) and mine["coding"]["tau"] == pytest.approx(2.5)
+    assert mine["qa"]["speedup"] == pytest.approx(1.0) and mine["math_reasoning"]["speedup"] == pytest.approx(0.5)
+    assert mine["overall"]["speedup"] == pytest.approx(40 / 4.0 / (40 / 4.0))  # 40 tokens in 4 s, as the baseline
+    lines = table.splitlines()
+    assert lines[0] == "| method | coding | qa | math_reasoning | overall | output = HF plain greedy |"  # suite order
+    assert lines[3].startswith("| ours_x | 2.00x (tau 2.50) |") and lines[3].endswith("| NO |")
+    _, sampled = category_table([base, fast], categories, "hf_plain", checked=False)
+    assert "HF plain" not in sampled and not sampled.splitlines()[3].endswith("| NO |")

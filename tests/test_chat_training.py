@@ -1,0 +1,70 @@
+"""Training data for drafters of chat targets (the target's own answers) and the distilled draft, on tiny models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments import chat_data, draft_training
+from experiments.head_training import chat_windows
+from specdec.models import tiny_random_pair
+
+TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+CHATS = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a longer question here"}],
+         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "more?"}]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    target, _, tok = tiny_random_pair("llama", seed=0)
+    tok.chat_template = TEMPLATE
+    return target, tok
+
+
+def test_batched_answers_equal_each_chats_own_greedy_answer(tiny):
+    """Left padding in a batch must not change what the target answers."""
+    target, tok = tiny
+    rows = chat_data.generate_chat_rows(target, tok, CHATS, max_new_tokens=6, batch=3, progress=False)
+    for i, chat in enumerate(CHATS):
+        ids = tok(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False), return_tensors="pt",
+                  add_special_tokens=False).input_ids  # [1, P]
+        ref = target.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=tok.eos_token_id)[0]
+        stop = (ref[ids.shape[1]:] == tok.eos_token_id).nonzero()
+        ref = ref[: ids.shape[1] + int(stop[0]) + 1] if len(stop) else ref
+        assert rows.prompt_lengths[i] == ids.shape[1]
+        assert rows.ids[i, : rows.lengths[i]].tolist() == ref.tolist()
+    mask = rows.response_mask()  # the positions whose next token is an answer token
+    assert mask.sum(1).tolist() == (rows.lengths - rows.prompt_lengths).tolist()
+    assert all(bool(mask[i, rows.prompt_lengths[i] - 1]) and not bool(mask[i, rows.prompt_lengths[i] - 2])
+               for i in range(len(CHATS)))
+
+
+def test_rows_round_trip_and_windows(tiny, tmp_path):
+    target, tok = tiny
+    rows = chat_data.generate_chat_rows(target, tok, CHATS, max_new_tokens=4, progress=False)
+    chat_data.save_rows(rows, tmp_path / "rows.safetensors")
+    again = chat_data.load_rows(tmp_path / "rows.safetensors")
+    assert torch.equal(again.ids, rows.ids) and again.pad_id == rows.pad_id
+    windows = chat_windows(rows, 8)  # [R, 8]: each row's last 8 tokens
+    for i in range(len(CHATS)):
+        assert windows[i].tolist() == rows.ids[i, rows.lengths[i] - 8 : rows.lengths[i]].tolist()
+
+
+def test_distilled_draft_starts_from_the_target_and_learns_its_answers(tiny):
+    target, tok = tiny
+    chats = [[{"role": "user", "content": f"question {i}"}] for i in range(12)]
+    rows = chat_data.generate_chat_rows(target, tok, chats, max_new_tokens=8, progress=False)
+    draft = draft_training.init_draft(target, 1)
+    assert torch.equal(draft.model.layers[0].mlp.up_proj.weight, target.model.layers[0].mlp.up_proj.weight)
+    settings = draft_training.DraftSettings(layers=1, heldout_chats=2, steps=30, batch_size=4, lr=3e-3)
+    before = draft_training.evaluate(draft, rows, settings)
+    embed = draft.model.embed_tokens.weight.clone()
+    metrics = draft_training.train(draft, rows, settings, progress=False)
+    after = draft_training.evaluate(draft, rows, settings)
+    assert torch.equal(draft.model.embed_tokens.weight, embed)  # embeddings stay frozen
+    assert metrics["final_train_loss"] < before["heldout_loss"]
+    assert after["heldout_positions"] == int((rows.lengths - rows.prompt_lengths)[-2:].sum())
+
+
+def test_missing_draft_names_the_build_command(tmp_path):
+    path, hint = draft_training.find_draft("smollm2", tmp_path)
+    assert path is None and "python -m experiments.build_draft target=smollm2" in hint

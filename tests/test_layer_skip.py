@@ -1,0 +1,46 @@
+"""The layer-skip self-draft: a view on the target's own tensors, its errors and its cost shape."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drafters import LayerSkipDrafter
+from drafters.layer_skip import truncated_view
+from specdec.errors import ConfigError
+from specdec.models import tiny_random_pair
+
+
+def test_view_shares_every_tensor_and_equals_the_truncated_model():
+    target, _, _ = tiny_random_pair("llama", seed=0, layers=3)
+    view = truncated_view(target, 2)
+    target_ptrs = {p.data_ptr() for p in target.parameters()}
+    assert all(p.data_ptr() in target_ptrs for p in view.parameters())  # nothing copied
+    assert len(view.model.layers) == view.config.num_hidden_layers == 2 and target.config.num_hidden_layers == 3
+    ids = torch.tensor([[3, 7, 11, 5, 2]])
+    with torch.no_grad():
+        hidden = target(input_ids=ids, output_hidden_states=True).hidden_states[2]  # after 2 layers, [1, T, H]
+        expected = target.lm_head(target.model.norm(hidden))  # [1, T, V]
+        assert torch.allclose(view(input_ids=ids).logits, expected, atol=1e-5)
+    with torch.no_grad():  # a change to the target's weights is seen by the view (shared storage)
+        target.model.layers[0].mlp.up_proj.weight.add_(1.0)
+        assert torch.equal(view.model.layers[0].mlp.up_proj.weight, target.model.layers[0].mlp.up_proj.weight)
+
+
+def test_step_shape_runs_the_view_k_times():
+    target, _, _ = tiny_random_pair("qwen2", seed=0)
+    shape = LayerSkipDrafter(layers=1, num_speculative_tokens=3).step_shape(target)
+    assert (shape.kind, shape.max_nodes, shape.draft_forwards, shape.k) == ("chain", 3, "per_level", 3)
+    assert shape.draft_model.config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("arch,layers,message", [("llama", 2, "the target has 2 layers"),
+                                                 ("gpt_neox", 1, "model.layers / model.norm / lm_head")])
+def test_errors_name_the_problem(arch, layers, message):
+    target, _, _ = tiny_random_pair(arch, seed=0)
+    with pytest.raises(ConfigError, match=message):
+        LayerSkipDrafter(layers=layers, target=target)
+
+
+def test_bad_layer_count_is_a_config_error():
+    with pytest.raises(ConfigError, match="drafter.layers"):
+        LayerSkipDrafter(layers=0)

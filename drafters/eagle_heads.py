@@ -52,7 +52,7 @@ class EagleHeadError(SpecDecError):
     """An EAGLE head is missing, incomplete, of the wrong version, or does not belong to the target."""
 
 
-FILES = HeadFormat(label="EAGLE head", weights_file="eagle_head.safetensors", config_file="eagle_config.json",
+FILES = HeadFormat(label="EAGLE heads", weights_file="eagle_head.safetensors", config_file="eagle_config.json",
                    format=1, train_command=TRAIN_COMMAND, error=EagleHeadError,
                    required=("version", "hidden_size", "vocab_size", "feature_layers", "layer_config"))
 

@@ -116,6 +116,35 @@ def test_a_second_propose_without_commit_repeats_the_tree():
     assert first.parents.tolist() == second.parents.tolist()
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tree_levels_feed_each_node_its_parents_feature(version):
+    """Greedy: a tree's rank-0 path equals the chain (tree levels through HeadFeed's masks and parent
+    features, the chain one causal token at a time); a dynamic tree's best child is the chain's first draft."""
+    from specdec.drafting import DraftContext
+    from specdec.rng import KeyedRandom
+
+    target, _, tok = pair("llama")
+    head = trained_head("llama", version)
+    ids = prompts(tok, 3, seed=4)[2]
+    trees = {}
+    for name, kwargs in (("chain", dict(num_speculative_tokens=4)), ("binary", dict(tree="binary")),
+                         ("dynamic", dict(budget=6, num_speculative_tokens=4, top_k_children=2))):
+        drafter = EagleDrafter(head, **kwargs)
+        drafter.start(DraftContext(target, SamplingParams(), KeyedRandom.for_seed(0), 64 + drafter.max_fed()))
+        with torch.no_grad():  # the prefill forward, after start (eagle3's hooks read it)
+            hidden = target(ids[:, :-1], output_hidden_states=True).hidden_states[-1][0]
+        drafter.prefill(ids, hidden)
+        trees[name] = drafter.propose(8)
+        drafter.close()
+    binary = trees["binary"]
+    path, node = [], -1
+    for _ in range(4):
+        node = min(i for i in range(binary.num_nodes) if int(binary.parents[i]) == node)  # first child: rank 0
+        path.append(int(binary.tokens[node]))
+    assert path == trees["chain"].tokens.tolist()
+    assert int(trees["dynamic"].tokens[0]) == path[0]
+
+
 # --------------------------------------------------------------------------- the head's state after commits
 
 

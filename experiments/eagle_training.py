@@ -35,7 +35,7 @@ from verifier.verifier import attention_backend, cache_argument
 #: Per-version defaults of the settings left null in ``conf/train_eagle.yaml``.
 VERSION_DEFAULTS = {
     "eagle2": {"ttt_steps": 1, "ce_weight": 0.1, "regression_weight": 1.0, "feature_noise": 0.2},
-    "eagle3": {"ttt_steps": 4, "ce_weight": 1.0, "regression_weight": 0.0, "feature_noise": 0.0},
+    "eagle3": {"ttt_steps": 3, "ce_weight": 1.0, "regression_weight": 0.0, "feature_noise": 0.0},
 }
 
 

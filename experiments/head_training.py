@@ -297,6 +297,15 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     return report
 
 
+def train_from_hydra(cfg: DictConfig, recipe: HeadRecipe, format_report) -> dict:
+    """An entry point's task: train into the Hydra run directory, print ``format_report(report)``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    report = train(cfg, HydraConfig.get().runtime.output_dir, recipe)
+    print(format_report(report))
+    return report
+
+
 def _optimizer_step(recipe: HeadRecipe, head, target, batch, optimizer, cfg: DictConfig, step: int):
     """One AdamW step at the scheduled learning rate; ``(loss value, metrics to log)``."""
     lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)

@@ -57,10 +57,7 @@ def format_report(report: dict) -> str:
 @cli.hydra_main("train_eagle")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; errors follow :mod:`experiments.cli` (``error: ...``, exit status 2)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    report = train(cfg, HydraConfig.get().runtime.output_dir)
-    print(format_report(report))
+    report = head_training.train_from_hydra(cfg, EagleRecipe(cfg), format_report)
     print(f"{cfg.version} head (trained in {report['train_s']:.0f} s) and eval.json written to {report['out_dir']}")
 
 

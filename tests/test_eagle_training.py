@@ -17,6 +17,7 @@ from drafters.eagle_heads import EagleHead, load_head
 from experiments.eagle_training import ttt_mask, unroll
 from specdec.errors import ConfigError
 from tests.test_medusa import check_greedy, greedy_cases
+from tests.training_checks import assert_resume_is_exact
 from tests.tiny_models import pair, prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,20 +93,12 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, capfd):
     small = ["zoo_size=micro", "version=eagle3", "ttt_steps=2", "steps=6", "checkpoint_every=2", "batch_size=2",
              "context=32", "train_chars=40000", "eval_tokens=256", "eval_depth=2", "generated_rows=4",
              "generated_prompt=8", "eval_generated_rows=2", "logger=none", "progress=false", "threads=1"]
-    train(compose_train(*small, f"out_dir={tmp_path / 'a'}"), tmp_path / "run_a")
+    assert_resume_is_exact(train, compose_train, small, tmp_path, capfd, load_head)
 
     def interrupt(step):
         if step == 3:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train(compose_train(*small, f"out_dir={tmp_path / 'b'}"), tmp_path / "run_b", on_step=interrupt)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
-    capfd.readouterr()
-    train(compose_train(*small, f"out_dir={tmp_path / 'b'}"), tmp_path / "run_b2")
-    assert "at step 2/6" in capfd.readouterr().err
-    a, b = load_head(tmp_path / "a").state_dict(), load_head(tmp_path / "b").state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(KeyboardInterrupt):
         train(compose_train(*small, f"out_dir={tmp_path / 'c'}"), tmp_path / "run_c", on_step=interrupt)
     other = [o for o in small if not o.startswith("ttt_steps")] + ["ttt_steps=3", f"out_dir={tmp_path / 'c'}"]

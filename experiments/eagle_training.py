@@ -45,6 +45,9 @@ def options(cfg: DictConfig) -> dict:
         raise ConfigError(f"version={cfg.version!r} is unknown; choose one of {list(VERSIONS)}")
     opts = {k: (cfg[k] if cfg[k] is not None else v) for k, v in VERSION_DEFAULTS[cfg.version].items()}
     opts["ttt_decay"] = float(cfg.ttt_decay)
+    opts["ce_target"] = cfg.ce_target
+    if cfg.ce_target not in ("soft", "hard"):
+        raise ConfigError(f"ce_target={cfg.ce_target!r}: use 'soft' (the target's distribution) or 'hard' (its argmax)")
     for key in ("ttt_steps", "eval_depth"):
         value = opts.get(key, cfg[key])
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -113,7 +116,10 @@ def eagle_loss(head: EagleHead, raw: torch.Tensor, t_logits: torch.Tensor, t_hid
         m = n - j  # slots with a label
         teach = t_logits[:, j + 1 : j + 1 + m]  # [B, m, V]
         logq = F.log_softmax(logits[:, :m].float(), dim=-1)  # [B, m, V]
-        ce = -(F.softmax(teach, dim=-1) * logq).sum(-1).mean()
+        if opts["ce_target"] == "hard":  # the target's argmax: what greedy decoding accepts
+            ce = F.nll_loss(logq.reshape(-1, logq.shape[-1]), teach.argmax(-1).reshape(-1))
+        else:  # its whole distribution
+            ce = -(F.softmax(teach, dim=-1) * logq).sum(-1).mean()
         loss = opts["ce_weight"] * ce
         if opts["regression_weight"]:
             reg = F.smooth_l1_loss(out[:, :m].float(), t_hidden[:, j + 1 : j + 1 + m])
@@ -189,7 +195,7 @@ class EagleRecipe(HeadRecipe):
     """EAGLE heads for :func:`experiments.head_training.train` (``conf/train_eagle.yaml``'s knobs)."""
 
     name = "eagle"
-    resume_keys = ("version", "init", "ttt_steps", "ttt_decay", "ce_weight", "regression_weight", "feature_noise",
+    resume_keys = ("version", "init", "ttt_steps", "ttt_decay", "ce_target", "ce_weight", "regression_weight", "feature_noise",
                    "feature_layers")
     betas = (0.9, 0.95)  # EAGLE's
 

@@ -149,7 +149,7 @@ def load_checkpoint(path: Path, settings: dict) -> dict:
 
 
 #: Settings of every head type that a checkpoint must match to be resumed.
-COMMON_RESUME_KEYS = ("steps", "batch_size", "context", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed",
+COMMON_RESUME_KEYS = ("precision", "steps", "batch_size", "context", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed",
                       "train_chars", "generated_rows", "generated_fraction", "generated_prompt",
                       "generated_temperature")
 
@@ -216,6 +216,18 @@ def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
     return {k: cfg[k] for k in (*recipe.resume_keys, *COMMON_RESUME_KEYS)}
 
 
+def autocast_dtype(cfg: DictConfig, device: torch.device, target) -> torch.dtype | None:
+    """``cfg.precision``'s autocast dtype for the loss (None: fp32): ``auto`` is bf16 where the device has
+    native bf16 matmuls and the target is wide enough to gain (the zoo's rule), ``fp32``, or ``bf16``."""
+    from experiments.zoo.build import resolve_amp
+    from specdec.models import text_config
+
+    try:
+        return resolve_amp(str(cfg.precision), device, int(text_config(target).hidden_size))
+    except ValueError as exc:
+        raise ConfigError(f"precision={cfg.precision!r}: use auto, fp32 or bf16") from exc
+
+
 def _device(cfg: DictConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -244,6 +256,7 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     settings["target_sha256"] = fingerprint["sha256"]
     out_dir = Path(str(cfg.out_dir)).expanduser() if cfg.out_dir else recipe.out_dir(cfg, fingerprint)
     out_dir.mkdir(parents=True, exist_ok=True)
+    amp = autocast_dtype(cfg, device, target)
     head = recipe.build(cfg, target)
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=tuple(recipe.betas))
@@ -269,7 +282,7 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     try:
         t0 = time.perf_counter() - elapsed
         for step, batch in zip(range(start, cfg.steps), training_batches(train_chunks, extra_rows, cfg, start)):
-            loss, metrics = _optimizer_step(recipe, head, target, batch.to(device), optimizer, cfg, step)
+            loss, metrics = _optimizer_step(recipe, head, target, batch.to(device), optimizer, cfg, step, amp)
             done = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
@@ -284,6 +297,7 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
         head.eval()
         report = recipe.evaluate(head, target, eval_chunks.to(device), cfg)
         report.update({"steps": cfg.steps, "train_s": train_s, "train_tokens": cfg.steps * cfg.batch_size * cfg.context,
+                       "precision": str(amp or torch.float32).replace("torch.", ""),
                        "threads": torch.get_num_threads(), "device": str(device), "out_dir": str(out_dir), **where})
         final = recipe.final_metrics(report)
         train_log(final, cfg.steps)
@@ -306,12 +320,15 @@ def train_from_hydra(cfg: DictConfig, recipe: HeadRecipe, format_report) -> dict
     return report
 
 
-def _optimizer_step(recipe: HeadRecipe, head, target, batch, optimizer, cfg: DictConfig, step: int):
-    """One AdamW step at the scheduled learning rate; ``(loss value, metrics to log)``."""
+def _optimizer_step(recipe: HeadRecipe, head, target, batch, optimizer, cfg: DictConfig, step: int,
+                    amp: torch.dtype | None):
+    """One AdamW step at the scheduled learning rate, the loss under autocast to ``amp`` (None: fp32);
+    ``(loss value, metrics to log)``."""
     lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss, metrics = recipe.loss(head, target, batch)
+    with torch.autocast(batch.device.type, dtype=amp, enabled=amp is not None):
+        loss, metrics = recipe.loss(head, target, batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip:

@@ -45,7 +45,8 @@ def trained_head(arch: str, version: str, steps: int = 60) -> EagleHead:
     with torch.no_grad():
         rows = target.generate(starts, attention_mask=torch.ones_like(starts), do_sample=True, top_k=0,
                                max_new_tokens=44, min_new_tokens=44, pad_token_id=0)  # [32, 48]
-    opts = dict(VERSION_DEFAULTS[version], ttt_decay=0.8, ttt_steps=2 if version == "eagle3" else 1, ce_weight=1.0)
+    opts = dict(VERSION_DEFAULTS[version], ttt_decay=0.8, ttt_steps=2 if version == "eagle3" else 1, ce_weight=1.0,
+                ce_target="soft")
     optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, betas=(0.9, 0.95))
     head.train()
     for _ in range(steps):

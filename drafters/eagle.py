@@ -25,16 +25,13 @@ from pathlib import Path
 import torch
 
 from drafters.eagle_heads import (
-    FILES,
     EagleHead,
     EagleHeadError,
     FeatureTap,
     check_version,
     default_heads_dir,
-    how_to_train,
     load_head,
 )
-from drafters.head_files import missing
 from drafters.tree_drafter import TreeDrafter
 from drafters.tree_expansion import TreeFeed
 from specdec.cache import SpecDecCache
@@ -122,8 +119,6 @@ class EagleDrafter(TreeDrafter):
     def head(self) -> EagleHead:
         """The loaded head (loads a directory that appeared since construction; else raises)."""
         if self._head is None:
-            if not self.heads_dir.exists():
-                raise missing(FILES, self.heads_dir, "the directory does not exist", how_to_train(self.version or "eagle2"))
             self._head = load_head(self.heads_dir, self.version)
         return self._head
 

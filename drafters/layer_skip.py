@@ -16,7 +16,8 @@ import copy
 import torch
 from torch import nn
 
-from drafters.draft_model import DraftModelDrafter, _positive_int
+from drafters.draft_model import DraftModelDrafter
+from drafters.tree_drafter import positive_int
 from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError
 
@@ -74,7 +75,7 @@ class LayerSkipDrafter(DraftModelDrafter):
 
     def __init__(self, layers: int = 6, num_speculative_tokens: int = 4, attn_backend: str = "sdpa", target=None):
         Drafter.__init__(self)
-        self.layers = _positive_int(layers, "drafter.layers")
+        self.layers = positive_int(layers, "drafter.layers")
         self._k, self._backend, self._target_id = num_speculative_tokens, attn_backend, None
         self.model = None
         if target is not None:

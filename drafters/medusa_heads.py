@@ -15,8 +15,6 @@ accuracy per head and per rank, which picks the default tree).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -24,20 +22,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drafters.head_files import (  # noqa: F401
+    EVAL_FILE,
+    HeadFormat,
+    cache_root,
+    load_into,
+    read_config,
+    read_eval,
+    same_target,
+    save_files,
+    target_fingerprint,
+)
+from drafters.head_files import check_target as check_heads_target
 from specdec.errors import SpecDecError
-from specdec.files import atomic_write, atomic_write_json
-from specdec.models import text_config
+from specdec.files import atomic_write_json
 
 WEIGHTS_FILE = "medusa_heads.safetensors"
 CONFIG_FILE = "medusa_config.json"
-EVAL_FILE = "eval.json"
 FORMAT = 1
 TRAIN_COMMAND = "python -m experiments.train_medusa"
-PROBE_POINTS = 16  # weight values sampled per probed tensor for the fingerprint
 
 
 class MedusaHeadsError(SpecDecError):
     """Medusa heads are missing, incomplete, or do not belong to the target."""
+
+
+FILES = HeadFormat(label="Medusa heads", weights_file=WEIGHTS_FILE, config_file=CONFIG_FILE, format=FORMAT,
+                   train_command=TRAIN_COMMAND, error=MedusaHeadsError,
+                   required=("num_heads", "num_blocks", "hidden_size", "vocab_size"))
 
 
 # --------------------------------------------------------------------------- the module
@@ -130,67 +142,9 @@ class MedusaHeads(nn.Module):
                 "hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "target": self.target_info}
 
 
-# --------------------------------------------------------------------------- target fingerprint
-
-
-def _probe(tensor: torch.Tensor) -> list[float]:
-    flat = tensor.detach().reshape(-1)
-    # float32 linspace can round past the end of a tensor of more than 2**24 values: clamp (earlier indices unchanged)
-    idx = torch.linspace(0, flat.numel() - 1, PROBE_POINTS).round().long().clamp_(max=flat.numel() - 1).to(flat.device)
-    return [float(x) for x in flat[idx].float().cpu()]
-
-
-def target_fingerprint(target) -> dict:
-    """Identify a target: its shape (config fields) plus a sha256 over them and sampled weight values.
-
-    The sample covers the output embedding and the first, middle and last parameter tensors, so two
-    checkpoints of the same architecture with different weights get different fingerprints.
-    """
-    config = text_config(target)
-    out_emb = target.get_output_embeddings().weight
-    shape = {"model_type": getattr(config, "model_type", None), "hidden_size": int(out_emb.shape[1]),
-             "vocab_size": int(out_emb.shape[0]), "num_hidden_layers": getattr(config, "num_hidden_layers", None),
-             "num_attention_heads": getattr(config, "num_attention_heads", None),
-             "intermediate_size": getattr(config, "intermediate_size", None)}
-    params = [p for _, p in target.named_parameters()]
-    probe = _probe(out_emb) + [v for i in sorted({0, len(params) // 2, len(params) - 1}) for v in _probe(params[i])]
-    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
-    digest.update(torch.tensor(probe, dtype=torch.float32).numpy().tobytes())
-    name = getattr(config, "_name_or_path", "") or getattr(target.config, "_name_or_path", "")
-    return {**shape, "name_or_path": str(name), "sha256": digest.hexdigest(), "probe": probe}
-
-
-def _describe(info: dict) -> str:
-    name = f"{info.get('name_or_path')!r}, " if info.get("name_or_path") else ""
-    return (f"{name}{info.get('model_type')}, hidden {info.get('hidden_size')}, vocab {info.get('vocab_size')}, "
-            f"fingerprint {str(info.get('sha256', '?'))[:12]}")
-
-
-def same_target(recorded: dict, actual: dict) -> bool:
-    """True if ``actual`` is the target ``recorded`` describes (same shape; same weights up to dtype rounding)."""
-    if recorded.get("sha256") == actual.get("sha256"):
-        return True
-    keys = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    if any(recorded.get(k) != actual.get(k) for k in keys):
-        return False
-    a, b = torch.tensor(recorded.get("probe", [])), torch.tensor(actual.get("probe", []))
-    return a.shape == b.shape and a.numel() > 0 and bool(torch.allclose(a, b, rtol=1e-2, atol=1e-3))  # fp16/bf16 copies
-
-
 def check_target(heads: MedusaHeads, target) -> None:
     """Raise :class:`MedusaHeadsError` unless ``heads`` were trained for ``target``."""
-    actual = target_fingerprint(target)
-    where = f"at {heads.source} " if heads.source else ""
-    fix = (f"train heads for this target with `{TRAIN_COMMAND} target=<target dir>` (or `zoo_size=...` for the "
-           f"embedded pair) and pass their directory as drafter.heads=<dir>")
-    if heads.hidden_size != actual["hidden_size"] or heads.vocab_size != actual["vocab_size"]:
-        raise MedusaHeadsError(
-            f"Medusa heads {where}have hidden size {heads.hidden_size} and vocabulary {heads.vocab_size}, the target "
-            f"has {actual['hidden_size']} and {actual['vocab_size']}: they belong to another model; {fix}")
-    if heads.target_info and not same_target(heads.target_info, actual):
-        raise MedusaHeadsError(
-            f"Medusa heads {where}were trained for another target ({_describe(heads.target_info)}), not this one "
-            f"({_describe(actual)}); {fix}")
+    check_heads_target(FILES, heads.hidden_size, heads.vocab_size, heads.target_info, heads.source, target)
 
 
 # --------------------------------------------------------------------------- saving and loading
@@ -199,10 +153,7 @@ def check_target(heads: MedusaHeads, target) -> None:
 def default_heads_dir(zoo_size: str = "default", cache_dir: str | os.PathLike | None = None) -> Path:
     """Where ``experiments.train_medusa`` puts the heads of the embedded pair's target:
     ``<cache>/medusa/zoo-<size>`` (cache: ``$SPECDEC_CACHE`` or ``~/.cache/specdec``)."""
-    if cache_dir is None:
-        env = os.environ.get("SPECDEC_CACHE")
-        cache_dir = Path(env).expanduser() if env else Path.home() / ".cache" / "specdec"
-    return Path(cache_dir).expanduser() / "medusa" / f"zoo-{zoo_size}"
+    return cache_root(cache_dir) / "medusa" / f"zoo-{zoo_size}"
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -216,51 +167,16 @@ def save_heads(heads: MedusaHeads, directory: str | os.PathLike, training: dict 
 
     Each file is replaced atomically, so a reader never sees a half-written file.
     """
-    from safetensors.torch import save_file
-
-    directory = Path(directory).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in heads.state_dict().items()}
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": str(FORMAT)}))
-    if evaluation is not None:
-        write_json(directory / EVAL_FILE, evaluation)
-    write_json(directory / CONFIG_FILE, {**heads.config(), "training": training or {}})
-    return directory
+    config = {k: v for k, v in heads.config().items() if k != "format"}
+    return save_files(FILES, heads, {**config, "training": training or {}}, directory, evaluation)
 
 
-def _missing(directory: Path, what: str) -> MedusaHeadsError:
-    return MedusaHeadsError(
-        f"no Medusa heads at {str(directory)!r} ({what}): train them with `{TRAIN_COMMAND}` (the embedded default "
-        f"target; `zoo_size=micro` or `target=<dir>` for others), or point drafter.heads at a directory holding "
-        f"{CONFIG_FILE} and {WEIGHTS_FILE}")
+HOW_TO_TRAIN = (f"`{TRAIN_COMMAND}` (the embedded default target; `zoo_size=micro` or `target=<dir>` for others)")
 
 
 def read_heads_config(directory: str | os.PathLike) -> dict:
     """The parsed ``medusa_config.json`` of a heads directory (:class:`MedusaHeadsError` if absent or bad)."""
-    directory = Path(directory).expanduser()
-    if not directory.is_dir():
-        raise _missing(directory, "the directory does not exist")
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise _missing(directory, f"{CONFIG_FILE} is missing")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MedusaHeadsError(f"{path} is unreadable or not valid JSON ({exc}); retrain with `{TRAIN_COMMAND}`") from exc
-    keys = ("num_heads", "num_blocks", "hidden_size", "vocab_size")
-    if not isinstance(config, dict) or config.get("format") != FORMAT or any(k not in config for k in keys):
-        raise MedusaHeadsError(f"{path} is not a format-{FORMAT} Medusa config (needs {keys}); retrain with "
-                               f"`{TRAIN_COMMAND}`")
-    return config
-
-
-def read_eval(directory: str | os.PathLike) -> dict | None:
-    """The ``eval.json`` report of a heads directory, or None if there is none (or it is unreadable)."""
-    path = Path(directory).expanduser() / EVAL_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_config(FILES, directory, HOW_TO_TRAIN)
 
 
 def load_heads(directory: str | os.PathLike, num_heads: int | None = None) -> MedusaHeads:
@@ -270,11 +186,6 @@ def load_heads(directory: str | os.PathLike, num_heads: int | None = None) -> Me
         MedusaHeadsError: the directory, config or tensor file is missing; the file lacks a tensor
             or has one of the wrong shape; or ``num_heads`` exceeds the heads trained.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from specdec.checkpoints import check_finite_weights
-
     directory = Path(directory).expanduser()
     config = read_heads_config(directory)
     trained = int(config["num_heads"])
@@ -286,27 +197,7 @@ def load_heads(directory: str | os.PathLike, num_heads: int | None = None) -> Me
         raise MedusaHeadsError(
             f"num_heads={num_heads} but the heads at {str(directory)!r} were trained with {trained}: use "
             f"num_heads<={trained}, or train more with `{TRAIN_COMMAND} num_heads={num_heads}`")
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise _missing(directory, f"{WEIGHTS_FILE} is missing")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise MedusaHeadsError(f"Medusa heads file {weights} is not a readable safetensors file ({exc}); copy it again "
-                               f"or retrain with `{TRAIN_COMMAND}`") from exc
     heads = MedusaHeads(int(config["hidden_size"]), int(config["vocab_size"]), num_heads, int(config["num_blocks"]),
                         target=config.get("target"), source=str(directory))
-    expected = heads.state_dict()
-    for key, value in expected.items():
-        if key not in tensors:
-            raise MedusaHeadsError(
-                f"{weights} lacks tensor {key!r} ({CONFIG_FILE} says {trained} heads with {config['num_blocks']} "
-                f"residual block(s) each): the file is incomplete or corrupt; copy it again or retrain with "
-                f"`{TRAIN_COMMAND}`")
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise MedusaHeadsError(
-                f"{weights}: tensor {key!r} has shape {tuple(tensors[key].shape)}, {CONFIG_FILE} implies "
-                f"{tuple(value.shape)}; the config and tensors do not belong together: retrain with `{TRAIN_COMMAND}`")
-    heads.load_state_dict({k: tensors[k] for k in expected})
-    check_finite_weights(heads, "Medusa heads", weights)
-    return heads.eval()
+    note = f"{trained} heads with {config['num_blocks']} residual block(s) each"
+    return load_into(FILES, heads, directory, note, HOW_TO_TRAIN)

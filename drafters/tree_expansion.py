@@ -31,9 +31,13 @@ from verifier import check_finite, tree_forward
 class TreeFeed:
     """Feeds tree nodes to the draft model after the ``prefix_len`` committed slots of its cache.
 
+    Subclasses change what one forward takes (:meth:`run`); the masks and positions stay the same.
+
     Fed node ``j`` sits in cache slot ``prefix_len + j`` at position ``prefix_len - 1 + depth``
     (the root is the last prefix slot). It sees the whole prefix, its fed ancestors and itself.
     """
+
+    label = "draft model"  # names the forward in errors about non-finite logits
 
     def __init__(self, model, cache: SpecDecCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
@@ -66,9 +70,17 @@ class TreeFeed:
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, n]
         position_ids = torch.full((1, n), self.prefix_len - 1 + depth, dtype=torch.long, device=self.device)  # [1, n]
         # A dense key mask (SDPA): the kernel's "prefix + [n, n] tree" cannot hide earlier levels' siblings.
-        logits, _ = tree_forward(self.model, self.cache, ids, key_mask=dense.to(self.device)[None, None],
-                                 position_ids=position_ids)  # [n, V]
-        check_finite(logits, f"draft model tree forward at depth {depth}")
+        logits = self.run(ids, parents, dense.to(self.device)[None, None], position_ids)  # [n, V]
+        check_finite(logits, f"{self.label} tree forward at depth {depth}")
+        return logits
+
+    def run(self, ids: torch.Tensor, parents: list[int], key_mask: torch.Tensor,
+            position_ids: torch.Tensor) -> torch.Tensor:
+        """One forward of the level ``ids [1, n]`` (fed parents ``parents``) on the cache; logits ``[n, V]``.
+
+        A drafter whose forward takes more than tokens (an EAGLE head: the parent's feature) overrides this.
+        """
+        logits, _ = tree_forward(self.model, self.cache, ids, key_mask=key_mask, position_ids=position_ids)
         return logits
 
 

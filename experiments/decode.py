@@ -41,29 +41,15 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- building blocks
 
 
-def load_dataset_prompts(dataset: DictConfig, num_prompts: int) -> list:
-    """The first ``num_prompts`` prompts of the ``dataset`` config (``experiments.data.Prompt`` objects)."""
-    from experiments.data import heldout_prompts_path, load_prompts
-
-    if num_prompts < 1:
-        raise ConfigError(f"num_prompts={num_prompts}: decode at least one prompt")
-    path = dataset.get("path")
-    if not path and dataset.get("name") == "suite":
-        from experiments.suite import suite_path
-
-        path = suite_path(cache_dir=dataset.get("cache_dir"))
-    elif not path:
-        if dataset.get("name") != "stdlib":
-            raise ConfigError(f"dataset={dataset.get('name')!r} needs dataset.path=<question.jsonl>")
-        path = heldout_prompts_path(cache_dir=dataset.get("cache_dir"), num_prompts=num_prompts,
-                                    corpus_root=dataset.get("corpus_root"))
-    return load_prompts(path, limit=num_prompts)
+def load_dataset_prompts(dataset: DictConfig, num_prompts: int) -> tuple[list, int | None]:
+    """``(prompts, max_prompt_tokens)``: the first ``num_prompts`` prompts of the prompt set the ``dataset``
+    config's ``_target_`` builds (:mod:`experiments.datasets`), and how many prompt tokens to keep."""
+    prompt_set = instantiate(dataset, "dataset")
+    return prompt_set.load(num_prompts), prompt_set.max_prompt_tokens
 
 
 def encode_prompts(prompts: list, tokenizer: Any, max_prompt_tokens: int | None, device: Any) -> list[EncodedPrompt]:
     """Tokenize each prompt with the target's tokenizer, keeping the last ``max_prompt_tokens`` tokens."""
-    if max_prompt_tokens is not None and max_prompt_tokens < 1:
-        raise ConfigError(f"dataset.max_prompt_tokens={max_prompt_tokens}: use a positive number or null")
     from experiments.data import prompt_ids
 
     encoded = []
@@ -174,7 +160,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
     check_attn_backend(cfg.attn_backend, target_device(cfg.model))
-    prompts = load_dataset_prompts(cfg.dataset, cfg.num_prompts)
+    prompts, max_prompt_tokens = load_dataset_prompts(cfg.dataset, cfg.num_prompts)
     config = OmegaConf.to_container(cfg, resolve=True)
     methods = [SPECULATIVE, BASELINE] if cfg.baseline else [SPECULATIVE]
     previous = resume.prepare(run_dir, config, methods, [p.question_id for p in prompts], resume=cfg.resume)
@@ -183,7 +169,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     if previous.complete is not None:
         return backfill_logger(cfg, run_dir, previous.complete, logger, hydra_info)
     models = load_models(cfg.model)
-    encoded = encode_prompts(prompts, models.tokenizer, cfg.dataset.max_prompt_tokens, _device_of(models.target))
+    encoded = encode_prompts(prompts, models.tokenizer, max_prompt_tokens, _device_of(models.target))
     drafter = build_drafter(cfg.drafter, models, cfg.get("tree"))
     decoders = make_decoders(cfg, models, drafter, rule, sampling)
     step_shape = drafter.step_shape(models.target)

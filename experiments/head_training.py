@@ -1,14 +1,18 @@
-"""The shared stack for training draft heads on a frozen target (Medusa's, EAGLE's): the target and
+"""The one training stack for draft heads on a frozen target (Medusa's, EAGLE's): the target and
 its tokenizer, corpus rows and rows the target writes itself, seeded batches that resume exactly,
-the target's features on the fly, the learning-rate schedule and atomic checkpoints.
+the target's features on the fly, the learning-rate schedule, atomic checkpoints, resume, logs and
+the training loop itself (:func:`train`).
 
-A library: the entry points (``experiments.train_medusa``, ...) build on it and add their head's
-loss, evaluation and output format.
+A library: a head type is a :class:`HeadRecipe` (its head, loss, held-out evaluation and files,
+e.g. ``experiments.medusa_training``); its entry point (``experiments.train_medusa``, ...) only
+composes the config and calls :func:`train`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +21,8 @@ from tqdm.auto import tqdm
 
 from specdec.errors import ConfigError
 from specdec.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- target and data
@@ -167,3 +173,226 @@ def load_checkpoint(path: Path, settings: dict) -> dict:
         raise ConfigError(f"checkpoint {path} was written with other settings ({detail}); pass resume=false to start "
                           f"over, or out_dir=<another dir>")
     return state
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+#: Where the rows the target writes itself come from (``generated_source``).
+GENERATED_SOURCES = ("corpus", "chats")
+
+#: Settings of every head type that a checkpoint must match to be resumed.
+COMMON_RESUME_KEYS = ("precision", "steps", "batch_size", "context", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed",
+                      "train_chars", "generated_rows", "generated_fraction", "generated_prompt",
+                      "generated_temperature")
+
+
+class HeadRecipe:
+    """One kind of draft head, as :func:`train` trains it: a subclass gives the head, its loss, its
+    held-out evaluation and its files; everything else (data, schedule, checkpoints, resume, logs,
+    progress bar) is :func:`train`'s.
+
+    Attributes:
+        name: the head's name (progress bar, W&B job type ``train_<name>``).
+        resume_keys: its own settings a checkpoint must match (on top of :data:`COMMON_RESUME_KEYS`).
+        betas: AdamW's betas.
+    """
+
+    name = "heads"
+    resume_keys: tuple[str, ...] = ()
+    betas = (0.9, 0.999)
+
+    def check(self, cfg: DictConfig) -> None:
+        """Validate the head's own settings (ConfigError naming the key)."""
+
+    def build(self, cfg: DictConfig, target) -> torch.nn.Module:
+        """A new head for ``target``, on its device."""
+        raise NotImplementedError
+
+    def loss(self, head: torch.nn.Module, target, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``(loss, metrics to log)`` of one batch ``[B, T]``."""
+        raise NotImplementedError
+
+    def evaluate(self, head: torch.nn.Module, target, eval_chunks: torch.Tensor, cfg: DictConfig) -> dict:
+        """The held-out report (``eval.json``)."""
+        raise NotImplementedError
+
+    def final_metrics(self, report: dict) -> dict:
+        """The report's headline figures, logged at the end."""
+        return {}
+
+    def out_dir(self, cfg: DictConfig, fingerprint: dict) -> Path:
+        """Where the trained head goes when ``cfg.out_dir`` is null."""
+        raise NotImplementedError
+
+    def save(self, head: torch.nn.Module, out_dir: Path, training: dict, report: dict) -> None:
+        """Write the trained head and its report to ``out_dir``."""
+        raise NotImplementedError
+
+
+def target_dir_name(cfg: DictConfig, fingerprint: dict) -> str:
+    """``<target dir name>-<fingerprint>``: a heads directory name for a target given by path."""
+    if str(cfg.target) in _pretrained_names():  # target=smollm2: the converted model's directory
+        from experiments.pretrained import model_dir
+
+        name = model_dir(str(cfg.target), cfg.cache_dir).name
+    else:
+        name = Path(str(cfg.target)).expanduser().resolve().name or "target"
+    return f"{name}-{fingerprint['sha256'][:10]}"
+
+
+def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
+    """The settings a checkpoint must match, validated (the common ones here, the head's by ``recipe``)."""
+    for key in ("steps", "batch_size", "context", "checkpoint_every", "log_every"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]!r}: it must be an integer >= 1")
+    if float(cfg.lr) <= 0:
+        raise ConfigError(f"lr={cfg.lr} must be > 0")
+    if cfg.generated_rows < 0 or not 0 <= float(cfg.generated_fraction) <= 1 or float(cfg.generated_temperature) < 0:
+        raise ConfigError("generated_rows must be >= 0, generated_fraction in [0, 1], generated_temperature >= 0")
+    source = cfg.get("generated_source", "corpus")
+    if source not in GENERATED_SOURCES:
+        raise ConfigError(f"generated_source={source!r}: use one of {GENERATED_SOURCES}")
+    recipe.check(cfg)
+    settings = {k: cfg[k] for k in (*recipe.resume_keys, *COMMON_RESUME_KEYS)}
+    if source != "corpus":  # recorded only when not the default, so older checkpoints still resume
+        settings["generated_source"] = source
+    return settings
+
+
+def generated_training_rows(cfg: DictConfig, target, tokenizer, target_dir: str, train_chunks: torch.Tensor):
+    """``[R, context]`` rows the target wrote itself, or None: corpus prompts it continued
+    (``generated_source=corpus``), or its cached answers to training chats (``chats``, for chat targets:
+    :mod:`experiments.chat_data`; ``generated_rows`` chats)."""
+    if not cfg.generated_rows:
+        return None
+    if cfg.get("generated_source", "corpus") == "chats":
+        from experiments.chat_data import ensure_generations
+
+        rows, _ = ensure_generations(target, tokenizer, target_dir, count=cfg.generated_rows,
+                                     cache_dir=cfg.cache_dir, progress=cfg.progress)
+        return chat_windows(rows, cfg.context)
+    return generate_rows(target, train_chunks, cfg.generated_rows, cfg.generated_prompt,
+                         float(cfg.generated_temperature), cfg.seed, cfg.progress)
+
+
+def autocast_dtype(cfg: DictConfig, device: torch.device, target) -> torch.dtype | None:
+    """``cfg.precision``'s autocast dtype for the loss (None: fp32): ``auto`` is bf16 where the device has
+    native bf16 matmuls and the target is wide enough to gain (the zoo's rule), ``fp32``, or ``bf16``."""
+    from experiments.zoo.build import resolve_amp
+    from specdec.models import text_config
+
+    try:
+        return resolve_amp(str(cfg.precision), device, int(text_config(target).hidden_size))
+    except ValueError as exc:
+        raise ConfigError(f"precision={cfg.precision!r}: use auto, fp32 or bf16") from exc
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None) -> dict:
+    """Train (or resume training) a head as ``cfg`` and ``recipe`` say; returns the eval report written next to it.
+
+    ``on_step(step)`` is called after every optimizer step (tests interrupt training from it).
+    """
+    from drafters.head_files import target_fingerprint
+    from experiments.loggers import TrainingLog, training_wandb_settings
+    from specdec.files import atomic_write_json
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = check_settings(cfg, recipe)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    target, tokenizer, where = load_target(cfg)
+    device = _device(cfg)
+    target = target.to(device).eval().requires_grad_(False)
+    fingerprint = target_fingerprint(target)
+    settings["target_sha256"] = fingerprint["sha256"]
+    out_dir = Path(str(cfg.out_dir)).expanduser() if cfg.out_dir else recipe.out_dir(cfg, fingerprint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    amp = autocast_dtype(cfg, device, target)
+    head = recipe.build(cfg, target)
+    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, betas=tuple(recipe.betas))
+    ckpt, start, elapsed = out_dir / "checkpoint.pt", 0, 0.0
+    if cfg.resume and ckpt.is_file():
+        state = load_checkpoint(ckpt, settings)
+        head.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, elapsed = int(state["step"]), float(state["elapsed_s"])
+        print(f"resuming from {ckpt} at step {start}/{cfg.steps}", file=sys.stderr)
+    from experiments.suite import SUITE_SOURCES
+
+    exclude = SUITE_SOURCES if cfg.target else ()  # a real target is benchmarked on the suite: keep its sources out
+    train_chunks = token_chunks(tokenizer, "train", cfg.train_chars, cfg.context, exclude)
+    eval_rows = max(1, cfg.eval_tokens // cfg.context)
+    eval_chunks = token_chunks(tokenizer, "heldout", cfg.eval_tokens * 8, cfg.context)[:eval_rows]
+    extra_rows = generated_training_rows(cfg, target, tokenizer, where["target"], train_chunks)
+    train_log = TrainingLog(run_dir, training_wandb_settings(cfg, run_dir, f"train_{recipe.name}"))
+    log.info("training %s for %s: steps %d-%d, %d training rows; head -> %s", recipe.name, where["target"], start,
+             cfg.steps, train_chunks.shape[0], out_dir)
+    bar = tqdm(total=cfg.steps, initial=start, desc=recipe.name, unit="step", disable=not cfg.progress, file=sys.stderr)
+    head.train()
+    try:
+        t0 = time.perf_counter() - elapsed
+        for step, batch in zip(range(start, cfg.steps), training_batches(train_chunks, extra_rows, cfg, start)):
+            loss, metrics = _optimizer_step(recipe, head, target, batch.to(device), optimizer, cfg, step, amp)
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                train_log(metrics, done)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(ckpt, done, head, optimizer, settings, time.perf_counter() - t0)
+            if on_step is not None:
+                on_step(done)
+        bar.close()
+        train_s = time.perf_counter() - t0
+        head.eval()
+        report = recipe.evaluate(head, target, eval_chunks.to(device), cfg)
+        report.update({"steps": cfg.steps, "train_s": train_s, "train_tokens": cfg.steps * cfg.batch_size * cfg.context,
+                       "precision": str(amp or torch.float32).replace("torch.", ""),
+                       "threads": torch.get_num_threads(), "device": str(device), "out_dir": str(out_dir), **where})
+        final = recipe.final_metrics(report)
+        train_log(final, cfg.steps)
+        train_log.summary(final)
+    finally:
+        bar.close()
+        train_log.finish()
+    recipe.save(head, out_dir, {**settings, **where, "train_s": train_s}, report)
+    atomic_write_json(run_dir / "eval.json", report)
+    ckpt.unlink(missing_ok=True)  # finished: the head is saved
+    return report
+
+
+def train_from_hydra(cfg: DictConfig, recipe: HeadRecipe, format_report) -> dict:
+    """An entry point's task: train into the Hydra run directory, print ``format_report(report)``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    report = train(cfg, HydraConfig.get().runtime.output_dir, recipe)
+    print(format_report(report))
+    return report
+
+
+def _optimizer_step(recipe: HeadRecipe, head, target, batch, optimizer, cfg: DictConfig, step: int,
+                    amp: torch.dtype | None):
+    """One AdamW step at the scheduled learning rate, the loss under autocast to ``amp`` (None: fp32);
+    ``(loss value, metrics to log)``."""
+    lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(batch.device.type, dtype=amp, enabled=amp is not None):
+        loss, metrics = recipe.loss(head, target, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in head.parameters() if p.requires_grad], cfg.grad_clip)
+    optimizer.step()
+    value = loss.item()
+    return value, {"train/loss": value, "train/lr": lr, **metrics}

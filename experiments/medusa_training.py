@@ -1,12 +1,16 @@
-"""Medusa heads' training objective and held-out evaluation (a library for ``experiments.train_medusa``
-and ``experiments.medusa_tree``)."""
+"""Medusa heads' training objective, held-out evaluation and recipe (a library for
+``experiments.train_medusa`` and ``experiments.medusa_tree``)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
-from drafters.medusa_heads import MedusaHeads
-from experiments.head_training import teacher
+from drafters.medusa_heads import MedusaHeads, default_heads_dir, save_heads
+from experiments.head_training import HeadRecipe, generate_rows, target_dir_name, teacher
+from specdec.errors import ConfigError
 
 LOSSES = ("soft", "hard")
 RANKS = 10  # per-rank accuracies kept in eval.json (they shape the default tree)
@@ -76,3 +80,53 @@ def evaluate(heads: MedusaHeads, target, chunks: torch.Tensor, batch_size: int =
                 for i in range(k)]
     return {"per_head": per_head, "rank_accuracy": acc.tolist(), "chance_top1": 1.0 / vocab,
             "heldout_tokens": int(chunks.numel())}
+
+
+class MedusaRecipe(HeadRecipe):
+    """Medusa heads for :func:`experiments.head_training.train` (``conf/train_medusa.yaml``'s knobs)."""
+
+    name = "medusa"
+    resume_keys = ("num_heads", "num_blocks", "loss", "head_decay")
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def check(self, cfg: DictConfig) -> None:
+        if cfg.loss not in LOSSES:
+            raise ConfigError(f"loss={cfg.loss!r}: use one of {LOSSES}")
+        if not isinstance(cfg.num_heads, int) or isinstance(cfg.num_heads, bool) or cfg.num_heads < 1:
+            raise ConfigError(f"num_heads={cfg.num_heads!r}: it must be an integer >= 1")
+        if not 0 < float(cfg.head_decay) <= 1:
+            raise ConfigError(f"head_decay={cfg.head_decay} must be in (0, 1]")
+
+    def build(self, cfg: DictConfig, target) -> MedusaHeads:
+        device = target.get_output_embeddings().weight.device
+        return MedusaHeads.for_target(target, cfg.num_heads, cfg.num_blocks).to(device)
+
+    def loss(self, head: MedusaHeads, target, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        hidden, t_logits = teacher(target, batch)  # [B, T, H], [B, T, V]
+        loss, per_head = medusa_loss(head(hidden), t_logits, self.cfg.loss, self.cfg.head_decay)
+        return loss, {f"train/loss_head{i + 1}": float(x) for i, x in enumerate(per_head)}
+
+    def evaluate(self, head: MedusaHeads, target, eval_chunks: torch.Tensor, cfg: DictConfig) -> dict:
+        report = evaluate(head, target, eval_chunks, cfg.eval_batch_size)
+        if cfg.eval_generated_rows:  # the decode regime: held-out prompts continued greedily by the target
+            rows = generate_rows(target, eval_chunks.cpu(), cfg.eval_generated_rows, cfg.generated_prompt, 0.0,
+                                 cfg.seed)
+            report["generated"] = evaluate(head, target, rows.to(eval_chunks.device), cfg.eval_batch_size,
+                                           start=cfg.generated_prompt)
+        return {**report, "loss": cfg.loss}
+
+    def final_metrics(self, report: dict) -> dict:
+        final = {f"eval/head{h['head']}_{m}": h[m] for h in report["per_head"] for m in ("top1", "top5")}
+        return final | {f"eval_generated/head{h['head']}_{m}": h[m]
+                        for h in report.get("generated", {}).get("per_head", []) for m in ("top1", "top5")}
+
+    def out_dir(self, cfg: DictConfig, fingerprint: dict) -> Path:
+        """``<cache>/medusa/zoo-<size>`` (zoo) or ``<cache>/medusa/<name>-<fingerprint>``."""
+        if not cfg.target:
+            return default_heads_dir(cfg.zoo_size, cfg.cache_dir)
+        return default_heads_dir("x", cfg.cache_dir).parent / target_dir_name(cfg, fingerprint)
+
+    def save(self, head: MedusaHeads, out_dir: Path, training: dict, report: dict) -> None:
+        save_heads(head.cpu(), out_dir, training=training, evaluation=report)

@@ -24,17 +24,6 @@ class SamplingConfig:
 
 
 @dataclass
-class DatasetConfig:
-    """A prompt set: ``stdlib`` (held-out standard-library files) or ``spec_bench`` (a question.jsonl)."""
-
-    name: str = MISSING
-    path: Optional[str] = None  # a question.jsonl; for stdlib, null = the cached held-out set
-    max_prompt_tokens: Optional[int] = None  # keep the last n prompt tokens; null keeps all
-    cache_dir: Optional[str] = None  # stdlib: where the held-out set is cached (null: $SPECDEC_CACHE)
-    corpus_root: Optional[str] = None  # stdlib: another Python source tree (null: this Python's stdlib)
-
-
-@dataclass
 class DecodeConfig:
     """Top-level config of ``python -m experiments.decode``.
 
@@ -42,7 +31,7 @@ class DecodeConfig:
         model: which target/draft pair to load (group ``model``).
         drafter: ``_target_`` node of the drafter (group ``drafter``).
         acceptance: ``_target_`` node of the acceptance rule (group ``acceptance``).
-        dataset: the prompt set (group ``dataset``).
+        dataset: ``_target_`` node of the prompt set (group ``dataset``, :mod:`experiments.datasets`).
         logger: ``_target_`` node of the results logger (group ``logger``).
         tree / verifier: reserved for the ``tree`` and ``verifier`` groups.
         sampling: temperature / top-k / top-p, set once and given to the decoder.
@@ -66,7 +55,7 @@ class DecodeConfig:
     model: Any = MISSING
     drafter: Any = MISSING
     acceptance: Any = MISSING
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataset: Any = MISSING
     logger: Any = MISSING
     tree: Any = None
     verifier: Any = None

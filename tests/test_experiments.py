@@ -106,7 +106,7 @@ def assert_sane(summary: dict, num_prompts: int) -> None:
 def test_default_composition():
     cfg = compose_cfg()
     assert cfg.model.source == "zoo" and cfg.model.size == "default" and cfg.drafter._target_ == "drafters.DraftModelDrafter"
-    assert cfg.acceptance._target_ == "specdec.acceptance.GreedyAcceptance" and cfg.dataset.name == "stdlib"
+    assert cfg.acceptance._target_ == "specdec.acceptance.GreedyAcceptance" and cfg.dataset._target_ == "experiments.datasets.StdlibHeldout"
     assert cfg.logger._target_ == "experiments.loggers.WandbLogger" and cfg.logger.mode == "offline"
     assert cfg.sampling.temperature == 0.0 and cfg.baseline is True
     assert cfg.drafter.attn_backend == cfg.attn_backend
@@ -130,7 +130,7 @@ def test_experiment_smoke_and_sweep_preset():
 
 
 @pytest.mark.parametrize("override", ["max_new_tokens=abc", "sampling.temperature=hot", "sampling.top_k=1.5",
-                                      "baseline=maybe", "num_prompts=[1]", "dataset.max_prompt_tokens=many"])
+                                      "baseline=maybe", "num_prompts=[1]"])
 def test_wrong_type_fails_at_compose_time(override):
     with pytest.raises(ConfigCompositionException):
         compose_cfg(override)
@@ -204,10 +204,15 @@ def test_missing_model_path_is_a_clear_error():
 
 
 def test_datasets(spec_bench, tmp_path):
-    prompts = decode.load_dataset_prompts(compose_cfg("dataset=spec_bench", f"dataset.path={spec_bench}").dataset, 3)
-    assert [p.question_id for p in prompts] == [0, 1, 2]
-    stdlib = decode.load_dataset_prompts(compose_cfg().dataset, 2)
-    assert len(stdlib) == 2 and stdlib[0].text
+    prompts, keep = decode.load_dataset_prompts(compose_cfg("dataset=spec_bench", f"dataset.path={spec_bench}").dataset, 3)
+    assert [p.question_id for p in prompts] == [0, 1, 2] and keep is None
+    stdlib, keep = decode.load_dataset_prompts(compose_cfg().dataset, 2)
+    assert len(stdlib) == 2 and stdlib[0].text and keep == 256
+    with pytest.raises(ConfigError, match="dataset.path"):
+        decode.load_dataset_prompts(compose_cfg("dataset=spec_bench").dataset, 3)
+    for bad_value in ("0", "many"):  # the prompt set is a config object: its constructor checks its arguments
+        with pytest.raises(ConfigError, match=f"max_prompt_tokens='?{bad_value}"):
+            decode.load_dataset_prompts(compose_cfg(f"dataset.max_prompt_tokens={bad_value}").dataset, 3)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     with pytest.raises(SpecDecError, match="bad.jsonl"):
@@ -216,7 +221,7 @@ def test_datasets(spec_bench, tmp_path):
 
 def test_max_prompt_tokens_keeps_the_last_tokens(spec_bench):
     models = load_models(compose_cfg("model=tiny_random").model)
-    prompts = decode.load_dataset_prompts(compose_cfg("dataset=spec_bench", f"dataset.path={spec_bench}").dataset, 1)
+    prompts, _ = decode.load_dataset_prompts(compose_cfg("dataset=spec_bench", f"dataset.path={spec_bench}").dataset, 1)
     full = decode.encode_prompts(prompts, models.tokenizer, None, "cpu")[0].input_ids
     cut = decode.encode_prompts(prompts, models.tokenizer, 5, "cpu")[0].input_ids
     assert cut.shape == (1, 5) and cut.tolist()[0] == full.tolist()[0][-5:]

@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from drafters import DraftModelDrafter, MedusaDrafter, NGramDrafter, NoDrafter
+from drafters import DraftModelDrafter, EagleDrafter, MedusaDrafter, NGramDrafter, NoDrafter
+from drafters.eagle_heads import EagleHead
 from drafters.medusa_heads import MedusaHeads
 from specdec import SamplingParams, SpeculativeDecoder
 from tests.tiny_models import noisy_copy, pair
@@ -58,6 +59,18 @@ def test_medusa_greedy_equality_on_cuda(models, backend):
     target, _, prompts = models
     heads = MedusaHeads.for_target(target, num_heads=3, init="random")
     _check(target, MedusaDrafter(heads, tree="binary"), prompts, backend)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("version", ["eagle2", "eagle3"])
+def test_eagle_greedy_equality_on_cuda(models, version, backend):
+    """Untrained heads (the target's first layer): chains and dynamic trees, features and hooks on the device."""
+    target, _, prompts = models
+    head = EagleHead.for_target(target, version)
+    for kwargs in (dict(num_speculative_tokens=4), dict(num_speculative_tokens=4, budget=20, top_k_children=4)):
+        drafter = EagleDrafter(head, **kwargs)
+        _check(target, drafter, prompts, backend)
+        drafter.close()
 
 
 def test_bf16_draft_of_fp32_target_on_cuda(models):

@@ -25,6 +25,7 @@ from specdec import SamplingParams, SpeculativeDecoder
 from specdec.tree import PRESET_DIR, load_preset
 from tests.lossless import ALPHA, RUNS, VOCAB, chi_square_pvalue, exact_distribution, sample_counts
 from tests.tiny_models import pair, peaky_pair, prompts
+from tests.training_checks import assert_resume_is_exact
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -212,20 +213,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, capfd):
                                                           "eval_tokens=", "num_heads=", "generated_rows="))]
     small += ["steps=6", "checkpoint_every=2", "batch_size=2", "context=32", "train_chars=40000", "eval_tokens=256",
               "num_heads=2", "generated_rows=4", "generated_prompt=8", "eval_generated_rows=2"]  # generated rows: seeded
-    train(compose_train(*small, f"out_dir={tmp_path / 'a'}"), tmp_path / "run_a")
-
-    def interrupt(step):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(compose_train(*small, f"out_dir={tmp_path / 'b'}"), tmp_path / "run_b", on_step=interrupt)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
-    capfd.readouterr()
-    train(compose_train(*small, f"out_dir={tmp_path / 'b'}"), tmp_path / "run_b2")
-    assert "at step 2/6" in capfd.readouterr().err
-    a, b = load_heads(tmp_path / "a"), load_heads(tmp_path / "b")
-    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert_resume_is_exact(train, compose_train, small, tmp_path, capfd, load_heads)
 
 
 def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path):

@@ -1,0 +1,235 @@
+"""The EAGLE drafter: an autoregressive head on the target's features (EAGLE-1/2, EAGLE-3).
+
+The head (:mod:`drafters.eagle_heads`) keeps its own KV cache: slot ``s`` holds the pair (target
+feature ``f_s``, token ``t_{s+1}``), so the committed slots run up to the root (the newest token,
+whose own feature the target has not computed yet). Drafting feeds the head's predicted feature of
+a node together with each child token: a chain one draft at a time, a tree one level per forward
+through :class:`HeadFeed` (static presets, or the EAGLE-2 dynamic tree).
+
+Features arrive with the verifier's forwards: the prompt's with the prefill
+(``target_hidden [T - 1, H]``: the pairs up to the root), then with each verify, the rows of the
+root and the accepted nodes. eagle3 reads three decoder layers' outputs with forward hooks that the
+drafter registers on the target in :meth:`EagleDrafter.start` (removed by :meth:`EagleDrafter.close`
+or when a later ``start`` binds another target).
+
+On commit the head's cache drops every tree slot and the next ``propose`` feeds the accepted
+tokens again, now with the target's true features (as EAGLE does): the tree's KV came from
+predicted features, so compacting it would keep a worse state than the target's features give.
+That catch-up is the first draft forward of the step, so a depth-d step still costs d head forwards.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from drafters.eagle_heads import (
+    EagleHead,
+    EagleHeadError,
+    FeatureTap,
+    check_version,
+    default_heads_dir,
+    load_head,
+)
+from drafters.tree_drafter import TreeDrafter
+from drafters.tree_expansion import TreeFeed
+from specdec.cache import SpecDecCache
+from specdec.drafting import DraftContext, StepShape
+from specdec.errors import ConfigError
+from specdec.types import AcceptResult, DraftTree, VerifyOutput
+from verifier import tree_forward
+
+PROBE_CONTEXT = 128  # cache slots before the token a cost probe feeds
+
+
+class HeadFeed(TreeFeed):
+    """Feeds tree levels to an EAGLE head: each node goes in with its parent's output feature."""
+
+    label = "EAGLE head"
+
+    def __init__(self, head: EagleHead, cache: SpecDecCache, device: torch.device, root_feature: torch.Tensor):
+        super().__init__(head.model, cache, device)
+        self.head = head
+        self.outputs = [root_feature]  # [H] each: the root's output, then every fed node's in fed order
+
+    def run(self, ids, parents, key_mask, position_ids):
+        feats = torch.stack([self.outputs[p + 1] for p in parents])[None]  # [1, n, H]
+        with self.head.inputs(feats) as model:
+            logits, hidden = tree_forward(model, self.cache, ids, key_mask=key_mask, position_ids=position_ids,
+                                          output_hidden=True)  # [n, V], [n, H]
+        self.outputs.extend(hidden)
+        return logits
+
+
+class EagleDrafter(TreeDrafter):
+    """Drafts chains, preset trees or EAGLE-2 dynamic trees with an EAGLE head.
+
+    Args:
+        heads: a trained head directory (``experiments.train_eagle`` writes one), a loaded
+            :class:`~drafters.eagle_heads.EagleHead`, or None for the default directory of the embedded
+            pair's target (``<cache>/eagle/<version>-zoo-<zoo_size>``); a directory that does not exist
+            is reported, with how to train a head, when the drafter is first used.
+        version: ``eagle2`` or ``eagle3``: the head must be of this version; None accepts either
+            (and means eagle2 for the default directory).
+        num_speculative_tokens, tree, tree_sampling, budget, top_k_children: the draft's shape, as for
+            :class:`drafters.DraftModelDrafter` (chain, preset tree, or dynamic tree). Sampled children
+            and chains record the head's warped distribution, so ``rejection`` stays lossless.
+        zoo_size: which embedded pair's head ``heads=None`` means.
+        attn_backend: attention backend of the head's causal forwards (tree levels use SDPA).
+    """
+
+    name = "eagle"
+    forward_label = "EAGLE head forward"
+
+    def __init__(self, heads: str | os.PathLike | EagleHead | None = None, version: str | None = None,
+                 num_speculative_tokens: int = 4, tree=None, tree_sampling: str = "deterministic",
+                 budget: int | None = None, top_k_children: int = 4, zoo_size: str = "default",
+                 attn_backend: str = "sdpa"):
+        super().__init__(num_speculative_tokens, tree, tree_sampling, budget, top_k_children)
+        self.version = check_version(version, "drafter.version") if version is not None else None
+        self.attn_backend = attn_backend
+        self._head: EagleHead | None = None
+        self.heads_dir: Path | None = None
+        if isinstance(heads, EagleHead):
+            if self.version is not None and heads.version != self.version:
+                raise EagleHeadError(f"drafter.version={self.version} but the head given is an {heads.version} head")
+            self._head = heads
+        elif heads is None or isinstance(heads, (str, os.PathLike)):
+            self.heads_dir = Path(heads).expanduser() if heads else default_heads_dir(self.version or "eagle2",
+                                                                                       zoo_size)
+            if self.heads_dir.exists():
+                self._head = load_head(self.heads_dir, self.version)
+        else:
+            raise ConfigError(f"heads={type(heads).__name__}: give a head directory or an EagleHead module")
+        self._target = None
+        self._tap: FeatureTap | None = None
+        self.cache: SpecDecCache | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pending: list[tuple[torch.Tensor, list[int]]] = []  # (features [m, H], tokens) not fed yet
+        self._root: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits [V], output feature [H]) at the root
+        self._committed = 0  # head cache slots holding committed pairs
+        self._drafted = False  # the cache holds draft slots past the committed ones
+
+    # ----------------------------------------------------------------- the head
+
+    @property
+    def head(self) -> EagleHead:
+        """The loaded head (loads a directory that appeared since construction; else raises)."""
+        if self._head is None:
+            self._head = load_head(self.heads_dir, self.version)
+        return self._head
+
+    def _bind(self, target) -> EagleHead:
+        """The head, checked against ``target`` (once) and bound to it (embedding, LM head, device, dtype)."""
+        head = self.head
+        if self._target is not target:
+            head.check_target(target)
+            head.bind(target)
+            if self._tap is not None:
+                self._tap.remove()
+            self._tap = head.tap(target)
+            self._target = target
+        return head
+
+    def close(self) -> None:
+        """Remove the feature hooks from the target (eagle3); a later ``start`` adds them again."""
+        if self._tap is not None:
+            self._tap.remove()
+        self._tap, self._target = None, None
+
+    def step_shape(self, target) -> StepShape:
+        """One head forward per tree level (the first is the catch-up), then a verify of ``1 + max_nodes``."""
+        head = self._bind(target)
+        return StepShape(kind=self.step_kind, max_nodes=self.max_nodes, draft_forwards="per_level",
+                         draft_probe=_probe(head), k=None if self.mode == "static" else self.k)
+
+    # ----------------------------------------------------------------- the protocol
+
+    def start(self, ctx: DraftContext) -> None:
+        super().start(ctx)
+        head = self._bind(ctx.target)
+        extra = max(0, self.max_fed() - self.max_nodes)  # a dynamic tree feeds more nodes than it keeps
+        self.cache = SpecDecCache.for_model(head.model, ctx.capacity + extra)
+        self._reset()
+
+    def prefill(self, input_ids: torch.Tensor, target_hidden: torch.Tensor | None) -> None:
+        super().prefill(input_ids, target_hidden)
+        if target_hidden is None or target_hidden.shape[0] == 0:  # a one-token prompt: no feature yet
+            return
+        self._pending.append((self._features(target_hidden, None), self.tokens[1:]))  # pairs (f_s, t_{s+1})
+
+    def _features(self, hidden: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+        """The head's features ``[m, H]`` of the last target forward's positions ``rows`` (all if None)."""
+        raw = hidden if self._tap is None else self._tap.take()[0]  # [n, H] or [n, 3H]
+        if raw.shape[0] != hidden.shape[0]:
+            raise RuntimeError(f"EAGLE feature hooks saw {raw.shape[0]} positions, the target forward had "
+                               f"{hidden.shape[0]}")
+        if rows is not None:
+            raw = raw[torch.tensor(rows, device=raw.device)]
+        with torch.inference_mode():
+            return self.head.target_features(raw)  # [m, H]
+
+    def _catch_up(self) -> None:
+        """Feed the pending pairs (one causal forward); the last one's output is the new root's."""
+        if self._drafted:  # the last draft was never committed: forget its slots
+            self.cache.truncate(self._committed)
+            self._drafted = False
+        if not self._pending:
+            return
+        feats = torch.cat([f for f, _ in self._pending])  # [m, H]
+        tokens = [t for _, toks in self._pending for t in toks]
+        self._pending = []
+        self._root = self._forward(feats, tokens)
+        self._committed = self.cache.length
+
+    def _forward(self, feats: torch.Tensor, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append pairs causally; the last one's ``(logits [V], output feature [H])``."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=feats.device)  # [1, m]
+        with self.head.inputs(feats[None]) as model:
+            logits, hidden = tree_forward(model, self.cache, ids, backend=self.attn_backend, logits_to_keep=1,
+                                          output_hidden=True)  # [1, V], [m, H]
+        return logits[-1], hidden[-1]
+
+    def propose(self, max_depth: int) -> DraftTree:
+        depth_limit = self.depth_limit(max_depth)
+        if depth_limit <= 0:
+            return DraftTree.empty()
+        self._catch_up()
+        if self._root is None:  # no feature yet (a one-token prompt's first step)
+            return DraftTree.empty()
+        logits, feature = self._root
+        self._drafted = True
+        if self.mode != "chain":
+            return self.grow_tree(HeadFeed(self.head, self.cache, feature.device, feature), logits, depth_limit)[0]
+        state = {"feature": feature}
+
+        def forward_one(tok: int, i: int) -> torch.Tensor:
+            out, state["feature"] = self._forward(state["feature"][None], [tok])
+            return out
+
+        return self.grow_chain(logits, depth_limit, forward_one)
+
+    def commit(self, result: AcceptResult, verify: VerifyOutput) -> None:
+        """Queue the accepted tokens with the target's features of the root and accepted nodes."""
+        rows = [0] + [1 + i for i in result.accepted_nodes]
+        self._pending.append((self._features(verify.hidden, rows), list(result.tokens)))
+        super().commit(result, verify)
+
+
+def _probe(head: EagleHead):
+    """A zero-argument callable running one head forward of one token after ``PROBE_CONTEXT`` slots."""
+    weight = next(head.parameters())
+    cache = SpecDecCache.for_model(head.model, PROBE_CONTEXT + 1)
+    feats = torch.zeros(1, PROBE_CONTEXT + 1, head.hidden_size, device=weight.device, dtype=weight.dtype)
+    ids = torch.zeros(1, PROBE_CONTEXT + 1, dtype=torch.long, device=weight.device)
+    with head.inputs(feats[:, :PROBE_CONTEXT]) as model:
+        tree_forward(model, cache, ids[:, :PROBE_CONTEXT], logits_to_keep=1)
+
+    def probe() -> torch.Tensor:
+        cache.truncate(PROBE_CONTEXT)
+        with head.inputs(feats[:, :1]) as model:
+            return tree_forward(model, cache, ids[:, :1], logits_to_keep=1)[0]
+    return probe

@@ -1,0 +1,118 @@
+"""What drafters that run a model once per tree level share: the draft's shape and how it is grown.
+
+A :class:`TreeDrafter` drafts one of three shapes, chosen by its constructor arguments:
+
+- chain (``tree=None, budget=None``): ``num_speculative_tokens`` tokens, each sampled from the
+  warped draft distribution (argmax at temperature 0), recorded in ``DraftTree.draft_probs``;
+- static tree (``tree=<preset>``): the preset's sibling-rank paths, grown level by level;
+  ``tree_sampling`` picks the children (:func:`drafters.tree_expansion.choose_children`). At
+  temperature 0 children are always the top-ranked tokens;
+- dynamic tree (``budget=B``): EAGLE-2 style, the ``B`` nodes with the highest product of draft
+  probabilities along their path, ``top_k_children`` per expanded node, at most
+  ``num_speculative_tokens`` deep; children are deterministic.
+
+The subclass supplies the model forwards (a catch-up forward giving the root's logits, a
+:class:`~drafters.tree_expansion.TreeFeed` for tree levels, one-token forwards for a chain) and keeps
+its cache in sync on commit.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from drafters.tree_expansion import TreeFeed, expand_dynamic, expand_static
+from specdec.drafting import Drafter
+from specdec.errors import ConfigError
+from specdec.rng import DRAFT
+from specdec.sampling import warp_probs
+from specdec.tree import compile_tree, load_preset
+from specdec.types import SAMPLING_MODES, DraftTree
+from verifier import check_finite
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` if it is an integer >= 1, else :class:`ConfigError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r}: it must be an integer >= 1")
+    return value
+
+
+class TreeDrafter(Drafter):
+    """Base of the drafters that grow a chain, a preset tree or a dynamic tree with one forward per level.
+
+    Args:
+        num_speculative_tokens: chain length k (>= 1); the depth limit of a dynamic tree; unused
+            by a static tree (its preset sets the depth).
+        tree: a preset name (``conf/tree/<name>.yaml``), a YAML path, or a list of sibling-rank paths.
+        tree_sampling: ``deterministic``, ``with_replacement`` or ``without_replacement``.
+        budget: number of nodes of a dynamic tree (>= 1); None for a chain or a static tree.
+        top_k_children: children per expanded node of a dynamic tree (>= 1).
+    """
+
+    forward_label = "draft forward"  # names the forward in errors about non-finite logits
+
+    def __init__(self, num_speculative_tokens: int = 4, tree=None, tree_sampling: str = "deterministic",
+                 budget: int | None = None, top_k_children: int = 4):
+        super().__init__()
+        self.k = positive_int(num_speculative_tokens, "num_speculative_tokens")
+        if tree_sampling not in SAMPLING_MODES:
+            raise ConfigError(f"tree_sampling={tree_sampling!r} is unknown; choose one of {list(SAMPLING_MODES)}")
+        if budget is not None:
+            positive_int(budget, "budget")
+            if tree is not None:
+                raise ConfigError("give either a tree preset (tree=...) or a dynamic-tree budget (budget=...), "
+                                  "not both")
+            if tree_sampling != "deterministic":
+                raise ConfigError(f"a dynamic tree (budget={budget}) has deterministic children; "
+                                  f"tree_sampling={tree_sampling!r} needs a tree preset")
+        self.top_k_children = positive_int(top_k_children, "top_k_children")
+        self.tree_sampling, self.budget = tree_sampling, budget
+        self.compiled = compile_tree(load_preset(tree)) if tree is not None else None
+
+    @property
+    def mode(self) -> str:
+        """``chain``, ``static`` (a tree preset) or ``dynamic`` (a budget)."""
+        return "dynamic" if self.budget is not None else "static" if self.compiled is not None else "chain"
+
+    @property
+    def max_nodes(self) -> int:
+        return {"chain": self.k, "static": self.compiled.num_nodes if self.compiled else 0,
+                "dynamic": self.budget}[self.mode]
+
+    @property
+    def step_kind(self) -> str:
+        """The :class:`specdec.drafting.StepShape` kind of this shape."""
+        return {"chain": "chain", "static": "tree", "dynamic": "dynamic"}[self.mode]
+
+    def max_fed(self) -> int:
+        """The most tree nodes one step feeds to the model (on top of the committed tokens)."""
+        if self.mode == "dynamic":
+            return min(self.top_k_children, self.budget) * (self.k - 1)
+        return self.max_nodes
+
+    def depth_limit(self, max_depth: int) -> int:
+        """How deep this step's draft may go when the decode loop allows ``max_depth``."""
+        return min(max_depth, self.compiled.max_depth if self.mode == "static" else self.k)
+
+    def grow_chain(self, logits: torch.Tensor, k: int, forward_one: Callable[[int, int], torch.Tensor]) -> DraftTree:
+        """A chain of ``k`` drafts from the root's draft ``logits [V]``; ``forward_one(token, i)`` feeds
+        draft ``i`` and returns the logits after it. Draft ``i`` is keyed ``(DRAFT, i)``."""
+        drafts, probs = [], []
+        for i in range(k):
+            check_finite(logits, f"{self.forward_label} at draft position {i + 1}")
+            q = warp_probs(logits, self.ctx.sampling)  # [V]
+            tok = int(q.argmax()) if self.ctx.sampling.greedy else int(self.ctx.rng.categorical(q[None], DRAFT, i)[0])
+            drafts.append(tok)
+            probs.append(q)
+            if i + 1 < k:
+                logits = forward_one(tok, i)
+        return DraftTree.chain(torch.tensor(drafts, dtype=torch.long), torch.stack(probs))  # probs [k, V]
+
+    def grow_tree(self, feed: TreeFeed, root_logits: torch.Tensor, depth_limit: int) -> tuple[DraftTree, list[int]]:
+        """A static or dynamic tree grown through ``feed``; per node, its fed index (-1: not fed)."""
+        check_finite(root_logits, f"{self.forward_label} at draft position 1")
+        if self.mode == "dynamic":
+            return expand_dynamic(feed, root_logits, depth_limit, self.budget, self.top_k_children)
+        mode = "deterministic" if self.ctx.sampling.greedy else self.tree_sampling
+        return expand_static(feed, self.compiled, root_logits, depth_limit, mode, self.ctx.sampling, self.ctx.rng)

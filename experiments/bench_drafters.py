@@ -1,0 +1,214 @@
+"""Side-by-side benchmark of drafters on the same pair, prompts and machine: EAGLE vs draft model, Medusa, n-gram.
+
+    python -m experiments.bench_drafters --prompts 10 --max-new-tokens 96 --ks 4,6 --reps 2 --threads 2
+
+One process, batch 1, warm-ups first, ``--reps`` repetitions per prompt in rotating order (see
+:func:`experiments.bench.run_all`). For each temperature in ``--temperatures``:
+
+- greedy (0): Hugging Face plain ``generate``, prompt lookup and assisted generation with the draft
+  model at each k of ``--hf-ks`` (the "best HF method" is the fastest of these), then ours:
+  autoregressive, n-gram, the draft model (chain per k, dynamic tree), Medusa (its derived tree),
+  EAGLE eagle2 / eagle3 (chain per k, dynamic tree). Every output is checked against HF plain greedy.
+- sampled (T > 0, ``rejection``): ours only: n-gram, the chains (they sample their drafts) and Medusa
+  (deterministic children); dynamic trees are left out (their deterministic children are accepted with
+  probability p(x) only, far below a sampled chain's min(1, p/q)); outputs are samples, not compared.
+
+Per method: tokens/s (median over prompts), speedup over our autoregressive loop and, greedy, over HF
+plain and over the best HF method (median and min-max over prompts), tau and depth-1 acceptance.
+Heads come from ``--medusa`` / ``--eagle2`` / ``--eagle3`` (default: where the training entry points
+put them for ``--size``); a drafter whose heads are missing is skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from drafters import DraftModelDrafter, EagleDrafter, MedusaDrafter, NGramDrafter, NoDrafter
+from experiments import cli
+from experiments.bench import Method, _hf, _hf_assisted, load_pair, load_prompt_ids, machine_line, run_all, tokens_per_s
+from specdec import SamplingParams, SpeculativeDecoder
+from specdec.errors import SpecDecError
+from verifier.verifier import SDPA_KERNELS
+
+
+def _ours(target, drafter, max_new: int, temperature: float):
+    greedy = temperature == 0
+    decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy" if greedy else "rejection",
+                                 sampling=SamplingParams(temperature=temperature))
+
+    def run(ids):
+        out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
+        return out.sequences, out.stats
+    return run
+
+
+def head_drafters(args, notes: list[str]) -> dict:
+    """``{name: factory(**shape) -> drafter}`` for the heads that exist (missing ones noted, skipped)."""
+    from drafters.eagle_heads import default_heads_dir as eagle_dir
+    from drafters.medusa_heads import default_heads_dir as medusa_dir
+
+    found = {}
+    where = {"medusa": args.medusa or medusa_dir(args.size, args.cache_dir),
+             "eagle2": args.eagle2 or eagle_dir("eagle2", args.size, args.cache_dir),
+             "eagle3": args.eagle3 or eagle_dir("eagle3", args.size, args.cache_dir)}
+    for name, directory in where.items():
+        if not Path(directory).is_dir():
+            notes.append(f"{name}: no heads at {directory}, skipped")
+        elif name == "medusa":
+            found[name] = lambda d=directory, **kw: MedusaDrafter(d)
+        else:
+            found[name] = lambda d=directory, v=name, **kw: EagleDrafter(d, version=v, **kw)
+    return found
+
+
+def build_methods(target, draft, args, temperature: float, heads: dict) -> list[Method]:
+    """The methods run at ``temperature`` (HF's only when greedy), HF plain first when greedy."""
+    m, greedy = args.max_new_tokens, temperature == 0
+    dyn = {"budget": args.budget, "num_speculative_tokens": args.dynamic_depth, "top_k_children": args.top_k_children}
+    methods = []
+    if greedy:
+        methods += [Method("hf_plain", _hf(target, m), False),
+                    Method("hf_prompt_lookup", _hf(target, m, prompt_lookup_num_tokens=args.ngram_tokens,
+                                                   max_matching_ngram_size=2), False, args.ngram_tokens)]
+        methods += [Method(f"hf_assisted_k{k}", _hf_assisted(target, draft, m, k), False, k) for k in args.hf_ks]
+    ours = [("ours_ar", NoDrafter(), None), ("ours_ngram", NGramDrafter(args.ngram_tokens, max_ngram=2), args.ngram_tokens)]
+    ours += [(f"ours_draft_k{k}", DraftModelDrafter(draft, k), k) for k in args.ks]
+    if greedy:  # deterministic children: accepted with probability p(x) only at T > 0 (see BENCHMARKS)
+        ours.append((f"ours_draft_dyn{args.budget}", DraftModelDrafter(draft, **dyn), args.dynamic_depth))
+    if "medusa" in heads:
+        ours.append(("ours_medusa", heads["medusa"](), None))
+    for version in ("eagle2", "eagle3"):
+        if version in heads:
+            ours += [(f"ours_{version}_k{k}", heads[version](num_speculative_tokens=k), k) for k in args.ks]
+            if greedy:
+                ours.append((f"ours_{version}_dyn{args.budget}", heads[version](**dyn), args.dynamic_depth))
+    methods += [Method(name, _ours(target, d, m, temperature), True, k) for name, d, k in ours]
+    return methods
+
+
+def summarize(methods: list[Method], stats: dict, greedy: bool) -> tuple[list[dict], str]:
+    """Rows (median (min-max) over prompts) and the Markdown table of one temperature."""
+    tps = {m.name: tokens_per_s(m) for m in methods}
+    hf = [m.name for m in methods if not m.ours]
+    best_hf = max(hf, key=lambda n: statistics.median(tps[n].values())) if greedy else None
+
+    def spread(mine, base):
+        values = [mine[i] / base[i] for i in mine]
+        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    rows = []
+    for m in methods:
+        mine = tps[m.name]
+        alpha1 = [s.acceptance_rate_by_depth[0] for s in stats.get(m.name, []) if s.acceptance_rate_by_depth]
+        rows.append({"method": m.name, "tokens_per_s": statistics.median(mine.values()),
+                     "vs_ours_ar": spread(mine, tps["ours_ar"]),
+                     "vs_hf_plain": spread(mine, tps["hf_plain"]) if greedy else None,
+                     "vs_best_hf": spread(mine, tps[best_hf]) if greedy else None,
+                     "tau": statistics.mean(m.tau.values()) if m.tau else None,
+                     "alpha_depth1": statistics.mean(alpha1) if alpha1 else None,
+                     "matches_hf_plain": m.matches if greedy else None})
+    head = (f"| method | tokens/s (median) | speedup vs ours AR | speedup vs HF plain | speedup vs best HF "
+            f"({best_hf or 'n/a'}) | tau | depth-1 acceptance | output = HF plain greedy |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        same = {None: "", True: "yes", False: "NO"}[r["matches_hf_plain"]]
+        cells = [r["method"], f"{r['tokens_per_s']:.1f}", r["vs_ours_ar"], r["vs_hf_plain"] or "", r["vs_best_hf"] or "",
+                 _num(r["tau"]), _num(r["alpha_depth1"]), same]
+        lines.append("| " + " | ".join(cells) + " |")
+    return rows, "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _record_stats(methods: list[Method]) -> dict:
+    """Wrap each of our methods' run to keep its DecodeStats (depth-1 acceptance)."""
+    kept: dict[str, list] = {}
+    for meth in methods:
+        if meth.ours:
+            inner = meth.run
+
+            def run(ids, inner=inner, name=meth.name):
+                out, stats = inner(ids)
+                kept.setdefault(name, []).append(stats)
+                return out, stats
+            meth.run = run
+    return kept
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="default", help="embedded zoo pair size (default, micro)")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--dataset", help="prompt file (default: held-out stdlib prompts)")
+    p.add_argument("--prompts", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.8])
+    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[4],
+                   help="chain lengths of our draft model and EAGLE chains")
+    p.add_argument("--hf-ks", type=lambda s: [int(x) for x in s.split(",")], default=[3, 4, 5],
+                   help="HF assisted generation's constant k (the best one is the reference)")
+    p.add_argument("--budget", type=int, default=10, help="dynamic trees: nodes")
+    p.add_argument("--dynamic-depth", type=int, default=6, help="dynamic trees: depth limit")
+    p.add_argument("--top-k-children", type=int, default=4, help="dynamic trees: children per expanded node")
+    p.add_argument("--ngram-tokens", type=int, default=4)
+    p.add_argument("--medusa", help="Medusa heads directory (default: train_medusa's for --size)")
+    p.add_argument("--eagle2", help="eagle2 head directory (default: train_eagle's for --size)")
+    p.add_argument("--eagle3", help="eagle3 head directory (default: train_eagle version=eagle3's for --size)")
+    p.add_argument("--draft-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="write raw results here")
+    p.add_argument("--markdown", help="write the Markdown tables here")
+    args = p.parse_args(argv)
+    defaults = {"synthetic": None, "target": None, "draft": None, "device": "cpu", "dtype": "float32"}
+    for key, value in defaults.items():  # what experiments.bench's loaders read
+        setattr(args, key, value)
+    return args
+
+
+@cli.guard()
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    notes: list[str] = []
+    tables, results = [], {}
+    with torch.nn.attention.sdpa_kernel(SDPA_KERNELS):
+        target, draft, tok = load_pair(args)
+        prompts = load_prompt_ids(tok, target, args)
+        heads = head_drafters(args, notes)
+        for temperature in args.temperatures:
+            if temperature < 0:
+                raise SpecDecError(f"--temperatures: {temperature} < 0")
+            methods = build_methods(target, draft, args, temperature, heads)
+            stats = _record_stats(methods)
+            run_all(methods, prompts, args.reps)
+            rows, table = summarize(methods, stats, temperature == 0)
+            title = "greedy" if temperature == 0 else f"T = {temperature}, rejection"
+            tables.append(f"### {title}\n\n{table}")
+            results[str(temperature)] = rows
+    header = (f"Command: `python -m experiments.bench_drafters {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
+              f"Machine: {machine_line()}. Zoo pair {args.size}, target float32, draft {args.draft_dtype}, "
+              f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch 1, {args.reps} reps; dynamic trees: "
+              f"{args.budget} nodes, depth <= {args.dynamic_depth}, {args.top_k_children} children per node."
+              + ("".join(f"\nNote: {n}." for n in notes)))
+    text = header + "\n\n" + "\n\n".join(tables)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "machine": machine_line(), "args": vars(args),
+                                               "notes": notes}, indent=1, default=str))
+    return 0 if all(r["matches_hf_plain"] is not False for rows in results.values() for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""EAGLE heads and the EAGLE drafter.
+
+- Greedy EAGLE decoding equals ``model.generate(do_sample=False)`` for chains, static trees and dynamic
+  trees, Llama and Qwen2 targets, eagle2 and eagle3 heads trained for a few steps on the tiny target;
+  every other prompt stops on EOS, and ``max_new_tokens`` lands mid-tree.
+- After every catch-up the head's root state equals a fresh computation from the committed tokens
+  (target features from a full target forward, the head over all pairs): features, rows and cache
+  stay aligned through commits, rejections and sampled trees.
+- ``rejection`` with EAGLE drafts reproduces the target's exactly enumerated output distribution
+  (sampled children of a preset at T=1.0 and at T=0.7 with top-k 3; deterministic children of an
+  EAGLE-2 dynamic tree at T=1.0), with depth-1 acceptance inside the band where both branches run.
+- Bad input (heads for another target, corrupt files, no heads, a version mismatch) is one error,
+  before decoding; configs compose and build.
+Training (micro zoo target) is in ``tests/test_eagle_training.py``.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from drafters import EagleDrafter
+from drafters.eagle_heads import EagleHead
+from experiments.eagle_training import VERSION_DEFAULTS, eagle_loss, teacher_features
+from specdec import SamplingParams, SpeculativeDecoder
+from tests.lossless import RUNS_FOR, check_cell
+from tests.test_greedy_equivalence import _cases, _check_all
+from tests.tiny_models import pair, peaky_pair, prompts
+
+ARCHS = ["llama", "qwen2"]
+VERSIONS = ["eagle2", "eagle3"]
+SHAPES = {"chain": dict(num_speculative_tokens=3), "binary": dict(tree="binary"), "sparse60": dict(tree="sparse60"),
+          "dynamic": dict(budget=12, num_speculative_tokens=5)}
+
+
+@functools.lru_cache(maxsize=None)
+def trained_head(arch: str, version: str, steps: int = 60) -> EagleHead:
+    """A head trained ``steps`` steps on text the tiny target samples itself (a few seconds)."""
+    target = pair(arch)[0]
+    head = EagleHead.for_target(target, version, seed=0)
+    tap = head.tap(target)
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, target.config.vocab_size - 1, (32, 4), generator=gen)
+    with torch.no_grad():
+        rows = target.generate(starts, attention_mask=torch.ones_like(starts), do_sample=True, top_k=0,
+                               max_new_tokens=44, min_new_tokens=44, pad_token_id=0)  # [32, 48]
+    opts = dict(VERSION_DEFAULTS[version], ttt_decay=0.8, ttt_steps=2 if version == "eagle3" else 1, ce_weight=1.0,
+                ce_target="soft")
+    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    head.train()
+    for _ in range(steps):
+        batch = rows[torch.randint(0, rows.shape[0], (8,), generator=gen)]
+        raw, logits, hidden = teacher_features(target, tap, batch)
+        loss, _ = eagle_loss(head, raw, logits, hidden, batch, opts)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    if tap is not None:
+        tap.remove()
+    return head.eval()
+
+
+def noisy_head(target, version: str, noise: float, seed: int = 1) -> EagleHead:
+    """An untrained head (the target's first layer) with Gaussian noise of ``noise`` x each tensor's std."""
+    head = EagleHead.for_target(target, version)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * noise * p.std().clamp_min(1e-3))
+    return head
+
+
+# --------------------------------------------------------------------------- greedy equality
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_cases(request):
+    return request.param, _cases(request.param)[:12]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_greedy_eagle_equals_plain_greedy(arch_cases, version, shape):
+    """12 prompts per architecture (6 stop on EOS), max_new_tokens landing mid-tree; drafts get accepted."""
+    arch, cases = arch_cases
+    target = pair(arch)[0]
+    drafter = EagleDrafter(trained_head(arch, version), **SHAPES[shape])
+    _check_all(target, drafter, cases)
+    dec = SpeculativeDecoder(target, drafter)
+    tau = sum(dec.generate(ids, 24, seed=0).stats.tau for ids, *_ in cases[:4]) / 4
+    assert tau > 1.2, f"the {version} head accepts almost nothing (tau {tau:.2f}): the test would not test much"
+
+
+def test_one_token_prompt_drafts_from_the_second_step():
+    target = pair("llama")[0]
+    drafter = EagleDrafter(trained_head("llama", "eagle3"), num_speculative_tokens=3)
+    ids = torch.tensor([[65]])
+    out = SpeculativeDecoder(target, drafter).generate(ids, 12)
+    assert out.sequences.tolist() == target.generate(ids, do_sample=False, max_new_tokens=12).tolist()
+    assert out.stats.proposed_per_step[0] == 0 and out.stats.proposed_per_step[1] == 3
+
+
+def test_a_second_propose_without_commit_repeats_the_tree():
+    from specdec.drafting import DraftContext
+    from specdec.rng import KeyedRandom
+
+    target, _, tok = pair("qwen2")
+    drafter = EagleDrafter(trained_head("qwen2", "eagle2"), budget=8, num_speculative_tokens=4)
+    drafter.start(DraftContext(target, SamplingParams(), KeyedRandom.for_seed(0), 64 + drafter.max_fed()))
+    ids = prompts(tok, 1)[0]
+    with torch.no_grad():
+        hidden = target(ids[:, :-1], output_hidden_states=True).hidden_states[-1][0]
+    drafter.prefill(ids, hidden)
+    first, second = drafter.propose(8), drafter.propose(8)
+    assert first.num_nodes == 8 and first.tokens.tolist() == second.tokens.tolist()
+    assert first.parents.tolist() == second.parents.tolist()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tree_levels_feed_each_node_its_parents_feature(version):
+    """Greedy: a tree's rank-0 path equals the chain (tree levels through HeadFeed's masks and parent
+    features, the chain one causal token at a time); a dynamic tree's best child is the chain's first draft."""
+    from specdec.drafting import DraftContext
+    from specdec.rng import KeyedRandom
+
+    target, _, tok = pair("llama")
+    head = trained_head("llama", version)
+    ids = prompts(tok, 3, seed=4)[2]
+    trees = {}
+    for name, kwargs in (("chain", dict(num_speculative_tokens=4)), ("binary", dict(tree="binary")),
+                         ("dynamic", dict(budget=6, num_speculative_tokens=4, top_k_children=2))):
+        drafter = EagleDrafter(head, **kwargs)
+        drafter.start(DraftContext(target, SamplingParams(), KeyedRandom.for_seed(0), 64 + drafter.max_fed()))
+        with torch.no_grad():  # the prefill forward, after start (eagle3's hooks read it)
+            hidden = target(ids[:, :-1], output_hidden_states=True).hidden_states[-1][0]
+        drafter.prefill(ids, hidden)
+        trees[name] = drafter.propose(8)
+        drafter.close()
+    binary = trees["binary"]
+    path, node = [], -1
+    for _ in range(4):
+        node = min(i for i in range(binary.num_nodes) if int(binary.parents[i]) == node)  # first child: rank 0
+        path.append(int(binary.tokens[node]))
+    assert path == trees["chain"].tokens.tolist()
+    assert int(trees["dynamic"].tokens[0]) == path[0]
+
+
+# --------------------------------------------------------------------------- the head's state after commits
+
+
+class CheckedEagle(EagleDrafter):
+    """After every catch-up: the head's cache holds one slot per committed pair, and its root logits and
+    feature equal a fresh computation from the committed tokens."""
+
+    checks = 0
+
+    def _catch_up(self):
+        super()._catch_up()
+        if self._root is None:
+            return
+        target, tokens = self.ctx.target, self.tokens
+        assert self.cache.length == len(tokens) - 1
+        with torch.no_grad():
+            out = target(torch.tensor([tokens[:-1]]), output_hidden_states=True)
+            raw = self._tap.take()[0] if self._tap is not None else out.hidden_states[-1][0]  # [n, H or 3H]
+            logits, feature = self.head(torch.tensor([tokens[1:]]), self.head.target_features(raw)[None])
+        torch.testing.assert_close(self._root[0], logits[0, -1].float(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(self._root[1], feature[0, -1], atol=1e-4, rtol=1e-4)
+        type(self).checks += 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape, sampling, mode", [
+    ("chain", SamplingParams(), "deterministic"),
+    ("sparse60", SamplingParams(temperature=1.0), "with_replacement"),
+    ("dynamic", SamplingParams(), "deterministic"),
+])
+def test_head_state_after_commit_equals_a_fresh_computation(version, shape, sampling, mode):
+    target, _, tok = pair("llama")
+    kwargs = dict(SHAPES[shape], tree_sampling=mode) if shape == "sparse60" else SHAPES[shape]
+    drafter = CheckedEagle(trained_head("llama", version), **kwargs)
+    decoder = SpeculativeDecoder(target, drafter, "greedy" if sampling.greedy else "rejection", sampling)
+    CheckedEagle.checks = 0
+    accepted = []
+    for ids in prompts(tok, 3, seed=2):
+        accepted += decoder.generate(ids, max_new_tokens=30, seed=0).stats.accepted_per_step
+    assert CheckedEagle.checks >= 10
+    assert 0 < sum(accepted) and min(accepted) < max(accepted)  # partial acceptance happened
+
+
+# --------------------------------------------------------------------------- losslessness
+
+#: (drafter shape, head) per lossless cell: deterministic children (an EAGLE-2 dynamic tree, eagle2 head)
+#: and sampled children (a preset grown with i.i.d. draws, eagle3 head); noise sets the depth-1 acceptance
+#: (t1.0 / t0.7_topk3: about 0.60 / 0.68 and 0.83 / 0.81).
+LOSSLESS = {
+    "tree_deterministic": (dict(budget=5, num_speculative_tokens=2, top_k_children=2), "eagle2", 0.2),
+    "tree_with_replacement": (dict(tree=[[0], [1], [0, 0], [0, 1], [1, 0]], tree_sampling="with_replacement"),
+                              "eagle3", 0.6),
+}
+
+
+#: Sampled children at both temperatures (top-k warps q as well as p there); deterministic children at T=1.
+CELLS = [("t1.0", "tree_with_replacement"), ("t0.7_topk3", "tree_with_replacement"), ("t1.0", "tree_deterministic")]
+
+
+@pytest.mark.parametrize("setting, shape", CELLS)
+@pytest.mark.parametrize("rule", ["rejection", "accept_always"])
+def test_rejection_with_eagle_drafts_is_lossless(setting, shape, rule, record_property):
+    """``rejection`` passes (2000 runs); accepting every draft fails in the same cell (100 runs): the
+    cell has power. The other planted bugs' power for these shapes is shown in test_tree_distribution."""
+    assert RUNS_FOR[rule] <= 2000
+    target, _ = peaky_pair()
+    kwargs, version, noise = LOSSLESS[shape]
+    for name, value in check_cell(target, EagleDrafter(noisy_head(target, version, noise), **kwargs), setting,
+                                  rule).items():
+        record_property(name, value)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """eagle2 and eagle3 heads of the tiny Llama target, saved."""
+    from drafters.eagle_heads import save_head
+
+    root = tmp_path_factory.mktemp("eagle_heads")
+    return {v: save_head(EagleHead.for_target(pair("llama")[0], v), root / v) for v in VERSIONS}
+
+
+def _copy(directory, tmp_path):
+    import shutil
+
+    return shutil.copytree(directory, tmp_path / directory.name)
+
+
+def test_heads_for_another_target_fail_before_decoding(saved):
+    from drafters.eagle_heads import EagleHeadError
+
+    other = pair("qwen2")[0]  # same hidden size and vocabulary, other weights
+    with pytest.raises(EagleHeadError, match="trained for another target.*train_eagle target="):
+        SpeculativeDecoder(other, EagleDrafter(saved["eagle2"])).generate(torch.tensor([[1, 2, 3]]), 4)
+    with pytest.raises(EagleHeadError, match="hidden size 64 and vocabulary 257, the target has 32 and 6"):
+        EagleDrafter(saved["eagle3"]).step_shape(peaky_pair()[0])
+
+
+def test_corrupt_head_files_fail(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from drafters.eagle_heads import FILES, EagleHeadError
+    from specdec.checkpoints import CheckpointError
+
+    missing = _copy(saved["eagle3"], tmp_path / "a")
+    tensors = load_file(str(missing / FILES.weights_file))
+    del tensors["fuse.weight"]
+    save_file(tensors, str(missing / FILES.weights_file))
+    with pytest.raises(EagleHeadError, match="lacks tensor 'fuse.weight'.*retrain with `python -m experiments.train_eagle`"):
+        EagleDrafter(missing)
+    cut = _copy(saved["eagle2"], tmp_path / "b")
+    weights = cut / FILES.weights_file
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(EagleHeadError, match=f"EAGLE heads file {weights} is not a readable safetensors file"):
+        EagleDrafter(cut)
+    nan = _copy(saved["eagle2"], tmp_path / "c")
+    tensors = load_file(str(nan / FILES.weights_file))
+    tensors["model.model.norm.weight"][3] = float("nan")
+    save_file(tensors, str(nan / FILES.weights_file))
+    with pytest.raises(CheckpointError, match=r"EAGLE heads checkpoint .* holds NaN weights \(first in model.model.norm"):
+        EagleDrafter(nan)
+    (nan / FILES.config_file).write_text("{not json")
+    with pytest.raises(EagleHeadError, match="eagle_config.json is unreadable or not valid JSON"):
+        EagleDrafter(nan)
+
+
+def test_version_mismatch_fails(saved):
+    from drafters.eagle_heads import EagleHeadError
+
+    with pytest.raises(EagleHeadError, match="drafter.version=eagle3 but the head at .* is an eagle2 head: set "
+                                             "drafter.version=eagle2, or train an eagle3 head with "
+                                             "`python -m experiments.train_eagle version=eagle3`"):
+        EagleDrafter(saved["eagle2"], version="eagle3")
+    with pytest.raises(EagleHeadError, match="drafter.version='eagle4' is unknown"):
+        EagleDrafter(saved["eagle2"], version="eagle4")
+    assert EagleDrafter(saved["eagle3"], version="eagle3").head.version == "eagle3"
+
+
+def test_missing_heads_say_how_to_train_them(tmp_path, monkeypatch):
+    from drafters.eagle_heads import EagleHeadError
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    drafter = EagleDrafter(version="eagle3")  # the default location: built lazily, so configs compose without heads
+    with pytest.raises(EagleHeadError, match="no EAGLE heads at .*eagle3-zoo-default.*python -m experiments.train_eagle "
+                                             "version=eagle3"):
+        drafter.step_shape(pair("llama")[0])
+
+
+@pytest.mark.parametrize("case", ["another_target", "no_heads", "version", "corrupt"])
+def test_bad_heads_at_the_command_line(case, saved, tmp_path, monkeypatch, capsys):
+    """One error line, exit status 2, before any prompt is decoded (no records written)."""
+    from tests.test_cli_contract import error_line, main_in_process
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    heads = {"another_target": saved["eagle2"], "no_heads": "null", "version": saved["eagle2"],
+             "corrupt": _copy(saved["eagle3"], tmp_path / "x")}[case]
+    args = ["experiment=smoke", "drafter=eagle", f"drafter.heads={heads}", "num_prompts=1", "max_new_tokens=4",
+            "warmup=0", "costs=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    if case == "another_target":
+        args.append("model.arch=qwen2")
+    if case == "version":
+        args.append("drafter.version=eagle3")
+    if case == "corrupt":
+        (heads / "eagle_head.safetensors").write_bytes(b"\x00" * 5)
+    code, err = main_in_process(monkeypatch, capsys, *args)
+    fragment = {"another_target": "trained for another target", "no_heads": "no EAGLE heads at",
+                "version": "is an eagle2 head", "corrupt": "is not a readable safetensors file"}[case]
+    error_line(err, 2, code, fragment, "train_eagle")
+    assert not (tmp_path / "run" / "records.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_configs_compose_and_build(saved, tmp_path):
+    from experiments import decode
+    from experiments.loggers import NoLogger
+    from experiments.models_from_config import load_models
+    from tests.test_medusa import compose_decode
+
+    cfg = compose_decode("model=tiny_random", "drafter=eagle", f"drafter.heads={saved['eagle3']}", "tree=binary")
+    drafter = decode.build_drafter(cfg.drafter, load_models(cfg.model), cfg.get("tree"))
+    assert isinstance(drafter, EagleDrafter) and drafter.mode == "static" and drafter.max_nodes == 30
+    cfg = compose_decode("experiment=eagle", "drafter.budget=30", "drafter.num_speculative_tokens=6")
+    assert cfg.model.source == "zoo" and cfg.drafter.zoo_size == "default" and cfg.drafter.budget == 30
+    cfg = compose_decode("model=tiny_random", "drafter=eagle", f"drafter.heads={saved['eagle2']}",
+                         "drafter.budget=8", "num_prompts=2", "max_new_tokens=12", "warmup=0", "logger=none", "costs=false")
+    summary = decode.run(cfg, tmp_path, logger=NoLogger())
+    assert summary["metrics"]["matches_baseline"] is True and summary["drafter_shape"]["draft_module"] == "probe"

@@ -32,15 +32,19 @@ class BatchDraftModelChain(BatchDrafter):
         self.tokens: list[list[int]] = []
         self.fed: list[int] = []
 
-    def start(self, ctx: DraftContext, rows: int) -> None:
+    def start(self, ctx: DraftContext) -> None:
         check_same_vocab(ctx.target, self.model)
         self.ctx = ctx
-        self.cache = BatchCache.for_model(self.model, ctx.capacity, rows)
-        self.tokens, self.fed = [[] for _ in range(rows)], [0] * rows
+        self.cache = BatchCache.for_model(self.model, ctx.capacity, 0)
+        self.tokens, self.fed = [], []
 
-    def prefill(self, prompts: list[list[int]], target_hidden: torch.Tensor | None) -> None:
-        self.tokens = [list(p) for p in prompts]
-        prefill_rows(self.model, self.cache, [p[:-1] for p in prompts], output_hidden=False)
+    def extend(self, prompts: list[list[int]], target_hidden: torch.Tensor | None) -> None:
+        """New rows: their prompts prefilled into a draft cache of their own, appended to the batch's."""
+        fresh = BatchCache.for_model(self.model, self.ctx.capacity, len(prompts))
+        prefill_rows(self.model, fresh, [p[:-1] for p in prompts], output_hidden=False)
+        self.cache.extend(fresh)
+        self.tokens += [list(p) for p in prompts]
+        self.fed += [0] * len(prompts)
 
     def _catch_up(self) -> torch.Tensor:
         """Feed every row the tokens its draft cache lacks (root included); ``[B, V]`` logits after each row's last."""

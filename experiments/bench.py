@@ -307,9 +307,10 @@ def batched_main(target, draft, prompts, args, argv) -> int:
 
     rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks[0],
                            args.ngram_tokens, args.max_ngram)
-    header = (f"{command_line(argv)}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size, "
-              f"{args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, median of {args.reps} reps per "
-              "group.\n")
+    header = (f"{command_line(argv)}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
+              "(`*_continuous`: all prompts in one call, at most that many rows at once, a finished row's place "
+              f"taken by the next prompt), {args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, "
+              f"median of {args.reps} reps per group.\n")
     publish(header + "\n" + markdown(rows), {"rows": rows}, args)
     return 0 if all(r["matches_hf_greedy"] for r in rows) else 1
 

@@ -4,8 +4,11 @@ For each batch size B the same prompts are decoded in consecutive groups of B by
 batched ``generate`` (greedy, left-padded with an attention mask), our batched autoregressive loop,
 our draft-model chain and our n-gram drafter (``generate_batch``: ragged acceptance, no padding in
 the cache). Each method's aggregate throughput is all new tokens over the summed wall time of its
-groups (median over ``reps`` timings of each group); every row of every method is checked against
-Hugging Face's unbatched greedy output of that prompt. Importable without hydra or wandb.
+groups (median over ``reps`` timings of each group). The ``*_continuous`` methods decode all prompts
+in one call with at most B rows at once (``generate_batch(..., max_rows=B)``: a finished row's place
+goes to the next waiting prompt), so a batch no longer waits for its slowest row. Every row of every
+method is checked against Hugging Face's unbatched greedy output of that prompt. Importable without
+hydra or wandb.
 """
 from __future__ import annotations
 
@@ -42,13 +45,19 @@ def hf_batched(target, rows: list[torch.Tensor], max_new: int, pad: int) -> list
     return new
 
 
-def ours_batched(decoder: SpeculativeDecoder, rows: list[torch.Tensor], max_new: int) -> list[list[int]]:
-    out = decoder.generate_batch(rows, max_new_tokens=max_new, seed=0)
+def ours_batched(decoder: SpeculativeDecoder, rows: list[torch.Tensor], max_new: int,
+                 max_rows: int | None = None) -> list[list[int]]:
+    out = decoder.generate_batch(rows, max_new_tokens=max_new, seed=0, max_rows=max_rows)
     return [seq[0, r.shape[1]:].tolist() for seq, r in zip(out.sequences, rows)]
 
 
+#: Methods whose ``run`` takes every prompt at once and the batch size (continuous batching).
+CONTINUOUS = "_continuous"
+
+
 def methods(target, draft, k: int, ngram_tokens: int, max_ngram: int) -> dict:
-    """Name -> ``run(rows, max_new) -> new tokens per row``."""
+    """Name -> ``run(rows, max_new) -> new tokens per row`` (``run(rows, max_new, max_rows)`` for the
+    continuous methods)."""
     pad = target.generation_config.pad_token_id
     pad = pad if pad is not None else 0
     greedy = SamplingParams()
@@ -58,7 +67,16 @@ def methods(target, draft, k: int, ngram_tokens: int, max_ngram: int) -> dict:
     for name, drafter in ours.items():
         decoder = SpeculativeDecoder(target, drafter, "greedy", greedy)
         table[name] = lambda rows, m, decoder=decoder: ours_batched(decoder, rows, m)
+        if name != "ours_ar":
+            table[name + CONTINUOUS] = lambda rows, m, b, decoder=decoder: ours_batched(decoder, rows, m, b)
     return table
+
+
+def _groups(name: str, prompts: list, size: int) -> list[tuple[list, tuple]]:
+    """A method's calls at batch size ``size``: (prompts, extra arguments) per call."""
+    if name.endswith(CONTINUOUS):
+        return [(prompts, (size,))]
+    return [(prompts[i : i + size], ()) for i in range(0, len(prompts), size)]
 
 
 def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: list[int], max_new: int, reps: int,
@@ -72,24 +90,24 @@ def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: lis
     table = methods(target, draft, k, ngram_tokens, max_ngram)
     rows = []
     for size in batch_sizes:
-        groups = [prompts[i : i + size] for i in range(0, len(prompts), size)]
-        for fn in table.values():  # warm-up at this batch size
-            fn(groups[0], max_new)
+        for name, fn in table.items():  # warm-up at this batch size
+            group, extra = _groups(name, prompts, size)[0]
+            fn(group[:size], max_new, *extra)
         seconds, tokens, equal = {}, {}, {}
         for name, fn in table.items():
-            seconds[name], tokens[name], equal[name] = 0.0, 0, True
-            for g, group in enumerate(groups):
+            seconds[name], tokens[name], equal[name], first = 0.0, 0, True, 0
+            for group, extra in _groups(name, prompts, size):
                 times = []
                 for _ in range(reps):
                     _sync(device)
                     t0 = time.perf_counter()
-                    new = fn(group, max_new)
+                    new = fn(group, max_new, *extra)
                     _sync(device)
                     times.append(time.perf_counter() - t0)
                 seconds[name] += statistics.median(times)
                 tokens[name] += sum(len(n) for n in new)
-                first = g * size
                 equal[name] &= all(n == reference[first + i] for i, n in enumerate(new))
+                first += len(group)
         tps = {name: tokens[name] / seconds[name] for name in table}
         for name in table:
             rows.append({"batch_size": size, "method": name, "tokens_per_s": tps[name],

@@ -67,6 +67,21 @@ class BatchCacheLayer(CacheLayerMixin):
         if self.is_initialized:
             self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
 
+    @torch.inference_mode()
+    def extend(self, other: "BatchCacheLayer") -> None:
+        """Append ``other``'s rows (``[B', H, capacity, D]``) after this layer's rows."""
+        if not other.is_initialized:
+            if self.is_initialized:  # other's rows were never written: zeros of this layer's shape
+                b = len(other.owner.host_lengths)
+                self.keys = torch.cat([self.keys, self.keys.new_zeros(b, *self.keys.shape[1:])])
+                self.values = torch.cat([self.values, self.values.new_zeros(b, *self.values.shape[1:])])
+            return
+        if not self.is_initialized:
+            self.dtype, self.device, self.is_initialized = other.dtype, other.device, True
+            self.keys, self.values = other.keys[:0], other.values[:0]
+        self.keys = torch.cat([self.keys, other.keys])  # [B + B', H, C, Dk]
+        self.values = torch.cat([self.values, other.values])  # [B + B', H, C, Dv]
+
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
         return self.owner.block_end, 0
 
@@ -90,19 +105,21 @@ class BatchCache(Cache):
         device: where the per-row lengths live (the model's device).
     """
 
-    def __init__(self, num_layers: int, capacity: int, batch: int, device: torch.device | str = "cpu"):
+    def __init__(self, num_layers: int, capacity: int, batch: int, device: torch.device | str = "cpu",
+                 row_ids: list[int] | None = None):
         self.capacity = int(capacity)
         self.host_lengths = [0] * batch
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
         self.block_slots: torch.Tensor | None = None  # [B, n] where the current block is written
         self.block_end = 0
-        self.rows = list(range(batch))  # original row index of each current row (after select_rows)
+        self.rows = list(row_ids) if row_ids is not None else list(range(batch))  # each current row's original index
         super().__init__(layers=[BatchCacheLayer(self) for _ in range(num_layers)])
 
     @classmethod
-    def for_model(cls, model, capacity: int, batch: int) -> "BatchCache":
-        """A cache sized for ``model``'s layer count, its lengths on the model's device."""
-        return cls(text_config(model).num_hidden_layers, capacity, batch, next(model.parameters()).device)
+    def for_model(cls, model, capacity: int, batch: int, row_ids: list[int] | None = None) -> "BatchCache":
+        """A cache sized for ``model``'s layer count, its lengths on the model's device; ``row_ids``: the
+        rows' indices in error messages (default ``0 .. batch - 1``)."""
+        return cls(text_config(model).num_hidden_layers, capacity, batch, next(model.parameters()).device, row_ids)
 
     @property
     def batch(self) -> int:
@@ -172,6 +189,17 @@ class BatchCache(Cache):
         """Set every row's length (slots past it become stale: a rollback)."""
         self.host_lengths = list(lengths)
         self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.lengths.device)  # [B]
+
+    def extend(self, other: "BatchCache") -> None:
+        """Append ``other``'s rows (same layers and capacity, e.g. new prompts prefilled on their own)
+        after this cache's rows: continuous batching admits rows this way."""
+        if other.capacity != self.capacity or len(other.layers) != len(self.layers):
+            raise ValueError("BatchCache.extend needs a cache with the same capacity and layer count")
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.extend(theirs)
+        self.lengths = torch.cat([self.lengths, other.lengths])  # [B + B']
+        self.host_lengths += other.host_lengths
+        self.rows += other.rows
 
     def select_rows(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the current rows), in that order."""

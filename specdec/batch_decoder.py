@@ -91,40 +91,89 @@ class _Timer:
         return out
 
 
-def generate_batch(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=None) -> BatchOutput:
-    """Decode every prompt of ``prompts`` (a list of ``[1, T_i]``) together; see :mod:`specdec.batch_decoder`."""
-    from verifier.batch import prefill_rows
+def generate_batch(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=None, max_rows: int | None = None
+                   ) -> BatchOutput:
+    """Decode every prompt of ``prompts`` (a list of ``[1, T_i]``); see :mod:`specdec.batch_decoder`.
 
+    ``max_rows``: at most this many rows at once (continuous batching: when a row finishes, the next
+    waiting prompt takes its place); None decodes every prompt in one batch.
+    """
     rows, limits, row_seeds = check_batch(decoder, prompts, max_new_tokens, seed, seeds)
+    width = len(rows) if max_rows is None else int(max_rows)
+    if width < 1:
+        raise SpecDecError(f"max_rows={max_rows}: decode at least one row at a time (max_rows >= 1, or None)")
     rule = batch_rule(decoder.rule)
-    device, target = decoder.device, decoder.target
-    start, timer = time.perf_counter(), _Timer(device)
-    rng = keyed_rows(row_seeds, device)
-    drafter = decoder.drafter.batched()
+    start, timer = time.perf_counter(), _Timer(decoder.device)
     capacity = max(len(r) + n for r, n in zip(rows, limits)) + decoder.drafter.max_nodes + 1
-    cache = BatchCache.for_model(target, capacity, len(rows))
-    ctx = DraftContext(target, decoder.sampling, rng, capacity)
-    hidden = timer("time_prefill", prefill_rows, target, cache, [r[:-1] for r in rows])
-    timer("time_prefill", lambda: (drafter.start(ctx, len(rows)), drafter.prefill(rows, hidden)))
-    run = _BatchRun(rows, limits, [DecodeStats() for _ in rows])
+    batch = _Batch(decoder, rows, capacity, timer, row_seeds)
+    run = _BatchRun(rows, limits, [DecodeStats() for _ in rows], start)
+    batch.admit(run, list(range(min(width, len(rows)))))
     while run.active:
-        _batch_step(decoder, rule, drafter, cache, rng, run, timer, start)
+        finished = _batch_step(decoder, rule, batch, run, timer)
+        batch.retire(run, finished)
+        if run.waiting and len(run.active) < width:
+            batch.admit(run, run.waiting[: width - len(run.active)])
     return run.output(prompts, timer, time.perf_counter() - start)
+
+
+class _Batch:
+    """The batch's state on the device: the target's cache, the drafter's rows and the keyed random
+    numbers, each with one row per active prompt (in ``run.active`` order)."""
+
+    def __init__(self, decoder, rows: list[list[int]], capacity: int, timer: "_Timer", seeds: list[int]):
+        self.target, self.rows, self.capacity, self.timer, self.seeds = decoder.target, rows, capacity, timer, seeds
+        self.rng = keyed_rows([], decoder.device)
+        self.drafter = decoder.drafter.batched()
+        self.drafter.start(DraftContext(decoder.target, decoder.sampling, self.rng, capacity))
+        self.cache = BatchCache.for_model(decoder.target, capacity, 0, row_ids=[])
+
+    def admit(self, run: "_BatchRun", new: list[int]) -> None:
+        """Prefill prompts ``new`` (original row indices) on their own and append them to the batch."""
+        from verifier.batch import prefill_rows
+
+        self.rng.extend([self.seeds[r] for r in new])
+        fresh = BatchCache.for_model(self.target, self.capacity, len(new), row_ids=new)
+        hidden = self.timer("time_prefill", prefill_rows, self.target, fresh, [self.rows[r][:-1] for r in new])
+        self.cache.extend(fresh)
+        self.timer("time_prefill", self.drafter.extend, [self.rows[r] for r in new], hidden)
+        run.admit(new)
+
+    def retire(self, run: "_BatchRun", finished: list[int]) -> None:
+        """Drop the rows at positions ``finished`` of the batch."""
+        if not finished:
+            return
+        keep = [i for i in range(len(run.active)) if i not in finished]
+        run.active = [run.active[i] for i in keep]
+        self.cache.select_rows(keep)
+        self.drafter.select_rows(keep)
+        self.rng.select_rows(keep)
 
 
 @dataclass
 class _BatchRun:
-    """What the batch has produced so far; ``active`` maps current batch rows to original rows."""
+    """What the batch has produced so far; ``active`` maps current batch rows to original rows,
+    ``waiting`` holds the rows not admitted yet (in order)."""
 
     tokens: list[list[int]]
     limits: list[int]
     row_stats: list[DecodeStats]
+    start: float
     new: list[int] = field(default_factory=list)
     active: list[int] = field(default_factory=list)
+    waiting: list[int] = field(default_factory=list)
+    admitted_at: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.new = [0] * len(self.tokens)
-        self.active = list(range(len(self.tokens)))
+        self.waiting = list(range(len(self.tokens)))
+        self.admitted_at = [self.start] * len(self.tokens)
+
+    def admit(self, rows: list[int]) -> None:
+        now = time.perf_counter()
+        for r in rows:
+            self.waiting.remove(r)
+            self.active.append(r)
+            self.admitted_at[r] = now
 
     def output(self, prompts, timer: _Timer, total: float) -> BatchOutput:
         device = prompts[0].device
@@ -136,20 +185,21 @@ class _BatchRun:
         return BatchOutput(sequences=seqs, stats=stats, row_stats=self.row_stats)
 
 
-def _batch_step(decoder, rule, drafter, cache: BatchCache, rng, run: _BatchRun, timer: _Timer, start: float) -> None:
-    """One speculative step for every active row: propose, verify, accept, commit, retire finished rows."""
+def _batch_step(decoder, rule, batch: _Batch, run: _BatchRun, timer: _Timer) -> list[int]:
+    """One speculative step for every active row: propose, verify, accept, commit. Returns the
+    positions (in the batch) of the rows that finished."""
     from verifier.batch import verify_rows
 
-    step = run.row_stats[run.active[0]].target_forwards  # every active row has taken the same steps
-    rng.set_step(step)
+    steps = [run.row_stats[r].target_forwards for r in run.active]  # rows admitted later are at earlier steps
+    batch.rng.set_step(torch.tensor(steps, dtype=torch.long))
     remaining = [run.limits[r] - run.new[r] for r in run.active]
-    trees = timer("time_draft", drafter.propose, [n - 1 for n in remaining])
+    trees = timer("time_draft", batch.drafter.propose, [n - 1 for n in remaining])
     tree = BatchTree.stack(trees, decoder.device)
     roots = [run.tokens[r][-1] for r in run.active]
-    verify = timer("time_verify", verify_rows, decoder.target, cache, roots, tree, step)
+    verify = timer("time_verify", verify_rows, decoder.target, batch.cache, roots, tree, max(steps))
 
     def accept_and_commit() -> list[int]:
-        decided = rule(tree, verify.logits, decoder.sampling, rng).to_host(tree.tokens)  # the step's one host read
+        decided = rule(tree, verify.logits, decoder.sampling, batch.rng).to_host(tree.tokens)  # the step's one host read
         results, finished = [], []
         for i, (row, (nodes, tokens)) in enumerate(zip(run.active, decided)):
             emitted, done = decoder._cut(tokens, remaining[i])
@@ -161,16 +211,9 @@ def _batch_step(decoder, rule, drafter, cache: BatchCache, rng, run: _BatchRun, 
             if done:
                 finished.append(i)
                 run.row_stats[row].new_tokens = run.new[row]
-                run.row_stats[row].time_total = time.perf_counter() - start
-        cache.keep_block([[0] + [1 + n for n in res.accepted_nodes] for res in results])
-        drafter.commit(results, verify)
+                run.row_stats[row].time_total = time.perf_counter() - run.admitted_at[row]
+        batch.cache.keep_block([[0] + [1 + n for n in res.accepted_nodes] for res in results])
+        batch.drafter.commit(results, verify)
         return finished
 
-    finished = timer("time_accept", accept_and_commit)
-    if finished:
-        keep = [i for i in range(len(run.active)) if i not in finished]
-        run.active = [run.active[i] for i in keep]
-        if keep:
-            cache.select_rows(keep)
-            drafter.select_rows(keep)
-            rng.select_rows(keep)
+    return timer("time_accept", accept_and_commit)

@@ -22,18 +22,20 @@ from specdec.types import AcceptResult, DraftTree, VerifyOutput
 class BatchDrafter(ABC):
     """Proposes, per active row, the draft tree of that row's next step.
 
-    Call order per ``generate_batch``: ``start``, ``prefill``, then per step ``propose`` -> (verify,
-    accept) -> ``commit`` for the rows that go on, and ``select_rows`` when some rows finished.
+    Call order per ``generate_batch``: ``start``, ``extend`` with the first rows, then per step
+    ``propose`` -> (verify, accept) -> ``commit``, ``select_rows`` when some rows finished and
+    ``extend`` when waiting prompts take their places (continuous batching).
     """
 
     @abstractmethod
-    def start(self, ctx: DraftContext, rows: int) -> None:
-        """Bind to a run of ``rows`` rows; ``ctx.rng`` holds one seed per row."""
+    def start(self, ctx: DraftContext) -> None:
+        """Bind to a run with no rows yet; ``ctx.rng`` gets one seed per row as rows are added."""
 
     @abstractmethod
-    def prefill(self, prompts: list[list[int]], target_hidden: torch.Tensor | None) -> None:
-        """See every row's prompt; ``target_hidden [B, n, H]``: row b's first ``len(prompt) - 1`` are the
-        target's states over its prompt but the last token."""
+    def extend(self, prompts: list[list[int]], target_hidden: torch.Tensor | None) -> None:
+        """Append rows for ``prompts`` after the current ones (``ctx.rng`` already holds their seeds at
+        its end); ``target_hidden [B', n, H]``: row b's first ``len(prompts[b]) - 1`` are the target's
+        states over its prompt but the last token."""
 
     @abstractmethod
     def propose(self, max_depths: list[int]) -> list[DraftTree]:
@@ -66,16 +68,18 @@ class PerRowDrafters(BatchDrafter):
         self.ctx: DraftContext | None = None
         self._sizes: list[int] = []
 
-    def start(self, ctx: DraftContext, rows: int) -> None:
-        self.ctx = ctx
-        self.rows = [copy.copy(self.template) for _ in range(rows)]
-        for i, drafter in enumerate(self.rows):
-            drafter.start(DraftContext(ctx.target, ctx.sampling, ctx.rng.row(i), ctx.capacity))
+    def start(self, ctx: DraftContext) -> None:
+        self.ctx, self.rows = ctx, []
 
-    def prefill(self, prompts: list[list[int]], target_hidden: torch.Tensor | None) -> None:
-        for i, (drafter, prompt) in enumerate(zip(self.rows, prompts)):
+    def extend(self, prompts: list[list[int]], target_hidden: torch.Tensor | None) -> None:
+        """One fresh copy of the drafter per prompt, on the rng's matching row, prefilled with it."""
+        ctx, first = self.ctx, len(self.rows)
+        for i, prompt in enumerate(prompts):
+            drafter = copy.copy(self.template)
+            drafter.start(DraftContext(ctx.target, ctx.sampling, ctx.rng.row(first + i), ctx.capacity))
             hidden = target_hidden[i, : len(prompt) - 1] if target_hidden is not None else None
             drafter.prefill(torch.tensor([prompt], dtype=torch.long), hidden)
+            self.rows.append(drafter)
 
     def propose(self, max_depths: list[int]) -> list[DraftTree]:
         trees = []

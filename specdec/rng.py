@@ -101,6 +101,11 @@ class KeyedRandom:
         index = torch.as_tensor(rows, dtype=torch.long, device=self.seeds.device)
         self.seeds, self.step = self.seeds.index_select(0, index), self.step.index_select(0, index)
 
+    def extend(self, seeds: list[int]) -> None:
+        """Append rows with ``seeds``, at step 0 (continuous batching admits rows this way)."""
+        new = torch.tensor(seeds, dtype=torch.long, device=self.seeds.device)  # [B']
+        self.seeds, self.step = torch.cat([self.seeds, new]), torch.cat([self.step, torch.zeros_like(new)])
+
     def set_step(self, step: int | torch.Tensor) -> None:
         self.step = torch.as_tensor(step, dtype=torch.long, device=self.seeds.device).expand_as(self.seeds).clone()
 

@@ -6,8 +6,9 @@
   tree drawn without replacement at 0.7 with top-k. A planted off-by-one in the row index of the
   rows' offsets fails the same test.
 - Leak: noise in the other rows and in a row's stale slots leaves that row's logits unchanged.
-- Hypothesis: after any sequence of ragged tree writes, compactions, rollbacks and row drops, each
-  row's slots hold exactly what a batch-1 prefill of that row's committed tokens would write.
+- Hypothesis: after any sequence of ragged tree writes, compactions, rollbacks, row drops and rows
+  admitted later (continuous batching), each row's slots hold exactly what a batch-1 prefill of
+  that row's committed tokens would write.
 """
 from __future__ import annotations
 
@@ -127,9 +128,9 @@ def _ops(draw):
     prompts = [draw(st.lists(st.integers(1, 50), min_size=1, max_size=6)) for _ in range(rows)]
     steps = []
     for _ in range(draw(st.integers(1, 6))):
-        kind = draw(st.sampled_from(["tree", "tree", "rollback", "drop"]))
+        kind = draw(st.sampled_from(["tree", "tree", "rollback", "drop", "admit"]))
         trees = []
-        for _ in range(rows):
+        for _ in range(rows + 6):  # admitted rows need trees too
             n = draw(st.integers(0, 6))
             parents = [draw(st.integers(-1, i - 1)) for i in range(n)]
             trees.append((parents, draw(st.lists(st.integers(1, 50), min_size=n + 1, max_size=n + 1)),
@@ -161,6 +162,13 @@ def test_each_row_holds_a_prefill_of_its_tokens(case):
             keep = [i for i in range(live) if i != row % live]
             cache.select_rows(keep)
             committed = [committed[i] for i in keep]
+        elif kind == "admit":  # continuous batching: a new prompt prefilled on its own, appended
+            prompt = trees[0][1]
+            fresh = BatchCache(num_layers=1, capacity=64, batch=1)
+            _write_block(fresh, [(prompt, list(range(len(prompt))))])
+            fresh.keep_block([list(range(len(prompt)))])
+            cache.extend(fresh)
+            committed.append(list(prompt))
         elif kind == "rollback":
             lengths = [max(1, n - cut) for n in cache.host_lengths]
             cache.set_lengths(lengths)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
 from experiments.instantiate import accepts_argument, instantiate
-from experiments.decoding import EncodedPrompt, decode_group, groups
+from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
 from experiments.loggers import GuardedLogger, Logger
 from experiments.models_from_config import LoadedModels, load_models, target_device
 from experiments.overrides import group_choice
@@ -36,6 +36,10 @@ from experiments.results import (BASELINE, RECORDS_FILE, SPECULATIVE, MethodResu
 from specdec.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: ``batch_mode``: ``static`` decodes the prompts in consecutive groups of ``batch_size``; ``continuous``
+#: keeps at most ``batch_size`` rows at once and gives a finished row's place to the next prompt.
+BATCH_MODES = ("static", "continuous")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -157,6 +161,11 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         torch.set_num_threads(cfg.num_threads)
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size}: decode at least one prompt at a time (batch_size >= 1)")
+    if cfg.batch_mode not in BATCH_MODES:
+        raise ConfigError(f"batch_mode={cfg.batch_mode!r} is unknown; choose one of {list(BATCH_MODES)}")
+    if cfg.batch_mode == "continuous" and cfg.compile != "none":
+        raise ConfigError(f"batch_mode=continuous needs compile=none (got compile={cfg.compile}): the fixed-shape "
+                          "step keeps one set of rows; use batch_mode=static with it")
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
     check_attn_backend(cfg.attn_backend, target_device(cfg.model))
@@ -199,13 +208,26 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         warm_up(decoders, encoded[0], cfg)
         pending = [(i, p) for i, p in enumerate(encoded) if p.question_id not in previous.done]  # resumed: the rest
         bar = tqdm(total=len(pending), desc="decoding", unit="prompt", file=sys.stderr)
-        for batch_id, group in enumerate(groups(pending, cfg.batch_size)):
+
+        def emit(index: int, record: dict) -> None:
+            writer.add_record(record)
+            guarded.log_prompt(index, record)
+
+        first = max(len(r.batches) for r in results.values())  # batch ids go on after a resumed run's
+        if cfg.batch_mode == "continuous":
+            for method, (decoder, drafter_name) in decoders.items():
+                def emit_and_count(index: int, record: dict, method=method) -> None:
+                    emit(index, record)
+                    bar.update(method == SPECULATIVE)
+                decode_continuous(decoder, pending, method, drafter_name, cfg.max_new_tokens, cfg.seed,
+                                  models.tokenizer, results[method], cfg.batch_size, first, emit_and_count)
+                writer.write_summary(summarize("running"))
+        for batch_id, group in enumerate(groups(pending, cfg.batch_size) if cfg.batch_mode == "static" else []):
             for method, (decoder, drafter_name) in decoders.items():
                 records = decode_group(decoder, group, method, drafter_name, cfg.max_new_tokens, cfg.seed,
-                                       models.tokenizer, results[method], batch_id if cfg.batch_size > 1 else None)
+                                       models.tokenizer, results[method], first + batch_id if cfg.batch_size > 1 else None)
                 for (index, _), record in zip(group, records):
-                    writer.add_record(record)
-                    guarded.log_prompt(index, record)
+                    emit(index, record)
             writer.write_summary(summarize("running"))
             bar.update(len(group))
         bar.close()

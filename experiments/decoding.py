@@ -4,8 +4,11 @@ A library for :mod:`experiments.decode`. With ``batch_size`` > 1 the prompts are
 order and each group is decoded with :meth:`specdec.SpeculativeDecoder.generate_batch`; every prompt
 still gets its own record (its own tokens, seed and :class:`~specdec.stats.DecodeStats`), and the
 records of one batch share a ``batch`` entry (its id, size, wall time and time split), from which the
-summary computes the aggregate throughput. Prompt ``index`` is decoded with seed ``seed + index``
-whatever the batch size, so a batched run emits the same tokens as an unbatched one.
+summary computes the aggregate throughput. With ``batch_mode=continuous`` all prompts go through one
+``generate_batch(..., max_rows=batch_size)`` (a finished row's place goes to the next prompt) and each
+record is written as soon as its row finishes, its ``batch`` entry holding the batch's aggregate so
+far (the last record's is the whole run's). Prompt ``index`` is decoded with seed ``seed + index``
+whatever the batch size or mode, so a batched run emits the same tokens as an unbatched one.
 """
 from __future__ import annotations
 
@@ -47,14 +50,39 @@ def decode_group(decoder: Any, group: list[tuple[int, EncodedPrompt]], method: s
         batch = {"id": batch_id, "size": len(group), **{k: getattr(out.stats, k) for k in BATCH_KEYS}}
     records = []
     for (index, prompt), (seq, stats) in zip(group, pairs):
-        prompt_len = prompt.input_ids.shape[1]
-        new_ids = seq[0, prompt_len:].tolist()  # [new]
-        record = {"question_id": prompt.question_id, "category": prompt.category, "method": method,
-                  "drafter": drafter_name, "seed": seed + index, "prompt_tokens": prompt_len,
-                  "new_tokens": len(new_ids), "tokens": new_ids, "stats": stats.to_dict(),
-                  "text": tokenizer.decode(new_ids, skip_special_tokens=True)}
-        if batch is not None:
-            record["batch"] = batch
-        results.add(prompt.question_id, stats, new_ids, batch)
+        record = _record(index, prompt, seq, stats, method, drafter_name, seed, tokenizer, batch)
+        results.add(prompt.question_id, stats, record["tokens"], batch)
         records.append(record)
     return records
+
+
+def decode_continuous(decoder: Any, pending: list[tuple[int, EncodedPrompt]], method: str, drafter_name: str,
+                      max_new_tokens: int, seed: int, tokenizer: Any, results: MethodResults, max_rows: int,
+                      batch_id: int, emit) -> None:
+    """Decode every prompt of ``pending`` with one method in one continuous batch (``batch_id``) of at
+    most ``max_rows`` rows; ``emit(index, record)`` for each prompt as soon as its row finishes."""
+    seeds = [seed + index for index, _ in pending]
+
+    def on_row(i: int, seq, stats, so_far) -> None:
+        index, prompt = pending[i]
+        batch = {"id": batch_id, "size": max_rows, "mode": "continuous", **{k: getattr(so_far, k) for k in BATCH_KEYS}}
+        record = _record(index, prompt, seq, stats, method, drafter_name, seed, tokenizer, batch)
+        results.add(prompt.question_id, stats, record["tokens"], batch)
+        emit(index, record)
+
+    decoder.generate_batch([p.input_ids for _, p in pending], max_new_tokens=max_new_tokens, seeds=seeds,
+                           max_rows=max_rows, on_row=on_row)
+
+
+def _record(index: int, prompt: EncodedPrompt, seq, stats, method: str, drafter_name: str, seed: int, tokenizer: Any,
+            batch: dict | None) -> dict:
+    """One ``records.jsonl`` line: prompt ``index``'s new tokens, text and stats."""
+    prompt_len = prompt.input_ids.shape[1]
+    new_ids = seq[0, prompt_len:].tolist()  # [new]
+    record = {"question_id": prompt.question_id, "category": prompt.category, "method": method,
+              "drafter": drafter_name, "seed": seed + index, "prompt_tokens": prompt_len,
+              "new_tokens": len(new_ids), "tokens": new_ids, "stats": stats.to_dict(),
+              "text": tokenizer.decode(new_ids, skip_special_tokens=True)}
+    if batch is not None:
+        record["batch"] = batch
+    return record

@@ -44,6 +44,9 @@ class DecodeConfig:
         num_threads: ``torch.set_num_threads`` for CPU runs; None keeps torch's default.
         batch_size: prompts decoded together (``generate_batch``, ragged acceptance); every prompt still
             gets its own record and seed, the summary's tokens/s is the aggregate throughput.
+        batch_mode: ``static`` (consecutive groups of ``batch_size``, each waiting for its slowest row) or
+            ``continuous`` (at most ``batch_size`` rows at once; a finished row's place goes to the next
+            prompt, records are written as rows finish); the same tokens either way.
         compile: ``none``, or the fixed-shape step (``static`` eager, ``graph`` CUDA graph, ``inductor``
             torch.compile) for no drafter and draft-model chains; the same tokens either way.
         costs: measure the forward-cost curves (cached) for ``predicted_speedup``, ``efficiency``
@@ -68,6 +71,7 @@ class DecodeConfig:
     warmup: int = 1
     num_threads: Optional[int] = None
     batch_size: int = 1
+    batch_mode: str = "static"
     compile: str = "none"
     costs: bool = True
     resume: bool = True

@@ -91,12 +91,15 @@ class _Timer:
         return out
 
 
-def generate_batch(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=None, max_rows: int | None = None
-                   ) -> BatchOutput:
+def generate_batch(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=None, max_rows: int | None = None,
+                   on_row=None) -> BatchOutput:
     """Decode every prompt of ``prompts`` (a list of ``[1, T_i]``); see :mod:`specdec.batch_decoder`.
 
     ``max_rows``: at most this many rows at once (continuous batching: when a row finishes, the next
-    waiting prompt takes its place); None decodes every prompt in one batch.
+    waiting prompt takes its place); None decodes every prompt in one batch. ``on_row(i, sequence,
+    row_stats, so_far)`` is called as soon as row i finishes (``sequence [1, T_i + new_i]``; ``so_far``:
+    the batch's aggregate stats until then: finished rows' tokens, wall time and phases), so callers
+    can keep results as a long run goes.
     """
     rows, limits, row_seeds = check_batch(decoder, prompts, max_new_tokens, seed, seeds)
     width = len(rows) if max_rows is None else int(max_rows)
@@ -110,6 +113,13 @@ def generate_batch(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=Non
     batch.admit(run, list(range(min(width, len(rows)))))
     while run.active:
         finished = _batch_step(decoder, rule, batch, run, timer)
+        done = [run.active[i] for i in finished]
+        run.finished += done
+        if on_row is not None and done:
+            so_far = run.aggregate(timer, time.perf_counter() - start, run.finished)
+            for row in done:
+                on_row(row, torch.tensor([run.tokens[row]], dtype=torch.long, device=prompts[row].device),
+                       run.row_stats[row], so_far)
         batch.retire(run, finished)
         if run.waiting and len(run.active) < width:
             batch.admit(run, run.waiting[: width - len(run.active)])
@@ -161,6 +171,7 @@ class _BatchRun:
     new: list[int] = field(default_factory=list)
     active: list[int] = field(default_factory=list)
     waiting: list[int] = field(default_factory=list)
+    finished: list[int] = field(default_factory=list)
     admitted_at: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -175,13 +186,18 @@ class _BatchRun:
             self.active.append(r)
             self.admitted_at[r] = now
 
-    def output(self, prompts, timer: _Timer, total: float) -> BatchOutput:
-        device = prompts[0].device
-        seqs = [torch.tensor([t], dtype=torch.long, device=device) for t in self.tokens]
-        stats = DecodeStats.merge(self.row_stats)
+    def aggregate(self, timer: _Timer, total: float, rows: list[int]) -> DecodeStats:
+        """The batch's stats over ``rows``, with the batch's wall time ``total`` and phase times."""
+        stats = DecodeStats.merge([self.row_stats[r] for r in rows])
         for name, value in timer.spent.items():
             setattr(stats, name, value)
         stats.time_total = total
+        return stats
+
+    def output(self, prompts, timer: _Timer, total: float) -> BatchOutput:
+        device = prompts[0].device
+        seqs = [torch.tensor([t], dtype=torch.long, device=device) for t in self.tokens]
+        stats = self.aggregate(timer, total, list(range(len(self.tokens))))
         return BatchOutput(sequences=seqs, stats=stats, row_stats=self.row_stats)
 
 

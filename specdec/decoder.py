@@ -119,15 +119,16 @@ class SpeculativeDecoder:
         return DecodeOutput(sequences=torch.tensor([out], dtype=torch.long, device=input_ids.device), stats=stats)
 
     def generate_batch(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int] = 64, seed: int = 0,
-                       seeds: list[int] | None = None, max_rows: int | None = None):
+                       seeds: list[int] | None = None, max_rows: int | None = None, on_row=None):
         """Decode a batch of prompts (``[1, T_i]`` each, any lengths) together, with ragged acceptance.
 
         Row i samples with seed ``seeds[i]`` (default ``seed + i``) and equals ``generate(prompts[i],
         seed=seed + i)`` token for token; ``max_new_tokens`` may be one value or one per row.
         ``max_rows``: decode at most this many rows at once, and when a row finishes let the next
         waiting prompt take its place (continuous batching; ``compile="none"`` only); None: all rows in
-        one batch. Returns a :class:`specdec.batch_decoder.BatchOutput` (``sequences``, aggregate
-        ``stats``, ``row_stats``).
+        one batch. ``on_row(i, sequence, row_stats, so_far)``: called when row i finishes (with the
+        fixed-shape step: for every row at the end). Returns a :class:`specdec.batch_decoder.BatchOutput`
+        (``sequences``, aggregate ``stats``, ``row_stats``).
         """
         if self.compile != "none":
             if max_rows is not None and max_rows < len(prompts):
@@ -135,10 +136,14 @@ class SpeculativeDecoder:
                                    f"{self.compile!r}: the fixed-shape step keeps one set of rows")
             from specdec.static_step import generate_static
 
-            return generate_static(self, prompts, max_new_tokens, seed, seeds, self.compile)
+            out = generate_static(self, prompts, max_new_tokens, seed, seeds, self.compile)
+            for i, (seq, stats) in enumerate(zip(out.sequences, out.row_stats)):
+                if on_row is not None:
+                    on_row(i, seq, stats, out.stats)
+            return out
         from specdec.batch_decoder import generate_batch
 
-        return generate_batch(self, prompts, max_new_tokens, seed, seeds, max_rows)
+        return generate_batch(self, prompts, max_new_tokens, seed, seeds, max_rows, on_row)
 
     def _step(self, cache, root, remaining, rng, stats) -> tuple[list[int], bool]:
         """One speculative step; returns the emitted tokens and whether generation is over."""

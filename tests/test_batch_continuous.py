@@ -8,6 +8,7 @@ import torch
 
 from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
 from tests.test_batch import _limits, drafters, setup  # noqa: F401  (fixture)
+from tests.test_sweeps import compose_cfg, prompts_file, tiny_args  # noqa: F401  (fixture)
 
 
 @pytest.mark.parametrize("max_rows", [1, 3])
@@ -65,3 +66,71 @@ def test_bad_max_rows():
     dec = SpeculativeDecoder(pair("llama")[0], drafters("llama")["ar"]())
     with pytest.raises(SpecDecError, match="max_rows=0"):
         dec.generate_batch([torch.tensor([[1, 2]])], 4, max_rows=0)
+
+
+# --------------------------------------------------------------------------- experiments.decode batch_mode=continuous
+
+
+def test_decode_continuous_writes_records_as_rows_finish(prompts_file, tmp_path):  # noqa: F811
+    """batch_mode=continuous, batch_size=2 over 4 prompts: the same tokens and per-prompt records as
+    batch_size=1; records come in the order rows finish; the summary's tokens/s is the whole batch's
+    aggregate (the last record's batch entry); a resumed run continues batch ids after the earlier ones."""
+    import json
+
+    from experiments import decode
+
+    base = ["costs=false", "acceptance=rejection", "sampling.temperature=1.0", "drafter.num_speculative_tokens=2"]
+    runs = {}
+    for name, extra in {"one": ["batch_size=1"], "cont": ["batch_size=2", "batch_mode=continuous"]}.items():
+        cfg = compose_cfg(*tiny_args(prompts_file, num_prompts=4), *base, *extra)
+        runs[name] = decode.run(cfg, tmp_path / name)
+        lines = (tmp_path / name / "records.jsonl").read_text().splitlines()
+        runs[name]["records"] = [json.loads(line) for line in lines]
+        assert len(lines) == 8  # 4 prompts x (speculative, baseline)
+    tokens = {name: {(r["question_id"], r["method"]): r["tokens"] for r in run["records"]} for name, run in runs.items()}
+    assert tokens["one"] == tokens["cont"]
+    spec_records = [r for r in runs["cont"]["records"] if r["method"] == "speculative"]
+    assert {r["batch"]["id"] for r in spec_records} == {0} and spec_records[0]["batch"]["mode"] == "continuous"
+    totals = [r["batch"]["new_tokens"] for r in spec_records]
+    assert totals == sorted(totals) and totals[-1] == sum(r["new_tokens"] for r in spec_records)
+    spec = runs["cont"]["metrics"]["speculative"]
+    assert spec["batch_size"] == 2
+    assert spec["tokens_per_s"] == pytest.approx(spec["new_tokens"] / spec_records[-1]["batch"]["time_total"])
+
+
+def test_decode_continuous_bad_config(prompts_file, tmp_path):  # noqa: F811
+    from experiments import decode
+
+    with pytest.raises(Exception, match="batch_mode='sideways' is unknown"):
+        decode.run(compose_cfg(*tiny_args(prompts_file), "batch_mode=sideways"), tmp_path / "a")
+    with pytest.raises(Exception, match="batch_mode=continuous needs compile=none"):
+        decode.run(compose_cfg(*tiny_args(prompts_file), "batch_mode=continuous", "compile=static"), tmp_path / "b")
+
+
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_resumed_batched_run_keeps_the_earlier_batches_time(prompts_file, tmp_path, mode):  # noqa: F811
+    """Killed after the first batches' records: the resumed run's batches get new ids, so the summary's
+    aggregate time is the earlier batches' plus the new ones' (an id reused from 0 dropped the earlier)."""
+    import json
+
+    from experiments import decode
+
+    cfg = compose_cfg(*tiny_args(prompts_file, num_prompts=4), "costs=false", "batch_size=2", f"batch_mode={mode}")
+    decode.run(cfg, tmp_path)
+    path = tmp_path / "records.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-2]))  # two baseline records lost
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    again = decode.run(cfg, tmp_path)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert again["status"] == "complete" and len(records) == 8
+    tokens = {(r["question_id"], r["method"]): r["tokens"] for r in map(json.loads, lines)}
+    assert {(r["question_id"], r["method"]): r["tokens"] for r in records} == tokens
+    batches = {}
+    for r in records:
+        if r["method"] == "speculative":
+            batches[r["batch"]["id"]] = r["batch"]  # the last entry per id, as the summary keeps it
+    assert len(batches) == 2, batches.keys()
+    spec = again["metrics"]["speculative"]
+    assert spec["tokens_per_s"] == pytest.approx(spec["new_tokens"] / sum(b["time_total"] for b in batches.values()))

@@ -34,6 +34,7 @@ from drafters.eagle_heads import (
 )
 from drafters.tree_drafter import TreeDrafter
 from drafters.tree_expansion import TreeFeed
+from specdec.batch_drafting import PerRowDrafters
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, StepShape
 from specdec.errors import ConfigError
@@ -104,6 +105,7 @@ class EagleDrafter(TreeDrafter):
             raise ConfigError(f"heads={type(heads).__name__}: give a head directory or an EagleHead module")
         self._target = None
         self._tap: FeatureTap | None = None
+        self._handed: torch.Tensor | None = None  # this row's slice of a batch's tapped features (EagleRows)
         self.cache: SpecDecCache | None = None
         self._reset()
 
@@ -148,6 +150,9 @@ class EagleDrafter(TreeDrafter):
 
     # ----------------------------------------------------------------- the protocol
 
+    def batched(self) -> "EagleRows":
+        return EagleRows(self)
+
     def start(self, ctx: DraftContext) -> None:
         super().start(ctx)
         head = self._bind(ctx.target)
@@ -163,7 +168,10 @@ class EagleDrafter(TreeDrafter):
 
     def _features(self, hidden: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
         """The head's features ``[m, H]`` of the last target forward's positions ``rows`` (all if None)."""
-        raw = hidden if self._tap is None else self._tap.take()[0]  # [n, H] or [n, 3H]
+        if self._handed is not None:  # a batch read the tap once and handed each row its slice
+            raw, self._handed = self._handed, None  # [n, 3H]
+        else:
+            raw = hidden if self._tap is None else self._tap.take()[0]  # [n, H] or [n, 3H]
         if raw.shape[0] != hidden.shape[0]:
             raise RuntimeError(f"EAGLE feature hooks saw {raw.shape[0]} positions, the target forward had "
                                f"{hidden.shape[0]}")
@@ -217,6 +225,33 @@ class EagleDrafter(TreeDrafter):
         rows = [0] + [1 + i for i in result.accepted_nodes]
         self._pending.append((self._features(verify.hidden, rows), list(result.tokens)))
         super().commit(result, verify)
+
+
+class EagleRows(PerRowDrafters):
+    """EAGLE over a batch: one copy of the drafter per row, all sharing the template's feature tap
+    (eagle3). The tap holds the batch's features ``[B, n, 3H]`` after each target forward; it is read
+    once, and each row's copy gets its own rows of it before it sees that forward's outputs."""
+
+    def start(self, ctx: DraftContext) -> None:
+        super().start(ctx)
+        self.template._bind(ctx.target)  # the copies made from it share its one tap
+        self._batch: torch.Tensor | None = None
+
+    def _take(self) -> torch.Tensor | None:
+        tap = self.template._tap
+        return tap.take() if tap is not None else None  # [B, n, 3H]
+
+    def extend(self, prompts: list[list[int]], target_hidden: torch.Tensor | None) -> None:
+        self._batch = self._take() if target_hidden is not None else None  # no forward for one-token prompts
+        super().extend(prompts, target_hidden)
+
+    def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
+        self._batch = self._take()
+        super().commit(results, verify)
+
+    def before_row(self, row: int, drafter: EagleDrafter, positions: int) -> None:
+        if self._batch is not None:
+            drafter._handed = self._batch[row, :positions]  # [positions, 3H]
 
 
 def _probe(head: EagleHead):

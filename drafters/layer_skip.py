@@ -18,6 +18,7 @@ from torch import nn
 
 from drafters.draft_model import DraftModelDrafter
 from drafters.tree_drafter import positive_int
+from specdec.batch_drafting import BatchDrafter
 from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError
 
@@ -101,3 +102,32 @@ class LayerSkipDrafter(DraftModelDrafter):
     def start(self, ctx: DraftContext) -> None:
         self._bind(ctx.target)
         super().start(ctx)
+
+    def batched(self) -> BatchDrafter:
+        """A draft model's batched chain over the view; built at ``start`` if no target is bound yet."""
+        return super().batched() if self.model is not None else _BoundAtStart(self)
+
+
+class _BoundAtStart(BatchDrafter):
+    """A layer-skip drafter's batched form before it has seen a target: binds to the run's target at
+    ``start``, then runs as the draft model's batched chain over the view."""
+
+    def __init__(self, drafter: LayerSkipDrafter):
+        self.drafter, self.inner = drafter, None
+
+    def start(self, ctx: DraftContext) -> None:
+        self.drafter._bind(ctx.target)
+        self.inner = self.drafter.batched()
+        self.inner.start(ctx)
+
+    def extend(self, prompts, target_hidden) -> None:
+        self.inner.extend(prompts, target_hidden)
+
+    def propose(self, max_depths: list[int]):
+        return self.inner.propose(max_depths)
+
+    def commit(self, results, verify) -> None:
+        self.inner.commit(results, verify)
+
+    def select_rows(self, rows: list[int]) -> None:
+        self.inner.select_rows(rows)

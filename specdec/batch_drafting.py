@@ -78,8 +78,14 @@ class PerRowDrafters(BatchDrafter):
             drafter = copy.copy(self.template)
             drafter.start(DraftContext(ctx.target, ctx.sampling, ctx.rng.row(first + i), ctx.capacity))
             hidden = target_hidden[i, : len(prompt) - 1] if target_hidden is not None else None
+            self.before_row(i, drafter, len(prompt) - 1)
             drafter.prefill(torch.tensor([prompt], dtype=torch.long), hidden)
             self.rows.append(drafter)
+
+    def before_row(self, row: int, drafter: Drafter, positions: int) -> None:
+        """Called before batch row ``row``'s drafter sees a target forward's outputs (its first
+        ``positions`` positions); a subclass hands it per-row state of that forward (EAGLE-3's tapped
+        features). Nothing by default."""
 
     def propose(self, max_depths: list[int]) -> list[DraftTree]:
         trees = []
@@ -91,6 +97,7 @@ class PerRowDrafters(BatchDrafter):
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
         for i, (drafter, result) in enumerate(zip(self.rows, results)):
+            self.before_row(i, drafter, 1 + self._sizes[i])
             drafter.commit(result, row_view(verify, i, self._sizes[i]))
 
     def select_rows(self, rows: list[int]) -> None:

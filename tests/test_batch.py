@@ -1,8 +1,9 @@
 """Batches with ragged acceptance: every row equals its batch-1 run (and, greedy, ``generate``).
 
 Rows have prompts of different lengths, their own ``max_new_tokens`` and an EOS that some rows emit
-mid-batch; drafters: draft-model chains (batched forwards), trees, dynamic trees, n-gram, Medusa
-(one copy per row). Sampling: row i equals the batch-1 run with seed ``seed + i`` token for token,
+mid-batch; drafters: draft-model chains (batched forwards), the layer-skip self-draft (bound to
+the target at start), trees, dynamic trees, n-gram, Medusa (one copy per row); EAGLE's batches are
+in ``tests/test_eagle.py``. Sampling: row i equals the batch-1 run with seed ``seed + i`` token for token,
 and each row's output distribution passes a chi-square test against the exactly enumerated target
 (a planted off-by-one in the rows' cache offsets fails it). A leak test fills other rows and stale
 slots with noise.
@@ -14,7 +15,7 @@ import copy
 import pytest
 import torch
 
-from drafters import DraftModelDrafter, MedusaDrafter, NGramDrafter, NoDrafter
+from drafters import DraftModelDrafter, LayerSkipDrafter, MedusaDrafter, NGramDrafter, NoDrafter
 from drafters.medusa_heads import MedusaHeads
 from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
 from tests.test_sweeps import compose_cfg, prompts_file, tiny_args  # noqa: F401  (fixture)
@@ -34,6 +35,7 @@ def drafters(arch: str) -> dict:
         "dynamic": lambda: DraftModelDrafter(draft, num_speculative_tokens=4, budget=12),
         "ngram": lambda: NGramDrafter(num_speculative_tokens=4),
         "medusa": lambda: MedusaDrafter(heads, tree="binary"),
+        "layer_skip": lambda: LayerSkipDrafter(layers=1, num_speculative_tokens=3),  # bound at start
     }
 
 
@@ -53,7 +55,7 @@ def _limits(n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
-@pytest.mark.parametrize("shape", ["ar", "chain3", "chain5", "tree", "dynamic", "ngram", "medusa"])
+@pytest.mark.parametrize("shape", ["ar", "chain3", "chain5", "tree", "dynamic", "ngram", "medusa", "layer_skip"])
 def test_greedy_rows_equal_generate_and_batch_one(setup, shape, batch):
     arch, target, rows = setup
     make, rows, limits = drafters(arch)[shape], rows[:batch], _limits(batch)

@@ -12,7 +12,7 @@ from tests.test_sweeps import compose_cfg, prompts_file, tiny_args  # noqa: F401
 
 
 @pytest.mark.parametrize("max_rows", [1, 3])
-@pytest.mark.parametrize("shape", ["ar", "chain3", "tree", "ngram", "medusa"])
+@pytest.mark.parametrize("shape", ["ar", "chain3", "tree", "ngram", "medusa", "layer_skip"])
 def test_greedy_rows_equal_generate_with_refill(setup, shape, max_rows):  # noqa: F811
     arch, target, rows = setup
     limits = _limits(len(rows))

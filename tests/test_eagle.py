@@ -9,6 +9,7 @@
 - ``rejection`` with EAGLE drafts reproduces the target's exactly enumerated output distribution
   (sampled children of a preset at T=1.0 and at T=0.7 with top-k 3; deterministic children of an
   EAGLE-2 dynamic tree at T=1.0), with depth-1 acceptance inside the band where both branches run.
+- Batches (``generate_batch``, static and continuous): every row equals its batch-1 run.
 - Bad input (heads for another target, corrupt files, no heads, a version mismatch) is one error,
   before decoding; configs compose and build.
 Training (micro zoo target) is in ``tests/test_eagle_training.py``.
@@ -187,6 +188,29 @@ def test_head_state_after_commit_equals_a_fresh_computation(version, shape, samp
         accepted += decoder.generate(ids, max_new_tokens=30, seed=0).stats.accepted_per_step
     assert CheckedEagle.checks >= 10
     assert 0 < sum(accepted) and min(accepted) < max(accepted)  # partial acceptance happened
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", ["chain", "binary", "dynamic"])
+@pytest.mark.parametrize("max_rows", [None, 2])
+def test_batched_eagle_rows_equal_their_batch_one_runs(version, shape, max_rows):
+    """``generate_batch`` (one batch of 4, and continuous with 2 rows at once): greedy rows equal HF greedy;
+    eagle3's copies share one feature tap, read once per target forward and handed out by row."""
+    target, _, tok = pair("llama")
+    rows, limits = prompts(tok, 4, seed=7), [9, 14, 6, 12]
+    make = lambda: EagleDrafter(trained_head("llama", version), **SHAPES[shape])  # noqa: E731
+    out = SpeculativeDecoder(target, make()).generate_batch(rows, limits, max_rows=max_rows)
+    for i, ids in enumerate(rows):
+        ref = target.generate(ids, do_sample=False, max_new_tokens=limits[i], pad_token_id=0)
+        assert out.sequences[i].tolist() == ref.tolist(), f"row {i}"
+    sampling = SamplingParams(temperature=1.0)
+    out = SpeculativeDecoder(target, make(), "rejection", sampling).generate_batch(rows, limits, seed=3, max_rows=max_rows)
+    for i, ids in enumerate(rows):
+        single = SpeculativeDecoder(target, make(), "rejection", sampling).generate(ids, limits[i], seed=3 + i)
+        assert out.sequences[i].tolist() == single.sequences.tolist(), f"sampled row {i}"
 
 
 # --------------------------------------------------------------------------- losslessness

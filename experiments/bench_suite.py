@@ -179,7 +179,7 @@ def category_table(methods: list[Method], categories: list[str], baseline: str,
                       "tokens_per_s": rate(meth, idx)}
         rows.append(row)
     head = "| method | " + " | ".join(groups) + (" | output = HF plain greedy |" if checked else " |")
-    lines = [head, "|" + "---|" * (len(groups) + 2)]
+    lines = [head, "|" + "---|" * (len(groups) + (2 if checked else 1))]
     for r in rows:
         cells = [f"{r[c]['speedup']:.2f}x" + (f" (tau {r[c]['tau']:.2f})" if r[c]["tau"] is not None else "")
                  for c in groups]

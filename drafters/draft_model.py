@@ -54,6 +54,9 @@ class DraftModelDrafter(TreeDrafter):
         return StepShape(kind=self.step_kind, max_nodes=self.max_nodes, draft_forwards="per_level",
                          draft_model=self.model, k=None if self.mode == "static" else self.k)
 
+    def bind(self, target) -> None:
+        """Prepare for ``target`` before a run; a draft model needs nothing (a layer-skip view is built here)."""
+
     def batched(self):
         """For a batch of rows: chains batch their draft forwards (:mod:`drafters.draft_model_batch`); trees
         run one copy of this drafter per row."""

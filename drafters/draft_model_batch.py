@@ -26,13 +26,16 @@ class BatchDraftModelChain(BatchDrafter):
     """:class:`drafters.DraftModelDrafter`'s chain mode over a batch (``drafter.batched()`` returns it)."""
 
     def __init__(self, drafter):
-        self.model, self.k = drafter.model, drafter.k
+        self.drafter = drafter
+        self.model, self.k = None, 0  # read from the drafter at start (a layer-skip drafter builds its model then)
         self.cache: BatchCache | None = None
         self.ctx: DraftContext | None = None
         self.tokens: list[list[int]] = []
         self.fed: list[int] = []
 
     def start(self, ctx: DraftContext) -> None:
+        self.drafter.bind(ctx.target)
+        self.model, self.k = self.drafter.model, self.drafter.k
         check_same_vocab(ctx.target, self.model)
         self.ctx = ctx
         self.cache = BatchCache.for_model(self.model, ctx.capacity, 0)

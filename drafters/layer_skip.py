@@ -18,7 +18,6 @@ from torch import nn
 
 from drafters.draft_model import DraftModelDrafter
 from drafters.tree_drafter import positive_int
-from specdec.batch_drafting import BatchDrafter
 from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError
 
@@ -80,9 +79,9 @@ class LayerSkipDrafter(DraftModelDrafter):
         self._k, self._backend, self._target_id = num_speculative_tokens, attn_backend, None
         self.model = None
         if target is not None:
-            self._bind(target)
+            self.bind(target)
 
-    def _bind(self, target: nn.Module) -> None:
+    def bind(self, target: nn.Module) -> None:
         """Build the shared view of ``target`` (once per target)."""
         if self._target_id == id(target):
             return
@@ -96,38 +95,15 @@ class LayerSkipDrafter(DraftModelDrafter):
 
     def step_shape(self, target) -> StepShape:
         """``k`` forwards of the N-layer view per step (it runs the full LM head each time)."""
-        self._bind(target)
+        self.bind(target)
         return super().step_shape(target)
 
     def start(self, ctx: DraftContext) -> None:
-        self._bind(ctx.target)
+        self.bind(ctx.target)
         super().start(ctx)
 
-    def batched(self) -> BatchDrafter:
-        """A draft model's batched chain over the view; built at ``start`` if no target is bound yet."""
-        return super().batched() if self.model is not None else _BoundAtStart(self)
+    def batched(self):
+        """A draft model's batched chain over the view (always a chain; the view is built at its start)."""
+        from drafters.draft_model_batch import BatchDraftModelChain
 
-
-class _BoundAtStart(BatchDrafter):
-    """A layer-skip drafter's batched form before it has seen a target: binds to the run's target at
-    ``start``, then runs as the draft model's batched chain over the view."""
-
-    def __init__(self, drafter: LayerSkipDrafter):
-        self.drafter, self.inner = drafter, None
-
-    def start(self, ctx: DraftContext) -> None:
-        self.drafter._bind(ctx.target)
-        self.inner = self.drafter.batched()
-        self.inner.start(ctx)
-
-    def extend(self, prompts, target_hidden) -> None:
-        self.inner.extend(prompts, target_hidden)
-
-    def propose(self, max_depths: list[int]):
-        return self.inner.propose(max_depths)
-
-    def commit(self, results, verify) -> None:
-        self.inner.commit(results, verify)
-
-    def select_rows(self, rows: list[int]) -> None:
-        self.inner.select_rows(rows)
+        return BatchDraftModelChain(self)

@@ -222,14 +222,16 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
                 decode_continuous(decoder, pending, method, drafter_name, cfg.max_new_tokens, cfg.seed,
                                   models.tokenizer, results[method], cfg.batch_size, first, emit_and_count)
                 writer.write_summary(summarize("running"))
-        for batch_id, group in enumerate(groups(pending, cfg.batch_size) if cfg.batch_mode == "static" else []):
-            for method, (decoder, drafter_name) in decoders.items():
-                records = decode_group(decoder, group, method, drafter_name, cfg.max_new_tokens, cfg.seed,
-                                       models.tokenizer, results[method], first + batch_id if cfg.batch_size > 1 else None)
-                for (index, _), record in zip(group, records):
-                    emit(index, record)
-            writer.write_summary(summarize("running"))
-            bar.update(len(group))
+        else:
+            for batch_id, group in enumerate(groups(pending, cfg.batch_size)):
+                for method, (decoder, drafter_name) in decoders.items():
+                    records = decode_group(decoder, group, method, drafter_name, cfg.max_new_tokens, cfg.seed,
+                                           models.tokenizer, results[method],
+                                           first + batch_id if cfg.batch_size > 1 else None)
+                    for (index, _), record in zip(group, records):
+                        emit(index, record)
+                writer.write_summary(summarize("running"))
+                bar.update(len(group))
         bar.close()
         status = "complete"
     except KeyboardInterrupt:

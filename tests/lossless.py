@@ -83,7 +83,7 @@ def exact_distribution(target, sampling: SamplingParams, prompt: torch.Tensor = 
     return {s: float(p) for s, p in zip(seqs, joint)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_exact_distribution(target, setting: str, prompt: tuple[int, ...]) -> dict[tuple[int, ...], float]:
     """:func:`exact_distribution` for a named setting, computed once per process."""
     return exact_distribution(target, SETTINGS[setting], torch.tensor([prompt]))

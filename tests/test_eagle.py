@@ -35,7 +35,7 @@ SHAPES = {"chain": dict(num_speculative_tokens=3), "binary": dict(tree="binary")
           "dynamic": dict(budget=12, num_speculative_tokens=5)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_head(arch: str, version: str, steps: int = 60) -> EagleHead:
     """A head trained ``steps`` steps on text the tiny target samples itself (a few seconds)."""
     target = pair(arch)[0]

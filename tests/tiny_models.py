@@ -9,13 +9,13 @@ import torch
 from specdec.models import tiny_random_pair
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pair(arch: str = "llama"):
     """(target, random draft, byte tokenizer) of the given architecture."""
     return tiny_random_pair(arch, seed=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def noisy_copy(arch: str = "llama", noise: float = 0.1, seed: int = 1):
     """A draft that agrees with the target often but not always: the target with noisy weights."""
     return _with_noise(pair(arch)[0], noise, seed)
@@ -47,7 +47,7 @@ def peaky_pair(vocab: int = 6, seed: int = 0, scale: float = 20.0):
     return target, draft
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def peaky_noisy_pair(vocab: int = 6, noise: float = 0.6, seed: int = 1):
     """``peaky_pair``'s target and a noisy copy of it as the draft: p and q overlap after any warping.
 

@@ -34,7 +34,7 @@ def attention_backend(model, backend: str):
 SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cache_argument(model_class: type) -> str:
     """The forward's keyword for the KV cache: ``cache`` (transformers >= 5.2x, where
     ``past_key_values`` is deprecated) or ``past_key_values`` (earlier 5.x releases)."""

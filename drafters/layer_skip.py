@@ -93,6 +93,11 @@ class LayerSkipDrafter(DraftModelDrafter):
     def max_nodes(self) -> int:
         return self._k
 
+    @property
+    def mode(self) -> str:
+        """Always ``chain`` (also before the view is built)."""
+        return "chain"
+
     def step_shape(self, target) -> StepShape:
         """``k`` forwards of the N-layer view per step (it runs the full LM head each time)."""
         self.bind(target)

@@ -110,12 +110,17 @@ def build_methods(target, draft, args) -> list[Method]:
         methods.append(Method(f"hf_assisted_k{k}", _hf_assisted(target, draft, m, k), False, k))
         methods.append(Method(f"ours_chain_k{k}", _ours(target, DraftModelDrafter(draft, k), m), True, k,
                               peer=f"hf_assisted_k{k}"))
+    for tree in args.trees:
+        methods.append(Method(f"ours_tree_{tree}", _ours(target, DraftModelDrafter(draft, tree=tree), m), True))
     if args.compile != "none":  # the fixed-shape step (captured on a GPU with --compile graph)
-        methods.append(Method(f"ours_ar_{args.compile}", _ours(target, NoDrafter(), m, args.compile), True))
+        c = args.compile
+        methods.append(Method(f"ours_ar_{c}", _ours(target, NoDrafter(), m, c), True))
         for k in ks:
-            methods.append(Method(f"ours_chain_k{k}_{args.compile}", _ours(target, DraftModelDrafter(draft, k), m,
-                                                                          args.compile), True, k,
+            methods.append(Method(f"ours_chain_k{k}_{c}", _ours(target, DraftModelDrafter(draft, k), m, c), True, k,
                                   peer=f"hf_assisted_k{k}"))
+        for tree in args.trees:
+            methods.append(Method(f"ours_tree_{tree}_{c}", _ours(target, DraftModelDrafter(draft, tree=tree), m, c),
+                                  True))
     return methods
 
 
@@ -290,6 +295,8 @@ def parse_args(argv=None):
     p.add_argument("--verify-widths", type=lambda s: tuple(int(x) for x in s.split(",")),
                    default=(1, 2, 4, 8, 16, 32, 64))
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6])
+    p.add_argument("--trees", type=lambda s: [t for t in s.split(",") if t], default=[],
+                   help="draft-model tree presets to add (e.g. binary,sparse60; eager, and with --compile captured)")
     p.add_argument("--ngram-tokens", type=int, default=4)
     p.add_argument("--max-ngram", type=int, default=2, help="HF's max_matching_ngram_size (its default is 2)")
     p.add_argument("--hf-dynamic", action=argparse.BooleanOptionalAction, default=True,

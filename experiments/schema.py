@@ -48,7 +48,7 @@ class DecodeConfig:
             ``continuous`` (at most ``batch_size`` rows at once; a finished row's place goes to the next
             prompt, records are written as rows finish); the same tokens either way.
         compile: ``none``, or the fixed-shape step (``static`` eager, ``graph`` CUDA graph, ``inductor``
-            torch.compile) for no drafter and draft-model chains; the same tokens either way.
+            torch.compile) for no drafter and draft-model chains and tree presets; the same tokens either way.
         costs: measure the forward-cost curves (cached) for ``predicted_speedup``, ``efficiency``
             and ``recommended_k`` (:mod:`experiments.costs`); false skips it (fast tests).
         resume: skip a run whose directory holds complete results of the same config, continue an

@@ -34,9 +34,9 @@ stage kernel_bench 90 python3 -m kernels.bench --dtypes bfloat16 --hkv 8 32 --pr
 stage decode_default 90 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 max_new_tokens=64 \
   hydra.run.dir=/tmp/decode_default
 stage bench_zoo 60 python3 -m experiments.bench --device cuda --prompts 4 --max-new-tokens 64 --ks 2,4 --reps 2 \
-  --compile graph --verify-curve --context 512 --markdown "$OUT/bench_zoo.md"
+  --trees binary --compile graph --verify-curve --context 512 --markdown "$OUT/bench_zoo.md"
 stage bench_8b 120 python3 -m experiments.bench --device cuda --synthetic llama-8b --dtype bfloat16 \
   --draft-dtype bfloat16 --prompts 2 --prompt-len 512 --max-new-tokens 32 --ks 4 --reps 1 --no-hf-dynamic \
-  --compile graph --verify-curve --context 4096 --markdown "$OUT/bench_8b.md"
+  --trees binary --compile graph --verify-curve --context 4096 --markdown "$OUT/bench_8b.md"
 cp /tmp/decode_default/summary.json "$OUT/decode_default_summary.json" 2>/dev/null
 tail -n 3 "$OUT"/*.log

@@ -138,10 +138,11 @@ class BatchCache(Cache):
         self.block_slots = self.lengths[:, None] + offsets  # [B, n]
         self.block_end = longest + n
 
-    def begin_static_block(self, n: int) -> None:
-        """:meth:`begin_block` with fixed shapes and no host work: attention spans the whole capacity
-        (slots past a row's block are masked), lengths are read on the device only (captured steps)."""
-        self.block_slots = self.lengths[:, None] + torch.arange(n, device=self.lengths.device)  # [B, n]
+    def begin_static_block(self, n: int, offset: int = 0) -> None:
+        """:meth:`begin_block` with fixed shapes and no host work: the ``n`` tokens go to slots
+        ``lengths + offset + j``, attention spans the whole capacity (slots past a row's block are
+        masked), lengths are read on the device only (captured steps)."""
+        self.block_slots = self.lengths[:, None] + offset + torch.arange(n, device=self.lengths.device)  # [B, n]
         self.block_end = self.capacity
 
     def advance(self, counts: torch.Tensor) -> None:
@@ -153,12 +154,14 @@ class BatchCache(Cache):
         """``[B, 1, n, end]`` bool key mask of the current block: key slot ``s`` is visible to block token
         ``j`` of row ``b`` iff ``s < lengths[b]`` or ``s = lengths[b] + i`` with ``tree_mask[b, j, i]``.
 
-        ``tree_mask [B, n, n]`` must have a true diagonal (every token sees itself: no empty rows).
+        ``tree_mask [B, n, w]``: ``w = n`` for a block written at the row's length; a static block
+        written further on (``begin_static_block(n, offset)``) sees ``w`` slots from the length, and
+        must see itself there (every query sees at least one key: no empty rows).
         """
-        n = tree_mask.shape[-1]
+        n, w = tree_mask.shape[-2], tree_mask.shape[-1]
         rel = torch.arange(self.block_end, device=self.lengths.device)[None, :] - self.lengths[:, None]  # [B, S]
-        in_block = (rel >= 0) & (rel < n)  # [B, S]
-        cols = rel.clamp(0, n - 1)[:, None, :].expand(-1, n, -1)  # [B, n, S]
+        in_block = (rel >= 0) & (rel < w)  # [B, S]
+        cols = rel.clamp(0, w - 1)[:, None, :].expand(-1, n, -1)  # [B, n, S]
         tree = tree_mask.gather(2, cols) & in_block[:, None, :]  # [B, n, S]
         return ((rel < 0)[:, None, :] | tree)[:, None]  # [B, 1, n, S]
 
@@ -179,10 +182,15 @@ class BatchCache(Cache):
             rel = [k + list(range(len(k), m)) for k in keep]  # padding entries copy a slot onto itself
             start = torch.tensor(base, dtype=torch.long, device=self.lengths.device)[:, None]  # [B, 1]
             src = start + torch.tensor(rel, dtype=torch.long, device=self.lengths.device)  # [B, M]
-            dst = start + torch.arange(m, device=self.lengths.device)  # [B, M]
-            for layer in self.layers:
-                layer.move(src, dst)
+            self.move_slots(src, start + torch.arange(m, device=self.lengths.device))  # [B, M]
         self.set_lengths([b + len(k) for b, k in zip(base, keep)])
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Per row, copy slots ``src [B, M]`` to ``dst [B, M]`` in every layer, all loads before any store
+        (device only: the static step keeps accepted tree nodes this way; an entry with ``src = dst``
+        moves nothing)."""
+        for layer in self.layers:
+            layer.move(src, dst)
 
     @torch.inference_mode()
     def set_lengths(self, lengths: list[int]) -> None:

@@ -53,7 +53,7 @@ class SpeculativeDecoder:
         sampling: temperature / top-k / top-p shared by drafter and rule; temperature 0 is greedy.
         attn_backend: ``sdpa`` or ``triton`` tree attention in the verifier.
         compile: ``none`` (the readable step; ragged batches), or the fixed-shape step of
-            :mod:`specdec.static_step` for no drafter and draft-model chains: ``static`` (eager),
+            :mod:`specdec.static_step` for no drafter and draft-model chains and tree presets: ``static`` (eager),
             ``graph`` (captured in a CUDA graph, replayed every step) or ``inductor`` (``torch.compile``);
             every form emits the same tokens.
     """
@@ -85,7 +85,7 @@ class SpeculativeDecoder:
 
             if compile not in COMPILE_MODES:
                 raise ConfigError(f"compile={compile!r} is unknown; choose one of {list(COMPILE_MODES)}")
-            static_drafter(drafter)  # fails now, naming the drafter, if the static step cannot run it
+            static_drafter(drafter, self.sampling)  # fails now, naming the drafter, if the static step cannot run it
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, seed: int | None = None) -> DecodeOutput:
         """Decode up to ``max_new_tokens`` after ``input_ids [1, T]``; stops after an EOS token."""

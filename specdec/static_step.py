@@ -1,15 +1,24 @@
 """A decode step with fixed shapes and no host synchronisation inside it, for capture on a GPU.
 
-For a draft-model chain of k drafts (or no drafter) over B rows, every tensor of the step has a
-fixed shape and a fixed address: both caches span their whole capacity (slots past a row's
-length are masked), each row's sequence, length, budget and "finished" flag live on the device,
-the draft model catches each row up with a block of 2 (one or two real tokens), drafts k tokens,
-the target verifies ``[B, 1 + k]``, the tensorized rule accepts per row (drafts past a row's
-budget are invalid nodes), and the emitted tokens are cut at EOS and at the row's
-``max_new_tokens`` and written into the row's sequence, all on the device. The host reads one
-small tensor per step: the rows' draft counts, accepted counts, emitted counts and flags.
+For a draft model's chain or tree preset of N nodes (or no drafter) over B rows, every tensor of
+the step has a fixed shape and a fixed address: both caches span their whole capacity (slots past a
+row's length are masked), each row's sequence, length, budget and "finished" flag live on the
+device. A step reads:
 
-:class:`StaticChainStep` runs this step eagerly (CPU, or a GPU without capture) or captured in a
+1. catch up: the draft model takes the 1 or 2 tokens its cache lacks (a block of 2, masked);
+2. draft: one draft forward per tree level over the level's fed nodes
+   (:func:`specdec.static_shape.grow`; a chain is a tree of one node per level);
+3. verify: the target scores ``[B, 1 + N]`` (root and nodes, positions ``length + depth``, the
+   preset's ancestor mask); nodes deeper than a row's remaining budget are invalid;
+4. accept: the tensorized rule, per row;
+5. commit: the emitted tokens are cut at EOS and at the row's ``max_new_tokens`` and written into
+   the row's sequence; the target cache keeps the root and the accepted path, the draft cache the
+   path's fed prefix (gather then scatter, on the device).
+
+The host reads one small tensor per step: per row its node count, depth, accepted and emitted
+counts, and flags.
+
+:class:`StaticStep` runs this step eagerly (CPU, or a GPU without capture) or captured in a
 CUDA graph (``compile="graph"``: replayed every step; where capture fails it warns once and
 runs eagerly) or through ``torch.compile`` (``compile="inductor"``). Every form emits exactly the
 tokens of :meth:`specdec.SpeculativeDecoder.generate_batch` (and so of ``generate``) with the same
@@ -23,8 +32,9 @@ import torch
 
 from specdec.batch_cache import BatchCache
 from specdec.batch_types import BatchTree
-from specdec.rng import DRAFT, KeyedRandom
-from specdec.sampling import warp_probs
+from specdec.models import check_same_vocab, text_config
+from specdec.rng import KeyedRandom
+from specdec.static_shape import StaticShape, grow
 from verifier.verifier import model_forward
 
 #: ``none``: the ragged batched path; ``static``: this step, eager; ``graph``: captured; ``inductor``: compiled.
@@ -32,35 +42,39 @@ COMPILE_MODES = ("none", "static", "graph", "inductor")
 
 
 def _forward(model, cache: BatchCache, ids: torch.Tensor, offsets: torch.Tensor, tree_mask: torch.Tensor,
-             hidden: bool = False):
-    """A static block forward: ``ids [B, n]`` at ``cache.lengths + offsets [B, n]`` with ``tree_mask [B, n, n]``."""
-    cache.begin_static_block(ids.shape[1])
+             slot_offset: int = 0):
+    """A static block forward: ``ids [B, n]`` written at slots ``cache.lengths + slot_offset + j``, at positions
+    ``cache.lengths + offsets [B, n]``, seeing the row's prefix and block slots ``lengths + i`` where
+    ``tree_mask [B, n, w]`` is true."""
+    cache.begin_static_block(ids.shape[1], slot_offset)
     attn = {"specdec_prefix_len": 0, "specdec_tree_mask": None, "specdec_tree_plan": None,
             "specdec_key_mask": cache.block_mask(tree_mask)}  # [B, 1, n, C]
-    return model_forward(model, cache, ids, cache.lengths[:, None] + offsets, attn, "sdpa", output_hidden=hidden)
+    return model_forward(model, cache, ids, cache.lengths[:, None] + offsets, attn, "sdpa")
 
 
-class StaticChainStep:
+class StaticStep:
     """Fixed-shape buffers and the step over them (see the module docstring).
 
     Args:
         decoder: the :class:`~specdec.SpeculativeDecoder` (target, rule, sampling, EOS ids).
-        draft: the draft model, or None for plain decoding (k = 0).
-        k: drafts per step.
+        draft: the draft model, or None for plain decoding.
+        shape: the :class:`~specdec.static_shape.StaticShape` every step drafts (None for plain decoding).
         prompts: token lists, one per row; limits: each row's ``max_new_tokens``; seeds: each row's seed.
         compile: ``none``, ``graph`` or ``inductor``.
     """
 
-    def __init__(self, decoder, draft, k: int, prompts: list[list[int]], limits: list[int], seeds: list[int],
-                 compile: str = "none"):
+    def __init__(self, decoder, draft, shape: StaticShape | None, prompts: list[list[int]], limits: list[int],
+                 seeds: list[int], compile: str = "none"):
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: choose one of {COMPILE_MODES}")
-        self.target, self.draft, self.k = decoder.target, draft, k if draft is not None else 0
+        self.target, self.draft, self.shape = decoder.target, draft, shape if draft is not None else None
+        self.depth = self.shape.max_depth if self.shape is not None else 0  # D: the deepest draft
         from specdec.batch_decoder import batch_rule
 
         self.rule, self.sampling, device = batch_rule(decoder.rule), decoder.sampling, decoder.device
         b = len(prompts)
-        capacity = max(len(p) + n for p, n in zip(prompts, limits)) + self.k + 2
+        nodes = self.shape.num_nodes if self.shape is not None else 0
+        capacity = max(len(p) + n for p, n in zip(prompts, limits)) + nodes + 2
         self.seq = torch.zeros(b, capacity, dtype=torch.long, device=device)  # [B, C] every row's tokens
         for i, p in enumerate(prompts):
             self.seq[i, : len(p)] = torch.tensor(p, dtype=torch.long)
@@ -73,9 +87,17 @@ class StaticChainStep:
         self.step_index = torch.zeros((), dtype=torch.long, device=device)
         self.t_cache = BatchCache.for_model(self.target, capacity, b)
         self.d_cache = BatchCache.for_model(draft, capacity, b) if draft is not None else None
-        self.chain = torch.ones(self.k + 1, self.k + 1, dtype=torch.bool, device=device).tril().expand(b, -1, -1)
-        self.report = torch.zeros(b, 4, dtype=torch.long, device=device)  # [B, 4] what the host reads per step
+        self.root_mask = torch.ones(b, 1, 1, dtype=torch.bool, device=device)  # [B, 1, 1] plain decoding
+        self.report = torch.zeros(b, 5, dtype=torch.long, device=device)  # [B, 5] what the host reads per step
         self.compile, self._run = compile, self._eager
+
+    @classmethod
+    def for_decoder(cls, decoder, prompts: list[list[int]], limits: list[int], seeds: list[int],
+                    compile: str = "none") -> "StaticStep":
+        """The step of ``decoder``'s drafter (its draft model and shape: :func:`static_drafter`)."""
+        draft, compiled, mode = static_drafter(decoder.drafter, decoder.sampling, decoder.target)
+        shape = StaticShape(compiled, mode, decoder.device) if draft is not None else None
+        return cls(decoder, draft, shape, prompts, limits, seeds, compile)
 
     # ------------------------------------------------------------------ setup (eager, once)
 
@@ -94,8 +116,8 @@ class StaticChainStep:
         """``seq[b, positions[b, j]]`` (positions clamped into the buffer) ``[B, n]``."""
         return self.seq.gather(1, positions.clamp(0, self.seq.shape[1] - 1))
 
-    def _draft_chain(self, budget: torch.Tensor):
-        """Catch up (a block of 2) and draft k tokens: ``(drafts [B, k], q [B, k, V])``."""
+    def _catch_up(self) -> torch.Tensor:
+        """Feed the draft model the 1 or 2 tokens its cache lacks (root included): ``[B, V]`` logits at the root."""
         d_len = self.d_cache.lengths  # [B] the draft cache lacks seq[d_len : seq_len] (1 or 2 tokens)
         offsets = torch.arange(2, device=d_len.device).expand(d_len.shape[0], 2)  # [B, 2]
         real = (d_len[:, None] + offsets) < self.seq_len[:, None]  # [B, 2]
@@ -105,73 +127,96 @@ class StaticChainStep:
         logits, _ = _forward(self.draft, self.d_cache, ids, offsets, mask)  # [B, 2, V]
         last = real.long().sum(1) - 1  # [B]
         self.d_cache.advance(torch.where(self.finished, 0, real.long().sum(1)))  # frozen rows stay in place
-        logits = logits[torch.arange(logits.shape[0], device=logits.device), last]  # [B, V]
-        drafts, probs = [], []
-        one = torch.zeros_like(offsets[:, :1])  # [B, 1]
-        for i in range(self.k):
-            q = warp_probs(logits, self.sampling)  # [B, V]
-            tok = q.argmax(-1) if self.sampling.greedy else self.rng.categorical(q, DRAFT, i)  # [B]
-            drafts.append(tok)
-            probs.append(q)
-            if i + 1 < self.k:
-                logits, _ = _forward(self.draft, self.d_cache, tok[:, None], one, self.chain[:, :1, :1])
-                logits = logits[:, 0]
-                self.d_cache.advance((budget > i + 1).long())  # fed only where a batch-1 run feeds it (0 if frozen)
-        return torch.stack(drafts, 1), torch.stack(probs, 1)  # [B, k], [B, k, V]
+        return logits[torch.arange(logits.shape[0], device=logits.device), last]  # [B, V]
 
-    def _tree(self, drafts: torch.Tensor | None, probs: torch.Tensor | None, budget: torch.Tensor) -> BatchTree:
-        """The static chain as a :class:`BatchTree`; nodes past a row's budget are invalid."""
-        b, k, device = self.seq.shape[0], self.k, self.seq.device
-        if k == 0:
+    def _feed(self, ids: torch.Tensor, level) -> torch.Tensor:
+        """A level's fed nodes ``ids [B, f]`` into the draft cache after the root (fed node j at slot
+        ``length + j``, position ``length - 1 + depth``), each seeing the prefix and its fed ancestors."""
+        shape, b = self.shape, ids.shape[0]
+        offsets = torch.full_like(ids, level.depth - 1)  # [B, f]
+        visible = shape.fed_mask[level.fed_lo : level.fed_lo + level.num_fed].expand(b, -1, -1)  # [B, f, F]
+        logits, _ = _forward(self.draft, self.d_cache, ids, offsets, visible, slot_offset=level.fed_lo)  # [B, f, V]
+        return logits
+
+    def _tree(self, tokens: torch.Tensor, probs: torch.Tensor | None, budget: torch.Tensor) -> BatchTree:
+        """This step's drafts as a :class:`BatchTree`; nodes deeper than a row's budget are invalid."""
+        b, device = self.seq.shape[0], self.seq.device
+        if self.shape is None:
             empty = torch.zeros(b, 0, dtype=torch.long, device=device)
             return BatchTree(empty, empty, empty, empty.bool(), torch.full((b, 1, 1), -1, device=device),
-                             self.chain, None, "deterministic", [], 0)
-        node = torch.arange(k, device=device)  # [k]
-        valid = node[None, :] < budget[:, None]  # [B, k]
-        children = torch.where(valid, node[None, :], -1)[:, :, None]  # [B, k, 1] node i's child is i
-        children = torch.cat([children, torch.full((b, 1, 1), -1, device=device)], 1)  # [B, k + 1, 1]
-        mode = "deterministic" if self.sampling.greedy else "chain"
-        return BatchTree(drafts, (node - 1).expand(b, k), (node + 1).expand(b, k), valid, children, self.chain,
-                         None if self.sampling.greedy else probs, mode, [], k)
+                             self.root_mask, None, "deterministic", [], 0)
+        shape = self.shape
+        valid = shape.valid(budget)  # [B, N]
+        mode = "deterministic" if probs is None else shape.mode
+        return BatchTree(tokens, shape.parents.expand(b, -1), shape.depth.expand(b, -1), valid,
+                         shape.row_children(valid), shape.mask.expand(b, -1, -1), probs, mode, [], shape.max_depth)
 
     def _eager(self) -> None:
         """One step for every row; finished rows compute but change nothing."""
         self.rng.step.copy_(self.step_index.expand_as(self.rng.step))  # in place: a captured step keeps its buffers
         room = self.limit - self.new  # [B] tokens a row may still emit
-        budget = torch.where(self.finished, 0, (room - 1).clamp(0, self.k))  # [B] drafts a batch-1 run proposes
-        drafts, probs = self._draft_chain(budget) if self.k else (None, None)
-        tree = self._tree(drafts, probs, budget)
+        budget = torch.where(self.finished, 0, (room - 1).clamp(0, self.depth))  # [B] how deep a batch-1 run drafts
+        b = self.seq.shape[0]
         roots = self._rows_gather(self.seq_len[:, None] - 1)  # [B, 1]
-        ids = torch.cat([roots, drafts], 1) if self.k else roots  # [B, 1 + k]
-        offsets = torch.arange(self.k + 1, device=ids.device).expand_as(ids)  # [B, 1 + k]
-        logits, _ = _forward(self.target, self.t_cache, ids, offsets, self.chain)  # [B, 1 + k, V]
+        if self.shape is not None:
+            tokens, probs = grow(self.shape, self._catch_up(), self._feed, self.sampling, self.rng)  # [B, N]
+            ids = torch.cat([roots, tokens], 1)  # [B, 1 + N]
+            offsets = torch.cat([torch.zeros_like(roots), self.shape.depth.expand(b, -1)], 1)  # [B, 1 + N]
+            mask = self.shape.mask.expand(b, -1, -1)  # [B, 1 + N, 1 + N]
+        else:
+            tokens, probs, ids, offsets, mask = roots[:, :0], None, roots, torch.zeros_like(roots), self.root_mask
+        tree = self._tree(tokens, probs, budget)
+        logits, _ = _forward(self.target, self.t_cache, ids, offsets, mask)  # [B, 1 + N, V]
         decided = self.rule(tree, logits, self.sampling, self.rng)
-        self._commit(decided, ids, room, budget, logits)
+        self._commit(decided, tokens, room, budget, logits)
         self.step_index += 1
 
-    def _commit(self, decided, ids, room, budget, logits) -> None:
-        """Cut at EOS and the budget, write the emitted tokens, advance both caches, report."""
-        k = self.k
-        j = torch.arange(k + 1, device=ids.device)  # [k + 1]
-        emitted = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)  # [B, k + 1] the drafts (a chain)
+    def _commit(self, decided, tokens, room, budget, logits) -> None:
+        """Cut at EOS and the budget, write the emitted tokens, keep both caches' accepted slots, report."""
+        depth, live = self.depth, ~self.finished
+        j = torch.arange(depth + 1, device=tokens.device)  # [D + 1]
+        path = decided.accepted.clamp_min(0)  # [B, D] accepted nodes (clamped past the path)
+        emitted = torch.cat([tokens.gather(1, path), torch.zeros_like(self.seq_len[:, None])], 1)  # [B, D + 1]
         emitted = emitted.scatter(1, decided.counts[:, None], decided.extra[:, None])  # accepted drafts, then the extra
         count = decided.counts + 1  # [B]
-        is_eos = torch.isin(emitted, self.eos) & (j[None, :] < count[:, None])  # [B, k + 1]
+        is_eos = torch.isin(emitted, self.eos) & (j[None, :] < count[:, None])  # [B, D + 1]
         first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, count)  # [B]
-        count = torch.minimum(torch.minimum(count, first_eos), room)
-        count = torch.where(self.finished, 0, count)  # [B] tokens each row emits now
-        dest = torch.where(j[None, :] < count[:, None], self.seq_len[:, None] + j, self.seq.shape[1] - 1)  # [B, k+1]
+        count = torch.where(live, torch.minimum(torch.minimum(count, first_eos), room), 0)  # [B] tokens emitted now
+        dest = torch.where(j[None, :] < count[:, None], self.seq_len[:, None] + j, self.seq.shape[1] - 1)  # [B, D+1]
         self.seq.scatter_(1, dest, torch.where(j[None, :] < count[:, None], emitted, self.seq.gather(1, dest)))
-        done = ~self.finished & ((is_eos & (j[None, :] < count[:, None])).any(1) | (self.new + count >= self.limit))
-        self.t_cache.advance(torch.where(self.finished, 0, decided.counts + 1))  # root + accepted, in place (a chain)
-        if k:
-            fed = torch.minimum(decided.counts, (budget - 1).clamp_min(0))  # [B] accepted drafts the draft model saw
-            self.d_cache.lengths.copy_(torch.where(self.finished, self.d_cache.lengths, self.seq_len + fed))
+        done = live & ((is_eos & (j[None, :] < count[:, None])).any(1) | (self.new + count >= self.limit))
+        self._keep_target(path, decided.counts, live)
+        if self.shape is not None:
+            self._keep_draft(path, decided.counts, budget, live)
         self.seq_len += count
         self.new += count
         bad = ~torch.isfinite(logits).all(-1).all(-1)  # [B]
-        self.report.copy_(torch.stack([budget, decided.counts, count, done.long() | (bad.long() << 1)], 1))
+        nodes = self.shape.nodes_upto[budget] if self.shape is not None else torch.zeros_like(budget)  # [B]
+        self.report.copy_(torch.stack([nodes, budget, decided.counts, count, done.long() | (bad.long() << 1)], 1))
         self.finished |= done
+
+    def _keep_target(self, path: torch.Tensor, counts: torch.Tensor, live: torch.Tensor) -> None:
+        """The target cache keeps the root and the accepted nodes (block slots 0 and 1 + node), in order."""
+        if self.shape is not None and not self.shape.is_chain:  # a chain's accepted prefix is already in place
+            j = torch.arange(self.depth + 1, device=path.device)  # [D + 1]
+            block = torch.cat([torch.zeros_like(self.seq_len[:, None]), 1 + path], 1)  # [B, D + 1]
+            move = live[:, None] & (j[None, :] <= counts[:, None])  # [B, D + 1]
+            base = self.t_cache.lengths[:, None]  # [B, 1]
+            self.t_cache.move_slots(base + torch.where(move, block, j), base + j)
+        self.t_cache.advance(torch.where(live, counts + 1, 0))
+
+    def _keep_draft(self, path: torch.Tensor, counts: torch.Tensor, budget: torch.Tensor, live: torch.Tensor) -> None:
+        """The draft cache keeps the accepted path's fed nodes that a batch-1 run fed (those above the
+        row's budget depth: a prefix of the path), moved to follow the root; the rest is re-fed."""
+        i = torch.arange(self.depth, device=path.device)  # [D]
+        fed = self.shape.fed[path]  # [B, D] each accepted node's fed index (-1: a leaf)
+        ok = (i[None, :] < counts[:, None]) & (fed >= 0) & (i[None, :] + 1 < budget[:, None])  # [B, D]
+        kept = ok.long().cumprod(1).sum(1)  # [B] the fed prefix of the path
+        base = self.seq_len[:, None]  # [B, 1] the draft cache holds the row through its root
+        if not self.shape.is_chain:  # a chain's fed drafts already follow the root
+            move = live[:, None] & (i[None, :] < kept[:, None])  # [B, D]
+            self.d_cache.move_slots(base + torch.where(move, fed, i), base + i)
+        self.d_cache.lengths.copy_(torch.where(live, self.seq_len + kept, self.d_cache.lengths))
 
     # ------------------------------------------------------------------ compiled forms
 
@@ -242,8 +287,8 @@ class StaticChainStep:
 
 
 def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=None, compile: str = "static"):
-    """:meth:`specdec.SpeculativeDecoder.generate_batch` through the static step (a draft-model chain or
-    no drafter); same arguments, same tokens, a :class:`~specdec.batch_decoder.BatchOutput`."""
+    """:meth:`specdec.SpeculativeDecoder.generate_batch` through the static step (no drafter, or a draft
+    model's chain or tree preset); same arguments, same tokens, a :class:`~specdec.batch_decoder.BatchOutput`."""
     import time
 
     from specdec.batch_decoder import BatchOutput, check_batch
@@ -251,20 +296,19 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
     from specdec.stats import DecodeStats
 
     rows, limits, row_seeds = check_batch(decoder, prompts, max_new_tokens, seed, seeds)
-    draft, k = static_drafter(decoder.drafter)
     start = time.perf_counter()
     with torch.inference_mode():
-        step = StaticChainStep(decoder, draft, k, rows, limits, row_seeds, compile)
+        step = StaticStep.for_decoder(decoder, rows, limits, row_seeds, compile)
         step.prefill(rows)
         stats, live, n = [DecodeStats() for _ in rows], [True] * len(rows), 0
         prefill_s = time.perf_counter() - start
         while any(live):
-            for b, (proposed, accepted, emitted, flags) in enumerate(step.step()):
+            for b, (nodes, depth, accepted, emitted, flags) in enumerate(step.step()):
                 if not live[b]:
                     continue
                 if flags & 2:
                     raise NonFiniteLogitsError(f"target forward at decode step {n} (row {b}): non-finite logits")
-                stats[b].record_step(proposed, proposed, accepted)
+                stats[b].record_step(nodes, depth, accepted)
                 stats[b].new_tokens += emitted
                 if flags & 1:
                     live[b] = False
@@ -277,16 +321,35 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
     return BatchOutput(sequences=seqs, stats=total, row_stats=stats)
 
 
-def static_drafter(drafter) -> tuple:
-    """``(draft model or None, k)`` of a drafter the static step supports: none, or a draft-model chain."""
+def static_drafter(drafter, sampling, target=None) -> tuple:
+    """``(draft model, compiled shape, children mode)`` of a drafter the static step supports, or
+    ``(None, None, None)`` for plain decoding: a draft model (or the layer-skip self-draft) drafting a
+    chain or a tree preset with deterministic or with-replacement children. ``target``: bind the
+    drafter to it (a layer-skip drafter builds its model then); None only checks."""
     from drafters.draft_model import DraftModelDrafter
     from drafters.none import NoDrafter
     from specdec.errors import ConfigError
+    from specdec.tree import chain_paths, compile_tree
 
     if isinstance(drafter, NoDrafter):
-        return None, 0
-    if isinstance(drafter, DraftModelDrafter) and drafter.mode == "chain":
-        return drafter.model, drafter.k
-    raise ConfigError(f"the static step (compile=static|graph|inductor) supports no drafter and draft-model chains, "
-                      f"not {type(drafter).__name__}{' (' + drafter.mode + ')' if hasattr(drafter, 'mode') else ''}: "
-                      "use compile=none")
+        return None, None, None
+    shape = f"{type(drafter).__name__}{' (' + drafter.mode + ')' if hasattr(drafter, 'mode') else ''}"
+    if not isinstance(drafter, DraftModelDrafter) or drafter.mode == "dynamic":
+        raise ConfigError(f"the static step (compile=static|graph|inductor) supports no drafter and draft-model "
+                          f"chains and tree presets, not {shape}: use compile=none")
+    if drafter.mode == "chain":
+        compiled, mode = compile_tree(chain_paths(drafter.max_nodes)), "chain"
+    else:
+        compiled, mode = drafter.compiled, "deterministic" if sampling.greedy else drafter.tree_sampling
+    if mode == "without_replacement":
+        raise ConfigError("the static step grows tree presets with tree_sampling=deterministic or with_replacement, "
+                          "not without_replacement (its trees lose nodes past the draft's support): use compile=none "
+                          "or another tree_sampling")
+    if target is None:
+        return None, compiled, mode
+    drafter.bind(target)
+    check_same_vocab(target, drafter.model)
+    vocab = text_config(drafter.model).vocab_size
+    if compiled.num_nodes and int(compiled.rank.max()) >= vocab:
+        raise ConfigError(f"tree preset has sibling rank {int(compiled.rank.max())}, past the draft's {vocab} tokens")
+    return drafter.model, compiled, mode

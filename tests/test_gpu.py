@@ -88,23 +88,27 @@ def test_bf16_draft_of_fp32_target_on_cuda(models):
 def test_captured_step_emits_the_eager_tokens(models, compile, batch):
     target, draft, prompts = models
     rows = (prompts * 2)[:batch]
+    shapes = (dict(num_speculative_tokens=4), dict(tree="binary"), dict(tree="binary", tree_sampling="with_replacement"))
     for sampling, rule in ((SamplingParams(), "greedy"), (SamplingParams(temperature=1.0), "rejection")):
-        eager = SpeculativeDecoder(target, DraftModelDrafter(draft, 4), rule, sampling).generate_batch(rows, 24, seed=3)
-        captured = SpeculativeDecoder(target, DraftModelDrafter(draft, 4), rule, sampling, compile=compile)
-        out = captured.generate_batch(rows, 24, seed=3)
-        assert [s.tolist() for s in out.sequences] == [s.tolist() for s in eager.sequences]
+        for shape in shapes:
+            eager = SpeculativeDecoder(target, DraftModelDrafter(draft, **shape), rule, sampling)
+            ref = eager.generate_batch(rows, 24, seed=3)
+            captured = SpeculativeDecoder(target, DraftModelDrafter(draft, **shape), rule, sampling, compile=compile)
+            out = captured.generate_batch(rows, 24, seed=3)
+            assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences], shape
 
 
-def test_captured_step_makes_no_host_sync(models):
+@pytest.mark.parametrize("shape", [dict(num_speculative_tokens=4), dict(tree="binary")])
+def test_captured_step_makes_no_host_sync(models, shape):
     """Under sync debug mode "error", replaying the captured step must not synchronise; only the
-    step's one read (``StaticChainStep.step``'s ``report.tolist()``) may."""
-    from specdec.static_step import StaticChainStep
+    step's one read (``StaticStep.step``'s ``report.tolist()``) may."""
+    from specdec.static_step import StaticStep
 
     target, draft, prompts = models
-    decoder = SpeculativeDecoder(target, DraftModelDrafter(draft, 4), compile="graph")
+    decoder = SpeculativeDecoder(target, DraftModelDrafter(draft, **shape), compile="graph")
     rows = [p[0].tolist() for p in prompts]
     with torch.inference_mode():
-        step = StaticChainStep(decoder, draft, 4, rows, [16] * len(rows), list(range(len(rows))), "graph")
+        step = StaticStep.for_decoder(decoder, rows, [16] * len(rows), list(range(len(rows))), "graph")
         step.prefill(rows)
         step.step()  # capture happens on the first use
         torch.cuda.synchronize()

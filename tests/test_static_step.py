@@ -2,9 +2,10 @@
 
 On the CPU the step runs eagerly and must emit exactly the tokens of the readable step: greedy rows
 equal ``generate(do_sample=False)``, sampled rows equal their batch-1 runs (keyed draws), for no
-drafter and draft-model chains, batch 1 and 4, EOS mid-batch and a ``max_new_tokens`` per row; the
-rejection step passes the chi-square test against the exactly enumerated target and a planted bug
-fails it. The capture itself and the absence of host syncs are GPU tests (``tests/test_gpu.py``).
+drafter, draft-model chains (and the layer-skip self-draft's) and tree presets (deterministic and
+with-replacement children, a sparse preset), batch 1 and 4, EOS mid-batch and a ``max_new_tokens``
+per row; the rejection step passes the chi-square test against the exactly enumerated target for
+a chain and for trees, and a planted bug fails it. The capture itself and the absence of host syncs are GPU tests (``tests/test_gpu.py``).
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import warnings
 import pytest
 import torch
 
-from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
+from drafters import DraftModelDrafter, LayerSkipDrafter, NGramDrafter, NoDrafter
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import ConfigError
-from specdec.static_step import StaticChainStep
+from specdec.sampling import warp_probs
+from specdec.static_step import StaticStep
 from tests.lossless import ALPHA, NEW, PROMPT, chi_square_pvalue, exact_distribution
 from tests.tiny_models import noisy_copy, pair, peaky_noisy_pair, prompts
 
@@ -34,7 +36,12 @@ def setup(request):
 
 LIMITS = [9, 14, 6, 11]
 SHAPES = {"ar": lambda arch: NoDrafter(), "chain3": lambda arch: DraftModelDrafter(noisy_copy(arch), 3),
-          "chain5": lambda arch: DraftModelDrafter(noisy_copy(arch), 5)}
+          "chain5": lambda arch: DraftModelDrafter(noisy_copy(arch), 5),
+          "binary": lambda arch: DraftModelDrafter(noisy_copy(arch), tree="binary"),
+          "sparse": lambda arch: DraftModelDrafter(noisy_copy(arch), tree=[[0], [1], [3], [0, 0], [0, 2], [1, 0],
+                                                                            [0, 0, 0], [0, 0, 1], [0, 2, 0]]),
+          "replace": lambda arch: DraftModelDrafter(noisy_copy(arch), tree="binary", tree_sampling="with_replacement"),
+          "layer_skip": lambda arch: LayerSkipDrafter(1, 3)}
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -53,7 +60,7 @@ def test_greedy_static_step_equals_generate(setup, shape, batch):
 @pytest.mark.parametrize("rule,sampling", [("rejection", SamplingParams(temperature=1.0)),
                                            ("rejection", SamplingParams(temperature=0.7, top_k=10)),
                                            ("typical", SamplingParams(temperature=0.7))])
-@pytest.mark.parametrize("shape", ["ar", "chain3"])
+@pytest.mark.parametrize("shape", ["ar", "chain3", "binary", "replace"])
 def test_sampled_static_rows_equal_their_batch_one_runs(setup, shape, rule, sampling):
     arch, target, rows = setup
     static = SpeculativeDecoder(target, SHAPES[shape](arch), rule, sampling, compile="static")
@@ -77,27 +84,37 @@ def _static_counts(target, drafter, sampling, runs: int, rule=None) -> dict:
     return counts
 
 
-def test_static_rejection_is_lossless_and_a_planted_bug_is_not(monkeypatch):
+TREE = [[0], [1], [0, 0], [1, 0]]
+LOSSLESS = {"chain": lambda draft: DraftModelDrafter(draft, 2),
+            "tree_replace": lambda draft: DraftModelDrafter(draft, tree=TREE, tree_sampling="with_replacement"),
+            "tree_top": lambda draft: DraftModelDrafter(draft, tree=TREE)}
+
+
+@pytest.mark.parametrize("shape", list(LOSSLESS))
+def test_static_rejection_is_lossless_and_a_planted_bug_is_not(monkeypatch, shape):
     target, draft = peaky_noisy_pair()
     sampling = SamplingParams(temperature=1.0)
     exact = exact_distribution(target, sampling)
-    counts = _static_counts(target, DraftModelDrafter(draft, 2), sampling, 1500)
+    counts = _static_counts(target, LOSSLESS[shape](draft), sampling, 1500)
     assert chi_square_pvalue(counts, exact, 1500) > ALPHA
 
     from specdec import batch_acceptance
 
-    def accept_all(tree, logits, sampling, rng):  # planted: every draft accepted, the bonus from the last node's p
+    def accept_all(tree, logits, sampling, rng):  # planted: the first child always accepted, the bonus from its p
         out = batch_acceptance.batch_rejection(tree, logits, sampling, rng)
-        out.counts = torch.full_like(out.counts, tree.max_depth)
+        first = tree.children[:, 0, 0]  # [B] the root's first child
+        out.accepted[:, 0], out.counts = first, torch.ones_like(out.counts)
+        p = warp_probs(logits, sampling)[torch.arange(first.shape[0]), 1 + first]  # [B, V]
+        out.extra = rng.categorical(p, 99)
         return out
 
-    monkeypatch.setattr(StaticChainStep, "__init__", _with_rule(accept_all))
-    counts = _static_counts(target, DraftModelDrafter(draft, 2), sampling, 300)
+    monkeypatch.setattr(StaticStep, "__init__", _with_rule(accept_all))
+    counts = _static_counts(target, LOSSLESS[shape](draft), sampling, 300)
     assert chi_square_pvalue(counts, exact, 300) < ALPHA
 
 
 def _with_rule(rule):
-    original = StaticChainStep.__init__
+    original = StaticStep.__init__
 
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
@@ -108,8 +125,14 @@ def _with_rule(rule):
 
 def test_compile_modes_and_their_errors(setup):
     arch, target, rows = setup
-    with pytest.raises(ConfigError, match="supports no drafter and draft-model chains, not NGramDrafter"):
+    with pytest.raises(ConfigError, match="supports no drafter and draft-model chains and tree presets, not NGram"):
         SpeculativeDecoder(target, NGramDrafter(), compile="static")
+    with pytest.raises(ConfigError, match=r"not DraftModelDrafter \(dynamic\)"):
+        SpeculativeDecoder(target, DraftModelDrafter(noisy_copy(arch), budget=8), compile="static")
+    without = DraftModelDrafter(noisy_copy(arch), tree="binary", tree_sampling="without_replacement")
+    with pytest.raises(ConfigError, match="not without_replacement"):
+        SpeculativeDecoder(target, without, "rejection", SamplingParams(temperature=1.0), compile="static")
+    SpeculativeDecoder(target, without, compile="static")  # greedy: its children are deterministic
     with pytest.raises(ConfigError, match="compile='fast' is unknown"):
         SpeculativeDecoder(target, NoDrafter(), compile="fast")
     if not torch.cuda.is_available():  # on the CPU: one warning, then the eager static step, same tokens

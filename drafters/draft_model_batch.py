@@ -77,7 +77,7 @@ class BatchDraftModelChain(BatchDrafter):
         logits = self._catch_up()  # [B, V]
         drafts, probs = [], []
         for i in range(k_max):
-            check_finite(logits, f"draft model forward at draft position {i + 1}")
+            check_finite(logits, f"draft model forward at draft position {i + 1}", masked_ok=True)
             q = warp_probs(logits, sampling)  # [B, V]
             tok = q.argmax(-1) if sampling.greedy else rng.categorical(q, DRAFT, i)  # [B]
             drafts.append(tok)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from drafters.draft_vocab import DraftVocabHead, check_ids
 from drafters.head_files import (
     HeadFormat,
     cache_root,
@@ -178,10 +179,12 @@ class EagleHead(nn.Module):
         feature_layers: eagle3: the target decoder layers whose outputs are fused; eagle2: None.
         target: the target's fingerprint (:func:`drafters.head_files.target_fingerprint`), if known.
         source: where the head was loaded from (for messages).
+        draft_vocab: 0, or the size of a draft vocabulary (:mod:`drafters.draft_vocab`): the LM head
+            scores only those tokens (eagle2: rows of the target's LM head; eagle3: its own rows).
     """
 
     def __init__(self, layer_config: dict, version: str, feature_layers: list[int] | None = None,
-                 target: dict | None = None, source: str | None = None):
+                 target: dict | None = None, source: str | None = None, draft_vocab: int = 0):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         super().__init__()
@@ -203,7 +206,10 @@ class EagleHead(nn.Module):
         self.model.set_input_embeddings(FeatureInput(self.hidden_size, version, eps))
         if version == "eagle3":
             self.fuse = nn.Linear(3 * self.hidden_size, self.hidden_size, bias=False)
-        else:
+        if draft_vocab:
+            self.model.lm_head = DraftVocabHead(self.vocab_size, int(draft_vocab), self.hidden_size,
+                                                trainable=version == "eagle3")
+        elif version == "eagle2":
             self.model.lm_head = TargetModule("LM head")  # the target's own, frozen
         self.target_info = dict(target or {})
         self.source = source
@@ -215,10 +221,17 @@ class EagleHead(nn.Module):
 
     # ----------------------------------------------------------------- building and binding
 
+    @property
+    def draft_vocab(self) -> int:
+        """The draft vocabulary's size (0: the whole vocabulary)."""
+        head = self.model.lm_head
+        return head.size if isinstance(head, DraftVocabHead) else 0
+
     @classmethod
     def for_target(cls, target, version: str = "eagle2", feature_layers: list[int] | None = None,
-                   seed: int = 0, init: str = "target") -> EagleHead:
+                   seed: int = 0, init: str = "target", draft_vocab: torch.Tensor | None = None) -> EagleHead:
         """A new (untrained) head for ``target``, bound to it; an eagle3 LM head starts as the target's copy.
+        ``draft_vocab``: ids ``[Vd]`` of a draft vocabulary (:func:`drafters.draft_vocab.frequent_tokens`), or None.
 
         ``init="target"``: the decoder layer and final norm start as copies of the target's first layer
         and final norm, and ``fc`` passes the token embedding only, so the untrained head is the target
@@ -236,7 +249,27 @@ class EagleHead(nn.Module):
                 head.model.lm_head.weight.copy_(target.get_output_embeddings().weight.detach().float().cpu())
             if init == "target":
                 head._copy_first_layer(target)
-        return head.bind(target)
+        head.bind(target)
+        return head.use_draft_vocab(draft_vocab) if draft_vocab is not None else head
+
+    def use_draft_vocab(self, ids: torch.Tensor) -> EagleHead:
+        """From now on score only the tokens ``ids [Vd]`` (:mod:`drafters.draft_vocab`; also training-free,
+        on a trained head): eagle3 keeps its own LM head's rows, eagle2 the target's (bound)."""
+        old = self.model.lm_head
+        if isinstance(old, DraftVocabHead):
+            raise EagleHeadError("this head already drafts over a draft vocabulary")
+        new = DraftVocabHead(self.vocab_size, int(ids.numel()), self.hidden_size, trainable=self.version == "eagle3")
+        full = old.weight if isinstance(old, nn.Linear) else None  # [V, H] eagle3's own rows
+        try:
+            new.set_vocab(ids.long().cpu(), None if full is None else full.float().cpu())
+        except ValueError as exc:
+            raise EagleHeadError(str(exc)) from exc
+        if full is not None:
+            new.to(device=full.device, dtype=full.dtype)
+        elif old.ref is not None:
+            new.bind_rows(old.ref.weight)
+        self.model.lm_head = new
+        return self
 
     def _copy_first_layer(self, target) -> None:
         """Decoder layer 0 and the final norm from ``target``; ``fc`` = [I | 0] (token embedding only)."""
@@ -252,9 +285,11 @@ class EagleHead(nn.Module):
     def bind(self, target) -> EagleHead:
         """Use ``target``'s embedding (and, for eagle2, its LM head); move to its device and dtype."""
         self.input.embed.bind(target.get_input_embeddings())
-        if self.version == "eagle2":
-            self.model.lm_head.bind(target.get_output_embeddings())
-        weight = target.get_output_embeddings().weight
+        lm_head, weight = self.model.lm_head, target.get_output_embeddings().weight
+        if isinstance(lm_head, TargetModule):
+            lm_head.bind(target.get_output_embeddings())
+        elif isinstance(lm_head, DraftVocabHead) and lm_head.weight is None:
+            lm_head.bind_rows(weight)  # eagle2: the target's rows for the draft vocabulary
         return self.to(device=weight.device, dtype=weight.dtype)
 
     def check_target(self, target) -> None:
@@ -264,7 +299,8 @@ class EagleHead(nn.Module):
     def config(self) -> dict:
         """The ``eagle_config.json`` content (without training details)."""
         return {"version": self.version, "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
-                "feature_layers": self.feature_layers, "layer_config": self.layer_config, "target": self.target_info}
+                "feature_layers": self.feature_layers, "layer_config": self.layer_config, "target": self.target_info,
+                "draft_vocab": self.draft_vocab}
 
     # ----------------------------------------------------------------- running
 
@@ -314,6 +350,11 @@ def save_head(head: EagleHead, directory: str | os.PathLike, training: dict | No
     return save_files(FILES, head, {**head.config(), "training": training or {}}, directory, evaluation)
 
 
+def read_config_of(directory: str | os.PathLike) -> dict:
+    """The parsed ``eagle_config.json`` of a head directory (:class:`EagleHeadError` if absent or bad)."""
+    return read_config(FILES, Path(directory).expanduser(), how_to_train())
+
+
 def load_head(directory: str | os.PathLike, version: str | None = None) -> EagleHead:
     """Load the head saved in ``directory`` (unbound: :meth:`EagleHead.bind` it to its target).
 
@@ -332,6 +373,10 @@ def load_head(directory: str | os.PathLike, version: str | None = None) -> Eagle
             f"drafter.version={trained}, or train an {version} head with `{TRAIN_COMMAND} version={version}` and pass "
             f"its directory as drafter.heads=<dir>")
     head = EagleHead(config["layer_config"], trained, config.get("feature_layers"), target=config.get("target"),
-                     source=str(directory))
-    return load_into(FILES, head, directory, f"an {trained} head of hidden size {config['hidden_size']}",
-                     how_to_train(trained))
+                     source=str(directory), draft_vocab=int(config.get("draft_vocab") or 0))
+    note = f"an {trained} head of hidden size {config['hidden_size']}"
+    load_into(FILES, head, directory, note + (f", a {head.draft_vocab}-token draft vocabulary" if head.draft_vocab
+                                              else ""), how_to_train(trained))
+    if head.draft_vocab and (problem := check_ids(head.model.lm_head.ids, head.vocab_size)):
+        raise EagleHeadError(f"{directory / FILES.weights_file}: {problem}; {FILES.retrain()}")
+    return head

@@ -134,7 +134,8 @@ def save_files(fmt: HeadFormat, module: torch.nn.Module, config: dict, directory
 
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+    tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+               for k, v in module.state_dict().items()}  # weights in float32; index tensors keep their type
     atomic_write(directory / fmt.weights_file, lambda tmp: save_file(tensors, tmp, metadata={"format": str(fmt.format)}))
     if evaluation is not None:
         atomic_write_json(directory / EVAL_FILE, evaluation)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drafters.draft_vocab import DraftVocabHead, check_ids
 from drafters.head_files import (  # noqa: F401
     EVAL_FILE,
     HeadFormat,
@@ -69,12 +70,14 @@ class ResBlock(nn.Module):
 
 
 class MedusaHead(nn.Module):
-    """Residual blocks then an LM head: ``[..., H] -> [..., V]``."""
+    """Residual blocks then an LM head: ``[..., H] -> [..., V]`` (over a draft vocabulary of
+    ``draft_vocab`` tokens when it is not 0: :class:`drafters.draft_vocab.DraftVocabHead`)."""
 
-    def __init__(self, hidden_size: int, vocab_size: int, num_blocks: int):
+    def __init__(self, hidden_size: int, vocab_size: int, num_blocks: int, draft_vocab: int = 0):
         super().__init__()
         self.blocks = nn.Sequential(*[ResBlock(hidden_size) for _ in range(num_blocks)])
-        self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.lm_head = (DraftVocabHead(vocab_size, draft_vocab, hidden_size) if draft_vocab
+                        else nn.Linear(hidden_size, vocab_size, bias=False))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.blocks(hidden))
@@ -89,10 +92,11 @@ class MedusaHeads(nn.Module):
         num_blocks: residual blocks per head.
         target: the target's fingerprint (:func:`target_fingerprint`), recorded for load-time checks.
         source: where the heads were loaded from (for error messages), if anywhere.
+        draft_vocab: 0, or the size of the heads' draft vocabulary (:mod:`drafters.draft_vocab`).
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, num_heads: int, num_blocks: int = 1,
-                 target: dict | None = None, source: str | None = None):
+                 target: dict | None = None, source: str | None = None, draft_vocab: int = 0):
         super().__init__()
         for name, value, low in (("num_heads", num_heads, 1), ("num_blocks", num_blocks, 0),
                                  ("hidden_size", hidden_size, 1), ("vocab_size", vocab_size, 1)):
@@ -100,7 +104,9 @@ class MedusaHeads(nn.Module):
                 raise MedusaHeadsError(f"{name}={value!r}: it must be an integer >= {low}")
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.num_blocks = num_blocks
-        self.heads = nn.ModuleList(MedusaHead(hidden_size, vocab_size, num_blocks) for _ in range(num_heads))
+        self.draft_vocab = int(draft_vocab)
+        self.heads = nn.ModuleList(MedusaHead(hidden_size, vocab_size, num_blocks, self.draft_vocab)
+                                   for _ in range(num_heads))
         self.target_info = dict(target or {})
         self.source = source
 
@@ -115,8 +121,9 @@ class MedusaHeads(nn.Module):
 
     @classmethod
     def for_target(cls, target, num_heads: int, num_blocks: int = 1, init: str = "zero",
-                   seed: int = 0) -> "MedusaHeads":
-        """Heads shaped for ``target``; every LM head starts as a copy of the target's output embedding.
+                   seed: int = 0, draft_vocab: torch.Tensor | None = None) -> "MedusaHeads":
+        """Heads shaped for ``target``; every LM head starts as a copy of the target's output embedding
+        (its rows ``draft_vocab [Vd]`` when a draft vocabulary is given).
 
         ``init="zero"`` (Medusa's): residual blocks are the identity, so each head starts by predicting
         the target's next token. ``init="random"``: random residual blocks (seeded), for tests.
@@ -134,12 +141,29 @@ class MedusaHeads(nn.Module):
                     for block in head.blocks:
                         block.linear.weight.copy_(torch.randn(hidden, hidden, generator=gen) / hidden**0.5)
                         block.linear.bias.copy_(torch.randn(hidden, generator=gen) * 0.1)
-        return heads
+        return heads.use_draft_vocab(draft_vocab) if draft_vocab is not None else heads
+
+    def use_draft_vocab(self, ids: torch.Tensor) -> "MedusaHeads":
+        """From now on every head scores only the tokens ``ids [Vd]``, keeping its LM head's rows for them
+        (:mod:`drafters.draft_vocab`; also training-free, on trained heads)."""
+        if self.draft_vocab:
+            raise MedusaHeadsError("these heads already draft over a draft vocabulary")
+        for head in self.heads:
+            full = head.lm_head.weight  # [V, H]
+            new = DraftVocabHead(self.vocab_size, int(ids.numel()), self.hidden_size)
+            try:
+                new.set_vocab(ids.long().cpu(), full.float().cpu())
+            except ValueError as exc:
+                raise MedusaHeadsError(str(exc)) from exc
+            head.lm_head = new.to(device=full.device, dtype=full.dtype)
+        self.draft_vocab = int(ids.numel())
+        return self
 
     def config(self) -> dict:
         """The ``medusa_config.json`` content (without training details)."""
         return {"format": FORMAT, "num_heads": self.num_heads, "num_blocks": self.num_blocks,
-                "hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "target": self.target_info}
+                "hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "target": self.target_info,
+                "draft_vocab": self.draft_vocab}
 
 
 def check_target(heads: MedusaHeads, target) -> None:
@@ -198,6 +222,12 @@ def load_heads(directory: str | os.PathLike, num_heads: int | None = None) -> Me
             f"num_heads={num_heads} but the heads at {str(directory)!r} were trained with {trained}: use "
             f"num_heads<={trained}, or train more with `{TRAIN_COMMAND} num_heads={num_heads}`")
     heads = MedusaHeads(int(config["hidden_size"]), int(config["vocab_size"]), num_heads, int(config["num_blocks"]),
-                        target=config.get("target"), source=str(directory))
+                        target=config.get("target"), source=str(directory), draft_vocab=int(config.get("draft_vocab") or 0))
     note = f"{trained} heads with {config['num_blocks']} residual block(s) each"
-    return load_into(FILES, heads, directory, note, HOW_TO_TRAIN)
+    if heads.draft_vocab:
+        note += f" over a {heads.draft_vocab}-token draft vocabulary"
+    load_into(FILES, heads, directory, note, HOW_TO_TRAIN)
+    for head in heads.heads if heads.draft_vocab else ():
+        if problem := check_ids(head.lm_head.ids, heads.vocab_size):
+            raise MedusaHeadsError(f"{directory / WEIGHTS_FILE}: {problem}; {FILES.retrain()}")
+    return heads

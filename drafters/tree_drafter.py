@@ -100,7 +100,7 @@ class TreeDrafter(Drafter):
         draft ``i`` and returns the logits after it. Draft ``i`` is keyed ``(DRAFT, i)``."""
         drafts, probs = [], []
         for i in range(k):
-            check_finite(logits, f"{self.forward_label} at draft position {i + 1}")
+            check_finite(logits, f"{self.forward_label} at draft position {i + 1}", masked_ok=True)
             q = warp_probs(logits, self.ctx.sampling)  # [V]
             tok = int(q.argmax()) if self.ctx.sampling.greedy else int(self.ctx.rng.categorical(q[None], DRAFT, i)[0])
             drafts.append(tok)
@@ -111,7 +111,7 @@ class TreeDrafter(Drafter):
 
     def grow_tree(self, feed: TreeFeed, root_logits: torch.Tensor, depth_limit: int) -> tuple[DraftTree, list[int]]:
         """A static or dynamic tree grown through ``feed``; per node, its fed index (-1: not fed)."""
-        check_finite(root_logits, f"{self.forward_label} at draft position 1")
+        check_finite(root_logits, f"{self.forward_label} at draft position 1", masked_ok=True)
         if self.mode == "dynamic":
             return expand_dynamic(feed, root_logits, depth_limit, self.budget, self.top_k_children)
         mode = "deterministic" if self.ctx.sampling.greedy else self.tree_sampling

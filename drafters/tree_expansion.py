@@ -71,7 +71,7 @@ class TreeFeed:
         position_ids = torch.full((1, n), self.prefix_len - 1 + depth, dtype=torch.long, device=self.device)  # [1, n]
         # A dense key mask (SDPA): the kernel's "prefix + [n, n] tree" cannot hide earlier levels' siblings.
         logits = self.run(ids, parents, dense.to(self.device)[None, None], position_ids)  # [n, V]
-        check_finite(logits, f"{self.label} tree forward at depth {depth}")
+        check_finite(logits, f"{self.label} tree forward at depth {depth}", masked_ok=True)
         return logits
 
     def run(self, ids: torch.Tensor, parents: list[int], key_mask: torch.Tensor,

@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-ngram", type=int, default=2)
     p.add_argument("--medusa", default=None, help="Medusa heads directory (default: the cached heads for the model)")
     p.add_argument("--medusa-nodes", type=int, default=16, help="nodes of the Medusa tree (from the heads' eval.json)")
+    p.add_argument("--eagle", default=None, help="EAGLE head directories, comma-separated (default: the cached heads "
+                   "for the model); each gives a chain of --k and, with --eagle-budget, a dynamic tree")
+    p.add_argument("--eagle-budget", type=int, default=0, help="nodes of an EAGLE-2 dynamic tree row (0: none)")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -120,7 +123,32 @@ def drafters_for(target, draft, medusa: str | None, args) -> dict:
         from drafters import MedusaDrafter
 
         found[f"ours_medusa{args.medusa_nodes}"] = MedusaDrafter(heads=medusa, tree_nodes=args.medusa_nodes)
+    for path in eagle_dirs(args, target):
+        from drafters import EagleDrafter
+        from drafters.eagle_heads import read_config_of
+
+        version = read_config_of(path)["version"]
+        found[f"ours_{version}_k{args.k}"] = EagleDrafter(path, num_speculative_tokens=args.k)
+        if args.eagle_budget:
+            found[f"ours_{version}_dyn{args.eagle_budget}"] = EagleDrafter(
+                path, num_speculative_tokens=args.k + 2, budget=args.eagle_budget)
     return found
+
+
+def eagle_dirs(args, target) -> list[str]:
+    """``--eagle`` (comma-separated head directories), else the heads ``train_eagle target=<model>`` writes
+    by default (eagle2 and eagle3), those present."""
+    from pathlib import Path
+
+    from drafters.eagle_heads import FILES, default_heads_dir, target_fingerprint
+
+    if args.eagle:
+        return [p for p in args.eagle.split(",") if p]
+    from experiments.pretrained import model_dir
+
+    name = f"{model_dir(args.model, args.cache_dir).name}-{target_fingerprint(target)['sha256'][:10]}"
+    found = [default_heads_dir(v, "x", args.cache_dir).parent / f"{v}-{name}" for v in ("eagle2", "eagle3")]
+    return [str(p) for p in found if (Path(p) / FILES.config_file).is_file()]
 
 
 def build_methods(target, draft, medusa, args) -> list[Method]:

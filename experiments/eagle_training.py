@@ -27,8 +27,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from drafters.draft_vocab import expressible, soft_cross_entropy
 from drafters.eagle_heads import VERSIONS, EagleHead, default_heads_dir, save_head
-from experiments.head_training import HeadRecipe, generate_rows, target_dir_name, teacher
+from experiments.head_training import (
+    HeadRecipe,
+    generate_rows,
+    target_dir_name,
+    teacher,
+)
 from specdec.errors import ConfigError
 from verifier.verifier import attention_backend, cache_argument
 
@@ -117,9 +123,10 @@ def eagle_loss(head: EagleHead, raw: torch.Tensor, t_logits: torch.Tensor, t_hid
         teach = t_logits[:, j + 1 : j + 1 + m]  # [B, m, V]
         logq = F.log_softmax(logits[:, :m].float(), dim=-1)  # [B, m, V]
         if opts["ce_target"] == "hard":  # the target's argmax: what greedy decoding accepts
-            ce = F.nll_loss(logq.reshape(-1, logq.shape[-1]), teach.argmax(-1).reshape(-1))
+            labels = expressible(logq, teach.argmax(-1))  # [B, m] (a draft vocabulary cannot express some)
+            ce = F.nll_loss(logq.reshape(-1, logq.shape[-1]), labels.reshape(-1))
         else:  # its whole distribution
-            ce = -(F.softmax(teach, dim=-1) * logq).sum(-1).mean()
+            ce = soft_cross_entropy(teach, logq)
         loss = opts["ce_weight"] * ce
         if opts["regression_weight"]:
             reg = F.smooth_l1_loss(out[:, :m].float(), t_hidden[:, j + 1 : j + 1 + m])
@@ -205,9 +212,9 @@ class EagleRecipe(HeadRecipe):
     def check(self, cfg: DictConfig) -> None:
         self.opts = options(cfg)
 
-    def build(self, cfg: DictConfig, target) -> EagleHead:
+    def build(self, cfg: DictConfig, target, draft_vocab: torch.Tensor | None = None) -> EagleHead:
         layers = list(cfg.feature_layers) if cfg.feature_layers is not None else None
-        head = EagleHead.for_target(target, cfg.version, layers, seed=cfg.seed, init=cfg.init)
+        head = EagleHead.for_target(target, cfg.version, layers, seed=cfg.seed, init=cfg.init, draft_vocab=draft_vocab)
         self.tap = head.tap(target)
         return head
 

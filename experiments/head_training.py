@@ -205,8 +205,9 @@ class HeadRecipe:
     def check(self, cfg: DictConfig) -> None:
         """Validate the head's own settings (ConfigError naming the key)."""
 
-    def build(self, cfg: DictConfig, target) -> torch.nn.Module:
-        """A new head for ``target``, on its device."""
+    def build(self, cfg: DictConfig, target, draft_vocab: torch.Tensor | None = None) -> torch.nn.Module:
+        """A new head for ``target``, on its device; ``draft_vocab``: the ids ``[Vd]`` its LM head scores,
+        or None for the whole vocabulary (:mod:`drafters.draft_vocab`)."""
         raise NotImplementedError
 
     def loss(self, head: torch.nn.Module, target, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -257,7 +258,35 @@ def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
     settings = {k: cfg[k] for k in (*recipe.resume_keys, *COMMON_RESUME_KEYS)}
     if source != "corpus":  # recorded only when not the default, so older checkpoints still resume
         settings["generated_source"] = source
+    size = cfg.get("draft_vocab") or 0
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ConfigError(f"draft_vocab={size!r}: use 0 (the whole vocabulary) or the number of tokens to draft over")
+    if size:
+        settings["draft_vocab"] = size
     return settings
+
+
+def draft_vocabulary(cfg: DictConfig, target, train_chunks: torch.Tensor, extra_rows: torch.Tensor | None):
+    """``cfg.draft_vocab``'s most frequent tokens of the training rows (corpus and the target's own rows
+    weighted equally; the target's EOS tokens always in), ascending ``[Vd]``, or None for the whole vocabulary."""
+    from drafters.draft_vocab import frequent_tokens
+    from specdec.decoder import eos_token_ids
+
+    size, vocab = check_draft_vocab(cfg, target)
+    if not size:
+        return None
+    return frequent_tokens([train_chunks, extra_rows], size, vocab, always=eos_token_ids(target))
+
+
+def check_draft_vocab(cfg: DictConfig, target) -> tuple[int, int]:
+    """``(draft vocabulary size, target vocabulary)``; ConfigError unless the size is below the target's."""
+    from specdec.models import text_config
+
+    size, vocab = int(cfg.get("draft_vocab") or 0), int(text_config(target).vocab_size)
+    if size >= vocab:
+        raise ConfigError(f"draft_vocab={size} is not below the target's vocabulary of {vocab} tokens: use 0 for the "
+                          "whole vocabulary, or fewer tokens")
+    return size, vocab
 
 
 def generated_training_rows(cfg: DictConfig, target, tokenizer, target_dir: str, train_chunks: torch.Tensor):
@@ -317,7 +346,15 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     out_dir = Path(str(cfg.out_dir)).expanduser() if cfg.out_dir else recipe.out_dir(cfg, fingerprint)
     out_dir.mkdir(parents=True, exist_ok=True)
     amp = autocast_dtype(cfg, device, target)
-    head = recipe.build(cfg, target)
+    check_draft_vocab(cfg, target)  # before any data is made
+    from experiments.suite import SUITE_SOURCES
+
+    exclude = SUITE_SOURCES if cfg.target else ()  # a real target is benchmarked on the suite: keep its sources out
+    train_chunks = token_chunks(tokenizer, "train", cfg.train_chars, cfg.context, exclude)
+    eval_rows = max(1, cfg.eval_tokens // cfg.context)
+    eval_chunks = token_chunks(tokenizer, "heldout", cfg.eval_tokens * 8, cfg.context)[:eval_rows]
+    extra_rows = generated_training_rows(cfg, target, tokenizer, where["target"], train_chunks)
+    head = recipe.build(cfg, target, draft_vocabulary(cfg, target, train_chunks, extra_rows))
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=tuple(recipe.betas))
     ckpt, start, elapsed = out_dir / "checkpoint.pt", 0, 0.0
@@ -327,13 +364,6 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed = int(state["step"]), float(state["elapsed_s"])
         print(f"resuming from {ckpt} at step {start}/{cfg.steps}", file=sys.stderr)
-    from experiments.suite import SUITE_SOURCES
-
-    exclude = SUITE_SOURCES if cfg.target else ()  # a real target is benchmarked on the suite: keep its sources out
-    train_chunks = token_chunks(tokenizer, "train", cfg.train_chars, cfg.context, exclude)
-    eval_rows = max(1, cfg.eval_tokens // cfg.context)
-    eval_chunks = token_chunks(tokenizer, "heldout", cfg.eval_tokens * 8, cfg.context)[:eval_rows]
-    extra_rows = generated_training_rows(cfg, target, tokenizer, where["target"], train_chunks)
     train_log = TrainingLog(run_dir, training_wandb_settings(cfg, run_dir, f"train_{recipe.name}"))
     log.info("training %s for %s: steps %d-%d, %d training rows; head -> %s", recipe.name, where["target"], start,
              cfg.steps, train_chunks.shape[0], out_dir)

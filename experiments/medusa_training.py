@@ -8,8 +8,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from drafters.draft_vocab import expressible, soft_cross_entropy
 from drafters.medusa_heads import MedusaHeads, default_heads_dir, save_heads
-from experiments.head_training import HeadRecipe, generate_rows, target_dir_name, teacher
+from experiments.head_training import (
+    HeadRecipe,
+    generate_rows,
+    target_dir_name,
+    teacher,
+)
 from specdec.errors import ConfigError
 
 LOSSES = ("soft", "hard")
@@ -20,8 +26,9 @@ def medusa_loss(head_logits: torch.Tensor, target_logits: torch.Tensor, mode: st
     """Weighted loss over heads and each head's loss.
 
     Head ``i``'s logits at position ``t`` (``head_logits [K, B, T, V]``) are trained towards the
-    target's prediction at ``t + i + 1`` (``target_logits [B, T, V]``): KL(target || head) for
-    ``soft``, cross-entropy on the target's argmax for ``hard``.
+    target's prediction at ``t + i + 1`` (``target_logits [B, T, V]``): cross-entropy to the target's
+    distribution for ``soft`` (KL(target || head) plus the target's entropy: the same gradient),
+    cross-entropy on the target's argmax for ``hard``; labels a draft vocabulary cannot express are skipped.
     """
     total, per_head = head_logits.new_zeros(()), []
     seq = target_logits.shape[1]
@@ -32,10 +39,10 @@ def medusa_loss(head_logits: torch.Tensor, target_logits: torch.Tensor, mode: st
         logq = F.log_softmax(head_logits[i, :, :n], dim=-1)  # [B, n, V]
         teach = target_logits[:, i + 1 :]  # [B, n, V]
         if mode == "soft":
-            logp = F.log_softmax(teach, dim=-1)  # [B, n, V]
-            loss = (logp.exp() * (logp - logq)).sum(-1).mean()
+            loss = soft_cross_entropy(teach, logq)
         else:
-            loss = F.nll_loss(logq.reshape(-1, logq.shape[-1]), teach.argmax(-1).reshape(-1))
+            labels = expressible(logq, teach.argmax(-1))  # [B, n] (a draft vocabulary cannot express some)
+            loss = F.nll_loss(logq.reshape(-1, logq.shape[-1]), labels.reshape(-1))
         total = total + decay**i * loss
         per_head.append(loss.detach())
     return total, per_head
@@ -99,9 +106,9 @@ class MedusaRecipe(HeadRecipe):
         if not 0 < float(cfg.head_decay) <= 1:
             raise ConfigError(f"head_decay={cfg.head_decay} must be in (0, 1]")
 
-    def build(self, cfg: DictConfig, target) -> MedusaHeads:
+    def build(self, cfg: DictConfig, target, draft_vocab: torch.Tensor | None = None) -> MedusaHeads:
         device = target.get_output_embeddings().weight.device
-        return MedusaHeads.for_target(target, cfg.num_heads, cfg.num_blocks).to(device)
+        return MedusaHeads.for_target(target, cfg.num_heads, cfg.num_blocks, draft_vocab=draft_vocab).to(device)
 
     def loss(self, head: MedusaHeads, target, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
         hidden, t_logits = teacher(target, batch)  # [B, T, H], [B, T, V]

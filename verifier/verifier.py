@@ -112,9 +112,15 @@ def model_forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Ten
     return out.logits.float(), hidden
 
 
-def check_finite(logits: torch.Tensor, where: str) -> None:
-    """Raise :class:`NonFiniteLogitsError` naming ``where`` if ``logits`` hold NaN or inf."""
-    if not bool(torch.isfinite(logits).all()):
+def check_finite(logits: torch.Tensor, where: str, masked_ok: bool = False) -> None:
+    """Raise :class:`NonFiniteLogitsError` naming ``where`` if ``logits`` hold NaN or inf.
+
+    ``masked_ok``: ``-inf`` marks tokens a draft cannot propose (a draft vocabulary); it is allowed as
+    long as every position keeps a finite logit."""
+    ok = torch.isfinite(logits)
+    if masked_ok:
+        ok = (ok | (logits == float("-inf"))) & ok.any(-1, keepdim=True)
+    if not bool(ok.all()):
         bad = "NaN" if bool(torch.isnan(logits).any()) else "inf"
         raise NonFiniteLogitsError(
             f"{where}: the model produced {bad} logits. Check the checkpoint and dtype "

@@ -1,0 +1,108 @@
+"""A draft vocabulary: a draft head's LM head over the target's most frequent tokens only.
+
+A small target's LM head is a large share of any draft's cost (SmolLM2-135M: 49152 x 576, 28M of
+its 135M parameters; one draft-head forward through it costs about a quarter of a target forward).
+FR-Spec (arXiv 2502.14856) and EAGLE-3 (its ``d2t`` table) draft over a frequency-ranked subset of
+the vocabulary instead; the target still verifies over the whole vocabulary.
+
+:class:`DraftVocabHead` stands where a head's LM head was: it scores only ``ids`` (``[Vd]``, the
+draft vocabulary) and returns logits over the whole vocabulary, ``-inf`` elsewhere. Everything
+downstream is unchanged, and nothing is lost: greedy drafts are only proposals, and a sampled
+draft's ``q`` is zero outside the draft vocabulary, which rejection sampling handles exactly (a
+token the draft cannot propose is reached through the recovered distribution). Losses skip the
+labels the head cannot express (:func:`expressible`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def frequent_tokens(sources: Iterable[torch.Tensor | None], size: int, vocab: int, always: Iterable[int] = ()) -> torch.Tensor:
+    """The ``size`` most frequent token ids over ``sources`` (each a tensor of ids, e.g. ``[R, T]`` rows;
+    None is skipped), every source weighted equally (its counts normalised), plus ``always`` (EOS),
+    ascending ``[Vd]``. Ties go to the lower id."""
+    freq = torch.zeros(vocab, dtype=torch.float64)
+    for ids in sources:
+        if ids is not None and ids.numel():
+            counts = torch.bincount(ids.reshape(-1).long().clamp(0, vocab - 1), minlength=vocab).double()
+            freq += counts / counts.sum()
+    keep = [int(t) for t in always if 0 <= int(t) < vocab]
+    freq[keep] = float("inf")
+    order = torch.argsort(-freq, stable=True)[: min(size, vocab)]  # most frequent first, ties by id
+    return order.sort().values
+
+
+def check_ids(ids: torch.Tensor, vocab: int) -> str | None:
+    """Why ``ids`` is not a draft vocabulary of a ``vocab``-token model (None if it is one)."""
+    if ids.dim() != 1 or ids.numel() == 0:
+        return f"draft vocabulary ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}"
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        return f"draft vocabulary ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}"
+    if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        return "draft vocabulary ids must be strictly ascending"
+    return None
+
+
+class DraftVocabHead(nn.Module):
+    """An LM head over ``size`` of a ``vocab``-token vocabulary: ``[..., H] -> [..., vocab]``, ``-inf``
+    outside the draft vocabulary.
+
+    Args:
+        vocab: the full vocabulary (the target's).
+        size: draft vocabulary size ``Vd``; ``ids`` (a buffer, saved with the head) is set by
+            :meth:`set_vocab` or loaded from a file.
+        hidden_size: ``H``.
+        trainable: own weights ``[Vd, H]`` (a parameter, saved); False: the rows of a frozen LM
+            head given by :meth:`bind_rows` (not saved: EAGLE-2 reuses the target's own head).
+    """
+
+    def __init__(self, vocab: int, size: int, hidden_size: int, trainable: bool = True):
+        super().__init__()
+        self.vocab = int(vocab)
+        self.register_buffer("ids", torch.arange(size, dtype=torch.long))  # [Vd]
+        self.weight = nn.Parameter(torch.zeros(size, hidden_size)) if trainable else None  # [Vd, H]
+        self.register_buffer("rows", None, persistent=False)  # [Vd, H] frozen rows (trainable=False)
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.shape[0])
+
+    @torch.no_grad()
+    def set_vocab(self, ids: torch.Tensor, full_weight: torch.Tensor | None = None) -> None:
+        """Use draft vocabulary ``ids [Vd]``; a trainable head starts from ``full_weight [V, H]``'s rows."""
+        problem = check_ids(ids, self.vocab)
+        if problem or ids.numel() != self.size:
+            raise ValueError(problem or f"{ids.numel()} ids for a {self.size}-token draft vocabulary")
+        self.ids.copy_(ids)
+        if self.weight is not None and full_weight is not None:
+            self.weight.copy_(full_weight.detach()[ids.to(full_weight.device)].to(self.weight))
+
+    def bind_rows(self, full_weight: torch.Tensor) -> None:
+        """A frozen head reads rows ``ids`` of ``full_weight [V, H]`` (a copy of ``Vd`` rows, on its device)."""
+        self.rows = full_weight.detach()[self.ids.to(full_weight.device)]  # [Vd, H]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight is not None else self.rows
+        if weight is None:
+            raise RuntimeError("a frozen DraftVocabHead needs bind_rows(the LM head's weight) before use")
+        scores = F.linear(hidden, weight.to(hidden.dtype))  # [..., Vd]
+        out = scores.new_full((*scores.shape[:-1], self.vocab), float("-inf"))  # [..., V]
+        return out.scatter(-1, self.ids.to(scores.device).expand_as(scores), scores)
+
+
+def expressible(logq: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``labels [...]`` with those the head cannot express (``logq [..., V]`` is ``-inf`` there, e.g.
+    outside its draft vocabulary) replaced by ``ignore_index``, for ``F.nll_loss``."""
+    reachable = torch.isfinite(logq.gather(-1, labels[..., None]))[..., 0]
+    return torch.where(reachable, labels, ignore_index)
+
+
+def soft_cross_entropy(teacher_logits: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of ``-sum_x p(x) log q(x)`` over the tokens the head can express
+    (``teacher_logits``, ``logq``: ``[..., V]``)."""
+    p = F.softmax(teacher_logits, dim=-1)
+    return -(p * logq.masked_fill(~torch.isfinite(logq), 0.0)).sum(-1).mean()

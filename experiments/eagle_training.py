@@ -29,12 +29,8 @@ from omegaconf import DictConfig
 
 from drafters.draft_vocab import expressible, soft_cross_entropy
 from drafters.eagle_heads import VERSIONS, EagleHead, default_heads_dir, save_head
-from experiments.head_training import (
-    HeadRecipe,
-    generate_rows,
-    target_dir_name,
-    teacher,
-)
+from experiments.head_data import generate_rows
+from experiments.head_training import HeadRecipe, target_dir_name, teacher
 from specdec.errors import ConfigError
 from verifier.verifier import attention_backend, cache_argument
 

@@ -10,12 +10,8 @@ from omegaconf import DictConfig
 
 from drafters.draft_vocab import expressible, soft_cross_entropy
 from drafters.medusa_heads import MedusaHeads, default_heads_dir, save_heads
-from experiments.head_training import (
-    HeadRecipe,
-    generate_rows,
-    target_dir_name,
-    teacher,
-)
+from experiments.head_data import generate_rows
+from experiments.head_training import HeadRecipe, target_dir_name, teacher
 from specdec.errors import ConfigError
 
 LOSSES = ("soft", "hard")

@@ -30,7 +30,7 @@ def measure_rank_accuracy(heads_dir: Path, target_dir: str | None, tokenizer_dir
                           context: int) -> list[list[float]]:
     """Held-out per-head, per-rank accuracy of the heads in ``heads_dir`` on their target."""
     from drafters.medusa_heads import check_target
-    from experiments.head_training import token_chunks
+    from experiments.head_data import token_chunks
     from experiments.medusa_training import evaluate
     from specdec.models import load_causal_lm, load_tokenizer
 

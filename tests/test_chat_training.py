@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from experiments import chat_data, draft_training
-from experiments.head_training import chat_windows
+from experiments.head_data import chat_windows
 from specdec.models import tiny_random_pair
 
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"

@@ -63,7 +63,7 @@ def test_training_improves_on_the_untrained_head(micro_eagle3):
     from experiments.eagle_training import evaluate
     from experiments.zoo import ensure_pair
 
-    from experiments.head_training import token_chunks
+    from experiments.head_data import token_chunks
 
     tok, target, _ = ensure_pair("micro").load()
     rows = token_chunks(tok, "heldout", 40000, 96)[:8]  # [8, 96]

@@ -33,14 +33,21 @@ class DraftModelDrafter(TreeDrafter):
         tree_sampling: ``deterministic``, ``with_replacement`` or ``without_replacement``.
         budget: number of nodes of a dynamic tree (>= 1); None for a chain or a static tree.
         top_k_children: children per expanded node of a dynamic tree (>= 1).
+        draft_vocab: ids ``[Vd]`` of a draft vocabulary, or None: the model's LM head then scores only
+            those tokens (:func:`drafters.draft_vocab.with_draft_vocab`; a view, the model is unchanged).
     """
 
     name = "draft_model"
     forward_label = "draft model forward"
 
     def __init__(self, model, num_speculative_tokens: int = 4, attn_backend: str = "sdpa", tree=None,
-                 tree_sampling: str = "deterministic", budget: int | None = None, top_k_children: int = 4):
+                 tree_sampling: str = "deterministic", budget: int | None = None, top_k_children: int = 4,
+                 draft_vocab: torch.Tensor | None = None):
         super().__init__(num_speculative_tokens, tree, tree_sampling, budget, top_k_children)
+        if draft_vocab is not None:
+            from drafters.draft_vocab import with_draft_vocab
+
+            model = with_draft_vocab(model, draft_vocab)
         self.model = model.eval()
         self.attn_backend = attn_backend
         self.device = next(model.parameters()).device

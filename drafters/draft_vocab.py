@@ -14,6 +14,7 @@ labels the head cannot express (:func:`expressible`).
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 import torch
@@ -106,3 +107,38 @@ def soft_cross_entropy(teacher_logits: torch.Tensor, logq: torch.Tensor) -> torc
     (``teacher_logits``, ``logq``: ``[..., V]``)."""
     p = F.softmax(teacher_logits, dim=-1)
     return -(p * logq.masked_fill(~torch.isfinite(logq), 0.0)).sum(-1).mean()
+
+
+def with_draft_vocab(model: nn.Module, ids: torch.Tensor) -> nn.Module:
+    """A view of the causal LM ``model`` whose LM head scores only ``ids [Vd]`` (its own rows, copied
+    once); every other module is ``model``'s own (shared, not copied). Its config records the draft
+    vocabulary, so cost curves measured for it are not taken for the whole model's."""
+    head = model.get_output_embeddings()
+    vocab, hidden = int(head.weight.shape[0]), int(head.weight.shape[1])
+    reduced = DraftVocabHead(vocab, int(ids.numel()), hidden, trainable=False)
+    reduced.set_vocab(ids.long().cpu())
+    reduced.bind_rows(head.weight)
+    view = copy.copy(model)
+    view._modules = dict(model._modules)  # the view's own module table: swapping its head leaves model's alone
+    view.config = copy.deepcopy(model.config)
+    view.config.draft_vocab_size = int(ids.numel())
+    names = [name for name, module in model.named_children() if module is head]
+    if len(names) != 1:
+        raise ValueError(f"{type(model).__name__}: its output embedding is not one top-level module")
+    view._modules[names[0]] = reduced
+    return view
+
+
+def vocab_of(directory) -> torch.Tensor:
+    """The draft vocabulary ids ``[Vd]`` saved with trained heads (an EAGLE or Medusa heads directory),
+    e.g. to give a draft model the same draft vocabulary; ValueError if the heads have none."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    for weights in sorted(Path(directory).expanduser().glob("*.safetensors")):
+        with safe_open(str(weights), framework="pt") as f:
+            keys = sorted(k for k in f.keys() if k.endswith("lm_head.ids"))
+            if keys:
+                return f.get_tensor(keys[0]).long()
+    raise ValueError(f"{directory}: no heads with a draft vocabulary there (train them with draft_vocab=N)")

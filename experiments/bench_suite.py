@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--medusa-nodes", type=int, default=16, help="nodes of the Medusa tree (from the heads' eval.json)")
     p.add_argument("--eagle", default=None, help="EAGLE head directories, comma-separated (default: the cached heads "
                    "for the model); each gives a chain of --k and, with --eagle-budget, a dynamic tree")
+    p.add_argument("--draft-vocab-from", default=None, help="heads directory whose draft vocabulary a second "
+                   "draft-model row uses (ours_draft_k<k>_vocab<N>)")
     p.add_argument("--eagle-budget", type=int, default=0, help="nodes of an EAGLE-2 dynamic tree row (0: none)")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--reps", type=int, default=1)
@@ -119,6 +121,11 @@ def drafters_for(target, draft, medusa: str | None, args) -> dict:
              f"ours_layer_skip{args.layer_skip}_k{args.k}": LayerSkipDrafter(args.layer_skip, args.k, target=target)}
     if draft is not None:
         found[f"ours_draft_k{args.k}"] = DraftModelDrafter(draft, args.k)
+        if args.draft_vocab_from:
+            from drafters.draft_vocab import vocab_of
+
+            ids = vocab_of(args.draft_vocab_from)
+            found[f"ours_draft_k{args.k}_vocab{len(ids)}"] = DraftModelDrafter(draft, args.k, draft_vocab=ids)
     if medusa is not None:
         from drafters import MedusaDrafter
 

@@ -50,6 +50,7 @@ import torch
 
 from specdec.cache import SpecDecCache
 from specdec.files import atomic_write_json
+from specdec.models import vocab_size
 from verifier import tree_forward
 
 TARGET_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64)
@@ -73,7 +74,7 @@ def _sync(device: torch.device) -> None:
 def _setup(model, context: int, widths: tuple[int, ...], backend: str) -> dict:
     """A cache holding ``context`` random tokens and the inputs of every width (one forward each)."""
     device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = vocab_size(model)
     gen = torch.Generator().manual_seed(0)
     cache = SpecDecCache.for_model(model, context + max(widths))
     if context > 0:  # context 0 times a prefill of ``width`` tokens

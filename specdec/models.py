@@ -119,8 +119,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def vocab_size(model) -> int:
-    """Rows of the output embedding: the size of the distributions the model emits."""
-    return int(model.get_output_embeddings().weight.shape[0])
+    """Rows of the output embedding: the size of the distributions the model emits (a draft vocabulary
+    head, :class:`drafters.draft_vocab.DraftVocabHead`, emits the whole vocabulary's)."""
+    head = model.get_output_embeddings()
+    return int(getattr(head, "vocab", None) or head.weight.shape[0])
 
 
 def check_same_vocab(target, draft) -> None:

@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from drafters import EagleDrafter, MedusaDrafter
+from drafters import DraftModelDrafter, EagleDrafter, MedusaDrafter
 from drafters.draft_vocab import (
     DraftVocabHead,
     check_ids,
     expressible,
     frequent_tokens,
     soft_cross_entropy,
+    vocab_of,
+    with_draft_vocab,
 )
 from drafters.eagle_heads import EagleHead, EagleHeadError, load_head, save_head
 from drafters.medusa_heads import MedusaHeads, MedusaHeadsError, load_heads, save_heads
@@ -25,7 +27,7 @@ from specdec.errors import NonFiniteLogitsError
 from tests.lossless import check_cell
 from tests.test_eagle import noisy_head
 from tests.test_medusa import check_greedy, greedy_cases
-from tests.tiny_models import pair, peaky_pair, prompts
+from tests.tiny_models import noisy_copy, pair, peaky_noisy_pair, peaky_pair, prompts
 from verifier.verifier import check_finite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +114,28 @@ def test_heads_over_a_draft_vocabulary_round_trip_and_decode_greedily(kind, tmp_
         load_heads(tmp_path) if kind == "medusa" else load_head(tmp_path)
 
 
+def test_a_draft_model_over_a_draft_vocabulary_is_a_view_and_decodes_greedily():
+    target, _, tok = pair("llama")
+    draft = noisy_copy("llama", noise=0.05)
+    vocab = target.config.vocab_size
+    ids = torch.arange(0, vocab, 2)
+    view = with_draft_vocab(draft, ids)
+    assert type(draft.lm_head).__name__ == "Linear" and view.model is draft.model  # shared body, own head
+    assert view.config.draft_vocab_size == len(ids) and not hasattr(draft.config, "draft_vocab_size")
+    x = torch.randint(0, vocab, (1, 6))
+    full, part = draft(x).logits, view(x).logits  # [1, 6, V]
+    assert torch.allclose(part[..., ids], full[..., ids], atol=1e-5) and torch.isneginf(part[..., 1::2]).all()
+    cases = greedy_cases(target, prompts(tok, 6, seed=3), int(target.generation_config.eos_token_id))
+    for shape in (dict(num_speculative_tokens=3), dict(tree="binary"), dict(budget=8)):
+        check_greedy(target, DraftModelDrafter(draft, draft_vocab=ids, **shape), cases)
+
+
+@pytest.mark.parametrize("rule", ["rejection", "accept_always"])
+def test_a_draft_model_chain_over_a_draft_vocabulary_is_lossless(rule):
+    target, draft = peaky_noisy_pair()
+    check_cell(target, DraftModelDrafter(draft, 2, draft_vocab=torch.tensor([1, 2, 3, 5])), "t1.0", rule)
+
+
 @pytest.mark.parametrize("rule", ["rejection", "accept_always"])
 def test_rejection_is_lossless_when_the_draft_cannot_propose_some_tokens(rule):
     """An EAGLE-3 head whose draft vocabulary lacks two of the six tokens (the target emits both, token 4
@@ -139,6 +163,9 @@ def test_train_eagle_with_a_draft_vocabulary(tmp_path):
     head = load_head(out).bind(target)
     ids = head.model.lm_head.ids
     assert ids.numel() == 128 and int(target.generation_config.eos_token_id) in ids.tolist()
+    assert torch.equal(vocab_of(out), ids)  # what a draft model can reuse
+    with pytest.raises(ValueError, match="no heads with a draft vocabulary"):
+        vocab_of(tmp_path / "run")
     cases = greedy_cases(target, prompts(tok, 4, seed=5), int(target.generation_config.eos_token_id))
     assert check_greedy(target, EagleDrafter(head, num_speculative_tokens=3), cases) > 1.2
     bad = subprocess.run([sys.executable, "-m", "experiments.train_eagle", "zoo_size=micro", "draft_vocab=512",

@@ -68,6 +68,20 @@ class DraftVocabHead(nn.Module):
         self.weight = nn.Parameter(torch.zeros(size, hidden_size)) if trainable else None  # [Vd, H]
         self.register_buffer("rows", None, persistent=False)  # [Vd, H] frozen rows (trainable=False)
 
+    @classmethod
+    def over(cls, ids: torch.Tensor, vocab: int, hidden_size: int, weight: torch.Tensor | None = None,
+             trainable: bool = True) -> DraftVocabHead:
+        """A head over ``ids [Vd]`` taking rows of the full LM-head ``weight [V, H]``: copied into its own
+        parameter (``trainable``, on the weight's device and dtype) or read frozen (:meth:`bind_rows`;
+        with ``weight`` None, bound later). ValueError for ids that are not a draft vocabulary."""
+        head = cls(vocab, int(ids.numel()), hidden_size, trainable)
+        head.set_vocab(ids.long().cpu(), weight.float().cpu() if trainable and weight is not None else None)
+        if weight is not None and trainable:
+            head.to(device=weight.device, dtype=weight.dtype)
+        elif weight is not None:
+            head.bind_rows(weight)
+        return head
+
     @property
     def size(self) -> int:
         return int(self.ids.shape[0])
@@ -115,9 +129,7 @@ def with_draft_vocab(model: nn.Module, ids: torch.Tensor) -> nn.Module:
     vocabulary, so cost curves measured for it are not taken for the whole model's."""
     head = model.get_output_embeddings()
     vocab, hidden = int(head.weight.shape[0]), int(head.weight.shape[1])
-    reduced = DraftVocabHead(vocab, int(ids.numel()), hidden, trainable=False)
-    reduced.set_vocab(ids.long().cpu())
-    reduced.bind_rows(head.weight)
+    reduced = DraftVocabHead.over(ids, vocab, hidden, head.weight, trainable=False)
     view = copy.copy(model)
     view._modules = dict(model._modules)  # the view's own module table: swapping its head leaves model's alone
     view.config = copy.deepcopy(model.config)

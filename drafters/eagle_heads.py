@@ -258,17 +258,12 @@ class EagleHead(nn.Module):
         old = self.model.lm_head
         if isinstance(old, DraftVocabHead):
             raise EagleHeadError("this head already drafts over a draft vocabulary")
-        new = DraftVocabHead(self.vocab_size, int(ids.numel()), self.hidden_size, trainable=self.version == "eagle3")
-        full = old.weight if isinstance(old, nn.Linear) else None  # [V, H] eagle3's own rows
+        own = isinstance(old, nn.Linear)  # eagle3's own rows; eagle2 reads the target's (None until bound)
+        weight = old.weight if own else (old.ref.weight if old.ref is not None else None)  # [V, H]
         try:
-            new.set_vocab(ids.long().cpu(), None if full is None else full.float().cpu())
+            self.model.lm_head = DraftVocabHead.over(ids, self.vocab_size, self.hidden_size, weight, trainable=own)
         except ValueError as exc:
             raise EagleHeadError(str(exc)) from exc
-        if full is not None:
-            new.to(device=full.device, dtype=full.dtype)
-        elif old.ref is not None:
-            new.bind_rows(old.ref.weight)
-        self.model.lm_head = new
         return self
 
     def _copy_first_layer(self, target) -> None:

@@ -143,19 +143,16 @@ class MedusaHeads(nn.Module):
                         block.linear.bias.copy_(torch.randn(hidden, generator=gen) * 0.1)
         return heads.use_draft_vocab(draft_vocab) if draft_vocab is not None else heads
 
-    def use_draft_vocab(self, ids: torch.Tensor) -> "MedusaHeads":
+    def use_draft_vocab(self, ids: torch.Tensor) -> MedusaHeads:
         """From now on every head scores only the tokens ``ids [Vd]``, keeping its LM head's rows for them
         (:mod:`drafters.draft_vocab`; also training-free, on trained heads)."""
         if self.draft_vocab:
             raise MedusaHeadsError("these heads already draft over a draft vocabulary")
         for head in self.heads:
-            full = head.lm_head.weight  # [V, H]
-            new = DraftVocabHead(self.vocab_size, int(ids.numel()), self.hidden_size)
             try:
-                new.set_vocab(ids.long().cpu(), full.float().cpu())
+                head.lm_head = DraftVocabHead.over(ids, self.vocab_size, self.hidden_size, head.lm_head.weight)
             except ValueError as exc:
                 raise MedusaHeadsError(str(exc)) from exc
-            head.lm_head = new.to(device=full.device, dtype=full.dtype)
         self.draft_vocab = int(ids.numel())
         return self
 

@@ -30,13 +30,14 @@ STATIC_MODES = ("chain", "deterministic", "with_replacement")
 
 @dataclass(frozen=True)
 class Level:
-    """The nodes at depth ``depth``: node indices ``lo .. hi - 1``.
+    """The nodes at depth ``depth``: node indices ``lo .. hi - 1``, their parents ``0 .. P - 1`` (in order).
 
     Attributes:
-        parent_slot: ``[n]`` per node, the frontier slot of its parent (0: the root, 1 + j: fed node j).
+        parent_slot: ``[P]`` each parent's frontier slot (0: the root, 1 + j: fed node j).
+        parent_of: ``[n]`` per node, its parent's index among the level's ``P`` parents.
         rank: ``[n]`` per node, its sibling rank (deterministic children: the parent's rank-r token).
-        parent_key: per node, its parent's key for sampled children (the parent's node index + 1; the
-            root 0); siblings are contiguous and get draws ``0 .. m - 1`` in node order.
+        groups: per parent ``(key, m)``: its key for sampled children (its node index + 1; the root 0)
+            and its ``m`` children (contiguous, in node order), which get draws ``0 .. m - 1``.
         fed: ``[f]`` the level's fed nodes (node indices); ``num_fed``: f; ``fed_lo``: the first one's fed index.
 
     Index tensors live on the device, so a captured step copies nothing from the host.
@@ -46,8 +47,9 @@ class Level:
     lo: int
     hi: int
     parent_slot: torch.Tensor
+    parent_of: torch.Tensor
     rank: torch.Tensor
-    parent_key: tuple[int, ...]
+    groups: tuple[tuple[int, int], ...]
     fed: torch.Tensor
     num_fed: int
     fed_lo: int
@@ -66,10 +68,10 @@ class StaticShape:
     def __init__(self, compiled: CompiledTree, mode: str, device: torch.device | str):
         if mode not in STATIC_MODES:
             raise ValueError(f"the static step grows {STATIC_MODES} children, not {mode!r}")
-        self.mode, self.device = mode, device
+        self.mode = mode
         self.num_nodes, self.max_depth = compiled.num_nodes, compiled.max_depth
-        self.is_chain = compiled.parents.tolist() == list(range(-1, self.num_nodes - 1))
         parents = compiled.parents.tolist()
+        self.is_chain = parents == list(range(-1, self.num_nodes - 1))
         kids = children_lists(compiled.parents)  # [root] + per node
         fed_index, f = [], 0
         for i in range(self.num_nodes):
@@ -78,7 +80,7 @@ class StaticShape:
         self.num_fed = f
         self.levels = self._levels(compiled, parents, kids, fed_index, device)
         self.max_rank = int(compiled.rank.max()) if self.num_nodes else 0
-        to = dict(device=device)
+        to = {"device": device}
         self.parents = compiled.parents.to(**to)  # [N]
         self.depth = compiled.depth.to(**to)  # [N]
         self.fed = torch.tensor(fed_index, dtype=torch.long, **to)  # [N] fed index, -1 for a leaf
@@ -108,10 +110,13 @@ class StaticShape:
         for d in range(1, compiled.max_depth + 1):
             nodes = [i for i, x in enumerate(depths) if x == d]  # contiguous: nodes are sorted by depth
             fed = [i for i in nodes if fed_index[i] >= 0]
+            owners = list(dict.fromkeys(parents[i] for i in nodes))  # the level's parents, in node order
+            groups = tuple((p + 1, len(kids[p + 1])) for p in owners)
             levels.append(Level(
                 depth=d, lo=nodes[0], hi=nodes[-1] + 1,
-                parent_slot=on_device(0 if parents[i] < 0 else 1 + fed_index[parents[i]] for i in nodes),
-                rank=on_device(ranks[i] for i in nodes), parent_key=tuple(parents[i] + 1 for i in nodes),
+                parent_slot=on_device(0 if p < 0 else 1 + fed_index[p] for p in owners),
+                parent_of=on_device(owners.index(parents[i]) for i in nodes),
+                rank=on_device(ranks[i] for i in nodes), groups=groups,
                 fed=on_device(fed), num_fed=len(fed), fed_lo=fed_index[fed[0]] if fed else 0))
         return levels
 
@@ -151,22 +156,19 @@ def grow(shape: StaticShape, root_logits: torch.Tensor, feed: Callable[[torch.Te
     return tokens, probs
 
 
-def _children(shape: StaticShape, level: Level, frontier: torch.Tensor, sampling: SamplingParams, rng: KeyedRandom) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One level's tokens ``[B, n]`` and, when sampled, each node's parent distribution ``[B, n, V]``."""
-    logits = frontier.index_select(1, level.parent_slot)  # [B, n, V] each node's parent's draft logits
+def _children(shape: StaticShape, level: Level, frontier: torch.Tensor, sampling: SamplingParams,
+              rng: KeyedRandom) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One level's tokens ``[B, n]`` and, when sampled, each node's parent distribution ``[B, n, V]``
+    (the parents' logits are ranked or warped once per parent, not once per child)."""
+    logits = frontier.index_select(1, level.parent_slot)  # [B, P, V] the level's parents' draft logits
     if shape.mode == "chain":  # grow_chain: draft i is the argmax or a draw keyed (DRAFT, i)
         q = warp_probs(logits[:, 0], sampling)  # [B, V]
         tok = q.argmax(-1) if sampling.greedy else rng.categorical(q, DRAFT, level.depth - 1)  # [B]
         return tok[:, None], q[:, None]
     if sampling.greedy or shape.mode == "deterministic":  # the parent's rank-r token by raw logits
-        top = torch.topk(logits, shape.max_rank + 1, dim=-1).indices  # [B, n, R]
-        return top.gather(2, level.rank[None, :, None].expand(top.shape[0], -1, 1))[:, :, 0], None
-    q = warp_probs(logits, sampling)  # [B, n, V]
-    draws = []
-    for key in sorted(set(level.parent_key)):  # one parent's children: i.i.d. draws (CHILD, parent, i)
-        m = level.parent_key.count(key)
-        first = level.parent_key.index(key)
-        draws.append(rng.categorical(q[:, first : first + 1].expand(-1, m, -1), CHILD, key,
-                                     torch.arange(m, device=q.device)))  # [B, m]
-    return torch.cat(draws, 1), q
-
+        top = torch.topk(logits, shape.max_rank + 1, dim=-1).indices  # [B, P, R]
+        return top[:, level.parent_of, level.rank], None  # [B, n]
+    q = warp_probs(logits, sampling)  # [B, P, V]
+    draws = [rng.categorical(q[:, p : p + 1].expand(-1, m, -1), CHILD, key, torch.arange(m, device=q.device))
+             for p, (key, m) in enumerate(level.groups)]  # [B, m] per parent: i.i.d. draws (CHILD, parent, i)
+    return torch.cat(draws, 1), q.index_select(1, level.parent_of)  # [B, n], [B, n, V]

@@ -285,7 +285,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=256, help="--synthetic: prompt length")
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="instead of the batch-1 table: aggregate tokens/s of batched decoding at these batch sizes "
-                        "(HF batched generate vs our batched AR, chain at the first --ks, n-gram)")
+                        "(HF batched generate vs our batched AR, a chain at each --ks, n-gram)")
     p.add_argument("--compile", default="none", choices=["none", "static", "graph", "inductor"],
                    help="also run our AR loop and chains through the fixed-shape step (graph: captured on a GPU)")
     p.add_argument("--verify-curve", action="store_true",
@@ -312,7 +312,7 @@ def batched_main(target, draft, prompts, args, argv) -> int:
     """``--batch-sizes``: the batched table (:mod:`experiments.bench_batch`), printed and written."""
     from experiments.bench_batch import markdown, run_batch_sizes
 
-    rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks[0],
+    rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
                            args.ngram_tokens, args.max_ngram)
     header = (f"{command_line(argv)}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
               "(`*_continuous`: all prompts in one call, at most that many rows at once, a finished row's place "

@@ -19,6 +19,7 @@ import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from specdec import SamplingParams, SpeculativeDecoder
+from specdec.stats import DecodeStats
 
 
 def _sync(device: torch.device) -> None:
@@ -26,8 +27,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def hf_batched(target, rows: list[torch.Tensor], max_new: int, pad: int) -> list[list[int]]:
-    """HF greedy ``generate`` on ``rows`` left-padded into one batch; the new tokens of each row."""
+def hf_batched(target, rows: list[torch.Tensor], max_new: int, pad: int) -> tuple[list[list[int]], None]:
+    """HF greedy ``generate`` on ``rows`` left-padded into one batch; the new tokens of each row (and no stats)."""
     width = max(r.shape[1] for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long, device=rows[0].device)  # [B, T]
     mask = torch.zeros_like(ids)  # [B, T]
@@ -42,26 +43,27 @@ def hf_batched(target, rows: list[torch.Tensor], max_new: int, pad: int) -> list
     for row in out[:, width:].tolist():  # cut each row after its first EOS, as unbatched generate stops there
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         new.append(row[:cut])
-    return new
+    return new, None
 
 
 def ours_batched(decoder: SpeculativeDecoder, rows: list[torch.Tensor], max_new: int,
-                 max_rows: int | None = None) -> list[list[int]]:
+                 max_rows: int | None = None) -> tuple[list[list[int]], DecodeStats]:
+    """``generate_batch`` on ``rows``: the new tokens of each row and the batch's aggregate stats."""
     out = decoder.generate_batch(rows, max_new_tokens=max_new, seed=0, max_rows=max_rows)
-    return [seq[0, r.shape[1]:].tolist() for seq, r in zip(out.sequences, rows)]
+    return [seq[0, r.shape[1]:].tolist() for seq, r in zip(out.sequences, rows)], out.stats
 
 
 #: Methods whose ``run`` takes every prompt at once and the batch size (continuous batching).
 CONTINUOUS = "_continuous"
 
 
-def methods(target, draft, k: int, ngram_tokens: int, max_ngram: int) -> dict:
-    """Name -> ``run(rows, max_new) -> new tokens per row`` (``run(rows, max_new, max_rows)`` for the
-    continuous methods)."""
+def methods(target, draft, ks: list[int], ngram_tokens: int, max_ngram: int) -> dict:
+    """Name -> ``run(rows, max_new) -> (new tokens per row, stats or None)`` (``run(rows, max_new, max_rows)``
+    for the continuous methods); one draft-model chain per draft length in ``ks``."""
     pad = target.generation_config.pad_token_id
     pad = pad if pad is not None else 0
     greedy = SamplingParams()
-    ours = {"ours_ar": NoDrafter(), f"ours_chain_k{k}": DraftModelDrafter(draft, k),
+    ours = {"ours_ar": NoDrafter(), **{f"ours_chain_k{k}": DraftModelDrafter(draft, k) for k in ks},
             "ours_ngram": NGramDrafter(ngram_tokens, max_ngram=max_ngram, match="first")}
     table = {"hf_plain": lambda rows, m: hf_batched(target, rows, m, pad)}
     for name, drafter in ours.items():
@@ -80,46 +82,58 @@ def _groups(name: str, prompts: list, size: int) -> list[tuple[list, tuple]]:
 
 
 def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: list[int], max_new: int, reps: int,
-                    k: int, ngram_tokens: int, max_ngram: int) -> list[dict]:
-    """One row per (batch size, method): aggregate tokens/s, speedups, and whether every row equals HF greedy."""
-    device = prompts[0].device
+                    ks: list[int], ngram_tokens: int, max_ngram: int) -> list[dict]:
+    """One row per (batch size, method): aggregate tokens/s, speedups, tau (ours), and whether every row
+    equals HF greedy."""
     with torch.inference_mode():
         reference = [target.generate(p, do_sample=False, max_new_tokens=max_new,
                                      pad_token_id=target.generation_config.pad_token_id or 0)[0, p.shape[1]:].tolist()
                      for p in prompts]
-    table = methods(target, draft, k, ngram_tokens, max_ngram)
+    table = methods(target, draft, ks, ngram_tokens, max_ngram)
     rows = []
     for size in batch_sizes:
-        for name, fn in table.items():  # warm-up at this batch size
-            group, extra = _groups(name, prompts, size)[0]
-            fn(group[:size], max_new, *extra)
-        seconds, tokens, equal = {}, {}, {}
-        for name, fn in table.items():
-            seconds[name], tokens[name], equal[name], first = 0.0, 0, True, 0
-            for group, extra in _groups(name, prompts, size):
-                times = []
-                for _ in range(reps):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    new = fn(group, max_new, *extra)
-                    _sync(device)
-                    times.append(time.perf_counter() - t0)
-                seconds[name] += statistics.median(times)
-                tokens[name] += sum(len(n) for n in new)
-                equal[name] &= all(n == reference[first + i] for i, n in enumerate(new))
-                first += len(group)
-        tps = {name: tokens[name] / seconds[name] for name in table}
+        seconds, new, stats = _time_size(table, prompts, size, max_new, reps)
+        tps = {name: sum(len(n) for n in new[name]) / seconds[name] for name in table}
         for name in table:
             rows.append({"batch_size": size, "method": name, "tokens_per_s": tps[name],
                          "vs_hf_batched": tps[name] / tps["hf_plain"], "vs_ours_ar": tps[name] / tps["ours_ar"],
-                         "matches_hf_greedy": equal[name]})
+                         "tau": DecodeStats.merge(stats[name]).tau if stats[name] else None,
+                         "matches_hf_greedy": new[name] == reference})
     return rows
 
 
+def _time_size(table: dict, prompts: list, size: int, max_new: int, reps: int) -> tuple[dict, dict, dict]:
+    """Every method at batch size ``size``, after a warm-up: per method the summed median seconds of its
+    calls, its new tokens per prompt and its stats. Each rep runs every method once, in an order rotated
+    by one per rep, so that a drifting machine speed hits every method alike."""
+    device = prompts[0].device
+    for name, fn in table.items():  # warm-up at this batch size
+        group, extra = _groups(name, prompts, size)[0]
+        fn(group[:size], max_new, *extra)
+    names = list(table)
+    times = {name: [[] for _ in _groups(name, prompts, size)] for name in names}
+    new, stats = {name: [] for name in names}, {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            for g, (group, extra) in enumerate(_groups(name, prompts, size)):
+                _sync(device)
+                t0 = time.perf_counter()
+                out, run_stats = table[name](group, max_new, *extra)
+                _sync(device)
+                times[name][g].append(time.perf_counter() - t0)
+                if rep == 0:
+                    new[name] += out
+                    stats[name] += [run_stats] if run_stats is not None else []
+    seconds = {name: sum(statistics.median(t) for t in times[name]) for name in names}
+    return seconds, new, stats
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| batch size | method | aggregate tokens/s | vs HF batched generate | vs our batched AR | every row = HF greedy |",
-             "|---|---|---|---|---|---|"]
+    columns = ["batch size", "method", "aggregate tokens/s", "vs HF batched generate", "vs our batched AR", "tau",
+               "every row = HF greedy"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
+        tau = "" if r["tau"] is None else f"{r['tau']:.2f}"
         lines.append(f"| {r['batch_size']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['vs_hf_batched']:.2f}x | "
-                     f"{r['vs_ours_ar']:.2f}x | {'yes' if r['matches_hf_greedy'] else 'NO'} |")
+                     f"{r['vs_ours_ar']:.2f}x | {tau} | {'yes' if r['matches_hf_greedy'] else 'NO'} |")
     return "\n".join(lines)

@@ -1,10 +1,11 @@
 """The decode loop: propose -> verify -> accept -> commit, one small function per phase."""
 from __future__ import annotations
 
+import functools
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +26,21 @@ class DecodeOutput:
 
     sequences: torch.Tensor
     stats: DecodeStats
+
+
+def without_autograd(decode):
+    """Run a decode entry point under ``torch.inference_mode`` and return its ``sequences`` as ordinary
+    tensors (usable in autograd afterwards): the loop's own small tensor ops (cache bookkeeping, masks,
+    acceptance) skip autograd's dispatch, as the model forwards already do."""
+
+    @functools.wraps(decode)
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            out = decode(*args, **kwargs)
+        seqs = out.sequences
+        return replace(out, sequences=seqs.clone() if isinstance(seqs, torch.Tensor) else [s.clone() for s in seqs])
+
+    return run
 
 
 def eos_token_ids(model) -> set[int]:
@@ -87,6 +103,7 @@ class SpeculativeDecoder:
                 raise ConfigError(f"compile={compile!r} is unknown; choose one of {list(COMPILE_MODES)}")
             static_drafter(drafter, self.sampling)  # fails now, naming the drafter, if the static step cannot run it
 
+    @without_autograd
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, seed: int | None = None) -> DecodeOutput:
         """Decode up to ``max_new_tokens`` after ``input_ids [1, T]``; stops after an EOS token."""
         seed = seed if seed is not None else random.randrange(2**62)
@@ -118,6 +135,7 @@ class SpeculativeDecoder:
         stats.new_tokens = len(new)
         return DecodeOutput(sequences=torch.tensor([out], dtype=torch.long, device=input_ids.device), stats=stats)
 
+    @without_autograd
     def generate_batch(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int] = 64, seed: int = 0,
                        seeds: list[int] | None = None, max_rows: int | None = None, on_row=None):
         """Decode a batch of prompts (``[1, T_i]`` each, any lengths) together, with ragged acceptance.
@@ -127,7 +145,7 @@ class SpeculativeDecoder:
         ``max_rows``: decode at most this many rows at once, and when a row finishes let the next
         waiting prompt take its place (continuous batching; ``compile="none"`` only); None: all rows in
         one batch. ``on_row(i, sequence, row_stats, so_far)``: called when row i finishes (with the
-        fixed-shape step: for every row at the end). Returns a :class:`specdec.batch_decoder.BatchOutput`
+        fixed-shape step: for every row at the end), inside ``torch.inference_mode``. Returns a :class:`specdec.batch_decoder.BatchOutput`
         (``sequences``, aggregate ``stats``, ``row_stats``).
         """
         if self.compile != "none":

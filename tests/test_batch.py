@@ -156,3 +156,17 @@ def test_decode_with_batch_size_keeps_one_record_per_prompt(prompts_file, tmp_pa
     assert spec["tokens_per_s"] == pytest.approx(spec["new_tokens"] / sum(b["time_total"] for b in batches.values()))
     with pytest.raises(Exception, match="batch_size=0"):
         decode.run(compose_cfg(*tiny_args(prompts_file), "batch_size=0"), tmp_path / "b0")
+
+
+def test_outputs_are_ordinary_tensors():
+    """The loops run under ``torch.inference_mode``; what they return is usable in autograd afterwards
+    (an embedding lookup under grad saves its indices, which an inference tensor refuses)."""
+    target, draft, tok = pair("llama")
+    decoder = SpeculativeDecoder(target, DraftModelDrafter(draft, 2), "greedy", SamplingParams())
+    rows = prompts(tok, 2)
+    single = decoder.generate(rows[0], max_new_tokens=4).sequences
+    batch = decoder.generate_batch(rows, max_new_tokens=4).sequences
+    for seq in [single, *batch]:
+        assert not seq.is_inference()
+        weight = torch.zeros(target.config.vocab_size, 2, requires_grad=True)
+        torch.nn.functional.embedding(seq, weight).sum().backward()

@@ -145,8 +145,8 @@ class SpeculativeDecoder:
         ``max_rows``: decode at most this many rows at once, and when a row finishes let the next
         waiting prompt take its place (continuous batching; ``compile="none"`` only); None: all rows in
         one batch. ``on_row(i, sequence, row_stats, so_far)``: called when row i finishes (with the
-        fixed-shape step: for every row at the end), inside ``torch.inference_mode``. Returns a :class:`specdec.batch_decoder.BatchOutput`
-        (``sequences``, aggregate ``stats``, ``row_stats``).
+        fixed-shape step: for every row at the end), inside ``torch.inference_mode``. Returns a
+        :class:`specdec.batch_decoder.BatchOutput` (``sequences``, aggregate ``stats``, ``row_stats``).
         """
         if self.compile != "none":
             if max_rows is not None and max_rows < len(prompts):

@@ -41,6 +41,7 @@ def check_attn_backend(backend: str, device: str | torch.device) -> None:
 def triton_interpreted() -> bool:
     """True when the tree-attention kernel would run in Triton's interpreter (TRITON_INTERPRET=1 was in
     the environment when triton was first imported)."""
-    from kernels.tree_attention import _is_interpreted  # imports triton (and so fixes the mode) if not yet done
+    # imports triton (and so fixes the mode) if not yet done
+    from kernels.tree_attention import _is_interpreted
 
     return _is_interpreted()

@@ -177,7 +177,7 @@ class EagleDrafter(TreeDrafter):
                                f"{hidden.shape[0]}")
         if rows is not None:
             raw = raw[torch.tensor(rows, device=raw.device)]
-        with torch.inference_mode():
+        with torch.no_grad():
             return self.head.target_features(raw)  # [m, H]
 
     def _catch_up(self) -> None:

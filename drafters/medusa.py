@@ -207,7 +207,7 @@ class MedusaDrafter(Drafter):
 
     def _top_tokens(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
         """``[depth, R]`` (on the CPU): the top ``R`` tokens of heads ``0 .. depth - 1`` at ``hidden [H]``."""
-        with torch.inference_mode():
+        with torch.no_grad():
             logits = self.heads(hidden, num_heads=depth)  # [D, V]
             return torch.topk(logits, self._width, dim=-1).indices.cpu()  # [D, R]
 

@@ -287,7 +287,8 @@ def parse_args(argv=None):
                    help="instead of the batch-1 table: aggregate tokens/s of batched decoding at these batch sizes "
                         "(HF batched generate vs our batched AR, a chain at each --ks, n-gram)")
     p.add_argument("--compile", default="none", choices=["none", "static", "graph", "inductor"],
-                   help="also run our AR loop and chains through the fixed-shape step (graph: captured on a GPU)")
+                   help="also run our AR loop and chains through the fixed-shape step (graph: captured on a GPU; "
+                        "inductor: torch.compile, CPU or GPU; with --batch-sizes too)")
     p.add_argument("--verify-curve", action="store_true",
                    help="also time the verify forward by width for each --backends at --context tokens")
     p.add_argument("--backends", type=lambda s: s.split(","), default=["sdpa", "triton"])
@@ -313,7 +314,7 @@ def batched_main(target, draft, prompts, args, argv) -> int:
     from experiments.bench_batch import markdown, run_batch_sizes
 
     rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
-                           args.ngram_tokens, args.max_ngram)
+                           args.ngram_tokens, args.max_ngram, args.compile)
     header = (f"{command_line(argv)}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
               "(`*_continuous`: all prompts in one call, at most that many rows at once, a finished row's place "
               f"taken by the next prompt), {args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, "

@@ -57,9 +57,10 @@ def ours_batched(decoder: SpeculativeDecoder, rows: list[torch.Tensor], max_new:
 CONTINUOUS = "_continuous"
 
 
-def methods(target, draft, ks: list[int], ngram_tokens: int, max_ngram: int) -> dict:
+def methods(target, draft, ks: list[int], ngram_tokens: int, max_ngram: int, compile: str = "none") -> dict:
     """Name -> ``run(rows, max_new) -> (new tokens per row, stats or None)`` (``run(rows, max_new, max_rows)``
-    for the continuous methods); one draft-model chain per draft length in ``ks``."""
+    for the continuous methods); one draft-model chain per draft length in ``ks``; with ``compile`` (not
+    ``none``) also our AR loop and the chains through the fixed-shape step (``ours_ar_<compile>``, ...)."""
     pad = target.generation_config.pad_token_id
     pad = pad if pad is not None else 0
     greedy = SamplingParams()
@@ -71,7 +72,17 @@ def methods(target, draft, ks: list[int], ngram_tokens: int, max_ngram: int) -> 
         table[name] = lambda rows, m, decoder=decoder: ours_batched(decoder, rows, m)
         if name != "ours_ar":
             table[name + CONTINUOUS] = lambda rows, m, b, decoder=decoder: ours_batched(decoder, rows, m, b)
+    if compile != "none":
+        fixed = {"ours_ar": NoDrafter(), **{f"ours_chain_k{k}": DraftModelDrafter(draft, k) for k in ks}}
+        for name, drafter in fixed.items():
+            decoder = SpeculativeDecoder(target, drafter, "greedy", greedy, compile=compile)
+            table[f"{name}_{compile}"] = lambda rows, m, decoder=decoder: ours_batched(decoder, rows, m)
     return table
+
+
+def _compiled(name: str) -> bool:
+    """A method whose first call at a new shape compiles or captures (its warm-up runs every group)."""
+    return name.endswith(("_inductor", "_graph"))
 
 
 def _groups(name: str, prompts: list, size: int) -> list[tuple[list, tuple]]:
@@ -82,14 +93,14 @@ def _groups(name: str, prompts: list, size: int) -> list[tuple[list, tuple]]:
 
 
 def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: list[int], max_new: int, reps: int,
-                    ks: list[int], ngram_tokens: int, max_ngram: int) -> list[dict]:
+                    ks: list[int], ngram_tokens: int, max_ngram: int, compile: str = "none") -> list[dict]:
     """One row per (batch size, method): aggregate tokens/s, speedups, tau (ours), and whether every row
     equals HF greedy."""
     with torch.inference_mode():
         reference = [target.generate(p, do_sample=False, max_new_tokens=max_new,
                                      pad_token_id=target.generation_config.pad_token_id or 0)[0, p.shape[1]:].tolist()
                      for p in prompts]
-    table = methods(target, draft, ks, ngram_tokens, max_ngram)
+    table = methods(target, draft, ks, ngram_tokens, max_ngram, compile)
     rows = []
     for size in batch_sizes:
         seconds, new, stats = _time_size(table, prompts, size, max_new, reps)
@@ -107,9 +118,10 @@ def _time_size(table: dict, prompts: list, size: int, max_new: int, reps: int) -
     calls, its new tokens per prompt and its stats. Each rep runs every method once, in an order rotated
     by one per rep, so that a drifting machine speed hits every method alike."""
     device = prompts[0].device
-    for name, fn in table.items():  # warm-up at this batch size
-        group, extra = _groups(name, prompts, size)[0]
-        fn(group[:size], max_new, *extra)
+    for name, fn in table.items():  # warm-up at this batch size (every group's shape where that compiles)
+        groups = _groups(name, prompts, size)
+        for group, extra in groups if _compiled(name) else groups[:1]:
+            fn(group[:size], max_new, *extra)
     names = list(table)
     times = {name: [[] for _ in _groups(name, prompts, size)] for name in names}
     new, stats = {name: [] for name in names}, {name: [] for name in names}

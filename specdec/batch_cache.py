@@ -52,7 +52,7 @@ class BatchCacheLayer(CacheLayerMixin):
         end = self.owner.block_end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Per row, copy slots ``src [B, M]`` to ``dst [B, M]`` (all loads before any store)."""
         if not self.is_initialized:
@@ -62,12 +62,12 @@ class BatchCacheLayer(CacheLayerMixin):
             moved = buf.gather(2, src[:, None, :, None].expand(-1, h, -1, d))  # [B, H, M, D]
             buf.scatter_(2, dst[:, None, :, None].expand(-1, h, -1, d), moved)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def select_rows(self, rows: torch.Tensor) -> None:
         if self.is_initialized:
             self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def extend(self, other: "BatchCacheLayer") -> None:
         """Append ``other``'s rows (``[B', H, capacity, D]``) after this layer's rows."""
         if not other.is_initialized:
@@ -192,7 +192,7 @@ class BatchCache(Cache):
         for layer in self.layers:
             layer.move(src, dst)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def set_lengths(self, lengths: list[int]) -> None:
         """Set every row's length (slots past it become stale: a rollback)."""
         self.host_lengths = list(lengths)

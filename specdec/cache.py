@@ -69,7 +69,7 @@ class SpecDecLayer(CacheLayerMixin):
     def truncate(self, n: int) -> None:
         self.length = min(self.length, n)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def compact(self, src: torch.Tensor, offset: int) -> None:
         """Keep slots ``offset + src`` (``[M]``, ascending) at ``offset .. offset + M``; drop the rest."""
         if self.is_initialized and src.numel() > 0:

@@ -5,7 +5,7 @@ import functools
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -29,16 +29,15 @@ class DecodeOutput:
 
 
 def without_autograd(decode):
-    """Run a decode entry point under ``torch.inference_mode`` and return its ``sequences`` as ordinary
-    tensors (usable in autograd afterwards): the loop's own small tensor ops (cache bookkeeping, masks,
-    acceptance) skip autograd's dispatch, as the model forwards already do."""
+    """Run a decode entry point under ``torch.no_grad``: the loop's own small tensor ops (cache bookkeeping,
+    masks, acceptance) skip autograd, as the model forwards do. Not ``torch.inference_mode``: its tensors
+    cannot be updated in place by a ``torch.compile``'d step (``compile=inductor`` failed on them), and
+    what the loops return stays usable in autograd afterwards."""
 
     @functools.wraps(decode)
     def run(*args, **kwargs):
-        with torch.inference_mode():
-            out = decode(*args, **kwargs)
-        seqs = out.sequences
-        return replace(out, sequences=seqs.clone() if isinstance(seqs, torch.Tensor) else [s.clone() for s in seqs])
+        with torch.no_grad():
+            return decode(*args, **kwargs)
 
     return run
 
@@ -145,7 +144,7 @@ class SpeculativeDecoder:
         ``max_rows``: decode at most this many rows at once, and when a row finishes let the next
         waiting prompt take its place (continuous batching; ``compile="none"`` only); None: all rows in
         one batch. ``on_row(i, sequence, row_stats, so_far)``: called when row i finishes (with the
-        fixed-shape step: for every row at the end), inside ``torch.inference_mode``. Returns a
+        fixed-shape step: for every row at the end), inside ``torch.no_grad``. Returns a
         :class:`specdec.batch_decoder.BatchOutput` (``sequences``, aggregate ``stats``, ``row_stats``).
         """
         if self.compile != "none":

@@ -20,7 +20,9 @@ counts, and flags.
 
 :class:`StaticStep` runs this step eagerly (CPU, or a GPU without capture) or captured in a
 CUDA graph (``compile="graph"``: replayed every step; where capture fails it warns once and
-runs eagerly) or through ``torch.compile`` (``compile="inductor"``). Every form emits exactly the
+runs eagerly) or through ``torch.compile`` (``compile="inductor"``, on the CPU too: it needs a C++
+compiler there; its buffers are rounded up to a multiple of :data:`CAPACITY_BUCKET` slots so that
+batches of similar lengths reuse one compiled step). Every form emits exactly the
 tokens of :meth:`specdec.SpeculativeDecoder.generate_batch` (and so of ``generate``) with the same
 seeds: the draws are keyed (:mod:`specdec.rng`).
 """
@@ -39,6 +41,8 @@ from verifier.verifier import model_forward
 
 #: ``none``: the ragged batched path; ``static``: this step, eager; ``graph``: captured; ``inductor``: compiled.
 COMPILE_MODES = ("none", "static", "graph", "inductor")
+CAPACITY_BUCKET = 128  # compile=inductor: buffer slots rounded up to a multiple of this
+RECOMPILE_LIMIT = 64  # compile=inductor: compiled steps dynamo keeps (its default keeps 8)
 
 
 def _forward(model, cache: BatchCache, ids: torch.Tensor, offsets: torch.Tensor, tree_mask: torch.Tensor,
@@ -75,6 +79,8 @@ class StaticStep:
         b = len(prompts)
         nodes = self.shape.num_nodes if self.shape is not None else 0
         capacity = max(len(p) + n for p, n in zip(prompts, limits)) + nodes + 2
+        if compile == "inductor":  # compiled code is kept per buffer shape: round up so that batches share it
+            capacity = -(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
         self.seq = torch.zeros(b, capacity, dtype=torch.long, device=device)  # [B, C] every row's tokens
         for i, p in enumerate(prompts):
             self.seq[i, : len(p)] = torch.tensor(p, dtype=torch.long)
@@ -221,13 +227,16 @@ class StaticStep:
     # ------------------------------------------------------------------ compiled forms
 
     def _compiled(self):
-        """The step captured in a CUDA graph (``graph``) or compiled (``inductor``); eager, with one
-        warning, where that is not possible."""
-        if self.seq.device.type != "cuda":  # CPU: no graphs; inductor on this step is not supported here
-            warnings.warn(f"compile={self.compile} needs a CUDA device; running the static step eagerly", stacklevel=3)
-            return self._eager
+        """The step captured in a CUDA graph (``graph``, CUDA only) or compiled (``inductor``, CPU or CUDA); eager,
+        with one warning, where that is not possible."""
         if self.compile == "graph":
+            if self.seq.device.type != "cuda":
+                warnings.warn("compile=graph needs a CUDA device; running the static step eagerly", stacklevel=3)
+                return self._eager
             return self._capture()
+        # one compiled step per (rows, capacity bucket, shape, rule): more than dynamo's default 8, past which
+        # it would silently run the step eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         return self._first_call_or_eager(torch.compile(self._eager, dynamic=False))
 
     def _first_call_or_eager(self, compiled):
@@ -297,7 +306,7 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
 
     rows, limits, row_seeds = check_batch(decoder, prompts, max_new_tokens, seed, seeds)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(False), torch.no_grad():  # inference tensors break torch.compile's in-place updates
         step = StaticStep.for_decoder(decoder, rows, limits, row_seeds, compile)
         step.prefill(rows)
         stats, live, n = [DecodeStats() for _ in rows], [True] * len(rows), 0

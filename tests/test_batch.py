@@ -159,8 +159,8 @@ def test_decode_with_batch_size_keeps_one_record_per_prompt(prompts_file, tmp_pa
 
 
 def test_outputs_are_ordinary_tensors():
-    """The loops run under ``torch.inference_mode``; what they return is usable in autograd afterwards
-    (an embedding lookup under grad saves its indices, which an inference tensor refuses)."""
+    """The loops run without autograd but not in ``torch.inference_mode``: what they return is usable in
+    autograd afterwards (an embedding lookup under grad saves its indices, which an inference tensor refuses)."""
     target, draft, tok = pair("llama")
     decoder = SpeculativeDecoder(target, DraftModelDrafter(draft, 2), "greedy", SamplingParams())
     rows = prompts(tok, 2)

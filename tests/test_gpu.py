@@ -107,7 +107,7 @@ def test_captured_step_makes_no_host_sync(models, shape):
     target, draft, prompts = models
     decoder = SpeculativeDecoder(target, DraftModelDrafter(draft, **shape), compile="graph")
     rows = [p[0].tolist() for p in prompts]
-    with torch.inference_mode():
+    with torch.no_grad():
         step = StaticStep.for_decoder(decoder, rows, [16] * len(rows), list(range(len(rows))), "graph")
         step.prefill(rows)
         step.step()  # capture happens on the first use

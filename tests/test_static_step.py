@@ -1,15 +1,19 @@
-"""The fixed-shape step (``compile=static``; captured as a CUDA graph with ``compile=graph`` on a GPU).
+"""The fixed-shape step (``compile=static``; ``compile=inductor``: torch.compile; ``compile=graph``:
+captured as a CUDA graph on a GPU).
 
 On the CPU the step runs eagerly and must emit exactly the tokens of the readable step: greedy rows
 equal ``generate(do_sample=False)``, sampled rows equal their batch-1 runs (keyed draws), for no
 drafter, draft-model chains (and the layer-skip self-draft's) and tree presets (deterministic and
 with-replacement children, a sparse preset), batch 1 and 4, EOS mid-batch and a ``max_new_tokens``
 per row; the rejection step passes the chi-square test against the exactly enumerated target for
-a chain and for trees, and a planted bug fails it. The capture itself and the absence of host syncs are GPU tests (``tests/test_gpu.py``).
+a chain and for trees, and a planted bug fails it. ``compile=inductor`` compiles on the CPU too and
+emits the same tokens; a failing compiler falls back to the eager step. The capture itself and the
+absence of host syncs are GPU tests (``tests/test_gpu.py``).
 """
 from __future__ import annotations
 
 import copy
+import shutil
 import warnings
 
 import pytest
@@ -142,3 +146,48 @@ def test_compile_modes_and_their_errors(setup):
         assert [str(w.message) for w in caught] == ["compile=graph needs a CUDA device; running the static step eagerly"]
         ref = SpeculativeDecoder(target, SHAPES["chain3"](arch)).generate_batch(rows, LIMITS)
         assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences]
+
+
+needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                                    reason="torch.compile on the CPU needs a C++ compiler")
+
+
+@needs_compiler
+def test_inductor_step_compiles_and_emits_the_eager_tokens():
+    """``compile=inductor`` really compiles the step (it used to fail on inference tensors and fall back)
+    and emits the readable step's tokens (rejection at T = 1: the keyed draws inside the compiled graph);
+    a batch of other lengths in the same capacity bucket reuses it. Greedy steps are compiled on a GPU
+    (``tests/test_gpu.py``)."""
+    from torch._dynamo.utils import counters
+
+    target, draft, tok = pair("llama")
+    rows, sampling = prompts(tok, 3, seed=9), SamplingParams(temperature=1.0)
+    compiled = SpeculativeDecoder(target, DraftModelDrafter(draft, 3), "rejection", sampling, compile="inductor")
+    readable = SpeculativeDecoder(target, DraftModelDrafter(draft, 3), "rejection", sampling)
+    graphs = [counters["stats"]["unique_graphs"]]
+    for limits in ([12, 7, 10], [9, 11, 5]):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="compile=")  # a fallback warns: fail on it
+            out = compiled.generate_batch(rows, limits, seed=2)
+        graphs.append(counters["stats"]["unique_graphs"])
+        ref = readable.generate_batch(rows, limits, seed=2)
+        assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences], limits
+    assert graphs[1] > graphs[0] and graphs[2] == graphs[1], graphs  # compiled once, then reused
+
+
+def test_a_failing_compile_falls_back_to_the_eager_step(setup, monkeypatch):
+    """Where the compiler fails (planted: a backend that raises), one warning, then the eager step, same tokens."""
+    arch, target, rows = setup
+    real = torch.compile
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("planted compiler failure")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=failing_backend, dynamic=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = SpeculativeDecoder(target, SHAPES["chain3"](arch), compile="inductor").generate_batch(rows, LIMITS)
+    failed = [str(w.message) for w in caught if "compile=inductor failed" in str(w.message)]
+    assert len(failed) == 1 and "planted compiler failure" in failed[0], [str(w.message) for w in caught]
+    ref = SpeculativeDecoder(target, SHAPES["chain3"](arch)).generate_batch(rows, LIMITS)
+    assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences]

@@ -98,7 +98,7 @@ def model_forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Ten
     """One forward of ``model`` on ``input_ids [B, n]`` at ``position_ids [B, n]`` appended to ``cache``,
     through ``backend`` with the ``specdec_*`` attention inputs ``attn`` (:func:`attention_inputs`).
     Returns ``(logits [B, n', V] float32, hidden [B, n, H] or None)``."""
-    with attention_backend(model, backend), sdpa_kernel(SDPA_KERNELS), torch.inference_mode():
+    with attention_backend(model, backend), sdpa_kernel(SDPA_KERNELS), torch.no_grad():
         out = model(
             input_ids=input_ids,
             position_ids=position_ids,

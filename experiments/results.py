@@ -196,6 +196,10 @@ def format_table(summary: dict) -> str:
     spec = metrics.get(SPECULATIVE, {})
     if spec.get("acceptance_rate_by_depth"):
         lines.append("acceptance by depth: " + " ".join(f"{r:.2f}" for r in spec["acceptance_rate_by_depth"]))
+    compiled = {name: metrics[name]["time_compile"] for name in (SPECULATIVE, BASELINE)
+                if metrics.get(name, {}).get("time_compile")}
+    if compiled:  # compile=inductor|graph: compiling is not decoding
+        lines.append("compiling the step (not in tok/s): " + ", ".join(f"{k} {v:.1f} s" for k, v in compiled.items()))
     if "matches_baseline" in metrics:
         lines.append(f"matches baseline: {metrics['matches_baseline']}")
     return "\n".join(lines)

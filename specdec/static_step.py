@@ -28,6 +28,7 @@ seeds: the draws are keyed (:mod:`specdec.rng`).
 """
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -96,6 +97,7 @@ class StaticStep:
         self.root_mask = torch.ones(b, 1, 1, dtype=torch.bool, device=device)  # [B, 1, 1] plain decoding
         self.report = torch.zeros(b, 5, dtype=torch.long, device=device)  # [B, 5] what the host reads per step
         self.compile, self._run = compile, self._eager
+        self.compile_s = 0.0  # seconds spent compiling or capturing (one undone step included)
 
     @classmethod
     def for_decoder(cls, decoder, prompts: list[list[int]], limits: list[int], seeds: list[int],
@@ -114,7 +116,10 @@ class StaticStep:
         prefill_rows(self.target, self.t_cache, [p[:-1] for p in prompts], output_hidden=False)
         if self.draft is not None:
             prefill_rows(self.draft, self.d_cache, [p[:-1] for p in prompts], output_hidden=False)
-        self._run = self._compiled() if self.compile in ("graph", "inductor") else self._eager
+        if self.compile in ("graph", "inductor"):
+            start = time.perf_counter()
+            self._run = self._compiled()  # graph: captured now; inductor: compiled on the first step
+            self.compile_s += time.perf_counter() - start
 
     # ------------------------------------------------------------------ the step (device only)
 
@@ -244,15 +249,22 @@ class StaticStep:
         the step's buffers are restored, one warning says so, and the eager step takes over."""
         def first():
             snapshot = self._save()
+            start = time.perf_counter()
             try:
                 compiled()
-                self._run = compiled
             except Exception as exc:  # noqa: BLE001 - compilation errors of any kind: eager, said once
                 self._restore(snapshot)
                 warnings.warn(f"compile={self.compile} failed ({type(exc).__name__}: {str(exc)[:200]}); "
                               "running the static step eagerly", stacklevel=4)
                 self._run = self._eager
                 self._eager()
+                return
+            if self.seq.device.type == "cuda":
+                torch.cuda.synchronize(self.seq.device)
+            self.compile_s += time.perf_counter() - start
+            self._restore(snapshot)  # undo the compiling call's step: it runs again, timed as any other
+            self._run = compiled
+            compiled()
 
         return first
 
@@ -298,8 +310,6 @@ class StaticStep:
 def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=None, compile: str = "static"):
     """:meth:`specdec.SpeculativeDecoder.generate_batch` through the static step (no drafter, or a draft
     model's chain or tree preset); same arguments, same tokens, a :class:`~specdec.batch_decoder.BatchOutput`."""
-    import time
-
     from specdec.batch_decoder import BatchOutput, check_batch
     from specdec.errors import NonFiniteLogitsError
     from specdec.stats import DecodeStats
@@ -310,7 +320,7 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
         step = StaticStep.for_decoder(decoder, rows, limits, row_seeds, compile)
         step.prefill(rows)
         stats, live, n = [DecodeStats() for _ in rows], [True] * len(rows), 0
-        prefill_s = time.perf_counter() - start
+        prefill_s = time.perf_counter() - start - step.compile_s  # a graph is captured in prefill()
         while any(live):
             for b, (nodes, depth, accepted, emitted, flags) in enumerate(step.step()):
                 if not live[b]:
@@ -321,12 +331,13 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
                 stats[b].new_tokens += emitted
                 if flags & 1:
                     live[b] = False
-                    stats[b].time_total = time.perf_counter() - start
+                    stats[b].time_total = time.perf_counter() - start - step.compile_s
             n += 1
         lengths = step.seq_len.tolist()
         seqs = [step.seq[b : b + 1, :n_b].to(prompts[0].device) for b, n_b in enumerate(lengths)]
     total = DecodeStats.merge(stats)
-    total.time_prefill, total.time_total = prefill_s, time.perf_counter() - start
+    total.time_prefill, total.time_total = prefill_s, time.perf_counter() - start - step.compile_s
+    total.time_compile = step.compile_s
     return BatchOutput(sequences=seqs, stats=total, row_stats=stats)
 
 

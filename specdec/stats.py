@@ -12,7 +12,8 @@ class DecodeStats:
 
     ``target_forwards`` counts verify forwards (one per step; the prefill is not counted).
     ``depth_proposed[d - 1]`` / ``depth_accepted[d - 1]``: steps that proposed / accepted a node at
-    depth d. Times are seconds; ``time_accept`` is accept + commit.
+    depth d. Times are seconds; ``time_accept`` is accept + commit. ``time_compile``: compiling or
+    capturing the fixed-shape step (``compile=inductor|graph``), kept out of ``time_total``.
     """
 
     new_tokens: int = 0
@@ -26,6 +27,7 @@ class DecodeStats:
     time_verify: float = 0.0
     time_accept: float = 0.0
     time_total: float = 0.0
+    time_compile: float = 0.0
 
     def record_step(self, proposed_nodes: int, max_depth: int, accepted_depth: int) -> None:
         """Count one step: nodes proposed, tree depth, and depth of the accepted path."""
@@ -88,7 +90,7 @@ class DecodeStats:
             total.proposed_per_step += s.proposed_per_step
             add_counts(total.depth_proposed, s.depth_proposed)
             add_counts(total.depth_accepted, s.depth_accepted)
-            for name in TIME_FIELDS:
+            for name in (*TIME_FIELDS, "time_compile"):
                 setattr(total, name, getattr(total, name) + getattr(s, name))
         return total
 

@@ -285,6 +285,20 @@ def test_time_split_sums_to_one():
     assert split["other"] == pytest.approx(0.3) and sum(split.values()) == pytest.approx(1.0)
 
 
+def test_summary_table_states_compile_time_apart():
+    """``compile=inductor|graph``: the time spent compiling is shown, and kept out of tok/s."""
+    from experiments.results import format_table
+    from specdec.stats import DecodeStats
+
+    runs = [DecodeStats(new_tokens=10, time_total=1.0, time_compile=30.0), DecodeStats(new_tokens=20, time_total=1.0)]
+    merged = DecodeStats.merge(runs)
+    assert merged.time_compile == 30.0 and merged.tokens_per_s == 15.0
+    row = {**merged.to_dict(), "time_split": time_split(merged)}
+    table = format_table({"metrics": {"speculative": row, "baseline": {**row, "time_compile": 0.0}}})
+    assert "compiling the step (not in tok/s): speculative 30.0 s" in table and "baseline 0" not in table
+    assert "compiling" not in format_table({"metrics": {"baseline": {**row, "time_compile": 0.0}}})
+
+
 # --------------------------------------------------------------------------- the command line
 
 

@@ -169,6 +169,7 @@ def test_inductor_step_compiles_and_emits_the_eager_tokens():
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="compile=")  # a fallback warns: fail on it
             out = compiled.generate_batch(rows, limits, seed=2)
+        assert out.stats.time_compile > 0 and out.stats.time_total > 0  # compiling is timed apart
         graphs.append(counters["stats"]["unique_graphs"])
         ref = readable.generate_batch(rows, limits, seed=2)
         assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences], limits

@@ -1,7 +1,6 @@
 """The target-model wrapper: one forward pass over the root and all draft nodes."""
 from __future__ import annotations
 
-import functools
 import inspect
 from contextlib import contextmanager
 
@@ -34,12 +33,16 @@ def attention_backend(model, backend: str):
 SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-@functools.cache
+_CACHE_KEYWORD: dict[type, str] = {}  # a plain dict, not functools.cache: torch.compile traces through it quietly
+
+
 def cache_argument(model_class: type) -> str:
     """The forward's keyword for the KV cache: ``cache`` (transformers >= 5.2x, where
     ``past_key_values`` is deprecated) or ``past_key_values`` (earlier 5.x releases)."""
-    params = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    if model_class not in _CACHE_KEYWORD:
+        params = inspect.signature(model_class.forward).parameters
+        _CACHE_KEYWORD[model_class] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KEYWORD[model_class]
 
 
 def attention_inputs(backend: str, prefix_len: int, tree_mask: torch.Tensor | None,

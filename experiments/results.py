@@ -189,6 +189,8 @@ def format_table(summary: dict) -> str:
             continue
         up = metrics.get("speedup") if name == SPECULATIVE else 1.0
         split = " ".join(f"{k}={v:.0%}" for k, v in m["time_split"].items())
+        if m.get("target_forwards") and not m.get("time_verify"):  # the fixed-shape step times no phase
+            split = f"prefill={m['time_split']['prefill']:.0%}, steps not split (fixed-shape step)"
         lines.append(
             f"{name:<12} {m['tau']:>6.2f} {m['mean_accepted_drafts']:>8.2f} {m['draft_acceptance_rate']:>8.1%} "
             f"{m['tokens_per_s']:>9.1f} {_fmt_speedup(up):>8}   {split}"

@@ -290,13 +290,18 @@ def test_summary_table_states_compile_time_apart():
     from experiments.results import format_table
     from specdec.stats import DecodeStats
 
-    runs = [DecodeStats(new_tokens=10, time_total=1.0, time_compile=30.0), DecodeStats(new_tokens=20, time_total=1.0)]
+    runs = [DecodeStats(new_tokens=10, target_forwards=5, time_total=1.0, time_compile=30.0),
+            DecodeStats(new_tokens=20, target_forwards=9, time_total=1.0)]
     merged = DecodeStats.merge(runs)
     assert merged.time_compile == 30.0 and merged.tokens_per_s == 15.0
     row = {**merged.to_dict(), "time_split": time_split(merged)}
     table = format_table({"metrics": {"speculative": row, "baseline": {**row, "time_compile": 0.0}}})
     assert "compiling the step (not in tok/s): speculative 30.0 s" in table and "baseline 0" not in table
     assert "compiling" not in format_table({"metrics": {"baseline": {**row, "time_compile": 0.0}}})
+    assert "steps not split (fixed-shape step)" in table  # no phase was timed: no made-up 0% shares
+    timed = DecodeStats(new_tokens=4, target_forwards=2, time_verify=0.5, time_total=1.0)
+    table = format_table({"metrics": {"baseline": {**timed.to_dict(), "time_split": time_split(timed)}}})
+    assert "verify=50%" in table and "not split" not in table
 
 
 # --------------------------------------------------------------------------- the command line

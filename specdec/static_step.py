@@ -44,6 +44,7 @@ from verifier.verifier import model_forward
 COMPILE_MODES = ("none", "static", "graph", "inductor")
 CAPACITY_BUCKET = 128  # compile=inductor: buffer slots rounded up to a multiple of this
 RECOMPILE_LIMIT = 64  # compile=inductor: compiled steps dynamo keeps (its default keeps 8)
+_COMPILE_FAILED: list[Exception] = []  # compile=inductor failed in this process: the eager step from then on
 
 
 def _forward(model, cache: BatchCache, ids: torch.Tensor, offsets: torch.Tensor, tree_mask: torch.Tensor,
@@ -239,6 +240,8 @@ class StaticStep:
                 warnings.warn("compile=graph needs a CUDA device; running the static step eagerly", stacklevel=3)
                 return self._eager
             return self._capture()
+        if _COMPILE_FAILED:  # warned once already: later batches do not pay for another failing attempt
+            return self._eager
         # one compiled step per (rows, capacity bucket, shape, rule): more than dynamo's default 8, past which
         # it would silently run the step eagerly
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -255,7 +258,8 @@ class StaticStep:
             except Exception as exc:  # noqa: BLE001 - compilation errors of any kind: eager, said once
                 self._restore(snapshot)
                 warnings.warn(f"compile={self.compile} failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                              "running the static step eagerly", stacklevel=4)
+                              "running the static step eagerly from now on", stacklevel=4)
+                _COMPILE_FAILED.append(exc)
                 self._run = self._eager
                 self._eager()
                 return

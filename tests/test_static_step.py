@@ -23,6 +23,7 @@ from drafters import DraftModelDrafter, LayerSkipDrafter, NGramDrafter, NoDrafte
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import ConfigError
 from specdec.sampling import warp_probs
+from specdec import static_step
 from specdec.static_step import StaticStep
 from tests.lossless import ALPHA, NEW, PROMPT, chi_square_pvalue, exact_distribution
 from tests.tiny_models import noisy_copy, pair, peaky_noisy_pair, prompts
@@ -184,11 +185,18 @@ def test_a_failing_compile_falls_back_to_the_eager_step(setup, monkeypatch):
     def failing_backend(gm, example_inputs):
         raise RuntimeError("planted compiler failure")
 
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=failing_backend, dynamic=False))
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(1) or real(fn, backend=failing_backend,
+                                                                                dynamic=False))
+    monkeypatch.setattr(static_step, "_COMPILE_FAILED", [])
+    decoder = SpeculativeDecoder(target, SHAPES["chain3"](arch), compile="inductor")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = SpeculativeDecoder(target, SHAPES["chain3"](arch), compile="inductor").generate_batch(rows, LIMITS)
+        out = decoder.generate_batch(rows, LIMITS)
+        again = decoder.generate_batch(rows[:2], LIMITS[:2])  # no second attempt, no second warning
     failed = [str(w.message) for w in caught if "compile=inductor failed" in str(w.message)]
     assert len(failed) == 1 and "planted compiler failure" in failed[0], [str(w.message) for w in caught]
+    assert len(calls) == 1
     ref = SpeculativeDecoder(target, SHAPES["chain3"](arch)).generate_batch(rows, LIMITS)
     assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences]
+    assert [s.tolist() for s in again.sequences] == [s.tolist() for s in ref.sequences[:2]]

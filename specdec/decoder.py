@@ -1,7 +1,6 @@
 """The decode loop: propose -> verify -> accept -> commit, one small function per phase."""
 from __future__ import annotations
 
-import functools
 import random
 import time
 from contextlib import contextmanager
@@ -26,20 +25,6 @@ class DecodeOutput:
 
     sequences: torch.Tensor
     stats: DecodeStats
-
-
-def without_autograd(decode):
-    """Run a decode entry point under ``torch.no_grad``: the loop's own small tensor ops (cache bookkeeping,
-    masks, acceptance) skip autograd, as the model forwards do. Not ``torch.inference_mode``: its tensors
-    cannot be updated in place by a ``torch.compile``'d step (``compile=inductor`` failed on them), and
-    what the loops return stays usable in autograd afterwards."""
-
-    @functools.wraps(decode)
-    def run(*args, **kwargs):
-        with torch.no_grad():
-            return decode(*args, **kwargs)
-
-    return run
 
 
 def eos_token_ids(model) -> set[int]:
@@ -102,7 +87,7 @@ class SpeculativeDecoder:
                 raise ConfigError(f"compile={compile!r} is unknown; choose one of {list(COMPILE_MODES)}")
             static_drafter(drafter, self.sampling)  # fails now, naming the drafter, if the static step cannot run it
 
-    @without_autograd
+    @torch.no_grad()  # not inference_mode: its tensors cannot be updated in place by a compiled step
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, seed: int | None = None) -> DecodeOutput:
         """Decode up to ``max_new_tokens`` after ``input_ids [1, T]``; stops after an EOS token."""
         seed = seed if seed is not None else random.randrange(2**62)
@@ -134,7 +119,7 @@ class SpeculativeDecoder:
         stats.new_tokens = len(new)
         return DecodeOutput(sequences=torch.tensor([out], dtype=torch.long, device=input_ids.device), stats=stats)
 
-    @without_autograd
+    @torch.no_grad()
     def generate_batch(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int] = 64, seed: int = 0,
                        seeds: list[int] | None = None, max_rows: int | None = None, on_row=None):
         """Decode a batch of prompts (``[1, T_i]`` each, any lengths) together, with ragged acceptance.

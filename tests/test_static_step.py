@@ -20,10 +20,9 @@ import pytest
 import torch
 
 from drafters import DraftModelDrafter, LayerSkipDrafter, NGramDrafter, NoDrafter
-from specdec import SamplingParams, SpeculativeDecoder
+from specdec import SamplingParams, SpeculativeDecoder, static_step
 from specdec.errors import ConfigError
 from specdec.sampling import warp_probs
-from specdec import static_step
 from specdec.static_step import StaticStep
 from tests.lossless import ALPHA, NEW, PROMPT, chi_square_pvalue, exact_distribution
 from tests.tiny_models import noisy_copy, pair, peaky_noisy_pair, prompts

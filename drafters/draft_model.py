@@ -35,6 +35,8 @@ class DraftModelDrafter(TreeDrafter):
         top_k_children: children per expanded node of a dynamic tree (>= 1).
         draft_vocab: ids ``[Vd]`` of a draft vocabulary, or None: the model's LM head then scores only
             those tokens (:func:`drafters.draft_vocab.with_draft_vocab`; a view, the model is unchanged).
+        confidence_threshold: a chain ends after the first draft whose draft probability is below this
+            (a dynamic draft length, as Hugging Face's ``assistant_confidence_threshold``); 0: always k.
     """
 
     name = "draft_model"
@@ -42,8 +44,8 @@ class DraftModelDrafter(TreeDrafter):
 
     def __init__(self, model, num_speculative_tokens: int = 4, attn_backend: str = "sdpa", tree=None,
                  tree_sampling: str = "deterministic", budget: int | None = None, top_k_children: int = 4,
-                 draft_vocab: torch.Tensor | None = None):
-        super().__init__(num_speculative_tokens, tree, tree_sampling, budget, top_k_children)
+                 draft_vocab: torch.Tensor | None = None, confidence_threshold: float = 0.0):
+        super().__init__(num_speculative_tokens, tree, tree_sampling, budget, top_k_children, confidence_threshold)
         if draft_vocab is not None:
             from drafters.draft_vocab import with_draft_vocab
 

@@ -82,13 +82,23 @@ class BatchDraftModelChain(BatchDrafter):
             tok = q.argmax(-1) if sampling.greedy else rng.categorical(q, DRAFT, i)  # [B]
             drafts.append(tok)
             probs.append(q)
+            if i + 1 < k_max and self.drafter.confidence_threshold:
+                ks = self._stop_unsure(ks, i, self.drafter.unsure(logits, q, tok, sampling).tolist())
+                if max(ks) <= i + 1:  # every row's chain has ended
+                    break
             if i + 1 < k_max:
                 logits = self._feed(tok)
-        tokens = torch.stack(drafts, 1).tolist()  # [B, k_max]
+        tokens = torch.stack(drafts, 1).tolist()  # [B, <= k_max]
         q_all = torch.stack(probs, 1)  # [B, k_max, V]
         self.fed = [max(0, k - 1) for k in ks]  # the drafts a batch-1 run would have fed
         return [DraftTree.chain(torch.tensor(t[:k], dtype=torch.long), q_all[b, :k]) if k else DraftTree.empty()
                 for b, (t, k) in enumerate(zip(tokens, ks))]
+
+    @staticmethod
+    def _stop_unsure(ks: list[int], i: int, unsure: list[bool]) -> list[int]:
+        """Each row's chain length after draft ``i``: a row whose draft ``i`` is ``unsure`` ends there, as its
+        batch-1 run's chain does (rows keep drafting with the batch, but their later drafts are dropped)."""
+        return [min(k, i + 1) if stop else k for k, stop in zip(ks, unsure)]
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
         """Keep each row's accepted drafts that the draft model has seen; the rest is re-fed next step."""

@@ -78,6 +78,8 @@ class EagleDrafter(TreeDrafter):
             and chains record the head's warped distribution, so ``rejection`` stays lossless.
         zoo_size: which embedded pair's head ``heads=None`` means.
         attn_backend: attention backend of the head's causal forwards (tree levels use SDPA).
+        confidence_threshold: a chain ends after the first draft whose head probability is below this
+            (0: always ``num_speculative_tokens``); chains only.
     """
 
     name = "eagle"
@@ -86,8 +88,8 @@ class EagleDrafter(TreeDrafter):
     def __init__(self, heads: str | os.PathLike | EagleHead | None = None, version: str | None = None,
                  num_speculative_tokens: int = 4, tree=None, tree_sampling: str = "deterministic",
                  budget: int | None = None, top_k_children: int = 4, zoo_size: str = "default",
-                 attn_backend: str = "sdpa"):
-        super().__init__(num_speculative_tokens, tree, tree_sampling, budget, top_k_children)
+                 attn_backend: str = "sdpa", confidence_threshold: float = 0.0):
+        super().__init__(num_speculative_tokens, tree, tree_sampling, budget, top_k_children, confidence_threshold)
         self.version = check_version(version, "drafter.version") if version is not None else None
         self.attn_backend = attn_backend
         self._head: EagleHead | None = None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from drafters.draft_model import DraftModelDrafter
-from drafters.tree_drafter import positive_int
+from drafters.tree_drafter import confidence_threshold_of, positive_int
 from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError
 
@@ -69,14 +69,17 @@ class LayerSkipDrafter(DraftModelDrafter):
         num_speculative_tokens: chain length k.
         attn_backend: attention backend of the draft's forwards.
         target: bind to this target now (else on the first ``start`` / ``step_shape``).
+        confidence_threshold: the chain ends after the first draft less likely than this (0: always k).
     """
 
     name = "layer_skip"
 
-    def __init__(self, layers: int = 6, num_speculative_tokens: int = 4, attn_backend: str = "sdpa", target=None):
+    def __init__(self, layers: int = 6, num_speculative_tokens: int = 4, attn_backend: str = "sdpa", target=None,
+                 confidence_threshold: float = 0.0):
         Drafter.__init__(self)
         self.layers = positive_int(layers, "drafter.layers")
         self._k, self._backend, self._target_id = num_speculative_tokens, attn_backend, None
+        self.confidence_threshold = confidence_threshold_of(confidence_threshold)
         self.model = None
         if target is not None:
             self.bind(target)
@@ -86,7 +89,7 @@ class LayerSkipDrafter(DraftModelDrafter):
         if self._target_id == id(target):
             return
         super().__init__(truncated_view(target, self.layers), num_speculative_tokens=self._k,
-                         attn_backend=self._backend)
+                         attn_backend=self._backend, confidence_threshold=self.confidence_threshold)
         self._target_id = id(target)
 
     @property

@@ -3,7 +3,10 @@
 A :class:`TreeDrafter` drafts one of three shapes, chosen by its constructor arguments:
 
 - chain (``tree=None, budget=None``): ``num_speculative_tokens`` tokens, each sampled from the
-  warped draft distribution (argmax at temperature 0), recorded in ``DraftTree.draft_probs``;
+  warped draft distribution (argmax at temperature 0), recorded in ``DraftTree.draft_probs``; with
+  ``confidence_threshold`` > 0 the chain stops early, after the first draft whose probability under
+  the draft is below it (a dynamic draft length; the stop depends on the draft alone, so every
+  acceptance rule stays lossless);
 - static tree (``tree=<preset>``): the preset's sibling-rank paths, grown level by level;
   ``tree_sampling`` picks the children (:func:`drafters.tree_expansion.choose_children`). At
   temperature 0 children are always the top-ranked tokens;
@@ -25,7 +28,7 @@ from drafters.tree_expansion import TreeFeed, expand_dynamic, expand_static
 from specdec.drafting import Drafter
 from specdec.errors import ConfigError
 from specdec.rng import DRAFT
-from specdec.sampling import warp_probs
+from specdec.sampling import draft_confidence, warp_probs
 from specdec.tree import compile_tree, load_preset
 from specdec.types import SAMPLING_MODES, DraftTree
 from verifier import check_finite
@@ -38,6 +41,18 @@ def positive_int(value, name: str) -> int:
     return value
 
 
+def confidence_threshold_of(value, chain: bool = True) -> float:
+    """``value`` as a chain's confidence threshold (a number in [0, 1)), else :class:`ConfigError`; a
+    threshold > 0 needs a chain (``chain=False``: the drafter grows a tree)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"drafter.confidence_threshold={value!r}: it must be a number in [0, 1) "
+                          f"(0 drafts every chain to its full length)")
+    if value > 0 and not chain:
+        raise ConfigError(f"drafter.confidence_threshold={value} stops a chain early; this drafter grows a tree "
+                          f"(tree=... or budget=...): set it to 0 or draft a chain")
+    return float(value)
+
+
 class TreeDrafter(Drafter):
     """Base of the drafters that grow a chain, a preset tree or a dynamic tree with one forward per level.
 
@@ -48,12 +63,14 @@ class TreeDrafter(Drafter):
         tree_sampling: ``deterministic``, ``with_replacement`` or ``without_replacement``.
         budget: number of nodes of a dynamic tree (>= 1); None for a chain or a static tree.
         top_k_children: children per expanded node of a dynamic tree (>= 1).
+        confidence_threshold: a chain stops after the first draft whose draft probability is below
+            this (0: always ``num_speculative_tokens``); chains only.
     """
 
     forward_label = "draft forward"  # names the forward in errors about non-finite logits
 
     def __init__(self, num_speculative_tokens: int = 4, tree=None, tree_sampling: str = "deterministic",
-                 budget: int | None = None, top_k_children: int = 4):
+                 budget: int | None = None, top_k_children: int = 4, confidence_threshold: float = 0.0):
         super().__init__()
         self.k = positive_int(num_speculative_tokens, "num_speculative_tokens")
         if tree_sampling not in SAMPLING_MODES:
@@ -69,6 +86,7 @@ class TreeDrafter(Drafter):
         self.top_k_children = positive_int(top_k_children, "top_k_children")
         self.tree_sampling, self.budget = tree_sampling, budget
         self.compiled = compile_tree(load_preset(tree)) if tree is not None else None
+        self.confidence_threshold = confidence_threshold_of(confidence_threshold, self.mode == "chain")
 
     @property
     def mode(self) -> str:
@@ -96,8 +114,9 @@ class TreeDrafter(Drafter):
         return min(max_depth, self.compiled.max_depth if self.mode == "static" else self.k)
 
     def grow_chain(self, logits: torch.Tensor, k: int, forward_one: Callable[[int, int], torch.Tensor]) -> DraftTree:
-        """A chain of ``k`` drafts from the root's draft ``logits [V]``; ``forward_one(token, i)`` feeds
-        draft ``i`` and returns the logits after it. Draft ``i`` is keyed ``(DRAFT, i)``."""
+        """A chain of at most ``k`` drafts from the root's draft ``logits [V]``; ``forward_one(token, i)``
+        feeds draft ``i`` and returns the logits after it. Draft ``i`` is keyed ``(DRAFT, i)``. The chain
+        ends early after a draft less likely than ``confidence_threshold`` (:meth:`unsure`)."""
         drafts, probs = [], []
         for i in range(k):
             check_finite(logits, f"{self.forward_label} at draft position {i + 1}", masked_ok=True)
@@ -105,9 +124,18 @@ class TreeDrafter(Drafter):
             tok = int(q.argmax()) if self.ctx.sampling.greedy else int(self.ctx.rng.categorical(q[None], DRAFT, i)[0])
             drafts.append(tok)
             probs.append(q)
+            if i + 1 < k and self.confidence_threshold and bool(
+                    self.unsure(logits, q, torch.tensor(tok, device=q.device), self.ctx.sampling)):
+                break
             if i + 1 < k:
                 logits = forward_one(tok, i)
-        return DraftTree.chain(torch.tensor(drafts, dtype=torch.long), torch.stack(probs))  # probs [k, V]
+        return DraftTree.chain(torch.tensor(drafts, dtype=torch.long), torch.stack(probs))  # probs [<= k, V]
+
+    def unsure(self, logits: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, sampling) -> torch.Tensor:
+        """Whether a chain stops after ``tokens [...]`` drawn from ``q [..., V]`` (draft ``logits [..., V]``,
+        warped by ``sampling``): bool ``[...]``, true where their draft probability is below
+        ``confidence_threshold``."""
+        return draft_confidence(logits, q, tokens, sampling) < self.confidence_threshold  # [...]
 
     def grow_tree(self, feed: TreeFeed, root_logits: torch.Tensor, depth_limit: int) -> tuple[DraftTree, list[int]]:
         """A static or dynamic tree grown through ``feed``; per node, its fed index (-1: not fed)."""

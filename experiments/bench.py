@@ -55,6 +55,7 @@ class Method:
     ours: bool
     k: int | None = None
     peer: str | None = None  # the HF method with the same drafter and k
+    dynamic: bool = False  # its draft length varies per step (k is the most): no cost-model prediction
     times: dict = field(default_factory=dict)  # prompt index -> list of seconds
     new_tokens: dict = field(default_factory=dict)
     tau: dict = field(default_factory=dict)
@@ -72,13 +73,15 @@ def _hf(target, max_new, **kwargs):
     return run
 
 
-def _hf_assisted(target, draft, max_new, k):
-    """Assisted generation; transformers 5.x reads its schedule from the draft's generation_config."""
+def _hf_assisted(target, draft, max_new, k, confidence: float = 0.0):
+    """Assisted generation; transformers 5.x reads its schedule from the draft's generation_config. ``k``:
+    a constant draft length (None: HF's default schedule); ``confidence``: its ``assistant_confidence_threshold``
+    (stop a draft after a token the draft gives less than this)."""
     def run(ids):
         cfg = draft.generation_config
         cfg.num_assistant_tokens = k
         cfg.num_assistant_tokens_schedule = "constant" if k else None
-        cfg.assistant_confidence_threshold = 0.0 if k else None
+        cfg.assistant_confidence_threshold = confidence if k else None
         if not k:  # HF's own default schedule
             cfg.num_assistant_tokens = None
         return _hf(target, max_new, assistant_model=draft)(ids)
@@ -110,6 +113,11 @@ def build_methods(target, draft, args) -> list[Method]:
         methods.append(Method(f"hf_assisted_k{k}", _hf_assisted(target, draft, m, k), False, k))
         methods.append(Method(f"ours_chain_k{k}", _ours(target, DraftModelDrafter(draft, k), m), True, k,
                               peer=f"hf_assisted_k{k}"))
+        for c in args.confidence:  # a dynamic draft length, ours and HF's at the same threshold
+            methods.append(Method(f"hf_assisted_k{k}_conf{c}", _hf_assisted(target, draft, m, k, c), False, k))
+            methods.append(Method(f"ours_chain_k{k}_conf{c}",
+                                  _ours(target, DraftModelDrafter(draft, k, confidence_threshold=c), m), True, k,
+                                  peer=f"hf_assisted_k{k}_conf{c}", dynamic=True))
     for tree in args.trees:
         methods.append(Method(f"ours_tree_{tree}", _ours(target, DraftModelDrafter(draft, tree=tree), m), True))
     if args.compile != "none":  # the fixed-shape step (captured on a GPU with --compile graph)
@@ -188,7 +196,7 @@ def summarize(methods: list[Method], costs: dict) -> tuple[list[dict], str]:
         if m.peer:
             peer = tps[by_name[m.peer].name]
             row["vs_hf_same_drafter"] = _spread([mine[i] / peer[i] for i in mine])
-        if m.name.startswith("ours_chain"):
+        if m.name.startswith("ours_chain") and not m.dynamic:
             measured = statistics.median(mine[i] / ours_ar[i] for i in mine)
             predicted = predicted_chain_speedup(row["tau"], m.k, costs["target"], costs["draft"])
             row["efficiency"] = f"{measured / predicted:.2f} ({measured:.2f}x / {predicted:.2f}x)"
@@ -296,6 +304,9 @@ def parse_args(argv=None):
     p.add_argument("--verify-widths", type=lambda s: tuple(int(x) for x in s.split(",")),
                    default=(1, 2, 4, 8, 16, 32, 64))
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6])
+    p.add_argument("--confidence", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+                   help="also chains at each --ks that stop after a draft less likely than each of these thresholds "
+                        "(ours: drafter confidence_threshold; HF: assistant_confidence_threshold; with --batch-sizes too)")
     p.add_argument("--trees", type=lambda s: [t for t in s.split(",") if t], default=[],
                    help="draft-model tree presets to add (e.g. binary,sparse60; eager, and with --compile captured)")
     p.add_argument("--ngram-tokens", type=int, default=4)
@@ -314,7 +325,7 @@ def batched_main(target, draft, prompts, args, argv) -> int:
     from experiments.bench_batch import markdown, run_batch_sizes
 
     rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
-                           args.ngram_tokens, args.max_ngram, args.compile)
+                           args.ngram_tokens, args.max_ngram, args.compile, args.confidence)
     header = (f"{command_line(argv)}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
               "(`*_continuous`: all prompts in one call, at most that many rows at once, a finished row's place "
               f"taken by the next prompt), {args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, "

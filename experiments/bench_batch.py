@@ -57,14 +57,18 @@ def ours_batched(decoder: SpeculativeDecoder, rows: list[torch.Tensor], max_new:
 CONTINUOUS = "_continuous"
 
 
-def methods(target, draft, ks: list[int], ngram_tokens: int, max_ngram: int, compile: str = "none") -> dict:
+def methods(target, draft, ks: list[int], ngram_tokens: int, max_ngram: int, compile: str = "none",
+            confidence: tuple[float, ...] = ()) -> dict:
     """Name -> ``run(rows, max_new) -> (new tokens per row, stats or None)`` (``run(rows, max_new, max_rows)``
-    for the continuous methods); one draft-model chain per draft length in ``ks``; with ``compile`` (not
-    ``none``) also our AR loop and the chains through the fixed-shape step (``ours_ar_<compile>``, ...)."""
+    for the continuous methods); one draft-model chain per draft length in ``ks`` (and per ``confidence``
+    threshold: ``ours_chain_k<k>_conf<c>``, a dynamic draft length); with ``compile`` (not ``none``) also our
+    AR loop and the chains through the fixed-shape step (``ours_ar_<compile>``, ...)."""
     pad = target.generation_config.pad_token_id
     pad = pad if pad is not None else 0
     greedy = SamplingParams()
     ours = {"ours_ar": NoDrafter(), **{f"ours_chain_k{k}": DraftModelDrafter(draft, k) for k in ks},
+            **{f"ours_chain_k{k}_conf{c}": DraftModelDrafter(draft, k, confidence_threshold=c) for k in ks
+               for c in confidence},
             "ours_ngram": NGramDrafter(ngram_tokens, max_ngram=max_ngram, match="first")}
     table = {"hf_plain": lambda rows, m: hf_batched(target, rows, m, pad)}
     for name, drafter in ours.items():
@@ -93,14 +97,15 @@ def _groups(name: str, prompts: list, size: int) -> list[tuple[list, tuple]]:
 
 
 def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: list[int], max_new: int, reps: int,
-                    ks: list[int], ngram_tokens: int, max_ngram: int, compile: str = "none") -> list[dict]:
+                    ks: list[int], ngram_tokens: int, max_ngram: int, compile: str = "none",
+                    confidence: tuple[float, ...] = ()) -> list[dict]:
     """One row per (batch size, method): aggregate tokens/s, speedups, tau (ours), and whether every row
     equals HF greedy."""
     with torch.inference_mode():
         reference = [target.generate(p, do_sample=False, max_new_tokens=max_new,
                                      pad_token_id=target.generation_config.pad_token_id or 0)[0, p.shape[1]:].tolist()
                      for p in prompts]
-    table = methods(target, draft, ks, ngram_tokens, max_ngram, compile)
+    table = methods(target, draft, ks, ngram_tokens, max_ngram, compile, confidence)
     rows = []
     for size in batch_sizes:
         seconds, new, stats = _time_size(table, prompts, size, max_new, reps)

@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "for the model); each gives a chain of --k and, with --eagle-budget, a dynamic tree")
     p.add_argument("--draft-vocab-from", default=None, help="heads directory whose draft vocabulary a second "
                    "draft-model row uses (ours_draft_k<k>_vocab<N>)")
+    p.add_argument("--confidence", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+                   help="also each draft-model and EAGLE chain with these confidence thresholds (a dynamic draft "
+                        "length: <name>_conf<c>; HF assisted generation too, hf_assisted_k<k>_conf<c>)")
     p.add_argument("--eagle-budget", type=int, default=0, help="nodes of an EAGLE-2 dynamic tree row (0: none)")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--reps", type=int, default=1)
@@ -120,12 +123,17 @@ def drafters_for(target, draft, medusa: str | None, args) -> dict:
              "ours_ngram": NGramDrafter(args.ngram_tokens, max_ngram=args.max_ngram, match="first"),
              f"ours_layer_skip{args.layer_skip}_k{args.k}": LayerSkipDrafter(args.layer_skip, args.k, target=target)}
     if draft is not None:
-        found[f"ours_draft_k{args.k}"] = DraftModelDrafter(draft, args.k)
+        ids = None
         if args.draft_vocab_from:
             from drafters.draft_vocab import vocab_of
 
             ids = vocab_of(args.draft_vocab_from)
-            found[f"ours_draft_k{args.k}_vocab{len(ids)}"] = DraftModelDrafter(draft, args.k, draft_vocab=ids)
+        for c in [0.0, *args.confidence]:
+            conf = f"_conf{c}" if c else ""
+            found[f"ours_draft_k{args.k}{conf}"] = DraftModelDrafter(draft, args.k, confidence_threshold=c)
+            if ids is not None:
+                found[f"ours_draft_k{args.k}_vocab{len(ids)}{conf}"] = DraftModelDrafter(
+                    draft, args.k, draft_vocab=ids, confidence_threshold=c)
     if medusa is not None:
         from drafters import MedusaDrafter
 
@@ -135,7 +143,9 @@ def drafters_for(target, draft, medusa: str | None, args) -> dict:
         from drafters.eagle_heads import read_config_of
 
         version = read_config_of(path)["version"]
-        found[f"ours_{version}_k{args.k}"] = EagleDrafter(path, num_speculative_tokens=args.k)
+        for c in [0.0, *args.confidence]:
+            found[f"ours_{version}_k{args.k}{f'_conf{c}' if c else ''}"] = EagleDrafter(
+                path, num_speculative_tokens=args.k, confidence_threshold=c)
         if args.eagle_budget:
             found[f"ours_{version}_dyn{args.eagle_budget}"] = EagleDrafter(
                 path, num_speculative_tokens=args.k + 2, budget=args.eagle_budget)
@@ -169,7 +179,9 @@ def build_methods(target, draft, medusa, args) -> list[Method]:
                    Method("hf_prompt_lookup", _hf(target, m, prompt_lookup_num_tokens=args.ngram_tokens,
                                                   max_matching_ngram_size=args.max_ngram), False)]
         if draft is not None:
-            methods.append(Method(f"hf_assisted_k{args.k}", _hf_assisted(target, draft, m, args.k), False, args.k))
+            for c in [0.0, *args.confidence]:
+                methods.append(Method(f"hf_assisted_k{args.k}{f'_conf{c}' if c else ''}",
+                                      _hf_assisted(target, draft, m, args.k, c), False, args.k))
         methods += [Method(name, _ours(target, d, m), True) for name, d in ours.items()]
     if args.methods:
         keep = set(args.methods.split(",")) | {methods[0].name}

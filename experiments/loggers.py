@@ -161,8 +161,8 @@ class WandbLogger(Logger):
         return True
 
 
-_SCALAR_KEYS = ("tau", "mean_accepted_drafts", "draft_acceptance_rate", "tokens_per_s", "new_tokens",
-                "target_forwards", "time_total")
+_SCALAR_KEYS = ("tau", "mean_accepted_drafts", "mean_proposed_drafts", "draft_acceptance_rate", "tokens_per_s",
+                "new_tokens", "target_forwards", "time_total")
 
 
 class GuardedLogger(Logger):

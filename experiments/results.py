@@ -197,7 +197,9 @@ def format_table(summary: dict) -> str:
         )
     spec = metrics.get(SPECULATIVE, {})
     if spec.get("acceptance_rate_by_depth"):
-        lines.append("acceptance by depth: " + " ".join(f"{r:.2f}" for r in spec["acceptance_rate_by_depth"]))
+        lines.append("acceptance by depth: " + " ".join(f"{r:.2f}" for r in spec["acceptance_rate_by_depth"])
+                     + (f"; drafts proposed per step: {spec['mean_proposed_drafts']:.2f}"
+                        if spec.get("mean_proposed_drafts") else ""))
     compiled = {name: metrics[name]["time_compile"] for name in (SPECULATIVE, BASELINE)
                 if metrics.get(name, {}).get("time_compile")}
     if compiled:  # compile=inductor|graph: compiling is not decoding

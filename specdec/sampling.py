@@ -63,6 +63,14 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits.softmax(-1)
 
 
+def draft_confidence(logits: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The draft's probability of its own ``tokens [...]`` (what a chain's confidence threshold compares):
+    under the warped distribution ``q [..., V]`` they were drawn from, or at temperature 0, where ``q``
+    is one-hot, under ``softmax(logits [..., V])`` (as Hugging Face's ``assistant_confidence_threshold``)."""
+    dist = logits.float().softmax(-1) if params.greedy else q  # [..., V]
+    return dist.gather(-1, tokens[..., None])[..., 0]  # [...]
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from a ``[V]`` distribution."""
     return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -361,6 +361,9 @@ def static_drafter(drafter, sampling, target=None) -> tuple:
     if not isinstance(drafter, DraftModelDrafter) or drafter.mode == "dynamic":
         raise ConfigError(f"the static step (compile=static|graph|inductor) supports no drafter and draft-model "
                           f"chains and tree presets, not {shape}: use compile=none")
+    if drafter.confidence_threshold:
+        raise ConfigError(f"the static step drafts fixed shapes; drafter.confidence_threshold="
+                          f"{drafter.confidence_threshold} (a dynamic draft length) needs compile=none, or set it to 0")
     if drafter.mode == "chain":
         compiled, mode = compile_tree(chain_paths(drafter.max_nodes)), "chain"
     else:

@@ -52,6 +52,12 @@ class DecodeStats:
         return self.tau - 1.0 if self.target_forwards else 0.0
 
     @property
+    def mean_proposed_drafts(self) -> float:
+        """Draft nodes proposed per step (a chain's k, less where a confidence threshold or the token
+        budget ended it early; a tree's node count)."""
+        return sum(self.proposed_per_step) / len(self.proposed_per_step) if self.proposed_per_step else 0.0
+
+    @property
     def draft_acceptance_rate(self) -> float:
         """Accepted draft tokens / proposed draft tokens (0 when nothing was proposed)."""
         proposed = sum(self.proposed_per_step)
@@ -74,8 +80,8 @@ class DecodeStats:
     def to_dict(self) -> dict:
         """JSON-ready counters, timings and the derived metrics."""
         out = asdict(self)
-        for name in ("tau", "mean_accepted_drafts", "draft_acceptance_rate", "acceptance_rate_by_depth",
-                     "tokens_per_s", "time_other"):
+        for name in ("tau", "mean_accepted_drafts", "mean_proposed_drafts", "draft_acceptance_rate",
+                     "acceptance_rate_by_depth", "tokens_per_s", "time_other"):
             out[name] = getattr(self, name)
         return out
 

@@ -144,11 +144,14 @@ def test_batched_benchmark_table_has_a_chain_per_k_and_tau():
     from tests.tiny_models import prompts as make_prompts
 
     target, _, tok = pair("llama")
-    rows = run_batch_sizes(target, noisy_copy("llama"), make_prompts(tok, 3), [1, 2], 6, 1, [2, 3], 2, 2)
+    rows = run_batch_sizes(target, noisy_copy("llama"), make_prompts(tok, 3), [1, 2], 6, 1, [2, 3], 2, 2,
+                           confidence=(0.0061,))
     names = {r["method"] for r in rows}
-    assert {"ours_chain_k2", "ours_chain_k3", "ours_chain_k2_continuous", "ours_ar", "hf_plain"} <= names
+    assert {"ours_chain_k2", "ours_chain_k3", "ours_chain_k2_continuous", "ours_ar", "hf_plain",
+            "ours_chain_k3_conf0.0061", "ours_chain_k3_conf0.0061_continuous"} <= names
     assert all(r["matches_hf_greedy"] for r in rows)
     by = {(r["batch_size"], r["method"]): r for r in rows}
     assert by[(2, "hf_plain")]["tau"] is None and by[(2, "ours_ar")]["tau"] == 1.0
     assert 1.0 < by[(2, "ours_chain_k3")]["tau"] <= 4.0
+    assert 1.0 <= by[(2, "ours_chain_k3_conf0.0061")]["tau"] <= 4.0
     assert "| 2 | ours_chain_k3 |" in markdown(rows)

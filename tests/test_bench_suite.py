@@ -30,3 +30,18 @@ def test_speedup_and_tau_per_category_and_overall():
     assert lines[3].startswith("| ours_x | 2.00x (tau 2.50) |") and lines[3].endswith("| NO |")
     _, sampled = category_table([base, fast], categories, "hf_plain", checked=False)
     assert "HF plain" not in sampled and not sampled.splitlines()[3].endswith("| NO |")
+
+
+def test_confidence_thresholds_add_dynamic_length_rows():
+    """``--confidence 0.3``: each draft-model chain (and HF assisted generation) also with the threshold."""
+    from experiments.bench_suite import build_methods, parse_args
+    from tests.tiny_models import noisy_copy, pair
+
+    target = pair("llama")[0]
+    args = parse_args(["--k", "3", "--confidence", "0.3", "--eagle", ",", "--layer-skip", "1"])  # ",": no EAGLE heads
+    names = [m.name for m in build_methods(target, noisy_copy("llama"), None, args)]
+    assert {"hf_assisted_k3", "hf_assisted_k3_conf0.3", "ours_draft_k3", "ours_draft_k3_conf0.3"} <= set(names)
+    from experiments.bench_suite import drafters_for
+
+    found = drafters_for(target, noisy_copy("llama"), None, args)
+    assert found["ours_draft_k3_conf0.3"].confidence_threshold == 0.3 and found["ours_draft_k3"].confidence_threshold == 0

@@ -73,6 +73,17 @@ def _hf(target, max_new, **kwargs):
     return run
 
 
+def _hf_static_compiled(target, max_new):
+    """HF plain greedy ``generate`` with its own fixed-shape path: ``cache_implementation="static"``, whose
+    decoding forward transformers compiles (``torch.compile``, mode ``reduce-overhead``: CUDA graphs on a
+    GPU). transformers compiles only on accelerators unless told to on every device, as here on a CPU."""
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = target.device.type == "cpu"
+    return _hf(target, max_new, cache_implementation="static", compile_config=config)
+
+
 def _hf_assisted(target, draft, max_new, k, confidence: float = 0.0):
     """Assisted generation; transformers 5.x reads its schedule from the draft's generation_config. ``k``:
     a constant draft length (None: HF's default schedule); ``confidence``: its ``assistant_confidence_threshold``
@@ -107,6 +118,8 @@ def build_methods(target, draft, args) -> list[Method]:
                Method("ours_ar", _ours(target, NoDrafter(), m), True),
                Method("ours_ngram", _ours(target, NGramDrafter(ng, max_ngram=args.max_ngram, match="first"), m),
                       True, ng, peer="hf_prompt_lookup")]
+    if args.hf_compile:
+        methods.insert(1, Method("hf_static_compiled", _hf_static_compiled(target, m), False))
     if args.hf_dynamic:
         methods.append(Method("hf_assisted_default", _hf_assisted(target, draft, m, None), False))
     for k in ks:
@@ -313,6 +326,9 @@ def parse_args(argv=None):
     p.add_argument("--max-ngram", type=int, default=2, help="HF's max_matching_ngram_size (its default is 2)")
     p.add_argument("--hf-dynamic", action=argparse.BooleanOptionalAction, default=True,
                    help="also run HF assisted generation with its default schedule")
+    p.add_argument("--hf-compile", action="store_true",
+                   help="also HF plain generate through its static cache and torch.compile (hf_static_compiled; "
+                        "the first call per shape compiles, the median over --reps leaves it out)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write raw results here")

@@ -206,12 +206,12 @@ def test_side_by_side_benchmark_on_micro_pair(micro, tmp_path):
     _, cache_dir = micro
     md, js = tmp_path / "bench.md", tmp_path / "bench.json"
     rc = bench.main(["--size", "micro", "--cache-dir", str(cache_dir), "--prompts", "2", "--max-new-tokens", "12",
-                     "--ks", "2", "--confidence", "0.3", "--reps", "1", "--threads", "1", "--markdown", str(md),
-                     "--json", str(js)])
+                     "--ks", "2", "--confidence", "0.3", "--hf-compile", "--reps", "1", "--threads", "1",
+                     "--markdown", str(md), "--json", str(js)])
     assert rc == 0
     rows = {r["method"]: r for r in json.loads(js.read_text())["rows"]}
     expected = {"hf_plain", "hf_prompt_lookup", "ours_ar", "ours_ngram", "hf_assisted_default", "hf_assisted_k2",
-                "ours_chain_k2", "hf_assisted_k2_conf0.3", "ours_chain_k2_conf0.3"}
+                "ours_chain_k2", "hf_assisted_k2_conf0.3", "ours_chain_k2_conf0.3", "hf_static_compiled"}
     assert set(rows) == expected and all(r["matches_hf_plain"] for r in rows.values())
     assert rows["ours_chain_k2"]["tau"] >= 1.0 and 0.0 <= rows["ours_chain_k2"]["draft_acceptance"] <= 1.0
     assert rows["ours_chain_k2"]["vs_hf_same_drafter"] and rows["ours_chain_k2"]["efficiency"]

@@ -3,9 +3,11 @@
 The draft model keeps a :class:`specdec.batch_cache.BatchCache` of its own, one row per sequence at
 the row's own length. A step first catches every row up on the tokens its draft cache has not seen
 (the root, and the last accepted draft or the bonus token: a ragged causal block), then drafts k
-tokens with ``k - 1`` one-token forwards over all rows. Each row's tokens and its recorded draft
-distributions are exactly those of :class:`drafters.DraftModelDrafter` in a batch-1 run with the row's
-seed (same keyed draws), so the batched run reproduces the batch-1 run row by row.
+tokens with ``k - 1`` one-token forwards over all rows (with a confidence threshold, a row's chain
+ends where its batch-1 run's would, and the batch stops drafting once every row's has). Each row's
+tokens and its recorded draft distributions are exactly those of :class:`drafters.DraftModelDrafter`
+in a batch-1 run with the row's seed (same keyed draws), so the batched run reproduces the batch-1
+run row by row.
 """
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ import torch
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from experiments import cli
 from experiments.costs import cost_at, measure_costs, measure_interleaved, predicted_chain_speedup
+from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.models import DTYPES, load_causal_lm, load_tokenizer
 from verifier.verifier import SDPA_KERNELS
@@ -65,40 +66,6 @@ class Method:
     matches: bool = True
 
 
-def _hf(target, max_new, **kwargs):
-    def run(ids):
-        with torch.inference_mode():
-            out = target.generate(ids, do_sample=False, max_new_tokens=max_new, **kwargs)
-        return out, None
-    return run
-
-
-def _hf_static_compiled(target, max_new):
-    """HF plain greedy ``generate`` with its own fixed-shape path: ``cache_implementation="static"``, whose
-    decoding forward transformers compiles (``torch.compile``, mode ``reduce-overhead``: CUDA graphs on a
-    GPU). transformers compiles only on accelerators unless told to on every device, as here on a CPU."""
-    from transformers import CompileConfig
-
-    config = CompileConfig()
-    config._compile_all_devices = target.device.type == "cpu"
-    return _hf(target, max_new, cache_implementation="static", compile_config=config)
-
-
-def _hf_assisted(target, draft, max_new, k, confidence: float = 0.0):
-    """Assisted generation; transformers 5.x reads its schedule from the draft's generation_config. ``k``:
-    a constant draft length (None: HF's default schedule); ``confidence``: its ``assistant_confidence_threshold``
-    (stop a draft after a token the draft gives less than this)."""
-    def run(ids):
-        cfg = draft.generation_config
-        cfg.num_assistant_tokens = k
-        cfg.num_assistant_tokens_schedule = "constant" if k else None
-        cfg.assistant_confidence_threshold = confidence if k else None
-        if not k:  # HF's own default schedule
-            cfg.num_assistant_tokens = None
-        return _hf(target, max_new, assistant_model=draft)(ids)
-    return run
-
-
 def _ours(target, drafter, max_new, compile="none"):
     decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy", sampling=SamplingParams(),
                                  compile=compile)
@@ -112,22 +79,22 @@ def _ours(target, drafter, max_new, compile="none"):
 def build_methods(target, draft, args) -> list[Method]:
     """HF plain / assisted / prompt lookup and ours, in that order."""
     m, ks, ng = args.max_new_tokens, args.ks, args.ngram_tokens
-    methods = [Method("hf_plain", _hf(target, m), False),
-               Method("hf_prompt_lookup", _hf(target, m, prompt_lookup_num_tokens=ng,
-                                              max_matching_ngram_size=args.max_ngram), False, ng),
+    methods = [Method("hf_plain", hf(target, m), False),
+               Method("hf_prompt_lookup", hf(target, m, prompt_lookup_num_tokens=ng,
+                                             max_matching_ngram_size=args.max_ngram), False, ng),
                Method("ours_ar", _ours(target, NoDrafter(), m), True),
                Method("ours_ngram", _ours(target, NGramDrafter(ng, max_ngram=args.max_ngram, match="first"), m),
                       True, ng, peer="hf_prompt_lookup")]
     if args.hf_compile:
-        methods.insert(1, Method("hf_static_compiled", _hf_static_compiled(target, m), False))
+        methods.insert(1, Method("hf_static_compiled", hf_static_compiled(target, m), False))
     if args.hf_dynamic:
-        methods.append(Method("hf_assisted_default", _hf_assisted(target, draft, m, None), False))
+        methods.append(Method("hf_assisted_default", hf_assisted(target, draft, m, None), False))
     for k in ks:
-        methods.append(Method(f"hf_assisted_k{k}", _hf_assisted(target, draft, m, k), False, k))
+        methods.append(Method(f"hf_assisted_k{k}", hf_assisted(target, draft, m, k), False, k))
         methods.append(Method(f"ours_chain_k{k}", _ours(target, DraftModelDrafter(draft, k), m), True, k,
                               peer=f"hf_assisted_k{k}"))
         for c in args.confidence:  # a dynamic draft length, ours and HF's at the same threshold
-            methods.append(Method(f"hf_assisted_k{k}_conf{c}", _hf_assisted(target, draft, m, k, c), False, k))
+            methods.append(Method(f"hf_assisted_k{k}_conf{c}", hf_assisted(target, draft, m, k, c), False, k))
             methods.append(Method(f"ours_chain_k{k}_conf{c}",
                                   _ours(target, DraftModelDrafter(draft, k, confidence_threshold=c), m), True, k,
                                   peer=f"hf_assisted_k{k}_conf{c}", dynamic=True))

@@ -30,7 +30,8 @@ import torch
 
 from drafters import DraftModelDrafter, EagleDrafter, MedusaDrafter, NGramDrafter, NoDrafter
 from experiments import cli
-from experiments.bench import Method, _hf, _hf_assisted, load_pair, load_prompt_ids, machine_line, run_all, tokens_per_s
+from experiments.bench import Method, load_pair, load_prompt_ids, machine_line, run_all, tokens_per_s
+from experiments.hf_generate import hf, hf_assisted
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import SpecDecError
 from verifier.verifier import SDPA_KERNELS
@@ -72,10 +73,10 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
     dyn = {"budget": args.budget, "num_speculative_tokens": args.dynamic_depth, "top_k_children": args.top_k_children}
     methods = []
     if greedy:
-        methods += [Method("hf_plain", _hf(target, m), False),
-                    Method("hf_prompt_lookup", _hf(target, m, prompt_lookup_num_tokens=args.ngram_tokens,
-                                                   max_matching_ngram_size=2), False, args.ngram_tokens)]
-        methods += [Method(f"hf_assisted_k{k}", _hf_assisted(target, draft, m, k), False, k) for k in args.hf_ks]
+        methods += [Method("hf_plain", hf(target, m), False),
+                    Method("hf_prompt_lookup", hf(target, m, prompt_lookup_num_tokens=args.ngram_tokens,
+                                                  max_matching_ngram_size=2), False, args.ngram_tokens)]
+        methods += [Method(f"hf_assisted_k{k}", hf_assisted(target, draft, m, k), False, k) for k in args.hf_ks]
     ours = [("ours_ar", NoDrafter(), None), ("ours_ngram", NGramDrafter(args.ngram_tokens, max_ngram=2), args.ngram_tokens)]
     ours += [(f"ours_draft_k{k}", DraftModelDrafter(draft, k), k) for k in args.ks]
     if greedy:  # deterministic children: accepted with probability p(x) only at T > 0 (see BENCHMARKS)
@@ -94,8 +95,8 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
 def summarize(methods: list[Method], stats: dict, greedy: bool) -> tuple[list[dict], str]:
     """Rows (median (min-max) over prompts) and the Markdown table of one temperature."""
     tps = {m.name: tokens_per_s(m) for m in methods}
-    hf = [m.name for m in methods if not m.ours]
-    best_hf = max(hf, key=lambda n: statistics.median(tps[n].values())) if greedy else None
+    hf_names = [m.name for m in methods if not m.ours]
+    best_hf = max(hf_names, key=lambda n: statistics.median(tps[n].values())) if greedy else None
 
     def spread(mine, base):
         values = [mine[i] / base[i] for i in mine]

@@ -25,7 +25,8 @@ from collections import defaultdict
 
 import torch
 
-from experiments.bench import Method, _hf, _hf_assisted, _ours, machine_line, run_all
+from experiments.bench import Method, _ours, machine_line, run_all
+from experiments.hf_generate import hf, hf_assisted
 
 CATEGORY_ORDER = ("coding", "summarization", "rag", "qa", "math_reasoning", "multi_turn")
 
@@ -175,13 +176,13 @@ def build_methods(target, draft, medusa, args) -> list[Method]:
     if args.temperature > 0:
         methods = [Method(name, _ours_sampled(target, d, m, args.temperature), True) for name, d in ours.items()]
     else:
-        methods = [Method("hf_plain", _hf(target, m), False),
-                   Method("hf_prompt_lookup", _hf(target, m, prompt_lookup_num_tokens=args.ngram_tokens,
-                                                  max_matching_ngram_size=args.max_ngram), False)]
+        methods = [Method("hf_plain", hf(target, m), False),
+                   Method("hf_prompt_lookup", hf(target, m, prompt_lookup_num_tokens=args.ngram_tokens,
+                                                 max_matching_ngram_size=args.max_ngram), False)]
         if draft is not None:
             for c in [0.0, *args.confidence]:
                 methods.append(Method(f"hf_assisted_k{args.k}{f'_conf{c}' if c else ''}",
-                                      _hf_assisted(target, draft, m, args.k, c), False, args.k))
+                                      hf_assisted(target, draft, m, args.k, c), False, args.k))
         methods += [Method(name, _ours(target, d, m), True) for name, d in ours.items()]
     if args.methods:
         keep = set(args.methods.split(",")) | {methods[0].name}

@@ -18,6 +18,8 @@ from specdec import ConfigError, SamplingParams, SpeculativeDecoder
 from specdec.sampling import draft_confidence, warp_probs
 from tests.lossless import (
     ALPHA,
+    NEW,
+    PROMPT,
     RUNS,
     SETTINGS,
     chi_square_pvalue,
@@ -56,7 +58,7 @@ def test_greedy_with_a_threshold_equals_generate(setup, kind):  # noqa: F811
     make, limits = _make(arch, kind, threshold), _limits(len(rows))
     batched = SpeculativeDecoder(target, make()).generate_batch(rows, max_new_tokens=limits, seed=3)
     refill = SpeculativeDecoder(target, make()).generate_batch(rows, max_new_tokens=limits, seed=3, max_rows=3)
-    lengths = set()
+    lengths, proposed, full = set(), [], []
     for i, ids in enumerate(rows):
         ref = target.generate(ids, do_sample=False, max_new_tokens=limits[i], pad_token_id=0)
         single = SpeculativeDecoder(target, make()).generate(ids, max_new_tokens=limits[i], seed=3 + i)
@@ -64,8 +66,11 @@ def test_greedy_with_a_threshold_equals_generate(setup, kind):  # noqa: F811
         assert batched.sequences[i].tolist() == ref.tolist(), f"row {i} (batch)"
         assert refill.sequences[i].tolist() == ref.tolist(), f"row {i} (continuous)"
         assert batched.row_stats[i].proposed_per_step == single.stats.proposed_per_step
-        lengths |= set(single.stats.proposed_per_step[:-1])  # the last step may be cut by max_new_tokens
-    assert min(lengths) < K and K in lengths, f"the threshold must end some chains early, not all: {lengths}"
+        lengths |= set(single.stats.proposed_per_step)
+        proposed.append(single.stats.mean_proposed_drafts)
+        full.append(SpeculativeDecoder(target, _make(arch, kind, 0.0)()).generate(ids, limits[i]).stats.mean_proposed_drafts)
+    assert K in lengths, f"the threshold must leave some chains their full length: {lengths}"
+    assert sum(proposed) < sum(full) - 0.5 * len(rows), f"the threshold must end chains early: {proposed} vs {full}"
 
 
 def _confidence_for(arch, kind, target, rows) -> float:
@@ -100,11 +105,13 @@ def test_rejection_with_a_threshold_is_lossless(setting):
     """Chains of 2 that stop after an unsure first draft: the output is still the target's distribution."""
     target, draft = peaky_noisy_pair()
     sampling = SETTINGS[setting]
-    drafter = DraftModelDrafter(draft, num_speculative_tokens=2, confidence_threshold=0.6)
-    counts, stats = decode_runs(target, drafter, "rejection", sampling, RUNS)
-    lengths = stats.proposed_per_step
-    assert 0.1 < lengths.count(1) / len(lengths) < 0.9, "the threshold must stop some chains, not all"
+    # 0.5: a chain stops after its first draft unless that draft is the draft's top token
+    drafter = DraftModelDrafter(draft, num_speculative_tokens=2, confidence_threshold=0.5)
+    counts, _ = decode_runs(target, drafter, "rejection", sampling, RUNS)
     assert chi_square_pvalue(counts, exact_distribution(target, sampling), RUNS) > ALPHA
+    decoder = SpeculativeDecoder(target, drafter, "rejection", sampling)
+    first = [decoder.generate(PROMPT, NEW, seed=s).stats.proposed_per_step[0] for s in range(300)]  # room for 2
+    assert 0.1 < first.count(1) / len(first) < 0.9, "the threshold must stop some first chains, not all"
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, "0.5", True])

@@ -70,7 +70,7 @@ def run_cli(*args: str, env_drop: tuple = ()) -> subprocess.CompletedProcess:
     for name in env_drop:
         env.pop(name, None)
     return subprocess.run([sys.executable, "-m", "experiments.decode", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180, check=False)
 
 
 def error_line(stderr: str, code: int, returncode: int, *fragments: str) -> str:

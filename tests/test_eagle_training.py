@@ -37,7 +37,7 @@ def micro_eagle3(tmp_path_factory):
     out = tmp_path_factory.mktemp("micro_eagle3")
     proc = subprocess.run([sys.executable, "-m", "experiments.train_eagle", "version=eagle3", *MICRO_TRAIN,
                            f"out_dir={out}", f"hydra.run.dir={out / 'run'}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "acceptance by depth" in proc.stdout
     return out
@@ -109,7 +109,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, capfd):
 def test_bad_training_settings_are_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.train_eagle", "version=eagle9", "zoo_size=micro",
                            "logger=none", f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "version='eagle9' is unknown" in errors[0], proc.stderr[-2000:]
 

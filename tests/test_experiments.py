@@ -76,7 +76,7 @@ def smoke_cfg(spec_bench_path: Path, *overrides: str):
 def run_cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", "experiments.decode", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def read_results(run_dir: Path) -> tuple[list[dict], dict]:

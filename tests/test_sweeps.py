@@ -68,7 +68,7 @@ def run_cli(*args: str, module: str = "experiments.decode", timeout: int = 300,
             env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def run_dirs(sweep_dir: Path) -> dict[str, Path]:

@@ -91,7 +91,7 @@ class BatchDraftModelChain(BatchDrafter):
             if i + 1 < k_max:
                 logits = self._feed(tok)
         tokens = torch.stack(drafts, 1).tolist()  # [B, <= k_max]
-        q_all = torch.stack(probs, 1)  # [B, k_max, V]
+        q_all = torch.stack(probs, 1)  # [B, <= k_max, V]
         self.fed = [max(0, k - 1) for k in ks]  # the drafts a batch-1 run would have fed
         return [DraftTree.chain(torch.tensor(t[:k], dtype=torch.long), q_all[b, :k]) if k else DraftTree.empty()
                 for b, (t, k) in enumerate(zip(tokens, ks))]

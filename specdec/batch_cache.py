@@ -22,6 +22,21 @@ from specdec.cache import CacheOverflowError
 from specdec.models import text_config
 
 
+def _row_head_index(buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors ``[B, 1, 1]`` and ``[1, H, 1]`` over the rows and heads of ``buf [B, H, C, D]``."""
+    rows = torch.arange(buf.shape[0], device=buf.device)[:, None, None]  # [B, 1, 1]
+    heads = torch.arange(buf.shape[1], device=buf.device)[None, :, None]  # [1, H, 1]
+    return rows, heads
+
+
+def _write_slots(buf: torch.Tensor, slots: torch.Tensor, states: torch.Tensor) -> None:
+    """``buf[b, h, slots[b, j]] = states[b, h, j]`` for ``buf [B, H, C, D]``, ``slots [B, n]``, ``states
+    [B, H, n, D]``. An indexed store, not ``scatter_``: on the CPU, ``scatter_`` of bf16 rows is ~10x slower
+    (86 us against 7 us for one draft layer's block of 4 rows); the two write the same values."""
+    rows, heads = _row_head_index(buf)
+    buf[rows, heads, slots[:, None, :]] = states  # [B, H, n, D] into slots
+
+
 class BatchCacheLayer(CacheLayerMixin):
     """One layer's keys and values ``[B, H, capacity, D]``; writes go to the cache's current block slots."""
 
@@ -45,10 +60,8 @@ class BatchCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         slots = self.owner.block_slots  # [B, n]
-        idx_k = slots[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])  # [B, H, n, Dk]
-        idx_v = slots[:, None, :, None].expand(-1, value_states.shape[1], -1, value_states.shape[-1])  # [B, H, n, Dv]
-        self.keys.scatter_(2, idx_k, key_states)
-        self.values.scatter_(2, idx_v, value_states)
+        _write_slots(self.keys, slots, key_states)
+        _write_slots(self.values, slots, value_states)
         end = self.owner.block_end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
@@ -58,9 +71,9 @@ class BatchCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         for buf in (self.keys, self.values):
-            h, d = buf.shape[1], buf.shape[-1]
-            moved = buf.gather(2, src[:, None, :, None].expand(-1, h, -1, d))  # [B, H, M, D]
-            buf.scatter_(2, dst[:, None, :, None].expand(-1, h, -1, d), moved)
+            rows, heads = _row_head_index(buf)
+            moved = buf[rows, heads, src[:, None, :]]  # [B, H, M, D]: every load before any store
+            _write_slots(buf, dst, moved)
 
     @torch.no_grad()
     def select_rows(self, rows: torch.Tensor) -> None:

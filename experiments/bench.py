@@ -148,6 +148,13 @@ def tokens_per_s(meth: Method) -> dict[int, float]:
     return {i: meth.new_tokens[i] / statistics.median(t) for i, t in meth.times.items()}
 
 
+def pooled_tau(meth: Method) -> float | None:
+    """Tokens per target forward over all prompts together (each prompt's new tokens over its forwards,
+    summed): the run's tau, where the mean of per-prompt taus weighs a short loop-heavy prompt as much
+    as a long one. None for HF's methods (no forward counts)."""
+    return sum(meth.new_tokens[i] for i in meth.forwards) / sum(meth.forwards.values()) if meth.forwards else None
+
+
 def zero_overhead_ceiling(meth: Method, peer: Method, costs: dict) -> dict[int, float]:
     """Per prompt, the most a chain could gain over ``peer``: the peer's time divided by our measured
     prefill plus our verify forwards, each costed at ``k T_d(1) + T_t(k + 1)`` (no loop overhead at all)."""

@@ -14,7 +14,8 @@ One process, batch 1, warm-ups first, ``--reps`` repetitions per prompt in rotat
   probability p(x) only, far below a sampled chain's min(1, p/q)); outputs are samples, not compared.
 
 Per method: tokens/s (median over prompts), speedup over our autoregressive loop and, greedy, over HF
-plain and over the best HF method (median and min-max over prompts), tau and depth-1 acceptance.
+plain and over the best HF method (median and min-max over prompts), tau (the mean over prompts, and pooled:
+all prompts' new tokens over all their target forwards) and depth-1 acceptance.
 Heads come from ``--medusa`` / ``--eagle2`` / ``--eagle3`` (default: where the training entry points
 put them for ``--size``); a drafter whose heads are missing is skipped with a note.
 """
@@ -30,7 +31,7 @@ import torch
 
 from drafters import DraftModelDrafter, EagleDrafter, MedusaDrafter, NGramDrafter, NoDrafter
 from experiments import cli
-from experiments.bench import Method, load_pair, load_prompt_ids, machine_line, run_all, tokens_per_s
+from experiments.bench import Method, load_pair, load_prompt_ids, machine_line, pooled_tau, run_all, tokens_per_s
 from experiments.hf_generate import hf, hf_assisted
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import SpecDecError
@@ -111,21 +112,26 @@ def summarize(methods: list[Method], stats: dict, greedy: bool) -> tuple[list[di
                      "vs_hf_plain": spread(mine, tps["hf_plain"]) if greedy else None,
                      "vs_best_hf": spread(mine, tps[best_hf]) if greedy else None,
                      "tau": statistics.mean(m.tau.values()) if m.tau else None,
+                     "tau_pooled": pooled_tau(m),
                      "alpha_depth1": statistics.mean(alpha1) if alpha1 else None,
                      "matches_hf_plain": m.matches if greedy else None})
     head = (f"| method | tokens/s (median) | speedup vs ours AR | speedup vs HF plain | speedup vs best HF "
-            f"({best_hf or 'n/a'}) | tau | depth-1 acceptance | output = HF plain greedy |")
+            f"({best_hf or 'n/a'}) | tau: mean over prompts / pooled | depth-1 acceptance | output = HF plain greedy |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         same = {None: "", True: "yes", False: "NO"}[r["matches_hf_plain"]]
         cells = [r["method"], f"{r['tokens_per_s']:.1f}", r["vs_ours_ar"], r["vs_hf_plain"] or "", r["vs_best_hf"] or "",
-                 _num(r["tau"]), _num(r["alpha_depth1"]), same]
+                 _tau_cell(r), _num(r["alpha_depth1"]), same]
         lines.append("| " + " | ".join(cells) + " |")
     return rows, "\n".join(lines)
 
 
 def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
+
+
+def _tau_cell(row: dict) -> str:
+    return "" if row["tau"] is None else f"{row['tau']:.2f} / {row['tau_pooled']:.2f}"
 
 
 def _record_stats(methods: list[Method]) -> dict:

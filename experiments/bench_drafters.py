@@ -50,16 +50,22 @@ def _ours(target, drafter, max_new: int, temperature: float):
 
 
 def head_drafters(args, notes: list[str]) -> dict:
-    """``{name: factory(**shape) -> drafter}`` for the heads that exist (missing ones noted, skipped)."""
+    """``{name: factory(**shape) -> drafter}`` for the heads that exist (missing ones noted, skipped; a
+    default directory without a head config counts as missing, a directory given on the command line is
+    loaded, so a bad one is an error)."""
+    from drafters.eagle_heads import FILES as EAGLE_FILES
     from drafters.eagle_heads import default_heads_dir as eagle_dir
+    from drafters.medusa_heads import FILES as MEDUSA_FILES
     from drafters.medusa_heads import default_heads_dir as medusa_dir
 
     found = {}
+    given = {"medusa": args.medusa, "eagle2": args.eagle2, "eagle3": args.eagle3}
     where = {"medusa": args.medusa or medusa_dir(args.size, args.cache_dir),
              "eagle2": args.eagle2 or eagle_dir("eagle2", args.size, args.cache_dir),
              "eagle3": args.eagle3 or eagle_dir("eagle3", args.size, args.cache_dir)}
     for name, directory in where.items():
-        if not Path(directory).is_dir():
+        config = (MEDUSA_FILES if name == "medusa" else EAGLE_FILES).config_file
+        if not Path(directory).is_dir() or not (given[name] or (Path(directory) / config).is_file()):
             notes.append(f"{name}: no heads at {directory}, skipped")
         elif name == "medusa":
             found[name] = lambda d=directory, **kw: MedusaDrafter(d)

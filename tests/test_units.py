@@ -149,3 +149,14 @@ def test_resolve_draft_dtype(monkeypatch):
     assert models.resolve_draft_dtype("auto", "float32", "cpu") == "float32"
     with pytest.raises(SpecDecError, match="model.draft_dtype='bf16' is unknown"):
         models.resolve_draft_dtype("bf16", "float32", "cpu")
+
+
+def test_pooled_tau_is_tokens_over_forwards_not_mean_of_taus():
+    """bench_drafters' pooled tau: all prompts' tokens over all their target forwards (3.2 here), not the
+    mean of per-prompt taus (5.0); None for HF's methods, which count no forwards."""
+    from experiments.bench import Method, pooled_tau
+
+    ours = Method("ours", run=None, ours=True, new_tokens={0: 96, 1: 96}, forwards={0: 12, 1: 48},
+                  tau={0: 8.0, 1: 2.0})
+    assert pooled_tau(ours) == pytest.approx(192 / 60)
+    assert pooled_tau(Method("hf_plain", run=None, ours=False, new_tokens={0: 96})) is None

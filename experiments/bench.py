@@ -150,8 +150,8 @@ def tokens_per_s(meth: Method) -> dict[int, float]:
 
 def pooled_tau(meth: Method) -> float | None:
     """Tokens per target forward over all prompts together (each prompt's new tokens over its forwards,
-    summed): the run's tau, where the mean of per-prompt taus weighs a short loop-heavy prompt as much
-    as a long one. None for HF's methods (no forward counts)."""
+    summed): the run's tau. The mean of per-prompt taus weighs a prompt decoded in few forwards as much
+    as one decoded in many. None for HF's methods (no forward counts)."""
     return sum(meth.new_tokens[i] for i in meth.forwards) / sum(meth.forwards.values()) if meth.forwards else None
 
 

@@ -59,15 +59,14 @@ def head_drafters(args, notes: list[str]) -> dict:
     from drafters.medusa_heads import default_heads_dir as medusa_dir
 
     found = {}
-    given = {"medusa": args.medusa, "eagle2": args.eagle2, "eagle3": args.eagle3}
-    where = {"medusa": args.medusa or medusa_dir(args.size, args.cache_dir),
-             "eagle2": args.eagle2 or eagle_dir("eagle2", args.size, args.cache_dir),
-             "eagle3": args.eagle3 or eagle_dir("eagle3", args.size, args.cache_dir)}
-    for name, directory in where.items():
-        config = (MEDUSA_FILES if name == "medusa" else EAGLE_FILES).config_file
-        if not Path(directory).is_dir() or not (given[name] or (Path(directory) / config).is_file()):
+    for name, given in (("medusa", args.medusa), ("eagle2", args.eagle2), ("eagle3", args.eagle3)):
+        medusa = name == "medusa"
+        default = medusa_dir(args.size, args.cache_dir) if medusa else eagle_dir(name, args.size, args.cache_dir)
+        directory = given or default
+        config = (MEDUSA_FILES if medusa else EAGLE_FILES).config_file
+        if not Path(directory).is_dir() or not (given or (Path(directory) / config).is_file()):
             notes.append(f"{name}: no heads at {directory}, skipped")
-        elif name == "medusa":
+        elif medusa:
             found[name] = lambda d=directory, **kw: MedusaDrafter(d)
         else:
             found[name] = lambda d=directory, v=name, **kw: EagleDrafter(d, version=v, **kw)

@@ -34,10 +34,8 @@ def hf_assisted(target, draft, max_new, k, confidence: float = 0.0):
     (stop a draft after a token the draft gives less than this)."""
     def run(ids):
         cfg = draft.generation_config
-        cfg.num_assistant_tokens = k
+        cfg.num_assistant_tokens = k or None  # None: HF's own default schedule
         cfg.num_assistant_tokens_schedule = "constant" if k else None
         cfg.assistant_confidence_threshold = confidence if k else None
-        if not k:  # HF's own default schedule
-            cfg.num_assistant_tokens = None
         return hf(target, max_new, assistant_model=draft)(ids)
     return run

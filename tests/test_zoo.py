@@ -13,9 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from experiments.data import CacheDirError
-from experiments.zoo import ZooError, ensure_pair
+from experiments.zoo import ZooError, cache, ensure_pair
 from experiments.zoo import build as zoo_build
-from experiments.zoo import cache
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = {"size": "micro", "threads": 1, "progress": False}

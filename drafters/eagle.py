@@ -38,6 +38,7 @@ from specdec.batch_drafting import PerRowDrafters
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, StepShape
 from specdec.errors import ConfigError
+from specdec.models import head_dtype, resolve_draft_dtype
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
 from verifier import tree_forward
 
@@ -80,6 +81,10 @@ class EagleDrafter(TreeDrafter):
         attn_backend: attention backend of the head's causal forwards (tree levels use SDPA).
         confidence_threshold: a chain ends after the first draft whose head probability is below this
             (0: always ``num_speculative_tokens``); chains only.
+        dtype: the head's dtype: None for the target's, ``auto`` for bfloat16 where the device has native
+            bf16 matmuls (else the target's), or a name (``bfloat16``, ``float32``, ...). Like a draft
+            model's dtype it changes what drafting costs and how often drafts are accepted, never what
+            is emitted. A loaded :class:`EagleHead` given as ``heads`` is converted in place.
     """
 
     name = "eagle"
@@ -88,9 +93,11 @@ class EagleDrafter(TreeDrafter):
     def __init__(self, heads: str | os.PathLike | EagleHead | None = None, version: str | None = None,
                  num_speculative_tokens: int = 4, tree=None, tree_sampling: str = "deterministic",
                  budget: int | None = None, top_k_children: int = 4, zoo_size: str = "default",
-                 attn_backend: str = "sdpa", confidence_threshold: float = 0.0):
+                 attn_backend: str = "sdpa", confidence_threshold: float = 0.0, dtype: str | None = None):
         super().__init__(num_speculative_tokens, tree, tree_sampling, budget, top_k_children, confidence_threshold)
         self.version = check_version(version, "drafter.version") if version is not None else None
+        resolve_draft_dtype(dtype, "float32", "cpu", key="drafter.dtype")  # an unknown name fails here
+        self.dtype = dtype
         self.attn_backend = attn_backend
         self._head: EagleHead | None = None
         self.heads_dir: Path | None = None
@@ -131,7 +138,8 @@ class EagleDrafter(TreeDrafter):
         head = self.head
         if self._target is not target:
             head.check_target(target)
-            head.bind(target)
+            weight = target.get_output_embeddings().weight
+            head.bind(target, head_dtype(self.dtype, weight.dtype, weight.device))
             if self._tap is not None:
                 self._tap.remove()
             self._tap = head.tap(target)

@@ -131,6 +131,9 @@ class TargetModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ref is None:
             raise RuntimeError(f"EAGLE head used before bind(target): it has no {self.what}")
+        weight = getattr(self.ref, "weight", None)
+        if x.is_floating_point() and weight is not None and x.dtype != weight.dtype:  # a head in another dtype
+            x = x.to(weight.dtype)
         return self.ref(x)
 
 
@@ -154,7 +157,7 @@ class FeatureInput(nn.Module):
             got = None if feats is None else tuple(feats.shape)
             raise RuntimeError(f"EAGLE head forward needs one feature per token: ids {tuple(input_ids.shape)}, "
                                f"features {got}; run it inside `with head.inputs(features):`")
-        emb = self.embed(input_ids)  # [B, n, H]
+        emb = self.embed(input_ids).to(self.fc.weight.dtype)  # [B, n, H] (the target's embedding, in the head's dtype)
         feats = feats.to(emb.dtype)
         if self.norms:
             emb, feats = self.embed_norm(emb), self.feature_norm(feats)
@@ -277,15 +280,17 @@ class EagleHead(nn.Module):
         self.input.fc.weight[:, :h] = torch.eye(h)
         self.input.fc.bias.zero_()
 
-    def bind(self, target) -> EagleHead:
-        """Use ``target``'s embedding (and, for eagle2, its LM head); move to its device and dtype."""
+    def bind(self, target, dtype: torch.dtype | None = None) -> EagleHead:
+        """Use ``target``'s embedding (and, for eagle2, its LM head); move to its device and to ``dtype``
+        (None: the target's). The target's modules keep their dtype: their inputs and outputs are cast."""
         self.input.embed.bind(target.get_input_embeddings())
         lm_head, weight = self.model.lm_head, target.get_output_embeddings().weight
+        dtype = dtype or weight.dtype
         if isinstance(lm_head, TargetModule):
             lm_head.bind(target.get_output_embeddings())
         elif isinstance(lm_head, DraftVocabHead) and lm_head.weight is None:
-            lm_head.bind_rows(weight)  # eagle2: the target's rows for the draft vocabulary
-        return self.to(device=weight.device, dtype=weight.dtype)
+            lm_head.bind_rows(weight.to(dtype))  # eagle2: the target's rows for the draft vocabulary
+        return self.to(device=weight.device, dtype=dtype)
 
     def check_target(self, target) -> None:
         """Raise :class:`EagleHeadError` unless this head was trained for ``target``."""

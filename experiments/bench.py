@@ -272,7 +272,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda: where every model runs")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="precision of the target")
     p.add_argument("--draft-dtype", default="float32", choices=sorted(DTYPES),
-                   help="precision of the draft model, for HF assisted generation and ours alike")
+                   help="precision of the draft model, for HF assisted generation and ours alike, and of EAGLE heads")
     p.add_argument("--synthetic", default=None,
                    help="a random-weight target of a real shape (llama-8b, llama-1b, llama-micro) with a layer-truncated "
                         "self-draft, random prompts: timings only (see experiments.synthetic)")

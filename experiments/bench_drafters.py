@@ -69,7 +69,7 @@ def head_drafters(args, notes: list[str]) -> dict:
         elif medusa:
             found[name] = lambda d=directory, **kw: MedusaDrafter(d)
         else:
-            found[name] = lambda d=directory, v=name, **kw: EagleDrafter(d, version=v, **kw)
+            found[name] = lambda d=directory, v=name, **kw: EagleDrafter(d, version=v, dtype=args.draft_dtype, **kw)
     return found
 
 
@@ -174,7 +174,8 @@ def parse_args(argv=None):
     p.add_argument("--medusa", help="Medusa heads directory (default: train_medusa's for --size)")
     p.add_argument("--eagle2", help="eagle2 head directory (default: train_eagle's for --size)")
     p.add_argument("--eagle3", help="eagle3 head directory (default: train_eagle version=eagle3's for --size)")
-    p.add_argument("--draft-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--draft-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the draft model's dtype (ours and HF assisted) and the EAGLE heads'")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write raw results here")

@@ -146,10 +146,10 @@ def drafters_for(target, draft, medusa: str | None, args) -> dict:
         version = read_config_of(path)["version"]
         for c in [0.0, *args.confidence]:
             found[f"ours_{version}_k{args.k}{f'_conf{c}' if c else ''}"] = EagleDrafter(
-                path, num_speculative_tokens=args.k, confidence_threshold=c)
+                path, num_speculative_tokens=args.k, confidence_threshold=c, dtype=args.draft_dtype)
         if args.eagle_budget:
             found[f"ours_{version}_dyn{args.eagle_budget}"] = EagleDrafter(
-                path, num_speculative_tokens=args.k + 2, budget=args.eagle_budget)
+                path, num_speculative_tokens=args.k + 2, budget=args.eagle_budget, dtype=args.draft_dtype)
     return found
 
 

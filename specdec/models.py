@@ -42,21 +42,30 @@ def has_native_bf16(device: str | torch.device) -> bool:
     return device.type == "cpu" and cpu_has_bf16()
 
 
-def resolve_draft_dtype(draft_dtype: str | None, dtype: str, device: str) -> str:
-    """The dtype name to load a draft model in.
+def resolve_draft_dtype(draft_dtype: str | None, dtype: str, device: str, key: str = "model.draft_dtype") -> str:
+    """The dtype name to load a draft model (or run a drafter's head) in.
 
     ``None`` means the target's ``dtype``; ``auto`` means ``bfloat16`` where ``device`` has
     native bf16 matmuls (:func:`has_native_bf16`) and ``dtype`` otherwise. A draft's precision
     never changes what is emitted (the target verifies every token); it changes how often
-    drafts are accepted and what they cost.
+    drafts are accepted and what they cost. ``key`` names the setting in the error.
     """
     if draft_dtype is None:
         return dtype
     if draft_dtype == "auto":
         return "bfloat16" if has_native_bf16(device) else dtype
     if draft_dtype not in DTYPES:
-        raise SpecDecError(f"model.draft_dtype={draft_dtype!r} is unknown; choose null, auto or one of {sorted(DTYPES)}")
+        raise SpecDecError(f"{key}={draft_dtype!r} is unknown; choose null, auto or one of {sorted(DTYPES)}")
     return draft_dtype
+
+
+def head_dtype(choice: str | None, target_dtype: torch.dtype, device: str | torch.device,
+               key: str = "drafter.dtype") -> torch.dtype:
+    """The torch dtype of a drafter's head on a target of ``target_dtype`` (see :func:`resolve_draft_dtype`)."""
+    name = next((n for n, d in DTYPES.items() if d == target_dtype), None)
+    if name is None:  # a target in a dtype we do not name: the head follows it unless told otherwise
+        return target_dtype if choice in (None, "auto") else DTYPES[resolve_draft_dtype(choice, "float32", "cpu", key)]
+    return DTYPES[resolve_draft_dtype(choice, name, str(device), key)]
 
 
 def _check_path(path: str, what: str) -> None:

@@ -9,6 +9,8 @@
 - ``rejection`` with EAGLE drafts reproduces the target's exactly enumerated output distribution
   (sampled children of a preset at T=1.0 and at T=0.7 with top-k 3; deterministic children of an
   EAGLE-2 dynamic tree at T=1.0), with depth-1 acceptance inside the band where both branches run.
+- A head in bfloat16 on a float32 target (``dtype="bfloat16"``) is still lossless: greedy equality,
+  and a sampled-chain chi-square cell.
 - Batches (``generate_batch``, static and continuous): every row equals its batch-1 run.
 - Bad input (heads for another target, corrupt files, no heads, a version mismatch) is one error,
   before decoding; configs compose and build.
@@ -91,6 +93,36 @@ def test_greedy_eagle_equals_plain_greedy(arch_cases, version, shape):
     dec = SpeculativeDecoder(target, drafter)
     tau = sum(dec.generate(ids, 24, seed=0).stats.tau for ids, *_ in cases[:4]) / 4
     assert tau > 1.2, f"the {version} head accepts almost nothing (tau {tau:.2f}): the test would not test much"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", ["chain", "dynamic"])
+def test_a_bfloat16_head_on_a_float32_target_is_still_lossless(version, shape):
+    """``dtype="bfloat16"``: the head runs in bf16 (the target's embedding and, for eagle2, LM head are
+    called in their own dtype, untouched); greedy output still equals plain greedy, and drafts get accepted."""
+    import copy
+
+    target = pair("llama")[0]
+    before = target.get_input_embeddings().weight.clone()
+    drafter = EagleDrafter(copy.deepcopy(trained_head("llama", version)), dtype="bfloat16", **SHAPES[shape])
+    cases = _cases("llama")[:6]
+    _check_all(target, drafter, cases)
+    assert {p.dtype for p in drafter.head.parameters()} == {torch.bfloat16}
+    assert target.dtype == torch.float32 and torch.equal(target.get_input_embeddings().weight, before)
+    tau = sum(SpeculativeDecoder(target, drafter).generate(ids, 24, seed=0).stats.tau for ids, *_ in cases[:4]) / 4
+    assert tau > 1.2, f"the bf16 {version} head accepts almost nothing (tau {tau:.2f})"
+
+
+def test_head_dtype_choices():
+    from specdec.errors import SpecDecError
+
+    target = pair("llama")[0]
+    for dtype, want in [(None, torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
+        drafter = EagleDrafter(EagleHead.for_target(target, "eagle3"), dtype=dtype)
+        drafter.step_shape(target)
+        assert next(drafter.head.parameters()).dtype == want
+    with pytest.raises(SpecDecError, match=r"drafter.dtype='bf16' is unknown; choose null, auto or one of"):
+        EagleDrafter(EagleHead.for_target(target, "eagle3"), dtype="bf16")
 
 
 def test_one_token_prompt_drafts_from_the_second_step():
@@ -222,11 +254,14 @@ LOSSLESS = {
     "tree_deterministic": (dict(budget=5, num_speculative_tokens=2, top_k_children=2), "eagle2", 0.2),
     "tree_with_replacement": (dict(tree=[[0], [1], [0, 0], [0, 1], [1, 0]], tree_sampling="with_replacement"),
                               "eagle3", 0.6),
+    "chain_sampled_bf16": (dict(num_speculative_tokens=3, dtype="bfloat16"), "eagle3", 0.6),
 }
 
 
 #: Sampled children at both temperatures (top-k warps q as well as p there); deterministic children at T=1.
-CELLS = [("t1.0", "tree_with_replacement"), ("t0.7_topk3", "tree_with_replacement"), ("t1.0", "tree_deterministic")]
+#: A head in bf16 on the fp32 target: q is recorded as drawn from the bf16 logits.
+CELLS = [("t1.0", "tree_with_replacement"), ("t0.7_topk3", "tree_with_replacement"), ("t1.0", "tree_deterministic"),
+         ("t0.7_topk3", "chain_sampled_bf16")]
 
 
 @pytest.mark.parametrize("setting, shape", CELLS)

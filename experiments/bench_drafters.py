@@ -37,6 +37,8 @@ from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import SpecDecError
 from verifier.verifier import SDPA_KERNELS
 
+DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
 
 def _ours(target, drafter, max_new: int, temperature: float):
     greedy = temperature == 0
@@ -69,7 +71,9 @@ def head_drafters(args, notes: list[str]) -> dict:
         elif medusa:
             found[name] = lambda d=directory, **kw: MedusaDrafter(d)
         else:
-            found[name] = lambda d=directory, v=name, **kw: EagleDrafter(d, version=v, dtype=args.draft_dtype, **kw)
+            for dtype in args.head_dtypes or [args.draft_dtype]:  # one head per dtype, labelled when several
+                label = name + (f"_{DTYPE_LABELS[dtype]}" if len(args.head_dtypes or []) > 1 else "")
+                found[label] = lambda d=directory, v=name, t=dtype, **kw: EagleDrafter(d, version=v, dtype=t, **kw)
     return found
 
 
@@ -89,11 +93,11 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
         ours.append((f"ours_draft_dyn{args.budget}", DraftModelDrafter(draft, **dyn), args.dynamic_depth))
     if "medusa" in heads:
         ours.append(("ours_medusa", heads["medusa"](), None))
-    for version in ("eagle2", "eagle3"):
-        if version in heads:
-            ours += [(f"ours_{version}_k{k}", heads[version](num_speculative_tokens=k), k) for k in args.ks]
+    for label, factory in heads.items():
+        if label.startswith("eagle"):
+            ours += [(f"ours_{label}_k{k}", factory(num_speculative_tokens=k), k) for k in args.ks]
             if greedy:
-                ours.append((f"ours_{version}_dyn{args.budget}", heads[version](**dyn), args.dynamic_depth))
+                ours.append((f"ours_{label}_dyn{args.budget}", factory(**dyn), args.dynamic_depth))
     methods += [Method(name, _ours(target, d, m, temperature), True, k) for name, d, k in ours]
     return methods
 
@@ -176,11 +180,15 @@ def parse_args(argv=None):
     p.add_argument("--eagle3", help="eagle3 head directory (default: train_eagle version=eagle3's for --size)")
     p.add_argument("--draft-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the draft model's dtype (ours and HF assisted) and the EAGLE heads'")
+    p.add_argument("--head-dtypes", type=lambda s: s.split(","), default=None,
+                   help="EAGLE heads in each of these dtypes side by side, e.g. float32,bfloat16 (default: --draft-dtype)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write raw results here")
     p.add_argument("--markdown", help="write the Markdown tables here")
     args = p.parse_args(argv)
+    if bad := [d for d in args.head_dtypes or [] if d not in DTYPE_LABELS]:
+        p.error(f"--head-dtypes: {bad[0]!r} is unknown; choose from {', '.join(DTYPE_LABELS)}")
     defaults = {"synthetic": None, "target": None, "draft": None, "device": "cpu", "dtype": "float32"}
     for key, value in defaults.items():  # what experiments.bench's loaders read
         setattr(args, key, value)

@@ -125,6 +125,17 @@ def test_head_dtype_choices():
         EagleDrafter(EagleHead.for_target(target, "eagle3"), dtype="bf16")
 
 
+def test_bench_drafters_puts_heads_of_each_dtype_side_by_side(saved, tmp_path):
+    from experiments.bench_drafters import head_drafters, parse_args
+
+    args = parse_args(["--eagle3", str(saved["eagle3"]), "--head-dtypes", "float32,bfloat16", "--cache-dir", str(tmp_path)])
+    heads = head_drafters(args, notes := [])
+    assert sorted(h for h in heads if h.startswith("eagle3")) == ["eagle3_bf16", "eagle3_fp32"]
+    assert heads["eagle3_bf16"](num_speculative_tokens=2).dtype == "bfloat16" and notes
+    with pytest.raises(SystemExit):
+        parse_args(["--head-dtypes", "bf16"])
+
+
 def test_one_token_prompt_drafts_from_the_second_step():
     target = pair("llama")[0]
     drafter = EagleDrafter(trained_head("llama", "eagle3"), num_speculative_tokens=3)

@@ -156,7 +156,8 @@ class EagleDrafter(TreeDrafter):
         """One head forward per tree level (the first is the catch-up), then a verify of ``1 + max_nodes``."""
         head = self._bind(target)
         return StepShape(kind=self.step_kind, max_nodes=self.max_nodes, draft_forwards="per_level",
-                         draft_probe=_probe(head), k=None if self.mode == "static" else self.k)
+                         draft_probe=_probe(head), k=None if self.mode == "static" else self.k,
+                         draft_dtype=next(head.parameters()).dtype)
 
     # ----------------------------------------------------------------- the protocol
 

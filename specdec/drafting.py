@@ -45,6 +45,8 @@ class StepShape:
         draft_probe: for a drafting module that is not a causal LM (Medusa's heads): a
             zero-argument callable running one draft forward as decoding does; or None.
         k: the chain length (chains and dynamic trees' depth limit), else None.
+        draft_dtype: the dtype the drafting module runs in when it is not ``draft_model`` (an EAGLE
+            head's), else None (``draft_model``'s own is reported).
     """
 
     kind: str = "none"
@@ -53,6 +55,7 @@ class StepShape:
     draft_model: torch.nn.Module | None = None
     draft_probe: Callable[[], object] | None = None
     k: int | None = None
+    draft_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.draft_forwards not in DRAFT_FORWARDS:
@@ -61,8 +64,10 @@ class StepShape:
     def describe(self, name: str) -> dict:
         """The JSON-ready part, for the run summary."""
         runs = "model" if self.draft_model is not None else "probe" if self.draft_probe is not None else None
+        dtype = self.draft_dtype or (next(self.draft_model.parameters()).dtype if runs == "model" else None)
         return {"name": name, "kind": self.kind, "max_nodes": self.max_nodes, "k": self.k,
-                "draft_forwards": self.draft_forwards, "draft_module": runs}
+                "draft_forwards": self.draft_forwards, "draft_module": runs,
+                "draft_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None}
 
 
 class Drafter(ABC):

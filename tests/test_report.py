@@ -133,7 +133,8 @@ def test_predicted_vs_measured_speedup_of_a_draft_model_chain(prompts_file, tmp_
           f"alpha {model['alpha']}, recommended k {m['recommended_k']}")
     assert m["predicted_speedup"] > 0 and m["efficiency"] == pytest.approx(m["speedup"] / m["predicted_speedup"])
     assert model["drafter"] == {"name": "DraftModelDrafter", "kind": "chain", "k": 3, "max_nodes": 3,
-                                "draft_forwards": "per_level", "draft_module": "model"}
+                                "draft_forwards": "per_level", "draft_module": "model",
+                                "draft_dtype": "float32"}
     assert sorted(map(int, model["costs"]["target"])) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64]
     assert list(model["costs"]["draft"]) == [1] and set(model["predicted_speedup_by_k"]) == set(range(1, 9))
     assert len(list(costs_dir().glob("*.json"))) >= 2  # one curve per model

@@ -1,7 +1,7 @@
 """Shared test settings.
 
-- One CPU thread per test process: tiny models gain nothing from more, and timings stay sane
-  on small shared machines.
+- One CPU thread per test process: tiny models gain nothing from more, timings stay sane on small
+  shared machines, and the README's command runs one pytest-xdist worker per core.
 - Without CUDA, Triton kernels run under the interpreter; ``TRITON_INTERPRET`` must be set
   before triton is first imported (transformers imports it), so it is set here.
 - Tests marked ``gpu`` run only where CUDA is available (skipped with a reason elsewhere).

@@ -38,7 +38,7 @@ from specdec.batch_drafting import PerRowDrafters
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, StepShape
 from specdec.errors import ConfigError
-from specdec.models import head_dtype, resolve_draft_dtype
+from specdec.models import check_dtype_choice, head_dtype
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
 from verifier import tree_forward
 
@@ -96,7 +96,7 @@ class EagleDrafter(TreeDrafter):
                  attn_backend: str = "sdpa", confidence_threshold: float = 0.0, dtype: str | None = None):
         super().__init__(num_speculative_tokens, tree, tree_sampling, budget, top_k_children, confidence_threshold)
         self.version = check_version(version, "drafter.version") if version is not None else None
-        resolve_draft_dtype(dtype, "float32", "cpu", key="drafter.dtype")  # an unknown name fails here
+        check_dtype_choice(dtype, "drafter.dtype")
         self.dtype = dtype
         self.attn_backend = attn_backend
         self._head: EagleHead | None = None
@@ -136,14 +136,17 @@ class EagleDrafter(TreeDrafter):
     def _bind(self, target) -> EagleHead:
         """The head, checked against ``target`` (once) and bound to it (embedding, LM head, device, dtype)."""
         head = self.head
+        weight = target.get_output_embeddings().weight
+        dtype = head_dtype(self.dtype, weight.dtype, weight.device)
         if self._target is not target:
             head.check_target(target)
-            weight = target.get_output_embeddings().weight
-            head.bind(target, head_dtype(self.dtype, weight.dtype, weight.device))
+            head.bind(target, dtype)
             if self._tap is not None:
                 self._tap.remove()
             self._tap = head.tap(target)
             self._target = target
+        elif next(head.parameters()).dtype != dtype:  # a head shared with a drafter that runs it in another dtype
+            head.bind(target, dtype)
         return head
 
     def close(self) -> None:

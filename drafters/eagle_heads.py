@@ -289,8 +289,18 @@ class EagleHead(nn.Module):
         if isinstance(lm_head, TargetModule):
             lm_head.bind(target.get_output_embeddings())
         elif isinstance(lm_head, DraftVocabHead) and lm_head.weight is None:
-            lm_head.bind_rows(weight.to(dtype))  # eagle2: the target's rows for the draft vocabulary
-        return self.to(device=weight.device, dtype=dtype)
+            lm_head.bind_rows(weight)  # eagle2: the target's rows for the draft vocabulary (a buffer, cast below)
+        return self._move(weight.device, dtype)
+
+    def _move(self, device: torch.device, dtype: torch.dtype) -> EagleHead:
+        """``self.to(device, dtype)``, except that the rotary frequencies stay float32: rounded to bf16
+        they would shift every position's angle (by about half a radian near position 500)."""
+        keep = {name: buf.float() for name, buf in self.named_buffers() if name.endswith("inv_freq")}
+        self.to(device=device, dtype=dtype)
+        for name, buf in keep.items():
+            owner, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(owner), attr, buf.to(device))
+        return self
 
     def check_target(self, target) -> None:
         """Raise :class:`EagleHeadError` unless this head was trained for ``target``."""

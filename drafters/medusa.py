@@ -181,7 +181,7 @@ class MedusaDrafter(Drafter):
                              dtype=target.get_output_embeddings().weight.dtype)  # [H]
         depth = self.compiled.max_depth
         return StepShape(kind="tree", max_nodes=self.max_nodes, draft_forwards="per_step",
-                         draft_probe=lambda: self._top_tokens(hidden, depth))
+                         draft_probe=lambda: self._top_tokens(hidden, depth), draft_dtype=next(heads.parameters()).dtype)
 
     def start(self, ctx: DraftContext) -> None:
         super().start(ctx)

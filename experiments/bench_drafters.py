@@ -37,7 +37,7 @@ from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import SpecDecError
 from verifier.verifier import SDPA_KERNELS
 
-DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # --head-dtypes: method name suffixes
 
 
 def _ours(target, drafter, max_new: int, temperature: float):
@@ -180,7 +180,7 @@ def parse_args(argv=None):
     p.add_argument("--eagle3", help="eagle3 head directory (default: train_eagle version=eagle3's for --size)")
     p.add_argument("--draft-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the draft model's dtype (ours and HF assisted) and the EAGLE heads'")
-    p.add_argument("--head-dtypes", type=lambda s: s.split(","), default=None,
+    p.add_argument("--head-dtypes", type=lambda s: list(dict.fromkeys(s.split(","))), default=None,
                    help="EAGLE heads in each of these dtypes side by side, e.g. float32,bfloat16 (default: --draft-dtype)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)

@@ -34,6 +34,7 @@ from experiments.overrides import group_choice
 from experiments.results import (BASELINE, RECORDS_FILE, SPECULATIVE, MethodResults, ResultsWriter, build_summary,
                                  format_table, read_records, results_from_records)
 from specdec.errors import ConfigError
+from specdec.models import check_dtype_choice
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
     check_attn_backend(cfg.attn_backend, target_device(cfg.model))
+    if "dtype" in cfg.drafter:  # a drafter's own precision (EAGLE heads): a wrong name fails before any model loads
+        check_dtype_choice(cfg.drafter.dtype, "drafter.dtype")
     prompts, max_prompt_tokens = load_dataset_prompts(cfg.dataset, cfg.num_prompts)
     config = OmegaConf.to_container(cfg, resolve=True)
     methods = [SPECULATIVE, BASELINE] if cfg.baseline else [SPECULATIVE]

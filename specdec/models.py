@@ -1,6 +1,7 @@
 """Loading Hugging Face models safely, the in-memory tiny random pair, and compatibility checks."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -23,6 +24,7 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether the CPU has native bf16 matmuls (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
     try:
@@ -50,22 +52,30 @@ def resolve_draft_dtype(draft_dtype: str | None, dtype: str, device: str, key: s
     never changes what is emitted (the target verifies every token); it changes how often
     drafts are accepted and what they cost. ``key`` names the setting in the error.
     """
+    check_dtype_choice(draft_dtype, key)
     if draft_dtype is None:
         return dtype
     if draft_dtype == "auto":
         return "bfloat16" if has_native_bf16(device) else dtype
-    if draft_dtype not in DTYPES:
-        raise SpecDecError(f"{key}={draft_dtype!r} is unknown; choose null, auto or one of {sorted(DTYPES)}")
     return draft_dtype
+
+
+def check_dtype_choice(choice: str | None, key: str) -> None:
+    """Raise :class:`SpecDecError` naming ``key`` unless ``choice`` is None, ``auto`` or a dtype name."""
+    if choice is not None and choice != "auto" and choice not in DTYPES:
+        raise SpecDecError(f"{key}={choice!r} is unknown; choose null, auto or one of {sorted(DTYPES)}")
 
 
 def head_dtype(choice: str | None, target_dtype: torch.dtype, device: str | torch.device,
                key: str = "drafter.dtype") -> torch.dtype:
-    """The torch dtype of a drafter's head on a target of ``target_dtype`` (see :func:`resolve_draft_dtype`)."""
-    name = next((n for n, d in DTYPES.items() if d == target_dtype), None)
-    if name is None:  # a target in a dtype we do not name: the head follows it unless told otherwise
-        return target_dtype if choice in (None, "auto") else DTYPES[resolve_draft_dtype(choice, "float32", "cpu", key)]
-    return DTYPES[resolve_draft_dtype(choice, name, str(device), key)]
+    """The torch dtype of a drafter's head on a target of ``target_dtype``: None = the target's, ``auto`` =
+    bfloat16 where ``device`` has native bf16 matmuls (else the target's), or the named dtype."""
+    check_dtype_choice(choice, key)
+    if choice is None:
+        return target_dtype
+    if choice == "auto":
+        return torch.bfloat16 if has_native_bf16(device) else target_dtype
+    return DTYPES[choice]
 
 
 def _check_path(path: str, what: str) -> None:

@@ -113,16 +113,52 @@ def test_a_bfloat16_head_on_a_float32_target_is_still_lossless(version, shape):
     assert tau > 1.2, f"the bf16 {version} head accepts almost nothing (tau {tau:.2f})"
 
 
-def test_head_dtype_choices():
+def test_head_dtype_choices(monkeypatch):
+    from specdec import models
     from specdec.errors import SpecDecError
 
     target = pair("llama")[0]
-    for dtype, want in [(None, torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
-        drafter = EagleDrafter(EagleHead.for_target(target, "eagle3"), dtype=dtype)
-        drafter.step_shape(target)
-        assert next(drafter.head.parameters()).dtype == want
+    for native in (True, False):
+        monkeypatch.setattr(models, "cpu_has_bf16", lambda native=native: native)
+        choices = [(None, torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                   ("auto", torch.bfloat16 if native else torch.float32)]
+        for dtype, want in choices:
+            drafter = EagleDrafter(EagleHead.for_target(target, "eagle3"), dtype=dtype)
+            drafter.step_shape(target)
+            assert next(drafter.head.parameters()).dtype == want, (native, dtype)
     with pytest.raises(SpecDecError, match=r"drafter.dtype='bf16' is unknown; choose null, auto or one of"):
         EagleDrafter(EagleHead.for_target(target, "eagle3"), dtype="bf16")
+
+
+def test_a_head_shared_by_drafters_of_two_dtypes_runs_in_each_ones():
+    """Binding converts the head in place, so each drafter converts it back to its own dtype when it
+    starts; the rotary frequencies stay float32 through every conversion."""
+    target = pair("llama")[0]
+    head = EagleHead.for_target(target, "eagle3")
+    freqs = {n: b.clone() for n, b in head.named_buffers() if n.endswith("inv_freq")}
+    half, full = EagleDrafter(head, dtype="bfloat16"), EagleDrafter(head)
+    for drafter, want in [(half, torch.bfloat16), (full, torch.float32), (half, torch.bfloat16)]:
+        drafter.step_shape(target)
+        assert next(head.parameters()).dtype == want
+    assert freqs and all(torch.equal(b, freqs[n]) for n, b in head.named_buffers() if n in freqs)
+
+
+def test_bfloat16_heads_in_a_batch_and_over_a_draft_vocabulary():
+    """A bf16 eagle3 head through ``generate_batch`` (per-row copies sharing one tap), and a bf16 eagle2 head
+    over a draft vocabulary (the target's frozen rows, cast): greedy rows still equal HF greedy."""
+    import copy
+
+    target, _, tok = pair("llama")
+    rows, limits = prompts(tok, 3, seed=7), [9, 14, 6]
+    eagle2 = copy.deepcopy(trained_head("llama", "eagle2"))
+    eagle2.use_draft_vocab(torch.arange(0, target.config.vocab_size, 2))
+    for head in (copy.deepcopy(trained_head("llama", "eagle3")), eagle2):
+        out = SpeculativeDecoder(target, EagleDrafter(head, dtype="bfloat16", num_speculative_tokens=3)).generate_batch(
+            rows, limits, max_rows=2)
+        for i, ids in enumerate(rows):
+            ref = target.generate(ids, do_sample=False, max_new_tokens=limits[i], pad_token_id=0)
+            assert out.sequences[i].tolist() == ref.tolist(), f"{head.version} row {i}"
+        assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
 
 
 def test_bench_drafters_puts_heads_of_each_dtype_side_by_side(saved, tmp_path):
@@ -387,6 +423,19 @@ def test_bad_heads_at_the_command_line(case, saved, tmp_path, monkeypatch, capsy
                 "version": "is an eagle2 head", "corrupt": "is not a readable safetensors file"}[case]
     error_line(err, 2, code, fragment, "train_eagle")
     assert not (tmp_path / "run" / "records.jsonl").exists()
+
+
+def test_an_unknown_head_dtype_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    import experiments.decode
+    from tests.test_cli_contract import error_line, main_in_process
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models were loaded before drafter.dtype was checked")
+
+    monkeypatch.setattr(experiments.decode, "load_models", no_loading)
+    code, err = main_in_process(monkeypatch, capsys, "experiment=smoke", "drafter=eagle", "drafter.dtype=bf16",
+                                "num_prompts=1", "warmup=0", "costs=false", f"hydra.run.dir={tmp_path / 'run'}")
+    error_line(err, 2, code, "drafter.dtype='bf16' is unknown; choose null, auto or one of")
 
 
 # --------------------------------------------------------------------------- configs

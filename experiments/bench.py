@@ -178,6 +178,7 @@ def summarize(methods: list[Method], costs: dict) -> tuple[list[dict], str]:
         row = {"method": m.name, "tokens_per_s": statistics.median(mine.values()),
                "speedup_vs_hf_plain": _spread([mine[i] / base[i] for i in mine]),
                "matches_hf_plain": m.matches, "tau": statistics.mean(m.tau.values()) if m.tau else None,
+               "tau_pooled": pooled_tau(m),
                "draft_acceptance": statistics.mean(m.acceptance.values()) if m.acceptance and m.k else None,
                "vs_hf_same_drafter": None, "efficiency": None, "ceiling_vs_hf": None}
         if m.peer:
@@ -189,12 +190,12 @@ def summarize(methods: list[Method], costs: dict) -> tuple[list[dict], str]:
             row["efficiency"] = f"{measured / predicted:.2f} ({measured:.2f}x / {predicted:.2f}x)"
             row["ceiling_vs_hf"] = _spread(list(zero_overhead_ceiling(m, by_name[m.peer], costs).values()))
         rows.append(row)
-    head = ("| method | tokens/s (median) | speedup vs HF plain, median (min-max) | ours / HF same drafter & k | tau "
-            "| draft acceptance | efficiency (measured / predicted over our AR) "
+    head = ("| method | tokens/s (median) | speedup vs HF plain, median (min-max) | ours / HF same drafter & k | tau: mean "
+            "over prompts / pooled | draft acceptance | efficiency (measured / predicted over our AR) "
             "| zero-overhead ceiling vs HF same drafter & k | output = HF plain greedy |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        tau = f"{r['tau']:.2f}" if r["tau"] is not None else ""
+        tau = f"{r['tau']:.2f} / {r['tau_pooled']:.2f}" if r["tau"] is not None else ""
         acc = f"{r['draft_acceptance']:.2f}" if r["draft_acceptance"] is not None else ""
         lines.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf_plain']} | "
                      f"{r['vs_hf_same_drafter'] or ''} | {tau} | {acc} | {r['efficiency'] or ''} | "

@@ -155,6 +155,11 @@ def pooled_tau(meth: Method) -> float | None:
     return sum(meth.new_tokens[i] for i in meth.forwards) / sum(meth.forwards.values()) if meth.forwards else None
 
 
+def tau_cell(row: dict) -> str:
+    """A table cell ``mean over prompts / pooled`` (see :func:`pooled_tau`); empty for HF's methods."""
+    return "" if row["tau"] is None else f"{row['tau']:.2f} / {row['tau_pooled']:.2f}"
+
+
 def zero_overhead_ceiling(meth: Method, peer: Method, costs: dict) -> dict[int, float]:
     """Per prompt, the most a chain could gain over ``peer``: the peer's time divided by our measured
     prefill plus our verify forwards, each costed at ``k T_d(1) + T_t(k + 1)`` (no loop overhead at all)."""
@@ -195,7 +200,7 @@ def summarize(methods: list[Method], costs: dict) -> tuple[list[dict], str]:
             "| zero-overhead ceiling vs HF same drafter & k | output = HF plain greedy |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        tau = f"{r['tau']:.2f} / {r['tau_pooled']:.2f}" if r["tau"] is not None else ""
+        tau = tau_cell(r)
         acc = f"{r['draft_acceptance']:.2f}" if r["draft_acceptance"] is not None else ""
         lines.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf_plain']} | "
                      f"{r['vs_hf_same_drafter'] or ''} | {tau} | {acc} | {r['efficiency'] or ''} | "

@@ -31,7 +31,8 @@ import torch
 
 from drafters import DraftModelDrafter, EagleDrafter, MedusaDrafter, NGramDrafter, NoDrafter
 from experiments import cli
-from experiments.bench import Method, load_pair, load_prompt_ids, machine_line, pooled_tau, run_all, tokens_per_s
+from experiments.bench import (Method, load_pair, load_prompt_ids, machine_line, pooled_tau, run_all, tau_cell,
+                               tokens_per_s)
 from experiments.hf_generate import hf, hf_assisted
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import SpecDecError
@@ -130,17 +131,13 @@ def summarize(methods: list[Method], stats: dict, greedy: bool) -> tuple[list[di
     for r in rows:
         same = {None: "", True: "yes", False: "NO"}[r["matches_hf_plain"]]
         cells = [r["method"], f"{r['tokens_per_s']:.1f}", r["vs_ours_ar"], r["vs_hf_plain"] or "", r["vs_best_hf"] or "",
-                 _tau_cell(r), _num(r["alpha_depth1"]), same]
+                 tau_cell(r), _num(r["alpha_depth1"]), same]
         lines.append("| " + " | ".join(cells) + " |")
     return rows, "\n".join(lines)
 
 
 def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
-
-
-def _tau_cell(row: dict) -> str:
-    return "" if row["tau"] is None else f"{row['tau']:.2f} / {row['tau_pooled']:.2f}"
 
 
 def _record_stats(methods: list[Method]) -> dict:

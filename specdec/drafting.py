@@ -45,8 +45,8 @@ class StepShape:
         draft_probe: for a drafting module that is not a causal LM (Medusa's heads): a
             zero-argument callable running one draft forward as decoding does; or None.
         k: the chain length (chains and dynamic trees' depth limit), else None.
-        draft_dtype: the dtype the drafting module runs in when it is not ``draft_model`` (an EAGLE
-            head's), else None (``draft_model``'s own is reported).
+        draft_dtype: the dtype the drafting module runs in when it is not ``draft_model`` (EAGLE's or
+            Medusa's heads), else None (``draft_model``'s own is reported).
     """
 
     kind: str = "none"

@@ -78,7 +78,7 @@ def wandb_records(path: Path) -> list:
         left = 32768 - pos % 32768
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         if left < 7 or (kind == 0 and length == 0):  # block trailer / padding
-            pos += left if left < 7 else left
+            pos += left  # both cases: skip to the next block
             continue
         chunk += data[pos + 7:pos + 7 + length]
         pos += 7 + length

@@ -164,7 +164,13 @@ class EagleDrafter(TreeDrafter):
 
     # ----------------------------------------------------------------- the protocol
 
-    def batched(self) -> "EagleRows":
+    def batched(self):
+        """For a batch of rows: chains batch their head forwards (:mod:`drafters.eagle_batch`); trees run
+        one copy of this drafter per row (:class:`EagleRows`)."""
+        if self.mode == "chain":
+            from drafters.eagle_batch import BatchEagleChain
+
+            return BatchEagleChain(self)
         return EagleRows(self)
 
     def start(self, ctx: DraftContext) -> None:

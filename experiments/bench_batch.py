@@ -2,8 +2,8 @@
 
 For each batch size B the same prompts are decoded in consecutive groups of B by: Hugging Face's
 batched ``generate`` (greedy, left-padded with an attention mask), our batched autoregressive loop,
-our draft-model chain and our n-gram drafter (``generate_batch``: ragged acceptance, no padding in
-the cache). Each method's aggregate throughput is all new tokens over the summed wall time of its
+our draft-model chain, our n-gram drafter and, given a head (``--eagle``), our EAGLE chain
+(``generate_batch``: ragged acceptance, no padding in the cache). Each method's aggregate throughput is all new tokens over the summed wall time of its
 groups (median over ``reps`` timings of each group). The ``*_continuous`` methods decode all prompts
 in one call with at most B rows at once (``generate_batch(..., max_rows=B)``: a finished row's place
 goes to the next waiting prompt), so a batch no longer waits for its slowest row. Every row of every
@@ -57,18 +57,42 @@ def ours_batched(decoder: SpeculativeDecoder, rows: list[torch.Tensor], max_new:
 CONTINUOUS = "_continuous"
 
 
+def eagle_chains(eagle: tuple[str, str] | None, ks: list[int]) -> dict:
+    """``eagle = (head directory, dtype name)``: per draft length an EAGLE chain whose head forwards serve
+    every row at once, ``ours_<version>_k<k>``, and the same chain run as one drafter copy per row (one
+    head forward per row and position), ``ours_<version>_k<k>_per_row``."""
+    if eagle is None:
+        return {}
+    from drafters import EagleDrafter
+    from drafters.eagle import EagleRows
+    from drafters.eagle_heads import load_head
+
+    class PerRowEagle(EagleDrafter):
+        def batched(self):
+            return EagleRows(self)
+
+    head = load_head(eagle[0])
+    table = {}
+    for k in ks:
+        table[f"ours_{head.version}_k{k}"] = EagleDrafter(head, num_speculative_tokens=k, dtype=eagle[1])
+        table[f"ours_{head.version}_k{k}_per_row"] = PerRowEagle(head, num_speculative_tokens=k, dtype=eagle[1])
+    return table
+
+
 def methods(target, draft, ks: list[int], ngram_tokens: int, max_ngram: int, compile: str = "none",
-            confidence: tuple[float, ...] = ()) -> dict:
+            confidence: tuple[float, ...] = (), eagle: tuple[str, str] | None = None) -> dict:
     """Name -> ``run(rows, max_new) -> (new tokens per row, stats or None)`` (``run(rows, max_new, max_rows)``
     for the continuous methods); one draft-model chain per draft length in ``ks`` (and per ``confidence``
-    threshold: ``ours_chain_k<k>_conf<c>``, a dynamic draft length); with ``compile`` (not ``none``) also our
-    AR loop and the chains through the fixed-shape step (``ours_ar_<compile>``, ...)."""
+    threshold: ``ours_chain_k<k>_conf<c>``, a dynamic draft length; with ``eagle``, an EAGLE chain per draft
+    length, :func:`eagle_chains`); with ``compile`` (not ``none``) also our AR loop and the chains through the
+    fixed-shape step (``ours_ar_<compile>``, ...)."""
     pad = target.generation_config.pad_token_id
     pad = pad if pad is not None else 0
     greedy = SamplingParams()
     ours = {"ours_ar": NoDrafter(), **{f"ours_chain_k{k}": DraftModelDrafter(draft, k) for k in ks},
             **{f"ours_chain_k{k}_conf{c}": DraftModelDrafter(draft, k, confidence_threshold=c) for k in ks
                for c in confidence},
+            **eagle_chains(eagle, ks),
             "ours_ngram": NGramDrafter(ngram_tokens, max_ngram=max_ngram, match="first")}
     table = {"hf_plain": lambda rows, m: hf_batched(target, rows, m, pad)}
     for name, drafter in ours.items():
@@ -98,30 +122,36 @@ def _groups(name: str, prompts: list, size: int) -> list[tuple[list, tuple]]:
 
 def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: list[int], max_new: int, reps: int,
                     ks: list[int], ngram_tokens: int, max_ngram: int, compile: str = "none",
-                    confidence: tuple[float, ...] = ()) -> list[dict]:
+                    confidence: tuple[float, ...] = (), eagle: tuple[str, str] | None = None) -> list[dict]:
     """One row per (batch size, method): aggregate tokens/s, speedups, tau (ours), and whether every row
-    equals HF greedy."""
+    equals HF greedy. ``vs_ours_ar_reps``: the speedup over our AR loop within each rep (the method's
+    and the loop's summed seconds of that rep), so a machine whose speed drifts between reps shows as
+    spread, not as a biased ratio."""
     with torch.inference_mode():
         reference = [target.generate(p, do_sample=False, max_new_tokens=max_new,
                                      pad_token_id=target.generation_config.pad_token_id or 0)[0, p.shape[1]:].tolist()
                      for p in prompts]
-    table = methods(target, draft, ks, ngram_tokens, max_ngram, compile, confidence)
+    table = methods(target, draft, ks, ngram_tokens, max_ngram, compile, confidence, eagle)
     rows = []
     for size in batch_sizes:
-        seconds, new, stats = _time_size(table, prompts, size, max_new, reps)
+        times, new, stats = _time_size(table, prompts, size, max_new, reps)
+        seconds = {name: sum(statistics.median(t) for t in groups) for name, groups in times.items()}
+        per_rep = {name: [sum(t[r] for t in groups) for r in range(reps)] for name, groups in times.items()}
         tps = {name: sum(len(n) for n in new[name]) / seconds[name] for name in table}
         for name in table:
+            paired = [a / b for a, b in zip(per_rep["ours_ar"], per_rep[name])]  # same tokens: a time ratio
             rows.append({"batch_size": size, "method": name, "tokens_per_s": tps[name],
                          "vs_hf_batched": tps[name] / tps["hf_plain"], "vs_ours_ar": tps[name] / tps["ours_ar"],
+                         "vs_ours_ar_reps": paired,
                          "tau": DecodeStats.merge(stats[name]).tau if stats[name] else None,
                          "matches_hf_greedy": new[name] == reference})
     return rows
 
 
 def _time_size(table: dict, prompts: list, size: int, max_new: int, reps: int) -> tuple[dict, dict, dict]:
-    """Every method at batch size ``size``, after a warm-up: per method the summed median seconds of its
-    calls, its new tokens per prompt and its stats. Each rep runs every method once, in an order rotated
-    by one per rep, so that a drifting machine speed hits every method alike."""
+    """Every method at batch size ``size``, after a warm-up: per method the seconds of each of its calls
+    (``[group][rep]``), its new tokens per prompt and its stats. Each rep runs every method once, in an
+    order rotated by one per rep, so that a drifting machine speed hits every method alike."""
     device = prompts[0].device
     for name, fn in table.items():  # warm-up at this batch size (every group's shape where that compiles)
         groups = _groups(name, prompts, size)
@@ -141,16 +171,17 @@ def _time_size(table: dict, prompts: list, size: int, max_new: int, reps: int) -
                 if rep == 0:
                     new[name] += out
                     stats[name] += [run_stats] if run_stats is not None else []
-    seconds = {name: sum(statistics.median(t) for t in times[name]) for name in names}
-    return seconds, new, stats
+    return times, new, stats
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = ["batch size", "method", "aggregate tokens/s", "vs HF batched generate", "vs our batched AR", "tau",
-               "every row = HF greedy"]
+    columns = ["batch size", "method", "aggregate tokens/s", "vs HF batched generate", "vs our batched AR",
+               "vs our batched AR within a rep: median (min-max)", "tau", "every row = HF greedy"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         tau = "" if r["tau"] is None else f"{r['tau']:.2f}"
+        paired = r["vs_ours_ar_reps"]
+        spread = f"{statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f})"
         lines.append(f"| {r['batch_size']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['vs_hf_batched']:.2f}x | "
-                     f"{r['vs_ours_ar']:.2f}x | {tau} | {'yes' if r['matches_hf_greedy'] else 'NO'} |")
+                     f"{r['vs_ours_ar']:.2f}x | {spread} | {tau} | {'yes' if r['matches_hf_greedy'] else 'NO'} |")
     return "\n".join(lines)

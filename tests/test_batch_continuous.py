@@ -136,22 +136,30 @@ def test_resumed_batched_run_keeps_the_earlier_batches_time(prompts_file, tmp_pa
     assert spec["tokens_per_s"] == pytest.approx(spec["new_tokens"] / sum(b["time_total"] for b in batches.values()))
 
 
-def test_batched_benchmark_table_has_a_chain_per_k_and_tau():
-    """``experiments.bench --batch-sizes``' table: one chain per draft length, each with its tau; every
-    row checked against HF greedy (a random pair with a noisy copy as draft)."""
+def test_batched_benchmark_table_has_a_chain_per_k_and_tau(tmp_path):
+    """``experiments.bench --batch-sizes``' table: one chain per draft length (draft model and, given a head,
+    EAGLE), each with its tau and its per-rep speedups over our AR loop; every row checked against HF
+    greedy (a random pair with a noisy copy as draft)."""
+    from drafters.eagle_heads import save_head
     from experiments.bench_batch import markdown, run_batch_sizes
+    from tests.test_eagle import trained_head
     from tests.tiny_models import noisy_copy, pair
     from tests.tiny_models import prompts as make_prompts
 
     target, _, tok = pair("llama")
-    rows = run_batch_sizes(target, noisy_copy("llama"), make_prompts(tok, 3), [1, 2], 6, 1, [2, 3], 2, 2,
-                           confidence=(0.0061,))
+    head_dir = save_head(trained_head("llama", "eagle3"), tmp_path / "eagle3")
+    rows = run_batch_sizes(target, noisy_copy("llama"), make_prompts(tok, 3), [1, 2], 6, 2, [2, 3], 2, 2,
+                           confidence=(0.0061,), eagle=(str(head_dir), "float32"))
     names = {r["method"] for r in rows}
     assert {"ours_chain_k2", "ours_chain_k3", "ours_chain_k2_continuous", "ours_ar", "hf_plain",
-            "ours_chain_k3_conf0.0061", "ours_chain_k3_conf0.0061_continuous"} <= names
+            "ours_chain_k3_conf0.0061", "ours_chain_k3_conf0.0061_continuous", "ours_eagle3_k2",
+            "ours_eagle3_k3_continuous", "ours_eagle3_k2_per_row"} <= names
     assert all(r["matches_hf_greedy"] for r in rows)
     by = {(r["batch_size"], r["method"]): r for r in rows}
     assert by[(2, "hf_plain")]["tau"] is None and by[(2, "ours_ar")]["tau"] == 1.0
     assert 1.0 < by[(2, "ours_chain_k3")]["tau"] <= 4.0
+    assert 1.0 < by[(2, "ours_eagle3_k3")]["tau"] <= 4.0
+    assert by[(2, "ours_eagle3_k3_per_row")]["tau"] == by[(2, "ours_eagle3_k3")]["tau"]  # the same drafts
     assert 1.0 <= by[(2, "ours_chain_k3_conf0.0061")]["tau"] <= 4.0
+    assert by[(2, "ours_ar")]["vs_ours_ar_reps"] == [1.0, 1.0] and len(by[(2, "ours_eagle3_k2")]["vs_ours_ar_reps"]) == 2
     assert "| 2 | ours_chain_k3 |" in markdown(rows)

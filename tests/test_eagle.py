@@ -285,11 +285,37 @@ def test_batched_eagle_rows_equal_their_batch_one_runs(version, shape, max_rows)
     for i, ids in enumerate(rows):
         ref = target.generate(ids, do_sample=False, max_new_tokens=limits[i], pad_token_id=0)
         assert out.sequences[i].tolist() == ref.tolist(), f"row {i}"
+        single = SpeculativeDecoder(target, make()).generate(ids, limits[i])
+        assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i} drafts differ"
     sampling = SamplingParams(temperature=1.0)
     out = SpeculativeDecoder(target, make(), "rejection", sampling).generate_batch(rows, limits, seed=3, max_rows=max_rows)
     for i, ids in enumerate(rows):
         single = SpeculativeDecoder(target, make(), "rejection", sampling).generate(ids, limits[i], seed=3 + i)
         assert out.sequences[i].tolist() == single.sequences.tolist(), f"sampled row {i}"
+
+
+def test_batched_chain_forwards_the_head_once_per_position_for_all_rows():
+    """The chain's batched form (:class:`drafters.eagle_batch.BatchEagleChain`): one head forward per draft
+    position whatever the number of rows, a one-token prompt's row drafting from its second step."""
+    from drafters.eagle_batch import BatchEagleChain
+
+    target, _, tok = pair("llama")
+    rows = [torch.tensor([[65]]), *prompts(tok, 3, seed=9)]
+    drafter = EagleDrafter(trained_head("llama", "eagle3"), num_speculative_tokens=3)
+    assert isinstance(drafter.batched(), BatchEagleChain)
+    assert not isinstance(EagleDrafter(trained_head("llama", "eagle3"), tree="binary").batched(), BatchEagleChain)
+    calls = []
+    hook = drafter.head.model.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        out = SpeculativeDecoder(target, drafter).generate_batch(rows, max_new_tokens=10)
+    finally:
+        hook.remove()
+    for i, ids in enumerate(rows):
+        ref = target.generate(ids, do_sample=False, max_new_tokens=10, pad_token_id=0)
+        assert out.sequences[i].tolist() == ref.tolist(), f"row {i}"
+    assert out.row_stats[0].proposed_per_step[:2] == [0, 3] and out.row_stats[1].proposed_per_step[0] == 3
+    steps = max(len(s.proposed_per_step) for s in out.row_stats)
+    assert len(calls) <= 1 + 3 * steps  # the joining rows' prompts, then at most k forwards a step for all rows
 
 
 # --------------------------------------------------------------------------- losslessness

@@ -1,0 +1,76 @@
+"""Chains for a batch of rows, one model forward per draft position for all rows at once.
+
+:class:`BatchChain` holds what every batched chain shares: each row's chain length, the draws (argmax
+at temperature 0, else the row's keyed draw ``(DRAFT, i)``, exactly as a batch-1
+:meth:`drafters.tree_drafter.TreeDrafter.grow_chain` draws), the recorded draft distributions, and the
+confidence stop (a row's chain ends where its batch-1 run's would; the batch stops drafting once
+every row's has). A subclass supplies the forwards: :meth:`BatchChain.catch_up` (every row's
+logits at its root) and :meth:`BatchChain.feed` (one token per row appended, the logits after it).
+"""
+from __future__ import annotations
+
+import torch
+
+from specdec.batch_drafting import BatchDrafter
+from specdec.drafting import DraftContext
+from specdec.rng import DRAFT
+from specdec.sampling import warp_probs
+from specdec.types import DraftTree
+from verifier import check_finite
+
+
+class BatchChain(BatchDrafter):
+    """Base of the batched chains of a :class:`~drafters.tree_drafter.TreeDrafter` in chain mode.
+
+    After :meth:`propose`, ``drafted[b]`` is the length of row b's chain (0 where it drafted nothing).
+    """
+
+    drafter = None  # the batch-1 drafter whose chains these are (k, confidence_threshold, unsure)
+    ctx: DraftContext | None = None
+    drafted: list[int]
+
+    def catch_up(self, ks: list[int]) -> torch.Tensor:
+        """Bring every row's state up to its root; ``[B, V]`` draft logits at the roots (``ks``: this
+        step's chain length per row)."""
+        raise NotImplementedError
+
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one draft per row (``tokens [B]``); ``[B, V]`` draft logits after it."""
+        raise NotImplementedError
+
+    def chain_lengths(self, max_depths: list[int]) -> list[int]:
+        """Each row's chain length this step (at most the drafter's k and the row's depth limit)."""
+        return [max(0, min(self.drafter.k, d)) for d in max_depths]
+
+    def propose(self, max_depths: list[int]) -> list[DraftTree]:
+        ks = self.chain_lengths(max_depths)
+        k_max = max(ks, default=0)
+        self.drafted = [0] * len(ks)
+        if k_max == 0:
+            return [DraftTree.empty() for _ in ks]
+        sampling, rng = self.ctx.sampling, self.ctx.rng
+        logits = self.catch_up(ks)  # [B, V]
+        drafts, probs = [], []
+        for i in range(k_max):
+            check_finite(logits, f"{self.drafter.forward_label} at draft position {i + 1}", masked_ok=True)
+            q = warp_probs(logits, sampling)  # [B, V]
+            tok = q.argmax(-1) if sampling.greedy else rng.categorical(q, DRAFT, i)  # [B]
+            drafts.append(tok)
+            probs.append(q)
+            if i + 1 < k_max and self.drafter.confidence_threshold:
+                ks = self._stop_unsure(ks, i, self.drafter.unsure(logits, q, tok, sampling).tolist())
+                if max(ks) <= i + 1:  # every row's chain has ended
+                    break
+            if i + 1 < k_max:
+                logits = self.feed(tok)
+        tokens = torch.stack(drafts, 1).tolist()  # [B, <= k_max]
+        q_all = torch.stack(probs, 1)  # [B, <= k_max, V]
+        self.drafted = ks
+        return [DraftTree.chain(torch.tensor(t[:k], dtype=torch.long), q_all[b, :k]) if k else DraftTree.empty()
+                for b, (t, k) in enumerate(zip(tokens, ks))]
+
+    @staticmethod
+    def _stop_unsure(ks: list[int], i: int, unsure: list[bool]) -> list[int]:
+        """Each row's chain length after draft ``i``: a row whose draft ``i`` is ``unsure`` ends there, as its
+        batch-1 run's chain does (rows keep drafting with the batch, but their later drafts are dropped)."""
+        return [min(k, i + 1) if stop else k for k, stop in zip(ks, unsure)]

@@ -74,6 +74,10 @@ def error_message(exc: BaseException) -> str:
     full_key = getattr(exc, "full_key", None)
     if type(exc).__name__ == "MissingMandatoryValue" and full_key:
         return f"{full_key} is required and has no value: set {full_key}=<value> on the command line"
+    if type(exc).__name__ == "OverrideParseException":
+        return (f"{_one_line(str(exc).split(chr(10) + 'See ')[0])}: Hydra cannot parse this override; a value with "
+                f"characters such as ~ [ ] ( ) or spaces needs Hydra quotes inside shell quotes, e.g. "
+                f"\"drafter.heads='~/my heads'\", or an absolute path")
     if type(exc).__module__.startswith(("omegaconf", "hydra")):
         text = str(exc).split("Config search path:")[0]  # Hydra lists its search path after the options
         lines = [line for line in text.splitlines()

@@ -200,6 +200,8 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert "search path" not in err
     code, err = main_in_process(monkeypatch, capsys, "max_new_tokens=abc", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "max_new_tokens=abc", "could not be converted to Integer")
+    code, err = main_in_process(monkeypatch, capsys, "drafter.heads=~/heads", f"hydra.run.dir={tmp_path}")
+    error_line(err, 2, code, "drafter.heads=~/heads", "needs Hydra quotes inside shell quotes")
 
 
 # --------------------------------------------------------------------------- tree files

@@ -4,7 +4,9 @@
 #   2. the kernel benchmark (eager call time and device time per shape, SDPA, FlexAttention);
 #   3. the default experiment on CUDA (README's first command, logger=none);
 #   4. the side-by-side benchmark on the embedded pair and on a synthetic Llama-3.1-8B-shaped target,
-#      with the verify forward's T(w)/T(1) for sdpa and triton.
+#      with the verify forward's T(w)/T(1) for sdpa and triton;
+#   5. last (the stage to lose if time runs short): the batched table on the embedded pair (B = 4, 8:
+#      our batched AR loop, chain and n-gram against HF's batched generate, per-rep ratios).
 # Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"] and the command
 #   bash scripts/gpu_check.sh
 # Each stage has its own time limit and writes its log, so a slow stage costs only itself.
@@ -38,5 +40,7 @@ stage bench_zoo 60 python3 -m experiments.bench --device cuda --prompts 4 --max-
 stage bench_8b 120 python3 -m experiments.bench --device cuda --synthetic llama-8b --dtype bfloat16 \
   --draft-dtype bfloat16 --prompts 2 --prompt-len 512 --max-new-tokens 32 --ks 4 --reps 1 --no-hf-dynamic \
   --trees binary --compile graph --verify-curve --context 4096 --markdown "$OUT/bench_8b.md"
+stage bench_batch 75 python3 -m experiments.bench --device cuda --batch-sizes 4,8 --prompts 8 --max-new-tokens 64 \
+  --ks 2,4 --reps 2 --markdown "$OUT/bench_batch.md"
 cp /tmp/decode_default/summary.json "$OUT/decode_default_summary.json" 2>/dev/null
 tail -n 3 "$OUT"/*.log

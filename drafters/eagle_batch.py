@@ -63,26 +63,28 @@ class BatchEagleChain(BatchChain):
         pairs = [(feats[b, : len(p) - 1] if feats is not None else None, list(p[1:])) for b, p in enumerate(prompts)]
         early = [(f[:-1], t[:-1]) if t else (None, []) for f, t in pairs]
         if any(t for _, t in early):
-            self._forward(fresh, early)
+            self._forward(fresh, early, logits_to_keep=1)  # only the cache is wanted: no logits over the prompt
         self.cache.extend(fresh)
         self.pending += [(f[-1:], t[-1:]) if t else (None, []) for f, t in pairs]
         self.drafted += [0] * len(prompts)
         self.feature = None
 
-    def _forward(self, cache: BatchCache, pairs: list[tuple[torch.Tensor | None, list[int]]]):
+    def _forward(self, cache: BatchCache, pairs: list[tuple[torch.Tensor | None, list[int]]], logits_to_keep: int = 0):
         """Append each row's ``pairs`` (features ``[m_b, H]``, tokens; ragged, causal) to ``cache``; returns
-        ``(logits [B, V], features [B, H])`` at each row's last pair (garbage for a row with none)."""
+        ``(logits [B, V], features [B, H])`` at each row's last pair (garbage for a row with none; with
+        ``logits_to_keep=1`` the logits are the block's last position's, for callers that drop them)."""
         ids, depth, mask = causal_block([t or [0] for _, t in pairs], cache.lengths.device)  # [B, n] ...
         feats = ids.new_zeros(*ids.shape, self.head.hidden_size, dtype=next(self.head.parameters()).dtype)
         for b, (f, t) in enumerate(pairs):
             if t:
                 feats[b, : len(t)] = f  # [n, H] rows of this row's block
         with self.head.inputs(feats) as model:
-            logits, hidden = block_forward(model, cache, ids, depth, mask, output_hidden=True)  # [B, n, V], [B, n, H]
+            logits, hidden = block_forward(model, cache, ids, depth, mask, logits_to_keep,
+                                           output_hidden=True)  # [B, n or 1, V], [B, n, H]
         cache.keep_block([list(range(len(t))) for _, t in pairs])
         rows = torch.arange(len(pairs), device=ids.device)  # [B]
         last = torch.tensor([max(0, len(t) - 1) for _, t in pairs], device=ids.device)  # [B]
-        return logits[rows, last], hidden[rows, last]
+        return logits[rows, last.clamp(max=logits.shape[1] - 1)], hidden[rows, last]
 
     def chain_lengths(self, max_depths: list[int]) -> list[int]:
         """A row with nothing pending has no root feature yet (a one-token prompt's first step): no chain."""

@@ -89,9 +89,11 @@ class BatchCacheLayer(CacheLayerMixin):
                 self.keys = torch.cat([self.keys, self.keys.new_zeros(b, *self.keys.shape[1:])])
                 self.values = torch.cat([self.values, self.values.new_zeros(b, *self.values.shape[1:])])
             return
-        if not self.is_initialized:
+        if not self.is_initialized:  # this layer's rows (if any) were never written: zeros of other's shape
+            b = len(self.owner.host_lengths)
             self.dtype, self.device, self.is_initialized = other.dtype, other.device, True
-            self.keys, self.values = other.keys[:0], other.values[:0]
+            self.keys = other.keys.new_zeros(b, *other.keys.shape[1:])  # [B, H, C, Dk]
+            self.values = other.values.new_zeros(b, *other.values.shape[1:])  # [B, H, C, Dv]
         self.keys = torch.cat([self.keys, other.keys])  # [B + B', H, C, Dk]
         self.values = torch.cat([self.values, other.values])  # [B + B', H, C, Dv]
 

@@ -318,6 +318,23 @@ def test_batched_chain_forwards_the_head_once_per_position_for_all_rows():
     assert len(calls) <= 1 + 3 * steps  # the joining rows' prompts, then at most k forwards a step for all rows
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_batched_chain_admits_rows_after_a_step_without_head_forwards(version):
+    """Continuous batching whose first rows are one-token prompts (no head forward in step 1, the head
+    cache never written) and finish at once: the rows admitted then must get cache rows of their own
+    (a regression: they shared row 0 and a later row selection failed)."""
+    target, _, tok = pair("llama")
+    rows, limits = [torch.tensor([[65]]), torch.tensor([[66]]), *prompts(tok, 2, seed=5)], [1, 8, 8, 6]
+    make = lambda: EagleDrafter(trained_head("llama", version), num_speculative_tokens=3)  # noqa: E731
+    out = SpeculativeDecoder(target, make()).generate_batch(rows, limits, max_rows=2)
+    for i, ids in enumerate(rows):
+        ref = target.generate(ids, do_sample=False, max_new_tokens=limits[i], pad_token_id=0)
+        assert out.sequences[i].tolist() == ref.tolist(), f"row {i}"
+        single = SpeculativeDecoder(target, make()).generate(ids, limits[i])
+        assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i} drafts differ"
+        assert out.row_stats[i].proposed_per_step == single.stats.proposed_per_step, f"row {i} drafts differ"
+
+
 # --------------------------------------------------------------------------- losslessness
 
 #: (drafter shape, head) per lossless cell: deterministic children (an EAGLE-2 dynamic tree, eagle2 head)

@@ -75,9 +75,12 @@ def error_message(exc: BaseException) -> str:
     if type(exc).__name__ == "MissingMandatoryValue" and full_key:
         return f"{full_key} is required and has no value: set {full_key}=<value> on the command line"
     if type(exc).__name__ == "OverrideParseException":
-        return (f"{_one_line(str(exc).split(chr(10) + 'See ')[0])}: Hydra cannot parse this override; a value with "
-                f"characters such as ~ [ ] ( ) or spaces needs Hydra quotes inside shell quotes, e.g. "
-                f"\"drafter.heads='~/my heads'\", or an absolute path")
+        lines = [line for line in str(exc).splitlines() if line.strip() and line.strip() != "^"]
+        text = _one_line(" ".join(line for line in lines if not line.startswith("See ")))
+        if "LexerNoViableAlt" not in text:  # not a character the grammar rejects: Hydra's words are the best
+            return f"{text}: Hydra cannot parse this override (key=value; see its override grammar)"
+        return (f"{text}: Hydra cannot parse this override; a value with characters such as ~ ( ) or spaces "
+                f"needs Hydra quotes inside shell quotes, e.g. \"drafter.heads='~/my heads'\"")
     if type(exc).__module__.startswith(("omegaconf", "hydra")):
         text = str(exc).split("Config search path:")[0]  # Hydra lists its search path after the options
         lines = [line for line in text.splitlines()

@@ -80,14 +80,16 @@ def test_batched_eagle_chain_on_cuda(models, version):
     target, _, prompts = models
     rows = [p.to(CUDA) for p in prompts]
     drafter = EagleDrafter(EagleHead.for_target(target, version), num_speculative_tokens=3, dtype="bfloat16")
-    for max_rows in (None, 2):
-        out = SpeculativeDecoder(target, drafter).generate_batch(rows, max_new_tokens=24, max_rows=max_rows)
-        for ids, seq in zip(rows, out.sequences):
-            with torch.no_grad():
-                ref = target.generate(ids, do_sample=False, max_new_tokens=24,
-                                      pad_token_id=target.generation_config.eos_token_id)
-            assert seq.tolist() == ref.tolist()
-    drafter.close()
+    try:
+        for max_rows in (None, 2):
+            out = SpeculativeDecoder(target, drafter).generate_batch(rows, max_new_tokens=24, max_rows=max_rows)
+            for ids, seq in zip(rows, out.sequences):
+                with torch.no_grad():
+                    ref = target.generate(ids, do_sample=False, max_new_tokens=24,
+                                          pad_token_id=target.generation_config.eos_token_id)
+                assert seq.tolist() == ref.tolist()
+    finally:
+        drafter.close()
 
 
 def test_bf16_draft_of_fp32_target_on_cuda(models):

@@ -70,9 +70,8 @@ class BatchEagleChain(BatchChain):
         self.feature = None
 
     def _forward(self, cache: BatchCache, pairs: list[tuple[torch.Tensor | None, list[int]]], logits_to_keep: int = 0):
-        """Append each row's ``pairs`` (features ``[m_b, H]``, tokens; ragged, causal) to ``cache``; returns
-        ``(logits [B, V], features [B, H])`` at each row's last pair (garbage for a row with none; with
-        ``logits_to_keep=1`` the logits are the block's last position's, for callers that drop them)."""
+        """Append each row's ``pairs`` (features ``[m_b, H]``, tokens; ragged, causal) to ``cache``; returns the
+        forward's ``(logits [B, n', V], output features [B, n, H])`` (``n'``: per ``logits_to_keep``)."""
         ids, depth, mask = causal_block([t or [0] for _, t in pairs], cache.lengths.device)  # [B, n] ...
         feats = ids.new_zeros(*ids.shape, self.head.hidden_size, dtype=next(self.head.parameters()).dtype)
         for b, (f, t) in enumerate(pairs):
@@ -80,11 +79,9 @@ class BatchEagleChain(BatchChain):
                 feats[b, : len(t)] = f  # [n, H] rows of this row's block
         with self.head.inputs(feats) as model:
             logits, hidden = block_forward(model, cache, ids, depth, mask, logits_to_keep,
-                                           output_hidden=True)  # [B, n or 1, V], [B, n, H]
+                                           output_hidden=True)  # [B, n', V], [B, n, H]
         cache.keep_block([list(range(len(t))) for _, t in pairs])
-        rows = torch.arange(len(pairs), device=ids.device)  # [B]
-        last = torch.tensor([max(0, len(t) - 1) for _, t in pairs], device=ids.device)  # [B]
-        return logits[rows, last.clamp(max=logits.shape[1] - 1)], hidden[rows, last]
+        return logits, hidden
 
     def chain_lengths(self, max_depths: list[int]) -> list[int]:
         """A row with nothing pending has no root feature yet (a one-token prompt's first step): no chain."""
@@ -92,11 +89,15 @@ class BatchEagleChain(BatchChain):
         return [k if t else 0 for k, (_, t) in zip(ks, self.pending)]
 
     def catch_up(self, ks: list[int]) -> torch.Tensor:
-        """Feed every row's pending pairs; ``[B, V]`` head logits at each row's root."""
-        logits, self.feature = self._forward(self.cache, self.pending)  # [B, V], [B, H]
+        """Feed every row's pending pairs; ``[B, V]`` head logits at each row's root (its last pending pair;
+        garbage for a row with none, which drafts nothing)."""
+        logits, hidden = self._forward(self.cache, self.pending)  # [B, n, V], [B, n, H]
+        rows = torch.arange(len(self.pending), device=hidden.device)  # [B]
+        last = torch.tensor([max(0, len(t) - 1) for _, t in self.pending], device=hidden.device)  # [B]
+        self.feature = hidden[rows, last]  # [B, H]
         self.committed = list(self.cache.host_lengths)
         self.pending = [(None, []) for _ in self.pending]
-        return logits
+        return logits[rows, last]
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """One draft per row (``tokens [B]``) with its parent's output feature; ``[B, V]`` logits after it."""

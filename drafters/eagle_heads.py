@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from drafters.draft_vocab import DraftVocabHead, check_ids
+from drafters.fast_layer import FastLayer, unsupported
 from drafters.head_files import (
     HeadFormat,
     cache_root,
@@ -157,6 +158,10 @@ class FeatureInput(nn.Module):
             got = None if feats is None else tuple(feats.shape)
             raise RuntimeError(f"EAGLE head forward needs one feature per token: ids {tuple(input_ids.shape)}, "
                                f"features {got}; run it inside `with head.inputs(features):`")
+        return self.combine(input_ids, feats)
+
+    def combine(self, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """``fc(cat(embed(input_ids), feats))`` ``[B, n, H]`` for ``input_ids [B, n]`` and ``feats [B, n, H]``."""
         emb = self.embed(input_ids).to(self.fc.weight.dtype)  # [B, n, H] (the target's embedding, in the head's dtype)
         feats = feats.to(emb.dtype)
         if self.norms:
@@ -331,6 +336,12 @@ class EagleHead(nn.Module):
             yield self.model
         finally:
             self.input.features = None
+
+    def fast_layer(self) -> FastLayer | None:
+        """The lean inference forward of the head's layer (:mod:`drafters.fast_layer`); None where it does not apply."""
+        if "_fast" not in self.__dict__:
+            self._fast = FastLayer(self.model) if unsupported(self.model) is None else None
+        return self._fast
 
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [B, n, V], output features [B, n, H])`` for pairs ``(features [B, n, H], input_ids [B, n])``;

@@ -59,8 +59,9 @@ CONTINUOUS = "_continuous"
 
 def eagle_chains(eagle: tuple[str, str] | None, ks: list[int]) -> dict:
     """``eagle = (head directory, dtype name)``: per draft length an EAGLE chain whose head forwards serve
-    every row at once, ``ours_<version>_k<k>``, and the same chain run as one drafter copy per row (one
-    head forward per row and position), ``ours_<version>_k<k>_per_row``."""
+    every row at once, ``ours_<version>_k<k>``, the same chain through the head's transformers forward instead
+    of :mod:`drafters.fast_layer` (``_hf_forward``), and run as one drafter copy per row (one head forward per
+    row and position), ``ours_<version>_k<k>_per_row``."""
     if eagle is None:
         return {}
     from drafters import EagleDrafter
@@ -75,6 +76,8 @@ def eagle_chains(eagle: tuple[str, str] | None, ks: list[int]) -> dict:
     table = {}
     for k in ks:
         table[f"ours_{head.version}_k{k}"] = EagleDrafter(head, num_speculative_tokens=k, dtype=eagle[1])
+        table[f"ours_{head.version}_k{k}_hf_forward"] = EagleDrafter(head, num_speculative_tokens=k, dtype=eagle[1],
+                                                                     fast_forward=False)
         table[f"ours_{head.version}_k{k}_per_row"] = PerRowEagle(head, num_speculative_tokens=k, dtype=eagle[1])
     return table
 

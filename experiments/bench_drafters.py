@@ -73,8 +73,11 @@ def head_drafters(args, notes: list[str]) -> dict:
             found[name] = lambda d=directory, **kw: MedusaDrafter(d)
         else:
             for dtype in args.head_dtypes or [args.draft_dtype]:  # one head per dtype, labelled when several
-                label = name + (f"_{DTYPE_LABELS[dtype]}" if len(args.head_dtypes or []) > 1 else "")
-                found[label] = lambda d=directory, v=name, t=dtype, **kw: EagleDrafter(d, version=v, dtype=t, **kw)
+                for forward in args.head_forwards:  # and per forward path (--head-forwards), labelled when several
+                    label = (name + (f"_{DTYPE_LABELS[dtype]}" if len(args.head_dtypes or []) > 1 else "")
+                             + (f"_{forward}" if len(args.head_forwards) > 1 else ""))
+                    found[label] = lambda d=directory, v=name, t=dtype, f=forward == "fast", **kw: EagleDrafter(
+                        d, version=v, dtype=t, fast_forward=f, **kw)
     return found
 
 
@@ -179,6 +182,9 @@ def parse_args(argv=None):
                    help="the draft model's dtype (ours and HF assisted) and the EAGLE heads'")
     p.add_argument("--head-dtypes", type=lambda s: list(dict.fromkeys(s.split(","))), default=None,
                    help="EAGLE heads in each of these dtypes side by side, e.g. float32,bfloat16 (default: --draft-dtype)")
+    p.add_argument("--head-forwards", type=lambda s: list(dict.fromkeys(s.split(","))), default=["fast"],
+                   help="EAGLE heads through each of these forwards side by side: fast (drafters/fast_layer.py), "
+                        "hf (the one-layer model's own), e.g. fast,hf (default: fast)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write raw results here")
@@ -186,6 +192,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if bad := [d for d in args.head_dtypes or [] if d not in DTYPE_LABELS]:
         p.error(f"--head-dtypes: {bad[0]!r} is unknown; choose from {', '.join(DTYPE_LABELS)}")
+    if bad := [f for f in args.head_forwards if f not in ("fast", "hf")]:
+        p.error(f"--head-forwards: {bad[0]!r} is unknown; choose from fast, hf")
     defaults = {"synthetic": None, "target": None, "draft": None, "device": "cpu", "dtype": "float32"}
     for key, value in defaults.items():  # what experiments.bench's loaders read
         setattr(args, key, value)

@@ -160,6 +160,7 @@ def test_batched_benchmark_table_has_a_chain_per_k_and_tau(tmp_path):
     assert 1.0 < by[(2, "ours_chain_k3")]["tau"] <= 4.0
     assert 1.0 < by[(2, "ours_eagle3_k3")]["tau"] <= 4.0
     assert by[(2, "ours_eagle3_k3_per_row")]["tau"] == by[(2, "ours_eagle3_k3")]["tau"]  # the same drafts
+    assert by[(2, "ours_eagle3_k3_hf_forward")]["tau"] == by[(2, "ours_eagle3_k3")]["tau"]  # the head's other forward
     assert 1.0 <= by[(2, "ours_chain_k3_conf0.0061")]["tau"] <= 4.0
     assert by[(2, "ours_ar")]["vs_ours_ar_reps"] == [1.0, 1.0] and len(by[(2, "ours_eagle3_k2")]["vs_ours_ar_reps"]) == 2
     assert "| 2 | ours_chain_k3 |" in markdown(rows)

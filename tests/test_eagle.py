@@ -170,6 +170,12 @@ def test_bench_drafters_puts_heads_of_each_dtype_side_by_side(saved, tmp_path):
     assert heads["eagle3_bf16"](num_speculative_tokens=2).dtype == "bfloat16" and notes
     with pytest.raises(SystemExit):
         parse_args(["--head-dtypes", "bf16"])
+    args = parse_args(["--eagle3", str(saved["eagle3"]), "--head-forwards", "fast,hf", "--cache-dir", str(tmp_path)])
+    heads = head_drafters(args, [])
+    assert sorted(h for h in heads if h.startswith("eagle3")) == ["eagle3_fast", "eagle3_hf"]
+    assert heads["eagle3_fast"]().fast_forward and not heads["eagle3_hf"]().fast_forward
+    with pytest.raises(SystemExit):
+        parse_args(["--head-forwards", "slow"])
 
 
 def test_one_token_prompt_drafts_from_the_second_step():
@@ -305,7 +311,7 @@ def test_batched_chain_forwards_the_head_once_per_position_for_all_rows():
     assert isinstance(drafter.batched(), BatchEagleChain)
     assert not isinstance(EagleDrafter(trained_head("llama", "eagle3"), tree="binary").batched(), BatchEagleChain)
     calls = []
-    hook = drafter.head.model.register_forward_hook(lambda module, args, output: calls.append(1))
+    hook = drafter.head.model.lm_head.register_forward_hook(lambda module, args, output: calls.append(1))
     try:
         out = SpeculativeDecoder(target, drafter).generate_batch(rows, max_new_tokens=10)
     finally:

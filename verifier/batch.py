@@ -23,11 +23,16 @@ def block_forward(model, cache: BatchCache, input_ids: torch.Tensor, depth: torc
     may see block token j (its diagonal must be true). Returns ``(logits [B, n', V], hidden [B, n, H])``.
     The block stays pending in the cache until :meth:`BatchCache.keep_block`.
     """
-    cache.begin_block(input_ids.shape[1])
-    position_ids = cache.lengths[:, None] + depth  # [B, n]
-    attn = {"specdec_prefix_len": 0, "specdec_tree_mask": None, "specdec_tree_plan": None,
-            "specdec_key_mask": cache.block_mask(tree_mask)}  # [B, 1, n, S]
+    position_ids, key_mask = begin_block(cache, depth, tree_mask)  # [B, n], [B, 1, n, S]
+    attn = {"specdec_prefix_len": 0, "specdec_tree_mask": None, "specdec_tree_plan": None, "specdec_key_mask": key_mask}
     return model_forward(model, cache, input_ids, position_ids, attn, "sdpa", logits_to_keep, output_hidden)
+
+
+def begin_block(cache: BatchCache, depth: torch.Tensor, tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place a block of ``depth [B, n]`` tokens at every row's length (:meth:`BatchCache.begin_block`); its
+    ``(position_ids [B, n], key mask [B, 1, n, S])`` for ``tree_mask [B, n, n]`` (see :func:`block_forward`)."""
+    cache.begin_block(depth.shape[1])
+    return cache.lengths[:, None] + depth, cache.block_mask(tree_mask)
 
 
 def causal_block(rows: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

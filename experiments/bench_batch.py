@@ -19,6 +19,7 @@ import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from specdec import SamplingParams, SpeculativeDecoder
+from specdec.drafting import release
 from specdec.stats import DecodeStats
 
 
@@ -49,7 +50,10 @@ def hf_batched(target, rows: list[torch.Tensor], max_new: int, pad: int) -> tupl
 def ours_batched(decoder: SpeculativeDecoder, rows: list[torch.Tensor], max_new: int,
                  max_rows: int | None = None) -> tuple[list[list[int]], DecodeStats]:
     """``generate_batch`` on ``rows``: the new tokens of each row and the batch's aggregate stats."""
-    out = decoder.generate_batch(rows, max_new_tokens=max_new, seed=0, max_rows=max_rows)
+    try:
+        out = decoder.generate_batch(rows, max_new_tokens=max_new, seed=0, max_rows=max_rows)
+    finally:
+        release(decoder.drafter)
     return [seq[0, r.shape[1]:].tolist() for seq, r in zip(out.sequences, rows)], out.stats
 
 

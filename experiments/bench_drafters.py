@@ -35,6 +35,7 @@ from experiments.bench import (Method, load_pair, load_prompt_ids, machine_line,
                                tokens_per_s)
 from experiments.hf_generate import hf, hf_assisted
 from specdec import SamplingParams, SpeculativeDecoder
+from specdec.drafting import release
 from specdec.errors import SpecDecError
 from verifier.verifier import SDPA_KERNELS
 
@@ -47,7 +48,10 @@ def _ours(target, drafter, max_new: int, temperature: float):
                                  sampling=SamplingParams(temperature=temperature))
 
     def run(ids):
-        out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
+        try:
+            out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
+        finally:
+            release(drafter)
         return out.sequences, out.stats
     return run
 

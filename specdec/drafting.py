@@ -118,3 +118,12 @@ class Drafter(ABC):
     def commit(self, result: AcceptResult, verify: VerifyOutput) -> None:
         """Learn what was accepted: ``result.tokens`` are appended to the sequence."""
         self.tokens.extend(result.tokens)
+
+
+def release(drafter) -> None:
+    """Undo what ``drafter`` put on its target (EAGLE-3's feature hooks): its ``close()``, where it has one.
+    A later ``start`` sets things up again; benchmarks call this after each method's run so that no other
+    method runs with a drafter's hooks on the shared target."""
+    close = getattr(drafter, "close", None)
+    if callable(close):
+        close()

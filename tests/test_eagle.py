@@ -178,6 +178,28 @@ def test_bench_drafters_puts_heads_of_each_dtype_side_by_side(saved, tmp_path):
         parse_args(["--head-forwards", "slow"])
 
 
+def test_benchmark_runs_leave_no_feature_hooks_on_the_target():
+    """Each method's run releases its drafter (EAGLE-3's hooks), so no other method runs with them."""
+    from experiments.bench_batch import ours_batched
+    from experiments.bench_drafters import _ours
+    from specdec.drafting import DraftContext
+    from specdec.rng import KeyedRandom
+
+    target, _, tok = pair("llama")
+    hooks = lambda: sum("FeatureTap" in getattr(h, "__qualname__", "")  # noqa: E731
+                        for layer in target.model.layers for h in layer._forward_hooks.values())
+    rows = prompts(tok, 2, seed=3)
+    drafter = EagleDrafter(trained_head("llama", "eagle3"), num_speculative_tokens=2)
+    drafter.start(DraftContext(target, SamplingParams(), KeyedRandom.for_seed(0), 16))
+    assert hooks() == 1  # what is counted
+    _ours(target, drafter, 4, 0.0)(rows[0])
+    assert hooks() == 0
+    for chain in (True, False):
+        kwargs = {"num_speculative_tokens": 2} if chain else {"tree": "binary"}
+        ours_batched(SpeculativeDecoder(target, EagleDrafter(trained_head("llama", "eagle3"), **kwargs)), rows, 4)
+        assert hooks() == 0
+
+
 def test_one_token_prompt_drafts_from_the_second_step():
     target = pair("llama")[0]
     drafter = EagleDrafter(trained_head("llama", "eagle3"), num_speculative_tokens=3)

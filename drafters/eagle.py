@@ -109,8 +109,8 @@ class EagleDrafter(TreeDrafter):
             model's dtype it changes what drafting costs and how often drafts are accepted, never what
             is emitted. A loaded :class:`EagleHead` given as ``heads`` is converted in place.
         fast_forward: run the head's layer through :class:`drafters.fast_layer.FastLayer` (Llama and Qwen2
-            layers; others always take transformers' forward): the same arithmetic, a third less time per
-            head forward on the CPU. False: the one-layer model's own forward (``attn_backend``).
+            layers; others always take transformers' forward): the same arithmetic, about a quarter less
+            drafting time per step on the CPU (BENCHMARKS.md). False: the one-layer model's own forward (``attn_backend``).
     """
 
     name = "eagle"

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from drafters.fast_decoder import fast_decoder, forward_lm, forward_probe
 from drafters.tree_drafter import TreeDrafter
 from drafters.tree_expansion import TreeFeed, accepted_fed_slots
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, StepShape
 from specdec.models import check_same_vocab
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
-from verifier import tree_forward
 
 
 class DraftModelDrafter(TreeDrafter):
@@ -37,6 +37,9 @@ class DraftModelDrafter(TreeDrafter):
             those tokens (:func:`drafters.draft_vocab.with_draft_vocab`; a view, the model is unchanged).
         confidence_threshold: a chain ends after the first draft whose draft probability is below this
             (a dynamic draft length, as Hugging Face's ``assistant_confidence_threshold``); 0: always k.
+        fast_forward: run the draft model through :class:`drafters.fast_decoder.FastDecoder` (Llama and
+            Qwen2 models; others always take transformers' forward): the same arithmetic without
+            transformers' per-forward overhead. False: the model's own forward (``attn_backend``).
     """
 
     name = "draft_model"
@@ -44,7 +47,8 @@ class DraftModelDrafter(TreeDrafter):
 
     def __init__(self, model, num_speculative_tokens: int = 4, attn_backend: str = "sdpa", tree=None,
                  tree_sampling: str = "deterministic", budget: int | None = None, top_k_children: int = 4,
-                 draft_vocab: torch.Tensor | None = None, confidence_threshold: float = 0.0):
+                 draft_vocab: torch.Tensor | None = None, confidence_threshold: float = 0.0,
+                 fast_forward: bool = True):
         super().__init__(num_speculative_tokens, tree, tree_sampling, budget, top_k_children, confidence_threshold)
         if draft_vocab is not None:
             from drafters.draft_vocab import with_draft_vocab
@@ -52,6 +56,7 @@ class DraftModelDrafter(TreeDrafter):
             model = with_draft_vocab(model, draft_vocab)
         self.model = model.eval()
         self.attn_backend = attn_backend
+        self.fast_forward = bool(fast_forward)
         self.device = next(model.parameters()).device
         self.cache: SpecDecCache | None = None
         self._fed_drafts = 0
@@ -59,9 +64,11 @@ class DraftModelDrafter(TreeDrafter):
         self._tree_prefix: int | None = None  # draft cache length before the last tree was fed
 
     def step_shape(self, target) -> StepShape:
-        """One draft-model forward per tree level (k for a k-chain), then a verify of ``1 + max_nodes``."""
+        """One draft-model forward per tree level (k for a k-chain), then a verify of ``1 + max_nodes``; a draft
+        that runs through :class:`~drafters.fast_decoder.FastDecoder` is timed through it (a probe)."""
+        probe = forward_probe(self.model, True) if self.fast_forward and fast_decoder(self.model) else None
         return StepShape(kind=self.step_kind, max_nodes=self.max_nodes, draft_forwards="per_level",
-                         draft_model=self.model, k=None if self.mode == "static" else self.k)
+                         draft_model=self.model, draft_probe=probe, k=None if self.mode == "static" else self.k)
 
     def bind(self, target) -> None:
         """Prepare for ``target`` before a run; a draft model needs nothing (a layer-skip view is built here)."""
@@ -86,8 +93,10 @@ class DraftModelDrafter(TreeDrafter):
     def _forward(self, ids: list[int]) -> torch.Tensor:
         """Append ``ids`` to the draft cache causally; return the last position's logits ``[V]``."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, n]
-        logits, _ = tree_forward(self.model, self.cache, x, backend=self.attn_backend, logits_to_keep=1)  # causal
-        return logits[-1]  # [V]
+        positions = self.cache.length + torch.arange(len(ids), device=self.device)[None]  # [1, n]
+        logits, _ = forward_lm(self.model, x, self.cache, positions, None, 1, self.fast_forward,
+                               self.attn_backend)  # [1, 1, V], causal
+        return logits[0, -1]  # [V]
 
     def prefill(self, input_ids: torch.Tensor, target_hidden: torch.Tensor | None) -> None:
         super().prefill(input_ids, target_hidden)
@@ -118,7 +127,7 @@ class DraftModelDrafter(TreeDrafter):
         if depth_limit <= 0:
             return DraftTree.empty()
         logits = self._forward(self.tokens[self.cache.length :])  # catch up, root included
-        feed = TreeFeed(self.model, self.cache, self.device)
+        feed = TreeFeed(self.model, self.cache, self.device, self.fast_forward)
         self._tree_prefix = feed.prefix_len
         tree, self._fed = self.grow_tree(feed, logits, depth_limit)
         return tree

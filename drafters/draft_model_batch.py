@@ -18,7 +18,7 @@ from specdec.batch_cache import BatchCache
 from specdec.drafting import DraftContext
 from specdec.models import check_same_vocab
 from specdec.types import AcceptResult, VerifyOutput
-from verifier.batch import block_forward, causal_block, prefill_rows
+from verifier.batch import causal_block, prefill_rows
 
 
 class BatchDraftModelChain(BatchChain):
@@ -52,19 +52,14 @@ class BatchDraftModelChain(BatchChain):
         """Feed every row the tokens its draft cache lacks (root included); ``[B, V]`` logits after each row's last."""
         behind = [t[n:] for t, n in zip(self.tokens, self.cache.host_lengths)]
         ids, depth, mask = causal_block(behind, self.cache.lengths.device)
-        logits, _ = block_forward(self.model, self.cache, ids, depth, mask)  # [B, n, V]
+        logits, _ = self.block(self.model, self.cache, ids, depth, mask)  # [B, n, V]
         self.cache.keep_block([list(range(len(b))) for b in behind])
         last = torch.tensor([len(b) - 1 for b in behind], device=logits.device)  # [B]
         return logits[torch.arange(len(behind), device=logits.device), last]  # [B, V]
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row (``tokens [B]``) appended to each row; ``[B, V]`` logits after it."""
-        b = tokens.shape[0]
-        device = tokens.device
-        logits, _ = block_forward(self.model, self.cache, tokens[:, None], torch.zeros(b, 1, dtype=torch.long, device=device),
-                                  torch.ones(b, 1, 1, dtype=torch.bool, device=device))  # [B, 1, V]
-        self.cache.keep_block([[0]] * b)
-        return logits[:, 0]
+        return self.feed_one(self.model, self.cache, tokens)[0]
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
         """Keep each row's accepted drafts that the draft model has seen; the rest is re-fed next step."""

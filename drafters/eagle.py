@@ -32,6 +32,7 @@ from drafters.eagle_heads import (
     default_heads_dir,
     load_head,
 )
+from drafters.fast_decoder import PROBE_CONTEXT, forward_lm, forward_probe
 from drafters.tree_drafter import TreeDrafter
 from drafters.tree_expansion import TreeFeed
 from specdec.batch_drafting import PerRowDrafters
@@ -40,9 +41,6 @@ from specdec.drafting import DraftContext, StepShape
 from specdec.errors import ConfigError
 from specdec.models import check_dtype_choice, head_dtype
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
-from verifier.verifier import attention_inputs, model_forward
-
-PROBE_CONTEXT = 128  # cache slots before the token a cost probe feeds
 
 
 class HeadFeed(TreeFeed):
@@ -52,8 +50,8 @@ class HeadFeed(TreeFeed):
 
     def __init__(self, head: EagleHead, cache: SpecDecCache, device: torch.device, root_feature: torch.Tensor,
                  fast: bool = True):
-        super().__init__(head.model, cache, device)
-        self.head, self.fast = head, fast
+        super().__init__(head.model, cache, device, fast)
+        self.head = head
         self.outputs = [root_feature]  # [H] each: the root's output, then every fed node's in fed order
 
     def run(self, ids, parents, key_mask, position_ids):
@@ -67,23 +65,11 @@ class HeadFeed(TreeFeed):
 def run_head(head: EagleHead, input_ids: torch.Tensor, features: torch.Tensor, cache, position_ids: torch.Tensor,
              key_mask: torch.Tensor | None = None, logits_to_keep: int = 0, fast: bool = True,
              backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
-    """One head forward of the pairs ``(features [B, n, H], input_ids [B, n])`` written to ``cache`` (any of this
-    package's caches: its ``update`` places them) at ``position_ids [B, n]``, seeing ``key_mask [B, 1, n, S]``
-    (None: causal). Returns ``(logits [B, n', V] float32, output features [B, n, H])``, ``n'`` per ``logits_to_keep``.
-
-    ``fast``: through :class:`drafters.fast_layer.FastLayer` where the head's layer allows it (the same
-    arithmetic without transformers' per-forward overhead); otherwise, or with ``fast=False``, the
-    one-layer model's own forward with attention ``backend``.
-    """
-    layer = head.fast_layer() if fast else None
-    if layer is None:
-        with head.inputs(features) as model:
-            return model_forward(model, cache, input_ids, position_ids, attention_inputs(backend, 0, None, key_mask),
-                                 backend, logits_to_keep, output_hidden=True)
-    with torch.no_grad():
-        hidden = layer(head.input.combine(input_ids, features), cache.layers[0], position_ids, key_mask)  # [B, n, H]
-        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        return head.model.lm_head(kept).float(), hidden
+    """One head forward of the pairs ``(features [B, n, H], input_ids [B, n])`` written to ``cache`` at
+    ``position_ids [B, n]``, seeing ``key_mask [B, 1, n, S]`` (None: causal): ``(logits [B, n', V] float32,
+    output features [B, n, H])``, through :func:`drafters.fast_decoder.forward_lm` (``fast``, ``backend``)."""
+    with head.inputs(features) as model:
+        return forward_lm(model, input_ids, cache, position_ids, key_mask, logits_to_keep, fast, backend)
 
 
 class EagleDrafter(TreeDrafter):
@@ -108,7 +94,7 @@ class EagleDrafter(TreeDrafter):
             bf16 matmuls (else the target's), or a name (``bfloat16``, ``float32``, ...). Like a draft
             model's dtype it changes what drafting costs and how often drafts are accepted, never what
             is emitted. A loaded :class:`EagleHead` given as ``heads`` is converted in place.
-        fast_forward: run the head's layer through :class:`drafters.fast_layer.FastLayer` (Llama and Qwen2
+        fast_forward: run the head through :class:`drafters.fast_decoder.FastDecoder` (Llama and Qwen2
             layers; others always take transformers' forward): the same arithmetic, about a quarter less
             drafting time per step on the CPU (BENCHMARKS.md). False: the one-layer model's own forward (``attn_backend``).
     """
@@ -305,15 +291,7 @@ class EagleRows(PerRowDrafters):
 
 def _probe(head: EagleHead, fast: bool):
     """A zero-argument callable running one head forward of one token after ``PROBE_CONTEXT`` slots, the way
-    drafting runs it (``fast``: :func:`run_head`'s)."""
+    drafting runs it."""
     weight = next(head.parameters())
-    cache = SpecDecCache.for_model(head.model, PROBE_CONTEXT + 1)
-    feats = torch.zeros(1, PROBE_CONTEXT + 1, head.hidden_size, device=weight.device, dtype=weight.dtype)
-    ids = torch.zeros(1, PROBE_CONTEXT + 1, dtype=torch.long, device=weight.device)
-    positions = torch.arange(PROBE_CONTEXT + 1, device=weight.device)[None]  # [1, C + 1]
-    run_head(head, ids[:, :PROBE_CONTEXT], feats[:, :PROBE_CONTEXT], cache, positions[:, :PROBE_CONTEXT], None, 1, fast)
-
-    def probe() -> torch.Tensor:
-        cache.truncate(PROBE_CONTEXT)
-        return run_head(head, ids[:, :1], feats[:, :1], cache, positions[:, PROBE_CONTEXT:], None, 1, fast)[0]
-    return probe
+    feats = torch.zeros(1, PROBE_CONTEXT, head.hidden_size, device=weight.device, dtype=weight.dtype)  # [1, C, H]
+    return forward_probe(head.model, fast, PROBE_CONTEXT, lambda n: head.inputs(feats[:, :n]))

@@ -23,11 +23,10 @@ from __future__ import annotations
 import torch
 
 from drafters.batch_chain import BatchChain
-from drafters.eagle import run_head
 from specdec.batch_cache import BatchCache
 from specdec.drafting import DraftContext
 from specdec.types import AcceptResult, VerifyOutput
-from verifier.batch import begin_block, causal_block
+from verifier.batch import causal_block
 
 
 class BatchEagleChain(BatchChain):
@@ -78,16 +77,10 @@ class BatchEagleChain(BatchChain):
         for b, (f, t) in enumerate(pairs):
             if t:
                 feats[b, : len(t)] = f  # [n, H] rows of this row's block
-        logits, hidden = self._run(cache, ids, feats, depth, mask, logits_to_keep)  # [B, n', V], [B, n, H]
+        with self.head.inputs(feats) as model:
+            logits, hidden = self.block(model, cache, ids, depth, mask, logits_to_keep)  # [B, n', V], [B, n, H]
         cache.keep_block([list(range(len(t))) for _, t in pairs])
         return logits, hidden
-
-    def _run(self, cache: BatchCache, ids: torch.Tensor, feats: torch.Tensor, depth: torch.Tensor,
-             mask: torch.Tensor, logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """One head forward of the block ``ids [B, n]`` with ``feats [B, n, H]`` at every row's length
-        (``depth [B, n]``, ``mask [B, n, n]``); the block stays pending in ``cache``."""
-        position_ids, key_mask = begin_block(cache, depth, mask)  # [B, n], [B, 1, n, S]
-        return run_head(self.head, ids, feats, cache, position_ids, key_mask, logits_to_keep, self.drafter.fast_forward)
 
     def chain_lengths(self, max_depths: list[int]) -> list[int]:
         """A row with nothing pending has no root feature yet (a one-token prompt's first step): no chain."""
@@ -107,14 +100,9 @@ class BatchEagleChain(BatchChain):
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """One draft per row (``tokens [B]``) with its parent's output feature; ``[B, V]`` logits after it."""
-        b = tokens.shape[0]
-        device = tokens.device
-        depth = torch.zeros(b, 1, dtype=torch.long, device=device)  # [B, 1]
-        mask = torch.ones(b, 1, 1, dtype=torch.bool, device=device)  # [B, 1, 1]
-        logits, hidden = self._run(self.cache, tokens[:, None], self.feature[:, None], depth, mask)  # [B, 1, V], [B, 1, H]
-        self.cache.keep_block([[0]] * b)
-        self.feature = hidden[:, 0]  # [B, H]
-        return logits[:, 0]
+        with self.head.inputs(self.feature[:, None]) as model:  # [B, 1, H]
+            logits, self.feature = self.feed_one(model, self.cache, tokens)  # [B, V], [B, H]
+        return logits
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
         """Drop every row's draft slots; queue the target's features of its root and accepted nodes with

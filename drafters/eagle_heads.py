@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from drafters.draft_vocab import DraftVocabHead, check_ids
-from drafters.fast_layer import FastLayer, unsupported
 from drafters.head_files import (
     HeadFormat,
     cache_root,
@@ -336,12 +335,6 @@ class EagleHead(nn.Module):
             yield self.model
         finally:
             self.input.features = None
-
-    def fast_layer(self) -> FastLayer | None:
-        """The lean inference forward of the head's layer (:mod:`drafters.fast_layer`); None where it does not apply."""
-        if "_fast" not in self.__dict__:
-            self._fast = FastLayer(self.model) if unsupported(self.model) is None else None
-        return self._fast
 
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [B, n, V], output features [B, n, H])`` for pairs ``(features [B, n, H], input_ids [B, n])``;

@@ -70,13 +70,15 @@ class LayerSkipDrafter(DraftModelDrafter):
         attn_backend: attention backend of the draft's forwards.
         target: bind to this target now (else on the first ``start`` / ``step_shape``).
         confidence_threshold: the chain ends after the first draft less likely than this (0: always k).
+        fast_forward: run the view through :class:`drafters.fast_decoder.FastDecoder` (as a draft model).
     """
 
     name = "layer_skip"
 
     def __init__(self, layers: int = 6, num_speculative_tokens: int = 4, attn_backend: str = "sdpa", target=None,
-                 confidence_threshold: float = 0.0):
+                 confidence_threshold: float = 0.0, fast_forward: bool = True):
         Drafter.__init__(self)
+        self.fast_forward = bool(fast_forward)
         self.layers = positive_int(layers, "drafter.layers")
         self._k, self._backend, self._target_id = num_speculative_tokens, attn_backend, None
         self.confidence_threshold = confidence_threshold_of(confidence_threshold)
@@ -89,7 +91,8 @@ class LayerSkipDrafter(DraftModelDrafter):
         if self._target_id == id(target):
             return
         super().__init__(truncated_view(target, self.layers), num_speculative_tokens=self._k,
-                         attn_backend=self._backend, confidence_threshold=self.confidence_threshold)
+                         attn_backend=self._backend, confidence_threshold=self.confidence_threshold,
+                         fast_forward=self.fast_forward)
         self._target_id = id(target)
 
     @property

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import torch
 
+from drafters.fast_decoder import forward_lm
 from specdec.cache import SpecDecCache
 from specdec.rng import CHILD, KeyedRandom
 from specdec.sampling import SamplingParams, warp_probs
 from specdec.tree import CompiledTree, children_lists
 from specdec.types import DraftTree
-from verifier import check_finite, tree_forward
+from verifier import check_finite
 
 
 class TreeFeed:
@@ -39,8 +40,8 @@ class TreeFeed:
 
     label = "draft model"  # names the forward in errors about non-finite logits
 
-    def __init__(self, model, cache: SpecDecCache, device: torch.device):
-        self.model, self.cache, self.device = model, cache, device
+    def __init__(self, model, cache: SpecDecCache, device: torch.device, fast: bool = False):
+        self.model, self.cache, self.device, self.fast = model, cache, device, fast
         self.prefix_len = cache.length
         self.anc = torch.zeros(0, 0, dtype=torch.bool)  # [F, F] ancestor-or-self among fed nodes
 
@@ -80,8 +81,8 @@ class TreeFeed:
 
         A drafter whose forward takes more than tokens (an EAGLE head: the parent's feature) overrides this.
         """
-        logits, _ = tree_forward(self.model, self.cache, ids, key_mask=key_mask, position_ids=position_ids)
-        return logits
+        logits, _ = forward_lm(self.model, ids, self.cache, position_ids, key_mask, fast=self.fast)  # [1, n, V]
+        return logits[0]
 
 
 def choose_children(

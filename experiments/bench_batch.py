@@ -64,7 +64,7 @@ CONTINUOUS = "_continuous"
 def eagle_chains(eagle: tuple[str, str] | None, ks: list[int]) -> dict:
     """``eagle = (head directory, dtype name)``: per draft length an EAGLE chain whose head forwards serve
     every row at once, ``ours_<version>_k<k>``, the same chain through the head's transformers forward instead
-    of :mod:`drafters.fast_layer` (``_hf_forward``), and run as one drafter copy per row (one head forward per
+    of :mod:`drafters.fast_decoder` (``_hf_forward``), and run as one drafter copy per row (one head forward per
     row and position), ``ours_<version>_k<k>_per_row``."""
     if eagle is None:
         return {}

@@ -187,7 +187,7 @@ def parse_args(argv=None):
     p.add_argument("--head-dtypes", type=lambda s: list(dict.fromkeys(s.split(","))), default=None,
                    help="EAGLE heads in each of these dtypes side by side, e.g. float32,bfloat16 (default: --draft-dtype)")
     p.add_argument("--head-forwards", type=lambda s: list(dict.fromkeys(s.split(","))), default=["fast"],
-                   help="EAGLE heads through each of these forwards side by side: fast (drafters/fast_layer.py), "
+                   help="EAGLE heads through each of these forwards side by side: fast (drafters/fast_decoder.py), "
                         "hf (the one-layer model's own), e.g. fast,hf (default: fast)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)

@@ -275,18 +275,18 @@ def measure_run_costs(target, shape, context: int, prompt_tokens: int | None = N
     ``prompt_tokens``, also the target's and the draft model's prefill of that many tokens."""
     draft = shape.draft_model
     requests = [("target", target, context, TARGET_WIDTHS)]
-    if draft is not None:
+    if draft is not None and shape.draft_probe is None:  # a probe times the draft as it runs (a lean forward)
         requests.append(("draft", draft, context, DRAFT_WIDTHS))
     width = max(1, int(prompt_tokens)) if prompt_tokens else None
     if width:
-        requests += [(f"prefill_{role}", model, 0, (width,)) for role, model, _, _ in list(requests)]
+        requests += [("prefill_target", target, 0, (width,))] + ([("prefill_draft", draft, 0, (width,))] if draft else [])
     curves = dict(zip([r[0] for r in requests], cost_curves([r[1:] for r in requests], backend, cache_dir)))
     costs = {"context": int(context), "target": curves["target"][0], "draft": None,
              "cached": {role: cached for role, (_, cached) in curves.items()}}
-    if draft is not None:
-        costs["draft"] = curves["draft"][0]
-    elif shape.draft_probe is not None:
+    if shape.draft_probe is not None:
         costs["draft"] = {1: time_probe(shape.draft_probe)}
+    elif draft is not None:
+        costs["draft"] = curves["draft"][0]
     if width:
         costs["prefill"] = {"tokens": width, "target": curves["prefill_target"][0][width],
                             "draft": curves["prefill_draft"][0][width] if draft is not None else None}

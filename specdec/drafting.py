@@ -42,8 +42,10 @@ class StepShape:
             n-gram lookup none.
         draft_model: a causal LM whose forwards are timed one token at a time after the run's
             context, like the target's; or None.
-        draft_probe: for a drafting module that is not a causal LM (Medusa's heads): a
-            zero-argument callable running one draft forward as decoding does; or None.
+        draft_probe: a zero-argument callable running one draft forward as decoding does, for a
+            drafting module that is not a causal LM (Medusa's, EAGLE's heads) or a draft model that runs
+            through :class:`drafters.fast_decoder.FastDecoder` (then ``draft_model`` only times its
+            prefill); or None.
         k: the chain length (chains and dynamic trees' depth limit), else None.
         draft_dtype: the dtype the drafting module runs in when it is not ``draft_model`` (EAGLE's or
             Medusa's heads), else None (``draft_model``'s own is reported).

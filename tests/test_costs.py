@@ -24,8 +24,11 @@ T_TARGET, T_DRAFT, T_HEADS = 0.008, 0.002, 0.004  # seconds per forward
 
 
 def _slow(module, seconds):
+    """A copy of ``module`` whose every forward sleeps ``seconds`` more: a causal LM's input embedding (which
+    transformers' forward and the drafts' lean forward both call once per forward) or the module itself."""
     module = copy.deepcopy(module)
-    module.register_forward_pre_hook(lambda *args: time.sleep(seconds))
+    embedding = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    (embedding or module).register_forward_pre_hook(lambda *args: time.sleep(seconds))
     return module
 
 

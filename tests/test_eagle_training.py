@@ -149,7 +149,7 @@ def test_eagle_head_is_costed(tmp_path):
     target = _slow(pair("llama")[0], T_TARGET)
     ids_list = prompts(pair("llama")[2], 3, seed=5)
     head = EagleHead.for_target(pair("llama")[0], "eagle2")
-    head.model.register_forward_pre_hook(lambda *args: time.sleep(0.003))
+    head.input.register_forward_pre_hook(lambda *args: time.sleep(0.003))  # once per head forward, either path
     drafter = EagleDrafter(head, num_speculative_tokens=3)
     speedup, metrics, model, stats, costs = _measured_speedup_and_model(target, drafter, ids_list, tmp_path)
     assert model["drafter"]["draft_forwards"] == "per_level" and model["drafter"]["draft_module"] == "probe"

@@ -140,7 +140,7 @@ def _bound(drafter, target, ids, sampling=SamplingParams(), seed=0):
 def _propose_counting_forwards(drafter, draft, max_depth: int = 64):
     """``(tree, number of draft-model forwards the proposal ran)``."""
     calls = []
-    handle = draft.register_forward_hook(lambda *args: calls.append(1))
+    handle = draft.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))  # once a forward
     try:
         tree = drafter.propose(max_depth=max_depth)
     finally:

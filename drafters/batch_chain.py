@@ -42,21 +42,23 @@ class BatchChain(BatchDrafter):
         raise NotImplementedError
 
     def block(self, model, cache: BatchCache, ids: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
-              logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              logits_to_keep: int = 0, output_hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward of ``model`` over the block ``ids [B, n]`` at every row's length (``depth [B, n]``, ``mask
         [B, n, n]``), through :func:`drafters.fast_decoder.forward_lm` per the drafter's ``fast_forward``; the block
         stays pending in ``cache``. ``(logits [B, n', V], hidden [B, n, H])``."""
         position_ids, key_mask = begin_block(cache, depth, mask)  # [B, n], [B, 1, n, S]
-        return forward_lm(model, ids, cache, position_ids, key_mask, logits_to_keep, self.drafter.fast_forward)
+        return forward_lm(model, ids, cache, position_ids, key_mask, logits_to_keep, self.drafter.fast_forward,
+                          output_hidden=output_hidden)
 
-    def feed_one(self, model, cache: BatchCache, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def feed_one(self, model, cache: BatchCache, tokens: torch.Tensor,
+                 output_hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One token per row (``tokens [B]``) appended to ``cache`` and kept: ``(logits [B, V], hidden [B, H])``."""
         b, device = tokens.shape[0], tokens.device
         depth = torch.zeros(b, 1, dtype=torch.long, device=device)  # [B, 1]
         mask = torch.ones(b, 1, 1, dtype=torch.bool, device=device)  # [B, 1, 1]
-        logits, hidden = self.block(model, cache, tokens[:, None], depth, mask)  # [B, 1, V], [B, 1, H]
+        logits, hidden = self.block(model, cache, tokens[:, None], depth, mask, 0, output_hidden)  # [B, 1, V], [B, 1, H]
         cache.keep_block([[0]] * b)
-        return logits[:, 0], hidden[:, 0]
+        return logits[:, 0], hidden[:, 0] if hidden is not None else None
 
     def chain_lengths(self, max_depths: list[int]) -> list[int]:
         """Each row's chain length this step (at most the drafter's k and the row's depth limit)."""

@@ -94,8 +94,8 @@ class DraftModelDrafter(TreeDrafter):
         """Append ``ids`` to the draft cache causally; return the last position's logits ``[V]``."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, n]
         positions = self.cache.length + torch.arange(len(ids), device=self.device)[None]  # [1, n]
-        logits, _ = forward_lm(self.model, x, self.cache, positions, None, 1, self.fast_forward,
-                               self.attn_backend)  # [1, 1, V], causal
+        logits, _ = forward_lm(self.model, x, self.cache, positions, None, 1, self.fast_forward, self.attn_backend,
+                               output_hidden=False)  # [1, 1, V], causal
         return logits[0, -1]  # [V]
 
     def prefill(self, input_ids: torch.Tensor, target_hidden: torch.Tensor | None) -> None:

@@ -52,14 +52,14 @@ class BatchDraftModelChain(BatchChain):
         """Feed every row the tokens its draft cache lacks (root included); ``[B, V]`` logits after each row's last."""
         behind = [t[n:] for t, n in zip(self.tokens, self.cache.host_lengths)]
         ids, depth, mask = causal_block(behind, self.cache.lengths.device)
-        logits, _ = self.block(self.model, self.cache, ids, depth, mask)  # [B, n, V]
+        logits, _ = self.block(self.model, self.cache, ids, depth, mask, output_hidden=False)  # [B, n, V]
         self.cache.keep_block([list(range(len(b))) for b in behind])
         last = torch.tensor([len(b) - 1 for b in behind], device=logits.device)  # [B]
         return logits[torch.arange(len(behind), device=logits.device), last]  # [B, V]
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row (``tokens [B]``) appended to each row; ``[B, V]`` logits after it."""
-        return self.feed_one(self.model, self.cache, tokens)[0]
+        return self.feed_one(self.model, self.cache, tokens, output_hidden=False)[0]
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
         """Keep each row's accepted drafts that the draft model has seen; the rest is re-fed next step."""

@@ -69,10 +69,12 @@ def fast_decoder(model) -> FastDecoder | None:
 
 
 def forward_lm(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, key_mask: torch.Tensor | None = None,
-               logits_to_keep: int = 0, fast: bool = True, backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+               logits_to_keep: int = 0, fast: bool = True, backend: str = "sdpa",
+               output_hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One forward of the causal LM ``model`` on ``input_ids [B, n]`` written to ``cache`` (any of this package's
     caches) at ``position_ids [B, n]``, seeing ``key_mask [B, 1, n, S]`` (None: causal). Returns ``(logits
-    [B, n', V] float32, final hidden states [B, n, H])``, ``n'`` per ``logits_to_keep``.
+    [B, n', V] float32, final hidden states [B, n, H])``, ``n'`` per ``logits_to_keep`` (the model's own forward
+    returns no hidden states unless ``output_hidden``; the lean one always does, at no cost).
 
     ``fast``: through :class:`FastDecoder` where ``model`` allows it; otherwise, or with ``fast=False``, the
     model's own forward with attention ``backend``.
@@ -80,7 +82,7 @@ def forward_lm(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor
     decoder = fast_decoder(model) if fast else None
     if decoder is None:
         return model_forward(model, cache, input_ids, position_ids, attention_inputs(backend, 0, None, key_mask),
-                             backend, logits_to_keep, output_hidden=True)
+                             backend, logits_to_keep, output_hidden)
     with torch.no_grad():
         hidden = decoder(model.get_input_embeddings()(input_ids), cache, position_ids, key_mask)  # [B, n, H]
         kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden

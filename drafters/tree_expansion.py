@@ -81,7 +81,8 @@ class TreeFeed:
 
         A drafter whose forward takes more than tokens (an EAGLE head: the parent's feature) overrides this.
         """
-        logits, _ = forward_lm(self.model, ids, self.cache, position_ids, key_mask, fast=self.fast)  # [1, n, V]
+        logits, _ = forward_lm(self.model, ids, self.cache, position_ids, key_mask, fast=self.fast,
+                               output_hidden=False)  # [1, n, V]
         return logits[0]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from drafters.fast_decoder import fast_decoder, forward_lm, forward_probe
-from drafters.tree_drafter import TreeDrafter
+from drafters.tree_drafter import TreeDrafter, flag_of
 from drafters.tree_expansion import TreeFeed, accepted_fed_slots
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, StepShape
@@ -56,7 +56,7 @@ class DraftModelDrafter(TreeDrafter):
             model = with_draft_vocab(model, draft_vocab)
         self.model = model.eval()
         self.attn_backend = attn_backend
-        self.fast_forward = bool(fast_forward)
+        self.fast_forward = flag_of(fast_forward, "drafter.fast_forward")
         self.device = next(model.parameters()).device
         self.cache: SpecDecCache | None = None
         self._fed_drafts = 0

@@ -33,7 +33,7 @@ from drafters.eagle_heads import (
     load_head,
 )
 from drafters.fast_decoder import PROBE_CONTEXT, forward_lm, forward_probe
-from drafters.tree_drafter import TreeDrafter
+from drafters.tree_drafter import TreeDrafter, flag_of
 from drafters.tree_expansion import TreeFeed
 from specdec.batch_drafting import PerRowDrafters
 from specdec.cache import SpecDecCache
@@ -112,7 +112,7 @@ class EagleDrafter(TreeDrafter):
         check_dtype_choice(dtype, "drafter.dtype")
         self.dtype = dtype
         self.attn_backend = attn_backend
-        self.fast_forward = bool(fast_forward)
+        self.fast_forward = flag_of(fast_forward, "drafter.fast_forward")
         self._head: EagleHead | None = None
         self.heads_dir: Path | None = None
         if isinstance(heads, EagleHead):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from drafters.draft_model import DraftModelDrafter
-from drafters.tree_drafter import confidence_threshold_of, positive_int
+from drafters.tree_drafter import confidence_threshold_of, flag_of, positive_int
 from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError
 
@@ -78,7 +78,7 @@ class LayerSkipDrafter(DraftModelDrafter):
     def __init__(self, layers: int = 6, num_speculative_tokens: int = 4, attn_backend: str = "sdpa", target=None,
                  confidence_threshold: float = 0.0, fast_forward: bool = True):
         Drafter.__init__(self)
-        self.fast_forward = bool(fast_forward)
+        self.fast_forward = flag_of(fast_forward, "drafter.fast_forward")
         self.layers = positive_int(layers, "drafter.layers")
         self._k, self._backend, self._target_id = num_speculative_tokens, attn_backend, None
         self.confidence_threshold = confidence_threshold_of(confidence_threshold)

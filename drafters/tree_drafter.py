@@ -41,6 +41,13 @@ def positive_int(value, name: str) -> int:
     return value
 
 
+def flag_of(value, name: str) -> bool:
+    """``value`` if it is a bool, else :class:`ConfigError` naming ``name`` (``bool("false")`` would be True)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: it must be true or false")
+    return value
+
+
 def confidence_threshold_of(value, chain: bool = True) -> float:
     """``value`` as a chain's confidence threshold (a number in [0, 1)), else :class:`ConfigError`; a
     threshold > 0 needs a chain (``chain=False``: the drafter grows a tree)."""

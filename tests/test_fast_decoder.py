@@ -196,3 +196,16 @@ def test_decoding_drafts_the_same_either_way(name):
             assert single[i].sequences.tolist() == ref.tolist() == batch.sequences[i].tolist()
     assert runs[True] == runs[False]
     assert sum(sum(a) for a in runs[True][0]) > 0  # drafts were accepted: the comparison has content
+
+
+@pytest.mark.parametrize("make", [lambda v: DraftModelDrafter(pair("llama")[1], fast_forward=v),
+                                  lambda v: LayerSkipDrafter(layers=1, fast_forward=v),
+                                  lambda v: EagleDrafter(trained_head("llama", "eagle3"), fast_forward=v)],
+                         ids=["draft_model", "layer_skip", "eagle"])
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_fast_forward_must_be_a_bool(make, value):
+    """``bool("false")`` is True: a value that is not a bool is a config error, not a silent choice."""
+    from specdec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"drafter.fast_forward=.*true or false"):
+        make(value)

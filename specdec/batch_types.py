@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.tree import children_lists
 from specdec.types import DraftTree
 
 
@@ -66,17 +67,17 @@ class BatchTree:
         kids: list[list[list[int]]] = []
         for row, tree in enumerate(trees):
             m = tree.num_nodes
-            tokens[row, :m], parents[row, :m], depth[row, :m] = tree.tokens, tree.parents, tree.depth
-            valid[row, :m] = True
-            mask[row, 1 : m + 1, 1 : m + 1] = tree.ancestor_mask
-            from specdec.tree import children_lists
-
             kids.append(children_lists(tree.parents) + [[] for _ in range(n - m)])
+            if m:  # an empty row keeps the defaults: no nodes, the root sees itself
+                tokens[row, :m], parents[row, :m], depth[row, :m] = tree.tokens, tree.parents, tree.depth
+                valid[row, :m] = True
+                mask[row, 1 : m + 1, 1 : m + 1] = tree.ancestor_mask
         k = max((len(c) for row in kids for c in row), default=0)
         children = torch.full((b, n + 1, max(k, 1)), -1, dtype=torch.long)  # [B, 1 + N, K]
         for row, lists in enumerate(kids):
             for slot, c in enumerate(lists):
-                children[row, slot, : len(c)] = torch.tensor(c, dtype=torch.long)
+                if c:
+                    children[row, slot, : len(c)] = torch.tensor(c, dtype=torch.long)
         probs = None
         if sampling != "deterministic":
             vocab = next(t.draft_probs.shape[-1] for t in trees if t.num_nodes)

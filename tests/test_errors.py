@@ -99,3 +99,16 @@ def test_unknown_draft_dtype_fails_before_any_model_loads(tmp_path):
            "draft_dtype": "bf16"}
     with pytest.raises(SpecDecError, match=r"model.draft_dtype='bf16' is unknown; choose null, auto or one of"):
         load_models(cfg)
+
+
+def test_target_logit_check_finds_every_non_finite_value_and_passes_huge_finite_ones():
+    """check_finite first sums (a NaN or inf anywhere makes the sum so), then settles a non-finite sum
+    elementwise: finite logits whose sum overflows pass, one bad value anywhere fails with its kind."""
+    from verifier.verifier import check_finite
+
+    check_finite(torch.full((4, 3, 64), 3e38), "target")  # the sum overflows; every value is finite
+    for bad, kind in ((float("nan"), "NaN"), (float("inf"), "inf"), (float("-inf"), "inf")):
+        logits = torch.randn(4, 3, 64)
+        logits[2, 1, 17] = bad
+        with pytest.raises(NonFiniteLogitsError, match=kind):
+            check_finite(logits, "target")

@@ -57,6 +57,8 @@ class BatchTree:
         if len(modes) > 1:
             raise ValueError(f"a batch's draft trees must share one sampling mode, got {sorted(modes)}")
         sampling = modes.pop() if modes else "deterministic"
+        if n == 0:
+            return cls._no_drafts(b, device)
         tokens = torch.zeros(b, n, dtype=torch.long)  # [B, N]
         parents = torch.full((b, n), -1, dtype=torch.long)  # [B, N]
         depth = torch.ones(b, n, dtype=torch.long)  # [B, N]
@@ -89,6 +91,13 @@ class BatchTree:
         to = dict(device=device)
         return cls(tokens.to(**to), parents.to(**to), depth.to(**to), valid.to(**to), children.to(**to),
                    mask.to(**to), probs, sampling, [t.num_nodes for t in trees], max_depth)
+
+    @classmethod
+    def _no_drafts(cls, b: int, device: torch.device | str) -> "BatchTree":
+        """``b`` rows without a draft (an autoregressive step): every row verifies its root alone."""
+        none = torch.zeros(b, 0, dtype=torch.long, device=device)  # [B, 0]
+        return cls(none, none, none, none.bool(), torch.full((b, 1, 1), -1, dtype=torch.long, device=device),
+                   torch.ones(b, 1, 1, dtype=torch.bool, device=device), None, "deterministic", [0] * b, 0)
 
 
 @dataclass

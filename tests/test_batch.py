@@ -170,3 +170,25 @@ def test_outputs_are_ordinary_tensors():
         assert not seq.is_inference()
         weight = torch.zeros(target.config.vocab_size, 2, requires_grad=True)
         torch.nn.functional.embedding(seq, weight).sum().backward()
+
+
+def test_decoding_runs_without_autograd_and_returns_ordinary_tensors():
+    """The eager loop decodes in inference mode; what it returns is an ordinary tensor (in-place writes and
+    autograd on it work afterwards), at batch 1 and batched."""
+    target, _, tokenizer = pair("llama")
+    rows = prompts(tokenizer, n=2)
+    dec = SpeculativeDecoder(target, DraftModelDrafter(noisy_copy("llama"), num_speculative_tokens=2))
+    seen = []
+    original = target.forward
+    target.forward = lambda *a, **k: (seen.append(torch.is_inference_mode_enabled()), original(*a, **k))[1]
+    try:
+        single = dec.generate(rows[0], max_new_tokens=6).sequences
+        batch = dec.generate_batch(rows, max_new_tokens=6).sequences
+    finally:
+        del target.forward
+    assert seen and all(seen)
+    for seq in [single, *batch]:
+        assert not seq.is_inference()
+        seq[0, 0] = seq[0, 0]  # an in-place write outside inference mode
+        target.get_input_embeddings()(seq).sum().backward()  # autograd through an embedding of the output
+    target.zero_grad(set_to_none=True)

@@ -30,8 +30,12 @@ def block_forward(model, cache: BatchCache, input_ids: torch.Tensor, depth: torc
 
 def begin_block(cache: BatchCache, depth: torch.Tensor, tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Place a block of ``depth [B, n]`` tokens at every row's length (:meth:`BatchCache.begin_block`); its
-    ``(position_ids [B, n], key mask [B, 1, n, S])`` for ``tree_mask [B, n, n]`` (see :func:`block_forward`)."""
+    ``(position_ids [B, n], key mask [B, 1, n, S])`` for ``tree_mask [B, n, n]`` (see :func:`block_forward`).
+    The mask is None for one token of a single row, which sees every slot (as at batch 1: attention
+    without a mask, what plain decoding runs)."""
     cache.begin_block(depth.shape[1])
+    if cache.batch == 1 and depth.shape[1] == 1:  # one row's one token sees every slot up to itself: no mask
+        return cache.lengths[:, None] + depth, None
     return cache.lengths[:, None] + depth, cache.block_mask(tree_mask)
 
 

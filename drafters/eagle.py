@@ -206,6 +206,7 @@ class EagleDrafter(TreeDrafter):
             raw, self._handed = self._handed, None  # [n, 3H]
         else:
             raw = hidden if self._tap is None else self._tap.take()[0]  # [n, H] or [n, 3H]
+        raw = raw[: hidden.shape[0]]  # a padded verify block (verify_widths) ran padding after the nodes
         if raw.shape[0] != hidden.shape[0]:
             raise RuntimeError(f"EAGLE feature hooks saw {raw.shape[0]} positions, the target forward had "
                                f"{hidden.shape[0]}")

@@ -42,10 +42,10 @@ from verifier.verifier import SDPA_KERNELS
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # --head-dtypes: method name suffixes
 
 
-def _ours(target, drafter, max_new: int, temperature: float):
+def _ours(target, drafter, max_new: int, temperature: float, verify_widths=None):
     greedy = temperature == 0
     decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy" if greedy else "rejection",
-                                 sampling=SamplingParams(temperature=temperature))
+                                 sampling=SamplingParams(temperature=temperature), verify_widths=verify_widths)
 
     def run(ids):
         try:
@@ -107,7 +107,29 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
             if greedy:
                 ours.append((f"ours_{label}_dyn{args.budget}", factory(**dyn), args.dynamic_depth))
     methods += [Method(name, _ours(target, d, m, temperature), True, k) for name, d, k in ours]
+    if args.verify_widths:  # the chains again, each verify block padded to the next cheap width
+        methods += [Method(f"{name}_padded", _ours(target, d, m, temperature, args.verify_widths), True, k)
+                    for name, d, k in ours if name.rsplit("_", 1)[-1].startswith("k")]
     return methods
+
+
+def verify_widths(option: str | None, target, prompts: list, max_new: int, notes: list[str]) -> tuple[int, ...]:
+    """``--verify-widths``: None, a comma list, or ``auto``: :func:`experiments.costs.cheap_widths` of the
+    target's cost curve at this run's context (measured once per machine and cached)."""
+    if not option:
+        return ()
+    if option != "auto":
+        try:
+            return tuple(int(w) for w in option.split(","))
+        except ValueError:
+            raise SpecDecError(f"--verify-widths {option!r}: give auto or comma-separated widths, e.g. 4,5,8") from None
+    from experiments.costs import cheap_widths, cost_curve, run_context
+
+    curve, _ = cost_curve(target, run_context([p.shape[1] for p in prompts], max_new))
+    widths = cheap_widths(curve)
+    notes.append("verify widths (cheap widths of the target's measured cost curve, ms: "
+                 + ", ".join(f"{w}: {s * 1e3:.1f}" for w, s in sorted(curve.items())) + f"): {list(widths)}")
+    return widths
 
 
 def summarize(methods: list[Method], stats: dict, greedy: bool) -> tuple[list[dict], str]:
@@ -189,6 +211,9 @@ def parse_args(argv=None):
     p.add_argument("--head-forwards", type=lambda s: list(dict.fromkeys(s.split(","))), default=["fast"],
                    help="EAGLE heads through each of these forwards side by side: fast (drafters/fast_decoder.py), "
                         "hf (the one-layer model's own), e.g. fast,hf (default: fast)")
+    p.add_argument("--verify-widths", default=None,
+                   help="add each chain padded to these verify widths (`_padded`): a comma list, or auto (the "
+                        "widths no wider one undercuts on the target's measured cost curve)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write raw results here")
@@ -215,6 +240,7 @@ def main(argv=None) -> int:
         target, draft, tok = load_pair(args)
         prompts = load_prompt_ids(tok, target, args)
         heads = head_drafters(args, notes)
+        args.verify_widths = verify_widths(args.verify_widths, target, prompts, args.max_new_tokens, notes)
         for temperature in args.temperatures:
             if temperature < 0:
                 raise SpecDecError(f"--temperatures: {temperature} < 0")

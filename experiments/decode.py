@@ -131,7 +131,8 @@ def make_decoders(cfg: DictConfig, models: LoadedModels, drafter: Any, rule: Any
 
     def make(d: Any, acceptance: Any) -> Any:
         return SpeculativeDecoder(target=models.target, drafter=d, acceptance=acceptance, sampling=sampling,
-                                  attn_backend=cfg.attn_backend, compile=cfg.compile)
+                                  attn_backend=cfg.attn_backend, compile=cfg.compile,
+                                  verify_widths=cfg.get("verify_widths"))
 
     decoders = {SPECULATIVE: (make(drafter, rule), type(drafter).__name__)}
     if cfg.baseline:

@@ -76,6 +76,9 @@ class SpeculativeDecoder:
             :mod:`specdec.static_step` for no drafter and draft-model chains and tree presets: ``static`` (eager),
             ``graph`` (captured in a CUDA graph, replayed every step) or ``inductor`` (``torch.compile``);
             every form emits the same tokens.
+        verify_widths: the batch-1 eager loop pads each verify block to the smallest of these widths that
+            holds it (None: no padding). On a CPU a wider forward can cost less (BLAS kernels for 2 or 3
+            rows); ``experiments.costs.cheap_widths`` reads such widths off a measured cost curve.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class SpeculativeDecoder:
         sampling: SamplingParams | None = None,
         attn_backend: str = "sdpa",
         compile: str = "none",
+        verify_widths=None,
     ):
         from verifier import Verifier  # the loop drives the verifier; imported here to keep specdec at the bottom
 
@@ -96,7 +100,7 @@ class SpeculativeDecoder:
         self.sampling = sampling or SamplingParams()
         self.rule = get_rule(acceptance)
         self.rule.check(self.sampling)
-        self.verifier = Verifier(self.target, attn_backend)
+        self.verifier = Verifier(self.target, attn_backend, verify_widths)
         self.device = self.verifier.device
         self.eos = eos_token_ids(self.target)
         self.compile = compile
@@ -118,7 +122,7 @@ class SpeculativeDecoder:
         stats = DecodeStats()
         rng = KeyedRandom.for_seed(seed, self.device)
         prompt = input_ids.to(self.device)  # [1, T]
-        capacity = prompt.shape[1] + max_new_tokens + self.drafter.max_nodes + 1
+        capacity = prompt.shape[1] + max_new_tokens + self.verifier.width(self.drafter.max_nodes + 1)
         cache = SpecDecCache.for_model(self.target, capacity)
         start = time.perf_counter()
         with self._timer(stats, "time_prefill"):

@@ -62,3 +62,37 @@ def test_attention_inputs_per_backend():
     assert one["specdec_key_mask"] is None and one["specdec_tree_plan"] is None
     wide = attention_inputs("triton", 5, torch.ones(65, 65, dtype=torch.bool).tril(), None)  # past the kernel
     assert wide["specdec_key_mask"].shape == (1, 1, 65, 70) and wide["specdec_tree_plan"] is None
+
+
+def test_padded_verify_blocks_decode_what_unpadded_ones_do():
+    """verify_widths pads each verify block (padding sees the root and itself; nothing sees it; its slots
+    are dropped by the commit): greedy chains and trees equal HF greedy, a sampled run emits what the
+    unpadded run with the same seed does, the padded width is what the target ran."""
+    import pytest
+
+    from drafters import DraftModelDrafter
+    from specdec import SamplingParams, SpeculativeDecoder
+    from specdec.errors import ConfigError
+    from tests.tiny_models import noisy_copy, prompts
+
+    target, _, tokenizer = pair("llama")
+    draft = noisy_copy("llama")
+    widths = []
+    original = target.forward
+    target.forward = lambda *a, **k: (widths.append(k["input_ids"].shape[1]), original(*a, **k))[1]
+    try:
+        for p in prompts(tokenizer, n=3):
+            ref = target.generate(p, do_sample=False, max_new_tokens=12, pad_token_id=0)
+            for kw in ({"num_speculative_tokens": 2}, {"tree": "binary"}):
+                widths.clear()
+                dec = SpeculativeDecoder(target, DraftModelDrafter(draft, **kw), verify_widths=[4, 8, 32])
+                assert torch.equal(dec.generate(p, max_new_tokens=12).sequences, ref)
+                assert set(widths[1:]) <= {4, 8, 32}  # every verify (the prefill first) padded
+            sampled = [SpeculativeDecoder(target, DraftModelDrafter(draft, num_speculative_tokens=2), "rejection",
+                                          SamplingParams(temperature=1.0), verify_widths=v)
+                       .generate(p, max_new_tokens=12, seed=5).sequences for v in (None, [4])]
+            assert torch.equal(*sampled)
+    finally:
+        del target.forward
+    with pytest.raises(ConfigError, match="verify_widths"):
+        SpeculativeDecoder(target, DraftModelDrafter(draft, num_speculative_tokens=2), verify_widths=[0, 4])

@@ -141,13 +141,19 @@ class Verifier:
         attn_backend: ``"sdpa"`` (reference, any device) or ``"triton"`` (the tree-attention kernel).
     """
 
-    def __init__(self, model, attn_backend: str = "sdpa"):
+    def __init__(self, model, attn_backend: str = "sdpa", verify_widths=None):
         if attn_backend not in BACKENDS:
             raise ConfigError(f"attn_backend={attn_backend!r} is unknown; choose one of {sorted(BACKENDS)}")
         self.model = model
         self.attn_backend = attn_backend
         self.device = next(model.parameters()).device
+        self.verify_widths = check_widths(verify_widths)
         check_attn_backend(attn_backend, self.device)  # triton without a GPU or the interpreter: fail now
+
+    def width(self, n: int) -> int:
+        """The forward's width for a block of ``n`` tokens: the smallest of ``verify_widths`` that holds it
+        (the block is padded to it), else ``n``."""
+        return next((w for w in self.verify_widths if w >= n), n)
 
     def prefill(self, cache: SpecDecCache, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Write ``input_ids [1, T]`` into the cache (causally); returns the last hidden states ``[T, H]``."""
@@ -158,18 +164,35 @@ class Verifier:
         return hidden
 
     def verify(self, cache: SpecDecCache, root: int, tree: DraftTree, step: int) -> VerifyOutput:
-        """Feed the root plus every node of ``tree`` in one forward; logits/hidden for row 0 = root, 1 + i = node i."""
+        """Feed the root plus every node of ``tree`` in one forward; logits/hidden for row 0 = root, 1 + i = node i.
+
+        With ``verify_widths`` the block is padded to :meth:`width`: padding tokens see the root and
+        themselves, nothing sees them, and their cache slots follow the nodes (dropped by the commit)."""
         n = tree.num_nodes
-        ids = torch.empty(1, n + 1, dtype=torch.long)  # [1, 1 + N]
+        w = self.width(n + 1)
+        ids = torch.zeros(1, w, dtype=torch.long)  # [1, W]: root, nodes, padding
         ids[0, 0] = root
-        ids[0, 1:] = tree.tokens
-        mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)  # [1 + N, 1 + N]
+        ids[0, 1 : n + 1] = tree.tokens
+        mask = torch.eye(w, dtype=torch.bool)  # [W, W]
         mask[:, 0] = True
-        mask[1:, 1:] = tree.ancestor_mask
-        depth = torch.zeros(n + 1, dtype=torch.long)  # [1 + N]
-        depth[1:] = tree.depth
+        mask[1 : n + 1, 1 : n + 1] = tree.ancestor_mask
+        depth = torch.ones(w, dtype=torch.long)  # [W]
+        depth[0] = 0
+        depth[1 : n + 1] = tree.depth
         logits, hidden = tree_forward(
             self.model, cache, ids.to(self.device), mask.to(self.device), depth, self.attn_backend, output_hidden=True
         )
+        logits, hidden = logits[: n + 1], hidden[: n + 1]  # [1 + N, V], [1 + N, H]
         check_finite(logits, f"target forward at decode step {step}")
         return VerifyOutput(logits=logits, hidden=hidden)
+
+
+def check_widths(widths) -> tuple[int, ...]:
+    """``verify_widths`` as a sorted tuple of positive ints (None or empty: no padding); a clear error otherwise."""
+    if widths is None:
+        return ()
+    listed = not isinstance(widths, (str, bytes)) and hasattr(widths, "__iter__")
+    values = list(widths) if listed else []
+    if not listed or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in values):
+        raise ConfigError(f"verify_widths={widths!r}: give positive integers, e.g. [1, 4, 5, 8] (or null: no padding)")
+    return tuple(sorted(set(values)))

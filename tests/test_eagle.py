@@ -530,3 +530,21 @@ def test_configs_compose_and_build(saved, tmp_path):
     summary = decode.run(cfg, tmp_path, logger=NoLogger())
     assert summary["metrics"]["matches_baseline"] is True and summary["drafter_shape"]["draft_module"] == "probe"
     assert summary["drafter_shape"]["draft_dtype"] == "float32"  # the head's, as resolved (the target's here)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_padded_verify_widths_keep_eagle_lossless(arch_cases, version):
+    """verify_widths pads the target's verify (EAGLE-3's feature taps then see padding after the nodes):
+    chains and dynamic trees still equal HF greedy, EOS and max_new_tokens mid-draft included."""
+    arch, cases = arch_cases
+    target = pair(arch)[0]
+    default_eos = target.generation_config.eos_token_id
+    try:
+        for shape in ("chain", "dynamic"):
+            drafter = EagleDrafter(trained_head(arch, version), **SHAPES[shape])
+            for ids, max_new, eos, ref in cases[:6]:
+                target.generation_config.eos_token_id = eos
+                dec = SpeculativeDecoder(target, drafter, verify_widths=[6, 8, 16])
+                assert dec.generate(ids, max_new_tokens=max_new, seed=0).sequences.tolist() == ref.tolist()
+    finally:
+        target.generation_config.eos_token_id = default_eos

@@ -35,6 +35,7 @@ from experiments.results import (BASELINE, RECORDS_FILE, SPECULATIVE, MethodResu
                                  format_table, read_records, results_from_records)
 from specdec.errors import ConfigError
 from specdec.models import check_dtype_choice
+from verifier.verifier import check_widths
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def make_decoders(cfg: DictConfig, models: LoadedModels, drafter: Any, rule: Any
     def make(d: Any, acceptance: Any) -> Any:
         return SpeculativeDecoder(target=models.target, drafter=d, acceptance=acceptance, sampling=sampling,
                                   attn_backend=cfg.attn_backend, compile=cfg.compile,
-                                  verify_widths=cfg.get("verify_widths"))
+                                  verify_widths=None if auto_widths(cfg) else cfg.get("verify_widths"))
 
     decoders = {SPECULATIVE: (make(drafter, rule), type(drafter).__name__)}
     if cfg.baseline:
@@ -173,6 +174,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     check_attn_backend(cfg.attn_backend, target_device(cfg.model))
     if "dtype" in cfg.drafter:  # a drafter's own precision (EAGLE heads): a wrong name fails before any model loads
         check_dtype_choice(cfg.drafter.dtype, "drafter.dtype")
+    if not auto_widths(cfg):  # a bad width list fails before any model loads too
+        check_widths(cfg.get("verify_widths"))
     prompts, max_prompt_tokens = load_dataset_prompts(cfg.dataset, cfg.num_prompts)
     config = OmegaConf.to_container(cfg, resolve=True)
     methods = [SPECULATIVE, BASELINE] if cfg.baseline else [SPECULATIVE]
@@ -187,6 +190,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     decoders = make_decoders(cfg, models, drafter, rule, sampling)
     step_shape = drafter.step_shape(models.target)
     costs, shape = measure_run_costs(cfg, step_shape, models, encoded), step_shape.describe(type(drafter).__name__)
+    if auto_widths(cfg):
+        set_cheap_widths(decoders, costs)
 
     writer = ResultsWriter(run_dir, keep=previous.records)
     log.info("decoding %d prompts with %s (+ baseline: %s); results in %s",
@@ -269,6 +274,29 @@ def backfill_logger(cfg: DictConfig, run_dir: Path, summary: dict, logger: Logge
         print(f"{guarded.name}: logged the summary of {run_dir} from its local records (it had not been logged)",
               file=sys.stderr)
     return summary
+
+
+def auto_widths(cfg: DictConfig) -> bool:
+    """``verify_widths=auto``: pad verifies to the cheap widths of the target's measured cost curve (needs costs)."""
+    if cfg.get("verify_widths") != "auto":
+        return False
+    if not cfg.costs:
+        raise ConfigError("verify_widths=auto reads the target's measured cost curve: set costs=true, or list the "
+                          "widths (e.g. verify_widths=[1,4,5,8])")
+    return True
+
+
+def set_cheap_widths(decoders: dict, costs: dict | None) -> None:
+    """Give every decoder the widths :func:`experiments.costs.cheap_widths` reads off ``costs["target"]``."""
+    from experiments.costs import cheap_widths
+
+    if costs is None:
+        print("warning: verify_widths=auto without a measured cost curve: verifies are not padded", file=sys.stderr)
+        return
+    widths = cheap_widths(costs["target"])
+    for decoder, _ in decoders.values():
+        decoder.verifier.verify_widths = widths
+    log.info("verify widths (cheap widths of the target's cost curve): %s", list(widths))
 
 
 def measure_run_costs(cfg: DictConfig, step_shape: Any, models: LoadedModels, encoded: list[EncodedPrompt]) -> dict | None:

@@ -50,7 +50,7 @@ class DecodeConfig:
         compile: ``none``, or the fixed-shape step (``static`` eager, ``graph`` CUDA graph, ``inductor``
             torch.compile) for no drafter and draft-model chains and tree presets; the same tokens either way.
         verify_widths: batch-1 eager loop: pad each verify block to the smallest of these widths that holds
-            it (null: none); ``experiments.costs.cheap_widths`` reads them off a measured cost curve.
+            it (null: none), or ``auto``: ``experiments.costs.cheap_widths`` of the run's measured cost curve.
         costs: measure the forward-cost curves (cached) for ``predicted_speedup``, ``efficiency``
             and ``recommended_k`` (:mod:`experiments.costs`); false skips it (fast tests).
         resume: skip a run whose directory holds complete results of the same config, continue an

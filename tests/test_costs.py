@@ -100,3 +100,26 @@ def test_a_draft_slower_than_the_target_is_a_warning():
     assert len(model["warnings"]) == 1 and "costs 30.00 ms, more than a target forward (4.00 ms)" in model["warnings"][0]
     _, fine = cost_model(None, dict(costs, draft={1: 0.001}), shape, None)
     assert fine["warnings"] == []
+
+
+def test_cheap_widths_and_verify_widths_auto():
+    """cheap_widths keeps the widths no wider one undercuts; decode's verify_widths=auto gives them to every
+    decoder from the run's measured curve, and needs costs=true."""
+    from omegaconf import OmegaConf
+
+    from experiments.costs import cheap_widths
+    from experiments.decode import auto_widths, set_cheap_widths
+    from specdec.errors import ConfigError
+    from tests.tiny_models import pair
+
+    curve = {1: 8.9, 2: 13.6, 3: 14.7, 4: 12.5, 5: 12.7, 6: 13.7, 7: 15.2, 8: 13.1, 9: 14.5, 12: 14.9, 16: 16.3}
+    assert cheap_widths(curve) == (1, 4, 5, 8, 9, 12, 16)
+    assert cheap_widths({1: 1.0, 2: 2.0, 3: 3.0}) == (1, 2, 3)  # a rising curve pads nothing
+    assert not auto_widths(OmegaConf.create({"verify_widths": [1, 4], "costs": False}))
+    assert auto_widths(OmegaConf.create({"verify_widths": "auto", "costs": True}))
+    with pytest.raises(ConfigError, match="costs=true"):
+        auto_widths(OmegaConf.create({"verify_widths": "auto", "costs": False}))
+    target = pair("llama")[0]
+    decoders = {"spec": (SpeculativeDecoder(target, NoDrafter()), "NoDrafter")}
+    set_cheap_widths(decoders, {"target": curve})
+    assert decoders["spec"][0].verifier.width(3) == 4 and decoders["spec"][0].verifier.width(7) == 8

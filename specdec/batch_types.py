@@ -88,9 +88,8 @@ class BatchTree:
                 if tree.num_nodes:
                     probs[row, : tree.num_nodes] = tree.draft_probs.to(device).float()
         max_depth = max((int(t.depth.max()) for t in trees if t.num_nodes), default=0)
-        to = dict(device=device)
-        return cls(tokens.to(**to), parents.to(**to), depth.to(**to), valid.to(**to), children.to(**to),
-                   mask.to(**to), probs, sampling, [t.num_nodes for t in trees], max_depth)
+        return cls(tokens.to(device), parents.to(device), depth.to(device), valid.to(device), children.to(device),
+                   mask.to(device), probs, sampling, [t.num_nodes for t in trees], max_depth)
 
     @classmethod
     def _no_drafts(cls, b: int, device: torch.device | str) -> "BatchTree":

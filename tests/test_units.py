@@ -35,7 +35,7 @@ def test_warp_top_k_and_top_p():
     assert greedy.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize("bad", [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}])
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError, match="sampling"):
         SamplingParams(**bad)

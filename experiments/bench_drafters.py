@@ -22,6 +22,7 @@ put them for ``--size``); a drafter whose heads are missing is skipped with a no
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -106,11 +107,28 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
             ours += [(f"ours_{label}_k{k}", factory(num_speculative_tokens=k), k) for k in args.ks]
             if greedy:
                 ours.append((f"ours_{label}_dyn{args.budget}", factory(**dyn), args.dynamic_depth))
+    ours += hybrids(ours, args)
     methods += [Method(name, _ours(target, d, m, temperature), True, k) for name, d, k in ours]
     if args.verify_widths:  # the chains again, each verify block padded to the next cheap width
         methods += [Method(f"{name}_padded", _ours(target, d, m, temperature, args.verify_widths), True, k)
                     for name, d, k in ours if name.rsplit("_", 1)[-1].startswith("k")]
     return methods
+
+
+def hybrids(ours: list[tuple], args) -> list[tuple]:
+    """``--hybrid N``: each chain of ``ours`` again behind prompt lookup (:class:`drafters.HybridDrafter`: an n-gram
+    of ``--ngram-tokens`` drafts whenever a suffix of at least N tokens recurred, the chain otherwise), named
+    ``ours_ngram+<chain>``. A fresh chain drafter each, so that no drafter object is shared between methods."""
+    if not args.hybrid:
+        return []
+    from drafters import HybridDrafter
+
+    out = []
+    for name, drafter, k in ours:
+        if name.rsplit("_", 1)[-1].startswith("k"):
+            lookup = NGramDrafter(args.ngram_tokens, max_ngram=max(3, args.hybrid), min_ngram=args.hybrid)
+            out.append((f"ours_ngram+{name.removeprefix('ours_')}", HybridDrafter(lookup, copy.copy(drafter)), k))
+    return out
 
 
 def verify_widths(option: str | None, target, prompts: list, max_new: int, notes: list[str]) -> tuple[int, ...]:
@@ -214,6 +232,9 @@ def parse_args(argv=None):
     p.add_argument("--verify-widths", default=None,
                    help="add each chain padded to these verify widths (`_padded`): a comma list, or auto (the "
                         "widths no wider one undercuts on the target's measured cost curve)")
+    p.add_argument("--hybrid", type=int, default=0, metavar="N",
+                   help="add each chain behind prompt lookup (drafters.HybridDrafter; n-gram drafts when a suffix of "
+                        ">= N tokens recurred), named ours_ngram+<chain>; 0: none")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write raw results here")

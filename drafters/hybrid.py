@@ -1,0 +1,92 @@
+"""Two drafters behind one: each step takes the first drafter's proposal when it has one, else the second's.
+
+The classic pairing is prompt lookup first (free to run, long and right when the text repeats itself)
+and a trained drafter second (EAGLE, a draft model: right more often, but every draft costs a forward):
+a step where the context's suffix recurs costs no drafting at all, the others draft as usual. Both
+drafters see every committed token, so the one that sat a step out catches up at its next proposal
+(a draft model or EAGLE head feeds the tokens it missed in one causal forward).
+
+Lossless at any temperature: which drafter proposes is a function of the committed tokens only, and
+each proposal carries its own draft distribution (none for the deterministic n-gram chain), which the
+acceptance rule uses as it would for that drafter alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from specdec.drafting import DraftContext, Drafter, StepShape, release
+from specdec.errors import ConfigError
+from specdec.types import AcceptResult, DraftTree, VerifyOutput
+
+
+class HybridDrafter(Drafter):
+    """``first``'s draft tree when it proposes at least ``min_drafts`` nodes this step, else ``second``'s.
+
+    Args:
+        first: tried first every step (e.g. :class:`~drafters.NGramDrafter`, whose ``min_ngram`` sets how
+            long a recurring suffix must be before its continuation is trusted).
+        second: drafts the steps ``first`` leaves empty (e.g. :class:`~drafters.EagleDrafter`).
+        min_drafts: the fewest nodes of ``first``'s proposal that are used (>= 1).
+
+    ``steps_by_drafter`` counts, over the current run, the steps each one proposed (``first``,
+    ``second``) and those where neither did (``none``).
+    """
+
+    name = "hybrid"
+
+    def __init__(self, first: Drafter, second: Drafter, min_drafts: int = 1):
+        super().__init__()
+        for label, drafter in (("first", first), ("second", second)):
+            if not isinstance(drafter, Drafter):
+                raise ConfigError(f"hybrid drafter: {label}= must be a drafter (got {type(drafter).__name__}); "
+                                  "e.g. drafter=hybrid with drafter.first an n-gram and drafter.second an EAGLE head")
+        if first is second:
+            raise ConfigError("hybrid drafter: first and second must be two drafter objects")
+        if int(min_drafts) < 1:
+            raise ConfigError(f"hybrid drafter: min_drafts={min_drafts}; it must be >= 1")
+        self.first, self.second, self.min_drafts = first, second, int(min_drafts)
+        self.steps_by_drafter = {"first": 0, "second": 0, "none": 0}
+
+    @property
+    def max_nodes(self) -> int:
+        return max(self.first.max_nodes, self.second.max_nodes)
+
+    def step_shape(self, target) -> StepShape:
+        """The second drafter's step (the one that costs forwards) with the larger of the two node budgets."""
+        return dataclasses.replace(self.second.step_shape(target), max_nodes=self.max_nodes)
+
+    def batched(self):
+        raise ConfigError("drafter=hybrid decodes one prompt at a time: set batch_size=1 "
+                          "(or batch the n-gram or EAGLE drafter on its own)")
+
+    def start(self, ctx: DraftContext) -> None:
+        super().start(ctx)
+        self.first.start(ctx)
+        self.second.start(ctx)
+        self.steps_by_drafter = {"first": 0, "second": 0, "none": 0}
+
+    def prefill(self, input_ids, target_hidden) -> None:
+        super().prefill(input_ids, target_hidden)
+        self.first.prefill(input_ids, target_hidden)
+        self.second.prefill(input_ids, target_hidden)
+
+    def propose(self, max_depth: int) -> DraftTree:
+        tree = self.first.propose(max_depth)
+        if tree.num_nodes >= self.min_drafts:
+            self.steps_by_drafter["first"] += 1
+            return tree
+        tree = self.second.propose(max_depth)
+        self.steps_by_drafter["second" if tree.num_nodes else "none"] += 1
+        return tree
+
+    def commit(self, result: AcceptResult, verify: VerifyOutput) -> None:
+        """Both drafters learn the step's outcome (the one that did not propose only its tokens and the
+        target's states of the accepted path)."""
+        self.first.commit(result, verify)
+        self.second.commit(result, verify)
+        super().commit(result, verify)
+
+    def close(self) -> None:
+        """Release both drafters (EAGLE-3's feature hooks on the target)."""
+        release(self.first)
+        release(self.second)

@@ -1,0 +1,119 @@
+"""The hybrid drafter (``drafters.HybridDrafter``): prompt lookup first, a trained drafter for the other steps.
+
+Lossless like each of its parts: greedy equals plain greedy (both parts really propose in those runs),
+and ``rejection`` over a mix of deterministic n-gram chains and sampled draft-model chains passes the
+chi-square test against the exact target distribution, while planted bugs of either kind of step fail it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drafters import DraftModelDrafter, EagleDrafter, HybridDrafter, NGramDrafter
+from specdec import SamplingParams, SpeculativeDecoder
+from specdec.errors import ConfigError
+from tests import lossless
+from tests.lossless import SETTINGS, check_cell
+from tests.test_eagle import trained_head
+from tests.test_greedy_equivalence import _cases, _check_all
+from tests.tiny_models import pair, peaky_noisy_pair
+
+NGRAM_PROMPT = torch.tensor([[4, 2, 1, 4, 2]])  # "4 2" recurs: the first step is n-gram's, later ones vary
+
+
+def _second(kind: str, arch: str):
+    if kind == "draft_model":
+        return DraftModelDrafter(pair(arch)[1], num_speculative_tokens=3)
+    return EagleDrafter(trained_head(arch, "eagle3"), num_speculative_tokens=3)
+
+
+def _steps(target, drafter, prompts, temperature: float = 0.0) -> dict:
+    """Steps proposed by each part of ``drafter`` over decodes of ``prompts`` (seeds 0, 1, ...)."""
+    decoder = SpeculativeDecoder(target, drafter, "greedy" if temperature == 0 else "rejection",
+                                 SamplingParams(temperature=temperature))
+    total = {"first": 0, "second": 0, "none": 0}
+    for seed, ids in enumerate(prompts):
+        decoder.generate(ids, max_new_tokens=24, seed=seed)
+        total = {k: total[k] + v for k, v in drafter.steps_by_drafter.items()}
+    return total
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("second", ["draft_model", "eagle3"])
+def test_greedy_hybrid_equals_plain_greedy(arch, second):
+    """20 prompts (half stop on EOS, max_new_tokens mid-step); both parts propose in these runs."""
+    cases = _cases(arch)
+    target = pair(arch)[0]
+    drafter = HybridDrafter(NGramDrafter(num_speculative_tokens=5, max_ngram=3, min_ngram=2), _second(second, arch))
+    _check_all(target, drafter, cases)
+    steps = _steps(target, drafter, [ids for ids, *_ in cases[:6]])
+    assert steps["first"] > 0 and steps["second"] > 0, f"one part never proposed: {steps}"
+
+
+@pytest.mark.parametrize("setting, rule", [("t1.0", "rejection"), ("t0.7_topk3", "rejection"),
+                                           ("t1.0", "accept_always"), ("t1.0", "p_not_zeroed"),
+                                           ("t0.7_topk3", "correction_from_p")])
+def test_rejection_over_mixed_steps_is_lossless(setting, rule, record_property, monkeypatch):
+    """Deterministic n-gram steps and sampled draft-model steps in the same runs (200 n-gram and about 120
+    draft-model steps per 200 runs): ``rejection`` passes; a planted bug of either kind of step (p not zeroed
+    after a rejected n-gram draft; the correction drawn from p after a rejected sampled draft) and accepting
+    every draft fail. The draft-model steps are the fewer, so that bug gets 2000 runs (p about 5e-6)."""
+    monkeypatch.setitem(lossless.RUNS_FOR, "correction_from_p", 2000)
+    target, draft = peaky_noisy_pair()
+    drafter = HybridDrafter(NGramDrafter(num_speculative_tokens=2, max_ngram=2, min_ngram=2),
+                            DraftModelDrafter(draft, num_speculative_tokens=2))
+    for name, value in check_cell(target, drafter, setting, rule, NGRAM_PROMPT).items():
+        record_property(name, value)
+
+
+def test_both_parts_propose_in_the_sampled_runs():
+    target, draft = peaky_noisy_pair()
+    drafter = HybridDrafter(NGramDrafter(num_speculative_tokens=2, max_ngram=2, min_ngram=2),
+                            DraftModelDrafter(draft, num_speculative_tokens=2))
+    decoder = SpeculativeDecoder(target, drafter, "rejection", SETTINGS["t1.0"])
+    total = {"first": 0, "second": 0}
+    for seed in range(40):
+        decoder.generate(NGRAM_PROMPT, max_new_tokens=3, seed=seed)
+        for k in total:
+            total[k] += drafter.steps_by_drafter[k]
+    assert total["first"] >= 40 and total["second"] >= 10, total
+
+
+def test_min_drafts_leaves_short_lookups_to_the_second_drafter():
+    target, draft, _ = pair("llama")
+    cases = _cases("llama")[:6]
+    strict = HybridDrafter(NGramDrafter(num_speculative_tokens=5, min_ngram=1), DraftModelDrafter(draft, 3),
+                           min_drafts=6)  # more than n-gram ever proposes: every step is the draft model's
+    _check_all(target, strict, cases)
+    assert _steps(target, strict, [ids for ids, *_ in cases])["first"] == 0
+
+
+def test_bad_parts_fail_clearly():
+    ngram = NGramDrafter()
+    with pytest.raises(ConfigError, match="second= must be a drafter"):
+        HybridDrafter(ngram, "eagle")
+    with pytest.raises(ConfigError, match="two drafter objects"):
+        HybridDrafter(ngram, ngram)
+    with pytest.raises(ConfigError, match="min_drafts"):
+        HybridDrafter(ngram, NGramDrafter(), min_drafts=0)
+    with pytest.raises(ConfigError, match="batch_size=1"):
+        HybridDrafter(ngram, NGramDrafter()).batched()
+
+
+def test_config_composes_builds_and_runs(tmp_path):
+    """``drafter=hybrid``: an n-gram first and an EAGLE head second, through experiments.decode."""
+    from drafters.eagle_heads import EagleHead, save_head
+    from experiments import decode
+    from experiments.loggers import NoLogger
+    from experiments.models_from_config import load_models
+    from tests.test_medusa import compose_decode
+
+    heads = save_head(EagleHead.for_target(pair("llama")[0], "eagle3"), tmp_path / "eagle3")
+    cfg = compose_decode("model=tiny_random", "drafter=hybrid", f"drafter.second.heads={heads}",
+                         "drafter.first.min_ngram=1", "num_prompts=2", "max_new_tokens=12", "warmup=0", "logger=none",
+                         "costs=false")
+    drafter = decode.build_drafter(cfg.drafter, load_models(cfg.model))
+    assert isinstance(drafter, HybridDrafter) and isinstance(drafter.first, NGramDrafter)
+    assert isinstance(drafter.second, EagleDrafter) and drafter.max_nodes == 8
+    summary = decode.run(cfg, tmp_path / "run", logger=NoLogger())
+    assert summary["metrics"]["matches_baseline"] is True and summary["drafter"] == "HybridDrafter"

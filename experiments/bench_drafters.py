@@ -92,9 +92,11 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
     dyn = {"budget": args.budget, "num_speculative_tokens": args.dynamic_depth, "top_k_children": args.top_k_children}
     methods = []
     if greedy:
-        methods += [Method("hf_plain", hf(target, m), False),
-                    Method("hf_prompt_lookup", hf(target, m, prompt_lookup_num_tokens=args.ngram_tokens,
-                                                  max_matching_ngram_size=2), False, args.ngram_tokens)]
+        lookups = args.hf_lookup_tokens or [args.ngram_tokens]
+        methods += [Method("hf_plain", hf(target, m), False)]
+        methods += [Method("hf_prompt_lookup" + (f"_{n}" if len(lookups) > 1 else ""),
+                           hf(target, m, prompt_lookup_num_tokens=n, max_matching_ngram_size=2), False, n)
+                    for n in lookups]
         methods += [Method(f"hf_assisted_k{k}", hf_assisted(target, draft, m, k), False, k) for k in args.hf_ks]
     ours = [("ours_ar", NoDrafter(), None), ("ours_ngram", NGramDrafter(args.ngram_tokens, max_ngram=2), args.ngram_tokens)]
     ours += [(f"ours_draft_k{k}", DraftModelDrafter(draft, k), k) for k in args.ks]
@@ -219,6 +221,9 @@ def parse_args(argv=None):
     p.add_argument("--dynamic-depth", type=int, default=6, help="dynamic trees: depth limit")
     p.add_argument("--top-k-children", type=int, default=4, help="dynamic trees: children per expanded node")
     p.add_argument("--ngram-tokens", type=int, default=4)
+    p.add_argument("--hf-lookup-tokens", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="HF prompt lookup's prompt_lookup_num_tokens, one method each (hf_prompt_lookup_<n>; the best "
+                        "one is the reference; default: --ngram-tokens)")
     p.add_argument("--medusa", help="Medusa heads directory (default: train_medusa's for --size)")
     p.add_argument("--eagle2", help="eagle2 head directory (default: train_eagle's for --size)")
     p.add_argument("--eagle3", help="eagle3 head directory (default: train_eagle version=eagle3's for --size)")

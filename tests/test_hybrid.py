@@ -117,3 +117,21 @@ def test_config_composes_builds_and_runs(tmp_path):
     assert isinstance(drafter.second, EagleDrafter) and drafter.max_nodes == 8
     summary = decode.run(cfg, tmp_path / "run", logger=NoLogger())
     assert summary["metrics"]["matches_baseline"] is True and summary["drafter"] == "HybridDrafter"
+
+
+def test_bench_drafters_puts_each_chain_behind_lookup(tmp_path):
+    """``--hybrid N`` adds ``ours_ngram+<chain>`` for every chain (not the dynamic trees), each with its own
+    chain drafter; ``--hf-lookup-tokens`` runs HF prompt lookup once per setting."""
+    from drafters.eagle_heads import EagleHead, save_head
+    from experiments.bench_drafters import build_methods, head_drafters, parse_args
+
+    target, draft, _ = pair("llama")
+    heads_dir = save_head(EagleHead.for_target(target, "eagle3"), tmp_path / "eagle3")
+    args = parse_args(["--eagle3", str(heads_dir), "--ks", "2,3", "--hybrid", "2", "--ngram-tokens", "6",
+                       "--hf-lookup-tokens", "4,8", "--cache-dir", str(tmp_path)])
+    names = [m.name for m in build_methods(target, draft, args, 0.0, head_drafters(args, []))]
+    assert [n for n in names if n.startswith("hf_prompt_lookup")] == ["hf_prompt_lookup_4", "hf_prompt_lookup_8"]
+    hybrid = sorted(n for n in names if "+" in n)
+    assert hybrid == ["ours_ngram+draft_k2", "ours_ngram+draft_k3", "ours_ngram+eagle3_k2", "ours_ngram+eagle3_k3"]
+    args.hybrid = 0
+    assert not any("+" in m.name for m in build_methods(target, draft, args, 0.0, {}))

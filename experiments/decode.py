@@ -187,6 +187,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     models = load_models(cfg.model)
     encoded = encode_prompts(prompts, models.tokenizer, max_prompt_tokens, _device_of(models.target))
     drafter = build_drafter(cfg.drafter, models, cfg.get("tree"))
+    if cfg.batch_size > 1:
+        drafter.batched()  # a drafter with no batched form (drafter=hybrid) fails here, before any measuring
     decoders = make_decoders(cfg, models, drafter, rule, sampling)
     step_shape = drafter.step_shape(models.target)
     costs, shape = measure_run_costs(cfg, step_shape, models, encoded), step_shape.describe(type(drafter).__name__)

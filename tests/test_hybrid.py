@@ -117,6 +117,10 @@ def test_config_composes_builds_and_runs(tmp_path):
     assert isinstance(drafter.second, EagleDrafter) and drafter.max_nodes == 8
     summary = decode.run(cfg, tmp_path / "run", logger=NoLogger())
     assert summary["metrics"]["matches_baseline"] is True and summary["drafter"] == "HybridDrafter"
+    cfg.batch_size = 2
+    with pytest.raises(ConfigError, match="batch_size=1"):  # before any cost measurement or decoding
+        decode.run(cfg, tmp_path / "batched", logger=NoLogger())
+    assert not (tmp_path / "batched" / "records.jsonl").exists()
 
 
 def test_bench_drafters_puts_each_chain_behind_lookup(tmp_path):

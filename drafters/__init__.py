@@ -1,9 +1,10 @@
 """Drafters behind one protocol (:class:`specdec.drafting.Drafter`): one module per drafter."""
 from drafters.draft_model import DraftModelDrafter
-from drafters.layer_skip import LayerSkipDrafter
 from drafters.eagle import EagleDrafter
 from drafters.hybrid import HybridDrafter
+from drafters.layer_skip import LayerSkipDrafter
 from drafters.medusa import MedusaDrafter  # noqa: F401
 from drafters.ngram import NGramDrafter
 from drafters.none import NoDrafter
+
 __all__ = ["DraftModelDrafter", "EagleDrafter", "HybridDrafter", "LayerSkipDrafter", "NGramDrafter", "NoDrafter"]

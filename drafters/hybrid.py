@@ -23,8 +23,10 @@ class HybridDrafter(Drafter):
     """``first``'s draft tree when it proposes at least ``min_drafts`` nodes this step, else ``second``'s.
 
     Args:
-        first: tried first every step (e.g. :class:`~drafters.NGramDrafter`, whose ``min_ngram`` sets how
-            long a recurring suffix must be before its continuation is trusted).
+        first: tried first every step; a drafter that runs no model (its ``step_shape`` is the protocol's
+            default), e.g. :class:`~drafters.NGramDrafter`, whose ``min_ngram`` sets how long a recurring suffix
+            must be before its continuation is trusted. Its proposals may be dropped (``min_drafts``) or
+            committed with another drafter's result, which only a drafter without model state can take.
         second: drafts the steps ``first`` leaves empty (e.g. :class:`~drafters.EagleDrafter`).
         min_drafts: the fewest nodes of ``first``'s proposal that are used (>= 1).
 
@@ -42,6 +44,9 @@ class HybridDrafter(Drafter):
                                   "e.g. drafter=hybrid with drafter.first an n-gram and drafter.second an EAGLE head")
         if first is second:
             raise ConfigError("hybrid drafter: first and second must be two drafter objects")
+        if type(first).step_shape is not Drafter.step_shape:  # it runs a model: its proposals carry state
+            raise ConfigError(f"hybrid drafter: first= must be a drafter that runs no model, e.g. an n-gram lookup "
+                              f"(got {type(first).__name__}); put a drafter with a model or heads second")
         if int(min_drafts) < 1:
             raise ConfigError(f"hybrid drafter: min_drafts={min_drafts}; it must be >= 1")
         self.first, self.second, self.min_drafts = first, second, int(min_drafts)

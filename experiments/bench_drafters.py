@@ -120,7 +120,8 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
 def hybrids(ours: list[tuple], args) -> list[tuple]:
     """``--hybrid N``: each chain of ``ours`` again behind prompt lookup (:class:`drafters.HybridDrafter`: an n-gram
     of ``--ngram-tokens`` drafts whenever a suffix of at least N tokens recurred, the chain otherwise), named
-    ``ours_ngram+<chain>``. A fresh chain drafter each, so that no drafter object is shared between methods."""
+    ``ours_ngram+<chain>``. Each wraps a shallow copy of the chain's drafter (sharing its model or head), so no
+    drafter object runs in two methods."""
     if not args.hybrid:
         return []
     from drafters import HybridDrafter

@@ -94,6 +94,8 @@ def test_bad_parts_fail_clearly():
         HybridDrafter(ngram, "eagle")
     with pytest.raises(ConfigError, match="two drafter objects"):
         HybridDrafter(ngram, ngram)
+    with pytest.raises(ConfigError, match="first= must be a drafter that runs no model"):
+        HybridDrafter(DraftModelDrafter(pair("llama")[1], 3), ngram)  # its discarded chains would desync its cache
     with pytest.raises(ConfigError, match="min_drafts"):
         HybridDrafter(ngram, NGramDrafter(), min_drafts=0)
     with pytest.raises(ConfigError, match="batch_size=1"):

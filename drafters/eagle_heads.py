@@ -34,6 +34,7 @@ from torch import nn
 
 from drafters.draft_vocab import DraftVocabHead, check_ids
 from drafters.head_files import (
+    HEADS_OPTION,
     HeadFormat,
     cache_root,
     load_into,
@@ -385,7 +386,7 @@ def load_head(directory: str | os.PathLike, version: str | None = None) -> Eagle
         raise EagleHeadError(
             f"drafter.version={version} but the head at {str(directory)!r} is an {trained} head: set "
             f"drafter.version={trained}, or train an {version} head with `{TRAIN_COMMAND} version={version}` and pass "
-            f"its directory as drafter.heads=<dir>")
+            f"its directory as {HEADS_OPTION}")
     head = EagleHead(config["layer_config"], trained, config.get("feature_layers"), target=config.get("target"),
                      source=str(directory), draft_vocab=int(config.get("draft_vocab") or 0))
     note = f"an {trained} head of hidden size {config['hidden_size']}"

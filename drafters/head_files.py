@@ -25,6 +25,9 @@ EVAL_FILE = "eval.json"
 PROBE_POINTS = 16  # weight values sampled per probed tensor for the fingerprint
 
 
+HEADS_OPTION = "drafter.heads (drafter.second.heads under drafter=hybrid)"  # where errors send the heads' directory
+
+
 @dataclass(frozen=True)
 class HeadFormat:
     """How one kind of head is stored and where errors send the user.
@@ -104,7 +107,7 @@ def check_target(fmt: HeadFormat, hidden_size: int, vocab_size: int, recorded: d
     actual = target_fingerprint(target)
     where = f"at {source} " if source else ""
     fix = (f"train heads for this target with `{fmt.train_command} target=<target dir>` (or `zoo_size=...` for the "
-           f"embedded pair) and pass their directory as drafter.heads=<dir>")
+           f"embedded pair) and pass their directory as {HEADS_OPTION}")
     if hidden_size != actual["hidden_size"] or vocab_size != actual["vocab_size"]:
         raise fmt.error(
             f"{fmt.label} {where}have hidden size {hidden_size} and vocabulary {vocab_size}, the target "
@@ -146,7 +149,7 @@ def save_files(fmt: HeadFormat, module: torch.nn.Module, config: dict, directory
 def missing(fmt: HeadFormat, directory: Path, what: str, how: str) -> SpecDecError:
     """The error for a heads directory that is not there (``how``: the training command and its options)."""
     return fmt.error(
-        f"no {fmt.label} at {str(directory)!r} ({what}): train them with {how}, or point drafter.heads at a "
+        f"no {fmt.label} at {str(directory)!r} ({what}): train them with {how}, or point {HEADS_OPTION} at a "
         f"directory holding {fmt.config_file} and {fmt.weights_file}")
 
 

@@ -12,8 +12,10 @@ acceptance rule uses as it would for that drafter alone.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
+from specdec.batch_drafting import BatchDrafter
 from specdec.drafting import DraftContext, Drafter, StepShape, release
 from specdec.errors import ConfigError
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
@@ -61,8 +63,10 @@ class HybridDrafter(Drafter):
         return dataclasses.replace(self.second.step_shape(target), max_nodes=self.max_nodes)
 
     def batched(self):
-        raise ConfigError("drafter=hybrid decodes one prompt at a time: set batch_size=1 "
-                          "(or batch the n-gram or EAGLE drafter on its own)")
+        """For a batch of rows: each part batched its own way (an n-gram per row, an EAGLE or draft-model chain
+        with one forward per draft position for all rows); each row takes its first part's tree when it has
+        one (:class:`BatchHybrid`)."""
+        return BatchHybrid(self)
 
     def start(self, ctx: DraftContext) -> None:
         super().start(ctx)
@@ -95,3 +99,54 @@ class HybridDrafter(Drafter):
         """Release both drafters (EAGLE-3's feature hooks on the target)."""
         release(self.first)
         release(self.second)
+
+
+class BatchHybrid(BatchDrafter):
+    """:class:`HybridDrafter` over a batch: per row, the first part's tree when it has at least ``min_drafts``
+    nodes, else the second part's. The second part is asked for nothing (depth 0) on the rows the first covers,
+    so it draws no draft there, exactly as the batch-1 hybrid does not call it; both parts learn every row's
+    outcome. ``hybrid.steps_by_drafter`` counts row-steps."""
+
+    def __init__(self, hybrid: HybridDrafter):
+        self.hybrid = hybrid
+        self.first, self.second = hybrid.first.batched(), hybrid.second.batched()
+
+    def start(self, ctx: DraftContext) -> None:
+        self.first.start(ctx)
+        self.second.start(ctx)
+        self.hybrid.steps_by_drafter = {"first": 0, "second": 0, "none": 0}
+
+    def extend(self, prompts: list[list[int]], target_hidden) -> None:
+        self.first.extend(prompts, target_hidden)
+        self.second.extend(prompts, target_hidden)
+
+    def propose(self, max_depths: list[int]) -> list[DraftTree]:
+        firsts = self.first.propose(max_depths)
+        covered = [t.num_nodes >= self.hybrid.min_drafts for t in firsts]
+        seconds = self.second.propose([0 if c else d for c, d in zip(covered, max_depths)])
+        trees = [f if c else s for f, s, c in zip(firsts, seconds, covered)]
+        counts = self.hybrid.steps_by_drafter
+        for c, tree in zip(covered, trees):
+            counts["first" if c else "second" if tree.num_nodes else "none"] += 1
+        self.first.verified(trees)
+        self.second.verified(trees)
+        return trees
+
+    def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
+        self.first.commit(results, verify)
+        self.second.commit(results, verify)
+
+    def select_rows(self, rows: list[int]) -> None:
+        self.first.select_rows(rows)
+        self.second.select_rows(rows)
+
+
+def behind_lookup(drafter: Drafter, ngram_tokens: int = 8, min_suffix: int = 2) -> HybridDrafter:
+    """``drafter`` behind prompt lookup: a :class:`HybridDrafter` whose first part is an n-gram of ``ngram_tokens``
+    drafts that proposes only where a suffix of at least ``min_suffix`` tokens recurred (as ``drafter=hybrid``'s
+    defaults). The second part is a shallow copy of ``drafter`` (sharing its model or heads), so the original can
+    still run on its own, e.g. side by side in a benchmark."""
+    from drafters.ngram import NGramDrafter
+
+    lookup = NGramDrafter(ngram_tokens, max_ngram=max(3, min_suffix), min_ngram=min_suffix)
+    return HybridDrafter(lookup, copy.copy(drafter))

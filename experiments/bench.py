@@ -303,6 +303,8 @@ def parse_args(argv=None):
     p.add_argument("--trees", type=lambda s: [t for t in s.split(",") if t], default=[],
                    help="draft-model tree presets to add (e.g. binary,sparse60; eager, and with --compile captured)")
     p.add_argument("--eagle", help="--batch-sizes: also EAGLE chains at each --ks with this head directory (in --draft-dtype)")
+    p.add_argument("--hybrid", type=int, default=0, metavar="N", help="--batch-sizes: also each chain behind prompt "
+                   "lookup (--ngram-tokens drafts where a suffix of >= N tokens recurred), ours_ngram+<chain>")
     p.add_argument("--ngram-tokens", type=int, default=4)
     p.add_argument("--max-ngram", type=int, default=2, help="HF's max_matching_ngram_size (its default is 2)")
     p.add_argument("--hf-dynamic", action=argparse.BooleanOptionalAction, default=True,
@@ -323,7 +325,7 @@ def batched_main(target, draft, prompts, args, argv) -> int:
 
     rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
                            args.ngram_tokens, args.max_ngram, args.compile, args.confidence,
-                           (args.eagle, args.draft_dtype) if args.eagle else None)
+                           (args.eagle, args.draft_dtype) if args.eagle else None, args.hybrid)
     header = (f"{command_line(argv)}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
               "(`*_continuous`: all prompts in one call, at most that many rows at once, a finished row's place "
               f"taken by the next prompt), {args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, "

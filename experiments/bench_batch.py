@@ -87,12 +87,13 @@ def eagle_chains(eagle: tuple[str, str] | None, ks: list[int]) -> dict:
 
 
 def methods(target, draft, ks: list[int], ngram_tokens: int, max_ngram: int, compile: str = "none",
-            confidence: tuple[float, ...] = (), eagle: tuple[str, str] | None = None) -> dict:
+            confidence: tuple[float, ...] = (), eagle: tuple[str, str] | None = None, hybrid: int = 0) -> dict:
     """Name -> ``run(rows, max_new) -> (new tokens per row, stats or None)`` (``run(rows, max_new, max_rows)``
     for the continuous methods); one draft-model chain per draft length in ``ks`` (and per ``confidence``
     threshold: ``ours_chain_k<k>_conf<c>``, a dynamic draft length; with ``eagle``, an EAGLE chain per draft
-    length, :func:`eagle_chains`); with ``compile`` (not ``none``) also our AR loop and the chains through the
-    fixed-shape step (``ours_ar_<compile>``, ...)."""
+    length, :func:`eagle_chains`); with ``hybrid`` N > 0, each chain also behind prompt lookup of ``ngram_tokens``
+    drafts where a suffix of >= N tokens recurred (``ours_ngram+<chain>``); with ``compile`` (not ``none``) also our
+    AR loop and the chains through the fixed-shape step (``ours_ar_<compile>``, ...)."""
     pad = target.generation_config.pad_token_id
     pad = pad if pad is not None else 0
     greedy = SamplingParams()
@@ -101,6 +102,11 @@ def methods(target, draft, ks: list[int], ngram_tokens: int, max_ngram: int, com
                for c in confidence},
             **eagle_chains(eagle, ks),
             "ours_ngram": NGramDrafter(ngram_tokens, max_ngram=max_ngram, match="first")}
+    if hybrid:
+        from drafters.hybrid import behind_lookup
+
+        ours |= {f"ours_ngram+{name.removeprefix('ours_')}": behind_lookup(d, ngram_tokens, hybrid)
+                 for name, d in ours.items() if name.rsplit("_", 1)[-1].startswith("k")}
     table = {"hf_plain": lambda rows, m: hf_batched(target, rows, m, pad)}
     for name, drafter in ours.items():
         decoder = SpeculativeDecoder(target, drafter, "greedy", greedy)
@@ -129,7 +135,8 @@ def _groups(name: str, prompts: list, size: int) -> list[tuple[list, tuple]]:
 
 def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: list[int], max_new: int, reps: int,
                     ks: list[int], ngram_tokens: int, max_ngram: int, compile: str = "none",
-                    confidence: tuple[float, ...] = (), eagle: tuple[str, str] | None = None) -> list[dict]:
+                    confidence: tuple[float, ...] = (), eagle: tuple[str, str] | None = None,
+                    hybrid: int = 0) -> list[dict]:
     """One row per (batch size, method): aggregate tokens/s, speedups, tau (ours), and whether every row
     equals HF greedy. ``vs_ours_ar_reps``: the speedup over our AR loop within each rep (the method's
     and the loop's summed seconds of that rep), so a machine whose speed drifts between reps shows as
@@ -138,7 +145,7 @@ def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: lis
         reference = [target.generate(p, do_sample=False, max_new_tokens=max_new,
                                      pad_token_id=target.generation_config.pad_token_id or 0)[0, p.shape[1]:].tolist()
                      for p in prompts]
-    table = methods(target, draft, ks, ngram_tokens, max_ngram, compile, confidence, eagle)
+    table = methods(target, draft, ks, ngram_tokens, max_ngram, compile, confidence, eagle, hybrid)
     rows = []
     for size in batch_sizes:
         times, new, stats = _time_size(table, prompts, size, max_new, reps)

@@ -22,7 +22,6 @@ put them for ``--size``); a drafter whose heads are missing is skipped with a no
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -118,20 +117,15 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
 
 
 def hybrids(ours: list[tuple], args) -> list[tuple]:
-    """``--hybrid N``: each chain of ``ours`` again behind prompt lookup (:class:`drafters.HybridDrafter`: an n-gram
-    of ``--ngram-tokens`` drafts whenever a suffix of at least N tokens recurred, the chain otherwise), named
-    ``ours_ngram+<chain>``. Each wraps a shallow copy of the chain's drafter (sharing its model or head), so no
-    drafter object runs in two methods."""
+    """``--hybrid N``: each chain of ``ours`` again behind prompt lookup (:func:`drafters.hybrid.behind_lookup`: an
+    n-gram of ``--ngram-tokens`` drafts whenever a suffix of at least N tokens recurred, the chain otherwise), named
+    ``ours_ngram+<chain>``."""
     if not args.hybrid:
         return []
-    from drafters import HybridDrafter
+    from drafters.hybrid import behind_lookup
 
-    out = []
-    for name, drafter, k in ours:
-        if name.rsplit("_", 1)[-1].startswith("k"):
-            lookup = NGramDrafter(args.ngram_tokens, max_ngram=max(3, args.hybrid), min_ngram=args.hybrid)
-            out.append((f"ours_ngram+{name.removeprefix('ours_')}", HybridDrafter(lookup, copy.copy(drafter)), k))
-    return out
+    return [(f"ours_ngram+{name.removeprefix('ours_')}", behind_lookup(drafter, args.ngram_tokens, args.hybrid), k)
+            for name, drafter, k in ours if name.rsplit("_", 1)[-1].startswith("k")]
 
 
 def verify_widths(option: str | None, target, prompts: list, max_new: int, notes: list[str]) -> tuple[int, ...]:

@@ -5,8 +5,8 @@
 
 Greedy (default): Hugging Face plain ``generate``, assisted generation with the distilled draft
 (k = ``--k``), prompt lookup; ours: autoregressive, n-gram, layer-skip (``--layer-skip`` layers),
-the distilled draft chain and Medusa heads (each when built). Every output is checked against HF
-plain greedy. ``--temperature 0.7``: ours only, with ``rejection`` (lossless); HF sampling draws
+the distilled draft chain, Medusa and EAGLE heads (each when built), and with ``--hybrid N`` each of
+those again behind prompt lookup. Every output is checked against HF plain greedy. ``--temperature 0.7``: ours only, with ``rejection`` (lossless); HF sampling draws
 other random numbers, so no token check is possible: tau and speedup are against our own
 autoregressive loop at the same temperature. Timing follows :func:`experiments.bench.run_all`
 (warm-up, ``--reps`` rounds per prompt in rotating order, threads pinned).
@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also each draft-model and EAGLE chain with these confidence thresholds (a dynamic draft "
                         "length: <name>_conf<c>; HF assisted generation too, hf_assisted_k<k>_conf<c>)")
     p.add_argument("--eagle-budget", type=int, default=0, help="nodes of an EAGLE-2 dynamic tree row (0: none)")
+    p.add_argument("--hybrid", type=int, default=0, metavar="N",
+                   help="also each of our drafters that runs a model behind prompt lookup (drafters.HybridDrafter: an "
+                        "n-gram of --ngram-tokens drafts where a suffix of >= N tokens recurred), ours_ngram+<name>")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -169,10 +172,23 @@ def eagle_dirs(args, target) -> list[str]:
     return [str(p) for p in found if (Path(p) / FILES.config_file).is_file()]
 
 
+def behind_lookup_all(ours: dict, args) -> dict:
+    """``--hybrid N``: each drafter of ``ours`` that runs a model again behind prompt lookup, ``ours_ngram+<name>``
+    (:func:`drafters.hybrid.behind_lookup`)."""
+    if not args.hybrid:
+        return {}
+    from drafters.hybrid import behind_lookup
+    from specdec.drafting import Drafter
+
+    return {f"ours_ngram+{name.removeprefix('ours_')}": behind_lookup(d, args.ngram_tokens, args.hybrid)
+            for name, d in ours.items() if type(d).step_shape is not Drafter.step_shape}
+
+
 def build_methods(target, draft, medusa, args) -> list[Method]:
     """HF plain / prompt lookup / assisted (greedy only), then ours; ``--methods`` picks a subset."""
     m = args.max_new_tokens
     ours = drafters_for(target, draft, medusa, args)
+    ours |= behind_lookup_all(ours, args)
     if args.temperature > 0:
         methods = [Method(name, _ours_sampled(target, d, m, args.temperature), True) for name, d in ours.items()]
     else:

@@ -26,8 +26,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
-from experiments.instantiate import accepts_argument, instantiate
 from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
+from experiments.instantiate import accepts_argument, instantiate
 from experiments.loggers import GuardedLogger, Logger
 from experiments.models_from_config import LoadedModels, load_models, target_device
 from experiments.overrides import group_choice
@@ -188,7 +188,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     encoded = encode_prompts(prompts, models.tokenizer, max_prompt_tokens, _device_of(models.target))
     drafter = build_drafter(cfg.drafter, models, cfg.get("tree"))
     if cfg.batch_size > 1:
-        drafter.batched()  # a drafter with no batched form (drafter=hybrid) fails here, before any measuring
+        drafter.batched()  # a drafter with no batched form fails here, before any measuring
     decoders = make_decoders(cfg, models, drafter, rule, sampling)
     step_shape = drafter.step_shape(models.target)
     costs, shape = measure_run_costs(cfg, step_shape, models, encoded), step_shape.describe(type(drafter).__name__)

@@ -50,6 +50,10 @@ class BatchDrafter(ABC):
     def select_rows(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the current rows), in that order."""
 
+    def verified(self, trees: list[DraftTree]) -> None:
+        """The trees the batch verifies this step, when they are not all this drafter's own (a hybrid drafter
+        took another drafter's on some rows); called after :meth:`propose`. Nothing by default."""
+
 
 def row_view(verify: VerifyOutput, row: int, nodes: int) -> VerifyOutput:
     """Row ``row``'s part of a batched verify output: its root and its ``nodes`` real nodes."""
@@ -94,6 +98,10 @@ class PerRowDrafters(BatchDrafter):
             trees.append(drafter.propose(max_depth=depth))
         self._sizes = [t.num_nodes for t in trees]
         return trees
+
+    def verified(self, trees: list[DraftTree]) -> None:
+        """Each row's verify block holds ``trees[b]``'s nodes (what :meth:`commit` hands its row's drafter)."""
+        self._sizes = [t.num_nodes for t in trees]
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
         for i, (drafter, result) in enumerate(zip(self.rows, results)):

@@ -50,12 +50,14 @@ class BatchTree:
 
     @classmethod
     def stack(cls, trees: list[DraftTree], device: torch.device | str = "cpu") -> "BatchTree":
-        """Pad ``trees`` (one per row, possibly empty) to the widest; they must share one sampling mode
-        (empty trees excepted) and, when sampled, a vocabulary."""
+        """Pad ``trees`` (one per row, possibly empty) to the widest. Sampled trees must share one sampling mode
+        and a vocabulary; deterministic trees may join them (a hybrid drafter's lookup rows): their drafts get
+        point-mass distributions, on which the sampled rules compute exactly the deterministic rule (accept x
+        with probability p(x); after a rejection, p with x zeroed, renormalised)."""
         b, n = len(trees), max((t.num_nodes for t in trees), default=0)
-        modes = {t.sampling for t in trees if t.num_nodes}
+        modes = {t.sampling for t in trees if t.num_nodes} - {"deterministic"}
         if len(modes) > 1:
-            raise ValueError(f"a batch's draft trees must share one sampling mode, got {sorted(modes)}")
+            raise ValueError(f"a batch's sampled draft trees must share one sampling mode, got {sorted(modes)}")
         sampling = modes.pop() if modes else "deterministic"
         if n == 0:
             return cls._no_drafts(b, device)
@@ -82,11 +84,13 @@ class BatchTree:
                     children[row, slot, : len(c)] = torch.tensor(c, dtype=torch.long)
         probs = None
         if sampling != "deterministic":
-            vocab = next(t.draft_probs.shape[-1] for t in trees if t.num_nodes)
+            vocab = next(t.draft_probs.shape[-1] for t in trees if t.draft_probs is not None)
             probs = torch.zeros(b, n, vocab, dtype=torch.float32, device=device)  # [B, N, V]
             for row, tree in enumerate(trees):
-                if tree.num_nodes:
+                if tree.draft_probs is not None:
                     probs[row, : tree.num_nodes] = tree.draft_probs.to(device).float()
+                elif tree.num_nodes:  # a deterministic tree among sampled ones: each draft a point mass
+                    probs[row, range(tree.num_nodes), tree.tokens.to(device)] = 1.0
         max_depth = max((int(t.depth.max()) for t in trees if t.num_nodes), default=0)
         return cls(tokens.to(device), parents.to(device), depth.to(device), valid.to(device), children.to(device),
                    mask.to(device), probs, sampling, [t.num_nodes for t in trees], max_depth)

@@ -138,8 +138,8 @@ def test_resumed_batched_run_keeps_the_earlier_batches_time(prompts_file, tmp_pa
 
 def test_batched_benchmark_table_has_a_chain_per_k_and_tau(tmp_path):
     """``experiments.bench --batch-sizes``' table: one chain per draft length (draft model and, given a head,
-    EAGLE), each with its tau and its per-rep speedups over our AR loop; every row checked against HF
-    greedy (a random pair with a noisy copy as draft)."""
+    EAGLE, and each behind prompt lookup), each with its tau and its per-rep speedups over our AR loop; every
+    row checked against HF greedy (a random pair with a noisy copy as draft)."""
     from drafters.eagle_heads import save_head
     from experiments.bench_batch import markdown, run_batch_sizes
     from tests.test_eagle import trained_head
@@ -149,8 +149,10 @@ def test_batched_benchmark_table_has_a_chain_per_k_and_tau(tmp_path):
     target, _, tok = pair("llama")
     head_dir = save_head(trained_head("llama", "eagle3"), tmp_path / "eagle3")
     rows = run_batch_sizes(target, noisy_copy("llama"), make_prompts(tok, 3), [1, 2], 6, 2, [2, 3], 2, 2,
-                           confidence=(0.0061,), eagle=(str(head_dir), "float32"))
+                           confidence=(0.0061,), eagle=(str(head_dir), "float32"), hybrid=2)
     names = {r["method"] for r in rows}
+    assert sorted(n for n in names if "+" in n and not n.endswith("_continuous")) == [
+        "ours_ngram+chain_k2", "ours_ngram+chain_k3", "ours_ngram+eagle3_k2", "ours_ngram+eagle3_k3"]  # chains only
     assert {"ours_chain_k2", "ours_chain_k3", "ours_chain_k2_continuous", "ours_ar", "hf_plain",
             "ours_chain_k3_conf0.0061", "ours_chain_k3_conf0.0061_continuous", "ours_eagle3_k2",
             "ours_eagle3_k3_continuous", "ours_eagle3_k2_per_row"} <= names

@@ -45,3 +45,26 @@ def test_confidence_thresholds_add_dynamic_length_rows():
 
     found = drafters_for(target, noisy_copy("llama"), None, args)
     assert found["ours_draft_k3_conf0.3"].confidence_threshold == 0.3 and found["ours_draft_k3"].confidence_threshold == 0
+
+
+def test_hybrid_puts_each_model_drafter_behind_lookup():
+    """``--hybrid 2``: every drafter that runs a model (draft chain, layer-skip) also behind prompt lookup, sharing
+    its model; the n-gram and the autoregressive loop get no twin."""
+    from drafters import HybridDrafter, NGramDrafter
+    from experiments.bench_suite import build_methods, parse_args
+    from tests.tiny_models import noisy_copy, pair
+
+    target, draft = pair("llama")[0], noisy_copy("llama")
+    args = parse_args(["--k", "3", "--eagle", ",", "--layer-skip", "1", "--hybrid", "2", "--ngram-tokens", "6"])
+    names = [m.name for m in build_methods(target, draft, None, args)]
+    assert sorted(n for n in names if "+" in n) == ["ours_ngram+draft_k3", "ours_ngram+layer_skip1_k3"]
+    from experiments.bench_suite import behind_lookup_all, drafters_for
+
+    ours = drafters_for(target, draft, None, args)
+    twins = behind_lookup_all(ours, args)
+    hybrid = twins["ours_ngram+draft_k3"]
+    assert isinstance(hybrid, HybridDrafter) and isinstance(hybrid.first, NGramDrafter)
+    assert hybrid.first.min_ngram == 2 and hybrid.first.k == 6
+    assert hybrid.second is not ours["ours_draft_k3"] and hybrid.second.model is ours["ours_draft_k3"].model
+    args.hybrid = 0
+    assert behind_lookup_all(ours, args) == {}

@@ -12,6 +12,7 @@ import torch
 from drafters import DraftModelDrafter, EagleDrafter, HybridDrafter, NGramDrafter
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import ConfigError
+from specdec.types import DraftTree
 from tests import lossless
 from tests.lossless import SETTINGS, check_cell
 from tests.test_eagle import trained_head
@@ -25,6 +26,16 @@ def _second(kind: str, arch: str):
     if kind == "draft_model":
         return DraftModelDrafter(pair(arch)[1], num_speculative_tokens=3)
     return EagleDrafter(trained_head(arch, "eagle3"), num_speculative_tokens=3)
+
+
+def _batch_second(kind: str, arch: str):
+    if kind == "medusa":  # a tree drafter: one copy per row
+        from drafters import MedusaDrafter
+        from drafters.medusa_heads import MedusaHeads
+
+        torch.manual_seed(0)
+        return MedusaDrafter(MedusaHeads.for_target(pair(arch)[0], num_heads=3, init="random"), tree="binary")
+    return _second(kind, arch)
 
 
 def _steps(target, drafter, prompts, temperature: float = 0.0) -> dict:
@@ -98,8 +109,6 @@ def test_bad_parts_fail_clearly():
         HybridDrafter(DraftModelDrafter(pair("llama")[1], 3), ngram)  # its discarded chains would desync its cache
     with pytest.raises(ConfigError, match="min_drafts"):
         HybridDrafter(ngram, NGramDrafter(), min_drafts=0)
-    with pytest.raises(ConfigError, match="batch_size=1"):
-        HybridDrafter(ngram, NGramDrafter()).batched()
 
 
 def test_config_composes_builds_and_runs(tmp_path):
@@ -119,10 +128,9 @@ def test_config_composes_builds_and_runs(tmp_path):
     assert isinstance(drafter.second, EagleDrafter) and drafter.max_nodes == 8
     summary = decode.run(cfg, tmp_path / "run", logger=NoLogger())
     assert summary["metrics"]["matches_baseline"] is True and summary["drafter"] == "HybridDrafter"
-    cfg.batch_size = 2
-    with pytest.raises(ConfigError, match="batch_size=1"):  # before any cost measurement or decoding
-        decode.run(cfg, tmp_path / "batched", logger=NoLogger())
-    assert not (tmp_path / "batched" / "records.jsonl").exists()
+    cfg.batch_size = 2  # the batched hybrid, through the same entry point
+    batched = decode.run(cfg, tmp_path / "batched", logger=NoLogger())
+    assert batched["metrics"]["matches_baseline"] is True
 
 
 def test_bench_drafters_puts_each_chain_behind_lookup(tmp_path):
@@ -141,3 +149,90 @@ def test_bench_drafters_puts_each_chain_behind_lookup(tmp_path):
     assert hybrid == ["ours_ngram+draft_k2", "ours_ngram+draft_k3", "ours_ngram+eagle3_k2", "ours_ngram+eagle3_k3"]
     args.hybrid = 0
     assert not any("+" in m.name for m in build_methods(target, draft, args, 0.0, {}))
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _batch_rows(arch: str, n: int) -> tuple[list, list[int]]:
+    """``n`` prompts of different lengths whose continuations repeat (the n-gram part matches) and different
+    ``max_new_tokens``; row 1 stops on an EOS it emits mid-batch (set on the returned target's config)."""
+    rows = [ids for ids, *_ in _cases(arch)[:n]]
+    return rows, [9 + (7 * i) % 17 for i in range(n)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("second", ["draft_model", "eagle3", "medusa"])
+@pytest.mark.parametrize("max_rows", [None, 3])
+def test_batched_hybrid_rows_equal_generate_and_batch_one(arch, second, max_rows):
+    """``generate_batch`` with a hybrid (static batch of 8, and continuous with 3 rows at once): every row equals
+    HF greedy and the batch-1 hybrid's run step for step; within the batch, steps mix rows drafted by lookup
+    and rows drafted by the second part."""
+    target = pair(arch)[0]
+    rows, limits = _batch_rows(arch, 8)
+
+    def make():
+        return HybridDrafter(NGramDrafter(num_speculative_tokens=5, max_ngram=3, min_ngram=2), _batch_second(second, arch))
+
+    batched = make()
+    out = SpeculativeDecoder(target, batched).generate_batch(rows, max_new_tokens=limits, seed=3, max_rows=max_rows)
+    for i, ids in enumerate(rows):
+        ref = target.generate(ids, do_sample=False, max_new_tokens=limits[i], pad_token_id=0)
+        assert out.sequences[i].tolist() == ref.tolist(), f"row {i}"
+        single = SpeculativeDecoder(target, make()).generate(ids, max_new_tokens=limits[i], seed=3 + i)
+        assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i}"
+    steps = batched.steps_by_drafter
+    assert steps["first"] > 0 and steps["second"] > 0, steps
+
+
+@pytest.mark.parametrize("second", ["draft_model", "eagle3"])
+def test_sampled_batched_hybrid_rows_equal_their_batch_one_runs(second):
+    """Under ``rejection`` at T = 1.0, row i of a batched hybrid is the batch-1 hybrid run with seed ``seed + i``,
+    token for token: the second part draws nothing on rows the lookup covers."""
+    target = pair("llama")[0]
+    rows, limits = _batch_rows("llama", 6)
+    sampling = SamplingParams(temperature=1.0)
+
+    def make():
+        return HybridDrafter(NGramDrafter(num_speculative_tokens=4, max_ngram=3, min_ngram=2), _second(second, "llama"))
+
+    batched = make()
+    out = SpeculativeDecoder(target, batched, "rejection", sampling).generate_batch(rows, limits, seed=11)
+    for i, ids in enumerate(rows):
+        single = SpeculativeDecoder(target, make(), "rejection", sampling).generate(ids, limits[i], seed=11 + i)
+        assert out.sequences[i].tolist() == single.sequences.tolist(), f"row {i}"
+        assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i}"
+    assert batched.steps_by_drafter["first"] > 0 and batched.steps_by_drafter["second"] > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_batch_mixing_lookup_and_sampled_chains_accepts_as_the_per_node_rule(temperature):
+    """``BatchTree.stack`` of deterministic (lookup) and sampled chains in one batch, then the tensorized
+    ``rejection``: every row's accepted path and extra token equal the per-node rule's on that row's own tree
+    with the row's own random numbers, over 300 random steps (both accepting and rejecting in each kind)."""
+    from specdec.acceptance import RejectionAcceptance
+    from specdec.batch_acceptance import batch_rejection
+    from specdec.batch_types import BatchTree
+    from specdec.rng import KeyedRandom
+
+    gen, sampling, vocab = torch.Generator().manual_seed(0), SamplingParams(temperature=temperature), 6
+    outcomes = {(kind, hit) for kind in ("deterministic", "chain") for hit in (True, False)}
+    seen = set()
+    for step in range(300):
+        trees = []
+        for _ in range(5):
+            n = int(torch.randint(0, 5, (), generator=gen))
+            q = torch.softmax(torch.randn(n, vocab, generator=gen) * 2, -1)  # [n, V]
+            tokens = torch.multinomial(q, 1, generator=gen)[:, 0] if n else torch.empty(0, dtype=torch.long)
+            trees.append(DraftTree.chain(tokens, q if torch.rand((), generator=gen) < 0.5 else None))
+        logits = torch.randn(5, 1 + max(t.num_nodes for t in trees), vocab, generator=gen) * 2  # [B, 1 + N, V]
+        rng = KeyedRandom(torch.arange(5) + 100)
+        rng.set_step(step)
+        batch = BatchTree.stack(trees)
+        got = batch_rejection(batch, logits, sampling, rng).to_host(batch.tokens)
+        for b, tree in enumerate(trees):
+            single = RejectionAcceptance()(tree, logits[b, : 1 + tree.num_nodes], sampling, rng.row(b))
+            assert got[b] == (single.accepted_nodes, single.tokens), f"step {step} row {b} ({tree.sampling})"
+            if tree.num_nodes:
+                seen.add((tree.sampling, single.num_accepted_drafts > 0))
+    assert seen == outcomes, seen

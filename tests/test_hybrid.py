@@ -29,6 +29,12 @@ def _second(kind: str, arch: str):
 
 
 def _batch_second(kind: str, arch: str):
+    """The second part for the batch tests: a draft model close to the target (its drafts are accepted, so a
+    stale draft cache would show in the per-step counts), EAGLE-3, or Medusa."""
+    if kind == "draft_model":
+        from tests.tiny_models import noisy_copy
+
+        return DraftModelDrafter(noisy_copy(arch), num_speculative_tokens=3)
     if kind == "medusa":  # a tree drafter: one copy per row
         from drafters import MedusaDrafter
         from drafters.medusa_heads import MedusaHeads
@@ -194,7 +200,8 @@ def test_sampled_batched_hybrid_rows_equal_their_batch_one_runs(second):
     sampling = SamplingParams(temperature=1.0)
 
     def make():
-        return HybridDrafter(NGramDrafter(num_speculative_tokens=4, max_ngram=3, min_ngram=2), _second(second, "llama"))
+        return HybridDrafter(NGramDrafter(num_speculative_tokens=4, max_ngram=3, min_ngram=2),
+                             _batch_second(second, "llama"))
 
     batched = make()
     out = SpeculativeDecoder(target, batched, "rejection", sampling).generate_batch(rows, limits, seed=11)
@@ -236,3 +243,27 @@ def test_a_batch_mixing_lookup_and_sampled_chains_accepts_as_the_per_node_rule(t
             if tree.num_nodes:
                 seen.add((tree.sampling, single.num_accepted_drafts > 0))
     assert seen == outcomes, seen
+
+
+@pytest.mark.parametrize("second", ["draft_model", "eagle3"])
+def test_a_step_where_every_row_looks_up_leaves_the_second_part_in_step(second):
+    """Both rows' first step is the lookup's (their prompts end in a suffix that recurred), so the second part
+    drafts nothing in that step; afterwards it catches up and drafts exactly what the batch-1 runs draft."""
+    target = pair("llama")[0]
+    rows = [NGRAM_PROMPT, torch.cat([torch.tensor([[3]]), NGRAM_PROMPT], 1)]
+
+    def make():
+        return HybridDrafter(NGramDrafter(num_speculative_tokens=3, max_ngram=3, min_ngram=2),
+                             _batch_second(second, "llama"))
+
+    firsts = []
+    for ids in rows:
+        one = make()
+        SpeculativeDecoder(target, one).generate(ids, max_new_tokens=2, seed=0)  # one step of depth 1
+        firsts.append(one.steps_by_drafter["first"])
+    assert firsts == [1, 1], "each row's first step must be the lookup's"
+    out = SpeculativeDecoder(target, make()).generate_batch(rows, max_new_tokens=16, seed=0)
+    for i, ids in enumerate(rows):
+        single = SpeculativeDecoder(target, make()).generate(ids, max_new_tokens=16, seed=i)
+        assert out.sequences[i].tolist() == single.sequences.tolist()
+        assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i}"

@@ -267,3 +267,18 @@ def test_a_step_where_every_row_looks_up_leaves_the_second_part_in_step(second):
         single = SpeculativeDecoder(target, make()).generate(ids, max_new_tokens=16, seed=i)
         assert out.sequences[i].tolist() == single.sequences.tolist()
         assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i}"
+
+
+def test_a_deterministic_tree_with_siblings_cannot_join_a_batch_sampled_without_replacement():
+    """Sampled without replacement, a node's q' is renormalised after each rejected child; a point mass on one
+    deterministic child has nothing left for the next, so only deterministic chains may join such a batch."""
+    from specdec.batch_types import BatchTree
+
+    q = torch.full((2, 4), 0.25)
+    sampled = DraftTree(torch.tensor([1, 2]), torch.tensor([-1, -1]), q, sampling="without_replacement")
+    siblings = DraftTree(torch.tensor([0, 3]), torch.tensor([-1, -1]))
+    with pytest.raises(ValueError, match="only deterministic chains"):
+        BatchTree.stack([sampled, siblings])
+    mixed = BatchTree.stack([sampled, DraftTree.chain(torch.tensor([3, 1]))])
+    assert mixed.sampling == "without_replacement" and mixed.draft_probs[1, :, [3, 1]].diag().tolist() == [1.0, 1.0]
+    assert BatchTree.stack([siblings, DraftTree.chain(torch.tensor([2]), q[:1])]).sampling == "chain"

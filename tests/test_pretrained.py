@@ -1,5 +1,6 @@
 """Real pretrained targets: fetching and conversion errors (no download here), and, when SmolLM2 is cached,
-greedy equality with ``generate(do_sample=False)`` on it for every drafter."""
+greedy equality with ``generate(do_sample=False)`` on it for every drafter (n-gram, layer-skip, and the distilled
+draft, Medusa and EAGLE heads where built), each model drafter also behind prompt lookup, alone and batched."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -124,6 +125,25 @@ def _drafters(target):
     draft, _ = find_draft("smollm2")
     if draft:
         found["distilled_draft"] = DraftModelDrafter(load_causal_lm(draft, role="draft"), 4)
+    found |= _trained_heads(target)
+    from drafters.hybrid import behind_lookup
+
+    found |= {f"lookup+{name}": behind_lookup(d, 4, 2) for name, d in list(found.items()) if name != "ngram"}
+    return found
+
+
+def _trained_heads(target) -> dict:
+    """Medusa and EAGLE heads trained for SmolLM2 where ``train_medusa`` / ``train_eagle target=smollm2`` put them
+    by default, those cached here (CI has none: they take an hour to train)."""
+    from argparse import Namespace
+
+    from drafters import EagleDrafter, MedusaDrafter
+    from experiments.bench_suite import eagle_dirs, medusa_dir
+
+    where = Namespace(model="smollm2", cache_dir=None, medusa=None, eagle=None)
+    found = {f"eagle_{i}": EagleDrafter(path, num_speculative_tokens=3) for i, path in enumerate(eagle_dirs(where, target))}
+    if heads := medusa_dir(where, target):
+        found["medusa"] = MedusaDrafter(heads=heads, tree_nodes=8)
     return found
 
 
@@ -135,6 +155,9 @@ def test_real_target_greedy_equals_generate_for_every_drafter(smollm2):
         decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy", sampling=SamplingParams())
         for ids, ref in cases:
             assert decoder.generate(ids, max_new_tokens=16).sequences.tolist() == ref.tolist(), name
+        if name.startswith("lookup+"):  # the hybrid in a batch too: both prompts together
+            out = decoder.generate_batch([ids for ids, _ in cases], max_new_tokens=16)
+            assert [seq.tolist() for seq in out.sequences] == [ref.tolist() for _, ref in cases], f"{name} batched"
 
 
 def test_real_target_loads_plainly_with_its_chat_template(smollm2):

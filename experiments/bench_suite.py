@@ -6,10 +6,10 @@
 Greedy (default): Hugging Face plain ``generate``, assisted generation with the distilled draft
 (k = ``--k``), prompt lookup; ours: autoregressive, n-gram, layer-skip (``--layer-skip`` layers),
 the distilled draft chain, Medusa and EAGLE heads (each when built), and with ``--hybrid N`` each of
-those again behind prompt lookup. Every output is checked against HF plain greedy. ``--temperature 0.7``: ours only, with ``rejection`` (lossless); HF sampling draws
-other random numbers, so no token check is possible: tau and speedup are against our own
-autoregressive loop at the same temperature. Timing follows :func:`experiments.bench.run_all`
-(warm-up, ``--reps`` rounds per prompt in rotating order, threads pinned).
+those again behind prompt lookup. Every output is checked against HF plain greedy. ``--temperature 0.7``:
+ours only, with ``rejection`` (lossless); HF sampling draws other random numbers, so no token check is
+possible: tau and speedup are against our own autoregressive loop at the same temperature. Timing follows
+:func:`experiments.bench.run_all` (warm-up, ``--reps`` rounds per prompt in rotating order, threads pinned).
 
 Also reports each drafter's cost per drafted token relative to one target forward (width 1, at
 the run's context), the figure that decides what a drafter can gain: on a 49152-token vocabulary

@@ -3,6 +3,8 @@
 Lossless like each of its parts: greedy equals plain greedy (both parts really propose in those runs),
 and ``rejection`` over a mix of deterministic n-gram chains and sampled draft-model chains passes the
 chi-square test against the exact target distribution, while planted bugs of either kind of step fail it.
+In batches every row equals its batch-1 run, and the tensorized rule over batches that mix lookup chains with
+sampled chains equals the per-node rule row by row.
 """
 from __future__ import annotations
 
@@ -160,33 +162,41 @@ def test_bench_drafters_puts_each_chain_behind_lookup(tmp_path):
 # --------------------------------------------------------------------------- batches
 
 
-def _batch_rows(arch: str, n: int) -> tuple[list, list[int]]:
-    """``n`` prompts of different lengths whose continuations repeat (the n-gram part matches) and different
-    ``max_new_tokens``; row 1 stops on an EOS it emits mid-batch (set on the returned target's config)."""
+def _batch_setup(arch: str, n: int) -> tuple:
+    """``(target, rows, limits)``: ``n`` prompts of different lengths whose continuations repeat (the n-gram part
+    matches), different ``max_new_tokens``, and a copy of the target whose EOS is a token row 1's greedy
+    continuation emits early, so that row stops mid-batch."""
+    import copy
+
+    target = copy.deepcopy(pair(arch)[0])
     rows = [ids for ids, *_ in _cases(arch)[:n]]
-    return rows, [9 + (7 * i) % 17 for i in range(n)]
+    free = target.generate(rows[1], do_sample=False, max_new_tokens=12, pad_token_id=0)[0, rows[1].shape[1]:]
+    target.generation_config.eos_token_id = int(free[4])
+    return target, rows, [9 + (7 * i) % 17 for i in range(n)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("second", ["draft_model", "eagle3", "medusa"])
 @pytest.mark.parametrize("max_rows", [None, 3])
 def test_batched_hybrid_rows_equal_generate_and_batch_one(arch, second, max_rows):
-    """``generate_batch`` with a hybrid (static batch of 8, and continuous with 3 rows at once): every row equals
-    HF greedy and the batch-1 hybrid's run step for step; within the batch, steps mix rows drafted by lookup
-    and rows drafted by the second part."""
-    target = pair(arch)[0]
-    rows, limits = _batch_rows(arch, 8)
+    """``generate_batch`` with a hybrid (static batch of 8, and continuous with 3 rows at once; a row stops on EOS
+    mid-batch): every row equals HF greedy and the batch-1 hybrid's run step for step; within the batch, steps mix
+    rows drafted by lookup and rows drafted by the second part."""
+    target, rows, limits = _batch_setup(arch, 8)
 
     def make():
         return HybridDrafter(NGramDrafter(num_speculative_tokens=5, max_ngram=3, min_ngram=2), _batch_second(second, arch))
 
     batched = make()
     out = SpeculativeDecoder(target, batched).generate_batch(rows, max_new_tokens=limits, seed=3, max_rows=max_rows)
+    stopped_early = 0
     for i, ids in enumerate(rows):
         ref = target.generate(ids, do_sample=False, max_new_tokens=limits[i], pad_token_id=0)
         assert out.sequences[i].tolist() == ref.tolist(), f"row {i}"
         single = SpeculativeDecoder(target, make()).generate(ids, max_new_tokens=limits[i], seed=3 + i)
         assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i}"
+        stopped_early += out.sequences[i].shape[1] - ids.shape[1] < limits[i]
+    assert stopped_early >= 1, "some row must stop on EOS mid-batch"
     steps = batched.steps_by_drafter
     assert steps["first"] > 0 and steps["second"] > 0, steps
 
@@ -195,8 +205,7 @@ def test_batched_hybrid_rows_equal_generate_and_batch_one(arch, second, max_rows
 def test_sampled_batched_hybrid_rows_equal_their_batch_one_runs(second):
     """Under ``rejection`` at T = 1.0, row i of a batched hybrid is the batch-1 hybrid run with seed ``seed + i``,
     token for token: the second part draws nothing on rows the lookup covers."""
-    target = pair("llama")[0]
-    rows, limits = _batch_rows("llama", 6)
+    target, rows, limits = _batch_setup("llama", 6)
     sampling = SamplingParams(temperature=1.0)
 
     def make():

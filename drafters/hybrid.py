@@ -128,8 +128,6 @@ class BatchHybrid(BatchDrafter):
         counts = self.hybrid.steps_by_drafter
         for c, tree in zip(covered, trees):
             counts["first" if c else "second" if tree.num_nodes else "none"] += 1
-        self.first.verified(trees)
-        self.second.verified(trees)
         return trees
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:

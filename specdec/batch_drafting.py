@@ -44,15 +44,12 @@ class BatchDrafter(ABC):
     @abstractmethod
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
         """Every row's accepted result; ``verify`` holds the batch's ``logits [B, 1 + N, V]`` and
-        ``hidden [B, 1 + N, H]`` (row b's nodes first, then padding)."""
+        ``hidden [B, 1 + N, H]`` (row b's ``verify.nodes[b]`` nodes first, then padding): the trees verified,
+        which need not be this drafter's own (a hybrid drafter takes another's on some rows)."""
 
     @abstractmethod
     def select_rows(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the current rows), in that order."""
-
-    def verified(self, trees: list[DraftTree]) -> None:
-        """The trees the batch verifies this step, when they are not all this drafter's own (a hybrid drafter
-        took another drafter's on some rows); called after :meth:`propose`. Nothing by default."""
 
 
 def row_view(verify: VerifyOutput, row: int, nodes: int) -> VerifyOutput:
@@ -70,7 +67,6 @@ class PerRowDrafters(BatchDrafter):
         self.template = drafter
         self.rows: list[Drafter] = []
         self.ctx: DraftContext | None = None
-        self._sizes: list[int] = []
 
     def start(self, ctx: DraftContext) -> None:
         self.ctx, self.rows = ctx, []
@@ -96,21 +92,15 @@ class PerRowDrafters(BatchDrafter):
         for i, (drafter, depth) in enumerate(zip(self.rows, max_depths)):
             drafter.ctx.rng.step = self.ctx.rng.step[i : i + 1].clone()
             trees.append(drafter.propose(max_depth=depth))
-        self._sizes = [t.num_nodes for t in trees]
         return trees
-
-    def verified(self, trees: list[DraftTree]) -> None:
-        """Each row's verify block holds ``trees[b]``'s nodes (what :meth:`commit` hands its row's drafter)."""
-        self._sizes = [t.num_nodes for t in trees]
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
         for i, (drafter, result) in enumerate(zip(self.rows, results)):
-            self.before_row(i, drafter, 1 + self._sizes[i])
-            drafter.commit(result, row_view(verify, i, self._sizes[i]))
+            self.before_row(i, drafter, 1 + verify.nodes[i])
+            drafter.commit(result, row_view(verify, i, verify.nodes[i]))
 
     def select_rows(self, rows: list[int]) -> None:
         self.rows = [self.rows[r] for r in rows]
-        self._sizes = [self._sizes[r] for r in rows] if self._sizes else []
 
 
 def keyed_rows(seeds: list[int], device: torch.device | str) -> KeyedRandom:

@@ -81,10 +81,15 @@ class DraftTree:
 
 @dataclass
 class VerifyOutput:
-    """The target's scores for the root (row 0) and every draft node (row 1 + i)."""
+    """The target's scores for the root (row 0) and every draft node (row 1 + i).
+
+    A batched step's output has a leading batch dimension (``[B, 1 + N, ...]``, each row's nodes first,
+    then padding) and ``nodes``, each row's real node count.
+    """
 
     logits: torch.Tensor  # [1 + N, V] float32
     hidden: torch.Tensor  # [1 + N, H] last hidden state
+    nodes: list[int] | None = None  # batched: row b's real node count (host); None at batch 1
 
 
 @dataclass

@@ -68,11 +68,12 @@ def prefill_rows(model, cache: BatchCache, rows: list[list[int]], output_hidden:
 
 def verify_rows(model, cache: BatchCache, roots: list[int], tree: BatchTree, step: int) -> VerifyOutput:
     """One target forward over every row's root and draft nodes: ``logits [B, 1 + N, V]`` and
-    ``hidden [B, 1 + N, H]`` (row 0 of a row's block: its root; 1 + i: its node i, padding included)."""
+    ``hidden [B, 1 + N, H]`` (row 0 of a row's block: its root; 1 + i: its node i, padding included), and each
+    row's real node count."""
     device = cache.lengths.device
     b = len(roots)
     ids = torch.cat([torch.tensor(roots, dtype=torch.long, device=device)[:, None], tree.tokens], 1)  # [B, 1 + N]
     depth = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=device), tree.depth], 1)  # [B, 1 + N]
     logits, hidden = block_forward(model, cache, ids, depth, tree.mask, output_hidden=True)
     check_finite(logits, f"target forward at decode step {step}")
-    return VerifyOutput(logits=logits, hidden=hidden)
+    return VerifyOutput(logits=logits, hidden=hidden, nodes=list(tree.num_nodes))

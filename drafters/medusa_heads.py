@@ -121,7 +121,7 @@ class MedusaHeads(nn.Module):
 
     @classmethod
     def for_target(cls, target, num_heads: int, num_blocks: int = 1, init: str = "zero",
-                   seed: int = 0, draft_vocab: torch.Tensor | None = None) -> "MedusaHeads":
+                   seed: int = 0, draft_vocab: torch.Tensor | None = None) -> MedusaHeads:
         """Heads shaped for ``target``; every LM head starts as a copy of the target's output embedding
         (its rows ``draft_vocab [Vd]`` when a draft vocabulary is given).
 

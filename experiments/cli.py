@@ -18,7 +18,8 @@ import functools
 import os
 import sys
 import traceback
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 #: Errors a user causes, as ``module:Class``. Resolved only from modules already imported: a class whose
 #: module was never imported cannot have been raised, and nothing here imports torch, hydra or the zoo.

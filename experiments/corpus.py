@@ -94,7 +94,7 @@ def top_level_module(path: Path, root: str | Path | None = None) -> str:
     """The top-level module name of a corpus file, e.g. ``json`` for ``json/decoder.py``."""
     root = Path(root) if root is not None else default_corpus_root()
     first = path.relative_to(root).parts[0]
-    return first[:-3] if first.endswith(".py") else first
+    return first.removesuffix(".py")
 
 
 def hash_order(files: list[Path], root: str | Path | None = None) -> list[Path]:

@@ -43,8 +43,9 @@ import platform
 import statistics
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -224,7 +225,7 @@ def _load(fp: dict, cache_dir: str | os.PathLike | None) -> dict[int, float] | N
 def _store(fp: dict, seconds: dict[int, float], cache_dir: str | os.PathLike | None) -> None:
     path = _cache_path(fp, cache_dir)
     entry = {"fingerprint": fp, "seconds": seconds,
-             "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+             "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, entry, indent=1, default=str)

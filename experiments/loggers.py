@@ -10,8 +10,9 @@ bounded time or falls back to offline logging, and keeps one W&B run per run dir
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from experiments.wandb_run import DEFAULT_INIT_TIMEOUT, RunState, start_wandb
 

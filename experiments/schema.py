@@ -14,6 +14,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+
 @dataclass
 class SamplingConfig:
     """Sampling parameters shared by the drafter and the acceptance rule (temperature 0 = greedy)."""
@@ -71,7 +72,7 @@ class DecodeConfig:
     attn_backend: str = "sdpa"
     baseline: bool = True
     warmup: int = 1
-    num_threads: Optional[int] = None
+    num_threads: int | None = None
     batch_size: int = 1
     batch_mode: str = "static"
     compile: str = "none"

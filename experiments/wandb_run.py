@@ -43,7 +43,7 @@ class RunState:
     existed: bool = False
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "RunState":
+    def load(cls, run_dir: str | Path) -> RunState:
         """The state in ``run_dir``; without ``wandb_run.json``, the newest W&B run already in ``run_dir/wandb``
         (a run logged before the state was kept, or killed before writing it), else a fresh id (not
         written until :meth:`save`)."""

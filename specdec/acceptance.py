@@ -206,4 +206,4 @@ def get_rule(rule: str | AcceptanceRule, **kwargs) -> AcceptanceRule:
     return RULES[rule](**kwargs)
 
 
-__all__ = ["AcceptanceRule", "GreedyAcceptance", "RejectionAcceptance", "TypicalAcceptance", "RULES", "get_rule"]
+__all__ = ["RULES", "AcceptanceRule", "GreedyAcceptance", "RejectionAcceptance", "TypicalAcceptance", "get_rule"]

@@ -45,7 +45,7 @@ class BatchCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, owner: "BatchCache"):
+    def __init__(self, owner: BatchCache):
         super().__init__()
         self.owner = owner
 
@@ -83,7 +83,7 @@ class BatchCacheLayer(CacheLayerMixin):
             self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
 
     @torch.no_grad()
-    def extend(self, other: "BatchCacheLayer") -> None:
+    def extend(self, other: BatchCacheLayer) -> None:
         """Append ``other``'s rows (``[B', H, capacity, D]``) after this layer's rows."""
         if not other.is_initialized:
             if self.is_initialized:  # other's rows were never written: zeros of this layer's shape
@@ -134,7 +134,7 @@ class BatchCache(Cache):
         super().__init__(layers=[BatchCacheLayer(self) for _ in range(num_layers)])
 
     @classmethod
-    def for_model(cls, model, capacity: int, batch: int, row_ids: list[int] | None = None) -> "BatchCache":
+    def for_model(cls, model, capacity: int, batch: int, row_ids: list[int] | None = None) -> BatchCache:
         """A cache sized for ``model``'s layer count, its lengths on the model's device; ``row_ids``: the
         rows' indices in error messages (default ``0 .. batch - 1``)."""
         return cls(text_config(model).num_hidden_layers, capacity, batch, next(model.parameters()).device, row_ids)
@@ -225,7 +225,7 @@ class BatchCache(Cache):
         self.host_lengths = list(lengths)
         self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.lengths.device)  # [B]
 
-    def extend(self, other: "BatchCache") -> None:
+    def extend(self, other: BatchCache) -> None:
         """Append ``other``'s rows (same layers and capacity, e.g. new prompts prefilled on their own)
         after this cache's rows: continuous batching admits rows this way."""
         if other.capacity != self.capacity or len(other.layers) != len(self.layers):

@@ -130,14 +130,14 @@ class _Batch:
     """The batch's state on the device: the target's cache, the drafter's rows and the keyed random
     numbers, each with one row per active prompt (in ``run.active`` order)."""
 
-    def __init__(self, decoder, rows: list[list[int]], capacity: int, timer: "_Timer", seeds: list[int]):
+    def __init__(self, decoder, rows: list[list[int]], capacity: int, timer: _Timer, seeds: list[int]):
         self.target, self.rows, self.capacity, self.timer, self.seeds = decoder.target, rows, capacity, timer, seeds
         self.rng = keyed_rows([], decoder.device)
         self.drafter = decoder.drafter.batched()
         self.drafter.start(DraftContext(decoder.target, decoder.sampling, self.rng, capacity))
         self.cache = BatchCache.for_model(decoder.target, capacity, 0, row_ids=[])
 
-    def admit(self, run: "_BatchRun", new: list[int]) -> None:
+    def admit(self, run: _BatchRun, new: list[int]) -> None:
         """Prefill prompts ``new`` (original row indices) on their own and append them to the batch."""
         from verifier.batch import prefill_rows
 
@@ -148,7 +148,7 @@ class _Batch:
         self.timer("time_prefill", self.drafter.extend, [self.rows[r] for r in new], hidden)
         run.admit(new)
 
-    def retire(self, run: "_BatchRun", finished: list[int]) -> None:
+    def retire(self, run: _BatchRun, finished: list[int]) -> None:
         """Drop the rows at positions ``finished`` of the batch."""
         if not finished:
             return

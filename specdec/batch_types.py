@@ -49,7 +49,7 @@ class BatchTree:
         return int(self.tokens.shape[1])
 
     @classmethod
-    def stack(cls, trees: list[DraftTree], device: torch.device | str = "cpu") -> "BatchTree":
+    def stack(cls, trees: list[DraftTree], device: torch.device | str = "cpu") -> BatchTree:
         """Pad ``trees`` (one per row, possibly empty) to the widest. Sampled trees must share one sampling mode
         and a vocabulary; deterministic trees may join them (a hybrid drafter's lookup rows): their drafts get
         point-mass distributions, on which the sampled rules compute exactly the deterministic rule (accept x
@@ -101,7 +101,7 @@ class BatchTree:
                    mask.to(device), probs, sampling, [t.num_nodes for t in trees], max_depth)
 
     @classmethod
-    def _no_drafts(cls, b: int, device: torch.device | str) -> "BatchTree":
+    def _no_drafts(cls, b: int, device: torch.device | str) -> BatchTree:
         """``b`` rows without a draft (an autoregressive step): every row verifies its root alone."""
         none = torch.zeros(b, 0, dtype=torch.long, device=device)  # [B, 0]
         return cls(none, none, none, none.bool(), torch.full((b, 1, 1), -1, dtype=torch.long, device=device),

@@ -92,7 +92,7 @@ class SpecDecCache(Cache):
         self.capacity = int(capacity)
 
     @classmethod
-    def for_model(cls, model, capacity: int) -> "SpecDecCache":
+    def for_model(cls, model, capacity: int) -> SpecDecCache:
         """A cache sized for ``model``'s layer count."""
         return cls(text_config(model).num_hidden_layers, capacity)
 

@@ -91,7 +91,8 @@ class SpeculativeDecoder:
         compile: str = "none",
         verify_widths=None,
     ):
-        from verifier import Verifier  # the loop drives the verifier; imported here to keep specdec at the bottom
+        # the loop drives the verifier; imported here to keep specdec at the bottom
+        from verifier import Verifier
 
         if not isinstance(drafter, Drafter):
             raise SpecDecError(f"drafter must be a specdec Drafter (e.g. drafters.NoDrafter()), got {type(drafter).__name__}")
@@ -236,4 +237,4 @@ class SpeculativeDecoder:
         setattr(stats, name, getattr(stats, name) + time.perf_counter() - t0)
 
 
-__all__ = ["DecodeOutput", "SpeculativeDecoder", "DraftTree", "eos_token_ids", "context_length"]
+__all__ = ["DecodeOutput", "DraftTree", "SpeculativeDecoder", "context_length", "eos_token_ids"]

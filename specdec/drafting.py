@@ -96,7 +96,7 @@ class Drafter(ABC):
         heads override this; the default is a drafter that costs nothing to run (n-gram-like)."""
         return StepShape(kind="chain" if self.max_nodes else "none", max_nodes=self.max_nodes)
 
-    def batched(self) -> "BatchDrafter":  # noqa: F821
+    def batched(self) -> BatchDrafter:  # noqa: F821
         """This drafter for a batch of rows (``SpeculativeDecoder.generate_batch``). The default runs one
         copy per row (:class:`specdec.batch_drafting.PerRowDrafters`); drafters that batch their model
         forwards return their own :class:`~specdec.batch_drafting.BatchDrafter`."""

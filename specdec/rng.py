@@ -86,11 +86,11 @@ class KeyedRandom:
         self.step = torch.zeros_like(self.seeds)  # [B]
 
     @classmethod
-    def for_seed(cls, seed: int, device: torch.device | str = "cpu") -> "KeyedRandom":
+    def for_seed(cls, seed: int, device: torch.device | str = "cpu") -> KeyedRandom:
         """The batch-1 stream of ``generate(..., seed=seed)``."""
         return cls(torch.tensor([int(seed)], dtype=torch.long, device=device))
 
-    def row(self, i: int) -> "KeyedRandom":
+    def row(self, i: int) -> KeyedRandom:
         """Row ``i``'s own stream (batch 1), at the same step."""
         single = KeyedRandom(self.seeds[i : i + 1])
         single.step = self.step[i : i + 1].clone()

@@ -102,7 +102,7 @@ class StaticStep:
 
     @classmethod
     def for_decoder(cls, decoder, prompts: list[list[int]], limits: list[int], seeds: list[int],
-                    compile: str = "none") -> "StaticStep":
+                    compile: str = "none") -> StaticStep:
         """The step of ``decoder``'s drafter (its draft model and shape: :func:`static_drafter`)."""
         draft, compiled, mode = static_drafter(decoder.drafter, decoder.sampling, decoder.target)
         shape = StaticShape(compiled, mode, decoder.device) if draft is not None else None

@@ -86,7 +86,7 @@ class DecodeStats:
         return out
 
     @classmethod
-    def merge(cls, items: list["DecodeStats"]) -> "DecodeStats":
+    def merge(cls, items: list[DecodeStats]) -> DecodeStats:
         """Sum several runs' stats (per-step lists are concatenated, per-depth counts added)."""
         total = cls()
         for s in items:

@@ -49,7 +49,7 @@ class DraftTree:
         return int(self.tokens.shape[0])
 
     @classmethod
-    def chain(cls, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> "DraftTree":
+    def chain(cls, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> DraftTree:
         """A chain of ``len(tokens)`` drafts; sampled when ``draft_probs`` is given."""
         n = int(tokens.shape[0])
         parents = torch.arange(-1, n - 1, dtype=torch.long)  # [N]
@@ -57,7 +57,7 @@ class DraftTree:
         return cls(tokens=tokens.long().cpu(), parents=parents, draft_probs=draft_probs, sampling=mode)
 
     @classmethod
-    def empty(cls) -> "DraftTree":
+    def empty(cls) -> DraftTree:
         return cls(tokens=torch.empty(0, dtype=torch.long), parents=torch.empty(0, dtype=torch.long))
 
     @property

@@ -61,6 +61,11 @@ def ours_batched(decoder: SpeculativeDecoder, rows: list[torch.Tensor], max_new:
 CONTINUOUS = "_continuous"
 
 
+def is_chain(name: str) -> bool:
+    """A benchmark method name of a fixed-length chain (``..._k<k>``: a draft model's or an EAGLE head's)."""
+    return name.rsplit("_", 1)[-1].startswith("k")
+
+
 def eagle_chains(eagle: tuple[str, str] | None, ks: list[int]) -> dict:
     """``eagle = (head directory, dtype name)``: per draft length an EAGLE chain whose head forwards serve
     every row at once, ``ours_<version>_k<k>``, the same chain through the head's transformers forward instead
@@ -106,7 +111,7 @@ def methods(target, draft, ks: list[int], ngram_tokens: int, max_ngram: int, com
         from drafters.hybrid import behind_lookup
 
         ours |= {f"ours_ngram+{name.removeprefix('ours_')}": behind_lookup(d, ngram_tokens, hybrid)
-                 for name, d in ours.items() if name.rsplit("_", 1)[-1].startswith("k")}
+                 for name, d in ours.items() if is_chain(name)}
     table = {"hf_plain": lambda rows, m: hf_batched(target, rows, m, pad)}
     for name, drafter in ours.items():
         decoder = SpeculativeDecoder(target, drafter, "greedy", greedy)

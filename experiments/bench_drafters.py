@@ -33,6 +33,7 @@ from drafters import DraftModelDrafter, EagleDrafter, MedusaDrafter, NGramDrafte
 from experiments import cli
 from experiments.bench import (Method, load_pair, load_prompt_ids, machine_line, pooled_tau, run_all, tau_cell,
                                tokens_per_s)
+from experiments.bench_batch import is_chain
 from experiments.hf_generate import hf, hf_assisted
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.drafting import release
@@ -112,7 +113,7 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
     methods += [Method(name, _ours(target, d, m, temperature), True, k) for name, d, k in ours]
     if args.verify_widths:  # the chains again, each verify block padded to the next cheap width
         methods += [Method(f"{name}_padded", _ours(target, d, m, temperature, args.verify_widths), True, k)
-                    for name, d, k in ours if name.rsplit("_", 1)[-1].startswith("k")]
+                    for name, d, k in ours if is_chain(name)]
     return methods
 
 
@@ -125,7 +126,7 @@ def hybrids(ours: list[tuple], args) -> list[tuple]:
     from drafters.hybrid import behind_lookup
 
     return [(f"ours_ngram+{name.removeprefix('ours_')}", behind_lookup(drafter, args.ngram_tokens, args.hybrid), k)
-            for name, drafter, k in ours if name.rsplit("_", 1)[-1].startswith("k")]
+            for name, drafter, k in ours if is_chain(name)]
 
 
 def verify_widths(option: str | None, target, prompts: list, max_new: int, notes: list[str]) -> tuple[int, ...]:

@@ -32,8 +32,9 @@ class HybridDrafter(Drafter):
         second: drafts the steps ``first`` leaves empty (e.g. :class:`~drafters.EagleDrafter`).
         min_drafts: the fewest nodes of ``first``'s proposal that are used (>= 1).
 
-    ``steps_by_drafter`` counts, over the current run, the steps each one proposed (``first``,
-    ``second``) and those where neither did (``none``).
+    Each proposed tree is labelled with its part's name (``tree.source``, e.g. ``ngram`` / ``eagle``; ``first`` /
+    ``second`` when both parts have one name), so every run's ``DecodeStats.steps_by_source`` counts the steps each
+    part drafted, per row in batches, and records and summaries carry it.
     """
 
     name = "hybrid"
@@ -52,7 +53,7 @@ class HybridDrafter(Drafter):
         if int(min_drafts) < 1:
             raise ConfigError(f"hybrid drafter: min_drafts={min_drafts}; it must be >= 1")
         self.first, self.second, self.min_drafts = first, second, int(min_drafts)
-        self.steps_by_drafter = {"first": 0, "second": 0, "none": 0}
+        self.labels = (first.name, second.name) if first.name != second.name else ("first", "second")
 
     @property
     def max_nodes(self) -> int:
@@ -72,7 +73,6 @@ class HybridDrafter(Drafter):
         super().start(ctx)
         self.first.start(ctx)
         self.second.start(ctx)
-        self.steps_by_drafter = {"first": 0, "second": 0, "none": 0}
 
     def prefill(self, input_ids, target_hidden) -> None:
         super().prefill(input_ids, target_hidden)
@@ -82,10 +82,13 @@ class HybridDrafter(Drafter):
     def propose(self, max_depth: int) -> DraftTree:
         tree = self.first.propose(max_depth)
         if tree.num_nodes >= self.min_drafts:
-            self.steps_by_drafter["first"] += 1
-            return tree
-        tree = self.second.propose(max_depth)
-        self.steps_by_drafter["second" if tree.num_nodes else "none"] += 1
+            return self.labelled(tree, 0)
+        return self.labelled(self.second.propose(max_depth), 1)
+
+    def labelled(self, tree: DraftTree, part: int) -> DraftTree:
+        """``tree`` with its ``source``: part ``part``'s label (0 first, 1 second); an empty tree stays unlabelled."""
+        if tree.num_nodes:
+            tree.source = self.labels[part]
         return tree
 
     def commit(self, result: AcceptResult, verify: VerifyOutput) -> None:
@@ -105,7 +108,7 @@ class BatchHybrid(BatchDrafter):
     """:class:`HybridDrafter` over a batch: per row, the first part's tree when it has at least ``min_drafts``
     nodes, else the second part's. The second part is asked for nothing (depth 0) on the rows the first covers,
     so it draws no draft there, exactly as the batch-1 hybrid does not call it; both parts learn every row's
-    outcome. ``hybrid.steps_by_drafter`` counts row-steps."""
+    outcome. Each row's tree carries its part's label, as at batch 1."""
 
     def __init__(self, hybrid: HybridDrafter):
         self.hybrid = hybrid
@@ -114,7 +117,6 @@ class BatchHybrid(BatchDrafter):
     def start(self, ctx: DraftContext) -> None:
         self.first.start(ctx)
         self.second.start(ctx)
-        self.hybrid.steps_by_drafter = {"first": 0, "second": 0, "none": 0}
 
     def extend(self, prompts: list[list[int]], target_hidden) -> None:
         self.first.extend(prompts, target_hidden)
@@ -124,11 +126,8 @@ class BatchHybrid(BatchDrafter):
         firsts = self.first.propose(max_depths)
         covered = [t.num_nodes >= self.hybrid.min_drafts for t in firsts]
         seconds = self.second.propose([0 if c else d for c, d in zip(covered, max_depths)])
-        trees = [f if c else s for f, s, c in zip(firsts, seconds, covered)]
-        counts = self.hybrid.steps_by_drafter
-        for c, tree in zip(covered, trees):
-            counts["first" if c else "second" if tree.num_nodes else "none"] += 1
-        return trees
+        return [self.hybrid.labelled(f, 0) if c else self.hybrid.labelled(s, 1)
+                for f, s, c in zip(firsts, seconds, covered)]
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
         self.first.commit(results, verify)

@@ -200,6 +200,9 @@ def format_table(summary: dict) -> str:
         lines.append("acceptance by depth: " + " ".join(f"{r:.2f}" for r in spec["acceptance_rate_by_depth"])
                      + (f"; drafts proposed per step: {spec['mean_proposed_drafts']:.2f}"
                         if spec.get("mean_proposed_drafts") else ""))
+    if spec.get("steps_by_source"):  # a drafter of several parts (drafter=hybrid)
+        lines.append("steps drafted by: " + ", ".join(f"{k} {v}" for k, v in spec["steps_by_source"].items())
+                     + f" (of {spec['target_forwards']} steps)")
     compiled = {name: metrics[name]["time_compile"] for name in (SPECULATIVE, BASELINE)
                 if metrics.get(name, {}).get("time_compile")}
     if compiled:  # compile=inductor|graph: compiling is not decoding

@@ -26,6 +26,8 @@ class DraftTree:
         draft_probs: ``[N, V]`` the (warped) draft distribution node ``i`` was sampled from, or
             ``None`` when the proposals are deterministic (top-k, n-gram, Medusa).
         sampling: one of :data:`SAMPLING_MODES`; ``deterministic`` when ``draft_probs`` is None.
+        source: which drafter proposed it, where one drafter combines several (the hybrid's parts); the
+            decoders count steps by it (``DecodeStats.steps_by_source``). None: not counted.
     """
 
     tokens: torch.Tensor  # [N] long
@@ -34,6 +36,7 @@ class DraftTree:
     sampling: str = "deterministic"
     _depth: torch.Tensor | None = field(default=None, repr=False)
     _mask: torch.Tensor | None = field(default=None, repr=False)
+    source: str | None = None
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLING_MODES:

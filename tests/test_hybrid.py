@@ -8,6 +8,8 @@ sampled chains equals the per-node rule row by row.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -46,14 +48,20 @@ def _batch_second(kind: str, arch: str):
     return _second(kind, arch)
 
 
+def _by_part(drafter: HybridDrafter, stats) -> dict:
+    """``stats.steps_by_source`` as ``{"first": n, "second": m}`` (the hybrid's labels of its parts)."""
+    assert set(stats.steps_by_source) <= set(drafter.labels), stats.steps_by_source
+    return {part: stats.steps_by_source.get(label, 0) for part, label in zip(("first", "second"), drafter.labels)}
+
+
 def _steps(target, drafter, prompts, temperature: float = 0.0) -> dict:
     """Steps proposed by each part of ``drafter`` over decodes of ``prompts`` (seeds 0, 1, ...)."""
     decoder = SpeculativeDecoder(target, drafter, "greedy" if temperature == 0 else "rejection",
                                  SamplingParams(temperature=temperature))
-    total = {"first": 0, "second": 0, "none": 0}
+    total = {"first": 0, "second": 0}
     for seed, ids in enumerate(prompts):
-        decoder.generate(ids, max_new_tokens=24, seed=seed)
-        total = {k: total[k] + v for k, v in drafter.steps_by_drafter.items()}
+        stats = decoder.generate(ids, max_new_tokens=24, seed=seed).stats
+        total = {k: total[k] + v for k, v in _by_part(drafter, stats).items()}
     return total
 
 
@@ -92,9 +100,9 @@ def test_both_parts_propose_in_the_sampled_runs():
     decoder = SpeculativeDecoder(target, drafter, "rejection", SETTINGS["t1.0"])
     total = {"first": 0, "second": 0}
     for seed in range(40):
-        decoder.generate(NGRAM_PROMPT, max_new_tokens=3, seed=seed)
-        for k in total:
-            total[k] += drafter.steps_by_drafter[k]
+        stats = decoder.generate(NGRAM_PROMPT, max_new_tokens=3, seed=seed).stats
+        for k, v in _by_part(drafter, stats).items():
+            total[k] += v
     assert total["first"] >= 40 and total["second"] >= 10, total
 
 
@@ -125,6 +133,7 @@ def test_config_composes_builds_and_runs(tmp_path):
     from experiments import decode
     from experiments.loggers import NoLogger
     from experiments.models_from_config import load_models
+    from experiments.results import RECORDS_FILE, read_records
     from tests.test_medusa import compose_decode
 
     heads = save_head(EagleHead.for_target(pair("llama")[0], "eagle3"), tmp_path / "eagle3")
@@ -139,6 +148,15 @@ def test_config_composes_builds_and_runs(tmp_path):
     cfg.batch_size = 2  # the batched hybrid, through the same entry point
     batched = decode.run(cfg, tmp_path / "batched", logger=NoLogger())
     assert batched["metrics"]["matches_baseline"] is True
+    for run, result in (("run", summary), ("batched", batched)):  # steps counted by part, per record and in all
+        spec = result["metrics"]["speculative"]
+        assert set(spec["steps_by_source"]) == {"ngram", "eagle"}, spec["steps_by_source"]
+        assert sum(spec["steps_by_source"].values()) <= spec["target_forwards"]
+        records = [r for r in read_records(tmp_path / run / RECORDS_FILE)[0] if r["method"] == "speculative"]
+        per_record = Counter()
+        for r in records:
+            per_record.update(r["stats"]["steps_by_source"])
+        assert dict(per_record) == spec["steps_by_source"]
 
 
 def test_bench_drafters_puts_each_chain_behind_lookup(tmp_path):
@@ -195,9 +213,10 @@ def test_batched_hybrid_rows_equal_generate_and_batch_one(arch, second, max_rows
         assert out.sequences[i].tolist() == ref.tolist(), f"row {i}"
         single = SpeculativeDecoder(target, make()).generate(ids, max_new_tokens=limits[i], seed=3 + i)
         assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i}"
+        assert out.row_stats[i].steps_by_source == single.stats.steps_by_source, f"row {i}"
         stopped_early += out.sequences[i].shape[1] - ids.shape[1] < limits[i]
     assert stopped_early >= 1, "some row must stop on EOS mid-batch"
-    steps = batched.steps_by_drafter
+    steps = _by_part(batched, out.stats)
     assert steps["first"] > 0 and steps["second"] > 0, steps
 
 
@@ -218,7 +237,9 @@ def test_sampled_batched_hybrid_rows_equal_their_batch_one_runs(second):
         single = SpeculativeDecoder(target, make(), "rejection", sampling).generate(ids, limits[i], seed=11 + i)
         assert out.sequences[i].tolist() == single.sequences.tolist(), f"row {i}"
         assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i}"
-    assert batched.steps_by_drafter["first"] > 0 and batched.steps_by_drafter["second"] > 0
+        assert out.row_stats[i].steps_by_source == single.stats.steps_by_source, f"row {i}"
+    steps = _by_part(batched, out.stats)
+    assert steps["first"] > 0 and steps["second"] > 0, steps
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -268,8 +289,8 @@ def test_a_step_where_every_row_looks_up_leaves_the_second_part_in_step(second):
     firsts = []
     for ids in rows:
         one = make()
-        SpeculativeDecoder(target, one).generate(ids, max_new_tokens=2, seed=0)  # one step of depth 1
-        firsts.append(one.steps_by_drafter["first"])
+        stats = SpeculativeDecoder(target, one).generate(ids, max_new_tokens=2, seed=0).stats  # one step, depth 1
+        firsts.append(_by_part(one, stats)["first"])
     assert firsts == [1, 1], "each row's first step must be the lookup's"
     out = SpeculativeDecoder(target, make()).generate_batch(rows, max_new_tokens=16, seed=0)
     for i, ids in enumerate(rows):

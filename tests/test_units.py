@@ -105,8 +105,8 @@ def test_rule_registry_and_flags():
 
 def test_stats_metrics_mean_what_they_say():
     s = DecodeStats()
-    for proposed, acc in [(4, 4), (4, 1), (4, 0)]:
-        s.record_step(proposed, proposed, acc)
+    for (proposed, acc), source in zip([(4, 4), (4, 1), (4, 0)], ["ngram", None, "eagle"]):
+        s.record_step(proposed, proposed, acc, source)
     s.new_tokens = (4 + 1) + (1 + 1) + (0 + 1)
     assert s.tau == pytest.approx(8 / 3)
     assert s.mean_accepted_drafts == pytest.approx(5 / 3)
@@ -114,6 +114,7 @@ def test_stats_metrics_mean_what_they_say():
     assert s.acceptance_rate_by_depth == pytest.approx([2 / 3, 1 / 3, 1 / 3, 1 / 3])
     merged = DecodeStats.merge([s, s])
     assert merged.tau == pytest.approx(s.tau) and merged.depth_proposed == [6, 6, 6, 6]
+    assert s.steps_by_source == {"ngram": 1, "eagle": 1} and merged.steps_by_source == {"ngram": 2, "eagle": 2}
 
 
 def _ngram(tokens, **kw):

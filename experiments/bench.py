@@ -319,21 +319,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def batched_main(target, draft, prompts, args, argv) -> int:
-    """``--batch-sizes``: the batched table (:mod:`experiments.bench_batch`), printed and written."""
-    from experiments.bench_batch import markdown, run_batch_sizes
-
-    rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
-                           args.ngram_tokens, args.max_ngram, args.compile, args.confidence,
-                           (args.eagle, args.draft_dtype) if args.eagle else None, args.hybrid)
-    header = (f"{command_line(argv)}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
-              "(`*_continuous`: all prompts in one call, at most that many rows at once, a finished row's place "
-              f"taken by the next prompt), {args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, "
-              f"median of {args.reps} reps per group.\n")
-    publish(header + "\n" + markdown(rows), {"rows": rows}, args)
-    return 0 if all(r["matches_hf_greedy"] for r in rows) else 1
-
-
 def command_line(argv) -> str:
     return f"Command: `python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
 
@@ -374,6 +359,8 @@ def main(argv=None) -> int:
         target, draft, tok = load_pair(args)
         prompts = load_prompt_ids(tok, target, args)
         if args.batch_sizes:
+            from experiments.bench_batch import batched_main
+
             return batched_main(target, draft, prompts, args, argv)
         methods = build_methods(target, draft, args)
         context = int(statistics.median(p.shape[1] for p in prompts)) + args.max_new_tokens // 2

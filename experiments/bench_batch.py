@@ -204,3 +204,18 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['batch_size']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['vs_hf_batched']:.2f}x | "
                      f"{r['vs_ours_ar']:.2f}x | {spread} | {tau} | {'yes' if r['matches_hf_greedy'] else 'NO'} |")
     return "\n".join(lines)
+
+
+def batched_main(target, draft, prompts, args, argv) -> int:
+    """``experiments.bench --batch-sizes``: the batched table, printed and written."""
+    from experiments.bench import command_line, machine_line, publish
+
+    rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
+                           args.ngram_tokens, args.max_ngram, args.compile, args.confidence,
+                           (args.eagle, args.draft_dtype) if args.eagle else None, args.hybrid)
+    header = (f"{command_line(argv)}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
+              "(`*_continuous`: all prompts in one call, at most that many rows at once, a finished row's place "
+              f"taken by the next prompt), {args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, "
+              f"median of {args.reps} reps per group.\n")
+    publish(header + "\n" + markdown(rows), {"rows": rows}, args)
+    return 0 if all(r["matches_hf_greedy"] for r in rows) else 1

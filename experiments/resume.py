@@ -10,7 +10,9 @@ at what its directory already holds:
   those prompts are skipped, the rest are decoded with the same per-prompt seeds, and the
   aggregates are recomputed over all of them;
 - results of another config, results without a summary, or ``resume=false``: the old files are
-  moved to ``superseded-<time>/`` in the run directory (never deleted) and the run starts afresh.
+  moved to ``superseded-<time>/`` in the run directory (never deleted) and the run starts afresh;
+- records of prompts this run does not decode (a rerun with fewer prompts): the old records and summary are
+  copied to ``superseded-<time>/`` first, since the run's own files will hold only its prompts.
 
 "Same config" compares the resolved configs without the keys that do not change what is decoded
 (``IGNORED_KEYS``): a run continued with more prompts keeps the ones it has.
@@ -107,17 +109,21 @@ class ResumeState:
     messages: list[str] = field(default_factory=list)
 
 
-def set_aside(run_dir: Path, reason: str) -> Path | None:
-    """Move the run's files (:data:`RUN_FILES`) into ``run_dir/superseded-<time>/``; return it (None if
-    there was nothing). The W&B run goes with them, so the new results get a W&B run of their own."""
-    files = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+def set_aside(run_dir: Path, reason: str, names: tuple[str, ...] = RUN_FILES, keep: bool = False) -> Path | None:
+    """Move the run's files (``names``, default :data:`RUN_FILES`) into ``run_dir/superseded-<time>/``, or copy
+    them there with ``keep``; return it (None if there was nothing). Moved, the W&B run goes with them, so the new
+    results get a W&B run of their own."""
+    files = [run_dir / name for name in names if (run_dir / name).exists()]
     if not files:
         return None
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     target = run_dir / f"superseded-{stamp}"
     target.mkdir()
     for path in files:
-        shutil.move(str(path), str(target / path.name))
+        if keep:
+            shutil.copy2(path, target / path.name)
+        else:
+            shutil.move(str(path), str(target / path.name))
     (target / "REASON.txt").write_text(reason + "\n", encoding="utf-8")
     return target
 
@@ -211,6 +217,10 @@ def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids:
     for record in records:
         by_id.setdefault(record.get("question_id"), set()).add(record.get("method"))
     state.done = {qid for qid, done in by_id.items() if qid in wanted and set(methods) <= done}
+    if dropped := [qid for qid in by_id if qid not in wanted]:  # e.g. rerun with fewer prompts: keep a copy
+        reason = f"{len(dropped)} earlier prompt(s) are not in this run (e.g. fewer num_prompts)"
+        copied = set_aside(run_dir, reason, (RECORDS_FILE, SUMMARY_FILE), keep=True)
+        state.messages.append(f"{reason}; the earlier records and summary are copied to {copied}")
     seen: set = set()
     for record in records:  # one record per (prompt, method): the first complete one
         key = (record.get("question_id"), record.get("method"))

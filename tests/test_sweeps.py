@@ -255,6 +255,19 @@ def test_changed_config_sets_earlier_results_aside(prompts_file, tmp_path, capsy
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["seed"] == 5
 
 
+def test_a_rerun_with_fewer_prompts_keeps_a_copy_of_the_earlier_records(prompts_file, tmp_path, capsys):
+    """The rerun's own files hold its 2 prompts (resumed, nothing decoded again); the third prompt's records are not
+    lost: the earlier records and summary are copied to ``superseded-*`` first."""
+    decode.run(compose_cfg(*tiny_args(prompts_file, num_prompts=3), "costs=false"), tmp_path)
+    earlier = records_of(tmp_path)
+    capsys.readouterr()
+    again = decode.run(compose_cfg(*tiny_args(prompts_file, num_prompts=2), "costs=false"), tmp_path)
+    assert "1 earlier prompt(s) are not in this run" in capsys.readouterr().err
+    assert again["status"] == "complete" and len(records_of(tmp_path)) == 4
+    aside = list(tmp_path.glob("superseded-*"))
+    assert len(aside) == 1 and records_of(aside[0]) == earlier and len(earlier) == 6
+
+
 # --------------------------------------------------------------------------- launchers and bad sweeps
 
 

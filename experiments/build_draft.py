@@ -15,12 +15,12 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from experiments import cli
 from experiments.draft_training import DraftSettings, build_draft
+from specdec.models import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 @cli.hydra_main("build_draft")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; errors follow :mod:`experiments.cli` (``error: ...``, exit status 2)."""
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    set_threads(cfg.threads, "threads")
     fields = DraftSettings.__dataclass_fields__
     settings = DraftSettings(**{k: cfg[k] for k in fields})
     path, manifest = build_draft(str(cfg.target), settings, cache_dir=cfg.cache_dir, force=cfg.force,

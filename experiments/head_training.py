@@ -29,6 +29,7 @@ from experiments.head_data import (
 )
 from specdec.errors import ConfigError
 from specdec.files import atomic_write
+from specdec.models import check_device, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def autocast_dtype(cfg: DictConfig, device: torch.device, target) -> torch.dtype
 def _device(cfg: DictConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return check_device(cfg.device, "device")
 
 
 def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None) -> dict:
@@ -219,11 +220,10 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = check_settings(cfg, recipe)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    set_threads(cfg.threads, "threads")
+    device = _device(cfg)  # an absent GPU fails before the target loads
     torch.manual_seed(cfg.seed)
     target, tokenizer, where = load_target(cfg)
-    device = _device(cfg)
     target = target.to(device).eval().requires_grad_(False)
     fingerprint = target_fingerprint(target)
     settings["target_sha256"] = fingerprint["sha256"]

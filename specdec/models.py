@@ -60,6 +60,36 @@ def resolve_draft_dtype(draft_dtype: str | None, dtype: str, device: str, key: s
     return draft_dtype
 
 
+def check_device(device: str | torch.device, key: str = "model.device") -> torch.device:
+    """``device`` as a :class:`torch.device`, or :class:`SpecDecError` naming ``key`` when it is not a device name
+    or is not present here (CUDA without a GPU or a CUDA build of torch, an index past the last GPU, MPS off a Mac)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise SpecDecError(f"{key}={device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecDecError(f"{key}={device}: no CUDA GPU is visible to this torch build "
+                               f"({torch.__version__}); use {key.split('=')[0]}=cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SpecDecError(f"{key}={device}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0 .. "
+                               f"cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SpecDecError(f"{key}={device}: MPS is not available on this machine; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise SpecDecError(f"{key}={device}: this framework runs on cpu, cuda or mps")
+    return dev
+
+
+def set_threads(threads: int | None, key: str = "num_threads") -> None:
+    """``torch.set_num_threads(threads)``; None keeps torch's default; below 1 is a :class:`SpecDecError` naming ``key``."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise SpecDecError(f"{key}={threads}: give a number of CPU threads >= 1 (or null for torch's default)")
+    torch.set_num_threads(threads)
+
+
 def check_dtype_choice(choice: str | None, key: str) -> None:
     """Raise :class:`SpecDecError` naming ``key`` unless ``choice`` is None, ``auto`` or a dtype name."""
     if choice is not None and choice != "auto" and choice not in DTYPES:

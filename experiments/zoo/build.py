@@ -79,7 +79,9 @@ def resolve_device(device: str | None) -> torch.device:
     """``auto``/None -> cuda if available else cpu; anything else as given."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from specdec.models import check_device
+
+    return check_device(device, "device")
 
 
 def resolve_amp(precision: str, device: torch.device, hidden_size: int = 512) -> torch.dtype | None:
@@ -101,9 +103,10 @@ def resolve_amp(precision: str, device: torch.device, hidden_size: int = 512) ->
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
     """Use ``threads`` torch CPU threads inside the block (None: leave as is)."""
+    from specdec.models import set_threads
+
     previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads, "threads")
     try:
         yield
     finally:

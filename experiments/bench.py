@@ -266,15 +266,18 @@ def verify_curve(target, context: int, widths: tuple[int, ...], backends: list[s
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m experiments.bench",
+                           description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="default", help="embedded zoo pair size (default, micro)")
+    p.add_argument("--model", help="a real target on the prompt suite, per category (experiments.bench_suite); "
+                   "python -m experiments.bench --model smollm2 --help lists its options")
     p.add_argument("--target", help="target checkpoint directory (instead of the zoo)")
     p.add_argument("--draft", help="draft checkpoint directory")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--dataset", help="Spec-Bench question.jsonl (default: held-out stdlib prompts)")
-    p.add_argument("--prompts", type=int, default=10)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--prompts", type=cli.int_at_least(1), default=10)
+    p.add_argument("--max-new-tokens", type=cli.int_at_least(1), default=128)
+    p.add_argument("--max-prompt-tokens", type=cli.int_at_least(1), default=384)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where every model runs")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="precision of the target")
     p.add_argument("--draft-dtype", default="float32", choices=sorted(DTYPES),
@@ -282,9 +285,9 @@ def parse_args(argv=None):
     p.add_argument("--synthetic", default=None,
                    help="a random-weight target of a real shape (llama-8b, llama-1b, llama-micro) with a layer-truncated "
                         "self-draft, random prompts: timings only (see experiments.synthetic)")
-    p.add_argument("--draft-layers", type=int, default=2, help="--synthetic: layers of the self-draft")
-    p.add_argument("--prompt-len", type=int, default=256, help="--synthetic: prompt length")
-    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    p.add_argument("--draft-layers", type=cli.int_at_least(1), default=2, help="--synthetic: layers of the self-draft")
+    p.add_argument("--prompt-len", type=cli.int_at_least(1), default=256, help="--synthetic: prompt length")
+    p.add_argument("--batch-sizes", type=cli.ints_at_least(1), default=None,
                    help="instead of the batch-1 table: aggregate tokens/s of batched decoding at these batch sizes "
                         "(HF batched generate vs our batched AR, a chain at each --ks, n-gram)")
     p.add_argument("--compile", default="none", choices=["none", "static", "graph", "inductor"],
@@ -293,27 +296,27 @@ def parse_args(argv=None):
     p.add_argument("--verify-curve", action="store_true",
                    help="also time the verify forward by width for each --backends at --context tokens")
     p.add_argument("--backends", type=lambda s: s.split(","), default=["sdpa", "triton"])
-    p.add_argument("--context", type=int, default=None, help="--verify-curve context (default: the run's)")
-    p.add_argument("--verify-widths", type=lambda s: tuple(int(x) for x in s.split(",")),
+    p.add_argument("--context", type=cli.int_at_least(1), default=None, help="--verify-curve context (default: the run's)")
+    p.add_argument("--verify-widths", type=lambda s: tuple(cli.ints_at_least(1)(s)),
                    default=(1, 2, 4, 8, 16, 32, 64))
-    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6])
+    p.add_argument("--ks", type=cli.ints_at_least(1), default=[2, 4, 6])
     p.add_argument("--confidence", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
                    help="also chains at each --ks that stop after a draft less likely than each of these thresholds "
                         "(ours: drafter confidence_threshold; HF: assistant_confidence_threshold; with --batch-sizes too)")
     p.add_argument("--trees", type=lambda s: [t for t in s.split(",") if t], default=[],
                    help="draft-model tree presets to add (e.g. binary,sparse60; eager, and with --compile captured)")
     p.add_argument("--eagle", help="--batch-sizes: also EAGLE chains at each --ks with this head directory (in --draft-dtype)")
-    p.add_argument("--hybrid", type=int, default=0, metavar="N", help="--batch-sizes: also each chain behind prompt "
+    p.add_argument("--hybrid", type=cli.int_at_least(0), default=0, metavar="N", help="--batch-sizes: also each chain behind prompt "
                    "lookup (--ngram-tokens drafts where a suffix of >= N tokens recurred), ours_ngram+<chain>")
-    p.add_argument("--ngram-tokens", type=int, default=4)
-    p.add_argument("--max-ngram", type=int, default=2, help="HF's max_matching_ngram_size (its default is 2)")
+    p.add_argument("--ngram-tokens", type=cli.int_at_least(1), default=4)
+    p.add_argument("--max-ngram", type=cli.int_at_least(1), default=2, help="HF's max_matching_ngram_size (its default is 2)")
     p.add_argument("--hf-dynamic", action=argparse.BooleanOptionalAction, default=True,
                    help="also run HF assisted generation with its default schedule")
     p.add_argument("--hf-compile", action="store_true",
                    help="also HF plain generate through its static cache and torch.compile (hf_static_compiled; "
                         "the first call per shape compiles, the median over --reps leaves it out)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=cli.int_at_least(1), default=3)
+    p.add_argument("--threads", type=cli.int_at_least(1), default=2)
     p.add_argument("--json", help="write raw results here")
     p.add_argument("--markdown", help="write the Markdown table here")
     return p.parse_args(argv)

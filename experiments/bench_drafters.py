@@ -59,8 +59,8 @@ def _ours(target, drafter, max_new: int, temperature: float, verify_widths=None)
 
 def head_drafters(args, notes: list[str]) -> dict:
     """``{name: factory(**shape) -> drafter}`` for the heads that exist (missing ones noted, skipped; a
-    default directory without a head config counts as missing, a directory given on the command line is
-    loaded, so a bad one is an error)."""
+    default directory without a head config counts as missing, a directory given on the command line must exist
+    and is loaded, so a bad one is an error)."""
     from drafters.eagle_heads import FILES as EAGLE_FILES
     from drafters.eagle_heads import default_heads_dir as eagle_dir
     from drafters.medusa_heads import FILES as MEDUSA_FILES
@@ -72,6 +72,9 @@ def head_drafters(args, notes: list[str]) -> dict:
         default = medusa_dir(args.size, args.cache_dir) if medusa else eagle_dir(name, args.size, args.cache_dir)
         directory = given or default
         config = (MEDUSA_FILES if medusa else EAGLE_FILES).config_file
+        if given and not Path(given).expanduser().is_dir():
+            raise SpecDecError(f"--{name} {given}: no such directory; give a heads directory written by "
+                               f"experiments.train_{'medusa' if medusa else 'eagle'}, or leave --{name} out")
         if not Path(directory).is_dir() or not (given or (Path(directory) / config).is_file()):
             notes.append(f"{name}: no heads at {directory}, skipped")
         elif medusa:
@@ -201,23 +204,24 @@ def _record_stats(methods: list[Method]) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m experiments.bench_drafters",
+                           description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="default", help="embedded zoo pair size (default, micro)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--dataset", help="prompt file (default: held-out stdlib prompts)")
-    p.add_argument("--prompts", type=int, default=10)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--prompts", type=cli.int_at_least(1), default=10)
+    p.add_argument("--max-new-tokens", type=cli.int_at_least(1), default=96)
+    p.add_argument("--max-prompt-tokens", type=cli.int_at_least(1), default=384)
     p.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.8])
-    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[4],
+    p.add_argument("--ks", type=cli.ints_at_least(1), default=[4],
                    help="chain lengths of our draft model and EAGLE chains")
-    p.add_argument("--hf-ks", type=lambda s: [int(x) for x in s.split(",")], default=[3, 4, 5],
+    p.add_argument("--hf-ks", type=cli.ints_at_least(1), default=[3, 4, 5],
                    help="HF assisted generation's constant k (the best one is the reference)")
-    p.add_argument("--budget", type=int, default=10, help="dynamic trees: nodes")
-    p.add_argument("--dynamic-depth", type=int, default=6, help="dynamic trees: depth limit")
-    p.add_argument("--top-k-children", type=int, default=4, help="dynamic trees: children per expanded node")
-    p.add_argument("--ngram-tokens", type=int, default=4)
-    p.add_argument("--hf-lookup-tokens", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    p.add_argument("--budget", type=cli.int_at_least(1), default=10, help="dynamic trees: nodes")
+    p.add_argument("--dynamic-depth", type=cli.int_at_least(1), default=6, help="dynamic trees: depth limit")
+    p.add_argument("--top-k-children", type=cli.int_at_least(1), default=4, help="dynamic trees: children per expanded node")
+    p.add_argument("--ngram-tokens", type=cli.int_at_least(1), default=4)
+    p.add_argument("--hf-lookup-tokens", type=cli.ints_at_least(1), default=None,
                    help="HF prompt lookup's prompt_lookup_num_tokens, one method each (hf_prompt_lookup_<n>; the best "
                         "one is the reference; default: --ngram-tokens)")
     p.add_argument("--medusa", help="Medusa heads directory (default: train_medusa's for --size)")
@@ -233,11 +237,11 @@ def parse_args(argv=None):
     p.add_argument("--verify-widths", default=None,
                    help="add each chain padded to these verify widths (`_padded`): a comma list, or auto (the "
                         "widths no wider one undercuts on the target's measured cost curve)")
-    p.add_argument("--hybrid", type=int, default=0, metavar="N",
+    p.add_argument("--hybrid", type=cli.int_at_least(0), default=0, metavar="N",
                    help="add each chain behind prompt lookup (drafters.HybridDrafter; n-gram drafts when a suffix of "
                         ">= N tokens recurred), named ours_ngram+<chain>; 0: none")
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=cli.int_at_least(1), default=2)
+    p.add_argument("--threads", type=cli.int_at_least(1), default=2)
     p.add_argument("--json", help="write raw results here")
     p.add_argument("--markdown", help="write the Markdown tables here")
     args = p.parse_args(argv)

@@ -25,26 +25,28 @@ from collections import defaultdict
 
 import torch
 
+from experiments import cli
 from experiments.bench import Method, _ours, machine_line, run_all
 from experiments.hf_generate import hf, hf_assisted
+from specdec.errors import SpecDecError
 
 CATEGORY_ORDER = ("coding", "summarization", "rag", "qa", "math_reasoning", "multi_turn")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m experiments.bench --model", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="a model of experiments.pretrained")
     p.add_argument("--dataset", default="suite", help="suite, or a Spec-Bench question.jsonl")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--per-category", type=int, default=4, help="prompts per category (the first ones)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--per-category", type=cli.int_at_least(1), default=4, help="prompts per category (the first ones)")
+    p.add_argument("--max-new-tokens", type=cli.int_at_least(1), default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, checked against HF; > 0: rejection")
-    p.add_argument("--k", type=int, default=4, help="chain length of the draft-model and layer-skip drafters")
-    p.add_argument("--layer-skip", type=int, default=6, help="layers of the layer-skip self-draft")
-    p.add_argument("--ngram-tokens", type=int, default=4)
-    p.add_argument("--max-ngram", type=int, default=2)
+    p.add_argument("--k", type=cli.int_at_least(1), default=4, help="chain length of the draft-model and layer-skip drafters")
+    p.add_argument("--layer-skip", type=cli.int_at_least(1), default=6, help="layers of the layer-skip self-draft")
+    p.add_argument("--ngram-tokens", type=cli.int_at_least(1), default=4)
+    p.add_argument("--max-ngram", type=cli.int_at_least(1), default=2)
     p.add_argument("--medusa", default=None, help="Medusa heads directory (default: the cached heads for the model)")
-    p.add_argument("--medusa-nodes", type=int, default=16, help="nodes of the Medusa tree (from the heads' eval.json)")
+    p.add_argument("--medusa-nodes", type=cli.int_at_least(1), default=16, help="nodes of the Medusa tree (from the heads' eval.json)")
     p.add_argument("--eagle", default=None, help="EAGLE head directories, comma-separated (default: the cached heads "
                    "for the model); each gives a chain of --k and, with --eagle-budget, a dynamic tree")
     p.add_argument("--draft-vocab-from", default=None, help="heads directory whose draft vocabulary a second "
@@ -52,13 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--confidence", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
                    help="also each draft-model and EAGLE chain with these confidence thresholds (a dynamic draft "
                         "length: <name>_conf<c>; HF assisted generation too, hf_assisted_k<k>_conf<c>)")
-    p.add_argument("--eagle-budget", type=int, default=0, help="nodes of an EAGLE-2 dynamic tree row (0: none)")
-    p.add_argument("--hybrid", type=int, default=0, metavar="N",
+    p.add_argument("--eagle-budget", type=cli.int_at_least(0), default=0, help="nodes of an EAGLE-2 dynamic tree row (0: none)")
+    p.add_argument("--hybrid", type=cli.int_at_least(0), default=0, metavar="N",
                    help="also each of our drafters that runs a model behind prompt lookup (drafters.HybridDrafter: an "
                         "n-gram of --ngram-tokens drafts where a suffix of >= N tokens recurred), ours_ngram+<name>")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
-    p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=cli.int_at_least(1), default=1)
+    p.add_argument("--threads", type=cli.int_at_least(1), default=2)
     p.add_argument("--json", help="write raw results here")
     p.add_argument("--markdown", help="write the Markdown tables here")
     return p.parse_args(argv)
@@ -164,7 +166,11 @@ def eagle_dirs(args, target) -> list[str]:
     from drafters.eagle_heads import FILES, default_heads_dir, target_fingerprint
 
     if args.eagle:
-        return [p for p in args.eagle.split(",") if p]
+        given = [p for p in args.eagle.split(",") if p]
+        if missing := [p for p in given if not Path(p).expanduser().is_dir()]:
+            raise SpecDecError(f"--eagle {missing[0]}: no such directory; train one with python -m "
+                               f"experiments.train_eagle target={args.model}, or leave --eagle out")
+        return given
     from experiments.pretrained import model_dir
 
     name = f"{model_dir(args.model, args.cache_dir).name}-{target_fingerprint(target)['sha256'][:10]}"
@@ -201,7 +207,10 @@ def build_methods(target, draft, medusa, args) -> list[Method]:
                                       hf_assisted(target, draft, m, args.k, c), False, args.k))
         methods += [Method(name, _ours(target, d, m), True) for name, d in ours.items()]
     if args.methods:
-        keep = set(args.methods.split(",")) | {methods[0].name}
+        keep = {name for name in args.methods.split(",") if name} | {methods[0].name}
+        if unknown := sorted(keep - {meth.name for meth in methods}):
+            raise SpecDecError(f"--methods: {', '.join(unknown)} is not a method of this run (a drafter whose model or "
+                               f"heads are missing adds none); choose from {', '.join(meth.name for meth in methods)}")
         methods = [meth for meth in methods if meth.name in keep]
     return methods
 
@@ -285,3 +294,7 @@ def main(argv=None) -> int:
             json.dump({"rows": rows, "costs": costs, "machine": machine_line(), "args": vars(args)}, f, indent=1,
                       default=str)
     return 0 if not greedy or all(r["matches_hf_plain"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli.guard()(main)())

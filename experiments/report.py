@@ -65,6 +65,17 @@ def write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
 # --------------------------------------------------------------------------- cost-model check
 
 
+def _share(text: str) -> float:
+    """An argparse ``type``: a share between 0 and 1 (``--tolerance``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a share between 0 and 1, e.g. 0.05")
+    return value
+
+
 def check_recommendations(runs: list[Run], swept: list[str], tolerance: float) -> list[str]:
     """Per series: the cost model's recommended k against the best measured k."""
     lines = []
@@ -147,10 +158,10 @@ def report(root: Path, out: Path | None = None, tolerance: float = 0.05) -> dict
 
 @cli.guard(ReportError)
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n")[0])
     parser.add_argument("dir", type=Path, help="a run directory or a multirun (sweep) directory")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: <dir>/report)")
-    parser.add_argument("--tolerance", type=float, default=0.05,
+    parser.add_argument("--tolerance", type=_share, default=0.05,
                         help="recommended k passes if its measured speedup is within this share of the best (0.05)")
     parser.add_argument("--wandb", choices=("offline", "online", "disabled", "none"), default="offline",
                         help="log the report to W&B (offline by default; none skips W&B)")

@@ -40,7 +40,8 @@ def truncated_view(target: nn.Module, layers: int) -> nn.Module:
                           f"(Llama, Mistral, Qwen2, SmolLM ...); {type(target).__name__} is not")
     total = len(base.layers)
     if layers >= total:
-        raise ConfigError(f"drafter.layers={layers}: the target has {total} layers; a self-draft needs fewer")
+        raise ConfigError(f"drafter.layers={layers}: the target has {total} layers; a self-draft needs fewer: set "
+                          f"drafter.layers between 1 and {total - 1}, e.g. drafter.layers={max(1, total // 4)}")
     config = copy.deepcopy(target.config)
     config.num_hidden_layers = layers
     if getattr(config, "layer_types", None) is not None:

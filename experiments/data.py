@@ -114,7 +114,8 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[Prom
     """
     path = Path(path)
     if not path.is_file():
-        raise PromptFileError(f"prompt file {str(path)!r} does not exist; pass the path of a Spec-Bench question.jsonl")
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise PromptFileError(f"prompt file {str(path)!r} {problem}; pass the path of a Spec-Bench question.jsonl")
     prompts = []
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):

@@ -158,10 +158,11 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     from verifier.availability import check_attn_backend
 
     run_dir, hydra_info = Path(run_dir), hydra_info or {}
-    if cfg.num_threads is not None:
-        import torch
+    from specdec.models import check_device, set_threads
 
-        torch.set_num_threads(cfg.num_threads)
+    set_threads(cfg.num_threads, "num_threads")
+    if cfg.model.get("device_map") is None:  # an absent GPU fails before anything loads
+        check_device(target_device(cfg.model), "model.device")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size}: decode at least one prompt at a time (batch_size >= 1)")
     if cfg.batch_mode not in BATCH_MODES:
@@ -176,6 +177,9 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         check_dtype_choice(cfg.drafter.dtype, "drafter.dtype")
     if not auto_widths(cfg):  # a bad width list fails before any model loads too
         check_widths(cfg.get("verify_widths"))
+    if cfg.get("verify_widths") and (cfg.batch_size > 1 or cfg.compile != "none"):
+        print(f"warning: verify_widths pads the batch-1 eager loop's verifies only; ignored with batch_size="
+              f"{cfg.batch_size}, compile={cfg.compile}", file=sys.stderr)
     prompts, max_prompt_tokens = load_dataset_prompts(cfg.dataset, cfg.num_prompts)
     config = OmegaConf.to_container(cfg, resolve=True)
     methods = [SPECULATIVE, BASELINE] if cfg.baseline else [SPECULATIVE]

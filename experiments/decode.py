@@ -163,6 +163,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     set_threads(cfg.num_threads, "num_threads")
     if cfg.model.get("device_map") is None:  # an absent GPU fails before anything loads
         check_device(target_device(cfg.model), "model.device")
+    if cfg.warmup < 0:
+        raise ConfigError(f"warmup={cfg.warmup}: give the number of warm-up decodes, >= 0")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size}: decode at least one prompt at a time (batch_size >= 1)")
     if cfg.batch_mode not in BATCH_MODES:

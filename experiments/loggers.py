@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from experiments.wandb_run import DEFAULT_INIT_TIMEOUT, RunState, start_wandb
+from specdec.errors import ConfigError
+
+#: W&B modes ``logger.mode`` may name.
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 class Logger:
@@ -85,6 +89,8 @@ class WandbLogger(Logger):
         run_name: str | None = None,
         init_timeout: float = DEFAULT_INIT_TIMEOUT,
     ) -> None:
+        if mode not in WANDB_MODES:
+            raise ConfigError(f"logger.mode={mode!r} is unknown; choose one of {', '.join(WANDB_MODES)}")
         self.run_dir = Path(run_dir)
         self.init_timeout = float(init_timeout)
         self.init_kwargs = {

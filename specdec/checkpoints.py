@@ -117,9 +117,18 @@ def check_finite_weights(model, role: str, checkpoint: str | os.PathLike) -> Non
             )
 
 
+def _needs_own_code(path: str) -> bool:
+    """Whether the checkpoint's ``config.json`` points at its own modelling code (``auto_map``)."""
+    try:
+        config = json.loads((Path(os.path.expanduser(path)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("auto_map"))
+
+
 def load_failure(role: str, path: str, err: BaseException) -> SpecDecError:
     """The error to raise when ``from_pretrained`` failed for the ``role`` checkpoint at ``path``."""
-    if "trust_remote_code" in str(err):
+    if "trust_remote_code" in str(err) or _needs_own_code(path):
         return RemoteCodeError(role, path)
     broken = find_broken_file(path)
     if broken is not None:

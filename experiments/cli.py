@@ -125,7 +125,10 @@ def error_message(exc: BaseException) -> str:
         if cause is not None and type(cause).__module__.startswith("omegaconf") and str(cause).strip():
             lines.append(str(cause).strip().splitlines()[0])
         return _join_lines(lines) or type(exc).__name__
-    return _one_line(str(exc)) or type(exc).__name__
+    text = _one_line(str(exc)) or type(exc).__name__
+    if text.startswith("Config group override must be a string"):  # Hydra's, for e.g. tree=null
+        text += ": a config group takes one of its option names (e.g. tree=none, not tree=null)"
+    return text
 
 
 def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:

@@ -154,9 +154,11 @@ def prompt_text(prompt: Prompt, tokenizer) -> str:
 
 def prompt_ids(prompt: Prompt, tokenizer):
     """``prompt`` as token ids ``[1, T]`` (a LongTensor): :func:`prompt_text` tokenized, with the tokenizer's
-    special tokens only where no chat template put its own in the text."""
+    special tokens only where no chat template put its own in the text. No length warning: a prompt longer than the
+    model's context is the decoder's one error."""
     templated = prompt.messages is not None and bool(getattr(tokenizer, "chat_template", None))
-    return tokenizer(prompt_text(prompt, tokenizer), return_tensors="pt", add_special_tokens=not templated)["input_ids"]
+    return tokenizer(prompt_text(prompt, tokenizer), return_tensors="pt", add_special_tokens=not templated,
+                     verbose=False)["input_ids"]
 
 
 def write_prompts(path: str | os.PathLike, prompts: list[Prompt]) -> Path:

@@ -51,7 +51,11 @@ def load_dataset_prompts(dataset: DictConfig, num_prompts: int) -> tuple[list, i
     """``(prompts, max_prompt_tokens)``: the first ``num_prompts`` prompts of the prompt set the ``dataset``
     config's ``_target_`` builds (:mod:`experiments.datasets`), and how many prompt tokens to keep."""
     prompt_set = instantiate(dataset, "dataset")
-    return prompt_set.load(num_prompts), prompt_set.max_prompt_tokens
+    prompts = prompt_set.load(num_prompts)
+    if num_prompts is not None and len(prompts) < num_prompts:
+        print(f"warning: num_prompts={num_prompts} but the prompt set holds {len(prompts)}; decoding those",
+              file=sys.stderr)
+    return prompts, prompt_set.max_prompt_tokens
 
 
 def encode_prompts(prompts: list, tokenizer: Any, max_prompt_tokens: int | None, device: Any) -> list[EncodedPrompt]:

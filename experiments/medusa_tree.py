@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     path, tau = derive(args.heads_dir.expanduser(), args.nodes, args.name or f"medusa{args.nodes}", args.out_dir,
                        args.max_depth, args.measure, args.target, args.tokenizer, args.eval_tokens, force=args.force,
                        source=args.source)
-    print(f"wrote {path} (expected tau {tau:.2f}); use it with drafter=medusa tree={path.stem}")
+    if path.parent.resolve() == Path(PRESET_DIR).resolve():
+        print(f"wrote {path} (expected tau {tau:.2f}); use it with drafter=medusa tree={path.stem}")
+    else:  # Hydra finds tree presets in conf/tree only
+        print(f"wrote {path} (expected tau {tau:.2f}); to use it as drafter=medusa tree={path.stem}, copy it to "
+              f"{PRESET_DIR}/")
     return 0
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -124,11 +126,28 @@ def error_message(exc: BaseException) -> str:
         cause = exc.__cause__
         if cause is not None and type(cause).__module__.startswith("omegaconf") and str(cause).strip():
             lines.append(str(cause).strip().splitlines()[0])
-        return _join_lines(lines) or type(exc).__name__
+        text = _join_lines(lines) or type(exc).__name__
+        return _misspelled_key(text, cause) or text
     text = _one_line(str(exc)) or type(exc).__name__
     if text.startswith("Config group override must be a string"):  # Hydra's, for e.g. tree=null
         text += ": a config group takes one of its option names (e.g. tree=none, not tree=null)"
     return text
+
+
+def _misspelled_key(text: str, cause: BaseException | None) -> str | None:
+    """Hydra's "Could not override 'k' ... use +k=v ... not in struct" as: the key is unknown, the closest known keys
+    (when the config node is at hand), and how to list them; None for any other message."""
+    match = re.match(r"Could not override '([^']+)'", text)
+    if match is None or "not in struct" not in text:
+        return None
+    key = match.group(1)
+    parent = getattr(cause, "parent_node", None)
+    known = [str(k) for k in parent.keys()] if hasattr(parent, "keys") else []
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"did you mean {' or '.join(prefix + c for c in close)}? " if close else ""
+    return (f"{key} is not a key of this config: {hint}--cfg job prints every key; a key added on purpose "
+            f"takes a leading + (+{key}=...)")
 
 
 def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:

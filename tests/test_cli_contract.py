@@ -202,6 +202,10 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     error_line(err, 2, code, "max_new_tokens=abc", "could not be converted to Integer")
     code, err = main_in_process(monkeypatch, capsys, "drafter.heads=~/heads", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "drafter.heads=~/heads", "needs Hydra quotes inside shell quotes")
+    code, err = main_in_process(monkeypatch, capsys, "drafter.num_speculative_token=4", f"hydra.run.dir={tmp_path}")
+    error_line(err, 2, code, "drafter.num_speculative_token is not a key", "did you mean drafter.num_speculative_tokens?")
+    code, err = main_in_process(monkeypatch, capsys, "tree=null", f"hydra.run.dir={tmp_path}")
+    error_line(err, 2, code, "tree=none, not tree=null")
 
 
 def test_a_device_that_is_not_here_and_a_bad_thread_count_fail_before_anything_loads(tmp_path, monkeypatch, capsys):

@@ -32,6 +32,7 @@ from drafters.eagle_heads import VERSIONS, EagleHead, default_heads_dir, save_he
 from experiments.head_data import generate_rows
 from experiments.head_training import HeadRecipe, target_dir_name, teacher
 from specdec.errors import ConfigError
+from specdec.models import text_config
 from verifier.verifier import attention_backend, cache_argument
 
 #: Per-version defaults of the settings left null in ``conf/train_eagle.yaml``.
@@ -210,6 +211,10 @@ class EagleRecipe(HeadRecipe):
 
     def build(self, cfg: DictConfig, target, draft_vocab: torch.Tensor | None = None) -> EagleHead:
         layers = list(cfg.feature_layers) if cfg.feature_layers is not None else None
+        depth = int(text_config(target).num_hidden_layers)
+        if layers is not None and (bad := [i for i in layers if not 0 <= int(i) < depth]):
+            raise ConfigError(f"feature_layers={layers}: {bad} outside the target's layers 0..{depth - 1}; pick three "
+                              f"of them (low, middle, high), or null for the default")
         head = EagleHead.for_target(target, cfg.version, layers, seed=cfg.seed, init=cfg.init, draft_vocab=draft_vocab)
         self.tap = head.tap(target)
         return head

@@ -202,6 +202,14 @@ def autocast_dtype(cfg: DictConfig, device: torch.device, target) -> torch.dtype
         raise ConfigError(f"precision={cfg.precision!r}: use auto, fp32 or bf16") from exc
 
 
+def make_dir(path: Path, key: str) -> None:
+    """``mkdir -p path``, or a :class:`ConfigError` naming ``key`` when it cannot be made."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot create {path} ({err.strerror}); give a writable directory") from None
+
+
 def _device(cfg: DictConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,7 +236,6 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     fingerprint = target_fingerprint(target)
     settings["target_sha256"] = fingerprint["sha256"]
     out_dir = Path(str(cfg.out_dir)).expanduser() if cfg.out_dir else recipe.out_dir(cfg, fingerprint)
-    out_dir.mkdir(parents=True, exist_ok=True)
     amp = autocast_dtype(cfg, device, target)
     check_draft_vocab(cfg, target)  # before any data is made
     from experiments.suite import SUITE_SOURCES
@@ -241,6 +248,7 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     head = recipe.build(cfg, target, draft_vocabulary(cfg, target, train_chunks, extra_rows))
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=tuple(recipe.betas))
+    make_dir(out_dir, "out_dir" if cfg.out_dir else "cache_dir")  # after the head is built: a bad setting leaves none
     ckpt, start, elapsed = out_dir / "checkpoint.pt", 0, 0.0
     if cfg.resume and ckpt.is_file():
         state = load_checkpoint(ckpt, settings)

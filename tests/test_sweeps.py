@@ -283,10 +283,11 @@ def test_slurm_preset_runs_with_the_submitit_local_executor(prompts_file, tmp_pa
     assert list((tmp_path / ".submitit").glob("*/*_log.out"))
 
 
-def test_unknown_sweep_key_fails_with_hydras_message(tmp_path):
+def test_unknown_sweep_key_fails_naming_the_key_and_the_closest_one(tmp_path):
     proc = run_cli("sweep=custom", "experiment=smoke", "drafter.num_speculative_tokenz=1,2",
                    f"hydra.sweep.dir={tmp_path}")
-    assert proc.returncode != 0
-    assert "Could not override 'drafter.num_speculative_tokenz'" in proc.stderr
+    assert proc.returncode == 2
+    assert ("error: drafter.num_speculative_tokenz is not a key of this config: did you mean "
+            "drafter.num_speculative_tokens?") in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("summary.json"))

@@ -59,9 +59,8 @@ class BatchTree:
         if len(modes) > 1:
             raise ValueError(f"a batch's sampled draft trees must share one sampling mode, got {sorted(modes)}")
         sampling = modes.pop() if modes else "deterministic"
-        if sampling == "without_replacement" and any(
-                t.sampling == "deterministic" and t.parents.tolist() != list(range(-1, t.num_nodes - 1))
-                for t in trees):  # q' of the first child is renormalised after a rejection: one child per node only
+        if sampling == "without_replacement" and any(t.sampling == "deterministic" and not t.is_chain for t in trees):
+            # q' of the first child is renormalised after a rejection: one child per node only
             raise ValueError("a deterministic tree with siblings cannot share a batch with trees sampled without "
                              "replacement; only deterministic chains can")
         if n == 0:

@@ -70,7 +70,7 @@ def check_device(device: str | torch.device, key: str = "model.device") -> torch
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise SpecDecError(f"{key}={device}: no CUDA GPU is visible to this torch build "
-                               f"({torch.__version__}); use {key.split('=')[0]}=cpu, or install a CUDA build of torch")
+                               f"({torch.__version__}); use {key}=cpu, or install a CUDA build of torch")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise SpecDecError(f"{key}={device}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0 .. "
                                f"cuda:{torch.cuda.device_count() - 1}")

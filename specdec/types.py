@@ -43,13 +43,18 @@ class DraftTree:
             raise ValueError(f"DraftTree.sampling={self.sampling!r}; expected one of {SAMPLING_MODES}")
         if self.draft_probs is None and self.sampling != "deterministic":
             raise ValueError("a sampled DraftTree needs draft_probs [N, V]; pass sampling='deterministic' otherwise")
-        if self.sampling == "chain" and not torch.equal(self.parents.cpu(), torch.arange(-1, self.num_nodes - 1)):
+        if self.sampling == "chain" and not self.is_chain:
             raise ValueError("sampling='chain' needs a chain (parents [-1, 0, 1, ...]); name how a tree's siblings "
                              "were drawn: with_replacement or without_replacement")
 
     @property
     def num_nodes(self) -> int:
         return int(self.tokens.shape[0])
+
+    @property
+    def is_chain(self) -> bool:
+        """Every node's parent is the node before it (parents ``[-1, 0, 1, ...]``); true for no nodes."""
+        return torch.equal(self.parents.cpu(), torch.arange(-1, self.num_nodes - 1, dtype=self.parents.dtype))
 
     @classmethod
     def chain(cls, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> DraftTree:

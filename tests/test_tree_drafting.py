@@ -18,7 +18,7 @@ from verifier import tree_forward
 
 ARCHS = ["llama", "qwen2"]
 PRESETS = ["chain4", "chain8", "binary", "sparse60"]
-SHAPES = {name: dict(tree=name) for name in PRESETS} | {"dynamic": dict(budget=12, num_speculative_tokens=5)}
+SHAPES = {name: {"tree": name} for name in PRESETS} | {"dynamic": {"budget": 12, "num_speculative_tokens": 5}}
 
 
 # --------------------------------------------------------------------------- presets
@@ -83,13 +83,13 @@ def test_bad_yaml_preset_file(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(tree="binary", tree_sampling="beam"), "tree_sampling='beam' is unknown"),
-    (dict(budget=0), "budget=0: it must be an integer >= 1"),
-    (dict(budget=-2), "budget=-2"),
-    (dict(budget=2.5), "budget=2.5"),
-    (dict(budget=8, tree="binary"), "not both"),
-    (dict(budget=8, tree_sampling="with_replacement"), "deterministic children"),
-    (dict(budget=8, top_k_children=0), "top_k_children=0"),
+    ({"tree": "binary", "tree_sampling": "beam"}, "tree_sampling='beam' is unknown"),
+    ({"budget": 0}, "budget=0: it must be an integer >= 1"),
+    ({"budget": -2}, "budget=-2"),
+    ({"budget": 2.5}, "budget=2.5"),
+    ({"budget": 8, "tree": "binary"}, "not both"),
+    ({"budget": 8, "tree_sampling": "with_replacement"}, "deterministic children"),
+    ({"budget": 8, "top_k_children": 0}, "top_k_children=0"),
 ])
 def test_bad_drafter_arguments(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -261,12 +261,12 @@ def test_draft_cache_after_commit_equals_a_fresh_forward(shape, sampling, mode):
 
 
 @pytest.mark.parametrize("kwargs, sampling", [
-    (dict(tree="binary"), SamplingParams()),
-    (dict(tree="sparse60"), SamplingParams()),
-    (dict(budget=5, num_speculative_tokens=5, top_k_children=1), SamplingParams()),  # the top path only
+    ({"tree": "binary"}, SamplingParams()),
+    ({"tree": "sparse60"}, SamplingParams()),
+    ({"budget": 5, "num_speculative_tokens": 5, "top_k_children": 1}, SamplingParams()),  # the top path only
     # p == q: the first child is always accepted (min(1, p/q) = 1), whatever the sampling mode.
-    (dict(tree="sparse60", tree_sampling="with_replacement"), SamplingParams(temperature=1.0)),
-    (dict(tree="binary", tree_sampling="without_replacement"), SamplingParams(temperature=1.0, top_k=5)),
+    ({"tree": "sparse60", "tree_sampling": "with_replacement"}, SamplingParams(temperature=1.0)),
+    ({"tree": "binary", "tree_sampling": "without_replacement"}, SamplingParams(temperature=1.0, top_k=5)),
 ], ids=["binary", "sparse60", "dynamic", "sparse60-with", "binary-without"])
 def test_target_as_draft_accepts_the_whole_depth(kwargs, sampling):
     target, _, tok = pair("llama")

@@ -80,6 +80,7 @@ def head_drafters(args, notes: list[str]) -> dict:
         elif medusa:
             found[name] = lambda d=directory, **kw: MedusaDrafter(d)
         else:
+            check_head_version(name, directory, given)
             for dtype in args.head_dtypes or [args.draft_dtype]:  # one head per dtype, labelled when several
                 for forward in args.head_forwards:  # and per forward path (--head-forwards), labelled when several
                     label = (name + (f"_{DTYPE_LABELS[dtype]}" if len(args.head_dtypes or []) > 1 else "")
@@ -87,6 +88,17 @@ def head_drafters(args, notes: list[str]) -> dict:
                     found[label] = lambda d=directory, v=name, t=dtype, f=forward == "fast", **kw: EagleDrafter(
                         d, version=v, dtype=t, fast_forward=f, **kw)
     return found
+
+
+def check_head_version(version: str, directory: str, given: str | None) -> None:
+    """A head of the other EAGLE version under ``--<version>`` is an error naming the flag to use (before loading)."""
+    from drafters.eagle_heads import read_config_of
+
+    trained = read_config_of(directory).get("version")
+    if trained != version:
+        where = f"--{version} {given}" if given else f"{directory} (--{version}'s default)"
+        raise SpecDecError(f"{where}: the head there is an {trained} head; pass it as --{trained} <dir>, or give "
+                           f"--{version} an {version} head's directory")
 
 
 def build_methods(target, draft, args, temperature: float, heads: dict) -> list[Method]:

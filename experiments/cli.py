@@ -17,11 +17,14 @@ import argparse
 import contextlib
 import difflib
 import functools
+import json
 import os
 import re
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 #: Errors a user causes, as ``module:Class``. Resolved only from modules already imported: a class whose
@@ -138,7 +141,7 @@ def _misspelled_key(text: str, cause: BaseException | None) -> str | None:
     """Hydra's "Could not override 'k' ... use +k=v ... not in struct" as: the key is unknown, the closest known keys
     (when the config node is at hand), and how to list them; None for any other message."""
     match = re.match(r"Could not override '([^']+)'", text)
-    if match is None or "not in struct" not in text:
+    if match is None or ("not in struct" not in text and re.search(r"Key '[^']+' not in '", text) is None):
         return None
     key = match.group(1)
     parent = getattr(cause, "parent_node", None)
@@ -215,14 +218,14 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
 
         @functools.wraps(app)
         def main() -> None:
-            _FAILED_JOBS.clear()
-            with _hydra_errors_raised():  # compose-time errors reach guarded_app instead of Hydra's printer
+            with _failed_jobs() as failed, _hydra_errors_raised():  # compose-time errors reach guarded_app
                 guarded_app()
-            if _FAILED_JOBS:  # a sweep whose other jobs ran on
-                labels = ", ".join(label for label, _ in _FAILED_JOBS)
-                print(f"error: {len(_FAILED_JOBS)} job(s) of this sweep failed ({labels}), each with its own error "
+                failures = sorted(json.loads(p.read_text()) for p in failed.glob("*.json"))
+            if failures:  # a sweep whose other jobs ran on
+                labels = ", ".join(label for _, label, _ in failures)
+                print(f"error: {len(failures)} job(s) of this sweep failed ({labels}), each with its own error "
                       "line above; the other jobs ran, and rerunning the sweep skips the finished ones", file=sys.stderr)
-                sys.exit(max(status for _, status in _FAILED_JOBS))
+                sys.exit(max(status for *_, status in failures))
         return main
     return decorate
 
@@ -230,8 +233,24 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
 #: The exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
 INTERRUPTED = 130
 
-#: (label, exit status) of the jobs of the current sweep that failed (the basic launcher runs them in this process).
-_FAILED_JOBS: list[tuple[str, int]] = []
+#: The environment variable naming the directory where a sweep's failed jobs leave a note each: a launcher may
+#: run jobs in other processes (joblib), so the sweep's process reads them from files.
+FAILED_JOBS_ENV = "SPECDEC_FAILED_JOBS_DIR"
+
+
+@contextlib.contextmanager
+def _failed_jobs() -> Iterator[Path]:
+    """A fresh directory for the failed jobs' notes, named in the environment for the jobs (and their workers)."""
+    previous = os.environ.get(FAILED_JOBS_ENV)
+    with tempfile.TemporaryDirectory(prefix="specdec-failed-jobs-") as directory:
+        os.environ[FAILED_JOBS_ENV] = directory
+        try:
+            yield Path(directory)
+        finally:
+            if previous is None:
+                os.environ.pop(FAILED_JOBS_ENV, None)
+            else:
+                os.environ[FAILED_JOBS_ENV] = previous
 
 
 def _job(guarded: Callable) -> Callable:
@@ -248,7 +267,8 @@ def _job(guarded: Callable) -> Callable:
         hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
         if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or result == INTERRUPTED:  # Ctrl-C ends a sweep
             sys.exit(result)
-        _FAILED_JOBS.append((f"#{hydra_cfg.job.num} {hydra_cfg.job.override_dirname or '(no overrides)'}", result))
+        num, label = hydra_cfg.job.num, f"#{hydra_cfg.job.num} {hydra_cfg.job.override_dirname or '(no overrides)'}"
+        Path(os.environ[FAILED_JOBS_ENV], f"{num}.json").write_text(json.dumps([num, label, result]))
         return None
     return wrapper
 

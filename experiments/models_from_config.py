@@ -10,7 +10,8 @@ needs no further argument. Sources:
   (``experiments.pretrained``, e.g. ``model=smollm2``), with its distilled draft if that was built
   (``experiments.build_draft``).
 
-The tokenizer always comes from the target (or from the pair for ``tiny_random``).
+The tokenizer comes from the target (the pair's for ``tiny_random`` and ``zoo``), or from
+``model.tokenizer`` for ``hf`` when the target directory holds none.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def load_models(cfg: DictConfig | dict) -> LoadedModels:
     if source == "tiny_random":
         return _tiny_random(cfg)
     if source == "hf":
-        return _from_dirs(cfg, target=_required(cfg, "target"), draft=cfg.get("draft"), tokenizer=None)
+        return _from_dirs(cfg, target=_required(cfg, "target"), draft=cfg.get("draft"), tokenizer=cfg.get("tokenizer"))
     if source == "zoo":
         return _from_zoo(cfg)
     if source == "pretrained":
@@ -97,11 +98,11 @@ def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer
     device_map = cfg.get("device_map")  # e.g. "auto": the target spread over the visible devices (needs accelerate)
     draft_dtype = resolve_draft_dtype(cfg.get("draft_dtype"), opts["dtype"], opts["device"])  # checked before any load
     try:
+        tok = load_tokenizer(tokenizer or target, trust_remote_code=trust, elsewhere="model.tokenizer")  # small: first
         target_model = load_causal_lm(target, **opts, device_map=device_map, role="target")
         draft_model = load_causal_lm(draft, **{**opts, "dtype": draft_dtype}, role="draft") if draft else None
         if draft_model is not None:
             check_same_vocab(target_model, draft_model)
-        tok = load_tokenizer(tokenizer or target, trust_remote_code=trust)
     except RemoteCodeError as err:  # name our config key, not the Python argument
         raise ConfigError(err.message("model.trust_remote_code=true")) from err
     info = {"source": cfg.get("source"), "target": target, "draft": draft, "dtype": opts["dtype"],

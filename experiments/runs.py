@@ -167,8 +167,9 @@ def swept_keys(runs: list[Run]) -> list[str]:
     return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
 
 
-def shape_of(run: Run) -> str:
-    """``none``, ``chain``, ``tree<nodes>`` or ``dynamic<budget>``, from the drafter's step shape."""
+def shape_of(run: Run) -> str | None:
+    """``none``, ``chain``, ``tree<nodes>`` or ``dynamic<budget>``, from the drafter's step shape; None for a run
+    that failed before its drafter was built (neither its summary nor its config says a shape)."""
     summary = run.summary or {}
     shape = summary.get("drafter_shape") or (summary.get("cost_model") or {}).get("drafter") or {}
     config = run.config
@@ -180,7 +181,7 @@ def shape_of(run: Run) -> str:
         return f"tree{len(paths) if paths else shape.get('max_nodes')}"
     if budget or shape.get("kind") == "dynamic":
         return f"dynamic{budget or shape.get('max_nodes')}"
-    return "chain"
+    return "chain" if shape or summary.get("drafter") else None
 
 
 def row_of(run: Run, swept: list[str]) -> dict:
@@ -194,7 +195,7 @@ def row_of(run: Run, swept: list[str]) -> dict:
         "status": run.status, "prompts_done": spec.get("num_prompts"), "num_prompts": (run.summary or {}).get("num_prompts"),
         "drafter_class": (run.summary or {}).get("drafter"), "shape": shape,
         "k": (run.config.get("drafter") or {}).get("num_speculative_tokens")  # a dynamic tree's depth limit
-        if shape == "chain" or shape.startswith("dynamic") else None,
+        if shape == "chain" or (shape or "").startswith("dynamic") else None,
         "temperature": (run.config.get("sampling") or {}).get("temperature"),
         "acceptance": (run.summary or {}).get("acceptance"),
         "tau": spec.get("tau"), "draft_acceptance_rate": spec.get("draft_acceptance_rate"),

@@ -135,5 +135,20 @@ def load_failure(role: str, path: str, err: BaseException) -> SpecDecError:
         file, problem = broken
         return CheckpointError(f"{role} checkpoint file {str(file)!r} is unreadable ({problem}): it was cut short "
                                "or damaged while copying; download or save the model again (save_pretrained)")
+    pickled = _pickle_only(path)
+    if pickled is not None:
+        return CheckpointError(
+            f"{role} checkpoint {path!r} has only pickle weights ({pickled}), which are not loaded here because "
+            "unpickling can run code: convert it once where you trust the file, e.g. "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir) (writes model.safetensors)")
     detail = " ".join(str(err).split())
     return CheckpointError(f"could not load the {role} model from {path!r}: {detail}")
+
+
+def _pickle_only(path: str) -> str | None:
+    """The name of a pickle weights file (``pytorch_model.bin``, ...) in a directory without safetensors, else None."""
+    directory = Path(os.path.expanduser(path))
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return None
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    return pickles[0] if pickles else None

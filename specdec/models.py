@@ -149,15 +149,26 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trust
     return (model if device_map is not None else model.to(device)).eval()
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """``AutoTokenizer.from_pretrained`` with a clear error for a missing path or unreadable tokenizer files."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = ""):
+    """``AutoTokenizer.from_pretrained`` with a clear error for a missing path or unreadable tokenizer files.
+
+    ``elsewhere`` names the option that points at a tokenizer kept in another directory; the error for a
+    local directory without tokenizer files suggests it.
+    """
     from transformers import AutoTokenizer
 
     from specdec.checkpoints import RemoteCodeError
 
     _check_path(path, "tokenizer")
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded) and not any(os.path.exists(os.path.join(expanded, f)) for f in TOKENIZER_FILES):
+        fix = f"pass {elsewhere}=<the directory that holds it>" if elsewhere else "save it there with save_pretrained"
+        raise SpecDecError(f"{path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {fix}")
     try:
-        return AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(expanded, trust_remote_code=trust_remote_code)
     except Exception as err:  # tokenizers raises plain Exceptions for a damaged tokenizer.json
         if "trust_remote_code" in str(err):
             raise RemoteCodeError("tokenizer", path) from err

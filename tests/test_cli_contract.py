@@ -204,6 +204,8 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     error_line(err, 2, code, "drafter.heads=~/heads", "needs Hydra quotes inside shell quotes")
     code, err = main_in_process(monkeypatch, capsys, "drafter.num_speculative_token=4", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "drafter.num_speculative_token is not a key", "did you mean drafter.num_speculative_tokens?")
+    code, err = main_in_process(monkeypatch, capsys, "num_prompt=2", f"hydra.run.dir={tmp_path}")  # a top-level key
+    error_line(err, 2, code, "num_prompt is not a key", "did you mean num_prompts?")
     code, err = main_in_process(monkeypatch, capsys, "tree=null", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "tree=none, not tree=null")
 
@@ -220,10 +222,11 @@ def test_a_device_that_is_not_here_and_a_bad_thread_count_fail_before_anything_l
         assert not (tmp_path / "summary.json").exists() and not (tmp_path / "cache").exists()
 
 
-def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+@pytest.mark.parametrize("launcher", ["basic", "joblib_local"])
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path, launcher):
     """Job #0 fails (num_threads=0); job #1 still runs to completion; the sweep ends with one summary error line and
-    exit status 2."""
-    proc = run_cli("-m", *TINY, "num_threads=0,1", f"hydra.sweep.dir={tmp_path}")
+    exit status 2, also when the jobs run in joblib's worker processes."""
+    proc = run_cli("-m", *TINY, "num_threads=0,1", f"hydra.sweep.dir={tmp_path}", f"hydra/launcher={launcher}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "num_threads=0" in errors[0] and "1 job(s) of this sweep failed (#0" in errors[1], errors

@@ -26,7 +26,7 @@ import torch
 from drafters import EagleDrafter
 from drafters.eagle_heads import EagleHead
 from experiments.eagle_training import VERSION_DEFAULTS, eagle_loss, teacher_features
-from specdec import SamplingParams, SpeculativeDecoder
+from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
 from tests.lossless import RUNS_FOR, check_cell
 from tests.test_greedy_equivalence import _cases, _check_all
 from tests.tiny_models import pair, peaky_pair, prompts
@@ -115,7 +115,6 @@ def test_a_bfloat16_head_on_a_float32_target_is_still_lossless(version, shape):
 
 def test_head_dtype_choices(monkeypatch):
     from specdec import models
-    from specdec.errors import SpecDecError
 
     target = pair("llama")[0]
     for native in (True, False):
@@ -176,6 +175,8 @@ def test_bench_drafters_puts_heads_of_each_dtype_side_by_side(saved, tmp_path):
     assert heads["eagle3_fast"]().fast_forward and not heads["eagle3_hf"]().fast_forward
     with pytest.raises(SystemExit):
         parse_args(["--head-forwards", "slow"])
+    with pytest.raises(SpecDecError, match=r"--eagle2 .*an eagle3 head; pass it as --eagle3 <dir>"):
+        head_drafters(parse_args(["--eagle2", str(saved["eagle3"]), "--cache-dir", str(tmp_path)]), [])
 
 
 def test_benchmark_runs_leave_no_feature_hooks_on_the_target():

@@ -112,3 +112,29 @@ def test_target_logit_check_finds_every_non_finite_value_and_passes_huge_finite_
         logits[2, 1, 17] = bad
         with pytest.raises(NonFiniteLogitsError, match=kind):
             check_finite(logits, "target")
+
+
+def test_hf_target_without_a_tokenizer_names_model_tokenizer_and_it_loads_with_one(tmp_path):
+    """A target directory without tokenizer files (a zoo pair keeps its tokenizer beside, in tokenizer/) is one
+    error naming model.tokenizer, raised before the weights load; with model.tokenizer the pair loads."""
+    from experiments.models_from_config import load_models
+
+    target, _, tokenizer = tiny_random_pair("llama")
+    target.save_pretrained(tmp_path / "target")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    cfg = {"source": "hf", "target": str(tmp_path / "target")}
+    with pytest.raises(SpecDecError, match=r"holds no tokenizer .*pass model.tokenizer=<the directory that holds it>"):
+        load_models(cfg)
+    loaded = load_models({**cfg, "tokenizer": str(tmp_path / "tokenizer")})
+    assert len(loaded.tokenizer) == loaded.target.config.vocab_size
+
+
+def test_a_checkpoint_with_only_pickle_weights_says_how_to_convert(tmp_path):
+    """safetensors only is deliberate (unpickling runs code); a pytorch_model.bin-only directory says so and how
+    to convert it, instead of transformers' "no file named model.safetensors"."""
+    target = pair("llama")[0]
+    target.config.save_pretrained(tmp_path)
+    torch.save(target.state_dict(), tmp_path / "pytorch_model.bin")
+    assert (tmp_path / "pytorch_model.bin").is_file() and not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(SpecDecError, match=r"only pickle weights \(pytorch_model.bin\).*save_pretrained\(dir\)"):
+        load_causal_lm(str(tmp_path), role="target")

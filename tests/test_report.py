@@ -168,3 +168,14 @@ def test_cost_model_arithmetic():
     flat = {w: 1.0 for w in (1, 64)}
     assert recommend_k(chain_speedup_by_k(0.8, {"target": flat, "draft": {1: 0.2}})) == 4
     assert recommend_k(chain_speedup_by_k(0.8, {"target": flat, "draft": {1: 0.05}})) == 8
+
+
+def test_shape_of_a_run_that_failed_before_its_drafter_was_built_is_unknown(tmp_path):
+    """A run whose drafter never got built (Medusa without heads) has no shape: blank, not 'chain'."""
+    from experiments.runs import Run, row_of, shape_of
+
+    failed = Run(tmp_path, "medusa", summary={"status": "failed: MedusaHeadsError: no heads", "config": {}})
+    assert shape_of(failed) is None and row_of(failed, [])["shape"] is None and row_of(failed, [])["k"] is None
+    chain = Run(tmp_path, "chain", summary={"status": "complete", "drafter": "DraftModelDrafter",
+                                            "config": {"drafter": {"num_speculative_tokens": 4}}})
+    assert shape_of(chain) == "chain" and row_of(chain, [])["k"] == 4

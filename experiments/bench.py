@@ -40,7 +40,8 @@ import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from experiments import cli
-from experiments.costs import cost_at, measure_costs, measure_interleaved, predicted_chain_speedup
+from experiments.cost_measure import measure_costs, measure_interleaved
+from experiments.costs import cost_at, predicted_chain_speedup
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.models import DTYPES, check_device, load_causal_lm, load_tokenizer

@@ -154,7 +154,8 @@ def verify_widths(option: str | None, target, prompts: list, max_new: int, notes
             return tuple(int(w) for w in option.split(","))
         except ValueError:
             raise SpecDecError(f"--verify-widths {option!r}: give auto or comma-separated widths, e.g. 4,5,8") from None
-    from experiments.costs import cheap_widths, cost_curve, run_context
+    from experiments.cost_measure import cost_curve, run_context
+    from experiments.costs import cheap_widths
 
     curve, _ = cost_curve(target, run_context([p.shape[1] for p in prompts], max_new))
     widths = cheap_widths(curve)

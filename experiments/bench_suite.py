@@ -220,7 +220,7 @@ def build_methods(target, draft, medusa, args) -> list[Method]:
 
 def drafter_costs(target, methods: dict, context: int) -> dict[str, float]:
     """Per drafter: seconds of one draft forward (one token; Medusa: one call of all heads) / one target forward."""
-    from experiments.costs import measure_run_costs
+    from experiments.cost_measure import measure_run_costs
 
     out = {}
     for name, drafter in methods.items():

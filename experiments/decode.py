@@ -313,11 +313,11 @@ def set_cheap_widths(decoders: dict, costs: dict | None) -> None:
 
 def measure_run_costs(cfg: DictConfig, step_shape: Any, models: LoadedModels, encoded: list[EncodedPrompt]) -> dict | None:
     """The target's and the drafter's forward costs at the run's context (a draft model's curves are
-    measured once per model and device, then cached: :mod:`experiments.costs`); None with
+    measured once per model and device, then cached: :mod:`experiments.cost_measure`); None with
     ``costs=false`` or on failure."""
     if not cfg.costs:
         return None
-    from experiments import costs
+    from experiments import cost_measure as costs
 
     lengths = [p.input_ids.shape[1] for p in encoded]
     context = costs.run_context(lengths, cfg.max_new_tokens)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from experiments import decode, report
-from experiments.costs import chain_speedup_by_k, cost_at, costs_dir, expected_tau, fit_alpha, recommend_k
+from experiments.cost_measure import costs_dir
+from experiments.costs import chain_speedup_by_k, cost_at, expected_tau, fit_alpha, recommend_k
 from tests.test_sweeps import compose_cfg, prompts_file, run_cli, tiny_args  # noqa: F401  (fixture)
 
 PLOTS = ("tau_speedup_vs_k", "acceptance_by_depth", "time_per_step", "drafters")
@@ -134,7 +135,7 @@ def test_predicted_vs_measured_speedup_of_a_draft_model_chain(prompts_file, tmp_
     assert m["predicted_speedup"] > 0 and m["efficiency"] == pytest.approx(m["speedup"] / m["predicted_speedup"])
     assert model["drafter"] == {"name": "DraftModelDrafter", "kind": "chain", "k": 3, "max_nodes": 3,
                                 "draft_forwards": "per_level", "draft_module": "model",
-                                "draft_dtype": "float32"}
+                                "draft_dtype": "float32", "draft_source": None}
     assert sorted(map(int, model["costs"]["target"])) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64]
     assert list(model["costs"]["draft"]) == [1] and set(model["predicted_speedup_by_k"]) == set(range(1, 9))
     assert len(list(costs_dir().glob("*.json"))) >= 2  # one curve per model

@@ -60,8 +60,10 @@ class HybridDrafter(Drafter):
         return max(self.first.max_nodes, self.second.max_nodes)
 
     def step_shape(self, target) -> StepShape:
-        """The second drafter's step (the one that costs forwards) with the larger of the two node budgets."""
-        return dataclasses.replace(self.second.step_shape(target), max_nodes=self.max_nodes)
+        """The second drafter's step (the one that costs forwards; only its steps, ``draft_source``) with the
+        larger of the two node budgets."""
+        return dataclasses.replace(self.second.step_shape(target), max_nodes=self.max_nodes,
+                                   draft_source=self.labels[1])
 
     def batched(self):
         """For a batch of rows: each part batched its own way (an n-gram per row, an EAGLE or draft-model chain

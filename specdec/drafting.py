@@ -49,6 +49,8 @@ class StepShape:
         k: the chain length (chains and dynamic trees' depth limit), else None.
         draft_dtype: the dtype the drafting module runs in when it is not ``draft_model`` (EAGLE's or
             Medusa's heads), else None (``draft_model``'s own is reported).
+        draft_source: only the steps of this ``DraftTree.source`` run draft forwards (a hybrid's model-running
+            part; its other part looks tokens up); None: every step's drafts cost forwards per ``draft_forwards``.
     """
 
     kind: str = "none"
@@ -58,6 +60,7 @@ class StepShape:
     draft_probe: Callable[[], object] | None = None
     k: int | None = None
     draft_dtype: torch.dtype | None = None
+    draft_source: str | None = None
 
     def __post_init__(self) -> None:
         if self.draft_forwards not in DRAFT_FORWARDS:
@@ -69,7 +72,8 @@ class StepShape:
         dtype = self.draft_dtype or (next(self.draft_model.parameters()).dtype if runs == "model" else None)
         return {"name": name, "kind": self.kind, "max_nodes": self.max_nodes, "k": self.k,
                 "draft_forwards": self.draft_forwards, "draft_module": runs,
-                "draft_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None}
+                "draft_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+                "draft_source": self.draft_source}
 
 
 class Drafter(ABC):

@@ -13,7 +13,8 @@ class DecodeStats:
     ``target_forwards`` counts verify forwards (one per step; the prefill is not counted).
     ``depth_proposed[d - 1]`` / ``depth_accepted[d - 1]``: steps that proposed / accepted a node at
     depth d. ``steps_by_source``: steps per proposing drafter, for drafters that combine several
-    (``drafter=hybrid``: e.g. ``{"ngram": 40, "eagle": 21}``; steps that proposed nothing are not counted).
+    (``drafter=hybrid``: e.g. ``{"ngram": 40, "eagle": 21}``; steps that proposed nothing are not counted);
+    ``depth_by_source``: the depths of their trees, summed per drafter (a model-running part's draft forwards).
     Times are seconds; ``time_accept`` is accept + commit. ``time_compile``: compiling or
     capturing the fixed-shape step (``compile=inductor|graph``), kept out of ``time_total``.
     """
@@ -25,6 +26,7 @@ class DecodeStats:
     depth_proposed: list[int] = field(default_factory=list)
     depth_accepted: list[int] = field(default_factory=list)
     steps_by_source: dict[str, int] = field(default_factory=dict)
+    depth_by_source: dict[str, int] = field(default_factory=dict)
     time_prefill: float = 0.0
     time_draft: float = 0.0
     time_verify: float = 0.0
@@ -37,6 +39,7 @@ class DecodeStats:
         self.target_forwards += 1
         if source is not None:
             self.steps_by_source[source] = self.steps_by_source.get(source, 0) + 1
+            self.depth_by_source[source] = self.depth_by_source.get(source, 0) + max_depth
         self.proposed_per_step.append(proposed_nodes)
         self.accepted_per_step.append(accepted_depth)
         _grow(self.depth_proposed, max_depth)
@@ -101,8 +104,9 @@ class DecodeStats:
             total.proposed_per_step += s.proposed_per_step
             add_counts(total.depth_proposed, s.depth_proposed)
             add_counts(total.depth_accepted, s.depth_accepted)
-            for source, n in s.steps_by_source.items():
-                total.steps_by_source[source] = total.steps_by_source.get(source, 0) + n
+            for counts, more in ((total.steps_by_source, s.steps_by_source), (total.depth_by_source, s.depth_by_source)):
+                for source, n in more.items():
+                    counts[source] = counts.get(source, 0) + n
             for name in (*TIME_FIELDS, "time_compile"):
                 setattr(total, name, getattr(total, name) + getattr(s, name))
         return total

@@ -129,7 +129,7 @@ def test_nan_weights_name_file_and_role(checkpoints, tmp_path):
                "NaN weights", "lm_head.weight", "save it again")
     assert not (tmp_path / "records.jsonl").exists()  # caught at load time, before any decoding
     with pytest.raises(CheckpointError, match=r"target checkpoint .* holds NaN weights"):
-        load_models({"source": "hf", "target": str(checkpoints["nan"])})
+        load_models({"source": "hf", "target": str(checkpoints["nan"]), "tokenizer": str(checkpoints["target"])})
 
 
 def test_medusa_heads_with_nan_or_cut_short_name_file_and_role(tmp_path):

@@ -15,7 +15,8 @@ import pytest
 
 from drafters import DraftModelDrafter, MedusaDrafter, NGramDrafter, NoDrafter
 from drafters.medusa_heads import MedusaHeads
-from experiments.costs import cost_model, measure_run_costs
+from experiments.cost_measure import measure_run_costs
+from experiments.costs import cost_model
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.stats import DecodeStats
 from tests.tiny_models import noisy_copy, pair, prompts
@@ -100,6 +101,24 @@ def test_a_draft_slower_than_the_target_is_a_warning():
     assert len(model["warnings"]) == 1 and "costs 30.00 ms, more than a target forward (4.00 ms)" in model["warnings"][0]
     _, fine = cost_model(None, dict(costs, draft={1: 0.001}), shape, None)
     assert fine["warnings"] == []
+
+
+def test_a_hybrids_lookup_steps_cost_no_draft_forwards():
+    """A hybrid's step shape is its model-running part's, with that part's label as draft_source: only the depths
+    of that part's trees count as draft forwards (a 6-deep lookup step costs none), as Medusa-style per-step
+    forwards count only that part's steps."""
+    from drafters.hybrid import behind_lookup
+    from experiments.costs import draft_forwards_per_step
+
+    target, draft, _ = pair("llama")
+    shape = behind_lookup(DraftModelDrafter(draft, 3)).step_shape(target).describe("hybrid")
+    assert shape["draft_source"] == "draft_model" and shape["draft_forwards"] == "per_level"
+    stats = DecodeStats()
+    for depth, source in ((6, "ngram"), (3, "draft_model"), (6, "ngram"), (2, "draft_model")):
+        stats.record_step(depth, depth, 0, source)
+    assert draft_forwards_per_step(stats, shape) == pytest.approx((3 + 2) / 4)
+    assert draft_forwards_per_step(stats, {**shape, "draft_source": None}) == pytest.approx(17 / 4)
+    assert draft_forwards_per_step(stats, {**shape, "draft_forwards": "per_step"}) == pytest.approx(2 / 4)
 
 
 def test_cheap_widths_and_verify_widths_auto():

@@ -106,15 +106,16 @@ def test_rule_registry_and_flags():
 def test_stats_metrics_mean_what_they_say():
     s = DecodeStats()
     for (proposed, acc), source in zip([(4, 4), (4, 1), (4, 0)], ["ngram", None, "eagle"]):
-        s.record_step(proposed, proposed, acc, source)
+        s.record_step(proposed, proposed - (source == "eagle"), acc, source)
     s.new_tokens = (4 + 1) + (1 + 1) + (0 + 1)
     assert s.tau == pytest.approx(8 / 3)
     assert s.mean_accepted_drafts == pytest.approx(5 / 3)
     assert s.draft_acceptance_rate == pytest.approx(5 / 12)
-    assert s.acceptance_rate_by_depth == pytest.approx([2 / 3, 1 / 3, 1 / 3, 1 / 3])
+    assert s.acceptance_rate_by_depth == pytest.approx([2 / 3, 1 / 3, 1 / 3, 1 / 2])
     merged = DecodeStats.merge([s, s])
-    assert merged.tau == pytest.approx(s.tau) and merged.depth_proposed == [6, 6, 6, 6]
+    assert merged.tau == pytest.approx(s.tau) and merged.depth_proposed == [6, 6, 6, 4]
     assert s.steps_by_source == {"ngram": 1, "eagle": 1} and merged.steps_by_source == {"ngram": 2, "eagle": 2}
+    assert s.depth_by_source == {"ngram": 4, "eagle": 3} and merged.depth_by_source == {"ngram": 8, "eagle": 6}
 
 
 def _ngram(tokens, **kw):

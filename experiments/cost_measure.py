@@ -175,11 +175,13 @@ def cost_curves(requests: list[tuple[Any, int, tuple[int, ...]]], backend: str =
     """``[({width: median seconds}, cached)]`` per ``(model, context, widths)`` request.
 
     Each curve is measured once per fingerprint and cached; the missing ones are measured together
-    (:func:`measure_interleaved`). An unreadable cache entry is measured again; an unwritable cache
-    directory only costs a warning.
+    (:func:`measure_interleaved`). An unreadable cache entry is measured again, and so is one that a spot check
+    no longer confirms (:func:`_still_holds`); an unwritable cache directory only costs a warning.
     """
     fps = [fingerprint(model, context, widths, backend, reps) for model, context, widths in requests]
     found = [_load(fp, cache_dir) for fp in fps]
+    found = [curve if curve is None or _still_holds(request, curve, backend) else None
+             for request, curve in zip(requests, found)]
     missing = [i for i, curve in enumerate(found) if curve is None]
     if missing:
         measured = measure_interleaved([requests[i] for i in missing], reps, backend)
@@ -187,6 +189,24 @@ def cost_curves(requests: list[tuple[Any, int, tuple[int, ...]]], backend: str =
             _store(fps[i], seconds, cache_dir)
             found[i] = seconds
     return [(curve, i not in missing) for i, curve in enumerate(found)]
+
+
+#: A cached curve is measured again when its narrowest width, timed now, differs from it by more than this factor
+#: and more than :data:`SPOT_CHECK_FLOOR` seconds: the curve was measured while the machine was busy (an entry
+#: measured beside a test run said 46 ms for a 10.7 ms forward), or the machine is another one.
+SPOT_CHECK_FACTOR = 2.0
+SPOT_CHECK_FLOOR = 0.002
+
+
+def _still_holds(request: tuple[Any, int, tuple[int, ...]], curve: dict[int, float], backend: str) -> bool:
+    """Whether a cached per-step curve agrees with a spot check of its narrowest width (3 timed forwards after the
+    context is filled). Prefill entries (``context`` 0, timed cold, once per run) are not checked."""
+    model, context, _ = request
+    if context == 0:
+        return True
+    width = min(curve)
+    now, then = measure_interleaved([(model, context, (width,))], reps=3, backend=backend)[0][width], curve[width]
+    return max(now, then) <= SPOT_CHECK_FACTOR * min(now, then) or abs(now - then) <= SPOT_CHECK_FLOOR
 
 
 def cost_curve(model, context: int, widths: tuple[int, ...] = TARGET_WIDTHS, backend: str = "sdpa",

@@ -103,6 +103,20 @@ def test_a_draft_slower_than_the_target_is_a_warning():
     assert fine["warnings"] == []
 
 
+def test_a_cached_curve_that_a_spot_check_contradicts_is_measured_again(tmp_path):
+    """A curve cached while the machine was busy (here: 50x the real cost) is not trusted forever: the spot check
+    of its narrowest width disagrees, so it is measured again and the new curve replaces it."""
+    from experiments.cost_measure import REPS, _store, cost_curve, fingerprint
+
+    target = _slow(pair("llama")[0], T_TARGET)
+    widths = (1, 2)
+    real, _ = cost_curve(target, 8, widths, cache_dir=tmp_path)
+    _store(fingerprint(target, 8, widths, "sdpa", REPS), {w: 50 * s for w, s in real.items()}, tmp_path)
+    again, cached = cost_curve(target, 8, widths, cache_dir=tmp_path)
+    assert not cached and again[1] < 5 * real[1]
+    assert cost_curve(target, 8, widths, cache_dir=tmp_path) == (again, True)  # the new one is kept and holds
+
+
 def test_a_hybrids_lookup_steps_cost_no_draft_forwards():
     """A hybrid's step shape is its model-running part's, with that part's label as draft_source: only the depths
     of that part's trees count as draft forwards (a 6-deep lookup step costs none), as Medusa-style per-step

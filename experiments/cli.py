@@ -268,7 +268,8 @@ def _job(guarded: Callable) -> Callable:
         if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or result == INTERRUPTED:  # Ctrl-C ends a sweep
             sys.exit(result)
         num, label = hydra_cfg.job.num, f"#{hydra_cfg.job.num} {hydra_cfg.job.override_dirname or '(no overrides)'}"
-        Path(os.environ[FAILED_JOBS_ENV], f"{num}.json").write_text(json.dumps([num, label, result]))
+        if notes := os.environ.get(FAILED_JOBS_ENV):  # unset only where a task is run outside hydra_main's main
+            Path(notes, f"{num}.json").write_text(json.dumps([num, label, result]))
         return None
     return wrapper
 

@@ -149,7 +149,8 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trust
     return (model if device_map is not None else model.to(device)).eval()
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = ""):

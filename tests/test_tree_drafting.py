@@ -10,8 +10,15 @@ from drafters import DraftModelDrafter, NGramDrafter
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.cache import SpecDecCache
 from specdec.errors import ConfigError
-from specdec.tree import (PRESET_DIR, best_tree, chain_paths, compile_tree, expected_tokens, load_preset,
-                          path_acceptance)
+from specdec.tree import (
+    PRESET_DIR,
+    best_tree,
+    chain_paths,
+    compile_tree,
+    expected_tokens,
+    load_preset,
+    path_acceptance,
+)
 from tests.test_greedy_equivalence import _cases, _check_all
 from tests.tiny_models import noisy_copy, pair, prompts
 from verifier import tree_forward
@@ -126,7 +133,10 @@ def test_rejection_on_trees_reduces_to_greedy_at_temperature_zero(arch_cases):
 # --------------------------------------------------------------------------- tree shape and forwards
 
 
-def _bound(drafter, target, ids, sampling=SamplingParams(), seed=0):
+GREEDY = SamplingParams()  # frozen: one shared default
+
+
+def _bound(drafter, target, ids, sampling=GREEDY, seed=0):
     """Start ``drafter`` on ``ids`` as the decode loop does; returns its keyed random numbers."""
     from specdec.drafting import DraftContext
     from specdec.rng import KeyedRandom

@@ -71,11 +71,14 @@ class TreeFeed:
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, n]
         position_ids = torch.full((1, n), self.prefix_len - 1 + depth, dtype=torch.long, device=self.device)  # [1, n]
         # A dense key mask (SDPA): the kernel's "prefix + [n, n] tree" cannot hide earlier levels' siblings.
-        logits = self.run(ids, parents, dense.to(self.device)[None, None], position_ids)  # [n, V]
+        # One token that sees every slot (a chain's next node: every fed node is its ancestor) needs no mask,
+        # and takes the causal one-token forward a chain does.
+        key_mask = None if n == 1 and bool(rows.all()) else dense.to(self.device)[None, None]  # [1, 1, n, S]
+        logits = self.run(ids, parents, key_mask, position_ids)  # [n, V]
         check_finite(logits, f"{self.label} tree forward at depth {depth}", masked_ok=True)
         return logits
 
-    def run(self, ids: torch.Tensor, parents: list[int], key_mask: torch.Tensor,
+    def run(self, ids: torch.Tensor, parents: list[int], key_mask: torch.Tensor | None,
             position_ids: torch.Tensor) -> torch.Tensor:
         """One forward of the level ``ids [1, n]`` (fed parents ``parents``) on the cache; logits ``[n, V]``.
 

@@ -122,6 +122,7 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
     for label, factory in heads.items():
         if label.startswith("eagle"):
             ours += [(f"ours_{label}_k{k}", factory(num_speculative_tokens=k), k) for k in args.ks]
+            ours += [(f"ours_{label}_{preset}", factory(tree=preset), None) for preset in args.trees]
             if greedy:
                 ours.append((f"ours_{label}_dyn{args.budget}", factory(**dyn), args.dynamic_depth))
     ours += hybrids(ours, args)
@@ -133,15 +134,15 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
 
 
 def hybrids(ours: list[tuple], args) -> list[tuple]:
-    """``--hybrid N``: each chain of ``ours`` again behind prompt lookup (:func:`drafters.hybrid.behind_lookup`: an
-    n-gram of ``--ngram-tokens`` drafts whenever a suffix of at least N tokens recurred, the chain otherwise), named
-    ``ours_ngram+<chain>``."""
+    """``--hybrid N``: each chain (and ``--trees`` preset) of ``ours`` again behind prompt lookup
+    (:func:`drafters.hybrid.behind_lookup`: an n-gram of ``--ngram-tokens`` drafts whenever a suffix of at least N
+    tokens recurred, the chain otherwise), named ``ours_ngram+<chain>``."""
     if not args.hybrid:
         return []
     from drafters.hybrid import behind_lookup
 
     return [(f"ours_ngram+{name.removeprefix('ours_')}", behind_lookup(drafter, args.ngram_tokens, args.hybrid), k)
-            for name, drafter, k in ours if is_chain(name)]
+            for name, drafter, k in ours if is_chain(name) or name.endswith(tuple(f"_{t}" for t in args.trees))]
 
 
 def verify_widths(option: str | None, target, prompts: list, max_new: int, notes: list[str]) -> tuple[int, ...]:
@@ -230,6 +231,9 @@ def parse_args(argv=None):
                    help="chain lengths of our draft model and EAGLE chains")
     p.add_argument("--hf-ks", type=cli.ints_at_least(1), default=[3, 4, 5],
                    help="HF assisted generation's constant k (the best one is the reference)")
+    p.add_argument("--trees", type=lambda s: list(dict.fromkeys(s.split(","))), default=[],
+                   help="EAGLE heads also drafting these static tree presets (conf/tree/<name>.yaml, e.g. chain4_alts), "
+                        "one method each: ours_<head>_<preset>")
     p.add_argument("--budget", type=cli.int_at_least(1), default=10, help="dynamic trees: nodes")
     p.add_argument("--dynamic-depth", type=cli.int_at_least(1), default=6, help="dynamic trees: depth limit")
     p.add_argument("--top-k-children", type=cli.int_at_least(1), default=4, help="dynamic trees: children per expanded node")
@@ -262,6 +266,13 @@ def parse_args(argv=None):
         p.error(f"--head-dtypes: {bad[0]!r} is unknown; choose from {', '.join(DTYPE_LABELS)}")
     if bad := [f for f in args.head_forwards if f not in ("fast", "hf")]:
         p.error(f"--head-forwards: {bad[0]!r} is unknown; choose from fast, hf")
+    from specdec.tree import load_preset
+
+    for preset in args.trees:
+        try:
+            load_preset(preset)
+        except SpecDecError as err:
+            p.error(f"--trees: {err}")
     defaults = {"synthetic": None, "target": None, "draft": None, "device": "cpu", "dtype": "float32"}
     for key, value in defaults.items():  # what experiments.bench's loaders read
         setattr(args, key, value)

@@ -24,7 +24,7 @@ from tests.tiny_models import noisy_copy, pair, prompts
 from verifier import tree_forward
 
 ARCHS = ["llama", "qwen2"]
-PRESETS = ["chain4", "chain8", "binary", "sparse60"]
+PRESETS = ["chain4", "chain8", "binary", "sparse60", "chain4_alts"]
 SHAPES = {name: {"tree": name} for name in PRESETS} | {"dynamic": {"budget": 12, "num_speculative_tokens": 5}}
 
 
@@ -178,6 +178,29 @@ def test_static_tree_shape_ranks_and_one_forward_per_depth():
     _bound(pruned, target, ids)
     assert pruned.propose(max_depth=2).parents.tolist() == compiled.parents[:6].tolist()  # max_depth prunes
     assert pruned.propose(max_depth=0).num_nodes == 0
+
+
+def test_one_node_levels_take_the_causal_forward(monkeypatch):
+    """chain4_alts feeds one node per level, its chain's: those forwards see every fed slot, so they run without a
+    key mask (as a chain's do), and the tree is the chain's drafts with each depth's runner-up beside them."""
+    from drafters.tree_expansion import TreeFeed
+
+    target, _, tok = pair("llama")
+    draft = noisy_copy("llama")
+    ids = prompts(tok, 1)[0]
+    masks = []
+    run = TreeFeed.run
+    monkeypatch.setattr(TreeFeed, "run", lambda self, i, p, mask, pos: masks.append(mask) or run(self, i, p, mask, pos))
+    drafter = DraftModelDrafter(draft, tree="chain4_alts")
+    _bound(drafter, target, ids)
+    tree, calls = _propose_counting_forwards(drafter, draft)
+    assert calls == 4 and masks == [None, None, None]  # the catch-up, then one masked-free forward per inner level
+    chain = DraftModelDrafter(draft, num_speculative_tokens=4)
+    _bound(chain, target, ids)
+    spine = chain.propose(max_depth=64).tokens.tolist()
+    assert tree.tokens[0::2].tolist() == spine and tree.parents.tolist() == [-1, -1, 0, 0, 2, 2, 4, 4]
+    with torch.no_grad():  # the first runner-up is the draft's second choice after the prompt
+        assert int(tree.tokens[1]) == draft(ids).logits[0, -1].topk(2).indices[1]
 
 
 @pytest.mark.parametrize("mode", ["with_replacement", "without_replacement"])

@@ -29,10 +29,24 @@ from pathlib import Path
 
 import torch
 
-from drafters import DraftModelDrafter, EagleDrafter, MedusaDrafter, NGramDrafter, NoDrafter
+from drafters import (
+    DraftModelDrafter,
+    EagleDrafter,
+    MedusaDrafter,
+    NGramDrafter,
+    NoDrafter,
+)
 from experiments import cli
-from experiments.bench import (Method, load_pair, load_prompt_ids, machine_line, pooled_tau, run_all, tau_cell,
-                               tokens_per_s)
+from experiments.bench import (
+    Method,
+    load_pair,
+    load_prompt_ids,
+    machine_line,
+    pooled_tau,
+    run_all,
+    tau_cell,
+    tokens_per_s,
+)
 from experiments.bench_batch import is_chain
 from experiments.hf_generate import hf, hf_assisted
 from specdec import SamplingParams, SpeculativeDecoder

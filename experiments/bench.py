@@ -44,6 +44,7 @@ from experiments.cost_measure import measure_costs, measure_interleaved
 from experiments.costs import cost_at, predicted_chain_speedup
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
 from specdec import SamplingParams, SpeculativeDecoder
+from specdec.errors import SpecDecError
 from specdec.models import DTYPES, check_device, load_causal_lm, load_tokenizer
 from verifier.verifier import SDPA_KERNELS
 
@@ -143,6 +144,23 @@ def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, betwe
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def pick_methods(methods: list[Method], option: str | None, always: tuple[str, ...] = (),
+                 elsewhere: tuple[str, ...] = ()) -> list[Method]:
+    """``--methods``: the methods named in the comma list ``option`` (None or empty: all of them), plus those named
+    in ``always`` (the baselines a table's ratios are taken against), in run order. A name that is neither one of
+    ``methods`` nor in ``elsewhere`` (methods the run has at another setting: HF's run greedy only) is a
+    :class:`SpecDecError` listing the choices."""
+    if not option:
+        return methods
+    names = [meth.name for meth in methods]
+    keep = {name for name in option.split(",") if name}
+    if unknown := sorted(keep - set(names) - set(elsewhere)):
+        raise SpecDecError(f"--methods: {', '.join(unknown)} is not a method of this run (a drafter whose model or "
+                           f"heads are missing adds none); choose from {', '.join(dict.fromkeys([*elsewhere, *names]))}")
+    keep |= set(always)
+    return [meth for meth in methods if meth.name in keep]
 
 
 def tokens_per_s(meth: Method) -> dict[int, float]:

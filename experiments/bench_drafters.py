@@ -42,6 +42,7 @@ from experiments.bench import (
     load_pair,
     load_prompt_ids,
     machine_line,
+    pick_methods,
     pooled_tau,
     run_all,
     tau_cell,
@@ -119,14 +120,13 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
     """The methods run at ``temperature`` (HF's only when greedy), HF plain first when greedy."""
     m, greedy = args.max_new_tokens, temperature == 0
     dyn = {"budget": args.budget, "num_speculative_tokens": args.dynamic_depth, "top_k_children": args.top_k_children}
-    methods = []
-    if greedy:
-        lookups = args.hf_lookup_tokens or [args.ngram_tokens]
-        methods += [Method("hf_plain", hf(target, m), False)]
-        methods += [Method("hf_prompt_lookup" + (f"_{n}" if len(lookups) > 1 else ""),
-                           hf(target, m, prompt_lookup_num_tokens=n, max_matching_ngram_size=2), False, n)
-                    for n in lookups]
-        methods += [Method(f"hf_assisted_k{k}", hf_assisted(target, draft, m, k), False, k) for k in args.hf_ks]
+    lookups = args.hf_lookup_tokens or [args.ngram_tokens]
+    hf_methods = [Method("hf_plain", hf(target, m), False)]
+    hf_methods += [Method("hf_prompt_lookup" + (f"_{n}" if len(lookups) > 1 else ""),
+                          hf(target, m, prompt_lookup_num_tokens=n, max_matching_ngram_size=2), False, n)
+                   for n in lookups]
+    hf_methods += [Method(f"hf_assisted_k{k}", hf_assisted(target, draft, m, k), False, k) for k in args.hf_ks]
+    methods = hf_methods if greedy else []
     ours = [("ours_ar", NoDrafter(), None), ("ours_ngram", NGramDrafter(args.ngram_tokens, max_ngram=2), args.ngram_tokens)]
     ours += [(f"ours_draft_k{k}", DraftModelDrafter(draft, k), k) for k in args.ks]
     if greedy:  # deterministic children: accepted with probability p(x) only at T > 0 (see BENCHMARKS)
@@ -144,7 +144,9 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
     if args.verify_widths:  # the chains again, each verify block padded to the next cheap width
         methods += [Method(f"{name}_padded", _ours(target, d, m, temperature, args.verify_widths), True, k)
                     for name, d, k in ours if is_chain(name)]
-    return methods
+    dynamic = [f"ours_{label}_dyn{args.budget}" for label in ("draft", *heads) if label != "medusa"]
+    greedy_only = (*(h.name for h in hf_methods), *dynamic)  # named in --methods, absent at T > 0
+    return pick_methods(methods, args.methods, ("hf_plain", "ours_ar"), greedy_only)
 
 
 def hybrids(ours: list[tuple], args) -> list[tuple]:
@@ -271,6 +273,8 @@ def parse_args(argv=None):
     p.add_argument("--hybrid", type=cli.int_at_least(0), default=0, metavar="N",
                    help="add each chain behind prompt lookup (drafters.HybridDrafter; n-gram drafts when a suffix of "
                         ">= N tokens recurred), named ours_ngram+<chain>; 0: none")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of method names (hf_plain and ours_ar always run: the ratios need them)")
     p.add_argument("--reps", type=cli.int_at_least(1), default=2)
     p.add_argument("--threads", type=cli.int_at_least(1), default=2)
     p.add_argument("--json", help="write raw results here")

@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 
 from experiments import cli
-from experiments.bench import Method, _ours, machine_line, run_all
+from experiments.bench import Method, _ours, machine_line, pick_methods, run_all
 from experiments.hf_generate import hf, hf_assisted
 from specdec.errors import SpecDecError
 
@@ -206,13 +206,7 @@ def build_methods(target, draft, medusa, args) -> list[Method]:
                 methods.append(Method(f"hf_assisted_k{args.k}{f'_conf{c}' if c else ''}",
                                       hf_assisted(target, draft, m, args.k, c), False, args.k))
         methods += [Method(name, _ours(target, d, m), True) for name, d in ours.items()]
-    if args.methods:
-        keep = {name for name in args.methods.split(",") if name} | {methods[0].name}
-        if unknown := sorted(keep - {meth.name for meth in methods}):
-            raise SpecDecError(f"--methods: {', '.join(unknown)} is not a method of this run (a drafter whose model or "
-                               f"heads are missing adds none); choose from {', '.join(meth.name for meth in methods)}")
-        methods = [meth for meth in methods if meth.name in keep]
-    return methods
+    return pick_methods(methods, args.methods, (methods[0].name,))
 
 
 # --------------------------------------------------------------------------- costs and tables
@@ -269,7 +263,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with torch.nn.attention.sdpa_kernel(SDPA_KERNELS):
-        target, tok, draft, medusa, prompts = load_inputs(args)
+        target, _tok, draft, medusa, prompts = load_inputs(args)
         methods = build_methods(target, draft, medusa, args)
         ids = [p for _, p in prompts]
         run_all(methods, ids, args.reps)

@@ -162,3 +162,18 @@ def test_pooled_tau_is_tokens_over_forwards_not_mean_of_taus():
                   tau={0: 8.0, 1: 2.0})
     assert pooled_tau(ours) == pytest.approx(192 / 60)
     assert pooled_tau(Method("hf_plain", run=None, ours=False, new_tokens={0: 96})) is None
+
+
+def test_pick_methods_keeps_the_baselines_and_names_unknown_ones():
+    """``--methods`` (bench_drafters, bench_suite): the named methods in run order, plus the baselines the ratios
+    are taken against; an unknown name is one error listing the choices; no option keeps every method."""
+    from experiments.bench import Method, pick_methods
+    from specdec.errors import SpecDecError
+
+    methods = [Method(n, run=None, ours=n.startswith("ours")) for n in ("hf_plain", "hf_lookup", "ours_ar", "ours_x")]
+    assert pick_methods(methods, None) == methods
+    picked = pick_methods(methods, "ours_x,hf_lookup", ("hf_plain", "ours_ar"))
+    assert [m.name for m in picked] == ["hf_plain", "hf_lookup", "ours_ar", "ours_x"]
+    assert [m.name for m in pick_methods(methods, "ours_x", ("hf_plain",))] == ["hf_plain", "ours_x"]
+    with pytest.raises(SpecDecError, match="ours_y is not a method of this run.*choose from hf_plain, hf_lookup"):
+        pick_methods(methods, "ours_y", ("hf_plain",))

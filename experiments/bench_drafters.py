@@ -195,7 +195,7 @@ def summarize(methods: list[Method], stats: dict, greedy: bool) -> tuple[list[di
     for m in methods:
         mine = tps[m.name]
         alpha1 = [s.acceptance_rate_by_depth[0] for s in stats.get(m.name, []) if s.acceptance_rate_by_depth]
-        rows.append({"method": m.name, "tokens_per_s": statistics.median(mine.values()),
+        rows.append({"method": m.name, "tokens_per_s": statistics.median(mine.values()), "tokens_per_s_by_prompt": mine,
                      "vs_ours_ar": spread(mine, tps["ours_ar"]),
                      "vs_hf_plain": spread(mine, tps["hf_plain"]) if greedy else None,
                      "vs_best_hf": spread(mine, tps[best_hf]) if greedy else None,

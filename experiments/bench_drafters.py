@@ -129,6 +129,7 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
     methods = hf_methods if greedy else []
     ours = [("ours_ar", NoDrafter(), None), ("ours_ngram", NGramDrafter(args.ngram_tokens, max_ngram=2), args.ngram_tokens)]
     ours += [(f"ours_draft_k{k}", DraftModelDrafter(draft, k), k) for k in args.ks]
+    ours += [(f"ours_draft_{preset}", DraftModelDrafter(draft, tree=preset), None) for preset in args.trees]
     if greedy:  # deterministic children: accepted with probability p(x) only at T > 0 (see BENCHMARKS)
         ours.append((f"ours_draft_dyn{args.budget}", DraftModelDrafter(draft, **dyn), args.dynamic_depth))
     if "medusa" in heads:
@@ -248,8 +249,8 @@ def parse_args(argv=None):
     p.add_argument("--hf-ks", type=cli.ints_at_least(1), default=[3, 4, 5],
                    help="HF assisted generation's constant k (the best one is the reference)")
     p.add_argument("--trees", type=lambda s: list(dict.fromkeys(s.split(","))), default=[],
-                   help="EAGLE heads also drafting these static tree presets (conf/tree/<name>.yaml, e.g. chain4_alts), "
-                        "one method each: ours_<head>_<preset>")
+                   help="the draft model and EAGLE heads also drafting these static tree presets (conf/tree/<name>.yaml, "
+                        "e.g. chain4_alts), one method each: ours_draft_<preset>, ours_<head>_<preset>")
     p.add_argument("--budget", type=cli.int_at_least(1), default=10, help="dynamic trees: nodes")
     p.add_argument("--dynamic-depth", type=cli.int_at_least(1), default=6, help="dynamic trees: depth limit")
     p.add_argument("--top-k-children", type=cli.int_at_least(1), default=4, help="dynamic trees: children per expanded node")

@@ -160,8 +160,9 @@ def test_config_composes_builds_and_runs(tmp_path):
 
 
 def test_bench_drafters_puts_each_chain_behind_lookup(tmp_path):
-    """``--hybrid N`` adds ``ours_ngram+<chain>`` for every chain (not the dynamic trees), each with its own
-    chain drafter; ``--hf-lookup-tokens`` runs HF prompt lookup once per setting."""
+    """``--hybrid N`` adds ``ours_ngram+<chain>`` for every chain and ``--trees`` preset (not the dynamic trees), each
+    with its own drafter; ``--hf-lookup-tokens`` runs HF prompt lookup once per setting; ``--methods`` keeps the
+    named ones and the baselines."""
     from drafters.eagle_heads import EagleHead, save_head
     from experiments.bench_drafters import build_methods, head_drafters, parse_args
 
@@ -173,7 +174,17 @@ def test_bench_drafters_puts_each_chain_behind_lookup(tmp_path):
     assert [n for n in names if n.startswith("hf_prompt_lookup")] == ["hf_prompt_lookup_4", "hf_prompt_lookup_8"]
     hybrid = sorted(n for n in names if "+" in n)
     assert hybrid == ["ours_ngram+draft_k2", "ours_ngram+draft_k3", "ours_ngram+eagle3_k2", "ours_ngram+eagle3_k3"]
-    args.hybrid = 0
+    args.trees = ["chain4_alts"]
+    methods = {m.name: m for m in build_methods(target, draft, args, 0.0, head_drafters(args, []))}
+    assert {"ours_draft_chain4_alts", "ours_eagle3_chain4_alts", "ours_ngram+draft_chain4_alts",
+            "ours_ngram+eagle3_chain4_alts"} <= set(methods)
+    seq, stats = methods["ours_ngram+eagle3_chain4_alts"].run(NGRAM_PROMPT)
+    want = target.generate(NGRAM_PROMPT, do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=0)
+    assert torch.equal(seq, want) and max(stats.proposed_per_step) == 8  # 6 lookup drafts, 8 preset nodes
+    args.methods = "ours_ngram+eagle3_chain4_alts,hf_prompt_lookup_8"
+    assert [m.name for m in build_methods(target, draft, args, 0.0, head_drafters(args, []))] == [
+        "hf_plain", "hf_prompt_lookup_8", "ours_ar", "ours_ngram+eagle3_chain4_alts"]
+    args.methods, args.trees, args.hybrid = None, [], 0
     assert not any("+" in m.name for m in build_methods(target, draft, args, 0.0, {}))
 
 

@@ -16,13 +16,14 @@ names, bad values) print ``error: <message>`` and exit with status 2.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
@@ -31,8 +32,17 @@ from experiments.instantiate import accepts_argument, instantiate
 from experiments.loggers import GuardedLogger, Logger
 from experiments.models_from_config import LoadedModels, load_models, target_device
 from experiments.overrides import group_choice
-from experiments.results import (BASELINE, RECORDS_FILE, SPECULATIVE, MethodResults, ResultsWriter, build_summary,
-                                 format_table, read_records, results_from_records)
+from experiments.results import (
+    BASELINE,
+    RECORDS_FILE,
+    SPECULATIVE,
+    MethodResults,
+    ResultsWriter,
+    build_summary,
+    format_table,
+    read_records,
+    results_from_records,
+)
 from specdec.errors import ConfigError
 from specdec.models import check_dtype_choice
 from verifier.verifier import check_widths
@@ -89,9 +99,13 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
     """Instantiate the drafter; a drafter with a ``model`` argument gets the model config's draft model.
 
     ``tree`` is the composed ``tree`` group (``{paths: [...]}``; None or ``{paths: null}`` for no
-    tree); its paths reach the drafter as ``tree=``.
+    tree); its paths reach the drafter as ``tree=`` (a hybrid's second part, under ``drafter=hybrid``).
     """
     kwargs = tree_argument(drafter, tree)
+    if kwargs and not accepts_argument(drafter, "tree", "drafter"):  # a hybrid: the tree is its second part's
+        drafter = copy.deepcopy(drafter)
+        with open_dict(drafter):
+            drafter.second.tree = kwargs.pop("tree")
     if not accepts_argument(drafter, "model", "drafter"):
         return instantiate(drafter, "drafter", **kwargs)
     if models.draft is None:
@@ -109,9 +123,10 @@ def tree_argument(drafter: DictConfig, tree: Any) -> dict:
 
     if tree is None or (isinstance(tree, Mapping) and "paths" in tree and tree["paths"] is None):
         return {}  # tree=null, or tree=none (for sweeps)
-    if not accepts_argument(drafter, "tree", "drafter"):
-        raise ConfigError(f"tree=... needs a drafter that grows token trees (drafter=draft_model); "
-                          f"{drafter._target_} takes no tree: drop the tree override")
+    grower = drafter if accepts_argument(drafter, "tree", "drafter") else drafter.get("second")
+    if not isinstance(grower, Mapping) or not accepts_argument(grower, "tree", "drafter"):
+        raise ConfigError(f"tree=... needs a drafter that grows token trees (drafter=draft_model, eagle, or hybrid "
+                          f"with such a second part); {drafter._target_} takes no tree: drop the tree override")
     where = f"the file of tree={group_choice('tree') or '...'}"
     if not isinstance(tree, Mapping):  # a bare list or a scalar: raises, saying what a tree file looks like
         paths_entry(OmegaConf.to_container(tree) if isinstance(tree, ListConfig) else tree, where)

@@ -346,6 +346,18 @@ def test_tree_config_reaches_the_drafter(preset):
     assert [list(p) for p in drafter.compiled.paths] == [list(p) for p in compile_tree(load_preset(preset)).paths]
 
 
+def test_tree_config_reaches_a_hybrids_second_part(tmp_path):
+    """``drafter=hybrid tree=<preset>``: the lookup takes no tree, so the preset is the second part's (an EAGLE head
+    drafting it behind prompt lookup); the hybrid's config is left as it was."""
+    from experiments.decode import build_drafter
+
+    cfg = _compose("drafter=hybrid", "tree=chain4_alts", f"drafter.second.heads={tmp_path / 'absent'}")
+    drafter = build_drafter(cfg.drafter, _models(), cfg.tree)
+    assert drafter.second.mode == "static" and drafter.first.k == 8 and drafter.max_nodes == 8
+    assert [list(p) for p in drafter.second.compiled.paths] == [list(p) for p in load_preset("chain4_alts")]
+    assert "tree" not in cfg.drafter.second
+
+
 def test_tree_config_default_none_and_budget():
     from experiments.decode import build_drafter
 

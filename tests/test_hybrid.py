@@ -29,6 +29,8 @@ NGRAM_PROMPT = torch.tensor([[4, 2, 1, 4, 2]])  # "4 2" recurs: the first step i
 def _second(kind: str, arch: str):
     if kind == "draft_model":
         return DraftModelDrafter(pair(arch)[1], num_speculative_tokens=3)
+    if kind == "eagle3_alts":  # a tree preset behind lookup (the best configuration on the embedded pair)
+        return EagleDrafter(trained_head(arch, "eagle3"), tree="chain4_alts")
     return EagleDrafter(trained_head(arch, "eagle3"), num_speculative_tokens=3)
 
 
@@ -66,7 +68,7 @@ def _steps(target, drafter, prompts, temperature: float = 0.0) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("second", ["draft_model", "eagle3"])
+@pytest.mark.parametrize("second", ["draft_model", "eagle3", "eagle3_alts"])
 def test_greedy_hybrid_equals_plain_greedy(arch, second):
     """20 prompts (half stop on EOS, max_new_tokens mid-step); both parts propose in these runs."""
     cases = _cases(arch)
@@ -89,6 +91,19 @@ def test_rejection_over_mixed_steps_is_lossless(setting, rule, record_property, 
     target, draft = peaky_noisy_pair()
     drafter = HybridDrafter(NGramDrafter(num_speculative_tokens=2, max_ngram=2, min_ngram=2),
                             DraftModelDrafter(draft, num_speculative_tokens=2))
+    for name, value in check_cell(target, drafter, setting, rule, NGRAM_PROMPT).items():
+        record_property(name, value)
+
+
+@pytest.mark.parametrize("setting, rule", [("t1.0", "rejection"), ("t0.7_topk3", "rejection"),
+                                           ("t1.0", "p_not_zeroed")])
+def test_rejection_with_a_deterministic_tree_behind_lookup_is_lossless(setting, rule, record_property):
+    """Lookup chains and a deterministic tree preset with runners-up (``chain4_alts``: siblings rejected one by one,
+    the point-mass residual after each) in the same runs: ``rejection`` passes, p left unzeroed after a rejected
+    deterministic draft fails."""
+    target, draft = peaky_noisy_pair()
+    drafter = HybridDrafter(NGramDrafter(num_speculative_tokens=2, max_ngram=2, min_ngram=2),
+                            DraftModelDrafter(draft, tree="chain4_alts"))
     for name, value in check_cell(target, drafter, setting, rule, NGRAM_PROMPT).items():
         record_property(name, value)
 

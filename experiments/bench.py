@@ -167,6 +167,13 @@ def tokens_per_s(meth: Method) -> dict[int, float]:
     return {i: meth.new_tokens[i] / statistics.median(t) for i, t in meth.times.items()}
 
 
+def pooled_tokens_per_s(meth: Method) -> float:
+    """All prompts' new tokens over the sum of their median times: the run's throughput, in which a prompt weighs
+    by its time. The median of per-prompt tokens/s (or of per-prompt speedups) weighs every prompt alike, so a few
+    prompts a method decodes very fast move the two apart."""
+    return sum(meth.new_tokens[i] for i in meth.times) / sum(statistics.median(t) for t in meth.times.values())
+
+
 def pooled_tau(meth: Method) -> float | None:
     """Tokens per target forward over all prompts together (each prompt's new tokens over its forwards,
     summed): the run's tau. The mean of per-prompt taus weighs a prompt decoded in few forwards as much

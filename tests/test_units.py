@@ -177,3 +177,13 @@ def test_pick_methods_keeps_the_baselines_and_names_unknown_ones():
     assert [m.name for m in pick_methods(methods, "ours_x", ("hf_plain",))] == ["hf_plain", "ours_x"]
     with pytest.raises(SpecDecError, match="ours_y is not a method of this run.*choose from hf_plain, hf_lookup"):
         pick_methods(methods, "ours_y", ("hf_plain",))
+
+
+def test_pooled_tokens_per_s_weighs_prompts_by_their_time():
+    """Total new tokens over the sum of per-prompt median times: 200 tokens in 1.5 s, not the median (or mean) of the
+    per-prompt rates (100 / 0.5 and 100 / 1.0 tokens/s)."""
+    from experiments.bench import Method, pooled_tokens_per_s, tokens_per_s
+
+    meth = Method("ours", run=None, ours=True, new_tokens={0: 100, 1: 100}, times={0: [0.5, 0.4, 0.9], 1: [1.0]})
+    assert pooled_tokens_per_s(meth) == pytest.approx(200 / 1.5)
+    assert tokens_per_s(meth) == {0: pytest.approx(200.0), 1: pytest.approx(100.0)}

@@ -33,7 +33,16 @@ import pytest
 import torch
 
 from drafters import DraftModelDrafter, NGramDrafter
-from tests.lossless import ALPHA, RUNS, SETTINGS, cells, check_cell, chi_square_pvalue, exact_distribution, sample_counts
+from tests.lossless import (
+    ALPHA,
+    RUNS,
+    SETTINGS,
+    cells,
+    check_cell,
+    chi_square_pvalue,
+    exact_distribution,
+    sample_counts,
+)
 from tests.tiny_models import peaky_noisy_pair, peaky_pair
 
 NGRAM_PROMPT = torch.tensor([[4, 2, 1, 4, 2]])  # "4 2" looked up: proposes 1 (p = 0.32-0.38), then 4

@@ -19,11 +19,24 @@ from hydra import compose, initialize_config_dir
 
 from drafters import MedusaDrafter
 from drafters.medusa import medusa_expected_tokens, medusa_tree
-from drafters.medusa_heads import (WEIGHTS_FILE, MedusaHeads, MedusaHeadsError, load_heads, save_heads,
-                                   target_fingerprint)
+from drafters.medusa_heads import (
+    WEIGHTS_FILE,
+    MedusaHeads,
+    MedusaHeadsError,
+    load_heads,
+    save_heads,
+    target_fingerprint,
+)
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.tree import PRESET_DIR, load_preset
-from tests.lossless import ALPHA, RUNS, VOCAB, chi_square_pvalue, exact_distribution, sample_counts
+from tests.lossless import (
+    ALPHA,
+    RUNS,
+    VOCAB,
+    chi_square_pvalue,
+    exact_distribution,
+    sample_counts,
+)
 from tests.tiny_models import pair, peaky_pair, prompts
 from tests.training_checks import assert_resume_is_exact
 
@@ -288,7 +301,7 @@ def test_missing_heads_say_how_to_train_them(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
     drafter = MedusaDrafter()  # the default location: built lazily, so configs compose without heads
     with pytest.raises(MedusaHeadsError, match="no Medusa heads at .*zoo-default.*python -m experiments.train_medusa"):
-        drafter.max_nodes
+        _ = drafter.max_nodes
 
 
 def test_configs_compose_and_build(saved_heads):

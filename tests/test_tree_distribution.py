@@ -31,7 +31,16 @@ from __future__ import annotations
 import pytest
 
 from drafters import DraftModelDrafter
-from tests.lossless import ALPHA, RUNS, SETTINGS, cells, check_cell, chi_square_pvalue, exact_distribution, sample_counts
+from tests.lossless import (
+    ALPHA,
+    RUNS,
+    SETTINGS,
+    cells,
+    check_cell,
+    chi_square_pvalue,
+    exact_distribution,
+    sample_counts,
+)
 from tests.tiny_models import peaky_noisy_pair, peaky_pair
 
 TREE = [[0], [1], [0, 0], [0, 1], [1, 0]]

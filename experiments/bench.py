@@ -65,6 +65,7 @@ class Method:
     acceptance: dict = field(default_factory=dict)  # prompt index -> accepted drafts / proposed drafts
     prefill_s: dict = field(default_factory=dict)  # prompt index -> seconds of prefill (ours)
     forwards: dict = field(default_factory=dict)  # prompt index -> verify forwards (ours)
+    outputs: dict = field(default_factory=dict)  # prompt index -> output ids [1, T + new] (the last round's)
     matches: bool = True
 
 
@@ -130,6 +131,7 @@ def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, betwe
                 _sync(ids.device)
                 meth.times.setdefault(i, []).append(time.perf_counter() - t0)
                 meth.new_tokens[i] = out.shape[1] - ids.shape[1]
+                meth.outputs[i] = out
                 meth.matches &= out.tolist() == reference.tolist()
                 if stats is not None:
                     meth.tau[i] = stats.tau

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
 from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
+from experiments.greedy_check import rounding_check
 from experiments.instantiate import accepts_argument, instantiate
 from experiments.loggers import GuardedLogger, Logger
 from experiments.models_from_config import LoadedModels, load_models, target_device
@@ -278,6 +279,9 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         raise
     finally:
         summary = summarize(status)
+        if status == "complete" and sampling.greedy:  # a bf16 target parts from its baseline at near-ties only
+            summary["metrics"].update(rounding_check(models.target, {p.question_id: p.input_ids for p in encoded},
+                                                     results[SPECULATIVE].outputs, summary.get("mismatched_question_ids")))
         writer.write_summary(summary)
         writer.close()
         if status == "complete":

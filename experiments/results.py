@@ -209,6 +209,10 @@ def format_table(summary: dict) -> str:
         lines.append("compiling the step (not in tok/s): " + ", ".join(f"{k} {v:.1f} s" for k, v in compiled.items()))
     if "matches_baseline" in metrics:
         lines.append(f"matches baseline: {metrics['matches_baseline']}")
+    if "greedy_deficit" in metrics:  # a reduced-precision target (experiments.greedy_check)
+        verdict = "greedy up to rounding" if metrics["greedy_up_to_rounding"] else "NOT greedy: a wrong token was emitted"
+        lines.append(f"  reduced precision: the differing outputs' largest greedy deficit is "
+                     f"{metrics['greedy_deficit']:.3f} logits (float32 recompute): {verdict}")
     return "\n".join(lines)
 
 

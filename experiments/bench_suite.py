@@ -11,6 +11,10 @@ ours only, with ``rejection`` (lossless); HF sampling draws other random numbers
 possible: tau and speedup are against our own autoregressive loop at the same temperature. Timing follows
 :func:`experiments.bench.run_all` (warm-up, ``--reps`` rounds per prompt in rotating order, threads pinned).
 
+``--dtype bfloat16`` runs the target (and HF's methods, the same model) in bf16. Greedy outputs then part
+from HF plain greedy where two logits nearly tie, HF's own prompt lookup's too; each row also says whether
+its outputs are greedy up to rounding (:mod:`experiments.greedy_check`), which sets the exit status.
+
 Also reports each drafter's cost per drafted token relative to one target forward (width 1, at
 the run's context), the figure that decides what a drafter can gain: on a 49152-token vocabulary
 the LM head is a large share of any draft. Importable without hydra or wandb.
@@ -26,7 +30,15 @@ from collections import defaultdict
 import torch
 
 from experiments import cli
-from experiments.bench import Method, _ours, machine_line, pick_methods, run_all
+from experiments.bench import (
+    Method,
+    _ours,
+    machine_line,
+    pick_methods,
+    run_all,
+    verify_curve,
+)
+from experiments.greedy_check import TOLERANCE
 from experiments.hf_generate import hf, hf_assisted
 from specdec.errors import SpecDecError
 
@@ -41,6 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-category", type=cli.int_at_least(1), default=4, help="prompts per category (the first ones)")
     p.add_argument("--max-new-tokens", type=cli.int_at_least(1), default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, checked against HF; > 0: rejection")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the target (HF's methods run the same model); bfloat16 on a CPU with native "
+                        "bf16 makes wide verifies nearly as cheap as one token")
+    p.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="precision of the draft model and EAGLE heads (default: the target's)")
+    p.add_argument("--tie-tolerance", type=float, default=TOLERANCE,
+                   help="--dtype bfloat16, greedy: the largest deficit (max logit - the emitted token's logit, the "
+                        "weights computed in float32) an output may show and still count as greedy up to rounding")
     p.add_argument("--k", type=cli.int_at_least(1), default=4, help="chain length of the draft-model and layer-skip drafters")
     p.add_argument("--layer-skip", type=cli.int_at_least(1), default=6, help="layers of the layer-skip self-draft")
     p.add_argument("--ngram-tokens", type=cli.int_at_least(1), default=4)
@@ -58,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hybrid", type=cli.int_at_least(0), default=0, metavar="N",
                    help="also each of our drafters that runs a model behind prompt lookup (drafters.HybridDrafter: an "
                         "n-gram of --ngram-tokens drafts where a suffix of >= N tokens recurred), ours_ngram+<name>")
+    p.add_argument("--verify-widths", type=lambda s: tuple(cli.ints_at_least(1)(s)), default=(),
+                   help="also time one verify forward of the target at these widths (e.g. 1,5,9,17,33) at the run's "
+                        "context, in its dtype: what a wider tree costs on this machine")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--reps", type=cli.int_at_least(1), default=1)
     p.add_argument("--threads", type=cli.int_at_least(1), default=2)
@@ -78,9 +101,9 @@ def load_inputs(args):
     from specdec.models import load_causal_lm, load_tokenizer
 
     target_dir = str(ensure_model(args.model, cache_dir=args.cache_dir))
-    target, tok = load_causal_lm(target_dir, role="target"), load_tokenizer(target_dir)
+    target, tok = load_causal_lm(target_dir, dtype=args.dtype, role="target"), load_tokenizer(target_dir)
     draft_path, _ = find_draft(args.model, args.cache_dir)
-    draft = load_causal_lm(draft_path, role="draft") if draft_path else None
+    draft = load_causal_lm(draft_path, dtype=args.draft_dtype or args.dtype, role="draft") if draft_path else None
     path = suite_path(args.cache_dir) if args.dataset == "suite" else args.dataset
     taken: dict[str, int] = defaultdict(int)
     prompts = []
@@ -93,17 +116,41 @@ def load_inputs(args):
 
 def medusa_dir(args, target) -> str | None:
     """``--medusa``, else the heads ``train_medusa target=<model dir>`` writes by default, if present."""
-    from pathlib import Path
 
-    from drafters.medusa_heads import CONFIG_FILE, default_heads_dir, target_fingerprint
+    from drafters.medusa_heads import CONFIG_FILE, default_heads_dir
 
     if args.medusa:
         return args.medusa
     from experiments.pretrained import model_dir
 
-    name = model_dir(args.model, args.cache_dir).name
-    path = default_heads_dir("x", args.cache_dir).parent / f"{name}-{target_fingerprint(target)['sha256'][:10]}"
-    return str(path) if (Path(path) / CONFIG_FILE).is_file() else None
+    found = cached_heads(default_heads_dir("x", args.cache_dir).parent, model_dir(args.model, args.cache_dir).name,
+                         CONFIG_FILE, target)
+    return str(found) if found else None
+
+
+def cached_heads(parent, name: str, config_file: str, target):
+    """The heads directory ``<parent>/<name>-<fingerprint>`` trained for ``target``, or None.
+
+    The fingerprint in the name is the float32 target's; a target loaded in another dtype (``--dtype
+    bfloat16``) matches through the fingerprint each candidate's config records (dtype rounding aside).
+    """
+    import json
+    from pathlib import Path
+
+    from drafters.head_files import same_target, target_fingerprint
+
+    actual = target_fingerprint(target)
+    exact = Path(parent) / f"{name}-{actual['sha256'][:10]}"
+    if (exact / config_file).is_file():
+        return exact
+    for path in sorted(Path(parent).glob(f"{name}-*")):
+        try:
+            recorded = json.loads((path / config_file).read_text()).get("target") or {}
+        except (OSError, ValueError):
+            continue
+        if same_target(recorded, actual):
+            return path
+    return None
 
 
 # --------------------------------------------------------------------------- methods
@@ -163,7 +210,7 @@ def eagle_dirs(args, target) -> list[str]:
     by default (eagle2 and eagle3), those present."""
     from pathlib import Path
 
-    from drafters.eagle_heads import FILES, default_heads_dir, target_fingerprint
+    from drafters.eagle_heads import FILES, default_heads_dir
 
     if args.eagle:
         given = [p for p in args.eagle.split(",") if p]
@@ -173,9 +220,9 @@ def eagle_dirs(args, target) -> list[str]:
         return given
     from experiments.pretrained import model_dir
 
-    name = f"{model_dir(args.model, args.cache_dir).name}-{target_fingerprint(target)['sha256'][:10]}"
-    found = [default_heads_dir(v, "x", args.cache_dir).parent / f"{v}-{name}" for v in ("eagle2", "eagle3")]
-    return [str(p) for p in found if (Path(p) / FILES.config_file).is_file()]
+    parent, name = default_heads_dir("eagle3", "x", args.cache_dir).parent, model_dir(args.model, args.cache_dir).name
+    found = [cached_heads(parent, f"{v}-{name}", FILES.config_file, target) for v in ("eagle2", "eagle3")]
+    return [str(p) for p in found if p]
 
 
 def behind_lookup_all(ours: dict, args) -> dict:
@@ -227,9 +274,11 @@ def drafter_costs(target, methods: dict, context: int) -> dict[str, float]:
 
 
 def category_table(methods: list[Method], categories: list[str], baseline: str,
-                   checked: bool = True) -> tuple[list[dict], str]:
+                   checked: bool = True, deficits: dict | None = None) -> tuple[list[dict], str]:
     """Spec-Bench's layout: per method, speedup and tau per category and overall (speedup: tokens/s over
-    ``baseline``'s, summed over the category's prompts). ``checked``: outputs were compared with HF greedy."""
+    ``baseline``'s, summed over the category's prompts). ``checked``: outputs were compared with HF greedy.
+    ``deficits`` (reduced precision): per method, ``(largest greedy deficit, passed)``, shown in place of
+    the comparison with HF greedy (:mod:`experiments.greedy_check`)."""
     cats = [c for c in CATEGORY_ORDER if c in categories] + sorted(set(categories) - set(CATEGORY_ORDER))
     base = next(m for m in methods if m.name == baseline)
 
@@ -240,23 +289,44 @@ def category_table(methods: list[Method], categories: list[str], baseline: str,
     groups = {c: [i for i, cat in enumerate(categories) if cat == c] for c in cats} | {"overall": list(range(len(categories)))}
     for meth in methods:
         row = {"method": meth.name, "matches_hf_plain": meth.matches if checked else None}
+        if deficits is not None:
+            row["greedy_deficit"], row["greedy_up_to_rounding"] = deficits[meth.name]
         for c, idx in groups.items():
             taus = [meth.tau[i] for i in idx if i in meth.tau]
             row[c] = {"speedup": rate(meth, idx) / rate(base, idx), "tau": statistics.mean(taus) if taus else None,
                       "tokens_per_s": rate(meth, idx)}
         rows.append(row)
-    head = "| method | " + " | ".join(groups) + (" | output = HF plain greedy |" if checked else " |")
-    lines = [head, "|" + "---|" * (len(groups) + (2 if checked else 1))]
+    check_head = " | output = HF plain greedy |" if checked else " |"
+    if deficits is not None:
+        check_head = " | output = HF plain greedy | greedy up to rounding (largest deficit) |"
+    head = "| method | " + " | ".join(groups) + check_head
+    lines = [head, "|" + "---|" * (len(groups) + check_head.count("|"))]
     for r in rows:
         cells = [f"{r[c]['speedup']:.2f}x" + (f" (tau {r[c]['tau']:.2f})" if r[c]["tau"] is not None else "")
                  for c in groups]
         check = (" | yes" if r["matches_hf_plain"] else " | NO") if checked else ""
+        if deficits is not None:
+            check += f" | {'yes' if r['greedy_up_to_rounding'] else 'NO'} ({r['greedy_deficit']:.3f})"
         lines.append(f"| {r['method']} | " + " | ".join(cells) + check + " |")
     return rows, "\n".join(lines)
 
 
+def method_deficits(target, methods: list[Method], prompts: list[torch.Tensor], tolerance: float) -> dict:
+    """Per method: ``(largest greedy deficit over its outputs, within tolerance)`` against ``target``'s
+    weights computed in float32 (:mod:`experiments.greedy_check`)."""
+    from experiments.greedy_check import deficits, float32_reference
+
+    reference = float32_reference(target)
+    out = {}
+    for meth in methods:
+        worst = max(deficits(reference, meth.outputs, prompts).values(), default=0.0)
+        out[meth.name] = (worst, worst <= tolerance)
+    return out
+
+
 def main(argv=None) -> int:
-    """Run the suite benchmark; exit status 1 if a greedy output differs from HF plain greedy."""
+    """Run the suite benchmark; exit status 1 if a greedy output differs from HF plain greedy (in bf16: if
+    one is not greedy up to rounding)."""
     from verifier.verifier import SDPA_KERNELS
 
     args = parse_args(argv)
@@ -269,24 +339,30 @@ def main(argv=None) -> int:
         run_all(methods, ids, args.reps)
         context = int(statistics.median(p.shape[1] for p in ids)) + args.max_new_tokens // 2
         costs = drafter_costs(target, drafters_for(target, draft, medusa, args), context)
-    greedy = args.temperature == 0
+        curve = verify_curve(target, context, args.verify_widths, ["sdpa"], 10) if args.verify_widths else ({}, "")
+        greedy = args.temperature == 0
+        rounded = method_deficits(target, methods, ids, args.tie_tolerance) if greedy and args.dtype != "float32" else None
     baseline = "hf_plain" if greedy else "ours_ar"
-    rows, table = category_table(methods, [c for c, _ in prompts], baseline, checked=greedy)
+    rows, table = category_table(methods, [c for c, _ in prompts], baseline, checked=greedy, deficits=rounded)
     cost_lines = "\n".join(f"- {name}: {ratio:.3f} of a target forward per draft forward" for name, ratio in costs.items())
     command = f"python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}"
-    text = (f"Command: `{command}`\n\nMachine: {machine_line()}. Target {args.model}, {len(prompts)} prompts "
+    text = (f"Command: `{command}`\n\nMachine: {machine_line()}. Target {args.model} in {args.dtype}, {len(prompts)} prompts "
             f"({args.per_category} per category), {args.max_new_tokens} new tokens, "
             f"{'greedy' if greedy else f'T = {args.temperature}, rejection'}, batch 1, {args.reps} reps; speedup "
             f"over {baseline}.\n\n{table}\n\nDraft cost per forward, relative to the target (context {context}):\n\n"
-            f"{cost_lines}\n")
+            f"{cost_lines}\n" + (f"\nOne verify forward of the target by width (context {context}):\n\n{curve[1]}\n"
+                                  if args.verify_widths else ""))
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "costs": costs, "machine": machine_line(), "args": vars(args)}, f, indent=1,
+            json.dump({"rows": rows, "costs": costs, "verify_curve": curve[0], "machine": machine_line(),
+                       "args": vars(args)}, f, indent=1,
                       default=str)
+    if rounded is not None:  # reduced precision: greedy up to rounding, not token for token (experiments.greedy_check)
+        return 0 if all(ok for _, ok in rounded.values()) else 1
     return 0 if not greedy or all(r["matches_hf_plain"] for r in rows) else 1
 
 

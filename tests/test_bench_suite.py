@@ -68,3 +68,16 @@ def test_hybrid_puts_each_model_drafter_behind_lookup():
     assert hybrid.second is not ours["ours_draft_k3"] and hybrid.second.model is ours["ours_draft_k3"].model
     args.hybrid = 0
     assert behind_lookup_all(ours, args) == {}
+
+
+def test_reduced_precision_rows_show_the_greedy_deficit():
+    """``--dtype bfloat16``: each row also says whether its outputs are greedy up to rounding, with the largest deficit."""
+    categories = ["coding", "qa"]
+    base, mine = _method("hf_plain", [1.0, 1.0]), _method("ours_x", [0.5, 1.0], taus=[2.0, 1.0], matches=False)
+    rows, table = category_table([base, mine], categories, "hf_plain", deficits={"hf_plain": (0.1, True),
+                                                                                 "ours_x": (2.5, False)})
+    lines = table.splitlines()
+    assert lines[0].endswith("| output = HF plain greedy | greedy up to rounding (largest deficit) |")
+    assert lines[1].count("---") == 6  # method, 2 categories, overall, 2 checks
+    assert lines[2].endswith("| yes | yes (0.100) |") and lines[3].endswith("| NO | NO (2.500) |")
+    assert rows[1]["greedy_deficit"] == 2.5 and rows[1]["greedy_up_to_rounding"] is False

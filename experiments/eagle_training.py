@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from drafters.draft_vocab import expressible, soft_cross_entropy
+from drafters.draft_vocab import DraftVocabHead, expressible, soft_cross_entropy
 from drafters.eagle_heads import VERSIONS, EagleHead, default_heads_dir, save_head
 from experiments.head_data import generate_rows
 from experiments.head_training import HeadRecipe, target_dir_name, teacher
@@ -114,16 +114,25 @@ def eagle_loss(head: EagleHead, raw: torch.Tensor, t_logits: torch.Tensor, t_hid
     if opts["feature_noise"]:
         features = features + (torch.rand_like(features) - 0.5) * opts["feature_noise"]
     n = batch.shape[1] - 1
+    ids = draft_ids(head) if opts["ce_target"] == "soft" else None  # [Vd] or None
+    # a draft vocabulary: the teacher's probabilities at its ids once per batch, not a full softmax per step
+    teach_p = F.softmax(t_logits, dim=-1)[..., ids] if ids is not None else None  # [B, T, Vd]
     total, metrics = features.new_zeros(()), {}
     for j, (logits, out) in enumerate(unroll(head, features, batch, opts["ttt_steps"])):
         m = n - j  # slots with a label
         teach = t_logits[:, j + 1 : j + 1 + m]  # [B, m, V]
-        logq = F.log_softmax(logits[:, :m].float(), dim=-1)  # [B, m, V]
-        if opts["ce_target"] == "hard":  # the target's argmax: what greedy decoding accepts
-            labels = expressible(logq, teach.argmax(-1))  # [B, m] (a draft vocabulary cannot express some)
-            ce = F.nll_loss(logq.reshape(-1, logq.shape[-1]), labels.reshape(-1))
-        else:  # its whole distribution
-            ce = soft_cross_entropy(teach, logq)
+        if ids is not None:  # the same cross-entropy over the draft columns only (the head is -inf elsewhere)
+            logq = F.log_softmax(logits[:, :m, ids].float(), dim=-1)  # [B, m, Vd]
+            ce = -(teach_p[:, j + 1 : j + 1 + m] * logq).sum(-1).mean()
+            drafted = ids[logq.argmax(-1)]  # [B, m]
+        else:
+            logq = F.log_softmax(logits[:, :m].float(), dim=-1)  # [B, m, V]
+            drafted = logq.argmax(-1)  # [B, m]
+            if opts["ce_target"] == "hard":  # the target's argmax: what greedy decoding accepts
+                labels = expressible(logq, teach.argmax(-1))  # [B, m] (a draft vocabulary cannot express some)
+                ce = F.nll_loss(logq.reshape(-1, logq.shape[-1]), labels.reshape(-1))
+            else:  # its whole distribution
+                ce = soft_cross_entropy(teach, logq)
         loss = opts["ce_weight"] * ce
         if opts["regression_weight"]:
             reg = F.smooth_l1_loss(out[:, :m].float(), t_hidden[:, j + 1 : j + 1 + m])
@@ -131,8 +140,14 @@ def eagle_loss(head: EagleHead, raw: torch.Tensor, t_logits: torch.Tensor, t_hid
             metrics[f"train/regression_step{j + 1}"] = float(reg.detach())
         total = total + opts["ttt_decay"] ** j * loss
         metrics[f"train/ce_step{j + 1}"] = float(ce.detach())
-        metrics[f"train/top1_step{j + 1}"] = float((logq.argmax(-1) == teach.argmax(-1)).float().mean())
+        metrics[f"train/top1_step{j + 1}"] = float((drafted == teach.argmax(-1)).float().mean())
     return total, metrics
+
+
+def draft_ids(head: EagleHead) -> torch.Tensor | None:
+    """The ids ``[Vd]`` the head's LM head scores (a draft vocabulary), or None for the whole vocabulary."""
+    lm_head = head.model.lm_head
+    return lm_head.ids if isinstance(lm_head, DraftVocabHead) else None
 
 
 # --------------------------------------------------------------------------- held-out acceptance by depth

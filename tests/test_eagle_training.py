@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,8 @@ from drafters.eagle_heads import EagleHead, load_head
 from experiments.eagle_training import ttt_mask, unroll
 from specdec.errors import ConfigError
 from tests.test_medusa import check_greedy, greedy_cases
-from tests.training_checks import assert_resume_is_exact
 from tests.tiny_models import pair, prompts
+from tests.training_checks import assert_resume_is_exact
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_TRAIN = ["zoo_size=micro", "steps=60", "batch_size=8", "context=96", "lr=0.003", "train_chars=200000",
@@ -61,9 +61,8 @@ def test_report_has_acceptance_by_depth_for_head_and_draft(micro_eagle3):
 def test_training_improves_on_the_untrained_head(micro_eagle3):
     """The untrained head (the target's first layer on the token alone) evaluated the same way."""
     from experiments.eagle_training import evaluate
-    from experiments.zoo import ensure_pair
-
     from experiments.head_data import token_chunks
+    from experiments.zoo import ensure_pair
 
     tok, target, _ = ensure_pair("micro").load()
     rows = token_chunks(tok, "heldout", 40000, 96)[:8]  # [8, 96]
@@ -136,6 +135,46 @@ def test_ttt_mask_and_unroll_match_chain_drafting():
     torch.testing.assert_close(outs[0][0][0, s], z0[0, s], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(outs[1][0][0, s], z1[0, -1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(outs[2][0][0, s], z2[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_soft_loss_over_a_draft_vocabulary_equals_the_full_vocabulary_formula():
+    """With a draft vocabulary the soft cross-entropy runs over the draft columns only (the teacher's softmax
+    once per batch); it equals the full-vocabulary formula, whose other columns the head scores -inf."""
+    import torch.nn.functional as F
+
+    from drafters.draft_vocab import soft_cross_entropy
+    from experiments.eagle_training import eagle_loss
+
+    target = pair("llama")[0]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randperm(target.config.vocab_size, generator=gen)[:40].sort().values  # [40]
+    head = EagleHead.for_target(target, "eagle3", init="random", draft_vocab=ids)
+    batch = torch.randint(0, 250, (2, 12), generator=gen)
+    raw = torch.randn(2, 12, 3 * 64, generator=gen)
+    t_logits = torch.randn(2, 12, target.config.vocab_size, generator=gen) * 3
+    opts = options_for_eagle3()
+    loss, metrics = eagle_loss(head, raw, t_logits, None, batch, opts)
+    features = head.target_features(raw[:, :-1])
+    expected = torch.zeros(())
+    for j, (logits, _) in enumerate(unroll(head, features, batch, opts["ttt_steps"])):
+        m = 11 - j
+        logq = F.log_softmax(logits[:, :m].float(), dim=-1)  # [B, m, V]: -inf outside the draft vocabulary
+        expected = expected + opts["ttt_decay"] ** j * soft_cross_entropy(t_logits[:, j + 1 : j + 1 + m], logq)
+        top1 = float((logq.argmax(-1) == t_logits[:, j + 1 : j + 1 + m].argmax(-1)).float().mean())
+        assert metrics[f"train/top1_step{j + 1}"] == top1
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert head.model.lm_head.weight.grad.abs().sum() > 0
+
+
+def options_for_eagle3() -> dict:
+    from omegaconf import OmegaConf
+
+    from experiments.eagle_training import options
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "train_eagle.yaml")
+    cfg.version = "eagle3"
+    return options(cfg)
 
 
 # --------------------------------------------------------------------------- cost model

@@ -117,10 +117,11 @@ def eagle_loss(head: EagleHead, raw: torch.Tensor, t_logits: torch.Tensor, t_hid
     ids = draft_ids(head) if opts["ce_target"] == "soft" else None  # [Vd] or None
     # a draft vocabulary: the teacher's probabilities at its ids once per batch, not a full softmax per step
     teach_p = F.softmax(t_logits, dim=-1)[..., ids] if ids is not None else None  # [B, T, Vd]
+    t_top = t_logits.argmax(-1)  # [B, T]: the target's greedy token, once for every step
     total, metrics = features.new_zeros(()), {}
     for j, (logits, out) in enumerate(unroll(head, features, batch, opts["ttt_steps"])):
         m = n - j  # slots with a label
-        teach = t_logits[:, j + 1 : j + 1 + m]  # [B, m, V]
+        teach, top = t_logits[:, j + 1 : j + 1 + m], t_top[:, j + 1 : j + 1 + m]  # [B, m, V], [B, m]
         if ids is not None:  # the same cross-entropy over the draft columns only (the head is -inf elsewhere)
             logq = F.log_softmax(logits[:, :m, ids].float(), dim=-1)  # [B, m, Vd]
             ce = -(teach_p[:, j + 1 : j + 1 + m] * logq).sum(-1).mean()
@@ -129,7 +130,7 @@ def eagle_loss(head: EagleHead, raw: torch.Tensor, t_logits: torch.Tensor, t_hid
             logq = F.log_softmax(logits[:, :m].float(), dim=-1)  # [B, m, V]
             drafted = logq.argmax(-1)  # [B, m]
             if opts["ce_target"] == "hard":  # the target's argmax: what greedy decoding accepts
-                labels = expressible(logq, teach.argmax(-1))  # [B, m] (a draft vocabulary cannot express some)
+                labels = expressible(logq, top)  # [B, m] (a draft vocabulary cannot express some)
                 ce = F.nll_loss(logq.reshape(-1, logq.shape[-1]), labels.reshape(-1))
             else:  # its whole distribution
                 ce = soft_cross_entropy(teach, logq)
@@ -140,7 +141,7 @@ def eagle_loss(head: EagleHead, raw: torch.Tensor, t_logits: torch.Tensor, t_hid
             metrics[f"train/regression_step{j + 1}"] = float(reg.detach())
         total = total + opts["ttt_decay"] ** j * loss
         metrics[f"train/ce_step{j + 1}"] = float(ce.detach())
-        metrics[f"train/top1_step{j + 1}"] = float((drafted == teach.argmax(-1)).float().mean())
+        metrics[f"train/top1_step{j + 1}"] = float((drafted == top).float().mean())
     return total, metrics
 
 

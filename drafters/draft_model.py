@@ -135,7 +135,7 @@ class DraftModelDrafter(TreeDrafter):
     def commit(self, result: AcceptResult, verify: VerifyOutput) -> None:
         """Keep the accepted drafts the draft model has already seen; the rest is re-fed next step."""
         if self.mode == "chain":
-            seen = len(self.tokens) + min(result.num_accepted_drafts, self._fed_drafts)
+            seen = len(self.tokens) + min(result.accepted_on_chain, self._fed_drafts)
             self.cache.truncate(seen)
         elif self._tree_prefix is not None:
             self.cache.compact(accepted_fed_slots(result.accepted_nodes, self._fed), offset=self._tree_prefix)

@@ -64,7 +64,7 @@ class BatchDraftModelChain(BatchChain):
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
         """Keep each row's accepted drafts that the draft model has seen; the rest is re-fed next step."""
         fed = [max(0, k - 1) for k in self.drafted]  # the drafts a batch-1 run would have fed
-        seen = [len(t) + min(r.num_accepted_drafts, f) for t, r, f in zip(self.tokens, results, fed)]
+        seen = [len(t) + min(r.accepted_on_chain, f) for t, r, f in zip(self.tokens, results, fed)]
         self.cache.set_lengths([min(s, n) for s, n in zip(seen, self.cache.host_lengths)])  # no catch-up: behind
         for tokens, result in zip(self.tokens, results):
             tokens.extend(result.tokens)

@@ -9,11 +9,21 @@ drafters see every committed token, so the one that sat a step out catches up at
 Lossless at any temperature: which drafter proposes is a function of the committed tokens only, and
 each proposal carries its own draft distribution (none for the deterministic n-gram chain), which the
 acceptance rule uses as it would for that drafter alone.
+
+``merge=True`` runs the second drafter on every step and, where the lookup proposes, grafts its chain onto the
+second's tree (:func:`graft_chain`: shared prefixes once, the rest as a new branch from where they part). The
+verify then takes whichever path the target agrees with further, at the price of a wider verify on those
+steps. Lossless for deterministic proposals (n-gram, Medusa, greedy or top-k trees): siblings are distinct
+tokens and the rule for deterministic trees (each rejected sibling's token zeroed in the residual) holds for
+any such tree. A sampled proposal carries draft probabilities for its own nodes only, so it cannot be merged:
+that is a clear error.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+
+import torch
 
 from specdec.batch_drafting import BatchDrafter
 from specdec.drafting import DraftContext, Drafter, StepShape, release
@@ -31,15 +41,18 @@ class HybridDrafter(Drafter):
             committed with another drafter's result, which only a drafter without model state can take.
         second: drafts the steps ``first`` leaves empty (e.g. :class:`~drafters.EagleDrafter`).
         min_drafts: the fewest nodes of ``first``'s proposal that are used (>= 1).
+        merge: on steps where ``first`` proposes, also ask ``second`` and verify both proposals as one tree
+            (:func:`graft_chain`); both must then be deterministic (n-gram + Medusa, or trees at greedy).
 
     Each proposed tree is labelled with its part's name (``tree.source``, e.g. ``ngram`` / ``eagle``; ``first`` /
-    ``second`` when both parts have one name), so every run's ``DecodeStats.steps_by_source`` counts the steps each
-    part drafted, per row in batches, and records and summaries carry it.
+    ``second`` when both parts have one name; ``<first>+<second>`` for merged trees), so every run's
+    ``DecodeStats.steps_by_source`` counts the steps each part drafted, per row in batches, and records and
+    summaries carry it.
     """
 
     name = "hybrid"
 
-    def __init__(self, first: Drafter, second: Drafter, min_drafts: int = 1):
+    def __init__(self, first: Drafter, second: Drafter, min_drafts: int = 1, merge: bool = False):
         super().__init__()
         for label, drafter in (("first", first), ("second", second)):
             if not isinstance(drafter, Drafter):
@@ -52,18 +65,21 @@ class HybridDrafter(Drafter):
                               f"(got {type(first).__name__}); put a drafter with a model or heads second")
         if int(min_drafts) < 1:
             raise ConfigError(f"hybrid drafter: min_drafts={min_drafts}; it must be >= 1")
-        self.first, self.second, self.min_drafts = first, second, int(min_drafts)
+        self.first, self.second, self.min_drafts, self.merge = first, second, int(min_drafts), bool(merge)
         self.labels = (first.name, second.name) if first.name != second.name else ("first", "second")
+        self.merged_label = f"{self.labels[0]}+{self.labels[1]}"
 
     @property
     def max_nodes(self) -> int:
+        if self.merge:
+            return self.first.max_nodes + self.second.max_nodes
         return max(self.first.max_nodes, self.second.max_nodes)
 
     def step_shape(self, target) -> StepShape:
-        """The second drafter's step (the one that costs forwards; only its steps, ``draft_source``) with the
-        larger of the two node budgets."""
+        """The second drafter's step (the one that costs forwards: only its steps, ``draft_source``, or every
+        step when merging) with the hybrid's node budget."""
         return dataclasses.replace(self.second.step_shape(target), max_nodes=self.max_nodes,
-                                   draft_source=self.labels[1])
+                                   draft_source=None if self.merge else self.labels[1])
 
     def batched(self):
         """For a batch of rows: each part batched its own way (an n-gram per row, an EAGLE or draft-model chain
@@ -83,9 +99,20 @@ class HybridDrafter(Drafter):
 
     def propose(self, max_depth: int) -> DraftTree:
         tree = self.first.propose(max_depth)
-        if tree.num_nodes >= self.min_drafts:
-            return self.labelled(tree, 0)
-        return self.labelled(self.second.propose(max_depth), 1)
+        if tree.num_nodes < self.min_drafts:
+            return self.labelled(self.second.propose(max_depth), 1)
+        if self.merge:
+            return self.combined(tree, self.second.propose(max_depth))
+        return self.labelled(tree, 0)
+
+    def combined(self, first: DraftTree, second: DraftTree) -> DraftTree:
+        """``merge``: ``first``'s chain grafted onto ``second``'s tree, labelled ``<first>+<second>`` (``first``'s
+        alone, labelled as its own, when ``second`` proposed nothing)."""
+        if not second.num_nodes:
+            return self.labelled(first, 0)
+        merged = graft_chain(second, first)
+        merged.source = self.merged_label
+        return merged
 
     def labelled(self, tree: DraftTree, part: int) -> DraftTree:
         """``tree`` with its ``source``: part ``part``'s label (0 first, 1 second); an empty tree stays unlabelled."""
@@ -127,9 +154,10 @@ class BatchHybrid(BatchDrafter):
     def propose(self, max_depths: list[int]) -> list[DraftTree]:
         firsts = self.first.propose(max_depths)
         covered = [t.num_nodes >= self.hybrid.min_drafts for t in firsts]
-        seconds = self.second.propose([0 if c else d for c, d in zip(covered, max_depths)])
-        return [self.hybrid.labelled(f, 0) if c else self.hybrid.labelled(s, 1)
-                for f, s, c in zip(firsts, seconds, covered)]
+        merge = self.hybrid.merge
+        seconds = self.second.propose([d if merge or not c else 0 for c, d in zip(covered, max_depths)])
+        return [(self.hybrid.combined(f, s) if merge else self.hybrid.labelled(f, 0)) if c
+                else self.hybrid.labelled(s, 1) for f, s, c in zip(firsts, seconds, covered)]
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:
         self.first.commit(results, verify)
@@ -140,12 +168,43 @@ class BatchHybrid(BatchDrafter):
         self.second.select_rows(rows)
 
 
-def behind_lookup(drafter: Drafter, ngram_tokens: int = 8, min_suffix: int = 2) -> HybridDrafter:
+def graft_chain(tree: DraftTree, chain: DraftTree) -> DraftTree:
+    """``tree`` with ``chain``'s tokens as a path from the root: the part of the chain the tree already holds
+    (matching tokens child by child) is shared, the rest hangs from where they part as new nodes, numbered after
+    ``tree``'s (whose nodes keep their indices, so a drafter reading its own tree's nodes in ``commit`` still
+    can). Both must be deterministic: no ``draft_probs``, or each node's a point mass on its token (greedy
+    drafting); ConfigError otherwise. The result is deterministic."""
+    if not (point_masses(tree) and point_masses(chain)):
+        raise ConfigError("hybrid drafter: merge=true verifies both parts' proposals as one tree, which only "
+                          "deterministic proposals allow (n-gram, Medusa, greedy or top-k trees); this step's "
+                          f"{'chain' if point_masses(tree) else 'tree'} was sampled (temperature > 0): "
+                          "set merge=false, or use a deterministic second drafter")
+    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    child = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}  # (parent, token) -> node
+    node = -1
+    for tok in chain.tokens.tolist():
+        if (node, tok) in child:
+            node = child[(node, tok)]
+            continue
+        tokens.append(tok)
+        parents.append(node)
+        node = len(tokens) - 1
+    return DraftTree(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long))
+
+
+def point_masses(tree: DraftTree) -> bool:
+    """True when ``tree`` proposes deterministically: no draft distributions, or each node's is 1 at its token."""
+    if tree.draft_probs is None:
+        return True
+    return bool((tree.draft_probs.gather(-1, tree.tokens[:, None].to(tree.draft_probs.device)) == 1).all())
+
+
+def behind_lookup(drafter: Drafter, ngram_tokens: int = 8, min_suffix: int = 2, merge: bool = False) -> HybridDrafter:
     """``drafter`` behind prompt lookup: a :class:`HybridDrafter` whose first part is an n-gram of ``ngram_tokens``
     drafts that proposes only where a suffix of at least ``min_suffix`` tokens recurred (as ``drafter=hybrid``'s
     defaults). The second part is a shallow copy of ``drafter`` (sharing its model or heads), so the original can
-    still run on its own, e.g. side by side in a benchmark."""
+    still run on its own, e.g. side by side in a benchmark. ``merge``: :class:`HybridDrafter`'s."""
     from drafters.ngram import NGramDrafter
 
     lookup = NGramDrafter(ngram_tokens, max_ngram=max(3, min_suffix), min_ngram=min_suffix)
-    return HybridDrafter(lookup, copy.copy(drafter))
+    return HybridDrafter(lookup, copy.copy(drafter), merge=merge)

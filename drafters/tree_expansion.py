@@ -231,10 +231,11 @@ def expand_dynamic(
 
 
 def accepted_fed_slots(accepted_nodes: list[int], fed: list[int]) -> list[int]:
-    """Fed indices of the accepted path's fed nodes: the path up to its first unfed node."""
+    """Fed indices of the accepted path's fed nodes: the path up to its first unfed node (or its first node
+    past ``fed``: one another drafter added, a merged hybrid tree's)."""
     keep = []
     for node in accepted_nodes:
-        if fed[node] < 0:
+        if node >= len(fed) or fed[node] < 0:
             break
         keep.append(fed[node])
     return keep

@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hybrid", type=cli.int_at_least(0), default=0, metavar="N",
                    help="also each of our drafters that runs a model behind prompt lookup (drafters.HybridDrafter: an "
                         "n-gram of --ngram-tokens drafts where a suffix of >= N tokens recurred), ours_ngram+<name>")
+    p.add_argument("--merge", action="store_true",
+                   help="--hybrid: also each with merged trees (ours_ngram+<name>_merged: where the lookup proposes, "
+                        "its chain grafted onto the drafter's tree, one verify; deterministic drafters, or greedy)")
     p.add_argument("--verify-widths", type=lambda s: tuple(cli.ints_at_least(1)(s)), default=(),
                    help="also time one verify forward of the target at these widths (e.g. 1,5,9,17,33) at the run's "
                         "context, in its dtype: what a wider tree costs on this machine")
@@ -233,8 +236,10 @@ def behind_lookup_all(ours: dict, args) -> dict:
     from drafters.hybrid import behind_lookup
     from specdec.drafting import Drafter
 
-    return {f"ours_ngram+{name.removeprefix('ours_')}": behind_lookup(d, args.ngram_tokens, args.hybrid)
-            for name, d in ours.items() if type(d).step_shape is not Drafter.step_shape}
+    modes = (False, True) if args.merge else (False,)
+    return {f"ours_ngram+{name.removeprefix('ours_')}{'_merged' if merge else ''}":
+            behind_lookup(d, args.ngram_tokens, args.hybrid, merge)
+            for name, d in ours.items() if type(d).step_shape is not Drafter.step_shape for merge in modes}
 
 
 def build_methods(target, draft, medusa, args) -> list[Method]:

@@ -18,26 +18,32 @@ LOSSES = ("soft", "hard")
 RANKS = 10  # per-rank accuracies kept in eval.json (they shape the default tree)
 
 
-def medusa_loss(head_logits: torch.Tensor, target_logits: torch.Tensor, mode: str, decay: float):
+def medusa_loss(head_logits: torch.Tensor, target_logits: torch.Tensor, mode: str, decay: float,
+                ids: torch.Tensor | None = None):
     """Weighted loss over heads and each head's loss.
 
     Head ``i``'s logits at position ``t`` (``head_logits [K, B, T, V]``) are trained towards the
     target's prediction at ``t + i + 1`` (``target_logits [B, T, V]``): cross-entropy to the target's
     distribution for ``soft`` (KL(target || head) plus the target's entropy: the same gradient),
     cross-entropy on the target's argmax for ``hard``; labels a draft vocabulary cannot express are skipped.
+    With ``ids [Vd]`` (the heads' draft vocabulary; the heads are ``-inf`` elsewhere), ``soft`` runs over
+    those columns only: the same value, with the teacher's probabilities gathered once for all heads.
     """
     total, per_head = head_logits.new_zeros(()), []
     seq = target_logits.shape[1]
+    teach_p = F.softmax(target_logits, dim=-1)[..., ids] if ids is not None and mode == "soft" else None  # [B, T, Vd]
     for i in range(head_logits.shape[0]):
         n = seq - i - 1  # positions t with a teacher at t + i + 1 inside the window
         if n <= 0:
             break
-        logq = F.log_softmax(head_logits[i, :, :n], dim=-1)  # [B, n, V]
-        teach = target_logits[:, i + 1 :]  # [B, n, V]
-        if mode == "soft":
-            loss = soft_cross_entropy(teach, logq)
+        if teach_p is not None:
+            logq = F.log_softmax(head_logits[i, :, :n, ids], dim=-1)  # [B, n, Vd]
+            loss = -(teach_p[:, i + 1 :] * logq).sum(-1).mean()
+        elif mode == "soft":
+            loss = soft_cross_entropy(target_logits[:, i + 1 :], F.log_softmax(head_logits[i, :, :n], dim=-1))
         else:
-            labels = expressible(logq, teach.argmax(-1))  # [B, n] (a draft vocabulary cannot express some)
+            logq = F.log_softmax(head_logits[i, :, :n], dim=-1)  # [B, n, V]
+            labels = expressible(logq, target_logits[:, i + 1 :].argmax(-1))  # [B, n] (a draft vocabulary cannot express some)
             loss = F.nll_loss(logq.reshape(-1, logq.shape[-1]), labels.reshape(-1))
         total = total + decay**i * loss
         per_head.append(loss.detach())
@@ -108,7 +114,8 @@ class MedusaRecipe(HeadRecipe):
 
     def loss(self, head: MedusaHeads, target, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
         hidden, t_logits = teacher(target, batch)  # [B, T, H], [B, T, V]
-        loss, per_head = medusa_loss(head(hidden), t_logits, self.cfg.loss, self.cfg.head_decay)
+        ids = head.heads[0].lm_head.ids if head.draft_vocab else None  # [Vd]: every head shares one draft vocabulary
+        loss, per_head = medusa_loss(head(hidden), t_logits, self.cfg.loss, self.cfg.head_decay, ids)
         return loss, {f"train/loss_head{i + 1}": float(x) for i, x in enumerate(per_head)}
 
     def evaluate(self, head: MedusaHeads, target, eval_chunks: torch.Tensor, cfg: DictConfig) -> dict:

@@ -116,3 +116,9 @@ class AcceptResult:
     @property
     def num_accepted_drafts(self) -> int:
         return len(self.accepted_nodes)
+
+    @property
+    def accepted_on_chain(self) -> int:
+        """Accepted drafts along the chain of nodes ``0, 1, 2, ...``: all of them for a chain's step; fewer
+        where the path leaves that chain (a merged hybrid tree's branch hanging off a drafter's chain)."""
+        return next((i for i, node in enumerate(self.accepted_nodes) if node != i), len(self.accepted_nodes))

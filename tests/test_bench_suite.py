@@ -66,6 +66,12 @@ def test_hybrid_puts_each_model_drafter_behind_lookup():
     assert isinstance(hybrid, HybridDrafter) and isinstance(hybrid.first, NGramDrafter)
     assert hybrid.first.min_ngram == 2 and hybrid.first.k == 6
     assert hybrid.second is not ours["ours_draft_k3"] and hybrid.second.model is ours["ours_draft_k3"].model
+    assert not hybrid.merge
+    args.merge = True  # --merge: each twin also with merged trees
+    merged = behind_lookup_all(ours, args)
+    assert sorted(merged) == ["ours_ngram+draft_k3", "ours_ngram+draft_k3_merged", "ours_ngram+layer_skip1_k3",
+                              "ours_ngram+layer_skip1_k3_merged"]
+    assert merged["ours_ngram+draft_k3_merged"].merge and not merged["ours_ngram+draft_k3"].merge
     args.hybrid = 0
     assert behind_lookup_all(ours, args) == {}
 

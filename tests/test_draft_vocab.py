@@ -174,3 +174,24 @@ def test_train_eagle_with_a_draft_vocabulary(tmp_path):
                          capture_output=True, text=True, timeout=600, check=False)
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode == 2 and len(errors) == 1 and "not below the target's vocabulary" in errors[0]
+
+
+def test_medusa_soft_loss_over_draft_columns_equals_the_full_formula():
+    """With the heads' draft vocabulary ``medusa_loss`` runs over those columns only (the teacher's softmax once
+    for all heads); it equals the full-vocabulary formula, whose other columns the heads score -inf."""
+    import torch.nn.functional as F
+
+    from drafters.draft_vocab import soft_cross_entropy
+    from experiments.medusa_training import medusa_loss
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, ids = 300, torch.randperm(300, generator=gen)[:40].sort().values  # [40]
+    scores = torch.randn(3, 2, 10, 40, generator=gen, requires_grad=True)  # [K, B, T, Vd]
+    head_logits = torch.full((3, 2, 10, vocab), float("-inf")).index_copy(-1, ids, scores)  # [K, B, T, V]
+    t_logits = torch.randn(2, 10, vocab, generator=gen) * 3  # [B, T, V]
+    loss, per_head = medusa_loss(head_logits, t_logits, "soft", 0.8, ids)
+    expected = [soft_cross_entropy(t_logits[:, i + 1 :], F.log_softmax(head_logits[i, :, : 9 - i], -1)) for i in range(3)]
+    assert torch.allclose(torch.stack(per_head), torch.stack(expected).detach(), atol=1e-5)
+    assert torch.allclose(loss, sum(0.8**i * e for i, e in enumerate(expected)), atol=1e-5)
+    loss.backward()
+    assert scores.grad is not None and torch.isfinite(scores.grad).all()

@@ -233,17 +233,23 @@ def test_batched_hybrid_rows_equal_generate_and_batch_one(arch, second, max_rows
 
     batched = make()
     out = SpeculativeDecoder(target, batched).generate_batch(rows, max_new_tokens=limits, seed=3, max_rows=max_rows)
+    assert greedy_rows_match(target, make, rows, limits, out, seed=3) >= 1, "some row must stop on EOS mid-batch"
+    steps = _by_part(batched, out.stats)
+    assert steps["first"] > 0 and steps["second"] > 0, steps
+
+
+def greedy_rows_match(target, make, rows, limits, out, seed: int) -> int:
+    """Assert each row of the batched greedy run ``out`` equals HF greedy and, step for step, its batch-1 run with
+    a fresh drafter ``make()`` and seed ``seed + i``; returns how many rows stopped before their limit."""
     stopped_early = 0
     for i, ids in enumerate(rows):
         ref = target.generate(ids, do_sample=False, max_new_tokens=limits[i], pad_token_id=0)
         assert out.sequences[i].tolist() == ref.tolist(), f"row {i}"
-        single = SpeculativeDecoder(target, make()).generate(ids, max_new_tokens=limits[i], seed=3 + i)
+        single = SpeculativeDecoder(target, make()).generate(ids, max_new_tokens=limits[i], seed=seed + i)
         assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i}"
         assert out.row_stats[i].steps_by_source == single.stats.steps_by_source, f"row {i}"
         stopped_early += out.sequences[i].shape[1] - ids.shape[1] < limits[i]
-    assert stopped_early >= 1, "some row must stop on EOS mid-batch"
-    steps = _by_part(batched, out.stats)
-    assert steps["first"] > 0 and steps["second"] > 0, steps
+    return stopped_early
 
 
 @pytest.mark.parametrize("second", ["draft_model", "eagle3"])

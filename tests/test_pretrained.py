@@ -129,6 +129,8 @@ def _drafters(target):
     from drafters.hybrid import behind_lookup
 
     found |= {f"lookup+{name}": behind_lookup(d, 4, 2) for name, d in list(found.items()) if name != "ngram"}
+    if "medusa" in found:  # merged: the lookup's chain grafted onto the heads' tree
+        found["lookup+medusa_merged"] = behind_lookup(found["medusa"], 4, 1, merge=True)
     return found
 
 

@@ -174,10 +174,11 @@ def graft_chain(tree: DraftTree, chain: DraftTree) -> DraftTree:
     ``tree``'s (whose nodes keep their indices, so a drafter reading its own tree's nodes in ``commit`` still
     can). Both must be deterministic: no ``draft_probs``, or each node's a point mass on its token (greedy
     drafting); ConfigError otherwise. The result is deterministic."""
-    if not (point_masses(tree) and point_masses(chain)):
+    tree_fixed = point_masses(tree)
+    if not (tree_fixed and point_masses(chain)):
         raise ConfigError("hybrid drafter: merge=true verifies both parts' proposals as one tree, which only "
                           "deterministic proposals allow (n-gram, Medusa, greedy or top-k trees); this step's "
-                          f"{'chain' if point_masses(tree) else 'tree'} was sampled (temperature > 0): "
+                          f"{'chain' if tree_fixed else 'tree'} was sampled (temperature > 0): "
                           "set merge=false, or use a deterministic second drafter")
     tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
     child = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}  # (parent, token) -> node

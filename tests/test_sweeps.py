@@ -146,7 +146,7 @@ def test_device_map_reaches_from_pretrained(tmp_path, monkeypatch):
 
     from specdec.models import tiny_random_pair
 
-    target, draft, tokenizer = tiny_random_pair()
+    target, _, tokenizer = tiny_random_pair()
     target.save_pretrained(tmp_path / "t")
     tokenizer.save_pretrained(tmp_path / "t")
     seen = {}

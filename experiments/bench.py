@@ -29,6 +29,7 @@ acceptance is meaningless. Importable without hydra or wandb.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -280,18 +281,37 @@ def load_prompt_ids(tokenizer, target, args) -> list[torch.Tensor]:
 
 def verify_curve(target, context: int, widths: tuple[int, ...], backends: list[str], reps: int) -> tuple[dict, str]:
     """Median seconds of one verify forward (a chain's tree mask) by width after ``context`` tokens, per
-    attention backend, and a Markdown table of T(w) / T(1)."""
+    attention backend, and a Markdown table of T(w) / T(1). A target with narrow linears
+    (:mod:`verifier.narrow_linear`) is also timed as a copy with plain ``nn.Linear`` s, interleaved with it."""
     from verifier.availability import check_attn_backend
 
     device = next(target.parameters()).device
     for b in backends:
         check_attn_backend(b, device)  # one error line before anything is timed
-    curves = {b: measure_interleaved([(target, context, widths)], reps=reps, backend=b)[0] for b in backends}
+    plain = _plain_copy(target)
+    curves = {}
+    for i, b in enumerate(backends):
+        requests = [(target, context, widths)] + ([(plain, context, widths)] if plain is not None and i == 0 else [])
+        timed = measure_interleaved(requests, reps=reps, backend=b)
+        curves[b] = timed[0]
+        if len(timed) > 1:
+            curves[f"{b}, plain linears"] = timed[1]
     lines = ["| backend | " + " | ".join(f"w={w}" for w in widths) + " |", "|" + "---|" * (len(widths) + 1)]
     for b, curve in curves.items():
         lines.append(f"| {b} T(w) ms | " + " | ".join(f"{curve[w] * 1e3:.2f}" for w in widths) + " |")
         lines.append(f"| {b} T(w)/T(1) | " + " | ".join(f"{curve[w] / curve[widths[0]]:.2f}" for w in widths) + " |")
     return curves, "\n".join(lines)
+
+
+def _plain_copy(target):
+    """A copy of ``target`` with plain linears if it has narrow ones (else None)."""
+    from verifier.narrow_linear import NarrowLinear, plain_linears
+
+    if not any(isinstance(m, NarrowLinear) for m in target.modules()):
+        return None
+    plain = copy.deepcopy(target)
+    plain_linears(plain)
+    return plain
 
 
 def parse_args(argv=None):
@@ -344,6 +364,7 @@ def parse_args(argv=None):
     p.add_argument("--hf-compile", action="store_true",
                    help="also HF plain generate through its static cache and torch.compile (hf_static_compiled; "
                         "the first call per shape compiles, the median over --reps leaves it out)")
+    cli.add_narrow_linears(p)
     p.add_argument("--reps", type=cli.int_at_least(1), default=3)
     p.add_argument("--threads", type=cli.int_at_least(1), default=2)
     p.add_argument("--json", help="write raw results here")
@@ -389,6 +410,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.nn.attention.sdpa_kernel(SDPA_KERNELS):  # the same attention kernels for HF and ours
         target, draft, tok = load_pair(args)
+        narrow = cli.narrow_models([target, draft], args.narrow_linears)
         prompts = load_prompt_ids(tok, target, args)
         if args.batch_sizes:
             from experiments.bench_batch import batched_main
@@ -405,8 +427,9 @@ def main(argv=None) -> int:
                                if args.verify_curve else (None, ""))
     source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
         (args.target or f"zoo {args.size}")
-    header = (f"{command_line(argv)}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device}, draft in "
-              f"{args.draft_dtype}. {len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, batch 1, "
+    header = (f"{command_line(argv)}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device} "
+              f"(narrow linears {narrow}), draft in {args.draft_dtype}. {len(prompts)} prompts, {args.max_new_tokens} new "
+              f"tokens, greedy, batch 1, "
               f"{args.reps} reps. Forward costs at context {context}: target "
               + ", ".join(f"w{w} {t * 1e3:.1f} ms" for w, t in costs["target"].items())
               + f"; draft w1 {costs['draft'] * 1e3:.2f} ms.\n")

@@ -85,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time one verify forward of the target at these widths (e.g. 1,5,9,17,33) at the run's "
                         "context, in its dtype: what a wider tree costs on this machine")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
+    cli.add_narrow_linears(p)
     p.add_argument("--reps", type=cli.int_at_least(1), default=1)
     p.add_argument("--threads", type=cli.int_at_least(1), default=2)
     p.add_argument("--json", help="write raw results here")
@@ -339,6 +340,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.nn.attention.sdpa_kernel(SDPA_KERNELS):
         target, _tok, draft, medusa, prompts = load_inputs(args)
+        narrow = cli.narrow_models([target, draft], args.narrow_linears)
         methods = build_methods(target, draft, medusa, args)
         ids = [p for _, p in prompts]
         run_all(methods, ids, args.reps)
@@ -351,7 +353,8 @@ def main(argv=None) -> int:
     rows, table = category_table(methods, [c for c, _ in prompts], baseline, checked=greedy, deficits=rounded)
     cost_lines = "\n".join(f"- {name}: {ratio:.3f} of a target forward per draft forward" for name, ratio in costs.items())
     command = f"python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}"
-    text = (f"Command: `{command}`\n\nMachine: {machine_line()}. Target {args.model} in {args.dtype}, {len(prompts)} prompts "
+    text = (f"Command: `{command}`\n\nMachine: {machine_line()}. Target {args.model} in {args.dtype} (narrow linears "
+            f"{narrow}), {len(prompts)} prompts "
             f"({args.per_category} per category), {args.max_new_tokens} new tokens, "
             f"{'greedy' if greedy else f'T = {args.temperature}, rejection'}, batch 1, {args.reps} reps; speedup "
             f"over {baseline}.\n\n{table}\n\nDraft cost per forward, relative to the target (context {context}):\n\n"
@@ -364,7 +367,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "costs": costs, "verify_curve": curve[0], "machine": machine_line(),
-                       "args": vars(args)}, f, indent=1,
+                       "narrow_linears": narrow, "args": vars(args)}, f, indent=1,
                       default=str)
     if rounded is not None:  # reduced precision: greedy up to rounding, not token for token (experiments.greedy_check)
         return 0 if all(ok for _, ok in rounded.values()) else 1

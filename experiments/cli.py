@@ -81,6 +81,21 @@ def ints_at_least(low: int) -> Callable[[str], list[int]]:
     return parse
 
 
+def add_narrow_linears(parser: argparse.ArgumentParser) -> None:
+    """``--narrow-linears``: the benchmarks' switch for :mod:`verifier.narrow_linear` (every method shares the model)."""
+    parser.add_argument("--narrow-linears", default="auto", choices=["auto", "on", "off"],
+                        help="multi-row linears as (W @ X^T)^T, cheaper verifies on MKL CPUs (auto: float32 on the "
+                             "CPU); applied to the models every method runs, HF's included")
+
+
+def narrow_models(models, mode: str) -> str:
+    """Apply ``--narrow-linears`` to ``models`` (None skipped); ``on`` or ``off``: what the run used."""
+    from verifier.narrow_linear import apply_narrow_linears
+
+    switched = [apply_narrow_linears(m, mode, "--narrow-linears") for m in models]
+    return "on" if any(switched) else "off"
+
+
 def input_error_types(extra: tuple = ()) -> tuple[type, ...]:
     """The classes of :data:`INPUT_ERRORS` whose modules are imported, plus ``extra``."""
     found = []

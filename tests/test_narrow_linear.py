@@ -104,7 +104,7 @@ def test_model_config_switches_the_pair_unless_off():
     from experiments.models_from_config import load_models
 
     loaded = load_models({"source": "tiny_random", "arch": "llama"})
-    assert loaded.info["narrow_linears"] == "auto"
+    assert loaded.info["narrow_linears"] == "on"
     assert isinstance(loaded.target.lm_head, NarrowLinear) and isinstance(loaded.draft.lm_head, NarrowLinear)
     off = load_models({"source": "tiny_random", "arch": "llama", "narrow_linears": "off"})
     assert off.info["narrow_linears"] == "off" and type(off.target.lm_head) is nn.Linear

@@ -305,9 +305,9 @@ def verify_curve(target, context: int, widths: tuple[int, ...], backends: list[s
 
 def _plain_copy(target):
     """A copy of ``target`` with plain linears if it has narrow ones (else None)."""
-    from verifier.narrow_linear import NarrowLinear, plain_linears
+    from verifier.narrow_linear import has_narrow_linears, plain_linears
 
-    if not any(isinstance(m, NarrowLinear) for m in target.modules()):
+    if not has_narrow_linears(target):
         return None
     plain = copy.deepcopy(target)
     plain_linears(plain)

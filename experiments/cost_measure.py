@@ -32,6 +32,7 @@ from specdec.cache import SpecDecCache
 from specdec.files import atomic_write_json
 from specdec.models import vocab_size
 from verifier import tree_forward
+from verifier.narrow_linear import has_narrow_linears
 
 TARGET_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64)
 DRAFT_WIDTHS = (1,)
@@ -134,11 +135,14 @@ def fingerprint(model, context: int, widths: tuple[int, ...], backend: str, reps
     config = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "_commit_hash"):
         config.pop(volatile, None)
-    return {"config": config, "dtype": str(param.dtype), "device": str(param.device),
+    fp = {"config": config, "dtype": str(param.dtype), "device": str(param.device),
             "device_name": _device_name(param.device), "threads": torch.get_num_threads(), "context": int(context),
             "widths": [int(w) for w in widths], "backend": backend, "reps": reps, "method": METHOD,
             "torch": torch.__version__,
             "host": platform.node()}
+    if has_narrow_linears(model):  # other verify costs (verifier.narrow_linear); plain models keep their old keys
+        fp["linears"] = "narrow"
+    return fp
 
 
 def fingerprint_key(fp: dict) -> str:

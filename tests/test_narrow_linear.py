@@ -121,3 +121,13 @@ def test_verify_curve_times_a_plain_copy_beside_a_narrow_target():
     assert "| sdpa, plain linears T(w)/T(1) |" in table
     assert isinstance(target.lm_head, NarrowLinear)  # the copy went back to plain linears, not the target
     assert set(verify_curve(pair("llama")[0], 4, (1, 2), ["sdpa"], 1)[0]) == {"sdpa"}  # a plain target: one curve
+
+
+def test_cached_cost_curves_tell_narrow_from_plain_linears():
+    """A cost curve measured with plain linears is not reused for the same model with narrow ones."""
+    from experiments.cost_measure import fingerprint
+
+    plain = pair("llama")[0]
+    narrow = _narrowed(plain)
+    assert "linears" not in fingerprint(plain, 8, (1, 2), "sdpa", 3)  # plain models keep their cached curves
+    assert fingerprint(narrow, 8, (1, 2), "sdpa", 3) == {**fingerprint(plain, 8, (1, 2), "sdpa", 3), "linears": "narrow"}

@@ -60,6 +60,11 @@ def use_narrow_linears(model: nn.Module, max_rows: int = MAX_ROWS) -> int:
     return count
 
 
+def has_narrow_linears(model: nn.Module) -> bool:
+    """Whether any of ``model``'s linears is a :class:`NarrowLinear`."""
+    return any(type(m) is NarrowLinear for m in model.modules())
+
+
 def plain_linears(model: nn.Module) -> int:
     """Switch :class:`NarrowLinear` modules of ``model`` back to ``nn.Linear`` (in place); returns how many."""
     count = 0

@@ -47,6 +47,7 @@ from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import SpecDecError
 from specdec.models import DTYPES, check_device, load_causal_lm, load_tokenizer
+from verifier.narrow_linear import narrow_models
 from verifier.verifier import SDPA_KERNELS
 
 
@@ -410,7 +411,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.nn.attention.sdpa_kernel(SDPA_KERNELS):  # the same attention kernels for HF and ours
         target, draft, tok = load_pair(args)
-        narrow = cli.narrow_models([target, draft], args.narrow_linears)
+        narrow = narrow_models([target, draft], args.narrow_linears, "--narrow-linears")
         prompts = load_prompt_ids(tok, target, args)
         if args.batch_sizes:
             from experiments.bench_batch import batched_main

@@ -41,6 +41,7 @@ from experiments.bench import (
 from experiments.greedy_check import TOLERANCE
 from experiments.hf_generate import hf, hf_assisted
 from specdec.errors import SpecDecError
+from verifier.narrow_linear import narrow_models
 
 CATEGORY_ORDER = ("coding", "summarization", "rag", "qa", "math_reasoning", "multi_turn")
 
@@ -340,7 +341,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.nn.attention.sdpa_kernel(SDPA_KERNELS):
         target, _tok, draft, medusa, prompts = load_inputs(args)
-        narrow = cli.narrow_models([target, draft], args.narrow_linears)
+        narrow = narrow_models([target, draft], args.narrow_linears, "--narrow-linears")
         methods = build_methods(target, draft, medusa, args)
         ids = [p for _, p in prompts]
         run_all(methods, ids, args.reps)

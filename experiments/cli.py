@@ -88,14 +88,6 @@ def add_narrow_linears(parser: argparse.ArgumentParser) -> None:
                              "CPU); applied to the models every method runs, HF's included")
 
 
-def narrow_models(models, mode: str) -> str:
-    """Apply ``--narrow-linears`` to ``models`` (None skipped); ``on`` or ``off``: what the run used."""
-    from verifier.narrow_linear import apply_narrow_linears
-
-    switched = [apply_narrow_linears(m, mode, "--narrow-linears") for m in models]
-    return "on" if any(switched) else "off"
-
-
 def input_error_types(extra: tuple = ()) -> tuple[type, ...]:
     """The classes of :data:`INPUT_ERRORS` whose modules are imported, plus ``extra``."""
     found = []

@@ -46,12 +46,11 @@ def load_models(cfg: DictConfig | dict) -> LoadedModels:
         ConfigError: unknown ``source``, a missing required key, or a wrong ``narrow_linears``.
         SpecDecError: a model path does not exist or cannot be loaded (from ``specdec.models``).
     """
-    from verifier.narrow_linear import apply_narrow_linears, narrow_mode
+    from verifier.narrow_linear import narrow_mode, narrow_models
 
     narrow = narrow_mode(cfg.get("narrow_linears", "auto"))  # checked before any load
     loaded = _load(cfg)
-    switched = [apply_narrow_linears(model, narrow) for model in (loaded.target, loaded.draft)]
-    loaded.info["narrow_linears"] = "on" if any(switched) else "off"
+    loaded.info["narrow_linears"] = narrow_models([loaded.target, loaded.draft], narrow)
     return loaded
 
 

@@ -101,3 +101,10 @@ def apply_narrow_linears(model: nn.Module | None, mode="auto", key: str = "model
     count = use_narrow_linears(model)
     log.debug("narrow linears: %d modules switched", count)
     return count
+
+
+def narrow_models(models, mode="auto", key: str = "model.narrow_linears") -> str:
+    """:func:`apply_narrow_linears` on each of ``models`` (None skipped); ``on`` if any switched, else ``off``:
+    what the run used, for its summary or header."""
+    switched = [apply_narrow_linears(model, mode, key) for model in models]
+    return "on" if any(switched) else "off"

@@ -11,7 +11,9 @@ and ``typical`` all apply.
 The default tree is built the way Medusa builds its sparse trees: from the held-out accuracy of
 each head at each rank (``eval.json`` next to trained heads; preferably measured on text the target
 itself wrote, which is what decoding sees), keep the ``tree_nodes`` paths with the largest product
-of accuracies along the path (:func:`medusa_tree`).
+of accuracies along the path (:func:`medusa_tree`). ``dynamic=True`` builds that tree again at every
+step from the heads' own probabilities there instead of the held-out averages (EAGLE-2's dynamic tree
+on Medusa's independent heads): deep where the heads are sure, wide where they are not.
 """
 from __future__ import annotations
 
@@ -22,10 +24,24 @@ from pathlib import Path
 
 import torch
 
-from drafters.medusa_heads import MedusaHeads, MedusaHeadsError, check_target, default_heads_dir, load_heads, read_eval
+from drafters.medusa_heads import (
+    MedusaHeads,
+    MedusaHeadsError,
+    check_target,
+    default_heads_dir,
+    load_heads,
+    read_eval,
+)
 from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError
-from specdec.tree import best_tree, best_tree_by_depth, compile_tree, expected_tokens_by_depth, load_preset
+from specdec.tree import (
+    CompiledTree,
+    best_tree,
+    best_tree_by_depth,
+    compile_tree,
+    expected_tokens_by_depth,
+    load_preset,
+)
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
 
 log = logging.getLogger(__name__)
@@ -81,17 +97,24 @@ class MedusaDrafter(Drafter):
             None derives the tree from the heads' held-out rank accuracies (``eval.json``), or from
             :data:`FALLBACK_RANK_PROBS` without one. Nodes deeper than the heads are dropped.
         num_heads: use the first ``num_heads`` heads (None: all trained heads).
-        tree_nodes: size of the derived tree (when ``tree`` is None).
+        tree_nodes: size of the derived tree (when ``tree`` is None), and of the dynamic tree.
         zoo_size: which embedded pair's heads ``heads=None`` means.
+        dynamic: choose the ``tree_nodes`` paths at every step by the product of the heads' probabilities
+            at that step (:func:`dynamic_tree`) instead of one tree for all steps; ``tree`` must be None.
     """
 
     name = "medusa"
 
     def __init__(self, heads: str | os.PathLike | MedusaHeads | None = None, tree=None, num_heads: int | None = None,
-                 tree_nodes: int = 32, zoo_size: str = "default"):
+                 tree_nodes: int = 32, zoo_size: str = "default", dynamic: bool = False):
         super().__init__()
         self.num_heads_arg = _positive_int(num_heads, "num_heads", allow_none=True)
         self.tree_nodes = _positive_int(tree_nodes, "tree_nodes")
+        if dynamic not in (True, False):
+            raise ConfigError(f"dynamic={dynamic!r}: give true or false")
+        if dynamic and tree is not None:
+            raise ConfigError("dynamic=true builds its own tree at every step: leave tree null (tree=none)")
+        self.dynamic = bool(dynamic)
         self.tree_arg = load_preset(tree) if tree is not None else None  # checked now, pruned once heads are known
         self._heads: MedusaHeads | None = None
         self.heads_dir: Path | None = None
@@ -161,7 +184,13 @@ class MedusaDrafter(Drafter):
 
     @property
     def max_nodes(self) -> int:
-        return self.compiled.num_nodes
+        return self.tree_nodes if self.dynamic else self.compiled.num_nodes
+
+    @property
+    def tree_depth(self) -> int:
+        """The deepest a tree of this drafter goes: every head for a dynamic tree, else the static tree's depth."""
+        static = self.compiled.max_depth
+        return self.num_heads if self.dynamic else static
 
     # ----------------------------------------------------------------- the protocol
 
@@ -179,9 +208,10 @@ class MedusaDrafter(Drafter):
         heads = self._bind(target)
         hidden = torch.zeros(heads.hidden_size, device=target.get_output_embeddings().weight.device,
                              dtype=target.get_output_embeddings().weight.dtype)  # [H]
-        depth = self.compiled.max_depth
+        depth = self.tree_depth  # (builds the static tree, whose width the probe's top-k uses)
+        probe = (lambda: self._dynamic_tree(hidden, depth)) if self.dynamic else (lambda: self._top_tokens(hidden, depth))
         return StepShape(kind="tree", max_nodes=self.max_nodes, draft_forwards="per_step",
-                         draft_probe=lambda: self._top_tokens(hidden, depth), draft_dtype=next(heads.parameters()).dtype)
+                         draft_probe=probe, draft_dtype=next(heads.parameters()).dtype)
 
     def start(self, ctx: DraftContext) -> None:
         super().start(ctx)
@@ -196,9 +226,11 @@ class MedusaDrafter(Drafter):
 
     def propose(self, max_depth: int) -> DraftTree:
         compiled = self.compiled
-        depth = min(max_depth, compiled.max_depth)
+        depth = min(max_depth, self.tree_depth)
         if self._hidden is None or depth <= 0:  # a one-token prompt has no state yet
             return DraftTree.empty()
+        if self.dynamic:
+            return self._dynamic_tree(self._hidden, depth)
         n = self._upto[depth]  # nodes are sorted by depth: the first n are those of depth <= depth
         top = self._top_tokens(self._hidden, depth)  # [D, R]
         tokens = top[self._head[:n], compiled.rank[:n]]  # [n]
@@ -211,8 +243,30 @@ class MedusaDrafter(Drafter):
             logits = self.heads(hidden, num_heads=depth)  # [D, V]
             return torch.topk(logits, self._width, dim=-1).indices.cpu()  # [D, R]
 
+    def _dynamic_tree(self, hidden: torch.Tensor, depth: int) -> DraftTree:
+        """The tree of ``tree_nodes`` nodes, at most ``depth`` deep, at ``hidden [H]`` (:func:`dynamic_tree`)."""
+        with torch.no_grad():
+            logits = self.heads(hidden, num_heads=depth)  # [D, V]
+        tree, tokens = dynamic_tree(logits, self.tree_nodes)
+        return DraftTree(tokens=tokens, parents=tree.parents, _depth=tree.depth, _mask=tree.mask)
+
     def commit(self, result: AcceptResult, verify: VerifyOutput) -> None:
         super().commit(result, verify)
         # The last accepted node's state (the root's if none): its LM head gave the new root.
         row = 1 + result.accepted_nodes[-1] if result.accepted_nodes else 0
         self._hidden = verify.hidden[row]  # [H]
+
+
+def dynamic_tree(logits: torch.Tensor, num_nodes: int) -> tuple[CompiledTree, torch.Tensor]:
+    """The ``num_nodes`` paths with the largest product of the heads' probabilities, compiled, and their tokens.
+
+    ``logits [D, V]``: head ``d``'s logits for tree depth ``d + 1`` at one position. A node's score is the product
+    of its path's probabilities (the heads' estimate that the whole path is the target's), so the chosen nodes
+    always form a tree (:func:`specdec.tree.best_tree_by_depth`). Returns the compiled tree and its tokens ``[N]``
+    (on the CPU).
+    """
+    width = min(num_nodes, logits.shape[-1])
+    top = torch.topk(logits.float().softmax(dim=-1), width, dim=-1)  # values, indices: [D, R], best first
+    tree = compile_tree(best_tree_by_depth(top.values.tolist(), num_nodes))
+    tokens = top.indices.cpu()[tree.depth - 1, tree.rank]  # [N]
+    return tree, tokens

@@ -283,20 +283,22 @@ def load_prompt_ids(tokenizer, target, args) -> list[torch.Tensor]:
 def verify_curve(target, context: int, widths: tuple[int, ...], backends: list[str], reps: int) -> tuple[dict, str]:
     """Median seconds of one verify forward (a chain's tree mask) by width after ``context`` tokens, per
     attention backend, and a Markdown table of T(w) / T(1). A target with narrow linears
-    (:mod:`verifier.narrow_linear`) is also timed as a copy with plain ``nn.Linear`` s, interleaved with it."""
+    (:mod:`verifier.narrow_linear`) is also timed as copies with plain ``nn.Linear`` s and with the other narrow
+    product, interleaved with it (first backend only)."""
     from verifier.availability import check_attn_backend
 
     device = next(target.parameters()).device
     for b in backends:
         check_attn_backend(b, device)  # one error line before anything is timed
-    plain = _plain_copy(target)
+    variants = _linear_variants(target)
     curves = {}
     for i, b in enumerate(backends):
-        requests = [(target, context, widths)] + ([(plain, context, widths)] if plain is not None and i == 0 else [])
-        timed = measure_interleaved(requests, reps=reps, backend=b)
+        others = list(variants.items()) if i == 0 else []
+        timed = measure_interleaved([(target, context, widths)] + [(m, context, widths) for _, m in others],
+                                    reps=reps, backend=b)
         curves[b] = timed[0]
-        if len(timed) > 1:
-            curves[f"{b}, plain linears"] = timed[1]
+        for (label, _), curve in zip(others, timed[1:]):
+            curves[f"{b}, {label} linears"] = curve
     lines = ["| backend | " + " | ".join(f"w={w}" for w in widths) + " |", "|" + "---|" * (len(widths) + 1)]
     for b, curve in curves.items():
         lines.append(f"| {b} T(w) ms | " + " | ".join(f"{curve[w] * 1e3:.2f}" for w in widths) + " |")
@@ -304,15 +306,27 @@ def verify_curve(target, context: int, widths: tuple[int, ...], backends: list[s
     return curves, "\n".join(lines)
 
 
-def _plain_copy(target):
-    """A copy of ``target`` with plain linears if it has narrow ones (else None)."""
-    from verifier.narrow_linear import has_narrow_linears, plain_linears
+def _linear_variants(target) -> dict:
+    """Copies of a ``target`` with narrow linears to time beside it: ``plain`` (``nn.Linear``) and the other narrow
+    product where it runs (e.g. ``transposed`` beside ``packed``); none for a plain target."""
+    from verifier.narrow_linear import (
+        best_product,
+        narrow_product_of,
+        plain_linears,
+        use_narrow_linears,
+    )
 
-    if not has_narrow_linears(target):
-        return None
+    product = narrow_product_of(target)
+    if product is None:
+        return {}
     plain = copy.deepcopy(target)
     plain_linears(plain)
-    return plain
+    variants = {"plain": plain}
+    other = "transposed" if product == "packed" else best_product(plain)
+    if other != product:
+        variants[other] = copy.deepcopy(plain)
+        use_narrow_linears(variants[other], product=other)
+    return variants
 
 
 def parse_args(argv=None):

@@ -67,7 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ngram-tokens", type=cli.int_at_least(1), default=4)
     p.add_argument("--max-ngram", type=cli.int_at_least(1), default=2)
     p.add_argument("--medusa", default=None, help="Medusa heads directory (default: the cached heads for the model)")
-    p.add_argument("--medusa-nodes", type=cli.int_at_least(1), default=16, help="nodes of the Medusa tree (from the heads' eval.json)")
+    p.add_argument("--medusa-nodes", type=cli.ints_at_least(1), default=[16],
+                   help="nodes of the Medusa tree (from the heads' eval.json); comma-separated: a row for each")
+    p.add_argument("--medusa-dynamic", type=cli.ints_at_least(1), default=[],
+                   help="also Medusa trees of these node budgets chosen at every step by the heads' probabilities "
+                        "(ours_medusa_dyn<N>; MedusaDrafter(dynamic=True))")
     p.add_argument("--eagle", default=None, help="EAGLE head directories, comma-separated (default: the cached heads "
                    "for the model); each gives a chain of --k and, with --eagle-budget, a dynamic tree")
     p.add_argument("--draft-vocab-from", default=None, help="heads directory whose draft vocabulary a second "
@@ -195,7 +199,10 @@ def drafters_for(target, draft, medusa: str | None, args) -> dict:
     if medusa is not None:
         from drafters import MedusaDrafter
 
-        found[f"ours_medusa{args.medusa_nodes}"] = MedusaDrafter(heads=medusa, tree_nodes=args.medusa_nodes)
+        for nodes in args.medusa_nodes:
+            found[f"ours_medusa{nodes}"] = MedusaDrafter(heads=medusa, tree_nodes=nodes)
+        for nodes in args.medusa_dynamic:
+            found[f"ours_medusa_dyn{nodes}"] = MedusaDrafter(heads=medusa, tree_nodes=nodes, dynamic=True)
     for path in eagle_dirs(args, target):
         from drafters import EagleDrafter
         from drafters.eagle_heads import read_config_of

@@ -83,9 +83,13 @@ def ints_at_least(low: int) -> Callable[[str], list[int]]:
 
 def add_narrow_linears(parser: argparse.ArgumentParser) -> None:
     """``--narrow-linears``: the benchmarks' switch for :mod:`verifier.narrow_linear` (every method shares the model)."""
-    parser.add_argument("--narrow-linears", default="auto", choices=["auto", "on", "off"],
-                        help="multi-row linears as (W @ X^T)^T, cheaper verifies on MKL CPUs (auto: float32 on the "
-                             "CPU); applied to the models every method runs, HF's included")
+    from verifier.narrow_linear import MODES
+
+    parser.add_argument("--narrow-linears", default="auto", choices=list(MODES),
+                        help="multi-row linears through oneDNN's packed weights (packed) or as (W @ X^T)^T "
+                             "(transposed): cheaper verifies on the CPU (auto: float32 on the CPU, packed where "
+                             "oneDNN can pack; on: the same anywhere); applied to the models every method runs, "
+                             "HF's included")
 
 
 def input_error_types(extra: tuple = ()) -> tuple[type, ...]:

@@ -32,7 +32,7 @@ from specdec.cache import SpecDecCache
 from specdec.files import atomic_write_json
 from specdec.models import vocab_size
 from verifier import tree_forward
-from verifier.narrow_linear import has_narrow_linears
+from verifier.narrow_linear import narrow_product_of
 
 TARGET_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64)
 DRAFT_WIDTHS = (1,)
@@ -140,8 +140,9 @@ def fingerprint(model, context: int, widths: tuple[int, ...], backend: str, reps
             "widths": [int(w) for w in widths], "backend": backend, "reps": reps, "method": METHOD,
             "torch": torch.__version__,
             "host": platform.node()}
-    if has_narrow_linears(model):  # other verify costs (verifier.narrow_linear); plain models keep their old keys
-        fp["linears"] = "narrow"
+    product = narrow_product_of(model)
+    if product is not None:  # other verify costs (verifier.narrow_linear); plain models keep their old keys
+        fp["linears"] = "narrow" if product == "transposed" else f"narrow-{product}"
     return fp
 
 

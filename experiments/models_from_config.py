@@ -38,9 +38,10 @@ class LoadedModels:
 def load_models(cfg: DictConfig | dict) -> LoadedModels:
     """Load the target, the draft model and the tokenizer that the ``model`` config names.
 
-    ``narrow_linears`` (``auto``: float32 on the CPU; ``on``; ``off``) switches the models' linears to
-    :class:`verifier.narrow_linear.NarrowLinear`, which makes multi-row verify forwards cheaper on MKL CPUs;
-    ``info["narrow_linears"]`` records whether it did (``on``/``off``).
+    ``narrow_linears`` (``auto``: float32 on the CPU; ``on``; ``off``; or a product, ``packed`` / ``transposed``)
+    switches the models' linears to :class:`verifier.narrow_linear.NarrowLinear`, which makes multi-row verify
+    forwards cheaper on the CPU; ``info["narrow_linears"]`` records the product used (``packed``,
+    ``transposed``) or ``off``.
 
     Raises:
         ConfigError: unknown ``source``, a missing required key, or a wrong ``narrow_linears``.

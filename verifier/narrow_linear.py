@@ -1,21 +1,31 @@
-"""Narrow linears: cheaper verify forwards of a few rows on CPUs whose BLAS is MKL.
+"""Narrow linears: cheaper verify forwards of a few rows on the CPU.
 
 A verify forward runs the target's linears on ``1 + nodes`` rows. On the CPU, ``F.linear`` computes
-``X @ W^T``; with one row MKL takes a matrix-vector path bound by the bytes of ``W``, but with two to
-a few dozen rows the transposed-``W`` matrix-matrix path is 2-4x slower than that (SmolLM2's LM head,
-576 -> 49152, on a 2-core AVX2 VM: 15 ms at 1 row, 38-43 ms at 2-8 rows). Computing ``(W @ X^T)^T``
-instead keeps those rows near the one-row cost (11-16 ms), so a speculative step's verify costs what its
-bytes cost rather than what the GEMM dispatch makes of it (``BENCHMARKS.md``, "Narrow linears").
+``X @ W^T`` through MKL; with one row MKL takes a matrix-vector path bound by the bytes of ``W``, but with
+two to a few dozen rows its transposed-``W`` matrix-matrix path is 2-4x slower than that (SmolLM2's LM
+head, 576 -> 49152, on a 2-core AVX2 VM: 15 ms at 1 row, 30-42 ms at 2-16 rows). Two other products keep
+those rows near the one-row cost (``BENCHMARKS.md``, "Narrow linears" and "Packed linears"):
+
+- ``transposed``: ``(W @ X^T)^T`` through MKL (10-12 ms at 2-4 rows, 21-27 ms at 8-16): no extra memory,
+  any dtype.
+- ``packed``: from :data:`PACKED_FROM_ROWS` rows on, oneDNN's linear on a copy of ``W`` reordered once into
+  its blocked layout (``torch.ops.mkldnn``; the LM head 13-16 ms at 8-16 rows, the decoder layers' matrices
+  alike), ``transposed`` below that, where MKL measured faster on the layers' matrices. The default where
+  oneDNN can pack the weight (float32 on x86 CPUs). The packed copy costs as much memory as the weights;
+  it is made at the first call that uses it and again whenever the weight changes, and it is never part
+  of the state dict.
 
 :func:`use_narrow_linears` switches a model's ``nn.Linear`` modules to :class:`NarrowLinear` in place
-(weights, names and state dicts unchanged). One row and more than ``max_rows`` rows go through
-``F.linear`` as before, so plain one-token decoding (ours and Hugging Face's ``generate`` on the same
-model) and prefills are untouched. The product is the same up to float rounding (another summation
-order); greedy outputs are checked against plain decoding as everywhere else.
+(weights, names and state dicts unchanged). One row, more than ``max_rows`` rows (32 ``transposed``, 128
+``packed``) and anything that needs gradients go through ``F.linear`` as before, so plain one-token decoding
+(ours and Hugging Face's ``generate`` on the same model) and long prefills are untouched. The product is the same up to float rounding
+(another summation order); greedy outputs are checked against plain decoding as everywhere else.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -25,44 +35,113 @@ from specdec.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Rows above which ``F.linear`` is used again: past about 32 rows the product is bound by arithmetic and the
-#: two layouts cost the same on the CPUs measured.
+#: Rows above which ``F.linear`` is used again (``transposed``): prefills and wide trees, where the layouts cost
+#: about the same.
 MAX_ROWS = 32
-MODES = ("auto", "on", "off")
+#: The same for ``packed``: oneDNN's LM head stayed 1.7x faster than ``F.linear`` up to 128 rows (53 against 88 ms
+#: for SmolLM2's), the decoder matrices about even from 32 rows on.
+PACKED_MAX_ROWS = 128
+PRODUCTS = ("packed", "transposed")
+MODES = ("auto", "on", "off", *PRODUCTS)
+#: ``packed``: the fewest rows that take oneDNN's packed weights (2-5 rows: ``transposed``, 5-40% faster on
+#: SmolLM2's decoder matrices on a 2-core AVX2 VM; from 6 rows oneDNN was faster on every matrix).
+PACKED_FROM_ROWS = 6
+#: The row count oneDNN is told to expect when it packs a weight (one pack serves every width; 8 and 32 measured
+#: alike on SmolLM2's matrices, 1 was slower at every width above 1).
+PACK_ROWS = 8
+
+# module -> (weight identity and version, packed weight). Outside the module so that ``copy.deepcopy`` works (oneDNN
+# tensors have no storage to copy): a copy packs its own weight at its first multi-row call.
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def packed_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build and CPU can pack a ``dtype`` weight for oneDNN's linear (tried once)."""
+    try:
+        weight = torch.ones(4, 8, dtype=dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=dtype), packed, None, "none", [], "")
+        return bool(torch.allclose(out.float(), torch.full((2, 4), 8.0)))
+    except (RuntimeError, AttributeError, NotImplementedError, TypeError, ValueError):  # no oneDNN, no such op
+        return False
+
+
+def _packed_weight(module: nn.Linear) -> torch.Tensor:
+    """``module``'s weight in oneDNN's layout, packed again when the weight was replaced or changed in place."""
+    weight = module.weight
+    key = (weight.data_ptr(), weight._version)
+    entry = _PACKED.get(module)
+    if entry is None or entry[0] != key:
+        entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
+        _PACKED[module] = entry
+    return entry[1]
 
 
 class NarrowLinear(nn.Linear):
-    """``nn.Linear`` computing ``(W @ X^T)^T`` for 2..``max_rows`` rows (see the module docstring)."""
+    """``nn.Linear`` computing 2..``max_rows`` rows by ``product`` (``packed`` from ``packed_from`` rows, else
+    ``transposed``; see the module docstring); every other call is ``F.linear``."""
 
     max_rows: int = MAX_ROWS
+    product: str = "transposed"
+    packed_from: int = PACKED_FROM_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if not 1 < rows <= self.max_rows:
+        if not 1 < rows <= self.max_rows or (torch.is_grad_enabled() and self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)
-        out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()  # [rows, out]
-        if self.bias is not None:
-            out = out + self.bias
+        flat = x.reshape(rows, x.shape[-1]).contiguous()  # [rows, in]; oneDNN misreads strided rows
+        if self.product == "packed" and rows >= self.packed_from and self._packable():
+            out = torch.ops.mkldnn._linear_pointwise(flat, _packed_weight(self), self.bias, "none", [], "")  # [rows, out]
+        else:
+            out = torch.mm(self.weight, flat.t()).t()  # [rows, out]
+            if self.bias is not None:
+                out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])  # [..., out]
 
+    def _packable(self) -> bool:
+        """Whether oneDNN packs this weight as it is now (a model moved to a GPU or cast to a dtype oneDNN cannot
+        pack here after the switch falls back to ``transposed``)."""
+        return self.weight.device.type == "cpu" and packed_available(self.weight.dtype)
 
-def use_narrow_linears(model: nn.Module, max_rows: int = MAX_ROWS) -> int:
+
+def best_product(model: nn.Module) -> str:
+    """``packed`` where oneDNN can pack ``model``'s weights (a CPU model whose dtype it packs), else ``transposed``."""
+    weight = next(model.parameters(), None)
+    if weight is not None and weight.device.type == "cpu" and packed_available(weight.dtype):
+        return "packed"
+    return "transposed"
+
+
+def use_narrow_linears(model: nn.Module, max_rows: int | None = None, product: str | None = None) -> int:
     """Switch every plain ``nn.Linear`` of ``model`` to :class:`NarrowLinear` (in place); returns how many.
 
-    Subclasses of ``nn.Linear`` (quantized or adapter layers) are left as they are.
+    ``product`` is ``packed`` or ``transposed`` (None: :func:`best_product`); ``max_rows`` None means
+    :data:`PACKED_MAX_ROWS` or :data:`MAX_ROWS` by product. Subclasses of ``nn.Linear`` (quantized or adapter
+    layers) are left as they are.
     """
+    product = product or best_product(model)
+    if product not in PRODUCTS:
+        raise ValueError(f"narrow linears: product {product!r} is not one of {', '.join(PRODUCTS)}")
+    max_rows = max_rows or (PACKED_MAX_ROWS if product == "packed" else MAX_ROWS)
     count = 0
     for module in model.modules():
         if type(module) in (nn.Linear, NarrowLinear):
             module.__class__ = NarrowLinear
             module.max_rows = max_rows
+            module.product = product
             count += 1
     return count
 
 
 def has_narrow_linears(model: nn.Module) -> bool:
     """Whether any of ``model``'s linears is a :class:`NarrowLinear`."""
-    return any(type(m) is NarrowLinear for m in model.modules())
+    return narrow_product_of(model) is not None
+
+
+def narrow_product_of(model: nn.Module) -> str | None:
+    """The product of ``model``'s first :class:`NarrowLinear` (``packed``, ``transposed``), or None if it has none."""
+    return next((m.product for m in model.modules() if type(m) is NarrowLinear), None)
 
 
 def plain_linears(model: nn.Module) -> int:
@@ -71,6 +150,7 @@ def plain_linears(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is NarrowLinear:
             module.__class__ = nn.Linear
+            _PACKED.pop(module, None)
             count += 1
     return count
 
@@ -80,31 +160,47 @@ def narrow_mode(mode, key: str = "model.narrow_linears") -> str:
     if mode is True or mode is False or mode is None:
         mode = "on" if mode else "off"
     if mode not in MODES:
-        raise ConfigError(f"{key}={mode!r}: choose auto, on or off")
+        raise ConfigError(f"{key}={mode!r}: choose {', '.join(MODES)}")
     return mode
 
 
-def narrow_wanted(mode, model: nn.Module, key: str = "model.narrow_linears") -> bool:
-    """Whether ``mode`` (``auto``, ``on``, ``off``) asks for narrow linears on ``model``: ``auto`` means a float32
-    model on the CPU (where the MKL dispatch it avoids was measured)."""
+def narrow_product(mode, model: nn.Module, key: str = "model.narrow_linears") -> str | None:
+    """The product ``mode`` asks for on ``model`` (``packed``, ``transposed``), or None for plain linears.
+
+    ``auto`` means :func:`best_product` for a float32 model on the CPU (where the MKL dispatch it avoids was
+    measured) and plain linears elsewhere; ``on`` means :func:`best_product` anywhere. ``packed`` on a model
+    oneDNN cannot pack is a ConfigError naming ``key``.
+    """
     mode = narrow_mode(mode, key)
-    if mode != "auto":
-        return mode == "on"
     weight = next(model.parameters(), None)
-    return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+    if mode == "off" or weight is None:
+        return None
+    if mode == "auto" and not (weight.device.type == "cpu" and weight.dtype == torch.float32):
+        return None
+    if mode == "packed" and best_product(model) != "packed":
+        raise ConfigError(f"{key}=packed: oneDNN cannot pack {weight.dtype} weights on {weight.device.type} here; "
+                          f"use {key}=transposed or auto")
+    return mode if mode in PRODUCTS else best_product(model)
+
+
+def narrow_wanted(mode, model: nn.Module, key: str = "model.narrow_linears") -> bool:
+    """Whether ``mode`` asks for narrow linears on ``model`` (see :func:`narrow_product`)."""
+    return narrow_product(mode, model, key) is not None
 
 
 def apply_narrow_linears(model: nn.Module | None, mode="auto", key: str = "model.narrow_linears") -> int:
-    """:func:`use_narrow_linears` on ``model`` when :func:`narrow_wanted` says so; returns how many switched."""
-    if model is None or not narrow_wanted(mode, model, key):
+    """:func:`use_narrow_linears` on ``model`` with the product :func:`narrow_product` names; returns how many
+    switched (0 when it names none)."""
+    product = None if model is None else narrow_product(mode, model, key)
+    if product is None:
         return 0
-    count = use_narrow_linears(model)
-    log.debug("narrow linears: %d modules switched", count)
+    count = use_narrow_linears(model, product=product)
+    log.debug("narrow linears (%s): %d modules switched", product, count)
     return count
 
 
 def narrow_models(models, mode="auto", key: str = "model.narrow_linears") -> str:
-    """:func:`apply_narrow_linears` on each of ``models`` (None skipped); ``on`` if any switched, else ``off``:
-    what the run used, for its summary or header."""
-    switched = [apply_narrow_linears(model, mode, key) for model in models]
-    return "on" if any(switched) else "off"
+    """:func:`apply_narrow_linears` on each of ``models`` (None skipped); the product the first switched model uses
+    (``packed``, ``transposed``), else ``off``: what the run used, for its summary or header."""
+    used = [narrow_product_of(model) for model in models if model is not None and apply_narrow_linears(model, mode, key)]
+    return used[0] if used else "off"

@@ -189,8 +189,7 @@ class MedusaDrafter(Drafter):
     @property
     def tree_depth(self) -> int:
         """The deepest a tree of this drafter goes: every head for a dynamic tree, else the static tree's depth."""
-        static = self.compiled.max_depth
-        return self.num_heads if self.dynamic else static
+        return self.num_heads if self.dynamic else self.compiled.max_depth
 
     # ----------------------------------------------------------------- the protocol
 
@@ -208,7 +207,7 @@ class MedusaDrafter(Drafter):
         heads = self._bind(target)
         hidden = torch.zeros(heads.hidden_size, device=target.get_output_embeddings().weight.device,
                              dtype=target.get_output_embeddings().weight.dtype)  # [H]
-        depth = self.tree_depth  # (builds the static tree, whose width the probe's top-k uses)
+        depth = self.tree_depth  # a static tree is built here (its width is the probe's top-k)
         probe = (lambda: self._dynamic_tree(hidden, depth)) if self.dynamic else (lambda: self._top_tokens(hidden, depth))
         return StepShape(kind="tree", max_nodes=self.max_nodes, draft_forwards="per_step",
                          draft_probe=probe, draft_dtype=next(heads.parameters()).dtype)

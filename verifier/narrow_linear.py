@@ -18,8 +18,9 @@ those rows near the one-row cost (``BENCHMARKS.md``, "Narrow linears" and "Packe
 :func:`use_narrow_linears` switches a model's ``nn.Linear`` modules to :class:`NarrowLinear` in place
 (weights, names and state dicts unchanged). One row, more than ``max_rows`` rows (32 ``transposed``, 128
 ``packed``) and anything that needs gradients go through ``F.linear`` as before, so plain one-token decoding
-(ours and Hugging Face's ``generate`` on the same model) and long prefills are untouched. The product is the same up to float rounding
-(another summation order); greedy outputs are checked against plain decoding as everywhere else.
+(ours and Hugging Face's ``generate`` on the same model) and long prefills are untouched. The product is the
+same up to float rounding (another summation order); greedy outputs are checked against plain decoding as
+everywhere else.
 """
 from __future__ import annotations
 
@@ -202,5 +203,8 @@ def apply_narrow_linears(model: nn.Module | None, mode="auto", key: str = "model
 def narrow_models(models, mode="auto", key: str = "model.narrow_linears") -> str:
     """:func:`apply_narrow_linears` on each of ``models`` (None skipped); the product the first switched model uses
     (``packed``, ``transposed``), else ``off``: what the run used, for its summary or header."""
-    used = [narrow_product_of(model) for model in models if model is not None and apply_narrow_linears(model, mode, key)]
+    used = []
+    for model in models:
+        if model is not None and apply_narrow_linears(model, mode, key):
+            used.append(narrow_product_of(model))
     return used[0] if used else "off"

@@ -100,11 +100,21 @@ class DraftVocabHead(nn.Module):
         """A frozen head reads rows ``ids`` of ``full_weight [V, H]`` (a copy of ``Vd`` rows, on its device)."""
         self.rows = full_weight.detach()[self.ids.to(full_weight.device)]  # [Vd, H]
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., Vd]`` of the draft vocabulary's tokens only (column ``j`` is token ``ids[j]``)."""
         weight = self.weight if self.weight is not None else self.rows
         if weight is None:
             raise RuntimeError("a frozen DraftVocabHead needs bind_rows(the LM head's weight) before use")
-        scores = F.linear(hidden, weight.to(hidden.dtype))  # [..., Vd]
+        return F.linear(hidden, weight.to(hidden.dtype))  # [..., Vd]
+
+    def columns(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Token ids ``labels [...]`` as columns of :meth:`scores` (``ignore_index`` where not in ``ids``)."""
+        table = torch.full((self.vocab,), ignore_index, dtype=torch.long, device=labels.device)  # [V]
+        table[self.ids.to(labels.device)] = torch.arange(self.size, device=labels.device)
+        return table[labels]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        scores = self.scores(hidden)  # [..., Vd]
         out = scores.new_full((*scores.shape[:-1], self.vocab), float("-inf"))  # [..., V]
         return out.scatter(-1, self.ids.to(scores.device).expand_as(scores), scores)
 

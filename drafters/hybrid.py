@@ -200,12 +200,14 @@ def point_masses(tree: DraftTree) -> bool:
     return bool((tree.draft_probs.gather(-1, tree.tokens[:, None].to(tree.draft_probs.device)) == 1).all())
 
 
-def behind_lookup(drafter: Drafter, ngram_tokens: int = 8, min_suffix: int = 2, merge: bool = False) -> HybridDrafter:
+def behind_lookup(drafter: Drafter, ngram_tokens: int = 8, min_suffix: int = 2, merge: bool = False,
+                  datastore=None) -> HybridDrafter:
     """``drafter`` behind prompt lookup: a :class:`HybridDrafter` whose first part is an n-gram of ``ngram_tokens``
     drafts that proposes only where a suffix of at least ``min_suffix`` tokens recurred (as ``drafter=hybrid``'s
-    defaults). The second part is a shallow copy of ``drafter`` (sharing its model or heads), so the original can
+    defaults), or, with a ``datastore`` (:class:`~drafters.datastore.Datastore`), where the datastore continues the
+    suffix. The second part is a shallow copy of ``drafter`` (sharing its model or heads), so the original can
     still run on its own, e.g. side by side in a benchmark. ``merge``: :class:`HybridDrafter`'s."""
     from drafters.ngram import NGramDrafter
 
-    lookup = NGramDrafter(ngram_tokens, max_ngram=max(3, min_suffix), min_ngram=min_suffix)
+    lookup = NGramDrafter(ngram_tokens, max_ngram=max(3, min_suffix), min_ngram=min_suffix, datastore=datastore)
     return HybridDrafter(lookup, copy.copy(drafter), merge=merge)

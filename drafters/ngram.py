@@ -1,8 +1,10 @@
-"""Prompt-lookup (n-gram) drafting: continue the longest suffix that already occurred in the context."""
+"""Prompt-lookup (n-gram) drafting: continue the longest suffix that already occurred in the context (or, with
+a datastore, in text the target wrote before: :mod:`drafters.datastore`)."""
 from __future__ import annotations
 
 import torch
 
+from drafters.datastore import Datastore, load_datastore
 from specdec.drafting import DraftContext, Drafter
 from specdec.errors import ConfigError
 from specdec.types import DraftTree
@@ -15,11 +17,17 @@ class NGramDrafter(Drafter):
     ``num_speculative_tokens`` tokens that followed it are proposed as a chain. ``match`` picks the
     ``last`` (most recent) or ``first`` earlier occurrence. An index of every n-gram is kept up to
     date incrementally, so a lookup costs O(max_ngram) per step.
+
+    ``datastore`` (a :class:`~drafters.datastore.Datastore`, or a chat-rows file or directory it is built from
+    with ``datastore_min_ngram`` and ``datastore_min_share``): where the context holds no match, the chain is
+    drafted from the datastore's statistics instead (REST-style retrieval; deterministic, so lossless).
     """
 
     name = "ngram"
 
-    def __init__(self, num_speculative_tokens: int = 4, max_ngram: int = 3, min_ngram: int = 1, match: str = "last"):
+    def __init__(self, num_speculative_tokens: int = 4, max_ngram: int = 3, min_ngram: int = 1, match: str = "last",
+                 datastore: Datastore | str | None = None, datastore_min_ngram: int = 3,
+                 datastore_min_share: float = 0.5):
         super().__init__()
         if num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens={num_speculative_tokens}: it must be >= 1")
@@ -30,6 +38,9 @@ class NGramDrafter(Drafter):
         self.k, self.max_ngram, self.min_ngram, self.match = num_speculative_tokens, max_ngram, min_ngram, match
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed = 0
+        if datastore is not None and not isinstance(datastore, Datastore):
+            datastore = load_datastore(str(datastore), int(datastore_min_ngram), float(datastore_min_share))
+        self.datastore = datastore
 
     @property
     def max_nodes(self) -> int:
@@ -68,4 +79,6 @@ class NGramDrafter(Drafter):
             start = self._index.get(tuple(toks[-n:]))
             if start is not None:
                 return DraftTree.chain(torch.tensor(self._continuation(start, k), dtype=torch.long))
+        if self.datastore is not None and (retrieved := self.datastore.chain(toks, k)):
+            return DraftTree.chain(torch.tensor(retrieved, dtype=torch.long))
         return DraftTree.empty()

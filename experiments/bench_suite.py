@@ -86,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="--hybrid: also each with merged trees (ours_ngram+<name>_merged: where the lookup proposes, "
                         "its chain grafted onto the drafter's tree, one verify; deterministic drafters, or greedy)")
+    p.add_argument("--datastore", default=None, metavar="ROWS",
+                   help="the target's answers to training chats (a chat-rows file or directory, experiments.chat_data): "
+                        "also prompt lookup that falls back on their n-gram statistics (ours_ngram_ds, REST-style) and, "
+                        "with --hybrid, each drafter behind it (ours_ngram_ds+<name>)")
     p.add_argument("--verify-widths", type=lambda s: tuple(cli.ints_at_least(1)(s)), default=(),
                    help="also time one verify forward of the target at these widths (e.g. 1,5,9,17,33) at the run's "
                         "context, in its dtype: what a wider tree costs on this machine")
@@ -183,6 +187,8 @@ def drafters_for(target, draft, medusa: str | None, args) -> dict:
 
     found = {"ours_ar": NoDrafter(),
              "ours_ngram": NGramDrafter(args.ngram_tokens, max_ngram=args.max_ngram, match="first"),
+             **({"ours_ngram_ds": NGramDrafter(args.ngram_tokens, max_ngram=max(3, args.max_ngram), min_ngram=2,
+                                               datastore=datastore_of(args))} if args.datastore else {}),
              f"ours_layer_skip{args.layer_skip}_k{args.k}": LayerSkipDrafter(args.layer_skip, args.k, target=target)}
     if draft is not None:
         ids = None
@@ -246,9 +252,18 @@ def behind_lookup_all(ours: dict, args) -> dict:
     from specdec.drafting import Drafter
 
     modes = (False, True) if args.merge else (False,)
-    return {f"ours_ngram+{name.removeprefix('ours_')}{'_merged' if merge else ''}":
-            behind_lookup(d, args.ngram_tokens, args.hybrid, merge)
+    stores = {"ngram": None} | ({"ngram_ds": datastore_of(args)} if args.datastore else {})
+    return {f"ours_{lookup}+{name.removeprefix('ours_')}{'_merged' if merge else ''}":
+            behind_lookup(d, args.ngram_tokens, args.hybrid, merge, store)
+            for lookup, store in stores.items()
             for name, d in ours.items() if type(d).step_shape is not Drafter.step_shape for merge in modes}
+
+
+def datastore_of(args):
+    """``--datastore``'s :class:`~drafters.datastore.Datastore` (built once)."""
+    from drafters.datastore import load_datastore
+
+    return load_datastore(args.datastore)
 
 
 def build_methods(target, draft, medusa, args) -> list[Method]:

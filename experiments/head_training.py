@@ -73,6 +73,35 @@ def teacher(target, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out.hidden_states[-1].float(), out.logits.float()
 
 
+@torch.no_grad()
+def argmax_teacher(target, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen target on ``batch [B, T]``: last hidden state ``[B, T, H]`` (float32) and argmax ``[B, T]``."""
+    hidden, logits = teacher(target, batch)
+    return hidden, logits.argmax(-1)
+
+
+class MemoTeacher:
+    """:func:`argmax_teacher` computed once per distinct row and kept in memory (``memo_features=true``).
+
+    When the training rows repeat (several epochs over the target's own answers), every later step trains the
+    heads alone: the target's forward, most of a step's cost, runs once per row. The values are the same as
+    without the memo (the same forward on the same row). Memory: ``T * (H + 1) * 4`` bytes per distinct row.
+    """
+
+    def __init__(self):
+        self.rows: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, target, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [row.numpy().tobytes() for row in batch.cpu()]
+        new = [i for i, key in enumerate(keys) if key not in self.rows]
+        if new:
+            hidden, labels = argmax_teacher(target, batch[new])  # [b, T, H], [b, T]
+            for j, i in enumerate(new):
+                self.rows[keys[i]] = (hidden[j], labels[j])
+        hidden, labels = zip(*(self.rows[key] for key in keys))
+        return torch.stack(hidden), torch.stack(labels)  # [B, T, H], [B, T]
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to a tenth of ``peak``."""
     if step < warmup:
@@ -92,7 +121,7 @@ def load_checkpoint(path: Path, settings: dict) -> dict:
     """The checkpoint at ``path``; :class:`ConfigError` if it was written with other settings."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file
+    except Exception as exc:
         raise ConfigError(f"checkpoint {path} is unreadable ({exc}); delete it or pass resume=false") from exc
     diff = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
     if diff:
@@ -182,6 +211,8 @@ def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
     settings = {k: cfg[k] for k in (*recipe.resume_keys, *COMMON_RESUME_KEYS)}
     if source != "corpus":  # recorded only when not the default, so older checkpoints still resume
         settings["generated_source"] = source
+    if cfg.get("init_from"):  # a warm start changes the result: a checkpoint must have had the same one
+        settings["init_from"] = str(cfg.init_from)
     size = cfg.get("draft_vocab") or 0
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ConfigError(f"draft_vocab={size!r}: use 0 (the whole vocabulary) or the number of tokens to draft over")

@@ -9,9 +9,22 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from drafters.draft_vocab import expressible, soft_cross_entropy
-from drafters.medusa_heads import MedusaHeads, default_heads_dir, save_heads
+from drafters.medusa_heads import (
+    MedusaHeads,
+    MedusaHeadsError,
+    check_target,
+    default_heads_dir,
+    load_heads,
+    save_heads,
+)
 from experiments.head_data import generate_rows
-from experiments.head_training import HeadRecipe, target_dir_name, teacher
+from experiments.head_training import (
+    HeadRecipe,
+    MemoTeacher,
+    argmax_teacher,
+    target_dir_name,
+    teacher,
+)
 from specdec.errors import ConfigError
 
 LOSSES = ("soft", "hard")
@@ -45,6 +58,31 @@ def medusa_loss(head_logits: torch.Tensor, target_logits: torch.Tensor, mode: st
             logq = F.log_softmax(head_logits[i, :, :n], dim=-1)  # [B, n, V]
             labels = expressible(logq, target_logits[:, i + 1 :].argmax(-1))  # [B, n] (a draft vocabulary cannot express some)
             loss = F.nll_loss(logq.reshape(-1, logq.shape[-1]), labels.reshape(-1))
+        total = total + decay**i * loss
+        per_head.append(loss.detach())
+    return total, per_head
+
+
+def hard_loss(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor, decay: float):
+    """``loss=hard`` from the target's argmax ``labels [B, T]`` on ``hidden [B, T, H]``: ``(weighted loss,
+    each head's loss)``, the value :func:`medusa_loss` gives for ``hard``.
+
+    Heads with a draft vocabulary are scored over its ``Vd`` columns only (no ``[K, B, T, V]`` logits, whose
+    softmax and scatter cost more than the heads themselves); labels outside it are skipped.
+    """
+    total, per_head = hidden.new_zeros(()), []
+    seq = labels.shape[1]
+    for i, head in enumerate(heads.heads):
+        n = seq - i - 1  # positions t with a label at t + i + 1 inside the window
+        if n <= 0:
+            break
+        x = head.blocks(hidden[:, :n])  # [B, n, H]
+        lab = labels[:, i + 1 :]  # [B, n]
+        if heads.draft_vocab:
+            logits, lab = head.lm_head.scores(x), head.lm_head.columns(lab)  # [B, n, Vd], [B, n]
+        else:
+            logits = head.lm_head(x)  # [B, n, V]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
         total = total + decay**i * loss
         per_head.append(loss.detach())
     return total, per_head
@@ -99,6 +137,7 @@ class MedusaRecipe(HeadRecipe):
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        self.teacher = MemoTeacher() if cfg.get("memo_features") else None
 
     def check(self, cfg: DictConfig) -> None:
         if cfg.loss not in LOSSES:
@@ -107,15 +146,23 @@ class MedusaRecipe(HeadRecipe):
             raise ConfigError(f"num_heads={cfg.num_heads!r}: it must be an integer >= 1")
         if not 0 < float(cfg.head_decay) <= 1:
             raise ConfigError(f"head_decay={cfg.head_decay} must be in (0, 1]")
+        if cfg.get("memo_features") and cfg.loss != "hard":
+            raise ConfigError("memo_features=true keeps the target's argmax only: use it with loss=hard")
 
     def build(self, cfg: DictConfig, target, draft_vocab: torch.Tensor | None = None) -> MedusaHeads:
         device = target.get_output_embeddings().weight.device
+        if cfg.get("init_from"):  # warm start: trained heads for this target, their draft vocabulary with them
+            return start_from(str(cfg.init_from), target, cfg).to(device)
         return MedusaHeads.for_target(target, cfg.num_heads, cfg.num_blocks, draft_vocab=draft_vocab).to(device)
 
     def loss(self, head: MedusaHeads, target, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        hidden, t_logits = teacher(target, batch)  # [B, T, H], [B, T, V]
-        ids = head.heads[0].lm_head.ids if head.draft_vocab else None  # [Vd]: every head shares one draft vocabulary
-        loss, per_head = medusa_loss(head(hidden), t_logits, self.cfg.loss, self.cfg.head_decay, ids)
+        if self.cfg.loss == "hard":
+            hidden, labels = self.teacher(target, batch) if self.teacher else argmax_teacher(target, batch)
+            loss, per_head = hard_loss(head, hidden, labels, self.cfg.head_decay)  # labels [B, T]
+        else:
+            hidden, t_logits = teacher(target, batch)  # [B, T, H], [B, T, V]
+            ids = head.heads[0].lm_head.ids if head.draft_vocab else None  # [Vd]: one draft vocabulary for all heads
+            loss, per_head = medusa_loss(head(hidden), t_logits, self.cfg.loss, self.cfg.head_decay, ids)
         return loss, {f"train/loss_head{i + 1}": float(x) for i, x in enumerate(per_head)}
 
     def evaluate(self, head: MedusaHeads, target, eval_chunks: torch.Tensor, cfg: DictConfig) -> dict:
@@ -140,3 +187,19 @@ class MedusaRecipe(HeadRecipe):
 
     def save(self, head: MedusaHeads, out_dir: Path, training: dict, report: dict) -> None:
         save_heads(head.cpu(), out_dir, training=training, evaluation=report)
+
+
+def start_from(directory: str, target, cfg: DictConfig) -> MedusaHeads:
+    """Trained heads to continue from (``init_from``): they must be for ``target``, with ``cfg``'s shape."""
+    try:
+        heads = load_heads(directory)
+        check_target(heads, target)
+    except MedusaHeadsError as exc:
+        raise ConfigError(f"init_from={directory}: {exc}") from None
+    shape = {"num_heads": heads.num_heads, "num_blocks": heads.num_blocks, "draft_vocab": heads.draft_vocab}
+    wanted = {"num_heads": cfg.num_heads, "num_blocks": cfg.num_blocks, "draft_vocab": int(cfg.get("draft_vocab") or 0)}
+    if shape != wanted:
+        raise ConfigError(f"init_from={directory}: those heads have {shape}, this run asks for {wanted}; set them "
+                          "alike or drop init_from")
+    return heads.float()
+

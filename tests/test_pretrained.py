@@ -131,7 +131,22 @@ def _drafters(target):
     found |= {f"lookup+{name}": behind_lookup(d, 4, 2) for name, d in list(found.items()) if name != "ngram"}
     if "medusa" in found:  # merged: the lookup's chain grafted onto the heads' tree
         found["lookup+medusa_merged"] = behind_lookup(found["medusa"], 4, 1, merge=True)
+    if rows := _cached_answers(target):  # the target's answers to training chats as a REST-style datastore
+        found["ngram_datastore"] = NGramDrafter(4, max_ngram=3, min_ngram=2, datastore=str(rows))
+        if "medusa" in found:
+            found["lookup+medusa_datastore"] = behind_lookup(found["medusa"], 4, 2, datastore=found["ngram_datastore"].datastore)
     return found
+
+
+def _cached_answers(target):
+    """A cached directory of SmolLM2's greedy answers to training chats (``experiments.chat_data``), or None."""
+    from drafters.medusa_heads import target_fingerprint
+    from experiments.data import writable_cache_dir
+
+    prefix = f"smollm2-135m-instruct-{target_fingerprint(target)['sha256'][:10]}-n"
+    found = sorted(d for d in (writable_cache_dir(None) / "selfdistill").glob(f"{prefix}*-t0-s1")
+                   if (d / "COMPLETE.json").is_file())
+    return found[-1] if found else None
 
 
 def _trained_heads(target) -> dict:

@@ -1,0 +1,108 @@
+"""A REST-style datastore (He et al. 2024, arXiv 2311.08252) for the n-gram drafter: text the target wrote
+before, looked up by the context's suffix when the context itself holds no earlier occurrence.
+
+:class:`Datastore` counts, for every n-gram of ``min_ngram .. max_ngram`` tokens in its rows, the tokens that
+followed it, and keeps each n-gram's most frequent next token with its share. :meth:`Datastore.chain` then
+drafts greedily: the longest known suffix of the context picks the next token, that token joins the context,
+and so on, for as long as the chosen continuation is frequent enough (``min_count``) and dominant enough
+(``min_share``). A chain is a function of the committed tokens only, so drafting from it is lossless at any
+temperature, as prompt lookup is.
+
+The natural rows are the target's own answers to training chats (:mod:`experiments.chat_data`'s
+``rows.safetensors``, answers only): the prompt suite's sources are never among them.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from functools import lru_cache
+from pathlib import Path
+
+from specdec.errors import ConfigError
+
+
+class Datastore:
+    """Next-token statistics of ``rows`` (lists of token ids) for n-grams of ``min_ngram .. max_ngram`` tokens.
+
+    Args:
+        rows: token sequences; a row's n-grams never span into another row.
+        min_ngram, max_ngram: the suffix lengths looked up (longest first).
+        min_count: a continuation seen fewer times than this is not drafted.
+        min_share: nor one that followed its n-gram in less than this share of its occurrences.
+        source: where the rows came from (for run records).
+    """
+
+    def __init__(self, rows: list[list[int]], min_ngram: int = 3, max_ngram: int = 4, min_count: int = 2,
+                 min_share: float = 0.5, source: str = ""):
+        if not 1 <= int(min_ngram) <= int(max_ngram):
+            raise ConfigError(f"datastore n-gram sizes need 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
+        if int(min_count) < 1 or not 0 <= float(min_share) <= 1:
+            raise ConfigError(f"datastore: min_count={min_count} must be >= 1 and min_share={min_share} in [0, 1]")
+        self.min_ngram, self.max_ngram = int(min_ngram), int(max_ngram)
+        self.min_count, self.min_share, self.source = int(min_count), float(min_share), source
+        self.tokens = sum(len(r) for r in rows)
+        self.best = self._index(rows)
+
+    def _index(self, rows: list[list[int]]) -> dict[tuple[int, ...], int]:
+        """n-gram -> its most frequent next token, for those that pass ``min_count`` and ``min_share``."""
+        follow: dict[tuple[int, ...], Counter] = defaultdict(Counter)
+        for row in rows:
+            for end in range(1, len(row)):
+                for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                    follow[tuple(row[end - n : end])][row[end]] += 1
+        best = {}
+        for key, counts in follow.items():
+            token, count = counts.most_common(1)[0]
+            if count >= self.min_count and count >= self.min_share * sum(counts.values()):
+                best[key] = token
+        return best
+
+    def __len__(self) -> int:
+        return len(self.best)
+
+    def next_token(self, context: list[int]) -> int | None:
+        """The drafted next token after ``context`` (its longest suffix the datastore knows), or None."""
+        for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
+            token = self.best.get(tuple(context[-n:]))
+            if token is not None:
+                return token
+        return None
+
+    def chain(self, context: list[int], k: int) -> list[int]:
+        """Up to ``k`` tokens drafted greedily after ``context`` (fewer where no known suffix continues)."""
+        tail, out = list(context[-self.max_ngram :]), []
+        while len(out) < k:
+            token = self.next_token(tail)
+            if token is None:
+                break
+            out.append(token)
+            tail = tail[1:] + [token] if len(tail) >= self.max_ngram else tail + [token]
+        return out
+
+    @classmethod
+    def from_chat_rows(cls, path: str | os.PathLike, **kwargs) -> Datastore:
+        """A datastore of the answers in a :mod:`experiments.chat_data` rows file (or its directory), each with
+        the ``max_ngram`` prompt tokens before it (the answer's first tokens follow the prompt's end)."""
+        from experiments.chat_data import ROWS_FILE, load_rows
+
+        file = Path(path).expanduser()
+        file = file / ROWS_FILE if file.is_dir() else file
+        if not file.is_file():
+            raise ConfigError(f"datastore={path}: no {ROWS_FILE} there; the target's answers to training chats are "
+                              "written by `python -m experiments.train_medusa target=<model> generated_source=chats "
+                              "...` (experiments.chat_data), or give such a file")
+        try:
+            rows = load_rows(file)
+        except Exception as exc:  # noqa: BLE001 - an unreadable or foreign file
+            raise ConfigError(f"datastore={path}: {file} is not a chat-rows file ({exc})") from None
+        before = int(kwargs.get("max_ngram", 4))
+        seqs = [rows.ids[i, max(0, p - before) : n].tolist()
+                for i, (p, n) in enumerate(zip(rows.prompt_lengths.tolist(), rows.lengths.tolist()))]
+        return cls(seqs, source=str(file), **kwargs)
+
+
+
+@lru_cache(maxsize=4)
+def load_datastore(path: str, min_ngram: int = 3, min_share: float = 0.5) -> Datastore:
+    """:meth:`Datastore.from_chat_rows`, built once per setting (drafters and their per-row copies share it)."""
+    return Datastore.from_chat_rows(path, min_ngram=min_ngram, max_ngram=max(4, min_ngram), min_share=min_share)

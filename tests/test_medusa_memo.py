@@ -1,0 +1,109 @@
+"""Medusa training on repeated rows: the compact hard loss, the feature memo and warm starts.
+
+- :func:`hard_loss` (draft-vocabulary columns only, labels given) equals :func:`medusa_loss`'s ``hard`` value
+  on the heads' full ``[K, B, T, V]`` logits, and its gradients are the same.
+- :class:`MemoTeacher` returns exactly what the target computes, runs the target once per distinct row, and a
+  training run with ``memo_features=true`` ends with the same heads as one without it.
+- ``init_from`` continues from trained heads (their draft vocabulary with them); heads of another shape or
+  target are one ConfigError.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drafters.medusa_heads import MedusaHeads, load_heads, save_heads
+from experiments.head_training import MemoTeacher, argmax_teacher
+from experiments.medusa_training import hard_loss, medusa_loss
+from specdec.errors import ConfigError
+from tests.test_medusa import MICRO_TRAIN, compose_train
+from tests.tiny_models import pair
+
+SMALL = [o for o in MICRO_TRAIN if o.startswith(("zoo_size=", "logger=", "progress=", "threads="))]
+SMALL += ["loss=hard", "steps=6", "batch_size=2", "context=32", "train_chars=40000", "eval_tokens=256",
+          "eval_generated_rows=0", "num_heads=2", "generated_rows=3", "generated_prompt=8", "generated_fraction=1.0",
+          "lr=0.003"]
+
+
+@pytest.mark.parametrize("draft_vocab", [0, 40])
+def test_hard_loss_equals_the_full_logits_formula(draft_vocab):
+    target = pair("llama")[0]
+    vocab = target.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randperm(vocab, generator=gen)[:draft_vocab].sort().values if draft_vocab else None  # [Vd]
+    heads = MedusaHeads.for_target(target, 3, init="random", draft_vocab=ids)
+    hidden = torch.randn(2, 12, heads.hidden_size, generator=gen)  # [B, T, H]
+    t_logits = torch.randn(2, 12, vocab, generator=gen)  # [B, T, V]
+    if ids is not None:  # some labels inside the draft vocabulary, some outside (skipped by both)
+        t_logits[0, ::2, ids[::3]] += 20.0
+    loss, per_head = hard_loss(heads, hidden, t_logits.argmax(-1), 0.8)
+    grads = torch.autograd.grad(loss, list(heads.parameters()), allow_unused=True)
+    full, full_per_head = medusa_loss(heads(hidden), t_logits, "hard", 0.8, ids)
+    full_grads = torch.autograd.grad(full, list(heads.parameters()), allow_unused=True)
+    assert torch.allclose(loss, full, atol=1e-5) and torch.isfinite(loss)
+    assert torch.allclose(torch.stack(per_head), torch.stack(full_per_head), atol=1e-5)
+    for g, h in zip(grads, full_grads):
+        assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, atol=1e-5))
+
+
+def test_memo_teacher_is_the_target_and_runs_it_once_per_row(monkeypatch):
+    from experiments import head_training
+
+    target = pair("llama")[0]
+    rows = torch.randint(0, target.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))  # [3, T]
+    calls = []
+    real = head_training.teacher
+    monkeypatch.setattr(head_training, "teacher", lambda t, b: calls.append(b.shape[0]) or real(t, b))
+    memo = MemoTeacher()
+    first = memo(target, rows[:2])
+    again = memo(target, rows[[1, 2, 0]])  # rows 1 and 0 are memoised: only row 2 runs
+    assert calls == [2, 1]
+    hidden, labels = argmax_teacher(target, rows)
+    assert torch.equal(first[0], hidden[:2]) and torch.equal(first[1], labels[:2])
+    assert torch.allclose(again[0], hidden[[1, 2, 0]], atol=1e-6) and torch.equal(again[1], labels[[1, 2, 0]])
+
+
+def test_memo_features_train_the_same_heads(tmp_path):
+    from experiments.train_medusa import train
+
+    train(compose_train(*SMALL, f"out_dir={tmp_path / 'plain'}"), tmp_path / "r1")
+    train(compose_train(*SMALL, "memo_features=true", f"out_dir={tmp_path / 'memo'}"), tmp_path / "r2")
+    plain, memo = load_heads(tmp_path / "plain"), load_heads(tmp_path / "memo")
+    for (name, a), b in zip(plain.state_dict().items(), memo.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_memo_features_need_the_hard_loss(tmp_path):
+    from experiments.train_medusa import train
+
+    with pytest.raises(ConfigError, match="loss=hard"):
+        train(compose_train(*SMALL, "loss=soft", "memo_features=true", f"out_dir={tmp_path}"), tmp_path / "r")
+
+
+def test_init_from_continues_from_trained_heads(tmp_path):
+    from experiments.train_medusa import train
+
+    first = [*SMALL, "draft_vocab=64"]
+    train(compose_train(*first, f"out_dir={tmp_path / 'a'}"), tmp_path / "r1")
+    trained = load_heads(tmp_path / "a")
+    report = train(compose_train(*first, "steps=2", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'b'}"),
+                   tmp_path / "r2")
+    again = load_heads(tmp_path / "b")
+    assert torch.equal(again.heads[0].lm_head.ids, trained.heads[0].lm_head.ids)  # its draft vocabulary
+    fresh = MedusaHeads.for_target(pair("llama")[0], 2)  # zero blocks: a new head's start
+    assert report["per_head"][0]["top1"] >= 0
+    delta = (again.heads[0].blocks[0].linear.weight - trained.heads[0].blocks[0].linear.weight).abs().max()
+    assert 0 < delta < trained.heads[0].blocks[0].linear.weight.abs().max()  # moved a little from the trained heads
+    assert fresh.heads[0].blocks[0].linear.weight.abs().max() == 0
+
+
+def test_init_from_heads_of_another_shape_or_target_fail(tmp_path):
+    from experiments.train_medusa import train
+
+    other = save_heads(MedusaHeads.for_target(pair("llama")[0], 2), tmp_path / "other")  # not the micro target
+    with pytest.raises(ConfigError, match=r"init_from=.*trained for another target|init_from=.*another"):
+        train(compose_train(*SMALL, f"init_from={other}", f"out_dir={tmp_path / 'x'}"), tmp_path / "r1")
+    train(compose_train(*SMALL, f"out_dir={tmp_path / 'a'}"), tmp_path / "r2")
+    with pytest.raises(ConfigError, match=r"num_heads.*asks for"):
+        train(compose_train(*SMALL, "num_heads=3", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'y'}"),
+              tmp_path / "r3")

@@ -29,17 +29,16 @@ class Datastore:
         min_ngram, max_ngram: the suffix lengths looked up (longest first).
         min_count: a continuation seen fewer times than this is not drafted.
         min_share: nor one that followed its n-gram in less than this share of its occurrences.
-        source: where the rows came from (for run records).
     """
 
     def __init__(self, rows: list[list[int]], min_ngram: int = 3, max_ngram: int = 4, min_count: int = 2,
-                 min_share: float = 0.5, source: str = ""):
+                 min_share: float = 0.5):
         if not 1 <= int(min_ngram) <= int(max_ngram):
             raise ConfigError(f"datastore n-gram sizes need 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
         if int(min_count) < 1 or not 0 <= float(min_share) <= 1:
             raise ConfigError(f"datastore: min_count={min_count} must be >= 1 and min_share={min_share} in [0, 1]")
         self.min_ngram, self.max_ngram = int(min_ngram), int(max_ngram)
-        self.min_count, self.min_share, self.source = int(min_count), float(min_share), source
+        self.min_count, self.min_share = int(min_count), float(min_share)
         self.tokens = sum(len(r) for r in rows)
         self.best = self._index(rows)
 
@@ -76,7 +75,7 @@ class Datastore:
             if token is None:
                 break
             out.append(token)
-            tail = tail[1:] + [token] if len(tail) >= self.max_ngram else tail + [token]
+            tail = (tail + [token])[-self.max_ngram :]
         return out
 
     @classmethod
@@ -98,8 +97,7 @@ class Datastore:
         before = int(kwargs.get("max_ngram", 4))
         seqs = [rows.ids[i, max(0, p - before) : n].tolist()
                 for i, (p, n) in enumerate(zip(rows.prompt_lengths.tolist(), rows.lengths.tolist()))]
-        return cls(seqs, source=str(file), **kwargs)
-
+        return cls(seqs, **kwargs)
 
 
 @lru_cache(maxsize=4)

@@ -121,7 +121,7 @@ def load_checkpoint(path: Path, settings: dict) -> dict:
     """The checkpoint at ``path``; :class:`ConfigError` if it was written with other settings."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # any unreadable file
         raise ConfigError(f"checkpoint {path} is unreadable ({exc}); delete it or pass resume=false") from exc
     diff = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
     if diff:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from drafters.draft_vocab import expressible, soft_cross_entropy
+from drafters.draft_vocab import soft_cross_entropy
 from drafters.medusa_heads import (
     MedusaHeads,
     MedusaHeadsError,
@@ -31,20 +31,18 @@ LOSSES = ("soft", "hard")
 RANKS = 10  # per-rank accuracies kept in eval.json (they shape the default tree)
 
 
-def medusa_loss(head_logits: torch.Tensor, target_logits: torch.Tensor, mode: str, decay: float,
-                ids: torch.Tensor | None = None):
-    """Weighted loss over heads and each head's loss.
+def medusa_loss(head_logits: torch.Tensor, target_logits: torch.Tensor, decay: float, ids: torch.Tensor | None = None):
+    """``loss=soft``: the weighted loss over heads and each head's loss (``loss=hard`` is :func:`hard_loss`).
 
-    Head ``i``'s logits at position ``t`` (``head_logits [K, B, T, V]``) are trained towards the
-    target's prediction at ``t + i + 1`` (``target_logits [B, T, V]``): cross-entropy to the target's
-    distribution for ``soft`` (KL(target || head) plus the target's entropy: the same gradient),
-    cross-entropy on the target's argmax for ``hard``; labels a draft vocabulary cannot express are skipped.
-    With ``ids [Vd]`` (the heads' draft vocabulary; the heads are ``-inf`` elsewhere), ``soft`` runs over
-    those columns only: the same value, with the teacher's probabilities gathered once for all heads.
+    Head ``i``'s logits at position ``t`` (``head_logits [K, B, T, V]``) are trained towards the target's
+    distribution at ``t + i + 1`` (``target_logits [B, T, V]``) by cross-entropy (KL(target || head) plus the
+    target's entropy: the same gradient), over the tokens the head can express. With ``ids [Vd]`` (the heads'
+    draft vocabulary; the heads are ``-inf`` elsewhere) it runs over those columns only: the same value, with the
+    teacher's probabilities gathered once for all heads.
     """
     total, per_head = head_logits.new_zeros(()), []
     seq = target_logits.shape[1]
-    teach_p = F.softmax(target_logits, dim=-1)[..., ids] if ids is not None and mode == "soft" else None  # [B, T, Vd]
+    teach_p = F.softmax(target_logits, dim=-1)[..., ids] if ids is not None else None  # [B, T, Vd]
     for i in range(head_logits.shape[0]):
         n = seq - i - 1  # positions t with a teacher at t + i + 1 inside the window
         if n <= 0:
@@ -52,12 +50,8 @@ def medusa_loss(head_logits: torch.Tensor, target_logits: torch.Tensor, mode: st
         if teach_p is not None:
             logq = F.log_softmax(head_logits[i, :, :n, ids], dim=-1)  # [B, n, Vd]
             loss = -(teach_p[:, i + 1 :] * logq).sum(-1).mean()
-        elif mode == "soft":
-            loss = soft_cross_entropy(target_logits[:, i + 1 :], F.log_softmax(head_logits[i, :, :n], dim=-1))
         else:
-            logq = F.log_softmax(head_logits[i, :, :n], dim=-1)  # [B, n, V]
-            labels = expressible(logq, target_logits[:, i + 1 :].argmax(-1))  # [B, n] (a draft vocabulary cannot express some)
-            loss = F.nll_loss(logq.reshape(-1, logq.shape[-1]), labels.reshape(-1))
+            loss = soft_cross_entropy(target_logits[:, i + 1 :], F.log_softmax(head_logits[i, :, :n], dim=-1))
         total = total + decay**i * loss
         per_head.append(loss.detach())
     return total, per_head
@@ -65,7 +59,7 @@ def medusa_loss(head_logits: torch.Tensor, target_logits: torch.Tensor, mode: st
 
 def hard_loss(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor, decay: float):
     """``loss=hard`` from the target's argmax ``labels [B, T]`` on ``hidden [B, T, H]``: ``(weighted loss,
-    each head's loss)``, the value :func:`medusa_loss` gives for ``hard``.
+    each head's loss)``: cross-entropy on the target's argmax, head ``i`` at ``t`` against the label at ``t + i + 1``.
 
     Heads with a draft vocabulary are scored over its ``Vd`` columns only (no ``[K, B, T, V]`` logits, whose
     softmax and scatter cost more than the heads themselves); labels outside it are skipped.
@@ -162,7 +156,7 @@ class MedusaRecipe(HeadRecipe):
         else:
             hidden, t_logits = teacher(target, batch)  # [B, T, H], [B, T, V]
             ids = head.heads[0].lm_head.ids if head.draft_vocab else None  # [Vd]: one draft vocabulary for all heads
-            loss, per_head = medusa_loss(head(hidden), t_logits, self.cfg.loss, self.cfg.head_decay, ids)
+            loss, per_head = medusa_loss(head(hidden), t_logits, self.cfg.head_decay, ids)
         return loss, {f"train/loss_head{i + 1}": float(x) for i, x in enumerate(per_head)}
 
     def evaluate(self, head: MedusaHeads, target, eval_chunks: torch.Tensor, cfg: DictConfig) -> dict:

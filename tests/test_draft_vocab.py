@@ -189,7 +189,7 @@ def test_medusa_soft_loss_over_draft_columns_equals_the_full_formula():
     scores = torch.randn(3, 2, 10, 40, generator=gen, requires_grad=True)  # [K, B, T, Vd]
     head_logits = torch.full((3, 2, 10, vocab), float("-inf")).index_copy(-1, ids, scores)  # [K, B, T, V]
     t_logits = torch.randn(2, 10, vocab, generator=gen) * 3  # [B, T, V]
-    loss, per_head = medusa_loss(head_logits, t_logits, "soft", 0.8, ids)
+    loss, per_head = medusa_loss(head_logits, t_logits, 0.8, ids)
     expected = [soft_cross_entropy(t_logits[:, i + 1 :], F.log_softmax(head_logits[i, :, : 9 - i], -1)) for i in range(3)]
     assert torch.allclose(torch.stack(per_head), torch.stack(expected).detach(), atol=1e-5)
     assert torch.allclose(loss, sum(0.8**i * e for i, e in enumerate(expected)), atol=1e-5)

@@ -1,7 +1,7 @@
 """Medusa training on repeated rows: the compact hard loss, the feature memo and warm starts.
 
-- :func:`hard_loss` (draft-vocabulary columns only, labels given) equals :func:`medusa_loss`'s ``hard`` value
-  on the heads' full ``[K, B, T, V]`` logits, and its gradients are the same.
+- :func:`hard_loss` (draft-vocabulary columns only, labels given) equals cross-entropy on the heads' full
+  ``[K, B, T, V]`` logits, and its gradients are the same.
 - :class:`MemoTeacher` returns exactly what the target computes, runs the target once per distinct row, and a
   training run with ``memo_features=true`` ends with the same heads as one without it.
 - ``init_from`` continues from trained heads (their draft vocabulary with them); heads of another shape or
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from drafters.draft_vocab import expressible
 from drafters.medusa_heads import MedusaHeads, load_heads, save_heads
 from experiments.head_training import MemoTeacher, argmax_teacher
-from experiments.medusa_training import hard_loss, medusa_loss
+from experiments.medusa_training import hard_loss
 from specdec.errors import ConfigError
 from tests.test_medusa import MICRO_TRAIN, compose_train
 from tests.tiny_models import pair
@@ -38,12 +40,23 @@ def test_hard_loss_equals_the_full_logits_formula(draft_vocab):
         t_logits[0, ::2, ids[::3]] += 20.0
     loss, per_head = hard_loss(heads, hidden, t_logits.argmax(-1), 0.8)
     grads = torch.autograd.grad(loss, list(heads.parameters()), allow_unused=True)
-    full, full_per_head = medusa_loss(heads(hidden), t_logits, "hard", 0.8, ids)
+    full, full_per_head = _full_logits_hard_loss(heads(hidden), t_logits, 0.8)
     full_grads = torch.autograd.grad(full, list(heads.parameters()), allow_unused=True)
     assert torch.allclose(loss, full, atol=1e-5) and torch.isfinite(loss)
     assert torch.allclose(torch.stack(per_head), torch.stack(full_per_head), atol=1e-5)
     for g, h in zip(grads, full_grads):
         assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, atol=1e-5))
+
+
+def _full_logits_hard_loss(head_logits, t_logits, decay):
+    """The reference: cross-entropy of the heads' full ``[K, B, T, V]`` logits (``-inf`` outside a draft vocabulary)
+    on the target's argmax, labels the heads cannot express skipped."""
+    per_head = []
+    for i in range(head_logits.shape[0]):
+        logq = F.log_softmax(head_logits[i, :, : t_logits.shape[1] - i - 1], dim=-1)  # [B, n, V]
+        labels = expressible(logq, t_logits[:, i + 1 :].argmax(-1))  # [B, n]
+        per_head.append(F.nll_loss(logq.reshape(-1, logq.shape[-1]), labels.reshape(-1)))
+    return sum(decay**i * x for i, x in enumerate(per_head)), [x.detach() for x in per_head]
 
 
 def test_memo_teacher_is_the_target_and_runs_it_once_per_row(monkeypatch):

@@ -31,7 +31,7 @@ stage() {  # stage NAME SECONDS COMMAND...
   echo "$name: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt"
 }
 stage tests 210 python3 -m pytest -q -x -n 8 -p no:cacheprovider -rs --durations=15
-stage kernel_bench 90 python3 -m kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
+stage kernel_bench 90 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
   --ns 1 8 16 64 --json "$OUT/kernel_bench.json"
 stage decode_default 90 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 max_new_tokens=64 \
   hydra.run.dir=/tmp/decode_default

@@ -17,8 +17,8 @@ import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-ta = importlib.import_module("kernels.tree_attention")  # the module, not the re-exported function
-from kernels import tree_attention, tree_attention_ref  # noqa: E402
+ta = importlib.import_module("specdec_kernels.tree_attention")  # the module, not the re-exported function
+from specdec_kernels import tree_attention, tree_attention_ref  # noqa: E402
 from tests.triton_env import DEVICE, fresh_process_test, interpreter_guard  # noqa: E402
 
 _needs_interpreter = interpreter_guard()

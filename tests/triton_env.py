@@ -19,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def kernels_cannot_run_here() -> bool:
     """True on a CPU-only process whose triton was imported before ``TRITON_INTERPRET=1`` was set."""
-    from kernels.tree_attention import _is_interpreted
+    from specdec_kernels.tree_attention import _is_interpreted
 
     return not torch.cuda.is_available() and not _is_interpreted()
 

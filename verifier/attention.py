@@ -10,8 +10,8 @@ forward and shared by every layer:
   for a causal chunk (new token i sees new tokens 0..i: a prefill, a draft model's catch-up);
 - ``specdec_key_mask``: ``[1, 1, n, S]`` bool dense key mask for SDPA, or None where SDPA needs
   none (one token, or a causal chunk, which takes SDPA's causal kernels);
-- ``specdec_tree_plan``: a :class:`kernels.TreeAttentionPlan` (triton backend, a tree of at most
-  ``kernels.MAX_TREE_TOKENS`` tokens) or None.
+- ``specdec_tree_plan``: a :class:`specdec_kernels.TreeAttentionPlan` (triton backend, a tree of at most
+  ``specdec_kernels.MAX_TREE_TOKENS`` tokens) or None.
 
 The triton backend runs the tree-attention kernel for verification and routes everything
 else to SDPA: causal chunks (prefill), a single token (plain decoding: SDPA's decode kernels
@@ -68,7 +68,7 @@ def sdpa_tree_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 def triton_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Triton backend: the step's :class:`kernels.TreeAttentionPlan` (each KV tile read once for the whole
+    """Triton backend: the step's :class:`specdec_kernels.TreeAttentionPlan` (each KV tile read once for the whole
     tree and GQA group); forwards without a plan (causal chunks, one token, wide trees) take SDPA."""
     _require_tree(kwargs)
     plan = kwargs.get("specdec_tree_plan")

@@ -42,6 +42,6 @@ def triton_interpreted() -> bool:
     """True when the tree-attention kernel would run in Triton's interpreter (TRITON_INTERPRET=1 was in
     the environment when triton was first imported)."""
     # imports triton (and so fixes the mode) if not yet done
-    from kernels.tree_attention import _is_interpreted
+    from specdec_kernels.tree_attention import _is_interpreted
 
     return _is_interpreted()

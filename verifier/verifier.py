@@ -55,7 +55,7 @@ def attention_inputs(backend: str, prefix_len: int, tree_mask: torch.Tensor | No
         return kwargs
     n = tree_mask.shape[0]
     if backend == "triton" and 1 < n:
-        from kernels import MAX_TREE_TOKENS, TreeAttentionPlan
+        from specdec_kernels import MAX_TREE_TOKENS, TreeAttentionPlan
 
         if n <= MAX_TREE_TOKENS:
             kwargs["specdec_tree_plan"] = TreeAttentionPlan(prefix_len, tree_mask, validate=False)

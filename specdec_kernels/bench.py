@@ -1,8 +1,8 @@
 """Benchmark tree attention: the Triton kernel against SDPA and FlexAttention.
 
-    python -m kernels.bench                       # CUDA: full sweep, prints a table
-    python -m kernels.bench --json out.json       # also write the results
-    python -m kernels.bench --interpret-smoke     # no GPU: one tiny case under the interpreter
+    python -m specdec_kernels.bench                       # CUDA: full sweep, prints a table
+    python -m specdec_kernels.bench --json out.json       # also write the results
+    python -m specdec_kernels.bench --interpret-smoke     # no GPU: one tiny case under the interpreter
 
 Every method computes the same thing: N tree tokens (a binary tree) attending to a
 fully visible prefix plus the tree under its ancestor mask. Baselines:
@@ -16,8 +16,8 @@ Three times per method and shape (GPU): ``call_us``, the whole eager call betwee
 (what a layer pays: Python launcher plus kernels); ``dev_us``, the kernels' device time alone (the
 call captured once in a CUDA graph, the graph replayed between events); ``host_us``, the Python
 call's own wall time with an idle queue (its host overhead). ``triton`` is the call a layer makes
-in decoding (a :class:`kernels.TreeAttentionPlan` built once per step); ``triton_1x`` the one-off
-:func:`kernels.tree_attention` (validation and mask packing included).
+in decoding (a :class:`specdec_kernels.TreeAttentionPlan` built once per step); ``triton_1x`` the one-off
+:func:`specdec_kernels.tree_attention` (validation and mask packing included).
 
 Bandwidth = bytes of K + V (the Hkv heads, read once) + Q + O over the device time, as a fraction of
 ``--peak-gbps`` (default by device name: H100 SXM 3350, H200 4800 GB/s). The L2 cache is
@@ -125,7 +125,7 @@ def host_time_us(fn, device, reps: int) -> float:
 
 def build_methods(q, k, v, P, mask, scale, flex: bool, flex_compile: bool):
     """Name -> zero-argument callable for every method (setup outside the timed region)."""
-    from kernels import TreeAttentionPlan, tree_attention
+    from specdec_kernels import TreeAttentionPlan, tree_attention
 
     B, Hq, N, D = q.shape
     G = Hq // k.shape[1]
@@ -261,11 +261,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         if not args.interpret_smoke:
-            print("kernels.bench: no CUDA device; nothing to benchmark. "
+            print("specdec_kernels.bench: no CUDA device; nothing to benchmark. "
                   "Use --interpret-smoke to check the script on the CPU under the Triton interpreter.")
             return 0
         if os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton's first import
-            cmd = [sys.executable, "-m", "kernels.bench", *(sys.argv[1:] if argv is None else argv)]
+            cmd = [sys.executable, "-m", "specdec_kernels.bench", *(sys.argv[1:] if argv is None else argv)]
             return subprocess.call(cmd, env={**os.environ, "TRITON_INTERPRET": "1"})
         import triton
 

@@ -1,4 +1,4 @@
-"""Triton kernels of tree attention (see :mod:`kernels.tree_attention` for semantics and the launcher)."""
+"""Triton kernels of tree attention (see :mod:`specdec_kernels.tree_attention` for semantics and the launcher)."""
 from __future__ import annotations
 
 import triton

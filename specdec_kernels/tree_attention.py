@@ -40,7 +40,7 @@ import math
 import torch
 import triton
 
-from kernels._tree_attention_jit import MAX_TREE_TOKENS, _tree_attn_fwd, _tree_attn_merge
+from specdec_kernels._tree_attention_jit import MAX_TREE_TOKENS, _tree_attn_fwd, _tree_attn_merge
 
 __all__ = ["MAX_TREE_TOKENS", "TreeAttentionPlan", "pack_tree_mask", "tree_attention", "tree_attention_ref"]
 

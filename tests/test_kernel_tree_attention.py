@@ -245,3 +245,21 @@ def test_plan_is_shared_by_layers_and_validates_once(monkeypatch):
     for (q, k, v), ref in zip(layers[1:], refs[1:]):  # same layout, other values: no validation, same mask
         torch.testing.assert_close(plan(q, k, v), ref, atol=2e-5, rtol=2e-5)
     assert plan.bits is bits and len(plan._launches) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark runs its full sweep (scripts/gpu_check.sh)")
+def test_benchmark_smoke_run_without_a_gpu(tmp_path):
+    """``python -m specdec_kernels.bench --interpret-smoke`` as a user runs it without a GPU: exit 0, a JSON
+    with a row per method and tree width, and SDPA's output equal to the kernel's in every row."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "smoke.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "specdec_kernels.bench", "--interpret-smoke", "--json", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["method"], r["N"]) for r in rows} == {(m, n) for m in ("triton", "triton_1x", "sdpa") for n in (1, 4)}
+    assert all(r["max_abs_diff_vs_triton"] < 1e-4 for r in rows)

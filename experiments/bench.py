@@ -285,11 +285,9 @@ def verify_curve(target, context: int, widths: tuple[int, ...], backends: list[s
     attention backend, and a Markdown table of T(w) / T(1). A target with narrow linears
     (:mod:`verifier.narrow_linear`) is also timed as copies with plain ``nn.Linear`` s and with the other narrow
     product, interleaved with it (first backend only)."""
-    from verifier.availability import check_attn_backend
+    from verifier.availability import usable_backends
 
-    device = next(target.parameters()).device
-    for b in backends:
-        check_attn_backend(b, device)  # one error line before anything is timed
+    backends = usable_backends(backends, next(target.parameters()).device)  # one error line before any timing
     variants = _linear_variants(target)
     curves = {}
     for i, b in enumerate(backends):
@@ -359,7 +357,8 @@ def parse_args(argv=None):
                         "inductor: torch.compile, CPU or GPU; with --batch-sizes too)")
     p.add_argument("--verify-curve", action="store_true",
                    help="also time the verify forward by width for each --backends at --context tokens")
-    p.add_argument("--backends", type=lambda s: s.split(","), default=["sdpa", "triton"])
+    p.add_argument("--backends", type=lambda s: s.split(","), default=None,
+                   help="--verify-curve backends (default: sdpa, and triton where its kernel runs here)")
     p.add_argument("--context", type=cli.int_at_least(1), default=None, help="--verify-curve context (default: the run's)")
     p.add_argument("--verify-widths", type=lambda s: tuple(cli.ints_at_least(1)(s)),
                    default=(1, 2, 4, 8, 16, 32, 64))
@@ -421,6 +420,10 @@ def main(argv=None) -> int:
 
         return bench_suite.main(argv)
     args = parse_args(argv)
+    if args.verify_curve:  # a backend that cannot run here is one error line before the run, not after it
+        from verifier.availability import usable_backends
+
+        args.backends = usable_backends(args.backends, args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with torch.nn.attention.sdpa_kernel(SDPA_KERNELS):  # the same attention kernels for HF and ours

@@ -294,6 +294,22 @@ def test_triton_not_installed(monkeypatch):
     availability.check_attn_backend("sdpa", "cpu")
 
 
+def test_verify_curve_backends_are_checked_before_the_run(monkeypatch, capsys):
+    """The benchmark's --verify-curve runs after every method: a backend that cannot run here fails first, and
+    by default the curve times only the backends that run here."""
+    from experiments import bench
+    from verifier import availability
+
+    monkeypatch.setattr(availability, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(bench, "load_pair", lambda args: pytest.fail("models loaded before the backends were checked"))
+    assert bench.main(["--device", "cpu", "--verify-curve", "--backends", "sdpa,triton"]) == 2
+    error_line(capsys.readouterr().err, 2, 2, "attn_backend=triton", "TRITON_INTERPRET=1")
+    assert availability.usable_backends(None, "cpu") == ["sdpa"]
+    monkeypatch.setattr(availability, "triton_interpreted", lambda: True)
+    assert availability.usable_backends(None, "cpu") == ["sdpa", "triton"]
+    assert availability.usable_backends(["triton"], "cpu") == ["triton"]
+
+
 # --------------------------------------------------------------------------- our own bugs
 
 

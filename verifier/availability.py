@@ -45,3 +45,18 @@ def triton_interpreted() -> bool:
     from specdec_kernels.tree_attention import _is_interpreted
 
     return _is_interpreted()
+
+
+def usable_backends(requested: list[str] | None, device: str | torch.device) -> list[str]:
+    """The attention backends to run on ``device``: ``requested``, each checked by :func:`check_attn_backend`
+    (one :class:`ConfigError` before anything runs), or by default ``sdpa`` plus ``triton`` where its kernel
+    runs here (a CUDA GPU, or the CPU with the interpreter on)."""
+    if requested is None:
+        try:
+            check_attn_backend("triton", device)
+        except ConfigError:
+            return ["sdpa"]
+        return ["sdpa", "triton"]
+    for backend in requested:
+        check_attn_backend(backend, device)
+    return list(requested)

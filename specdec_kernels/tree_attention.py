@@ -119,6 +119,26 @@ def _is_interpreted() -> bool:
             and type(tl.cdiv).__name__ == "InterpretedFunction")
 
 
+def _release(text: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as ``3.6.0`` or ``2.4.0rc1``."""
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run these kernels in this environment, or None.
+
+    triton < 3.7's interpreter turns a program id into a Python int with ``int()`` of a one-element
+    array, which numpy >= 2.4 refuses: every kernel launch fails (triton issue 9171, fixed in 3.7)."""
+    from importlib.metadata import version
+
+    numpy_version = version("numpy")
+    if _release(triton.__version__) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter cannot run with numpy {numpy_version} (triton issue "
+                "9171): pip install 'triton>=3.7' (or 'numpy<2.4') to run the kernel on the CPU")
+    return None
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -205,6 +225,8 @@ class TreeAttentionPlan:
             raise RuntimeError("tree_attention: the Triton kernel needs CUDA tensors on a GPU; to run "
                                "it on the CPU set TRITON_INTERPRET=1 in the environment before triton "
                                "is first imported (or use tree_attention_ref)")
+        if q.device.type != "cuda" and interpreter_problem():
+            raise RuntimeError(f"tree_attention: {interpreter_problem()} (or use tree_attention_ref)")
         if self.bits is None:
             self.bits = pack_tree_mask(self.tree_mask)  # [N]
         return _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, self.bits, total_max,

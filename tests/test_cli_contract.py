@@ -8,6 +8,8 @@ One subprocess per row of issue 13's table (tiny random pair, one prompt, a few 
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -294,6 +296,27 @@ def test_triton_not_installed(monkeypatch):
     availability.check_attn_backend("sdpa", "cpu")
 
 
+def test_an_interpreter_that_cannot_run_with_this_numpy(monkeypatch):
+    """triton < 3.7's interpreter fails on numpy >= 2.4 (triton issue 9171): one error naming the fix,
+    before anything runs, instead of an InterpreterError from inside the first launch."""
+    from verifier import availability
+
+    ta = importlib.import_module("specdec_kernels.tree_attention")  # the module, not the function it exports
+    numpy = {"version": "2.4.6"}
+    monkeypatch.setattr(ta.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: numpy["version"])
+    monkeypatch.setattr(availability, "triton_interpreted", lambda: True)
+    assert "pip install 'triton>=3.7'" in ta.interpreter_problem()
+    with pytest.raises(ConfigError, match=r"attn_backend=triton on the CPU: triton 3.6.0's interpreter .* 2.4.6"):
+        availability.check_attn_backend("triton", "cpu")
+    numpy["version"] = "2.3.5"
+    assert ta.interpreter_problem() is None
+    numpy["version"] = "2.4.6"
+    monkeypatch.setattr(ta.triton, "__version__", "3.7.0")
+    assert ta.interpreter_problem() is None
+    availability.check_attn_backend("triton", "cpu")
+
+
 def test_verify_curve_backends_are_checked_before_the_run(monkeypatch, capsys):
     """The benchmark's --verify-curve runs after every method: a backend that cannot run here fails first, and
     by default the curve times only the backends that run here."""
@@ -306,6 +329,7 @@ def test_verify_curve_backends_are_checked_before_the_run(monkeypatch, capsys):
     error_line(capsys.readouterr().err, 2, 2, "attn_backend=triton", "TRITON_INTERPRET=1")
     assert availability.usable_backends(None, "cpu") == ["sdpa"]
     monkeypatch.setattr(availability, "triton_interpreted", lambda: True)
+    monkeypatch.setattr(importlib.import_module("specdec_kernels.tree_attention"), "interpreter_problem", lambda: None)
     assert availability.usable_backends(None, "cpu") == ["sdpa", "triton"]
     assert availability.usable_backends(["triton"], "cpu") == ["triton"]
 

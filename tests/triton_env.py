@@ -37,9 +37,14 @@ def interpreter_guard():
     """An autouse fixture for a kernel test file: where the kernels cannot run in this process, skip
     every test but the file's ``test_file_in_fresh_process`` (:func:`fresh_process_test`)."""
     cannot = kernels_cannot_run_here()
+    from specdec_kernels.tree_attention import interpreter_problem
+
+    broken = None if torch.cuda.is_available() else interpreter_problem()
 
     @pytest.fixture(autouse=True)
     def _needs_interpreter(request):
+        if broken:
+            pytest.skip(broken)
         if cannot and request.node.originalname != "test_file_in_fresh_process":
             pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_file_in_fresh_process")
 

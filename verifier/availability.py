@@ -36,6 +36,11 @@ def check_attn_backend(backend: str, device: str | torch.device) -> None:
             f"attn_backend=triton on the {device.type.upper()} runs the Triton kernel in its interpreter, which is "
             "off: start the command with TRITON_INTERPRET=1 in the environment (slow; for testing the kernel), "
             "or use attn_backend=sdpa (the reference backend, same results)")
+    from specdec_kernels.tree_attention import interpreter_problem
+
+    problem = interpreter_problem()
+    if problem:
+        raise ConfigError(f"attn_backend=triton on the {device.type.upper()}: {problem}, or use attn_backend=sdpa")
 
 
 def triton_interpreted() -> bool:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU session measures, in one run of under 8 minutes, tables written to $OUT:
-#   1. the whole test suite on the GPU (GPU tests included: tests/test_gpu.py), 8 workers;
+#   1. the whole test suite on the GPU: the GPU-specific files (tests/test_gpu.py, the kernel and the triton
+#      backend; 4 workers) beside the rest (10 workers), each with its own log and limit;
 #   2. the kernel benchmark (eager call time and device time per shape, SDPA, FlexAttention);
 #   3. the default experiment on CUDA (README's first command, logger=none);
 #   4. the side-by-side benchmark on the embedded pair and on a synthetic Llama-3.1-8B-shaped target,
@@ -30,7 +31,14 @@ stage() {  # stage NAME SECONDS COMMAND...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt"
 }
-stage tests 210 python3 -m pytest -q -x -n 8 -p no:cacheprovider -rs --durations=15
+# The GPU-specific tests beside the rest of the suite, each under its own limit, so a suite cut short by the
+# limit still leaves the GPU tests' results (tests_gpu.log); both end before any timing starts.
+GPU_TESTS=(tests/test_gpu.py tests/test_kernel_tree_attention.py tests/test_triton_backend.py)
+( t0=$SECONDS; timeout 210 python3 -m pytest -q -n 4 -p no:cacheprovider -rs "${GPU_TESTS[@]}" > "$OUT/tests_gpu.log" 2>&1
+  echo "tests_gpu: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt" ) &
+stage tests 210 python3 -m pytest -q -n 10 --dist loadfile -p no:cacheprovider -rs --durations=15 \
+  "${GPU_TESTS[@]/#/--ignore=}"
+wait
 stage kernel_bench 90 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
   --ns 1 8 16 64 --json "$OUT/kernel_bench.json"
 stage decode_default 90 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 max_new_tokens=64 \

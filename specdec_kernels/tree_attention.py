@@ -225,8 +225,9 @@ class TreeAttentionPlan:
             raise RuntimeError("tree_attention: the Triton kernel needs CUDA tensors on a GPU; to run "
                                "it on the CPU set TRITON_INTERPRET=1 in the environment before triton "
                                "is first imported (or use tree_attention_ref)")
-        if q.device.type != "cuda" and interpreter_problem():
-            raise RuntimeError(f"tree_attention: {interpreter_problem()} (or use tree_attention_ref)")
+        problem = interpreter_problem() if q.device.type != "cuda" else None
+        if problem:
+            raise RuntimeError(f"tree_attention: {problem} (or use tree_attention_ref)")
         if self.bits is None:
             self.bits = pack_tree_mask(self.tree_mask)  # [N]
         return _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, self.bits, total_max,

@@ -215,6 +215,15 @@ def test_cpu_without_interpreter_raises(monkeypatch):
         tree_attention(q.cpu(), k.cpu(), v.cpu(), P, mask.cpu())
 
 
+def test_cpu_with_an_interpreter_that_cannot_run_raises(monkeypatch):
+    """An interpreter known not to run here (triton < 3.7 with numpy >= 2.4) is named before the launch."""
+    q, k, v, P, mask = _ok_inputs()
+    monkeypatch.setattr(ta, "_is_interpreted", lambda: True)
+    monkeypatch.setattr(ta, "interpreter_problem", lambda: "triton 3.6.0's interpreter cannot run with numpy 2.4.6")
+    with pytest.raises(RuntimeError, match="cannot run with numpy 2.4.6 .or use tree_attention_ref"):
+        tree_attention(q.cpu(), k.cpu(), v.cpu(), P, mask.cpu())
+
+
 # ------------------------------------------------------------------ plans: one per verify step
 
 

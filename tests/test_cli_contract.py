@@ -326,7 +326,7 @@ def test_verify_curve_backends_are_checked_before_the_run(monkeypatch, capsys):
     monkeypatch.setattr(availability, "triton_interpreted", lambda: False)
     monkeypatch.setattr(bench, "load_pair", lambda args: pytest.fail("models loaded before the backends were checked"))
     assert bench.main(["--device", "cpu", "--verify-curve", "--backends", "sdpa,triton"]) == 2
-    error_line(capsys.readouterr().err, 2, 2, "attn_backend=triton", "TRITON_INTERPRET=1")
+    error_line(capsys.readouterr().err, 2, 2, "attn_backend=triton", "TRITON_INTERPRET=1", "out of --backends")
     assert availability.usable_backends(None, "cpu") == ["sdpa"]
     monkeypatch.setattr(availability, "triton_interpreted", lambda: True)
     monkeypatch.setattr(importlib.import_module("specdec_kernels.tree_attention"), "interpreter_problem", lambda: None)

@@ -53,9 +53,9 @@ def triton_interpreted() -> bool:
 
 
 def usable_backends(requested: list[str] | None, device: str | torch.device) -> list[str]:
-    """The attention backends to run on ``device``: ``requested``, each checked by :func:`check_attn_backend`
-    (one :class:`ConfigError` before anything runs), or by default ``sdpa`` plus ``triton`` where its kernel
-    runs here (a CUDA GPU, or the CPU with the interpreter on)."""
+    """The attention backends a benchmark runs on ``device``: ``requested``, each checked by
+    :func:`check_attn_backend` (one :class:`ConfigError` before anything runs, naming ``--backends``), or by
+    default ``sdpa`` plus ``triton`` where its kernel runs here (a CUDA GPU, or the CPU with the interpreter on)."""
     if requested is None:
         try:
             check_attn_backend("triton", device)
@@ -63,5 +63,8 @@ def usable_backends(requested: list[str] | None, device: str | torch.device) -> 
             return ["sdpa"]
         return ["sdpa", "triton"]
     for backend in requested:
-        check_attn_backend(backend, device)
+        try:
+            check_attn_backend(backend, device)
+        except ConfigError as err:
+            raise ConfigError(f"{err}; or leave {backend} out of --backends") from err
     return list(requested)

@@ -224,7 +224,7 @@ def test_a_device_that_is_not_here_and_a_bad_thread_count_fail_before_anything_l
         assert not (tmp_path / "summary.json").exists() and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib_local"])
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib_local", marks=pytest.mark.requires("hydra_plugins.hydra_joblib_launcher"))])
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, launcher):
     """Job #0 fails (num_threads=0); job #1 still runs to completion; the sweep ends with one summary error line and
     exit status 2, also when the jobs run in joblib's worker processes."""

@@ -332,6 +332,7 @@ def test_cli_sweep_draft_length(tmp_path):
     assert lengths == [1, 2]
 
 
+@pytest.mark.requires("wandb")
 def test_cli_wandb_offline(tmp_path):
     proc = run_cli("experiment=smoke", "logger=wandb", "num_prompts=1", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -44,6 +44,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.requires("wandb")
 def test_3x2_sweep_report_tables_plots_and_wandb(sweep_3x2):
     proc = run_cli(str(sweep_3x2), "--wandb", "offline", module="experiments.report")
     assert proc.returncode == 0, proc.stderr[-3000:]

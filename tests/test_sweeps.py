@@ -131,6 +131,7 @@ def test_tree_shape_preset_builds_every_shape():
                      "dynamic30": ("dynamic", 30), "dynamic60": ("dynamic", 60)}
 
 
+@pytest.mark.requires("hydra_plugins.hydra_joblib_launcher", "hydra_plugins.hydra_submitit_launcher")
 def test_launcher_presets_compose():
     joblib = compose_cfg("hydra/launcher=joblib_local", hydra_cfg=True).hydra.launcher
     assert joblib._target_.endswith("JoblibLauncher") and joblib.n_jobs == 2
@@ -272,6 +273,7 @@ def test_a_rerun_with_fewer_prompts_keeps_a_copy_of_the_earlier_records(prompts_
 # --------------------------------------------------------------------------- launchers and bad sweeps
 
 
+@pytest.mark.requires("hydra_plugins.hydra_submitit_launcher")
 def test_slurm_preset_runs_with_the_submitit_local_executor(prompts_file, tmp_path):
     proc = run_cli("sweep=custom", "hydra/launcher=slurm_local", *tiny_args(prompts_file, num_prompts=1),
                    "costs=false", "drafter.num_speculative_tokens=1,2", f"hydra.sweep.dir={tmp_path}")

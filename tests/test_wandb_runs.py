@@ -105,6 +105,7 @@ def tokens_of(run_dir: Path) -> dict:
     return {(r["question_id"], r["method"]): r["tokens"] for r in map(json.loads, lines)}
 
 
+@pytest.mark.requires("wandb")
 def test_unreachable_server_costs_one_warning_per_run(tmp_path):
     sweep = ["-m", *TINY, "num_prompts=1", "baseline=false", "logger=wandb", "drafter.num_speculative_tokens=1,2"]
     start = time.monotonic()
@@ -152,6 +153,7 @@ def test_run_state_adopts_an_earlier_wandb_run_and_moves_aside_with_its_results(
     assert not RunState.load(tmp_path).existed  # the new config gets a W&B run of its own
 
 
+@pytest.mark.requires("wandb")
 def test_killed_runs_keep_one_wandb_run_with_its_summary(tmp_path, capsys):
     """kill -9 mid-run, kill -9 between summary.json and W&B's summary, rerun: one W&B run, summary back-filled."""
     args = [*TINY, "num_prompts=2", "logger=wandb", f"hydra.run.dir={tmp_path}"]

@@ -3,7 +3,7 @@
 ``synthetic_pair("llama-8b", "cuda", torch.bfloat16)`` builds a target of Llama-3.1-8B's shape (32
 layers, hidden 4096, 32 query / 8 KV heads, vocabulary 128256) directly on the device, and a
 layer-truncated self-draft: the target's first ``draft_layers`` layers, its final norm and its LM
-head, sharing the target's tensors (no copy). Neither model has an EOS token, so every decode runs
+head, sharing the target's tensors (no copy; see :func:`drafters.layer_skip.truncated_view`). Neither model has an EOS token, so every decode runs
 to ``max_new_tokens``. Importable without hydra or wandb.
 """
 from __future__ import annotations
@@ -45,16 +45,17 @@ def _build(config, device: str | torch.device, dtype: torch.dtype, seed: int):
 
 def synthetic_pair(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                    draft_layers: int = 2, seed: int = 0):
-    """``(target, draft)``: a random target of shape ``name`` and its layer-truncated self-draft."""
+    """``(target, draft)``: a random target of shape ``name`` and its layer-truncated self-draft.
+
+    The draft is :func:`drafters.layer_skip.truncated_view`: its own modules and config (so the
+    static / captured step's attention switch and cache size apply to it), the target's tensors.
+    """
+    from drafters.layer_skip import truncated_view
+
     target = _build(_config(name), device, dtype, seed)
-    if not 1 <= draft_layers <= target.config.num_hidden_layers:
-        raise ValueError(f"--draft-layers {draft_layers}: use 1..{target.config.num_hidden_layers}")
-    draft = _build(_config(name, draft_layers), "meta", dtype, seed)
-    draft.model.embed_tokens = target.model.embed_tokens  # shared tensors: a view of the target, not a copy
-    draft.model.layers = torch.nn.ModuleList(target.model.layers[:draft_layers])
-    draft.model.norm, draft.lm_head = target.model.norm, target.lm_head
-    draft.model.rotary_emb = target.model.rotary_emb
-    return target, draft
+    if not 1 <= draft_layers < target.config.num_hidden_layers:
+        raise ValueError(f"--draft-layers {draft_layers}: use 1..{target.config.num_hidden_layers - 1}")
+    return target, truncated_view(target, draft_layers)
 
 
 def weight_bytes(model) -> int:

@@ -109,9 +109,16 @@ class KeyedRandom:
     def set_step(self, step: int | torch.Tensor) -> None:
         self.step = torch.as_tensor(step, dtype=torch.long, device=self.seeds.device).expand_as(self.seeds).clone()
 
+    def _on_device(self, index: int | torch.Tensor) -> torch.Tensor:
+        """``index`` as int64 on the rows' device. A python int is filled there (a kernel), not copied from
+        the host: a host-to-device copy cannot be captured in a CUDA graph (``compile=graph``)."""
+        if isinstance(index, torch.Tensor):
+            return index.to(device=self.seeds.device, dtype=torch.long)
+        return torch.full((), int(index), dtype=torch.long, device=self.seeds.device)
+
     def uniform(self, purpose: int, *index) -> torch.Tensor:
         """``[B, *index]`` uniforms in (0, 1) for draws ``index`` (int64 tensors broadcast together)."""
-        index = [torch.as_tensor(i, dtype=torch.long, device=self.seeds.device) for i in index]
+        index = [self._on_device(i) for i in index]
         shape = torch.broadcast_shapes(*(i.shape for i in index)) if index else ()
         extra = (1,) * len(shape)
         seeds, step = self.seeds.view(-1, *extra), self.step.view(-1, *extra)  # [B, 1, ...]
@@ -128,13 +135,13 @@ class KeyedRandom:
         """Draws from ``probs [B, *index, V]`` (unnormalised) by an exponential race over the vocabulary,
         keyed ``(purpose, *index, token)``: ``[B, *index]`` int64."""
         vocab = torch.arange(probs.shape[-1], device=self.seeds.device)  # [V]
-        index = [torch.as_tensor(i, dtype=torch.long, device=self.seeds.device)[..., None] for i in index]
+        index = [self._on_device(i)[..., None] for i in index]
         return race(probs, self.uniform(purpose, *index, vocab))
 
     def top_without_replacement(self, probs: torch.Tensor, m: int, purpose: int, *index) -> torch.Tensor:
         """``m`` draws without replacement from ``probs [B, *index, V]``, in draw order (Gumbel-top-k, keyed
         like :meth:`categorical`): ``[B, *index, m]``. The caller drops draws past the support."""
         vocab = torch.arange(probs.shape[-1], device=self.seeds.device)  # [V]
-        index = [torch.as_tensor(i, dtype=torch.long, device=self.seeds.device)[..., None] for i in index]
+        index = [self._on_device(i)[..., None] for i in index]
         keys = probs.float() / -torch.log(self.uniform(purpose, *index, vocab))  # [B, *index, V]
         return keys.topk(m, dim=-1).indices

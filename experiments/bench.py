@@ -20,7 +20,8 @@ speed drifts during the run skews the costs and the runs alike.
 
 On a GPU (``--device cuda``) every method runs with the same SDPA kernels (cuDNN attention off:
 it builds a plan per new sequence length, which would time plan building, not decoding), the
-device is synchronised around every timed call, and ``--verify-curve`` adds the verify forward's
+device is synchronised around every timed call (a ``--compile`` row's time leaves out compiling or
+capturing its step, which every call does afresh: ``time_compile``), and ``--verify-curve`` adds the verify forward's
 cost by width, T(w) / T(1), for the ``sdpa`` and ``triton`` backends at ``--context`` tokens.
 ``--synthetic llama-8b`` (or ``llama-1b``) decodes random prompts with a random-weight target of that
 shape and its layer-truncated self-draft (:mod:`experiments.synthetic`): timings only, its
@@ -34,13 +35,13 @@ import json
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from experiments import cli
+from experiments.bench_batch import timed_call
 from experiments.cost_measure import measure_costs, measure_interleaved
 from experiments.costs import cost_at, predicted_chain_speedup
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
@@ -127,11 +128,8 @@ def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, betwe
         for rep in range(reps):
             order = methods[rep % len(methods):] + methods[: rep % len(methods)]
             for meth in order:
-                _sync(ids.device)
-                t0 = time.perf_counter()
-                out, stats = meth.run(ids)
-                _sync(ids.device)
-                meth.times.setdefault(i, []).append(time.perf_counter() - t0)
+                out, stats, seconds = timed_call(meth.run, ids.device, ids)
+                meth.times.setdefault(i, []).append(seconds)
                 meth.new_tokens[i] = out.shape[1] - ids.shape[1]
                 meth.outputs[i] = out
                 meth.matches &= out.tolist() == reference.tolist()
@@ -143,11 +141,6 @@ def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, betwe
         if between is not None:
             between()
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def pick_methods(methods: list[Method], option: str | None, always: tuple[str, ...] = (),

@@ -18,14 +18,21 @@ import time
 import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
+from experiments.cost_measure import _sync
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.drafting import release
 from specdec.stats import DecodeStats
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timed_call(fn, device: torch.device, *args):
+    """``fn(*args) -> (output, stats or None)`` timed with the device synchronised around it: ``(output, stats,
+    seconds)``. Seconds spent compiling or capturing the fixed-shape step (``stats.time_compile``: every call
+    captures its step afresh) are left out, as peers report their captured loops: the steady state."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out, stats = fn(*args)
+    _sync(device)
+    return out, stats, time.perf_counter() - t0 - (getattr(stats, "time_compile", 0.0) if stats is not None else 0.0)
 
 
 def hf_batched(target, rows: list[torch.Tensor], max_new: int, pad: int) -> tuple[list[list[int]], None]:
@@ -182,11 +189,8 @@ def _time_size(table: dict, prompts: list, size: int, max_new: int, reps: int) -
     for rep in range(reps):
         for name in names[rep % len(names):] + names[: rep % len(names)]:
             for g, (group, extra) in enumerate(_groups(name, prompts, size)):
-                _sync(device)
-                t0 = time.perf_counter()
-                out, run_stats = table[name](group, max_new, *extra)
-                _sync(device)
-                times[name][g].append(time.perf_counter() - t0)
+                out, run_stats, seconds = timed_call(table[name], device, group, max_new, *extra)
+                times[name][g].append(seconds)
                 if rep == 0:
                     new[name] += out
                     stats[name] += [run_stats] if run_stats is not None else []

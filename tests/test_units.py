@@ -187,3 +187,17 @@ def test_pooled_tokens_per_s_weighs_prompts_by_their_time():
     meth = Method("ours", run=None, ours=True, new_tokens={0: 100, 1: 100}, times={0: [0.5, 0.4, 0.9], 1: [1.0]})
     assert pooled_tokens_per_s(meth) == pytest.approx(200 / 1.5)
     assert tokens_per_s(meth) == {0: pytest.approx(200.0), 1: pytest.approx(100.0)}
+
+
+def test_timed_call_leaves_out_the_step_s_compile_time(monkeypatch):
+    """A ``--compile graph`` row captures its step on every call: the bench times the steady state."""
+    from types import SimpleNamespace
+
+    from experiments import bench_batch
+
+    clock = iter([10.0, 13.0, 20.0, 21.5])
+    monkeypatch.setattr(bench_batch.time, "perf_counter", lambda: next(clock))
+    cpu = torch.device("cpu")
+    out, stats, seconds = bench_batch.timed_call(lambda x: (x, SimpleNamespace(time_compile=1.0)), cpu, 7)
+    assert (out, seconds) == (7, 2.0)
+    assert bench_batch.timed_call(lambda: ("hf", None), cpu)[2] == 1.5  # HF's methods have no stats

@@ -1,7 +1,6 @@
 """The local prompt suite (dataset=suite): size, categories, held-out sources, chat formatting, errors."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -11,6 +10,7 @@ import pytest
 
 from experiments import corpus, suite
 from experiments.data import Prompt, load_prompts, prompt_ids, prompt_text
+from tests import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_without_pydoc_data_dataset_suite_is_one_error_line(tmp_path):
     args = ["model=tiny_random", "dataset=suite", f"dataset.cache_dir={tmp_path}", "logger=none", "costs=false",
             f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+                            timeout=300, env=repo_env(), check=False)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "pydoc_data" in lines[0], result.stderr

@@ -13,7 +13,6 @@ W&B runs offline here; the tests read the offline run files (``run-<id>.wandb``)
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
 import subprocess
@@ -27,6 +26,7 @@ import experiments.schema  # noqa: F401  (registers base_config)
 from experiments import decode
 from experiments.loggers import WandbLogger
 from experiments.wandb_run import STATE_FILE, RunState, server_problem
+from tests import repo_env
 from tests.test_experiments import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +59,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 def env(**extra: str) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
-            "PYTHONPATH": str(ROOT), **extra}
+    return repo_env(OMP_NUM_THREADS="1", WANDB_SILENT="true", HYDRA_FULL_ERROR="0", **extra)
 
 
 def run_cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess:

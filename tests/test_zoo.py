@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from experiments.data import CacheDirError
 from experiments.zoo import ZooError, cache, ensure_pair
 from experiments.zoo import build as zoo_build
+from tests import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = {"size": "micro", "threads": 1, "progress": False}
@@ -180,7 +181,7 @@ def test_unknown_size_and_option():
 
 
 def _cli(*overrides, run_dir):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    env = repo_env(WANDB_MODE="offline")
     command = [sys.executable, "-m", "experiments.build_zoo", *overrides, f"hydra.run.dir={run_dir}"]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
 

@@ -251,10 +251,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _write_json(path, meta, rows):
+def _write_json(path, meta, rows, quiet: bool = False):
     with open(path, "w") as f:
         json.dump({**meta, "results": rows}, f, indent=2)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def main(argv=None) -> int:
@@ -296,6 +297,7 @@ def main(argv=None) -> int:
             if hasattr(torch._dynamo.config, attr):  # one compile per shape; avoid eager fallback
                 setattr(torch._dynamo.config, attr, 4096)
     flush = None if args.no_flush else torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    meta = dict(device=name, peak_gbps=peak, torch=torch.__version__, triton=triton.__version__, args=vars(args))
     rows = []
     for dt in args.dtypes:
         for hkv in args.hkv:
@@ -303,16 +305,16 @@ def main(argv=None) -> int:
                 for n in args.ns:
                     rows += run_case(args.batch, args.hq, hkv, n, p, args.head_dim,
                                      getattr(torch, dt), device, args, flush)
+                    add_ratios(rows, peak)
+                    if args.json:  # after every shape: a run cut short keeps what it measured
+                        _write_json(args.json, {**meta, "complete": False}, rows, quiet=True)
                     print(f"  done {dt} Hkv={hkv} prefix={p} N={n}", flush=True)
-    add_ratios(rows, peak)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     print(f"\n{name}, peak {peak} GB/s, B={args.batch} Hq={args.hq} D={args.head_dim}; "
           f"median of {args.reps}, L2 {'not ' if args.no_flush else ''}flushed")
     print_table(rows, methods)
     if args.json:
-        meta = dict(device=name, peak_gbps=peak, torch=torch.__version__, triton=triton.__version__,
-                    args=vars(args))
-        _write_json(args.json, meta, rows)
+        _write_json(args.json, {**meta, "complete": True}, rows)
     return 0
 
 

@@ -1,54 +1,67 @@
 #!/usr/bin/env bash
-# Everything a GPU session measures, in one run of under 8 minutes, tables written to $OUT:
-#   1. the whole test suite on the GPU: the GPU-specific files (tests/test_gpu.py, the kernel and the triton
-#      backend; 4 workers) beside the rest (10 workers), each with its own log and limit;
-#   2. the kernel benchmark (eager call time and device time per shape, SDPA, FlexAttention);
-#   3. the default experiment on CUDA (README's first command, logger=none);
-#   4. the side-by-side benchmark on the embedded pair and on a synthetic Llama-3.1-8B-shaped target,
-#      with the verify forward's T(w)/T(1) for sdpa and triton;
-#   5. last (the stage to lose if time runs short): the batched table on the embedded pair (B = 4, 8:
-#      our batched AR loop, chain and n-gram against HF's batched generate, per-rep ratios).
-# Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"] and the command
-#   bash scripts/gpu_check.sh
-# Each stage has its own time limit and writes its log, so a slow stage costs only itself.
+# Everything a GPU session measures, in calls of the device tool that fit its limits (15 minutes of device
+# time per session, the machine's start included; at most 8 files come back from $OUT):
+#
+#   bash scripts/gpu_check.sh            # "measure", about 8 minutes:
+#     1. the GPU-specific tests (tests/test_gpu.py, the kernel, the triton backend; -v: one line per test)
+#        while the embedded default pair builds on the GPU;
+#     2. the kernel benchmark: every shape without FlexAttention, then eager and compiled FlexAttention at
+#        fewer shapes (it compiles once per shape); both write their JSON after every shape;
+#     3. the default experiment on CUDA (README's first command, logger=none);
+#     4. the side-by-side benchmark on the embedded pair and on a synthetic Llama-3.1-8B-shaped target
+#        (eager and captured step, verify forward's T(w)/T(1) for sdpa and triton);
+#     5. last (the stage to lose if time runs short): the batched table on the embedded pair.
+#   bash scripts/gpu_check.sh suite      # the rest of the test suite with CUDA present, about 6 minutes
+#
+# Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"] and one of the commands above.
+# Each stage has its own limit and log; after every stage all logs and tables are packed into
+# $OUT/gpu_check.tgz (one file: a run cut short still returns what it finished) and $OUT/stages.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 SPECDEC_CACHE=/tmp/specdec-cache
+MODE=${1:-measure}
+OUT=${OUT:-/tmp/gpu_check_out}
+W=/tmp/gpu_check  # logs and tables, packed into $OUT after every stage
+mkdir -p "$OUT" "$W"
+# The repository is not pip-installed there: it goes first on PYTHONPATH (subprocesses run from other folders).
+export PYTHONUNBUFFERED=1 SPECDEC_CACHE=/tmp/specdec-cache PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-python3 - <<'PY' | tee "$OUT/versions.txt"
+pack() { tar czf "$OUT/gpu_check.tgz" -C "$W" . && cp "$W/stages.txt" "$OUT/stages.txt" 2>/dev/null; }
+stage() {  # stage NAME SECONDS COMMAND...: its output to NAME.log, its exit status and time to stages.txt
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$W/$name.log" 2>&1
+  echo "$name: exit $? in $((SECONDS - t0)) s (limit $limit)" | tee -a "$W/stages.txt"
+  pack
+}
+python3 - <<'PY' | tee "$W/versions.txt"
 import torch, triton, transformers
 print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
       "transformers", transformers.__version__)
 PY
-stage() {  # stage NAME SECONDS COMMAND...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt"
-}
-# The GPU-specific tests beside the rest of the suite, each under its own limit, so a suite cut short by the
-# limit still leaves the GPU tests' results (tests_gpu.log); both end before any timing starts.
 GPU_TESTS=(tests/test_gpu.py tests/test_kernel_tree_attention.py tests/test_triton_backend.py)
-( t0=$SECONDS; timeout 210 python3 -m pytest -q -n 4 -p no:cacheprovider -rs "${GPU_TESTS[@]}" > "$OUT/tests_gpu.log" 2>&1
-  echo "tests_gpu: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt" ) &
-stage tests 210 python3 -m pytest -q -n 10 --dist loadfile -p no:cacheprovider -rs --durations=15 \
-  "${GPU_TESTS[@]/#/--ignore=}"
+if [ "$MODE" = suite ]; then
+  stage tests_rest 400 python3 -m pytest -q -n 14 --dist loadfile -p no:cacheprovider -rs --durations=15 \
+    "${GPU_TESTS[@]/#/--ignore=}"
+  exit 0
+fi
+# The tests and the pair's build share the GPU, but nothing is timed while they run.
+stage build_zoo 150 python3 -m experiments.build_zoo size=default logger=none hydra.run.dir="$W/build_zoo" &
+stage tests_gpu 150 python3 -m pytest -v -n 4 -p no:cacheprovider -rs "${GPU_TESTS[@]}"
 wait
-stage kernel_bench 90 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
-  --ns 1 8 16 64 --json "$OUT/kernel_bench.json"
-stage decode_default 90 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 max_new_tokens=64 \
-  hydra.run.dir=/tmp/decode_default
+stage kernel_bench 45 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
+  --ns 1 8 16 64 --no-flex --json "$W/kernel_bench.json"
+stage kernel_flex 40 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 4096 16384 \
+  --ns 1 8 64 --json "$W/kernel_flex.json"
+stage decode_default 45 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 max_new_tokens=64 \
+  hydra.run.dir="$W/decode_default"
 stage bench_zoo 60 python3 -m experiments.bench --device cuda --prompts 4 --max-new-tokens 64 --ks 2,4 --reps 2 \
-  --trees binary --compile graph --verify-curve --context 512 --markdown "$OUT/bench_zoo.md"
-stage bench_8b 120 python3 -m experiments.bench --device cuda --synthetic llama-8b --dtype bfloat16 \
+  --trees binary --compile graph --verify-curve --context 512 --markdown "$W/bench_zoo.md" --json "$W/bench_zoo.json"
+stage bench_8b 90 python3 -m experiments.bench --device cuda --synthetic llama-8b --dtype bfloat16 \
   --draft-dtype bfloat16 --prompts 2 --prompt-len 512 --max-new-tokens 32 --ks 4 --reps 1 --no-hf-dynamic \
-  --trees binary --compile graph --verify-curve --context 4096 --markdown "$OUT/bench_8b.md"
-stage bench_batch 75 python3 -m experiments.bench --device cuda --batch-sizes 4,8 --prompts 8 --max-new-tokens 64 \
-  --ks 2,4 --reps 2 --markdown "$OUT/bench_batch.md"
-cp /tmp/decode_default/summary.json "$OUT/decode_default_summary.json" 2>/dev/null
-tail -n 3 "$OUT"/*.log
+  --trees binary --compile graph --verify-curve --context 4096 --markdown "$W/bench_8b.md" --json "$W/bench_8b.json"
+stage bench_batch 40 python3 -m experiments.bench --device cuda --batch-sizes 4,8 --prompts 8 --max-new-tokens 64 \
+  --ks 2,4 --reps 2 --markdown "$W/bench_batch.md" --json "$W/bench_batch.json"
+cat "$W/stages.txt"

@@ -23,6 +23,10 @@ it builds a plan per new sequence length, which would time plan building, not de
 device is synchronised around every timed call (a ``--compile`` row's time leaves out compiling or
 capturing its step, which every call does afresh: ``time_compile``), and ``--verify-curve`` adds the verify forward's
 cost by width, T(w) / T(1), for the ``sdpa`` and ``triton`` backends at ``--context`` tokens.
+With ``--compile`` the fixed-shape step's own forward costs are timed too (captured on a GPU:
+:mod:`experiments.captured_costs`): its chains' efficiency is taken over ``ours_ar_<compile>`` against
+them, and a last column gives each method's time per token (prefill included) over the target's
+read floor (its weights and KV read once at the measured copy bandwidth).
 ``--synthetic llama-8b`` (or ``llama-1b``) decodes random prompts with a random-weight target of that
 shape and its layer-truncated self-draft (:mod:`experiments.synthetic`): timings only, its
 acceptance is meaningless. Importable without hydra or wandb.
@@ -42,6 +46,7 @@ import torch
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from experiments import cli
 from experiments.bench_batch import timed_call
+from experiments.captured_costs import floor_line, static_costs
 from experiments.cost_measure import measure_costs, measure_interleaved
 from experiments.costs import cost_at, predicted_chain_speedup
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
@@ -195,40 +200,62 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def summarize(methods: list[Method], costs: dict) -> tuple[list[dict], str]:
-    """Rows of per-method figures (median (min-max) over prompts) and the Markdown table."""
+def _chain_figures(m: Method, mine: dict, ar: dict, tau: float, costs: dict, peer: Method) -> tuple[str, str]:
+    """A chain's efficiency over ``ar`` (our AR loop's tokens/s per prompt, through the same step) against
+    ``costs``' prediction, and its zero-overhead ceiling against ``peer``."""
+    measured = statistics.median(mine[i] / ar[i] for i in mine)
+    predicted = predicted_chain_speedup(tau, m.k, costs["target"], costs["draft"])
+    return (f"{measured / predicted:.2f} ({measured:.2f}x / {predicted:.2f}x)",
+            _spread(list(zero_overhead_ceiling(m, peer, costs).values())))
+
+
+def summarize(methods: list[Method], costs: dict, static: dict | None = None,
+              compile: str = "none") -> tuple[list[dict], str]:
+    """Rows of per-method figures (median (min-max) over prompts) and the Markdown table.
+
+    With ``static`` (:func:`experiments.captured_costs.static_costs`), a ``_<compile>`` chain's efficiency is
+    taken over ``ours_ar_<compile>`` against the fixed-shape step's own forward costs, and a last column gives
+    every method's time per token over the target's read floor."""
     by_name = {m.name: m for m in methods}
     tps = {m.name: tokens_per_s(m) for m in methods}
-    base, ours_ar = tps["hf_plain"], tps["ours_ar"]
+    base = tps["hf_plain"]
     rows = []
     for m in methods:
         mine = tps[m.name]
+        floor = 1 / pooled_tokens_per_s(m) / static["floor_s"] if static is not None else None
         row = {"method": m.name, "tokens_per_s": statistics.median(mine.values()),
                "speedup_vs_hf_plain": _spread([mine[i] / base[i] for i in mine]),
                "matches_hf_plain": m.matches, "tau": statistics.mean(m.tau.values()) if m.tau else None,
                "tau_pooled": pooled_tau(m),
                "draft_acceptance": statistics.mean(m.acceptance.values()) if m.acceptance and m.k else None,
-               "vs_hf_same_drafter": None, "efficiency": None, "ceiling_vs_hf": None}
+               "vs_hf_same_drafter": None, "efficiency": None, "ceiling_vs_hf": None,
+               "per_token_vs_read_floor": floor}
         if m.peer:
-            peer = tps[by_name[m.peer].name]
-            row["vs_hf_same_drafter"] = _spread([mine[i] / peer[i] for i in mine])
+            row["vs_hf_same_drafter"] = _spread([mine[i] / tps[m.peer][i] for i in mine])
         if m.name.startswith("ours_chain") and not m.dynamic:
-            measured = statistics.median(mine[i] / ours_ar[i] for i in mine)
-            predicted = predicted_chain_speedup(row["tau"], m.k, costs["target"], costs["draft"])
-            row["efficiency"] = f"{measured / predicted:.2f} ({measured:.2f}x / {predicted:.2f}x)"
-            row["ceiling_vs_hf"] = _spread(list(zero_overhead_ceiling(m, by_name[m.peer], costs).values()))
+            fixed = static is not None and m.name.endswith(f"_{compile}")
+            row["efficiency"], row["ceiling_vs_hf"] = _chain_figures(
+                m, mine, tps[f"ours_ar_{compile}" if fixed else "ours_ar"], row["tau"], static if fixed else costs,
+                by_name[m.peer])
         rows.append(row)
-    head = ("| method | tokens/s (median) | speedup vs HF plain, median (min-max) | ours / HF same drafter & k | tau: mean "
-            "over prompts / pooled | draft acceptance | efficiency (measured / predicted over our AR) "
-            "| zero-overhead ceiling vs HF same drafter & k | output = HF plain greedy |")
-    lines = [head, "|" + "---|" * 9]
+    return rows, _markdown(rows, static is not None)
+
+
+def _markdown(rows: list[dict], floor: bool) -> str:
+    columns = ["method", "tokens/s (median)", "speedup vs HF plain, median (min-max)", "ours / HF same drafter & k",
+               "tau: mean over prompts / pooled", "draft acceptance", "efficiency (measured / predicted over our AR)",
+               "zero-overhead ceiling vs HF same drafter & k", "output = HF plain greedy"] + \
+        (["time per token / target's read floor"] if floor else [])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        tau = tau_cell(r)
         acc = f"{r['draft_acceptance']:.2f}" if r["draft_acceptance"] is not None else ""
-        lines.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf_plain']} | "
-                     f"{r['vs_hf_same_drafter'] or ''} | {tau} | {acc} | {r['efficiency'] or ''} | "
-                     f"{r['ceiling_vs_hf'] or ''} | {'yes' if r['matches_hf_plain'] else 'NO'} |")
-    return rows, "\n".join(lines)
+        cells = [r["method"], f"{r['tokens_per_s']:.1f}", r["speedup_vs_hf_plain"], r["vs_hf_same_drafter"] or "",
+                 tau_cell(r), acc, r["efficiency"] or "", r["ceiling_vs_hf"] or "",
+                 "yes" if r["matches_hf_plain"] else "NO"]
+        if floor:
+            cells.append(f"{r['per_token_vs_read_floor']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def median_costs(samples: list[dict]) -> dict:
@@ -433,7 +460,8 @@ def main(argv=None) -> int:
         run_all(methods, prompts, args.reps,
                 between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5)))
         costs = median_costs(samples)
-        rows, table = summarize(methods, costs)
+        static = static_costs(target, draft, context, args.ks) if args.compile != "none" else None
+        rows, table = summarize(methods, costs, static, args.compile)
         curves, curve_table = (verify_curve(target, args.context or context, args.verify_widths, args.backends, 10)
                                if args.verify_curve else (None, ""))
     source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
@@ -443,10 +471,11 @@ def main(argv=None) -> int:
               f"tokens, greedy, batch 1, "
               f"{args.reps} reps. Forward costs at context {context}: target "
               + ", ".join(f"w{w} {t * 1e3:.1f} ms" for w, t in costs["target"].items())
-              + f"; draft w1 {costs['draft'] * 1e3:.2f} ms.\n")
+              + f"; draft w1 {costs['draft'] * 1e3:.2f} ms."
+              + (" " + floor_line(static, context, f"Fixed-shape step ({args.compile})") if static else "") + "\n")
     text = header + "\n" + table + (f"\n\nVerify forward by width at context {args.context or context}:\n\n"
                                      + curve_table if curve_table else "")
-    publish(text, {"rows": rows, "costs": costs, "verify_curves": curves}, args)
+    publish(text, {"rows": rows, "costs": costs, "static_costs": static, "verify_curves": curves}, args)
     return 0 if all(r["matches_hf_plain"] for r in rows) else 1
 
 

@@ -1,0 +1,130 @@
+"""Forward costs of the fixed-shape step and the read floor they are measured against.
+
+The captured step (``compile=graph``) runs each forward as one CUDA-graph replay, so its cost is no
+longer the launch-bound eager cost :mod:`experiments.cost_measure` times. Here:
+
+- :func:`static_curve`: the target's (or draft's) static block forward of ``w`` tokens after ``context``
+  cached tokens, exactly as :class:`specdec.static_step.StaticStep` runs it (preallocated
+  :class:`specdec.batch_cache.BatchCache`, device-side lengths), captured in a CUDA graph and replayed on
+  a GPU; eager elsewhere (then it is the static step's eager cost).
+- :func:`copy_bandwidth`: the device's measured copy bandwidth (a large device-to-device copy).
+- :func:`read_floor_s`: the least time one forward can take: its weights plus its KV cache at
+  ``context`` read once at that bandwidth.
+
+``python -m experiments.bench --compile graph`` prints them as a table and judges the captured rows
+against them (efficiency over the captured AR loop, predicted from these costs). Importable without
+hydra or wandb.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from experiments.cost_measure import _sync
+from specdec.models import text_config
+
+
+def _median_s(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of ``fn()`` with the device synchronised around each call."""
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def replayable(fn, device: torch.device):
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream) and returned as its replay; ``fn``
+    itself on a CPU or where capture fails (the cost is then the eager one)."""
+    if device.type != "cuda":
+        return fn
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # noqa: BLE001 - a forward that cannot be captured is timed eagerly
+        torch.cuda.synchronize(device)
+        return fn
+    return graph.replay
+
+
+def static_curve(model, context: int, widths: tuple[int, ...], reps: int = 10) -> dict[int, float]:
+    """Per width ``w``, the median seconds of ``model``'s static block forward of ``w`` causal tokens after
+    ``context`` cached tokens (batch 1), captured on a GPU. The block is written at the same slots every
+    call (lengths never advance), so replays are alike."""
+    from specdec.batch_cache import BatchCache
+    from specdec.static_step import _forward
+    from verifier.batch import prefill_rows
+
+    device = next(model.parameters()).device
+    cache = BatchCache.for_model(model, context + max(widths) + 2, 1)
+    gen = torch.Generator().manual_seed(0)
+    vocab = text_config(model).vocab_size
+    with torch.inference_mode(False), torch.no_grad():
+        prefill_rows(model, cache, [torch.randint(1, vocab, (context,), generator=gen).tolist()], output_hidden=False)
+        curve = {}
+        for w in widths:
+            ids = torch.randint(1, vocab, (1, w), generator=gen).to(device)  # [1, w]
+            offsets = torch.arange(w, device=device)[None]  # [1, w]
+            causal = torch.ones(w, w, dtype=torch.bool, device=device).tril()[None]  # [1, w, w]
+            run = replayable(lambda: _forward(model, cache, ids, offsets, causal), device)
+            run()
+            curve[w] = _median_s(run, device, reps)
+    return curve
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 10) -> float:
+    """Bytes per second of a device-to-device copy (bytes read plus bytes written over the median time);
+    1 GiB on a GPU, 256 MiB elsewhere."""
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * nbytes / _median_s(lambda: dst.copy_(src), device, reps)
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one cached token holds across ``model``'s layers."""
+    cfg = text_config(model)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+
+def read_floor_s(model, context: int, bandwidth: float) -> float:
+    """Seconds to read ``model``'s weights and its KV cache at ``context`` tokens once at ``bandwidth``."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (weights + context * kv_bytes_per_token(model)) / bandwidth
+
+
+def static_costs(target, draft, context: int, ks: list[int], reps: int = 10) -> dict:
+    """The static step's forward costs in :mod:`experiments.cost_measure`'s layout (``target``: width ->
+    seconds for widths 1 .. max k + 1; ``draft``: one token, or None) plus ``floor_s`` (the target's read
+    floor at ``context``) and ``bandwidth`` (bytes/s)."""
+    device = next(target.parameters()).device
+    widths = tuple(range(1, max(ks, default=1) + 2))
+    bandwidth = copy_bandwidth(device)
+    return {"target": static_curve(target, context, widths, reps),
+            "draft": static_curve(draft, context, (1,), reps)[1] if draft is not None else None,
+            "floor_s": read_floor_s(target, context, bandwidth), "bandwidth": bandwidth}
+
+
+def floor_line(costs: dict, context: int, label: str) -> str:
+    """One sentence: the target's read floor and its static forwards against it."""
+    t = costs["target"]
+    widest = max(t)
+    draft = f"; draft w1 {costs['draft'] * 1e3:.2f} ms" if costs["draft"] is not None else ""
+    return (f"{label} forward costs at context {context}: target w1 {t[1] * 1e3:.2f} ms = "
+            f"{t[1] / costs['floor_s']:.2f}x its read floor of {costs['floor_s'] * 1e3:.2f} ms (weights + KV at "
+            f"{costs['bandwidth'] / 1e9:.0f} GB/s measured copy bandwidth), w{widest} {t[widest] * 1e3:.2f} ms "
+            f"(T(w{widest})/T(1) {t[widest] / t[1]:.2f}){draft}.")

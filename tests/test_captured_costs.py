@@ -1,0 +1,55 @@
+"""The fixed-shape step's forward costs, the read floor, and how ``experiments.bench --compile`` judges
+its captured rows with them (efficiency over the captured AR loop from the captured costs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments.bench import Method, summarize
+from experiments.captured_costs import kv_bytes_per_token, read_floor_s, static_costs, static_curve
+from experiments.synthetic import synthetic_pair
+
+
+@pytest.fixture(scope="module")
+def micro():
+    return synthetic_pair("llama-micro", "cpu", torch.float32, draft_layers=2)
+
+
+def test_the_read_floor_is_weights_plus_kv_over_bandwidth(micro):
+    target, _ = micro
+    assert kv_bytes_per_token(target) == 2 * 4 * 2 * 32 * 4  # K and V, 4 layers, 2 KV heads of 32, fp32
+    weights = sum(p.numel() * 4 for p in target.parameters())
+    assert read_floor_s(target, 100, 1e9) == pytest.approx((weights + 100 * 2048) / 1e9)
+
+
+def test_static_curve_times_the_static_block_forward_without_moving_the_cache(micro):
+    target, draft = micro
+    curve = static_curve(target, 24, (1, 4), reps=2)
+    assert set(curve) == {1, 4} and all(t > 0 for t in curve.values())
+    costs = static_costs(target, draft, 24, [3], reps=2)
+    assert set(costs["target"]) == {1, 2, 3, 4} and costs["draft"] > 0
+    assert costs["bandwidth"] > 0 and costs["floor_s"] == pytest.approx(read_floor_s(target, 24, costs["bandwidth"]))
+
+
+def _method(name: str, seconds: float, k: int | None = None, peer: str | None = None) -> Method:
+    ours = name.startswith("ours")
+    return Method(name, run=None, ours=ours, k=k, peer=peer, times={0: [seconds]}, new_tokens={0: 30},
+                  tau={0: 3.0} if ours else {}, acceptance={0: 0.5} if k else {}, prefill_s={0: [0.01]},
+                  forwards={0: 10} if ours else {})
+
+
+def test_a_captured_chain_is_judged_against_the_captured_loop_and_costs():
+    methods = [_method("hf_plain", 1.0), _method("ours_ar", 0.8), _method("hf_assisted_k2", 1.0, 2),
+               _method("ours_chain_k2", 0.5, 2, "hf_assisted_k2"), _method("ours_ar_graph", 0.3),
+               _method("ours_chain_k2_graph", 0.15, 2, "hf_assisted_k2")]
+    eager = {"target": {1: 0.02, 3: 0.025}, "draft": 0.005}
+    static = {"target": {1: 0.01, 2: 0.011, 3: 0.012}, "draft": 0.002, "floor_s": 0.005, "bandwidth": 1e9}
+    rows, table = summarize(methods, eager, static, "graph")
+    by = {r["method"]: r for r in rows}
+    # eager chain: 0.8 / 0.5 = 1.60x over ours_ar, predicted 3 * 0.02 / (2 * 0.005 + 0.025) = 1.71x
+    assert by["ours_chain_k2"]["efficiency"] == "0.93 (1.60x / 1.71x)"
+    # captured chain: 0.3 / 0.15 = 2.00x over ours_ar_graph, predicted 3 * 0.01 / (2 * 0.002 + 0.012) = 1.88x
+    assert by["ours_chain_k2_graph"]["efficiency"] == "1.07 (2.00x / 1.88x)"
+    assert by["ours_ar_graph"]["per_token_vs_read_floor"] == pytest.approx(0.3 / 30 / 0.005)
+    assert "time per token / target's read floor" in table.splitlines()[0]
+    assert "read floor" not in summarize(methods[:4], eager)[1]  # no --compile: no floor column

@@ -59,7 +59,7 @@ stage decode_default 45 python3 -m experiments.decode logger=none model.device=c
   hydra.run.dir="$W/decode_default"
 stage bench_zoo 60 python3 -m experiments.bench --device cuda --prompts 4 --max-new-tokens 64 --ks 2,4 --reps 2 \
   --trees binary --compile graph --verify-curve --context 512 --markdown "$W/bench_zoo.md" --json "$W/bench_zoo.json"
-stage bench_8b 90 python3 -m experiments.bench --device cuda --synthetic llama-8b --dtype bfloat16 \
+stage bench_8b 100 python3 -m experiments.bench --device cuda --synthetic llama-8b --dtype bfloat16 \
   --draft-dtype bfloat16 --prompts 2 --prompt-len 512 --max-new-tokens 32 --ks 4 --reps 1 --no-hf-dynamic \
   --trees binary --compile graph --verify-curve --context 4096 --markdown "$W/bench_8b.md" --json "$W/bench_8b.json"
 stage bench_batch 40 python3 -m experiments.bench --device cuda --batch-sizes 4,8 --prompts 8 --max-new-tokens 64 \

@@ -105,6 +105,7 @@ class SpeculativeDecoder:
         self.device = self.verifier.device
         self.eos = eos_token_ids(self.target)
         self.compile = compile
+        self.static_steps: dict = {}  # compile=graph|inductor: captured / compiled steps kept for later batches
         if compile != "none":
             from specdec.static_step import COMPILE_MODES, static_drafter
 

@@ -22,7 +22,9 @@ counts, and flags.
 CUDA graph (``compile="graph"``: replayed every step; where capture fails it warns once and
 runs eagerly) or through ``torch.compile`` (``compile="inductor"``, on the CPU too: it needs a C++
 compiler there; its buffers are rounded up to a multiple of :data:`CAPACITY_BUCKET` slots so that
-batches of similar lengths reuse one compiled step). Every form emits exactly the
+batches of similar lengths reuse one compiled step). A decoder keeps its captured or compiled steps
+(:func:`step_for`, per batch size and capacity bucket): a later batch refills the same buffers in
+place and replays, with no second capture. Every form emits exactly the
 tokens of :meth:`specdec.SpeculativeDecoder.generate_batch` (and so of ``generate``) with the same
 seeds: the draws are keyed (:mod:`specdec.rng`).
 """
@@ -44,6 +46,7 @@ from verifier.verifier import model_forward
 COMPILE_MODES = ("none", "static", "graph", "inductor")
 CAPACITY_BUCKET = 128  # compile=inductor: buffer slots rounded up to a multiple of this
 RECOMPILE_LIMIT = 64  # compile=inductor: compiled steps dynamo keeps (its default keeps 8)
+KEPT_STEPS = 4  # compile=graph|inductor: steps a decoder keeps for reuse (batch size, capacity bucket, ...)
 _COMPILE_FAILED: list[Exception] = []  # compile=inductor failed in this process: the eager step from then on
 
 
@@ -56,6 +59,15 @@ def _forward(model, cache: BatchCache, ids: torch.Tensor, offsets: torch.Tensor,
     attn = {"specdec_prefix_len": 0, "specdec_tree_mask": None, "specdec_tree_plan": None,
             "specdec_key_mask": cache.block_mask(tree_mask)}  # [B, 1, n, C]
     return model_forward(model, cache, ids, cache.lengths[:, None] + offsets, attn, "sdpa")
+
+
+def capacity_for(prompts: list[list[int]], limits: list[int], nodes: int, compile: str) -> int:
+    """Slots per row for these rows and a tree of ``nodes`` drafts; captured and compiled steps round up to
+    :data:`CAPACITY_BUCKET` so that later batches of similar lengths reuse them (:func:`step_for`)."""
+    capacity = max(len(p) + n for p, n in zip(prompts, limits)) + nodes + 2
+    if compile in ("graph", "inductor"):
+        capacity = -(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
+    return capacity
 
 
 class StaticStep:
@@ -79,26 +91,35 @@ class StaticStep:
 
         self.rule, self.sampling, device = batch_rule(decoder.rule), decoder.sampling, decoder.device
         b = len(prompts)
-        nodes = self.shape.num_nodes if self.shape is not None else 0
-        capacity = max(len(p) + n for p, n in zip(prompts, limits)) + nodes + 2
-        if compile == "inductor":  # compiled code is kept per buffer shape: round up so that batches share it
-            capacity = -(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
+        capacity = capacity_for(prompts, limits, self.shape.num_nodes if self.shape is not None else 0, compile)
         self.seq = torch.zeros(b, capacity, dtype=torch.long, device=device)  # [B, C] every row's tokens
-        for i, p in enumerate(prompts):
-            self.seq[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        self.seq_len = torch.tensor([len(p) for p in prompts], device=device)  # [B]
+        self.seq_len = torch.zeros(b, dtype=torch.long, device=device)  # [B]
         self.new = torch.zeros(b, dtype=torch.long, device=device)  # [B]
-        self.limit = torch.tensor(limits, device=device)  # [B]
+        self.limit = torch.zeros(b, dtype=torch.long, device=device)  # [B]
         self.finished = torch.zeros(b, dtype=torch.bool, device=device)  # [B]
         self.eos = torch.tensor(sorted(decoder.eos) or [-1], device=device)  # [E]
-        self.rng = KeyedRandom(torch.tensor(seeds, dtype=torch.long, device=device))
+        self.rng = KeyedRandom(torch.zeros(b, dtype=torch.long, device=device))
         self.step_index = torch.zeros((), dtype=torch.long, device=device)
         self.t_cache = BatchCache.for_model(self.target, capacity, b)
         self.d_cache = BatchCache.for_model(draft, capacity, b) if draft is not None else None
         self.root_mask = torch.ones(b, 1, 1, dtype=torch.bool, device=device)  # [B, 1, 1] plain decoding
         self.report = torch.zeros(b, 5, dtype=torch.long, device=device)  # [B, 5] what the host reads per step
-        self.compile, self._run = compile, self._eager
+        self.compile, self._run, self._prepared = compile, self._eager, False
         self.compile_s = 0.0  # seconds spent compiling or capturing (one undone step included)
+        self.write_rows(prompts, limits, seeds)
+
+    def write_rows(self, prompts: list[list[int]], limits: list[int], seeds: list[int]) -> None:
+        """Each row's prompt, ``max_new_tokens`` and seed into the buffers, everything else back to its start:
+        in place, so that a captured or compiled step serves new rows with the same addresses."""
+        device = self.seq.device
+        self.seq.zero_()
+        for i, p in enumerate(prompts):
+            self.seq[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        self.seq_len.copy_(torch.tensor([len(p) for p in prompts], device=device))
+        self.limit.copy_(torch.tensor(limits, device=device))
+        self.rng.seeds.copy_(torch.tensor(seeds, dtype=torch.long, device=device))
+        for t in (self.new, self.finished, self.step_index, self.rng.step, self.report):
+            t.zero_()
 
     @classmethod
     def for_decoder(cls, decoder, prompts: list[list[int]], limits: list[int], seeds: list[int],
@@ -114,13 +135,19 @@ class StaticStep:
         """Both caches take every prompt but its last token (ragged, one forward each)."""
         from verifier.batch import prefill_rows
 
-        prefill_rows(self.target, self.t_cache, [p[:-1] for p in prompts], output_hidden=False)
-        if self.draft is not None:
-            prefill_rows(self.draft, self.d_cache, [p[:-1] for p in prompts], output_hidden=False)
-        if self.compile in ("graph", "inductor"):
+        for model, cache in ((self.target, self.t_cache), (self.draft, self.d_cache)):
+            if cache is None:
+                continue
+            lengths = cache.lengths  # the buffer the step reads: prefilling replaces it, so copy back into it
+            cache.set_lengths([0] * len(prompts))
+            prefill_rows(model, cache, [p[:-1] for p in prompts], output_hidden=False)
+            cache.lengths = lengths.copy_(cache.lengths)
+        self.compile_s = 0.0
+        if self.compile in ("graph", "inductor") and not self._prepared:
             start = time.perf_counter()
             self._run = self._compiled()  # graph: captured now; inductor: compiled on the first step
             self.compile_s += time.perf_counter() - start
+            self._prepared = True
 
     # ------------------------------------------------------------------ the step (device only)
 
@@ -321,7 +348,7 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
     rows, limits, row_seeds = check_batch(decoder, prompts, max_new_tokens, seed, seeds)
     start = time.perf_counter()
     with torch.inference_mode(False), torch.no_grad():  # inference tensors break torch.compile's in-place updates
-        step = StaticStep.for_decoder(decoder, rows, limits, row_seeds, compile)
+        step = step_for(decoder, rows, limits, row_seeds, compile)
         step.prefill(rows)
         stats, live, n = [DecodeStats() for _ in rows], [True] * len(rows), 0
         prefill_s = time.perf_counter() - start - step.compile_s  # a graph is captured in prefill()
@@ -343,6 +370,28 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
     total.time_prefill, total.time_total = prefill_s, time.perf_counter() - start - step.compile_s
     total.time_compile = step.compile_s
     return BatchOutput(sequences=seqs, stats=total, row_stats=stats)
+
+
+def step_for(decoder, rows: list[list[int]], limits: list[int], seeds: list[int], compile: str) -> StaticStep:
+    """The step for these rows. ``static``: a new one. ``graph`` / ``inductor``: the decoder's kept step of the
+    same batch size, capacity bucket, drafter, rule and sampling, its buffers refilled in place (captured or
+    compiled once, replayed for every later batch), or a new one that is kept (the last :data:`KEPT_STEPS`)."""
+    if compile not in ("graph", "inductor"):
+        return StaticStep.for_decoder(decoder, rows, limits, seeds, compile)
+    _, compiled, _ = static_drafter(decoder.drafter, decoder.sampling)
+    capacity = capacity_for(rows, limits, compiled.num_nodes if compiled is not None else 0, compile)
+    key = (compile, len(rows), capacity, id(decoder.drafter), repr(decoder.rule), repr(decoder.sampling),
+           tuple(sorted(decoder.eos)))
+    kept = decoder.static_steps
+    step = kept.pop(key, None)
+    if step is None:
+        step = StaticStep.for_decoder(decoder, rows, limits, seeds, compile)
+    else:
+        step.write_rows(rows, limits, seeds)
+    kept[key] = step  # the most recently used last
+    while len(kept) > KEPT_STEPS:
+        kept.pop(next(iter(kept)))
+    return step
 
 
 def static_drafter(drafter, sampling, target=None) -> tuple:

@@ -156,8 +156,8 @@ needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g+
 def test_inductor_step_compiles_and_emits_the_eager_tokens():
     """``compile=inductor`` really compiles the step (it used to fail on inference tensors and fall back)
     and emits the readable step's tokens (rejection at T = 1: the keyed draws inside the compiled graph);
-    a batch of other lengths in the same capacity bucket reuses it. Greedy steps are compiled on a GPU
-    (``tests/test_gpu.py``)."""
+    a batch of other lengths in the same capacity bucket reuses it (the kept step: nothing compiled). Greedy
+    steps are compiled on a GPU (``tests/test_gpu.py``)."""
     from torch._dynamo.utils import counters
 
     target, draft, tok = pair("llama")
@@ -169,11 +169,46 @@ def test_inductor_step_compiles_and_emits_the_eager_tokens():
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="compile=")  # a fallback warns: fail on it
             out = compiled.generate_batch(rows, limits, seed=2)
-        assert out.stats.time_compile > 0 and out.stats.time_total > 0  # compiling is timed apart
+        assert (out.stats.time_compile > 0) == (limits[0] == 12) and out.stats.time_total > 0  # timed apart, once
         graphs.append(counters["stats"]["unique_graphs"])
         ref = readable.generate_batch(rows, limits, seed=2)
         assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences], limits
     assert graphs[1] > graphs[0] and graphs[2] == graphs[1], graphs  # compiled once, then reused
+
+
+def test_a_kept_step_serves_later_batches_in_the_same_buffers(setup, monkeypatch):
+    """compile=graph|inductor keeps its step per batch size and capacity bucket: a later batch refills its
+    buffers in place (what a captured graph needs: the same addresses), decodes the readable step's tokens
+    (sampled: the keyed draws start again from each row's seed), and is not prepared (captured) again."""
+    arch, target, rows = setup
+    sampling = SamplingParams(temperature=1.0)
+    decoder = SpeculativeDecoder(target, SHAPES["binary"](arch), "rejection", sampling, compile="graph")
+    readable = SpeculativeDecoder(target, SHAPES["binary"](arch), "rejection", sampling)
+
+    def addresses(step):
+        caches = [layer for cache in (step.t_cache, step.d_cache) for layer in cache.layers]
+        return [t.data_ptr() for t in step._state() + [x for layer in caches for x in (layer.keys, layer.values)]]
+
+    batches = [(rows, LIMITS, 1), (rows[::-1], LIMITS[::-1], 5), (rows[:2], LIMITS[:2], 3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (batch, limits, seed) in enumerate(batches):
+            out = decoder.generate_batch(batch, limits, seed=seed)
+            ref = readable.generate_batch(batch, limits, seed=seed)
+            assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences], i
+            assert out.stats.accepted_per_step == ref.stats.accepted_per_step, i
+            if i == 0:
+                (step,), before = decoder.static_steps.values(), addresses(next(iter(decoder.static_steps.values())))
+            if i == 1:
+                assert list(decoder.static_steps.values()) == [step] and addresses(step) == before
+    assert len(decoder.static_steps) == 2  # batch sizes 4 and 2
+    prepared = [w for w in caught if str(w.message).startswith("compile=graph")]
+    assert len(prepared) == (2 if not torch.cuda.is_available() else 0)  # once per kept step, not per batch
+    monkeypatch.setattr(static_step, "KEPT_STEPS", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoder.generate_batch(rows[:1], LIMITS[:1])
+    assert len(decoder.static_steps) == 1  # the least recently used go first
 
 
 def test_a_failing_compile_falls_back_to_the_eager_step(setup, monkeypatch):

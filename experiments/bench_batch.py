@@ -26,8 +26,8 @@ from specdec.stats import DecodeStats
 
 def timed_call(fn, device: torch.device, *args):
     """``fn(*args) -> (output, stats or None)`` timed with the device synchronised around it: ``(output, stats,
-    seconds)``. Seconds spent compiling or capturing the fixed-shape step (``stats.time_compile``: every call
-    captures its step afresh) are left out, as peers report their captured loops: the steady state."""
+    seconds)``. Seconds spent compiling or capturing the fixed-shape step (``stats.time_compile``: a call at a
+    new batch size or capacity bucket) are left out, as peers report their captured loops: the steady state."""
     _sync(device)
     t0 = time.perf_counter()
     out, stats = fn(*args)

@@ -102,6 +102,7 @@ class StaticStep:
         self.step_index = torch.zeros((), dtype=torch.long, device=device)
         self.t_cache = BatchCache.for_model(self.target, capacity, b)
         self.d_cache = BatchCache.for_model(draft, capacity, b) if draft is not None else None
+        self._lengths = [c.lengths if c is not None else None for c in (self.t_cache, self.d_cache)]  # what a graph reads
         self.root_mask = torch.ones(b, 1, 1, dtype=torch.bool, device=device)  # [B, 1, 1] plain decoding
         self.report = torch.zeros(b, 5, dtype=torch.long, device=device)  # [B, 5] what the host reads per step
         self.compile, self._run, self._prepared = compile, self._eager, False
@@ -135,13 +136,15 @@ class StaticStep:
         """Both caches take every prompt but its last token (ragged, one forward each)."""
         from verifier.batch import prefill_rows
 
-        for model, cache in ((self.target, self.t_cache), (self.draft, self.d_cache)):
+        for model, cache, lengths in ((self.target, self.t_cache, self._lengths[0]),
+                                      (self.draft, self.d_cache, self._lengths[1])):
             if cache is None:
                 continue
-            lengths = cache.lengths  # the buffer the step reads: prefilling replaces it, so copy back into it
-            cache.set_lengths([0] * len(prompts))
-            prefill_rows(model, cache, [p[:-1] for p in prompts], output_hidden=False)
-            cache.lengths = lengths.copy_(cache.lengths)
+            try:  # prefilling replaces the lengths tensor: the step's own buffer takes its values back
+                cache.set_lengths([0] * len(prompts))
+                prefill_rows(model, cache, [p[:-1] for p in prompts], output_hidden=False)
+            finally:
+                cache.lengths = lengths.copy_(cache.lengths)
         self.compile_s = 0.0
         if self.compile in ("graph", "inductor") and not self._prepared:
             start = time.perf_counter()
@@ -218,7 +221,8 @@ class StaticStep:
         emitted = torch.cat([tokens.gather(1, path), torch.zeros_like(self.seq_len[:, None])], 1)  # [B, D + 1]
         emitted = emitted.scatter(1, decided.counts[:, None], decided.extra[:, None])  # accepted drafts, then the extra
         count = decided.counts + 1  # [B]
-        is_eos = torch.isin(emitted, self.eos) & (j[None, :] < count[:, None])  # [B, D + 1]
+        # not torch.isin: past a few EOS ids it sorts, which syncs (and cannot be captured)
+        is_eos = (emitted[..., None] == self.eos).any(-1) & (j[None, :] < count[:, None])  # [B, D + 1]
         first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, count)  # [B]
         count = torch.where(live, torch.minimum(torch.minimum(count, first_eos), room), 0)  # [B] tokens emitted now
         dest = torch.where(j[None, :] < count[:, None], self.seq_len[:, None] + j, self.seq.shape[1] - 1)  # [B, D+1]
@@ -365,7 +369,8 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
                     stats[b].time_total = time.perf_counter() - start - step.compile_s
             n += 1
         lengths = step.seq_len.tolist()
-        seqs = [step.seq[b : b + 1, :n_b].to(prompts[0].device) for b, n_b in enumerate(lengths)]
+        # copies (on_row keeps them too): a kept step's buffer is refilled by the next batch
+        seqs = [step.seq[b : b + 1, :n_b].to(prompts[0].device, copy=True) for b, n_b in enumerate(lengths)]
     total = DecodeStats.merge(stats)
     total.time_prefill, total.time_total = prefill_s, time.perf_counter() - start - step.compile_s
     total.time_compile = step.compile_s
@@ -374,21 +379,26 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
 
 def step_for(decoder, rows: list[list[int]], limits: list[int], seeds: list[int], compile: str) -> StaticStep:
     """The step for these rows. ``static``: a new one. ``graph`` / ``inductor``: the decoder's kept step of the
-    same batch size, capacity bucket, drafter, rule and sampling, its buffers refilled in place (captured or
-    compiled once, replayed for every later batch), or a new one that is kept (the last :data:`KEPT_STEPS`)."""
+    same batch size and capacity bucket, built for the decoder's current drafter, draft model, rule and sampling
+    (the same objects), its buffers refilled in place (captured or compiled once, replayed for every later
+    batch), or a new one that is kept (the last :data:`KEPT_STEPS`). A drafter or rule changed in place after a
+    step was kept is not noticed: set a new one instead."""
     if compile not in ("graph", "inductor"):
         return StaticStep.for_decoder(decoder, rows, limits, seeds, compile)
     _, compiled, _ = static_drafter(decoder.drafter, decoder.sampling)
     capacity = capacity_for(rows, limits, compiled.num_nodes if compiled is not None else 0, compile)
-    key = (compile, len(rows), capacity, id(decoder.drafter), repr(decoder.rule), repr(decoder.sampling),
-           tuple(sorted(decoder.eos)))
+    key = (compile, len(rows), capacity, repr(decoder.sampling), tuple(sorted(decoder.eos)))
+    def built_for() -> tuple:  # the objects a step serves (held by the entry, so they stay themselves)
+        return decoder.target, decoder.drafter, getattr(decoder.drafter, "model", None), decoder.rule
+
     kept = decoder.static_steps
-    step = kept.pop(key, None)
-    if step is None:
-        step = StaticStep.for_decoder(decoder, rows, limits, seeds, compile)
-    else:
+    entry = kept.pop(key, None)  # (built_for(), step)
+    if entry is not None and all(a is b for a, b in zip(entry[0], built_for())):
+        step = entry[1]
         step.write_rows(rows, limits, seeds)
-    kept[key] = step  # the most recently used last
+    else:
+        step = StaticStep.for_decoder(decoder, rows, limits, seeds, compile)  # binds the drafter's model
+    kept[key] = (built_for(), step)  # the most recently used last
     while len(kept) > KEPT_STEPS:
         kept.pop(next(iter(kept)))
     return step

@@ -21,6 +21,7 @@ import torch
 
 from drafters import DraftModelDrafter, LayerSkipDrafter, NGramDrafter, NoDrafter
 from specdec import SamplingParams, SpeculativeDecoder, static_step
+from specdec.acceptance import get_rule
 from specdec.errors import ConfigError
 from specdec.sampling import warp_probs
 from specdec.static_step import StaticStep
@@ -190,20 +191,32 @@ def test_a_kept_step_serves_later_batches_in_the_same_buffers(setup, monkeypatch
         return [t.data_ptr() for t in step._state() + [x for layer in caches for x in (layer.keys, layer.values)]]
 
     batches = [(rows, LIMITS, 1), (rows[::-1], LIMITS[::-1], 5), (rows[:2], LIMITS[:2], 3)]
+    outputs = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i, (batch, limits, seed) in enumerate(batches):
-            out = decoder.generate_batch(batch, limits, seed=seed)
+            handed = []  # what on_row receives: a caller may keep it
+            out = decoder.generate_batch(batch, limits, seed=seed, on_row=lambda i, seq, *_: handed.append(seq))
             ref = readable.generate_batch(batch, limits, seed=seed)
+            outputs.append(([s.tolist() for s in ref.sequences], handed))
             assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences], i
             assert out.stats.accepted_per_step == ref.stats.accepted_per_step, i
+            steps = [entry[1] for entry in decoder.static_steps.values()]
             if i == 0:
-                (step,), before = decoder.static_steps.values(), addresses(next(iter(decoder.static_steps.values())))
+                (step,), before = steps, addresses(steps[0])
             if i == 1:
-                assert list(decoder.static_steps.values()) == [step] and addresses(step) == before
+                assert steps == [step] and addresses(step) == before
     assert len(decoder.static_steps) == 2  # batch sizes 4 and 2
+    assert all([s.tolist() for s in out] == ref for ref, out in outputs)  # copies, not the kept buffers
     prepared = [w for w in caught if str(w.message).startswith("compile=graph")]
     assert len(prepared) == (2 if not torch.cuda.is_available() else 0)  # once per kept step, not per batch
+    small = [entry[1] for entry in decoder.static_steps.values()][-1]  # the batch of 2's
+    decoder.rule = get_rule("rejection")  # another rule object: a step of its own, not the kept one
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoder.generate_batch(rows[:2], LIMITS[:2], seed=3)
+    steps = [entry[1] for entry in decoder.static_steps.values()]
+    assert len(steps) == 2 and steps[0] is step and steps[1] is not small
     monkeypatch.setattr(static_step, "KEPT_STEPS", 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -472,7 +472,7 @@ def main(argv=None) -> int:
               f"{args.reps} reps. Forward costs at context {context}: target "
               + ", ".join(f"w{w} {t * 1e3:.1f} ms" for w, t in costs["target"].items())
               + f"; draft w1 {costs['draft'] * 1e3:.2f} ms."
-              + (" " + floor_line(static, context, f"Fixed-shape step ({args.compile})") if static else "") + "\n")
+              + (" " + floor_line(static, context) if static else "") + "\n")
     text = header + "\n" + table + (f"\n\nVerify forward by width at context {args.context or context}:\n\n"
                                      + curve_table if curve_table else "")
     publish(text, {"rows": rows, "costs": costs, "static_costs": static, "verify_curves": curves}, args)

@@ -38,11 +38,11 @@ def _median_s(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def replayable(fn, device: torch.device):
-    """``fn`` captured in a CUDA graph (after a warm-up on a side stream) and returned as its replay; ``fn``
-    itself on a CPU or where capture fails (the cost is then the eager one)."""
+def replayable(fn, device: torch.device) -> tuple:
+    """``(replay, True)``: ``fn`` captured in a CUDA graph (after a warm-up on a side stream); ``(fn, False)``
+    on a CPU or where capture fails (the cost is then the eager one)."""
     if device.type != "cuda":
-        return fn
+        return fn, False
     try:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -54,33 +54,35 @@ def replayable(fn, device: torch.device):
             fn()
     except Exception:  # noqa: BLE001 - a forward that cannot be captured is timed eagerly
         torch.cuda.synchronize(device)
-        return fn
-    return graph.replay
+        return fn, False
+    return graph.replay, True
 
 
-def static_curve(model, context: int, widths: tuple[int, ...], reps: int = 10) -> dict[int, float]:
+def static_curve(model, context: int, widths: tuple[int, ...], reps: int = 10) -> tuple[dict[int, float], bool]:
     """Per width ``w``, the median seconds of ``model``'s static block forward of ``w`` causal tokens after
-    ``context`` cached tokens (batch 1), captured on a GPU. The block is written at the same slots every
-    call (lengths never advance), so replays are alike."""
+    ``context`` cached tokens (batch 1) over a cache of the captured step's capacity bucket, and whether every
+    width was captured (on a GPU; else eager). The block is written at the same slots every call (lengths
+    never advance), so replays are alike."""
     from specdec.batch_cache import BatchCache
-    from specdec.static_step import _forward
+    from specdec.static_step import CAPACITY_BUCKET, _forward
     from verifier.batch import prefill_rows
 
     device = next(model.parameters()).device
-    cache = BatchCache.for_model(model, context + max(widths) + 2, 1)
+    capacity = -(-(context + max(widths) + 2) // CAPACITY_BUCKET) * CAPACITY_BUCKET  # attention spans all of it
+    cache = BatchCache.for_model(model, capacity, 1)
     gen = torch.Generator().manual_seed(0)
     vocab = text_config(model).vocab_size
     with torch.inference_mode(False), torch.no_grad():
         prefill_rows(model, cache, [torch.randint(1, vocab, (context,), generator=gen).tolist()], output_hidden=False)
-        curve = {}
+        curve, captured = {}, True
         for w in widths:
             ids = torch.randint(1, vocab, (1, w), generator=gen).to(device)  # [1, w]
             offsets = torch.arange(w, device=device)[None]  # [1, w]
             causal = torch.ones(w, w, dtype=torch.bool, device=device).tril()[None]  # [1, w, w]
-            run = replayable(lambda: _forward(model, cache, ids, offsets, causal), device)
+            run, replayed = replayable(lambda: _forward(model, cache, ids, offsets, causal), device)
             run()
-            curve[w] = _median_s(run, device, reps)
-    return curve
+            curve[w], captured = _median_s(run, device, reps), captured and replayed
+    return curve, captured
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 10) -> float:
@@ -110,21 +112,23 @@ def read_floor_s(model, context: int, bandwidth: float) -> float:
 def static_costs(target, draft, context: int, ks: list[int], reps: int = 10) -> dict:
     """The static step's forward costs in :mod:`experiments.cost_measure`'s layout (``target``: width ->
     seconds for widths 1 .. max k + 1; ``draft``: one token, or None) plus ``floor_s`` (the target's read
-    floor at ``context``) and ``bandwidth`` (bytes/s)."""
+    floor at ``context``), ``bandwidth`` (bytes/s) and ``captured`` (every forward replayed from a CUDA graph)."""
     device = next(target.parameters()).device
     widths = tuple(range(1, max(ks, default=1) + 2))
     bandwidth = copy_bandwidth(device)
-    return {"target": static_curve(target, context, widths, reps),
-            "draft": static_curve(draft, context, (1,), reps)[1] if draft is not None else None,
-            "floor_s": read_floor_s(target, context, bandwidth), "bandwidth": bandwidth}
+    curve, captured = static_curve(target, context, widths, reps)
+    draft_curve, draft_captured = static_curve(draft, context, (1,), reps) if draft is not None else ({1: None}, True)
+    return {"target": curve, "draft": draft_curve[1], "floor_s": read_floor_s(target, context, bandwidth),
+            "bandwidth": bandwidth, "captured": captured and draft_captured}
 
 
-def floor_line(costs: dict, context: int, label: str) -> str:
-    """One sentence: the target's read floor and its static forwards against it."""
+def floor_line(costs: dict, context: int) -> str:
+    """One sentence: the fixed-shape step's forwards (captured or eager) against the target's read floor."""
     t = costs["target"]
     widest = max(t)
     draft = f"; draft w1 {costs['draft'] * 1e3:.2f} ms" if costs["draft"] is not None else ""
-    return (f"{label} forward costs at context {context}: target w1 {t[1] * 1e3:.2f} ms = "
+    how = "captured in CUDA graphs" if costs["captured"] else "eager: not captured"
+    return (f"Fixed-shape step's forward costs ({how}) at context {context}: target w1 {t[1] * 1e3:.2f} ms = "
             f"{t[1] / costs['floor_s']:.2f}x its read floor of {costs['floor_s'] * 1e3:.2f} ms (weights + KV at "
             f"{costs['bandwidth'] / 1e9:.0f} GB/s measured copy bandwidth), w{widest} {t[widest] * 1e3:.2f} ms "
             f"(T(w{widest})/T(1) {t[widest] / t[1]:.2f}){draft}.")

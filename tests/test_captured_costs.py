@@ -24,8 +24,8 @@ def test_the_read_floor_is_weights_plus_kv_over_bandwidth(micro):
 
 def test_static_curve_times_the_static_block_forward_without_moving_the_cache(micro):
     target, draft = micro
-    curve = static_curve(target, 24, (1, 4), reps=2)
-    assert set(curve) == {1, 4} and all(t > 0 for t in curve.values())
+    curve, captured = static_curve(target, 24, (1, 4), reps=2)
+    assert set(curve) == {1, 4} and all(t > 0 for t in curve.values()) and captured == (target.device.type == "cuda")
     costs = static_costs(target, draft, 24, [3], reps=2)
     assert set(costs["target"]) == {1, 2, 3, 4} and costs["draft"] > 0
     assert costs["bandwidth"] > 0 and costs["floor_s"] == pytest.approx(read_floor_s(target, 24, costs["bandwidth"]))
@@ -43,7 +43,8 @@ def test_a_captured_chain_is_judged_against_the_captured_loop_and_costs():
                _method("ours_chain_k2", 0.5, 2, "hf_assisted_k2"), _method("ours_ar_graph", 0.3),
                _method("ours_chain_k2_graph", 0.15, 2, "hf_assisted_k2")]
     eager = {"target": {1: 0.02, 3: 0.025}, "draft": 0.005}
-    static = {"target": {1: 0.01, 2: 0.011, 3: 0.012}, "draft": 0.002, "floor_s": 0.005, "bandwidth": 1e9}
+    static = {"target": {1: 0.01, 2: 0.011, 3: 0.012}, "draft": 0.002, "floor_s": 0.005, "bandwidth": 1e9,
+              "captured": True}
     rows, table = summarize(methods, eager, static, "graph")
     by = {r["method"]: r for r in rows}
     # eager chain: 0.8 / 0.5 = 1.60x over ours_ar, predicted 3 * 0.02 / (2 * 0.005 + 0.025) = 1.71x

@@ -13,29 +13,33 @@
 #     5. last (the stage to lose if time runs short): the batched table on the embedded pair.
 #   bash scripts/gpu_check.sh suite      # the rest of the test suite with CUDA present, about 6 minutes
 #
-# Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"] and one of the commands above.
+# Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"], timeout_s 560 and one of the
+# commands above (the measure stages' limits add up to 480 s, plus the wheels' install).
 # Each stage has its own limit and log; after every stage all logs and tables are packed into
 # $OUT/gpu_check.tgz (one file: a run cut short still returns what it finished) and $OUT/stages.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-measure}
 OUT=${OUT:-/tmp/gpu_check_out}
-W=/tmp/gpu_check  # logs and tables, packed into $OUT after every stage
-mkdir -p "$OUT" "$W"
+W=/tmp/gpu_check  # logs and tables, packed into $OUT after every stage (a rerun starts afresh)
+rm -rf "$W" && mkdir -p "$OUT" "$W"
 # The repository is not pip-installed there: it goes first on PYTHONPATH (subprocesses run from other folders).
 export PYTHONUNBUFFERED=1 SPECDEC_CACHE=/tmp/specdec-cache PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-pack() { tar czf "$OUT/gpu_check.tgz" -C "$W" . && cp "$W/stages.txt" "$OUT/stages.txt" 2>/dev/null; }
-stage() {  # stage NAME SECONDS COMMAND...: its output to NAME.log, its exit status and time to stages.txt
+pack() {  # a whole archive replaces the last one (a log still growing in a background stage is fine)
+  tar czf "$OUT/.gpu_check.tgz" -C "$W" . 2>/dev/null; mv -f "$OUT/.gpu_check.tgz" "$OUT/gpu_check.tgz"
+  cp "$W/stages.txt" "$OUT/stages.txt" 2>/dev/null; true
+}
+run_stage() {  # run_stage NAME SECONDS COMMAND...: its output to NAME.log, its exit status and time to stages.txt
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$W/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$W/$name.log" 2>&1
   echo "$name: exit $? in $((SECONDS - t0)) s (limit $limit)" | tee -a "$W/stages.txt"
-  pack
 }
+stage() { run_stage "$@"; pack; }  # in the foreground: packed after it
 python3 - <<'PY' | tee "$W/versions.txt"
 import torch, triton, transformers
 print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
@@ -48,9 +52,10 @@ if [ "$MODE" = suite ]; then
   exit 0
 fi
 # The tests and the pair's build share the GPU, but nothing is timed while they run.
-stage build_zoo 150 python3 -m experiments.build_zoo size=default logger=none hydra.run.dir="$W/build_zoo" &
+run_stage build_zoo 150 python3 -m experiments.build_zoo size=default logger=none hydra.run.dir="$W/build_zoo" &
 stage tests_gpu 150 python3 -m pytest -v -n 4 -p no:cacheprovider -rs "${GPU_TESTS[@]}"
 wait
+pack
 stage kernel_bench 45 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
   --ns 1 8 16 64 --no-flex --json "$W/kernel_bench.json"
 stage kernel_flex 40 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 4096 16384 \

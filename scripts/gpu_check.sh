@@ -10,11 +10,12 @@
 #     3. the default experiment on CUDA (README's first command, logger=none);
 #     4. the side-by-side benchmark on the embedded pair and on a synthetic Llama-3.1-8B-shaped target
 #        (eager and captured step, verify forward's T(w)/T(1) for sdpa and triton);
-#     5. last (the stage to lose if time runs short): the batched table on the embedded pair.
+#     5. last (the stages to lose if time runs short): the batched table on the embedded pair, and the
+#        default experiment through the captured step (compile=graph), as a user would run it.
 #   bash scripts/gpu_check.sh suite      # the rest of the test suite with CUDA present, about 6 minutes
 #
-# Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"], timeout_s 560 and one of the
-# commands above (the measure stages' limits add up to 480 s, plus the wheels' install).
+# Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"], timeout_s 580 and one of the
+# commands above (the measure stages' limits add up to 515 s, plus the wheels' install).
 # Each stage has its own limit and log; after every stage all logs and tables are packed into
 # $OUT/gpu_check.tgz (one file: a run cut short still returns what it finished) and $OUT/stages.txt.
 set -uo pipefail
@@ -69,4 +70,6 @@ stage bench_8b 100 python3 -m experiments.bench --device cuda --synthetic llama-
   --trees binary --compile graph --verify-curve --context 4096 --markdown "$W/bench_8b.md" --json "$W/bench_8b.json"
 stage bench_batch 40 python3 -m experiments.bench --device cuda --batch-sizes 4,8 --prompts 8 --max-new-tokens 64 \
   --ks 2,4 --reps 2 --markdown "$W/bench_batch.md" --json "$W/bench_batch.json"
+stage decode_graph 35 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 max_new_tokens=64 \
+  compile=graph hydra.run.dir="$W/decode_graph"
 cat "$W/stages.txt"

@@ -21,8 +21,8 @@ speed drifts during the run skews the costs and the runs alike.
 On a GPU (``--device cuda``) every method runs with the same SDPA kernels (cuDNN attention off:
 it builds a plan per new sequence length, which would time plan building, not decoding), the
 device is synchronised around every timed call (a ``--compile`` row's time leaves out compiling or
-capturing its step, ``time_compile``: the warm-up call's, or a later call's at a new capacity bucket), and ``--verify-curve`` adds the verify forward's
-cost by width, T(w) / T(1), for the ``sdpa`` and ``triton`` backends at ``--context`` tokens.
+capturing its step, ``time_compile``: the warm-up call's, or a later call's at a new capacity bucket),
+and ``--verify-curve`` adds the verify forward's cost by width, T(w) / T(1), for the ``sdpa`` and ``triton`` backends at ``--context`` tokens.
 With ``--compile`` the fixed-shape step's own forward costs are timed too (captured on a GPU:
 :mod:`experiments.captured_costs`): its chains' efficiency is taken over ``ours_ar_<compile>`` against
 them, and a last column gives each method's time per token (prefill included) over the target's

@@ -41,21 +41,15 @@ def _median_s(fn, device: torch.device, reps: int) -> float:
 def replayable(fn, device: torch.device) -> tuple:
     """``(replay, True)``: ``fn`` captured in a CUDA graph (after a warm-up on a side stream); ``(fn, False)``
     on a CPU or where capture fails (the cost is then the eager one)."""
+    from specdec.static_kept import capture_graph
+
     if device.type != "cuda":
         return fn, False
     try:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        return capture_graph(fn, device), True
     except Exception:  # noqa: BLE001 - a forward that cannot be captured is timed eagerly
         torch.cuda.synchronize(device)
         return fn, False
-    return graph.replay, True
 
 
 def static_curve(model, context: int, widths: tuple[int, ...], reps: int = 10) -> tuple[dict[int, float], bool]:
@@ -79,7 +73,8 @@ def static_curve(model, context: int, widths: tuple[int, ...], reps: int = 10) -
             ids = torch.randint(1, vocab, (1, w), generator=gen).to(device)  # [1, w]
             offsets = torch.arange(w, device=device)[None]  # [1, w]
             causal = torch.ones(w, w, dtype=torch.bool, device=device).tril()[None]  # [1, w, w]
-            run, replayed = replayable(lambda: _forward(model, cache, ids, offsets, causal), device)
+            run, replayed = replayable(lambda ids=ids, offsets=offsets, causal=causal: _forward(
+                model, cache, ids, offsets, causal), device)
             run()
             curve[w], captured = _median_s(run, device, reps), captured and replayed
     return curve, captured

@@ -22,9 +22,9 @@ counts, and flags.
 CUDA graph (``compile="graph"``: replayed every step; where capture fails it warns once and
 runs eagerly) or through ``torch.compile`` (``compile="inductor"``, on the CPU too: it needs a C++
 compiler there; its buffers are rounded up to a multiple of :data:`CAPACITY_BUCKET` slots so that
-batches of similar lengths reuse one compiled step). A decoder keeps its captured or compiled steps
-(:func:`step_for`, per batch size and capacity bucket): a later batch refills the same buffers in
-place and replays, with no second capture. Every form emits exactly the
+batches of similar lengths reuse one compiled step). A decoder keeps its captured or compiled
+steps (:mod:`specdec.static_kept`, per batch size and capacity bucket): a later batch refills the
+same buffers in place and replays, with no second capture. Every form emits exactly the
 tokens of :meth:`specdec.SpeculativeDecoder.generate_batch` (and so of ``generate``) with the same
 seeds: the draws are keyed (:mod:`specdec.rng`).
 """
@@ -39,6 +39,7 @@ from specdec.batch_cache import BatchCache
 from specdec.batch_types import BatchTree
 from specdec.models import check_same_vocab, text_config
 from specdec.rng import KeyedRandom
+from specdec.static_kept import capture_graph
 from specdec.static_shape import StaticShape, grow
 from verifier.verifier import model_forward
 
@@ -46,7 +47,6 @@ from verifier.verifier import model_forward
 COMPILE_MODES = ("none", "static", "graph", "inductor")
 CAPACITY_BUCKET = 128  # compile=inductor: buffer slots rounded up to a multiple of this
 RECOMPILE_LIMIT = 64  # compile=inductor: compiled steps dynamo keeps (its default keeps 8)
-KEPT_STEPS = 4  # compile=graph|inductor: steps a decoder keeps for reuse (batch size, capacity bucket, ...)
 _COMPILE_FAILED: list[Exception] = []  # compile=inductor failed in this process: the eager step from then on
 
 
@@ -63,7 +63,7 @@ def _forward(model, cache: BatchCache, ids: torch.Tensor, offsets: torch.Tensor,
 
 def capacity_for(prompts: list[list[int]], limits: list[int], nodes: int, compile: str) -> int:
     """Slots per row for these rows and a tree of ``nodes`` drafts; captured and compiled steps round up to
-    :data:`CAPACITY_BUCKET` so that later batches of similar lengths reuse them (:func:`step_for`)."""
+    :data:`CAPACITY_BUCKET` so that later batches of similar lengths reuse them (:mod:`specdec.static_kept`)."""
     capacity = max(len(p) + n for p, n in zip(prompts, limits)) + nodes + 2
     if compile in ("graph", "inductor"):
         capacity = -(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
@@ -102,7 +102,8 @@ class StaticStep:
         self.step_index = torch.zeros((), dtype=torch.long, device=device)
         self.t_cache = BatchCache.for_model(self.target, capacity, b)
         self.d_cache = BatchCache.for_model(draft, capacity, b) if draft is not None else None
-        self._lengths = [c.lengths if c is not None else None for c in (self.t_cache, self.d_cache)]  # what a graph reads
+        # the lengths buffers a captured step reads (prefill copies its lengths back into them)
+        self._lengths = [c.lengths if c is not None else None for c in (self.t_cache, self.d_cache)]
         self.root_mask = torch.ones(b, 1, 1, dtype=torch.bool, device=device)  # [B, 1, 1] plain decoding
         self.report = torch.zeros(b, 5, dtype=torch.long, device=device)  # [B, 5] what the host reads per step
         self.compile, self._run, self._prepared = compile, self._eager, False
@@ -304,24 +305,16 @@ class StaticStep:
         return first
 
     def _capture(self):
-        """Warm up on a side stream, capture one step into a graph; replays advance every buffer in place."""
+        """Capture one step into a graph (:func:`capture_graph`); replays advance every buffer in place."""
         snapshot = self._save()
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._eager()
-            torch.cuda.current_stream().wait_stream(stream)
-            self._restore(snapshot)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._eager()
+            replay = capture_graph(self._eager, self.seq.device, reset=lambda: self._restore(snapshot))
             self._restore(snapshot)  # capture ran the step once: undo it
         except Exception as exc:  # noqa: BLE001 - a forward that syncs or allocates dynamically cannot be captured
             self._restore(snapshot)
             warnings.warn(f"compile=graph: capture failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=3)
             return self._eager
-        return graph.replay
+        return replay
 
     def _state(self) -> list[torch.Tensor]:
         caches = [self.t_cache] + ([self.d_cache] if self.d_cache is not None else [])
@@ -347,12 +340,13 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
     model's chain or tree preset); same arguments, same tokens, a :class:`~specdec.batch_decoder.BatchOutput`."""
     from specdec.batch_decoder import BatchOutput, check_batch
     from specdec.errors import NonFiniteLogitsError
+    from specdec.static_kept import step_for
     from specdec.stats import DecodeStats
 
     rows, limits, row_seeds = check_batch(decoder, prompts, max_new_tokens, seed, seeds)
     start = time.perf_counter()
     with torch.inference_mode(False), torch.no_grad():  # inference tensors break torch.compile's in-place updates
-        step = step_for(decoder, rows, limits, row_seeds, compile)
+        step = step_for(decoder, rows, limits, row_seeds, compile)  # kept across batches for graph / inductor
         step.prefill(rows)
         stats, live, n = [DecodeStats() for _ in rows], [True] * len(rows), 0
         prefill_s = time.perf_counter() - start - step.compile_s  # a graph is captured in prefill()
@@ -375,33 +369,6 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
     total.time_prefill, total.time_total = prefill_s, time.perf_counter() - start - step.compile_s
     total.time_compile = step.compile_s
     return BatchOutput(sequences=seqs, stats=total, row_stats=stats)
-
-
-def step_for(decoder, rows: list[list[int]], limits: list[int], seeds: list[int], compile: str) -> StaticStep:
-    """The step for these rows. ``static``: a new one. ``graph`` / ``inductor``: the decoder's kept step of the
-    same batch size and capacity bucket, built for the decoder's current drafter, draft model, rule and sampling
-    (the same objects), its buffers refilled in place (captured or compiled once, replayed for every later
-    batch), or a new one that is kept (the last :data:`KEPT_STEPS`). A drafter or rule changed in place after a
-    step was kept is not noticed: set a new one instead."""
-    if compile not in ("graph", "inductor"):
-        return StaticStep.for_decoder(decoder, rows, limits, seeds, compile)
-    _, compiled, _ = static_drafter(decoder.drafter, decoder.sampling)
-    capacity = capacity_for(rows, limits, compiled.num_nodes if compiled is not None else 0, compile)
-    key = (compile, len(rows), capacity, repr(decoder.sampling), tuple(sorted(decoder.eos)))
-    def built_for() -> tuple:  # the objects a step serves (held by the entry, so they stay themselves)
-        return decoder.target, decoder.drafter, getattr(decoder.drafter, "model", None), decoder.rule
-
-    kept = decoder.static_steps
-    entry = kept.pop(key, None)  # (built_for(), step)
-    if entry is not None and all(a is b for a, b in zip(entry[0], built_for())):
-        step = entry[1]
-        step.write_rows(rows, limits, seeds)
-    else:
-        step = StaticStep.for_decoder(decoder, rows, limits, seeds, compile)  # binds the drafter's model
-    kept[key] = (built_for(), step)  # the most recently used last
-    while len(kept) > KEPT_STEPS:
-        kept.pop(next(iter(kept)))
-    return step
 
 
 def static_drafter(drafter, sampling, target=None) -> tuple:

@@ -116,11 +116,11 @@ def test_captured_step_emits_the_eager_tokens(models, compile, batch):
             eager = SpeculativeDecoder(target, DraftModelDrafter(draft, **shape), rule, sampling)
             captured = SpeculativeDecoder(target, DraftModelDrafter(draft, **shape), rule, sampling, compile=compile)
             # the second batch (other prompts, lengths and seed) replays the kept step on its refilled buffers
-            for batch, seed, new in ((rows, 3, 24), ([p[:, 3:] for p in rows[::-1]], 4, 20)):
-                ref = eager.generate_batch(batch, new, seed=seed)
+            for group, seed, new in ((rows, 3, 24), ([p[:, 3:] for p in rows[::-1]], 4, 20)):
+                ref = eager.generate_batch(group, new, seed=seed)
                 with warnings.catch_warnings():  # a fallback to the eager step would compare eager with eager
                     warnings.filterwarnings("error", message="compile=")
-                    out = captured.generate_batch(batch, new, seed=seed)
+                    out = captured.generate_batch(group, new, seed=seed)
                 assert not static_step._COMPILE_FAILED, static_step._COMPILE_FAILED  # inductor warns only once
                 assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences], (shape, seed)
 

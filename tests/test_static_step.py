@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from drafters import DraftModelDrafter, LayerSkipDrafter, NGramDrafter, NoDrafter
-from specdec import SamplingParams, SpeculativeDecoder, static_step
+from specdec import SamplingParams, SpeculativeDecoder, static_kept, static_step
 from specdec.acceptance import get_rule
 from specdec.errors import ConfigError
 from specdec.sampling import warp_probs
@@ -196,7 +196,7 @@ def test_a_kept_step_serves_later_batches_in_the_same_buffers(setup, monkeypatch
         warnings.simplefilter("always")
         for i, (batch, limits, seed) in enumerate(batches):
             handed = []  # what on_row receives: a caller may keep it
-            out = decoder.generate_batch(batch, limits, seed=seed, on_row=lambda i, seq, *_: handed.append(seq))
+            out = decoder.generate_batch(batch, limits, seed=seed, on_row=lambda i, seq, *_, h=handed: h.append(seq))
             ref = readable.generate_batch(batch, limits, seed=seed)
             outputs.append(([s.tolist() for s in ref.sequences], handed))
             assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences], i
@@ -217,7 +217,7 @@ def test_a_kept_step_serves_later_batches_in_the_same_buffers(setup, monkeypatch
         decoder.generate_batch(rows[:2], LIMITS[:2], seed=3)
     steps = [entry[1] for entry in decoder.static_steps.values()]
     assert len(steps) == 2 and steps[0] is step and steps[1] is not small
-    monkeypatch.setattr(static_step, "KEPT_STEPS", 1)
+    monkeypatch.setattr(static_kept, "KEPT_STEPS", 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         decoder.generate_batch(rows[:1], LIMITS[:1])

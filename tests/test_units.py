@@ -198,6 +198,6 @@ def test_timed_call_leaves_out_the_step_s_compile_time(monkeypatch):
     clock = iter([10.0, 13.0, 20.0, 21.5])
     monkeypatch.setattr(bench_batch.time, "perf_counter", lambda: next(clock))
     cpu = torch.device("cpu")
-    out, stats, seconds = bench_batch.timed_call(lambda x: (x, SimpleNamespace(time_compile=1.0)), cpu, 7)
+    out, _, seconds = bench_batch.timed_call(lambda x: (x, SimpleNamespace(time_compile=1.0)), cpu, 7)
     assert (out, seconds) == (7, 2.0)
     assert bench_batch.timed_call(lambda: ("hf", None), cpu)[2] == 1.5  # HF's methods have no stats

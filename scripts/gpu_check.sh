@@ -48,7 +48,8 @@ print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton
 PY
 GPU_TESTS=(tests/test_gpu.py tests/test_kernel_tree_attention.py tests/test_triton_backend.py)
 if [ "$MODE" = suite ]; then
-  stage tests_rest 400 python3 -m pytest -q -n 14 --dist loadfile -p no:cacheprovider -rs --durations=15 \
+  # SUITE_S: the stage's limit (a second call gets what the first left); -v: a cut run still names each result
+  stage tests_rest "${SUITE_S:-400}" python3 -m pytest -v -n 14 --dist loadfile -p no:cacheprovider -rs --durations=15 \
     "${GPU_TESTS[@]/#/--ignore=}"
   exit 0
 fi

@@ -13,6 +13,7 @@
 #     5. last (the stages to lose if time runs short): the batched table on the embedded pair, and the
 #        default experiment through the captured step (compile=graph), as a user would run it.
 #   bash scripts/gpu_check.sh suite      # the rest of the test suite with CUDA present, about 6 minutes
+#   bash scripts/gpu_check.sh tune [TEST_ID...]  # the kernel's tests, its launch-choice sweep and bench, ~3 min
 #
 # Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"], timeout_s 580 and one of the
 # commands above (the measure stages' limits add up to 515 s, plus the wheels' install).
@@ -47,6 +48,14 @@ print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton
       "transformers", transformers.__version__)
 PY
 GPU_TESTS=(tests/test_gpu.py tests/test_kernel_tree_attention.py tests/test_triton_backend.py)
+if [ "$MODE" = tune ]; then  # the kernel's tests (plus any test ids given after "tune"), its sweep, its bench
+  shift
+  stage tests_kernel "${TESTS_S:-70}" python3 -m pytest -v -n 4 -p no:cacheprovider -rs "${GPU_TESTS[@]:1}" "$@"
+  stage tune "${TUNE_S:-95}" python3 -m specdec_kernels.tune --json "$W/tune.json"
+  stage kernel_bench 35 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
+    --ns 1 8 16 64 --no-flex --json "$W/kernel_bench.json"
+  exit 0
+fi
 if [ "$MODE" = suite ]; then
   # SUITE_S: the stage's limit (a second call gets what the first left); -v: a cut run still names each result
   stage tests_rest "${SUITE_S:-400}" python3 -m pytest -v -n 14 --dist loadfile -p no:cacheprovider -rs --durations=15 \

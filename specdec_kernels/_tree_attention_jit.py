@@ -125,37 +125,30 @@ def _tree_attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, bits_ptr, prefix_ptr, prefix_scal
 @triton.jit
 def _tree_attn_merge(o_ptr, ws_acc_ptr, ws_ml_ptr, n_tree, hkv, group, num_splits, m_pad,
                      stride_ob, stride_oh, stride_on, stride_od,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Second pass: merge the per-split (acc, max, sum) of one (M-block, batch * KV head)."""
-    pid_m = tl.program_id(0)
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Second pass: merge the per-split (acc, max, sum) of one (row, batch * KV head).
+
+    Every split is loaded at once (``BLOCK_S >= num_splits``) and reduced in registers: no loop whose
+    iterations wait on each other's loads, so the merge costs about one memory round trip."""
+    row = tl.program_id(0)  # one (head-in-group, tree token) row
     pid_bh = tl.program_id(1)
     b = pid_bh // hkv
     h_kv = pid_bh % hkv
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    row_valid = rows < group * n_tree
+    offs_s = tl.arange(0, BLOCK_S)  # [BLOCK_S]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # [BLOCK_M]
-    l_all = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M]
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # [BLOCK_M, BLOCK_D]
-    for s in range(0, num_splits):
-        ws_row = (pid_bh * num_splits + s).to(tl.int64) * m_pad + rows  # [BLOCK_M]
-        m_s = tl.load(ws_ml_ptr + ws_row * 2)  # [BLOCK_M]
-        l_s = tl.load(ws_ml_ptr + ws_row * 2 + 1)  # [BLOCK_M]
-        a_s = tl.load(ws_acc_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :])  # [BLOCK_M, BLOCK_D]
-        m_new = tl.maximum(m_all, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_all - m_safe)  # [BLOCK_M]
-        beta = tl.exp2(m_s - m_safe)  # [BLOCK_M]
-        acc = acc * alpha[:, None] + a_s * beta[:, None]
-        l_all = l_all * alpha + l_s * beta
-        m_all = m_new
-    l_safe = tl.where(l_all > 0.0, l_all, 1.0)
-    out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_D]
-    head = h_kv * group + rows // n_tree  # [BLOCK_M]
-    tok = rows % n_tree  # [BLOCK_M]
-    o_rows = b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + tok * stride_on
-    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * stride_od,
-             out.to(o_ptr.dtype.element_ty),
-             mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
-
-
+    s_valid = offs_s < num_splits
+    ws_row = (pid_bh * num_splits + offs_s).to(tl.int64) * m_pad + row  # [BLOCK_S]
+    m_s = tl.load(ws_ml_ptr + ws_row * 2, mask=s_valid, other=float("-inf"))  # [BLOCK_S]
+    l_s = tl.load(ws_ml_ptr + ws_row * 2 + 1, mask=s_valid, other=0.0)  # [BLOCK_S]
+    a_s = tl.load(ws_acc_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :],
+                  mask=s_valid[:, None], other=0.0)  # [BLOCK_S, BLOCK_D]
+    m_all = tl.max(m_s, 0)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)  # a row with nothing visible
+    w = tl.exp2(m_s - m_safe)  # [BLOCK_S]; 0 for empty splits
+    l_all = tl.sum(l_s * w, 0)
+    acc = tl.sum(a_s * w[:, None], 0)  # [BLOCK_D]
+    out = acc / tl.where(l_all > 0.0, l_all, 1.0)  # [BLOCK_D]
+    head = h_kv * group + row // n_tree
+    tok = row % n_tree
+    o_row = b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + tok * stride_on
+    tl.store(o_ptr + o_row + offs_d * stride_od, out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)

@@ -21,7 +21,7 @@ Kernel design (flash-decoding with the tree in the M dimension):
   whole ``BLOCK_N`` tiles (split-K) so that small ``B * Hkv`` still fills the GPU. Each
   split keeps an fp32 online softmax (base-2) and, when there is more than one split,
   writes its unnormalised accumulator and (max, sum) to a workspace that a second
-  small kernel merges.
+  small kernel merges (one program per output row, all splits loaded at once).
 * Tiles entirely inside the prefix take an unmasked fast path; the remaining tiles
   apply the boundary and the tree mask, packed once per verify step into one int64
   bitmask per tree row (:func:`pack_tree_mask`; hence ``N <= 64``).
@@ -145,15 +145,40 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: small, but enough to exercise split-K on long prefixes
 
 
-def _pick_num_splits(n_programs, total_max, rows, elem_bytes, block_n, num_sms):
-    """Split the KV sequence until there are ~2 programs per SM, keeping >= 2 tiles per split
-    and the fp32 workspace traffic (written, then read back from L2) below the K/V traffic."""
+def _pick_num_splits(n_programs, total_max, rows, elem_bytes, block_n, num_sms, programs_per_sm=2):
+    """Split the KV sequence until there are ``programs_per_sm`` programs per SM, keeping >= 2 tiles per
+    split and the fp32 workspace traffic (written, then read back from L2) below the K/V traffic."""
     if n_programs >= num_sms:
         return 1
-    splits = triton.cdiv(2 * num_sms, n_programs)
+    splits = triton.cdiv(programs_per_sm * num_sms, n_programs)
     splits = min(splits, max(1, total_max // (2 * block_n)))
     splits = min(splits, max(1, (total_max * elem_bytes) // (4 * rows)))
     return max(1, min(splits, 128))
+
+
+#: The launch choices a plan may override (``TreeAttentionPlan(config=...)``; ``specdec_kernels.tune`` sweeps
+#: them): rows of (query head, tree token) per program, KV slots per tile, warps, software-pipeline stages,
+#: and the programs per SM that split-K aims for.
+CONFIG_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "programs_per_sm")
+
+
+def default_config(dtype: torch.dtype, head_dim: int, rows: int) -> dict:
+    """The launch choices for one layout: ``rows`` = query heads per KV head * tree tokens."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles, no spills
+        max_m, block_n = 16, (32 if block_d <= 128 else 16)
+    else:  # fp16/bf16 tensor cores (wgmma from BLOCK_M = 64 on Hopper)
+        max_m, block_n = (128, 64) if block_d <= 128 else (64, 32)
+    block_m = min(max(16, triton.next_power_of_2(rows)), max_m)
+    return dict(block_m=block_m, block_n=block_n, num_warps=8 if block_m * block_d >= 128 * 128 else 4,
+                num_stages=2, programs_per_sm=2)
+
+
+def _config(dtype, head_dim, rows, overrides: dict | None) -> dict:
+    unknown = set(overrides or {}) - set(CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"tree_attention: unknown config keys {sorted(unknown)}; known: {list(CONFIG_KEYS)}")
+    return {**default_config(dtype, head_dim, rows), **(overrides or {})}
 
 
 def pack_tree_mask(tree_mask: torch.Tensor) -> torch.Tensor:
@@ -190,15 +215,17 @@ class TreeAttentionPlan:
         num_splits: force the number of KV splits (split-K); default: a heuristic.
         validate: check ``prefix_len + N <= S`` for a tensor prefix (one host sync, on the first
             call of each input layout only).
+        config: override some of :func:`default_config`'s launch choices (keys :data:`CONFIG_KEYS`).
 
     ``plan(q, k, v, sm_scale)`` computes :func:`tree_attention`. The first call for an input
     layout (shapes, strides, dtype, device) validates it and builds the launch configuration;
     later calls with the same layout (the other layers of the step) only launch.
     """
 
-    def __init__(self, prefix_len, tree_mask: torch.Tensor, num_splits: int | None = None, validate: bool = True):
+    def __init__(self, prefix_len, tree_mask: torch.Tensor, num_splits: int | None = None, validate: bool = True,
+                 config: dict | None = None):
         self.prefix_len, self.tree_mask = prefix_len, tree_mask
-        self.num_splits, self.validate = num_splits, validate
+        self.num_splits, self.validate, self.config = num_splits, validate, config
         self.bits: torch.Tensor | None = None  # [N] int64, packed on the first call
         self._launches: dict = {}
 
@@ -230,24 +257,21 @@ class TreeAttentionPlan:
             raise RuntimeError(f"tree_attention: {problem} (or use tree_attention_ref)")
         if self.bits is None:
             self.bits = pack_tree_mask(self.tree_mask)  # [N]
+        config = _config(q.dtype, D, (Hq // Hkv) * N, self.config)
         return _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, self.bits, total_max,
-                            1.0 / math.sqrt(D) if sm_scale is None else sm_scale, self.num_splits)
+                            1.0 / math.sqrt(D) if sm_scale is None else sm_scale, self.num_splits, config)
 
 
-def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, num_splits):
+def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, num_splits, config):
     """Tile sizes, split count, grid and workspaces for one layout; returns ``launch(q, k, v) -> out``."""
     G = Hq // Hkv
     rows = G * N
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    if q.dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles, no spills
-        max_m, BLOCK_N = 16, (32 if BLOCK_D <= 128 else 16)
-    else:  # fp16/bf16 tensor cores (wgmma from BLOCK_M = 64 on Hopper)
-        max_m, BLOCK_N = (128, 64) if BLOCK_D <= 128 else (64, 32)
-    BLOCK_M = min(max(16, triton.next_power_of_2(rows)), max_m)
+    BLOCK_M, BLOCK_N = config["block_m"], config["block_n"]
     n_mblocks = triton.cdiv(rows, BLOCK_M)
     if num_splits is None:
         num_splits = _pick_num_splits(n_mblocks * B * Hkv, total_max, rows, q.element_size(),
-                                      BLOCK_N, _num_sms(q.device))
+                                      BLOCK_N, _num_sms(q.device), config["programs_per_sm"])
     num_splits = max(1, int(num_splits))
     m_pad = n_mblocks * BLOCK_M
     split = num_splits > 1
@@ -260,8 +284,9 @@ def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, n
     out_strides = torch.empty_like(q).stride()
     consts = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREFIX_IS_TENSOR=is_tensor,
                   SPLIT=split, DOT_PRECISION="ieee" if dot_fp32 else "tf32", DOT_FP32=dot_fp32,
-                  num_warps=8 if BLOCK_M * BLOCK_D >= 128 * 128 else 4, num_stages=2)
-    grid, merge_grid = (n_mblocks, B * Hkv, num_splits), (m_pad // 16, B * Hkv)  # merge: 16 rows per program
+                  num_warps=config["num_warps"], num_stages=config["num_stages"])
+    grid, merge_grid = (n_mblocks, B * Hkv, num_splits), (rows, B * Hkv)  # merge: one row per program
+    block_s = triton.next_power_of_2(num_splits)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernel works in base 2
 
     def launch(q, k, v):
@@ -270,7 +295,8 @@ def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, n
                              qk_scale, *strides, *out_strides, **consts)
         if split:
             _tree_attn_merge[merge_grid](out, ws_acc, ws_ml, N, Hkv, G, num_splits, m_pad, *out_strides,
-                                         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=16, num_warps=4)
+                                         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=block_s,
+                                         num_warps=8 if block_s * BLOCK_D >= 64 * 128 else 4)
         return out
 
     return launch

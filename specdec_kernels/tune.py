@@ -1,0 +1,148 @@
+"""Sweep the tree-attention kernel's launch choices per shape on a GPU (device time, CUDA-graph replay).
+
+    python -m specdec_kernels.tune --json tune.json                 # the kernel bench's shapes, bf16
+    python -m specdec_kernels.tune --hkv 8 --prefixes 16384 --ns 1  # one shape
+
+For every shape it times each combination of :data:`specdec_kernels.tree_attention.CONFIG_KEYS` values in the
+grid below (``block_m`` stays the default's: it follows the tree's rows) and prints the fastest next to
+:func:`~specdec_kernels.tree_attention.default_config`'s choice, with the fraction of peak bandwidth of each.
+Compiling every variant first, in ``--jobs`` parallel processes that fill Triton's on-disk cache, keeps the
+sweep within a minute or two. The JSON is written after every shape. What it finds is meant to be written into
+``default_config`` (the kernel never tunes itself while decoding: a captured step cannot benchmark).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+GRID = dict(block_n=(64, 128), num_stages=(2, 3, 4), num_warps=(4, 8), programs_per_sm=(1, 2, 4, 8))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ns", type=int, nargs="+", default=[1, 8, 16, 64], help="tree sizes N")
+    p.add_argument("--prefixes", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--hkv", type=int, nargs="+", default=[8, 32], help="KV heads (Hq = 32)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--hq", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="processes compiling first")
+    p.add_argument("--json", default=None, help="write the results here (after every shape)")
+    p.add_argument("--warm-part", type=int, default=None, help=argparse.SUPPRESS)  # i of --jobs: compile only
+    return p.parse_args(argv)
+
+
+def shapes(args):
+    return list(itertools.product(args.hkv, args.prefixes, args.ns))
+
+
+def configs(args, hkv: int, n: int) -> list[dict]:
+    """The grid for ``hkv`` KV heads and a tree of ``n`` tokens (``block_m`` fixed by the rows)."""
+    from specdec_kernels.tree_attention import default_config
+
+    base = default_config(getattr(torch, args.dtype), args.head_dim, (args.hq // hkv) * n)
+    rows = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    return [{**base, **row} for row in rows]
+
+
+def time_config(case, config, reps, flush) -> float | None:
+    """Device time (us) of one plan call with ``config``; None where it cannot run (e.g. out of resources)."""
+    from specdec_kernels import TreeAttentionPlan
+    from specdec_kernels.bench import device_time_us
+
+    q, k, v, P, mask = case
+    plan = TreeAttentionPlan(P, mask, config=config)
+    try:
+        plan(q, k, v)
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - a config the device cannot launch is skipped
+        return None
+    return device_time_us(lambda: plan(q, k, v), q.device, reps, flush)
+
+
+def _case(args, hkv, prefix, n, device):
+    from specdec_kernels.bench import binary_tree_mask, make_case
+
+    q, k, v = make_case(1, args.hq, hkv, n, prefix, args.head_dim, getattr(torch, args.dtype), device)
+    return q, k, v, prefix, binary_tree_mask(n, device)
+
+
+def warm(args) -> None:
+    """Compile this process's share of the distinct kernel variants (one plan call each)."""
+    device = torch.device("cuda")
+    jobs = {}  # one per compiled variant, nearly: the prefix and the split count leave the kernel's code alone
+    for hkv, prefix, n in shapes(args):
+        for c in configs(args, hkv, n):
+            key = (hkv, n, *(v for k, v in c.items() if k != "programs_per_sm"))
+            jobs.setdefault(key, ((hkv, prefix, n), c))
+    for i, ((hkv, prefix, n), config) in enumerate(jobs.values()):
+        if i % args.jobs == args.warm_part:
+            case = _case(args, hkv, prefix, n, device)
+            try:
+                from specdec_kernels import TreeAttentionPlan
+
+                TreeAttentionPlan(prefix, case[4], config=config)(*case[:3])
+            except Exception:  # noqa: BLE001 - the timing pass reports it
+                pass
+    torch.cuda.synchronize()
+
+
+def warm_all(args) -> None:
+    cmd = [sys.executable, "-m", "specdec_kernels.tune", *sys.argv[1:]]
+    procs = [subprocess.Popen([*cmd, "--warm-part", str(i)]) for i in range(args.jobs)]
+    for p in procs:
+        p.wait()
+
+
+def _pct(nbytes: int, us: float, peak_gbps: float) -> float:
+    """Percent of peak bandwidth for ``nbytes`` moved in ``us`` microseconds."""
+    return 100 * nbytes / (us * 1e-6) / 1e9 / peak_gbps
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("specdec_kernels.tune: no CUDA device; nothing to tune")
+        return 0
+    if args.warm_part is not None:
+        warm(args)
+        return 0
+    from specdec_kernels.bench import default_peak_gbps
+    from specdec_kernels.tree_attention import default_config
+
+    if args.jobs > 1:
+        warm_all(args)
+    device = torch.device("cuda")
+    peak = default_peak_gbps(torch.cuda.get_device_name(device)) or math.nan
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    results = []
+    print(f"{'Hkv':>4} {'prefix':>6} {'N':>3} | {'default us':>10} {'bw%':>5} | {'best us':>8} {'bw%':>5} | best config")
+    for hkv, prefix, n in shapes(args):
+        case = _case(args, hkv, prefix, n, device)
+        nbytes = case[0].element_size() * (2 * case[1].numel() + 2 * case[0].numel())
+        default = default_config(case[0].dtype, args.head_dim, (args.hq // hkv) * n)
+        timed = [dict(config=c, us=time_config(case, c, args.reps, flush)) for c in configs(args, hkv, n)]
+        timed = [t for t in timed if t["us"]]
+        best = min(timed, key=lambda t: t["us"])
+        base = next((t for t in timed if t["config"] == default), None)
+        base_us = base["us"] if base else time_config(case, default, args.reps, flush)
+        results.append(dict(Hkv=hkv, prefix=prefix, N=n, bytes=nbytes, default=default, default_us=base_us,
+                            best=best["config"], best_us=best["us"], all=timed))
+        print(f"{hkv:>4} {prefix:>6} {n:>3} | {base_us:>10.1f} {_pct(nbytes, base_us, peak):>5.1f} | "
+              f"{best['us']:>8.1f} {_pct(nbytes, best['us'], peak):>5.1f} | " + " ".join(f"{k}={best['config'][k]}" for k in GRID), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=torch.cuda.get_device_name(device), peak_gbps=peak, results=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -56,6 +56,11 @@ if [ "$MODE" = tune ]; then  # the kernel's tests (plus any test ids given after
     --ns 1 8 16 64 --no-flex --json "$W/kernel_bench.json"
   exit 0
 fi
+if [ "$MODE" = final ]; then  # the kernel bench, then the rest of the suite
+  stage kernel_bench 30 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
+    --ns 1 8 16 64 --no-flex --json "$W/kernel_bench.json"
+  MODE=suite
+fi
 if [ "$MODE" = suite ]; then
   # SUITE_S: the stage's limit (a second call gets what the first left); -v: a cut run still names each result
   stage tests_rest "${SUITE_S:-400}" python3 -m pytest -v -n 14 --dist loadfile -p no:cacheprovider -rs --durations=15 \

@@ -15,7 +15,9 @@ fully visible prefix plus the tree under its ancestor mask. Baselines:
 Three times per method and shape (GPU): ``call_us``, the whole eager call between CUDA events
 (what a layer pays: Python launcher plus kernels); ``dev_us``, the kernels' device time alone (the
 call captured once in a CUDA graph, the graph replayed between events); ``host_us``, the Python
-call's own wall time with an idle queue (its host overhead). ``triton`` is the call a layer makes
+call's own wall time with an idle queue (its host overhead). ``dev_us`` leaves out the graph's own launch
+(about 8 us on an H200, as much as a small kernel): 10 calls, each after an L2 flush, sit in one graph, and a
+graph of the flushes alone is subtracted. ``triton`` is the call a layer makes
 in decoding (a :class:`specdec_kernels.TreeAttentionPlan` built once per step); ``triton_1x`` the one-off
 :func:`specdec_kernels.tree_attention` (validation and mask packing included).
 
@@ -91,11 +93,20 @@ def time_us(fn, device, warmup: int, reps: int, flush: torch.Tensor | None) -> f
     return statistics.median(times)
 
 
-def device_time_us(fn, device, reps: int, flush: torch.Tensor | None) -> float | None:
-    """Median device time of ``fn()``'s kernels: captured once in a CUDA graph, replayed between events.
+def device_time_us(fn, device, reps: int, flush: torch.Tensor | None, calls: int = 10) -> float | None:
+    """Median device time of ``fn()``'s kernels, without the launch of the graph that holds them.
 
-    None where the call cannot be captured (it syncs with the host, or allocates in a way capture refuses).
+    ``calls`` calls (each after an L2 flush) are captured in one CUDA graph; the graph's replay time less that
+    of a graph holding the flushes alone, divided by ``calls``. None where the call cannot be captured (it
+    syncs with the host, or allocates in a way capture refuses).
     """
+    def sequence(with_fn: bool):
+        for _ in range(calls):
+            if flush is not None:
+                flush.zero_()  # evict K/V from L2
+            if with_fn:
+                fn()
+
     try:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -103,13 +114,15 @@ def device_time_us(fn, device, reps: int, flush: torch.Tensor | None) -> float |
             fn()
             fn()
         torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
+        for graph, with_fn in zip(graphs, (True, False)):
+            with torch.cuda.graph(graph):
+                sequence(with_fn)
     except Exception:  # noqa: BLE001 - a method that cannot be captured has no device time here
         torch.cuda.synchronize(device)
         return None
-    return time_us(graph.replay, device, 3, reps, flush)
+    both, flushes = (time_us(g.replay, device, 3, reps, None) for g in graphs)
+    return max(both - flushes, 0.0) / calls
 
 
 def host_time_us(fn, device, reps: int) -> float:

@@ -170,8 +170,10 @@ def default_config(dtype: torch.dtype, head_dim: int, rows: int) -> dict:
     else:  # fp16/bf16 tensor cores (wgmma from BLOCK_M = 64 on Hopper)
         max_m, block_n = (128, 64) if block_d <= 128 else (64, 32)
     block_m = min(max(16, triton.next_power_of_2(rows)), max_m)
+    # bf16 on an H200 (specdec_kernels.tune, BENCHMARKS.md): 3 stages beat 2 at every shape measured (by up to
+    # 25%); one program per SM suits a single M-block, two suit trees whose rows need two (N = 64, G = 4)
     return dict(block_m=block_m, block_n=block_n, num_warps=8 if block_m * block_d >= 128 * 128 else 4,
-                num_stages=2, programs_per_sm=2)
+                num_stages=2 if dtype == torch.float32 else 3, programs_per_sm=2 if rows > block_m else 1)
 
 
 def _config(dtype, head_dim, rows, overrides: dict | None) -> dict:

@@ -474,9 +474,23 @@ def main(argv=None) -> int:
               + f"; draft w1 {costs['draft'] * 1e3:.2f} ms."
               + (" " + floor_line(static, context) if static else "") + "\n")
     text = header + "\n" + table + (f"\n\nVerify forward by width at context {args.context or context}:\n\n"
-                                     + curve_table if curve_table else "")
+                                     + curve_table if curve_table else "") + match_note(args.dtype)
     publish(text, {"rows": rows, "costs": costs, "static_costs": static, "verify_curves": curves}, args)
-    return 0 if all(r["matches_hf_plain"] for r in rows) else 1
+    return exit_status(rows, args.dtype)
+
+
+def match_note(dtype: str) -> str:
+    """Below the table where equality with HF is not a check: outside fp32 it depends on rounding."""
+    if dtype == "float32":
+        return ""
+    return (f"\n\nIn {dtype}, 'output = HF plain greedy' is shown but not checked: a different kernel shape (width, "
+            "cache layout) rounds differently, and near-ties then flip an argmax, in HF's assisted generation as in "
+            "ours. Losslessness is checked in float32.")
+
+
+def exit_status(rows: list[dict], dtype: str, key: str = "matches_hf_plain") -> int:
+    """1 where a float32 run's greedy output differs from HF plain generate's (``row[key]``), else 0."""
+    return 1 if dtype == "float32" and not all(r[key] for r in rows) else 0
 
 
 if __name__ == "__main__":

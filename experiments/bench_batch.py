@@ -212,7 +212,7 @@ def markdown(rows: list[dict]) -> str:
 
 def batched_main(target, draft, prompts, args, argv) -> int:
     """``experiments.bench --batch-sizes``: the batched table, printed and written."""
-    from experiments.bench import command_line, machine_line, publish
+    from experiments.bench import command_line, exit_status, machine_line, match_note, publish
 
     rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
                            args.ngram_tokens, args.max_ngram, args.compile, args.confidence,
@@ -221,5 +221,5 @@ def batched_main(target, draft, prompts, args, argv) -> int:
               "(`*_continuous`: all prompts in one call, at most that many rows at once, a finished row's place "
               f"taken by the next prompt), {args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, "
               f"median of {args.reps} reps per group.\n")
-    publish(header + "\n" + markdown(rows), {"rows": rows}, args)
-    return 0 if all(r["matches_hf_greedy"] for r in rows) else 1
+    publish(header + "\n" + markdown(rows) + match_note(args.dtype), {"rows": rows}, args)
+    return exit_status(rows, args.dtype, "matches_hf_greedy")

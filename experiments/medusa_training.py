@@ -94,11 +94,12 @@ def evaluate(heads: MedusaHeads, target, chunks: torch.Tensor, batch_size: int =
     """
     heads.eval()
     k, vocab = heads.num_heads, heads.vocab_size
-    hits = torch.zeros(k, ranks, dtype=torch.float64)
-    top5 = torch.zeros(k, dtype=torch.float64)
-    base_next = torch.zeros(k, dtype=torch.float64)
-    label_counts = torch.zeros(k, vocab, dtype=torch.float64)
-    positions = torch.zeros(k, dtype=torch.float64)
+    on = dict(dtype=torch.float64, device=chunks.device)  # the counts live where the batches are (CUDA too)
+    hits = torch.zeros(k, ranks, **on)
+    top5 = torch.zeros(k, **on)
+    base_next = torch.zeros(k, **on)
+    label_counts = torch.zeros(k, vocab, **on)
+    positions = torch.zeros(k, **on)
     for row in range(0, chunks.shape[0], batch_size):
         batch = chunks[row : row + batch_size]
         hidden, t_logits = teacher(target, batch)  # [B, T, H], [B, T, V]

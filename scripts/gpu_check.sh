@@ -12,11 +12,15 @@
 #        (eager and captured step, verify forward's T(w)/T(1) for sdpa and triton);
 #     5. last (the stages to lose if time runs short): the batched table on the embedded pair, and the
 #        default experiment through the captured step (compile=graph), as a user would run it.
-#   bash scripts/gpu_check.sh suite      # the rest of the test suite with CUDA present, about 6 minutes
-#   bash scripts/gpu_check.sh tune [TEST_ID...]  # the kernel's tests, its launch-choice sweep and bench, ~3 min
+#   bash scripts/gpu_check.sh suite      # the rest of the test suite with CUDA present (SUITE_S, default 400 s;
+#                                        # on 2026-12-04 it reached 95% of 902 tests in 180 s)
+#   bash scripts/gpu_check.sh final      # the kernel benchmark, then the rest of the suite
+#   bash scripts/gpu_check.sh tune [TEST_ID...]  # the kernel's tests, its launch-choice sweep and bench
+#                                        # (TESTS_S, TUNE_S: the sweep of 24 shapes needs about 120 s)
 #
-# Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"], timeout_s 580 and one of the
-# commands above (the measure stages' limits add up to 515 s, plus the wheels' install).
+# Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"], timeout_s 570 and one of the
+# commands above (the measure stages' limits add up to 535 s, plus the wheels' install). A session's 15 minutes
+# then leave about 4 for a second call (each start costs about 30 s): "suite" with SUITE_S=230.
 # Each stage has its own limit and log; after every stage all logs and tables are packed into
 # $OUT/gpu_check.tgz (one file: a run cut short still returns what it finished) and $OUT/stages.txt.
 set -uo pipefail
@@ -52,12 +56,12 @@ if [ "$MODE" = tune ]; then  # the kernel's tests (plus any test ids given after
   shift
   stage tests_kernel "${TESTS_S:-70}" python3 -m pytest -v -n 4 -p no:cacheprovider -rs "${GPU_TESTS[@]:1}" "$@"
   stage tune "${TUNE_S:-95}" python3 -m specdec_kernels.tune --json "$W/tune.json"
-  stage kernel_bench 35 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
+  stage kernel_bench 70 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
     --ns 1 8 16 64 --no-flex --json "$W/kernel_bench.json"
   exit 0
 fi
 if [ "$MODE" = final ]; then  # the kernel bench, then the rest of the suite
-  stage kernel_bench 30 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
+  stage kernel_bench 70 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
     --ns 1 8 16 64 --no-flex --json "$W/kernel_bench.json"
   MODE=suite
 fi
@@ -69,22 +73,22 @@ if [ "$MODE" = suite ]; then
 fi
 # The tests and the pair's build share the GPU, but nothing is timed while they run.
 run_stage build_zoo 150 python3 -m experiments.build_zoo size=default logger=none hydra.run.dir="$W/build_zoo" &
-stage tests_gpu 150 python3 -m pytest -v -n 4 -p no:cacheprovider -rs "${GPU_TESTS[@]}"
+stage tests_gpu 180 python3 -m pytest -v -n 8 -p no:cacheprovider -rs "${GPU_TESTS[@]}"
 wait
 pack
-stage kernel_bench 45 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
+stage kernel_bench 70 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
   --ns 1 8 16 64 --no-flex --json "$W/kernel_bench.json"
-stage kernel_flex 40 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 4096 16384 \
-  --ns 1 8 64 --json "$W/kernel_flex.json"
-stage decode_default 45 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 max_new_tokens=64 \
+stage kernel_flex 50 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 4096 16384 \
+  --ns 1 64 --json "$W/kernel_flex.json"
+stage decode_default 30 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 max_new_tokens=64 \
   hydra.run.dir="$W/decode_default"
 stage bench_zoo 60 python3 -m experiments.bench --device cuda --prompts 4 --max-new-tokens 64 --ks 2,4 --reps 2 \
   --trees binary --compile graph --verify-curve --context 512 --markdown "$W/bench_zoo.md" --json "$W/bench_zoo.json"
-stage bench_8b 100 python3 -m experiments.bench --device cuda --synthetic llama-8b --dtype bfloat16 \
+stage bench_8b 70 python3 -m experiments.bench --device cuda --synthetic llama-8b --dtype bfloat16 \
   --draft-dtype bfloat16 --prompts 2 --prompt-len 512 --max-new-tokens 32 --ks 4 --reps 1 --no-hf-dynamic \
   --trees binary --compile graph --verify-curve --context 4096 --markdown "$W/bench_8b.md" --json "$W/bench_8b.json"
-stage bench_batch 40 python3 -m experiments.bench --device cuda --batch-sizes 4,8 --prompts 8 --max-new-tokens 64 \
+stage bench_batch 50 python3 -m experiments.bench --device cuda --batch-sizes 4,8 --prompts 8 --max-new-tokens 64 \
   --ks 2,4 --reps 2 --markdown "$W/bench_batch.md" --json "$W/bench_batch.json"
-stage decode_graph 35 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 max_new_tokens=64 \
+stage decode_graph 25 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 max_new_tokens=64 \
   compile=graph hydra.run.dir="$W/decode_graph"
 cat "$W/stages.txt"

@@ -54,3 +54,15 @@ def test_a_captured_chain_is_judged_against_the_captured_loop_and_costs():
     assert by["ours_ar_graph"]["per_token_vs_read_floor"] == pytest.approx(0.3 / 30 / 0.005)
     assert "time per token / target's read floor" in table.splitlines()[0]
     assert "read floor" not in summarize(methods[:4], eager)[1]  # no --compile: no floor column
+
+
+def test_only_float32_runs_fail_on_a_greedy_mismatch():
+    """In bf16 a kernel of another shape rounds differently and near-ties flip: the match column is shown,
+    noted, and not an error; in fp32 a mismatch is a lossless bug: exit status 1."""
+    from experiments.bench import exit_status, match_note
+
+    rows = [dict(matches_hf_plain=True), dict(matches_hf_plain=False)]
+    assert exit_status(rows, "float32") == 1 and exit_status(rows[:1], "float32") == 0
+    assert exit_status(rows, "bfloat16") == 0 and exit_status(rows, "float16") == 0
+    assert exit_status([dict(matches_hf_greedy=False)], "float32", "matches_hf_greedy") == 1
+    assert match_note("float32") == "" and "not checked" in match_note("bfloat16")

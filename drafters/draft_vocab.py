@@ -79,6 +79,7 @@ class DraftVocabHead(nn.Module):
         if weight is not None and trainable:
             head.to(device=weight.device, dtype=weight.dtype)
         elif weight is not None:
+            head.to(weight.device)  # its ids too: they index logits on the weight's device (CUDA)
             head.bind_rows(weight)
         return head
 

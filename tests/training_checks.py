@@ -16,7 +16,7 @@ def assert_resume_is_exact(train, compose, overrides: list[str], tmp_path, capfd
     train(compose(*overrides, f"out_dir={tmp_path / 'a'}"), tmp_path / "run_a")
     with pytest.raises(KeyboardInterrupt):
         train(compose(*overrides, f"out_dir={tmp_path / 'b'}"), tmp_path / "run_b", on_step=interrupt)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True, map_location="cpu")["step"] == 2
     capfd.readouterr()
     train(compose(*overrides, f"out_dir={tmp_path / 'b'}"), tmp_path / "run_b2")
     assert "at step 2/6" in capfd.readouterr().err

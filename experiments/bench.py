@@ -77,9 +77,9 @@ class Method:
     matches: bool = True
 
 
-def _ours(target, drafter, max_new, compile="none"):
+def _ours(target, drafter, max_new, compile="none", attn_backend="sdpa"):
     decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy", sampling=SamplingParams(),
-                                 compile=compile)
+                                 compile=compile, attn_backend=attn_backend)
 
     def run(ids):
         out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
@@ -112,13 +112,13 @@ def build_methods(target, draft, args) -> list[Method]:
     for tree in args.trees:
         methods.append(Method(f"ours_tree_{tree}", _ours(target, DraftModelDrafter(draft, tree=tree), m), True))
     if args.compile != "none":  # the fixed-shape step (captured on a GPU with --compile graph)
-        c = args.compile
-        methods.append(Method(f"ours_ar_{c}", _ours(target, NoDrafter(), m, c), True))
+        c, a = args.compile, args.attn_backend
+        methods.append(Method(f"ours_ar_{c}", _ours(target, NoDrafter(), m, c, a), True))
         for k in ks:
-            methods.append(Method(f"ours_chain_k{k}_{c}", _ours(target, DraftModelDrafter(draft, k), m, c), True, k,
-                                  peer=f"hf_assisted_k{k}"))
+            methods.append(Method(f"ours_chain_k{k}_{c}", _ours(target, DraftModelDrafter(draft, k), m, c, a), True,
+                                  k, peer=f"hf_assisted_k{k}"))
         for tree in args.trees:
-            methods.append(Method(f"ours_tree_{tree}_{c}", _ours(target, DraftModelDrafter(draft, tree=tree), m, c),
+            methods.append(Method(f"ours_tree_{tree}_{c}", _ours(target, DraftModelDrafter(draft, tree=tree), m, c, a),
                                   True))
     return methods
 
@@ -375,6 +375,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", default="none", choices=["none", "static", "graph", "inductor"],
                    help="also run our AR loop and chains through the fixed-shape step (graph: captured on a GPU; "
                         "inductor: torch.compile, CPU or GPU; with --batch-sizes too)")
+    p.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "triton"],
+                   help="--compile rows' verify attention: SDPA over a key mask, or the tree kernel on the device-side "
+                        "lengths (the eager rows keep sdpa)")
     p.add_argument("--verify-curve", action="store_true",
                    help="also time the verify forward by width for each --backends at --context tokens")
     p.add_argument("--backends", type=lambda s: s.split(","), default=None,
@@ -444,6 +447,10 @@ def main(argv=None) -> int:
         from verifier.availability import usable_backends
 
         args.backends = usable_backends(args.backends, args.device)
+    if args.attn_backend != "sdpa":
+        from verifier.availability import check_attn_backend
+
+        check_attn_backend(args.attn_backend, args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with torch.nn.attention.sdpa_kernel(SDPA_KERNELS):  # the same attention kernels for HF and ours
@@ -460,7 +467,8 @@ def main(argv=None) -> int:
         run_all(methods, prompts, args.reps,
                 between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5)))
         costs = median_costs(samples)
-        static = static_costs(target, draft, context, args.ks) if args.compile != "none" else None
+        static = (static_costs(target, draft, context, args.ks, compile=args.compile, backend=args.attn_backend)
+                  if args.compile != "none" else None)
         rows, table = summarize(methods, costs, static, args.compile)
         curves, curve_table = (verify_curve(target, args.context or context, args.verify_widths, args.backends, 10)
                                if args.verify_curve else (None, ""))

@@ -52,13 +52,19 @@ def replayable(fn, device: torch.device) -> tuple:
         return fn, False
 
 
-def static_curve(model, context: int, widths: tuple[int, ...], reps: int = 10) -> tuple[dict[int, float], bool]:
-    """Per width ``w``, the median seconds of ``model``'s static block forward of ``w`` causal tokens after
-    ``context`` cached tokens (batch 1) over a cache of the captured step's capacity bucket, and whether every
-    width was captured (on a GPU; else eager). The block is written at the same slots every call (lengths
-    never advance), so replays are alike."""
+def static_forwards(model, context: int, widths: tuple[int, ...], compile: str = "graph", backend: str = "sdpa",
+                    capture: bool = True):
+    """Yield ``(w, run, replayed)`` per width: ``run()`` is ``model``'s static block forward of ``w`` causal tokens
+    after ``context`` cached tokens (batch 1) over a cache of the captured step's capacity bucket, exactly as
+    :class:`specdec.static_step.StaticStep` runs it, captured in a CUDA graph on a GPU (``replayed``; else eager).
+    The block is written at the same slots every call (lengths never advance), so calls are alike.
+    ``compile="none"``: eager, never captured; ``compile="inductor"``: each width's forward is compiled by
+    ``torch.compile`` first (then captured, as the step is); ``backend="triton"``: attention runs the tree
+    kernel on the device-side lengths (:mod:`specdec_kernels.rows`), as the step's verify forward does with
+    ``attn_backend=triton``. ``capture=False``: never captured (to profile the kernels one by one)."""
     from specdec.batch_cache import BatchCache
     from specdec.static_step import CAPACITY_BUCKET, _forward
+    from specdec_kernels import pack_tree_mask
     from verifier.batch import prefill_rows
 
     device = next(model.parameters()).device
@@ -68,15 +74,31 @@ def static_curve(model, context: int, widths: tuple[int, ...], reps: int = 10) -
     vocab = text_config(model).vocab_size
     with torch.inference_mode(False), torch.no_grad():
         prefill_rows(model, cache, [torch.randint(1, vocab, (context,), generator=gen).tolist()], output_hidden=False)
-        curve, captured = {}, True
         for w in widths:
             ids = torch.randint(1, vocab, (1, w), generator=gen).to(device)  # [1, w]
             offsets = torch.arange(w, device=device)[None]  # [1, w]
             causal = torch.ones(w, w, dtype=torch.bool, device=device).tril()[None]  # [1, w, w]
-            run, replayed = replayable(lambda ids=ids, offsets=offsets, causal=causal: _forward(
-                model, cache, ids, offsets, causal), device)
+            bits = pack_tree_mask(causal[0]) if backend == "triton" else None  # [w]
+
+            def forward(ids=ids, offsets=offsets, causal=causal, bits=bits):
+                return _forward(model, cache, ids, offsets, causal, bits=bits)[0]  # [1, w, V]
+
+            if compile == "inductor":
+                forward = torch.compile(forward, dynamic=False)
+                forward()  # compiles: not timed
+            run, replayed = replayable(forward, device) if capture and compile != "none" else (forward, False)
             run()
-            curve[w], captured = _median_s(run, device, reps), captured and replayed
+            yield w, run, replayed
+
+
+def static_curve(model, context: int, widths: tuple[int, ...], reps: int = 10, compile: str = "graph",
+                 backend: str = "sdpa") -> tuple[dict[int, float], bool]:
+    """Per width ``w``, the median seconds of :func:`static_forwards`' forward, and whether every width was
+    captured (on a GPU; else eager)."""
+    device = next(model.parameters()).device
+    curve, captured = {}, True
+    for w, run, replayed in static_forwards(model, context, widths, compile, backend):
+        curve[w], captured = _median_s(run, device, reps), captured and replayed
     return curve, captured
 
 
@@ -104,15 +126,21 @@ def read_floor_s(model, context: int, bandwidth: float) -> float:
     return (weights + context * kv_bytes_per_token(model)) / bandwidth
 
 
-def static_costs(target, draft, context: int, ks: list[int], reps: int = 10) -> dict:
+def static_costs(target, draft, context: int, ks: list[int], reps: int = 10, compile: str = "graph",
+                 backend: str = "sdpa") -> dict:
     """The static step's forward costs in :mod:`experiments.cost_measure`'s layout (``target``: width ->
     seconds for widths 1 .. max k + 1; ``draft``: one token, or None) plus ``floor_s`` (the target's read
-    floor at ``context``), ``bandwidth`` (bytes/s) and ``captured`` (every forward replayed from a CUDA graph)."""
+    floor at ``context``), ``bandwidth`` (bytes/s) and ``captured`` (every forward replayed from a CUDA graph).
+    ``compile``/``backend``: as the step runs them (:func:`static_curve`; the draft's forwards use SDPA there).
+    Compiled (``inductor``), only the widths 1 and max k + 1 are timed, each compile costing tens of seconds on
+    a large model; the costs between are interpolated (:func:`experiments.costs.cost_at`)."""
     device = next(target.parameters()).device
-    widths = tuple(range(1, max(ks, default=1) + 2))
+    widest = max(ks, default=1) + 1
+    widths = tuple(sorted({1, widest})) if compile == "inductor" else tuple(range(1, widest + 1))
     bandwidth = copy_bandwidth(device)
-    curve, captured = static_curve(target, context, widths, reps)
-    draft_curve, draft_captured = static_curve(draft, context, (1,), reps) if draft is not None else ({1: None}, True)
+    curve, captured = static_curve(target, context, widths, reps, compile, backend)
+    draft_curve, draft_captured = (static_curve(draft, context, (1,), reps, compile) if draft is not None
+                                   else ({1: None}, True))
     return {"target": curve, "draft": draft_curve[1], "floor_s": read_floor_s(target, context, bandwidth),
             "bandwidth": bandwidth, "captured": captured and draft_captured}
 

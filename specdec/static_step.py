@@ -21,7 +21,8 @@ counts, and flags.
 :class:`StaticStep` runs this step eagerly (CPU, or a GPU without capture) or captured in a
 CUDA graph (``compile="graph"``: replayed every step; where capture fails it warns once and
 runs eagerly) or through ``torch.compile`` (``compile="inductor"``, on the CPU too: it needs a C++
-compiler there; its buffers are rounded up to a multiple of :data:`CAPACITY_BUCKET` slots so that
+compiler there; on a GPU the compiled step is then captured as well, so that its fused kernels replay
+without launches, as gpt-fast does; its buffers are rounded up to a multiple of :data:`CAPACITY_BUCKET` slots so that
 batches of similar lengths reuse one compiled step). A decoder keeps its captured or compiled
 steps (:mod:`specdec.static_kept`, per batch size and capacity bucket): a later batch refills the
 same buffers in place and replays, with no second capture. Every form emits exactly the
@@ -51,14 +52,21 @@ _COMPILE_FAILED: list[Exception] = []  # compile=inductor failed in this process
 
 
 def _forward(model, cache: BatchCache, ids: torch.Tensor, offsets: torch.Tensor, tree_mask: torch.Tensor,
-             slot_offset: int = 0):
+             slot_offset: int = 0, bits: torch.Tensor | None = None):
     """A static block forward: ``ids [B, n]`` written at slots ``cache.lengths + slot_offset + j``, at positions
     ``cache.lengths + offsets [B, n]``, seeing the row's prefix and block slots ``lengths + i`` where
-    ``tree_mask [B, n, w]`` is true."""
+    ``tree_mask [B, n, w]`` is true. ``bits``: the same block as one packed tree ``[n]`` shared by every row
+    (``slot_offset`` 0): attention then runs the tree-attention kernel on the device-side lengths
+    (:mod:`specdec_kernels.rows`) instead of SDPA over a key mask of the whole capacity."""
     cache.begin_static_block(ids.shape[1], slot_offset)
-    attn = {"specdec_prefix_len": 0, "specdec_tree_mask": None, "specdec_tree_plan": None,
-            "specdec_key_mask": cache.block_mask(tree_mask)}  # [B, 1, n, C]
-    return model_forward(model, cache, ids, cache.lengths[:, None] + offsets, attn, "sdpa")
+    attn = {"specdec_prefix_len": 0, "specdec_tree_mask": None, "specdec_tree_plan": None, "specdec_key_mask": None}
+    if bits is None:
+        attn["specdec_key_mask"] = cache.block_mask(tree_mask)  # [B, 1, n, C]
+        return model_forward(model, cache, ids, cache.lengths[:, None] + offsets, attn, "sdpa")
+    from specdec_kernels.rows import rows_plan
+
+    attn["specdec_tree_plan"] = rows_plan(cache.lengths, bits)
+    return model_forward(model, cache, ids, cache.lengths[:, None] + offsets, attn, "triton")
 
 
 def capacity_for(prompts: list[list[int]], limits: list[int], nodes: int, compile: str) -> int:
@@ -105,6 +113,11 @@ class StaticStep:
         # the lengths buffers a captured step reads (prefill copies its lengths back into them)
         self._lengths = [c.lengths if c is not None else None for c in (self.t_cache, self.d_cache)]
         self.root_mask = torch.ones(b, 1, 1, dtype=torch.bool, device=device)  # [B, 1, 1] plain decoding
+        self.bits = None  # [1 + N]: the verify tree packed for the kernel (attn_backend=triton); None: SDPA
+        if decoder.verifier.attn_backend == "triton":
+            from specdec_kernels.rows import packed_for
+
+            self.bits = packed_for(self.shape.mask if self.shape is not None else self.root_mask[0])
         self.report = torch.zeros(b, 5, dtype=torch.long, device=device)  # [B, 5] what the host reads per step
         self.compile, self._run, self._prepared = compile, self._eager, False
         self.compile_s = 0.0  # seconds spent compiling or capturing (one undone step included)
@@ -209,7 +222,7 @@ class StaticStep:
         else:
             tokens, probs, ids, offsets, mask = roots[:, :0], None, roots, torch.zeros_like(roots), self.root_mask
         tree = self._tree(tokens, probs, budget)
-        logits, _ = _forward(self.target, self.t_cache, ids, offsets, mask)  # [B, 1 + N, V]
+        logits, _ = _forward(self.target, self.t_cache, ids, offsets, mask, bits=self.bits)  # [B, 1 + N, V]
         decided = self.rule(tree, logits, self.sampling, self.rng)
         self._commit(decided, tokens, room, budget, logits)
         self.step_index += 1
@@ -265,8 +278,8 @@ class StaticStep:
     # ------------------------------------------------------------------ compiled forms
 
     def _compiled(self):
-        """The step captured in a CUDA graph (``graph``, CUDA only) or compiled (``inductor``, CPU or CUDA); eager,
-        with one warning, where that is not possible."""
+        """The step captured in a CUDA graph (``graph``, CUDA only) or compiled (``inductor``: on a CPU, then
+        also captured on a GPU); eager, with one warning, where that is not possible."""
         if self.compile == "graph":
             if self.seq.device.type != "cuda":
                 warnings.warn("compile=graph needs a CUDA device; running the static step eagerly", stacklevel=3)
@@ -295,25 +308,30 @@ class StaticStep:
                 self._run = self._eager
                 self._eager()
                 return
+            self._restore(snapshot)  # undo the compiling call's step: it runs again, timed as any other
+            # on a GPU the compiled step is captured too (the gpt-fast way): its fused kernels replay without launches
+            self._run = self._capture(compiled) if self.seq.device.type == "cuda" else compiled
             if self.seq.device.type == "cuda":
                 torch.cuda.synchronize(self.seq.device)
             self.compile_s += time.perf_counter() - start
-            self._restore(snapshot)  # undo the compiling call's step: it runs again, timed as any other
-            self._run = compiled
-            compiled()
+            self._run()
 
         return first
 
-    def _capture(self):
-        """Capture one step into a graph (:func:`capture_graph`); replays advance every buffer in place."""
+    def _capture(self, step=None):
+        """Capture one step (``step``: the eager one by default, or the compiled one) into a graph
+        (:func:`capture_graph`); replays advance every buffer in place. Where capture fails: ``step``, with one
+        warning."""
+        step = step or self._eager
         snapshot = self._save()
         try:
-            replay = capture_graph(self._eager, self.seq.device, reset=lambda: self._restore(snapshot))
+            replay = capture_graph(step, self.seq.device, reset=lambda: self._restore(snapshot))
             self._restore(snapshot)  # capture ran the step once: undo it
         except Exception as exc:  # noqa: BLE001 - a forward that syncs or allocates dynamically cannot be captured
             self._restore(snapshot)
-            warnings.warn(f"compile=graph: capture failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=3)
-            return self._eager
+            warnings.warn(f"compile={self.compile}: capture failed ({type(exc).__name__}: {exc}); running "
+                          f"{'eagerly' if step == self._eager else 'the compiled step uncaptured'}", stacklevel=3)
+            return step
         return replay
 
     def _state(self) -> list[torch.Tensor]:

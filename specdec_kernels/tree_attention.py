@@ -78,12 +78,8 @@ def _check_inputs(q, k, v, prefix_len, tree_mask):
                          f"{q.device}, {k.device}, {v.device}")
     if N < 1:
         raise ValueError("tree_attention: q must hold at least one tree token (N >= 1)")
-    if not isinstance(tree_mask, torch.Tensor) or tuple(tree_mask.shape) != (N, N):
-        got = tuple(tree_mask.shape) if isinstance(tree_mask, torch.Tensor) else type(tree_mask).__name__
-        raise ValueError(f"tree_attention: tree_mask must have shape [N, N] = [{N}, {N}], got {got}")
-    if tree_mask.dtype != torch.bool:
-        raise ValueError(f"tree_attention: tree_mask must have dtype torch.bool "
-                         f"(true = may attend), got {tree_mask.dtype}")
+    if tree_mask is not None:  # None: rows_launch, whose tree comes packed
+        _check_tree_mask(tree_mask, N)
     if isinstance(prefix_len, torch.Tensor):
         if prefix_len.dim() == 0:
             prefix_len = int(prefix_len.item())
@@ -94,6 +90,15 @@ def _check_inputs(q, k, v, prefix_len, tree_mask):
         raise ValueError(f"tree_attention: prefix_len must be an int or an int tensor [B], "
                          f"got {type(prefix_len).__name__}")
     return B, Hq, Hkv, N, S, D, prefix_len
+
+
+def _check_tree_mask(tree_mask, N: int) -> None:
+    if not isinstance(tree_mask, torch.Tensor) or tuple(tree_mask.shape) != (N, N):
+        got = tuple(tree_mask.shape) if isinstance(tree_mask, torch.Tensor) else type(tree_mask).__name__
+        raise ValueError(f"tree_attention: tree_mask must have shape [N, N] = [{N}, {N}], got {got}")
+    if tree_mask.dtype != torch.bool:
+        raise ValueError(f"tree_attention: tree_mask must have dtype torch.bool "
+                         f"(true = may attend), got {tree_mask.dtype}")
 
 
 def _check_bounds(prefix, N, S):
@@ -291,7 +296,7 @@ def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, n
     block_s = triton.next_power_of_2(num_splits)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernel works in base 2
 
-    def launch(q, k, v):
+    def launch(q, k, v, bits=bits, prefix_t=prefix_t):  # rows_launch's callers pass their own (same shapes)
         out = torch.empty_like(q)  # [B, Hq, N, D]
         _tree_attn_fwd[grid](q, k, v, out, bits, prefix_t, prefix_i, ws_acc, ws_ml, N, Hkv, G, num_splits, m_pad,
                              qk_scale, *strides, *out_strides, **consts)
@@ -302,6 +307,23 @@ def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, n
         return out
 
     return launch
+
+
+def rows_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: torch.Tensor, bits: torch.Tensor,
+                sm_scale: float) -> object:
+    """``launch(q, k, v, bits, prefix) -> out`` for one input layout of a fixed-shape step: ``prefix`` an int
+    tensor ``[B]`` (each row's cached length, never read back: the caller guarantees ``prefix + N <= S``) and
+    ``bits`` the packed tree ``[N]`` (:func:`pack_tree_mask`), both passed again at every launch."""
+    B, Hq, Hkv, N, S, D, prefix = _check_inputs(q, k, v, prefix, None)
+    if N > MAX_TREE_TOKENS or tuple(bits.shape) != (N,):
+        raise ValueError(f"tree_attention: {N} tree tokens need a packed mask of shape [{N}] (N <= "
+                         f"{MAX_TREE_TOKENS}), got {tuple(bits.shape)}")
+    if not isinstance(prefix, torch.Tensor):
+        raise ValueError("tree_attention: rows_launch takes the prefix as an int tensor [B]")
+    if q.device.type != "cuda" and not _is_interpreted():
+        raise RuntimeError("tree_attention: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1)")
+    config = _config(q.dtype, D, (Hq // Hkv) * N, None)
+    return _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, S, sm_scale, None, config)
 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len, tree_mask: torch.Tensor,

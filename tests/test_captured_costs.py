@@ -66,3 +66,30 @@ def test_only_float32_runs_fail_on_a_greedy_mismatch():
     assert exit_status(rows, "bfloat16") == 0 and exit_status(rows, "float16") == 0
     assert exit_status([dict(matches_hf_greedy=False)], "float32", "matches_hf_greedy") == 1
     assert match_note("float32") == "" and "not checked" in match_note("bfloat16")
+
+
+def test_compiled_costs_time_the_end_widths_and_compile_each(micro, monkeypatch):
+    """``compile="inductor"``: each timed forward goes through torch.compile (here a recording stand-in: a real
+    compile costs tens of seconds), and only widths 1 and k + 1 are timed (the rest interpolated)."""
+    target, draft = micro
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    costs = static_costs(target, draft, 24, [3], reps=1, compile="inductor")
+    assert set(costs["target"]) == {1, 4} and len(compiled) == 3 and all(kw == {"dynamic": False} for kw in compiled)
+
+
+def test_step_profile_lists_variants_and_kernels(tmp_path, capsys):
+    from experiments import step_profile
+
+    md = tmp_path / "profile.md"
+    args = ["--synthetic", "llama-micro", "--device", "cpu", "--dtype", "float32", "--context", "32", "--widths",
+            "1,4", "--variants", "graph-sdpa", "--profile", "graph-sdpa", "--top", "3", "--reps", "2",
+            "--markdown", str(md), "--json", str(tmp_path / "profile.json")]
+    assert step_profile.main(args) == 0
+    text = md.read_text()
+    assert "| graph-sdpa |" in text and "T(w4) / T(1)" in text and text.count("| `aten::") == 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:  # argparse: exit status 2, one line naming the choices
+        step_profile.main(["--variants", "graph-flash", "--device", "cpu"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stopped.value.code == 2 and "error:" in last and "graph-flash" in last and "inductor-triton" in last

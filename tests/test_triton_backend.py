@@ -51,3 +51,24 @@ def test_triton_backend_plain_decoding_and_wide_trees():
         outs = _decode_both(target, make, ids, 10)
         assert outs["triton"].sequences.tolist() == outs["sdpa"].sequences.tolist()
     assert max(outs["triton"].stats.proposed_per_step) == 70
+
+
+@pytest.mark.parametrize("shape", ["ar", "chain3", "binary"])
+def test_the_fixed_shape_step_verifies_through_the_kernel(shape):
+    """``attn_backend=triton`` in the fixed-shape step (captured on a GPU): the verify forward runs the kernel
+    on the device-side lengths (``specdec_kernels.rows``), and a batch of ragged rows gets the SDPA step's tokens."""
+    from specdec_kernels import rows as kernel_rows
+
+    target, draft = _on_device(pair("llama")[0]), _on_device(noisy_copy("llama"))
+    make = {"ar": NoDrafter, "chain3": lambda: DraftModelDrafter(draft, 3),
+            "binary": lambda: DraftModelDrafter(draft, tree="binary")}[shape]
+    batch = [p.to(DEVICE) for p in prompts(pair("llama")[2], 4, seed=5)]
+    assert len({p.shape[1] for p in batch}) > 1  # ragged: every row has its own prefix on the device
+    compile = "graph" if DEVICE != "cpu" else "static"
+    outs = {}
+    for backend in ("sdpa", "triton"):
+        kernel_rows._LAUNCHES.clear()
+        dec = SpeculativeDecoder(target, make(), sampling=SamplingParams(), attn_backend=backend, compile=compile)
+        outs[backend] = [s.tolist() for s in dec.generate_batch(batch, [10, 7, 12, 9], seed=0).sequences]
+        assert bool(kernel_rows._LAUNCHES) == (backend == "triton")  # the kernel ran, and only for triton
+    assert outs["triton"] == outs["sdpa"]

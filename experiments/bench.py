@@ -53,6 +53,7 @@ from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import SpecDecError
 from specdec.models import DTYPES, check_device, load_causal_lm, load_tokenizer
+from verifier.fused_projections import fused_copy
 from verifier.narrow_linear import narrow_models
 from verifier.verifier import SDPA_KERNELS
 
@@ -87,8 +88,9 @@ def _ours(target, drafter, max_new, compile="none", attn_backend="sdpa"):
     return run
 
 
-def build_methods(target, draft, args) -> list[Method]:
-    """HF plain / assisted / prompt lookup and ours, in that order."""
+def build_methods(target, draft, args, fixed_target=None) -> list[Method]:
+    """HF plain / assisted / prompt lookup and ours, in that order; ``fixed_target``: the target of the
+    ``--compile`` rows (a fused copy with ``--fuse-projections``; default ``target``)."""
     m, ks, ng = args.max_new_tokens, args.ks, args.ngram_tokens
     methods = [Method("hf_plain", hf(target, m), False),
                Method("hf_prompt_lookup", hf(target, m, prompt_lookup_num_tokens=ng,
@@ -112,13 +114,13 @@ def build_methods(target, draft, args) -> list[Method]:
     for tree in args.trees:
         methods.append(Method(f"ours_tree_{tree}", _ours(target, DraftModelDrafter(draft, tree=tree), m), True))
     if args.compile != "none":  # the fixed-shape step (captured on a GPU with --compile graph)
-        c, a = args.compile, args.attn_backend
-        methods.append(Method(f"ours_ar_{c}", _ours(target, NoDrafter(), m, c, a), True))
+        c, a, t = args.compile, args.attn_backend, fixed_target if fixed_target is not None else target
+        methods.append(Method(f"ours_ar_{c}", _ours(t, NoDrafter(), m, c, a), True))
         for k in ks:
-            methods.append(Method(f"ours_chain_k{k}_{c}", _ours(target, DraftModelDrafter(draft, k), m, c, a), True,
+            methods.append(Method(f"ours_chain_k{k}_{c}", _ours(t, DraftModelDrafter(draft, k), m, c, a), True,
                                   k, peer=f"hf_assisted_k{k}"))
         for tree in args.trees:
-            methods.append(Method(f"ours_tree_{tree}_{c}", _ours(target, DraftModelDrafter(draft, tree=tree), m, c, a),
+            methods.append(Method(f"ours_tree_{tree}_{c}", _ours(t, DraftModelDrafter(draft, tree=tree), m, c, a),
                                   True))
     return methods
 
@@ -378,6 +380,9 @@ def parse_args(argv=None):
     p.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "triton"],
                    help="--compile rows' verify attention: SDPA over a key mask, or the tree kernel on the device-side "
                         "lengths (the eager rows keep sdpa)")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="--compile rows: a copy of the target with its q/k/v and gate/up projections fused "
+                        "(verifier.fused_projections); HF and the eager rows keep the target as loaded")
     p.add_argument("--verify-curve", action="store_true",
                    help="also time the verify forward by width for each --backends at --context tokens")
     p.add_argument("--backends", type=lambda s: s.split(","), default=None,
@@ -461,13 +466,14 @@ def main(argv=None) -> int:
             from experiments.bench_batch import batched_main
 
             return batched_main(target, draft, prompts, args, argv)
-        methods = build_methods(target, draft, args)
+        fixed = fused_copy(target) if args.fuse_projections and args.compile != "none" else target
+        methods = build_methods(target, draft, args, fixed)
         context = int(statistics.median(p.shape[1] for p in prompts)) + args.max_new_tokens // 2
         samples: list[dict] = []  # forward costs timed between prompts, so machine drift hits them and the runs alike
         run_all(methods, prompts, args.reps,
                 between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5)))
         costs = median_costs(samples)
-        static = (static_costs(target, draft, context, args.ks, compile=args.compile, backend=args.attn_backend)
+        static = (static_costs(fixed, draft, context, args.ks, compile=args.compile, backend=args.attn_backend)
                   if args.compile != "none" else None)
         rows, table = summarize(methods, costs, static, args.compile)
         curves, curve_table = (verify_curve(target, args.context or context, args.verify_widths, args.backends, 10)
@@ -475,7 +481,7 @@ def main(argv=None) -> int:
     source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
         (args.target or f"zoo {args.size}")
     header = (f"{command_line(argv)}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device} "
-              f"(narrow linears {narrow}), draft in {args.draft_dtype}. {len(prompts)} prompts, {args.max_new_tokens} new "
+              f"(narrow linears {narrow}{fused_note(args)}), draft in {args.draft_dtype}. {len(prompts)} prompts, {args.max_new_tokens} new "
               f"tokens, greedy, batch 1, "
               f"{args.reps} reps. Forward costs at context {context}: target "
               + ", ".join(f"w{w} {t * 1e3:.1f} ms" for w, t in costs["target"].items())
@@ -485,6 +491,12 @@ def main(argv=None) -> int:
                                      + curve_table if curve_table else "") + match_note(args.dtype)
     publish(text, {"rows": rows, "costs": costs, "static_costs": static, "verify_curves": curves}, args)
     return exit_status(rows, args.dtype)
+
+
+def fused_note(args) -> str:
+    """The header's word on ``--fuse-projections`` (only the ``--compile`` rows' copy is fused)."""
+    return f"; the {args.compile} rows' copy with fused projections" if args.fuse_projections and args.compile != "none" \
+        else ""
 
 
 def match_note(dtype: str) -> str:

@@ -6,13 +6,15 @@ and the kernels one forward launches.
 
 A variant is ``<compile>-<backend>``: ``graph`` (the eager forward captured in a CUDA graph) or ``inductor``
 (compiled by ``torch.compile``, then captured), with attention through ``sdpa`` (a key mask over the whole
-capacity) or ``triton`` (the tree kernel on the device-side lengths). For each it prints the forward's time
-per width (:func:`experiments.captured_costs.static_curve`), T(1) over the read floor (weights and KV at the
-measured copy bandwidth), the widest width over width 1, and the seconds spent compiling and capturing.
-``--profile VARIANT`` adds that variant's kernels, uncaptured (``torch.profiler``; compiled for ``inductor``): per kernel its calls and
-device time in one forward of width 1, so that the gap between the summed kernel time and the floor has
-names. The table is written after every variant (``--markdown``, ``--json``). Importable without hydra or
-wandb; random weights (``experiments.synthetic``): timings only.
+capacity) or ``triton`` (the tree kernel on the device-side lengths); a ``-fused`` suffix fuses the target's
+q/k/v and gate/up projections (:mod:`verifier.fused_projections`; in place, so fused variants run after the
+others). For each it prints the forward's time per width (:func:`experiments.captured_costs.static_curve`),
+T(1) over the read floor (weights and KV at the measured copy bandwidth), the widest width over width 1, and
+the seconds spent compiling and capturing. ``--profile VARIANT`` adds that variant's kernels, uncaptured
+(``torch.profiler``; compiled for ``inductor``): per kernel its calls and device time in one forward of width
+1, so that the gap between the summed kernel time and the floor has names. The table is written after every
+variant (``--markdown``, ``--json``). Importable without hydra or wandb; random weights
+(``experiments.synthetic``): timings only.
 """
 from __future__ import annotations
 
@@ -25,16 +27,17 @@ import torch
 
 from experiments import cli
 from experiments.captured_costs import _median_s, copy_bandwidth, read_floor_s, static_forwards
+from verifier.fused_projections import fuse_projections
 
-VARIANTS = ("graph-sdpa", "graph-triton", "inductor-sdpa", "inductor-triton")
+VARIANTS = tuple(f"{c}-{b}{f}" for f in ("", "-fused") for c in ("graph", "inductor") for b in ("sdpa", "triton"))
 
 
-def variant(text: str) -> tuple[str, str]:
-    """``"inductor-triton"`` -> ``("inductor", "triton")``."""
+def variant(text: str) -> tuple[str, str, bool]:
+    """``"inductor-triton-fused"`` -> ``("inductor", "triton", True)``."""
     if text not in VARIANTS:
         raise argparse.ArgumentTypeError(f"variant {text!r} is unknown; choose from {', '.join(VARIANTS)}")
-    compile_mode, backend = text.split("-")
-    return compile_mode, backend
+    compile_mode, backend, *fused = text.split("-")
+    return compile_mode, backend, bool(fused)
 
 
 def time_variant(model, context: int, widths: tuple[int, ...], compile_mode: str, backend: str, reps: int) -> dict:
@@ -49,11 +52,14 @@ def time_variant(model, context: int, widths: tuple[int, ...], compile_mode: str
     return {"curve": curve, "captured": captured, "setup_s": setup}
 
 
-def kernel_table(model, context: int, compile_mode: str, backend: str, top: int) -> tuple[list[dict], int, float]:
+def kernel_table(model, context: int, compile_mode: str, backend: str, fused: bool,
+                 top: int) -> tuple[list[dict], int, float]:
     """The kernels of one uncaptured width-1 forward (after a warm-up; ``inductor``: compiled): the ``top`` by
     device time as rows ``{name, calls, us}``, the number of launches and their summed device seconds."""
     from torch.profiler import ProfilerActivity, profile
 
+    if fused:
+        fuse_projections(model)
     device = next(model.parameters()).device
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     for _, run, _ in static_forwards(model, context, (1,), compile_mode, backend, capture=False):  # kernels one by one
@@ -109,7 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=cli.int_at_least(1), default=10)
     p.add_argument("--markdown", help="write the tables here (after every variant)")
     p.add_argument("--json", help="write raw results here (after every variant)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.profile and not args.profile[2] and any(fused for _, _, fused in args.variants):
+        p.error("--profile of an unfused variant cannot follow fused --variants (fusing is in place): profile a "
+                "-fused variant, or run the unfused ones alone")
+    return args
 
 
 def _publish(results: dict, args, floor_s: float) -> str:
@@ -129,7 +139,7 @@ def main(argv=None) -> int:
     from verifier.availability import check_attn_backend
 
     args = parse_args(argv)
-    for _, backend in args.variants + ([args.profile] if args.profile else []):
+    for _, backend, _ in args.variants + ([args.profile] if args.profile else []):
         check_attn_backend(backend, args.device)  # one error line before the model is built
     target, _ = synthetic_pair(args.synthetic, args.device, getattr(torch, args.dtype))
     device = next(target.parameters()).device
@@ -137,13 +147,16 @@ def main(argv=None) -> int:
     results = {"header": f"Command: `python -m experiments.step_profile {' '.join(sys.argv[1:] if argv is None else argv)}`"
                          f"\n\nSynthetic {args.synthetic} in {args.dtype} on {device}, context {args.context}: "
                          f"read floor {floor_s * 1e3:.2f} ms.", "floor_s": floor_s, "variants": {}}
-    for compile_mode, backend in args.variants:
-        results["variants"][f"{compile_mode}-{backend}"] = time_variant(
+    for compile_mode, backend, fused in sorted(args.variants, key=lambda v: v[2]):  # fusing is for good: last
+        if fused:
+            fuse_projections(target)
+        results["variants"][f"{compile_mode}-{backend}{'-fused' if fused else ''}"] = time_variant(
             target, args.context, args.widths, compile_mode, backend, args.reps)
         _publish(results, args, floor_s)
     if args.profile:
         kernels, launches, device_s = kernel_table(target, args.context, *args.profile, args.top)
-        results["profile"] = {"variant": "-".join(args.profile), "kernels": kernels, "launches": launches,
+        name = "-".join(args.profile[:2]) + ("-fused" if args.profile[2] else "")
+        results["profile"] = {"variant": name, "kernels": kernels, "launches": launches,
                               "device_s": device_s}
     print(results["header"] + "\n\n" + _publish(results, args, floor_s))
     return 0

@@ -15,8 +15,9 @@
 #   bash scripts/gpu_check.sh suite      # the rest of the test suite with CUDA present (SUITE_S, default 400 s;
 #                                        # on 2026-12-04 it reached 95% of 902 tests in 180 s)
 #   bash scripts/gpu_check.sh final      # the kernel benchmark, then the rest of the suite
-#   bash scripts/gpu_check.sh step       # the step's tests (TESTS_S), experiments.step_profile on the 8B shape,
-#                                        # and the 8B bench compiled by inductor with the kernel (BENCH_S)
+#   bash scripts/gpu_check.sh step       # the step's tests (TESTS_S), experiments.step_profile on the 8B shape
+#                                        # (PROFILE_S: fused projections against not), and the 8B bench compiled
+#                                        # by inductor with the kernel and fused projections (BENCH_S); about 9 min
 #   bash scripts/gpu_check.sh tune [TEST_ID...]  # the kernel's tests, its launch-choice sweep and bench
 #                                        # (TESTS_S, TUNE_S: the sweep of 24 shapes needs about 120 s)
 #
@@ -63,15 +64,15 @@ if [ "$MODE" = tune ]; then  # the kernel's tests (plus any test ids given after
   exit 0
 fi
 if [ "$MODE" = step ]; then  # the captured step's costs: tests, where a forward's time goes, the 8B bench compiled
-  stage tests_step "${TESTS_S:-170}" python3 -m pytest -v -n 12 -p no:cacheprovider -rs --durations=10 \
-    "${GPU_TESTS[@]}" tests/test_static_step.py tests/test_captured_costs.py tests/test_medusa.py \
-    tests/test_draft_vocab.py tests/test_confidence.py tests/test_eagle_training.py
-  stage step_profile 90 python3 -m experiments.step_profile --synthetic llama-8b --context 4096 --widths 1,8,64 \
-    --variants graph-sdpa,graph-triton --profile graph-sdpa --markdown "$W/step_profile.md" --json "$W/step_profile.json"
+  stage tests_step "${TESTS_S:-110}" python3 -m pytest -v -n 12 -p no:cacheprovider -rs --durations=10 \
+    "${GPU_TESTS[@]}" tests/test_fused_projections.py tests/test_captured_costs.py
+  stage step_profile "${PROFILE_S:-200}" python3 -m experiments.step_profile --synthetic llama-8b --context 4096 \
+    --widths 1,64 --variants graph-triton,graph-triton-fused,inductor-triton-fused --profile inductor-triton-fused \
+    --markdown "$W/step_profile.md" --json "$W/step_profile.json"
   stage bench_8b_inductor "${BENCH_S:-240}" python3 -m experiments.bench --device cuda --synthetic llama-8b \
-    --dtype bfloat16 --draft-dtype bfloat16 --prompts 2 --prompt-len 512 --max-new-tokens 32 --ks 4 --reps 1 \
-    --no-hf-dynamic --compile inductor --attn-backend triton --markdown "$W/bench_8b_inductor.md" \
-    --json "$W/bench_8b_inductor.json"
+    --dtype bfloat16 --draft-dtype bfloat16 --prompts 2 --prompt-len 512 --max-new-tokens 128 --ks 4 --reps 1 \
+    --no-hf-dynamic --compile inductor --attn-backend triton --fuse-projections \
+    --markdown "$W/bench_8b_inductor.md" --json "$W/bench_8b_inductor.json"
   exit 0
 fi
 if [ "$MODE" = final ]; then  # the kernel bench, then the rest of the suite

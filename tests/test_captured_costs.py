@@ -83,13 +83,18 @@ def test_step_profile_lists_variants_and_kernels(tmp_path, capsys):
 
     md = tmp_path / "profile.md"
     args = ["--synthetic", "llama-micro", "--device", "cpu", "--dtype", "float32", "--context", "32", "--widths",
-            "1,4", "--variants", "graph-sdpa", "--profile", "graph-sdpa", "--top", "3", "--reps", "2",
+            "1,4", "--variants", "graph-sdpa-fused,graph-sdpa", "--profile", "graph-sdpa-fused", "--top", "3",
+            "--reps", "2",
             "--markdown", str(md), "--json", str(tmp_path / "profile.json")]
     assert step_profile.main(args) == 0
     text = md.read_text()
-    assert "| graph-sdpa |" in text and "T(w4) / T(1)" in text and text.count("| `aten::") == 3
+    assert text.index("| graph-sdpa |") < text.index("| graph-sdpa-fused |")  # fusing is in place: fused ones last
+    assert "T(w4) / T(1)" in text and text.count("| `aten::") == 3 and "(graph-sdpa-fused)" in text
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:  # argparse: exit status 2, one line naming the choices
         step_profile.main(["--variants", "graph-flash", "--device", "cpu"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert stopped.value.code == 2 and "error:" in last and "graph-flash" in last and "inductor-triton" in last
+    with pytest.raises(SystemExit):  # an unfused profile after fused variants would profile the fused model
+        step_profile.parse_args(["--variants", "graph-sdpa-fused", "--profile", "graph-sdpa"])
+    assert "cannot follow fused" in capsys.readouterr().err

@@ -38,13 +38,20 @@ DRAFTERS = {
 
 
 def _check(target, drafter, prompts, backend, max_new=40):
-    dec = SpeculativeDecoder(target, drafter, sampling=SamplingParams(), attn_backend=backend)
+    _check_against(target, SpeculativeDecoder(target, drafter, sampling=SamplingParams(), attn_backend=backend),
+                   prompts, max_new)
+
+
+def _check_against(target, decoder, prompts, max_new=40):
+    """``decoder``'s greedy tokens equal ``target.generate(do_sample=False)``'s (a captured step may not fall back)."""
     for ids in prompts:
         ids = ids.to(CUDA)
         with torch.no_grad():
             ref = target.generate(ids, do_sample=False, max_new_tokens=max_new,
                                   pad_token_id=target.generation_config.eos_token_id)
-        out = dec.generate(ids, max_new_tokens=max_new, seed=0)
+        with warnings.catch_warnings():  # a fallback to the eager step would not test the capture
+            warnings.filterwarnings("error", message="compile=")
+            out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
         assert out.sequences.tolist() == ref.tolist()
 
 
@@ -123,6 +130,17 @@ def test_captured_step_emits_the_eager_tokens(models, compile, batch):
                     out = captured.generate_batch(group, new, seed=seed)
                 assert not static_step._COMPILE_FAILED, static_step._COMPILE_FAILED  # inductor warns only once
                 assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences], (shape, seed)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_a_fused_target_captured_decodes_the_unfused_tokens(models, backend):
+    """Fused projections (``verifier.fused_projections``) in the captured step, with either attention: the
+    tokens of ``generate(do_sample=False)`` on the unfused target (fp32)."""
+    from verifier.fused_projections import fused_copy
+
+    target, draft, prompts = models
+    _check_against(target, SpeculativeDecoder(fused_copy(target), DraftModelDrafter(draft, num_speculative_tokens=4),
+                                              attn_backend=backend, compile="graph"), prompts)
 
 
 @pytest.mark.parametrize("shape", [dict(num_speculative_tokens=4), dict(tree="binary")])

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.cache import SpecDecCache
+from verifier.fused_projections import FusedPart
 from verifier.verifier import attention_inputs, model_forward
 
 PROBE_CONTEXT = 128  # cache slots before the token a cost probe feeds
@@ -138,16 +139,26 @@ class _Layer:
     def weights(self) -> tuple:
         """``(w_qkv, b_qkv, w_gate_up, b_gate_up)``."""
         attn, mlp = self.layer.self_attn, self.layer.mlp
-        sources = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
-        key = tuple((lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype) for lin in sources)
+        groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj))
+        key = tuple((lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype) for lin in _holders(groups))
         if key != self._key:
             with torch.no_grad():
-                self._w = (torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),  # [(Hq + 2 Hkv) D, H]
-                           _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-                           torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),  # [2 I, H]
-                           _cat_bias(mlp.gate_proj, mlp.up_proj))
+                self._w = (*_joined(groups[0]), *_joined(groups[1]))  # [(Hq + 2 Hkv) D, H], .., [2 I, H], ..
             self._key = key
         return self._w
+
+
+def _holders(groups) -> list:
+    """The modules holding the groups' weights: each linear, or a fused group's first part only."""
+    return [lin for g in groups for lin in (g[:1] if isinstance(g[0], FusedPart) else g)]
+
+
+def _joined(linears) -> tuple:
+    """``(weight [sum of outs, H], bias or None)`` of linears that read one input: the model's own where they are
+    fused (:mod:`verifier.fused_projections`, the same layout), else concatenated here."""
+    if isinstance(linears[0], FusedPart):
+        return linears[0].weight, linears[0].bias
+    return torch.cat([lin.weight for lin in linears]), _cat_bias(*linears)
 
 
 class FastDecoder:

@@ -41,18 +41,37 @@ def load_models(cfg: DictConfig | dict) -> LoadedModels:
     ``narrow_linears`` (``auto``: float32 on the CPU; ``on``; ``off``; or a product, ``packed`` / ``transposed``)
     switches the models' linears to :class:`verifier.narrow_linear.NarrowLinear`, which makes multi-row verify
     forwards cheaper on the CPU; ``info["narrow_linears"]`` records the product used (``packed``,
-    ``transposed``) or ``off``.
+    ``transposed``) or ``off``. ``fuse_projections`` (default false) fuses the models' q/k/v and gate/up
+    projections into one product each (:mod:`verifier.fused_projections`; for GPUs).
 
     Raises:
-        ConfigError: unknown ``source``, a missing required key, or a wrong ``narrow_linears``.
+        ConfigError: unknown ``source``, a missing required key, a wrong ``narrow_linears`` or
+            ``fuse_projections``, or a target without projections to fuse.
         SpecDecError: a model path does not exist or cannot be loaded (from ``specdec.models``).
     """
     from verifier.narrow_linear import narrow_mode, narrow_models
 
     narrow = narrow_mode(cfg.get("narrow_linears", "auto"))  # checked before any load
+    fuse = cfg.get("fuse_projections", False)
+    if not isinstance(fuse, bool):
+        raise ConfigError(f"model.fuse_projections={fuse!r}: use true or false")
     loaded = _load(cfg)
     loaded.info["narrow_linears"] = narrow_models([loaded.target, loaded.draft], narrow)
+    if fuse:
+        _fuse(loaded)
     return loaded
+
+
+def _fuse(loaded: LoadedModels) -> None:
+    """``model.fuse_projections=true``: the target's (and the draft model's) projections fused in place."""
+    from verifier.fused_projections import fuse_projections
+
+    if not fuse_projections(loaded.target):
+        raise ConfigError(f"model.fuse_projections=true: the target ({type(loaded.target).__name__}) has no layers with "
+                          "q/k/v or gate/up linears to fuse: set model.fuse_projections=false")
+    if loaded.draft is not None:
+        fuse_projections(loaded.draft)
+    loaded.info["fuse_projections"] = True
 
 
 def _load(cfg: DictConfig | dict) -> LoadedModels:

@@ -178,7 +178,7 @@ def test_remote_code_checkpoint_names_our_key(checkpoints, tmp_path):
 def test_unknown_added_keys_list_the_valid_keys(tmp_path, monkeypatch, capsys):
     proc = run_cli(*TINY, "+model.foo=1", f"hydra.run.dir={tmp_path}")
     error_line(proc.stderr, 2, proc.returncode, "'model.foo'", "+model.foo=1", "model=tiny_random",
-               "['arch', 'narrow_linears', 'seed', 'source']")
+               "['arch', 'fuse_projections', 'narrow_linears', 'seed', 'source']")
     assert not (tmp_path / "summary.json").exists()
     code, err = main_in_process(monkeypatch, capsys, *TINY, "+foo=1", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "'foo'", "top level", "'max_new_tokens'", "'sampling'")

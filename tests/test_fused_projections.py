@@ -66,3 +66,33 @@ def test_linears_called_out_of_order_fail_with_one_clear_error():
 def test_a_model_without_such_layers_is_refused():
     with pytest.raises(ConfigError, match="no layers with q/k/v or gate/up"):
         fused_copy(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_the_model_config_fuses_on_request():
+    """``model.fuse_projections=true`` fuses the loaded target and draft; a wrong value is one ConfigError."""
+    from experiments.models_from_config import load_models
+
+    loaded = load_models({"source": "tiny_random", "fuse_projections": True})
+    assert has_fused_projections(loaded.target) and has_fused_projections(loaded.draft)
+    assert loaded.info["fuse_projections"] is True
+    assert not has_fused_projections(load_models({"source": "tiny_random"}).target)
+    with pytest.raises(ConfigError, match="model.fuse_projections='yes': use true or false"):
+        load_models({"source": "tiny_random", "fuse_projections": "yes"})
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_fused_draft_runs_the_lean_forward_on_its_own_fused_weights(arch):
+    """The draft's lean forward (``drafters.fast_decoder``) concatenates q/k/v and gate/up itself; a fused draft
+    hands it the fused weights instead (the same layout), and drafting proposes what the unfused draft does."""
+    from drafters.fast_decoder import fast_decoder
+
+    target, draft = pair(arch)[0], noisy_copy(arch)
+    fused = fused_copy(draft)
+    plain_w, fused_w = fast_decoder(draft).layers[0].weights(), fast_decoder(fused).layers[0].weights()
+    assert fused_w[0] is fused.model.layers[0].self_attn.q_proj.weight  # no second copy
+    for a, b in zip(plain_w, fused_w):
+        assert (a is None and b is None) or torch.equal(a, b)
+    for ids in prompts(pair(arch)[2], 2, seed=2):
+        outs = [SpeculativeDecoder(target, DraftModelDrafter(d, 3)).generate(ids, max_new_tokens=12) for d in (draft, fused)]
+        assert outs[0].sequences.tolist() == outs[1].sequences.tolist()
+        assert outs[0].stats.accepted_per_step == outs[1].stats.accepted_per_step

@@ -143,14 +143,16 @@ def test_a_fused_target_captured_decodes_the_unfused_tokens(models, backend):
                                               attn_backend=backend, compile="graph"), prompts)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
 @pytest.mark.parametrize("shape", [dict(num_speculative_tokens=4), dict(tree="binary")])
-def test_captured_step_makes_no_host_sync(models, shape):
+def test_captured_step_makes_no_host_sync(models, shape, backend):
     """Under sync debug mode "error", replaying the captured step must not synchronise; only the
-    step's one read (``StaticStep.step``'s ``report.tolist()``) may."""
+    step's one read (``StaticStep.step``'s ``report.tolist()``) may. ``triton``: the verify forward's kernel
+    on the device-side lengths."""
     from specdec.static_step import StaticStep
 
     target, draft, prompts = models
-    decoder = SpeculativeDecoder(target, DraftModelDrafter(draft, **shape), compile="graph")
+    decoder = SpeculativeDecoder(target, DraftModelDrafter(draft, **shape), compile="graph", attn_backend=backend)
     rows = [p[0].tolist() for p in prompts]
     with torch.no_grad():
         step = StaticStep.for_decoder(decoder, rows, [16] * len(rows), list(range(len(rows))), "graph")

@@ -178,6 +178,15 @@ def pooled_tokens_per_s(meth: Method) -> float:
     return sum(meth.new_tokens[i] for i in meth.times) / sum(statistics.median(t) for t in meth.times.values())
 
 
+def decode_seconds_per_token(meth: Method) -> float | None:
+    """Ours: all prompts' median times less their median prefills, over their new tokens (the decode loop's time
+    per token, which a short answer's prefill does not inflate); None for HF's methods (no prefill split)."""
+    if not meth.prefill_s:
+        return None
+    decode = sum(statistics.median(meth.times[i]) - statistics.median(meth.prefill_s[i]) for i in meth.times)
+    return decode / sum(meth.new_tokens[i] for i in meth.times)
+
+
 def pooled_tau(meth: Method) -> float | None:
     """Tokens per target forward over all prompts together (each prompt's new tokens over its forwards,
     summed): the run's tau. The mean of per-prompt taus weighs a prompt decoded in few forwards as much
@@ -225,13 +234,15 @@ def summarize(methods: list[Method], costs: dict, static: dict | None = None,
     for m in methods:
         mine = tps[m.name]
         floor = 1 / pooled_tokens_per_s(m) / static["floor_s"] if static is not None else None
+        decode = decode_seconds_per_token(m) if static is not None else None
         row = {"method": m.name, "tokens_per_s": statistics.median(mine.values()),
                "speedup_vs_hf_plain": _spread([mine[i] / base[i] for i in mine]),
                "matches_hf_plain": m.matches, "tau": statistics.mean(m.tau.values()) if m.tau else None,
                "tau_pooled": pooled_tau(m),
                "draft_acceptance": statistics.mean(m.acceptance.values()) if m.acceptance and m.k else None,
                "vs_hf_same_drafter": None, "efficiency": None, "ceiling_vs_hf": None,
-               "per_token_vs_read_floor": floor}
+               "per_token_vs_read_floor": floor,
+               "decode_per_token_vs_read_floor": decode / static["floor_s"] if decode is not None else None}
         if m.peer:
             row["vs_hf_same_drafter"] = _spread([mine[i] / tps[m.peer][i] for i in mine])
         if m.name.startswith("ours_chain") and not m.dynamic:
@@ -247,7 +258,7 @@ def _markdown(rows: list[dict], floor: bool) -> str:
     columns = ["method", "tokens/s (median)", "speedup vs HF plain, median (min-max)", "ours / HF same drafter & k",
                "tau: mean over prompts / pooled", "draft acceptance", "efficiency (measured / predicted over our AR)",
                "zero-overhead ceiling vs HF same drafter & k", "output = HF plain greedy"] + \
-        (["time per token / target's read floor"] if floor else [])
+        (["time per token / target's read floor", "after prefill"] if floor else [])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         acc = f"{r['draft_acceptance']:.2f}" if r["draft_acceptance"] is not None else ""
@@ -255,7 +266,8 @@ def _markdown(rows: list[dict], floor: bool) -> str:
                  tau_cell(r), acc, r["efficiency"] or "", r["ceiling_vs_hf"] or "",
                  "yes" if r["matches_hf_plain"] else "NO"]
         if floor:
-            cells.append(f"{r['per_token_vs_read_floor']:.2f}")
+            after = r["decode_per_token_vs_read_floor"]
+            cells += [f"{r['per_token_vs_read_floor']:.2f}", f"{after:.2f}" if after is not None else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -4,7 +4,8 @@
     python -m specdec_kernels.tune --hkv 8 --prefixes 16384 --ns 1  # one shape
 
 For every shape it times each combination of :data:`specdec_kernels.tree_attention.CONFIG_KEYS` values in the
-grid below (``block_m`` stays the default's: it follows the tree's rows) and prints the fastest next to
+grid below (``block_m`` stays the default's, which follows the tree's rows; trees of more rows than one default
+M-block also try one M-block of up to 256 rows, read K/V once) and prints the fastest next to
 :func:`~specdec_kernels.tree_attention.default_config`'s choice, with the fraction of peak bandwidth of each.
 Compiling every variant first, in ``--jobs`` parallel processes that fill Triton's on-disk cache, keeps the
 sweep within a minute or two. The JSON is written after every shape. What it finds is meant to be written into
@@ -48,9 +49,16 @@ def configs(args, hkv: int, n: int) -> list[dict]:
     """The grid for ``hkv`` KV heads and a tree of ``n`` tokens (``block_m`` fixed by the rows)."""
     from specdec_kernels.tree_attention import default_config
 
-    base = default_config(getattr(torch, args.dtype), args.head_dim, (args.hq // hkv) * n)
+    import triton
+
+    tree_rows = (args.hq // hkv) * n
+    base = default_config(getattr(torch, args.dtype), args.head_dim, tree_rows)
     rows = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
-    return [{**base, **row} for row in rows]
+    grid = [{**base, **row} for row in rows]
+    if tree_rows > base["block_m"]:  # also one M-block for all rows: K/V read once, more registers per program
+        wide = min(256, triton.next_power_of_2(tree_rows))
+        grid += [{**c, "block_m": wide, "num_warps": w} for c in grid if c["num_warps"] == 8 for w in (8, 16)]
+    return grid
 
 
 def time_config(case, config, reps, flush) -> float | None:

@@ -34,7 +34,7 @@ def test_static_curve_times_the_static_block_forward_without_moving_the_cache(mi
 def _method(name: str, seconds: float, k: int | None = None, peer: str | None = None) -> Method:
     ours = name.startswith("ours")
     return Method(name, run=None, ours=ours, k=k, peer=peer, times={0: [seconds]}, new_tokens={0: 30},
-                  tau={0: 3.0} if ours else {}, acceptance={0: 0.5} if k else {}, prefill_s={0: [0.01]},
+                  tau={0: 3.0} if ours else {}, acceptance={0: 0.5} if k else {}, prefill_s={0: [0.01]} if ours else {},
                   forwards={0: 10} if ours else {})
 
 
@@ -52,6 +52,9 @@ def test_a_captured_chain_is_judged_against_the_captured_loop_and_costs():
     # captured chain: 0.3 / 0.15 = 2.00x over ours_ar_graph, predicted 3 * 0.01 / (2 * 0.002 + 0.012) = 1.88x
     assert by["ours_chain_k2_graph"]["efficiency"] == "1.07 (2.00x / 1.88x)"
     assert by["ours_ar_graph"]["per_token_vs_read_floor"] == pytest.approx(0.3 / 30 / 0.005)
+    # after prefill: (0.3 - 0.01) / 30 tokens over the floor; HF's rows have no prefill split
+    assert by["ours_ar_graph"]["decode_per_token_vs_read_floor"] == pytest.approx(0.29 / 30 / 0.005)
+    assert by["hf_plain"]["decode_per_token_vs_read_floor"] is None
     assert "time per token / target's read floor" in table.splitlines()[0]
     assert "read floor" not in summarize(methods[:4], eager)[1]  # no --compile: no floor column
 

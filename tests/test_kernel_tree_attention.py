@@ -18,7 +18,7 @@ import importlib  # noqa: E402
 import pytest  # noqa: E402
 
 ta = importlib.import_module("specdec_kernels.tree_attention")  # the module, not the re-exported function
-from specdec_kernels import tree_attention, tree_attention_ref  # noqa: E402
+from specdec_kernels import TreeAttentionPlan, pack_tree_mask, tree_attention, tree_attention_ref  # noqa: E402
 from tests.triton_env import DEVICE, fresh_process_test, interpreter_guard  # noqa: E402
 
 _needs_interpreter = interpreter_guard()
@@ -137,6 +137,31 @@ def test_many_rows_span_several_m_blocks():
     for dtype, N in ((torch.float32, 40), (torch.float16, 64)):
         q, k, v = make_inputs(N, 1, 8, 1, N, [100], 100 + N + 5, 64, dtype)
         check(q, k, v, 100, tree_mask_from_parents(random_parents(rng, N)))
+
+
+def test_one_m_block_of_256_rows():
+    """``block_m`` 256 (a launch choice ``specdec_kernels.tune`` tries for trees of 256 rows: K/V read once)."""
+    rng = random.Random(5)
+    q, k, v = make_inputs(256, 1, 32, 8, 64, [300], 300 + 64 + 7, 128, torch.bfloat16)  # G * N = 4 * 64
+    mask = tree_mask_from_parents(random_parents(rng, 64))
+    out = TreeAttentionPlan(300, mask, config={"block_m": 256, "num_warps": 8})(q, k, v)  # [1, 32, 64, 128]
+    ref = tree_attention_ref(q, k, v, 300, mask)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.bfloat16][0], rtol=TOL[torch.bfloat16][1])
+
+
+def test_the_rows_operator_reads_each_rows_prefix_on_the_device():
+    """``specdec::tree_attention_rows`` (the fixed-shape step's attention): per-row prefixes as a tensor, the tree
+    packed, nothing validated on the host; equal to the reference row by row."""
+    from specdec_kernels.rows import tree_attention_rows
+
+    rng = random.Random(9)
+    N, prefixes = 5, [200, 37, 120]
+    q, k, v = make_inputs(9, 3, 8, 2, N, prefixes, 256, 64, torch.float16)
+    mask = tree_mask_from_parents(random_parents(rng, N))
+    prefix = torch.tensor(prefixes, device=DEVICE)
+    out = tree_attention_rows(q, k, v, prefix, pack_tree_mask(mask.to(DEVICE)), 0.125)
+    ref = tree_attention_ref(q, k, v, prefix, mask, 0.125)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.float16][0], rtol=TOL[torch.float16][1])
 
 
 def test_chain_equals_causal_attention():

@@ -18,6 +18,8 @@
 #   bash scripts/gpu_check.sh step       # the step's tests (TESTS_S), experiments.step_profile on the 8B shape
 #                                        # (PROFILE_S: fused projections against not), and the 8B bench compiled
 #                                        # by inductor with the kernel and fused projections (BENCH_S); about 9 min
+#   bash scripts/gpu_check.sh pair       # the embedded pair's bench and default experiment compiled and
+#                                        # captured with the kernel (compile=inductor attn_backend=triton)
 #   bash scripts/gpu_check.sh tune [TEST_ID...]  # the kernel's tests, its launch-choice sweep and bench
 #                                        # (TESTS_S, TUNE_S: the sweep of 24 shapes needs about 120 s)
 #
@@ -67,12 +69,22 @@ if [ "$MODE" = step ]; then  # the captured step's costs: tests, where a forward
   stage tests_step "${TESTS_S:-110}" python3 -m pytest -v -n 12 -p no:cacheprovider -rs --durations=10 \
     "${GPU_TESTS[@]}" tests/test_fused_projections.py tests/test_captured_costs.py
   stage step_profile "${PROFILE_S:-200}" python3 -m experiments.step_profile --synthetic llama-8b --context 4096 \
-    --widths 1,64 --variants graph-triton,graph-triton-fused,inductor-triton-fused --profile inductor-triton-fused \
+    --widths 1,64 --variants graph-sdpa,graph-triton,graph-triton-fused,inductor-triton-fused \
+    --profile inductor-triton-fused \
     --markdown "$W/step_profile.md" --json "$W/step_profile.json"
   stage bench_8b_inductor "${BENCH_S:-240}" python3 -m experiments.bench --device cuda --synthetic llama-8b \
     --dtype bfloat16 --draft-dtype bfloat16 --prompts 2 --prompt-len 512 --max-new-tokens 128 --ks 4 --reps 1 \
     --no-hf-dynamic --compile inductor --attn-backend triton --fuse-projections \
     --markdown "$W/bench_8b_inductor.md" --json "$W/bench_8b_inductor.json"
+  exit 0
+fi
+if [ "$MODE" = pair ]; then  # the embedded pair compiled and captured, with the kernel (about 4 minutes)
+  stage build_zoo 150 python3 -m experiments.build_zoo size=default logger=none hydra.run.dir="$W/build_zoo"
+  stage bench_zoo_inductor "${BENCH_S:-150}" python3 -m experiments.bench --device cuda --prompts 4 \
+    --max-new-tokens 64 --ks 2,4 --reps 2 --compile inductor --attn-backend triton --context 512 \
+    --markdown "$W/bench_zoo_inductor.md" --json "$W/bench_zoo_inductor.json"
+  stage decode_inductor 60 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 \
+    max_new_tokens=64 compile=inductor attn_backend=triton hydra.run.dir="$W/decode_inductor"
   exit 0
 fi
 if [ "$MODE" = final ]; then  # the kernel bench, then the rest of the suite

@@ -62,6 +62,19 @@ def test_greedy_equality_on_cuda(models, shape, backend):
     _check(target, DRAFTERS[shape](draft), prompts, backend)
 
 
+def test_masked_grouped_attention_packs_the_heads_on_cuda(models, monkeypatch):
+    """A tree verify through SDPA on a GQA target (4 query heads, 2 KV heads) takes ``grouped_sdpa`` on CUDA
+    (SDPA's fused kernels with a mask take no grouped heads), and decodes generate's tokens."""
+    from verifier import attention
+
+    calls = []
+    original = attention.grouped_sdpa
+    monkeypatch.setattr(attention, "grouped_sdpa", lambda *a: calls.append(1) or original(*a))
+    target, draft, prompts = models
+    _check(target, DRAFTERS["tree_binary"](draft), prompts[:1], "sdpa", max_new=12)
+    assert calls
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_medusa_greedy_equality_on_cuda(models, backend):
     target, _, prompts = models

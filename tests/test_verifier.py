@@ -1,8 +1,10 @@
-"""The verifier's forward: SDPA kernel choice, the cache keyword, and attention inputs built once."""
+"""The verifier's forward: SDPA kernel choice, the cache keyword, attention inputs built once, and masked
+attention over grouped heads."""
 from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 from specdec.cache import SpecDecCache
@@ -96,3 +98,21 @@ def test_padded_verify_blocks_decode_what_unpadded_ones_do():
         del target.forward
     with pytest.raises(ConfigError, match="verify_widths"):
         SpeculativeDecoder(target, DraftModelDrafter(draft, num_speculative_tokens=2), verify_widths=[0, 4])
+
+
+@pytest.mark.parametrize("b, hq, hkv, n, s", [(1, 8, 2, 1, 50), (2, 12, 3, 5, 77), (3, 4, 4, 2, 9)])
+def test_grouped_sdpa_equals_sdpa_over_grouped_heads(b, hq, hkv, n, s):
+    """Packing each KV head's query heads into its rows (what masked GQA attention takes on a GPU) computes
+    SDPA with ``enable_gqa``, for a per-row mask and for one mask shared by the batch."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from verifier.attention import grouped_sdpa
+
+    gen = torch.Generator().manual_seed(b * 100 + n)
+    q = torch.randn(b, n, hq, 16, generator=gen).transpose(1, 2)  # [B, Hq, n, D], laid out as a model's
+    k, v = torch.randn(2, b, hkv, s, 16, generator=gen)  # [B, Hkv, S, D] each
+    mask = torch.rand(b, 1, n, s, generator=gen) < 0.7  # [B, 1, n, S]
+    mask[..., 0] = True
+    for m in (mask, mask[:1]):
+        ref = scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3, enable_gqa=hq != hkv)
+        torch.testing.assert_close(grouped_sdpa(q, k, v, m, 0.3), ref, atol=1e-5, rtol=1e-5)

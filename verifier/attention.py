@@ -48,14 +48,34 @@ def _sdpa(query, key, value, scaling, kwargs):
     """SDPA over ``query [B, Hq, n, D]`` and the cache's ``key/value [B, Hkv, S, D]``; ``[B, n, Hq, D]``."""
     mask = kwargs.get("specdec_key_mask")
     n, s = query.shape[2], key.shape[2]
+    grouped = query.shape[1] != key.shape[1]
+    if mask is not None and grouped and query.device.type == "cuda":
+        return grouped_sdpa(query, key, value, mask, scaling).transpose(1, 2), None
     if mask is None and kwargs.get("specdec_tree_mask") is None and n > 1:  # causal chunk after the prefix
         from torch.nn.attention.bias import causal_lower_right
 
         mask = causal_lower_right(n, s)  # query i sees keys 0 .. s - n + i, without materialising a mask
-    out = scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )  # [B, Hq, n, D]
-    return out.transpose(1, 2), None
+    out = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=grouped)
+    return out.transpose(1, 2), None  # [B, n, Hq, D]
+
+
+def grouped_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                 scaling: float | None) -> torch.Tensor:
+    """Masked SDPA of ``query [B, Hq, n, D]`` over ``key/value [B, Hkv, S, D]`` (``Hq = G Hkv``), with each KV
+    head's G query heads packed into its query rows: ``[B, Hkv, G n, D]`` under the mask repeated per head.
+
+    On a GPU, SDPA's fused kernels that take a boolean mask take no grouped heads. With ``enable_gqa`` and a mask,
+    SDPA falls to its math path. There it expands K and V to every query head and computes in fp32, which cost
+    an 8B-shaped target's captured forward 2x its whole time at context 4096 (``BENCHMARKS.md``, "Where the
+    captured forward's time went"). Packed, the memory-efficient kernel reads each KV head once for its whole
+    group. ``mask``: bool ``[B or 1, 1, n, S]``; returns ``[B, Hq, n, D]``."""
+    b, hq, n, d = query.shape
+    hkv, s = key.shape[1], key.shape[2]
+    g = hq // hkv
+    packed = query.reshape(b, hkv, g * n, d)  # [B, Hkv, G n, D]: head h = k G + j sits in KV head k's group
+    rows = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(mask.shape[0], 1, g * n, s)  # [B, 1, G n, S]
+    out = scaled_dot_product_attention(packed, key, value, attn_mask=rows, scale=scaling)  # [B, Hkv, G n, D]
+    return out.view(b, hq, n, d)
 
 
 def sdpa_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

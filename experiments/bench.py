@@ -393,8 +393,8 @@ def parse_args(argv=None):
                    help="--compile rows' verify attention: SDPA over a key mask, or the tree kernel on the device-side "
                         "lengths (the eager rows keep sdpa)")
     p.add_argument("--fuse-projections", action="store_true",
-                   help="--compile rows: a copy of the target with its q/k/v and gate/up projections fused "
-                        "(verifier.fused_projections); HF and the eager rows keep the target as loaded")
+                   help="--compile rows: a copy of the target (a second set of weights) with its q/k/v and gate/up "
+                        "projections fused (verifier.fused_projections); HF and the eager rows keep the target as loaded")
     p.add_argument("--verify-curve", action="store_true",
                    help="also time the verify forward by width for each --backends at --context tokens")
     p.add_argument("--backends", type=lambda s: s.split(","), default=None,
@@ -464,6 +464,9 @@ def main(argv=None) -> int:
         from verifier.availability import usable_backends
 
         args.backends = usable_backends(args.backends, args.device)
+    if args.batch_sizes and (args.attn_backend != "sdpa" or args.fuse_projections):
+        raise SpecDecError("--attn-backend and --fuse-projections apply to the batch-1 table's --compile rows: "
+                           "drop them with --batch-sizes")
     if args.attn_backend != "sdpa":
         from verifier.availability import check_attn_backend
 

@@ -80,9 +80,9 @@ def kernel_table(model, context: int, compile_mode: str, backend: str, fused: bo
 
 def markdown(results: dict, widths: tuple[int, ...], floor_s: float) -> str:
     """The variants' table (and the profiled kernels, if any)."""
-    wide = widths[-1]
+    narrow, wide = widths[0], widths[-1]
     lines = ["| variant | " + " | ".join(f"T(w{w}) ms" for w in widths)
-             + f" | T(1) / read floor | T(w{wide}) / T(1) | compile + capture s | captured |",
+             + f" | T(w{narrow}) / read floor | T(w{wide}) / T(w{narrow}) | compile + capture s | captured |",
              "|" + "---|" * (len(widths) + 5)]
     for name, r in results["variants"].items():
         c = r["curve"]

@@ -92,7 +92,7 @@ def test_step_profile_lists_variants_and_kernels(tmp_path, capsys):
     assert step_profile.main(args) == 0
     text = md.read_text()
     assert text.index("| graph-sdpa |") < text.index("| graph-sdpa-fused |")  # fusing is in place: fused ones last
-    assert "T(w4) / T(1)" in text and text.count("| `aten::") == 3 and "(graph-sdpa-fused)" in text
+    assert "T(w4) / T(w1)" in text and text.count("| `aten::") == 3 and "(graph-sdpa-fused)" in text
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:  # argparse: exit status 2, one line naming the choices
         step_profile.main(["--variants", "graph-flash", "--device", "cpu"])
@@ -101,3 +101,12 @@ def test_step_profile_lists_variants_and_kernels(tmp_path, capsys):
     with pytest.raises(SystemExit):  # an unfused profile after fused variants would profile the fused model
         step_profile.parse_args(["--variants", "graph-sdpa-fused", "--profile", "graph-sdpa"])
     assert "cannot follow fused" in capsys.readouterr().err
+
+
+def test_the_batch_table_refuses_the_compile_rows_flags(capsys):
+    """``--attn-backend`` / ``--fuse-projections`` shape the batch-1 table's ``--compile`` rows: with
+    ``--batch-sizes`` they would do nothing, so they are one error line before anything loads."""
+    from experiments import bench
+
+    assert bench.main(["--batch-sizes", "2", "--fuse-projections"]) == 2
+    assert "drop them with --batch-sizes" in capsys.readouterr().err

@@ -61,6 +61,8 @@ def test_linears_called_out_of_order_fail_with_one_clear_error():
     attn.q_proj(x)
     with pytest.raises(RuntimeError, match="another order"):
         attn.k_proj(x.clone())
+    attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    assert attn.q_proj.group.x is None and attn.q_proj.group.out is None  # the last part let the activations go
 
 
 def test_a_model_without_such_layers_is_refused():

@@ -114,5 +114,21 @@ def test_grouped_sdpa_equals_sdpa_over_grouped_heads(b, hq, hkv, n, s):
     mask = torch.rand(b, 1, n, s, generator=gen) < 0.7  # [B, 1, n, S]
     mask[..., 0] = True
     for m in (mask, mask[:1]):
-        ref = scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3, enable_gqa=hq != hkv)
-        torch.testing.assert_close(grouped_sdpa(q, k, v, m, 0.3), ref, atol=1e-5, rtol=1e-5)
+        ref = scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3, enable_gqa=hq != hkv)  # [B, Hq, n, D]
+        torch.testing.assert_close(grouped_sdpa(q, k, v, m, 0.3), ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_sdpa_takes_the_memory_efficient_kernels_output_layout(monkeypatch):
+    """On a GPU the memory-efficient kernel returns ``[B, H, M, D]`` laid out as ``[B, M, H, D]``: a plain view of
+    the packed output would fail there (the CPU's kernel returns it contiguous)."""
+    from verifier import attention
+
+    real = attention.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "scaled_dot_product_attention",
+                        lambda *a, **kw: real(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 8, 16, generator=gen).transpose(1, 2)  # [B, Hq, n, D]
+    k, v = torch.randn(2, 2, 2, 40, 16, generator=gen)  # [B, Hkv, S, D] each
+    mask = torch.ones(2, 1, 3, 40, dtype=torch.bool)
+    ref = real(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)  # [B, n, Hq, D]
+    torch.testing.assert_close(attention.grouped_sdpa(q, k, v, mask, None), ref, atol=1e-5, rtol=1e-5)

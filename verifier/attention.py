@@ -50,7 +50,7 @@ def _sdpa(query, key, value, scaling, kwargs):
     n, s = query.shape[2], key.shape[2]
     grouped = query.shape[1] != key.shape[1]
     if mask is not None and grouped and query.device.type == "cuda":
-        return grouped_sdpa(query, key, value, mask, scaling).transpose(1, 2), None
+        return grouped_sdpa(query, key, value, mask, scaling), None
     if mask is None and kwargs.get("specdec_tree_mask") is None and n > 1:  # causal chunk after the prefix
         from torch.nn.attention.bias import causal_lower_right
 
@@ -68,14 +68,15 @@ def grouped_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     SDPA falls to its math path. There it expands K and V to every query head and computes in fp32, which cost
     an 8B-shaped target's captured forward 2x its whole time at context 4096 (``BENCHMARKS.md``, "Where the
     captured forward's time went"). Packed, the memory-efficient kernel reads each KV head once for its whole
-    group. ``mask``: bool ``[B or 1, 1, n, S]``; returns ``[B, Hq, n, D]``."""
+    group. ``mask``: bool ``[B or 1, 1, n, S]``; returns ``[B, n, Hq, D]`` (what the attention function returns;
+    whatever layout the kernel wrote its output in: the memory-efficient kernel's is ``[B, G n, Hkv, D]``)."""
     b, hq, n, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
     g = hq // hkv
     packed = query.reshape(b, hkv, g * n, d)  # [B, Hkv, G n, D]: head h = k G + j sits in KV head k's group
     rows = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(mask.shape[0], 1, g * n, s)  # [B, 1, G n, S]
     out = scaled_dot_product_attention(packed, key, value, attn_mask=rows, scale=scaling)  # [B, Hkv, G n, D]
-    return out.view(b, hq, n, d)
+    return out.unflatten(2, (g, n)).permute(0, 3, 1, 2, 4).reshape(b, n, hq, d)  # [B, n, Hq, D]
 
 
 def sdpa_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

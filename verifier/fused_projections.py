@@ -15,9 +15,10 @@ checkpoint: fuse a model you load for decoding, and do not save it. The products
 rounding, since a wider matrix may take another kernel. Greedy outputs are checked against plain decoding,
 as everywhere else.
 
-The first linear of a group stores its output on the group; the others read it. This relies on the layer
-calling them in order on the same input, as transformers' attention and MLP modules do. Outside
-``torch.compile``, each read checks that its input is the stored one and raises otherwise.
+The first linear of a group stores its output on the group; the others read it, and the last one clears it
+(no activations are held between forwards). This relies on the layer calling them in order on the same input,
+as transformers' attention and MLP modules do. Outside ``torch.compile``, each read checks that its input is
+the stored one and raises otherwise.
 """
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ class FusedPart(nn.Module):
     """One linear of a fused group: output columns ``lo .. hi`` of the group's product. The group's first part
     holds the fused ``weight [sum of outs, in]`` (and ``bias``) and computes the product."""
 
-    def __init__(self, group: _Group, lo: int, hi: int, weight: torch.Tensor | None, bias: torch.Tensor | None):
+    def __init__(self, group: _Group, lo: int, hi: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 last: bool = False):
         super().__init__()
-        self.group, self.lo, self.hi = group, lo, hi
+        self.group, self.lo, self.hi, self.last = group, lo, hi, last
         self.first = weight is not None
         if self.first:
             self.weight = nn.Parameter(weight, requires_grad=False)
@@ -57,7 +59,10 @@ class FusedPart(nn.Module):
             raise RuntimeError("fused projections: a linear of a fused group was called before its group's first "
                                "one on the same input (this model's layer calls them in another order): load the "
                                "model again without fuse_projections")
-        return group.out[..., self.lo : self.hi]  # [..., out]
+        out = group.out[..., self.lo : self.hi]  # [..., out]
+        if self.last:  # the group is done: hold no activations until the layer's next forward
+            group.x = group.out = None
+        return out
 
     def extra_repr(self) -> str:
         return f"columns {self.lo}..{self.hi} of a fused product" + (" (computes it)" if self.first else "")
@@ -79,7 +84,8 @@ def _fuse(parent: nn.Module, names: tuple[str, ...]) -> bool:
     group, lo = _Group(), 0
     for i, (name, m) in enumerate(zip(names, linears)):
         hi = lo + m.out_features
-        setattr(parent, name, FusedPart(group, lo, hi, weight if i == 0 else None, bias if i == 0 else None))
+        setattr(parent, name, FusedPart(group, lo, hi, weight if i == 0 else None, bias if i == 0 else None,
+                                        last=i == len(names) - 1))
         lo = hi
     return True
 
@@ -97,7 +103,8 @@ def fuse_projections(model: nn.Module) -> int:
 
 
 def fused_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with its projections fused (the original stays as it is)."""
+    """A deep copy of ``model`` with its projections fused (the original stays as it is; the copy holds a second
+    set of weights)."""
     import copy
 
     fused = copy.deepcopy(model)

@@ -56,7 +56,8 @@ def test_triton_backend_plain_decoding_and_wide_trees():
 @pytest.mark.parametrize("shape", ["ar", "chain3", "binary"])
 def test_the_fixed_shape_step_verifies_through_the_kernel(shape):
     """``attn_backend=triton`` in the fixed-shape step (captured on a GPU): the verify forward runs the kernel
-    on the device-side lengths (``specdec_kernels.rows``), and a batch of ragged rows gets the SDPA step's tokens."""
+    on the device-side lengths (``specdec_kernels.rows``), and a batch of ragged rows gets the SDPA step's tokens,
+    greedy and sampled (the rejection rule)."""
     from specdec_kernels import rows as kernel_rows
 
     target, draft = _on_device(pair("llama")[0]), _on_device(noisy_copy("llama"))
@@ -65,10 +66,11 @@ def test_the_fixed_shape_step_verifies_through_the_kernel(shape):
     batch = [p.to(DEVICE) for p in prompts(pair("llama")[2], 4, seed=5)]
     assert len({p.shape[1] for p in batch}) > 1  # ragged: every row has its own prefix on the device
     compile = "graph" if DEVICE != "cpu" else "static"
-    outs = {}
-    for backend in ("sdpa", "triton"):
-        kernel_rows._LAUNCHES.clear()
-        dec = SpeculativeDecoder(target, make(), sampling=SamplingParams(), attn_backend=backend, compile=compile)
-        outs[backend] = [s.tolist() for s in dec.generate_batch(batch, [10, 7, 12, 9], seed=0).sequences]
-        assert bool(kernel_rows._LAUNCHES) == (backend == "triton")  # the kernel ran, and only for triton
-    assert outs["triton"] == outs["sdpa"]
+    for sampling, rule in ((SamplingParams(), "greedy"), (SamplingParams(temperature=1.0), "rejection")):
+        outs = {}
+        for backend in ("sdpa", "triton"):
+            kernel_rows._LAUNCHES.clear()
+            dec = SpeculativeDecoder(target, make(), rule, sampling, attn_backend=backend, compile=compile)
+            outs[backend] = [s.tolist() for s in dec.generate_batch(batch, [10, 7, 12, 9], seed=0).sequences]
+            assert bool(kernel_rows._LAUNCHES) == (backend == "triton")  # the kernel ran, and only for triton
+        assert outs["triton"] == outs["sdpa"], rule  # sampled too: the draws are keyed, the logits the same

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.cache import SpecDecCache
-from verifier.fused_projections import FusedPart
+from verifier.fused_projections import FusedPart, joined
 from verifier.verifier import attention_inputs, model_forward
 
 PROBE_CONTEXT = 128  # cache slots before the token a cost probe feeds
@@ -122,13 +122,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def _cat_bias(*linears) -> torch.Tensor | None:
-    if all(lin.bias is None for lin in linears):
-        return None
-    return torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
-                      for lin in linears])
-
-
 class _Layer:
     """One decoder layer's fused weights, rebuilt when a source weight was replaced or changed."""
 
@@ -143,7 +136,7 @@ class _Layer:
         key = tuple((lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype) for lin in _holders(groups))
         if key != self._key:
             with torch.no_grad():
-                self._w = (*_joined(groups[0]), *_joined(groups[1]))  # [(Hq + 2 Hkv) D, H], .., [2 I, H], ..
+                self._w = (*joined(groups[0]), *joined(groups[1]))  # [(Hq + 2 Hkv) D, H], .., [2 I, H], ..
             self._key = key
         return self._w
 
@@ -151,14 +144,6 @@ class _Layer:
 def _holders(groups) -> list:
     """The modules holding the groups' weights: each linear, or a fused group's first part only."""
     return [lin for g in groups for lin in (g[:1] if isinstance(g[0], FusedPart) else g)]
-
-
-def _joined(linears) -> tuple:
-    """``(weight [sum of outs, H], bias or None)`` of linears that read one input: the model's own where they are
-    fused (:mod:`verifier.fused_projections`, the same layout), else concatenated here."""
-    if isinstance(linears[0], FusedPart):
-        return linears[0].weight, linears[0].bias
-    return torch.cat([lin.weight for lin in linears]), _cat_bias(*linears)
 
 
 class FastDecoder:

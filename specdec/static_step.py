@@ -23,8 +23,9 @@ CUDA graph (``compile="graph"``: replayed every step; where capture fails it war
 runs eagerly) or through ``torch.compile`` (``compile="inductor"``, on the CPU too: it needs a C++
 compiler there; on a GPU the compiled step is then captured as well, so that its fused kernels replay
 without launches, as gpt-fast does; its buffers are rounded up to a multiple of
-:data:`CAPACITY_BUCKET` slots so that batches of similar lengths reuse one compiled step). A decoder keeps its captured or compiled
-steps (:mod:`specdec.static_kept`, per batch size and capacity bucket): a later batch refills the
+:data:`CAPACITY_BUCKET` slots so that batches of similar lengths reuse one compiled step). A decoder
+keeps its captured or compiled steps (:mod:`specdec.static_kept`, per batch size and capacity
+bucket): a later batch refills the
 same buffers in place and replays, with no second capture. Every form emits exactly the
 tokens of :meth:`specdec.SpeculativeDecoder.generate_batch` (and so of ``generate``) with the same
 seeds: the draws are keyed (:mod:`specdec.rng`).
@@ -62,11 +63,12 @@ def _forward(model, cache: BatchCache, ids: torch.Tensor, offsets: torch.Tensor,
     attn = {"specdec_prefix_len": 0, "specdec_tree_mask": None, "specdec_tree_plan": None, "specdec_key_mask": None}
     if bits is None:
         attn["specdec_key_mask"] = cache.block_mask(tree_mask)  # [B, 1, n, C]
-        return model_forward(model, cache, ids, cache.lengths[:, None] + offsets, attn, "sdpa")
-    from specdec_kernels.rows import rows_plan
+    else:
+        from specdec_kernels.rows import rows_plan
 
-    attn["specdec_tree_plan"] = rows_plan(cache.lengths, bits)
-    return model_forward(model, cache, ids, cache.lengths[:, None] + offsets, attn, "triton")
+        attn["specdec_tree_plan"] = rows_plan(cache.lengths, bits)
+    backend = "sdpa" if bits is None else "triton"
+    return model_forward(model, cache, ids, cache.lengths[:, None] + offsets, attn, backend)
 
 
 def capacity_for(prompts: list[list[int]], limits: list[int], nodes: int, compile: str) -> int:

@@ -47,9 +47,9 @@ def shapes(args):
 
 def configs(args, hkv: int, n: int) -> list[dict]:
     """The grid for ``hkv`` KV heads and a tree of ``n`` tokens (``block_m`` fixed by the rows)."""
-    from specdec_kernels.tree_attention import default_config
-
     import triton
+
+    from specdec_kernels.tree_attention import default_config
 
     tree_rows = (args.hq // hkv) * n
     base = default_config(getattr(torch, args.dtype), args.head_dim, tree_rows)

@@ -68,19 +68,30 @@ class FusedPart(nn.Module):
         return f"columns {self.lo}..{self.hi} of a fused product" + (" (computes it)" if self.first else "")
 
 
+def joined(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [sum of outs, in], bias [sum of outs] or None)`` of linears that read one input: a fused group's
+    own (its first part's), or the linears' concatenated (a missing bias as zeros; None if none has one)."""
+    if isinstance(linears[0], FusedPart):
+        return linears[0].weight, linears[0].bias
+    weight = torch.cat([lin.weight for lin in linears])  # [sum of outs, in]
+    if all(lin.bias is None for lin in linears):
+        return weight, None
+    return weight, torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                              for lin in linears])  # [sum of outs]
+
+
 def _fuse(parent: nn.Module, names: tuple[str, ...]) -> bool:
-    """Fuse ``parent``'s linears ``names`` (plain ``nn.Linear`` or narrow linears, one input width, all with or
-    all without bias); False, untouched, where they are not that."""
+    """Fuse ``parent``'s linears ``names`` (plain ``nn.Linear`` or narrow linears of one input width); False,
+    untouched, where they are not that."""
     from verifier.narrow_linear import NarrowLinear
 
     linears = [getattr(parent, n, None) for n in names]
     if not all(type(m) in (nn.Linear, NarrowLinear) for m in linears):
         return False
-    if len({m.in_features for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
+    if len({m.in_features for m in linears}) != 1:
         return False
     with torch.no_grad():
-        weight = torch.cat([m.weight for m in linears])  # [sum of outs, in]
-        bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None  # [sum of outs]
+        weight, bias = joined(linears)  # [sum of outs, in], [sum of outs] or None
     group, lo = _Group(), 0
     for i, (name, m) in enumerate(zip(names, linears)):
         hi = lo + m.out_features

@@ -30,13 +30,30 @@ def _flat_index(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return (base + slots[:, None, :]).reshape(-1)  # [B * H * n]
 
 
-def _write_slots(buf: torch.Tensor, index: torch.Tensor, states: torch.Tensor) -> None:
-    """``buf[b, h, slots[b, j]] = states[b, h, j]`` for ``buf [B, H, C, D]`` (contiguous), ``index``
-    = :func:`_flat_index` of ``slots [B, n]`` (distinct per row) and ``states [B, H, n, D]``. ``index_copy_``
-    on rows of the flattened buffer: on the CPU 3-4x faster than an indexed store with broadcast index
-    tensors (5 us against 16-25 us for one layer's block of 4 rows), and ``scatter_`` of bf16 rows is
-    slower still; all three write the same values."""
+def _write_slots(buf: torch.Tensor, index: torch.Tensor, states: torch.Tensor, slots: torch.Tensor) -> None:
+    """``buf[b, h, slots[b, j]] = states[b, h, j]`` for ``buf [B, H, C, D]`` (contiguous), ``slots [B, n]``
+    (distinct per row), its :func:`_flat_index` ``index`` and ``states [B, H, n, D]``.
+
+    Eagerly, ``index_copy_`` on rows of the flattened buffer: on the CPU 3-4x faster than an indexed store
+    with broadcast index tensors (5 us against 16-25 us for one layer's block of 4 rows), and ``scatter_``
+    of bf16 rows is slower still. Under ``torch.compile``, the indexed store on the 4-D buffer: inductor
+    (torch 2.11) does not write an ``index_copy_`` into a graph input in place but copies the whole buffer
+    out and back (two full passes per layer and tensor; an 8B model's step at context 4096 spent 0.7 ms
+    there), while it fuses an ``index_put_`` with the kernel that computes ``states``. All write the same
+    values."""
+    if torch.compiler.is_compiling():
+        b, h = buf.shape[:2]
+        rows = torch.arange(b, device=buf.device)[:, None, None]  # [B, 1, 1]
+        heads = torch.arange(h, device=buf.device)[None, :, None]  # [1, H, 1]
+        buf.index_put_((rows, heads, slots[:, None, :]), states)  # [B, H, n] cells of D values
+        return
     buf.view(-1, buf.shape[-1]).index_copy_(0, index, states.reshape(-1, buf.shape[-1]))
+
+
+def _read_slots(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``buf[b, h, slots[b, j]]`` as ``[B, H, M, D]`` for ``buf [B, H, C, D]`` and ``slots [B, M]``."""
+    b, h = buf.shape[:2]
+    return buf.view(-1, buf.shape[-1]).index_select(0, _flat_index(buf, slots)).view(b, h, -1, buf.shape[-1])
 
 
 class BatchCacheLayer(CacheLayerMixin):
@@ -61,9 +78,9 @@ class BatchCacheLayer(CacheLayerMixin):
         (``end`` = the longest row's length + n; a row's slots past its own block are masked)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        index = self.owner.block_index(self.keys)  # [B * H * n]
-        _write_slots(self.keys, index, key_states)
-        _write_slots(self.values, index, value_states)
+        index, slots = self.owner.block_index(self.keys), self.owner.block_slots  # [B * H * n], [B, n]
+        _write_slots(self.keys, index, key_states, slots)
+        _write_slots(self.values, index, value_states, slots)
         end = self.owner.block_end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
@@ -72,10 +89,9 @@ class BatchCacheLayer(CacheLayerMixin):
         """Per row, copy slots ``src [B, M]`` to ``dst [B, M]`` (all loads before any store)."""
         if not self.is_initialized:
             return
-        load, store = _flat_index(self.keys, src), _flat_index(self.keys, dst)  # [B * H * M] each
+        store = _flat_index(self.keys, dst)  # [B * H * M]
         for buf in (self.keys, self.values):
-            flat = buf.view(-1, buf.shape[-1])  # [B * H * C, D]
-            flat.index_copy_(0, store, flat.index_select(0, load))  # every load before any store
+            _write_slots(buf, store, _read_slots(buf, src), dst)  # every load before any store
 
     @torch.no_grad()
     def select_rows(self, rows: torch.Tensor) -> None:

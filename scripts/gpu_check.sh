@@ -21,7 +21,8 @@
 #   bash scripts/gpu_check.sh pair       # the embedded pair's bench and default experiment compiled and
 #                                        # captured with the kernel (compile=inductor attn_backend=triton)
 #   bash scripts/gpu_check.sh tune [TEST_ID...]  # the kernel's tests, its launch-choice sweep and bench
-#                                        # (TESTS_S, TUNE_S: the sweep of 24 shapes needs about 120 s)
+#                                        # (TESTS_S, 0 skips the tests; TUNE_S: the sweep of 24 shapes needs
+#                                        # more than 130 s)
 #
 # Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"], timeout_s 570 and one of the
 # commands above (the measure stages' limits add up to 535 s, plus the wheels' install). A session's 15 minutes
@@ -59,7 +60,8 @@ PY
 GPU_TESTS=(tests/test_gpu.py tests/test_kernel_tree_attention.py tests/test_triton_backend.py)
 if [ "$MODE" = tune ]; then  # the kernel's tests (plus any test ids given after "tune"), its sweep, its bench
   shift
-  stage tests_kernel "${TESTS_S:-70}" python3 -m pytest -v -n 4 -p no:cacheprovider -rs "${GPU_TESTS[@]:1}" "$@"
+  [ "${TESTS_S:-70}" != 0 ] && stage tests_kernel "${TESTS_S:-70}" python3 -m pytest -v -n 4 -p no:cacheprovider \
+    -rs "${GPU_TESTS[@]:1}" "$@"
   stage tune "${TUNE_S:-95}" python3 -m specdec_kernels.tune --json "$W/tune.json"
   stage kernel_bench 70 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
     --ns 1 8 16 64 --no-flex --json "$W/kernel_bench.json"
@@ -67,9 +69,9 @@ if [ "$MODE" = tune ]; then  # the kernel's tests (plus any test ids given after
 fi
 if [ "$MODE" = step ]; then  # the captured step's costs: tests, where a forward's time goes, the 8B bench compiled
   stage tests_step "${TESTS_S:-110}" python3 -m pytest -v -n 12 -p no:cacheprovider -rs --durations=10 \
-    "${GPU_TESTS[@]}" tests/test_fused_projections.py tests/test_captured_costs.py
-  stage step_profile "${PROFILE_S:-200}" python3 -m experiments.step_profile --synthetic llama-8b --context 4096 \
-    --widths 1,64 --variants graph-sdpa,graph-triton,graph-triton-fused,inductor-triton-fused \
+    "${GPU_TESTS[@]}" tests/test_fused_projections.py tests/test_captured_costs.py tests/test_compiled_cache.py
+  stage step_profile "${PROFILE_S:-220}" python3 -m experiments.step_profile --synthetic llama-8b --context 4096 \
+    --widths 1,64 --variants graph-sdpa,inductor-triton-fused,inductor-triton \
     --profile inductor-triton-fused \
     --markdown "$W/step_profile.md" --json "$W/step_profile.json"
   stage bench_8b_inductor "${BENCH_S:-240}" python3 -m experiments.bench --device cuda --synthetic llama-8b \

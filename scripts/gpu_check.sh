@@ -19,7 +19,8 @@
 #                                        # (PROFILE_S: fused projections against not), and the 8B bench compiled
 #                                        # by inductor with the kernel and fused projections (BENCH_S); about 9 min
 #   bash scripts/gpu_check.sh pair       # the embedded pair's bench and default experiment compiled and
-#                                        # captured with the kernel (compile=inductor attn_backend=triton)
+#                                        # captured with the kernel (compile=inductor attn_backend=triton),
+#                                        # next to HF's static cache + torch.compile (--hf-compile)
 #   bash scripts/gpu_check.sh tune [TEST_ID...]  # the kernel's tests, its launch-choice sweep and bench
 #                                        # (TESTS_S, 0 skips the tests; TUNE_S: the sweep of 24 shapes needs
 #                                        # more than 130 s)
@@ -83,7 +84,7 @@ fi
 if [ "$MODE" = pair ]; then  # the embedded pair compiled and captured, with the kernel (about 4 minutes)
   stage build_zoo 150 python3 -m experiments.build_zoo size=default logger=none hydra.run.dir="$W/build_zoo"
   stage bench_zoo_inductor "${BENCH_S:-150}" python3 -m experiments.bench --device cuda --prompts 4 \
-    --max-new-tokens 64 --ks 2,4 --reps 2 --compile inductor --attn-backend triton --context 512 \
+    --max-new-tokens 64 --ks 2,4 --reps 3 --compile inductor --attn-backend triton --context 512 --hf-compile \
     --markdown "$W/bench_zoo_inductor.md" --json "$W/bench_zoo_inductor.json"
   stage decode_inductor 60 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 \
     max_new_tokens=64 compile=inductor attn_backend=triton hydra.run.dir="$W/decode_inductor"

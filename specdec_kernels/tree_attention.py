@@ -41,6 +41,7 @@ import torch
 import triton
 
 from specdec_kernels._tree_attention_jit import MAX_TREE_TOKENS, _tree_attn_fwd, _tree_attn_merge
+from specdec_kernels.launch import FixedLaunch
 
 __all__ = ["MAX_TREE_TOKENS", "TreeAttentionPlan", "pack_tree_mask", "tree_attention", "tree_attention_ref"]
 
@@ -296,15 +297,19 @@ def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, n
     block_s = triton.next_power_of_2(num_splits)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernel works in base 2
 
+    fwd = FixedLaunch(_tree_attn_fwd, grid, consts)
+    merge = FixedLaunch(_tree_attn_merge, merge_grid, dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=block_s,
+                                                           num_warps=8 if block_s * BLOCK_D >= 64 * 128 else 4))
+
     def launch(q, k, v, bits=bits, prefix_t=prefix_t):  # rows_launch's callers pass their own (same shapes)
         out = torch.empty_like(q)  # [B, Hq, N, D]
-        _tree_attn_fwd[grid](q, k, v, out, bits, prefix_t, prefix_i, ws_acc, ws_ml, N, Hkv, G, num_splits, m_pad,
-                             qk_scale, *strides, *out_strides, **consts)
+        fwd(q, k, v, out, bits, prefix_t, prefix_i, ws_acc, ws_ml, N, Hkv, G, num_splits, m_pad, qk_scale,
+            *strides, *out_strides)
         if split:
-            _tree_attn_merge[merge_grid](out, ws_acc, ws_ml, N, Hkv, G, num_splits, m_pad, *out_strides,
-                                         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=block_s,
-                                         num_warps=8 if block_s * BLOCK_D >= 64 * 128 else 4)
+            merge(out, ws_acc, ws_ml, N, Hkv, G, num_splits, m_pad, *out_strides)
         return out
+
+    launch.kernels = (fwd, merge)
 
     return launch
 

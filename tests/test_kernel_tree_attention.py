@@ -164,6 +164,34 @@ def test_the_rows_operator_reads_each_rows_prefix_on_the_device():
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.float16][0], rtol=TOL[torch.float16][1])
 
 
+
+def test_direct_launches_equal_the_jits_and_follow_alignment(monkeypatch):
+    """After its first launch a layout's launches skip Triton's JIT (:mod:`specdec_kernels.launch`; on a GPU only,
+    the interpreter has no compiled kernel): with new prefixes each step, and with a query 2 bytes off the
+    first one's alignment, every output equals the reference and, bit for bit, a launch through the JIT."""
+    rng = random.Random(4)
+    N, prefixes, S, D = 6, [150, 40], 200, 64
+    q, k, v = make_inputs(4, 2, 8, 2, N, [190, 190], S, D, torch.float16)
+    mask = tree_mask_from_parents(random_parents(rng, N))
+    bits, prefix = pack_tree_mask(mask), torch.tensor(prefixes, device=DEVICE)
+    launch = ta.rows_launch(q, k, v, prefix, bits, 0.125)
+    store = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)
+    shifted = store[1:].view_as(q)  # the same layout, 2 bytes off 16-byte alignment
+    shifted.copy_(q)
+    outs = []
+    for step, query in enumerate((q, q, shifted, shifted, q)):
+        prefix.copy_(torch.tensor([p + 7 * step for p in prefixes]))
+        out = launch(query, k, v, bits, prefix)
+        ref = tree_attention_ref(q, k, v, prefix, mask, 0.125)
+        torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.float16][0], rtol=TOL[torch.float16][1])
+        outs.append(out)
+    assert (launch.kernels[0].runner is not None) == (DEVICE == "cuda")  # the attention kernel's launcher kept
+    monkeypatch.setenv("SPECDEC_TRITON_DIRECT", "0")
+    through_jit = ta.rows_launch(q, k, v, prefix, bits, 0.125)
+    for step, query in enumerate((q, q, shifted, shifted, q)):
+        prefix.copy_(torch.tensor([p + 7 * step for p in prefixes]))
+        assert torch.equal(through_jit(query, k, v, bits, prefix), outs[step]), step
+
 def test_chain_equals_causal_attention():
     N, P, D = 7, 50, 64
     q, k, v = make_inputs(0, 1, 2, 2, N, [P], P + N, D, torch.float32)

@@ -1,0 +1,72 @@
+"""specdec_kernels.launch.FixedLaunch: the first launch goes through the JIT, later ones straight to the compiled
+kernel's launcher with every parameter in order, and a change of pointer alignment goes through the JIT again.
+A recording stand-in plays the JIT here (the CPU has no compiled kernels); ``tests/test_gpu.py`` compares the
+direct launches with the JIT's on CUDA."""
+from __future__ import annotations
+
+import torch
+
+from specdec_kernels.launch import FixedLaunch
+
+
+class _Jit:
+    """Records launches as Triton's ``fn[grid](*args, **kw)`` would receive them; ``compiled`` is what a JIT launch
+    returns (a kernel whose ``[grid]`` is its launcher, or None as the interpreter)."""
+    arg_names = ("x_ptr", "n", "scale", "BLOCK", "EVEN")
+
+    def __init__(self, compiled: bool = True):
+        self.jit_calls, self.direct_calls, self.compiled = [], [], compiled
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.jit_calls.append((grid, args, kw))
+            return _Kernel(self) if self.compiled else None
+        return run
+
+
+class _Kernel:
+    def __init__(self, jit: _Jit):
+        self.jit = jit
+
+    def __getitem__(self, grid):
+        return lambda *args: self.jit.direct_calls.append((grid, args))
+
+
+def test_first_launch_through_the_jit_then_direct_with_constexprs_in_order(monkeypatch):
+    monkeypatch.delenv("SPECDEC_TRITON_DIRECT", raising=False)
+    fn, x = _Jit(), torch.zeros(64)
+    launch = FixedLaunch(fn, (4, 1, 1), dict(BLOCK=32, EVEN=True, num_warps=4))
+    launch(x, 64, 0.5)
+    launch(x, 64, 0.5)
+    launch(x[4:], 60, 0.5)  # 16 bytes in: still aligned
+    launch(x.double(), 64, 0.5)  # another dtype: through the JIT again (not counted below)
+    assert fn.jit_calls[0] == ((4, 1, 1), (x, 64, 0.5), dict(BLOCK=32, EVEN=True, num_warps=4))
+    assert len(fn.jit_calls) == 2 and fn.jit_calls[1][1][0].dtype == torch.float64
+    assert [args[1:] for _, args in fn.direct_calls] == [(64, 0.5, 32, True), (60, 0.5, 32, True)]
+    assert all(grid == (4, 1, 1) for grid, _ in fn.direct_calls)
+
+
+def test_a_new_alignment_goes_through_the_jit_again():
+    fn, x = _Jit(), torch.zeros(64)
+    launch = FixedLaunch(fn, (1,), dict(BLOCK=32, EVEN=False))
+    launch(x, 64, 1.0)
+    launch(x[1:], 63, 1.0)  # 4 bytes in: Triton would pick another specialisation
+    launch(x[1:], 63, 1.0)  # now the kept launcher is that one's
+    launch(x, 64, 1.0)  # and back
+    assert len(fn.jit_calls) == 3 and len(fn.direct_calls) == 1
+    assert fn.direct_calls[0][1][0].data_ptr() == x[1:].data_ptr()
+
+
+def test_interpreter_and_switch_off_always_use_the_jit(monkeypatch):
+    x = torch.zeros(8)
+    interpreted = _Jit(compiled=False)
+    launch = FixedLaunch(interpreted, (1,), dict(BLOCK=8, EVEN=True))
+    for _ in range(3):
+        launch(x, 8, 1.0)
+    assert len(interpreted.jit_calls) == 3 and not interpreted.direct_calls
+    monkeypatch.setenv("SPECDEC_TRITON_DIRECT", "0")
+    off = _Jit()
+    launch = FixedLaunch(off, (1,), dict(BLOCK=8, EVEN=True))
+    for _ in range(3):
+        launch(x, 8, 1.0)
+    assert len(off.jit_calls) == 3 and not off.direct_calls

@@ -83,7 +83,8 @@ def static_forwards(model, context: int, widths: tuple[int, ...], compile: str =
             def forward(ids=ids, offsets=offsets, causal=causal, bits=bits):
                 return _forward(model, cache, ids, offsets, causal, bits=bits)[0]  # [1, w, V]
 
-            if compile == "inductor":
+            if compile == "inductor":  # one compiled graph per width and variant: past dynamo's limit it would run
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # eagerly
                 forward = torch.compile(forward, dynamic=False)
                 forward()  # compiles: not timed
             run, replayed = replayable(forward, device) if capture and compile != "none" else (forward, False)
@@ -120,10 +121,21 @@ def kv_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
 
 
+def weight_bytes_read(model) -> int:
+    """Bytes of ``model``'s weights one forward reads: every parameter but the input embedding table, of which
+    a forward reads one row per token (unless the output head shares it: the head reads it whole)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    table = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() == table.data_ptr():
+        return total  # tied: counted once, read whole by the head
+    return total - table.numel() * table.element_size()
+
+
 def read_floor_s(model, context: int, bandwidth: float) -> float:
-    """Seconds to read ``model``'s weights and its KV cache at ``context`` tokens once at ``bandwidth``."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return (weights + context * kv_bytes_per_token(model)) / bandwidth
+    """Seconds to read the weights a forward of ``model`` reads (:func:`weight_bytes_read`) and its KV cache at
+    ``context`` tokens once at ``bandwidth``."""
+    return (weight_bytes_read(model) + context * kv_bytes_per_token(model)) / bandwidth
 
 
 def static_costs(target, draft, context: int, ks: list[int], reps: int = 10, compile: str = "graph",

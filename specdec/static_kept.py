@@ -46,7 +46,8 @@ def step_for(decoder, rows: list[list[int]], limits: list[int], seeds: list[int]
         return StaticStep.for_decoder(decoder, rows, limits, seeds, compile)
     _, compiled, _ = static_drafter(decoder.drafter, decoder.sampling)
     capacity = capacity_for(rows, limits, compiled.num_nodes if compiled is not None else 0, compile)
-    key = (compile, len(rows), capacity, repr(decoder.sampling), tuple(sorted(decoder.eos)))
+    key = (compile, len(rows), capacity, repr(decoder.sampling), tuple(sorted(decoder.eos)),
+           decoder.verifier.attn_backend)  # the step chose SDPA or the tree kernel when it was built
 
     def built_for() -> tuple:  # the objects a step serves (held by the entry, so they stay themselves)
         return decoder.target, decoder.drafter, getattr(decoder.drafter, "model", None), decoder.rule

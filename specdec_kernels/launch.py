@@ -50,10 +50,9 @@ class FixedLaunch:
         self.tensors: list[int] = []  # positions of the tensor arguments
 
     def __call__(self, *args) -> None:
-        if self.runner is not None:
-            if _alignment(args, self.tensors) == self.aligned:
-                self.runner(*args, *self.tail)
-                return
+        if self.runner is not None and _alignment(args, self.tensors) == self.aligned:
+            self.runner(*args, *self.tail)
+            return
         self._through_jit(args)
 
     def _through_jit(self, args: tuple) -> None:

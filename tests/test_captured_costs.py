@@ -15,11 +15,19 @@ def micro():
     return synthetic_pair("llama-micro", "cpu", torch.float32, draft_layers=2)
 
 
-def test_the_read_floor_is_weights_plus_kv_over_bandwidth(micro):
+def test_the_read_floor_is_weights_read_plus_kv_over_bandwidth(micro):
+    """A forward reads every weight but the input embedding table (one row per token), unless the output head
+    shares the table and reads it whole."""
     target, _ = micro
     assert kv_bytes_per_token(target) == 2 * 4 * 2 * 32 * 4  # K and V, 4 layers, 2 KV heads of 32, fp32
+    table = target.get_input_embeddings().weight.numel() * 4
     weights = sum(p.numel() * 4 for p in target.parameters())
-    assert read_floor_s(target, 100, 1e9) == pytest.approx((weights + 100 * 2048) / 1e9)
+    assert read_floor_s(target, 100, 1e9) == pytest.approx((weights - table + 100 * 2048) / 1e9)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    assert read_floor_s(tied, 0, 1.0) == sum(p.numel() * 4 for p in tied.parameters())  # the table counted once
 
 
 def test_static_curve_times_the_static_block_forward_without_moving_the_cache(micro):

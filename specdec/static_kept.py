@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from verifier.fused_projections import has_fused_projections
+
 if TYPE_CHECKING:
     from specdec.static_step import StaticStep
 
@@ -46,8 +48,10 @@ def step_for(decoder, rows: list[list[int]], limits: list[int], seeds: list[int]
         return StaticStep.for_decoder(decoder, rows, limits, seeds, compile)
     _, compiled, _ = static_drafter(decoder.drafter, decoder.sampling)
     capacity = capacity_for(rows, limits, compiled.num_nodes if compiled is not None else 0, compile)
+    # the step chose SDPA or the tree kernel when it was built, and captured the weights it found: projections
+    # fused in place afterwards would leave a kept graph reading the unfused ones' freed memory
     key = (compile, len(rows), capacity, repr(decoder.sampling), tuple(sorted(decoder.eos)),
-           decoder.verifier.attn_backend)  # the step chose SDPA or the tree kernel when it was built
+           decoder.verifier.attn_backend, has_fused_projections(decoder.target))
 
     def built_for() -> tuple:  # the objects a step serves (held by the entry, so they stay themselves)
         return decoder.target, decoder.drafter, getattr(decoder.drafter, "model", None), decoder.rule

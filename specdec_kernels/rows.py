@@ -18,6 +18,7 @@ from specdec_kernels._tree_attention_jit import MAX_TREE_TOKENS
 from specdec_kernels.tree_attention import pack_tree_mask, rows_launch
 
 _LAUNCHES: dict = {}  # input layout -> launch(q, k, v, bits, prefix)
+MAX_LAUNCHES = 256  # layouts kept (each capacity is one; compile=static does not round capacities up)
 
 
 @torch.library.custom_op("specdec::tree_attention_rows", mutates_args=())
@@ -28,6 +29,8 @@ def tree_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefi
     key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, sm_scale)
     launch = _LAUNCHES.get(key)
     if launch is None:
+        if len(_LAUNCHES) >= MAX_LAUNCHES:
+            _LAUNCHES.clear()  # rebuilt on demand: a launch's choices cost microseconds, not a compile
         launch = _LAUNCHES[key] = rows_launch(q, k, v, prefix, bits, sm_scale)
     return launch(q, k, v, bits, prefix)
 

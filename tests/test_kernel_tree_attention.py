@@ -165,6 +165,22 @@ def test_the_rows_operator_reads_each_rows_prefix_on_the_device():
 
 
 
+
+def test_the_rows_operator_keeps_a_bounded_number_of_layouts(monkeypatch):
+    """Each KV capacity is a layout of its own (``compile=static`` does not round capacities up): past
+    ``MAX_LAUNCHES`` the kept launches are dropped and rebuilt on demand, with the same results."""
+    from specdec_kernels import rows
+
+    monkeypatch.setattr(rows, "_LAUNCHES", {})
+    monkeypatch.setattr(rows, "MAX_LAUNCHES", 2)
+    mask = tree_mask_from_parents([-1, 0, 0])
+    for capacity in (64, 80, 96, 64):
+        q, k, v = make_inputs(capacity, 1, 4, 2, 3, [40], capacity, 32, torch.float32)
+        prefix = torch.tensor([40], device=DEVICE)
+        out = rows.tree_attention_rows(q, k, v, prefix, pack_tree_mask(mask), 0.2)
+        torch.testing.assert_close(out, tree_attention_ref(q, k, v, prefix, mask, 0.2), atol=2e-5, rtol=2e-5)
+        assert len(rows._LAUNCHES) <= 2
+
 def test_direct_launches_equal_the_jits_and_follow_alignment(monkeypatch):
     """After its first launch a layout's launches skip Triton's JIT (:mod:`specdec_kernels.launch`; on a GPU only,
     the interpreter has no compiled kernel): with new prefixes each step, and with a query 2 bytes off the

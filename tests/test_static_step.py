@@ -247,3 +247,22 @@ def test_a_failing_compile_falls_back_to_the_eager_step(setup, monkeypatch):
     ref = SpeculativeDecoder(target, SHAPES["chain3"](arch)).generate_batch(rows, LIMITS)
     assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences]
     assert [s.tolist() for s in again.sequences] == [s.tolist() for s in ref.sequences[:2]]
+
+
+def test_projections_fused_after_a_step_was_kept_get_a_step_of_their_own(setup):
+    """A kept step captured the weights it found: fusing the target's projections in place afterwards (which
+    frees the unfused weights) must not replay it; the next batch builds a step of its own, same tokens."""
+    from verifier.fused_projections import fuse_projections
+
+    arch, target, rows = setup
+    target = copy.deepcopy(target)  # fused in place below: the module's fixture stays unfused
+    decoder = SpeculativeDecoder(target, SHAPES["chain3"](arch), compile="graph")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = decoder.generate_batch(rows, LIMITS)
+        (kept,) = [entry[1] for entry in decoder.static_steps.values()]
+        fuse_projections(target)
+        after = decoder.generate_batch(rows, LIMITS)
+    steps = [entry[1] for entry in decoder.static_steps.values()]
+    assert len(steps) == 2 and steps[-1] is not kept
+    assert [s.tolist() for s in after.sequences] == [s.tolist() for s in before.sequences]

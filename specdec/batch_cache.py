@@ -50,10 +50,11 @@ def _write_slots(buf: torch.Tensor, index: torch.Tensor, states: torch.Tensor, s
     buf.view(-1, buf.shape[-1]).index_copy_(0, index, states.reshape(-1, buf.shape[-1]))
 
 
-def _read_slots(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``buf[b, h, slots[b, j]]`` as ``[B, H, M, D]`` for ``buf [B, H, C, D]`` and ``slots [B, M]``."""
+def _read_slots(buf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``buf[b, h, slots[b, j]]`` as ``[B, H, M, D]`` for ``buf [B, H, C, D]`` and ``index`` = :func:`_flat_index`
+    of ``slots [B, M]``."""
     b, h = buf.shape[:2]
-    return buf.view(-1, buf.shape[-1]).index_select(0, _flat_index(buf, slots)).view(b, h, -1, buf.shape[-1])
+    return buf.view(-1, buf.shape[-1]).index_select(0, index).view(b, h, -1, buf.shape[-1])
 
 
 class BatchCacheLayer(CacheLayerMixin):
@@ -89,9 +90,9 @@ class BatchCacheLayer(CacheLayerMixin):
         """Per row, copy slots ``src [B, M]`` to ``dst [B, M]`` (all loads before any store)."""
         if not self.is_initialized:
             return
-        store = _flat_index(self.keys, dst)  # [B * H * M]
+        load, store = _flat_index(self.keys, src), _flat_index(self.keys, dst)  # [B * H * M] each
         for buf in (self.keys, self.values):
-            _write_slots(buf, store, _read_slots(buf, src), dst)  # every load before any store
+            _write_slots(buf, store, _read_slots(buf, load), dst)  # every load before any store
 
     @torch.no_grad()
     def select_rows(self, rows: torch.Tensor) -> None:

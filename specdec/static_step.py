@@ -25,8 +25,7 @@ compiler there; on a GPU the compiled step is then captured as well, so that its
 without launches, as gpt-fast does; its buffers are rounded up to a multiple of
 :data:`CAPACITY_BUCKET` slots so that batches of similar lengths reuse one compiled step). A decoder
 keeps its captured or compiled steps (:mod:`specdec.static_kept`, per batch size and capacity
-bucket): a later batch refills the
-same buffers in place and replays, with no second capture. Every form emits exactly the
+bucket): a later batch refills the same buffers in place and replays, with no second capture. Every form emits exactly the
 tokens of :meth:`specdec.SpeculativeDecoder.generate_batch` (and so of ``generate``) with the same
 seeds: the draws are keyed (:mod:`specdec.rng`).
 """

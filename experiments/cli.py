@@ -41,6 +41,7 @@ INPUT_ERRORS = (
     "omegaconf.errors:MissingMandatoryValue",
     "omegaconf.errors:InterpolationResolutionError",
     "hydra.errors:CompactHydraException",  # compose time: unknown group option, wrong type, key not in the config
+    "torch:OutOfMemoryError",  # the run's sizes do not fit the device: the fix is a smaller setting, not a bug report
 )
 
 BUG_LINE = ("this is a bug in specdec, not a problem with your input: please report it with the command line "
@@ -143,6 +144,10 @@ def error_message(exc: BaseException) -> str:
         text = _join_lines(lines) or type(exc).__name__
         return _misspelled_key(text, cause) or text
     text = _one_line(str(exc)) or type(exc).__name__
+    if type(exc).__name__ == "OutOfMemoryError":
+        first = ". ".join(text.split(". ")[:2])  # what ran out and the request; torch goes on about the allocator
+        return (f"out of device memory ({first}): lower the batch size, max_new_tokens, the draft size or the "
+                f"prompt length, or load the models in bfloat16 (decode: model.dtype=bfloat16)")
     if text.startswith("Config group override must be a string"):  # Hydra's, for e.g. tree=null
         text += ": a config group takes one of its option names (e.g. tree=none, not tree=null)"
     return text

@@ -38,6 +38,7 @@ import torch
 
 from specdec.batch_cache import BatchCache
 from specdec.batch_types import BatchTree
+from specdec.errors import out_of_memory
 from specdec.models import check_same_vocab, text_config
 from specdec.rng import KeyedRandom
 from specdec.static_kept import capture_graph
@@ -303,6 +304,8 @@ class StaticStep:
                 compiled()
             except Exception as exc:  # noqa: BLE001 - compilation errors of any kind: eager, said once
                 self._restore(snapshot)
+                if out_of_memory(exc):  # not the compiler's fault: the eager step would not fit either
+                    raise
                 warnings.warn(f"compile={self.compile} failed ({type(exc).__name__}: {str(exc)[:200]}); "
                               "running the static step eagerly from now on", stacklevel=4)
                 _COMPILE_FAILED.append(exc)
@@ -330,6 +333,8 @@ class StaticStep:
             self._restore(snapshot)  # capture ran the step once: undo it
         except Exception as exc:  # noqa: BLE001 - a forward that syncs or allocates dynamically cannot be captured
             self._restore(snapshot)
+            if out_of_memory(exc):
+                raise
             warnings.warn(f"compile={self.compile}: capture failed ({type(exc).__name__}: {exc}); running "
                           f"{'eagerly' if step == self._eager else 'the compiled step uncaptured'}", stacklevel=3)
             return step

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.core.global_hydra import GlobalHydra
 
 import experiments.schema  # noqa: F401  (registers base_config)
@@ -163,6 +164,19 @@ def test_nan_logits_at_decode_time_are_an_input_error(capsys):
 
     assert failing() == 2
     error_line(capsys.readouterr().err, 2, 2, "target forward", "NaN logits")
+
+
+def test_out_of_device_memory_is_an_input_error_with_the_fix(capsys):
+    """A run whose sizes do not fit the device is the settings' doing: one line naming what to lower, exit 2."""
+    @cli.guard()
+    def failing() -> int:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "139 GiB of which 1.2 GiB is free. Of the allocated memory ...")
+
+    assert failing() == 2
+    line = error_line(capsys.readouterr().err, 2, 2, "out of device memory", "Tried to allocate 2.00 GiB",
+                      "batch size", "bfloat16")
+    assert "allocated memory" not in line  # the allocator's advice is not ours to repeat
 
 
 def test_remote_code_checkpoint_names_our_key(checkpoints, tmp_path):

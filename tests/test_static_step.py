@@ -249,6 +249,26 @@ def test_a_failing_compile_falls_back_to_the_eager_step(setup, monkeypatch):
     assert [s.tolist() for s in again.sequences] == [s.tolist() for s in ref.sequences[:2]]
 
 
+def test_running_out_of_memory_while_compiling_is_not_a_compile_failure(setup, monkeypatch):
+    """An OOM inside the compiler (dynamo wraps it) is raised as itself: the eager step needs the same memory, so
+    falling back would only fail later or hide it, and a later batch may still compile (nothing is remembered)."""
+    arch, target, rows = setup
+    real = torch.compile
+
+    def oom_backend(gm, example_inputs):
+        raise torch.OutOfMemoryError("planted: out of memory")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=oom_backend, dynamic=False))
+    monkeypatch.setattr(static_step, "_COMPILE_FAILED", [])
+    decoder = SpeculativeDecoder(target, SHAPES["chain3"](arch), compile="inductor")
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(Exception) as raised:
+        warnings.simplefilter("always")
+        decoder.generate_batch(rows, LIMITS)
+    assert static_step.out_of_memory(raised.value), repr(raised.value)
+    assert not static_step._COMPILE_FAILED
+    assert not [w for w in caught if "failed" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_projections_fused_after_a_step_was_kept_get_a_step_of_their_own(setup):
     """A kept step captured the weights it found: fusing the target's projections in place afterwards (which
     frees the unfused weights) must not replay it; the next batch builds a step of its own, same tokens."""

@@ -21,6 +21,9 @@
 #   bash scripts/gpu_check.sh pair       # the embedded pair's bench and default experiment compiled and
 #                                        # captured with the kernel (compile=inductor attn_backend=triton),
 #                                        # next to HF's static cache + torch.compile (--hf-compile)
+#   bash scripts/gpu_check.sh kernel     # issue 10's open kernel figures, about 6 minutes: the kernel's tests (the
+#                                        # direct launches, the fused merge), the bench with both L2 flushes
+#                                        # (host column included), a sweep of the merge and split rounding
 #   bash scripts/gpu_check.sh tune [TEST_ID...]  # the kernel's tests, its launch-choice sweep and bench
 #                                        # (TESTS_S, 0 skips the tests; TUNE_S: the sweep of 24 shapes needs
 #                                        # more than 130 s)
@@ -66,6 +69,18 @@ if [ "$MODE" = tune ]; then  # the kernel's tests (plus any test ids given after
   stage tune "${TUNE_S:-95}" python3 -m specdec_kernels.tune --json "$W/tune.json"
   stage kernel_bench 70 python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 --prefixes 1024 4096 16384 \
     --ns 1 8 16 64 --no-flex --json "$W/kernel_bench.json"
+  exit 0
+fi
+if [ "$MODE" = kernel ]; then  # what issue 10 still needs measured (host time, bandwidth, T(64)/T(1))
+  stage tests_kernel "${TESTS_S:-80}" python3 -m pytest -v -n 4 -p no:cacheprovider -rs \
+    tests/test_kernel_tree_attention.py tests/test_kernel_launch.py tests/test_triton_backend.py
+  for flush in write read; do
+    stage "bench_$flush" "${BENCH_S:-75}" python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 \
+      --prefixes 1024 4096 16384 --ns 1 64 --no-flex --flush "$flush" --json "$W/bench_$flush.json"
+  done
+  stage tune_merge "${TUNE_S:-130}" python3 -m specdec_kernels.tune --hkv 8 32 --prefixes 4096 16384 --ns 1 64 \
+    --grid merge=kernel,fused split_rounding=up,down programs_per_sm=1,2 num_stages=3 num_warps=4,8 block_n=64 \
+    --json "$W/tune_merge.json"
   exit 0
 fi
 if [ "$MODE" = step ]; then  # the captured step's costs: tests, where a forward's time goes, the 8B bench compiled

@@ -51,9 +51,45 @@ def _attn_tile(acc, m_i, l_i, q, k_base, v_base, start_n, prefix, n_tree, end, b
     return acc, m_new, l_i
 
 
+@triton.jit
+def _store_rows(o_ptr, acc, l_i, b64, head, tok, offs_d, row_valid, d_valid,
+                stride_ob, stride_oh, stride_on, stride_od):
+    """Normalise ``acc [BLOCK_M, BLOCK_D]`` by ``l_i [BLOCK_M]`` and store the valid rows (none visible: zeros)."""
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_D]
+    o_rows = b64 * stride_ob + head.to(tl.int64) * stride_oh + tok * stride_on  # [BLOCK_M]
+    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _merge_rows(ws_acc_ptr, ws_ml_ptr, first, num_splits, m_pad, rows, row_valid, offs_d,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Combine the ``num_splits`` partial (acc, max, sum) of rows ``rows`` stored from workspace row
+    ``first * m_pad`` on; returns the merged ``(acc [BLOCK_M, BLOCK_D], sum [BLOCK_M])``. Loads skip L1
+    (``.cg``): other programs wrote these rows during this launch."""
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # [BLOCK_M]
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # [BLOCK_M, BLOCK_D]
+    for s in range(num_splits):
+        ws_row = (first + s).to(tl.int64) * m_pad + rows  # [BLOCK_M]
+        m_s = tl.load(ws_ml_ptr + ws_row * 2, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(ws_ml_ptr + ws_row * 2 + 1, mask=row_valid, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(ws_acc_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :], mask=row_valid[:, None],
+                      other=0.0, cache_modifier=".cg")  # [BLOCK_M, BLOCK_D]
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible in either yet
+        alpha = tl.exp2(m - m_safe)  # [BLOCK_M]
+        beta = tl.exp2(m_s - m_safe)  # [BLOCK_M]
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        l_i = l_i * alpha + l_s * beta
+        m = m_new
+    return acc, l_i
+
+
 @triton.jit(do_not_specialize=["prefix_scalar"])  # the prefix grows every step: no recompiles
 def _tree_attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, bits_ptr, prefix_ptr, prefix_scalar,
-                   ws_acc_ptr, ws_ml_ptr,
+                   ws_acc_ptr, ws_ml_ptr, count_ptr,
                    n_tree, hkv, group, num_splits, m_pad, qk_scale,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_ks, stride_kd,
@@ -61,8 +97,11 @@ def _tree_attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, bits_ptr, prefix_ptr, prefix_scal
                    stride_ob, stride_oh, stride_on, stride_od,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, PREFIX_IS_TENSOR: tl.constexpr,
-                   SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-    """First pass: one (M-block, batch * KV head, split) per program."""
+                   SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """First pass: one (M-block, batch * KV head, split) per program. With ``FUSED_MERGE`` the last split of an
+    (M-block, batch * KV head) to finish merges all of them (an arrival count per pair in ``count_ptr``, left at
+    0 for the next launch) and no second kernel runs."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -114,12 +153,19 @@ def _tree_attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, bits_ptr, prefix_ptr, prefix_scal
         tl.store(ws_acc_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :], acc)
         tl.store(ws_ml_ptr + ws_row * 2, m_i)
         tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i)
+        if FUSED_MERGE:
+            tl.debug_barrier()  # every thread's partials are stored before the count says so
+            pair = pid_bh * tl.num_programs(0) + pid_m  # this (M-block, batch * KV head)
+            arrived = tl.atomic_add(count_ptr + pair, 1, sem="acq_rel")  # releases ours, acquires the others'
+            if arrived == num_splits - 1:  # the last to finish: every other split's partials are visible
+                merged, total = _merge_rows(ws_acc_ptr, ws_ml_ptr, pid_bh * num_splits, num_splits, m_pad, rows,
+                                            row_valid, offs_d, BLOCK_M, BLOCK_D)
+                _store_rows(o_ptr, merged, total, b64, head, tok, offs_d, row_valid, d_valid,
+                            stride_ob, stride_oh, stride_on, stride_od)
+                tl.atomic_xchg(count_ptr + pair, 0)  # ready for the next launch
     else:
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_D]
-        o_rows = b64 * stride_ob + head.to(tl.int64) * stride_oh + tok * stride_on  # [BLOCK_M]
-        tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * stride_od,
-                 out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+        _store_rows(o_ptr, acc, l_i, b64, head, tok, offs_d, row_valid, d_valid,
+                    stride_ob, stride_oh, stride_on, stride_od)
 
 
 @triton.jit

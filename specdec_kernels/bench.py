@@ -23,7 +23,10 @@ in decoding (a :class:`specdec_kernels.TreeAttentionPlan` built once per step); 
 
 Bandwidth = bytes of K + V (the Hkv heads, read once) + Q + O over the device time, as a fraction of
 ``--peak-gbps`` (default by device name: H100 SXM 3350, H200 4800 GB/s). The L2 cache is
-flushed before every timed call. Only torch and triton are needed (no hydra / wandb).
+flushed before every timed call, by zeroing a 256 MB buffer (``--flush write``, the usual way, as Triton's
+``do_bench`` does) or by reading one (``--flush read``). A write flush leaves the L2 full of dirty lines that the
+timed kernel's reads evict, and so write back; in a decode step the kernels before attention read weights and
+leave clean lines. Only torch and triton are needed (no hydra / wandb).
 """
 from __future__ import annotations
 
@@ -69,7 +72,24 @@ def make_case(B, Hq, Hkv, N, P, D, dtype, device, seed=0):
     return q, k, v
 
 
-def time_us(fn, device, warmup: int, reps: int, flush: torch.Tensor | None) -> float:
+FLUSH_BYTES = 256 * 2**20  # several times the L2 of any current GPU (H100/H200: 50 MB)
+FLUSH_MODES = ("write", "read")
+
+
+def make_flush(device, mode: str = "write"):
+    """``flush()``: evict the L2 cache by streaming :data:`FLUSH_BYTES` through it. ``write`` zeroes a buffer (the
+    common way; it leaves the L2 full of dirty lines, whose write-back the next kernel may pay for); ``read``
+    reduces one, leaving clean lines, as a decode step's weight reads leave it before attention runs."""
+    if mode not in FLUSH_MODES:
+        raise ValueError(f"flush mode {mode!r}: choose one of {FLUSH_MODES}")
+    buf = torch.zeros(FLUSH_BYTES // 4, dtype=torch.int32, device=device)  # [FLUSH_BYTES / 4]
+    if mode == "write":
+        return buf.zero_
+    total = torch.zeros((), dtype=torch.int32, device=device)
+    return lambda: torch.amax(buf, dim=0, out=total)
+
+
+def time_us(fn, device, warmup: int, reps: int, flush=None) -> float:
     """Median time of ``fn()`` in microseconds (CUDA events on a GPU, perf_counter on CPU)."""
     for _ in range(warmup):
         fn()
@@ -78,7 +98,7 @@ def time_us(fn, device, warmup: int, reps: int, flush: torch.Tensor | None) -> f
         torch.cuda.synchronize(device)
         for _ in range(reps):
             if flush is not None:
-                flush.zero_()  # evict K/V from L2
+                flush()  # evict K/V from L2
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -93,7 +113,7 @@ def time_us(fn, device, warmup: int, reps: int, flush: torch.Tensor | None) -> f
     return statistics.median(times)
 
 
-def device_time_us(fn, device, reps: int, flush: torch.Tensor | None, calls: int = 10) -> float | None:
+def device_time_us(fn, device, reps: int, flush=None, calls: int = 10) -> float | None:
     """Median device time of ``fn()``'s kernels, without the launch of the graph that holds them.
 
     ``calls`` calls (each after an L2 flush) are captured in one CUDA graph; the graph's replay time less that
@@ -103,7 +123,7 @@ def device_time_us(fn, device, reps: int, flush: torch.Tensor | None, calls: int
     def sequence(with_fn: bool):
         for _ in range(calls):
             if flush is not None:
-                flush.zero_()  # evict K/V from L2
+                flush()  # evict K/V from L2
             if with_fn:
                 fn()
 
@@ -258,6 +278,8 @@ def parse_args(argv=None):
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--no-flex-compile", action="store_true", help="skip compiled FlexAttention")
     p.add_argument("--no-flush", action="store_true", help="do not flush L2 between calls")
+    p.add_argument("--flush", choices=FLUSH_MODES, default="write",
+                   help="how L2 is flushed: zero a buffer (dirty lines, the usual way) or read one (clean lines)")
     p.add_argument("--json", type=str, default=None, help="write the results here")
     p.add_argument("--interpret-smoke", action="store_true",
                    help="without CUDA: run one tiny case on the CPU under TRITON_INTERPRET=1")
@@ -309,7 +331,7 @@ def main(argv=None) -> int:
                      "accumulated_recompile_limit"):
             if hasattr(torch._dynamo.config, attr):  # one compile per shape; avoid eager fallback
                 setattr(torch._dynamo.config, attr, 4096)
-    flush = None if args.no_flush else torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    flush = None if args.no_flush else make_flush(device, args.flush)
     meta = dict(device=name, peak_gbps=peak, torch=torch.__version__, triton=triton.__version__, args=vars(args))
     rows = []
     for dt in args.dtypes:
@@ -324,7 +346,7 @@ def main(argv=None) -> int:
                     print(f"  done {dt} Hkv={hkv} prefix={p} N={n}", flush=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     print(f"\n{name}, peak {peak} GB/s, B={args.batch} Hq={args.hq} D={args.head_dim}; "
-          f"median of {args.reps}, L2 {'not ' if args.no_flush else ''}flushed")
+          f"median of {args.reps}, L2 {'not flushed' if args.no_flush else f'flushed ({args.flush})'}")
     print_table(rows, methods)
     if args.json:
         _write_json(args.json, {**meta, "complete": True}, rows)

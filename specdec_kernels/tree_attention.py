@@ -31,7 +31,8 @@ step shares -- the packed mask, the prefix, and per input layout the validated l
 configuration (tile sizes, split count, grid, strides, cached split-K workspaces) -- so a
 layer's call is a dictionary lookup plus the kernel launch(es): no validation, no mask
 packing, no workspace allocation and no host synchronisation. :func:`tree_attention` is the
-one-off form (a plan used once, with full validation).
+one-off form (a plan used once, with full validation). The launch choices are :mod:`specdec_kernels.choices`'s
+(``CONFIG_KEYS`` and ``default_config`` are re-exported here).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import torch
 import triton
 
 from specdec_kernels._tree_attention_jit import MAX_TREE_TOKENS, _tree_attn_fwd, _tree_attn_merge
+from specdec_kernels.choices import CONFIG_KEYS, _config, _num_sms, _pick_num_splits, default_config  # noqa: F401
 from specdec_kernels.launch import FixedLaunch
 
 __all__ = ["MAX_TREE_TOKENS", "TreeAttentionPlan", "pack_tree_mask", "tree_attention", "tree_attention_ref"]
@@ -145,50 +147,6 @@ def interpreter_problem() -> str | None:
     return None
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, but enough to exercise split-K on long prefixes
-
-
-def _pick_num_splits(n_programs, total_max, rows, elem_bytes, block_n, num_sms, programs_per_sm=2):
-    """Split the KV sequence until there are ``programs_per_sm`` programs per SM, keeping >= 2 tiles per
-    split and the fp32 workspace traffic (written, then read back from L2) below the K/V traffic."""
-    if n_programs >= num_sms:
-        return 1
-    splits = triton.cdiv(programs_per_sm * num_sms, n_programs)
-    splits = min(splits, max(1, total_max // (2 * block_n)))
-    splits = min(splits, max(1, (total_max * elem_bytes) // (4 * rows)))
-    return max(1, min(splits, 128))
-
-
-#: The launch choices a plan may override (``TreeAttentionPlan(config=...)``; ``specdec_kernels.tune`` sweeps
-#: them): rows of (query head, tree token) per program, KV slots per tile, warps, software-pipeline stages,
-#: and the programs per SM that split-K aims for.
-CONFIG_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "programs_per_sm")
-
-
-def default_config(dtype: torch.dtype, head_dim: int, rows: int) -> dict:
-    """The launch choices for one layout: ``rows`` = query heads per KV head * tree tokens."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles, no spills
-        max_m, block_n = 16, (32 if block_d <= 128 else 16)
-    else:  # fp16/bf16 tensor cores (wgmma from BLOCK_M = 64 on Hopper)
-        max_m, block_n = (128, 64) if block_d <= 128 else (64, 32)
-    block_m = min(max(16, triton.next_power_of_2(rows)), max_m)
-    # bf16 on an H200 (specdec_kernels.tune, BENCHMARKS.md): 3 stages beat 2 at every shape measured (by up to
-    # 25%); one program per SM suits a single M-block, two suit trees whose rows need two (N = 64, G = 4)
-    return dict(block_m=block_m, block_n=block_n, num_warps=8 if block_m * block_d >= 128 * 128 else 4,
-                num_stages=2 if dtype == torch.float32 else 3, programs_per_sm=2 if rows > block_m else 1)
-
-
-def _config(dtype, head_dim, rows, overrides: dict | None) -> dict:
-    unknown = set(overrides or {}) - set(CONFIG_KEYS)
-    if unknown:
-        raise ValueError(f"tree_attention: unknown config keys {sorted(unknown)}; known: {list(CONFIG_KEYS)}")
-    return {**default_config(dtype, head_dim, rows), **(overrides or {})}
-
-
 def pack_tree_mask(tree_mask: torch.Tensor) -> torch.Tensor:
     """``[N, N]`` bool -> ``[N]`` int64: bit ``j`` of row ``i`` is ``tree_mask[i, j]`` (``N <= 64``).
 
@@ -204,14 +162,18 @@ def pack_tree_mask(tree_mask: torch.Tensor) -> torch.Tensor:
     return (tree_mask.to(torch.int64) * weights).sum(-1)  # [N]
 
 
-_WORKSPACES: dict = {}  # (device, numel) -> fp32 buffer, reused by every plan (stream-ordered use)
+_WORKSPACES: dict = {}  # (device, dtype) -> the largest split-K workspace asked for yet, shared by every plan
 
 
-def _workspace(device: torch.device, numel: int) -> torch.Tensor:
-    buf = _WORKSPACES.get((device, numel))
-    if buf is None:
-        buf = _WORKSPACES[(device, numel)] = torch.empty(numel, dtype=torch.float32, device=device)
-    return buf
+def _workspace(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[numel]`` scratch, zeros when made: the front of one buffer per device and dtype that grows to the
+    largest request (a plan made before it grew keeps its view of the older, smaller buffer alive). Plans use
+    it one launch at a time, in stream order: a split's partials are written, then merged, before the next
+    launch writes; an arrival count is back at 0 when its launch ends."""
+    buf = _WORKSPACES.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACES[(device, dtype)] = torch.zeros(numel, dtype=dtype, device=device)
+    return buf[:numel]
 
 
 class TreeAttentionPlan:
@@ -278,20 +240,26 @@ def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, n
     BLOCK_M, BLOCK_N = config["block_m"], config["block_n"]
     n_mblocks = triton.cdiv(rows, BLOCK_M)
     if num_splits is None:
-        num_splits = _pick_num_splits(n_mblocks * B * Hkv, total_max, rows, q.element_size(),
-                                      BLOCK_N, _num_sms(q.device), config["programs_per_sm"])
+        num_splits = _pick_num_splits(n_mblocks * B * Hkv, total_max, rows, q.element_size(), BLOCK_N,
+                                      _num_sms(q.device), config["programs_per_sm"], config["split_rounding"])
     num_splits = max(1, int(num_splits))
     m_pad = n_mblocks * BLOCK_M
     split = num_splits > 1
-    ws_acc = _workspace(q.device, B * Hkv * num_splits * m_pad * BLOCK_D) if split else bits  # [B*Hkv, S, m_pad, BD]
-    ws_ml = _workspace(q.device, B * Hkv * num_splits * m_pad * 2) if split else bits  # [B*Hkv, S, m_pad, 2]
+    fused = split and config["merge"] == "fused"
+    ws_acc = ws_ml = count = bits  # no split: unused pointers
+    if split:
+        partials = B * Hkv * num_splits * m_pad  # rows of partial results
+        ws = _workspace(q.device, partials * (BLOCK_D + 2))
+        ws_acc, ws_ml = ws[: partials * BLOCK_D], ws[partials * BLOCK_D :]  # [B*Hkv, S, m_pad, BD], [.., 2]
+    if fused:
+        count = _workspace(q.device, B * Hkv * n_mblocks, torch.int32)  # [B*Hkv, M-blocks] arrivals, 0 between launches
     is_tensor = isinstance(prefix, torch.Tensor)
     prefix_t, prefix_i = (prefix, 0) if is_tensor else (bits, prefix)  # bits: dummy pointer for an int prefix
     dot_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _is_interpreted())
     strides = (*q.stride(), *k.stride(), *v.stride())
     out_strides = torch.empty_like(q).stride()
     consts = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREFIX_IS_TENSOR=is_tensor,
-                  SPLIT=split, DOT_PRECISION="ieee" if dot_fp32 else "tf32", DOT_FP32=dot_fp32,
+                  SPLIT=split, FUSED_MERGE=fused, DOT_PRECISION="ieee" if dot_fp32 else "tf32", DOT_FP32=dot_fp32,
                   num_warps=config["num_warps"], num_stages=config["num_stages"])
     grid, merge_grid = (n_mblocks, B * Hkv, num_splits), (rows, B * Hkv)  # merge: one row per program
     block_s = triton.next_power_of_2(num_splits)
@@ -303,9 +271,9 @@ def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, n
 
     def launch(q, k, v, bits=bits, prefix_t=prefix_t):  # rows_launch's callers pass their own (same shapes)
         out = torch.empty_like(q)  # [B, Hq, N, D]
-        fwd(q, k, v, out, bits, prefix_t, prefix_i, ws_acc, ws_ml, N, Hkv, G, num_splits, m_pad, qk_scale,
+        fwd(q, k, v, out, bits, prefix_t, prefix_i, ws_acc, ws_ml, count, N, Hkv, G, num_splits, m_pad, qk_scale,
             *strides, *out_strides)
-        if split:
+        if split and not fused:
             merge(out, ws_acc, ws_ml, N, Hkv, G, num_splits, m_pad, *out_strides)
         return out
 

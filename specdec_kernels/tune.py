@@ -2,11 +2,13 @@
 
     python -m specdec_kernels.tune --json tune.json                 # the kernel bench's shapes, bf16
     python -m specdec_kernels.tune --hkv 8 --prefixes 16384 --ns 1  # one shape
+    python -m specdec_kernels.tune --ns 1 --grid merge=kernel,fused split_rounding=up,down num_stages=3
+                                                                    # other axes (keys: CONFIG_KEYS)
 
-For every shape it times each combination of :data:`specdec_kernels.tree_attention.CONFIG_KEYS` values in the
+For every shape it times each combination of :data:`specdec_kernels.choices.CONFIG_KEYS` values in the
 grid below (``block_m`` stays the default's, which follows the tree's rows; trees of more rows than one default
 M-block also try one M-block of up to 256 rows, read K/V once) and prints the fastest next to
-:func:`~specdec_kernels.tree_attention.default_config`'s choice, with the fraction of peak bandwidth of each.
+:func:`~specdec_kernels.choices.default_config`'s choice, with the fraction of peak bandwidth of each.
 Compiling every variant first, in ``--jobs`` parallel processes that fill Triton's on-disk cache, keeps the
 sweep within a minute or two. The JSON is written after every shape. What it finds is meant to be written into
 ``default_config`` (the kernel never tunes itself while decoding: a captured step cannot benchmark).
@@ -24,6 +26,20 @@ import sys
 import torch
 
 GRID = dict(block_n=(64, 128), num_stages=(2, 3, 4), num_warps=(4, 8), programs_per_sm=(1, 2, 4, 8))
+LAYOUT_ONLY = ("programs_per_sm", "split_rounding")  # keys that change the grid, not the compiled kernel
+
+
+def parse_grid(items: list[str]) -> dict:
+    """``--grid key=v1,v2 ...`` -> :data:`GRID` with those axes replaced (values as ints where they are)."""
+    from specdec_kernels.choices import CONFIG_KEYS
+
+    grid = dict(GRID)
+    for item in items:
+        key, _, values = item.partition("=")
+        if key not in CONFIG_KEYS or not values:
+            raise SystemExit(f"error: --grid {item!r}: give key=v1,v2 with a key of {list(CONFIG_KEYS)}")
+        grid[key] = tuple(int(v) if v.lstrip("-").isdigit() else v for v in values.split(","))
+    return grid
 
 
 def parse_args(argv=None):
@@ -35,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--hq", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                   help="replace or add sweep axes, e.g. merge=kernel,fused split_rounding=up,down num_stages=3")
+    p.add_argument("--flush", choices=("write", "read"), default="write", help="how L2 is flushed (see the bench)")
     p.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="processes compiling first")
     p.add_argument("--json", default=None, help="write the results here (after every shape)")
     p.add_argument("--warm-part", type=int, default=None, help=argparse.SUPPRESS)  # i of --jobs: compile only
@@ -49,11 +68,12 @@ def configs(args, hkv: int, n: int) -> list[dict]:
     """The grid for ``hkv`` KV heads and a tree of ``n`` tokens (``block_m`` fixed by the rows)."""
     import triton
 
-    from specdec_kernels.tree_attention import default_config
+    from specdec_kernels.choices import default_config
 
     tree_rows = (args.hq // hkv) * n
     base = default_config(getattr(torch, args.dtype), args.head_dim, tree_rows)
-    rows = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    axes = parse_grid(args.grid)
+    rows = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     grid = [{**base, **row} for row in rows]
     if tree_rows > base["block_m"]:  # also one M-block for all rows: K/V read once, more registers per program
         wide = min(256, triton.next_power_of_2(tree_rows))
@@ -89,7 +109,7 @@ def warm(args) -> None:
     jobs = {}  # one per compiled variant, nearly: the prefix and the split count leave the kernel's code alone
     for hkv, prefix, n in shapes(args):
         for c in configs(args, hkv, n):
-            key = (hkv, n, *(v for k, v in c.items() if k != "programs_per_sm"))
+            key = (hkv, n, *(v for k, v in c.items() if k not in LAYOUT_ONLY))
             jobs.setdefault(key, ((hkv, prefix, n), c))
     for i, ((hkv, prefix, n), config) in enumerate(jobs.values()):
         if i % args.jobs == args.warm_part:
@@ -123,14 +143,15 @@ def main(argv=None) -> int:
     if args.warm_part is not None:
         warm(args)
         return 0
-    from specdec_kernels.bench import default_peak_gbps
-    from specdec_kernels.tree_attention import default_config
+    from specdec_kernels.bench import default_peak_gbps, make_flush
+    from specdec_kernels.choices import default_config
 
     if args.jobs > 1:
         warm_all(args)
     device = torch.device("cuda")
     peak = default_peak_gbps(torch.cuda.get_device_name(device)) or math.nan
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    flush = make_flush(device, args.flush)
+    swept = list(parse_grid(args.grid))
     results = []
     print(f"{'Hkv':>4} {'prefix':>6} {'N':>3} | {'default us':>10} {'bw%':>5} | {'best us':>8} {'bw%':>5} | best config")
     for hkv, prefix, n in shapes(args):
@@ -145,7 +166,7 @@ def main(argv=None) -> int:
         results.append(dict(Hkv=hkv, prefix=prefix, N=n, bytes=nbytes, default=default, default_us=base_us,
                             best=best["config"], best_us=best["us"], all=timed))
         print(f"{hkv:>4} {prefix:>6} {n:>3} | {base_us:>10.1f} {_pct(nbytes, base_us, peak):>5.1f} | "
-              f"{best['us']:>8.1f} {_pct(nbytes, best['us'], peak):>5.1f} | " + " ".join(f"{k}={best['config'][k]}" for k in GRID), flush=True)
+              f"{best['us']:>8.1f} {_pct(nbytes, best['us'], peak):>5.1f} | " + " ".join(f"{k}={best['config'][k]}" for k in swept), flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(device=torch.cuda.get_device_name(device), peak_gbps=peak, results=results), f, indent=1)

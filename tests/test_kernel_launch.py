@@ -4,6 +4,9 @@ A recording stand-in plays the JIT here (the CPU has no compiled kernels); ``tes
 direct launches with the JIT's on CUDA."""
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
 
 from specdec_kernels.launch import FixedLaunch
@@ -70,3 +73,37 @@ def test_interpreter_and_switch_off_always_use_the_jit(monkeypatch):
     for _ in range(3):
         launch(x, 8, 1.0)
     assert len(off.jit_calls) == 3 and not off.direct_calls
+
+
+def test_split_k_workspaces_share_one_buffer_per_device():
+    """Plans of many layouts (each step's prefix bucket, every model's heads) take views of one buffer per device,
+    grown to the largest request, instead of keeping one buffer per size for the life of the process."""
+    ta = importlib.import_module("specdec_kernels.tree_attention")
+
+    device = torch.device("cpu")
+    ta._WORKSPACES.pop((device, torch.float32), None)
+    small = ta._workspace(device, 10)
+    big = ta._workspace(device, 100)
+    middle = ta._workspace(device, 50)
+    assert (small.numel(), big.numel(), middle.numel()) == (10, 100, 50)
+    assert middle.data_ptr() == big.data_ptr() and small.data_ptr() != big.data_ptr()
+    assert ta._WORKSPACES[(device, torch.float32)].numel() == 100
+
+
+def test_both_l2_flushes_run_and_a_wrong_mode_is_refused():
+    """The kernel bench's flushes: ``write`` zeroes its buffer, ``read`` only reads it (clean L2 lines)."""
+    from specdec_kernels.bench import make_flush
+
+    for mode in ("write", "read"):
+        make_flush(torch.device("cpu"), mode)()
+    with pytest.raises(ValueError, match="sideways"):
+        make_flush(torch.device("cpu"), "sideways")
+
+
+def test_the_tune_grid_takes_other_axes_and_refuses_unknown_keys():
+    from specdec_kernels.tune import GRID, parse_grid
+
+    grid = parse_grid(["merge=kernel,fused", "num_stages=3"])
+    assert grid["merge"] == ("kernel", "fused") and grid["num_stages"] == (3,) and grid["block_n"] == GRID["block_n"]
+    with pytest.raises(SystemExit, match="stages"):
+        parse_grid(["stages=3"])

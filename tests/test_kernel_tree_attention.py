@@ -123,6 +123,44 @@ def test_split_k_is_exact(num_splits):
     check(q, k, v, P, mask, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_merge_equals_the_merge_kernel_launch_after_launch(dtype):
+    """``merge="fused"``: the last split of each (M-block, KV head) merges in the attention kernel itself. Two KV
+    heads of 3 M-blocks each, 7 splits (the last ones empty for the shorter prefix), per-row prefixes that change
+    between launches: every launch equals the reference and the two-kernel merge, and each arrival count is back
+    at 0 after every launch (the next launch, or the next layer, starts from it)."""
+    rng = random.Random(13)
+    N, prefixes, D = 24, [700, 90], 64  # G * N = 4 * 24 = 96 rows: 3 M-blocks of 32
+    q, k, v = make_inputs(13, 2, 8, 2, N, [760, 760], 800, D, dtype)
+    mask = tree_mask_from_parents(random_parents(rng, N))
+    fused = TreeAttentionPlan(torch.tensor(prefixes, device=DEVICE), mask, num_splits=7,
+                              config={"merge": "fused", "block_m": 32})
+    kernel = TreeAttentionPlan(torch.tensor(prefixes, device=DEVICE), mask, num_splits=7, config={"block_m": 32})
+    for step in range(3):
+        fused.prefix_len.add_(step * 20)
+        kernel.prefix_len.copy_(fused.prefix_len)
+        out = fused(q, k, v)  # [2, 8, N, D]
+        assert not ta._WORKSPACES[(q.device, torch.int32)][: 2 * 2 * 3].any(), step
+        ref = tree_attention_ref(q, k, v, fused.prefix_len, mask)
+        torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
+        torch.testing.assert_close(out.float(), kernel(q, k, v).float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+def test_split_rounding_bounds_the_programs_per_sm():
+    """``split_rounding``: ``up`` aims for at least ``programs_per_sm`` programs per SM, ``down`` for at most
+    (no SM running one program more than the others); both keep two tiles per split."""
+    pick = ta._pick_num_splits
+    for n_programs, sms in ((8, 132), (32, 132), (3, 4), (7, 100)):
+        up = pick(n_programs, 1 << 20, 4, 2, 64, sms, 1, "up")
+        down = pick(n_programs, 1 << 20, 4, 2, 64, sms, 1, "down")
+        assert n_programs * down <= sms <= n_programs * up, (n_programs, sms, up, down)
+        assert up - down <= 1
+    assert pick(8, 64 * 6, 4, 2, 64, 132, 1, "down") == 3  # 6 tiles: at most 3 splits of 2
+    with pytest.raises(ValueError, match="split_rounding='sideways'"):
+        TreeAttentionPlan(10, torch.ones(1, 1, dtype=torch.bool, device=DEVICE), config={"split_rounding": "sideways"})(
+            *make_inputs(0, 1, 1, 1, 1, [10], 12, 16, torch.float32))
+
+
 @pytest.mark.parametrize("D", [16, 32, 96, 256])
 def test_other_head_dims(D):
     rng = random.Random(D)

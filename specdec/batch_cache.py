@@ -147,6 +147,7 @@ class BatchCache(Cache):
         self.block_slots: torch.Tensor | None = None  # [B, n] where the current block is written
         self.block_end = 0
         self._block_index: tuple[torch.Size, torch.Tensor] | None = None  # the block's flat write index
+        self.overflow = torch.zeros((), dtype=torch.bool, device=device)  # a static block passed the capacity
         self.rows = list(row_ids) if row_ids is not None else list(range(batch))  # each current row's original index
         super().__init__(layers=[BatchCacheLayer(self) for _ in range(num_layers)])
 
@@ -177,8 +178,10 @@ class BatchCache(Cache):
     def begin_static_block(self, n: int, offset: int = 0) -> None:
         """:meth:`begin_block` with fixed shapes and no host work: the ``n`` tokens go to slots
         ``lengths + offset + j``, attention spans the whole capacity (slots past a row's block are
-        masked), lengths are read on the device only (captured steps)."""
+        masked), lengths are read on the device only (captured steps). No host check: a block past the capacity
+        sets :attr:`overflow` (its writes would land in the next head's slots), which the step reports."""
         self.block_slots = self.lengths[:, None] + offset + torch.arange(n, device=self.lengths.device)  # [B, n]
+        self.overflow |= (self.block_slots[:, -1] >= self.capacity).any()
         self.block_end = self.capacity
         self._block_index = None
 

@@ -135,7 +135,8 @@ class StaticStep:
         self.seq_len.copy_(torch.tensor([len(p) for p in prompts], device=device))
         self.limit.copy_(torch.tensor(limits, device=device))
         self.rng.seeds.copy_(torch.tensor(seeds, dtype=torch.long, device=device))
-        for t in (self.new, self.finished, self.step_index, self.rng.step, self.report):
+        for t in (self.new, self.finished, self.step_index, self.rng.step, self.report, self.t_cache.overflow,
+                  *([self.d_cache.overflow] if self.d_cache is not None else [])):
             t.zero_()
 
     @classmethod
@@ -251,7 +252,9 @@ class StaticStep:
         self.new += count
         bad = ~torch.isfinite(logits).all(-1).all(-1)  # [B]
         nodes = self.shape.nodes_upto[budget] if self.shape is not None else torch.zeros_like(budget)  # [B]
-        self.report.copy_(torch.stack([nodes, budget, decided.counts, count, done.long() | (bad.long() << 1)], 1))
+        over = self.t_cache.overflow | (self.d_cache.overflow if self.d_cache is not None else False)
+        flags = done.long() | (bad.long() << 1) | (over.long() << 2)  # [B]
+        self.report.copy_(torch.stack([nodes, budget, decided.counts, count, flags], 1))
         self.finished |= done
 
     def _keep_target(self, path: torch.Tensor, counts: torch.Tensor, live: torch.Tensor) -> None:
@@ -343,7 +346,7 @@ class StaticStep:
     def _state(self) -> list[torch.Tensor]:
         caches = [self.t_cache] + ([self.d_cache] if self.d_cache is not None else [])
         return [self.seq, self.seq_len, self.new, self.finished, self.step_index, self.rng.step,
-                *(c.lengths for c in caches)]
+                *(t for c in caches for t in (c.lengths, c.overflow))]
 
     def _save(self) -> list[torch.Tensor]:
         return [t.clone() for t in self._state()]
@@ -354,7 +357,7 @@ class StaticStep:
 
     def step(self) -> list[list[int]]:
         """Run one step; the host's one read: per row ``[drafts proposed, drafts accepted, tokens
-        emitted, flags]`` (flags: 1 finished, 2 non-finite logits)."""
+        emitted, flags]`` (flags: 1 finished, 2 non-finite logits, 4 a block passed the cache's capacity)."""
         self._run()
         return self.report.tolist()
 
@@ -380,6 +383,9 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
                     continue
                 if flags & 2:
                     raise NonFiniteLogitsError(f"target forward at decode step {n} (row {b}): non-finite logits")
+                if flags & 4:  # capacity_for sizes every block: a bug, not the input's doing
+                    raise RuntimeError(f"static step {n}: a block was written past the cache's {step.seq.shape[1]} "
+                                       "slots per row (capacity_for is too small for this drafter)")
                 stats[b].record_step(nodes, depth, accepted)
                 stats[b].new_tokens += emitted
                 if flags & 1:

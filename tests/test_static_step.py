@@ -224,6 +224,30 @@ def test_a_kept_step_serves_later_batches_in_the_same_buffers(setup, monkeypatch
     assert len(decoder.static_steps) == 1  # the least recently used go first
 
 
+def test_a_block_past_the_capacity_is_reported_not_decoded(setup, monkeypatch):
+    """``capacity_for`` sizes the buffers; were it too small (planted: 5 slots short), a block of a row that is not
+    the last would be written into the next head's slots, silently (the last row's would fail its index copy).
+    The step flags it on the device and the host raises at that step, no tokens."""
+    arch, target, rows = setup
+    if arch != "llama":
+        pytest.skip("the planted shortfall is sized for the llama pair's rows (qwen2's stop on EOS before it)")
+    from specdec.batch_cache import BatchCache
+
+    cache = BatchCache(1, 10, 2)
+    cache.lengths.copy_(torch.tensor([8, 3]))
+    cache.begin_static_block(2)
+    assert not cache.overflow
+    cache.begin_static_block(2, offset=1)  # row 0: slots 9 and 10 of 10
+    assert cache.overflow
+    real = static_step.capacity_for
+    monkeypatch.setattr(static_step, "capacity_for", lambda *a: real(*a) - 5)
+    decoder = SpeculativeDecoder(target, SHAPES["chain3"](arch), compile="static")
+    with pytest.raises(RuntimeError, match="past the cache's"):
+        decoder.generate_batch(rows[:2], [20, 20])
+    monkeypatch.setattr(static_step, "capacity_for", real)
+    assert decoder.generate_batch(rows[:2], [20, 20]).sequences  # sized right, the same rows decode
+
+
 def test_a_failing_compile_falls_back_to_the_eager_step(setup, monkeypatch):
     """Where the compiler fails (planted: a backend that raises), one warning, then the eager step, same tokens."""
     arch, target, rows = setup

@@ -171,6 +171,9 @@ def _misspelled_key(text: str, cause: BaseException | None) -> str | None:
 
 def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:
     """Print the one ``error:`` line (user errors, returns 2) or the traceback and :data:`BUG_LINE` (returns 1)."""
+    from specdec.errors import out_of_memory
+
+    exc = out_of_memory(exc) or exc  # an OOM wrapped by the compiler or a failed capture is still one
     if isinstance(exc, input_error_types(extra_input_errors)):
         print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2

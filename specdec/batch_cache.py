@@ -179,7 +179,8 @@ class BatchCache(Cache):
         """:meth:`begin_block` with fixed shapes and no host work: the ``n`` tokens go to slots
         ``lengths + offset + j``, attention spans the whole capacity (slots past a row's block are
         masked), lengths are read on the device only (captured steps). No host check: a block past the capacity
-        sets :attr:`overflow` (its writes would land in the next head's slots), which the step reports."""
+        sets :attr:`overflow`, which the step reports (the eager write of a row but the last would land in the
+        next head's slots unnoticed; the compiled write and a CUDA index copy of the last row assert instead)."""
         self.block_slots = self.lengths[:, None] + offset + torch.arange(n, device=self.lengths.device)  # [B, n]
         self.overflow |= (self.block_slots[:, -1] >= self.capacity).any()
         self.block_end = self.capacity

@@ -1,6 +1,8 @@
 """Errors with messages that name the problem and the fix."""
 from __future__ import annotations
 
+import sys
+
 
 class SpecDecError(ValueError):
     """Base class of the framework's input errors."""
@@ -14,15 +16,17 @@ class NonFiniteLogitsError(RuntimeError):
     """The target or draft model produced NaN or inf logits."""
 
 
-def out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is, or was raised from, an out-of-memory error (dynamo wraps a compiler's own errors):
-    no reason to fall back to another form of the step, which needs the same memory."""
-    import torch
-
+def out_of_memory(exc: BaseException) -> BaseException | None:
+    """The out-of-memory error ``exc`` is or was raised from (dynamo wraps a compiler's errors, a failed graph
+    capture raises its own), or None. Such a failure is not the compiler's: another form of the step needs
+    the same memory, and the fix is a smaller setting."""
+    torch = sys.modules.get("torch")
+    if torch is None:  # nothing has run on a device: no need to load it to answer
+        return None
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, torch.OutOfMemoryError):
-            return True
+            return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None

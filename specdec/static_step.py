@@ -307,8 +307,9 @@ class StaticStep:
                 compiled()
             except Exception as exc:  # noqa: BLE001 - compilation errors of any kind: eager, said once
                 self._restore(snapshot)
-                if out_of_memory(exc):  # not the compiler's fault: the eager step would not fit either
-                    raise
+                oom = out_of_memory(exc)
+                if oom is not None:  # not the compiler's fault: the eager step would not fit either
+                    raise oom from None
                 warnings.warn(f"compile={self.compile} failed ({type(exc).__name__}: {str(exc)[:200]}); "
                               "running the static step eagerly from now on", stacklevel=4)
                 _COMPILE_FAILED.append(exc)
@@ -336,8 +337,9 @@ class StaticStep:
             self._restore(snapshot)  # capture ran the step once: undo it
         except Exception as exc:  # noqa: BLE001 - a forward that syncs or allocates dynamically cannot be captured
             self._restore(snapshot)
-            if out_of_memory(exc):
-                raise
+            oom = out_of_memory(exc)
+            if oom is not None:
+                raise oom from None
             warnings.warn(f"compile={self.compile}: capture failed ({type(exc).__name__}: {exc}); running "
                           f"{'eagerly' if step == self._eager else 'the compiled step uncaptured'}", stacklevel=3)
             return step
@@ -381,11 +383,11 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
             for b, (nodes, depth, accepted, emitted, flags) in enumerate(step.step()):
                 if not live[b]:
                     continue
-                if flags & 2:
-                    raise NonFiniteLogitsError(f"target forward at decode step {n} (row {b}): non-finite logits")
                 if flags & 4:  # capacity_for sizes every block: a bug, not the input's doing
                     raise RuntimeError(f"static step {n}: a block was written past the cache's {step.seq.shape[1]} "
                                        "slots per row (capacity_for is too small for this drafter)")
+                if flags & 2:
+                    raise NonFiniteLogitsError(f"target forward at decode step {n} (row {b}): non-finite logits")
                 stats[b].record_step(nodes, depth, accepted)
                 stats[b].new_tokens += emitted
                 if flags & 1:

@@ -26,7 +26,9 @@ Bandwidth = bytes of K + V (the Hkv heads, read once) + Q + O over the device ti
 flushed before every timed call, by zeroing a 256 MB buffer (``--flush write``, the usual way, as Triton's
 ``do_bench`` does) or by reading one (``--flush read``). A write flush leaves the L2 full of dirty lines that the
 timed kernel's reads evict, and so write back; in a decode step the kernels before attention read weights and
-leave clean lines. Only torch and triton are needed (no hydra / wandb).
+leave clean lines. ``call_us`` pays that write-back whole; in ``dev_us`` the flushes-alone graph, whose flushes
+write back each other's lines, cancels most of it (what remains is the cost of mixing it with the kernel's
+reads). Only torch and triton are needed (no hydra / wandb).
 """
 from __future__ import annotations
 

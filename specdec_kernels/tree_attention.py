@@ -163,16 +163,21 @@ def pack_tree_mask(tree_mask: torch.Tensor) -> torch.Tensor:
 
 
 _WORKSPACES: dict = {}  # (device, dtype) -> the largest split-K workspace asked for yet, shared by every plan
+_RETIRED: list = []  # the buffers it replaced: a captured graph may still replay with their addresses
 
 
 def _workspace(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[numel]`` scratch, zeros when made: the front of one buffer per device and dtype that grows to the
-    largest request (a plan made before it grew keeps its view of the older, smaller buffer alive). Plans use
-    it one launch at a time, in stream order: a split's partials are written, then merged, before the next
+    """``[numel]`` scratch, zeros when made: the front of one buffer per device and dtype that grows (at least
+    doubling) to the largest request. A replaced buffer is kept for the life of the process, as a CUDA graph
+    that captured a launch holds its address and nothing else: in all at most twice the largest. Plans use it
+    one launch at a time, in stream order: a split's partials are written, then merged, before the next
     launch writes; an arrival count is back at 0 when its launch ends."""
     buf = _WORKSPACES.get((device, dtype))
     if buf is None or buf.numel() < numel:
-        buf = _WORKSPACES[(device, dtype)] = torch.zeros(numel, dtype=dtype, device=device)
+        size = numel if buf is None else max(numel, 2 * buf.numel())
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _WORKSPACES[(device, dtype)] = torch.zeros(size, dtype=dtype, device=device)
     return buf[:numel]
 
 

@@ -178,6 +178,16 @@ def test_out_of_device_memory_is_an_input_error_with_the_fix(capsys):
                       "batch size", "bfloat16")
     assert "allocated memory" not in line  # the allocator's advice is not ours to repeat
 
+    @cli.guard()
+    def wrapped() -> int:  # as dynamo raises a compiler's error: the OOM only in the context
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB. More text")
+        except torch.OutOfMemoryError:
+            raise RuntimeError("backend compiler failed") from None
+
+    assert wrapped() == 2
+    error_line(capsys.readouterr().err, 2, 2, "out of device memory", "Tried to allocate 64.00 MiB")
+
 
 def test_remote_code_checkpoint_names_our_key(checkpoints, tmp_path):
     proc = run_cli(*TINY, "model=hf", f"model.target={checkpoints['remote']}", f"hydra.run.dir={tmp_path}")

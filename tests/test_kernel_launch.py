@@ -75,19 +75,27 @@ def test_interpreter_and_switch_off_always_use_the_jit(monkeypatch):
     assert len(off.jit_calls) == 3 and not off.direct_calls
 
 
-def test_split_k_workspaces_share_one_buffer_per_device():
+def test_split_k_workspaces_share_one_buffer_per_device_and_keep_the_replaced_ones():
     """Plans of many layouts (each step's prefix bucket, every model's heads) take views of one buffer per device,
-    grown to the largest request, instead of keeping one buffer per size for the life of the process."""
-    ta = importlib.import_module("specdec_kernels.tree_attention")
+    grown (at least doubling) to the largest request, instead of one buffer per size. A replaced buffer stays
+    alive with no plan holding it: a captured CUDA graph replays with its address and holds nothing else."""
+    import gc
+    import weakref
 
+    ta = importlib.import_module("specdec_kernels.tree_attention")
     device = torch.device("cpu")
     ta._WORKSPACES.pop((device, torch.float32), None)
     small = ta._workspace(device, 10)
-    big = ta._workspace(device, 100)
-    middle = ta._workspace(device, 50)
-    assert (small.numel(), big.numel(), middle.numel()) == (10, 100, 50)
+    first = weakref.ref(ta._WORKSPACES[(device, torch.float32)])
+    big = ta._workspace(device, 15)
+    middle = ta._workspace(device, 12)
+    assert (small.numel(), big.numel(), middle.numel()) == (10, 15, 12)
     assert middle.data_ptr() == big.data_ptr() and small.data_ptr() != big.data_ptr()
-    assert ta._WORKSPACES[(device, torch.float32)].numel() == 100
+    assert ta._WORKSPACES[(device, torch.float32)].numel() == 20  # doubled: few replacements
+    del small
+    gc.collect()
+    assert first() is not None  # no view holds it, the module does
+    ta._RETIRED.clear()
 
 
 def test_both_l2_flushes_run_and_a_wrong_mode_is_refused():

@@ -18,7 +18,8 @@ call captured once in a CUDA graph, the graph replayed between events); ``host_u
 call's own wall time with an idle queue (its host overhead). ``dev_us`` leaves out the graph's own launch
 (about 8 us on an H200, as much as a small kernel): 10 calls, each after an L2 flush, sit in one graph, and a
 graph of the flushes alone is subtracted. ``triton`` is the call a layer makes
-in decoding (a :class:`specdec_kernels.TreeAttentionPlan` built once per step); ``triton_1x`` the one-off
+in decoding (a :class:`specdec_kernels.TreeAttentionPlan` built once per step); ``triton_fused`` the same with
+``merge="fused"`` (split-K merged inside the one kernel: one launch); ``triton_1x`` the one-off
 :func:`specdec_kernels.tree_attention` (validation and mask packing included).
 
 Bandwidth = bytes of K + V (the Hkv heads, read once) + Q + O over the device time, as a fraction of
@@ -165,7 +166,9 @@ def build_methods(q, k, v, P, mask, scale, flex: bool, flex_compile: bool):
     B, Hq, N, D = q.shape
     G = Hq // k.shape[1]
     plan = TreeAttentionPlan(P, mask)  # one per verify step, shared by the layers
-    methods = {"triton": lambda: plan(q, k, v, scale), "triton_1x": lambda: tree_attention(q, k, v, P, mask, scale)}
+    fused = TreeAttentionPlan(P, mask, config={"merge": "fused"})  # split-K merged in the one kernel
+    methods = {"triton": lambda: plan(q, k, v, scale), "triton_fused": lambda: fused(q, k, v, scale),
+               "triton_1x": lambda: tree_attention(q, k, v, P, mask, scale)}
     ke, ve = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # [B, Hq, L, D]
     allowed = torch.cat([torch.ones(N, P, dtype=torch.bool, device=q.device), mask], 1)  # [N, L]
     add_mask = torch.zeros(1, 1, N, P + N, dtype=q.dtype, device=q.device)  # [1, 1, N, L]
@@ -310,10 +313,10 @@ def main(argv=None) -> int:
         device = torch.device("cpu")
         args.no_flex, args.warmup, args.reps = True, 1, 2
         rows = run_case(1, 4, 2, 1, 40, 64, torch.float32, device, args, None)
-        rows += run_case(1, 4, 2, 4, 40, 64, torch.float32, device, args, None)
+        rows += run_case(1, 4, 2, 4, 300, 64, torch.float32, device, args, None)  # 2 splits: merged either way
         add_ratios(rows, None)
         print("interpreter smoke test (CPU timings are meaningless):")
-        print_table(rows, ["triton", "sdpa"])
+        print_table(rows, ["triton", "triton_fused", "sdpa"])
         meta = dict(device="cpu (TRITON_INTERPRET=1)", peak_gbps=None,
                     torch=torch.__version__, triton=triton.__version__)
         if args.json:

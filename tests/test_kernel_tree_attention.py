@@ -377,5 +377,6 @@ def test_benchmark_smoke_run_without_a_gpu(tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
-    assert {(r["method"], r["N"]) for r in rows} == {(m, n) for m in ("triton", "triton_1x", "sdpa") for n in (1, 4)}
+    methods = ("triton", "triton_fused", "triton_1x", "sdpa")
+    assert {(r["method"], r["N"]) for r in rows} == {(m, n) for m in methods for n in (1, 4)}
     assert all(r["max_abs_diff_vs_triton"] < 1e-4 for r in rows)

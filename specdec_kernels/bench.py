@@ -165,8 +165,8 @@ def build_methods(q, k, v, P, mask, scale, flex: bool, flex_compile: bool):
 
     B, Hq, N, D = q.shape
     G = Hq // k.shape[1]
-    plan = TreeAttentionPlan(P, mask)  # one per verify step, shared by the layers
-    fused = TreeAttentionPlan(P, mask, config={"merge": "fused"})  # split-K merged in the one kernel
+    plan = TreeAttentionPlan(P, mask, reuse_output=True)  # as the verifier's: one per step, shared by the layers
+    fused = TreeAttentionPlan(P, mask, config={"merge": "fused"}, reuse_output=True)  # split-K merged in one kernel
     methods = {"triton": lambda: plan(q, k, v, scale), "triton_fused": lambda: fused(q, k, v, scale),
                "triton_1x": lambda: tree_attention(q, k, v, P, mask, scale)}
     ke, ve = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # [B, Hq, L, D]
@@ -199,7 +199,7 @@ def run_case(B, Hq, Hkv, N, P, D, dtype, device, args, flush):
     scale = 1.0 / math.sqrt(D)
     nbytes = q.element_size() * (2 * k.numel() + 2 * q.numel())  # K + V read, Q read + O written
     methods = build_methods(q, k, v, P, mask, scale, not args.no_flex, not args.no_flex_compile)
-    ref = methods["triton"]().float()  # [B, Hq, N, D]
+    ref = methods["triton"]().float().clone()  # [B, Hq, N, D]; the plan rewrites its output every call
     rows = []
     for name, fn in methods.items():
         row = dict(method=name, dtype=str(dtype).replace("torch.", ""), B=B, Hq=Hq, Hkv=Hkv,

@@ -191,6 +191,9 @@ class TreeAttentionPlan:
         validate: check ``prefix_len + N <= S`` for a tensor prefix (one host sync, on the first
             call of each input layout only).
         config: override some of :func:`default_config`'s launch choices (keys :data:`CONFIG_KEYS`).
+        reuse_output: every call of one layout writes the same output tensor (no allocation per call): a
+            call's output is valid until the next call of that layout. For a model's layers, each of which
+            consumes its attention output before the next layer's call.
 
     ``plan(q, k, v, sm_scale)`` computes :func:`tree_attention`. The first call for an input
     layout (shapes, strides, dtype, device) validates it and builds the launch configuration;
@@ -198,9 +201,10 @@ class TreeAttentionPlan:
     """
 
     def __init__(self, prefix_len, tree_mask: torch.Tensor, num_splits: int | None = None, validate: bool = True,
-                 config: dict | None = None):
+                 config: dict | None = None, reuse_output: bool = False):
         self.prefix_len, self.tree_mask = prefix_len, tree_mask
         self.num_splits, self.validate, self.config = num_splits, validate, config
+        self.reuse_output = reuse_output
         self.bits: torch.Tensor | None = None  # [N] int64, packed on the first call
         self._launches: dict = {}
 
@@ -234,11 +238,14 @@ class TreeAttentionPlan:
             self.bits = pack_tree_mask(self.tree_mask)  # [N]
         config = _config(q.dtype, D, (Hq // Hkv) * N, self.config)
         return _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, self.bits, total_max,
-                            1.0 / math.sqrt(D) if sm_scale is None else sm_scale, self.num_splits, config)
+                            1.0 / math.sqrt(D) if sm_scale is None else sm_scale, self.num_splits, config,
+                            self.reuse_output)
 
 
-def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, num_splits, config):
-    """Tile sizes, split count, grid and workspaces for one layout; returns ``launch(q, k, v) -> out``."""
+def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, num_splits, config,
+                 reuse_output=False):
+    """Tile sizes, split count, grid and workspaces for one layout; returns ``launch(q, k, v) -> out`` (with
+    ``reuse_output``, the same ``out`` every launch)."""
     G = Hq // Hkv
     rows = G * N
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -262,6 +269,7 @@ def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, n
     prefix_t, prefix_i = (prefix, 0) if is_tensor else (bits, prefix)  # bits: dummy pointer for an int prefix
     dot_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _is_interpreted())
     strides = (*q.stride(), *k.stride(), *v.stride())
+    kept = torch.empty_like(q) if reuse_output else None  # [B, Hq, N, D]
     out_strides = torch.empty_like(q).stride()
     consts = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREFIX_IS_TENSOR=is_tensor,
                   SPLIT=split, FUSED_MERGE=fused, DOT_PRECISION="ieee" if dot_fp32 else "tf32", DOT_FP32=dot_fp32,
@@ -275,7 +283,7 @@ def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, n
                                                            num_warps=8 if block_s * BLOCK_D >= 64 * 128 else 4))
 
     def launch(q, k, v, bits=bits, prefix_t=prefix_t):  # rows_launch's callers pass their own (same shapes)
-        out = torch.empty_like(q)  # [B, Hq, N, D]
+        out = torch.empty_like(q) if kept is None else kept  # [B, Hq, N, D]
         fwd(q, k, v, out, bits, prefix_t, prefix_i, ws_acc, ws_ml, count, N, Hkv, G, num_splits, m_pad, qk_scale,
             *strides, *out_strides)
         if split and not fused:

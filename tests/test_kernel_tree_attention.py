@@ -363,6 +363,28 @@ def test_plan_is_shared_by_layers_and_validates_once(monkeypatch):
     assert plan.bits is bits and len(plan._launches) == 1
 
 
+def test_a_plan_that_reuses_its_output_writes_one_tensor_per_layout():
+    """``reuse_output`` (the verifier's plans: a layer consumes its output before the next layer's call): every
+    call of a layout returns the same tensor, rewritten with that call's values; a new layout gets its own, and a
+    plan without it allocates per call."""
+    rng = random.Random(9)
+    N, P = 5, 70
+    mask = tree_mask_from_parents(random_parents(rng, N))
+    plan = ta.TreeAttentionPlan(P, mask, reuse_output=True)
+    outs = []
+    for seed in range(3):
+        q, k, v = make_inputs(seed, 1, 4, 2, N, [P], P + N + 4, 64, torch.float32)
+        out = plan(q, k, v)
+        torch.testing.assert_close(out, tree_attention_ref(q, k, v, P, mask), atol=2e-5, rtol=2e-5)
+        outs.append(out)
+    assert outs[0] is outs[1] is outs[2]
+    other = plan(*make_inputs(3, 2, 4, 2, N, [P, P], P + N + 4, 64, torch.float32))  # batch 2: another layout
+    assert other.data_ptr() != outs[0].data_ptr()
+    fresh = ta.TreeAttentionPlan(P, mask)
+    q, k, v = make_inputs(0, 1, 4, 2, N, [P], P + N + 4, 64, torch.float32)
+    assert fresh(q, k, v) is not fresh(q, k, v)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark runs its full sweep (scripts/gpu_check.sh)")
 def test_benchmark_smoke_run_without_a_gpu(tmp_path):
     """``python -m specdec_kernels.bench --interpret-smoke`` as a user runs it without a GPU: exit 0, a JSON

@@ -58,7 +58,9 @@ def attention_inputs(backend: str, prefix_len: int, tree_mask: torch.Tensor | No
         from specdec_kernels import MAX_TREE_TOKENS, TreeAttentionPlan
 
         if n <= MAX_TREE_TOKENS:
-            kwargs["specdec_tree_plan"] = TreeAttentionPlan(prefix_len, tree_mask, validate=False)
+            # one output buffer for all layers: each layer's o_proj reads its attention output (transposed, so
+            # HF's reshape copies it) before the next layer's kernel writes, in stream order
+            kwargs["specdec_tree_plan"] = TreeAttentionPlan(prefix_len, tree_mask, validate=False, reuse_output=True)
             return kwargs
     kwargs["specdec_key_mask"] = dense_tree_mask(prefix_len, tree_mask)
     return kwargs

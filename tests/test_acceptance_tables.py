@@ -262,3 +262,67 @@ def test_typical_decisions_follow_the_formula(temperature):
                 assert accepted == ([0] if p[x] > thresh else []), (p, x, thresh)
                 entropy_decided += thresh < p[x] <= eps
     assert entropy_decided > 0
+
+
+# --------------------------------------------------------------------------- the batch rules on the same tables
+
+
+class ScriptedKeys:
+    """A stand-in for :class:`specdec.rng.KeyedRandom` in the batch rules (one row): node ``c``'s acceptance draw
+    is ``accept[c]``; the extra token is the inverse-CDF token of ``extra`` under the distribution it is drawn
+    from, which is recorded."""
+
+    def __init__(self, accept: dict[int, float], extra: float):
+        self.accept, self.extra, self.drawn_from = accept, extra, []
+
+    def uniform_per_row(self, purpose, index: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.accept.get(int(i), 0.999) for i in index.tolist()], dtype=torch.float64)
+
+    def categorical(self, probs: torch.Tensor, purpose) -> torch.Tensor:
+        self.drawn_from.append((probs[0] / probs[0].sum()).tolist())
+        cdf = (probs[0] / probs[0].sum()).cumsum(0)  # [V]
+        return torch.tensor([min(int(torch.searchsorted(cdf, torch.tensor(self.extra), right=True)),
+                                 probs.shape[-1] - 1)])
+
+
+def batch_decide(rule, parents, tokens, p_rows, accept, extra, q_rows=None, mode="deterministic", sampling=T1,
+                 temperature=1.0, **kw):
+    """``decide`` for a batch rule on a batch of the one tree: ``(accepted nodes, emitted tokens), drawn from``."""
+    from specdec.batch_types import BatchTree
+
+    tree = DraftTree(tokens=torch.tensor(tokens), parents=torch.tensor(parents),
+                     draft_probs=None if q_rows is None else torch.tensor(q_rows), sampling=mode)
+    batch = BatchTree.stack([tree])
+    logits = temperature * torch.tensor(p_rows).log()[None]  # [1, 1 + N, V]
+    keys = ScriptedKeys(accept, extra)
+    out = rule(batch, logits, sampling, keys, **kw)
+    return out.to_host(batch.tokens)[0], keys.drawn_from
+
+
+@pytest.mark.parametrize("mode, us, accepted, emitted, drawn_from", SIBLINGS)
+def test_batch_rejection_on_sampled_siblings(mode, us, accepted, emitted, drawn_from):
+    """The sibling table through the batch rule (the draft's q updated between siblings drawn without replacement,
+    the residual after each rejection): the same decisions and the same distribution for the extra token."""
+    from specdec.batch_acceptance import batch_rejection
+
+    (nodes, toks), got = batch_decide(batch_rejection, [-1, -1], [1, 0], [P, U4, U4], {0: us[0], 1: us[1]}, us[-1],
+                                      [Q, Q], mode)
+    assert (nodes, toks) == (accepted, emitted)
+    assert_rows_close(got, drawn_from)
+
+
+def test_typical_thresholds_are_the_nodes_own():
+    """A chain of two under typical acceptance at T = 0.7: the root is LOW (threshold 0.09), node 0 is HIGH
+    (threshold 0.0602). Node 1's token has p = 0.07 at node 0: accepted against node 0's own threshold, where the
+    root's would reject it. The per-node and the batch rule agree."""
+    from specdec.batch_acceptance import batch_typical
+
+    sampling = SamplingParams(temperature=0.7)
+    p_rows = [LOW, HIGH, U6]
+    res, got = decide(TypicalAcceptance(), [-1, 0], [1, 4], p_rows, [0.6], sampling=sampling, temperature=0.7)
+    assert (res.accepted_nodes, res.tokens) == ([0, 1], [1, 4, 3])
+    assert_rows_close(got, [U6])
+    (nodes, toks), got = batch_decide(batch_typical, [-1, 0], [1, 4], p_rows, {}, 0.6, sampling=sampling,
+                                      temperature=0.7, epsilon=0.09, delta=0.3)
+    assert (nodes, toks) == ([0, 1], [1, 4, 3])
+    assert_rows_close(got, [U6])

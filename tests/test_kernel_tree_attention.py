@@ -146,6 +146,20 @@ def test_fused_merge_equals_the_merge_kernel_launch_after_launch(dtype):
         torch.testing.assert_close(out.float(), kernel(q, k, v).float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
 
 
+def test_default_tiles_follow_the_rows_up_to_the_tuned_maximum():
+    """``default_config``'s M-block: the tree's rows rounded up to a power of two, at least 16, at most the tuned
+    maximum (128 rows for bf16/fp16 at head dim <= 128, 64 beyond; 16 for exact fp32 dots)."""
+    from specdec_kernels.choices import default_config
+
+    for dtype, head_dim, rows, block_m in ((torch.bfloat16, 128, 4, 16), (torch.bfloat16, 128, 40, 64),
+                                           (torch.bfloat16, 128, 512, 128), (torch.float16, 256, 512, 64),
+                                           (torch.float32, 128, 100, 16), (torch.float32, 64, 8, 16)):
+        config = default_config(dtype, head_dim, rows)
+        assert config["block_m"] == block_m, (dtype, head_dim, rows, config)
+        assert config["programs_per_sm"] == (2 if rows > block_m else 1)
+    assert default_config(torch.bfloat16, 128, 64)["merge"] == "kernel"  # the fused merge waits for a GPU's say
+
+
 def test_split_rounding_bounds_the_programs_per_sm():
     """``split_rounding``: ``up`` aims for at least ``programs_per_sm`` programs per SM, ``down`` for at most
     (no SM running one program more than the others); both keep two tiles per split."""

@@ -60,6 +60,7 @@ def test_greedy_static_step_equals_generate(setup, shape, batch):
         assert out.sequences[i].tolist() == ref.tolist(), f"row {i}"
         eager = SpeculativeDecoder(target, SHAPES[shape](arch)).generate(ids, LIMITS[i], seed=i)
         assert out.row_stats[i].accepted_per_step == eager.stats.accepted_per_step
+        assert out.row_stats[i].proposed_per_step == eager.stats.proposed_per_step  # the acceptance rate's divisor
 
 
 @pytest.mark.parametrize("rule,sampling", [("rejection", SamplingParams(temperature=1.0)),

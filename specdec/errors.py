@@ -30,3 +30,10 @@ def out_of_memory(exc: BaseException) -> BaseException | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def raise_out_of_memory(exc: BaseException) -> None:
+    """Raise the out-of-memory error behind ``exc`` (:func:`out_of_memory`) as itself, if there is one."""
+    oom = out_of_memory(exc)
+    if oom is not None:
+        raise oom from None

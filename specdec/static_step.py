@@ -38,7 +38,7 @@ import torch
 
 from specdec.batch_cache import BatchCache
 from specdec.batch_types import BatchTree
-from specdec.errors import out_of_memory
+from specdec.errors import raise_out_of_memory
 from specdec.models import check_same_vocab, text_config
 from specdec.rng import KeyedRandom
 from specdec.static_kept import capture_graph
@@ -135,8 +135,8 @@ class StaticStep:
         self.seq_len.copy_(torch.tensor([len(p) for p in prompts], device=device))
         self.limit.copy_(torch.tensor(limits, device=device))
         self.rng.seeds.copy_(torch.tensor(seeds, dtype=torch.long, device=device))
-        for t in (self.new, self.finished, self.step_index, self.rng.step, self.report, self.t_cache.overflow,
-                  *([self.d_cache.overflow] if self.d_cache is not None else [])):
+        for t in (self.new, self.finished, self.step_index, self.rng.step, self.report,
+                  *(c.overflow for c in self._caches())):
             t.zero_()
 
     @classmethod
@@ -252,7 +252,7 @@ class StaticStep:
         self.new += count
         bad = ~torch.isfinite(logits).all(-1).all(-1)  # [B]
         nodes = self.shape.nodes_upto[budget] if self.shape is not None else torch.zeros_like(budget)  # [B]
-        over = self.t_cache.overflow | (self.d_cache.overflow if self.d_cache is not None else False)
+        over = torch.stack([c.overflow for c in self._caches()]).any()  # a block of either cache
         flags = done.long() | (bad.long() << 1) | (over.long() << 2)  # [B]
         self.report.copy_(torch.stack([nodes, budget, decided.counts, count, flags], 1))
         self.finished |= done
@@ -307,9 +307,7 @@ class StaticStep:
                 compiled()
             except Exception as exc:  # noqa: BLE001 - compilation errors of any kind: eager, said once
                 self._restore(snapshot)
-                oom = out_of_memory(exc)
-                if oom is not None:  # not the compiler's fault: the eager step would not fit either
-                    raise oom from None
+                raise_out_of_memory(exc)  # not the compiler's fault: the eager step would not fit either
                 warnings.warn(f"compile={self.compile} failed ({type(exc).__name__}: {str(exc)[:200]}); "
                               "running the static step eagerly from now on", stacklevel=4)
                 _COMPILE_FAILED.append(exc)
@@ -337,18 +335,19 @@ class StaticStep:
             self._restore(snapshot)  # capture ran the step once: undo it
         except Exception as exc:  # noqa: BLE001 - a forward that syncs or allocates dynamically cannot be captured
             self._restore(snapshot)
-            oom = out_of_memory(exc)
-            if oom is not None:
-                raise oom from None
+            raise_out_of_memory(exc)
             warnings.warn(f"compile={self.compile}: capture failed ({type(exc).__name__}: {exc}); running "
                           f"{'eagerly' if step == self._eager else 'the compiled step uncaptured'}", stacklevel=3)
             return step
         return replay
 
+    def _caches(self) -> list[BatchCache]:
+        """The target's cache, then the draft model's where there is one."""
+        return [c for c in (self.t_cache, self.d_cache) if c is not None]
+
     def _state(self) -> list[torch.Tensor]:
-        caches = [self.t_cache] + ([self.d_cache] if self.d_cache is not None else [])
         return [self.seq, self.seq_len, self.new, self.finished, self.step_index, self.rng.step,
-                *(t for c in caches for t in (c.lengths, c.overflow))]
+                *(t for c in self._caches() for t in (c.lengths, c.overflow))]
 
     def _save(self) -> list[torch.Tensor]:
         return [t.clone() for t in self._state()]

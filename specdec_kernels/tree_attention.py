@@ -270,7 +270,7 @@ def _make_launch(q, k, v, B, Hq, Hkv, N, D, prefix, bits, total_max, sm_scale, n
     dot_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _is_interpreted())
     strides = (*q.stride(), *k.stride(), *v.stride())
     kept = torch.empty_like(q) if reuse_output else None  # [B, Hq, N, D]
-    out_strides = torch.empty_like(q).stride()
+    out_strides = (kept if kept is not None else torch.empty_like(q)).stride()
     consts = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREFIX_IS_TENSOR=is_tensor,
                   SPLIT=split, FUSED_MERGE=fused, DOT_PRECISION="ieee" if dot_fp32 else "tf32", DOT_FP32=dot_fp32,
                   num_warps=config["num_warps"], num_stages=config["num_stages"])

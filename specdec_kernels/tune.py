@@ -111,16 +111,16 @@ def warm(args) -> None:
     from specdec_kernels import TreeAttentionPlan
 
     jobs = [((hkv, prefix, n), c) for hkv, prefix, n in shapes(args) for c in configs(args, hkv, n)]
-    cases = {}
+    made, case = None, None  # the shapes come in order: one shape's tensors at a time
     for i, (shape, config) in enumerate(jobs):
-        if i % args.jobs == args.warm_part:
-            case = cases.get(shape) or cases.setdefault(shape, _case(args, *shape, device))
-            try:
-                TreeAttentionPlan(shape[1], case[4], config=config)(*case[:3])
-            except Exception:  # noqa: BLE001 - the timing pass reports it
-                pass
-            if len(cases) > 1:  # the shapes come in order: keep one shape's tensors at a time
-                cases = {shape: case}
+        if i % args.jobs != args.warm_part:
+            continue
+        if shape != made:
+            made, case = shape, _case(args, *shape, device)
+        try:
+            TreeAttentionPlan(shape[1], case[4], config=config)(*case[:3])
+        except Exception:  # noqa: BLE001 - the timing pass reports it
+            pass
     torch.cuda.synchronize()
 
 

@@ -13,13 +13,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit runs, i.e. at triton's import
 
-import importlib  # noqa: E402
+import importlib
 
-import pytest  # noqa: E402
+import pytest
 
 ta = importlib.import_module("specdec_kernels.tree_attention")  # the module, not the re-exported function
-from specdec_kernels import TreeAttentionPlan, pack_tree_mask, tree_attention, tree_attention_ref  # noqa: E402
-from tests.triton_env import DEVICE, fresh_process_test, interpreter_guard  # noqa: E402
+from specdec_kernels import TreeAttentionPlan, pack_tree_mask, tree_attention, tree_attention_ref
+from tests.triton_env import DEVICE, fresh_process_test, interpreter_guard
 
 _needs_interpreter = interpreter_guard()
 test_file_in_fresh_process = fresh_process_test(__file__)

@@ -185,18 +185,30 @@ def draft_cost_warnings(costs: dict) -> list[str]:
             "smaller drafter"]
 
 
+def cost_model_scope(batch_size: int, compile: str) -> str | None:
+    """Why the cost model does not price a run (None: it does). It predicts from batch-1 eager forward
+    costs, so a batched or compiled run's speedup is not set against it (``experiments.bench --compile``
+    prices captured forwards)."""
+    if batch_size > 1:
+        return f"batch_size={batch_size}: the cost model prices batch-1 forwards; no predicted speedup"
+    if compile != "none":
+        return f"compile={compile}: the cost model prices eager forwards; no predicted speedup"
+    return None
+
+
 def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float | None,
-               num_prompts: int = 1) -> tuple[dict, dict]:
+               num_prompts: int = 1, note: str | None = None) -> tuple[dict, dict]:
     """``(metrics, cost_model)`` for the summary.
 
     ``metrics``: ``predicted_speedup`` (prefills included, like ``speedup``), ``efficiency``
     (measured / predicted) and ``recommended_k`` (chains only). ``cost_model``: the step shape,
     ``predicted_step_speedup`` (decode loop only), ``alpha``, expected tau and predicted speedup
-    by k (prefills included), and the cost curves with their context length.
+    by k (prefills included), and the cost curves with their context length. ``note``: why no costs were
+    measured, when it was not ``costs=false``.
     """
     metrics = {"predicted_speedup": None, "efficiency": None, "recommended_k": None}
     if costs is None:
-        return metrics, {"costs": None, "note": "cost measurement skipped (costs=false)"}
+        return metrics, {"costs": None, "note": note or "cost measurement skipped (costs=false)"}
     model = {"drafter": shape, "costs": costs, "predicted_step_speedup": None, "alpha": None,
              "expected_tau_by_k": None, "predicted_speedup_by_k": None, "warnings": draft_cost_warnings(costs)}
     predicted = None

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
+from experiments.costs import cost_model_scope
 from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
 from experiments.greedy_check import rounding_check
 from experiments.instantiate import accepts_argument, instantiate
@@ -218,7 +219,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     decoders = make_decoders(cfg, models, drafter, rule, sampling)
     step_shape = drafter.step_shape(models.target)
     costs, shape = measure_run_costs(cfg, step_shape, models, encoded), step_shape.describe(type(drafter).__name__)
-    if auto_widths(cfg):
+    if auto_widths(cfg) and not cost_model_scope(cfg.batch_size, cfg.compile):  # else ignored (warned above)
         set_cheap_widths(decoders, costs)
 
     writer = ResultsWriter(run_dir, keep=previous.records)
@@ -235,14 +236,14 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
 
     def summarize(status: str) -> dict:
         summary = build_summary(results, greedy=sampling.greedy, status=status, num_prompts=len(encoded), extra=extra)
-        return add_cost_model(summary, results[SPECULATIVE], costs, shape)
+        return add_cost_model(summary, results[SPECULATIVE], costs, shape, cost_model_scope(cfg.batch_size, cfg.compile))
 
     status = "running"
     try:
         writer.write_summary(summarize("running"))
         guarded.log_config(config)
         guarded.log_resumed(previous.records)
-        warm_up(decoders, encoded[0], cfg)
+        warm_up(decoders, encoded, cfg)
         pending = [(i, p) for i, p in enumerate(encoded) if p.question_id not in previous.done]  # resumed: the rest
         bar = tqdm(total=len(pending), desc="decoding", unit="prompt", file=sys.stderr)
 
@@ -334,7 +335,7 @@ def measure_run_costs(cfg: DictConfig, step_shape: Any, models: LoadedModels, en
     """The target's and the drafter's forward costs at the run's context (a draft model's curves are
     measured once per model and device, then cached: :mod:`experiments.cost_measure`); None with
     ``costs=false`` or on failure."""
-    if not cfg.costs:
+    if not cfg.costs or cost_model_scope(cfg.batch_size, cfg.compile):
         return None
     from experiments import cost_measure as costs
 
@@ -349,25 +350,30 @@ def measure_run_costs(cfg: DictConfig, step_shape: Any, models: LoadedModels, en
         return None
 
 
-def add_cost_model(summary: dict, spec: MethodResults, costs: dict | None, shape: dict) -> dict:
+def add_cost_model(summary: dict, spec: MethodResults, costs: dict | None, shape: dict, note: str | None = None) -> dict:
     """Add ``predicted_speedup``, ``efficiency`` and ``recommended_k`` to the metrics and the
     ``cost_model`` section (alpha, predictions by k, cost curves) to ``summary``."""
     from experiments.costs import cost_model
     from specdec.stats import DecodeStats
 
     stats = DecodeStats.merge(spec.stats) if spec.stats else None
-    metrics, model = cost_model(stats, costs, shape, summary["metrics"].get("speedup"), len(spec.stats))
+    metrics, model = cost_model(stats, costs, shape, summary["metrics"].get("speedup"), len(spec.stats), note)
     summary["metrics"].update(metrics)
     summary["cost_model"] = model
     summary["warnings"] = list(model.get("warnings") or [])
     return summary
 
 
-def warm_up(decoders: dict, prompt: EncodedPrompt, cfg: DictConfig) -> None:
-    """``cfg.warmup`` untimed generations per method on the first prompt."""
+def warm_up(decoders: dict, encoded: list[EncodedPrompt], cfg: DictConfig) -> None:
+    """``cfg.warmup`` untimed generations per method: of the first prompt, or with ``batch_size > 1`` one
+    batch of the first prompts (the batched path's first calls are not the batch-1 loop's)."""
+    first = [p.input_ids for p in encoded[: cfg.batch_size]]
     for _ in range(cfg.warmup):
         for decoder, _ in decoders.values():
-            decoder.generate(prompt.input_ids, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+            if cfg.batch_size > 1:
+                decoder.generate_batch(first, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+            else:
+                decoder.generate(first[0], max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
 
 def _device_of(model: Any) -> Any:

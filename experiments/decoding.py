@@ -18,7 +18,8 @@ from typing import Any
 from experiments.results import MethodResults
 
 #: What a batch's records share of its aggregate stats (the batch's wall time and its split).
-BATCH_KEYS = ("new_tokens", "time_total", "time_prefill", "time_draft", "time_verify", "time_accept")
+BATCH_KEYS = ("new_tokens", "time_total", "time_prefill", "time_draft", "time_verify", "time_accept", "time_compile",
+              "batch_steps")
 
 
 @dataclass

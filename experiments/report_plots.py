@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.costs import KS, chain_speedup_by_k, expected_tau, recommend_k
-from experiments.results import BASELINE, SPECULATIVE
+from experiments.results import BASELINE, SPECULATIVE, steps_of
 from experiments.runs import Run, label_of, pooled_model, row_of, series
 
 
@@ -101,11 +101,11 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
                  ("other", "time_other"))
         bottom = [0.0] * len(bars)
         for name, key in parts:
-            values = [1000 * m[key] / m["target_forwards"] for _, m in bars]
+            values = [1000 * m[key] / steps_of(m) for _, m in bars]
             ax.bar(range(len(bars)), values, bottom=bottom, label=name)
             bottom = [b + v for b, v in zip(bottom, values)]
         ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right", fontsize=8)
-        ax.set(ylabel="ms per step (= per target forward)")
+        ax.set(ylabel="ms per step (= per target forward; a batch's)")
         ax.set_title("Time per decoding step (ms, prefill excluded)\nstacked: draft / verify / accept+commit / other",
                      fontsize=10)
         ax.legend(fontsize=8)

@@ -42,18 +42,25 @@ class MethodResults:
     def metrics(self) -> dict:
         """Merged stats (``DecodeStats.to_dict`` minus per-step lists) plus the time split.
 
-        In a batched run the times are the batches' (wall time, phases), so ``tokens_per_s`` is the
-        aggregate throughput; per-prompt counts (tau, acceptance by depth) come from the rows."""
+        In a batched run the times are the batches' (wall time, phases, compiling), so ``tokens_per_s`` is
+        the aggregate throughput and ``steps`` the batches' steps; per-prompt counts (tau, acceptance by
+        depth) come from the rows."""
         merged = DecodeStats.merge(self.stats)
         if self.batches:
-            for name in TIME_FIELDS:
-                setattr(merged, name, sum(b[name] for b in self.batches.values()))
+            for name in (*TIME_FIELDS, "time_compile", "batch_steps"):  # the last two: absent in older records
+                setattr(merged, name, sum(b.get(name, 0) for b in self.batches.values()))
         out = {k: v for k, v in merged.to_dict().items() if k not in _PER_STEP_KEYS}
         out["num_prompts"] = len(self.stats)
         out["time_split"] = time_split(merged)
         if self.batches:
             out["batch_size"] = max(b["size"] for b in self.batches.values())
         return out
+
+
+def steps_of(metrics: dict) -> int:
+    """A method's verify forwards from its summary metrics: the batches' steps in a batched run (``steps``;
+    summaries written before it existed: ``target_forwards``)."""
+    return metrics.get("steps") or metrics.get("target_forwards") or 0
 
 
 def time_split(stats: DecodeStats) -> dict:

@@ -13,7 +13,7 @@ from typing import Any
 
 from experiments.costs import fit_alpha
 from experiments.results import BASELINE, RECORDS_FILE, SPECULATIVE, SUMMARY_FILE, build_summary, read_records, \
-    results_from_records
+    results_from_records, steps_of
 from specdec.stats import add_counts
 
 REPORT_DIR = "report"
@@ -188,7 +188,7 @@ def row_of(run: Run, swept: list[str]) -> dict:
     """The table row of one run: swept values, then the summary's metrics (None where absent)."""
     spec, base, m = run.metrics.get(SPECULATIVE, {}), run.metrics.get(BASELINE, {}), run.metrics
     shape = shape_of(run)
-    steps = spec.get("target_forwards") or 0
+    steps = steps_of(spec)
     alpha = fit_alpha(spec.get("depth_proposed", []), spec.get("depth_accepted", [])) if spec else None
     row: dict[str, Any] = {"run": run.name}
     row.update({

@@ -113,6 +113,7 @@ def generate_batch(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=Non
     batch.admit(run, list(range(min(width, len(rows)))))
     while run.active:
         finished = _batch_step(decoder, rule, batch, run, timer)
+        run.steps += 1
         done = [run.active[i] for i in finished]
         run.finished += done
         if on_row is not None and done:
@@ -173,6 +174,7 @@ class _BatchRun:
     waiting: list[int] = field(default_factory=list)
     finished: list[int] = field(default_factory=list)
     admitted_at: list[float] = field(default_factory=list)
+    steps: int = 0  # the batch's steps so far (one batched verify forward each)
 
     def __post_init__(self) -> None:
         self.new = [0] * len(self.tokens)
@@ -191,7 +193,7 @@ class _BatchRun:
         stats = DecodeStats.merge([self.row_stats[r] for r in rows])
         for name, value in timer.spent.items():
             setattr(stats, name, value)
-        stats.time_total = total
+        stats.time_total, stats.batch_steps = total, self.steps
         return stats
 
     def output(self, prompts, timer: _Timer, total: float) -> BatchOutput:
@@ -222,7 +224,7 @@ def _batch_step(decoder, rule, batch: _Batch, run: _BatchRun, timer: _Timer) -> 
             run.tokens[row] += emitted
             run.new[row] += len(emitted)
             depth = int(trees[i].depth.max()) if trees[i].num_nodes else 0
-            run.row_stats[row].record_step(trees[i].num_nodes, depth, len(nodes), trees[i].source)
+            run.row_stats[row].record_step(trees[i].num_nodes, depth, len(nodes), trees[i].source, len(emitted))
             results.append(AcceptResult(accepted_nodes=nodes, tokens=tokens))
             if done:
                 finished.append(i)

@@ -387,7 +387,7 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
                                        "slots per row (capacity_for is too small for this drafter)")
                 if flags & 2:
                     raise NonFiniteLogitsError(f"target forward at decode step {n} (row {b}): non-finite logits")
-                stats[b].record_step(nodes, depth, accepted)
+                stats[b].record_step(nodes, depth, accepted, emitted=emitted)
                 stats[b].new_tokens += emitted
                 if flags & 1:
                     live[b] = False
@@ -398,7 +398,7 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
         seqs = [step.seq[b : b + 1, :n_b].to(prompts[0].device, copy=True) for b, n_b in enumerate(lengths)]
     total = DecodeStats.merge(stats)
     total.time_prefill, total.time_total = prefill_s, time.perf_counter() - start - step.compile_s
-    total.time_compile = step.compile_s
+    total.time_compile, total.batch_steps = step.compile_s, n
     return BatchOutput(sequences=seqs, stats=total, row_stats=stats)
 
 

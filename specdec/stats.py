@@ -10,7 +10,10 @@ TIME_FIELDS = ("time_prefill", "time_draft", "time_verify", "time_accept", "time
 class DecodeStats:
     """Counters and timings of one or more ``generate`` calls.
 
-    ``target_forwards`` counts verify forwards (one per step; the prefill is not counted).
+    ``target_forwards`` counts verify forwards (one per step; the prefill is not counted); in a batch's
+    aggregate it is the rows' steps summed, and ``batch_steps`` counts the batch's own steps (each one
+    batched verify forward over all its rows; 0 in per-row and batch-1 stats). ``steps`` is whichever of
+    the two is the run's forwards, the divisor of a time per step.
     ``depth_proposed[d - 1]`` / ``depth_accepted[d - 1]``: steps that proposed / accepted a node at
     depth d. ``steps_by_source``: steps per proposing drafter, for drafters that combine several
     (``drafter=hybrid``: e.g. ``{"ngram": 40, "eagle": 21}``; steps that proposed nothing are not counted);
@@ -21,6 +24,7 @@ class DecodeStats:
 
     new_tokens: int = 0
     target_forwards: int = 0
+    batch_steps: int = 0
     accepted_per_step: list[int] = field(default_factory=list)
     proposed_per_step: list[int] = field(default_factory=list)
     depth_proposed: list[int] = field(default_factory=list)
@@ -34,8 +38,14 @@ class DecodeStats:
     time_total: float = 0.0
     time_compile: float = 0.0
 
-    def record_step(self, proposed_nodes: int, max_depth: int, accepted_depth: int, source: str | None = None) -> None:
-        """Count one step: nodes proposed, tree depth, depth of the accepted path, and who proposed it."""
+    def record_step(self, proposed_nodes: int, max_depth: int, accepted_depth: int, source: str | None = None,
+                    emitted: int | None = None) -> None:
+        """Count one step: nodes proposed, tree depth, depth of the accepted path, and who proposed it.
+
+        ``emitted``: the tokens the step emitted. Drafts accepted past an EOS (or the token budget) are not
+        in the output, and are not counted as accepted."""
+        if emitted is not None:
+            accepted_depth = min(accepted_depth, emitted)
         self.target_forwards += 1
         if source is not None:
             self.steps_by_source[source] = self.steps_by_source.get(source, 0) + 1
@@ -53,6 +63,11 @@ class DecodeStats:
     def tau(self) -> float:
         """Mean tokens emitted per target forward, bonus/correction included (autoregressive: 1.0)."""
         return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def steps(self) -> int:
+        """Verify forwards the run made: its batches' steps in a batched aggregate, else ``target_forwards``."""
+        return self.batch_steps or self.target_forwards
 
     @property
     def mean_accepted_drafts(self) -> float:
@@ -88,7 +103,7 @@ class DecodeStats:
     def to_dict(self) -> dict:
         """JSON-ready counters, timings and the derived metrics."""
         out = asdict(self)
-        for name in ("tau", "mean_accepted_drafts", "mean_proposed_drafts", "draft_acceptance_rate",
+        for name in ("steps", "tau", "mean_accepted_drafts", "mean_proposed_drafts", "draft_acceptance_rate",
                      "acceptance_rate_by_depth", "tokens_per_s", "time_other"):
             out[name] = getattr(self, name)
         return out
@@ -100,6 +115,7 @@ class DecodeStats:
         for s in items:
             total.new_tokens += s.new_tokens
             total.target_forwards += s.target_forwards
+            total.batch_steps += s.batch_steps
             total.accepted_per_step += s.accepted_per_step
             total.proposed_per_step += s.proposed_per_step
             add_counts(total.depth_proposed, s.depth_proposed)

@@ -111,6 +111,7 @@ def test_stats_aggregate_and_per_row(setup):
     arch, target, rows = setup
     out = SpeculativeDecoder(target, drafters(arch)["chain3"]()).generate_batch(rows[:4], 10)
     assert len(out.row_stats) == 4 and out.stats.target_forwards == sum(s.target_forwards for s in out.row_stats)
+    assert out.stats.steps == out.stats.batch_steps == max(s.target_forwards for s in out.row_stats)  # one batch
     assert out.stats.tokens_per_s > 0 and 1.0 <= out.stats.tau <= 4.0
     assert all(s.time_total <= out.stats.time_total + 1e-9 for s in out.row_stats)
 
@@ -141,10 +142,11 @@ def test_decode_with_batch_size_keeps_one_record_per_prompt(prompts_file, tmp_pa
 
     from experiments import decode
 
-    base = ["costs=false", "acceptance=rejection", "sampling.temperature=1.0", "drafter.num_speculative_tokens=2"]
+    base = ["acceptance=rejection", "sampling.temperature=1.0", "drafter.num_speculative_tokens=2"]
     runs = {}
-    for size in (1, 3):
-        cfg = compose_cfg(*tiny_args(prompts_file, num_prompts=4), *base, f"batch_size={size}")
+    for size in (1, 3):  # batch_size=3 measures no forward costs (the cost model prices batch-1 forwards)
+        cfg = compose_cfg(*tiny_args(prompts_file, num_prompts=4), *base, f"batch_size={size}",
+                          *(["costs=false"] if size == 1 else []))
         runs[size] = decode.run(cfg, tmp_path / f"b{size}")
         records = [json.loads(line) for line in (tmp_path / f"b{size}" / "records.jsonl").read_text().splitlines()]
         assert len(records) == 8  # 4 prompts x (speculative, baseline)
@@ -154,6 +156,10 @@ def test_decode_with_batch_size_keeps_one_record_per_prompt(prompts_file, tmp_pa
     batches = {r["batch"]["id"]: r["batch"] for r in runs[3]["records"].values() if r["method"] == "speculative"}
     assert sorted(b["size"] for b in batches.values()) == [1, 3] and spec["batch_size"] == 3
     assert spec["tokens_per_s"] == pytest.approx(spec["new_tokens"] / sum(b["time_total"] for b in batches.values()))
+    # a batch's step is one forward over its rows: ms per step divides by the batches' steps, not the rows'
+    assert spec["steps"] == sum(b["batch_steps"] for b in batches.values()) < spec["target_forwards"]
+    assert runs[1]["metrics"]["speculative"]["steps"] == runs[1]["metrics"]["speculative"]["target_forwards"]
+    assert runs[3]["metrics"]["predicted_speedup"] is None and "batch_size=3" in runs[3]["cost_model"]["note"]
     with pytest.raises(Exception, match="batch_size=0"):
         decode.run(compose_cfg(*tiny_args(prompts_file), "batch_size=0"), tmp_path / "b0")
 
@@ -192,3 +198,35 @@ def test_decoding_runs_without_autograd_and_returns_ordinary_tensors():
         seq[0, 0] = seq[0, 0]  # an in-place write outside inference mode
         target.get_input_embeddings()(seq).sum().backward()  # autograd through an embedding of the output
     target.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("path", ["generate", "batch", "static"])
+def test_drafts_accepted_past_eos_are_not_counted(path):
+    """The target drafting for itself accepts all 4 drafts; the second is EOS, so the output holds 2 tokens,
+    and the step counts 2 accepted drafts (the other 2 are not in the output), whichever loop ran it."""
+    target, tok = copy.deepcopy(pair("llama")[0]), pair("llama")[2]
+    ids = prompts(tok, 1, seed=4)[0]
+    free = target.generate(ids, do_sample=False, max_new_tokens=4, pad_token_id=0)[0, ids.shape[1]:]
+    target.generation_config.eos_token_id = int(free[1])
+    decoder = SpeculativeDecoder(target, DraftModelDrafter(target, num_speculative_tokens=4),
+                                 compile="static" if path == "static" else "none")
+    stats = decoder.generate(ids, 12).stats if path == "generate" else decoder.generate_batch([ids], 12).row_stats[0]
+    assert (stats.new_tokens, stats.target_forwards, stats.proposed_per_step) == (2, 1, [4])
+    assert stats.accepted_per_step == [2] and stats.depth_accepted == [1, 1, 0, 0]
+    assert stats.draft_acceptance_rate == 0.5
+
+
+def test_warm_up_runs_the_path_the_run_times():
+    """batch_size > 1 warms the batched loop on the first batch (its first calls are not generate()'s)."""
+    from types import SimpleNamespace
+
+    from experiments.decode import warm_up
+
+    calls = []
+    fake = SimpleNamespace(generate=lambda ids, **kw: calls.append(("one", ids.shape[1])),
+                           generate_batch=lambda rows, **kw: calls.append(("batch", len(rows))))
+    encoded = [SimpleNamespace(input_ids=torch.zeros(1, n, dtype=torch.long)) for n in (3, 4, 5)]
+    for size, expected in ((1, [("one", 3)]), (2, [("batch", 2)]), (8, [("batch", 3)])):
+        calls.clear()
+        warm_up({"speculative": (fake, None)}, encoded, SimpleNamespace(warmup=1, batch_size=size, max_new_tokens=4, seed=0))
+        assert calls == expected, size

@@ -181,3 +181,15 @@ def test_shape_of_a_run_that_failed_before_its_drafter_was_built_is_unknown(tmp_
     chain = Run(tmp_path, "chain", summary={"status": "complete", "drafter": "DraftModelDrafter",
                                             "config": {"drafter": {"num_speculative_tokens": 4}}})
     assert shape_of(chain) == "chain" and row_of(chain, [])["k"] == 4
+
+
+def test_ms_per_step_of_a_batched_run_divides_by_the_batches_steps(tmp_path):
+    """4 rows stepped 10 times each in one batch: 10 forwards of 50 ms, not 40 of 12.5 ms; a summary written
+    before ``steps`` existed falls back to ``target_forwards``."""
+    from experiments.runs import Run, row_of
+
+    spec = {"time_total": 0.6, "time_prefill": 0.1, "target_forwards": 40, "steps": 10}
+    batched = Run(tmp_path, "b4", summary={"status": "complete", "metrics": {"speculative": spec}})
+    assert row_of(batched, [])["ms_per_step"] == pytest.approx(50.0)
+    older = Run(tmp_path, "old", summary={"status": "complete", "metrics": {"speculative": dict(spec, steps=None)}})
+    assert row_of(older, [])["ms_per_step"] == pytest.approx(12.5)

@@ -18,9 +18,9 @@ import time
 import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
-from experiments.cost_measure import _sync
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.drafting import release
+from specdec.models import synchronize
 from specdec.stats import DecodeStats
 
 
@@ -28,10 +28,10 @@ def timed_call(fn, device: torch.device, *args):
     """``fn(*args) -> (output, stats or None)`` timed with the device synchronised around it: ``(output, stats,
     seconds)``. Seconds spent compiling or capturing the fixed-shape step (``stats.time_compile``: a call at a
     new batch size or capacity bucket) are left out, as peers report their captured loops: the steady state."""
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     out, stats = fn(*args)
-    _sync(device)
+    synchronize(device)
     return out, stats, time.perf_counter() - t0 - (getattr(stats, "time_compile", 0.0) if stats is not None else 0.0)
 
 

@@ -22,18 +22,17 @@ import time
 
 import torch
 
-from experiments.cost_measure import _sync
-from specdec.models import text_config
+from specdec.models import synchronize, text_config
 
 
 def _median_s(fn, device: torch.device, reps: int) -> float:
     """Median seconds of ``fn()`` with the device synchronised around each call."""
     times = []
     for _ in range(reps):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -30,7 +30,7 @@ import torch
 
 from specdec.cache import SpecDecCache
 from specdec.files import atomic_write_json
-from specdec.models import vocab_size
+from specdec.models import synchronize, vocab_size
 from verifier import tree_forward
 from verifier.narrow_linear import narrow_product_of
 
@@ -43,11 +43,6 @@ METHOD = "round-robin-warm-median/2"
 
 
 # --------------------------------------------------------------------------- timing one forward
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _setup(model, context: int, widths: tuple[int, ...], backend: str) -> dict:
@@ -88,11 +83,11 @@ def measure_interleaved(requests: list[tuple[Any, int, tuple[int, ...]]], reps: 
             for w in order:
                 ids, mask, depth = setup["inputs"][first if w is None else w]
                 setup["cache"].truncate(setup["context"])
-                _sync(setup["device"])
+                synchronize(setup["device"])
                 t0 = time.perf_counter()
                 tree_forward(setup["model"], setup["cache"], ids, mask, depth, backend,
                              logits_to_keep=1 if setup["context"] == 0 else 0)
-                _sync(setup["device"])
+                synchronize(setup["device"])
                 if round_ >= 2 and w is not None:
                     times[w].append(time.perf_counter() - t0)
     return [{w: statistics.median(v) for w, v in times.items()} for times in samples]
@@ -236,7 +231,7 @@ def time_probe(probe, reps: int = REPS) -> float:
         if isinstance(out, torch.Tensor):
             device = out.device
         if device is not None:
-            _sync(device)
+            synchronize(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)

@@ -23,6 +23,7 @@ from specdec.batch_drafting import keyed_rows
 from specdec.batch_types import BatchTree
 from specdec.drafting import DraftContext
 from specdec.errors import SpecDecError
+from specdec.models import synchronize
 from specdec.stats import TIME_FIELDS, DecodeStats
 from specdec.types import AcceptResult
 
@@ -81,12 +82,10 @@ class _Timer:
         self.spent = dict.fromkeys(TIME_FIELDS, 0.0)
 
     def __call__(self, name: str, fn, *args):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         t0 = time.perf_counter()
         out = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         self.spent[name] += time.perf_counter() - t0
         return out
 

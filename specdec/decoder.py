@@ -13,7 +13,7 @@ from specdec.acceptance import AcceptanceRule, get_rule
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, Drafter
 from specdec.errors import ConfigError, SpecDecError
-from specdec.models import text_config
+from specdec.models import synchronize, text_config
 from specdec.rng import KeyedRandom
 from specdec.sampling import SamplingParams
 from specdec.stats import DecodeStats
@@ -140,7 +140,7 @@ class SpeculativeDecoder:
             out.extend(emitted)
             if done:
                 break
-        self._sync()
+        synchronize(self.device)
         stats.time_total = time.perf_counter() - start
         stats.new_tokens = len(new)
         return DecodeOutput(sequences=torch.tensor([out], dtype=torch.long, device=input_ids.device), stats=stats)
@@ -225,16 +225,12 @@ class SpeculativeDecoder:
                 f"lower max_new_tokens to at most {limit - t} or shorten the prompt"
             )
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     @contextmanager
     def _timer(self, stats: DecodeStats, name: str):
-        self._sync()
+        synchronize(self.device)
         t0 = time.perf_counter()
         yield
-        self._sync()
+        synchronize(self.device)
         setattr(stats, name, getattr(stats, name) + time.perf_counter() - t0)
 
 

@@ -81,6 +81,14 @@ def check_device(device: str | torch.device, key: str = "model.device") -> torch
     return dev
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``'s kind of accelerator: every visible CUDA GPU (a target spread
+    over several by ``device_map`` runs on each), so a timer read after it counts all of a phase; no-op on the CPU."""
+    if device.type == "cuda":
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
+
+
 def set_threads(threads: int | None, key: str = "num_threads") -> None:
     """``torch.set_num_threads(threads)``; None keeps torch's default; below 1 is a :class:`SpecDecError` naming ``key``."""
     if threads is None:

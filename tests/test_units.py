@@ -201,3 +201,16 @@ def test_timed_call_leaves_out_the_step_s_compile_time(monkeypatch):
     out, _, seconds = bench_batch.timed_call(lambda x: (x, SimpleNamespace(time_compile=1.0)), cpu, 7)
     assert (out, seconds) == (7, 2.0)
     assert bench_batch.timed_call(lambda: ("hf", None), cpu)[2] == 1.5  # HF's methods have no stats
+
+
+def test_timers_wait_for_every_gpu(monkeypatch):
+    """A target spread over 3 GPUs (device_map) is timed after all of them finish; the CPU waits for nothing."""
+    from specdec.models import synchronize
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda index=None: waited.append(index))
+    synchronize(torch.device("cpu"))
+    assert waited == []
+    synchronize(torch.device("cuda", 0))
+    assert waited == [0, 1, 2]

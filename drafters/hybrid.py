@@ -76,10 +76,10 @@ class HybridDrafter(Drafter):
         return max(self.first.max_nodes, self.second.max_nodes)
 
     def step_shape(self, target) -> StepShape:
-        """The second drafter's step (the one that costs forwards: only its steps, ``draft_source``, or every
-        step when merging) with the hybrid's node budget."""
-        return dataclasses.replace(self.second.step_shape(target), max_nodes=self.max_nodes,
-                                   draft_source=None if self.merge else self.labels[1])
+        """The second drafter's step (the one that costs forwards) with the hybrid's node budget; ``draft_source``:
+        the steps it drafted, alone or (``merge``) under the lookup's grafted chain."""
+        sources = (self.labels[1], self.merged_label) if self.merge else self.labels[1]
+        return dataclasses.replace(self.second.step_shape(target), max_nodes=self.max_nodes, draft_source=sources)
 
     def batched(self):
         """For a batch of rows: each part batched its own way (an n-gram per row, an EAGLE or draft-model chain
@@ -111,7 +111,7 @@ class HybridDrafter(Drafter):
         if not second.num_nodes:
             return self.labelled(first, 0)
         merged = graft_chain(second, first)
-        merged.source = self.merged_label
+        merged.source, merged.source_depth = self.merged_label, int(second.depth.max())  # the chain costs no forward
         return merged
 
     def labelled(self, tree: DraftTree, part: int) -> DraftTree:

@@ -223,7 +223,8 @@ def _batch_step(decoder, rule, batch: _Batch, run: _BatchRun, timer: _Timer) -> 
             run.tokens[row] += emitted
             run.new[row] += len(emitted)
             depth = int(trees[i].depth.max()) if trees[i].num_nodes else 0
-            run.row_stats[row].record_step(trees[i].num_nodes, depth, len(nodes), trees[i].source, len(emitted))
+            run.row_stats[row].record_step(trees[i].num_nodes, depth, len(nodes), trees[i].source, len(emitted),
+                                              trees[i].source_depth)
             results.append(AcceptResult(accepted_nodes=nodes, tokens=tokens))
             if done:
                 finished.append(i)

@@ -188,7 +188,7 @@ class SpeculativeDecoder:
                 self._commit(cache, prefix_len, result)
                 self.drafter.commit(result, verify)
         depth = int(tree.depth.max()) if tree.num_nodes else 0
-        stats.record_step(tree.num_nodes, depth, result.num_accepted_drafts, tree.source, len(emitted))
+        stats.record_step(tree.num_nodes, depth, result.num_accepted_drafts, tree.source, len(emitted), tree.source_depth)
         return emitted, done
 
     def _cut(self, tokens: list[int], remaining: int) -> tuple[list[int], bool]:

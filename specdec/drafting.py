@@ -49,8 +49,9 @@ class StepShape:
         k: the chain length (chains and dynamic trees' depth limit), else None.
         draft_dtype: the dtype the drafting module runs in when it is not ``draft_model`` (EAGLE's or
             Medusa's heads), else None (``draft_model``'s own is reported).
-        draft_source: only the steps of this ``DraftTree.source`` run draft forwards (a hybrid's model-running
-            part; its other part looks tokens up); None: every step's drafts cost forwards per ``draft_forwards``.
+        draft_source: only the steps of this ``DraftTree.source`` (or of these sources) run draft forwards (a
+            hybrid's model-running part, alone or under a merged lookup chain; its other part looks tokens up);
+            None: every step's drafts cost forwards per ``draft_forwards``.
     """
 
     kind: str = "none"
@@ -60,7 +61,7 @@ class StepShape:
     draft_probe: Callable[[], object] | None = None
     k: int | None = None
     draft_dtype: torch.dtype | None = None
-    draft_source: str | None = None
+    draft_source: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.draft_forwards not in DRAFT_FORWARDS:

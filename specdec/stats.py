@@ -17,7 +17,8 @@ class DecodeStats:
     ``depth_proposed[d - 1]`` / ``depth_accepted[d - 1]``: steps that proposed / accepted a node at
     depth d. ``steps_by_source``: steps per proposing drafter, for drafters that combine several
     (``drafter=hybrid``: e.g. ``{"ngram": 40, "eagle": 21}``; steps that proposed nothing are not counted);
-    ``depth_by_source``: the depths of their trees, summed per drafter (a model-running part's draft forwards).
+    ``depth_by_source``: the levels each drafted, summed per drafter (a model-running part's draft forwards; of a
+    merged hybrid tree, its model-drafted part's levels).
     Times are seconds; ``time_accept`` is accept + commit. ``time_compile``: compiling or
     capturing the fixed-shape step (``compile=inductor|graph``), kept out of ``time_total``.
     """
@@ -39,17 +40,19 @@ class DecodeStats:
     time_compile: float = 0.0
 
     def record_step(self, proposed_nodes: int, max_depth: int, accepted_depth: int, source: str | None = None,
-                    emitted: int | None = None) -> None:
+                    emitted: int | None = None, source_depth: int | None = None) -> None:
         """Count one step: nodes proposed, tree depth, depth of the accepted path, and who proposed it.
 
         ``emitted``: the tokens the step emitted. Drafts accepted past an EOS (or the token budget) are not
-        in the output, and are not counted as accepted."""
+        in the output, and are not counted as accepted. ``source_depth``: the levels ``source`` drafted, where
+        the tree holds more (``DraftTree.source_depth``; None: ``max_depth``)."""
         if emitted is not None:
             accepted_depth = min(accepted_depth, emitted)
         self.target_forwards += 1
         if source is not None:
             self.steps_by_source[source] = self.steps_by_source.get(source, 0) + 1
-            self.depth_by_source[source] = self.depth_by_source.get(source, 0) + max_depth
+            drafted = max_depth if source_depth is None else source_depth
+            self.depth_by_source[source] = self.depth_by_source.get(source, 0) + drafted
         self.proposed_per_step.append(proposed_nodes)
         self.accepted_per_step.append(accepted_depth)
         _grow(self.depth_proposed, max_depth)

@@ -28,6 +28,8 @@ class DraftTree:
         sampling: one of :data:`SAMPLING_MODES`; ``deterministic`` when ``draft_probs`` is None.
         source: which drafter proposed it, where one drafter combines several (the hybrid's parts); the
             decoders count steps by it (``DecodeStats.steps_by_source``). None: not counted.
+        source_depth: the levels its source drafted where the tree holds more (a merged hybrid tree: the
+            model-drafted part's depth, the grafted lookup chain's nodes cost no forward); None: the tree's depth.
     """
 
     tokens: torch.Tensor  # [N] long
@@ -37,6 +39,7 @@ class DraftTree:
     _depth: torch.Tensor | None = field(default=None, repr=False)
     _mask: torch.Tensor | None = field(default=None, repr=False)
     source: str | None = None
+    source_depth: int | None = None
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLING_MODES:

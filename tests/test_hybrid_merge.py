@@ -76,7 +76,8 @@ def test_greedy_merged_hybrid_equals_plain_greedy(arch, second):
     else:
         part = _batch_second(second, arch)
     drafter = _merged(part)
-    assert drafter.max_nodes == 5 + part.max_nodes and drafter.step_shape(target).draft_source is None
+    assert drafter.max_nodes == 5 + part.max_nodes and drafter.step_shape(target).draft_source == (
+        drafter.labels[1], drafter.merged_label)
     _check_all(target, drafter, cases)
     assert _merged_steps(drafter, target, [ids for ids, *_ in cases[:6]]) > 0
 
@@ -154,3 +155,23 @@ def test_hybrid_medusa_config_merges_through_decode(tmp_path):
         summary = decode.run(cfg, tmp_path / f"b{batch}", logger=NoLogger())
         assert summary["metrics"]["matches_baseline"] is True
         assert summary["metrics"]["speculative"]["steps_by_source"].get("ngram+medusa", 0) > 0
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_merged_steps_draft_forwards_are_the_model_parts_levels(batched):
+    """A 2-deep draft-model chain under a lookup chain of up to 6: a merged step costs the model's 2 forwards,
+    however deep the grafted chain makes the tree (the cost model reads depth_by_source)."""
+    from experiments.costs import draft_forwards_per_step
+
+    target = pair("llama")[0]
+    drafter = HybridDrafter(NGramDrafter(6, max_ngram=3, min_ngram=1), DraftModelDrafter(pair("llama")[1], 2),
+                            merge=True)
+    rows = [ids for ids, *_ in _cases("llama")[:4]]
+    decoder = SpeculativeDecoder(target, drafter)
+    stats = decoder.generate_batch(rows, 24).stats if batched else decoder.generate(rows[0], 24).stats
+    merged = stats.steps_by_source.get(drafter.merged_label, 0)
+    assert merged > 0 and stats.depth_by_source[drafter.merged_label] <= 2 * merged
+    assert sum(stats.depth_proposed) > sum(stats.depth_by_source.values())  # grafted chains went deeper
+    shape = drafter.step_shape(target).describe("hybrid")
+    assert draft_forwards_per_step(stats, shape) == pytest.approx(sum(stats.depth_by_source.get(s, 0) for s in (
+        drafter.labels[1], drafter.merged_label)) / stats.target_forwards)

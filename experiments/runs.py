@@ -221,7 +221,7 @@ def series(runs: list[Run], swept: list[str]) -> dict[str, list[Run]]:
     return groups
 
 
-def pooled_model(group: list[Run]) -> tuple[float | None, dict | None, bool, float | None]:
+def pooled_model(group: list[Run]) -> tuple[float | None, dict | None, float | None]:
     """``(alpha, costs, tokens per prompt)``: alpha fitted to the group's pooled
     acceptance by depth, the costs measured by its first run that has them."""
     proposed: list[int] = []

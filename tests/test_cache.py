@@ -97,3 +97,14 @@ def test_verify_compact_then_step_equals_fresh_forward():
     nxt, _ = tree_forward(target, cache, torch.tensor([[8]]), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, dtype=torch.long))
     full = target(torch.tensor([[5, 9, 13, 2, 7, 11, 4, 6, 8]])).logits[0, -1]
     assert torch.allclose(nxt[-1], full, atol=1e-5)
+
+
+def test_compact_rejects_the_first_slot_past_the_length():
+    """Slot ``length`` holds nothing written (capacity past it is zeros or stale KV): keeping it is an error."""
+    cache = SpecDecCache(1, 8)
+    cache.update(torch.ones(1, 1, 4, 2), torch.ones(1, 1, 4, 2), 0)
+    with pytest.raises(ValueError, match="slot 4 is past the cache length 4"):
+        cache.compact([0, 4])
+    with pytest.raises(ValueError, match="slot 4 is past the cache length 4"):
+        cache.compact([1, 2], offset=2)
+    assert cache.length == 4

@@ -156,3 +156,14 @@ def test_cheap_widths_and_verify_widths_auto():
     decoders = {"spec": (SpeculativeDecoder(target, NoDrafter()), "NoDrafter")}
     set_cheap_widths(decoders, {"target": curve})
     assert decoders["spec"][0].verifier.width(3) == 4 and decoders["spec"][0].verifier.width(7) == 8
+
+
+def test_per_step_draft_forwards_count_only_the_steps_that_proposed():
+    """A drafter with one draft call per step (Medusa's heads) makes none on a step that proposes nothing (a
+    prompt's last step, asked for depth 0): 2 calls over 3 steps."""
+    from experiments.costs import draft_forwards_per_step
+
+    stats = DecodeStats()
+    for nodes, depth in ((4, 3), (4, 3), (0, 0)):
+        stats.record_step(nodes, depth, 0)
+    assert draft_forwards_per_step(stats, {"draft_forwards": "per_step", "draft_source": None}) == pytest.approx(2 / 3)

@@ -195,3 +195,9 @@ def test_medusa_soft_loss_over_draft_columns_equals_the_full_formula():
     assert torch.allclose(loss, sum(0.8**i * e for i, e in enumerate(expected)), atol=1e-5)
     loss.backward()
     assert scores.grad is not None and torch.isfinite(scores.grad).all()
+
+
+def test_a_draft_vocabulary_with_a_repeated_id_is_refused():
+    """Ids must be strictly ascending: a repeated id would score one token twice and leave a column no label maps to."""
+    assert check_ids(torch.tensor([1, 1, 3]), 6) == "draft vocabulary ids must be strictly ascending"
+    assert check_ids(torch.tensor([1, 3]), 6) is None

@@ -355,3 +355,17 @@ def test_cli_input_errors_exit_2_without_traceback(args, message, tmp_path):
 def test_cli_wrong_type_is_reported(tmp_path):
     proc = run_cli("max_new_tokens=abc", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "could not be converted to Integer" in proc.stderr
+
+
+def test_speedup_is_our_tokens_per_s_over_the_baseline_s():
+    """``speedup`` = speculative tokens/s over the autoregressive baseline's (30 / 20 here, not 20 / 30); None when
+    the baseline has no throughput."""
+    from experiments.results import BASELINE, SPECULATIVE, MethodResults, build_summary, speedup
+    from specdec.stats import DecodeStats
+
+    spec, base = MethodResults(), MethodResults()
+    spec.add(0, DecodeStats(new_tokens=30, target_forwards=10, time_total=1.0), [7] * 30)
+    base.add(0, DecodeStats(new_tokens=30, target_forwards=30, time_total=1.5), [7] * 30)
+    metrics = build_summary({SPECULATIVE: spec, BASELINE: base}, greedy=True, status="complete", num_prompts=1)["metrics"]
+    assert metrics["speedup"] == pytest.approx(1.5) and metrics["matches_baseline"] is True
+    assert speedup({"tokens_per_s": 30.0}, {"tokens_per_s": 0.0}) is None

@@ -344,3 +344,21 @@ def test_a_deterministic_tree_with_siblings_cannot_join_a_batch_sampled_without_
     mixed = BatchTree.stack([sampled, DraftTree.chain(torch.tensor([3, 1]))])
     assert mixed.sampling == "without_replacement" and mixed.draft_probs[1, :, [3, 1]].diag().tolist() == [1.0, 1.0]
     assert BatchTree.stack([siblings, DraftTree.chain(torch.tensor([2]), q[:1])]).sampling == "chain"
+
+
+def test_batched_hybrid_honours_min_drafts():
+    """A batch with ``min_drafts`` above what the lookup ever proposes: every row's steps are the second part's, as
+    in its batch-1 run (a lookup of 1..5 nodes does not cover a row)."""
+    from tests.tiny_models import noisy_copy
+
+    target, rows, limits = _batch_setup("llama", 4)
+
+    def make():
+        return HybridDrafter(NGramDrafter(num_speculative_tokens=5, max_ngram=3, min_ngram=1),
+                             DraftModelDrafter(noisy_copy("llama"), num_speculative_tokens=3), min_drafts=6)
+
+    batched = make()
+    out = SpeculativeDecoder(target, batched).generate_batch(rows, max_new_tokens=limits, seed=3)
+    greedy_rows_match(target, make, rows, limits, out, seed=3)
+    steps = _by_part(batched, out.stats)
+    assert steps["first"] == 0 and steps["second"] > 0, steps

@@ -193,3 +193,21 @@ def test_ms_per_step_of_a_batched_run_divides_by_the_batches_steps(tmp_path):
     assert row_of(batched, [])["ms_per_step"] == pytest.approx(50.0)
     older = Run(tmp_path, "old", summary={"status": "complete", "metrics": {"speculative": dict(spec, steps=None)}})
     assert row_of(older, [])["ms_per_step"] == pytest.approx(12.5)
+
+
+def test_predicted_speedup_counts_both_prefills_and_a_verify_of_k_plus_one():
+    """``predicted_speedup = (P_t + N T_t(1)) / (P_t + P_d + S (F_d T_d(1) + T_t(n + 1)))``, and a k-chain in
+    ``predicted_speedup_by_k`` verifies k + 1 positions (the root and its k drafts)."""
+    from experiments.costs import predicted_speedups
+    from specdec.stats import DecodeStats
+
+    costs = {"target": {1: 1.0, 2: 1.5, 3: 2.0}, "draft": {1: 0.25}, "prefill": {"target": 4.0, "draft": 2.0}}
+    stats = DecodeStats(new_tokens=12)
+    for accepted in (2, 2, 1, 1):  # four steps of a 2-chain: 3 + 3 + 2 + 2 tokens
+        stats.record_step(2, 2, accepted)
+    step = 2 * 0.25 + 2.0  # two draft forwards, then a verify of width 3
+    shape = {"kind": "chain", "draft_forwards": "per_level"}
+    assert predicted_speedups(stats, costs, shape, num_prompts=1) == pytest.approx(
+        ((4.0 + 12 * 1.0) / (4.0 + 2.0 + 4 * step), 3.0 / step))
+    by_k = chain_speedup_by_k(0.5, costs, ks=(1, 2))
+    assert by_k == pytest.approx({1: expected_tau(0.5, 1) / (0.25 + 1.5), 2: expected_tau(0.5, 2) / (0.5 + 2.0)})

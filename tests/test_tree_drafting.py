@@ -387,3 +387,37 @@ def test_ngram_still_builds_without_tree():
 
     cfg = _compose("drafter=ngram")
     assert isinstance(build_drafter(cfg.drafter, _models(), cfg.get("tree")), NGramDrafter)
+
+
+def test_nodes_past_the_acceptance_table_are_never_accepted():
+    """A node deeper or wider than the rank-acceptance table has acceptance 0 (Medusa: no head drafts it), so a
+    preset deeper than the heads gets no credit for depths they cannot draft, and the best tree adds no such node."""
+    from specdec.tree import best_tree_by_depth, expected_tokens_by_depth
+
+    table = [[0.6, 0.3], [0.5]]
+    assert expected_tokens_by_depth([[0], [0, 0], [0, 0, 0]], table) == pytest.approx(1 + 0.6 + 0.6 * 0.5)
+    assert expected_tokens_by_depth([[0], [1], [2], [0, 1]], table) == pytest.approx(1 + 0.6 + 0.3)
+    assert best_tree_by_depth([[0.6, 0.3]], 3) == [[0], [1]]  # the table holds two nodes, not three
+
+
+def test_dynamic_tree_expands_the_best_nodes_of_each_level():
+    """With budget 2 and 3 root children, expand_dynamic feeds the 2 best-scoring ones (not the 2 worst); the best
+    child's own child (a draft sure of it) then outscores the second root child, so the tree is that path."""
+    from drafters.tree_expansion import expand_dynamic
+
+    class Feed:  # a stand-in for the draft model: after any token, token 0 is (almost) certain
+        def __init__(self):
+            self.num_fed, self.fed = 0, []
+
+        def feed(self, tokens, parents, depth):
+            self.fed.append(tokens)
+            self.num_fed += len(tokens)
+            logits = torch.full((len(tokens), 8), -20.0)
+            logits[:, 0] = 20.0
+            return logits
+
+    feed = Feed()
+    root = torch.tensor([0.0, 1.0, 0.0, 2.0, 0.0, 3.0, 0.0, 0.0])  # best 5, then 3, then 1
+    tree, fed = expand_dynamic(feed, root, depth_limit=2, budget=2, top_k=3)
+    assert feed.fed == [[5, 3]]
+    assert tree.tokens.tolist() == [5, 0] and tree.parents.tolist() == [-1, 0] and fed == [0, -1]

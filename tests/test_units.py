@@ -214,3 +214,37 @@ def test_timers_wait_for_every_gpu(monkeypatch):
     assert waited == []
     synchronize(torch.device("cuda", 0))
     assert waited == [0, 1, 2]
+
+
+def test_merged_acceptance_by_depth_pools_the_runs_counts():
+    """Merging runs adds their per-depth counts: depth d's rate is all runs' steps that accepted a node at depth d
+    over all runs' steps that proposed one (a run's proposals never stand in for its acceptances)."""
+    a, b = DecodeStats(), DecodeStats()
+    a.record_step(2, 2, 2)
+    a.record_step(2, 2, 0)
+    b.record_step(3, 3, 1)
+    merged = DecodeStats.merge([a, b])
+    assert merged.depth_proposed == [3, 3, 1] and merged.depth_accepted == [2, 1, 0]
+    assert merged.acceptance_rate_by_depth == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert merged.draft_acceptance_rate == pytest.approx(3 / 7)
+
+
+def test_ngram_continuation_past_the_end_repeats_the_match_s_period():
+    """"1 2" last occurred two tokens back: its continuation runs into the end and goes on with period 2."""
+    d = _ngram([5, 1, 2, 1, 2], num_speculative_tokens=5, max_ngram=3)
+    assert d.propose(8).tokens.tolist() == [1, 2, 1, 2, 1]
+
+
+def test_ngram_index_covers_the_previous_root_after_a_commit():
+    """The n-grams ending at the token that was the root of the last lookup are indexed at the next one."""
+    d = _ngram([7, 8, 9], num_speculative_tokens=2, max_ngram=3)
+    assert d.propose(8).num_nodes == 0  # 9 never seen before
+    d.commit(AcceptResult([0], [5, 9]), VerifyOutput(torch.empty(0), torch.empty(0)))  # "7 8 9 5 9"
+    assert d.propose(8).tokens.tolist() == [5, 9]  # "9" at position 2 was followed by "5 9"
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_top_p_exactly():
+    """Four equal tokens (0.25 each, exact in float32), top_p=0.5: two tokens reach 0.5, so the other two go
+    (Hugging Face's TopPLogitsWarper drops ``cumsum <= 1 - top_p`` the same way)."""
+    probs = warp_probs(torch.zeros(4), SamplingParams(temperature=1.0, top_p=0.5))
+    assert int(torch.count_nonzero(probs)) == 2 and probs.max().item() == 0.5

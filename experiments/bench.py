@@ -403,7 +403,7 @@ def parse_args(argv=None):
     p.add_argument("--verify-widths", type=lambda s: tuple(cli.ints_at_least(1)(s)),
                    default=(1, 2, 4, 8, 16, 32, 64))
     p.add_argument("--ks", type=cli.ints_at_least(1), default=[2, 4, 6])
-    p.add_argument("--confidence", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+    p.add_argument("--confidence", type=cli.thresholds, default=[],
                    help="also chains at each --ks that stop after a draft less likely than each of these thresholds "
                         "(ours: drafter confidence_threshold; HF: assistant_confidence_threshold; with --batch-sizes too)")
     p.add_argument("--trees", type=lambda s: [t for t in s.split(",") if t], default=[],
@@ -421,8 +421,8 @@ def parse_args(argv=None):
     cli.add_narrow_linears(p)
     p.add_argument("--reps", type=cli.int_at_least(1), default=3)
     p.add_argument("--threads", type=cli.int_at_least(1), default=2)
-    p.add_argument("--json", help="write raw results here")
-    p.add_argument("--markdown", help="write the Markdown table here")
+    p.add_argument("--json", type=cli.output_file, help="write raw results here")
+    p.add_argument("--markdown", type=cli.output_file, help="write the Markdown table here")
     return p.parse_args(argv)
 
 

@@ -90,8 +90,9 @@ def head_drafters(args, notes: list[str]) -> dict:
         default = medusa_dir(args.size, args.cache_dir) if medusa else eagle_dir(name, args.size, args.cache_dir)
         directory = given or default
         config = (MEDUSA_FILES if medusa else EAGLE_FILES).config_file
-        if given and not Path(given).expanduser().is_dir():
-            raise SpecDecError(f"--{name} {given}: no such directory; give a heads directory written by "
+        if given and not (Path(given).expanduser() / config).is_file():
+            problem = "holds no " + config if Path(given).expanduser().is_dir() else "no such directory"
+            raise SpecDecError(f"--{name} {given}: {problem}; give a heads directory written by "
                                f"experiments.train_{'medusa' if medusa else 'eagle'}, or leave --{name} out")
         if not Path(directory).is_dir() or not (given or (Path(directory) / config).is_file()):
             notes.append(f"{name}: no heads at {directory}, skipped")
@@ -250,7 +251,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=cli.int_at_least(1), default=10)
     p.add_argument("--max-new-tokens", type=cli.int_at_least(1), default=96)
     p.add_argument("--max-prompt-tokens", type=cli.int_at_least(1), default=384)
-    p.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.8])
+    p.add_argument("--temperatures", type=cli.temperatures, default=[0.0, 0.8])
     p.add_argument("--ks", type=cli.ints_at_least(1), default=[4],
                    help="chain lengths of our draft model and EAGLE chains")
     p.add_argument("--hf-ks", type=cli.ints_at_least(1), default=[3, 4, 5],
@@ -285,8 +286,8 @@ def parse_args(argv=None):
                    help="comma-separated subset of method names (hf_plain and ours_ar always run: the ratios need them)")
     p.add_argument("--reps", type=cli.int_at_least(1), default=2)
     p.add_argument("--threads", type=cli.int_at_least(1), default=2)
-    p.add_argument("--json", help="write raw results here")
-    p.add_argument("--markdown", help="write the Markdown tables here")
+    p.add_argument("--json", type=cli.output_file, help="write raw results here")
+    p.add_argument("--markdown", type=cli.output_file, help="write the Markdown tables here")
     args = p.parse_args(argv)
     if bad := [d for d in args.head_dtypes or [] if d not in DTYPE_LABELS]:
         p.error(f"--head-dtypes: {bad[0]!r} is unknown; choose from {', '.join(DTYPE_LABELS)}")
@@ -318,8 +319,6 @@ def main(argv=None) -> int:
         heads = head_drafters(args, notes)
         args.verify_widths = verify_widths(args.verify_widths, target, prompts, args.max_new_tokens, notes)
         for temperature in args.temperatures:
-            if temperature < 0:
-                raise SpecDecError(f"--temperatures: {temperature} < 0")
             methods = build_methods(target, draft, args, temperature, heads)
             stats = _record_stats(methods)
             run_all(methods, prompts, args.reps)

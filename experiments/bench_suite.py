@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--per-category", type=cli.int_at_least(1), default=4, help="prompts per category (the first ones)")
     p.add_argument("--max-new-tokens", type=cli.int_at_least(1), default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, checked against HF; > 0: rejection")
+    p.add_argument("--temperature", type=cli.temperature, default=0.0, help="0: greedy, checked against HF; > 0: rejection")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="precision of the target (HF's methods run the same model); bfloat16 on a CPU with native "
                         "bf16 makes wide verifies nearly as cheap as one token")
@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "for the model); each gives a chain of --k and, with --eagle-budget, a dynamic tree")
     p.add_argument("--draft-vocab-from", default=None, help="heads directory whose draft vocabulary a second "
                    "draft-model row uses (ours_draft_k<k>_vocab<N>)")
-    p.add_argument("--confidence", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+    p.add_argument("--confidence", type=cli.thresholds, default=[],
                    help="also each draft-model and EAGLE chain with these confidence thresholds (a dynamic draft "
                         "length: <name>_conf<c>; HF assisted generation too, hf_assisted_k<k>_conf<c>)")
     p.add_argument("--eagle-budget", type=cli.int_at_least(0), default=0, help="nodes of an EAGLE-2 dynamic tree row (0: none)")
@@ -97,8 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_narrow_linears(p)
     p.add_argument("--reps", type=cli.int_at_least(1), default=1)
     p.add_argument("--threads", type=cli.int_at_least(1), default=2)
-    p.add_argument("--json", help="write raw results here")
-    p.add_argument("--markdown", help="write the Markdown tables here")
+    p.add_argument("--json", type=cli.output_file, help="write raw results here")
+    p.add_argument("--markdown", type=cli.output_file, help="write the Markdown tables here")
     return p.parse_args(argv)
 
 

@@ -82,6 +82,61 @@ def ints_at_least(low: int) -> Callable[[str], list[int]]:
     return parse
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def temperature(text: str) -> float:
+    """An argparse ``type``: a sampling temperature (0: greedy)."""
+    value = _number(text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not a temperature: use 0 for greedy decoding or a value > 0")
+    return value
+
+
+def temperatures(text: str) -> list[float]:
+    """An argparse ``type``: comma-separated temperatures (e.g. ``0,0.8``)."""
+    values = [temperature(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one temperature, e.g. 0,0.8")
+    return values
+
+
+def thresholds(text: str) -> list[float]:
+    """An argparse ``type``: comma-separated confidence thresholds, each in [0, 1) (e.g. ``0.3,0.5``)."""
+    values = [_number(part) for part in text.split(",") if part.strip()]
+    bad = [v for v in values if not 0 <= v < 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]} is not a confidence threshold: give values in [0, 1), "
+                                         "e.g. 0.3,0.5 (a chain stops after a draft less likely than it)")
+    return values
+
+
+def output_dir(text: str) -> Path:
+    """An argparse ``type``: a directory to write into (made if missing); checked before anything runs."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file: give a directory (it is made if missing)")
+    return path
+
+
+def output_file(text: str) -> str:
+    """An argparse ``type``: a file to write at the end of a run. Its directory is made now, so a typo
+    fails before the run rather than losing its results after it."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory: give a file name in it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot make {path.parent} for {text} ({exc.strerror}): "
+                                         "pick a path in a directory you can write") from None
+    return text
+
+
 def add_narrow_linears(parser: argparse.ArgumentParser) -> None:
     """``--narrow-linears``: the benchmarks' switch for :mod:`verifier.narrow_linear` (every method shares the model)."""
     from verifier.narrow_linear import MODES
@@ -164,9 +219,11 @@ def _misspelled_key(text: str, cause: BaseException | None) -> str | None:
     known = [str(k) for k in parent.keys()] if hasattr(parent, "keys") else []
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
     prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    hint = f"did you mean {' or '.join(prefix + c for c in close)}? " if close else ""
-    return (f"{key} is not a key of this config: {hint}--cfg job prints every key; a key added on purpose "
-            f"takes a leading + (+{key}=...)")
+    hint = (f"did you mean {' or '.join(prefix + c for c in close)}? " if close else
+            f"the keys there are {sorted(known)}; " if known else "")
+    # a top-level key cannot be added (check_added_keys): '+' helps only an argument of a _target_'s node
+    added = f"; an argument the node's _target_ takes is added with a leading + (+{key}=...)" if prefix else ""
+    return f"{key} is not a key of this config: {hint}--cfg job prints every key{added}"
 
 
 def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:

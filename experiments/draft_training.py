@@ -40,6 +40,19 @@ class DraftSettings:
     lr: float = 1e-3
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from specdec.errors import ConfigError
+
+        for key in ("layers", "chats", "max_new_tokens", "heldout_chats", "steps", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key}={value!r}: it must be an integer >= 1")
+        if self.heldout_chats >= self.chats:
+            raise ConfigError(f"heldout_chats={self.heldout_chats} leaves no training chat of chats={self.chats}: "
+                              "give heldout_chats < chats")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr!r}: the learning rate must be > 0")
+
 
 def draft_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     from experiments.pretrained import get_spec, models_dir
@@ -139,6 +152,14 @@ def evaluate(draft, rows, settings: DraftSettings) -> dict:
     return {"heldout_loss": sum(losses) / hits.numel(), "alpha": float(hits.float().mean()), "heldout_positions": hits.numel()}
 
 
+def _warn_other_settings(dest: Path, built: dict, asked: dict) -> None:
+    """Say so when the cached draft was built with other settings than this call's (it is reused)."""
+    differ = [f"{k}={built[k]} (asked: {v})" for k, v in asked.items() if k in built and built[k] != v]
+    if differ:
+        log.warning("the cached draft at %s was built with %s; reusing it: pass force=true to build it with "
+                    "this call's settings", dest, ", ".join(differ))
+
+
 def build_draft(name: str, settings: DraftSettings, cache_dir: str | None = None, force: bool = False,
                 progress: bool = True) -> tuple[Path, dict]:
     """Build (or find) the distilled draft of the pretrained target ``name``; ``(path, manifest)``."""
@@ -149,7 +170,9 @@ def build_draft(name: str, settings: DraftSettings, cache_dir: str | None = None
     dest = draft_dir(name, cache_dir)
     if dest.exists() and not force:
         try:
-            return dest, cache.verify_entry(dest)
+            manifest = cache.verify_entry(dest)
+            _warn_other_settings(dest, manifest.get("settings") or {}, asdict(settings))
+            return dest, manifest
         except cache.CacheEntryError as exc:
             log.warning("the distilled draft at %s is invalid (%s); building it again", dest, exc)
     target_dir = str(ensure_model(name, cache_dir=cache_dir))

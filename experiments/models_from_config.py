@@ -124,12 +124,15 @@ def _from_pretrained(cfg: DictConfig | dict) -> LoadedModels:
 def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer: str | None) -> LoadedModels:
     """Load a target (and a draft model) with ``from_pretrained``; the tokenizer defaults to the target's."""
     from specdec.checkpoints import RemoteCodeError
-    from specdec.models import check_same_vocab, load_causal_lm, load_tokenizer, resolve_draft_dtype
+    from specdec.models import check_checkpoint_dir, check_same_vocab, load_causal_lm, load_tokenizer, resolve_draft_dtype
 
     trust = bool(cfg.get("trust_remote_code", False))
     opts = {"dtype": cfg.get("dtype", "float32"), "device": cfg.get("device", "cpu"), "trust_remote_code": trust}
     device_map = cfg.get("device_map")  # e.g. "auto": the target spread over the visible devices (needs accelerate)
     draft_dtype = resolve_draft_dtype(cfg.get("draft_dtype"), opts["dtype"], opts["device"])  # checked before any load
+    for path, key in ((target, "model.target"), (draft, "model.draft")):  # named by their keys, before any load
+        if path:
+            check_checkpoint_dir(str(path), key)
     try:
         tok = load_tokenizer(tokenizer or target, trust_remote_code=trust, elsewhere="model.tokenizer")  # small: first
         target_model = load_causal_lm(target, **opts, device_map=device_map, role="target")

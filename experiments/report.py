@@ -160,7 +160,7 @@ def report(root: Path, out: Path | None = None, tolerance: float = 0.05) -> dict
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n")[0])
     parser.add_argument("dir", type=Path, help="a run directory or a multirun (sweep) directory")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: <dir>/report)")
+    parser.add_argument("--out", type=cli.output_dir, default=None, help="where to write the report (default: <dir>/report)")
     parser.add_argument("--tolerance", type=_share, default=0.05,
                         help="recommended k passes if its measured speedup is within this share of the best (0.05)")
     parser.add_argument("--wandb", choices=("offline", "online", "disabled", "none"), default="offline",

@@ -27,6 +27,7 @@ import torch
 
 from experiments import cli
 from experiments.captured_costs import _median_s, copy_bandwidth, read_floor_s, static_forwards
+from specdec.errors import ConfigError
 from verifier.fused_projections import fuse_projections
 
 VARIANTS = tuple(f"{c}-{b}{f}" for f in ("", "-fused") for c in ("graph", "inductor") for b in ("sdpa", "triton"))
@@ -102,7 +103,7 @@ def markdown(results: dict, widths: tuple[int, ...], floor_s: float) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     from experiments.synthetic import SHAPES
 
-    p = argparse.ArgumentParser(prog="python -m experiments.step_profile", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m experiments.step_profile", description=__doc__.split("\n")[0])
     p.add_argument("--synthetic", default="llama-8b", choices=sorted(SHAPES), help="the target's shape")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -113,8 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", type=variant, default=None, help="also list this variant's kernels (uncaptured)")
     p.add_argument("--top", type=cli.int_at_least(1), default=15)
     p.add_argument("--reps", type=cli.int_at_least(1), default=10)
-    p.add_argument("--markdown", help="write the tables here (after every variant)")
-    p.add_argument("--json", help="write raw results here (after every variant)")
+    p.add_argument("--markdown", type=cli.output_file, help="write the tables here (after every variant)")
+    p.add_argument("--json", type=cli.output_file, help="write raw results here (after every variant)")
     args = p.parse_args(argv)
     if args.profile and not args.profile[2] and any(fused for _, _, fused in args.variants):
         p.error("--profile of an unfused variant cannot follow fused --variants (fusing is in place): profile a "
@@ -140,7 +141,10 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     for _, backend, _ in args.variants + ([args.profile] if args.profile else []):
-        check_attn_backend(backend, args.device)  # one error line before the model is built
+        try:  # one error line before the model is built
+            check_attn_backend(backend, args.device)
+        except ConfigError as err:
+            raise ConfigError(f"{err}: here, variants ending in -sdpa (--variants graph-sdpa,inductor-sdpa)") from err
     target, _ = synthetic_pair(args.synthetic, args.device, getattr(torch, args.dtype))
     device = next(target.parameters()).device
     floor_s = read_floor_s(target, args.context, copy_bandwidth(device))

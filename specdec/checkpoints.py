@@ -141,6 +141,10 @@ def load_failure(role: str, path: str, err: BaseException) -> SpecDecError:
             f"{role} checkpoint {path!r} has only pickle weights ({pickled}), which are not loaded here because "
             "unpickling can run code: convert it once where you trust the file, e.g. "
             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir) (writes model.safetensors)")
+    directory = Path(os.path.expanduser(path))
+    if directory.is_dir() and not any(directory.glob("*.safetensors")):
+        return CheckpointError(f"{role} checkpoint {path!r} holds no *.safetensors weights (only safetensors are "
+                               "loaded here): save the model there with save_pretrained(dir)")
     detail = " ".join(str(err).split())
     return CheckpointError(f"could not load the {role} model from {path!r}: {detail}")
 

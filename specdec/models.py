@@ -117,7 +117,7 @@ def head_dtype(choice: str | None, target_dtype: torch.dtype, device: str | torc
 
 
 def _check_path(path: str, what: str) -> None:
-    """Fail early, naming the path, when a local checkpoint directory is missing."""
+    """Fail early, naming the path, when a local directory is missing (a hub id passes)."""
     expanded = os.path.expanduser(path)
     hub_like = not path.startswith(("/", ".", "~")) and path.count("/") <= 1
     if not os.path.isdir(expanded) and not hub_like:
@@ -125,6 +125,19 @@ def _check_path(path: str, what: str) -> None:
             f"{what} path {path!r} does not exist: point it at a directory written by save_pretrained "
             "(config.json + *.safetensors), or at a hub id when a hub is reachable"
         )
+
+
+def check_checkpoint_dir(path: str, what: str) -> None:
+    """Fail early, naming ``what`` (a role or a config key) and the path, when a local checkpoint directory is
+    missing or holds no saved model (no ``config.json``; weights that fail to load are named by
+    :func:`specdec.checkpoints.load_failure`)."""
+    _check_path(path, what)
+    expanded = os.path.expanduser(path)
+    if not os.path.isdir(expanded):  # a hub id
+        return
+    if not os.path.isfile(os.path.join(expanded, "config.json")):
+        raise SpecDecError(f"{what} path {path!r} holds no config.json, so no saved model: point it at a directory "
+                           "written by save_pretrained (config.json + *.safetensors)")
 
 
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
@@ -142,7 +155,7 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trust
 
     from specdec.checkpoints import check_finite_weights, load_failure
 
-    _check_path(path, role)
+    check_checkpoint_dir(path, role)
     extra = {"device_map": device_map} if device_map is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -33,7 +33,6 @@ reads). Only torch and triton are needed (no hydra / wandb).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -268,16 +267,18 @@ def print_table(rows, methods):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ns", type=int, nargs="+", default=[1, 8, 16, 64], help="tree sizes N")
-    p.add_argument("--prefixes", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    p.add_argument("--hkv", type=int, nargs="+", default=[32, 8], help="KV heads (Hq = 32)")
-    p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
-    p.add_argument("--hq", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--reps", type=int, default=50)
+    from experiments.cli import ArgumentParser, int_at_least, output_file  # imports neither torch nor hydra
+
+    p = ArgumentParser(prog="python -m specdec_kernels.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--ns", type=int_at_least(1), nargs="+", default=[1, 8, 16, 64], help="tree sizes N")
+    p.add_argument("--prefixes", type=int_at_least(1), nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    p.add_argument("--hkv", type=int_at_least(1), nargs="+", default=[32, 8], help="KV heads (Hq = 32)")
+    p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--hq", type=int_at_least(1), default=32)
+    p.add_argument("--head-dim", type=int_at_least(1), default=128)
+    p.add_argument("--batch", type=int_at_least(1), default=1)
+    p.add_argument("--warmup", type=int_at_least(0), default=10)
+    p.add_argument("--reps", type=int_at_least(1), default=50)
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="peak memory bandwidth; default by device name (H100 3350, H200 4800)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
@@ -285,9 +286,10 @@ def parse_args(argv=None):
     p.add_argument("--no-flush", action="store_true", help="do not flush L2 between calls")
     p.add_argument("--flush", choices=FLUSH_MODES, default="write",
                    help="how L2 is flushed: zero a buffer (dirty lines, the usual way) or read one (clean lines)")
-    p.add_argument("--json", type=str, default=None, help="write the results here")
+    p.add_argument("--json", type=output_file, default=None, help="write the results here")
     p.add_argument("--interpret-smoke", action="store_true",
-                   help="without CUDA: run one tiny case on the CPU under TRITON_INTERPRET=1")
+                   help="without CUDA: run two fixed tiny fp32 cases on the CPU under TRITON_INTERPRET=1 (the "
+                        "shape and dtype flags apply on a GPU)")
     return p.parse_args(argv)
 
 
@@ -302,9 +304,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         if not args.interpret_smoke:
-            print("specdec_kernels.bench: no CUDA device; nothing to benchmark. "
-                  "Use --interpret-smoke to check the script on the CPU under the Triton interpreter.")
-            return 0
+            print("error: no CUDA device here: the bench times the kernel on a GPU; --interpret-smoke checks the "
+                  "script on the CPU under the Triton interpreter", file=sys.stderr)
+            return 2
         if os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton's first import
             cmd = [sys.executable, "-m", "specdec_kernels.bench", *(sys.argv[1:] if argv is None else argv)]
             return subprocess.call(cmd, env={**os.environ, "TRITON_INTERPRET": "1"})

@@ -29,34 +29,54 @@ GRID = dict(block_n=(64, 128), num_stages=(2, 3, 4), num_warps=(4, 8), programs_
 
 
 def parse_grid(items: list[str]) -> dict:
-    """``--grid key=v1,v2 ...`` -> :data:`GRID` with those axes replaced (values as ints where they are)."""
-    from specdec_kernels.choices import CONFIG_KEYS
+    """``--grid key=v1,v2 ...`` -> :data:`GRID` with those axes replaced: the named choices' values as given
+    (:data:`~specdec_kernels.choices.CONFIG_CHOICES`), the others positive integers; ValueError otherwise."""
+    from specdec_kernels.choices import CONFIG_CHOICES, CONFIG_KEYS
 
     grid = dict(GRID)
     for item in items:
-        key, _, values = item.partition("=")
+        key, _, text = item.partition("=")
+        values = [v for v in text.split(",") if v]
         if key not in CONFIG_KEYS or not values:
-            raise SystemExit(f"error: --grid {item!r}: give key=v1,v2 with a key of {list(CONFIG_KEYS)}")
-        grid[key] = tuple(int(v) if v.lstrip("-").isdigit() else v for v in values.split(","))
+            raise ValueError(f"--grid {item!r}: give key=v1,v2 with a key of {list(CONFIG_KEYS)}")
+        if key in CONFIG_CHOICES:
+            wrong = [v for v in values if v not in CONFIG_CHOICES[key]]
+            if wrong:
+                raise ValueError(f"--grid {item!r}: {key} is one of {list(CONFIG_CHOICES[key])}, not {wrong[0]!r}")
+            grid[key] = tuple(values)
+        elif not all(v.isdigit() and int(v) > 0 for v in values):
+            raise ValueError(f"--grid {item!r}: {key} takes positive integers, e.g. {key}=2,4")
+        else:
+            grid[key] = tuple(int(v) for v in values)
     return grid
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ns", type=int, nargs="+", default=[1, 8, 16, 64], help="tree sizes N")
-    p.add_argument("--prefixes", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--hkv", type=int, nargs="+", default=[8, 32], help="KV heads (Hq = 32)")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--hq", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--reps", type=int, default=10)
+    from experiments.cli import ArgumentParser, int_at_least, output_file  # imports neither torch nor hydra
+
+    p = ArgumentParser(prog="python -m specdec_kernels.tune", description=__doc__.splitlines()[0])
+    p.add_argument("--ns", type=int_at_least(1), nargs="+", default=[1, 8, 16, 64], help="tree sizes N")
+    p.add_argument("--prefixes", type=int_at_least(1), nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--hkv", type=int_at_least(1), nargs="+", default=[8, 32], help="KV heads (Hq = 32)")
+    p.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--hq", type=int_at_least(1), default=32)
+    p.add_argument("--head-dim", type=int_at_least(1), default=128)
+    p.add_argument("--reps", type=int_at_least(1), default=10)
     p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                    help="replace or add sweep axes, e.g. merge=kernel,fused split_rounding=up,down num_stages=3")
     p.add_argument("--flush", choices=("write", "read"), default="write", help="how L2 is flushed (see the bench)")
-    p.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="processes compiling first")
-    p.add_argument("--json", default=None, help="write the results here (after every shape)")
+    p.add_argument("--jobs", type=int_at_least(1), default=min(12, os.cpu_count() or 1),
+                   help="processes compiling first")
+    p.add_argument("--json", type=output_file, default=None, help="write the results here (after every shape)")
     p.add_argument("--warm-part", type=int, default=None, help=argparse.SUPPRESS)  # i of --jobs: compile only
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        parse_grid(args.grid)
+    except ValueError as err:
+        p.error(str(err))
+    if any(args.hq % h for h in args.hkv):
+        p.error(f"--hq {args.hq} is not a multiple of every --hkv {args.hkv}: query heads come in KV-head groups")
+    return args
 
 
 def shapes(args):
@@ -139,8 +159,9 @@ def _pct(nbytes: int, us: float, peak_gbps: float) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("specdec_kernels.tune: no CUDA device; nothing to tune")
-        return 0
+        print("error: no CUDA device here: the tune times the kernel on a GPU; run it on a GPU machine "
+              "(python -m specdec_kernels.bench --interpret-smoke checks the kernel on the CPU)", file=sys.stderr)
+        return 2
     if args.warm_part is not None:
         warm(args)
         return 0

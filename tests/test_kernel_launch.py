@@ -113,5 +113,9 @@ def test_the_tune_grid_takes_other_axes_and_refuses_unknown_keys():
 
     grid = parse_grid(["merge=kernel,fused", "num_stages=3"])
     assert grid["merge"] == ("kernel", "fused") and grid["num_stages"] == (3,) and grid["block_n"] == GRID["block_n"]
-    with pytest.raises(SystemExit, match="stages"):
+    with pytest.raises(ValueError, match="stages"):
         parse_grid(["stages=3"])
+    with pytest.raises(ValueError, match="positive integers"):
+        parse_grid(["num_stages=abc"])
+    with pytest.raises(ValueError, match="one of"):
+        parse_grid(["merge=fast"])

@@ -13,6 +13,7 @@ hydra or wandb.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -223,3 +224,9 @@ def batched_main(target, draft, prompts, args, argv) -> int:
               f"median of {args.reps} reps per group.\n")
     publish(header + "\n" + markdown(rows) + match_note(args.dtype), {"rows": rows}, args)
     return exit_status(rows, args.dtype, "matches_hf_greedy")
+
+
+if __name__ == "__main__":  # a library module: say which command runs it instead of exiting 0 silently
+    print("error: experiments.bench_batch is not a command: run it as python -m experiments.bench --batch-sizes 4,8",
+          file=sys.stderr)
+    sys.exit(2)

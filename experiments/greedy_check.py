@@ -15,6 +15,7 @@ deficit of whole logits.
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 
@@ -62,3 +63,9 @@ def rounding_check(target, prompts: dict, outputs: dict, question_ids: list, tol
         full = torch.cat([ids, torch.tensor([outputs[qid]], dtype=ids.dtype, device=ids.device)], dim=1)  # [1, P + new]
         worst = max(worst, greedy_deficit(reference, full, ids.shape[1]))
     return {"greedy_deficit": worst, "greedy_up_to_rounding": worst <= tolerance}
+
+
+if __name__ == "__main__":  # a library module: say which commands use it instead of exiting 0 silently
+    print("error: experiments.greedy_check is not a command: decode and the benchmarks run it on reduced-precision "
+          "targets (e.g. python -m experiments.decode model.dtype=bfloat16)", file=sys.stderr)
+    sys.exit(2)

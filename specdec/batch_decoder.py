@@ -141,12 +141,13 @@ class _Batch:
         """Prefill prompts ``new`` (original row indices) on their own and append them to the batch."""
         from verifier.batch import prefill_rows
 
+        admitted = time.perf_counter()  # a row's latency counts its own prefill, as generate()'s does
         self.rng.extend([self.seeds[r] for r in new])
         fresh = BatchCache.for_model(self.target, self.capacity, len(new), row_ids=new)
         hidden = self.timer("time_prefill", prefill_rows, self.target, fresh, [self.rows[r][:-1] for r in new])
         self.cache.extend(fresh)
         self.timer("time_prefill", self.drafter.extend, [self.rows[r] for r in new], hidden)
-        run.admit(new)
+        run.admit(new, admitted)
 
     def retire(self, run: _BatchRun, finished: list[int]) -> None:
         """Drop the rows at positions ``finished`` of the batch."""
@@ -180,12 +181,12 @@ class _BatchRun:
         self.waiting = list(range(len(self.tokens)))
         self.admitted_at = [self.start] * len(self.tokens)
 
-    def admit(self, rows: list[int]) -> None:
-        now = time.perf_counter()
+    def admit(self, rows: list[int], at: float) -> None:
+        """Rows ``rows`` join the batch; ``at``: when their prefill began (their latency's start)."""
         for r in rows:
             self.waiting.remove(r)
             self.active.append(r)
-            self.admitted_at[r] = now
+            self.admitted_at[r] = at
 
     def aggregate(self, timer: _Timer, total: float, rows: list[int]) -> DecodeStats:
         """The batch's stats over ``rows``, with the batch's wall time ``total`` and phase times."""

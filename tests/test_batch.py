@@ -230,3 +230,23 @@ def test_warm_up_runs_the_path_the_run_times():
         calls.clear()
         warm_up({"speculative": (fake, None)}, encoded, SimpleNamespace(warmup=1, batch_size=size, max_new_tokens=4, seed=0))
         assert calls == expected, size
+
+
+def test_a_rows_latency_counts_its_own_prefill(monkeypatch):
+    """A row's ``time_total`` runs from its prefill, as ``generate()``'s does (prefill included): with a prefill
+    slowed by 0.2 s, both rows of a continuous batch (the second admitted late) take at least that long."""
+    import time
+
+    from verifier import batch as verifier_batch
+
+    original = verifier_batch.prefill_rows
+
+    def slow(*args):
+        time.sleep(0.2)
+        return original(*args)
+
+    monkeypatch.setattr(verifier_batch, "prefill_rows", slow)
+    target, tok = pair("llama")[0], pair("llama")[2]
+    rows = prompts(tok, 2, seed=4)
+    out = SpeculativeDecoder(target, NoDrafter()).generate_batch(rows, 2, max_rows=1)
+    assert all(s.time_total >= 0.2 for s in out.row_stats), [s.time_total for s in out.row_stats]

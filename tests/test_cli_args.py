@@ -99,3 +99,12 @@ def test_a_directory_that_is_no_saved_model_is_named_by_its_key(tmp_path):
     target.config.save_pretrained(tmp_path / "config_only")
     with pytest.raises(SpecDecError, match=r"holds no \*.safetensors weights"):
         load_causal_lm(str(tmp_path / "config_only"), role="target")
+
+
+@pytest.mark.parametrize("module", ["experiments.bench_batch", "experiments.greedy_check"])
+def test_a_library_module_run_as_a_command_names_the_command(module):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300, check=False)
+    error_line(proc.stderr, 2, proc.returncode, "is not a command", "python -m experiments.")

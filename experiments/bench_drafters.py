@@ -90,8 +90,9 @@ def head_drafters(args, notes: list[str]) -> dict:
         default = medusa_dir(args.size, args.cache_dir) if medusa else eagle_dir(name, args.size, args.cache_dir)
         directory = given or default
         config = (MEDUSA_FILES if medusa else EAGLE_FILES).config_file
-        if given and not (Path(given).expanduser() / config).is_file():
-            problem = "holds no " + config if Path(given).expanduser().is_dir() else "no such directory"
+        given_dir = Path(given).expanduser() if given else None
+        if given_dir is not None and not (given_dir / config).is_file():
+            problem = "holds no " + config if given_dir.is_dir() else "no such directory"
             raise SpecDecError(f"--{name} {given}: {problem}; give a heads directory written by "
                                f"experiments.train_{'medusa' if medusa else 'eagle'}, or leave --{name} out")
         if not Path(directory).is_dir() or not (given or (Path(directory) / config).is_file()):

@@ -218,8 +218,10 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         drafter.batched()  # a drafter with no batched form fails here, before any measuring
     decoders = make_decoders(cfg, models, drafter, rule, sampling)
     step_shape = drafter.step_shape(models.target)
-    costs, shape = measure_run_costs(cfg, step_shape, models, encoded), step_shape.describe(type(drafter).__name__)
-    if auto_widths(cfg) and not cost_model_scope(cfg.batch_size, cfg.compile):  # else ignored (warned above)
+    scope = cost_model_scope(cfg.batch_size, cfg.compile)  # not None: the cost model does not price this run
+    costs = None if scope else measure_run_costs(cfg, step_shape, models, encoded)
+    shape = step_shape.describe(type(drafter).__name__)
+    if auto_widths(cfg) and not scope:  # else ignored (warned above)
         set_cheap_widths(decoders, costs)
 
     writer = ResultsWriter(run_dir, keep=previous.records)
@@ -236,7 +238,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
 
     def summarize(status: str) -> dict:
         summary = build_summary(results, greedy=sampling.greedy, status=status, num_prompts=len(encoded), extra=extra)
-        return add_cost_model(summary, results[SPECULATIVE], costs, shape, cost_model_scope(cfg.batch_size, cfg.compile))
+        return add_cost_model(summary, results[SPECULATIVE], costs, shape, scope)
 
     status = "running"
     try:
@@ -335,7 +337,7 @@ def measure_run_costs(cfg: DictConfig, step_shape: Any, models: LoadedModels, en
     """The target's and the drafter's forward costs at the run's context (a draft model's curves are
     measured once per model and device, then cached: :mod:`experiments.cost_measure`); None with
     ``costs=false`` or on failure."""
-    if not cfg.costs or cost_model_scope(cfg.batch_size, cfg.compile):
+    if not cfg.costs:
         return None
     from experiments import cost_measure as costs
 

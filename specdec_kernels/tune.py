@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--warm-part", type=int, default=None, help=argparse.SUPPRESS)  # i of --jobs: compile only
     args = p.parse_args(argv)
     try:
-        parse_grid(args.grid)
+        args.axes = parse_grid(args.grid)  # the sweep's axes, read once
     except ValueError as err:
         p.error(str(err))
     if any(args.hq % h for h in args.hkv):
@@ -91,7 +91,7 @@ def configs(args, hkv: int, n: int) -> list[dict]:
 
     tree_rows = (args.hq // hkv) * n
     base = default_config(getattr(torch, args.dtype), args.head_dim, tree_rows)
-    axes = parse_grid(args.grid)
+    axes = args.axes
     rows = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     grid = [{**base, **row} for row in rows]
     if tree_rows > base["block_m"]:  # also one M-block for all rows: K/V read once, more registers per program
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     peak = default_peak_gbps(torch.cuda.get_device_name(device)) or math.nan
     flush = make_flush(device, args.flush)
-    swept = list(parse_grid(args.grid))
+    swept = list(args.axes)
     results = []
     print(f"{'Hkv':>4} {'prefix':>6} {'N':>3} | {'default us':>10} {'bw%':>5} | {'best us':>8} {'bw%':>5} | best config")
     for hkv, prefix, n in shapes(args):

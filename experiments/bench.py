@@ -35,57 +35,33 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import sys
-from dataclasses import dataclass, field
 
 import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from experiments import cli
-from experiments.bench_batch import timed_call
+from experiments.bench_methods import (
+    Method,
+    decode_run,
+    decode_seconds_per_token,
+    pooled_tau,
+    pooled_tokens_per_s,
+    run_all,
+    tau_cell,
+    tokens_per_s,
+)
+from experiments.bench_output import command_line, exit_status, machine_line, match_note, publish
 from experiments.captured_costs import floor_line, static_costs
 from experiments.cost_measure import measure_costs, measure_interleaved
 from experiments.costs import cost_at, predicted_chain_speedup
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
-from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import SpecDecError
 from specdec.models import DTYPES, check_device, load_causal_lm, load_tokenizer
 from verifier.fused_projections import fused_copy
 from verifier.narrow_linear import narrow_models
 from verifier.verifier import SDPA_KERNELS
-
-
-@dataclass
-class Method:
-    """One way of decoding; ``run(ids) -> (output ids [1, T + new], stats or None)``."""
-
-    name: str
-    run: object
-    ours: bool
-    k: int | None = None
-    peer: str | None = None  # the HF method with the same drafter and k
-    dynamic: bool = False  # its draft length varies per step (k is the most): no cost-model prediction
-    times: dict = field(default_factory=dict)  # prompt index -> list of seconds
-    new_tokens: dict = field(default_factory=dict)
-    tau: dict = field(default_factory=dict)
-    acceptance: dict = field(default_factory=dict)  # prompt index -> accepted drafts / proposed drafts
-    prefill_s: dict = field(default_factory=dict)  # prompt index -> seconds of prefill (ours)
-    forwards: dict = field(default_factory=dict)  # prompt index -> verify forwards (ours)
-    outputs: dict = field(default_factory=dict)  # prompt index -> output ids [1, T + new] (the last round's)
-    matches: bool = True
-
-
-def _ours(target, drafter, max_new, compile="none", attn_backend="sdpa"):
-    decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy", sampling=SamplingParams(),
-                                 compile=compile, attn_backend=attn_backend)
-
-    def run(ids):
-        out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
-        return out.sequences, out.stats
-    return run
 
 
 def build_methods(target, draft, args, fixed_target=None) -> list[Method]:
@@ -95,8 +71,8 @@ def build_methods(target, draft, args, fixed_target=None) -> list[Method]:
     methods = [Method("hf_plain", hf(target, m), False),
                Method("hf_prompt_lookup", hf(target, m, prompt_lookup_num_tokens=ng,
                                              max_matching_ngram_size=args.max_ngram), False, ng),
-               Method("ours_ar", _ours(target, NoDrafter(), m), True),
-               Method("ours_ngram", _ours(target, NGramDrafter(ng, max_ngram=args.max_ngram, match="first"), m),
+               Method("ours_ar", decode_run(target, NoDrafter(), m), True),
+               Method("ours_ngram", decode_run(target, NGramDrafter(ng, max_ngram=args.max_ngram, match="first"), m),
                       True, ng, peer="hf_prompt_lookup")]
     if args.hf_compile:
         methods.insert(1, Method("hf_static_compiled", hf_static_compiled(target, m), False))
@@ -104,99 +80,26 @@ def build_methods(target, draft, args, fixed_target=None) -> list[Method]:
         methods.append(Method("hf_assisted_default", hf_assisted(target, draft, m, None), False))
     for k in ks:
         methods.append(Method(f"hf_assisted_k{k}", hf_assisted(target, draft, m, k), False, k))
-        methods.append(Method(f"ours_chain_k{k}", _ours(target, DraftModelDrafter(draft, k), m), True, k,
+        methods.append(Method(f"ours_chain_k{k}", decode_run(target, DraftModelDrafter(draft, k), m), True, k,
                               peer=f"hf_assisted_k{k}"))
         for c in args.confidence:  # a dynamic draft length, ours and HF's at the same threshold
             methods.append(Method(f"hf_assisted_k{k}_conf{c}", hf_assisted(target, draft, m, k, c), False, k))
             methods.append(Method(f"ours_chain_k{k}_conf{c}",
-                                  _ours(target, DraftModelDrafter(draft, k, confidence_threshold=c), m), True, k,
+                                  decode_run(target, DraftModelDrafter(draft, k, confidence_threshold=c), m), True, k,
                                   peer=f"hf_assisted_k{k}_conf{c}", dynamic=True))
     for tree in args.trees:
-        methods.append(Method(f"ours_tree_{tree}", _ours(target, DraftModelDrafter(draft, tree=tree), m), True))
+        methods.append(Method(f"ours_tree_{tree}", decode_run(target, DraftModelDrafter(draft, tree=tree), m), True))
     if args.compile != "none":  # the fixed-shape step (captured on a GPU with --compile graph)
-        c, a, t = args.compile, args.attn_backend, fixed_target if fixed_target is not None else target
-        methods.append(Method(f"ours_ar_{c}", _ours(t, NoDrafter(), m, c, a), True))
+        c, t = args.compile, fixed_target if fixed_target is not None else target
+        opts = {"compile": c, "attn_backend": args.attn_backend}
+        methods.append(Method(f"ours_ar_{c}", decode_run(t, NoDrafter(), m, **opts), True))
         for k in ks:
-            methods.append(Method(f"ours_chain_k{k}_{c}", _ours(t, DraftModelDrafter(draft, k), m, c, a), True,
+            methods.append(Method(f"ours_chain_k{k}_{c}", decode_run(t, DraftModelDrafter(draft, k), m, **opts), True,
                                   k, peer=f"hf_assisted_k{k}"))
         for tree in args.trees:
-            methods.append(Method(f"ours_tree_{tree}_{c}", _ours(t, DraftModelDrafter(draft, tree=tree), m, c, a),
+            methods.append(Method(f"ours_tree_{tree}_{c}", decode_run(t, DraftModelDrafter(draft, tree=tree), m, **opts),
                                   True))
     return methods
-
-
-def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, between=None) -> None:
-    """Warm up every method, then time ``reps`` rounds per prompt, rotating the order each round;
-    ``between()`` runs after each prompt's rounds."""
-    for meth in methods:
-        meth.run(prompts[0])
-    for i, ids in enumerate(prompts):
-        reference, _ = methods[0].run(ids)  # hf_plain
-        for rep in range(reps):
-            order = methods[rep % len(methods):] + methods[: rep % len(methods)]
-            for meth in order:
-                out, stats, seconds = timed_call(meth.run, ids.device, ids)
-                meth.times.setdefault(i, []).append(seconds)
-                meth.new_tokens[i] = out.shape[1] - ids.shape[1]
-                meth.outputs[i] = out
-                meth.matches &= out.tolist() == reference.tolist()
-                if stats is not None:
-                    meth.tau[i] = stats.tau
-                    meth.acceptance[i] = stats.draft_acceptance_rate
-                    meth.prefill_s.setdefault(i, []).append(stats.time_prefill)
-                    meth.forwards[i] = stats.target_forwards
-        if between is not None:
-            between()
-        print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
-
-
-def pick_methods(methods: list[Method], option: str | None, always: tuple[str, ...] = (),
-                 elsewhere: tuple[str, ...] = ()) -> list[Method]:
-    """``--methods``: the methods named in the comma list ``option`` (None or empty: all of them), plus those named
-    in ``always`` (the baselines a table's ratios are taken against), in run order. A name that is neither one of
-    ``methods`` nor in ``elsewhere`` (methods the run has at another setting: HF's run greedy only) is a
-    :class:`SpecDecError` listing the choices."""
-    if not option:
-        return methods
-    names = [meth.name for meth in methods]
-    keep = {name for name in option.split(",") if name}
-    if unknown := sorted(keep - set(names) - set(elsewhere)):
-        raise SpecDecError(f"--methods: {', '.join(unknown)} is not a method of this run (a drafter whose model or "
-                           f"heads are missing adds none); choose from {', '.join(dict.fromkeys([*elsewhere, *names]))}")
-    keep |= set(always)
-    return [meth for meth in methods if meth.name in keep]
-
-
-def tokens_per_s(meth: Method) -> dict[int, float]:
-    return {i: meth.new_tokens[i] / statistics.median(t) for i, t in meth.times.items()}
-
-
-def pooled_tokens_per_s(meth: Method) -> float:
-    """All prompts' new tokens over the sum of their median times: the run's throughput, in which a prompt weighs
-    by its time. The median of per-prompt tokens/s (or of per-prompt speedups) weighs every prompt alike, so a few
-    prompts a method decodes very fast move the two apart."""
-    return sum(meth.new_tokens[i] for i in meth.times) / sum(statistics.median(t) for t in meth.times.values())
-
-
-def decode_seconds_per_token(meth: Method) -> float | None:
-    """Ours: all prompts' median times less their median prefills, over their new tokens (the decode loop's time
-    per token, which a short answer's prefill does not inflate); None for HF's methods (no prefill split)."""
-    if not meth.prefill_s:
-        return None
-    decode = sum(statistics.median(meth.times[i]) - statistics.median(meth.prefill_s[i]) for i in meth.times)
-    return decode / sum(meth.new_tokens[i] for i in meth.times)
-
-
-def pooled_tau(meth: Method) -> float | None:
-    """Tokens per target forward over all prompts together (each prompt's new tokens over its forwards,
-    summed): the run's tau. The mean of per-prompt taus weighs a prompt decoded in few forwards as much
-    as one decoded in many. None for HF's methods (no forward counts)."""
-    return sum(meth.new_tokens[i] for i in meth.forwards) / sum(meth.forwards.values()) if meth.forwards else None
-
-
-def tau_cell(row: dict) -> str:
-    """A table cell ``mean over prompts / pooled`` (see :func:`pooled_tau`); empty for HF's methods."""
-    return "" if row["tau"] is None else f"{row['tau']:.2f} / {row['tau_pooled']:.2f}"
 
 
 def zero_overhead_ceiling(meth: Method, peer: Method, costs: dict) -> dict[int, float]:
@@ -426,33 +329,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def command_line(argv) -> str:
-    return f"Command: `python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
-
-
-def publish(text: str, data: dict, args) -> None:
-    """Print ``text``; write it to ``--markdown`` and ``data`` (with the machine and arguments) to ``--json``."""
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**data, "machine": machine_line(), "args": vars(args)}, f, indent=1, default=str)
-
-
-def machine_line() -> str:
-    """Where the benchmark ran: the GPU (with versions) or the CPU and its threads."""
-    import transformers
-
-    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
-    if torch.cuda.is_available():
-        import triton
-
-        return f"{torch.cuda.get_device_name()}, {versions}, triton {triton.__version__}"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {versions}"
-
-
 @cli.guard()
 def main(argv=None) -> int:
     if "--model" in (sys.argv[1:] if argv is None else argv):  # a real target on the suite: experiments.bench_suite
@@ -512,20 +388,6 @@ def fused_note(args) -> str:
     """The header's word on ``--fuse-projections`` (only the ``--compile`` rows' copy is fused)."""
     return f"; the {args.compile} rows' copy with fused projections" if args.fuse_projections and args.compile != "none" \
         else ""
-
-
-def match_note(dtype: str) -> str:
-    """Below the table where equality with HF is not a check: outside fp32 it depends on rounding."""
-    if dtype == "float32":
-        return ""
-    return (f"\n\nIn {dtype}, 'output = HF plain greedy' is shown but not checked: a different kernel shape (width, "
-            "cache layout) rounds differently, and near-ties then flip an argmax, in HF's assisted generation as in "
-            "ours. Losslessness is checked in float32.")
-
-
-def exit_status(rows: list[dict], dtype: str, key: str = "matches_hf_plain") -> int:
-    """1 where a float32 run's greedy output differs from HF plain generate's (``row[key]``), else 0."""
-    return 1 if dtype == "float32" and not all(r[key] for r in rows) else 0
 
 
 if __name__ == "__main__":

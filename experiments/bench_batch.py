@@ -213,7 +213,7 @@ def markdown(rows: list[dict]) -> str:
 
 def batched_main(target, draft, prompts, args, argv) -> int:
     """``experiments.bench --batch-sizes``: the batched table, printed and written."""
-    from experiments.bench import command_line, exit_status, machine_line, match_note, publish
+    from experiments.bench_output import command_line, exit_status, machine_line, match_note, publish
 
     rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
                            args.ngram_tokens, args.max_ngram, args.compile, args.confidence,

@@ -39,11 +39,11 @@ from drafters import (
     NoDrafter,
 )
 from experiments import cli
-from experiments.bench import (
+from experiments.bench import load_pair, load_prompt_ids
+from experiments.bench_batch import is_chain
+from experiments.bench_methods import (
     Method,
-    load_pair,
-    load_prompt_ids,
-    machine_line,
+    decode_run,
     pick_methods,
     pooled_tau,
     pooled_tokens_per_s,
@@ -51,28 +51,12 @@ from experiments.bench import (
     tau_cell,
     tokens_per_s,
 )
-from experiments.bench_batch import is_chain
+from experiments.bench_output import machine_line
 from experiments.hf_generate import hf, hf_assisted
-from specdec import SamplingParams, SpeculativeDecoder
-from specdec.drafting import release
 from specdec.errors import SpecDecError
 from verifier.verifier import SDPA_KERNELS
 
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # --head-dtypes: method name suffixes
-
-
-def _ours(target, drafter, max_new: int, temperature: float, verify_widths=None):
-    greedy = temperature == 0
-    decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy" if greedy else "rejection",
-                                 sampling=SamplingParams(temperature=temperature), verify_widths=verify_widths)
-
-    def run(ids):
-        try:
-            out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
-        finally:
-            release(drafter)
-        return out.sequences, out.stats
-    return run
 
 
 def head_drafters(args, notes: list[str]) -> dict:
@@ -146,9 +130,9 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
             if greedy:
                 ours.append((f"ours_{label}_dyn{args.budget}", factory(**dyn), args.dynamic_depth))
     ours += hybrids(ours, args)
-    methods += [Method(name, _ours(target, d, m, temperature), True, k) for name, d, k in ours]
+    methods += [Method(name, decode_run(target, d, m, temperature), True, k) for name, d, k in ours]
     if args.verify_widths:  # the chains again, each verify block padded to the next cheap width
-        methods += [Method(f"{name}_padded", _ours(target, d, m, temperature, args.verify_widths), True, k)
+        methods += [Method(f"{name}_padded", decode_run(target, d, m, temperature, verify_widths=args.verify_widths), True, k)
                     for name, d, k in ours if is_chain(name)]
     dynamic = [f"ours_{label}_dyn{args.budget}" for label in ("draft", *heads) if label != "medusa"]
     greedy_only = (*(h.name for h in hf_methods), *dynamic)  # named in --methods, absent at T > 0

@@ -30,14 +30,9 @@ from collections import defaultdict
 import torch
 
 from experiments import cli
-from experiments.bench import (
-    Method,
-    _ours,
-    machine_line,
-    pick_methods,
-    run_all,
-    verify_curve,
-)
+from experiments.bench import verify_curve
+from experiments.bench_methods import Method, decode_run, pick_methods, run_all
+from experiments.bench_output import machine_line
 from experiments.greedy_check import TOLERANCE
 from experiments.hf_generate import hf, hf_assisted
 from specdec.errors import SpecDecError
@@ -169,18 +164,6 @@ def cached_heads(parent, name: str, config_file: str, target):
 # --------------------------------------------------------------------------- methods
 
 
-def _ours_sampled(target, drafter, max_new: int, temperature: float):
-    from specdec import SamplingParams, SpeculativeDecoder
-
-    decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="rejection",
-                                 sampling=SamplingParams(temperature=temperature))
-
-    def run(ids):
-        out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
-        return out.sequences, out.stats
-    return run
-
-
 def drafters_for(target, draft, medusa: str | None, args) -> dict:
     """Our drafters by method name (those whose models exist)."""
     from drafters import DraftModelDrafter, LayerSkipDrafter, NGramDrafter, NoDrafter
@@ -272,7 +255,7 @@ def build_methods(target, draft, medusa, args) -> list[Method]:
     ours = drafters_for(target, draft, medusa, args)
     ours |= behind_lookup_all(ours, args)
     if args.temperature > 0:
-        methods = [Method(name, _ours_sampled(target, d, m, args.temperature), True) for name, d in ours.items()]
+        methods = [Method(name, decode_run(target, d, m, args.temperature), True) for name, d in ours.items()]
     else:
         methods = [Method("hf_plain", hf(target, m), False),
                    Method("hf_prompt_lookup", hf(target, m, prompt_lookup_num_tokens=args.ngram_tokens,
@@ -281,7 +264,7 @@ def build_methods(target, draft, medusa, args) -> list[Method]:
             for c in [0.0, *args.confidence]:
                 methods.append(Method(f"hf_assisted_k{args.k}{f'_conf{c}' if c else ''}",
                                       hf_assisted(target, draft, m, args.k, c), False, args.k))
-        methods += [Method(name, _ours(target, d, m), True) for name, d in ours.items()]
+        methods += [Method(name, decode_run(target, d, m), True) for name, d in ours.items()]
     return pick_methods(methods, args.methods, (methods[0].name,))
 
 

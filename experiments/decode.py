@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
 from experiments.costs import cost_model_scope
+from experiments.decode_costs import add_cost_model, auto_widths, measure_run_costs, set_cheap_widths
 from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
 from experiments.greedy_check import rounding_check
 from experiments.instantiate import accepts_argument, instantiate
@@ -307,62 +308,6 @@ def backfill_logger(cfg: DictConfig, run_dir: Path, summary: dict, logger: Logge
     if guarded.backfill(summary, records):
         print(f"{guarded.name}: logged the summary of {run_dir} from its local records (it had not been logged)",
               file=sys.stderr)
-    return summary
-
-
-def auto_widths(cfg: DictConfig) -> bool:
-    """``verify_widths=auto``: pad verifies to the cheap widths of the target's measured cost curve (needs costs)."""
-    if cfg.get("verify_widths") != "auto":
-        return False
-    if not cfg.costs:
-        raise ConfigError("verify_widths=auto reads the target's measured cost curve: set costs=true, or list the "
-                          "widths (e.g. verify_widths=[1,4,5,8])")
-    return True
-
-
-def set_cheap_widths(decoders: dict, costs: dict | None) -> None:
-    """Give every decoder the widths :func:`experiments.costs.cheap_widths` reads off ``costs["target"]``."""
-    from experiments.costs import cheap_widths
-
-    if costs is None:
-        print("warning: verify_widths=auto without a measured cost curve: verifies are not padded", file=sys.stderr)
-        return
-    widths = cheap_widths(costs["target"])
-    for decoder, _ in decoders.values():
-        decoder.verifier.verify_widths = widths
-    log.info("verify widths (cheap widths of the target's cost curve): %s", list(widths))
-
-
-def measure_run_costs(cfg: DictConfig, step_shape: Any, models: LoadedModels, encoded: list[EncodedPrompt]) -> dict | None:
-    """The target's and the drafter's forward costs at the run's context (a draft model's curves are
-    measured once per model and device, then cached: :mod:`experiments.cost_measure`); None with
-    ``costs=false`` or on failure."""
-    if not cfg.costs:
-        return None
-    from experiments import cost_measure as costs
-
-    lengths = [p.input_ids.shape[1] for p in encoded]
-    context = costs.run_context(lengths, cfg.max_new_tokens)
-    prefill = round(sum(lengths) / len(lengths)) - 1  # the decoder prefills all but the last prompt token
-    try:
-        return costs.measure_run_costs(models.target, step_shape, context, prefill, cfg.attn_backend)
-    except Exception as exc:  # noqa: BLE001  (a prediction is a bonus: never lose the run over it)
-        print(f"warning: forward-cost measurement failed ({type(exc).__name__}: {exc}); no predicted speedup",
-              file=sys.stderr)
-        return None
-
-
-def add_cost_model(summary: dict, spec: MethodResults, costs: dict | None, shape: dict, note: str | None = None) -> dict:
-    """Add ``predicted_speedup``, ``efficiency`` and ``recommended_k`` to the metrics and the
-    ``cost_model`` section (alpha, predictions by k, cost curves) to ``summary``."""
-    from experiments.costs import cost_model
-    from specdec.stats import DecodeStats
-
-    stats = DecodeStats.merge(spec.stats) if spec.stats else None
-    metrics, model = cost_model(stats, costs, shape, summary["metrics"].get("speedup"), len(spec.stats), note)
-    summary["metrics"].update(metrics)
-    summary["cost_model"] = model
-    summary["warnings"] = list(model.get("warnings") or [])
     return summary
 
 

@@ -107,7 +107,8 @@ class SpeculativeDecoder:
         self.compile = compile
         self.static_steps: dict = {}  # compile=graph|inductor: captured / compiled steps kept for later batches
         if compile != "none":
-            from specdec.static_step import COMPILE_MODES, static_drafter
+            from specdec.static_shape import static_drafter
+            from specdec.static_step import COMPILE_MODES
 
             if compile not in COMPILE_MODES:
                 raise ConfigError(f"compile={compile!r} is unknown; choose one of {list(COMPILE_MODES)}")

@@ -42,7 +42,8 @@ def step_for(decoder, rows: list[list[int]], limits: list[int], seeds: list[int]
     (the same objects), its buffers refilled in place (captured or compiled once, replayed for every later
     batch), or a new one that is kept (the last :data:`KEPT_STEPS`). A drafter or rule changed in place after a
     step was kept is not noticed: set a new one instead."""
-    from specdec.static_step import StaticStep, capacity_for, static_drafter
+    from specdec.static_shape import static_drafter
+    from specdec.static_step import StaticStep, capacity_for
 
     if compile not in ("graph", "inductor"):
         return StaticStep.for_decoder(decoder, rows, limits, seeds, compile)

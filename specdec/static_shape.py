@@ -11,7 +11,8 @@ same keyed draws), because the batch-1 drafter adds nodes level by level in this
 Children are chosen as :func:`drafters.tree_expansion.choose_children` (``deterministic``,
 ``with_replacement``) or, for a chain, as :meth:`drafters.tree_drafter.TreeDrafter.grow_chain`.
 ``without_replacement`` can drop children (draws past the draft's support), which would renumber
-the nodes, so the static step does not take it.
+the nodes, so the static step does not take it. :func:`static_drafter` says which drafters the step runs
+and the shape it compiles for each.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.models import check_same_vocab, text_config
 from specdec.rng import CHILD, DRAFT, KeyedRandom
 from specdec.sampling import SamplingParams, warp_probs
 from specdec.tree import CompiledTree, children_lists
@@ -172,3 +174,40 @@ def _children(shape: StaticShape, level: Level, frontier: torch.Tensor, sampling
     draws = [rng.categorical(q[:, p : p + 1].expand(-1, m, -1), CHILD, key, torch.arange(m, device=q.device))
              for p, (key, m) in enumerate(level.groups)]  # [B, m] per parent: i.i.d. draws (CHILD, parent, i)
     return torch.cat(draws, 1), q.index_select(1, level.parent_of)  # [B, n], [B, n, V]
+
+
+def static_drafter(drafter, sampling, target=None) -> tuple:
+    """``(draft model, compiled shape, children mode)`` of a drafter the static step supports, or
+    ``(None, None, None)`` for plain decoding: a draft model (or the layer-skip self-draft) drafting a
+    chain or a tree preset with deterministic or with-replacement children. ``target``: bind the
+    drafter to it (a layer-skip drafter builds its model then); None only checks."""
+    from drafters.draft_model import DraftModelDrafter
+    from drafters.none import NoDrafter
+    from specdec.errors import ConfigError
+    from specdec.tree import chain_paths, compile_tree
+
+    if isinstance(drafter, NoDrafter):
+        return None, None, None
+    shape = f"{type(drafter).__name__}{' (' + drafter.mode + ')' if hasattr(drafter, 'mode') else ''}"
+    if not isinstance(drafter, DraftModelDrafter) or drafter.mode == "dynamic":
+        raise ConfigError(f"the static step (compile=static|graph|inductor) supports no drafter and draft-model "
+                          f"chains and tree presets, not {shape}: use compile=none")
+    if drafter.confidence_threshold:
+        raise ConfigError(f"the static step drafts fixed shapes; drafter.confidence_threshold="
+                          f"{drafter.confidence_threshold} (a dynamic draft length) needs compile=none, or set it to 0")
+    if drafter.mode == "chain":
+        compiled, mode = compile_tree(chain_paths(drafter.max_nodes)), "chain"
+    else:
+        compiled, mode = drafter.compiled, "deterministic" if sampling.greedy else drafter.tree_sampling
+    if mode == "without_replacement":
+        raise ConfigError("the static step grows tree presets with tree_sampling=deterministic or with_replacement, "
+                          "not without_replacement (its trees lose nodes past the draft's support): use compile=none "
+                          "or another tree_sampling")
+    if target is None:
+        return None, compiled, mode
+    drafter.bind(target)
+    check_same_vocab(target, drafter.model)
+    vocab = text_config(drafter.model).vocab_size
+    if compiled.num_nodes and int(compiled.rank.max()) >= vocab:
+        raise ConfigError(f"tree preset has sibling rank {int(compiled.rank.max())}, past the draft's {vocab} tokens")
+    return drafter.model, compiled, mode

@@ -39,10 +39,9 @@ import torch
 from specdec.batch_cache import BatchCache
 from specdec.batch_types import BatchTree
 from specdec.errors import raise_out_of_memory
-from specdec.models import check_same_vocab, text_config
 from specdec.rng import KeyedRandom
 from specdec.static_kept import capture_graph
-from specdec.static_shape import StaticShape, grow
+from specdec.static_shape import StaticShape, grow, static_drafter
 from verifier.verifier import model_forward
 
 #: ``none``: the ragged batched path; ``static``: this step, eager; ``graph``: captured; ``inductor``: compiled.
@@ -400,40 +399,3 @@ def generate_static(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=No
     total.time_prefill, total.time_total = prefill_s, time.perf_counter() - start - step.compile_s
     total.time_compile, total.batch_steps = step.compile_s, n
     return BatchOutput(sequences=seqs, stats=total, row_stats=stats)
-
-
-def static_drafter(drafter, sampling, target=None) -> tuple:
-    """``(draft model, compiled shape, children mode)`` of a drafter the static step supports, or
-    ``(None, None, None)`` for plain decoding: a draft model (or the layer-skip self-draft) drafting a
-    chain or a tree preset with deterministic or with-replacement children. ``target``: bind the
-    drafter to it (a layer-skip drafter builds its model then); None only checks."""
-    from drafters.draft_model import DraftModelDrafter
-    from drafters.none import NoDrafter
-    from specdec.errors import ConfigError
-    from specdec.tree import chain_paths, compile_tree
-
-    if isinstance(drafter, NoDrafter):
-        return None, None, None
-    shape = f"{type(drafter).__name__}{' (' + drafter.mode + ')' if hasattr(drafter, 'mode') else ''}"
-    if not isinstance(drafter, DraftModelDrafter) or drafter.mode == "dynamic":
-        raise ConfigError(f"the static step (compile=static|graph|inductor) supports no drafter and draft-model "
-                          f"chains and tree presets, not {shape}: use compile=none")
-    if drafter.confidence_threshold:
-        raise ConfigError(f"the static step drafts fixed shapes; drafter.confidence_threshold="
-                          f"{drafter.confidence_threshold} (a dynamic draft length) needs compile=none, or set it to 0")
-    if drafter.mode == "chain":
-        compiled, mode = compile_tree(chain_paths(drafter.max_nodes)), "chain"
-    else:
-        compiled, mode = drafter.compiled, "deterministic" if sampling.greedy else drafter.tree_sampling
-    if mode == "without_replacement":
-        raise ConfigError("the static step grows tree presets with tree_sampling=deterministic or with_replacement, "
-                          "not without_replacement (its trees lose nodes past the draft's support): use compile=none "
-                          "or another tree_sampling")
-    if target is None:
-        return None, compiled, mode
-    drafter.bind(target)
-    check_same_vocab(target, drafter.model)
-    vocab = text_config(drafter.model).vocab_size
-    if compiled.num_nodes and int(compiled.rank.max()) >= vocab:
-        raise ConfigError(f"tree preset has sibling rank {int(compiled.rank.max())}, past the draft's {vocab} tokens")
-    return drafter.model, compiled, mode

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.bench import Method
+from experiments.bench_methods import Method
 from experiments.bench_suite import category_table
 
 

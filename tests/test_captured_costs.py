@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.bench import Method, summarize
+from experiments.bench import summarize
+from experiments.bench_methods import Method
 from experiments.captured_costs import kv_bytes_per_token, read_floor_s, static_costs, static_curve
 from experiments.synthetic import synthetic_pair
 
@@ -70,7 +71,7 @@ def test_a_captured_chain_is_judged_against_the_captured_loop_and_costs():
 def test_only_float32_runs_fail_on_a_greedy_mismatch():
     """In bf16 a kernel of another shape rounds differently and near-ties flip: the match column is shown,
     noted, and not an error; in fp32 a mismatch is a lossless bug: exit status 1."""
-    from experiments.bench import exit_status, match_note
+    from experiments.bench_output import exit_status, match_note
 
     rows = [dict(matches_hf_plain=True), dict(matches_hf_plain=False)]
     assert exit_status(rows, "float32") == 1 and exit_status(rows[:1], "float32") == 0

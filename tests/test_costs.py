@@ -141,7 +141,7 @@ def test_cheap_widths_and_verify_widths_auto():
     from omegaconf import OmegaConf
 
     from experiments.costs import cheap_widths
-    from experiments.decode import auto_widths, set_cheap_widths
+    from experiments.decode_costs import auto_widths, set_cheap_widths
     from specdec.errors import ConfigError
     from tests.tiny_models import pair
 

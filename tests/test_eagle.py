@@ -182,7 +182,7 @@ def test_bench_drafters_puts_heads_of_each_dtype_side_by_side(saved, tmp_path):
 def test_benchmark_runs_leave_no_feature_hooks_on_the_target():
     """Each method's run releases its drafter (EAGLE-3's hooks), so no other method runs with them."""
     from experiments.bench_batch import ours_batched
-    from experiments.bench_drafters import _ours
+    from experiments.bench_methods import decode_run
     from specdec.drafting import DraftContext
     from specdec.rng import KeyedRandom
 
@@ -194,7 +194,7 @@ def test_benchmark_runs_leave_no_feature_hooks_on_the_target():
     before = hooks()  # other tests' drafters may have left theirs on the shared target
     drafter.start(DraftContext(target, SamplingParams(), KeyedRandom.for_seed(0), 16))
     assert hooks() == before + 1  # what is counted
-    _ours(target, drafter, 4, 0.0)(rows[0])
+    decode_run(target, drafter, 4, 0.0)(rows[0])
     assert hooks() == before
     for chain in (True, False):
         kwargs = {"num_speculative_tokens": 2} if chain else {"tree": "binary"}

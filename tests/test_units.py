@@ -156,7 +156,7 @@ def test_resolve_draft_dtype(monkeypatch):
 def test_pooled_tau_is_tokens_over_forwards_not_mean_of_taus():
     """bench_drafters' pooled tau: all prompts' tokens over all their target forwards (3.2 here), not the
     mean of per-prompt taus (5.0); None for HF's methods, which count no forwards."""
-    from experiments.bench import Method, pooled_tau
+    from experiments.bench_methods import Method, pooled_tau
 
     ours = Method("ours", run=None, ours=True, new_tokens={0: 96, 1: 96}, forwards={0: 12, 1: 48},
                   tau={0: 8.0, 1: 2.0})
@@ -167,7 +167,7 @@ def test_pooled_tau_is_tokens_over_forwards_not_mean_of_taus():
 def test_pick_methods_keeps_the_baselines_and_names_unknown_ones():
     """``--methods`` (bench_drafters, bench_suite): the named methods in run order, plus the baselines the ratios
     are taken against; an unknown name is one error listing the choices; no option keeps every method."""
-    from experiments.bench import Method, pick_methods
+    from experiments.bench_methods import Method, pick_methods
     from specdec.errors import SpecDecError
 
     methods = [Method(n, run=None, ours=n.startswith("ours")) for n in ("hf_plain", "hf_lookup", "ours_ar", "ours_x")]
@@ -182,7 +182,7 @@ def test_pick_methods_keeps_the_baselines_and_names_unknown_ones():
 def test_pooled_tokens_per_s_weighs_prompts_by_their_time():
     """Total new tokens over the sum of per-prompt median times: 200 tokens in 1.5 s, not the median (or mean) of the
     per-prompt rates (100 / 0.5 and 100 / 1.0 tokens/s)."""
-    from experiments.bench import Method, pooled_tokens_per_s, tokens_per_s
+    from experiments.bench_methods import Method, pooled_tokens_per_s, tokens_per_s
 
     meth = Method("ours", run=None, ours=True, new_tokens={0: 100, 1: 100}, times={0: [0.5, 0.4, 0.9], 1: [1.0]})
     assert pooled_tokens_per_s(meth) == pytest.approx(200 / 1.5)

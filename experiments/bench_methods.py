@@ -1,0 +1,127 @@
+"""The benchmarks' methods: one way of decoding each (:class:`Method`), how they are timed side by side
+(:func:`run_all`) and the per-method figures taken from their timings (tokens/s, tau). Shared by
+:mod:`experiments.bench`, :mod:`experiments.bench_suite` and :mod:`experiments.bench_drafters`."""
+from __future__ import annotations
+
+import statistics
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from experiments.bench_batch import timed_call
+from specdec import SamplingParams, SpeculativeDecoder
+from specdec.drafting import release
+from specdec.errors import SpecDecError
+
+
+@dataclass
+class Method:
+    """One way of decoding; ``run(ids) -> (output ids [1, T + new], stats or None)``."""
+
+    name: str
+    run: object
+    ours: bool
+    k: int | None = None
+    peer: str | None = None  # the HF method with the same drafter and k
+    dynamic: bool = False  # its draft length varies per step (k is the most): no cost-model prediction
+    times: dict = field(default_factory=dict)  # prompt index -> list of seconds
+    new_tokens: dict = field(default_factory=dict)
+    tau: dict = field(default_factory=dict)
+    acceptance: dict = field(default_factory=dict)  # prompt index -> accepted drafts / proposed drafts
+    prefill_s: dict = field(default_factory=dict)  # prompt index -> seconds of prefill (ours)
+    forwards: dict = field(default_factory=dict)  # prompt index -> verify forwards (ours)
+    outputs: dict = field(default_factory=dict)  # prompt index -> output ids [1, T + new] (the last round's)
+    matches: bool = True
+
+
+def decode_run(target, drafter, max_new: int, temperature: float = 0.0, **options):
+    """A :class:`Method`'s ``run`` through our decoder: greedy acceptance at ``temperature`` 0, rejection
+    sampling above it, seed 0. ``options``: :class:`~specdec.SpeculativeDecoder`'s (``compile``,
+    ``attn_backend``, ``verify_widths``). The drafter is released after every call
+    (:func:`specdec.drafting.release`), so no other method runs with its hooks on the shared target."""
+    decoder = SpeculativeDecoder(target=target, drafter=drafter, acceptance="greedy" if temperature == 0 else "rejection",
+                                 sampling=SamplingParams(temperature=temperature), **options)
+
+    def run(ids):
+        try:
+            out = decoder.generate(ids, max_new_tokens=max_new, seed=0)
+        finally:
+            release(drafter)
+        return out.sequences, out.stats
+    return run
+
+
+def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, between=None) -> None:
+    """Warm up every method, then time ``reps`` rounds per prompt, rotating the order each round;
+    ``between()`` runs after each prompt's rounds."""
+    for meth in methods:
+        meth.run(prompts[0])
+    for i, ids in enumerate(prompts):
+        reference, _ = methods[0].run(ids)  # hf_plain
+        for rep in range(reps):
+            order = methods[rep % len(methods):] + methods[: rep % len(methods)]
+            for meth in order:
+                out, stats, seconds = timed_call(meth.run, ids.device, ids)
+                meth.times.setdefault(i, []).append(seconds)
+                meth.new_tokens[i] = out.shape[1] - ids.shape[1]
+                meth.outputs[i] = out
+                meth.matches &= out.tolist() == reference.tolist()
+                if stats is not None:
+                    meth.tau[i] = stats.tau
+                    meth.acceptance[i] = stats.draft_acceptance_rate
+                    meth.prefill_s.setdefault(i, []).append(stats.time_prefill)
+                    meth.forwards[i] = stats.target_forwards
+        if between is not None:
+            between()
+        print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
+
+
+def pick_methods(methods: list[Method], option: str | None, always: tuple[str, ...] = (),
+                 elsewhere: tuple[str, ...] = ()) -> list[Method]:
+    """``--methods``: the methods named in the comma list ``option`` (None or empty: all of them), plus those named
+    in ``always`` (the baselines a table's ratios are taken against), in run order. A name that is neither one of
+    ``methods`` nor in ``elsewhere`` (methods the run has at another setting: HF's run greedy only) is a
+    :class:`SpecDecError` listing the choices."""
+    if not option:
+        return methods
+    names = [meth.name for meth in methods]
+    keep = {name for name in option.split(",") if name}
+    if unknown := sorted(keep - set(names) - set(elsewhere)):
+        raise SpecDecError(f"--methods: {', '.join(unknown)} is not a method of this run (a drafter whose model or "
+                           f"heads are missing adds none); choose from {', '.join(dict.fromkeys([*elsewhere, *names]))}")
+    keep |= set(always)
+    return [meth for meth in methods if meth.name in keep]
+
+
+def tokens_per_s(meth: Method) -> dict[int, float]:
+    return {i: meth.new_tokens[i] / statistics.median(t) for i, t in meth.times.items()}
+
+
+def pooled_tokens_per_s(meth: Method) -> float:
+    """All prompts' new tokens over the sum of their median times: the run's throughput, in which a prompt weighs
+    by its time. The median of per-prompt tokens/s (or of per-prompt speedups) weighs every prompt alike, so a few
+    prompts a method decodes very fast move the two apart."""
+    return sum(meth.new_tokens[i] for i in meth.times) / sum(statistics.median(t) for t in meth.times.values())
+
+
+def decode_seconds_per_token(meth: Method) -> float | None:
+    """Ours: all prompts' median times less their median prefills, over their new tokens (the decode loop's time
+    per token, which a short answer's prefill does not inflate); None for HF's methods (no prefill split)."""
+    if not meth.prefill_s:
+        return None
+    decode = sum(statistics.median(meth.times[i]) - statistics.median(meth.prefill_s[i]) for i in meth.times)
+    return decode / sum(meth.new_tokens[i] for i in meth.times)
+
+
+def pooled_tau(meth: Method) -> float | None:
+    """Tokens per target forward over all prompts together (each prompt's new tokens over its forwards,
+    summed): the run's tau. The mean of per-prompt taus weighs a prompt decoded in few forwards as much
+    as one decoded in many. None for HF's methods (no forward counts)."""
+    return sum(meth.new_tokens[i] for i in meth.forwards) / sum(meth.forwards.values()) if meth.forwards else None
+
+
+def tau_cell(row: dict) -> str:
+    """A table cell ``mean over prompts / pooled`` (see :func:`pooled_tau`); empty for HF's methods."""
+    return "" if row["tau"] is None else f"{row['tau']:.2f} / {row['tau_pooled']:.2f}"
+

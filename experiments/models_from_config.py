@@ -88,11 +88,12 @@ def _load(cfg: DictConfig | dict) -> LoadedModels:
 
 
 def _tiny_random(cfg: DictConfig | dict) -> LoadedModels:
-    from specdec.models import tiny_random_pair
+    from specdec.models import check_device, tiny_random_pair
 
-    arch = cfg.get("arch", "llama")
+    arch, device = cfg.get("arch", "llama"), check_device(cfg.get("device", "cpu"))
     target, draft, tokenizer = tiny_random_pair(arch=arch, seed=int(cfg.get("seed", 0)))
-    return LoadedModels(target, draft, tokenizer, info={"source": "tiny_random", "arch": arch})
+    return LoadedModels(target.to(device), draft.to(device), tokenizer,
+                        info={"source": "tiny_random", "arch": arch, "device": str(device)})
 
 
 def _from_zoo(cfg: DictConfig | dict) -> LoadedModels:

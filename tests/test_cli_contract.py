@@ -202,7 +202,7 @@ def test_remote_code_checkpoint_names_our_key(checkpoints, tmp_path):
 def test_unknown_added_keys_list_the_valid_keys(tmp_path, monkeypatch, capsys):
     proc = run_cli(*TINY, "+model.foo=1", f"hydra.run.dir={tmp_path}")
     error_line(proc.stderr, 2, proc.returncode, "'model.foo'", "+model.foo=1", "model=tiny_random",
-               "['arch', 'fuse_projections', 'narrow_linears', 'seed', 'source']")
+               "['arch', 'device', 'fuse_projections', 'narrow_linears', 'seed', 'source']")
     assert not (tmp_path / "summary.json").exists()
     code, err = main_in_process(monkeypatch, capsys, *TINY, "+foo=1", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "'foo'", "top level", "'max_new_tokens'", "'sampling'")
@@ -242,6 +242,7 @@ def test_a_device_that_is_not_here_and_a_bad_thread_count_fail_before_anything_l
     zoo = ["model=zoo_micro", f"model.cache_dir={tmp_path / 'cache'}"]
     for overrides, fragments in [((*zoo, "model.device=cuda:99"), ("model.device=cuda:99", "GPU")),
                                  ((*zoo, "model.device=banana"), ("model.device='banana' is not a device name", "cpu")),
+                                 (("model.device=cuda:99",), ("model.device=cuda:99", "GPU")),  # the smoke run's pair
                                  (("num_threads=0",), ("num_threads=0", ">= 1"))]:
         code, err = main_in_process(monkeypatch, capsys, *TINY, *overrides, f"hydra.run.dir={tmp_path}")
         error_line(err, 2, code, *fragments)

@@ -178,3 +178,22 @@ def test_captured_step_makes_no_host_sync(models, shape, backend):
                 step._run()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.requires("hydra", "omegaconf")
+def test_the_smoke_experiment_runs_on_cuda(tmp_path):
+    """A user's first run on a GPU, ``experiment=smoke model.device=cuda``: the random pair decodes there, its
+    speculative tokens equal the baseline's, and the summary says where it ran."""
+    import json
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from experiments import decode
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "model.device=cuda", "costs=false", "num_prompts=2"])
+    summary = decode.run(cfg, tmp_path)
+    assert summary["metrics"]["matches_baseline"] is True
+    assert json.loads((tmp_path / "summary.json").read_text())["models"]["device"].startswith("cuda")

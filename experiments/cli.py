@@ -116,10 +116,11 @@ def thresholds(text: str) -> list[float]:
 
 
 def output_dir(text: str) -> Path:
-    """An argparse ``type``: a directory to write into (made if missing); checked before anything runs."""
+    """An argparse ``type``: a directory to write into, made now (a typo fails before anything runs)."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file: give a directory (it is made if missing)")
+    _make_dir(path, text)
     return path
 
 
@@ -129,12 +130,16 @@ def output_file(text: str) -> str:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory: give a file name in it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"cannot make {path.parent} for {text} ({exc.strerror}): "
-                                         "pick a path in a directory you can write") from None
+    _make_dir(path.parent, text)
     return text
+
+
+def _make_dir(path: Path, text: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot make {path} for {text} ({exc.strerror}): "
+                                         "pick a path in a directory you can write") from None
 
 
 def add_narrow_linears(parser: argparse.ArgumentParser) -> None:

@@ -301,6 +301,14 @@ def _write_json(path, meta, rows, quiet: bool = False):
 
 
 def main(argv=None) -> int:
+    """The bench's command line. Failures follow :func:`experiments.cli.guard`: what the input caused (a flag, a
+    size that runs the GPU out of memory) is one ``error:`` line with exit status 2, a bug a traceback and 1."""
+    from experiments.cli import guard  # imports neither torch nor hydra
+
+    return guard()(_main)(argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         if not args.interpret_smoke:

@@ -157,6 +157,14 @@ def _pct(nbytes: int, us: float, peak_gbps: float) -> float:
 
 
 def main(argv=None) -> int:
+    """The tune's command line. Failures follow :func:`experiments.cli.guard`: what the input caused (a flag, a
+    size that runs the GPU out of memory) is one ``error:`` line with exit status 2, a bug a traceback and 1."""
+    from experiments.cli import guard  # imports neither torch nor hydra
+
+    return guard()(_main)(argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print("error: no CUDA device here: the tune times the kernel on a GPU; run it on a GPU machine "

@@ -22,6 +22,7 @@ def _status(main, argv) -> int:
 
 CASES = {
     "report_out_is_a_file": ("experiments.report", ["{tmp}", "--out", "{file}"], ["--out", "is a file"]),
+    "report_out_cannot_be_made": ("experiments.report", ["{tmp}", "--out", "{file}/sub"], ["--out", "cannot make"]),
     "bench_json_cannot_be_made": ("experiments.bench", ["--json", "{file}/sub/b.json"], ["--json", "cannot make"]),
     "bench_markdown_is_a_dir": ("experiments.bench", ["--markdown", "{tmp}"], ["--markdown", "is a directory"]),
     "bench_confidence": ("experiments.bench", ["--confidence", "0.3,1.5"], ["--confidence", "[0, 1)"]),
@@ -108,3 +109,25 @@ def test_a_library_module_run_as_a_command_names_the_command(module):
 
     proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300, check=False)
     error_line(proc.stderr, 2, proc.returncode, "is not a command", "python -m experiments.")
+
+
+def test_an_output_directory_is_made_when_the_flag_is_read(tmp_path):
+    from experiments import cli
+
+    made = cli.output_dir(str(tmp_path / "a" / "b"))
+    assert made.is_dir()  # before the run, as output_file's directory
+
+
+
+@pytest.mark.parametrize("module", ["specdec_kernels.bench", "specdec_kernels.tune"])
+def test_the_kernel_tools_turn_out_of_memory_into_one_error_line(module, monkeypatch, capsys):
+    """A shape too large for the GPU is the input's doing: one line, status 2, as for every other command."""
+    import importlib
+
+    tool = importlib.import_module(module)
+
+    def too_large(argv=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+    monkeypatch.setattr(tool, "_main", too_large)
+    status = tool.main([])
+    error_line(capsys.readouterr().err, 2, status, "out of memory")

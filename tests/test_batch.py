@@ -250,3 +250,42 @@ def test_a_rows_latency_counts_its_own_prefill(monkeypatch):
     rows = prompts(tok, 2, seed=4)
     out = SpeculativeDecoder(target, NoDrafter()).generate_batch(rows, 2, max_rows=1)
     assert all(s.time_total >= 0.2 for s in out.row_stats), [s.time_total for s in out.row_stats]
+
+
+def test_a_late_rows_latency_starts_at_its_own_admission(monkeypatch):
+    """Under a fake clock that only prefills advance (100 s each), a continuous batch of one row at a time gives
+    each row the latency of its own prefill, not the time since the batch began (which the second row's wait
+    for the first would add)."""
+    from types import SimpleNamespace
+
+    from specdec import batch_decoder
+    from verifier import batch as verifier_batch
+
+    clock = [0.0]
+    original = verifier_batch.prefill_rows
+
+    def slow(*args):
+        clock[0] += 100.0
+        return original(*args)
+
+    monkeypatch.setattr(verifier_batch, "prefill_rows", slow)
+    monkeypatch.setattr(batch_decoder, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    target, tok = pair("llama")[0], pair("llama")[2]
+    out = SpeculativeDecoder(target, NoDrafter()).generate_batch(prompts(tok, 2, seed=4), 2, max_rows=1)
+    assert [s.time_total for s in out.row_stats] == [100.0, 100.0]
+    assert out.stats.time_total == 200.0
+
+
+@pytest.mark.parametrize("shape", ["ar", "chain3"])
+def test_row_step_counts_equal_their_batch_one_runs(shape):
+    """Each row's per-step and per-depth counts are its batch-1 run's, steps without drafts included (no
+    drafter, or a row's last token: depth 0, nothing proposed at any depth)."""
+    target, _, tok = pair("llama")
+    make = {"ar": NoDrafter, "chain3": lambda: DraftModelDrafter(noisy_copy("llama"), num_speculative_tokens=3)}[shape]
+    rows, limits = prompts(tok, 3, seed=4), [5, 9, 3]
+    out = SpeculativeDecoder(target, make()).generate_batch(rows, limits)
+    for i, ids in enumerate(rows):
+        single = SpeculativeDecoder(target, make()).generate(ids, limits[i]).stats
+        got = out.row_stats[i]
+        assert (got.depth_proposed, got.depth_accepted, got.proposed_per_step, got.accepted_per_step) == \
+            (single.depth_proposed, single.depth_accepted, single.proposed_per_step, single.accepted_per_step), i

@@ -166,3 +166,40 @@ def test_batched_benchmark_table_has_a_chain_per_k_and_tau(tmp_path):
     assert 1.0 <= by[(2, "ours_chain_k3_conf0.0061")]["tau"] <= 4.0
     assert by[(2, "ours_ar")]["vs_ours_ar_reps"] == [1.0, 1.0] and len(by[(2, "ours_eagle3_k2")]["vs_ours_ar_reps"]) == 2
     assert "| 2 | ours_chain_k3 |" in markdown(rows)
+
+
+def test_rows_finishing_in_the_same_step_are_all_replaced_at_once(monkeypatch):
+    """Two rows admitted together finish together (no drafts, one token a step): both places are refilled
+    in the next step, so the batch stays at max_rows while prompts wait."""
+    from drafters import NoDrafter
+    from tests.tiny_models import pair, prompts
+    from verifier import batch as verifier_batch
+
+    widths = []
+    original = verifier_batch.verify_rows
+
+    def spy(model, cache, roots, tree, step):
+        widths.append(len(roots))
+        return original(model, cache, roots, tree, step)
+
+    monkeypatch.setattr(verifier_batch, "verify_rows", spy)
+    target, _, tok = pair("llama")
+    out = SpeculativeDecoder(target, NoDrafter()).generate_batch(prompts(tok, 5, seed=4), 3, max_rows=2)
+    assert [s.new_tokens for s in out.row_stats] == [3] * 5
+    assert widths == [2] * 6 + [1] * 3
+
+
+def test_sampled_trees_drafted_per_row_equal_their_batch_one_runs_with_refill(setup):  # noqa: F811
+    """Trees drafted by one drafter copy per row, their children sampled (keyed by the row's own step): rows
+    admitted late draw what their batch-1 runs draw."""
+    from drafters import DraftModelDrafter
+    from tests.tiny_models import noisy_copy
+
+    arch, target, rows = setup
+    rows, limits, sampling = rows[:5], _limits(5), SamplingParams(temperature=1.0)
+    make = lambda: DraftModelDrafter(noisy_copy(arch), tree="binary", tree_sampling="with_replacement")  # noqa: E731
+    out = SpeculativeDecoder(target, make(), "rejection", sampling).generate_batch(rows, limits, seed=5, max_rows=2)
+    for i, ids in enumerate(rows):
+        single = SpeculativeDecoder(target, make(), "rejection", sampling).generate(ids, limits[i], seed=5 + i)
+        assert out.sequences[i].tolist() == single.sequences.tolist(), f"row {i}"
+        assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i}"

@@ -133,3 +133,30 @@ def test_a_threshold_needs_a_chain_and_the_readable_step():
             DraftModelDrafter(draft, confidence_threshold=0.3, **shape)
     with pytest.raises(ConfigError, match="needs compile=none"):  # when the decoder is built, before any decoding
         SpeculativeDecoder(target, DraftModelDrafter(draft, confidence_threshold=0.3), compile="static")
+
+
+def test_a_batch_stops_drafting_once_every_rows_chain_has_ended(setup, monkeypatch):  # noqa: F811
+    """Each batched step runs one draft forward fewer than the longest chain a row kept: once every row's chain
+    has ended, the batch drafts no further (what it would draft is dropped)."""
+    from drafters.draft_model_batch import BatchDraftModelChain
+
+    arch, target, rows = setup
+    feeds, steps = [0], []
+    feed, propose = BatchDraftModelChain.feed, BatchDraftModelChain.propose
+
+    def counting_feed(self, tokens):
+        feeds[0] += 1
+        return feed(self, tokens)
+
+    def checking_propose(self, max_depths):
+        feeds[0] = 0
+        trees = propose(self, max_depths)
+        steps.append((feeds[0], max(0, max(self.drafted, default=0) - 1)))
+        return trees
+
+    monkeypatch.setattr(BatchDraftModelChain, "feed", counting_feed)
+    monkeypatch.setattr(BatchDraftModelChain, "propose", checking_propose)
+    make = _make(arch, "chain", _confidence_for(arch, "chain", target, rows))
+    SpeculativeDecoder(target, make()).generate_batch(rows[:2], _limits(2), seed=3)
+    assert all(fed == wanted for fed, wanted in steps), steps
+    assert any(wanted < K - 1 for _, wanted in steps)  # some steps ended every chain early

@@ -167,3 +167,24 @@ def test_per_step_draft_forwards_count_only_the_steps_that_proposed():
     for nodes, depth in ((4, 3), (4, 3), (0, 0)):
         stats.record_step(nodes, depth, 0)
     assert draft_forwards_per_step(stats, {"draft_forwards": "per_step", "draft_source": None}) == pytest.approx(2 / 3)
+
+
+def test_the_run_measures_the_prefill_the_decoder_runs(monkeypatch):
+    """The decoder prefills every prompt token but the last (the first step's root): the cost model's prefill is
+    the mean prompt length less one, its context the median prompt plus half the new tokens."""
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from experiments import cost_measure
+    from experiments.decode_costs import measure_run_costs as run_costs
+
+    seen = []
+    monkeypatch.setattr(cost_measure, "measure_run_costs", lambda *args: seen.append(args) or {"target": {}})
+    cfg = OmegaConf.create({"costs": True, "max_new_tokens": 10, "attn_backend": "sdpa"})
+    encoded = [SimpleNamespace(input_ids=torch.zeros(1, n, dtype=torch.long)) for n in (4, 6, 11)]
+    target = object()
+    assert run_costs(cfg, "shape", SimpleNamespace(target=target), encoded) == {"target": {}}
+    assert seen == [(target, "shape", 6 + 5, 7 - 1, "sdpa")]
+    assert run_costs(OmegaConf.create({"costs": False}), "shape", None, encoded) is None

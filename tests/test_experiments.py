@@ -369,3 +369,18 @@ def test_speedup_is_our_tokens_per_s_over_the_baseline_s():
     metrics = build_summary({SPECULATIVE: spec, BASELINE: base}, greedy=True, status="complete", num_prompts=1)["metrics"]
     assert metrics["speedup"] == pytest.approx(1.5) and metrics["matches_baseline"] is True
     assert speedup({"tokens_per_s": 30.0}, {"tokens_per_s": 0.0}) is None
+
+
+def test_matches_baseline_is_a_greedy_verdict_only():
+    """Greedy: differing outputs make ``matches_baseline`` false and are listed; sampled runs differ from the
+    baseline by design, so theirs is null (never a false alarm), while the differing ids are still listed."""
+    from experiments.results import BASELINE, SPECULATIVE, MethodResults, build_summary
+    from specdec.stats import DecodeStats
+
+    spec, base = MethodResults(), MethodResults()
+    for qid, (ours, theirs) in enumerate([([1, 2], [1, 2]), ([3, 4], [3, 5])]):
+        spec.add(qid, DecodeStats(new_tokens=2, target_forwards=1, time_total=1.0), ours)
+        base.add(qid, DecodeStats(new_tokens=2, target_forwards=2, time_total=1.0), theirs)
+    for greedy, verdict in ((True, False), (False, None)):
+        summary = build_summary({SPECULATIVE: spec, BASELINE: base}, greedy=greedy, status="complete", num_prompts=2)
+        assert summary["metrics"]["matches_baseline"] is verdict and summary["mismatched_question_ids"] == [1]

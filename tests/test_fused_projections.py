@@ -98,3 +98,20 @@ def test_a_fused_draft_runs_the_lean_forward_on_its_own_fused_weights(arch):
         outs = [SpeculativeDecoder(target, DraftModelDrafter(d, 3)).generate(ids, max_new_tokens=12) for d in (draft, fused)]
         assert outs[0].sequences.tolist() == outs[1].sequences.tolist()
         assert outs[0].stats.accepted_per_step == outs[1].stats.accepted_per_step
+
+
+def test_a_group_with_a_missing_bias_fuses_it_as_zeros():
+    """q and v with biases, k without: the fused product keeps q's and v's biases (k's part adds zeros)."""
+    torch.manual_seed(0)
+    layer = nn.Module()
+    layer.self_attn = nn.Module()
+    linears = nn.Linear(6, 4), nn.Linear(6, 2, bias=False), nn.Linear(6, 2)
+    for name, linear in zip(("q_proj", "k_proj", "v_proj"), linears):
+        setattr(layer.self_attn, name, linear)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = [linear(x) for linear in linears]
+        assert fuse_projections(layer) == 1
+        got = [getattr(layer.self_attn, name)(x) for name in ("q_proj", "k_proj", "v_proj")]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)

@@ -134,6 +134,40 @@ def test_tokens_depend_on_depth_and_rank_only(tiny):
         assert int(tree.tokens[i]) == int(top[len(paths[i]) - 1, paths[i][-1]])
 
 
+@pytest.mark.parametrize("accepted", [[], [0], [0, 2]])
+def test_after_a_commit_the_tree_comes_from_the_last_accepted_nodes_state(tiny, accepted):
+    """The next tree reads the verify forward's hidden state at the last accepted node (the root's if none
+    was accepted): the state whose LM head gave the new root."""
+    from specdec.types import AcceptResult, VerifyOutput
+
+    target, heads, _ = tiny
+    drafter = MedusaDrafter(heads, tree="binary")
+    drafter.start(_ctx(target, drafter))
+    drafter.prefill(torch.tensor([[1, 2, 3, 4, 5, 6]]), torch.randn(5, 64))
+    tree = drafter.propose(max_depth=3)
+    assert all(int(tree.parents[n]) == p for n, p in zip(accepted, [-1] + accepted))  # a path of the tree
+    hidden = torch.randn(1 + tree.num_nodes, 64, generator=torch.Generator().manual_seed(len(accepted)))
+    verify = VerifyOutput(logits=torch.zeros(1 + tree.num_nodes, heads.vocab_size), hidden=hidden)
+    drafter.commit(AcceptResult(accepted_nodes=accepted, tokens=[int(tree.tokens[n]) for n in accepted] + [7]), verify)
+    again = drafter.propose(max_depth=3)
+    row = 1 + accepted[-1] if accepted else 0
+    top = heads(hidden[row], num_heads=3).topk(2, dim=-1).indices  # [3, 2]
+    paths = drafter.compiled.paths
+    assert [int(t) for t in again.tokens] == [int(top[len(p) - 1, p[-1]]) for p in paths[: again.num_nodes]]
+
+
+def test_an_eval_report_for_fewer_heads_than_used_falls_back_to_the_default_accuracies(tiny, tmp_path):
+    """Rank accuracies measured for 1 head cannot shape a tree for 3: the tree is the fallback's, 3 deep."""
+    from drafters.medusa import FALLBACK_RANK_PROBS
+    from specdec.tree import best_tree
+
+    _, heads, _ = tiny
+    save_heads(heads, tmp_path, evaluation={"rank_accuracy": [[0.6, 0.2, 0.1]]})
+    drafter = MedusaDrafter(str(tmp_path), num_heads=3, tree_nodes=10)
+    assert drafter.tree_paths() == best_tree(FALLBACK_RANK_PROBS, 10, max_depth=3)
+    assert drafter.compiled.max_depth == 3
+
+
 def _ctx(target, drafter):
     from specdec.drafting import DraftContext
 

@@ -106,3 +106,12 @@ def test_decoder_runs_dynamic_trees_through_the_speculative_decoder(tiny):
     target, heads, cases = tiny
     out = SpeculativeDecoder(target, MedusaDrafter(heads, tree_nodes=6, dynamic=True)).generate(cases[0][0], 10)
     assert out.stats.new_tokens == 10 and max(out.stats.proposed_per_step) <= 6
+
+
+def test_a_dynamic_tree_may_hold_more_nodes_than_the_static_tree_could(tiny):
+    """One head: the static fallback tree holds at most its 10 ranked depth-1 nodes, but a dynamic tree of
+    ``tree_nodes=32`` takes 32 of them; the step is sized for the dynamic tree and still decodes greedily."""
+    target, heads, cases = tiny
+    drafter = MedusaDrafter(heads, num_heads=1, tree_nodes=32, dynamic=True)
+    assert drafter.max_nodes == 32
+    check_greedy(target, drafter, cases[:3])

@@ -293,3 +293,51 @@ def test_unknown_sweep_key_fails_naming_the_key_and_the_closest_one(tmp_path):
             "drafter.num_speculative_tokens?") in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("summary.json"))
+
+
+def test_set_aside_moves_a_changed_configs_files_and_copies_those_a_resume_keeps(tmp_path):
+    """A changed config's files (W&B state included) leave the run directory, so its new results start their own;
+    a rerun with fewer prompts copies the records and summary aside and leaves them where the resume reads them."""
+    from experiments.resume import RECORDS_FILE, SUMMARY_FILE, WANDB_STATE_FILE, set_aside
+
+    for name in (RECORDS_FILE, SUMMARY_FILE, WANDB_STATE_FILE):
+        (tmp_path / name).write_text(name)
+    moved = set_aside(tmp_path, "another config")
+    assert not any((tmp_path / name).exists() for name in (RECORDS_FILE, SUMMARY_FILE, WANDB_STATE_FILE))
+    assert (moved / WANDB_STATE_FILE).read_text() == WANDB_STATE_FILE
+    assert "another config" in (moved / "REASON.txt").read_text()
+    for name in (RECORDS_FILE, SUMMARY_FILE):
+        (tmp_path / name).write_text(name)
+    copied = set_aside(tmp_path, "fewer prompts", (RECORDS_FILE, SUMMARY_FILE), keep=True)
+    assert copied != moved
+    for name in (RECORDS_FILE, SUMMARY_FILE):
+        assert (tmp_path / name).read_text() == name and (copied / name).read_text() == name
+
+
+def test_a_resume_keeps_one_record_per_prompt_and_method(tmp_path):
+    """A records file holding a (prompt, method) twice (two writers, a copy appended): the resume keeps the first,
+    so the recomputed aggregates count each prompt once."""
+    from experiments.resume import prepare
+
+    config = {"seed": 0, "drafter": {"k": 2}}
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "interrupted", "config": config}))
+    records = [{"question_id": 0, "method": "speculative", "stats": {"new_tokens": 1}},
+               {"question_id": 0, "method": "baseline", "stats": {}},
+               {"question_id": 0, "method": "speculative", "stats": {"new_tokens": 2}},
+               {"question_id": 1, "method": "speculative", "stats": {}}]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    state = prepare(tmp_path, config, ["speculative", "baseline"], [0, 1])
+    assert state.complete is None and state.done == {0}
+    assert state.records == records[:2]
+
+
+def test_records_without_a_method_or_stats_are_skipped_and_reported(tmp_path):
+    from experiments.results import read_records
+
+    good = {"question_id": 0, "method": "speculative", "stats": {}}
+    lines = [good, {"question_id": 1, "method": "baseline"}, {"question_id": 2, "stats": {}}, [1, 2]]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    records, problems = read_records(path)
+    assert records == [good]
+    assert len(problems) == 3 and all("not a decode record" in p for p in problems[:2])

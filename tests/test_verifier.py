@@ -132,3 +132,14 @@ def test_grouped_sdpa_takes_the_memory_efficient_kernels_output_layout(monkeypat
     mask = torch.ones(2, 1, 3, 40, dtype=torch.bool)
     ref = real(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)  # [B, n, Hq, D]
     torch.testing.assert_close(attention.grouped_sdpa(q, k, v, mask, None), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_verify_block_takes_the_smallest_width_that_holds_it():
+    """``verify_widths``: a block of n tokens runs at the smallest listed width >= n (a block that fills a width
+    exactly is not padded to the next one); past the widest, at n itself."""
+    from verifier.verifier import Verifier
+
+    verifier = Verifier(pair("llama")[0], verify_widths=[8, 4, 5, 4])
+    assert verifier.verify_widths == (4, 5, 8)
+    assert [verifier.width(n) for n in (1, 3, 4, 5, 6, 8, 9, 12)] == [4, 4, 4, 5, 8, 8, 9, 12]
+    assert Verifier(pair("llama")[0]).width(6) == 6  # no widths: no padding

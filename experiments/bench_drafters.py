@@ -161,13 +161,16 @@ def verify_widths(option: str | None, target, prompts: list, max_new: int, notes
             return tuple(int(w) for w in option.split(","))
         except ValueError:
             raise SpecDecError(f"--verify-widths {option!r}: give auto or comma-separated widths, e.g. 4,5,8") from None
-    from experiments.cost_measure import cost_curve, run_context
+    from experiments.cost_measure import cost_curve, implausible, run_context
     from experiments.costs import cheap_widths
 
     curve, _ = cost_curve(target, run_context([p.shape[1] for p in prompts], max_new))
     widths = cheap_widths(curve)
     notes.append("verify widths (cheap widths of the target's measured cost curve, ms: "
                  + ", ".join(f"{w}: {s * 1e3:.1f}" for w, s in sorted(curve.items())) + f"): {list(widths)}")
+    if why := implausible(curve):
+        notes.append(f"the target's cost curve is implausible even measured twice ({why}): a busy machine; the "
+                     "verify widths read off it may not be the cheap ones")
     return widths
 
 

@@ -11,7 +11,8 @@ draft model at the mean prompt length) are timed too, cold.
 Curves are cached as JSON under ``$SPECDEC_CACHE/costs`` (default ``~/.cache/specdec/costs``),
 one file per model, keyed by a fingerprint of the model config, dtype, device, torch threads,
 context length, widths and attention backend (plus host and torch version), so a sweep measures
-each model once. Importable without hydra or wandb.
+each model once. A curve in which fewer tokens cost far more than more tokens (:func:`implausible`: timed while the
+machine was busy) is measured again and never cached. Importable without hydra or wandb.
 """
 from __future__ import annotations
 
@@ -176,19 +177,50 @@ def cost_curves(requests: list[tuple[Any, int, tuple[int, ...]]], backend: str =
 
     Each curve is measured once per fingerprint and cached; the missing ones are measured together
     (:func:`measure_interleaved`). An unreadable cache entry is measured again, and so is one that a spot check
-    no longer confirms (:func:`_still_holds`); an unwritable cache directory only costs a warning.
+    no longer confirms (:func:`_still_holds`) or that is :func:`implausible`; a curve measured implausible twice in a
+    row is returned but not cached. An unwritable cache directory only costs a warning.
     """
     fps = [fingerprint(model, context, widths, backend, reps) for model, context, widths in requests]
     found = [_load(fp, cache_dir) for fp in fps]
-    found = [curve if curve is None or _still_holds(request, curve, backend) else None
-             for request, curve in zip(requests, found)]
+    found = [curve if curve is None or (implausible(curve) is None and _still_holds(request, curve, backend))
+             else None for request, curve in zip(requests, found)]
     missing = [i for i, curve in enumerate(found) if curve is None]
     if missing:
-        measured = measure_interleaved([requests[i] for i in missing], reps, backend)
+        measured = _measure_plausibly([requests[i] for i in missing], reps, backend)
         for i, seconds in zip(missing, measured):
-            _store(fps[i], seconds, cache_dir)
+            if implausible(seconds) is None:  # else measured again next run, not trusted from the cache
+                _store(fps[i], seconds, cache_dir)
             found[i] = seconds
     return [(curve, i not in missing) for i, curve in enumerate(found)]
+
+
+#: A curve is implausible when a width costs more than this factor times a wider width's cost (and more than
+#: :data:`SPOT_CHECK_FLOOR` seconds more): a forward of more tokens does the work of fewer and more. Seen on a machine
+#: whose CPU time was throttled beside a test run: 280 ms at widths 2-5, 55 ms at widths 6-16.
+MONOTONE_FACTOR = 1.5
+
+
+def implausible(curve: dict[int, float]) -> str | None:
+    """Why ``curve`` ({width: seconds}) cannot be a forward's cost (a narrower width far dearer than a wider one,
+    :data:`MONOTONE_FACTOR`), or None."""
+    widths = sorted(curve)
+    for i, width in enumerate(widths[:-1]):
+        wider = min(widths[i + 1:], key=curve.__getitem__)  # the cheapest wider width
+        if curve[width] > MONOTONE_FACTOR * curve[wider] and curve[width] - curve[wider] > SPOT_CHECK_FLOOR:
+            return (f"{width} tokens cost {curve[width] * 1e3:.2f} ms, more than {MONOTONE_FACTOR}x the "
+                    f"{curve[wider] * 1e3:.2f} ms of {wider} tokens")
+    return None
+
+
+def _measure_plausibly(requests: list[tuple[Any, int, tuple[int, ...]]], reps: int, backend: str) -> list[dict]:
+    """:func:`measure_interleaved`, then once more for the curves :func:`implausible` rejects (the machine was busy
+    while they were timed); the second measurement is kept."""
+    curves = measure_interleaved(requests, reps, backend)
+    again = [i for i, curve in enumerate(curves) if implausible(curve) is not None]
+    if again:
+        for i, curve in zip(again, measure_interleaved([requests[i] for i in again], reps, backend)):
+            curves[i] = curve
+    return curves
 
 
 #: A cached curve is measured again when its narrowest width, timed now, differs from it by more than this factor
@@ -252,7 +284,8 @@ def measure_run_costs(target, shape, context: int, prompt_tokens: int | None = N
         requests += [("prefill_target", target, 0, (width,))] + ([("prefill_draft", draft, 0, (width,))] if draft else [])
     curves = dict(zip([r[0] for r in requests], cost_curves([r[1:] for r in requests], backend, cache_dir)))
     costs = {"context": int(context), "target": curves["target"][0], "draft": None,
-             "cached": {role: cached for role, (_, cached) in curves.items()}}
+             "cached": {role: cached for role, (_, cached) in curves.items()},
+             "implausible": {role: why for role, (curve, _) in curves.items() if (why := implausible(curve))}}
     if shape.draft_probe is not None:
         costs["draft"] = {1: time_probe(shape.draft_probe)}
     elif draft is not None:

@@ -187,6 +187,14 @@ def draft_cost_warnings(costs: dict) -> list[str]:
             "smaller drafter"]
 
 
+def curve_warnings(costs: dict) -> list[str]:
+    """One line per cost curve that stayed implausible when measured again (``costs["implausible"]``, from
+    :func:`experiments.cost_measure.implausible`): the predictions built on it mean little."""
+    return [f"the {role.replace('_', ' ')} forward-cost curve is implausible even measured twice ({why}): the "
+            "machine was busy while it was timed; predicted_speedup and efficiency are unreliable (the curve is not "
+            "cached: rerun on a quiet machine)" for role, why in sorted((costs.get("implausible") or {}).items())]
+
+
 def cost_model_scope(batch_size: int, compile: str) -> str | None:
     """Why the cost model does not price a run (None: it does). It predicts from batch-1 eager forward
     costs, so a batched or compiled run's speedup is not set against it (``experiments.bench --compile``
@@ -212,7 +220,7 @@ def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float |
     if costs is None:
         return metrics, {"costs": None, "note": note or "cost measurement skipped (costs=false)"}
     model = {"drafter": shape, "costs": costs, "predicted_step_speedup": None, "alpha": None,
-             "expected_tau_by_k": None, "predicted_speedup_by_k": None, "warnings": draft_cost_warnings(costs)}
+             "expected_tau_by_k": None, "predicted_speedup_by_k": None, "warnings": draft_cost_warnings(costs) + curve_warnings(costs)}
     predicted = None
     if stats is not None:
         predicted, model["predicted_step_speedup"] = predicted_speedups(stats, costs, shape, num_prompts)

@@ -188,3 +188,92 @@ def test_the_run_measures_the_prefill_the_decoder_runs(monkeypatch):
     assert run_costs(cfg, "shape", SimpleNamespace(target=target), encoded) == {"target": {}}
     assert seen == [(target, "shape", 6 + 5, 7 - 1, "sdpa")]
     assert run_costs(OmegaConf.create({"costs": False}), "shape", None, encoded) is None
+
+
+def test_a_curve_where_fewer_tokens_cost_far_more_is_implausible():
+    """A forward of more tokens does the work of fewer and more: a narrower width costing over 1.5x (and 2 ms
+    more than) a wider one was timed on a busy machine (the curve below was cached beside a test run)."""
+    from experiments.cost_measure import implausible
+
+    assert implausible({1: .010, 2: .011, 4: .0105, 8: .013, 16: .020}) is None  # noise within the factor
+    busy = {1: .016, 2: .280, 5: .280, 6: .055, 16: .0535, 24: .132}
+    assert implausible(busy) == "2 tokens cost 280.00 ms, more than 1.5x the 53.50 ms of 16 tokens"
+    assert implausible({1: .0149, 2: .010}) is None and implausible({1: .0151, 2: .010}) is not None  # the factor
+    assert implausible({1: .0034, 2: .0015}) is None and implausible({1: .0036, 2: .0015}) is not None  # the floor
+    assert implausible({1: .010, 64: .030, 2: .0151, 8: .010}) == "2 tokens cost 15.10 ms, more than 1.5x the 10.00 ms of 8 tokens"
+    assert implausible({7: 1.0}) is None
+
+
+def _fake_measurements(monkeypatch, curves):
+    """``measure_interleaved`` answers ``curves`` in turn (one per call, for every request); the calls are counted."""
+    from experiments import cost_measure
+
+    calls = []
+
+    def measure(requests, reps=0, backend="sdpa"):
+        calls.append(len(requests))
+        return [dict(curves[min(len(calls), len(curves)) - 1]) for _ in requests]
+
+    monkeypatch.setattr(cost_measure, "measure_interleaved", measure)
+    return calls
+
+
+BUSY, QUIET = {1: .016, 2: .280, 16: .0535}, {1: .016, 2: .017, 16: .030}
+
+
+def test_an_implausible_measurement_is_measured_again_and_only_a_plausible_one_is_cached(monkeypatch, tmp_path):
+    from experiments.cost_measure import cost_curve
+
+    calls = _fake_measurements(monkeypatch, [BUSY, QUIET])
+    assert cost_curve(pair("llama")[0], 0, (1, 2, 16), cache_dir=tmp_path) == (QUIET, False) and calls == [1, 1]
+    assert len(list(tmp_path.iterdir())) == 1
+    calls = _fake_measurements(monkeypatch, [BUSY])  # busy twice: returned, never cached
+    assert cost_curve(pair("llama")[0], 1, (1, 2, 16), cache_dir=tmp_path) == (BUSY, False) and calls == [1, 1]
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_curve_implausible_twice_is_a_warning_of_the_run(monkeypatch, tmp_path):
+    from experiments.cost_measure import measure_run_costs
+
+    _fake_measurements(monkeypatch, [BUSY])
+    shape = NGramDrafter(3).step_shape(None)
+    costs = measure_run_costs(pair("llama")[0], shape, 0, cache_dir=tmp_path)
+    assert costs["implausible"] == {"target": "2 tokens cost 280.00 ms, more than 1.5x the 53.50 ms of 16 tokens"}
+    _, model = cost_model(None, costs, {"kind": "chain", "draft_forwards": "none"}, None)
+    assert len(model["warnings"]) == 1 and model["warnings"][0].startswith(
+        "the target forward-cost curve is implausible even measured twice (2 tokens cost 280.00 ms")
+    _fake_measurements(monkeypatch, [QUIET])
+    assert measure_run_costs(pair("llama")[0], shape, 0, cache_dir=tmp_path)["implausible"] == {}
+
+
+def test_an_implausible_cached_curve_is_measured_again(tmp_path):
+    """An entry cached before curves were checked (or by hand) is not trusted: measured again, replaced."""
+    from experiments.cost_measure import REPS, _store, cost_curve, fingerprint
+
+    target = _slow(pair("llama")[0], T_TARGET)
+    widths = (1, 2, 3)
+    real, _ = cost_curve(target, 8, widths, cache_dir=tmp_path)
+    _store(fingerprint(target, 8, widths, "sdpa", REPS), {**real, 2: 0.5}, tmp_path)  # width 1 holds
+    again, cached = cost_curve(target, 8, widths, cache_dir=tmp_path)
+    assert not cached and again[2] < 0.1
+    assert cost_curve(target, 8, widths, cache_dir=tmp_path) == (again, True)
+
+
+def test_the_drafter_bench_notes_an_implausible_curve(monkeypatch, tmp_path):
+    """``bench_drafters --verify-widths auto`` reads widths off the curve: its notes say when the curve is not to be
+    trusted."""
+    import torch
+
+    from experiments.bench_drafters import verify_widths
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    prompt = torch.zeros(1, 5, dtype=torch.long)  # [1, 5]
+    for curve, lines in ((BUSY, 2), (QUIET, 1)):  # a busy curve is never cached: the quiet one is measured
+        _fake_measurements(monkeypatch, [curve])
+        notes = []
+        verify_widths("auto", pair("llama")[0], [prompt], 8, notes)
+        assert len(notes) == lines and notes[0].startswith("verify widths")
+    _fake_measurements(monkeypatch, [BUSY])
+    notes = []
+    verify_widths("auto", pair("llama")[0], [prompt], 10, notes)
+    assert notes[1].startswith("the target's cost curve is implausible even measured twice (2 tokens cost 280.00 ms")

@@ -116,11 +116,15 @@ def thresholds(text: str) -> list[float]:
 
 
 def output_dir(text: str) -> Path:
-    """An argparse ``type``: a directory to write into, made now (a typo fails before anything runs)."""
+    """An argparse ``type``: a directory to write into, checked now (a typo fails before anything runs) and made by
+    the command once its other input is known good (a failed command leaves no empty directory behind)."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file: give a directory (it is made if missing)")
-    _make_dir(path, text)
+    parent = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot make {path} for {text} ({parent} is not a directory you can "
+                                         "write): pick a path in a directory you can write")
     return path
 
 

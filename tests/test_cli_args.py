@@ -111,11 +111,16 @@ def test_a_library_module_run_as_a_command_names_the_command(module):
     error_line(proc.stderr, 2, proc.returncode, "is not a command", "python -m experiments.")
 
 
-def test_an_output_directory_is_made_when_the_flag_is_read(tmp_path):
+def test_an_output_directory_is_checked_when_the_flag_is_read_and_made_only_by_a_good_run(tmp_path, capsys):
+    """``report --out`` fails at once where it cannot be made, and a report of a wrong run directory leaves no
+    empty ``--out`` directory behind."""
     from experiments import cli
+    from experiments.report import main
 
-    made = cli.output_dir(str(tmp_path / "a" / "b"))
-    assert made.is_dir()  # before the run, as output_file's directory
+    assert cli.output_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b" and not (tmp_path / "a").exists()
+    assert main([str(tmp_path / "no_such_run"), "--out", str(tmp_path / "a" / "b"), "--wandb", "none"]) == 2
+    assert not (tmp_path / "a").exists()
+    assert capsys.readouterr().err.startswith("error:")
 
 
 

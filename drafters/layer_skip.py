@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from drafters.draft_model import DraftModelDrafter
-from drafters.tree_drafter import confidence_threshold_of, flag_of, positive_int
+from drafters.tree_drafter import confidence_threshold_of, flag_of
 from specdec.drafting import DraftContext, Drafter, StepShape
-from specdec.errors import ConfigError
+from specdec.errors import ConfigError, positive_int
 
 _SHARED = ("embed_tokens", "norm", "rotary_emb")  # besides model.layers and lm_head
 

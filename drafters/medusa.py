@@ -33,7 +33,7 @@ from drafters.medusa_heads import (
     read_eval,
 )
 from specdec.drafting import DraftContext, Drafter, StepShape
-from specdec.errors import ConfigError
+from specdec.errors import ConfigError, positive_int
 from specdec.tree import (
     CompiledTree,
     best_tree,
@@ -77,14 +77,6 @@ def report_rank_accuracy(report: dict | None, source: str = "auto") -> list[list
     return [list(map(float, row)) for row in acc] if acc else None
 
 
-def _positive_int(value, name: str, allow_none: bool = False) -> int | None:
-    if allow_none and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r}: it must be an integer >= 1" + (" or null" if allow_none else ""))
-    return value
-
-
 class MedusaDrafter(Drafter):
     """Drafts a token tree from Medusa heads; deterministic children.
 
@@ -108,8 +100,8 @@ class MedusaDrafter(Drafter):
     def __init__(self, heads: str | os.PathLike | MedusaHeads | None = None, tree=None, num_heads: int | None = None,
                  tree_nodes: int = 32, zoo_size: str = "default", dynamic: bool = False):
         super().__init__()
-        self.num_heads_arg = _positive_int(num_heads, "num_heads", allow_none=True)
-        self.tree_nodes = _positive_int(tree_nodes, "tree_nodes")
+        self.num_heads_arg = positive_int(num_heads, "num_heads", allow_none=True)
+        self.tree_nodes = positive_int(tree_nodes, "tree_nodes")
         if dynamic not in (True, False):
             raise ConfigError(f"dynamic={dynamic!r}: give true or false")
         if dynamic and tree is not None:

@@ -6,7 +6,7 @@ import torch
 
 from drafters.datastore import Datastore, load_datastore
 from specdec.drafting import DraftContext, Drafter
-from specdec.errors import ConfigError
+from specdec.errors import ConfigError, positive_int
 from specdec.types import DraftTree
 
 
@@ -29,9 +29,8 @@ class NGramDrafter(Drafter):
                  datastore: Datastore | str | None = None, datastore_min_ngram: int = 3,
                  datastore_min_share: float = 0.5):
         super().__init__()
-        if num_speculative_tokens < 1:
-            raise ConfigError(f"num_speculative_tokens={num_speculative_tokens}: it must be >= 1")
-        if not 1 <= min_ngram <= max_ngram:
+        positive_int(num_speculative_tokens, "num_speculative_tokens")
+        if not positive_int(min_ngram, "min_ngram") <= positive_int(max_ngram, "max_ngram"):
             raise ConfigError(f"ngram sizes need 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
         if match not in ("last", "first"):
             raise ConfigError(f"match={match!r}: choose 'last' or 'first'")

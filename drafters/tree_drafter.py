@@ -26,19 +26,12 @@ import torch
 
 from drafters.tree_expansion import TreeFeed, expand_dynamic, expand_static
 from specdec.drafting import Drafter
-from specdec.errors import ConfigError
+from specdec.errors import ConfigError, positive_int
 from specdec.rng import DRAFT
 from specdec.sampling import draft_confidence, warp_probs
 from specdec.tree import compile_tree, load_preset
 from specdec.types import SAMPLING_MODES, DraftTree
 from verifier import check_finite
-
-
-def positive_int(value, name: str) -> int:
-    """``value`` if it is an integer >= 1, else :class:`ConfigError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r}: it must be an integer >= 1")
-    return value
 
 
 def flag_of(value, name: str) -> bool:

@@ -46,7 +46,7 @@ from experiments.results import (
     read_records,
     results_from_records,
 )
-from specdec.errors import ConfigError
+from specdec.errors import ConfigError, positive_int
 from specdec.models import check_dtype_choice
 from verifier.verifier import check_widths
 
@@ -118,6 +118,26 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
             f"{hint}, or pick another drafter (drafter=ngram)"
         )
     return instantiate(drafter, "drafter", model=models.draft, **kwargs)
+
+
+#: The drafters' counts (True: null allowed), checked before any model is built or loaded (the drafters check them
+#: again when they are built, after the models).
+DRAFTER_COUNTS = {"num_speculative_tokens": False, "top_k_children": False, "budget": True, "layers": False,
+                  "tree_nodes": False, "num_heads": True, "max_ngram": False, "min_ngram": False, "min_drafts": False}
+
+
+def check_counts(cfg: DictConfig) -> None:
+    """``max_new_tokens`` and the drafter's counts (:data:`DRAFTER_COUNTS`, its parts' too: a hybrid's ``first`` and
+    ``second``) are integers >= 1, else :class:`ConfigError` naming the key."""
+    positive_int(cfg.max_new_tokens, "max_new_tokens")
+    nodes = [("drafter", cfg.drafter)]
+    while nodes:
+        path, node = nodes.pop()
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                nodes.append((f"{path}.{key}", value))
+            elif key in DRAFTER_COUNTS:
+                positive_int(value, f"{path}.{key}", allow_none=DRAFTER_COUNTS[key])
 
 
 def tree_argument(drafter: DictConfig, tree: Any) -> dict:
@@ -194,6 +214,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     if cfg.batch_mode == "continuous" and cfg.compile != "none":
         raise ConfigError(f"batch_mode=continuous needs compile=none (got compile={cfg.compile}): the fixed-shape "
                           "step keeps one set of rows; use batch_mode=static with it")
+    check_counts(cfg)
+    tree_argument(cfg.drafter, cfg.get("tree"))  # a tree file of the wrong shape fails before any model loads too
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
     check_attn_backend(cfg.attn_backend, target_device(cfg.model))

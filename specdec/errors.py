@@ -12,6 +12,15 @@ class ConfigError(SpecDecError):
     """A configuration value is wrong."""
 
 
+def positive_int(value, name: str, allow_none: bool = False) -> int | None:
+    """``value`` if it is an integer >= 1 (or None with ``allow_none``), else :class:`ConfigError` naming ``name``."""
+    if allow_none and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r}: it must be an integer >= 1" + (" or null" if allow_none else ""))
+    return value
+
+
 class NonFiniteLogitsError(RuntimeError):
     """The target or draft model produced NaN or inf logits."""
 

@@ -138,3 +138,37 @@ def test_a_checkpoint_with_only_pickle_weights_says_how_to_convert(tmp_path):
     assert (tmp_path / "pytorch_model.bin").is_file() and not list(tmp_path.glob("*.safetensors"))
     with pytest.raises(SpecDecError, match=r"only pickle weights \(pytorch_model.bin\).*save_pretrained\(dir\)"):
         load_causal_lm(str(tmp_path), role="target")
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["max_new_tokens=0"], "max_new_tokens=0: it must be an integer >= 1"),
+    (["drafter=draft_model", "drafter.num_speculative_tokens=0"], "drafter.num_speculative_tokens=0: it must be an integer >= 1"),
+    (["drafter=ngram", "drafter.num_speculative_tokens=abc"], "drafter.num_speculative_tokens='abc': it must be an integer"),
+    (["drafter=hybrid", "drafter.first.max_ngram=0"], "drafter.first.max_ngram=0: it must be an integer >= 1"),
+    (["drafter=medusa", "drafter.num_heads=0"], "drafter.num_heads=0: it must be an integer >= 1 or null"),
+    (["drafter=draft_model", "drafter.budget=2.5"], "drafter.budget=2.5: it must be an integer >= 1 or null"),
+    (["drafter=ngram", "tree=binary"], "tree=... needs a drafter that grows token trees"),
+], ids=["max_new_tokens", "k", "k_text", "hybrid_part", "medusa_heads", "budget", "tree_without_grower"])
+def test_counts_and_trees_fail_before_any_model_is_built(overrides, fragment, tmp_path, monkeypatch, capsys):
+    """On a fresh machine the default pair is built first (minutes): a wrong count or tree fails before that."""
+    import experiments.decode
+    from tests.test_cli_contract import error_line, main_in_process
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models were loaded before the config was checked")
+
+    monkeypatch.setattr(experiments.decode, "load_models", no_loading)
+    code, err = main_in_process(monkeypatch, capsys, "experiment=smoke", *overrides, "num_prompts=1", "warmup=0",
+                                "costs=false", f"hydra.run.dir={tmp_path / 'run'}")
+    error_line(err, 2, code, fragment)
+
+
+def test_ngram_sizes_are_counts_in_order():
+    from drafters import NGramDrafter
+
+    with pytest.raises(ConfigError, match="min_ngram=0: it must be an integer >= 1"):
+        NGramDrafter(min_ngram=0)
+    with pytest.raises(ConfigError, match=r"1 <= min_ngram <= max_ngram \(got 3, 2\)"):
+        NGramDrafter(min_ngram=3, max_ngram=2)
+    with pytest.raises(ConfigError, match="num_speculative_tokens=2.5"):
+        NGramDrafter(num_speculative_tokens=2.5)

@@ -11,7 +11,7 @@ import torch
 from experiments import cost_measure
 from experiments.bench_methods import Method, decode_seconds_per_token, pick_methods, run_all, tau_cell
 from experiments.bench_output import command_line, match_note
-from experiments.costs import KS, chain_speedup_by_k, cost_model, draft_cost_warnings, recommend_k
+from experiments.costs import KS, chain_speedup_by_k, cost_model, draft_cost_warnings, fit_alpha, recommend_k
 from specdec.stats import DecodeStats
 
 # --------------------------------------------------------------------------- bench_methods / bench_output
@@ -103,6 +103,28 @@ def test_speedup_by_k_takes_the_tokens_per_prompt():
     assert metrics["efficiency"] == pytest.approx(1.5 / metrics["predicted_speedup"])
 
 
+def test_cheap_widths_drops_a_narrower_width_that_costs_the_same():
+    """Padding to a wider width of equal cost is free, so only the wider of two equal widths is kept."""
+    from experiments.costs import cheap_widths
+
+    assert cheap_widths({1: 1.0, 2: 1.0, 3: 2.0}) == (2, 3)
+
+
+def test_fit_alpha_is_a_probability_and_stops_at_the_first_depth_nobody_reached():
+    """Hand-made depth counts (DecodeStats never makes these): a deeper depth accepting more often than the one
+    above it fits an alpha over 1, which is clamped to 1; a depth with no proposals ends the fit (the depths
+    below it are not weighed by a stale rate)."""
+    assert fit_alpha([2, 10], [1, 10]) == 1.0  # unclamped: 11 / 7
+    assert fit_alpha([10, 0, 5], [5, 0, 3]) == pytest.approx(0.5)  # not (5 + 3) / (10 + 0.5 * 5)
+
+
+def test_only_batch_1_runs_are_priced():
+    from experiments.costs import cost_model_scope
+
+    assert cost_model_scope(1, "none") is None
+    assert "batch_size=2" in cost_model_scope(2, "none")
+
+
 # --------------------------------------------------------------------------- measuring costs
 
 
@@ -154,3 +176,16 @@ def test_the_cost_fingerprint_holds_the_context():
     keys = {cost_measure.fingerprint_key(cost_measure.fingerprint(target, context, (1, 2), "sdpa", 3))
             for context in (8, 200)}
     assert len(keys) == 2
+
+
+def test_measure_costs_times_widths_1_and_k_plus_1(monkeypatch):
+    """A k-chain verifies k + 1 tokens: ks 2 and 4 time the target at widths 1, 3 and 5, the draft at width 1."""
+    seen = []
+
+    def measure(requests, reps, backend):
+        seen.extend(requests)
+        return [{w: float(w) for w in widths} for _, _, widths in requests]
+    monkeypatch.setattr(cost_measure, "measure_interleaved", measure)
+    costs = cost_measure.measure_costs("target", "draft", 40, [2, 4])
+    assert seen == [("target", 40, (1, 3, 5)), ("draft", 40, (1,))]
+    assert costs == {"context": 40, "target": {1: 1.0, 3: 3.0, 5: 5.0}, "draft": 1.0}

@@ -76,6 +76,13 @@ def test_argument_types_at_their_bounds():
             parse(text)
 
 
+def test_an_output_file_that_is_a_directory_is_refused(tmp_path):
+    assert cli.output_file(str(tmp_path / "new" / "out.md")) == str(tmp_path / "new" / "out.md")
+    assert (tmp_path / "new").is_dir()  # made now, before the run
+    with pytest.raises(argparse.ArgumentTypeError, match="is a directory"):
+        cli.output_file(str(tmp_path))
+
+
 # --------------------------------------------------------------------------- layer skip
 
 
@@ -143,3 +150,15 @@ def test_draft_settings_keep_a_training_chat():
     with pytest.raises(ConfigError, match="leaves no training chat"):
         draft_training.DraftSettings(chats=4, heldout_chats=4)
     assert draft_training.DraftSettings(chats=5, heldout_chats=4).chats == 5
+
+
+def test_the_last_training_step_is_logged_off_the_log_interval(tmp_path):
+    """steps=3, log_every=2: the training metrics of steps 2 and 3 (the last one, off the interval) are logged,
+    then the eval metrics at step 3."""
+    from experiments.train_medusa import train
+    from tests.test_medusa import compose_train
+    from tests.test_medusa_memo import SMALL
+
+    train(compose_train(*SMALL, "steps=3", "log_every=2", f"out_dir={tmp_path / 'heads'}"), tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], "train/loss" in r) for r in logged] == [(2, True), (3, True), (3, False)]

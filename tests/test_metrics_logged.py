@@ -70,6 +70,15 @@ def test_the_summary_table_shows_the_baseline_at_1x():
     assert baseline.split()[:6] == ["baseline", "1.00", "0.00", "0.0%", "4.0", "1.00x"]
 
 
+def test_steps_by_source_are_counted_against_the_rows_steps_in_a_batched_run():
+    """A batched hybrid run counts each row's steps by source, so the table sets them against the rows' steps
+    (target_forwards: 6), not the batch's (3)."""
+    spec = DecodeStats(new_tokens=12, target_forwards=6, batch_steps=3, time_total=1.0,
+                       steps_by_source={"a": 4, "b": 2}).to_dict()
+    spec["time_split"] = time_split(DecodeStats(time_total=1.0))
+    assert "steps drafted by: a 4, b 2 (of 6 steps)" in format_table({"metrics": {SPECULATIVE: spec}})
+
+
 # --------------------------------------------------------------------------- what the W&B logger logs
 
 

@@ -128,15 +128,17 @@ DRAFTER_COUNTS = {"num_speculative_tokens": False, "top_k_children": False, "bud
 
 def check_counts(cfg: DictConfig) -> None:
     """``max_new_tokens`` and the drafter's counts (:data:`DRAFTER_COUNTS`, its parts' too: a hybrid's ``first`` and
-    ``second``) are integers >= 1, else :class:`ConfigError` naming the key."""
+    ``second``) are integers >= 1, else :class:`ConfigError` naming the key. Only this package's drafters
+    (``_target_: drafters....``) are checked: a plugin's keys of the same names may mean something else."""
     positive_int(cfg.max_new_tokens, "max_new_tokens")
     nodes = [("drafter", cfg.drafter)]
     while nodes:
         path, node = nodes.pop()
+        ours = str(node.get("_target_") or "").startswith("drafters.")
         for key, value in node.items():
             if isinstance(value, Mapping):
                 nodes.append((f"{path}.{key}", value))
-            elif key in DRAFTER_COUNTS:
+            elif ours and key in DRAFTER_COUNTS:
                 positive_int(value, f"{path}.{key}", allow_none=DRAFTER_COUNTS[key])
 
 

@@ -172,3 +172,15 @@ def test_ngram_sizes_are_counts_in_order():
         NGramDrafter(min_ngram=3, max_ngram=2)
     with pytest.raises(ConfigError, match="num_speculative_tokens=2.5"):
         NGramDrafter(num_speculative_tokens=2.5)
+
+
+def test_a_plugin_drafters_keys_are_its_own():
+    """A drafter from outside this package may use ``layers`` or ``budget`` for something else: not checked early."""
+    from omegaconf import OmegaConf
+
+    from experiments.decode import check_counts
+
+    check_counts(OmegaConf.create({"max_new_tokens": 4, "drafter": {"_target_": "my_lab.Drafter", "layers": [0, 2]}}))
+    with pytest.raises(ConfigError, match="drafter.layers=0"):
+        check_counts(OmegaConf.create({"max_new_tokens": 4, "drafter": {"_target_": "drafters.LayerSkipDrafter",
+                                                                         "layers": 0}}))

@@ -27,7 +27,7 @@ import torch
 
 from specdec.batch_drafting import BatchDrafter
 from specdec.drafting import DraftContext, Drafter, StepShape, release
-from specdec.errors import ConfigError
+from specdec.errors import ConfigError, positive_int
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
 
 
@@ -63,9 +63,8 @@ class HybridDrafter(Drafter):
         if type(first).step_shape is not Drafter.step_shape:  # it runs a model: its proposals carry state
             raise ConfigError(f"hybrid drafter: first= must be a drafter that runs no model, e.g. an n-gram lookup "
                               f"(got {type(first).__name__}); put a drafter with a model or heads second")
-        if int(min_drafts) < 1:
-            raise ConfigError(f"hybrid drafter: min_drafts={min_drafts}; it must be >= 1")
-        self.first, self.second, self.min_drafts, self.merge = first, second, int(min_drafts), bool(merge)
+        min_drafts = positive_int(min_drafts, "min_drafts")  # as decode's early check (a float was truncated)
+        self.first, self.second, self.min_drafts, self.merge = first, second, min_drafts, bool(merge)
         self.labels = (first.name, second.name) if first.name != second.name else ("first", "second")
         self.merged_label = f"{self.labels[0]}+{self.labels[1]}"
 

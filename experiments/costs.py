@@ -220,7 +220,8 @@ def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float |
     if costs is None:
         return metrics, {"costs": None, "note": note or "cost measurement skipped (costs=false)"}
     model = {"drafter": shape, "costs": costs, "predicted_step_speedup": None, "alpha": None,
-             "expected_tau_by_k": None, "predicted_speedup_by_k": None, "warnings": draft_cost_warnings(costs) + curve_warnings(costs)}
+             "expected_tau_by_k": None, "predicted_speedup_by_k": None,
+             "warnings": draft_cost_warnings(costs) + curve_warnings(costs)}
     predicted = None
     if stats is not None:
         predicted, model["predicted_step_speedup"] = predicted_speedups(stats, costs, shape, num_prompts)

@@ -140,6 +140,8 @@ def test_bad_parts_fail_clearly():
         HybridDrafter(DraftModelDrafter(pair("llama")[1], 3), ngram)  # its discarded chains would desync its cache
     with pytest.raises(ConfigError, match="min_drafts"):
         HybridDrafter(ngram, NGramDrafter(), min_drafts=0)
+    with pytest.raises(ConfigError, match="min_drafts=2.5: it must be an integer >= 1"):
+        HybridDrafter(ngram, NGramDrafter(), min_drafts=2.5)  # was truncated to 2
 
 
 def test_config_composes_builds_and_runs(tmp_path):

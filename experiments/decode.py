@@ -31,7 +31,7 @@ from experiments.costs import cost_model_scope
 from experiments.decode_costs import add_cost_model, auto_widths, measure_run_costs, set_cheap_widths
 from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
 from experiments.greedy_check import rounding_check
-from experiments.instantiate import accepts_argument, instantiate
+from experiments.instantiate import accepts_argument, check_arguments, instantiate
 from experiments.loggers import GuardedLogger, Logger
 from experiments.models_from_config import LoadedModels, load_models, target_device
 from experiments.overrides import group_choice
@@ -88,12 +88,14 @@ def encode_prompts(prompts: list, tokenizer: Any, max_prompt_tokens: int | None,
 
 def build_acceptance(acceptance: DictConfig, sampling: Any) -> Any:
     """The acceptance rule the config's ``_target_`` builds, checked against ``sampling`` before any decoding."""
-    from specdec.acceptance import AcceptanceRule
+    from specdec.acceptance import AcceptanceRule, check_signature
 
+    check_arguments(acceptance, "acceptance")
     rule = instantiate(acceptance, "acceptance")
     if not isinstance(rule, AcceptanceRule):
         raise ConfigError(f"acceptance: _target_ {acceptance.get('_target_')!r} is not an AcceptanceRule "
                           "(subclass specdec.acceptance.AcceptanceRule)")
+    check_signature(rule)
     rule.check(sampling)
     return rule
 
@@ -199,6 +201,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         hydra_info: ``group`` / ``run_name`` for the logger (set by :func:`main` in a sweep).
     """
     from specdec import SamplingParams
+    from specdec.batch_decoder import batch_rule
     from verifier.availability import check_attn_backend
 
     run_dir, hydra_info = Path(run_dir), hydra_info or {}
@@ -217,9 +220,12 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         raise ConfigError(f"batch_mode=continuous needs compile=none (got compile={cfg.compile}): the fixed-shape "
                           "step keeps one set of rows; use batch_mode=static with it")
     check_counts(cfg)
+    check_arguments(cfg.drafter, "drafter")  # a wrong _target_ or a misspelled argument in a drafter's file too
     tree_argument(cfg.drafter, cfg.get("tree"))  # a tree file of the wrong shape fails before any model loads too
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
+    if cfg.batch_size > 1:
+        batch_rule(rule)  # a rule with no batched form fails here, before any model loads
     check_attn_backend(cfg.attn_backend, target_device(cfg.model))
     if "dtype" in cfg.drafter:  # a drafter's own precision (EAGLE heads): a wrong name fails before any model loads
         check_dtype_choice(cfg.drafter.dtype, "drafter.dtype")

@@ -6,7 +6,11 @@ verifiers) goes through :func:`instantiate`, which turns Hydra's instantiation e
 """
 from __future__ import annotations
 
+import difflib
+import importlib
 import inspect
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 import hydra.utils
@@ -21,10 +25,62 @@ def target_of(node: DictConfig | dict, what: str) -> Any:
     path = node.get("_target_") if node is not None else None
     if not path:
         raise ConfigError(f"the {what} config has no _target_; got {_describe(node)}")
+    hydra_log = logging.getLogger("hydra.utils")  # it logs the failure (twice) before raising it: one line is ours
+    disabled, hydra_log.disabled = hydra_log.disabled, True
     try:
         return hydra.utils.get_object(path)
     except Exception as exc:  # ImportError, AttributeError, ValueError from hydra's locate
-        raise ConfigError(f"{what}: cannot import _target_ {path!r} ({exc})") from exc
+        raise ConfigError(f"{what}: cannot import _target_ {path!r}{_did_you_mean(path)} ({exc})") from exc
+    finally:
+        hydra_log.disabled = disabled
+
+
+def _did_you_mean(path: str) -> str:
+    """``; did you mean 'pkg.Name'?`` where ``path``'s module imports and has a name close to its last part."""
+    module, _, name = str(path).rpartition(".")
+    try:
+        names = dir(importlib.import_module(module)) if module else []
+    except Exception:  # noqa: BLE001 - the module itself is what is wrong: no suggestion
+        names = []
+    close = difflib.get_close_matches(name, [n for n in names if not n.startswith("_")], n=1)
+    return f"; did you mean '{module}.{close[0]}'?" if close else ""
+
+
+#: Keys of a config node that are Hydra's, not arguments.
+HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
+
+
+def check_arguments(node: DictConfig | dict, what: str) -> None:
+    """Before anything is built: ``node._target_`` imports, is not an abstract class, and every other key of ``node`` names one of its
+    parameters (unless it takes ``**kwargs``), and so for every nested node with a ``_target_`` of its own (a
+    hybrid drafter's parts). ConfigError naming the key, its closest parameter and the parameters."""
+    target = target_of(node, what)
+    missing = sorted(getattr(target, "__abstractmethods__", ()))
+    if missing:
+        raise ConfigError(f"{what}: {node.get('_target_')} does not implement {', '.join(missing)} (abstract in its "
+                          "base class): define it, or point _target_ at a class that does")
+    params = _parameters(target)
+    for key, value in node.items():
+        if key in HYDRA_KEYS:
+            continue
+        if params is not None and key not in params:
+            hint = difflib.get_close_matches(str(key), list(params), n=1)
+            hint = f"did you mean {what}.{hint[0]}? " if hint else ""
+            raise ConfigError(f"{what}.{key}: {node.get('_target_')} takes no argument {key!r}; {hint}its arguments: "
+                              f"{', '.join(params) or 'none'}")
+        if isinstance(value, Mapping) and value.get("_target_"):
+            check_arguments(value, f"{what}.{key}")
+
+
+def _parameters(target: Any) -> list[str] | None:
+    """The keyword parameters of ``target`` (a class: its ``__init__``'s), or None where any name is accepted."""
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def accepts_argument(node: DictConfig | dict, name: str, what: str) -> bool:

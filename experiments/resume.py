@@ -30,9 +30,7 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from omegaconf import OmegaConf
 
 from experiments.results import RECORDS_FILE, SUMMARY_FILE, read_records
 from experiments.wandb_run import STATE_FILE as WANDB_STATE_FILE
+from specdec.files import held_lock
 
 log = logging.getLogger(__name__)
 
@@ -137,30 +136,15 @@ def claim_run_dir(run_dir: str | Path, stream=None):
     and skips (complete) or resumes (interrupted) the run. The lock dies with its process, so a killed
     run never blocks its rerun.
     """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no claim
-        yield
-        return
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            print(f"waiting for {run_dir}: another process (pid {holder}) is running this config there; this one "
-                  "then skips the run if that one completed it, or resumes it", file=stream or sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def waiting(holder: str) -> str:
+        return (f"waiting for {run_dir}: another process (pid {holder}) is running this config there; this one "
+                "then skips the run if that one completed it, or resumes it")
+
+    with held_lock(run_dir / LOCK_FILE, waiting, stream):
+        yield
 
 
 def _read_summary(path: Path) -> dict | None:

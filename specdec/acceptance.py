@@ -13,6 +13,7 @@ target distribution and ``q`` the draft distribution, both warped by the same
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 
 import torch
@@ -25,10 +26,24 @@ from specdec.types import AcceptResult, DraftTree
 
 
 class AcceptanceRule(ABC):
-    """One signature for every rule; ``lossless`` says whether the output follows the target exactly."""
+    """One signature for every rule; ``lossless`` says whether the output follows the target exactly.
+
+    A new rule implements :meth:`__call__` (and :meth:`check` if it cannot run with some sampling settings).
+    ``name`` (what the run summary records) defaults to the class's name, and ``lossless`` to False: a rule
+    is recorded as lossless only where its own class says so (a subclass of a lossless rule that changes
+    its arithmetic does not inherit the claim). Draw every random number through :meth:`draw_uniform` and
+    :meth:`draw_token` so that a run is reproducible from its seed.
+    """
 
     name: str = ""
-    lossless: bool = True
+    lossless: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in vars(cls):
+            cls.name = cls.__name__
+        if "lossless" not in vars(cls):
+            cls.lossless = False
 
     def check(self, sampling: SamplingParams) -> None:
         """Raise :class:`ConfigError` if the rule cannot run with ``sampling``."""
@@ -66,6 +81,7 @@ class GreedyAcceptance(AcceptanceRule):
     """Temperature 0: the deepest path whose every token is the target's argmax at its parent."""
 
     name = "greedy"
+    lossless = True
 
     def check(self, sampling: SamplingParams) -> None:
         if not sampling.greedy:
@@ -104,6 +120,7 @@ class RejectionAcceptance(AcceptanceRule):
     """
 
     name = "rejection"
+    lossless = True
 
     def __call__(self, tree, logits, sampling, rng):
         p_all = warp_probs(logits, sampling)  # [1 + N, V]
@@ -194,16 +211,29 @@ class TypicalAcceptance(AcceptanceRule):
         return _walk(tree, choose, lambda node: self.draw_token(p_all[node + 1], rng))
 
 
+def check_signature(rule: AcceptanceRule) -> None:
+    """ConfigError, naming the class, if ``rule`` cannot be called as ``rule(tree, logits, sampling, rng)``."""
+    try:
+        inspect.signature(rule.__call__).bind(None, None, None, None)
+    except TypeError as err:
+        raise ConfigError(f"acceptance rule {type(rule).__module__}.{type(rule).__qualname__}: __call__ must take "
+                          f"(tree, logits, sampling, rng) and return an AcceptResult ({err})") from None
+    except ValueError:  # no signature to read (a C callable): it is called as is
+        pass
+
+
 RULES = {"greedy": GreedyAcceptance, "rejection": RejectionAcceptance, "typical": TypicalAcceptance}
 
 
 def get_rule(rule: str | AcceptanceRule, **kwargs) -> AcceptanceRule:
     """An :class:`AcceptanceRule` from its name (``greedy``, ``rejection``, ``typical``) or as given."""
     if isinstance(rule, AcceptanceRule):
+        check_signature(rule)
         return rule
     if rule not in RULES:
         raise ConfigError(f"acceptance={rule!r} is unknown; choose one of {sorted(RULES)} or pass an AcceptanceRule")
     return RULES[rule](**kwargs)
 
 
-__all__ = ["RULES", "AcceptanceRule", "GreedyAcceptance", "RejectionAcceptance", "TypicalAcceptance", "get_rule"]
+__all__ = ["RULES", "AcceptanceRule", "GreedyAcceptance", "RejectionAcceptance", "TypicalAcceptance", "check_signature",
+           "get_rule"]

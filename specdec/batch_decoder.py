@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specdec.acceptance import GreedyAcceptance, RejectionAcceptance, TypicalAcceptance
 from specdec.batch_acceptance import batch_greedy, batch_rejection, batch_typical
 from specdec.batch_cache import BatchCache
 from specdec.batch_drafting import keyed_rows
@@ -40,15 +41,18 @@ class BatchOutput:
 
 
 def batch_rule(rule):
-    """The tensorized form of a per-node :class:`~specdec.acceptance.AcceptanceRule`."""
-    if rule.name == "greedy":
+    """The tensorized form of a per-node :class:`~specdec.acceptance.AcceptanceRule`: only of the built-in rules
+    themselves (chosen by class, not name: a subclass's overrides would be silently ignored)."""
+    kind = type(rule)
+    if kind is GreedyAcceptance:
         return batch_greedy
-    if rule.name == "rejection":
+    if kind is RejectionAcceptance:
         return batch_rejection
-    if rule.name == "typical":
+    if kind is TypicalAcceptance:
         return lambda tree, logits, sampling, rng: batch_typical(tree, logits, sampling, rng, rule.epsilon, rule.delta)
-    raise SpecDecError(f"acceptance rule {rule.name!r} has no batched form; use greedy, rejection or typical, "
-                       "or decode the prompts one by one with generate()")
+    raise SpecDecError(f"acceptance rule {kind.__qualname__} ({rule.name!r}) has no batched form (only the built-in "
+                       "greedy, rejection and typical have one); decode with batch_size=1 (generate(), one prompt at "
+                       "a time) or use a built-in rule")
 
 
 def check_batch(decoder, prompts, max_new_tokens, seed, seeds) -> tuple[list[list[int]], list[int], list[int]]:

@@ -14,7 +14,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from specdec.drafting import DraftContext, Drafter
+from specdec.drafting import DraftContext, Drafter, checked_proposal
+from specdec.models import vocab_size
 from specdec.rng import KeyedRandom
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
 
@@ -69,7 +70,7 @@ class PerRowDrafters(BatchDrafter):
         self.ctx: DraftContext | None = None
 
     def start(self, ctx: DraftContext) -> None:
-        self.ctx, self.rows = ctx, []
+        self.ctx, self.rows, self.vocab_size = ctx, [], vocab_size(ctx.target)
 
     def extend(self, prompts: list[list[int]], target_hidden: torch.Tensor | None) -> None:
         """One fresh copy of the drafter per prompt, on the rng's matching row, prefilled with it."""
@@ -91,7 +92,7 @@ class PerRowDrafters(BatchDrafter):
         trees = []
         for i, (drafter, depth) in enumerate(zip(self.rows, max_depths)):
             drafter.ctx.rng.step = self.ctx.rng.step[i : i + 1].clone()
-            trees.append(drafter.propose(max_depth=depth))
+            trees.append(checked_proposal(drafter, drafter.propose(max_depth=depth), self.vocab_size))
         return trees
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:

@@ -11,9 +11,9 @@ import torch
 
 from specdec.acceptance import AcceptanceRule, get_rule
 from specdec.cache import SpecDecCache
-from specdec.drafting import DraftContext, Drafter
+from specdec.drafting import DraftContext, Drafter, checked_proposal
 from specdec.errors import ConfigError, SpecDecError
-from specdec.models import synchronize, text_config
+from specdec.models import synchronize, text_config, vocab_size
 from specdec.rng import KeyedRandom
 from specdec.sampling import SamplingParams
 from specdec.stats import DecodeStats
@@ -104,6 +104,7 @@ class SpeculativeDecoder:
         self.verifier = Verifier(self.target, attn_backend, verify_widths)
         self.device = self.verifier.device
         self.eos = eos_token_ids(self.target)
+        self.vocab_size = vocab_size(self.target)
         self.compile = compile
         self.static_steps: dict = {}  # compile=graph|inductor: captured / compiled steps kept for later batches
         if compile != "none":
@@ -178,7 +179,7 @@ class SpeculativeDecoder:
         """One speculative step; returns the emitted tokens and whether generation is over."""
         step = stats.target_forwards
         with self._timer(stats, "time_draft"):
-            tree = self.drafter.propose(max_depth=remaining - 1)
+            tree = checked_proposal(self.drafter, self.drafter.propose(max_depth=remaining - 1), self.vocab_size)
         prefix_len = cache.length
         with self._timer(stats, "time_verify"):
             verify = self.verifier.verify(cache, root, tree, step)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.errors import SpecDecError
 from specdec.rng import KeyedRandom
 from specdec.sampling import SamplingParams
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
@@ -125,6 +126,28 @@ class Drafter(ABC):
     def commit(self, result: AcceptResult, verify: VerifyOutput) -> None:
         """Learn what was accepted: ``result.tokens`` are appended to the sequence."""
         self.tokens.extend(result.tokens)
+
+
+def checked_proposal(drafter: Drafter, tree, vocab_size: int) -> DraftTree:
+    """``tree``, what ``drafter.propose`` returned, if the decode loop can verify it: a :class:`DraftTree` of at most
+    ``drafter.max_nodes`` nodes (the caches are sized by it) whose ``draft_probs``, if any, are ``[N, V]`` over the
+    target's ``vocab_size``. Else :class:`SpecDecError` naming the drafter: a new drafter's mistake is reported as
+    its author's, not as the framework's."""
+    name = f"drafter {type(drafter).__module__}.{type(drafter).__qualname__}"
+    if not isinstance(tree, DraftTree):
+        raise SpecDecError(f"{name}: propose() returned a {type(tree).__name__}; return a specdec.types.DraftTree "
+                           "(DraftTree.chain(tokens) for a chain, DraftTree.empty() for no drafts)")
+    if tree.tokens.dim() != 1 or tree.parents.shape != tree.tokens.shape:
+        raise SpecDecError(f"{name}: propose() returned a DraftTree with tokens {tuple(tree.tokens.shape)} and parents "
+                           f"{tuple(tree.parents.shape)}; both must be [N]")
+    if tree.num_nodes > drafter.max_nodes:
+        raise SpecDecError(f"{name}: propose() returned {tree.num_nodes} nodes but its max_nodes is "
+                           f"{drafter.max_nodes} (the caches are sized by it); raise max_nodes or propose fewer")
+    probs = tree.draft_probs
+    if probs is not None and tuple(probs.shape) != (tree.num_nodes, vocab_size):
+        raise SpecDecError(f"{name}: propose() returned draft_probs of shape {tuple(probs.shape)}; expected "
+                           f"[{tree.num_nodes}, {vocab_size}] (one row per node over the target's vocabulary)")
+    return tree
 
 
 def release(drafter) -> None:

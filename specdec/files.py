@@ -6,10 +6,12 @@ one, never a mix, and no stray temp file when the write fails.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +40,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> None:
     """Replace ``path`` with ``data`` as JSON atomically (``dump_kwargs`` go to :func:`json.dumps`)."""
     atomic_write_text(path, json.dumps(data, **{"indent": 2, **dump_kwargs}) + "\n")
+
+
+@contextlib.contextmanager
+def held_lock(path: str | os.PathLike, waiting: Callable[[str], str], stream=None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` for the block; the file records the holder's pid.
+
+    If another process holds it, print ``waiting(pid)`` on one line (to ``stream``, default stderr) and wait
+    for it. The lock dies with its process (SIGKILL too), so a killed holder never blocks the next one. Where
+    there is no ``fcntl`` (not POSIX) the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            print(waiting(handle.read().strip() or "?"), file=stream or sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -60,12 +60,14 @@ class DraftTree:
         return torch.equal(self.parents.cpu(), torch.arange(-1, self.num_nodes - 1, dtype=self.parents.dtype))
 
     @classmethod
-    def chain(cls, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> DraftTree:
-        """A chain of ``len(tokens)`` drafts; sampled when ``draft_probs`` is given."""
+    def chain(cls, tokens: torch.Tensor | list[int], draft_probs: torch.Tensor | None = None) -> DraftTree:
+        """A chain of ``len(tokens)`` drafts (a tensor ``[N]`` or a list of ids); sampled when ``draft_probs``
+        ``[N, V]`` is given."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()  # [N]
         n = int(tokens.shape[0])
         parents = torch.arange(-1, n - 1, dtype=torch.long)  # [N]
         mode = "deterministic" if draft_probs is None else "chain"
-        return cls(tokens=tokens.long().cpu(), parents=parents, draft_probs=draft_probs, sampling=mode)
+        return cls(tokens=tokens, parents=parents, draft_probs=draft_probs, sampling=mode)
 
     @classmethod
     def empty(cls) -> DraftTree:

@@ -87,8 +87,9 @@ def error_line(stderr: str, code: int, returncode: int, *fragments: str) -> str:
     return lines[0]
 
 
-def main_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """``python -m experiments.decode <args>`` in this process; (exit status, stderr)."""
+def main_in_process(monkeypatch, capsys, *args: str, stdout: list | None = None) -> tuple[int, str]:
+    """``python -m experiments.decode <args>`` in this process; (exit status, stderr). ``stdout``: a list that
+    gets what was printed to stdout (Hydra's log lines)."""
     GlobalHydra.instance().clear()
     monkeypatch.setattr(sys, "argv", ["experiments.decode", f"--config-path={CONF}", *args])
     capsys.readouterr()
@@ -99,7 +100,10 @@ def main_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         code = exc.code
     finally:
         GlobalHydra.instance().clear()
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    if stdout is not None:
+        stdout.append(captured.out)
+    return code, captured.err
 
 
 # --------------------------------------------------------------------------- corrupt checkpoints

@@ -10,7 +10,6 @@ next build removes.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from specdec.files import atomic_write_json
+from specdec.files import atomic_write_json, held_lock
 
 MANIFEST = "COMPLETE.json"
 MANIFEST_FORMAT = 1
@@ -91,13 +90,15 @@ def verify_entry(root: Path, checksums: bool = True) -> dict:
 
 @contextlib.contextmanager
 def entry_lock(parent: Path, name: str):
-    """Exclusive lock for building ``parent/name`` (released even on SIGKILL)."""
-    with open(parent / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Exclusive lock for building ``parent/name`` (released even on SIGKILL). A process that finds another
+    building it says so on one line (a first build of the embedded pair takes ~20 minutes) and waits."""
+
+    def waiting(holder: str) -> str:
+        return (f"waiting for {parent / name}: another process (pid {holder}) is building it (or checking it); "
+                "this one uses it once that one is done")
+
+    with held_lock(parent / f".{name}.lock", waiting):
+        yield
 
 
 def remove_stale(parent: Path, name: str) -> list[Path]:

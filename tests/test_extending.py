@@ -1,0 +1,218 @@
+"""What a researcher meets when adding a drafter or an acceptance rule of their own (README, "Adding a drafter").
+
+Their mistakes are their input: each is one error naming their class (at the command line one ``error:`` line,
+exit 2, before any model loads where the config alone shows it), never a traceback blamed on the framework,
+and never a silent wrong result (a subclass of a built-in rule run as the built-in in batches).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from drafters import NoDrafter
+from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
+from specdec.acceptance import AcceptanceRule, GreedyAcceptance, RejectionAcceptance
+from specdec.drafting import Drafter
+from specdec.errors import ConfigError
+from specdec.types import AcceptResult, DraftTree
+from tests.tiny_models import pair
+
+PROMPTS = [torch.tensor([[3, 4, 5, 3, 4]]), torch.tensor([[7, 8, 9]])]
+
+
+class Repeat(Drafter):
+    """Proposes the last ``num_speculative_tokens`` committed tokens again (deterministic)."""
+
+    def __init__(self, num_speculative_tokens: int = 3):
+        super().__init__()
+        self.k = num_speculative_tokens
+
+    @property
+    def max_nodes(self) -> int:
+        return self.k
+
+    def propose(self, max_depth: int) -> DraftTree:
+        return DraftTree.chain(self.last(max_depth))  # a list: chain() takes it
+
+    def last(self, max_depth: int) -> list[int]:
+        return self.tokens[len(self.tokens) - min(self.k, max_depth, len(self.tokens)):]
+
+
+class ReturnsList(Repeat):
+    def propose(self, max_depth):
+        return self.tokens[-2:]
+
+
+class ClaimsTooFew(Repeat):
+    @property
+    def max_nodes(self) -> int:
+        return 1
+
+
+class ProbsOverSeven(Repeat):
+    def propose(self, max_depth):
+        tokens = self.last(max_depth)
+        return DraftTree.chain(tokens, torch.full((len(tokens), 7), 1 / 7))
+
+
+class NoPropose(Drafter):
+    def __init__(self, num_speculative_tokens: int = 3):
+        super().__init__()
+
+
+class AcceptAlways(RejectionAcceptance):
+    """A lossy change of a lossless rule: every draft is accepted."""
+
+    def accepts(self, u, px, qx):
+        return True
+
+
+class TopM(AcceptanceRule):
+    def __init__(self, m: int = 2):
+        self.m = m
+
+    def __call__(self, tree, logits, sampling, rng):
+        return AcceptResult(accepted_nodes=[], tokens=[int(logits[0].argmax())])
+
+
+class TwoArguments(AcceptanceRule):
+    def __call__(self, tree, logits):
+        raise AssertionError("never called")
+
+
+def test_a_rule_of_ones_own_is_named_by_its_class_and_lossless_only_where_it_says_so():
+    assert (TopM.name, TopM.lossless) == ("TopM", False)
+    assert (AcceptAlways.name, AcceptAlways.lossless) == ("AcceptAlways", False)  # not inherited from rejection
+    assert (RejectionAcceptance.name, RejectionAcceptance.lossless) == ("rejection", True)
+    assert (GreedyAcceptance.name, GreedyAcceptance.lossless) == ("greedy", True)
+
+    class Declared(RejectionAcceptance):
+        name, lossless = "rejection_v2", True
+
+    assert (Declared.name, Declared.lossless) == ("rejection_v2", True)
+
+
+def test_a_subclass_of_a_built_in_rule_is_not_batched_as_the_built_in():
+    """Batches chose the tensorized rule by name: a subclass ran as its base there, its override ignored."""
+    target = pair("llama")[0]
+    sampling = SamplingParams(temperature=1.0)
+    plain = SpeculativeDecoder(target, Repeat(), acceptance=RejectionAcceptance(), sampling=sampling)
+    assert len(plain.generate_batch(PROMPTS, max_new_tokens=6).sequences) == 2  # the built-in has a batched form
+    changed = SpeculativeDecoder(target, Repeat(), acceptance=AcceptAlways(), sampling=sampling)
+    with pytest.raises(SpecDecError, match=r"AcceptAlways \('AcceptAlways'\) has no batched form.*batch_size=1"):
+        changed.generate_batch(PROMPTS, max_new_tokens=6)
+    assert changed.generate(PROMPTS[0], max_new_tokens=6, seed=0).stats.target_forwards >= 1  # batch 1 runs it
+
+
+def test_a_rule_that_cannot_be_called_as_rules_are_is_refused_when_built():
+    with pytest.raises(ConfigError, match=r"TwoArguments: __call__ must take \(tree, logits, sampling, rng\)"):
+        SpeculativeDecoder(pair("llama")[0], NoDrafter(), acceptance=TwoArguments())
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["batch1", "batch2"])
+@pytest.mark.parametrize(("drafter", "fragment"), [
+    (ReturnsList(), r"ReturnsList: propose\(\) returned a list; return a specdec.types.DraftTree"),
+    (ClaimsTooFew(), r"ClaimsTooFew: propose\(\) returned 3 nodes but its max_nodes is 1"),
+    (ProbsOverSeven(), r"ProbsOverSeven: propose\(\) returned draft_probs of shape \(3, 7\); expected \[3, 257\]"),
+], ids=["not_a_tree", "too_many_nodes", "wrong_vocabulary"])
+def test_what_a_drafter_proposes_is_checked_and_named(drafter, fragment, batch):
+    decoder = SpeculativeDecoder(pair("llama")[0], drafter, acceptance="rejection",
+                                 sampling=SamplingParams(temperature=1.0))
+    with pytest.raises(SpecDecError, match=fragment):
+        if batch:
+            decoder.generate_batch(PROMPTS, max_new_tokens=6)
+        else:
+            decoder.generate(PROMPTS[0], max_new_tokens=6, seed=0)
+
+
+def test_a_chain_of_a_list_equals_the_chain_of_its_tensor():
+    drafted = SpeculativeDecoder(pair("llama")[0], Repeat()).generate(PROMPTS[0], max_new_tokens=8)
+    plain = SpeculativeDecoder(pair("llama")[0], NoDrafter()).generate(PROMPTS[0], max_new_tokens=8)
+    assert torch.equal(drafted.sequences, plain.sequences)
+    assert torch.equal(DraftTree.chain([5, 6]).tokens, DraftTree.chain(torch.tensor([5, 6])).tokens)
+
+
+HERE = "tests.test_extending"
+
+
+@pytest.mark.parametrize(("files", "overrides", "fragment"), [
+    ({"drafter/mine.yaml": f"_target_: {HERE}.Repeat\nnum_speculative_token: 2\n"}, ["drafter=mine"],
+     (f"drafter.num_speculative_token: {HERE}.Repeat takes no argument 'num_speculative_token'; "
+     "did you mean drafter.num_speculative_tokens?")),
+    ({"drafter/mine.yaml": f"_target_: {HERE}.Repaet\n"}, ["drafter=mine"],
+     f"cannot import _target_ '{HERE}.Repaet'; did you mean '{HERE}.Repeat'?"),
+    ({"drafter/mine.yaml": f"_target_: {HERE}.NoPropose\n"}, ["drafter=mine"],
+     f"drafter: {HERE}.NoPropose does not implement propose"),
+    ({"acceptance/mine.yaml": f"_target_: {HERE}.TopM\nmm: 2\n"}, ["acceptance=mine"],
+     f"acceptance.mm: {HERE}.TopM takes no argument 'mm'; did you mean acceptance.m?"),
+    ({"acceptance/mine.yaml": f"_target_: {HERE}.TwoArguments\n"}, ["acceptance=mine"],
+     "TwoArguments: __call__ must take (tree, logits, sampling, rng)"),
+    ({"acceptance/mine.yaml": f"_target_: {HERE}.TopM\n"}, ["acceptance=mine", "batch_size=2"],
+     "TopM ('TopM') has no batched form"),
+], ids=["argument_typo", "target_typo", "abstract", "rule_argument_typo", "rule_signature", "rule_in_a_batch"])
+def test_a_config_file_of_ones_own_fails_before_any_model_loads(files, overrides, fragment, tmp_path, monkeypatch,
+                                                                 capsys):
+    """The mistakes a config file alone shows are one line before the models load (on a fresh machine, before the
+    default pair's ~20-minute build), and Hydra's own log of a failed import is not printed beside it."""
+    import experiments.decode
+    from tests.test_cli_contract import error_line, main_in_process
+
+    for name, text in files.items():
+        (tmp_path / "conf" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "conf" / name).write_text(text)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models were loaded before the config was checked")
+
+    monkeypatch.setattr(experiments.decode, "load_models", no_loading)
+    out: list[str] = []
+    code, err = main_in_process(monkeypatch, capsys, "experiment=smoke", *overrides, "num_prompts=1", "warmup=0",
+                                "costs=false", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+                                f"hydra.run.dir={tmp_path / 'run'}", stdout=out)
+    error_line(err, 2, code, fragment)
+    assert "ERROR" not in out[0] + err, out[0][-2000:]
+
+
+def test_a_hybrid_parts_arguments_are_checked_too():
+    from omegaconf import OmegaConf
+
+    from experiments.instantiate import check_arguments
+
+    node = OmegaConf.create({"_target_": "drafters.HybridDrafter", "min_drafts": 1,
+                             "first": {"_target_": "drafters.NGramDrafter", "max_ngramm": 3},
+                             "second": {"_target_": "drafters.NGramDrafter"}})
+    with pytest.raises(ConfigError, match=r"drafter.first.max_ngramm: .*did you mean drafter.first.max_ngram\?"):
+        check_arguments(node, "drafter")
+    check_arguments(OmegaConf.create({"_target_": f"{HERE}.Anything", "whatever": 1}), "drafter")  # **kwargs
+
+
+class Anything(Repeat):
+    def __init__(self, **kwargs):
+        super().__init__()
+
+
+def test_a_process_that_finds_the_pair_being_built_says_so_and_waits(tmp_path, capsys):
+    """A second command used to wait for the first one's 20-minute build of the embedded pair in silence."""
+    from experiments.zoo import cache
+
+    entered = threading.Event()
+
+    def second():
+        with cache.entry_lock(tmp_path, "default"):
+            entered.set()
+
+    with cache.entry_lock(tmp_path, "default"):  # this process is building it
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        deadline, said = time.monotonic() + 30, ""
+        while "waiting for" not in said and time.monotonic() < deadline:
+            time.sleep(0.05)
+            said += capsys.readouterr().err
+        assert not entered.is_set()
+    waiter.join(timeout=30)
+    assert entered.is_set()
+    assert f"waiting for {tmp_path / 'default'}: another process (pid {os.getpid()}) is building it" in said

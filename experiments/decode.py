@@ -152,8 +152,9 @@ def tree_argument(drafter: DictConfig, tree: Any) -> dict:
         return {}  # tree=null, or tree=none (for sweeps)
     grower = drafter if accepts_argument(drafter, "tree", "drafter") else drafter.get("second")
     if not isinstance(grower, Mapping) or not accepts_argument(grower, "tree", "drafter"):
-        raise ConfigError(f"tree=... needs a drafter that grows token trees (drafter=draft_model, eagle, or hybrid "
-                          f"with such a second part); {drafter._target_} takes no tree: drop the tree override")
+        raise ConfigError(f"tree=... needs a drafter that grows token trees, one with a tree argument (drafter="
+                          f"draft_model, eagle, medusa, or hybrid with such a second part); {drafter._target_} takes no "
+                          "tree: drop the tree override")
     where = f"the file of tree={group_choice('tree') or '...'}"
     if not isinstance(tree, Mapping):  # a bare list or a scalar: raises, saying what a tree file looks like
         paths_entry(OmegaConf.to_container(tree) if isinstance(tree, ListConfig) else tree, where)

@@ -221,7 +221,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         raise ConfigError(f"batch_mode=continuous needs compile=none (got compile={cfg.compile}): the fixed-shape "
                           "step keeps one set of rows; use batch_mode=static with it")
     check_counts(cfg)
-    check_arguments(cfg.drafter, "drafter")  # a wrong _target_ or a misspelled argument in a drafter's file too
+    for group in ("drafter", "logger"):  # a wrong _target_ or a misspelled argument in their own files too
+        check_arguments(cfg[group], group)
     tree_argument(cfg.drafter, cfg.get("tree"))  # a tree file of the wrong shape fails before any model loads too
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)

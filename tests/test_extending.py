@@ -153,7 +153,10 @@ HERE = "tests.test_extending"
      "TwoArguments: __call__ must take (tree, logits, sampling, rng)"),
     ({"acceptance/mine.yaml": f"_target_: {HERE}.TopM\n"}, ["acceptance=mine", "batch_size=2"],
      "TopM ('TopM') has no batched form"),
-], ids=["argument_typo", "target_typo", "abstract", "rule_argument_typo", "rule_signature", "rule_in_a_batch"])
+    ({"logger/mine.yaml": "_target_: experiments.loggers.WandbLogger\nprojct: x\n"}, ["logger=mine"],
+     "logger.projct: experiments.loggers.WandbLogger takes no argument 'projct'; did you mean logger.project?"),
+], ids=["argument_typo", "target_typo", "abstract", "rule_argument_typo", "rule_signature", "rule_in_a_batch",
+        "logger_argument_typo"])
 def test_a_config_file_of_ones_own_fails_before_any_model_loads(files, overrides, fragment, tmp_path, monkeypatch,
                                                                  capsys):
     """The mistakes a config file alone shows are one line before the models load (on a fresh machine, before the

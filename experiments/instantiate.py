@@ -51,9 +51,10 @@ HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
 
 
 def check_arguments(node: DictConfig | dict, what: str) -> None:
-    """Before anything is built: ``node._target_`` imports, is not an abstract class, and every other key of ``node`` names one of its
-    parameters (unless it takes ``**kwargs``), and so for every nested node with a ``_target_`` of its own (a
-    hybrid drafter's parts). ConfigError naming the key, its closest parameter and the parameters."""
+    """Before anything is built: ``node._target_`` imports, is not an abstract class, and every other key of
+    ``node`` names one of its parameters (unless it takes ``**kwargs``); so for every nested node with a
+    ``_target_`` of its own (a hybrid drafter's parts). ConfigError naming the key, its closest parameter and
+    the parameters."""
     target = target_of(node, what)
     missing = sorted(getattr(target, "__abstractmethods__", ()))
     if missing:

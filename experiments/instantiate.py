@@ -74,7 +74,8 @@ def check_arguments(node: DictConfig | dict, what: str) -> None:
 
 
 def _parameters(target: Any) -> list[str] | None:
-    """The keyword parameters of ``target`` (a class: its ``__init__``'s), or None where any name is accepted."""
+    """The keyword parameters of ``target`` (a class: its ``__init__``'s), or None where any name is accepted
+    (``**kwargs``, or no signature to read)."""
     try:
         params = inspect.signature(target).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature
@@ -86,11 +87,8 @@ def _parameters(target: Any) -> list[str] | None:
 
 def accepts_argument(node: DictConfig | dict, name: str, what: str) -> bool:
     """True if the ``_target_`` of ``node`` takes a parameter called ``name`` (or **kwargs)."""
-    try:
-        params = inspect.signature(target_of(node, what)).parameters
-    except (TypeError, ValueError):  # builtins without a signature
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    params = _parameters(target_of(node, what))
+    return params is None or name in params
 
 
 def instantiate(node: DictConfig | dict, what: str, **kwargs: Any) -> Any:

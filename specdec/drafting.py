@@ -133,21 +133,25 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int) -> DraftTree:
     ``drafter.max_nodes`` nodes (the caches are sized by it) whose ``draft_probs``, if any, are ``[N, V]`` over the
     target's ``vocab_size``. Else :class:`SpecDecError` naming the drafter: a new drafter's mistake is reported as
     its author's, not as the framework's."""
-    name = f"drafter {type(drafter).__module__}.{type(drafter).__qualname__}"
     if not isinstance(tree, DraftTree):
-        raise SpecDecError(f"{name}: propose() returned a {type(tree).__name__}; return a specdec.types.DraftTree "
-                           "(DraftTree.chain(tokens) for a chain, DraftTree.empty() for no drafts)")
+        raise SpecDecError(f"{_named(drafter)}: propose() returned a {type(tree).__name__}; return a "
+                           "specdec.types.DraftTree (DraftTree.chain(tokens) for a chain, DraftTree.empty() for none)")
     if tree.tokens.dim() != 1 or tree.parents.shape != tree.tokens.shape:
-        raise SpecDecError(f"{name}: propose() returned a DraftTree with tokens {tuple(tree.tokens.shape)} and parents "
-                           f"{tuple(tree.parents.shape)}; both must be [N]")
+        raise SpecDecError(f"{_named(drafter)}: propose() returned a DraftTree with tokens {tuple(tree.tokens.shape)} "
+                           f"and parents {tuple(tree.parents.shape)}; both must be [N]")
     if tree.num_nodes > drafter.max_nodes:
-        raise SpecDecError(f"{name}: propose() returned {tree.num_nodes} nodes but its max_nodes is "
+        raise SpecDecError(f"{_named(drafter)}: propose() returned {tree.num_nodes} nodes but its max_nodes is "
                            f"{drafter.max_nodes} (the caches are sized by it); raise max_nodes or propose fewer")
     probs = tree.draft_probs
     if probs is not None and tuple(probs.shape) != (tree.num_nodes, vocab_size):
-        raise SpecDecError(f"{name}: propose() returned draft_probs of shape {tuple(probs.shape)}; expected "
+        raise SpecDecError(f"{_named(drafter)}: propose() returned draft_probs of shape {tuple(probs.shape)}; expected "
                            f"[{tree.num_nodes}, {vocab_size}] (one row per node over the target's vocabulary)")
     return tree
+
+
+def _named(drafter: Drafter) -> str:
+    """``drafter <module>.<class>``, for an error message (built only when one is raised: the check runs every step)."""
+    return f"drafter {type(drafter).__module__}.{type(drafter).__qualname__}"
 
 
 def release(drafter) -> None:

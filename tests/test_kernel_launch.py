@@ -38,12 +38,12 @@ class _Kernel:
 def test_first_launch_through_the_jit_then_direct_with_constexprs_in_order(monkeypatch):
     monkeypatch.delenv("SPECDEC_TRITON_DIRECT", raising=False)
     fn, x = _Jit(), torch.zeros(64)
-    launch = FixedLaunch(fn, (4, 1, 1), dict(BLOCK=32, EVEN=True, num_warps=4))
+    launch = FixedLaunch(fn, (4, 1, 1), {"BLOCK": 32, "EVEN": True, "num_warps": 4})
     launch(x, 64, 0.5)
     launch(x, 64, 0.5)
     launch(x[4:], 60, 0.5)  # 16 bytes in: still aligned
     launch(x.double(), 64, 0.5)  # another dtype: through the JIT again (not counted below)
-    assert fn.jit_calls[0] == ((4, 1, 1), (x, 64, 0.5), dict(BLOCK=32, EVEN=True, num_warps=4))
+    assert fn.jit_calls[0] == ((4, 1, 1), (x, 64, 0.5), {"BLOCK": 32, "EVEN": True, "num_warps": 4})
     assert len(fn.jit_calls) == 2 and fn.jit_calls[1][1][0].dtype == torch.float64
     assert [args[1:] for _, args in fn.direct_calls] == [(64, 0.5, 32, True), (60, 0.5, 32, True)]
     assert all(grid == (4, 1, 1) for grid, _ in fn.direct_calls)
@@ -51,7 +51,7 @@ def test_first_launch_through_the_jit_then_direct_with_constexprs_in_order(monke
 
 def test_a_new_alignment_goes_through_the_jit_again():
     fn, x = _Jit(), torch.zeros(64)
-    launch = FixedLaunch(fn, (1,), dict(BLOCK=32, EVEN=False))
+    launch = FixedLaunch(fn, (1,), {"BLOCK": 32, "EVEN": False})
     launch(x, 64, 1.0)
     launch(x[1:], 63, 1.0)  # 4 bytes in: Triton would pick another specialisation
     launch(x[1:], 63, 1.0)  # now the kept launcher is that one's
@@ -63,13 +63,13 @@ def test_a_new_alignment_goes_through_the_jit_again():
 def test_interpreter_and_switch_off_always_use_the_jit(monkeypatch):
     x = torch.zeros(8)
     interpreted = _Jit(compiled=False)
-    launch = FixedLaunch(interpreted, (1,), dict(BLOCK=8, EVEN=True))
+    launch = FixedLaunch(interpreted, (1,), {"BLOCK": 8, "EVEN": True})
     for _ in range(3):
         launch(x, 8, 1.0)
     assert len(interpreted.jit_calls) == 3 and not interpreted.direct_calls
     monkeypatch.setenv("SPECDEC_TRITON_DIRECT", "0")
     off = _Jit()
-    launch = FixedLaunch(off, (1,), dict(BLOCK=8, EVEN=True))
+    launch = FixedLaunch(off, (1,), {"BLOCK": 8, "EVEN": True})
     for _ in range(3):
         launch(x, 8, 1.0)
     assert len(off.jit_calls) == 3 and not off.direct_calls

@@ -66,8 +66,10 @@ def _probe(tensor: torch.Tensor) -> list[float]:
 def target_fingerprint(target) -> dict:
     """Identify a target: its shape (config fields) plus a sha256 over them and sampled weight values.
 
-    The sample covers the output embedding and the first, middle and last parameter tensors, so two
-    checkpoints of the same architecture with different weights get different fingerprints.
+    The sha256 covers the shape and sampled values of the output embedding and the first, middle and last
+    parameter tensors (it names cache directories, so it stays as it was); ``norms``, the L2 norm of every
+    parameter tensor, tells apart checkpoints that differ elsewhere (one layer's MLP retrained), up to the
+    rounding of a dtype round trip (:func:`same_target`).
     """
     config = text_config(target)
     out_emb = target.get_output_embeddings().weight
@@ -80,7 +82,8 @@ def target_fingerprint(target) -> dict:
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
     digest.update(torch.tensor(probe, dtype=torch.float32).numpy().tobytes())
     name = getattr(config, "_name_or_path", "") or getattr(target.config, "_name_or_path", "")
-    return {**shape, "name_or_path": str(name), "sha256": digest.hexdigest(), "probe": probe}
+    norms = [float(torch.linalg.vector_norm(p.detach(), dtype=torch.float32)) for p in params]
+    return {**shape, "name_or_path": str(name), "sha256": digest.hexdigest(), "probe": probe, "norms": norms}
 
 
 def describe_target(info: dict) -> str:
@@ -91,7 +94,12 @@ def describe_target(info: dict) -> str:
 
 
 def same_target(recorded: dict, actual: dict) -> bool:
-    """True if ``actual`` is the target ``recorded`` describes (same shape; same weights up to dtype rounding)."""
+    """True if ``actual`` is the target ``recorded`` describes (same shape; same weights up to dtype rounding). A
+    fingerprint written before ``norms`` existed is compared by its sampled values only."""
+    if "norms" in recorded and "norms" in actual:
+        a, b = torch.tensor(recorded["norms"]), torch.tensor(actual["norms"])
+        if a.shape != b.shape or not bool(torch.allclose(a, b, rtol=1e-2, atol=1e-3)):
+            return False
     if recorded.get("sha256") == actual.get("sha256"):
         return True
     keys = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -156,6 +164,9 @@ def missing(fmt: HeadFormat, directory: Path, what: str, how: str) -> SpecDecErr
 def read_config(fmt: HeadFormat, directory: str | os.PathLike, how: str) -> dict:
     """The parsed config of a heads directory (``fmt.error`` if absent, unreadable or of another format)."""
     directory = Path(directory).expanduser()
+    if directory.is_file():
+        raise fmt.error(f"{str(directory)!r} is a file: point {HEADS_OPTION} at the directory that holds "
+                        f"{fmt.config_file} and {fmt.weights_file} ({str(directory.parent)!r}?)")
     if not directory.is_dir():
         raise missing(fmt, directory, "the directory does not exist", how)
     path = directory / fmt.config_file

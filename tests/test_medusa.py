@@ -309,6 +309,22 @@ def test_fingerprint_tolerates_a_dtype_round_trip_only():
     assert not same_target(fp, target_fingerprint(pair("qwen2")[0]))
 
 
+def test_fingerprint_tells_apart_a_target_retrained_in_one_layer_only():
+    """The sampled values miss most tensors (the first, middle and last, and the LM head): the norms of all of them
+    catch a checkpoint that differs in one MLP, whose sha256 is the same."""
+    from drafters.medusa_heads import same_target
+
+    target = pair("llama")[0]
+    other = _copy(target)
+    with torch.no_grad():
+        weight = other.model.layers[0].mlp.down_proj.weight
+        weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)) * weight.std())
+    fp, changed = target_fingerprint(target), target_fingerprint(other)
+    assert fp["sha256"] == changed["sha256"] and not same_target(fp, changed)
+    legacy = {k: v for k, v in fp.items() if k != "norms"}  # heads saved before norms: compared as before
+    assert same_target(legacy, changed) and same_target(legacy, fp)
+
+
 def _copy(model):
     import copy
 
@@ -324,6 +340,11 @@ def test_heads_file_with_a_missing_tensor_fails(saved_heads):
     with pytest.raises(MedusaHeadsError, match="lacks tensor 'heads.2.lm_head.weight'.*retrain"):
         MedusaDrafter(saved_heads)
     assert load_heads(saved_heads, num_heads=2).num_heads == 2  # the first two heads are intact
+
+
+def test_a_heads_file_instead_of_its_directory_names_the_directory(saved_heads):
+    with pytest.raises(MedusaHeadsError, match=f"is a file: point drafter.heads .*'{saved_heads}'"):
+        MedusaDrafter(saved_heads / WEIGHTS_FILE)
 
 
 def test_more_heads_than_trained_fail(saved_heads):

@@ -217,6 +217,12 @@ def error_message(exc: BaseException) -> str:
     return text
 
 
+#: Names a user brings from the Python API or other tools, with the key that means them here.
+KNOWN_ELSEWHERE = {"max_rows": "the rows decoded at once are batch_size (with batch_mode=continuous: the most rows at "
+                               "a time, new prompts joining as rows finish), e.g. batch_size=4",
+                   "temperature": "did you mean sampling.temperature?", "k": "did you mean drafter.num_speculative_tokens?"}
+
+
 def _misspelled_key(text: str, cause: BaseException | None) -> str | None:
     """Hydra's "Could not override 'k' ... use +k=v ... not in struct" as: the key is unknown, the closest known keys
     (when the config node is at hand), and how to list them; None for any other message."""
@@ -229,6 +235,7 @@ def _misspelled_key(text: str, cause: BaseException | None) -> str | None:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
     prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
     hint = (f"did you mean {' or '.join(prefix + c for c in close)}? " if close else
+            f"{KNOWN_ELSEWHERE[key]}{' ' if KNOWN_ELSEWHERE[key].endswith('?') else '; '}" if key in KNOWN_ELSEWHERE else
             f"the keys there are {sorted(known)}; " if known else "")
     # a top-level key cannot be added (check_added_keys): '+' helps only an argument of a _target_'s node
     added = f"; an argument the node's _target_ takes is added with a leading + (+{key}=...)" if prefix else ""

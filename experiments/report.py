@@ -82,6 +82,11 @@ def check_recommendations(runs: list[Run], swept: list[str], tolerance: float) -
     for label, group in series(runs, swept).items():
         alpha, costs, tokens = pooled_model(group)
         speed = {row_of(r, [])["k"]: r.metrics.get("speedup") for r in group if r.metrics.get("speedup")}
+        batched = sorted({r.metrics.get("speculative", {}).get("batch_size") or 1 for r in group} - {1})
+        if batched:  # the cost model prices batch-1 steps (experiments.decode measures no costs for batches)
+            lines.append(f"{label}: no recommendation check (the cost model prices batch-1 runs; these ran "
+                         f"batch_size={','.join(map(str, batched))})")
+            continue
         if alpha is None or costs is None or not speed:
             lines.append(f"{label}: no recommendation check (needs costs=true, drafts proposed and a baseline)")
             continue

@@ -73,6 +73,10 @@ def test_recommendation_check_without_a_measured_speedup_or_outside_the_sweep(tm
         "all runs: no recommendation check (needs costs=true, drafts proposed and a baseline)"]
     outside = [chain_run(tmp_path, k, up) for k, up in ((2, 1.5), (6, 2.0))]
     assert report.check_recommendations(outside, [K_KEY], 0.05)[0].endswith("k=4 is not in the sweep")
+    batched = [chain_run(tmp_path, k) for k in (2, 4)]
+    batched[1].summary["metrics"]["speculative"]["batch_size"] = 3  # decode measures no costs for batches
+    assert report.check_recommendations(batched, [K_KEY], 0.05) == [
+        "all runs: no recommendation check (the cost model prices batch-1 runs; these ran batch_size=3)"]
 
 
 # --------------------------------------------------------------------------- series and the pooled model

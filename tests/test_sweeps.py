@@ -295,6 +295,14 @@ def test_unknown_sweep_key_fails_naming_the_key_and_the_closest_one(tmp_path):
     assert not list(tmp_path.rglob("summary.json"))
 
 
+def test_a_key_from_the_python_api_names_the_config_key_that_means_it():
+    from experiments.cli import error_message
+
+    with pytest.raises(Exception) as exc:  # noqa: PT011  (whatever Hydra raises: its message is what is tested)
+        compose_cfg("experiment=smoke", "max_rows=2")
+    assert "the rows decoded at once are batch_size" in error_message(exc.value)
+
+
 def test_set_aside_moves_a_changed_configs_files_and_copies_those_a_resume_keeps(tmp_path):
     """A changed config's files (W&B state included) leave the run directory, so its new results start their own;
     a rerun with fewer prompts copies the records and summary aside and leaves them where the resume reads them."""

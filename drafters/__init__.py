@@ -1,4 +1,5 @@
 """Drafters behind one protocol (:class:`specdec.drafting.Drafter`): one module per drafter."""
+from drafters.cross_tokenizer import CrossTokenizerDrafter
 from drafters.draft_model import DraftModelDrafter
 from drafters.eagle import EagleDrafter
 from drafters.hybrid import HybridDrafter
@@ -7,4 +8,4 @@ from drafters.medusa import MedusaDrafter  # noqa: F401
 from drafters.ngram import NGramDrafter
 from drafters.none import NoDrafter
 
-__all__ = ["DraftModelDrafter", "EagleDrafter", "HybridDrafter", "LayerSkipDrafter", "NGramDrafter", "NoDrafter"]
+__all__ = ["CrossTokenizerDrafter", "DraftModelDrafter", "EagleDrafter", "HybridDrafter", "LayerSkipDrafter", "NGramDrafter", "NoDrafter"]

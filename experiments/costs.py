@@ -112,11 +112,13 @@ def draft_forwards_per_step(stats, shape: dict) -> float:
     """Mean draft forwards per step as the run proposed them: one per tree level (``per_level``:
     the depths of the steps' trees), one per step that proposed anything (``per_step``), or none; with a
     ``draft_source`` (a hybrid: one source, or a list), only those sources' steps count (the other part's
-    lookups cost no forward)."""
+    lookups cost no forward); ``k`` every step (``fixed``)."""
     steps, source = stats.target_forwards, shape.get("draft_source")
     sources = [source] if isinstance(source, str) else list(source or [])
     if shape["draft_forwards"] == "per_level":
         return (sum(stats.depth_by_source.get(s, 0) for s in sources) if sources else sum(stats.depth_proposed)) / steps
+    if shape["draft_forwards"] == "fixed":
+        return float(shape["k"])
     if shape["draft_forwards"] == "per_step":
         return (sum(stats.steps_by_source.get(s, 0) for s in sources) if sources else
                 stats.depth_proposed[0] if stats.depth_proposed else 0) / steps

@@ -33,7 +33,7 @@ from experiments.decoding import EncodedPrompt, decode_continuous, decode_group,
 from experiments.greedy_check import rounding_check
 from experiments.instantiate import accepts_argument, check_arguments, instantiate
 from experiments.loggers import GuardedLogger, Logger
-from experiments.models_from_config import LoadedModels, load_models, target_device
+from experiments.models_from_config import LoadedModels, drafter_paths, load_models, target_device
 from experiments.overrides import group_choice
 from experiments.results import (
     BASELINE,
@@ -101,7 +101,8 @@ def build_acceptance(acceptance: DictConfig, sampling: Any) -> Any:
 
 
 def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -> Any:
-    """Instantiate the drafter; a drafter with a ``model`` argument gets the model config's draft model.
+    """Instantiate the drafter; a drafter with a ``model`` argument gets the model config's draft model, one with a
+    ``tokenizer`` argument the run's tokenizer, a ``draft: zoo:<size>/<role>`` the embedded model's directory.
 
     ``tree`` is the composed ``tree`` group (``{paths: [...]}``; None or ``{paths: null}`` for no
     tree); its paths reach the drafter as ``tree=`` (a hybrid's second part, under ``drafter=hybrid``).
@@ -111,6 +112,9 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
         drafter = copy.deepcopy(drafter)
         with open_dict(drafter):
             drafter.second.tree = kwargs.pop("tree")
+    kwargs.update(drafter_paths(drafter))
+    if accepts_argument(drafter, "tokenizer", "drafter") and drafter.get("tokenizer") is None:
+        kwargs["tokenizer"] = models.tokenizer  # a drafter that reads text gets the run's
     if not accepts_argument(drafter, "model", "drafter"):
         return instantiate(drafter, "drafter", **kwargs)
     if models.draft is None:
@@ -125,7 +129,8 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
 #: The drafters' counts (True: null allowed), checked before any model is built or loaded (the drafters check them
 #: again when they are built, after the models).
 DRAFTER_COUNTS = {"num_speculative_tokens": False, "top_k_children": False, "budget": True, "layers": False,
-                  "tree_nodes": False, "num_heads": True, "max_ngram": False, "min_ngram": False, "min_drafts": False}
+                  "tree_nodes": False, "num_heads": True, "max_ngram": False, "min_ngram": False, "min_drafts": False,
+                  "draft_tokens": True}
 
 
 def check_counts(cfg: DictConfig) -> None:
@@ -224,6 +229,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     for group in ("drafter", "logger"):  # a wrong _target_ or a misspelled argument in their own files too
         check_arguments(cfg[group], group)
     tree_argument(cfg.drafter, cfg.get("tree"))  # a tree file of the wrong shape fails before any model loads too
+    drafter_paths(cfg.drafter, build=False)  # so does a missing draft checkpoint a drafter loads itself
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
     if cfg.batch_size > 1:

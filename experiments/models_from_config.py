@@ -125,7 +125,13 @@ def _from_pretrained(cfg: DictConfig | dict) -> LoadedModels:
 def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer: str | None) -> LoadedModels:
     """Load a target (and a draft model) with ``from_pretrained``; the tokenizer defaults to the target's."""
     from specdec.checkpoints import RemoteCodeError
-    from specdec.models import check_checkpoint_dir, check_same_vocab, load_causal_lm, load_tokenizer, resolve_draft_dtype
+    from specdec.models import (
+        check_checkpoint_dir,
+        check_same_vocab,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_draft_dtype,
+    )
 
     trust = bool(cfg.get("trust_remote_code", False))
     opts = {"dtype": cfg.get("dtype", "float32"), "device": cfg.get("device", "cpu"), "trust_remote_code": trust}
@@ -161,3 +167,32 @@ def _required(cfg: DictConfig | dict, key: str) -> Any:
     if value in (None, "", "???"):
         raise ConfigError(f"model.{key} is required for model.source={cfg.get('source')!r}; pass model.{key}=<path or hub id>")
     return value
+
+
+def drafter_paths(drafter: DictConfig | dict, build: bool = True) -> dict:
+    """A drafter's ``draft: zoo:<size>/<target|draft>`` (an embedded model, built on first use) as its directory, with
+    ``draft_tokenizer`` the pair's tokenizer unless set; ``{}`` for any other value (or a plugin's drafter).
+    ``build=False`` only checks the values (a directory given as ``draft`` holds a saved model, a local
+    ``draft_tokenizer`` exists), before any model loads."""
+    from specdec.models import check_checkpoint_dir, check_path
+
+    spec = drafter.get("draft")
+    if not isinstance(spec, str) or not str(drafter.get("_target_") or "").startswith("drafters."):
+        return {}  # a plugin's key of that name may mean something else
+    if isinstance(drafter.get("draft_tokenizer"), str):
+        check_path(drafter.draft_tokenizer, "drafter.draft_tokenizer")
+    if not spec.startswith("zoo:"):
+        check_checkpoint_dir(spec, "drafter.draft")
+        return {}
+    from experiments.zoo import ensure_pair
+    from experiments.zoo.sizes import SIZES
+
+    size, _, role = spec.removeprefix("zoo:").partition("/")
+    if size not in SIZES or role not in ("target", "draft"):
+        raise ConfigError(f"drafter.draft={spec!r}: write zoo:<size>/target or zoo:<size>/draft with a size of "
+                          f"{sorted(SIZES)} (e.g. zoo:default/draft), or a checkpoint directory")
+    if not build:
+        return {}
+    pair = ensure_pair(size=size)
+    return {"draft": pair.target_dir if role == "target" else pair.draft_dir,
+            "draft_tokenizer": drafter.get("draft_tokenizer") or pair.tokenizer_dir}

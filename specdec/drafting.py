@@ -27,8 +27,9 @@ class DraftContext:
     capacity: int  # the most tokens (prompt + generated + one step's nodes) the run can hold
 
 
-#: How often a step runs the drafting module: never, once per tree level, or once per step.
-DRAFT_FORWARDS = ("none", "per_level", "per_step")
+#: How often a step runs the drafting module: never, once per tree level, once per step, or ``k`` times every step
+#: whatever it proposes (a cross-tokenizer draft, whose own tokens are not the proposed ones).
+DRAFT_FORWARDS = ("none", "per_level", "per_step", "fixed")
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,15 @@ class StepShape:
         max_nodes: the most draft nodes a step proposes (the target verifies ``1 + nodes``).
         draft_forwards: one of :data:`DRAFT_FORWARDS`: a draft model runs one forward per tree
             level (``per_level``: k for a k-chain), Medusa's heads one per step (``per_step``),
-            n-gram lookup none.
+            n-gram lookup none, a cross-tokenizer draft ``k`` of its own every step (``fixed``).
         draft_model: a causal LM whose forwards are timed one token at a time after the run's
             context, like the target's; or None.
         draft_probe: a zero-argument callable running one draft forward as decoding does, for a
             drafting module that is not a causal LM (Medusa's, EAGLE's heads) or a draft model that runs
             through :class:`drafters.fast_decoder.FastDecoder` (then ``draft_model`` only times its
             prefill); or None.
-        k: the chain length (chains and dynamic trees' depth limit), else None.
+        k: the chain length (chains and dynamic trees' depth limit; with ``fixed``, the draft forwards per step), else
+            None.
         draft_dtype: the dtype the drafting module runs in when it is not ``draft_model`` (EAGLE's or
             Medusa's heads), else None (``draft_model``'s own is reported).
         draft_source: only the steps of this ``DraftTree.source`` (or of these sources) run draft forwards (a

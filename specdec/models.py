@@ -116,7 +116,7 @@ def head_dtype(choice: str | None, target_dtype: torch.dtype, device: str | torc
     return DTYPES[choice]
 
 
-def _check_path(path: str, what: str) -> None:
+def check_path(path: str, what: str) -> None:
     """Fail early, naming the path, when a local directory is missing (a hub id passes)."""
     expanded = os.path.expanduser(path)
     hub_like = not path.startswith(("/", ".", "~")) and path.count("/") <= 1
@@ -131,7 +131,7 @@ def check_checkpoint_dir(path: str, what: str) -> None:
     """Fail early, naming ``what`` (a role or a config key) and the path, when a local checkpoint directory is
     missing or holds no saved model (no ``config.json``; weights that fail to load are named by
     :func:`specdec.checkpoints.load_failure`)."""
-    _check_path(path, what)
+    check_path(path, what)
     expanded = os.path.expanduser(path)
     if not os.path.isdir(expanded):  # a hub id
         return
@@ -174,17 +174,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = ""):
+def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = "", what: str = "tokenizer"):
     """``AutoTokenizer.from_pretrained`` with a clear error for a missing path or unreadable tokenizer files.
 
     ``elsewhere`` names the option that points at a tokenizer kept in another directory; the error for a
-    local directory without tokenizer files suggests it.
+    local directory without tokenizer files suggests it. ``what`` names the path in the error for a missing one.
     """
     from transformers import AutoTokenizer
 
     from specdec.checkpoints import RemoteCodeError
 
-    _check_path(path, "tokenizer")
+    check_path(path, what)
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded) and not any(os.path.exists(os.path.join(expanded, f)) for f in TOKENIZER_FILES):
         fix = f"pass {elsewhere}=<the directory that holds it>" if elsewhere else "save it there with save_pretrained"

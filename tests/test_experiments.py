@@ -146,9 +146,12 @@ def test_unknown_group_option_fails(override):
 
 
 @pytest.mark.parametrize("option", options("drafter"))
-def test_instantiate_every_drafter(option):
+def test_instantiate_every_drafter(option, saved_pair):
     models = load_models(compose_cfg("model=tiny_random").model)
-    drafter = decode.build_drafter(compose_cfg(f"drafter={option}").drafter, models)
+    # the cross-tokenizer draft defaults to the embedded pair's (a build of minutes): a saved draft here
+    draft = ([f"drafter.draft={saved_pair['draft']}", f"drafter.draft_tokenizer={saved_pair['target']}"]
+             if option == "cross_tokenizer" else [])
+    drafter = decode.build_drafter(compose_cfg(f"drafter={option}", *draft).drafter, models)
     assert type(drafter).__name__ == compose_cfg(f"drafter={option}").drafter._target_.split(".")[-1]
 
 

@@ -1,0 +1,182 @@
+"""A draft model with its own tokenizer: drafts go through text (universal assisted generation).
+
+The target's committed tokens are decoded to text and encoded with the draft's tokenizer; the draft model
+continues that text greedily for ``draft_tokens`` of its own tokens; the continuation is encoded with the
+target's tokenizer (behind the last committed tokens, so that a word is split as the target splits it) and its
+first ``num_speculative_tokens`` target tokens are proposed. The proposals are deterministic (point masses for
+the acceptance rule), so every rule stays exact: greedy runs equal plain decoding and rejection sampling keeps
+the target's distribution, whatever the draft or its tokenizer.
+"""
+from __future__ import annotations
+
+import torch
+
+from drafters.fast_decoder import PROBE_CONTEXT, fast_decoder, forward_lm, forward_probe
+from specdec.cache import SpecDecCache
+from specdec.drafting import DraftContext, Drafter, StepShape
+from specdec.errors import SpecDecError
+from specdec.models import text_config, vocab_size
+from specdec.types import DraftTree
+
+#: How many of the last committed target tokens are re-encoded with the draft's continuation, so that the
+#: continuation's first token is split as the target's tokenizer splits it after them.
+LOOKBEHIND = 4
+#: The draft's cache holds this many draft tokens per target token of the run's capacity (or its position limit,
+#: if lower); a longer text is seen through a window (:meth:`CrossTokenizerDrafter._window`).
+DRAFT_TOKENS_PER_TOKEN = 4
+
+
+class CrossTokenizerDrafter(Drafter):
+    """Drafts a chain with a causal LM whose tokenizer differs from the target's.
+
+    Args:
+        draft: the draft model (a loaded causal LM) or its checkpoint directory (loaded with safetensors).
+        tokenizer: the target's tokenizer (``experiments.decode`` passes the run's).
+        draft_tokenizer: the draft's tokenizer, or its directory; None: the ``draft`` directory's own.
+        num_speculative_tokens: the most target tokens proposed per step (k >= 1).
+        draft_tokens: draft-model tokens generated per step (one draft forward each); None: ``k + 1``, so that
+            the k-th proposal is followed by more text (a word cut at the draft's end is not proposed).
+        dtype: the dtype a draft loaded from a directory runs in.
+    """
+
+    name = "cross_tokenizer"
+
+    def __init__(self, draft, tokenizer=None, draft_tokenizer=None, num_speculative_tokens: int = 4,
+                 draft_tokens: int | None = None, dtype: str = "float32"):
+        super().__init__()
+        from specdec.models import load_causal_lm, load_tokenizer
+
+        self.k = _count(num_speculative_tokens, "num_speculative_tokens")
+        self.draft_tokens = _count(self.k + 1 if draft_tokens is None else draft_tokens, "draft_tokens")
+        if isinstance(draft, str):
+            draft_tokenizer = draft_tokenizer or draft
+            draft = load_causal_lm(draft, dtype=dtype, role="draft")
+        if draft_tokenizer is None:
+            raise SpecDecError("CrossTokenizerDrafter: pass draft_tokenizer= (the draft model's own tokenizer)")
+        if isinstance(draft_tokenizer, str):
+            draft_tokenizer = load_tokenizer(draft_tokenizer, elsewhere="drafter.draft_tokenizer",
+                                             what="drafter.draft_tokenizer")
+        self.model = draft.eval()
+        self.tokenizer, self.draft_tokenizer = tokenizer, draft_tokenizer
+        self.cache: SpecDecCache | None = None
+        self._fed: list[int] = []  # draft ids in the cache, from draft id self._offset of the text's encoding
+        self._offset = 0
+        self._limit = 0  # draft tokens the cache holds (set per run)
+
+    @property
+    def max_nodes(self) -> int:
+        return self.k
+
+    def step_shape(self, target) -> StepShape:
+        """``draft_tokens`` draft forwards every step, whatever it proposes, then a verify of ``1 + k``."""
+        self._follow(target)
+        context = min(PROBE_CONTEXT, self._positions() - 1)
+        probe = forward_probe(self.model, True, context) if fast_decoder(self.model) else None
+        return StepShape(kind="chain", max_nodes=self.k, draft_forwards="fixed", draft_model=self.model,
+                         draft_probe=probe, k=self.draft_tokens)
+
+    def _follow(self, target) -> None:
+        """Run the draft on the target's device."""
+        self.model.to(next(target.parameters()).device)
+
+    def start(self, ctx: DraftContext) -> None:
+        super().start(ctx)
+        if self.tokenizer is None:
+            raise SpecDecError("CrossTokenizerDrafter needs the target's tokenizer: pass tokenizer=")
+        _check_tokenizer(self.tokenizer, ctx.target, "the target's tokenizer", "target")
+        _check_tokenizer(self.draft_tokenizer, self.model, "drafter.draft_tokenizer", "draft model")
+        self._follow(ctx.target)
+        # draft tokens per target token: up to DRAFT_TOKENS_PER_TOKEN (a byte-level draft for a word-level target)
+        self._limit = min(self._positions(), DRAFT_TOKENS_PER_TOKEN * ctx.capacity + self.draft_tokens + 1)
+        self.cache = SpecDecCache.for_model(self.model, self._limit)
+        self._fed, self._offset = [], 0
+
+    def _positions(self) -> int:
+        """The draft model's position limit."""
+        return int(getattr(text_config(self.model), "max_position_embeddings", None) or 2048)
+
+    def propose(self, max_depth: int) -> DraftTree:
+        k = min(self.k, max_depth)
+        if k <= 0:
+            return DraftTree.empty()
+        text = _text(self.tokenizer, self.tokens)
+        ids = self.draft_tokenizer.encode(text, add_special_tokens=False)
+        continuation = self._continue(ids)
+        if continuation is None:
+            return DraftTree.empty()
+        return DraftTree.chain(self._target_tokens(continuation)[:k])
+
+    def _continue(self, ids: list[int]) -> tuple[str, bool] | None:
+        """``(text, ended)``: the draft model's greedy continuation of ``ids`` as text, and whether it ended with the
+        draft's EOS; None when the continuation cannot be read back as text after the context's."""
+        window = self._window(ids)
+        logits = self._feed(window)  # [V]
+        drafted, eos = [], self.draft_tokenizer.eos_token_id
+        for i in range(self.draft_tokens):
+            token = int(logits.argmax())
+            if token == eos:
+                break
+            drafted.append(token)
+            if i + 1 < self.draft_tokens:
+                logits = self._feed(window + drafted)
+        base = _text(self.draft_tokenizer, window)
+        full = _text(self.draft_tokenizer, window + drafted)
+        if not full.startswith(base):
+            return None
+        return full[len(base):], len(drafted) < self.draft_tokens
+
+    def _window(self, ids: list[int]) -> list[int]:
+        """The draft ids the draft model sees: the encoding from draft id ``_offset`` on; moved to keep the last half
+        of the draft's cache once the text outgrows it (the cache is then refilled once, not every step)."""
+        limit = self._limit - self.draft_tokens - 1
+        if len(ids) - self._offset > limit:
+            self._offset = max(0, len(ids) - limit // 2)
+            self._fed = []
+        return ids[self._offset:]
+
+    def _feed(self, window: list[int]) -> torch.Tensor:
+        """Bring the draft cache to ``window`` (keeping the longest prefix already fed); the last position's logits
+        ``[V]``."""
+        keep = 0
+        while keep < min(len(self._fed), len(window) - 1) and self._fed[keep] == window[keep]:
+            keep += 1
+        self.cache.truncate(keep)
+        new = window[keep:]
+        device = next(self.model.parameters()).device
+        x = torch.tensor([new], dtype=torch.long, device=device)  # [1, n]
+        positions = keep + torch.arange(len(new), device=device)[None]  # [1, n]
+        logits, _ = forward_lm(self.model, x, self.cache, positions, None, 1, output_hidden=False)  # [1, 1, V]
+        self._fed = list(window)
+        return logits[0, -1]  # [V]
+
+    def _target_tokens(self, continuation: tuple[str, bool]) -> list[int]:
+        """The continuation's text as target tokens after the last committed ones; none when the re-encoding does
+        not keep those as they are (the text merges into the last committed token)."""
+        text, ended = continuation
+        behind = self.tokens[-LOOKBEHIND:]
+        ids = self.tokenizer.encode(_text(self.tokenizer, behind) + text, add_special_tokens=False)
+        if ids[: len(behind)] != behind:
+            return []
+        proposed = ids[len(behind):]
+        if ended:
+            eos = self.tokenizer.eos_token_id
+            return proposed + ([eos] if eos is not None else [])
+        return proposed[:-1]  # the last target token may be a word the draft's text cut short
+
+
+def _text(tokenizer, ids: list[int]) -> str:
+    """``ids`` as text, special tokens and spaces as they are (no clean-up that the encoder would not undo)."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _count(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecDecError(f"drafter.{key}={value!r}: must be an integer >= 1")
+    return value
+
+
+def _check_tokenizer(tokenizer, model, what: str, whose: str) -> None:
+    """A tokenizer whose ids the model can read: no id past the model's vocabulary."""
+    if len(tokenizer) > vocab_size(model):
+        raise SpecDecError(f"{what} has {len(tokenizer)} tokens but the {whose} reads {vocab_size(model)}: pass the "
+                           f"{whose}'s own tokenizer")

@@ -3,7 +3,8 @@
 The target's committed tokens are decoded to text and encoded with the draft's tokenizer; the draft model
 continues that text greedily for ``draft_tokens`` of its own tokens; the continuation is encoded with the
 target's tokenizer (behind the last committed tokens, so that a word is split as the target splits it) and its
-first ``num_speculative_tokens`` target tokens are proposed. The proposals are deterministic (point masses for
+first ``num_speculative_tokens`` target tokens are proposed. The host work per step grows with the text (it is
+decoded and encoded again whole). The proposals are deterministic (point masses for
 the acceptance rule), so every rule stays exact: greedy runs equal plain decoding and rejection sampling keeps
 the target's distribution, whatever the draft or its tokenizer.
 """
@@ -21,6 +22,8 @@ from specdec.types import DraftTree
 #: How many of the last committed target tokens are re-encoded with the draft's continuation, so that the
 #: continuation's first token is split as the target's tokenizer splits it after them.
 LOOKBEHIND = 4
+#: The longest run of committed tokens tried for that (see :meth:`CrossTokenizerDrafter._behind`).
+MAX_LOOKBEHIND = 16
 #: The draft's cache holds this many draft tokens per target token of the run's capacity (or its position limit,
 #: if lower); a longer text is seen through a window (:meth:`CrossTokenizerDrafter._window`).
 DRAFT_TOKENS_PER_TOKEN = 4
@@ -34,8 +37,9 @@ class CrossTokenizerDrafter(Drafter):
         tokenizer: the target's tokenizer (``experiments.decode`` passes the run's).
         draft_tokenizer: the draft's tokenizer, or its directory; None: the ``draft`` directory's own.
         num_speculative_tokens: the most target tokens proposed per step (k >= 1).
-        draft_tokens: draft-model tokens generated per step (one draft forward each); None: ``k + 1``, so that
-            the k-th proposal is followed by more text (a word cut at the draft's end is not proposed).
+        draft_tokens: draft-model tokens generated per step (one draft forward each); None: ``k + 1`` (the last
+            target token of the continuation is not proposed, as it may be a word cut short; a draft whose tokens
+            are shorter than the target's needs more for k proposals).
         dtype: the dtype a draft loaded from a directory runs in.
     """
 
@@ -88,6 +92,9 @@ class CrossTokenizerDrafter(Drafter):
         self._follow(ctx.target)
         # draft tokens per target token: up to DRAFT_TOKENS_PER_TOKEN (a byte-level draft for a word-level target)
         self._limit = min(self._positions(), DRAFT_TOKENS_PER_TOKEN * ctx.capacity + self.draft_tokens + 1)
+        if self._limit - self.draft_tokens - 1 < 2 * LOOKBEHIND:
+            raise SpecDecError(f"the draft model sees {self._positions()} positions, too few for drafter.draft_tokens="
+                               f"{self.draft_tokens} after a context: lower drafter.draft_tokens or use another draft")
         self.cache = SpecDecCache.for_model(self.model, self._limit)
         self._fed, self._offset = [], 0
 
@@ -100,7 +107,9 @@ class CrossTokenizerDrafter(Drafter):
         if k <= 0:
             return DraftTree.empty()
         text = _text(self.tokenizer, self.tokens)
-        ids = self.draft_tokenizer.encode(text, add_special_tokens=False)
+        ids = self.draft_tokenizer.encode(text, add_special_tokens=False, verbose=False)  # longer than it reads: fine
+        if not ids:
+            return DraftTree.empty()
         continuation = self._continue(ids)
         if continuation is None:
             return DraftTree.empty()
@@ -119,8 +128,9 @@ class CrossTokenizerDrafter(Drafter):
             drafted.append(token)
             if i + 1 < self.draft_tokens:
                 logits = self._feed(window + drafted)
-        base = _text(self.draft_tokenizer, window)
-        full = _text(self.draft_tokenizer, window + drafted)
+        tail = window[-LOOKBEHIND:]  # the continuation's text after the window's last few tokens (not all of it)
+        base = _text(self.draft_tokenizer, tail)
+        full = _text(self.draft_tokenizer, tail + drafted)
         if not full.startswith(base):
             return None
         return full[len(base):], len(drafted) < self.draft_tokens
@@ -132,6 +142,7 @@ class CrossTokenizerDrafter(Drafter):
         if len(ids) - self._offset > limit:
             self._offset = max(0, len(ids) - limit // 2)
             self._fed = []
+        self._offset = min(self._offset, max(0, len(ids) - 1))  # the encoding may shrink (bytes became a character)
         return ids[self._offset:]
 
     def _feed(self, window: list[int]) -> torch.Tensor:
@@ -149,11 +160,23 @@ class CrossTokenizerDrafter(Drafter):
         self._fed = list(window)
         return logits[0, -1]  # [V]
 
+    def _behind(self) -> list[int] | None:
+        """The last committed tokens the continuation is encoded behind: the shortest run of at least
+        :data:`LOOKBEHIND` that decodes to whole characters and encodes back to itself (a run that starts inside a
+        word, or a character's bytes, may not: SentencePiece adds a word boundary, byte-level BPE a U+FFFD); None
+        when no run up to :data:`MAX_LOOKBEHIND` does."""
+        for n in range(min(LOOKBEHIND, len(self.tokens)), min(MAX_LOOKBEHIND, len(self.tokens)) + 1):
+            if _round_trips(self.tokenizer, self.tokens[-n:]):
+                return self.tokens[-n:]
+        return None
+
     def _target_tokens(self, continuation: tuple[str, bool]) -> list[int]:
         """The continuation's text as target tokens after the last committed ones; none when the re-encoding does
         not keep those as they are (the text merges into the last committed token)."""
         text, ended = continuation
-        behind = self.tokens[-LOOKBEHIND:]
+        behind = self._behind()
+        if behind is None:
+            return []
         ids = self.tokenizer.encode(_text(self.tokenizer, behind) + text, add_special_tokens=False)
         if ids[: len(behind)] != behind:
             return []
@@ -162,6 +185,12 @@ class CrossTokenizerDrafter(Drafter):
             eos = self.tokenizer.eos_token_id
             return proposed + ([eos] if eos is not None else [])
         return proposed[:-1]  # the last target token may be a word the draft's text cut short
+
+
+def _round_trips(tokenizer, ids: list[int]) -> bool:
+    """Whether ``ids`` decode to whole characters that encode back to ``ids``."""
+    text = _text(tokenizer, ids)
+    return "\ufffd" not in text and tokenizer.encode(text, add_special_tokens=False) == ids
 
 
 def _text(tokenizer, ids: list[int]) -> str:

@@ -117,8 +117,8 @@ def draft_forwards_per_step(stats, shape: dict) -> float:
     sources = [source] if isinstance(source, str) else list(source or [])
     if shape["draft_forwards"] == "per_level":
         return (sum(stats.depth_by_source.get(s, 0) for s in sources) if sources else sum(stats.depth_proposed)) / steps
-    if shape["draft_forwards"] == "fixed":
-        return float(shape["k"])
+    if shape["draft_forwards"] == "fixed":  # every step its part ran (a hybrid's: only that part's steps)
+        return shape["k"] * (sum(stats.steps_by_source.get(s, 0) for s in sources) / steps if sources else 1.0)
     if shape["draft_forwards"] == "per_step":
         return (sum(stats.steps_by_source.get(s, 0) for s in sources) if sources else
                 stats.depth_proposed[0] if stats.depth_proposed else 0) / steps
@@ -232,7 +232,10 @@ def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float |
         metrics["efficiency"] = measured_speedup / predicted
     alpha = fit_alpha(stats.depth_proposed, stats.depth_accepted) if stats is not None else None
     model["alpha"] = alpha
-    if alpha is not None and shape["kind"] == "chain":
+    if shape.get("draft_forwards") == "fixed":  # its forwards are not one per draft: the k curve would misprice it
+        model["note"] = ("recommended_k prices k draft forwards per k-chain; this drafter runs a fixed number "
+                         f"({shape['k']}) whatever it proposes: sweep drafter.num_speculative_tokens instead")
+    elif alpha is not None and shape["kind"] == "chain":
         curve = chain_speedup_by_k(alpha, costs, tokens_per_prompt=stats.new_tokens / num_prompts)
         model["expected_tau_by_k"] = {k: expected_tau(alpha, k) for k in KS}
         model["predicted_speedup_by_k"] = curve

@@ -35,15 +35,18 @@ WIDE = string.ascii_lowercase + string.digits + " .,;"  # the greedy tests' targ
 WIDE_PERM = random.Random(0).sample(range(len(WIDE)), len(WIDE))
 
 
-def char_tokenizer(chars: str, merges: list[tuple[str, str]] = ()):
-    """A real tokenizer whose id i is the text ``chars[i]`` (then one id per merged pair, in ``merges`` order)."""
+def char_tokenizer(chars: str, merges: list[tuple[str, str]] = (), eos: str | None = None):
+    """A real tokenizer whose id i is the text ``chars[i]`` (then one id per merged pair, in ``merges`` order, then
+    ``eos`` if given)."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(chars)} | {a + b: len(chars) + i for i, (a, b) in enumerate(merges)}
+    if eos:
+        vocab[eos] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
 
 
 def permuted(model, perm: list[int]):
@@ -154,6 +157,32 @@ def test_a_continuation_that_merges_into_the_last_committed_token_is_not_propose
     assert d._target_tokens(("cd", True)) == [2, 3]  # the draft ended (no EOS in this tokenizer)
 
 
+def test_a_draft_that_ends_proposes_the_targets_eos_after_its_text():
+    """The draft's EOS (id 7 of its tokenizer) ends the continuation; the target's own EOS (id 6) is proposed."""
+    target, _ = peaky_pair()
+    d = CrossTokenizerDrafter(permuted(target, PERM), tokenizer=char_tokenizer(CHARS, eos="<t>"), draft_tokens=4,
+                              draft_tokenizer=char_tokenizer("".join(CHARS[p] for p in PERM), [("a", "b")], eos="<d>"))
+    d.tokens = [2, 0]  # "ca"
+    wanted = iter([d.draft_tokenizer.convert_tokens_to_ids(t) for t in ("d", "e", "<d>")])
+    d._window, d._feed = (lambda ids: ids), (lambda window: torch.nn.functional.one_hot(torch.tensor(next(wanted)), 8))
+    assert d._continue(d.draft_tokenizer.encode("ca")) == ("de", True)
+    assert d._target_tokens(("de", True)) == [3, 4, 6]
+    wanted = iter([d.draft_tokenizer.convert_tokens_to_ids(t) for t in ("d", "ab", "e", "f")])
+    assert d._continue(d.draft_tokenizer.encode("ca")) == ("dabef", False)  # 4 draft tokens: cut, not ended
+
+
+def test_the_text_behind_the_continuation_starts_at_a_whole_character():
+    """A byte-level target whose last 4 tokens start inside a character: the run behind grows to its first byte."""
+    from specdec.models import byte_tokenizer
+
+    target, _ = peaky_pair()
+    tok = byte_tokenizer()
+    d = CrossTokenizerDrafter(target, tokenizer=tok, draft_tokenizer=char_tokenizer(CHARS))
+    d.tokens = tok.encode("x\u00e9abc")  # x, é's two bytes, a, b, c
+    assert d._behind() == d.tokens[-5:]
+    assert d._target_tokens(("de", False)) == tok.encode("d")  # "é" was not cut: proposals come
+
+
 def test_a_tokenizer_with_more_ids_than_its_model_reads_is_one_error():
     target, _ = peaky_pair()
     wide = CrossTokenizerDrafter(permuted(target, PERM), tokenizer=char_tokenizer(CHARS + "gh"),
@@ -209,12 +238,16 @@ def test_the_decode_command_drafts_across_tokenizers_at_batch_1_and_in_batches(p
 
 
 def test_the_cost_model_prices_draft_tokens_forwards_every_step_whatever_was_proposed():
-    from experiments.costs import draft_forwards_per_step
+    from experiments.costs import cost_model, draft_forwards_per_step
     from specdec.stats import DecodeStats
 
     target, _ = peaky_pair()
     shape = drafter(permuted(target, PERM), k=3, draft_tokens=5).step_shape(target).describe("cross_tokenizer")
     stats = DecodeStats()
-    for proposed in (3, 0, 2, 0):
-        stats.record_step(proposed, proposed, 0, "cross_tokenizer")
+    for proposed, source in ((3, "cross_tokenizer"), (0, None), (2, "ngram"), (0, None)):
+        stats.record_step(proposed, proposed, 0, source)
     assert draft_forwards_per_step(stats, shape) == 5  # per_level would say (3 + 2) / 4
+    # behind a lookup (a hybrid's draft_source): only the steps this part drafted
+    assert draft_forwards_per_step(stats, {**shape, "draft_source": "cross_tokenizer"}) == 5 * 1 / 4
+    metrics, model = cost_model(stats, {"target": {"1": 0.01, "5": 0.012}, "draft": {"1": 0.001}}, shape, 1.0, 1)
+    assert metrics["recommended_k"] is None and "fixed number (5)" in model["note"]  # no k curve of k forwards

@@ -15,7 +15,7 @@ import torch
 from drafters.fast_decoder import PROBE_CONTEXT, fast_decoder, forward_lm, forward_probe
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, Drafter, StepShape
-from specdec.errors import SpecDecError
+from specdec.errors import SpecDecError, positive_int
 from specdec.models import text_config, vocab_size
 from specdec.types import DraftTree
 
@@ -50,8 +50,8 @@ class CrossTokenizerDrafter(Drafter):
         super().__init__()
         from specdec.models import load_causal_lm, load_tokenizer
 
-        self.k = _count(num_speculative_tokens, "num_speculative_tokens")
-        self.draft_tokens = _count(self.k + 1 if draft_tokens is None else draft_tokens, "draft_tokens")
+        self.k = positive_int(num_speculative_tokens, "drafter.num_speculative_tokens")
+        self.draft_tokens = positive_int(self.k + 1 if draft_tokens is None else draft_tokens, "drafter.draft_tokens")
         if isinstance(draft, str):
             draft_tokenizer = draft_tokenizer or draft
             draft = load_causal_lm(draft, dtype=dtype, role="draft")
@@ -66,6 +66,7 @@ class CrossTokenizerDrafter(Drafter):
         self._fed: list[int] = []  # draft ids in the cache, from draft id self._offset of the text's encoding
         self._offset = 0
         self._limit = 0  # draft tokens the cache holds (set per run)
+        self._device = next(draft.parameters()).device
 
     @property
     def max_nodes(self) -> int:
@@ -81,7 +82,8 @@ class CrossTokenizerDrafter(Drafter):
 
     def _follow(self, target) -> None:
         """Run the draft on the target's device."""
-        self.model.to(next(target.parameters()).device)
+        self._device = next(target.parameters()).device
+        self.model.to(self._device)
 
     def start(self, ctx: DraftContext) -> None:
         super().start(ctx)
@@ -153,9 +155,8 @@ class CrossTokenizerDrafter(Drafter):
             keep += 1
         self.cache.truncate(keep)
         new = window[keep:]
-        device = next(self.model.parameters()).device
-        x = torch.tensor([new], dtype=torch.long, device=device)  # [1, n]
-        positions = keep + torch.arange(len(new), device=device)[None]  # [1, n]
+        x = torch.tensor([new], dtype=torch.long, device=self._device)  # [1, n]
+        positions = keep + torch.arange(len(new), device=self._device)[None]  # [1, n]
         logits, _ = forward_lm(self.model, x, self.cache, positions, None, 1, output_hidden=False)  # [1, 1, V]
         self._fed = list(window)
         return logits[0, -1]  # [V]
@@ -196,12 +197,6 @@ def _round_trips(tokenizer, ids: list[int]) -> bool:
 def _text(tokenizer, ids: list[int]) -> str:
     """``ids`` as text, special tokens and spaces as they are (no clean-up that the encoder would not undo)."""
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-def _count(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecDecError(f"drafter.{key}={value!r}: must be an integer >= 1")
-    return value
 
 
 def _check_tokenizer(tokenizer, model, what: str, whose: str) -> None:

@@ -298,7 +298,7 @@ def test_unknown_sweep_key_fails_naming_the_key_and_the_closest_one(tmp_path):
 def test_a_key_from_the_python_api_names_the_config_key_that_means_it():
     from experiments.cli import error_message
 
-    with pytest.raises(Exception) as exc:  # noqa: PT011  (whatever Hydra raises: its message is what is tested)
+    with pytest.raises(Exception) as exc:  # whatever Hydra raises: its message is what is tested
         compose_cfg("experiment=smoke", "max_rows=2")
     assert "the rows decoded at once are batch_size" in error_message(exc.value)
 

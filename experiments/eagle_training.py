@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from drafters.draft_vocab import DraftVocabHead, expressible, soft_cross_entropy
-from drafters.eagle_heads import VERSIONS, EagleHead, default_heads_dir, save_head
+from drafters.eagle_heads import FILES, VERSIONS, EagleHead, default_heads_dir, save_head
 from experiments.head_data import generate_rows
 from experiments.head_training import HeadRecipe, target_dir_name, teacher
 from specdec.errors import ConfigError
@@ -218,6 +218,7 @@ class EagleRecipe(HeadRecipe):
     resume_keys = ("version", "init", "ttt_steps", "ttt_decay", "ce_target", "ce_weight", "regression_weight", "feature_noise",
                    "feature_layers")
     betas = (0.9, 0.95)  # EAGLE's
+    files = FILES
 
     def __init__(self, cfg: DictConfig):
         self.cfg, self.opts, self.tap = cfg, None, None

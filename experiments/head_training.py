@@ -9,6 +9,7 @@ composes the config and calls :func:`train`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -149,11 +150,14 @@ class HeadRecipe:
         name: the head's name (progress bar, W&B job type ``train_<name>``).
         resume_keys: its own settings a checkpoint must match (on top of :data:`COMMON_RESUME_KEYS`).
         betas: AdamW's betas.
+        files: how its heads are stored (:class:`drafters.head_files.HeadFormat`): a finished head
+            with the same settings is found there, not trained again.
     """
 
     name = "heads"
     resume_keys: tuple[str, ...] = ()
     betas = (0.9, 0.999)
+    files = None
 
     def check(self, cfg: DictConfig) -> None:
         """Validate the head's own settings (ConfigError naming the key)."""
@@ -267,6 +271,9 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     fingerprint = target_fingerprint(target)
     settings["target_sha256"] = fingerprint["sha256"]
     out_dir = Path(str(cfg.out_dir)).expanduser() if cfg.out_dir else recipe.out_dir(cfg, fingerprint)
+    if (report := finished_report(out_dir, {**settings, **where}, recipe, bool(cfg.get("force")))) is not None:
+        atomic_write_json(run_dir / "eval.json", report)
+        return report
     amp = autocast_dtype(cfg, device, target)
     check_draft_vocab(cfg, target)  # before any data is made
     from experiments.suite import SUITE_SOURCES
@@ -322,6 +329,31 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     atomic_write_json(run_dir / "eval.json", report)
     ckpt.unlink(missing_ok=True)  # finished: the head is saved
     return report
+
+
+def finished_report(out_dir: Path, settings: dict, recipe: HeadRecipe, force: bool) -> dict | None:
+    """The ``eval.json`` of a head already trained in ``out_dir`` with exactly ``settings`` (the same target,
+    data and schedule: training is seeded, so a rerun would write the same head), or None: train. Says which."""
+    from drafters.head_files import EVAL_FILE, read_eval
+
+    try:
+        training = json.loads((out_dir / recipe.files.config_file).read_text(encoding="utf-8")).get("training") or {}
+    except (OSError, ValueError, AttributeError):
+        return None  # no finished head there (or an unreadable one: training replaces it)
+    changed = [f"{k}: {training.get(k)!r} -> {v!r}" for k, v in settings.items() if training.get(k) != v]
+    report = read_eval(out_dir)
+    if not (out_dir / recipe.files.weights_file).is_file() or report is None:
+        changed.append(f"no {recipe.files.weights_file}" if report is not None else f"no {EVAL_FILE}")
+    if changed:
+        print(f"{out_dir} holds {recipe.files.label} trained with other settings or unfinished ({', '.join(changed)}): "
+              "this run replaces it when it finishes", file=sys.stderr)
+        return None
+    if force:
+        print(f"force=true: training again the {recipe.files.label} at {out_dir} (same settings)", file=sys.stderr)
+        return None
+    print(f"{out_dir} already holds {recipe.files.label} trained with these settings on this target: nothing to do "
+          f"(its eval.json follows; force=true trains it again, out_dir=<dir> trains another)", file=sys.stderr)
+    return {**report, "reused": True}
 
 
 def train_from_hydra(cfg: DictConfig, recipe: HeadRecipe, format_report) -> dict:

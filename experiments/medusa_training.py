@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from drafters.draft_vocab import soft_cross_entropy
 from drafters.medusa_heads import (
+    FILES,
     MedusaHeads,
     MedusaHeadsError,
     check_target,
@@ -129,6 +130,7 @@ class MedusaRecipe(HeadRecipe):
 
     name = "medusa"
     resume_keys = ("num_heads", "num_blocks", "loss", "head_decay")
+    files = FILES
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg

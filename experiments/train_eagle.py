@@ -58,7 +58,8 @@ def format_report(report: dict) -> str:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; errors follow :mod:`experiments.cli` (``error: ...``, exit status 2)."""
     report = head_training.train_from_hydra(cfg, EagleRecipe(cfg), format_report)
-    print(f"{cfg.version} head (trained in {report['train_s']:.0f} s) and eval.json written to {report['out_dir']}")
+    done = "already at" if report.get("reused") else "and eval.json written to"
+    print(f"{cfg.version} head (trained in {report['train_s']:.0f} s) {done} {report['out_dir']}")
 
 
 if __name__ == "__main__":

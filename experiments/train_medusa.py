@@ -60,7 +60,7 @@ def format_report(report: dict) -> str:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; errors follow :mod:`experiments.cli` (``error: ...``, exit status 2)."""
     report = head_training.train_from_hydra(cfg, MedusaRecipe(cfg), format_report)
-    print(f"heads and eval.json written to {report['out_dir']}")
+    print(f"heads {'already at' if report.get('reused') else 'and eval.json written to'} {report['out_dir']}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from experiments.eagle_training import ttt_mask, unroll
 from specdec.errors import ConfigError
 from tests.test_medusa import check_greedy, greedy_cases
 from tests.tiny_models import pair, prompts
-from tests.training_checks import assert_resume_is_exact
+from tests.training_checks import assert_finished_head_is_reused, assert_resume_is_exact
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_TRAIN = ["zoo_size=micro", "steps=60", "batch_size=8", "context=96", "lr=0.003", "train_chars=200000",
@@ -93,6 +93,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, capfd):
              "context=32", "train_chars=40000", "eval_tokens=256", "eval_depth=2", "generated_rows=4",
              "generated_prompt=8", "eval_generated_rows=2", "logger=none", "progress=false", "threads=1"]
     assert_resume_is_exact(train, compose_train, small, tmp_path, capfd, load_head)
+    assert_finished_head_is_reused(train, compose_train, small, tmp_path, capfd, load_head)
 
     def interrupt(step):
         if step == 3:

@@ -38,7 +38,7 @@ from tests.lossless import (
     sample_counts,
 )
 from tests.tiny_models import pair, peaky_pair, prompts
-from tests.training_checks import assert_resume_is_exact
+from tests.training_checks import assert_finished_head_is_reused, assert_resume_is_exact
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -262,6 +262,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, capfd):
     small += ["steps=6", "checkpoint_every=2", "batch_size=2", "context=32", "train_chars=40000", "eval_tokens=256",
               "num_heads=2", "generated_rows=4", "generated_prompt=8", "eval_generated_rows=2"]  # generated rows: seeded
     assert_resume_is_exact(train, compose_train, small, tmp_path, capfd, load_heads)
+    assert_finished_head_is_reused(train, compose_train, small, tmp_path, capfd, load_heads)
 
 
 def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path):

@@ -22,3 +22,24 @@ def assert_resume_is_exact(train, compose, overrides: list[str], tmp_path, capfd
     assert "at step 2/6" in capfd.readouterr().err
     a, b = load(tmp_path / "a").state_dict(), load(tmp_path / "b").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_finished_head_is_reused(train, compose, overrides: list[str], tmp_path, capfd, load) -> None:
+    """After :func:`assert_resume_is_exact`: a rerun with the same settings into the finished head's directory
+    trains nothing and returns the head's report; ``force=true`` trains it again (seeded: the same tensors);
+    other settings train and replace it, saying so."""
+    out = tmp_path / "a"
+    weights = next(p for p in out.iterdir() if p.suffix == ".safetensors")
+    before, stamp = load(out).state_dict(), weights.stat().st_mtime_ns
+    capfd.readouterr()
+    report = train(compose(*overrides, f"out_dir={out}"), tmp_path / "run_again")
+    assert report.get("reused") is True and "nothing to do" in capfd.readouterr().err
+    assert weights.stat().st_mtime_ns == stamp and (tmp_path / "run_again" / "eval.json").is_file()
+    report = train(compose(*overrides, "force=true", f"out_dir={out}"), tmp_path / "run_forced")
+    assert "reused" not in report and weights.stat().st_mtime_ns != stamp
+    after = load(out).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # training is seeded: the same head again
+    steps = [o for o in overrides if not o.startswith("steps=")] + ["steps=5"]
+    capfd.readouterr()
+    report = train(compose(*steps, f"out_dir={out}"), tmp_path / "run_other")
+    assert "reused" not in report and "steps: 6 -> 5" in capfd.readouterr().err

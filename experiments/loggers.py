@@ -112,10 +112,12 @@ class WandbLogger(Logger):
         self.run = start_wandb({"dir": str(self.run_dir), "config": config, "reinit": "finish_previous",
                                 "id": self.state.run_id, "resume": "allow", **self.init_kwargs}, self.init_timeout)
         self.state.save()
-        self.run.define_metric("decode_step")
-        self.run.define_metric("step/*", step_metric="decode_step")
-        self.run.define_metric("prompt_index")
-        self.run.define_metric("prompt/*", step_metric="prompt_index")
+        # per-step and per-prompt series stay out of the run summary: W&B would put the last prompt's
+        # values there under names that read as the run's (its figures are log_summary's)
+        self.run.define_metric("decode_step", summary="none")
+        self.run.define_metric("step/*", step_metric="decode_step", summary="none")
+        self.run.define_metric("prompt_index", summary="none")
+        self.run.define_metric("prompt/*", step_metric="prompt_index", summary="none")
 
     def log_prompt(self, index: int, record: dict) -> None:
         stats = record.get("stats", {})

@@ -305,6 +305,9 @@ def test_summary_table_states_compile_time_apart():
     timed = DecodeStats(new_tokens=4, target_forwards=2, time_verify=0.5, time_total=1.0)
     table = format_table({"metrics": {"baseline": {**timed.to_dict(), "time_split": time_split(timed)}}})
     assert "verify=50%" in table and "not split" not in table
+    sampled = format_table({"metrics": {"speculative": row, "baseline": row, "matches_baseline": None}})
+    assert "matches baseline: not compared (sampled" in sampled and "None" not in sampled
+    assert "matches baseline: False" in format_table({"metrics": {"baseline": row, "matches_baseline": False}})
 
 
 # --------------------------------------------------------------------------- the command line

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from drafters.eagle_heads import (
+    FILES,
     EagleHead,
     EagleHeadError,
     FeatureTap,
@@ -33,6 +34,7 @@ from drafters.eagle_heads import (
     load_head,
 )
 from drafters.fast_decoder import PROBE_CONTEXT, forward_lm, forward_probe
+from drafters.head_files import check_default_dir
 from drafters.tree_drafter import TreeDrafter, flag_of
 from drafters.tree_expansion import TreeFeed
 from specdec.batch_drafting import PerRowDrafters
@@ -86,6 +88,7 @@ class EagleDrafter(TreeDrafter):
             :class:`drafters.DraftModelDrafter` (chain, preset tree, or dynamic tree). Sampled children
             and chains record the head's warped distribution, so ``rejection`` stays lossless.
         zoo_size: which embedded pair's head ``heads=None`` means.
+        cache_dir: the cache holding that pair's heads (None: ``$SPECDEC_CACHE`` or ``~/.cache/specdec``).
         attn_backend: attention backend of the head's causal forwards through transformers (tree levels use
             SDPA); unused by the fast forward.
         confidence_threshold: a chain ends after the first draft whose head probability is below this
@@ -106,7 +109,7 @@ class EagleDrafter(TreeDrafter):
                  num_speculative_tokens: int = 4, tree=None, tree_sampling: str = "deterministic",
                  budget: int | None = None, top_k_children: int = 4, zoo_size: str = "default",
                  attn_backend: str = "sdpa", confidence_threshold: float = 0.0, dtype: str | None = None,
-                 fast_forward: bool = True):
+                 fast_forward: bool = True, cache_dir: str | os.PathLike | None = None):
         super().__init__(num_speculative_tokens, tree, tree_sampling, budget, top_k_children, confidence_threshold)
         self.version = check_version(version, "drafter.version") if version is not None else None
         check_dtype_choice(dtype, "drafter.dtype")
@@ -115,13 +118,14 @@ class EagleDrafter(TreeDrafter):
         self.fast_forward = flag_of(fast_forward, "drafter.fast_forward")
         self._head: EagleHead | None = None
         self.heads_dir: Path | None = None
+        self._zoo = (zoo_size, cache_dir) if heads is None else None  # the default directory: name its command
         if isinstance(heads, EagleHead):
             if self.version is not None and heads.version != self.version:
                 raise EagleHeadError(f"drafter.version={self.version} but the head given is an {heads.version} head")
             self._head = heads
         elif heads is None or isinstance(heads, (str, os.PathLike)):
             self.heads_dir = Path(heads).expanduser() if heads else default_heads_dir(self.version or "eagle2",
-                                                                                       zoo_size)
+                                                                                       zoo_size, cache_dir)
             if self.heads_dir.exists():
                 self._head = load_head(self.heads_dir, self.version)
         else:
@@ -144,6 +148,8 @@ class EagleDrafter(TreeDrafter):
     def head(self) -> EagleHead:
         """The loaded head (loads a directory that appeared since construction; else raises)."""
         if self._head is None:
+            if self._zoo is not None:
+                check_default_dir(FILES, self.heads_dir, *self._zoo, extra=f"version={self.version or 'eagle2'}")
             self._head = load_head(self.heads_dir, self.version)
         return self._head
 

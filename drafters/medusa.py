@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from drafters.head_files import check_default_dir
 from drafters.medusa_heads import (
+    FILES,
     MedusaHeads,
     MedusaHeadsError,
     check_target,
@@ -91,6 +93,7 @@ class MedusaDrafter(Drafter):
         num_heads: use the first ``num_heads`` heads (None: all trained heads).
         tree_nodes: size of the derived tree (when ``tree`` is None), and of the dynamic tree.
         zoo_size: which embedded pair's heads ``heads=None`` means.
+        cache_dir: the cache holding that pair's heads (None: ``$SPECDEC_CACHE`` or ``~/.cache/specdec``).
         dynamic: choose the ``tree_nodes`` paths at every step by the product of the heads' probabilities
             at that step (:func:`dynamic_tree`) instead of one tree for all steps; ``tree`` must be None.
     """
@@ -98,7 +101,8 @@ class MedusaDrafter(Drafter):
     name = "medusa"
 
     def __init__(self, heads: str | os.PathLike | MedusaHeads | None = None, tree=None, num_heads: int | None = None,
-                 tree_nodes: int = 32, zoo_size: str = "default", dynamic: bool = False):
+                 tree_nodes: int = 32, zoo_size: str = "default", dynamic: bool = False,
+                 cache_dir: str | os.PathLike | None = None):
         super().__init__()
         self.num_heads_arg = positive_int(num_heads, "num_heads", allow_none=True)
         self.tree_nodes = positive_int(tree_nodes, "tree_nodes")
@@ -110,13 +114,14 @@ class MedusaDrafter(Drafter):
         self.tree_arg = load_preset(tree) if tree is not None else None  # checked now, pruned once heads are known
         self._heads: MedusaHeads | None = None
         self.heads_dir: Path | None = None
+        self._zoo = (zoo_size, cache_dir) if heads is None else None  # the default directory: name its command
         if isinstance(heads, MedusaHeads):
             if self.num_heads_arg is not None and self.num_heads_arg > heads.num_heads:
                 raise MedusaHeadsError(f"num_heads={self.num_heads_arg} but the heads have only {heads.num_heads}: "
                                        f"use num_heads<={heads.num_heads}")
             self._heads = heads.eval()
         elif heads is None or isinstance(heads, (str, os.PathLike)):
-            self.heads_dir = Path(heads).expanduser() if heads else default_heads_dir(zoo_size)
+            self.heads_dir = Path(heads).expanduser() if heads else default_heads_dir(zoo_size, cache_dir)
             if self.heads_dir.exists():
                 self._heads = load_heads(self.heads_dir, self.num_heads_arg)
         else:
@@ -131,6 +136,8 @@ class MedusaDrafter(Drafter):
     def heads(self) -> MedusaHeads:
         """The loaded heads (loads a directory that appeared since construction; else raises)."""
         if self._heads is None:
+            if self._zoo is not None:
+                check_default_dir(FILES, self.heads_dir, *self._zoo)
             self._heads = load_heads(self.heads_dir, self.num_heads_arg)
         return self._heads
 

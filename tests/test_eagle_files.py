@@ -108,6 +108,10 @@ def test_missing_heads_say_how_to_train_them(tmp_path, monkeypatch):
     with pytest.raises(EagleHeadError, match="no EAGLE heads at .*eagle3-zoo-default.*python -m experiments.train_eagle "
                                              "version=eagle3"):
         drafter.step_shape(pair("llama")[0])
+    elsewhere = EagleDrafter(version="eagle3", zoo_size="micro", cache_dir=tmp_path / "other")  # model.cache_dir
+    with pytest.raises(EagleHeadError, match=r"other/eagle/eagle3-zoo-micro.*`python -m experiments.train_eagle "
+                                             r"version=eagle3 zoo_size=micro cache_dir=.*other` \(seconds\)"):
+        elsewhere.step_shape(pair("llama")[0])
 
 
 @pytest.mark.parametrize("case", ["another_target", "no_heads", "version", "corrupt"])

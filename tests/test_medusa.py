@@ -358,6 +358,9 @@ def test_missing_heads_say_how_to_train_them(tmp_path, monkeypatch):
     drafter = MedusaDrafter()  # the default location: built lazily, so configs compose without heads
     with pytest.raises(MedusaHeadsError, match="no Medusa heads at .*zoo-default.*python -m experiments.train_medusa"):
         _ = drafter.max_nodes
+    with pytest.raises(MedusaHeadsError, match=r"other/medusa/zoo-micro.*`python -m experiments.train_medusa "
+                                               r"zoo_size=micro cache_dir=.*other` \(seconds\)"):
+        _ = MedusaDrafter(zoo_size="micro", cache_dir=tmp_path / "other").max_nodes
 
 
 def test_configs_compose_and_build(saved_heads):
@@ -370,5 +373,7 @@ def test_configs_compose_and_build(saved_heads):
     cfg = compose_decode("experiment=medusa")
     assert cfg.model.source == "zoo" and cfg.drafter.zoo_size == "default" and cfg.drafter.heads is None
     assert compose_decode("model=zoo_micro", "drafter=medusa").drafter.zoo_size == "micro"
+    moved = compose_decode("model=zoo_micro", "model.cache_dir=/x", "drafter=hybrid_medusa")  # the pair's cache
+    assert moved.drafter.second.cache_dir == "/x" and compose_decode("drafter=eagle").drafter.cache_dir is None
     train_cfg = compose_train()
     assert train_cfg.zoo_size == "default" and train_cfg.loss in ("soft", "hard")

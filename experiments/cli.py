@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import functools
 import json
 import os
@@ -157,6 +158,19 @@ def add_narrow_linears(parser: argparse.ArgumentParser) -> None:
                              "HF's included")
 
 
+#: What to do about a file system error, by errno (:func:`error_message`); a full, read-only or over-quota disk
+#: is the machine's state, not a bug: one error line (:func:`report_failure`).
+OS_FIXES = {
+    errno.ENOENT: "that path (or a directory on it) does not exist: check it",
+    errno.EACCES: "you may not read or write there: pick a path you can",
+    errno.EPERM: "you may not read or write there: pick a path you can",
+    errno.ENOSPC: "the disk is full: free some space, or write elsewhere (hydra.run.dir=, out_dir=, cache_dir=)",
+    errno.EROFS: "a read-only file system: write elsewhere (hydra.run.dir=, out_dir=, cache_dir=)",
+    errno.EDQUOT: "over the disk quota: free some space, or write elsewhere (hydra.run.dir=, out_dir=, cache_dir=)",
+}
+DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
 def input_error_types(extra: tuple = ()) -> tuple[type, ...]:
     """The classes of :data:`INPUT_ERRORS` whose modules are imported, plus ``extra``."""
     found = []
@@ -207,6 +221,9 @@ def error_message(exc: BaseException) -> str:
             lines.append(str(cause).strip().splitlines()[0])
         text = _join_lines(lines) or type(exc).__name__
         return _misspelled_key(text, cause) or text
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        fix = OS_FIXES.get(exc.errno, "check the path")
+        return f"{exc.strerror}: {exc.filename}: {fix}"
     text = _one_line(str(exc)) or type(exc).__name__
     if type(exc).__name__ == "OutOfMemoryError":
         first = ". ".join(text.split(". ")[:2])  # what ran out and the request; torch goes on about the allocator
@@ -247,7 +264,7 @@ def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:
     from specdec.errors import out_of_memory
 
     exc = out_of_memory(exc) or exc  # an OOM wrapped by the compiler or a failed capture is still one
-    if isinstance(exc, input_error_types(extra_input_errors)):
+    if isinstance(exc, input_error_types(extra_input_errors)) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
         print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
     traceback.print_exception(exc)

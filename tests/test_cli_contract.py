@@ -384,3 +384,20 @@ def test_input_errors_are_one_line_whatever_their_text(capsys):
 
     assert failing() == 2
     assert capsys.readouterr().err == "error: first line second line\n"
+
+
+def test_file_system_errors_are_one_line_with_the_fix(capsys):
+    """A path that is not there names the path and the fix; a full disk is the machine's state, not a bug."""
+    import errno
+
+    for exc, fragment in ((FileNotFoundError(errno.ENOENT, "No such file or directory", "/proc/nope"),
+                           "No such file or directory: /proc/nope: that path (or a directory on it) does not exist"),
+                          (OSError(errno.ENOSPC, "No space left on device", "/data/run/records.jsonl"),
+                           "No space left on device: /data/run/records.jsonl: the disk is full")):
+        @cli.guard()
+        def failing(exc=exc) -> int:
+            raise exc
+
+        assert failing() == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {fragment}") and err.count("\n") == 1 and "Traceback" not in err

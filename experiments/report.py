@@ -8,6 +8,7 @@ for its swept values; runs are found in the directory and below it) and writes, 
   full precision), what is missing, and the check of the cost model's ``recommended_k``
   against the best measured k;
 - ``tau_speedup_vs_k.png`` (measured, with the cost model's predicted curves),
+  ``tau_speedup_vs_nodes.png`` (trees and chains against the nodes they verify per step),
   ``acceptance_by_depth.png``, ``time_per_step.png`` (stacked time split per decoding step) and
   ``drafters.png`` (tokens/s and speedup per run); see :mod:`experiments.report_plots`.
 

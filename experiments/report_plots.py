@@ -3,6 +3,8 @@
 - ``tau_speedup_vs_k``: tau and speedup against the draft length k per series of chain runs
   (the other swept values), with the expected tau of the fitted alpha and the cost model's
   predicted speedup (dashed) and each run's prediction from its measured tau (x);
+- ``tau_speedup_vs_nodes``: tau and speedup against the draft nodes verified per step, one point per
+  run, when the runs are not all chains (trees, dynamic trees, hybrids: what a tree's size buys);
 - ``acceptance_by_depth``: the acceptance rate at each depth, one line per run;
 - ``time_per_step``: ms per decoding step, stacked draft / verify / accept+commit / other, per run
   and for the autoregressive baseline;
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from experiments.costs import KS, chain_speedup_by_k, expected_tau, recommend_k
 from experiments.results import BASELINE, SPECULATIVE, steps_of
-from experiments.runs import Run, label_of, pooled_model, row_of, series
+from experiments.runs import Run, label_of, pooled_model, row_of, series, shape_of
 
 
 def _finish_axes(ax) -> None:
@@ -78,6 +80,11 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
             _finish_axes(ax)
         save(fig, "tau_speedup_vs_k")
 
+    sized = [r for r in done if r.metrics[SPECULATIVE].get("mean_proposed_drafts")]
+    if len(sized) >= 2 and any(shape_of(r) != "chain" for r in sized):
+        names = {r.name: label_of(r, swept) or shape_of(r) or r.name for r in sized}  # the swept values, or the shape
+        save(nodes_figure(plt, sized, names), "tau_speedup_vs_nodes")
+
     with_depth = [r for r in done if r.metrics[SPECULATIVE].get("acceptance_rate_by_depth")]
     if with_depth:
         fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -130,3 +137,27 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
     ax.legend(fontsize=8)
     save(fig, "drafters")
     return paths
+
+
+def nodes_figure(plt, runs: list[Run], labels: dict[str, str]):
+    """tau and measured speedup against the draft nodes each step verified (``mean_proposed_drafts``), one
+    labelled point per run; runs of the same shape kind (chain, tree, dynamic, ...) share a colour."""
+    fig, (ax_tau, ax_up) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors: dict[str, str] = {}
+    for r in sorted(runs, key=lambda r: r.metrics[SPECULATIVE]["mean_proposed_drafts"]):
+        x, kind = r.metrics[SPECULATIVE]["mean_proposed_drafts"], (shape_of(r) or "other").rstrip("0123456789")
+        legend = kind if kind not in colors else None
+        color = colors.setdefault(kind, f"C{len(colors)}")
+        for ax, y in ((ax_tau, r.metrics[SPECULATIVE]["tau"]), (ax_up, r.metrics.get("speedup"))):
+            if y:
+                ax.plot([x], [y], "o", color=color, label=legend)
+                ax.annotate(labels[r.name], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax_tau.set(xlabel="draft nodes verified per step (mean)", ylabel="tau")
+    ax_tau.set_title("tau vs the draft's size per step\n(what a bigger tree or a longer chain buys)", fontsize=10)
+    ax_up.axhline(1.0, color="gray", lw=0.8)
+    ax_up.set(xlabel="draft nodes verified per step (mean)", ylabel="speedup over autoregressive")
+    ax_up.set_title("Speedup vs the draft's size per step\n(measured against each run's own baseline)", fontsize=10)
+    for ax in (ax_tau, ax_up):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    return fig

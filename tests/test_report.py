@@ -185,6 +185,30 @@ def test_shape_of_a_run_that_failed_before_its_drafter_was_built_is_unknown(tmp_
     assert shape_of(chain) == "chain" and row_of(chain, [])["k"] == 4
 
 
+def test_tree_runs_get_tau_and_speedup_against_nodes_per_step(tmp_path):
+    """A sweep over shapes (a chain, a preset tree, a dynamic tree) gets the nodes-per-step chart; chains alone
+    have theirs against k and no such chart."""
+    from experiments.report_plots import make_plots
+    from experiments.runs import Run
+
+    def run(name, config, nodes, tau, speedup):
+        spec = {"mean_proposed_drafts": nodes, "tau": tau, "tokens_per_s": 10.0, "target_forwards": 5, "steps": 5,
+                "time_total": 1.0, "time_prefill": 0.1, "time_draft": 0.2, "time_verify": 0.5, "time_accept": 0.1,
+                "time_other": 0.1}
+        return Run(tmp_path, name, summary={"status": "complete", "drafter": "DraftModelDrafter", "config": config,
+                                            "metrics": {"speculative": spec, "speedup": speedup}})
+
+    chain = run("chain", {"drafter": {"num_speculative_tokens": 4}}, 4.0, 2.5, 1.2)
+    tree = run("binary", {"tree": {"paths": [[0], [1], [0, 0]]}}, 3.0, 2.2, 1.1)
+    dynamic = run("dyn30", {"drafter": {"budget": 30, "num_speculative_tokens": 6}}, 30.0, 3.4, 0.9)
+    for sub in ("mixed", "chains"):
+        (tmp_path / sub).mkdir()
+    images = make_plots([chain, tree, dynamic], [], tmp_path / "mixed")
+    assert images["tau_speedup_vs_nodes"].stat().st_size > 0
+    assert "tau_speedup_vs_nodes" not in make_plots([chain, run("k2", {"drafter": {"num_speculative_tokens": 2}},
+                                                                    2.0, 1.8, 1.1)], [], tmp_path / "chains")
+
+
 def test_ms_per_step_of_a_batched_run_divides_by_the_batches_steps(tmp_path):
     """4 rows stepped 10 times each in one batch: 10 forwards of 50 ms, not 40 of 12.5 ms; a summary written
     before ``steps`` existed falls back to ``target_forwards``."""

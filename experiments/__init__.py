@@ -1,1 +1,16 @@
 """Hydra entry points and experiment helpers (decode runs, sweeps, the embedded model zoo)."""
+import signal
+import sys
+
+
+def _interrupted_while_starting(signum, frame):
+    """Ctrl-C while a command's modules import (torch, transformers: seconds): one line and exit status 130,
+    not a traceback through the import machinery. :func:`experiments.cli.guard` restores Python's own handler
+    when the command starts, so a run's Ctrl-C is handled there (it keeps what the run wrote)."""
+    print("interrupted (Ctrl-C) while the command was starting; nothing ran", file=sys.stderr)
+    sys.exit(130)
+
+
+# only when a command of this package is being started (python -m experiments.<command>) and nobody set a handler
+if sys.argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)

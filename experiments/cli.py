@@ -21,8 +21,10 @@ import functools
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -272,12 +274,23 @@ def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:
     return 1
 
 
+def _restore_interrupts() -> None:
+    """Python's own Ctrl-C handler (KeyboardInterrupt) again, in place of the one-line exit that
+    ``experiments/__init__.py`` sets while a command's modules import."""
+    from experiments import _interrupted_while_starting
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is _interrupted_while_starting):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def guard(*extra_input_errors: type[BaseException]) -> Callable:
     """Decorator for an argparse ``main(argv) -> int``: a failure becomes exit status 2 (user error, one
     line) or 1 (bug, traceback); ``extra_input_errors`` are the entry point's own user-error classes."""
     def decorate(main: Callable) -> Callable:
         @functools.wraps(main)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _restore_interrupts()
             try:
                 return main(*args, **kwargs)
             except KeyboardInterrupt:

@@ -401,3 +401,25 @@ def test_file_system_errors_are_one_line_with_the_fix(capsys):
         assert failing() == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {fragment}") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("after_s", [0.3, None])
+def test_ctrl_c_while_a_command_starts_is_one_line(after_s, tmp_path):
+    """Ctrl-C while the command's modules still import (0.3 s in) or once it runs (its first output): exit
+    status 130 and one line, never a traceback through the imports."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.decode", "model=tiny_random", "logger=none",
+                             "num_prompts=50", "max_new_tokens=200", "costs=false", f"hydra.run.dir={tmp_path}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if after_s is not None:
+        time.sleep(after_s)
+    else:  # once the run has started: its first log line
+        while (line := proc.stderr.readline()) and "decoding" not in line:
+            pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "interrupted (Ctrl-C)" in err

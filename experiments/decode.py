@@ -112,6 +112,12 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
         drafter = copy.deepcopy(drafter)
         with open_dict(drafter):
             drafter.second.tree = kwargs.pop("tree")
+    if parts := drafter_parts(drafter):  # a hybrid: each part gets what it needs as a drafter of its own would
+        kwargs.update({name: build_drafter(part, models) for name, part in parts.items()})
+        drafter = copy.deepcopy(drafter)
+        with open_dict(drafter):
+            for name in parts:
+                del drafter[name]
     kwargs.update(drafter_paths(drafter))
     if accepts_argument(drafter, "tokenizer", "drafter") and drafter.get("tokenizer") is None:
         kwargs["tokenizer"] = models.tokenizer  # a drafter that reads text gets the run's
@@ -124,6 +130,15 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
             f"{hint}, or pick another drafter (drafter=ngram)"
         )
     return instantiate(drafter, "drafter", model=models.draft, **kwargs)
+
+
+def drafter_parts(drafter: DictConfig) -> dict[str, DictConfig]:
+    """The parts of a drafter made of drafters (``first`` and ``second`` of ``drafters.HybridDrafter``): the
+    config nodes that name a ``_target_`` of their own; ``{}`` for any other drafter."""
+    if not str(drafter.get("_target_") or "").startswith("drafters."):
+        return {}
+    return {name: drafter[name] for name in ("first", "second")
+            if isinstance(drafter.get(name), DictConfig) and drafter[name].get("_target_")}
 
 
 #: The drafters' counts (True: null allowed), checked before any model is built or loaded (the drafters check them
@@ -229,7 +244,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     for group in ("drafter", "logger"):  # a wrong _target_ or a misspelled argument in their own files too
         check_arguments(cfg[group], group)
     tree_argument(cfg.drafter, cfg.get("tree"))  # a tree file of the wrong shape fails before any model loads too
-    drafter_paths(cfg.drafter, build=False)  # so does a missing draft checkpoint a drafter loads itself
+    for node in (cfg.drafter, *drafter_parts(cfg.drafter).values()):  # so does a missing draft checkpoint a
+        drafter_paths(node, build=False)                                # drafter (or a hybrid's part) loads itself
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
     if cfg.batch_size > 1:

@@ -176,6 +176,31 @@ def test_config_composes_builds_and_runs(tmp_path):
         assert dict(per_record) == spec["steps_by_source"]
 
 
+def test_a_second_part_gets_what_it_would_get_alone(tmp_path):
+    """``drafter=hybrid_draft``: the draft model second gets the model config's draft; a cross-tokenizer second
+    gets the run's tokenizer and its ``zoo:`` draft's directory; greedy through decode equals the baseline."""
+    from drafters import CrossTokenizerDrafter, DraftModelDrafter
+    from experiments import decode
+    from experiments.loggers import NoLogger
+    from experiments.models_from_config import load_models
+    from tests.test_medusa import compose_decode
+
+    cfg = compose_decode("model=zoo_micro", "drafter=hybrid_draft", "num_prompts=2", "max_new_tokens=12", "warmup=0",
+                         "logger=none", "costs=false")
+    models = load_models(cfg.model)
+    drafter = decode.build_drafter(cfg.drafter, models)
+    assert isinstance(drafter.first, NGramDrafter) and isinstance(drafter.second, DraftModelDrafter)
+    assert drafter.second.model is models.draft
+    assert decode.run(cfg, tmp_path / "run", logger=NoLogger())["metrics"]["matches_baseline"] is True
+    text = compose_decode("model=zoo_micro", "drafter=cross_tokenizer", "drafter.draft=zoo:micro/draft").drafter
+    cfg.drafter.second = text
+    drafter = decode.build_drafter(cfg.drafter, models)
+    assert isinstance(drafter.second, CrossTokenizerDrafter) and drafter.second.tokenizer is models.tokenizer
+    summary = decode.run(cfg, tmp_path / "text", logger=NoLogger())
+    assert summary["metrics"]["matches_baseline"] is True
+    assert set(summary["metrics"]["speculative"]["steps_by_source"]) <= {"ngram", "cross_tokenizer"}
+
+
 def test_bench_drafters_puts_each_chain_behind_lookup(tmp_path):
     """``--hybrid N`` adds ``ours_ngram+<chain>`` for every chain and ``--trees`` preset (not the dynamic trees), each
     with its own drafter; ``--hf-lookup-tokens`` runs HF prompt lookup once per setting; ``--methods`` keeps the

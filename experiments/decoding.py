@@ -18,6 +18,8 @@ from typing import Any
 from experiments.results import MethodResults
 
 #: What a batch's records share of its aggregate stats (the batch's wall time and its split).
+#: A batched row's stats that are its batch's, not its own: null in its record (``record["batch"]`` has the phases).
+ROW_UNTIMED = ("time_prefill", "time_draft", "time_verify", "time_accept", "time_other")
 BATCH_KEYS = ("new_tokens", "time_total", "time_prefill", "time_draft", "time_verify", "time_accept", "time_compile",
               "batch_steps")
 
@@ -84,6 +86,7 @@ def _record(index: int, prompt: EncodedPrompt, seq, stats, method: str, drafter_
               "drafter": drafter_name, "seed": seed + index, "prompt_tokens": prompt_len,
               "new_tokens": len(new_ids), "tokens": new_ids, "stats": stats.to_dict(),
               "text": tokenizer.decode(new_ids, skip_special_tokens=True)}
-    if batch is not None:
+    if batch is not None:  # the phases ran for the whole batch (in ``batch``): a row has none of its own to show
         record["batch"] = batch
+        record["stats"].update(dict.fromkeys(ROW_UNTIMED))
     return record

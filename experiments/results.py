@@ -168,7 +168,7 @@ def read_records(path: str | Path) -> tuple[list[dict], list[str]]:
 def stats_from_dict(data: dict) -> DecodeStats:
     """Rebuild :class:`DecodeStats` from a record's ``stats`` (derived metrics are recomputed)."""
     names = DecodeStats.__dataclass_fields__
-    return DecodeStats(**{k: v for k, v in data.items() if k in names})
+    return DecodeStats(**{k: v for k, v in data.items() if k in names and v is not None})  # null: a batch's
 
 
 def results_from_records(records: list[dict]) -> dict[str, MethodResults]:

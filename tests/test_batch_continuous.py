@@ -96,6 +96,11 @@ def test_decode_continuous_writes_records_as_rows_finish(prompts_file, tmp_path)
     spec = runs["cont"]["metrics"]["speculative"]
     assert spec["batch_size"] == 2
     assert spec["tokens_per_s"] == pytest.approx(spec["new_tokens"] / spec_records[-1]["batch"]["time_total"])
+    for r in runs["cont"]["records"]:  # a row's phases are its batch's: null in its record, not 0 s and "other"
+        assert [r["stats"][k] for k in ("time_prefill", "time_draft", "time_verify", "time_other")] == [None] * 4
+        assert r["stats"]["time_total"] > 0 and r["batch"]["time_verify"] > 0
+    assert all(r["stats"]["time_verify"] > 0 for r in runs["one"]["records"])  # batch 1: its own phases
+    assert spec["time_verify"] > 0 and sum(spec["time_split"].values()) == pytest.approx(1.0)
 
 
 def test_decode_continuous_bad_config(prompts_file, tmp_path):  # noqa: F811

@@ -3,8 +3,9 @@
 The target's committed tokens are decoded to text and encoded with the draft's tokenizer; the draft model
 continues that text greedily for ``draft_tokens`` of its own tokens; the continuation is encoded with the
 target's tokenizer (behind the last committed tokens, so that a word is split as the target splits it) and its
-first ``num_speculative_tokens`` target tokens are proposed. The host work per step grows with the text (it is
-decoded and encoded again whole). The proposals are deterministic (point masses for
+first ``num_speculative_tokens`` target tokens are proposed. The host work per step is bounded: the text before
+an anchor is encoded once (its draft ids appended to as the anchor moves), only the tokens after it are decoded
+and encoded again each step (at most :data:`TAIL_TOKENS`). The proposals are deterministic (point masses for
 the acceptance rule), so every rule stays exact: greedy runs equal plain decoding and rejection sampling keeps
 the target's distribution, whatever the draft or its tokenizer.
 """
@@ -24,6 +25,10 @@ from specdec.types import DraftTree
 LOOKBEHIND = 4
 #: The longest run of committed tokens tried for that (see :meth:`CrossTokenizerDrafter._behind`).
 MAX_LOOKBEHIND = 16
+#: The most committed target tokens decoded and encoded again per step: past that the anchor moves on, leaving
+#: :data:`KEEP_TOKENS` after it (their text is encoded again each step, so a word they end is split as a whole).
+TAIL_TOKENS = 256
+KEEP_TOKENS = 64
 #: The draft's cache holds this many draft tokens per target token of the run's capacity (or its position limit,
 #: if lower); a longer text is seen through a window (:meth:`CrossTokenizerDrafter._window`).
 DRAFT_TOKENS_PER_TOKEN = 4
@@ -99,6 +104,7 @@ class CrossTokenizerDrafter(Drafter):
                                f"{self.draft_tokens} after a context: lower drafter.draft_tokens or use another draft")
         self.cache = SpecDecCache.for_model(self.model, self._limit)
         self._fed, self._offset = [], 0
+        self._anchor, self._anchor_ids = 0, []  # the text of self.tokens[:_anchor], as draft ids (encoded once)
 
     def _positions(self) -> int:
         """The draft model's position limit."""
@@ -108,14 +114,45 @@ class CrossTokenizerDrafter(Drafter):
         k = min(self.k, max_depth)
         if k <= 0:
             return DraftTree.empty()
-        text = _text(self.tokenizer, self.tokens)
-        ids = self.draft_tokenizer.encode(text, add_special_tokens=False, verbose=False)  # longer than it reads: fine
+        ids = self._draft_ids()
         if not ids:
             return DraftTree.empty()
         continuation = self._continue(ids)
         if continuation is None:
             return DraftTree.empty()
         return DraftTree.chain(self._target_tokens(continuation)[:k])
+
+    def _draft_ids(self) -> list[int]:
+        """The committed text as draft ids: the anchor's (the text before it, encoded when the anchor passed it) and
+        the rest's, encoded now. The anchor moves once the rest is longer than :data:`TAIL_TOKENS` target tokens."""
+        if len(self.tokens) - self._anchor > TAIL_TOKENS:
+            self._move_anchor(len(self.tokens) - KEEP_TOKENS)
+        tail = self._text_after(self._anchor, len(self.tokens))
+        if tail is None:  # the anchor's last character does not read back whole: encode everything again
+            self._anchor, self._anchor_ids = 0, []
+            tail = _text(self.tokenizer, self.tokens)
+        return self._anchor_ids + self._encode(tail)
+
+    def _move_anchor(self, to: int) -> None:
+        """Move the anchor to ``to`` or just before it, where the text splits between whole characters; the text in
+        between is encoded and its ids appended (a word cut there is split as two: drafting only, never output)."""
+        for at in range(to, max(self._anchor, to - MAX_LOOKBEHIND), -1):
+            between, after = self._text_after(self._anchor, at), self._text_after(at, at + 1)
+            if between is not None and after is not None and "\ufffd" not in between + after:
+                self._anchor_ids = self._anchor_ids + self._encode(between)
+                self._anchor = at
+                return
+
+    def _text_after(self, start: int, end: int) -> str | None:
+        """The text of ``self.tokens[start:end]`` as it reads after the tokens before it (decoded behind a few of
+        them, whose own text is then cut off: a SentencePiece word keeps its space); None when that text is not a
+        prefix (a character split between ``start - 1`` and ``start``)."""
+        before = self.tokens[max(0, start - LOOKBEHIND):start]
+        base, full = _text(self.tokenizer, before), _text(self.tokenizer, before + self.tokens[start:end])
+        return full[len(base):] if full.startswith(base) else None
+
+    def _encode(self, text: str) -> list[int]:
+        return self.draft_tokenizer.encode(text, add_special_tokens=False, verbose=False)  # longer than it reads: fine
 
     def _continue(self, ids: list[int]) -> tuple[str, bool] | None:
         """``(text, ended)``: the draft model's greedy continuation of ``ids`` as text, and whether it ended with the

@@ -141,6 +141,54 @@ def test_the_kept_draft_cache_holds_what_feeding_the_whole_text_again_would(merg
     assert (d._offset > 0) == bool(context)
 
 
+class Counted(Checked):
+    """Checked, and the longest run of target ids decoded, and text encoded for the draft, in each step."""
+
+    def propose(self, max_depth):
+        self.decoded, self.encoded = 0, 0
+        tree = super().propose(max_depth)
+        self.steps.append((self.decoded, self.encoded))
+        return tree
+
+
+@pytest.mark.parametrize("merges", [(), (("a", "b"), ("4", "4"))])
+def test_the_host_work_per_step_is_bounded_and_drafting_stays_aligned(merges, monkeypatch):
+    """With the anchor moving every few tokens (TAIL_TOKENS=12, KEEP_TOKENS=4) over 120 new tokens: each step
+    decodes and encodes a bounded run (not the whole text); the draft ids behind the anchor are the whole text's
+    encoding where no merge crosses an anchor (a draft that is the target under other ids is still accepted at
+    every step); output equals plain decoding; the draft cache equals a fresh feed of its ids."""
+    import drafters.cross_tokenizer as ct
+
+    monkeypatch.setattr(ct, "TAIL_TOKENS", 12)
+    monkeypatch.setattr(ct, "KEEP_TOKENS", 4)
+    target_tok = char_tokenizer(WIDE)
+    d = Counted(wide_draft(0.0 if not merges else 0.15, merges), tokenizer=target_tok, num_speculative_tokens=3,
+                draft_tokenizer=char_tokenizer("".join(WIDE[p] for p in WIDE_PERM), merges))
+    d.proposed, d.steps = 0, []
+    real_text, real_encode = ct._text, d._encode
+
+    def counting_text(tokenizer, ids):
+        if tokenizer is target_tok:
+            d.decoded = max(d.decoded, len(ids))
+        return real_text(tokenizer, ids)
+
+    def counting_encode(text):
+        d.encoded = max(d.encoded, len(text))
+        return real_encode(text)
+
+    monkeypatch.setattr(ct, "_text", counting_text)
+    d._encode = counting_encode
+    out = SpeculativeDecoder(wide_target(), d).generate(WIDE_PROMPT, max_new_tokens=120, seed=0)
+    assert torch.equal(out.sequences[0], greedy_reference(wide_target(), WIDE_PROMPT, 120))
+    later = d.steps[3:]  # after the first steps, whatever the text's length (129 tokens at the end)
+    assert later and max(n for n, _ in later) <= 12 + ct.MAX_LOOKBEHIND + 3 and max(c for _, c in later) <= 40
+    assert d._anchor > 100
+    if not merges:  # no merge can cross an anchor: the ids equal the whole text's, the permuted draft aligned
+        assert d._anchor_ids + d._encode(real_text(target_tok, d.tokens[d._anchor:])) == \
+            real_encode(real_text(target_tok, d.tokens))
+        assert out.stats.tau == 4.0
+
+
 @pytest.mark.parametrize("setting, shape, rule", [c for c in cells(["ngram"]) if c[0] == "t1.0"])
 def test_sampled_output_keeps_the_targets_distribution(setting, shape, rule):
     target, noisy = peaky_noisy_pair()

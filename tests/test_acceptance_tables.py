@@ -326,3 +326,33 @@ def test_typical_thresholds_are_the_nodes_own():
                                       temperature=0.7, epsilon=0.09, delta=0.3)
     assert (nodes, toks) == ([0, 1], [1, 4, 3])
     assert_rows_close(got, [U6])
+
+
+@pytest.mark.parametrize("mode", ["chain", "with_replacement", "without_replacement"])
+def test_a_draft_the_draft_could_not_sample_is_accepted_by_both_rules(mode):
+    """q(x) = 0 (min(1, p/q) is 1), here with p(x) = 0 too: the per-node rule accepts, and so must the batch rule."""
+    from specdec.batch_acceptance import batch_rejection
+
+    p_zero = [0.5, 0.3, 0.2, 0.0]  # the target cannot emit token 3 either
+    res, got = decide(RejectionAcceptance(), [-1], [3], [p_zero, U4], [0.5, 0.6], q_rows=[Q], mode=mode)
+    assert (res.accepted_nodes, res.tokens) == ([0], [3, 2])
+    (nodes, toks), batch_got = batch_decide(batch_rejection, [-1], [3], [p_zero, U4], {0: 0.5}, 0.6, [Q], mode)
+    assert (nodes, toks) == ([0], [3, 2])
+    assert_rows_close(batch_got, got)
+
+
+def test_a_node_with_fewer_children_than_the_widest_reads_its_own_draft_distribution():
+    """Root with two children drawn without replacement, node 0 with one (padded in the batch's child table): node
+    2 was drawn from node 0's q (q(x) = 0.2 < p(x) = 0.25: accepted whatever u), not the root's (0.5: u = 0.7
+    would reject it)."""
+    from specdec.batch_acceptance import batch_rejection
+
+    q_n0 = [0.4, 0.2, 0.2, 0.2]
+    rows, q_rows = [P, U4, U4, U4], [Q, Q, q_n0]
+    res, got = decide(RejectionAcceptance(), [-1, -1, 0], [0, 1, 1], rows, [0.5, 0.7, 0.6], q_rows=q_rows,
+                      mode="without_replacement")
+    assert (res.accepted_nodes, res.tokens) == ([0, 2], [0, 1, 2])
+    (nodes, toks), batch_got = batch_decide(batch_rejection, [-1, -1, 0], [0, 1, 1], rows, {0: 0.5, 2: 0.7}, 0.6,
+                                            q_rows, "without_replacement")
+    assert (nodes, toks) == ([0, 2], [0, 1, 2])
+    assert_rows_close(batch_got, got)

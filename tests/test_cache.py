@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from specdec.batch_cache import BatchCache
 from specdec.cache import CacheOverflowError, SpecDecCache
 
 B, H, D, LAYERS, CAP = 1, 2, 4, 2, 48
@@ -108,3 +109,59 @@ def test_compact_rejects_the_first_slot_past_the_length():
     with pytest.raises(ValueError, match="slot 4 is past the cache length 4"):
         cache.compact([1, 2], offset=2)
     assert cache.length == 4
+
+
+# --------------------------------------------------------------------------- the batch's ragged cache (its bookkeeping)
+
+
+def _written(batch: int, capacity: int = 16) -> BatchCache:
+    """A one-layer batch cache whose rows hold row-numbered keys (a block of 2 written at length 0)."""
+    cache = BatchCache(1, capacity, batch)
+    cache.begin_block(2)
+    keys = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 1, 2, 4)  # [B, H, 2, D]
+    cache.layers[0].update(keys, keys.clone())
+    cache.set_lengths([2] * batch)
+    return cache
+
+
+def test_a_batch_block_fits_up_to_the_capacity_and_names_the_longest_row_past_it():
+    cache = BatchCache(1, 10, 3, row_ids=[5, 6, 7])
+    cache.set_lengths([1, 8, 2])
+    assert cache.layers[0].get_seq_length() == 8  # the longest row's length (what transformers may read)
+    cache.begin_block(2)  # slots 8 and 9 of 10: fits
+    with pytest.raises(CacheOverflowError, match=r"row 6: writing 3 tokens at slot 8 .* capacity is 10"):
+        cache.begin_block(3)
+    cache.select_rows([1, 2])  # rows keep their ids through selections
+    cache.select_rows([0])
+    with pytest.raises(CacheOverflowError, match="row 6"):
+        cache.begin_block(3)
+
+
+def test_admitting_rows_whose_cache_was_never_written():
+    """Continuous batching admits rows prefilled on their own; a one-token prompt's prefill writes nothing."""
+    cache = _written(3)
+    cache.extend(BatchCache(1, 16, 1))  # never written: zero rows of the batch's shape
+    assert cache.layers[0].keys.shape == (4, 1, 16, 4) and cache.batch == 4 and cache.rows == [0, 1, 2, 0]
+    assert torch.equal(cache.layers[0].keys[:3, :, :2, 0], torch.arange(3.0).view(3, 1, 1).expand(3, 1, 2))
+    assert not cache.layers[0].keys[3].any()
+    empty = BatchCache(1, 16, 2)  # the other way round: the batch unwritten, the admitted rows written
+    empty.extend(_written(1))
+    assert empty.layers[0].keys.shape == (3, 1, 16, 4) and not empty.layers[0].keys[:2].any()
+    assert empty.host_lengths == [0, 0, 2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(0, 6), min_size=1, max_size=4), n=st.integers(1, 4), seed=st.integers(0, 99))
+def test_block_mask_is_its_docstring(lengths, n, seed):
+    """Key ``s`` is visible to block token ``j`` of row ``b`` iff ``s < lengths[b]``, or ``s = lengths[b] + i``
+    with ``tree_mask[b, j, i]``: checked slot by slot, for any tree mask (a column 0 that is False included)."""
+    cache = BatchCache(1, 16, len(lengths))
+    cache.set_lengths(lengths)
+    cache.begin_block(n)
+    tree = torch.rand(len(lengths), n, n, generator=torch.Generator().manual_seed(seed)) < 0.5  # [B, n, n]
+    mask = cache.block_mask(tree)[:, 0]  # [B, n, S]
+    for b, length in enumerate(lengths):
+        for j in range(n):
+            for s in range(mask.shape[-1]):
+                i = s - length
+                assert bool(mask[b, j, s]) == (s < length or (0 <= i < n and bool(tree[b, j, i]))), (b, j, s)

@@ -124,12 +124,22 @@ def load_checkpoint(path: Path, settings: dict) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file
         raise ConfigError(f"checkpoint {path} is unreadable ({exc}); delete it or pass resume=false") from exc
-    diff = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
-    if diff:
-        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"checkpoint {path} was written with other settings ({detail}); pass resume=false to start "
-                          f"over, or out_dir=<another dir>")
+    if changed := setting_changes(state["settings"], settings):
+        raise ConfigError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); pass resume=false "
+                          f"to start over, or out_dir=<another dir>")
     return state
+
+
+#: Settings recorded only when not at their default (older checkpoints and heads lack them): compared with it.
+OPTIONAL_SETTINGS = {"generated_source": "corpus", "init_from": None, "draft_vocab": 0}
+
+
+def setting_changes(saved: dict, settings: dict) -> list[str]:
+    """``"key: saved -> now"`` for every setting that differs (an optional one absent on either side is its
+    default)."""
+    keys = list(settings) + [k for k in OPTIONAL_SETTINGS if k not in settings]
+    return [f"{k}: {saved.get(k, OPTIONAL_SETTINGS.get(k))!r} -> {settings.get(k, OPTIONAL_SETTINGS.get(k))!r}"
+            for k in keys if saved.get(k, OPTIONAL_SETTINGS.get(k)) != settings.get(k, OPTIONAL_SETTINGS.get(k))]
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -212,7 +222,7 @@ def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
     if source not in GENERATED_SOURCES:
         raise ConfigError(f"generated_source={source!r}: use one of {GENERATED_SOURCES}")
     recipe.check(cfg)
-    settings = {k: cfg[k] for k in (*recipe.resume_keys, *COMMON_RESUME_KEYS)}
+    settings = {k: _plain(cfg[k]) for k in (*recipe.resume_keys, *COMMON_RESUME_KEYS)}  # JSON-ready (lists)
     if source != "corpus":  # recorded only when not the default, so older checkpoints still resume
         settings["generated_source"] = source
     if cfg.get("init_from"):  # a warm start changes the result: a checkpoint must have had the same one
@@ -223,6 +233,13 @@ def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
     if size:
         settings["draft_vocab"] = size
     return settings
+
+
+def _plain(value):
+    """A config value as plain Python (a ListConfig such as ``feature_layers=[0,1,1]`` as a list)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def autocast_dtype(cfg: DictConfig, device: torch.device, target) -> torch.dtype | None:
@@ -271,10 +288,13 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     fingerprint = target_fingerprint(target)
     settings["target_sha256"] = fingerprint["sha256"]
     out_dir = Path(str(cfg.out_dir)).expanduser() if cfg.out_dir else recipe.out_dir(cfg, fingerprint)
-    if (report := finished_report(out_dir, {**settings, **where}, recipe, bool(cfg.get("force")))) is not None:
+    amp = autocast_dtype(cfg, device, target)
+    # what the head and its eval.json depend on beyond the checkpoint's settings: where it ran, its evaluation
+    made = {**settings, **where, "device": str(device), "autocast": str(amp),
+            **{str(k): _plain(v) for k, v in cfg.items() if str(k).startswith("eval_")}}
+    if (report := finished_report(out_dir, made, recipe, bool(cfg.get("force")))) is not None:
         atomic_write_json(run_dir / "eval.json", report)
         return report
-    amp = autocast_dtype(cfg, device, target)
     check_draft_vocab(cfg, target)  # before any data is made
     from experiments.suite import SUITE_SOURCES
 
@@ -325,7 +345,7 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     finally:
         bar.close()
         train_log.finish()
-    recipe.save(head, out_dir, {**settings, **where, "train_s": train_s}, report)
+    recipe.save(head, out_dir, {**made, "train_s": train_s}, report)
     atomic_write_json(run_dir / "eval.json", report)
     ckpt.unlink(missing_ok=True)  # finished: the head is saved
     return report
@@ -340,7 +360,7 @@ def finished_report(out_dir: Path, settings: dict, recipe: HeadRecipe, force: bo
         training = json.loads((out_dir / recipe.files.config_file).read_text(encoding="utf-8")).get("training") or {}
     except (OSError, ValueError, AttributeError):
         return None  # no finished head there (or an unreadable one: training replaces it)
-    changed = [f"{k}: {training.get(k)!r} -> {v!r}" for k, v in settings.items() if training.get(k) != v]
+    changed = setting_changes(training, settings)
     report = read_eval(out_dir)
     if not (out_dir / recipe.files.weights_file).is_file() or report is None:
         changed.append(f"no {recipe.files.weights_file}" if report is not None else f"no {EVAL_FILE}")

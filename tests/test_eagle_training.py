@@ -89,9 +89,10 @@ def test_trained_head_greedy_equality_and_acceptance(micro_eagle3):
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, capfd):
     from experiments.train_eagle import train
 
-    small = ["zoo_size=micro", "version=eagle3", "ttt_steps=2", "steps=6", "checkpoint_every=2", "batch_size=2",
-             "context=32", "train_chars=40000", "eval_tokens=256", "eval_depth=2", "generated_rows=4",
-             "generated_prompt=8", "eval_generated_rows=2", "logger=none", "progress=false", "threads=1"]
+    small = ["zoo_size=micro", "version=eagle3", "ttt_steps=2", "feature_layers=[0,1,1]", "steps=6",  # a list: saved
+             "checkpoint_every=2", "batch_size=2", "context=32", "train_chars=40000", "eval_tokens=256", "eval_depth=2",
+             "generated_rows=4", "generated_prompt=8", "eval_generated_rows=2", "logger=none", "progress=false",
+             "threads=1"]
     assert_resume_is_exact(train, compose_train, small, tmp_path, capfd, load_head)
     assert_finished_head_is_reused(train, compose_train, small, tmp_path, capfd, load_head)
 

@@ -43,3 +43,9 @@ def assert_finished_head_is_reused(train, compose, overrides: list[str], tmp_pat
     capfd.readouterr()
     report = train(compose(*steps, f"out_dir={out}"), tmp_path / "run_other")
     assert "reused" not in report and "steps: 6 -> 5" in capfd.readouterr().err
+    report = train(compose(*steps, "eval_batch_size=4", f"out_dir={out}"), tmp_path / "run_eval")  # its eval.json
+    assert "reused" not in report and "eval_batch_size: 8 -> 4" in capfd.readouterr().err
+    report = train(compose(*steps, "eval_batch_size=4", "draft_vocab=6", f"out_dir={out}"), tmp_path / "run_vocab")
+    assert "reused" not in report and "draft_vocab: 0 -> 6" in capfd.readouterr().err  # an option set only when on
+    report = train(compose(*steps, "eval_batch_size=4", f"out_dir={out}"), tmp_path / "run_back")  # and when off
+    assert "reused" not in report and "draft_vocab: 6 -> 0" in capfd.readouterr().err

@@ -29,6 +29,8 @@ MAX_LOOKBEHIND = 16
 #: :data:`KEEP_TOKENS` after it (their text is encoded again each step, so a word they end is split as a whole).
 TAIL_TOKENS = 256
 KEEP_TOKENS = 64
+#: Characters of the text before the anchor that the text after it is encoded behind (then dropped).
+ANCHOR_CONTEXT = 16
 #: The draft's cache holds this many draft tokens per target token of the run's capacity (or its position limit,
 #: if lower); a longer text is seen through a window (:meth:`CrossTokenizerDrafter._window`).
 DRAFT_TOKENS_PER_TOKEN = 4
@@ -104,7 +106,13 @@ class CrossTokenizerDrafter(Drafter):
                                f"{self.draft_tokens} after a context: lower drafter.draft_tokens or use another draft")
         self.cache = SpecDecCache.for_model(self.model, self._limit)
         self._fed, self._offset = [], 0
+        self._reset_text()
+
+    def _reset_text(self) -> None:
+        """Forget the anchored text (a new run)."""
         self._anchor, self._anchor_ids = 0, []  # the text of self.tokens[:_anchor], as draft ids (encoded once)
+        self._anchor_end = ""  # the last characters of that text (the next chunk is encoded behind them)
+        self._retry_at = 0  # no clean cut was found: the anchor tries again once the text reaches this many tokens
 
     def _positions(self) -> int:
         """The draft model's position limit."""
@@ -125,23 +133,26 @@ class CrossTokenizerDrafter(Drafter):
     def _draft_ids(self) -> list[int]:
         """The committed text as draft ids: the anchor's (the text before it, encoded when the anchor passed it) and
         the rest's, encoded now. The anchor moves once the rest is longer than :data:`TAIL_TOKENS` target tokens."""
-        if len(self.tokens) - self._anchor > TAIL_TOKENS:
+        if len(self.tokens) - self._anchor > TAIL_TOKENS and len(self.tokens) >= self._retry_at:
             self._move_anchor(len(self.tokens) - KEEP_TOKENS)
         tail = self._text_after(self._anchor, len(self.tokens))
         if tail is None:  # the anchor's last character does not read back whole: encode everything again
-            self._anchor, self._anchor_ids = 0, []
+            self._anchor, self._anchor_ids, self._anchor_end = 0, [], ""
             tail = _text(self.tokenizer, self.tokens)
-        return self._anchor_ids + self._encode(tail)
+        return self._anchor_ids + self._encode_after(self._anchor_end, tail)
 
     def _move_anchor(self, to: int) -> None:
         """Move the anchor to ``to`` or just before it, where the text splits between whole characters; the text in
-        between is encoded and its ids appended (a word cut there is split as two: drafting only, never output)."""
+        between is encoded (behind the end of the text before it) and its ids appended. Where a draft token would
+        span the cut, the draft reads two (drafting only, never output). No clean cut in :data:`MAX_LOOKBEHIND`
+        tokens: the anchor stays, and tries again :data:`MAX_LOOKBEHIND` tokens later."""
         for at in range(to, max(self._anchor, to - MAX_LOOKBEHIND), -1):
             between, after = self._text_after(self._anchor, at), self._text_after(at, at + 1)
-            if between is not None and after is not None and "\ufffd" not in between + after:
-                self._anchor_ids = self._anchor_ids + self._encode(between)
-                self._anchor = at
+            if between and after is not None and not between.endswith("\ufffd") and not after.startswith("\ufffd"):
+                self._anchor_ids = self._anchor_ids + self._encode_after(self._anchor_end, between)
+                self._anchor, self._anchor_end = at, (self._anchor_end + between)[-ANCHOR_CONTEXT:]
                 return
+        self._retry_at = len(self.tokens) + MAX_LOOKBEHIND
 
     def _text_after(self, start: int, end: int) -> str | None:
         """The text of ``self.tokens[start:end]`` as it reads after the tokens before it (decoded behind a few of
@@ -153,6 +164,15 @@ class CrossTokenizerDrafter(Drafter):
 
     def _encode(self, text: str) -> list[int]:
         return self.draft_tokenizer.encode(text, add_special_tokens=False, verbose=False)  # longer than it reads: fine
+
+    def _encode_after(self, context: str, text: str) -> list[int]:
+        """``text``'s draft ids as they read after ``context``: encoded behind it and its ids dropped (a tokenizer
+        that marks where a text starts, as SentencePiece's "▁", marks no start there); ``text`` alone when the
+        encoding does not begin with the context's own ids (a token spans the two)."""
+        if not context:
+            return self._encode(text)
+        head, ids = self._encode(context), self._encode(context + text)
+        return ids[len(head):] if ids[: len(head)] == head else self._encode(text)
 
     def _continue(self, ids: list[int]) -> tuple[str, bool] | None:
         """``(text, ended)``: the draft model's greedy continuation of ``ids`` as text, and whether it ended with the

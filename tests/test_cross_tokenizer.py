@@ -151,19 +151,21 @@ class Counted(Checked):
         return tree
 
 
-@pytest.mark.parametrize("merges", [(), (("a", "b"), ("4", "4"))])
-def test_the_host_work_per_step_is_bounded_and_drafting_stays_aligned(merges, monkeypatch):
+@pytest.mark.parametrize("merges, chars", [((), WIDE), ((("a", "b"), ("4", "4")), WIDE),
+                                           ((), "\ufffd" + WIDE[1:])])  # the prompt's first character reads U+FFFD
+def test_the_host_work_per_step_is_bounded_and_drafting_stays_aligned(merges, chars, monkeypatch):
     """With the anchor moving every few tokens (TAIL_TOKENS=12, KEEP_TOKENS=4) over 120 new tokens: each step
-    decodes and encodes a bounded run (not the whole text); the draft ids behind the anchor are the whole text's
-    encoding where no merge crosses an anchor (a draft that is the target under other ids is still accepted at
-    every step); output equals plain decoding; the draft cache equals a fresh feed of its ids."""
+    decodes and encodes a bounded run (not the whole text), a U+FFFD in the text (not at a cut) included; the draft
+    ids behind the anchor are the whole text's encoding where no merge crosses an anchor (a draft that is the
+    target under other ids is still accepted at every step); output equals plain decoding; the draft cache equals
+    a fresh feed of its ids."""
     import drafters.cross_tokenizer as ct
 
     monkeypatch.setattr(ct, "TAIL_TOKENS", 12)
     monkeypatch.setattr(ct, "KEEP_TOKENS", 4)
-    target_tok = char_tokenizer(WIDE)
+    target_tok = char_tokenizer(chars)
     d = Counted(wide_draft(0.0 if not merges else 0.15, merges), tokenizer=target_tok, num_speculative_tokens=3,
-                draft_tokenizer=char_tokenizer("".join(WIDE[p] for p in WIDE_PERM), merges))
+                draft_tokenizer=char_tokenizer("".join(chars[p] for p in WIDE_PERM), merges))
     d.proposed, d.steps = 0, []
     real_text, real_encode = ct._text, d._encode
 
@@ -181,12 +183,27 @@ def test_the_host_work_per_step_is_bounded_and_drafting_stays_aligned(merges, mo
     out = SpeculativeDecoder(wide_target(), d).generate(WIDE_PROMPT, max_new_tokens=120, seed=0)
     assert torch.equal(out.sequences[0], greedy_reference(wide_target(), WIDE_PROMPT, 120))
     later = d.steps[3:]  # after the first steps, whatever the text's length (129 tokens at the end)
-    assert later and max(n for n, _ in later) <= 12 + ct.MAX_LOOKBEHIND + 3 and max(c for _, c in later) <= 40
+    assert later and max(n for n, _ in later) <= 12 + ct.MAX_LOOKBEHIND + 3
+    assert max(c for _, c in later) <= 12 + ct.MAX_LOOKBEHIND + 3 + ct.ANCHOR_CONTEXT
     assert d._anchor > 100
-    if not merges:  # no merge can cross an anchor: the ids equal the whole text's, the permuted draft aligned
+    if not merges:  # no merge can cross an anchor: the ids equal the whole text's
         assert d._anchor_ids + d._encode(real_text(target_tok, d.tokens[d._anchor:])) == \
             real_encode(real_text(target_tok, d.tokens))
+    if chars == WIDE and not merges:  # the permuted draft stays aligned (U+FFFD near the end stops proposals)
         assert out.stats.tau == 4.0
+
+
+def test_a_chunk_after_the_anchor_is_encoded_as_it_reads_there():
+    """A tokenizer that marks where a text starts (SentencePiece's "▁", prepended by its normalizer) marks no start
+    at an anchor: the chunk is encoded behind the text before it and that text's ids dropped."""
+    from tokenizers import normalizers
+
+    spm = char_tokenizer("▁" + WIDE)
+    spm.backend_tokenizer.normalizer = normalizers.Prepend("▁")
+    assert spm.encode("ab", add_special_tokens=False) == [0, 1, 2]  # "▁", "a", "b": a text's start is marked
+    d = CrossTokenizerDrafter(wide_draft(0.0), tokenizer=char_tokenizer(WIDE), draft_tokenizer=spm)
+    assert d._encode_after("xy", "ab") == [1, 2]  # as in "xyab": no "▁" before "a"
+    assert d._encode_after("", "ab") == [0, 1, 2]  # the text's own start
 
 
 @pytest.mark.parametrize("setting, shape, rule", [c for c in cells(["ngram"]) if c[0] == "t1.0"])

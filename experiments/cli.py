@@ -223,9 +223,9 @@ def error_message(exc: BaseException) -> str:
             lines.append(str(cause).strip().splitlines()[0])
         text = _join_lines(lines) or type(exc).__name__
         return _misspelled_key(text, cause) or text
-    if isinstance(exc, OSError) and exc.strerror and exc.filename:
-        fix = OS_FIXES.get(exc.errno, "check the path")
-        return f"{exc.strerror}: {exc.filename}: {fix}"
+    if isinstance(exc, OSError) and exc.strerror and (exc.filename or exc.errno in OS_FIXES):
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)  # os.replace names both
+        return ": ".join(part for part in (exc.strerror, paths, OS_FIXES.get(exc.errno, "check the path")) if part)
     text = _one_line(str(exc)) or type(exc).__name__
     if type(exc).__name__ == "OutOfMemoryError":
         first = ". ".join(text.split(". ")[:2])  # what ran out and the request; torch goes on about the allocator

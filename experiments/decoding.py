@@ -17,9 +17,9 @@ from typing import Any
 
 from experiments.results import MethodResults
 
-#: What a batch's records share of its aggregate stats (the batch's wall time and its split).
 #: A batched row's stats that are its batch's, not its own: null in its record (``record["batch"]`` has the phases).
 ROW_UNTIMED = ("time_prefill", "time_draft", "time_verify", "time_accept", "time_other")
+#: What a batch's records share of its aggregate stats (the batch's wall time and its split).
 BATCH_KEYS = ("new_tokens", "time_total", "time_prefill", "time_draft", "time_verify", "time_accept", "time_compile",
               "batch_steps")
 

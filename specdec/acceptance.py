@@ -151,8 +151,10 @@ class RejectionAcceptance(AcceptanceRule):
         return _walk(tree, choose, lambda node: self.draw_token(left.get(node, p_all[node + 1]), rng))
 
     def accepts(self, u: float, px: float, qx: float) -> bool:
-        """Accept a draft x with probability ``min(1, p'(x) / q'(x))``, given ``u ~ U(0, 1)``."""
-        return qx <= 0.0 or u * qx < px
+        """Accept a draft x with probability ``min(1, p'(x) / q'(x))``, given ``u ~ U(0, 1)``: always where
+        ``q'(x) = 0 < p'(x)``, never where ``p'(x) = 0`` (a token the target cannot emit is never emitted, even
+        from a draft whose recorded q could not have drawn it)."""
+        return u * qx < px
 
     def residual(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """``p'`` after a sampled child was rejected: ``norm(max(0, p' - q'))`` ``[V]``."""

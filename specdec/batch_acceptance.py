@@ -100,7 +100,7 @@ def batch_rejection(tree: BatchTree, logits: torch.Tensor, sampling: SamplingPar
             else:
                 q_c = q if tree.sampling == "without_replacement" else _draft(tree, c)  # [B, V]
                 qx = q_c.gather(1, x[:, None])[:, 0]  # [B]
-                ok = trying & ((qx <= 0) | (u.double() * qx.double() < px.double()))  # as the per-node rule
+                ok = trying & (u.double() * qx.double() < px.double())  # as the per-node rule
                 rejected = (trying & ~ok)[:, None]  # [B, 1]
                 p = torch.where(rejected, _renorm((p - q_c).clamp_min(0.0), p), p)
                 if tree.sampling == "without_replacement":

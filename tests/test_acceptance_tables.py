@@ -329,16 +329,19 @@ def test_typical_thresholds_are_the_nodes_own():
 
 
 @pytest.mark.parametrize("mode", ["chain", "with_replacement", "without_replacement"])
-def test_a_draft_the_draft_could_not_sample_is_accepted_by_both_rules(mode):
-    """q(x) = 0 (min(1, p/q) is 1), here with p(x) = 0 too: the per-node rule accepts, and so must the batch rule."""
+def test_a_draft_the_draft_could_not_sample_is_accepted_only_where_the_target_can_emit_it(mode):
+    """q(x) = 0 (min(1, p/q) is 1 where p(x) > 0): accepted by both rules where the target can emit x, rejected by
+    both where it cannot (p(x) = 0: never emitted; the residual norm(max(0, p - q)) = [1, 0, 0, 0] gives token 0)."""
     from specdec.batch_acceptance import batch_rejection
 
-    p_zero = [0.5, 0.3, 0.2, 0.0]  # the target cannot emit token 3 either
-    res, got = decide(RejectionAcceptance(), [-1], [3], [p_zero, U4], [0.5, 0.6], q_rows=[Q], mode=mode)
-    assert (res.accepted_nodes, res.tokens) == ([0], [3, 2])
-    (nodes, toks), batch_got = batch_decide(batch_rejection, [-1], [3], [p_zero, U4], {0: 0.5}, 0.6, [Q], mode)
-    assert (nodes, toks) == ([0], [3, 2])
-    assert_rows_close(batch_got, got)
+    for p_row, accepted, emitted, drawn in (([0.4, 0.1, 0.3, 0.2], [0], [3, 2], U4),
+                                            ([0.5, 0.3, 0.2, 0.0], [], [0], [1.0, 0.0, 0.0, 0.0])):
+        res, got = decide(RejectionAcceptance(), [-1], [3], [p_row, U4], [0.5, 0.6], q_rows=[Q], mode=mode)
+        assert (res.accepted_nodes, res.tokens) == (accepted, emitted)
+        assert_rows_close(got, [drawn])
+        (nodes, toks), batch_got = batch_decide(batch_rejection, [-1], [3], [p_row, U4], {0: 0.5}, 0.6, [Q], mode)
+        assert (nodes, toks) == (accepted, emitted)
+        assert_rows_close(batch_got, got)
 
 
 def test_a_node_with_fewer_children_than_the_widest_reads_its_own_draft_distribution():

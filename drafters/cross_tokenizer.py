@@ -111,7 +111,8 @@ class CrossTokenizerDrafter(Drafter):
     def _reset_text(self) -> None:
         """Forget the anchored text (a new run)."""
         self._anchor, self._anchor_ids = 0, []  # the text of self.tokens[:_anchor], as draft ids (encoded once)
-        self._anchor_end = ""  # the last characters of that text (the next chunk is encoded behind them)
+        self._anchor_end, self._anchor_end_ids = "", []  # its last characters (the next chunk is encoded behind
+        # them) and their own draft ids, encoded once per anchor
         self._retry_at = 0  # no clean cut was found: the anchor tries again once the text reaches this many tokens
 
     def _positions(self) -> int:
@@ -137,9 +138,9 @@ class CrossTokenizerDrafter(Drafter):
             self._move_anchor(len(self.tokens) - KEEP_TOKENS)
         tail = self._text_after(self._anchor, len(self.tokens))
         if tail is None:  # the anchor's last character does not read back whole: encode everything again
-            self._anchor, self._anchor_ids, self._anchor_end = 0, [], ""
+            self._reset_text()
             tail = _text(self.tokenizer, self.tokens)
-        return self._anchor_ids + self._encode_after(self._anchor_end, tail)
+        return self._anchor_ids + self._encode_after(tail)
 
     def _move_anchor(self, to: int) -> None:
         """Move the anchor to ``to`` or just before it, where the text splits between whole characters; the text in
@@ -149,8 +150,9 @@ class CrossTokenizerDrafter(Drafter):
         for at in range(to, max(self._anchor, to - MAX_LOOKBEHIND), -1):
             between, after = self._text_after(self._anchor, at), self._text_after(at, at + 1)
             if between and after is not None and not between.endswith("\ufffd") and not after.startswith("\ufffd"):
-                self._anchor_ids = self._anchor_ids + self._encode_after(self._anchor_end, between)
+                self._anchor_ids = self._anchor_ids + self._encode_after(between)
                 self._anchor, self._anchor_end = at, (self._anchor_end + between)[-ANCHOR_CONTEXT:]
+                self._anchor_end_ids = self._encode(self._anchor_end)
                 return
         self._retry_at = len(self.tokens) + MAX_LOOKBEHIND
 
@@ -165,13 +167,13 @@ class CrossTokenizerDrafter(Drafter):
     def _encode(self, text: str) -> list[int]:
         return self.draft_tokenizer.encode(text, add_special_tokens=False, verbose=False)  # longer than it reads: fine
 
-    def _encode_after(self, context: str, text: str) -> list[int]:
-        """``text``'s draft ids as they read after ``context``: encoded behind it and its ids dropped (a tokenizer
-        that marks where a text starts, as SentencePiece's "▁", marks no start there); ``text`` alone when the
-        encoding does not begin with the context's own ids (a token spans the two)."""
-        if not context:
+    def _encode_after(self, text: str) -> list[int]:
+        """``text``'s draft ids as they read after the anchor's last characters: encoded behind them and their ids
+        dropped (a tokenizer that marks where a text starts, as SentencePiece's "▁", marks no start there); ``text``
+        alone when the encoding does not begin with those characters' own ids (a token spans the two)."""
+        if not self._anchor_end:
             return self._encode(text)
-        head, ids = self._encode(context), self._encode(context + text)
+        head, ids = self._anchor_end_ids, self._encode(self._anchor_end + text)
         return ids[len(head):] if ids[: len(head)] == head else self._encode(text)
 
     def _continue(self, ids: list[int]) -> tuple[str, bool] | None:

@@ -202,8 +202,10 @@ def test_a_chunk_after_the_anchor_is_encoded_as_it_reads_there():
     spm.backend_tokenizer.normalizer = normalizers.Prepend("▁")
     assert spm.encode("ab", add_special_tokens=False) == [0, 1, 2]  # "▁", "a", "b": a text's start is marked
     d = CrossTokenizerDrafter(wide_draft(0.0), tokenizer=char_tokenizer(WIDE), draft_tokenizer=spm)
-    assert d._encode_after("xy", "ab") == [1, 2]  # as in "xyab": no "▁" before "a"
-    assert d._encode_after("", "ab") == [0, 1, 2]  # the text's own start
+    d._reset_text()
+    assert d._encode_after("ab") == [0, 1, 2]  # no anchor yet: the text's own start
+    d._anchor_end, d._anchor_end_ids = "xy", d._encode("xy")
+    assert d._encode_after("ab") == [1, 2]  # as in "xyab": no "▁" before "a"
 
 
 @pytest.mark.parametrize("setting, shape, rule", [c for c in cells(["ngram"]) if c[0] == "t1.0"])

@@ -55,7 +55,7 @@ def _check_all(target, drafter, cases, acceptance="greedy"):
 
 
 def test_eos_cases_really_stop_early(arch_cases):
-    arch, cases = arch_cases
+    _, cases = arch_cases
     early = sum(ref.shape[1] - ids.shape[1] < max_new for ids, max_new, _, ref in cases)
     assert early >= 5, "the EOS cases must stop before max_new_tokens"
 
@@ -82,7 +82,7 @@ def test_bf16_draft_of_fp32_target(arch_cases, k):
     target = pair(arch)[0]
     draft = copy.deepcopy(noisy_copy(arch)).to(torch.bfloat16)
     _check_all(target, DraftModelDrafter(draft, num_speculative_tokens=k), cases)
-    ids, max_new, _, ref = cases[0]
+    ids, max_new, _, _ = cases[0]
     out = SpeculativeDecoder(target, DraftModelDrafter(draft, num_speculative_tokens=k)).generate(ids, max_new)
     assert out.stats.draft_acceptance_rate > 0.1  # the bf16 draft still agrees with the fp32 target
 

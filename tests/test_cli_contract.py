@@ -226,7 +226,7 @@ def test_added_keys_that_are_known_pass():
 
 def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     code, err = main_in_process(monkeypatch, capsys, "drafter=nope", f"hydra.run.dir={tmp_path}")
-    error_line(err, 2, code, "Could not find 'drafter/nope'", "Available options in 'drafter': cross_tokenizer, draft_model, eagle, hybrid, hybrid_draft, hybrid_medusa, layer_skip, medusa")
+    error_line(err, 2, code, "Could not find 'drafter/nope'", "Available options in 'drafter': cross_tokenizer, draft_model, eagle, eagle3, hybrid, hybrid_draft, hybrid_medusa, layer_skip, medusa")
     assert "search path" not in err
     code, err = main_in_process(monkeypatch, capsys, "max_new_tokens=abc", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "max_new_tokens=abc", "could not be converted to Integer")

@@ -16,25 +16,23 @@ names, bad values) print ``error: <message>`` and exit with status 2.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
 from experiments.costs import cost_model_scope
 from experiments.decode_costs import add_cost_model, auto_widths, measure_run_costs, set_cheap_widths
 from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
+from experiments.drafter_config import build_drafter, check_counts, drafter_parts, tree_argument
 from experiments.greedy_check import rounding_check
 from experiments.instantiate import accepts_argument, check_arguments, instantiate
 from experiments.loggers import GuardedLogger, Logger
 from experiments.models_from_config import LoadedModels, drafter_paths, load_models, target_device
-from experiments.overrides import group_choice
 from experiments.results import (
     BASELINE,
     RECORDS_FILE,
@@ -46,7 +44,7 @@ from experiments.results import (
     read_records,
     results_from_records,
 )
-from specdec.errors import ConfigError, positive_int
+from specdec.errors import ConfigError
 from specdec.models import check_dtype_choice
 from verifier.verifier import check_widths
 
@@ -98,87 +96,6 @@ def build_acceptance(acceptance: DictConfig, sampling: Any) -> Any:
     check_signature(rule)
     rule.check(sampling)
     return rule
-
-
-def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -> Any:
-    """Instantiate the drafter; a drafter with a ``model`` argument gets the model config's draft model, one with a
-    ``tokenizer`` argument the run's tokenizer, a ``draft: zoo:<size>/<role>`` the embedded model's directory.
-
-    ``tree`` is the composed ``tree`` group (``{paths: [...]}``; None or ``{paths: null}`` for no
-    tree); its paths reach the drafter as ``tree=`` (a hybrid's second part, under ``drafter=hybrid``).
-    """
-    kwargs = tree_argument(drafter, tree)
-    if kwargs and not accepts_argument(drafter, "tree", "drafter"):  # a hybrid: the tree is its second part's
-        drafter = copy.deepcopy(drafter)
-        with open_dict(drafter):
-            drafter.second.tree = kwargs.pop("tree")
-    if parts := drafter_parts(drafter):  # a hybrid: each part gets what it needs as a drafter of its own would
-        kwargs.update({name: build_drafter(part, models) for name, part in parts.items()})
-        drafter = copy.deepcopy(drafter)
-        with open_dict(drafter):
-            for name in parts:
-                del drafter[name]
-    kwargs.update(drafter_paths(drafter))
-    if accepts_argument(drafter, "tokenizer", "drafter") and drafter.get("tokenizer") is None:
-        kwargs["tokenizer"] = models.tokenizer  # a drafter that reads text gets the run's
-    if not accepts_argument(drafter, "model", "drafter"):
-        return instantiate(drafter, "drafter", **kwargs)
-    if models.draft is None:
-        hint = models.info.get("draft_missing") or "set model.draft=<path> (model=hf)"
-        raise ConfigError(
-            f"drafter {drafter._target_} needs a draft model, but the model config has none; "
-            f"{hint}, or pick another drafter (drafter=ngram)"
-        )
-    return instantiate(drafter, "drafter", model=models.draft, **kwargs)
-
-
-def drafter_parts(drafter: DictConfig) -> dict[str, DictConfig]:
-    """The parts of a drafter made of drafters (``first`` and ``second`` of ``drafters.HybridDrafter``): the
-    config nodes that name a ``_target_`` of their own; ``{}`` for any other drafter."""
-    if not str(drafter.get("_target_") or "").startswith("drafters."):
-        return {}
-    return {name: drafter[name] for name in ("first", "second")
-            if isinstance(drafter.get(name), DictConfig) and drafter[name].get("_target_")}
-
-
-#: The drafters' counts (True: null allowed), checked before any model is built or loaded (the drafters check them
-#: again when they are built, after the models).
-DRAFTER_COUNTS = {"num_speculative_tokens": False, "top_k_children": False, "budget": True, "layers": False,
-                  "tree_nodes": False, "num_heads": True, "max_ngram": False, "min_ngram": False, "min_drafts": False,
-                  "draft_tokens": True}
-
-
-def check_counts(cfg: DictConfig) -> None:
-    """``max_new_tokens`` and the drafter's counts (:data:`DRAFTER_COUNTS`, its parts' too: a hybrid's ``first`` and
-    ``second``) are integers >= 1, else :class:`ConfigError` naming the key. Only this package's drafters
-    (``_target_: drafters....``) are checked: a plugin's keys of the same names may mean something else."""
-    positive_int(cfg.max_new_tokens, "max_new_tokens")
-    nodes = [("drafter", cfg.drafter)]
-    while nodes:
-        path, node = nodes.pop()
-        ours = str(node.get("_target_") or "").startswith("drafters.")
-        for key, value in node.items():
-            if isinstance(value, Mapping):
-                nodes.append((f"{path}.{key}", value))
-            elif ours and key in DRAFTER_COUNTS:
-                positive_int(value, f"{path}.{key}", allow_none=DRAFTER_COUNTS[key])
-
-
-def tree_argument(drafter: DictConfig, tree: Any) -> dict:
-    """``{"tree": paths}`` from the ``tree`` config group (checked to be a tree), ``{}`` for none."""
-    from specdec.tree import load_preset, paths_entry
-
-    if tree is None or (isinstance(tree, Mapping) and "paths" in tree and tree["paths"] is None):
-        return {}  # tree=null, or tree=none (for sweeps)
-    grower = drafter if accepts_argument(drafter, "tree", "drafter") else drafter.get("second")
-    if not isinstance(grower, Mapping) or not accepts_argument(grower, "tree", "drafter"):
-        raise ConfigError(f"tree=... needs a drafter that grows token trees, one with a tree argument (drafter="
-                          f"draft_model, eagle, medusa, or hybrid with such a second part); {drafter._target_} takes no "
-                          "tree: drop the tree override")
-    where = f"the file of tree={group_choice('tree') or '...'}"
-    if not isinstance(tree, Mapping):  # a bare list or a scalar: raises, saying what a tree file looks like
-        paths_entry(OmegaConf.to_container(tree) if isinstance(tree, ListConfig) else tree, where)
-    return {"tree": load_preset(tree, name=where)}
 
 
 def build_logger(logger_cfg: DictConfig, run_dir: Path, group: str | None, run_name: str | None) -> Logger:

@@ -178,7 +178,7 @@ def test_a_plugin_drafters_keys_are_its_own():
     """A drafter from outside this package may use ``layers`` or ``budget`` for something else: not checked early."""
     from omegaconf import OmegaConf
 
-    from experiments.decode import check_counts
+    from experiments.drafter_config import check_counts
 
     check_counts(OmegaConf.create({"max_new_tokens": 4, "drafter": {"_target_": "my_lab.Drafter", "layers": [0, 2]}}))
     with pytest.raises(ConfigError, match="drafter.layers=0"):

@@ -34,14 +34,14 @@ def test_each_preset_keeps_its_second_part(preset, second):
 
 
 def test_the_second_part_is_any_drafter_config():
-    from experiments import decode
+    from experiments.drafter_config import build_drafter
     from experiments.models_from_config import load_models
 
     cfg = compose_cfg("model=tiny_random", "drafter=hybrid", f"{SECOND}=draft_model",
                       "drafter.second.num_speculative_tokens=6")
     assert "version" not in cfg.drafter.second  # the EAGLE default's settings do not follow another part
     models = load_models(cfg.model)
-    drafter = decode.build_drafter(cfg.drafter, models)
+    drafter = build_drafter(cfg.drafter, models)
     assert isinstance(drafter, HybridDrafter) and isinstance(drafter.first, NGramDrafter)
     assert isinstance(drafter.second, DraftModelDrafter) and drafter.second.model is models.draft
     assert drafter.second.k == 6

@@ -338,7 +338,7 @@ def _models():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_tree_config_reaches_the_drafter(preset):
-    from experiments.decode import build_drafter
+    from experiments.drafter_config import build_drafter
 
     cfg = _compose(f"tree={preset}", "drafter.tree_sampling=without_replacement")
     drafter = build_drafter(cfg.drafter, _models(), cfg.tree)
@@ -349,7 +349,7 @@ def test_tree_config_reaches_the_drafter(preset):
 def test_tree_config_reaches_a_hybrids_second_part(tmp_path):
     """``drafter=hybrid tree=<preset>``: the lookup takes no tree, so the preset is the second part's (an EAGLE head
     drafting it behind prompt lookup); the hybrid's config is left as it was."""
-    from experiments.decode import build_drafter
+    from experiments.drafter_config import build_drafter
 
     cfg = _compose("drafter=hybrid", "tree=chain4_alts", f"drafter.second.heads={tmp_path / 'absent'}")
     drafter = build_drafter(cfg.drafter, _models(), cfg.tree)
@@ -359,7 +359,7 @@ def test_tree_config_reaches_a_hybrids_second_part(tmp_path):
 
 
 def test_tree_config_default_none_and_budget():
-    from experiments.decode import build_drafter
+    from experiments.drafter_config import build_drafter
 
     for cfg in (_compose(), _compose("tree=none")):
         assert build_drafter(cfg.drafter, _models(), cfg.get("tree")).mode == "chain"
@@ -375,7 +375,7 @@ def test_tree_config_default_none_and_budget():
     (("tree=binary", "drafter=ngram"), "takes no tree"),
 ])
 def test_tree_config_bad_input(overrides, message):
-    from experiments.decode import build_drafter
+    from experiments.drafter_config import build_drafter
 
     cfg = _compose(*overrides)
     with pytest.raises(ConfigError, match=message):
@@ -383,7 +383,7 @@ def test_tree_config_bad_input(overrides, message):
 
 
 def test_ngram_still_builds_without_tree():
-    from experiments.decode import build_drafter
+    from experiments.drafter_config import build_drafter
 
     cfg = _compose("drafter=ngram")
     assert isinstance(build_drafter(cfg.drafter, _models(), cfg.get("tree")), NGramDrafter)

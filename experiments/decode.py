@@ -46,6 +46,7 @@ from experiments.results import (
 )
 from specdec.errors import ConfigError
 from specdec.models import check_dtype_choice
+from specdec.static_shape import check_compile
 from verifier.verifier import check_widths
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         raise ConfigError(f"batch_size={cfg.batch_size}: decode at least one prompt at a time (batch_size >= 1)")
     if cfg.batch_mode not in BATCH_MODES:
         raise ConfigError(f"batch_mode={cfg.batch_mode!r} is unknown; choose one of {list(BATCH_MODES)}")
+    check_compile(cfg.compile)
     if cfg.batch_mode == "continuous" and cfg.compile != "none":
         raise ConfigError(f"batch_mode=continuous needs compile=none (got compile={cfg.compile}): the fixed-shape "
                           "step keeps one set of rows; use batch_mode=static with it")

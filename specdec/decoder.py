@@ -12,7 +12,7 @@ import torch
 from specdec.acceptance import AcceptanceRule, get_rule
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, Drafter, checked_proposal
-from specdec.errors import ConfigError, SpecDecError
+from specdec.errors import SpecDecError
 from specdec.models import synchronize, text_config, vocab_size
 from specdec.rng import KeyedRandom
 from specdec.sampling import SamplingParams
@@ -108,11 +108,9 @@ class SpeculativeDecoder:
         self.compile = compile
         self.static_steps: dict = {}  # compile=graph|inductor: captured / compiled steps kept for later batches
         if compile != "none":
-            from specdec.static_shape import static_drafter
-            from specdec.static_step import COMPILE_MODES
+            from specdec.static_shape import check_compile, static_drafter
 
-            if compile not in COMPILE_MODES:
-                raise ConfigError(f"compile={compile!r} is unknown; choose one of {list(COMPILE_MODES)}")
+            check_compile(compile)
             static_drafter(drafter, self.sampling)  # fails now, naming the drafter, if the static step cannot run it
 
     @_without_autograd

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.errors import ConfigError
 from specdec.models import check_same_vocab, text_config
 from specdec.rng import CHILD, DRAFT, KeyedRandom
 from specdec.sampling import SamplingParams, warp_probs
@@ -174,6 +175,16 @@ def _children(shape: StaticShape, level: Level, frontier: torch.Tensor, sampling
     draws = [rng.categorical(q[:, p : p + 1].expand(-1, m, -1), CHILD, key, torch.arange(m, device=q.device))
              for p, (key, m) in enumerate(level.groups)]  # [B, m] per parent: i.i.d. draws (CHILD, parent, i)
     return torch.cat(draws, 1), q.index_select(1, level.parent_of)  # [B, n], [B, n, V]
+
+
+#: ``none``: the ragged batched path; ``static``: the fixed-shape step, eager; ``graph``: captured; ``inductor``: compiled.
+COMPILE_MODES = ("none", "static", "graph", "inductor")
+
+
+def check_compile(compile: str, key: str = "compile") -> None:
+    """:class:`ConfigError` naming the choices unless ``compile`` is one of :data:`COMPILE_MODES`."""
+    if compile not in COMPILE_MODES:
+        raise ConfigError(f"{key}={compile!r} is unknown; choose one of {list(COMPILE_MODES)}")
 
 
 def static_drafter(drafter, sampling, target=None) -> tuple:

@@ -41,11 +41,9 @@ from specdec.batch_types import BatchTree
 from specdec.errors import raise_out_of_memory
 from specdec.rng import KeyedRandom
 from specdec.static_kept import capture_graph
-from specdec.static_shape import StaticShape, grow, static_drafter
+from specdec.static_shape import StaticShape, check_compile, grow, static_drafter
 from verifier.verifier import model_forward
 
-#: ``none``: the ragged batched path; ``static``: this step, eager; ``graph``: captured; ``inductor``: compiled.
-COMPILE_MODES = ("none", "static", "graph", "inductor")
 CAPACITY_BUCKET = 128  # compile=inductor: buffer slots rounded up to a multiple of this
 RECOMPILE_LIMIT = 64  # compile=inductor: compiled steps dynamo keeps (its default keeps 8)
 _COMPILE_FAILED: list[Exception] = []  # compile=inductor failed in this process: the eager step from then on
@@ -92,8 +90,7 @@ class StaticStep:
 
     def __init__(self, decoder, draft, shape: StaticShape | None, prompts: list[list[int]], limits: list[int],
                  seeds: list[int], compile: str = "none"):
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile={compile!r}: choose one of {COMPILE_MODES}")
+        check_compile(compile)
         self.target, self.draft, self.shape = decoder.target, draft, shape if draft is not None else None
         self.depth = self.shape.max_depth if self.shape is not None else 0  # D: the deepest draft
         from specdec.batch_decoder import batch_rule

@@ -148,8 +148,9 @@ def test_a_checkpoint_with_only_pickle_weights_says_how_to_convert(tmp_path):
     (["drafter=medusa", "drafter.num_heads=0"], "drafter.num_heads=0: it must be an integer >= 1 or null"),
     (["drafter=draft_model", "drafter.budget=2.5"], "drafter.budget=2.5: it must be an integer >= 1 or null"),
     (["drafter=ngram", "tree=binary"], "tree=... needs a drafter that grows token trees"),
-], ids=["max_new_tokens", "k", "k_text", "hybrid_part", "medusa_heads", "budget", "tree_without_grower"])
-def test_counts_and_trees_fail_before_any_model_is_built(overrides, fragment, tmp_path, monkeypatch, capsys):
+    (["compile=grph"], "compile='grph' is unknown; choose one of ['none', 'static', 'graph', 'inductor']"),
+], ids=["max_new_tokens", "k", "k_text", "hybrid_part", "medusa_heads", "budget", "tree_without_grower", "compile"])
+def test_counts_trees_and_modes_fail_before_any_model_is_built(overrides, fragment, tmp_path, monkeypatch, capsys):
     """On a fresh machine the default pair is built first (minutes): a wrong count or tree fails before that."""
     import experiments.decode
     from tests.test_cli_contract import error_line, main_in_process

@@ -28,6 +28,7 @@
 #                                        # (TESTS_S, 0 skips the tests; TUNE_S: the sweep of 24 shapes needs
 #                                        # more than 130 s)
 #
+# tests/test_gpu_script.py checks on any machine that every command below parses (options, Hydra keys, test files).
 # Use: scripts/gpu_wheels.sh here once, then the device tool with carry [".whl"], timeout_s 570 and one of the
 # commands above (the measure stages' limits add up to 535 s, plus the wheels' install). A session's 15 minutes
 # then leave about 4 for a second call (each start costs about 30 s): "suite" with SUITE_S=230.

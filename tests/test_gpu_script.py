@@ -1,0 +1,76 @@
+"""``scripts/gpu_check.sh`` runs on a machine lent for minutes: every command in it must parse before it gets
+there. Each ``python3 -m`` command of every mode is taken from the script as bash would run it (its defaults
+for the ``${NAME:-value}`` limits, ``$W`` a folder) and checked here without a GPU: an argparse entry point's
+``parse_args``, a Hydra entry point's composed config, pytest's test files."""
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments.drafter_config import check_counts
+from experiments.instantiate import check_arguments
+from specdec.static_shape import check_compile
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+GPU_TESTS = "tests/test_gpu.py tests/test_kernel_tree_attention.py tests/test_triton_backend.py"
+BASH_WORDS = {  # the script's array expansions and loop variables, as bash expands them
+    '"${GPU_TESTS[@]}"': GPU_TESTS,
+    '"${GPU_TESTS[@]:1}"': GPU_TESTS.split(" ", 1)[1],
+    '"${GPU_TESTS[@]/#/--ignore=}"': " ".join(f"--ignore={t}" for t in GPU_TESTS.split()),
+    '"$flush"': "write", "$flush": "write", '"$@"': "",
+}
+HYDRA_CONFIGS = {"experiments.decode": "config", "experiments.build_zoo": "build_zoo"}
+
+
+def script_commands(text: str) -> list[list[str]]:
+    """Every ``python3 -m MODULE ARGS`` of the script, as argument lists (``MODULE`` first)."""
+    commands = []
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.lstrip().startswith("#") or "python3 -m " not in line:
+            continue
+        command = line.split("python3 -m ", 1)[1]
+        if command.startswith("pip "):  # the wheels' install
+            continue
+        command = re.split(r"\s&(\s|$)|\s\|\s", command)[0]  # a background job or a pipe ends it
+        for word, value in BASH_WORDS.items():
+            command = command.replace(word, value)
+        command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", command).replace("$W", "/tmp/gpu_check")
+        assert "$" not in command, f"an expansion this test does not know: {command}"
+        commands.append(shlex.split(command, comments=True))
+    return commands
+
+
+COMMANDS = script_commands(SCRIPT.read_text())
+
+
+def test_every_mode_is_read():
+    modules = [c[0] for c in COMMANDS]
+    assert {"pytest", "specdec_kernels.bench", "specdec_kernels.tune", "experiments.bench",
+            "experiments.step_profile", "experiments.decode", "experiments.build_zoo"} <= set(modules)
+    assert len(COMMANDS) >= 20, modules
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: f"{c[0]}:{' '.join(c[1:])[:60]}")
+def test_the_command_parses(command):
+    module, args = command[0], command[1:]
+    if module == "pytest":
+        paths = [a for a in args if a.startswith("tests/")] + [a.split("=", 1)[1] for a in args
+                                                                if a.startswith("--ignore=")]
+        assert paths and all((ROOT / p).is_file() for p in paths), paths
+    elif module in HYDRA_CONFIGS:
+        from experiments import schema  # noqa: F401  (registers base_config)
+
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(HYDRA_CONFIGS[module], overrides=args, return_hydra_config=True)
+        if module == "experiments.decode":  # the checks a run makes before anything loads, less the device's
+            check_counts(cfg)
+            check_compile(cfg.compile)
+            check_arguments(cfg.drafter, "drafter")
+    else:
+        importlib.import_module(module).parse_args(args)  # an argparse error exits: the test fails

@@ -10,6 +10,12 @@ from specdec.errors import ConfigError, positive_int
 from specdec.types import DraftTree
 
 
+def check_ngram_sizes(min_ngram, max_ngram, where: str = "") -> None:
+    """Both sizes integers >= 1 and ``min_ngram <= max_ngram``, else :class:`ConfigError` (keys under ``where``)."""
+    if not positive_int(min_ngram, f"{where}min_ngram") <= positive_int(max_ngram, f"{where}max_ngram"):
+        raise ConfigError(f"ngram sizes need 1 <= {where}min_ngram <= {where}max_ngram (got {min_ngram}, {max_ngram})")
+
+
 class NGramDrafter(Drafter):
     """Deterministic proposals from earlier occurrences of the context's suffix.
 
@@ -30,8 +36,7 @@ class NGramDrafter(Drafter):
                  datastore_min_share: float = 0.5):
         super().__init__()
         positive_int(num_speculative_tokens, "num_speculative_tokens")
-        if not positive_int(min_ngram, "min_ngram") <= positive_int(max_ngram, "max_ngram"):
-            raise ConfigError(f"ngram sizes need 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
+        check_ngram_sizes(min_ngram, max_ngram)
         if match not in ("last", "first"):
             raise ConfigError(f"match={match!r}: choose 'last' or 'first'")
         self.k, self.max_ngram, self.min_ngram, self.match = num_speculative_tokens, max_ngram, min_ngram, match

@@ -41,6 +41,13 @@ def flag_of(value, name: str) -> bool:
     return value
 
 
+def check_tree_sampling(value, key: str = "tree_sampling") -> str:
+    """``value`` if it is one of :data:`specdec.types.SAMPLING_MODES`, else :class:`ConfigError` naming them."""
+    if value not in SAMPLING_MODES:
+        raise ConfigError(f"{key}={value!r} is unknown; choose one of {list(SAMPLING_MODES)}")
+    return value
+
+
 def confidence_threshold_of(value, chain: bool = True) -> float:
     """``value`` as a chain's confidence threshold (a number in [0, 1)), else :class:`ConfigError`; a
     threshold > 0 needs a chain (``chain=False``: the drafter grows a tree)."""
@@ -73,8 +80,7 @@ class TreeDrafter(Drafter):
                  budget: int | None = None, top_k_children: int = 4, confidence_threshold: float = 0.0):
         super().__init__()
         self.k = positive_int(num_speculative_tokens, "num_speculative_tokens")
-        if tree_sampling not in SAMPLING_MODES:
-            raise ConfigError(f"tree_sampling={tree_sampling!r} is unknown; choose one of {list(SAMPLING_MODES)}")
+        check_tree_sampling(tree_sampling)
         if budget is not None:
             positive_int(budget, "budget")
             if tree is not None:

@@ -4,7 +4,7 @@ each as it would be built alone."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -61,11 +61,24 @@ DRAFTER_COUNTS = {"num_speculative_tokens": False, "top_k_children": False, "bud
                   "draft_tokens": True}
 
 
+def drafter_choices() -> dict[str, Callable[[Any, str], Any]]:
+    """The drafters' settings with a fixed set of values, each with the check its drafter runs when it is built."""
+    from drafters.eagle_heads import check_version
+    from drafters.tree_drafter import check_tree_sampling, confidence_threshold_of
+
+    return {"tree_sampling": check_tree_sampling, "version": lambda v, key: v is None or check_version(v, key),
+            "confidence_threshold": lambda v, key: confidence_threshold_of(v)}
+
+
 def check_counts(cfg: DictConfig) -> None:
     """``max_new_tokens`` and the drafter's counts (:data:`DRAFTER_COUNTS`, its parts' too: a hybrid's ``first`` and
-    ``second``) are integers >= 1, else :class:`ConfigError` naming the key. Only this package's drafters
-    (``_target_: drafters....``) are checked: a plugin's keys of the same names may mean something else."""
+    ``second``) are integers >= 1, its choices (:func:`drafter_choices`) known, an n-gram's sizes in order, else
+    :class:`ConfigError` naming the key. Only this package's drafters (``_target_: drafters....``) are checked: a
+    plugin's keys of the same names may mean something else."""
+    from drafters.ngram import check_ngram_sizes
+
     positive_int(cfg.max_new_tokens, "max_new_tokens")
+    choices = drafter_choices()
     nodes = [("drafter", cfg.drafter)]
     while nodes:
         path, node = nodes.pop()
@@ -75,6 +88,10 @@ def check_counts(cfg: DictConfig) -> None:
                 nodes.append((f"{path}.{key}", value))
             elif ours and key in DRAFTER_COUNTS:
                 positive_int(value, f"{path}.{key}", allow_none=DRAFTER_COUNTS[key])
+            elif ours and key in choices:
+                choices[key](value, f"{path}.{key}")
+        if ours and "min_ngram" in node and "max_ngram" in node:
+            check_ngram_sizes(node.min_ngram, node.max_ngram, where=f"{path}.")
 
 
 def tree_argument(drafter: DictConfig, tree: Any) -> dict:

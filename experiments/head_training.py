@@ -211,11 +211,15 @@ def target_dir_name(cfg: DictConfig, fingerprint: dict) -> str:
 
 def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
     """The settings a checkpoint must match, validated (the common ones here, the head's by ``recipe``)."""
+    from experiments.zoo.build import PRECISIONS
+
     for key in ("steps", "batch_size", "context", "checkpoint_every", "log_every"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r}: it must be an integer >= 1")
     if float(cfg.lr) <= 0:
         raise ConfigError(f"lr={cfg.lr} must be > 0")
+    if cfg.precision not in PRECISIONS:  # before the target loads (on a fresh machine: after the pair's build)
+        raise ConfigError(f"precision={cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
     if cfg.generated_rows < 0 or not 0 <= float(cfg.generated_fraction) <= 1 or float(cfg.generated_temperature) < 0:
         raise ConfigError("generated_rows must be >= 0, generated_fraction in [0, 1], generated_temperature >= 0")
     source = cfg.get("generated_source", "corpus")
@@ -244,14 +248,12 @@ def _plain(value):
 
 def autocast_dtype(cfg: DictConfig, device: torch.device, target) -> torch.dtype | None:
     """``cfg.precision``'s autocast dtype for the loss (None: fp32): ``auto`` is bf16 where the device has
-    native bf16 matmuls and the target is wide enough to gain (the zoo's rule), ``fp32``, or ``bf16``."""
+    native bf16 matmuls and the target is wide enough to gain (the zoo's rule), ``fp32``, or ``bf16`` (checked by
+    :func:`check_settings`)."""
     from experiments.zoo.build import resolve_amp
     from specdec.models import text_config
 
-    try:
-        return resolve_amp(str(cfg.precision), device, int(text_config(target).hidden_size))
-    except ValueError as exc:
-        raise ConfigError(f"precision={cfg.precision!r}: use auto, fp32 or bf16") from exc
+    return resolve_amp(str(cfg.precision), device, int(text_config(target).hidden_size))
 
 
 def make_dir(path: Path, key: str) -> None:

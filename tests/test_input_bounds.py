@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra import initialize_config_dir
 
 from experiments import cli, data, draft_training, head_training
 from experiments.datasets import PromptSet, SpecBench
@@ -117,6 +119,29 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     assert head_training.load_checkpoint(path, {"lr": 0.1, "steps": 10})["step"] == 3
     with pytest.raises(ConfigError, match=r"other settings \(lr: 0.1 -> 0.2\)"):
         head_training.load_checkpoint(path, {"lr": 0.2, "steps": 10})
+
+
+@pytest.mark.parametrize("recipe", ["medusa", "eagle"])
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("precision=fp8", "precision='fp8': use one of auto, fp32, bf16"), ("lr=0", "lr=0 must be > 0"),
+    ("steps=0", "steps=0: it must be an integer >= 1"), ("draft_vocab=-5", "draft_vocab=-5: use 0"),
+])
+def test_a_bad_training_setting_fails_before_the_target_loads(recipe, override, fragment, tmp_path, monkeypatch):
+    """On a fresh machine the target is the embedded pair, built first (minutes): a wrong setting fails before."""
+    from hydra import compose
+
+    from experiments import train_eagle, train_medusa
+    from tests.test_medusa import CONF
+
+    def no_loading(cfg):
+        raise AssertionError("the target was loaded before the settings were checked")
+
+    monkeypatch.setattr(head_training, "load_target", no_loading)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(f"train_{recipe}", overrides=["zoo_size=micro", "logger=none", override, f"out_dir={tmp_path}"])
+    train = {"medusa": train_medusa, "eagle": train_eagle}[recipe].train
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        train(cfg, tmp_path / "run")
 
 
 def test_answer_loss_scores_the_next_token_at_the_answer_positions():

@@ -84,6 +84,10 @@ def resolve_device(device: str | None) -> torch.device:
     return check_device(device, "device")
 
 
+#: Training precisions: ``auto`` (bf16 where it pays, see :func:`resolve_amp`), ``fp32``, ``bf16``.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def resolve_amp(precision: str, device: torch.device, hidden_size: int = 512) -> torch.dtype | None:
     """Autocast dtype for ``precision`` (``auto``, ``fp32``, ``bf16``); None means fp32.
 
@@ -94,8 +98,8 @@ def resolve_amp(precision: str, device: torch.device, hidden_size: int = 512) ->
         return None
     if precision == "bf16":
         return torch.bfloat16
-    if precision != "auto":
-        raise ValueError(f"precision={precision!r}; use auto, fp32 or bf16")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; use one of {', '.join(PRECISIONS)}")
     wide = device.type == "cuda" or hidden_size >= 256  # a narrow model gains nothing on a CPU
     return torch.bfloat16 if wide and has_native_bf16(device) else None
 

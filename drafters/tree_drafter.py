@@ -48,14 +48,13 @@ def check_tree_sampling(value, key: str = "tree_sampling") -> str:
     return value
 
 
-def confidence_threshold_of(value, chain: bool = True) -> float:
-    """``value`` as a chain's confidence threshold (a number in [0, 1)), else :class:`ConfigError`; a
+def confidence_threshold_of(value, chain: bool = True, key: str = "drafter.confidence_threshold") -> float:
+    """``value`` as a chain's confidence threshold (a number in [0, 1)), else :class:`ConfigError` naming ``key``; a
     threshold > 0 needs a chain (``chain=False``: the drafter grows a tree)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ConfigError(f"drafter.confidence_threshold={value!r}: it must be a number in [0, 1) "
-                          f"(0 drafts every chain to its full length)")
+        raise ConfigError(f"{key}={value!r}: it must be a number in [0, 1) (0 drafts every chain to its full length)")
     if value > 0 and not chain:
-        raise ConfigError(f"drafter.confidence_threshold={value} stops a chain early; this drafter grows a tree "
+        raise ConfigError(f"{key}={value} stops a chain early; this drafter grows a tree "
                           f"(tree=... or budget=...): set it to 0 or draft a chain")
     return float(value)
 

@@ -59,6 +59,7 @@ from experiments.costs import cost_at, predicted_chain_speedup
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
 from specdec.errors import SpecDecError
 from specdec.models import DTYPES, check_device, load_causal_lm, load_tokenizer
+from specdec.static_shape import COMPILE_MODES
 from verifier.fused_projections import fused_copy
 from verifier.narrow_linear import narrow_models
 from verifier.verifier import SDPA_KERNELS
@@ -289,7 +290,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", type=cli.ints_at_least(1), default=None,
                    help="instead of the batch-1 table: aggregate tokens/s of batched decoding at these batch sizes "
                         "(HF batched generate vs our batched AR, a chain at each --ks, n-gram)")
-    p.add_argument("--compile", default="none", choices=["none", "static", "graph", "inductor"],
+    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="also run our AR loop and chains through the fixed-shape step (graph: captured on a GPU; "
                         "inductor: torch.compile, CPU or GPU; with --batch-sizes too)")
     p.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "triton"],

@@ -45,7 +45,6 @@ from experiments.results import (
     results_from_records,
 )
 from specdec.errors import ConfigError
-from specdec.models import check_dtype_choice
 from specdec.static_shape import check_compile
 from verifier.verifier import check_widths
 
@@ -170,8 +169,6 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     if cfg.batch_size > 1:
         batch_rule(rule)  # a rule with no batched form fails here, before any model loads
     check_attn_backend(cfg.attn_backend, target_device(cfg.model))
-    if "dtype" in cfg.drafter:  # a drafter's own precision (EAGLE heads): a wrong name fails before any model loads
-        check_dtype_choice(cfg.drafter.dtype, "drafter.dtype")
     if not auto_widths(cfg):  # a bad width list fails before any model loads too
         check_widths(cfg.get("verify_widths"))
     if cfg.get("verify_widths") and (cfg.batch_size > 1 or cfg.compile != "none"):

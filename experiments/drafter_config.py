@@ -4,7 +4,7 @@ each as it would be built alone."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -23,14 +23,16 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
     tree); its paths reach the drafter as ``tree=`` (a hybrid's second part, under ``drafter=hybrid``).
     """
     kwargs = tree_argument(drafter, tree)
-    if parts := drafter_parts(drafter):  # a hybrid: each part gets what it needs as a drafter of its own would
+    parts = drafter_parts(drafter)
+    if parts or kwargs and not accepts_argument(drafter, "tree", "drafter"):
         drafter = copy.deepcopy(drafter)  # the caller's config is left as it was
-        with open_dict(drafter):
-            if kwargs and not accepts_argument(drafter, "tree", "drafter"):  # the tree is its second part's
-                drafter.second.tree = kwargs.pop("tree")
-            kwargs.update({name: build_drafter(drafter[name], models) for name in parts})  # attached: interpolations
-            for name in parts:                                                             # resolve in the run's config
-                del drafter[name]
+    with open_dict(drafter):
+        if kwargs and not accepts_argument(drafter, "tree", "drafter"):  # a hybrid: the tree is its second part's
+            drafter.second.tree = kwargs.pop("tree")
+        # a hybrid: each part gets what it needs as a drafter of its own would (built attached: interpolations resolve)
+        kwargs.update({name: build_drafter(drafter[name], models) for name in parts})
+        for name in parts:
+            del drafter[name]
     kwargs.update(drafter_paths(drafter))
     if accepts_argument(drafter, "tokenizer", "drafter") and drafter.get("tokenizer") is None:
         kwargs["tokenizer"] = models.tokenizer  # a drafter that reads text gets the run's
@@ -61,24 +63,36 @@ DRAFTER_COUNTS = {"num_speculative_tokens": False, "top_k_children": False, "bud
                   "draft_tokens": True}
 
 
-def drafter_choices() -> dict[str, Callable[[Any, str], Any]]:
-    """The drafters' settings with a fixed set of values, each with the check its drafter runs when it is built."""
+def check_choices(node: Mapping, path: str, grows_tree: bool) -> None:
+    """A drafter's settings with a fixed set of values, each by the check its drafter runs when it is built
+    (:class:`~specdec.errors.SpecDecError` naming ``path.key``); ``grows_tree``: the drafter is given a tree."""
     from drafters.eagle_heads import check_version
+    from drafters.ngram import check_ngram_sizes
     from drafters.tree_drafter import check_tree_sampling, confidence_threshold_of
+    from specdec.models import check_dtype_choice
 
-    return {"tree_sampling": check_tree_sampling, "version": lambda v, key: v is None or check_version(v, key),
-            "confidence_threshold": lambda v, key: confidence_threshold_of(v)}
+    if "tree_sampling" in node:
+        check_tree_sampling(node.tree_sampling, f"{path}.tree_sampling")
+    if "confidence_threshold" in node:
+        chain = not grows_tree and node.get("budget") is None
+        confidence_threshold_of(node.confidence_threshold, chain, f"{path}.confidence_threshold")
+    if "dtype" in node:
+        check_dtype_choice(node.dtype, f"{path}.dtype")
+    if str(node.get("_target_")).endswith("EagleDrafter") and node.get("version") is not None:
+        check_version(node.version, f"{path}.version")
+    if "min_ngram" in node and "max_ngram" in node:
+        check_ngram_sizes(node.min_ngram, node.max_ngram, where=f"{path}.")
 
 
 def check_counts(cfg: DictConfig) -> None:
     """``max_new_tokens`` and the drafter's counts (:data:`DRAFTER_COUNTS`, its parts' too: a hybrid's ``first`` and
-    ``second``) are integers >= 1, its choices (:func:`drafter_choices`) known, an n-gram's sizes in order, else
-    :class:`ConfigError` naming the key. Only this package's drafters (``_target_: drafters....``) are checked: a
-    plugin's keys of the same names may mean something else."""
-    from drafters.ngram import check_ngram_sizes
-
+    ``second``) are integers >= 1 and its choices known (:func:`check_choices`), else an error naming the key. Only
+    this package's drafters (``_target_: drafters....``) are checked: a plugin's keys of the same names may mean
+    something else."""
     positive_int(cfg.max_new_tokens, "max_new_tokens")
-    choices = drafter_choices()
+    grower = None  # the path of the drafter given a tree, if any
+    if tree_given(cfg.get("tree")):
+        grower = "drafter" if accepts_argument(cfg.drafter, "tree", "drafter") else "drafter.second"
     nodes = [("drafter", cfg.drafter)]
     while nodes:
         path, node = nodes.pop()
@@ -88,17 +102,20 @@ def check_counts(cfg: DictConfig) -> None:
                 nodes.append((f"{path}.{key}", value))
             elif ours and key in DRAFTER_COUNTS:
                 positive_int(value, f"{path}.{key}", allow_none=DRAFTER_COUNTS[key])
-            elif ours and key in choices:
-                choices[key](value, f"{path}.{key}")
-        if ours and "min_ngram" in node and "max_ngram" in node:
-            check_ngram_sizes(node.min_ngram, node.max_ngram, where=f"{path}.")
+        if ours:
+            check_choices(node, path, grows_tree=path == grower)
+
+
+def tree_given(tree: Any) -> bool:
+    """Whether the composed ``tree`` group gives a tree (not ``tree=null`` nor ``tree=none``)."""
+    return tree is not None and not (isinstance(tree, Mapping) and "paths" in tree and tree["paths"] is None)
 
 
 def tree_argument(drafter: DictConfig, tree: Any) -> dict:
     """``{"tree": paths}`` from the ``tree`` config group (checked to be a tree), ``{}`` for none."""
     from specdec.tree import load_preset, paths_entry
 
-    if tree is None or (isinstance(tree, Mapping) and "paths" in tree and tree["paths"] is None):
+    if not tree_given(tree):
         return {}  # tree=null, or tree=none (for sweeps)
     grower = drafter if accepts_argument(drafter, "tree", "drafter") else drafter.get("second")
     if not isinstance(grower, Mapping) or not accepts_argument(grower, "tree", "drafter"):

@@ -151,10 +151,14 @@ def test_a_checkpoint_with_only_pickle_weights_says_how_to_convert(tmp_path):
     (["compile=grph"], "compile='grph' is unknown; choose one of ['none', 'static', 'graph', 'inductor']"),
     (["drafter=eagle", "drafter.version=eagle4"], "drafter.version='eagle4' is unknown; choose one of ['eagle2', 'eagle3']"),
     (["drafter=hybrid", "drafter.second.tree_sampling=sometimes"], "drafter.second.tree_sampling='sometimes' is unknown"),
-    (["drafter=draft_model", "drafter.confidence_threshold=2"], "drafter.confidence_threshold=2: it must be a number in [0, 1)"),
+    (["drafter=hybrid", "drafter.second.confidence_threshold=2"],
+     "drafter.second.confidence_threshold=2: it must be a number in [0, 1)"),
+    (["drafter=draft_model", "drafter.budget=8", "drafter.confidence_threshold=0.1"],
+     "drafter.confidence_threshold=0.1 stops a chain early; this drafter grows a tree"),
+    (["drafter=hybrid", "drafter.second.dtype=bf16"], "drafter.second.dtype='bf16' is unknown"),
     (["drafter=hybrid", "drafter.first.min_ngram=4"], "1 <= drafter.first.min_ngram <= drafter.first.max_ngram (got 4, 3)"),
 ], ids=["max_new_tokens", "k", "k_text", "hybrid_part", "medusa_heads", "budget", "tree_without_grower", "compile",
-        "eagle_version", "tree_sampling", "confidence", "ngram_order"])
+        "eagle_version", "tree_sampling", "confidence_part", "confidence_tree", "dtype_part", "ngram_order"])
 def test_counts_trees_and_modes_fail_before_any_model_is_built(overrides, fragment, tmp_path, monkeypatch, capsys):
     """On a fresh machine the default pair is built first (minutes): a wrong count or tree fails before that."""
     import experiments.decode

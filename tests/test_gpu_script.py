@@ -11,14 +11,16 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 
 from experiments.drafter_config import check_counts
 from experiments.instantiate import check_arguments
+from specdec.errors import SpecDecError
 from specdec.static_shape import check_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-GPU_TESTS = "tests/test_gpu.py tests/test_kernel_tree_attention.py tests/test_triton_backend.py"
+GPU_TESTS = re.search(r"^GPU_TESTS=\((.*)\)$", SCRIPT.read_text(), re.MULTILINE).group(1)  # the script's own array
 BASH_WORDS = {  # the script's array expansions and loop variables, as bash expands them
     '"${GPU_TESTS[@]}"': GPU_TESTS,
     '"${GPU_TESTS[@]:1}"': GPU_TESTS.split(" ", 1)[1],
@@ -56,8 +58,8 @@ def test_every_mode_is_read():
     assert len(COMMANDS) >= 20, modules
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: f"{c[0]}:{' '.join(c[1:])[:60]}")
-def test_the_command_parses(command):
+def check_command(command: list[str]) -> None:
+    """Raise (or exit, as argparse does) unless ``command`` parses as its entry point would parse it."""
     module, args = command[0], command[1:]
     if module == "pytest":
         paths = [a for a in args if a.startswith("tests/")] + [a.split("=", 1)[1] for a in args
@@ -73,4 +75,20 @@ def test_the_command_parses(command):
             check_compile(cfg.compile)
             check_arguments(cfg.drafter, "drafter")
     else:
-        importlib.import_module(module).parse_args(args)  # an argparse error exits: the test fails
+        importlib.import_module(module).parse_args(args)  # an argparse error exits
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: f"{c[0]}:{' '.join(c[1:])[:60]}")
+def test_the_command_parses(command):
+    check_command(command)
+
+
+@pytest.mark.parametrize("command", [
+    ["specdec_kernels.bench", "--no-flexx"], ["experiments.bench", "--compile", "grph"],
+    ["experiments.decode", "compile=grph"], ["experiments.decode", "num_prompt=5"],
+    ["experiments.decode", "drafter.tree_sampling=sometimes"], ["experiments.build_zoo", "sise=default"],
+    ["pytest", "-v", "tests/test_nothing_here.py"],
+], ids=["argparse_option", "argparse_choice", "decode_choice", "decode_key", "drafter_choice", "zoo_key", "test_file"])
+def test_a_mistake_in_a_command_fails_the_check(command):
+    with pytest.raises((SystemExit, AssertionError, SpecDecError, HydraException)):  # argparse exits
+        check_command(command)

@@ -69,3 +69,27 @@ def test_a_sweep_over_the_second_part(prompts_file, tmp_path, monkeypatch):  # n
     assert seconds == {"drafters.DraftModelDrafter", "drafters.NGramDrafter"}
     rows = report.report(sweep_dir)["rows"]
     assert sorted(row[SECOND] for row in rows) == ["draft_model", "ngram"]
+
+
+class PluginHybrid:
+    """A hybrid from outside this package: its parts reach it as the config gives them."""
+
+    def __init__(self, first=None, second=None):
+        self.first, self.second = first, second
+
+
+class PluginGrower:
+    def __init__(self, tree=None):
+        self.tree = tree
+
+
+def test_a_plugin_hybrids_second_part_gets_the_tree():
+    from experiments.drafter_config import build_drafter
+
+    here = f"{__name__}"
+    cfg = OmegaConf.create({"drafter": {"_target_": f"{here}.PluginHybrid", "first": {"_target_": f"{here}.PluginGrower"},
+                                        "second": {"_target_": f"{here}.PluginGrower"}},
+                            "tree": {"paths": [[0], [1], [0, 0]]}})
+    drafter = build_drafter(cfg.drafter, None, cfg.tree)
+    assert isinstance(drafter, PluginHybrid) and drafter.second.tree == [[0], [1], [0, 0]]
+    assert "tree" not in cfg.drafter.second  # the caller's config is left as it was

@@ -24,8 +24,14 @@ from specdec.errors import ConfigError, positive_int
 _SHARED = ("embed_tokens", "norm", "rotary_emb")  # besides model.layers and lm_head
 
 
-def truncated_view(target: nn.Module, layers: int) -> nn.Module:
-    """A causal LM of ``target``'s class running only its first ``layers`` layers, on the target's tensors.
+def default_layers(total: int) -> int:
+    """The self-draft's layers when none are given: a fifth of the target's (6 of SmolLM2's 30), at least 1."""
+    return max(1, total // 5)
+
+
+def truncated_view(target: nn.Module, layers: int | None) -> nn.Module:
+    """A causal LM of ``target``'s class running only its first ``layers`` layers (None:
+    :func:`default_layers`), on the target's tensors.
 
     The view has its own modules and config (``num_hidden_layers = layers``: its own cache size, cost
     fingerprint and attention switch) but every parameter *is* the target's tensor (loaded with
@@ -39,6 +45,7 @@ def truncated_view(target: nn.Module, layers: int) -> nn.Module:
         raise ConfigError(f"drafter=layer_skip needs a target laid out as model.layers / model.norm / lm_head "
                           f"(Llama, Mistral, Qwen2, SmolLM ...); {type(target).__name__} is not")
     total = len(base.layers)
+    layers = default_layers(total) if layers is None else layers
     if layers >= total:
         raise ConfigError(f"drafter.layers={layers}: the target has {total} layers; a self-draft needs fewer: set "
                           f"drafter.layers between 1 and {total - 1}, e.g. drafter.layers={max(1, total // 4)}")
@@ -66,7 +73,7 @@ class LayerSkipDrafter(DraftModelDrafter):
     """Drafts a chain with the target's first ``layers`` layers (shared, not copied) and its head.
 
     Args:
-        layers: decoder layers the draft runs (1 .. the target's layers - 1).
+        layers: decoder layers the draft runs (1 .. the target's layers - 1; None: a fifth of them, at least 1).
         num_speculative_tokens: chain length k.
         attn_backend: attention backend of the draft's forwards.
         target: bind to this target now (else on the first ``start`` / ``step_shape``).
@@ -76,11 +83,11 @@ class LayerSkipDrafter(DraftModelDrafter):
 
     name = "layer_skip"
 
-    def __init__(self, layers: int = 6, num_speculative_tokens: int = 4, attn_backend: str = "sdpa", target=None,
+    def __init__(self, layers: int | None = None, num_speculative_tokens: int = 4, attn_backend: str = "sdpa", target=None,
                  confidence_threshold: float = 0.0, fast_forward: bool = True):
         Drafter.__init__(self)
         self.fast_forward = flag_of(fast_forward, "drafter.fast_forward")
-        self.layers = positive_int(layers, "drafter.layers")
+        self.layers = positive_int(layers, "drafter.layers", allow_none=True)
         self._k, self._backend, self._target_id = num_speculative_tokens, attn_backend, None
         self.confidence_threshold = confidence_threshold_of(confidence_threshold)
         self.model = None

@@ -58,7 +58,7 @@ def drafter_parts(drafter: DictConfig) -> dict[str, DictConfig]:
 
 #: The drafters' counts (True: null allowed), checked before any model is built or loaded (the drafters check them
 #: again when they are built, after the models).
-DRAFTER_COUNTS = {"num_speculative_tokens": False, "top_k_children": False, "budget": True, "layers": False,
+DRAFTER_COUNTS = {"num_speculative_tokens": False, "top_k_children": False, "budget": True, "layers": True,
                   "tree_nodes": False, "num_heads": True, "max_ngram": False, "min_ngram": False, "min_drafts": False,
                   "draft_tokens": True}
 

@@ -41,6 +41,14 @@ def test_errors_name_the_problem(arch, layers, message):
         LayerSkipDrafter(layers=layers, target=target)
 
 
+def test_no_layer_count_takes_a_fifth_of_the_targets_layers():
+    from drafters.layer_skip import default_layers
+
+    assert [default_layers(n) for n in (1, 2, 6, 9, 10, 30, 32)] == [1, 1, 1, 1, 2, 6, 6]
+    target, _, _ = tiny_random_pair("llama", seed=0)  # 2 layers: the view runs 1
+    assert LayerSkipDrafter(target=target).model.config.num_hidden_layers == 1
+
+
 def test_bad_layer_count_is_a_config_error():
     with pytest.raises(ConfigError, match="drafter.layers"):
         LayerSkipDrafter(layers=0)

@@ -107,7 +107,7 @@ def test_sweep_presets_compose():
     cfg = compose_cfg("sweep=temperature", hydra_cfg=True)
     assert cfg.acceptance._target_.endswith("RejectionAcceptance") and cfg.hydra.sweeper.params["sampling.temperature"] == "0.0,0.7,1.0"
     cfg = compose_cfg("sweep=drafters", hydra_cfg=True)
-    assert cfg.hydra.sweeper.params["drafter"] == "none,ngram,draft_model,hybrid_draft,medusa,eagle"
+    assert cfg.hydra.sweeper.params["drafter"] == "none,ngram,draft_model,hybrid_draft,layer_skip,medusa,eagle"
     for name in ("draft_length", "temperature", "drafters", "tree_shape", "custom"):
         cfg = compose_cfg(f"sweep={name}", hydra_cfg=True)
         assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweep.dir == f"multirun/{name}"

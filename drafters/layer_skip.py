@@ -48,7 +48,7 @@ def truncated_view(target: nn.Module, layers: int | None) -> nn.Module:
     layers = default_layers(total) if layers is None else layers
     if layers >= total:
         raise ConfigError(f"drafter.layers={layers}: the target has {total} layers; a self-draft needs fewer: set "
-                          f"drafter.layers between 1 and {total - 1}, e.g. drafter.layers={max(1, total // 4)}")
+                          f"drafter.layers between 1 and {total - 1}, e.g. drafter.layers={default_layers(total)}")
     config = copy.deepcopy(target.config)
     config.num_hidden_layers = layers
     if getattr(config, "layer_types", None) is not None:

@@ -28,7 +28,7 @@ from experiments import cli, resume, schema  # noqa: F401  (registers base_confi
 from experiments.costs import cost_model_scope
 from experiments.decode_costs import add_cost_model, auto_widths, measure_run_costs, set_cheap_widths
 from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
-from experiments.drafter_config import build_drafter, check_counts, drafter_parts, tree_argument
+from experiments.drafter_config import build_drafter, check_before_loading, drafter_parts, tree_argument
 from experiments.greedy_check import rounding_check
 from experiments.instantiate import accepts_argument, check_arguments, instantiate
 from experiments.loggers import GuardedLogger, Logger
@@ -158,7 +158,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     if cfg.batch_mode == "continuous" and cfg.compile != "none":
         raise ConfigError(f"batch_mode=continuous needs compile=none (got compile={cfg.compile}): the fixed-shape "
                           "step keeps one set of rows; use batch_mode=static with it")
-    check_counts(cfg)
+    check_before_loading(cfg)
     for group in ("drafter", "logger"):  # a wrong _target_ or a misspelled argument in their own files too
         check_arguments(cfg[group], group)
     tree_argument(cfg.drafter, cfg.get("tree"))  # a tree file of the wrong shape fails before any model loads too

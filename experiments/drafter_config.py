@@ -23,16 +23,18 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
     tree); its paths reach the drafter as ``tree=`` (a hybrid's second part, under ``drafter=hybrid``).
     """
     kwargs = tree_argument(drafter, tree)
+    part = tree_part(drafter) if kwargs else None  # a hybrid: the tree is its second part's
     parts = drafter_parts(drafter)
-    if parts or kwargs and not accepts_argument(drafter, "tree", "drafter"):
+    if parts or part:
         drafter = copy.deepcopy(drafter)  # the caller's config is left as it was
-    with open_dict(drafter):
-        if kwargs and not accepts_argument(drafter, "tree", "drafter"):  # a hybrid: the tree is its second part's
-            drafter.second.tree = kwargs.pop("tree")
-        # a hybrid: each part gets what it needs as a drafter of its own would (built attached: interpolations resolve)
-        kwargs.update({name: build_drafter(drafter[name], models) for name in parts})
-        for name in parts:
-            del drafter[name]
+        with open_dict(drafter):
+            if part:
+                drafter[part].tree = kwargs.pop("tree")
+            # a hybrid: each part gets what it needs as a drafter of its own would (built attached: interpolations
+            # resolve in the run's config)
+            kwargs.update({name: build_drafter(drafter[name], models) for name in parts})
+            for name in parts:
+                del drafter[name]
     kwargs.update(drafter_paths(drafter))
     if accepts_argument(drafter, "tokenizer", "drafter") and drafter.get("tokenizer") is None:
         kwargs["tokenizer"] = models.tokenizer  # a drafter that reads text gets the run's
@@ -84,7 +86,7 @@ def check_choices(node: Mapping, path: str, grows_tree: bool) -> None:
         check_ngram_sizes(node.min_ngram, node.max_ngram, where=f"{path}.")
 
 
-def check_counts(cfg: DictConfig) -> None:
+def check_before_loading(cfg: DictConfig) -> None:
     """``max_new_tokens`` and the drafter's counts (:data:`DRAFTER_COUNTS`, its parts' too: a hybrid's ``first`` and
     ``second``) are integers >= 1 and its choices known (:func:`check_choices`), else an error naming the key. Only
     this package's drafters (``_target_: drafters....``) are checked: a plugin's keys of the same names may mean
@@ -92,7 +94,8 @@ def check_counts(cfg: DictConfig) -> None:
     positive_int(cfg.max_new_tokens, "max_new_tokens")
     grower = None  # the path of the drafter given a tree, if any
     if tree_given(cfg.get("tree")):
-        grower = "drafter" if accepts_argument(cfg.drafter, "tree", "drafter") else "drafter.second"
+        part = tree_part(cfg.drafter)
+        grower = "drafter" if part is None else f"drafter.{part}"
     nodes = [("drafter", cfg.drafter)]
     while nodes:
         path, node = nodes.pop()
@@ -111,13 +114,20 @@ def tree_given(tree: Any) -> bool:
     return tree is not None and not (isinstance(tree, Mapping) and "paths" in tree and tree["paths"] is None)
 
 
+def tree_part(drafter: Mapping) -> str | None:
+    """Which part of ``drafter`` a tree goes to: None for the drafter itself (it takes a ``tree``), else
+    ``"second"`` (a hybrid's part that grows trees)."""
+    return None if accepts_argument(drafter, "tree", "drafter") else "second"
+
+
 def tree_argument(drafter: DictConfig, tree: Any) -> dict:
     """``{"tree": paths}`` from the ``tree`` config group (checked to be a tree), ``{}`` for none."""
     from specdec.tree import load_preset, paths_entry
 
     if not tree_given(tree):
         return {}  # tree=null, or tree=none (for sweeps)
-    grower = drafter if accepts_argument(drafter, "tree", "drafter") else drafter.get("second")
+    part = tree_part(drafter)
+    grower = drafter if part is None else drafter.get(part)
     if not isinstance(grower, Mapping) or not accepts_argument(grower, "tree", "drafter"):
         raise ConfigError(f"tree=... needs a drafter that grows token trees, one with a tree argument (drafter="
                           f"draft_model, eagle, medusa, or hybrid with such a second part); {drafter._target_} takes no "

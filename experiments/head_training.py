@@ -138,8 +138,8 @@ def setting_changes(saved: dict, settings: dict) -> list[str]:
     """``"key: saved -> now"`` for every setting that differs (an optional one absent on either side is its
     default)."""
     keys = list(settings) + [k for k in OPTIONAL_SETTINGS if k not in settings]
-    return [f"{k}: {saved.get(k, OPTIONAL_SETTINGS.get(k))!r} -> {settings.get(k, OPTIONAL_SETTINGS.get(k))!r}"
-            for k in keys if saved.get(k, OPTIONAL_SETTINGS.get(k)) != settings.get(k, OPTIONAL_SETTINGS.get(k))]
+    pairs = {k: (saved.get(k, OPTIONAL_SETTINGS.get(k)), settings.get(k, OPTIONAL_SETTINGS.get(k))) for k in keys}
+    return [f"{k}: {was!r} -> {now!r}" for k, (was, now) in pairs.items() if was != now]
 
 
 # --------------------------------------------------------------------------- the training loop

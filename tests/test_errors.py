@@ -188,9 +188,9 @@ def test_a_plugin_drafters_keys_are_its_own():
     """A drafter from outside this package may use ``layers`` or ``budget`` for something else: not checked early."""
     from omegaconf import OmegaConf
 
-    from experiments.drafter_config import check_counts
+    from experiments.drafter_config import check_before_loading
 
-    check_counts(OmegaConf.create({"max_new_tokens": 4, "drafter": {"_target_": "my_lab.Drafter", "layers": [0, 2]}}))
+    check_before_loading(OmegaConf.create({"max_new_tokens": 4, "drafter": {"_target_": "my_lab.Drafter", "layers": [0, 2]}}))
     with pytest.raises(ConfigError, match="drafter.layers=0"):
-        check_counts(OmegaConf.create({"max_new_tokens": 4, "drafter": {"_target_": "drafters.LayerSkipDrafter",
+        check_before_loading(OmegaConf.create({"max_new_tokens": 4, "drafter": {"_target_": "drafters.LayerSkipDrafter",
                                                                          "layers": 0}}))

@@ -88,7 +88,7 @@ def test_eagle_greedy_equality_on_cuda(models, version, backend):
     """Untrained heads (the target's first layer): chains and dynamic trees, features and hooks on the device."""
     target, _, prompts = models
     head = EagleHead.for_target(target, version)
-    for kwargs in (dict(num_speculative_tokens=4), dict(num_speculative_tokens=4, budget=20, top_k_children=4)):
+    for kwargs in ({"num_speculative_tokens": 4}, {"num_speculative_tokens": 4, "budget": 20, "top_k_children": 4}):
         drafter = EagleDrafter(head, **kwargs)
         _check(target, drafter, prompts, backend)
         drafter.close()
@@ -128,7 +128,7 @@ def test_bf16_draft_of_fp32_target_on_cuda(models):
 def test_captured_step_emits_the_eager_tokens(models, compile, batch):
     target, draft, prompts = models
     rows = (prompts * 2)[:batch]
-    shapes = (dict(num_speculative_tokens=4), dict(tree="binary"), dict(tree="binary", tree_sampling="with_replacement"))
+    shapes = ({"num_speculative_tokens": 4}, {"tree": "binary"}, {"tree": "binary", "tree_sampling": "with_replacement"})
     if compile == "inductor":  # tens of seconds of compiling per shape: the chain only, within gpu_check's budget
         shapes = shapes[:1]
     for sampling, rule in ((SamplingParams(), "greedy"), (SamplingParams(temperature=1.0), "rejection")):
@@ -157,7 +157,7 @@ def test_a_fused_target_captured_decodes_the_unfused_tokens(models, backend):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
-@pytest.mark.parametrize("shape", [dict(num_speculative_tokens=4), dict(tree="binary")])
+@pytest.mark.parametrize("shape", [{"num_speculative_tokens": 4}, {"tree": "binary"}])
 def test_captured_step_makes_no_host_sync(models, shape, backend):
     """Under sync debug mode "error", replaying the captured step must not synchronise; only the
     step's one read (``StaticStep.step``'s ``report.tolist()``) may. ``triton``: the verify forward's kernel

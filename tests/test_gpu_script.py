@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-from experiments.drafter_config import check_counts
+from experiments.drafter_config import check_before_loading
 from experiments.instantiate import check_arguments
 from specdec.errors import SpecDecError
 from specdec.static_shape import check_compile
@@ -71,7 +71,7 @@ def check_command(command: list[str]) -> None:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose(HYDRA_CONFIGS[module], overrides=args, return_hydra_config=True)
         if module == "experiments.decode":  # the checks a run makes before anything loads, less the device's
-            check_counts(cfg)
+            check_before_loading(cfg)
             check_compile(cfg.compile)
             check_arguments(cfg.drafter, "drafter")
     else:

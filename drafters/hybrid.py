@@ -20,14 +20,16 @@ that is a clear error.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import re
 
 import torch
 
 from specdec.batch_drafting import BatchDrafter
 from specdec.drafting import DraftContext, Drafter, StepShape, release
-from specdec.errors import ConfigError, positive_int
+from specdec.errors import ConfigError, SpecDecError, positive_int
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
 
 
@@ -78,7 +80,9 @@ class HybridDrafter(Drafter):
         """The second drafter's step (the one that costs forwards) with the hybrid's node budget; ``draft_source``:
         the steps it drafted, alone or (``merge``) under the lookup's grafted chain."""
         sources = (self.labels[1], self.merged_label) if self.merge else self.labels[1]
-        return dataclasses.replace(self.second.step_shape(target), max_nodes=self.max_nodes, draft_source=sources)
+        with part_errors("second"):
+            shape = self.second.step_shape(target)
+        return dataclasses.replace(shape, max_nodes=self.max_nodes, draft_source=sources)
 
     def batched(self):
         """For a batch of rows: each part batched its own way (an n-gram per row, an EAGLE or draft-model chain
@@ -88,13 +92,11 @@ class HybridDrafter(Drafter):
 
     def start(self, ctx: DraftContext) -> None:
         super().start(ctx)
-        self.first.start(ctx)
-        self.second.start(ctx)
+        each_part(self, lambda part: part.start(ctx))
 
     def prefill(self, input_ids, target_hidden) -> None:
         super().prefill(input_ids, target_hidden)
-        self.first.prefill(input_ids, target_hidden)
-        self.second.prefill(input_ids, target_hidden)
+        each_part(self, lambda part: part.prefill(input_ids, target_hidden))
 
     def propose(self, max_depth: int) -> DraftTree:
         tree = self.first.propose(max_depth)
@@ -140,15 +142,16 @@ class BatchHybrid(BatchDrafter):
 
     def __init__(self, hybrid: HybridDrafter):
         self.hybrid = hybrid
-        self.first, self.second = hybrid.first.batched(), hybrid.second.batched()
+        with part_errors("first"):
+            self.first = hybrid.first.batched()
+        with part_errors("second"):
+            self.second = hybrid.second.batched()
 
     def start(self, ctx: DraftContext) -> None:
-        self.first.start(ctx)
-        self.second.start(ctx)
+        each_part(self, lambda part: part.start(ctx))
 
     def extend(self, prompts: list[list[int]], target_hidden) -> None:
-        self.first.extend(prompts, target_hidden)
-        self.second.extend(prompts, target_hidden)
+        each_part(self, lambda part: part.extend(prompts, target_hidden))
 
     def propose(self, max_depths: list[int]) -> list[DraftTree]:
         firsts = self.first.propose(max_depths)
@@ -165,6 +168,27 @@ class BatchHybrid(BatchDrafter):
     def select_rows(self, rows: list[int]) -> None:
         self.first.select_rows(rows)
         self.second.select_rows(rows)
+
+
+@contextlib.contextmanager
+def part_errors(name: str):
+    """Re-raise a part's :class:`~specdec.errors.SpecDecError` with the settings it names (``drafter.<key>``, as
+    every drafter names its own) at the part's place in the config (``drafter.<name>.<key>``), so the fix it
+    suggests is one the command line takes."""
+    try:
+        yield
+    except SpecDecError as error:
+        if error.args and isinstance(error.args[0], str):
+            error.args = (re.sub(r"\bdrafter\.(?!first\.|second\.)(?=\w)", f"drafter.{name}.", error.args[0]),
+                          *error.args[1:])
+        raise
+
+
+def each_part(hybrid, call) -> None:
+    """``call(part)`` for ``hybrid.first`` then ``hybrid.second``, each part's errors naming its own settings."""
+    for name in ("first", "second"):
+        with part_errors(name):
+            call(getattr(hybrid, name))
 
 
 def graft_chain(tree: DraftTree, chain: DraftTree) -> DraftTree:

@@ -52,3 +52,16 @@ def test_no_layer_count_takes_a_fifth_of_the_targets_layers():
 def test_bad_layer_count_is_a_config_error():
     with pytest.raises(ConfigError, match="drafter.layers"):
         LayerSkipDrafter(layers=0)
+
+
+def test_a_hybrids_part_names_its_own_settings():
+    """Behind lookup the self-draft is ``drafter.second``: its errors name ``drafter.second.layers`` (the key the
+    command line takes)."""
+    from drafters import HybridDrafter, NGramDrafter
+
+    target, _, _ = tiny_random_pair("llama", seed=0)  # 2 layers
+    hybrid = HybridDrafter(NGramDrafter(), LayerSkipDrafter(layers=2))
+    fix = "set drafter.second.layers between 1 and 1, e.g. drafter.second.layers=1"
+    with pytest.raises(ConfigError, match=r"^drafter\.second\.layers=2: the target has 2 layers.*" + fix):
+        hybrid.step_shape(target)
+    assert HybridDrafter(NGramDrafter(), LayerSkipDrafter(layers=1)).step_shape(target).k == 4

@@ -174,11 +174,11 @@ class BatchHybrid(BatchDrafter):
 def part_errors(name: str):
     """Re-raise a part's :class:`~specdec.errors.SpecDecError` with the settings it names (``drafter.<key>``, as
     every drafter names its own) at the part's place in the config (``drafter.<name>.<key>``), so the fix it
-    suggests is one the command line takes."""
+    suggests is one the command line takes; a message that names the part's place already is left as it is."""
     try:
         yield
     except SpecDecError as error:
-        if error.args and isinstance(error.args[0], str):
+        if error.args and isinstance(error.args[0], str) and f"drafter.{name}." not in error.args[0]:
             error.args = (re.sub(r"\bdrafter\.(?!first\.|second\.)(?=\w)", f"drafter.{name}.", error.args[0]),
                           *error.args[1:])
         raise

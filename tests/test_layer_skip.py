@@ -65,3 +65,14 @@ def test_a_hybrids_part_names_its_own_settings():
     with pytest.raises(ConfigError, match=r"^drafter\.second\.layers=2: the target has 2 layers.*" + fix):
         hybrid.step_shape(target)
     assert HybridDrafter(NGramDrafter(), LayerSkipDrafter(layers=1)).step_shape(target).k == 4
+
+
+def test_a_message_that_names_the_part_already_is_kept():
+    from drafters.hybrid import part_errors
+
+    for text, kept in (("drafter.heads (drafter.second.heads under drafter=hybrid)", True),
+                       ("drafter.layers=9; e.g. drafter.layers=1", False)):
+        with pytest.raises(ConfigError) as raised, part_errors("second"):
+            raise ConfigError(text)
+        assert (str(raised.value) == text) == kept
+        assert str(raised.value).count("drafter.second.") == (1 if kept else 2)

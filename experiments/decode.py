@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
+from experiments import cli, resume, runs, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
 from experiments.costs import cost_model_scope
 from experiments.decode_costs import add_cost_model, auto_widths, measure_run_costs, set_cheap_widths
 from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
@@ -301,7 +301,8 @@ def _device_of(model: Any) -> Any:
 
 
 def _hydra_info() -> dict:
-    """Run directory, and for a multirun the W&B group (the sweep) and run name (its overrides)."""
+    """Run directory, and for a multirun the W&B group (the sweep) and run name (the values its sweep varies,
+    ``k=2 T=0.7``, else all its overrides)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -310,7 +311,7 @@ def _hydra_info() -> dict:
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hc.sweep.dir)
         info["group"] = f"{sweep_dir.parent.name}/{sweep_dir.name}"
-        info["run_name"] = hc.job.override_dirname or None
+        info["run_name"] = runs.job_label(sweep_dir, list(hc.overrides.task)) or hc.job.override_dirname or None
     return info
 
 

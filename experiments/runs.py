@@ -240,7 +240,23 @@ def pooled_model(group: list[Run]) -> tuple[float | None, dict | None, float | N
 
 
 def label_of(run: Run, keys: list[str]) -> str:
-    parts = [f"{_SHORT.get(k, k.split('.')[-1])}={run.overrides.get(k)}" for k in keys if k in run.overrides]
-    return " ".join(parts)
+    """``run``'s values of ``keys``, each key by its short name (``k=2 T=0.7``)."""
+    return short_label(run.overrides, keys)
+
+
+def short_label(overrides: dict[str, str], keys: list[str]) -> str:
+    """``key=value`` for each of ``keys`` in ``overrides``, the key short (``k``, ``T``, else its last part)."""
+    return " ".join(f"{_SHORT.get(k, k.split('.')[-1])}={overrides[k]}" for k in keys if k in overrides)
+
+
+def job_label(root: Path, overrides: list[str]) -> str | None:
+    """A multirun job's name (its W&B run's): its values of the keys its sweep under ``root`` varies, short as
+    the report's series labels (``k=2 T=0.7``); None where the sweep's jobs cannot be read or none is varied."""
+    jobs = expected_jobs(root)
+    if not jobs:
+        return None
+    values = [dict(o.split("=", 1) for o in job) for job in jobs]
+    mine = dict(o.split("=", 1) for o in overrides if "=" in o)
+    return short_label(mine, [k for k in mine if len({v.get(k) for v in values}) > 1]) or None
 
 

@@ -186,3 +186,24 @@ def test_a_server_that_answers_with_an_http_error_is_reachable(monkeypatch):
         raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     assert wandb_run.server_problem("https://wandb.test", 0.1) is None
+
+
+# --------------------------------------------------------------------------- a sweep's W&B run names
+
+
+def test_a_sweeps_runs_are_named_by_what_the_sweep_varies(tmp_path, monkeypatch):
+    """A real Hydra multirun (its jobs' decoding replaced by a recorder): each W&B run is named by its values of the
+    swept keys, short as the report's labels (``k=2 T=0``), not by every override; its group is the sweep."""
+    from experiments import decode
+    from tests.test_sweeps import hydra_main
+
+    seen = []
+    monkeypatch.setattr(decode, "run", lambda cfg, run_dir, hydra_info: seen.append(hydra_info))
+    sweep = tmp_path / "multirun" / "k_by_t"
+    hydra_main(monkeypatch, "-m", "logger=none", "num_prompts=2", "drafter.num_speculative_tokens=2,4",
+               "sampling.temperature=0,0.7", "acceptance=rejection", f"hydra.sweep.dir={sweep}")
+    assert sorted(info["run_name"] for info in seen) == ["k=2 T=0", "k=2 T=0.7", "k=4 T=0", "k=4 T=0.7"]
+    assert {info["group"] for info in seen} == {"multirun/k_by_t"}
+    seen.clear()  # one job: nothing varies, so the name is its overrides (as Hydra names its directory)
+    hydra_main(monkeypatch, "-m", "logger=none", "drafter.num_speculative_tokens=3", f"hydra.sweep.dir={sweep}1")
+    assert [info["run_name"] for info in seen] == ["drafter.num_speculative_tokens=3,logger=none"]

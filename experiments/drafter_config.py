@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from experiments.instantiate import accepts_argument, instantiate
+from experiments.instantiate import accepts_argument, instantiate, target_of
 from experiments.models_from_config import LoadedModels, drafter_paths
 from experiments.overrides import group_choice
 from specdec.errors import ConfigError, positive_int
@@ -50,9 +50,13 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
 
 
 def drafter_parts(drafter: DictConfig) -> dict[str, DictConfig]:
-    """The parts of a drafter made of drafters (``first`` and ``second`` of ``drafters.HybridDrafter``): the
-    config nodes that name a ``_target_`` of their own; ``{}`` for any other drafter."""
-    if not str(drafter.get("_target_") or "").startswith("drafters."):
+    """The parts of a drafter made of drafters (``first`` and ``second`` of :class:`drafters.HybridDrafter` or a
+    subclass of it, a plugin's included): the config nodes that name a ``_target_`` of their own; ``{}`` for any
+    other drafter (another plugin's ``first`` may be anything: Hydra builds it as the config gives it)."""
+    from drafters import HybridDrafter
+
+    target = target_of(drafter, "drafter") if drafter.get("_target_") else None
+    if not (isinstance(target, type) and issubclass(target, HybridDrafter)):
         return {}
     return {name: drafter[name] for name in ("first", "second")
             if isinstance(drafter.get(name), DictConfig) and drafter[name].get("_target_")}

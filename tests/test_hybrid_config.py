@@ -93,3 +93,20 @@ def test_a_plugin_hybrids_second_part_gets_the_tree():
     drafter = build_drafter(cfg.drafter, None, cfg.tree)
     assert isinstance(drafter, PluginHybrid) and drafter.second.tree == [[0], [1], [0, 0]]
     assert "tree" not in cfg.drafter.second  # the caller's config is left as it was
+
+
+class MyHybrid(HybridDrafter):
+    """A researcher's own hybrid (a subclass in their package): its parts are built as this package's hybrid's."""
+
+
+def test_a_subclassed_hybrids_parts_get_what_each_needs():
+    """A subclass of HybridDrafter from outside the package with ``drafter@drafter.second=draft_model``: its second
+    part gets the run's draft model, as ``drafter=hybrid``'s does (Hydra alone would build it without one)."""
+    from experiments.drafter_config import build_drafter
+    from experiments.models_from_config import load_models
+
+    cfg = compose_cfg("model=tiny_random", "drafter=hybrid", f"{SECOND}=draft_model")
+    cfg.drafter._target_ = f"{__name__}.MyHybrid"
+    models = load_models(cfg.model)
+    drafter = build_drafter(cfg.drafter, models)
+    assert isinstance(drafter, MyHybrid) and drafter.second.model is models.draft

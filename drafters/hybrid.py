@@ -170,17 +170,22 @@ class BatchHybrid(BatchDrafter):
         self.second.select_rows(rows)
 
 
+#: ``drafter.<key>`` as a drafter's error names its setting; not inside a path or a name (``/ckpt/drafter.pt``), not a
+#: part's key already (``drafter.second.heads``), not a key whose message gives the hybrid's place beside it
+#: (``drafter.heads (drafter.second.heads under drafter=hybrid)``).
+_OWN_KEY = re.compile(r"(?<![\w./\\-])drafter\.(?!first\.|second\.)(?!\w+ \(drafter\.)(?=\w)")
+
+
 @contextlib.contextmanager
 def part_errors(name: str):
     """Re-raise a part's :class:`~specdec.errors.SpecDecError` with the settings it names (``drafter.<key>``, as
     every drafter names its own) at the part's place in the config (``drafter.<name>.<key>``), so the fix it
-    suggests is one the command line takes; a message that names the part's place already is left as it is."""
+    suggests is one the command line takes. (A hybrid inside a hybrid's part is not renamed twice.)"""
     try:
         yield
     except SpecDecError as error:
-        if error.args and isinstance(error.args[0], str) and f"drafter.{name}." not in error.args[0]:
-            error.args = (re.sub(r"\bdrafter\.(?!first\.|second\.)(?=\w)", f"drafter.{name}.", error.args[0]),
-                          *error.args[1:])
+        if error.args and isinstance(error.args[0], str):
+            error.args = (_OWN_KEY.sub(f"drafter.{name}.", error.args[0]), *error.args[1:])
         raise
 
 

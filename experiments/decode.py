@@ -24,7 +24,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from experiments import cli, resume, runs, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
+from drafters.hybrid import part_errors
+from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
 from experiments.costs import cost_model_scope
 from experiments.decode_costs import add_cost_model, auto_widths, measure_run_costs, set_cheap_widths
 from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
@@ -44,6 +45,7 @@ from experiments.results import (
     read_records,
     results_from_records,
 )
+from experiments.runs import job_label
 from specdec.errors import ConfigError
 from specdec.static_shape import check_compile
 from verifier.verifier import check_widths
@@ -162,8 +164,10 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     for group in ("drafter", "logger"):  # a wrong _target_ or a misspelled argument in their own files too
         check_arguments(cfg[group], group)
     tree_argument(cfg.drafter, cfg.get("tree"))  # a tree file of the wrong shape fails before any model loads too
-    for node in (cfg.drafter, *drafter_parts(cfg.drafter).values()):  # so does a missing draft checkpoint a
-        drafter_paths(node, build=False)                                # drafter (or a hybrid's part) loads itself
+    drafter_paths(cfg.drafter, build=False)  # so does a missing draft checkpoint a drafter loads itself
+    for name, node in drafter_parts(cfg.drafter).items():  # or a hybrid's part
+        with part_errors(name):
+            drafter_paths(node, build=False)
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
     if cfg.batch_size > 1:
@@ -301,8 +305,8 @@ def _device_of(model: Any) -> Any:
 
 
 def _hydra_info() -> dict:
-    """Run directory, and for a multirun the W&B group (the sweep) and run name (the values its sweep varies,
-    ``k=2 T=0.7``, else all its overrides)."""
+    """Run directory, and for a multirun the W&B group (the sweep) and run name (its overrides, short:
+    :func:`experiments.runs.job_label`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -311,7 +315,7 @@ def _hydra_info() -> dict:
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hc.sweep.dir)
         info["group"] = f"{sweep_dir.parent.name}/{sweep_dir.name}"
-        info["run_name"] = runs.job_label(sweep_dir, list(hc.overrides.task)) or hc.job.override_dirname or None
+        info["run_name"] = job_label(list(hc.overrides.task), list(hc.job.config.override_dirname.exclude_keys))
     return info
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from drafters.hybrid import part_errors
 from experiments.instantiate import accepts_argument, instantiate, target_of
 from experiments.models_from_config import LoadedModels, drafter_paths
 from experiments.overrides import group_choice
@@ -32,7 +33,9 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
                 drafter[part].tree = kwargs.pop("tree")
             # a hybrid: each part gets what it needs as a drafter of its own would (built attached: interpolations
             # resolve in the run's config)
-            kwargs.update({name: build_drafter(drafter[name], models) for name in parts})
+            for name in parts:
+                with part_errors(name):
+                    kwargs[name] = build_drafter(drafter[name], models)
             for name in parts:
                 del drafter[name]
     kwargs.update(drafter_paths(drafter))

@@ -241,22 +241,15 @@ def pooled_model(group: list[Run]) -> tuple[float | None, dict | None, float | N
 
 def label_of(run: Run, keys: list[str]) -> str:
     """``run``'s values of ``keys``, each key by its short name (``k=2 T=0.7``)."""
-    return short_label(run.overrides, keys)
+    parts = [f"{_SHORT.get(k, k.split('.')[-1])}={run.overrides.get(k)}" for k in keys if k in run.overrides]
+    return " ".join(parts)
 
 
-def short_label(overrides: dict[str, str], keys: list[str]) -> str:
-    """``key=value`` for each of ``keys`` in ``overrides``, the key short (``k``, ``T``, else its last part)."""
-    return " ".join(f"{_SHORT.get(k, k.split('.')[-1])}={overrides[k]}" for k in keys if k in overrides)
-
-
-def job_label(root: Path, overrides: list[str]) -> str | None:
-    """A multirun job's name (its W&B run's): its values of the keys its sweep under ``root`` varies, short as
-    the report's series labels (``k=2 T=0.7``); None where the sweep's jobs cannot be read or none is varied."""
-    jobs = expected_jobs(root)
-    if not jobs:
-        return None
-    values = [dict(o.split("=", 1) for o in job) for job in jobs]
-    mine = dict(o.split("=", 1) for o in overrides if "=" in o)
-    return short_label(mine, [k for k in mine if len({v.get(k) for v in values}) > 1]) or None
-
-
+def job_label(overrides: list[str], exclude: list[str]) -> str | None:
+    """A multirun job's name (its W&B run's): its overrides (``key=value``, as Hydra passed them) but the keys in
+    ``exclude`` (the sweep's ``override_dirname.exclude_keys``) and the logger's, ``drafter.num_speculative_tokens``
+    and ``sampling.temperature`` as ``k`` and ``T`` (``k=2 T=0.7 num_prompts=2``): the job's own, so a rerun or an
+    extension of the sweep names it as before; None for a job without overrides."""
+    kept = [o.split("=", 1) for o in overrides if "=" in o]
+    kept = [(k, v) for k, v in kept if k.lstrip("+~") not in exclude and k.lstrip("+~").split(".")[0] != "logger"]
+    return " ".join(f"{_SHORT.get(k, k)}={v}" for k, v in kept) or None

@@ -56,23 +56,47 @@ def test_bad_layer_count_is_a_config_error():
 
 def test_a_hybrids_part_names_its_own_settings():
     """Behind lookup the self-draft is ``drafter.second``: its errors name ``drafter.second.layers`` (the key the
-    command line takes)."""
+    command line takes), at batch 1 and batched."""
     from drafters import HybridDrafter, NGramDrafter
+    from specdec.batch_drafting import keyed_rows
+    from specdec.drafting import DraftContext
 
     target, _, _ = tiny_random_pair("llama", seed=0)  # 2 layers
-    hybrid = HybridDrafter(NGramDrafter(), LayerSkipDrafter(layers=2))
     fix = "set drafter.second.layers between 1 and 1, e.g. drafter.second.layers=1"
     with pytest.raises(ConfigError, match=r"^drafter\.second\.layers=2: the target has 2 layers.*" + fix):
-        hybrid.step_shape(target)
+        HybridDrafter(NGramDrafter(), LayerSkipDrafter(layers=2)).step_shape(target)
+    with pytest.raises(ConfigError, match=r"^drafter\.second\.layers=2: .*" + fix):
+        HybridDrafter(NGramDrafter(), LayerSkipDrafter(layers=2)).start(DraftContext(target, None, None, 64))
+    with pytest.raises(ConfigError, match=r"^drafter\.second\.layers=2: .*" + fix):
+        batch = HybridDrafter(NGramDrafter(), LayerSkipDrafter(layers=2)).batched()
+        batch.start(DraftContext(target, None, keyed_rows([0, 1], "cpu"), 64))
     assert HybridDrafter(NGramDrafter(), LayerSkipDrafter(layers=1)).step_shape(target).k == 4
 
 
-def test_a_message_that_names_the_part_already_is_kept():
+def test_a_part_built_from_the_config_names_its_own_settings():
+    from omegaconf import OmegaConf
+
+    from experiments.drafter_config import build_drafter
+    from experiments.models_from_config import LoadedModels
+
+    cfg = OmegaConf.create({"_target_": "drafters.HybridDrafter", "first": {"_target_": "drafters.NGramDrafter"},
+                            "second": {"_target_": "drafters.LayerSkipDrafter", "fast_forward": "maybe"}})
+    with pytest.raises(ConfigError, match=r"^drafter\.second\.fast_forward='maybe'"):
+        build_drafter(cfg, LoadedModels(target=None, draft=None, tokenizer=None))
+
+
+def test_only_a_parts_own_keys_are_renamed():
+    """A path or a name holding "drafter." is left alone, and so is a key given with the hybrid's place beside it
+    (the heads' directory), while the other keys of the same message are renamed."""
+    from drafters.head_files import HEADS_OPTION
     from drafters.hybrid import part_errors
 
-    for text, kept in (("drafter.heads (drafter.second.heads under drafter=hybrid)", True),
-                       ("drafter.layers=9; e.g. drafter.layers=1", False)):
+    for text, renamed in (
+            (f"drafter.version=eagle2 but the head is eagle3: set drafter.version=eagle3 or pass {HEADS_OPTION}",
+             (f"drafter.second.version=eagle2 but the head is eagle3: set drafter.second.version=eagle3 or pass "
+              f"{HEADS_OPTION}")),
+            ("no checkpoint at /ckpts/drafter.pt nor runs/eagle-drafter.v2 (drafters.EagleDrafter, drafter=eagle)",
+             None)):
         with pytest.raises(ConfigError) as raised, part_errors("second"):
             raise ConfigError(text)
-        assert (str(raised.value) == text) == kept
-        assert str(raised.value).count("drafter.second.") == (1 if kept else 2)
+        assert str(raised.value) == (renamed or text)

@@ -191,9 +191,10 @@ def test_a_server_that_answers_with_an_http_error_is_reachable(monkeypatch):
 # --------------------------------------------------------------------------- a sweep's W&B run names
 
 
-def test_a_sweeps_runs_are_named_by_what_the_sweep_varies(tmp_path, monkeypatch):
-    """A real Hydra multirun (its jobs' decoding replaced by a recorder): each W&B run is named by its values of the
-    swept keys, short as the report's labels (``k=2 T=0``), not by every override; its group is the sweep."""
+def test_a_sweeps_runs_are_named_by_their_own_overrides_short(tmp_path, monkeypatch):
+    """Real Hydra multiruns (their jobs' decoding replaced by a recorder): each W&B run is named by its own
+    overrides, ``k`` and ``T`` short, without the logger's keys or the sweep's excluded ones (``sweep``,
+    ``resume``, ...), so a rerun or an extension of the sweep names each job as before; the group is the sweep."""
     from experiments import decode
     from tests.test_sweeps import hydra_main
 
@@ -202,8 +203,10 @@ def test_a_sweeps_runs_are_named_by_what_the_sweep_varies(tmp_path, monkeypatch)
     sweep = tmp_path / "multirun" / "k_by_t"
     hydra_main(monkeypatch, "-m", "logger=none", "num_prompts=2", "drafter.num_speculative_tokens=2,4",
                "sampling.temperature=0,0.7", "acceptance=rejection", f"hydra.sweep.dir={sweep}")
-    assert sorted(info["run_name"] for info in seen) == ["k=2 T=0", "k=2 T=0.7", "k=4 T=0", "k=4 T=0.7"]
+    assert sorted(info["run_name"] for info in seen) == [f"num_prompts=2 k={k} T={t} acceptance=rejection"
+                                                         for k in (2, 4) for t in (0, 0.7)]
     assert {info["group"] for info in seen} == {"multirun/k_by_t"}
-    seen.clear()  # one job: nothing varies, so the name is its overrides (as Hydra names its directory)
-    hydra_main(monkeypatch, "-m", "logger=none", "drafter.num_speculative_tokens=3", f"hydra.sweep.dir={sweep}1")
-    assert [info["run_name"] for info in seen] == ["drafter.num_speculative_tokens=3,logger=none"]
+    seen.clear()  # a preset's sweep: its values from hydra.sweeper.params, its excluded keys left out
+    hydra_main(monkeypatch, "sweep=temperature", "logger=none", "resume=false", "drafter.num_speculative_tokens=3",
+               f"hydra.sweep.dir={sweep}2")
+    assert sorted(info["run_name"] for info in seen) == [f"T={t} k=3" for t in ("0.0", "0.7", "1.0")]

@@ -82,7 +82,7 @@ def test_trained_head_greedy_equality_and_acceptance(micro_eagle3):
     texts = ["def main():\n    ", "import os\nimport sys\n\n", "class Foo(object):\n    def __init__(self", "for i in"]
     ids = [tok(t, return_tensors="pt").input_ids for t in texts] + prompts(tok, 10, seed=2)[4:]
     cases = greedy_cases(target, ids, int(target.generation_config.eos_token_id))
-    for kwargs in (dict(num_speculative_tokens=4), dict(budget=16, num_speculative_tokens=5)):
+    for kwargs in ({"num_speculative_tokens": 4}, {"budget": 16, "num_speculative_tokens": 5}):
         assert check_greedy(target, EagleDrafter(micro_eagle3, **kwargs), cases) > 1.3
 
 

@@ -192,5 +192,5 @@ def test_a_plugin_drafters_keys_are_its_own():
 
     check_before_loading(OmegaConf.create({"max_new_tokens": 4, "drafter": {"_target_": "my_lab.Drafter", "layers": [0, 2]}}))
     with pytest.raises(ConfigError, match="drafter.layers=0"):
-        check_before_loading(OmegaConf.create({"max_new_tokens": 4, "drafter": {"_target_": "drafters.LayerSkipDrafter",
-                                                                         "layers": 0}}))
+        check_before_loading(OmegaConf.create({"max_new_tokens": 4,
+                                               "drafter": {"_target_": "drafters.LayerSkipDrafter", "layers": 0}}))

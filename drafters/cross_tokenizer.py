@@ -17,7 +17,7 @@ from drafters.fast_decoder import PROBE_CONTEXT, fast_decoder, forward_lm, forwa
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import SpecDecError, positive_int
-from specdec.models import text_config, vocab_size
+from specdec.models import context_length, vocab_size
 from specdec.types import DraftTree
 
 #: How many of the last committed target tokens are re-encoded with the draft's continuation, so that the
@@ -117,7 +117,7 @@ class CrossTokenizerDrafter(Drafter):
 
     def _positions(self) -> int:
         """The draft model's position limit."""
-        return int(getattr(text_config(self.model), "max_position_embeddings", None) or 2048)
+        return int(context_length(self.model) or 2048)
 
     def propose(self, max_depth: int) -> DraftTree:
         k = min(self.k, max_depth)

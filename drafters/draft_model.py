@@ -8,7 +8,7 @@ from drafters.tree_drafter import TreeDrafter, flag_of
 from drafters.tree_expansion import TreeFeed, accepted_fed_slots
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, StepShape
-from specdec.models import check_same_vocab
+from specdec.models import check_same_vocab, context_length
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
 
 
@@ -69,6 +69,10 @@ class DraftModelDrafter(TreeDrafter):
         probe = forward_probe(self.model, True) if self.fast_forward and fast_decoder(self.model) else None
         return StepShape(kind=self.step_kind, max_nodes=self.max_nodes, draft_forwards="per_level",
                          draft_model=self.model, draft_probe=probe, k=None if self.mode == "static" else self.k)
+
+    def context_length(self) -> int | None:
+        """The draft model's own context (``max_position_embeddings``): it sees every committed token."""
+        return context_length(self.model)
 
     def bind(self, target) -> None:
         """Prepare for ``target`` before a run; a draft model needs nothing (a layer-skip view is built here)."""

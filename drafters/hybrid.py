@@ -84,6 +84,11 @@ class HybridDrafter(Drafter):
             shape = self.second.step_shape(target)
         return dataclasses.replace(shape, max_nodes=self.max_nodes, draft_source=sources)
 
+    def context_length(self) -> int | None:
+        """The shorter of the parts' contexts (None: neither part has one of its own)."""
+        limits = [limit for limit in (self.first.context_length(), self.second.context_length()) if limit is not None]
+        return min(limits, default=None)
+
     def batched(self):
         """For a batch of rows: each part batched its own way (an n-gram per row, an EAGLE or draft-model chain
         with one forward per draft position for all rows); each row takes its first part's tree when it has

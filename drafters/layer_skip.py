@@ -112,6 +112,10 @@ class LayerSkipDrafter(DraftModelDrafter):
         """Always ``chain`` (also before the view is built)."""
         return "chain"
 
+    def context_length(self) -> int | None:
+        """None: the view runs at the target's own positions (the target's context bounds the run)."""
+        return None
+
     def step_shape(self, target) -> StepShape:
         """``k`` forwards of the N-layer view per step (it runs the full LM head each time)."""
         self.bind(target)

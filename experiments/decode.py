@@ -86,6 +86,18 @@ def encode_prompts(prompts: list, tokenizer: Any, max_prompt_tokens: int | None,
     return encoded
 
 
+def check_prompts(decoder: Any, encoded: list[EncodedPrompt], max_new_tokens: int) -> None:
+    """Every prompt and ``max_new_tokens`` fit the target's context and the drafter's own, checked before anything
+    is measured or decoded; a :class:`ConfigError` naming the first prompt that does not."""
+    from specdec.errors import SpecDecError
+
+    for prompt in encoded:
+        try:
+            decoder.check_inputs(prompt.input_ids, max_new_tokens)
+        except SpecDecError as err:
+            raise ConfigError(f"prompt {prompt.question_id!r}: {err}") from None
+
+
 def build_acceptance(acceptance: DictConfig, sampling: Any) -> Any:
     """The acceptance rule the config's ``_target_`` builds, checked against ``sampling`` before any decoding."""
     from specdec.acceptance import AcceptanceRule, check_signature
@@ -192,6 +204,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     if cfg.batch_size > 1:
         drafter.batched()  # a drafter with no batched form fails here, before any measuring
     decoders = make_decoders(cfg, models, drafter, rule, sampling)
+    check_prompts(decoders[SPECULATIVE][0], encoded, cfg.max_new_tokens)
     step_shape = drafter.step_shape(models.target)
     scope = cost_model_scope(cfg.batch_size, cfg.compile)  # not None: the cost model does not price this run
     costs = None if scope else measure_run_costs(cfg, step_shape, models, encoded)

@@ -70,7 +70,7 @@ def check_batch(decoder, prompts, max_new_tokens, seed, seeds) -> tuple[list[lis
         if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == 1 and ids.shape[1] == 0:
             raise SpecDecError(f"prompt {i} is empty: every row needs at least one token (e.g. the BOS token)")
         try:
-            decoder._check_inputs(ids, limit)
+            decoder.check_inputs(ids, limit)
         except SpecDecError as err:
             raise SpecDecError(f"prompt {i}: {err}") from None
         rows.append(ids[0].tolist())

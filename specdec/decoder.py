@@ -13,7 +13,7 @@ from specdec.acceptance import AcceptanceRule, get_rule
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, Drafter, checked_proposal
 from specdec.errors import SpecDecError
-from specdec.models import synchronize, text_config, vocab_size
+from specdec.models import context_length, synchronize, vocab_size
 from specdec.rng import KeyedRandom
 from specdec.sampling import SamplingParams
 from specdec.stats import DecodeStats
@@ -37,11 +37,6 @@ def eos_token_ids(model) -> set[int]:
     if eos is None:
         return set()
     return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
-
-
-def context_length(model) -> int | None:
-    """The model's maximum context (``max_position_embeddings``), or None if it declares none."""
-    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 def _without_autograd(method):
@@ -120,7 +115,7 @@ class SpeculativeDecoder:
         if self.compile != "none":  # the fixed-shape step, a batch of one
             out = self.generate_batch([input_ids], max_new_tokens, seed=seed)
             return DecodeOutput(sequences=out.sequences[0], stats=out.stats)
-        self._check_inputs(input_ids, max_new_tokens)
+        self.check_inputs(input_ids, max_new_tokens)
         stats = DecodeStats()
         rng = KeyedRandom.for_seed(seed, self.device)
         prompt = input_ids.to(self.device)  # [1, T]
@@ -203,7 +198,10 @@ class SpeculativeDecoder:
         """Keep the root and the accepted path in the target cache, contiguous after the prefix."""
         cache.compact([0] + [1 + i for i in result.accepted_nodes], offset=prefix_len)
 
-    def _check_inputs(self, input_ids, max_new_tokens) -> None:
+    def check_inputs(self, input_ids, max_new_tokens) -> None:
+        """Raise :class:`SpecDecError` if ``generate(input_ids, max_new_tokens)`` cannot run: a prompt that is not
+        ``LongTensor [1, T]``, is empty, or with ``max_new_tokens`` does not fit the target's context or the
+        drafter's own (:meth:`~specdec.drafting.Drafter.context_length`)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise SpecDecError("input_ids must be a LongTensor of shape [1, T] (e.g. tokenizer(text, return_tensors='pt').input_ids)")
         if input_ids.shape[0] != 1:
@@ -212,18 +210,10 @@ class SpeculativeDecoder:
             raise SpecDecError("empty prompt: input_ids has no tokens; give at least one token (e.g. the BOS token)")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise SpecDecError(f"max_new_tokens={max_new_tokens!r}: it must be a positive integer")
-        limit = context_length(self.target)
         t = input_ids.shape[1]
-        if limit is not None and t > limit:
-            raise SpecDecError(
-                f"prompt has {t} tokens, longer than the model's context of {limit}: shorten it "
-                f"(e.g. dataset.max_prompt_tokens={limit // 2})"
-            )
-        if limit is not None and t + max_new_tokens > limit:
-            raise SpecDecError(
-                f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}: "
-                f"lower max_new_tokens to at most {limit - t} or shorten the prompt"
-            )
+        _check_context(t, max_new_tokens, context_length(self.target), "the model's context")
+        _check_context(t, max_new_tokens, self.drafter.context_length(), "the draft model's context",
+                       ", or use a draft model with a longer context")
 
     @contextmanager
     def _timer(self, stats: DecodeStats, name: str):
@@ -232,6 +222,17 @@ class SpeculativeDecoder:
         yield
         synchronize(self.device)
         setattr(stats, name, getattr(stats, name) + time.perf_counter() - t0)
+
+
+def _check_context(t: int, max_new_tokens: int, limit: int | None, whose: str, other_fix: str = "") -> None:
+    """Raise if a prompt of ``t`` tokens, or it and ``max_new_tokens`` more, do not fit ``limit`` positions (None: no
+    limit); the message names ``whose`` context, the bound that fits, and ``other_fix`` after it."""
+    if limit is not None and t > limit:
+        raise SpecDecError(f"prompt has {t} tokens, longer than {whose} of {limit}: shorten it "
+                           f"(e.g. dataset.max_prompt_tokens={limit // 2}){other_fix}")
+    if limit is not None and t + max_new_tokens > limit:
+        raise SpecDecError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds {whose} of {limit}: "
+                           f"lower max_new_tokens to at most {limit - t} or shorten the prompt{other_fix}")
 
 
 __all__ = ["DecodeOutput", "DraftTree", "SpeculativeDecoder", "context_length", "eos_token_ids"]

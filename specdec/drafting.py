@@ -104,6 +104,12 @@ class Drafter(ABC):
         heads override this; the default is a drafter that costs nothing to run (n-gram-like)."""
         return StepShape(kind="chain" if self.max_nodes else "none", max_nodes=self.max_nodes)
 
+    def context_length(self) -> int | None:
+        """The most positions (prompt and generated tokens) the drafter's own model can see, or None when it has no
+        limit of its own (no model, the target's positions, or a window it keeps itself). The decoder refuses a
+        prompt and ``max_new_tokens`` beyond it, as beyond the target's context."""
+        return None
+
     def batched(self) -> BatchDrafter:  # noqa: F821
         """This drafter for a batch of rows (``SpeculativeDecoder.generate_batch``). The default runs one
         copy per row (:class:`specdec.batch_drafting.PerRowDrafters`); drafters that batch their model

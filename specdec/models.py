@@ -18,6 +18,11 @@ def text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def context_length(model) -> int | None:
+    """The model's maximum context (``max_position_embeddings``), or None if it declares none."""
+    return getattr(text_config(model), "max_position_embeddings", None)
+
+
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise SpecDecError(f"dtype={name!r} is unknown; choose one of {sorted(DTYPES)}")

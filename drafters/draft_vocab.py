@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdec.models import text_config
+
 
 def frequent_tokens(sources: Iterable[torch.Tensor | None], size: int, vocab: int, always: Iterable[int] = ()) -> torch.Tensor:
     """The ``size`` most frequent token ids over ``sources`` (each a tensor of ids, e.g. ``[R, T]`` rows;
@@ -98,8 +100,12 @@ class DraftVocabHead(nn.Module):
             self.weight.copy_(full_weight.detach()[ids.to(full_weight.device)].to(self.weight))
 
     def bind_rows(self, full_weight: torch.Tensor) -> None:
-        """A frozen head reads rows ``ids`` of ``full_weight [V, H]`` (a copy of ``Vd`` rows, on its device)."""
-        self.rows = full_weight.detach()[self.ids.to(full_weight.device)]  # [Vd, H]
+        """A frozen head reads rows ``ids`` of ``full_weight [V, H]`` (a copy of ``Vd`` rows, on its device; ids
+        ``0 .. Vd - 1``, a padded vocabulary's, read the weight's first rows in place)."""
+        if int(self.ids[-1]) == self.size - 1:  # ids ascend strictly: they are 0 .. Vd - 1
+            self.rows = full_weight.detach()[: self.size]  # [Vd, H], a view
+        else:
+            self.rows = full_weight.detach()[self.ids.to(full_weight.device)]  # [Vd, H]
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., Vd]`` of the draft vocabulary's tokens only (column ``j`` is token ``ids[j]``)."""
@@ -134,17 +140,23 @@ def soft_cross_entropy(teacher_logits: torch.Tensor, logq: torch.Tensor) -> torc
     return -(p * logq.masked_fill(~torch.isfinite(logq), 0.0)).sum(-1).mean()
 
 
-def with_draft_vocab(model: nn.Module, ids: torch.Tensor) -> nn.Module:
+def with_draft_vocab(model: nn.Module, ids: torch.Tensor, vocab: int | None = None) -> nn.Module:
     """A view of the causal LM ``model`` whose LM head scores only ``ids [Vd]`` (its own rows, copied
     once); every other module is ``model``'s own (shared, not copied). Its config records the draft
-    vocabulary, so cost curves measured for it are not taken for the whole model's."""
+    vocabulary, so cost curves measured for it are not taken for the whole model's. ``vocab``: the size of
+    the distributions the view emits (default: the model's LM head's; a padded target's, see
+    :func:`drafters.vocab_padding.padded_to`)."""
     head = model.get_output_embeddings()
-    vocab, hidden = int(head.weight.shape[0]), int(head.weight.shape[1])
+    rows, hidden = int(head.weight.shape[0]), int(head.weight.shape[1])
+    if ids.numel() and int(ids.max()) >= rows:
+        raise ValueError(f"draft vocabulary ids must lie in [0, {rows}) (the LM head's rows), got up to {int(ids.max())}")
+    vocab = int(vocab or rows)
     reduced = DraftVocabHead.over(ids, vocab, hidden, head.weight, trainable=False)
     view = copy.copy(model)
     view._modules = dict(model._modules)  # the view's own module table: swapping its head leaves model's alone
     view.config = copy.deepcopy(model.config)
     view.config.draft_vocab_size = int(ids.numel())
+    text_config(view).vocab_size = vocab  # the size of what it emits (HF's assisted generation compares it)
     names = [name for name, module in model.named_children() if module is head]
     if len(names) != 1:
         raise ValueError(f"{type(model).__name__}: its output embedding is not one top-level module")

@@ -42,6 +42,7 @@ import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from experiments import cli
+from experiments.bench_inputs import load_pair, load_prompt_ids
 from experiments.bench_methods import (
     Method,
     decode_run,
@@ -58,7 +59,7 @@ from experiments.cost_measure import measure_costs, measure_interleaved
 from experiments.costs import cost_at, predicted_chain_speedup
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
 from specdec.errors import SpecDecError
-from specdec.models import DTYPES, check_device, load_causal_lm, load_tokenizer
+from specdec.models import DTYPES
 from specdec.static_shape import COMPILE_MODES
 from verifier.fused_projections import fused_copy
 from verifier.narrow_linear import narrow_models
@@ -181,41 +182,6 @@ def median_costs(samples: list[dict]) -> dict:
     target = {w: statistics.median(c["target"][w] for c in samples) for w in samples[0]["target"]}
     draft = statistics.median(c["draft"] for c in samples) if samples[0]["draft"] is not None else None
     return {**samples[0], "target": target, "draft": draft}
-
-
-def load_pair(args):
-    """(target, draft, tokenizer or None) from ``--synthetic``, ``--target/--draft`` paths or the zoo ``--size``."""
-    check_device(args.device, "--device")
-    if args.synthetic:
-        from experiments.synthetic import synthetic_pair
-
-        return (*synthetic_pair(args.synthetic, args.device, DTYPES[args.dtype], args.draft_layers), None)
-    opts = {"dtype": args.dtype, "device": args.device}
-    draft_opts = {**opts, "dtype": args.draft_dtype}
-    if args.target:
-        return (load_causal_lm(args.target, **opts, role="target"),
-                load_causal_lm(args.draft or args.target, **draft_opts, role="draft"),
-                load_tokenizer(args.target))
-    from experiments.zoo import ensure_pair
-
-    pair = ensure_pair(args.size, cache_dir=args.cache_dir)
-    return (load_causal_lm(pair.target_dir, **opts, role="target"),
-            load_causal_lm(pair.draft_dir, **draft_opts, role="draft"), load_tokenizer(pair.tokenizer_dir))
-
-
-def load_prompt_ids(tokenizer, target, args) -> list[torch.Tensor]:
-    """Prompts ``[1, T]`` on the target's device: random ids for a synthetic target, else the data set's."""
-    if tokenizer is None:
-        from experiments.synthetic import random_prompts
-
-        ids = random_prompts(target.config.vocab_size, args.prompts, args.prompt_len)
-    else:
-        from experiments.data import heldout_prompts_path, load_prompts
-
-        path = args.dataset or heldout_prompts_path(cache_dir=args.cache_dir, num_prompts=args.prompts)
-        ids = [tokenizer(p.text, return_tensors="pt").input_ids[:, -args.max_prompt_tokens:]
-               for p in load_prompts(path, limit=args.prompts)]
-    return [x.to(args.device) for x in ids]
 
 
 def verify_curve(target, context: int, widths: tuple[int, ...], backends: list[str], reps: int) -> tuple[dict, str]:

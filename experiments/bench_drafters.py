@@ -39,8 +39,8 @@ from drafters import (
     NoDrafter,
 )
 from experiments import cli
-from experiments.bench import load_pair, load_prompt_ids
 from experiments.bench_batch import is_chain
+from experiments.bench_inputs import load_pair, load_prompt_ids
 from experiments.bench_methods import (
     Method,
     decode_run,

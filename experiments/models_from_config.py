@@ -15,6 +15,7 @@ The tokenizer comes from the target (the pair's for ``tiny_random`` and ``zoo``)
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,14 +125,9 @@ def _from_pretrained(cfg: DictConfig | dict) -> LoadedModels:
 
 def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer: str | None) -> LoadedModels:
     """Load a target (and a draft model) with ``from_pretrained``; the tokenizer defaults to the target's."""
+    from drafters.vocab_padding import matched_draft
     from specdec.checkpoints import RemoteCodeError
-    from specdec.models import (
-        check_checkpoint_dir,
-        check_same_vocab,
-        load_causal_lm,
-        load_tokenizer,
-        resolve_draft_dtype,
-    )
+    from specdec.models import check_checkpoint_dir, load_causal_lm, load_tokenizer, resolve_draft_dtype, vocab_size
 
     trust = bool(cfg.get("trust_remote_code", False))
     opts = {"dtype": cfg.get("dtype", "float32"), "device": cfg.get("device", "cpu"), "trust_remote_code": trust}
@@ -144,12 +140,15 @@ def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer
         tok = load_tokenizer(tokenizer or target, trust_remote_code=trust, elsewhere="model.tokenizer")  # small: first
         target_model = load_causal_lm(target, **opts, device_map=device_map, role="target")
         draft_model = load_causal_lm(draft, **{**opts, "dtype": draft_dtype}, role="draft") if draft else None
-        if draft_model is not None:
-            check_same_vocab(target_model, draft_model)
+        sizes = {"draft": vocab_size(draft_model), "target": vocab_size(target_model)} if draft_model is not None else {}
+        draft_model, note = matched_draft(target_model, draft_model, tok, draft, trust) if sizes else (None, None)
     except RemoteCodeError as err:  # name our config key, not the Python argument
         raise ConfigError(err.message("model.trust_remote_code=true")) from err
     info = {"source": cfg.get("source"), "target": target, "draft": draft, "dtype": opts["dtype"],
             "draft_dtype": draft_dtype if draft else None, "device": opts["device"], "device_map": device_map}
+    if note:
+        print(note, file=sys.stderr)
+        info["draft_vocab_padded"] = sizes  # the LM heads' rows
     return LoadedModels(target_model, draft_model, tok, info=info)
 
 

@@ -205,6 +205,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = 
                            "save them again with save_pretrained") from err
 
 
+def tokenizer_or_none(path: str, trust_remote_code: bool = False):
+    """The tokenizer saved in the directory ``path`` (e.g. a draft's, to compare with the target's), or None where it
+    holds none or none that loads."""
+    try:
+        return load_tokenizer(path, trust_remote_code=trust_remote_code)
+    except SpecDecError:
+        return None
+
+
 def vocab_size(model) -> int:
     """Rows of the output embedding: the size of the distributions the model emits (a draft vocabulary
     head, :class:`drafters.draft_vocab.DraftVocabHead`, emits the whole vocabulary's)."""
@@ -218,7 +227,9 @@ def check_same_vocab(target, draft) -> None:
     if vt != vd:
         raise SpecDecError(
             f"draft model vocabulary ({vd} tokens) does not match the target's ({vt} tokens): the draft must "
-            "share the target's tokenizer; pick a draft from the same model family or use drafter=ngram"
+            "share the target's tokenizer; pick a draft from the same model family or use drafter=ngram (if the "
+            "two share one tokenizer and only their LM heads' padding rows differ, save that tokenizer with the "
+            f"draft, or pass drafters.vocab_padding.padded_to(draft, {vt}))"
         )
 
 

@@ -8,18 +8,15 @@ feeds dropped drafts past its last token; those must not reach past the table ei
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from drafters import DraftModelDrafter, HybridDrafter, NGramDrafter, NoDrafter
-from experiments import decode
 from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
 from specdec.models import tiny_random_pair
-from tests.test_experiments import CONF
+from tests.test_cli_contract import main_in_process
 
 POSITIONS = 32  # the draft's position table
 
@@ -110,18 +107,11 @@ def test_decode_refuses_a_long_prompt_before_measuring_or_decoding(models, tmp_p
             {"question_id": "long", "category": "code", "turns": ["y = 2\n" * 8]}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_dir = tmp_path / "run"
-    GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", [
-        "experiments.decode", f"--config-path={CONF}", "model=hf", f"model.target={tmp_path / 'target'}",
-        f"model.draft={tmp_path / 'draft'}", "dataset=spec_bench", f"dataset.path={prompts}", "num_prompts=2",
-        "max_new_tokens=8", "logger=none", "warmup=0", "num_threads=1", f"hydra.run.dir={run_dir}"])
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            decode.main()
-    finally:
-        GlobalHydra.instance().clear()
-    err = capsys.readouterr().err
+    code, err = main_in_process(
+        monkeypatch, capsys, "model=hf", f"model.target={tmp_path / 'target'}", f"model.draft={tmp_path / 'draft'}",
+        "dataset=spec_bench", f"dataset.path={prompts}", "num_prompts=2", "max_new_tokens=8", "logger=none",
+        "warmup=0", "num_threads=1", f"hydra.run.dir={run_dir}")
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert "prompt 'long': " in lines[0] and "the draft model's context of 32" in lines[0], lines[0]
     assert not (run_dir / "records.jsonl").exists() or not (run_dir / "records.jsonl").read_text().strip()

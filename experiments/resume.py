@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: Top-level config keys that do not change what a run decodes.
 IGNORED_KEYS = ("logger", "resume", "costs", "num_prompts")
+#: ``(group, key)`` added to the config after runs were written, with the value that decodes as those runs did:
+#: an earlier run's config without the key reads as having it (its results are this config's, not another's).
+ADDED_KEYS = {("sampling", "min_p"): 0.0}
 
 
 #: Files that belong to one config's results; set aside together when the config changes (``wandb``: the
@@ -77,8 +80,13 @@ register_resolvers()
 
 
 def comparable(config: dict) -> dict:
-    """The parts of a resolved config that decide what a run decodes."""
-    return {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+    """The parts of a resolved config that decide what a run decodes (keys added since read as their
+    :data:`ADDED_KEYS` value where absent)."""
+    out = {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+    for (group, key), value in ADDED_KEYS.items():
+        if isinstance(out.get(group), dict) and key not in out[group]:
+            out[group] = {**out[group], key: value}
+    return out
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -22,6 +22,7 @@ class SamplingConfig:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
 
 
 @dataclass
@@ -35,7 +36,7 @@ class DecodeConfig:
         dataset: ``_target_`` node of the prompt set (group ``dataset``, :mod:`experiments.datasets`).
         logger: ``_target_`` node of the results logger (group ``logger``).
         tree / verifier: reserved for the ``tree`` and ``verifier`` groups.
-        sampling: temperature / top-k / top-p, set once and given to the decoder.
+        sampling: temperature / top-k / top-p / min-p, set once and given to the decoder.
         max_new_tokens: tokens generated per prompt.
         seed: seed of every ``generate`` call (same for drafter and baseline).
         num_prompts: how many prompts of the dataset to decode.

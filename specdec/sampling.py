@@ -13,17 +13,20 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Temperature / top-k / top-p. ``temperature=0`` means greedy decoding.
+    """Temperature / top-k / top-p / min-p. ``temperature=0`` means greedy decoding.
 
     Attributes:
         temperature: 0 for greedy (argmax), else the softmax temperature (> 0).
         top_k: keep the k most likely tokens; 0 disables.
         top_p: keep the smallest set of tokens whose probability reaches top_p; 1.0 disables.
+        min_p: keep the tokens at least ``min_p`` times as likely as the most likely one (after top-k and
+            top-p); 0 disables.
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
@@ -32,6 +35,8 @@ class SamplingParams:
             raise ValueError(f"sampling.top_k={self.top_k!r}: use 0 to disable or a positive integer")
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"sampling.top_p={self.top_p!r}: use a value in (0, 1]; 1.0 disables")
+        if not (isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"sampling.min_p={self.min_p!r}: use a value in [0, 1]; 0 disables")
 
     @property
     def greedy(self) -> bool:
@@ -42,7 +47,7 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Turn logits ``[..., V]`` into the warped distribution ``[..., V]`` (float32).
 
     Greedy gives a one-hot on the argmax, so that every acceptance rule reduces to greedy
-    matching at temperature 0. Order: temperature, then top-k, then top-p (as in HF generate).
+    matching at temperature 0. Order: temperature, top-k, top-p, then min-p (as in HF generate).
     """
     logits = logits.float()
     if params.greedy:
@@ -60,6 +65,9 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop_sorted[..., -1] = False  # always keep the most likely token
         drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)  # [..., V]
+        logits = logits.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits.softmax(-1)
 
 

@@ -36,6 +36,9 @@ SETTINGS = {
     "t0.7_topk3": SamplingParams(temperature=0.7, top_k=3),
     "t1.0_topp0.8": SamplingParams(temperature=1.0, top_p=0.8),
 }
+#: Further settings, tested on a draft-model chain only (``tests/test_distribution.py``).
+MORE_SETTINGS = {"t1.0_minp0.2": SamplingParams(temperature=1.0, min_p=0.2)}
+ALL_SETTINGS = {**SETTINGS, **MORE_SETTINGS}
 
 
 class CorrectionFromP(RejectionAcceptance):
@@ -86,7 +89,7 @@ def exact_distribution(target, sampling: SamplingParams, prompt: torch.Tensor = 
 @functools.cache
 def cached_exact_distribution(target, setting: str, prompt: tuple[int, ...]) -> dict[tuple[int, ...], float]:
     """:func:`exact_distribution` for a named setting, computed once per process."""
-    return exact_distribution(target, SETTINGS[setting], torch.tensor([prompt]))
+    return exact_distribution(target, ALL_SETTINGS[setting], torch.tensor([prompt]))
 
 
 def chi_square_pvalue(counts: dict, exact: dict, runs: int) -> float:
@@ -161,7 +164,7 @@ def check_cell(target, drafter, setting: str, rule: str, prompt: torch.Tensor = 
     runs = RUNS_FOR[rule]
     exact = cached_exact_distribution(target, setting, tuple(prompt[0].tolist()))
     acceptance = "rejection" if rule == "rejection" else PLANTED_BUGS[rule]()
-    counts, stats = decode_runs(target, drafter, acceptance, SETTINGS[setting], runs, prompt)
+    counts, stats = decode_runs(target, drafter, acceptance, ALL_SETTINGS[setting], runs, prompt)
     pvalue, rate = chi_square_pvalue(counts, exact, runs), stats.acceptance_rate_by_depth[0]
     if rule != "rejection":
         assert pvalue < ALPHA, f"planted bug {rule} passed the chi-square test (p = {pvalue:.3g}): no power here"

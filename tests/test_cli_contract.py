@@ -212,7 +212,7 @@ def test_unknown_added_keys_list_the_valid_keys(tmp_path, monkeypatch, capsys):
     code, err = main_in_process(monkeypatch, capsys, *TINY, "+foo=1", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "'foo'", "top level", "'max_new_tokens'", "'sampling'")
     code, err = main_in_process(monkeypatch, capsys, *TINY, "+sampling.foo=1", f"hydra.run.dir={tmp_path}")
-    error_line(err, 2, code, "'sampling.foo'", "['temperature', 'top_k', 'top_p']")
+    error_line(err, 2, code, "'sampling.foo'", "['min_p', 'temperature', 'top_k', 'top_p']")
 
 
 def test_added_keys_that_are_known_pass():

@@ -257,6 +257,21 @@ def test_changed_config_sets_earlier_results_aside(prompts_file, tmp_path, capsy
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["seed"] == 5
 
 
+def test_a_run_from_before_a_key_was_added_is_this_configs(prompts_file, tmp_path, capsys):
+    """A summary written before ``sampling.min_p`` existed is the same config as min_p=0 (skipped, complete), and
+    another one than min_p=0.1."""
+    args = (*tiny_args(prompts_file, num_prompts=1), "costs=false")
+    decode.run(compose_cfg(*args), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    del summary["config"]["sampling"]["min_p"]
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    capsys.readouterr()
+    decode.run(compose_cfg(*args), tmp_path)
+    assert "complete results for this config are already there" in capsys.readouterr().err
+    decode.run(compose_cfg(*args, "sampling.temperature=1", "sampling.min_p=0.1", "acceptance=rejection"), tmp_path)
+    assert "differs in acceptance._target_, sampling.min_p, sampling.temperature" in capsys.readouterr().err
+
+
 def test_a_rerun_with_fewer_prompts_keeps_a_copy_of_the_earlier_records(prompts_file, tmp_path, capsys):
     """The rerun's own files hold its 2 prompts (resumed, nothing decoded again); the third prompt's records are not
     lost: the earlier records and summary are copied to ``superseded-*`` first."""

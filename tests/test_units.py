@@ -35,7 +35,32 @@ def test_warp_top_k_and_top_p():
     assert greedy.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("bad", [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}])
+@pytest.mark.parametrize("params", [SamplingParams(1.0, min_p=0.1), SamplingParams(0.7, top_k=10, min_p=0.3),
+                                    SamplingParams(1.3, top_p=0.9, min_p=0.05), SamplingParams(1.0, 5, 0.8, 0.5),
+                                    SamplingParams(0.8, top_k=7, top_p=0.7)])
+def test_warping_equals_hugging_faces_warpers(params):
+    """Temperature, top-k, top-p and min-p in HF generate's order and arithmetic: the same distribution (what
+    ``sampling.*`` means is what it means in ``generate(do_sample=True, ...)``)."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 3  # [8, V]
+    warpers = [TemperatureLogitsWarper(params.temperature)] + ([TopKLogitsWarper(params.top_k)] if params.top_k else [])
+    warpers += [TopPLogitsWarper(params.top_p)] if params.top_p < 1 else []
+    warpers += [MinPLogitsWarper(params.min_p)] if params.min_p else []
+    expected = LogitsProcessorList(warpers)(None, logits.clone()).softmax(-1)  # [8, V]
+    ours = warp_probs(logits, params)  # [8, V]
+    assert torch.equal(ours > 0, expected > 0) and torch.allclose(ours, expected, atol=1e-6)
+    assert 0 < int((ours > 0).sum()) < logits.numel()  # the warping kept some tokens and dropped others
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}, {"min_p": -0.1},
+                                 {"min_p": 1.5}])
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError, match="sampling"):
         SamplingParams(**bad)

@@ -45,10 +45,16 @@ def hash_keys(*keys) -> torch.Tensor:
     return h
 
 
+#: The largest float32 below 1.
+_BELOW_ONE = 1.0 - 2.0**-24
+
+
 def uniform(*keys) -> torch.Tensor:
-    """A float32 uniform in (0, 1) per broadcast element of ``keys`` (see :func:`hash_keys`)."""
+    """A float32 uniform in (0, 1) per broadcast element of ``keys`` (see :func:`hash_keys`): the top 24 bits,
+    centred, ``(bits + 0.5) / 2^24``. float32 rounds the largest, ``1 - 2^-25``, up to 1: it is kept just below
+    1, or ``-log u`` would be 0 and a race (:func:`race`) would draw a token of probability 0 (its key 0/0)."""
     bits = _srl(hash_keys(*keys), 40)  # the top 24 bits
-    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return ((bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))).clamp_(max=_BELOW_ONE)
 
 
 def race(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -140,18 +140,30 @@ def soft_cross_entropy(teacher_logits: torch.Tensor, logq: torch.Tensor) -> torc
     return -(p * logq.masked_fill(~torch.isfinite(logq), 0.0)).sum(-1).mean()
 
 
+def head_weight(head: nn.Module) -> torch.Tensor:
+    """An LM head's rows ``[rows, H]``: a linear's weight, or those a padded view's head reads (its ids ``0 .. rows -
+    1``, :func:`drafters.vocab_padding.padded_to`); ValueError for a head over any other draft vocabulary."""
+    if not isinstance(head, DraftVocabHead):
+        return head.weight
+    if int(head.ids[-1]) != head.size - 1 or (head.weight is None and head.rows is None):
+        raise ValueError("the model's LM head already scores a draft vocabulary: give the ids over the whole model")
+    return head.weight if head.weight is not None else head.rows
+
+
 def with_draft_vocab(model: nn.Module, ids: torch.Tensor, vocab: int | None = None) -> nn.Module:
-    """A view of the causal LM ``model`` whose LM head scores only ``ids [Vd]`` (its own rows, copied
-    once); every other module is ``model``'s own (shared, not copied). Its config records the draft
-    vocabulary, so cost curves measured for it are not taken for the whole model's. ``vocab``: the size of
-    the distributions the view emits (default: the model's LM head's; a padded target's, see
-    :func:`drafters.vocab_padding.padded_to`)."""
+    """A view of the causal LM ``model`` whose LM head scores only ``ids [Vd]`` (its rows read in place when the ids
+    are ``0 .. Vd - 1``, else copied once); every other module is ``model``'s own (shared, not copied). Its config
+    records the draft vocabulary, so cost curves measured for it are not taken for the whole model's. ``vocab``:
+    the size of the distributions the view emits (default: what the model's LM head emits; a padded target's,
+    see :func:`drafters.vocab_padding.padded_to`). ``model`` may itself be a padded view."""
     head = model.get_output_embeddings()
-    rows, hidden = int(head.weight.shape[0]), int(head.weight.shape[1])
+    weight = head_weight(head)  # [rows, H]
+    rows, hidden = int(weight.shape[0]), int(weight.shape[1])
     if ids.numel() and int(ids.max()) >= rows:
-        raise ValueError(f"draft vocabulary ids must lie in [0, {rows}) (the LM head's rows), got up to {int(ids.max())}")
-    vocab = int(vocab or rows)
-    reduced = DraftVocabHead.over(ids, vocab, hidden, head.weight, trainable=False)
+        raise ValueError(f"draft vocabulary ids must lie in [0, {rows}) (the LM head's rows), "
+                         f"got up to {int(ids.max())}")
+    vocab = int(vocab or getattr(head, "vocab", None) or rows)
+    reduced = DraftVocabHead.over(ids, vocab, hidden, weight, trainable=False)
     view = copy.copy(model)
     view._modules = dict(model._modules)  # the view's own module table: swapping its head leaves model's alone
     view.config = copy.deepcopy(model.config)

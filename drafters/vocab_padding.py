@@ -19,8 +19,9 @@ import copy
 import torch
 from torch import nn
 
-from drafters.draft_vocab import with_draft_vocab
-from specdec.models import check_same_vocab, tokenizer_or_none, vocab_size
+from drafters.draft_vocab import head_weight, with_draft_vocab
+from specdec.errors import SpecDecError
+from specdec.models import tokenizer_or_none, vocab_size
 
 
 class ClampedEmbedding(nn.Module):
@@ -42,7 +43,7 @@ def padded_to(model: nn.Module, vocab: int) -> nn.Module:
     """A view of the causal LM ``model`` emitting ``vocab`` logits: its own on the ids below both its LM head's
     rows and ``vocab``, ``-inf`` past them; ids past its input embedding's rows are embedded as its last row.
     Every module but the head (and, for a smaller table, the embedding's wrapper) is ``model``'s own."""
-    head_rows = int(model.get_output_embeddings().weight.shape[0])
+    head_rows = int(head_weight(model.get_output_embeddings()).shape[0])
     view = with_draft_vocab(model, torch.arange(min(head_rows, vocab)), vocab)
     if int(model.get_input_embeddings().weight.shape[0]) < vocab:
         _clamp_inputs(view, model)
@@ -50,15 +51,20 @@ def padded_to(model: nn.Module, vocab: int) -> nn.Module:
 
 
 def _clamp_inputs(view: nn.Module, model: nn.Module) -> None:
-    """Give ``view`` its own shallow copy of ``model``'s base model, whose input embedding is clamped."""
-    prefix = getattr(model, "base_model_prefix", "")
-    base = getattr(model, prefix, None) if prefix else None
-    if not isinstance(base, nn.Module) or base is model:
-        raise ValueError(f"{type(model).__name__}: no base model ({prefix!r}) to hold a clamped input embedding")
-    base_view = copy.copy(base)
-    base_view._modules = dict(base._modules)  # its own module table: the swap leaves model's base alone
-    base_view.set_input_embeddings(ClampedEmbedding(base.get_input_embeddings()))
-    view._modules[prefix] = base_view
+    """Put a :class:`ClampedEmbedding` where ``view`` holds ``model``'s input embedding: every module on the way
+    to it is shallow-copied with its own module table (a multimodal model's language model too), so ``model``
+    keeps its own."""
+    embedding = model.get_input_embeddings()
+    path = next((name for name, module in model.named_modules() if module is embedding), "")
+    if not path:
+        raise ValueError(f"{type(model).__name__}: its input embedding is not one of its modules")
+    *owners, last = path.split(".")
+    parent = view  # its module table is already its own (with_draft_vocab)
+    for name in owners:
+        child = copy.copy(parent._modules[name])
+        child._modules = dict(child._modules)
+        parent._modules[name] = parent = child
+    parent._modules[last] = ClampedEmbedding(embedding)
 
 
 def same_tokenizer(a, b) -> bool:
@@ -73,8 +79,10 @@ def match_target_vocab(target: nn.Module, draft: nn.Module, tokenizer, draft_tok
     vt, vd = vocab_size(target), vocab_size(draft)
     if vt == vd:
         return draft, None
-    if draft_tokenizer is None or not same_tokenizer(tokenizer, draft_tokenizer) or len(tokenizer) > min(vt, vd):
-        check_same_vocab(target, draft)
+    problem = _not_padded(tokenizer, draft_tokenizer, vt, vd)
+    if problem:
+        raise SpecDecError(f"draft model vocabulary ({vd} tokens) does not match the target's ({vt} tokens) and "
+                           f"{problem}")
     note = (f"note: the draft's LM head has {vd} rows and the target's {vt}, over one tokenizer of {len(tokenizer)} "
             f"tokens: the rows past it are padding; the draft proposes ids below {min(vt, vd)}")
     return padded_to(draft, vt), note
@@ -86,3 +94,19 @@ def matched_draft(target: nn.Module, draft: nn.Module, tokenizer, draft_dir: str
     if vocab_size(draft) == vocab_size(target):
         return draft, None
     return match_target_vocab(target, draft, tokenizer, tokenizer_or_none(draft_dir, trust_remote_code))
+
+
+def _not_padded(tokenizer, draft_tokenizer, vt: int, vd: int) -> str | None:
+    """Why a draft of ``vd`` rows beside a target of ``vt`` is not a differently padded twin (None: it is one)."""
+    if draft_tokenizer is None:
+        return ("the draft's directory holds no tokenizer to compare: if the two share one tokenizer and only their LM "
+                "heads' padding rows differ, save the target's tokenizer beside the draft (save_pretrained) and the "
+                f"run pads it (in Python: drafters.vocab_padding.padded_to(draft, {vt})); else pick a draft that "
+                "shares the target's tokenizer or use drafter=ngram")
+    if not same_tokenizer(tokenizer, draft_tokenizer):
+        return ("its tokenizer is not the target's: pick a draft that shares the target's tokenizer, or use "
+                "drafter=cross_tokenizer (a draft with its own tokenizer) or drafter=ngram")
+    if len(tokenizer) > min(vt, vd):
+        return (f"the tokenizer's {len(tokenizer)} tokens do not fit the smaller LM head ({min(vt, vd)} rows): the two "
+                "are not padded copies of one vocabulary; pick a draft that shares the target's or use drafter=ngram")
+    return None

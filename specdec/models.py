@@ -19,8 +19,8 @@ def text_config(model):
 
 
 def context_length(model) -> int | None:
-    """The model's maximum context (``max_position_embeddings``), or None if it declares none."""
-    return getattr(text_config(model), "max_position_embeddings", None)
+    """The model's maximum context (``max_position_embeddings``), or None if it declares none (or has no config)."""
+    return getattr(text_config(model), "max_position_embeddings", None) if hasattr(model, "config") else None
 
 
 def _dtype(name: str) -> torch.dtype:

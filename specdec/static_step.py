@@ -39,6 +39,7 @@ import torch
 from specdec.batch_cache import BatchCache
 from specdec.batch_types import BatchTree
 from specdec.errors import raise_out_of_memory
+from specdec.models import context_length
 from specdec.rng import KeyedRandom
 from specdec.static_kept import capture_graph
 from specdec.static_shape import StaticShape, check_compile, grow, static_drafter
@@ -64,8 +65,10 @@ def _forward(model, cache: BatchCache, ids: torch.Tensor, offsets: torch.Tensor,
         from specdec_kernels.rows import rows_plan
 
         attn["specdec_tree_plan"] = rows_plan(cache.lengths, bits)
-    backend = "sdpa" if bits is None else "triton"
-    return model_forward(model, cache, ids, cache.lengths[:, None] + offsets, attn, backend)
+    positions, limit = cache.lengths[:, None] + offsets, context_length(model)  # [B, n]
+    if limit is not None:  # a row with little room still computes the whole tree (nodes it drops): keep those in the
+        positions = positions.clamp(max=limit - 1)  # position table (a learned one, GPT-2's, would be indexed past)
+    return model_forward(model, cache, ids, positions, attn, "sdpa" if bits is None else "triton")
 
 
 def capacity_for(prompts: list[list[int]], limits: list[int], nodes: int, compile: str) -> int:
@@ -200,9 +203,8 @@ class StaticStep:
             empty = torch.zeros(b, 0, dtype=torch.long, device=device)
             return BatchTree(empty, empty, empty, empty.bool(), torch.full((b, 1, 1), -1, device=device),
                              self.root_mask, None, "deterministic", [], 0)
-        shape = self.shape
+        shape, mode = self.shape, "deterministic" if probs is None else self.shape.mode
         valid = shape.valid(budget)  # [B, N]
-        mode = "deterministic" if probs is None else shape.mode
         return BatchTree(tokens, shape.parents.expand(b, -1), shape.depth.expand(b, -1), valid,
                          shape.row_children(valid), shape.mask.expand(b, -1, -1), probs, mode, [], shape.max_depth)
 

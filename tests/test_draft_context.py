@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from drafters import DraftModelDrafter, HybridDrafter, NGramDrafter, NoDrafter
 from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
-from specdec.models import tiny_random_pair
+from specdec.models import context_length, tiny_random_pair
 from tests.test_cli_contract import main_in_process
 
 POSITIONS = 32  # the draft's position table
@@ -59,7 +59,7 @@ def test_a_hybrid_has_its_model_parts_context(models):
     target, draft, _ = models
     hybrid = HybridDrafter(NGramDrafter(num_speculative_tokens=2), DraftModelDrafter(draft, num_speculative_tokens=2))
     assert hybrid.context_length() == POSITIONS
-    assert NGramDrafter().context_length() is None
+    assert NGramDrafter().context_length() is None and context_length(torch.nn.Linear(2, 2)) is None  # no config
     with pytest.raises(SpecDecError, match="draft model's context of 32"):
         SpeculativeDecoder(target, hybrid).generate(_prompt(30), max_new_tokens=8)
 
@@ -72,8 +72,8 @@ ROWS = ((16, 16), (4, 24))  # (prompt tokens, max_new_tokens)
 @pytest.mark.parametrize("shape", [{"num_speculative_tokens": 4}, {"tree": "binary"},
                                    {"budget": 8, "num_speculative_tokens": 4}], ids=["chain", "tree", "dynamic"])
 def test_at_the_drafts_limit_every_path_runs_and_greedy_is_lossless(models, shape):
-    """Batch 1 at the limit, a ragged batch and a continuous one (:data:`ROWS`) equal plain decoding, token for
-    token."""
+    """Batch 1 at the limit, a ragged batch, a continuous one and the fixed-shape step (:data:`ROWS`) equal plain
+    decoding, token for token."""
     target, draft, _ = models
     prompts, limits = [_prompt(n, i) for i, (n, _) in enumerate(ROWS)], [m for _, m in ROWS]
     plain = SpeculativeDecoder(target, NoDrafter())
@@ -84,6 +84,10 @@ def test_at_the_drafts_limit_every_path_runs_and_greedy_is_lossless(models, shap
         assert torch.equal(got, want)
     continuous = dec.generate_batch(prompts, max_new_tokens=limits, max_rows=1).sequences
     assert all(torch.equal(got, want) for got, want in zip(continuous, expected))
+    if "budget" not in shape:  # the fixed-shape step computes every row's whole tree, also past a row's room
+        static = SpeculativeDecoder(target, DraftModelDrafter(draft, **shape), compile="static")
+        assert all(torch.equal(got, want) for got, want in zip(static.generate_batch(prompts, limits).sequences,
+                                                               expected))
 
 
 def test_a_sampled_batched_chain_at_the_limit_runs(models):

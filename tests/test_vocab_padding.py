@@ -39,9 +39,8 @@ def padded_pair():
     target, _, _ = tiny_random_pair("llama", vocab=TARGET_ROWS)
     with torch.no_grad():
         target.get_output_embeddings().weight[EOS + 1:] = 0.0  # padding rows: logit 0 (never the argmax here)
-    for model in (target,):
-        model.generation_config = GenerationConfig(eos_token_id=EOS, pad_token_id=EOS, bos_token_id=EOS)
-        model.config.eos_token_id = EOS
+    target.generation_config = GenerationConfig(eos_token_id=EOS, pad_token_id=EOS, bos_token_id=EOS)
+    target.config.eos_token_id = EOS
     return target, _cut(target, DRAFT_ROWS)
 
 
@@ -61,9 +60,11 @@ def test_the_view_emits_the_targets_size_and_embeds_padding_ids(padded_pair):
     assert view.model is not draft.model and view.model.layers is draft.model.layers  # a wrapper, the same body
 
 
-@pytest.mark.parametrize("shape", [{"num_speculative_tokens": 3}, {"tree": "binary"}, {"budget": 8}],
-                         ids=["chain", "tree", "dynamic"])
+@pytest.mark.parametrize("shape", [{"num_speculative_tokens": 3}, {"num_speculative_tokens": 3, "fast_forward": False},
+                                   {"tree": "binary"}, {"budget": 8}], ids=["chain", "chain_own_forward", "tree", "dynamic"])
 def test_greedy_decoding_with_the_padded_draft_equals_plain_decoding(padded_pair, shape):
+    """Every path equals plain decoding, and drafts as well as batch 1 (each row's tau is its batch-1 run's: the
+    view's forwards see the step's masks, not the causal mask of a config the view copied)."""
     target, draft = padded_pair
     view, _ = match_target_vocab(target, draft, byte_tokenizer(), byte_tokenizer())
     tok = byte_tokenizer()
@@ -71,12 +72,49 @@ def test_greedy_decoding_with_the_padded_draft_equals_plain_decoding(padded_pair
     plain = SpeculativeDecoder(target, NoDrafter())
     expected = [plain.generate(p, max_new_tokens=20).sequences for p in prompts]
     dec = SpeculativeDecoder(target, DraftModelDrafter(view, **shape))
-    out = dec.generate(prompts[0], max_new_tokens=20)
-    assert torch.equal(out.sequences, expected[0]) and out.stats.tau > 2.0  # the draft is the target where it can be
-    assert all(torch.equal(a, b) for a, b in zip(dec.generate_batch(prompts, max_new_tokens=20).sequences, expected))
-    if "num_speculative_tokens" in shape:
+    ones = [dec.generate(p, max_new_tokens=20) for p in prompts]
+    assert all(torch.equal(one.sequences, want) for one, want in zip(ones, expected))
+    assert min(one.stats.tau for one in ones) > 2.0  # the draft is the target where it can be
+    batch = dec.generate_batch(prompts, max_new_tokens=20)
+    assert all(torch.equal(a, b) for a, b in zip(batch.sequences, expected))
+    assert [row.tau for row in batch.row_stats] == [one.stats.tau for one in ones]
+    if "budget" not in shape:  # the fixed-shape step runs chains and tree presets
         static = SpeculativeDecoder(target, DraftModelDrafter(view, **shape), compile="static")
-        assert torch.equal(static.generate(prompts[0], max_new_tokens=20).sequences, expected[0])
+        out = static.generate_batch(prompts, max_new_tokens=20)
+        assert all(torch.equal(a, b) for a, b in zip(out.sequences, expected))
+        assert [row.tau for row in out.row_stats] == [one.stats.tau for one in ones]
+
+
+def test_a_draft_whose_embedding_lies_deeper_is_wrapped_in_the_view_only():
+    """GPT-2 keeps its embedding at ``transformer.wte``: the view wraps it there, on copies of the modules on the
+    way; the draft's own modules are untouched."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    draft = GPT2LMHeadModel(GPT2Config(vocab_size=DRAFT_ROWS, n_embd=16, n_layer=1, n_head=2, n_positions=64)).eval()
+    view = padded_to(draft, TARGET_ROWS)
+    assert type(draft.transformer.wte).__name__ == "Embedding" and type(view.transformer.wte).__name__ != "Embedding"
+    assert view.transformer.h is draft.transformer.h  # the same layers
+    x = torch.tensor([[3, 4, 271]])  # [1, 3]
+    assert torch.allclose(view(torch.tensor([[3, 4, 300]])).logits, view(x).logits, atol=1e-6)
+    assert torch.allclose(view(x).logits[..., :DRAFT_ROWS], draft(x).logits, atol=1e-5)
+
+
+def test_a_padded_draft_over_a_draft_vocabulary_and_a_view_of_a_view(padded_pair):
+    """A padded draft takes a draft vocabulary (``drafter.draft_vocab``) over its own ids, and padding a padded view
+    again pads from its rows; ids past the draft's rows are refused naming them."""
+    _, draft = padded_pair
+    view = padded_to(draft, TARGET_ROWS)
+    x = torch.tensor([[3, 4, 5, 300]])  # [1, 4]
+    ids = torch.arange(0, DRAFT_ROWS, 2)  # [136]
+    reduced = DraftModelDrafter(view, num_speculative_tokens=2, draft_vocab=ids).model
+    logits, full = reduced(x).logits, view(x).logits  # [1, 4, 320] each
+    assert vocab_size(reduced) == TARGET_ROWS and torch.allclose(logits[..., ids], full[..., ids], atol=1e-5)
+    assert torch.isneginf(logits[..., 1::2]).all()
+    again = padded_to(view, 400)
+    assert vocab_size(again) == 400 and torch.allclose(again(x).logits[..., :TARGET_ROWS], full, atol=1e-5)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 272\)"):
+        DraftModelDrafter(view, draft_vocab=torch.tensor([3, 300]))
 
 
 def test_only_one_shared_tokenizer_that_fits_both_heads_is_padded(padded_pair):
@@ -84,11 +122,12 @@ def test_only_one_shared_tokenizer_that_fits_both_heads_is_padded(padded_pair):
     tok = byte_tokenizer()
     other = byte_tokenizer()
     other.add_tokens(["<extra>"])  # one more token: not the target's tokenizer
-    for draft_tokenizer in (None, other):
-        with pytest.raises(SpecDecError, match=r"\(272 tokens\) does not match the target's \(320 tokens\).*"
-                                               r"padded_to\(draft, 320\)"):
-            match_target_vocab(target, draft, tok, draft_tokenizer)
-    with pytest.raises(SpecDecError, match="does not match"):  # a tokenizer longer than the draft's head
+    with pytest.raises(SpecDecError, match=r"\(272 tokens\) does not match the target's \(320 tokens\) and the "
+                                           r"draft's directory holds no tokenizer.*padded_to\(draft, 320\)"):
+        match_target_vocab(target, draft, tok, None)
+    with pytest.raises(SpecDecError, match="its tokenizer is not the target's: .*drafter=cross_tokenizer"):
+        match_target_vocab(target, draft, tok, other)
+    with pytest.raises(SpecDecError, match=r"the tokenizer's 257 tokens do not fit the smaller LM head \(200 rows\)"):
         match_target_vocab(target, _cut(target, 200), tok, byte_tokenizer())
     same, note = match_target_vocab(target, _cut(target, TARGET_ROWS), tok, None)
     assert note is None and vocab_size(same) == TARGET_ROWS
@@ -148,7 +187,7 @@ def test_decode_pads_a_draft_saved_with_the_targets_tokenizer(padded_pair, tmp_p
     code, err = main_in_process(monkeypatch, capsys, *common, f"model.draft={tmp_path / 'bare'}",
                             f"hydra.run.dir={tmp_path / 'run2'}")
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(lines) == 1 and "save that tokenizer with the draft" in lines[0], err[-2000:]
+    assert code == 2 and len(lines) == 1 and "save the target's tokenizer beside the draft" in lines[0], err[-2000:]
     from experiments.bench_inputs import pair_from_dirs
     from experiments.hf_generate import hf, hf_assisted
 
@@ -156,5 +195,5 @@ def test_decode_pads_a_draft_saved_with_the_targets_tokenizer(padded_pair, tmp_p
     target, view, tok = pair_from_dirs(str(tmp_path / "target"), str(tmp_path / "draft"), opts, opts)  # the benchmark's
     ids = tok("def f(x):\n    return x", return_tensors="pt").input_ids
     assert vocab_size(view) == TARGET_ROWS and torch.equal(hf_assisted(target, view, 12, 3)(ids)[0], hf(target, 12)(ids)[0])
-    with pytest.raises(SpecDecError, match="save that tokenizer with the draft"):
+    with pytest.raises(SpecDecError, match="save the target's tokenizer beside the draft"):
         pair_from_dirs(str(tmp_path / "target"), str(tmp_path / "bare"), opts, opts)

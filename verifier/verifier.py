@@ -16,16 +16,33 @@ from verifier.availability import check_attn_backend
 
 @contextmanager
 def attention_backend(model, backend: str):
-    """Switch ``model`` to a registered tree-attention function for the duration of the block."""
+    """Switch ``model`` to a registered tree-attention function for the duration of the block (every config its
+    modules read: a view's own copy, :func:`drafters.draft_vocab.with_draft_vocab`, and the shared layers')."""
     if backend not in BACKENDS:
         raise ConfigError(f"attn_backend={backend!r} is unknown; choose one of {sorted(BACKENDS)}")
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = BACKENDS[backend]
+    configs = _configs(model)
+    previous = [config._attn_implementation for config in configs]
+    for config in configs:
+        config._attn_implementation = BACKENDS[backend]
     try:
         yield
     finally:
-        config._attn_implementation = previous
+        for config, value in zip(configs, previous):
+            config._attn_implementation = value
+
+
+def _configs(model) -> list:
+    """The distinct configs ``model`` and its modules hold (found once, kept on the model; a view gets its own)."""
+    known = model.__dict__.get("_specdec_configs")
+    if known is None or known[0] is not model:
+        found = {id(model.config): model.config}
+        for module in model.modules():
+            config = module.__dict__.get("config")
+            if config is not None and hasattr(config, "_attn_implementation"):
+                found.setdefault(id(config), config)
+        known = (model, list(found.values()))
+        model.__dict__["_specdec_configs"] = known
+    return known[1]
 
 
 #: SDPA kernels our forwards may use. cuDNN attention is left out: it builds an execution plan per

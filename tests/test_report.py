@@ -144,8 +144,12 @@ def test_predicted_vs_measured_speedup_of_a_draft_model_chain(prompts_file, tmp_
     assert len(list(costs_dir().glob("*.json"))) >= 2  # one curve per model
 
     again = decode.run(cfg, tmp_path / "again")  # another run of the same models: the cached curves
-    assert set(again["cost_model"]["costs"]["cached"].values()) == {True}  # target, draft and their prefills
-    assert again["cost_model"]["costs"]["target"] == model["costs"]["target"]
+    busy = set(model["costs"]["implausible"])  # timed on a busy machine (twice): not cached, by design
+    cached = again["cost_model"]["costs"]["cached"]  # target, draft and their prefills
+    assert set(cached) == {"target", "prefill_target", "prefill_draft"}  # the draft is timed through its probe
+    assert all(cached[role] for role in cached if role not in busy), (cached, busy)
+    if "target" not in busy:
+        assert again["cost_model"]["costs"]["target"] == model["costs"]["target"]
 
     ngram = decode.run(compose_cfg(*tiny_args(prompts_file, num_prompts=1), "drafter=ngram"), tmp_path / "ngram")
     assert ngram["cost_model"]["drafter"]["draft_module"] is None and ngram["cost_model"]["costs"]["draft"] is None

@@ -75,7 +75,7 @@ def same_tokenizer(a, b) -> bool:
 def match_target_vocab(target: nn.Module, draft: nn.Module, tokenizer, draft_tokenizer) -> tuple[nn.Module, str | None]:
     """``(draft, None)`` when its distributions have the target's size; ``(padded view, note)`` when only the LM
     heads' padding differs: ``draft_tokenizer`` is the target's ``tokenizer`` and fits both heads. Otherwise
-    :class:`~specdec.errors.SpecDecError` (the vocabularies differ; the message says how to pad by hand)."""
+    :class:`~specdec.errors.SpecDecError` naming why not (no tokenizer to compare, another one, one that does not fit)."""
     vt, vd = vocab_size(target), vocab_size(draft)
     if vt == vd:
         return draft, None

@@ -47,9 +47,6 @@ class BatchChain(BatchDrafter):
         [B, n, n]``), through :func:`drafters.fast_decoder.forward_lm` per the drafter's ``fast_forward``; the block
         stays pending in ``cache``. ``(logits [B, n', V], hidden [B, n, H])``."""
         position_ids, key_mask = begin_block(cache, depth, mask)  # [B, n], [B, 1, n, S]
-        limit = self.drafter.context_length()
-        if limit is not None:  # a row whose chain ended drafts on with the batch, past its own tokens: those drafts
-            position_ids = position_ids.clamp(max=limit - 1)  # are dropped, but must not index past the model's table
         return forward_lm(model, ids, cache, position_ids, key_mask, logits_to_keep, self.drafter.fast_forward,
                           output_hidden=output_hidden)
 

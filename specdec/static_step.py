@@ -39,7 +39,6 @@ import torch
 from specdec.batch_cache import BatchCache
 from specdec.batch_types import BatchTree
 from specdec.errors import raise_out_of_memory
-from specdec.models import context_length
 from specdec.rng import KeyedRandom
 from specdec.static_kept import capture_graph
 from specdec.static_shape import StaticShape, check_compile, grow, static_drafter
@@ -65,10 +64,8 @@ def _forward(model, cache: BatchCache, ids: torch.Tensor, offsets: torch.Tensor,
         from specdec_kernels.rows import rows_plan
 
         attn["specdec_tree_plan"] = rows_plan(cache.lengths, bits)
-    positions, limit = cache.lengths[:, None] + offsets, context_length(model)  # [B, n]
-    if limit is not None:  # a row with little room still computes the whole tree (nodes it drops): keep those in the
-        positions = positions.clamp(max=limit - 1)  # position table (a learned one, GPT-2's, would be indexed past)
-    return model_forward(model, cache, ids, positions, attn, "sdpa" if bits is None else "triton")
+    backend = "sdpa" if bits is None else "triton"
+    return model_forward(model, cache, ids, cache.lengths[:, None] + offsets, attn, backend)  # positions clamped there
 
 
 def capacity_for(prompts: list[list[int]], limits: list[int], nodes: int, compile: str) -> int:

@@ -9,6 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from specdec.cache import SpecDecCache
 from specdec.errors import ConfigError, NonFiniteLogitsError
+from specdec.models import context_length
 from specdec.types import DraftTree, VerifyOutput
 from verifier.attention import BACKENDS, dense_tree_mask
 from verifier.availability import check_attn_backend
@@ -119,7 +120,12 @@ def model_forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Ten
                   logits_to_keep: int = 0, output_hidden: bool = False):
     """One forward of ``model`` on ``input_ids [B, n]`` at ``position_ids [B, n]`` appended to ``cache``,
     through ``backend`` with the ``specdec_*`` attention inputs ``attn`` (:func:`attention_inputs`).
-    Returns ``(logits [B, n', V] float32, hidden [B, n, H] or None)``."""
+    Returns ``(logits [B, n', V] float32, hidden [B, n, H] or None)``. Positions past the model's context are
+    clamped into it: only tokens a step drops get there (a batch drafting on for a row whose chain ended, a
+    fixed-shape step's nodes past a row's room), and a learned position table must not be indexed past."""
+    limit = context_length(model)
+    if limit is not None:
+        position_ids = position_ids.clamp(max=limit - 1)  # [B, n]
     with attention_backend(model, backend), sdpa_kernel(SDPA_KERNELS), torch.no_grad():
         out = model(
             input_ids=input_ids,

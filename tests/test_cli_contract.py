@@ -8,8 +8,6 @@ One subprocess per row of issue 13's table (tiny random pair, one prompt, a few 
 """
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import json
 import os
 import re
@@ -26,7 +24,7 @@ from experiments import cli, decode
 from experiments.models_from_config import load_models
 from experiments.overrides import check_added_keys
 from specdec.checkpoints import CheckpointError, find_broken_file, safetensors_problem
-from specdec.errors import ConfigError, SpecDecError
+from specdec.errors import ConfigError
 from specdec.tree import load_preset
 from tests.test_experiments import compose_cfg
 
@@ -309,130 +307,3 @@ def test_composed_tree_config_of_the_wrong_shape():
     with pytest.raises(ConfigError, match="has no 'paths:' list"):
         decode.tree_argument(drafter, OmegaConf.create({"path": [[0]]}))
     assert decode.tree_argument(drafter, OmegaConf.create({"paths": None})) == {}  # tree=none
-
-
-# --------------------------------------------------------------------------- attention backend availability
-
-
-def test_triton_on_cpu_without_the_interpreter_fails_before_decoding(tmp_path):
-    proc = run_cli(*TINY, "attn_backend=triton", f"hydra.run.dir={tmp_path}", env_drop=("TRITON_INTERPRET",))
-    error_line(proc.stderr, 2, proc.returncode, "attn_backend=triton", "TRITON_INTERPRET=1", "attn_backend=sdpa")
-    assert not (tmp_path / "summary.json").exists()
-
-
-def test_triton_not_installed(monkeypatch):
-    from verifier import availability
-
-    monkeypatch.setattr(availability.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match="attn_backend=triton needs the triton package.*pip install triton"):
-        availability.check_attn_backend("triton", "cpu")
-    availability.check_attn_backend("sdpa", "cpu")
-
-
-def test_an_interpreter_that_cannot_run_with_this_numpy(monkeypatch):
-    """triton < 3.7's interpreter fails on numpy >= 2.4 (triton issue 9171): one error naming the fix,
-    before anything runs, instead of an InterpreterError from inside the first launch."""
-    from verifier import availability
-
-    ta = importlib.import_module("specdec_kernels.tree_attention")  # the module, not the function it exports
-    numpy = {"version": "2.4.6"}
-    monkeypatch.setattr(ta.triton, "__version__", "3.6.0")
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: numpy["version"])
-    monkeypatch.setattr(availability, "triton_interpreted", lambda: True)
-    assert "pip install 'triton>=3.7'" in ta.interpreter_problem()
-    with pytest.raises(ConfigError, match=r"attn_backend=triton on the CPU: triton 3.6.0's interpreter .* 2.4.6"):
-        availability.check_attn_backend("triton", "cpu")
-    numpy["version"] = "2.3.5"
-    assert ta.interpreter_problem() is None
-    numpy["version"] = "2.4.6"
-    monkeypatch.setattr(ta.triton, "__version__", "3.7.0")
-    assert ta.interpreter_problem() is None
-    availability.check_attn_backend("triton", "cpu")
-
-
-def test_verify_curve_backends_are_checked_before_the_run(monkeypatch, capsys):
-    """The benchmark's --verify-curve runs after every method: a backend that cannot run here fails first, and
-    by default the curve times only the backends that run here."""
-    from experiments import bench
-    from verifier import availability
-
-    monkeypatch.setattr(availability, "triton_interpreted", lambda: False)
-    monkeypatch.setattr(bench, "load_pair", lambda args: pytest.fail("models loaded before the backends were checked"))
-    assert bench.main(["--device", "cpu", "--verify-curve", "--backends", "sdpa,triton"]) == 2
-    error_line(capsys.readouterr().err, 2, 2, "attn_backend=triton", "TRITON_INTERPRET=1", "out of --backends")
-    assert availability.usable_backends(None, "cpu") == ["sdpa"]
-    monkeypatch.setattr(availability, "triton_interpreted", lambda: True)
-    monkeypatch.setattr(importlib.import_module("specdec_kernels.tree_attention"), "interpreter_problem", lambda: None)
-    assert availability.usable_backends(None, "cpu") == ["sdpa", "triton"]
-    assert availability.usable_backends(["triton"], "cpu") == ["triton"]
-
-
-# --------------------------------------------------------------------------- our own bugs
-
-
-def test_a_bug_gets_a_traceback_and_a_report_line(capsys):
-    @cli.guard()
-    def buggy() -> int:
-        raise RuntimeError("internal invariant broken")
-
-    assert buggy() == 1
-    err = capsys.readouterr().err
-    assert "Traceback" in err and "RuntimeError: internal invariant broken" in err
-    assert err.strip().endswith(cli.BUG_LINE) and "error:" not in err
-
-
-def test_input_errors_are_one_line_whatever_their_text(capsys):
-    @cli.guard()
-    def failing() -> int:
-        raise SpecDecError("first line\n  second line")
-
-    assert failing() == 2
-    assert capsys.readouterr().err == "error: first line second line\n"
-
-
-def test_file_system_errors_are_one_line_with_the_fix(capsys):
-    """A path that is not there names the path and the fix; a full disk is the machine's state, not a bug."""
-    import errno
-
-    for exc, fragment in ((FileNotFoundError(errno.ENOENT, "No such file or directory", "/proc/nope"),
-                           "No such file or directory: /proc/nope: that path (or a directory on it) does not exist"),
-                          (OSError(errno.ENOSPC, "No space left on device", "/data/run/records.jsonl"),
-                           "No space left on device: /data/run/records.jsonl: the disk is full"),
-                          (OSError(errno.ENOSPC, "No space left on device"),  # a write() names no file
-                           "No space left on device: the disk is full"),
-                          (FileNotFoundError(errno.ENOENT, "No such file or directory", "/r/a.tmp", None, "/r/x/a"),
-                           "No such file or directory: /r/a.tmp -> /r/x/a: that path")):
-        @cli.guard()
-        def failing(exc=exc) -> int:
-            raise exc
-
-        assert failing() == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {fragment}") and err.count("\n") == 1 and "Traceback" not in err
-
-
-@pytest.mark.parametrize("when", ["importing", "running"])
-def test_ctrl_c_while_a_command_starts_is_one_line(when, tmp_path):
-    """Ctrl-C while the command's modules still import (once torch's library is loaded: its import takes seconds
-    more; a fixed delay could land before the interpreter reached the package on a loaded machine) or once it runs
-    (its first output): exit status 130 and one line, never a traceback through the imports."""
-    import signal
-    import time
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.decode", "model=tiny_random", "logger=none",
-                             "num_prompts=50", "max_new_tokens=200", "costs=false", f"hydra.run.dir={tmp_path}"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if when == "importing":
-        maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline and "libtorch" not in maps.read_text():
-            time.sleep(0.01)
-    else:  # once the run has started: its first log line
-        while (line := proc.stderr.readline()) and "decoding" not in line:
-            pass
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert "interrupted (Ctrl-C)" in err
-    # the run's own handling (it keeps what it wrote) once it runs; the one-line exit of the imports before
-    assert ("while the command was starting" in err) == (when == "importing"), err[-2000:]

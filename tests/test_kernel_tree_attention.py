@@ -345,60 +345,6 @@ def test_cpu_with_an_interpreter_that_cannot_run_raises(monkeypatch):
         tree_attention(q.cpu(), k.cpu(), v.cpu(), P, mask.cpu())
 
 
-# ------------------------------------------------------------------ plans: one per verify step
-
-
-def test_packed_mask_bits():
-    """Bit j of row i is mask[i, j], bit 63 included (it lands on the sign bit)."""
-    rng = random.Random(5)
-    mask = tree_mask_from_parents(random_parents(rng, 64))
-    bits = ta.pack_tree_mask(mask).cpu().tolist()  # [64]
-    for i, row in enumerate(mask.cpu().tolist()):
-        assert [(bits[i] >> j) & 1 for j in range(64)] == [int(x) for x in row]
-
-
-def test_plan_is_shared_by_layers_and_validates_once(monkeypatch):
-    """A plan validates each input layout once; further calls (the other layers) only launch."""
-    rng = random.Random(8)
-    N, P = 6, 90
-    mask = tree_mask_from_parents(random_parents(rng, N))
-    plan = ta.TreeAttentionPlan(P, mask)
-    layers = [make_inputs(seed, 1, 4, 2, N, [P], P + N + 4, 64, torch.float32) for seed in range(3)]
-    refs = [tree_attention_ref(q, k, v, P, mask) for q, k, v in layers]  # [1, 4, N, 64] each
-    torch.testing.assert_close(plan(*layers[0]), refs[0], atol=2e-5, rtol=2e-5)
-
-    def no_more_checks(*args):
-        raise AssertionError("validated again for a layout already seen")
-
-    monkeypatch.setattr(ta, "_check_inputs", no_more_checks)
-    bits = plan.bits
-    for (q, k, v), ref in zip(layers[1:], refs[1:]):  # same layout, other values: no validation, same mask
-        torch.testing.assert_close(plan(q, k, v), ref, atol=2e-5, rtol=2e-5)
-    assert plan.bits is bits and len(plan._launches) == 1
-
-
-def test_a_plan_that_reuses_its_output_writes_one_tensor_per_layout():
-    """``reuse_output`` (the verifier's plans: a layer consumes its output before the next layer's call): every
-    call of a layout returns the same tensor, rewritten with that call's values; a new layout gets its own, and a
-    plan without it allocates per call."""
-    rng = random.Random(9)
-    N, P = 5, 70
-    mask = tree_mask_from_parents(random_parents(rng, N))
-    plan = ta.TreeAttentionPlan(P, mask, reuse_output=True)
-    outs = []
-    for seed in range(3):
-        q, k, v = make_inputs(seed, 1, 4, 2, N, [P], P + N + 4, 64, torch.float32)
-        out = plan(q, k, v)
-        torch.testing.assert_close(out, tree_attention_ref(q, k, v, P, mask), atol=2e-5, rtol=2e-5)
-        outs.append(out)
-    assert outs[0] is outs[1] is outs[2]
-    other = plan(*make_inputs(3, 2, 4, 2, N, [P, P], P + N + 4, 64, torch.float32))  # batch 2: another layout
-    assert other.data_ptr() != outs[0].data_ptr()
-    fresh = ta.TreeAttentionPlan(P, mask)
-    q, k, v = make_inputs(0, 1, 4, 2, N, [P], P + N + 4, 64, torch.float32)
-    assert fresh(q, k, v) is not fresh(q, k, v)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark runs its full sweep (scripts/gpu_check.sh)")
 def test_benchmark_smoke_run_without_a_gpu(tmp_path):
     """``python -m specdec_kernels.bench --interpret-smoke`` as a user runs it without a GPU: exit 0, a JSON

@@ -1,12 +1,13 @@
-"""Token trees drafted by a draft model: presets, greedy equivalence, draft-cache sync, tau, config, bad input."""
-from __future__ import annotations
+"""Token trees drafted by a draft model: presets, greedy equivalence, draft-cache sync, tau, tree scoring.
 
-from pathlib import Path
+Trees from the Hydra config: tests/test_tree_config.py.
+"""
+from __future__ import annotations
 
 import pytest
 import torch
 
-from drafters import DraftModelDrafter, NGramDrafter
+from drafters import DraftModelDrafter
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.cache import SpecDecCache
 from specdec.errors import ConfigError
@@ -316,77 +317,7 @@ def test_target_as_draft_accepts_the_whole_depth(kwargs, sampling):
     assert out.stats.acceptance_rate_by_depth == pytest.approx([1.0] * depth)
 
 
-# --------------------------------------------------------------------------- config
-
-
-def _compose(*overrides):
-    from hydra import compose, initialize_config_dir
-
-    import experiments.schema  # noqa: F401  (registers base_config)
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
-def _models():
-    from experiments.models_from_config import LoadedModels
-
-    target, draft, tok = pair("llama")
-    return LoadedModels(target=target, draft=draft, tokenizer=tok)
-
-
-@pytest.mark.parametrize("preset", PRESETS)
-def test_tree_config_reaches_the_drafter(preset):
-    from experiments.drafter_config import build_drafter
-
-    cfg = _compose(f"tree={preset}", "drafter.tree_sampling=without_replacement")
-    drafter = build_drafter(cfg.drafter, _models(), cfg.tree)
-    assert drafter.mode == "static" and drafter.tree_sampling == "without_replacement"
-    assert [list(p) for p in drafter.compiled.paths] == [list(p) for p in compile_tree(load_preset(preset)).paths]
-
-
-def test_tree_config_reaches_a_hybrids_second_part(tmp_path):
-    """``drafter=hybrid tree=<preset>``: the lookup takes no tree, so the preset is the second part's (an EAGLE head
-    drafting it behind prompt lookup); the hybrid's config is left as it was."""
-    from experiments.drafter_config import build_drafter
-
-    cfg = _compose("drafter=hybrid", "tree=chain4_alts", f"drafter.second.heads={tmp_path / 'absent'}")
-    drafter = build_drafter(cfg.drafter, _models(), cfg.tree)
-    assert drafter.second.mode == "static" and drafter.first.k == 8 and drafter.max_nodes == 8
-    assert [list(p) for p in drafter.second.compiled.paths] == [list(p) for p in load_preset("chain4_alts")]
-    assert "tree" not in cfg.drafter.second
-
-
-def test_tree_config_default_none_and_budget():
-    from experiments.drafter_config import build_drafter
-
-    for cfg in (_compose(), _compose("tree=none")):
-        assert build_drafter(cfg.drafter, _models(), cfg.get("tree")).mode == "chain"
-    cfg = _compose("drafter.budget=16", "drafter.num_speculative_tokens=6")
-    drafter = build_drafter(cfg.drafter, _models(), cfg.get("tree"))
-    assert drafter.mode == "dynamic" and drafter.max_nodes == 16 and drafter.k == 6
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (("tree=binary", "tree.paths=[[0],[0,1],[2,0]]"), r"add the path \[2\]"),
-    (("tree=binary", "drafter.tree_sampling=sampled"), "tree_sampling='sampled' is unknown"),
-    (("drafter.budget=0",), "budget=0"),
-    (("tree=binary", "drafter=ngram"), "takes no tree"),
-])
-def test_tree_config_bad_input(overrides, message):
-    from experiments.drafter_config import build_drafter
-
-    cfg = _compose(*overrides)
-    with pytest.raises(ConfigError, match=message):
-        build_drafter(cfg.drafter, _models(), cfg.tree)
-
-
-def test_ngram_still_builds_without_tree():
-    from experiments.drafter_config import build_drafter
-
-    cfg = _compose("drafter=ngram")
-    assert isinstance(build_drafter(cfg.drafter, _models(), cfg.get("tree")), NGramDrafter)
+# --------------------------------------------------------------------------- tree scoring
 
 
 def test_nodes_past_the_acceptance_table_are_never_accepted():

@@ -167,11 +167,26 @@ def swept_keys(runs: list[Run]) -> list[str]:
     return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
 
 
+def step_shape_of(run: Run) -> dict:
+    """The drafter's step shape as the run's summary recorded it (``drafter_shape``, or the cost model's copy in
+    older summaries); empty for a run that failed before its drafter was built."""
+    summary = run.summary or {}
+    return summary.get("drafter_shape") or (summary.get("cost_model") or {}).get("drafter") or {}
+
+
+def k_of(run: Run, shape: str | None) -> int | None:
+    """The chain length (a dynamic tree's depth limit) of a chain or dynamic run: the step shape's (a hybrid's is its
+    model part's), else the config's ``drafter.num_speculative_tokens``; None for other shapes."""
+    if shape != "chain" and not (shape or "").startswith("dynamic"):
+        return None
+    return step_shape_of(run).get("k") or (run.config.get("drafter") or {}).get("num_speculative_tokens")
+
+
 def shape_of(run: Run) -> str | None:
     """``none``, ``chain``, ``tree<nodes>`` or ``dynamic<budget>``, from the drafter's step shape; None for a run
     that failed before its drafter was built (neither its summary nor its config says a shape)."""
     summary = run.summary or {}
-    shape = summary.get("drafter_shape") or (summary.get("cost_model") or {}).get("drafter") or {}
+    shape = step_shape_of(run)
     config = run.config
     paths = (config.get("tree") or {}).get("paths")
     budget = (config.get("drafter") or {}).get("budget")
@@ -194,8 +209,7 @@ def row_of(run: Run, swept: list[str]) -> dict:
     row.update({
         "status": run.status, "prompts_done": spec.get("num_prompts"), "num_prompts": (run.summary or {}).get("num_prompts"),
         "drafter_class": (run.summary or {}).get("drafter"), "shape": shape,
-        "k": (run.config.get("drafter") or {}).get("num_speculative_tokens")  # a dynamic tree's depth limit
-        if shape == "chain" or (shape or "").startswith("dynamic") else None,
+        "k": k_of(run, shape),
         "temperature": (run.config.get("sampling") or {}).get("temperature"),
         "acceptance": (run.summary or {}).get("acceptance"),
         "tau": spec.get("tau"), "draft_acceptance_rate": spec.get("draft_acceptance_rate"),
@@ -212,10 +226,12 @@ def row_of(run: Run, swept: list[str]) -> dict:
 
 
 def series(runs: list[Run], swept: list[str]) -> dict[str, list[Run]]:
-    """Complete chain runs with a k, grouped by their other swept values (one curve each)."""
+    """Complete chain runs with a k, grouped by their other swept values (one curve each). A hybrid's runs are left
+    out: the chain cost model prices every step's k draft forwards, a hybrid's lookup steps cost none."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        if run.complete and shape_of(run) == "chain" and row_of(run, []).get("k"):
+        hybrid = step_shape_of(run).get("draft_source") is not None
+        if run.complete and shape_of(run) == "chain" and row_of(run, []).get("k") and not hybrid:
             label = label_of(run, [k for k in swept if k != K_KEY]) or "all runs"
             groups.setdefault(label, []).append(run)
     return groups

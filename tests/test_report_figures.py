@@ -91,6 +91,17 @@ def test_series_group_complete_chains_by_the_other_swept_values(tmp_path):
         "T=0.7": ["k1_t0.7", "k2_t0.7"], "T=1.0": ["k1_t1.0", "k2_t1.0"]}
 
 
+def test_a_hybrids_k_is_its_model_parts_and_it_draws_no_chain_curve(tmp_path):
+    """``drafter=hybrid`` has no top-level ``num_speculative_tokens``: its k column is the step shape's (the model
+    part's chain length); its runs are on no k-curve, since the chain cost model would price its free lookup steps
+    as k draft forwards. A plain chain's k still reads from its config where the summary has no step shape."""
+    hybrid = chain_summary(4, 1.3) | {"drafter": "HybridDrafter", "config": {"drafter": {"min_drafts": 1}}}
+    hybrid["drafter_shape"] = {"kind": "chain", "max_nodes": 8, "k": 4, "draft_source": "eagle"}
+    runs = [Run(tmp_path / "h", "h", overrides={K_KEY: "4"}, summary=hybrid), chain_run(tmp_path, 2, 1.1)]
+    assert [row_of(r, [])["k"] for r in runs] == [4, 2]
+    assert [r.name for r in series(runs, [K_KEY])["all runs"]] == ["k2"]
+
+
 def test_swept_keys_are_the_overrides_that_differ(tmp_path):
     runs = [Run(tmp_path, "a", overrides={"seed": "0", K_KEY: "1"}), Run(tmp_path, "b", overrides={"seed": "0", K_KEY: "2"}),
             Run(tmp_path, "c", overrides={"seed": "0", K_KEY: "2", "extra": "x"})]

@@ -194,6 +194,14 @@ def cost_curves(requests: list[tuple[Any, int, tuple[int, ...]]], backend: str =
     return [(curve, i not in missing) for i, curve in enumerate(found)]
 
 
+def in_cache(requests: list[tuple[Any, int, tuple[int, ...]]], backend: str = "sdpa",
+             cache_dir: str | os.PathLike | None = None, reps: int = REPS) -> list[bool]:
+    """Whether each ``(model, context, widths)`` request has a readable cache entry, before :func:`cost_curves`
+    checks that it still holds (a request with an entry that comes back uncached was measured again)."""
+    return [_load(fingerprint(model, context, widths, backend, reps), cache_dir) is not None
+            for model, context, widths in requests]
+
+
 #: A curve is implausible when a width costs more than this factor times a wider width's cost (and more than
 #: :data:`SPOT_CHECK_FLOOR` seconds more): a forward of more tokens does the work of fewer and more. Seen on a machine
 #: whose CPU time was throttled beside a test run: 280 ms at widths 2-5, 55 ms at widths 6-16.
@@ -282,9 +290,12 @@ def measure_run_costs(target, shape, context: int, prompt_tokens: int | None = N
     width = max(1, int(prompt_tokens)) if prompt_tokens else None
     if width:
         requests += [("prefill_target", target, 0, (width,))] + ([("prefill_draft", draft, 0, (width,))] if draft else [])
-    curves = dict(zip([r[0] for r in requests], cost_curves([r[1:] for r in requests], backend, cache_dir)))
+    roles, plain = [r[0] for r in requests], [r[1:] for r in requests]
+    stored = dict(zip(roles, in_cache(plain, backend, cache_dir)))
+    curves = dict(zip(roles, cost_curves(plain, backend, cache_dir)))
     costs = {"context": int(context), "target": curves["target"][0], "draft": None,
              "cached": {role: cached for role, (_, cached) in curves.items()},
+             "remeasured": [role for role, (_, cached) in curves.items() if stored[role] and not cached],
              "implausible": {role: why for role, (curve, _) in curves.items() if (why := implausible(curve))}}
     if shape.draft_probe is not None:
         costs["draft"] = {1: time_probe(shape.draft_probe)}

@@ -93,7 +93,11 @@ def cached_exact_distribution(target, setting: str, prompt: tuple[int, ...]) -> 
 
 
 def chi_square_pvalue(counts: dict, exact: dict, runs: int) -> float:
-    """Chi-square over cells with expected count >= 5; the rest pooled into one cell."""
+    """Chi-square over cells with expected count >= 5; the rest pooled into one cell. A continuation of exact
+    probability 0 (past top-k or top-p) that was produced even once fails outright (0.0): pooled with rare possible
+    ones, a few of them would pass."""
+    if any(p == 0.0 and counts.get(seq, 0) for seq, p in exact.items()):
+        return 0.0  # an impossible continuation was produced
     obs, exp, rest_o, rest_e = [], [], 0, 0.0
     for seq, p in exact.items():
         if p * runs >= 5:
@@ -102,8 +106,6 @@ def chi_square_pvalue(counts: dict, exact: dict, runs: int) -> float:
         else:
             rest_o += counts.get(seq, 0)
             rest_e += p * runs
-    if rest_e == 0.0 and rest_o > 0:
-        return 0.0  # an impossible continuation was produced
     if rest_e > 0.0:
         obs.append(rest_o)
         exp.append(rest_e)

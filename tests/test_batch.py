@@ -18,6 +18,7 @@ import torch
 from drafters import DraftModelDrafter, LayerSkipDrafter, MedusaDrafter, NGramDrafter, NoDrafter
 from drafters.medusa_heads import MedusaHeads
 from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
+from specdec.errors import ConfigError
 from tests.test_sweeps import compose_cfg, prompts_file, tiny_args  # noqa: F401  (fixture)
 from tests.tiny_models import noisy_copy, pair, prompts
 
@@ -160,7 +161,7 @@ def test_decode_with_batch_size_keeps_one_record_per_prompt(prompts_file, tmp_pa
     assert spec["steps"] == sum(b["batch_steps"] for b in batches.values()) < spec["target_forwards"]
     assert runs[1]["metrics"]["speculative"]["steps"] == runs[1]["metrics"]["speculative"]["target_forwards"]
     assert runs[3]["metrics"]["predicted_speedup"] is None and "batch_size=3" in runs[3]["cost_model"]["note"]
-    with pytest.raises(Exception, match="batch_size=0"):
+    with pytest.raises(ConfigError, match="batch_size=0"):
         decode.run(compose_cfg(*tiny_args(prompts_file), "batch_size=0"), tmp_path / "b0")
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
+from specdec.errors import ConfigError
 from tests.test_batch import _limits, drafters, setup  # noqa: F401  (fixture)
 from tests.test_sweeps import compose_cfg, prompts_file, tiny_args  # noqa: F401  (fixture)
 
@@ -106,9 +107,9 @@ def test_decode_continuous_writes_records_as_rows_finish(prompts_file, tmp_path)
 def test_decode_continuous_bad_config(prompts_file, tmp_path):  # noqa: F811
     from experiments import decode
 
-    with pytest.raises(Exception, match="batch_mode='sideways' is unknown"):
+    with pytest.raises(ConfigError, match="batch_mode='sideways' is unknown"):
         decode.run(compose_cfg(*tiny_args(prompts_file), "batch_mode=sideways"), tmp_path / "a")
-    with pytest.raises(Exception, match="batch_mode=continuous needs compile=none"):
+    with pytest.raises(ConfigError, match="batch_mode=continuous needs compile=none"):
         decode.run(compose_cfg(*tiny_args(prompts_file), "batch_mode=continuous", "compile=static"), tmp_path / "b")
 
 

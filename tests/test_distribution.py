@@ -23,7 +23,8 @@ emits continuations the warped target never does); power is the noncentral chi-s
 | ngram | accept_always | 100 | 2.9 / 2.2 / 2.6 | > 0.9999 |
 
 The real rule runs 2000 times, so its pass has at least that power against every planted bug.
-Further checks: a bf16 draft of the fp32 target (far from it, at T=1.0).
+Further cells at T=1.0, each with the chain's planted bugs: a bf16 draft of the fp32 target, and a layer-skip
+self-draft (the target's first layer of three and its head).
 """
 from __future__ import annotations
 
@@ -34,20 +35,25 @@ import torch
 
 from drafters import DraftModelDrafter, NGramDrafter
 from tests.lossless import (
-    ALPHA,
     BUGS_FOR_SHAPE,
     MORE_SETTINGS,
-    RUNS,
-    SETTINGS,
     cells,
     check_cell,
     chi_square_pvalue,
-    exact_distribution,
-    sample_counts,
 )
-from tests.tiny_models import peaky_noisy_pair, peaky_pair
+from tests.tiny_models import peaky_noisy_pair
 
 NGRAM_PROMPT = torch.tensor([[4, 2, 1, 4, 2]])  # "4 2" looked up: proposes 1 (p = 0.32-0.38), then 4
+
+
+def test_an_impossible_continuation_fails_the_test_even_among_rare_ones():
+    """Ten outputs of probability 0 in 2000 runs (past top-k: a warping bug) fail outright, though pooled with the
+    rare possible continuations' cell they would pass; the exact expected counts pass."""
+    exact = {(0,): 0.5, (1,): 0.3, (2,): 0.19, **{(3, i): 0.001 for i in range(10)}, (4,): 0.0}  # rare: 2 runs each
+    expected = {seq: round(p * 2000) for seq, p in exact.items()}
+    assert chi_square_pvalue(expected, exact, 2000) > 0.99
+    impossible = {**expected, (0,): expected[(0,)] - 10, (4,): 10}
+    assert chi_square_pvalue(impossible, exact, 2000) == 0.0
 
 
 @pytest.mark.parametrize("setting, shape, rule", cells(["chain", "ngram"]))
@@ -71,24 +77,29 @@ def test_min_p_chain_output_distribution(setting, shape, rule, record_property):
         record_property(name, value)
 
 
-def test_rejection_with_bf16_draft_of_fp32_target_is_lossless():
-    """model.draft_dtype: the draft's q comes from bf16 logits; the output must still be the target's p."""
-    target, draft = peaky_pair()
-    sampling = SETTINGS["t1.0"]
+CHAIN_RULES = ["rejection", *BUGS_FOR_SHAPE["chain"]]
+
+
+@pytest.mark.parametrize("rule", CHAIN_RULES)
+def test_rejection_with_bf16_draft_of_fp32_target_is_lossless(rule, record_property):
+    """model.draft_dtype: the draft's q comes from bf16 logits; the output must still be the target's p, with both
+    of the rule's branches running and the chain's planted bugs failing in the same cell."""
+    target, draft = peaky_noisy_pair()
     drafter = DraftModelDrafter(copy.deepcopy(draft).to(torch.bfloat16), num_speculative_tokens=2)
-    counts = sample_counts(target, drafter, "rejection", sampling)
-    assert chi_square_pvalue(counts, exact_distribution(target, sampling), RUNS) > ALPHA
+    for name, value in check_cell(target, drafter, "t1.0", rule).items():
+        record_property(name, value)
 
 
-def test_rejection_with_layer_skip_self_draft_is_lossless():
-    """drafter=layer_skip samples its chain from the target's first layer + head (shared weights): still p."""
+@pytest.mark.parametrize("rule", CHAIN_RULES)
+def test_rejection_with_layer_skip_self_draft_is_lossless(rule, record_property):
+    """drafter=layer_skip samples its chain from the target's first layer + head (shared weights): still p, and the
+    chain's planted bugs fail in the same cell."""
     from drafters import LayerSkipDrafter
     from specdec.models import tiny_random_pair
 
-    target, _, _ = tiny_random_pair("llama", seed=3, vocab=6, hidden=32, layers=2)
+    target, _, _ = tiny_random_pair("llama", seed=5, vocab=6, hidden=32, layers=3)  # depth-1 acceptance ~0.4
     with torch.no_grad():
         target.get_output_embeddings().weight.mul_(20.0)
     target.generation_config.eos_token_id = target.config.eos_token_id = None
-    sampling = SETTINGS["t1.0"]
-    counts = sample_counts(target, LayerSkipDrafter(layers=1, num_speculative_tokens=2), "rejection", sampling)
-    assert chi_square_pvalue(counts, exact_distribution(target, sampling), RUNS) > ALPHA
+    for name, value in check_cell(target, LayerSkipDrafter(layers=1, num_speculative_tokens=2), "t1.0", rule).items():
+        record_property(name, value)

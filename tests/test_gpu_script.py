@@ -83,12 +83,17 @@ def test_the_command_parses(command):
     check_command(command)
 
 
-@pytest.mark.parametrize("command", [
-    ["specdec_kernels.bench", "--no-flexx"], ["experiments.bench", "--compile", "grph"],
-    ["experiments.decode", "compile=grph"], ["experiments.decode", "num_prompt=5"],
-    ["experiments.decode", "drafter.tree_sampling=sometimes"], ["experiments.build_zoo", "sise=default"],
-    ["pytest", "-v", "tests/test_nothing_here.py"],
+@pytest.mark.parametrize("command, error, says", [
+    (["specdec_kernels.bench", "--no-flexx"], SystemExit, "2"), (["experiments.bench", "--compile", "grph"], SystemExit, "2"),
+    (["experiments.decode", "compile=grph"], SpecDecError, "compile='grph' is unknown"),
+    (["experiments.decode", "num_prompt=5"], HydraException, "Could not override 'num_prompt'"),
+    (["experiments.decode", "drafter.tree_sampling=sometimes"], SpecDecError, "drafter.tree_sampling='sometimes'"),
+    (["experiments.build_zoo", "sise=default"], HydraException, "Could not override 'sise'"),
+    (["pytest", "-v", "tests/test_nothing_here.py"], AssertionError, "tests/test_nothing_here.py"),
 ], ids=["argparse_option", "argparse_choice", "decode_choice", "decode_key", "drafter_choice", "zoo_key", "test_file"])
-def test_a_mistake_in_a_command_fails_the_check(command):
-    with pytest.raises((SystemExit, AssertionError, SpecDecError, HydraException)):  # argparse exits
+def test_a_mistake_in_a_command_fails_the_check(command, error, says):
+    """Each kind of mistake fails the check the way its entry point would (argparse's exit status 2, Hydra's
+    composition error, our config error, a test file that is not there), naming what is wrong."""
+    with pytest.raises(error) as info:
         check_command(command)
+    assert says in str(info.value)

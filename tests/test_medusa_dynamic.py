@@ -82,7 +82,8 @@ def test_dynamic_trees_with_trained_heads_match_and_accept(micro_heads):  # noqa
     cases = greedy_cases(target, ids + prompts(tok, 8, seed=2)[2:], int(target.generation_config.eos_token_id))
     static = check_greedy(target, MedusaDrafter(micro_heads, tree_nodes=8), cases)
     dynamic = check_greedy(target, MedusaDrafter(micro_heads, tree_nodes=8, dynamic=True), cases)
-    assert dynamic > 1.3 and static > 1.3
+    single = check_greedy(target, MedusaDrafter(micro_heads, tree_nodes=1, dynamic=True), cases)  # one node a step
+    assert dynamic > 1.3 and static > 1.3 and single > 1.2, (dynamic, static, single)
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3)],

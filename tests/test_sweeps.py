@@ -163,9 +163,11 @@ def test_device_map_reaches_from_pretrained(tmp_path, monkeypatch):
     assert seen["calls"] == ["auto"] and models.info["device_map"] == "auto"
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", original)
     try:  # the real call: loads with accelerate, or says that it needs it
-        load_models(compose_cfg("model=hf", f"model.target={tmp_path / 't'}", "model.device_map=cpu").model)
+        loaded = load_models(compose_cfg("model=hf", f"model.target={tmp_path / 't'}", "model.device_map=cpu").model)
     except SpecDecError as exc:
         assert "accelerate" in str(exc)
+    else:
+        assert loaded.info["device_map"] == "cpu" and next(loaded.target.parameters()).device.type == "cpu"
 
 
 # --------------------------------------------------------------------------- resuming

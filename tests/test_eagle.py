@@ -26,7 +26,7 @@ from drafters import EagleDrafter
 from drafters.eagle_heads import EagleHead
 from experiments.eagle_training import VERSION_DEFAULTS, eagle_loss, teacher_features
 from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
-from tests.lossless import RUNS_FOR, check_cell
+from tests.lossless import BUGS_FOR_SHAPE, RUNS_FOR, check_cell
 from tests.test_greedy_equivalence import _cases, _check_all
 from tests.tiny_models import pair, peaky_pair, prompts
 
@@ -364,11 +364,17 @@ CELLS = [("t1.0", "tree_with_replacement"), ("t0.7_topk3", "tree_with_replacemen
          ("t0.7_topk3", "chain_sampled_bf16")]
 
 
-@pytest.mark.parametrize("setting, shape", CELLS)
-@pytest.mark.parametrize("rule", ["rejection", "accept_always"])
+#: The planted bugs of each EAGLE shape's arithmetic (tests/lossless.py).
+BUGS = {"tree_with_replacement": BUGS_FOR_SHAPE["tree_with_replacement"],
+        "tree_deterministic": BUGS_FOR_SHAPE["tree_deterministic"], "chain_sampled_bf16": BUGS_FOR_SHAPE["chain"]}
+
+
+@pytest.mark.parametrize("setting, shape, rule", [(setting, shape, rule) for setting, shape in CELLS
+                                                   for rule in ["rejection", *BUGS[shape]]])
 def test_rejection_with_eagle_drafts_is_lossless(setting, shape, rule, record_property):
-    """``rejection`` passes (2000 runs); accepting every draft fails in the same cell (100 runs): the
-    cell has power. The other planted bugs' power for these shapes is shown in test_tree_distribution."""
+    """``rejection`` passes (2000 runs); each planted bug of the shape's arithmetic (a correction drawn from p
+    instead of the residual, a deterministic child's p not zeroed, accepting every draft) fails in the same
+    cell (500 or 100 runs): the cell has power."""
     assert RUNS_FOR[rule] <= 2000
     target, _ = peaky_pair()
     kwargs, version, noise = LOSSLESS[shape]

@@ -227,8 +227,9 @@ class SpeculativeDecoder:
 def _check_context(t: int, max_new_tokens: int, limit: int | None, whose: str, other_fix: str = "") -> None:
     """Raise if a prompt of ``t`` tokens, or it and ``max_new_tokens`` more, do not fit ``limit`` positions (None: no
     limit); the message names ``whose`` context, the bound that fits, and ``other_fix`` after it."""
-    if limit is not None and t > limit:
-        raise SpecDecError(f"prompt has {t} tokens, longer than {whose} of {limit}: shorten it "
+    if limit is not None and t >= limit:  # a prompt that fills the context leaves no room for a new token
+        relation = "longer than" if t > limit else "as long as"
+        raise SpecDecError(f"prompt has {t} tokens, {relation} {whose} of {limit}: shorten it "
                            f"(e.g. dataset.max_prompt_tokens={limit // 2}){other_fix}")
     if limit is not None and t + max_new_tokens > limit:
         raise SpecDecError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds {whose} of {limit}: "

@@ -33,6 +33,12 @@ def test_prompt_longer_than_context():
         _decoder().generate(torch.zeros(1, 2049, dtype=torch.long), max_new_tokens=4)
 
 
+def test_a_prompt_that_fills_the_context_is_told_to_shorten():
+    """No max_new_tokens fits after it: the fix named is the prompt's, never "at most 0" new tokens."""
+    with pytest.raises(SpecDecError, match="2048 tokens, as long as the model's context of 2048: shorten it"):
+        _decoder().generate(torch.zeros(1, 2048, dtype=torch.long), max_new_tokens=4)
+
+
 def test_prompt_plus_new_tokens_past_context():
     with pytest.raises(SpecDecError, match="lower max_new_tokens to at most 48"):
         _decoder().generate(torch.zeros(1, 2000, dtype=torch.long), max_new_tokens=64)

@@ -92,3 +92,18 @@ def test_a_decode_run_in_bf16_reports_whether_differing_outputs_are_greedy_up_to
     assert rounding_check(copy.deepcopy(target).float(), {"q": prompt}, {"q": new}, ["q"]) == {}
     assert "NOT greedy" in format_table({"metrics": {"matches_baseline": False, **bad}})  # beside matches_baseline
     assert "greedy up to rounding" in format_table({"metrics": {"matches_baseline": False, **good}})
+
+
+def test_the_verdict_covers_every_differing_prompt_and_one_whole_logit_is_not_rounding(monkeypatch):
+    """``rounding_check`` reports the largest deficit over all the prompts it is given (a wrong token in the first of
+    two outputs is not hidden by a right second one), counts a deficit of exactly the tolerance as rounding, and one of
+    a whole logit as not (the deficits are given here: what is pinned is how they are combined and judged)."""
+    from experiments import greedy_check
+
+    target, _ = _bf16_pair()
+    prompts, outputs = {"a": torch.tensor([[1, 2]]), "b": torch.tensor([[3, 4]])}, {"a": [5, 6], "b": [7, 8]}
+    for found, worst, verdict in (([1.0, 0.1], 1.0, False), ([0.2, TOLERANCE], TOLERANCE, True)):
+        values = iter(found)  # the deficits of prompts a and b, in that order
+        monkeypatch.setattr(greedy_check, "greedy_deficit", lambda *args, values=values: next(values))
+        got = greedy_check.rounding_check(target, prompts, outputs, ["a", "b"])
+        assert got == {"greedy_deficit": worst, "greedy_up_to_rounding": verdict}

@@ -1,8 +1,8 @@
 """The report's charts (matplotlib, Agg backend): one PNG each, titled by what it shows.
 
 - ``tau_speedup_vs_k``: tau and speedup against the draft length k per series of chain runs
-  (the other swept values), with the expected tau of the fitted alpha and the cost model's
-  predicted speedup (dashed) and each run's prediction from its measured tau (x);
+  (the other swept values; a hybrid's runs are left out), with the expected tau of the fitted alpha
+  and the cost model's predicted speedup (dashed) and each run's prediction from its measured tau (x);
 - ``tau_speedup_vs_nodes``: tau and speedup against the draft nodes verified per step, one point per
   run, when the runs are not all chains (trees, dynamic trees, hybrids: what a tree's size buys);
 - ``acceptance_by_depth``: the acceptance rate at each depth, one line per run;
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from experiments.costs import KS, chain_speedup_by_k, expected_tau, recommend_k
 from experiments.results import BASELINE, SPECULATIVE, steps_of
-from experiments.runs import Run, label_of, pooled_model, row_of, series, shape_of
+from experiments.runs import Run, is_hybrid, label_of, pooled_model, row_of, series, shape_of
 
 
 def _finish_axes(ax) -> None:
@@ -81,7 +81,7 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
         save(fig, "tau_speedup_vs_k")
 
     sized = [r for r in done if r.metrics[SPECULATIVE].get("mean_proposed_drafts")]
-    if len(sized) >= 2 and any(shape_of(r) != "chain" for r in sized):
+    if len(sized) >= 2 and any(shape_of(r) != "chain" or is_hybrid(r) for r in sized):
         names = {r.name: label_of(r, swept) or shape_of(r) or r.name for r in sized}  # the swept values, or the shape
         save(nodes_figure(plt, sized, names), "tau_speedup_vs_nodes")
 

@@ -174,12 +174,20 @@ def step_shape_of(run: Run) -> dict:
     return summary.get("drafter_shape") or (summary.get("cost_model") or {}).get("drafter") or {}
 
 
+def is_hybrid(run: Run) -> bool:
+    """Whether the run's drafter drafts some steps with a part that runs no model (a hybrid: its step shape has a
+    ``draft_source``)."""
+    return step_shape_of(run).get("draft_source") is not None
+
+
 def k_of(run: Run, shape: str | None) -> int | None:
-    """The chain length (a dynamic tree's depth limit) of a chain or dynamic run: the step shape's (a hybrid's is its
-    model part's), else the config's ``drafter.num_speculative_tokens``; None for other shapes."""
+    """The chain length (a dynamic tree's depth limit) of a chain or dynamic run: the config's
+    ``drafter.num_speculative_tokens``, else (a hybrid, whose parts hold theirs) the step shape's k, its model
+    part's; None for other shapes. (A cross-tokenizer draft's step k counts its draft forwards, not its chain.)"""
     if shape != "chain" and not (shape or "").startswith("dynamic"):
         return None
-    return step_shape_of(run).get("k") or (run.config.get("drafter") or {}).get("num_speculative_tokens")
+    configured = (run.config.get("drafter") or {}).get("num_speculative_tokens")
+    return configured if configured is not None else step_shape_of(run).get("k")
 
 
 def shape_of(run: Run) -> str | None:
@@ -230,8 +238,7 @@ def series(runs: list[Run], swept: list[str]) -> dict[str, list[Run]]:
     out: the chain cost model prices every step's k draft forwards, a hybrid's lookup steps cost none."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        hybrid = step_shape_of(run).get("draft_source") is not None
-        if run.complete and shape_of(run) == "chain" and row_of(run, []).get("k") and not hybrid:
+        if run.complete and shape_of(run) == "chain" and row_of(run, []).get("k") and not is_hybrid(run):
             label = label_of(run, [k for k in swept if k != K_KEY]) or "all runs"
             groups.setdefault(label, []).append(run)
     return groups

@@ -62,7 +62,7 @@ import torch, triton, transformers
 print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
       "transformers", transformers.__version__)
 PY
-GPU_TESTS=(tests/test_gpu.py tests/test_kernel_tree_attention.py tests/test_triton_backend.py)
+GPU_TESTS=(tests/test_gpu.py tests/test_kernel_tree_attention.py tests/test_kernel_edges.py tests/test_triton_backend.py)
 if [ "$MODE" = tune ]; then  # the kernel's tests (plus any test ids given after "tune"), its sweep, its bench
   shift
   [ "${TESTS_S:-70}" != 0 ] && stage tests_kernel "${TESTS_S:-70}" python3 -m pytest -v -n 4 -p no:cacheprovider \
@@ -74,7 +74,7 @@ if [ "$MODE" = tune ]; then  # the kernel's tests (plus any test ids given after
 fi
 if [ "$MODE" = kernel ]; then  # what issue 10 still needs measured (host time, bandwidth, T(64)/T(1))
   stage tests_kernel "${TESTS_S:-80}" python3 -m pytest -v -n 4 -p no:cacheprovider -rs \
-    tests/test_kernel_tree_attention.py tests/test_kernel_launch.py tests/test_triton_backend.py
+    tests/test_kernel_tree_attention.py tests/test_kernel_edges.py tests/test_kernel_launch.py tests/test_triton_backend.py
   for flush in write read; do
     stage "bench_$flush" "${BENCH_S:-75}" python3 -m specdec_kernels.bench --dtypes bfloat16 --hkv 8 32 \
       --prefixes 1024 4096 16384 --ns 1 64 --no-flex --flush "$flush" --json "$W/bench_$flush.json"

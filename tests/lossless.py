@@ -158,12 +158,14 @@ def cells(shapes: list[str]) -> list[tuple[str, str, str]]:
             for rule in ["rejection", *BUGS_FOR_SHAPE[shape]]]
 
 
-def check_cell(target, drafter, setting: str, rule: str, prompt: torch.Tensor = PROMPT) -> dict[str, float]:
-    """Decode ``RUNS_FOR[rule]`` times and run the chi-square test: it must pass for ``rejection``
-    (with depth-1 acceptance inside :data:`ACCEPTANCE_BAND`) and fail for a planted bug.
+def check_cell(target, drafter, setting: str, rule: str, prompt: torch.Tensor = PROMPT,
+               runs: int | None = None) -> dict[str, float]:
+    """Decode ``runs`` times (default ``RUNS_FOR[rule]``; a draft close to its target needs more for a bug to show)
+    and run the chi-square test: it must pass for ``rejection`` (with depth-1 acceptance inside
+    :data:`ACCEPTANCE_BAND`) and fail for a planted bug.
 
     Returns the p-value and the depth-1 acceptance rate (for the test report)."""
-    runs = RUNS_FOR[rule]
+    runs = runs or RUNS_FOR[rule]
     exact = cached_exact_distribution(target, setting, tuple(prompt[0].tolist()))
     acceptance = "rejection" if rule == "rejection" else PLANTED_BUGS[rule]()
     counts, stats = decode_runs(target, drafter, acceptance, ALL_SETTINGS[setting], runs, prompt)

@@ -90,10 +90,16 @@ def test_rejection_with_bf16_draft_of_fp32_target_is_lossless(rule, record_prope
         record_property(name, value)
 
 
+#: The layer-skip draft is closer to its target than the noisy copies: at the default runs its planted bugs failed
+#: for some seed blocks only (correction_from_p at 500 runs: p 2e-4 to 0.02 over seven blocks). At these runs, four
+#: blocks of seeds (0, 10^6, 2 x 10^6, 3 x 10^6) gave p <= 2e-15 (correction_from_p) and <= 1e-146 (accept_always).
+LAYER_SKIP_RUNS = {"correction_from_p": 2000, "accept_always": 400}
+
+
 @pytest.mark.parametrize("rule", CHAIN_RULES)
 def test_rejection_with_layer_skip_self_draft_is_lossless(rule, record_property):
     """drafter=layer_skip samples its chain from the target's first layer + head (shared weights): still p, and the
-    chain's planted bugs fail in the same cell."""
+    chain's planted bugs fail in the same cell (with more runs: see :data:`LAYER_SKIP_RUNS`)."""
     from drafters import LayerSkipDrafter
     from specdec.models import tiny_random_pair
 
@@ -101,5 +107,6 @@ def test_rejection_with_layer_skip_self_draft_is_lossless(rule, record_property)
     with torch.no_grad():
         target.get_output_embeddings().weight.mul_(20.0)
     target.generation_config.eos_token_id = target.config.eos_token_id = None
-    for name, value in check_cell(target, LayerSkipDrafter(layers=1, num_speculative_tokens=2), "t1.0", rule).items():
+    drafter = LayerSkipDrafter(layers=1, num_speculative_tokens=2)
+    for name, value in check_cell(target, drafter, "t1.0", rule, runs=LAYER_SKIP_RUNS.get(rule)).items():
         record_property(name, value)

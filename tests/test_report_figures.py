@@ -94,12 +94,15 @@ def test_series_group_complete_chains_by_the_other_swept_values(tmp_path):
 def test_a_hybrids_k_is_its_model_parts_and_it_draws_no_chain_curve(tmp_path):
     """``drafter=hybrid`` has no top-level ``num_speculative_tokens``: its k column is the step shape's (the model
     part's chain length); its runs are on no k-curve, since the chain cost model would price its free lookup steps
-    as k draft forwards. A plain chain's k still reads from its config where the summary has no step shape."""
+    as k draft forwards. Other chains' k is their config's (a cross-tokenizer draft's step k counts its forwards)."""
     hybrid = chain_summary(4, 1.3) | {"drafter": "HybridDrafter", "config": {"drafter": {"min_drafts": 1}}}
     hybrid["drafter_shape"] = {"kind": "chain", "max_nodes": 8, "k": 4, "draft_source": "eagle"}
-    runs = [Run(tmp_path / "h", "h", overrides={K_KEY: "4"}, summary=hybrid), chain_run(tmp_path, 2, 1.1)]
-    assert [row_of(r, [])["k"] for r in runs] == [4, 2]
-    assert [r.name for r in series(runs, [K_KEY])["all runs"]] == ["k2"]
+    cross = chain_summary(3, 1.2) | {"drafter": "CrossTokenizerDrafter"}
+    cross["drafter_shape"] = {"kind": "chain", "max_nodes": 3, "k": 4, "draft_forwards": "fixed", "draft_source": None}
+    runs = [Run(tmp_path / "h", "h", overrides={K_KEY: "4"}, summary=hybrid), chain_run(tmp_path, 2, 1.1),
+            Run(tmp_path / "x", "x", overrides={K_KEY: "3"}, summary=cross)]  # its step k: its draft's forwards
+    assert [row_of(r, [])["k"] for r in runs] == [4, 2, 3]
+    assert [r.name for r in series(runs, [K_KEY])["all runs"]] == ["k2", "x"]  # not the hybrid
 
 
 def test_swept_keys_are_the_overrides_that_differ(tmp_path):

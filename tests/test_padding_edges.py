@@ -7,8 +7,6 @@ tokenizer's 257 tokens (as in tests/test_vocab_padding.py).
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -17,15 +15,9 @@ from drafters.draft_vocab import with_draft_vocab
 from drafters.vocab_padding import match_target_vocab, matched_draft, padded_to
 from specdec import SpecDecError
 from specdec.models import byte_tokenizer, tiny_random_pair, vocab_size
+from tests.test_vocab_padding import DRAFT_ROWS, TARGET_ROWS, _cut
 
-TARGET_ROWS, DRAFT_ROWS, TOKENS = 320, 272, 257  # the byte tokenizer: 256 bytes + <|endoftext|>
-
-
-def _cut(model, rows: int):
-    """A copy of ``model`` with only its first ``rows`` embedding and LM-head rows (a differently padded twin)."""
-    cut = copy.deepcopy(model)
-    cut.resize_token_embeddings(rows)
-    return cut
+TOKENS = 257  # the byte tokenizer: 256 bytes + <|endoftext|>
 
 
 @pytest.fixture(scope="module")

@@ -311,6 +311,34 @@ def test_batch_rejection_on_sampled_siblings(mode, us, accepted, emitted, drawn_
     assert_rows_close(got, drawn_from)
 
 
+def _keyed(us: list[float]) -> tuple[dict[int, float], float]:
+    """A table row's draws as the batch rule takes them: node i's acceptance draw is ``us[i]`` (the tables visit
+    nodes in index order), the last one the extra token's."""
+    return dict(enumerate(us[:-1])), us[-1]
+
+
+@pytest.mark.parametrize("tokens, q_rows, p_rows, us, accepted, emitted, drawn_from", CHAIN)
+def test_batch_rejection_on_a_sampled_chain(tokens, q_rows, p_rows, us, accepted, emitted, drawn_from):
+    """The chain table through the batch rule: the same decisions, residual and bonus distributions."""
+    from specdec.batch_acceptance import batch_rejection
+
+    parents = list(range(-1, len(tokens) - 1))
+    (nodes, toks), got = batch_decide(batch_rejection, parents, tokens, p_rows, *_keyed(us), q_rows, "with_replacement")
+    assert (nodes, toks) == (accepted, emitted)
+    assert_rows_close(got, drawn_from)
+
+
+@pytest.mark.parametrize("us, accepted, emitted, drawn_from", DETERMINISTIC)
+def test_batch_rejection_on_deterministic_children(us, accepted, emitted, drawn_from):
+    """The deterministic-children table through the batch rule (a point mass per child, p zeroed after each
+    rejection): the same decisions and the same distribution for the extra token."""
+    from specdec.batch_acceptance import batch_rejection
+
+    (nodes, toks), got = batch_decide(batch_rejection, DET_PARENTS, DET_TOKENS, DET_P, *_keyed(us))
+    assert (nodes, toks) == (accepted, emitted)
+    assert_rows_close(got, drawn_from)
+
+
 def test_typical_thresholds_are_the_nodes_own():
     """A chain of two under typical acceptance at T = 0.7: the root is LOW (threshold 0.09), node 0 is HIGH
     (threshold 0.0602). Node 1's token has p = 0.07 at node 0: accepted against node 0's own threshold, where the

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from specdec.drafting import DraftContext, Drafter, checked_proposal
+from specdec.drafting import DraftContext, Drafter, proposal
 from specdec.models import vocab_size
 from specdec.rng import KeyedRandom
 from specdec.types import AcceptResult, DraftTree, VerifyOutput
@@ -92,7 +92,7 @@ class PerRowDrafters(BatchDrafter):
         trees = []
         for i, (drafter, depth) in enumerate(zip(self.rows, max_depths)):
             drafter.ctx.rng.step = self.ctx.rng.step[i : i + 1].clone()
-            trees.append(checked_proposal(drafter, drafter.propose(max_depth=depth), self.vocab_size))
+            trees.append(proposal(drafter, depth, self.vocab_size))
         return trees
 
     def commit(self, results: list[AcceptResult], verify: VerifyOutput) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from specdec.acceptance import AcceptanceRule, get_rule
 from specdec.cache import SpecDecCache
-from specdec.drafting import DraftContext, Drafter, checked_proposal
+from specdec.drafting import DraftContext, Drafter, proposal
 from specdec.errors import SpecDecError
 from specdec.models import context_length, synchronize, vocab_size
 from specdec.rng import KeyedRandom
@@ -172,7 +172,7 @@ class SpeculativeDecoder:
         """One speculative step; returns the emitted tokens and whether generation is over."""
         step = stats.target_forwards
         with self._timer(stats, "time_draft"):
-            tree = checked_proposal(self.drafter, self.drafter.propose(max_depth=remaining - 1), self.vocab_size)
+            tree = proposal(self.drafter, remaining - 1, self.vocab_size)
         prefix_len = cache.length
         with self._timer(stats, "time_verify"):
             verify = self.verifier.verify(cache, root, tree, step)

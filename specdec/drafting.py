@@ -5,6 +5,7 @@ nothing here changes.
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,10 +137,23 @@ class Drafter(ABC):
         self.tokens.extend(result.tokens)
 
 
+def proposal(drafter: Drafter, max_depth: int, vocab_size: int) -> DraftTree:
+    """``drafter.propose(max_depth=max_depth)``, checked (:func:`checked_proposal`). A ``propose`` whose parameter is
+    not named ``max_depth`` is the drafter's mistake: :class:`SpecDecError` naming it, not a TypeError from here."""
+    try:
+        tree = drafter.propose(max_depth=max_depth)
+    except TypeError as exc:
+        if "max_depth" in str(exc) and "max_depth" not in inspect.signature(drafter.propose).parameters:
+            raise SpecDecError(f"{_named(drafter)}: propose() takes no parameter named max_depth; the decode loop "
+                               "calls propose(max_depth=...): name it so") from exc
+        raise
+    return checked_proposal(drafter, tree, vocab_size)
+
+
 def checked_proposal(drafter: Drafter, tree, vocab_size: int) -> DraftTree:
     """``tree``, what ``drafter.propose`` returned, if the decode loop can verify it: a :class:`DraftTree` of at most
     ``drafter.max_nodes`` nodes (the caches are sized by it) whose ``draft_probs``, if any, are ``[N, V]`` over the
-    target's ``vocab_size``. Else :class:`SpecDecError` naming the drafter: a new drafter's mistake is reported as
+    target's ``vocab_size``, with token ids in that vocabulary. Else :class:`SpecDecError` naming the drafter: a new drafter's mistake is reported as
     its author's, not as the framework's."""
     if not isinstance(tree, DraftTree):
         raise SpecDecError(f"{_named(drafter)}: propose() returned a {type(tree).__name__}; return a "
@@ -150,6 +164,11 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int) -> DraftTree:
     if tree.num_nodes > drafter.max_nodes:
         raise SpecDecError(f"{_named(drafter)}: propose() returned {tree.num_nodes} nodes but its max_nodes is "
                            f"{drafter.max_nodes} (the caches are sized by it); raise max_nodes or propose fewer")
+    if tree.num_nodes:
+        low, high = (int(v) for v in tree.tokens.aminmax())
+        if low < 0 or high >= vocab_size:
+            raise SpecDecError(f"{_named(drafter)}: propose() returned token id {low if low < 0 else high}, outside "
+                               f"the target's vocabulary of {vocab_size} ids (0 to {vocab_size - 1})")
     probs = tree.draft_probs
     if probs is not None and tuple(probs.shape) != (tree.num_nodes, vocab_size):
         raise SpecDecError(f"{_named(drafter)}: propose() returned draft_probs of shape {tuple(probs.shape)}; expected "

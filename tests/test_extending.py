@@ -47,6 +47,16 @@ class ReturnsList(Repeat):
         return self.tokens[-2:]
 
 
+class OtherDepthName(Repeat):
+    def propose(self, depth):  # the decode loop calls propose(max_depth=...)
+        return DraftTree.empty()
+
+
+class PastTheVocabulary(Repeat):
+    def propose(self, max_depth):
+        return DraftTree.chain([5, 257])  # the tiny target has ids 0..256
+
+
 class ClaimsTooFew(Repeat):
     @property
     def max_nodes(self) -> int:
@@ -118,7 +128,10 @@ def test_a_rule_that_cannot_be_called_as_rules_are_is_refused_when_built():
     (ReturnsList(), r"ReturnsList: propose\(\) returned a list; return a specdec.types.DraftTree"),
     (ClaimsTooFew(), r"ClaimsTooFew: propose\(\) returned 3 nodes but its max_nodes is 1"),
     (ProbsOverSeven(), r"ProbsOverSeven: propose\(\) returned draft_probs of shape \(3, 7\); expected \[3, 257\]"),
-], ids=["not_a_tree", "too_many_nodes", "wrong_vocabulary"])
+    (OtherDepthName(), r"OtherDepthName: propose\(\) takes no parameter named max_depth"),
+    (PastTheVocabulary(), r"PastTheVocabulary: propose\(\) returned token id 257, outside the target's vocabulary of "
+                          r"257 ids \(0 to 256\)"),
+], ids=["not_a_tree", "too_many_nodes", "wrong_vocabulary", "depth_name", "token_ids"])
 def test_what_a_drafter_proposes_is_checked_and_named(drafter, fragment, batch):
     decoder = SpeculativeDecoder(pair("llama")[0], drafter, acceptance="rejection",
                                  sampling=SamplingParams(temperature=1.0))

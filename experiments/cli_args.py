@@ -118,6 +118,7 @@ def add_narrow_linears(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--narrow-linears", default="auto", choices=list(MODES),
                         help="multi-row linears through oneDNN's packed weights (packed) or as (W @ X^T)^T "
-                             "(transposed): cheaper verifies on the CPU (auto: float32 on the CPU, packed where "
-                             "oneDNN can pack; on: the same anywhere); applied to the models every method runs, "
+                             "(transposed): cheaper verifies on the CPU (auto: for float32 on the CPU, the product "
+                             "timed faster than F.linear here, if one is; on: one anywhere); applied to the models "
+                             "every method runs, "
                              "HF's included")

@@ -93,8 +93,32 @@ def test_packed_weights_survive_copies_follow_weight_changes_and_leave_gradients
     assert list(narrow.state_dict()) == ["weight", "bias"]
 
 
+def _timed(monkeypatch, seconds: dict[str, float]) -> list:
+    """``auto``'s timings replaced by ``seconds`` per product (a fresh choice); returns the timed calls."""
+    calls = []
+    monkeypatch.setattr(narrow_linear, "_linear_seconds", lambda shape, product: calls.append(shape) or seconds[product])
+    narrow_linear._fastest.cache_clear()
+    return calls
+
+
+def test_auto_takes_a_product_only_where_it_beats_plain_linears(monkeypatch):
+    """``auto`` times F.linear and the products on the model's largest and commonest matrix shapes, once, and takes
+    the fastest product only if it is under AUTO_MARGIN of F.linear's time (a CPU without MKL's slow multi-row path
+    keeps plain linears)."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 64))  # commonest (16, 8), largest (64, 16)
+    calls = _timed(monkeypatch, {"plain": 1.0, "transposed": 0.6, "packed": 0.5})
+    assert narrow_product("auto", model) == ("packed" if packed_available() else "transposed")
+    assert sorted(set(calls)) == [(16, 8), (64, 16)]
+    assert narrow_product("auto", model) and len(calls) == len(set(calls)) * (3 if packed_available() else 2)  # cached
+    _timed(monkeypatch, {"plain": 1.0, "transposed": 0.9, "packed": 0.9})  # faster, but not by the margin
+    assert narrow_product("auto", model) is None and apply_narrow_linears(model, "auto") == 0
+    assert narrow_product("on", model) == best_product(model)  # on: a product whatever the timings
+    narrow_linear._fastest.cache_clear()
+
+
 def test_auto_means_float32_on_the_cpu_and_bad_modes_name_the_key(monkeypatch):
     model = nn.Linear(4, 4)
+    _timed(monkeypatch, {"plain": 1.0, "transposed": 0.5, "packed": 0.4})
     assert narrow_wanted("auto", model) and narrow_wanted(True, model) and narrow_wanted("on", model)
     assert narrow_product("auto", model) == narrow_product("on", model) == best_product(model)
     assert best_product(model) == ("packed" if packed_available() else "transposed")
@@ -146,15 +170,20 @@ def test_greedy_decoding_with_narrow_linears_equals_plain_generate(arch, product
         assert any(narrow_linear.PACKED_FROM_ROWS <= w <= MAX_ROWS for w in widths)
 
 
-def test_model_config_switches_the_pair_unless_off():
+def test_model_config_switches_the_pair_unless_off(monkeypatch):
     from experiments.models_from_config import load_models
 
+    _timed(monkeypatch, {"plain": 1.0, "transposed": 0.5, "packed": 0.4})  # a CPU where F.linear is slow
     loaded = load_models({"source": "tiny_random", "arch": "llama"})
     assert loaded.info["narrow_linears"] == best_product(loaded.target)
     assert {m.product for m in loaded.target.modules() if isinstance(m, NarrowLinear)} == {best_product(loaded.target)}
     assert isinstance(loaded.target.lm_head, NarrowLinear) and isinstance(loaded.draft.lm_head, NarrowLinear)
     off = load_models({"source": "tiny_random", "arch": "llama", "narrow_linears": "off"})
     assert off.info["narrow_linears"] == "off" and type(off.target.lm_head) is nn.Linear
+    _timed(monkeypatch, {"plain": 1.0, "transposed": 2.0, "packed": 2.0})  # one where it is the fastest
+    plain = load_models({"source": "tiny_random", "arch": "llama"})
+    assert plain.info["narrow_linears"] == "off" and type(plain.target.lm_head) is nn.Linear
+    narrow_linear._fastest.cache_clear()
     with pytest.raises(ConfigError, match="model.narrow_linears='maybe'"):
         load_models({"source": "hf", "target": "/nonexistent/not-loaded", "narrow_linears": "maybe"})
 

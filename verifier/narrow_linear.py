@@ -10,15 +10,17 @@ those rows near the one-row cost (``BENCHMARKS.md``, "Narrow linears" and "Packe
   any dtype.
 - ``packed``: from :data:`PACKED_FROM_ROWS` rows on, oneDNN's linear on a copy of ``W`` reordered once into
   its blocked layout (``torch.ops.mkldnn``; the LM head 13-16 ms at 8-16 rows, the decoder layers' matrices
-  alike), ``transposed`` below that, where MKL measured faster on the layers' matrices. The default where
-  oneDNN can pack the weight (float32 on x86 CPUs). The packed copy costs as much memory as the weights;
-  it is made at the first call that uses it and again whenever the weight changes, and it is never part
-  of the state dict.
+  alike), ``transposed`` below that, where MKL measured faster on the layers' matrices. The packed copy costs
+  as much memory as the weights; it is made at the first call that uses it and again whenever the weight
+  changes, and it is never part of the state dict.
 
 :func:`use_narrow_linears` switches a model's ``nn.Linear`` modules to :class:`NarrowLinear` in place
-(weights, names and state dicts unchanged). One row, more than ``max_rows`` rows (32 ``transposed``, 128
-``packed``) and anything that needs gradients go through ``F.linear`` as before, so plain one-token decoding
-(ours and Hugging Face's ``generate`` on the same model) and long prefills are untouched. The product is the
+(weights, names and state dicts unchanged); ``auto``, the default for float32 models on the CPU, first times both
+products against ``F.linear`` on the model's matrix shapes and uses the faster one only where it wins
+(:func:`measured_product`: a CPU whose MKL has no slow multi-row path keeps ``F.linear``). One row, more than
+``max_rows`` rows (32 ``transposed``, 128 ``packed``) and anything that needs gradients go through ``F.linear`` as
+before, so plain one-token decoding (ours and Hugging Face's ``generate`` on the same model) and long prefills
+are untouched. The product is the
 same up to float rounding (another summation order); greedy outputs are checked against plain decoding as
 everywhere else.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import weakref
 
 import torch
@@ -114,6 +117,59 @@ def best_product(model: nn.Module) -> str:
     return "transposed"
 
 
+#: ``auto``: the row counts (a verify's) at which each product is timed against ``F.linear``, and the share of
+#: ``F.linear``'s time a product must stay under to be used. On a 2-core AVX2 VM MKL's multi-row path made
+#: ``F.linear`` 2-4x dearer there; on a Xeon with AVX-512 and AMX it was the fastest (2026-12-06): measured, not assumed.
+AUTO_WIDTHS = (3, 5, 8)
+AUTO_MARGIN = 0.85
+
+
+def measured_product(model: nn.Module) -> str | None:
+    """The product ``auto`` uses on ``model`` here: the fastest of ``transposed`` and (where oneDNN packs)
+    ``packed`` on ``model``'s largest linear and its commonest one (an LM head, a decoder layer's matrix) at
+    :data:`AUTO_WIDTHS` rows, if it takes under :data:`AUTO_MARGIN` of ``F.linear``'s time; else None (plain
+    linears). Timed once per shapes and thread count (random float32 weights of those shapes; about a second for a
+    50K-row LM head)."""
+    shapes = [tuple(m.weight.shape) for m in model.modules() if type(m) in (nn.Linear, NarrowLinear)]
+    if not shapes:
+        return None
+    largest = max(shapes, key=lambda s: s[0] * s[1])
+    commonest = max(sorted(set(shapes)), key=shapes.count)
+    return _fastest(tuple(dict.fromkeys((largest, commonest))), torch.get_num_threads())
+
+
+@functools.cache
+def _fastest(shapes: tuple[tuple[int, int], ...], threads: int) -> str | None:
+    """:func:`measured_product`'s choice for linears of these ``(out, in)`` shapes (``threads``: the cache key)."""
+    products = ["transposed"] + (["packed"] if packed_available() else [])
+    seconds = {p: sum(_linear_seconds(shape, p) for shape in shapes) for p in ("plain", *products)}
+    best = min(products, key=seconds.get)
+    choice = best if seconds[best] < AUTO_MARGIN * seconds["plain"] else None
+    log.info("narrow linears (auto): %s (seconds at %s rows: %s)", choice or "plain F.linear",
+             AUTO_WIDTHS, {p: round(s, 6) for p, s in seconds.items()})
+    return choice
+
+
+def _linear_seconds(shape: tuple[int, int], product: str, reps: int = 5) -> float:
+    """Median seconds of one call at each of :data:`AUTO_WIDTHS` rows, summed: a float32 linear of ``shape``
+    ``(out, in)`` computed by ``product`` (``plain``: ``F.linear``)."""
+    holder = nn.Sequential(nn.Linear(shape[1], shape[0], bias=False))
+    if product != "plain":
+        use_narrow_linears(holder, product=product)
+    total = 0.0
+    with torch.inference_mode():
+        for rows in AUTO_WIDTHS:
+            x = torch.randn(rows, shape[1])  # [rows, in]
+            holder(x)  # warm-up (a packed weight is made at the first call)
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                holder(x)
+                times.append(time.perf_counter() - start)
+            total += sorted(times)[reps // 2]
+    return total
+
+
 def use_narrow_linears(model: nn.Module, max_rows: int | None = None, product: str | None = None) -> int:
     """Switch every plain ``nn.Linear`` of ``model`` to :class:`NarrowLinear` (in place); returns how many.
 
@@ -168,16 +224,16 @@ def narrow_mode(mode, key: str = "model.narrow_linears") -> str:
 def narrow_product(mode, model: nn.Module, key: str = "model.narrow_linears") -> str | None:
     """The product ``mode`` asks for on ``model`` (``packed``, ``transposed``), or None for plain linears.
 
-    ``auto`` means :func:`best_product` for a float32 model on the CPU (where the MKL dispatch it avoids was
-    measured) and plain linears elsewhere; ``on`` means :func:`best_product` anywhere. ``packed`` on a model
+    ``auto`` means :func:`measured_product` for a float32 model on the CPU (the product that is faster than
+    ``F.linear`` here, if one is) and plain linears elsewhere; ``on`` means :func:`best_product` anywhere. ``packed`` on a model
     oneDNN cannot pack is a ConfigError naming ``key``.
     """
     mode = narrow_mode(mode, key)
     weight = next(model.parameters(), None)
     if mode == "off" or weight is None:
         return None
-    if mode == "auto" and not (weight.device.type == "cpu" and weight.dtype == torch.float32):
-        return None
+    if mode == "auto":
+        return measured_product(model) if weight.device.type == "cpu" and weight.dtype == torch.float32 else None
     if mode == "packed" and best_product(model) != "packed":
         raise ConfigError(f"{key}=packed: oneDNN cannot pack {weight.dtype} weights on {weight.device.type} here; "
                           f"use {key}=transposed or auto")

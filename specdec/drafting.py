@@ -143,11 +143,22 @@ def proposal(drafter: Drafter, max_depth: int, vocab_size: int) -> DraftTree:
     try:
         tree = drafter.propose(max_depth=max_depth)
     except TypeError as exc:
-        if "max_depth" in str(exc) and "max_depth" not in inspect.signature(drafter.propose).parameters:
-            raise SpecDecError(f"{_named(drafter)}: propose() takes no parameter named max_depth; the decode loop "
-                               "calls propose(max_depth=...): name it so") from exc
+        if not _takes_max_depth(drafter.propose):
+            raise SpecDecError(f"{_named(drafter)}: propose() takes no keyword max_depth; the decode loop calls "
+                               "propose(max_depth=...): name its parameter so") from exc
         raise
     return checked_proposal(drafter, tree, vocab_size)
+
+
+def _takes_max_depth(propose: Callable) -> bool:
+    """Whether ``propose(max_depth=...)`` binds (True where the signature cannot be read: the error is not ours)."""
+    try:
+        inspect.signature(propose).bind(max_depth=0)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
 
 
 def checked_proposal(drafter: Drafter, tree, vocab_size: int) -> DraftTree:

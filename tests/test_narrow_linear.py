@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -96,8 +97,13 @@ def test_packed_weights_survive_copies_follow_weight_changes_and_leave_gradients
 def _timed(monkeypatch, seconds: dict[str, float]) -> list:
     """``auto``'s timings replaced by ``seconds`` per product (a fresh choice); returns the timed calls."""
     calls = []
-    monkeypatch.setattr(narrow_linear, "_linear_seconds", lambda shape, product: calls.append(shape) or seconds[product])
-    narrow_linear._fastest.cache_clear()
+
+    def timed(shapes, products):
+        calls.extend(shapes)
+        return {product: seconds[product] for product in products}
+
+    monkeypatch.setattr(narrow_linear, "_product_seconds", timed)
+    monkeypatch.setattr(narrow_linear, "_fastest", functools.cache(narrow_linear._fastest.__wrapped__))  # undone after
     return calls
 
 
@@ -109,11 +115,10 @@ def test_auto_takes_a_product_only_where_it_beats_plain_linears(monkeypatch):
     calls = _timed(monkeypatch, {"plain": 1.0, "transposed": 0.6, "packed": 0.5})
     assert narrow_product("auto", model) == ("packed" if packed_available() else "transposed")
     assert sorted(set(calls)) == [(16, 8), (64, 16)]
-    assert narrow_product("auto", model) and len(calls) == len(set(calls)) * (3 if packed_available() else 2)  # cached
+    assert narrow_product("auto", model) and len(calls) == 2  # timed once: cached
     _timed(monkeypatch, {"plain": 1.0, "transposed": 0.9, "packed": 0.9})  # faster, but not by the margin
     assert narrow_product("auto", model) is None and apply_narrow_linears(model, "auto") == 0
     assert narrow_product("on", model) == best_product(model)  # on: a product whatever the timings
-    narrow_linear._fastest.cache_clear()
 
 
 def test_auto_means_float32_on_the_cpu_and_bad_modes_name_the_key(monkeypatch):
@@ -183,7 +188,6 @@ def test_model_config_switches_the_pair_unless_off(monkeypatch):
     _timed(monkeypatch, {"plain": 1.0, "transposed": 2.0, "packed": 2.0})  # one where it is the fastest
     plain = load_models({"source": "tiny_random", "arch": "llama"})
     assert plain.info["narrow_linears"] == "off" and type(plain.target.lm_head) is nn.Linear
-    narrow_linear._fastest.cache_clear()
     with pytest.raises(ConfigError, match="model.narrow_linears='maybe'"):
         load_models({"source": "hf", "target": "/nonexistent/not-loaded", "narrow_linears": "maybe"})
 

@@ -26,6 +26,7 @@ everywhere else.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
@@ -128,8 +129,7 @@ def measured_product(model: nn.Module) -> str | None:
     """The product ``auto`` uses on ``model`` here: the fastest of ``transposed`` and (where oneDNN packs)
     ``packed`` on ``model``'s largest linear and its commonest one (an LM head, a decoder layer's matrix) at
     :data:`AUTO_WIDTHS` rows, if it takes under :data:`AUTO_MARGIN` of ``F.linear``'s time; else None (plain
-    linears). Timed once per shapes and thread count (random float32 weights of those shapes; about a second for a
-    50K-row LM head)."""
+    linears). Timed once per shapes and thread count, on random float32 weights of those shapes (about a second)."""
     shapes = [tuple(m.weight.shape) for m in model.modules() if type(m) in (nn.Linear, NarrowLinear)]
     if not shapes:
         return None
@@ -142,7 +142,7 @@ def measured_product(model: nn.Module) -> str | None:
 def _fastest(shapes: tuple[tuple[int, int], ...], threads: int) -> str | None:
     """:func:`measured_product`'s choice for linears of these ``(out, in)`` shapes (``threads``: the cache key)."""
     products = ["transposed"] + (["packed"] if packed_available() else [])
-    seconds = {p: sum(_linear_seconds(shape, p) for shape in shapes) for p in ("plain", *products)}
+    seconds = _product_seconds(shapes, ("plain", *products))
     best = min(products, key=seconds.get)
     choice = best if seconds[best] < AUTO_MARGIN * seconds["plain"] else None
     log.info("narrow linears (auto): %s (seconds at %s rows: %s)", choice or "plain F.linear",
@@ -150,24 +150,31 @@ def _fastest(shapes: tuple[tuple[int, int], ...], threads: int) -> str | None:
     return choice
 
 
-def _linear_seconds(shape: tuple[int, int], product: str, reps: int = 5) -> float:
-    """Median seconds of one call at each of :data:`AUTO_WIDTHS` rows, summed: a float32 linear of ``shape``
-    ``(out, in)`` computed by ``product`` (``plain``: ``F.linear``)."""
-    holder = nn.Sequential(nn.Linear(shape[1], shape[0], bias=False))
-    if product != "plain":
-        use_narrow_linears(holder, product=product)
-    total = 0.0
+def _product_seconds(shapes: tuple[tuple[int, int], ...], products: tuple[str, ...], reps: int = 7) -> dict:
+    """``{product: seconds}``: one call of a float32 linear of each ``(out, in)`` shape at each of
+    :data:`AUTO_WIDTHS` rows, summed, computed by each product (``plain``: ``F.linear``). The products take turns
+    call by call and each call's fastest of ``reps`` counts, so a busy machine slows them alike."""
+    with torch.random.fork_rng(devices=[]):  # the run's random stream is the same whether this ran or was cached
+        layers = {shape: nn.Linear(shape[1], shape[0], bias=False) for shape in shapes}
+        inputs = {shape: [torch.randn(rows, shape[1]) for rows in AUTO_WIDTHS] for shape in shapes}  # [rows, in]
+    holders = {}
+    for product in products:
+        for shape, layer in layers.items():
+            holder = nn.Sequential(copy.deepcopy(layer))
+            if product != "plain":
+                use_narrow_linears(holder, product=product)
+            holders[product, shape] = holder
+    best: dict = {}
     with torch.inference_mode():
-        for rows in AUTO_WIDTHS:
-            x = torch.randn(rows, shape[1])  # [rows, in]
-            holder(x)  # warm-up (a packed weight is made at the first call)
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                holder(x)
-                times.append(time.perf_counter() - start)
-            total += sorted(times)[reps // 2]
-    return total
+        for rep in range(reps + 1):  # the first round warms up (a packed weight is made at its first call)
+            for (product, shape), holder in holders.items():
+                for i, x in enumerate(inputs[shape]):
+                    start = time.perf_counter()
+                    holder(x)
+                    elapsed = time.perf_counter() - start
+                    if rep:
+                        best[product, shape, i] = min(best.get((product, shape, i), elapsed), elapsed)
+    return {product: sum(s for (p, *_), s in best.items() if p == product) for product in products}
 
 
 def use_narrow_linears(model: nn.Module, max_rows: int | None = None, product: str | None = None) -> int:
@@ -257,10 +264,12 @@ def apply_narrow_linears(model: nn.Module | None, mode="auto", key: str = "model
 
 
 def narrow_models(models, mode="auto", key: str = "model.narrow_linears") -> str:
-    """:func:`apply_narrow_linears` on each of ``models`` (None skipped); the product the first switched model uses
-    (``packed``, ``transposed``), else ``off``: what the run used, for its summary or header."""
+    """:func:`apply_narrow_linears` on each of ``models`` (None skipped); the product the first one (the target) uses
+    (``packed``, ``transposed``), else ``off``: what the run's verifies used, for its summary or header (``auto``
+    decides per model: a draft of other shapes or dtype may differ)."""
     used = []
     for model in models:
-        if model is not None and apply_narrow_linears(model, mode, key):
-            used.append(narrow_product_of(model))
+        if model is not None:
+            apply_narrow_linears(model, mode, key)
+            used.append(narrow_product_of(model) or "off")
     return used[0] if used else "off"

@@ -129,8 +129,8 @@ def test_a_rule_that_cannot_be_called_as_rules_are_is_refused_when_built():
     (ClaimsTooFew(), r"ClaimsTooFew: propose\(\) returned 3 nodes but its max_nodes is 1"),
     (ProbsOverSeven(), r"ProbsOverSeven: propose\(\) returned draft_probs of shape \(3, 7\); expected \[3, 257\]"),
     (OtherDepthName(), r"OtherDepthName: propose\(\) takes no keyword max_depth"),
-    (PastTheVocabulary(), r"PastTheVocabulary: propose\(\) returned token id 257, outside the target's vocabulary of "
-                          r"257 ids \(0 to 256\)"),
+    (PastTheVocabulary(), (r"PastTheVocabulary: propose\(\) returned token id 257, outside the target's vocabulary "
+                           r"of 257 ids \(0 to 256\)")),
 ], ids=["not_a_tree", "too_many_nodes", "wrong_vocabulary", "depth_name", "token_ids"])
 def test_what_a_drafter_proposes_is_checked_and_named(drafter, fragment, batch):
     decoder = SpeculativeDecoder(pair("llama")[0], drafter, acceptance="rejection",

@@ -157,7 +157,7 @@ class EagleDrafter(TreeDrafter):
         """The head, checked against ``target`` (once) and bound to it (embedding, LM head, device, dtype)."""
         head = self.head
         weight = target.get_output_embeddings().weight
-        dtype = head_dtype(self.dtype, weight.dtype, weight.device)
+        dtype = head_dtype(self.dtype, weight.dtype, weight.device, head)
         if self._target is not target:
             head.check_target(target)
             head.bind(target, dtype)

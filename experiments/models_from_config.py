@@ -127,7 +127,14 @@ def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer
     """Load a target (and a draft model) with ``from_pretrained``; the tokenizer defaults to the target's."""
     from drafters.vocab_padding import matched_draft
     from specdec.checkpoints import RemoteCodeError
-    from specdec.models import check_checkpoint_dir, load_causal_lm, load_tokenizer, resolve_draft_dtype, vocab_size
+    from specdec.models import (
+        auto_dtype,
+        check_checkpoint_dir,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_draft_dtype,
+        vocab_size,
+    )
 
     trust = bool(cfg.get("trust_remote_code", False))
     opts = {"dtype": cfg.get("dtype", "float32"), "device": cfg.get("device", "cpu"), "trust_remote_code": trust}
@@ -144,6 +151,9 @@ def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer
         draft_model, note = matched_draft(target_model, draft_model, tok, draft, trust) if sizes else (None, None)
     except RemoteCodeError as err:  # name our config key, not the Python argument
         raise ConfigError(err.message("model.trust_remote_code=true")) from err
+    if draft_model is not None and cfg.get("draft_dtype") == "auto":  # on a CPU: bfloat16 only if measured faster
+        draft_model = draft_model.to(auto_dtype(draft_model, opts["device"], draft_model.dtype))
+        draft_dtype = str(draft_model.dtype).removeprefix("torch.")
     info = {"source": cfg.get("source"), "target": target, "draft": draft, "dtype": opts["dtype"],
             "draft_dtype": draft_dtype if draft else None, "device": opts["device"], "device_map": device_map}
     if note:

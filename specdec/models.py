@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
 from specdec.errors import SpecDecError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt_neox")
+log = logging.getLogger(__name__)
 
 
 def text_config(model):
@@ -49,19 +52,74 @@ def has_native_bf16(device: str | torch.device) -> bool:
     return device.type == "cpu" and cpu_has_bf16()
 
 
-def resolve_draft_dtype(draft_dtype: str | None, dtype: str, device: str, key: str = "model.draft_dtype") -> str:
-    """The dtype name to load a draft model (or run a drafter's head) in.
+#: ``auto`` on a CPU with native bf16 matmuls: the rows (a draft's forward) at which a module's linears are timed in
+#: bfloat16 against its own dtype, and the share of that time bfloat16 must stay under to be used. On a Xeon with
+#: AMX (torch 2.13) a one-row bf16 product of a small matrix cost 20-30 us more than float32's, and the embedded
+#: draft's forward took 1.37 ms in bf16 against 1.12 ms (2026-12-06): native is not the same as faster.
+AUTO_BF16_ROWS = (1, 4)
+AUTO_BF16_MARGIN = 0.85
 
-    ``None`` means the target's ``dtype``; ``auto`` means ``bfloat16`` where ``device`` has
-    native bf16 matmuls (:func:`has_native_bf16`) and ``dtype`` otherwise. A draft's precision
-    never changes what is emitted (the target verifies every token); it changes how often
-    drafts are accepted and what they cost. ``key`` names the setting in the error.
+
+def auto_dtype(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.dtype:
+    """What ``auto`` runs ``module`` (a draft model or a drafter's head, now in ``dtype``) in on ``device``:
+    bfloat16 on a GPU with bf16; on a CPU with native bf16 matmuls, bfloat16 only if ``module``'s linears are
+    measured faster in it (:data:`AUTO_BF16_ROWS`, :data:`AUTO_BF16_MARGIN`; timed once per shapes and thread
+    count, logged); else ``dtype``."""
+    device = torch.device(device)
+    if not has_native_bf16(device) or dtype == torch.bfloat16:
+        return dtype
+    if device.type != "cpu":
+        return torch.bfloat16
+    counts: dict[tuple[int, int], int] = {}
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Linear):
+            counts[tuple(sub.weight.shape)] = counts.get(tuple(sub.weight.shape), 0) + 1
+    if not counts:
+        return dtype
+    return torch.bfloat16 if _bf16_faster(tuple(sorted(counts.items())), dtype, torch.get_num_threads()) else dtype
+
+
+@functools.cache
+def _bf16_faster(counts: tuple[tuple[tuple[int, int], int], ...], dtype: torch.dtype, threads: int) -> bool:
+    """:func:`auto_dtype`'s measurement for linears of these ``((out, in), how many)`` (``threads``: the cache key)."""
+    seconds = _dtype_seconds(counts, (dtype, torch.bfloat16))
+    faster = seconds[torch.bfloat16] < AUTO_BF16_MARGIN * seconds[dtype]
+    log.info("draft dtype (auto): %s (seconds of the linears at %s rows: %s)", "bfloat16" if faster else str(dtype).removeprefix("torch."),
+             AUTO_BF16_ROWS, {str(d).removeprefix("torch."): round(s, 6) for d, s in seconds.items()})
+    return faster
+
+
+def _dtype_seconds(counts: tuple[tuple[tuple[int, int], int], ...], dtypes: tuple[torch.dtype, ...]) -> dict:
+    """``{dtype: seconds}``: one ``F.linear`` of each ``(out, in)`` shape at each of :data:`AUTO_BF16_ROWS`, times
+    how many the module has, summed, on random weights (:func:`specdec.timing.fastest_seconds`)."""
+    from specdec.timing import fastest_seconds
+
+    calls = {}
+    with torch.random.fork_rng(devices=[]):  # the run's random stream is the same whether this ran or was cached
+        for (out, inp), _ in counts:
+            weight = torch.randn(out, inp)  # [out, in]
+            for rows in AUTO_BF16_ROWS:
+                x = torch.randn(rows, inp)  # [rows, in]
+                for dt in dtypes:
+                    calls[dt, (out, inp), rows] = functools.partial(F.linear, x.to(dt), weight.to(dt))
+    best = fastest_seconds(calls)
+    many = dict(counts)
+    return {dt: sum(s * many[shape] for (d, shape, _), s in best.items() if d == dt) for dt in dtypes}
+
+
+def resolve_draft_dtype(draft_dtype: str | None, dtype: str, device: str, key: str = "model.draft_dtype") -> str:
+    """The dtype name to load a draft model in.
+
+    ``None`` means the target's ``dtype``; ``auto`` means ``bfloat16`` on a GPU with bf16 and ``dtype`` elsewhere,
+    where :func:`auto_dtype` then decides on the loaded draft (on a CPU with native bf16 matmuls, bfloat16 if
+    measured faster). A draft's precision never changes what is emitted (the target verifies every token); it
+    changes how often drafts are accepted and what they cost. ``key`` names the setting in the error.
     """
     check_dtype_choice(draft_dtype, key)
     if draft_dtype is None:
         return dtype
     if draft_dtype == "auto":
-        return "bfloat16" if has_native_bf16(device) else dtype
+        return "bfloat16" if has_native_bf16(device) and torch.device(device).type != "cpu" else dtype
     return draft_dtype
 
 
@@ -109,15 +167,16 @@ def check_dtype_choice(choice: str | None, key: str) -> None:
         raise SpecDecError(f"{key}={choice!r} is unknown; choose null, auto or one of {sorted(DTYPES)}")
 
 
-def head_dtype(choice: str | None, target_dtype: torch.dtype, device: str | torch.device,
+def head_dtype(choice: str | None, target_dtype: torch.dtype, device: str | torch.device, head: torch.nn.Module,
                key: str = "drafter.dtype") -> torch.dtype:
-    """The torch dtype of a drafter's head on a target of ``target_dtype``: None = the target's, ``auto`` =
-    bfloat16 where ``device`` has native bf16 matmuls (else the target's), or the named dtype."""
+    """The torch dtype of a drafter's ``head`` on a target of ``target_dtype``: None = the target's, ``auto`` =
+    :func:`auto_dtype` (bfloat16 on a GPU with bf16, or on a CPU where ``head``'s linears measure faster in it;
+    else the target's), or the named dtype."""
     check_dtype_choice(choice, key)
     if choice is None:
         return target_dtype
     if choice == "auto":
-        return torch.bfloat16 if has_native_bf16(device) else target_dtype
+        return auto_dtype(head, device, target_dtype)
     return DTYPES[choice]
 
 

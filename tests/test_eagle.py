@@ -113,13 +113,13 @@ def test_a_bfloat16_head_on_a_float32_target_is_still_lossless(version, shape):
 
 
 def test_head_dtype_choices(monkeypatch):
-    from specdec import models
+    from tests.test_auto_dtype import _timed
 
     target = pair("llama")[0]
-    for native in (True, False):
-        monkeypatch.setattr(models, "cpu_has_bf16", lambda native=native: native)
+    for native, bf16 in ((True, 0.5), (True, 0.9), (False, 0.5)):  # auto: bf16 where native and measured faster
+        _timed(monkeypatch, native, bf16)
         choices = [(None, torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16),
-                   ("auto", torch.bfloat16 if native else torch.float32)]
+                   ("auto", torch.bfloat16 if native and bf16 < 0.85 else torch.float32)]
         for dtype, want in choices:
             drafter = EagleDrafter(EagleHead.for_target(target, "eagle3"), dtype=dtype)
             drafter.step_shape(target)

@@ -171,7 +171,7 @@ def test_resolve_draft_dtype(monkeypatch):
     assert models.resolve_draft_dtype(None, "float32", "cpu") == "float32"
     assert models.resolve_draft_dtype("bfloat16", "float32", "cpu") == "bfloat16"
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
-    assert models.resolve_draft_dtype("auto", "float32", "cpu") == "bfloat16"
+    assert models.resolve_draft_dtype("auto", "float32", "cpu") == "float32"  # loaded so, then measured (auto_dtype)
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
     assert models.resolve_draft_dtype("auto", "float32", "cpu") == "float32"
     with pytest.raises(SpecDecError, match="model.draft_dtype='bf16' is unknown"):

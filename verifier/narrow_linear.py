@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import time
 import weakref
 
 import torch
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.errors import ConfigError
+from specdec.timing import fastest_seconds
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ def _fastest(shapes: tuple[tuple[int, int], ...], threads: int) -> str | None:
 
 def _product_seconds(shapes: tuple[tuple[int, int], ...], products: tuple[str, ...], reps: int = 7) -> dict:
     """``{product: seconds}``: one call of a float32 linear of each ``(out, in)`` shape at each of
-    :data:`AUTO_WIDTHS` rows, summed, computed by each product (``plain``: ``F.linear``). The products take turns
-    call by call and each call's fastest of ``reps`` counts, so a busy machine slows them alike."""
+    :data:`AUTO_WIDTHS` rows, summed, computed by each product (``plain``: ``F.linear``), timed by :func:`specdec.timing.fastest_seconds`
+    (in turns, each call's fastest of ``reps``)."""
     with torch.random.fork_rng(devices=[]):  # the run's random stream is the same whether this ran or was cached
         layers = {shape: nn.Linear(shape[1], shape[0], bias=False) for shape in shapes}
         inputs = {shape: [torch.randn(rows, shape[1]) for rows in AUTO_WIDTHS] for shape in shapes}  # [rows, in]
@@ -164,16 +164,9 @@ def _product_seconds(shapes: tuple[tuple[int, int], ...], products: tuple[str, .
             if product != "plain":
                 use_narrow_linears(holder, product=product)
             holders[product, shape] = holder
-    best: dict = {}
-    with torch.inference_mode():
-        for rep in range(reps + 1):  # the first round warms up (a packed weight is made at its first call)
-            for (product, shape), holder in holders.items():
-                for i, x in enumerate(inputs[shape]):
-                    start = time.perf_counter()
-                    holder(x)
-                    elapsed = time.perf_counter() - start
-                    if rep:
-                        best[product, shape, i] = min(best.get((product, shape, i), elapsed), elapsed)
+    calls = {(product, shape, i): functools.partial(holder, x) for (product, shape), holder in holders.items()
+             for i, x in enumerate(inputs[shape])}
+    best = fastest_seconds(calls, reps)
     return {product: sum(s for (p, *_), s in best.items() if p == product) for product in products}
 
 

@@ -1,0 +1,104 @@
+"""``draft_dtype=auto`` (and a drafter head's ``dtype: auto``): bfloat16 on a GPU with bf16; on a CPU with native
+bf16 matmuls, only where the module's linears are measured faster in it. Timings are faked here, so what a test
+expects never depends on the CI machine's CPU."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from specdec import models
+from specdec.errors import SpecDecError
+
+
+def _timed(monkeypatch, native: bool, bf16: float, fp32: float = 1.0) -> list:
+    """A CPU with (or without) native bf16 whose measured seconds are ``bf16`` and ``fp32``, a fresh cache;
+    returns the counts each measurement was asked for."""
+    asked = []
+
+    def seconds(counts, dtypes):
+        asked.append(counts)
+        return {dt: bf16 if dt == torch.bfloat16 else fp32 for dt in dtypes}
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(models, "_dtype_seconds", seconds)
+    monkeypatch.setattr(models, "_bf16_faster", functools.cache(models._bf16_faster.__wrapped__))  # undone after
+    return asked
+
+
+def test_auto_takes_bf16_on_a_cpu_only_where_it_measures_faster(monkeypatch):
+    module = nn.Sequential(nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 64))
+    asked = _timed(monkeypatch, native=True, bf16=0.5)
+    assert models.auto_dtype(module, "cpu", torch.float32) == torch.bfloat16
+    assert asked == [(((16, 8), 2), ((64, 16), 1))]  # every linear shape, with how many the module has
+    assert models.auto_dtype(module, "cpu", torch.float32) == torch.bfloat16 and len(asked) == 1  # cached
+    _timed(monkeypatch, native=True, bf16=0.9)  # faster, but not by the margin
+    assert models.auto_dtype(module, "cpu", torch.float32) == torch.float32
+    asked = _timed(monkeypatch, native=False, bf16=0.1)  # no native bf16: not even timed
+    assert models.auto_dtype(module, "cpu", torch.float32) == torch.float32 and asked == []
+    asked = _timed(monkeypatch, native=True, bf16=0.1)
+    assert models.auto_dtype(nn.LayerNorm(4), "cpu", torch.float32) == torch.float32 and asked == []  # no linears
+    assert models.auto_dtype(module, "cpu", torch.bfloat16) == torch.bfloat16 and asked == []  # already bf16
+
+
+def test_auto_on_a_gpu_with_bf16_is_bf16_untimed(monkeypatch):
+    asked = _timed(monkeypatch, native=True, bf16=2.0)
+    monkeypatch.setattr(models, "has_native_bf16", lambda device: torch.device(device).type == "cuda")
+    assert models.auto_dtype(nn.Linear(4, 4), "cuda", torch.float32) == torch.bfloat16 and asked == []
+    assert models.resolve_draft_dtype("auto", "float32", "cuda") == "bfloat16"  # loaded in bf16 directly
+    assert models.resolve_draft_dtype("auto", "float32", "cpu") == "float32"  # loaded as the target, then measured
+
+
+def test_the_measured_seconds_weigh_each_shape_by_its_count(monkeypatch):
+    """One F.linear per shape, row count and dtype is timed; a shape's time counts as often as the module has it."""
+    timed = []
+
+    def fastest(calls, reps=7):
+        timed.extend(calls)
+        for call in calls.values():
+            call()  # the calls run: a wrong shape would raise here
+        return dict.fromkeys(calls, 1.0)
+
+    monkeypatch.setattr("specdec.timing.fastest_seconds", fastest)
+    seconds = models._dtype_seconds((((16, 8), 2), ((64, 16), 1)), (torch.float32, torch.bfloat16))
+    rows = len(models.AUTO_BF16_ROWS)
+    assert seconds == {torch.float32: 3.0 * rows, torch.bfloat16: 3.0 * rows}
+    assert len(timed) == 2 * rows * 2
+
+
+def test_fastest_seconds_times_every_call_in_turns():
+    from specdec.timing import fastest_seconds
+
+    order = []
+    best = fastest_seconds({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, reps=3)
+    assert order == ["a", "b"] * 4  # one untimed round, then three timed ones, taking turns
+    assert set(best) == {"a", "b"} and all(s >= 0 for s in best.values())
+
+
+@pytest.fixture(scope="module")
+def saved_pair(tmp_path_factory):
+    target, draft, tokenizer = models.tiny_random_pair()
+    root = tmp_path_factory.mktemp("pair")
+    for name, model in (("target", target), ("draft", draft)):
+        model.save_pretrained(root / name)
+    tokenizer.save_pretrained(root / "target")
+    return root
+
+
+@pytest.mark.parametrize(("bf16", "want"), [(0.5, torch.bfloat16), (0.9, torch.float32)])
+def test_load_models_runs_an_auto_draft_in_the_measured_dtype(saved_pair, monkeypatch, bf16, want):
+    from experiments.models_from_config import load_models
+
+    asked = _timed(monkeypatch, native=True, bf16=bf16)
+    cfg = {"source": "hf", "target": str(saved_pair / "target"), "draft": str(saved_pair / "draft"),
+           "draft_dtype": "auto", "narrow_linears": "off"}
+    loaded = load_models(cfg)
+    assert next(loaded.draft.parameters()).dtype == want and loaded.draft.dtype == want
+    assert loaded.info["draft_dtype"] == str(want).removeprefix("torch.")
+    assert next(loaded.target.parameters()).dtype == torch.float32 and len(asked) == 1
+    shapes = {tuple(m.weight.shape) for m in loaded.draft.modules() if isinstance(m, nn.Linear)}
+    assert {shape for shape, _ in asked[0]} == shapes  # the draft's linears were measured, not the target's
+    with pytest.raises(SpecDecError, match=r"model.draft_dtype='bf16' is unknown"):
+        load_models({**cfg, "draft_dtype": "bf16"})

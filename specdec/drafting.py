@@ -147,7 +147,7 @@ def proposal(drafter: Drafter, max_depth: int, vocab_size: int) -> DraftTree:
             raise SpecDecError(f"{_named(drafter)}: propose() takes no keyword max_depth; the decode loop calls "
                                "propose(max_depth=...): name its parameter so") from exc
         raise
-    return checked_proposal(drafter, tree, vocab_size)
+    return checked_proposal(drafter, tree, vocab_size, max_depth)
 
 
 def _takes_max_depth(propose: Callable) -> bool:
@@ -161,11 +161,12 @@ def _takes_max_depth(propose: Callable) -> bool:
     return True
 
 
-def checked_proposal(drafter: Drafter, tree, vocab_size: int) -> DraftTree:
+def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | None = None) -> DraftTree:
     """``tree``, what ``drafter.propose`` returned, if the decode loop can verify it: a :class:`DraftTree` of at most
-    ``drafter.max_nodes`` nodes (the caches are sized by it) whose ``draft_probs``, if any, are ``[N, V]`` over the
-    target's ``vocab_size``, with token ids in that vocabulary. Else :class:`SpecDecError` naming the drafter: a new drafter's mistake is reported as
-    its author's, not as the framework's."""
+    ``drafter.max_nodes`` nodes (the caches are sized by it) and at most ``max_depth`` levels (None: unchecked; the
+    tokens left and the context are counted by it) whose ``draft_probs``, if any, are ``[N, V]`` over the target's
+    ``vocab_size``, with token ids in that vocabulary. Else :class:`SpecDecError` naming the drafter: a new drafter's
+    mistake is reported as its author's, not as the framework's."""
     if not isinstance(tree, DraftTree):
         raise SpecDecError(f"{_named(drafter)}: propose() returned a {type(tree).__name__}; return a "
                            "specdec.types.DraftTree (DraftTree.chain(tokens) for a chain, DraftTree.empty() for none)")
@@ -175,6 +176,10 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int) -> DraftTree:
     if tree.num_nodes > drafter.max_nodes:
         raise SpecDecError(f"{_named(drafter)}: propose() returned {tree.num_nodes} nodes but its max_nodes is "
                            f"{drafter.max_nodes} (the caches are sized by it); raise max_nodes or propose fewer")
+    if max_depth is not None and tree.num_nodes > max_depth and int(tree.depth.max()) > max_depth:  # depth <= nodes
+        raise SpecDecError(f"{_named(drafter)}: propose(max_depth={max_depth}) returned a tree {int(tree.depth.max())} "
+                           "levels deep; propose at most max_depth levels (the tokens still to generate and the "
+                           "context are counted by it)")
     if tree.num_nodes:
         low, high = (int(v) for v in tree.tokens.aminmax())
         if low < 0 or high >= vocab_size:

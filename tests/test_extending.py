@@ -57,6 +57,11 @@ class PastTheVocabulary(Repeat):
         return DraftTree.chain([5, 257])  # the tiny target has ids 0..256
 
 
+class IgnoresDepth(Repeat):
+    def propose(self, max_depth):
+        return DraftTree.chain((self.tokens * 8)[-self.k:])  # k deep whatever the tokens left
+
+
 class ClaimsTooFew(Repeat):
     @property
     def max_nodes(self) -> int:
@@ -129,9 +134,10 @@ def test_a_rule_that_cannot_be_called_as_rules_are_is_refused_when_built():
     (ClaimsTooFew(), r"ClaimsTooFew: propose\(\) returned 3 nodes but its max_nodes is 1"),
     (ProbsOverSeven(), r"ProbsOverSeven: propose\(\) returned draft_probs of shape \(3, 7\); expected \[3, 257\]"),
     (OtherDepthName(), r"OtherDepthName: propose\(\) takes no keyword max_depth"),
+    (IgnoresDepth(8), r"IgnoresDepth: propose\(max_depth=5\) returned a tree 8 levels deep; propose at most max_depth"),
     (PastTheVocabulary(), (r"PastTheVocabulary: propose\(\) returned token id 257, outside the target's vocabulary "
                            r"of 257 ids \(0 to 256\)")),
-], ids=["not_a_tree", "too_many_nodes", "wrong_vocabulary", "depth_name", "token_ids"])
+], ids=["not_a_tree", "too_many_nodes", "wrong_vocabulary", "depth_name", "too_deep", "token_ids"])
 def test_what_a_drafter_proposes_is_checked_and_named(drafter, fragment, batch):
     decoder = SpeculativeDecoder(pair("llama")[0], drafter, acceptance="rejection",
                                  sampling=SamplingParams(temperature=1.0))

@@ -89,6 +89,12 @@ class DraftVocabHead(nn.Module):
     def size(self) -> int:
         return int(self.ids.shape[0])
 
+    @property
+    def matmul_weight(self) -> torch.Tensor | None:
+        """The ``[Vd, H]`` matrix the head multiplies by (its own, or the bound rows; None before binding): what
+        ``auto`` times (:func:`specdec.models.matmul_weights`)."""
+        return self.weight if self.weight is not None else self.rows
+
     @torch.no_grad()
     def set_vocab(self, ids: torch.Tensor, full_weight: torch.Tensor | None = None) -> None:
         """Use draft vocabulary ``ids [Vd]``; a trainable head starts from ``full_weight [V, H]``'s rows."""

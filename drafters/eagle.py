@@ -93,8 +93,9 @@ class EagleDrafter(TreeDrafter):
             SDPA); unused by the fast forward.
         confidence_threshold: a chain ends after the first draft whose head probability is below this
             (0: always ``num_speculative_tokens``); chains only.
-        dtype: the head's dtype: None for the target's, ``auto`` for bfloat16 where the device has native
-            bf16 matmuls (else the target's), or a name (``bfloat16``, ``float32``, ...). Like a draft
+        dtype: the head's dtype: None for the target's, ``auto`` for bfloat16 on a GPU with bf16 or on a CPU
+            where the head's matrix products measure faster in it (else the target's;
+            :func:`specdec.models.auto_dtype`), or a name (``bfloat16``, ``float32``, ...). Like a draft
             model's dtype it changes what drafting costs and how often drafts are accepted, never what
             is emitted. A loaded :class:`EagleHead` given as ``heads`` is converted in place.
         fast_forward: run the head through :class:`drafters.fast_decoder.FastDecoder` (Llama and Qwen2
@@ -157,15 +158,15 @@ class EagleDrafter(TreeDrafter):
         """The head, checked against ``target`` (once) and bound to it (embedding, LM head, device, dtype)."""
         head = self.head
         weight = target.get_output_embeddings().weight
-        dtype = head_dtype(self.dtype, weight.dtype, weight.device, head)
         if self._target is not target:
             head.check_target(target)
-            head.bind(target, dtype)
+            head.bind(target)  # in the target's dtype first: auto times the bound head (eagle2's LM-head rows too)
             if self._tap is not None:
                 self._tap.remove()
             self._tap = head.tap(target)
             self._target = target
-        elif next(head.parameters()).dtype != dtype:  # a head shared with a drafter that runs it in another dtype
+        dtype = head_dtype(self.dtype, weight.dtype, weight.device, head=head)
+        if next(head.parameters()).dtype != dtype:  # its dtype, or a shared head another drafter runs in another
             head.bind(target, dtype)
         return head
 

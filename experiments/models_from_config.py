@@ -147,13 +147,13 @@ def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer
         tok = load_tokenizer(tokenizer or target, trust_remote_code=trust, elsewhere="model.tokenizer")  # small: first
         target_model = load_causal_lm(target, **opts, device_map=device_map, role="target")
         draft_model = load_causal_lm(draft, **{**opts, "dtype": draft_dtype}, role="draft") if draft else None
+        if draft_model is not None and cfg.get("draft_dtype") == "auto":  # a CPU: bf16 only if measured faster
+            draft_model = draft_model.to(auto_dtype(draft_model, opts["device"], draft_model.dtype))
+            draft_dtype = str(draft_model.dtype).removeprefix("torch.")  # before padding: its LM head is timed too
         sizes = {"draft": vocab_size(draft_model), "target": vocab_size(target_model)} if draft_model is not None else {}
         draft_model, note = matched_draft(target_model, draft_model, tok, draft, trust) if sizes else (None, None)
     except RemoteCodeError as err:  # name our config key, not the Python argument
         raise ConfigError(err.message("model.trust_remote_code=true")) from err
-    if draft_model is not None and cfg.get("draft_dtype") == "auto":  # on a CPU: bfloat16 only if measured faster
-        draft_model = draft_model.to(auto_dtype(draft_model, opts["device"], draft_model.dtype))
-        draft_dtype = str(draft_model.dtype).removeprefix("torch.")
     info = {"source": cfg.get("source"), "target": target, "draft": draft, "dtype": opts["dtype"],
             "draft_dtype": draft_dtype if draft else None, "device": opts["device"], "device_map": device_map}
     if note:

@@ -164,7 +164,7 @@ def _takes_max_depth(propose: Callable) -> bool:
 def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | None = None) -> DraftTree:
     """``tree``, what ``drafter.propose`` returned, if the decode loop can verify it: a :class:`DraftTree` of at most
     ``drafter.max_nodes`` nodes (the caches are sized by it) and at most ``max_depth`` levels (None: unchecked; the
-    tokens left and the context are counted by it) whose ``draft_probs``, if any, are ``[N, V]`` over the target's
+    tokens the run may still emit, less the one the target adds) whose ``draft_probs``, if any, are ``[N, V]`` over the target's
     ``vocab_size``, with token ids in that vocabulary. Else :class:`SpecDecError` naming the drafter: a new drafter's
     mistake is reported as its author's, not as the framework's."""
     if not isinstance(tree, DraftTree):
@@ -178,8 +178,8 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | N
                            f"{drafter.max_nodes} (the caches are sized by it); raise max_nodes or propose fewer")
     if max_depth is not None and tree.num_nodes > max_depth and int(tree.depth.max()) > max_depth:  # depth <= nodes
         raise SpecDecError(f"{_named(drafter)}: propose(max_depth={max_depth}) returned a tree {int(tree.depth.max())} "
-                           "levels deep; propose at most max_depth levels (the tokens still to generate and the "
-                           "context are counted by it)")
+                           "levels deep; propose at most max_depth levels (the tokens the run may still emit, less the "
+                           "one the target adds)")
     if tree.num_nodes:
         low, high = (int(v) for v in tree.tokens.aminmax())
         if low < 0 or high >= vocab_size:

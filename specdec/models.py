@@ -44,67 +44,82 @@ def cpu_has_bf16() -> bool:
 
 
 def has_native_bf16(device: str | torch.device) -> bool:
-    """Whether ``device`` runs bf16 matmuls natively: a CUDA GPU that supports bf16, or a CPU
+    """Whether ``device`` runs bf16 matmuls natively: a CUDA GPU of compute capability 8.0 or later, or a CPU
     with AVX512-BF16/AMX."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # compute capability 8 (Ampere) and later; earlier GPUs only emulate bf16
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and cpu_has_bf16()
 
 
-#: ``auto`` on a CPU with native bf16 matmuls: the rows (a draft's forward) at which a module's linears are timed in
-#: bfloat16 against its own dtype, and the share of that time bfloat16 must stay under to be used. On a Xeon with
-#: AMX (torch 2.13) a one-row bf16 product of a small matrix cost 20-30 us more than float32's, and the embedded
+#: ``auto`` on a CPU with native bf16 matmuls: the rows (a draft's forward) at which a module's matrix products are
+#: timed in bfloat16 against its own dtype, and the share of that time bfloat16 must stay under to be used. On a Xeon
+#: with AMX (torch 2.13) a one-row bf16 product of a small matrix cost 20-30 us more than float32's, and the embedded
 #: draft's forward took 1.37 ms in bf16 against 1.12 ms (2026-12-06): native is not the same as faster.
 AUTO_BF16_ROWS = (1, 4)
 AUTO_BF16_MARGIN = 0.85
+#: ``auto``'s decisions in this process: (shapes and counts, dtype, threads) -> bfloat16 or not.
+_DECIDED: dict = {}
 
 
-def auto_dtype(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.dtype:
-    """What ``auto`` runs ``module`` (a draft model or a drafter's head, now in ``dtype``) in on ``device``:
-    bfloat16 on a GPU with bf16; on a CPU with native bf16 matmuls, bfloat16 only if ``module``'s linears are
-    measured faster in it (:data:`AUTO_BF16_ROWS`, :data:`AUTO_BF16_MARGIN`; timed once per shapes and thread
-    count, logged); else ``dtype``."""
+def auto_dtype(module: torch.nn.Module | None, device: str | torch.device, dtype: torch.dtype,
+               what: str = "draft model") -> torch.dtype:
+    """What ``auto`` runs ``module`` (``what``: a draft model, a drafter's head) in on ``device`` instead of ``dtype``
+    (its target's): bfloat16 on a GPU with native bf16; on a CPU with native bf16 matmuls, bfloat16 only if
+    ``module``'s matrix products (:func:`matmul_weights`) take under :data:`AUTO_BF16_MARGIN` of their time in
+    ``dtype`` at :data:`AUTO_BF16_ROWS` rows (timed once per shapes, dtype and thread count in a process, on the
+    module's own weights, logged); else ``dtype``."""
     device = torch.device(device)
     if not has_native_bf16(device) or dtype == torch.bfloat16:
         return dtype
     if device.type != "cpu":
         return torch.bfloat16
-    counts: dict[tuple[int, int], int] = {}
-    for sub in module.modules():
-        if isinstance(sub, torch.nn.Linear):
-            counts[tuple(sub.weight.shape)] = counts.get(tuple(sub.weight.shape), 0) + 1
-    if not counts:
+    weights = matmul_weights(module) if module is not None else {}
+    if not weights:
         return dtype
-    return torch.bfloat16 if _bf16_faster(tuple(sorted(counts.items())), dtype, torch.get_num_threads()) else dtype
+    key = (tuple(sorted((shape, count) for shape, (_, count) in weights.items())), dtype, torch.get_num_threads())
+    if key not in _DECIDED:
+        seconds = _dtype_seconds(weights, (dtype, torch.bfloat16))
+        _DECIDED[key] = seconds[torch.bfloat16] < AUTO_BF16_MARGIN * seconds[dtype]
+        log.info("%s dtype (auto): %s; seconds of its matrix products at %s rows: %s", what,
+                 "bfloat16" if _DECIDED[key] else _name(dtype), AUTO_BF16_ROWS,
+                 {_name(d): round(v, 6) for d, v in seconds.items()})
+    return torch.bfloat16 if _DECIDED[key] else dtype
 
 
-@functools.cache
-def _bf16_faster(counts: tuple[tuple[tuple[int, int], int], ...], dtype: torch.dtype, threads: int) -> bool:
-    """:func:`auto_dtype`'s measurement for linears of these ``((out, in), how many)`` (``threads``: the cache key)."""
-    seconds = _dtype_seconds(counts, (dtype, torch.bfloat16))
-    faster = seconds[torch.bfloat16] < AUTO_BF16_MARGIN * seconds[dtype]
-    log.info("draft dtype (auto): %s (seconds of the linears at %s rows: %s)", "bfloat16" if faster else str(dtype).removeprefix("torch."),
-             AUTO_BF16_ROWS, {str(d).removeprefix("torch."): round(s, 6) for d, s in seconds.items()})
-    return faster
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-def _dtype_seconds(counts: tuple[tuple[tuple[int, int], int], ...], dtypes: tuple[torch.dtype, ...]) -> dict:
-    """``{dtype: seconds}``: one ``F.linear`` of each ``(out, in)`` shape at each of :data:`AUTO_BF16_ROWS`, times
-    how many the module has, summed, on random weights (:func:`specdec.timing.fastest_seconds`)."""
+def matmul_weights(module: torch.nn.Module) -> dict[tuple[int, int], tuple[torch.Tensor, int]]:
+    """``{(out, in): (one weight of that shape, how many products of it)}`` over ``module``'s ``nn.Linear``
+    layers and modules that name the matrix they multiply by ``matmul_weight`` (a draft-vocabulary LM head)."""
+    found: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+    for sub in module.modules():
+        weight = sub.weight if isinstance(sub, torch.nn.Linear) else getattr(sub, "matmul_weight", None)
+        if weight is not None:
+            first, count = found.get(tuple(weight.shape), (weight, 0))
+            found[tuple(weight.shape)] = (first, count + 1)
+    return found
+
+
+def _dtype_seconds(weights: dict[tuple[int, int], tuple[torch.Tensor, int]], dtypes: tuple[torch.dtype, ...]) -> dict:
+    """``{dtype: seconds}``: one ``F.linear`` by each weight at each of :data:`AUTO_BF16_ROWS` rows, times how many
+    products of its shape there are, summed. One shape at a time (a copy of its weight per dtype, then freed), the
+    dtypes in turns (:func:`specdec.timing.fastest_seconds`)."""
     from specdec.timing import fastest_seconds
 
-    calls = {}
+    total = dict.fromkeys(dtypes, 0.0)
     with torch.random.fork_rng(devices=[]):  # the run's random stream is the same whether this ran or was cached
-        for (out, inp), _ in counts:
-            weight = torch.randn(out, inp)  # [out, in]
-            for rows in AUTO_BF16_ROWS:
-                x = torch.randn(rows, inp)  # [rows, in]
-                for dt in dtypes:
-                    calls[dt, (out, inp), rows] = functools.partial(F.linear, x.to(dt), weight.to(dt))
-    best = fastest_seconds(calls)
-    many = dict(counts)
-    return {dt: sum(s * many[shape] for (d, shape, _), s in best.items() if d == dt) for dt in dtypes}
+        inputs = {(shape, rows): torch.randn(rows, shape[1]) for shape in weights for rows in AUTO_BF16_ROWS}
+    with torch.no_grad():
+        for shape, (weight, count) in weights.items():
+            copies = {dt: weight.detach().to(dt) for dt in dtypes}  # [out, in]; the module's own where dtypes agree
+            calls = {(dt, rows): functools.partial(F.linear, inputs[shape, rows].to(dt), copies[dt])
+                     for rows in AUTO_BF16_ROWS for dt in dtypes}
+            for (dt, _), seconds in fastest_seconds(calls).items():
+                total[dt] += seconds * count
+    return total
 
 
 def resolve_draft_dtype(draft_dtype: str | None, dtype: str, device: str, key: str = "model.draft_dtype") -> str:
@@ -167,16 +182,16 @@ def check_dtype_choice(choice: str | None, key: str) -> None:
         raise SpecDecError(f"{key}={choice!r} is unknown; choose null, auto or one of {sorted(DTYPES)}")
 
 
-def head_dtype(choice: str | None, target_dtype: torch.dtype, device: str | torch.device, head: torch.nn.Module,
-               key: str = "drafter.dtype") -> torch.dtype:
+def head_dtype(choice: str | None, target_dtype: torch.dtype, device: str | torch.device,
+               key: str = "drafter.dtype", *, head: torch.nn.Module | None = None) -> torch.dtype:
     """The torch dtype of a drafter's ``head`` on a target of ``target_dtype``: None = the target's, ``auto`` =
-    :func:`auto_dtype` (bfloat16 on a GPU with bf16, or on a CPU where ``head``'s linears measure faster in it;
-    else the target's), or the named dtype."""
+    :func:`auto_dtype` (bfloat16 on a GPU with bf16, or on a CPU where ``head``'s matrix products measure faster
+    in it; else the target's), or the named dtype."""
     check_dtype_choice(choice, key)
     if choice is None:
         return target_dtype
     if choice == "auto":
-        return auto_dtype(head, device, target_dtype)
+        return auto_dtype(head, device, target_dtype, "drafter head")
     return DTYPES[choice]
 
 

@@ -3,7 +3,6 @@ bf16 matmuls, only where the module's linears are measured faster in it. Timings
 expects never depends on the CI machine's CPU."""
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -14,17 +13,17 @@ from specdec.errors import SpecDecError
 
 
 def _timed(monkeypatch, native: bool, bf16: float, fp32: float = 1.0) -> list:
-    """A CPU with (or without) native bf16 whose measured seconds are ``bf16`` and ``fp32``, a fresh cache;
-    returns the counts each measurement was asked for."""
+    """A CPU with (or without) native bf16 whose measured seconds are ``bf16`` and ``fp32``, nothing decided yet;
+    returns ``{(out, in): how many}`` for each measurement asked for."""
     asked = []
 
-    def seconds(counts, dtypes):
-        asked.append(counts)
+    def seconds(weights, dtypes):
+        asked.append({shape: count for shape, (_, count) in weights.items()})
         return {dt: bf16 if dt == torch.bfloat16 else fp32 for dt in dtypes}
 
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: native)
     monkeypatch.setattr(models, "_dtype_seconds", seconds)
-    monkeypatch.setattr(models, "_bf16_faster", functools.cache(models._bf16_faster.__wrapped__))  # undone after
+    monkeypatch.setattr(models, "_DECIDED", {})  # undone after
     return asked
 
 
@@ -32,7 +31,7 @@ def test_auto_takes_bf16_on_a_cpu_only_where_it_measures_faster(monkeypatch):
     module = nn.Sequential(nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 64))
     asked = _timed(monkeypatch, native=True, bf16=0.5)
     assert models.auto_dtype(module, "cpu", torch.float32) == torch.bfloat16
-    assert asked == [(((16, 8), 2), ((64, 16), 1))]  # every linear shape, with how many the module has
+    assert asked == [{(16, 8): 2, (64, 16): 1}]  # every linear shape, with how many the module has
     assert models.auto_dtype(module, "cpu", torch.float32) == torch.bfloat16 and len(asked) == 1  # cached
     _timed(monkeypatch, native=True, bf16=0.9)  # faster, but not by the margin
     assert models.auto_dtype(module, "cpu", torch.float32) == torch.float32
@@ -45,14 +44,15 @@ def test_auto_takes_bf16_on_a_cpu_only_where_it_measures_faster(monkeypatch):
 
 def test_auto_on_a_gpu_with_bf16_is_bf16_untimed(monkeypatch):
     asked = _timed(monkeypatch, native=True, bf16=2.0)
-    monkeypatch.setattr(models, "has_native_bf16", lambda device: torch.device(device).type == "cuda")
+    monkeypatch.setattr(models, "has_native_bf16", lambda device: True)  # a bf16 GPU, and a CPU with native bf16
     assert models.auto_dtype(nn.Linear(4, 4), "cuda", torch.float32) == torch.bfloat16 and asked == []
     assert models.resolve_draft_dtype("auto", "float32", "cuda") == "bfloat16"  # loaded in bf16 directly
     assert models.resolve_draft_dtype("auto", "float32", "cpu") == "float32"  # loaded as the target, then measured
 
 
 def test_the_measured_seconds_weigh_each_shape_by_its_count(monkeypatch):
-    """One F.linear per shape, row count and dtype is timed; a shape's time counts as often as the module has it."""
+    """One F.linear per shape, row count and dtype is timed, by the module's own weights (a copy in the other
+    dtype); a shape's time counts as often as the module has it."""
     timed = []
 
     def fastest(calls, reps=7):
@@ -62,10 +62,27 @@ def test_the_measured_seconds_weigh_each_shape_by_its_count(monkeypatch):
         return dict.fromkeys(calls, 1.0)
 
     monkeypatch.setattr("specdec.timing.fastest_seconds", fastest)
-    seconds = models._dtype_seconds((((16, 8), 2), ((64, 16), 1)), (torch.float32, torch.bfloat16))
+    module = nn.Sequential(nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 64))
+    weights = models.matmul_weights(module)
+    assert weights[16, 8][0] is module[0].weight and weights[64, 16][0] is module[2].weight
+    seconds = models._dtype_seconds(weights, (torch.float32, torch.bfloat16))
     rows = len(models.AUTO_BF16_ROWS)
     assert seconds == {torch.float32: 3.0 * rows, torch.bfloat16: 3.0 * rows}
     assert len(timed) == 2 * rows * 2
+
+
+def test_an_lm_head_over_a_draft_vocabulary_is_timed_too():
+    """A padded draft's LM head and an EAGLE head's draft-vocabulary head are no nn.Linear; they are the largest
+    products, and the ones bf16 speeds up most: auto times them as well."""
+    from drafters.eagle_heads import EagleHead
+    from drafters.vocab_padding import padded_to
+
+    target, draft, _ = models.tiny_random_pair()
+    rows, hidden = draft.get_output_embeddings().weight.shape
+    assert (rows, hidden) in models.matmul_weights(padded_to(draft, rows + 8))
+    for version in ("eagle2", "eagle3"):
+        head = EagleHead.for_target(target, version, draft_vocab=torch.arange(40))
+        assert (40, target.config.hidden_size) in models.matmul_weights(head), version
 
 
 def test_fastest_seconds_times_every_call_in_turns():
@@ -99,6 +116,27 @@ def test_load_models_runs_an_auto_draft_in_the_measured_dtype(saved_pair, monkey
     assert loaded.info["draft_dtype"] == str(want).removeprefix("torch.")
     assert next(loaded.target.parameters()).dtype == torch.float32 and len(asked) == 1
     shapes = {tuple(m.weight.shape) for m in loaded.draft.modules() if isinstance(m, nn.Linear)}
-    assert {shape for shape, _ in asked[0]} == shapes  # the draft's linears were measured, not the target's
+    assert set(asked[0]) == shapes  # the draft's linears were measured, not the target's
     with pytest.raises(SpecDecError, match=r"model.draft_dtype='bf16' is unknown"):
         load_models({**cfg, "draft_dtype": "bf16"})
+
+
+def test_a_padded_draft_is_measured_and_cast_before_padding(tmp_path, monkeypatch):
+    """A draft whose LM head has fewer rows than the target's (same tokenizer) is padded after auto decided: its LM
+    head was timed as the nn.Linear it still was, and the padded view's head reads the bf16 weight in place (a
+    view, not a second copy of the largest matrix)."""
+    from drafters.draft_vocab import DraftVocabHead
+    from experiments.models_from_config import load_models
+    from tests.test_vocab_padding import padded_pair
+
+    target, draft = padded_pair.__wrapped__()
+    for name, model in (("target", target), ("draft", draft)):
+        model.save_pretrained(tmp_path / name)
+        models.byte_tokenizer().save_pretrained(tmp_path / name)
+    asked = _timed(monkeypatch, native=True, bf16=0.5)
+    loaded = load_models({"source": "hf", "target": str(tmp_path / "target"), "draft": str(tmp_path / "draft"),
+                          "draft_dtype": "auto", "narrow_linears": "off"})
+    assert loaded.info["draft_vocab_padded"] == {"draft": 272, "target": 320} and loaded.info["draft_dtype"] == "bfloat16"
+    assert tuple(draft.get_output_embeddings().weight.shape) in asked[0]  # the LM head, timed
+    head = next(m for m in loaded.draft.modules() if isinstance(m, DraftVocabHead))
+    assert head.rows.dtype == torch.bfloat16 and head.rows._is_view()  # cast after padding: a copy, not a view

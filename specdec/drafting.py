@@ -151,9 +151,10 @@ def proposal(drafter: Drafter, max_depth: int, vocab_size: int) -> DraftTree:
 
 
 def _takes_max_depth(propose: Callable) -> bool:
-    """Whether ``propose(max_depth=...)`` binds (True where the signature cannot be read: the error is not ours)."""
+    """Whether ``propose`` has a parameter ``max_depth`` (True where the signature cannot be read: the error is not
+    ours). A partial bind: a propose that also wants another argument keeps its own TypeError."""
     try:
-        inspect.signature(propose).bind(max_depth=0)
+        inspect.signature(propose).bind_partial(max_depth=0)
     except TypeError:
         return False
     except ValueError:

@@ -57,6 +57,17 @@ class PastTheVocabulary(Repeat):
         return DraftTree.chain([5, 257])  # the tiny target has ids 0..256
 
 
+class WantsMore(Repeat):
+    def propose(self, max_depth, temperature):  # takes max_depth, but wants an argument the loop does not pass
+        return DraftTree.empty()
+
+
+def test_a_propose_that_wants_another_argument_is_not_told_to_rename_max_depth():
+    decoder = SpeculativeDecoder(pair("llama")[0], WantsMore())
+    with pytest.raises(TypeError, match="temperature"):
+        decoder.generate(PROMPTS[0], max_new_tokens=4)
+
+
 class IgnoresDepth(Repeat):
     def propose(self, max_depth):
         return DraftTree.chain((self.tokens * 8)[-self.k:])  # k deep whatever the tokens left

@@ -39,3 +39,16 @@ def pytest_collection_modifyitems(config, items):
             if absent:
                 item.add_marker(pytest.mark.skip(
                     reason=f"needs {', '.join(absent)} (pip install -e '.[dev]', or scripts/gpu_wheels.sh)"))
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_pair(tmp_path_factory):
+    """The tiny random pair saved with save_pretrained (target with its tokenizer), for ``model.source=hf`` loads."""
+    from specdec.models import tiny_random_pair
+
+    target, draft, tokenizer = tiny_random_pair()
+    root = tmp_path_factory.mktemp("pair")
+    for name, model in (("target", target), ("draft", draft)):
+        model.save_pretrained(root / name)
+    tokenizer.save_pretrained(root / "target")
+    return root

@@ -3,7 +3,6 @@ bf16 matmuls, only where the module's linears are measured faster in it. Timings
 expects never depends on the CI machine's CPU."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
@@ -94,22 +93,12 @@ def test_fastest_seconds_times_every_call_in_turns():
     assert set(best) == {"a", "b"} and all(s >= 0 for s in best.values())
 
 
-@pytest.fixture(scope="module")
-def saved_pair(tmp_path_factory):
-    target, draft, tokenizer = models.tiny_random_pair()
-    root = tmp_path_factory.mktemp("pair")
-    for name, model in (("target", target), ("draft", draft)):
-        model.save_pretrained(root / name)
-    tokenizer.save_pretrained(root / "target")
-    return root
-
-
 @pytest.mark.parametrize(("bf16", "want"), [(0.5, torch.bfloat16), (0.9, torch.float32)])
-def test_load_models_runs_an_auto_draft_in_the_measured_dtype(saved_pair, monkeypatch, bf16, want):
+def test_load_models_runs_an_auto_draft_in_the_measured_dtype(saved_tiny_pair, monkeypatch, bf16, want):
     from experiments.models_from_config import load_models
 
     asked = _timed(monkeypatch, native=True, bf16=bf16)
-    cfg = {"source": "hf", "target": str(saved_pair / "target"), "draft": str(saved_pair / "draft"),
+    cfg = {"source": "hf", "target": str(saved_tiny_pair / "target"), "draft": str(saved_tiny_pair / "draft"),
            "draft_dtype": "auto", "narrow_linears": "off"}
     loaded = load_models(cfg)
     assert next(loaded.draft.parameters()).dtype == want and loaded.draft.dtype == want

@@ -303,27 +303,17 @@ def test_measure_run_costs_names_only_the_cached_curves_it_measured_again(monkey
     assert third["target"][2] == pytest.approx(0.012)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    target, draft, tokenizer = models.tiny_random_pair()
-    root = tmp_path_factory.mktemp("pair")
-    for name, model in (("target", target), ("draft", draft)):
-        model.save_pretrained(root / name)
-    tokenizer.save_pretrained(root / "target")
-    return root
-
-
-def test_a_run_without_a_draft_model_reports_no_draft_dtype(saved):
+def test_a_run_without_a_draft_model_reports_no_draft_dtype(saved_tiny_pair):
     """Catches ``info["draft_dtype"]`` filled in without a draft (the summary naming a dtype no model ran in)."""
     from experiments.models_from_config import load_models
 
     for draft_dtype in (None, "bfloat16"):
-        loaded = load_models({"source": "hf", "target": str(saved / "target"), "draft_dtype": draft_dtype,
+        loaded = load_models({"source": "hf", "target": str(saved_tiny_pair / "target"), "draft_dtype": draft_dtype,
                               "narrow_linears": "off"})
         assert loaded.draft is None and loaded.info["draft_dtype"] is None
 
 
-def test_an_auto_draft_on_a_bf16_gpu_is_loaded_in_bf16(saved, monkeypatch):
+def test_an_auto_draft_on_a_bf16_gpu_is_loaded_in_bf16(saved_tiny_pair, monkeypatch):
     """``draft_dtype=auto`` with ``device=cuda`` on a bf16 GPU loads the draft in bf16 directly (no float32 copy on
     the GPU first). Catches the draft dtype resolved for another device than the configured one. The GPU is faked:
     the loads run on the CPU and record what they were asked."""
@@ -337,7 +327,7 @@ def test_an_auto_draft_on_a_bf16_gpu_is_loaded_in_bf16(saved, monkeypatch):
 
     monkeypatch.setattr(models, "load_causal_lm", load)
     monkeypatch.setattr(models, "has_native_bf16", lambda device: torch.device(device).type == "cuda")
-    loaded = load_models({"source": "hf", "target": str(saved / "target"), "draft": str(saved / "draft"),
+    loaded = load_models({"source": "hf", "target": str(saved_tiny_pair / "target"), "draft": str(saved_tiny_pair / "draft"),
                           "device": "cuda", "draft_dtype": "auto", "narrow_linears": "off"})
     assert loads == [("target", "float32", "cuda"), ("draft", "bfloat16", "cuda")]
     assert loaded.info["draft_dtype"] == "bfloat16" and next(loaded.draft.parameters()).dtype == torch.bfloat16

@@ -53,11 +53,10 @@ def has_native_bf16(device: str | torch.device) -> bool:
 
 
 #: ``auto`` on a CPU with native bf16 matmuls: the rows (a draft's forward) at which a module's matrix products are
-#: timed in bfloat16 against its own dtype, and the share of that time bfloat16 must stay under to be used. On a Xeon
+#: timed in bfloat16 against its own dtype (bfloat16 must be :func:`specdec.timing.clearly_faster`). On a Xeon
 #: with AMX (torch 2.13) a one-row bf16 product of a small matrix cost 20-30 us more than float32's, and the embedded
 #: draft's forward took 1.37 ms in bf16 against 1.12 ms (2026-12-06): native is not the same as faster.
 AUTO_BF16_ROWS = (1, 4)
-AUTO_BF16_MARGIN = 0.85
 #: ``auto``'s decisions in this process: (shapes and counts, dtype, threads) -> bfloat16 or not.
 _DECIDED: dict = {}
 
@@ -66,7 +65,7 @@ def auto_dtype(module: torch.nn.Module | None, device: str | torch.device, dtype
                what: str = "draft model") -> torch.dtype:
     """What ``auto`` runs ``module`` (``what``: a draft model, a drafter's head) in on ``device`` instead of ``dtype``
     (its target's): bfloat16 on a GPU with native bf16; on a CPU with native bf16 matmuls, bfloat16 only if
-    ``module``'s matrix products (:func:`matmul_weights`) take under :data:`AUTO_BF16_MARGIN` of their time in
+    ``module``'s matrix products (:func:`matmul_weights`) take under :data:`specdec.timing.MARGIN` of their time in
     ``dtype`` at :data:`AUTO_BF16_ROWS` rows (timed once per shapes, dtype and thread count in a process, on the
     module's own weights, logged); else ``dtype``."""
     device = torch.device(device)
@@ -79,8 +78,10 @@ def auto_dtype(module: torch.nn.Module | None, device: str | torch.device, dtype
         return dtype
     key = (tuple(sorted((shape, count) for shape, (_, count) in weights.items())), dtype, torch.get_num_threads())
     if key not in _DECIDED:
+        from specdec.timing import clearly_faster
+
         seconds = _dtype_seconds(weights, (dtype, torch.bfloat16))
-        _DECIDED[key] = seconds[torch.bfloat16] < AUTO_BF16_MARGIN * seconds[dtype]
+        _DECIDED[key] = clearly_faster(seconds[torch.bfloat16], seconds[dtype])
         log.info("%s dtype (auto): %s; seconds of its matrix products at %s rows: %s", what,
                  "bfloat16" if _DECIDED[key] else _name(dtype), AUTO_BF16_ROWS,
                  {_name(d): round(v, 6) for d, v in seconds.items()})

@@ -10,6 +10,15 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+#: The share of the current choice's time an alternative must stay under for ``auto`` to take it: a margin, so that
+#: timing noise on a busy machine does not flip a setting between near-equal choices.
+MARGIN = 0.85
+
+
+def clearly_faster(seconds: float, than: float) -> bool:
+    """Whether an alternative timed at ``seconds`` beats one timed at ``than`` by :data:`MARGIN`."""
+    return seconds < MARGIN * than
+
 
 def fastest_seconds(calls: dict[Hashable, Callable[[], object]], reps: int = 7) -> dict[Hashable, float]:
     """``{key: seconds}``: the fastest of ``reps`` timed runs of each call, after one untimed round (a first call

@@ -16,6 +16,7 @@ from torch import nn
 
 from specdec import models
 from specdec.errors import SpecDecError
+from specdec.timing import MARGIN
 from tests.test_auto_dtype import _timed
 
 
@@ -77,7 +78,7 @@ def test_auto_needs_bf16_strictly_under_the_margin_and_else_keeps_the_given_dtyp
     """Catches ``<`` turned into ``<=`` (bf16 at exactly the margin taken), a float16 target's auto answered with
     float32 instead of the float16 it was given, a module of None (a head not given) raising, ``head_dtype``'s None
     answered with float32 rather than the target's dtype, and its name check dropped."""
-    _timed(monkeypatch, native=True, bf16=models.AUTO_BF16_MARGIN)  # exactly the margin: not under it
+    _timed(monkeypatch, native=True, bf16=MARGIN)  # exactly the margin: not under it
     assert models.auto_dtype(nn.Linear(4, 8), "cpu", torch.float32) == torch.float32
     _timed(monkeypatch, native=True, bf16=2.0)
     assert models.auto_dtype(nn.Linear(4, 8), "cpu", torch.float16) == torch.float16
@@ -165,11 +166,11 @@ def test_auto_narrow_linears_time_an_already_narrow_model_and_again_per_thread_c
 
 def test_auto_narrow_times_the_largest_matrix_by_its_size_and_needs_a_product_under_the_margin(monkeypatch):
     """Catches the largest linear picked by its output rows alone (a wide 64 -> 8 projection has the most weights
-    here, not the commonest 4 -> 16 one), and ``<`` turned into ``<=``: a product at exactly AUTO_MARGIN of
+    here, not the commonest 4 -> 16 one), and ``<`` turned into ``<=``: a product at exactly MARGIN of
     F.linear's time is not taken."""
     from verifier import narrow_linear
 
-    margin = narrow_linear.AUTO_MARGIN
+    margin = MARGIN
     timed = _fake_fastest(monkeypatch, {"plain": 1.0, "transposed": margin, "packed": margin})
     model = nn.Sequential(nn.Linear(4, 16), nn.Linear(4, 16), nn.Linear(64, 8))
     assert narrow_linear.measured_product(model) is None and timed == [((8, 64), (16, 4))]

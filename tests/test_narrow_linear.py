@@ -109,7 +109,7 @@ def _timed(monkeypatch, seconds: dict[str, float]) -> list:
 
 def test_auto_takes_a_product_only_where_it_beats_plain_linears(monkeypatch):
     """``auto`` times F.linear and the products on the model's largest and commonest matrix shapes, once, and takes
-    the fastest product only if it is under AUTO_MARGIN of F.linear's time (a CPU without MKL's slow multi-row path
+    the fastest product only if it is under the auto margin (specdec.timing.MARGIN) of F.linear's time (a CPU without MKL's slow multi-row path
     keeps plain linears)."""
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 64))  # commonest (16, 8), largest (64, 16)
     calls = _timed(monkeypatch, {"plain": 1.0, "transposed": 0.6, "packed": 0.5})

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.errors import ConfigError
-from specdec.timing import fastest_seconds
+from specdec.timing import clearly_faster, fastest_seconds
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +118,16 @@ def best_product(model: nn.Module) -> str:
     return "transposed"
 
 
-#: ``auto``: the row counts (a verify's) at which each product is timed against ``F.linear``, and the share of
-#: ``F.linear``'s time a product must stay under to be used. On a 2-core AVX2 VM MKL's multi-row path made
+#: ``auto``: the row counts (a verify's) at which each product is timed against ``F.linear`` (a product must be
+#: :func:`specdec.timing.clearly_faster`). On a 2-core AVX2 VM MKL's multi-row path made
 #: ``F.linear`` 2-4x dearer there; on a Xeon with AVX-512 and AMX it was the fastest (2026-12-06): measured, not assumed.
 AUTO_WIDTHS = (3, 5, 8)
-AUTO_MARGIN = 0.85
 
 
 def measured_product(model: nn.Module) -> str | None:
     """The product ``auto`` uses on ``model`` here: the fastest of ``transposed`` and (where oneDNN packs)
     ``packed`` on ``model``'s largest linear and its commonest one (an LM head, a decoder layer's matrix) at
-    :data:`AUTO_WIDTHS` rows, if it takes under :data:`AUTO_MARGIN` of ``F.linear``'s time; else None (plain
+    :data:`AUTO_WIDTHS` rows, if it takes under :data:`specdec.timing.MARGIN` of ``F.linear``'s time; else None (plain
     linears). Timed once per shapes and thread count, on random float32 weights of those shapes (about a second)."""
     shapes = [tuple(m.weight.shape) for m in model.modules() if type(m) in (nn.Linear, NarrowLinear)]
     if not shapes:
@@ -144,7 +143,7 @@ def _fastest(shapes: tuple[tuple[int, int], ...], threads: int) -> str | None:
     products = ["transposed"] + (["packed"] if packed_available() else [])
     seconds = _product_seconds(shapes, ("plain", *products))
     best = min(products, key=seconds.get)
-    choice = best if seconds[best] < AUTO_MARGIN * seconds["plain"] else None
+    choice = best if clearly_faster(seconds[best], seconds["plain"]) else None
     log.info("narrow linears (auto): %s (seconds at %s rows: %s)", choice or "plain F.linear",
              AUTO_WIDTHS, {p: round(s, 6) for p, s in seconds.items()})
     return choice

@@ -20,9 +20,9 @@ import torch
 from specdec.acceptance import GreedyAcceptance, RejectionAcceptance, TypicalAcceptance
 from specdec.batch_acceptance import batch_greedy, batch_rejection, batch_typical
 from specdec.batch_cache import BatchCache
-from specdec.batch_drafting import keyed_rows
+from specdec.batch_drafting import PerRowDrafters, keyed_rows
 from specdec.batch_types import BatchTree
-from specdec.drafting import DraftContext
+from specdec.drafting import DraftContext, checked_row_proposals
 from specdec.errors import SpecDecError
 from specdec.models import synchronize
 from specdec.stats import TIME_FIELDS, DecodeStats
@@ -140,6 +140,15 @@ class _Batch:
         self.drafter = decoder.drafter.batched()
         self.drafter.start(DraftContext(decoder.target, decoder.sampling, self.rng, capacity))
         self.cache = BatchCache.for_model(decoder.target, capacity, 0, row_ids=[])
+        self.max_nodes, self.vocab_size = decoder.drafter.max_nodes, decoder.vocab_size
+
+    def propose(self, max_depths: list[int]) -> list:
+        """Every active row's draft tree. One copy of a drafter per row checks each tree as batch-1 decoding does;
+        a drafter that batches its own forwards has its trees checked here (:func:`checked_row_proposals`)."""
+        trees = self.drafter.propose(max_depths)
+        if type(self.drafter).propose is PerRowDrafters.propose:  # proposal() checked every row's tree already
+            return trees
+        return checked_row_proposals(self.drafter, trees, max_depths, self.max_nodes, self.vocab_size)
 
     def admit(self, run: _BatchRun, new: list[int]) -> None:
         """Prefill prompts ``new`` (original row indices) on their own and append them to the batch."""
@@ -215,7 +224,7 @@ def _batch_step(decoder, rule, batch: _Batch, run: _BatchRun, timer: _Timer) -> 
     steps = [run.row_stats[r].target_forwards for r in run.active]  # rows admitted later are at earlier steps
     batch.rng.set_step(torch.tensor(steps, dtype=torch.long))
     remaining = [run.limits[r] - run.new[r] for r in run.active]
-    trees = timer("time_draft", batch.drafter.propose, [n - 1 for n in remaining])
+    trees = timer("time_draft", batch.propose, [n - 1 for n in remaining])
     tree = BatchTree.stack(trees, decoder.device)
     roots = [run.tokens[r][-1] for r in run.active]
     verify = timer("time_verify", verify_rows, decoder.target, batch.cache, roots, tree, max(steps))

@@ -162,9 +162,10 @@ def _takes_max_depth(propose: Callable) -> bool:
     return True
 
 
-def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | None = None) -> DraftTree:
+def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | None = None, *,
+                     max_nodes: int | None = None) -> DraftTree:
     """``tree``, what ``drafter.propose`` returned, if the decode loop can verify it: a :class:`DraftTree` of at most
-    ``drafter.max_nodes`` nodes (the caches are sized by it) and at most ``max_depth`` levels (None: unchecked; the
+    ``max_nodes`` (default ``drafter.max_nodes``) nodes (the caches are sized by it) and at most ``max_depth`` levels (None: unchecked; the
     tokens the run may still emit, less the one the target adds) whose ``draft_probs``, if any, are ``[N, V]`` over the target's
     ``vocab_size``, with token ids in that vocabulary. Else :class:`SpecDecError` naming the drafter: a new drafter's
     mistake is reported as its author's, not as the framework's."""
@@ -174,9 +175,10 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | N
     if tree.tokens.dim() != 1 or tree.parents.shape != tree.tokens.shape:
         raise SpecDecError(f"{_named(drafter)}: propose() returned a DraftTree with tokens {tuple(tree.tokens.shape)} "
                            f"and parents {tuple(tree.parents.shape)}; both must be [N]")
-    if tree.num_nodes > drafter.max_nodes:
+    max_nodes = drafter.max_nodes if max_nodes is None else max_nodes
+    if tree.num_nodes > max_nodes:
         raise SpecDecError(f"{_named(drafter)}: propose() returned {tree.num_nodes} nodes but its max_nodes is "
-                           f"{drafter.max_nodes} (the caches are sized by it); raise max_nodes or propose fewer")
+                           f"{max_nodes} (the caches are sized by it); raise max_nodes or propose fewer")
     if max_depth is not None and tree.num_nodes > max_depth and int(tree.depth.max()) > max_depth:  # depth <= nodes
         raise SpecDecError(f"{_named(drafter)}: propose(max_depth={max_depth}) returned a tree {int(tree.depth.max())} "
                            "levels deep; propose at most max_depth levels (the tokens the run may still emit, less the "
@@ -191,6 +193,19 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | N
         raise SpecDecError(f"{_named(drafter)}: propose() returned draft_probs of shape {tuple(probs.shape)}; expected "
                            f"[{tree.num_nodes}, {vocab_size}] (one row per node over the target's vocabulary)")
     return tree
+
+
+def checked_row_proposals(drafter, trees, max_depths: list[int], max_nodes: int, vocab_size: int) -> list[DraftTree]:
+    """``trees``, what a batch drafter's ``propose(max_depths)`` returned (``drafter``: a
+    :class:`~specdec.batch_drafting.BatchDrafter` that batches its own forwards), if the batched loop can verify them:
+    a list of one tree per active row (``len(max_depths)``), each as :func:`checked_proposal` checks one, against
+    the batch-1 drafter's ``max_nodes`` (the batch cache is sized by it) and the row's own depth limit."""
+    if not isinstance(trees, (list, tuple)) or len(trees) != len(max_depths):
+        got = f"{len(trees)} trees" if isinstance(trees, (list, tuple)) else f"a {type(trees).__name__}"
+        raise SpecDecError(f"{_named(drafter)}: propose() returned {got} for {len(max_depths)} active rows; return a "
+                           "list of one DraftTree per row (DraftTree.empty() for a row without drafts)")
+    return [checked_proposal(drafter, tree, vocab_size, depth, max_nodes=max_nodes)
+            for tree, depth in zip(trees, max_depths)]
 
 
 def _named(drafter: Drafter) -> str:

@@ -16,6 +16,7 @@ import torch
 from drafters import NoDrafter
 from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
 from specdec.acceptance import AcceptanceRule, GreedyAcceptance, RejectionAcceptance
+from specdec.batch_drafting import BatchDrafter, PerRowDrafters
 from specdec.drafting import Drafter
 from specdec.errors import ConfigError
 from specdec.types import AcceptResult, DraftTree
@@ -157,6 +158,50 @@ def test_what_a_drafter_proposes_is_checked_and_named(drafter, fragment, batch):
             decoder.generate_batch(PROMPTS, max_new_tokens=6)
         else:
             decoder.generate(PROMPTS[0], max_new_tokens=6, seed=0)
+
+
+class NativeBatch(BatchDrafter):
+    """A drafter's own batching (README, "Adding a drafter", step 5), here the rows' copies called directly: what
+    they propose is not checked on the way, as a batch drafter's own forwards would not check it."""
+
+    def __init__(self, drafter: Drafter, rows_wrong: int = 0):
+        self.rows, self.rows_wrong = PerRowDrafters(drafter), rows_wrong
+
+    def start(self, ctx):
+        self.rows.start(ctx)
+
+    def extend(self, prompts, target_hidden):
+        self.rows.extend(prompts, target_hidden)
+
+    def propose(self, max_depths):
+        trees = [d.propose(max_depth=m) for d, m in zip(self.rows.rows, max_depths)]
+        return trees[: len(trees) - self.rows_wrong]
+
+    def commit(self, results, verify):
+        self.rows.commit(results, verify)
+
+    def select_rows(self, rows):
+        self.rows.select_rows(rows)
+
+
+@pytest.mark.parametrize(("drafter", "rows_wrong", "fragment"), [
+    (IgnoresDepth(8), 0, r"NativeBatch: propose\(max_depth=5\) returned a tree 8 levels deep"),
+    (ClaimsTooFew(), 0, r"NativeBatch: propose\(\) returned 3 nodes but its max_nodes is 1"),
+    (PastTheVocabulary(), 0, r"NativeBatch: propose\(\) returned token id 257, outside the target's vocabulary"),
+    (Repeat(), 1, r"NativeBatch: propose\(\) returned 1 trees for 2 active rows; return a list of one DraftTree"),
+], ids=["too_deep", "too_many_nodes", "token_ids", "rows"])
+def test_what_a_batch_drafter_of_ones_own_proposes_is_checked_and_named(drafter, rows_wrong, fragment, monkeypatch):
+    monkeypatch.setattr(type(drafter), "batched", lambda self: NativeBatch(self, rows_wrong))
+    decoder = SpeculativeDecoder(pair("llama")[0], drafter)
+    with pytest.raises(SpecDecError, match=fragment):
+        decoder.generate_batch(PROMPTS, max_new_tokens=6)
+
+
+def test_a_batch_drafter_of_ones_own_that_proposes_well_decodes_as_batch_1(monkeypatch):
+    monkeypatch.setattr(Repeat, "batched", lambda self: NativeBatch(self))
+    decoder = SpeculativeDecoder(pair("llama")[0], Repeat())
+    batched = decoder.generate_batch(PROMPTS, max_new_tokens=8).sequences
+    assert all(torch.equal(b, decoder.generate(p, max_new_tokens=8).sequences) for b, p in zip(batched, PROMPTS))
 
 
 def test_a_chain_of_a_list_equals_the_chain_of_its_tensor():

@@ -14,7 +14,8 @@ Besides tokens/s, tau and draft acceptance, a chain's row gives its efficiency (
 over our autoregressive loop / the speedup predicted from tau and the measured forward costs)
 and its zero-overhead ceiling against HF with the same drafter and k: HF's time divided by our
 prefill plus our verify forwards each costed at ``k T_d(1) + T_t(k + 1)``, i.e. what the ratio
-would be if our loop cost nothing beyond the forwards. Forward costs are timed after every
+would be if our loop cost nothing beyond the forwards. ``T_d(1)`` is the draft forward as our chains run
+it (the lean forward where the draft supports it; the header gives transformers' time beside it). Forward costs are timed after every
 prompt's rounds (5 repetitions each) and the median over prompts is kept, so a machine whose
 speed drifts during the run skews the costs and the runs alike.
 
@@ -180,8 +181,9 @@ def _markdown(rows: list[dict], floor: bool) -> str:
 def median_costs(samples: list[dict]) -> dict:
     """Per width, the median over cost samples taken between prompts (see :func:`main`)."""
     target = {w: statistics.median(c["target"][w] for c in samples) for w in samples[0]["target"]}
-    draft = statistics.median(c["draft"] for c in samples) if samples[0]["draft"] is not None else None
-    return {**samples[0], "target": target, "draft": draft}
+    drafts = {key: statistics.median(c[key] for c in samples) if samples[0].get(key) is not None else None
+              for key in ("draft", "draft_transformers")}
+    return {**samples[0], "target": target, **drafts}
 
 
 def verify_curve(target, context: int, widths: tuple[int, ...], backends: list[str], reps: int) -> tuple[dict, str]:
@@ -328,8 +330,10 @@ def main(argv=None) -> int:
         methods = build_methods(target, draft, args, fixed)
         context = int(statistics.median(p.shape[1] for p in prompts)) + args.max_new_tokens // 2
         samples: list[dict] = []  # forward costs timed between prompts, so machine drift hits them and the runs alike
+        probe = draft_probe(draft, context)
         run_all(methods, prompts, args.reps,
-                between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5)))
+                between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5,
+                                                             draft_probe=probe)))
         costs = median_costs(samples)
         static = (static_costs(fixed, draft, context, args.ks, compile=args.compile, backend=args.attn_backend)
                   if args.compile != "none" else None)
@@ -343,12 +347,29 @@ def main(argv=None) -> int:
               f"tokens, greedy, batch 1, "
               f"{args.reps} reps. Forward costs at context {context}: target "
               + ", ".join(f"w{w} {t * 1e3:.1f} ms" for w, t in costs["target"].items())
-              + f"; draft w1 {costs['draft'] * 1e3:.2f} ms."
+              + f"; draft w1 {draft_cost_note(costs)}."
               + (" " + floor_line(static, context) if static else "") + "\n")
     text = header + "\n" + table + (f"\n\nVerify forward by width at context {args.context or context}:\n\n"
                                      + curve_table if curve_table else "") + match_note(args.dtype)
     publish(text, {"rows": rows, "costs": costs, "static_costs": static, "verify_curves": curves}, args)
     return exit_status(rows, args.dtype)
+
+
+def draft_probe(draft, context: int):
+    """A zero-argument callable running one draft forward after ``context`` tokens as our chains run it (the
+    lean forward, :class:`drafters.fast_decoder.FastDecoder`), or None where the draft takes transformers'
+    forward (then both sides' draft forwards cost the same)."""
+    from drafters.fast_decoder import fast_decoder, forward_probe
+
+    return forward_probe(draft, True, context) if fast_decoder(draft) is not None else None
+
+
+def draft_cost_note(costs: dict) -> str:
+    """The header's draft cost: ours, and transformers' (HF's) where the lean forward made them differ."""
+    ours, plain = costs["draft"] * 1e3, costs.get("draft_transformers")
+    if plain is None or plain == costs["draft"]:
+        return f"{ours:.2f} ms"
+    return f"{ours:.2f} ms through our lean forward ({plain * 1e3:.2f} ms through transformers', as HF runs it)"
 
 
 def fused_note(args) -> str:

@@ -99,12 +99,19 @@ def forward_cost(model, context: int, width: int, reps: int = 15, backend: str =
     return measure_interleaved([(model, context, (width,))], reps, backend)[0][width]
 
 
-def measure_costs(target, draft, context: int, ks: list[int], backend: str = "sdpa", reps: int = 15) -> dict:
-    """``{"target": {width: s}, "draft": s, "context": L}`` for widths 1 and k + 1 of every k (uncached)."""
+def measure_costs(target, draft, context: int, ks: list[int], backend: str = "sdpa", reps: int = 15,
+                  draft_probe=None) -> dict:
+    """``{"target": {width: s}, "draft": s, "context": L}`` for widths 1 and k + 1 of every k (uncached).
+
+    ``draft`` is timed at width 1 through transformers' forward (``"draft_transformers"``, as Hugging Face's
+    assisted generation runs it); with ``draft_probe`` (:func:`drafters.fast_decoder.forward_probe`: the draft
+    as our chain runs it) ``"draft"`` is the probe's time, else the same transformers time."""
     widths = tuple(sorted({1} | {k + 1 for k in ks}))
     requests = [(target, context, widths)] + ([(draft, context, (1,))] if draft is not None else [])
     curves = measure_interleaved(requests, reps=reps, backend=backend)
-    return {"context": context, "target": curves[0], "draft": curves[1][1] if draft is not None else None}
+    plain = curves[1][1] if draft is not None else None
+    ours = time_probe(draft_probe, reps) if draft_probe is not None else plain
+    return {"context": context, "target": curves[0], "draft": ours, "draft_transformers": plain}
 
 
 # --------------------------------------------------------------------------- cached curves

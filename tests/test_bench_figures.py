@@ -188,4 +188,27 @@ def test_measure_costs_times_widths_1_and_k_plus_1(monkeypatch):
     monkeypatch.setattr(cost_measure, "measure_interleaved", measure)
     costs = cost_measure.measure_costs("target", "draft", 40, [2, 4])
     assert seen == [("target", 40, (1, 3, 5)), ("draft", 40, (1,))]
-    assert costs == {"context": 40, "target": {1: 1.0, 3: 3.0, 5: 5.0}, "draft": 1.0}
+    assert costs == {"context": 40, "target": {1: 1.0, 3: 3.0, 5: 5.0}, "draft": 1.0, "draft_transformers": 1.0}
+
+
+def test_measure_costs_times_the_draft_as_our_chain_runs_it(monkeypatch):
+    """With a probe (the lean forward our chains draft through), ``draft`` is the probe's time and
+    transformers' own forward (HF's) is kept beside it: the zero-overhead ceiling costs our drafts, not HF's."""
+    monkeypatch.setattr(cost_measure, "measure_interleaved",
+                        lambda requests, reps, backend: [{w: float(w) for w in widths} for _, _, widths in requests])
+    monkeypatch.setattr(cost_measure, "time_probe", lambda probe, reps: probe())
+    costs = cost_measure.measure_costs("target", "draft", 40, [2], draft_probe=lambda: 0.25)
+    assert (costs["draft"], costs["draft_transformers"]) == (0.25, 1.0)
+
+
+def test_the_bench_probe_runs_the_draft_through_the_lean_forward():
+    """A Llama draft gets a probe (one token through the lean forward after the context, giving its logits), and
+    the header names both costs when they differ."""
+    from experiments.bench import draft_cost_note, draft_probe
+    from tests.tiny_models import pair
+
+    draft = pair("llama")[1]
+    probe = draft_probe(draft, 12)
+    assert probe is not None and probe().shape[-1] == draft.config.vocab_size
+    assert "lean forward" in draft_cost_note({"draft": 0.001, "draft_transformers": 0.002})
+    assert draft_cost_note({"draft": 0.001, "draft_transformers": 0.001}) == "1.00 ms"

@@ -119,3 +119,22 @@ def test_the_batch_table_refuses_the_compile_rows_flags(capsys):
 
     assert bench.main(["--batch-sizes", "2", "--fuse-projections"]) == 2
     assert "drop them with --batch-sizes" in capsys.readouterr().err
+
+
+def test_a_chains_efficiency_is_taken_per_prompt_against_its_own_tau():
+    """Three prompts, each exactly as fast as its own tau predicts (efficiency 1.0 on each): the row says 1.00. The
+    mean tau over prompts (4.0, raised by the one prompt that accepts everything) against the median speedup
+    would have said 0.50."""
+    taus, chain_s = {0: 2.0, 1: 2.0, 2: 8.0}, {}
+    eager = {"target": {1: 0.02, 3: 0.025}, "draft": 0.005}  # predicted: tau * 0.02 / 0.035
+    for i, tau in taus.items():  # ours_ar takes 1.0 s per prompt: the chain's time is 1.0 / predicted speedup
+        chain_s[i] = [1.0 / (tau * 0.02 / 0.035)]
+    common = {"new_tokens": dict.fromkeys(taus, 30), "prefill_s": {i: [0.01] for i in taus},
+              "forwards": dict.fromkeys(taus, 10)}
+    methods = [Method("hf_plain", None, False, times={i: [1.0] for i in taus}, new_tokens=common["new_tokens"]),
+               Method("ours_ar", None, True, times={i: [1.0] for i in taus}, tau=dict.fromkeys(taus, 1.0), **common),
+               Method("hf_assisted_k2", None, False, 2, times={i: [1.0] for i in taus}, new_tokens=common["new_tokens"]),
+               Method("ours_chain_k2", None, True, 2, peer="hf_assisted_k2", times=chain_s, tau=taus,
+                      acceptance=dict.fromkeys(taus, 0.5), **common)]
+    rows, _ = summarize(methods, eager)
+    assert {r["method"]: r for r in rows}["ours_chain_k2"]["efficiency"] == "1.00 (1.14x / 1.14x)"

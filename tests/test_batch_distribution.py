@@ -3,8 +3,8 @@
 - Chi-square per row: a batch of rows with different prompts (and lengths), each row's 3-token
   continuation counted over seeded batched runs and compared with the row's exactly enumerated
   warped target distribution (Bonferroni over rows), for a sampled chain at temperature 1.0 and a
-  tree drawn without replacement at 0.7 with top-k; every row accepts drafts and some row rejects
-  them often (the batch-1 cells' acceptance band). A planted off-by-one in the row index of the rows' offsets fails the
+  tree drawn without replacement at 0.7 with top-k; every row's depth-1 acceptance is in the batch-1 cells'
+  band (it accepts drafts and rejects them often). A planted off-by-one in the row index of the rows' offsets fails the
   same test, for both.
 - Leak: noise in the other rows and in a row's stale slots leaves that row's logits unchanged.
 - Hypothesis: after any sequence of ragged tree writes, compactions, rollbacks, row drops and rows
@@ -26,7 +26,9 @@ from tests.lossless import ACCEPTANCE_BAND, ALPHA, NEW, chi_square_pvalue, exact
 from tests.tiny_models import pair, peaky_noisy_pair
 from verifier.batch import block_forward, prefill_rows
 
-ROW_PROMPTS = [[1, 2, 3, 1, 2], [4, 2, 1, 4, 2, 0, 3], [5, 5, 0]]
+#: Ragged rows (5, 2 and 7 tokens) after which both cases accept about half of their depth-1 drafts on every row
+#: (chain 0.43-0.57, tree 0.52-0.72): each row's reject branch runs hundreds of times.
+ROW_PROMPTS = [[2, 3, 2, 4, 1], [5, 2], [2, 3, 0, 0, 5, 1, 1]]
 SEED_BASE = 10**6  # seeds apart from those of the batch-1 distribution tests
 CASES = {
     "chain_t1.0": (lambda d: DraftModelDrafter(d, num_speculative_tokens=2), SamplingParams(temperature=1.0)),
@@ -61,13 +63,13 @@ def _pvalues(case: str, runs: int) -> tuple[list[float], list[float]]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_row_follows_its_target_distribution(case):
-    """Every row passes; every row accepts drafts (depth-1 acceptance at least the band's floor: a rule that rejected
-    every draft would pass the chi-square test by sampling the target alone), and some row rejects them often (at
-    most the band's ceiling; the tree's two children leave the other rows 0.99 and above)."""
+    """Every row passes, and every row's depth-1 acceptance is in the band: it accepts drafts (a rule that rejected
+    every draft would pass the chi-square test by sampling the target alone) and rejects them often (else the
+    reject branch, its residual distribution, would barely run on that row)."""
     pvalues, rates = _pvalues(case, 1500)
     assert min(pvalues) > ALPHA / len(ROW_PROMPTS), pvalues  # Bonferroni over the rows
     low, high = ACCEPTANCE_BAND
-    assert min(rates) >= low and min(rates) <= high, rates
+    assert all(low <= rate <= high for rate in rates), rates
 
 
 @pytest.mark.parametrize("case", list(CASES))

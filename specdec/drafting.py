@@ -163,49 +163,68 @@ def _takes_max_depth(propose: Callable) -> bool:
 
 
 def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | None = None, *,
-                     max_nodes: int | None = None) -> DraftTree:
+                     max_nodes: int | None = None, call: str = "propose()", check_ids: bool = True) -> DraftTree:
     """``tree``, what ``drafter.propose`` returned, if the decode loop can verify it: a :class:`DraftTree` of at most
-    ``max_nodes`` (default ``drafter.max_nodes``) nodes (the caches are sized by it) and at most ``max_depth`` levels (None: unchecked; the
-    tokens the run may still emit, less the one the target adds) whose ``draft_probs``, if any, are ``[N, V]`` over the target's
-    ``vocab_size``, with token ids in that vocabulary. Else :class:`SpecDecError` naming the drafter: a new drafter's
-    mistake is reported as its author's, not as the framework's."""
+    ``max_nodes`` (default ``drafter.max_nodes``) nodes (the caches are sized by it) and at most ``max_depth`` levels
+    (None: unchecked; the tokens the run may still emit, less the one the target adds) whose ``draft_probs``, if any,
+    are ``[N, V]`` over the target's ``vocab_size``, with token ids in that vocabulary (``check_ids``). Else
+    :class:`SpecDecError` naming the drafter and ``call``: a new drafter's mistake is reported as its author's, not
+    as the framework's."""
+    named = f"{_named(drafter)}: {call}"
     if not isinstance(tree, DraftTree):
-        raise SpecDecError(f"{_named(drafter)}: propose() returned a {type(tree).__name__}; return a "
+        raise SpecDecError(f"{named} returned a {type(tree).__name__}; return a "
                            "specdec.types.DraftTree (DraftTree.chain(tokens) for a chain, DraftTree.empty() for none)")
     if tree.tokens.dim() != 1 or tree.parents.shape != tree.tokens.shape:
-        raise SpecDecError(f"{_named(drafter)}: propose() returned a DraftTree with tokens {tuple(tree.tokens.shape)} "
+        raise SpecDecError(f"{named} returned a DraftTree with tokens {tuple(tree.tokens.shape)} "
                            f"and parents {tuple(tree.parents.shape)}; both must be [N]")
     max_nodes = drafter.max_nodes if max_nodes is None else max_nodes
     if tree.num_nodes > max_nodes:
-        raise SpecDecError(f"{_named(drafter)}: propose() returned {tree.num_nodes} nodes but its max_nodes is "
+        raise SpecDecError(f"{named} returned {tree.num_nodes} nodes but its max_nodes is "
                            f"{max_nodes} (the caches are sized by it); raise max_nodes or propose fewer")
     if max_depth is not None and tree.num_nodes > max_depth and int(tree.depth.max()) > max_depth:  # depth <= nodes
-        raise SpecDecError(f"{_named(drafter)}: propose(max_depth={max_depth}) returned a tree {int(tree.depth.max())} "
-                           "levels deep; propose at most max_depth levels (the tokens the run may still emit, less the "
-                           "one the target adds)")
-    if tree.num_nodes:
-        low, high = (int(v) for v in tree.tokens.aminmax())
-        if low < 0 or high >= vocab_size:
-            raise SpecDecError(f"{_named(drafter)}: propose() returned token id {low if low < 0 else high}, outside "
-                               f"the target's vocabulary of {vocab_size} ids (0 to {vocab_size - 1})")
+        depth_call = f"propose(max_depth={max_depth})" if call == "propose()" else f"{call} (max_depth {max_depth})"
+        raise SpecDecError(f"{_named(drafter)}: {depth_call} returned a tree {int(tree.depth.max())} levels deep; "
+                           "propose at most max_depth levels (the tokens the run may still emit, less the one the "
+                           "target adds)")
+    if check_ids and tree.num_nodes:
+        check_token_ids(drafter, tree.tokens, vocab_size, call)
     probs = tree.draft_probs
     if probs is not None and tuple(probs.shape) != (tree.num_nodes, vocab_size):
-        raise SpecDecError(f"{_named(drafter)}: propose() returned draft_probs of shape {tuple(probs.shape)}; expected "
+        raise SpecDecError(f"{named} returned draft_probs of shape {tuple(probs.shape)}; expected "
                            f"[{tree.num_nodes}, {vocab_size}] (one row per node over the target's vocabulary)")
     return tree
 
 
+def check_token_ids(drafter, tokens: torch.Tensor, vocab_size: int, call: str = "propose()") -> None:
+    """:class:`SpecDecError` naming ``drafter`` if a proposed token id (``tokens``, any shape, not empty) is outside
+    the target's vocabulary."""
+    low, high = (int(v) for v in tokens.aminmax())
+    if low < 0 or high >= vocab_size:
+        raise SpecDecError(f"{_named(drafter)}: {call} returned token id {low if low < 0 else high}, outside "
+                           f"the target's vocabulary of {vocab_size} ids (0 to {vocab_size - 1})")
+
+
 def checked_row_proposals(drafter, trees, max_depths: list[int], max_nodes: int, vocab_size: int) -> list[DraftTree]:
     """``trees``, what a batch drafter's ``propose(max_depths)`` returned (``drafter``: a
-    :class:`~specdec.batch_drafting.BatchDrafter` that batches its own forwards), if the batched loop can verify them:
-    a list of one tree per active row (``len(max_depths)``), each as :func:`checked_proposal` checks one, against
-    the batch-1 drafter's ``max_nodes`` (the batch cache is sized by it) and the row's own depth limit."""
+    :class:`~specdec.batch_drafting.BatchDrafter` that batches its own forwards), if the batched loop can verify
+    them: a list of one tree per active row (``len(max_depths)``), each as :func:`checked_proposal` checks one,
+    against the batch-1 drafter's ``max_nodes`` (the batch cache is sized by it) and the row's own depth limit.
+    The token ids of all rows are checked at once (one host read); a row found outside is named."""
     if not isinstance(trees, (list, tuple)) or len(trees) != len(max_depths):
         got = f"{len(trees)} trees" if isinstance(trees, (list, tuple)) else f"a {type(trees).__name__}"
-        raise SpecDecError(f"{_named(drafter)}: propose() returned {got} for {len(max_depths)} active rows; return a "
-                           "list of one DraftTree per row (DraftTree.empty() for a row without drafts)")
-    return [checked_proposal(drafter, tree, vocab_size, depth, max_nodes=max_nodes)
-            for tree, depth in zip(trees, max_depths)]
+        raise SpecDecError(f"{_named(drafter)}: propose(max_depths) returned {got} for {len(max_depths)} active "
+                           "rows; return a list of one DraftTree per row (DraftTree.empty() for a row without drafts)")
+    checked = [checked_proposal(drafter, tree, vocab_size, depth, max_nodes=max_nodes, check_ids=False,
+                                call=f"propose(max_depths)[row {row}]")
+               for row, (tree, depth) in enumerate(zip(trees, max_depths))]
+    drafted = [tree.tokens for tree in checked if tree.num_nodes]
+    if drafted:
+        low, high = (int(v) for v in torch.cat(drafted).aminmax())
+        if low < 0 or high >= vocab_size:  # name the row
+            for row, tree in enumerate(checked):
+                if tree.num_nodes:
+                    check_token_ids(drafter, tree.tokens, vocab_size, f"propose(max_depths)[row {row}]")
+    return checked
 
 
 def _named(drafter: Drafter) -> str:

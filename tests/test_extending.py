@@ -185,16 +185,26 @@ class NativeBatch(BatchDrafter):
 
 
 @pytest.mark.parametrize(("drafter", "rows_wrong", "fragment"), [
-    (IgnoresDepth(8), 0, r"NativeBatch: propose\(max_depth=5\) returned a tree 8 levels deep"),
-    (ClaimsTooFew(), 0, r"NativeBatch: propose\(\) returned 3 nodes but its max_nodes is 1"),
-    (PastTheVocabulary(), 0, r"NativeBatch: propose\(\) returned token id 257, outside the target's vocabulary"),
-    (Repeat(), 1, r"NativeBatch: propose\(\) returned 1 trees for 2 active rows; return a list of one DraftTree"),
-], ids=["too_deep", "too_many_nodes", "token_ids", "rows"])
+    (IgnoresDepth(8), 0, r"NativeBatch: propose\(max_depths\)\[row 0\] \(max_depth 5\) returned a tree 8 levels deep"),
+    (ClaimsTooFew(), 0, r"NativeBatch: propose\(max_depths\)\[row 0\] returned 3 nodes but its max_nodes is 1"),
+    (PastTheVocabulary(), 0, r"NativeBatch: propose\(max_depths\)\[row 0\] returned token id 257, outside the target"),
+    (ProbsOverSeven(), 0, r"NativeBatch: propose\(max_depths\)\[row 0\] returned draft_probs of shape \(3, 7\)"),
+    (Repeat(), 1, r"NativeBatch: propose\(max_depths\) returned 1 trees for 2 active rows; return a list of one"),
+], ids=["too_deep", "too_many_nodes", "token_ids", "wrong_vocabulary", "rows"])
 def test_what_a_batch_drafter_of_ones_own_proposes_is_checked_and_named(drafter, rows_wrong, fragment, monkeypatch):
     monkeypatch.setattr(type(drafter), "batched", lambda self: NativeBatch(self, rows_wrong))
     decoder = SpeculativeDecoder(pair("llama")[0], drafter)
     with pytest.raises(SpecDecError, match=fragment):
         decoder.generate_batch(PROMPTS, max_new_tokens=6)
+
+
+def test_the_rows_token_ids_are_checked_at_once_and_the_bad_row_named():
+    from specdec.drafting import checked_row_proposals
+
+    good = [DraftTree.chain([1, 2]), DraftTree.empty(), DraftTree.chain([256])]
+    assert checked_row_proposals(Repeat(), good, [3, 0, 1], 3, 257) == good
+    with pytest.raises(SpecDecError, match=r"Repeat: propose\(max_depths\)\[row 2\] returned token id 300"):
+        checked_row_proposals(Repeat(), [*good[:2], DraftTree.chain([3, 300])], [3, 0, 3], 3, 257)
 
 
 def test_a_batch_drafter_of_ones_own_that_proposes_well_decodes_as_batch_1(monkeypatch):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from drafters.fast_decoder import PROBE_CONTEXT, fast_decoder, forward_lm, forward_probe
+from drafters.fast_decoder import PROBE_CONTEXT, forward_lm, lean_probe
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import SpecDecError, positive_int
@@ -83,7 +83,7 @@ class CrossTokenizerDrafter(Drafter):
         """``draft_tokens`` draft forwards every step, whatever it proposes, then a verify of ``1 + k``."""
         self._follow(target)
         context = min(PROBE_CONTEXT, self._positions() - 1)
-        probe = forward_probe(self.model, True, context) if fast_decoder(self.model) else None
+        probe = lean_probe(self.model, True, context)
         return StepShape(kind="chain", max_nodes=self.k, draft_forwards="fixed", draft_model=self.model,
                          draft_probe=probe, k=self.draft_tokens)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from drafters.fast_decoder import fast_decoder, forward_lm, forward_probe
+from drafters.fast_decoder import forward_lm, lean_probe
 from drafters.tree_drafter import TreeDrafter, flag_of
 from drafters.tree_expansion import TreeFeed, accepted_fed_slots
 from specdec.cache import SpecDecCache
@@ -66,7 +66,7 @@ class DraftModelDrafter(TreeDrafter):
     def step_shape(self, target) -> StepShape:
         """One draft-model forward per tree level (k for a k-chain), then a verify of ``1 + max_nodes``; a draft
         that runs through :class:`~drafters.fast_decoder.FastDecoder` is timed through it (a probe)."""
-        probe = forward_probe(self.model, True) if self.fast_forward and fast_decoder(self.model) else None
+        probe = lean_probe(self.model, self.fast_forward)
         return StepShape(kind=self.step_kind, max_nodes=self.max_nodes, draft_forwards="per_level",
                          draft_model=self.model, draft_probe=probe, k=None if self.mode == "static" else self.k)
 

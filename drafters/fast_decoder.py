@@ -98,6 +98,13 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
+def lean_probe(model, fast: bool = True, context: int = PROBE_CONTEXT):
+    """The probe of a draft model run through the lean forward (:func:`forward_probe`), or None where it takes
+    transformers' forward (``fast`` false, or a model :class:`FastDecoder` does not support): then its cost is a
+    model's forward, timed as such. What the draft-model drafters and the bench time their drafts by."""
+    return forward_probe(model, True, context) if fast and fast_decoder(model) is not None else None
+
+
 def forward_probe(model, fast: bool, context: int = PROBE_CONTEXT, enter=None):
     """A zero-argument callable timing what a draft forward costs: one token after ``context`` cached slots
     through :func:`forward_lm` (``fast``), as drafting runs it. ``enter(n)``: a context manager around each

@@ -10,14 +10,14 @@ draft-model chain for each k, n-gram. Warm-ups first, then ``--reps`` repetition
 rotating order, CPU threads pinned. Every output is checked against HF plain greedy. Prints a
 Markdown table (also written to ``--markdown``) and writes raw results to ``--json``.
 
-Besides tokens/s, tau and draft acceptance, a chain's row gives its efficiency (measured speedup
-over our autoregressive loop / the speedup predicted from tau and the measured forward costs, per prompt, the
-median over prompts)
-and its zero-overhead ceiling against HF with the same drafter and k: HF's time divided by our
-prefill plus our verify forwards each costed at ``k T_d(1) + T_t(k + 1)``, i.e. what the ratio
-would be if our loop cost nothing beyond the forwards. ``T_d(1)`` is the draft forward as our chains run
-it (the lean forward where the draft supports it; the header gives transformers' time beside it). Forward costs are timed after every
-prompt's rounds (5 repetitions each) and the median over prompts is kept, so a machine whose
+Besides tokens/s, tau and draft acceptance, a chain's row gives its zero-overhead ceiling against HF with the
+same drafter and k: HF's time divided by our prefill plus our verify forwards each costed at
+``k T_d(1) + T_t(k + 1)``, i.e. what the ratio would be if our loop cost nothing beyond the forwards; and its
+efficiency: its measured speedup over our autoregressive loop divided by the speedup predicted the same way (both
+loops' prefills and forward counts, forwards at their measured costs). Both per prompt, median (min-max) over
+prompts. ``T_d(1)`` is the draft forward as our chains run it (the lean forward where the draft supports it; the
+header gives transformers' time beside it). Forward costs are timed after every prompt's rounds (5 repetitions
+each) and the median over prompts is kept, so a machine whose
 speed drifts during the run skews the costs and the runs alike.
 
 On a GPU (``--device cuda``) every method runs with the same SDPA kernels (cuDNN attention off:
@@ -43,6 +43,7 @@ import sys
 import torch
 
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
+from drafters.fast_decoder import lean_probe
 from experiments import cli
 from experiments.bench_inputs import load_pair, load_prompt_ids
 from experiments.bench_methods import (
@@ -57,8 +58,8 @@ from experiments.bench_methods import (
 )
 from experiments.bench_output import command_line, exit_status, machine_line, match_note, publish
 from experiments.captured_costs import floor_line, static_costs
-from experiments.cost_measure import measure_costs, measure_interleaved
-from experiments.costs import cost_at, predicted_chain_speedup
+from experiments.cost_measure import draft_cost_note, measure_costs, measure_interleaved
+from experiments.costs import cost_at
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
 from specdec.errors import SpecDecError
 from specdec.models import DTYPES
@@ -106,30 +107,34 @@ def build_methods(target, draft, args, fixed_target=None) -> list[Method]:
     return methods
 
 
+def zero_overhead_seconds(meth: Method, costs: dict) -> dict[int, float]:
+    """Per prompt, what ``meth`` (one of ours) would take if its loop cost nothing beyond the forwards: its measured
+    prefill plus its verify forwards, each costed at ``k T_d(1) + T_t(k + 1)`` (``T_t(1)`` without drafts)."""
+    k = meth.k or 0
+    round_s = k * (costs["draft"] or 0.0) + cost_at(costs["target"], k + 1)
+    return {i: statistics.median(meth.prefill_s[i]) + meth.forwards[i] * round_s for i in meth.times}
+
+
 def zero_overhead_ceiling(meth: Method, peer: Method, costs: dict) -> dict[int, float]:
-    """Per prompt, the most a chain could gain over ``peer``: the peer's time divided by our measured
-    prefill plus our verify forwards, each costed at ``k T_d(1) + T_t(k + 1)`` (no loop overhead at all)."""
-    round_s = meth.k * (costs["draft"] or 0.0) + cost_at(costs["target"], meth.k + 1)
-    return {i: statistics.median(peer.times[i]) / (statistics.median(meth.prefill_s[i]) + meth.forwards[i] * round_s)
-            for i in meth.times}
+    """Per prompt, the most a chain could gain over ``peer``: the peer's time over ours without loop overhead
+    (:func:`zero_overhead_seconds`)."""
+    return {i: statistics.median(peer.times[i]) / seconds for i, seconds in zero_overhead_seconds(meth, costs).items()}
 
 
 def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def _chain_figures(m: Method, mine: dict, ar: dict, costs: dict, peer: Method) -> tuple[str, str]:
-    """A chain's efficiency over ``ar`` (our AR loop's tokens/s per prompt, through the same step) against
-    ``costs``' prediction, and its zero-overhead ceiling against ``peer``. Efficiency is taken per prompt (its
-    measured speedup over the one predicted from its own tau), then the median over prompts; the medians of
-    both speedups follow it. (A mean tau over prompts against a median speedup would mix two averages: a
-    few prompts accepting everything raise the mean, not the median.)"""
-    measured = {i: mine[i] / ar[i] for i in mine}
-    predicted = {i: predicted_chain_speedup(m.tau[i], m.k, costs["target"], costs["draft"]) for i in mine}
-    efficiency = statistics.median(measured[i] / predicted[i] for i in mine)
-    medians = f"{statistics.median(measured.values()):.2f}x / {statistics.median(predicted.values()):.2f}x"
-    return (f"{efficiency:.2f} ({medians})",
-            _spread(list(zero_overhead_ceiling(m, peer, costs).values())))
+def _chain_figures(m: Method, mine: dict, ar: Method, ar_tps: dict, costs: dict, peer: Method) -> tuple[str, str]:
+    """A chain's efficiency and its zero-overhead ceiling against ``peer``, median (min-max) over prompts.
+
+    Efficiency, per prompt: the chain's measured speedup over our AR loop ``ar`` (tokens/s ``ar_tps``, through the
+    same step) divided by the speedup ``costs`` predict for that prompt, both loops costed without overhead
+    (:func:`zero_overhead_seconds`: each one's own prefill and count of forwards, so the prompt's tau and its
+    prefill are in the prediction, as in the measurement)."""
+    ours, base = zero_overhead_seconds(m, costs), zero_overhead_seconds(ar, costs)
+    efficiency = [(mine[i] / ar_tps[i]) / (base[i] / ours[i]) for i in mine]
+    return _spread(efficiency), _spread(list(zero_overhead_ceiling(m, peer, costs).values()))
 
 
 def summarize(methods: list[Method], costs: dict, static: dict | None = None,
@@ -159,15 +164,16 @@ def summarize(methods: list[Method], costs: dict, static: dict | None = None,
             row["vs_hf_same_drafter"] = _spread([mine[i] / tps[m.peer][i] for i in mine])
         if m.name.startswith("ours_chain") and not m.dynamic:
             fixed = static is not None and m.name.endswith(f"_{compile}")
+            ar = f"ours_ar_{compile}" if fixed else "ours_ar"
             row["efficiency"], row["ceiling_vs_hf"] = _chain_figures(
-                m, mine, tps[f"ours_ar_{compile}" if fixed else "ours_ar"], static if fixed else costs, by_name[m.peer])
+                m, mine, by_name[ar], tps[ar], static if fixed else costs, by_name[m.peer])
         rows.append(row)
     return rows, _markdown(rows, static is not None)
 
 
 def _markdown(rows: list[dict], floor: bool) -> str:
     columns = ["method", "tokens/s (median)", "speedup vs HF plain, median (min-max)", "ours / HF same drafter & k",
-               "tau: mean over prompts / pooled", "draft acceptance", "efficiency (measured / predicted over our AR)",
+               "tau: mean over prompts / pooled", "draft acceptance", "efficiency (measured / predicted speedup over our AR)",
                "zero-overhead ceiling vs HF same drafter & k", "output = HF plain greedy"] + \
         (["time per token / target's read floor", "after prefill"] if floor else [])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -335,7 +341,7 @@ def main(argv=None) -> int:
         methods = build_methods(target, draft, args, fixed)
         context = int(statistics.median(p.shape[1] for p in prompts)) + args.max_new_tokens // 2
         samples: list[dict] = []  # forward costs timed between prompts, so machine drift hits them and the runs alike
-        probe = draft_probe(draft, context)
+        probe = lean_probe(draft, True, context)  # the draft as our chains run it
         run_all(methods, prompts, args.reps,
                 between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5,
                                                              draft_probe=probe)))
@@ -358,23 +364,6 @@ def main(argv=None) -> int:
                                      + curve_table if curve_table else "") + match_note(args.dtype)
     publish(text, {"rows": rows, "costs": costs, "static_costs": static, "verify_curves": curves}, args)
     return exit_status(rows, args.dtype)
-
-
-def draft_probe(draft, context: int):
-    """A zero-argument callable running one draft forward after ``context`` tokens as our chains run it (the
-    lean forward, :class:`drafters.fast_decoder.FastDecoder`), or None where the draft takes transformers'
-    forward (then both sides' draft forwards cost the same)."""
-    from drafters.fast_decoder import fast_decoder, forward_probe
-
-    return forward_probe(draft, True, context) if fast_decoder(draft) is not None else None
-
-
-def draft_cost_note(costs: dict) -> str:
-    """The header's draft cost: ours, and transformers' (HF's) where the lean forward made them differ."""
-    ours, plain = costs["draft"] * 1e3, costs.get("draft_transformers")
-    if plain is None or plain == costs["draft"]:
-        return f"{ours:.2f} ms"
-    return f"{ours:.2f} ms through our lean forward ({plain * 1e3:.2f} ms through transformers', as HF runs it)"
 
 
 def fused_note(args) -> str:

@@ -101,17 +101,28 @@ def forward_cost(model, context: int, width: int, reps: int = 15, backend: str =
 
 def measure_costs(target, draft, context: int, ks: list[int], backend: str = "sdpa", reps: int = 15,
                   draft_probe=None) -> dict:
-    """``{"target": {width: s}, "draft": s, "context": L}`` for widths 1 and k + 1 of every k (uncached).
+    """``{"target": {width: s}, "draft": s, "draft_transformers": s, "context": L}`` for widths 1 and k + 1 of
+    every k (uncached).
 
     ``draft`` is timed at width 1 through transformers' forward (``"draft_transformers"``, as Hugging Face's
-    assisted generation runs it); with ``draft_probe`` (:func:`drafters.fast_decoder.forward_probe`: the draft
-    as our chain runs it) ``"draft"`` is the probe's time, else the same transformers time."""
+    assisted generation runs it), round-robin with the target; with ``draft_probe``
+    (:func:`drafters.fast_decoder.lean_probe`: the draft as our chain runs it) ``"draft"`` is the probe's time,
+    taken after those rounds (``reps`` calls back to back, so its weights stay warm: on a CPU a little below its
+    cost between target forwards), else the same transformers time."""
     widths = tuple(sorted({1} | {k + 1 for k in ks}))
     requests = [(target, context, widths)] + ([(draft, context, (1,))] if draft is not None else [])
     curves = measure_interleaved(requests, reps=reps, backend=backend)
     plain = curves[1][1] if draft is not None else None
     ours = time_probe(draft_probe, reps) if draft_probe is not None else plain
     return {"context": context, "target": curves[0], "draft": ours, "draft_transformers": plain}
+
+
+def draft_cost_note(costs: dict) -> str:
+    """The header's draft cost: ours, and transformers' (HF's) where the lean forward made them differ."""
+    ours, plain = costs["draft"] * 1e3, costs.get("draft_transformers")
+    if plain is None or plain == costs["draft"]:
+        return f"{ours:.2f} ms"
+    return f"{ours:.2f} ms through our lean forward ({plain * 1e3:.2f} ms through transformers', as HF runs it)"
 
 
 # --------------------------------------------------------------------------- cached curves

@@ -204,11 +204,13 @@ def test_measure_costs_times_the_draft_as_our_chain_runs_it(monkeypatch):
 def test_the_bench_probe_runs_the_draft_through_the_lean_forward():
     """A Llama draft gets a probe (one token through the lean forward after the context, giving its logits), and
     the header names both costs when they differ."""
-    from experiments.bench import draft_cost_note, draft_probe
+    from drafters.fast_decoder import lean_probe
+    from experiments.cost_measure import draft_cost_note
     from tests.tiny_models import pair
 
     draft = pair("llama")[1]
-    probe = draft_probe(draft, 12)
+    probe = lean_probe(draft, True, 12)
     assert probe is not None and probe().shape[-1] == draft.config.vocab_size
+    assert lean_probe(draft, False, 12) is None  # fast_forward=False: timed as transformers' forward
     assert "lean forward" in draft_cost_note({"draft": 0.001, "draft_transformers": 0.002})
     assert draft_cost_note({"draft": 0.001, "draft_transformers": 0.001}) == "1.00 ms"

@@ -44,7 +44,7 @@ def _method(name: str, seconds: float, k: int | None = None, peer: str | None = 
     ours = name.startswith("ours")
     return Method(name, run=None, ours=ours, k=k, peer=peer, times={0: [seconds]}, new_tokens={0: 30},
                   tau={0: 3.0} if ours else {}, acceptance={0: 0.5} if k else {}, prefill_s={0: [0.01]} if ours else {},
-                  forwards={0: 10} if ours else {})
+                  forwards={0: 10 if k else 29} if ours else {})  # a chain's 10 verifies; the AR loop's 29 (30 tokens)
 
 
 def test_a_captured_chain_is_judged_against_the_captured_loop_and_costs():
@@ -56,10 +56,12 @@ def test_a_captured_chain_is_judged_against_the_captured_loop_and_costs():
               "captured": True}
     rows, table = summarize(methods, eager, static, "graph")
     by = {r["method"]: r for r in rows}
-    # eager chain: 0.8 / 0.5 = 1.60x over ours_ar, predicted 3 * 0.02 / (2 * 0.005 + 0.025) = 1.71x
-    assert by["ours_chain_k2"]["efficiency"] == "0.93 (1.60x / 1.71x)"
-    # captured chain: 0.3 / 0.15 = 2.00x over ours_ar_graph, predicted 3 * 0.01 / (2 * 0.002 + 0.012) = 1.88x
-    assert by["ours_chain_k2_graph"]["efficiency"] == "1.07 (2.00x / 1.88x)"
+    # eager chain: 0.8 / 0.5 = 1.60x over ours_ar, predicted (0.01 + 29 * 0.02) / (0.01 + 10 * (2 * 0.005 + 0.025))
+    # = 0.59 / 0.36 = 1.64x: 0.98
+    assert by["ours_chain_k2"]["efficiency"] == "0.98 (0.98-0.98)"
+    # captured chain: 0.3 / 0.15 = 2.00x over ours_ar_graph, predicted (0.01 + 29 * 0.01) / (0.01 + 10 * 0.016)
+    # = 0.30 / 0.17 = 1.76x: 1.13
+    assert by["ours_chain_k2_graph"]["efficiency"] == "1.13 (1.13-1.13)"
     assert by["ours_ar_graph"]["per_token_vs_read_floor"] == pytest.approx(0.3 / 30 / 0.005)
     # after prefill: (0.3 - 0.01) / 30 tokens over the floor; HF's rows have no prefill split
     assert by["ours_ar_graph"]["decode_per_token_vs_read_floor"] == pytest.approx(0.29 / 30 / 0.005)
@@ -121,20 +123,22 @@ def test_the_batch_table_refuses_the_compile_rows_flags(capsys):
     assert "drop them with --batch-sizes" in capsys.readouterr().err
 
 
-def test_a_chains_efficiency_is_taken_per_prompt_against_its_own_tau():
-    """Three prompts, each exactly as fast as its own tau predicts (efficiency 1.0 on each): the row says 1.00. The
-    mean tau over prompts (4.0, raised by the one prompt that accepts everything) against the median speedup
-    would have said 0.50."""
-    taus, chain_s = {0: 2.0, 1: 2.0, 2: 8.0}, {}
-    eager = {"target": {1: 0.02, 3: 0.025}, "draft": 0.005}  # predicted: tau * 0.02 / 0.035
-    for i, tau in taus.items():  # ours_ar takes 1.0 s per prompt: the chain's time is 1.0 / predicted speedup
-        chain_s[i] = [1.0 / (tau * 0.02 / 0.035)]
-    common = {"new_tokens": dict.fromkeys(taus, 30), "prefill_s": {i: [0.01] for i in taus},
-              "forwards": dict.fromkeys(taus, 10)}
-    methods = [Method("hf_plain", None, False, times={i: [1.0] for i in taus}, new_tokens=common["new_tokens"]),
-               Method("ours_ar", None, True, times={i: [1.0] for i in taus}, tau=dict.fromkeys(taus, 1.0), **common),
-               Method("hf_assisted_k2", None, False, 2, times={i: [1.0] for i in taus}, new_tokens=common["new_tokens"]),
-               Method("ours_chain_k2", None, True, 2, peer="hf_assisted_k2", times=chain_s, tau=taus,
-                      acceptance=dict.fromkeys(taus, 0.5), **common)]
+def test_a_chains_efficiency_is_taken_per_prompt_against_its_own_forwards():
+    """Three prompts of 32 tokens, each decoded exactly as fast as its forwards cost (tau 2, 2 and 8; efficiency 1.0
+    on each): the row says 1.00 on every prompt. A prediction from the mean tau over prompts (4.0, raised by the one
+    prompt that accepts everything) against the median speedup would have said under 0.5."""
+    chain_forwards = {0: 16, 1: 16, 2: 4}
+    eager = {"target": {1: 0.02, 3: 0.025}, "draft": 0.005}  # a chain's verify costs 2 * 0.005 + 0.025
+    prompts = list(chain_forwards)
+    shared = {"new_tokens": dict.fromkeys(prompts, 32), "prefill_s": {i: [0.01] for i in prompts}}
+    ar_s, chain_s = {i: [0.01 + 31 * 0.02] for i in prompts}, {i: [0.01 + f * 0.035] for i, f in chain_forwards.items()}
+    hf = {"times": {i: [1.0] for i in prompts}, "new_tokens": shared["new_tokens"]}
+    methods = [Method("hf_plain", None, False, **hf),
+               Method("ours_ar", None, True, times=ar_s, tau=dict.fromkeys(prompts, 1.0),
+                      forwards=dict.fromkeys(prompts, 31), **shared),
+               Method("hf_assisted_k2", None, False, 2, **hf),
+               Method("ours_chain_k2", None, True, 2, peer="hf_assisted_k2", times=chain_s,
+                      tau={i: 32 / f for i, f in chain_forwards.items()}, acceptance=dict.fromkeys(prompts, 0.5),
+                      forwards=chain_forwards, **shared)]
     rows, _ = summarize(methods, eager)
-    assert {r["method"]: r for r in rows}["ours_chain_k2"]["efficiency"] == "1.00 (1.14x / 1.14x)"
+    assert {r["method"]: r for r in rows}["ours_chain_k2"]["efficiency"] == "1.00 (1.00-1.00)"

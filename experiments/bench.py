@@ -56,7 +56,7 @@ from experiments.bench_methods import (
     tau_cell,
     tokens_per_s,
 )
-from experiments.bench_output import command_line, exit_status, machine_line, match_note, publish
+from experiments.bench_output import command_line, exit_status, loop_table, machine_line, match_note, publish
 from experiments.captured_costs import floor_line, static_costs
 from experiments.cost_measure import draft_cost_note, measure_costs, measure_interleaved
 from experiments.costs import cost_at
@@ -349,6 +349,7 @@ def main(argv=None) -> int:
         static = (static_costs(fixed, draft, context, args.ks, compile=args.compile, backend=args.attn_backend)
                   if args.compile != "none" else None)
         rows, table = summarize(methods, costs, static, args.compile)
+        loops, loop_md = loop_table(methods, lambda m: static if m.name.endswith(f"_{args.compile}") else costs)
         curves, curve_table = (verify_curve(target, args.context or context, args.verify_widths, args.backends, 10)
                                if args.verify_curve else (None, ""))
     source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
@@ -360,9 +361,11 @@ def main(argv=None) -> int:
               + ", ".join(f"w{w} {t * 1e3:.1f} ms" for w, t in costs["target"].items())
               + f"; draft w1 {draft_cost_note(costs)}."
               + (" " + floor_line(static, context) if static else "") + "\n")
-    text = header + "\n" + table + (f"\n\nVerify forward by width at context {args.context or context}:\n\n"
-                                     + curve_table if curve_table else "") + match_note(args.dtype)
-    publish(text, {"rows": rows, "costs": costs, "static_costs": static, "verify_curves": curves}, args)
+    text = (header + "\n" + table + "\n\nWhere our steps go (ms per verify step in the loop; isolated costs in brackets):"
+            "\n\n" + loop_md + (f"\n\nVerify forward by width at context {args.context or context}:\n\n"
+                                + curve_table if curve_table else "") + match_note(args.dtype))
+    publish(text, {"rows": rows, "loops": loops, "costs": costs, "static_costs": static, "verify_curves": curves},
+            args)
     return exit_status(rows, args.dtype)
 
 

@@ -33,6 +33,7 @@ class Method:
     forwards: dict = field(default_factory=dict)  # prompt index -> verify forwards (ours)
     outputs: dict = field(default_factory=dict)  # prompt index -> output ids [1, T + new] (the last round's)
     matches: bool = True
+    loop: dict = field(default_factory=dict)  # ours: seconds per phase summed over the timed calls, and their steps
 
 
 def decode_run(target, drafter, max_new: int, temperature: float = 0.0, **options):
@@ -72,9 +73,37 @@ def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, betwe
                     meth.acceptance[i] = stats.draft_acceptance_rate
                     meth.prefill_s.setdefault(i, []).append(stats.time_prefill)
                     meth.forwards[i] = stats.target_forwards
+                    add_loop(meth.loop, stats)
         if between is not None:
             between()
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
+
+
+#: The decode loop's phases a step is split into (:func:`add_loop`), as :class:`~specdec.stats.DecodeStats` times them.
+LOOP_PHASES = ("draft", "verify", "accept")
+
+
+def add_loop(loop: dict, stats) -> None:
+    """Add one call's decode loop to ``loop``: its steps (verify forwards), the seconds of each of ``LOOP_PHASES``
+    and of the whole loop (``decode``: the call's time less its prefill)."""
+    if getattr(stats, "time_total", None) is None:
+        return
+    loop["steps"] = loop.get("steps", 0) + stats.target_forwards
+    loop["decode"] = loop.get("decode", 0.0) + stats.time_total - stats.time_prefill
+    for phase in LOOP_PHASES:
+        loop[phase] = loop.get(phase, 0.0) + getattr(stats, f"time_{phase}")
+
+
+def loop_ms_per_step(meth: Method) -> dict[str, float] | None:
+    """Ours: milliseconds per verify step of each phase, ``rest`` (the loop's time outside them) and ``step``
+    (all of it), over every timed call; None without steps (HF's methods)."""
+    steps = meth.loop.get("steps", 0)
+    if not steps:
+        return None
+    ms = {phase: meth.loop[phase] * 1e3 / steps for phase in LOOP_PHASES}
+    ms["step"] = meth.loop["decode"] * 1e3 / steps
+    ms["rest"] = ms["step"] - sum(ms[phase] for phase in LOOP_PHASES)
+    return ms
 
 
 def pick_methods(methods: list[Method], option: str | None, always: tuple[str, ...] = (),

@@ -214,3 +214,24 @@ def test_the_bench_probe_runs_the_draft_through_the_lean_forward():
     assert lean_probe(draft, False, 12) is None  # fast_forward=False: timed as transformers' forward
     assert "lean forward" in draft_cost_note({"draft": 0.001, "draft_transformers": 0.002})
     assert draft_cost_note({"draft": 0.001, "draft_transformers": 0.001}) == "1.00 ms"
+
+
+def test_the_loop_table_splits_our_steps_and_sets_isolated_costs_beside():
+    """Two calls of 10 and 30 steps: ms per step over all 40 steps, the rest of the loop what the phases leave; a
+    chain's isolated drafting is k T_d(1) and its verify T_t(k + 1); HF's methods and trees get no row."""
+    from experiments.bench_methods import add_loop
+    from experiments.bench_output import loop_table
+
+    chain = Method("ours_chain_k2", None, True, 2)
+    for steps, draft, verify in ((10, 0.02, 0.06), (30, 0.06, 0.18)):
+        add_loop(chain.loop, SimpleNamespace(target_forwards=steps, time_total=0.5 + draft + verify + 0.004 * steps,
+                                             time_prefill=0.5, time_draft=draft, time_verify=verify,
+                                             time_accept=0.001 * steps))
+    add_loop(chain.loop, SimpleNamespace(tau=2.0))  # stand-in stats without timings are skipped
+    others = [Method("hf_plain", None, False), Method("ours_tree_binary", None, True)]
+    rows, table = loop_table([*others, chain], lambda m: {"target": {1: 0.004, 3: 0.005}, "draft": 0.001})
+    ms = rows["ours_chain_k2"]
+    assert list(rows) == ["ours_chain_k2"] and table.count("\n") == 2
+    assert (ms["draft"], ms["verify"], ms["accept"]) == pytest.approx((2.0, 6.0, 1.0))
+    assert (ms["step"], ms["rest"]) == pytest.approx((12.0, 3.0))  # 8 ms of phases + 4 ms of loop per step
+    assert (ms["draft_isolated"], ms["verify_isolated"]) == pytest.approx((2.0, 5.0))

@@ -220,3 +220,6 @@ def test_side_by_side_benchmark_on_micro_pair(micro, tmp_path):
     assert dynamic["vs_hf_same_drafter"] and dynamic["efficiency"] is None and dynamic["tau"] >= 1.0
     table = md.read_text()
     assert "draft acceptance" in table and "| NO |" not in table and table.count("| yes |") == len(expected)
+    loops = json.loads(js.read_text())["loops"]  # where our steps go: the AR loop and the chain of fixed k
+    assert set(loops) == {"ours_ar", "ours_chain_k2"} and all(ms["step"] > ms["verify"] > 0 for ms in loops.values())
+    assert "| ours_chain_k2 | " in table.split("Where our steps go")[1]

@@ -58,8 +58,8 @@ def _number(text: str) -> float:
 def temperature(text: str) -> float:
     """An argparse ``type``: a sampling temperature (0: greedy)."""
     value = _number(text)
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"{text} is not a temperature: use 0 for greedy decoding or a value > 0")
+    if not 0 <= value < float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not a temperature: use 0 for greedy decoding or a finite value > 0")
     return value
 
 

@@ -96,6 +96,8 @@ def _parse_line(path: Path, lineno: int, line: str) -> Prompt:
     if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
         raise PromptFileError(f"{where}: missing or empty 'turns' (a list of prompt strings); {fix}")
     question_id = record.get("question_id", lineno)
+    if isinstance(question_id, bool) or not isinstance(question_id, (int, str)):
+        raise PromptFileError(f"{where}: question_id {question_id!r} is not a number or a string; {fix}")
     messages = record.get("messages")
     if messages is not None and not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
@@ -116,11 +118,16 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[Prom
     if not path.is_file():
         problem = "is a directory" if path.is_dir() else "does not exist"
         raise PromptFileError(f"prompt file {str(path)!r} {problem}; pass the path of a Spec-Bench question.jsonl")
-    prompts = []
+    prompts, first_line = [], {}
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):
             if line.strip():
-                prompts.append(_parse_line(path, lineno, line))
+                prompt = _parse_line(path, lineno, line)
+                if prompt.question_id in first_line:  # results, comparisons and resuming go by question_id
+                    raise PromptFileError(f"{path}:{lineno}: question_id {prompt.question_id!r} is also line "
+                                          f"{first_line[prompt.question_id]}'s; give every prompt its own question_id")
+                first_line[prompt.question_id] = lineno
+                prompts.append(prompt)
             if limit is not None and len(prompts) >= limit:
                 break
     if not prompts:

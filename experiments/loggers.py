@@ -98,7 +98,7 @@ class WandbLogger(Logger):
             "project": project,
             "entity": entity,
             "group": group,
-            "tags": list(tags or []),
+            "tags": tag_list(tags),
             "name": run_name,
         }
         self.run = None
@@ -224,6 +224,11 @@ class GuardedLogger(Logger):
         return bool(self._call("backfill", summary, records))
 
 
+def tag_list(tags: Any) -> list[str]:
+    """W&B tags from ``logger.tags``: a list, or one tag as a plain string (``logger.tags=mine``), not its letters."""
+    return [tags] if isinstance(tags, str) else [str(tag) for tag in tags or []]
+
+
 def flatten(tree: dict, prefix: str = "", sep: str = "/") -> dict:
     """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``; lists are kept as values."""
     flat: dict = {}
@@ -248,7 +253,7 @@ def training_wandb_settings(cfg: Any, run_dir: Path, job_type: str, tags: Sequen
     if "wandb" not in str(logger.get("_target_", "")).lower():
         return None
     return {"mode": logger.get("mode", "offline"), "project": logger.get("project", "specdec"),
-            "entity": logger.get("entity"), "tags": list(logger.get("tags") or []) + [job_type, *tags],
+            "entity": logger.get("entity"), "tags": tag_list(logger.get("tags")) + [job_type, *tags],
             "name": name, "dir": str(run_dir), "job_type": job_type,
             "config": OmegaConf.to_container(cfg, resolve=True)}
 

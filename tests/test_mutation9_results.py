@@ -23,22 +23,7 @@ from experiments.loggers import GuardedLogger, Logger, TrainingLog, WandbLogger,
 from experiments.wandb_run import STATE_FILE, RunState
 from specdec.errors import ConfigError, SpecDecError
 from specdec.stats import DecodeStats
-
-
-class FakeRun:
-    """What a W&B run receives: init arguments, log calls, summary updates."""
-
-    def __init__(self, **init):
-        self.init, self.logged, self.summary = init, [], {}
-
-    def log(self, data, step=None):
-        self.logged.append((data, step))
-
-    def define_metric(self, *args, **kwargs):
-        pass
-
-    def finish(self):
-        pass
+from tests.test_metrics_logged import FakeRun
 
 
 @pytest.fixture

@@ -170,16 +170,15 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | N
     are ``[N, V]`` over the target's ``vocab_size``, with token ids in that vocabulary (``check_ids``). Else
     :class:`SpecDecError` naming the drafter and ``call``: a new drafter's mistake is reported as its author's, not
     as the framework's."""
-    named = f"{_named(drafter)}: {call}"
     if not isinstance(tree, DraftTree):
-        raise SpecDecError(f"{named} returned a {type(tree).__name__}; return a "
+        raise SpecDecError(f"{_named(drafter)}: {call} returned a {type(tree).__name__}; return a "
                            "specdec.types.DraftTree (DraftTree.chain(tokens) for a chain, DraftTree.empty() for none)")
     if tree.tokens.dim() != 1 or tree.parents.shape != tree.tokens.shape:
-        raise SpecDecError(f"{named} returned a DraftTree with tokens {tuple(tree.tokens.shape)} "
+        raise SpecDecError(f"{_named(drafter)}: {call} returned a DraftTree with tokens {tuple(tree.tokens.shape)} "
                            f"and parents {tuple(tree.parents.shape)}; both must be [N]")
     max_nodes = drafter.max_nodes if max_nodes is None else max_nodes
     if tree.num_nodes > max_nodes:
-        raise SpecDecError(f"{named} returned {tree.num_nodes} nodes but its max_nodes is "
+        raise SpecDecError(f"{_named(drafter)}: {call} returned {tree.num_nodes} nodes but its max_nodes is "
                            f"{max_nodes} (the caches are sized by it); raise max_nodes or propose fewer")
     if max_depth is not None and tree.num_nodes > max_depth and int(tree.depth.max()) > max_depth:  # depth <= nodes
         depth_call = f"propose(max_depth={max_depth})" if call == "propose()" else f"{call} (max_depth {max_depth})"
@@ -190,7 +189,7 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | N
         check_token_ids(drafter, tree.tokens, vocab_size, call)
     probs = tree.draft_probs
     if probs is not None and tuple(probs.shape) != (tree.num_nodes, vocab_size):
-        raise SpecDecError(f"{named} returned draft_probs of shape {tuple(probs.shape)}; expected "
+        raise SpecDecError(f"{_named(drafter)}: {call} returned draft_probs of shape {tuple(probs.shape)}; expected "
                            f"[{tree.num_nodes}, {vocab_size}] (one row per node over the target's vocabulary)")
     return tree
 

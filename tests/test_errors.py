@@ -200,3 +200,25 @@ def test_a_plugin_drafters_keys_are_its_own():
     with pytest.raises(ConfigError, match="drafter.layers=0"):
         check_before_loading(OmegaConf.create({"max_new_tokens": 4,
                                                "drafter": {"_target_": "drafters.LayerSkipDrafter", "layers": 0}}))
+
+
+def test_draft_logits_may_mask_tokens_but_not_hold_nan_inf_or_a_row_without_a_token():
+    """``check_finite(masked_ok=True)`` (a draft vocabulary's -inf) after its fast path for finite logits."""
+    from verifier.verifier import check_finite
+
+    logits = torch.randn(2, 8)  # [positions, V]
+    check_finite(logits, "draft", masked_ok=True)
+    masked = logits.clone()
+    masked[:, 3:] = float("-inf")
+    check_finite(masked, "draft", masked_ok=True)
+    for value, row in ((float("nan"), 0), (float("inf"), 1)):
+        bad = masked.clone()
+        bad[row, 0] = value
+        with pytest.raises(NonFiniteLogitsError, match="draft: the model produced"):
+            check_finite(bad, "draft", masked_ok=True)
+    empty = masked.clone()
+    empty[1] = float("-inf")  # a position that can propose no token
+    with pytest.raises(NonFiniteLogitsError):
+        check_finite(empty, "draft", masked_ok=True)
+    with pytest.raises(NonFiniteLogitsError):
+        check_finite(masked, "target")  # -inf from a target is an error

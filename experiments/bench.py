@@ -18,7 +18,9 @@ loops' prefills and forward counts, forwards at their measured costs). Both per 
 prompts. ``T_d(1)`` is the draft forward as our chains run it (the lean forward where the draft supports it; the
 header gives transformers' time beside it). Forward costs are timed after every prompt's rounds (5 repetitions
 each) and the median over prompts is kept, so a machine whose
-speed drifts during the run skews the costs and the runs alike.
+speed drifts during the run skews the costs and the runs alike. A second table splits our loops' steps into
+drafting, verifying, accepting and the rest, measured inside the timed calls, beside those isolated costs
+(:func:`experiments.bench_methods.loop_table`).
 
 On a GPU (``--device cuda``) every method runs with the same SDPA kernels (cuDNN attention off:
 it builds a plan per new sequence length, which would time plan building, not decoding), the
@@ -50,13 +52,14 @@ from experiments.bench_methods import (
     Method,
     decode_run,
     decode_seconds_per_token,
+    loop_table,
     pooled_tau,
     pooled_tokens_per_s,
     run_all,
     tau_cell,
     tokens_per_s,
 )
-from experiments.bench_output import command_line, exit_status, loop_table, machine_line, match_note, publish
+from experiments.bench_output import command_line, exit_status, machine_line, match_note, publish
 from experiments.captured_costs import floor_line, static_costs
 from experiments.cost_measure import draft_cost_note, measure_costs, measure_interleaved
 from experiments.costs import cost_at
@@ -133,7 +136,8 @@ def _chain_figures(m: Method, mine: dict, ar: Method, ar_tps: dict, costs: dict,
     (:func:`zero_overhead_seconds`: each one's own prefill and count of forwards, so the prompt's tau and its
     prefill are in the prediction, as in the measurement)."""
     ours, base = zero_overhead_seconds(m, costs), zero_overhead_seconds(ar, costs)
-    efficiency = [(mine[i] / ar_tps[i]) / (base[i] / ours[i]) for i in mine]
+    predicted = {i: (m.new_tokens[i] / ours[i]) / (ar.new_tokens[i] / base[i]) for i in mine}  # tokens/s, as measured
+    efficiency = [(mine[i] / ar_tps[i]) / predicted[i] for i in mine]
     return _spread(efficiency), _spread(list(zero_overhead_ceiling(m, peer, costs).values()))
 
 

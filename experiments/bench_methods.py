@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from experiments.bench_batch import timed_call
+from experiments.costs import cost_at
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.drafting import release
 from specdec.errors import SpecDecError
@@ -85,8 +86,9 @@ LOOP_PHASES = ("draft", "verify", "accept")
 
 def add_loop(loop: dict, stats) -> None:
     """Add one call's decode loop to ``loop``: its steps (verify forwards), the seconds of each of ``LOOP_PHASES``
-    and of the whole loop (``decode``: the call's time less its prefill)."""
-    if getattr(stats, "time_total", None) is None:
+    and of the whole loop (``decode``: the call's time less its prefill). The fixed-shape step (``--compile``)
+    times no phases: theirs stay 0."""
+    if not hasattr(stats, "time_total"):  # stand-in stats without timings (the benches' tests)
         return
     loop["steps"] = loop.get("steps", 0) + stats.target_forwards
     loop["decode"] = loop.get("decode", 0.0) + stats.time_total - stats.time_prefill
@@ -104,6 +106,37 @@ def loop_ms_per_step(meth: Method) -> dict[str, float] | None:
     ms["step"] = meth.loop["decode"] * 1e3 / steps
     ms["rest"] = ms["step"] - sum(ms[phase] for phase in LOOP_PHASES)
     return ms
+
+
+def loop_table(methods: list[Method], costs_for) -> tuple[dict, str]:
+    """Where our steps go: per autoregressive loop and draft-model chain of ours, milliseconds per verify step
+    drafting, verifying, accepting and elsewhere in the loop, measured inside the timed calls, beside what the
+    isolated forward costs (``costs_for(method)``: those its prediction uses, or None) give for the same phases
+    (``k T_d(1)``, ``T_t(k + 1)``, and their sum for the whole step). A phase slower in the loop than alone is what
+    the efficiency column misses. Rows without phase times (the fixed-shape step) show the whole step only."""
+    head = "| method | ms per step (isolated forwards) | drafting (k T_d(1)) | verify (T_t(k + 1)) | accept | rest of the loop |"
+    rows, lines = {}, [head, "|---|---|---|---|---|---|"]
+    for meth in methods:
+        ms, costs = loop_ms_per_step(meth), costs_for(meth)
+        if ms is None or costs is None or meth.dynamic or not meth.name.startswith(("ours_ar", "ours_chain")):
+            continue  # trees and lookups: no isolated cost to set beside them
+        k = meth.k or 0
+        ms["draft_isolated"] = k * (costs["draft"] or 0.0) * 1e3
+        ms["verify_isolated"] = cost_at(costs["target"], k + 1) * 1e3
+        phases = any(ms[phase] for phase in LOOP_PHASES)
+        if not phases:
+            ms.update(dict.fromkeys((*LOOP_PHASES, "rest")))  # not timed: unknown, not 0
+        rows[meth.name] = ms
+        lines.append(f"| {meth.name} | {ms['step']:.2f} ({ms['draft_isolated'] + ms['verify_isolated']:.2f}) | "
+                     f"{_ms_cell(ms, 'draft', 'draft_isolated')} | {_ms_cell(ms, 'verify', 'verify_isolated')} | "
+                     f"{_ms_cell(ms, 'accept')} | {_ms_cell(ms, 'rest')} |")
+    return rows, "\n".join(lines)
+
+
+def _ms_cell(ms: dict, phase: str, isolated: str | None = None) -> str:
+    """``ms[phase]`` (``-`` where it was not timed), with ``ms[isolated]`` in brackets."""
+    shown = f"{ms[phase]:.2f}" if ms[phase] is not None else "-"
+    return f"{shown} ({ms[isolated]:.2f})" if isolated else shown
 
 
 def pick_methods(methods: list[Method], option: str | None, always: tuple[str, ...] = (),

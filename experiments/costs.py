@@ -65,11 +65,6 @@ def cheap_widths(curve: Mapping[Any, float]) -> tuple[int, ...]:
     return tuple(sorted(keep))
 
 
-def predicted_chain_speedup(tau: float, k: int, t_target: Mapping[Any, float], t_draft: float | None) -> float:
-    """Speedup of a k-chain over autoregressive decoding: ``tau T_t(1) / (k T_d(1) + T_t(k + 1))``."""
-    return tau * cost_at(t_target, 1) / (k * (t_draft or 0.0) + cost_at(t_target, k + 1))
-
-
 # --------------------------------------------------------------------------- predictions
 
 

@@ -96,8 +96,10 @@ def _parse_line(path: Path, lineno: int, line: str) -> Prompt:
     if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
         raise PromptFileError(f"{where}: missing or empty 'turns' (a list of prompt strings); {fix}")
     question_id = record.get("question_id", lineno)
+    if isinstance(question_id, float) and question_id.is_integer():
+        question_id = int(question_id)  # 81.0 is question 81
     if isinstance(question_id, bool) or not isinstance(question_id, (int, str)):
-        raise PromptFileError(f"{where}: question_id {question_id!r} is not a number or a string; {fix}")
+        raise PromptFileError(f"{where}: question_id {question_id!r} is not an integer or a string; {fix}")
     messages = record.get("messages")
     if messages is not None and not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):

@@ -225,8 +225,10 @@ class GuardedLogger(Logger):
 
 
 def tag_list(tags: Any) -> list[str]:
-    """W&B tags from ``logger.tags``: a list, or one tag as a plain string (``logger.tags=mine``), not its letters."""
-    return [tags] if isinstance(tags, str) else [str(tag) for tag in tags or []]
+    """W&B tags from ``logger.tags``: a list, or one tag as a plain value (``logger.tags=mine``), not its letters."""
+    if isinstance(tags, (str, int, float, bool)):  # Hydra reads logger.tags=2024 as a number
+        return [str(tags)]
+    return [str(tag) for tag in tags or []]
 
 
 def flatten(tree: dict, prefix: str = "", sep: str = "/") -> dict:

@@ -219,8 +219,7 @@ def test_the_bench_probe_runs_the_draft_through_the_lean_forward():
 def test_the_loop_table_splits_our_steps_and_sets_isolated_costs_beside():
     """Two calls of 10 and 30 steps: ms per step over all 40 steps, the rest of the loop what the phases leave; a
     chain's isolated drafting is k T_d(1) and its verify T_t(k + 1); HF's methods and trees get no row."""
-    from experiments.bench_methods import add_loop
-    from experiments.bench_output import loop_table
+    from experiments.bench_methods import add_loop, loop_table
 
     chain = Method("ours_chain_k2", None, True, 2)
     for steps, draft, verify in ((10, 0.02, 0.06), (30, 0.06, 0.18)):
@@ -235,3 +234,16 @@ def test_the_loop_table_splits_our_steps_and_sets_isolated_costs_beside():
     assert (ms["draft"], ms["verify"], ms["accept"]) == pytest.approx((2.0, 6.0, 1.0))
     assert (ms["step"], ms["rest"]) == pytest.approx((12.0, 3.0))  # 8 ms of phases + 4 ms of loop per step
     assert (ms["draft_isolated"], ms["verify_isolated"]) == pytest.approx((2.0, 5.0))
+
+
+def test_the_loop_table_leaves_untimed_phases_unknown():
+    """The fixed-shape step (``--compile``) times no phases: its row gives the whole step beside the isolated
+    forwards, and its phases as unknown (``-``, None in the JSON), not as 0 ms."""
+    from experiments.bench_methods import add_loop, loop_table
+
+    fixed = Method("ours_chain_k2_graph", None, True, 2)
+    add_loop(fixed.loop, DecodeStats(target_forwards=10, time_total=0.6, time_prefill=0.5))
+    rows, table = loop_table([fixed], lambda m: {"target": {1: 0.004, 3: 0.005}, "draft": 0.001})
+    ms = rows["ours_chain_k2_graph"]
+    assert ms["step"] == pytest.approx(10.0) and ms["draft"] is ms["verify"] is ms["accept"] is ms["rest"] is None
+    assert table.splitlines()[-1] == "| ours_chain_k2_graph | 10.00 (7.00) | - (2.00) | - (5.00) | - | - |"

@@ -44,7 +44,7 @@ def _method(name: str, seconds: float, k: int | None = None, peer: str | None = 
     ours = name.startswith("ours")
     return Method(name, run=None, ours=ours, k=k, peer=peer, times={0: [seconds]}, new_tokens={0: 30},
                   tau={0: 3.0} if ours else {}, acceptance={0: 0.5} if k else {}, prefill_s={0: [0.01]} if ours else {},
-                  forwards={0: 10 if k else 29} if ours else {})  # a chain's 10 verifies; the AR loop's 29 (30 tokens)
+                  forwards={0: 10 if k else 30} if ours else {})  # a chain's 10 verifies; the AR loop's one per token
 
 
 def test_a_captured_chain_is_judged_against_the_captured_loop_and_costs():
@@ -56,12 +56,12 @@ def test_a_captured_chain_is_judged_against_the_captured_loop_and_costs():
               "captured": True}
     rows, table = summarize(methods, eager, static, "graph")
     by = {r["method"]: r for r in rows}
-    # eager chain: 0.8 / 0.5 = 1.60x over ours_ar, predicted (0.01 + 29 * 0.02) / (0.01 + 10 * (2 * 0.005 + 0.025))
-    # = 0.59 / 0.36 = 1.64x: 0.98
-    assert by["ours_chain_k2"]["efficiency"] == "0.98 (0.98-0.98)"
-    # captured chain: 0.3 / 0.15 = 2.00x over ours_ar_graph, predicted (0.01 + 29 * 0.01) / (0.01 + 10 * 0.016)
-    # = 0.30 / 0.17 = 1.76x: 1.13
-    assert by["ours_chain_k2_graph"]["efficiency"] == "1.13 (1.13-1.13)"
+    # eager chain: 0.8 / 0.5 = 1.60x over ours_ar, predicted (0.01 + 30 * 0.02) / (0.01 + 10 * (2 * 0.005 + 0.025))
+    # = 0.61 / 0.36 = 1.69x: 0.94
+    assert by["ours_chain_k2"]["efficiency"] == "0.94 (0.94-0.94)"
+    # captured chain: 0.3 / 0.15 = 2.00x over ours_ar_graph, predicted (0.01 + 30 * 0.01) / (0.01 + 10 * 0.016)
+    # = 0.31 / 0.17 = 1.82x: 1.10
+    assert by["ours_chain_k2_graph"]["efficiency"] == "1.10 (1.10-1.10)"
     assert by["ours_ar_graph"]["per_token_vs_read_floor"] == pytest.approx(0.3 / 30 / 0.005)
     # after prefill: (0.3 - 0.01) / 30 tokens over the floor; HF's rows have no prefill split
     assert by["ours_ar_graph"]["decode_per_token_vs_read_floor"] == pytest.approx(0.29 / 30 / 0.005)
@@ -131,14 +131,30 @@ def test_a_chains_efficiency_is_taken_per_prompt_against_its_own_forwards():
     eager = {"target": {1: 0.02, 3: 0.025}, "draft": 0.005}  # a chain's verify costs 2 * 0.005 + 0.025
     prompts = list(chain_forwards)
     shared = {"new_tokens": dict.fromkeys(prompts, 32), "prefill_s": {i: [0.01] for i in prompts}}
-    ar_s, chain_s = {i: [0.01 + 31 * 0.02] for i in prompts}, {i: [0.01 + f * 0.035] for i, f in chain_forwards.items()}
+    ar_s, chain_s = {i: [0.01 + 32 * 0.02] for i in prompts}, {i: [0.01 + f * 0.035] for i, f in chain_forwards.items()}
     hf = {"times": {i: [1.0] for i in prompts}, "new_tokens": shared["new_tokens"]}
     methods = [Method("hf_plain", None, False, **hf),
                Method("ours_ar", None, True, times=ar_s, tau=dict.fromkeys(prompts, 1.0),
-                      forwards=dict.fromkeys(prompts, 31), **shared),
+                      forwards=dict.fromkeys(prompts, 32), **shared),
                Method("hf_assisted_k2", None, False, 2, **hf),
                Method("ours_chain_k2", None, True, 2, peer="hf_assisted_k2", times=chain_s,
                       tau={i: 32 / f for i, f in chain_forwards.items()}, acceptance=dict.fromkeys(prompts, 0.5),
                       forwards=chain_forwards, **shared)]
+    rows, _ = summarize(methods, eager)
+    assert {r["method"]: r for r in rows}["ours_chain_k2"]["efficiency"] == "1.00 (1.00-1.00)"
+
+
+def test_a_chains_efficiency_predicts_tokens_per_second_when_the_loops_emit_different_counts():
+    """A chain that stops after 20 tokens (an early end of sequence; in bf16 the loops may part) against an AR loop
+    of 30, each exactly as fast as its forwards cost: efficiency 1.00. A ratio of seconds against the measured ratio
+    of tokens/s would have said 0.67."""
+    eager = {"target": {1: 0.02, 3: 0.025}, "draft": 0.005}
+    ar_s, chain_s = 0.01 + 30 * 0.02, 0.01 + 8 * 0.035
+    methods = [Method("hf_plain", None, False, times={0: [1.0]}, new_tokens={0: 30}),
+               Method("ours_ar", None, True, times={0: [ar_s]}, new_tokens={0: 30}, tau={0: 1.0}, prefill_s={0: [0.01]},
+                      forwards={0: 30}),
+               Method("hf_assisted_k2", None, False, 2, times={0: [1.0]}, new_tokens={0: 30}),
+               Method("ours_chain_k2", None, True, 2, peer="hf_assisted_k2", times={0: [chain_s]}, new_tokens={0: 20},
+                      tau={0: 2.5}, acceptance={0: 0.5}, prefill_s={0: [0.01]}, forwards={0: 8})]
     rows, _ = summarize(methods, eager)
     assert {r["method"]: r for r in rows}["ours_chain_k2"]["efficiency"] == "1.00 (1.00-1.00)"

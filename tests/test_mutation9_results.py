@@ -71,6 +71,7 @@ def test_one_tag_given_as_a_string_is_one_tag(tmp_path):
     """logger.tags=baseline tags the run 'baseline', not b, a, s, ... (needs this pass's fix in loggers.py)."""
     assert WandbLogger(tmp_path, tags="baseline").init_kwargs["tags"] == ["baseline"]
     assert WandbLogger(tmp_path, tags=["a", "b"]).init_kwargs["tags"] == ["a", "b"]
+    assert WandbLogger(tmp_path, tags=2024).init_kwargs["tags"] == ["2024"]  # Hydra reads logger.tags=2024 as an int
     cfg = OmegaConf.create({"logger": {"_target_": "experiments.loggers.WandbLogger", "tags": "mine"}})
     assert training_wandb_settings(cfg, tmp_path, "train_medusa")["tags"] == ["mine", "train_medusa"]
 
@@ -232,7 +233,9 @@ def test_prompt_sets_chats_and_their_tokens(tmp_path, monkeypatch):
 @pytest.mark.parametrize("lines, fragment", [
     (['{"question_id": 1, "turns": ["a"]}', '{"question_id": 1, "turns": ["b"]}'], r"q.jsonl:2: question_id 1 is also line 1's"),
     (['{"turns": ["a"]}', '{"question_id": 1, "turns": ["b"]}'], r"q.jsonl:2: question_id 1 is also line 1's"),
-    (['{"question_id": [1], "turns": ["a"]}'], r"q.jsonl:1: question_id \[1\] is not a number or a string"),
+    (['{"question_id": [1], "turns": ["a"]}'], r"q.jsonl:1: question_id \[1\] is not an integer or a string"),
+    (['{"question_id": 1.5, "turns": ["a"]}'], r"q.jsonl:1: question_id 1.5 is not an integer or a string"),
+    (['{"question_id": 7, "turns": ["a"]}', '{"question_id": 7.0, "turns": ["b"]}'], r"question_id 7 is also line 1's"),
 ])
 def test_question_ids_are_unique_scalars(tmp_path, lines, fragment):
     """A repeated question_id (lost on resume) or a list (a traceback) is a file error (needs this pass's data.py fix)."""

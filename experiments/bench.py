@@ -52,6 +52,7 @@ from experiments.bench_methods import (
     Method,
     decode_run,
     decode_seconds_per_token,
+    isolated_round,
     loop_table,
     pooled_tau,
     pooled_tokens_per_s,
@@ -62,7 +63,6 @@ from experiments.bench_methods import (
 from experiments.bench_output import command_line, exit_status, machine_line, match_note, publish
 from experiments.captured_costs import floor_line, static_costs
 from experiments.cost_measure import draft_cost_note, measure_costs, measure_interleaved
-from experiments.costs import cost_at
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
 from specdec.errors import SpecDecError
 from specdec.models import DTYPES
@@ -113,8 +113,7 @@ def build_methods(target, draft, args, fixed_target=None) -> list[Method]:
 def zero_overhead_seconds(meth: Method, costs: dict) -> dict[int, float]:
     """Per prompt, what ``meth`` (one of ours) would take if its loop cost nothing beyond the forwards: its measured
     prefill plus its verify forwards, each costed at ``k T_d(1) + T_t(k + 1)`` (``T_t(1)`` without drafts)."""
-    k = meth.k or 0
-    round_s = k * (costs["draft"] or 0.0) + cost_at(costs["target"], k + 1)
+    round_s = sum(isolated_round(meth.k, costs))
     return {i: statistics.median(meth.prefill_s[i]) + meth.forwards[i] * round_s for i in meth.times}
 
 

@@ -96,6 +96,13 @@ def add_loop(loop: dict, stats) -> None:
         loop[phase] = loop.get(phase, 0.0) + getattr(stats, f"time_{phase}")
 
 
+def isolated_round(k: int | None, costs: dict) -> tuple[float, float]:
+    """Seconds of one verify step's forwards timed alone, ``(k T_d(1), T_t(k + 1))``: drafting and verifying a
+    k-chain (``k`` None or 0: the autoregressive loop's one-token forward, no drafting)."""
+    k = k or 0
+    return k * (costs["draft"] or 0.0), cost_at(costs["target"], k + 1)
+
+
 def loop_ms_per_step(meth: Method) -> dict[str, float] | None:
     """Ours: milliseconds per verify step of each phase, ``rest`` (the loop's time outside them) and ``step``
     (all of it), over every timed call; None without steps (HF's methods)."""
@@ -120,11 +127,8 @@ def loop_table(methods: list[Method], costs_for) -> tuple[dict, str]:
         ms, costs = loop_ms_per_step(meth), costs_for(meth)
         if ms is None or costs is None or meth.dynamic or not meth.name.startswith(("ours_ar", "ours_chain")):
             continue  # trees and lookups: no isolated cost to set beside them
-        k = meth.k or 0
-        ms["draft_isolated"] = k * (costs["draft"] or 0.0) * 1e3
-        ms["verify_isolated"] = cost_at(costs["target"], k + 1) * 1e3
-        phases = any(ms[phase] for phase in LOOP_PHASES)
-        if not phases:
+        ms["draft_isolated"], ms["verify_isolated"] = (seconds * 1e3 for seconds in isolated_round(meth.k, costs))
+        if not any(ms[phase] for phase in LOOP_PHASES):
             ms.update(dict.fromkeys((*LOOP_PHASES, "rest")))  # not timed: unknown, not 0
         rows[meth.name] = ms
         lines.append(f"| {meth.name} | {ms['step']:.2f} ({ms['draft_isolated'] + ms['verify_isolated']:.2f}) | "

@@ -197,10 +197,16 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | N
 def check_token_ids(drafter, tokens: torch.Tensor, vocab_size: int, call: str = "propose()") -> None:
     """:class:`SpecDecError` naming ``drafter`` if a proposed token id (``tokens``, any shape, not empty) is outside
     the target's vocabulary."""
-    low, high = (int(v) for v in tokens.aminmax())
-    if low < 0 or high >= vocab_size:
-        raise SpecDecError(f"{_named(drafter)}: {call} returned token id {low if low < 0 else high}, outside "
+    bad = _outside_vocab(tokens, vocab_size)
+    if bad is not None:
+        raise SpecDecError(f"{_named(drafter)}: {call} returned token id {bad}, outside "
                            f"the target's vocabulary of {vocab_size} ids (0 to {vocab_size - 1})")
+
+
+def _outside_vocab(tokens: torch.Tensor, vocab_size: int) -> int | None:
+    """A token id of ``tokens`` (not empty) outside ``0 .. vocab_size - 1``, or None (one host read)."""
+    low, high = (int(v) for v in tokens.aminmax())
+    return low if low < 0 else high if high >= vocab_size else None
 
 
 def checked_row_proposals(drafter, trees, max_depths: list[int], max_nodes: int, vocab_size: int) -> list[DraftTree]:
@@ -217,12 +223,10 @@ def checked_row_proposals(drafter, trees, max_depths: list[int], max_nodes: int,
                                 call=f"propose(max_depths)[row {row}]")
                for row, (tree, depth) in enumerate(zip(trees, max_depths))]
     drafted = [tree.tokens for tree in checked if tree.num_nodes]
-    if drafted:
-        low, high = (int(v) for v in torch.cat(drafted).aminmax())
-        if low < 0 or high >= vocab_size:  # name the row
-            for row, tree in enumerate(checked):
-                if tree.num_nodes:
-                    check_token_ids(drafter, tree.tokens, vocab_size, f"propose(max_depths)[row {row}]")
+    if drafted and _outside_vocab(torch.cat(drafted), vocab_size) is not None:  # name the row
+        for row, tree in enumerate(checked):
+            if tree.num_nodes:
+                check_token_ids(drafter, tree.tokens, vocab_size, f"propose(max_depths)[row {row}]")
     return checked
 
 

@@ -2,6 +2,7 @@
 head, resume after an interruption, the training-time-test mask, and the cost model with an EAGLE head."""
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_report_has_acceptance_by_depth_for_head_and_draft(micro_eagle3):
         for who in ("head", "draft_model"):
             for kind in ("greedy", "sampled"):
                 rates = report[part][who][kind]["accept_rate_by_depth"]
-                assert len(rates) == 4 and all(a >= b for a, b in zip(rates, rates[1:]))  # chained: non-increasing
+                assert len(rates) == 4 and all(a >= b for a, b in itertools.pairwise(rates))  # chained: non-increasing
                 assert report[part][who][kind]["alpha_by_depth"][0] == rates[0]
     head = report["heldout_text"]["head"]
     assert report["alpha_depth1"] == head["greedy"]["match_by_depth"][0] > 0.5  # chance is 1/512

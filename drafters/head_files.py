@@ -166,7 +166,7 @@ def zoo_training_command(fmt: HeadFormat, zoo_size: str, cache_dir: str | os.Pat
     """The exact command that trains ``fmt``'s heads for the embedded ``zoo_size`` pair into the directory a
     drafter with ``heads=null`` reads (``extra``: more options, e.g. ``version=eagle3``)."""
     options = " ".join(o for o in (extra, f"zoo_size={zoo_size}", f"cache_dir={cache_dir}" if cache_dir else "") if o)
-    took = " (seconds)" if zoo_size == "micro" else ""
+    took = " (a few minutes at most on a CPU)" if zoo_size == "micro" else ""
     return f"`{fmt.train_command} {options}`{took}"
 
 

@@ -201,8 +201,8 @@ def static_drafter(drafter, sampling, target=None) -> tuple:
         return None, None, None
     shape = f"{type(drafter).__name__}{' (' + drafter.mode + ')' if hasattr(drafter, 'mode') else ''}"
     if not isinstance(drafter, DraftModelDrafter) or drafter.mode == "dynamic":
-        raise ConfigError(f"the static step (compile=static|graph|inductor) supports no drafter and draft-model "
-                          f"chains and tree presets, not {shape}: use compile=none")
+        raise ConfigError(f"the static step (compile=static|graph|inductor) supports drafter=none and draft-model "
+                          f"chains and tree presets only, not {shape}: use compile=none")
     if drafter.confidence_threshold:
         raise ConfigError(f"the static step drafts fixed shapes; drafter.confidence_threshold="
                           f"{drafter.confidence_threshold} (a dynamic draft length) needs compile=none, or set it to 0")

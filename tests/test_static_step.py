@@ -131,7 +131,7 @@ def _with_rule(rule):
 
 def test_compile_modes_and_their_errors(setup):
     arch, target, rows = setup
-    with pytest.raises(ConfigError, match="supports no drafter and draft-model chains and tree presets, not NGram"):
+    with pytest.raises(ConfigError, match="supports drafter=none and draft-model chains and tree presets only, not NGram"):
         SpeculativeDecoder(target, NGramDrafter(), compile="static")
     with pytest.raises(ConfigError, match=r"not DraftModelDrafter \(dynamic\)"):
         SpeculativeDecoder(target, DraftModelDrafter(noisy_copy(arch), budget=8), compile="static")

@@ -110,7 +110,7 @@ def test_missing_heads_say_how_to_train_them(tmp_path, monkeypatch):
         drafter.step_shape(pair("llama")[0])
     elsewhere = EagleDrafter(version="eagle3", zoo_size="micro", cache_dir=tmp_path / "other")  # model.cache_dir
     with pytest.raises(EagleHeadError, match=r"other/eagle/eagle3-zoo-micro.*`python -m experiments.train_eagle "
-                                             r"version=eagle3 zoo_size=micro cache_dir=.*other` \(seconds\)"):
+                                             r"version=eagle3 zoo_size=micro cache_dir=.*other` \(a few minutes at most on a CPU\)"):
         elsewhere.step_shape(pair("llama")[0])
 
 

@@ -42,7 +42,7 @@ CATEGORY_ORDER = ("coding", "summarization", "rag", "qa", "math_reasoning", "mul
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m experiments.bench --model", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m experiments.bench --model smollm2", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="a model of experiments.pretrained")
     p.add_argument("--dataset", default="suite", help="suite, or a Spec-Bench question.jsonl")
     p.add_argument("--cache-dir", default=None)

@@ -228,9 +228,10 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
     def decorate(task: Callable) -> Callable:
         @functools.wraps(task)
         def checked_task(cfg: Any) -> Any:
-            from experiments.overrides import check_added_keys
+            from experiments.overrides import check_added_keys, check_value_types, primary_config_defaults
 
             check_added_keys(cfg)
+            check_value_types(cfg, primary_config_defaults())
             return task(cfg)
 
         guarded_task = _job(guard(*extra_input_errors)(checked_task))  # inside Hydra: no "Error executing job"

@@ -8,9 +8,14 @@ typed groups (``sampling``), the keys of the chosen option for the others (``mod
 and for a ``_target_`` node also its constructor's arguments (an argument the option's YAML leaves
 out is fine). Group selections (``+experiment=smoke``), ``hydra.*`` and ``++key`` (force-add) are
 Hydra's business and are not checked.
+
+:func:`check_value_types` does the same for values: a key whose default in the config file is a number or a
+boolean takes only that (``lr=abc`` is one error line naming ``lr``, not a ``float()`` failure or a comparison of
+a string with a number deep in a task). Configs with a schema (``experiments.schema``) get that at compose time.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -104,3 +109,52 @@ def _target_takes(node: DictConfig, name: str, what: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params and params[name].kind is not inspect.Parameter.VAR_KEYWORD
+
+
+def _kind(default: Any) -> tuple[str, tuple[type, ...]] | None:
+    """What a key whose file default is ``default`` takes: ``(description, accepted types)``, or None (any)."""
+    if isinstance(default, bool):
+        return "true or false", (bool,)
+    if isinstance(default, int):
+        return "an integer", (int,)
+    if isinstance(default, float):
+        return "a number", (int, float)
+    return None
+
+
+def check_value_types(cfg: Any, defaults: Any, prefix: str = "") -> None:
+    """Raise :class:`ConfigError` for the first value of ``cfg`` whose default in ``defaults`` (the task's config
+    file, loaded unresolved) is a number or a boolean and whose value is not one (null is left to the task)."""
+    for key, default in defaults.items():
+        if key in ("defaults", "hydra") or key not in cfg:
+            continue
+        value = cfg[key]
+        if isinstance(default, dict) and hasattr(value, "keys"):
+            check_value_types(value, default, f"{prefix}{key}.")
+            continue
+        kind = _kind(default)
+        if kind is None or value is None:
+            continue
+        ok = isinstance(value, kind[1]) and (kind[1] == (bool,) or not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"{prefix}{key}={value!r}: it must be {kind[0]} (the default is {default!r})")
+
+
+def primary_config_defaults() -> dict:
+    """The values of the running Hydra job's primary config file as written (interpolations unresolved): the
+    first file config source holding ``<config_name>.yaml`` (``--config-path``/``--config-dir`` included); {}
+    outside a Hydra job or where there is none."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    for source in hc.runtime.config_sources:
+        path = Path(source.path) / f"{hc.job.config_name}.yaml"
+        if source.schema == "file" and path.is_file():
+            try:
+                return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            except (OSError, ValueError):
+                return {}
+    return {}

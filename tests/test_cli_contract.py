@@ -8,6 +8,7 @@ One subprocess per row of issue 13's table (tiny random pair, one prompt, a few 
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 import experiments.schema  # noqa: F401  (registers base_config)
 from experiments import cli, decode
 from experiments.models_from_config import load_models
-from experiments.overrides import check_added_keys
+from experiments.overrides import check_added_keys, check_value_types
 from specdec.checkpoints import CheckpointError, find_broken_file, safetensors_problem
 from specdec.errors import ConfigError
 from specdec.tree import load_preset
@@ -86,14 +87,14 @@ def error_line(stderr: str, code: int, returncode: int, *fragments: str) -> str:
     return lines[0]
 
 
-def main_in_process(monkeypatch, capsys, *args: str, stdout: list | None = None) -> tuple[int, str]:
-    """``python -m experiments.decode <args>`` in this process; (exit status, stderr). ``stdout``: a list that
-    gets what was printed to stdout (Hydra's log lines)."""
+def main_in_process(monkeypatch, capsys, *args: str, stdout: list | None = None, module=decode) -> tuple[int, str]:
+    """``python -m experiments.decode <args>`` (or another Hydra command's ``module``) in this process; (exit
+    status, stderr). ``stdout``: a list that gets what was printed to stdout (Hydra's log lines)."""
     GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", ["experiments.decode", f"--config-path={CONF}", *args])
+    monkeypatch.setattr(sys, "argv", [module.__name__, f"--config-path={CONF}", *args])
     capsys.readouterr()
     try:
-        decode.main()
+        module.main()
         code = 0
     except SystemExit as exc:
         code = exc.code
@@ -237,6 +238,35 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     error_line(err, 2, code, "num_prompt is not a key", "did you mean num_prompts?")
     code, err = main_in_process(monkeypatch, capsys, "tree=null", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "tree=none, not tree=null")
+
+
+@pytest.mark.parametrize("command, override, fragment", [
+    ("build_draft", "lr=abc", "lr='abc': it must be a number (the default is 0.001)"),
+    ("train_medusa", "generated_fraction=half", "generated_fraction='half': it must be a number"),
+    ("train_eagle", "steps=1.5", "steps=1.5: it must be an integer (the default is 300)"),
+    ("train_eagle", "steps=true", "steps=True: it must be an integer"),
+    ("build_zoo", "seed=x", "seed='x': it must be an integer (the default is 0)"),
+    ("train_medusa", "resume=maybe", "resume='maybe': it must be true or false"),
+])
+def test_a_value_of_the_wrong_type_for_a_command_without_a_schema_is_one_error_line(
+        tmp_path, monkeypatch, capsys, command, override, fragment):
+    """The training and build commands have no schema: a key whose default is a number or a boolean takes only
+    that, checked before anything is built or loaded (it was a float() failure or a traceback)."""
+    module = importlib.import_module(f"experiments.{command}")
+    code, err = main_in_process(monkeypatch, capsys, override, f"cache_dir={tmp_path / 'cache'}",
+                                f"hydra.run.dir={tmp_path}", module=module)
+    error_line(err, 2, code, fragment)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_value_types_follow_the_config_files_defaults():
+    defaults = {"lr": 0.001, "steps": 3, "flag": True, "name": "x", "maybe": None, "sub": {"k": 1}, "hydra": {"n": 1}}
+    check_value_types({"lr": 2, "steps": None, "flag": False, "name": 5, "maybe": "y", "sub": {"k": 4},
+                       "hydra": {"n": "z"}}, defaults)  # an int for a float, null, untyped keys, hydra's own
+    for cfg, fragment in [({"sub": {"k": 1.5}}, "sub.k=1.5: it must be an integer"), ({"flag": 1}, "flag=1: it must be true"),
+                          ({"lr": False}, "lr=False: it must be a number")]:
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            check_value_types(cfg, defaults)
 
 
 def test_a_device_that_is_not_here_and_a_bad_thread_count_fail_before_anything_loads(tmp_path, monkeypatch, capsys):

@@ -79,11 +79,25 @@ def check_batch(decoder, prompts, max_new_tokens, seed, seeds) -> tuple[list[lis
 
 
 class _Timer:
-    """Wall time of each phase of a step, synchronised with the device."""
+    """Wall time of each phase of a step, synchronised with the device, and the run's clock (:meth:`now`), which
+    leaves out what runs :meth:`untimed` (the caller's ``on_row``: writing a record is not decoding)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.spent = dict.fromkeys(TIME_FIELDS, 0.0)
+        self.outside = 0.0  # seconds spent in untimed calls
+
+    def now(self) -> float:
+        """The run's clock: ``time.perf_counter()`` less the untimed calls so far."""
+        return time.perf_counter() - self.outside
+
+    def untimed(self, fn, *args) -> None:
+        """Call ``fn(*args)`` off the run's clock: its time counts in no phase, no total and no row's latency."""
+        t0 = time.perf_counter()
+        try:
+            fn(*args)
+        finally:
+            self.outside += time.perf_counter() - t0
 
     def __call__(self, name: str, fn, *args):
         synchronize(self.device)
@@ -109,7 +123,8 @@ def generate_batch(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=Non
     if width < 1:
         raise SpecDecError(f"max_rows={max_rows}: decode at least one row at a time (max_rows >= 1, or None)")
     rule = batch_rule(decoder.rule)
-    start, timer = time.perf_counter(), _Timer(decoder.device)
+    timer = _Timer(decoder.device)
+    start = timer.now()
     capacity = max(len(r) + n for r, n in zip(rows, limits)) + decoder.drafter.max_nodes + 1
     batch = _Batch(decoder, rows, capacity, timer, row_seeds)
     run = _BatchRun(rows, limits, [DecodeStats() for _ in rows], start)
@@ -120,14 +135,14 @@ def generate_batch(decoder, prompts, max_new_tokens=64, seed: int = 0, seeds=Non
         done = [run.active[i] for i in finished]
         run.finished += done
         if on_row is not None and done:
-            so_far = run.aggregate(timer, time.perf_counter() - start, run.finished)
+            so_far = run.aggregate(timer, timer.now() - start, run.finished)
             for row in done:
-                on_row(row, torch.tensor([run.tokens[row]], dtype=torch.long, device=prompts[row].device),
-                       run.row_stats[row], so_far)
+                timer.untimed(on_row, row, torch.tensor([run.tokens[row]], dtype=torch.long, device=prompts[row].device),
+                              run.row_stats[row], so_far)
         batch.retire(run, finished)
         if run.waiting and len(run.active) < width:
             batch.admit(run, run.waiting[: width - len(run.active)])
-    return run.output(prompts, timer, time.perf_counter() - start)
+    return run.output(prompts, timer, timer.now() - start)
 
 
 class _Batch:
@@ -154,7 +169,7 @@ class _Batch:
         """Prefill prompts ``new`` (original row indices) on their own and append them to the batch."""
         from verifier.batch import prefill_rows
 
-        admitted = time.perf_counter()  # a row's latency counts its own prefill, as generate()'s does
+        admitted = self.timer.now()  # a row's latency counts its own prefill, as generate()'s does
         self.rng.extend([self.seeds[r] for r in new])
         fresh = BatchCache.for_model(self.target, self.capacity, len(new), row_ids=new)
         hidden = self.timer("time_prefill", prefill_rows, self.target, fresh, [self.rows[r][:-1] for r in new])
@@ -243,7 +258,7 @@ def _batch_step(decoder, rule, batch: _Batch, run: _BatchRun, timer: _Timer) -> 
             if done:
                 finished.append(i)
                 run.row_stats[row].new_tokens = run.new[row]
-                run.row_stats[row].time_total = time.perf_counter() - run.admitted_at[row]
+                run.row_stats[row].time_total = timer.now() - run.admitted_at[row]
         batch.cache.keep_block([[0] + [1 + n for n in res.accepted_nodes] for res in results])
         batch.drafter.commit(results, verify)
         return finished

@@ -277,6 +277,36 @@ def test_a_late_rows_latency_starts_at_its_own_admission(monkeypatch):
     assert out.stats.time_total == 200.0
 
 
+def test_the_callers_on_row_is_off_the_runs_clock(monkeypatch):
+    """What ``on_row`` does (decode writes and fsyncs a record, a logger sends a step per row) is not decoding:
+    under the fake clock of the test above, an ``on_row`` that takes 1000 s changes no row's latency, no
+    ``so_far`` and not the run's total (it was counted in all of them: tokens/s and speedup fell with the I/O)."""
+    from types import SimpleNamespace
+
+    from specdec import batch_decoder
+    from verifier import batch as verifier_batch
+
+    clock = [0.0]
+    original = verifier_batch.prefill_rows
+
+    def slow(*args):
+        clock[0] += 100.0
+        return original(*args)
+
+    def on_row(i, sequence, stats, so_far):
+        seen.append((i, stats.time_total, so_far.time_total))
+        clock[0] += 1000.0
+
+    seen = []
+    monkeypatch.setattr(verifier_batch, "prefill_rows", slow)
+    monkeypatch.setattr(batch_decoder, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    target, tok = pair("llama")[0], pair("llama")[2]
+    out = SpeculativeDecoder(target, NoDrafter()).generate_batch(prompts(tok, 2, seed=4), 2, max_rows=1, on_row=on_row)
+    assert seen == [(0, 100.0, 100.0), (1, 100.0, 200.0)]
+    assert [s.time_total for s in out.row_stats] == [100.0, 100.0]
+    assert out.stats.time_total == 200.0
+
+
 @pytest.mark.parametrize("shape", ["ar", "chain3"])
 def test_row_step_counts_equal_their_batch_one_runs(shape):
     """Each row's per-step and per-depth counts are its batch-1 run's, steps without drafts included (no

@@ -22,6 +22,22 @@ from verifier import check_finite
 from verifier.batch import begin_block
 
 
+def fitting_spans(cache: BatchCache, backlog: list[int]) -> list[tuple[int, int]]:
+    """Split the rows' backlogs (``backlog[b]`` tokens for row b, fed from its length in ``cache``) into spans
+    ``[lo, hi)`` of every row's backlog, one padded block each. A block is written as wide at every row's length,
+    so it may be no wider than the capacity less the longest row's length then: one span ``(0, max(backlog))``
+    when that fits (a chain's step: at most two tokens behind), more where a row fell far behind while another
+    is long (a hybrid's second part catches up only on the steps it drafts). ``[(0, 0)]`` when nothing is behind."""
+    lengths, total, spans, lo = list(cache.host_lengths), max(backlog, default=0), [], 0
+    while True:
+        hi = min(total, lo + max(1, cache.capacity - max(lengths, default=0)))  # a row past the capacity: its error
+        spans.append((lo, hi))
+        if hi >= total:
+            return spans
+        lengths = [n + max(0, min(b, hi) - lo) for n, b in zip(lengths, backlog)]
+        lo = hi
+
+
 class BatchChain(BatchDrafter):
     """Base of the batched chains of a :class:`~drafters.tree_drafter.TreeDrafter` in chain mode.
 
@@ -40,6 +56,22 @@ class BatchChain(BatchDrafter):
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one draft per row (``tokens [B]``); ``[B, V]`` draft logits after it."""
         raise NotImplementedError
+
+    @staticmethod
+    def caught_up(cache: BatchCache, backlog: list[int], forward) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed every row's backlog (``backlog[b]`` tokens) into ``cache`` in :func:`fitting_spans`:
+        ``forward(lo, hi)`` writes and keeps each row's ``[lo, hi)`` as one block and returns its ``(logits [B, n,
+        V], hidden [B, n, H] or None)``. Returns both at each row's last backlog token (``[B, V]``, ``[B, H]``; a
+        row with no backlog gets the first block's position 0)."""
+        logits_at = hidden_at = None
+        for lo, hi in fitting_spans(cache, backlog):
+            logits, hidden = forward(lo, hi)
+            rows = torch.arange(len(backlog), device=logits.device)  # [B]
+            last = torch.tensor([max(0, min(n, hi) - 1 - lo) for n in backlog], device=logits.device)  # [B]
+            here = torch.tensor([n > lo or lo == 0 for n in backlog], device=logits.device)  # [B] a token in this span
+            logits_at = _newer(logits[rows, last], logits_at, here)  # [B, V]
+            hidden_at = None if hidden is None else _newer(hidden[rows, last], hidden_at, here)  # [B, H]
+        return logits_at, hidden_at
 
     def block(self, model, cache: BatchCache, ids: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
               logits_to_keep: int = 0, output_hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -96,3 +128,8 @@ class BatchChain(BatchDrafter):
         """Each row's chain length after draft ``i``: a row whose draft ``i`` is ``unsure`` ends there, as its
         batch-1 run's chain does (rows keep drafting with the batch, but their later drafts are dropped)."""
         return [min(k, i + 1) if stop else k for k, stop in zip(ks, unsure)]
+
+
+def _newer(new: torch.Tensor, old: torch.Tensor | None, here: torch.Tensor) -> torch.Tensor:
+    """``new [B, X]`` where ``here [B]``, else ``old`` (None: ``new`` everywhere)."""
+    return new if old is None else torch.where(here[:, None], new, old)

@@ -51,11 +51,15 @@ class BatchDraftModelChain(BatchChain):
     def catch_up(self, ks: list[int]) -> torch.Tensor:
         """Feed every row the tokens its draft cache lacks (root included); ``[B, V]`` logits after each row's last."""
         behind = [t[n:] for t, n in zip(self.tokens, self.cache.host_lengths)]
-        ids, depth, mask = causal_block(behind, self.cache.lengths.device)
-        logits, _ = self.block(self.model, self.cache, ids, depth, mask, output_hidden=False)  # [B, n, V]
-        self.cache.keep_block([list(range(len(b))) for b in behind])
-        last = torch.tensor([len(b) - 1 for b in behind], device=logits.device)  # [B]
-        return logits[torch.arange(len(behind), device=logits.device), last]  # [B, V]
+
+        def forward(lo: int, hi: int) -> tuple[torch.Tensor, None]:
+            part = [b[lo:hi] for b in behind]
+            ids, depth, mask = causal_block(part, self.cache.lengths.device)  # [B, n], [B, n], [B, n, n]
+            logits, _ = self.block(self.model, self.cache, ids, depth, mask, output_hidden=False)  # [B, n, V]
+            self.cache.keep_block([list(range(len(p))) for p in part])
+            return logits, None
+
+        return self.caught_up(self.cache, [len(b) for b in behind], forward)[0]  # [B, V]
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row (``tokens [B]``) appended to each row; ``[B, V]`` logits after it."""

@@ -90,13 +90,15 @@ class BatchEagleChain(BatchChain):
     def catch_up(self, ks: list[int]) -> torch.Tensor:
         """Feed every row's pending pairs; ``[B, V]`` head logits at each row's root (its last pending pair;
         garbage for a row with none, which drafts nothing)."""
-        logits, hidden = self._forward(self.cache, self.pending)  # [B, n, V], [B, n, H]
-        rows = torch.arange(len(self.pending), device=hidden.device)  # [B]
-        last = torch.tensor([max(0, len(t) - 1) for _, t in self.pending], device=hidden.device)  # [B]
-        self.feature = hidden[rows, last]  # [B, H]
+        pending = self.pending
+
+        def forward(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._forward(self.cache, [(f[lo:hi] if t[lo:hi] else None, t[lo:hi]) for f, t in pending])
+
+        logits, self.feature = self.caught_up(self.cache, [len(t) for _, t in pending], forward)  # [B, V], [B, H]
         self.committed = list(self.cache.host_lengths)
-        self.pending = [(None, []) for _ in self.pending]
-        return logits[rows, last]
+        self.pending = [(None, []) for _ in pending]
+        return logits
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """One draft per row (``tokens [B]``) with its parent's output feature; ``[B, V]`` logits after it."""

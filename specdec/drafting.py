@@ -167,9 +167,10 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | N
     """``tree``, what ``drafter.propose`` returned, if the decode loop can verify it: a :class:`DraftTree` of at most
     ``max_nodes`` (default ``drafter.max_nodes``) nodes (the caches are sized by it) and at most ``max_depth`` levels
     (None: unchecked; the tokens the run may still emit, less the one the target adds) whose ``draft_probs``, if any,
-    are ``[N, V]`` over the target's ``vocab_size``, with token ids in that vocabulary (``check_ids``). Else
-    :class:`SpecDecError` naming the drafter and ``call``: a new drafter's mistake is reported as its author's, not
-    as the framework's."""
+    are ``[N, V]`` over the target's ``vocab_size``, with token ids in that vocabulary and each ``draft_probs`` row
+    the distribution its node was drawn from (``check_ids``: the checks that read values; a batch does them for all
+    its rows at once). Else :class:`SpecDecError` naming the drafter and ``call``: a new drafter's mistake is
+    reported as its author's, not as the framework's."""
     if not isinstance(tree, DraftTree):
         raise SpecDecError(f"{_named(drafter)}: {call} returned a {type(tree).__name__}; return a "
                            "specdec.types.DraftTree (DraftTree.chain(tokens) for a chain, DraftTree.empty() for none)")
@@ -191,7 +192,42 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | N
     if probs is not None and tuple(probs.shape) != (tree.num_nodes, vocab_size):
         raise SpecDecError(f"{_named(drafter)}: {call} returned draft_probs of shape {tuple(probs.shape)}; expected "
                            f"[{tree.num_nodes}, {vocab_size}] (one row per node over the target's vocabulary)")
+    if check_ids and probs is not None and tree.num_nodes and bool(_bad_probs(tree)):
+        _raise_bad_probs(drafter, tree, call)
     return tree
+
+
+def _bad_probs(tree: DraftTree) -> torch.Tensor:
+    """Whether ``tree.draft_probs [N, V]`` (not empty) is not what rejection sampling reads (a bool on its device, no
+    host read): each row a distribution (finite, >= 0, summing to 1) giving its own node's token a positive
+    probability (it was drawn from that row). A row of zeros at the drawn token makes every draft accepted, a
+    scaled row shifts every acceptance: the run would still call itself lossless."""
+    probs = tree.draft_probs
+    sums = probs.sum(-1, dtype=torch.float32)  # [N]; inf or NaN anywhere makes its row's sum fail the test below
+    drawn = probs.gather(1, tree.tokens.to(probs.device)[:, None])  # [N, 1]
+    return ~((sums - 1).abs() <= _sum_tolerance(probs)).all() | (probs.amin() < 0) | ~(drawn > 0).all()
+
+
+def _sum_tolerance(probs: torch.Tensor) -> float:
+    """How far a row of ``probs`` may sum from 1 (rounding: float32 or wider, or half precision)."""
+    return 1e-3 if probs.dtype in (torch.float32, torch.float64) else 3e-2
+
+
+def _raise_bad_probs(drafter, tree: DraftTree, call: str) -> None:
+    """:class:`SpecDecError` naming the first node whose ``draft_probs`` row fails :func:`_bad_probs`."""
+    probs = tree.draft_probs.float()
+    for node in range(tree.num_nodes):
+        row, token = probs[node], int(tree.tokens[node])
+        total, low = float(row.sum()), float(row.min())
+        if not (abs(total - 1) <= _sum_tolerance(tree.draft_probs) and low >= 0):
+            what = f"has a negative entry ({low:.3g})" if low < 0 else f"sums to {total:.6g}"
+            raise SpecDecError(f"{_named(drafter)}: {call} returned draft_probs whose row {node} {what}; each row "
+                               "must be the distribution its node was drawn from (finite, >= 0, summing to 1), or "
+                               "pass draft_probs=None for deterministic proposals")
+        if not float(row[token]) > 0:
+            raise SpecDecError(f"{_named(drafter)}: {call} proposed token {token} at node {node} with draft "
+                               f"probability {float(row[token]):.3g}; a sampled node's token must have q > 0 in its "
+                               "row (it was drawn from it): rejection sampling would accept it every time")
 
 
 def check_token_ids(drafter, tokens: torch.Tensor, vocab_size: int, call: str = "propose()") -> None:
@@ -227,6 +263,11 @@ def checked_row_proposals(drafter, trees, max_depths: list[int], max_nodes: int,
         for row, tree in enumerate(checked):
             if tree.num_nodes:
                 check_token_ids(drafter, tree.tokens, vocab_size, f"propose(max_depths)[row {row}]")
+    sampled = [(row, tree) for row, tree in enumerate(checked) if tree.num_nodes and tree.draft_probs is not None]
+    if sampled and bool(torch.stack([_bad_probs(tree) for _, tree in sampled]).any()):  # one read for all rows
+        for row, tree in sampled:
+            if bool(_bad_probs(tree)):
+                _raise_bad_probs(drafter, tree, f"propose(max_depths)[row {row}]")
     return checked
 
 

@@ -86,6 +86,36 @@ class ProbsOverSeven(Repeat):
         return DraftTree.chain(tokens, torch.full((len(tokens), 7), 1 / 7))
 
 
+class ProbsOff(Repeat):
+    """``draft_probs`` of the right shape that are not what the tokens were drawn from (``how``)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def propose(self, max_depth):
+        tokens = self.last(max_depth)
+        q = torch.full((len(tokens), 257), 1 / 257)  # [N, V]
+        if self.how == "zero_at_drawn":  # every draft would be accepted: u * 0 < p
+            q[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)] = 0
+            q /= q.sum(-1, keepdim=True)
+        elif self.how == "scaled":
+            q *= 5
+        elif self.how == "nan":
+            q[:, 3] = float("nan")
+        else:  # a negative entry, the row still summing to 1
+            q[:, 3], q[:, 4] = -0.5, q[:, 4] + 0.5
+        return DraftTree.chain(tokens, q)
+
+
+BAD_PROBS = [
+    (ProbsOff("zero_at_drawn"), r"proposed token \d+ at node 0 with draft probability 0; a sampled node's token must"),
+    (ProbsOff("scaled"), r"returned draft_probs whose row 0 sums to 5; each row must be the distribution"),
+    (ProbsOff("nan"), r"returned draft_probs whose row 0 sums to nan"),
+    (ProbsOff("negative"), r"returned draft_probs whose row 0 has a negative entry \(-0.5\)"),
+]
+
+
 class NoPropose(Drafter):
     def __init__(self, num_speculative_tokens: int = 3):
         super().__init__()
@@ -149,7 +179,9 @@ def test_a_rule_that_cannot_be_called_as_rules_are_is_refused_when_built():
     (IgnoresDepth(8), r"IgnoresDepth: propose\(max_depth=5\) returned a tree 8 levels deep; propose at most max_depth"),
     (PastTheVocabulary(), (r"PastTheVocabulary: propose\(\) returned token id 257, outside the target's vocabulary "
                            r"of 257 ids \(0 to 256\)")),
-], ids=["not_a_tree", "too_many_nodes", "wrong_vocabulary", "depth_name", "too_deep", "token_ids"])
+    *[(drafter, r"ProbsOff: propose\(\) " + fragment) for drafter, fragment in BAD_PROBS],
+], ids=["not_a_tree", "too_many_nodes", "wrong_vocabulary", "depth_name", "too_deep", "token_ids", "zero_at_drawn",
+        "scaled_probs", "nan_probs", "negative_probs"])
 def test_what_a_drafter_proposes_is_checked_and_named(drafter, fragment, batch):
     decoder = SpeculativeDecoder(pair("llama")[0], drafter, acceptance="rejection",
                                  sampling=SamplingParams(temperature=1.0))
@@ -190,7 +222,9 @@ class NativeBatch(BatchDrafter):
     (PastTheVocabulary(), 0, r"NativeBatch: propose\(max_depths\)\[row 0\] returned token id 257, outside the target"),
     (ProbsOverSeven(), 0, r"NativeBatch: propose\(max_depths\)\[row 0\] returned draft_probs of shape \(3, 7\)"),
     (Repeat(), 1, r"NativeBatch: propose\(max_depths\) returned 1 trees for 2 active rows; return a list of one"),
-], ids=["too_deep", "too_many_nodes", "token_ids", "wrong_vocabulary", "rows"])
+    *[(drafter, 0, r"NativeBatch: propose\(max_depths\)\[row 0\] " + fragment) for drafter, fragment in BAD_PROBS],
+], ids=["too_deep", "too_many_nodes", "token_ids", "wrong_vocabulary", "rows", "zero_at_drawn", "scaled_probs",
+        "nan_probs", "negative_probs"])
 def test_what_a_batch_drafter_of_ones_own_proposes_is_checked_and_named(drafter, rows_wrong, fragment, monkeypatch):
     monkeypatch.setattr(type(drafter), "batched", lambda self: NativeBatch(self, rows_wrong))
     decoder = SpeculativeDecoder(pair("llama")[0], drafter)

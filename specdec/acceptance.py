@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from specdec.errors import ConfigError
+from specdec.errors import ConfigError, SpecDecError
 from specdec.rng import ACCEPT, EXTRA, KeyedRandom
 from specdec.sampling import SamplingParams, warp_probs
 from specdec.tree import children_lists
@@ -224,6 +224,36 @@ def check_signature(rule: AcceptanceRule) -> None:
         pass
 
 
+def checked_result(rule: AcceptanceRule, result, tree: DraftTree, vocab_size: int) -> AcceptResult:
+    """``result``, what ``rule(tree, ...)`` returned, if the decode loop can commit it: an :class:`AcceptResult`
+    whose ``accepted_nodes`` (a list of ints) are a path of ``tree`` from the root's child down, and whose
+    ``tokens`` (a list of ints) are those nodes' tokens and one more id of the target's vocabulary. Else
+    :class:`SpecDecError` naming the rule: a path that is not one compacted the cache to nodes that do not follow
+    each other, tensors in the lists fed the drafter 0-d tensors, a missing extra token ran the cache past its end."""
+    def fail(what: str) -> None:
+        raise SpecDecError(f"acceptance rule {type(rule).__module__}.{type(rule).__qualname__} returned {what}; "
+                           "return AcceptResult(accepted_nodes=[...], tokens=[...]): a path of the tree from the "
+                           "root's child (lists of Python ints) and its tokens followed by one extra token")
+
+    if not isinstance(result, AcceptResult):
+        fail(f"a {type(result).__name__}")
+    nodes, tokens = result.accepted_nodes, result.tokens
+    if not isinstance(nodes, list) or not isinstance(tokens, list):
+        fail(f"accepted_nodes of type {type(nodes).__name__} and tokens of type {type(tokens).__name__}")
+    if len(tokens) != len(nodes) + 1:
+        fail(f"{len(nodes)} accepted nodes and {len(tokens)} tokens (one more than the nodes: the extra token)")
+    parents, ids, parent = tree.parents.tolist(), tree.tokens.tolist(), -1
+    for i, node in enumerate(nodes):
+        if type(node) is not int or not 0 <= node < len(ids) or parents[node] != parent:
+            fail(f"accepted_nodes {nodes}, not a path of the tree (node {node!r} at position {i})")
+        if type(tokens[i]) is not int or tokens[i] != ids[node]:
+            fail(f"tokens {tokens} whose entry {i} ({tokens[i]!r}) is not node {node}'s token {ids[node]}")
+        parent = node
+    if type(tokens[-1]) is not int or not 0 <= tokens[-1] < vocab_size:
+        fail(f"an extra token {tokens[-1]!r}, not an id of the target's vocabulary of {vocab_size}")
+    return result
+
+
 RULES = {"greedy": GreedyAcceptance, "rejection": RejectionAcceptance, "typical": TypicalAcceptance}
 
 
@@ -238,4 +268,4 @@ def get_rule(rule: str | AcceptanceRule, **kwargs) -> AcceptanceRule:
 
 
 __all__ = ["RULES", "AcceptanceRule", "GreedyAcceptance", "RejectionAcceptance", "TypicalAcceptance", "check_signature",
-           "get_rule"]
+           "checked_result", "get_rule"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.acceptance import AcceptanceRule, get_rule
+from specdec.acceptance import AcceptanceRule, checked_result, get_rule
 from specdec.cache import SpecDecCache
 from specdec.drafting import DraftContext, Drafter, proposal
 from specdec.errors import SpecDecError
@@ -177,7 +177,7 @@ class SpeculativeDecoder:
         with self._timer(stats, "time_verify"):
             verify = self.verifier.verify(cache, root, tree, step)
         with self._timer(stats, "time_accept"):
-            result = self.rule(tree, verify.logits, self.sampling, rng)
+            result = checked_result(self.rule, self.rule(tree, verify.logits, self.sampling, rng), tree, self.vocab_size)
             emitted, done = self._cut(result.tokens, remaining)
             if not done:
                 self._commit(cache, prefix_len, result)

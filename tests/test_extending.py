@@ -136,6 +136,23 @@ class TopM(AcceptanceRule):
         return AcceptResult(accepted_nodes=[], tokens=[int(logits[0].argmax())])
 
 
+class Garbled(GreedyAcceptance):
+    """The greedy rule's result made into what a rule's author might return by mistake (``how``)."""
+
+    def __init__(self, how: str):
+        self.how = how
+
+    def __call__(self, tree, logits, sampling, rng):
+        nodes, tokens = (r := super().__call__(tree, logits, sampling, rng)).accepted_nodes, r.tokens
+        first, extra = int(tree.tokens[0]), tokens[-1]
+        return {"tuple": lambda: (nodes, tokens),
+                "tensors": lambda: AcceptResult(torch.tensor(nodes), torch.tensor(tokens)),
+                "no_extra": lambda: AcceptResult(nodes, tokens[:-1]),
+                "not_a_path": lambda: AcceptResult([1], [int(tree.tokens[1]), extra]),  # node 1 hangs off node 0
+                "wrong_token": lambda: AcceptResult([0], [(first + 1) % 257, extra]),
+                "extra_outside": lambda: AcceptResult([], [257])}[self.how]()
+
+
 class TwoArguments(AcceptanceRule):
     def __call__(self, tree, logits):
         raise AssertionError("never called")
@@ -163,6 +180,22 @@ def test_a_subclass_of_a_built_in_rule_is_not_batched_as_the_built_in():
     with pytest.raises(SpecDecError, match=r"AcceptAlways \('AcceptAlways'\) has no batched form.*batch_size=1"):
         changed.generate_batch(PROMPTS, max_new_tokens=6)
     assert changed.generate(PROMPTS[0], max_new_tokens=6, seed=0).stats.target_forwards >= 1  # batch 1 runs it
+
+
+@pytest.mark.parametrize(("how", "fragment"), [
+    ("tuple", r"returned a tuple; return AcceptResult\(accepted_nodes=\[...\], tokens=\[...\]\)"),
+    ("tensors", r"returned accepted_nodes of type Tensor and tokens of type Tensor"),
+    ("no_extra", r"returned (\d+) accepted nodes and \1 tokens \(one more than the nodes: the extra token\)"),
+    ("not_a_path", r"returned accepted_nodes \[1\], not a path of the tree \(node 1 at position 0\)"),
+    ("wrong_token", r"returned tokens \[\d+, \d+\] whose entry 0 \(\d+\) is not node 0's token"),
+    ("extra_outside", r"returned an extra token 257, not an id of the target's vocabulary of 257"),
+])
+def test_what_a_rule_returns_is_checked_and_named(how, fragment):
+    """A rule's result the loop cannot commit is its author's error, named, not a wrong cache (a path that is not
+    one), a drafter fed 0-d tensors, a cache overflow blaming max_new_tokens, or an AttributeError of ours."""
+    decoder = SpeculativeDecoder(pair("llama")[0], Repeat(), acceptance=Garbled(how))
+    with pytest.raises(SpecDecError, match=r"acceptance rule tests.test_extending.Garbled " + fragment):
+        decoder.generate(PROMPTS[0], max_new_tokens=6, seed=0)
 
 
 def test_a_rule_that_cannot_be_called_as_rules_are_is_refused_when_built():

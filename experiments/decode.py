@@ -42,6 +42,7 @@ from experiments.results import (
     ResultsWriter,
     build_summary,
     format_table,
+    lossless_warnings,
     read_records,
     results_from_records,
 )
@@ -273,6 +274,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         if status == "complete" and sampling.greedy:  # a bf16 target parts from its baseline at near-ties only
             summary["metrics"].update(rounding_check(models.target, {p.question_id: p.input_ids for p in encoded},
                                                      results[SPECULATIVE].outputs, summary.get("mismatched_question_ids")))
+            summary["warnings"] = summary.get("warnings", []) + lossless_warnings(summary)
         writer.write_summary(summary)
         writer.close()
         if status == "complete":

@@ -217,13 +217,34 @@ def format_table(summary: dict) -> str:
     if metrics.get("matches_baseline") is not None:
         lines.append(f"matches baseline: {metrics['matches_baseline']}")
     elif "matches_baseline" in metrics:  # sampled: the two outputs differ by design, token equality means nothing
-        lines.append("matches baseline: not compared (sampled decoding; the exactness of the sampled rules is "
-                     "the chi-square tests' in tests/test_distribution.py)")
+        lines.append(f"matches baseline: not compared ({_sampled_note(summary)})")
     if "greedy_deficit" in metrics:  # a reduced-precision target (experiments.greedy_check)
         verdict = "greedy up to rounding" if metrics["greedy_up_to_rounding"] else "NOT greedy: a wrong token was emitted"
         lines.append(f"  reduced precision: the differing outputs' largest greedy deficit is "
                      f"{metrics['greedy_deficit']:.3f} logits (float32 recompute): {verdict}")
     return "\n".join(lines)
+
+
+def _sampled_note(summary: dict) -> str:
+    """Why a sampled run's outputs are not compared with the baseline's, and what vouches for its rule."""
+    rule = summary.get("acceptance")
+    if summary.get("lossless") is False:
+        return f"sampled decoding with acceptance={rule}, a lossy rule: its outputs follow another distribution"
+    if rule in ("greedy", "rejection"):
+        return "sampled decoding; the exactness of the sampled rules is the chi-square tests' in tests/test_distribution.py"
+    return (f"sampled decoding; acceptance={rule} declares itself lossless: a chi-square test of its outputs, as "
+            "tests/test_distribution.py's, would prove it")
+
+
+def lossless_warnings(summary: dict) -> list[str]:
+    """A warning when a rule that declares itself lossless gave greedy outputs that differ from the baseline's (not
+    explained by a reduced-precision target's rounding, :mod:`experiments.greedy_check`)."""
+    metrics = summary.get("metrics", {})
+    if not summary.get("lossless") or metrics.get("matches_baseline") is not False or metrics.get("greedy_up_to_rounding"):
+        return []
+    return [(f"acceptance={summary.get('acceptance')} is lossless, yet the greedy outputs of prompts "
+             f"{summary.get('mismatched_question_ids')} differ from the baseline's: a bug in the drafter or the rule "
+             "(or logits that tie to within rounding)")]
 
 
 def _fmt_speedup(value: float | None) -> str:

@@ -295,3 +295,26 @@ def test_medusa_tree_presets_from_a_report(tmp_path):
     with pytest.raises(SpecDecError, match="was not written by this tool"):
         derive(heads, 3, "mine", out_dir=tmp_path)
     assert (tmp_path / "mine.yaml").read_text() == "paths: [[0]]\n"
+
+
+def test_a_sampled_runs_note_and_a_lossless_rules_mismatch_warning_follow_its_rule():
+    """A sampled run names what vouches for its rule (the chi-square tests for the built-in rules; none for a lossy
+    rule or a rule of one's own); a rule that declares itself lossless and differs from the greedy baseline is
+    warned about, unless a reduced-precision target's rounding explains it."""
+    from experiments.results import format_table, lossless_warnings
+
+    def table(**extra):
+        return format_table({"metrics": {"matches_baseline": None}, **extra})
+
+    assert "the exactness of the sampled rules is the chi-square tests'" in table(acceptance="rejection", lossless=True)
+    assert "acceptance=topm, a lossy rule: its outputs follow another distribution" in table(acceptance="topm",
+                                                                                              lossless=False)
+    assert "acceptance=mine declares itself lossless: a chi-square test" in table(acceptance="mine", lossless=True)
+    mismatch = {"acceptance": "mine", "lossless": True, "mismatched_question_ids": [3],
+                "metrics": {"matches_baseline": False}}
+    assert lossless_warnings(mismatch) == [("acceptance=mine is lossless, yet the greedy outputs of prompts [3] differ "
+                                            "from the baseline's: a bug in the drafter or the rule (or logits that tie "
+                                            "to within rounding)")]
+    assert lossless_warnings({**mismatch, "lossless": False}) == []
+    assert lossless_warnings({**mismatch, "metrics": {"matches_baseline": None}}) == []
+    assert lossless_warnings({**mismatch, "metrics": {"matches_baseline": False, "greedy_up_to_rounding": True}}) == []

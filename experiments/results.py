@@ -230,7 +230,7 @@ def _sampled_note(summary: dict) -> str:
     rule = summary.get("acceptance")
     if summary.get("lossless") is False:
         return f"sampled decoding with acceptance={rule}, a lossy rule: its outputs follow another distribution"
-    if rule in ("greedy", "rejection"):
+    if rule in (None, "greedy", "rejection"):
         return "sampled decoding; the exactness of the sampled rules is the chi-square tests' in tests/test_distribution.py"
     return (f"sampled decoding; acceptance={rule} declares itself lossless: a chi-square test of its outputs, as "
             "tests/test_distribution.py's, would prove it")

@@ -135,10 +135,24 @@ def error_message(exc: BaseException) -> str:
     return text
 
 
+#: A config group given a value that is not an option name, nor a list of them (Hydra fails with a TypeError).
+GROUP_VALUE = ("a config group takes one of its option names (e.g. tree=binary), not a list of lists; a tree of your "
+               "own is a file in conf/tree (tree=<its name>) or paths on the command line: tree=none "
+               "'tree.paths=[[0],[1],[0,0]]'")
+
+
+def _raised_in(exc: BaseException, path_end: str) -> bool:
+    """Whether ``exc`` was raised in a file whose path ends with ``path_end`` (its innermost frame)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(path_end)
+
+
 #: Names a user brings from the Python API or other tools, with the key that means them here.
 KNOWN_ELSEWHERE = {"max_rows": "the rows decoded at once are batch_size (with batch_mode=continuous: the most rows at "
                                "a time, new prompts joining as rows finish), e.g. batch_size=4",
-                   "temperature": "did you mean sampling.temperature?", "k": "did you mean drafter.num_speculative_tokens?"}
+                   "temperature": "did you mean sampling.temperature?", "k": "did you mean drafter.num_speculative_tokens?",
+                   "tree.paths": "a tree's paths need its group chosen first: tree=none 'tree.paths=[[0],[1],[0,0]]' "
+                                 "(or a file in conf/tree, tree=<its name>)"}
 
 
 def _misspelled_key(text: str, cause: BaseException | None) -> str | None:
@@ -156,7 +170,8 @@ def _misspelled_key(text: str, cause: BaseException | None) -> str | None:
             f"{KNOWN_ELSEWHERE[key]}{' ' if KNOWN_ELSEWHERE[key].endswith('?') else '; '}" if key in KNOWN_ELSEWHERE else
             f"the keys there are {sorted(known)}; " if known else "")
     # a top-level key cannot be added (check_added_keys): '+' helps only an argument of a _target_'s node
-    added = f"; an argument the node's _target_ takes is added with a leading + (+{key}=...)" if prefix else ""
+    added = (f"; an argument the node's _target_ takes is added with a leading + (+{key}=...)"
+             if prefix and key not in KNOWN_ELSEWHERE else "")
     return f"{key} is not a key of this config: {hint}--cfg job prints every key{added}"
 
 
@@ -167,6 +182,9 @@ def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:
     exc = out_of_memory(exc) or exc  # an OOM wrapped by the compiler or a failed capture is still one
     if isinstance(exc, input_error_types(extra_input_errors)) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
         print(f"error: {error_message(exc)}", file=sys.stderr)
+        return 2
+    if isinstance(exc, TypeError) and _raised_in(exc, "hydra/_internal/defaults_list.py"):
+        print(f"error: {GROUP_VALUE}", file=sys.stderr)  # Hydra's own TypeError on e.g. tree=[[0],[1]]
         return 2
     traceback.print_exception(exc)
     print(BUG_LINE, file=sys.stderr)

@@ -238,6 +238,11 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     error_line(err, 2, code, "num_prompt is not a key", "did you mean num_prompts?")
     code, err = main_in_process(monkeypatch, capsys, "tree=null", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "tree=none, not tree=null")
+    code, err = main_in_process(monkeypatch, capsys, "tree=[[0],[1]]", f"hydra.run.dir={tmp_path}")  # a Hydra TypeError
+    error_line(err, 2, code, "not a list of lists", "tree=none 'tree.paths=[[0],[1],[0,0]]'")
+    code, err = main_in_process(monkeypatch, capsys, "tree.paths=[[0],[1]]", f"hydra.run.dir={tmp_path}")
+    line = error_line(err, 2, code, "tree.paths is not a key", "need its group chosen first: tree=none")
+    assert "+tree.paths" not in line  # '+' would only lead to "unknown key 'tree'"
 
 
 @pytest.mark.parametrize("command, override, fragment", [

@@ -63,6 +63,31 @@ BUG_LINE = ("this is a bug in specdec, not a problem with your input: please rep
             "and the traceback above")
 
 
+def bug_line(exc: BaseException) -> str:
+    """:data:`BUG_LINE`, after where the traceback ends in code of a project's own (not Python's library or an
+    installed package): a drafter, rule or logger one wrote raises there, and then it is not specdec's bug."""
+    where = _where(exc)
+    return BUG_LINE if where is None else (f"the traceback ends in {where}: if that is code of your own (a drafter, "
+                                           f"rule or logger you added), fix it there; otherwise {BUG_LINE}")
+
+
+#: This project's package directories (a ValueError raised there is already worded for the user).
+OUR_PACKAGES = tuple(str(Path(__file__).resolve().parent.parent / name) + os.sep
+                     for name in ("specdec", "drafters", "verifier", "experiments", "specdec_kernels"))
+
+
+def _where(exc: BaseException) -> str | None:
+    """``file:line (function)`` of the innermost frame of ``exc``'s traceback outside the Python library and installed
+    packages, or None."""
+    import sysconfig
+
+    library = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if not frame.filename.startswith(library) and not frame.filename.startswith("<"):
+            return f"{frame.filename}:{frame.lineno} ({frame.name})"
+    return None
+
+
 #: What to do about a file system error, by errno (:func:`error_message`); a full, read-only or over-quota disk
 #: is the machine's state, not a bug: one error line (:func:`report_failure`).
 OS_FIXES = {
@@ -181,13 +206,15 @@ def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:
 
     exc = out_of_memory(exc) or exc  # an OOM wrapped by the compiler or a failed capture is still one
     if isinstance(exc, input_error_types(extra_input_errors)) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
-        print(f"error: {error_message(exc)}", file=sys.stderr)
+        where = _where(exc) if type(exc) is ValueError else None  # a bare ValueError: maybe a plugin's own check
+        where = None if where is None or where.startswith(OUR_PACKAGES) else where
+        print(f"error: {error_message(exc)}" + (f" (ValueError raised at {where})" if where else ""), file=sys.stderr)
         return 2
     if isinstance(exc, TypeError) and _raised_in(exc, "hydra/_internal/defaults_list.py"):
         print(f"error: {GROUP_VALUE}", file=sys.stderr)  # Hydra's own TypeError on e.g. tree=[[0],[1]]
         return 2
     traceback.print_exception(exc)
-    print(BUG_LINE, file=sys.stderr)
+    print(bug_line(exc), file=sys.stderr)
     return 1
 
 

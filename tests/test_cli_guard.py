@@ -87,6 +87,26 @@ def test_a_bug_gets_a_traceback_and_a_report_line(capsys):
     assert err.strip().endswith(cli.BUG_LINE) and "error:" not in err
 
 
+def test_a_failure_in_code_of_ones_own_says_where(capsys):
+    """A drafter or rule of one's own that fails: the bug line names the file, line and function where the
+    traceback ends (not Python's library or an installed package), so its author is not told it is specdec's;
+    a bare ValueError it raises (one line, as input errors are) says where it was raised."""
+    def propose(max_depth):
+        return [][max_depth]  # a plugin's IndexError
+
+    def check(value):
+        raise ValueError(f"my drafter wants a list, got {value}")
+
+    assert cli.guard()(lambda: propose(3))() == 1
+    err = capsys.readouterr().err
+    assert f"the traceback ends in {__file__}:" in err and "(propose): if that is code of your own" in err
+    assert err.strip().endswith(cli.BUG_LINE)
+    assert cli.guard()(lambda: check(2))() == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: my drafter wants a list, got 2 (ValueError raised at " + __file__ + ":")
+    assert line.endswith("(check))") and "Traceback" not in line
+
+
 def test_input_errors_are_one_line_whatever_their_text(capsys):
     @cli.guard()
     def failing() -> int:

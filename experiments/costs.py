@@ -234,7 +234,11 @@ def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float |
         curve = chain_speedup_by_k(alpha, costs, tokens_per_prompt=stats.new_tokens / num_prompts)
         model["expected_tau_by_k"] = {k: expected_tau(alpha, k) for k in KS}
         model["predicted_speedup_by_k"] = curve
-        metrics["recommended_k"] = recommend_k(curve)
+        metrics["recommended_k"] = best = recommend_k(curve)
+        if curve[best] < 1:  # the least bad k is still no recommendation to speculate
+            model["warnings"].append(f"no draft length pays off at alpha {alpha:.3f}: the best, k = {best}, is "
+                                     f"predicted at {curve[best]:.2f}x of autoregressive decoding "
+                                     "(recommended_k is the least slow; a better drafter or none is faster)")
     elif shape["kind"] in ("tree", "dynamic"):
         model["note"] = "recommended_k is given for chains only; compare tree shapes with sweep=tree_shape"
     return metrics, model

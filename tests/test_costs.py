@@ -103,6 +103,25 @@ def test_a_draft_slower_than_the_target_is_a_warning():
     assert fine["warnings"] == []
 
 
+def test_a_recommended_k_that_cannot_pay_off_is_a_warning():
+    """A drafter whose drafts are seldom accepted: every k is predicted slower than plain decoding, so the best k is
+    only the least slow (the summary said recommended_k=4 and nothing else); a drafter that pays gets no warning."""
+    from specdec.stats import DecodeStats
+
+    costs = {"target": {w: 0.004 + 0.0002 * w for w in range(1, 10)}, "draft": {1: 0.0004}}
+    shape = {"kind": "chain", "draft_forwards": "per_level", "k": 4}
+
+    def stats(accepted_at_depth_1):
+        return DecodeStats(new_tokens=100, depth_proposed=[100, 100, 100, 100],
+                           depth_accepted=[accepted_at_depth_1, accepted_at_depth_1 // 2, 0, 0])
+
+    metrics, model = cost_model(stats(2), costs, shape, None)
+    assert max(model["predicted_speedup_by_k"].values()) < 1 and metrics["recommended_k"] is not None
+    assert [w for w in model["warnings"] if w.startswith("no draft length pays off at alpha")], model["warnings"]
+    _, good = cost_model(stats(90), costs, shape, None)
+    assert max(good["predicted_speedup_by_k"].values()) > 1 and good["warnings"] == []
+
+
 def test_a_cached_curve_that_a_spot_check_contradicts_is_measured_again(tmp_path):
     """A curve cached while the machine was busy (here: 50x the real cost) is not trusted forever: the spot check
     of its narrowest width disagrees, so it is measured again and the new curve replaces it."""

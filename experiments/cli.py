@@ -66,7 +66,7 @@ BUG_LINE = ("this is a bug in specdec, not a problem with your input: please rep
 def bug_line(exc: BaseException) -> str:
     """:data:`BUG_LINE`, after where the traceback ends in code of a project's own (not Python's library or an
     installed package): a drafter, rule or logger one wrote raises there, and then it is not specdec's bug."""
-    where = _where(exc)
+    where = _where(exc)  # in this project's packages too: a drafter one adds is often a module of drafters/
     return BUG_LINE if where is None else (f"the traceback ends in {where}: if that is code of your own (a drafter, "
                                            f"rule or logger you added), fix it there; otherwise {BUG_LINE}")
 
@@ -79,12 +79,16 @@ OUR_PACKAGES = tuple(str(Path(__file__).resolve().parent.parent / name) + os.sep
 def _where(exc: BaseException) -> str | None:
     """``file:line (function)`` of the innermost frame of ``exc``'s traceback outside the Python library and installed
     packages, or None."""
+    import site
     import sysconfig
 
-    library = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    library = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    library |= {*site.getsitepackages(), site.getusersitepackages()}
+    library = tuple(os.path.realpath(p) + os.sep for p in library)
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        if not frame.filename.startswith(library) and not frame.filename.startswith("<"):
-            return f"{frame.filename}:{frame.lineno} ({frame.name})"
+        path = os.path.realpath(frame.filename)
+        if not path.startswith(library) and not frame.filename.startswith("<"):
+            return f"{path}:{frame.lineno} ({frame.name})"
     return None
 
 

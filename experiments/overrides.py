@@ -150,9 +150,11 @@ def primary_config_defaults() -> dict:
     if not HydraConfig.initialized():
         return {}
     hc = HydraConfig.get()
-    for source in hc.runtime.config_sources:
-        path = Path(source.path) / f"{hc.job.config_name}.yaml"
-        if source.schema == "file" and path.is_file():
+    name = f"{hc.job.config_name}.yaml"
+    files = [Path(s.path) / name for s in hc.runtime.config_sources if s.schema == "file"]
+    ours = Path(__file__).resolve().parent.parent / "conf" / name  # a pkg:// source (main() called from Python)
+    for path in [*files, ours]:
+        if path.is_file():
             try:
                 return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
             except (OSError, ValueError):

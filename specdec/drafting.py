@@ -192,19 +192,19 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | N
     if probs is not None and tuple(probs.shape) != (tree.num_nodes, vocab_size):
         raise SpecDecError(f"{_named(drafter)}: {call} returned draft_probs of shape {tuple(probs.shape)}; expected "
                            f"[{tree.num_nodes}, {vocab_size}] (one row per node over the target's vocabulary)")
-    if check_ids and probs is not None and tree.num_nodes and bool(_bad_probs(tree)):
+    if check_ids and probs is not None and tree.num_nodes and bool(_bad_probs(probs, tree.tokens)):
         _raise_bad_probs(drafter, tree, call)
     return tree
 
 
-def _bad_probs(tree: DraftTree) -> torch.Tensor:
-    """Whether ``tree.draft_probs [N, V]`` (not empty) is not what rejection sampling reads (a bool on its device, no
-    host read): each row a distribution (finite, >= 0, summing to 1) giving its own node's token a positive
-    probability (it was drawn from that row). A row of zeros at the drawn token makes every draft accepted, a
-    scaled row shifts every acceptance: the run would still call itself lossless."""
-    probs = tree.draft_probs
+def _bad_probs(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Whether draft distributions ``probs [N, V]`` (not empty) of nodes ``tokens [N]`` are not what rejection
+    sampling reads (a bool on their device, no host read): each row a distribution (finite, >= 0, summing to 1)
+    giving its own node's token a positive probability (it was drawn from that row). A row of zeros at the drawn
+    token makes every draft accepted, a scaled row shifts every acceptance: the run would still call itself
+    lossless."""
     sums = probs.sum(-1, dtype=torch.float32)  # [N]; inf or NaN anywhere makes its row's sum fail the test below
-    drawn = probs.gather(1, tree.tokens.to(probs.device)[:, None])  # [N, 1]
+    drawn = probs.gather(1, tokens.to(probs.device)[:, None])  # [N, 1]
     return ~((sums - 1).abs() <= _sum_tolerance(probs)).all() | (probs.amin() < 0) | ~(drawn > 0).all()
 
 
@@ -228,6 +228,8 @@ def _raise_bad_probs(drafter, tree: DraftTree, call: str) -> None:
             raise SpecDecError(f"{_named(drafter)}: {call} proposed token {token} at node {node} with draft "
                                f"probability {float(row[token]):.3g}; a sampled node's token must have q > 0 in its "
                                "row (it was drawn from it): rejection sampling would accept it every time")
+    raise SpecDecError(f"{_named(drafter)}: {call} returned draft_probs whose rows are not distributions (finite, "
+                       ">= 0, summing to 1, q > 0 at each node's token) within rounding")
 
 
 def check_token_ids(drafter, tokens: torch.Tensor, vocab_size: int, call: str = "propose()") -> None:
@@ -264,9 +266,10 @@ def checked_row_proposals(drafter, trees, max_depths: list[int], max_nodes: int,
             if tree.num_nodes:
                 check_token_ids(drafter, tree.tokens, vocab_size, f"propose(max_depths)[row {row}]")
     sampled = [(row, tree) for row, tree in enumerate(checked) if tree.num_nodes and tree.draft_probs is not None]
-    if sampled and bool(torch.stack([_bad_probs(tree) for _, tree in sampled]).any()):  # one read for all rows
+    if sampled and bool(_bad_probs(torch.cat([t.draft_probs for _, t in sampled]),  # all rows at once, one read
+                                   torch.cat([t.tokens for _, t in sampled]))):
         for row, tree in sampled:
-            if bool(_bad_probs(tree)):
+            if bool(_bad_probs(tree.draft_probs, tree.tokens)):
                 _raise_bad_probs(drafter, tree, f"propose(max_depths)[row {row}]")
     return checked
 

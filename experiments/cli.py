@@ -277,8 +277,14 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
     def decorate(task: Callable) -> Callable:
         @functools.wraps(task)
         def checked_task(cfg: Any) -> Any:
-            from experiments.overrides import check_added_keys, check_value_types, primary_config_defaults
+            from experiments.overrides import (
+                check_added_keys,
+                check_group_choices,
+                check_value_types,
+                primary_config_defaults,
+            )
 
+            check_group_choices()
             check_added_keys(cfg)
             check_value_types(cfg, primary_config_defaults())
             return task(cfg)

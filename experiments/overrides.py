@@ -44,6 +44,35 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def check_group_choices(overrides: list[str] | None = None, groups: set[str] | None = None) -> None:
+    """Raise :class:`ConfigError` for a config group given a list of options (``tree=[binary,sparse60]``): Hydra
+    merges them into one config, the last one's values winning, where a sweep over them was likely meant.
+    ``groups``: the config groups (default: the folders of the running job's file config sources)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = task_overrides() if overrides is None else overrides
+    groups = config_groups() if groups is None else groups
+    for override in OverridesParser.create().parse_overrides(overrides):
+        value = override.value()
+        if override.key_or_group in groups and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            group, names = override.key_or_group, ",".join(value)
+            if len(value) == 1:
+                raise ConfigError(f"{group}=[{names}]: a config group takes an option name, without brackets: "
+                                  f"{group}={names}")
+            raise ConfigError(f"{group}=[{names}] merges these options into one config (the last one's values win); "
+                              f"choose one ({group}={value[0]}), or sweep them: -m {group}={names}")
+
+
+def config_groups() -> set[str]:
+    """The config groups of the running Hydra job: the folders of its file config sources ({} outside a job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    sources = [Path(s.path) for s in HydraConfig.get().runtime.config_sources if s.schema == "file"]
+    return {d.name for source in sources if source.is_dir() for d in source.iterdir() if d.is_dir()}
+
+
 def check_added_keys(cfg: DictConfig, overrides: list[str] | None = None, choices: dict | None = None) -> None:
     """Raise :class:`ConfigError` for the first ``+key=value`` that names no key of its node.
 

@@ -240,6 +240,10 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     error_line(err, 2, code, "tree=none, not tree=null")
     code, err = main_in_process(monkeypatch, capsys, "tree=[[0],[1]]", f"hydra.run.dir={tmp_path}")  # a Hydra TypeError
     error_line(err, 2, code, "not a list of lists", "tree=none 'tree.paths=[[0],[1],[0,0]]'")
+    code, err = main_in_process(monkeypatch, capsys, "tree=[binary,sparse60]", f"hydra.run.dir={tmp_path}")  # merged
+    error_line(err, 2, code, "merges these options into one config", "-m tree=binary,sparse60")
+    code, err = main_in_process(monkeypatch, capsys, "tree=[binary]", f"hydra.run.dir={tmp_path}")
+    error_line(err, 2, code, "tree=[binary]: a config group takes an option name, without brackets: tree=binary")
     code, err = main_in_process(monkeypatch, capsys, "tree.paths=[[0],[1]]", f"hydra.run.dir={tmp_path}")
     line = error_line(err, 2, code, "tree.paths is not a key", "need its group chosen first: tree=none")
     assert "+tree.paths" not in line  # '+' would only lead to "unknown key 'tree'"

@@ -44,6 +44,10 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+#: Groups whose options are diffs of the whole config: several of them compose (``experiment=[a,b]``).
+MERGEABLE_GROUPS = {"experiment", "sweep"}
+
+
 def check_group_choices(overrides: list[str] | None = None, groups: set[str] | None = None) -> None:
     """Raise :class:`ConfigError` for a config group given a list of options (``tree=[binary,sparse60]``): Hydra
     merges them into one config, the last one's values winning, where a sweep over them was likely meant.
@@ -54,7 +58,8 @@ def check_group_choices(overrides: list[str] | None = None, groups: set[str] | N
     groups = config_groups() if groups is None else groups
     for override in OverridesParser.create().parse_overrides(overrides):
         value = override.value()
-        if override.key_or_group in groups and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if (override.key_or_group in groups - MERGEABLE_GROUPS and isinstance(value, list)
+                and all(isinstance(v, str) for v in value)):
             group, names = override.key_or_group, ",".join(value)
             if len(value) == 1:
                 raise ConfigError(f"{group}=[{names}]: a config group takes an option name, without brackets: "

@@ -83,7 +83,7 @@ def _where(exc: BaseException) -> str | None:
     import sysconfig
 
     library = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    library |= {*site.getsitepackages(), site.getusersitepackages()}
+    library |= {*getattr(site, "getsitepackages", list)(), site.getusersitepackages()}  # old virtualenvs lack one
     library = tuple(os.path.realpath(p) + os.sep for p in library)
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         path = os.path.realpath(frame.filename)

@@ -61,6 +61,9 @@ def check_group_choices(overrides: list[str] | None = None, groups: set[str] | N
         if (override.key_or_group in groups - MERGEABLE_GROUPS and isinstance(value, list)
                 and all(isinstance(v, str) for v in value)):
             group, names = override.key_or_group, ",".join(value)
+            if not value:
+                raise ConfigError(f"{group}=[] names no option: a config group takes one option name, e.g. "
+                                  f"{group}=<name> (the files of conf/{group})")
             if len(value) == 1:
                 raise ConfigError(f"{group}=[{names}]: a config group takes an option name, without brackets: "
                                   f"{group}={names}")

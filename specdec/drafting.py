@@ -266,8 +266,7 @@ def checked_row_proposals(drafter, trees, max_depths: list[int], max_nodes: int,
             if tree.num_nodes:
                 check_token_ids(drafter, tree.tokens, vocab_size, f"propose(max_depths)[row {row}]")
     sampled = [(row, tree) for row, tree in enumerate(checked) if tree.num_nodes and tree.draft_probs is not None]
-    if sampled and bool(_bad_probs(torch.cat([t.draft_probs for _, t in sampled]),  # all rows at once, one read
-                                   torch.cat([t.tokens for _, t in sampled]))):
+    if sampled and bool(torch.stack([_bad_probs(t.draft_probs, t.tokens) for _, t in sampled]).any()):  # one read
         for row, tree in sampled:
             if bool(_bad_probs(tree.draft_probs, tree.tokens)):
                 _raise_bad_probs(drafter, tree, f"propose(max_depths)[row {row}]")

@@ -242,6 +242,8 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     error_line(err, 2, code, "not a list of lists", "tree=none 'tree.paths=[[0],[1],[0,0]]'")
     code, err = main_in_process(monkeypatch, capsys, "tree=[binary,sparse60]", f"hydra.run.dir={tmp_path}")  # merged
     error_line(err, 2, code, "merges these options into one config", "-m tree=binary,sparse60")
+    code, err = main_in_process(monkeypatch, capsys, "tree=[]", f"hydra.run.dir={tmp_path}")
+    error_line(err, 2, code, "tree=[] names no option: a config group takes one option name")
     code, err = main_in_process(monkeypatch, capsys, "tree=[binary]", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "tree=[binary]: a config group takes an option name, without brackets: tree=binary")
     code, err = main_in_process(monkeypatch, capsys, "tree.paths=[[0],[1]]", f"hydra.run.dir={tmp_path}")

@@ -211,8 +211,8 @@ def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:
     exc = out_of_memory(exc) or exc  # an OOM wrapped by the compiler or a failed capture is still one
     if isinstance(exc, input_error_types(extra_input_errors)) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
         where = _where(exc) if type(exc) is ValueError else None  # a bare ValueError: maybe a plugin's own check
-        where = None if where is None or where.startswith(OUR_PACKAGES) else where
-        print(f"error: {error_message(exc)}" + (f" (ValueError raised at {where})" if where else ""), file=sys.stderr)
+        note = f" (ValueError raised at {where})" if where and not where.startswith(OUR_PACKAGES) else ""
+        print(f"error: {error_message(exc)}{note}", file=sys.stderr)
         return 2
     if isinstance(exc, TypeError) and _raised_in(exc, "hydra/_internal/defaults_list.py"):
         print(f"error: {GROUP_VALUE}", file=sys.stderr)  # Hydra's own TypeError on e.g. tree=[[0],[1]]

@@ -176,7 +176,7 @@ def summarize(methods: list[Method], costs: dict, static: dict | None = None,
 
 def _markdown(rows: list[dict], floor: bool) -> str:
     columns = ["method", "tokens/s (median)", "speedup vs HF plain, median (min-max)", "ours / HF same drafter & k",
-               "tau: mean over prompts / pooled", "draft acceptance", "efficiency (measured / predicted speedup over our AR)",
+               "tau: mean over prompts / pooled", "draft acceptance (mean over prompts)", "efficiency (measured / predicted speedup over our AR)",
                "zero-overhead ceiling vs HF same drafter & k", "output = HF plain greedy"] + \
         (["time per token / target's read floor", "after prefill"] if floor else [])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -54,6 +54,7 @@ from experiments.bench_methods import (
 from experiments.bench_output import machine_line
 from experiments.hf_generate import hf, hf_assisted
 from specdec.errors import SpecDecError
+from specdec.stats import DecodeStats
 from verifier.verifier import SDPA_KERNELS
 
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # --head-dtypes: method name suffixes
@@ -189,7 +190,7 @@ def summarize(methods: list[Method], stats: dict, greedy: bool) -> tuple[list[di
     rows = []
     for m in methods:
         mine = tps[m.name]
-        alpha1 = [s.acceptance_rate_by_depth[0] for s in stats.get(m.name, []) if s.acceptance_rate_by_depth]
+        alpha1 = DecodeStats.merge(stats[m.name]).acceptance_rate_by_depth[:1] if stats.get(m.name) else []
         rows.append({"method": m.name, "tokens_per_s": statistics.median(mine.values()), "tokens_per_s_by_prompt": mine,
                      "vs_ours_ar": spread(mine, tps["ours_ar"]),
                      "vs_hf_plain": spread(mine, tps["hf_plain"]) if greedy else None,
@@ -197,10 +198,10 @@ def summarize(methods: list[Method], stats: dict, greedy: bool) -> tuple[list[di
                      "vs_best_hf_pooled": pooled[m.name] / pooled[best_pooled] if greedy else None,
                      "tau": statistics.mean(m.tau.values()) if m.tau else None,
                      "tau_pooled": pooled_tau(m),
-                     "alpha_depth1": statistics.mean(alpha1) if alpha1 else None,
+                     "alpha_depth1": alpha1[0] if alpha1 else None,
                      "matches_hf_plain": m.matches if greedy else None})
     head = (f"| method | tokens/s (median) | speedup vs ours AR | speedup vs HF plain | speedup vs best HF "
-            f"({best_hf or 'n/a'}) | all prompts pooled vs best HF ({best_pooled or 'n/a'}) | tau: mean over prompts / pooled | depth-1 acceptance "
+            f"({best_hf or 'n/a'}) | all prompts pooled vs best HF ({best_pooled or 'n/a'}) | tau: mean over prompts / pooled | depth-1 acceptance (pooled) "
             f"| output = HF plain greedy |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
@@ -216,15 +217,19 @@ def _num(value: float | None) -> str:
 
 
 def _record_stats(methods: list[Method]) -> dict:
-    """Wrap each of our methods' run to keep its DecodeStats (depth-1 acceptance)."""
+    """Wrap each of our methods' run to keep the DecodeStats of its timed calls (depth-1 acceptance, pooled over
+    them): the first call, :func:`run_all`'s warm-up on prompt 0, is not kept (prompt 0 would count once more)."""
     kept: dict[str, list] = {}
+    warmed: set[str] = set()
     for meth in methods:
         if meth.ours:
             inner = meth.run
 
             def run(ids, inner=inner, name=meth.name):
                 out, stats = inner(ids)
-                kept.setdefault(name, []).append(stats)
+                if name in warmed:
+                    kept.setdefault(name, []).append(stats)
+                warmed.add(name)
                 return out, stats
             meth.run = run
     return kept

@@ -288,7 +288,7 @@ def drafter_costs(target, methods: dict, context: int) -> dict[str, float]:
 def category_table(methods: list[Method], categories: list[str], baseline: str,
                    checked: bool = True, deficits: dict | None = None) -> tuple[list[dict], str]:
     """Spec-Bench's layout: per method, speedup and tau per category and overall (speedup: tokens/s over
-    ``baseline``'s, summed over the category's prompts). ``checked``: outputs were compared with HF greedy.
+    ``baseline``'s, summed over the category's prompts; tau: their tokens over their target forwards, pooled). ``checked``: outputs were compared with HF greedy.
     ``deficits`` (reduced precision): per method, ``(largest greedy deficit, passed)``, shown in place of
     the comparison with HF greedy (:mod:`experiments.greedy_check`)."""
     cats = [c for c in CATEGORY_ORDER if c in categories] + sorted(set(categories) - set(CATEGORY_ORDER))
@@ -304,9 +304,10 @@ def category_table(methods: list[Method], categories: list[str], baseline: str,
         if deficits is not None:
             row["greedy_deficit"], row["greedy_up_to_rounding"] = deficits[meth.name]
         for c, idx in groups.items():
-            taus = [meth.tau[i] for i in idx if i in meth.tau]
-            row[c] = {"speedup": rate(meth, idx) / rate(base, idx), "tau": statistics.mean(taus) if taus else None,
-                      "tokens_per_s": rate(meth, idx)}
+            forwards = [i for i in idx if i in meth.forwards]  # tau pooled over the prompts, as Spec-Bench's
+            tau = (sum(meth.new_tokens[i] for i in forwards) / sum(meth.forwards[i] for i in forwards)
+                   if forwards else None)
+            row[c] = {"speedup": rate(meth, idx) / rate(base, idx), "tau": tau, "tokens_per_s": rate(meth, idx)}
         rows.append(row)
     check_head = " | output = HF plain greedy |" if checked else " |"
     if deficits is not None:

@@ -247,3 +247,25 @@ def test_the_loop_table_leaves_untimed_phases_unknown():
     ms = rows["ours_chain_k2_graph"]
     assert ms["step"] == pytest.approx(10.0) and ms["draft"] is ms["verify"] is ms["accept"] is ms["rest"] is None
     assert table.splitlines()[-1] == "| ours_chain_k2_graph | 10.00 (7.00) | - (2.00) | - (5.00) | - | - |"
+
+
+def test_drafters_bench_pools_depth1_acceptance_over_the_timed_calls_only():
+    """bench_drafters' depth-1 acceptance: steps accepting at depth 1 over steps proposing there, over the timed
+    calls; run_all's warm-up on prompt 0 is not one of them (it counted prompt 0 once more)."""
+    from experiments.bench_drafters import _record_stats, summarize
+
+    accepted = {1: 1, 2: 0}  # prompt 0 (marked by its first token 1): 1 of 1 step accepted; prompt 1: 0 of 3
+
+    def ours(ids):
+        stats = DecodeStats(target_forwards=3, new_tokens=4, time_total=1.0)
+        steps = 1 if int(ids[0, 0]) == 1 else 3
+        for step in range(steps):
+            stats.record_step(1, 1, accepted[int(ids[0, 0])] if step == 0 else 0)
+        return torch.cat([ids, torch.zeros(1, 1, dtype=ids.dtype)], 1), stats
+
+    methods = [_method("hf_plain", []), Method("ours_ar", ours, ours=True)]
+    kept = _record_stats(methods)
+    run_all(methods, [torch.tensor([[1, 5]]), torch.tensor([[2, 5]])], reps=1)
+    assert len(kept["ours_ar"]) == 2  # two timed calls; the warm-up is not kept
+    rows, _ = summarize(methods, kept, greedy=True)
+    assert rows[1]["alpha_depth1"] == pytest.approx(1 / 4)  # pooled: (1 + 0) / (1 + 3); with the warm-up 2 / 5

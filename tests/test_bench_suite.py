@@ -10,8 +10,9 @@ from experiments.bench_suite import category_table
 def _method(name: str, seconds: list[float], taus: list[float] | None = None, matches: bool = True) -> Method:
     m = Method(name, run=None, ours=True)
     m.times = {i: [s] for i, s in enumerate(seconds)}
-    m.new_tokens = dict.fromkeys(range(len(seconds)), 10)
+    m.new_tokens = dict.fromkeys(range(len(seconds)), 12)
     m.tau = dict(enumerate(taus)) if taus else {}
+    m.forwards = {i: round(12 / t) for i, t in enumerate(taus)} if taus else {}
     m.matches = matches
     return m
 
@@ -22,12 +23,13 @@ def test_speedup_and_tau_per_category_and_overall():
     fast = _method("ours_x", [0.5, 0.5, 1.0, 2.0], taus=[3.0, 2.0, 1.0, 1.5], matches=False)
     rows, table = category_table([base, fast], categories, "hf_plain")
     mine = rows[1]
-    assert mine["coding"]["speedup"] == pytest.approx(2.0) and mine["coding"]["tau"] == pytest.approx(2.5)
+    # tau pooled over the category's prompts, as Spec-Bench's: 24 tokens in 4 + 6 forwards, not (3 + 2) / 2
+    assert mine["coding"]["speedup"] == pytest.approx(2.0) and mine["coding"]["tau"] == pytest.approx(2.4)
     assert mine["qa"]["speedup"] == pytest.approx(1.0) and mine["math_reasoning"]["speedup"] == pytest.approx(0.5)
-    assert mine["overall"]["speedup"] == pytest.approx(40 / 4.0 / (40 / 4.0))  # 40 tokens in 4 s, as the baseline
+    assert mine["overall"]["speedup"] == pytest.approx(48 / 4.0 / (48 / 4.0))  # 48 tokens in 4 s, as the baseline
     lines = table.splitlines()
     assert lines[0] == "| method | coding | qa | math_reasoning | overall | output = HF plain greedy |"  # suite order
-    assert lines[3].startswith("| ours_x | 2.00x (tau 2.50) |") and lines[3].endswith("| NO |")
+    assert lines[3].startswith("| ours_x | 2.00x (tau 2.40) |") and lines[3].endswith("| NO |")
     _, sampled = category_table([base, fast], categories, "hf_plain", checked=False)
     assert "HF plain" not in sampled and not sampled.splitlines()[3].endswith("| NO |")
 

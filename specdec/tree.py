@@ -183,6 +183,9 @@ def paths_entry(data: object, where: str) -> object:
         raise ConfigError(f"{where} is {_kind(data)}, not a mapping: {TREE_FILE_FORMAT}")
     if data.get("paths") is None:
         raise ConfigError(f"{where} has no 'paths:' list: {TREE_FILE_FORMAT}")
+    if unknown := sorted(str(key) for key in data if key != "paths"):  # e.g. a max_depth: that would do nothing
+        raise ConfigError(f"{where} has unknown key(s) {unknown}: a tree is its 'paths:' list only (a depth or a "
+                          f"node count is the paths' own): remove them. {TREE_FILE_FORMAT}")
     return data["paths"]
 
 

@@ -329,6 +329,7 @@ def test_tree_file_of_the_wrong_shape_says_what_a_tree_file_is(tmp_path):
     ("paths: [0, 1]\n", "path 0 (0) is not a list of integers"),
     ("paths: [[0], [x]]\n", "path 1 (['x']) is not a list of integers"),
     ("path: [[0]]\n", "has no 'paths:' list"),
+    ("paths: [[0], [0, 0]]\nmax_depth: 1\n", "has unknown key(s) ['max_depth']"),  # silently did nothing
     ("", "is empty, not a mapping"),
 ])
 def test_tree_file_shapes(tmp_path, text, fragment):
@@ -347,4 +348,6 @@ def test_composed_tree_config_of_the_wrong_shape():
         decode.tree_argument(drafter, OmegaConf.create({"paths": 5}))
     with pytest.raises(ConfigError, match="has no 'paths:' list"):
         decode.tree_argument(drafter, OmegaConf.create({"path": [[0]]}))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['depth'\]"):  # +tree.depth=2
+        decode.tree_argument(drafter, OmegaConf.create({"paths": [[0]], "depth": 2}))
     assert decode.tree_argument(drafter, OmegaConf.create({"paths": None})) == {}  # tree=none

@@ -242,7 +242,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
             writer.add_record(record)
             guarded.log_prompt(index, record)
 
-        first = max(len(r.batches) for r in results.values())  # batch ids go on after a resumed run's
+        first = max(max(r.batches, default=-1) + 1 for r in results.values())  # ids go on after a resumed run's
         if cfg.batch_mode == "continuous":
             for method, (decoder, drafter_name) in decoders.items():
                 def emit_and_count(index: int, record: dict, method=method) -> None:

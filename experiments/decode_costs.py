@@ -69,5 +69,5 @@ def add_cost_model(summary: dict, spec: MethodResults, costs: dict | None, shape
     metrics, model = cost_model(stats, costs, shape, summary["metrics"].get("speedup"), len(spec.stats), note)
     summary["metrics"].update(metrics)
     summary["cost_model"] = model
-    summary["warnings"] = list(model.get("warnings") or [])
+    summary["warnings"] = list(summary.get("warnings") or []) + list(model.get("warnings") or [])
     return summary

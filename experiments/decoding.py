@@ -68,7 +68,8 @@ def decode_continuous(decoder: Any, pending: list[tuple[int, EncodedPrompt]], me
 
     def on_row(i: int, seq, stats, so_far) -> None:
         index, prompt = pending[i]
-        batch = {"id": batch_id, "size": max_rows, "mode": "continuous", **{k: getattr(so_far, k) for k in BATCH_KEYS}}
+        batch = {"id": batch_id, "size": max_rows, "mode": "continuous", "rows": len(pending),
+                 **{k: getattr(so_far, k) for k in BATCH_KEYS}}
         record = _record(index, prompt, seq, stats, method, drafter_name, seed, tokenizer, batch)
         results.add(prompt.question_id, stats, record["tokens"], batch)
         emit(index, record)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.costs import KS, chain_speedup_by_k, expected_tau, recommend_k
-from experiments.results import BASELINE, SPECULATIVE, steps_of
+from experiments.results import BASELINE, SPECULATIVE, steps_of, steps_split
 from experiments.runs import Run, is_hybrid, label_of, pooled_model, row_of, series, shape_of
 
 
@@ -26,6 +26,14 @@ def _finish_axes(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+
+
+def _step_part(metrics: dict, key: str | None) -> float:
+    """Seconds of one part of a method's steps (``key``: a ``time_*`` field; None: the whole step where its
+    phases were not timed apart, else 0); a fixed-shape step's phases are 0, not all "other"."""
+    if steps_split(metrics):
+        return metrics[key] if key else 0.0
+    return 0.0 if key else metrics["time_total"] - metrics["time_prefill"]
 
 
 def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
@@ -105,11 +113,13 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
         if base:
             bars.append(("autoregressive", base))
         parts = (("draft", "time_draft"), ("verify", "time_verify"), ("accept+commit", "time_accept"),
-                 ("other", "time_other"))
+                 ("other", "time_other"), ("whole step (fixed-shape, not split)", None))
         bottom = [0.0] * len(bars)
         for name, key in parts:
-            values = [1000 * m[key] / steps_of(m) for _, m in bars]
-            ax.bar(range(len(bars)), values, bottom=bottom, label=name)
+            values = [1000 * _step_part(m, key) / steps_of(m) for _, m in bars]
+            if key is None and not any(values):
+                continue
+            ax.bar(range(len(bars)), values, bottom=bottom, label=name, hatch="//" if key is None else None)
             bottom = [b + v for b, v in zip(bottom, values)]
         ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right", fontsize=8)
         ax.set(ylabel="ms per step (= per target forward; a batch's)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,39 @@ class MethodResults:
     stats: list[DecodeStats] = field(default_factory=list)
     outputs: dict[Any, list[int]] = field(default_factory=dict)  # question_id -> generated token ids
     batches: dict[Any, dict] = field(default_factory=dict)  # batch id -> its shared record entry (batched runs)
+    ids: list = field(default_factory=list)  # the question id of each entry of ``stats``
+    batch_of: dict[Any, Any] = field(default_factory=dict)  # question_id -> its batch's id (batched runs)
 
     def add(self, question_id: Any, stats: DecodeStats, new_ids: list[int], batch: dict | None = None) -> None:
         self.stats.append(stats)
+        self.ids.append(question_id)
         self.outputs[question_id] = new_ids
         if batch is not None:
             self.batches[batch["id"]] = batch
+            self.batch_of[question_id] = batch["id"]
+
+    def members(self) -> dict[Any, set]:
+        """Batch id -> the question ids decoded in that batch (batched runs; empty otherwise)."""
+        out: dict[Any, set] = {}
+        for qid, batch_id in self.batch_of.items():
+            out.setdefault(batch_id, set()).add(qid)
+        return out
+
+    def restricted(self, question_ids: set) -> MethodResults | None:
+        """These results over ``question_ids`` only; None where a batch holds prompts both inside and outside
+        them (a batch's time is its rows' together and cannot be divided)."""
+        if any(qids & question_ids and not qids <= question_ids for qids in self.members().values()):
+            return None
+        out = MethodResults()
+        for qid, stats in zip(self.ids, self.stats):
+            if qid in question_ids:
+                out.add(qid, stats, self.outputs[qid], self.batches.get(self.batch_of.get(qid)))
+        return out
+
+    def cut_batches(self) -> list:
+        """Ids of continuous batches cut mid-pass: fewer of their rows finished than they decode (their wall time
+        covers unfinished rows' work too, so tokens/s over it is an underestimate)."""
+        return [b for b, qids in self.members().items() if len(qids) < (self.batches[b].get("rows") or 0)]
 
     def metrics(self) -> dict:
         """Merged stats (``DecodeStats.to_dict`` minus per-step lists) plus the time split.
@@ -63,8 +91,16 @@ def steps_of(metrics: dict) -> int:
     return metrics.get("steps") or metrics.get("target_forwards") or 0
 
 
+def steps_split(metrics: dict) -> bool:
+    """Whether a method's steps were timed phase by phase (``metrics``: a summary's or a ``DecodeStats.to_dict``).
+    The fixed-shape step (``compile=static|graph|inductor``) runs draft, verify and accept as one captured
+    call and times none of them apart."""
+    return not (metrics.get("target_forwards") and not metrics.get("time_verify"))
+
+
 def time_split(stats: DecodeStats) -> dict:
-    """Fractions of ``time_total`` spent in prefill, draft, verify, accept+commit and other."""
+    """Fractions of ``time_total`` spent in prefill, draft, verify, accept+commit and other; the step's
+    phases are None where they were not timed apart (:func:`steps_split`): not 0, and not all "other"."""
     total = stats.time_total
     parts = {
         "prefill": stats.time_prefill,
@@ -73,13 +109,49 @@ def time_split(stats: DecodeStats) -> dict:
         "accept_commit": stats.time_accept,
         "other": stats.time_other,
     }
-    return {name: (value / total if total > 0 else 0.0) for name, value in parts.items()}
+    split = {name: (value / total if total > 0 else 0.0) for name, value in parts.items()}
+    if not steps_split({"target_forwards": stats.target_forwards, "time_verify": stats.time_verify}):
+        split.update(dict.fromkeys(("draft", "verify", "accept_commit", "other")))
+    return split
 
 
 def speedup(ours: dict, baseline: dict) -> float | None:
     """Ours tokens/s over baseline tokens/s, or None when the baseline has no throughput."""
     base = baseline.get("tokens_per_s") or 0.0
     return ours["tokens_per_s"] / base if base > 0 else None
+
+
+def keep_whole(batches: Iterable[tuple[int | None, set]], question_ids: set) -> set:
+    """The prompts of ``question_ids`` whose batches lie whole inside them. ``batches``: each batch's
+    ``(rows it decoded or None, the question ids it holds)``; a batch's time is its rows' together, so one
+    straddling the set, or missing rows, takes all its prompts out (until nothing changes: a prompt taken out
+    of one method's batch splits the other method's batch holding it)."""
+    batches = list(batches)
+    kept = set(question_ids)
+    changed = True
+    while changed:
+        changed = False
+        for rows, qids in batches:
+            if qids & kept and (not qids <= kept or (isinstance(rows, int) and len(qids) < rows)):
+                kept -= qids
+                changed = True
+    return kept
+
+
+def paired_speedup(ours: MethodResults, baseline: MethodResults) -> tuple[float | None, str | None]:
+    """:func:`speedup` over the prompts both methods decoded, and a warning where that is not all of them (a run
+    cut between the methods: a continuous batch decodes every prompt with one method, then with the other)."""
+    ours_ids, base_ids = set(ours.outputs), set(baseline.outputs)
+    if ours_ids == base_ids:
+        return speedup(ours.metrics(), baseline.metrics()), None
+    members = [(None, qids) for res in (ours, baseline) for qids in res.members().values()]
+    common = keep_whole(members, ours_ids & base_ids)  # in whole batches only: a batch's time cannot be divided
+    decoded = f"speculative decoded {len(ours_ids)} prompt(s), the baseline {len(base_ids)}"
+    if not common:
+        return None, f"speedup not given: {decoded}, and no whole batches of the same prompts to compare"
+    pair = [results.restricted(common) for results in (ours, baseline)]
+    return (speedup(pair[0].metrics(), pair[1].metrics()),
+            f"speedup over the {len(common)} prompt(s) both decoded in whole batches ({decoded})")
 
 
 def mismatches(ours: MethodResults, baseline: MethodResults) -> list:
@@ -102,11 +174,17 @@ def build_summary(
     """
     metrics = {name: res.metrics() for name, res in results.items() if res.stats}
     summary: dict = {"status": status, "num_prompts": num_prompts, "metrics": metrics}
+    warnings = [f"{name}: a continuous batch was cut mid-pass, so its tokens_per_s counts the finished rows' tokens "
+                "over time that also went to unfinished rows (an underestimate)"
+                for name, res in results.items() if res.cut_batches()]
     if SPECULATIVE in metrics and BASELINE in metrics:
-        metrics["speedup"] = speedup(metrics[SPECULATIVE], metrics[BASELINE])
+        metrics["speedup"], warning = paired_speedup(results[SPECULATIVE], results[BASELINE])
+        warnings += [warning] if warning else []
         differing = mismatches(results[SPECULATIVE], results[BASELINE])
         metrics["matches_baseline"] = (not differing) if greedy else None
         summary["mismatched_question_ids"] = differing
+    if warnings:
+        summary["warnings"] = warnings
     summary.update(extra or {})
     return summary
 
@@ -195,11 +273,13 @@ def format_table(summary: dict) -> str:
         if not m:
             continue
         up = metrics.get("speedup") if name == SPECULATIVE else 1.0
-        split = " ".join(f"{k}={v:.0%}" for k, v in m["time_split"].items())
-        if m.get("target_forwards") and not m.get("time_verify"):  # the fixed-shape step times no phase
+        if steps_split(m):
+            split = " ".join(f"{k}={v:.0%}" for k, v in m["time_split"].items())
+        else:
             split = f"prefill={m['time_split']['prefill']:.0%}, steps not split (fixed-shape step)"
+        rate = f"{m['draft_acceptance_rate']:.1%}" if m.get("mean_proposed_drafts") else "-"  # nothing proposed: no rate
         lines.append(
-            f"{name:<12} {m['tau']:>6.2f} {m['mean_accepted_drafts']:>8.2f} {m['draft_acceptance_rate']:>8.1%} "
+            f"{name:<12} {m['tau']:>6.2f} {m['mean_accepted_drafts']:>8.2f} {rate:>8} "
             f"{m['tokens_per_s']:>9.1f} {_fmt_speedup(up):>8}   {split}"
         )
     spec = metrics.get(SPECULATIVE, {})

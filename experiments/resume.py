@@ -12,7 +12,10 @@ at what its directory already holds:
 - results of another config, results without a summary, or ``resume=false``: the old files are
   moved to ``superseded-<time>/`` in the run directory (never deleted) and the run starts afresh;
 - records of prompts this run does not decode (a rerun with fewer prompts): the old records and summary are
-  copied to ``superseded-<time>/`` first, since the run's own files will hold only its prompts.
+  copied to ``superseded-<time>/`` first, since the run's own files will hold only its prompts;
+- a batched run's prompts are kept only with their whole batch (:func:`whole_batches`): a batch's wall time
+  and phases are its rows' together, so a batch that lost a row (a prompt not in this run, a line cut, a
+  continuous batch cut mid-pass) is decoded again, after the same copy.
 
 "Same config" compares the resolved configs without the keys that do not change what is decoded
 (``IGNORED_KEYS``): a run continued with more prompts keeps the ones it has.
@@ -37,7 +40,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from experiments.results import RECORDS_FILE, SUMMARY_FILE, read_records
+from experiments.results import RECORDS_FILE, SUMMARY_FILE, keep_whole, read_records
 from experiments.wandb_run import STATE_FILE as WANDB_STATE_FILE
 from specdec.files import held_lock
 
@@ -208,11 +211,17 @@ def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids:
     by_id: dict[Any, set] = {}
     for record in records:
         by_id.setdefault(record.get("question_id"), set()).add(record.get("method"))
-    state.done = {qid for qid, done in by_id.items() if qid in wanted and set(methods) <= done}
-    if dropped := [qid for qid in by_id if qid not in wanted]:  # e.g. rerun with fewer prompts: keep a copy
-        reason = f"{len(dropped)} earlier prompt(s) are not in this run (e.g. fewer num_prompts)"
-        copied = set_aside(run_dir, reason, (RECORDS_FILE, SUMMARY_FILE), keep=True)
-        state.messages.append(f"{reason}; the earlier records and summary are copied to {copied}")
+    done = {qid for qid, done in by_id.items() if qid in wanted and set(methods) <= done}
+    state.done = whole_batches(records, done)
+    reasons = []  # the run's files will hold fewer records: keep a copy
+    if dropped := [qid for qid in by_id if qid not in wanted]:
+        reasons.append(f"{len(dropped)} earlier prompt(s) are not in this run (e.g. fewer num_prompts)")
+    if split_up := done - state.done:
+        reasons.append(f"{len(split_up)} earlier prompt(s) decoded in a batch that is not kept whole are decoded "
+                       "again (a batch's time is its rows' together)")
+    if reasons:
+        copied = set_aside(run_dir, "; ".join(reasons), (RECORDS_FILE, SUMMARY_FILE), keep=True)
+        state.messages.append(f"{'; '.join(reasons)}; the earlier records and summary are copied to {copied}")
     seen: set = set()
     for record in records:  # one record per (prompt, method): the first complete one
         key = (record.get("question_id"), record.get("method"))
@@ -222,6 +231,21 @@ def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids:
     state.messages.append(f"resuming {run_dir} (status {summary.get('status')!r}): {len(state.done)} of "
                           f"{len(question_ids)} prompts already decoded")
     return state
+
+
+def whole_batches(records: list[dict], done: set) -> set:
+    """The prompts of ``done`` whose batches are all kept whole: a batched record carries its batch's wall time
+    and phases (shared by its rows), so a batch missing a row (a prompt not in this run, a method unfinished, a
+    line cut mid-write, a continuous batch cut mid-pass) would credit its time to fewer tokens. Batch-1 records
+    (no ``batch``) are whole on their own."""
+    members: dict[tuple, tuple[int | None, set]] = {}  # (method, batch id) -> (rows it decoded, question ids)
+    for record in records:
+        batch = record.get("batch")
+        if not isinstance(batch, dict) or "id" not in batch:
+            continue
+        rows = batch.get("rows") if batch.get("mode") == "continuous" else batch.get("size")  # continuous: max_rows
+        members.setdefault((record.get("method"), batch["id"]), (rows, set()))[1].add(record.get("question_id"))
+    return keep_whole(members.values(), done)
 
 
 def _is_complete(summary: dict, methods: list[str], question_ids: list[Any]) -> bool:

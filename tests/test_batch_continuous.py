@@ -116,7 +116,9 @@ def test_decode_continuous_bad_config(prompts_file, tmp_path):  # noqa: F811
 @pytest.mark.parametrize("mode", ["static", "continuous"])
 def test_resumed_batched_run_keeps_the_earlier_batches_time(prompts_file, tmp_path, mode):  # noqa: F811
     """Killed after the first batches' records: the resumed run's batches get new ids, so the summary's
-    aggregate time is the earlier batches' plus the new ones' (an id reused from 0 dropped the earlier)."""
+    aggregate time is the earlier batches' plus the new ones' (an id reused from 0 dropped the earlier). A
+    continuous batch (one per method) that lost rows is not kept whole: its prompts are decoded again (its time
+    covered work on every row), and the earlier records are copied aside first."""
     import json
 
     from experiments import decode
@@ -137,7 +139,33 @@ def test_resumed_batched_run_keeps_the_earlier_batches_time(prompts_file, tmp_pa
     for r in records:
         if r["method"] == "speculative":
             batches[r["batch"]["id"]] = r["batch"]  # the last entry per id, as the summary keeps it
-    assert len(batches) == 2, batches.keys()
+    assert len(batches) == {"static": 2, "continuous": 1}[mode], batches.keys()
+    assert bool(list(tmp_path.glob("superseded-*"))) == (mode == "continuous")  # static: batches kept whole
+    spec = again["metrics"]["speculative"]
+    assert spec["tokens_per_s"] == pytest.approx(spec["new_tokens"] / sum(b["time_total"] for b in batches.values()))
+
+
+def test_a_batch_decoded_again_gets_an_id_after_every_kept_one(prompts_file, tmp_path):  # noqa: F811
+    """A lost line in the first batch (batch 0 decoded again, batch 1 kept): the new batch's id comes after 1, not
+    at len(kept batches) = 1, where it replaced the kept batch's time in the summary."""
+    import json
+
+    from experiments import decode
+
+    cfg = compose_cfg(*tiny_args(prompts_file, num_prompts=4), "costs=false", "batch_size=2")
+    decode.run(cfg, tmp_path)
+    path = tmp_path / "records.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(line for line in lines if json.loads(line)["question_id"] != 0 or
+                            json.loads(line)["method"] != "baseline"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    again = decode.run(cfg, tmp_path)
+    batches = {}
+    for r in map(json.loads, path.read_text().splitlines()):
+        if r["method"] == "speculative":
+            batches.setdefault(r["batch"]["id"], r["batch"])
+    assert sorted(batches) == [1, 2]
     spec = again["metrics"]["speculative"]
     assert spec["tokens_per_s"] == pytest.approx(spec["new_tokens"] / sum(b["time_total"] for b in batches.values()))
 

@@ -51,6 +51,17 @@ def test_time_split_names_each_phase():
                                                "other": 0.25})
 
 
+def test_time_split_of_a_fixed_shape_step_is_none_where_no_phase_was_timed():
+    """compile=static|graph|inductor: summary.json, W&B and the report's split_* read null for the step's phases,
+    not 0 for draft and verify with the whole step under "other"."""
+    static = DecodeStats(target_forwards=5, time_prefill=0.2, time_total=1.0)
+    assert time_split(static) == {"prefill": pytest.approx(0.2), "draft": None, "verify": None,
+                                  "accept_commit": None, "other": None}
+    baseline = DecodeStats(target_forwards=5, time_prefill=0.2, time_verify=0.7, time_total=1.0)  # no draft phase
+    assert time_split(baseline)["draft"] == 0.0 and time_split(baseline)["other"] == pytest.approx(0.1)
+    assert time_split(DecodeStats())["verify"] == 0.0  # nothing decoded yet: shares of nothing
+
+
 def test_a_batched_runs_batch_size_is_its_largest_batch():
     """The last batch of a run may be a remainder (2 of 4 rows): the run's batch size is 4."""
     results = MethodResults()
@@ -60,14 +71,16 @@ def test_a_batched_runs_batch_size_is_its_largest_batch():
 
 
 def test_the_summary_table_shows_the_baseline_at_1x():
-    spec = DecodeStats(new_tokens=8, target_forwards=4, time_total=1.0).to_dict()
+    """... and no acceptance rate where nothing was proposed (the baseline: "-", not a 0.0% that reads as
+    every draft rejected); a drafter whose drafts were all rejected shows 0.0%."""
+    spec = DecodeStats(new_tokens=8, target_forwards=4, time_total=1.0, proposed_per_step=[2] * 4).to_dict()
     base = DecodeStats(new_tokens=8, target_forwards=8, time_total=2.0).to_dict()
     for m in (spec, base):
         m["time_split"] = time_split(DecodeStats(time_total=1.0))
     table = format_table({"metrics": {SPECULATIVE: spec, BASELINE: base, "speedup": 2.0}})
     speculative, baseline = table.splitlines()[2:4]
     assert speculative.split()[:6] == ["speculative", "2.00", "1.00", "0.0%", "8.0", "2.00x"]
-    assert baseline.split()[:6] == ["baseline", "1.00", "0.00", "0.0%", "4.0", "1.00x"]
+    assert baseline.split()[:6] == ["baseline", "1.00", "0.00", "-", "4.0", "1.00x"]
 
 
 def test_steps_by_source_are_counted_against_the_rows_steps_in_a_batched_run():
@@ -210,3 +223,42 @@ def test_a_sweeps_runs_are_named_by_their_own_overrides_short(tmp_path, monkeypa
     hydra_main(monkeypatch, "sweep=temperature", "logger=none", "resume=false", "drafter.num_speculative_tokens=3",
                f"hydra.sweep.dir={sweep}2")
     assert sorted(info["run_name"] for info in seen) == [f"T={t} k=3" for t in ("0.0", "0.7", "1.0")]
+
+
+def test_a_run_cut_between_the_methods_compares_only_the_prompts_both_decoded():
+    """Interrupted in the baseline pass, the speedup divided the speculative throughput over every prompt by the
+    baseline's over the few it finished: it is now over the prompts both decoded, or not given where a batch
+    cannot be divided (a continuous batch holds every prompt), with a warning either way."""
+    from experiments.results import build_summary, paired_speedup
+
+    def method(ids, batch=None, tokens=8, seconds=1.0):
+        results = MethodResults()
+        for qid in ids:
+            entry = None if batch is None else {**batch, "time_total": seconds * len(ids)}
+            results.add(qid, DecodeStats(new_tokens=tokens, target_forwards=4, time_total=seconds), [qid], entry)
+        return results
+
+    ours, base = method([0, 1, 2, 3], tokens=8), method([0, 1], tokens=4, seconds=2.0)  # prompts 2, 3: fast ones
+    ours.stats[2].time_total = ours.stats[3].time_total = 0.1
+    speed, warning = paired_speedup(ours, base)
+    assert speed == pytest.approx((16 / 2.0) / (8 / 4.0)) and "over the 2 prompt(s) both decoded" in warning
+    resumed = method([0, 1], {"id": 0, "size": 2})  # batch 0 whole for both; batch 1: the baseline was cut in it
+    resumed.add(2, DecodeStats(new_tokens=8, target_forwards=4, time_total=1.0), [2], {"id": 1, "size": 2})
+    resumed.add(3, DecodeStats(new_tokens=8, target_forwards=4, time_total=1.0), [3], {"id": 1, "size": 2})
+    cut_in_1 = method([0, 1], {"id": 0, "size": 2}, tokens=4)
+    cut_in_1.add(2, DecodeStats(new_tokens=4, target_forwards=4, time_total=1.0), [2], {"id": 1, "size": 2})
+    speed, warning = paired_speedup(resumed, cut_in_1)  # over batch 0 alone, not given up
+    assert speed == pytest.approx(2.0) and "over the 2 prompt(s) both decoded in whole batches" in warning
+    assert paired_speedup(method([0, 1]), method([0, 1])) == (pytest.approx(1.0), None)
+    continuous = method([0, 1, 2, 3], {"id": 0, "size": 2, "mode": "continuous", "rows": 4})
+    cut = method([0, 1], {"id": 1, "size": 2, "mode": "continuous", "rows": 4})  # 2 of its 4 rows finished
+    speed, warning = paired_speedup(continuous, cut)
+    assert speed is None and warning.startswith("speedup not given: speculative decoded 4 prompt(s), the baseline 2")
+    assert continuous.cut_batches() == [] and cut.cut_batches() == [1]
+    warnings = build_summary({"speculative": continuous, "baseline": cut}, greedy=True, status="interrupted",
+                             num_prompts=4)["warnings"]
+    assert warnings[0].startswith("baseline: a continuous batch was cut mid-pass") and len(warnings) == 2
+    assert paired_speedup(ours, MethodResults())[0] is None  # nothing in common
+    summary = build_summary({"speculative": ours, "baseline": base}, greedy=True, status="interrupted", num_prompts=4)
+    assert summary["metrics"]["speedup"] == pytest.approx(4.0) and len(summary["warnings"]) == 1
+    assert summary["metrics"]["speculative"]["num_prompts"] == 4  # its own figures stay over all it decoded

@@ -181,6 +181,28 @@ def test_charts_plot_time_per_batch_step_and_depths_from_one(tmp_path, monkeypat
     assert bars["draft"] == pytest.approx([10.0]) and bars["verify"] == pytest.approx([20.0])
     assert bars["accept+commit"] == pytest.approx([5.0]) and bars["other"] == pytest.approx([15.0])
     assert lines["DraftModelDrafter"] == [[1, 2], [0.8, 0.5]]
+    assert "whole step (fixed-shape, not split)" not in bars  # every step here was timed phase by phase
+
+
+def test_the_fixed_shape_step_is_one_unsplit_segment_not_all_other(tmp_path, monkeypatch):
+    """compile=static|graph|inductor times no phase apart: its bar is one "whole step" segment and its draft,
+    verify, accept and other are 0 there (they were plotted as 0 + 0 + 0 + the whole step as "other")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from experiments.report_plots import make_plots
+
+    bars = {}
+    bar = Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda ax, x, height, *a, **kw: bars.setdefault(kw.get("label"), list(height))
+                        and bar(ax, x, height, *a, **kw))
+    static = {"tau": 2.0, "tokens_per_s": 50.0, "target_forwards": 10, "time_total": 0.6, "time_prefill": 0.1,
+              "time_draft": 0.0, "time_verify": 0.0, "time_accept": 0.0, "time_other": 0.5}
+    make_plots([Run(tmp_path, "static", summary=chain_summary(2, 1.5, spec=static))], [], tmp_path)
+    assert bars["whole step (fixed-shape, not split)"] == pytest.approx([50.0])
+    assert bars["other"] == [0.0] and bars["verify"] == [0.0]
 
 
 def test_table_cells_in_markdown_and_csv(tmp_path):

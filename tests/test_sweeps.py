@@ -366,3 +366,45 @@ def test_records_without_a_method_or_stats_are_skipped_and_reported(tmp_path):
     records, problems = read_records(path)
     assert records == [good]
     assert len(problems) == 3 and all("not a decode record" in p for p in problems[:2])
+
+
+def _batched(qid, method, batch_id, size, mode=None, rows=None):
+    batch = {"id": batch_id, "size": size, "time_total": 1.0}
+    if mode:
+        batch.update(mode=mode, rows=rows)
+    return {"question_id": qid, "method": method, "stats": {"new_tokens": 4}, "batch": batch}
+
+
+def test_a_batch_is_resumed_only_whole():
+    """A batched record carries its batch's time (its rows' together): a batch missing a row would credit that
+    time to fewer tokens (a rerun with fewer prompts read 83 tok/s for 100), so its prompts are decoded again."""
+    from experiments.resume import whole_batches
+
+    static = [_batched(q, m, q // 4, 4 if q < 4 else 2) for m in ("speculative", "baseline") for q in range(6)]
+    assert whole_batches(static, set(range(6))) == set(range(6))
+    assert whole_batches(static, set(range(5))) == {0, 1, 2, 3}  # num_prompts=5: batch 1 (4, 5) split up
+    cut = [r for r in static if (r["question_id"], r["method"]) != (3, "baseline")]  # a line cut mid-write
+    assert whole_batches(cut, {0, 1, 2, 4, 5}) == {4, 5}  # batch 0 lost a row: its 3 others are decoded again
+    assert whole_batches([{"question_id": q, "method": "speculative", "stats": {}} for q in range(3)], {0, 2}) == {0, 2}
+    continuous = [_batched(q, "speculative", 0, 2, "continuous", 4) for q in range(4)]
+    assert whole_batches(continuous[:3], {0, 1, 2}) == set()  # cut mid-pass: its time covered unfinished rows
+    assert whole_batches(continuous, set(range(4))) == set(range(4))
+    spec = [_batched(q, "speculative", 0, 2, "continuous", 4) for q in range(4)]
+    base = [_batched(q, "baseline", 5 + q // 2, 2) for q in range(4)]  # the other method's batches: (0, 1), (2, 3)
+    assert whole_batches(spec[1:] + base, {1, 2, 3}) == set()  # 0 missing splits spec's batch, which holds 2, 3
+    assert whole_batches(spec + base[:2] + base[3:], {0, 1, 3}) == set()  # chain: 2 splits (2, 3), then spec's
+
+
+def test_a_rerun_with_fewer_prompts_decodes_a_split_batch_again(tmp_path):
+    """batch_size=4 over 6 prompts, rerun with num_prompts=5: prompt 4's batch held prompt 5, so 4 is decoded
+    again in a batch of its own and the earlier files are copied aside; batch 0 is kept."""
+    from experiments.resume import prepare
+
+    config = {"seed": 0, "batch_size": 4}
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "complete", "config": config, "num_prompts": 6}))
+    records = [_batched(q, m, q // 4, 4 if q < 4 else 2) for q in range(6) for m in ("speculative", "baseline")]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    state = prepare(tmp_path, config, ["speculative", "baseline"], list(range(5)))
+    assert state.done == {0, 1, 2, 3} and state.records == records[:8]
+    assert any("1 earlier prompt(s) decoded in a batch that is not kept whole" in m for m in state.messages)
+    assert len(list(tmp_path.glob("superseded-*"))) == 1  # one copy, for prompt 5 and the split batch

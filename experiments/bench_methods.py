@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -180,11 +181,14 @@ def decode_seconds_per_token(meth: Method) -> float | None:
     return decode / sum(meth.new_tokens[i] for i in meth.times)
 
 
-def pooled_tau(meth: Method) -> float | None:
-    """Tokens per target forward over all prompts together (each prompt's new tokens over its forwards,
-    summed): the run's tau. The mean of per-prompt taus weighs a prompt decoded in few forwards as much
-    as one decoded in many. None for HF's methods (no forward counts)."""
-    return sum(meth.new_tokens[i] for i in meth.forwards) / sum(meth.forwards.values()) if meth.forwards else None
+def pooled_tau(meth: Method, prompts: Iterable[int] | None = None) -> float | None:
+    """Tokens per target forward over all prompts (or ``prompts``) together (each prompt's new tokens over its
+    forwards, summed): the run's tau. The mean of per-prompt taus weighs a prompt decoded in few forwards as
+    much as one decoded in many. None for HF's methods (no forward counts) and where no forward was made (a
+    prompt ended by the prefill's token)."""
+    counted = [i for i in (meth.forwards if prompts is None else prompts) if i in meth.forwards]
+    forwards = sum(meth.forwards[i] for i in counted)
+    return sum(meth.new_tokens[i] for i in counted) / forwards if forwards else None
 
 
 def tau_cell(row: dict) -> str:

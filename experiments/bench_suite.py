@@ -31,7 +31,7 @@ import torch
 
 from experiments import cli
 from experiments.bench import verify_curve
-from experiments.bench_methods import Method, decode_run, pick_methods, run_all
+from experiments.bench_methods import Method, decode_run, pick_methods, pooled_tau, run_all
 from experiments.bench_output import machine_line
 from experiments.greedy_check import TOLERANCE
 from experiments.hf_generate import hf, hf_assisted
@@ -288,7 +288,8 @@ def drafter_costs(target, methods: dict, context: int) -> dict[str, float]:
 def category_table(methods: list[Method], categories: list[str], baseline: str,
                    checked: bool = True, deficits: dict | None = None) -> tuple[list[dict], str]:
     """Spec-Bench's layout: per method, speedup and tau per category and overall (speedup: tokens/s over
-    ``baseline``'s, summed over the category's prompts; tau: their tokens over their target forwards, pooled). ``checked``: outputs were compared with HF greedy.
+    ``baseline``'s, summed over the category's prompts; tau: their tokens over their target forwards, pooled).
+    ``checked``: outputs were compared with HF greedy.
     ``deficits`` (reduced precision): per method, ``(largest greedy deficit, passed)``, shown in place of
     the comparison with HF greedy (:mod:`experiments.greedy_check`)."""
     cats = [c for c in CATEGORY_ORDER if c in categories] + sorted(set(categories) - set(CATEGORY_ORDER))
@@ -304,10 +305,8 @@ def category_table(methods: list[Method], categories: list[str], baseline: str,
         if deficits is not None:
             row["greedy_deficit"], row["greedy_up_to_rounding"] = deficits[meth.name]
         for c, idx in groups.items():
-            forwards = [i for i in idx if i in meth.forwards]  # tau pooled over the prompts, as Spec-Bench's
-            tau = (sum(meth.new_tokens[i] for i in forwards) / sum(meth.forwards[i] for i in forwards)
-                   if forwards else None)
-            row[c] = {"speedup": rate(meth, idx) / rate(base, idx), "tau": tau, "tokens_per_s": rate(meth, idx)}
+            row[c] = {"speedup": rate(meth, idx) / rate(base, idx), "tau": pooled_tau(meth, idx),  # as Spec-Bench's
+                      "tokens_per_s": rate(meth, idx)}
         rows.append(row)
     check_head = " | output = HF plain greedy |" if checked else " |"
     if deficits is not None:

@@ -3,7 +3,7 @@
 Every prompt decoded by every method appends one JSON line to ``records.jsonl`` (flushed
 at once), and ``summary.json`` is rewritten atomically after each prompt, so an
 interrupted run keeps everything it computed. Aggregation uses
-:meth:`specdec.stats.DecodeStats.merge`; the metric names are the ones of DESIGN.md.
+:meth:`specdec.stats.DecodeStats.merge`; the metric names are the ones of the README's Metrics table.
 """
 from __future__ import annotations
 
@@ -63,9 +63,10 @@ class MethodResults:
         return out
 
     def cut_batches(self) -> list:
-        """Ids of continuous batches cut mid-pass: fewer of their rows finished than they decode (their wall time
-        covers unfinished rows' work too, so tokens/s over it is an underestimate)."""
-        return [b for b, qids in self.members().items() if len(qids) < (self.batches[b].get("rows") or 0)]
+        """Ids of batches missing rows: fewer of their rows are here than they decode (a continuous batch cut
+        mid-pass; a record lost from a file). Their wall time covers the missing rows' work too, so tokens/s
+        over it is an underestimate."""
+        return [b for b, qids in self.members().items() if len(qids) < (batch_rows(self.batches[b]) or 0)]
 
     def metrics(self) -> dict:
         """Merged stats (``DecodeStats.to_dict`` minus per-step lists) plus the time split.
@@ -85,6 +86,13 @@ class MethodResults:
         return out
 
 
+def batch_rows(batch: dict) -> int | None:
+    """The rows a batch entry of a record decoded (a continuous batch's ``rows``, a static one's ``size``; None
+    in records written before continuous batches kept ``rows``)."""
+    rows = batch.get("rows") if batch.get("mode") == "continuous" else batch.get("size")
+    return rows if isinstance(rows, int) else None
+
+
 def steps_of(metrics: dict) -> int:
     """A method's verify forwards from its summary metrics: the batches' steps in a batched run (``steps``;
     summaries written before it existed: ``target_forwards``)."""
@@ -92,7 +100,8 @@ def steps_of(metrics: dict) -> int:
 
 
 def steps_split(metrics: dict) -> bool:
-    """Whether a method's steps were timed phase by phase (``metrics``: a summary's or a ``DecodeStats.to_dict``).
+    """Whether a method's steps were timed phase by phase (``metrics``: a summary's, or a batch-1 run's
+    ``DecodeStats.to_dict``: a batched record's row times no phase of its own, its ``batch`` entry does).
     The fixed-shape step (``compile=static|graph|inductor``) runs draft, verify and accept as one captured
     call and times none of them apart."""
     return not (metrics.get("target_forwards") and not metrics.get("time_verify"))
@@ -174,8 +183,9 @@ def build_summary(
     """
     metrics = {name: res.metrics() for name, res in results.items() if res.stats}
     summary: dict = {"status": status, "num_prompts": num_prompts, "metrics": metrics}
-    warnings = [f"{name}: a continuous batch was cut mid-pass, so its tokens_per_s counts the finished rows' tokens "
-                "over time that also went to unfinished rows (an underestimate)"
+    warnings = [f"{name}: a batch is missing rows (a continuous batch cut mid-pass, or a lost record), so its "
+                "tokens_per_s counts the present rows' tokens over time that also went to the missing rows (an "
+                "underestimate)"
                 for name, res in results.items() if res.cut_batches()]
     if SPECULATIVE in metrics and BASELINE in metrics:
         metrics["speedup"], warning = paired_speedup(results[SPECULATIVE], results[BASELINE])

@@ -15,7 +15,8 @@ at what its directory already holds:
   copied to ``superseded-<time>/`` first, since the run's own files will hold only its prompts;
 - a batched run's prompts are kept only with their whole batch (:func:`whole_batches`): a batch's wall time
   and phases are its rows' together, so a batch that lost a row (a prompt not in this run, a line cut, a
-  continuous batch cut mid-pass) is decoded again, after the same copy.
+  continuous batch cut mid-pass) is decoded again (where it held prompts every method had finished, after the
+  same copy).
 
 "Same config" compares the resolved configs without the keys that do not change what is decoded
 (``IGNORED_KEYS``): a run continued with more prompts keeps the ones it has.
@@ -40,7 +41,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from experiments.results import RECORDS_FILE, SUMMARY_FILE, keep_whole, read_records
+from experiments.results import RECORDS_FILE, SUMMARY_FILE, batch_rows, keep_whole, read_records
 from experiments.wandb_run import STATE_FILE as WANDB_STATE_FILE
 from specdec.files import held_lock
 
@@ -243,8 +244,7 @@ def whole_batches(records: list[dict], done: set) -> set:
         batch = record.get("batch")
         if not isinstance(batch, dict) or "id" not in batch:
             continue
-        rows = batch.get("rows") if batch.get("mode") == "continuous" else batch.get("size")  # continuous: max_rows
-        members.setdefault((record.get("method"), batch["id"]), (rows, set()))[1].add(record.get("question_id"))
+        members.setdefault((record.get("method"), batch["id"]), (batch_rows(batch), set()))[1].add(record.get("question_id"))
     return keep_whole(members.values(), done)
 
 

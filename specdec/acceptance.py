@@ -50,11 +50,12 @@ class AcceptanceRule(ABC):
 
     def draw_uniform(self, rng: KeyedRandom, node: int) -> float:
         """The draw ``u ~ U(0, 1)`` that decides draft ``node``; every random decision of a rule goes
-        through here or :meth:`draw_token` (keyed by node and step: :mod:`specdec.rng`)."""
+        through here, :meth:`draw_token` or ``rng`` itself (keyed by node and step: :mod:`specdec.rng`)."""
         return float(rng.uniform(ACCEPT, node)[0])
 
     def draw_token(self, probs: torch.Tensor, rng: KeyedRandom) -> int:
-        """The step's one token drawn from ``probs [V]`` (the recovered or bonus token)."""
+        """The step's one token drawn from ``probs [V]`` (the recovered or bonus token; keyed by the step only, so
+        a second call in one step draws with the same number: other draws go through ``rng.categorical``)."""
         return int(rng.categorical(probs[None], EXTRA)[0])
 
     @abstractmethod

@@ -1,4 +1,4 @@
-"""Decode statistics. Each name means one thing (see DESIGN.md, "Metrics")."""
+"""Decode statistics. Each name means one thing (the README's Metrics table)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field

@@ -34,6 +34,21 @@ def test_speedup_and_tau_per_category_and_overall():
     assert "HF plain" not in sampled and not sampled.splitlines()[3].endswith("| NO |")
 
 
+def test_a_category_without_target_forwards_has_no_tau():
+    """Prompts ended by the prefill's own token (EOS first, or ``--max-new-tokens 1``) make no verify forward:
+    the category's pooled tau is None (shown as such), not a ZeroDivisionError that loses the whole benchmark."""
+    from experiments.bench_methods import pooled_tau
+
+    base = _method("hf_plain", [1.0, 1.0, 1.0])
+    ours = _method("ours_x", [0.5, 0.5, 1.0], taus=[3.0, 2.0, 1.0])
+    ours.new_tokens[0] = ours.new_tokens[1] = 1
+    ours.forwards[0] = ours.forwards[1] = 0
+    rows, _ = category_table([base, ours], ["coding", "coding", "qa"], "hf_plain")
+    assert rows[1]["coding"]["tau"] is None and rows[1]["qa"]["tau"] == pytest.approx(1.0)
+    assert pooled_tau(ours) == pytest.approx(14 / 12) and pooled_tau(ours, [0, 1]) is None
+    assert pooled_tau(base) is None  # HF's methods count no forwards
+
+
 def test_confidence_thresholds_add_dynamic_length_rows():
     """``--confidence 0.3``: each draft-model chain (and HF assisted generation) also with the threshold."""
     from experiments.bench_suite import build_methods, parse_args

@@ -112,6 +112,7 @@ class WandbLogger(Logger):
         self.run = start_wandb({"dir": str(self.run_dir), "config": config, "reinit": "finish_previous",
                                 "id": self.state.run_id, "resume": "allow", **self.init_kwargs}, self.init_timeout)
         self.state.save()
+        self._step = self.state.steps  # a resumed W&B run: its decode_step series goes on after what it has
         # per-step and per-prompt series stay out of the run summary: W&B would put the last prompt's
         # values there under names that read as the run's (its figures are log_summary's)
         self.run.define_metric("decode_step", summary="none")
@@ -130,10 +131,16 @@ class WandbLogger(Logger):
             self._step += 1
             self.run.log({"decode_step": self._step, "step/accepted_drafts": accepted,
                           "step/proposed_drafts": proposed, "step/prompt_index": index})
+        if self.state is not None:  # kept as it goes: an interrupted run's resume continues after these steps
+            self.state.steps = self._step
+            self.state.save()
 
     def log_resumed(self, records: list[dict]) -> None:
-        self._step += sum(len(r.get("stats", {}).get("accepted_per_step", [])) for r in records
-                          if r.get("method", "speculative") == "speculative")
+        """Go on after the resumed records' steps, or after every step the W&B run was sent (its state counts
+        them: records decoded again, a batch that lost a row, were sent too), whichever is more."""
+        kept = sum(len(r.get("stats", {}).get("accepted_per_step", [])) for r in records
+                   if r.get("method", "speculative") == "speculative")
+        self._step = max(self._step, kept)
 
     def log_summary(self, summary: dict) -> None:
         import wandb

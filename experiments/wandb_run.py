@@ -6,7 +6,8 @@
   written before and independently of it (:mod:`experiments.results`).
 - :class:`RunState` keeps a run directory's W&B run id in ``wandb_run.json``, so a resumed run, or a
   rerun that back-fills a missing summary, continues its own W&B run (``resume="allow"``), and
-  records whether the summary reached it.
+  records whether the summary reached it and how many decode steps it was sent (a resumed run's
+  ``decode_step`` series goes on after them).
 
 wandb is imported only inside the functions: everything here is used behind
 :class:`experiments.loggers.GuardedLogger` or an equivalent guard.
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: The W&B run of a run directory: ``{"id": ..., "summary_logged": bool}``.
+#: The W&B run of a run directory: ``{"id": ..., "summary_logged": bool, "steps": int}``.
 STATE_FILE = "wandb_run.json"
 #: Seconds an online start may take (server check, then ``wandb.init``) before logging goes offline.
 DEFAULT_INIT_TIMEOUT = 10.0
@@ -35,12 +36,14 @@ _UNREACHABLE: dict[str, str] = {}
 @dataclass
 class RunState:
     """The W&B run of one run directory. ``existed``: it was read from ``wandb_run.json`` (the W&B run
-    already received this run's config and records), not made up now."""
+    already received this run's config and records), not made up now. ``steps``: the ``decode_step``s
+    it was sent (0 in files written before they were counted)."""
 
     path: Path
     run_id: str
     summary_logged: bool = False
     existed: bool = False
+    steps: int = 0
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunState:
@@ -50,7 +53,8 @@ class RunState:
         path = Path(run_dir) / STATE_FILE
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(path, str(data["id"]), bool(data.get("summary_logged")), existed=True)
+            return cls(path, str(data["id"]), bool(data.get("summary_logged")), existed=True,
+                       steps=int(data.get("steps") or 0))
         except (OSError, ValueError, KeyError, TypeError):
             pass
         earlier = sorted((p.name for p in (Path(run_dir) / "wandb").glob("*run-*-*") if not p.is_symlink()),
@@ -64,7 +68,7 @@ class RunState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".wandb_run.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"id": self.run_id, "summary_logged": self.summary_logged}, handle)
+            json.dump({"id": self.run_id, "summary_logged": self.summary_logged, "steps": self.steps}, handle)
         os.replace(tmp, self.path)
 
 

@@ -130,6 +130,33 @@ def test_log_prompt_sends_prompt_metrics_and_the_speculative_steps(tmp_path):
     assert logged[3:] == [{"prompt_index": 3, "prompt/baseline/tau": 1.0, "prompt/baseline/new_tokens": 8}]
 
 
+def test_a_resumed_wandb_run_goes_on_after_every_step_it_was_sent(tmp_path, monkeypatch):
+    """The W&B run's state counts the decode steps it was sent, as they go: a resume that decodes a prompt again
+    (a batch that lost a row, an unfinished prompt) does not send decode_step values the run already has, and a
+    state written before the count existed falls back to the kept records' steps."""
+    started = []
+    monkeypatch.setattr(loggers, "start_wandb", lambda init, timeout: started.append(FakeRun(**init)) or started[-1])
+    first = WandbLogger(tmp_path)
+    first.log_config({"seed": 0})
+    first.log_prompt(0, _record("speculative", [1, 1, 0], [2, 2, 2]))
+    first.log_prompt(1, _record("speculative", [2], [2]))  # then killed: prompt 1 is decoded again on resume
+    assert RunState.load(tmp_path).steps == 4
+
+    resumed = WandbLogger(tmp_path)
+    resumed.log_config({"seed": 0})
+    resumed.log_resumed([_record("speculative", [1, 1, 0], [2, 2, 2])])  # prompt 0 kept: 3 steps
+    resumed.log_prompt(1, _record("speculative", [2], [2]))
+    steps = [data["decode_step"] for data, _ in started[-1].logged if "decode_step" in data]
+    assert steps == [5] and started[-1].init["id"] == started[0].init["id"]
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"id": "abc123", "summary_logged": False}))  # an older state
+    old = WandbLogger(tmp_path)
+    old.log_config({"seed": 0})
+    old.log_resumed([_record("speculative", [1, 1, 0], [2, 2, 2])])
+    old.log_prompt(1, _record("speculative", [2], [2]))
+    assert [data["decode_step"] for data, _ in started[-1].logged if "decode_step" in data] == [4]
+
+
 def test_backfill_logs_the_records_only_to_a_new_wandb_run(tmp_path, monkeypatch):
     """A run made with another logger gets its config, records and summary; a W&B run that already has the
     records (its id in wandb_run.json, summary not logged) gets the summary alone."""

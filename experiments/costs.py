@@ -208,7 +208,7 @@ def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float |
     """``(metrics, cost_model)`` for the summary.
 
     ``metrics``: ``predicted_speedup`` (prefills included, like ``speedup``), ``efficiency``
-    (measured / predicted) and ``recommended_k`` (chains only). ``cost_model``: the step shape,
+    (measured / predicted) and ``recommended_k`` (chains of one part only). ``cost_model``: the step shape,
     ``predicted_step_speedup`` (decode loop only), ``alpha``, expected tau and predicted speedup
     by k (prefills included), and the cost curves with their context length. ``note``: why no costs were
     measured, when it was not ``costs=false``.
@@ -230,6 +230,10 @@ def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float |
     if shape.get("draft_forwards") == "fixed":  # its forwards are not one per draft: the k curve would misprice it
         model["note"] = ("recommended_k prices k draft forwards per k-chain; this drafter runs a fixed number "
                          f"({shape['k']}) whatever it proposes: sweep drafter.num_speculative_tokens instead")
+    elif shape.get("draft_source") is not None:  # alpha would pool the lookup's steps with the model's
+        model["note"] = ("recommended_k is not given for a drafter of several parts: its alpha pools every part's "
+                         "steps (lookups included), not the chain the k curve prices; sweep the model part's "
+                         "num_speculative_tokens instead")
     elif alpha is not None and shape["kind"] == "chain":
         curve = chain_speedup_by_k(alpha, costs, tokens_per_prompt=stats.new_tokens / num_prompts)
         model["expected_tau_by_k"] = {k: expected_tau(alpha, k) for k in KS}

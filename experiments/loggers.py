@@ -89,8 +89,7 @@ class WandbLogger(Logger):
         run_name: str | None = None,
         init_timeout: float = DEFAULT_INIT_TIMEOUT,
     ) -> None:
-        if mode not in WANDB_MODES:
-            raise ConfigError(f"logger.mode={mode!r} is unknown; choose one of {', '.join(WANDB_MODES)}")
+        check_mode(mode)
         self.run_dir = Path(run_dir)
         self.init_timeout = float(init_timeout)
         self.init_kwargs = {
@@ -229,6 +228,12 @@ class GuardedLogger(Logger):
 
     def backfill(self, summary: dict, records: list[dict]) -> bool:
         return bool(self._call("backfill", summary, records))
+
+
+def check_mode(mode: Any) -> None:
+    """``logger.mode`` is one of :data:`WANDB_MODES`, else a :class:`ConfigError` naming it."""
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"logger.mode={mode!r} is unknown; choose one of {', '.join(WANDB_MODES)}")
 
 
 def tag_list(tags: Any) -> list[str]:

@@ -123,6 +123,16 @@ def _from_pretrained(cfg: DictConfig | dict) -> LoadedModels:
     return loaded
 
 
+def check_dtypes(cfg: DictConfig | dict) -> None:
+    """``model.dtype`` and ``model.draft_dtype`` are known choices, else one error naming the key: checked before
+    anything is built or loaded (on a fresh machine the default pair's build would come first: minutes)."""
+    from specdec.models import DTYPES, check_dtype_choice
+
+    if cfg.get("dtype", "float32") not in DTYPES:
+        raise ConfigError(f"model.dtype={cfg.get('dtype')!r} is unknown; choose one of {sorted(DTYPES)}")
+    check_dtype_choice(cfg.get("draft_dtype"), "model.draft_dtype")
+
+
 def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer: str | None) -> LoadedModels:
     """Load a target (and a draft model) with ``from_pretrained``; the tokenizer defaults to the target's."""
     from drafters.vocab_padding import matched_draft

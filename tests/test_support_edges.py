@@ -133,6 +133,31 @@ def test_why_a_checkpoint_did_not_load_is_named(tmp_path):
         assert isinstance(failure, CheckpointError) and f"has only pickle weights ({name})" in str(failure), name
 
 
+def test_a_hub_id_that_the_hub_did_not_give_is_named_as_such(tmp_path, monkeypatch):
+    """A hub id with no network: the model's and the tokenizer's errors say the name is no local directory and the
+    hub did not give it (not that its tokenizer files are damaged: a new user's misreading, found by a trial)."""
+    import transformers
+
+    from specdec.checkpoints import load_failure
+    from specdec.errors import SpecDecError
+    from specdec.models import load_tokenizer
+
+    offline = OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "is no local directory, so it was asked of the Hugging Face Hub" in str(load_failure("target", hub_id, offline))
+    assert "Hugging Face Hub" not in str(load_failure("target", str(tmp_path), offline))  # a local directory
+
+    def refuse(*args, **kwargs):
+        raise offline
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    with pytest.raises(SpecDecError, match="no local directory, so it was asked of the Hugging Face Hub") as err:
+        load_tokenizer(hub_id)
+    assert "missing or damaged" not in str(err.value)
+    (tmp_path / "tokenizer.json").write_text("{", encoding="utf-8")
+    with pytest.raises(SpecDecError, match="missing or damaged"):  # a local directory: its files
+        load_tokenizer(str(tmp_path))
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_the_lean_forward_of_a_short_block_is_causal(n):
     """A block fed without a key mask (a prompt chunk, a catch-up of two tokens) is causal in the lean forward as

@@ -1,7 +1,7 @@
 """The sizes of the embedded model pair: tokenizer, target and draft shapes, training budgets.
 
 ``micro`` builds in well under a minute on two CPU cores (tests); ``default`` is the
-benchmark pair, trained in 6-20 minutes on two CPU cores (machines differ).
+benchmark pair, trained in 6-24 minutes on two idle CPU cores (machines differ).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ SIZES: dict[str, ZooSize] = {
         kl_weight=0.9,
         draft_init_from_target=True,
         eval_tokens=65_536,
-        build_time="6-20 minutes on 2 CPU cores (machines differ), under a minute on a GPU",
+        build_time="6-24 minutes on 2 idle CPU cores (machines differ; longer beside other work), under a minute on a GPU",
     ),
 }
 

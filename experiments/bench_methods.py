@@ -193,5 +193,8 @@ def pooled_tau(meth: Method, prompts: Iterable[int] | None = None) -> float | No
 
 def tau_cell(row: dict) -> str:
     """A table cell ``mean over prompts / pooled`` (see :func:`pooled_tau`); empty for HF's methods."""
-    return "" if row["tau"] is None else f"{row['tau']:.2f} / {row['tau_pooled']:.2f}"
+    if row["tau"] is None:
+        return ""
+    pooled = "-" if row["tau_pooled"] is None else f"{row['tau_pooled']:.2f}"  # no target forward at all
+    return f"{row['tau']:.2f} / {pooled}"
 

@@ -231,9 +231,8 @@ def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float |
         model["note"] = ("recommended_k prices k draft forwards per k-chain; this drafter runs a fixed number "
                          f"({shape['k']}) whatever it proposes: sweep drafter.num_speculative_tokens instead")
     elif shape.get("draft_source") is not None:  # alpha would pool the lookup's steps with the model's
-        model["note"] = ("recommended_k is not given for a drafter of several parts: its alpha pools every part's "
-                         "steps (lookups included), not the chain the k curve prices; sweep the model part's "
-                         "num_speculative_tokens instead")
+        model["note"] = ("recommended_k is given for chains of one part only: a drafter of several parts pools "
+                         "every part's steps (lookups included) in its alpha; sweep its parts' settings instead")
     elif alpha is not None and shape["kind"] == "chain":
         curve = chain_speedup_by_k(alpha, costs, tokens_per_prompt=stats.new_tokens / num_prompts)
         model["expected_tau_by_k"] = {k: expected_tau(alpha, k) for k in KS}

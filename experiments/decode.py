@@ -32,7 +32,7 @@ from experiments.decoding import EncodedPrompt, decode_continuous, decode_group,
 from experiments.drafter_config import build_drafter, check_before_loading, drafter_parts, tree_argument
 from experiments.greedy_check import rounding_check
 from experiments.instantiate import accepts_argument, check_arguments, instantiate
-from experiments.loggers import GuardedLogger, Logger, check_mode
+from experiments.loggers import GuardedLogger, Logger, check_logger_node
 from experiments.models_from_config import LoadedModels, check_dtypes, drafter_paths, load_models, target_device
 from experiments.results import (
     BASELINE,
@@ -177,8 +177,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     check_dtypes(cfg.model)
     for group in ("drafter", "logger"):  # a wrong _target_ or a misspelled argument in their own files too
         check_arguments(cfg[group], group)
-    if str((cfg.logger or {}).get("_target_", "")).endswith("WandbLogger"):
-        check_mode(cfg.logger.get("mode", "offline"))
+    check_logger_node(cfg.logger)
     tree_argument(cfg.drafter, cfg.get("tree"))  # a tree file of the wrong shape fails before any model loads too
     drafter_paths(cfg.drafter, build=False)  # so does a missing draft checkpoint a drafter loads itself
     for name, node in drafter_parts(cfg.drafter).items():  # or a hybrid's part

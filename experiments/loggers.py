@@ -9,6 +9,7 @@ bounded time or falls back to offline logging, and keeps one W&B run per run dir
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,13 +127,14 @@ class WandbLogger(Logger):
         self.run.log({"prompt_index": index, **metrics})
         if method != "speculative":
             return
-        for accepted, proposed in zip(stats.get("accepted_per_step", []), stats.get("proposed_per_step", [])):
+        steps = list(zip(stats.get("accepted_per_step", []), stats.get("proposed_per_step", [])))
+        if self.state is not None:  # counted before they are sent: a resume goes on after them, even if cut here
+            self.state.steps = self._step + len(steps)
+            self.state.save()
+        for accepted, proposed in steps:
             self._step += 1
             self.run.log({"decode_step": self._step, "step/accepted_drafts": accepted,
                           "step/proposed_drafts": proposed, "step/prompt_index": index})
-        if self.state is not None:  # kept as it goes: an interrupted run's resume continues after these steps
-            self.state.steps = self._step
-            self.state.save()
 
     def log_resumed(self, records: list[dict]) -> None:
         """Go on after the resumed records' steps, or after every step the W&B run was sent (its state counts
@@ -234,6 +236,18 @@ def check_mode(mode: Any) -> None:
     """``logger.mode`` is one of :data:`WANDB_MODES`, else a :class:`ConfigError` naming it."""
     if mode not in WANDB_MODES:
         raise ConfigError(f"logger.mode={mode!r} is unknown; choose one of {', '.join(WANDB_MODES)}")
+
+
+def check_logger_node(node: Any) -> None:
+    """The run's ``logger`` node: where it makes a :class:`WandbLogger` (or a subclass), its ``mode`` is known,
+    checked before anything loads (its constructor checks it again)."""
+    module, _, name = str((node or {}).get("_target_") or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return  # a _target_ that does not resolve is named by experiments.instantiate.check_arguments
+    if isinstance(cls, type) and issubclass(cls, WandbLogger):
+        check_mode(node.get("mode", "offline"))
 
 
 def tag_list(tags: Any) -> list[str]:

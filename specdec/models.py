@@ -275,7 +275,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = 
         if "trust_remote_code" in str(err):
             raise RemoteCodeError("tokenizer", path) from err
         detail = " ".join(str(err).split())
-        cause = not_local(path) or ("its tokenizer files (tokenizer.json, tokenizer_config.json) are missing or "
+        cause = not_local(path, err) or ("its tokenizer files (tokenizer.json, tokenizer_config.json) are missing or "
                                     "damaged; save them again with save_pretrained")
         raise SpecDecError(f"could not load the tokenizer from {path!r} ({type(err).__name__}: {detail}): "
                            f"{cause}") from err

@@ -47,6 +47,8 @@ def test_a_category_without_target_forwards_has_no_tau():
     assert rows[1]["coding"]["tau"] is None and rows[1]["qa"]["tau"] == pytest.approx(1.0)
     assert pooled_tau(ours) == pytest.approx(14 / 12) and pooled_tau(ours, [0, 1]) is None
     assert pooled_tau(base) is None  # HF's methods count no forwards
+    from experiments.bench_methods import tau_cell  # bench's and bench_drafters' cell: no TypeError on None
+    assert tau_cell({"tau": 0.0, "tau_pooled": None}) == "0.00 / -" and tau_cell({"tau": None, "tau_pooled": None}) == ""
 
 
 def test_confidence_thresholds_add_dynamic_length_rows():

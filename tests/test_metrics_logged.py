@@ -149,6 +149,21 @@ def test_a_resumed_wandb_run_goes_on_after_every_step_it_was_sent(tmp_path, monk
     steps = [data["decode_step"] for data, _ in started[-1].logged if "decode_step" in data]
     assert steps == [5] and started[-1].init["id"] == started[0].init["id"]
 
+    class CutRun(FakeRun):  # killed while the steps go out: they were counted before they were sent
+        def log(self, data, step=None):
+            if "decode_step" in data:
+                raise KeyboardInterrupt
+            super().log(data, step)
+    cut = WandbLogger(tmp_path)
+    cut.log_config({"seed": 0})
+    cut.run = CutRun()
+    with pytest.raises(KeyboardInterrupt):
+        cut.log_prompt(2, _record("speculative", [1, 1], [2, 2]))
+    assert RunState.load(tmp_path).steps == 7
+    damaged = json.loads((tmp_path / STATE_FILE).read_text())
+    (tmp_path / STATE_FILE).write_text(json.dumps({**damaged, "steps": "3.5"}))
+    assert RunState.load(tmp_path).run_id == damaged["id"] and RunState.load(tmp_path).steps == 0  # id kept
+
     (tmp_path / STATE_FILE).write_text(json.dumps({"id": "abc123", "summary_logged": False}))  # an older state
     old = WandbLogger(tmp_path)
     old.log_config({"seed": 0})

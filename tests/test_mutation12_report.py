@@ -245,6 +245,8 @@ def test_row_columns_read_their_own_fields():
     assert row["tokens_per_s"] == 30.0 and row["baseline_tokens_per_s"] == 12.0 and row["recommended_k"] == 3
     assert row["acceptance_by_depth"] is None
     assert row["alpha"] == pytest.approx(fit_alpha([10, 10], [8, 6]))
+    hybrid = {**summary, "drafter_shape": {"kind": "chain", "k": 2, "draft_source": "draft_model"}}
+    assert row_of(Run(Path("h"), "h", summary=hybrid), [])["recommended_k"] is None  # an older summary's is shown not
 
 
 def test_label_of_skips_keys_the_run_lacks():

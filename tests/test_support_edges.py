@@ -138,14 +138,18 @@ def test_a_hub_id_that_the_hub_did_not_give_is_named_as_such(tmp_path, monkeypat
     hub did not give it (not that its tokenizer files are damaged: a new user's misreading, found by a trial)."""
     import transformers
 
-    from specdec.checkpoints import load_failure
+    from specdec.checkpoints import load_failure, not_local
     from specdec.errors import SpecDecError
     from specdec.models import load_tokenizer
 
     offline = OSError("We couldn't connect to 'https://huggingface.co' to load the files")
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "is no local directory, so it was asked of the Hugging Face Hub" in str(load_failure("target", hub_id, offline))
-    assert "Hugging Face Hub" not in str(load_failure("target", str(tmp_path), offline))  # a local directory
+    unknown = OSError("foo/bar is not a local folder and is not a valid model identifier listed on the hub")
+    assert "no such repository" in str(load_failure("target", "foo/bar", unknown))
+    assert not_local(str(tmp_path), offline) is None  # a local directory: its own files are the problem
+    accelerate = ImportError("Using a device_map requires accelerate")  # the hub was never the problem
+    assert "Hugging Face Hub" not in str(load_failure("target", hub_id, accelerate))
 
     def refuse(*args, **kwargs):
         raise offline

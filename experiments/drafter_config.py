@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from drafters.hybrid import part_errors
 from experiments.instantiate import accepts_argument, instantiate, target_of
 from experiments.models_from_config import LoadedModels, drafter_paths
-from experiments.overrides import group_choice
+from experiments.overrides import group_choice, task_overrides
 from specdec.errors import ConfigError, positive_int
 
 
@@ -139,7 +139,8 @@ def tree_argument(drafter: DictConfig, tree: Any) -> dict:
         raise ConfigError(f"tree=... needs a drafter that grows token trees, one with a tree argument (drafter="
                           f"draft_model, eagle, medusa, or hybrid with such a second part); {drafter._target_} takes no "
                           "tree: drop the tree override")
-    where = f"the file of tree={group_choice('tree') or '...'}"
+    edits = [o for o in task_overrides() if o.lstrip("+~").startswith("tree.")]  # tree=none 'tree.paths=[...]'
+    where = f"the file of tree={group_choice('tree') or '...'}" + (f" as {' '.join(edits)} changed it" if edits else "")
     if not isinstance(tree, Mapping):  # a bare list or a scalar: raises, saying what a tree file looks like
         paths_entry(OmegaConf.to_container(tree) if isinstance(tree, ListConfig) else tree, where)
     return {"tree": load_preset(tree, name=where)}

@@ -246,6 +246,8 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     error_line(err, 2, code, "tree=[] names no option: a config group takes one option name")
     code, err = main_in_process(monkeypatch, capsys, "tree=[binary]", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "tree=[binary]: a config group takes an option name, without brackets: tree=binary")
+    code, err = main_in_process(monkeypatch, capsys, "tree=none", "tree.paths=[[1],[0,0]]", f"hydra.run.dir={tmp_path}")
+    error_line(err, 2, code, "the file of tree=none as tree.paths=[[1],[0,0]] changed it")  # not the file's own paths
     code, err = main_in_process(monkeypatch, capsys, "tree.paths=[[0],[1]]", f"hydra.run.dir={tmp_path}")
     line = error_line(err, 2, code, "tree.paths is not a key", "need its group chosen first: tree=none")
     assert "+tree.paths" not in line  # '+' would only lead to "unknown key 'tree'"

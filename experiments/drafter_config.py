@@ -140,7 +140,9 @@ def tree_argument(drafter: DictConfig, tree: Any) -> dict:
                           f"draft_model, eagle, medusa, or hybrid with such a second part); {drafter._target_} takes no "
                           "tree: drop the tree override")
     edits = [o for o in task_overrides() if o.lstrip("+~").startswith("tree.")]  # tree=none 'tree.paths=[...]'
-    where = f"the file of tree={group_choice('tree') or '...'}" + (f" as {' '.join(edits)} changed it" if edits else "")
+    where = f"the file of tree={group_choice('tree') or '...'}"
+    if edits:
+        where += f" as {' '.join(edits)} changed it"
     if not isinstance(tree, Mapping):  # a bare list or a scalar: raises, saying what a tree file looks like
         paths_entry(OmegaConf.to_container(tree) if isinstance(tree, ListConfig) else tree, where)
     return {"tree": load_preset(tree, name=where)}

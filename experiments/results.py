@@ -287,7 +287,8 @@ def format_table(summary: dict) -> str:
             split = " ".join(f"{k}={v:.0%}" for k, v in m["time_split"].items())
         else:
             split = f"prefill={m['time_split']['prefill']:.0%}, steps not split (fixed-shape step)"
-        rate = f"{m['draft_acceptance_rate']:.1%}" if m.get("mean_proposed_drafts") else "-"  # nothing proposed: no rate
+        proposed = m.get("mean_proposed_drafts")  # nothing proposed: no rate
+        rate = f"{m['draft_acceptance_rate']:.1%}" if proposed else "-"
         lines.append(
             f"{name:<12} {m['tau']:>6.2f} {m['mean_accepted_drafts']:>8.2f} {rate:>8} "
             f"{m['tokens_per_s']:>9.1f} {_fmt_speedup(up):>8}   {split}"

@@ -244,7 +244,8 @@ def whole_batches(records: list[dict], done: set) -> set:
         batch = record.get("batch")
         if not isinstance(batch, dict) or "id" not in batch:
             continue
-        members.setdefault((record.get("method"), batch["id"]), (batch_rows(batch), set()))[1].add(record.get("question_id"))
+        key = (record.get("method"), batch["id"])
+        members.setdefault(key, (batch_rows(batch), set()))[1].add(record.get("question_id"))
     return keep_whole(members.values(), done)
 
 

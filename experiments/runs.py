@@ -225,7 +225,8 @@ def row_of(run: Run, swept: list[str]) -> dict:
         "alpha": alpha, "matches_baseline": m.get("matches_baseline"),
         "tokens_per_s": spec.get("tokens_per_s"), "baseline_tokens_per_s": base.get("tokens_per_s"),
         "speedup": m.get("speedup"), "predicted_speedup": m.get("predicted_speedup"),
-        "efficiency": m.get("efficiency"), "recommended_k": None if is_hybrid(run) else m.get("recommended_k"),  # older summaries gave hybrids one
+        "efficiency": m.get("efficiency"),
+        "recommended_k": None if is_hybrid(run) else m.get("recommended_k"),  # older summaries gave hybrids one
         "ms_per_step": 1000 * (spec["time_total"] - spec["time_prefill"]) / steps if steps else None,
     })
     row.update({f"split_{s}": spec.get("time_split", {}).get(s) for s in SPLITS})

@@ -275,10 +275,19 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = 
         if "trust_remote_code" in str(err):
             raise RemoteCodeError("tokenizer", path) from err
         detail = " ".join(str(err).split())
-        cause = not_local(path, err) or ("its tokenizer files (tokenizer.json, tokenizer_config.json) are missing or "
-                                    "damaged; save them again with save_pretrained")
+        cause = not_local(path, err) or _tokenizer_cause(err)
         raise SpecDecError(f"could not load the tokenizer from {path!r} ({type(err).__name__}: {detail}): "
                            f"{cause}") from err
+
+
+def _tokenizer_cause(err: BaseException) -> str:
+    """What to do about a tokenizer that failed to load for a reason other than the hub: a library it needs is
+    missing (an ImportError, or transformers saying which package to install), else damaged or missing files."""
+    text = str(err).lower()
+    if isinstance(err, ImportError) or any(says in text for says in ("pip install", "requires the", "need to have")):
+        return "a library this tokenizer needs is not installed: install the one the message names (pip install ...)"
+    return ("its tokenizer files (tokenizer.json, tokenizer_config.json) are missing or damaged; save them again "
+            "with save_pretrained")
 
 
 def tokenizer_or_none(path: str, trust_remote_code: bool = False):

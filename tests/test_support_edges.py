@@ -135,7 +135,8 @@ def test_why_a_checkpoint_did_not_load_is_named(tmp_path):
 
 def test_a_hub_id_that_the_hub_did_not_give_is_named_as_such(tmp_path, monkeypatch):
     """A hub id with no network: the model's and the tokenizer's errors say the name is no local directory and the
-    hub did not give it (not that its tokenizer files are damaged: a new user's misreading, found by a trial)."""
+    hub did not give it (not that its tokenizer files are damaged: a new user's misreading, found by a trial); a
+    tokenizer that needs a library not installed (sentencepiece) says so, not that its files are damaged."""
     import transformers
 
     from specdec.checkpoints import load_failure, not_local
@@ -160,6 +161,14 @@ def test_a_hub_id_that_the_hub_did_not_give_is_named_as_such(tmp_path, monkeypat
     (tmp_path / "tokenizer.json").write_text("{", encoding="utf-8")
     with pytest.raises(SpecDecError, match="missing or damaged"):  # a local directory: its files
         load_tokenizer(str(tmp_path))
+
+    def need_library(*args, **kwargs):
+        raise ImportError("LlamaTokenizer requires the SentencePiece library but it was not found: pip install "
+                          "sentencepiece")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", need_library)
+    with pytest.raises(SpecDecError, match="a library this tokenizer needs is not installed") as err:
+        load_tokenizer(hub_id)  # not the hub's fault (the message names no hub miss), nor the files'
+    assert "missing or damaged" not in str(err.value) and "sentencepiece" in str(err.value)
 
 
 @pytest.mark.parametrize("n", [2, 3])

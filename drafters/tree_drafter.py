@@ -20,6 +20,7 @@ its cache in sync on commit.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,8 @@ from specdec.sampling import draft_confidence, warp_probs
 from specdec.tree import compile_tree, load_preset
 from specdec.types import SAMPLING_MODES, DraftTree
 from verifier import check_finite
+
+log = logging.getLogger(__name__)
 
 
 def flag_of(value, name: str) -> bool:
@@ -147,5 +150,17 @@ class TreeDrafter(Drafter):
         check_finite(root_logits, f"{self.forward_label} at draft position 1", masked_ok=True)
         if self.mode == "dynamic":
             return expand_dynamic(feed, root_logits, depth_limit, self.budget, self.top_k_children)
+        self._warn_ranks_past(root_logits.shape[-1])
         mode = "deterministic" if self.ctx.sampling.greedy else self.tree_sampling
         return expand_static(feed, self.compiled, root_logits, depth_limit, mode, self.ctx.sampling, self.ctx.rng)
+
+    def _warn_ranks_past(self, vocab: int) -> None:
+        """Warn once per drafter where the preset has nodes ranked past the draft's ``vocab`` tokens (a tiny
+        vocabulary): they, and the nodes under them, are never drafted (as Medusa warns when it drops them)."""
+        if getattr(self, "_ranks_checked", None) == vocab:
+            return
+        self._ranks_checked = vocab
+        past = sum(max(path) >= vocab for path in self.compiled.paths)  # a path holds its ancestors' ranks
+        if past:
+            log.warning("tree preset: %d of %d nodes are ranked past the draft's %d tokens (or lie under such a "
+                        "node) and are never drafted", past, self.compiled.num_nodes, vocab)

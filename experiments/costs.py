@@ -11,7 +11,8 @@ autoregressive loop (one width-1 target forward per token)::
 - token trees: ``F_d`` = the tree's depth (one draft forward per level), ``N`` = its nodes.
 
 ``T_t(w)`` and ``T_d(1)`` are read as measured (:func:`cost_at`; a wider forward may cost less on a CPU);
-widths between the measured ones are interpolated linearly, wider ones extrapolated from the last two.
+widths between the measured ones are interpolated linearly, wider ones extrapolated from the last two. A run
+that padded its verifies (``verify_widths``, kept in the costs) is priced at the padded widths (:func:`verify_cost`).
 A run predicts with its measured per-step proposals (mean over steps of ``F_d T_d(1) + T_t(n_i + 1)``),
 so steps cut short near ``max_new_tokens`` and n-gram steps with no match are costed as they ran.
 ``predicted_speedup`` also counts what the measured ``speedup`` counts, the prefills: the baseline takes
@@ -98,9 +99,20 @@ def _draft_cost(costs: dict) -> float:
     return cost_at(costs["draft"], 1) if costs.get("draft") else 0.0
 
 
-def step_seconds(costs: dict, draft_forwards: float, verify_width: float) -> float:
-    """Predicted seconds of one step: ``draft_forwards * T_d(1) + T_t(verify_width)``."""
-    return draft_forwards * _draft_cost(costs) + cost_at(costs["target"], verify_width)
+def verify_cost(costs: dict, width: int) -> float:
+    """Seconds of a verify forward of ``width`` tokens, at the width the run padded it to (``costs["verify_widths"]``:
+    the speculative decoder's ``verify_widths``, absent or empty where it padded nothing)."""
+    widths = costs.get("verify_widths")
+    if widths:
+        from verifier.verifier import padded_width
+
+        width = padded_width(sorted(widths), width)
+    return cost_at(costs["target"], width)
+
+
+def step_seconds(costs: dict, draft_forwards: float, verify_width: int) -> float:
+    """Predicted seconds of one step: ``draft_forwards * T_d(1) + T_t(verify_width)`` (padded: :func:`verify_cost`)."""
+    return draft_forwards * _draft_cost(costs) + verify_cost(costs, verify_width)
 
 
 def draft_forwards_per_step(stats, shape: dict) -> float:
@@ -122,7 +134,7 @@ def draft_forwards_per_step(stats, shape: dict) -> float:
 
 def predicted_step_seconds(stats, costs: dict, shape: dict) -> float:
     """Mean predicted seconds of the run's steps: ``F_d T_d(1) + T_t(n_i + 1)`` with its own proposals."""
-    verify = statistics.fmean(cost_at(costs["target"], n + 1) for n in stats.proposed_per_step)
+    verify = statistics.fmean(verify_cost(costs, n + 1) for n in stats.proposed_per_step)
     return draft_forwards_per_step(stats, shape) * _draft_cost(costs) + verify
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from drafters.hybrid import part_errors
 from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
 from experiments.costs import cost_model_scope
-from experiments.decode_costs import add_cost_model, auto_widths, measure_run_costs, set_cheap_widths
+from experiments.decode_costs import add_cost_model, auto_widths, measure_run_costs, padded_costs, set_cheap_widths
 from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
 from experiments.drafter_config import build_drafter, check_before_loading, drafter_parts, tree_argument
 from experiments.greedy_check import rounding_check
@@ -125,16 +125,17 @@ def build_logger(logger_cfg: DictConfig, run_dir: Path, group: str | None, run_n
 
 def make_decoders(cfg: DictConfig, models: LoadedModels, drafter: Any, rule: Any, sampling: Any) -> dict:
     """``{method: (decoder, drafter name)}``: the speculative decoder and, if ``cfg.baseline``, the
-    autoregressive one (same target, sampling and attention backend)."""
+    autoregressive one (same target, sampling and attention backend; its one-token forwards are never padded to
+    ``verify_widths``: it is plain decoding, the speedup's reference)."""
     from drafters import NoDrafter
     from specdec import SpeculativeDecoder
 
-    def make(d: Any, acceptance: Any) -> Any:
+    def make(d: Any, acceptance: Any, widths: Any = None) -> Any:
         return SpeculativeDecoder(target=models.target, drafter=d, acceptance=acceptance, sampling=sampling,
-                                  attn_backend=cfg.attn_backend, compile=cfg.compile,
-                                  verify_widths=None if auto_widths(cfg) else cfg.get("verify_widths"))
+                                  attn_backend=cfg.attn_backend, compile=cfg.compile, verify_widths=widths)
 
-    decoders = {SPECULATIVE: (make(drafter, rule), type(drafter).__name__)}
+    widths = None if auto_widths(cfg) else cfg.get("verify_widths")
+    decoders = {SPECULATIVE: (make(drafter, rule, widths), type(drafter).__name__)}
     if cfg.baseline:
         # With no drafts, greedy (temperature 0) and rejection (otherwise) are plain decoding from the target.
         decoders[BASELINE] = (make(NoDrafter(), "greedy" if sampling.greedy else "rejection"), "NoDrafter")
@@ -213,7 +214,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     costs = None if scope else measure_run_costs(cfg, step_shape, models, encoded)
     shape = step_shape.describe(type(drafter).__name__)
     if auto_widths(cfg) and not scope:  # else ignored (warned above)
-        set_cheap_widths(decoders, costs)
+        set_cheap_widths(decoders[SPECULATIVE][0], costs)
+    costs = padded_costs(costs, decoders[SPECULATIVE][0])
 
     writer = ResultsWriter(run_dir, keep=previous.records)
     log.info("decoding %d prompts with %s (+ baseline: %s); results in %s",

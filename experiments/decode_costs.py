@@ -27,17 +27,23 @@ def auto_widths(cfg: DictConfig) -> bool:
     return True
 
 
-def set_cheap_widths(decoders: dict, costs: dict | None) -> None:
-    """Give every decoder the widths :func:`experiments.costs.cheap_widths` reads off ``costs["target"]``."""
+def set_cheap_widths(decoder: Any, costs: dict | None) -> None:
+    """Give the speculative ``decoder`` the widths :func:`experiments.costs.cheap_widths` reads off
+    ``costs["target"]`` (the baseline's one-token forwards stay unpadded)."""
     from experiments.costs import cheap_widths
 
     if costs is None:
         print("warning: verify_widths=auto without a measured cost curve: verifies are not padded", file=sys.stderr)
         return
-    widths = cheap_widths(costs["target"])
-    for decoder, _ in decoders.values():
-        decoder.verifier.verify_widths = widths
+    decoder.verifier.verify_widths = widths = cheap_widths(costs["target"])
     log.info("verify widths (cheap widths of the target's cost curve): %s", list(widths))
+
+
+def padded_costs(costs: dict | None, decoder: Any) -> dict | None:
+    """``costs`` with the widths the speculative ``decoder`` pads its verifies to (``verify_widths``: the cost model
+    prices a verify at its padded width, :func:`experiments.costs.verify_cost`); unchanged where it pads nothing."""
+    widths = list(decoder.verifier.verify_widths)
+    return {**costs, "verify_widths": widths} if costs is not None and widths else costs
 
 
 def measure_run_costs(cfg: DictConfig, step_shape: Any, models: LoadedModels, encoded: list[EncodedPrompt]) -> dict | None:

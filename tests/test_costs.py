@@ -155,8 +155,8 @@ def test_a_hybrids_lookup_steps_cost_no_draft_forwards():
 
 
 def test_cheap_widths_and_verify_widths_auto():
-    """cheap_widths keeps the widths no wider one undercuts; decode's verify_widths=auto gives them to every
-    decoder from the run's measured curve, and needs costs=true."""
+    """cheap_widths keeps the widths no wider one undercuts; decode's verify_widths=auto gives them to the
+    speculative decoder from the run's measured curve, and needs costs=true."""
     from omegaconf import OmegaConf
 
     from experiments.costs import cheap_widths
@@ -172,9 +172,53 @@ def test_cheap_widths_and_verify_widths_auto():
     with pytest.raises(ConfigError, match="costs=true"):
         auto_widths(OmegaConf.create({"verify_widths": "auto", "costs": False}))
     target = pair("llama")[0]
-    decoders = {"spec": (SpeculativeDecoder(target, NoDrafter()), "NoDrafter")}
-    set_cheap_widths(decoders, {"target": curve})
-    assert decoders["spec"][0].verifier.width(3) == 4 and decoders["spec"][0].verifier.width(7) == 8
+    decoder = SpeculativeDecoder(target, NoDrafter())
+    set_cheap_widths(decoder, {"target": curve})
+    assert decoder.verifier.width(3) == 4 and decoder.verifier.width(7) == 8
+
+
+def test_a_padded_run_is_priced_at_its_padded_widths():
+    """A run whose verifies were padded (verify_widths, kept in the costs) is predicted at the widths it ran: a k=2
+    chain verifies 3 tokens at width 4 (12 s, not T(3) = 16 s), so predicted_speedup is not too low and
+    efficiency not too high (it went above 1 with auto widths); the k curve prices each k padded too."""
+    from experiments.costs import chain_speedup_by_k, cost_at, predicted_speedups, step_seconds, verify_cost
+
+    curve = {1: 10.0, 2: 14.0, 3: 16.0, 4: 12.0, 5: 13.0}
+    plain, padded = {"target": curve}, {"target": curve, "verify_widths": [1, 4, 5]}
+    assert verify_cost(plain, 3) == 16.0 and verify_cost(padded, 3) == 12.0 and verify_cost(padded, 1) == 10.0
+    assert verify_cost(padded, 6) == cost_at(curve, 6)  # wider than every listed width: unpadded
+    assert step_seconds(padded, 0, 3) == 12.0
+    stats = DecodeStats()
+    for _ in range(4):
+        stats.record_step(2, 2, 1)
+    stats.new_tokens = 8
+    chain = {"kind": "chain", "draft_forwards": "none"}
+    assert predicted_speedups(stats, padded, chain, 1)[1] == pytest.approx(2 * 10.0 / 12.0)
+    assert predicted_speedups(stats, plain, chain, 1)[1] == pytest.approx(2 * 10.0 / 16.0)
+    assert chain_speedup_by_k(0.5, padded, ks=(2,))[2] == pytest.approx(1.75 * 10.0 / 12.0)
+
+
+def test_the_baseline_is_never_padded(monkeypatch):
+    """verify_widths pads the speculative decoder's verifies only: the autoregressive baseline, the speedup's
+    reference, runs its one-token forwards unpadded (a list without 1, [4, 8], padded every baseline forward to 4
+    and inflated the speedup); the run's costs carry the speculative widths for the cost model."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from experiments.decode import BASELINE, SPECULATIVE, make_decoders
+    from experiments.decode_costs import padded_costs
+    from specdec import SamplingParams
+    from tests.tiny_models import pair
+
+    cfg = OmegaConf.create({"verify_widths": [4, 8], "costs": True, "baseline": True, "attn_backend": "sdpa",
+                            "compile": "none"})
+    models = SimpleNamespace(target=pair("llama")[0])
+    decoders = make_decoders(cfg, models, NoDrafter(), "greedy", SamplingParams())
+    spec, base = decoders[SPECULATIVE][0], decoders[BASELINE][0]
+    assert spec.verifier.width(1) == 4 and base.verifier.width(1) == 1
+    assert padded_costs({"target": {1: 1.0}}, spec)["verify_widths"] == [4, 8]
+    assert padded_costs({"target": {1: 1.0}}, base) == {"target": {1: 1.0}} and padded_costs(None, spec) is None
 
 
 def test_per_step_draft_forwards_count_only_the_steps_that_proposed():

@@ -176,9 +176,8 @@ class Verifier:
         check_attn_backend(attn_backend, self.device)  # triton without a GPU or the interpreter: fail now
 
     def width(self, n: int) -> int:
-        """The forward's width for a block of ``n`` tokens: the smallest of ``verify_widths`` that holds it
-        (the block is padded to it), else ``n``."""
-        return next((w for w in self.verify_widths if w >= n), n)
+        """The forward's width for a block of ``n`` tokens (:func:`padded_width` of ``verify_widths``)."""
+        return padded_width(self.verify_widths, n)
 
     def prefill(self, cache: SpecDecCache, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Write ``input_ids [1, T]`` into the cache (causally); returns the last hidden states ``[T, H]``."""
@@ -210,6 +209,12 @@ class Verifier:
         logits, hidden = logits[: n + 1], hidden[: n + 1]  # [1 + N, V], [1 + N, H]
         check_finite(logits, f"target forward at decode step {step}")
         return VerifyOutput(logits=logits, hidden=hidden)
+
+
+def padded_width(widths, n: int) -> int:
+    """The width a block of ``n`` tokens is verified at: the smallest of ``widths`` (sorted) that holds it (the block
+    is padded to it), else ``n``."""
+    return next((w for w in widths if w >= n), n)
 
 
 def check_widths(widths) -> tuple[int, ...]:

@@ -307,6 +307,7 @@ class StaticStep:
                               "running the static step eagerly from now on", stacklevel=4)
                 _COMPILE_FAILED.append(exc)
                 self._run = self._eager
+                self.compile_s += time.perf_counter() - start  # the failed attempt is compile time, not decoding
                 self._eager()
                 return
             self._restore(snapshot)  # undo the compiling call's step: it runs again, timed as any other

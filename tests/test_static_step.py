@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import time
 import warnings
 
 import pytest
@@ -250,11 +251,16 @@ def test_a_block_past_the_capacity_is_reported_not_decoded(setup, monkeypatch):
 
 
 def test_a_failing_compile_falls_back_to_the_eager_step(setup, monkeypatch):
-    """Where the compiler fails (planted: a backend that raises), one warning, then the eager step, same tokens."""
+    """Where the compiler fails (planted: a backend that raises), one warning, then the eager step, same tokens; the
+    failed attempt's seconds are compile time (``time_compile``), not in the decode's ``time_total``."""
     arch, target, rows = setup
     real = torch.compile
 
+    clock, skipped = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + skipped[0])
+
     def failing_backend(gm, example_inputs):
+        skipped[0] += 100.0  # a compiler that takes 100 s (on the clock the decoder reads) to fail
         raise RuntimeError("planted compiler failure")
 
     calls = []
@@ -269,6 +275,7 @@ def test_a_failing_compile_falls_back_to_the_eager_step(setup, monkeypatch):
     failed = [str(w.message) for w in caught if "compile=inductor failed" in str(w.message)]
     assert len(failed) == 1 and "planted compiler failure" in failed[0], [str(w.message) for w in caught]
     assert len(calls) == 1
+    assert out.stats.time_compile >= 100 > out.stats.time_total and again.stats.time_compile < 100  # not in tokens/s
     ref = SpeculativeDecoder(target, SHAPES["chain3"](arch)).generate_batch(rows, LIMITS)
     assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences]
     assert [s.tolist() for s in again.sequences] == [s.tolist() for s in ref.sequences[:2]]

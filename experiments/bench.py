@@ -303,7 +303,7 @@ def parse_args(argv=None):
                    help="also run HF assisted generation with its default schedule")
     p.add_argument("--hf-compile", action="store_true",
                    help="also HF plain generate through its static cache and torch.compile (hf_static_compiled; "
-                        "the first call per shape compiles, the median over --reps leaves it out)")
+                        "the first call per shape compiles: with --reps 3 or more the median leaves it out)")
     cli.add_narrow_linears(p)
     p.add_argument("--reps", type=cli.int_at_least(1), default=3)
     p.add_argument("--threads", type=cli.int_at_least(1), default=2)

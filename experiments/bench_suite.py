@@ -15,8 +15,8 @@ possible: tau and speedup are against our own autoregressive loop at the same te
 from HF plain greedy where two logits nearly tie, HF's own prompt lookup's too; each row also says whether
 its outputs are greedy up to rounding (:mod:`experiments.greedy_check`), which sets the exit status.
 
-Also reports each drafter's cost per drafted token relative to one target forward (width 1, at
-the run's context), the figure that decides what a drafter can gain: on a 49152-token vocabulary
+Also reports each drafter's cost per draft forward (one token; Medusa: one call of all its heads) relative to one
+target forward (width 1, at the run's context), the figure that decides what a drafter can gain: on a 49152-token vocabulary
 the LM head is a large share of any draft. Importable without hydra or wandb.
 """
 from __future__ import annotations

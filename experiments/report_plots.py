@@ -109,9 +109,9 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
     if stepped:
         fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(stepped) + 3), 4.2))
         bars = [(labels[r.name], r.metrics[SPECULATIVE]) for r in stepped]
-        base = next((r.metrics[BASELINE] for r in stepped if r.metrics.get(BASELINE, {}).get("target_forwards")), None)
-        if base:
-            bars.append(("autoregressive", base))
+        base = next((r for r in stepped if r.metrics.get(BASELINE, {}).get("target_forwards")), None)
+        if base:  # one run's baseline (runs swept over sampling or the model each have their own)
+            bars.append((f"autoregressive ({labels[base.name]})", base.metrics[BASELINE]))
         parts = (("draft", "time_draft"), ("verify", "time_verify"), ("accept+commit", "time_accept"),
                  ("other", "time_other"), ("whole step (fixed-shape, not split)", None))
         bottom = [0.0] * len(bars)

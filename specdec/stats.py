@@ -12,7 +12,8 @@ class DecodeStats:
 
     ``target_forwards`` counts verify forwards (one per step; the prefill is not counted); in a batch's
     aggregate it is the rows' steps summed, and ``batch_steps`` counts the batch's own steps (each one
-    batched verify forward over all its rows; 0 in per-row and batch-1 stats). ``steps`` is whichever of
+    batched verify forward over all its rows; 0 in per-row and batch-1 stats, except batch-1 through the
+    fixed-shape step, whose aggregate counts its steps: equal to ``target_forwards`` there). ``steps`` is whichever of
     the two is the run's forwards, the divisor of a time per step.
     ``depth_proposed[d - 1]`` / ``depth_accepted[d - 1]``: steps that proposed / accepted a node at
     depth d. ``steps_by_source``: steps per proposing drafter, for drafters that combine several
@@ -74,7 +75,9 @@ class DecodeStats:
 
     @property
     def mean_accepted_drafts(self) -> float:
-        """tau - 1: drafts accepted per step."""
+        """tau - 1: tokens emitted per step beyond the one every step emits (gpt-fast's "mean accepted"). Equal
+        to the drafts accepted per step except at a step that accepted a draft EOS: it emits no bonus token
+        after it, so ``accepted_per_step`` counts one more there than this does."""
         return self.tau - 1.0 if self.target_forwards else 0.0
 
     @property

@@ -172,7 +172,8 @@ def test_a_batch_decoded_again_gets_an_id_after_every_kept_one(prompts_file, tmp
 
 def test_batched_benchmark_table_has_a_chain_per_k_and_tau(tmp_path):
     """``experiments.bench --batch-sizes``' table: one chain per draft length (draft model and, given a head,
-    EAGLE, and each behind prompt lookup), each with its tau and its per-rep speedups over our AR loop; every
+    EAGLE, and each behind prompt lookup), each with its tau and its per-rep speedups over our AR loop (a continuous
+    method also over our AR loop batched continuously, `ours_ar_continuous`); every
     row checked against HF greedy (a random pair with a noisy copy as draft)."""
     from drafters.eagle_heads import save_head
     from experiments.bench_batch import markdown, run_batch_sizes
@@ -199,6 +200,10 @@ def test_batched_benchmark_table_has_a_chain_per_k_and_tau(tmp_path):
     assert by[(2, "ours_eagle3_k3_hf_forward")]["tau"] == by[(2, "ours_eagle3_k3")]["tau"]  # the head's other forward
     assert 1.0 <= by[(2, "ours_chain_k3_conf0.0061")]["tau"] <= 4.0
     assert by[(2, "ours_ar")]["vs_ours_ar_reps"] == [1.0, 1.0] and len(by[(2, "ours_eagle3_k2")]["vs_ours_ar_reps"]) == 2
+    same, cont = by[(2, "ours_chain_k2")], by[(2, "ours_chain_k2_continuous")]  # each over our AR batched its way
+    assert same["vs_ours_ar_same_batching"] == same["vs_ours_ar"] and by[(2, "ours_ar_continuous")]["tau"] == 1.0
+    assert cont["vs_ours_ar_same_batching"] == pytest.approx(
+        cont["tokens_per_s"] / by[(2, "ours_ar_continuous")]["tokens_per_s"])
     assert "| 2 | ours_chain_k3 |" in markdown(rows)
 
 

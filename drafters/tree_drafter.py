@@ -35,6 +35,7 @@ from specdec.types import SAMPLING_MODES, DraftTree
 from verifier import check_finite
 
 log = logging.getLogger(__name__)
+_RANKS_CHECKED: set = set()  # (preset paths, vocabulary size) already checked for ranks past the vocabulary
 
 
 def flag_of(value, name: str) -> bool:
@@ -155,11 +156,12 @@ class TreeDrafter(Drafter):
         return expand_static(feed, self.compiled, root_logits, depth_limit, mode, self.ctx.sampling, self.ctx.rng)
 
     def _warn_ranks_past(self, vocab: int) -> None:
-        """Warn once per drafter where the preset has nodes ranked past the draft's ``vocab`` tokens (a tiny
-        vocabulary): they, and the nodes under them, are never drafted (as Medusa warns when it drops them)."""
-        if getattr(self, "_ranks_checked", None) == vocab:
+        """Warn once per preset and vocabulary size (a batch's per-row copies of a drafter too) where the preset has
+        nodes ranked past the draft's ``vocab`` tokens (a tiny vocabulary): they, and the nodes under them, are never
+        drafted (as Medusa warns when it drops them)."""
+        if (self.compiled.paths, vocab) in _RANKS_CHECKED:
             return
-        self._ranks_checked = vocab
+        _RANKS_CHECKED.add((self.compiled.paths, vocab))
         past = sum(max(path) >= vocab for path in self.compiled.paths)  # a path holds its ancestors' ranks
         if past:
             log.warning("tree preset: %d of %d nodes are ranked past the draft's %d tokens (or lie under such a "

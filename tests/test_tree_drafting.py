@@ -354,17 +354,23 @@ def test_dynamic_tree_expands_the_best_nodes_of_each_level():
     assert tree.tokens.tolist() == [5, 0] and tree.parents.tolist() == [-1, 0] and fed == [0, -1]
 
 
-def test_a_preset_ranked_past_a_tiny_vocabulary_warns_once(caplog):
+def test_a_preset_ranked_past_a_tiny_vocabulary_warns_once(caplog, monkeypatch):
     """Over 6 tokens a preset's rank-6 node (and the node under it) are never drafted: the draft model's tree says so
-    once, as Medusa's does, instead of dropping them silently."""
+    once (per preset and vocabulary: not once per row of a batch), as Medusa's does, instead of dropping them
+    silently."""
+    from drafters import tree_drafter
     from tests.tiny_models import peaky_pair
 
+    monkeypatch.setattr(tree_drafter, "_RANKS_CHECKED", set())
     target, draft = peaky_pair(vocab=6)
     drafter = DraftModelDrafter(draft, tree=[[0], [1], [6], [6, 0], [0, 0]])
     _bound(drafter, target, torch.tensor([[1, 2, 3]]))
     with caplog.at_level("WARNING", logger="drafters.tree_drafter"):
         tree = drafter.propose(max_depth=8)
         drafter.propose(max_depth=8)
+        other = DraftModelDrafter(draft, tree=[[0], [1], [6], [6, 0], [0, 0]])  # a batch's next row: no second line
+        _bound(other, target, torch.tensor([[3, 2]]))
+        other.propose(max_depth=8)
     assert tree.num_nodes == 3  # [0], [1], [0, 0]
     warned = [r.getMessage() for r in caplog.records if "ranked past" in r.getMessage()]
     assert warned == ["tree preset: 2 of 5 nodes are ranked past the draft's 6 tokens (or lie under such a node) "

@@ -44,7 +44,7 @@ from drafters.head_files import (
 )
 from drafters.head_files import check_target as check_heads_target
 from specdec.errors import SpecDecError
-from specdec.models import text_config
+from specdec.models import cast_module, text_config
 
 VERSIONS = ("eagle2", "eagle3")
 TRAIN_COMMAND = "python -m experiments.train_eagle"
@@ -298,14 +298,8 @@ class EagleHead(nn.Module):
         return self._move(weight.device, dtype)
 
     def _move(self, device: torch.device, dtype: torch.dtype) -> EagleHead:
-        """``self.to(device, dtype)``, except that the rotary frequencies stay float32: rounded to bf16
-        they would shift every position's angle (by about half a radian near position 500)."""
-        keep = {name: buf.float() for name, buf in self.named_buffers() if name.endswith("inv_freq")}
-        self.to(device=device, dtype=dtype)
-        for name, buf in keep.items():
-            owner, _, attr = name.rpartition(".")
-            setattr(self.get_submodule(owner), attr, buf.to(device))
-        return self
+        """``self.to(device, dtype)``, the rotary frequencies kept float32 (:func:`specdec.models.cast_module`)."""
+        return cast_module(self, dtype, device)
 
     def check_target(self, target) -> None:
         """Raise :class:`EagleHeadError` unless this head was trained for ``target``."""

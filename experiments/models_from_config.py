@@ -139,6 +139,7 @@ def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer
     from specdec.checkpoints import RemoteCodeError
     from specdec.models import (
         auto_dtype,
+        cast_module,
         check_checkpoint_dir,
         load_causal_lm,
         load_tokenizer,
@@ -158,7 +159,7 @@ def _from_dirs(cfg: DictConfig | dict, target: str, draft: str | None, tokenizer
         target_model = load_causal_lm(target, **opts, device_map=device_map, role="target")
         draft_model = load_causal_lm(draft, **{**opts, "dtype": draft_dtype}, role="draft") if draft else None
         if draft_model is not None and cfg.get("draft_dtype") == "auto":  # a CPU: bf16 only if measured faster
-            draft_model = draft_model.to(auto_dtype(draft_model, opts["device"], draft_model.dtype))
+            draft_model = cast_module(draft_model, auto_dtype(draft_model, opts["device"], draft_model.dtype))
             draft_dtype = str(draft_model.dtype).removeprefix("torch.")  # before padding: its LM head is timed too
         sizes = {"draft": vocab_size(draft_model), "target": vocab_size(target_model)} if draft_model is not None else {}
         draft_model, note = matched_draft(target_model, draft_model, tok, draft, trust) if sizes else (None, None)

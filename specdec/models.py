@@ -88,6 +88,20 @@ def auto_dtype(module: torch.nn.Module | None, device: str | torch.device, dtype
     return torch.bfloat16 if _DECIDED[key] else dtype
 
 
+def cast_module(module: torch.nn.Module, dtype: torch.dtype, device: str | torch.device | None = None):
+    """``module.to(device, dtype)``, except that rotary frequencies (``inv_freq`` buffers) stay float32, as they are
+    in a model loaded in ``dtype`` (``from_pretrained(dtype=...)``): rounded to bf16 they would shift every
+    position's angle (about half a radian near position 500), and a draft cast after loading would draft other
+    tokens than the same draft loaded in bf16."""
+    keep = {name: buf.float() for name, buf in module.named_buffers() if name.endswith("inv_freq")}
+    module.to(device=device, dtype=dtype)
+    for name, buf in keep.items():
+        owner, _, attr = name.rpartition(".")
+        holder = module.get_submodule(owner)
+        setattr(holder, attr, buf.to(getattr(holder, attr).device))
+    return module
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -95,6 +95,9 @@ def test_fastest_seconds_times_every_call_in_turns():
 
 @pytest.mark.parametrize(("bf16", "want"), [(0.5, torch.bfloat16), (0.9, torch.float32)])
 def test_load_models_runs_an_auto_draft_in_the_measured_dtype(saved_tiny_pair, monkeypatch, bf16, want):
+    """auto casts the draft to the dtype it measured faster; a bf16 draft so cast is the draft ``draft_dtype=
+    bfloat16`` loads (rotary frequencies float32, same logits: a trial found a sampled batch drafting other tokens
+    than batch 1 where auto had rounded them), and the target stays as it was."""
     from experiments.models_from_config import load_models
 
     asked = _timed(monkeypatch, native=True, bf16=bf16)
@@ -106,6 +109,12 @@ def test_load_models_runs_an_auto_draft_in_the_measured_dtype(saved_tiny_pair, m
     assert next(loaded.target.parameters()).dtype == torch.float32 and len(asked) == 1
     shapes = {tuple(m.weight.shape) for m in loaded.draft.modules() if isinstance(m, nn.Linear)}
     assert set(asked[0]) == shapes  # the draft's linears were measured, not the target's
+    if want == torch.bfloat16:  # the same draft as one loaded in bf16: its rotary frequencies stay float32
+        named = load_models({**cfg, "draft_dtype": "bfloat16"}).draft
+        assert all(b.dtype == torch.float32 for n, b in loaded.draft.named_buffers() if n.endswith("inv_freq"))
+        ids = torch.arange(3, 40)[None]  # [1, 37]
+        with torch.no_grad():
+            assert torch.equal(loaded.draft(ids).logits, named(ids).logits)
     with pytest.raises(SpecDecError, match=r"model.draft_dtype='bf16' is unknown"):
         load_models({**cfg, "draft_dtype": "bf16"})
 

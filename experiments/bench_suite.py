@@ -41,9 +41,21 @@ from verifier.narrow_linear import narrow_models
 CATEGORY_ORDER = ("coding", "summarization", "rag", "qa", "math_reasoning", "multi_turn")
 
 
+def _pretrained_name(name: str) -> str:
+    """An argparse ``type``: a model of :mod:`experiments.pretrained` (checked as it is parsed, so an unknown one is
+    named before any other flag is found wrong)."""
+    from experiments.pretrained import PretrainedError, get_spec
+
+    try:
+        get_spec(name)
+    except PretrainedError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return name
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m experiments.bench --model smollm2", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="a model of experiments.pretrained")
+    p.add_argument("--model", default="smollm2", type=_pretrained_name, help="a model of experiments.pretrained")
     p.add_argument("--dataset", default="suite", help="suite, or a Spec-Bench question.jsonl")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--per-category", type=cli.int_at_least(1), default=4, help="prompts per category (the first ones)")

@@ -106,3 +106,16 @@ def test_reduced_precision_rows_show_the_greedy_deficit():
     assert lines[1].count("---") == 6  # method, 2 categories, overall, 2 checks
     assert lines[2].endswith("| yes | yes (0.100) |") and lines[3].endswith("| NO | NO (2.500) |")
     assert rows[1]["greedy_deficit"] == 2.5 and rows[1]["greedy_up_to_rounding"] is False
+
+
+def test_an_unknown_model_is_named_before_other_flags(capsys):
+    """``bench --model <unknown>`` with flags the suite bench does not take: the error names the unknown model (its
+    type check runs as it is parsed), not only the flags (found by a new-user trial)."""
+    from experiments.bench import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--prompts", "2", "--ks", "2", "--model", "nosuchmodel"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --model: unknown pretrained model 'nosuchmodel'; choose one of ['smollm2']")
+    assert err.count("\n") == 1

@@ -95,7 +95,8 @@ def _where(exc: BaseException) -> str | None:
 #: What to do about a file system error, by errno (:func:`error_message`); a full, read-only or over-quota disk
 #: is the machine's state, not a bug: one error line (:func:`report_failure`).
 OS_FIXES = {
-    errno.ENOENT: "that path (or a directory on it) does not exist: check it",
+    errno.ENOENT: "that path (or a directory on it) does not exist, or cannot be made there: check it, or pick a path "
+                  "in a directory you can write",
     errno.EACCES: "you may not read or write there: pick a path you can",
     errno.EPERM: "you may not read or write there: pick a path you can",
     errno.ENOSPC: "the disk is full: free some space, or write elsewhere (hydra.run.dir=, out_dir=, cache_dir=)",

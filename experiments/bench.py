@@ -62,7 +62,7 @@ from experiments.bench_methods import (
 )
 from experiments.bench_output import command_line, exit_status, machine_line, match_note, publish
 from experiments.captured_costs import floor_line, static_costs
-from experiments.cost_measure import draft_cost_note, measure_costs, measure_interleaved
+from experiments.cost_measure import draft_cost_note, implausible, measure_costs, measure_interleaved
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
 from specdec.errors import SpecDecError
 from specdec.models import DTYPES
@@ -349,6 +349,11 @@ def main(argv=None) -> int:
                 between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5,
                                                              draft_probe=probe)))
         costs = median_costs(samples)
+        busy = implausible(costs["target"])
+        if busy:  # the efficiency and ceiling columns rest on these costs
+            print(f"warning: the target's forward costs are implausible ({busy}): the machine was busy while they "
+                  "were timed; the efficiency and ceiling columns are unreliable (rerun on a quiet machine)",
+                  file=sys.stderr)
         static = (static_costs(fixed, draft, context, args.ks, compile=args.compile, backend=args.attn_backend)
                   if args.compile != "none" else None)
         rows, table = summarize(methods, costs, static, args.compile)

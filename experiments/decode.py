@@ -202,7 +202,10 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         print(message, file=sys.stderr)
     if previous.complete is not None:
         return backfill_logger(cfg, run_dir, previous.complete, logger, hydra_info)
-    models = load_models(cfg.model)
+    model_cfg, pinned = resume.pinned_model(cfg.model, previous)
+    if pinned:
+        print(pinned, file=sys.stderr)
+    models = load_models(model_cfg)
     encoded = encode_prompts(prompts, models.tokenizer, max_prompt_tokens, _device_of(models.target))
     drafter = build_drafter(cfg.drafter, models, cfg.get("tree"))
     if cfg.batch_size > 1:

@@ -111,13 +111,15 @@ class ResumeState:
 
     ``complete``: the finished summary (skip the run), else None. ``records``: complete records to
     keep, in file order. ``done``: question ids every method finished. ``messages``: what was
-    found, skipped or set aside (one line each).
+    found, skipped or set aside (one line each). ``models``: the earlier summary's ``models`` (what its process
+    loaded, e.g. the draft dtype ``auto`` picked), where records are kept.
     """
 
     complete: dict | None = None
     records: list[dict] = field(default_factory=list)
     done: set = field(default_factory=set)
     messages: list[str] = field(default_factory=list)
+    models: dict = field(default_factory=dict)
 
 
 def set_aside(run_dir: Path, reason: str, names: tuple[str, ...] = RUN_FILES, keep: bool = False) -> Path | None:
@@ -231,7 +233,22 @@ def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids:
             state.records.append(record)
     state.messages.append(f"resuming {run_dir} (status {summary.get('status')!r}): {len(state.done)} of "
                           f"{len(question_ids)} prompts already decoded")
+    if state.records and isinstance(summary.get("models"), dict):
+        state.models = summary["models"]
     return state
+
+
+def pinned_model(model_cfg: Any, state: ResumeState) -> tuple[Any, str | None]:
+    """``model_cfg`` for a resumed run: with ``draft_dtype=auto``, the dtype the kept records were drafted in (auto
+    decides per process by a timing, and under sampling another draft dtype draws other tokens: a resumed run would
+    mix two drafts), and a line saying so; unchanged (and None) otherwise."""
+    earlier = state.models.get("draft_dtype")
+    if model_cfg.get("draft_dtype") != "auto" or not isinstance(earlier, str):
+        return model_cfg, None
+    pinned = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+    pinned["draft_dtype"] = earlier
+    return pinned, (f"model.draft_dtype=auto: drafting in {earlier}, as the kept records were (auto decides per "
+                    "process; the same draft keeps a resumed run's tokens those of an uninterrupted one)")
 
 
 def whole_batches(records: list[dict], done: set) -> set:

@@ -138,3 +138,28 @@ def test_a_padded_draft_is_measured_and_cast_before_padding(tmp_path, monkeypatc
     assert tuple(draft.get_output_embeddings().weight.shape) in asked[0]  # the LM head, timed
     head = next(m for m in loaded.draft.modules() if isinstance(m, DraftVocabHead))
     assert head.rows.dtype == torch.bfloat16 and head.rows._is_view()  # cast after padding: a copy, not a view
+
+
+def test_a_resumed_run_drafts_in_the_dtype_auto_picked_before(tmp_path):
+    """``draft_dtype=auto`` decides per process; a resumed run drafts in the dtype its kept records were drafted in
+    (the earlier summary's ``models.draft_dtype``), so a sampled run's tokens do not depend on where it was cut
+    (a trial saw a resumed run mix a float32 and a bf16 draft). An explicit dtype, or nothing kept, is left alone."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from experiments.resume import pinned_model, prepare
+
+    config = {"seed": 0, "model": {"draft_dtype": "auto"}}
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "interrupted", "config": config,
+                                                       "models": {"draft_dtype": "bfloat16"}}))
+    records = [{"question_id": 0, "method": m, "stats": {}} for m in ("speculative", "baseline")]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    state = prepare(tmp_path, config, ["speculative", "baseline"], [0, 1])
+    model, line = pinned_model(OmegaConf.create({"source": "zoo", "draft_dtype": "auto"}), state)
+    assert model == {"source": "zoo", "draft_dtype": "bfloat16"} and "drafting in bfloat16" in line
+    explicit = OmegaConf.create({"draft_dtype": "float32"})
+    assert pinned_model(explicit, state) == (explicit, None)
+    fresh = prepare(tmp_path / "new", config, ["speculative", "baseline"], [0, 1])  # nothing kept: auto decides
+    auto = OmegaConf.create({"draft_dtype": "auto"})
+    assert fresh.models == {} and pinned_model(auto, fresh) == (auto, None)

@@ -114,7 +114,8 @@ class SpecDecCache(Cache):
         Slots below ``offset`` stay as they are; everything after the kept ones is dropped.
         ``compact(list(range(n)))`` equals ``truncate(n)``.
         """
-        if isinstance(keep_idx, list) and keep_idx == list(range(len(keep_idx))):
+        contiguous = isinstance(keep_idx, list) and keep_idx == list(range(len(keep_idx)))
+        if contiguous and offset + len(keep_idx) <= self.length:  # (past the length: the check below says so)
             self.truncate(offset + len(keep_idx))  # already contiguous (always so on a chain)
             return
         src = torch.as_tensor(keep_idx, dtype=torch.long).reshape(-1)  # [M]

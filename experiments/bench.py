@@ -314,7 +314,7 @@ def parse_args(argv=None):
 
 @cli.guard()
 def main(argv=None) -> int:
-    if "--model" in (sys.argv[1:] if argv is None else argv):  # a real target on the suite: experiments.bench_suite
+    if any(a == "--model" or a.startswith("--model=") for a in (sys.argv[1:] if argv is None else argv)):  # the suite
         from experiments import bench_suite
 
         return bench_suite.main(argv)
@@ -368,7 +368,9 @@ def main(argv=None) -> int:
               f"{args.reps} reps. Forward costs at context {context}: target "
               + ", ".join(f"w{w} {t * 1e3:.1f} ms" for w, t in costs["target"].items())
               + f"; draft w1 {draft_cost_note(costs)}."
-              + (" " + floor_line(static, context) if static else "") + "\n")
+              + (" " + floor_line(static, context) if static else "")
+              + (f" Warning: implausible target costs ({busy}): efficiency and ceiling unreliable." if busy else "")
+              + "\n")
     text = (header + "\n" + table + "\n\nWhere our steps go (ms per verify step in the loop; isolated costs in brackets):"
             "\n\n" + loop_md + (f"\n\nVerify forward by width at context {args.context or context}:\n\n"
                                 + curve_table if curve_table else "") + match_note(args.dtype))

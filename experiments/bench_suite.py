@@ -16,8 +16,8 @@ from HF plain greedy where two logits nearly tie, HF's own prompt lookup's too; 
 its outputs are greedy up to rounding (:mod:`experiments.greedy_check`), which sets the exit status.
 
 Also reports each drafter's cost per draft forward (one token; Medusa: one call of all its heads) relative to one
-target forward (width 1, at the run's context), the figure that decides what a drafter can gain: on a 49152-token vocabulary
-the LM head is a large share of any draft. Importable without hydra or wandb.
+target forward (width 1, at the run's context), the figure that decides what a drafter can gain: on a 49152-token
+vocabulary the LM head is a large share of any draft. Importable without hydra or wandb.
 """
 from __future__ import annotations
 

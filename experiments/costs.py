@@ -149,7 +149,7 @@ def predicted_speedups(stats, costs: dict, shape: dict, num_prompts: int) -> tup
     steps = stats.target_forwards
     if not steps or not costs:
         return None, None
-    if shape["kind"] == "none":
+    if shape["kind"] == "none" and not costs.get("verify_widths"):  # padded, its one-token verifies cost more
         return 1.0, 1.0
     step = predicted_step_seconds(stats, costs, shape)
     t1 = cost_at(costs["target"], 1)

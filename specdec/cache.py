@@ -114,6 +114,8 @@ class SpecDecCache(Cache):
         Slots below ``offset`` stay as they are; everything after the kept ones is dropped.
         ``compact(list(range(n)))`` equals ``truncate(n)``.
         """
+        if offset > self.length:
+            raise ValueError(f"compact(offset={offset}): the offset is past the cache length {self.length}")
         contiguous = isinstance(keep_idx, list) and keep_idx == list(range(len(keep_idx)))
         if contiguous and offset + len(keep_idx) <= self.length:  # (past the length: the check below says so)
             self.truncate(offset + len(keep_idx))  # already contiguous (always so on a chain)

@@ -196,6 +196,12 @@ def test_a_padded_run_is_priced_at_its_padded_widths():
     assert predicted_speedups(stats, padded, chain, 1)[1] == pytest.approx(2 * 10.0 / 12.0)
     assert predicted_speedups(stats, plain, chain, 1)[1] == pytest.approx(2 * 10.0 / 16.0)
     assert chain_speedup_by_k(0.5, padded, ks=(2,))[2] == pytest.approx(1.75 * 10.0 / 12.0)
+    none, ar = {"kind": "none", "draft_forwards": "none"}, DecodeStats()
+    for _ in range(4):
+        ar.record_step(0, 0, 0)
+    ar.new_tokens = 4
+    assert predicted_speedups(ar, plain, none, 1) == (1.0, 1.0)
+    assert predicted_speedups(ar, {"target": curve, "verify_widths": [4]}, none, 1)[1] == pytest.approx(10.0 / 12.0)
 
 
 def test_the_baseline_is_never_padded(monkeypatch):

@@ -384,5 +384,7 @@ def test_compact_past_the_length_is_an_error_as_a_list_too():
     for keep in ([0, 1, 2, 3, 4], torch.tensor([0, 1, 2, 3, 4])):
         with pytest.raises(ValueError, match="past the cache length 3"):
             cache.compact(keep)
+    with pytest.raises(ValueError, match="offset is past the cache length 3"):  # nothing kept, past the end
+        cache.compact([], offset=5)
     cache.compact([0, 1])
     assert cache.length == 2

@@ -111,7 +111,7 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
         bars = [(labels[r.name], r.metrics[SPECULATIVE]) for r in stepped]
         base = next((r for r in stepped if r.metrics.get(BASELINE, {}).get("target_forwards")), None)
         if base:  # one run's baseline (runs swept over sampling or the model each have their own)
-            bars.append((f"autoregressive ({labels[base.name]})", base.metrics[BASELINE]))
+            bars.append((f"autoregressive ({labels[base.name]}'s baseline)", base.metrics[BASELINE]))
         parts = (("draft", "time_draft"), ("verify", "time_verify"), ("accept+commit", "time_accept"),
                  ("other", "time_other"), ("whole step (fixed-shape, not split)", None))
         bottom = [0.0] * len(bars)

@@ -159,6 +159,9 @@ class TreeDrafter(Drafter):
         """Warn once per preset and vocabulary size (a batch's per-row copies of a drafter too) where the preset has
         nodes ranked past the draft's ``vocab`` tokens (a tiny vocabulary): they, and the nodes under them, are never
         drafted (as Medusa warns when it drops them)."""
+        if getattr(self, "_ranks_checked", None) == vocab:  # every later step: one attribute read, no hashing
+            return
+        self._ranks_checked = vocab
         if (self.compiled.paths, vocab) in _RANKS_CHECKED:
             return
         _RANKS_CHECKED.add((self.compiled.paths, vocab))

@@ -32,8 +32,8 @@ from tests.tiny_models import pair, peaky_pair, prompts
 
 ARCHS = ["llama", "qwen2"]
 VERSIONS = ["eagle2", "eagle3"]
-SHAPES = {"chain": dict(num_speculative_tokens=3), "binary": dict(tree="binary"), "sparse60": dict(tree="sparse60"),
-          "dynamic": dict(budget=12, num_speculative_tokens=5)}
+SHAPES = {"chain": {"num_speculative_tokens": 3}, "binary": {"tree": "binary"}, "sparse60": {"tree": "sparse60"},
+          "dynamic": {"budget": 12, "num_speculative_tokens": 5}}
 
 
 @functools.cache
@@ -167,7 +167,7 @@ def test_benchmark_runs_leave_no_feature_hooks_on_the_target():
     from specdec.rng import KeyedRandom
 
     target, _, tok = pair("llama")
-    hooks = lambda: sum("FeatureTap" in getattr(h, "__qualname__", "")  # noqa: E731
+    hooks = lambda: sum("FeatureTap" in getattr(h, "__qualname__", "")
                         for layer in target.model.layers for h in layer._forward_hooks.values())
     rows = prompts(tok, 2, seed=3)
     drafter = EagleDrafter(trained_head("llama", "eagle3"), num_speculative_tokens=2)
@@ -218,8 +218,8 @@ def test_tree_levels_feed_each_node_its_parents_feature(version):
     head = trained_head("llama", version)
     ids = prompts(tok, 3, seed=4)[2]
     trees = {}
-    for name, kwargs in (("chain", dict(num_speculative_tokens=4)), ("binary", dict(tree="binary")),
-                         ("dynamic", dict(budget=6, num_speculative_tokens=4, top_k_children=2))):
+    for name, kwargs in (("chain", {"num_speculative_tokens": 4}), ("binary", {"tree": "binary"}),
+                         ("dynamic", {"budget": 6, "num_speculative_tokens": 4, "top_k_children": 2})):
         drafter = EagleDrafter(head, **kwargs)
         drafter.start(DraftContext(target, SamplingParams(), KeyedRandom.for_seed(0), 64 + drafter.max_fed()))
         with torch.no_grad():  # the prefill forward, after start (eagle3's hooks read it)
@@ -290,7 +290,7 @@ def test_batched_eagle_rows_equal_their_batch_one_runs(version, shape, max_rows)
     eagle3's copies share one feature tap, read once per target forward and handed out by row."""
     target, _, tok = pair("llama")
     rows, limits = prompts(tok, 4, seed=7), [9, 14, 6, 12]
-    make = lambda: EagleDrafter(trained_head("llama", version), **SHAPES[shape])  # noqa: E731
+    make = lambda: EagleDrafter(trained_head("llama", version), **SHAPES[shape])
     out = SpeculativeDecoder(target, make()).generate_batch(rows, limits, max_rows=max_rows)
     for i, ids in enumerate(rows):
         ref = target.generate(ids, do_sample=False, max_new_tokens=limits[i], pad_token_id=0)
@@ -298,7 +298,8 @@ def test_batched_eagle_rows_equal_their_batch_one_runs(version, shape, max_rows)
         single = SpeculativeDecoder(target, make()).generate(ids, limits[i])
         assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i} drafts differ"
     sampling = SamplingParams(temperature=1.0)
-    out = SpeculativeDecoder(target, make(), "rejection", sampling).generate_batch(rows, limits, seed=3, max_rows=max_rows)
+    out = SpeculativeDecoder(target, make(), "rejection", sampling).generate_batch(rows, limits, seed=3,
+                                                                                  max_rows=max_rows)
     for i, ids in enumerate(rows):
         single = SpeculativeDecoder(target, make(), "rejection", sampling).generate(ids, limits[i], seed=3 + i)
         assert out.sequences[i].tolist() == single.sequences.tolist(), f"sampled row {i}"
@@ -335,7 +336,7 @@ def test_batched_chain_admits_rows_after_a_step_without_head_forwards(version):
     (a regression: they shared row 0 and a later row selection failed)."""
     target, _, tok = pair("llama")
     rows, limits = [torch.tensor([[65]]), torch.tensor([[66]]), *prompts(tok, 2, seed=5)], [1, 8, 8, 6]
-    make = lambda: EagleDrafter(trained_head("llama", version), num_speculative_tokens=3)  # noqa: E731
+    make = lambda: EagleDrafter(trained_head("llama", version), num_speculative_tokens=3)
     out = SpeculativeDecoder(target, make()).generate_batch(rows, limits, max_rows=2)
     for i, ids in enumerate(rows):
         ref = target.generate(ids, do_sample=False, max_new_tokens=limits[i], pad_token_id=0)
@@ -351,10 +352,10 @@ def test_batched_chain_admits_rows_after_a_step_without_head_forwards(version):
 #: and sampled children (a preset grown with i.i.d. draws, eagle3 head); noise sets the depth-1 acceptance
 #: (t1.0 / t0.7_topk3: about 0.60 / 0.68 and 0.83 / 0.81).
 LOSSLESS = {
-    "tree_deterministic": (dict(budget=5, num_speculative_tokens=2, top_k_children=2), "eagle2", 0.2),
-    "tree_with_replacement": (dict(tree=[[0], [1], [0, 0], [0, 1], [1, 0]], tree_sampling="with_replacement"),
+    "tree_deterministic": ({"budget": 5, "num_speculative_tokens": 2, "top_k_children": 2}, "eagle2", 0.2),
+    "tree_with_replacement": ({"tree": [[0], [1], [0, 0], [0, 1], [1, 0]], "tree_sampling": "with_replacement"},
                               "eagle3", 0.6),
-    "chain_sampled_bf16": (dict(num_speculative_tokens=3, dtype="bfloat16"), "eagle3", 0.6),
+    "chain_sampled_bf16": ({"num_speculative_tokens": 3, "dtype": "bfloat16"}, "eagle3", 0.6),
 }
 
 

@@ -203,11 +203,13 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     if previous.complete is not None:
         return backfill_logger(cfg, run_dir, previous.complete, logger, hydra_info)
     model_cfg, pinned = resume.pinned_model(cfg.model, previous)
-    if pinned:
-        print(pinned, file=sys.stderr)
+    drafter_cfg, pinned_head = resume.pinned_drafter(cfg.drafter, previous)
+    for line in (pinned, pinned_head):
+        if line:
+            print(line, file=sys.stderr)
     models = load_models(model_cfg)
     encoded = encode_prompts(prompts, models.tokenizer, max_prompt_tokens, _device_of(models.target))
-    drafter = build_drafter(cfg.drafter, models, cfg.get("tree"))
+    drafter = build_drafter(drafter_cfg, models, cfg.get("tree"))
     if cfg.batch_size > 1:
         drafter.batched()  # a drafter with no batched form fails here, before any measuring
     decoders = make_decoders(cfg, models, drafter, rule, sampling)

@@ -30,6 +30,7 @@ second identical command started meanwhile waits, then skips the finished run or
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import hashlib
 import json
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from experiments.results import RECORDS_FILE, SUMMARY_FILE, batch_rows, keep_whole, read_records
 from experiments.wandb_run import STATE_FILE as WANDB_STATE_FILE
@@ -112,7 +113,8 @@ class ResumeState:
     ``complete``: the finished summary (skip the run), else None. ``records``: complete records to
     keep, in file order. ``done``: question ids every method finished. ``messages``: what was
     found, skipped or set aside (one line each). ``models``: the earlier summary's ``models`` (what its process
-    loaded, e.g. the draft dtype ``auto`` picked), where records are kept.
+    loaded, e.g. the draft dtype ``auto`` picked), where records are kept; ``drafter_shape``: its
+    ``drafter_shape`` (e.g. the dtype an EAGLE head's ``dtype=auto`` picked), likewise.
     """
 
     complete: dict | None = None
@@ -120,6 +122,7 @@ class ResumeState:
     done: set = field(default_factory=set)
     messages: list[str] = field(default_factory=list)
     models: dict = field(default_factory=dict)
+    drafter_shape: dict = field(default_factory=dict)
 
 
 def set_aside(run_dir: Path, reason: str, names: tuple[str, ...] = RUN_FILES, keep: bool = False) -> Path | None:
@@ -235,6 +238,8 @@ def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids:
                           f"{len(question_ids)} prompts already decoded")
     if state.records and isinstance(summary.get("models"), dict):
         state.models = summary["models"]
+    if state.records and isinstance(summary.get("drafter_shape"), dict):
+        state.drafter_shape = summary["drafter_shape"]
     return state
 
 
@@ -249,6 +254,28 @@ def pinned_model(model_cfg: Any, state: ResumeState) -> tuple[Any, str | None]:
     pinned["draft_dtype"] = earlier
     return pinned, (f"model.draft_dtype=auto: drafting in {earlier}, as the kept records were (auto decides per "
                     "process; the same draft keeps a resumed run's tokens those of an uninterrupted one)")
+
+
+def pinned_drafter(drafter_cfg: Any, state: ResumeState) -> tuple[Any, str | None]:
+    """``drafter_cfg`` for a resumed run: a head drafted with ``dtype=auto`` (an EAGLE head; a hybrid's second
+    part, the one its summary describes) pinned to the dtype the kept records' head ran in (the earlier summary's
+    ``drafter_shape.draft_dtype``; auto decides per process on a CPU by a timing), and a line saying so; unchanged
+    (and None) otherwise. A copy: the caller's config is left as it was; interpolations still resolve in the run's."""
+    from experiments.drafter_config import drafter_parts
+
+    earlier = state.drafter_shape.get("draft_dtype")
+    if not isinstance(earlier, str) or state.drafter_shape.get("draft_module") != "probe":
+        return drafter_cfg, None  # no head ran (a draft model's dtype is model.draft_dtype's: pinned_model)
+    part = "second" if "second" in drafter_parts(drafter_cfg) else None
+    node = drafter_cfg[part] if part else drafter_cfg
+    if node.get("dtype") != "auto":
+        return drafter_cfg, None
+    pinned = copy.deepcopy(drafter_cfg)  # keeps its parent: interpolations still resolve in the run's config
+    with open_dict(pinned):
+        (pinned[part] if part else pinned).dtype = earlier
+    key = f"drafter.{part}.dtype" if part else "drafter.dtype"
+    return pinned, (f"{key}=auto: the head drafts in {earlier}, as the kept records' did (auto decides per process; "
+                    "the same head keeps a resumed run's tokens those of an uninterrupted one)")
 
 
 def whole_batches(records: list[dict], done: set) -> set:

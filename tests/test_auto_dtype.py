@@ -163,3 +163,26 @@ def test_a_resumed_run_drafts_in_the_dtype_auto_picked_before(tmp_path):
     fresh = prepare(tmp_path / "new", config, ["speculative", "baseline"], [0, 1])  # nothing kept: auto decides
     auto = OmegaConf.create({"draft_dtype": "auto"})
     assert fresh.models == {} and pinned_model(auto, fresh) == (auto, None)
+
+
+def test_only_an_auto_head_that_ran_is_pinned():
+    """:func:`experiments.resume.pinned_drafter` pins ``dtype=auto`` of the node the summary's ``drafter_shape``
+    describes (a hybrid's second part), and only where a head ran (``draft_module: probe``; a draft model's dtype is
+    ``model.draft_dtype``'s) and records were kept; an explicit dtype is left alone."""
+    from omegaconf import OmegaConf
+
+    from experiments.resume import ResumeState, pinned_drafter
+
+    head = ResumeState(drafter_shape={"draft_dtype": "bfloat16", "draft_module": "probe"})
+    eagle = OmegaConf.create({"_target_": "drafters.EagleDrafter", "dtype": "auto"})
+    pinned, line = pinned_drafter(eagle, head)
+    assert pinned.dtype == "bfloat16" and eagle.dtype == "auto" and line.startswith("drafter.dtype=auto")
+    hybrid = OmegaConf.create({"_target_": "drafters.HybridDrafter", "first": {"_target_": "drafters.NgramDrafter"},
+                               "second": {"_target_": "drafters.EagleDrafter", "dtype": "auto"}})
+    pinned, line = pinned_drafter(hybrid, head)
+    assert pinned.second.dtype == "bfloat16" and line.startswith("drafter.second.dtype=auto")
+    assert hybrid.second.dtype == "auto"
+    explicit = OmegaConf.create({"_target_": "drafters.EagleDrafter", "dtype": "float32"})
+    model = ResumeState(drafter_shape={"draft_dtype": "bfloat16", "draft_module": "model"})
+    for cfg, state in ((explicit, head), (eagle, model), (eagle, ResumeState())):
+        assert pinned_drafter(cfg, state) == (cfg, None)

@@ -186,3 +186,46 @@ def test_only_an_auto_head_that_ran_is_pinned():
     model = ResumeState(drafter_shape={"draft_dtype": "bfloat16", "draft_module": "model"})
     for cfg, state in ((explicit, head), (eagle, model), (eagle, ResumeState())):
         assert pinned_drafter(cfg, state) == (cfg, None)
+
+
+
+def cut_and_resumed(cfg, tmp_path, monkeypatch) -> tuple[dict, dict, list[dict]]:
+    """``decode.run(cfg)`` whole with ``auto`` picking bfloat16 (``specdec.models.auto_dtype`` patched), then again
+    from a copy cut after prompt 0 (an interrupted run) with ``auto`` picking float32: the two summaries and each
+    run's tokens by ``(question_id, method)``."""
+    import json
+
+    import specdec.models
+    from experiments import decode
+    from experiments.loggers import NoLogger
+
+    def run_picking(dtype, run_dir):
+        monkeypatch.setattr(specdec.models, "auto_dtype", lambda *args, **kwargs: dtype)
+        return decode.run(cfg, run_dir, logger=NoLogger())
+
+    def tokens(run_dir):
+        records = map(json.loads, (run_dir / "records.jsonl").read_text().splitlines())
+        return {(r["question_id"], r["method"]): r["tokens"] for r in records}
+
+    whole = run_picking(torch.bfloat16, tmp_path / "whole")
+    lines = (tmp_path / "whole" / "records.jsonl").read_text().splitlines()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "records.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["question_id"] == 0))
+    (cut / "summary.json").write_text(json.dumps({**whole, "status": "interrupted"}))
+    resumed = run_picking(torch.float32, cut)
+    return whole, resumed, [tokens(tmp_path / "whole"), tokens(cut)]
+
+
+def test_a_resumed_run_loads_the_draft_in_the_dtype_auto_picked_before(tmp_path, monkeypatch):
+    """:func:`experiments.resume.pinned_model` through a whole ``decode.run`` resume: the interrupted run's last
+    prompt is drafted in the dtype the first process's ``model.draft_dtype=auto`` picked, though this process's
+    auto would pick another, and decodes to the uninterrupted run's tokens."""
+    from tests.test_medusa import compose_decode
+
+    cfg = compose_decode("model=zoo_micro", "drafter=draft_model", "model.draft_dtype=auto", "sampling.temperature=1.0",
+                         "acceptance=rejection", "num_prompts=2", "max_new_tokens=12", "warmup=0", "logger=none",
+                         "costs=false")
+    whole, resumed, tokens = cut_and_resumed(cfg, tmp_path, monkeypatch)
+    assert whole["models"]["draft_dtype"] == "bfloat16" and tokens[0] == tokens[1]
+    assert resumed["models"]["draft_dtype"] == "bfloat16" and resumed["resumed_prompts"] == 1

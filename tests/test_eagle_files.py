@@ -172,37 +172,19 @@ def test_configs_compose_and_build(saved, tmp_path):
     assert summary["drafter_shape"]["draft_dtype"] == "float32"  # the head's, as resolved (the target's here)
 
 
+
 def test_a_resumed_run_drafts_with_the_head_dtype_auto_picked_before(saved, tmp_path, monkeypatch, capsys):
     """``drafter.dtype=auto`` decides per process (a timing on a CPU); a resumed run's head drafts in the dtype its
     kept records' head did (the earlier summary's ``drafter_shape.draft_dtype``), so a sampled run's tokens do not
     depend on where it was cut: the interrupted run's last prompt decodes again to the uninterrupted run's tokens."""
-    import json
-
-    import specdec.models
-    from experiments import decode
-    from experiments.loggers import NoLogger
+    from tests.test_auto_dtype import cut_and_resumed
     from tests.test_medusa import compose_decode
 
-    def picks(dtype):
-        monkeypatch.setattr(specdec.models, "auto_dtype", lambda *args, **kwargs: dtype)
-
     cfg = compose_decode("model=tiny_random", "drafter=eagle", f"drafter.heads={saved['eagle2']}", "drafter.dtype=auto",
-                         "sampling.temperature=1.0", "acceptance=rejection", "num_prompts=2", "max_new_tokens=12", "warmup=0", "logger=none",
-                         "costs=false")
-    assert cfg.drafter.dtype == "auto"
-    picks(torch.bfloat16)
-    whole = decode.run(cfg, tmp_path / "whole", logger=NoLogger())
-    assert whole["drafter_shape"]["draft_dtype"] == "bfloat16"
-    lines = (tmp_path / "whole" / "records.jsonl").read_text().splitlines()
-    cut = tmp_path / "cut"
-    cut.mkdir()
-    (cut / "records.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["question_id"] == 0))
-    (cut / "summary.json").write_text(json.dumps({**whole, "status": "interrupted"}))
-    picks(torch.float32)  # this process's auto would draft in float32
-    resumed = decode.run(cfg, cut, logger=NoLogger())
-    tokens = [{(r["question_id"], r["method"]): r["tokens"] for r in map(json.loads, path.read_text().splitlines())}
-              for path in (tmp_path / "whole" / "records.jsonl", cut / "records.jsonl")]
-    assert tokens[0] == tokens[1]
+                         "sampling.temperature=1.0", "acceptance=rejection", "num_prompts=2", "max_new_tokens=12",
+                         "warmup=0", "logger=none", "costs=false")
+    whole, resumed, tokens = cut_and_resumed(cfg, tmp_path, monkeypatch)
+    assert whole["drafter_shape"]["draft_dtype"] == "bfloat16" and tokens[0] == tokens[1]
     assert resumed["drafter_shape"]["draft_dtype"] == "bfloat16" and resumed["resumed_prompts"] == 1
     assert "drafter.dtype=auto: the head drafts in bfloat16" in capsys.readouterr().err
     assert cfg.drafter.dtype == "auto"  # the caller's config is left as it was

@@ -54,6 +54,8 @@ def compose_train(*overrides: str):
 
 
 def compose_decode(*overrides: str):
+    from experiments import decode  # noqa: F401  (registers base_config and the resolvers the config uses)
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 

@@ -31,10 +31,11 @@ from drafters.eagle_heads import (
     FeatureTap,
     check_version,
     default_heads_dir,
+    how_to_train,
     load_head,
 )
 from drafters.fast_decoder import PROBE_CONTEXT, forward_lm, forward_probe
-from drafters.head_files import check_default_dir
+from drafters.head_files import check_default_dir, read_config
 from drafters.tree_drafter import TreeDrafter, flag_of
 from drafters.tree_expansion import TreeFeed
 from specdec.batch_drafting import PerRowDrafters
@@ -144,6 +145,17 @@ class EagleDrafter(TreeDrafter):
         self._drafted = False  # the cache holds draft slots past the committed ones
 
     # ----------------------------------------------------------------- the head
+
+    @classmethod
+    def check_files(cls, config) -> None:
+        """The head directory ``config`` names (``heads``; null: the ``zoo_size`` pair's default of ``version``)
+        holds an EAGLE head: the missing-head error, with the command that trains it, otherwise."""
+        heads, version = config.get("heads"), config.get("version") or "eagle2"
+        if heads is None:
+            zoo = (config.get("zoo_size") or "default", config.get("cache_dir"))
+            check_default_dir(FILES, default_heads_dir(version, *zoo), *zoo, extra=f"version={version}")
+        elif isinstance(heads, (str, os.PathLike)):
+            read_config(FILES, Path(heads).expanduser(), how_to_train(version))
 
     @property
     def head(self) -> EagleHead:

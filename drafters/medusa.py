@@ -33,6 +33,7 @@ from drafters.medusa_heads import (
     default_heads_dir,
     load_heads,
     read_eval,
+    read_heads_config,
 )
 from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError, positive_int
@@ -131,6 +132,17 @@ class MedusaDrafter(Drafter):
         self._hidden: torch.Tensor | None = None  # [H] the target's state at the last accepted token
 
     # ----------------------------------------------------------------- heads and tree
+
+    @classmethod
+    def check_files(cls, config) -> None:
+        """The heads directory ``config`` names (``heads``; null: the ``zoo_size`` pair's default) holds Medusa
+        heads: the missing-heads error, with the command that trains them, otherwise."""
+        heads = config.get("heads")
+        if heads is None:
+            zoo = (config.get("zoo_size") or "default", config.get("cache_dir"))
+            check_default_dir(FILES, default_heads_dir(*zoo), *zoo)
+        elif isinstance(heads, (str, os.PathLike)):
+            read_heads_config(Path(heads).expanduser())
 
     @property
     def heads(self) -> MedusaHeads:

@@ -24,16 +24,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from drafters.hybrid import part_errors
 from experiments import cli, resume, schema  # noqa: F401  (registers base_config and ${safe_dirname:})
 from experiments.costs import cost_model_scope
 from experiments.decode_costs import add_cost_model, auto_widths, measure_run_costs, padded_costs, set_cheap_widths
 from experiments.decoding import EncodedPrompt, decode_continuous, decode_group, groups
-from experiments.drafter_config import build_drafter, check_before_loading, drafter_parts, tree_argument
+from experiments.drafter_config import build_drafter, check_before_loading, check_drafter_files, tree_argument
 from experiments.greedy_check import rounding_check
 from experiments.instantiate import accepts_argument, check_arguments, instantiate
 from experiments.loggers import GuardedLogger, Logger, check_logger_node
-from experiments.models_from_config import LoadedModels, check_dtypes, drafter_paths, load_models, target_device
+from experiments.models_from_config import LoadedModels, check_dtypes, load_models, target_device
 from experiments.results import (
     BASELINE,
     RECORDS_FILE,
@@ -180,10 +179,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         check_arguments(cfg[group], group)
     check_logger_node(cfg.logger)
     tree_argument(cfg.drafter, cfg.get("tree"))  # a tree file of the wrong shape fails before any model loads too
-    drafter_paths(cfg.drafter, build=False)  # so does a missing draft checkpoint a drafter loads itself
-    for name, node in drafter_parts(cfg.drafter).items():  # or a hybrid's part
-        with part_errors(name):
-            drafter_paths(node, build=False)
+    check_drafter_files(cfg.drafter)  # so do a missing draft checkpoint or heads directory (a hybrid's part's too)
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
     if cfg.batch_size > 1:

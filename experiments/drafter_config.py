@@ -3,6 +3,7 @@ with what each needs (the draft model, the run's tokenizer, an embedded model's 
 each as it would be built alone."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping
 from typing import Any
@@ -50,6 +51,20 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
             f"{hint}, or pick another drafter (drafter=ngram)"
         )
     return instantiate(drafter, "drafter", model=models.draft, **kwargs)
+
+
+def check_drafter_files(drafter: DictConfig) -> None:
+    """Before any model loads: the checkpoint a drafter loads itself (``draft``) and the files its class checks
+    (:meth:`specdec.drafting.Drafter.check_files`: Medusa and EAGLE heads) exist, a hybrid's parts' too, each
+    error naming the setting at its place in the config."""
+    from specdec.drafting import Drafter
+
+    for name, node in {"": drafter, **drafter_parts(drafter)}.items():
+        with part_errors(name) if name else contextlib.nullcontext():
+            drafter_paths(node, build=False)
+            cls = target_of(node, "drafter") if node.get("_target_") else None
+            if isinstance(cls, type) and issubclass(cls, Drafter):
+                cls.check_files(node)
 
 
 def drafter_parts(drafter: DictConfig) -> dict[str, DictConfig]:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -99,6 +100,12 @@ class Drafter(ABC):
     def max_nodes(self) -> int:
         """The most draft nodes one step may propose (sizes the KV caches)."""
         return 0
+
+    @classmethod
+    def check_files(cls, config: Mapping[str, Any]) -> None:
+        """Raise now if files a drafter built from ``config`` (its constructor's arguments, as a run's ``drafter``
+        node gives them) would read are missing: ``experiments.decode`` calls it before any model loads, so a
+        missing heads directory is not found after minutes of loading. The default checks nothing."""
 
     def step_shape(self, target: torch.nn.Module) -> StepShape:
         """What a step runs against ``target`` (for the cost model). Drafters that run a model or

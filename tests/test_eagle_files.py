@@ -188,3 +188,27 @@ def test_a_resumed_run_drafts_with_the_head_dtype_auto_picked_before(saved, tmp_
     assert resumed["drafter_shape"]["draft_dtype"] == "bfloat16" and resumed["resumed_prompts"] == 1
     assert "drafter.dtype=auto: the head drafts in bfloat16" in capsys.readouterr().err
     assert cfg.drafter.dtype == "auto"  # the caller's config is left as it was
+
+
+@pytest.mark.parametrize("case", ["medusa", "eagle_default", "hybrid_second"])
+def test_missing_heads_fail_before_any_model_loads(case, tmp_path, monkeypatch, capsys):
+    """A heads directory that is not there (given, or the default one untrained) is one error line naming the
+    setting and the training command before any model is loaded or built (a trial waited for the embedded pair to
+    build first)."""
+    import experiments.decode
+    from tests.test_cli_contract import error_line, main_in_process
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models were loaded before the heads directory was checked")
+
+    monkeypatch.setattr(experiments.decode, "load_models", no_loading)
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "empty"))
+    args, fragment = {
+        "medusa": (["drafter=medusa", f"drafter.heads={tmp_path / 'nowhere'}"], "no Medusa heads at"),
+        "eagle_default": (["drafter=eagle", "drafter.version=eagle3"], "train_eagle version=eagle3 zoo_size=micro"),
+        "hybrid_second": (["drafter=hybrid", f"drafter.second.heads={tmp_path / 'nowhere'}"], "drafter.second.heads"),
+    }[case]
+    code, err = main_in_process(monkeypatch, capsys, "model=zoo_micro", *args, "num_prompts=1", "warmup=0",
+                                "costs=false", "logger=none", f"hydra.run.dir={tmp_path / 'run'}")
+    error_line(err, 2, code, fragment)
+    assert "the directory does not exist" in err

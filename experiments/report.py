@@ -5,7 +5,8 @@ for its swept values; runs are found in the directory and below it) and writes, 
 ``<dir>/report/``:
 
 - ``report.md`` and ``report.csv``: one row per run (CSV values are the summaries' own numbers, at
-  full precision), what is missing, and the check of the cost model's ``recommended_k``
+  full precision), what is missing, the warnings the runs recorded (an implausible cost curve makes the
+  predicted columns mean little) and the check of the cost model's ``recommended_k``
   against the best measured k;
 - ``tau_speedup_vs_k.png`` (measured, with the cost model's predicted curves),
   ``tau_speedup_vs_nodes.png`` (trees and chains against the nodes they verify per step),
@@ -77,6 +78,10 @@ def _share(text: str) -> float:
     return value
 
 
+#: Said of a recommendation or a predicted curve whose measured cost curves were implausible (the runs warn).
+IMPLAUSIBLE = "from implausible cost curves, see the runs' warnings: rerun on a quiet machine"
+
+
 def check_recommendations(runs: list[Run], swept: list[str], tolerance: float) -> list[str]:
     """Per series: the cost model's recommended k against the best measured k."""
     lines = []
@@ -93,7 +98,8 @@ def check_recommendations(runs: list[Run], swept: list[str], tolerance: float) -
             continue
         rec = recommend_k(chain_speedup_by_k(alpha, costs, tokens_per_prompt=tokens))
         best = max(speed, key=speed.get)
-        head = (f"{label}: recommended k={rec} (alpha={alpha:.3f}); best measured k={best} "
+        head = (f"{label}: recommended k={rec} (alpha={alpha:.3f}"
+                f"{', ' + IMPLAUSIBLE if costs.get('implausible') else ''}); best measured k={best} "
                 f"({speed[best]:.2f}x)")
         if rec not in speed:
             lines.append(f"{head}; k={rec} is not in the sweep")
@@ -142,6 +148,7 @@ def report(root: Path, out: Path | None = None, tolerance: float = 0.05) -> dict
     missing = [f"{r.name}: {r.status}" for r in runs if not r.complete]
     missing += [f"{job}: never started" for job in never_started]
     problems = [p for r in runs for p in r.problems]
+    warnings = [f"{r.name}: {w}" for r in runs for w in r.warnings]
     checks = check_recommendations(runs, swept, tolerance)
     from experiments.report_plots import make_plots
 
@@ -153,13 +160,16 @@ def report(root: Path, out: Path | None = None, tolerance: float = 0.05) -> dict
         md += ["## Missing (no complete summary)", "", *[f"- {m}" for m in missing], ""]
     if problems:
         md += ["## Problems in result files", "", *[f"- {p}" for p in problems], ""]
+    if warnings:
+        md += ["## Warnings the runs recorded", "", *[f"- {w}" for w in warnings], ""]
     if checks:
         md += ["## Recommended k vs measured", "", *[f"- {c}" for c in checks], ""]
     md += [f"![{name}]({path.name})" for name, path in images.items()]
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     write_csv(rows, columns, out / "report.csv")
     return {"runs": runs, "rows": rows, "columns": columns, "images": images, "missing": missing,
-            "problems": problems, "checks": checks, "out": out, "markdown": markdown_table(rows, shown)}
+            "problems": problems, "warnings": warnings, "checks": checks, "out": out,
+            "markdown": markdown_table(rows, shown)}
 
 
 @cli.guard(ReportError)
@@ -179,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     result = report(root, args.out, args.tolerance)
     print(result["markdown"])
     for title, lines in (("missing (no complete summary)", result["missing"]), ("problems", result["problems"]),
+                         ("warnings the runs recorded", result["warnings"]),
                          ("recommended k vs measured", result["checks"])):
         if lines:
             print(f"\n{title}:\n" + "\n".join(f"  {line}" for line in lines))

@@ -75,8 +75,9 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
                             label=f"{label} expected, alpha={alpha:.2f}")
             if alpha is not None and costs:
                 curve = chain_speedup_by_k(alpha, costs, tuple(grid), tokens)
+                caveat = ", implausible costs" if costs.get("implausible") else ""
                 ax_up.plot(list(curve), list(curve.values()), "--", color=color, alpha=0.7,
-                           label=f"{label} cost model (rec. k={recommend_k(curve)})")
+                           label=f"{label} cost model (rec. k={recommend_k(curve)}{caveat})")
         ax_tau.set(xlabel="draft length k", ylabel="tau")
         ax_tau.set_title("tau (tokens per target forward) vs k\nmeasured (o), expected from fitted alpha (dashed)",
                          fontsize=10)

@@ -57,6 +57,12 @@ class Run:
     def config(self) -> dict:
         return (self.summary or {}).get("config") or {}
 
+    @property
+    def warnings(self) -> list[str]:
+        """The warnings its summary records (an implausible cost curve, a batch missing rows, ...)."""
+        found = (self.summary or {}).get("warnings")
+        return [str(w) for w in found] if isinstance(found, list) else []
+
 
 def find_run_dirs(root: Path) -> list[Path]:
     """Directories under ``root`` (itself included) holding a summary, records or a Hydra job config."""

@@ -141,6 +141,26 @@ def test_report_names_incomplete_runs_and_the_swept_columns_name_the_runs(tmp_pa
     assert [row["run"] for row in result["rows"]] == ["0", "1"] and result["columns"][:2] == ["run", K_KEY]
 
 
+
+def test_the_runs_warnings_reach_the_report_and_implausible_costs_mark_the_recommendation(tmp_path):
+    """A run's recorded warnings (an implausible cost curve) are listed in the report and printed; the
+    recommendation check built on those costs says so (a trial read "recommended k=7" with no caveat while every
+    run had warned)."""
+    implausible = {**COSTS, "implausible": {"target": "width 8 costs 3x width 16"}}
+    for k, up in ((2, 1.5), (4, 1.8)):
+        summary = chain_summary(k, up, costs=implausible)
+        summary["warnings"] = [f"the target forward-cost curve is implausible (k={k})"]
+        write_run(tmp_path, str(k), summary, {K_KEY: str(k)})
+    result = report.report(tmp_path)
+    assert result["warnings"] == [f"{k}: the target forward-cost curve is implausible (k={k})" for k in (2, 4)]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Warnings the runs recorded\n\n- 2: the target forward-cost curve is implausible (k=2)" in md
+    (line,) = result["checks"]
+    assert line.startswith(f"all runs: recommended k=4 (alpha=0.800, {report.IMPLAUSIBLE}); best measured k=4")
+    plausible = [chain_run(tmp_path, k, up) for k, up in ((2, 1.5), (4, 1.8))]
+    assert report.IMPLAUSIBLE not in report.check_recommendations(plausible, [K_KEY], 0.05)[0]
+    assert all(r.warnings == [] for r in plausible)
+
 def test_a_multirun_job_without_a_directory_is_named_never_started(tmp_path):
     (tmp_path / "multirun.yaml").write_text(
         "hydra:\n  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n"

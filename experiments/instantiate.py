@@ -71,6 +71,37 @@ def check_arguments(node: DictConfig | dict, what: str) -> None:
                               f"{', '.join(params) or 'none'}")
         if isinstance(value, Mapping) and value.get("_target_"):
             check_arguments(value, f"{what}.{key}")
+        elif params is not None:
+            _check_type(target, str(key), value, what)
+
+
+#: Annotations whose values are checked before anything is built (``bool`` is no ``int`` here, an ``int`` is a
+#: ``float``), each with what the error asks for.
+_SIMPLE_TYPES = {bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+                 str: ((str,), "a string")}
+
+
+def _check_type(target: Any, key: str, value: Any, what: str) -> None:
+    """ConfigError naming ``what.key`` when ``target`` annotates parameter ``key`` as ``bool``, ``int``, ``float``
+    or ``str`` (or one of them or None) and ``value`` is not one (a plugin's ``sampled: bool`` given ``nope`` would
+    otherwise read as true); any other annotation, or none, is left to the class."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except (NameError, TypeError, AttributeError, SyntaxError):  # an annotation that does not evaluate here
+        return
+    kinds = [a for a in typing.get_args(hints[key]) if a is not type(None)] if key in hints else []
+    annotation = hints.get(key)
+    optional = len(kinds) == 1 and len(typing.get_args(annotation)) == 2
+    simple = _SIMPLE_TYPES.get(kinds[0] if optional else annotation)
+    if simple is None or (value is None and optional):
+        return
+    types, wanted = simple
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        name = getattr(target, "__name__", str(target))
+        raise ConfigError(f"{what}.{key}={value!r}: give {wanted}{' or null' if optional else ''} ({name}'s "
+                          f"{key} is annotated {getattr(annotation, '__name__', annotation)})")
 
 
 def _parameters(target: Any) -> list[str] | None:

@@ -197,6 +197,10 @@ class TypicalAcceptance(AcceptanceRule):
     lossless = False
 
     def __init__(self, epsilon: float = 0.09, delta: float = 0.3):
+        for key, value in (("epsilon", epsilon), ("delta", delta)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"acceptance.{key}={value!r}: give a number (typical acceptance needs "
+                                  "0 < epsilon <= 1 and delta > 0)")
         if not (0 < epsilon <= 1 and delta > 0):
             raise ConfigError(f"typical acceptance needs 0 < epsilon <= 1 and delta > 0 (got {epsilon}, {delta})")
         self.epsilon, self.delta = epsilon, delta

@@ -163,8 +163,11 @@ def test_a_checkpoint_with_only_pickle_weights_says_how_to_convert(tmp_path):
      "drafter.confidence_threshold=0.1 stops a chain early; this drafter grows a tree"),
     (["drafter=hybrid", "drafter.second.dtype=bf16"], "drafter.second.dtype='bf16' is unknown"),
     (["drafter=hybrid", "drafter.first.min_ngram=4"], "1 <= drafter.first.min_ngram <= drafter.first.max_ngram (got 4, 3)"),
+    (["acceptance=typical", "sampling.temperature=0.7", "acceptance.epsilon=abc"],
+     "acceptance.epsilon='abc': give a number (TypicalAcceptance's epsilon is annotated float)"),
 ], ids=["max_new_tokens", "k", "k_text", "hybrid_part", "medusa_heads", "budget", "tree_without_grower", "compile",
-        "eagle_version", "tree_sampling", "confidence_part", "confidence_tree", "dtype_part", "ngram_order"])
+        "eagle_version", "tree_sampling", "confidence_part", "confidence_tree", "dtype_part", "ngram_order",
+        "typical_text"])
 def test_counts_trees_and_modes_fail_before_any_model_is_built(overrides, fragment, tmp_path, monkeypatch, capsys):
     """On a fresh machine the default pair is built first (minutes): a wrong count or tree fails before that."""
     import experiments.decode

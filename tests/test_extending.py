@@ -129,8 +129,8 @@ class AcceptAlways(RejectionAcceptance):
 
 
 class TopM(AcceptanceRule):
-    def __init__(self, m: int = 2):
-        self.m = m
+    def __init__(self, m: int = 2, strict: bool = False):
+        self.m, self.strict = m, strict
 
     def __call__(self, tree, logits, sampling, rng):
         return AcceptResult(accepted_nodes=[], tokens=[int(logits[0].argmax())])
@@ -307,8 +307,12 @@ HERE = "tests.test_extending"
      "TopM ('TopM') has no batched form"),
     ({"logger/mine.yaml": "_target_: experiments.loggers.WandbLogger\nprojct: x\n"}, ["logger=mine"],
      "logger.projct: experiments.loggers.WandbLogger takes no argument 'projct'; did you mean logger.project?"),
+    ({"drafter/mine.yaml": f"_target_: {HERE}.Repeat\nnum_speculative_tokens: two\n"}, ["drafter=mine"],
+     "drafter.num_speculative_tokens='two': give an integer (Repeat's num_speculative_tokens is annotated int)"),
+    ({"acceptance/mine.yaml": f"_target_: {HERE}.TopM\nm: 2\nstrict: nope\n"}, ["acceptance=mine"],
+     "acceptance.strict='nope': give true or false (TopM's strict is annotated bool)"),
 ], ids=["argument_typo", "target_typo", "abstract", "rule_argument_typo", "rule_signature", "rule_in_a_batch",
-        "logger_argument_typo"])
+        "logger_argument_typo", "argument_type", "rule_argument_type"])
 def test_a_config_file_of_ones_own_fails_before_any_model_loads(files, overrides, fragment, tmp_path, monkeypatch,
                                                                  capsys):
     """The mistakes a config file alone shows are one line before the models load (on a fresh machine, before the

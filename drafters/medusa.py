@@ -105,12 +105,12 @@ class MedusaDrafter(Drafter):
                  tree_nodes: int = 32, zoo_size: str = "default", dynamic: bool = False,
                  cache_dir: str | os.PathLike | None = None):
         super().__init__()
-        self.num_heads_arg = positive_int(num_heads, "num_heads", allow_none=True)
-        self.tree_nodes = positive_int(tree_nodes, "tree_nodes")
+        self.num_heads_arg = positive_int(num_heads, "drafter.num_heads", allow_none=True)
+        self.tree_nodes = positive_int(tree_nodes, "drafter.tree_nodes")
         if dynamic not in (True, False):
-            raise ConfigError(f"dynamic={dynamic!r}: give true or false")
+            raise ConfigError(f"drafter.dynamic={dynamic!r}: give true or false")
         if dynamic and tree is not None:
-            raise ConfigError("dynamic=true builds its own tree at every step: leave tree null (tree=none)")
+            raise ConfigError("drafter.dynamic=true builds its own tree at every step: leave tree null (tree=none)")
         self.dynamic = bool(dynamic)
         self.tree_arg = load_preset(tree) if tree is not None else None  # checked now, pruned once heads are known
         self._heads: MedusaHeads | None = None
@@ -118,8 +118,8 @@ class MedusaDrafter(Drafter):
         self._zoo = (zoo_size, cache_dir) if heads is None else None  # the default directory: name its command
         if isinstance(heads, MedusaHeads):
             if self.num_heads_arg is not None and self.num_heads_arg > heads.num_heads:
-                raise MedusaHeadsError(f"num_heads={self.num_heads_arg} but the heads have only {heads.num_heads}: "
-                                       f"use num_heads<={heads.num_heads}")
+                raise MedusaHeadsError(f"drafter.num_heads={self.num_heads_arg} but the heads have only "
+                                       f"{heads.num_heads}: use drafter.num_heads<={heads.num_heads}")
             self._heads = heads.eval()
         elif heads is None or isinstance(heads, (str, os.PathLike)):
             self.heads_dir = Path(heads).expanduser() if heads else default_heads_dir(zoo_size, cache_dir)

@@ -213,11 +213,11 @@ def load_heads(directory: str | os.PathLike, num_heads: int | None = None) -> Me
     if num_heads is None:
         num_heads = trained
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise MedusaHeadsError(f"num_heads={num_heads!r}: it must be an integer >= 1 (or null for all heads)")
+        raise MedusaHeadsError(f"drafter.num_heads={num_heads!r}: it must be an integer >= 1 (or null for all heads)")
     if num_heads > trained:
         raise MedusaHeadsError(
-            f"num_heads={num_heads} but the heads at {str(directory)!r} were trained with {trained}: use "
-            f"num_heads<={trained}, or train more with `{TRAIN_COMMAND} num_heads={num_heads}`")
+            f"drafter.num_heads={num_heads} but the heads at {str(directory)!r} were trained with {trained}: use "
+            f"drafter.num_heads<={trained}, or train more with `{TRAIN_COMMAND} num_heads={num_heads}`")
     heads = MedusaHeads(int(config["hidden_size"]), int(config["vocab_size"]), num_heads, int(config["num_blocks"]),
                         target=config.get("target"), source=str(directory), draft_vocab=int(config.get("draft_vocab") or 0))
     note = f"{trained} heads with {config['num_blocks']} residual block(s) each"

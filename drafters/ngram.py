@@ -38,7 +38,7 @@ class NGramDrafter(Drafter):
         positive_int(num_speculative_tokens, "num_speculative_tokens")
         check_ngram_sizes(min_ngram, max_ngram)
         if match not in ("last", "first"):
-            raise ConfigError(f"match={match!r}: choose 'last' or 'first'")
+            raise ConfigError(f"drafter.match={match!r}: choose 'last' or 'first'")
         self.k, self.max_ngram, self.min_ngram, self.match = num_speculative_tokens, max_ngram, min_ngram, match
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed = 0

@@ -96,11 +96,15 @@ def test_rejection_with_dynamic_trees_is_lossless(sampling):
 
 
 def test_dynamic_with_a_preset_tree_or_a_non_bool_is_an_error(tiny):
+    from drafters.medusa_heads import MedusaHeadsError
+
     heads = tiny[1]
-    with pytest.raises(ConfigError, match="dynamic=true builds its own tree .* leave tree null"):
+    with pytest.raises(ConfigError, match="^drafter.dynamic=true builds its own tree .* leave tree null"):
         MedusaDrafter(heads, tree="binary", dynamic=True)
-    with pytest.raises(ConfigError, match="dynamic='yes': give true or false"):
+    with pytest.raises(ConfigError, match="^drafter.dynamic='yes': give true or false"):  # the key the command line takes
         MedusaDrafter(heads, dynamic="yes")
+    with pytest.raises(MedusaHeadsError, match=r"^drafter.num_heads=9 but the heads have only \d+: use drafter.num_heads<="):
+        MedusaDrafter(heads, num_heads=9)
 
 
 def test_decoder_runs_dynamic_trees_through_the_speculative_decoder(tiny):

@@ -55,7 +55,7 @@ def load_target(cfg: DictConfig):
         pair = ensure_pair(size=cfg.zoo_size, cache_dir=cfg.cache_dir)
         where = {"zoo_size": cfg.zoo_size, "target": pair.target_dir, "tokenizer": str(cfg.tokenizer or pair.tokenizer_dir)}
     target = load_causal_lm(where["target"], dtype=cfg.dtype, device="cpu", role="target")
-    return target, load_tokenizer(where["tokenizer"]), where
+    return target, load_tokenizer(where["tokenizer"], elsewhere="tokenizer"), where
 
 
 def _pretrained_names() -> set[str]:

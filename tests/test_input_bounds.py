@@ -113,6 +113,18 @@ def test_head_lr_schedule_warms_up_from_the_first_step_and_ends_at_a_tenth():
     assert head_training.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
 
 
+def test_a_training_target_without_a_tokenizer_points_at_the_tokenizer_option(tmp_path):
+    """``train_medusa`` / ``train_eagle target=<dir>`` on a model saved without its tokenizer: the error names the
+    training config's ``tokenizer=`` option (a trial was told to save one there instead)."""
+    from omegaconf import OmegaConf
+
+    from specdec.errors import SpecDecError
+
+    tiny_random_pair()[0].save_pretrained(tmp_path / "target")
+    cfg = OmegaConf.create({"target": str(tmp_path / "target"), "tokenizer": None, "dtype": "float32", "cache_dir": None})
+    with pytest.raises(SpecDecError, match=r"holds no tokenizer .*: pass tokenizer=<the directory that holds it>"):
+        head_training.load_target(cfg)
+
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"step": 3, "settings": {"lr": 0.1, "steps": 10}}, path)

@@ -233,9 +233,10 @@ def _restore_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def guard(*extra_input_errors: type[BaseException]) -> Callable:
+def guard(*extra_input_errors: type[BaseException], interrupted: str = "") -> Callable:
     """Decorator for an argparse ``main(argv) -> int``: a failure becomes exit status 2 (user error, one
-    line) or 1 (bug, traceback); ``extra_input_errors`` are the entry point's own user-error classes."""
+    line) or 1 (bug, traceback); ``extra_input_errors`` are the entry point's own user-error classes. Ctrl-C is
+    one line (exit status 130) and ``interrupted``, what the entry point keeps of an interrupted run."""
     def decorate(main: Callable) -> Callable:
         @functools.wraps(main)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -243,8 +244,7 @@ def guard(*extra_input_errors: type[BaseException]) -> Callable:
             try:
                 return main(*args, **kwargs)
             except KeyboardInterrupt:
-                print("interrupted (Ctrl-C); a decode run keeps what it wrote and goes on when the same command is rerun",
-                      file=sys.stderr)
+                print("interrupted (Ctrl-C)" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
                 return INTERRUPTED
             except Exception as exc:  # SystemExit passes through
                 return report_failure(exc, extra_input_errors)
@@ -266,8 +266,10 @@ def _hydra_errors_raised() -> Iterator[None]:
             os.environ["HYDRA_FULL_ERROR"] = previous
 
 
-def hydra_main(config_name: str, *extra_input_errors: type[BaseException], config_path: str = "../conf") -> Callable:
-    """``@hydra.main`` with the contract: use ``@cli.hydra_main("config")`` on a task ``main(cfg)``.
+def hydra_main(config_name: str, *extra_input_errors: type[BaseException], config_path: str = "../conf",
+               interrupted: str = "") -> Callable:
+    """``@hydra.main`` with the contract: use ``@cli.hydra_main("config")`` on a task ``main(cfg)``
+    (``interrupted``: what the task keeps of a run cut by Ctrl-C, for its one line).
 
     The task runs after :func:`experiments.overrides.check_added_keys`; its failures and Hydra's
     compose-time errors (unknown option, wrong type, a key not in the config) follow the contract,
@@ -290,9 +292,10 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
             check_value_types(cfg, primary_config_defaults())
             return task(cfg)
 
-        guarded_task = _job(guard(*extra_input_errors)(checked_task))  # inside Hydra: no "Error executing job"
+        guard_task = guard(*extra_input_errors, interrupted=interrupted)
+        guarded_task = _job(guard_task(checked_task))  # inside Hydra: no "Error executing job"
         app = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(guarded_task)
-        guarded_app = _exiting(guard(*extra_input_errors)(app))
+        guarded_app = _exiting(guard_task(app))
 
         @functools.wraps(app)
         def main() -> None:

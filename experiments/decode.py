@@ -339,7 +339,7 @@ def _hydra_info() -> dict:
     return info
 
 
-@cli.hydra_main("config")
+@cli.hydra_main("config", interrupted="a decode run keeps what it wrote and goes on when the same command is rerun")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; errors follow :mod:`experiments.cli` (``error: <message>``, exit status 2)."""
     info = _hydra_info()

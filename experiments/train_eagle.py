@@ -54,7 +54,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-@cli.hydra_main("train_eagle")
+@cli.hydra_main("train_eagle", interrupted="training goes on from its last checkpoint when the same command is rerun")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; errors follow :mod:`experiments.cli` (``error: ...``, exit status 2)."""
     report = head_training.train_from_hydra(cfg, EagleRecipe(cfg), format_report)

@@ -162,3 +162,24 @@ def test_ctrl_c_while_a_command_starts_is_one_line(when, tmp_path):
     assert "interrupted (Ctrl-C)" in err
     # the run's own handling (it keeps what it wrote) once it runs; the one-line exit of the imports before
     assert ("while the command was starting" in err) == (when == "importing"), err[-2000:]
+
+
+def test_ctrl_c_says_what_the_entry_point_keeps():
+    """One line, exit status 130: a decode run says it resumes, training that it goes on from its checkpoint, any
+    other command no more than that it was interrupted (a trial's train_medusa told of a decode run)."""
+    import contextlib
+    import io
+
+    from experiments import cli
+
+    def stopped(argv=None):
+        raise KeyboardInterrupt
+
+    for kept, line in (("", "interrupted (Ctrl-C)\n"), ("training goes on", "interrupted (Ctrl-C); training goes on\n")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert cli.guard(interrupted=kept)(stopped)() == cli.INTERRUPTED
+        assert err.getvalue() == line
+    for module in ("train_medusa", "train_eagle"):
+        source = (Path(cli.__file__).parent / f"{module}.py").read_text()
+        assert 'interrupted="training goes on from its last checkpoint' in source

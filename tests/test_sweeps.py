@@ -194,7 +194,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(prompts_file, t
     calls["fail_at"] = 10  # run 1: calls 1-6 (3 prompts x 2 methods); run 2: prompt 0, then prompt 1's speculative
     with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line, exit status 130, and the sweep ends there
         hydra_main(monkeypatch, *args, f"hydra.sweep.dir={resumed}")
-    assert stopped.value.code == 130 and "interrupted (Ctrl-C)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stopped.value.code == 130 and "interrupted (Ctrl-C); a decode run keeps what it wrote" in err
     dirs = run_dirs(resumed)
     assert set(dirs) == {"1", "2"}  # run 3 never started
     second = json.loads((dirs["2"] / "summary.json").read_text())

@@ -13,6 +13,7 @@ the largest product of accuracies along the path, as Medusa builds its sparse tr
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -69,6 +70,20 @@ def preset_yaml(paths: list[list[int]], rank_acc: list[list[float]], heads_dir: 
     return "\n".join(lines) + "\n"
 
 
+def check_overwrite(out: Path, heads_dir: Path) -> None:
+    """Refuse (without ``--force``) to overwrite a preset this tool did not write, or one it derived from heads
+    in a directory of another name (``zoo-default``'s ``medusa32`` from ``zoo-micro``'s heads would change what
+    ``tree=medusa32`` means for everyone); heads in a directory of the same name (the same zoo pair's, retrained or
+    on another machine) may replace it."""
+    text = out.read_text(encoding="utf-8")
+    if not text.startswith(MARKER):
+        raise SpecDecError(f"{out} exists and was not written by this tool: pick another --name or pass --force")
+    earlier = re.search(r"^# from the heads at (.+?): the \d+ paths", text, re.MULTILINE)
+    if earlier and Path(earlier.group(1)).name != Path(heads_dir).name:
+        raise SpecDecError(f"{out} was derived from the heads at {earlier.group(1)}, not {heads_dir}: pick another "
+                           "--name (e.g. --name medusa32_mine) or pass --force to replace it")
+
+
 def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, max_depth: int | None = None,
            measure: bool = False, target: str | None = None, tokenizer: str | None = None, eval_tokens: int = 32768,
            context: int = 256, force: bool = False, source: str = "auto") -> tuple[Path, float]:
@@ -90,8 +105,8 @@ def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, m
         except SpecDecError:
             pass
     out = Path(out_dir) / f"{name}.yaml"
-    if out.exists() and not force and not out.read_text(encoding="utf-8").startswith(MARKER):
-        raise SpecDecError(f"{out} exists and was not written by this tool: pick another --name or pass --force")
+    if out.exists() and not force:
+        check_overwrite(out, heads_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(preset_yaml(paths, acc, heads_dir, tau, comparisons, source), encoding="utf-8")
     load_preset(out)  # check it reads back as a tree

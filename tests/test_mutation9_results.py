@@ -297,6 +297,28 @@ def test_medusa_tree_presets_from_a_report(tmp_path):
     assert (tmp_path / "mine.yaml").read_text() == "paths: [[0]]\n"
 
 
+def test_medusa_tree_keeps_a_preset_derived_from_other_heads(tmp_path):
+    """A preset the tool derived from heads in a directory of another name (the shipped medusa32 from the default
+    heads; a trial's micro heads overwrote it) is kept unless ``--force``; heads in a directory of the same name (the
+    same pair's, retrained, or at another home) replace it."""
+    from experiments.medusa_tree import derive
+
+    report = json.dumps({"rank_accuracy": [[0.6, 0.2], [0.4, 0.1]]})
+    default, micro, elsewhere = (tmp_path / d for d in ("a/zoo-default", "b/zoo-micro", "c/zoo-default"))
+    for heads in (default, micro, elsewhere):
+        heads.mkdir(parents=True)
+        (heads / "eval.json").write_text(report)
+    out, _ = derive(default, 3, "m3", out_dir=tmp_path)
+    shipped = out.read_text()
+    with pytest.raises(SpecDecError, match=r"m3.yaml was derived from the heads at .*a/zoo-default, not .*zoo-micro: "
+                                           r"pick another --name .* or pass --force"):
+        derive(micro, 3, "m3", out_dir=tmp_path)
+    assert out.read_text() == shipped
+    assert derive(elsewhere, 3, "m3", out_dir=tmp_path)[0] == out and "c/zoo-default" in out.read_text()
+    derive(micro, 3, "m3", out_dir=tmp_path, force=True)
+    assert "b/zoo-micro" in out.read_text()
+
+
 def test_a_sampled_runs_note_and_a_lossless_rules_mismatch_warning_follow_its_rule():
     """A sampled run names what vouches for its rule (the chi-square tests for the built-in rules; none for a lossy
     rule or a rule of one's own); a rule that declares itself lossless and differs from the greedy baseline is

@@ -110,7 +110,7 @@ class RejectionAcceptance(AcceptanceRule):
 
     - sampled children (``tree.draft_probs`` given): accept ``c`` w.p. ``min(1, p'(c) / q'(c))``;
       on rejection ``p' <- norm(max(0, p' - q'))``, and for children drawn without replacement
-      also ``q'(c) <- 0`` renormalised; with replacement ``q'`` stays the node's q;
+      also ``q'(c) <- 0`` renormalised; with replacement each child's ``q'`` is its own ``draft_probs`` row;
     - deterministic children (``draft_probs`` None): q is a point mass, accept w.p. ``p'(c)``,
       on rejection ``p'(c) <- 0`` renormalised;
     - no child accepted: sample the recovered token from ``p'``; leaf reached: the bonus from p.

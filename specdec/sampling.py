@@ -77,8 +77,3 @@ def draft_confidence(logits: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor
     is one-hot, under ``softmax(logits [..., V])`` (as Hugging Face's ``assistant_confidence_threshold``)."""
     dist = logits.float().softmax(-1) if params.greedy else q  # [..., V]
     return dist.gather(-1, tokens[..., None])[..., 0]  # [...]
-
-
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Draw one token id from a ``[V]`` distribution."""
-    return int(torch.multinomial(probs, 1, generator=generator).item())

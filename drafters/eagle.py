@@ -151,8 +151,8 @@ class EagleDrafter(TreeDrafter):
         """The head directory ``config`` names (``heads``; null: the ``zoo_size`` pair's default of ``version``)
         holds an EAGLE head: the missing-head error, with the command that trains it, otherwise."""
         heads, version = config.get("heads"), config.get("version") or "eagle2"
-        if heads is None:
-            zoo = (config.get("zoo_size") or "default", config.get("cache_dir"))
+        if not heads:  # as the constructor: null (or empty) is the zoo pair's default directory
+            zoo = (config.get("zoo_size", "default"), config.get("cache_dir"))
             check_default_dir(FILES, default_heads_dir(version, *zoo), *zoo, extra=f"version={version}")
         elif isinstance(heads, (str, os.PathLike)):
             read_config(FILES, Path(heads).expanduser(), how_to_train(version))

@@ -126,7 +126,7 @@ class MedusaDrafter(Drafter):
             if self.heads_dir.exists():
                 self._heads = load_heads(self.heads_dir, self.num_heads_arg)
         else:
-            raise ConfigError(f"heads={type(heads).__name__}: give a heads directory or a MedusaHeads module")
+            raise ConfigError(f"drafter.heads={type(heads).__name__}: give a heads directory or a MedusaHeads module")
         self._compiled = None
         self._checked_target = None
         self._hidden: torch.Tensor | None = None  # [H] the target's state at the last accepted token
@@ -138,8 +138,8 @@ class MedusaDrafter(Drafter):
         """The heads directory ``config`` names (``heads``; null: the ``zoo_size`` pair's default) holds Medusa
         heads: the missing-heads error, with the command that trains them, otherwise."""
         heads = config.get("heads")
-        if heads is None:
-            zoo = (config.get("zoo_size") or "default", config.get("cache_dir"))
+        if not heads:  # as the constructor: null (or empty) is the zoo pair's default directory
+            zoo = (config.get("zoo_size", "default"), config.get("cache_dir"))
             check_default_dir(FILES, default_heads_dir(*zoo), *zoo)
         elif isinstance(heads, (str, os.PathLike)):
             read_heads_config(Path(heads).expanduser())

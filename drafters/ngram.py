@@ -35,8 +35,8 @@ class NGramDrafter(Drafter):
                  datastore: Datastore | str | None = None, datastore_min_ngram: int = 3,
                  datastore_min_share: float = 0.5):
         super().__init__()
-        positive_int(num_speculative_tokens, "num_speculative_tokens")
-        check_ngram_sizes(min_ngram, max_ngram)
+        positive_int(num_speculative_tokens, "drafter.num_speculative_tokens")
+        check_ngram_sizes(min_ngram, max_ngram, "drafter.")
         if match not in ("last", "first"):
             raise ConfigError(f"drafter.match={match!r}: choose 'last' or 'first'")
         self.k, self.max_ngram, self.min_ngram, self.match = num_speculative_tokens, max_ngram, min_ngram, match

@@ -76,29 +76,32 @@ def check_arguments(node: DictConfig | dict, what: str) -> None:
 
 
 #: Annotations whose values are checked before anything is built (``bool`` is no ``int`` here, an ``int`` is a
-#: ``float``), each with what the error asks for.
-_SIMPLE_TYPES = {bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
-                 str: ((str,), "a string")}
+#: ``float``), each with what the error asks for. (Not ``str``: Hydra reads ``logger.group=2024`` as a number.)
+_SIMPLE_TYPES = {bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a number")}
 
 
 def _check_type(target: Any, key: str, value: Any, what: str) -> None:
-    """ConfigError naming ``what.key`` when ``target`` annotates parameter ``key`` as ``bool``, ``int``, ``float``
-    or ``str`` (or one of them or None) and ``value`` is not one (a plugin's ``sampled: bool`` given ``nope`` would
-    otherwise read as true); any other annotation, or none, is left to the class."""
+    """ConfigError naming ``what.key`` when ``target`` annotates parameter ``key`` as ``bool``, ``int`` or ``float``
+    (or one of them or None) and ``value`` is not one (a plugin's ``sampled: bool`` given ``nope`` would otherwise
+    read as true); None passes where the annotation or the default allows it; any other annotation, or none, is
+    left to the class."""
+    import types
     import typing
 
+    function = target.__init__ if inspect.isclass(target) else target
     try:
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    except (NameError, TypeError, AttributeError, SyntaxError):  # an annotation that does not evaluate here
+        annotation = typing.get_type_hints(function).get(key)
+        default = inspect.signature(function).parameters[key].default
+    except (NameError, TypeError, AttributeError, SyntaxError, ValueError, KeyError):  # nothing to check against
         return
-    kinds = [a for a in typing.get_args(hints[key]) if a is not type(None)] if key in hints else []
-    annotation = hints.get(key)
-    optional = len(kinds) == 1 and len(typing.get_args(annotation)) == 2
-    simple = _SIMPLE_TYPES.get(kinds[0] if optional else annotation)
-    if simple is None or (value is None and optional):
+    parts = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    kinds = [a for a in parts if a is not type(None)]
+    optional = len(kinds) == 1 and len(parts) == 2
+    simple = _SIMPLE_TYPES.get(kinds[0] if optional else annotation) if optional or not parts else None
+    if simple is None or (value is None and (optional or default is None)):
         return
-    types, wanted = simple
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+    types_, wanted = simple
+    if isinstance(value, bool) and bool not in types_ or not isinstance(value, types_):
         name = getattr(target, "__name__", str(target))
         raise ConfigError(f"{what}.{key}={value!r}: give {wanted}{' or null' if optional else ''} ({name}'s "
                           f"{key} is annotated {getattr(annotation, '__name__', annotation)})")

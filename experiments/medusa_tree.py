@@ -71,15 +71,18 @@ def preset_yaml(paths: list[list[int]], rank_acc: list[list[float]], heads_dir: 
 
 
 def check_overwrite(out: Path, heads_dir: Path) -> None:
-    """Refuse (without ``--force``) to overwrite a preset this tool did not write, or one it derived from heads
-    in a directory of another name (``zoo-default``'s ``medusa32`` from ``zoo-micro``'s heads would change what
-    ``tree=medusa32`` means for everyone); heads in a directory of the same name (the same zoo pair's, retrained or
-    on another machine) may replace it."""
+    """Refuse (without ``--force``) to overwrite a preset this tool did not write, or one it derived from other
+    heads (``zoo-default``'s ``medusa32`` from ``zoo-micro``'s heads would change what ``tree=medusa32`` means for
+    everyone): the same directory, or an embedded pair's of the same name (``zoo-<size>``: retrained, or in another
+    home's cache), may replace it."""
     text = out.read_text(encoding="utf-8")
     if not text.startswith(MARKER):
         raise SpecDecError(f"{out} exists and was not written by this tool: pick another --name or pass --force")
     earlier = re.search(r"^# from the heads at (.+?): the \d+ paths", text, re.MULTILINE)
-    if earlier and Path(earlier.group(1)).name != Path(heads_dir).name:
+    if earlier is None:
+        return
+    before, now = Path(earlier.group(1)).expanduser().resolve(), Path(heads_dir).expanduser().resolve()
+    if before != now and not (before.name == now.name and now.name.startswith("zoo-")):
         raise SpecDecError(f"{out} was derived from the heads at {earlier.group(1)}, not {heads_dir}: pick another "
                            "--name (e.g. --name medusa32_mine) or pass --force to replace it")
 

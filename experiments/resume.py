@@ -270,9 +270,9 @@ def pinned_drafter(drafter_cfg: Any, state: ResumeState) -> tuple[Any, str | Non
     node = drafter_cfg[part] if part else drafter_cfg
     if node.get("dtype") != "auto":
         return drafter_cfg, None
-    pinned = copy.deepcopy(drafter_cfg)  # keeps its parent: interpolations still resolve in the run's config
-    with open_dict(pinned):
-        (pinned[part] if part else pinned).dtype = earlier
+    pinned = copy.deepcopy(drafter_cfg)  # a DictConfig keeps its parent: interpolations still resolve in the run's
+    with open_dict(pinned) if OmegaConf.is_config(pinned) else contextlib.nullcontext():
+        (pinned[part] if part else pinned)["dtype"] = earlier
     key = f"drafter.{part}.dtype" if part else "drafter.dtype"
     return pinned, (f"{key}=auto: the head drafts in {earlier}, as the kept records' did (auto decides per process; "
                     "the same head keeps a resumed run's tokens those of an uninterrupted one)")

@@ -61,7 +61,9 @@ class Run:
     def warnings(self) -> list[str]:
         """The warnings its summary records (an implausible cost curve, a batch missing rows, ...)."""
         found = (self.summary or {}).get("warnings")
-        return [str(w) for w in found] if isinstance(found, list) else []
+        if found is None:
+            return []
+        return [str(w) for w in found] if isinstance(found, list) else [str(found)]
 
 
 def find_run_dirs(root: Path) -> list[Path]:

@@ -177,7 +177,7 @@ def test_only_an_auto_head_that_ran_is_pinned():
     eagle = OmegaConf.create({"_target_": "drafters.EagleDrafter", "dtype": "auto"})
     pinned, line = pinned_drafter(eagle, head)
     assert pinned.dtype == "bfloat16" and eagle.dtype == "auto" and line.startswith("drafter.dtype=auto")
-    hybrid = OmegaConf.create({"_target_": "drafters.HybridDrafter", "first": {"_target_": "drafters.NgramDrafter"},
+    hybrid = OmegaConf.create({"_target_": "drafters.HybridDrafter", "first": {"_target_": "drafters.NGramDrafter"},
                                "second": {"_target_": "drafters.EagleDrafter", "dtype": "auto"}})
     pinned, line = pinned_drafter(hybrid, head)
     assert pinned.second.dtype == "bfloat16" and line.startswith("drafter.second.dtype=auto")
@@ -186,6 +186,8 @@ def test_only_an_auto_head_that_ran_is_pinned():
     model = ResumeState(drafter_shape={"draft_dtype": "bfloat16", "draft_module": "model"})
     for cfg, state in ((explicit, head), (eagle, model), (eagle, ResumeState())):
         assert pinned_drafter(cfg, state) == (cfg, None)
+    plain = {"_target_": "drafters.EagleDrafter", "dtype": "auto"}  # the Python API's dict
+    assert pinned_drafter(plain, head)[0] == {**plain, "dtype": "bfloat16"} and plain["dtype"] == "auto"
 
 
 

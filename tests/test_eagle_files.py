@@ -206,9 +206,19 @@ def test_missing_heads_fail_before_any_model_loads(case, tmp_path, monkeypatch, 
     args, fragment = {
         "medusa": (["drafter=medusa", f"drafter.heads={tmp_path / 'nowhere'}"], "no Medusa heads at"),
         "eagle_default": (["drafter=eagle", "drafter.version=eagle3"], "train_eagle version=eagle3 zoo_size=micro"),
-        "hybrid_second": (["drafter=hybrid", f"drafter.second.heads={tmp_path / 'nowhere'}"], "drafter.second.heads"),
+        "hybrid_second": (["drafter=hybrid", f"drafter.second.heads={tmp_path / 'nowhere'}"],
+                          f"no EAGLE heads at '{tmp_path / 'nowhere'}'"),
     }[case]
     code, err = main_in_process(monkeypatch, capsys, "model=zoo_micro", *args, "num_prompts=1", "warmup=0",
                                 "costs=false", "logger=none", f"hydra.run.dir={tmp_path / 'run'}")
     error_line(err, 2, code, fragment)
     assert "the directory does not exist" in err
+
+
+def test_empty_heads_mean_the_default_directory_as_for_the_drafter(tmp_path):
+    """``check_files`` reads ``heads`` as the constructor does: empty is the zoo pair's default directory."""
+    from drafters import MedusaDrafter
+
+    for drafter in (EagleDrafter, MedusaDrafter):
+        with pytest.raises(SpecDecError, match=f"no .* at '{tmp_path}/.*zoo-micro'.*zoo_size=micro"):
+            drafter.check_files({"heads": "", "zoo_size": "micro", "cache_dir": str(tmp_path)})

@@ -185,12 +185,16 @@ def test_counts_trees_and_modes_fail_before_any_model_is_built(overrides, fragme
 def test_ngram_sizes_are_counts_in_order():
     from drafters import NGramDrafter
 
-    with pytest.raises(ConfigError, match="min_ngram=0: it must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="^drafter.min_ngram=0: it must be an integer >= 1"):  # the config's keys
         NGramDrafter(min_ngram=0)
-    with pytest.raises(ConfigError, match=r"1 <= min_ngram <= max_ngram \(got 3, 2\)"):
+    with pytest.raises(ConfigError, match=r"1 <= drafter.min_ngram <= drafter.max_ngram \(got 3, 2\)"):
         NGramDrafter(min_ngram=3, max_ngram=2)
-    with pytest.raises(ConfigError, match="num_speculative_tokens=2.5"):
+    with pytest.raises(ConfigError, match="^drafter.num_speculative_tokens=2.5"):
         NGramDrafter(num_speculative_tokens=2.5)
+    from specdec.acceptance import TypicalAcceptance
+
+    with pytest.raises(ConfigError, match="^acceptance.delta='0.3': give a number"):  # the Python API checks it too
+        TypicalAcceptance(delta="0.3")
 
 
 def test_a_plugin_drafters_keys_are_its_own():

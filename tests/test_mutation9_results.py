@@ -298,9 +298,9 @@ def test_medusa_tree_presets_from_a_report(tmp_path):
 
 
 def test_medusa_tree_keeps_a_preset_derived_from_other_heads(tmp_path):
-    """A preset the tool derived from heads in a directory of another name (the shipped medusa32 from the default
-    heads; a trial's micro heads overwrote it) is kept unless ``--force``; heads in a directory of the same name (the
-    same pair's, retrained, or at another home) replace it."""
+    """A preset the tool derived from other heads (the shipped medusa32 from the default heads; a trial's micro
+    heads overwrote it; two targets' heads both in a directory called ``heads``) is kept unless ``--force``; the same
+    directory, or an embedded pair's of the same name (retrained, or at another home), replaces it."""
     from experiments.medusa_tree import derive
 
     report = json.dumps({"rank_accuracy": [[0.6, 0.2], [0.4, 0.1]]})
@@ -317,6 +317,14 @@ def test_medusa_tree_keeps_a_preset_derived_from_other_heads(tmp_path):
     assert derive(elsewhere, 3, "m3", out_dir=tmp_path)[0] == out and "c/zoo-default" in out.read_text()
     derive(micro, 3, "m3", out_dir=tmp_path, force=True)
     assert "b/zoo-micro" in out.read_text()
+    mine, theirs = tmp_path / "x/heads", tmp_path / "y/heads"
+    for heads in (mine, theirs):
+        heads.mkdir(parents=True)
+        (heads / "eval.json").write_text(report)
+    derive(mine, 3, "h3", out_dir=tmp_path)
+    assert derive(mine, 3, "h3", out_dir=tmp_path)[0].name == "h3.yaml"  # the same heads again
+    with pytest.raises(SpecDecError, match="was derived from the heads at .*x/heads"):
+        derive(theirs, 3, "h3", out_dir=tmp_path)
 
 
 def test_a_sampled_runs_note_and_a_lossless_rules_mismatch_warning_follow_its_rule():

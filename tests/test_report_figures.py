@@ -160,6 +160,8 @@ def test_the_runs_warnings_reach_the_report_and_implausible_costs_mark_the_recom
     plausible = [chain_run(tmp_path, k, up) for k, up in ((2, 1.5), (4, 1.8))]
     assert report.IMPLAUSIBLE not in report.check_recommendations(plausible, [K_KEY], 0.05)[0]
     assert all(r.warnings == [] for r in plausible)
+    plausible[0].summary["warnings"] = "one line, not a list"  # a hand-edited summary's warning is still shown
+    assert plausible[0].warnings == ["one line, not a list"]
 
 def test_a_multirun_job_without_a_directory_is_named_never_started(tmp_path):
     (tmp_path / "multirun.yaml").write_text(

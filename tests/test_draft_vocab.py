@@ -100,7 +100,7 @@ def test_heads_over_a_draft_vocabulary_round_trip_and_decode_greedily(kind, tmp_
         x, f = torch.randint(0, vocab, (1, 5)), torch.randn(1, 5, head.hidden_size)
         assert loaded.draft_vocab == len(ids) and torch.equal(head(x, f)[0], loaded(x, f)[0])
         assert json.loads((tmp_path / "eagle_config.json").read_text())["draft_vocab"] == len(ids)
-        for shape in (dict(num_speculative_tokens=3), dict(budget=8, num_speculative_tokens=3)):
+        for shape in ({"num_speculative_tokens": 3}, {"budget": 8, "num_speculative_tokens": 3}):
             check_greedy(target, EagleDrafter(loaded, **shape), cases)
         error, key = EagleHeadError, "model.lm_head.ids"
     from safetensors.torch import load_file, save_file
@@ -126,7 +126,7 @@ def test_a_draft_model_over_a_draft_vocabulary_is_a_view_and_decodes_greedily():
     full, part = draft(x).logits, view(x).logits  # [1, 6, V]
     assert torch.allclose(part[..., ids], full[..., ids], atol=1e-5) and torch.isneginf(part[..., 1::2]).all()
     cases = greedy_cases(target, prompts(tok, 6, seed=3), int(target.generation_config.eos_token_id))
-    for shape in (dict(num_speculative_tokens=3), dict(tree="binary"), dict(budget=8)):
+    for shape in ({"num_speculative_tokens": 3}, {"tree": "binary"}, {"budget": 8}):
         check_greedy(target, DraftModelDrafter(draft, draft_vocab=ids, **shape), cases)
 
 

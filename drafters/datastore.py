@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from functools import lru_cache
 from pathlib import Path
 
-from specdec.errors import ConfigError
+from specdec.errors import ConfigError, positive_int
 
 
 class Datastore:
@@ -79,28 +79,50 @@ class Datastore:
         return out
 
     @classmethod
-    def from_chat_rows(cls, path: str | os.PathLike, **kwargs) -> Datastore:
+    def from_chat_rows(cls, path: str | os.PathLike, key: str = "datastore", **kwargs) -> Datastore:
         """A datastore of the answers in a :mod:`experiments.chat_data` rows file (or its directory), each with
-        the ``max_ngram`` prompt tokens before it (the answer's first tokens follow the prompt's end)."""
-        from experiments.chat_data import ROWS_FILE, load_rows
+        the ``max_ngram`` prompt tokens before it (the answer's first tokens follow the prompt's end). ``key``: the
+        setting that gave ``path``, as errors name it."""
+        from experiments.chat_data import load_rows
 
-        file = Path(path).expanduser()
-        file = file / ROWS_FILE if file.is_dir() else file
-        if not file.is_file():
-            raise ConfigError(f"datastore={path}: no {ROWS_FILE} there; the target's answers to training chats are "
-                              "written by `python -m experiments.train_medusa target=<model> generated_source=chats "
-                              "...` (experiments.chat_data), or give such a file")
+        file = rows_file(path, key)
         try:
             rows = load_rows(file)
         except Exception as exc:  # noqa: BLE001 - an unreadable or foreign file
-            raise ConfigError(f"datastore={path}: {file} is not a chat-rows file ({exc})") from None
+            raise ConfigError(f"{key}={path}: {file} is not a chat-rows file ({exc})") from None
         before = int(kwargs.get("max_ngram", 4))
         seqs = [rows.ids[i, max(0, p - before) : n].tolist()
                 for i, (p, n) in enumerate(zip(rows.prompt_lengths.tolist(), rows.lengths.tolist()))]
         return cls(seqs, **kwargs)
 
 
+def rows_file(path: str | os.PathLike, key: str = "datastore") -> Path:
+    """The chat-rows file ``path`` names (the file, or ``rows.safetensors`` in the directory); a ConfigError naming
+    ``key`` and the command that writes one if there is none."""
+    from experiments.chat_data import ROWS_FILE
+
+    file = Path(path).expanduser()
+    file = file / ROWS_FILE if file.is_dir() else file
+    if not file.is_file():
+        raise ConfigError(f"{key}={path}: no {ROWS_FILE} there; the target's answers to training chats are "
+                          "written by `python -m experiments.train_medusa target=<model> generated_source=chats "
+                          "...` (experiments.chat_data), or give such a file")
+    return file
+
+
+def check_settings(min_ngram, min_share, key: str = "drafter.datastore") -> None:
+    """ConfigError naming ``<key>_min_ngram`` / ``<key>_min_share`` (the n-gram drafter's settings) unless
+    ``min_ngram`` is an integer >= 1 and ``min_share`` a number in [0, 1]."""
+    positive_int(min_ngram, f"{key}_min_ngram")
+    if isinstance(min_share, bool) or not isinstance(min_share, (int, float)) or not 0 <= min_share <= 1:
+        raise ConfigError(f"{key}_min_share={min_share!r}: it must be a number in [0, 1] (the least share of an "
+                          "n-gram's occurrences its drafted continuation followed)")
+
+
 @lru_cache(maxsize=4)
-def load_datastore(path: str, min_ngram: int = 3, min_share: float = 0.5) -> Datastore:
-    """:meth:`Datastore.from_chat_rows`, built once per setting (drafters and their per-row copies share it)."""
-    return Datastore.from_chat_rows(path, min_ngram=min_ngram, max_ngram=max(4, min_ngram), min_share=min_share)
+def load_datastore(path: str, min_ngram: int = 3, min_share: float = 0.5, key: str = "drafter.datastore") -> Datastore:
+    """:meth:`Datastore.from_chat_rows`, built once per setting (drafters and their per-row copies share it).
+    ``min_ngram`` and ``min_share`` are checked first (:func:`check_settings`)."""
+    check_settings(min_ngram, min_share, key)
+    return Datastore.from_chat_rows(path, key=key, min_ngram=min_ngram, max_ngram=max(4, min_ngram),
+                                    min_share=float(min_share))

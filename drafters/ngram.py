@@ -2,9 +2,11 @@
 a datastore, in text the target wrote before: :mod:`drafters.datastore`)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
-from drafters.datastore import Datastore, load_datastore
+from drafters.datastore import Datastore, check_settings, load_datastore, rows_file
 from specdec.drafting import DraftContext, Drafter
 from specdec.errors import ConfigError, positive_int
 from specdec.types import DraftTree
@@ -43,8 +45,17 @@ class NGramDrafter(Drafter):
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed = 0
         if datastore is not None and not isinstance(datastore, Datastore):
-            datastore = load_datastore(str(datastore), int(datastore_min_ngram), float(datastore_min_share))
+            datastore = load_datastore(str(datastore), datastore_min_ngram, datastore_min_share)
         self.datastore = datastore
+
+    @classmethod
+    def check_files(cls, config) -> None:
+        """A ``datastore`` path ``config`` gives holds chat rows, and its settings are in range (before any model
+        loads)."""
+        datastore = config.get("datastore")
+        if isinstance(datastore, (str, os.PathLike)):
+            check_settings(config.get("datastore_min_ngram", 3), config.get("datastore_min_share", 0.5))
+            rows_file(datastore, "drafter.datastore")
 
     @property
     def max_nodes(self) -> int:

@@ -258,7 +258,7 @@ def datastore_of(args):
     """``--datastore``'s :class:`~drafters.datastore.Datastore` (built once)."""
     from drafters.datastore import load_datastore
 
-    return load_datastore(args.datastore)
+    return load_datastore(args.datastore, key="--datastore")
 
 
 def build_methods(target, draft, medusa, args) -> list[Method]:

@@ -55,8 +55,8 @@ def build_drafter(drafter: DictConfig, models: LoadedModels, tree: Any = None) -
 
 def check_drafter_files(drafter: DictConfig) -> None:
     """Before any model loads: the checkpoint a drafter loads itself (``draft``) and the files its class checks
-    (:meth:`specdec.drafting.Drafter.check_files`: Medusa and EAGLE heads) exist, a hybrid's parts' too, each
-    error naming the setting at its place in the config."""
+    (:meth:`specdec.drafting.Drafter.check_files`: Medusa and EAGLE heads, an n-gram datastore) exist, a
+    hybrid's parts' too, each error naming the setting at its place in the config."""
     from specdec.drafting import Drafter
 
     for name, node in {"": drafter, **drafter_parts(drafter)}.items():

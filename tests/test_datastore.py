@@ -104,3 +104,31 @@ def test_chat_rows_build_it_and_bad_files_are_one_error(tmp_path):
     (tmp_path / "bad" / "rows.safetensors").write_bytes(b"not a file")
     with pytest.raises(ConfigError, match="not a chat-rows file"):
         NGramDrafter(4, datastore=str(tmp_path / "bad"))
+
+
+def test_the_drafters_datastore_errors_name_its_settings_and_come_before_any_model(tmp_path):
+    """A datastore's errors name the n-gram drafter's keys (``drafter.datastore``, ``..._min_ngram``,
+    ``..._min_share``; a hybrid's part's at its place), and ``check_files`` raises them from the config alone."""
+    from omegaconf import OmegaConf
+
+    from experiments.drafter_config import check_drafter_files
+
+    with pytest.raises(ConfigError, match=r"^drafter\.datastore=.*missing: no rows\.safetensors"):
+        NGramDrafter(4, datastore=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"^drafter\.datastore_min_ngram=0: "):
+        NGramDrafter(4, datastore=str(tmp_path), datastore_min_ngram=0)
+    for share in (1.5, -0.1, "x", True):
+        with pytest.raises(ConfigError, match=r"^drafter\.datastore_min_share=.*in \[0, 1\]"):
+            NGramDrafter(4, datastore=str(tmp_path), datastore_min_share=share)
+    with pytest.raises(ConfigError, match="^--datastore="):
+        Datastore.from_chat_rows(tmp_path, key="--datastore")
+    ngram = {"_target_": "drafters.NGramDrafter", "datastore": str(tmp_path / "missing")}
+    with pytest.raises(ConfigError, match=r"^drafter\.datastore=.*no rows\.safetensors"):
+        check_drafter_files(OmegaConf.create(ngram))
+    with pytest.raises(ConfigError, match=r"^drafter\.datastore_min_share=2"):
+        check_drafter_files(OmegaConf.create({**ngram, "datastore_min_share": 2}))
+    hybrid = OmegaConf.create({"_target_": "drafters.HybridDrafter", "first": ngram,
+                               "second": {"_target_": "drafters.NGramDrafter"}})
+    with pytest.raises(ConfigError, match=r"^drafter\.first\.datastore=.*no rows\.safetensors"):
+        check_drafter_files(hybrid)
+    check_drafter_files(OmegaConf.create({"_target_": "drafters.NGramDrafter", "datastore": None}))

@@ -35,7 +35,7 @@ from drafters.eagle_heads import (
     load_head,
 )
 from drafters.fast_decoder import PROBE_CONTEXT, forward_lm, forward_probe
-from drafters.head_files import check_default_dir, read_config
+from drafters.head_files import HeadsPlace, heads_place
 from drafters.tree_drafter import TreeDrafter, flag_of
 from drafters.tree_expansion import TreeFeed
 from specdec.batch_drafting import PerRowDrafters
@@ -120,14 +120,14 @@ class EagleDrafter(TreeDrafter):
         self.fast_forward = flag_of(fast_forward, "drafter.fast_forward")
         self._head: EagleHead | None = None
         self.heads_dir: Path | None = None
-        self._zoo = (zoo_size, cache_dir) if heads is None else None  # the default directory: name its command
+        self._place: HeadsPlace | None = None
         if isinstance(heads, EagleHead):
             if self.version is not None and heads.version != self.version:
                 raise EagleHeadError(f"drafter.version={self.version} but the head given is an {heads.version} head")
             self._head = heads
         elif heads is None or isinstance(heads, (str, os.PathLike)):
-            self.heads_dir = Path(heads).expanduser() if heads else default_heads_dir(self.version or "eagle2",
-                                                                                       zoo_size, cache_dir)
+            self._place = place_of(heads, self.version, zoo_size, cache_dir)
+            self.heads_dir = self._place.directory
             if self.heads_dir.exists():
                 self._head = load_head(self.heads_dir, self.version)
         else:
@@ -150,19 +150,17 @@ class EagleDrafter(TreeDrafter):
     def check_files(cls, config) -> None:
         """The head directory ``config`` names (``heads``; null: the ``zoo_size`` pair's default of ``version``)
         holds an EAGLE head: the missing-head error, with the command that trains it, otherwise."""
-        heads, version = config.get("heads"), config.get("version") or "eagle2"
-        if not heads:  # as the constructor: null (or empty) is the zoo pair's default directory
-            zoo = (config.get("zoo_size", "default"), config.get("cache_dir"))
-            check_default_dir(FILES, default_heads_dir(version, *zoo), *zoo, extra=f"version={version}")
-        elif isinstance(heads, (str, os.PathLike)):
-            read_config(FILES, Path(heads).expanduser(), how_to_train(version))
+        heads, version = config.get("heads"), config.get("version")
+        if heads is None or isinstance(heads, (str, os.PathLike)):
+            place = place_of(heads, version, config.get("zoo_size", "default"), config.get("cache_dir"))
+            place.check(FILES, how_to_train(version or "eagle2"))
 
     @property
     def head(self) -> EagleHead:
         """The loaded head (loads a directory that appeared since construction; else raises)."""
         if self._head is None:
-            if self._zoo is not None:
-                check_default_dir(FILES, self.heads_dir, *self._zoo, extra=f"version={self.version or 'eagle2'}")
+            if self._place.zoo is not None:
+                self._place.check(FILES, how_to_train(self.version or "eagle2"))
             self._head = load_head(self.heads_dir, self.version)
         return self._head
 
@@ -307,6 +305,14 @@ class EagleRows(PerRowDrafters):
     def before_row(self, row: int, drafter: EagleDrafter, positions: int) -> None:
         if self._batch is not None:
             drafter._handed = self._batch[row, :positions]  # [positions, 3H]
+
+
+def place_of(heads, version: str | None, zoo_size: str = "default", cache_dir=None) -> HeadsPlace:
+    """Where an EAGLE drafter of ``version`` (None: eagle2) reads its head: ``heads``, or for null the embedded
+    ``zoo_size`` pair's default directory of that version."""
+    version = version or "eagle2"
+    return heads_place(heads, lambda size, cache: default_heads_dir(version, size, cache), zoo_size, cache_dir,
+                       extra=f"version={version}")
 
 
 def _probe(head: EagleHead, fast: bool):

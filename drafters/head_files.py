@@ -178,6 +178,33 @@ def check_default_dir(fmt: HeadFormat, directory: Path, zoo_size: str, cache_dir
                       zoo_training_command(fmt, zoo_size, cache_dir, extra))
 
 
+@dataclass(frozen=True)
+class HeadsPlace:
+    """Where a drafter reads its heads: ``directory``, and for the embedded pair's default directory (``heads``
+    null or empty) the pair it belongs to, ``zoo`` = (``zoo_size``, ``cache_dir``), so that a missing default
+    names the exact command that trains it (``extra``: that command's other options, e.g. ``version=eagle3``)."""
+
+    directory: Path
+    zoo: tuple | None = None
+    extra: str = ""
+
+    def check(self, fmt: HeadFormat, how: str) -> None:
+        """Raise ``fmt``'s missing-heads error now if the heads are not there: for the default directory its
+        training command (:func:`check_default_dir`), else :func:`read_config`'s errors (``how``: how to train)."""
+        if self.zoo is not None:
+            check_default_dir(fmt, self.directory, *self.zoo, extra=self.extra)
+        else:
+            read_config(fmt, self.directory, how)
+
+
+def heads_place(heads, default, zoo_size: str = "default", cache_dir=None, extra: str = "") -> HeadsPlace:
+    """The :class:`HeadsPlace` of a drafter's ``heads`` setting (a directory; null or empty: ``default(zoo_size,
+    cache_dir)``, the embedded ``zoo_size`` pair's heads directory), as its constructor and ``check_files`` read it."""
+    if heads:
+        return HeadsPlace(Path(heads).expanduser())
+    return HeadsPlace(default(zoo_size, cache_dir), (zoo_size, cache_dir), extra)
+
+
 def read_config(fmt: HeadFormat, directory: str | os.PathLike, how: str) -> dict:
     """The parsed config of a heads directory (``fmt.error`` if absent, unreadable or of another format)."""
     directory = Path(directory).expanduser()

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
-from drafters.head_files import check_default_dir
+from drafters.head_files import HeadsPlace, heads_place
 from drafters.medusa_heads import (
     FILES,
+    HOW_TO_TRAIN,
     MedusaHeads,
     MedusaHeadsError,
     check_target,
     default_heads_dir,
     load_heads,
     read_eval,
-    read_heads_config,
 )
 from specdec.drafting import DraftContext, Drafter, StepShape
 from specdec.errors import ConfigError, positive_int
@@ -115,14 +115,15 @@ class MedusaDrafter(Drafter):
         self.tree_arg = load_preset(tree) if tree is not None else None  # checked now, pruned once heads are known
         self._heads: MedusaHeads | None = None
         self.heads_dir: Path | None = None
-        self._zoo = (zoo_size, cache_dir) if heads is None else None  # the default directory: name its command
+        self._place: HeadsPlace | None = None
         if isinstance(heads, MedusaHeads):
             if self.num_heads_arg is not None and self.num_heads_arg > heads.num_heads:
                 raise MedusaHeadsError(f"drafter.num_heads={self.num_heads_arg} but the heads have only "
                                        f"{heads.num_heads}: use drafter.num_heads<={heads.num_heads}")
             self._heads = heads.eval()
         elif heads is None or isinstance(heads, (str, os.PathLike)):
-            self.heads_dir = Path(heads).expanduser() if heads else default_heads_dir(zoo_size, cache_dir)
+            self._place = heads_place(heads, default_heads_dir, zoo_size, cache_dir)
+            self.heads_dir = self._place.directory
             if self.heads_dir.exists():
                 self._heads = load_heads(self.heads_dir, self.num_heads_arg)
         else:
@@ -138,18 +139,16 @@ class MedusaDrafter(Drafter):
         """The heads directory ``config`` names (``heads``; null: the ``zoo_size`` pair's default) holds Medusa
         heads: the missing-heads error, with the command that trains them, otherwise."""
         heads = config.get("heads")
-        if not heads:  # as the constructor: null (or empty) is the zoo pair's default directory
-            zoo = (config.get("zoo_size", "default"), config.get("cache_dir"))
-            check_default_dir(FILES, default_heads_dir(*zoo), *zoo)
-        elif isinstance(heads, (str, os.PathLike)):
-            read_heads_config(Path(heads).expanduser())
+        if heads is None or isinstance(heads, (str, os.PathLike)):
+            place = heads_place(heads, default_heads_dir, config.get("zoo_size", "default"), config.get("cache_dir"))
+            place.check(FILES, HOW_TO_TRAIN)
 
     @property
     def heads(self) -> MedusaHeads:
         """The loaded heads (loads a directory that appeared since construction; else raises)."""
         if self._heads is None:
-            if self._zoo is not None:
-                check_default_dir(FILES, self.heads_dir, *self._zoo)
+            if self._place.zoo is not None:
+                self._place.check(FILES, HOW_TO_TRAIN)
             self._heads = load_heads(self.heads_dir, self.num_heads_arg)
         return self._heads
 

@@ -216,9 +216,13 @@ def test_missing_heads_fail_before_any_model_loads(case, tmp_path, monkeypatch, 
 
 
 def test_empty_heads_mean_the_default_directory_as_for_the_drafter(tmp_path):
-    """``check_files`` reads ``heads`` as the constructor does: empty is the zoo pair's default directory."""
+    """``check_files`` reads ``heads`` as the constructor does: empty is the zoo pair's default directory, and the
+    drafter built with it names the command that trains that directory's heads (it named none for empty)."""
     from drafters import MedusaDrafter
 
-    for drafter in (EagleDrafter, MedusaDrafter):
-        with pytest.raises(SpecDecError, match=f"no .* at '{tmp_path}/.*zoo-micro'.*zoo_size=micro"):
+    for drafter, loaded in ((EagleDrafter, "head"), (MedusaDrafter, "heads")):
+        missing = f"no .* at '{tmp_path}/.*zoo-micro'.*zoo_size=micro cache_dir={tmp_path}`"
+        with pytest.raises(SpecDecError, match=missing):
             drafter.check_files({"heads": "", "zoo_size": "micro", "cache_dir": str(tmp_path)})
+        with pytest.raises(SpecDecError, match=missing):
+            getattr(drafter(heads="", zoo_size="micro", cache_dir=str(tmp_path)), loaded)

@@ -312,6 +312,36 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+#: Options only the batch-1 table reads (given with ``--batch-sizes`` they would change nothing), as
+#: (flag, whether ``args`` sets it); and those only ``--batch-sizes`` tables read.
+BATCH_1_ONLY = (("--attn-backend", lambda a: a.attn_backend != "sdpa"), ("--fuse-projections", lambda a: a.fuse_projections),
+                ("--trees", lambda a: a.trees), ("--verify-curve", lambda a: a.verify_curve),
+                ("--hf-compile", lambda a: a.hf_compile), ("--no-hf-dynamic", lambda a: not a.hf_dynamic))
+BATCHED_ONLY = (("--eagle", lambda a: a.eagle), ("--hybrid", lambda a: a.hybrid))
+
+
+def check_flags(args) -> None:
+    """One error for options the chosen table would ignore (a user would read a table without the rows they asked
+    for, or the embedded pair's draft measured as theirs): ``--draft`` without ``--target``, ``--target``/``--draft``
+    with ``--synthetic``, batch-1 options with ``--batch-sizes`` and batched ones without it, ``--backends`` and
+    ``--context`` without ``--verify-curve``."""
+    if args.synthetic and (args.target or args.draft):
+        raise SpecDecError("--synthetic builds its own random target and layer-truncated self-draft: drop --target "
+                           "and --draft, or drop --synthetic")
+    if args.draft and not args.target:
+        raise SpecDecError(f"--draft {args.draft} needs --target: without it the embedded pair (--size "
+                           f"{args.size}) runs with its own draft; give the target directory the draft belongs to")
+    given = [flag for flag, is_set in (BATCH_1_ONLY if args.batch_sizes else BATCHED_ONLY) if is_set(args)]
+    if given and args.batch_sizes:
+        raise SpecDecError(f"{', '.join(given)} apply to the batch-1 table (its --compile rows for --attn-backend and "
+                           "--fuse-projections): drop them with --batch-sizes, or run them without it")
+    if given:
+        raise SpecDecError(f"{', '.join(given)} apply to the --batch-sizes tables: add --batch-sizes, or drop them")
+    unused = [flag for flag, value in (("--backends", args.backends), ("--context", args.context)) if value]
+    if unused and not args.verify_curve:
+        raise SpecDecError(f"{', '.join(unused)} set the --verify-curve timing: add --verify-curve, or drop them")
+
+
 @cli.guard()
 def main(argv=None) -> int:
     if any(a == "--model" or a.startswith("--model=") for a in (sys.argv[1:] if argv is None else argv)):  # the suite
@@ -323,9 +353,7 @@ def main(argv=None) -> int:
         from verifier.availability import usable_backends
 
         args.backends = usable_backends(args.backends, args.device)
-    if args.batch_sizes and (args.attn_backend != "sdpa" or args.fuse_projections):
-        raise SpecDecError("--attn-backend and --fuse-projections apply to the batch-1 table's --compile rows: "
-                           "drop them with --batch-sizes")
+    check_flags(args)
     if args.attn_backend != "sdpa":
         from verifier.availability import check_attn_backend
 

@@ -106,7 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=cli.int_at_least(1), default=2)
     p.add_argument("--json", type=cli.output_file, help="write raw results here")
     p.add_argument("--markdown", type=cli.output_file, help="write the Markdown tables here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.merge and not args.hybrid:  # it would add no row
+        p.error("--merge merges the --hybrid rows' trees: add --hybrid N, or drop --merge")
+    return args
 
 
 # --------------------------------------------------------------------------- inputs

@@ -100,7 +100,7 @@ fi
 if [ "$MODE" = pair ]; then  # the embedded pair compiled and captured, with the kernel (about 4 minutes)
   stage build_zoo 150 python3 -m experiments.build_zoo size=default logger=none hydra.run.dir="$W/build_zoo"
   stage bench_zoo_inductor "${BENCH_S:-150}" python3 -m experiments.bench --device cuda --prompts 4 \
-    --max-new-tokens 64 --ks 2,4 --reps 3 --compile inductor --attn-backend triton --context 512 --hf-compile \
+    --max-new-tokens 64 --ks 2,4 --reps 3 --compile inductor --attn-backend triton --hf-compile \
     --markdown "$W/bench_zoo_inductor.md" --json "$W/bench_zoo_inductor.json"
   stage decode_inductor 60 python3 -m experiments.decode logger=none model.device=cuda num_prompts=5 \
     max_new_tokens=64 compile=inductor attn_backend=triton hydra.run.dir="$W/decode_inductor"

@@ -123,6 +123,31 @@ def test_the_batch_table_refuses_the_compile_rows_flags(capsys):
     assert "drop them with --batch-sizes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--draft", "/my/draft"], "--draft /my/draft needs --target"),
+    (["--synthetic", "llama-micro", "--target", "/t"], "--synthetic builds its own"),
+    (["--batch-sizes", "2", "--trees", "nosuchtree", "--hf-compile"], "--trees, --hf-compile apply to the batch-1"),
+    (["--batch-sizes", "2", "--verify-curve"], "--verify-curve apply to the batch-1"),
+    (["--batch-sizes", "2", "--no-hf-dynamic"], "--no-hf-dynamic apply to the batch-1"),
+    (["--eagle", "/heads", "--hybrid", "2"], "--eagle, --hybrid apply to the --batch-sizes tables: add --batch-sizes"),
+    (["--context", "512"], "--context set the --verify-curve timing: add --verify-curve"),
+    (["--model", "smollm2", "--merge"], "--merge merges the --hybrid rows' trees: add --hybrid N"),
+])
+def test_options_the_chosen_table_would_ignore_are_one_error(argv, says, capsys):
+    """An option the chosen table never reads (the embedded pair's draft measured where the user named theirs, a
+    batch-1 row asked of the batched table, a batched row of the batch-1 table) is one error line before anything
+    loads, not a table without it."""
+    from experiments import bench
+
+    try:
+        status = bench.main(argv)
+    except SystemExit as exit_:  # argparse's own checks exit
+        status = exit_.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1
+
+
 def test_a_chains_efficiency_is_taken_per_prompt_against_its_own_forwards():
     """Three prompts of 32 tokens, each decoded exactly as fast as its forwards cost (tau 2, 2 and 8; efficiency 1.0
     on each): the row says 1.00 on every prompt. A prediction from the mean tau over prompts (4.0, raised by the one

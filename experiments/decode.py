@@ -239,7 +239,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         writer.write_summary(summarize("running"))
         guarded.log_config(config)
         guarded.log_resumed(previous.records)
-        warm_up(decoders, encoded, cfg)
+        if warmed := warm_up(decoders, encoded, cfg):
+            extra["warmup_time_compile"] = warmed
         pending = [(i, p) for i, p in enumerate(encoded) if p.question_id not in previous.done]  # resumed: the rest
         bar = tqdm(total=len(pending), desc="decoding", unit="prompt", file=sys.stderr)
 
@@ -305,16 +306,20 @@ def backfill_logger(cfg: DictConfig, run_dir: Path, summary: dict, logger: Logge
     return summary
 
 
-def warm_up(decoders: dict, encoded: list[EncodedPrompt], cfg: DictConfig) -> None:
+def warm_up(decoders: dict, encoded: list[EncodedPrompt], cfg: DictConfig) -> dict[str, float]:
     """``cfg.warmup`` untimed generations per method: of the first prompt, or with ``batch_size > 1`` one
-    batch of the first prompts (the batched path's first calls are not the batch-1 loop's)."""
+    batch of the first prompts (the batched path's first calls are not the batch-1 loop's). Returns the seconds
+    each method spent in them compiling or capturing its step (``compile != none``; where it did)."""
     first = [p.input_ids for p in encoded[: cfg.batch_size]]
+    compiled = dict.fromkeys(decoders, 0.0)
     for _ in range(cfg.warmup):
-        for decoder, _ in decoders.values():
+        for method, (decoder, _) in decoders.items():
             if cfg.batch_size > 1:
-                decoder.generate_batch(first, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                out = decoder.generate_batch(first, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
             else:
-                decoder.generate(first[0], max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                out = decoder.generate(first[0], max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+            compiled[method] += getattr(out.stats, "time_compile", 0.0) or 0.0
+    return {method: seconds for method, seconds in compiled.items() if seconds}
 
 
 def _device_of(model: Any) -> Any:

@@ -301,10 +301,12 @@ def format_table(summary: dict) -> str:
     if spec.get("steps_by_source"):  # a drafter of several parts (drafter=hybrid)
         lines.append("steps drafted by: " + ", ".join(f"{k} {v}" for k, v in spec["steps_by_source"].items())
                      + f" (of {spec['target_forwards']} steps)")
-    compiled = {name: metrics[name]["time_compile"] for name in (SPECULATIVE, BASELINE)
-                if metrics.get(name, {}).get("time_compile")}
-    if compiled:  # compile=inductor|graph: compiling is not decoding
-        lines.append("compiling the step (not in tok/s): " + ", ".join(f"{k} {v:.1f} s" for k, v in compiled.items()))
+    warm = summary.get("warmup_time_compile") or {}  # the warm-up decodes' (they compile first, at warmup >= 1)
+    compiled = {name: (metrics.get(name, {}).get("time_compile") or 0.0) + warm.get(name, 0.0)
+                for name in (SPECULATIVE, BASELINE)}
+    if any(compiled.values()):  # compile=inductor|graph: compiling is not decoding
+        lines.append(f"compiling the step (not in tok/s{'; warm-up included' if warm else ''}): "
+                     + ", ".join(f"{k} {v:.1f} s" for k, v in compiled.items() if v))
     if metrics.get("matches_baseline") is not None:
         lines.append(f"matches baseline: {metrics['matches_baseline']}")
     elif "matches_baseline" in metrics:  # sampled: the two outputs differ by design, token equality means nothing

@@ -218,19 +218,29 @@ def test_drafts_accepted_past_eos_are_not_counted(path):
 
 
 def test_warm_up_runs_the_path_the_run_times():
-    """batch_size > 1 warms the batched loop on the first batch (its first calls are not generate()'s)."""
+    """batch_size > 1 warms the batched loop on the first batch (its first calls are not generate()'s), and the
+    seconds the warm-up spent compiling are returned per method (they are the run's compile time: with
+    ``warmup >= 1`` the timed decodes find the step compiled)."""
     from types import SimpleNamespace
 
     from experiments.decode import warm_up
 
     calls = []
-    fake = SimpleNamespace(generate=lambda ids, **kw: calls.append(("one", ids.shape[1])),
-                           generate_batch=lambda rows, **kw: calls.append(("batch", len(rows))))
+
+    def out(compile_s):
+        return SimpleNamespace(stats=SimpleNamespace(time_compile=compile_s))
+
+    fake = SimpleNamespace(generate=lambda ids, **kw: calls.append(("one", ids.shape[1])) or out(2.5),
+                           generate_batch=lambda rows, **kw: calls.append(("batch", len(rows))) or out(1.0))
+    eager = SimpleNamespace(generate=lambda ids, **kw: out(0.0))
     encoded = [SimpleNamespace(input_ids=torch.zeros(1, n, dtype=torch.long)) for n in (3, 4, 5)]
     for size, expected in ((1, [("one", 3)]), (2, [("batch", 2)]), (8, [("batch", 3)])):
         calls.clear()
         warm_up({"speculative": (fake, None)}, encoded, SimpleNamespace(warmup=1, batch_size=size, max_new_tokens=4, seed=0))
         assert calls == expected, size
+    compiled = warm_up({"speculative": (fake, None), "baseline": (eager, None)}, encoded,
+                       SimpleNamespace(warmup=2, batch_size=1, max_new_tokens=4, seed=0))
+    assert compiled == {"speculative": 5.0}  # both warm-ups' seconds; an eager method's none
 
 
 def test_a_rows_latency_counts_its_own_prefill(monkeypatch):

@@ -301,6 +301,9 @@ def test_summary_table_states_compile_time_apart():
     table = format_table({"metrics": {"speculative": row, "baseline": {**row, "time_compile": 0.0}}})
     assert "compiling the step (not in tok/s): speculative 30.0 s" in table and "baseline 0" not in table
     assert "compiling" not in format_table({"metrics": {"baseline": {**row, "time_compile": 0.0}}})
+    warmed = format_table({"metrics": {"speculative": {**row, "time_compile": 0.0}, "baseline": {**row, "time_compile": 0.0}},
+                           "warmup_time_compile": {"speculative": 164.9, "baseline": 28.9}})
+    assert "compiling the step (not in tok/s; warm-up included): speculative 164.9 s, baseline 28.9 s" in warmed
     assert "steps not split (fixed-shape step)" in table  # no phase was timed: no made-up 0% shares
     timed = DecodeStats(new_tokens=4, target_forwards=2, time_verify=0.5, time_total=1.0)
     table = format_table({"metrics": {"baseline": {**timed.to_dict(), "time_split": time_split(timed)}}})

@@ -182,8 +182,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     check_drafter_files(cfg.drafter)  # so do a missing draft checkpoint or heads directory (a hybrid's part's too)
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)
-    if cfg.batch_size > 1:
-        batch_rule(rule)  # a rule with no batched form fails here, before any model loads
+    if cfg.batch_size > 1 or cfg.compile != "none":
+        batch_rule(rule)  # a rule with no batched form (which the fixed-shape step needs too) fails before any load
     check_attn_backend(cfg.attn_backend, target_device(cfg.model))
     if not auto_widths(cfg):  # a bad width list fails before any model loads too
         check_widths(cfg.get("verify_widths"))

@@ -50,9 +50,10 @@ def batch_rule(rule):
         return batch_rejection
     if kind is TypicalAcceptance:
         return lambda tree, logits, sampling, rng: batch_typical(tree, logits, sampling, rng, rule.epsilon, rule.delta)
-    raise SpecDecError(f"acceptance rule {kind.__qualname__} ({rule.name!r}) has no batched form (only the built-in "
-                       "greedy, rejection and typical have one); decode with batch_size=1 (generate(), one prompt at "
-                       "a time) or use a built-in rule")
+    raise SpecDecError(f"acceptance rule {kind.__qualname__} ({rule.name!r}) has no batched form, which batches and "
+                       "the fixed-shape step need (only the built-in greedy, rejection and typical have one); decode "
+                       "with batch_size=1 and compile=none (generate()'s eager loop, one prompt at a time) or use a "
+                       "built-in rule")
 
 
 def check_batch(decoder, prompts, max_new_tokens, seed, seeds) -> tuple[list[list[int]], list[int], list[int]]:

@@ -305,6 +305,9 @@ HERE = "tests.test_extending"
      "TwoArguments: __call__ must take (tree, logits, sampling, rng)"),
     ({"acceptance/mine.yaml": f"_target_: {HERE}.TopM\n"}, ["acceptance=mine", "batch_size=2"],
      "TopM ('TopM') has no batched form"),
+    ({"acceptance/mine.yaml": f"_target_: {HERE}.TopM\n"}, ["acceptance=mine", "compile=static"],
+     ("TopM ('TopM') has no batched form, which batches and the fixed-shape step need (only the built-in greedy, "
+      "rejection and typical have one); decode with batch_size=1 and compile=none")),
     ({"logger/mine.yaml": "_target_: experiments.loggers.WandbLogger\nprojct: x\n"}, ["logger=mine"],
      "logger.projct: experiments.loggers.WandbLogger takes no argument 'projct'; did you mean logger.project?"),
     ({"drafter/mine.yaml": f"_target_: {HERE}.Repeat\nnum_speculative_tokens: two\n"}, ["drafter=mine"],
@@ -312,7 +315,7 @@ HERE = "tests.test_extending"
     ({"acceptance/mine.yaml": f"_target_: {HERE}.TopM\nm: 2\nstrict: nope\n"}, ["acceptance=mine"],
      "acceptance.strict='nope': give true or false (TopM's strict is annotated bool)"),
 ], ids=["argument_typo", "target_typo", "abstract", "rule_argument_typo", "rule_signature", "rule_in_a_batch",
-        "logger_argument_typo", "argument_type", "rule_argument_type"])
+        "rule_compiled", "logger_argument_typo", "argument_type", "rule_argument_type"])
 def test_a_config_file_of_ones_own_fails_before_any_model_loads(files, overrides, fragment, tmp_path, monkeypatch,
                                                                  capsys):
     """The mistakes a config file alone shows are one line before the models load (on a fresh machine, before the

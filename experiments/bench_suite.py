@@ -287,16 +287,24 @@ def build_methods(target, draft, medusa, args) -> list[Method]:
 
 
 def drafter_costs(target, methods: dict, context: int) -> dict[str, float]:
-    """Per drafter: seconds of one draft forward (one token; Medusa: one call of all heads) / one target forward."""
-    from experiments.cost_measure import measure_run_costs
+    """Per drafter: seconds of one draft forward (one token; Medusa: one call of all heads) / one target forward.
+
+    Width 1 only, the target's and a draft model's forwards timed together (round robin, cached as every cost
+    curve): the target's whole width curve, which this ratio does not read, took most of a run's time where a
+    busy machine made it look implausible (measured twice, never cached, again for every drafter)."""
+    from experiments.cost_measure import cost_curves, time_probe
 
     out = {}
     for name, drafter in methods.items():
         shape = drafter.step_shape(target)
-        if shape.draft_model is None and shape.draft_probe is None:
+        requests = [(target, context, (1,))]
+        if shape.draft_probe is None and shape.draft_model is not None:  # a probe times the draft as it runs
+            requests.append((shape.draft_model, context, (1,)))
+        elif shape.draft_probe is None:
             continue
-        costs = measure_run_costs(target, shape, context)
-        out[name] = costs["draft"][1] / costs["target"][1]
+        curves = [curve for curve, _ in cost_curves(requests)]
+        draft = time_probe(shape.draft_probe) if shape.draft_probe is not None else curves[1][1]
+        out[name] = draft / curves[0][1]
     return out
 
 

@@ -119,3 +119,30 @@ def test_an_unknown_model_is_named_before_other_flags(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: argument --model: unknown pretrained model 'nosuchmodel'; choose one of ['smollm2']")
     assert err.count("\n") == 1
+
+
+def test_draft_cost_ratios_time_width_one_only(monkeypatch):
+    """``drafter_costs`` divides one draft forward (a probe's call where the drafter has one) by one target forward
+    and asks for width 1 only: the target's whole width curve (15 widths, measured twice and never cached where
+    a busy machine made it look implausible, again per drafter) took most of a suite run's time."""
+    from types import SimpleNamespace
+
+    import experiments.cost_measure as cost_measure
+    from experiments.bench_suite import drafter_costs
+
+    asked = []
+
+    def curves(requests, *args, **kwargs):
+        asked.append([(model, widths) for model, _, widths in requests])
+        return [({1: 0.01 if model == "target" else 0.004}, False) for model, _, _ in requests]
+
+    monkeypatch.setattr(cost_measure, "cost_curves", curves)
+    monkeypatch.setattr(cost_measure, "time_probe", lambda probe: probe())
+
+    def drafter(model=None, probe=None):
+        return SimpleNamespace(step_shape=lambda target: SimpleNamespace(draft_model=model, draft_probe=probe))
+
+    methods = {"draft": drafter(model="draft"), "heads": drafter(probe=lambda: 0.002), "lookup": drafter()}
+    ratios = drafter_costs("target", methods, context=64)
+    assert ratios == pytest.approx({"draft": 0.4, "heads": 0.2})  # a lookup runs no model: no ratio
+    assert asked == [[("target", (1,)), ("draft", (1,))], [("target", (1,))]]

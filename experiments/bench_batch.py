@@ -139,6 +139,14 @@ def _compiled(name: str) -> bool:
     return name.endswith(("_inductor", "_graph"))
 
 
+def same_batching(name: str, compile: str = "none") -> str:
+    """The AR row batched (and compiled) as method ``name`` is: ``ours_ar_continuous`` for a continuous method,
+    ``ours_ar_<compile>`` for a fixed-shape one, else ``ours_ar``."""
+    if name.endswith(CONTINUOUS):
+        return "ours_ar" + CONTINUOUS
+    return f"ours_ar_{compile}" if compile != "none" and name.endswith(f"_{compile}") else "ours_ar"
+
+
 def _groups(name: str, prompts: list, size: int) -> list[tuple[list, tuple]]:
     """A method's calls at batch size ``size``: (prompts, extra arguments) per call."""
     if name.endswith(CONTINUOUS):
@@ -153,7 +161,7 @@ def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: lis
     """One row per (batch size, method): aggregate tokens/s, speedups, tau (ours), and whether every row
     equals HF greedy. ``vs_ours_ar``: over our AR loop in groups; ``vs_ours_ar_same_batching``: over our AR loop
     batched the same way (a continuous method over ``ours_ar_continuous``, whose own row shows what continuous
-    batching alone gains), so speculation's gain is not credited with the scheduling's. ``vs_ours_ar_reps``: the
+    batching alone gains; a fixed-shape ``*_<compile>`` one over ``ours_ar_<compile>``), so speculation's gain is not credited with the scheduling's. ``vs_ours_ar_reps``: the
     speedup over our AR loop in groups within each rep (the method's and the loop's summed seconds of that rep),
     so a machine whose speed drifts between reps shows as spread, not as a biased ratio."""
     with torch.inference_mode():
@@ -169,7 +177,7 @@ def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: lis
         tps = {name: sum(len(n) for n in new[name]) / seconds[name] for name in table}
         for name in table:
             paired = [a / b for a, b in zip(per_rep["ours_ar"], per_rep[name])]  # same tokens: a time ratio
-            same = "ours_ar" + CONTINUOUS if name.endswith(CONTINUOUS) else "ours_ar"
+            same = same_batching(name, compile)
             rows.append({"batch_size": size, "method": name, "tokens_per_s": tps[name],
                          "vs_hf_batched": tps[name] / tps["hf_plain"], "vs_ours_ar": tps[name] / tps["ours_ar"],
                          "vs_ours_ar_same_batching": tps[name] / tps[same], "vs_ours_ar_reps": paired,

@@ -242,3 +242,16 @@ def test_sampled_trees_drafted_per_row_equal_their_batch_one_runs_with_refill(se
         single = SpeculativeDecoder(target, make(), "rejection", sampling).generate(ids, limits[i], seed=5 + i)
         assert out.sequences[i].tolist() == single.sequences.tolist(), f"row {i}"
         assert out.row_stats[i].accepted_per_step == single.stats.accepted_per_step, f"row {i}"
+
+
+def test_each_method_is_set_against_the_ar_loop_batched_and_compiled_its_way():
+    """``vs_ours_ar_same_batching``'s reference: a continuous method's is ``ours_ar_continuous``, a fixed-shape
+    method's (``--compile static``: ``ours_chain_k2_static``) ``ours_ar_static`` (it was the eager ``ours_ar``, so a
+    compiled chain's gain over the compiled AR step had to be worked out by hand), any other's ``ours_ar``."""
+    from experiments.bench_batch import same_batching
+
+    assert same_batching("ours_chain_k2_continuous", "static") == "ours_ar_continuous"
+    assert same_batching("ours_chain_k2_static", "static") == "ours_ar_static"
+    assert same_batching("ours_ar_inductor", "inductor") == "ours_ar_inductor"
+    assert same_batching("ours_chain_k2", "static") == "ours_ar"
+    assert same_batching("ours_chain_k2_static") == "ours_ar"  # no compile: no compiled rows

@@ -159,9 +159,12 @@ def verify_widths(option: str | None, target, prompts: list, max_new: int, notes
         return ()
     if option != "auto":
         try:
-            return tuple(int(w) for w in option.split(","))
+            widths = tuple(int(w) for w in option.split(","))
         except ValueError:
-            raise SpecDecError(f"--verify-widths {option!r}: give auto or comma-separated widths, e.g. 4,5,8") from None
+            widths = ()
+        if not widths or min(widths) < 1:
+            raise SpecDecError(f"--verify-widths {option!r}: give auto or comma-separated widths >= 1, e.g. 4,5,8")
+        return widths
     from experiments.cost_measure import cost_curve, implausible, run_context
     from experiments.costs import cheap_widths
 

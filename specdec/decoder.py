@@ -205,7 +205,8 @@ class SpeculativeDecoder:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise SpecDecError("input_ids must be a LongTensor of shape [1, T] (e.g. tokenizer(text, return_tensors='pt').input_ids)")
         if input_ids.shape[0] != 1:
-            raise SpecDecError(f"input_ids has batch size {input_ids.shape[0]}; this decoder runs batch 1: loop over prompts")
+            raise SpecDecError(f"input_ids has batch size {input_ids.shape[0]}: give one prompt, [1, T] (several: "
+                               "generate_batch([prompt, ...]) with a [1, T_i] tensor each)")
         if input_ids.shape[1] == 0:
             raise SpecDecError("empty prompt: input_ids has no tokens; give at least one token (e.g. the BOS token)")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:

@@ -56,8 +56,16 @@ def test_empty_prompt():
 
 
 def test_batch_and_dtype_checked():
-    with pytest.raises(SpecDecError, match="batch size 2"):
+    with pytest.raises(SpecDecError, match=r"batch size 2: give one prompt, \[1, T\] \(several: generate_batch"):
         _decoder().generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=4)
+    with pytest.raises(SpecDecError, match="batch size 2: give one prompt"):  # a row of generate_batch's list
+        _decoder().generate_batch([torch.zeros(2, 3, dtype=torch.long)], max_new_tokens=4)
+    from experiments.bench_drafters import verify_widths
+
+    for bad in ("0", "4,0", "a,b", ","):
+        with pytest.raises(SpecDecError, match=r"^--verify-widths .*: give auto or comma-separated widths >= 1"):
+            verify_widths(bad, None, [], 4, [])
+    assert verify_widths("8,4", None, [], 4, []) == (8, 4)
     with pytest.raises(SpecDecError, match="LongTensor"):
         _decoder().generate(torch.zeros(1, 3), max_new_tokens=4)
 

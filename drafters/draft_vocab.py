@@ -27,11 +27,14 @@ from specdec.models import text_config
 def frequent_tokens(sources: Iterable[torch.Tensor | None], size: int, vocab: int, always: Iterable[int] = ()) -> torch.Tensor:
     """The ``size`` most frequent token ids over ``sources`` (each a tensor of ids, e.g. ``[R, T]`` rows;
     None is skipped), every source weighted equally (its counts normalised), plus ``always`` (EOS),
-    ascending ``[Vd]``. Ties go to the lower id."""
+    ascending ``[Vd]``. Ties go to the lower id. Ids outside ``[0, vocab)`` (padding such as -100) are not
+    counted."""
     freq = torch.zeros(vocab, dtype=torch.float64)
     for ids in sources:
-        if ids is not None and ids.numel():
-            counts = torch.bincount(ids.reshape(-1).long().clamp(0, vocab - 1), minlength=vocab).double()
+        flat = ids.reshape(-1).long() if ids is not None else torch.empty(0, dtype=torch.long)  # [n]
+        flat = flat[(flat >= 0) & (flat < vocab)]
+        if flat.numel():
+            counts = torch.bincount(flat, minlength=vocab).double()  # [vocab]
             freq += counts / counts.sum()
     keep = [int(t) for t in always if 0 <= int(t) < vocab]
     freq[keep] = float("inf")

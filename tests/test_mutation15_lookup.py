@@ -353,6 +353,10 @@ def test_ids_and_always_ids_outside_the_vocabulary_do_not_break_the_ranking():
     assert frequent_tokens([rows], 2, 10, always=[-1, 10]).tolist() == [5, 6]
     ids = frequent_tokens([torch.tensor([[3, 3, 12]])], 2, 10)
     assert 3 in ids.tolist() and ids.numel() == 2 and check_ids(ids, 10) is None
+    # padding outside the vocabulary is not counted (it was clamped onto ids 0 and vocab - 1, ranking them first)
+    padded = torch.tensor([[4, 4, 7, -100, -100, -100, 12, 12, 12]])
+    assert frequent_tokens([padded], 2, 10).tolist() == [4, 7]
+    assert frequent_tokens([torch.tensor([[-100, 12]]), torch.tensor([[2]])], 1, 10).tolist() == [2]
 
 
 def test_empty_negative_or_wrongly_sized_draft_vocabularies_are_refused_with_their_reason():

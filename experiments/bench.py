@@ -47,7 +47,7 @@ import torch
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from drafters.fast_decoder import lean_probe
 from experiments import cli
-from experiments.bench_inputs import load_pair, load_prompt_ids
+from experiments.bench_inputs import check_flags, load_pair, load_prompt_ids
 from experiments.bench_methods import (
     Method,
     decode_run,
@@ -64,7 +64,6 @@ from experiments.bench_output import command_line, exit_status, machine_line, ma
 from experiments.captured_costs import floor_line, static_costs
 from experiments.cost_measure import draft_cost_note, implausible, measure_costs, measure_interleaved
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
-from specdec.errors import SpecDecError
 from specdec.models import DTYPES
 from specdec.static_shape import COMPILE_MODES
 from verifier.fused_projections import fused_copy
@@ -247,6 +246,9 @@ def _linear_variants(target) -> dict:
     return variants
 
 
+CURVE_WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # --verify-curve's default widths
+
+
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m experiments.bench",
                            description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,8 +288,8 @@ def parse_args(argv=None):
     p.add_argument("--backends", type=lambda s: s.split(","), default=None,
                    help="--verify-curve backends (default: sdpa, and triton where its kernel runs here)")
     p.add_argument("--context", type=cli.int_at_least(1), default=None, help="--verify-curve context (default: the run's)")
-    p.add_argument("--verify-widths", type=lambda s: tuple(cli.ints_at_least(1)(s)),
-                   default=(1, 2, 4, 8, 16, 32, 64))
+    p.add_argument("--verify-widths", type=lambda s: tuple(cli.ints_at_least(1)(s)), default=None,
+                   help=f"--verify-curve widths (default: {','.join(map(str, CURVE_WIDTHS))})")
     p.add_argument("--ks", type=cli.ints_at_least(1), default=[2, 4, 6])
     p.add_argument("--confidence", type=cli.thresholds, default=[],
                    help="also chains at each --ks that stop after a draft less likely than each of these thresholds "
@@ -312,36 +314,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-#: Options only the batch-1 table reads (given with ``--batch-sizes`` they would change nothing), as
-#: (flag, whether ``args`` sets it); and those only ``--batch-sizes`` tables read.
-BATCH_1_ONLY = (("--attn-backend", lambda a: a.attn_backend != "sdpa"), ("--fuse-projections", lambda a: a.fuse_projections),
-                ("--trees", lambda a: a.trees), ("--verify-curve", lambda a: a.verify_curve),
-                ("--hf-compile", lambda a: a.hf_compile), ("--no-hf-dynamic", lambda a: not a.hf_dynamic))
-BATCHED_ONLY = (("--eagle", lambda a: a.eagle), ("--hybrid", lambda a: a.hybrid))
-
-
-def check_flags(args) -> None:
-    """One error for options the chosen table would ignore (a user would read a table without the rows they asked
-    for, or the embedded pair's draft measured as theirs): ``--draft`` without ``--target``, ``--target``/``--draft``
-    with ``--synthetic``, batch-1 options with ``--batch-sizes`` and batched ones without it, ``--backends`` and
-    ``--context`` without ``--verify-curve``."""
-    if args.synthetic and (args.target or args.draft):
-        raise SpecDecError("--synthetic builds its own random target and layer-truncated self-draft: drop --target "
-                           "and --draft, or drop --synthetic")
-    if args.draft and not args.target:
-        raise SpecDecError(f"--draft {args.draft} needs --target: without it the embedded pair (--size "
-                           f"{args.size}) runs with its own draft; give the target directory the draft belongs to")
-    given = [flag for flag, is_set in (BATCH_1_ONLY if args.batch_sizes else BATCHED_ONLY) if is_set(args)]
-    if given and args.batch_sizes:
-        raise SpecDecError(f"{', '.join(given)} apply to the batch-1 table (its --compile rows for --attn-backend and "
-                           "--fuse-projections): drop them with --batch-sizes, or run them without it")
-    if given:
-        raise SpecDecError(f"{', '.join(given)} apply to the --batch-sizes tables: add --batch-sizes, or drop them")
-    unused = [flag for flag, value in (("--backends", args.backends), ("--context", args.context)) if value]
-    if unused and not args.verify_curve:
-        raise SpecDecError(f"{', '.join(unused)} set the --verify-curve timing: add --verify-curve, or drop them")
-
-
 @cli.guard()
 def main(argv=None) -> int:
     if any(a == "--model" or a.startswith("--model=") for a in (sys.argv[1:] if argv is None else argv)):  # the suite
@@ -349,11 +321,11 @@ def main(argv=None) -> int:
 
         return bench_suite.main(argv)
     args = parse_args(argv)
+    check_flags(args)
     if args.verify_curve:  # a backend that cannot run here is one error line before the run, not after it
         from verifier.availability import usable_backends
 
         args.backends = usable_backends(args.backends, args.device)
-    check_flags(args)
     if args.attn_backend != "sdpa":
         from verifier.availability import check_attn_backend
 
@@ -386,7 +358,7 @@ def main(argv=None) -> int:
                   if args.compile != "none" else None)
         rows, table = summarize(methods, costs, static, args.compile)
         loops, loop_md = loop_table(methods, lambda m: static if m.name.endswith(f"_{args.compile}") else costs)
-        curves, curve_table = (verify_curve(target, args.context or context, args.verify_widths, args.backends, 10)
+        curves, curve_table = (verify_curve(target, args.context or context, args.verify_widths or CURVE_WIDTHS, args.backends, 10)
                                if args.verify_curve else (None, ""))
     source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
         (args.target or f"zoo {args.size}")

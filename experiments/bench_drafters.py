@@ -289,6 +289,11 @@ def parse_args(argv=None):
         p.error(f"--head-dtypes: {bad[0]!r} is unknown; choose from {', '.join(DTYPE_LABELS)}")
     if bad := [f for f in args.head_forwards if f not in ("fast", "hf")]:
         p.error(f"--head-forwards: {bad[0]!r} is unknown; choose from fast, hf")
+    if args.verify_widths not in (None, "auto"):  # a bad list fails before the pair loads
+        try:
+            verify_widths(args.verify_widths, None, [], 0, [])
+        except SpecDecError as err:
+            p.error(str(err))
     from specdec.tree import load_preset
 
     for preset in args.trees:

@@ -1,11 +1,13 @@
 """What the benchmarks load: the model pair (``--synthetic``, ``--target`` / ``--draft`` directories or the embedded
-pair) and the prompts, as token ids on the target's device."""
+pair) and the prompts, as token ids on the target's device; and the check that ``experiments.bench``'s options all
+reach the table it runs (:func:`check_flags`)."""
 from __future__ import annotations
 
 import sys
 
 import torch
 
+from specdec.errors import SpecDecError
 from specdec.models import DTYPES, check_device, load_causal_lm, load_tokenizer
 
 
@@ -52,3 +54,46 @@ def load_prompt_ids(tokenizer, target, args) -> list[torch.Tensor]:
         ids = [tokenizer(p.text, return_tensors="pt").input_ids[:, -args.max_prompt_tokens:]
                for p in load_prompts(path, limit=args.prompts)]
     return [x.to(args.device) for x in ids]
+
+
+#: Options only the batch-1 table reads (given with ``--batch-sizes`` they would change nothing), as
+#: (flag, whether ``args`` sets it); those only ``--batch-sizes`` tables read; those only ``--compile`` rows read;
+#: those only the ``--verify-curve`` timing reads.
+BATCH_1_ONLY = (("--attn-backend", lambda a: a.attn_backend != "sdpa"), ("--fuse-projections", lambda a: a.fuse_projections),
+                ("--trees", lambda a: a.trees), ("--verify-curve", lambda a: a.verify_curve),
+                ("--hf-compile", lambda a: a.hf_compile), ("--no-hf-dynamic", lambda a: not a.hf_dynamic))
+BATCHED_ONLY = (("--eagle", lambda a: a.eagle), ("--hybrid", lambda a: a.hybrid))
+COMPILED_ONLY = (("--attn-backend", lambda a: a.attn_backend != "sdpa"), ("--fuse-projections", lambda a: a.fuse_projections))
+CURVE_ONLY = (("--backends", lambda a: a.backends), ("--context", lambda a: a.context),
+              ("--verify-widths", lambda a: a.verify_widths is not None))
+
+
+def _given(options, args) -> tuple[str, str]:
+    """The flags of ``options`` that ``args`` sets, as ('X applies', 'it') / ('X, Y apply', 'them'); ('', '')
+    for none."""
+    flags = [flag for flag, is_set in options if is_set(args)]
+    if not flags:
+        return "", ""
+    return (f"{flags[0]} applies", "it") if len(flags) == 1 else (f"{', '.join(flags)} apply", "them")
+
+
+def check_flags(args) -> None:
+    """One error for options the chosen table would ignore (a user would read a table without the rows they asked
+    for, or the embedded pair's draft measured as theirs): ``--draft`` without ``--target``, ``--target``/``--draft``
+    with ``--synthetic``, batch-1 options with ``--batch-sizes`` and batched ones without it, the ``--compile``
+    rows' options without ``--compile``, the verify curve's without ``--verify-curve``."""
+    if args.synthetic and (args.target or args.draft):
+        raise SpecDecError("--synthetic builds its own random target and layer-truncated self-draft: drop --target "
+                           "and --draft, or drop --synthetic")
+    if args.draft and not args.target:
+        raise SpecDecError(f"--draft {args.draft} needs --target: without it the embedded pair (--size "
+                           f"{args.size}) runs with its own draft; give the target directory the draft belongs to")
+    checks = ((args.batch_sizes, BATCH_1_ONLY, "the batch-1 table", "run without --batch-sizes"),
+              (not args.batch_sizes, BATCHED_ONLY, "the --batch-sizes tables", "add --batch-sizes"),
+              (args.compile == "none", COMPILED_ONLY, "the --compile rows (the eager rows keep sdpa, the target as loaded)",
+               "add --compile static|inductor|graph"),
+              (not args.verify_curve, CURVE_ONLY, "the --verify-curve timing", "add --verify-curve"))
+    for applies, options, where, fix in checks:
+        given, pronoun = _given(options, args) if applies else ("", "")
+        if given:
+            raise SpecDecError(f"{given} to {where}: {fix}, or leave {pronoun} out")

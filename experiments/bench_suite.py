@@ -109,6 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.merge and not args.hybrid:  # it would add no row
         p.error("--merge merges the --hybrid rows' trees: add --hybrid N, or drop --merge")
+    if args.datastore:  # a missing rows file fails before the target loads
+        from drafters.datastore import rows_file
+
+        try:
+            rows_file(args.datastore, "--datastore")
+        except SpecDecError as err:
+            p.error(str(err))
     return args
 
 

@@ -103,10 +103,12 @@ class SpeculativeDecoder:
         self.compile = compile
         self.static_steps: dict = {}  # compile=graph|inductor: captured / compiled steps kept for later batches
         if compile != "none":
+            from specdec.batch_decoder import batch_rule
             from specdec.static_shape import check_compile, static_drafter
 
             check_compile(compile)
             static_drafter(drafter, self.sampling)  # fails now, naming the drafter, if the static step cannot run it
+            batch_rule(self.rule)  # and the rule, if it has no tensorized form (a custom rule)
 
     @_without_autograd
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, seed: int | None = None) -> DecodeOutput:

@@ -255,3 +255,42 @@ def test_each_method_is_set_against_the_ar_loop_batched_and_compiled_its_way():
     assert same_batching("ours_ar_inductor", "inductor") == "ours_ar_inductor"
     assert same_batching("ours_chain_k2", "static") == "ours_ar"
     assert same_batching("ours_chain_k2_static") == "ours_ar"  # no compile: no compiled rows
+
+
+def test_the_batched_table_sets_a_compiled_chain_against_the_compiled_ar_loop(monkeypatch):
+    """The table's wiring (stand-in methods and timings): ``ours_chain_k2_static`` at 0.5 s over ``ours_ar_static``
+    at 1.0 s is 2.0x "batched the same way" (the eager ``ours_ar``, 2.0 s, gave 4.0x) and 4.0x over our AR loop."""
+    from types import SimpleNamespace
+
+    from experiments import bench_batch
+
+    seconds = {"hf_plain": 4.0, "ours_ar": 2.0, "ours_chain_k2": 1.0, "ours_ar_static": 1.0,
+               "ours_chain_k2_static": 0.5}
+    monkeypatch.setattr(bench_batch, "methods", lambda *args, **kwargs: dict.fromkeys(seconds))
+    monkeypatch.setattr(bench_batch, "_time_size", lambda table, prompts, size, max_new, reps: (
+        {name: [[seconds[name]] * reps] for name in table}, {name: [[7] * 8] for name in table},
+        {name: [] for name in table}))
+    target = SimpleNamespace(generate=lambda ids, **kwargs: torch.tensor([[1, 2] + [7] * 8]),
+                             generation_config=SimpleNamespace(pad_token_id=0))
+    rows = bench_batch.run_batch_sizes(target, None, [torch.tensor([[1, 2]])], [1], 8, 2, [2], 2, 2, compile="static")
+    by = {r["method"]: r for r in rows}
+    assert by["ours_chain_k2_static"]["vs_ours_ar_same_batching"] == pytest.approx(2.0)
+    assert by["ours_chain_k2_static"]["vs_ours_ar"] == pytest.approx(4.0)
+    assert by["ours_chain_k2"]["vs_ours_ar_same_batching"] == pytest.approx(2.0)
+    assert all(r["matches_hf_greedy"] for r in rows)
+
+
+def test_a_runs_summary_keeps_the_warm_ups_compile_seconds(prompts_file, tmp_path, monkeypatch):  # noqa: F811
+    """``decode.run`` puts what the warm-up spent compiling into the summary (``warmup_time_compile``), on disk too
+    (with the default ``warmup=1`` the timed decodes find the step compiled: it was reported nowhere); an eager
+    run's summary has no such key."""
+    import json
+
+    from experiments import decode
+
+    plain = decode.run(compose_cfg(*tiny_args(prompts_file), "costs=false"), tmp_path / "eager")
+    assert "warmup_time_compile" not in plain
+    monkeypatch.setattr(decode, "warm_up", lambda decoders, encoded, cfg: {"speculative": 3.0})
+    summary = decode.run(compose_cfg(*tiny_args(prompts_file), "costs=false"), tmp_path / "warmed")
+    on_disk = json.loads((tmp_path / "warmed" / "summary.json").read_text())
+    assert summary["warmup_time_compile"] == on_disk["warmup_time_compile"] == {"speculative": 3.0}

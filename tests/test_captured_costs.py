@@ -120,18 +120,23 @@ def test_the_batch_table_refuses_the_compile_rows_flags(capsys):
     from experiments import bench
 
     assert bench.main(["--batch-sizes", "2", "--fuse-projections"]) == 2
-    assert "drop them with --batch-sizes" in capsys.readouterr().err
+    assert "--fuse-projections applies to the batch-1 table: run without --batch-sizes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, says", [
     (["--draft", "/my/draft"], "--draft /my/draft needs --target"),
     (["--synthetic", "llama-micro", "--target", "/t"], "--synthetic builds its own"),
-    (["--batch-sizes", "2", "--trees", "nosuchtree", "--hf-compile"], "--trees, --hf-compile apply to the batch-1"),
-    (["--batch-sizes", "2", "--verify-curve"], "--verify-curve apply to the batch-1"),
-    (["--batch-sizes", "2", "--no-hf-dynamic"], "--no-hf-dynamic apply to the batch-1"),
+    (["--batch-sizes", "2", "--trees", "nosuchtree", "--hf-compile"],
+     "--trees, --hf-compile apply to the batch-1 table: run without --batch-sizes, or leave them out"),
+    (["--batch-sizes", "2", "--verify-curve", "--backends", "triton"], "--verify-curve applies to the batch-1"),
+    (["--batch-sizes", "2", "--no-hf-dynamic"], "--no-hf-dynamic applies to the batch-1"),
     (["--eagle", "/heads", "--hybrid", "2"], "--eagle, --hybrid apply to the --batch-sizes tables: add --batch-sizes"),
-    (["--context", "512"], "--context set the --verify-curve timing: add --verify-curve"),
+    (["--context", "512"], "--context applies to the --verify-curve timing: add --verify-curve, or leave it out"),
+    (["--verify-widths", "1,4"], "--verify-widths applies to the --verify-curve timing"),
+    (["--fuse-projections"], "--fuse-projections applies to the --compile rows"),
+    (["--attn-backend", "triton"], "--attn-backend applies to the --compile rows"),
     (["--model", "smollm2", "--merge"], "--merge merges the --hybrid rows' trees: add --hybrid N"),
+    (["--model", "smollm2", "--datastore", "/no/rows"], "--datastore=/no/rows: no rows.safetensors there"),
 ])
 def test_options_the_chosen_table_would_ignore_are_one_error(argv, says, capsys):
     """An option the chosen table never reads (the embedded pair's draft measured where the user named theirs, a

@@ -66,6 +66,11 @@ def test_batch_and_dtype_checked():
         with pytest.raises(SpecDecError, match=r"^--verify-widths .*: give auto or comma-separated widths >= 1"):
             verify_widths(bad, None, [], 4, [])
     assert verify_widths("8,4", None, [], 4, []) == (8, 4)
+    from experiments.bench_drafters import parse_args
+
+    with pytest.raises(SystemExit) as exit_:  # the command checks the list before the pair loads
+        parse_args(["--verify-widths", "4,0"])
+    assert exit_.value.code == 2
     with pytest.raises(SpecDecError, match="LongTensor"):
         _decoder().generate(torch.zeros(1, 3), max_new_tokens=4)
 

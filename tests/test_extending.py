@@ -180,6 +180,10 @@ def test_a_subclass_of_a_built_in_rule_is_not_batched_as_the_built_in():
     with pytest.raises(SpecDecError, match=r"AcceptAlways \('AcceptAlways'\) has no batched form.*batch_size=1"):
         changed.generate_batch(PROMPTS, max_new_tokens=6)
     assert changed.generate(PROMPTS[0], max_new_tokens=6, seed=0).stats.target_forwards >= 1  # batch 1 runs it
+    from drafters import NoDrafter
+
+    with pytest.raises(SpecDecError, match="has no batched form.*batch_size=1 and compile=none"):  # when built
+        SpeculativeDecoder(target, NoDrafter(), acceptance=AcceptAlways(), sampling=sampling, compile="static")
 
 
 @pytest.mark.parametrize(("how", "fragment"), [

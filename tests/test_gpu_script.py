@@ -75,7 +75,11 @@ def check_command(command: list[str]) -> None:
             check_compile(cfg.compile)
             check_arguments(cfg.drafter, "drafter")
     else:
-        importlib.import_module(module).parse_args(args)  # an argparse error exits
+        parsed = importlib.import_module(module).parse_args(args)  # an argparse error exits
+        if module == "experiments.bench" and not any(a == "--model" or a.startswith("--model=") for a in args):
+            from experiments.bench_inputs import check_flags
+
+            check_flags(parsed)  # an option the chosen table would not read (checked before anything loads)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: f"{c[0]}:{' '.join(c[1:])[:60]}")
@@ -90,7 +94,10 @@ def test_the_command_parses(command):
     (["experiments.decode", "drafter.tree_sampling=sometimes"], SpecDecError, "drafter.tree_sampling='sometimes'"),
     (["experiments.build_zoo", "sise=default"], HydraException, "Could not override 'sise'"),
     (["pytest", "-v", "tests/test_nothing_here.py"], AssertionError, "tests/test_nothing_here.py"),
-], ids=["argparse_option", "argparse_choice", "decode_choice", "decode_key", "drafter_choice", "zoo_key", "test_file"])
+    (["experiments.bench", "--compile", "inductor", "--context", "512"], SpecDecError,
+     "--context applies to the --verify-curve timing"),
+], ids=["argparse_option", "argparse_choice", "decode_choice", "decode_key", "drafter_choice", "zoo_key", "test_file",
+        "bench_unread_option"])
 def test_a_mistake_in_a_command_fails_the_check(command, error, says):
     """Each kind of mistake fails the check the way its entry point would (argparse's exit status 2, Hydra's
     composition error, our config error, a test file that is not there), naming what is wrong."""

@@ -152,19 +152,24 @@ def hybrids(ours: list[tuple], args) -> list[tuple]:
             for name, drafter, k in ours if is_chain(name) or name.endswith(tuple(f"_{t}" for t in args.trees))]
 
 
+def listed_widths(option: str) -> tuple[int, ...]:
+    """``--verify-widths``' comma list as widths; SpecDecError unless each is an integer >= 1."""
+    try:
+        widths = tuple(int(w) for w in option.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise SpecDecError(f"--verify-widths {option!r}: give auto or comma-separated widths >= 1, e.g. 4,5,8")
+    return widths
+
+
 def verify_widths(option: str | None, target, prompts: list, max_new: int, notes: list[str]) -> tuple[int, ...]:
     """``--verify-widths``: None, a comma list, or ``auto``: :func:`experiments.costs.cheap_widths` of the
     target's cost curve at this run's context (measured once per machine and cached)."""
     if not option:
         return ()
     if option != "auto":
-        try:
-            widths = tuple(int(w) for w in option.split(","))
-        except ValueError:
-            widths = ()
-        if not widths or min(widths) < 1:
-            raise SpecDecError(f"--verify-widths {option!r}: give auto or comma-separated widths >= 1, e.g. 4,5,8")
-        return widths
+        return listed_widths(option)
     from experiments.cost_measure import cost_curve, implausible, run_context
     from experiments.costs import cheap_widths
 
@@ -291,7 +296,7 @@ def parse_args(argv=None):
         p.error(f"--head-forwards: {bad[0]!r} is unknown; choose from fast, hf")
     if args.verify_widths not in (None, "auto"):  # a bad list fails before the pair loads
         try:
-            verify_widths(args.verify_widths, None, [], 0, [])
+            listed_widths(args.verify_widths)
         except SpecDecError as err:
             p.error(str(err))
     from specdec.tree import load_preset

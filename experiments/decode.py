@@ -318,7 +318,7 @@ def warm_up(decoders: dict, encoded: list[EncodedPrompt], cfg: DictConfig) -> di
                 out = decoder.generate_batch(first, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
             else:
                 out = decoder.generate(first[0], max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-            compiled[method] += getattr(out.stats, "time_compile", 0.0) or 0.0
+            compiled[method] += out.stats.time_compile
     return {method: seconds for method, seconds in compiled.items() if seconds}
 
 

@@ -64,6 +64,7 @@ from experiments.bench_output import command_line, exit_status, machine_line, ma
 from experiments.captured_costs import floor_line, static_costs
 from experiments.cost_measure import draft_cost_note, implausible, measure_costs, measure_interleaved
 from experiments.hf_generate import hf, hf_assisted, hf_static_compiled
+from experiments.synthetic import DRAFT_LAYERS, PROMPT_LEN
 from specdec.models import DTYPES
 from specdec.static_shape import COMPILE_MODES
 from verifier.fused_projections import fused_copy
@@ -269,8 +270,10 @@ def parse_args(argv=None):
     p.add_argument("--synthetic", default=None,
                    help="a random-weight target of a real shape (llama-8b, llama-1b, llama-micro) with a layer-truncated "
                         "self-draft, random prompts: timings only (see experiments.synthetic)")
-    p.add_argument("--draft-layers", type=cli.int_at_least(1), default=2, help="--synthetic: layers of the self-draft")
-    p.add_argument("--prompt-len", type=cli.int_at_least(1), default=256, help="--synthetic: prompt length")
+    p.add_argument("--draft-layers", type=cli.int_at_least(1), default=None,
+                   help=f"--synthetic: layers of the self-draft (default {DRAFT_LAYERS})")
+    p.add_argument("--prompt-len", type=cli.int_at_least(1), default=None,
+                   help=f"--synthetic: prompt length (default {PROMPT_LEN})")
     p.add_argument("--batch-sizes", type=cli.ints_at_least(1), default=None,
                    help="instead of the batch-1 table: aggregate tokens/s of batched decoding at these batch sizes "
                         "(HF batched generate vs our batched AR, a chain at each --ks, n-gram)")
@@ -360,7 +363,7 @@ def main(argv=None) -> int:
         loops, loop_md = loop_table(methods, lambda m: static if m.name.endswith(f"_{args.compile}") else costs)
         curves, curve_table = (verify_curve(target, args.context or context, args.verify_widths or CURVE_WIDTHS, args.backends, 10)
                                if args.verify_curve else (None, ""))
-    source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
+    source = f"synthetic {args.synthetic} (random weights, {args.draft_layers or DRAFT_LAYERS}-layer self-draft)" if args.synthetic else \
         (args.target or f"zoo {args.size}")
     header = (f"{command_line(argv)}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device} "
               f"(narrow linears {narrow}{fused_note(args)}), draft in {args.draft_dtype}. {len(prompts)} prompts, {args.max_new_tokens} new "

@@ -27,9 +27,10 @@ def load_pair(args):
     """(target, draft, tokenizer or None) from ``--synthetic``, ``--target/--draft`` paths or the zoo ``--size``."""
     check_device(args.device, "--device")
     if args.synthetic:
-        from experiments.synthetic import synthetic_pair
+        from experiments.synthetic import DRAFT_LAYERS, synthetic_pair
 
-        return (*synthetic_pair(args.synthetic, args.device, DTYPES[args.dtype], args.draft_layers), None)
+        layers = args.draft_layers or DRAFT_LAYERS
+        return (*synthetic_pair(args.synthetic, args.device, DTYPES[args.dtype], layers), None)
     opts = {"dtype": args.dtype, "device": args.device}
     draft_opts = {**opts, "dtype": args.draft_dtype}
     if args.target:
@@ -44,9 +45,9 @@ def load_pair(args):
 def load_prompt_ids(tokenizer, target, args) -> list[torch.Tensor]:
     """Prompts ``[1, T]`` on the target's device: random ids for a synthetic target, else the data set's."""
     if tokenizer is None:
-        from experiments.synthetic import random_prompts
+        from experiments.synthetic import PROMPT_LEN, random_prompts
 
-        ids = random_prompts(target.config.vocab_size, args.prompts, args.prompt_len)
+        ids = random_prompts(target.config.vocab_size, args.prompts, args.prompt_len or PROMPT_LEN)
     else:
         from experiments.data import heldout_prompts_path, load_prompts
 
@@ -58,12 +59,15 @@ def load_prompt_ids(tokenizer, target, args) -> list[torch.Tensor]:
 
 #: Options only the batch-1 table reads (given with ``--batch-sizes`` they would change nothing), as
 #: (flag, whether ``args`` sets it); those only ``--batch-sizes`` tables read; those only ``--compile`` rows read;
-#: those only the ``--verify-curve`` timing reads.
+#: those only ``--synthetic`` reads and those it ignores (its prompts are random); those only the ``--verify-curve``
+#: timing reads.
 BATCH_1_ONLY = (("--attn-backend", lambda a: a.attn_backend != "sdpa"), ("--fuse-projections", lambda a: a.fuse_projections),
                 ("--trees", lambda a: a.trees), ("--verify-curve", lambda a: a.verify_curve),
                 ("--hf-compile", lambda a: a.hf_compile), ("--no-hf-dynamic", lambda a: not a.hf_dynamic))
 BATCHED_ONLY = (("--eagle", lambda a: a.eagle), ("--hybrid", lambda a: a.hybrid))
 COMPILED_ONLY = (("--attn-backend", lambda a: a.attn_backend != "sdpa"), ("--fuse-projections", lambda a: a.fuse_projections))
+SYNTHETIC_ONLY = (("--draft-layers", lambda a: a.draft_layers is not None), ("--prompt-len", lambda a: a.prompt_len is not None))
+DATA_ONLY = (("--dataset", lambda a: a.dataset),)
 CURVE_ONLY = (("--backends", lambda a: a.backends), ("--context", lambda a: a.context),
               ("--verify-widths", lambda a: a.verify_widths is not None))
 
@@ -81,7 +85,8 @@ def check_flags(args) -> None:
     """One error for options the chosen table would ignore (a user would read a table without the rows they asked
     for, or the embedded pair's draft measured as theirs): ``--draft`` without ``--target``, ``--target``/``--draft``
     with ``--synthetic``, batch-1 options with ``--batch-sizes`` and batched ones without it, the ``--compile``
-    rows' options without ``--compile``, the verify curve's without ``--verify-curve``."""
+    rows' options without ``--compile``, ``--synthetic``'s without it and ``--dataset`` with it, the verify curve's
+    without ``--verify-curve``."""
     if args.synthetic and (args.target or args.draft):
         raise SpecDecError("--synthetic builds its own random target and layer-truncated self-draft: drop --target "
                            "and --draft, or drop --synthetic")
@@ -92,6 +97,8 @@ def check_flags(args) -> None:
               (not args.batch_sizes, BATCHED_ONLY, "the --batch-sizes tables", "add --batch-sizes"),
               (args.compile == "none", COMPILED_ONLY, "the --compile rows (the eager rows keep sdpa, the target as loaded)",
                "add --compile static|inductor|graph"),
+              (not args.synthetic, SYNTHETIC_ONLY, "--synthetic's random target and prompts", "add --synthetic NAME"),
+              (args.synthetic, DATA_ONLY, "a real target's prompts (--synthetic decodes random ones)", "drop --synthetic"),
               (not args.verify_curve, CURVE_ONLY, "the --verify-curve timing", "add --verify-curve"))
     for applies, options, where, fix in checks:
         given, pronoun = _given(options, args) if applies else ("", "")

@@ -19,6 +19,8 @@ SHAPES = {
     "llama-micro": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=512, rope_theta=10000.0),
 }
+DRAFT_LAYERS = 2  # the self-draft's layers unless --draft-layers says otherwise
+PROMPT_LEN = 256  # random prompt tokens unless --prompt-len says otherwise
 
 
 def _config(name: str, layers: int | None = None):
@@ -44,7 +46,7 @@ def _build(config, device: str | torch.device, dtype: torch.dtype, seed: int):
 
 
 def synthetic_pair(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                   draft_layers: int = 2, seed: int = 0):
+                   draft_layers: int = DRAFT_LAYERS, seed: int = 0):
     """``(target, draft)``: a random target of shape ``name`` and its layer-truncated self-draft.
 
     The draft is :func:`drafters.layer_skip.truncated_view`: its own modules and config (so the

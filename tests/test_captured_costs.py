@@ -135,6 +135,9 @@ def test_the_batch_table_refuses_the_compile_rows_flags(capsys):
     (["--verify-widths", "1,4"], "--verify-widths applies to the --verify-curve timing"),
     (["--fuse-projections"], "--fuse-projections applies to the --compile rows"),
     (["--attn-backend", "triton"], "--attn-backend applies to the --compile rows"),
+    (["--prompt-len", "64"], "--prompt-len applies to --synthetic's random target and prompts: add --synthetic NAME"),
+    (["--draft-layers", "3", "--prompt-len", "8"], "--draft-layers, --prompt-len apply to --synthetic's"),
+    (["--synthetic", "llama-micro", "--dataset", "q.jsonl"], "--dataset applies to a real target's prompts"),
     (["--model", "smollm2", "--merge"], "--merge merges the --hybrid rows' trees: add --hybrid N"),
     (["--model", "smollm2", "--datastore", "/no/rows"], "--datastore=/no/rows: no rows.safetensors there"),
 ])

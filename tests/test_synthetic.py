@@ -51,3 +51,17 @@ def test_a_self_draft_needs_fewer_layers_than_the_target(layers):
 def test_an_unknown_shape_names_the_known_ones():
     with pytest.raises(ValueError, match="llama-8b"):
         synthetic_pair("llama-9b")
+
+
+@pytest.mark.parametrize("argv, layers, prompt_len", [([], 2, 256), (["--draft-layers", "1", "--prompt-len", "9"], 1, 9)])
+def test_bench_reads_the_synthetic_options_and_their_defaults(argv, layers, prompt_len):
+    """``--draft-layers`` / ``--prompt-len`` default to None (so that given without ``--synthetic`` they are an
+    error); the synthetic pair and prompts still take 2 layers and 256 tokens when they are left out."""
+    from experiments import bench
+    from experiments.bench_inputs import check_flags, load_pair, load_prompt_ids
+
+    args = bench.parse_args(["--synthetic", "llama-micro", "--prompts", "2", *argv])
+    check_flags(args)
+    target, draft, tokenizer = load_pair(args)
+    assert tokenizer is None and draft.config.num_hidden_layers == layers
+    assert [p.shape for p in load_prompt_ids(tokenizer, target, args)] == [(1, prompt_len)] * 2

@@ -38,6 +38,7 @@ from experiments.hf_generate import hf, hf_assisted
 from specdec.errors import SpecDecError
 from verifier.narrow_linear import narrow_models
 
+MEDUSA_NODES = 16  # the Medusa tree's nodes unless --medusa-nodes says otherwise
 CATEGORY_ORDER = ("coding", "summarization", "rag", "qa", "math_reasoning", "multi_turn")
 
 
@@ -74,8 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ngram-tokens", type=cli.int_at_least(1), default=4)
     p.add_argument("--max-ngram", type=cli.int_at_least(1), default=2)
     p.add_argument("--medusa", default=None, help="Medusa heads directory (default: the cached heads for the model)")
-    p.add_argument("--medusa-nodes", type=cli.ints_at_least(1), default=[16],
-                   help="nodes of the Medusa tree (from the heads' eval.json); comma-separated: a row for each")
+    p.add_argument("--medusa-nodes", type=cli.ints_at_least(1), default=None,
+                   help=f"nodes of the Medusa tree (from the heads' eval.json); comma-separated: a row for each "
+                        f"(default {MEDUSA_NODES})")
     p.add_argument("--medusa-dynamic", type=cli.ints_at_least(1), default=[],
                    help="also Medusa trees of these node budgets chosen at every step by the heads' probabilities "
                         "(ours_medusa_dyn<N>; MedusaDrafter(dynamic=True))")
@@ -132,7 +134,7 @@ def load_inputs(args):
 
     target_dir = str(ensure_model(args.model, cache_dir=args.cache_dir))
     target, tok = load_causal_lm(target_dir, dtype=args.dtype, role="target"), load_tokenizer(target_dir)
-    draft_path, _ = find_draft(args.model, args.cache_dir)
+    draft_path, why = find_draft(args.model, args.cache_dir)
     draft = load_causal_lm(draft_path, dtype=args.draft_dtype or args.dtype, role="draft") if draft_path else None
     path = suite_path(args.cache_dir) if args.dataset == "suite" else args.dataset
     taken: dict[str, int] = defaultdict(int)
@@ -141,7 +143,32 @@ def load_inputs(args):
         if taken[prompt.category] < args.per_category:
             taken[prompt.category] += 1
             prompts.append((prompt.category, prompt_ids(prompt, tok)))
-    return target, tok, draft, medusa_dir(args, target), prompts
+    medusa = medusa_dir(args, target)
+    check_rows(args, why, medusa, target)
+    return target, tok, draft, medusa, prompts
+
+
+def check_rows(args, draft_missing: str | None, medusa: str | None, target) -> None:
+    """One error for an option that would add no row, before anything runs (a table without the rows asked for
+    reads as if they had been measured): ``--draft-vocab-from`` without the distilled draft (``draft_missing``
+    says why it is not there and how to build it), ``--medusa-nodes`` / ``--medusa-dynamic`` without Medusa heads,
+    ``--eagle-budget`` without EAGLE heads, ``--confidence`` with neither the draft nor EAGLE heads."""
+    def train(kind: str) -> str:
+        return f"train them with `python -m experiments.train_{kind} target={args.model} generated_source=chats`"
+
+    if args.draft_vocab_from and draft_missing:
+        raise SpecDecError(f"--draft-vocab-from adds a row of the distilled draft, but {draft_missing}; or leave "
+                           "--draft-vocab-from out")
+    flag = "--medusa-nodes" if args.medusa_nodes else "--medusa-dynamic" if args.medusa_dynamic else None
+    if flag and medusa is None:
+        raise SpecDecError(f"{flag} adds Medusa rows, but no Medusa heads are cached for {args.model}: "
+                           f"{train('medusa')}, give --medusa DIR, or leave {flag} out")
+    flag = "--eagle-budget" if args.eagle_budget else "--confidence" if args.confidence and draft_missing else None
+    if flag and not eagle_dirs(args, target):
+        rows = "EAGLE" if flag == "--eagle-budget" else "draft-model and EAGLE"
+        raise SpecDecError(f"{flag} adds {rows} rows, but no EAGLE heads are cached for {args.model}"
+                           + ("" if flag == "--eagle-budget" else " and the distilled draft is not built")
+                           + f": {train('eagle')}, give --eagle DIR, or leave {flag} out")
 
 
 def medusa_dir(args, target) -> str | None:
@@ -210,7 +237,7 @@ def drafters_for(target, draft, medusa: str | None, args) -> dict:
     if medusa is not None:
         from drafters import MedusaDrafter
 
-        for nodes in args.medusa_nodes:
+        for nodes in args.medusa_nodes or [MEDUSA_NODES]:
             found[f"ours_medusa{nodes}"] = MedusaDrafter(heads=medusa, tree_nodes=nodes)
         for nodes in args.medusa_dynamic:
             found[f"ours_medusa_dyn{nodes}"] = MedusaDrafter(heads=medusa, tree_nodes=nodes, dynamic=True)

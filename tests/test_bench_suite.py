@@ -127,7 +127,7 @@ def test_draft_cost_ratios_time_width_one_only(monkeypatch):
     a busy machine made it look implausible, again per drafter) took most of a suite run's time."""
     from types import SimpleNamespace
 
-    import experiments.cost_measure as cost_measure
+    from experiments import cost_measure
     from experiments.bench_suite import drafter_costs
 
     asked = []
@@ -146,3 +146,46 @@ def test_draft_cost_ratios_time_width_one_only(monkeypatch):
     ratios = drafter_costs("target", methods, context=64)
     assert ratios == pytest.approx({"draft": 0.4, "heads": 0.2})  # a lookup runs no model: no ratio
     assert asked == [[("target", (1,)), ("draft", (1,))], [("target", (1,))]]
+
+
+@pytest.mark.parametrize("argv, draft_missing, medusa, eagle, says", [
+    (["--draft-vocab-from", "/h"], "the distilled draft of smollm2 is not built: build it once with `B`", None, [],
+     "--draft-vocab-from adds a row of the distilled draft, but the distilled draft of smollm2 is not built"),
+    (["--medusa-nodes", "8"], None, None, [], "--medusa-nodes adds Medusa rows, but no Medusa heads are cached"),
+    (["--medusa-dynamic", "8"], None, None, [], "train_medusa target=smollm2 generated_source=chats`, give --medusa"),
+    (["--eagle-budget", "8"], None, "/m", [], "--eagle-budget adds EAGLE rows, but no EAGLE heads are cached"),
+    (["--confidence", "0.5"], "not built", "/m", [], "--confidence adds draft-model and EAGLE rows"),
+    (["--confidence", "0.5"], None, None, [], None),  # the draft's chains and HF assisted read it
+    (["--confidence", "0.5", "--eagle-budget", "8"], "not built", None, ["/e"], None),  # the EAGLE rows read both
+    (["--medusa-nodes", "8", "--draft-vocab-from", "/h"], None, "/m", [], None),
+])
+def test_options_that_would_add_no_row_are_one_error(argv, draft_missing, medusa, eagle, says, monkeypatch):
+    """An option whose rows need a drafter that is not there (no distilled draft, no cached heads) would leave its
+    rows out of the table without a word: one error naming the flag and how to get the drafter, before anything
+    runs. With the drafter there, nothing is refused."""
+    from experiments import bench_suite
+    from specdec.errors import SpecDecError
+
+    monkeypatch.setattr(bench_suite, "eagle_dirs", lambda args, target: eagle)
+    args = bench_suite.parse_args(argv)
+    if says is None:
+        bench_suite.check_rows(args, draft_missing, medusa, target=None)
+        return
+    with pytest.raises(SpecDecError, match="^" + argv[0]) as err:
+        bench_suite.check_rows(args, draft_missing, medusa, target=None)
+    assert says in str(err.value) and f"or leave {argv[0]} out" in str(err.value)
+
+
+def test_medusa_rows_default_to_sixteen_nodes(tmp_path):
+    """``--medusa-nodes`` defaults to None (so that given without heads it is an error): left out, one row of a
+    16-node tree; given, a row per count."""
+    from drafters.medusa_heads import MedusaHeads, save_heads
+    from experiments.bench_suite import drafters_for, parse_args
+    from tests.tiny_models import pair
+
+    target = pair("llama")[0]
+    save_heads(MedusaHeads.for_target(target, 2, init="random", seed=0), tmp_path)
+    for argv, rows in (([], {"ours_medusa16": 16}), (["--medusa-nodes", "4,6"], {"ours_medusa4": 4, "ours_medusa6": 6})):
+        found = drafters_for(target, None, str(tmp_path), parse_args(["--eagle", ",", "--layer-skip", "1", *argv]))
+        medusa = {name: d for name, d in found.items() if name.startswith("ours_medusa")}
+        assert {name: d.tree_nodes for name, d in medusa.items()} == rows

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from specdec.errors import ConfigError, positive_int
 
+MIN_NGRAM, MAX_NGRAM, MIN_SHARE = 3, 4, 0.5  # the n-gram drafter's datastore settings unless its config says otherwise
+
 
 class Datastore:
     """Next-token statistics of ``rows`` (lists of token ids) for n-grams of ``min_ngram .. max_ngram`` tokens.
@@ -31,14 +33,14 @@ class Datastore:
         min_share: nor one that followed its n-gram in less than this share of its occurrences.
     """
 
-    def __init__(self, rows: list[list[int]], min_ngram: int = 3, max_ngram: int = 4, min_count: int = 2,
-                 min_share: float = 0.5):
-        if not 1 <= int(min_ngram) <= int(max_ngram):
+    def __init__(self, rows: list[list[int]], min_ngram: int = MIN_NGRAM, max_ngram: int = MAX_NGRAM, min_count: int = 2,
+                 min_share: float = MIN_SHARE):
+        for name, value in (("min_ngram", min_ngram), ("max_ngram", max_ngram), ("min_count", min_count)):
+            positive_int(value, f"datastore {name}")  # 2.5 was truncated to 2 without a word
+        if min_ngram > max_ngram:
             raise ConfigError(f"datastore n-gram sizes need 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
-        if int(min_count) < 1 or not 0 <= float(min_share) <= 1:
-            raise ConfigError(f"datastore: min_count={min_count} must be >= 1 and min_share={min_share} in [0, 1]")
-        self.min_ngram, self.max_ngram = int(min_ngram), int(max_ngram)
-        self.min_count, self.min_share = int(min_count), float(min_share)
+        check_share(min_share, "datastore min_share")
+        self.min_ngram, self.max_ngram, self.min_count, self.min_share = min_ngram, max_ngram, min_count, float(min_share)
         self.tokens = sum(len(r) for r in rows)
         self.best = self._index(rows)
 
@@ -90,7 +92,7 @@ class Datastore:
             rows = load_rows(file)
         except Exception as exc:  # noqa: BLE001 - an unreadable or foreign file
             raise ConfigError(f"{key}={path}: {file} is not a chat-rows file ({exc})") from None
-        before = int(kwargs.get("max_ngram", 4))
+        before = positive_int(kwargs.get("max_ngram", MAX_NGRAM), "datastore max_ngram")  # the prompt tail kept
         seqs = [rows.ids[i, max(0, p - before) : n].tolist()
                 for i, (p, n) in enumerate(zip(rows.prompt_lengths.tolist(), rows.lengths.tolist()))]
         return cls(seqs, **kwargs)
@@ -114,15 +116,20 @@ def check_settings(min_ngram, min_share, key: str = "drafter.datastore") -> None
     """ConfigError naming ``<key>_min_ngram`` / ``<key>_min_share`` (the n-gram drafter's settings) unless
     ``min_ngram`` is an integer >= 1 and ``min_share`` a number in [0, 1]."""
     positive_int(min_ngram, f"{key}_min_ngram")
+    check_share(min_share, f"{key}_min_share")
+
+
+def check_share(min_share, name: str) -> None:
+    """ConfigError naming ``name`` unless ``min_share`` is a number in [0, 1]."""
     if isinstance(min_share, bool) or not isinstance(min_share, (int, float)) or not 0 <= min_share <= 1:
-        raise ConfigError(f"{key}_min_share={min_share!r}: it must be a number in [0, 1] (the least share of an "
+        raise ConfigError(f"{name}={min_share!r}: it must be a number in [0, 1] (the least share of an "
                           "n-gram's occurrences its drafted continuation followed)")
 
 
 @lru_cache(maxsize=4)
-def load_datastore(path: str, min_ngram: int = 3, min_share: float = 0.5, key: str = "drafter.datastore") -> Datastore:
+def load_datastore(path: str, min_ngram: int = MIN_NGRAM, min_share: float = MIN_SHARE, key: str = "drafter.datastore") -> Datastore:
     """:meth:`Datastore.from_chat_rows`, built once per setting (drafters and their per-row copies share it).
     ``min_ngram`` and ``min_share`` are checked first (:func:`check_settings`)."""
     check_settings(min_ngram, min_share, key)
-    return Datastore.from_chat_rows(path, key=key, min_ngram=min_ngram, max_ngram=max(4, min_ngram),
+    return Datastore.from_chat_rows(path, key=key, min_ngram=min_ngram, max_ngram=max(MAX_NGRAM, min_ngram),
                                     min_share=float(min_share))

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from drafters.datastore import Datastore, check_settings, load_datastore, rows_file
+from drafters.datastore import MIN_NGRAM, MIN_SHARE, Datastore, check_settings, load_datastore, rows_file
 from specdec.drafting import DraftContext, Drafter
 from specdec.errors import ConfigError, positive_int
 from specdec.types import DraftTree
@@ -34,8 +34,8 @@ class NGramDrafter(Drafter):
     name = "ngram"
 
     def __init__(self, num_speculative_tokens: int = 4, max_ngram: int = 3, min_ngram: int = 1, match: str = "last",
-                 datastore: Datastore | str | None = None, datastore_min_ngram: int = 3,
-                 datastore_min_share: float = 0.5):
+                 datastore: Datastore | str | None = None, datastore_min_ngram: int = MIN_NGRAM,
+                 datastore_min_share: float = MIN_SHARE):
         super().__init__()
         positive_int(num_speculative_tokens, "drafter.num_speculative_tokens")
         check_ngram_sizes(min_ngram, max_ngram, "drafter.")
@@ -54,7 +54,7 @@ class NGramDrafter(Drafter):
         loads)."""
         datastore = config.get("datastore")
         if isinstance(datastore, (str, os.PathLike)):
-            check_settings(config.get("datastore_min_ngram", 3), config.get("datastore_min_share", 0.5))
+            check_settings(config.get("datastore_min_ngram", MIN_NGRAM), config.get("datastore_min_share", MIN_SHARE))
             rows_file(datastore, "drafter.datastore")
 
     @property

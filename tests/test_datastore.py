@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -43,6 +45,11 @@ def test_rare_or_ambiguous_continuations_are_not_drafted():
         Datastore(rows, 3, 2)
     with pytest.raises(ConfigError, match="min_share"):
         Datastore(rows, 1, 2, min_share=1.5)
+    for bad, says in (({"min_ngram": 2.5}, "datastore min_ngram=2.5: it must be an integer"),
+                      ({"max_ngram": 3.0}, "datastore max_ngram=3.0"), ({"min_count": True}, "datastore min_count=True"),
+                      ({"min_share": "0.5"}, "datastore min_share='0.5': it must be a number in")):
+        with pytest.raises(ConfigError, match=re.escape(says)):  # 2.5 was truncated to 2 without a word
+            Datastore(rows, **({"min_ngram": 1, "max_ngram": 3} | bad))
 
 
 def _proposal(drafter, tokens):

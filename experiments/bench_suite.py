@@ -25,7 +25,6 @@ import argparse
 import json
 import statistics
 import sys
-from collections import defaultdict
 
 import torch
 
@@ -33,6 +32,7 @@ from experiments import cli
 from experiments.bench import verify_curve
 from experiments.bench_methods import Method, decode_run, pick_methods, pooled_tau, run_all
 from experiments.bench_output import machine_line
+from experiments.bench_suite_inputs import eagle_dirs, load_inputs
 from experiments.greedy_check import TOLERANCE
 from experiments.hf_generate import hf, hf_assisted
 from specdec.errors import SpecDecError
@@ -121,95 +121,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def load_inputs(args):
-    """``(target, tokenizer, draft or None, medusa heads dir or None, prompts)``; prompts: ``[(category, ids [1, T])]``."""
-    from experiments.data import load_prompts, prompt_ids
-    from experiments.draft_training import find_draft
-    from experiments.pretrained import ensure_model
-    from experiments.suite import suite_path
-    from specdec.models import load_causal_lm, load_tokenizer
-
-    target_dir = str(ensure_model(args.model, cache_dir=args.cache_dir))
-    target, tok = load_causal_lm(target_dir, dtype=args.dtype, role="target"), load_tokenizer(target_dir)
-    draft_path, why = find_draft(args.model, args.cache_dir)
-    draft = load_causal_lm(draft_path, dtype=args.draft_dtype or args.dtype, role="draft") if draft_path else None
-    path = suite_path(args.cache_dir) if args.dataset == "suite" else args.dataset
-    taken: dict[str, int] = defaultdict(int)
-    prompts = []
-    for prompt in load_prompts(path):
-        if taken[prompt.category] < args.per_category:
-            taken[prompt.category] += 1
-            prompts.append((prompt.category, prompt_ids(prompt, tok)))
-    medusa = medusa_dir(args, target)
-    check_rows(args, why, medusa, target)
-    return target, tok, draft, medusa, prompts
-
-
-def check_rows(args, draft_missing: str | None, medusa: str | None, target) -> None:
-    """One error for an option that would add no row, before anything runs (a table without the rows asked for
-    reads as if they had been measured): ``--draft-vocab-from`` without the distilled draft (``draft_missing``
-    says why it is not there and how to build it), ``--medusa-nodes`` / ``--medusa-dynamic`` without Medusa heads,
-    ``--eagle-budget`` without EAGLE heads, ``--confidence`` with neither the draft nor EAGLE heads."""
-    def train(kind: str) -> str:
-        return f"train them with `python -m experiments.train_{kind} target={args.model} generated_source=chats`"
-
-    if args.draft_vocab_from and draft_missing:
-        raise SpecDecError(f"--draft-vocab-from adds a row of the distilled draft, but {draft_missing}; or leave "
-                           "--draft-vocab-from out")
-    flag = "--medusa-nodes" if args.medusa_nodes else "--medusa-dynamic" if args.medusa_dynamic else None
-    if flag and medusa is None:
-        raise SpecDecError(f"{flag} adds Medusa rows, but no Medusa heads are cached for {args.model}: "
-                           f"{train('medusa')}, give --medusa DIR, or leave {flag} out")
-    flag = "--eagle-budget" if args.eagle_budget else "--confidence" if args.confidence and draft_missing else None
-    if flag and not eagle_dirs(args, target):
-        rows = "EAGLE" if flag == "--eagle-budget" else "draft-model and EAGLE"
-        raise SpecDecError(f"{flag} adds {rows} rows, but no EAGLE heads are cached for {args.model}"
-                           + ("" if flag == "--eagle-budget" else " and the distilled draft is not built")
-                           + f": {train('eagle')}, give --eagle DIR, or leave {flag} out")
-
-
-def medusa_dir(args, target) -> str | None:
-    """``--medusa``, else the heads ``train_medusa target=<model dir>`` writes by default, if present."""
-
-    from drafters.medusa_heads import CONFIG_FILE, default_heads_dir
-
-    if args.medusa:
-        return args.medusa
-    from experiments.pretrained import model_dir
-
-    found = cached_heads(default_heads_dir("x", args.cache_dir).parent, model_dir(args.model, args.cache_dir).name,
-                         CONFIG_FILE, target)
-    return str(found) if found else None
-
-
-def cached_heads(parent, name: str, config_file: str, target):
-    """The heads directory ``<parent>/<name>-<fingerprint>`` trained for ``target``, or None.
-
-    The fingerprint in the name is the float32 target's; a target loaded in another dtype (``--dtype
-    bfloat16``) matches through the fingerprint each candidate's config records (dtype rounding aside).
-    """
-    import json
-    from pathlib import Path
-
-    from drafters.head_files import same_target, target_fingerprint
-
-    actual = target_fingerprint(target)
-    exact = Path(parent) / f"{name}-{actual['sha256'][:10]}"
-    if (exact / config_file).is_file():
-        return exact
-    for path in sorted(Path(parent).glob(f"{name}-*")):
-        try:
-            recorded = json.loads((path / config_file).read_text()).get("target") or {}
-        except (OSError, ValueError):
-            continue
-        if same_target(recorded, actual):
-            return path
-    return None
-
-
 # --------------------------------------------------------------------------- methods
 
 
@@ -253,26 +164,6 @@ def drafters_for(target, draft, medusa: str | None, args) -> dict:
             found[f"ours_{version}_dyn{args.eagle_budget}"] = EagleDrafter(
                 path, num_speculative_tokens=args.k + 2, budget=args.eagle_budget, dtype=args.draft_dtype)
     return found
-
-
-def eagle_dirs(args, target) -> list[str]:
-    """``--eagle`` (comma-separated head directories), else the heads ``train_eagle target=<model>`` writes
-    by default (eagle2 and eagle3), those present."""
-    from pathlib import Path
-
-    from drafters.eagle_heads import FILES, default_heads_dir
-
-    if args.eagle:
-        given = [p for p in args.eagle.split(",") if p]
-        if missing := [p for p in given if not Path(p).expanduser().is_dir()]:
-            raise SpecDecError(f"--eagle {missing[0]}: no such directory; train one with python -m "
-                               f"experiments.train_eagle target={args.model}, or leave --eagle out")
-        return given
-    from experiments.pretrained import model_dir
-
-    parent, name = default_heads_dir("eagle3", "x", args.cache_dir).parent, model_dir(args.model, args.cache_dir).name
-    found = [cached_heads(parent, f"{v}-{name}", FILES.config_file, target) for v in ("eagle2", "eagle3")]
-    return [str(p) for p in found if p]
 
 
 def behind_lookup_all(ours: dict, args) -> dict:

@@ -163,16 +163,17 @@ def test_options_that_would_add_no_row_are_one_error(argv, draft_missing, medusa
     """An option whose rows need a drafter that is not there (no distilled draft, no cached heads) would leave its
     rows out of the table without a word: one error naming the flag and how to get the drafter, before anything
     runs. With the drafter there, nothing is refused."""
-    from experiments import bench_suite
+    from experiments import bench_suite_inputs
+    from experiments.bench_suite import parse_args
     from specdec.errors import SpecDecError
 
-    monkeypatch.setattr(bench_suite, "eagle_dirs", lambda args, target: eagle)
-    args = bench_suite.parse_args(argv)
+    monkeypatch.setattr(bench_suite_inputs, "eagle_dirs", lambda args, target: eagle)
+    args = parse_args(argv)
     if says is None:
-        bench_suite.check_rows(args, draft_missing, medusa, target=None)
+        bench_suite_inputs.check_rows(args, draft_missing, medusa, target=None)
         return
     with pytest.raises(SpecDecError, match="^" + argv[0]) as err:
-        bench_suite.check_rows(args, draft_missing, medusa, target=None)
+        bench_suite_inputs.check_rows(args, draft_missing, medusa, target=None)
     assert says in str(err.value) and f"or leave {argv[0]} out" in str(err.value)
 
 

@@ -55,7 +55,7 @@ def test_bf16_speculative_output_is_greedy_up_to_rounding_and_a_wrong_token_is_n
 
 def test_heads_named_by_the_float32_fingerprint_are_found_from_a_bf16_target(tmp_path):
     from drafters.head_files import target_fingerprint
-    from experiments.bench_suite import cached_heads
+    from experiments.bench_suite_inputs import cached_heads
 
     target, other = peaky_pair(vocab=32, seed=0)[0], peaky_pair(vocab=32, seed=5)[0]
     info = target_fingerprint(target)

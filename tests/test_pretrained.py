@@ -156,7 +156,7 @@ def _trained_heads(target) -> dict:
     from argparse import Namespace
 
     from drafters import EagleDrafter, MedusaDrafter
-    from experiments.bench_suite import eagle_dirs, medusa_dir
+    from experiments.bench_suite_inputs import eagle_dirs, medusa_dir
 
     where = Namespace(model="smollm2", cache_dir=None, medusa=None, eagle=None)
     found = {f"eagle_{i}": EagleDrafter(path, num_speculative_tokens=3) for i, path in enumerate(eagle_dirs(where, target))}

@@ -333,8 +333,10 @@ def finished_report(out_dir: Path, settings: dict, recipe: HeadRecipe, force: bo
         return None  # no finished head there (or an unreadable one: training replaces it)
     changed = setting_changes(training, settings)
     report = read_eval(out_dir)
-    if not (out_dir / recipe.files.weights_file).is_file() or report is None:
-        changed.append(f"no {recipe.files.weights_file}" if report is not None else f"no {EVAL_FILE}")
+    if report is None:
+        changed.append(f"no {EVAL_FILE}")
+    elif problem := unreadable(out_dir / recipe.files.weights_file):
+        changed.append(f"{recipe.files.weights_file} {problem}")
     if changed:
         print(f"{out_dir} holds {recipe.files.label} trained with other settings or unfinished ({', '.join(changed)}): "
               "this run replaces it when it finishes", file=sys.stderr)
@@ -345,6 +347,21 @@ def finished_report(out_dir: Path, settings: dict, recipe: HeadRecipe, force: bo
     print(f"{out_dir} already holds {recipe.files.label} trained with these settings on this target: nothing to do "
           f"(its eval.json follows; force=true trains it again, out_dir=<dir> trains another)", file=sys.stderr)
     return {**report, "reused": True}
+
+
+def unreadable(weights: Path) -> str | None:
+    """Why a finished head's weights file cannot be loaded (missing, truncated, corrupt), or None: a rerun that
+    called such a head finished would leave decoding's error ("retrain") with nothing to retrain."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not weights.is_file():
+        return "is missing"
+    try:
+        load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        return f"is unreadable ({exc})"
+    return None
 
 
 def train_from_hydra(cfg: DictConfig, recipe: HeadRecipe, format_report) -> dict:

@@ -26,8 +26,8 @@ def assert_resume_is_exact(train, compose, overrides: list[str], tmp_path, capfd
 
 def assert_finished_head_is_reused(train, compose, overrides: list[str], tmp_path, capfd, load) -> None:
     """After :func:`assert_resume_is_exact`: a rerun with the same settings into the finished head's directory
-    trains nothing and returns the head's report; ``force=true`` trains it again (seeded: the same tensors);
-    other settings train and replace it, saying so."""
+    trains nothing and returns the head's report; ``force=true`` trains it again (seeded: the same tensors), as
+    does a rerun over a truncated weights file; other settings train and replace it, saying so."""
     out = tmp_path / "a"
     weights = next(p for p in out.iterdir() if p.suffix == ".safetensors")
     before, stamp = load(out).state_dict(), weights.stat().st_mtime_ns
@@ -39,6 +39,11 @@ def assert_finished_head_is_reused(train, compose, overrides: list[str], tmp_pat
     assert "reused" not in report and weights.stat().st_mtime_ns != stamp
     after = load(out).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # training is seeded: the same head again
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: decoding says "retrain", so the rerun must train
+    capfd.readouterr()
+    report = train(compose(*overrides, f"out_dir={out}"), tmp_path / "run_repair")
+    assert "reused" not in report and f"{weights.name} is unreadable" in capfd.readouterr().err
+    assert all(torch.equal(before[k], v) for k, v in load(out).state_dict().items())
     steps = [o for o in overrides if not o.startswith("steps=")] + ["steps=5"]
     capfd.readouterr()
     report = train(compose(*steps, f"out_dir={out}"), tmp_path / "run_other")

@@ -67,6 +67,7 @@ def medusa_tree(rank_acc: Sequence[Sequence[float]], num_nodes: int, max_depth: 
     token at depth ``d + 1``; depth is limited to ``len(rank_acc)`` (and ``max_depth``). Paths are
     returned best first (:func:`specdec.tree.best_tree_by_depth`).
     """
+    positive_int(max_depth, "max_depth", allow_none=True)  # a slice [:-1] or [:0] would drop or empty the heads
     return best_tree_by_depth(rank_acc if max_depth is None else rank_acc[:max_depth], num_nodes)
 
 

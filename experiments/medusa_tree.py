@@ -24,6 +24,7 @@ from specdec.errors import SpecDecError
 from specdec.tree import PRESET_DIR, chain_paths, load_preset
 
 MARKER = "# Medusa tree derived by experiments.medusa_tree"
+MEASURE_CONTEXT = 256  # --measure scores the heads on chunks of this many held-out tokens
 
 
 def measure_rank_accuracy(heads_dir: Path, target_dir: str | None, tokenizer_dir: str | None, eval_tokens: int,
@@ -89,10 +90,12 @@ def check_overwrite(out: Path, heads_dir: Path) -> None:
 
 def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, max_depth: int | None = None,
            measure: bool = False, target: str | None = None, tokenizer: str | None = None, eval_tokens: int = 32768,
-           context: int = 256, force: bool = False, source: str = "auto") -> tuple[Path, float]:
+           context: int = MEASURE_CONTEXT, force: bool = False, source: str = "auto") -> tuple[Path, float]:
     """Write ``<out_dir>/<name>.yaml``; returns its path and the expected tau."""
     if nodes < 1:
         raise SpecDecError(f"--nodes {nodes}: give at least one node")
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise SpecDecError(f"--name {name!r}: give a preset name, not a path (--out-dir says where it goes)")
     report = None if measure else read_eval(heads_dir)
     acc = report_rank_accuracy(report, source)
     if source == "auto" and acc:
@@ -111,8 +114,14 @@ def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, m
     if out.exists() and not force:
         check_overwrite(out, heads_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(preset_yaml(paths, acc, heads_dir, tau, comparisons, source), encoding="utf-8")
-    load_preset(out)  # check it reads back as a tree
+    draft = out.with_name(f".{out.name}.tmp")  # a preset that does not read back never replaces the one there
+    draft.write_text(preset_yaml(paths, acc, heads_dir, tau, comparisons, source), encoding="utf-8")
+    try:
+        load_preset(draft)  # check it reads back as a tree
+    except SpecDecError:
+        draft.unlink()
+        raise
+    draft.replace(out)
     return out, tau
 
 
@@ -120,17 +129,19 @@ def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, m
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="python -m experiments.medusa_tree", description=__doc__.split("\n")[0])
     parser.add_argument("heads_dir", type=Path, help="a trained heads directory (experiments.train_medusa writes one)")
-    parser.add_argument("--nodes", type=int, default=32, help="tree size (default 32)")
+    parser.add_argument("--nodes", type=cli.int_at_least(1), default=32, help="tree size (default 32)")
     parser.add_argument("--name", default=None, help="preset name (default medusa<nodes>)")
     parser.add_argument("--out-dir", type=Path, default=PRESET_DIR, help=f"where to write it (default {PRESET_DIR})")
-    parser.add_argument("--max-depth", type=int, default=None, help="deepest level (default: number of heads)")
+    parser.add_argument("--max-depth", type=cli.int_at_least(1), default=None,
+                        help="deepest level (default: number of heads)")
     parser.add_argument("--source", choices=("auto", "generated", "corpus"), default="auto",
                         help="which eval.json accuracies: generated (held-out prompts continued greedily by the "
                              "target: the greedy decode regime), corpus (held-out text), auto (generated if there)")
     parser.add_argument("--measure", action="store_true", help="measure accuracy on held-out text afresh")
     parser.add_argument("--target", default=None, help="target directory for --measure (default: the recorded one)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory for --measure")
-    parser.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens for --measure")
+    parser.add_argument("--eval-tokens", type=cli.int_at_least(MEASURE_CONTEXT), default=32768,
+                        help=f"held-out tokens for --measure (whole {MEASURE_CONTEXT}-token chunks; at least one)")
     parser.add_argument("--force", action="store_true", help="overwrite a preset not written by this tool")
     args = parser.parse_args(argv)
     path, tau = derive(args.heads_dir.expanduser(), args.nodes, args.name or f"medusa{args.nodes}", args.out_dir,

@@ -297,6 +297,29 @@ def test_medusa_tree_presets_from_a_report(tmp_path):
     assert (tmp_path / "mine.yaml").read_text() == "paths: [[0]]\n"
 
 
+def test_medusa_tree_refuses_a_depth_below_one_a_path_as_name_and_never_writes_a_bad_preset(tmp_path, monkeypatch):
+    """``--max-depth 0`` overwrote a good preset with ``paths: []`` before saying it was empty (and -1 sliced off
+    the last head); ``--name ../x`` wrote outside ``--out-dir``; a preset that does not read back now never
+    replaces the one there."""
+    from experiments import medusa_tree
+
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    (heads / "eval.json").write_text(json.dumps({"rank_accuracy": [[0.6, 0.2], [0.4, 0.1], [0.3, 0.1]]}))
+    out, _ = medusa_tree.derive(heads, 4, "m4", out_dir=tmp_path)
+    good = out.read_text()
+    for depth in (0, -1):
+        with pytest.raises(ConfigError, match=f"max_depth={depth}: it must be an integer >= 1"):
+            medusa_tree.derive(heads, 4, "m4", out_dir=tmp_path, max_depth=depth)
+    for name in ("../x", "a/b", ".."):
+        with pytest.raises(SpecDecError, match="give a preset name, not a path"):
+            medusa_tree.derive(heads, 4, name, out_dir=tmp_path)
+    monkeypatch.setattr(medusa_tree, "preset_yaml", lambda *args: f"{medusa_tree.MARKER}\npaths: []\n")
+    with pytest.raises(SpecDecError, match="empty"):
+        medusa_tree.derive(heads, 4, "m4", out_dir=tmp_path)
+    assert out.read_text() == good and sorted(p.name for p in tmp_path.iterdir()) == ["heads", "m4.yaml"]
+
+
 def test_medusa_tree_keeps_a_preset_derived_from_other_heads(tmp_path):
     """A preset the tool derived from other heads (the shipped medusa32 from the default heads; a trial's micro
     heads overwrote it; two targets' heads both in a directory called ``heads``) is kept unless ``--force``; the same

@@ -238,7 +238,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     try:
         writer.write_summary(summarize("running"))
         guarded.log_config(config)
-        guarded.log_resumed(previous.records)
+        guarded.log_resumed(previous.records, extra["question_ids"])
         if warmed := warm_up(decoders, encoded, cfg):
             extra["warmup_time_compile"] = warmed
         pending = [(i, p) for i, p in enumerate(encoded) if p.question_id not in previous.done]  # resumed: the rest

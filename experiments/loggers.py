@@ -34,8 +34,9 @@ class Logger:
     def log_prompt(self, index: int, record: dict) -> None:
         """Record one decoded prompt (a ``records.jsonl`` line with its ``stats`` dict)."""
 
-    def log_resumed(self, records: list[dict]) -> None:
-        """Records decoded before this run was interrupted (already logged then); the run continues after them."""
+    def log_resumed(self, records: list[dict], question_ids: list | tuple = ()) -> None:
+        """Records decoded before this run was interrupted (already logged then, unless this logger's run is new);
+        the run continues after them. ``question_ids``: the run's prompts in order (a record's index)."""
 
     def log_summary(self, summary: dict) -> None:
         """Record the final summary (the content of ``summary.json``)."""
@@ -136,9 +137,14 @@ class WandbLogger(Logger):
             self.run.log({"decode_step": self._step, "step/accepted_drafts": accepted,
                           "step/proposed_drafts": proposed, "step/prompt_index": index})
 
-    def log_resumed(self, records: list[dict]) -> None:
+    def log_resumed(self, records: list[dict], question_ids: list | tuple = ()) -> None:
         """Go on after the resumed records' steps, or after every step the W&B run was sent (its state counts
-        them: records decoded again, a batch that lost a row, were sent too), whichever is more."""
+        them: records decoded again, a batch that lost a row, were sent too), whichever is more. A W&B run that
+        is new (the records were made with another logger, or the earlier run was set aside with prompts this run
+        leaves out) is sent the records first."""
+        if self.state is not None and not self.state.existed:
+            self._log_records(records, question_ids)
+            return
         kept = sum(len(r.get("stats", {}).get("accepted_per_step", [])) for r in records
                    if r.get("method", "speculative") == "speculative")
         self._step = max(self._step, kept)
@@ -170,12 +176,16 @@ class WandbLogger(Logger):
             return False
         self.log_config(summary.get("config") or {})
         if not state.existed:
-            index = {qid: i for i, qid in enumerate(summary.get("question_ids") or [])}
-            for position, record in enumerate(records):
-                self.log_prompt(index.get(record.get("question_id"), position), record)
+            self._log_records(records, summary.get("question_ids") or [])
         self.log_summary(summary)
         self.finish()
         return True
+
+    def _log_records(self, records: list[dict], question_ids: list | tuple) -> None:
+        """Send ``records`` as :meth:`log_prompt` would have, each at its prompt's index in ``question_ids``."""
+        index = {qid: i for i, qid in enumerate(question_ids)}
+        for position, record in enumerate(records):
+            self.log_prompt(index.get(record.get("question_id"), position), record)
 
 
 _SCALAR_KEYS = ("tau", "mean_accepted_drafts", "mean_proposed_drafts", "draft_acceptance_rate", "tokens_per_s",
@@ -219,8 +229,8 @@ class GuardedLogger(Logger):
     def log_prompt(self, index: int, record: dict) -> None:
         self._call("log_prompt", index, record)
 
-    def log_resumed(self, records: list[dict]) -> None:
-        self._call("log_resumed", records)
+    def log_resumed(self, records: list[dict], question_ids: list | tuple = ()) -> None:
+        self._call("log_resumed", records, question_ids)
 
     def log_summary(self, summary: dict) -> None:
         self._call("log_summary", summary)

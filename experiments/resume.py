@@ -57,7 +57,8 @@ ADDED_KEYS = {("sampling", "min_p"): 0.0}
 
 #: Files that belong to one config's results; set aside together when the config changes (``wandb``: the
 #: directory of its W&B runs).
-RUN_FILES = (RECORDS_FILE, SUMMARY_FILE, WANDB_STATE_FILE, "wandb")
+WANDB_FILES = (WANDB_STATE_FILE, "wandb")
+RUN_FILES = (RECORDS_FILE, SUMMARY_FILE, *WANDB_FILES)
 #: The lock file that claims a run directory for one process.
 LOCK_FILE = ".run.lock"
 
@@ -125,17 +126,18 @@ class ResumeState:
     drafter_shape: dict = field(default_factory=dict)
 
 
-def set_aside(run_dir: Path, reason: str, names: tuple[str, ...] = RUN_FILES, keep: bool = False) -> Path | None:
-    """Move the run's files (``names``, default :data:`RUN_FILES`) into ``run_dir/superseded-<time>/``, or copy
-    them there with ``keep``; return it (None if there was nothing). Moved, the W&B run goes with them, so the new
-    results get a W&B run of their own."""
-    files = [run_dir / name for name in names if (run_dir / name).exists()]
-    if not files:
+def set_aside(run_dir: Path, reason: str, move: tuple[str, ...] = RUN_FILES, copy: tuple[str, ...] = ()) -> Path | None:
+    """Move the run's files ``move`` (default :data:`RUN_FILES`) into ``run_dir/superseded-<time>/`` and copy those
+    of ``copy`` there (a resume reads them where they are); return it (None if there was nothing). Moved, the W&B
+    run goes with them, so the new results get a W&B run of their own."""
+    present = [(run_dir / name, keep) for names, keep in ((move, False), (copy, True)) for name in names
+               if (run_dir / name).exists()]
+    if not present:
         return None
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     target = run_dir / f"superseded-{stamp}"
     target.mkdir()
-    for path in files:
+    for path, keep in present:
         if keep:
             shutil.copy2(path, target / path.name)
         else:
@@ -225,9 +227,10 @@ def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids:
     if split_up := done - state.done:
         reasons.append(f"{len(split_up)} earlier prompt(s) decoded in a batch that is not kept whole are decoded "
                        "again (a batch's time is its rows' together)")
-    if reasons:
-        copied = set_aside(run_dir, "; ".join(reasons), (RECORDS_FILE, SUMMARY_FILE), keep=True)
-        state.messages.append(f"{'; '.join(reasons)}; the earlier records and summary are copied to {copied}")
+    if reasons:  # prompts left out: their series leave the W&B run too (a new one gets the kept records)
+        copied = set_aside(run_dir, "; ".join(reasons), WANDB_FILES if dropped else (), (RECORDS_FILE, SUMMARY_FILE))
+        state.messages.append(f"{'; '.join(reasons)}; the earlier records and summary are copied to {copied}"
+                              + (" and their W&B run moved there (this run logs to a new one)" if dropped else ""))
     seen: set = set()
     for record in records:  # one record per (prompt, method): the first complete one
         key = (record.get("question_id"), record.get("method"))

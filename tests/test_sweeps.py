@@ -334,7 +334,7 @@ def test_set_aside_moves_a_changed_configs_files_and_copies_those_a_resume_keeps
     assert "another config" in (moved / "REASON.txt").read_text()
     for name in (RECORDS_FILE, SUMMARY_FILE):
         (tmp_path / name).write_text(name)
-    copied = set_aside(tmp_path, "fewer prompts", (RECORDS_FILE, SUMMARY_FILE), keep=True)
+    copied = set_aside(tmp_path, "fewer prompts", (), (RECORDS_FILE, SUMMARY_FILE))
     assert copied != moved
     for name in (RECORDS_FILE, SUMMARY_FILE):
         assert (tmp_path / name).read_text() == name and (copied / name).read_text() == name

@@ -205,3 +205,26 @@ def test_a_second_identical_command_waits_then_skips(tmp_path):
     assert len(waited) == 1 and str(tmp_path) in waited[0] and "another process" in waited[0]
     assert f"skipping {tmp_path}" in stderr
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2 * 2  # decoded once
+
+
+@pytest.mark.requires("wandb")
+def test_a_rerun_with_fewer_prompts_logs_the_kept_ones_to_a_new_wandb_run(tmp_path, monkeypatch):
+    """The earlier W&B run holds every prompt's series; logging the rerun's summary of fewer prompts into it mixed
+    two runs. It moves aside with the earlier records, and the rerun's new W&B run gets the kept prompts' records
+    (resumed, not decoded again) at their indices, then its own summary."""
+    from experiments import loggers
+    from tests.test_metrics_logged import FakeRun
+
+    started = []
+    monkeypatch.setattr(loggers, "start_wandb", lambda init, timeout: started.append(FakeRun(**init)) or started[-1])
+    decode.run(compose_cfg(*TINY, "num_prompts=3"), tmp_path, logger=WandbLogger(tmp_path))
+    first = started[-1].init["id"]
+    again = decode.run(compose_cfg(*TINY, "num_prompts=2"), tmp_path, logger=WandbLogger(tmp_path))
+    assert again["resumed_prompts"] == 2 and started[-1].init["id"] != first
+    sent = [(d["prompt_index"], key) for d, _ in started[-1].logged if "prompt_index" in d for key in d
+            if key.endswith("/tau")]
+    assert sorted(sent) == [(0, "prompt/baseline/tau"), (0, "prompt/speculative/tau"), (1, "prompt/baseline/tau"),
+                            (1, "prompt/speculative/tau")]
+    assert started[-1].summary and RunState.load(tmp_path).run_id == started[-1].init["id"]
+    aside = next(tmp_path.glob("superseded-*"))
+    assert json.loads((aside / STATE_FILE).read_text())["id"] == first

@@ -73,6 +73,17 @@ def find_draft(name: str, cache_dir: str | Path | None = None) -> tuple[str | No
     return str(path), None
 
 
+def check_layers(layers: int, target) -> None:
+    """ConfigError unless the draft keeps fewer layers than ``target`` has (more would add random layers the target's
+    weights never initialise; as many is the target itself, at no saving)."""
+    from specdec.errors import ConfigError
+
+    have = target.config.num_hidden_layers
+    if layers >= have:
+        raise ConfigError(f"layers={layers}: the draft keeps the target's first layers, and it has {have}; give "
+                          f"1..{have - 1} (default {DraftSettings.layers})")
+
+
 def init_draft(target, layers: int):
     """A ``layers``-layer copy of ``target``'s architecture holding its first layers, final norm and embeddings."""
     import copy
@@ -177,6 +188,7 @@ def build_draft(name: str, settings: DraftSettings, cache_dir: str | None = None
             log.warning("the distilled draft at %s is invalid (%s); building it again", dest, exc)
     target_dir = str(ensure_model(name, cache_dir=cache_dir))
     target, tokenizer = load_causal_lm(target_dir, role="target"), load_tokenizer(target_dir)
+    check_layers(settings.layers, target)  # before the expensive generation
     start = time.perf_counter()
     rows, rows_manifest = ensure_generations(target, tokenizer, target_dir, settings.chats, settings.max_new_tokens,
                                              cache_dir=cache_dir, progress=progress)

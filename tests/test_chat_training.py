@@ -68,3 +68,21 @@ def test_distilled_draft_starts_from_the_target_and_learns_its_answers(tiny):
 def test_missing_draft_names_the_build_command(tmp_path):
     path, hint = draft_training.find_draft("smollm2", tmp_path)
     assert path is None and "python -m experiments.build_draft target=smollm2" in hint
+
+
+def test_a_draft_as_deep_as_its_target_is_refused_before_the_answers_are_generated(tiny, monkeypatch, tmp_path):
+    """``build_draft layers=99`` went on to generate the target's answers (the expensive step) and would have built
+    a 'draft' of 30 copied layers and 69 random ones."""
+    from experiments import pretrained
+    from specdec import models
+    from specdec.errors import ConfigError
+
+    target, tok = tiny
+    monkeypatch.setattr(pretrained, "ensure_model", lambda name, cache_dir=None: tmp_path)
+    monkeypatch.setattr(models, "load_causal_lm", lambda *args, **kwargs: target)
+    monkeypatch.setattr(models, "load_tokenizer", lambda *args, **kwargs: tok)
+    monkeypatch.setattr(chat_data, "ensure_generations", lambda *args, **kwargs: pytest.fail("generated first"))
+    have = target.config.num_hidden_layers
+    for layers in (have, have + 1):
+        with pytest.raises(ConfigError, match=rf"layers={layers}: .* it has {have}; give 1\.\.{have - 1}"):
+            draft_training.build_draft("smollm2", draft_training.DraftSettings(layers=layers), cache_dir=str(tmp_path))

@@ -108,9 +108,18 @@ def _rebuild_summary(path: Path, records: list[dict]) -> dict | None:
     num = len({r["question_id"] for r in records})
     summary = build_summary(results, greedy=greedy, status="no summary (rebuilt from records)", num_prompts=num,
                             extra={"config": config, "drafter": records[0].get("drafter")})
-    rule = config.get("acceptance") or {}
-    summary["acceptance"] = rule.get("name") or str(rule.get("_target_", "")).rsplit(".", 1)[-1] or None
+    summary["acceptance"] = rule_name(config.get("acceptance") or {})
     return summary
+
+
+def rule_name(rule: dict) -> str | None:
+    """The name a run's summary gives the acceptance rule of config ``rule`` (``greedy`` for
+    ``specdec.acceptance.GreedyAcceptance``, as decode writes it); a custom rule's class name."""
+    from specdec.acceptance import RULES
+
+    cls = str(rule.get("_target_", "")).rsplit(".", 1)[-1]
+    names = {c.__name__: name for name, c in RULES.items()}
+    return rule.get("name") or names.get(cls) or cls or None
 
 
 def load_run(path: Path, root: Path) -> Run:

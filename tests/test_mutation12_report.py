@@ -406,3 +406,13 @@ def test_two_runs_one_of_them_a_tree_get_the_nodes_chart(tmp_path):
     chain = run("chain", {"drafter": {"num_speculative_tokens": 4}}, 4.0)
     tree = run("binary", {"tree": {"paths": [[0], [1], [0, 0]]}}, 3.0)
     assert "tau_speedup_vs_nodes" in make_plots([chain, tree], [], tmp_path)
+
+
+def test_a_rebuilt_summary_names_the_rule_as_decode_does():
+    """A run rebuilt from records showed ``GreedyAcceptance`` in the report's acceptance column beside complete runs'
+    ``greedy``: the built-in rules take their short names, a custom rule its class name."""
+    from experiments.runs import rule_name
+
+    assert rule_name({"_target_": "specdec.acceptance.GreedyAcceptance"}) == "greedy"
+    assert rule_name({"_target_": "specdec.acceptance.TypicalAcceptance", "posterior_threshold": 0.1}) == "typical"
+    assert rule_name({"_target_": "mine.rules.Lenient"}) == "Lenient" and rule_name({}) is None

@@ -10,10 +10,11 @@ from specdec.errors import ConfigError
 from specdec.files import atomic_write
 
 
-def save_checkpoint(path: Path, step: int, heads: torch.nn.Module, optimizer, settings: dict, elapsed: float) -> None:
-    """Write the heads, optimizer state and progress to ``path`` atomically."""
+def save_checkpoint(path: Path, step: int, heads: torch.nn.Module, optimizer, settings: dict, elapsed: float,
+                    wandb_id: str | None = None) -> None:
+    """Write the heads, optimizer state and progress (and the W&B run it logs to) to ``path`` atomically."""
     state = {"step": step, "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "settings": settings,
-             "elapsed_s": elapsed}
+             "elapsed_s": elapsed, "wandb_id": wandb_id}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 

@@ -278,14 +278,15 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=tuple(recipe.betas))
     make_dir(out_dir, "out_dir" if cfg.out_dir else "cache_dir")  # after the head is built: a bad setting leaves none
-    ckpt, start, elapsed = out_dir / "checkpoint.pt", 0, 0.0
+    ckpt, start, elapsed, wandb_id = out_dir / "checkpoint.pt", 0, 0.0, None
     if cfg.resume and ckpt.is_file():
         state = load_checkpoint(ckpt, settings)
         head.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
-        start, elapsed = int(state["step"]), float(state["elapsed_s"])
-        print(f"resuming from {ckpt} at step {start}/{cfg.steps}", file=sys.stderr)
-    train_log = TrainingLog(run_dir, training_wandb_settings(cfg, run_dir, f"train_{recipe.name}"))
+        start, elapsed, wandb_id = int(state["step"]), float(state["elapsed_s"]), state.get("wandb_id")
+        print(f"resuming from {ckpt} at step {start}/{cfg.steps}" + (f" (W&B run {wandb_id})" if wandb_id else ""),
+              file=sys.stderr)
+    train_log = TrainingLog(run_dir, training_wandb_settings(cfg, run_dir, f"train_{recipe.name}", run_id=wandb_id))
     log.info("training %s for %s: steps %d-%d, %d training rows; head -> %s", recipe.name, where["target"], start,
              cfg.steps, train_chunks.shape[0], out_dir)
     bar = tqdm(total=cfg.steps, initial=start, desc=recipe.name, unit="step", disable=not cfg.progress, file=sys.stderr)
@@ -300,7 +301,7 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
             if done % cfg.log_every == 0 or done == cfg.steps:
                 train_log(metrics, done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(ckpt, done, head, optimizer, settings, time.perf_counter() - t0)
+                save_checkpoint(ckpt, done, head, optimizer, settings, time.perf_counter() - t0, train_log.run_id)
             if on_step is not None:
                 on_step(done)
         bar.close()

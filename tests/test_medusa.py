@@ -258,15 +258,42 @@ def test_decode_entry_point_with_medusa(micro_heads, tmp_path):
 # --------------------------------------------------------------------------- resume
 
 
+#: Six steps of two tiny heads, a checkpoint every two: the resume tests' training.
+SMALL_TRAIN = [o for o in MICRO_TRAIN if not o.startswith(("steps=", "batch_size=", "context=", "train_chars=",
+                                                           "eval_tokens=", "num_heads=", "generated_rows="))] + [
+    "steps=6", "checkpoint_every=2", "batch_size=2", "context=32", "train_chars=40000", "eval_tokens=256",
+    "num_heads=2", "generated_rows=4", "generated_prompt=8", "eval_generated_rows=2"]  # generated rows: seeded
+
+
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, capfd):
     from experiments.train_medusa import train
 
-    small = [o for o in MICRO_TRAIN if not o.startswith(("steps=", "batch_size=", "context=", "train_chars=",
-                                                          "eval_tokens=", "num_heads=", "generated_rows="))]
-    small += ["steps=6", "checkpoint_every=2", "batch_size=2", "context=32", "train_chars=40000", "eval_tokens=256",
-              "num_heads=2", "generated_rows=4", "generated_prompt=8", "eval_generated_rows=2"]  # generated rows: seeded
-    assert_resume_is_exact(train, compose_train, small, tmp_path, capfd, load_heads)
-    assert_finished_head_is_reused(train, compose_train, small, tmp_path, capfd, load_heads)
+    assert_resume_is_exact(train, compose_train, SMALL_TRAIN, tmp_path, capfd, load_heads)
+    assert_finished_head_is_reused(train, compose_train, SMALL_TRAIN, tmp_path, capfd, load_heads)
+
+
+def test_a_resumed_training_logs_on_into_its_wandb_run(tmp_path, monkeypatch):
+    """Each invocation started a W&B run of its own (steps 5-305 in one, 310-535 in another, unlinked): the
+    checkpoint keeps the run's id and a resumed training logs on into it; a fresh training gets a new one."""
+    from experiments import loggers
+    from experiments.train_medusa import train
+    from tests.test_metrics_logged import FakeRun
+
+    def interrupt(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    runs = []
+    monkeypatch.setattr(loggers, "start_wandb", lambda init: runs.append(FakeRun(**init)) or runs[-1])
+    overrides = [o for o in SMALL_TRAIN if o != "logger=none"] + ["logger=wandb", "log_every=1", f"out_dir={tmp_path / 'h'}"]
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_train(*overrides), tmp_path / "run_1", on_step=interrupt)
+    first = runs[-1].init
+    assert first["resume"] == "allow" and [step for _, step in runs[-1].logged] == [1, 2, 3]
+    train(compose_train(*overrides), tmp_path / "run_2")
+    assert runs[-1].init["id"] == first["id"] and [step for _, step in runs[-1].logged][:2] == [3, 4]
+    train(compose_train(*overrides, "force=true"), tmp_path / "run_3")
+    assert runs[-1].init["id"] != first["id"]
 
 
 def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path):

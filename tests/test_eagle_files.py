@@ -226,3 +226,13 @@ def test_empty_heads_mean_the_default_directory_as_for_the_drafter(tmp_path):
             drafter.check_files({"heads": "", "zoo_size": "micro", "cache_dir": str(tmp_path)})
         with pytest.raises(SpecDecError, match=missing):
             getattr(drafter(heads="", zoo_size="micro", cache_dir=str(tmp_path)), loaded)
+
+
+def test_a_version_mismatch_names_the_training_for_the_heads_own_target():
+    """A micro head's version mismatch suggested training for the default pair (no ``zoo_size=micro``)."""
+    from drafters.eagle_heads import same_target
+
+    assert same_target({"zoo_size": "micro", "target": "/c/zoo/micro/target"}) == " zoo_size=micro"
+    assert same_target({"zoo_size": "default", "target": "/c/zoo/default/target"}) == ""
+    assert same_target({"pretrained": "smollm2", "target": "/c/models/smollm2"}) == " target=smollm2"
+    assert same_target({"target": "/my/model"}) == " target=/my/model" and same_target({}) == ""

@@ -22,8 +22,9 @@ def load_checkpoint(path: Path, settings: dict) -> dict:
     """The checkpoint at ``path``; :class:`ConfigError` if it was written with other settings."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file
-        raise ConfigError(f"checkpoint {path} is unreadable ({exc}); delete it or pass resume=false") from exc
+    except Exception as exc:  # any unreadable file (truncated, not a checkpoint): its error's first line
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:160].rstrip(": ")
+        raise ConfigError(f"checkpoint {path} is unreadable ({detail}); delete it or pass resume=false") from exc
     if changed := setting_changes(state["settings"], settings):
         raise ConfigError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); pass resume=false "
                           f"to start over, or out_dir=<another dir>")

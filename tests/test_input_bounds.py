@@ -131,6 +131,11 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     assert head_training.load_checkpoint(path, {"lr": 0.1, "steps": 10})["step"] == 3
     with pytest.raises(ConfigError, match=r"other settings \(lr: 0.1 -> 0.2\)"):
         head_training.load_checkpoint(path, {"lr": 0.2, "steps": 10})
+    whole = path.read_bytes()
+    for cut, says in ((0, "EOFError"), (40, "RuntimeError: PytorchStreamReader failed")):  # an empty detail before
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ConfigError, match=rf"checkpoint .* is unreadable \({says}.*\); delete it or pass resume=false"):
+            head_training.load_checkpoint(path, {"lr": 0.1, "steps": 10})
 
 
 @pytest.mark.parametrize("recipe", ["medusa", "eagle"])

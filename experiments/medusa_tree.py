@@ -114,14 +114,13 @@ def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, m
     if out.exists() and not force:
         check_overwrite(out, heads_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    draft = out.with_name(f".{out.name}.tmp")  # a preset that does not read back never replaces the one there
-    draft.write_text(preset_yaml(paths, acc, heads_dir, tau, comparisons, source), encoding="utf-8")
+    draft = out.resolve().with_name(f".{out.name}.tmp")  # never replaces the preset there unless it reads back
     try:
-        load_preset(draft)  # check it reads back as a tree
-    except SpecDecError:
-        draft.unlink()
-        raise
-    draft.replace(out)
+        draft.write_text(preset_yaml(paths, acc, heads_dir, tau, comparisons, source), encoding="utf-8")
+        load_preset(draft)  # check it reads back as a tree (a path of more than one part: read as a file)
+        draft.replace(out)
+    finally:
+        draft.unlink(missing_ok=True)
     return out, tau
 
 

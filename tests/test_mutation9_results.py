@@ -11,6 +11,7 @@ import io
 import json
 import sys
 import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -318,6 +319,10 @@ def test_medusa_tree_refuses_a_depth_below_one_a_path_as_name_and_never_writes_a
     with pytest.raises(SpecDecError, match="empty"):
         medusa_tree.derive(heads, 4, "m4", out_dir=tmp_path)
     assert out.read_text() == good and sorted(p.name for p in tmp_path.iterdir()) == ["heads", "m4.yaml"]
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)  # --out-dir . (a one-part temporary name was looked up as a preset name)
+    assert medusa_tree.derive(heads, 4, "m5", out_dir=Path("."))[0].read_text().startswith(medusa_tree.MARKER)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heads", "m4.yaml", "m5.yaml"]
 
 
 def test_medusa_tree_keeps_a_preset_derived_from_other_heads(tmp_path):

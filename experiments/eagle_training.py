@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from drafters.draft_vocab import DraftVocabHead, expressible, soft_cross_entropy
-from drafters.eagle_heads import FILES, VERSIONS, EagleHead, default_heads_dir, save_head
+from drafters.eagle_heads import FILES, VERSIONS, EagleHead, default_heads_dir, load_head, save_head
 from experiments.head_data import generate_rows
 from experiments.head_training import HeadRecipe, target_dir_name, teacher
 from specdec.errors import ConfigError
@@ -279,6 +279,9 @@ class EagleRecipe(HeadRecipe):
         if not cfg.target:
             return default_heads_dir(cfg.version, cfg.zoo_size, cfg.cache_dir)
         return default_heads_dir(cfg.version, "x", cfg.cache_dir).parent / f"{cfg.version}-{target_dir_name(cfg, fingerprint)}"
+
+    def load(self, out_dir: Path) -> EagleHead:
+        return load_head(out_dir)
 
     def save(self, head: EagleHead, out_dir: Path, training: dict, report: dict) -> None:
         save_head(head, out_dir, training={**training, "options": self.opts}, evaluation=report)

@@ -11,10 +11,10 @@ from specdec.files import atomic_write
 
 
 def save_checkpoint(path: Path, step: int, heads: torch.nn.Module, optimizer, settings: dict, elapsed: float,
-                    wandb_id: str | None = None) -> None:
-    """Write the heads, optimizer state and progress (and the W&B run it logs to) to ``path`` atomically."""
+                    wandb_group: str | None = None) -> None:
+    """Write the heads, optimizer state and progress (and the W&B group its runs log to) to ``path`` atomically."""
     state = {"step": step, "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "settings": settings,
-             "elapsed_s": elapsed, "wandb_id": wandb_id}
+             "elapsed_s": elapsed, "wandb_group": wandb_group}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 

@@ -29,7 +29,7 @@ from experiments.head_data import (
     token_chunks,
     training_batches,
 )
-from specdec.errors import ConfigError
+from specdec.errors import ConfigError, SpecDecError
 from specdec.models import check_device, set_threads
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,11 @@ class HeadRecipe:
         """Write the trained head and its report to ``out_dir``."""
         raise NotImplementedError
 
+    def load(self, out_dir: Path) -> torch.nn.Module:
+        """The head saved in ``out_dir``, loaded as decoding loads it (its format's error, or
+        :class:`~specdec.checkpoints.CheckpointError` for NaN/inf weights, when it does not load)."""
+        raise NotImplementedError
+
 
 def target_dir_name(cfg: DictConfig, fingerprint: dict) -> str:
     """``<target dir name>-<fingerprint>``: a heads directory name for a target given by path."""
@@ -246,6 +251,7 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     """
     from drafters.head_files import target_fingerprint
     from experiments.loggers import TrainingLog, training_wandb_settings
+    from experiments.wandb_run import new_run_id
     from specdec.files import atomic_write_json
 
     run_dir = Path(run_dir)
@@ -278,15 +284,16 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=tuple(recipe.betas))
     make_dir(out_dir, "out_dir" if cfg.out_dir else "cache_dir")  # after the head is built: a bad setting leaves none
-    ckpt, start, elapsed, wandb_id = out_dir / "checkpoint.pt", 0, 0.0, None
+    ckpt, start, elapsed, group = out_dir / "checkpoint.pt", 0, 0.0, None
     if cfg.resume and ckpt.is_file():
         state = load_checkpoint(ckpt, settings)
         head.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
-        start, elapsed, wandb_id = int(state["step"]), float(state["elapsed_s"]), state.get("wandb_id")
-        print(f"resuming from {ckpt} at step {start}/{cfg.steps}" + (f" (W&B run {wandb_id})" if wandb_id else ""),
+        start, elapsed, group = int(state["step"]), float(state["elapsed_s"]), state.get("wandb_group")
+        print(f"resuming from {ckpt} at step {start}/{cfg.steps}" + (f" (W&B group {group})" if group else ""),
               file=sys.stderr)
-    train_log = TrainingLog(run_dir, training_wandb_settings(cfg, run_dir, f"train_{recipe.name}", run_id=wandb_id))
+    group = group or f"{recipe.name}-{new_run_id()}"  # every invocation of this training logs to this W&B group
+    train_log = TrainingLog(run_dir, training_wandb_settings(cfg, run_dir, f"train_{recipe.name}", group=group))
     log.info("training %s for %s: steps %d-%d, %d training rows; head -> %s", recipe.name, where["target"], start,
              cfg.steps, train_chunks.shape[0], out_dir)
     bar = tqdm(total=cfg.steps, initial=start, desc=recipe.name, unit="step", disable=not cfg.progress, file=sys.stderr)
@@ -301,7 +308,7 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
             if done % cfg.log_every == 0 or done == cfg.steps:
                 train_log(metrics, done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(ckpt, done, head, optimizer, settings, time.perf_counter() - t0, train_log.run_id)
+                save_checkpoint(ckpt, done, head, optimizer, settings, time.perf_counter() - t0, group)
             if on_step is not None:
                 on_step(done)
         bar.close()
@@ -336,8 +343,8 @@ def finished_report(out_dir: Path, settings: dict, recipe: HeadRecipe, force: bo
     report = read_eval(out_dir)
     if report is None:
         changed.append(f"no {EVAL_FILE}")
-    elif problem := unreadable(out_dir / recipe.files.weights_file):
-        changed.append(f"{recipe.files.weights_file} {problem}")
+    elif problem := unreadable(recipe, out_dir):
+        changed.append(problem)
     if changed:
         print(f"{out_dir} holds {recipe.files.label} trained with other settings or unfinished ({', '.join(changed)}): "
               "this run replaces it when it finishes", file=sys.stderr)
@@ -350,18 +357,14 @@ def finished_report(out_dir: Path, settings: dict, recipe: HeadRecipe, force: bo
     return {**report, "reused": True}
 
 
-def unreadable(weights: Path) -> str | None:
-    """Why a finished head's weights file cannot be loaded (missing, truncated, corrupt), or None: a rerun that
-    called such a head finished would leave decoding's error ("retrain") with nothing to retrain."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not weights.is_file():
-        return "is missing"
+def unreadable(recipe: HeadRecipe, out_dir: Path) -> str | None:
+    """Why the finished head in ``out_dir`` does not load as decoding loads it (a missing or truncated weights file,
+    a missing tensor, a wrong shape, NaN weights), or None: a rerun that called such a head finished would leave
+    decoding's error ("retrain") with nothing to retrain."""
     try:
-        load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        return f"is unreadable ({exc})"
+        recipe.load(out_dir)
+    except SpecDecError as exc:
+        return f"the head does not load: {exc}"
     return None
 
 

@@ -283,19 +283,18 @@ def flatten(tree: dict, prefix: str = "", sep: str = "/") -> dict:
 
 
 def training_wandb_settings(cfg: Any, run_dir: Path, job_type: str, tags: Sequence[str] = (),
-                            name: str | None = None, run_id: str | None = None) -> dict | None:
+                            name: str | None = None, group: str | None = None) -> dict | None:
     """``wandb.init`` arguments for a training entry point from its ``logger`` group, or None (``logger=none``).
-    ``run_id``: the W&B run an interrupted training logged to (its checkpoint keeps it), resumed; else a new id."""
+    ``group``: the W&B group of every invocation of one training (a resumed one's runs share it; each invocation is
+    a run of its own: offline runs that share an id replace each other when synced)."""
     from omegaconf import OmegaConf
-
-    from experiments.wandb_run import new_run_id
 
     logger = cfg.get("logger") or {}
     if "wandb" not in str(logger.get("_target_", "")).lower():
         return None
     return {"mode": logger.get("mode", "offline"), "project": logger.get("project", "specdec"),
             "entity": logger.get("entity"), "tags": tag_list(logger.get("tags")) + [job_type, *tags],
-            "name": name, "dir": str(run_dir), "job_type": job_type, "id": run_id or new_run_id(), "resume": "allow",
+            "name": name, "dir": str(run_dir), "job_type": job_type, "group": group,
             "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
@@ -308,12 +307,6 @@ class TrainingLog:
     def __init__(self, run_dir: Path, wandb_init: dict | None) -> None:
         self.path = Path(run_dir) / "train_log.jsonl"
         self.wandb_init, self.run = wandb_init, None
-
-    @property
-    def run_id(self) -> str | None:
-        """The W&B run's id (None without W&B, or after it failed): a checkpoint keeps it, so a resumed training
-        logs on into the same run."""
-        return (self.wandb_init or {}).get("id")
 
     def __call__(self, metrics: dict, step: int) -> None:
         import json

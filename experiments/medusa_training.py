@@ -185,6 +185,9 @@ class MedusaRecipe(HeadRecipe):
     def save(self, head: MedusaHeads, out_dir: Path, training: dict, report: dict) -> None:
         save_heads(head.cpu(), out_dir, training=training, evaluation=report)
 
+    def load(self, out_dir: Path) -> MedusaHeads:
+        return load_heads(out_dir)
+
 
 def start_from(directory: str, target, cfg: DictConfig) -> MedusaHeads:
     """Trained heads to continue from (``init_from``): they must be for ``target``, with ``cfg``'s shape."""

@@ -272,9 +272,10 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, capfd):
     assert_finished_head_is_reused(train, compose_train, SMALL_TRAIN, tmp_path, capfd, load_heads)
 
 
-def test_a_resumed_training_logs_on_into_its_wandb_run(tmp_path, monkeypatch):
-    """Each invocation started a W&B run of its own (steps 5-305 in one, 310-535 in another, unlinked): the
-    checkpoint keeps the run's id and a resumed training logs on into it; a fresh training gets a new one."""
+def test_a_resumed_trainings_wandb_runs_share_a_group(tmp_path, monkeypatch):
+    """Each invocation started a W&B run of its own, unlinked (steps 5-305 in one, 310-535 in another): the
+    checkpoint keeps the training's W&B group and a resumed training's run joins it (a run of its own: offline runs
+    that share an id replace each other when synced); a fresh training gets a new group."""
     from experiments import loggers
     from experiments.train_medusa import train
     from tests.test_metrics_logged import FakeRun
@@ -289,11 +290,11 @@ def test_a_resumed_training_logs_on_into_its_wandb_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(compose_train(*overrides), tmp_path / "run_1", on_step=interrupt)
     first = runs[-1].init
-    assert first["resume"] == "allow" and [step for _, step in runs[-1].logged] == [1, 2, 3]
+    assert first["group"].startswith("medusa-") and [step for _, step in runs[-1].logged] == [1, 2, 3]
     train(compose_train(*overrides), tmp_path / "run_2")
-    assert runs[-1].init["id"] == first["id"] and [step for _, step in runs[-1].logged][:2] == [3, 4]
+    assert runs[-1].init["group"] == first["group"] and [step for _, step in runs[-1].logged][:2] == [3, 4]
     train(compose_train(*overrides, "force=true"), tmp_path / "run_3")
-    assert runs[-1].init["id"] != first["id"]
+    assert runs[-1].init["group"] != first["group"]
 
 
 def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path):

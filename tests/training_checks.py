@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 
 def assert_resume_is_exact(train, compose, overrides: list[str], tmp_path, capfd, load) -> None:
@@ -27,7 +28,7 @@ def assert_resume_is_exact(train, compose, overrides: list[str], tmp_path, capfd
 def assert_finished_head_is_reused(train, compose, overrides: list[str], tmp_path, capfd, load) -> None:
     """After :func:`assert_resume_is_exact`: a rerun with the same settings into the finished head's directory
     trains nothing and returns the head's report; ``force=true`` trains it again (seeded: the same tensors), as
-    does a rerun over a truncated weights file; other settings train and replace it, saying so."""
+    does a rerun over a weights file decoding would refuse (truncated, NaN); other settings train and replace it, saying so."""
     out = tmp_path / "a"
     weights = next(p for p in out.iterdir() if p.suffix == ".safetensors")
     before, stamp = load(out).state_dict(), weights.stat().st_mtime_ns
@@ -42,8 +43,13 @@ def assert_finished_head_is_reused(train, compose, overrides: list[str], tmp_pat
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated: decoding says "retrain", so the rerun must train
     capfd.readouterr()
     report = train(compose(*overrides, f"out_dir={out}"), tmp_path / "run_repair")
-    assert "reused" not in report and f"{weights.name} is unreadable" in capfd.readouterr().err
+    assert "reused" not in report and "the head does not load" in capfd.readouterr().err
     assert all(torch.equal(before[k], v) for k, v in load(out).state_dict().items())
+    tensors = load_file(weights)
+    next(iter(tensors.values())).view(-1)[0] = float("nan")  # reads, but decoding refuses NaN weights
+    save_file(tensors, weights)
+    report = train(compose(*overrides, f"out_dir={out}"), tmp_path / "run_nan")
+    assert "reused" not in report and "holds NaN weights" in capfd.readouterr().err
     steps = [o for o in overrides if not o.startswith("steps=")] + ["steps=5"]
     capfd.readouterr()
     report = train(compose(*steps, f"out_dir={out}"), tmp_path / "run_other")

@@ -228,9 +228,10 @@ def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids:
         reasons.append(f"{len(split_up)} earlier prompt(s) decoded in a batch that is not kept whole are decoded "
                        "again (a batch's time is its rows' together)")
     if reasons:  # prompts left out: their series leave the W&B run too (a new one gets the kept records)
-        copied = set_aside(run_dir, "; ".join(reasons), WANDB_FILES if dropped else (), (RECORDS_FILE, SUMMARY_FILE))
+        moved = [name for name in WANDB_FILES if dropped and (run_dir / name).exists()]
+        copied = set_aside(run_dir, "; ".join(reasons), tuple(moved), (RECORDS_FILE, SUMMARY_FILE))
         state.messages.append(f"{'; '.join(reasons)}; the earlier records and summary are copied to {copied}"
-                              + (" and their W&B run moved there (this run logs to a new one)" if dropped else ""))
+                              + (" and their W&B run moved there (this run logs to a new one)" if moved else ""))
     seen: set = set()
     for record in records:  # one record per (prompt, method): the first complete one
         key = (record.get("question_id"), record.get("method"))

@@ -90,6 +90,13 @@ def check_flags(args) -> None:
     if args.synthetic and (args.target or args.draft):
         raise SpecDecError("--synthetic builds its own random target and layer-truncated self-draft: drop --target "
                            "and --draft, or drop --synthetic")
+    if args.synthetic:  # an unknown shape or a self-draft as deep as its target fails before an 8B target is built
+        from experiments.synthetic import DRAFT_LAYERS, check_draft_layers
+
+        try:
+            check_draft_layers(args.synthetic, args.draft_layers or DRAFT_LAYERS)
+        except ValueError as err:
+            raise SpecDecError(str(err)) from None
     if args.draft and not args.target:
         raise SpecDecError(f"--draft {args.draft} needs --target: without it the embedded pair (--size "
                            f"{args.size}) runs with its own draft; give the target directory the draft belongs to")

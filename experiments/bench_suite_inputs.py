@@ -37,8 +37,10 @@ def check_rows(args, draft_missing: str | None, medusa: str | None, target) -> N
     reads as if they had been measured): ``--draft-vocab-from`` without the distilled draft (``draft_missing``
     says why it is not there and how to build it), ``--medusa-nodes`` / ``--medusa-dynamic`` without Medusa heads,
     ``--eagle-budget`` without EAGLE heads, ``--confidence`` with neither the draft nor EAGLE heads."""
+    where = f" cache_dir={args.cache_dir}" if args.cache_dir else ""  # where this benchmark looks for them
+
     def train(kind: str) -> str:
-        return f"train them with `python -m experiments.train_{kind} target={args.model} generated_source=chats`"
+        return f"train them with `python -m experiments.train_{kind} target={args.model} generated_source=chats{where}`"
 
     if args.draft_vocab_from and draft_missing:
         raise SpecDecError(f"--draft-vocab-from adds a row of the distilled draft, but {draft_missing}; or leave "

@@ -54,10 +54,16 @@ def synthetic_pair(name: str, device: str | torch.device = "cpu", dtype: torch.d
     """
     from drafters.layer_skip import truncated_view
 
+    check_draft_layers(name, draft_layers)  # before an 8B target is built
     target = _build(_config(name), device, dtype, seed)
-    if not 1 <= draft_layers < target.config.num_hidden_layers:
-        raise ValueError(f"--draft-layers {draft_layers}: use 1..{target.config.num_hidden_layers - 1}")
     return target, truncated_view(target, draft_layers)
+
+
+def check_draft_layers(name: str, draft_layers: int) -> None:
+    """ValueError unless ``name`` is a known shape and ``draft_layers`` leaves its target at least one layer more."""
+    layers = _config(name).num_hidden_layers
+    if not 1 <= draft_layers < layers:
+        raise ValueError(f"--draft-layers {draft_layers}: use 1..{layers - 1} (--synthetic {name} has {layers} layers)")
 
 
 def weight_bytes(model) -> int:

@@ -138,6 +138,8 @@ def test_the_batch_table_refuses_the_compile_rows_flags(capsys):
     (["--prompt-len", "64"], "--prompt-len applies to --synthetic's random target and prompts: add --synthetic NAME"),
     (["--draft-layers", "3", "--prompt-len", "8"], "--draft-layers, --prompt-len apply to --synthetic's"),
     (["--synthetic", "llama-micro", "--dataset", "q.jsonl"], "--dataset applies to a real target's prompts"),
+    (["--synthetic", "llama-8b", "--draft-layers", "32"], "--draft-layers 32: use 1..31 (--synthetic llama-8b has 32"),
+    (["--synthetic", "llama-9b"], "--synthetic 'llama-9b' is unknown"),  # both before an 8B target is built
     (["--model", "smollm2", "--merge"], "--merge merges the --hybrid rows' trees: add --hybrid N"),
     (["--model", "smollm2", "--datastore", "/no/rows"], "--datastore=/no/rows: no rows.safetensors there"),
 ])

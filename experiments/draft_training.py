@@ -63,7 +63,7 @@ def draft_dir(name: str, cache_dir: str | Path | None = None) -> Path:
 def find_draft(name: str, cache_dir: str | Path | None = None) -> tuple[str | None, str | None]:
     """``(path, None)`` for a built and intact draft of ``name``, else ``(None, why + the build command)``."""
     path = draft_dir(name, cache_dir)
-    command = f"{BUILD_COMMAND} target={name}"
+    command = f"{BUILD_COMMAND} target={name}" + (f" cache_dir={cache_dir}" if cache_dir else "")  # built where looked for
     if not path.exists():
         return None, f"the distilled draft of {name} is not built: build it once with `{command}` (about 20-30 minutes on 2 CPU cores)"
     try:

@@ -65,9 +65,12 @@ def test_distilled_draft_starts_from_the_target_and_learns_its_answers(tiny):
     assert after["heldout_positions"] == int((rows.lengths - rows.prompt_lengths)[-2:].sum())
 
 
-def test_missing_draft_names_the_build_command(tmp_path):
+def test_missing_draft_names_the_build_command(tmp_path, monkeypatch):
+    """The command builds the draft where it was looked for (``cache_dir=`` when one was given)."""
     path, hint = draft_training.find_draft("smollm2", tmp_path)
-    assert path is None and "python -m experiments.build_draft target=smollm2" in hint
+    assert path is None and f"`python -m experiments.build_draft target=smollm2 cache_dir={tmp_path}`" in hint
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    assert "`python -m experiments.build_draft target=smollm2`" in draft_training.find_draft("smollm2")[1]
 
 
 def test_a_draft_as_deep_as_its_target_is_refused_before_the_answers_are_generated(tiny, monkeypatch, tmp_path):

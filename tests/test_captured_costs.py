@@ -75,10 +75,10 @@ def test_only_float32_runs_fail_on_a_greedy_mismatch():
     noted, and not an error; in fp32 a mismatch is a lossless bug: exit status 1."""
     from experiments.bench_output import exit_status, match_note
 
-    rows = [dict(matches_hf_plain=True), dict(matches_hf_plain=False)]
+    rows = [{"matches_hf_plain": True}, {"matches_hf_plain": False}]
     assert exit_status(rows, "float32") == 1 and exit_status(rows[:1], "float32") == 0
     assert exit_status(rows, "bfloat16") == 0 and exit_status(rows, "float16") == 0
-    assert exit_status([dict(matches_hf_greedy=False)], "float32", "matches_hf_greedy") == 1
+    assert exit_status([{"matches_hf_greedy": False}], "float32", "matches_hf_greedy") == 1
     assert match_note("float32") == "" and "not checked" in match_note("bfloat16")
 
 

@@ -47,7 +47,7 @@ import torch
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from drafters.fast_decoder import lean_probe
 from experiments import cli
-from experiments.bench_inputs import check_flags, load_pair, load_prompt_ids
+from experiments.bench_inputs import MAX_PROMPT_TOKENS, SIZE, check_flags, fill_defaults, load_pair, load_prompt_ids
 from experiments.bench_methods import (
     Method,
     decode_run,
@@ -253,7 +253,7 @@ CURVE_WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # --verify-curve's default widths
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m experiments.bench",
                            description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="default", help="embedded zoo pair size (default, micro)")
+    p.add_argument("--size", default=None, help=f"embedded zoo pair size (default, micro; default {SIZE})")
     p.add_argument("--model", help="a real target on the prompt suite, per category (experiments.bench_suite); "
                    "python -m experiments.bench --model smollm2 --help lists its options")
     p.add_argument("--target", help="target checkpoint directory (instead of the zoo)")
@@ -262,7 +262,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", help="Spec-Bench question.jsonl (default: held-out stdlib prompts)")
     p.add_argument("--prompts", type=cli.int_at_least(1), default=10)
     p.add_argument("--max-new-tokens", type=cli.int_at_least(1), default=128)
-    p.add_argument("--max-prompt-tokens", type=cli.int_at_least(1), default=384)
+    p.add_argument("--max-prompt-tokens", type=cli.int_at_least(1), default=None,
+                   help=f"keep each prompt's last n tokens (default {MAX_PROMPT_TOKENS})")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where every model runs")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="precision of the target")
     p.add_argument("--draft-dtype", default="float32", choices=sorted(DTYPES),
@@ -325,6 +326,7 @@ def main(argv=None) -> int:
         return bench_suite.main(argv)
     args = parse_args(argv)
     check_flags(args)
+    fill_defaults(args)
     if args.verify_curve:  # a backend that cannot run here is one error line before the run, not after it
         from verifier.availability import usable_backends
 
@@ -363,7 +365,7 @@ def main(argv=None) -> int:
         loops, loop_md = loop_table(methods, lambda m: static if m.name.endswith(f"_{args.compile}") else costs)
         curves, curve_table = (verify_curve(target, args.context or context, args.verify_widths or CURVE_WIDTHS, args.backends, 10)
                                if args.verify_curve else (None, ""))
-    source = f"synthetic {args.synthetic} (random weights, {args.draft_layers or DRAFT_LAYERS}-layer self-draft)" if args.synthetic else \
+    source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
         (args.target or f"zoo {args.size}")
     header = (f"{command_line(argv)}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device} "
               f"(narrow linears {narrow}{fused_note(args)}), draft in {args.draft_dtype}. {len(prompts)} prompts, {args.max_new_tokens} new "

@@ -27,10 +27,9 @@ def load_pair(args):
     """(target, draft, tokenizer or None) from ``--synthetic``, ``--target/--draft`` paths or the zoo ``--size``."""
     check_device(args.device, "--device")
     if args.synthetic:
-        from experiments.synthetic import DRAFT_LAYERS, synthetic_pair
+        from experiments.synthetic import synthetic_pair
 
-        layers = args.draft_layers or DRAFT_LAYERS
-        return (*synthetic_pair(args.synthetic, args.device, DTYPES[args.dtype], layers), None)
+        return (*synthetic_pair(args.synthetic, args.device, DTYPES[args.dtype], args.draft_layers), None)
     opts = {"dtype": args.dtype, "device": args.device}
     draft_opts = {**opts, "dtype": args.draft_dtype}
     if args.target:
@@ -45,9 +44,9 @@ def load_pair(args):
 def load_prompt_ids(tokenizer, target, args) -> list[torch.Tensor]:
     """Prompts ``[1, T]`` on the target's device: random ids for a synthetic target, else the data set's."""
     if tokenizer is None:
-        from experiments.synthetic import PROMPT_LEN, random_prompts
+        from experiments.synthetic import random_prompts
 
-        ids = random_prompts(target.config.vocab_size, args.prompts, args.prompt_len or PROMPT_LEN)
+        ids = random_prompts(target.config.vocab_size, args.prompts, args.prompt_len)
     else:
         from experiments.data import heldout_prompts_path, load_prompts
 
@@ -67,7 +66,10 @@ BATCH_1_ONLY = (("--attn-backend", lambda a: a.attn_backend != "sdpa"), ("--fuse
 BATCHED_ONLY = (("--eagle", lambda a: a.eagle), ("--hybrid", lambda a: a.hybrid))
 COMPILED_ONLY = (("--attn-backend", lambda a: a.attn_backend != "sdpa"), ("--fuse-projections", lambda a: a.fuse_projections))
 SYNTHETIC_ONLY = (("--draft-layers", lambda a: a.draft_layers is not None), ("--prompt-len", lambda a: a.prompt_len is not None))
-DATA_ONLY = (("--dataset", lambda a: a.dataset),)
+DATA_ONLY = (("--dataset", lambda a: a.dataset), ("--max-prompt-tokens", lambda a: a.max_prompt_tokens is not None),
+             ("--size", lambda a: a.size is not None))
+ZOO_ONLY = (("--size", lambda a: a.size is not None),)
+MAX_PROMPT_TOKENS, SIZE = 384, "default"  # a real prompt's last tokens kept, the embedded pair, unless given
 CURVE_ONLY = (("--backends", lambda a: a.backends), ("--context", lambda a: a.context),
               ("--verify-widths", lambda a: a.verify_widths is not None))
 
@@ -86,7 +88,7 @@ def check_flags(args) -> None:
     for, or the embedded pair's draft measured as theirs): ``--draft`` without ``--target``, ``--target``/``--draft``
     with ``--synthetic``, batch-1 options with ``--batch-sizes`` and batched ones without it, the ``--compile``
     rows' options without ``--compile``, ``--synthetic``'s without it and ``--dataset`` with it, the verify curve's
-    without ``--verify-curve``."""
+    without ``--verify-curve``; ``--size`` with ``--target`` (the zoo pair is not loaded)."""
     if args.synthetic and (args.target or args.draft):
         raise SpecDecError("--synthetic builds its own random target and layer-truncated self-draft: drop --target "
                            "and --draft, or drop --synthetic")
@@ -94,20 +96,31 @@ def check_flags(args) -> None:
         from experiments.synthetic import DRAFT_LAYERS, check_draft_layers
 
         try:
-            check_draft_layers(args.synthetic, args.draft_layers or DRAFT_LAYERS)
+            check_draft_layers(args.synthetic, DRAFT_LAYERS if args.draft_layers is None else args.draft_layers)
         except ValueError as err:
             raise SpecDecError(str(err)) from None
     if args.draft and not args.target:
         raise SpecDecError(f"--draft {args.draft} needs --target: without it the embedded pair (--size "
-                           f"{args.size}) runs with its own draft; give the target directory the draft belongs to")
+                           f"{args.size or SIZE}) runs with its own draft; give the target directory the draft belongs to")
     checks = ((args.batch_sizes, BATCH_1_ONLY, "the batch-1 table", "run without --batch-sizes"),
               (not args.batch_sizes, BATCHED_ONLY, "the --batch-sizes tables", "add --batch-sizes"),
               (args.compile == "none", COMPILED_ONLY, "the --compile rows (the eager rows keep sdpa, the target as loaded)",
                "add --compile static|inductor|graph"),
               (not args.synthetic, SYNTHETIC_ONLY, "--synthetic's random target and prompts", "add --synthetic NAME"),
-              (args.synthetic, DATA_ONLY, "a real target's prompts (--synthetic decodes random ones)", "drop --synthetic"),
-              (not args.verify_curve, CURVE_ONLY, "the --verify-curve timing", "add --verify-curve"))
+              (args.synthetic, DATA_ONLY, "a real model pair and its prompts (--synthetic builds random ones)", "drop --synthetic"),
+              (not args.verify_curve, CURVE_ONLY, "the --verify-curve timing", "add --verify-curve"),
+              (args.target, ZOO_ONLY, "the embedded pair (--target loads yours)", "drop --target"))
     for applies, options, where, fix in checks:
         given, pronoun = _given(options, args) if applies else ("", "")
         if given:
             raise SpecDecError(f"{given} to {where}: {fix}, or leave {pronoun} out")
+
+
+def fill_defaults(args) -> None:
+    """Give the options that :func:`check_flags` checks as "given or not" their defaults, once they are checked."""
+    from experiments.synthetic import DRAFT_LAYERS, PROMPT_LEN
+
+    for name, default in (("draft_layers", DRAFT_LAYERS), ("prompt_len", PROMPT_LEN),
+                          ("max_prompt_tokens", MAX_PROMPT_TOKENS), ("size", SIZE)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)

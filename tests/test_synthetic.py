@@ -58,10 +58,24 @@ def test_bench_reads_the_synthetic_options_and_their_defaults(argv, layers, prom
     """``--draft-layers`` / ``--prompt-len`` default to None (so that given without ``--synthetic`` they are an
     error); the synthetic pair and prompts still take 2 layers and 256 tokens when they are left out."""
     from experiments import bench
-    from experiments.bench_inputs import check_flags, load_pair, load_prompt_ids
+    from experiments.bench_inputs import check_flags, fill_defaults, load_pair, load_prompt_ids
 
     args = bench.parse_args(["--synthetic", "llama-micro", "--prompts", "2", *argv])
     check_flags(args)
+    fill_defaults(args)
     target, draft, tokenizer = load_pair(args)
     assert tokenizer is None and draft.config.num_hidden_layers == layers
     assert [p.shape for p in load_prompt_ids(tokenizer, target, args)] == [(1, prompt_len)] * 2
+
+
+@pytest.mark.parametrize("argv, size, kept", [([], "default", 384), (["--size", "micro", "--max-prompt-tokens", "7"], "micro", 7)])
+def test_bench_fills_the_real_pairs_defaults_after_the_checks(argv, size, kept):
+    """``--size`` / ``--max-prompt-tokens`` default to None (given with ``--synthetic`` they are an error); a real
+    pair's run still loads the default zoo pair and keeps 384 prompt tokens when they are left out."""
+    from experiments import bench
+    from experiments.bench_inputs import check_flags, fill_defaults
+
+    args = bench.parse_args(argv)
+    check_flags(args)
+    fill_defaults(args)
+    assert (args.size, args.max_prompt_tokens, args.draft_layers, args.prompt_len) == (size, kept, 2, 256)

@@ -139,8 +139,8 @@ def test_the_batch_table_refuses_the_compile_rows_flags(capsys):
     (["--draft-layers", "3", "--prompt-len", "8"], "--draft-layers, --prompt-len apply to --synthetic's"),
     (["--synthetic", "llama-micro", "--dataset", "q.jsonl"], "--dataset applies to a real model pair and its prompts"),
     (["--synthetic", "llama-micro", "--max-prompt-tokens", "64", "--size", "micro"],
-     "--max-prompt-tokens, --size apply to a real model pair and its prompts (--synthetic builds random ones): drop "
-     "--synthetic, or leave them out"),
+     ("--max-prompt-tokens, --size apply to a real model pair and its prompts (--synthetic builds random ones): drop "
+      "--synthetic, or leave them out")),
     (["--target", "/t", "--size", "micro"], "--size applies to the embedded pair (--target loads yours): drop --target"),
     (["--synthetic", "llama-8b", "--draft-layers", "32"], "--draft-layers 32: use 1..31 (--synthetic llama-8b has 32"),
     (["--synthetic", "llama-9b"], "--synthetic 'llama-9b' is unknown"),  # both before an 8B target is built

@@ -124,8 +124,8 @@ def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, m
     return out, tau
 
 
-@cli.guard()
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
+    """The command line (argparse; an error exits with status 2)."""
     parser = cli.ArgumentParser(prog="python -m experiments.medusa_tree", description=__doc__.split("\n")[0])
     parser.add_argument("heads_dir", type=Path, help="a trained heads directory (experiments.train_medusa writes one)")
     parser.add_argument("--nodes", type=cli.int_at_least(1), default=32, help="tree size (default 32)")
@@ -142,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=cli.int_at_least(MEASURE_CONTEXT), default=32768,
                         help=f"held-out tokens for --measure (whole {MEASURE_CONTEXT}-token chunks; at least one)")
     parser.add_argument("--force", action="store_true", help="overwrite a preset not written by this tool")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+@cli.guard()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     path, tau = derive(args.heads_dir.expanduser(), args.nodes, args.name or f"medusa{args.nodes}", args.out_dir,
                        args.max_depth, args.measure, args.target, args.tokenizer, args.eval_tokens, force=args.force,
                        source=args.source)

@@ -172,8 +172,8 @@ def report(root: Path, out: Path | None = None, tolerance: float = 0.05) -> dict
             "markdown": markdown_table(rows, shown)}
 
 
-@cli.guard(ReportError)
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
+    """The report's command line (argparse; an error exits with status 2)."""
     parser = cli.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n")[0])
     parser.add_argument("dir", type=Path, help="a run directory or a multirun (sweep) directory")
     parser.add_argument("--out", type=cli.output_dir, default=None, help="where to write the report (default: <dir>/report)")
@@ -184,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", default="specdec")
     parser.add_argument("--entity", default=None)
     parser.add_argument("--group", default=None, help="W&B group (default: <parent>/<dir>, as the sweep's runs)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+@cli.guard(ReportError)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     root = args.dir.resolve()
     result = report(root, args.out, args.tolerance)
     print(result["markdown"])

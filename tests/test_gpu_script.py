@@ -4,21 +4,15 @@ for the ``${NAME:-value}`` limits, ``$W`` a folder) and checked here without a G
 ``parse_args``, a Hydra entry point's composed config, pytest's test files."""
 from __future__ import annotations
 
-import importlib
 import re
 import shlex
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-from experiments.drafter_config import check_before_loading
-from experiments.instantiate import check_arguments
 from specdec.errors import SpecDecError
-from specdec.static_shape import check_compile
+from tests.commands import ROOT, check_command
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 GPU_TESTS = re.search(r"^GPU_TESTS=\((.*)\)$", SCRIPT.read_text(), re.MULTILINE).group(1)  # the script's own array
 BASH_WORDS = {  # the script's array expansions and loop variables, as bash expands them
@@ -27,7 +21,6 @@ BASH_WORDS = {  # the script's array expansions and loop variables, as bash expa
     '"${GPU_TESTS[@]/#/--ignore=}"': " ".join(f"--ignore={t}" for t in GPU_TESTS.split()),
     '"$flush"': "write", "$flush": "write", '"$@"': "",
 }
-HYDRA_CONFIGS = {"experiments.decode": "config", "experiments.build_zoo": "build_zoo"}
 
 
 def script_commands(text: str) -> list[list[str]]:
@@ -56,30 +49,6 @@ def test_every_mode_is_read():
     assert {"pytest", "specdec_kernels.bench", "specdec_kernels.tune", "experiments.bench",
             "experiments.step_profile", "experiments.decode", "experiments.build_zoo"} <= set(modules)
     assert len(COMMANDS) >= 20, modules
-
-
-def check_command(command: list[str]) -> None:
-    """Raise (or exit, as argparse does) unless ``command`` parses as its entry point would parse it."""
-    module, args = command[0], command[1:]
-    if module == "pytest":
-        paths = [a for a in args if a.startswith("tests/")] + [a.split("=", 1)[1] for a in args
-                                                                if a.startswith("--ignore=")]
-        assert paths and all((ROOT / p).is_file() for p in paths), paths
-    elif module in HYDRA_CONFIGS:
-        from experiments import schema  # noqa: F401  (registers base_config)
-
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(HYDRA_CONFIGS[module], overrides=args, return_hydra_config=True)
-        if module == "experiments.decode":  # the checks a run makes before anything loads, less the device's
-            check_before_loading(cfg)
-            check_compile(cfg.compile)
-            check_arguments(cfg.drafter, "drafter")
-    else:
-        parsed = importlib.import_module(module).parse_args(args)  # an argparse error exits
-        if module == "experiments.bench" and not any(a == "--model" or a.startswith("--model=") for a in args):
-            from experiments.bench_inputs import check_flags
-
-            check_flags(parsed)  # an option the chosen table would not read (checked before anything loads)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: f"{c[0]}:{' '.join(c[1:])[:60]}")

@@ -124,7 +124,7 @@ class WandbLogger(Logger):
     def log_prompt(self, index: int, record: dict) -> None:
         stats = record.get("stats", {})
         method = record.get("method", "speculative")
-        metrics = {f"prompt/{method}/{key}": stats[key] for key in _SCALAR_KEYS if key in stats}
+        metrics = {f"prompt/{method}/{key}": value for key, value in defined(stats).items() if key in _SCALAR_KEYS}
         self.run.log({"prompt_index": index, **metrics})
         if method != "speculative":
             return
@@ -152,7 +152,8 @@ class WandbLogger(Logger):
     def log_summary(self, summary: dict) -> None:
         import wandb
 
-        self.run.summary.update(flatten(summary.get("metrics", {})))
+        metrics = summary.get("metrics", {})
+        self.run.summary.update(flatten({k: defined(v) if isinstance(v, dict) else v for k, v in metrics.items()}))
         rates = summary.get("metrics", {}).get("speculative", {}).get("acceptance_rate_by_depth") or []
         if rates:
             table = wandb.Table(columns=["depth", "acceptance_rate"], data=[[d + 1, r] for d, r in enumerate(rates)])
@@ -186,6 +187,13 @@ class WandbLogger(Logger):
         index = {qid: i for i, qid in enumerate(question_ids)}
         for position, record in enumerate(records):
             self.log_prompt(index.get(record.get("question_id"), position), record)
+
+
+def defined(stats: dict) -> dict:
+    """A method's metrics less ``draft_acceptance_rate`` where nothing was proposed (0 of 0 is no rate; the
+    summary's 0.0 would chart as every draft rejected)."""
+    return stats if stats.get("mean_proposed_drafts", 1) else {k: v for k, v in stats.items()
+                                                                if k != "draft_acceptance_rate"}
 
 
 _SCALAR_KEYS = ("tau", "mean_accepted_drafts", "mean_proposed_drafts", "draft_acceptance_rate", "tokens_per_s",

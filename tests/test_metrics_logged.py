@@ -130,6 +130,25 @@ def test_log_prompt_sends_prompt_metrics_and_the_speculative_steps(tmp_path):
     assert logged[3:] == [{"prompt_index": 3, "prompt/baseline/tau": 1.0, "prompt/baseline/new_tokens": 8}]
 
 
+def test_a_prompt_that_proposed_nothing_sends_no_acceptance_rate(tmp_path, monkeypatch):
+    """0 accepted of 0 proposed is no rate: the prompt's (and the summary's) other metrics go to W&B, a 0.0 rate
+    (a point at zero on the chart) does not; a prompt whose drafts were all rejected sends its 0.0."""
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace())
+    logger = WandbLogger(tmp_path)
+    logger.run = FakeRun()
+    for proposed in (0.0, 2.0):
+        stats = {"tau": 1.0, "mean_proposed_drafts": proposed, "draft_acceptance_rate": 0.0}
+        logger.log_prompt(0, {"method": "baseline", "stats": stats})
+    (none, rejected), _ = zip(*logger.run.logged)
+    assert none == {"prompt_index": 0, "prompt/baseline/tau": 1.0, "prompt/baseline/mean_proposed_drafts": 0.0}
+    assert rejected["prompt/baseline/draft_acceptance_rate"] == 0.0
+    logger.log_summary({"metrics": {"baseline": {"tau": 1.0, "mean_proposed_drafts": 0.0, "draft_acceptance_rate": 0.0},
+                                    "speculative": {"mean_proposed_drafts": 2.0, "draft_acceptance_rate": 0.0},
+                                    "speedup": 1.5}})
+    assert logger.run.summary == {"baseline/tau": 1.0, "baseline/mean_proposed_drafts": 0.0, "speedup": 1.5,
+                                  "speculative/mean_proposed_drafts": 2.0, "speculative/draft_acceptance_rate": 0.0}
+
+
 def test_a_resumed_wandb_run_goes_on_after_every_step_it_was_sent(tmp_path, monkeypatch):
     """The W&B run's state counts the decode steps it was sent, as they go: a resume that decodes a prompt again
     (a batch that lost a row, an unfinished prompt) does not send decode_step values the run already has, and a

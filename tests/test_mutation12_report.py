@@ -249,17 +249,6 @@ def test_row_columns_read_their_own_fields():
     assert row_of(Run(Path("h"), "h", summary=hybrid), [])["recommended_k"] is None  # an older summary's is shown not
 
 
-def test_a_run_that_proposed_nothing_has_no_acceptance_rate_in_its_row():
-    """0 accepted of 0 proposed is no rate: ``drafter=none`` (or prompt lookup that never matched) shows an empty
-    cell, not 0.0 read as "every draft rejected"; a run that proposed drafts keeps its rate, 0.0 included."""
-    def row(**spec):
-        return row_of(Run(Path("r"), "r", summary={"drafter": "NoDrafter", "config": {},
-                                                    "metrics": {"speculative": _spec(**spec)}}), [])
-    assert row(draft_acceptance_rate=0.0, mean_proposed_drafts=0.0)["draft_acceptance_rate"] is None
-    assert row(draft_acceptance_rate=0.0, mean_proposed_drafts=3.0)["draft_acceptance_rate"] == 0.0
-    assert row(draft_acceptance_rate=0.25, mean_proposed_drafts=4.0)["draft_acceptance_rate"] == 0.25
-
-
 def test_label_of_skips_keys_the_run_lacks():
     """Bug: a key the run was not given labelled ``key=None``."""
     run = Run(Path("r"), "r", overrides={K_KEY: "2"})

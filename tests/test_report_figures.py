@@ -237,3 +237,14 @@ def test_table_cells_in_markdown_and_csv(tmp_path):
         "| 0 | yes | no | 2.123 | - | inf |"]
     report.write_csv([row], columns, tmp_path / "r.csv")
     assert (tmp_path / "r.csv").read_text().splitlines()[1] == "0,True,False,2.123456789,,inf"
+
+
+def test_a_run_that_proposed_nothing_has_no_acceptance_rate_in_its_row():
+    """0 accepted of 0 proposed is no rate: ``drafter=none`` (or prompt lookup that never matched) shows an empty
+    cell, not 0.0 read as "every draft rejected"; a run that proposed drafts keeps its rate, 0.0 included."""
+    def row(**spec):
+        return row_of(Run(Path("r"), "r", summary={"drafter": "NoDrafter", "config": {},
+                                                    "metrics": {"speculative": {"tau": 1.0, **spec}}}), [])
+    assert row(draft_acceptance_rate=0.0, mean_proposed_drafts=0.0)["draft_acceptance_rate"] is None
+    assert row(draft_acceptance_rate=0.0, mean_proposed_drafts=3.0)["draft_acceptance_rate"] == 0.0
+    assert row(draft_acceptance_rate=0.25, mean_proposed_drafts=4.0)["draft_acceptance_rate"] == 0.25

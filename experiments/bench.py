@@ -52,6 +52,8 @@ from experiments.bench_methods import (
     Method,
     decode_run,
     decode_seconds_per_token,
+    final_status,
+    interrupted_note,
     isolated_round,
     loop_table,
     pooled_tau,
@@ -350,9 +352,11 @@ def main(argv=None) -> int:
         context = int(statistics.median(p.shape[1] for p in prompts)) + args.max_new_tokens // 2
         samples: list[dict] = []  # forward costs timed between prompts, so machine drift hits them and the runs alike
         probe = lean_probe(draft, True, context)  # the draft as our chains run it
-        run_all(methods, prompts, args.reps,
-                between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5,
-                                                             draft_probe=probe)))
+        asked = len(prompts)
+        done = run_all(methods, prompts, args.reps,
+                       between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5,
+                                                                    draft_probe=probe)))
+        prompts = prompts[:done]
         costs = median_costs(samples)
         busy = implausible(costs["target"])
         if busy:  # the efficiency and ceiling columns rest on these costs
@@ -367,7 +371,7 @@ def main(argv=None) -> int:
                                if args.verify_curve else (None, ""))
     source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
         (args.target or f"zoo {args.size}")
-    header = (f"{command_line(argv)}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device} "
+    header = (f"{command_line(argv)}{interrupted_note(len(prompts), asked)}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device} "
               f"(narrow linears {narrow}{fused_note(args)}), draft in {args.draft_dtype}. {len(prompts)} prompts, {args.max_new_tokens} new "
               f"tokens, greedy, batch 1, "
               f"{args.reps} reps. Forward costs at context {context}: target "
@@ -379,9 +383,9 @@ def main(argv=None) -> int:
     text = (header + "\n" + table + "\n\nWhere our steps go (ms per verify step in the loop; isolated costs in brackets):"
             "\n\n" + loop_md + (f"\n\nVerify forward by width at context {args.context or context}:\n\n"
                                 + curve_table if curve_table else "") + match_note(args.dtype))
-    publish(text, {"rows": rows, "loops": loops, "costs": costs, "static_costs": static, "verify_curves": curves},
-            args)
-    return exit_status(rows, args.dtype)
+    publish(text, {"rows": rows, "loops": loops, "costs": costs, "static_costs": static, "verify_curves": curves,
+                   "prompts_done": len(prompts), "prompts_asked": asked}, args)
+    return final_status(exit_status(rows, args.dtype), len(prompts), asked)
 
 
 def fused_note(args) -> str:

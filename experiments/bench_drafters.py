@@ -44,6 +44,8 @@ from experiments.bench_inputs import load_pair, load_prompt_ids
 from experiments.bench_methods import (
     Method,
     decode_run,
+    final_status,
+    interrupted_note,
     pick_methods,
     pooled_tau,
     pooled_tokens_per_s,
@@ -324,14 +326,19 @@ def main(argv=None) -> int:
         prompts = load_prompt_ids(tok, target, args)
         heads = head_drafters(args, notes)
         args.verify_widths = verify_widths(args.verify_widths, target, prompts, args.max_new_tokens, notes)
+        asked = done = len(prompts)
         for temperature in args.temperatures:
             methods = build_methods(target, draft, args, temperature, heads)
             stats = _record_stats(methods)
-            run_all(methods, prompts, args.reps)
+            done = run_all(methods, prompts, args.reps)
+            stats = {name: kept[:done * args.reps] for name, kept in stats.items()}  # the cut prompt's calls out
             rows, table = summarize(methods, stats, temperature == 0)
             title = "greedy" if temperature == 0 else f"T = {temperature}, rejection"
-            tables.append(f"### {title}\n\n{table}")
+            tables.append(f"### {title}" + (f" ({interrupted_note(done, asked).strip()})" if done < asked else "")
+                          + f"\n\n{table}")
             results[str(temperature)] = rows
+            if done < asked:
+                break  # Ctrl-C: no further temperature
     header = (f"Command: `python -m experiments.bench_drafters {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
               f"Machine: {machine_line()}. Zoo pair {args.size}, target float32, draft {args.draft_dtype}, "
               f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch 1, {args.reps} reps; dynamic trees: "
@@ -344,7 +351,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "machine": machine_line(), "args": vars(args),
                                                "notes": notes}, indent=1, default=str))
-    return 0 if all(r["matches_hf_plain"] is not False for rows in results.values() for r in rows) else 1
+    return final_status(0 if all(r["matches_hf_plain"] is not False for rows in results.values() for r in rows)
+                        else 1, done, asked)
 
 
 if __name__ == "__main__":

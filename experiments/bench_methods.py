@@ -55,30 +55,71 @@ def decode_run(target, drafter, max_new: int, temperature: float = 0.0, **option
     return run
 
 
-def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, between=None) -> None:
+def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, between=None) -> int:
     """Warm up every method, then time ``reps`` rounds per prompt, rotating the order each round;
-    ``between()`` runs after each prompt's rounds."""
+    ``between()`` runs after each prompt's rounds. Returns the prompts finished: all of them, or those before a
+    Ctrl-C (the prompt it cut is dropped from every method: its tables cover the finished ones; a Ctrl-C during
+    the first prompt goes on up, as there is nothing to show)."""
     for meth in methods:
         meth.run(prompts[0])
     for i, ids in enumerate(prompts):
-        reference, _ = methods[0].run(ids)  # hf_plain
-        for rep in range(reps):
-            order = methods[rep % len(methods):] + methods[: rep % len(methods)]
-            for meth in order:
-                out, stats, seconds = timed_call(meth.run, ids.device, ids)
-                meth.times.setdefault(i, []).append(seconds)
-                meth.new_tokens[i] = out.shape[1] - ids.shape[1]
-                meth.outputs[i] = out
-                meth.matches &= out.tolist() == reference.tolist()
-                if stats is not None:
-                    meth.tau[i] = stats.tau
-                    meth.acceptance[i] = stats.draft_acceptance_rate
-                    meth.prefill_s.setdefault(i, []).append(stats.time_prefill)
-                    meth.forwards[i] = stats.target_forwards
-                    add_loop(meth.loop, stats)
-        if between is not None:
-            between()
+        loops = [dict(meth.loop) for meth in methods]
+        try:
+            _time_prompt(methods, i, ids, reps)
+            if between is not None:
+                between()
+        except KeyboardInterrupt:
+            if i == 0:
+                raise
+            _drop_prompt(methods, i, loops)
+            print(f"interrupted (Ctrl-C) during prompt {i + 1}/{len(prompts)}: the tables cover the {i} finished "
+                  "prompts (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+            return i
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
+    return len(prompts)
+
+
+def _time_prompt(methods: list[Method], i: int, ids: torch.Tensor, reps: int) -> None:
+    """``reps`` timed rounds of every method on prompt ``i``, each output checked against the first method's."""
+    reference, _ = methods[0].run(ids)  # hf_plain
+    for rep in range(reps):
+        order = methods[rep % len(methods):] + methods[: rep % len(methods)]
+        for meth in order:
+            out, stats, seconds = timed_call(meth.run, ids.device, ids)
+            meth.times.setdefault(i, []).append(seconds)
+            meth.new_tokens[i] = out.shape[1] - ids.shape[1]
+            meth.outputs[i] = out
+            meth.matches &= out.tolist() == reference.tolist()
+            if stats is not None:
+                meth.tau[i] = stats.tau
+                meth.acceptance[i] = stats.draft_acceptance_rate
+                meth.prefill_s.setdefault(i, []).append(stats.time_prefill)
+                meth.forwards[i] = stats.target_forwards
+                add_loop(meth.loop, stats)
+
+
+PER_PROMPT = ("times", "new_tokens", "tau", "acceptance", "prefill_s", "forwards", "outputs")
+
+
+def _drop_prompt(methods: list[Method], i: int, loops: list[dict]) -> None:
+    """Forget what prompt ``i``'s cut rounds left: its per-prompt entries and its share of each loop's sums."""
+    for meth, loop in zip(methods, loops):
+        for name in PER_PROMPT:
+            getattr(meth, name).pop(i, None)
+        meth.loop = loop
+
+
+def interrupted_note(done: int, total: int) -> str:
+    """The tables' line for a run cut after ``done`` of ``total`` prompts (empty when none was cut)."""
+    return "" if done == total else f"Interrupted (Ctrl-C) after {done} of {total} prompts: the tables cover those. "
+
+
+def final_status(status: int, done: int, total: int) -> int:
+    """A benchmark's exit status: its own (1: an output differed) first, else 130 (Ctrl-C) for a run cut after
+    ``done`` of ``total`` prompts, else 0."""
+    from experiments.cli import INTERRUPTED
+
+    return status or (INTERRUPTED if done < total else 0)
 
 
 #: The decode loop's phases a step is split into (:func:`add_loop`), as :class:`~specdec.stats.DecodeStats` times them.

@@ -30,7 +30,15 @@ import torch
 
 from experiments import cli
 from experiments.bench import verify_curve
-from experiments.bench_methods import Method, decode_run, pick_methods, pooled_tau, run_all
+from experiments.bench_methods import (
+    Method,
+    decode_run,
+    final_status,
+    interrupted_note,
+    pick_methods,
+    pooled_tau,
+    run_all,
+)
 from experiments.bench_output import machine_line
 from experiments.bench_suite_inputs import eagle_dirs, load_inputs
 from experiments.greedy_check import TOLERANCE
@@ -296,8 +304,9 @@ def main(argv=None) -> int:
         target, _tok, draft, medusa, prompts = load_inputs(args)
         narrow = narrow_models([target, draft], args.narrow_linears, "--narrow-linears")
         methods = build_methods(target, draft, medusa, args)
+        asked = len(prompts)
+        prompts = prompts[:run_all(methods, [p for _, p in prompts], args.reps)]
         ids = [p for _, p in prompts]
-        run_all(methods, ids, args.reps)
         context = int(statistics.median(p.shape[1] for p in ids)) + args.max_new_tokens // 2
         costs = drafter_costs(target, drafters_for(target, draft, medusa, args), context)
         curve = verify_curve(target, context, args.verify_widths, ["sdpa"], 10) if args.verify_widths else ({}, "")
@@ -307,7 +316,7 @@ def main(argv=None) -> int:
     rows, table = category_table(methods, [c for c, _ in prompts], baseline, checked=greedy, deficits=rounded)
     cost_lines = "\n".join(f"- {name}: {ratio:.3f} of a target forward per draft forward" for name, ratio in costs.items())
     command = f"python -m experiments.bench {' '.join(sys.argv[1:] if argv is None else argv)}"
-    text = (f"Command: `{command}`\n\nMachine: {machine_line()}. Target {args.model} in {args.dtype} (narrow linears "
+    text = (f"Command: `{command}`\n\n{interrupted_note(len(prompts), asked)}Machine: {machine_line()}. Target {args.model} in {args.dtype} (narrow linears "
             f"{narrow}), {len(prompts)} prompts "
             f"({args.per_category} per category), {args.max_new_tokens} new tokens, "
             f"{'greedy' if greedy else f'T = {args.temperature}, rejection'}, batch 1, {args.reps} reps; speedup "
@@ -321,11 +330,12 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "costs": costs, "verify_curve": curve[0], "machine": machine_line(),
+                       "prompts_done": len(prompts), "prompts_asked": asked,
                        "narrow_linears": narrow, "args": vars(args)}, f, indent=1,
                       default=str)
     if rounded is not None:  # reduced precision: greedy up to rounding, not token for token (experiments.greedy_check)
-        return 0 if all(ok for _, ok in rounded.values()) else 1
-    return 0 if not greedy or all(r["matches_hf_plain"] for r in rows) else 1
+        return final_status(0 if all(ok for _, ok in rounded.values()) else 1, len(prompts), asked)
+    return final_status(0 if not greedy or all(r["matches_hf_plain"] for r in rows) else 1, len(prompts), asked)
 
 
 if __name__ == "__main__":

@@ -269,3 +269,38 @@ def test_drafters_bench_pools_depth1_acceptance_over_the_timed_calls_only():
     assert len(kept["ours_ar"]) == 2  # two timed calls; the warm-up is not kept
     rows, _ = summarize(methods, kept, greedy=True)
     assert rows[1]["alpha_depth1"] == pytest.approx(1 / 4)  # pooled: (1 + 0) / (1 + 3); with the warm-up 2 / 5
+
+
+def _cut_at(call: int) -> list[Method]:
+    """hf_plain and an ``ours_ar`` whose ``call``-th call (1: the warm-up) is cut by Ctrl-C."""
+    calls = []
+
+    def ours(ids):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return torch.cat([ids, torch.zeros(1, 1, dtype=ids.dtype)], 1), DecodeStats(
+            target_forwards=2, new_tokens=1, time_total=1.0, time_prefill=0.25)
+    return [_method("hf_plain", []), Method("ours_ar", ours, ours=True)]
+
+
+def test_a_ctrl_c_keeps_the_finished_prompts_and_drops_the_cut_one(capsys):
+    """Ctrl-C in prompt 2's second round (call 5: warm-up, prompt 1's two rounds, prompt 2's first): run_all
+    returns 1 (prompts finished), every method keeps prompt 1's figures only and its loop sums as they were after
+    prompt 1 (the cut prompt's finished round drops out too); the exit status says the run was cut unless an
+    output differed. In the first prompt the interrupt goes on up (nothing to show)."""
+    from experiments.bench_methods import final_status, interrupted_note
+
+    prompts = [torch.tensor([[1, 2]]), torch.tensor([[3, 4]]), torch.tensor([[5, 6]])]
+    assert run_all(_cut_at(99), prompts, reps=2) == 3
+    methods = _cut_at(5)
+    assert run_all(methods, prompts, reps=2) == 1
+    assert "interrupted (Ctrl-C) during prompt 2/3: the tables cover the 1 finished" in capsys.readouterr().err
+    for meth in methods:
+        assert list(meth.times) == list(meth.outputs) == list(meth.new_tokens) == [0] and len(meth.times[0]) == 2
+    assert list(methods[1].prefill_s) == list(methods[1].tau) == list(methods[1].forwards) == [0]
+    assert methods[1].loop["steps"] == 2 * 2  # prompt 1's two rounds of 2 steps, not prompt 2's round
+    with pytest.raises(KeyboardInterrupt):
+        run_all(_cut_at(3), prompts, reps=2)
+    assert interrupted_note(3, 3) == "" and "after 1 of 3 prompts" in interrupted_note(1, 3)
+    assert (final_status(0, 1, 3), final_status(1, 1, 3), final_status(0, 3, 3), final_status(1, 3, 3)) == (130, 1, 0, 1)

@@ -163,7 +163,8 @@ def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: lis
     batched the same way (a continuous method over ``ours_ar_continuous``, whose own row shows what continuous
     batching alone gains; a fixed-shape ``*_<compile>`` one over ``ours_ar_<compile>``), so speculation's gain is not credited with the scheduling's. ``vs_ours_ar_reps``: the
     speedup over our AR loop in groups within each rep (the method's and the loop's summed seconds of that rep),
-    so a machine whose speed drifts between reps shows as spread, not as a biased ratio."""
+    so a machine whose speed drifts between reps shows as spread, not as a biased ratio. Ctrl-C after the first
+    batch size keeps the rows of the sizes finished."""
     with torch.inference_mode():
         reference = [target.generate(p, do_sample=False, max_new_tokens=max_new,
                                      pad_token_id=target.generation_config.pad_token_id or 0)[0, p.shape[1]:].tolist()
@@ -171,7 +172,14 @@ def run_batch_sizes(target, draft, prompts: list[torch.Tensor], batch_sizes: lis
     table = methods(target, draft, ks, ngram_tokens, max_ngram, compile, confidence, eagle, hybrid)
     rows = []
     for size in batch_sizes:
-        times, new, stats = _time_size(table, prompts, size, max_new, reps)
+        try:
+            times, new, stats = _time_size(table, prompts, size, max_new, reps)
+        except KeyboardInterrupt:
+            if not rows:
+                raise
+            print(f"interrupted (Ctrl-C) at batch size {size}: the table covers the batch sizes before it (Ctrl-C "
+                  "again stops at once)", file=sys.stderr, flush=True)
+            break
         seconds = {name: sum(statistics.median(t) for t in groups) for name, groups in times.items()}
         per_rep = {name: [sum(t[r] for t in groups) for r in range(reps)] for name, groups in times.items()}
         tps = {name: sum(len(n) for n in new[name]) / seconds[name] for name in table}
@@ -226,17 +234,21 @@ def markdown(rows: list[dict]) -> str:
 
 def batched_main(target, draft, prompts, args, argv) -> int:
     """``experiments.bench --batch-sizes``: the batched table, printed and written."""
+    from experiments.bench_methods import final_status
     from experiments.bench_output import command_line, exit_status, machine_line, match_note, publish
 
     rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
                            args.ngram_tokens, args.max_ngram, args.compile, args.confidence,
                            (args.eagle, args.draft_dtype) if args.eagle else None, args.hybrid)
-    header = (f"{command_line(argv)}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
+    done = len(dict.fromkeys(r["batch_size"] for r in rows))
+    cut = "" if done == len(args.batch_sizes) else (f"Interrupted (Ctrl-C) after {done} of {len(args.batch_sizes)} "
+                                                    "batch sizes: the table covers those. ")
+    header = (f"{command_line(argv)}{cut}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
               "(`*_continuous`: all prompts in one call, at most that many rows at once, a finished row's place "
               f"taken by the next prompt), {args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, "
               f"median of {args.reps} reps per group.\n")
-    publish(header + "\n" + markdown(rows) + match_note(args.dtype), {"rows": rows}, args)
-    return exit_status(rows, args.dtype, "matches_hf_greedy")
+    publish(header + "\n" + markdown(rows) + match_note(args.dtype), {"rows": rows, "batch_sizes_done": done}, args)
+    return final_status(exit_status(rows, args.dtype, "matches_hf_greedy"), done, len(args.batch_sizes))
 
 
 if __name__ == "__main__":  # a library module: say which command runs it instead of exiting 0 silently

@@ -236,7 +236,7 @@ def test_sampled_trees_drafted_per_row_equal_their_batch_one_runs_with_refill(se
 
     arch, target, rows = setup
     rows, limits, sampling = rows[:5], _limits(5), SamplingParams(temperature=1.0)
-    make = lambda: DraftModelDrafter(noisy_copy(arch), tree="binary", tree_sampling="with_replacement")  # noqa: E731
+    make = lambda: DraftModelDrafter(noisy_copy(arch), tree="binary", tree_sampling="with_replacement")
     out = SpeculativeDecoder(target, make(), "rejection", sampling).generate_batch(rows, limits, seed=5, max_rows=2)
     for i, ids in enumerate(rows):
         single = SpeculativeDecoder(target, make(), "rejection", sampling).generate(ids, limits[i], seed=5 + i)
@@ -278,6 +278,29 @@ def test_the_batched_table_sets_a_compiled_chain_against_the_compiled_ar_loop(mo
     assert by["ours_chain_k2_static"]["vs_ours_ar"] == pytest.approx(4.0)
     assert by["ours_chain_k2"]["vs_ours_ar_same_batching"] == pytest.approx(2.0)
     assert all(r["matches_hf_greedy"] for r in rows)
+
+
+def test_a_ctrl_c_keeps_the_batch_sizes_finished(monkeypatch, capsys):
+    """Ctrl-C while batch size 4 is timed keeps batch size 2's rows (and says so); during the first batch size it
+    goes on up (nothing to show)."""
+    from types import SimpleNamespace
+
+    from experiments import bench_batch
+
+    def time_size(table, prompts, size, max_new, reps):
+        if size == 4:
+            raise KeyboardInterrupt
+        return {name: [[1.0] * reps] for name in table}, {name: [[7] * 8] for name in table}, {n: [] for n in table}
+
+    monkeypatch.setattr(bench_batch, "methods", lambda *args, **kwargs: dict.fromkeys(("hf_plain", "ours_ar")))
+    monkeypatch.setattr(bench_batch, "_time_size", time_size)
+    target = SimpleNamespace(generate=lambda ids, **kwargs: torch.tensor([[1, 2] + [7] * 8]),
+                             generation_config=SimpleNamespace(pad_token_id=0))
+    rows = bench_batch.run_batch_sizes(target, None, [torch.tensor([[1, 2]])], [2, 4, 8], 8, 2, [2], 2, 2)
+    assert [(r["batch_size"], r["method"]) for r in rows] == [(2, "hf_plain"), (2, "ours_ar")]
+    assert "interrupted (Ctrl-C) at batch size 4: the table covers the batch sizes before it" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        bench_batch.run_batch_sizes(target, None, [torch.tensor([[1, 2]])], [4, 8], 8, 2, [2], 2, 2)
 
 
 def test_a_runs_summary_keeps_the_warm_ups_compile_seconds(prompts_file, tmp_path, monkeypatch):  # noqa: F811

@@ -226,7 +226,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     guarded = GuardedLogger(logger, run_dir)
     extra = {"run_dir": str(run_dir), "drafter": type(drafter).__name__, "drafter_shape": shape, "acceptance": rule.name,
              "lossless": rule.lossless, "models": models.info, "config": config,
-             "question_ids": [p.question_id for p in encoded], "resumed_prompts": len(previous.done)}
+             "question_ids": [p.question_id for p in encoded], "resumed_prompts": len(previous.done),
+             **({"overrides": hydra_info["overrides"]} if hydra_info.get("overrides") is not None else {})}
     restored = results_from_records(previous.records)
     results = {name: restored.get(name, MethodResults()) for name in decoders}
 
@@ -330,13 +331,14 @@ def _device_of(model: Any) -> Any:
 
 
 def _hydra_info() -> dict:
-    """Run directory, and for a multirun the W&B group (the sweep) and run name (its overrides, short:
-    :func:`experiments.runs.job_label`)."""
+    """Run directory, the command line's overrides (the summary keeps them: a later command that fails its checks
+    in the same directory rewrites ``.hydra/overrides.yaml``), and for a multirun the W&B group (the sweep) and run
+    name (its overrides, short: :func:`experiments.runs.job_label`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    info = {"run_dir": hc.runtime.output_dir, "group": None, "run_name": None}
+    info = {"run_dir": hc.runtime.output_dir, "group": None, "run_name": None, "overrides": list(hc.overrides.task)}
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hc.sweep.dir)
         info["group"] = f"{sweep_dir.parent.name}/{sweep_dir.name}"

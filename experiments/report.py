@@ -1,7 +1,8 @@
 """Aggregate decode runs into a table and plots: ``python -m experiments.report <run or multirun dir>``.
 
-Reads each run's local results (``summary.json``, ``records.jsonl`` and ``.hydra/overrides.yaml``
-for its swept values; runs are found in the directory and below it) and writes, in
+Reads each run's local results (``summary.json``, ``records.jsonl``; its swept values are the overrides the
+summary recorded, else ``.hydra/overrides.yaml``, which a later command there rewrites even if it fails its
+checks; runs are found in the directory and below it) and writes, in
 ``<dir>/report/``:
 
 - ``report.md`` and ``report.csv``: one row per run (CSV values are the summaries' own numbers, at

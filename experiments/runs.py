@@ -78,6 +78,7 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 
 def _read_overrides(path: Path) -> dict[str, str]:
+    """The overrides of ``.hydra/overrides.yaml`` (those of the last command started there)."""
     import yaml
 
     file = path / ".hydra" / "overrides.yaml"
@@ -85,6 +86,11 @@ def _read_overrides(path: Path) -> dict[str, str]:
         items = yaml.safe_load(file.read_text(encoding="utf-8")) or []
     except (OSError, yaml.YAMLError):
         return {}
+    return _overrides_of(items)
+
+
+def _overrides_of(items: list) -> dict[str, str]:
+    """``{key: value}`` of ``key=value`` overrides."""
     out = {}
     for item in items:
         key, _, value = str(item).partition("=")
@@ -136,6 +142,8 @@ def load_run(path: Path, root: Path) -> Run:
             run.problems.append(f"{path / SUMMARY_FILE}: unreadable ({exc}); metrics rebuilt from records")
     if run.summary is None:
         run.summary = _rebuild_summary(path, records)
+    elif isinstance(run.summary.get("overrides"), list):  # the run's own: .hydra's are the last command's there
+        run.overrides = _overrides_of(run.summary["overrides"])
     return run
 
 

@@ -65,6 +65,7 @@ def test_3x2_sweep_report_tables_plots_and_wandb(sweep_3x2):
         m, spec = summary["metrics"], summary["metrics"]["speculative"]
         assert row["status"] == summary["status"] == "complete"
         assert int(row["k"]) == summary["config"]["drafter"]["num_speculative_tokens"]
+        assert f"drafter.num_speculative_tokens={row['k']}" in summary["overrides"]  # the job's own, kept
         assert float(row["temperature"]) == summary["config"]["sampling"]["temperature"]
         for column, value in (("tau", spec["tau"]), ("draft_acceptance_rate", spec["draft_acceptance_rate"]),
                               ("tokens_per_s", spec["tokens_per_s"]), ("speedup", m["speedup"]),

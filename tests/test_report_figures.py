@@ -248,3 +248,16 @@ def test_a_run_that_proposed_nothing_has_no_acceptance_rate_in_its_row():
     assert row(draft_acceptance_rate=0.0, mean_proposed_drafts=0.0)["draft_acceptance_rate"] is None
     assert row(draft_acceptance_rate=0.0, mean_proposed_drafts=3.0)["draft_acceptance_rate"] == 0.0
     assert row(draft_acceptance_rate=0.25, mean_proposed_drafts=4.0)["draft_acceptance_rate"] == 0.25
+
+
+def test_a_runs_swept_values_are_its_own_not_those_of_a_later_command_that_failed_there(tmp_path):
+    """A later command in the same directory that fails its checks (a typo'd option) has Hydra rewrite
+    ``.hydra/overrides.yaml`` first: the report reads the values the summary recorded (k=2, as decoded), not
+    the failed command's k=3; a summary from before overrides were recorded still falls back to ``.hydra``."""
+    from experiments.runs import load_run
+
+    recorded = write_run(tmp_path, "0", {**chain_summary(2), "overrides": [f"{K_KEY}=2", "num_prompts=2"]},
+                         {K_KEY: "3", "drafter.tree_sampling": "bogus"})
+    assert load_run(recorded, tmp_path).overrides == {K_KEY: "2", "num_prompts": "2"}
+    older = write_run(tmp_path, "1", chain_summary(4), {K_KEY: "4"})
+    assert load_run(older, tmp_path).overrides == {K_KEY: "4"}

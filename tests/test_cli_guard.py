@@ -183,3 +183,16 @@ def test_ctrl_c_says_what_the_entry_point_keeps():
     for module in ("train_medusa", "train_eagle"):
         source = (Path(cli.__file__).parent / f"{module}.py").read_text()
         assert 'interrupted="training goes on from its last checkpoint' in source
+
+
+def test_a_mistake_in_a_module_imported_before_the_guard_still_gets_the_bug_line(tmp_path):
+    """A module of one's own that a command imports at start (a drafter added to ``drafters/`` with a NameError
+    in it) fails before :func:`cli.guard` runs: the traceback is followed by the guard's line naming where it
+    ends, exit status 1 (it was a bare traceback)."""
+    (tmp_path / "mine.py").write_text("x = 1\ny = undefined_name\n")
+    code = f"import sys; sys.argv = ['-m']; import experiments; sys.path.insert(0, {str(tmp_path)!r}); import mine"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and lines[0].startswith("Traceback") and "NameError" in lines[-2], proc.stderr
+    assert lines[-1].startswith(f"the traceback ends in {tmp_path / 'mine.py'}:2 (<module>): if that is code of "
+                                "your own"), proc.stderr

@@ -227,6 +227,9 @@ def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids:
     if split_up := done - state.done:
         reasons.append(f"{len(split_up)} earlier prompt(s) decoded in a batch that is not kept whole are decoded "
                        "again (a batch's time is its rows' together)")
+    if unfinished := {qid for qid in by_id if qid in wanted and qid not in done}:
+        reasons.append(f"{len(unfinished)} earlier prompt(s) that not every method finished (a run cut mid-prompt "
+                       "or mid-batch) are decoded again")
     if reasons:  # prompts left out: their series leave the W&B run too (a new one gets the kept records)
         moved = [name for name in WANDB_FILES if dropped and (run_dir / name).exists()]
         copied = set_aside(run_dir, "; ".join(reasons), tuple(moved), (RECORDS_FILE, SUMMARY_FILE))

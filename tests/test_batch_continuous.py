@@ -140,9 +140,35 @@ def test_resumed_batched_run_keeps_the_earlier_batches_time(prompts_file, tmp_pa
         if r["method"] == "speculative":
             batches[r["batch"]["id"]] = r["batch"]  # the last entry per id, as the summary keeps it
     assert len(batches) == {"static": 2, "continuous": 1}[mode], batches.keys()
-    assert bool(list(tmp_path.glob("superseded-*"))) == (mode == "continuous")  # static: batches kept whole
+    assert len(list(tmp_path.glob("superseded-*"))) == 1  # the records decoded again (both modes) are kept there
     spec = again["metrics"]["speculative"]
     assert spec["tokens_per_s"] == pytest.approx(spec["new_tokens"] / sum(b["time_total"] for b in batches.values()))
+
+
+def test_a_prompt_cut_between_its_methods_is_decoded_again_and_its_record_kept_aside(prompts_file, tmp_path,  # noqa: F811
+                                                                                     capsys):
+    """A batch-1 run cut after prompt 1's speculative record (its baseline never ran): the rerun decodes prompt 1
+    again and says so; the record it drops is not lost: the earlier records are copied to ``superseded-*``."""
+    import json
+
+    from experiments import decode
+
+    cfg = compose_cfg(*tiny_args(prompts_file, num_prompts=2), "costs=false")
+    decode.run(cfg, tmp_path)
+    path = tmp_path / "records.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    assert [json.loads(line)["method"] for line in lines] == ["speculative", "baseline"] * 2
+    path.write_text("".join(lines[:-1]))  # prompt 1's baseline lost: the run was cut there
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    capsys.readouterr()
+    again = decode.run(cfg, tmp_path)
+    err = capsys.readouterr().err
+    assert "1 earlier prompt(s) that not every method finished (a run cut mid-prompt or mid-batch) are decoded " \
+           "again" in err and "1 of 2 prompts already decoded" in err
+    assert again["status"] == "complete" and path.read_text().count("\n") == 4
+    aside = list(tmp_path.glob("superseded-*"))
+    assert len(aside) == 1 and (aside[0] / "records.jsonl").read_text() == "".join(lines[:-1])
 
 
 def test_a_batch_decoded_again_gets_an_id_after_every_kept_one(prompts_file, tmp_path):  # noqa: F811

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import cli
-from experiments.costs import chain_speedup_by_k, recommend_k
+from experiments.costs import chain_speedup_by_k, cost_at, recommend_k
 from experiments.runs import REPORT_DIR, SPLITS, ReportError, Run, load_runs, pooled_model, row_of, series, swept_keys
 
 #: Columns that depend on wall-clock measurements (they differ between otherwise identical runs).
@@ -97,6 +97,7 @@ def check_recommendations(runs: list[Run], swept: list[str], tolerance: float) -
         if alpha is None or costs is None or not speed:
             lines.append(f"{label}: no recommendation check (needs costs=true, drafts proposed and a baseline)")
             continue
+        lines += cost_spread(label, group)
         rec = recommend_k(chain_speedup_by_k(alpha, costs, tokens_per_prompt=tokens))
         best = max(speed, key=speed.get)
         head = (f"{label}: recommended k={rec} (alpha={alpha:.3f}"
@@ -109,6 +110,27 @@ def check_recommendations(runs: list[Run], swept: list[str], tolerance: float) -
             verdict = "OK" if gap <= tolerance else "MISS"
             lines.append(f"{head}; k={rec} measured {speed[rec]:.2f}x, {gap:.1%} below the best "
                          f"(tolerance {tolerance:.0%}): {verdict}")
+    return lines
+
+
+#: Runs of one series whose one-token forward costs differ by more than this factor priced their drafts on a
+#: machine whose speed changed: the series' one cost curve (the first run's) says so.
+COST_SPREAD = 1.5
+
+
+def cost_spread(label: str, group: list[Run]) -> list[str]:
+    """A line for a series whose runs measured a forward (the target's or the draft's, one token) more than
+    :data:`COST_SPREAD` times apart: its cost-model curve and recommendation use the first run's costs only."""
+    measured = [(r.name, (r.summary or {}).get("cost_model", {}).get("costs")) for r in group]
+    measured = [(name, costs) for name, costs in measured if isinstance(costs, dict)]
+    lines = []
+    for model in ("target", "draft"):
+        ms = [(1e3 * cost_at(costs[model], 1), name) for name, costs in measured if isinstance(costs.get(model), dict)
+              and costs[model]]
+        if len(ms) > 1 and max(ms)[0] > COST_SPREAD * min(ms)[0]:
+            lines.append(f"{label}: the runs priced a {model} forward {min(ms)[0]:.2f}-{max(ms)[0]:.2f} ms "
+                         f"({max(ms)[0] / min(ms)[0]:.1f}x apart: the machine's speed changed between them); the "
+                         f"cost-model curve and the recommended k use {measured[0][0]}'s costs")
     return lines
 
 

@@ -151,7 +151,7 @@ def error_message(exc: BaseException) -> str:
         if cause is not None and type(cause).__module__.startswith("omegaconf") and str(cause).strip():
             lines.append(str(cause).strip().splitlines()[0])
         text = _join_lines(lines) or type(exc).__name__
-        return _misspelled_key(text, cause) or text
+        return _misspelled_key(text, cause) or _wrong_type(text) or text
     if isinstance(exc, OSError) and exc.strerror and (exc.filename or exc.errno in OS_FIXES):
         paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)  # os.replace names both
         return ": ".join(part for part in (exc.strerror, paths, OS_FIXES.get(exc.errno, "check the path")) if part)
@@ -203,6 +203,21 @@ def _misspelled_key(text: str, cause: BaseException | None) -> str | None:
     added = (f"; an argument the node's _target_ takes is added with a leading + (+{key}=...)"
              if prefix and key not in KNOWN_ELSEWHERE else "")
     return f"{key} is not a key of this config: {hint}--cfg job prints every key{added}"
+
+
+#: What a typed config key takes, by the type Hydra could not convert an override's value to.
+TYPE_FIXES = {"Integer": "a whole number", "Float": "a number (e.g. 0.7)", "bool": "true or false"}
+
+
+def _wrong_type(text: str) -> str | None:
+    """Hydra's "Error merging override k=v. Value 'v' ... could not be converted to Integer" (or Float, "is not a
+    valid bool") as the key, the value and what the key takes; None for any other message."""
+    match = re.match(r"Error merging override ([^=\s]+)=(.*?)\. Value '.*' (?:of type '\w+' could not be converted "
+                     r"to (Integer|Float)|is not a valid (bool))", text)
+    if match is None:
+        return None
+    key, value, kind = match.group(1), match.group(2), match.group(3) or match.group(4)
+    return f"{key}={value!r}: {key} takes {TYPE_FIXES[kind]}"
 
 
 def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:

@@ -363,7 +363,7 @@ def test_cli_input_errors_exit_2_without_traceback(args, message, tmp_path):
 
 def test_cli_wrong_type_is_reported(tmp_path):
     proc = run_cli("max_new_tokens=abc", f"hydra.run.dir={tmp_path}")
-    assert proc.returncode != 0 and "could not be converted to Integer" in proc.stderr
+    assert proc.returncode == 2 and "error: max_new_tokens='abc': max_new_tokens takes a whole number" in proc.stderr
 
 
 def test_speedup_is_our_tokens_per_s_over_the_baseline_s():

@@ -10,6 +10,7 @@ import difflib
 import importlib
 import inspect
 import logging
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,9 +31,24 @@ def target_of(node: DictConfig | dict, what: str) -> Any:
     try:
         return hydra.utils.get_object(path)
     except Exception as exc:  # ImportError, AttributeError, ValueError from hydra's locate
-        raise ConfigError(f"{what}: cannot import _target_ {path!r}{_did_you_mean(path)} ({exc})") from exc
+        raise ConfigError(_import_failure(what, str(path), exc)) from exc
     finally:
         hydra_log.disabled = disabled
+
+
+def _import_failure(what: str, path: str, exc: Exception) -> str:
+    """Why ``path`` did not import: a module that is there but raised while importing (a mistake in it, a
+    package it needs that is missing) is named with the error and where it was raised, not as "not installed"."""
+    cause = exc.__cause__
+    missing = cause.name if isinstance(cause, ModuleNotFoundError) else None
+    if cause is None or (missing is not None and f"{path}.".startswith(f"{missing}.")):  # the module is not there
+        return f"{what}: cannot import _target_ {path!r}{_did_you_mean(path)} ({exc})"
+    frames = traceback.extract_tb(cause.__traceback__)
+    ours = [f for f in frames if not f.filename.startswith("<")]
+    where = f" at {ours[-1].filename}:{ours[-1].lineno}" if ours else ""
+    fix = f"install {missing} or fix the import" if missing else "fix it there"
+    return (f"{what}: importing _target_ {path!r} raised {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+            f"{where}: {fix}")
 
 
 def _did_you_mean(path: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -242,3 +243,27 @@ def test_draft_logits_may_mask_tokens_but_not_hold_nan_inf_or_a_row_without_a_to
         check_finite(empty, "draft", masked_ok=True)
     with pytest.raises(NonFiniteLogitsError):
         check_finite(masked, "target")  # -inf from a target is an error
+
+
+def test_a_target_module_that_raises_while_importing_is_named_with_its_error(tmp_path, monkeypatch):
+    """A ``_target_`` whose module is there but raises as it imports (a mistake in it, a package it needs that is
+    missing) is named with the error and its file:line, not "are you sure that module is installed?"; a module
+    or name that is not there keeps the import error (and its did-you-mean)."""
+    from experiments.instantiate import target_of
+
+    (tmp_path / "t17_broken.py").write_text("x = 1\ny = undefined_name\nclass D: pass\n")
+    (tmp_path / "t17_needs.py").write_text("import t17_not_installed\nclass D: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = {"t17_broken.D": (f"drafter: importing _target_ 't17_broken.D' raised NameError: name 'undefined_name' "
+                              f"is not defined at {tmp_path / 't17_broken.py'}:2: fix it there"),
+             "t17_needs.D": (f"drafter: importing _target_ 't17_needs.D' raised ModuleNotFoundError: No module named "
+                             f"'t17_not_installed' at {tmp_path / 't17_needs.py'}:1: install t17_not_installed or "
+                             "fix the import")}
+    for path, says in cases.items():
+        with pytest.raises(ConfigError) as info:
+            target_of({"_target_": path}, "drafter")
+        assert str(info.value) == says
+    for path, says in (("t17_nowhere.D", "cannot import _target_ 't17_nowhere.D'"),
+                       ("drafters.NGramDraftr", "did you mean 'drafters.NGramDrafter'?")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            target_of({"_target_": path}, "drafter")

@@ -255,7 +255,7 @@ CURVE_WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # --verify-curve's default widths
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m experiments.bench",
                            description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default=None, help=f"embedded zoo pair size (default, micro; default {SIZE})")
+    p.add_argument("--size", default=None, help=f"embedded zoo pair size: default or micro (default {SIZE})")
     p.add_argument("--model", help="a real target on the prompt suite, per category (experiments.bench_suite); "
                    "python -m experiments.bench --model smollm2 --help lists its options")
     p.add_argument("--target", help="target checkpoint directory (instead of the zoo)")

@@ -240,15 +240,15 @@ def batched_main(target, draft, prompts, args, argv) -> int:
     rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
                            args.ngram_tokens, args.max_ngram, args.compile, args.confidence,
                            (args.eagle, args.draft_dtype) if args.eagle else None, args.hybrid)
-    done = len(dict.fromkeys(r["batch_size"] for r in rows))
-    cut = "" if done == len(args.batch_sizes) else (f"Interrupted (Ctrl-C) after {done} of {len(args.batch_sizes)} "
-                                                    "batch sizes: the table covers those. ")
+    done, asked = len(dict.fromkeys(r["batch_size"] for r in rows)), len(set(args.batch_sizes))
+    cut = "" if done == asked else (f"Interrupted (Ctrl-C) after {done} of {asked} batch sizes: the table covers "
+                                    "those. ")
     header = (f"{command_line(argv)}{cut}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
               "(`*_continuous`: all prompts in one call, at most that many rows at once, a finished row's place "
               f"taken by the next prompt), {args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, "
               f"median of {args.reps} reps per group.\n")
     publish(header + "\n" + markdown(rows) + match_note(args.dtype), {"rows": rows, "batch_sizes_done": done}, args)
-    return final_status(exit_status(rows, args.dtype, "matches_hf_greedy"), done, len(args.batch_sizes))
+    return final_status(exit_status(rows, args.dtype, "matches_hf_greedy"), done, asked)
 
 
 if __name__ == "__main__":  # a library module: say which command runs it instead of exiting 0 silently

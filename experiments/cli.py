@@ -66,7 +66,7 @@ BUG_LINE = ("this is a bug in specdec, not a problem with your input: please rep
 def bug_line(exc: BaseException) -> str:
     """:data:`BUG_LINE`, after where the traceback ends in code of a project's own (not Python's library or an
     installed package): a drafter, rule or logger one wrote raises there, and then it is not specdec's bug."""
-    where = _where(exc)  # in this project's packages too: a drafter one adds is often a module of drafters/
+    where = where_raised(exc)  # in this project's packages too: a drafter one adds is often a module of drafters/
     return BUG_LINE if where is None else (f"the traceback ends in {where}: if that is code of your own (a drafter, "
                                            f"rule or logger you added), fix it there; otherwise {BUG_LINE}")
 
@@ -76,11 +76,14 @@ OUR_PACKAGES = tuple(str(Path(__file__).resolve().parent.parent / name) + os.sep
                      for name in ("specdec", "drafters", "verifier", "experiments", "specdec_kernels"))
 
 
-def _where(exc: BaseException) -> str | None:
+def where_raised(exc: BaseException) -> str | None:
     """``file:line (function)`` of the innermost frame of ``exc``'s traceback outside the Python library and installed
-    packages, or None."""
+    packages (a SyntaxError's: the file and line it names, ``file:line``), or None."""
     import site
     import sysconfig
+
+    if isinstance(exc, SyntaxError) and exc.filename and not exc.filename.startswith("<"):
+        return f"{os.path.realpath(exc.filename)}:{exc.lineno}"
 
     library = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     library |= {*getattr(site, "getsitepackages", list)(), site.getusersitepackages()}  # old virtualenvs lack one
@@ -226,7 +229,7 @@ def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:
 
     exc = out_of_memory(exc) or exc  # an OOM wrapped by the compiler or a failed capture is still one
     if isinstance(exc, input_error_types(extra_input_errors)) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
-        where = _where(exc) if type(exc) is ValueError else None  # a bare ValueError: maybe a plugin's own check
+        where = where_raised(exc) if type(exc) is ValueError else None  # a bare ValueError: maybe a plugin's own check
         note = f" (ValueError raised at {where})" if where and not where.startswith(OUR_PACKAGES) else ""
         print(f"error: {error_message(exc)}{note}", file=sys.stderr)
         return 2

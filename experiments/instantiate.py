@@ -10,7 +10,6 @@ import difflib
 import importlib
 import inspect
 import logging
-import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,14 +40,16 @@ def _import_failure(what: str, path: str, exc: Exception) -> str:
     package it needs that is missing) is named with the error and where it was raised, not as "not installed"."""
     cause = exc.__cause__
     missing = cause.name if isinstance(cause, ModuleNotFoundError) else None
-    if cause is None or (missing is not None and f"{path}.".startswith(f"{missing}.")):  # the module is not there
+    absent = missing is not None and f"{path}.".startswith(f"{missing}.")  # the module (or the name in it) is not there
+    if cause is None or absent or isinstance(cause, AttributeError):
         return f"{what}: cannot import _target_ {path!r}{_did_you_mean(path)} ({exc})"
-    frames = traceback.extract_tb(cause.__traceback__)
-    ours = [f for f in frames if not f.filename.startswith("<")]
-    where = f" at {ours[-1].filename}:{ours[-1].lineno}" if ours else ""
+    from experiments.cli import where_raised
+
+    where = where_raised(cause)
     fix = f"install {missing} or fix the import" if missing else "fix it there"
-    return (f"{what}: importing _target_ {path!r} raised {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-            f"{where}: {fix}")
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    return f"{what}: importing _target_ {path!r} raised {type(cause).__name__}" + (f": {text}" if text else "") \
+        + (f" at {where}" if where else "") + f": {fix}"
 
 
 def _did_you_mean(path: str) -> str:

@@ -185,14 +185,20 @@ def test_ctrl_c_says_what_the_entry_point_keeps():
         assert 'interrupted="training goes on from its last checkpoint' in source
 
 
-def test_a_mistake_in_a_module_imported_before_the_guard_still_gets_the_bug_line(tmp_path):
+@pytest.mark.parametrize("text, error, where", [("x = 1\ny = undefined_name\n", "NameError", "mine.py:2 (<module>)"),
+                                               ("x = 1\ndef f(:\n", "SyntaxError", "mine.py:2")])
+def test_a_mistake_in_a_module_imported_before_the_guard_still_gets_the_bug_line(text, error, where, tmp_path):
     """A module of one's own that a command imports at start (a drafter added to ``drafters/`` with a NameError
-    in it) fails before :func:`cli.guard` runs: the traceback is followed by the guard's line naming where it
-    ends, exit status 1 (it was a bare traceback)."""
-    (tmp_path / "mine.py").write_text("x = 1\ny = undefined_name\n")
-    code = f"import sys; sys.argv = ['-m']; import experiments; sys.path.insert(0, {str(tmp_path)!r}); import mine"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    or a syntax error in it, imported by a package's ``__init__``) fails before :func:`cli.guard` runs: the
+    traceback is followed by the guard's line naming where it was raised, exit status 1 (it was a bare
+    traceback)."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("from pkg.mine import *  # noqa\n")
+    (tmp_path / "pkg" / "mine.py").write_text(text)
+    code = f"import sys; sys.argv = ['-m']; import experiments; sys.path.insert(0, {str(tmp_path)!r}); import pkg"
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and lines[0].startswith("Traceback") and "NameError" in lines[-2], proc.stderr
-    assert lines[-1].startswith(f"the traceback ends in {tmp_path / 'mine.py'}:2 (<module>): if that is code of "
-                                "your own"), proc.stderr
+    assert proc.returncode == 1 and lines[0].startswith("Traceback") and error in lines[-2], proc.stderr
+    here = os.path.realpath(tmp_path / "pkg")
+    assert lines[-1].startswith(f"the traceback ends in {here}/{where}: if that is code of your own"), proc.stderr

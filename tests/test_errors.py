@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 
 import pytest
@@ -253,17 +254,25 @@ def test_a_target_module_that_raises_while_importing_is_named_with_its_error(tmp
 
     (tmp_path / "t17_broken.py").write_text("x = 1\ny = undefined_name\nclass D: pass\n")
     (tmp_path / "t17_needs.py").write_text("import t17_not_installed\nclass D: pass\n")
+    (tmp_path / "t17_syntax.py").write_text("class D: pass\ndef f(:\n    pass\n")
+    (tmp_path / "t17_fine.py").write_text("class D: pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    here = os.path.realpath(tmp_path)
     cases = {"t17_broken.D": (f"drafter: importing _target_ 't17_broken.D' raised NameError: name 'undefined_name' "
-                              f"is not defined at {tmp_path / 't17_broken.py'}:2: fix it there"),
+                              f"is not defined at {here}/t17_broken.py:2 (<module>): fix it there"),
              "t17_needs.D": (f"drafter: importing _target_ 't17_needs.D' raised ModuleNotFoundError: No module named "
-                             f"'t17_not_installed' at {tmp_path / 't17_needs.py'}:1: install t17_not_installed or "
+                             f"'t17_not_installed' at {here}/t17_needs.py:1 (<module>): install t17_not_installed or "
                              "fix the import")}
     for path, says in cases.items():
         with pytest.raises(ConfigError) as info:
             target_of({"_target_": path}, "drafter")
         assert str(info.value) == says
+    with pytest.raises(ConfigError) as info:  # the file and line the SyntaxError names (its wording is Python's)
+        target_of({"_target_": "t17_syntax.D"}, "drafter")
+    assert str(info.value).startswith("drafter: importing _target_ 't17_syntax.D' raised SyntaxError: ")
+    assert str(info.value).endswith(f" at {here}/t17_syntax.py:2: fix it there")
     for path, says in (("t17_nowhere.D", "cannot import _target_ 't17_nowhere.D'"),
-                       ("drafters.NGramDraftr", "did you mean 'drafters.NGramDrafter'?")):
+                       ("drafters.NGramDraftr", "did you mean 'drafters.NGramDrafter'?"),
+                       ("t17_fine.D.nope", "cannot import _target_ 't17_fine.D.nope'")):  # the module imported
         with pytest.raises(ConfigError, match=re.escape(says)):
             target_of({"_target_": path}, "drafter")

@@ -330,7 +330,16 @@ def main(argv=None) -> int:
         for temperature in args.temperatures:
             methods = build_methods(target, draft, args, temperature, heads)
             stats = _record_stats(methods)
-            done = run_all(methods, prompts, args.reps)
+            try:
+                done = run_all(methods, prompts, args.reps)
+            except KeyboardInterrupt:  # in this temperature's first prompt: the earlier temperatures' tables stand
+                if not tables:
+                    raise
+                notes.append(f"interrupted (Ctrl-C) in the first prompt at temperature {temperature}: no table for "
+                             "it or the temperatures after it")
+                print(notes[-1], file=sys.stderr, flush=True)
+                done = 0
+                break
             stats = {name: kept[:done * args.reps] for name, kept in stats.items()}  # the cut prompt's calls out
             rows, table = summarize(methods, stats, temperature == 0)
             title = "greedy" if temperature == 0 else f"T = {temperature}, rejection"
@@ -350,6 +359,7 @@ def main(argv=None) -> int:
         Path(args.markdown).write_text(text + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "machine": machine_line(), "args": vars(args),
+                                               "prompts_done": done, "prompts_asked": asked,
                                                "notes": notes}, indent=1, default=str))
     return final_status(0 if all(r["matches_hf_plain"] is not False for rows in results.values() for r in rows)
                         else 1, done, asked)

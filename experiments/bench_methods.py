@@ -102,7 +102,9 @@ PER_PROMPT = ("times", "new_tokens", "tau", "acceptance", "prefill_s", "forwards
 
 
 def _drop_prompt(methods: list[Method], i: int, loops: list[dict]) -> None:
-    """Forget what prompt ``i``'s cut rounds left: its per-prompt entries and its share of each loop's sums."""
+    """Forget what prompt ``i``'s cut rounds left: its per-prompt entries and its share of each loop's sums. An
+    output that differed from the reference in a finished round stays counted (``matches``): a wrong token is a
+    finding whatever the timing covers."""
     for meth, loop in zip(methods, loops):
         for name in PER_PROMPT:
             getattr(meth, name).pop(i, None)

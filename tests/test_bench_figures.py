@@ -304,3 +304,47 @@ def test_a_ctrl_c_keeps_the_finished_prompts_and_drops_the_cut_one(capsys):
         run_all(_cut_at(3), prompts, reps=2)
     assert interrupted_note(3, 3) == "" and "after 1 of 3 prompts" in interrupted_note(1, 3)
     assert (final_status(0, 1, 3), final_status(1, 1, 3), final_status(0, 3, 3), final_status(1, 3, 3)) == (130, 1, 0, 1)
+
+
+@pytest.mark.parametrize("cut_at", ["first prompt", "second prompt"])
+def test_bench_drafters_keeps_the_temperatures_it_finished(cut_at, monkeypatch, capsys, tmp_path):
+    """Ctrl-C at the second temperature: in its first prompt, the greedy table stands and a note says the rest has
+    none (it was thrown away with the interrupt); in its second, that temperature's table covers prompt 1. Exit
+    status 130 either way; --json says how many prompts the last table covers."""
+    import json
+
+    from experiments import bench_drafters
+
+    prompts = [torch.tensor([[1, 2]]), torch.tensor([[3, 4]])]
+    monkeypatch.setattr(bench_drafters, "load_pair", lambda args: (None, None, None))
+    monkeypatch.setattr(bench_drafters, "load_prompt_ids", lambda tok, target, args: prompts)
+    monkeypatch.setattr(bench_drafters, "head_drafters", lambda args, notes: {})
+    monkeypatch.setattr(bench_drafters, "verify_widths", lambda widths, *args: widths)
+    monkeypatch.setattr(bench_drafters, "machine_line", lambda: "test machine")
+    built = []
+
+    def build_methods(target, draft, args, temperature, heads):
+        built.append(temperature)
+        calls = {"n": 0}
+        cut = {"first prompt": 2, "second prompt": 3}[cut_at] if len(built) == 2 else None  # 1: the warm-up
+
+        def ours(ids):
+            calls["n"] += 1
+            if calls["n"] == cut:
+                raise KeyboardInterrupt
+            return torch.cat([ids, torch.zeros(1, 1, dtype=ids.dtype)], 1), DecodeStats(
+                target_forwards=1, new_tokens=1, time_total=1.0)
+        return [_method("hf_plain", []), Method("ours_ar", ours, ours=True)]
+
+    monkeypatch.setattr(bench_drafters, "build_methods", build_methods)
+    status = bench_drafters.main(["--temperatures", "0,0.8", "--reps", "1", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert status == 130 and "### greedy\n" in out and list(data["results"]) == (
+        ["0.0"] if cut_at == "first prompt" else ["0.0", "0.8"])
+    if cut_at == "first prompt":
+        assert "Note: interrupted (Ctrl-C) in the first prompt at temperature 0.8: no table for it" in out
+        assert "T = 0.8" not in out and data["prompts_done"] == 0
+    else:
+        assert "### T = 0.8, rejection (Interrupted (Ctrl-C) after 1 of 2 prompts: the tables cover those.)" in out
+        assert data["prompts_done"] == 1 and data["prompts_asked"] == 2

@@ -127,7 +127,7 @@ def cost_spread(label: str, group: list[Run]) -> list[str]:
     for model in ("target", "draft"):
         ms = [(1e3 * cost_at(costs[model], 1), name) for name, costs in measured if isinstance(costs.get(model), dict)
               and costs[model]]
-        if len(ms) > 1 and max(ms)[0] > COST_SPREAD * min(ms)[0]:
+        if len(ms) > 1 and 0 < min(ms)[0] and max(ms)[0] > COST_SPREAD * min(ms)[0]:
             lines.append(f"{label}: the runs priced a {model} forward {min(ms)[0]:.2f}-{max(ms)[0]:.2f} ms "
                          f"({max(ms)[0] / min(ms)[0]:.1f}x apart: the machine's speed changed between them); the "
                          f"cost-model curve and the recommended k use {measured[0][0]}'s costs")

@@ -261,3 +261,19 @@ def test_a_runs_swept_values_are_its_own_not_those_of_a_later_command_that_faile
     assert load_run(recorded, tmp_path).overrides == {K_KEY: "2", "num_prompts": "2"}
     older = write_run(tmp_path, "1", chain_summary(4), {K_KEY: "4"})
     assert load_run(older, tmp_path).overrides == {K_KEY: "4"}
+
+
+def test_a_series_whose_runs_priced_a_forward_far_apart_says_so(tmp_path):
+    """Two runs of one series measured the draft 36.0 and 11.6 ms (3.1x apart: a busy machine): the check says
+    the curve and recommendation use the first run's costs; within 1.5x (the target here) nothing is said, nor
+    where a run measured 0 (no ratio to take)."""
+    from experiments.report import cost_spread
+
+    def run(name, draft_s):
+        costs = {"target": {"1": 0.010, "5": 0.012}, "draft": {"1": draft_s}}
+        return Run(tmp_path / name, name, summary={**chain_summary(2), "cost_model": {"costs": costs}})
+    lines = cost_spread("all runs", [run("0", 0.036), run("1", 0.0116), Run(tmp_path, "x", summary={})])
+    assert lines == ["all runs: the runs priced a draft forward 11.60-36.00 ms (3.1x apart: the machine's speed "
+                     "changed between them); the cost-model curve and the recommended k use 0's costs"]
+    assert cost_spread("all runs", [run("0", 0.010), run("1", 0.014)]) == []
+    assert cost_spread("all runs", [run("0", 0.0), run("1", 0.014)]) == []

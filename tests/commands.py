@@ -80,7 +80,8 @@ def check_command(command: list[str]) -> None:
                                                                if a.startswith("--ignore=")]
         for path, _, test in (a.partition("::") for a in named):  # tests/x.py or tests/x.py::test_y[param]
             assert (ROOT / path).exists(), path
-            assert not test or f"def {test.split('[')[0]}(" in (ROOT / path).read_text(), f"{path}::{test}"
+            name = test.split("::")[-1].split("[")[0]  # tests/x.py::TestClass::test_y[param]: test_y
+            assert not name or f"def {name}(" in (ROOT / path).read_text(), f"{path}::{test}"
     elif module in HYDRA_CONFIGS:
         for cfg in hydra_jobs(HYDRA_CONFIGS[module], args):
             if module == "experiments.decode":

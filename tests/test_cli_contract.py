@@ -230,8 +230,9 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert "search path" not in err
     code, err = main_in_process(monkeypatch, capsys, "max_new_tokens=abc", f"hydra.run.dir={tmp_path}")
     assert error_line(err, 2, code) == "error: max_new_tokens='abc': max_new_tokens takes a whole number"
-    for override, says in (("sampling.temperature=hot", "sampling.temperature='hot': sampling.temperature takes a "
-                            "number (e.g. 0.7)"), ("baseline=maybe", "baseline='maybe': baseline takes true or false")):
+    for override, says in (("sampling.temperature=hot", ("sampling.temperature='hot': sampling.temperature takes a "
+                                                         "number (e.g. 0.7)")),
+                           ("baseline=maybe", "baseline='maybe': baseline takes true or false")):
         code, err = main_in_process(monkeypatch, capsys, override, f"hydra.run.dir={tmp_path}")
         assert error_line(err, 2, code) == f"error: {says}"
     code, err = main_in_process(monkeypatch, capsys, "drafter.heads=~/heads", f"hydra.run.dir={tmp_path}")

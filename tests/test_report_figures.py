@@ -273,7 +273,7 @@ def test_a_series_whose_runs_priced_a_forward_far_apart_says_so(tmp_path):
         costs = {"target": {"1": 0.010, "5": 0.012}, "draft": {"1": draft_s}}
         return Run(tmp_path / name, name, summary={**chain_summary(2), "cost_model": {"costs": costs}})
     lines = cost_spread("all runs", [run("0", 0.036), run("1", 0.0116), Run(tmp_path, "x", summary={})])
-    assert lines == ["all runs: the runs priced a draft forward 11.60-36.00 ms (3.1x apart: the machine's speed "
-                     "changed between them); the cost-model curve and the recommended k use 0's costs"]
+    assert lines == [("all runs: the runs priced a draft forward 11.60-36.00 ms (3.1x apart: the machine's speed "
+                      "changed between them); the cost-model curve and the recommended k use 0's costs")]
     assert cost_spread("all runs", [run("0", 0.010), run("1", 0.014)]) == []
     assert cost_spread("all runs", [run("0", 0.0), run("1", 0.014)]) == []

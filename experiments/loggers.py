@@ -190,10 +190,12 @@ class WandbLogger(Logger):
 
 
 def defined(stats: dict) -> dict:
-    """A method's metrics less ``draft_acceptance_rate`` where nothing was proposed (0 of 0 is no rate; the
-    summary's 0.0 would chart as every draft rejected)."""
-    return stats if stats.get("mean_proposed_drafts", 1) else {k: v for k, v in stats.items()
-                                                                if k != "draft_acceptance_rate"}
+    """A method's metrics less a ``draft_acceptance_rate`` that is no rate
+    (:func:`experiments.results.acceptance_rate`)."""
+    from experiments.results import acceptance_rate
+
+    return stats if acceptance_rate(stats) is not None else {k: v for k, v in stats.items()
+                                                             if k != "draft_acceptance_rate"}
 
 
 _SCALAR_KEYS = ("tau", "mean_accepted_drafts", "mean_proposed_drafts", "draft_acceptance_rate", "tokens_per_s",

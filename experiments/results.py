@@ -273,6 +273,15 @@ def results_from_records(records: list[dict]) -> dict[str, MethodResults]:
     return results
 
 
+def acceptance_rate(metrics: dict) -> float | None:
+    """A method's ``draft_acceptance_rate``; None where it proposed nothing (0 of 0 is no rate: the summary's 0.0
+    would read, and chart, as every draft rejected) or has none. Shown ``-`` in the printed table, empty in the
+    report, not sent to W&B."""
+    if not metrics.get("mean_proposed_drafts", 1):
+        return None
+    return metrics.get("draft_acceptance_rate")
+
+
 def format_table(summary: dict) -> str:
     """A short plain-text table of the summary's metrics, one row per method."""
     metrics = summary.get("metrics", {})
@@ -287,8 +296,8 @@ def format_table(summary: dict) -> str:
             split = " ".join(f"{k}={v:.0%}" for k, v in m["time_split"].items())
         else:
             split = f"prefill={m['time_split']['prefill']:.0%}, steps not split (fixed-shape step)"
-        proposed = m.get("mean_proposed_drafts")  # nothing proposed: no rate
-        rate = f"{m['draft_acceptance_rate']:.1%}" if proposed else "-"
+        rate = acceptance_rate(m)
+        rate = "-" if rate is None else f"{rate:.1%}"
         lines.append(
             f"{name:<12} {m['tau']:>6.2f} {m['mean_accepted_drafts']:>8.2f} {rate:>8} "
             f"{m['tokens_per_s']:>9.1f} {_fmt_speedup(up):>8}   {split}"

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments.costs import fit_alpha
-from experiments.results import BASELINE, RECORDS_FILE, SPECULATIVE, SUMMARY_FILE, build_summary, read_records, \
-    results_from_records, steps_of
+from experiments.results import BASELINE, RECORDS_FILE, SPECULATIVE, SUMMARY_FILE, acceptance_rate, build_summary, \
+    read_records, results_from_records, steps_of
 from specdec.stats import add_counts
 
 REPORT_DIR = "report"
@@ -246,7 +246,7 @@ def row_of(run: Run, swept: list[str]) -> dict:
         "temperature": (run.config.get("sampling") or {}).get("temperature"),
         "acceptance": (run.summary or {}).get("acceptance"),
         "tau": spec.get("tau"),
-        "draft_acceptance_rate": spec.get("draft_acceptance_rate") if spec.get("mean_proposed_drafts") else None,
+        "draft_acceptance_rate": acceptance_rate(spec),
         "acceptance_by_depth": " ".join(f"{r:.4f}" for r in spec.get("acceptance_rate_by_depth", [])) or None,
         "alpha": alpha, "matches_baseline": m.get("matches_baseline"),
         "tokens_per_s": spec.get("tokens_per_s"), "baseline_tokens_per_s": base.get("tokens_per_s"),

@@ -248,6 +248,7 @@ def test_a_run_that_proposed_nothing_has_no_acceptance_rate_in_its_row():
     assert row(draft_acceptance_rate=0.0, mean_proposed_drafts=0.0)["draft_acceptance_rate"] is None
     assert row(draft_acceptance_rate=0.0, mean_proposed_drafts=3.0)["draft_acceptance_rate"] == 0.0
     assert row(draft_acceptance_rate=0.25, mean_proposed_drafts=4.0)["draft_acceptance_rate"] == 0.25
+    assert row(draft_acceptance_rate=0.25)["draft_acceptance_rate"] == 0.25  # a summary without the count keeps it
 
 
 def test_a_runs_swept_values_are_its_own_not_those_of_a_later_command_that_failed_there(tmp_path):

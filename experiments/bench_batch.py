@@ -234,16 +234,14 @@ def markdown(rows: list[dict]) -> str:
 
 def batched_main(target, draft, prompts, args, argv) -> int:
     """``experiments.bench --batch-sizes``: the batched table, printed and written."""
-    from experiments.bench_methods import final_status
+    from experiments.bench_methods import final_status, interrupted_note
     from experiments.bench_output import command_line, exit_status, machine_line, match_note, publish
 
     rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
                            args.ngram_tokens, args.max_ngram, args.compile, args.confidence,
                            (args.eagle, args.draft_dtype) if args.eagle else None, args.hybrid)
     done, asked = len(dict.fromkeys(r["batch_size"] for r in rows)), len(set(args.batch_sizes))
-    cut = "" if done == asked else (f"Interrupted (Ctrl-C) after {done} of {asked} batch sizes: the table covers "
-                                    "those. ")
-    header = (f"{command_line(argv)}{cut}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
+    header = (f"{command_line(argv)}{interrupted_note(done, asked, 'batch sizes')}Machine: {machine_line()}. {len(prompts)} prompts in groups of each batch size "
               "(`*_continuous`: all prompts in one call, at most that many rows at once, a finished row's place "
               f"taken by the next prompt), {args.max_new_tokens} new tokens, greedy, draft in {args.draft_dtype}, "
               f"median of {args.reps} reps per group.\n")

@@ -111,9 +111,10 @@ def _drop_prompt(methods: list[Method], i: int, loops: list[dict]) -> None:
         meth.loop = loop
 
 
-def interrupted_note(done: int, total: int) -> str:
-    """The tables' line for a run cut after ``done`` of ``total`` prompts (empty when none was cut)."""
-    return "" if done == total else f"Interrupted (Ctrl-C) after {done} of {total} prompts: the tables cover those. "
+def interrupted_note(done: int, total: int, what: str = "prompts") -> str:
+    """The tables' line for a run cut after ``done`` of ``total`` prompts (or batch sizes, ...; empty when none
+    was cut)."""
+    return "" if done == total else f"Interrupted (Ctrl-C) after {done} of {total} {what}: the tables cover those. "
 
 
 def final_status(status: int, done: int, total: int) -> int:

@@ -227,7 +227,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     extra = {"run_dir": str(run_dir), "drafter": type(drafter).__name__, "drafter_shape": shape, "acceptance": rule.name,
              "lossless": rule.lossless, "models": models.info, "config": config,
              "question_ids": [p.question_id for p in encoded], "resumed_prompts": len(previous.done),
-             **({"overrides": hydra_info["overrides"]} if hydra_info.get("overrides") is not None else {})}
+             "overrides": hydra_info.get("overrides")}  # None from Python (the report falls back to .hydra's)
     restored = results_from_records(previous.records)
     results = {name: restored.get(name, MethodResults()) for name in decoders}
 

@@ -95,7 +95,7 @@ def evaluate(heads: MedusaHeads, target, chunks: torch.Tensor, batch_size: int =
     """
     heads.eval()
     k, vocab = heads.num_heads, heads.vocab_size
-    on = dict(dtype=torch.float64, device=chunks.device)  # the counts live where the batches are (CUDA too)
+    on = {"dtype": torch.float64, "device": chunks.device}  # the counts live where the batches are (CUDA too)
     hits = torch.zeros(k, ranks, **on)
     top5 = torch.zeros(k, **on)
     base_next = torch.zeros(k, **on)

@@ -12,12 +12,12 @@ import torch
 
 #: Llama shapes by name: Llama-3.1-8B, Llama-3.2-1B, and a micro one for CPU tests of the tooling.
 SHAPES = {
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "llama-micro": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=512, rope_theta=10000.0),
+    "llama-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0},
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0},
+    "llama-micro": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "vocab_size": 512, "rope_theta": 10000.0},
 }
 DRAFT_LAYERS = 2  # the self-draft's layers unless --draft-layers says otherwise
 PROMPT_LEN = 256  # random prompt tokens unless --prompt-len says otherwise

@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-GRID = dict(block_n=(64, 128), num_stages=(2, 3, 4), num_warps=(4, 8), programs_per_sm=(1, 2, 4, 8))
+GRID = {"block_n": (64, 128), "num_stages": (2, 3, 4), "num_warps": (4, 8), "programs_per_sm": (1, 2, 4, 8)}
 
 
 def parse_grid(items: list[str]) -> dict:
@@ -188,18 +188,19 @@ def _main(argv=None) -> int:
         case = _case(args, hkv, prefix, n, device)
         nbytes = case[0].element_size() * (2 * case[1].numel() + 2 * case[0].numel())
         default = default_config(case[0].dtype, args.head_dim, (args.hq // hkv) * n)
-        timed = [dict(config=c, us=time_config(case, c, args.reps, flush)) for c in configs(args, hkv, n)]
+        timed = [{"config": c, "us": time_config(case, c, args.reps, flush)} for c in configs(args, hkv, n)]
         timed = [t for t in timed if t["us"]]
         best = min(timed, key=lambda t: t["us"])
         base = next((t for t in timed if t["config"] == default), None)
         base_us = base["us"] if base else time_config(case, default, args.reps, flush)
-        results.append(dict(Hkv=hkv, prefix=prefix, N=n, bytes=nbytes, default=default, default_us=base_us,
-                            best=best["config"], best_us=best["us"], all=timed))
+        results.append({"Hkv": hkv, "prefix": prefix, "N": n, "bytes": nbytes, "default": default,
+                        "default_us": base_us, "best": best["config"], "best_us": best["us"], "all": timed})
         print(f"{hkv:>4} {prefix:>6} {n:>3} | {base_us:>10.1f} {_pct(nbytes, base_us, peak):>5.1f} | "
               f"{best['us']:>8.1f} {_pct(nbytes, best['us'], peak):>5.1f} | " + " ".join(f"{k}={best['config'][k]}" for k in swept), flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(device=torch.cuda.get_device_name(device), peak_gbps=peak, results=results), f, indent=1)
+                json.dump({"device": torch.cuda.get_device_name(device), "peak_gbps": peak, "results": results}, f,
+                          indent=1)
     return 0
 
 

@@ -353,10 +353,12 @@ def main(argv=None) -> int:
         samples: list[dict] = []  # forward costs timed between prompts, so machine drift hits them and the runs alike
         probe = lean_probe(draft, True, context)  # the draft as our chains run it
         asked = len(prompts)
-        done = run_all(methods, prompts, args.reps,
-                       between=lambda: samples.append(measure_costs(target, draft, context, args.ks, reps=5,
-                                                                    draft_probe=probe)))
+        def sample() -> None:
+            samples.append(measure_costs(target, draft, context, args.ks, reps=5, draft_probe=probe))
+        done = run_all(methods, prompts, args.reps, between=sample)
         prompts = prompts[:done]
+        if not samples:  # a Ctrl-C cut the first prompt's sample: one more (Ctrl-C again stops at once)
+            sample()
         costs = median_costs(samples)
         busy = implausible(costs["target"])
         if busy:  # the efficiency and ceiling columns rest on these costs

@@ -59,24 +59,32 @@ def run_all(methods: list[Method], prompts: list[torch.Tensor], reps: int, betwe
     """Warm up every method, then time ``reps`` rounds per prompt, rotating the order each round;
     ``between()`` runs after each prompt's rounds. Returns the prompts finished: all of them, or those before a
     Ctrl-C (the prompt it cut is dropped from every method: its tables cover the finished ones; a Ctrl-C during
-    the first prompt goes on up, as there is nothing to show)."""
+    the first prompt goes on up, as there is nothing to show; one in ``between()`` keeps the prompt before it)."""
     for meth in methods:
         meth.run(prompts[0])
     for i, ids in enumerate(prompts):
         loops = [dict(meth.loop) for meth in methods]
         try:
             _time_prompt(methods, i, ids, reps)
-            if between is not None:
-                between()
         except KeyboardInterrupt:
             if i == 0:
                 raise
             _drop_prompt(methods, i, loops)
-            print(f"interrupted (Ctrl-C) during prompt {i + 1}/{len(prompts)}: the tables cover the {i} finished "
-                  "prompts (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
-            return i
+            return _interrupted(i, len(prompts), f"during prompt {i + 1}/{len(prompts)}")
+        try:
+            if between is not None:
+                between()
+        except KeyboardInterrupt:  # prompt i's rounds finished: it stays (the cut sample is not kept)
+            return _interrupted(i + 1, len(prompts), f"after prompt {i + 1}/{len(prompts)}")
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
     return len(prompts)
+
+
+def _interrupted(done: int, total: int, when: str) -> int:
+    """Say where a Ctrl-C cut the run; returns ``done`` (the prompts the tables cover)."""
+    print(f"interrupted (Ctrl-C) {when}: the tables cover the {done} finished prompts (Ctrl-C again stops at "
+          "once)", file=sys.stderr, flush=True)
+    return done
 
 
 def _time_prompt(methods: list[Method], i: int, ids: torch.Tensor, reps: int) -> None:

@@ -306,6 +306,23 @@ def test_a_ctrl_c_keeps_the_finished_prompts_and_drops_the_cut_one(capsys):
     assert (final_status(0, 1, 3), final_status(1, 1, 3), final_status(0, 3, 3), final_status(1, 3, 3)) == (130, 1, 0, 1)
 
 
+
+def test_a_ctrl_c_between_prompts_keeps_the_prompt_before_it(capsys):
+    """Ctrl-C in ``between()`` (bench's cost sampling) after prompt 2: its rounds finished, so run_all returns 2 and
+    every method keeps prompts 1 and 2."""
+    prompts = [torch.tensor([[1, 2]]), torch.tensor([[3, 4]]), torch.tensor([[5, 6]])]
+    methods, sampled = _cut_at(99), []
+
+    def between():
+        if len(sampled) == 1:
+            raise KeyboardInterrupt
+        sampled.append(1)
+    assert run_all(methods, prompts, reps=2, between=between) == 2
+    assert "interrupted (Ctrl-C) after prompt 2/3: the tables cover the 2 finished" in capsys.readouterr().err
+    for meth in methods:
+        assert list(meth.times) == list(meth.outputs) == [0, 1] and len(meth.times[1]) == 2
+    assert methods[1].loop["steps"] == 2 * 2 * 2
+
 @pytest.mark.parametrize("cut_at", ["first prompt", "second prompt"])
 def test_bench_drafters_keeps_the_temperatures_it_finished(cut_at, monkeypatch, capsys, tmp_path):
     """Ctrl-C at the second temperature: in its first prompt, the greedy table stands and a note says the rest has

@@ -223,3 +223,25 @@ def test_side_by_side_benchmark_on_micro_pair(micro, tmp_path):
     loops = json.loads(js.read_text())["loops"]  # where our steps go: the AR loop and the chain of fixed k
     assert set(loops) == {"ours_ar", "ours_chain_k2"} and all(ms["step"] > ms["verify"] > 0 for ms in loops.values())
     assert "| ours_chain_k2 | " in table.split("Where our steps go")[1]
+
+
+def test_bench_cut_in_the_first_cost_sample_keeps_the_first_prompt(micro, tmp_path, monkeypatch):
+    """Ctrl-C while the forward costs are sampled after prompt 1: its rounds stand (prompts_done 1, exit status
+    130) and the costs come from one sample taken after the interrupt."""
+    from experiments import bench
+
+    _, cache_dir = micro
+    real, calls = bench.measure_costs, []
+
+    def cut_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(bench, "measure_costs", cut_once)
+    js = tmp_path / "bench.json"
+    rc = bench.main(["--size", "micro", "--cache-dir", str(cache_dir), "--prompts", "2", "--max-new-tokens", "8",
+                     "--ks", "2", "--reps", "1", "--threads", "1", "--json", str(js)])
+    out = json.loads(js.read_text())
+    assert rc == 130 and (out["prompts_done"], out["prompts_asked"]) == (1, 2) and len(calls) == 2
+    assert out["costs"]["target"] and all(r["matches_hf_plain"] for r in out["rows"])

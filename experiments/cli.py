@@ -14,12 +14,10 @@ wandb (``experiments.bench`` uses it).
 from __future__ import annotations
 
 import contextlib
-import difflib
 import errno
 import functools
 import json
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -58,6 +56,7 @@ from experiments.cli_args import (  # noqa: F401  (re-exported: the argparse ent
     temperatures,
     thresholds,
 )
+from experiments.cli_messages import GROUP_VALUE, misspelled_key, wrong_type
 
 BUG_LINE = ("this is a bug in specdec, not a problem with your input: please report it with the command line "
             "and the traceback above")
@@ -154,7 +153,7 @@ def error_message(exc: BaseException) -> str:
         if cause is not None and type(cause).__module__.startswith("omegaconf") and str(cause).strip():
             lines.append(str(cause).strip().splitlines()[0])
         text = _join_lines(lines) or type(exc).__name__
-        return _misspelled_key(text, cause) or _wrong_type(text) or text
+        return misspelled_key(text, cause) or wrong_type(text) or text
     if isinstance(exc, OSError) and exc.strerror and (exc.filename or exc.errno in OS_FIXES):
         paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)  # os.replace names both
         return ": ".join(part for part in (exc.strerror, paths, OS_FIXES.get(exc.errno, "check the path")) if part)
@@ -168,77 +167,35 @@ def error_message(exc: BaseException) -> str:
     return text
 
 
-#: A config group given a value that is not an option name, nor a list of them (Hydra fails with a TypeError).
-GROUP_VALUE = ("a config group takes one of its option names (e.g. tree=binary), not a list of lists; a tree of your "
-               "own is a file in conf/tree (tree=<its name>) or paths on the command line: tree=none "
-               "'tree.paths=[[0],[1],[0,0]]'")
-
-
 def _raised_in(exc: BaseException, path_end: str) -> bool:
     """Whether ``exc`` was raised in a file whose path ends with ``path_end`` (its innermost frame)."""
     frames = traceback.extract_tb(exc.__traceback__)
     return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(path_end)
 
 
-#: Names a user brings from the Python API or other tools, with the key that means them here.
-KNOWN_ELSEWHERE = {"max_rows": "the rows decoded at once are batch_size (with batch_mode=continuous: the most rows at "
-                               "a time, new prompts joining as rows finish), e.g. batch_size=4",
-                   "temperature": "did you mean sampling.temperature?", "k": "did you mean drafter.num_speculative_tokens?",
-                   "tree.paths": "a tree's paths need its group chosen first: tree=none 'tree.paths=[[0],[1],[0,0]]' "
-                                 "(or a file in conf/tree, tree=<its name>)"}
-
-
-def _misspelled_key(text: str, cause: BaseException | None) -> str | None:
-    """Hydra's "Could not override 'k' ... use +k=v ... not in struct" as: the key is unknown, the closest known keys
-    (when the config node is at hand), and how to list them; None for any other message."""
-    match = re.match(r"Could not override '([^']+)'", text)
-    if match is None or ("not in struct" not in text and re.search(r"Key '[^']+' not in '", text) is None):
-        return None
-    key = match.group(1)
-    parent = getattr(cause, "parent_node", None)
-    known = [str(k) for k in parent.keys()] if hasattr(parent, "keys") else []
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
-    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    hint = (f"did you mean {' or '.join(prefix + c for c in close)}? " if close else
-            f"{KNOWN_ELSEWHERE[key]}{' ' if KNOWN_ELSEWHERE[key].endswith('?') else '; '}" if key in KNOWN_ELSEWHERE else
-            f"the keys there are {sorted(known)}; " if known else "")
-    # a top-level key cannot be added (check_added_keys): '+' helps only an argument of a _target_'s node
-    added = (f"; an argument the node's _target_ takes is added with a leading + (+{key}=...)"
-             if prefix and key not in KNOWN_ELSEWHERE else "")
-    return f"{key} is not a key of this config: {hint}--cfg job prints every key{added}"
-
-
-#: What a typed config key takes, by the type Hydra could not convert an override's value to.
-TYPE_FIXES = {"Integer": "a whole number", "Float": "a number (e.g. 0.7)", "bool": "true or false"}
-
-
-def _wrong_type(text: str) -> str | None:
-    """Hydra's "Error merging override k=v. Value 'v' ... could not be converted to Integer" (or Float, "is not a
-    valid bool") as the key, the value and what the key takes; None for any other message."""
-    match = re.match(r"Error merging override ([^=\s]+)=(.*?)\. Value '.*' (?:of type '\w+' could not be converted "
-                     r"to (Integer|Float)|is not a valid (bool))", text)
-    if match is None:
-        return None
-    key, value, kind = match.group(1), match.group(2), match.group(3) or match.group(4)
-    return f"{key}={value!r}: {key} takes {TYPE_FIXES[kind]}"
-
-
 def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:
     """Print the one ``error:`` line (user errors, returns 2) or the traceback and :data:`BUG_LINE` (returns 1)."""
+    return report_failure_line(exc, extra_input_errors)[0]
+
+
+def report_failure_line(exc: Exception, extra_input_errors: tuple = ()) -> tuple[int, str]:
+    """:func:`report_failure`, also returning the line that sums the failure up: the ``error:`` line, or for a bug
+    the exception's type and message (``bug: ...``)."""
     from specdec.errors import out_of_memory
 
     exc = out_of_memory(exc) or exc  # an OOM wrapped by the compiler or a failed capture is still one
     if isinstance(exc, input_error_types(extra_input_errors)) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
         where = where_raised(exc) if type(exc) is ValueError else None  # a bare ValueError: maybe a plugin's own check
         note = f" (ValueError raised at {where})" if where and not where.startswith(OUR_PACKAGES) else ""
-        print(f"error: {error_message(exc)}{note}", file=sys.stderr)
-        return 2
+        line = f"error: {error_message(exc)}{note}"
+        print(line, file=sys.stderr)
+        return 2, line
     if isinstance(exc, TypeError) and _raised_in(exc, "hydra/_internal/defaults_list.py"):
         print(f"error: {GROUP_VALUE}", file=sys.stderr)  # Hydra's own TypeError on e.g. tree=[[0],[1]]
-        return 2
+        return 2, f"error: {GROUP_VALUE}"
     traceback.print_exception(exc)
     print(bug_line(exc), file=sys.stderr)
-    return 1
+    return 1, f"bug: {type(exc).__name__}: {_one_line(str(exc))} (its traceback went to stderr)"
 
 
 def _restore_interrupts() -> None:
@@ -251,10 +208,12 @@ def _restore_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def guard(*extra_input_errors: type[BaseException], interrupted: str = "") -> Callable:
+def guard(*extra_input_errors: type[BaseException], interrupted: str = "",
+          on_failure: Callable[[str], None] | None = None) -> Callable:
     """Decorator for an argparse ``main(argv) -> int``: a failure becomes exit status 2 (user error, one
     line) or 1 (bug, traceback); ``extra_input_errors`` are the entry point's own user-error classes. Ctrl-C is
-    one line (exit status 130) and ``interrupted``, what the entry point keeps of an interrupted run."""
+    one line (exit status 130) and ``interrupted``, what the entry point keeps of an interrupted run.
+    ``on_failure(line)`` is given the failure's line (:func:`report_failure_line`) after it is printed."""
     def decorate(main: Callable) -> Callable:
         @functools.wraps(main)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -265,7 +224,10 @@ def guard(*extra_input_errors: type[BaseException], interrupted: str = "") -> Ca
                 print("interrupted (Ctrl-C)" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
                 return INTERRUPTED
             except Exception as exc:  # SystemExit passes through
-                return report_failure(exc, extra_input_errors)
+                status, line = report_failure_line(exc, extra_input_errors)
+                if on_failure is not None:
+                    on_failure(line)
+                return status
         return wrapper
     return decorate
 
@@ -311,7 +273,8 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
             return task(cfg)
 
         guard_task = guard(*extra_input_errors, interrupted=interrupted)
-        guarded_task = _job(guard_task(checked_task))  # inside Hydra: no "Error executing job"
+        job_guard = guard(*extra_input_errors, interrupted=interrupted, on_failure=_note_job_error)
+        guarded_task = _job(job_guard(checked_task))  # inside Hydra: no "Error executing job"
         app = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(guarded_task)
         guarded_app = _exiting(guard_task(app))
 
@@ -352,6 +315,26 @@ def _failed_jobs() -> Iterator[Path]:
                 os.environ[FAILED_JOBS_ENV] = previous
 
 
+#: The file in a Hydra job's output directory holding the line its last failure printed (removed when a later command
+#: there succeeds): a run that failed before writing results still says why in ``experiments.report``.
+JOB_ERROR_FILE = "error.txt"
+
+
+def _job_dir() -> Path | None:
+    """The running Hydra job's output directory (None outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def _note_job_error(line: str) -> None:
+    """Keep a failed Hydra job's line in its directory (:data:`JOB_ERROR_FILE`); a disk that refuses it loses
+    only the note (the line is on stderr)."""
+    with contextlib.suppress(OSError):
+        if (directory := _job_dir()) is not None and directory.is_dir():
+            (directory / JOB_ERROR_FILE).write_text(line + "\n", encoding="utf-8")
+
+
 def _job(guarded: Callable) -> Callable:
     """A Hydra job: its failure (already printed by :func:`guard`) ends a single run with its exit status; in a
     sweep (``-m``) it is noted and the sweep goes on to the next job, so one bad config loses no other job's work."""
@@ -359,6 +342,9 @@ def _job(guarded: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         result = guarded(*args, **kwargs)
         if not (isinstance(result, int) and result):
+            with contextlib.suppress(OSError):  # a failed command's note is stale now
+                if (directory := _job_dir()) is not None:
+                    (directory / JOB_ERROR_FILE).unlink(missing_ok=True)
             return result
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode

@@ -160,6 +160,12 @@ def log_to_wandb(rows: list[dict], columns: list[str], images: dict[str, Path], 
 # --------------------------------------------------------------------------- entry point
 
 
+def _labelled(run: Run, swept: list[str]) -> str:
+    """A run's name with its swept values, e.g. ``0 (drafter.num_speculative_tokens=-1)``."""
+    values = " ".join(f"{k}={run.overrides[k]}" for k in swept if k in run.overrides)
+    return f"{run.name} ({values})" if values else run.name
+
+
 def report(root: Path, out: Path | None = None, tolerance: float = 0.05) -> dict:
     """Build the report of the runs under ``root``; returns rows, columns, files and messages."""
     runs, never_started = load_runs(root)
@@ -168,7 +174,7 @@ def report(root: Path, out: Path | None = None, tolerance: float = 0.05) -> dict
     rows = [row_of(r, swept) for r in runs]
     out = out or root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    missing = [f"{r.name}: {r.status}" for r in runs if not r.complete]
+    missing = [f"{_labelled(r, swept)}: {r.status}" for r in runs if not r.complete]
     missing += [f"{job}: never started" for job in never_started]
     problems = [p for r in runs for p in r.problems]
     warnings = [f"{r.name}: {w}" for r in runs for w in r.warnings]

@@ -24,7 +24,8 @@ def _finish_axes(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[1]:  # a plot without labelled lines (e.g. only failed runs) has no legend
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
 
 

@@ -40,10 +40,17 @@ class Run:
     overrides: dict[str, str] = field(default_factory=dict)
     summary: dict | None = None
     problems: list[str] = field(default_factory=list)
+    error: str | None = None  # the line the last command there failed with (``cli.JOB_ERROR_FILE``), if it did
 
     @property
     def status(self) -> str:
-        return (self.summary or {}).get("status", "no results")
+        """The summary's status; a failure the summary cannot know of (before any results, or a later command's
+        there) is added from :attr:`error`."""
+        if self.summary is None:
+            return f"failed before writing results: {self.error}" if self.error else "no results"
+        status = self.summary.get("status", "no results")
+        later = self.error and status != "complete" and not status.startswith("failed")  # else the summary says it
+        return f"{status}; the last command there failed: {self.error}" if later else status
 
     @property
     def complete(self) -> bool:
@@ -98,6 +105,16 @@ def _overrides_of(items: list) -> dict[str, str]:
     return out
 
 
+def _read_error(path: Path) -> str | None:
+    """The line a failed Hydra job left in ``path`` (:data:`experiments.cli.JOB_ERROR_FILE`), or None."""
+    from experiments.cli import JOB_ERROR_FILE
+
+    try:
+        return (path / JOB_ERROR_FILE).read_text(encoding="utf-8").strip().removeprefix("error: ") or None
+    except (OSError, ValueError):
+        return None
+
+
 def _rebuild_summary(path: Path, records: list[dict]) -> dict | None:
     """Metrics from complete records when ``summary.json`` is missing (the config from ``.hydra``)."""
     if not records:
@@ -131,7 +148,7 @@ def rule_name(rule: dict) -> str | None:
 def load_run(path: Path, root: Path) -> Run:
     """Read one run directory; unreadable files become ``problems``, never exceptions."""
     name = str(path.relative_to(root)) if path != root else path.name
-    run = Run(path=path, name=name, overrides=_read_overrides(path))
+    run = Run(path=path, name=name, overrides=_read_overrides(path), error=_read_error(path))
     records: list[dict] = []
     if (path / RECORDS_FILE).is_file():
         records, run.problems = read_records(path / RECORDS_FILE)

@@ -326,6 +326,12 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path, launcher):
         proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert json.loads((tmp_path / "1" / "summary.json").read_text())["status"] == "complete"
+    from experiments.report import report  # job #0 left no results, but the report says why it failed
+
+    assert report(tmp_path)["missing"] == [f"0 (num_threads=0): failed before writing results: {errors[0][7:]}"]
+    if launcher == "basic":  # a command that succeeds there drops the stale note
+        assert run_cli("-m", *TINY, "num_threads=2", f"hydra.sweep.dir={tmp_path}").returncode == 0
+        assert not (tmp_path / "0" / "error.txt").exists() and report(tmp_path)["missing"] == []
 
 
 # --------------------------------------------------------------------------- tree files

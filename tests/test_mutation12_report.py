@@ -311,7 +311,7 @@ def test_the_report_counts_complete_runs_and_names_failed_ones(tmp_path, monkeyp
     result = report.report(tmp_path)
     text = (result["out"] / "report.md").read_text()
     assert "2 runs, 1 complete." in text
-    assert result["missing"] == ["k4: failed: RuntimeError: boom"]
+    assert result["missing"] == [f"k4 ({K_KEY}=4): failed: RuntimeError: boom"]
     assert "alpha" in result["columns"] and "draft_acceptance_rate" in result["columns"]
 
 

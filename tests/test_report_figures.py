@@ -133,11 +133,11 @@ def test_report_names_incomplete_runs_and_the_swept_columns_name_the_runs(tmp_pa
     write_run(tmp_path, "0", chain_summary(1, 1.2), {K_KEY: "1"})
     write_run(tmp_path, "1", chain_summary(2, status="interrupted (1/2 prompts)"), {K_KEY: "2"})
     result = report.report(tmp_path)
-    assert result["missing"] == ["1: interrupted (1/2 prompts)"]
+    assert result["missing"] == [f"1 ({K_KEY}=2): interrupted (1/2 prompts)"]
     header = result["markdown"].splitlines()[0]
     assert header.startswith(f"| {K_KEY} | status |") and "| run |" not in header
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "2 runs, 1 complete." in md and "- 1: interrupted (1/2 prompts)" in md
+    assert "2 runs, 1 complete." in md and f"- 1 ({K_KEY}=2): interrupted (1/2 prompts)" in md
     assert [row["run"] for row in result["rows"]] == ["0", "1"] and result["columns"][:2] == ["run", K_KEY]
 
 
@@ -173,6 +173,27 @@ def test_a_multirun_job_without_a_directory_is_named_never_started(tmp_path):
     runs, never_started = load_runs(tmp_path)
     assert [r.name for r in runs] == ["0", "2"] and never_started == [f"{K_KEY}=2"]
     assert report.report(tmp_path)["missing"] == [f"{K_KEY}=2: never started"]
+
+
+
+def test_a_failed_commands_line_joins_the_runs_status(tmp_path):
+    """``error.txt`` (what a failed Hydra job leaves): alone, the run failed before writing results; next to a
+    summary cut short, a later command there failed; next to a complete one or a failed summary, it adds nothing.
+    The missing list names the run with its swept values."""
+    write_run(tmp_path, "0", chain_summary(1, 1.2, status="running"), {K_KEY: "1"})
+    write_run(tmp_path, "1", chain_summary(2, 1.2), {K_KEY: "2"})
+    write_run(tmp_path, "2", chain_summary(3, 1.2, status="failed: ValueError: x"), {K_KEY: "3"})
+    (tmp_path / "3" / ".hydra").mkdir(parents=True)
+    (tmp_path / "3" / ".hydra" / "overrides.yaml").write_text(f"- {K_KEY}=0\n")
+    for name in "0123":
+        (tmp_path / name / "error.txt").write_text("error: the key is wrong\n")
+    runs = {r.name: r for r in load_runs(tmp_path)[0]}
+    assert runs["0"].status == "running; the last command there failed: the key is wrong"
+    assert (runs["1"].status, runs["2"].status) == ("complete", "failed: ValueError: x")
+    assert runs["3"].status == "failed before writing results: the key is wrong"
+    assert report.report(tmp_path)["missing"][-1] == f"3 ({K_KEY}=0): failed before writing results: the key is wrong"
+    (tmp_path / "0" / "error.txt").write_text("")
+    assert next(r for r in load_runs(tmp_path)[0] if r.name == "0").status == "running"
 
 
 # --------------------------------------------------------------------------- the charts' numbers

@@ -187,7 +187,7 @@ def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
     """The settings a checkpoint must match, validated (the common ones here, the head's by ``recipe``)."""
     from experiments.zoo.build import PRECISIONS
 
-    for key in ("steps", "batch_size", "context", "checkpoint_every", "log_every"):
+    for key in ("steps", "batch_size", "context", "checkpoint_every", "log_every", "eval_batch_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r}: it must be an integer >= 1")
     if float(cfg.lr) <= 0:
@@ -195,7 +195,9 @@ def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
     if cfg.precision not in PRECISIONS:  # before the target loads (on a fresh machine: after the pair's build)
         raise ConfigError(f"precision={cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
     if cfg.generated_rows < 0 or not 0 <= float(cfg.generated_fraction) <= 1 or float(cfg.generated_temperature) < 0:
-        raise ConfigError("generated_rows must be >= 0, generated_fraction in [0, 1], generated_temperature >= 0")
+        raise ConfigError(f"generated_rows={cfg.generated_rows}, generated_fraction={cfg.generated_fraction}, "
+                          f"generated_temperature={cfg.generated_temperature}: generated_rows must be >= 0, "
+                          "generated_fraction in [0, 1], generated_temperature >= 0")
     source = cfg.get("generated_source", "corpus")
     if source not in GENERATED_SOURCES:
         raise ConfigError(f"generated_source={source!r}: use one of {GENERATED_SOURCES}")
@@ -211,6 +213,17 @@ def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
     if size:
         settings["draft_vocab"] = size
     return settings
+
+
+def check_context(context: int, target) -> None:
+    """``context`` (the training rows' length) within the target's own context: positions past it were never
+    trained and decoding refuses them (a :class:`ConfigError` naming both)."""
+    from specdec.models import context_length
+
+    limit = context_length(target)
+    if limit is not None and context > limit:
+        raise ConfigError(f"context={context}: the target reads at most {limit} positions "
+                          f"(max_position_embeddings); use context <= {limit}")
 
 
 def _plain(value):
@@ -273,6 +286,7 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
         atomic_write_json(run_dir / "eval.json", report)
         return report
     check_draft_vocab(cfg, target)  # before any data is made
+    check_context(cfg.context, target)
     from experiments.suite import SUITE_SOURCES
 
     exclude = SUITE_SOURCES if cfg.target else ()  # a real target is benchmarked on the suite: keep its sources out

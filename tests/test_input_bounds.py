@@ -142,6 +142,8 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
 @pytest.mark.parametrize(("override", "fragment"), [
     ("precision=fp8", "precision='fp8': use one of auto, fp32, bf16"), ("lr=0", "lr=0 must be > 0"),
     ("steps=0", "steps=0: it must be an integer >= 1"), ("draft_vocab=-5", "draft_vocab=-5: use 0"),
+    ("eval_batch_size=0", "eval_batch_size=0: it must be an integer >= 1"),  # it failed after training
+    ("generated_fraction=1.5", "generated_fraction=1.5, generated_temperature=0"),
 ])
 def test_a_bad_training_setting_fails_before_the_target_loads(recipe, override, fragment, tmp_path, monkeypatch):
     """On a fresh machine the target is the embedded pair, built first (minutes): a wrong setting fails before."""
@@ -159,6 +161,15 @@ def test_a_bad_training_setting_fails_before_the_target_loads(recipe, override, 
     train = {"medusa": train_medusa, "eagle": train_eagle}[recipe].train
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         train(cfg, tmp_path / "run")
+
+
+def test_a_training_context_past_the_targets_fails_before_any_data_is_made():
+    """A context past max_position_embeddings trained positions decoding refuses (it trained silently)."""
+    target, _, _ = tiny_random_pair("llama", seed=0, vocab=50)
+    limit = target.config.max_position_embeddings
+    head_training.check_context(limit, target)
+    with pytest.raises(ConfigError, match=rf"context={limit + 1}: the target reads at most {limit} positions"):
+        head_training.check_context(limit + 1, target)
 
 
 def test_answer_loss_scores_the_next_token_at_the_answer_positions():

@@ -219,6 +219,13 @@ def build_methods(target, draft, medusa, args) -> list[Method]:
 # --------------------------------------------------------------------------- costs and tables
 
 
+def picked_drafters(target, draft, medusa, args, methods: list[Method]) -> dict:
+    """:func:`drafters_for`'s drafters whose methods are among ``methods`` (``--methods`` picks: the others' forwards
+    are not timed)."""
+    picked = {m.name for m in methods}
+    return {name: d for name, d in drafters_for(target, draft, medusa, args).items() if name in picked}
+
+
 def drafter_costs(target, methods: dict, context: int) -> dict[str, float]:
     """Per drafter: seconds of one draft forward (one token; Medusa: one call of all heads) / one target forward.
 
@@ -308,7 +315,7 @@ def main(argv=None) -> int:
         prompts = prompts[:run_all(methods, [p for _, p in prompts], args.reps)]
         ids = [p for _, p in prompts]
         context = int(statistics.median(p.shape[1] for p in ids)) + args.max_new_tokens // 2
-        costs = drafter_costs(target, drafters_for(target, draft, medusa, args), context)
+        costs = drafter_costs(target, picked_drafters(target, draft, medusa, args, methods), context)
         curve = verify_curve(target, context, args.verify_widths, ["sdpa"], 10) if args.verify_widths else ({}, "")
         greedy = args.temperature == 0
         rounded = method_deficits(target, methods, ids, args.tie_tolerance) if greedy and args.dtype != "float32" else None

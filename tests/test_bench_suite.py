@@ -51,19 +51,26 @@ def test_a_category_without_target_forwards_has_no_tau():
     assert tau_cell({"tau": 0.0, "tau_pooled": None}) == "0.00 / -" and tau_cell({"tau": None, "tau_pooled": None}) == ""
 
 
+ARGS = ["--k", "3", "--confidence", "0.3", "--eagle", ",", "--layer-skip", "1"]  # ",": no EAGLE heads
+
+
 def test_confidence_thresholds_add_dynamic_length_rows():
-    """``--confidence 0.3``: each draft-model chain (and HF assisted generation) also with the threshold."""
-    from experiments.bench_suite import build_methods, parse_args
+    """``--confidence 0.3``: each draft-model chain (and HF assisted generation) also with the threshold; with
+    ``--methods`` only the picked methods' drafters are timed (every drafter's forward was)."""
+    from experiments.bench_suite import build_methods, parse_args, picked_drafters
     from tests.tiny_models import noisy_copy, pair
 
     target = pair("llama")[0]
-    args = parse_args(["--k", "3", "--confidence", "0.3", "--eagle", ",", "--layer-skip", "1"])  # ",": no EAGLE heads
+    args = parse_args(ARGS)
     names = [m.name for m in build_methods(target, noisy_copy("llama"), None, args)]
     assert {"hf_assisted_k3", "hf_assisted_k3_conf0.3", "ours_draft_k3", "ours_draft_k3_conf0.3"} <= set(names)
     from experiments.bench_suite import drafters_for
 
     found = drafters_for(target, noisy_copy("llama"), None, args)
     assert found["ours_draft_k3_conf0.3"].confidence_threshold == 0.3 and found["ours_draft_k3"].confidence_threshold == 0
+
+    picked = build_methods(target, noisy_copy("llama"), None, parse_args([*ARGS, "--methods", "ours_draft_k3"]))
+    assert list(picked_drafters(target, noisy_copy("llama"), None, args, picked)) == ["ours_draft_k3"]  # costs: these
 
 
 def test_hybrid_puts_each_model_drafter_behind_lookup():

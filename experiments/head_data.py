@@ -13,6 +13,8 @@ from specdec.errors import ConfigError
 
 #: Where the rows the target writes itself come from (``generated_source``).
 GENERATED_SOURCES = ("corpus", "chats")
+#: The answers' length for ``generated_source=chats`` unless ``generated_max_new_tokens`` says otherwise.
+DEFAULT_ANSWER_TOKENS = 128
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -97,6 +99,16 @@ def training_batches(corpus_rows: torch.Tensor, extra_rows: torch.Tensor | None,
         yield torch.cat([next(s) for s in (corpus, extra) if s is not None])
 
 
+def answer_settings(cfg: DictConfig) -> dict:
+    """The checkpoint setting the chats' answer length adds (none at the default, so older checkpoints resume),
+    validated."""
+    tokens = cfg.get("generated_max_new_tokens", DEFAULT_ANSWER_TOKENS)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ConfigError(f"generated_max_new_tokens={tokens!r}: it must be an integer >= 1")
+    chats = cfg.get("generated_source", "corpus") == "chats"
+    return {"generated_max_new_tokens": tokens} if chats and tokens != DEFAULT_ANSWER_TOKENS else {}
+
+
 def generated_training_rows(cfg: DictConfig, target, tokenizer, target_dir: str, train_chunks: torch.Tensor):
     """``[R, context]`` rows the target wrote itself, or None: corpus prompts it continued
     (``generated_source=corpus``), or its cached answers to training chats (``chats``, for chat targets:
@@ -107,6 +119,7 @@ def generated_training_rows(cfg: DictConfig, target, tokenizer, target_dir: str,
         from experiments.chat_data import ensure_generations
 
         rows, _ = ensure_generations(target, tokenizer, target_dir, count=cfg.generated_rows,
+                                     max_new_tokens=cfg.get("generated_max_new_tokens", DEFAULT_ANSWER_TOKENS),
                                      cache_dir=cfg.cache_dir, progress=cfg.progress)
         return chat_windows(rows, cfg.context)
     return generate_rows(target, train_chunks, cfg.generated_rows, cfg.generated_prompt,

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from experiments.head_checkpoints import load_checkpoint, save_checkpoint, setting_changes
 from experiments.head_data import (
     GENERATED_SOURCES,
+    answer_settings,
     check_draft_vocab,
     draft_vocabulary,
     generated_training_rows,
@@ -205,6 +206,7 @@ def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
     settings = {k: _plain(cfg[k]) for k in (*recipe.resume_keys, *COMMON_RESUME_KEYS)}  # JSON-ready (lists)
     if source != "corpus":  # recorded only when not the default, so older checkpoints still resume
         settings["generated_source"] = source
+    settings |= answer_settings(cfg)
     if cfg.get("init_from"):  # a warm start changes the result: a checkpoint must have had the same one
         settings["init_from"] = str(cfg.init_from)
     size = cfg.get("draft_vocab") or 0

@@ -144,6 +144,7 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     ("steps=0", "steps=0: it must be an integer >= 1"), ("draft_vocab=-5", "draft_vocab=-5: use 0"),
     ("eval_batch_size=0", "eval_batch_size=0: it must be an integer >= 1"),  # it failed after training
     ("generated_fraction=1.5", "generated_fraction=1.5, generated_temperature=0"),
+    ("generated_max_new_tokens=0", "generated_max_new_tokens=0: it must be an integer >= 1"),
 ])
 def test_a_bad_training_setting_fails_before_the_target_loads(recipe, override, fragment, tmp_path, monkeypatch):
     """On a fresh machine the target is the embedded pair, built first (minutes): a wrong setting fails before."""
@@ -161,6 +162,28 @@ def test_a_bad_training_setting_fails_before_the_target_loads(recipe, override, 
     train = {"medusa": train_medusa, "eagle": train_eagle}[recipe].train
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         train(cfg, tmp_path / "run")
+
+
+def test_the_chats_answer_length_reaches_the_cache_and_the_checkpoints_settings(monkeypatch):
+    """generated_source=chats asks chat_data for answers of generated_max_new_tokens (build_draft's 96 shares its
+    cached answers; it asked for 128 whatever was set); a length other than the default is a checkpoint setting."""
+    from omegaconf import OmegaConf
+
+    from experiments import chat_data, head_data
+
+    asked = {}
+    monkeypatch.setattr(chat_data, "ensure_generations", lambda *a, **kw: (asked.update(kw), None))
+    monkeypatch.setattr(head_data, "chat_windows", lambda rows, context: rows)
+    cfg = OmegaConf.create({"generated_rows": 4, "generated_source": "chats", "generated_max_new_tokens": 96,
+                            "cache_dir": None, "progress": False, "context": 64})
+    head_data.generated_training_rows(cfg, None, None, "dir", None)
+    assert asked["max_new_tokens"] == 96 and asked["count"] == 4
+    assert head_data.answer_settings(cfg) == {"generated_max_new_tokens": 96}
+    cfg.generated_max_new_tokens = head_data.DEFAULT_ANSWER_TOKENS
+    assert head_data.answer_settings(cfg) == {}  # older checkpoints resume
+    cfg.generated_source = "corpus"
+    cfg.generated_max_new_tokens = 96
+    assert head_data.answer_settings(cfg) == {}
 
 
 def test_a_training_context_past_the_targets_fails_before_any_data_is_made():

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.wandb_run import DEFAULT_INIT_TIMEOUT, RunState, start_wandb
+from experiments.wandb_run import DEFAULT_INIT_TIMEOUT, RunState, offline, set_aside_offline, start_wandb
 from specdec.errors import ConfigError
 
 #: W&B modes ``logger.mode`` may name.
@@ -67,7 +67,9 @@ class WandbLogger(Logger):
     ``run.summary`` and the acceptance rate by depth as a bar chart.
 
     The W&B run id is kept in ``run_dir/wandb_run.json``: a resumed run continues its own W&B run,
-    and a skipped complete run whose summary never reached W&B gets it (:meth:`backfill`). Online, a
+    and a skipped complete run whose summary never reached W&B gets it (:meth:`backfill`). Offline, where runs
+    that share an id replace each other when synced, the new part is sent the kept records again and the earlier
+    parts' files move to ``run_dir/wandb/superseded`` (:func:`experiments.wandb_run.set_aside_offline`). Online, a
     server that does not answer within ``init_timeout`` seconds costs one warning and the run is
     logged offline (:func:`experiments.wandb_run.start_wandb`).
 
@@ -110,6 +112,9 @@ class WandbLogger(Logger):
     def log_config(self, config: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = RunState.load(self.run_dir)
+        if self.state.existed and offline(self.init_kwargs["mode"]) and set_aside_offline(self.run_dir,
+                                                                                         self.state.run_id):
+            self.state.existed, self.state.steps = False, 0  # the new offline part is sent everything: whole alone
         self.run = start_wandb({"dir": str(self.run_dir), "config": config, "reinit": "finish_previous",
                                 "id": self.state.run_id, "resume": "allow", **self.init_kwargs}, self.init_timeout)
         self.state.save()
@@ -172,11 +177,10 @@ class WandbLogger(Logger):
     def backfill(self, summary: dict, records: list[dict]) -> bool:
         """Log the summary to this directory's W&B run if it never got it; a W&B run that did not exist
         yet (the run was made with another logger) also gets the per-prompt records."""
-        state = RunState.load(self.run_dir)
-        if state.summary_logged:
+        if RunState.load(self.run_dir).summary_logged:
             return False
         self.log_config(summary.get("config") or {})
-        if not state.existed:
+        if not self.state.existed:  # a new W&B run, or a new offline part (log_config)
             self._log_records(records, summary.get("question_ids") or [])
         self.log_summary(summary)
         self.finish()

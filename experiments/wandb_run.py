@@ -77,6 +77,33 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+#: Where a resumed offline run's earlier offline files go (under ``run_dir/wandb``): out of ``offline-run-*``'s way.
+SUPERSEDED_DIR = "superseded"
+
+
+def offline(mode: str) -> bool:
+    """Whether a W&B run started in ``mode`` writes offline files (``offline``, or ``WANDB_MODE`` says so)."""
+    return mode == "offline" or (mode != "disabled" and os.environ.get("WANDB_MODE") in ("offline", "dryrun"))
+
+
+def set_aside_offline(run_dir: str | Path, run_id: str) -> list[Path]:
+    """Move the offline W&B files of run ``run_id`` in ``run_dir/wandb`` into its :data:`SUPERSEDED_DIR`; returns
+    where they went. ``wandb sync`` of offline runs that share an id keeps the last one synced (wandb/wandb#3841), so
+    a resumed offline run is sent everything again (its kept records first) and its earlier parts step aside,
+    kept, not synced by ``wandb sync <run_dir>/wandb/offline-run-*``."""
+    earlier = sorted((Path(run_dir) / "wandb").glob(f"offline-run-*-{run_id}"))
+    if not earlier:
+        return []
+    aside = Path(run_dir) / "wandb" / SUPERSEDED_DIR
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for path in earlier:
+        if not path.is_symlink():
+            moved.append(aside / path.name)
+            os.replace(path, moved[-1])
+    return moved
+
+
 def new_run_id() -> str:
     """A fresh W&B run id: 12 lowercase letters and digits (the characters W&B uses)."""
     alphabet = string.ascii_lowercase + string.digits

@@ -157,7 +157,9 @@ def test_run_state_adopts_an_earlier_wandb_run_and_moves_aside_with_its_results(
 
 @pytest.mark.requires("wandb")
 def test_killed_runs_keep_one_wandb_run_with_its_summary(tmp_path, capsys):
-    """kill -9 mid-run, kill -9 between summary.json and W&B's summary, rerun: one W&B run, summary back-filled."""
+    """kill -9 mid-run, kill -9 between summary.json and W&B's summary, rerun: one W&B run, summary back-filled.
+    Offline, each process's part is whole: it is sent the kept records again, and the earlier parts move to
+    wandb/superseded (synced offline runs that share an id replace each other: the first part's series was lost)."""
     args = [*TINY, "num_prompts=2", "logger=wandb", f"hydra.run.dir={tmp_path}"]
     script = tmp_path.parent / f"{tmp_path.name}-killer.py"
     script.write_text(KILLER)
@@ -174,8 +176,14 @@ def test_killed_runs_keep_one_wandb_run_with_its_summary(tmp_path, capsys):
     assert "skipping" in rerun.stderr and "W&B: logged the summary" in rerun.stderr
     ids, logged = offline_summary(tmp_path)
     state = RunState.load(tmp_path)
-    assert len(ids) == 3 and set(ids) == {state.run_id} and state.summary_logged  # one W&B run, three processes
+    assert ids == [state.run_id] and state.summary_logged  # one W&B run, three processes: the last part holds it all
+    aside = sorted((tmp_path / "wandb" / "superseded").glob("offline-run-*"))
+    assert [p.name.rsplit("-", 1)[1] for p in aside] == [state.run_id] * 2
     assert logged["speculative/tau"] == pytest.approx(summary["metrics"]["speculative"]["tau"])
+    last = next(next((tmp_path / "wandb").glob("offline-run-*")).glob("run-*.wandb"))
+    sent = [json.loads(item.value_json) for r in wandb_records(last) if r.WhichOneof("record_type") == "history"
+            for item in r.history.item if (item.key or "/".join(item.nested_key)) == "prompt_index"]
+    assert sorted(sent) == [0, 0, 1, 1]  # both prompts, both methods, in the last part
     assert WandbLogger(tmp_path).backfill(summary, []) is False  # logged once; a further rerun adds nothing
 
     reference = tmp_path.parent / f"{tmp_path.name}-reference"  # the same config, never interrupted
@@ -228,3 +236,22 @@ def test_a_rerun_with_fewer_prompts_logs_the_kept_ones_to_a_new_wandb_run(tmp_pa
     assert started[-1].summary and RunState.load(tmp_path).run_id == started[-1].init["id"]
     aside = next(tmp_path.glob("superseded-*"))
     assert json.loads((aside / STATE_FILE).read_text())["id"] == first
+
+
+def test_only_this_runs_offline_parts_step_aside(tmp_path, monkeypatch):
+    """set_aside_offline moves ``offline-run-*-<id>`` only (not another id's, not an online run's); offline() reads
+    the mode and WANDB_MODE (a disabled logger writes nothing)."""
+    from experiments.wandb_run import offline, set_aside_offline
+
+    for name in ("offline-run-20260101_000000-abc", "offline-run-20260102_000000-abc", "offline-run-20260101_000000-xyz",
+                 "run-20260101_000000-abc"):
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    moved = set_aside_offline(tmp_path, "abc")
+    assert [p.name for p in moved] == ["offline-run-20260101_000000-abc", "offline-run-20260102_000000-abc"]
+    assert sorted(p.name for p in (tmp_path / "wandb").iterdir()) == [
+        "offline-run-20260101_000000-xyz", "run-20260101_000000-abc", "superseded"]
+    assert set_aside_offline(tmp_path, "abc") == [] and set_aside_offline(tmp_path / "none", "abc") == []
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert offline("offline") and not offline("online") and not offline("disabled")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert offline("online") and not offline("disabled")

@@ -33,6 +33,7 @@ from experiments.greedy_check import rounding_check
 from experiments.instantiate import accepts_argument, check_arguments, instantiate
 from experiments.loggers import GuardedLogger, Logger, check_logger_node
 from experiments.models_from_config import LoadedModels, check_dtypes, load_models, target_device
+from experiments.pretrained_heads import pretrained_heads
 from experiments.results import (
     BASELINE,
     RECORDS_FILE,
@@ -179,6 +180,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         check_arguments(cfg[group], group)
     check_logger_node(cfg.logger)
     tree_argument(cfg.drafter, cfg.get("tree"))  # a tree file of the wrong shape fails before any model loads too
+    for line in pretrained_heads(cfg):  # heads=null with model=smollm2: the heads trained for it, not the zoo's
+        print(line, file=sys.stderr)
     check_drafter_files(cfg.drafter)  # so do a missing draft checkpoint or heads directory (a hybrid's part's too)
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rule = build_acceptance(cfg.acceptance, sampling)

@@ -25,7 +25,7 @@ from specdec.models import set_threads
 log = logging.getLogger(__name__)
 
 
-@cli.hydra_main("build_draft")
+@cli.hydra_main("build_draft", interrupted="the target's answers so far are kept: the same command goes on from them")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; errors follow :mod:`experiments.cli` (``error: ...``, exit status 2)."""
     set_threads(cfg.threads, "threads")

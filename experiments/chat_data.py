@@ -53,19 +53,24 @@ def _fingerprint(target) -> str:
 
 
 def generate_chat_rows(target, tokenizer, chats: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
-                       seed: int = 0, batch: int = 32, progress: bool = True) -> ChatRows:
-    """Let ``target`` answer ``chats`` (formatted with ``tokenizer``'s chat template); returns the rows."""
+                       seed: int = 0, batch: int = 32, progress: bool = True, partial: Path | None = None) -> ChatRows:
+    """Let ``target`` answer ``chats`` (formatted with ``tokenizer``'s chat template); returns the rows.
+    ``partial``: a file the answered rows are saved to after every batch and read back from at the start (each batch
+    is seeded by its place, so a run cut by Ctrl-C goes on to the same rows)."""
     from experiments.data import Prompt, prompt_ids
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [prompt_ids(Prompt(i, "train", m[0]["content"], messages=m), tokenizer)[0] for i, m in enumerate(chats)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    rows: dict[int, torch.Tensor] = {}
+    rows, earlier = _load_partial(partial, len(prompts))
+    began = time.perf_counter()
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
     device = next(target.parameters()).device
     for b, start in enumerate(tqdm(range(0, len(order), batch), desc="target answers", disable=not progress,
                                    file=sys.stderr)):
         idx = order[start : start + batch]
+        if all(i in rows for i in idx):  # answered before the run was cut
+            continue
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)  # [b, P] left-padded
         mask = torch.zeros_like(ids)
@@ -81,7 +86,40 @@ def generate_chat_rows(target, tokenizer, chats: list[list[dict]], max_new_token
             stop = (answer == tokenizer.eos_token_id).nonzero()
             answer = answer[: int(stop[0]) + 1] if len(stop) else answer  # keep the end-of-turn token
             rows[i] = torch.cat([prompts[i], answer])
+        _save_partial(rows, partial, earlier + time.perf_counter() - began)
     return _pack([rows[i] for i in range(len(prompts))], [len(p) for p in prompts], pad)
+
+
+def _save_partial(rows: dict[int, torch.Tensor], path: Path | None, seconds: float) -> None:
+    """The rows answered so far and the seconds they took, to ``path`` atomically (nothing when ``path`` is None)."""
+    if path is None:
+        return
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({f"row{i}": row.contiguous() for i, row in rows.items()}, str(tmp), metadata={"seconds": f"{seconds}"})
+    tmp.replace(path)
+
+
+def _load_partial(path: Path | None, count: int) -> tuple[dict[int, torch.Tensor], float]:
+    """The rows a cut run saved to ``path`` and the seconds they took (none when there is no file, or it is
+    unreadable: those chats are answered again)."""
+    if path is None or not path.is_file():
+        return {}, 0.0
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            rows = {int(key[3:]): handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+            seconds = float((handle.metadata() or {}).get("seconds", 0.0))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a damaged file costs its rows only
+        log.warning("the saved answers at %s are unreadable (%s); answering those chats again", path, exc)
+        return {}, 0.0
+    kept = {i: row for i, row in rows.items() if 0 <= i < count}
+    if kept:
+        print(f"target answers: {len(kept)} of {count} chats were answered before the run was cut; going on",
+              file=sys.stderr)
+    return kept, seconds
 
 
 def _pack(rows: list[torch.Tensor], prompt_lengths: list[int], pad: int) -> ChatRows:
@@ -127,7 +165,10 @@ def ensure_generations(target, tokenizer, target_dir: str, count: int = 384, max
         cache.remove_stale(parent, name)
         start = time.perf_counter()
         chats = [messages for _, messages in training_chats(count, seed)]
-        rows = generate_chat_rows(target, tokenizer, chats, max_new_tokens, temperature, seed, progress=progress)
+        partial = parent / f".{name}.partial.safetensors"  # answers so far: a cut run goes on from them
+        start -= _load_partial(partial, 0)[1]  # generate_s counts the cut runs' seconds too
+        rows = generate_chat_rows(target, tokenizer, chats, max_new_tokens, temperature, seed, progress=progress,
+                                  partial=partial)
         staging = cache.staging_dir(parent, name)
         try:
             save_rows(rows, staging / ROWS_FILE)
@@ -136,6 +177,7 @@ def ensure_generations(target, tokenizer, target_dir: str, count: int = 384, max
                     "answer_tokens": int((rows.lengths - rows.prompt_lengths).sum()), "threads": torch.get_num_threads()}
             manifest = cache.write_manifest(staging, info)
             cache.publish(staging, dest)
+            partial.unlink(missing_ok=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

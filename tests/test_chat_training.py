@@ -38,6 +38,39 @@ def test_batched_answers_equal_each_chats_own_greedy_answer(tiny):
                for i in range(len(CHATS)))
 
 
+def test_answers_cut_by_ctrl_c_are_kept_and_the_rerun_goes_on_to_the_same_rows(tiny, tmp_path, capsys):
+    """The answers are saved after every batch: Ctrl-C in the second batch keeps the first batch's, and the rerun
+    answers only the rest, to rows equal to an uncut run's (build_draft lost every answer on Ctrl-C)."""
+    target, tok = tiny
+    chats = CHATS * 2
+    whole = chat_data.generate_chat_rows(target, tok, chats, max_new_tokens=4, batch=2, progress=False,
+                                         temperature=0.8, seed=3)
+    calls, real = [], target.generate
+
+    def cut(*args, **kwargs):
+        calls.append(1)
+        if calls == [1, 1] and not partial.with_name("cut").exists():
+            partial.with_name("cut").touch()
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    partial = tmp_path / "answers.partial.safetensors"
+    target.generate = cut
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            chat_data.generate_chat_rows(target, tok, chats, max_new_tokens=4, batch=2, progress=False,
+                                         temperature=0.8, seed=3, partial=partial)
+        assert len(chat_data._load_partial(partial, len(chats))[0]) == 2  # the first batch's two rows
+        calls.clear()
+        again = chat_data.generate_chat_rows(target, tok, chats, max_new_tokens=4, batch=2, progress=False,
+                                             temperature=0.8, seed=3, partial=partial)
+    finally:
+        del target.generate
+    assert len(calls) == 2 and torch.equal(again.ids, whole.ids)  # two of three batches answered again
+    assert "2 of 6 chats were answered before the run was cut" in capsys.readouterr().err
+    partial.write_bytes(b"damaged")
+    assert chat_data._load_partial(partial, len(chats)) == ({}, 0.0)  # answered again, not a failure
+
+
 def test_rows_round_trip_and_windows(tiny, tmp_path):
     target, tok = tiny
     rows = chat_data.generate_chat_rows(target, tok, CHATS, max_new_tokens=4, progress=False)

@@ -278,6 +278,7 @@ def test_cached_chat_rows_are_kept_apart_by_seed(tmp_path, monkeypatch):
                                                    cache_dir=tmp_path, progress=False)
         assert manifest["seed"] == seed
     assert len(target.seeds) == 2
+    assert not list((tmp_path / "selfdistill").glob("*partial*"))  # the answers so far go once the entry is cached
 
 
 def test_medusa_tree_presets_from_a_report(tmp_path):

@@ -125,11 +125,17 @@ def zero_overhead_ceiling(meth: Method, peer: Method, costs: dict) -> dict[int, 
     return {i: statistics.median(peer.times[i]) / seconds for i, seconds in zero_overhead_seconds(meth, costs).items()}
 
 
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+def _spread(values: list[float]) -> dict:
+    """Per-prompt figures as ``{"median", "min", "max"}`` (numbers in ``--json``; :func:`spread_cell` prints them)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _chain_figures(m: Method, mine: dict, ar: Method, ar_tps: dict, costs: dict, peer: Method) -> tuple[str, str]:
+def spread_cell(spread: dict | None) -> str:
+    """A :func:`_spread` as the table shows it, ``median (min-max)``; empty for None."""
+    return f"{spread['median']:.2f} ({spread['min']:.2f}-{spread['max']:.2f})" if spread else ""
+
+
+def _chain_figures(m: Method, mine: dict, ar: Method, ar_tps: dict, costs: dict, peer: Method) -> tuple[dict, dict]:
     """A chain's efficiency and its zero-overhead ceiling against ``peer``, median (min-max) over prompts.
 
     Efficiency, per prompt: the chain's measured speedup over our AR loop ``ar`` (tokens/s ``ar_tps``, through the
@@ -184,8 +190,9 @@ def _markdown(rows: list[dict], floor: bool) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         acc = f"{r['draft_acceptance']:.2f}" if r["draft_acceptance"] is not None else ""
-        cells = [r["method"], f"{r['tokens_per_s']:.1f}", r["speedup_vs_hf_plain"], r["vs_hf_same_drafter"] or "",
-                 tau_cell(r), acc, r["efficiency"] or "", r["ceiling_vs_hf"] or "",
+        cells = [r["method"], f"{r['tokens_per_s']:.1f}", spread_cell(r["speedup_vs_hf_plain"]),
+                 spread_cell(r["vs_hf_same_drafter"]), tau_cell(r), acc, spread_cell(r["efficiency"]),
+                 spread_cell(r["ceiling_vs_hf"]),
                  "yes" if r["matches_hf_plain"] else "NO"]
         if floor:
             after = r["decode_per_token_vs_read_floor"]

@@ -30,7 +30,8 @@ from omegaconf import DictConfig
 from drafters.draft_vocab import DraftVocabHead, expressible, soft_cross_entropy
 from drafters.eagle_heads import FILES, VERSIONS, EagleHead, default_heads_dir, load_head, save_head
 from experiments.head_data import generate_rows
-from experiments.head_training import HeadRecipe, target_dir_name, teacher
+from experiments.head_teachers import teacher
+from experiments.head_training import HeadRecipe, target_dir_name
 from specdec.errors import ConfigError
 from specdec.models import text_config
 from verifier.verifier import attention_backend, cache_argument

@@ -6,15 +6,20 @@ from pathlib import Path
 
 import torch
 
+from experiments.head_data import DEFAULT_ANSWER_TOKENS
 from specdec.errors import ConfigError
 from specdec.files import atomic_write
 
 
 def save_checkpoint(path: Path, step: int, heads: torch.nn.Module, optimizer, settings: dict, elapsed: float,
-                    wandb_group: str | None = None) -> None:
-    """Write the heads, optimizer state and progress (and the W&B group its runs log to) to ``path`` atomically."""
+                    wandb_group: str | None = None, generated_rows: torch.Tensor | None = None) -> None:
+    """Write the heads, optimizer state and progress (and the W&B group its runs log to) to ``path`` atomically;
+    ``generated_rows [R, T]``: the corpus rows the target continued (a resume reads them back: minutes on a large
+    target)."""
     state = {"step": step, "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "settings": settings,
              "elapsed_s": elapsed, "wandb_group": wandb_group}
+    if generated_rows is not None:
+        state["generated_rows"] = generated_rows
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -32,7 +37,8 @@ def load_checkpoint(path: Path, settings: dict) -> dict:
 
 
 #: Settings recorded only when not at their default (older checkpoints and heads lack them): compared with it.
-OPTIONAL_SETTINGS = {"generated_source": "corpus", "init_from": None, "draft_vocab": 0}
+OPTIONAL_SETTINGS = {"generated_source": "corpus", "init_from": None, "draft_vocab": 0,
+                     "generated_max_new_tokens": DEFAULT_ANSWER_TOKENS}
 
 
 def setting_changes(saved: dict, settings: dict) -> list[str]:

@@ -99,6 +99,11 @@ def training_batches(corpus_rows: torch.Tensor, extra_rows: torch.Tensor | None,
         yield torch.cat([next(s) for s in (corpus, extra) if s is not None])
 
 
+def source_is_corpus(cfg: DictConfig) -> bool:
+    """Whether the generated rows are corpus prompts the target continues (not its cached answers to chats)."""
+    return cfg.get("generated_source", "corpus") == "corpus"
+
+
 def answer_settings(cfg: DictConfig) -> dict:
     """The checkpoint setting the chats' answer length adds (none at the default, so older checkpoints resume),
     validated."""

@@ -27,6 +27,7 @@ from experiments.head_data import (
     check_draft_vocab,
     draft_vocabulary,
     generated_training_rows,
+    source_is_corpus,
     token_chunks,
     training_batches,
 )
@@ -66,42 +67,6 @@ def _pretrained_names() -> set[str]:
 
 
 # --------------------------------------------------------------------------- features, schedule, checkpoints
-
-
-@torch.no_grad()
-def teacher(target, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen target on ``batch [B, T]``: last hidden state ``[B, T, H]`` and logits ``[B, T, V]`` (float32)."""
-    out = target(input_ids=batch, output_hidden_states=True)
-    return out.hidden_states[-1].float(), out.logits.float()
-
-
-@torch.no_grad()
-def argmax_teacher(target, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen target on ``batch [B, T]``: last hidden state ``[B, T, H]`` (float32) and argmax ``[B, T]``."""
-    hidden, logits = teacher(target, batch)
-    return hidden, logits.argmax(-1)
-
-
-class MemoTeacher:
-    """:func:`argmax_teacher` computed once per distinct row and kept in memory (``memo_features=true``).
-
-    When the training rows repeat (several epochs over the target's own answers), every later step trains the
-    heads alone: the target's forward, most of a step's cost, runs once per row. The values are the same as
-    without the memo (the same forward on the same row). Memory: ``T * (H + 1) * 4`` bytes per distinct row.
-    """
-
-    def __init__(self):
-        self.rows: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, target, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = [row.numpy().tobytes() for row in batch.cpu()]
-        new = [i for i, key in enumerate(keys) if key not in self.rows]
-        if new:
-            hidden, labels = argmax_teacher(target, batch[new])  # [b, T, H], [b, T]
-            for j, i in enumerate(new):
-                self.rows[keys[i]] = (hidden[j], labels[j])
-        hidden, labels = zip(*(self.rows[key] for key in keys))
-        return torch.stack(hidden), torch.stack(labels)  # [B, T, H], [B, T]
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -295,14 +260,15 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
     train_chunks = token_chunks(tokenizer, "train", cfg.train_chars, cfg.context, exclude)
     eval_rows = max(1, cfg.eval_tokens // cfg.context)
     eval_chunks = token_chunks(tokenizer, "heldout", cfg.eval_tokens * 8, cfg.context)[:eval_rows]
-    extra_rows = generated_training_rows(cfg, target, tokenizer, where["target"], train_chunks)
+    ckpt, start, elapsed, group = out_dir / "checkpoint.pt", 0, 0.0, None
+    state = load_checkpoint(ckpt, settings) if cfg.resume and ckpt.is_file() else None  # other settings: before any rows
+    kept = state.get("generated_rows") if state is not None and source_is_corpus(cfg) else None  # a resume's rows
+    extra_rows = kept if kept is not None else generated_training_rows(cfg, target, tokenizer, where["target"], train_chunks)
     head = recipe.build(cfg, target, draft_vocabulary(cfg, target, train_chunks, extra_rows))
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=tuple(recipe.betas))
     make_dir(out_dir, "out_dir" if cfg.out_dir else "cache_dir")  # after the head is built: a bad setting leaves none
-    ckpt, start, elapsed, group = out_dir / "checkpoint.pt", 0, 0.0, None
-    if cfg.resume and ckpt.is_file():
-        state = load_checkpoint(ckpt, settings)
+    if state is not None:
         head.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed, group = int(state["step"]), float(state["elapsed_s"]), state.get("wandb_group")
@@ -324,7 +290,8 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
             if done % cfg.log_every == 0 or done == cfg.steps:
                 train_log(metrics, done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(ckpt, done, head, optimizer, settings, time.perf_counter() - t0, group)
+                save_checkpoint(ckpt, done, head, optimizer, settings, time.perf_counter() - t0, group,
+                                generated_rows=extra_rows if source_is_corpus(cfg) else None)
             if on_step is not None:
                 on_step(done)
         bar.close()

@@ -19,13 +19,8 @@ from drafters.medusa_heads import (
     save_heads,
 )
 from experiments.head_data import generate_rows
-from experiments.head_training import (
-    HeadRecipe,
-    MemoTeacher,
-    argmax_teacher,
-    target_dir_name,
-    teacher,
-)
+from experiments.head_teachers import MemoTeacher, argmax_teacher, teacher
+from experiments.head_training import HeadRecipe, target_dir_name
 from specdec.errors import ConfigError
 
 LOSSES = ("soft", "hard")

@@ -181,6 +181,9 @@ def test_the_chats_answer_length_reaches_the_cache_and_the_checkpoints_settings(
     assert head_data.answer_settings(cfg) == {"generated_max_new_tokens": 96}
     cfg.generated_max_new_tokens = head_data.DEFAULT_ANSWER_TOKENS
     assert head_data.answer_settings(cfg) == {}  # older checkpoints resume
+    from experiments.head_checkpoints import setting_changes
+
+    assert setting_changes({"generated_max_new_tokens": 96}, {}) == ["generated_max_new_tokens: 96 -> 128"]
     cfg.generated_source = "corpus"
     cfg.generated_max_new_tokens = 96
     assert head_data.answer_settings(cfg) == {}

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from drafters.draft_vocab import expressible
 from drafters.medusa_heads import MedusaHeads, load_heads, save_heads
-from experiments.head_training import MemoTeacher, argmax_teacher
+from experiments.head_teachers import MemoTeacher, argmax_teacher
 from experiments.medusa_training import hard_loss
 from specdec.errors import ConfigError
 from tests.test_medusa import MICRO_TRAIN, compose_train
@@ -60,13 +60,13 @@ def _full_logits_hard_loss(head_logits, t_logits, decay):
 
 
 def test_memo_teacher_is_the_target_and_runs_it_once_per_row(monkeypatch):
-    from experiments import head_training
+    from experiments import head_teachers
 
     target = pair("llama")[0]
     rows = torch.randint(0, target.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))  # [3, T]
     calls = []
-    real = head_training.teacher
-    monkeypatch.setattr(head_training, "teacher", lambda t, b: calls.append(b.shape[0]) or real(t, b))
+    real = head_teachers.teacher
+    monkeypatch.setattr(head_teachers, "teacher", lambda t, b: calls.append(b.shape[0]) or real(t, b))
     memo = MemoTeacher()
     first = memo(target, rows[:2])
     again = memo(target, rows[[1, 2, 0]])  # rows 1 and 0 are memoised: only row 2 runs
@@ -79,16 +79,16 @@ def test_memo_teacher_is_the_target_and_runs_it_once_per_row(monkeypatch):
 def test_memo_features_train_the_same_heads(tmp_path, monkeypatch):
     """The same heads as without the memo, from fewer target forwards (the rows repeat: 6 steps of 2 rows over
     the target's answers to 3 prompts)."""
-    from experiments import head_training
+    from experiments import head_teachers
     from experiments.train_medusa import train
 
-    rows, real, run = {"plain": 0, "memo": 0}, head_training.teacher, ["plain"]
+    rows, real, run = {"plain": 0, "memo": 0}, head_teachers.teacher, ["plain"]
 
     def counted(target, batch):  # the target's forwards, in rows
         rows[run[0]] += batch.shape[0]
         return real(target, batch)
 
-    monkeypatch.setattr(head_training, "teacher", counted)
+    monkeypatch.setattr(head_teachers, "teacher", counted)
     train(compose_train(*SMALL, f"out_dir={tmp_path / 'plain'}"), tmp_path / "r1")
     run[0] = "memo"
     train(compose_train(*SMALL, "memo_features=true", f"out_dir={tmp_path / 'memo'}"), tmp_path / "r2")

@@ -19,7 +19,14 @@ def assert_resume_is_exact(train, compose, overrides: list[str], tmp_path, capfd
         train(compose(*overrides, f"out_dir={tmp_path / 'b'}"), tmp_path / "run_b", on_step=interrupt)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True, map_location="cpu")["step"] == 2
     capfd.readouterr()
-    train(compose(*overrides, f"out_dir={tmp_path / 'b'}"), tmp_path / "run_b2")
+    from experiments import head_data
+
+    generated = any(o.startswith("generated_rows=") and o != "generated_rows=0" for o in overrides)
+    kept = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True, map_location="cpu").get("generated_rows")
+    assert (kept is not None) == generated  # the rows the target wrote are in the checkpoint
+    with pytest.MonkeyPatch.context() as patch:  # a resume reads them back (minutes on a large target)
+        patch.setattr(head_data, "generate_rows", lambda *a, **kw: pytest.fail("generated the rows again"))
+        train(compose(*overrides, f"out_dir={tmp_path / 'b'}"), tmp_path / "run_b2")
     assert "at step 2/6" in capfd.readouterr().err
     a, b = load(tmp_path / "a").state_dict(), load(tmp_path / "b").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

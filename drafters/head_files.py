@@ -155,7 +155,11 @@ def save_files(fmt: HeadFormat, module: torch.nn.Module, config: dict, directory
 
 
 def missing(fmt: HeadFormat, directory: Path, what: str, how: str) -> SpecDecError:
-    """The error for a heads directory that is not there (``how``: the training command and its options)."""
+    """The error for a heads directory that is not there (``how``: the training command and its options); one
+    holding a training checkpoint only says that training has not finished."""
+    if (directory / "checkpoint.pt").is_file():
+        what += ("; a checkpoint.pt is there: the training writing them has not finished (rerun its command: it "
+                 "goes on from the checkpoint)")
     return fmt.error(
         f"no {fmt.label} at {str(directory)!r} ({what}): train them with {how}, or point {HEADS_OPTION} at a "
         f"directory holding {fmt.config_file} and {fmt.weights_file}")

@@ -393,6 +393,12 @@ def test_missing_heads_say_how_to_train_them(tmp_path, monkeypatch):
     with pytest.raises(MedusaHeadsError, match=r"other/medusa/zoo-micro.*`python -m experiments.train_medusa "
                                                r"zoo_size=micro cache_dir=.*other` \(a few minutes at most on a CPU\)"):
         _ = MedusaDrafter(zoo_size="micro", cache_dir=tmp_path / "other").max_nodes
+    unfinished = tmp_path / "unfinished"  # a training cut before its heads were written
+    unfinished.mkdir()
+    (unfinished / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(MedusaHeadsError, match="medusa_config.json is missing; a checkpoint.pt is there: the training "
+                                               "writing them has not finished"):
+        _ = MedusaDrafter(unfinished).max_nodes
 
 
 def test_configs_compose_and_build(saved_heads):

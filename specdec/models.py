@@ -210,14 +210,15 @@ def head_dtype(choice: str | None, target_dtype: torch.dtype, device: str | torc
     return DTYPES[choice]
 
 
-def check_path(path: str, what: str) -> None:
-    """Fail early, naming the path, when a local directory is missing (a hub id passes)."""
+def check_path(path: str, what: str, holds: str = "config.json + *.safetensors") -> None:
+    """Fail early, naming the path, when a local directory is missing (a hub id passes); ``holds``: the files such a
+    directory has."""
     expanded = os.path.expanduser(path)
     hub_like = not path.startswith(("/", ".", "~")) and path.count("/") <= 1
     if not os.path.isdir(expanded) and not hub_like:
         raise SpecDecError(
             f"{what} path {path!r} does not exist: point it at a directory written by save_pretrained "
-            "(config.json + *.safetensors), or at a hub id when a hub is reachable"
+            f"({holds}), or at a hub id when a hub is reachable"
         )
 
 
@@ -278,7 +279,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = 
 
     from specdec.checkpoints import RemoteCodeError, not_local
 
-    check_path(path, what)
+    check_path(path, what, holds=f"{', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}")
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded) and not any(os.path.exists(os.path.join(expanded, f)) for f in TOKENIZER_FILES):
         fix = f"pass {elsewhere}=<the directory that holds it>" if elsewhere else "save it there with save_pretrained"

@@ -161,6 +161,8 @@ def test_a_hub_id_that_the_hub_did_not_give_is_named_as_such(tmp_path, monkeypat
     (tmp_path / "tokenizer.json").write_text("{", encoding="utf-8")
     with pytest.raises(SpecDecError, match="missing or damaged"):  # a local directory: its files
         load_tokenizer(str(tmp_path))
+    with pytest.raises(SpecDecError, match=r"tokenizer path '/no/such/dir' does not exist: .*\(tokenizer.json, "):
+        load_tokenizer("/no/such/dir")  # a tokenizer's files, not a model's (config.json + *.safetensors)
 
     def need_library(*args, **kwargs):
         raise ImportError("LlamaTokenizer requires the SentencePiece library but it was not found: pip install "

@@ -91,7 +91,9 @@ def check_overwrite(out: Path, heads_dir: Path) -> None:
 def derive(heads_dir: Path, nodes: int, name: str, out_dir: Path = PRESET_DIR, max_depth: int | None = None,
            measure: bool = False, target: str | None = None, tokenizer: str | None = None, eval_tokens: int = 32768,
            context: int = MEASURE_CONTEXT, force: bool = False, source: str = "auto") -> tuple[Path, float]:
-    """Write ``<out_dir>/<name>.yaml``; returns its path and the expected tau."""
+    """Write ``<out_dir>/<name>.yaml``; returns its path and the expected tau. The preset names the heads by their
+    absolute path (a relative one would mean other heads from another directory)."""
+    heads_dir = Path(heads_dir).expanduser().resolve()
     if nodes < 1:
         raise SpecDecError(f"--nodes {nodes}: give at least one node")
     if not name or Path(name).name != name or name in (".", ".."):

@@ -326,7 +326,7 @@ def test_medusa_tree_refuses_a_depth_below_one_a_path_as_name_and_never_writes_a
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heads", "m4.yaml", "m5.yaml"]
 
 
-def test_medusa_tree_keeps_a_preset_derived_from_other_heads(tmp_path):
+def test_medusa_tree_keeps_a_preset_derived_from_other_heads(tmp_path, monkeypatch):
     """A preset the tool derived from other heads (the shipped medusa32 from the default heads; a trial's micro
     heads overwrote it; two targets' heads both in a directory called ``heads``) is kept unless ``--force``; the same
     directory, or an embedded pair's of the same name (retrained, or at another home), replaces it."""
@@ -354,6 +354,11 @@ def test_medusa_tree_keeps_a_preset_derived_from_other_heads(tmp_path):
     assert derive(mine, 3, "h3", out_dir=tmp_path)[0].name == "h3.yaml"  # the same heads again
     with pytest.raises(SpecDecError, match="was derived from the heads at .*x/heads"):
         derive(theirs, 3, "h3", out_dir=tmp_path)
+    monkeypatch.chdir(tmp_path / "x")  # a relative path is recorded as the heads' own: from elsewhere it still is
+    assert f"# from the heads at {mine}:" in derive(Path("heads"), 3, "r3", out_dir=tmp_path)[0].read_text()
+    monkeypatch.chdir(tmp_path / "y")
+    with pytest.raises(SpecDecError, match="was derived from the heads at .*x/heads"):
+        derive(Path("heads"), 3, "r3", out_dir=tmp_path)  # y/heads are other heads
 
 
 def test_a_sampled_runs_note_and_a_lossless_rules_mismatch_warning_follow_its_rule():

@@ -56,9 +56,12 @@ from experiments.bench_methods import (
     interrupted_note,
     isolated_round,
     loop_table,
+    median_costs,
     pooled_tau,
     pooled_tokens_per_s,
     run_all,
+    spread,
+    spread_cell,
     tau_cell,
     tokens_per_s,
 )
@@ -125,16 +128,6 @@ def zero_overhead_ceiling(meth: Method, peer: Method, costs: dict) -> dict[int, 
     return {i: statistics.median(peer.times[i]) / seconds for i, seconds in zero_overhead_seconds(meth, costs).items()}
 
 
-def _spread(values: list[float]) -> dict:
-    """Per-prompt figures as ``{"median", "min", "max"}`` (numbers in ``--json``; :func:`spread_cell` prints them)."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def spread_cell(spread: dict | None) -> str:
-    """A :func:`_spread` as the table shows it, ``median (min-max)``; empty for None."""
-    return f"{spread['median']:.2f} ({spread['min']:.2f}-{spread['max']:.2f})" if spread else ""
-
-
 def _chain_figures(m: Method, mine: dict, ar: Method, ar_tps: dict, costs: dict, peer: Method) -> tuple[dict, dict]:
     """A chain's efficiency and its zero-overhead ceiling against ``peer``, median (min-max) over prompts.
 
@@ -145,7 +138,7 @@ def _chain_figures(m: Method, mine: dict, ar: Method, ar_tps: dict, costs: dict,
     ours, base = zero_overhead_seconds(m, costs), zero_overhead_seconds(ar, costs)
     predicted = {i: (m.new_tokens[i] / ours[i]) / (ar.new_tokens[i] / base[i]) for i in mine}  # tokens/s, as measured
     efficiency = [(mine[i] / ar_tps[i]) / predicted[i] for i in mine]
-    return _spread(efficiency), _spread(list(zero_overhead_ceiling(m, peer, costs).values()))
+    return spread(efficiency), spread(list(zero_overhead_ceiling(m, peer, costs).values()))
 
 
 def summarize(methods: list[Method], costs: dict, static: dict | None = None,
@@ -164,7 +157,7 @@ def summarize(methods: list[Method], costs: dict, static: dict | None = None,
         floor = 1 / pooled_tokens_per_s(m) / static["floor_s"] if static is not None else None
         decode = decode_seconds_per_token(m) if static is not None else None
         row = {"method": m.name, "tokens_per_s": statistics.median(mine.values()),
-               "speedup_vs_hf_plain": _spread([mine[i] / base[i] for i in mine]),
+               "speedup_vs_hf_plain": spread([mine[i] / base[i] for i in mine]),
                "matches_hf_plain": m.matches, "tau": statistics.mean(m.tau.values()) if m.tau else None,
                "tau_pooled": pooled_tau(m),
                "draft_acceptance": statistics.mean(m.acceptance.values()) if m.acceptance and m.k else None,
@@ -172,7 +165,7 @@ def summarize(methods: list[Method], costs: dict, static: dict | None = None,
                "per_token_vs_read_floor": floor,
                "decode_per_token_vs_read_floor": decode / static["floor_s"] if decode is not None else None}
         if m.peer:
-            row["vs_hf_same_drafter"] = _spread([mine[i] / tps[m.peer][i] for i in mine])
+            row["vs_hf_same_drafter"] = spread([mine[i] / tps[m.peer][i] for i in mine])
         if m.name.startswith("ours_chain") and not m.dynamic:
             fixed = static is not None and m.name.endswith(f"_{compile}")
             ar = f"ours_ar_{compile}" if fixed else "ours_ar"
@@ -199,14 +192,6 @@ def _markdown(rows: list[dict], floor: bool) -> str:
             cells += [f"{r['per_token_vs_read_floor']:.2f}", f"{after:.2f}" if after is not None else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def median_costs(samples: list[dict]) -> dict:
-    """Per width, the median over cost samples taken between prompts (see :func:`main`)."""
-    target = {w: statistics.median(c["target"][w] for c in samples) for w in samples[0]["target"]}
-    drafts = {key: statistics.median(c[key] for c in samples) if samples[0].get(key) is not None else None
-              for key in ("draft", "draft_transformers")}
-    return {**samples[0], "target": target, **drafts}
 
 
 def verify_curve(target, context: int, widths: tuple[int, ...], backends: list[str], reps: int) -> tuple[dict, str]:
@@ -360,8 +345,12 @@ def main(argv=None) -> int:
         samples: list[dict] = []  # forward costs timed between prompts, so machine drift hits them and the runs alike
         probe = lean_probe(draft, True, context)  # the draft as our chains run it
         asked = len(prompts)
+        cut = []  # a Ctrl-C in a cost sample: after the last prompt, every prompt is done but the run was cut
+
         def sample() -> None:
+            cut.append(True)  # until the sample is taken
             samples.append(measure_costs(target, draft, context, args.ks, reps=5, draft_probe=probe))
+            cut.pop()
         done = run_all(methods, prompts, args.reps, between=sample)
         prompts = prompts[:done]
         if not samples:  # a Ctrl-C cut the first prompt's sample: one more (Ctrl-C again stops at once)
@@ -380,7 +369,7 @@ def main(argv=None) -> int:
                                if args.verify_curve else (None, ""))
     source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
         (args.target or f"zoo {args.size}")
-    header = (f"{command_line(argv)}{interrupted_note(len(prompts), asked)}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device} "
+    header = (f"{command_line(argv)}{interrupted_note(len(prompts), asked, cut=bool(cut))}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device} "
               f"(narrow linears {narrow}{fused_note(args)}), draft in {args.draft_dtype}. {len(prompts)} prompts, {args.max_new_tokens} new "
               f"tokens, greedy, batch 1, "
               f"{args.reps} reps. Forward costs at context {context}: target "
@@ -394,7 +383,7 @@ def main(argv=None) -> int:
                                 + curve_table if curve_table else "") + match_note(args.dtype))
     publish(text, {"rows": rows, "loops": loops, "costs": costs, "static_costs": static, "verify_curves": curves,
                    "prompts_done": len(prompts), "prompts_asked": asked}, args)
-    return final_status(exit_status(rows, args.dtype), len(prompts), asked)
+    return final_status(exit_status(rows, args.dtype), len(prompts), asked, cut=bool(cut))
 
 
 def fused_note(args) -> str:

@@ -119,18 +119,20 @@ def _drop_prompt(methods: list[Method], i: int, loops: list[dict]) -> None:
         meth.loop = loop
 
 
-def interrupted_note(done: int, total: int, what: str = "prompts") -> str:
+def interrupted_note(done: int, total: int, what: str = "prompts", cut: bool = False) -> str:
     """The tables' line for a run cut after ``done`` of ``total`` prompts (or batch sizes, ...; empty when none
-    was cut)."""
-    return "" if done == total else f"Interrupted (Ctrl-C) after {done} of {total} {what}: the tables cover those. "
+    was cut); ``cut``: a Ctrl-C came after the last one (in bench's cost sample)."""
+    if done < total:
+        return f"Interrupted (Ctrl-C) after {done} of {total} {what}: the tables cover those. "
+    return "Interrupted (Ctrl-C) after the last prompt's rounds: the tables cover every prompt. " if cut else ""
 
 
-def final_status(status: int, done: int, total: int) -> int:
+def final_status(status: int, done: int, total: int, cut: bool = False) -> int:
     """A benchmark's exit status: its own (1: an output differed) first, else 130 (Ctrl-C) for a run cut after
-    ``done`` of ``total`` prompts, else 0."""
+    ``done`` of ``total`` prompts (or after the last, ``cut``), else 0."""
     from experiments.cli import INTERRUPTED
 
-    return status or (INTERRUPTED if done < total else 0)
+    return status or (INTERRUPTED if done < total or cut else 0)
 
 
 #: The decode loop's phases a step is split into (:func:`add_loop`), as :class:`~specdec.stats.DecodeStats` times them.
@@ -250,3 +252,20 @@ def tau_cell(row: dict) -> str:
     pooled = "-" if row["tau_pooled"] is None else f"{row['tau_pooled']:.2f}"  # no target forward at all
     return f"{row['tau']:.2f} / {pooled}"
 
+
+def spread(values: list[float]) -> dict:
+    """Per-prompt figures as ``{"median", "min", "max"}`` (numbers in ``--json``; :func:`spread_cell` prints them)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def spread_cell(spread: dict | None) -> str:
+    """A :func:`_spread` as the table shows it, ``median (min-max)``; empty for None."""
+    return f"{spread['median']:.2f} ({spread['min']:.2f}-{spread['max']:.2f})" if spread else ""
+
+
+def median_costs(samples: list[dict]) -> dict:
+    """Per width, the median over cost samples taken between prompts (see :func:`experiments.bench.main`)."""
+    target = {w: statistics.median(c["target"][w] for c in samples) for w in samples[0]["target"]}
+    drafts = {key: statistics.median(c[key] for c in samples) if samples[0].get(key) is not None else None
+              for key in ("draft", "draft_transformers")}
+    return {**samples[0], "target": target, **drafts}

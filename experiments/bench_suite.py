@@ -220,10 +220,12 @@ def build_methods(target, draft, medusa, args) -> list[Method]:
 
 
 def picked_drafters(target, draft, medusa, args, methods: list[Method]) -> dict:
-    """:func:`drafters_for`'s drafters whose methods are among ``methods`` (``--methods`` picks: the others' forwards
-    are not timed)."""
+    """:func:`drafters_for`'s drafters whose methods are among ``methods``, or behind prompt lookup in one of them
+    (``ours_ngram+<name>``, :func:`behind_lookup_all`); ``--methods`` picks: the others' forwards are not timed."""
     picked = {m.name for m in methods}
-    return {name: d for name, d in drafters_for(target, draft, medusa, args).items() if name in picked}
+    behind = {name.removesuffix("_merged").split("+", 1)[1] for name in picked if "+" in name}
+    return {name: d for name, d in drafters_for(target, draft, medusa, args).items()
+            if name in picked or name.removeprefix("ours_") in behind}
 
 
 def drafter_costs(target, methods: dict, context: int) -> dict[str, float]:

@@ -341,10 +341,11 @@ def _job(guarded: Callable) -> Callable:
     @functools.wraps(guarded)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         result = guarded(*args, **kwargs)
-        if not (isinstance(result, int) and result):
-            with contextlib.suppress(OSError):  # a failed command's note is stale now
+        if not (isinstance(result, int) and result) or result == INTERRUPTED:
+            with contextlib.suppress(OSError):  # an earlier command's failure is not the last command's now
                 if (directory := _job_dir()) is not None:
                     (directory / JOB_ERROR_FILE).unlink(missing_ok=True)
+        if not (isinstance(result, int) and result):
             return result
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.wandb_run import DEFAULT_INIT_TIMEOUT, RunState, offline, set_aside_offline, start_wandb
+from experiments.wandb_run import DEFAULT_INIT_TIMEOUT, RunState, offline_parts, set_aside, start_wandb
 from specdec.errors import ConfigError
 
 #: W&B modes ``logger.mode`` may name.
@@ -67,9 +67,9 @@ class WandbLogger(Logger):
     ``run.summary`` and the acceptance rate by depth as a bar chart.
 
     The W&B run id is kept in ``run_dir/wandb_run.json``: a resumed run continues its own W&B run,
-    and a skipped complete run whose summary never reached W&B gets it (:meth:`backfill`). Offline, where runs
-    that share an id replace each other when synced, the new part is sent the kept records again and the earlier
-    parts' files move to ``run_dir/wandb/superseded`` (:func:`experiments.wandb_run.set_aside_offline`). Online, a
+    and a skipped complete run whose summary never reached W&B gets it (:meth:`backfill`). Where the run has offline
+    parts (offline runs that share an id replace each other when synced), the new part is sent the kept records
+    again and the earlier parts' files move to ``run_dir/wandb/superseded`` (:func:`experiments.wandb_run.set_aside`). Online, a
     server that does not answer within ``init_timeout`` seconds costs one warning and the run is
     logged offline (:func:`experiments.wandb_run.start_wandb`).
 
@@ -112,12 +112,12 @@ class WandbLogger(Logger):
     def log_config(self, config: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = RunState.load(self.run_dir)
-        if self.state.existed and offline(self.init_kwargs["mode"]) and set_aside_offline(self.run_dir,
-                                                                                         self.state.run_id):
-            self.state.existed, self.state.steps = False, 0  # the new offline part is sent everything: whole alone
+        earlier = offline_parts(self.run_dir, self.state.run_id) if self.state.existed else []
         self.run = start_wandb({"dir": str(self.run_dir), "config": config, "reinit": "finish_previous",
                                 "id": self.state.run_id, "resume": "allow", **self.init_kwargs}, self.init_timeout)
         self.state.save()
+        if set_aside(earlier):  # once this part has started: a part that fails to start leaves them where they were
+            self.state.existed, self.state.steps = False, 0  # this part is sent everything: whole alone
         self._step = self.state.steps  # a resumed W&B run: its decode_step series goes on after what it has
         # per-step and per-prompt series stay out of the run summary: W&B would put the last prompt's
         # values there under names that read as the run's (its figures are log_summary's)

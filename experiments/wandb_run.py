@@ -81,26 +81,22 @@ def _count(value: Any) -> int:
 SUPERSEDED_DIR = "superseded"
 
 
-def offline(mode: str) -> bool:
-    """Whether a W&B run started in ``mode`` writes offline files (``offline``, or ``WANDB_MODE`` says so)."""
-    return mode == "offline" or (mode != "disabled" and os.environ.get("WANDB_MODE") in ("offline", "dryrun"))
+def offline_parts(run_dir: str | Path, run_id: str) -> list[Path]:
+    """The offline W&B files of run ``run_id`` in ``run_dir/wandb`` (``offline-run-*-<id>``: logged offline, or online
+    with a server that did not answer)."""
+    return sorted(p for p in (Path(run_dir) / "wandb").glob(f"offline-run-*-{run_id}") if not p.is_symlink())
 
 
-def set_aside_offline(run_dir: str | Path, run_id: str) -> list[Path]:
-    """Move the offline W&B files of run ``run_id`` in ``run_dir/wandb`` into its :data:`SUPERSEDED_DIR`; returns
-    where they went. ``wandb sync`` of offline runs that share an id keeps the last one synced (wandb/wandb#3841), so
-    a resumed offline run is sent everything again (its kept records first) and its earlier parts step aside,
-    kept, not synced by ``wandb sync <run_dir>/wandb/offline-run-*``."""
-    earlier = sorted((Path(run_dir) / "wandb").glob(f"offline-run-*-{run_id}"))
-    if not earlier:
-        return []
-    aside = Path(run_dir) / "wandb" / SUPERSEDED_DIR
-    aside.mkdir(exist_ok=True)
+def set_aside(parts: list[Path]) -> list[Path]:
+    """Move ``parts`` (:func:`offline_parts`) into their ``wandb`` directory's :data:`SUPERSEDED_DIR`; returns where
+    they went. ``wandb sync`` of offline runs that share an id keeps the last one synced (wandb/wandb#3841), so a
+    resumed run that had offline parts is sent everything again (its kept records first) and the earlier parts step
+    aside, kept, out of ``wandb sync <run_dir>/wandb/offline-run-*``'s way (and unable to replace the new run)."""
     moved = []
-    for path in earlier:
-        if not path.is_symlink():
-            moved.append(aside / path.name)
-            os.replace(path, moved[-1])
+    for path in parts:
+        (path.parent / SUPERSEDED_DIR).mkdir(exist_ok=True)
+        moved.append(path.parent / SUPERSEDED_DIR / path.name)
+        os.replace(path, moved[-1])
     return moved
 
 

@@ -71,6 +71,9 @@ def test_confidence_thresholds_add_dynamic_length_rows():
 
     picked = build_methods(target, noisy_copy("llama"), None, parse_args([*ARGS, "--methods", "ours_draft_k3"]))
     assert list(picked_drafters(target, noisy_copy("llama"), None, args, picked)) == ["ours_draft_k3"]  # costs: these
+    hybrid = parse_args([*ARGS, "--hybrid", "2", "--methods", "ours_ngram+layer_skip1_k3"])  # its model part's cost
+    picked = build_methods(target, noisy_copy("llama"), None, hybrid)
+    assert list(picked_drafters(target, noisy_copy("llama"), None, hybrid, picked)) == ["ours_layer_skip1_k3"]
 
 
 def test_hybrid_puts_each_model_drafter_behind_lookup():

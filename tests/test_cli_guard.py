@@ -202,3 +202,32 @@ def test_a_mistake_in_a_module_imported_before_the_guard_still_gets_the_bug_line
     assert proc.returncode == 1 and lines[0].startswith("Traceback") and error in lines[-2], proc.stderr
     here = os.path.realpath(tmp_path / "pkg")
     assert lines[-1].startswith(f"the traceback ends in {here}/{where}: if that is code of your own"), proc.stderr
+
+
+def test_a_jobs_error_note_is_its_last_commands(tmp_path, monkeypatch, capsys):
+    """A failed job leaves its error line in its directory; a later command there that succeeds or is cut by Ctrl-C
+    removes it (the report said an interrupted run's last command failed, with an older command's error)."""
+    from experiments import cli
+    from specdec.errors import ConfigError
+
+    monkeypatch.setattr(cli, "_job_dir", lambda: tmp_path)
+
+    def job(outcome):
+        def task():
+            if outcome == "error":
+                raise ConfigError("k=0: it must be >= 1")
+            if outcome == "ctrl-c":
+                raise KeyboardInterrupt
+        return cli._job(cli.guard(on_failure=cli._note_job_error)(task))
+    note = tmp_path / cli.JOB_ERROR_FILE
+    for outcome, status in (("error", 2), ("ctrl-c", cli.INTERRUPTED)):
+        with pytest.raises(SystemExit) as exit_:
+            job("error")()
+        assert exit_.value.code == 2 and note.read_text() == "error: k=0: it must be >= 1\n"
+        with pytest.raises(SystemExit) as exit_:
+            job(outcome)()
+        assert exit_.value.code == status and note.is_file() == (outcome == "error")
+    with pytest.raises(SystemExit):
+        job("error")()
+    job("ok")()
+    assert not note.exists()

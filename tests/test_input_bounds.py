@@ -165,8 +165,9 @@ def test_a_bad_training_setting_fails_before_the_target_loads(recipe, override, 
 
 
 def test_the_chats_answer_length_reaches_the_cache_and_the_checkpoints_settings(monkeypatch):
-    """generated_source=chats asks chat_data for answers of generated_max_new_tokens (build_draft's 96 shares its
-    cached answers; it asked for 128 whatever was set); a length other than the default is a checkpoint setting."""
+    """generated_source=chats asks chat_data for answers of generated_max_new_tokens (it asked for 128 whatever was
+    set, so build_draft's cached answers, 96 tokens to 192 chats, were never read); a length other than the default
+    is a checkpoint setting."""
     from omegaconf import OmegaConf
 
     from experiments import chat_data, head_data

@@ -238,20 +238,34 @@ def test_a_rerun_with_fewer_prompts_logs_the_kept_ones_to_a_new_wandb_run(tmp_pa
     assert json.loads((aside / STATE_FILE).read_text())["id"] == first
 
 
-def test_only_this_runs_offline_parts_step_aside(tmp_path, monkeypatch):
-    """set_aside_offline moves ``offline-run-*-<id>`` only (not another id's, not an online run's); offline() reads
-    the mode and WANDB_MODE (a disabled logger writes nothing)."""
-    from experiments.wandb_run import offline, set_aside_offline
+def test_only_this_runs_offline_parts_step_aside_once_the_new_part_started(tmp_path, monkeypatch):
+    """offline_parts finds ``offline-run-*-<id>`` only (not another id's, not an online run's). A resumed logger
+    moves them aside only once its own part has started (a start cut by Ctrl-C left the kept records unsent and the
+    earlier parts out of sync's way), whatever its mode (an online run that fell back offline has offline parts too),
+    and is then sent the kept records again."""
+    from experiments import loggers
+    from experiments.wandb_run import offline_parts
+    from tests.test_metrics_logged import FakeRun, _record
 
     for name in ("offline-run-20260101_000000-abc", "offline-run-20260102_000000-abc", "offline-run-20260101_000000-xyz",
                  "run-20260101_000000-abc"):
         (tmp_path / "wandb" / name).mkdir(parents=True)
-    moved = set_aside_offline(tmp_path, "abc")
-    assert [p.name for p in moved] == ["offline-run-20260101_000000-abc", "offline-run-20260102_000000-abc"]
+    assert [p.name for p in offline_parts(tmp_path, "abc")] == ["offline-run-20260101_000000-abc",
+                                                               "offline-run-20260102_000000-abc"]
+    RunState(tmp_path / STATE_FILE, "abc", steps=3).save()
+
+    def cut(init, timeout):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(loggers, "start_wandb", cut)
+    with pytest.raises(KeyboardInterrupt):
+        WandbLogger(tmp_path, mode="online").log_config({})
+    assert len(offline_parts(tmp_path, "abc")) == 2  # nothing moved
+    started = []
+    monkeypatch.setattr(loggers, "start_wandb", lambda init, timeout: started.append(FakeRun(**init)) or started[-1])
+    resumed = WandbLogger(tmp_path, mode="online")
+    resumed.log_config({})
+    resumed.log_resumed([_record("speculative", [1, 1, 0], [2, 2, 2])], [0])
+    assert offline_parts(tmp_path, "abc") == [] and started[-1].init["id"] == "abc"
     assert sorted(p.name for p in (tmp_path / "wandb").iterdir()) == [
         "offline-run-20260101_000000-xyz", "run-20260101_000000-abc", "superseded"]
-    assert set_aside_offline(tmp_path, "abc") == [] and set_aside_offline(tmp_path / "none", "abc") == []
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    assert offline("offline") and not offline("online") and not offline("disabled")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert offline("online") and not offline("disabled")
+    assert [d["decode_step"] for d, _ in started[-1].logged if "decode_step" in d] == [1, 2, 3]  # re-sent from 1

@@ -245,3 +245,8 @@ def test_bench_cut_in_the_first_cost_sample_keeps_the_first_prompt(micro, tmp_pa
     out = json.loads(js.read_text())
     assert rc == 130 and (out["prompts_done"], out["prompts_asked"]) == (1, 2) and len(calls) == 2
     assert out["costs"]["target"] and all(r["matches_hf_plain"] for r in out["rows"])
+    calls.clear()  # one prompt, its sample cut: every prompt done, but the run was cut (status 130, a note)
+    md = tmp_path / "bench.md"
+    rc = bench.main(["--size", "micro", "--cache-dir", str(cache_dir), "--prompts", "1", "--max-new-tokens", "8",
+                     "--ks", "2", "--reps", "1", "--threads", "1", "--markdown", str(md)])
+    assert rc == 130 and "after the last prompt's rounds: the tables cover every prompt" in md.read_text()

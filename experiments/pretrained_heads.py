@@ -62,13 +62,16 @@ def _cached(kind: str, node: DictConfig, name: str, cache_dir, key: str) -> Path
         versions = [node.version] if node.get("version") else ["eagle2", "eagle3"]
         parent, config_file = default_heads_dir("eagle2", "x", cache_dir).parent, FILES.config_file
         patterns = [f"{v}-{entry}-*" for v in versions]
+    unfinished = []
     for pattern in patterns:
         found = [p for p in parent.glob(pattern) if (p / config_file).is_file()]
         if found:
             return max(found, key=lambda p: (p / config_file).stat().st_mtime)
+        unfinished += [p for p in parent.glob(pattern) if (p / "checkpoint.pt").is_file()]
     version = f" version={node.version}" if kind == "eagle" and node.get("version") else ""
     train = f"python -m experiments.train_{kind} target={name}{version}" + (f" cache_dir={cache_dir}" if cache_dir else "")
     label = {"medusa": "Medusa heads", "eagle": "EAGLE heads"}[kind]
+    cut = f"; the training at {unfinished[0]} has not finished (its checkpoint.pt is there): rerun it" if unfinished else ""
     raise ConfigError(f"{key}=null with model={name}: no {label} are cached for it ({parent}/"
-                      f"{' or '.join(patterns)}); train them with `{train}` (README: 'A real target'), "
+                      f"{' or '.join(patterns)}{cut}); train them with `{train}` (README: 'A real target'), "
                       f"or set {key}=<heads dir>")

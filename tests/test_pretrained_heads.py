@@ -59,6 +59,11 @@ def test_no_heads_cached_names_the_command_that_trains_them(tmp_path):
     with pytest.raises(ConfigError, match=r"no Medusa heads are cached for it .*`python -m experiments.train_medusa "
                                           rf"target=smollm2 cache_dir={tmp_path}`.*or set drafter.heads=<heads dir>"):
         pretrained_heads(_cfg(tmp_path, "drafter=medusa"))
+    cut = tmp_path / "medusa" / f"{model_dir('smollm2', tmp_path).name}-0000000000"  # a training cut short
+    cut.mkdir(parents=True)
+    (cut / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"the training at {cut} has not finished \(its checkpoint.pt is there\)"):
+        pretrained_heads(_cfg(tmp_path, "drafter=medusa"))
 
 
 def test_a_zoo_model_or_another_drafter_is_left_alone(tmp_path):

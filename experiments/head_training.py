@@ -367,6 +367,7 @@ def _optimizer_step(recipe: HeadRecipe, head, target, batch, optimizer, cfg: Dic
     lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    torch.manual_seed(cfg.seed * 1_000_003 + step)  # a step's draws (EAGLE-2's feature noise) as a resume repeats them
     with torch.autocast(batch.device.type, dtype=amp, enabled=amp is not None):
         loss, metrics = recipe.loss(head, target, batch)
     optimizer.zero_grad(set_to_none=True)

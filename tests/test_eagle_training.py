@@ -96,6 +96,8 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, capfd):
              "threads=1"]
     assert_resume_is_exact(train, compose_train, small, tmp_path, capfd, load_head)
     assert_finished_head_is_reused(train, compose_train, small, tmp_path, capfd, load_head)
+    eagle2 = [o for o in small if not o.startswith(("version=", "ttt_steps=", "feature_layers="))] + ["version=eagle2"]
+    assert_resume_is_exact(train, compose_train, eagle2, tmp_path / "eagle2", capfd, load_head)  # its feature noise too
 
     def interrupt(step):
         if step == 3:

@@ -101,9 +101,9 @@ def _save_partial(rows: dict[int, torch.Tensor], path: Path | None, seconds: flo
     tmp.replace(path)
 
 
-def _load_partial(path: Path | None, count: int) -> tuple[dict[int, torch.Tensor], float]:
+def _load_partial(path: Path | None, count: int, quiet: bool = False) -> tuple[dict[int, torch.Tensor], float]:
     """The rows a cut run saved to ``path`` and the seconds they took (none when there is no file, or it is
-    unreadable: those chats are answered again)."""
+    unreadable: those chats are answered again, with a warning unless ``quiet``)."""
     if path is None or not path.is_file():
         return {}, 0.0
     from safetensors import SafetensorError, safe_open
@@ -113,7 +113,8 @@ def _load_partial(path: Path | None, count: int) -> tuple[dict[int, torch.Tensor
             rows = {int(key[3:]): handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
             seconds = float((handle.metadata() or {}).get("seconds", 0.0))
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a damaged file costs its rows only
-        log.warning("the saved answers at %s are unreadable (%s); answering those chats again", path, exc)
+        if not quiet:
+            log.warning("the saved answers at %s are unreadable (%s); answering those chats again", path, exc)
         return {}, 0.0
     kept = {i: row for i, row in rows.items() if 0 <= i < count}
     if kept:
@@ -166,7 +167,7 @@ def ensure_generations(target, tokenizer, target_dir: str, count: int = 384, max
         start = time.perf_counter()
         chats = [messages for _, messages in training_chats(count, seed)]
         partial = parent / f".{name}.partial.safetensors"  # answers so far: a cut run goes on from them
-        start -= _load_partial(partial, 0)[1]  # generate_s counts the cut runs' seconds too
+        start -= _load_partial(partial, 0, quiet=True)[1]  # generate_s counts the cut runs' seconds too
         rows = generate_chat_rows(target, tokenizer, chats, max_new_tokens, temperature, seed, progress=progress,
                                   partial=partial)
         staging = cache.staging_dir(parent, name)

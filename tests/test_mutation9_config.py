@@ -132,7 +132,8 @@ def test_a_failed_sweep_job_is_noted_and_ctrl_c_ends_the_sweep(tmp_path, monkeyp
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    job = SimpleNamespace(mode=RunMode.MULTIRUN, job=SimpleNamespace(num=3, override_dirname="k=2"))
+    job = SimpleNamespace(mode=RunMode.MULTIRUN, job=SimpleNamespace(num=3, override_dirname="k=2"),
+                          runtime=SimpleNamespace(output_dir=str(tmp_path / "job")))
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: job))
     monkeypatch.setenv(cli.FAILED_JOBS_ENV, str(tmp_path))

@@ -153,7 +153,7 @@ def check_settings(cfg: DictConfig, recipe: HeadRecipe) -> dict:
     """The settings a checkpoint must match, validated (the common ones here, the head's by ``recipe``)."""
     from experiments.zoo.build import PRECISIONS
 
-    for key in ("steps", "batch_size", "context", "checkpoint_every", "log_every", "eval_batch_size"):
+    for key in ("steps", "batch_size", "context", "checkpoint_every", "log_every", "eval_batch_size", "eval_tokens"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r}: it must be an integer >= 1")
     if float(cfg.lr) <= 0:

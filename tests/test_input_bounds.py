@@ -143,6 +143,7 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     ("precision=fp8", "precision='fp8': use one of auto, fp32, bf16"), ("lr=0", "lr=0 must be > 0"),
     ("steps=0", "steps=0: it must be an integer >= 1"), ("draft_vocab=-5", "draft_vocab=-5: use 0"),
     ("eval_batch_size=0", "eval_batch_size=0: it must be an integer >= 1"),  # it failed after training
+    ("eval_tokens=0", "eval_tokens=0: it must be an integer >= 1"),  # it evaluated one row anyway
     ("generated_fraction=1.5", "generated_fraction=1.5, generated_temperature=0"),
     ("generated_max_new_tokens=0", "generated_max_new_tokens=0: it must be an integer >= 1"),
 ])

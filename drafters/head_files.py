@@ -109,6 +109,19 @@ def same_target(recorded: dict, actual: dict) -> bool:
     return a.shape == b.shape and a.numel() > 0 and bool(torch.allclose(a, b, rtol=1e-2, atol=1e-3))  # fp16/bf16 copies
 
 
+def target_options(training: dict) -> str:
+    """The training command's options that train for the target a head's ``training`` record names (`` zoo_size=micro``,
+    `` target=<dir>``, with `` tokenizer=<dir>`` when it was trained with a tokenizer of its own; empty for the embedded
+    default pair or an unknown target)."""
+    if training.get("zoo_size") and not training.get("pretrained"):
+        return "" if training["zoo_size"] == "default" else f" zoo_size={training['zoo_size']}"
+    if not training.get("target"):
+        return ""
+    tokenizer = training.get("tokenizer")
+    own = f" tokenizer={tokenizer}" if tokenizer and tokenizer != training["target"] else ""
+    return f" target={training.get('pretrained') or training['target']}{own}"
+
+
 def check_target(fmt: HeadFormat, hidden_size: int, vocab_size: int, recorded: dict, source: str | None,
                  target) -> None:
     """Raise ``fmt.error`` unless heads of this shape, trained for ``recorded``, fit ``target``."""

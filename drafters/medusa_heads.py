@@ -33,6 +33,7 @@ from drafters.head_files import (  # noqa: F401
     same_target,
     save_files,
     target_fingerprint,
+    target_options,
 )
 from drafters.head_files import check_target as check_heads_target
 from specdec.errors import SpecDecError
@@ -217,7 +218,8 @@ def load_heads(directory: str | os.PathLike, num_heads: int | None = None) -> Me
     if num_heads > trained:
         raise MedusaHeadsError(
             f"drafter.num_heads={num_heads} but the heads at {str(directory)!r} were trained with {trained}: use "
-            f"drafter.num_heads<={trained}, or train more with `{TRAIN_COMMAND} num_heads={num_heads}`")
+            f"drafter.num_heads<={trained}, or train more with `{TRAIN_COMMAND} num_heads={num_heads}"
+            f"{target_options(config.get('training') or {})}`")
     heads = MedusaHeads(int(config["hidden_size"]), int(config["vocab_size"]), num_heads, int(config["num_blocks"]),
                         target=config.get("target"), source=str(directory), draft_vocab=int(config.get("draft_vocab") or 0))
     note = f"{trained} heads with {config['num_blocks']} residual block(s) each"

@@ -380,9 +380,12 @@ def test_a_heads_file_instead_of_its_directory_names_the_directory(saved_heads):
         MedusaDrafter(saved_heads / WEIGHTS_FILE)
 
 
-def test_more_heads_than_trained_fail(saved_heads):
+def test_more_heads_than_trained_fail(saved_heads, tmp_path):
     with pytest.raises(MedusaHeadsError, match="num_heads=5 but the heads .* were trained with 3.*num_heads<=3"):
         MedusaDrafter(saved_heads, num_heads=5)
+    micro = save_heads(MedusaHeads.for_target(pair("llama")[0], 3), tmp_path / "micro", {"zoo_size": "micro"})
+    with pytest.raises(MedusaHeadsError, match="train_medusa num_heads=5 zoo_size=micro`"):  # it suggested the default
+        MedusaDrafter(micro, num_heads=5)
 
 
 def test_missing_heads_say_how_to_train_them(tmp_path, monkeypatch):

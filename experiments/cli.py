@@ -193,6 +193,16 @@ def report_failure(exc: Exception, extra_input_errors: tuple = ()) -> tuple[int,
     return 1, f"bug: {type(exc).__name__}: {_one_line(str(exc))} (its traceback went to stderr)"
 
 
+def end_progress_bars() -> None:
+    """Close the progress bars a failed command left drawn, so that what is printed next starts a line of its own
+    (a bar's line has no newline until it closes)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):  # a bar half torn down must not hide the failure
+            bar.close()
+
+
 def _restore_interrupts() -> None:
     """Python's own Ctrl-C handler (KeyboardInterrupt) again, in place of the one-line exit that
     ``experiments/__init__.py`` sets while a command's modules import."""
@@ -203,12 +213,13 @@ def _restore_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def guard(*extra_input_errors: type[BaseException], interrupted: str = "",
+def guard(*extra_input_errors: type[BaseException], interrupted: str | Callable[[], str] = "",
           on_failure: Callable[[str], None] | None = None) -> Callable:
     """Decorator for an argparse ``main(argv) -> int``: a failure becomes exit status 2 (user error, one
     line) or 1 (bug, traceback); ``extra_input_errors`` are the entry point's own user-error classes. Ctrl-C is
-    one line (exit status 130) and ``interrupted``, what the entry point keeps of an interrupted run.
-    ``on_failure(line)`` is given the failure's line (:func:`report_failure`) after it is printed."""
+    one line (exit status 130) and ``interrupted``, what the entry point keeps of an interrupted run (or a function
+    saying it, called then). ``on_failure(line)`` is given the failure's line (:func:`report_failure`) after it is
+    printed. Either line starts a line of its own: progress bars still drawn are closed first."""
     def decorate(main: Callable) -> Callable:
         @functools.wraps(main)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -216,9 +227,12 @@ def guard(*extra_input_errors: type[BaseException], interrupted: str = "",
             try:
                 return main(*args, **kwargs)
             except KeyboardInterrupt:
-                print("interrupted (Ctrl-C)" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
+                end_progress_bars()
+                note = interrupted() if callable(interrupted) else interrupted
+                print("interrupted (Ctrl-C)" + (f"; {note}" if note else ""), file=sys.stderr)
                 return INTERRUPTED
             except Exception as exc:  # SystemExit passes through
+                end_progress_bars()
                 status, line = report_failure(exc, extra_input_errors)
                 if on_failure is not None:
                     on_failure(line)
@@ -242,7 +256,7 @@ def _hydra_errors_raised() -> Iterator[None]:
 
 
 def hydra_main(config_name: str, *extra_input_errors: type[BaseException], config_path: str = "../conf",
-               interrupted: str = "") -> Callable:
+               interrupted: str | Callable[[], str] = "") -> Callable:
     """``@hydra.main`` with the contract: use ``@cli.hydra_main("config")`` on a task ``main(cfg)``
     (``interrupted``: what the task keeps of a run cut by Ctrl-C, for its one line).
 

@@ -349,7 +349,7 @@ def _hydra_info() -> dict:
     return info
 
 
-@cli.hydra_main("config", interrupted="a decode run keeps what it wrote and goes on when the same command is rerun")
+@cli.hydra_main("config", interrupted=resume.interrupted_note)
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; errors follow :mod:`experiments.cli` (``error: <message>``, exit status 2)."""
     info = _hydra_info()

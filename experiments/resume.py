@@ -308,3 +308,19 @@ def _is_complete(summary: dict, methods: list[str], question_ids: list[Any]) -> 
         return False
     ids = summary.get("question_ids")
     return ids is None or list(ids) == list(question_ids)
+
+
+def interrupted_note() -> str:
+    """What a decode run cut by Ctrl-C keeps, and the command that goes on from it: a plain run writes to a new
+    ``outputs/<date>/<time>/`` each time, so it is continued only by naming its directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    keeps = "a decode run keeps the prompts it finished"
+    again = " (a batch cut mid-way, as a continuous run's single batch, is decoded again)"
+    if not HydraConfig.initialized():
+        return f"{keeps}: rerun it with the same hydra.run.dir to go on"
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return f"{keeps}: rerun the same sweep to go on (its finished runs are skipped){again}"
+    return f"{keeps} in {hc.runtime.output_dir}: rerun with hydra.run.dir={hc.runtime.output_dir} to go on{again}"

@@ -160,6 +160,9 @@ def test_ctrl_c_while_a_command_starts_is_one_line(when, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "interrupted (Ctrl-C)" in err
+    if when == "running":  # on a line of its own after the bar; a plain rerun would start afresh in a new directory
+        assert (f"\ninterrupted (Ctrl-C); a decode run keeps the prompts it finished in {tmp_path}: rerun with "
+                f"hydra.run.dir={tmp_path} to go on") in err, err[-2000:]
     # the run's own handling (it keeps what it wrote) once it runs; the one-line exit of the imports before
     assert ("while the command was starting" in err) == (when == "importing"), err[-2000:]
 
@@ -180,9 +183,38 @@ def test_ctrl_c_says_what_the_entry_point_keeps():
         with contextlib.redirect_stderr(err):
             assert cli.guard(interrupted=kept)(stopped)() == cli.INTERRUPTED
         assert err.getvalue() == line
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # a note that depends on the run (its directory) is asked for then
+        assert cli.guard(interrupted=lambda: "kept in /x")(stopped)() == cli.INTERRUPTED
+    assert err.getvalue() == "interrupted (Ctrl-C); kept in /x\n"
     for module in ("train_medusa", "train_eagle"):
         source = (Path(cli.__file__).parent / f"{module}.py").read_text()
         assert 'interrupted="training goes on from its last checkpoint' in source
+
+
+def test_a_failure_under_a_progress_bar_starts_a_line_of_its_own():
+    """The ``error:`` line came straight after a progress bar's ``\r decoding: 0%|...`` (a bar ends its line only
+    when it closes), so a script's ``grep '^error:'`` missed it; a Ctrl-C line likewise."""
+    import contextlib
+    import io
+
+    from tqdm import tqdm
+
+    from experiments import cli
+    from specdec.errors import ConfigError
+
+    for raised, line in ((ConfigError("drafter.merge=true needs ..."), "\nerror: drafter.merge=true needs ...\n"),
+                         (KeyboardInterrupt(), "\ninterrupted (Ctrl-C)\n")):
+        err, bars = io.StringIO(), []  # the bar held, as a loop's frame holds it while the error is reported
+
+        def failing(raised=raised, err=err, bars=bars):
+            bars.append(tqdm(total=3, desc="decoding", file=err))
+            bars[-1].update(1)
+            raise raised
+
+        with contextlib.redirect_stderr(err):
+            assert cli.guard()(failing)() in (2, cli.INTERRUPTED)
+        assert line in err.getvalue() and "decoding:" in err.getvalue()
 
 
 @pytest.mark.parametrize("text, error, where", [("x = 1\ny = undefined_name\n", "NameError", "mine.py:2 (<module>)"),

@@ -89,6 +89,18 @@ class HybridDrafter(Drafter):
         limits = [limit for limit in (self.first.context_length(), self.second.context_length()) if limit is not None]
         return min(limits, default=None)
 
+    def check_sampling(self, sampling) -> None:
+        """Each part's own check; with ``merge``, a part known to sample its proposals under ``sampling`` is an
+        error now (:func:`graft_chain` would refuse its first proposal, with prompts already decoded)."""
+        each_part(self, lambda part: part.check_sampling(sampling))
+        for label, part in (("first", self.first), ("second", self.second)) if self.merge else ():
+            if getattr(part, "samples_drafts", None) is not None and part.samples_drafts(sampling):
+                raise ConfigError(
+                    f"hybrid drafter: merge=true verifies both parts' proposals as one tree, which only deterministic "
+                    f"proposals allow; the {label} part ({type(part).__name__}) samples its drafts at temperature "
+                    f"{sampling.temperature}: set drafter.merge=false, sampling.temperature=0, or give that part a "
+                    "deterministic tree (drafter.second.tree=<preset> with tree_sampling=deterministic)")
+
     def batched(self):
         """For a batch of rows: each part batched its own way (an n-gram per row, an EAGLE or draft-model chain
         with one forward per draft position for all rows); each row takes its first part's tree when it has

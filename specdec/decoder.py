@@ -96,6 +96,7 @@ class SpeculativeDecoder:
         self.sampling = sampling or SamplingParams()
         self.rule = get_rule(acceptance)
         self.rule.check(self.sampling)
+        drafter.check_sampling(self.sampling)
         self.verifier = Verifier(self.target, attn_backend, verify_widths)
         self.device = self.verifier.device
         self.eos = eos_token_ids(self.target)

@@ -107,6 +107,11 @@ class Drafter(ABC):
         node gives them) would read are missing: ``experiments.decode`` calls it before any model loads, so a
         missing heads directory is not found after minutes of loading. The default checks nothing."""
 
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Raise now (a :class:`~specdec.errors.ConfigError` naming the setting and the fix) if this drafter cannot
+        draft under ``sampling``: the decoder calls it when it is built, before any prompt is decoded. The default
+        accepts any sampling."""
+
     def step_shape(self, target: torch.nn.Module) -> StepShape:
         """What a step runs against ``target`` (for the cost model). Drafters that run a model or
         heads override this; the default is a drafter that costs nothing to run (n-gram-like)."""

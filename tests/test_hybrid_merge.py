@@ -58,9 +58,13 @@ def test_a_sampled_proposal_cannot_be_merged():
         graft_chain(DraftTree.chain(torch.tensor([1, 2]), q), DraftTree.chain(torch.tensor([1, 3])))
     target, draft = peaky_noisy_pair()
     drafter = HybridDrafter(NGramDrafter(2, max_ngram=2, min_ngram=2), DraftModelDrafter(draft, 2), merge=True)
-    decoder = SpeculativeDecoder(target, drafter, "rejection", SamplingParams(temperature=1.0))
-    with pytest.raises(ConfigError, match="was sampled"):
-        decoder.generate(NGRAM_PROMPT, max_new_tokens=8, seed=0)
+    with pytest.raises(ConfigError, match=r"merge=true .* the second part \(DraftModelDrafter\) samples its drafts at "
+                                          "temperature 1.0: set drafter.merge=false"):  # was: at the first merged step
+        SpeculativeDecoder(target, drafter, "rejection", SamplingParams(temperature=1.0))  # built, before any prompt
+    assert SpeculativeDecoder(target, drafter).generate(NGRAM_PROMPT, max_new_tokens=8, seed=0)  # greedy: point masses
+    tree = HybridDrafter(NGramDrafter(2, max_ngram=2, min_ngram=2), DraftModelDrafter(draft, tree="chain4_alts"),
+                         merge=True)  # a deterministic tree at temperature 1 merges
+    SpeculativeDecoder(target, tree, "rejection", SamplingParams(temperature=1.0)).generate(NGRAM_PROMPT, 8, seed=0)
 
 
 @pytest.mark.parametrize("arch, second", [("llama", "draft_model"), ("qwen2", "draft_model"), ("llama", "draft_tree"),

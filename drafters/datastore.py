@@ -42,7 +42,19 @@ class Datastore:
         check_share(min_share, "datastore min_share")
         self.min_ngram, self.max_ngram, self.min_count, self.min_share = min_ngram, max_ngram, min_count, float(min_share)
         self.tokens = sum(len(r) for r in rows)
+        self.max_token = max((max(r) for r in rows if r), default=-1)  # the vocabulary its rows were written in
         self.best = self._index(rows)
+        self.source: str | None = None  # the rows file it was built from, for errors
+
+    def check_vocab(self, vocab_size: int, key: str = "drafter.datastore") -> None:
+        """ConfigError naming ``key`` if the rows hold token ids past a target vocabulary of ``vocab_size`` ids: they
+        were written with another model's tokenizer, and its drafts would be another vocabulary's ids."""
+        if self.max_token >= vocab_size:
+            where = f"={self.source}" if self.source else ""
+            raise ConfigError(f"{key}{where}: its rows hold token id {self.max_token}, outside the target's vocabulary "
+                              f"of {vocab_size} ids: they were written by a model with another tokenizer; give the "
+                              "rows this target wrote (`python -m experiments.train_medusa target=<model> "
+                              "generated_source=chats ...`), or leave the datastore out")
 
     def _index(self, rows: list[list[int]]) -> dict[tuple[int, ...], int]:
         """n-gram -> its most frequent next token, for those that pass ``min_count`` and ``min_share``."""
@@ -95,7 +107,9 @@ class Datastore:
         before = positive_int(kwargs.get("max_ngram", MAX_NGRAM), "datastore max_ngram")  # the prompt tail kept
         seqs = [rows.ids[i, max(0, p - before) : n].tolist()
                 for i, (p, n) in enumerate(zip(rows.prompt_lengths.tolist(), rows.lengths.tolist()))]
-        return cls(seqs, **kwargs)
+        store = cls(seqs, **kwargs)
+        store.source = str(path)
+        return store
 
 
 def rows_file(path: str | os.PathLike, key: str = "datastore") -> Path:

@@ -9,6 +9,7 @@ import torch
 from drafters.datastore import MIN_NGRAM, MIN_SHARE, Datastore, check_settings, load_datastore, rows_file
 from specdec.drafting import DraftContext, Drafter
 from specdec.errors import ConfigError, positive_int
+from specdec.models import vocab_size
 from specdec.types import DraftTree
 
 
@@ -63,6 +64,9 @@ class NGramDrafter(Drafter):
 
     def start(self, ctx: DraftContext) -> None:
         super().start(ctx)
+        if self.datastore is not None and ctx.target is not None:  # another tokenizer's rows: one error now, not a
+            # bad draft at the first step that drafts from it (a lookup runs no model: a test may start it without one)
+            self.datastore.check_vocab(vocab_size(ctx.target))
         self._index, self._indexed = {}, 0
 
     def _update_index(self) -> None:

@@ -19,6 +19,7 @@ from drafters.datastore import Datastore, load_datastore
 from drafters.hybrid import behind_lookup
 from drafters.medusa_heads import MedusaHeads
 from experiments.chat_data import ChatRows, save_rows
+from specdec import SpeculativeDecoder
 from specdec.drafting import DraftContext
 from specdec.errors import ConfigError
 from tests.lossless import SETTINGS, VOCAB, check_cell
@@ -139,3 +140,22 @@ def test_the_drafters_datastore_errors_name_its_settings_and_come_before_any_mod
     with pytest.raises(ConfigError, match=r"^drafter\.first\.datastore=.*no rows\.safetensors"):
         check_drafter_files(hybrid)
     check_drafter_files(OmegaConf.create({"_target_": "drafters.NGramDrafter", "datastore": None}))
+
+
+def test_rows_of_another_tokenizer_are_one_error_when_a_run_starts(tmp_path):
+    """A datastore written by a model with a larger vocabulary (SmolLM2's rows beside the embedded pair) was taken,
+    and the run failed at the first step it drafted from it, blaming the drafter's proposal; now the drafter's start
+    refuses it, naming the setting and the rows' file (and a hybrid's part by its place)."""
+    target = pair("llama")[0]
+    vocab = target.config.vocab_size
+    ids = torch.tensor([[1, 2, 3, vocab + 5, 4, 0]])  # [1, T]: an id past this target's vocabulary
+    save_rows(ChatRows(ids, torch.tensor([5]), torch.tensor([2]), 0), tmp_path / "rows.safetensors")
+    drafter = NGramDrafter(4, datastore=str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"^drafter\.datastore={tmp_path}: its rows hold token id {vocab + 5}, "
+                                          rf"outside the target's vocabulary of {vocab} ids: .*another tokenizer"):
+        drafter.start(DraftContext(target=target, sampling=None, rng=None, capacity=64))
+    hybrid = behind_lookup(NGramDrafter(4), datastore=drafter.datastore)
+    with pytest.raises(ConfigError, match=r"^drafter\.first\.datastore="):
+        SpeculativeDecoder(target, hybrid).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+    store = Datastore([[1, 2, 3, vocab - 1]], min_count=1)
+    NGramDrafter(4, datastore=store).start(DraftContext(target, None, None, 64))  # its largest id inside it: fine

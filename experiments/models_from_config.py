@@ -194,13 +194,13 @@ def drafter_paths(drafter: DictConfig | dict, build: bool = True) -> dict:
     ``draft_tokenizer`` the pair's tokenizer unless set; ``{}`` for any other value (or a plugin's drafter).
     ``build=False`` only checks the values (a directory given as ``draft`` holds a saved model, a local
     ``draft_tokenizer`` exists), before any model loads."""
-    from specdec.models import check_checkpoint_dir, check_path
+    from specdec.models import TOKENIZER_HOLDS, check_checkpoint_dir, check_path
 
     spec = drafter.get("draft")
     if not isinstance(spec, str) or not str(drafter.get("_target_") or "").startswith("drafters."):
         return {}  # a plugin's key of that name may mean something else
     if isinstance(drafter.get("draft_tokenizer"), str):
-        check_path(drafter.draft_tokenizer, "drafter.draft_tokenizer")
+        check_path(drafter.draft_tokenizer, "drafter.draft_tokenizer", holds=TOKENIZER_HOLDS)
     if not spec.startswith("zoo:"):
         check_checkpoint_dir(spec, "drafter.draft")
         return {}

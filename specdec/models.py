@@ -215,6 +215,10 @@ def check_path(path: str, what: str, holds: str = "config.json + *.safetensors")
     directory has."""
     expanded = os.path.expanduser(path)
     hub_like = not path.startswith(("/", ".", "~")) and path.count("/") <= 1
+    if os.path.isfile(expanded):
+        raise SpecDecError(f"{what} path {path!r} is a file, not a directory: point it at the directory written by "
+                           f"save_pretrained ({holds}), e.g. {os.path.dirname(os.path.abspath(expanded))!r} if it "
+                           "holds them")
     if not os.path.isdir(expanded) and not hub_like:
         raise SpecDecError(
             f"{what} path {path!r} does not exist: point it at a directory written by save_pretrained "
@@ -267,6 +271,8 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trust
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
+#: What a tokenizer directory holds, as errors say it.
+TOKENIZER_HOLDS = f"{', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}"
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = "", what: str = "tokenizer"):
@@ -279,7 +285,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, elsewhere: str = 
 
     from specdec.checkpoints import RemoteCodeError, not_local
 
-    check_path(path, what, holds=f"{', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}")
+    check_path(path, what, holds=TOKENIZER_HOLDS)
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded) and not any(os.path.exists(os.path.join(expanded, f)) for f in TOKENIZER_FILES):
         fix = f"pass {elsewhere}=<the directory that holds it>" if elsewhere else "save it there with save_pretrained"

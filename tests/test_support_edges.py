@@ -303,3 +303,27 @@ def test_a_missing_nested_local_path_is_named_and_a_draft_dtype_defaults_to_the_
     check_path("HuggingFaceTB/SmolLM2-135M", "target")
     assert resolve_draft_dtype(None, "bfloat16", "cpu") == "bfloat16"
     assert resolve_draft_dtype("float16", "bfloat16", "cpu") == "float16"
+
+
+def test_a_file_given_for_a_directory_is_named_as_a_file(tmp_path):
+    """A file where a directory belongs (``drafter.draft_tokenizer=README.md``) was said not to exist; the draft
+    tokenizer's hint named model files (config.json + *.safetensors), not a tokenizer's."""
+    from omegaconf import OmegaConf
+
+    from experiments.models_from_config import drafter_paths
+    from specdec.errors import SpecDecError
+    from specdec.models import check_path
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    file = tmp_path / "tok" / "tokenizer.json"
+    with pytest.raises(SpecDecError, match=rf"^target path '{file}' is a file, not a directory: .*\(config.json \+ "
+                                           rf"\*.safetensors\), e.g. '{tmp_path / 'tok'}' if it holds them"):
+        check_path(str(file), "target")
+    node = OmegaConf.create({"_target_": "drafters.CrossTokenizerDrafter", "draft": "zoo:micro/draft",
+                             "draft_tokenizer": str(file)})
+    with pytest.raises(SpecDecError, match=r"^drafter.draft_tokenizer path .* is a file, not a directory: .*\(tokenizer"
+                                           r".json, tokenizer_config.json, .* or spiece.model\)"):
+        drafter_paths(node, build=False)
+    with pytest.raises(SpecDecError, match=r"^drafter.draft_tokenizer path .* does not exist: .*\(tokenizer.json"):
+        drafter_paths(OmegaConf.create({**node, "draft_tokenizer": str(tmp_path / "none")}), build=False)

@@ -31,7 +31,18 @@ from typing import Any
 
 from experiments import cli
 from experiments.costs import chain_speedup_by_k, cost_at, recommend_k
-from experiments.runs import REPORT_DIR, SPLITS, ReportError, Run, load_runs, pooled_model, row_of, series, swept_keys
+from experiments.runs import (
+    REPORT_DIR,
+    SPLITS,
+    ReportError,
+    Run,
+    k_priced,
+    load_runs,
+    pooled_model,
+    row_of,
+    series,
+    swept_keys,
+)
 
 #: Columns that depend on wall-clock measurements (they differ between otherwise identical runs).
 TIMING_COLUMNS = ("tokens_per_s", "baseline_tokens_per_s", "speedup", "predicted_speedup", "efficiency",
@@ -93,6 +104,10 @@ def check_recommendations(runs: list[Run], swept: list[str], tolerance: float) -
         if batched:  # the cost model prices batch-1 steps (experiments.decode measures no costs for batches)
             lines.append(f"{label}: no recommendation check (the cost model prices batch-1 runs; these ran "
                          f"batch_size={','.join(map(str, batched))})")
+            continue
+        if not all(k_priced(r) for r in group):
+            lines.append(f"{label}: no recommendation check (its drafter runs a fixed number of draft forwards "
+                         "whatever k, which the k curve would misprice; the measured speedups above compare the k's)")
             continue
         if alpha is None or costs is None or not speed:
             lines.append(f"{label}: no recommendation check (needs costs=true, drafts proposed and a baseline)")

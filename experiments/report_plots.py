@@ -16,7 +16,7 @@ from pathlib import Path
 
 from experiments.costs import KS, chain_speedup_by_k, expected_tau, recommend_k
 from experiments.results import BASELINE, SPECULATIVE, steps_of, steps_split
-from experiments.runs import Run, is_hybrid, label_of, pooled_model, row_of, series, shape_of
+from experiments.runs import Run, is_hybrid, k_priced, label_of, pooled_model, row_of, series, shape_of
 
 
 def _finish_axes(ax) -> None:
@@ -74,7 +74,7 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
             if alpha is not None:
                 ax_tau.plot(grid, [expected_tau(alpha, k) for k in grid], "--", color=color, alpha=0.7,
                             label=f"{label} expected, alpha={alpha:.2f}")
-            if alpha is not None and costs:
+            if alpha is not None and costs and all(k_priced(r) for r in group):  # else the curve misprices it
                 curve = chain_speedup_by_k(alpha, costs, tuple(grid), tokens)
                 caveat = ", implausible costs" if costs.get("implausible") else ""
                 ax_up.plot(list(curve), list(curve.values()), "--", color=color, alpha=0.7,

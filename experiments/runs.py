@@ -222,6 +222,12 @@ def is_hybrid(run: Run) -> bool:
     return step_shape_of(run).get("draft_source") is not None
 
 
+def k_priced(run: Run) -> bool:
+    """Whether the chain cost model's k curve can price the run's drafts: not when its drafter runs a fixed number
+    of draft forwards whatever k (a cross-tokenizer draft; its summary's ``recommended_k`` is null for it)."""
+    return step_shape_of(run).get("draft_forwards") != "fixed"
+
+
 def k_of(run: Run, shape: str | None) -> int | None:
     """The chain length (a dynamic tree's depth limit) of a chain or dynamic run: the config's
     ``drafter.num_speculative_tokens``, else (a hybrid, whose parts hold theirs) the step shape's k, its model

@@ -79,6 +79,29 @@ def test_recommendation_check_without_a_measured_speedup_or_outside_the_sweep(tm
         "all runs: no recommendation check (the cost model prices batch-1 runs; these ran batch_size=3)"]
 
 
+def test_a_draft_of_fixed_forwards_gets_no_k_recommendation_and_no_cost_curve(tmp_path, monkeypatch):
+    """A cross-tokenizer sweep: its summaries give no ``recommended_k`` (its drafter runs a fixed number of draft
+    forwards whatever k), yet the report checked "recommended k=1" and drew the chain cost model's curve ("rec.
+    k=1"), which disagreed with the run's own predictions. Its measured points stay on the k plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from experiments.report_plots import make_plots
+
+    runs = [chain_run(tmp_path, k, up) for k, up in ((2, 1.2), (3, 1.1))]
+    for run in runs:
+        run.summary["drafter_shape"] = {"kind": "chain", "max_nodes": 3, "k": 3, "draft_forwards": "fixed"}
+    (line,) = report.check_recommendations(runs, [K_KEY], 0.05)
+    assert line.startswith("all runs: no recommendation check (its drafter runs a fixed number of draft forwards")
+    labels = []
+    plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, *a, **kw: labels.append(kw.get("label")) or plot(ax, *a, **kw))
+    assert "tau_speedup_vs_k" in make_plots(runs, [K_KEY], tmp_path)
+    assert "all runs measured" in labels and not [name for name in labels if name and "cost model" in name]
+
+
 # --------------------------------------------------------------------------- series and the pooled model
 
 

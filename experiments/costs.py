@@ -241,7 +241,8 @@ def cost_model(stats, costs: dict | None, shape: dict, measured_speedup: float |
     model["alpha"] = alpha
     if shape.get("draft_forwards") == "fixed":  # its forwards are not one per draft: the k curve would misprice it
         model["note"] = ("recommended_k prices k draft forwards per k-chain; this drafter runs a fixed number "
-                         f"({shape['k']}) whatever it proposes: sweep drafter.num_speculative_tokens instead")
+                         f"({shape['k']}) whatever it proposes, so none is given: read the measured speedups of a sweep over "
+                         "drafter.num_speculative_tokens (experiments.report) instead")
     elif shape.get("draft_source") is not None:  # alpha would pool the lookup's steps with the model's
         model["note"] = ("recommended_k is given for chains of one part only: a drafter of several parts pools "
                          "every part's steps (lookups included) in its alpha; sweep its parts' settings instead")

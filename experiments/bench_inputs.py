@@ -114,6 +114,10 @@ def check_flags(args) -> None:
         given, pronoun = _given(options, args) if applies else ("", "")
         if given:
             raise SpecDecError(f"{given} to {where}: {fix}, or leave {pronoun} out")
+    if args.batch_sizes and (wide := sorted({b for b in args.batch_sizes if b > args.prompts})):
+        raise SpecDecError(f"--batch-sizes {','.join(map(str, wide))}: more than the {args.prompts} prompts "
+                           f"(--prompts {args.prompts}), so such a batch would hold {args.prompts} rows under a larger "
+                           f"label: give --prompts {max(wide)} or more, or smaller batch sizes")
 
 
 def fill_defaults(args) -> None:

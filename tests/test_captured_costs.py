@@ -146,6 +146,9 @@ def test_the_batch_table_refuses_the_compile_rows_flags(capsys):
     (["--synthetic", "llama-9b"], "--synthetic 'llama-9b' is unknown"),  # both before an 8B target is built
     (["--model", "smollm2", "--merge"], "--merge merges the --hybrid rows' trees: add --hybrid N"),
     (["--model", "smollm2", "--datastore", "/no/rows"], "--datastore=/no/rows: no rows.safetensors there"),
+    (["--batch-sizes", "1,4,8", "--prompts", "2"],  # a batch of 2 rows was labelled 4
+     ("--batch-sizes 4,8: more than the 2 prompts (--prompts 2), so such a batch would hold 2 rows under a larger "
+      "label: give --prompts 8 or more, or smaller batch sizes")),
 ])
 def test_options_the_chosen_table_would_ignore_are_one_error(argv, says, capsys):
     """An option the chosen table never reads (the embedded pair's draft measured where the user named theirs, a

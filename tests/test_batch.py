@@ -165,6 +165,17 @@ def test_decode_with_batch_size_keeps_one_record_per_prompt(prompts_file, tmp_pa
         decode.run(compose_cfg(*tiny_args(prompts_file), "batch_size=0"), tmp_path / "b0")
 
 
+def test_a_batch_size_above_the_prompts_is_said(prompts_file, tmp_path, capsys):  # noqa: F811
+    """batch_size=5 over 2 prompts: the records say batches of 2 and the config 5, silently; now a warning says
+    what the batches hold."""
+    from experiments import decode
+
+    cfg = compose_cfg(*tiny_args(prompts_file, num_prompts=2, tokens=4), "costs=false", "baseline=false",
+                      "batch_size=5")
+    assert decode.run(cfg, tmp_path / "b5")["metrics"]["speculative"]["batch_size"] == 2
+    assert "warning: batch_size=5 but 2 prompt(s): each batch holds 2 rows" in capsys.readouterr().err
+
+
 def test_outputs_are_ordinary_tensors():
     """The loops run without autograd but not in ``torch.inference_mode``: what they return is usable in
     autograd afterwards (an embedding lookup under grad saves its indices, which an inference tensor refuses)."""

@@ -56,7 +56,7 @@ from experiments.cli_args import (  # noqa: F401  (re-exported: the argparse ent
     temperatures,
     thresholds,
 )
-from experiments.cli_messages import GROUP_VALUE, misspelled_key, wrong_type
+from experiments.cli_messages import GROUP_VALUE, misspelled_key, null_value, wrong_type
 
 BUG_LINE = ("this is a bug in specdec, not a problem with your input: please report it with the command line "
             "and the traceback above")
@@ -153,7 +153,7 @@ def error_message(exc: BaseException) -> str:
         if cause is not None and type(cause).__module__.startswith("omegaconf") and str(cause).strip():
             lines.append(str(cause).strip().splitlines()[0])
         text = _join_lines(lines) or type(exc).__name__
-        return misspelled_key(text, cause) or wrong_type(text) or text
+        return misspelled_key(text, cause) or wrong_type(text) or null_value(text) or text
     if isinstance(exc, OSError) and exc.strerror and (exc.filename or exc.errno in OS_FIXES):
         paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)  # os.replace names both
         return ": ".join(part for part in (exc.strerror, paths, OS_FIXES.get(exc.errno, "check the path")) if part)

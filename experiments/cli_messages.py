@@ -51,4 +51,16 @@ def wrong_type(text: str) -> str | None:
     if match is None:
         return None
     key, value, kind = match.group(1), match.group(2), match.group(3) or match.group(4)
-    return f"{key}={value!r}: {key} takes {TYPE_FIXES[kind]}"
+    several = value.startswith("[") and value.endswith("]") and len(value) > 2
+    sweep = f"; to run several values, sweep them: -m {key}={value[1:-1].replace(' ', '')}" if several else ""
+    return f"{key}={value!r}: {key} takes {TYPE_FIXES[kind]}{sweep}"
+
+
+def null_value(text: str) -> str | None:
+    """Hydra's "Error merging override k=null. field 'k' is not Optional" as the key and what it needs; None for any
+    other message."""
+    match = re.match(r"Error merging override ([^=\s]+)=(null|None|~)\. field '[^']+' is not Optional", text)
+    if match is None:
+        return None
+    key = match.group(1)
+    return f"{key}={match.group(2)}: {key} cannot be null, give it a value (--cfg job prints every key's default)"

@@ -232,7 +232,11 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert error_line(err, 2, code) == "error: max_new_tokens='abc': max_new_tokens takes a whole number"
     for override, says in (("sampling.temperature=hot", ("sampling.temperature='hot': sampling.temperature takes a "
                                                          "number (e.g. 0.7)")),
-                           ("baseline=maybe", "baseline='maybe': baseline takes true or false")):
+                           ("baseline=maybe", "baseline='maybe': baseline takes true or false"),
+                           ("batch_size=[2,4]", ("batch_size='[2,4]': batch_size takes a whole number; to run several "
+                                                 "values, sweep them: -m batch_size=2,4")),  # it named no sweep
+                           ("batch_size=null", ("batch_size=null: batch_size cannot be null, give it a value (--cfg job "
+                                                "prints every key's default)"))):  # was Hydra's "is not Optional"
         code, err = main_in_process(monkeypatch, capsys, override, f"hydra.run.dir={tmp_path}")
         assert error_line(err, 2, code) == f"error: {says}"
     code, err = main_in_process(monkeypatch, capsys, "drafter.heads=~/heads", f"hydra.run.dir={tmp_path}")

@@ -313,8 +313,9 @@ def pooled_model(group: list[Run]) -> tuple[float | None, dict | None, float | N
 
 
 def label_of(run: Run, keys: list[str]) -> str:
-    """``run``'s values of ``keys``, each key by its short name (``k=2 T=0.7``)."""
-    parts = [f"{_SHORT.get(k, k.split('.')[-1])}={run.overrides.get(k)}" for k in keys if k in run.overrides]
+    """``run``'s values of ``keys``, each key by its short name (``k=2 T=0.7``; else the key without its config
+    group, so that a hybrid's part keeps its place: ``second.num_speculative_tokens=2``)."""
+    parts = [f"{_SHORT.get(k, k.split('.', 1)[-1])}={run.overrides.get(k)}" for k in keys if k in run.overrides]
     return " ".join(parts)
 
 

@@ -128,6 +128,15 @@ def test_a_hybrids_k_is_its_model_parts_and_it_draws_no_chain_curve(tmp_path):
     assert [r.name for r in series(runs, [K_KEY])["all runs"]] == ["k2", "x"]  # not the hybrid
 
 
+def test_labels_keep_a_hybrid_parts_place(tmp_path):
+    """A hybrid sweep's points were labelled ``num_speculative_tokens=2``, its part (``second.``) dropped."""
+    from experiments.runs import label_of
+
+    run = Run(tmp_path, "a", overrides={"drafter.second.num_speculative_tokens": "2", "sampling.top_p": "0.9",
+                                        K_KEY: "4", "sampling.temperature": "0.7"})
+    assert label_of(run, list(run.overrides)) == "second.num_speculative_tokens=2 top_p=0.9 k=4 T=0.7"
+
+
 def test_swept_keys_are_the_overrides_that_differ(tmp_path):
     runs = [Run(tmp_path, "a", overrides={"seed": "0", K_KEY: "1"}), Run(tmp_path, "b", overrides={"seed": "0", K_KEY: "2"}),
             Run(tmp_path, "c", overrides={"seed": "0", K_KEY: "2", "extra": "x"})]

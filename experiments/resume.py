@@ -192,6 +192,10 @@ def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids:
         return state
 
     summary = _read_summary(summary_path)
+    if _nothing_decoded(run_dir, summary):  # a run that failed before its first prompt: no results to keep
+        state.messages.append(f"an earlier run in {run_dir} ended before decoding any prompt (status "
+                              f"{summary.get('status')!r}): its summary is replaced")
+        return state
     reason = None
     if not resume:
         reason = "resume=false: earlier results set aside"
@@ -248,6 +252,14 @@ def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids:
     if state.records and isinstance(summary.get("drafter_shape"), dict):
         state.drafter_shape = summary["drafter_shape"]
     return state
+
+
+def _nothing_decoded(run_dir: Path, summary: dict | None) -> bool:
+    """Whether ``run_dir`` holds only an unfinished run's summary: no record, no W&B run (nothing to set aside)."""
+    records = run_dir / RECORDS_FILE
+    return (summary is not None and summary.get("status") != "complete"
+            and (not records.exists() or records.stat().st_size == 0)
+            and not any((run_dir / name).exists() for name in WANDB_FILES))
 
 
 def pinned_model(model_cfg: Any, state: ResumeState) -> tuple[Any, str | None]:

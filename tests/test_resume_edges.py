@@ -1,0 +1,29 @@
+"""Resuming where an earlier run left nothing to resume (a new user's trial): a run that failed before its first
+prompt left a failed summary and an empty records file, and the next run in the directory moved them to
+``superseded-<time>/`` as "results of another config"; there are no results to keep, so the summary is replaced."""
+from __future__ import annotations
+
+from experiments.resume import prepare
+from tests.test_mutation19_eagle_resume import METHODS, _records, _run_dir
+
+
+def test_a_run_that_decoded_nothing_is_replaced_not_set_aside(tmp_path):
+    failed = {"status": "failed: ConfigError: drafter.heads=/x: no heads", "config": {"seed": 1}}
+    state = prepare(_run_dir(tmp_path, failed, []), {"seed": 0}, METHODS, [0, 1])
+    assert not list(tmp_path.glob("superseded-*")) and state.done == set() and state.records == []
+    said = f"an earlier run in {tmp_path} ended before decoding any prompt (status {failed['status']!r})"
+    assert state.messages == [f"{said}: its summary is replaced"]
+    (tmp_path / "records.jsonl").unlink()  # killed before it wrote the file
+    assert not prepare(tmp_path, {"seed": 0}, METHODS, [0, 1]).records and not list(tmp_path.glob("superseded-*"))
+
+
+def test_a_run_with_records_or_a_wandb_run_is_still_set_aside(tmp_path):
+    """Records of another config, or a W&B run of the failed one, are kept in ``superseded-<time>/`` as before."""
+    (tmp_path / "a").mkdir()
+    prepare(_run_dir(tmp_path / "a", {"status": "failed: x", "config": {"seed": 1}}, _records([0])), {"seed": 0},
+            METHODS, [0, 1])
+    assert len(list((tmp_path / "a").glob("superseded-*"))) == 1
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "wandb").mkdir()
+    prepare(_run_dir(tmp_path / "b", {"status": "failed: x", "config": {"seed": 1}}, []), {"seed": 0}, METHODS, [0])
+    assert len(list((tmp_path / "b").glob("superseded-*"))) == 1

@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import textwrap
+import warnings
 from pathlib import Path
 
 from experiments.costs import KS, chain_speedup_by_k, expected_tau, recommend_k
@@ -19,12 +21,32 @@ from experiments.results import BASELINE, SPECULATIVE, steps_of, steps_split
 from experiments.runs import Run, is_hybrid, k_priced, label_of, pooled_model, row_of, series, shape_of
 
 
+def _bar_labels(texts: list[str], width: int = 26) -> tuple[list[str], tuple[float, float]]:
+    """Bar labels wrapped at ``width`` characters (a mixed directory's runs are labelled by all their overrides:
+    they were cut off below the axes and ran into each other), and a figure size (inches) with room for them: each
+    bar as wide as its slanted label's lines, the axes raised above the tallest label."""
+    wrapped = ["\n".join(textwrap.fill(line, width) for line in text.split("\n")) for text in texts]
+    lines = max((w.count("\n") + 1 for w in wrapped), default=1)
+    longest = max((len(line) for w in wrapped for line in w.split("\n")), default=0)
+    per_bar = max(0.8, 0.042 * longest + 0.15 * lines)
+    return wrapped, (max(6.0, per_bar * len(texts) + 3), 4.2 + 0.045 * longest + 0.1 * lines)
+
+
+#: The most legend entries drawn inside a plot's axes; more go below them.
+LEGEND_INSIDE = 6
+
+
 def _finish_axes(ax) -> None:
     """Integer x ticks, a small legend and a light grid (every line plot of the report)."""
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if ax.get_legend_handles_labels()[1]:  # a plot without labelled lines (e.g. only failed runs) has no legend
+    entries = len(ax.get_legend_handles_labels()[1])  # a plot without labelled lines (only failed runs): none
+    if entries > LEGEND_INSIDE:  # below the axes, where it hides no point (the saved image grows to hold it),
+        legend = ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+        for text in legend.get_texts():  # as wide as the axes: a neighbour's legend runs beside, not under, it
+            text.set_text(textwrap.fill(text.get_text(), 70))
+    elif entries:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
 
@@ -49,9 +71,11 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
     paths: dict[str, Path] = {}
 
     def save(fig, name: str) -> None:
-        fig.tight_layout()
+        with warnings.catch_warnings():  # a legend below the axes is outside tight_layout's reach: the image grows
+            warnings.filterwarnings("ignore", "Tight layout not applied", UserWarning)
+            fig.tight_layout()
         paths[name] = out / f"{name}.png"
-        fig.savefig(paths[name], dpi=110)
+        fig.savefig(paths[name], dpi=110, bbox_inches="tight")
         plt.close(fig)
 
     chains = series(runs, swept)
@@ -109,11 +133,12 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
 
     stepped = [r for r in done if r.metrics[SPECULATIVE].get("target_forwards")]
     if stepped:
-        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(stepped) + 3), 4.2))
         bars = [(labels[r.name], r.metrics[SPECULATIVE]) for r in stepped]
         base = next((r for r in stepped if r.metrics.get(BASELINE, {}).get("target_forwards")), None)
         if base:  # one run's baseline (runs swept over sampling or the model each have their own)
             bars.append((f"autoregressive ({labels[base.name]}'s baseline)", base.metrics[BASELINE]))
+        names, size = _bar_labels([b[0] for b in bars])
+        fig, ax = plt.subplots(figsize=size)
         parts = (("draft", "time_draft"), ("verify", "time_verify"), ("accept+commit", "time_accept"),
                  ("other", "time_other"), ("whole step (fixed-shape, not split)", None))
         bottom = [0.0] * len(bars)
@@ -123,14 +148,16 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
                 continue
             ax.bar(range(len(bars)), values, bottom=bottom, label=name, hatch="//" if key is None else None)
             bottom = [b + v for b, v in zip(bottom, values)]
-        ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(range(len(bars)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(bars) - 0.4)  # matplotlib's 5% margins grow with the figure's width
         ax.set(ylabel="ms per step (= per target forward; a batch's)")
         ax.set_title("Time per decoding step (ms, prefill excluded)\nstacked: draft / verify / accept+commit / other",
                      fontsize=10)
         ax.legend(fontsize=8)
         save(fig, "time_per_step")
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(done) + 3), 4.2))
+    names, size = _bar_labels([f"{labels[r.name]}\n{(r.summary or {}).get('drafter', '')}" for r in done])
+    fig, ax = plt.subplots(figsize=size)
     xs = range(len(done))
     ax.bar([x - 0.2 for x in xs], [r.metrics[SPECULATIVE].get("tokens_per_s", 0) for r in done], 0.4,
            label="speculative")
@@ -141,8 +168,8 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
         if up:
             ax.annotate(f"{up:.2f}x", (x - 0.2, r.metrics[SPECULATIVE]["tokens_per_s"]), ha="center", va="bottom",
                         fontsize=8)
-    ax.set_xticks(list(xs), [f"{labels[r.name]}\n{(r.summary or {}).get('drafter', '')}" for r in done],
-                  rotation=30, ha="right", fontsize=7)
+    ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=7)
+    ax.set_xlim(-0.6, len(done) - 0.4)
     ax.set(ylabel="tokens/s")
     ax.set_title("Drafter comparison: tokens/s\n(speculative vs its autoregressive baseline; labels: speedup)",
                  fontsize=10)

@@ -249,3 +249,30 @@ def test_predicted_speedup_counts_both_prefills_and_a_verify_of_k_plus_one():
         ((4.0 + 12 * 1.0) / (4.0 + 2.0 + 4 * step), 3.0 / step))
     by_k = chain_speedup_by_k(0.5, costs, ks=(1, 2))
     assert by_k == pytest.approx({1: expected_tau(0.5, 1) / (0.25 + 1.5), 2: expected_tau(0.5, 2) / (0.5 + 2.0)})
+
+
+def test_a_directory_of_many_long_labelled_runs_plots_without_cutting_labels(tmp_path):
+    """A report over a directory of unrelated runs labels each by all its overrides: the bars' labels ran into each
+    other and off the image (matplotlib warned "Tight layout not applied"), and the k plot's legend covered it. Now
+    the labels wrap, each bar is as wide as its label, and a long legend goes below the axes."""
+    import warnings
+
+    from PIL import Image
+
+    from experiments.report_plots import LEGEND_INSIDE, make_plots
+    from experiments.runs import K_KEY, Run
+
+    spec = {"tau": 2.0, "tokens_per_s": 10.0, "target_forwards": 5, "steps": 5, "time_total": 1.0,
+            "time_prefill": 0.1, "time_draft": 0.2, "time_verify": 0.5, "time_accept": 0.1, "time_other": 0.1,
+            "depth_proposed": [5, 5], "depth_accepted": [4, 3]}
+    runs = []
+    for i in range(LEGEND_INSIDE + 2):
+        overrides = {K_KEY: "2", "num_prompts": str(i + 1), "drafter.datastore": f"/a/long/path/to/rows/{i}" * 2}
+        runs.append(Run(tmp_path / str(i), str(i), overrides=overrides, summary={
+            "status": "complete", "drafter": "DraftModelDrafter", "config": {"drafter": {"num_speculative_tokens": 2}},
+            "metrics": {"speculative": dict(spec), "speedup": 1.1}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tight_layout's warning among them
+        images = make_plots(runs, ["num_prompts", "drafter.datastore"], tmp_path)
+    width, height = Image.open(images["drafters"]).size
+    assert width > 110 * 0.042 * 26 * len(runs) and height > 110 * 4.2  # 26 characters a line, slanted below

@@ -44,17 +44,17 @@ class Datastore:
         self.tokens = sum(len(r) for r in rows)
         self.max_token = max((max(r) for r in rows if r), default=-1)  # the vocabulary its rows were written in
         self.best = self._index(rows)
-        self.source: str | None = None  # the rows file it was built from, for errors
+        self.source, self.key = None, "datastore"  # the rows it was built from and the setting that named them
 
-    def check_vocab(self, vocab_size: int, key: str = "drafter.datastore") -> None:
-        """ConfigError naming ``key`` if the rows hold token ids past a target vocabulary of ``vocab_size`` ids: they
-        were written with another model's tokenizer, and its drafts would be another vocabulary's ids."""
+    def check_vocab(self, vocab_size: int) -> None:
+        """ConfigError naming the setting that gave the rows if they hold token ids past a target vocabulary of
+        ``vocab_size`` ids: they were written with another model's tokenizer, and its drafts would be another
+        vocabulary's ids."""
         if self.max_token >= vocab_size:
             where = f"={self.source}" if self.source else ""
-            raise ConfigError(f"{key}{where}: its rows hold token id {self.max_token}, outside the target's vocabulary "
-                              f"of {vocab_size} ids: they were written by a model with another tokenizer; give the "
-                              "rows this target wrote (`python -m experiments.train_medusa target=<model> "
-                              "generated_source=chats ...`), or leave the datastore out")
+            raise ConfigError(f"{self.key}{where}: its rows hold token id {self.max_token}, outside the target's "
+                              f"vocabulary of {vocab_size} ids: they were written by a model with another tokenizer; "
+                              f"give the rows this target wrote ({WRITTEN_BY}), or leave the datastore out")
 
     def _index(self, rows: list[list[int]]) -> dict[tuple[int, ...], int]:
         """n-gram -> its most frequent next token, for those that pass ``min_count`` and ``min_share``."""
@@ -108,8 +108,12 @@ class Datastore:
         seqs = [rows.ids[i, max(0, p - before) : n].tolist()
                 for i, (p, n) in enumerate(zip(rows.prompt_lengths.tolist(), rows.lengths.tolist()))]
         store = cls(seqs, **kwargs)
-        store.source = str(path)
+        store.source, store.key = str(path), key
         return store
+
+
+#: The command that writes a target's answers to training chats, a datastore's rows.
+WRITTEN_BY = "`python -m experiments.train_medusa target=<model> generated_source=chats ...`"
 
 
 def rows_file(path: str | os.PathLike, key: str = "datastore") -> Path:
@@ -121,8 +125,7 @@ def rows_file(path: str | os.PathLike, key: str = "datastore") -> Path:
     file = file / ROWS_FILE if file.is_dir() else file
     if not file.is_file():
         raise ConfigError(f"{key}={path}: no {ROWS_FILE} there; the target's answers to training chats are "
-                          "written by `python -m experiments.train_medusa target=<model> generated_source=chats "
-                          "...` (experiments.chat_data), or give such a file")
+                          f"written by {WRITTEN_BY} (experiments.chat_data), or give such a file")
     return file
 
 

@@ -111,8 +111,8 @@ def same_target(recorded: dict, actual: dict) -> bool:
 
 def target_options(training: dict) -> str:
     """The training command's options that train for the target a head's ``training`` record names (`` zoo_size=micro``,
-    `` target=<dir>``, with `` tokenizer=<dir>`` when it was trained with a tokenizer of its own; empty for the embedded
-    default pair or an unknown target)."""
+    `` target=<dir>``, with `` tokenizer=<dir>`` when such a target was trained with a tokenizer of its own; a zoo
+    pair's own tokenizer is assumed; empty for the embedded default pair or an unknown target)."""
     if training.get("zoo_size") and not training.get("pretrained"):
         return "" if training["zoo_size"] == "default" else f" zoo_size={training['zoo_size']}"
     if not training.get("target"):

@@ -98,8 +98,9 @@ class HybridDrafter(Drafter):
                 raise ConfigError(
                     f"hybrid drafter: merge=true verifies both parts' proposals as one tree, which only deterministic "
                     f"proposals allow; the {label} part ({type(part).__name__}) samples its drafts at temperature "
-                    f"{sampling.temperature}: set drafter.merge=false, sampling.temperature=0, or give that part a "
-                    "deterministic tree (drafter.second.tree=<preset> with tree_sampling=deterministic)")
+                    f"{sampling.temperature}: set drafter.merge=false or sampling.temperature=0, or give that part "
+                    f"a deterministic tree (drafter.{label}.tree=<preset>, its tree_sampling left deterministic, or a "
+                    f"dynamic one: drafter.{label}.budget=<nodes>)")
 
     def batched(self):
         """For a batch of rows: each part batched its own way (an n-gram per row, an EAGLE or draft-model chain

@@ -113,10 +113,11 @@ class TreeDrafter(Drafter):
         return {"chain": "chain", "static": "tree", "dynamic": "dynamic"}[self.mode]
 
     def samples_drafts(self, sampling) -> bool:
-        """Whether its proposals under ``sampling`` are sampled (carry draft distributions): a chain's or a
-        ``tree_sampling`` tree's above temperature 0; a dynamic tree's or a deterministic tree's never."""
+        """Whether its proposals under ``sampling`` are sampled (carry draft distributions that are not point
+        masses): a chain's or a ``tree_sampling`` tree's above temperature 0 (unless ``top_k=1`` leaves one token); a
+        dynamic tree's or a deterministic tree's never."""
         sampled_shape = self.mode == "chain" or (self.mode == "static" and self.tree_sampling != "deterministic")
-        return sampled_shape and not sampling.greedy
+        return sampled_shape and not sampling.greedy and sampling.top_k != 1
 
     def max_fed(self) -> int:
         """The most tree nodes one step feeds to the model (on top of the committed tokens)."""

@@ -180,14 +180,20 @@ def behind_lookup_all(ours: dict, args) -> dict:
     if not args.hybrid:
         return {}
     from drafters.hybrid import behind_lookup
+    from specdec import SamplingParams
     from specdec.drafting import Drafter
 
-    modes = (False, True) if args.merge else (False,)
+    sampling = SamplingParams(temperature=args.temperature)
     stores = {"ngram": None} | ({"ngram_ds": datastore_of(args)} if args.datastore else {})
+    models = {name: d for name, d in ours.items() if type(d).step_shape is not Drafter.step_shape}
+    sampled = [name for name, d in models.items() if getattr(d, "samples_drafts", None) and d.samples_drafts(sampling)]
+    if args.merge and sampled:  # a sampled chain cannot be merged with the lookup's (drafters.hybrid.graft_chain)
+        print(f"note: --merge at temperature {args.temperature}: no merged row for {', '.join(sampled)} (their "
+              "drafts are sampled; merged trees need deterministic ones)", file=sys.stderr)
     return {f"ours_{lookup}+{name.removeprefix('ours_')}{'_merged' if merge else ''}":
             behind_lookup(d, args.ngram_tokens, args.hybrid, merge, store)
-            for lookup, store in stores.items()
-            for name, d in ours.items() if type(d).step_shape is not Drafter.step_shape for merge in modes}
+            for lookup, store in stores.items() for name, d in models.items()
+            for merge in ((False, True) if args.merge and name not in sampled else (False,))}
 
 
 def datastore_of(args):

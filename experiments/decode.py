@@ -195,8 +195,10 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
               f"{cfg.batch_size}, compile={cfg.compile}", file=sys.stderr)
     prompts, max_prompt_tokens = load_dataset_prompts(cfg.dataset, cfg.num_prompts)
     if cfg.batch_size > len(prompts) > 0:  # the records and the report give the batches' real size
+        fill = (f"num_prompts={cfg.batch_size} or more fills them" if (cfg.num_prompts or cfg.batch_size) < cfg.batch_size else
+                "the prompt set holds no more")
         print(f"warning: batch_size={cfg.batch_size} but {len(prompts)} prompt(s): each batch holds "
-              f"{len(prompts)} rows (num_prompts={cfg.batch_size} or more fills them)", file=sys.stderr)
+              f"{len(prompts)} rows ({fill})", file=sys.stderr)
     config = OmegaConf.to_container(cfg, resolve=True)
     methods = [SPECULATIVE, BASELINE] if cfg.baseline else [SPECULATIVE]
     previous = resume.prepare(run_dir, config, methods, [p.question_id for p in prompts], resume=cfg.resume)

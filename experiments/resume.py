@@ -324,7 +324,8 @@ def _is_complete(summary: dict, methods: list[str], question_ids: list[Any]) -> 
 
 def interrupted_note() -> str:
     """What a decode run cut by Ctrl-C keeps, and the command that goes on from it: a plain run writes to a new
-    ``outputs/<date>/<time>/`` each time, so it is continued only by naming its directory."""
+    ``outputs/<date>/<time>/`` each time (a sweep without a preset to a new ``multirun/<date>/<time>/``), so it is
+    continued only by naming its directory."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -333,6 +334,7 @@ def interrupted_note() -> str:
     if not HydraConfig.initialized():
         return f"{keeps}: rerun it with the same hydra.run.dir to go on"
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
-        return f"{keeps}: rerun the same sweep to go on (its finished runs are skipped){again}"
+    if hc.mode == RunMode.MULTIRUN:  # a sweep without a fixed directory writes to a new multirun/<date>/<time>/
+        return (f"{keeps}: rerun the same sweep with hydra.sweep.dir={hc.sweep.dir} to go on (its finished runs are "
+                f"skipped){again}")
     return f"{keeps} in {hc.runtime.output_dir}: rerun with hydra.run.dir={hc.runtime.output_dir} to go on{again}"

@@ -101,6 +101,8 @@ def test_hybrid_puts_each_model_drafter_behind_lookup():
     assert sorted(merged) == ["ours_ngram+draft_k3", "ours_ngram+draft_k3_merged", "ours_ngram+layer_skip1_k3",
                               "ours_ngram+layer_skip1_k3_merged"]
     assert merged["ours_ngram+draft_k3_merged"].merge and not merged["ours_ngram+draft_k3"].merge
+    args.temperature = 0.7  # sampled chains cannot be merged: no merged row (the decoder refused it, mid-bench)
+    assert sorted(behind_lookup_all(ours, args)) == ["ours_ngram+draft_k3", "ours_ngram+layer_skip1_k3"]
     args.hybrid = 0
     assert behind_lookup_all(ours, args) == {}
 

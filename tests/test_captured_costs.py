@@ -165,6 +165,18 @@ def test_options_the_chosen_table_would_ignore_are_one_error(argv, says, capsys)
     assert err.startswith("error: ") and says in err and err.count("\n") == 1
 
 
+def test_a_batch_size_above_the_prompts_a_dataset_held_is_one_error():
+    """``--dataset`` with fewer prompts than ``--prompts``: a batch of 4 would hold the 2 there are, labelled 4."""
+    import argparse
+
+    from experiments.bench_batch import batched_main
+    from specdec.errors import SpecDecError
+
+    args = argparse.Namespace(batch_sizes=[1, 4], dataset="q.jsonl")
+    with pytest.raises(SpecDecError, match=r"^--batch-sizes 4: more than the 2 prompts loaded \(q.jsonl holds no more"):
+        batched_main(None, None, [torch.tensor([[1, 2]])] * 2, args, [])
+
+
 def test_a_chains_efficiency_is_taken_per_prompt_against_its_own_forwards():
     """Three prompts of 32 tokens, each decoded exactly as fast as its forwards cost (tau 2, 2 and 8; efficiency 1.0
     on each): the row says 1.00 on every prompt. A prediction from the mean tau over prompts (4.0, raised by the one

@@ -230,12 +230,12 @@ def test_empty_heads_mean_the_default_directory_as_for_the_drafter(tmp_path):
 
 def test_a_version_mismatch_names_the_training_for_the_heads_own_target():
     """A micro head's version mismatch suggested training for the default pair (no ``zoo_size=micro``)."""
-    from drafters.head_files import target_options as same_target
+    from drafters.head_files import target_options
 
-    assert same_target({"zoo_size": "micro", "target": "/c/zoo/micro/target"}) == " zoo_size=micro"
-    assert same_target({"zoo_size": "default", "target": "/c/zoo/default/target"}) == ""
-    assert same_target({"pretrained": "smollm2", "target": "/c/models/smollm2"}) == " target=smollm2"
-    assert same_target({"target": "/my/model"}) == " target=/my/model" and same_target({}) == ""
+    assert target_options({"zoo_size": "micro", "target": "/c/zoo/micro/target"}) == " zoo_size=micro"
+    assert target_options({"zoo_size": "default", "target": "/c/zoo/default/target"}) == ""
+    assert target_options({"pretrained": "smollm2", "target": "/c/models/smollm2"}) == " target=smollm2"
+    assert target_options({"target": "/my/model"}) == " target=/my/model" and target_options({}) == ""
     own = {"target": "/my/model", "tokenizer": "/my/tok"}
-    assert same_target(own) == " target=/my/model tokenizer=/my/tok"  # it dropped the tokenizer trained with
-    assert same_target({"target": "/my/model", "tokenizer": "/my/model"}) == " target=/my/model"
+    assert target_options(own) == " target=/my/model tokenizer=/my/tok"  # it dropped the tokenizer trained with
+    assert target_options({"target": "/my/model", "tokenizer": "/my/model"}) == " target=/my/model"

@@ -61,7 +61,9 @@ def test_a_sampled_proposal_cannot_be_merged():
     with pytest.raises(ConfigError, match=r"merge=true .* the second part \(DraftModelDrafter\) samples its drafts at "
                                           "temperature 1.0: set drafter.merge=false"):  # was: at the first merged step
         SpeculativeDecoder(target, drafter, "rejection", SamplingParams(temperature=1.0))  # built, before any prompt
-    assert SpeculativeDecoder(target, drafter).generate(NGRAM_PROMPT, max_new_tokens=8, seed=0)  # greedy: point masses
+    for sampling in (SamplingParams(), SamplingParams(temperature=1.0, top_k=1)):  # greedy drafts: point masses
+        out = SpeculativeDecoder(target, drafter, "rejection", sampling).generate(NGRAM_PROMPT, 8, seed=0)
+        assert out.stats.steps_by_source.get(drafter.merged_label, 0) > 0  # merged steps ran
     tree = HybridDrafter(NGramDrafter(2, max_ngram=2, min_ngram=2), DraftModelDrafter(draft, tree="chain4_alts"),
                          merge=True)  # a deterministic tree at temperature 1 merges
     SpeculativeDecoder(target, tree, "rejection", SamplingParams(temperature=1.0)).generate(NGRAM_PROMPT, 8, seed=0)

@@ -272,7 +272,7 @@ def test_a_directory_of_many_long_labelled_runs_plots_without_cutting_labels(tmp
             "status": "complete", "drafter": "DraftModelDrafter", "config": {"drafter": {"num_speculative_tokens": 2}},
             "metrics": {"speculative": dict(spec), "speedup": 1.1}}))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # tight_layout's warning among them
+        warnings.simplefilter("error")  # no plot warns (a legend below the axes is let out of tight_layout's reach)
         images = make_plots(runs, ["num_prompts", "drafter.datastore"], tmp_path)
     width, height = Image.open(images["drafters"]).size
     assert width > 110 * 0.042 * 26 * len(runs) and height > 110 * 4.2  # 26 characters a line, slanted below

@@ -195,7 +195,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(prompts_file, t
     with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line, exit status 130, and the sweep ends there
         hydra_main(monkeypatch, *args, f"hydra.sweep.dir={resumed}")
     err = capsys.readouterr().err
-    assert stopped.value.code == 130 and "interrupted (Ctrl-C); a decode run keeps the prompts it finished: rerun the same sweep" in err
+    assert stopped.value.code == 130 and ("interrupted (Ctrl-C); a decode run keeps the prompts it finished: rerun "
+                                          f"the same sweep with hydra.sweep.dir={resumed} to go on") in err
     dirs = run_dirs(resumed)
     assert set(dirs) == {"1", "2"}  # run 3 never started
     second = json.loads((dirs["2"] / "summary.json").read_text())

@@ -94,7 +94,7 @@ class HybridDrafter(Drafter):
         error now (:func:`graft_chain` would refuse its first proposal, with prompts already decoded)."""
         each_part(self, lambda part: part.check_sampling(sampling))
         for label, part in (("first", self.first), ("second", self.second)) if self.merge else ():
-            if getattr(part, "samples_drafts", None) is not None and part.samples_drafts(sampling):
+            if samples_drafts(part, sampling):
                 raise ConfigError(
                     f"hybrid drafter: merge=true verifies both parts' proposals as one tree, which only deterministic "
                     f"proposals allow; the {label} part ({type(part).__name__}) samples its drafts at temperature "
@@ -205,6 +205,14 @@ def part_errors(name: str):
         if error.args and isinstance(error.args[0], str):
             error.args = (_OWN_KEY.sub(f"drafter.{name}.", error.args[0]), *error.args[1:])
         raise
+
+
+def samples_drafts(drafter: Drafter, sampling) -> bool:
+    """Whether ``drafter`` is known to sample its proposals under ``sampling`` (its ``samples_drafts``, a
+    :class:`~drafters.tree_drafter.TreeDrafter`'s; a drafter without one is taken at its word step by step:
+    :func:`graft_chain` refuses a sampled proposal), so that ``merge`` cannot take it."""
+    known = getattr(drafter, "samples_drafts", None)
+    return bool(known is not None and known(sampling))
 
 
 def each_part(hybrid, call) -> None:

@@ -22,7 +22,6 @@ import torch
 from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.drafting import release
-from specdec.errors import SpecDecError
 from specdec.models import synchronize
 from specdec.stats import DecodeStats
 
@@ -235,13 +234,12 @@ def markdown(rows: list[dict]) -> str:
 
 def batched_main(target, draft, prompts, args, argv) -> int:
     """``experiments.bench --batch-sizes``: the batched table, printed and written."""
+    from experiments.bench_inputs import check_batch_sizes
     from experiments.bench_methods import final_status, interrupted_note
     from experiments.bench_output import command_line, exit_status, machine_line, match_note, publish
 
-    if wide := sorted({b for b in args.batch_sizes if b > len(prompts)}):  # --dataset held fewer than --prompts
-        raise SpecDecError(f"--batch-sizes {','.join(map(str, wide))}: more than the {len(prompts)} prompts loaded "
-                           f"({args.dataset or 'the prompt set'} holds no more), so such a batch would hold "
-                           f"{len(prompts)} rows under a larger label: give more prompts or smaller batch sizes")
+    check_batch_sizes(args.batch_sizes, len(prompts), f"loaded ({args.dataset or 'the prompt set'} holds no more)",
+                      give_more="")  # a --dataset that held fewer than --prompts
     rows = run_batch_sizes(target, draft, prompts, args.batch_sizes, args.max_new_tokens, args.reps, args.ks,
                            args.ngram_tokens, args.max_ngram, args.compile, args.confidence,
                            (args.eagle, args.draft_dtype) if args.eagle else None, args.hybrid)

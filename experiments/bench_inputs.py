@@ -114,10 +114,18 @@ def check_flags(args) -> None:
         given, pronoun = _given(options, args) if applies else ("", "")
         if given:
             raise SpecDecError(f"{given} to {where}: {fix}, or leave {pronoun} out")
-    if args.batch_sizes and (wide := sorted({b for b in args.batch_sizes if b > args.prompts})):
-        raise SpecDecError(f"--batch-sizes {','.join(map(str, wide))}: more than the {args.prompts} prompts "
-                           f"(--prompts {args.prompts}), so such a batch would hold {args.prompts} rows under a larger "
-                           f"label: give --prompts {max(wide)} or more, or smaller batch sizes")
+    check_batch_sizes(args.batch_sizes or [], args.prompts, f"(--prompts {args.prompts})")
+
+
+def check_batch_sizes(sizes: list[int], prompts: int, source: str, give_more: str = "--prompts") -> None:
+    """SpecDecError for ``--batch-sizes`` above the ``prompts`` there are (``source``: where that number comes
+    from): such a batch would hold ``prompts`` rows under a larger label. ``give_more``: the option that gives more
+    prompts, or "" when none can (a data set holds no more)."""
+    if wide := sorted({b for b in sizes if b > prompts}):
+        fix = f"give {give_more} {max(wide)} or more, or smaller batch sizes" if give_more else \
+            "give more prompts or smaller batch sizes"
+        raise SpecDecError(f"--batch-sizes {','.join(map(str, wide))}: more than the {prompts} prompts {source}, so "
+                           f"such a batch would hold {prompts} rows under a larger label: {fix}")
 
 
 def fill_defaults(args) -> None:

@@ -258,9 +258,9 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def spread_cell(spread: dict | None) -> str:
-    """A :func:`_spread` as the table shows it, ``median (min-max)``; empty for None."""
-    return f"{spread['median']:.2f} ({spread['min']:.2f}-{spread['max']:.2f})" if spread else ""
+def spread_cell(figures: dict | None) -> str:
+    """A :func:`spread` as the table shows it, ``median (min-max)``; empty for None."""
+    return f"{figures['median']:.2f} ({figures['min']:.2f}-{figures['max']:.2f})" if figures else ""
 
 
 def median_costs(samples: list[dict]) -> dict:

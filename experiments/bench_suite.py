@@ -179,14 +179,14 @@ def behind_lookup_all(ours: dict, args) -> dict:
     (:func:`drafters.hybrid.behind_lookup`)."""
     if not args.hybrid:
         return {}
-    from drafters.hybrid import behind_lookup
+    from drafters.hybrid import behind_lookup, samples_drafts
     from specdec import SamplingParams
     from specdec.drafting import Drafter
 
     sampling = SamplingParams(temperature=args.temperature)
     stores = {"ngram": None} | ({"ngram_ds": datastore_of(args)} if args.datastore else {})
     models = {name: d for name, d in ours.items() if type(d).step_shape is not Drafter.step_shape}
-    sampled = [name for name, d in models.items() if getattr(d, "samples_drafts", None) and d.samples_drafts(sampling)]
+    sampled = [name for name, d in models.items() if samples_drafts(d, sampling)]
     if args.merge and sampled:  # a sampled chain cannot be merged with the lookup's (drafters.hybrid.graft_chain)
         print(f"note: --merge at temperature {args.temperature}: no merged row for {', '.join(sampled)} (their "
               "drafts are sampled; merged trees need deterministic ones)", file=sys.stderr)

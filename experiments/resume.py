@@ -331,8 +331,8 @@ def interrupted_note() -> str:
 
     keeps = "a decode run keeps the prompts it finished"
     again = " (a batch cut mid-way, as a continuous run's single batch, is decoded again)"
-    if not HydraConfig.initialized():
-        return f"{keeps}: rerun it with the same hydra.run.dir to go on"
+    if not HydraConfig.initialized():  # cut while Hydra composed the config: no run directory, nothing decoded
+        return "it stopped before the run began: nothing was decoded, so run the command again"
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:  # a sweep without a fixed directory writes to a new multirun/<date>/<time>/
         return (f"{keeps}: rerun the same sweep with hydra.sweep.dir={hc.sweep.dir} to go on (its finished runs are "

@@ -1,6 +1,7 @@
 """Resuming where an earlier run left nothing to resume (a new user's trial): a run that failed before its first
 prompt left a failed summary and an empty records file, and the next run in the directory moved them to
-``superseded-<time>/`` as "results of another config"; there are no results to keep, so the summary is replaced."""
+``superseded-<time>/`` as "results of another config"; there are no results to keep, so the summary is replaced.
+Ctrl-C before a run began says nothing was decoded."""
 from __future__ import annotations
 
 from experiments.resume import prepare
@@ -27,3 +28,14 @@ def test_a_run_with_records_or_a_wandb_run_is_still_set_aside(tmp_path):
     (tmp_path / "b" / "wandb").mkdir()
     prepare(_run_dir(tmp_path / "b", {"status": "failed: x", "config": {"seed": 1}}, []), {"seed": 0}, METHODS, [0])
     assert len(list((tmp_path / "b").glob("superseded-*"))) == 1
+
+
+def test_ctrl_c_before_the_run_began_says_nothing_was_decoded(monkeypatch):
+    """Cut while Hydra composed the config (no job yet): the note named ``hydra.run.dir`` as if a run had begun."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from experiments.resume import interrupted_note
+
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: False))
+    note = interrupted_note()
+    assert "nothing was decoded" in note and "hydra.run.dir" not in note, note

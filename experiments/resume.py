@@ -337,4 +337,8 @@ def interrupted_note() -> str:
     if hc.mode == RunMode.MULTIRUN:  # a sweep without a fixed directory writes to a new multirun/<date>/<time>/
         return (f"{keeps}: rerun the same sweep with hydra.sweep.dir={hc.sweep.dir} to go on (its finished runs are "
                 f"skipped){again}")
-    return f"{keeps} in {hc.runtime.output_dir}: rerun with hydra.run.dir={hc.runtime.output_dir} to go on{again}"
+    out = Path(hc.runtime.output_dir)
+    if not (out / RECORDS_FILE).is_file() or not (out / RECORDS_FILE).stat().st_size:  # cut while models loaded
+        return (f"no prompt was finished, so nothing in {out} to go on from: run the command again (a model build "
+                "cut short starts again)")
+    return f"{keeps} in {out}: rerun with hydra.run.dir={out} to go on{again}"

@@ -39,3 +39,25 @@ def test_ctrl_c_before_the_run_began_says_nothing_was_decoded(monkeypatch):
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: False))
     note = interrupted_note()
     assert "nothing was decoded" in note and "hydra.run.dir" not in note, note
+
+
+def test_ctrl_c_in_a_run_says_whether_there_is_anything_to_go_on_from(monkeypatch, tmp_path):
+    """A run cut while its models loaded or built (a default pair's first build takes minutes) has no finished
+    prompt: the note said it kept "the prompts it finished" and to rerun in its directory; with records it does."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from experiments.resume import interrupted_note
+
+    job = SimpleNamespace(mode=RunMode.RUN, runtime=SimpleNamespace(output_dir=str(tmp_path)))
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: job))
+    for records in (None, ""):  # no records file yet, or one with no prompt in it
+        if records is not None:
+            (tmp_path / "records.jsonl").write_text(records)
+        assert interrupted_note().startswith(f"no prompt was finished, so nothing in {tmp_path} to go on from")
+    (tmp_path / "records.jsonl").write_text('{"prompt_index": 0}\n')
+    assert interrupted_note().startswith(f"a decode run keeps the prompts it finished in {tmp_path}: rerun with "
+                                         f"hydra.run.dir={tmp_path} to go on")

@@ -41,7 +41,7 @@ def begin_block(cache: BatchCache, depth: torch.Tensor, tree_mask: torch.Tensor)
 
 def causal_block(rows: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ids [B, n], depth [B, n], mask [B, n, n])`` of a causal block holding ``rows`` (ragged, right-padded;
-    a padding token sees only itself)."""
+    a padding token sees its row's real tokens and itself, no other padding: its outputs are thrown away)."""
     n = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), n, dtype=torch.long)  # [B, n]
     valid = torch.zeros(len(rows), n, dtype=torch.bool)  # [B, n]

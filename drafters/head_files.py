@@ -123,12 +123,13 @@ def target_options(training: dict) -> str:
 
 
 def check_target(fmt: HeadFormat, hidden_size: int, vocab_size: int, recorded: dict, source: str | None,
-                 target) -> None:
-    """Raise ``fmt.error`` unless heads of this shape, trained for ``recorded``, fit ``target``."""
+                 target, fix: str | None = None) -> None:
+    """Raise ``fmt.error`` unless heads of this shape, trained for ``recorded``, fit ``target`` (``fix``: what the
+    error tells to do, by default to train heads for it and pass them as the drafter's heads)."""
     actual = target_fingerprint(target)
     where = f"at {source} " if source else ""
-    fix = (f"train heads for this target with `{fmt.train_command} target=<target dir>` (or `zoo_size=...` for the "
-           f"embedded pair) and pass their directory as {HEADS_OPTION}")
+    fix = fix or (f"train heads for this target with `{fmt.train_command} target=<target dir>` (or `zoo_size=...` for "
+                  f"the embedded pair) and pass their directory as {HEADS_OPTION}")
     if hidden_size != actual["hidden_size"] or vocab_size != actual["vocab_size"]:
         raise fmt.error(
             f"{fmt.label} {where}have hidden size {hidden_size} and vocabulary {vocab_size}, the target "

@@ -164,9 +164,9 @@ class MedusaHeads(nn.Module):
                 "draft_vocab": self.draft_vocab}
 
 
-def check_target(heads: MedusaHeads, target) -> None:
-    """Raise :class:`MedusaHeadsError` unless ``heads`` were trained for ``target``."""
-    check_heads_target(FILES, heads.hidden_size, heads.vocab_size, heads.target_info, heads.source, target)
+def check_target(heads: MedusaHeads, target, fix: str | None = None) -> None:
+    """Raise :class:`MedusaHeadsError` unless ``heads`` were trained for ``target`` (``fix``: the error's advice)."""
+    check_heads_target(FILES, heads.hidden_size, heads.vocab_size, heads.target_info, heads.source, target, fix)
 
 
 # --------------------------------------------------------------------------- saving and loading

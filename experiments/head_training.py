@@ -107,6 +107,10 @@ class HeadRecipe:
     def check(self, cfg: DictConfig) -> None:
         """Validate the head's own settings (ConfigError naming the key)."""
 
+    def check_target(self, cfg: DictConfig, target) -> None:
+        """Validate the settings that depend on the loaded target (e.g. a warm start's checkpoint fits it) before
+        any training data is made (ConfigError naming the key)."""
+
     def build(self, cfg: DictConfig, target, draft_vocab: torch.Tensor | None = None) -> torch.nn.Module:
         """A new head for ``target``, on its device; ``draft_vocab``: the ids ``[Vd]`` its LM head scores,
         or None for the whole vocabulary (:mod:`drafters.draft_vocab`)."""
@@ -253,6 +257,7 @@ def train(cfg: DictConfig, run_dir: str | Path, recipe: HeadRecipe, on_step=None
         atomic_write_json(run_dir / "eval.json", report)
         return report
     check_draft_vocab(cfg, target)  # before any data is made
+    recipe.check_target(cfg, target)
     check_context(cfg.context, target)
     from experiments.suite import SUITE_SOURCES
 

@@ -141,6 +141,10 @@ class MedusaRecipe(HeadRecipe):
         if cfg.get("memo_features") and cfg.loss != "hard":
             raise ConfigError("memo_features=true keeps the target's argmax only: use it with loss=hard")
 
+    def check_target(self, cfg: DictConfig, target) -> None:
+        if cfg.get("init_from"):  # heads for another model or of another shape: before minutes of generated rows
+            start_from(str(cfg.init_from), target, cfg)
+
     def build(self, cfg: DictConfig, target, draft_vocab: torch.Tensor | None = None) -> MedusaHeads:
         device = target.get_output_embeddings().weight.device
         if cfg.get("init_from"):  # warm start: trained heads for this target, their draft vocabulary with them
@@ -188,7 +192,7 @@ def start_from(directory: str, target, cfg: DictConfig) -> MedusaHeads:
     """Trained heads to continue from (``init_from``): they must be for ``target``, with ``cfg``'s shape."""
     try:
         heads = load_heads(directory)
-        check_target(heads, target)
+        check_target(heads, target, fix="point init_from at heads trained for this target, or drop it")
     except MedusaHeadsError as exc:
         raise ConfigError(f"init_from={directory}: {exc}") from None
     shape = {"num_heads": heads.num_heads, "num_blocks": heads.num_blocks, "draft_vocab": heads.draft_vocab}

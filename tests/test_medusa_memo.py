@@ -134,3 +134,19 @@ def test_init_from_heads_of_another_shape_or_target_fail(tmp_path):
     with pytest.raises(ConfigError, match=r"num_heads.*asks for"):
         train(compose_train(*SMALL, "num_heads=3", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'y'}"),
               tmp_path / "r3")
+
+
+def test_init_from_heads_of_another_model_fail_before_any_rows_are_made(tmp_path, monkeypatch):
+    """A trial's init_from of SmolLM2's heads for the micro target generated rows for minutes before the error, and
+    the error told to pass other heads as drafter.heads: it comes before any data is made and names init_from."""
+    from experiments import head_training
+    from experiments.train_medusa import train
+
+    def no_rows(*args, **kwargs):
+        raise AssertionError("rows were generated before init_from was checked")
+
+    monkeypatch.setattr(head_training, "generated_training_rows", no_rows)
+    other = save_heads(MedusaHeads.for_target(pair("llama")[0], 2), tmp_path / "other")  # not the micro target
+    with pytest.raises(ConfigError, match=r"init_from=.*another model; point init_from at heads trained for this "
+                                          r"target, or drop it$"):
+        train(compose_train(*SMALL, f"init_from={other}", f"out_dir={tmp_path / 'x'}"), tmp_path / "r")

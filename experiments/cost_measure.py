@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -34,6 +35,8 @@ from specdec.files import atomic_write_json
 from specdec.models import synchronize, vocab_size
 from verifier import tree_forward
 from verifier.narrow_linear import narrow_product_of
+
+log = logging.getLogger(__name__)
 
 TARGET_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64)
 DRAFT_WIDTHS = (1,)
@@ -296,11 +299,12 @@ def time_probe(probe, reps: int = REPS) -> float:
 
 
 def measure_run_costs(target, shape, context: int, prompt_tokens: int | None = None, backend: str = "sdpa",
-                      cache_dir: str | os.PathLike | None = None) -> dict:
+                      cache_dir: str | os.PathLike | None = None, skip_hint: str = "") -> dict:
     """The cost curves a run's predictions use: the target at ``TARGET_WIDTHS`` after ``context``
     tokens, and what drafts (``shape``: the drafter's :class:`specdec.drafting.StepShape`): a draft
     model at width 1 after ``context`` tokens, or one call of its probe (Medusa's heads); with
-    ``prompt_tokens``, also the target's and the draft model's prefill of that many tokens."""
+    ``prompt_tokens``, also the target's and the draft model's prefill of that many tokens. Curves not cached yet
+    are announced first (a large model's take minutes), with ``skip_hint``: how the caller skips them."""
     draft = shape.draft_model
     requests = [("target", target, context, TARGET_WIDTHS)]
     if draft is not None and shape.draft_probe is None:  # a probe times the draft as it runs (a lean forward)
@@ -310,6 +314,9 @@ def measure_run_costs(target, shape, context: int, prompt_tokens: int | None = N
         requests += [("prefill_target", target, 0, (width,))] + ([("prefill_draft", draft, 0, (width,))] if draft else [])
     roles, plain = [r[0] for r in requests], [r[1:] for r in requests]
     stored = dict(zip(roles, in_cache(plain, backend, cache_dir)))
+    if new := [role for role in roles if not stored[role]]:
+        log.info("measuring forward costs for the predicted speedup (%s, after %d tokens; cached per model and "
+                 "device)%s", ", ".join(new), context, skip_hint)
     curves = dict(zip(roles, cost_curves(plain, backend, cache_dir)))
     costs = {"context": int(context), "target": curves["target"][0], "draft": None,
              "cached": {role: cached for role, (_, cached) in curves.items()},

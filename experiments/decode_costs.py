@@ -58,7 +58,8 @@ def measure_run_costs(cfg: DictConfig, step_shape: Any, models: LoadedModels, en
     context = costs.run_context(lengths, cfg.max_new_tokens)
     prefill = round(sum(lengths) / len(lengths)) - 1  # the decoder prefills all but the last prompt token
     try:
-        return costs.measure_run_costs(models.target, step_shape, context, prefill, cfg.attn_backend)
+        return costs.measure_run_costs(models.target, step_shape, context, prefill, cfg.attn_backend, None,
+                                       ": costs=false skips them")
     except Exception as exc:  # noqa: BLE001  (a prediction is a bonus: never lose the run over it)
         print(f"warning: forward-cost measurement failed ({type(exc).__name__}: {exc}); no predicted speedup",
               file=sys.stderr)

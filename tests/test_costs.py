@@ -255,7 +255,7 @@ def test_the_run_measures_the_prefill_the_decoder_runs(monkeypatch):
     encoded = [SimpleNamespace(input_ids=torch.zeros(1, n, dtype=torch.long)) for n in (4, 6, 11)]
     target = object()
     assert run_costs(cfg, "shape", SimpleNamespace(target=target), encoded) == {"target": {}}
-    assert seen == [(target, "shape", 6 + 5, 7 - 1, "sdpa")]
+    assert seen == [(target, "shape", 6 + 5, 7 - 1, "sdpa", None, ": costs=false skips them")]
     assert run_costs(OmegaConf.create({"costs": False}), "shape", None, encoded) is None
 
 
@@ -346,3 +346,21 @@ def test_the_drafter_bench_notes_an_implausible_curve(monkeypatch, tmp_path):
     notes = []
     verify_widths("auto", pair("llama")[0], [prompt], 10, notes)
     assert notes[1].startswith("the target's cost curve is implausible even measured twice (2 tokens cost 280.00 ms")
+
+
+def test_curves_not_cached_yet_are_announced_with_how_to_skip_them(monkeypatch, tmp_path, caplog):
+    """A trial's first SmolLM2 run said nothing for ten minutes while its curves were measured: the measuring is
+    announced (with the caller's hint), and a run whose curves are cached says nothing."""
+    import logging
+
+    from experiments.cost_measure import measure_run_costs
+
+    _fake_measurements(monkeypatch, [QUIET])
+    shape = NGramDrafter(3).step_shape(None)
+    with caplog.at_level(logging.INFO, logger="experiments.cost_measure"):
+        measure_run_costs(pair("llama")[0], shape, 0, cache_dir=tmp_path, skip_hint=": costs=false skips them")
+        said = "measuring forward costs for the predicted speedup (target, after 0 tokens; cached per model and device)"
+        assert caplog.messages == [f"{said}: costs=false skips them"]
+        caplog.clear()
+        measure_run_costs(pair("llama")[0], shape, 0, cache_dir=tmp_path)
+        assert caplog.messages == []

@@ -411,3 +411,17 @@ def test_a_rerun_with_fewer_prompts_decodes_a_split_batch_again(tmp_path):
     assert state.done == {0, 1, 2, 3} and state.records == records[:8]
     assert any("1 earlier prompt(s) decoded in a batch that is not kept whole" in m for m in state.messages)
     assert len(list(tmp_path.glob("superseded-*"))) == 1  # one copy, for prompt 5 and the split batch
+
+
+@pytest.mark.parametrize(("overrides", "plus"), [(("drafter=layer_skip", "drafter.layer=6"), False),
+                                                 (("drafter=ngram", "drafter.match=x"), True)])
+def test_the_plus_hint_only_for_an_argument_the_target_takes(overrides, plus):
+    """A trial's ``drafter.layer=6`` was told to add it with a leading +, which then failed: the hint is given only
+    when the node's _target_ takes the key (NGramDrafter's ``match``, which its config file leaves out)."""
+    from experiments.cli import error_message
+
+    with pytest.raises(Exception) as exc:  # whatever Hydra raises: its message is what is tested
+        compose_cfg("experiment=smoke", *overrides)
+    said = error_message(exc.value)
+    key = overrides[1].split("=")[0]
+    assert said.startswith(f"{key} is not a key of this config: ") and (f"(+{key}=...)" in said) == plus, said

@@ -340,13 +340,16 @@ def _device_of(model: Any) -> Any:
 
 def _hydra_info() -> dict:
     """Run directory, the command line's overrides (the summary keeps them: a later command that fails its checks
-    in the same directory rewrites ``.hydra/overrides.yaml``), and for a multirun the W&B group (the sweep) and run
+    in the same directory rewrites ``.hydra/overrides.yaml``), the W&B group (``<parent>/<name>`` of the sweep's
+    directory, or of a single run's: ``experiments.report <dir>`` logs to the same one) and for a multirun the run
     name (its overrides, short: :func:`experiments.runs.job_label`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    info = {"run_dir": hc.runtime.output_dir, "group": None, "run_name": None, "overrides": list(hc.overrides.task)}
+    run_dir = Path(hc.runtime.output_dir)
+    info = {"run_dir": hc.runtime.output_dir, "group": f"{run_dir.parent.name}/{run_dir.name}", "run_name": None,
+            "overrides": list(hc.overrides.task)}
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hc.sweep.dir)
         info["group"] = f"{sweep_dir.parent.name}/{sweep_dir.name}"

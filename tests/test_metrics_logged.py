@@ -280,6 +280,9 @@ def test_a_sweeps_runs_are_named_by_their_own_overrides_short(tmp_path, monkeypa
     assert sorted(info["run_name"] for info in seen) == [f"num_prompts=2 k={k} T={t} acceptance=rejection"
                                                          for k in (2, 4) for t in (0, 0.7)]
     assert {info["group"] for info in seen} == {"multirun/k_by_t"}
+    seen.clear()  # a single run: its own directory, as experiments.report <dir> names the group of its report run
+    hydra_main(monkeypatch, "logger=none", f"hydra.run.dir={tmp_path / 'outputs' / 'one'}")
+    assert [(info["group"], info["run_name"]) for info in seen] == [("outputs/one", None)]
     seen.clear()  # a preset's sweep: its values from hydra.sweeper.params, its excluded keys left out
     hydra_main(monkeypatch, "sweep=temperature", "logger=none", "resume=false", "drafter.num_speculative_tokens=3",
                f"hydra.sweep.dir={sweep}2")

@@ -171,6 +171,10 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     if cfg.batch_mode not in BATCH_MODES:
         raise ConfigError(f"batch_mode={cfg.batch_mode!r} is unknown; choose one of {list(BATCH_MODES)}")
     check_compile(cfg.compile)
+    if cfg.compile == "graph" and target_device(cfg.model) != "cuda":  # the API's eager fallback would run as static
+        raise ConfigError(f"compile=graph captures the step in a CUDA graph: it needs model.device=cuda (got "
+                          f"{target_device(cfg.model)}); on a CPU, compile=static runs the same fixed-shape step "
+                          "eagerly and compile=inductor compiles it")
     if cfg.batch_mode == "continuous" and cfg.compile != "none":
         raise ConfigError(f"batch_mode=continuous needs compile=none (got compile={cfg.compile}): the fixed-shape "
                           "step keeps one set of rows; use batch_mode=static with it")

@@ -111,6 +111,10 @@ def test_decode_continuous_bad_config(prompts_file, tmp_path):  # noqa: F811
         decode.run(compose_cfg(*tiny_args(prompts_file), "batch_mode=sideways"), tmp_path / "a")
     with pytest.raises(ConfigError, match="batch_mode=continuous needs compile=none"):
         decode.run(compose_cfg(*tiny_args(prompts_file), "batch_mode=continuous", "compile=static"), tmp_path / "b")
+    # a trial's compile=graph on a CPU ran the eager step and its summary said compile=graph: refused, with the fix
+    with pytest.raises(ConfigError, match=r"compile=graph .* needs model.device=cuda \(got cpu\); on a CPU, "
+                                          "compile=static runs the same fixed-shape step"):
+        decode.run(compose_cfg(*tiny_args(prompts_file), "compile=graph"), tmp_path / "c")
 
 
 @pytest.mark.parametrize("mode", ["static", "continuous"])

@@ -197,7 +197,8 @@ def report(root: Path, out: Path | None = None, tolerance: float = 0.05) -> dict
     from experiments.report_plots import make_plots
 
     images = make_plots(runs, swept, out)
-    shown = [c for c in columns if c != "run"] if swept else columns  # the swept values name the runs
+    named = swept and len({tuple(row.get(k) for k in swept) for row in rows}) == len(rows)
+    shown = [c for c in columns if c != "run"] if named else columns  # the swept values name the runs when unique
     md = [f"# Report: {root}", "", f"{len(runs)} runs, {sum(r.complete for r in runs)} complete.",
           "", markdown_table(rows, shown), ""]
     if missing:

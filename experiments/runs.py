@@ -74,14 +74,26 @@ class Run:
 
 
 def find_run_dirs(root: Path) -> list[Path]:
-    """Directories under ``root`` (itself included) holding a summary, records or a Hydra job config."""
+    """Directories under ``root`` (itself included) holding a summary, records or a decode job's Hydra config (not
+    another entry point's, such as a training's output directory)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        has_job = (Path(dirpath) / ".hydra" / "overrides.yaml").is_file()
+        has_job = (Path(dirpath) / ".hydra" / "overrides.yaml").is_file() and _decode_job(Path(dirpath))
         if SUMMARY_FILE in filenames or RECORDS_FILE in filenames or has_job:
             found.append(Path(dirpath))
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("superseded-"))
     return sorted(found)
+
+
+def _decode_job(path: Path) -> bool:
+    """Whether the Hydra job in ``path`` ran ``experiments.decode`` (True when its ``.hydra/hydra.yaml`` cannot tell)."""
+    import yaml
+
+    try:
+        job = yaml.safe_load((path / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))["hydra"]["job"]["name"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return True
+    return job == "decode"
 
 
 def _read_overrides(path: Path) -> dict[str, str]:

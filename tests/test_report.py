@@ -276,3 +276,22 @@ def test_a_directory_of_many_long_labelled_runs_plots_without_cutting_labels(tmp
         images = make_plots(runs, ["num_prompts", "drafter.datastore"], tmp_path)
     width, height = Image.open(images["drafters"]).size
     assert width > 110 * 0.042 * 26 * len(runs) and height > 110 * 4.2  # 26 characters a line, slanted below
+
+
+def test_runs_alike_keep_their_names_and_a_trainings_directory_is_no_run(sweep_3x2, tmp_path):
+    """A trial's report of a folder of its runs: two runs with the same overrides looked like one row twice in
+    report.md (the run column left out whenever overrides differ), and train_medusa's output directories were
+    listed as runs with "no results", their training keys added as columns."""
+    import yaml
+
+    runs = sorted(p for p in sweep_3x2.iterdir() if (p / "summary.json").exists())[:2]
+    for name, run in (("a", runs[0]), ("again", runs[0]), ("b", runs[1])):
+        shutil.copytree(run, tmp_path / name, ignore=shutil.ignore_patterns("report"))
+    train = tmp_path / "train" / ".hydra"
+    train.mkdir(parents=True)
+    (train / "overrides.yaml").write_text("- steps=4\n- num_heads=2\n")
+    (train / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"name": "train_medusa"}}}))
+    result = report.report(tmp_path)
+    assert sorted(row["run"] for row in result["rows"]) == ["a", "again", "b"] and "steps" not in result["columns"]
+    header = (tmp_path / "report" / "report.md").read_text().split("\n| ", 1)[1].split("\n")[0]
+    assert header.startswith("run |"), header

@@ -57,7 +57,7 @@ def build(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-@cli.hydra_main("build_zoo")
+@cli.hydra_main("build_zoo", interrupted="the same command goes on from the build's last checkpoint")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; errors follow :mod:`experiments.cli` (``error: ...``, exit status 2)."""
     summary = build(cfg, Path(HydraConfig.get().runtime.output_dir))

@@ -250,3 +250,42 @@ def test_bench_cut_in_the_first_cost_sample_keeps_the_first_prompt(micro, tmp_pa
     rc = bench.main(["--size", "micro", "--cache-dir", str(cache_dir), "--prompts", "1", "--max-new-tokens", "8",
                      "--ks", "2", "--reps", "1", "--threads", "1", "--markdown", str(md)])
     assert rc == 130 and "after the last prompt's rounds: the tables cover every prompt" in md.read_text()
+
+
+def test_an_interrupted_build_goes_on_from_its_checkpoints(micro, tmp_path, monkeypatch, caplog):
+    """Ctrl-C during the target's training, then during the draft's: each next build goes on from the step its
+    checkpoint saved (a trial lost 45 minutes of the default pair's build to one Ctrl-C) and ends with the very pair
+    an uninterrupted build makes; the published entry holds no checkpoint."""
+    from safetensors.torch import load_file
+
+    from experiments.zoo import progress
+    from experiments.zoo.sizes import get_size
+
+    monkeypatch.setattr(progress, "CHECKPOINT_S", 0.0)  # a checkpoint after every step
+    target_steps = get_size("micro").target_steps
+    seen: list[list[int]] = []
+
+    def stop_at(stop: int):
+        seen.append([])
+
+        def log_fn(metrics, step):
+            seen[-1].append(step)
+            if step == stop:
+                raise KeyboardInterrupt
+        return log_fn
+
+    for stop in (3, target_steps + 2):  # in the target's training, then in the draft's
+        with pytest.raises(KeyboardInterrupt):
+            ensure_pair(cache_dir=str(tmp_path), log_fn=stop_at(stop), **MICRO)
+        assert (tmp_path / "zoo" / ".micro.partial" / progress.KEY_FILE).is_file()
+    with caplog.at_level(logging.INFO, logger="experiments.zoo.build"):
+        pair = ensure_pair(cache_dir=str(tmp_path), log_fn=stop_at(-1), **MICRO)
+    assert "going on from the build interrupted" in caplog.text
+    # each build goes on after the step it was cut in (saved before it was logged): no step trained twice
+    assert [(steps[0], steps[-1]) for steps in seen] == [(0, 3), (4, target_steps + 2), (target_steps + 3, seen[2][-1])]
+    assert all(steps == list(range(steps[0], steps[-1] + 1)) for steps in seen)
+    whole, _ = micro
+    for part in ("target", "draft"):
+        ours, ref = (load_file(Path(p) / part / "model.safetensors") for p in (pair.root, whole.root))
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), part
+    assert not list(Path(pair.root).rglob(f"*{progress.CHECKPOINT_SUFFIX}")) and not (tmp_path / "zoo" / ".micro.partial").exists()

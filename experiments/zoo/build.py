@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from experiments import corpus
 from experiments.data import writable_cache_dir
-from experiments.zoo import cache
+from experiments.zoo import cache, progress
 from experiments.zoo.sizes import ENDOFTEXT, ZooSize, get_size, llama_config
 from experiments.zoo.tokenizer import iter_texts, train_tokenizer
 from experiments.zoo.training import (
@@ -139,9 +139,7 @@ def build_pair(size: ZooSize, out_dir: Path, seed: int, settings: TrainSettings)
     """Train tokenizer, target and draft into ``out_dir``; returns the metrics (no manifest)."""
     start = time.perf_counter()
     seed_everything(seed)
-    files = corpus.hash_order(corpus.corpus_files(split="train"))
-    tokenizer = train_tokenizer(iter_texts(files, size.tokenizer_chars), size.vocab_size)
-    tokenizer.save_pretrained(out_dir / "tokenizer")
+    tokenizer = _tokenizer(size, out_dir / "tokenizer")
     train_chunks = _token_chunks(tokenizer, size, "train", size.corpus_chars)  # [R, T]
     eval_rows = max(1, size.eval_tokens // size.context)
     eval_chunks = _token_chunks(tokenizer, size, "heldout", 0)[:eval_rows]  # [E, T]
@@ -149,12 +147,12 @@ def build_pair(size: ZooSize, out_dir: Path, seed: int, settings: TrainSettings)
     log.info("zoo %s: tokenizer trained, %d training tokens, in %.0fs", size.name, train_chunks.numel(), tokenizer_s)
 
     target = LlamaForCausalLM(llama_config(size, size.target))
-    metrics = train_target(target, train_chunks, size, seed, settings)
+    metrics = train_target(target, train_chunks, size, seed, settings, progress.checkpoint_of(out_dir, "target"))
     seed_everything(seed + 1)
     draft = LlamaForCausalLM(llama_config(size, size.draft))
     if size.draft_init_from_target:
         init_draft_from_target(draft, target)
-    metrics |= distill_draft(draft, target, train_chunks, size, seed, settings)
+    metrics |= distill_draft(draft, target, train_chunks, size, seed, settings, progress.checkpoint_of(out_dir, "draft"))
     eval_start = time.perf_counter()
     metrics |= evaluate_pair(target, draft, eval_chunks, settings.device)
     metrics["eval_s"] = time.perf_counter() - eval_start
@@ -174,6 +172,16 @@ def build_pair(size: ZooSize, out_dir: Path, seed: int, settings: TrainSettings)
     }
 
 
+def _tokenizer(size: ZooSize, path: Path):
+    """The pair's tokenizer: the one an interrupted build saved in ``path``, else trained now and saved there."""
+    if (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(path)
+    files = corpus.hash_order(corpus.corpus_files(split="train"))
+    tokenizer = train_tokenizer(iter_texts(files, size.tokenizer_chars), size.vocab_size)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
 def _manifest_info(size: ZooSize, seed: int, metrics: dict) -> dict:
     versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
     return {"size": size.name, "seed": seed, "config": size.to_dict(), "metrics": metrics, "versions": versions}
@@ -191,12 +199,20 @@ def _pair_from_manifest(dest: Path, manifest: dict) -> ZooPair:
 
 
 def _build_and_publish(parent: Path, size: ZooSize, seed: int, settings: TrainSettings) -> dict:
-    """Build into a temp dir, write the manifest last, rename into place; returns the manifest."""
-    staging = cache.staging_dir(parent, size.name)
+    """Build into the partial build's dir (going on from an interrupted one: :mod:`experiments.zoo.progress`), write
+    the manifest last, rename into place; returns the manifest. Ctrl-C keeps the partial build; a failure removes it."""
+    key = {"size": size.to_dict(), "seed": seed, "device": settings.device.type, "amp_dtype": str(settings.amp_dtype)}
+    staging, resumed = progress.partial_dir(parent, size.name, key)
+    if resumed:
+        log.info("zoo %s: going on from the build interrupted in %s", size.name, staging)
     try:
         metrics = build_pair(size, staging, seed, settings)
+        progress.finish(staging)
         manifest = cache.write_manifest(staging, _manifest_info(size, seed, metrics))
         cache.publish(staging, parent / size.name)
+    except KeyboardInterrupt:
+        log.info("zoo %s: interrupted; the next build goes on from what %s keeps", size.name, staging)
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

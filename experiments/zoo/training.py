@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from experiments.zoo.progress import PhaseCheckpoint
 from experiments.zoo.sizes import ZooSize
 
 LogFn = Callable[[dict, int], None]  # (metrics, step)
@@ -134,21 +135,25 @@ def _optimizer_step(model, optimizer, loss, lr: float) -> float:
     return float(norm)
 
 
-def _progress(steps: int, desc: str, settings: TrainSettings):
-    return tqdm(total=steps, desc=desc, unit="step", disable=not settings.progress, dynamic_ncols=True)
+def _progress(steps: int, desc: str, settings: TrainSettings, done: int = 0):
+    return tqdm(total=steps, initial=done, desc=desc, unit="step", disable=not settings.progress, dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------- training
 
 
-def train_target(model, chunks: torch.Tensor, size: ZooSize, seed: int, settings: TrainSettings) -> dict:
-    """Train ``model`` with next-token cross-entropy for ``size.target_steps`` steps."""
+def train_target(model, chunks: torch.Tensor, size: ZooSize, seed: int, settings: TrainSettings,
+                 checkpoint: PhaseCheckpoint | None = None) -> dict:
+    """Train ``model`` with next-token cross-entropy for ``size.target_steps`` steps (going on from ``checkpoint``'s
+    step, saving to it as it goes)."""
     model.to(settings.device).train()
     optimizer = make_optimizer(model, size.target_lr)
-    batches = shuffled_batches(chunks, size.batch_size, size.target_steps, seed)
-    start, loss_value = time.perf_counter(), float("nan")
-    with _progress(size.target_steps, f"target ({size.name})", settings) as bar:
-        for step, batch in enumerate(batches):
+    checkpoint = checkpoint or PhaseCheckpoint(None)
+    done, spent, loss_value = checkpoint.restore(model, optimizer)
+    batches = shuffled_batches(chunks, size.batch_size, size.target_steps - done, seed, offset=done)
+    start = time.perf_counter() - spent
+    with _progress(size.target_steps, f"target ({size.name})", settings, done) as bar:
+        for step, batch in enumerate(batches, done):
             batch = batch.to(settings.device)  # [B, T]
             with amp_context(settings):
                 logits = next_token_logits(model, batch)  # [B, T, V]
@@ -158,6 +163,8 @@ def train_target(model, chunks: torch.Tensor, size: ZooSize, seed: int, settings
             loss_value = loss.item()
             bar.set_postfix(loss=f"{loss_value:.3f}")
             bar.update()
+            checkpoint.save(model, optimizer, step + 1, time.perf_counter() - start, loss_value,
+                            force=step + 1 == size.target_steps)
             if settings.log:
                 settings.log({"target/loss": loss_value, "target/lr": lr, "target/grad_norm": grad_norm}, step)
     model.eval()
@@ -179,18 +186,22 @@ def init_draft_from_target(draft, target) -> list[str]:
     return copied
 
 
-def distill_draft(draft, target, chunks: torch.Tensor, size: ZooSize, seed: int, settings: TrainSettings) -> dict:
-    """Train ``draft`` towards the target's next-token distribution (KL, mixed with CE).
+def distill_draft(draft, target, chunks: torch.Tensor, size: ZooSize, seed: int, settings: TrainSettings,
+                  checkpoint: PhaseCheckpoint | None = None) -> dict:
+    """Train ``draft`` towards the target's next-token distribution (KL, mixed with CE), going on from
+    ``checkpoint``'s step and saving to it as it goes.
 
     Uses the rows after the ones the target trained on (same seeded order).
     """
     draft.to(settings.device).train()
     target.to(settings.device).eval()
     optimizer = make_optimizer(draft, size.draft_lr)
-    batches = shuffled_batches(chunks, size.batch_size, size.draft_steps, seed, offset=size.target_steps)
-    start, kl_value = time.perf_counter(), float("nan")
-    with _progress(size.draft_steps, f"draft ({size.name})", settings) as bar:
-        for step, batch in enumerate(batches):
+    checkpoint = checkpoint or PhaseCheckpoint(None)
+    done, spent, kl_value = checkpoint.restore(draft, optimizer)
+    batches = shuffled_batches(chunks, size.batch_size, size.draft_steps - done, seed, offset=size.target_steps + done)
+    start = time.perf_counter() - spent
+    with _progress(size.draft_steps, f"draft ({size.name})", settings, done) as bar:
+        for step, batch in enumerate(batches, done):
             batch = batch.to(settings.device)  # [B, T]
             with torch.no_grad(), amp_context(settings):
                 target_logits = next_token_logits(target, batch)[:, :-1]  # [B, T-1, V]
@@ -202,6 +213,8 @@ def distill_draft(draft, target, chunks: torch.Tensor, size: ZooSize, seed: int,
             kl_value = kl.item()
             bar.set_postfix(kl=f"{kl_value:.3f}", ce=f"{ce.item():.3f}")
             bar.update()
+            checkpoint.save(draft, optimizer, step + 1, time.perf_counter() - start, kl_value,
+                            force=step + 1 == size.draft_steps)
             if settings.log:
                 metrics = {"draft/loss": loss.item(), "draft/kl": kl_value, "draft/ce": ce.item(), "draft/lr": lr}
                 settings.log({**metrics, "draft/grad_norm": grad_norm}, size.target_steps + step)

@@ -4,7 +4,8 @@ An entry ``<parent>/<name>`` is valid only if it holds ``COMPLETE.json`` whose f
 (size and sha256 of every file) matches the directory. Builds happen in
 ``<parent>/.<name>.tmp-*`` under an exclusive lock on ``<parent>/.<name>.lock``, and are
 published with ``os.replace``; a build killed midway leaves only a temp dir, which the
-next build removes.
+next build removes. (The zoo's pair builds in ``<parent>/.<name>.partial`` instead, which an interrupted build
+keeps to go on from: :mod:`experiments.zoo.progress`.)
 """
 
 from __future__ import annotations

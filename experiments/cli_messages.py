@@ -35,19 +35,19 @@ def misspelled_key(text: str, cause: BaseException | None) -> str | None:
             f"the keys there are {sorted(known)}; " if known else "")
     # a top-level key cannot be added (check_added_keys): '+' helps only an argument its node's _target_ takes
     added = (f"; {prefix[:-1]}'s _target_ takes it as an argument: add it with a leading + (+{key}=...)"
-             if prefix and key not in KNOWN_ELSEWHERE and _target_takes(parent, key.rsplit(".", 1)[-1], prefix[:-1])
+             if prefix and key not in KNOWN_ELSEWHERE and _takes_argument(parent, key.rsplit(".", 1)[-1], prefix[:-1])
              else "")
     return f"{key} is not a key of this config: {hint}--cfg job prints every key{added}"
 
 
-def _target_takes(node: object, name: str, where: str) -> bool:
+def _takes_argument(node: object, name: str, where: str) -> bool:
     """Whether ``node`` has a ``_target_`` that takes an argument ``name`` (False when it cannot be told)."""
     if not hasattr(node, "keys") or "_target_" not in node:
         return False
-    from experiments.overrides import _target_takes as takes
+    from experiments.overrides import target_takes
 
     try:
-        return takes(node, name, where)
+        return target_takes(node, name, where)
     except Exception:  # noqa: BLE001  (a target that cannot be imported: the hint is only left out)
         return False
 

@@ -171,7 +171,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     if cfg.batch_mode not in BATCH_MODES:
         raise ConfigError(f"batch_mode={cfg.batch_mode!r} is unknown; choose one of {list(BATCH_MODES)}")
     check_compile(cfg.compile)
-    if cfg.compile == "graph" and target_device(cfg.model) != "cuda":  # the API's eager fallback would run as static
+    if cfg.compile == "graph" and target_device(cfg.model).split(":")[0] != "cuda":  # the API's eager fallback
         raise ConfigError(f"compile=graph captures the step in a CUDA graph: it needs model.device=cuda (got "
                           f"{target_device(cfg.model)}); on a CPU, compile=static runs the same fixed-shape step "
                           "eagerly and compile=inductor compiles it")

@@ -121,7 +121,7 @@ def _check_one(cfg: DictConfig, path: tuple, line: str, added: set, choices: dic
     depth = next(i for i in range(1, len(path) + 1) if _created(cfg, path[:i], added))
     parent, name = path[: depth - 1], path[depth - 1]
     node = _node(cfg, parent)
-    if "_target_" in node and _target_takes(node, name, ".".join(parent)):
+    if "_target_" in node and target_takes(node, name, ".".join(parent)):
         return
     valid = sorted(str(k) for k in node if not _created(cfg, parent + (k,), added))
     if not parent:
@@ -135,7 +135,7 @@ def _check_one(cfg: DictConfig, path: tuple, line: str, added: set, choices: dic
                       f"fix the name (without '+' to change an existing key) or drop the override")
 
 
-def _target_takes(node: DictConfig, name: str, what: str) -> bool:
+def target_takes(node: DictConfig, name: str, what: str) -> bool:
     """Whether the ``_target_`` of ``node`` takes an argument ``name`` (not through ``**kwargs``)."""
     import inspect
 

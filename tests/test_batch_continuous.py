@@ -117,6 +117,21 @@ def test_decode_continuous_bad_config(prompts_file, tmp_path):  # noqa: F811
         decode.run(compose_cfg(*tiny_args(prompts_file), "compile=graph"), tmp_path / "c")
 
 
+
+def test_compile_graph_on_a_numbered_cuda_device_passes_the_check(prompts_file, tmp_path, monkeypatch):  # noqa: F811
+    """model.device=cuda:0 is a CUDA device (a review caught the first check comparing the string to "cuda"): the
+    run does not stop at the compile=graph check (with no GPU here and the device check patched out, the tiny model
+    stays on the CPU, where the decoder's own fallback runs the step)."""
+    from experiments import decode
+    from specdec import models
+
+    monkeypatch.setattr(models, "check_device", lambda *args: None)  # as if a GPU were present
+    try:
+        decode.run(compose_cfg(*tiny_args(prompts_file), "compile=graph", "model.device=cuda:0"), tmp_path / "d")
+    except ConfigError as failed:
+        assert "compile=graph captures" not in str(failed), failed
+
+
 @pytest.mark.parametrize("mode", ["static", "continuous"])
 def test_resumed_batched_run_keeps_the_earlier_batches_time(prompts_file, tmp_path, mode):  # noqa: F811
     """Killed after the first batches' records: the resumed run's batches get new ids, so the summary's

@@ -339,6 +339,5 @@ def interrupted_note() -> str:
                 f"skipped){again}")
     out = Path(hc.runtime.output_dir)
     if not (out / RECORDS_FILE).is_file() or not (out / RECORDS_FILE).stat().st_size:  # cut while models loaded
-        return (f"no prompt was finished, so nothing in {out} to go on from: run the command again (a build of the "
-                "default pair goes on from its last checkpoint)")
+        return f"no prompt was finished, so nothing in {out} to go on from: run the command again"
     return f"{keeps} in {out}: rerun with hydra.run.dir={out} to go on{again}"

@@ -280,7 +280,7 @@ def test_an_interrupted_build_goes_on_from_its_checkpoints(micro, tmp_path, monk
         assert (tmp_path / "zoo" / ".micro.partial" / progress.KEY_FILE).is_file()
     with caplog.at_level(logging.INFO, logger="experiments.zoo.build"):
         pair = ensure_pair(cache_dir=str(tmp_path), log_fn=stop_at(-1), **MICRO)
-    assert "going on from the build interrupted" in caplog.text
+    assert "going on from the build stopped in" in caplog.text and "tokenizer of the stopped build" in caplog.text
     # each build goes on after the step it was cut in (saved before it was logged): no step trained twice
     assert [(steps[0], steps[-1]) for steps in seen] == [(0, 3), (4, target_steps + 2), (target_steps + 3, seen[2][-1])]
     assert all(steps == list(range(steps[0], steps[-1] + 1)) for steps in seen)
@@ -289,3 +289,57 @@ def test_an_interrupted_build_goes_on_from_its_checkpoints(micro, tmp_path, monk
         ours, ref = (load_file(Path(p) / part / "model.safetensors") for p in (pair.root, whole.root))
         assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), part
     assert not list(Path(pair.root).rglob(f"*{progress.CHECKPOINT_SUFFIX}")) and not (tmp_path / "zoo" / ".micro.partial").exists()
+    assert set(cache.list_files(Path(pair.root))) == set(cache.list_files(Path(whole.root)))  # nothing else published
+    m = pair.metrics  # summed over the three sessions
+    assert m["build_sessions"] == 3 and m["build_s"] > m["target_train_s"] + m["draft_train_s"] + m["tokenizer_s"]
+
+
+@pytest.mark.parametrize("why", ["settings", "force"])
+def test_a_stopped_build_of_other_settings_or_under_force_is_removed_with_a_warning(micro, tmp_path, copy_builder,
+                                                                                   caplog, why):
+    from experiments.zoo import progress
+
+    partial = tmp_path / "zoo" / ".micro.partial"
+    partial.mkdir(parents=True)
+    key = progress.build_key(get_size_dict("micro"), 0 if why == "force" else 7, "cpu", None)
+    (partial / progress.KEY_FILE).write_text(json.dumps(key))
+    (partial / "target.ckpt").write_bytes(b"from another build")
+    with caplog.at_level(logging.WARNING, logger="experiments.zoo.progress"):
+        pair = ensure_pair(cache_dir=str(tmp_path), force=why == "force", **MICRO)
+    said = "force=true" if why == "force" else "its settings differ: seed"
+    assert f"removing the stopped build in {partial} ({said})" in caplog.text
+    assert len(copy_builder) == 1 and not partial.exists() and cache.verify_entry(Path(pair.root))
+
+
+def get_size_dict(name: str) -> dict:
+    from experiments.zoo.sizes import get_size
+
+    return get_size(name).to_dict()
+
+
+def test_a_build_cut_between_checkpoints_goes_on_from_the_last_one(micro, tmp_path, monkeypatch):
+    """No timed checkpoint yet (a minute apart): cut in the draft's training, the next build keeps the target (saved
+    at its phase's end, the model alone) and trains the draft from its start, to the same pair."""
+    from safetensors.torch import load_file
+
+    from experiments.zoo import progress
+    from experiments.zoo.sizes import get_size
+
+    monkeypatch.setattr(progress, "CHECKPOINT_S", 1e9)
+    target_steps, seen = get_size("micro").target_steps, []
+
+    def log_fn(metrics, step):
+        seen.append(step)
+        if step == target_steps + 2 and seen.count(step) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ensure_pair(cache_dir=str(tmp_path), log_fn=log_fn, **MICRO)
+    assert "optimizer" not in torch.load(tmp_path / "zoo" / ".micro.partial" / "target.ckpt", weights_only=True)
+    cut = len(seen)
+    pair = ensure_pair(cache_dir=str(tmp_path), log_fn=log_fn, **MICRO)
+    assert seen[cut] == target_steps  # the draft's first step again, no target step
+    whole, _ = micro
+    for part in ("target", "draft"):
+        ours, ref = (load_file(Path(p) / part / "model.safetensors") for p in (pair.root, whole.root))
+        assert all(torch.equal(ours[k], ref[k]) for k in ref), part

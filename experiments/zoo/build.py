@@ -136,15 +136,21 @@ def _token_chunks(tokenizer, size: ZooSize, split: str, max_chars: int) -> torch
 
 
 def build_pair(size: ZooSize, out_dir: Path, seed: int, settings: TrainSettings) -> dict:
-    """Train tokenizer, target and draft into ``out_dir``; returns the metrics (no manifest)."""
+    """Train tokenizer, target and draft into ``out_dir`` (going on from a stopped build's checkpoints there:
+    :mod:`experiments.zoo.progress`); returns the metrics (no manifest), times summed over the build's sessions."""
     start = time.perf_counter()
     seed_everything(seed)
-    tokenizer = _tokenizer(size, out_dir / "tokenizer")
+    earlier = progress.earlier_sessions(out_dir)
+    loaded = (out_dir / "tokenizer" / "tokenizer.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(out_dir / "tokenizer") if loaded else _train_tokenizer(size, out_dir)
     train_chunks = _token_chunks(tokenizer, size, "train", size.corpus_chars)  # [R, T]
     eval_rows = max(1, size.eval_tokens // size.context)
     eval_chunks = _token_chunks(tokenizer, size, "heldout", 0)[:eval_rows]  # [E, T]
-    tokenizer_s = time.perf_counter() - start
-    log.info("zoo %s: tokenizer trained, %d training tokens, in %.0fs", size.name, train_chunks.numel(), tokenizer_s)
+    tokenizer_s = earlier["tokenizer_s"] if loaded and earlier["tokenizer_s"] is not None else time.perf_counter() - start
+    if not loaded:
+        progress.note_session(out_dir, tokenizer_s=tokenizer_s)
+    log.info("zoo %s: tokenizer %s, %d training tokens, in %.0fs", size.name,
+             "of the stopped build" if loaded else "trained", train_chunks.numel(), tokenizer_s)
 
     target = LlamaForCausalLM(llama_config(size, size.target))
     metrics = train_target(target, train_chunks, size, seed, settings, progress.checkpoint_of(out_dir, "target"))
@@ -165,20 +171,19 @@ def build_pair(size: ZooSize, out_dir: Path, seed: int, settings: TrainSettings)
         "train_corpus_tokens": train_chunks.numel(),
         "tokenizer_s": tokenizer_s,
         **metrics,
-        "build_s": time.perf_counter() - start,
+        "build_s": time.perf_counter() - start + earlier["seconds"],
+        "build_sessions": earlier["count"] + 1,
         "device": str(settings.device),
         "amp_dtype": str(settings.amp_dtype).replace("torch.", "") if settings.amp_dtype else "float32",
         "threads": torch.get_num_threads(),
     }
 
 
-def _tokenizer(size: ZooSize, path: Path):
-    """The pair's tokenizer: the one an interrupted build saved in ``path``, else trained now and saved there."""
-    if (path / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(path)
+def _train_tokenizer(size: ZooSize, out_dir: Path):
+    """The pair's tokenizer, trained now and saved in ``out_dir/tokenizer`` (a stopped build's next session loads it)."""
     files = corpus.hash_order(corpus.corpus_files(split="train"))
     tokenizer = train_tokenizer(iter_texts(files, size.tokenizer_chars), size.vocab_size)
-    tokenizer.save_pretrained(path)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
     return tokenizer
 
 
@@ -198,23 +203,26 @@ def _pair_from_manifest(dest: Path, manifest: dict) -> ZooPair:
     )
 
 
-def _build_and_publish(parent: Path, size: ZooSize, seed: int, settings: TrainSettings) -> dict:
-    """Build into the partial build's dir (going on from an interrupted one: :mod:`experiments.zoo.progress`), write
-    the manifest last, rename into place; returns the manifest. Ctrl-C keeps the partial build; a failure removes it."""
-    key = {"size": size.to_dict(), "seed": seed, "device": settings.device.type, "amp_dtype": str(settings.amp_dtype)}
-    staging, resumed = progress.partial_dir(parent, size.name, key)
+def _build_and_publish(parent: Path, size: ZooSize, seed: int, settings: TrainSettings, force: bool = False) -> dict:
+    """Build into the partial build's dir (going on from a stopped one unless ``force``:
+    :mod:`experiments.zoo.progress`), write the manifest last, rename into place; returns the manifest. A build
+    stopped by Ctrl-C or a failure keeps its partial build for the next one (unless stopped while publishing)."""
+    key = progress.build_key(size.to_dict(), seed, settings.device.type, settings.amp_dtype)
+    staging, resumed = progress.partial_dir(parent, size.name, key, fresh=force)
     if resumed:
-        log.info("zoo %s: going on from the build interrupted in %s", size.name, staging)
+        log.info("zoo %s: going on from the build stopped in %s", size.name, staging)
+    start = time.perf_counter()
     try:
         metrics = build_pair(size, staging, seed, settings)
         progress.finish(staging)
         manifest = cache.write_manifest(staging, _manifest_info(size, seed, metrics))
         cache.publish(staging, parent / size.name)
-    except KeyboardInterrupt:
-        log.info("zoo %s: interrupted; the next build goes on from what %s keeps", size.name, staging)
-        raise
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging.is_dir() and (staging / progress.KEY_FILE).is_file():
+            progress.note_session(staging, time.perf_counter() - start)
+            log.info("zoo %s: stopped; the next build goes on from what %s keeps", size.name, staging)
+        else:  # stopped while publishing: its checkpoints are gone already
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
 
@@ -275,7 +283,7 @@ def ensure_pair(
             settings = TrainSettings(dev, resolve_amp(precision, dev, spec.target.hidden_size), progress, log_fn)
             log.info("zoo %s: building at %s on %s; takes %s", spec.name, dest, dev, spec.build_time)
             with torch_threads(threads):
-                manifest = _build_and_publish(parent, spec, seed, settings)
+                manifest = _build_and_publish(parent, spec, seed, settings, force)
             log.info("zoo %s: built in %.0fs: %s", spec.name, manifest["metrics"]["build_s"], _summary(manifest["metrics"]))
     return _pair_from_manifest(dest, manifest)
 

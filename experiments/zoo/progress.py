@@ -1,16 +1,20 @@
-"""A zoo build that goes on after Ctrl-C (or a killed process) instead of starting again.
+"""A zoo build that goes on after Ctrl-C, a failure or a killed process instead of starting again.
 
-The pair builds in ``<cache>/zoo/.<size>.partial/``, kept when the build is interrupted: the tokenizer as soon as it
-is trained, and each training phase's model, optimizer, step and figures (``target.ckpt``, ``draft.ckpt``) every
-:data:`CHECKPOINT_S` seconds and at the phase's end. The next build of the same size, seed, device type and autocast
-dtype (its ``build_key.json``) goes on from there, the batches after the saved step in the same seeded order, so it
-ends with the pair an uninterrupted build makes; a partial build of other settings is removed. The checkpoints are
-removed before the manifest is written and the directory is published as ``<cache>/zoo/<size>``.
+The pair builds in ``<cache>/zoo/.<size>.partial/`` (under the entry's lock), kept when the build stops: the tokenizer
+as soon as it is trained, and each training phase's model, optimizer, step and figures (``target.ckpt``,
+``draft.ckpt``) every :data:`CHECKPOINT_S` seconds and at the phase's end (then the model alone). The next build with
+the same :func:`build_key` (size, seed, device type, autocast dtype, the training code's :data:`FORMAT`, torch and
+Python versions) goes on from there with the batches after the saved step, in the same seeded order: on a CPU with
+the same threads it ends with the very pair an uninterrupted build makes (on a GPU, one trained on the same batches).
+A partial build of another key is removed with a warning, as is one that ``force=true`` rebuilds. What only a partial
+build needs is removed just before the manifest is written and the directory is published as ``<cache>/zoo/<size>``.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -19,33 +23,77 @@ import torch
 
 from specdec.files import atomic_write, atomic_write_json
 
-#: Seconds of training between a phase's checkpoints: an interrupted build loses at most this much training.
+log = logging.getLogger(__name__)
+
+#: Seconds of training between a phase's checkpoints: a stopped build loses at most this much training.
 CHECKPOINT_S = 60.0
+#: The training code's version in :func:`build_key`: bump it when a change to the training would make a checkpoint of
+#: the earlier code go on into a pair that neither version makes (schedule, loss, data, tokenizer settings).
+FORMAT = 1
 KEY_FILE = "build_key.json"
+SESSIONS_FILE = "sessions.json"
 CHECKPOINT_SUFFIX = ".ckpt"
 
 
-def partial_dir(parent: Path, name: str, key: dict) -> tuple[Path, bool]:
-    """``(<parent>/.<name>.partial, whether it holds an interrupted build of ``key`` to go on from)``; a partial
-    build of another key (or with an unreadable one) is removed first. Call it holding the entry's lock."""
-    path, key = parent / f".{name}.partial", json.loads(json.dumps(key))  # as the file holds it (lists, not tuples)
+def build_key(size: dict, seed: int, device_type: str, amp_dtype: object) -> dict:
+    """What a partial build must match to be gone on from (as JSON reads it back)."""
+    key = {"format": FORMAT, "size": size, "seed": seed, "device": device_type, "amp_dtype": str(amp_dtype),
+           "torch": torch.__version__, "python": platform.python_version()}
+    return json.loads(json.dumps(key))
+
+
+def partial_dir(parent: Path, name: str, key: dict, fresh: bool = False) -> tuple[Path, bool]:
+    """``(<parent>/.<name>.partial, whether it holds a stopped build of ``key`` to go on from)``. One of another key
+    (or ``fresh``) is removed first, with a warning. Call it holding the entry's lock."""
+    path = parent / f".{name}.partial"
     if path.is_dir():
         try:
-            if json.loads((path / KEY_FILE).read_text(encoding="utf-8")) == key:
-                return path, True
+            found = json.loads((path / KEY_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            pass  # not a partial build this code can go on from
+            found = None
+        if found == key and not fresh:
+            _remove_temp_files(path)  # a save killed mid-write
+            return path, True
+        why = "force=true" if fresh else (
+            "its settings differ: " + ", ".join(k for k in key if found.get(k) != key[k]) if isinstance(found, dict)
+            else "it holds no readable build key")
+        log.warning("zoo %s: removing the stopped build in %s (%s)", name, path, why)
         shutil.rmtree(path)
     path.mkdir(parents=True)
     atomic_write_json(path / KEY_FILE, key)
     return path, False
 
 
+def _remove_temp_files(path: Path) -> None:
+    for temp in path.glob(".*.tmp"):
+        temp.unlink()
+
+
+def earlier_sessions(path: Path) -> dict:
+    """What the build's earlier sessions in ``path`` spent: ``{"seconds", "count", "tokenizer_s"}``."""
+    try:
+        return json.loads((path / SESSIONS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"seconds": 0.0, "count": 0, "tokenizer_s": None}
+
+
+def note_session(path: Path, seconds: float = 0.0, tokenizer_s: float | None = None) -> None:
+    """Add a stopped session's ``seconds`` (and the tokenizer's training time, once known) to ``path``'s record."""
+    record = earlier_sessions(path)
+    record["seconds"] += seconds
+    record["count"] += 1 if seconds else 0
+    if tokenizer_s is not None:
+        record["tokenizer_s"] = tokenizer_s
+    atomic_write_json(path / SESSIONS_FILE, record)
+
+
 def finish(path: Path) -> None:
-    """Remove what only an interrupted build needs (key, checkpoints) before the manifest lists the files."""
-    (path / KEY_FILE).unlink(missing_ok=True)
+    """Remove what only a stopped build needs (checkpoints, temp files, sessions, key last) before the manifest."""
     for checkpoint in path.glob(f"*{CHECKPOINT_SUFFIX}"):
         checkpoint.unlink()
+    _remove_temp_files(path)
+    (path / SESSIONS_FILE).unlink(missing_ok=True)
+    (path / KEY_FILE).unlink(missing_ok=True)
 
 
 class PhaseCheckpoint:
@@ -56,22 +104,31 @@ class PhaseCheckpoint:
         self.saved = time.monotonic()
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float, float]:
-        """Load the saved model and optimizer state; returns ``(steps done, seconds spent, last loss)``, or
-        ``(0, 0.0, nan)`` when nothing was saved."""
+        """Load the saved model (and optimizer, unless the phase ended) state; returns ``(steps done, seconds
+        spent, last loss)``, or ``(0, 0.0, nan)`` when nothing (readable) was saved."""
         if self.path is None or not self.path.is_file():
             return 0, 0.0, math.nan
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (a truncated or foreign file: the phase starts again)
+            log.warning("%s is unreadable (%s: %s); training this phase from its start", self.path,
+                        type(exc).__name__, exc)
+            self.path.unlink()
+            return 0, 0.0, math.nan
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
         return int(state["step"]), float(state["elapsed"]), float(state["last"])
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, elapsed: float, last: float,
-             force: bool = False) -> None:
-        """Save after ``step`` steps if :data:`CHECKPOINT_S` seconds passed since the last save (or ``force``)."""
-        if self.path is None or (not force and time.monotonic() - self.saved < CHECKPOINT_S):
+             final: bool = False) -> None:
+        """Save after ``step`` steps if :data:`CHECKPOINT_S` seconds passed since the last save; ``final`` (the
+        phase's last step): now, and the model alone (nothing trains it further)."""
+        if self.path is None or (not final and time.monotonic() - self.saved < CHECKPOINT_S):
             return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
-                 "last": last}
+        state = {"model": model.state_dict(), "step": step, "elapsed": elapsed, "last": last}
+        if not final:
+            state["optimizer"] = optimizer.state_dict()
         atomic_write(self.path, lambda tmp: torch.save(state, tmp))
         self.saved = time.monotonic()
 

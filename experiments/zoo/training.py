@@ -164,7 +164,7 @@ def train_target(model, chunks: torch.Tensor, size: ZooSize, seed: int, settings
             bar.set_postfix(loss=f"{loss_value:.3f}")
             bar.update()
             checkpoint.save(model, optimizer, step + 1, time.perf_counter() - start, loss_value,
-                            force=step + 1 == size.target_steps)
+                            final=step + 1 == size.target_steps)
             if settings.log:
                 settings.log({"target/loss": loss_value, "target/lr": lr, "target/grad_norm": grad_norm}, step)
     model.eval()
@@ -214,7 +214,7 @@ def distill_draft(draft, target, chunks: torch.Tensor, size: ZooSize, seed: int,
             bar.set_postfix(kl=f"{kl_value:.3f}", ce=f"{ce.item():.3f}")
             bar.update()
             checkpoint.save(draft, optimizer, step + 1, time.perf_counter() - start, kl_value,
-                            force=step + 1 == size.draft_steps)
+                            final=step + 1 == size.draft_steps)
             if settings.log:
                 metrics = {"draft/loss": loss.item(), "draft/kl": kl_value, "draft/ce": ce.item(), "draft/lr": lr}
                 settings.log({**metrics, "draft/grad_norm": grad_norm}, size.target_steps + step)

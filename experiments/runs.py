@@ -85,15 +85,22 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(found)
 
 
+# the Hydra entry points that are not decode runs (their job name is the module's, their config name the same)
+_OTHER_ENTRY_POINTS = frozenset({"build_draft", "build_zoo", "train_eagle", "train_medusa"})
+
+
 def _decode_job(path: Path) -> bool:
-    """Whether the Hydra job in ``path`` ran ``experiments.decode`` (True when its ``.hydra/hydra.yaml`` cannot tell)."""
+    """Whether the Hydra job in ``path`` ran ``experiments.decode``: neither its job name nor its config name is
+    another entry point's (a decode run keeps its results when ``hydra.job.name`` was overridden; True when its
+    ``.hydra/hydra.yaml`` cannot tell)."""
     import yaml
 
     try:
-        job = yaml.safe_load((path / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))["hydra"]["job"]["name"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        job = yaml.safe_load((path / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))["hydra"]["job"]
+        names = {job.get("name"), job.get("config_name")}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
         return True
-    return job == "decode"
+    return not names & _OTHER_ENTRY_POINTS
 
 
 def _read_overrides(path: Path) -> dict[str, str]:

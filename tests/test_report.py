@@ -291,7 +291,15 @@ def test_runs_alike_keep_their_names_and_a_trainings_directory_is_no_run(sweep_3
     train.mkdir(parents=True)
     (train / "overrides.yaml").write_text("- steps=4\n- num_heads=2\n")
     (train / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"name": "train_medusa"}}}))
+    zoo = tmp_path / "zoo" / ".hydra"  # job name overridden: the config name still tells
+    shutil.copytree(train, zoo)
+    (zoo / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"name": "z", "config_name": "build_zoo"}}}))
+    cut = tmp_path / "cut" / ".hydra"  # a decode run with its job name overridden, cut before its first prompt
+    shutil.copytree(train, cut)
+    (cut / "overrides.yaml").write_text("- hydra.job.name=mine\n")
+    (cut / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"name": "mine", "config_name": "config"}}}))
     result = report.report(tmp_path)
-    assert sorted(row["run"] for row in result["rows"]) == ["a", "again", "b"] and "steps" not in result["columns"]
+    assert sorted(row["run"] for row in result["rows"]) == ["a", "again", "b", "cut"], result["rows"]
+    assert "steps" not in result["columns"]
     header = (tmp_path / "report" / "report.md").read_text().split("\n| ", 1)[1].split("\n")[0]
     assert header.startswith("run |"), header

@@ -294,19 +294,21 @@ def test_an_interrupted_build_goes_on_from_its_checkpoints(micro, tmp_path, monk
     assert m["build_sessions"] == 3 and m["build_s"] > m["target_train_s"] + m["draft_train_s"] + m["tokenizer_s"]
 
 
-@pytest.mark.parametrize("why", ["settings", "force"])
+@pytest.mark.parametrize("why", ["settings", "force", "cpu_capability", "transformers"])
 def test_a_stopped_build_of_other_settings_or_under_force_is_removed_with_a_warning(micro, tmp_path, copy_builder,
                                                                                    caplog, why):
     from experiments.zoo import progress
 
     partial = tmp_path / "zoo" / ".micro.partial"
     partial.mkdir(parents=True)
-    key = progress.build_key(get_size_dict("micro"), 0 if why == "force" else 7, "cpu", None)
+    key = progress.build_key(get_size_dict("micro"), 7 if why == "settings" else 0, "cpu", None)
+    if why in ("cpu_capability", "transformers"):  # a build stopped on another CPU, or before an upgrade
+        key[why] = "other"
     (partial / progress.KEY_FILE).write_text(json.dumps(key))
     (partial / "target.ckpt").write_bytes(b"from another build")
     with caplog.at_level(logging.WARNING, logger="experiments.zoo.progress"):
         pair = ensure_pair(cache_dir=str(tmp_path), force=why == "force", **MICRO)
-    said = "force=true" if why == "force" else "its settings differ: seed"
+    said = {"force": "force=true", "settings": "its settings differ: seed"}.get(why, f"its settings differ: {why}")
     assert f"removing the stopped build in {partial} ({said})" in caplog.text
     assert len(copy_builder) == 1 and not partial.exists() and cache.verify_entry(Path(pair.root))
 

@@ -3,8 +3,8 @@
 The pair builds in ``<cache>/zoo/.<size>.partial/`` (under the entry's lock), kept when the build stops: the tokenizer
 as soon as it is trained, and each training phase's model, optimizer, step and figures (``target.ckpt``,
 ``draft.ckpt``) every :data:`CHECKPOINT_S` seconds and at the phase's end (then the model alone). The next build with
-the same :func:`build_key` (size, seed, device type, autocast dtype, the training code's :data:`FORMAT`, torch and
-Python versions) goes on from there with the batches after the saved step, in the same seeded order: on a CPU with
+the same :func:`build_key` (size, seed, device type, autocast dtype, the training code's :data:`FORMAT`, torch,
+transformers, tokenizers and Python versions, the CPU's instruction set) goes on from there with the batches after the saved step, in the same seeded order: on a CPU with
 the same threads it ends with the very pair an uninterrupted build makes (on a GPU, one trained on the same batches).
 A partial build of another key is removed with a warning, as is one that ``force=true`` rebuilds. What only a partial
 build needs is removed just before the manifest is written and the directory is published as ``<cache>/zoo/<size>``.
@@ -37,8 +37,14 @@ CHECKPOINT_SUFFIX = ".ckpt"
 
 def build_key(size: dict, seed: int, device_type: str, amp_dtype: object) -> dict:
     """What a partial build must match to be gone on from (as JSON reads it back)."""
+    import tokenizers
+    import transformers
+
     key = {"format": FORMAT, "size": size, "seed": seed, "device": device_type, "amp_dtype": str(amp_dtype),
-           "torch": torch.__version__, "python": platform.python_version()}
+           "torch": torch.__version__, "python": platform.python_version(),
+           "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}  # init, tokenizer training
+    if device_type == "cpu":  # the kernels' instruction set changes the numerics (the same build on AVX2 and AVX-512)
+        key["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return json.loads(json.dumps(key))
 
 

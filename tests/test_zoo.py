@@ -345,3 +345,27 @@ def test_a_build_cut_between_checkpoints_goes_on_from_the_last_one(micro, tmp_pa
     for part in ("target", "draft"):
         ours, ref = (load_file(Path(p) / part / "model.safetensors") for p in (pair.root, whole.root))
         assert all(torch.equal(ours[k], ref[k]) for k in ref), part
+
+
+def test_a_build_cut_while_its_manifest_is_written_goes_on_without_training(micro, tmp_path, monkeypatch):
+    """The checkpoints outlive the manifest (which leaves them out): a cut while the files are hashed loses no
+    training (it lost the whole build), and the published entry lists only the pair's files."""
+    from experiments.zoo import progress
+
+    real, cut, steps = cache.file_sha256, [], []
+
+    def hash_once(path):
+        if not cut:
+            cut.append(path)
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(cache, "file_sha256", hash_once)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_pair(cache_dir=str(tmp_path), **MICRO)
+    assert (tmp_path / "zoo" / ".micro.partial" / progress.KEY_FILE).is_file()
+    pair = ensure_pair(cache_dir=str(tmp_path), log_fn=lambda metrics, step: steps.append(step), **MICRO)
+    assert not steps and cache.verify_entry(Path(pair.root))  # no training step again
+    whole, _ = micro
+    assert set(cache.list_files(Path(pair.root))) == set(cache.list_files(Path(whole.root)))
+    assert not (tmp_path / "zoo" / ".micro.partial").exists()

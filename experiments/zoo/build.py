@@ -214,14 +214,14 @@ def _build_and_publish(parent: Path, size: ZooSize, seed: int, settings: TrainSe
     start = time.perf_counter()
     try:
         metrics = build_pair(size, staging, seed, settings)
+        manifest = cache.write_manifest(staging, _manifest_info(size, seed, metrics), skip=progress.partial_only)
         progress.finish(staging)
-        manifest = cache.write_manifest(staging, _manifest_info(size, seed, metrics))
         cache.publish(staging, parent / size.name)
     except BaseException:
         if staging.is_dir() and (staging / progress.KEY_FILE).is_file():
             progress.note_session(staging, time.perf_counter() - start)
             log.info("zoo %s: stopped; the next build goes on from what %s keeps", size.name, staging)
-        else:  # stopped while publishing: its checkpoints are gone already
+        else:  # stopped while publishing (after finish: a moment): its checkpoints are gone already
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest

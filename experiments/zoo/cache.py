@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from specdec.files import atomic_write_json, held_lock
@@ -44,10 +45,11 @@ def list_files(root: Path) -> list[str]:
     return sorted(rel for rel in rels if rel != MANIFEST)
 
 
-def write_manifest(root: Path, info: dict) -> dict:
-    """Write ``root/COMPLETE.json``: ``info`` plus size and sha256 of every file. Call it last."""
+def write_manifest(root: Path, info: dict, skip: Callable[[str], bool] | None = None) -> dict:
+    """Write ``root/COMPLETE.json``: ``info`` plus size and sha256 of every file (but those ``skip`` names: files
+    removed before ``root`` is published). Call it last."""
     files = {}
-    for rel in list_files(root):
+    for rel in (rel for rel in list_files(root) if skip is None or not skip(rel)):
         path = root / rel
         files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     manifest = {"format": MANIFEST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info, "files": files}

@@ -6,8 +6,8 @@ as soon as it is trained, and each training phase's model, optimizer, step and f
 the same :func:`build_key` (size, seed, device type, autocast dtype, the training code's :data:`FORMAT`, torch,
 transformers, tokenizers and Python versions, the CPU's instruction set) goes on from there with the batches after the saved step, in the same seeded order: on a CPU with
 the same threads it ends with the very pair an uninterrupted build makes (on a GPU, one trained on the same batches).
-A partial build of another key is removed with a warning, as is one that ``force=true`` rebuilds. What only a partial
-build needs is removed just before the manifest is written and the directory is published as ``<cache>/zoo/<size>``.
+A partial build of another key is removed with a warning, as is one that ``force=true`` rebuilds. The manifest leaves out
+what only a partial build needs, which is removed just before the directory is published as ``<cache>/zoo/<size>``.
 """
 from __future__ import annotations
 
@@ -93,8 +93,18 @@ def note_session(path: Path, seconds: float = 0.0, tokenizer_s: float | None = N
     atomic_write_json(path / SESSIONS_FILE, record)
 
 
+def partial_only(rel: str) -> bool:
+    """Whether the file ``rel`` (relative to the build's dir) is one only a stopped build needs: the manifest leaves it
+    out, :func:`finish` removes it."""
+    name = Path(rel).name
+    return "/" not in rel and (name.endswith(CHECKPOINT_SUFFIX) or name in (SESSIONS_FILE, KEY_FILE)
+                               or (name.startswith(".") and name.endswith(".tmp")))
+
+
 def finish(path: Path) -> None:
-    """Remove what only a stopped build needs (checkpoints, temp files, sessions, key last) before the manifest."""
+    """Remove what only a stopped build needs (checkpoints, temp files, sessions, key last), after the manifest that
+    leaves them out (:func:`partial_only`) and just before the build is published: a build cut while its manifest
+    is written goes on from its checkpoints."""
     for checkpoint in path.glob(f"*{CHECKPOINT_SUFFIX}"):
         checkpoint.unlink()
     _remove_temp_files(path)

@@ -17,6 +17,7 @@ names, bad values) print ``error: <message>`` and exit with status 2.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from experiments.results import (
     MethodResults,
     ResultsWriter,
     build_summary,
+    busy_machine_warnings,
     format_table,
     lossless_warnings,
     read_records,
@@ -66,9 +68,9 @@ def load_dataset_prompts(dataset: DictConfig, num_prompts: int) -> tuple[list, i
     config's ``_target_`` builds (:mod:`experiments.datasets`), and how many prompt tokens to keep."""
     prompt_set = instantiate(dataset, "dataset")
     prompts = prompt_set.load(num_prompts)
-    if num_prompts is not None and len(prompts) < num_prompts:
-        print(f"warning: num_prompts={num_prompts} but the prompt set holds {len(prompts)}; decoding those",
-              file=sys.stderr)
+    if num_prompts is not None and len(prompts) < num_prompts:  # as dataset=stdlib's own check says
+        raise ConfigError(f"num_prompts={num_prompts} but the prompt set holds only {len(prompts)} prompts; ask for "
+                          f"num_prompts<={len(prompts)}")
     return prompts, prompt_set.max_prompt_tokens
 
 
@@ -294,6 +296,10 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
             summary["metrics"].update(rounding_check(models.target, {p.question_id: p.input_ids for p in encoded},
                                                      results[SPECULATIVE].outputs, summary.get("mismatched_question_ids")))
             summary["warnings"] = summary.get("warnings", []) + lossless_warnings(summary)
+        if status == "complete":
+            load, cores = machine_load()  # a busy machine's timings are flagged
+            summary["load_average_1m"], summary["cpu_cores"] = load, cores
+            summary["warnings"] = summary.get("warnings", []) + busy_machine_warnings(load, cores)
         writer.write_summary(summary)
         writer.close()
         if status == "complete":
@@ -304,6 +310,12 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         print(f"warning: {warning}", file=sys.stderr)
     print(f"results: {writer.records_path} and {writer.summary_path}")
     return summary
+
+
+def machine_load() -> tuple[float | None, int]:
+    """``(1-minute load average or None where the OS has none, the cores this process may run on)``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return (os.getloadavg()[0] if hasattr(os, "getloadavg") else None), cores
 
 
 def backfill_logger(cfg: DictConfig, run_dir: Path, summary: dict, logger: Logger | None, hydra_info: dict) -> dict:

@@ -331,11 +331,22 @@ def _sampled_note(summary: dict) -> str:
     """Why a sampled run's outputs are not compared with the baseline's, and what vouches for its rule."""
     rule = summary.get("acceptance")
     if summary.get("lossless") is False:
-        return f"sampled decoding with acceptance={rule}, a lossy rule: its outputs follow another distribution"
+        return (f"sampled decoding with acceptance={rule}, a rule not declared lossless: its outputs need not follow "
+                "the target's distribution")
     if rule in (None, "greedy", "rejection"):
         return "sampled decoding; the exactness of the sampled rules is the chi-square tests' in tests/test_distribution.py"
     return (f"sampled decoding; acceptance={rule} declares itself lossless: a chi-square test of its outputs, as "
             "tests/test_distribution.py's, would prove it")
+
+
+def busy_machine_warnings(load: float | None, cores: int) -> list[str]:
+    """A warning when the 1-minute load average as a run ends exceeds the cores it may use by more than half a core:
+    more work was runnable than there were cores, so its timings and speedup are not the machine's (a trial's
+    busy 2-core machine showed 2.03x for a drafter that drafts nothing)."""
+    if load is None or load <= cores + 0.5:
+        return []
+    return [(f"the machine was busy (load average {load:.1f} on {cores} cores as the run ended): timings and "
+             "speedups are unreliable; rerun on an idle machine (num_threads=1 also steadies them)")]
 
 
 def lossless_warnings(summary: dict) -> list[str]:

@@ -98,6 +98,7 @@ def assert_sane(summary: dict, num_prompts: int) -> None:
     assert metrics["baseline"]["tau"] == 1.0
     assert metrics["speedup"] > 0
     assert metrics["matches_baseline"] is True
+    assert summary["cpu_cores"] >= 1 and (summary["load_average_1m"] is None or summary["load_average_1m"] >= 0)
 
 
 # --------------------------------------------------------------------------- composition
@@ -209,6 +210,8 @@ def test_missing_model_path_is_a_clear_error():
 def test_datasets(spec_bench, tmp_path):
     prompts, keep = decode.load_dataset_prompts(compose_cfg("dataset=spec_bench", f"dataset.path={spec_bench}").dataset, 3)
     assert [p.question_id for p in prompts] == [0, 1, 2] and keep is None
+    with pytest.raises(ConfigError, match=r"num_prompts=5 but the prompt set holds only 4 prompts; ask for num_prompts<=4"):
+        decode.load_dataset_prompts(compose_cfg("dataset=spec_bench", f"dataset.path={spec_bench}").dataset, 5)
     stdlib, keep = decode.load_dataset_prompts(compose_cfg().dataset, 2)
     assert len(stdlib) == 2 and stdlib[0].text and keep == 256
     with pytest.raises(ConfigError, match="dataset.path"):

@@ -18,6 +18,7 @@ import errno
 import functools
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -141,8 +142,12 @@ def error_message(exc: BaseException) -> str:
     if type(exc).__name__ == "OverrideParseException":
         lines = [line for line in str(exc).splitlines() if line.strip() and line.strip() != "^"]
         text = _one_line(" ".join(line for line in lines if not line.startswith("See ")))
+        override = getattr(exc, "override", None)
         if "LexerNoViableAlt" not in text:  # not a character the grammar rejects: Hydra's words are the best
-            return f"{text}: Hydra cannot parse this override (key=value; see its override grammar)"
+            said = f"{override}: {text}" if override else text
+            if override and re.search(r"\s\S+=", override):  # several overrides in one quoted argument
+                return f"{said}: Hydra cannot parse this override; give each key=value as its own argument"
+            return f"{said}: Hydra cannot parse this override (key=value; see its override grammar)"
         return (f"{text}: Hydra cannot parse this override; a value with characters such as ~ ( ) or spaces "
                 f"needs Hydra quotes inside shell quotes, e.g. \"drafter.heads='~/my heads'\"")
     if type(exc).__module__.startswith(("omegaconf", "hydra")):
@@ -289,6 +294,7 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
 
         @functools.wraps(app)
         def main() -> None:
+            sys.argv[1:] = multirun_flag_first(sys.argv[1:])
             with _failed_jobs() as failed, _hydra_errors_raised():  # compose-time errors reach guarded_app
                 guarded_app()
                 failures = sorted(json.loads(p.read_text()) for p in failed.glob("*.json"))
@@ -299,6 +305,16 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
                 sys.exit(max(status for *_, status in failures))
         return main
     return decorate
+
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def multirun_flag_first(args: list[str]) -> list[str]:
+    """``args`` with ``-m`` / ``--multirun`` moved before the overrides: Hydra's argparse takes the overrides as one
+    run of positional arguments, so ``key=a -m key2=b,c`` stopped at a usage dump ("unrecognized arguments")."""
+    flags = [a for a in args if a in MULTIRUN_FLAGS]
+    return [*flags[:1], *(a for a in args if a not in MULTIRUN_FLAGS)] if flags else args
 
 
 #: The exit status after Ctrl-C (128 + SIGINT, as a shell reports it).

@@ -155,9 +155,20 @@ def tree_argument(drafter: DictConfig, tree: Any) -> dict:
                           f"draft_model, eagle, medusa, or hybrid with such a second part); {drafter._target_} takes no "
                           "tree: drop the tree override")
     edits = [o for o in task_overrides() if o.lstrip("+~").startswith("tree.")]  # tree=none 'tree.paths=[...]'
-    where = f"the file of tree={group_choice('tree') or '...'}"
-    if edits:
-        where += f" as {' '.join(edits)} changed it"
+    choice = f"tree={group_choice('tree') or '...'}"
+    where = f"{choice} with {' '.join(edits)}" if edits else f"the file of {choice}"
     if not isinstance(tree, Mapping):  # a bare list or a scalar: raises, saying what a tree file looks like
         paths_entry(OmegaConf.to_container(tree) if isinstance(tree, ListConfig) else tree, where)
-    return {"tree": load_preset(tree, name=where)}
+    paths = load_preset(tree, name=where)
+    _check_no_chain_length(f"drafter.{part}" if part else "drafter", choice, max(map(len, paths)))
+    return {"tree": paths}
+
+
+def _check_no_chain_length(path: str, choice: str, depth: int) -> None:
+    """A chain length given on the command line where a tree preset shapes the draft: it was ignored (a sweep over
+    it gave identical runs labelled with different k)."""
+    key = f"{path}.num_speculative_tokens"
+    if given := [o for o in task_overrides() if o.lstrip("+~").split("=", 1)[0] == key]:
+        raise ConfigError(f"{given[0]} has no effect with {choice}: the tree's paths shape the draft ({depth} deep); "
+                          f"drop it, or give tree=none for a chain of that length (with {path}.budget=<nodes>: a "
+                          "dynamic tree that deep)")

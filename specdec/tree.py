@@ -91,7 +91,7 @@ def compile_tree(paths: list[list[int]] | list[tuple[int, ...]]) -> CompiledTree
     parents = []
     for t in ordered:
         if len(t) > 1 and t[:-1] not in index:
-            raise ValueError(f"tree path {list(t)} has no parent: add the path {list(t[:-1])} to the preset")
+            raise ValueError(f"tree path {list(t)} has no parent: add the path {list(t[:-1])} to the tree's paths")
         parents.append(index[t[:-1]] if len(t) > 1 else -1)
     parents_t = torch.tensor(parents, dtype=torch.long)  # [N]
     return CompiledTree(

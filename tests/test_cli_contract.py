@@ -241,6 +241,8 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
         assert error_line(err, 2, code) == f"error: {says}"
     code, err = main_in_process(monkeypatch, capsys, "drafter.heads=~/heads", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "drafter.heads=~/heads", "needs Hydra quotes inside shell quotes")
+    code, err = main_in_process(monkeypatch, capsys, "tree=none tree.paths=[[0]]", f"hydra.run.dir={tmp_path}")
+    error_line(err, 2, code, "tree=none tree.paths=[[0]]: mismatched input", "give each key=value as its own argument")
     code, err = main_in_process(monkeypatch, capsys, "drafter.num_speculative_token=4", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "drafter.num_speculative_token is not a key", "did you mean drafter.num_speculative_tokens?")
     code, err = main_in_process(monkeypatch, capsys, "num_prompt=2", f"hydra.run.dir={tmp_path}")  # a top-level key
@@ -256,7 +258,11 @@ def test_compose_time_errors_are_one_line(tmp_path, monkeypatch, capsys):
     code, err = main_in_process(monkeypatch, capsys, "tree=[binary]", f"hydra.run.dir={tmp_path}")
     error_line(err, 2, code, "tree=[binary]: a config group takes an option name, without brackets: tree=binary")
     code, err = main_in_process(monkeypatch, capsys, "tree=none", "tree.paths=[[1],[0,0]]", f"hydra.run.dir={tmp_path}")
-    error_line(err, 2, code, "the file of tree=none as tree.paths=[[1],[0,0]] changed it")  # not the file's own paths
+    error_line(err, 2, code, "tree=none with tree.paths=[[1],[0,0]] is not a valid tree",  # not the file's own paths
+               "add the path [0] to the tree's paths")
+    code, err = main_in_process(monkeypatch, capsys, "tree=binary", "drafter.num_speculative_tokens=2",
+                                f"hydra.run.dir={tmp_path}")  # was ignored: a sweep over it gave identical runs
+    error_line(err, 2, code, "drafter.num_speculative_tokens=2 has no effect with tree=binary", "tree=none")
     code, err = main_in_process(monkeypatch, capsys, "tree.paths=[[0],[1]]", f"hydra.run.dir={tmp_path}")
     line = error_line(err, 2, code, "tree.paths is not a key", "need its group chosen first: tree=none")
     assert "+tree.paths" not in line  # '+' would only lead to "unknown key 'tree'"
@@ -334,7 +340,8 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path, launcher):
 
     assert report(tmp_path)["missing"] == [f"0 (num_threads=0): failed before writing results: {errors[0][7:]}"]
     if launcher == "basic":  # a command that succeeds there drops the stale note
-        assert run_cli("-m", *TINY, "num_threads=2", f"hydra.sweep.dir={tmp_path}").returncode == 0
+        # -m after overrides (Hydra's argparse stopped there with a usage dump): moved first
+        assert run_cli(*TINY, "-m", "num_threads=2", f"hydra.sweep.dir={tmp_path}").returncode == 0
         assert not (tmp_path / "0" / "error.txt").exists() and report(tmp_path)["missing"] == []
 
 

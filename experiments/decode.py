@@ -17,7 +17,6 @@ names, bad values) print ``error: <message>`` and exit with status 2.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from experiments.drafter_config import build_drafter, check_before_loading, chec
 from experiments.greedy_check import rounding_check
 from experiments.instantiate import accepts_argument, check_arguments, instantiate
 from experiments.loggers import GuardedLogger, Logger, check_logger_node
+from experiments.machine_load import LoadWatch
 from experiments.models_from_config import LoadedModels, check_dtypes, load_models, target_device
 from experiments.pretrained_heads import pretrained_heads
 from experiments.results import (
@@ -42,7 +42,6 @@ from experiments.results import (
     MethodResults,
     ResultsWriter,
     build_summary,
-    busy_machine_warnings,
     format_table,
     lossless_warnings,
     read_records,
@@ -201,10 +200,8 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
               f"{cfg.batch_size}, compile={cfg.compile}", file=sys.stderr)
     prompts, max_prompt_tokens = load_dataset_prompts(cfg.dataset, cfg.num_prompts)
     if cfg.batch_size > len(prompts) > 0:  # the records and the report give the batches' real size
-        fill = (f"num_prompts={cfg.batch_size} or more fills them" if (cfg.num_prompts or cfg.batch_size) < cfg.batch_size else
-                "the prompt set holds no more")
         print(f"warning: batch_size={cfg.batch_size} but {len(prompts)} prompt(s): each batch holds "
-              f"{len(prompts)} rows ({fill})", file=sys.stderr)
+              f"{len(prompts)} rows (num_prompts={cfg.batch_size} or more fills them)", file=sys.stderr)
     config = OmegaConf.to_container(cfg, resolve=True)
     methods = [SPECULATIVE, BASELINE] if cfg.baseline else [SPECULATIVE]
     previous = resume.prepare(run_dir, config, methods, [p.question_id for p in prompts], resume=cfg.resume)
@@ -257,6 +254,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         if warmed := warm_up(decoders, encoded, cfg):
             extra["warmup_time_compile"] = warmed
         pending = [(i, p) for i, p in enumerate(encoded) if p.question_id not in previous.done]  # resumed: the rest
+        watch = LoadWatch.start_now()
         bar = tqdm(total=len(pending), desc="decoding", unit="prompt", file=sys.stderr)
 
         def emit(index: int, record: dict) -> None:
@@ -296,10 +294,10 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
             summary["metrics"].update(rounding_check(models.target, {p.question_id: p.input_ids for p in encoded},
                                                      results[SPECULATIVE].outputs, summary.get("mismatched_question_ids")))
             summary["warnings"] = summary.get("warnings", []) + lossless_warnings(summary)
-        if status == "complete":
-            load, cores = machine_load()  # a busy machine's timings are flagged
-            summary["load_average_1m"], summary["cpu_cores"] = load, cores
-            summary["warnings"] = summary.get("warnings", []) + busy_machine_warnings(load, cores)
+        if status == "complete":  # a busy machine's timings are flagged
+            machine = watch.summary()
+            summary["warnings"] = summary.get("warnings", []) + machine.pop("warnings")
+            summary.update(machine)
         writer.write_summary(summary)
         writer.close()
         if status == "complete":
@@ -310,12 +308,6 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         print(f"warning: {warning}", file=sys.stderr)
     print(f"results: {writer.records_path} and {writer.summary_path}")
     return summary
-
-
-def machine_load() -> tuple[float | None, int]:
-    """``(1-minute load average or None where the OS has none, the cores this process may run on)``."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return (os.getloadavg()[0] if hasattr(os, "getloadavg") else None), cores
 
 
 def backfill_logger(cfg: DictConfig, run_dir: Path, summary: dict, logger: Logger | None, hydra_info: dict) -> dict:

@@ -339,16 +339,6 @@ def _sampled_note(summary: dict) -> str:
             "tests/test_distribution.py's, would prove it")
 
 
-def busy_machine_warnings(load: float | None, cores: int) -> list[str]:
-    """A warning when the 1-minute load average as a run ends exceeds the cores it may use by more than half a core:
-    more work was runnable than there were cores, so its timings and speedup are not the machine's (a trial's
-    busy 2-core machine showed 2.03x for a drafter that drafts nothing)."""
-    if load is None or load <= cores + 0.5:
-        return []
-    return [(f"the machine was busy (load average {load:.1f} on {cores} cores as the run ended): timings and "
-             "speedups are unreliable; rerun on an idle machine (num_threads=1 also steadies them)")]
-
-
 def lossless_warnings(summary: dict) -> list[str]:
     """A warning when a rule that declares itself lossless gave greedy outputs that differ from the baseline's (not
     explained by a reduced-precision target's rounding, :mod:`experiments.greedy_check`)."""

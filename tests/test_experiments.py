@@ -98,7 +98,6 @@ def assert_sane(summary: dict, num_prompts: int) -> None:
     assert metrics["baseline"]["tau"] == 1.0
     assert metrics["speedup"] > 0
     assert metrics["matches_baseline"] is True
-    assert summary["cpu_cores"] >= 1 and (summary["load_average_1m"] is None or summary["load_average_1m"] >= 0)
 
 
 # --------------------------------------------------------------------------- composition

@@ -328,15 +328,3 @@ def test_a_run_cut_between_the_methods_compares_only_the_prompts_both_decoded():
     assert summary["metrics"]["speedup"] == pytest.approx(4.0) and len(summary["warnings"]) == 1
     assert summary["metrics"]["speculative"]["num_prompts"] == 4  # its own figures stay over all it decoded
 
-
-def test_a_busy_machine_is_flagged_and_an_idle_one_is_not():
-    """A trial's busy 2-core machine (load 2.6) showed 2.03x for a drafter that drafts nothing, and nothing said the
-    timings were not the machine's: more runnable work than cores by over half a core now warns."""
-    from experiments.decode import machine_load
-    from experiments.results import busy_machine_warnings
-
-    assert busy_machine_warnings(2.5, 2) == [] and busy_machine_warnings(None, 2) == []
-    (said,) = busy_machine_warnings(2.6, 2)
-    assert said.startswith("the machine was busy (load average 2.6 on 2 cores as the run ended)")
-    load, cores = machine_load()
-    assert cores >= 1 and (load is None or load >= 0)

@@ -101,3 +101,9 @@ class NGramDrafter(Drafter):
         if self.datastore is not None and (retrieved := self.datastore.chain(toks, k)):
             return DraftTree.chain(torch.tensor(retrieved, dtype=torch.long))
         return DraftTree.empty()
+
+
+def prompt_lookup_like_hf(num_speculative_tokens: int, max_ngram: int) -> NGramDrafter:
+    """The n-gram drafter the benchmarks set beside Hugging Face's prompt lookup decoding (their ``ours_ngram``): its
+    rule, the earliest occurrence of the longest suffix of at most ``max_ngram`` tokens (``match="first"``)."""
+    return NGramDrafter(num_speculative_tokens, max_ngram=max_ngram, match="first")

@@ -44,8 +44,9 @@ import sys
 
 import torch
 
-from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
+from drafters import DraftModelDrafter, NoDrafter
 from drafters.fast_decoder import lean_probe
+from drafters.ngram import prompt_lookup_like_hf
 from experiments import cli
 from experiments.bench_inputs import MAX_PROMPT_TOKENS, SIZE, check_flags, fill_defaults, load_pair, load_prompt_ids
 from experiments.bench_methods import (
@@ -85,7 +86,7 @@ def build_methods(target, draft, args, fixed_target=None) -> list[Method]:
                Method("hf_prompt_lookup", hf(target, m, prompt_lookup_num_tokens=ng,
                                              max_matching_ngram_size=args.max_ngram), False, ng),
                Method("ours_ar", decode_run(target, NoDrafter(), m), True),
-               Method("ours_ngram", decode_run(target, NGramDrafter(ng, max_ngram=args.max_ngram, match="first"), m),
+               Method("ours_ngram", decode_run(target, prompt_lookup_like_hf(ng, args.max_ngram), m),
                       True, ng, peer="hf_prompt_lookup")]
     if args.hf_compile:
         methods.insert(1, Method("hf_static_compiled", hf_static_compiled(target, m), False))

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from drafters import DraftModelDrafter, NGramDrafter, NoDrafter
+from drafters import DraftModelDrafter, NoDrafter
+from drafters.ngram import prompt_lookup_like_hf
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.drafting import release
 from specdec.models import synchronize
@@ -115,7 +116,7 @@ def methods(target, draft, ks: list[int], ngram_tokens: int, max_ngram: int, com
             **{f"ours_chain_k{k}_conf{c}": DraftModelDrafter(draft, k, confidence_threshold=c) for k in ks
                for c in confidence},
             **eagle_chains(eagle, ks),
-            "ours_ngram": NGramDrafter(ngram_tokens, max_ngram=max_ngram, match="first")}
+            "ours_ngram": prompt_lookup_like_hf(ngram_tokens, max_ngram)}
     if hybrid:
         from drafters.hybrid import behind_lookup
 

@@ -35,9 +35,9 @@ from drafters import (
     DraftModelDrafter,
     EagleDrafter,
     MedusaDrafter,
-    NGramDrafter,
     NoDrafter,
 )
+from drafters.ngram import prompt_lookup_like_hf
 from experiments import cli
 from experiments.bench_batch import is_chain
 from experiments.bench_inputs import load_pair, load_prompt_ids
@@ -119,8 +119,7 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
                    for n in lookups]
     hf_methods += [Method(f"hf_assisted_k{k}", hf_assisted(target, draft, m, k), False, k) for k in args.hf_ks]
     methods = hf_methods if greedy else []
-    ours = [("ours_ar", NoDrafter(), None), ("ours_ngram", NGramDrafter(args.ngram_tokens, max_ngram=2, match="first"),
-                                                            args.ngram_tokens)]  # HF prompt lookup's rule, as bench's
+    ours = [("ours_ar", NoDrafter(), None), ("ours_ngram", prompt_lookup_like_hf(args.ngram_tokens, 2), args.ngram_tokens)]
     ours += [(f"ours_draft_k{k}", DraftModelDrafter(draft, k), k) for k in args.ks]
     ours += [(f"ours_draft_{preset}", DraftModelDrafter(draft, tree=preset), None) for preset in args.trees]
     if greedy:  # deterministic children: accepted with probability p(x) only at T > 0 (see BENCHMARKS)

@@ -135,9 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def drafters_for(target, draft, medusa: str | None, args) -> dict:
     """Our drafters by method name (those whose models exist)."""
     from drafters import DraftModelDrafter, LayerSkipDrafter, NGramDrafter, NoDrafter
+    from drafters.ngram import prompt_lookup_like_hf
 
     found = {"ours_ar": NoDrafter(),
-             "ours_ngram": NGramDrafter(args.ngram_tokens, max_ngram=args.max_ngram, match="first"),
+             "ours_ngram": prompt_lookup_like_hf(args.ngram_tokens, args.max_ngram),
              **({"ours_ngram_ds": NGramDrafter(args.ngram_tokens, max_ngram=max(3, args.max_ngram), min_ngram=2,
                                                datastore=datastore_of(args))} if args.datastore else {}),
              f"ours_layer_skip{args.layer_skip}_k{args.k}": LayerSkipDrafter(args.layer_skip, args.k, target=target)}

@@ -143,10 +143,10 @@ def error_message(exc: BaseException) -> str:
         lines = [line for line in str(exc).splitlines() if line.strip() and line.strip() != "^"]
         text = _one_line(" ".join(line for line in lines if not line.startswith("See ")))
         override = getattr(exc, "override", None)
+        said = text if not override or override in text else f"{override}: {text}"  # the override named once
+        if override and re.search(r"\s\S+=", override):  # several overrides in one quoted argument
+            return f"{said}: Hydra cannot parse this override; give each key=value as its own argument"
         if "LexerNoViableAlt" not in text:  # not a character the grammar rejects: Hydra's words are the best
-            said = f"{override}: {text}" if override else text
-            if override and re.search(r"\s\S+=", override):  # several overrides in one quoted argument
-                return f"{said}: Hydra cannot parse this override; give each key=value as its own argument"
             return f"{said}: Hydra cannot parse this override (key=value; see its override grammar)"
         return (f"{text}: Hydra cannot parse this override; a value with characters such as ~ ( ) or spaces "
                 f"needs Hydra quotes inside shell quotes, e.g. \"drafter.heads='~/my heads'\"")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,7 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from drafters.hybrid import part_errors
 from experiments.instantiate import accepts_argument, instantiate, target_of
 from experiments.models_from_config import LoadedModels, drafter_paths
-from experiments.overrides import group_choice, task_overrides
+from experiments.overrides import group_choice, in_multirun, task_overrides
 from specdec.errors import ConfigError, positive_int
 
 
@@ -165,10 +166,15 @@ def tree_argument(drafter: DictConfig, tree: Any) -> dict:
 
 
 def _check_no_chain_length(path: str, choice: str, depth: int) -> None:
-    """A chain length given on the command line where a tree preset shapes the draft: it was ignored (a sweep over
-    it gave identical runs labelled with different k)."""
+    """A chain length given on the command line where a tree preset shapes the draft: an error in a single run (it
+    was ignored silently), a warning in a sweep's job (a grid over trees and k holds such jobs: they run the tree)."""
     key = f"{path}.num_speculative_tokens"
-    if given := [o for o in task_overrides() if o.lstrip("+~").split("=", 1)[0] == key]:
-        raise ConfigError(f"{given[0]} has no effect with {choice}: the tree's paths shape the draft ({depth} deep); "
-                          f"drop it, or give tree=none for a chain of that length (with {path}.budget=<nodes>: a "
-                          "dynamic tree that deep)")
+    if not (given := [o for o in task_overrides() if o.lstrip("+~").split("=", 1)[0] == key]):
+        return
+    said = f"{given[0]} has no effect with {choice}: the tree's paths shape the draft ({depth} deep)"
+    if in_multirun():
+        print(f"warning: {said}; this job decodes the tree, as do its siblings that differ only in {key}",
+              file=sys.stderr)
+        return
+    raise ConfigError(f"{said}; drop it, or give tree=none for a chain of that length (with {path}.budget=<nodes>: a "
+                      "dynamic tree that deep)")

@@ -44,6 +44,14 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def in_multirun() -> bool:
+    """Whether the running Hydra job is one of a sweep's (``-m``); False outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 #: Groups whose options are diffs of the whole config: several of them compose (``experiment=[a,b]``).
 MERGEABLE_GROUPS = {"experiment", "sweep"}
 

@@ -303,3 +303,15 @@ def test_runs_alike_keep_their_names_and_a_trainings_directory_is_no_run(sweep_3
     assert "steps" not in result["columns"]
     header = (tmp_path / "report" / "report.md").read_text().split("\n| ", 1)[1].split("\n")[0]
     assert header.startswith("run |"), header
+
+
+def test_the_entry_points_that_are_no_decode_runs_are_every_other_hydra_app():
+    """runs._decode_job names the other Hydra entry points: a new one must be added there, or its output
+    directories are listed as decode runs with no results."""
+    import re
+
+    from experiments import runs
+
+    root = Path(runs.__file__).parent
+    apps = {m for f in root.glob("*.py") for m in re.findall(r'@cli\.hydra_main\("(\w+)"', f.read_text())}
+    assert apps - {"config"} == runs._OTHER_ENTRY_POINTS and "config" in apps

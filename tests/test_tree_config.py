@@ -82,3 +82,19 @@ def test_ngram_still_builds_without_tree():
 
     cfg = _compose("drafter=ngram")
     assert isinstance(build_drafter(cfg.drafter, _models(), cfg.get("tree")), NGramDrafter)
+
+
+def test_a_chain_length_beside_a_tree_preset_is_refused_in_a_run_and_warned_in_a_sweep(monkeypatch, capsys):
+    """It was ignored silently (a sweep over it gave identical runs labelled with different k); a grid over trees and
+    k holds such jobs, so a sweep's job warns and decodes the tree."""
+    from experiments import drafter_config
+
+    given = ["tree=binary", "drafter.second.num_speculative_tokens=2"]
+    monkeypatch.setattr(drafter_config, "task_overrides", lambda: given)
+    drafter_config._check_no_chain_length("drafter", "tree=binary", 3)  # another part's k: not this drafter's
+    with pytest.raises(ConfigError, match=r"drafter.second.num_speculative_tokens=2 has no effect with tree=binary: "
+                                          r"the tree's paths shape the draft \(3 deep\); drop it"):
+        drafter_config._check_no_chain_length("drafter.second", "tree=binary", 3)
+    monkeypatch.setattr(drafter_config, "in_multirun", lambda: True)
+    drafter_config._check_no_chain_length("drafter.second", "tree=binary", 3)
+    assert capsys.readouterr().err.startswith("warning: drafter.second.num_speculative_tokens=2 has no effect")

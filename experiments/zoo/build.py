@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import platform
 import random
 import shutil
 import time
@@ -17,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 from experiments import corpus
@@ -187,8 +185,9 @@ def _train_tokenizer(size: ZooSize, out_dir: Path):
     return tokenizer
 
 
-def _manifest_info(size: ZooSize, seed: int, metrics: dict) -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+def _manifest_info(size: ZooSize, seed: int, metrics: dict, key: dict) -> dict:
+    """The manifest's own fields; ``versions``: the build key's software versions and CPU instruction set."""
+    versions = {k: key[k] for k in ("python", "torch", "transformers", "tokenizers", "cpu_capability") if k in key}
     return {"size": size.name, "seed": seed, "config": size.to_dict(), "metrics": metrics, "versions": versions}
 
 
@@ -214,7 +213,7 @@ def _build_and_publish(parent: Path, size: ZooSize, seed: int, settings: TrainSe
     start = time.perf_counter()
     try:
         metrics = build_pair(size, staging, seed, settings)
-        manifest = cache.write_manifest(staging, _manifest_info(size, seed, metrics), skip=progress.partial_only)
+        manifest = cache.write_manifest(staging, _manifest_info(size, seed, metrics, key), skip=progress.partial_only)
         progress.finish(staging)
         cache.publish(staging, parent / size.name)
     except BaseException:

@@ -4,10 +4,11 @@ The pair builds in ``<cache>/zoo/.<size>.partial/`` (under the entry's lock), ke
 as soon as it is trained, and each training phase's model, optimizer, step and figures (``target.ckpt``,
 ``draft.ckpt``) every :data:`CHECKPOINT_S` seconds and at the phase's end (then the model alone). The next build with
 the same :func:`build_key` (size, seed, device type, autocast dtype, the training code's :data:`FORMAT`, torch,
-transformers, tokenizers and Python versions, the CPU's instruction set) goes on from there with the batches after the saved step, in the same seeded order: on a CPU with
-the same threads it ends with the very pair an uninterrupted build makes (on a GPU, one trained on the same batches).
-A partial build of another key is removed with a warning, as is one that ``force=true`` rebuilds. The manifest leaves out
-what only a partial build needs, which is removed just before the directory is published as ``<cache>/zoo/<size>``.
+transformers, tokenizers and Python versions, a CPU build's instruction set) goes on from there with the batches after
+the saved step, in the same seeded order: on a CPU with the same threads it ends with the very pair an uninterrupted
+build makes (on a GPU, one trained on the same batches). A partial build of another key is removed with a warning, as
+is one that ``force=true`` rebuilds. The manifest leaves out what only a partial build needs, which is removed just
+before the directory is published as ``<cache>/zoo/<size>``.
 """
 from __future__ import annotations
 
@@ -102,14 +103,12 @@ def partial_only(rel: str) -> bool:
 
 
 def finish(path: Path) -> None:
-    """Remove what only a stopped build needs (checkpoints, temp files, sessions, key last), after the manifest that
-    leaves them out (:func:`partial_only`) and just before the build is published: a build cut while its manifest
+    """Remove what only a stopped build needs (:func:`partial_only`: checkpoints, temp files, sessions, the key last),
+    after the manifest that leaves them out and just before the build is published: a build cut while its manifest
     is written goes on from its checkpoints."""
-    for checkpoint in path.glob(f"*{CHECKPOINT_SUFFIX}"):
-        checkpoint.unlink()
-    _remove_temp_files(path)
-    (path / SESSIONS_FILE).unlink(missing_ok=True)
-    (path / KEY_FILE).unlink(missing_ok=True)
+    files = [file for file in path.iterdir() if file.is_file() and partial_only(file.name)]
+    for file in sorted(files, key=lambda file: file.name == KEY_FILE):
+        file.unlink()
 
 
 class PhaseCheckpoint:

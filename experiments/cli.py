@@ -372,11 +372,12 @@ def _job(guarded: Callable) -> Callable:
         if not (isinstance(result, int) and result):
             return result
         from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
 
-        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or result == INTERRUPTED:  # Ctrl-C ends a sweep
+        from experiments.overrides import in_multirun
+
+        if not in_multirun() or result == INTERRUPTED:  # Ctrl-C ends a sweep
             sys.exit(result)
+        hydra_cfg = HydraConfig.get()
         num, label = hydra_cfg.job.num, f"#{hydra_cfg.job.num} {hydra_cfg.job.override_dirname or '(no overrides)'}"
         if notes := os.environ.get(FAILED_JOBS_ENV):  # unset only where a task is run outside hydra_main's main
             Path(notes, f"{num}.json").write_text(json.dumps([num, label, result]))

@@ -352,13 +352,14 @@ def _hydra_info() -> dict:
     directory, or of a single run's: ``experiments.report <dir>`` logs to the same one) and for a multirun the run
     name (its overrides, short: :func:`experiments.runs.job_label`)."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+
+    from experiments.overrides import in_multirun
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     info = {"run_dir": hc.runtime.output_dir, "group": f"{run_dir.parent.name}/{run_dir.name}", "run_name": None,
             "overrides": list(hc.overrides.task)}
-    if hc.mode == RunMode.MULTIRUN:
+    if in_multirun():
         sweep_dir = Path(hc.sweep.dir)
         info["group"] = f"{sweep_dir.parent.name}/{sweep_dir.name}"
         info["run_name"] = job_label(list(hc.overrides.task), list(hc.job.config.override_dirname.exclude_keys))

@@ -327,14 +327,15 @@ def interrupted_note() -> str:
     ``outputs/<date>/<time>/`` each time (a sweep without a preset to a new ``multirun/<date>/<time>/``), so it is
     continued only by naming its directory."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+
+    from experiments.overrides import in_multirun
 
     keeps = "a decode run keeps the prompts it finished"
     again = " (a batch cut mid-way, as a continuous run's single batch, is decoded again)"
     if not HydraConfig.initialized():  # cut while Hydra composed the config: no run directory, nothing decoded
         return "it stopped before the run began: nothing was decoded, so run the command again"
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:  # a sweep without a fixed directory writes to a new multirun/<date>/<time>/
+    if in_multirun():  # a sweep without a fixed directory writes to a new multirun/<date>/<time>/
         return (f"{keeps}: rerun the same sweep with hydra.sweep.dir={hc.sweep.dir} to go on (its finished runs are "
                 f"skipped){again}")
     out = Path(hc.runtime.output_dir)

@@ -11,11 +11,12 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
+from experiments.cli import MULTIRUN_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 HYDRA_CONFIGS = {"experiments.decode": "config", "experiments.build_zoo": "build_zoo",
                  "experiments.build_draft": "build_draft", "experiments.train_medusa": "train_medusa",
                  "experiments.train_eagle": "train_eagle"}
-MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
 def _expanded(overrides: list[str]) -> list[list[str]]:

@@ -266,3 +266,27 @@ def test_a_jobs_error_note_is_its_last_commands(tmp_path, monkeypatch, capsys):
         job("error")()
     job("ok")()
     assert not note.exists()
+
+
+# --------------------------------------------------------------------------- Hydra's flags among the overrides
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["a=1", "-m", "b=2,3"], ["-m", "a=1", "b=2,3"]),
+    (["a=1", "--cfg", "job", "b=2"], ["--cfg", "job", "a=1", "b=2"]),
+    (["a=1", "-c", "job", "-p", "drafter", "~b"], ["-c", "job", "-p", "drafter", "a=1", "~b"]),
+    (["a=1", "--info", "b=2"], ["--info", "a=1", "b=2"]),  # --info's value is optional: b=2 stays an override
+    (["a=1", "-i", "config", "b=2"], ["-i", "config", "a=1", "b=2"]),
+    (["--cfg=job", "a=1", "--multirun", "-m"], ["--cfg=job", "--multirun", "a=1"]),  # a repeated -m kept once
+    (["a=1", "b=2"], ["a=1", "b=2"]),
+])
+def test_hydra_flags_move_before_the_overrides_with_their_values(args, expected):
+    assert cli.hydra_flags_first(args) == expected
+
+
+def test_a_flag_after_the_overrides_runs_instead_of_a_usage_dump(tmp_path):
+    """``key=a --cfg job key=b`` stopped at Hydra's usage dump ("unrecognized arguments")."""
+    proc = run_cli("num_prompts=1", "--cfg", "job", "drafter.num_speculative_tokens=3", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "num_prompts: 1" in proc.stdout and "num_speculative_tokens: 3" in proc.stdout
+    assert not (tmp_path / "records.jsonl").exists()  # --cfg prints the config and runs nothing

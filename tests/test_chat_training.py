@@ -122,3 +122,20 @@ def test_a_draft_as_deep_as_its_target_is_refused_before_the_answers_are_generat
     for layers in (have, have + 1):
         with pytest.raises(ConfigError, match=rf"layers={layers}: .* it has {have}; give 1\.\.{have - 1}"):
             draft_training.build_draft("smollm2", draft_training.DraftSettings(layers=layers), cache_dir=str(tmp_path))
+
+
+def test_the_tokenizers_pad_token_pads_the_rows_and_eos_only_stands_in(tiny):
+    """A tokenizer with a pad token pads with it (planted bug: the end-of-turn id always, which a head's data then
+    reads as answers ending); without one the eos id stands in. The answers are the same either way."""
+    import copy
+
+    target, tok = tiny
+    with_pad = copy.deepcopy(tok)
+    with_pad.pad_token_id = 5
+    padded = chat_data.generate_chat_rows(target, with_pad, CHATS, max_new_tokens=4, progress=False)
+    plain = chat_data.generate_chat_rows(target, tok, CHATS, max_new_tokens=4, progress=False)
+    assert (padded.pad_id, plain.pad_id) == (5, tok.eos_token_id)
+    for i, length in enumerate(padded.lengths.tolist()):
+        assert padded.ids[i, :length].tolist() == plain.ids[i, :length].tolist()
+        assert set(padded.ids[i, length:].tolist()) <= {5}
+    assert int(padded.lengths.min()) < padded.ids.shape[1]  # some row is padded

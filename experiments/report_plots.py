@@ -166,7 +166,7 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
     for x, r in zip(xs, done):
         up = r.metrics.get("speedup")
         if up:
-            ax.annotate(f"{up:.2f}x", (x - 0.2, r.metrics[SPECULATIVE]["tokens_per_s"]), ha="center", va="bottom",
+            ax.annotate(f"{up:.2f}x", (x - 0.2, r.metrics[SPECULATIVE].get("tokens_per_s", 0)), ha="center", va="bottom",
                         fontsize=8)
     ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=7)
     ax.set_xlim(-0.6, len(done) - 0.4)

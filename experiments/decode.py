@@ -85,6 +85,10 @@ def encode_prompts(prompts: list, tokenizer: Any, max_prompt_tokens: int | None,
         if ids.shape[1] == 0:
             raise ConfigError(f"prompt {prompt.question_id!r} is empty after tokenization")
         encoded.append(EncodedPrompt(prompt.question_id, prompt.category, ids.to(device)))
+    if any(p.messages is not None for p in prompts) and not getattr(tokenizer, "chat_template", None):
+        log.warning("the target's tokenizer has no chat template: the prompt set's chats are given to it as "
+                    "'role: content' lines ending in 'assistant:', which a model not trained on chats may not "
+                    "answer (a chat set measures a chat target, e.g. model=smollm2)")
     return encoded
 
 

@@ -201,8 +201,12 @@ class TypicalAcceptance(AcceptanceRule):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"acceptance.{key}={value!r}: give a number (typical acceptance needs "
                                   "0 < epsilon <= 1 and delta > 0)")
-        if not (0 < epsilon <= 1 and delta > 0):
-            raise ConfigError(f"typical acceptance needs 0 < epsilon <= 1 and delta > 0 (got {epsilon}, {delta})")
+        if not 0 < epsilon <= 1:
+            raise ConfigError(f"acceptance.epsilon={epsilon}: typical acceptance needs 0 < epsilon <= 1 (the "
+                              "probability floor a drafted token must pass; Medusa uses 0.09)")
+        if not delta > 0:
+            raise ConfigError(f"acceptance.delta={delta}: typical acceptance needs delta > 0 (the weight of the "
+                              "entropy-scaled floor; Medusa uses 0.3)")
         self.epsilon, self.delta = epsilon, delta
 
     def __call__(self, tree, logits, sampling, rng):

@@ -214,6 +214,7 @@ class SpeculativeDecoder:
             raise SpecDecError("empty prompt: input_ids has no tokens; give at least one token (e.g. the BOS token)")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise SpecDecError(f"max_new_tokens={max_new_tokens!r}: it must be a positive integer")
+        _check_ids(input_ids, self.target)
         t = input_ids.shape[1]
         _check_context(t, max_new_tokens, context_length(self.target), "the model's context")
         _check_context(t, max_new_tokens, self.drafter.context_length(), "the draft model's context",
@@ -226,6 +227,17 @@ class SpeculativeDecoder:
         yield
         synchronize(self.device)
         setattr(stats, name, getattr(stats, name) + time.perf_counter() - t0)
+
+
+def _check_ids(input_ids: torch.Tensor, target) -> None:
+    """Raise if ``input_ids [1, T]`` holds an id outside the target's vocabulary (the embedding's rows): torch's
+    lookup would fail with a bare IndexError."""
+    rows = target.get_input_embeddings().num_embeddings
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= rows:
+        bad = low if low < 0 else high
+        raise SpecDecError(f"input_ids holds the id {bad}, outside the target's vocabulary of {rows} ids (0 .. "
+                           f"{rows - 1}): encode the prompt with the target's own tokenizer")
 
 
 def _check_context(t: int, max_new_tokens: int, limit: int | None, whose: str, other_fix: str = "") -> None:

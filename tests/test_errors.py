@@ -57,6 +57,16 @@ def test_empty_prompt():
         _decoder().generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4)
 
 
+@pytest.mark.parametrize("bad", [257, -3])
+def test_an_id_outside_the_vocabulary_is_named_not_a_bare_index_error(bad):
+    """A trial's ``generate([[5, 99999]])`` met torch's "IndexError: index out of range in self"."""
+    with pytest.raises(SpecDecError, match=rf"the id {bad}, outside the target's vocabulary of 257 ids \(0 .. 256\)"):
+        _decoder().generate(torch.tensor([[5, bad]]), max_new_tokens=4)
+    with pytest.raises(SpecDecError, match=rf"the id {bad}, outside"):  # a row of generate_batch's list
+        _decoder().generate_batch([IDS, torch.tensor([[bad, 5]])], max_new_tokens=4)
+    assert _decoder().generate(torch.tensor([[0, 256]]), max_new_tokens=1).sequences.shape == (1, 3)  # both ends
+
+
 def test_batch_and_dtype_checked():
     with pytest.raises(SpecDecError, match=r"batch size 2: give one prompt, \[1, T\] \(several: generate_batch"):
         _decoder().generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=4)

@@ -83,8 +83,9 @@ def test_typical_acceptance_takes_epsilon_1_and_refuses_epsilon_or_delta_0():
     """Planted bugs: the check read ``epsilon < 1`` (refusing the documented bound ``0 < epsilon <= 1``),
     ``0 <= epsilon`` or ``delta >= 0`` (accepting a rule that keeps every token, or none by entropy)."""
     assert TypicalAcceptance(epsilon=1.0, delta=0.3).epsilon == 1.0
-    for bad in ({"epsilon": 0.0}, {"delta": 0.0}):
-        with pytest.raises(ConfigError, match="0 < epsilon <= 1 and delta > 0"):
+    for bad, said in (({"epsilon": 0.0}, r"acceptance.epsilon=0.0: .* 0 < epsilon <= 1"),
+                      ({"epsilon": 2}, r"acceptance.epsilon=2: "), ({"delta": 0.0}, r"acceptance.delta=0.0: .* > 0")):
+        with pytest.raises(ConfigError, match=said):  # the key named, as everywhere else
             TypicalAcceptance(**bad)
 
 

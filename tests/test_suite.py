@@ -61,6 +61,21 @@ def test_chats_are_formatted_with_the_targets_chat_template():
     assert prompt_text(Prompt(1, "x", "raw text"), tok) == "raw text"  # plain records stay as they are
 
 
+def test_chats_given_to_a_target_without_a_chat_template_are_warned_of(caplog):
+    """A trial's ``dataset=suite`` on the code-only default pair decoded '\\n#\\n#' answers at 1.38x with no word
+    that the chats went in as a plain transcript."""
+    from experiments.decode import encode_prompts
+    from specdec.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    chat, plain = Prompt(0, "qa", "hi", messages=[{"role": "user", "content": "hi"}]), Prompt(1, "x", "raw text")
+    for prompts, template, warned in (([plain], None, False), ([plain, chat], None, True), ([chat], "t", False)):
+        tok.chat_template = template
+        caplog.clear()
+        encode_prompts(prompts, tok, None, "cpu")
+        assert ("has no chat template" in caplog.text) == warned, (prompts, template)
+
+
 def test_without_pydoc_data_dataset_suite_is_one_error_line(tmp_path):
     code = ("import runpy, sys; sys.modules['pydoc_data'] = None; sys.modules['pydoc_data.topics'] = None\n"
             "sys.argv = ['decode', *sys.argv[1:]]; runpy.run_module('experiments.decode', run_name='__main__')")

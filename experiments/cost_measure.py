@@ -23,12 +23,14 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from specdec.cache import SpecDecCache
 from specdec.files import atomic_write_json
@@ -76,11 +78,13 @@ def measure_interleaved(requests: list[tuple[Any, int, tuple[int, ...]]], reps: 
     width is timed once per round, round after round (two untimed warm-up rounds), so a machine
     whose speed drifts skews them all alike. Within a round a request starts with one untimed
     forward, so its weights are as warm as in decoding, where a model runs several forwards in a
-    row (prefills, which run once per prompt, are timed cold).
+    row (prefills, which run once per prompt, are timed cold). At a terminal a bar counts the rounds (a busy
+    machine's measurement took minutes without a sign of life); it is cleared when done.
     """
     setups = [_setup(model, context, tuple(widths), backend) for model, context, widths in requests]
     samples: list[dict[int, list[float]]] = [{w: [] for w in widths} for _, _, widths in requests]
-    for round_ in range(reps + 2):
+    for round_ in tqdm(range(reps + 2), desc="timing forwards", unit="round", leave=False, disable=None,
+                       file=sys.stderr):
         for setup, times in zip(setups, samples):
             first = next(iter(setup["inputs"]))
             order = ([None] if setup["context"] > 0 else []) + list(setup["inputs"])  # None: untimed warm-up

@@ -364,3 +364,22 @@ def test_curves_not_cached_yet_are_announced_with_how_to_skip_them(monkeypatch, 
         caplog.clear()
         measure_run_costs(pair("llama")[0], shape, 0, cache_dir=tmp_path)
         assert caplog.messages == []
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_timing_shows_a_bar_at_a_terminal_only(monkeypatch, terminal):
+    """A busy machine's cost measurement ran minutes without a sign of life: at a terminal a bar counts the rounds;
+    into a file or pipe (logs, tests) nothing is written."""
+    import io
+    import sys
+
+    from experiments.cost_measure import measure_interleaved
+
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    monkeypatch.setattr(sys, "stderr", Stream())
+    curve = measure_interleaved([(pair("llama")[0], 4, (1, 2))], reps=1)[0]
+    assert sorted(curve) == [1, 2]
+    assert ("timing forwards" in sys.stderr.getvalue()) == terminal

@@ -45,10 +45,15 @@ def flag_of(value, name: str) -> bool:
     return value
 
 
+#: How a tree drafter picks a tree's children: :data:`specdec.types.SAMPLING_MODES` less ``chain`` (the tag of a
+#: chain sampled from the draft, which a chain drafter sets itself: as a choice it failed mid-decode on a tree).
+TREE_SAMPLINGS = tuple(mode for mode in SAMPLING_MODES if mode != "chain")
+
+
 def check_tree_sampling(value, key: str = "tree_sampling") -> str:
-    """``value`` if it is one of :data:`specdec.types.SAMPLING_MODES`, else :class:`ConfigError` naming them."""
-    if value not in SAMPLING_MODES:
-        raise ConfigError(f"{key}={value!r} is unknown; choose one of {list(SAMPLING_MODES)}")
+    """``value`` if it is one of :data:`TREE_SAMPLINGS`, else :class:`ConfigError` naming them."""
+    if value not in TREE_SAMPLINGS:
+        raise ConfigError(f"{key}={value!r} is unknown; choose one of {list(TREE_SAMPLINGS)}")
     return value
 
 

@@ -182,6 +182,8 @@ def test_a_checkpoint_with_only_pickle_weights_says_how_to_convert(tmp_path):
     (["compile=grph"], "compile='grph' is unknown; choose one of ['none', 'static', 'graph', 'inductor']"),
     (["drafter=eagle", "drafter.version=eagle4"], "drafter.version='eagle4' is unknown; choose one of ['eagle2', 'eagle3']"),
     (["drafter=hybrid", "drafter.second.tree_sampling=sometimes"], "drafter.second.tree_sampling='sometimes' is unknown"),
+    (["drafter=draft_model", "tree=binary", "drafter.tree_sampling=chain"],  # a DraftTree tag, not a choice
+     "drafter.tree_sampling='chain' is unknown; choose one of ['deterministic', 'with_replacement', 'without_"),
     (["drafter=hybrid", "drafter.second.confidence_threshold=2"],
      "drafter.second.confidence_threshold=2: it must be a number in [0, 1)"),
     (["drafter=draft_model", "drafter.budget=8", "drafter.confidence_threshold=0.1"],
@@ -190,9 +192,11 @@ def test_a_checkpoint_with_only_pickle_weights_says_how_to_convert(tmp_path):
     (["drafter=hybrid", "drafter.first.min_ngram=4"], "1 <= drafter.first.min_ngram <= drafter.first.max_ngram (got 4, 3)"),
     (["acceptance=typical", "sampling.temperature=0.7", "acceptance.epsilon=abc"],
      "acceptance.epsilon='abc': give a number (TypicalAcceptance's epsilon is annotated float)"),
+    (["acceptance=typical", "sampling.temperature=0.7", "acceptance.epsilon=2"],
+     "acceptance.epsilon=2: typical acceptance needs 0 < epsilon <= 1"),
 ], ids=["max_new_tokens", "k", "k_text", "hybrid_part", "medusa_heads", "budget", "tree_without_grower", "compile",
-        "eagle_version", "tree_sampling", "confidence_part", "confidence_tree", "dtype_part", "ngram_order",
-        "typical_text"])
+        "eagle_version", "tree_sampling", "tree_sampling_chain", "confidence_part", "confidence_tree", "dtype_part", "ngram_order",
+        "typical_text", "typical_range"])
 def test_counts_trees_and_modes_fail_before_any_model_is_built(overrides, fragment, tmp_path, monkeypatch, capsys):
     """On a fresh machine the default pair is built first (minutes): a wrong count or tree fails before that."""
     import experiments.decode

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from experiments.results import MethodResults
+from experiments.results import MethodResults, untimed_phases_nulled
 
 #: A batched row's stats that are its batch's, not its own: null in its record (``record["batch"]`` has the phases).
 ROW_UNTIMED = ("time_prefill", "time_draft", "time_verify", "time_accept", "time_other")
@@ -85,7 +85,7 @@ def _record(index: int, prompt: EncodedPrompt, seq, stats, method: str, drafter_
     new_ids = seq[0, prompt_len:].tolist()  # [new]
     record = {"question_id": prompt.question_id, "category": prompt.category, "method": method,
               "drafter": drafter_name, "seed": seed + index, "prompt_tokens": prompt_len,
-              "new_tokens": len(new_ids), "tokens": new_ids, "stats": stats.to_dict(),
+              "new_tokens": len(new_ids), "tokens": new_ids, "stats": untimed_phases_nulled(stats.to_dict()),
               "text": tokenizer.decode(new_ids, skip_special_tokens=True)}
     if batch is not None:  # the phases ran for the whole batch (in ``batch``): a row has none of its own to show
         record["batch"] = batch

@@ -81,6 +81,7 @@ class MethodResults:
         out = {k: v for k, v in merged.to_dict().items() if k not in _PER_STEP_KEYS}
         out["num_prompts"] = len(self.stats)
         out["time_split"] = time_split(merged)
+        out = untimed_phases_nulled(out)
         if self.batches:
             out["batch_size"] = max(b["size"] for b in self.batches.values())
         return out
@@ -105,6 +106,17 @@ def steps_split(metrics: dict) -> bool:
     The fixed-shape step (``compile=static|graph|inductor``) runs draft, verify and accept as one captured
     call and times none of them apart."""
     return not (metrics.get("target_forwards") and not metrics.get("time_verify"))
+
+
+#: The step's phase times, which the fixed-shape step does not take apart (:func:`steps_split`): null in its
+#: records and summary, not 0 s (a trial read ``time_verify: 0.0`` as verification costing nothing).
+STEP_PHASE_TIMES = ("time_draft", "time_verify", "time_accept", "time_other")
+
+
+def untimed_phases_nulled(stats: dict) -> dict:
+    """``stats`` (a ``DecodeStats.to_dict`` or a summary's metrics) with :data:`STEP_PHASE_TIMES` null where its
+    steps were not timed phase by phase; unchanged otherwise."""
+    return stats if steps_split(stats) else {**stats, **dict.fromkeys(STEP_PHASE_TIMES)}
 
 
 def time_split(stats: DecodeStats) -> dict:

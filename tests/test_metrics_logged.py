@@ -62,6 +62,31 @@ def test_time_split_of_a_fixed_shape_step_is_none_where_no_phase_was_timed():
     assert time_split(DecodeStats())["verify"] == 0.0  # nothing decoded yet: shares of nothing
 
 
+def test_a_fixed_shape_steps_phase_times_are_null_in_its_records_and_summary_not_0():
+    """A trial read a compile=static run's ``time_verify: 0.0`` as verification costing nothing: the phase times
+    the step did not take apart are null in its record and in the summary's metrics; a split step keeps them, and
+    a record read back counts them as 0 again."""
+    import torch
+
+    from experiments.decoding import _record
+    from experiments.results import STEP_PHASE_TIMES, stats_from_dict
+
+    prompt = SimpleNamespace(question_id=0, category="c", input_ids=torch.tensor([[1, 2]]))
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: "")
+    static = DecodeStats(new_tokens=5, target_forwards=5, time_prefill=0.2, time_total=1.0)
+    eager = DecodeStats(new_tokens=5, target_forwards=5, time_prefill=0.2, time_verify=0.7, time_total=1.0)
+    for stats, nulled in ((static, True), (eager, False)):
+        record = _record(0, prompt, torch.tensor([[1, 2, 3]]), stats, SPECULATIVE, "d", 0, tokenizer, None)
+        assert all((record["stats"][key] is None) == nulled for key in STEP_PHASE_TIMES), record["stats"]
+        assert record["stats"]["time_prefill"] == 0.2 and record["stats"]["time_total"] == 1.0
+        assert stats_from_dict(record["stats"]) == stats
+        results = MethodResults()
+        results.add(0, stats, [3], None)
+        metrics = results.metrics()
+        assert all((metrics[key] is None) == nulled for key in STEP_PHASE_TIMES), metrics
+        assert metrics["time_total"] == 1.0 and (metrics["time_split"]["verify"] is None) == nulled
+
+
 def test_a_batched_runs_batch_size_is_its_largest_batch():
     """The last batch of a run may be a remainder (2 of 4 rows): the run's batch size is 4."""
     results = MethodResults()

@@ -42,6 +42,7 @@ class NGramDrafter(Drafter):
         check_ngram_sizes(min_ngram, max_ngram, "drafter.")
         if match not in ("last", "first"):
             raise ConfigError(f"drafter.match={match!r}: choose 'last' or 'first'")
+        check_settings(datastore_min_ngram, datastore_min_share)  # also without a datastore: never silently ignored
         self.k, self.max_ngram, self.min_ngram, self.match = num_speculative_tokens, max_ngram, min_ngram, match
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed = 0
@@ -51,11 +52,11 @@ class NGramDrafter(Drafter):
 
     @classmethod
     def check_files(cls, config) -> None:
-        """A ``datastore`` path ``config`` gives holds chat rows, and its settings are in range (before any model
-        loads)."""
+        """The datastore settings are in range (also without a datastore) and a ``datastore`` path ``config`` gives
+        holds chat rows (before any model loads)."""
+        check_settings(config.get("datastore_min_ngram", MIN_NGRAM), config.get("datastore_min_share", MIN_SHARE))
         datastore = config.get("datastore")
         if isinstance(datastore, (str, os.PathLike)):
-            check_settings(config.get("datastore_min_ngram", MIN_NGRAM), config.get("datastore_min_share", MIN_SHARE))
             rows_file(datastore, "drafter.datastore")
 
     @property

@@ -140,6 +140,11 @@ def test_the_drafters_datastore_errors_name_its_settings_and_come_before_any_mod
     with pytest.raises(ConfigError, match=r"^drafter\.first\.datastore=.*no rows\.safetensors"):
         check_drafter_files(hybrid)
     check_drafter_files(OmegaConf.create({"_target_": "drafters.NGramDrafter", "datastore": None}))
+    # without a datastore too (a trial's drafter=ngram drafter.datastore_min_share=2 ran without a word)
+    with pytest.raises(ConfigError, match=r"^drafter\.datastore_min_share=2"):
+        check_drafter_files(OmegaConf.create({"_target_": "drafters.NGramDrafter", "datastore_min_share": 2}))
+    with pytest.raises(ConfigError, match=r"^drafter\.datastore_min_ngram=0"):
+        NGramDrafter(4, datastore_min_ngram=0)
 
 
 def test_rows_of_another_tokenizer_are_one_error_when_a_run_starts(tmp_path):

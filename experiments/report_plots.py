@@ -81,6 +81,7 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
     chains = series(runs, swept)
     if chains:
         fig, (ax_tau, ax_up) = plt.subplots(1, 2, figsize=(11, 4.2))
+        drawn: set[str] = set()  # the titles name only the series drawn (costs=false draws no prediction)
         for i, (label, group) in enumerate(chains.items()):
             color = f"C{i}"
             group = sorted(group, key=lambda r: row_of(r, [])["k"])
@@ -89,27 +90,34 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
             measured = [(k, r.metrics.get("speedup")) for k, r in zip(ks, group) if r.metrics.get("speedup")]
             if measured:
                 ax_up.plot(*zip(*measured), "o-", color=color, label=f"{label} measured")
+                drawn.add("measured")
             predicted = [(k, r.metrics.get("predicted_speedup")) for k, r in zip(ks, group)
                          if r.metrics.get("predicted_speedup")]
             if predicted:
                 ax_up.plot(*zip(*predicted), "x", color=color, markersize=9, label=f"{label} predicted (measured tau)")
+                drawn.add("predicted")
             alpha, costs, tokens = pooled_model(group)
             grid = sorted(set(KS) | set(ks))
             if alpha is not None:
                 ax_tau.plot(grid, [expected_tau(alpha, k) for k in grid], "--", color=color, alpha=0.7,
-                            label=f"{label} expected, alpha={alpha:.2f}")
+                            label=f"{label} expected, pooled alpha={alpha:.2f}")
+                drawn.add("expected")
             if alpha is not None and costs and all(k_priced(r) for r in group):  # else the curve misprices it
                 curve = chain_speedup_by_k(alpha, costs, tuple(grid), tokens)
                 caveat = ", implausible costs" if costs.get("implausible") else ""
                 ax_up.plot(list(curve), list(curve.values()), "--", color=color, alpha=0.7,
                            label=f"{label} cost model (rec. k={recommend_k(curve)}{caveat})")
+                drawn.add("model")
         ax_tau.set(xlabel="draft length k", ylabel="tau")
-        ax_tau.set_title("tau (tokens per target forward) vs k\nmeasured (o), expected from fitted alpha (dashed)",
+        ax_tau.set_title("tau (tokens per target forward) vs k\nmeasured (o)"
+                         + (", expected from alpha fitted over the series (dashed)" if "expected" in drawn else ""),
                          fontsize=10)
         ax_up.axhline(1.0, color="gray", lw=0.8)
         ax_up.set(xlabel="draft length k", ylabel="speedup over autoregressive")
-        ax_up.set_title("Speedup vs k: measured (o), predicted from measured tau (x),\n"
-                        "cost model with fitted alpha (dashed)", fontsize=10)
+        said = [part for key, part in (("measured", "measured (o)"), ("predicted", "predicted from measured tau (x)"),
+                                       ("model", "cost model with fitted alpha (dashed)")) if key in drawn]
+        ax_up.set_title("Speedup vs k: " + (", ".join(said[:2]) + (",\n" + said[2] if said[2:] else "") if said
+                                            else "none measured (no baseline)"), fontsize=10)
         for ax in (ax_tau, ax_up):
             _finish_axes(ax)
         save(fig, "tau_speedup_vs_k")

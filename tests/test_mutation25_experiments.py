@@ -103,7 +103,7 @@ def test_the_k_chart_sorts_runs_by_k_and_draws_the_expected_tau_over_every_k(tmp
     assert _by_label(lines, "all runs")[0][0] == [2, 10]
     assert _by_label(lines, "all runs predicted (measured tau)")[0][:2] == ((2, 10), (1.4, 1.7))
     alpha = pooled_model(runs)[0]
-    (expected,) = [args for name, args, _ in lines if name and "expected, alpha=" in name]
+    (expected,) = [args for name, args, _ in lines if name and "expected, pooled alpha=" in name]
     assert expected[0] == [*KS, 10] and expected[1] == pytest.approx([expected_tau(alpha, k) for k in [*KS, 10]])
 
 
@@ -364,3 +364,28 @@ def test_the_deficit_is_the_largest_gap_to_the_argmax_at_each_generated_position
     best, worst = torch.cat([ids, z.argmax().view(1, 1)], 1), torch.cat([ids, z.argmin().view(1, 1)], 1)
     assert greedy_check.greedy_deficit(target, best, 3) == 0.0
     assert greedy_check.greedy_deficit(target, worst, 3) == pytest.approx(float(z.max() - z.min()), rel=1e-5)
+
+
+def test_the_speedup_charts_title_names_only_the_series_it_draws(tmp_path, monkeypatch):
+    """A trial's costs=false sweep drew the measured line alone under a title promising predicted crosses and a
+    cost-model curve; with costs, all three are named."""
+    from experiments.report_plots import make_plots
+
+    titles = _calls(monkeypatch, "set_title")
+
+    def speedup_title() -> str:
+        (title,) = [args[0] for _, args, _ in titles if args[0].startswith("Speedup vs k")]
+        return title
+
+    runs = _k_runs(tmp_path, (2, 3))
+    for run in runs:
+        run.summary["cost_model"] = {"costs": None}
+    make_plots(runs, [K_KEY], tmp_path)
+    assert "measured (o)" in speedup_title() and "predicted" not in speedup_title()
+    assert "cost model" not in speedup_title()
+    titles.clear()
+    runs = _k_runs(tmp_path, (2, 3))
+    for run, predicted in zip(runs, (1.4, 1.7)):
+        run.summary["metrics"]["predicted_speedup"] = predicted
+    make_plots(runs, [K_KEY], tmp_path)
+    assert all(part in speedup_title() for part in ("measured (o)", "predicted from measured tau (x)", "cost model"))

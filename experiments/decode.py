@@ -39,6 +39,7 @@ from experiments.results import (
     BASELINE,
     RECORDS_FILE,
     SPECULATIVE,
+    SUMMARY_FILE,
     MethodResults,
     ResultsWriter,
     build_summary,
@@ -212,6 +213,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     for message in previous.messages:
         print(message, file=sys.stderr)
     if previous.complete is not None:
+        show_skipped(previous.complete, run_dir)
         return backfill_logger(cfg, run_dir, previous.complete, logger, hydra_info)
     model_cfg, pinned = resume.pinned_model(cfg.model, previous)
     drafter_cfg, pinned_head = resume.pinned_drafter(cfg.drafter, previous)
@@ -312,6 +314,17 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         print(f"warning: {warning}", file=sys.stderr)
     print(f"results: {writer.records_path} and {writer.summary_path}")
     return summary
+
+
+def show_skipped(summary: dict, run_dir: Path) -> None:
+    """Print a skipped complete run's table from its summary, as the run printed it (a rerun showed only "skipping
+    ...", its numbers left in summary.json); a summary of an older layout is named, not printed."""
+    try:
+        table = format_table(summary)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        table = f"(the earlier summary's layout is older than this version's table: see {run_dir / SUMMARY_FILE})"
+    print(table)
+    print(f"results: {run_dir / RECORDS_FILE} and {run_dir / SUMMARY_FILE}")
 
 
 def backfill_logger(cfg: DictConfig, run_dir: Path, summary: dict, logger: Logger | None, hydra_info: dict) -> dict:

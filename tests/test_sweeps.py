@@ -271,7 +271,14 @@ def test_a_run_from_before_a_key_was_added_is_this_configs(prompts_file, tmp_pat
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     capsys.readouterr()
     decode.run(compose_cfg(*args), tmp_path)
-    assert "complete results for this config are already there" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "complete results for this config are already there" in said.err
+    assert said.out.split()[:1] == ["method"] and "speculative" in said.out  # its table, as the run printed it
+    assert f"results: {tmp_path / 'records.jsonl'}" in said.out
+    del summary["metrics"]["speculative"]["time_split"]
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    decode.run(compose_cfg(*args), tmp_path)  # an older summary's layout: named, never a traceback
+    assert "layout is older than this version's table" in capsys.readouterr().out
     decode.run(compose_cfg(*args, "sampling.temperature=1", "sampling.min_p=0.1", "acceptance=rejection"), tmp_path)
     assert "differs in acceptance._target_, sampling.min_p, sampling.temperature" in capsys.readouterr().err
 

@@ -53,7 +53,8 @@ TREE_SAMPLINGS = tuple(mode for mode in SAMPLING_MODES if mode != "chain")
 def check_tree_sampling(value, key: str = "tree_sampling") -> str:
     """``value`` if it is one of :data:`TREE_SAMPLINGS`, else :class:`ConfigError` naming them."""
     if value not in TREE_SAMPLINGS:
-        raise ConfigError(f"{key}={value!r} is unknown; choose one of {list(TREE_SAMPLINGS)}")
+        chain = " (a chain: leave tree= unset, tree=none on the command line)" if value == "chain" else ""
+        raise ConfigError(f"{key}={value!r} is unknown; choose one of {list(TREE_SAMPLINGS)}{chain}")
     return value
 
 

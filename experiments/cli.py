@@ -294,7 +294,9 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
 
         @functools.wraps(app)
         def main() -> None:
-            sys.argv[1:] = hydra_flags_first(sys.argv[1:])
+            from experiments.overrides import hydra_flags_last
+
+            sys.argv[1:] = hydra_flags_last(sys.argv[1:])
             with _failed_jobs() as failed, _hydra_errors_raised():  # compose-time errors reach guarded_app
                 guarded_app()
                 failures = sorted(json.loads(p.read_text()) for p in failed.glob("*.json"))
@@ -305,39 +307,6 @@ def hydra_main(config_name: str, *extra_input_errors: type[BaseException], confi
                 sys.exit(max(status for *_, status in failures))
         return main
     return decorate
-
-
-MULTIRUN_FLAGS = ("-m", "--multirun")
-
-#: Hydra's flags that take a value (the next argument unless written ``--flag=value``), and ``--info``, whose value
-#: is optional and one of its choices.
-VALUE_FLAGS = ("-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
-               "--config-dir", "--experimental-rerun")
-INFO_FLAGS = ("-i", "--info")
-INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
-
-
-def hydra_flags_first(args: list[str]) -> list[str]:
-    """``args`` with Hydra's flags (and their values) moved before the overrides: Hydra's argparse takes the overrides
-    as one run of positional arguments, so ``key=a -m key2=b,c`` or ``key=a --cfg job key2=b`` stopped at a usage
-    dump ("unrecognized arguments"). A repeated ``-m`` is kept once."""
-    flags: list[str] = []
-    overrides: list[str] = []
-    at = 0
-    while at < len(args):
-        arg, after = args[at], args[at + 1:at + 2]
-        taken = 2 if after and _takes_value(arg, after[0]) else 1
-        if not arg.startswith("-"):
-            overrides.append(arg)
-        elif arg not in MULTIRUN_FLAGS or not set(flags) & set(MULTIRUN_FLAGS):
-            flags.extend(args[at:at + taken])
-        at += taken
-    return [*flags, *overrides]
-
-
-def _takes_value(flag: str, following: str) -> bool:
-    """Whether the argument after ``flag`` is its value."""
-    return flag in VALUE_FLAGS or (flag in INFO_FLAGS and following in INFO_CHOICES)
 
 
 #: The exit status after Ctrl-C (128 + SIGINT, as a shell reports it).

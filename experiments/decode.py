@@ -87,9 +87,9 @@ def encode_prompts(prompts: list, tokenizer: Any, max_prompt_tokens: int | None,
             raise ConfigError(f"prompt {prompt.question_id!r} is empty after tokenization")
         encoded.append(EncodedPrompt(prompt.question_id, prompt.category, ids.to(device)))
     if any(p.messages is not None for p in prompts) and not getattr(tokenizer, "chat_template", None):
-        log.warning("the target's tokenizer has no chat template: the prompt set's chats are given to it as "
-                    "'role: content' lines ending in 'assistant:', which a model not trained on chats may not "
-                    "answer (a chat set measures a chat target, e.g. model=smollm2)")
+        print("warning: the target's tokenizer has no chat template: the prompt set's chats are given to it as "
+              "'role: content' lines ending in 'assistant:', which a model not trained on chats may not answer (a "
+              "chat set measures a chat target, e.g. model=smollm2)", file=sys.stderr)
     return encoded
 
 
@@ -213,7 +213,7 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
     for message in previous.messages:
         print(message, file=sys.stderr)
     if previous.complete is not None:
-        show_skipped(previous.complete, run_dir)
+        show_results(previous.complete, run_dir)  # a rerun showed only "skipping ..."
         return backfill_logger(cfg, run_dir, previous.complete, logger, hydra_info)
     model_cfg, pinned = resume.pinned_model(cfg.model, previous)
     drafter_cfg, pinned_head = resume.pinned_drafter(cfg.drafter, previous)
@@ -309,21 +309,20 @@ def run(cfg: DictConfig, run_dir: str | Path, logger: Logger | None = None, hydr
         if status == "complete":
             guarded.log_summary(summary)
         guarded.finish()
-    print(format_table(summary))
-    for warning in summary.get("warnings", []):
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"results: {writer.records_path} and {writer.summary_path}")
+    show_results(summary, run_dir)
     return summary
 
 
-def show_skipped(summary: dict, run_dir: Path) -> None:
-    """Print a skipped complete run's table from its summary, as the run printed it (a rerun showed only "skipping
-    ...", its numbers left in summary.json); a summary of an older layout is named, not printed."""
+def show_results(summary: dict, run_dir: Path) -> None:
+    """Print a run's table, warnings and result files from its ``summary`` (a finished run's, or a skipped complete
+    run's as the run printed them); a summary of an older layout is named, not printed."""
     try:
         table = format_table(summary)
     except (KeyError, TypeError, ValueError, AttributeError):
         table = f"(the earlier summary's layout is older than this version's table: see {run_dir / SUMMARY_FILE})"
     print(table)
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"results: {run_dir / RECORDS_FILE} and {run_dir / SUMMARY_FILE}")
 
 

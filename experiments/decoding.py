@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from experiments.results import MethodResults, untimed_phases_nulled
+from experiments.results import STEP_PHASE_TIMES, MethodResults, steps_split, untimed_phases_nulled
 
 #: A batched row's stats that are its batch's, not its own: null in its record (``record["batch"]`` has the phases).
-ROW_UNTIMED = ("time_prefill", "time_draft", "time_verify", "time_accept", "time_other")
+ROW_UNTIMED = ("time_prefill", *STEP_PHASE_TIMES)
 #: What a batch's records share of its aggregate stats (the batch's wall time and its split).
 BATCH_KEYS = ("new_tokens", "time_total", "time_prefill", "time_draft", "time_verify", "time_accept", "time_compile",
               "batch_steps")
@@ -50,7 +50,7 @@ def decode_group(decoder: Any, group: list[tuple[int, EncodedPrompt]], method: s
     else:
         out = decoder.generate_batch([p.input_ids for _, p in group], max_new_tokens=max_new_tokens, seeds=seeds)
         pairs = list(zip(out.sequences, out.row_stats))
-        batch = {"id": batch_id, "size": len(group), **{k: getattr(out.stats, k) for k in BATCH_KEYS}}
+        batch = {"id": batch_id, "size": len(group), **batch_times(out.stats)}
     records = []
     for (index, prompt), (seq, stats) in zip(group, pairs):
         record = _record(index, prompt, seq, stats, method, drafter_name, seed, tokenizer, batch)
@@ -69,13 +69,22 @@ def decode_continuous(decoder: Any, pending: list[tuple[int, EncodedPrompt]], me
     def on_row(i: int, seq, stats, so_far) -> None:
         index, prompt = pending[i]
         batch = {"id": batch_id, "size": max_rows, "mode": "continuous", "rows": len(pending),
-                 **{k: getattr(so_far, k) for k in BATCH_KEYS}}
+                 **batch_times(so_far)}
         record = _record(index, prompt, seq, stats, method, drafter_name, seed, tokenizer, batch)
         results.add(prompt.question_id, stats, record["tokens"], batch)
         emit(index, record)
 
     decoder.generate_batch([p.input_ids for _, p in pending], max_new_tokens=max_new_tokens, seeds=seeds,
                            max_rows=max_rows, on_row=on_row)
+
+
+def batch_times(stats: Any) -> dict:
+    """A batch's :data:`BATCH_KEYS` from its aggregate ``stats``; the phase times null where the fixed-shape step
+    did not time them apart (as in the summary: :func:`experiments.results.untimed_phases_nulled`)."""
+    times = {k: getattr(stats, k) for k in BATCH_KEYS}
+    if not steps_split({"target_forwards": stats.target_forwards, "time_verify": stats.time_verify}):
+        times.update(dict.fromkeys(set(BATCH_KEYS) & set(STEP_PHASE_TIMES)))
+    return times
 
 
 def _record(index: int, prompt: EncodedPrompt, seq, stats, method: str, drafter_name: str, seed: int, tokenizer: Any,

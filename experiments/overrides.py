@@ -52,6 +52,44 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+#: Hydra's flags that take a value (the next argument unless written ``--flag=value``); ``--info``, whose value is
+#: optional and one of :data:`INFO_CHOICES`; and those that take none.
+VALUE_FLAGS = ("-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
+               "--config-dir", "--experimental-rerun")
+INFO_FLAGS = ("-i", "--info")
+INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+BARE_FLAGS = (*MULTIRUN_FLAGS, "-h", "--help", "--hydra-help", "--version", "--resolve", "-r", "--run", "-sc",
+              "--shell-completion")
+
+
+def hydra_flags_last(args: list[str]) -> list[str]:
+    """``args`` with the overrides first and Hydra's flags (with their values) after them: Hydra's argparse takes
+    the overrides as one run of positional arguments, so ``key=a -m key2=b,c`` or ``key=a --cfg job key2=b``
+    stopped at a usage dump ("unrecognized arguments"). A repeated ``-m`` is kept once. ``args`` are left as they
+    are where a flag is not one of Hydra's spelled out (an abbreviation such as ``--cf``, ``-cjob``): argparse
+    reads those, and which argument is its value is its business."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    at = 0
+    while at < len(args):
+        arg, after = args[at], args[at + 1:at + 2]
+        if arg.startswith("-") and arg.split("=", 1)[0] not in (*BARE_FLAGS, *VALUE_FLAGS, *INFO_FLAGS):
+            return list(args)
+        taken = 2 if after and "=" not in arg and _takes_value(arg, after[0]) else 1
+        if not arg.startswith("-"):
+            overrides.append(arg)
+        elif arg not in MULTIRUN_FLAGS or not set(flags) & set(MULTIRUN_FLAGS):
+            flags.extend(args[at:at + taken])
+        at += taken
+    return [*overrides, *flags]
+
+
+def _takes_value(flag: str, following: str) -> bool:
+    """Whether the argument after ``flag`` is its value."""
+    return flag in VALUE_FLAGS or (flag in INFO_FLAGS and following in INFO_CHOICES)
+
+
 #: Groups whose options are diffs of the whole config: several of them compose (``experiment=[a,b]``).
 MERGEABLE_GROUPS = {"experiment", "sweep"}
 

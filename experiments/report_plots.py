@@ -117,7 +117,7 @@ def make_plots(runs: list[Run], swept: list[str], out: Path) -> dict[str, Path]:
         said = [part for key, part in (("measured", "measured (o)"), ("predicted", "predicted from measured tau (x)"),
                                        ("model", "cost model with fitted alpha (dashed)")) if key in drawn]
         ax_up.set_title("Speedup vs k: " + (", ".join(said[:2]) + (",\n" + said[2] if said[2:] else "") if said
-                                            else "none measured (no baseline)"), fontsize=10)
+                                            else "none measured"), fontsize=10)
         for ax in (ax_tau, ax_up):
             _finish_axes(ax)
         save(fig, "tau_speedup_vs_k")

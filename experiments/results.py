@@ -77,7 +77,7 @@ class MethodResults:
         merged = DecodeStats.merge(self.stats)
         if self.batches:
             for name in (*TIME_FIELDS, "time_compile", "batch_steps"):  # the last two: absent in older records
-                setattr(merged, name, sum(b.get(name, 0) for b in self.batches.values()))
+                setattr(merged, name, sum(b.get(name) or 0 for b in self.batches.values()))  # null: not timed
         out = {k: v for k, v in merged.to_dict().items() if k not in _PER_STEP_KEYS}
         out["num_prompts"] = len(self.stats)
         out["time_split"] = time_split(merged)

@@ -230,14 +230,17 @@ class SpeculativeDecoder:
 
 
 def _check_ids(input_ids: torch.Tensor, target) -> None:
-    """Raise if ``input_ids [1, T]`` holds an id outside the target's vocabulary (the embedding's rows): torch's
-    lookup would fail with a bare IndexError."""
-    rows = target.get_input_embeddings().num_embeddings
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= rows:
-        bad = low if low < 0 else high
-        raise SpecDecError(f"input_ids holds the id {bad}, outside the target's vocabulary of {rows} ids (0 .. "
-                           f"{rows - 1}): encode the prompt with the target's own tokenizer")
+    """Raise if ``input_ids [1, T]`` holds an id outside the target's vocabulary (its embedding table's rows; a
+    negative id only, where the embedding is a wrapper that may map ids past its table): torch's lookup would fail
+    with a bare IndexError."""
+    embedding = target.get_input_embeddings()
+    rows = embedding.num_embeddings if isinstance(embedding, torch.nn.Embedding) else None
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one pass, one host sync
+    if low < 0 or (rows is not None and high >= rows):
+        bad, vocabulary = (low, "") if low < 0 else (high, f" of {rows} ids (0 .. {rows - 1})")
+        raise SpecDecError(f"input_ids holds the id {bad}, outside the target's vocabulary{vocabulary}: encode the "
+                           "prompt with the target's own tokenizer (if it was, that tokenizer holds more ids than "
+                           "the model's embedding: resize the embedding to the tokenizer)")
 
 
 def _check_context(t: int, max_new_tokens: int, limit: int | None, whose: str, other_fix: str = "") -> None:

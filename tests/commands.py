@@ -11,7 +11,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-from experiments.cli import MULTIRUN_FLAGS
+from experiments.overrides import MULTIRUN_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 HYDRA_CONFIGS = {"experiments.decode": "config", "experiments.build_zoo": "build_zoo",

@@ -271,17 +271,33 @@ def test_a_jobs_error_note_is_its_last_commands(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------- Hydra's flags among the overrides
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["a=1", "-m", "b=2,3"], ["-m", "a=1", "b=2,3"]),
-    (["a=1", "--cfg", "job", "b=2"], ["--cfg", "job", "a=1", "b=2"]),
-    (["a=1", "-c", "job", "-p", "drafter", "~b"], ["-c", "job", "-p", "drafter", "a=1", "~b"]),
-    (["a=1", "--info", "b=2"], ["--info", "a=1", "b=2"]),  # --info's value is optional: b=2 stays an override
-    (["a=1", "-i", "config", "b=2"], ["-i", "config", "a=1", "b=2"]),
-    (["--cfg=job", "a=1", "--multirun", "-m"], ["--cfg=job", "--multirun", "a=1"]),  # a repeated -m kept once
-    (["a=1", "b=2"], ["a=1", "b=2"]),
+@pytest.mark.parametrize("args", [
+    ["a=1", "-m", "b=2,3"], ["a=1", "--cfg", "job", "b=2"], ["a=1", "-c", "job", "-p", "drafter", "~b", "+c=1"],
+    ["a=1", "--info"], ["a=1", "-i", "config", "b=2"], ["-cn", "config", "a=1", "--info"],
+    ["--cfg=job", "a=1", "--multirun", "-m", "++c=2", "key=-1"], ["a=1", "b=2"], ["-m", "a=1"],
 ])
-def test_hydra_flags_move_before_the_overrides_with_their_values(args, expected):
-    assert cli.hydra_flags_first(args) == expected
+def test_hydra_flags_go_after_the_overrides_meaning_what_they_meant(args):
+    """Hydra's parser reads the reordered arguments as argparse's intermixed reading of the given ones, where Hydra's
+    own stopped at a usage dump (an override after a flag); a repeated -m is kept once. The first version moved the
+    flags first, which made a bare ``--info`` take the next override as its value."""
+    from hydra._internal.utils import get_args_parser
+
+    from experiments.overrides import hydra_flags_last
+
+    parser = get_args_parser()
+    meant = vars(parser.parse_intermixed_args(args))
+    assert vars(parser.parse_args(hydra_flags_last(args))) == meant
+    # argparse itself takes b=2 for --info's value (an invalid choice): an override it is, as --info takes no other
+    assert hydra_flags_last(["a=1", "--info", "b=2"]) == ["a=1", "b=2", "--info"]
+
+
+@pytest.mark.parametrize("args", [["a=1", "--cf", "job", "b=2"], ["a=1", "-cjob"], ["a=1", "--config-n", "x"]])
+def test_an_abbreviated_flag_leaves_the_arguments_as_given(args):
+    """argparse reads abbreviations, and which argument is their value is its business (moving ``job`` of ``--cf
+    job`` to the overrides broke a command that ran before)."""
+    from experiments.overrides import hydra_flags_last
+
+    assert hydra_flags_last(args) == args
 
 
 def test_a_flag_after_the_overrides_runs_instead_of_a_usage_dump(tmp_path):

@@ -64,11 +64,11 @@ def test_time_split_of_a_fixed_shape_step_is_none_where_no_phase_was_timed():
 
 def test_a_fixed_shape_steps_phase_times_are_null_in_its_records_and_summary_not_0():
     """A trial read a compile=static run's ``time_verify: 0.0`` as verification costing nothing: the phase times
-    the step did not take apart are null in its record and in the summary's metrics; a split step keeps them, and
-    a record read back counts them as 0 again."""
+    the step did not take apart are null in its record, in a batch's entry and in the summary's metrics; a split
+    step keeps them, and a record read back counts them as 0 again."""
     import torch
 
-    from experiments.decoding import _record
+    from experiments.decoding import _record, batch_times
     from experiments.results import STEP_PHASE_TIMES, stats_from_dict
 
     prompt = SimpleNamespace(question_id=0, category="c", input_ids=torch.tensor([[1, 2]]))
@@ -85,6 +85,13 @@ def test_a_fixed_shape_steps_phase_times_are_null_in_its_records_and_summary_not
         metrics = results.metrics()
         assert all((metrics[key] is None) == nulled for key in STEP_PHASE_TIMES), metrics
         assert metrics["time_total"] == 1.0 and (metrics["time_split"]["verify"] is None) == nulled
+        batch = {"id": 0, "size": 2, **batch_times(stats)}  # a batch's entry, in each of its records
+        assert all((batch[key] is None) == nulled for key in STEP_PHASE_TIMES if key in batch), batch
+        batched = MethodResults()
+        for qid in (0, 1):
+            batched.add(qid, DecodeStats(new_tokens=5, target_forwards=5), [3], batch)
+        metrics = batched.metrics()  # summed over the batches: null counts as not timed, never a TypeError
+        assert metrics["time_total"] == 1.0 and all((metrics[key] is None) == nulled for key in STEP_PHASE_TIMES)
 
 
 def test_a_batched_runs_batch_size_is_its_largest_batch():

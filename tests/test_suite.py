@@ -61,7 +61,7 @@ def test_chats_are_formatted_with_the_targets_chat_template():
     assert prompt_text(Prompt(1, "x", "raw text"), tok) == "raw text"  # plain records stay as they are
 
 
-def test_chats_given_to_a_target_without_a_chat_template_are_warned_of(caplog):
+def test_chats_given_to_a_target_without_a_chat_template_are_warned_of(capsys):
     """A trial's ``dataset=suite`` on the code-only default pair decoded '\\n#\\n#' answers at 1.38x with no word
     that the chats went in as a plain transcript."""
     from experiments.decode import encode_prompts
@@ -71,9 +71,8 @@ def test_chats_given_to_a_target_without_a_chat_template_are_warned_of(caplog):
     chat, plain = Prompt(0, "qa", "hi", messages=[{"role": "user", "content": "hi"}]), Prompt(1, "x", "raw text")
     for prompts, template, warned in (([plain], None, False), ([plain, chat], None, True), ([chat], "t", False)):
         tok.chat_template = template
-        caplog.clear()
         encode_prompts(prompts, tok, None, "cpu")
-        assert ("has no chat template" in caplog.text) == warned, (prompts, template)
+        assert ("warning: the target's tokenizer has no chat template" in capsys.readouterr().err) == warned
 
 
 def test_without_pydoc_data_dataset_suite_is_one_error_line(tmp_path):

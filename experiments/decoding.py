@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from experiments.results import STEP_PHASE_TIMES, MethodResults, steps_split, untimed_phases_nulled
+from experiments.results import STEP_PHASE_TIMES, MethodResults, phases_timed, untimed_phases_nulled
 
 #: A batched row's stats that are its batch's, not its own: null in its record (``record["batch"]`` has the phases).
 ROW_UNTIMED = ("time_prefill", *STEP_PHASE_TIMES)
@@ -82,7 +82,7 @@ def batch_times(stats: Any) -> dict:
     """A batch's :data:`BATCH_KEYS` from its aggregate ``stats``; the phase times null where the fixed-shape step
     did not time them apart (as in the summary: :func:`experiments.results.untimed_phases_nulled`)."""
     times = {k: getattr(stats, k) for k in BATCH_KEYS}
-    if not steps_split({"target_forwards": stats.target_forwards, "time_verify": stats.time_verify}):
+    if not phases_timed(stats):
         times.update(dict.fromkeys(set(BATCH_KEYS) & set(STEP_PHASE_TIMES)))
     return times
 

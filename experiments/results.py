@@ -113,6 +113,11 @@ def steps_split(metrics: dict) -> bool:
 STEP_PHASE_TIMES = ("time_draft", "time_verify", "time_accept", "time_other")
 
 
+def phases_timed(stats: DecodeStats) -> bool:
+    """:func:`steps_split` of a :class:`DecodeStats` (a run's, a row's or a batch's aggregate)."""
+    return steps_split({"target_forwards": stats.target_forwards, "time_verify": stats.time_verify})
+
+
 def untimed_phases_nulled(stats: dict) -> dict:
     """``stats`` (a ``DecodeStats.to_dict`` or a summary's metrics) with :data:`STEP_PHASE_TIMES` null where its
     steps were not timed phase by phase; unchanged otherwise."""
@@ -131,7 +136,7 @@ def time_split(stats: DecodeStats) -> dict:
         "other": stats.time_other,
     }
     split = {name: (value / total if total > 0 else 0.0) for name, value in parts.items()}
-    if not steps_split({"target_forwards": stats.target_forwards, "time_verify": stats.time_verify}):
+    if not phases_timed(stats):
         split.update(dict.fromkeys(("draft", "verify", "accept_commit", "other")))
     return split
 

@@ -55,9 +55,9 @@ def measure_run_costs(cfg: DictConfig, step_shape: Any, models: LoadedModels, en
     from experiments import cost_measure as costs
 
     lengths = [p.input_ids.shape[1] for p in encoded]
-    context = costs.run_context(lengths, cfg.max_new_tokens)
-    prefill = round(sum(lengths) / len(lengths)) - 1  # the decoder prefills all but the last prompt token
     try:
+        context = costs.run_context(lengths, cfg.max_new_tokens)
+        prefill = round(sum(lengths) / len(lengths)) - 1  # the decoder prefills all but the last prompt token
         return costs.measure_run_costs(models.target, step_shape, context, prefill, cfg.attn_backend, None,
                                        ": costs=false skips them")
     except Exception as exc:  # noqa: BLE001  (a prediction is a bonus: never lose the run over it)

@@ -147,6 +147,8 @@ def check_draft_vocab(cfg: DictConfig, target) -> tuple[int, int]:
     from specdec.models import text_config
 
     size, vocab = int(cfg.get("draft_vocab") or 0), int(text_config(target).vocab_size)
+    if size < 0:
+        raise ConfigError(f"draft_vocab={size} is negative: use 0 for the whole vocabulary, or a size below {vocab}")
     if size >= vocab:
         raise ConfigError(f"draft_vocab={size} is not below the target's vocabulary of {vocab} tokens: use 0 for the "
                           "whole vocabulary, or fewer tokens")

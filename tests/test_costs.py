@@ -257,6 +257,7 @@ def test_the_run_measures_the_prefill_the_decoder_runs(monkeypatch):
     assert run_costs(cfg, "shape", SimpleNamespace(target=target), encoded) == {"target": {}}
     assert seen == [(target, "shape", 6 + 5, 7 - 1, "sdpa", None, ": costs=false skips them")]
     assert run_costs(OmegaConf.create({"costs": False}), "shape", None, encoded) is None
+    assert run_costs(cfg, "shape", SimpleNamespace(target=target), []) is None  # a warning, not ZeroDivisionError
 
 
 def test_a_curve_where_fewer_tokens_cost_far_more_is_implausible():

@@ -186,6 +186,8 @@ def test_the_draft_vocabulary_and_answer_length_bounds():
     with pytest.raises(ConfigError, match="draft_vocab=64 is not below the target's vocabulary of 64"):
         head_data.check_draft_vocab(OmegaConf.create({"draft_vocab": 64}), model)
     assert head_data.check_draft_vocab(OmegaConf.create({"draft_vocab": 63}), model) == (63, 64)
+    with pytest.raises(ConfigError, match="draft_vocab=-3 is negative: use 0 for the whole vocabulary"):
+        head_data.check_draft_vocab(OmegaConf.create({"draft_vocab": -3}), model)
     with pytest.raises(ConfigError, match="generated_max_new_tokens=True"):
         head_data.answer_settings(OmegaConf.create({"generated_max_new_tokens": True}))
 

@@ -5,6 +5,7 @@ loads, from the cache's directory names (``<cache>/medusa/<model>-<fingerprint>`
 them, so a directory for another conversion of the model is still refused there."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
@@ -55,23 +56,30 @@ def _cached(kind: str, node: DictConfig, name: str, cache_dir, key: str) -> Path
     if kind == "medusa":
         from drafters.medusa_heads import CONFIG_FILE, default_heads_dir
 
-        parent, patterns, config_file = default_heads_dir("x", cache_dir).parent, [f"{entry}-*"], CONFIG_FILE
+        parent, prefixes, config_file = default_heads_dir("x", cache_dir).parent, [entry], CONFIG_FILE
     else:
         from drafters.eagle_heads import FILES, default_heads_dir
 
         versions = [node.version] if node.get("version") else ["eagle2", "eagle3"]
         parent, config_file = default_heads_dir("eagle2", "x", cache_dir).parent, FILES.config_file
-        patterns = [f"{v}-{entry}-*" for v in versions]
+        prefixes = [f"{v}-{entry}" for v in versions]
     unfinished = []
-    for pattern in patterns:
-        found = [p for p in parent.glob(pattern) if (p / config_file).is_file()]
+    for prefix in prefixes:
+        found = [p for p in _named(parent, prefix) if (p / config_file).is_file()]
         if found:
             return max(found, key=lambda p: (p / config_file).stat().st_mtime)
-        unfinished += [p for p in parent.glob(pattern) if (p / "checkpoint.pt").is_file()]
+        unfinished += [p for p in _named(parent, prefix) if (p / "checkpoint.pt").is_file()]
     version = f" version={node.version}" if kind == "eagle" and node.get("version") else ""
     train = f"python -m experiments.train_{kind} target={name}{version}" + (f" cache_dir={cache_dir}" if cache_dir else "")
     label = {"medusa": "Medusa heads", "eagle": "EAGLE heads"}[kind]
     cut = f"; the training at {unfinished[0]} has not finished (its checkpoint.pt is there): rerun it" if unfinished else ""
     raise ConfigError(f"{key}=null with model={name}: no {label} are cached for it ({parent}/"
-                      f"{' or '.join(patterns)}{cut}); train them with `{train}` (README: 'A real target'), "
+                      f"{' or '.join(p + '-<fingerprint>' for p in prefixes)}{cut}); train them with `{train}` (README: 'A real target'), "
                       f"or set {key}=<heads dir>")
+
+
+def _named(parent: Path, prefix: str) -> list[Path]:
+    """The directories ``<prefix>-<fingerprint>`` in ``parent`` (ten hex digits: ``head_training.target_dir_name``;
+    not ``<prefix>-Instruct-<fingerprint>``, another model's whose name starts alike)."""
+    pattern = re.compile(re.escape(prefix) + r"-[0-9a-f]{10}")
+    return [p for p in parent.glob(f"{prefix}-*") if pattern.fullmatch(p.name)]

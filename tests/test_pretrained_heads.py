@@ -33,6 +33,7 @@ def test_medusa_heads_null_finds_the_newest_heads_cached_for_the_model(tmp_path)
     newest = _heads(tmp_path, "medusa", f"{entry}-1111111111")
     _heads(tmp_path, "medusa", "zoo-default")  # the embedded pair's: not for this model
     (tmp_path / "medusa" / f"{entry}-2222222222").mkdir()  # no config: an unfinished training
+    _heads(tmp_path, "medusa", f"{entry}-Instruct-3333333333")  # another model whose name starts alike: newer
     cfg = _cfg(tmp_path, "drafter=medusa")
     assert pretrained_heads(cfg) == [f"drafter.heads=null: the heads cached for model=smollm2, {newest}"]
     assert cfg.drafter.heads == str(newest)

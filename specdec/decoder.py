@@ -249,7 +249,8 @@ def _check_context(t: int, max_new_tokens: int, limit: int | None, whose: str, o
     if limit is not None and t >= limit:  # a prompt that fills the context leaves no room for a new token
         relation = "longer than" if t > limit else "as long as"
         raise SpecDecError(f"prompt has {t} tokens, {relation} {whose} of {limit}: shorten it "
-                           f"(e.g. dataset.max_prompt_tokens={limit // 2}){other_fix}")
+                           f"to at most {limit - 1} tokens (in a run, e.g. dataset.max_prompt_tokens={limit // 2})"
+                           f"{other_fix}")
     if limit is not None and t + max_new_tokens > limit:
         raise SpecDecError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds {whose} of {limit}: "
                            f"lower max_new_tokens to at most {limit - t} or shorten the prompt{other_fix}")

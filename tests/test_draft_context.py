@@ -40,7 +40,8 @@ def test_a_prompt_past_the_drafts_context_is_refused_naming_the_draft(models):
     target, draft, _ = models
     dec = SpeculativeDecoder(target, DraftModelDrafter(draft, num_speculative_tokens=4))
     with pytest.raises(SpecDecError, match="prompt has 40 tokens, longer than the draft model's context of 32: "
-                                           r"shorten it \(e.g. dataset.max_prompt_tokens=16\), or use a draft model"):
+                                           r"shorten it to at most 31 tokens \(in a run, e.g. "
+                                           r"dataset.max_prompt_tokens=16\), or use a draft model"):
         dec.generate(_prompt(40), max_new_tokens=4)
     with pytest.raises(SpecDecError, match=r"prompt \(20 tokens\) \+ max_new_tokens \(16\) exceeds the draft model's "
                                            "context of 32: lower max_new_tokens to at most 12"):

@@ -246,7 +246,8 @@ def prepare(run_dir: str | Path, config: dict, methods: list[str], question_ids:
             seen.add(key)
             state.records.append(record)
     state.messages.append(f"resuming {run_dir} (status {summary.get('status')!r}): {len(state.done)} of "
-                          f"{len(question_ids)} prompts already decoded")
+                          f"{len(question_ids)} prompts already decoded by every method and kept, "
+                          f"{len(question_ids) - len(state.done)} to decode")
     if state.records and isinstance(summary.get("models"), dict):
         state.models = summary["models"]
     if state.records and isinstance(summary.get("drafter_shape"), dict):

@@ -184,7 +184,7 @@ def test_a_prompt_cut_between_its_methods_is_decoded_again_and_its_record_kept_a
     again = decode.run(cfg, tmp_path)
     err = capsys.readouterr().err
     assert "1 earlier prompt(s) that not every method finished (a run cut mid-prompt or mid-batch) are decoded " \
-           "again" in err and "1 of 2 prompts already decoded" in err
+           "again" in err and "1 of 2 prompts already decoded by every method and kept, 1 to decode" in err
     assert again["status"] == "complete" and path.read_text().count("\n") == 4
     aside = list(tmp_path.glob("superseded-*"))
     assert len(aside) == 1 and (aside[0] / "records.jsonl").read_text() == "".join(lines[:-1])

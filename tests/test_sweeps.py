@@ -245,7 +245,7 @@ def test_resume_skips_a_cut_record_and_reruns_only_that_prompt(prompts_file, tmp
     capsys.readouterr()
     again = decode.run(cfg, tmp_path)
     err = capsys.readouterr().err
-    assert "cut mid-line" in err and "2 of 3 prompts already decoded" in err
+    assert "cut mid-line" in err and "2 of 3 prompts already decoded by every method and kept, 1 to decode" in err
     assert again["status"] == "complete" and len(records_of(tmp_path)) == 6
     assert again["metrics"]["speculative"]["tau"] == first["metrics"]["speculative"]["tau"]
     assert again["metrics"]["matches_baseline"] is True

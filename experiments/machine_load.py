@@ -71,5 +71,5 @@ def busy_machine_warnings(share: float | None, load: float | None, threads: int,
     else:
         return []
     why = " (more torch threads than cores)" if threads > cores else ""
-    return [(f"the machine was busy{why}: {said}; timings and speedups are unreliable: rerun on an idle machine "
-             "(num_threads=1 also steadies them)")]
+    steadier = " (num_threads=1 also steadies them)" if threads > 1 else ""
+    return [f"the machine was busy{why}: {said}; timings and speedups are unreliable: rerun on an idle machine{steadier}"]

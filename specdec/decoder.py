@@ -11,7 +11,7 @@ import torch
 
 from specdec.acceptance import AcceptanceRule, checked_result, get_rule
 from specdec.cache import SpecDecCache
-from specdec.drafting import DraftContext, Drafter, proposal
+from specdec.drafting import DraftContext, Drafter, checked_max_nodes, proposal
 from specdec.errors import SpecDecError
 from specdec.models import context_length, synchronize, vocab_size
 from specdec.rng import KeyedRandom
@@ -203,8 +203,9 @@ class SpeculativeDecoder:
 
     def check_inputs(self, input_ids, max_new_tokens) -> None:
         """Raise :class:`SpecDecError` if ``generate(input_ids, max_new_tokens)`` cannot run: a prompt that is not
-        ``LongTensor [1, T]``, is empty, or with ``max_new_tokens`` does not fit the target's context or the
-        drafter's own (:meth:`~specdec.drafting.Drafter.context_length`)."""
+        ``LongTensor [1, T]``, is empty, holds ids outside the vocabulary, or with ``max_new_tokens`` does not fit the
+        target's context or the drafter's own (:meth:`~specdec.drafting.Drafter.context_length`); or a drafter whose
+        ``max_nodes`` is not an int >= 0."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise SpecDecError("input_ids must be a LongTensor of shape [1, T] (e.g. tokenizer(text, return_tensors='pt').input_ids)")
         if input_ids.shape[0] != 1:
@@ -215,6 +216,7 @@ class SpeculativeDecoder:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise SpecDecError(f"max_new_tokens={max_new_tokens!r}: it must be a positive integer")
         _check_ids(input_ids, self.target)
+        checked_max_nodes(self.drafter)
         t = input_ids.shape[1]
         _check_context(t, max_new_tokens, context_length(self.target), "the model's context")
         _check_context(t, max_new_tokens, self.drafter.context_length(), "the draft model's context",

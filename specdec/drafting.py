@@ -6,6 +6,7 @@ nothing here changes.
 from __future__ import annotations
 
 import inspect
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -189,6 +190,9 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | N
     if tree.tokens.dim() != 1 or tree.parents.shape != tree.tokens.shape:
         raise SpecDecError(f"{_named(drafter)}: {call} returned a DraftTree with tokens {tuple(tree.tokens.shape)} "
                            f"and parents {tuple(tree.parents.shape)}; both must be [N]")
+    if tree.tokens.is_floating_point() or tree.tokens.dtype == torch.bool:
+        raise SpecDecError(f"{_named(drafter)}: {call} returned tokens of dtype {tree.tokens.dtype}; token ids must "
+                           "be integers (torch.long)")
     max_nodes = drafter.max_nodes if max_nodes is None else max_nodes
     if tree.num_nodes > max_nodes:
         raise SpecDecError(f"{_named(drafter)}: {call} returned {tree.num_nodes} nodes but its max_nodes is "
@@ -283,6 +287,21 @@ def checked_row_proposals(drafter, trees, max_depths: list[int], max_nodes: int,
             if bool(_bad_probs(tree.draft_probs, tree.tokens)):
                 _raise_bad_probs(drafter, tree, f"propose(max_depths)[row {row}]")
     return checked
+
+
+def checked_max_nodes(drafter: Drafter) -> int:
+    """``drafter.max_nodes`` if it is an int >= 0 (a property: the caches are sized by it), else
+    :class:`SpecDecError` naming the drafter (a plain method there failed later, inside the decoder)."""
+    nodes = drafter.max_nodes
+    try:
+        count = None if isinstance(nodes, bool) else operator.index(nodes)  # an int, or numpy's
+    except TypeError:
+        count = None
+    if count is None or count < 0:
+        what = "a method" if callable(nodes) else repr(nodes)
+        raise SpecDecError(f"{_named(drafter)}: max_nodes is {what}; it must be an int >= 0, the most draft nodes "
+                           "one step proposes (define it with @property, as specdec.drafting.Drafter does)")
+    return count
 
 
 def _named(drafter: Drafter) -> str:

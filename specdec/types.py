@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specdec.errors import SpecDecError
+
 #: How the children of a node were chosen; it decides which acceptance arithmetic is lossless.
 #: ``chain``: a chain of sampled drafts, node i drawn from ``draft_probs[i]`` (one child per node, so
 #: with and without replacement coincide); the tree modes name how siblings were drawn.
@@ -63,7 +65,11 @@ class DraftTree:
     def chain(cls, tokens: torch.Tensor | list[int], draft_probs: torch.Tensor | None = None) -> DraftTree:
         """A chain of ``len(tokens)`` drafts (a tensor ``[N]`` or a list of ids); sampled when ``draft_probs``
         ``[N, V]`` is given."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()  # [N]
+        given = torch.as_tensor(tokens)  # [N]
+        if given.numel() and (given.is_floating_point() or given.dtype == torch.bool):  # an empty list reads as float
+            raise SpecDecError(f"DraftTree.chain: tokens of dtype {given.dtype}; token ids must be integers (a float "
+                               "id would be truncated to another token)")
+        tokens = given.to(torch.long).cpu()  # [N]
         n = int(tokens.shape[0])
         parents = torch.arange(-1, n - 1, dtype=torch.long)  # [N]
         mode = "deterministic" if draft_probs is None else "chain"

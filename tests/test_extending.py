@@ -80,6 +80,16 @@ class ClaimsTooFew(Repeat):
         return 1
 
 
+class NodesAsMethod(Repeat):
+    def max_nodes(self):  # no @property
+        return self.k
+
+
+class FloatTokens(Repeat):
+    def propose(self, max_depth):
+        return DraftTree(tokens=torch.tensor([3.7]), parents=torch.tensor([-1]))
+
+
 class ProbsOverSeven(Repeat):
     def propose(self, max_depth):
         tokens = self.last(max_depth)
@@ -211,14 +221,16 @@ def test_a_rule_that_cannot_be_called_as_rules_are_is_refused_when_built():
 @pytest.mark.parametrize(("drafter", "fragment"), [
     (ReturnsList(), r"ReturnsList: propose\(\) returned a list; return a specdec.types.DraftTree"),
     (ClaimsTooFew(), r"ClaimsTooFew: propose\(\) returned 3 nodes but its max_nodes is 1"),
+    (NodesAsMethod(), r"NodesAsMethod: max_nodes is a method; it must be an int >= 0, .*\(define it with @property"),
+    (FloatTokens(), r"FloatTokens: propose\(\) returned tokens of dtype torch.float32; token ids must be integers"),
     (ProbsOverSeven(), r"ProbsOverSeven: propose\(\) returned draft_probs of shape \(3, 7\); expected \[3, 257\]"),
     (OtherDepthName(), r"OtherDepthName: propose\(\) takes no keyword max_depth"),
     (IgnoresDepth(8), r"IgnoresDepth: propose\(max_depth=5\) returned a tree 8 levels deep; propose at most max_depth"),
     (PastTheVocabulary(), (r"PastTheVocabulary: propose\(\) returned token id 257, outside the target's vocabulary "
                            r"of 257 ids \(0 to 256\)")),
     *[(drafter, r"ProbsOff: propose\(\) " + fragment) for drafter, fragment in BAD_PROBS],
-], ids=["not_a_tree", "too_many_nodes", "wrong_vocabulary", "depth_name", "too_deep", "token_ids", "zero_at_drawn",
-        "scaled_probs", "nan_probs", "negative_probs"])
+], ids=["not_a_tree", "too_many_nodes", "nodes_method", "float_tokens", "wrong_vocabulary", "depth_name", "too_deep",
+        "token_ids", "zero_at_drawn", "scaled_probs", "nan_probs", "negative_probs"])
 def test_what_a_drafter_proposes_is_checked_and_named(drafter, fragment, batch):
     decoder = SpeculativeDecoder(pair("llama")[0], drafter, acceptance="rejection",
                                  sampling=SamplingParams(temperature=1.0))
@@ -290,6 +302,9 @@ def test_a_chain_of_a_list_equals_the_chain_of_its_tensor():
     plain = SpeculativeDecoder(pair("llama")[0], NoDrafter()).generate(PROMPTS[0], max_new_tokens=8)
     assert torch.equal(drafted.sequences, plain.sequences)
     assert torch.equal(DraftTree.chain([5, 6]).tokens, DraftTree.chain(torch.tensor([5, 6])).tokens)
+    assert DraftTree.chain([]).num_nodes == 0
+    with pytest.raises(SpecDecError, match=r"DraftTree.chain: tokens of dtype torch.float32; token ids must be int"):
+        DraftTree.chain([3.7, 4.0])  # not truncated to 3
 
 
 HERE = "tests.test_extending"

@@ -28,6 +28,8 @@ def test_the_rule_waits_for_a_cpu_and_without_pressure_files_reads_the_load():
     assert busy_machine_warnings(None, 2.6, 2, 2)[0].startswith("the machine was busy: load average 2.6 on 2 cores")
     (said,) = busy_machine_warnings(None, 4.0, 4, 2)  # its own threads oversubscribe the cores
     assert said.startswith("the machine was busy (more torch threads than cores): load average 4.0")
+    assert said.endswith("rerun on an idle machine (num_threads=1 also steadies them)")
+    assert busy_machine_warnings(0.5, None, 1, 2)[0].endswith("rerun on an idle machine")  # one thread already
 
 
 def test_the_stall_total_is_read_from_the_first_pressure_file_there(tmp_path, monkeypatch):

@@ -19,17 +19,31 @@ from typing import Any
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     """Call ``write(tmp)`` with the name of a new temp file beside ``path``, then move it onto ``path``.
 
-    The temp file is removed if ``write`` (or the move) fails; ``path`` is then unchanged.
+    The temp file is removed if ``write`` (or the move) fails; ``path`` is then unchanged. ``path`` gets the
+    permissions a plain write would leave (an existing file's own, else the umask's), not the temp file's 0600.
     """
     path = Path(path)
+    mode = _plain_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _plain_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` would leave: an existing file's own, else 0666 less the umask (a
+    shared cache or results directory stays readable by the others who may read it)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)  # reading the umask means setting it: set it back at once
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

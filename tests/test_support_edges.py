@@ -327,3 +327,23 @@ def test_a_file_given_for_a_directory_is_named_as_a_file(tmp_path):
         drafter_paths(node, build=False)
     with pytest.raises(SpecDecError, match=r"^drafter.draft_tokenizer path .* does not exist: .*\(tokenizer.json"):
         drafter_paths(OmegaConf.create({**node, "draft_tokenizer": str(tmp_path / "none")}), build=False)
+
+
+def test_an_atomic_write_gives_the_file_the_mode_a_plain_write_would(tmp_path):
+    """The temp file is made 0600: moved onto the target as it was, every result, summary and cache file of a shared
+    directory was unreadable by the others (a mutation pass found it); a new file gets the umask's mode, a
+    rewritten one keeps its own."""
+    from specdec.files import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain.json"
+        plain.write_text("{}\n", encoding="utf-8")
+        atomic = tmp_path / "summary.json"
+        atomic_write_json(atomic, {"tau": 2.0})
+        assert oct(atomic.stat().st_mode & 0o777) == oct(plain.stat().st_mode & 0o777) == "0o644"
+        plain.chmod(0o640)
+        atomic_write_text(plain, "{}\n")
+        assert oct(plain.stat().st_mode & 0o777) == "0o640"
+    finally:
+        os.umask(old)

@@ -67,8 +67,10 @@ def check_version(version, what: str = "version") -> str:
 
 
 def default_feature_layers(num_layers: int) -> list[int]:
-    """EAGLE-3's low, middle and high layers (outputs of decoder layers, 0-based): 1, the middle, L - 2
-    (EAGLE-3 reads 2, L/2 and L-3 of 32-layer models); clamped and sorted for shallow targets."""
+    """EAGLE-3's low, middle and high layers (outputs of decoder layers, 0-based): 1, the middle, L - 2; clamped
+    and sorted for shallow targets. The reference code taps the hidden states entering layers 2, L/2 and L-3 (the
+    outputs of 1, L/2 - 1 and L - 4): the high layer here is two nearer the top. A head records the layers it was
+    trained on (``feature_layers``), so this default only picks them for a new head."""
     low = min(1, num_layers - 1)
     high = max(low, num_layers - 2)
     return [low, (low + high) // 2, high]

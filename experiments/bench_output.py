@@ -2,7 +2,6 @@
 the Markdown and JSON outputs, the note on non-fp32 equality and the exit status."""
 from __future__ import annotations
 
-import json
 import platform
 import sys
 
@@ -15,14 +14,15 @@ def command_line(argv) -> str:
 
 
 def publish(text: str, data: dict, args) -> None:
-    """Print ``text``; write it to ``--markdown`` and ``data`` (with the machine and arguments) to ``--json``."""
+    """Print ``text``; write it to ``--markdown`` and ``data`` (with the machine and arguments) to ``--json`` (each
+    atomically: an interrupted write leaves the earlier file)."""
+    from specdec.files import atomic_write_json, atomic_write_text
+
     print(text)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+        atomic_write_text(args.markdown, text + "\n")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**data, "machine": machine_line(), "args": vars(args)}, f, indent=1, default=str)
+        atomic_write_json(args.json, {**data, "machine": machine_line(), "args": vars(args)}, indent=1, default=str)
 
 
 def machine_line() -> str:

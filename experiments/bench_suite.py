@@ -22,7 +22,6 @@ vocabulary the LM head is a large share of any draft. Importable without hydra o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -39,7 +38,7 @@ from experiments.bench_methods import (
     pooled_tau,
     run_all,
 )
-from experiments.bench_output import machine_line
+from experiments.bench_output import machine_line, publish
 from experiments.bench_suite_inputs import eagle_dirs, load_inputs
 from experiments.greedy_check import TOLERANCE
 from experiments.hf_generate import hf, hf_assisted
@@ -339,16 +338,8 @@ def main(argv=None) -> int:
             f"over {baseline}.\n\n{table}\n\nDraft cost per forward, relative to the target (context {context}):\n\n"
             f"{cost_lines}\n" + (f"\nOne verify forward of the target by width (context {context}):\n\n{curve[1]}\n"
                                   if args.verify_widths else ""))
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "costs": costs, "verify_curve": curve[0], "machine": machine_line(),
-                       "prompts_done": len(prompts), "prompts_asked": asked,
-                       "narrow_linears": narrow, "args": vars(args)}, f, indent=1,
-                      default=str)
+    publish(text, {"rows": rows, "costs": costs, "verify_curve": curve[0], "prompts_done": len(prompts),
+                   "prompts_asked": asked, "narrow_linears": narrow}, args)
     if rounded is not None:  # reduced precision: greedy up to rounding, not token for token (experiments.greedy_check)
         return final_status(0 if all(ok for _, ok in rounded.values()) else 1, len(prompts), asked)
     return final_status(0 if not greedy or all(r["matches_hf_plain"] for r in rows) else 1, len(prompts), asked)

@@ -29,6 +29,9 @@ from specdec.stats import DecodeStats
 
 VOCAB, NEW, RUNS, ALPHA = 6, 3, 2000, 1e-3
 PROMPT = torch.tensor([[1, 2, 3, 1, 2]])
+#: A prompt whose continuation a lookup drafter can guess: "4 2" recurs, and what followed it (1, p = 0.32-0.38 under
+#: the peaky pair, then 4) is proposed; the n-gram, hybrid and README example drafters' distribution cells use it.
+NGRAM_PROMPT = torch.tensor([[4, 2, 1, 4, 2]])
 
 #: The settings every lossless rule is tested in.
 SETTINGS = {

@@ -22,8 +22,8 @@ from experiments.chat_data import ChatRows, save_rows
 from specdec import SpeculativeDecoder
 from specdec.drafting import DraftContext
 from specdec.errors import ConfigError
+from tests.greedy import check_greedy, greedy_cases
 from tests.lossless import SETTINGS, VOCAB, check_cell
-from tests.test_medusa import check_greedy, greedy_cases
 from tests.tiny_models import pair, peaky_pair, prompts
 
 

@@ -37,13 +37,12 @@ from drafters import DraftModelDrafter, NGramDrafter
 from tests.lossless import (
     BUGS_FOR_SHAPE,
     MORE_SETTINGS,
+    NGRAM_PROMPT,
     cells,
     check_cell,
     chi_square_pvalue,
 )
 from tests.tiny_models import peaky_noisy_pair
-
-NGRAM_PROMPT = torch.tensor([[4, 2, 1, 4, 2]])  # "4 2" looked up: proposes 1 (p = 0.32-0.38), then 4
 
 
 def test_an_impossible_continuation_fails_the_test_even_among_rare_ones():

@@ -24,9 +24,9 @@ from drafters.draft_vocab import (
 from drafters.eagle_heads import EagleHead, EagleHeadError, load_head, save_head
 from drafters.medusa_heads import MedusaHeads, MedusaHeadsError, load_heads, save_heads
 from specdec.errors import NonFiniteLogitsError
+from tests.greedy import check_greedy, greedy_cases
 from tests.lossless import check_cell
 from tests.test_eagle import noisy_head
-from tests.test_medusa import check_greedy, greedy_cases
 from tests.tiny_models import noisy_copy, pair, peaky_noisy_pair, peaky_pair, prompts
 from verifier.verifier import check_finite
 

@@ -26,8 +26,8 @@ from drafters import EagleDrafter
 from drafters.eagle_heads import EagleHead
 from experiments.eagle_training import VERSION_DEFAULTS, eagle_loss, teacher_features
 from specdec import SamplingParams, SpecDecError, SpeculativeDecoder
+from tests.greedy import cases_for, check_greedy
 from tests.lossless import BUGS_FOR_SHAPE, RUNS_FOR, check_cell
-from tests.test_greedy_equivalence import _cases, _check_all
 from tests.tiny_models import pair, peaky_pair, prompts
 
 ARCHS = ["llama", "qwen2"]
@@ -78,7 +78,7 @@ def noisy_head(target, version: str, noise: float, seed: int = 1) -> EagleHead:
 
 @pytest.fixture(scope="module", params=ARCHS)
 def arch_cases(request):
-    return request.param, _cases(request.param)[:12]
+    return request.param, cases_for(request.param)[:12]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -88,7 +88,7 @@ def test_greedy_eagle_equals_plain_greedy(arch_cases, version, shape):
     arch, cases = arch_cases
     target = pair(arch)[0]
     drafter = EagleDrafter(trained_head(arch, version), **SHAPES[shape])
-    _check_all(target, drafter, cases)
+    check_greedy(target, drafter, cases)
     dec = SpeculativeDecoder(target, drafter)
     tau = sum(dec.generate(ids, 24, seed=0).stats.tau for ids, *_ in cases[:4]) / 4
     assert tau > 1.2, f"the {version} head accepts almost nothing (tau {tau:.2f}): the test would not test much"
@@ -104,8 +104,8 @@ def test_a_bfloat16_head_on_a_float32_target_is_still_lossless(version, shape):
     target = pair("llama")[0]
     before = target.get_input_embeddings().weight.clone()
     drafter = EagleDrafter(copy.deepcopy(trained_head("llama", version)), dtype="bfloat16", **SHAPES[shape])
-    cases = _cases("llama")[:6]
-    _check_all(target, drafter, cases)
+    cases = cases_for("llama")[:6]
+    check_greedy(target, drafter, cases)
     assert {p.dtype for p in drafter.head.parameters()} == {torch.bfloat16}
     assert target.dtype == torch.float32 and torch.equal(target.get_input_embeddings().weight, before)
     tau = sum(SpeculativeDecoder(target, drafter).generate(ids, 24, seed=0).stats.tau for ids, *_ in cases[:4]) / 4

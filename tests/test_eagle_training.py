@@ -17,7 +17,7 @@ from drafters import EagleDrafter
 from drafters.eagle_heads import EagleHead, load_head
 from experiments.eagle_training import ttt_mask, unroll
 from specdec.errors import ConfigError
-from tests.test_medusa import check_greedy, greedy_cases
+from tests.greedy import check_greedy, greedy_cases
 from tests.tiny_models import pair, prompts
 from tests.training_checks import assert_finished_head_is_reused, assert_resume_is_exact
 

@@ -18,12 +18,10 @@ from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import ConfigError
 from specdec.types import DraftTree
 from tests import lossless
-from tests.lossless import SETTINGS, check_cell
+from tests.greedy import cases_for, check_greedy
+from tests.lossless import NGRAM_PROMPT, SETTINGS, check_cell
 from tests.test_eagle import trained_head
-from tests.test_greedy_equivalence import _cases, _check_all
 from tests.tiny_models import pair, peaky_noisy_pair
-
-NGRAM_PROMPT = torch.tensor([[4, 2, 1, 4, 2]])  # "4 2" recurs: the first step is n-gram's, later ones vary
 
 
 def _second(kind: str, arch: str):
@@ -71,10 +69,10 @@ def _steps(target, drafter, prompts, temperature: float = 0.0) -> dict:
 @pytest.mark.parametrize("second", ["draft_model", "eagle3", "eagle3_alts"])
 def test_greedy_hybrid_equals_plain_greedy(arch, second):
     """20 prompts (half stop on EOS, max_new_tokens mid-step); both parts propose in these runs."""
-    cases = _cases(arch)
+    cases = cases_for(arch)
     target = pair(arch)[0]
     drafter = HybridDrafter(NGramDrafter(num_speculative_tokens=5, max_ngram=3, min_ngram=2), _second(second, arch))
-    _check_all(target, drafter, cases)
+    check_greedy(target, drafter, cases)
     steps = _steps(target, drafter, [ids for ids, *_ in cases[:6]])
     assert steps["first"] > 0 and steps["second"] > 0, f"one part never proposed: {steps}"
 
@@ -123,10 +121,10 @@ def test_both_parts_propose_in_the_sampled_runs():
 
 def test_min_drafts_leaves_short_lookups_to_the_second_drafter():
     target, draft, _ = pair("llama")
-    cases = _cases("llama")[:6]
+    cases = cases_for("llama")[:6]
     strict = HybridDrafter(NGramDrafter(num_speculative_tokens=5, min_ngram=1), DraftModelDrafter(draft, 3),
                            min_drafts=6)  # more than n-gram ever proposes: every step is the draft model's
-    _check_all(target, strict, cases)
+    check_greedy(target, strict, cases)
     assert _steps(target, strict, [ids for ids, *_ in cases])["first"] == 0
 
 
@@ -240,7 +238,7 @@ def _batch_setup(arch: str, n: int) -> tuple:
     import copy
 
     target = copy.deepcopy(pair(arch)[0])
-    rows = [ids for ids, *_ in _cases(arch)[:n]]
+    rows = [ids for ids, *_ in cases_for(arch)[:n]]
     free = target.generate(rows[1], do_sample=False, max_new_tokens=12, pad_token_id=0)[0, rows[1].shape[1]:]
     target.generation_config.eos_token_id = int(free[4])
     return target, rows, [9 + (7 * i) % 17 for i in range(n)]

@@ -16,10 +16,9 @@ from drafters.hybrid import behind_lookup, graft_chain
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import ConfigError
 from specdec.types import DraftTree
-from tests.lossless import check_cell
-from tests.test_greedy_equivalence import _cases, _check_all
+from tests.greedy import cases_for, check_greedy
+from tests.lossless import NGRAM_PROMPT, check_cell
 from tests.test_hybrid import (
-    NGRAM_PROMPT,
     _batch_second,
     _batch_setup,
     greedy_rows_match,
@@ -75,7 +74,7 @@ def test_greedy_merged_hybrid_equals_plain_greedy(arch, second):
     """20 prompts; merged steps occur. The draft-model chain's cache must keep only the path it drafted when the
     accepted path leaves its chain for the lookup's branch (else its later drafts, not the output, go wrong: the
     steps and accepted counts would then differ from a run that re-feeds everything)."""
-    cases = _cases(arch)
+    cases = cases_for(arch)
     target = pair(arch)[0]
     if second == "draft_tree":
         part = DraftModelDrafter(pair(arch)[1], tree="chain4_alts")
@@ -84,7 +83,7 @@ def test_greedy_merged_hybrid_equals_plain_greedy(arch, second):
     drafter = _merged(part)
     assert drafter.max_nodes == 5 + part.max_nodes and drafter.step_shape(target).draft_source == (
         drafter.labels[1], drafter.merged_label)
-    _check_all(target, drafter, cases)
+    check_greedy(target, drafter, cases)
     assert _merged_steps(drafter, target, [ids for ids, *_ in cases[:6]]) > 0
 
 
@@ -97,7 +96,7 @@ def test_a_merged_step_accepts_at_least_what_either_part_would():
     target = pair("llama")[0]
     close = noisy_copy("llama")
     wins = set()
-    for ids, *_ in _cases("llama")[:8]:
+    for ids, *_ in cases_for("llama")[:8]:
         with torch.no_grad():
             ids = target.generate(ids, max_new_tokens=20, do_sample=False)  # [1, T + 20]
         counts = {}
@@ -180,7 +179,7 @@ def test_a_merged_steps_draft_forwards_are_the_model_parts_levels(batched):
     target = pair("llama")[0]
     drafter = HybridDrafter(NGramDrafter(6, max_ngram=3, min_ngram=1), DraftModelDrafter(pair("llama")[1], 2),
                             merge=True)
-    rows = [ids for ids, *_ in _cases("llama")[:4]]
+    rows = [ids for ids, *_ in cases_for("llama")[:4]]
     decoder = SpeculativeDecoder(target, drafter)
     stats = decoder.generate_batch(rows, 24).stats if batched else decoder.generate(rows[0], 24).stats
     merged = stats.steps_by_source.get(drafter.merged_label, 0)

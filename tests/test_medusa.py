@@ -28,6 +28,7 @@ from drafters.medusa_heads import (
 )
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.tree import PRESET_DIR, load_preset
+from tests.greedy import check_greedy, greedy_cases
 from tests.lossless import (
     ALPHA,
     RUNS,
@@ -57,36 +58,6 @@ def compose_decode(*overrides: str):
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides))
-
-
-def greedy_cases(target, prompt_list, eos_default):
-    """Per prompt: (ids, max_new, eos, reference); every other prompt stops on a token plain decoding emits."""
-    cases = []
-    for i, ids in enumerate(prompt_list):
-        max_new = 9 + (i * 7) % 23
-        target.generation_config.eos_token_id = eos_default
-        eos = eos_default
-        if i % 2:
-            free = target.generate(ids, do_sample=False, max_new_tokens=max_new, pad_token_id=eos)[0, ids.shape[1]:]
-            eos = int(free[min(len(free) - 1, 3 + i % 5)])
-        target.generation_config.eos_token_id = eos
-        cases.append((ids, max_new, eos, target.generate(ids, do_sample=False, max_new_tokens=max_new, pad_token_id=eos)))
-    target.generation_config.eos_token_id = eos_default
-    return cases
-
-
-def check_greedy(target, drafter, cases) -> float:
-    """Assert equality with plain greedy decoding on every case; returns the mean tau."""
-    default_eos, taus = target.generation_config.eos_token_id, []
-    try:
-        for ids, max_new, eos, ref in cases:
-            target.generation_config.eos_token_id = eos
-            out = SpeculativeDecoder(target, drafter, "greedy", SamplingParams()).generate(ids, max_new, seed=0)
-            assert out.sequences.tolist() == ref.tolist(), f"differs on prompt {ids.tolist()}"
-            taus.append(out.stats.tau)
-    finally:
-        target.generation_config.eos_token_id = default_eos
-    return sum(taus) / len(taus)
 
 
 # --------------------------------------------------------------------------- random heads, tiny target

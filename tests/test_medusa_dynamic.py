@@ -17,6 +17,7 @@ from drafters.medusa import dynamic_tree
 from drafters.medusa_heads import MedusaHeads
 from specdec import SamplingParams, SpeculativeDecoder
 from specdec.errors import ConfigError
+from tests.greedy import check_greedy, greedy_cases
 from tests.lossless import (
     ALPHA,
     RUNS,
@@ -25,7 +26,7 @@ from tests.lossless import (
     exact_distribution,
     sample_counts,
 )
-from tests.test_medusa import check_greedy, greedy_cases, micro_heads  # noqa: F401  (a fixture)
+from tests.test_medusa import micro_heads  # noqa: F401  (a fixture)
 from tests.tiny_models import pair, peaky_pair, prompts
 
 

@@ -221,7 +221,8 @@ def test_pairs_queued_over_a_step_without_head_forwards_keep_one_feature_per_tok
     from drafters import HybridDrafter, NGramDrafter
     from drafters.eagle_batch import BatchEagleChain
     from specdec import SpeculativeDecoder
-    from tests.test_hybrid import NGRAM_PROMPT, _batch_second
+    from tests.lossless import NGRAM_PROMPT
+    from tests.test_hybrid import _batch_second
 
     commit, queued = BatchEagleChain.commit, []
 

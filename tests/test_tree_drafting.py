@@ -20,7 +20,7 @@ from specdec.tree import (
     load_preset,
     path_acceptance,
 )
-from tests.test_greedy_equivalence import _cases, _check_all
+from tests.greedy import cases_for, check_greedy
 from tests.tiny_models import noisy_copy, pair, prompts
 from verifier import tree_forward
 
@@ -109,7 +109,7 @@ def test_bad_drafter_arguments(kwargs, message):
 
 @pytest.fixture(scope="module", params=ARCHS)
 def arch_cases(request):
-    return request.param, _cases(request.param)
+    return request.param, cases_for(request.param)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -117,17 +117,17 @@ def test_greedy_tree_equals_plain_greedy(arch_cases, shape):
     """20 prompts per architecture; EOS and max_new_tokens fall mid-tree."""
     arch, cases = arch_cases
     target, random_draft, _ = pair(arch)
-    _check_all(target, DraftModelDrafter(noisy_copy(arch), **SHAPES[shape]), cases)
+    check_greedy(target, DraftModelDrafter(noisy_copy(arch), **SHAPES[shape]), cases)
     if shape in ("binary", "dynamic"):
-        _check_all(target, DraftModelDrafter(target, **SHAPES[shape]), cases)  # deepest path always accepted
-        _check_all(target, DraftModelDrafter(random_draft, **SHAPES[shape]), cases)  # almost nothing accepted
+        check_greedy(target, DraftModelDrafter(target, **SHAPES[shape]), cases)  # deepest path always accepted
+        check_greedy(target, DraftModelDrafter(random_draft, **SHAPES[shape]), cases)  # almost nothing accepted
 
 
 def test_rejection_on_trees_reduces_to_greedy_at_temperature_zero(arch_cases):
     arch, cases = arch_cases
     target = pair(arch)[0]
     for sampling_mode in ("with_replacement", "without_replacement"):
-        _check_all(target, DraftModelDrafter(noisy_copy(arch), tree="sparse60", tree_sampling=sampling_mode),
+        check_greedy(target, DraftModelDrafter(noisy_copy(arch), tree="sparse60", tree_sampling=sampling_mode),
                    cases[:8], "rejection")
 
 

@@ -40,7 +40,7 @@ from drafters import (
 from drafters.ngram import prompt_lookup_like_hf
 from experiments import cli
 from experiments.bench_batch import is_chain
-from experiments.bench_inputs import load_pair, load_prompt_ids
+from experiments.bench_inputs import drafter_class, load_pair, load_prompt_ids, own_drafters
 from experiments.bench_methods import (
     Method,
     decode_run,
@@ -132,6 +132,7 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
             ours += [(f"ours_{label}_{preset}", factory(tree=preset), None) for preset in args.trees]
             if greedy:
                 ours.append((f"ours_{label}_dyn{args.budget}", factory(**dyn), args.dynamic_depth))
+    ours += [entry for cls in args.drafter for entry in own_drafters(cls, args.ks)]
     ours += hybrids(ours, args)
     methods += [Method(name, decode_run(target, d, m, temperature), True, k) for name, d, k in ours]
     if args.verify_widths:  # the chains again, each verify block padded to the next cheap width
@@ -285,6 +286,10 @@ def parse_args(argv=None):
     p.add_argument("--hybrid", type=cli.int_at_least(0), default=0, metavar="N",
                    help="add each chain behind prompt lookup (drafters.HybridDrafter; n-gram drafts when a suffix of "
                         ">= N tokens recurred), named ours_ngram+<chain>; 0: none")
+    p.add_argument("--drafter", action="append", default=[], type=drafter_class, metavar="MODULE.CLASS",
+                   help="a drafter class of your own (e.g. my_drafters.echo.EchoDrafter; repeatable): ours_<name>_k<k> "
+                        "at each --ks if it takes num_speculative_tokens, else ours_<name>; its other arguments keep "
+                        "their defaults")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of method names (hf_plain and ours_ar always run: the ratios need them)")
     p.add_argument("--reps", type=cli.int_at_least(1), default=2)

@@ -136,3 +136,40 @@ def fill_defaults(args) -> None:
                           ("max_prompt_tokens", MAX_PROMPT_TOKENS), ("size", SIZE)):
         if getattr(args, name) is None:
             setattr(args, name, default)
+
+
+def drafter_class(path: str) -> type:
+    """``--drafter``'s class (``module.Class``): a :class:`~specdec.drafting.Drafter` subclass, else an argparse
+    error line (an import's failure as a run's ``_target_``'s is reported)."""
+    import argparse
+
+    from experiments.instantiate import target_of
+    from specdec.drafting import Drafter
+    from specdec.errors import ConfigError
+
+    try:
+        cls = target_of({"_target_": path}, "drafter class")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if not (isinstance(cls, type) and issubclass(cls, Drafter)):
+        raise argparse.ArgumentTypeError(f"{path} is not a subclass of specdec.drafting.Drafter; name a drafter class")
+    return cls
+
+
+def own_drafters(cls: type, ks: list[int]) -> list[tuple]:
+    """``(name, drafter, k)`` rows of ``--drafter cls``: one per k of ``ks`` (``ours_<name>_k<k>``, a chain) if its
+    constructor takes ``num_speculative_tokens``, else one (``ours_<name>``); ``<name>`` is its ``name`` attribute
+    (its class name, lowered, where it kept the base class's)."""
+    import inspect
+
+    from specdec.errors import ConfigError
+
+    name = cls.name if cls.name != "drafter" else cls.__name__.lower()
+    chains = "num_speculative_tokens" in inspect.signature(cls).parameters
+    settings = [({"num_speculative_tokens": k}, f"ours_{name}_k{k}", k) for k in ks] if chains else [({}, f"ours_{name}", None)]
+    try:
+        return [(label, cls(**kwargs), k) for kwargs, label, k in settings]
+    except TypeError as exc:
+        raise ConfigError(f"--drafter {cls.__module__}.{cls.__qualname__}: {cls.__name__}"
+                          f"({', '.join(f'{a}={v}' for a, v in settings[0][0].items())}) raised {exc}; --drafter "
+                          "builds a drafter whose other arguments have defaults") from exc

@@ -72,19 +72,32 @@ def _check_bench(module: str, args: list[str]) -> None:
     check_flags(importlib.import_module(module).parse_args(args))  # an option the chosen table would not read
 
 
-def check_command(command: list[str]) -> None:
+def _config_dirs_searched(args: list[str], root: Path) -> list[str]:
+    """``args`` with Hydra's ``--config-dir DIR`` (or ``--config-dir=DIR``, ``-cd DIR``; relative to ``root``) as the
+    ``hydra.searchpath`` override it amounts to (a config group file there is found beside the built-in ones)."""
+    out, it = [], iter(args)
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        if flag in ("--config-dir", "-cd"):
+            out.append(f"hydra.searchpath=[file://{(root / (value if eq else next(it))).resolve()}]")
+        else:
+            out.append(arg)
+    return out
+
+
+def check_command(command: list[str], root: Path = ROOT) -> None:
     """Raise (or exit, as argparse does) unless ``command`` (``MODULE ARGS...``) parses as its entry point would
-    parse it."""
+    parse it, run from ``root`` (the repository's; the README's example drafter's own directory)."""
     module, args = command[0], command[1:]
     if module == "pytest":
         named = [a for a in args if a.startswith("tests/")] + [a.split("=", 1)[1] for a in args
                                                                if a.startswith("--ignore=")]
         for path, _, test in (a.partition("::") for a in named):  # tests/x.py or tests/x.py::test_y[param]
-            assert (ROOT / path).exists(), path
+            assert (root / path).exists(), path
             name = test.split("::")[-1].split("[")[0]  # tests/x.py::TestClass::test_y[param]: test_y
-            assert not name or f"def {name}(" in (ROOT / path).read_text(), f"{path}::{test}"
+            assert not name or f"def {name}(" in (root / path).read_text(), f"{path}::{test}"
     elif module in HYDRA_CONFIGS:
-        for cfg in hydra_jobs(HYDRA_CONFIGS[module], args):
+        for cfg in hydra_jobs(HYDRA_CONFIGS[module], _config_dirs_searched(args, root)):
             if module == "experiments.decode":
                 _check_decode(cfg)
     elif module == "experiments.bench":

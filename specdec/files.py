@@ -28,7 +28,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, mode)
+        with contextlib.suppress(OSError):  # a file system without permission bits keeps its own
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,7 +40,7 @@ def _plain_mode(path: Path) -> int:
     """The permission bits ``open(path, "w")`` would leave: an existing file's own, else 0666 less the umask (a
     shared cache or results directory stays readable by the others who may read it)."""
     try:
-        return path.stat().st_mode & 0o7777
+        return path.stat().st_mode & 0o777
     except FileNotFoundError:
         umask = os.umask(0)  # reading the umask means setting it: set it back at once
         os.umask(umask)

@@ -13,6 +13,7 @@ hydra or wandb.
 """
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 import time
@@ -73,7 +74,7 @@ CONTINUOUS = "_continuous"
 
 def is_chain(name: str) -> bool:
     """A benchmark method name of a fixed-length chain (``..._k<k>``: a draft model's or an EAGLE head's)."""
-    return name.rsplit("_", 1)[-1].startswith("k")
+    return re.fullmatch(r".+_k\d+", name) is not None  # not ours_knn, a drafter of one's own named knn
 
 
 def eagle_chains(eagle: tuple[str, str] | None, ks: list[int]) -> dict:

@@ -24,7 +24,6 @@ put them for ``--size``); a drafter whose heads are missing is skipped with a no
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -53,7 +52,7 @@ from experiments.bench_methods import (
     tau_cell,
     tokens_per_s,
 )
-from experiments.bench_output import machine_line
+from experiments.bench_output import machine_line, publish
 from experiments.hf_generate import hf, hf_assisted
 from specdec.errors import SpecDecError
 from specdec.stats import DecodeStats
@@ -132,7 +131,8 @@ def build_methods(target, draft, args, temperature: float, heads: dict) -> list[
             ours += [(f"ours_{label}_{preset}", factory(tree=preset), None) for preset in args.trees]
             if greedy:
                 ours.append((f"ours_{label}_dyn{args.budget}", factory(**dyn), args.dynamic_depth))
-    ours += [entry for cls in args.drafter for entry in own_drafters(cls, args.ks)]
+    for cls in args.drafter:
+        ours += own_drafters(cls, args.ks, {name for name, _, _ in ours})
     ours += hybrids(ours, args)
     methods += [Method(name, decode_run(target, d, m, temperature), True, k) for name, d, k in ours]
     if args.verify_widths:  # the chains again, each verify block padded to the next cheap width
@@ -358,14 +358,8 @@ def main(argv=None) -> int:
               f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batch 1, {args.reps} reps; dynamic trees: "
               f"{args.budget} nodes, depth <= {args.dynamic_depth}, {args.top_k_children} children per node."
               + ("".join(f"\nNote: {n}." for n in notes)))
-    text = header + "\n\n" + "\n\n".join(tables)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "machine": machine_line(), "args": vars(args),
-                                               "prompts_done": done, "prompts_asked": asked,
-                                               "notes": notes}, indent=1, default=str))
+    publish(header + "\n\n" + "\n\n".join(tables),
+            {"results": results, "prompts_done": done, "prompts_asked": asked, "notes": notes}, args)
     return final_status(0 if all(r["matches_hf_plain"] is not False for rows in results.values() for r in rows)
                         else 1, done, asked)
 

@@ -156,20 +156,24 @@ def drafter_class(path: str) -> type:
     return cls
 
 
-def own_drafters(cls: type, ks: list[int]) -> list[tuple]:
+def own_drafters(cls: type, ks: list[int], taken: set[str]) -> list[tuple]:
     """``(name, drafter, k)`` rows of ``--drafter cls``: one per k of ``ks`` (``ours_<name>_k<k>``, a chain) if its
     constructor takes ``num_speculative_tokens``, else one (``ours_<name>``); ``<name>`` is its ``name`` attribute
-    (its class name, lowered, where it kept the base class's)."""
+    (its class name, lowered, where it kept the base class's). ConfigError if it needs other arguments or a name is
+    in ``taken`` (the methods so far)."""
     import inspect
 
     from specdec.errors import ConfigError
 
-    name = cls.name if cls.name != "drafter" else cls.__name__.lower()
-    chains = "num_speculative_tokens" in inspect.signature(cls).parameters
+    name = cls.name if isinstance(cls.name, str) and cls.name != "drafter" else cls.__name__.lower()
+    signature, what = inspect.signature(cls), f"--drafter {cls.__module__}.{cls.__qualname__}"
+    chains = "num_speculative_tokens" in signature.parameters
     settings = [({"num_speculative_tokens": k}, f"ours_{name}_k{k}", k) for k in ks] if chains else [({}, f"ours_{name}", None)]
     try:
-        return [(label, cls(**kwargs), k) for kwargs, label, k in settings]
+        signature.bind(**settings[0][0])
     except TypeError as exc:
-        raise ConfigError(f"--drafter {cls.__module__}.{cls.__qualname__}: {cls.__name__}"
-                          f"({', '.join(f'{a}={v}' for a, v in settings[0][0].items())}) raised {exc}; --drafter "
-                          "builds a drafter whose other arguments have defaults") from exc
+        raise ConfigError(f"{what}: {exc}; --drafter builds a drafter whose other arguments have defaults") from exc
+    if clash := [label for _, label, _ in settings if label in taken]:
+        raise ConfigError(f"{what}: its method {clash[0]} is already in the table; give the class another name "
+                          "attribute (or pass it once)")
+    return [(label, cls(**kwargs), k) for kwargs, label, k in settings]

@@ -84,7 +84,7 @@ def measure_interleaved(requests: list[tuple[Any, int, tuple[int, ...]]], reps: 
     setups = [_setup(model, context, tuple(widths), backend) for model, context, widths in requests]
     samples: list[dict[int, list[float]]] = [{w: [] for w in widths} for _, _, widths in requests]
     for round_ in tqdm(range(reps + 2), desc="timing forwards", unit="round", leave=False,
-                       disable=None if sys.stderr else True, file=sys.stderr):  # no stderr (closed): no bar
+                       disable=None if sys.stderr else True, file=sys.stderr):  # no stderr (None): no bar
         for setup, times in zip(setups, samples):
             first = next(iter(setup["inputs"]))
             order = ([None] if setup["context"] > 0 else []) + list(setup["inputs"])  # None: untimed warm-up

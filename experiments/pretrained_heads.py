@@ -82,4 +82,4 @@ def _named(parent: Path, prefix: str) -> list[Path]:
     """The directories ``<prefix>-<fingerprint>`` in ``parent`` (ten hex digits: ``head_training.target_dir_name``;
     not ``<prefix>-Instruct-<fingerprint>``, another model's whose name starts alike)."""
     pattern = re.compile(re.escape(prefix) + r"-[0-9a-f]{10}")
-    return [p for p in parent.glob(f"{prefix}-*") if pattern.fullmatch(p.name)]
+    return [p for p in parent.iterdir() if pattern.fullmatch(p.name)] if parent.is_dir() else []

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,31 +20,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     """Call ``write(tmp)`` with the name of a new temp file beside ``path``, then move it onto ``path``.
 
     The temp file is removed if ``write`` (or the move) fails; ``path`` is then unchanged. ``path`` gets the
-    permissions a plain write would leave (an existing file's own, else the umask's), not the temp file's 0600.
+    permissions a plain write would leave: a new file the umask's (or the directory's default ACL's), a rewritten
+    one its own (a temp file made as ``mkstemp`` makes them, 0600, left every result, summary and cache file of a
+    shared directory unreadable by the others).
     """
     path = Path(path)
-    mode = _plain_mode(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temp(path)
     try:
         write(tmp)
-        with contextlib.suppress(OSError):  # a file system without permission bits keeps its own
-            os.chmod(tmp, mode)
+        if path.exists():
+            with contextlib.suppress(OSError):  # a file system without permission bits keeps its own
+                os.chmod(tmp, path.stat().st_mode & 0o777)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _plain_mode(path: Path) -> int:
-    """The permission bits ``open(path, "w")`` would leave: an existing file's own, else 0666 less the umask (a
-    shared cache or results directory stays readable by the others who may read it)."""
-    try:
-        return path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)  # reading the umask means setting it: set it back at once
-        os.umask(umask)
-        return 0o666 & ~umask
+def _new_temp(path: Path) -> str:
+    """A new empty file ``.<name>.<random>.tmp`` beside ``path``, made with mode 0666 so that the kernel applies
+    the umask (or a default ACL) as it does to a plain ``open(path, "w")``."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(tmp)
+        except FileExistsError:
+            continue
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -66,7 +66,8 @@ class DraftTree:
         """A chain of ``len(tokens)`` drafts (a tensor ``[N]`` or a list of ids); sampled when ``draft_probs``
         ``[N, V]`` is given."""
         given = torch.as_tensor(tokens)  # [N]
-        if given.numel() and (given.is_floating_point() or given.dtype == torch.bool):  # an empty list reads as float
+        integer = not (given.is_floating_point() or given.is_complex() or given.dtype == torch.bool)
+        if given.numel() and not integer:  # an empty list reads as float
             raise SpecDecError(f"DraftTree.chain: tokens of dtype {given.dtype}; token ids must be integers (a float "
                                "id would be truncated to another token)")
         tokens = given.to(torch.long).cpu()  # [N]

@@ -12,8 +12,7 @@
 - A head in bfloat16 on a float32 target (``dtype="bfloat16"``) is still lossless: greedy equality,
   and a sampled-chain chi-square cell.
 - Batches (``generate_batch``, static and continuous): every row equals its batch-1 run.
-- Bad input and configs: ``tests/test_eagle_files.py``.
-Training (micro zoo target) is in ``tests/test_eagle_training.py``.
+- Bad input and configs: ``tests/test_eagle_files.py``; training (micro zoo target): ``tests/test_eagle_training.py``.
 """
 from __future__ import annotations
 

@@ -98,3 +98,24 @@ def test_the_side_by_side_benchmark_runs_the_example_with_drafter(example, capsy
     with pytest.raises(SystemExit):
         parse_args(["--drafter", "my_drafters.echo.EchoDrafer"])
     assert "did you mean 'my_drafters.echo.EchoDrafter'?" in capsys.readouterr().err
+
+
+def test_a_drafter_flag_that_cannot_build_or_clashes_is_one_error(example):
+    """A class that needs an argument ``--drafter`` cannot give, or whose method name is taken, is a ConfigError
+    (before it is built); a one-off ``ours_<name>`` starting with k is not taken for a chain."""
+    from experiments.bench_batch import is_chain
+    from experiments.bench_inputs import own_drafters
+    from specdec.drafting import Drafter
+    from specdec.errors import ConfigError
+
+    echo = importlib.import_module("my_drafters.echo").EchoDrafter
+    with pytest.raises(ConfigError, match="its method ours_echo_k2 is already in the table"):
+        own_drafters(echo, [2], {"ours_echo_k2"})
+
+    class Needy(Drafter):
+        def __init__(self, model, num_speculative_tokens: int = 2):
+            super().__init__()
+
+    with pytest.raises(ConfigError, match="Needy: missing a required argument: 'model'; --drafter builds a drafter"):
+        own_drafters(Needy, [2], set())
+    assert not is_chain("ours_knn") and is_chain("ours_knn_k4") and is_chain("ours_draft_k12")

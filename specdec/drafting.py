@@ -17,7 +17,7 @@ import torch
 from specdec.errors import SpecDecError
 from specdec.rng import KeyedRandom
 from specdec.sampling import SamplingParams
-from specdec.types import AcceptResult, DraftTree, VerifyOutput
+from specdec.types import AcceptResult, DraftTree, VerifyOutput, integer_ids
 
 
 @dataclass
@@ -190,7 +190,7 @@ def checked_proposal(drafter: Drafter, tree, vocab_size: int, max_depth: int | N
     if tree.tokens.dim() != 1 or tree.parents.shape != tree.tokens.shape:
         raise SpecDecError(f"{_named(drafter)}: {call} returned a DraftTree with tokens {tuple(tree.tokens.shape)} "
                            f"and parents {tuple(tree.parents.shape)}; both must be [N]")
-    if tree.tokens.is_floating_point() or tree.tokens.is_complex() or tree.tokens.dtype == torch.bool:
+    if not integer_ids(tree.tokens):
         raise SpecDecError(f"{_named(drafter)}: {call} returned tokens of dtype {tree.tokens.dtype}; token ids must "
                            "be integers (torch.long)")
     max_nodes = drafter.max_nodes if max_nodes is None else max_nodes

@@ -28,9 +28,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     tmp = _new_temp(path)
     try:
         write(tmp)
-        if path.exists():
-            with contextlib.suppress(OSError):  # a file system without permission bits keeps its own
-                os.chmod(tmp, path.stat().st_mode & 0o777)
+        # a rewritten file keeps its bits; a new one (nothing to stat) the umask's; a file system without them, its own
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, path.stat().st_mode & 0o777)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

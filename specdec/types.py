@@ -17,6 +17,12 @@ from specdec.errors import SpecDecError
 SAMPLING_MODES = ("deterministic", "chain", "with_replacement", "without_replacement")
 
 
+def integer_ids(tokens: torch.Tensor) -> bool:
+    """Whether ``tokens`` can hold token ids: an integer dtype (not float, complex or bool, which a cast to long
+    would turn into other ids)."""
+    return not (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool)
+
+
 @dataclass
 class DraftTree:
     """Draft nodes proposed for one step (the root, the newest committed token, is not a node).
@@ -66,8 +72,7 @@ class DraftTree:
         """A chain of ``len(tokens)`` drafts (a tensor ``[N]`` or a list of ids); sampled when ``draft_probs``
         ``[N, V]`` is given."""
         given = torch.as_tensor(tokens)  # [N]
-        integer = not (given.is_floating_point() or given.is_complex() or given.dtype == torch.bool)
-        if given.numel() and not integer:  # an empty list reads as float
+        if given.numel() and not integer_ids(given):  # an empty list reads as float
             raise SpecDecError(f"DraftTree.chain: tokens of dtype {given.dtype}; token ids must be integers (a float "
                                "id would be truncated to another token)")
         tokens = given.to(torch.long).cpu()  # [N]
